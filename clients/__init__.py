@@ -1,0 +1,1 @@
+"""Department node side: dataset adapters and the local training loop."""

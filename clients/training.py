@@ -1,0 +1,198 @@
+"""The one local training loop (used by baselines now and by the ClientApp).
+
+:func:`fit` trains a shared model on one split, non-privately or with Opacus DP-SGD;
+:func:`evaluate` scores it on a split in the department's own metric and units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from privacy.dp import DPSettings, make_private
+from shared_models import criterion_for
+
+
+@dataclass
+class TrainConfig:
+    """Local training hyper-parameters."""
+
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class FitResult:
+    """Outcome of :func:`fit` (``epsilon`` is ``None`` for non-private training)."""
+
+    loss: float
+    num_examples: int
+    steps: int
+    epsilon: float | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    max_grad_norm: float | None = None
+    grad_sample_mode: str | None = None
+    history: list[float] = field(default_factory=list)
+
+
+def pick_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fit(
+    model: nn.Module,
+    data: TensorDataset,
+    task: str,
+    train: TrainConfig,
+    dp: DPSettings | None = None,
+    *,
+    device: torch.device | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> FitResult:
+    """Train ``model`` in place on ``data``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A shared model (its parameters are updated in place, also under DP).
+    data : TensorDataset
+        ``(X, y)`` tensors of one split.
+    task : str
+        ``"binary-classification"`` or ``"forecasting"`` (selects the criterion).
+    train : TrainConfig
+        Epochs, batch size, learning rate, seed.
+    dp : DPSettings, optional
+        DP-SGD settings; ``None`` trains without privacy.
+    device : torch.device, optional
+        Defaults to CUDA when available.
+    on_epoch : callable, optional
+        Called as ``on_epoch(epoch, mean_loss)`` after each epoch (progress bars).
+
+    Returns
+    -------
+    FitResult
+    """
+    device = device or pick_device()
+    torch.manual_seed(train.seed)
+    gen = torch.Generator().manual_seed(train.seed)
+    model.to(device).train()
+    criterion = criterion_for(task)
+    batch = min(train.batch_size, len(data))
+    loader = DataLoader(data, batch_size=batch, shuffle=True, generator=gen)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    private = None
+    if dp is not None:
+        private = make_private(model, optimizer, loader, criterion, dp, epochs=train.epochs)
+        net, optimizer, criterion, loader = private.module, private.optimizer, private.criterion, private.loader
+    else:
+        net = model
+    steps, history = 0, []
+    for epoch in range(train.epochs):
+        total, count = 0.0, 0
+        for xb, yb in loader:
+            if len(xb) == 0:  # Poisson sampling can draw an empty batch
+                continue
+            xb, yb = xb.to(device), yb.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(net(xb), yb)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            value = float(loss.item())
+            if math.isfinite(value):
+                total += value * len(xb)
+                count += len(xb)
+        mean = total / max(count, 1)
+        history.append(mean)
+        if on_epoch:
+            on_epoch(epoch, mean)
+    result = FitResult(loss=history[-1] if history else float("nan"), num_examples=len(data), steps=steps, history=history)
+    if private is not None:
+        result.epsilon = private.epsilon()
+        result.delta = private.delta
+        result.noise_multiplier = private.noise_multiplier
+        result.sample_rate = private.sample_rate
+        result.max_grad_norm = private.max_grad_norm
+        result.grad_sample_mode = private.grad_sample_mode
+        private.module.remove_hooks() if hasattr(private.module, "remove_hooks") else None
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def predict(model: nn.Module, X: np.ndarray, *, batch_size: int = 1024, device: torch.device | None = None) -> np.ndarray:
+    """Model outputs for ``X`` as a numpy array (logits or scaled forecasts)."""
+    device = device or pick_device()
+    model.to(device).eval()
+    outs = [model(torch.as_tensor(X[i : i + batch_size], device=device)).cpu().numpy() for i in range(0, len(X), batch_size)]
+    return np.concatenate(outs) if outs else np.zeros((0,), dtype=np.float32)
+
+
+def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """ROC-AUC by the rank-sum (Mann–Whitney) formula, ties averaged; NaN with one class."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y).astype(bool)
+    pos, neg = int(y.sum()), int((~y).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def classification_metrics(y: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """Accuracy (threshold 0.5) and ROC-AUC."""
+    pred = (logits > 0).astype(np.float32)
+    return {"accuracy": float((pred == y).mean()), "roc_auc": roc_auc(y, logits), "n": int(len(y))}
+
+
+def forecast_metrics(site, split, pred_scaled: np.ndarray) -> dict[str, float]:
+    """MAE/RMSE in the site's original units, next to the naive baselines on the same windows."""
+    truth = site.to_original(split.y)
+    pred = site.to_original(pred_scaled)
+    err = pred - truth
+    out = {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err**2).mean())), "n": int(len(truth))}
+    for name, naive in (split.naive or {}).items():
+        nerr = site.to_original(naive) - truth
+        out[f"mae_{name}"] = float(np.abs(nerr).mean())
+        out[f"rmse_{name}"] = float(np.sqrt((nerr**2).mean()))
+    naive_maes = [v for k, v in out.items() if k.startswith("mae_")]
+    if naive_maes:
+        out["mae_naive_best"] = min(naive_maes)
+        out["mae_ratio"] = out["mae"] / out["mae_naive_best"] if out["mae_naive_best"] > 0 else float("nan")
+    return out
+
+
+def evaluate(model: nn.Module, site, task: str, split: str = "test") -> dict[str, float]:
+    """Score ``model`` on one site's split.
+
+    Parameters
+    ----------
+    model : nn.Module
+    site : clients.datasets.SiteData
+    task : str
+    split : {"test", "train"}
+
+    Returns
+    -------
+    dict
+        ``accuracy``/``roc_auc`` for classification; ``mae``/``rmse`` (original units),
+        naive baselines' MAE/RMSE and ``mae_ratio`` (model MAE / best naive MAE) for forecasting.
+    """
+    part = site.test if split == "test" else site.train
+    out = predict(model, part.X)
+    if task == "binary-classification":
+        return classification_metrics(part.y, out)
+    return forecast_metrics(site, part, out)

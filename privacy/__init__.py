@@ -1,0 +1,1 @@
+"""Privacy building blocks: DP-SGD glue (Opacus), the department budget ledger and policy."""

@@ -1,0 +1,172 @@
+"""DP-SGD glue around Opacus' ``PrivacyEngine``.
+
+What this module adds to Opacus:
+
+* :class:`DPSettings`, the validated knobs of a private training job;
+* :func:`make_private`, which picks ghost clipping when the model allows it (all shipped
+  models do) and falls back to per-sample gradient hooks otherwise, always with Poisson
+  sampling and the RDP accountant;
+* a norm sampler for ``nn.Linear`` on inputs with more than 3 dimensions (PatchTST embeds
+  ``(batch, channels, patches, patch_len)`` tensors), which Opacus 1.6's ghost clipping
+  silently skips, leaving that layer unclipped and the step failing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample import linear as _opacus_linear
+from opacus.grad_sample.utils import register_norm_sampler
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+_linear_norm_sample = _opacus_linear.compute_linear_norm_sample
+
+
+@register_norm_sampler(nn.Linear)
+def _linear_norm_sample_nd(layer, activations, backprops):
+    """Per-sample gradient norms for ``nn.Linear`` on inputs of any rank (flattened to 3-D)."""
+    if backprops.dim() > 3:
+        b = backprops.shape[0]
+        act = activations[0]
+        return _linear_norm_sample(
+            layer, [act.reshape(b, -1, act.shape[-1])], backprops.reshape(b, -1, backprops.shape[-1])
+        )
+    return _linear_norm_sample(layer, activations, backprops)
+
+
+class DPSettings(BaseModel):
+    """Settings of one DP-SGD training job.
+
+    Give either ``target_epsilon`` (the noise multiplier is then calibrated by the accountant
+    for the planned number of epochs) or ``noise_multiplier``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_epsilon: float | None = Field(default=None, gt=0, description="Epsilon to reach after the planned epochs.")
+    noise_multiplier: float | None = Field(default=None, ge=0, description="Gaussian noise std / clipping norm.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Per-sample gradient clipping norm.")
+    delta: float | None = Field(
+        default=None, gt=0, lt=1, description="Target delta; default 1/(10·n) for n training records."
+    )
+    grad_sample_mode: Literal["auto", "ghost", "hooks"] = Field(
+        default="auto", description="'auto' = ghost clipping where the model allows, else hooks."
+    )
+    accountant: Literal["rdp"] = Field(default="rdp", description="Opacus accountant.")
+
+
+def default_delta(n_records: int) -> float:
+    """Delta = 1/(10·n): well below the 1/n at which one record could leak outright."""
+    return 1.0 / (10.0 * max(int(n_records), 1))
+
+
+@dataclass
+class PrivateTraining:
+    """What :func:`make_private` returns: the wrapped training objects and the DP parameters used."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    loader: torch.utils.data.DataLoader
+    engine: PrivacyEngine
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    delta: float
+    grad_sample_mode: str
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far, from the Opacus accountant, at :attr:`delta`."""
+        return float(self.engine.accountant.get_epsilon(delta=self.delta))
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Noise multiplier reaching ``target_epsilon`` after ``steps`` Poisson-sampled steps (RDP)."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant="rdp"
+        )
+    )
+
+
+def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon of a list of ``(noise_multiplier, sample_rate, steps)`` releases (Opacus RDP)."""
+    acc = RDPAccountant()
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta=delta)) if history else 0.0
+
+
+def make_private(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: torch.utils.data.DataLoader,
+    criterion: nn.Module,
+    settings: DPSettings,
+    *,
+    epochs: int,
+    n_records: int | None = None,
+    noise_generator: torch.Generator | None = None,
+) -> PrivateTraining:
+    """Wrap model, optimizer, criterion and loader for DP-SGD with Poisson sampling.
+
+    Parameters
+    ----------
+    module, optimizer, loader, criterion
+        The non-private training objects (criterion must return one loss per sample when
+        ``reduction='none'``, see :mod:`shared_models.losses`).
+    settings : DPSettings
+        Target epsilon or noise multiplier, clipping norm, delta, clipping mode.
+    epochs : int
+        Planned epochs (used to calibrate noise for ``target_epsilon``).
+    n_records : int, optional
+        Training records (for the default delta); defaults to ``len(loader.dataset)``.
+
+    Returns
+    -------
+    PrivateTraining
+    """
+    n = n_records if n_records is not None else len(loader.dataset)
+    delta = settings.delta if settings.delta is not None else default_delta(n)
+    sample_rate = 1.0 / len(loader)
+    if settings.noise_multiplier is not None:
+        noise = settings.noise_multiplier
+    elif settings.target_epsilon is not None:
+        noise = calibrate_noise(settings.target_epsilon, delta, sample_rate, epochs * len(loader))
+    else:
+        raise ValueError("DPSettings needs target_epsilon or noise_multiplier")
+    mode = "ghost" if settings.grad_sample_mode == "auto" else settings.grad_sample_mode
+    engine = PrivacyEngine(accountant=settings.accountant)
+    result = engine.make_private(
+        module=module,
+        optimizer=optimizer,
+        data_loader=loader,
+        criterion=criterion,
+        noise_multiplier=noise,
+        max_grad_norm=settings.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode=mode,
+        noise_generator=noise_generator,
+    )
+    if mode == "ghost":
+        dp_module, dp_opt, dp_crit, dp_loader = result
+    else:
+        dp_module, dp_opt, dp_loader = result
+        dp_crit = criterion
+    return PrivateTraining(
+        module=dp_module,
+        optimizer=dp_opt,
+        criterion=dp_crit,
+        loader=dp_loader,
+        engine=engine,
+        noise_multiplier=float(noise),
+        max_grad_norm=settings.max_grad_norm,
+        sample_rate=sample_rate,
+        delta=delta,
+        grad_sample_mode=mode,
+    )

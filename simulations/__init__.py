@@ -1,0 +1,1 @@
+"""One machine, many departments: baselines now, Flower simulations next."""

@@ -1,0 +1,149 @@
+"""``fl-sim``: try cityfed on one machine with real department data."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    help="cityfed simulation mode: run a city's departments on one machine with bundled real data.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+DEPARTMENTS = ("health", "traffic", "utility")
+
+
+def _table(results: list[dict], department: str) -> Table:
+    task_cls = department == "health"
+    t = Table(title=f"{department}: pooled vs local-only baselines")
+    for col in ["model", "method", "epsilon", "site"]:
+        t.add_column(col)
+    if task_cls:
+        t.add_column("accuracy", justify="right")
+        t.add_column("ROC-AUC", justify="right")
+    else:
+        for col in ["MAE", "RMSE", "naive MAE (persist / seasonal)", "MAE / best naive"]:
+            t.add_column(col, justify="right")
+    t.add_column("eps spent", justify="right")
+    for r in results:
+        m = r["metrics"]
+        eps = "off" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        spent = "" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.2f}"
+        row = [r["model"], r["method"], eps, r["site"]]
+        if task_cls:
+            row += [f"{m['accuracy']:.3f}", f"{m['roc_auc']:.3f}"]
+        elif r["site"] == "pooled":
+            row += ["", "", "", f"{m['mae_ratio']:.3f}"]
+        else:
+            row += [f"{m['mae']:.3g}", f"{m['rmse']:.3g}", f"{m.get('mae_persistence', float('nan')):.3g} / {m.get('mae_seasonal', float('nan')):.3g}", f"{m['mae_ratio']:.3f}"]
+        t.add_row(*row, spent)
+    return t
+
+
+@app.command()
+def baselines(
+    department: List[str] = typer.Option(
+        ..., "--department", "-d", help="health, traffic or utility; repeat for several, or 'all'."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for results.json (created if missing)."),
+    epsilon: List[float] = typer.Option(
+        [3.0], "--epsilon", "-e", help="Target epsilon of the DP-SGD runs (repeat for several). delta = 1/(10·n)."
+    ),
+    model: Optional[List[str]] = typer.Option(
+        None, "--model", "-m", help="Model kinds (heart-mlp for health; gru, patchtst for forecasting). Default: all."
+    ),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Your own records (CSV/Parquet in the department schema) instead of the bundled data."
+    ),
+    epochs: Optional[int] = typer.Option(None, help="Override the default number of training epochs."),
+    max_grad_norm: float = typer.Option(1.0, help="Per-sample clipping norm of DP-SGD."),
+    seed: int = typer.Option(0, help="Seed for splits, initialisation and sampling."),
+) -> None:
+    """Train pooled and local-only reference models, without DP and with Opacus DP-SGD.
+
+    Pooled = all sites' training data in one place (the non-federated reference); local =
+    each site alone. Prints a table per department and writes OUT/results.json with one
+    entry per (model, method, epsilon, site). Metrics: accuracy and ROC-AUC on each hospital's
+    test set and the pooled test set (health); MAE and RMSE in original units next to
+    persistence and seasonal-naive forecasts (traffic, utility).
+    """
+    import torch
+
+    from simulations.baselines import plan, run_baselines, write_results
+    from clients.datasets import load_department, DataFileError
+
+    depts = list(DEPARTMENTS) if department == ["all"] else department
+    for d in depts:
+        if d not in DEPARTMENTS:
+            raise typer.BadParameter(f"unknown department {d!r}; choose from {', '.join(DEPARTMENTS)} or 'all'", param_hint="--department")
+    if data is not None and len(depts) != 1:
+        raise typer.BadParameter("--data needs exactly one --department", param_hint="--data")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    all_results: list[dict] = []
+    for d in depts:
+        try:
+            ds = load_department(d, data, seed=seed)
+        except DataFileError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2)
+        jobs = plan(ds, model or __import__("shared_models").model_kinds(d), list(epsilon))
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=False,
+        ) as progress:
+            jt = progress.add_task(f"{d}: jobs", total=len(jobs))
+            et = progress.add_task("epochs", total=None)
+
+            def on_job(job, _first=[True]):
+                if not _first[0]:
+                    progress.advance(jt)
+                _first[0] = False
+                eps = "no DP" if job.epsilon is None else f"eps={job.epsilon:g}"
+                progress.update(et, completed=0, description=f"  {job.model} {job.method} {job.site or 'all sites'} {eps}")
+
+            def on_epoch(epoch, loss):
+                progress.update(et, advance=1, description=progress.tasks[et].description.split(" loss=")[0] + f" loss={loss:.4f}")
+
+            t0 = time.perf_counter()
+            results = run_baselines(d, epsilons=list(epsilon), kinds=model, data=str(data) if data else None, seed=seed,
+                                    epochs=epochs, max_grad_norm=max_grad_norm, on_job=on_job, on_epoch=on_epoch)
+            progress.advance(jt)
+        console.print(_table(results, d))
+        console.print(f"{d}: {len(jobs)} jobs in {time.perf_counter() - t0:.1f} s")
+        all_results += results
+    meta = {"command": "fl-sim baselines", "departments": depts, "epsilons": list(epsilon), "seed": seed,
+            "data": str(data) if data else "bundled", "python": platform.python_version(), "torch": torch.__version__}
+    path = write_results(all_results, out, meta)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def datasets(department: Optional[str] = typer.Argument(None, help="Department to describe (default: all).")) -> None:
+    """List the bundled department datasets: source, licence, sites and schema."""
+    from clients.datasets import DATASETS
+
+    for name, cls in DATASETS.items():
+        if department and name != department:
+            continue
+        src = cls.source()
+        console.rule(f"{name}: {src.get('description', '')}")
+        console.print(f"package {src['package']} {src['version']} ({src['licence']}), {src['rows']} rows, sites: {src['sites']}")
+        console.print(cls.schema.describe())
+
+
+def main() -> None:  # console script entry point
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    app()
+
+
+if __name__ == "__main__":
+    main()
