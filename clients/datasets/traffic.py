@@ -1,0 +1,134 @@
+"""Traffic department: 15-minute vehicle counts per detector (one site per detector).
+
+Bundled data: ``traffic_anomaly`` 2.5.4, ``traffic_anomaly/data/sample_counts.parquet``
+(MIT): Oregon DOT counts at one intersection, 22 detectors, 2024-04-18 to 2024-05-13.
+Task: from the last 8 h (32 steps) forecast the next hour (4 steps).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pandas as pd
+
+from .base import (Column, DataFileError, DepartmentDataset, Schema, SiteData, check_time_order, drop_missing_keys,
+                   package_file, package_version, validate_frame, warn_quality)
+from .forecasting import build_forecast_site
+
+__all__ = ["TrafficCounts"]
+
+_DIST, _FILE = "traffic-anomaly", "traffic_anomaly/data/sample_counts.parquet"
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled() -> pd.DataFrame:
+    raw = pd.read_parquet(package_file(_DIST, _FILE))
+    frame = pd.DataFrame({
+        "timestamp": pd.to_datetime(raw["timestamp"]).astype("datetime64[ns]"),
+        "detector": raw["detector"].astype("int64"),
+        "total": raw["total"].astype("float64"),
+        "intersection": raw["intersection"].astype("int64"),
+    })
+    # the bundled file is not sorted; operator files must be
+    return frame.sort_values(["detector", "timestamp"], kind="stable").reset_index(drop=True)
+
+
+class TrafficCounts(DepartmentDataset):
+    """Vehicle counts per detector, forecast one hour ahead.
+
+    Parameters
+    ----------
+    path : str or os.PathLike, optional
+        ``None`` for the bundled Oregon DOT counts, or an operator CSV/Parquet file with columns
+        ``timestamp``, ``detector``, ``total`` (see :attr:`schema`), sorted by time within each
+        detector, one record per detector and 15-minute bin.
+    seed : int
+    test_fraction : float, optional
+        Last share of each detector's time range used for testing (default 0.25).
+    """
+
+    department = "traffic"
+    default_test_fraction = 0.25
+    schema = Schema(
+        department="traffic",
+        task="forecasting",
+        columns=(
+            Column("timestamp", "datetime", "", "start of the 15-minute counting bin (local time)"),
+            Column("detector", "category", "", "detector id (one site per detector)"),
+            Column("total", "int", "vehicles / 15 min", "vehicles counted in the bin (empty if not recorded)"),
+            Column("intersection", "int", "", "intersection id (informational)", required=False),
+        ),
+        site_column="detector",
+        target="total",
+        target_unit="vehicles / 15 min",
+        time_column="timestamp",
+        step="15min",
+        lookback=32,
+        horizon=4,
+        seasonal_period=96,
+        n_features=5,
+    )
+    #: Channel names of ``X[..., k]``.
+    channels = ("total_scaled", "hour_sin", "hour_cos", "dow_sin", "dow_cos")
+
+    @classmethod
+    def source(cls) -> dict:
+        """Provenance of the bundled counts (package, version, licence, rows, sites, description)."""
+        return {
+            "package": _DIST,
+            "version": package_version(_DIST),
+            "licence": "MIT",
+            "file": _FILE,
+            "rows": 54824,
+            "sites": 22,
+            "description": "Oregon DOT 15-minute vehicle counts, one intersection, 22 detectors, 2024-04-18 to 2024-05-13",
+        }
+
+    def _bundled_frame(self) -> pd.DataFrame:
+        return _bundled().copy()
+
+    def _validate(self, frame: pd.DataFrame, path) -> pd.DataFrame:
+        out = validate_frame(frame, self.schema, path)
+        neg = out["total"] < 0
+        if neg.any():
+            rows = out.index[neg]
+            raise DataFileError(path, f"{int(neg.sum())} negative count(s), first at row {rows[0] + 1} ({out['total'][rows[0]]:g})",
+                                "counts are vehicles per bin and cannot be negative; leave unknown counts empty", "total")
+        out = drop_missing_keys(out, ["detector"], path)
+        # detector ids: whole numbers stay integers (sites read "detector-15"), anything else is text
+        det = pd.to_numeric(out["detector"], errors="coerce")
+        if det.notna().all() and (det == det.round()).all():
+            out["detector"] = det.astype("int64")
+        else:
+            out["detector"] = out["detector"].astype(str)
+        check_time_order(out, "detector", "timestamp", path)
+        t = out["timestamp"]
+        off = t != t.dt.floor("15min")
+        if off.any():
+            rows = out.index[off]
+            raise DataFileError(path, f"{int(off.sum())} timestamp(s) not on a 15-minute boundary, first at row {rows[0] + 1} ({t[rows[0]]})",
+                                "aggregate the counts into 15-minute bins starting at :00, :15, :30 and :45", "timestamp")
+        missing = int(out["total"].isna().sum())
+        if missing:
+            warn_quality(f"{path}: {missing} record(s) have no 'total'; short gaps are interpolated and windows with "
+                         "remaining gaps are dropped (see per-detector warnings)", stacklevel=4)
+        return out.reset_index(drop=True)
+
+    def _site_name(self, key) -> str:
+        return f"detector-{key}"
+
+    def _sort_key(self, key):
+        try:
+            return (0, float(key), "")
+        except (TypeError, ValueError):
+            return (1, 0.0, str(key))
+
+    def _build_site(self, site: str, records: pd.DataFrame) -> SiteData:
+        times = pd.DatetimeIndex(records["timestamp"])
+        grid = pd.date_range(times[0], times[-1], freq=self.schema.step)
+        target = pd.Series(records["total"].to_numpy(dtype=np.float64), index=times).reindex(grid).to_numpy()
+        s = self.schema
+        return build_forecast_site(site, grid, target, lookback=s.lookback, horizon=s.horizon, period=s.seasonal_period,
+                                   test_fraction=self.test_fraction, origin=self._origin,
+                                   meta={"unit": s.target_unit, "records": len(records)})

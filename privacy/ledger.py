@@ -1,0 +1,479 @@
+"""Durable, node-local record of every differentially private release.
+
+Each department node keeps a :class:`PrivacyLedger` on its own disk: one SQLite file with a
+row per DP release, i.e. per round of local DP-SGD whose result left (or may have left) the
+node. The node's epsilon is never stored; it is always recomputed from these rows with
+Opacus' :class:`~opacus.accountants.RDPAccountant`, so the lifetime budget spans runs,
+restarts and crashes.
+
+Life cycle of a release::
+
+    rid = ledger.begin(release)          # 'pending' row, written BEFORE training starts
+    try:
+        update = train(...)
+    except Exception as exc:             # nothing left the node
+        ledger.abort(rid, reason=repr(exc))
+        raise
+    ledger.commit(rid, steps=actual_steps)   # 'committed'
+    return update                        # the release leaves the node
+
+Pending rows count toward epsilon (a crash between ``begin`` and ``commit`` must never
+under-count); aborted rows are kept for audit but do not count.
+
+Durability: WAL journal with ``synchronous=FULL`` (every committed transaction is on disk
+before the call returns), every write in its own ``BEGIN IMMEDIATE`` transaction, a busy
+timeout so several processes (e.g. a Flower ClientApp restarted while an old one drains)
+can share the file. A fresh SQLite connection is opened per operation, so a ledger object
+may be used from several threads and survives ``fork``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+__all__ = ["BudgetExceededError", "LedgerError", "PrivacyLedger", "Release", "SCHEMA_VERSION"]
+
+#: Version of the on-disk schema, stored in ``PRAGMA user_version``.
+SCHEMA_VERSION = 1
+
+#: Seconds a connection waits for a lock held by another process before failing.
+DEFAULT_TIMEOUT_S = 30.0
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS releases (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    site             TEXT    NOT NULL,
+    department       TEXT    NOT NULL,
+    run_id           TEXT    NOT NULL,
+    round            INTEGER NOT NULL,
+    noise_multiplier REAL    NOT NULL CHECK (noise_multiplier >= 0),
+    sample_rate      REAL    NOT NULL CHECK (sample_rate >= 0 AND sample_rate <= 1),
+    steps            INTEGER NOT NULL CHECK (steps >= 0),
+    planned_steps    INTEGER NOT NULL CHECK (planned_steps >= 0),
+    delta            REAL    NOT NULL CHECK (delta > 0 AND delta < 1),
+    accountant       TEXT    NOT NULL,
+    status           TEXT    NOT NULL CHECK (status IN ('pending', 'committed', 'aborted')),
+    reason           TEXT,
+    created_at       TEXT    NOT NULL,
+    updated_at       TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS releases_site_status ON releases (site, status);
+"""
+
+
+class LedgerError(RuntimeError):
+    """The ledger file cannot be created, opened, read or written, or a call is invalid.
+
+    The message always names the ledger file.
+    """
+
+
+class BudgetExceededError(LedgerError):
+    """:meth:`PrivacyLedger.begin` was given a budget and the release would exceed it."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """One DP release: a round of local DP-SGD whose result leaves the node.
+
+    Parameters
+    ----------
+    noise_multiplier : float
+        Gaussian noise standard deviation divided by the clipping norm (``>= 0``; 0 means
+        no privacy and gives an infinite epsilon).
+    sample_rate : float
+        Poisson sampling rate ``q = batch_size / n_records`` in ``[0, 1]``.
+    steps : int
+        Number of noisy optimizer steps (planned; the actual count may be given at commit).
+    delta : float
+        The delta the job was run for (kept for audit; epsilon is always computed at the
+        delta passed to :meth:`PrivacyLedger.epsilon`).
+    run_id, round : str, int
+        Federated run and server round that asked for the release.
+    site : str
+        The node's identity; one accountant per site.
+    department : str
+        Department owning the site (``health``, ``traffic``, ``utility``).
+    accountant : str
+        Accounting method; only ``"rdp"`` is supported.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    run_id: str
+    round: int
+    site: str
+    department: str
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        problems = []
+        nm, q, d = self.noise_multiplier, self.sample_rate, self.delta
+        if isinstance(nm, bool) or not isinstance(nm, (int, float)) or math.isnan(nm) or nm < 0:
+            problems.append(f"noise_multiplier must be a number >= 0 (got {nm!r})")
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+            problems.append(f"sample_rate must be in [0, 1] (got {q!r})")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            problems.append(f"steps must be an int >= 0 (got {self.steps!r})")
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d < 1.0:
+            problems.append(f"delta must be in (0, 1) (got {d!r})")
+        if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 0:
+            problems.append(f"round must be an int >= 0 (got {self.round!r})")
+        for name in ("run_id", "site", "department"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                problems.append(f"{name} must be a non-empty string (got {value!r})")
+        if self.accountant != "rdp":
+            problems.append(f"accountant must be 'rdp' (got {self.accountant!r})")
+        if problems:
+            raise ValueError("invalid Release: " + "; ".join(problems))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon of ``history`` at ``delta`` with Opacus' RDP accountant (0.0 when empty)."""
+    if not history:
+        return 0.0
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1) (got {delta!r})")
+    from opacus.accountants import RDPAccountant  # lazy: importing torch costs seconds
+
+    # RDP composes additively and is linear in the step count, so releases with the same
+    # (noise, q) are merged into one entry: identical epsilon, cost independent of #rounds.
+    merged: dict[tuple[float, float], int] = {}
+    for noise, q, steps in history:
+        merged[(float(noise), float(q))] = merged.get((float(noise), float(q)), 0) + int(steps)
+    acc = RDPAccountant()
+    acc.history = [(noise, q, steps) for (noise, q), steps in merged.items()]
+    return float(acc.get_epsilon(delta=delta))
+
+
+class PrivacyLedger:
+    """Node-local SQLite ledger of DP releases; epsilon is recomputed from it on demand.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Ledger file. Parent directories and the schema are created when missing.
+    timeout : float, optional
+        Seconds to wait for another process' lock (default 30).
+
+    Raises
+    ------
+    LedgerError
+        The file cannot be created or is not a ledger (corrupt, other database, newer
+        schema). The message names the file.
+
+    Notes
+    -----
+    The file uses the WAL journal with ``synchronous=FULL``; keep it on a local disk (WAL
+    does not work on network file systems). Every write is a single ``BEGIN IMMEDIATE``
+    transaction, so concurrent writers from several processes serialize instead of losing
+    rows.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT_S):
+        self.path = Path(path)
+        self.timeout = float(timeout)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(
+                f"privacy ledger {str(self.path)!r}: cannot create its directory: {exc}. "
+                "Fix: point the ledger at a writable local path."
+            ) from exc
+        if self.path.exists() and not self.path.is_file():
+            raise LedgerError(f"privacy ledger {str(self.path)!r}: exists but is not a regular file.")
+        with self._connect(init=True) as con:
+            self._init_schema(con)
+
+    # -- connection handling -------------------------------------------------------------
+    def _fail(self, what: str, exc: BaseException) -> LedgerError:
+        hint = ""
+        text = str(exc).lower()
+        if "not a database" in text or "malformed" in text:
+            hint = " The file is corrupt or not a privacy ledger; restore it from backup (never delete it: that resets the budget)."
+        elif "readonly" in text or "unable to open" in text or "permission" in text:
+            hint = " Fix: make the file and its directory writable by this process."
+        elif "locked" in text or "busy" in text:
+            hint = f" Another process held the lock for more than {self.timeout:g} s."
+        return LedgerError(f"privacy ledger {str(self.path)!r}: {what}: {exc}.{hint}")
+
+    @contextmanager
+    def _connect(self, *, init: bool = False) -> Iterator[sqlite3.Connection]:
+        try:
+            con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise self._fail("cannot open", exc) from exc
+        try:
+            try:
+                con.row_factory = sqlite3.Row
+                con.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+                if init:
+                    mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                    if str(mode).lower() not in ("wal", "delete"):
+                        con.execute("PRAGMA journal_mode = DELETE")
+                con.execute("PRAGMA synchronous = FULL")
+            except sqlite3.Error as exc:
+                raise self._fail("cannot open", exc) from exc
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` transaction (rolled back on error)."""
+        with self._connect() as con:
+            try:
+                con.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._fail("cannot start a write transaction", exc) from exc
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException as exc:
+                try:
+                    con.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if isinstance(exc, sqlite3.Error):
+                    raise self._fail("write failed", exc) from exc
+                raise
+
+    def _read(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        with self._connect() as con:
+            try:
+                return con.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self._fail("read failed", exc) from exc
+
+    def _init_schema(self, con: sqlite3.Connection) -> None:
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                con.execute("ROLLBACK")
+                raise LedgerError(
+                    f"privacy ledger {str(self.path)!r}: schema version {version} is newer than "
+                    f"this code supports ({SCHEMA_VERSION}). Fix: upgrade cityfed on this node."
+                )
+            if version == 0:
+                tables = {
+                    r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                } - {"sqlite_sequence"}
+                if tables - {"releases"}:
+                    con.execute("ROLLBACK")
+                    raise LedgerError(
+                        f"privacy ledger {str(self.path)!r}: is an SQLite database but not a privacy "
+                        f"ledger (tables {sorted(tables)}). Fix: choose another ledger path."
+                    )
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        con.execute(statement)
+                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            con.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                con.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise self._fail("cannot initialise", exc) from exc
+
+    # -- writes --------------------------------------------------------------------------
+    def begin(
+        self,
+        release: Release,
+        *,
+        max_epsilon: float | None = None,
+        delta: float | None = None,
+    ) -> int:
+        """Record ``release`` as 'pending' before training starts.
+
+        Parameters
+        ----------
+        release : Release
+            The release about to be produced.
+        max_epsilon, delta : float, optional
+            When both are given, the budget is checked inside the same write transaction
+            (atomic against other processes): if the epsilon at ``delta`` including this
+            release would exceed ``max_epsilon``, nothing is written and
+            :class:`BudgetExceededError` is raised.
+
+        Returns
+        -------
+        int
+            Id of the new row, to pass to :meth:`commit` or :meth:`abort`.
+        """
+        if not isinstance(release, Release):
+            raise TypeError(f"begin() expects a Release, got {type(release).__name__}")
+        if (max_epsilon is None) != (delta is None):
+            raise ValueError("give both max_epsilon and delta, or neither")
+        now = _now()
+        with self._write() as con:
+            other = con.execute(
+                "SELECT department FROM releases WHERE site = ? AND department != ? LIMIT 1",
+                (release.site, release.department),
+            ).fetchone()
+            if other is not None:
+                raise LedgerError(
+                    f"privacy ledger {str(self.path)!r}: site {release.site!r} belongs to department "
+                    f"{other[0]!r}, not {release.department!r} (one accountant per department site)."
+                )
+            if max_epsilon is not None:
+                hist = self._history(con, release.site)
+                hist.append((float(release.noise_multiplier), float(release.sample_rate), int(release.steps)))
+                eps = _rdp_epsilon(hist, float(delta))
+                if eps > max_epsilon:
+                    raise BudgetExceededError(
+                        f"privacy ledger {str(self.path)!r}: release would bring site {release.site!r} "
+                        f"to epsilon {eps:.4g} > max_epsilon {max_epsilon:g} (delta {delta:g})."
+                    )
+            cur = con.execute(
+                "INSERT INTO releases (site, department, run_id, round, noise_multiplier, sample_rate,"
+                " steps, planned_steps, delta, accountant, status, reason, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', NULL, ?, ?)",
+                (
+                    release.site,
+                    release.department,
+                    release.run_id,
+                    int(release.round),
+                    float(release.noise_multiplier),
+                    float(release.sample_rate),
+                    int(release.steps),
+                    int(release.steps),
+                    float(release.delta),
+                    release.accountant,
+                    now,
+                    now,
+                ),
+            )
+            return int(cur.lastrowid)
+
+    def _finish(self, release_id: int, status: str, *, steps: int | None, reason: str | None) -> None:
+        with self._write() as con:
+            row = con.execute("SELECT status FROM releases WHERE id = ?", (int(release_id),)).fetchone()
+            if row is None:
+                raise LedgerError(f"privacy ledger {str(self.path)!r}: no release with id {release_id}.")
+            if row[0] != "pending":
+                raise LedgerError(
+                    f"privacy ledger {str(self.path)!r}: release {release_id} is {row[0]!r}; only a "
+                    f"'pending' release can become {status!r}."
+                )
+            if steps is None:
+                con.execute(
+                    "UPDATE releases SET status = ?, reason = ?, updated_at = ? WHERE id = ?",
+                    (status, reason, _now(), int(release_id)),
+                )
+            else:
+                con.execute(
+                    "UPDATE releases SET status = ?, reason = ?, steps = ?, updated_at = ? WHERE id = ?",
+                    (status, reason, int(steps), _now(), int(release_id)),
+                )
+
+    def commit(self, release_id: int, *, steps: int | None = None) -> None:
+        """Mark a pending release as released.
+
+        Parameters
+        ----------
+        release_id : int
+            Id returned by :meth:`begin`.
+        steps : int, optional
+            Actual number of noisy steps taken, when it differs from the planned count.
+
+        Raises
+        ------
+        LedgerError
+            Unknown id, or the release is not pending.
+        """
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ValueError(f"steps must be an int >= 0 (got {steps!r})")
+        self._finish(release_id, "committed", steps=steps, reason=None)
+
+    def abort(self, release_id: int, reason: str) -> None:
+        """Mark a pending release as aborted: NOTHING left the node.
+
+        Only for rounds that failed before any result was sent (e.g. an exception before
+        the reply). The row is kept for audit and no longer counts toward epsilon. If in
+        doubt, :meth:`commit` instead: over-counting is safe, under-counting is not.
+
+        Raises
+        ------
+        LedgerError
+            Unknown id, or the release is not pending (a committed release can never be
+            aborted).
+        """
+        if not isinstance(reason, str) or not reason.strip():
+            raise ValueError("abort() needs a non-empty reason for the audit trail")
+        self._finish(release_id, "aborted", steps=None, reason=reason)
+
+    # -- reads ---------------------------------------------------------------------------
+    @staticmethod
+    def _history(con: sqlite3.Connection, site: str) -> list[tuple[float, float, int]]:
+        rows = con.execute(
+            "SELECT noise_multiplier, sample_rate, steps FROM releases"
+            " WHERE site = ? AND status IN ('pending', 'committed') ORDER BY id",
+            (site,),
+        ).fetchall()
+        return [(float(r[0]), float(r[1]), int(r[2])) for r in rows]
+
+    def history(self, site: str) -> list[tuple[float, float, int]]:
+        """Counted (pending and committed) releases of ``site`` as ``(noise, q, steps)``.
+
+        This is exactly the ``history`` of an Opacus ``RDPAccountant``, in release order.
+        """
+        with self._connect() as con:
+            try:
+                return self._history(con, site)
+            except sqlite3.Error as exc:
+                raise self._fail("read failed", exc) from exc
+
+    def epsilon(self, site: str, delta: float) -> float:
+        """Epsilon spent by ``site`` at ``delta`` over all counted releases (0.0 when none).
+
+        Pending releases count (conservative). Computed by an Opacus ``RDPAccountant``
+        whose ``history`` is :meth:`history`.
+        """
+        return _rdp_epsilon(self.history(site), delta)
+
+    def projected_epsilon(self, site: str, release: Release) -> float:
+        """Epsilon of ``site`` if ``release`` were added, at ``release.delta``."""
+        hist = self.history(site)
+        hist.append((float(release.noise_multiplier), float(release.sample_rate), int(release.steps)))
+        return _rdp_epsilon(hist, release.delta)
+
+    def releases(self, site: str | None = None) -> list[dict]:
+        """Audit listing: every row (any status), oldest first, as plain dicts.
+
+        Keys: ``id, site, department, run_id, round, noise_multiplier, sample_rate, steps,
+        planned_steps, delta, accountant, status, reason, created_at, updated_at``
+        (timestamps are ISO-8601 UTC).
+        """
+        if site is None:
+            rows = self._read("SELECT * FROM releases ORDER BY id")
+        else:
+            rows = self._read("SELECT * FROM releases WHERE site = ? ORDER BY id", (site,))
+        return [dict(r) for r in rows]
+
+    def runs(self, site: str) -> list[str]:
+        """Run ids that asked ``site`` for a release (any status), in order of first use."""
+        rows = self._read(
+            "SELECT run_id FROM releases WHERE site = ? GROUP BY run_id ORDER BY MIN(id)", (site,)
+        )
+        return [r[0] for r in rows]
+
+    def __repr__(self) -> str:
+        return f"PrivacyLedger({str(self.path)!r})"
+

@@ -1,0 +1,348 @@
+"""A department node's privacy policy, and the check every training job must pass.
+
+The policy is a TOML file owned by the department (not by the coordinator), e.g.
+``examples/policies/health.toml``::
+
+    department = "health"
+    max_epsilon = 8.0
+    delta = 1e-3
+    min_noise_multiplier = 0.8
+    max_clipping_norm = 1.0
+    allowed_tasks = ["heart-disease"]
+    max_rounds_per_run = 50
+    require_dp = true
+
+Before training, :func:`check_job` compares the coordinator's :class:`JobRequest` with the
+policy and with the node's :class:`~privacy.ledger.PrivacyLedger`, and refuses jobs that ask
+for weaker privacy than the policy allows or that would push the node's lifetime epsilon
+past ``max_epsilon``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from privacy.ledger import PrivacyLedger, Release
+
+__all__ = [
+    "Decision",
+    "JobRequest",
+    "PolicyError",
+    "PrivacyPolicy",
+    "check_job",
+    "load_policy",
+    "parse_policy",
+]
+
+
+class PolicyError(ValueError):
+    """A policy file is missing, is not valid TOML, or does not validate.
+
+    The message names the file, the field (dotted path) and how to fix it.
+    """
+
+
+class PrivacyPolicy(BaseModel):
+    """Privacy policy of one department node (loaded from TOML by :func:`load_policy`).
+
+    Types are strict (``max_rounds_per_run = 5.0`` or ``max_epsilon = "8"`` are errors),
+    unknown keys are errors, and ``inf``/``nan`` are refused.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    department: Literal["health", "traffic", "utility"] = Field(
+        description="Department that owns this node; jobs for another department are refused."
+    )
+    max_epsilon: float = Field(
+        gt=0,
+        allow_inf_nan=False,
+        description="Lifetime epsilon budget of this node, across all runs and restarts.",
+    )
+    delta: float = Field(
+        gt=0,
+        lt=1,
+        allow_inf_nan=False,
+        description=(
+            "Target delta at which epsilon is accounted. Recommended <= 1/n_records "
+            "(cityfed's default is 1/(10·n)); larger deltas permit leaking a record outright."
+        ),
+    )
+    min_noise_multiplier: float = Field(
+        ge=0,
+        allow_inf_nan=False,
+        description="Jobs with a lower DP-SGD noise multiplier (noise std / clipping norm) are refused.",
+    )
+    max_clipping_norm: float = Field(
+        gt=0,
+        allow_inf_nan=False,
+        description="Jobs with a larger per-sample gradient clipping norm are refused.",
+    )
+    allowed_tasks: list[str] = Field(
+        min_length=1,
+        description='Task names this node accepts, e.g. ["heart-disease"].',
+    )
+    max_rounds_per_run: int = Field(
+        ge=1,
+        description="Highest server round (1-based) of one run this node takes part in.",
+    )
+    require_dp: bool = Field(
+        default=True,
+        description="When true, a job with DP switched off is refused.",
+    )
+
+
+class JobRequest(BaseModel):
+    """What the coordinator's train message asks this node to do.
+
+    Unknown keys are errors: a knob the node does not understand must not silently weaken
+    privacy.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    department: str = Field(description="Department the job is meant for.")
+    task: str = Field(description="Task name, checked against the policy's allowed_tasks.")
+    run_id: str = Field(min_length=1, description="Federated run id.")
+    round: int = Field(ge=0, description="Server round (Flower's 1-based server_round).")
+    dp: bool = Field(description="Whether DP-SGD is on.")
+    noise_multiplier: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False, description="DP-SGD noise multiplier (None when DP is off)."
+    )
+    clipping_norm: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Per-sample clipping norm (None when DP is off)."
+    )
+    sample_rate: float = Field(ge=0, le=1, description="Poisson sampling rate q = batch_size / n_records.")
+    steps: int = Field(ge=0, description="Number of noisy optimizer steps this round will take.")
+
+
+class Decision(NamedTuple):
+    """Outcome of :func:`check_job`.
+
+    Attributes
+    ----------
+    accepted : bool
+        Whether the node may train.
+    reason : str
+        Human-readable reason naming the policy field involved.
+    epsilon_before : float
+        The site's epsilon now (at the policy's delta).
+    epsilon_after : float
+        Accepted: the projected epsilon once this round is released (``inf`` for an
+        accepted non-DP job). Refused on budget: the projected epsilon that was refused.
+        Other refusals: equal to ``epsilon_before`` (nothing will be released).
+    """
+
+    accepted: bool
+    reason: str
+    epsilon_before: float
+    epsilon_after: float
+
+
+# -- loading --------------------------------------------------------------------------------
+
+_FIXES: dict[str, str] = {
+    "department": 'set the node\'s department, one of "health", "traffic", "utility", e.g. department = "health"',
+    "max_epsilon": "set a positive, finite budget, e.g. max_epsilon = 8.0",
+    "delta": "set a probability between 0 and 1, at most 1/n_records, e.g. delta = 1e-5",
+    "min_noise_multiplier": "set a number >= 0, e.g. min_noise_multiplier = 0.8",
+    "max_clipping_norm": "set a positive, finite number, e.g. max_clipping_norm = 1.0",
+    "allowed_tasks": 'list at least one task name as strings, e.g. allowed_tasks = ["heart-disease"]',
+    "max_rounds_per_run": "set a whole number >= 1 (no decimal point), e.g. max_rounds_per_run = 50",
+    "require_dp": "set true or false (unquoted), e.g. require_dp = true",
+}
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """Short, plain wording for one pydantic error."""
+    etype = err.get("type", "")
+    ctx = err.get("ctx") or {}
+    if etype == "missing":
+        return "is required but missing"
+    if etype == "extra_forbidden":
+        return "is not a policy field"
+    for key, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if etype in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and key in ctx:
+            bound = ctx[key]
+            return f"must be {op} {bound:g}" if isinstance(bound, (int, float)) else f"must be {op} {bound}"
+    if etype == "finite_number":
+        return "must be a finite number (not inf or nan)"
+    if etype == "too_short":
+        return "must not be empty"
+    return str(err.get("msg", "is invalid")).replace("Input should be", "must be")
+
+
+def _format_validation(source: str, exc: ValidationError) -> str:
+    lines = []
+    allowed = list(PrivacyPolicy.model_fields)
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "<document>"
+        top = str(err["loc"][0]) if err.get("loc") else ""
+        text = f"{source}: field {loc!r}: {_describe(err)}"
+        if err.get("type") not in ("missing",) and "input" in err:
+            got = err["input"]
+            shown = repr(got)
+            if len(shown) > 60:
+                shown = shown[:57] + "..."
+            name = type(got).__name__
+            kind = f", {'an' if name[0] in 'aeiou' else 'a'} {name}" if str(err.get("type", "")).endswith("_type") else ""
+            text += f" (got {shown}{kind})"
+        if err.get("type") == "extra_forbidden":
+            close = difflib.get_close_matches(top, allowed, n=1)
+            fix = f"remove it{f' (did you mean {close[0]!r}?)' if close else ''}; allowed fields: {', '.join(allowed)}"
+        else:
+            fix = _FIXES.get(top, "see the field descriptions in privacy/policy.py")
+        lines.append(f"{text}. Fix: {fix}")
+    return "\n".join(lines)
+
+
+def parse_policy(text: str, source: str = "<string>") -> PrivacyPolicy:
+    """Parse and validate a policy from TOML text.
+
+    Parameters
+    ----------
+    text : str
+        TOML document with the policy fields at top level.
+    source : str
+        Name used in error messages (normally the file path).
+
+    Raises
+    ------
+    PolicyError
+        Invalid TOML (message gives line and column) or invalid fields (one line per
+        problem: file, dotted field, what is wrong, the value found, and a fix).
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(
+            f"{source}: not valid TOML: {exc}. Fix: correct the syntax at that line/column "
+            '(strings need double quotes, e.g. department = "health").'
+        ) from exc
+    try:
+        return PrivacyPolicy.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyError(_format_validation(source, exc)) from exc
+
+
+def load_policy(path: str | os.PathLike) -> PrivacyPolicy:
+    """Load and validate a policy TOML file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The policy file.
+
+    Returns
+    -------
+    PrivacyPolicy
+
+    Raises
+    ------
+    PolicyError
+        Missing/unreadable file, invalid TOML or invalid fields; the message names the file,
+        the field and the fix, e.g. ``policy.toml: field 'max_epsilon': must be > 0 (got -1). Fix: set a positive, finite budget, e.g. max_epsilon = 8.0``.
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise PolicyError(
+            f"{p}: cannot read policy file: {exc.strerror or exc}. "
+            "Fix: pass the path of an existing TOML policy (see examples/policies/)."
+        ) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{p}: not UTF-8 text ({exc}). Fix: save the policy as UTF-8 TOML.") from exc
+    return parse_policy(text, str(p))
+
+
+# -- checking -------------------------------------------------------------------------------
+
+
+def check_job(policy: PrivacyPolicy, job: JobRequest, ledger: PrivacyLedger, site: str) -> Decision:
+    """Decide whether ``site`` may run ``job`` under ``policy``.
+
+    Checks, in order (the first failure is the reason): department mismatch, task not
+    allowed, round > ``max_rounds_per_run``, DP off while ``require_dp``, noise multiplier
+    missing or < ``min_noise_multiplier``, clipping norm missing or > ``max_clipping_norm``,
+    projected epsilon (:meth:`PrivacyLedger.projected_epsilon` at ``policy.delta``)
+    > ``max_epsilon``.
+
+    Parameters
+    ----------
+    policy : PrivacyPolicy
+    job : JobRequest
+    ledger : PrivacyLedger
+        The node's ledger; only read here. On acceptance the caller records the round with
+        ``ledger.begin(...)`` (pass ``max_epsilon``/``delta`` to re-check the budget
+        atomically against concurrent processes).
+    site : str
+        The node's site id in the ledger.
+
+    Returns
+    -------
+    Decision
+
+    Notes
+    -----
+    A non-DP job that the policy allows (``require_dp = false``) is accepted without the
+    noise, clipping and budget checks; its ``epsilon_after`` is ``inf`` because a non-DP
+    release has no finite privacy guarantee, and it cannot be recorded in the ledger.
+    """
+    before = ledger.epsilon(site, policy.delta)
+
+    def refuse(reason: str, after: float | None = None) -> Decision:
+        return Decision(False, "refused: " + reason, before, before if after is None else after)
+
+    if job.department != policy.department:
+        return refuse(f"department {job.department!r} != policy department {policy.department!r}")
+    if job.task not in policy.allowed_tasks:
+        return refuse(f"task {job.task!r} not in policy allowed_tasks {policy.allowed_tasks!r}")
+    if job.round > policy.max_rounds_per_run:
+        return refuse(f"round {job.round} > policy max_rounds_per_run {policy.max_rounds_per_run}")
+    if not job.dp:
+        if policy.require_dp:
+            return refuse("dp is off but policy require_dp = true")
+        return Decision(True, "accepted: dp is off, allowed by policy require_dp = false (not accounted)", before, math.inf)
+    if job.noise_multiplier is None:
+        return refuse(f"noise_multiplier missing, policy min_noise_multiplier is {policy.min_noise_multiplier:g}")
+    if job.noise_multiplier < policy.min_noise_multiplier:
+        return refuse(
+            f"noise_multiplier {job.noise_multiplier:g} < policy min_noise_multiplier {policy.min_noise_multiplier:g}"
+        )
+    if job.clipping_norm is None:
+        return refuse(f"clipping_norm missing, policy max_clipping_norm is {policy.max_clipping_norm:g}")
+    if job.clipping_norm > policy.max_clipping_norm:
+        return refuse(f"clipping_norm {job.clipping_norm:g} > policy max_clipping_norm {policy.max_clipping_norm:g}")
+    release = Release(
+        noise_multiplier=float(job.noise_multiplier),
+        sample_rate=float(job.sample_rate),
+        steps=int(job.steps),
+        delta=policy.delta,
+        run_id=job.run_id,
+        round=int(job.round),
+        site=site,
+        department=policy.department,
+    )
+    after = ledger.projected_epsilon(site, release)
+    if after > policy.max_epsilon:
+        return refuse(
+            f"projected epsilon {after:.4g} (now {before:.4g}, delta {policy.delta:g}) > policy max_epsilon "
+            f"{policy.max_epsilon:g}",
+            after,
+        )
+    return Decision(
+        True,
+        f"accepted: projected epsilon {after:.4g} <= policy max_epsilon {policy.max_epsilon:g} (delta {policy.delta:g})",
+        before,
+        after,
+    )

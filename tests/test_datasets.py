@@ -1,0 +1,282 @@
+"""Department dataset adapters on the bundled real data: sizes, shapes, leakage, time split, round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from clients.datasets import (DATASETS, DataQualityWarning, DepartmentDataset, ElectricityDemand, HeartDisease, SiteData,
+                              TrafficCounts, load_department)
+
+pytestmark = pytest.mark.filterwarnings("ignore::clients.datasets.DataQualityWarning")
+
+
+@pytest.fixture(scope="module")
+def health():
+    return HeartDisease()
+
+
+@pytest.fixture(scope="module")
+def traffic():
+    return TrafficCounts()
+
+
+@pytest.fixture(scope="module")
+def utility():
+    return ElectricityDemand()
+
+
+def _same_split(a, b):
+    np.testing.assert_array_equal(a.X, b.X)
+    np.testing.assert_array_equal(a.y, b.y)
+    if a.naive is not None or b.naive is not None:
+        assert a.naive.keys() == b.naive.keys()
+        for k in a.naive:
+            np.testing.assert_array_equal(a.naive[k], b.naive[k])
+
+
+def _same_site(a: SiteData, b: SiteData):
+    _same_split(a.train, b.train)
+    _same_split(a.test, b.test)
+    assert a.target_mean == b.target_mean and a.target_std == b.target_std
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_and_load_department():
+    assert set(DATASETS) == {"health", "traffic", "utility"}
+    for name, cls in DATASETS.items():
+        assert issubclass(cls, DepartmentDataset)
+        assert cls.schema.department == name == cls.department
+        src = cls.source()
+        assert {"package", "version", "licence", "rows", "sites", "description"} <= set(src)
+        assert "not installed" not in src["version"]
+        assert name in cls.schema.describe() or cls.schema.target in cls.schema.describe()
+    with pytest.raises(ValueError, match="health, traffic, utility"):
+        load_department("police")
+
+
+def test_unknown_site_lists_valid_sites(health):
+    with pytest.raises(ValueError, match="Cleveland"):
+        health.site_data("Nowhere General")
+
+
+def test_bad_test_fraction():
+    with pytest.raises(ValueError, match="test_fraction"):
+        HeartDisease(test_fraction=1.5)
+
+
+# ----------------------------------------------------------------------------- health
+
+
+def test_health_sites_and_sizes(health):
+    assert health.sites == ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
+    expected = {"Cleveland": 304, "Hungary": 293, "Switzerland": 123, "VA Long Beach": 200}
+    total = 0
+    for site, n in expected.items():
+        d = health.site_data(site)
+        assert len(d.train) + len(d.test) == n
+        assert abs(len(d.test) / n - 1 / 3) < 0.02  # ~1/3 test
+        # stratified: same positive rate (within one patient) in train and test
+        assert abs(d.train.y.mean() - d.test.y.mean()) < 2 / len(d.test)
+        for part in (d.train, d.test):
+            assert part.X.dtype == np.float32 and part.y.dtype == np.float32
+            assert part.X.shape == (len(part), HeartDisease.schema.n_features) == (len(part), 15)
+            assert part.y.shape == (len(part),)
+            assert set(np.unique(part.y)) <= {0.0, 1.0}
+            assert np.isfinite(part.X).all()
+        total += n
+    assert total == 920 == HeartDisease.source()["rows"]
+    x, y = health.load("Cleveland")[0]
+    assert isinstance(x, torch.Tensor) and x.shape == (15,) and y.shape == ()
+    assert len(health.load("Cleveland", train=False)) == len(health.site_data("Cleveland").test)
+
+
+def test_health_one_hot_fixed_and_standardized(health):
+    for site in health.sites:
+        d = health.site_data(site)
+        X = np.concatenate([d.train.X, d.test.X])
+        cp, restecg = X[:, 8:12], X[:, 12:15]
+        np.testing.assert_array_equal(cp.sum(1), 1)
+        np.testing.assert_array_equal(restecg.sum(1), 1)
+        assert set(np.unique(X[:, 5:8])) <= {0.0, 1.0}
+        # numeric features standardized with the TRAINING rows (constant columns are all 0)
+        tr = d.train.X[:, :5]
+        assert np.all(np.abs(tr.mean(0)) < 1e-4)
+        assert np.all((np.abs(tr.std(0) - 1) < 1e-3) | (tr.std(0) == 0))
+
+
+def test_health_imputation_warns_with_counts():
+    ds = HeartDisease()
+    with pytest.warns(DataQualityWarning, match=r"imputed \d+ missing value"):
+        ds.site_data("VA Long Beach")
+
+
+def test_health_split_is_seeded():
+    a, b, c = HeartDisease(seed=0), HeartDisease(seed=0), HeartDisease(seed=1)
+    _same_site(a.site_data("Hungary"), b.site_data("Hungary"))
+    assert not np.array_equal(a.site_data("Hungary").meta["test_rows"], c.site_data("Hungary").meta["test_rows"])
+
+
+def test_health_no_cross_site_or_test_leakage(health, tmp_path):
+    base = health.site_data("Cleveland")
+    frame = health.raw_frame()
+    # change every other hospital's records, and the features of Cleveland's test patients
+    other = frame["dataset"] != "Cleveland"
+    frame.loc[other, "chol"] = frame.loc[other, "chol"] * 3 + 50
+    frame.loc[other, "num"] = 4 - frame.loc[other, "num"]
+    test_rows = base.meta["test_rows"]
+    frame.loc[test_rows, ["age", "trestbps", "chol", "thalch", "oldpeak"]] = 999.0
+    frame.loc[test_rows, "cp"] = "typical angina"
+    path = tmp_path / "heart.parquet"
+    frame.to_parquet(path)
+    changed = HeartDisease(path).site_data("Cleveland")
+    _same_split(base.train, changed.train)
+    assert base.meta["scalers"] == changed.meta["scalers"]
+    assert not np.array_equal(base.test.X, changed.test.X)
+
+
+# ----------------------------------------------------------------------------- forecasting
+
+
+@pytest.mark.parametrize("name,n_sites", [("traffic", 22), ("utility", 3)])
+def test_forecasting_sites_and_shapes(name, n_sites, request):
+    ds = request.getfixturevalue(name)
+    s = ds.schema
+    assert len(ds.sites) == n_sites
+    for site in ds.sites:
+        d = ds.site_data(site)
+        for part in (d.train, d.test):
+            assert len(part) > 0
+            assert part.X.dtype == np.float32 and part.y.dtype == np.float32
+            assert part.X.shape == (len(part), s.lookback, s.n_features)
+            assert part.y.shape == (len(part), s.horizon)
+            assert np.isfinite(part.X).all() and np.isfinite(part.y).all()
+            assert set(part.naive) == {"persistence", "seasonal"}
+            for v in part.naive.values():
+                assert v.shape == part.y.shape and np.isfinite(v).all()
+            # persistence = last observed (scaled) value, from the input window
+            np.testing.assert_array_equal(part.naive["persistence"], np.repeat(part.X[:, -1, :1], s.horizon, axis=1))
+            xb, yb = part.tensors()[:2]
+            assert xb.shape == (2, s.lookback, s.n_features) and yb.shape == (2, s.horizon)
+
+
+def test_traffic_sites_named_by_detector(traffic):
+    assert traffic.sites[:3] == ["detector-1", "detector-2", "detector-3"]
+    assert "detector-15" in traffic.sites
+    assert TrafficCounts.schema.lookback == 32 and TrafficCounts.schema.horizon == 4
+    assert TrafficCounts.schema.seasonal_period == 96 and TrafficCounts.schema.n_features == 5
+
+
+def test_utility_channels_and_seasonal_naive(utility):
+    s = utility.schema
+    assert utility.sites == ["england-wales-2000", "portugal-2012", "victoria-2014"]
+    assert (s.lookback, s.horizon, s.seasonal_period, s.n_features) == (72, 24, 24, 7)
+    for site in utility.sites:
+        d = utility.site_data(site)
+        X = d.train.X
+        # seasonal naive = value one day before each target step; with lookback >= 24 it is in the input
+        np.testing.assert_array_equal(d.train.naive["seasonal"], X[:, s.lookback - s.seasonal_period:, 0])
+        flag = X[:, :, 6]
+        assert set(np.unique(flag)) <= {0.0, 1.0}
+        if site == "victoria-2014":
+            assert flag.min() == 1.0 and X[:, :, 5].std() > 0.5
+        else:
+            assert flag.max() == 0.0 and np.all(X[:, :, 5] == 0)
+
+
+def test_utility_hourly_resampling(utility):
+    raw = utility.raw_frame()
+    vic = raw[raw.grid == "victoria-2014"].set_index("timestamp")["demand"]
+    hourly = vic.resample("1h").mean()
+    d = utility.site_data("victoria-2014")
+    assert d.meta["n_steps"] == 8760 == len(hourly)
+    # first training target (after lookback 72 h) is the mean of the two half-hours of that hour
+    t0 = pd.Timestamp(d.train.target_time[0])
+    assert t0 == pd.Timestamp("2014-01-04 00:00")
+    assert d.to_original(d.train.y[0, 0]) == pytest.approx(hourly[t0], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["traffic", "utility"])
+def test_time_split(name, request):
+    ds = request.getfixturevalue(name)
+    step = pd.Timedelta(ds.schema.step)
+    for site in ds.sites:
+        d = ds.site_data(site)
+        last_train_target = pd.Timestamp(d.train.target_time.max()) + (ds.schema.horizon - 1) * step
+        first_test_target = pd.Timestamp(d.test.target_time.min())
+        assert last_train_target < d.meta["split_time"] <= first_test_target
+        assert np.all(np.diff(d.train.target_time) > np.timedelta64(0))
+        # test period ~ the last quarter of the time range
+        span = d.meta["end"] - d.meta["start"]
+        assert abs((d.meta["end"] - d.meta["split_time"]) / span - 0.25) < 0.01
+
+
+@pytest.mark.parametrize("name", ["traffic", "utility"])
+def test_train_target_scaled_mean0_std1(name, request):
+    ds = request.getfixturevalue(name)
+    raw = ds.raw_frame()
+    sc = ds.schema.site_column
+    for site in ds.sites[:3]:
+        d = ds.site_data(site)
+        key = ds._site_keys[site]
+        rec = raw[raw[sc] == key].set_index("timestamp")[ds.schema.target].resample(ds.schema.step).mean()
+        rec = rec.interpolate(limit_area="inside")  # the adapter fills the (short) gaps of the bundled data
+        train_period = rec[rec.index < d.meta["split_time"]]
+        assert d.target_mean == pytest.approx(train_period.mean(), rel=1e-3)
+        assert d.target_std == pytest.approx(train_period.std(ddof=0), rel=1e-3)
+        y0 = d.train.y[:, 0]
+        assert abs(y0.mean()) < 0.1 and abs(y0.std() - 1) < 0.1
+        np.testing.assert_allclose(d.to_original(d.train.y[:5, 0]), train_period.loc[d.train.target_time[:5]].to_numpy(),
+                                   rtol=1e-5, atol=1e-5 * d.target_std)
+
+
+def test_traffic_no_cross_site_or_test_period_leakage(traffic, tmp_path):
+    site = "detector-15"
+    base = traffic.site_data(site)
+    frame = traffic.raw_frame()
+    other = frame["detector"] != 15
+    frame.loc[other, "total"] = frame.loc[other, "total"] * 5 + 7
+    test_period = (frame["detector"] == 15) & (frame["timestamp"] >= base.meta["split_time"])
+    frame.loc[test_period, "total"] = 1000.0
+    path = tmp_path / "counts.parquet"
+    frame.to_parquet(path)
+    changed = TrafficCounts(path)
+    d = changed.site_data(site)
+    _same_split(base.train, d.train)
+    assert (d.target_mean, d.target_std) == (base.target_mean, base.target_std)
+    assert not np.array_equal(base.test.y, d.test.y)
+    assert changed.site_data("detector-16").target_mean != traffic.site_data("detector-16").target_mean
+
+
+def test_utility_no_test_period_leakage_temperature(utility, tmp_path):
+    site = "victoria-2014"
+    base = utility.site_data(site)
+    frame = utility.raw_frame()
+    test_period = (frame["grid"] == site) & (frame["timestamp"] >= base.meta["split_time"])
+    frame.loc[test_period, ["demand", "temperature"]] = [99.0, 60.0]
+    frame.loc[frame["grid"] != site, "demand"] *= 2
+    path = tmp_path / "grids.parquet"
+    frame.to_parquet(path)
+    d = ElectricityDemand(path).site_data(site)
+    _same_split(base.train, d.train)
+    assert d.meta["temperature_mean"] == base.meta["temperature_mean"]
+    assert d.meta["temperature_std"] == base.meta["temperature_std"]
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+@pytest.mark.parametrize("name", ["health", "traffic", "utility"])
+def test_export_reload_round_trip(name, suffix, request, tmp_path):
+    ds = request.getfixturevalue(name)
+    path = ds.export(tmp_path / f"{name}{suffix}")
+    again = type(ds)(path)
+    assert again.sites == ds.sites
+    pd.testing.assert_frame_equal(again.raw_frame(), ds.raw_frame(), check_dtype=False)
+    for site in ds.sites:
+        _same_site(ds.site_data(site), again.site_data(site))

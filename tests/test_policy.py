@@ -1,0 +1,349 @@
+"""Department privacy policy: loading with actionable errors, and the job check."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the venv may not have cityfed installed (`make install` does)
+    sys.path.insert(0, str(ROOT))
+
+from privacy.ledger import PrivacyLedger, Release  # noqa: E402
+from privacy.policy import (  # noqa: E402
+    Decision,
+    JobRequest,
+    PolicyError,
+    PrivacyPolicy,
+    check_job,
+    load_policy,
+    parse_policy,
+)
+
+EXAMPLES = ROOT / "examples" / "policies"
+SITE = "health-1"
+
+VALID = """\
+department = "health"
+max_epsilon = 8.0
+delta = 1e-3
+min_noise_multiplier = 0.8
+max_clipping_norm = 1.0
+allowed_tasks = ["heart-disease"]
+max_rounds_per_run = 5
+"""
+
+
+# -- TOML writing for tests (tomllib only reads) ----------------------------------------------
+
+
+def _toml_key(k: str) -> str:
+    return k if k and all(c.isalnum() or c in "-_" for c in k) and k.isascii() else _toml_str(k)
+
+
+def _toml_str(s: str) -> str:
+    out = ['"']
+    for ch in s:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(type(v))
+
+
+def dumps(doc: dict) -> str:
+    """Top-level keys only (nested tables as inline tables)."""
+    return "".join(f"{_toml_key(k)} = {_toml_value(v)}\n" for k, v in doc.items())
+
+
+def _policy(**kw) -> PrivacyPolicy:
+    base = parse_policy(VALID).model_dump()
+    base.update(kw)
+    return PrivacyPolicy(**base)
+
+
+def _job(**kw) -> JobRequest:
+    base = dict(
+        department="health", task="heart-disease", run_id="run-a", round=1, dp=True,
+        noise_multiplier=1.0, clipping_norm=1.0, sample_rate=0.05, steps=40,
+    )
+    base.update(kw)
+    return JobRequest(**base)
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    return PrivacyLedger(tmp_path / "ledger.sqlite")
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["health", "traffic", "utility"])
+def test_example_policies_load(name):
+    pol = load_policy(EXAMPLES / f"{name}.toml")
+    assert pol.department == name
+    assert pol.max_epsilon == 8.0
+    assert pol.delta == (1e-3 if name == "health" else 1e-5)
+    assert pol.require_dp is True and pol.allowed_tasks
+
+
+def test_every_field_is_described():
+    for name, field in PrivacyPolicy.model_fields.items():
+        assert field.description, name
+    for name, field in JobRequest.model_fields.items():
+        assert field.description, name
+
+
+def test_error_names_file_field_and_fix(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text(VALID.replace("max_epsilon = 8.0", "max_epsilon = -1"))
+    with pytest.raises(PolicyError) as exc:
+        load_policy(path)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: field 'max_epsilon': must be > 0 (got -1)")
+    assert "Fix:" in msg and "max_epsilon = 8.0" in msg
+    assert isinstance(exc.value, ValueError)
+
+
+def test_nested_field_is_dotted(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(VALID.replace('["heart-disease"]', '["heart-disease", 3]'))
+    with pytest.raises(PolicyError, match=r"field 'allowed_tasks\.1': must be a valid string \(got 3, an int\)"):
+        load_policy(path)
+
+
+def test_extra_key_suggests_the_right_one(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(VALID + "max_epsilom = 3.0\n")
+    with pytest.raises(PolicyError, match="field 'max_epsilom': is not a policy field.*did you mean 'max_epsilon'"):
+        load_policy(path)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        ("max_rounds_per_run = 5", "max_rounds_per_run = 5.0", "max_rounds_per_run"),  # strict int
+        ("max_epsilon = 8.0", 'max_epsilon = "8"', "max_epsilon"),  # no str coercion
+        ("max_epsilon = 8.0", "max_epsilon = inf", "max_epsilon"),
+        ("delta = 1e-3", "delta = 1.0", "delta"),
+        ("delta = 1e-3", "delta = nan", "delta"),
+        ('department = "health"', 'department = "police"', "department"),
+        ("allowed_tasks = [\"heart-disease\"]", "allowed_tasks = []", "allowed_tasks"),
+        ("min_noise_multiplier = 0.8", "min_noise_multiplier = -0.1", "min_noise_multiplier"),
+        ("max_clipping_norm = 1.0", "max_clipping_norm = 0", "max_clipping_norm"),
+    ],
+)
+def test_bad_values(tmp_path, old, new, field):
+    path = tmp_path / "p.toml"
+    path.write_text(VALID.replace(old, new) + "require_dp = 1\n")
+    with pytest.raises(PolicyError) as exc:
+        load_policy(path)
+    msg = str(exc.value)
+    assert f"{path}: field '{field}':" in msg
+    assert f"{path}: field 'require_dp':" in msg  # every problem reported, one per line
+
+
+def test_missing_field(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(VALID.replace("delta = 1e-3\n", ""))
+    with pytest.raises(PolicyError, match="field 'delta': is required but missing.*Fix: "):
+        load_policy(path)
+
+
+def test_bad_toml_syntax_gives_line_and_column(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(VALID.replace('department = "health"', "department = health"))
+    with pytest.raises(PolicyError, match=r"p\.toml: not valid TOML: .*line 1, column 14"):
+        load_policy(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(PolicyError, match="nope.toml: cannot read policy file"):
+        load_policy(tmp_path / "nope.toml")
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_bytes(b"department = \"\xff\"\n")
+    with pytest.raises(PolicyError, match="p.toml"):
+        load_policy(path)
+
+
+# -- hypothesis: arbitrary documents never crash with anything but PolicyError ------------------
+
+_FIELDS = list(PrivacyPolicy.model_fields)
+_scalars = (
+    st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(min_size=1, max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+_keys = st.sampled_from(_FIELDS) | st.text(min_size=1, max_size=10)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(_keys, _values, max_size=10))
+def test_arbitrary_documents_only_raise_policy_error(doc):
+    try:
+        pol = parse_policy(dumps(doc), "fuzz.toml")
+    except PolicyError as exc:
+        assert str(exc).startswith("fuzz.toml:")
+    else:
+        assert isinstance(pol, PrivacyPolicy)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=200))
+def test_arbitrary_text_only_raises_policy_error(text):
+    try:
+        parse_policy(text, "fuzz.toml")
+    except PolicyError as exc:
+        assert str(exc).startswith("fuzz.toml:")
+
+
+_valid_policies = st.builds(
+    dict,
+    department=st.sampled_from(["health", "traffic", "utility"]),
+    max_epsilon=st.floats(min_value=1e-6, max_value=1e6, allow_nan=False, allow_infinity=False),
+    delta=st.floats(min_value=1e-12, max_value=0.5, allow_nan=False, allow_infinity=False),
+    min_noise_multiplier=st.floats(min_value=0, max_value=100, allow_nan=False, allow_infinity=False),
+    max_clipping_norm=st.floats(min_value=1e-6, max_value=1e3, allow_nan=False, allow_infinity=False),
+    allowed_tasks=st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=4),
+    max_rounds_per_run=st.integers(min_value=1, max_value=10**6),
+    require_dp=st.booleans(),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_valid_policies)
+def test_valid_policies_round_trip(doc):
+    pol = parse_policy(dumps(doc), "gen.toml")
+    assert pol.model_dump() == doc
+    assert parse_policy(dumps(pol.model_dump()), "again.toml") == pol
+
+
+# -- check_job ------------------------------------------------------------------------------
+
+
+def test_accepted_job(ledger):
+    d = check_job(_policy(), _job(), ledger, SITE)
+    assert isinstance(d, Decision)
+    assert d.accepted and d.reason.startswith("accepted")
+    assert d.epsilon_before == 0.0
+    assert 0 < d.epsilon_after <= 8.0
+    assert d.epsilon_after == pytest.approx(
+        ledger.projected_epsilon(SITE, Release(1.0, 0.05, 40, 1e-3, "run-a", 1, SITE, "health"))
+    )
+
+
+@pytest.mark.parametrize(
+    ("job", "fragment"),
+    [
+        (dict(department="traffic"), "department 'traffic' != policy department 'health'"),
+        (dict(task="face-recognition"), "task 'face-recognition' not in policy allowed_tasks"),
+        (dict(round=6), "round 6 > policy max_rounds_per_run 5"),
+        (dict(dp=False, noise_multiplier=None, clipping_norm=None), "dp is off but policy require_dp = true"),
+        (dict(noise_multiplier=0.5), "noise_multiplier 0.5 < policy min_noise_multiplier 0.8"),
+        (dict(noise_multiplier=None), "noise_multiplier missing"),
+        (dict(clipping_norm=2.5), "clipping_norm 2.5 > policy max_clipping_norm 1"),
+        (dict(clipping_norm=None), "clipping_norm missing"),
+    ],
+)
+def test_refusals(ledger, job, fragment):
+    ledger.commit(ledger.begin(Release(1.0, 0.05, 40, 1e-3, "old", 1, SITE, "health")))
+    before = ledger.epsilon(SITE, 1e-3)
+    d = check_job(_policy(), _job(**job), ledger, SITE)
+    assert not d.accepted
+    assert d.reason.startswith("refused: " + fragment)
+    assert d.epsilon_before == pytest.approx(before) and d.epsilon_after == pytest.approx(before)
+
+
+def test_check_order_first_failure_wins(ledger):
+    bad = _job(department="traffic", task="x", round=99, dp=False, noise_multiplier=0.0, clipping_norm=9.0)
+    assert "department" in check_job(_policy(), bad, ledger, SITE).reason
+    assert "task" in check_job(_policy(), bad.model_copy(update={"department": "health"}), ledger, SITE).reason
+
+
+def test_round_equal_to_max_is_accepted(ledger):
+    assert check_job(_policy(), _job(round=5), ledger, SITE).accepted
+
+
+def test_dp_off_allowed_when_not_required(ledger):
+    d = check_job(_policy(require_dp=False), _job(dp=False, noise_multiplier=None, clipping_norm=None), ledger, SITE)
+    assert d.accepted and "require_dp = false" in d.reason
+    assert d.epsilon_after == math.inf
+
+
+def test_budget_refusal_exactly_when_projection_passes_max(ledger):
+    pol = _policy()
+    job = _job(steps=100)
+    release = Release(1.0, 0.05, 100, pol.delta, "run-a", 1, SITE, "health")
+    # spend rounds until the next one would pass the budget; check the boundary each time
+    for rnd in range(1, 200):
+        projected = ledger.projected_epsilon(SITE, release)
+        d = check_job(pol, job, ledger, SITE)
+        assert d.epsilon_after == pytest.approx(projected, rel=1e-12)
+        assert d.accepted == (projected <= pol.max_epsilon)
+        if not d.accepted:
+            assert d.reason.startswith("refused: projected epsilon")
+            assert "policy max_epsilon 8" in d.reason
+            assert d.epsilon_before <= pol.max_epsilon < d.epsilon_after
+            break
+        ledger.commit(ledger.begin(release))
+    else:
+        pytest.fail("budget never ran out")
+    assert rnd > 3  # several rounds were accepted before the budget ran out
+    # a policy whose budget sits exactly on the projection accepts; one just below refuses
+    assert check_job(_policy(max_epsilon=projected), job, ledger, SITE).accepted
+    assert not check_job(_policy(max_epsilon=math.nextafter(projected, 0)), job, ledger, SITE).accepted
+
+
+def test_budget_counts_across_runs_and_pending(ledger):
+    pol = _policy(max_epsilon=1.0)
+    job = _job(noise_multiplier=1.0, sample_rate=0.05, steps=40)
+    ledger.begin(Release(1.0, 0.05, 40, pol.delta, "earlier-run", 3, SITE, "health"))  # pending: crashed
+    d = check_job(pol, job.model_copy(update={"run_id": "new-run"}), ledger, SITE)
+    assert d.epsilon_before == pytest.approx(ledger.epsilon(SITE, pol.delta)) and d.epsilon_before > 0
+    assert d.accepted == (d.epsilon_after <= pol.max_epsilon)
+    assert d.epsilon_after == pytest.approx(
+        ledger.projected_epsilon(SITE, Release(1.0, 0.05, 40, pol.delta, "new-run", 1, SITE, "health"))
+    )
+
+
+def test_job_request_rejects_unknown_knobs():
+    with pytest.raises(ValueError):
+        _job(secure_rng=False)
