@@ -141,7 +141,13 @@ def datasets(department: Optional[str] = typer.Argument(None, help="Department t
 
 
 def main() -> None:  # console script entry point
+    import warnings
+
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    # framework noise, not about the user's data (data-quality warnings stay visible)
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="Optimal order is the")
     app()
 
 
