@@ -42,7 +42,7 @@ class PatchTSTForecaster(nn.Module):
             head_dropout=config.dropout,
             positional_dropout=config.dropout,
             path_dropout=0.0,
-            scaling="std",
+            scaling=None if config.scaling == "none" else config.scaling,
             positional_encoding_type="sincos",
             loss="mse",
         )
