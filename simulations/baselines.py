@@ -27,8 +27,8 @@ DEFAULT_TRAIN: dict[tuple[str, str], TrainConfig] = {
     ("health", "heart-mlp"): TrainConfig(epochs=30, batch_size=32, lr=1e-2),
     ("traffic", "gru"): TrainConfig(epochs=4, batch_size=128, lr=3e-3),
     ("traffic", "patchtst"): TrainConfig(epochs=4, batch_size=128, lr=3e-3),
-    ("utility", "gru"): TrainConfig(epochs=8, batch_size=64, lr=3e-3),
-    ("utility", "patchtst"): TrainConfig(epochs=8, batch_size=64, lr=3e-3),
+    ("utility", "gru"): TrainConfig(epochs=6, batch_size=64, lr=3e-3),
+    ("utility", "patchtst"): TrainConfig(epochs=6, batch_size=64, lr=3e-3),
 }
 
 

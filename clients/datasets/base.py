@@ -117,6 +117,7 @@ class Schema:
     horizon: int | None = None
     seasonal_period: int | None = None
     n_features: int = 0
+    train_stride: int = 1  # forecasting: keep every k-th training window (overlapping windows are near-duplicates)
 
     def column(self, name: str) -> Column:
         """Return the documented column called ``name`` (``KeyError`` if absent)."""

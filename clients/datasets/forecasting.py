@@ -87,6 +87,7 @@ def build_forecast_site(
     horizon: int,
     period: int,
     test_fraction: float,
+    train_stride: int = 1,
     temperature: np.ndarray | None = None,
     with_temperature: bool = False,
     origin: str = "",
@@ -107,6 +108,8 @@ def build_forecast_site(
         Input steps, predicted steps, steps per day (seasonal-naive lag).
     test_fraction : float
         Share of the grid (from the end) that forms the test period.
+    train_stride : int
+        Keep every ``train_stride``-th training window (test windows: all).
     temperature : np.ndarray, optional
         Raw temperature on the grid (NaN where missing); only used when ``with_temperature``.
     with_temperature : bool
@@ -169,6 +172,8 @@ def build_forecast_site(
             warn_quality(f"{origin}: site {site!r}: dropped {dropped} of {int(sel.sum())} {name} windows that contain "
                          f"missing values (in inputs, targets or the seasonal-naive reference) after interpolating short gaps", stacklevel=5)
         s = starts[sel & ok]
+        if name == "train" and train_stride > 1:
+            s = s[::train_stride]
         jj = s + L
         X = feats[s[:, None] + np.arange(L)[None, :]] if len(s) else np.zeros((0, L, feats.shape[1]), np.float32)
         hor = jj[:, None] + np.arange(H)[None, :]

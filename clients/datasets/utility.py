@@ -114,6 +114,7 @@ class ElectricityDemand(DepartmentDataset):
         lookback=72,
         horizon=24,
         seasonal_period=24,
+        train_stride=3,
         n_features=7,
     )
     #: Channel names of ``X[..., k]``.
@@ -162,6 +163,6 @@ class ElectricityDemand(DepartmentDataset):
         unit = BUNDLED_GRIDS.get(site, {}).get("unit", "") if self.path is None else ""
         return build_forecast_site(site, pd.DatetimeIndex(hourly.index), hourly["demand"].to_numpy(dtype=np.float64),
                                    temperature=hourly["temperature"].to_numpy(dtype=np.float64), with_temperature=True,
-                                   lookback=s.lookback, horizon=s.horizon, period=s.seasonal_period,
+                                   lookback=s.lookback, horizon=s.horizon, period=s.seasonal_period, train_stride=s.train_stride,
                                    test_fraction=self.test_fraction, origin=self._origin,
                                    meta={"unit": unit, "records": len(records)})
