@@ -1,0 +1,44 @@
+"""The department ClientApp: one app for simulation and deployment (Flower Message API).
+
+Train messages carry the global model (``ArrayRecord`` "arrays") and the job
+(``ConfigRecord`` "config"); replies carry the updated arrays and whitelisted metrics
+(``MetricRecord`` "metrics"), or an error whose reason says why the node refused.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.node import JobRefused, handle_evaluate, handle_train, node_from_config
+
+#: Error code for a job refused by the node's privacy policy or budget.
+REFUSED = 4031
+
+app = ClientApp()
+
+
+def _spec(context: Context):
+    return node_from_config(dict(context.node_config), dict(context.run_config))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local DP-SGD on the node's own data, under its own policy and ledger."""
+    spec = _spec(context)
+    state = msg.content["arrays"].to_torch_state_dict()
+    cfg = dict(msg.content["config"])
+    try:
+        new_state, metrics = handle_train(state, cfg, spec)
+    except JobRefused as exc:
+        return Message(Error(code=REFUSED, reason=str(exc)), reply_to=msg)
+    content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Metrics of the global model on the node's test split."""
+    spec = _spec(context)
+    metrics = handle_evaluate(msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), spec)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

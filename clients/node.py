@@ -1,0 +1,178 @@
+"""A department node's train/evaluate logic, independent of Flower's transport.
+
+The Flower ClientApp (:mod:`clients.app`) is a thin adapter over :func:`handle_train` and
+:func:`handle_evaluate`, so simulation, deployment and the in-process test grid all run the
+same code. A node:
+
+1. checks the coordinator's job against its own privacy policy and ledger and refuses
+   (with the reason) anything weaker than the policy or over its lifetime budget;
+2. records the release in its ledger *before* training (pending counts, so a crash never
+   under-counts), trains with DP-SGD at the job's noise and clipping, then commits it;
+3. replies with the model's arrays and whitelisted metrics only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from clients.datasets import load_department
+from clients.training import TrainConfig, evaluate, fit
+from privacy.dp import DPSettings
+from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
+from privacy.policy import JobRequest, PrivacyPolicy, check_job, load_policy
+from shared_models import build_model, default_model_config
+
+#: The only metric keys a node ever sends back (anything else is a leak by definition).
+TRAIN_METRICS = ("train-loss", "num-examples", "epsilon", "noise-multiplier", "steps")
+EVAL_METRICS = ("num-examples", "accuracy", "roc-auc", "mae", "rmse", "mae-ratio", "loss")
+
+#: Task name per department (what policies list in ``allowed_tasks``).
+TASKS = {"health": "heart-disease", "traffic": "traffic-forecast", "utility": "utility-forecast"}
+
+
+class JobRefused(Exception):
+    """The node's policy refused the job; ``str(exc)`` is the reason sent to the coordinator."""
+
+
+@dataclass
+class NodeSpec:
+    """Where a node's data, policy and ledger live."""
+
+    department: str
+    site: str
+    data: str | None  # None = the bundled data
+    policy: PrivacyPolicy
+    ledger_path: Path
+
+
+@lru_cache(maxsize=64)
+def _dataset(department: str, data: str | None):
+    return load_department(department, data)
+
+
+def _model_for(spec: NodeSpec, kind: str, state: dict[str, torch.Tensor]):
+    ds = _dataset(spec.department, spec.data)
+    model = build_model(default_model_config(ds.schema, kind))
+    model.load_state_dict(state)
+    return model, ds
+
+
+def job_from_config(cfg: dict, spec: NodeSpec, n_train: int) -> JobRequest:
+    """The privacy-relevant part of a train message's config, as the node's policy sees it."""
+    batch = int(cfg.get("batch-size", 64))
+    steps_per_epoch = max(1, math.ceil(n_train / batch))
+    return JobRequest(
+        department=str(cfg.get("department", "")),
+        task=str(cfg.get("task", "")),
+        run_id=str(cfg.get("run-id", "")),
+        round=int(cfg.get("server-round", 0)),
+        dp=bool(cfg.get("dp", True)),
+        noise_multiplier=float(cfg["noise-multiplier"]) if "noise-multiplier" in cfg else None,
+        clipping_norm=float(cfg["clipping-norm"]) if "clipping-norm" in cfg else None,
+        sample_rate=1.0 / steps_per_epoch,
+        steps=int(cfg.get("local-epochs", 1)) * steps_per_epoch,
+    )
+
+
+def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train the global model locally under the node's policy.
+
+    Parameters
+    ----------
+    state : dict
+        Global model state dict.
+    cfg : dict
+        Job config: department, task, model, local-epochs, batch-size, lr, dp,
+        noise-multiplier, clipping-norm, run-id, server-round.
+    spec : NodeSpec
+
+    Returns
+    -------
+    (state_dict, metrics)
+        Updated weights and whitelisted metrics.
+
+    Raises
+    ------
+    JobRefused
+        When the node's policy or budget refuses the job.
+    """
+    model, ds = _model_for(spec, str(cfg.get("model", "")) or None, state)
+    site = ds.site_data(spec.site)
+    train = site.train.tensors()
+    job = job_from_config(cfg, spec, len(train))
+    ledger = PrivacyLedger(spec.ledger_path)
+    decision = check_job(spec.policy, job, ledger, spec.site)
+    if not decision.accepted:
+        raise JobRefused(f"{spec.department}/{spec.site}: {decision.reason}")
+    tc = TrainConfig(epochs=int(cfg.get("local-epochs", 1)), batch_size=int(cfg.get("batch-size", 64)),
+                     lr=float(cfg.get("lr", 1e-2)), seed=int(cfg.get("seed", 0)) * 100_003 + job.round)
+    dp = None
+    release_id = None
+    if job.dp:
+        dp = DPSettings(noise_multiplier=job.noise_multiplier, max_grad_norm=job.clipping_norm, delta=spec.policy.delta)
+        try:
+            release_id = ledger.begin(
+                Release(noise_multiplier=job.noise_multiplier, sample_rate=job.sample_rate, steps=job.steps,
+                        delta=spec.policy.delta, run_id=job.run_id, round=job.round, site=spec.site,
+                        department=spec.department),
+                max_epsilon=spec.policy.max_epsilon, delta=spec.policy.delta,
+            )
+        except BudgetExceededError as exc:  # another process spent the budget since check_job
+            raise JobRefused(f"{spec.department}/{spec.site}: refused: {exc}") from exc
+    try:
+        res = fit(model, train, ds.schema.task, tc, dp)
+    except BaseException as exc:
+        if release_id is not None:
+            ledger.abort(release_id, f"training failed before any release: {type(exc).__name__}: {exc}")
+        raise
+    if release_id is not None:
+        ledger.commit(release_id)
+    metrics = {
+        "train-loss": float(res.loss),
+        "num-examples": int(res.num_examples),
+        "epsilon": float(ledger.epsilon(spec.site, spec.policy.delta)) if job.dp else float("inf"),
+        "noise-multiplier": float(job.noise_multiplier or 0.0),
+        "steps": int(job.steps),
+    }
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
+
+
+def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> dict:
+    """Evaluate the global model on the node's own test split (whitelisted metrics only)."""
+    model, ds = _model_for(spec, str(cfg.get("model", "")) or None, state)
+    m = evaluate(model, ds.site_data(spec.site), ds.schema.task)
+    out = {"num-examples": int(m["n"])}
+    if ds.schema.task == "binary-classification":
+        out.update({"accuracy": m["accuracy"], "roc-auc": m["roc_auc"]})
+    else:
+        out.update({"mae": m["mae"], "rmse": m["rmse"], "mae-ratio": m["mae_ratio"]})
+    return out
+
+
+def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
+    """Build a node's spec from Flower's node config (deployment) or run config (simulation).
+
+    Keys: ``department``, ``site`` (or ``partition-id`` in simulation: the k-th site),
+    ``data`` (file; empty = bundled), ``policy`` (TOML file), ``ledger`` (SQLite file) or
+    ``ledger-dir`` (simulation: one file per site).
+    """
+    merged = {**run_config, **node_config}
+    department = str(merged["department"])
+    data = str(merged.get("data") or "") or None
+    site = merged.get("site")
+    if not site:
+        sites = _dataset(department, data).sites
+        site = sites[int(merged["partition-id"]) % len(sites)]
+    site = str(site)
+    policy = load_policy(merged["policy"])
+    if merged.get("ledger"):
+        ledger_path = Path(str(merged["ledger"]))
+    else:
+        ledger_path = Path(str(merged["ledger-dir"])) / f"{department}-{site}.sqlite"
+    return NodeSpec(department=department, site=site, data=data, policy=policy, ledger_path=ledger_path)

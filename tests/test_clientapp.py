@@ -1,0 +1,115 @@
+"""The department ClientApp called in-process: policy, ledger, and what leaves the node."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from opacus.accountants import RDPAccountant
+
+from clients.app import REFUSED, app
+from clients.node import EVAL_METRICS, TRAIN_METRICS
+from privacy.ledger import PrivacyLedger
+from shared_models import build_model, default_model_config
+from clients.datasets import load_department
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+POLICY = """
+department = "health"
+max_epsilon = {max_eps}
+delta = 1e-3
+min_noise_multiplier = 0.8
+max_clipping_norm = 1.0
+allowed_tasks = ["heart-disease"]
+max_rounds_per_run = 10
+require_dp = true
+"""
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    yield
+
+
+def _node(tmp_path, max_eps=8.0, site="Cleveland"):
+    pol = tmp_path / "policy.toml"
+    pol.write_text(POLICY.format(max_eps=max_eps))
+    ledger = tmp_path / "ledger.sqlite"
+    ctx = Context(run_id=7, node_id=1, node_config={"department": "health", "site": site, "policy": str(pol),
+                                                     "ledger": str(ledger)}, state=RecordDict(), run_config={})
+    return ctx, ledger
+
+
+def _msg(kind="train", rnd=1, **over):
+    torch.manual_seed(0)
+    model = build_model(default_model_config(load_department("health").schema))
+    cfg = {"department": "health", "task": "heart-disease", "model": "heart-mlp", "run-id": "r1", "server-round": rnd,
+           "local-epochs": 1, "batch-size": 32, "lr": 0.01, "dp": True, "noise-multiplier": 1.0, "clipping-norm": 1.0}
+    cfg.update(over)
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(cfg)})
+    return Message(content=content, dst_node_id=1, message_type=kind), model
+
+
+def test_train_reply_has_only_model_arrays_and_whitelisted_metrics(tmp_path):
+    ctx, ledger = _node(tmp_path)
+    msg, model = _msg()
+    reply = app(msg, ctx)
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    state = reply.content["arrays"].to_torch_state_dict()
+    ref = model.state_dict()
+    assert state.keys() == ref.keys()
+    assert all(state[k].shape == ref[k].shape and state[k].dtype == ref[k].dtype for k in ref)
+    assert any(not torch.equal(state[k], ref[k]) for k in ref)  # it trained
+    metrics = dict(reply.content["metrics"])
+    assert set(metrics) <= set(TRAIN_METRICS)
+    # epsilon in the reply = ledger = an independent accountant for the recorded release
+    rel = PrivacyLedger(ledger).releases("Cleveland")
+    assert len(rel) == 1
+    acc = RDPAccountant()
+    for _ in range(metrics["steps"]):
+        acc.step(noise_multiplier=1.0, sample_rate=1 / math.ceil(203 / 32))
+    assert metrics["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-3), rel=1e-9)
+
+
+def test_evaluate_reply_whitelisted(tmp_path):
+    ctx, _ = _node(tmp_path)
+    msg, _ = _msg(kind="evaluate")
+    reply = app(msg, ctx)
+    metrics = dict(reply.content["metrics"])
+    assert set(metrics) <= set(EVAL_METRICS) and 0 <= metrics["accuracy"] <= 1
+
+
+@pytest.mark.parametrize(
+    "over,needle",
+    [
+        ({"noise-multiplier": 0.5}, "min_noise_multiplier"),
+        ({"clipping-norm": 5.0}, "max_clipping_norm"),
+        ({"dp": False}, "require_dp"),
+        ({"department": "traffic"}, "department"),
+        ({"server-round": 11}, "max_rounds_per_run"),
+    ],
+)
+def test_weaker_job_is_refused_and_nothing_recorded(tmp_path, over, needle):
+    ctx, ledger = _node(tmp_path)
+    msg, _ = _msg(**over)
+    reply = app(msg, ctx)
+    assert reply.has_error() and reply.error.code == REFUSED
+    assert needle in reply.error.reason
+    assert PrivacyLedger(ledger).releases("Cleveland") == []
+
+
+def test_budget_refusal_after_spending(tmp_path):
+    ctx, ledger = _node(tmp_path, max_eps=3.0)
+    first = app(_msg(rnd=1)[0], ctx)
+    assert not first.has_error()
+    eps1 = dict(first.content["metrics"])["epsilon"]
+    assert 0 < eps1 < 3.0
+    second = app(_msg(rnd=2)[0], ctx)
+    assert second.has_error() and second.error.code == REFUSED and "max_epsilon" in second.error.reason
+    # the ledger kept the first release only, and survives a reopen
+    assert PrivacyLedger(ledger).epsilon("Cleveland", 1e-3) == pytest.approx(eps1)
