@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from clients.datasets import load_department
 from clients.training import TrainConfig, evaluate, fit
-from privacy.dp import DPSettings
+from privacy.dp import DPSettings, calibrate_noise
 from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
 from privacy.policy import JobRequest, PrivacyPolicy, check_job, load_policy
 from shared_models import build_model, default_model_config
@@ -67,16 +67,22 @@ def job_from_config(cfg: dict, spec: NodeSpec, n_train: int) -> JobRequest:
     """The privacy-relevant part of a train message's config, as the node's policy sees it."""
     batch = int(cfg.get("batch-size", 64))
     steps_per_epoch = max(1, math.ceil(n_train / batch))
+    epochs = int(cfg.get("local-epochs", 1))
+    noise = float(cfg["noise-multiplier"]) if "noise-multiplier" in cfg else None
+    if noise is None and "target-epsilon" in cfg and bool(cfg.get("dp", True)):
+        # the node calibrates its own noise so that the whole run lands on the target epsilon
+        total = int(cfg.get("num-rounds", 1)) * epochs * steps_per_epoch
+        noise = calibrate_noise(float(cfg["target-epsilon"]), spec.policy.delta, 1.0 / steps_per_epoch, total)
     return JobRequest(
         department=str(cfg.get("department", "")),
         task=str(cfg.get("task", "")),
         run_id=str(cfg.get("run-id", "")),
         round=int(cfg.get("server-round", 0)),
         dp=bool(cfg.get("dp", True)),
-        noise_multiplier=float(cfg["noise-multiplier"]) if "noise-multiplier" in cfg else None,
+        noise_multiplier=noise,
         clipping_norm=float(cfg["clipping-norm"]) if "clipping-norm" in cfg else None,
         sample_rate=1.0 / steps_per_epoch,
-        steps=int(cfg.get("local-epochs", 1)) * steps_per_epoch,
+        steps=epochs * steps_per_epoch,
     )
 
 

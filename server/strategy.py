@@ -1,0 +1,172 @@
+"""Strategy selection, reply validation and per-round checkpoints around Flower's strategies.
+
+:class:`GuardedStrategy` wraps any ``flwr.serverapp.strategy`` strategy: it validates each
+train reply (finite, same names/shapes/dtypes as the global model, update norm bounded)
+and drops bad ones with a logged reason, records refusals and per-node metrics, and
+writes a checkpoint after every aggregated round so a restarted coordinator resumes at
+the next round.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedTrimmedAvg, FedYogi, Krum, Strategy
+
+from server.validation import validate_update
+
+log = logging.getLogger("cityfed.server")
+
+#: Strategies a run config may name.
+STRATEGIES = ("fedavg", "fedadam", "fedyogi", "trimmed-mean", "krum")
+
+
+def make_strategy(name: str, *, fraction_train: float = 1.0, min_nodes: int = 1, **kw) -> Strategy:
+    """Build a Flower strategy by name.
+
+    Parameters
+    ----------
+    name : {"fedavg", "fedadam", "fedyogi", "trimmed-mean", "krum"}
+    fraction_train : float
+        Share of nodes sampled for training each round.
+    min_nodes : int
+        Minimum nodes to train/evaluate/be available.
+    **kw
+        Extra keyword arguments for the strategy (e.g. ``eta`` for FedAdam, ``beta`` for
+        trimmed mean, ``num_malicious_nodes`` for Krum).
+    """
+    common = dict(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_nodes,
+                  min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes)
+    classes = {"fedavg": FedAvg, "fedadam": FedAdam, "fedyogi": FedYogi, "trimmed-mean": FedTrimmedAvg, "krum": Krum}
+    if name not in classes:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    if name in ("fedadam", "fedyogi"):
+        kw.setdefault("eta", 1e-2)
+        kw.setdefault("eta_l", 1e-2)
+    return classes[name](**common, **kw)
+
+
+class GuardedStrategy(Strategy):
+    """Validate replies, log refusals, checkpoint each round; delegate the rest to ``inner``.
+
+    Parameters
+    ----------
+    inner : Strategy
+        A Flower strategy (aggregation is Flower's).
+    max_update_norm : float
+        Replies whose update norm exceeds this are excluded.
+    checkpoint : Path, optional
+        File written after every aggregated round.
+    round_offset : int
+        Rounds already completed (when resuming): round numbers sent to nodes continue.
+    """
+
+    def __init__(self, inner: Strategy, *, max_update_norm: float, checkpoint: Path | None = None, round_offset: int = 0,
+                 history: dict | None = None, run_id: str = ""):
+        self.run_id = run_id
+        self.inner = inner
+        self.max_update_norm = max_update_norm
+        self.checkpoint = checkpoint
+        self.round_offset = round_offset
+        self._global: dict[str, np.ndarray] = {}
+        self.history: dict = history or {"rounds": [], "excluded": [], "refused": []}
+
+    # -- delegation ---------------------------------------------------------------------
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._global = {k: v.numpy() for k, v in arrays.items()}
+        return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        rnd = server_round + self.round_offset
+        per_node = {int(m.metadata.src_node_id): dict(m.content["metrics"]) for m in replies if not m.has_error()}
+        agg = self.inner.aggregate_evaluate(rnd, replies)
+        entry = self._round(rnd)
+        entry["evaluate"] = {"aggregate": dict(agg) if agg else None, "nodes": per_node}
+        self._save()
+        return agg
+
+    # -- the guard ----------------------------------------------------------------------
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = server_round + self.round_offset
+        good: list[Message] = []
+        nodes = {}
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            if msg.has_error():
+                self.history["refused"].append({"round": rnd, "node": node, "code": msg.error.code, "reason": msg.error.reason})
+                log.warning("round %d: node %d sent no update: %s", rnd, node, msg.error.reason)
+                continue
+            reason = None
+            if "arrays" not in msg.content or "metrics" not in msg.content:
+                reason = "reply lacks 'arrays' or 'metrics'"
+            else:
+                reason = validate_update(msg.content["arrays"], self._global, self.max_update_norm)
+            if reason:
+                self.history["excluded"].append({"round": rnd, "node": node, "reason": reason})
+                log.warning("round %d: excluded node %d: %s", rnd, node, reason)
+                continue
+            nodes[node] = dict(msg.content["metrics"])
+            good.append(msg)
+        entry = self._round(rnd)
+        entry["train"] = {"nodes": nodes, "accepted": len(good)}
+        if not good:
+            log.warning("round %d: no acceptable update; global model unchanged", rnd)
+            self._save()
+            return None, None
+        arrays, metrics = self.inner.aggregate_train(rnd, good)
+        entry["train"]["aggregate"] = dict(metrics) if metrics else None
+        self._pending_arrays = arrays
+        self._save(arrays)
+        return arrays, metrics
+
+    # -- checkpoints --------------------------------------------------------------------
+    def _round(self, rnd: int) -> dict:
+        for e in self.history["rounds"]:
+            if e["round"] == rnd:
+                return e
+        e = {"round": rnd}
+        self.history["rounds"].append(e)
+        return e
+
+    def strategy_state(self) -> dict:
+        """Server-optimizer state worth saving (FedAdam/FedYogi moments)."""
+        return {k: getattr(self.inner, k) for k in ("current_arrays", "m_t", "v_t") if hasattr(self.inner, k)}
+
+    def _save(self, arrays: ArrayRecord | None = None) -> None:
+        if self.checkpoint is None:
+            return
+        prev = load_checkpoint(self.checkpoint) if self.checkpoint.exists() else None
+        if arrays is None:
+            arrays_np = prev["arrays"] if prev else {k: v for k, v in self._global.items()}
+            done = prev["round"] if prev else self.round_offset
+        else:
+            arrays_np = {k: v.numpy() for k, v in arrays.items()}
+            done = max(e["round"] for e in self.history["rounds"])
+        blob = {"run_id": self.run_id, "round": done, "arrays": arrays_np, "strategy_state": self.strategy_state(), "history": self.history}
+        tmp = self.checkpoint.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            pickle.dump(blob, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(self.checkpoint)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a coordinator checkpoint: ``round`` done, ``arrays``, ``strategy_state``, ``history``."""
+    with open(path, "rb") as fh:
+        return pickle.load(fh)

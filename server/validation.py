@@ -1,0 +1,45 @@
+"""Checks every train reply passes before it can touch the global model."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+
+def validate_update(arrays: ArrayRecord, global_arrays: dict[str, np.ndarray], max_update_norm: float) -> str | None:
+    """Return why a reply must be excluded, or ``None`` if it is acceptable.
+
+    Parameters
+    ----------
+    arrays : ArrayRecord
+        The node's returned model.
+    global_arrays : dict of str to np.ndarray
+        The global model the node was sent (keys, shapes, dtypes to match).
+    max_update_norm : float
+        Largest allowed L2 norm of (returned - global) over all arrays.
+
+    Returns
+    -------
+    str or None
+    """
+    if set(arrays.keys()) != set(global_arrays):
+        missing = sorted(set(global_arrays) - set(arrays.keys()))
+        extra = sorted(set(arrays.keys()) - set(global_arrays))
+        return f"array names differ from the global model (missing {missing[:3]}, unexpected {extra[:3]})"
+    sq = 0.0
+    for name, ref in global_arrays.items():
+        try:
+            got = arrays[name].numpy()
+        except Exception as exc:  # malformed payload
+            return f"array {name!r} cannot be decoded: {exc}"
+        if got.shape != ref.shape:
+            return f"array {name!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+        if got.dtype != ref.dtype:
+            return f"array {name!r} has dtype {got.dtype}, expected {ref.dtype}"
+        if not np.isfinite(got).all():
+            return f"array {name!r} contains NaN or infinite values"
+        sq += float(np.sum((got.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    norm = sq**0.5
+    if norm > max_update_norm:
+        return f"update norm {norm:.3g} exceeds the bound {max_update_norm:.3g}"
+    return None

@@ -1,0 +1,127 @@
+"""ServerApp + ClientApp over the in-process grid: faults, refusals, resume."""
+
+import json
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from clients.app import app as client_app
+from privacy.ledger import PrivacyLedger
+from server.app import run_federation
+from simulations.inprocess import InProcessGrid
+
+warnings.filterwarnings("ignore", category=UserWarning)
+SITES = ["Cleveland", "Hungary", "VA Long Beach", "Switzerland"]
+POLICY = """department = "health"
+max_epsilon = {eps}
+delta = 1e-3
+min_noise_multiplier = 0.5
+max_clipping_norm = 1.0
+allowed_tasks = ["heart-disease"]
+max_rounds_per_run = 20
+require_dp = true
+"""
+
+
+def _nodes(tmp_path, eps=(8.0, 8.0, 8.0, 8.0)):
+    out = []
+    for site, e in zip(SITES, eps):
+        pol = tmp_path / f"{site}.toml"
+        pol.write_text(POLICY.format(eps=e))
+        out.append({"department": "health", "site": site, "policy": str(pol), "ledger": str(tmp_path / f"{site}.sqlite")})
+    return out
+
+
+def _cfg(tmp_path, **kw):
+    cfg = {"department": "health", "num-rounds": 3, "local-epochs": 2, "batch-size": 32, "lr": 0.02, "target-epsilon": 3.0,
+           "run-dir": str(tmp_path / "run"), "min-nodes": 1}
+    cfg.update(kw)
+    return cfg
+
+
+def _acc(res, rnd):
+    e = next(e for e in res["rounds"] if e["round"] == rnd)
+    return e["evaluate"]["aggregate"]["accuracy"]
+
+
+def test_dp_federation_learns_and_ledgers_hold_target_epsilon(tmp_path):
+    nodes = _nodes(tmp_path)
+    res = run_federation(InProcessGrid(client_app, nodes), _cfg(tmp_path), run_id="r1")
+    assert [e["round"] for e in res["rounds"]] == [1, 2, 3]
+    assert _acc(res, 3) > 0.7
+    for n in nodes:
+        eps = PrivacyLedger(n["ledger"]).epsilon(n["site"], 1e-3)
+        assert 2.5 < eps <= 3.0 + 1e-6  # calibrated by each node for the whole run
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["rounds"][-1]["train"]["accepted"] == 4
+    assert (tmp_path / "run" / "model.pt").exists()
+
+
+def _tamper(kind):
+    def t(node, reply):
+        if node != 2:
+            return reply
+        arrays = reply.content["arrays"].to_numpy_ndarrays()
+        keys = list(reply.content["arrays"].keys())
+        if kind == "nan":
+            arrays[0] = arrays[0] * np.nan
+        elif kind == "shape":
+            arrays[0] = np.zeros((3, 3), dtype=arrays[0].dtype)
+        elif kind == "x1000":
+            arrays = [a * 1000 for a in arrays]
+        reply.content["arrays"] = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in zip(keys, arrays)})
+        return reply
+    return t
+
+
+@pytest.mark.parametrize("kind", ["nan", "shape", "x1000"])
+def test_bad_reply_excluded_and_global_model_unaffected(tmp_path, kind):
+    nodes = _nodes(tmp_path)
+    cfg = _cfg(tmp_path, **{"num-rounds": 1, "max-update-norm": 50.0})
+    res = run_federation(InProcessGrid(client_app, nodes, tamper=_tamper(kind)), cfg, run_id="r")
+    assert [x["node"] for x in res["excluded"]] == [2]
+    # reference: same run without node 2's reply
+    clean_dir = tmp_path / "clean"
+    clean_dir.mkdir()
+    nodes2 = _nodes(clean_dir)
+    ref = run_federation(InProcessGrid(client_app, nodes2, tamper=lambda n, r: _drop_marker(n, r)),
+                         _cfg(clean_dir, **{"num-rounds": 1, "max-update-norm": 50.0}), run_id="r")
+    a = torch.load(tmp_path / "run" / "model.pt")
+    b = torch.load(clean_dir / "run" / "model.pt")
+    assert all(torch.allclose(a[k], b[k]) for k in a)
+
+
+def _drop_marker(node, reply):
+    if node == 2:  # make node 2's reply invalid in a different way: excluded the same
+        reply.content["arrays"] = ArrayRecord({})
+    return reply
+
+
+def test_budget_refusal_run_continues_with_others(tmp_path):
+    nodes = _nodes(tmp_path, eps=(8.0, 8.0, 8.0, 1.0))  # Switzerland's budget is too small for this job
+    res = run_federation(InProcessGrid(client_app, nodes), _cfg(tmp_path, **{"num-rounds": 2}), run_id="r")
+    refused = {r["node"] for r in res["refused"]}
+    assert refused == {4}
+    assert all("max_epsilon" in r["reason"] for r in res["refused"])
+    assert all(e["train"]["accepted"] == 3 for e in res["rounds"])
+    assert PrivacyLedger(nodes[3]["ledger"]).releases("Switzerland") == []
+
+
+def test_coordinator_killed_after_round_k_resumes_at_k_plus_1(tmp_path):
+    nodes = _nodes(tmp_path)
+    grid = InProcessGrid(client_app, nodes)
+    # "kill" after round 2: the first process only gets through 2 rounds of a 3-round run
+    run_federation(grid, _cfg(tmp_path, **{"num-rounds": 2}), run_id="r1")
+    ck = pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))
+    assert ck["round"] == 2
+    eps_before = PrivacyLedger(nodes[0]["ledger"]).epsilon("Cleveland", 1e-3)
+    res = run_federation(InProcessGrid(client_app, nodes), _cfg(tmp_path, **{"num-rounds": 3, "resume": True}), run_id="r2")
+    assert [e["round"] for e in res["rounds"]] == [1, 2, 3]
+    assert res["run_id"] == "r1"  # the resumed run keeps its identity (ledger rows too)
+    led = PrivacyLedger(nodes[0]["ledger"])
+    assert [r["round"] for r in led.releases("Cleveland")] == [1, 2, 3]
+    assert led.epsilon("Cleveland", 1e-3) > eps_before  # continues, does not reset
