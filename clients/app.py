@@ -15,17 +15,37 @@ from clients.node import JobRefused, handle_evaluate, handle_train, node_from_co
 #: Error code for a job refused by the node's privacy policy or budget.
 REFUSED = 4031
 
-app = ClientApp()
 
 
-def _spec(context: Context):
-    return node_from_config(dict(context.node_config), dict(context.run_config))
+def build_client_app(defaults: dict | None = None) -> ClientApp:
+    """The department ClientApp.
+
+    Parameters
+    ----------
+    defaults : dict, optional
+        Run-config defaults baked in (simulation: ``flwr.simulation.run_simulation`` gives
+        nodes an empty run config). Deployment uses the module-level :data:`app`, configured
+        by the node config (``fl-client``) and the run config.
+    """
+    defaults = dict(defaults or {})
+    capp = ClientApp()
+
+    def spec(context: Context):
+        return node_from_config(dict(context.node_config), {**defaults, **dict(context.run_config)})
+
+    @capp.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, spec(context))
+
+    @capp.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate(msg, spec(context))
+
+    return capp
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def train(msg: Message, spec) -> Message:
     """Local DP-SGD on the node's own data, under its own policy and ledger."""
-    spec = _spec(context)
     state = msg.content["arrays"].to_torch_state_dict()
     cfg = dict(msg.content["config"])
     try:
@@ -36,9 +56,11 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def evaluate(msg: Message, spec) -> Message:
     """Metrics of the global model on the node's test split."""
-    spec = _spec(context)
     metrics = handle_evaluate(msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), spec)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+#: The ClientApp for deployment (``flwr`` app entry point ``clients.app:app``).
+app = build_client_app()

@@ -14,6 +14,7 @@ same code. A node:
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,11 +30,15 @@ from privacy.policy import JobRequest, PrivacyPolicy, check_job, load_policy
 from shared_models import build_model, default_model_config
 
 #: The only metric keys a node ever sends back (anything else is a leak by definition).
-TRAIN_METRICS = ("train-loss", "num-examples", "epsilon", "noise-multiplier", "steps")
-EVAL_METRICS = ("num-examples", "accuracy", "roc-auc", "mae", "rmse", "mae-ratio", "loss")
+TRAIN_METRICS = ("train-loss", "num-examples", "epsilon", "noise-multiplier", "steps", "partition-id")
+EVAL_METRICS = ("num-examples", "accuracy", "roc-auc", "mae", "rmse", "mae-ratio", "loss", "partition-id")
 
 #: Task name per department (what policies list in ``allowed_tasks``).
 TASKS = {"health": "heart-disease", "traffic": "traffic-forecast", "utility": "utility-forecast"}
+
+
+class SimulatedFailure(RuntimeError):
+    """A failure injected by the simulation's dropout probability."""
 
 
 class JobRefused(Exception):
@@ -49,6 +54,8 @@ class NodeSpec:
     data: str | None  # None = the bundled data
     policy: PrivacyPolicy
     ledger_path: Path
+    partition_id: int | None = None  # simulation only: lets the report label sites
+    dropout_probability: float = 0.0  # simulation only: chance of a simulated node failure per message
 
 
 @lru_cache(maxsize=64)
@@ -108,6 +115,8 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     JobRefused
         When the node's policy or budget refuses the job.
     """
+    if spec.dropout_probability and random.Random(f"{cfg.get('run-id')}/{cfg.get('server-round')}/{spec.site}").random() < spec.dropout_probability:
+        raise SimulatedFailure(f"{spec.site}: simulated node failure (dropout probability {spec.dropout_probability})")
     model, ds = _model_for(spec, str(cfg.get("model", "")) or None, state)
     site = ds.site_data(spec.site)
     train = site.train.tensors()
@@ -146,6 +155,8 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
         "noise-multiplier": float(job.noise_multiplier or 0.0),
         "steps": int(job.steps),
     }
+    if spec.partition_id is not None:
+        metrics["partition-id"] = int(spec.partition_id)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
 
 
@@ -158,6 +169,8 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
         out.update({"accuracy": m["accuracy"], "roc-auc": m["roc_auc"]})
     else:
         out.update({"mae": m["mae"], "rmse": m["rmse"], "mae-ratio": m["mae_ratio"]})
+    if spec.partition_id is not None:
+        out["partition-id"] = int(spec.partition_id)
     return out
 
 
@@ -172,6 +185,7 @@ def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
     department = str(merged["department"])
     data = str(merged.get("data") or "") or None
     site = merged.get("site")
+    partition = merged.get("partition-id")
     if not site:
         sites = _dataset(department, data).sites
         site = sites[int(merged["partition-id"]) % len(sites)]
@@ -181,4 +195,6 @@ def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
         ledger_path = Path(str(merged["ledger"]))
     else:
         ledger_path = Path(str(merged["ledger-dir"])) / f"{department}-{site}.sqlite"
-    return NodeSpec(department=department, site=site, data=data, policy=policy, ledger_path=ledger_path)
+    return NodeSpec(department=department, site=site, data=data, policy=policy, ledger_path=ledger_path,
+                    partition_id=None if partition is None else int(partition),
+                    dropout_probability=float(merged.get("dropout-probability", 0.0)))

@@ -38,7 +38,6 @@ from server.strategy import GuardedStrategy, load_checkpoint, make_strategy
 from shared_models import build_model, default_model_config, model_kinds
 
 log = logging.getLogger("cityfed.server")
-app = ServerApp()
 
 DEFAULTS = {
     "model": "", "num-rounds": 5, "strategy": "fedavg", "local-epochs": 1, "batch-size": 64, "lr": 1e-2, "dp": True,
@@ -59,9 +58,10 @@ def settings(run_config: dict) -> dict:
     return cfg
 
 
-def run_federation(grid: Grid, run_config: dict, *, run_id: str) -> dict:
+def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) -> dict:
     """Run (or resume) a federated training run on ``grid`` and write its artefacts.
 
+    ``on_round(entry)`` is called after each round's evaluation (progress display).
     Returns the results dict also written to ``run-dir/results.json``.
     """
     cfg = settings(run_config)
@@ -85,7 +85,7 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str) -> dict:
             setattr(inner, k, v)
         log.warning("resuming %s after round %d", run_dir, offset)
     strategy = GuardedStrategy(inner, max_update_norm=float(cfg["max-update-norm"]), checkpoint=ckpt, round_offset=offset,
-                               history=history, run_id=run_id)
+                               history=history, run_id=run_id, on_round=on_round)
     remaining = int(cfg["num-rounds"]) - offset
     job = {
         "department": dept, "task": TASKS[dept], "model": cfg["model"], "run-id": run_id,
@@ -110,7 +110,17 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str) -> dict:
     return out
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """ServerApp entry point (simulation and deployment)."""
-    run_federation(grid, dict(context.run_config), run_id=str(context.run_id))
+def build_server_app(defaults: dict | None = None, on_round=None) -> ServerApp:
+    """The coordinator ServerApp (``defaults`` are baked-in run-config values for simulation)."""
+    defaults = dict(defaults or {})
+    sapp = ServerApp()
+
+    @sapp.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_federation(grid, {**defaults, **dict(context.run_config)}, run_id=str(context.run_id), on_round=on_round)
+
+    return sapp
+
+
+#: The ServerApp for deployment (``flwr`` app entry point ``server.app:app``).
+app = build_server_app()

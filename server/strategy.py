@@ -29,6 +29,28 @@ log = logging.getLogger("cityfed.server")
 STRATEGIES = ("fedavg", "fedadam", "fedyogi", "trimmed-mean", "krum")
 
 
+def aggregate_metrics(records: list, weighting_key: str) -> MetricRecord:
+    """Aggregate node metrics: example-weighted mean, but the *largest* epsilon (worst node).
+
+    Labels such as ``partition-id`` are not averaged.
+    """
+    totals: dict[str, float] = {}
+    weights = [float(r["metrics"][weighting_key]) for r in records]
+    wsum = sum(weights) or 1.0
+    out: dict[str, float] = {}
+    for rec, w in zip(records, weights):
+        for k, v in rec["metrics"].items():
+            if k in ("partition-id", weighting_key):
+                continue
+            if k == "epsilon":
+                out["epsilon-max"] = max(out.get("epsilon-max", 0.0), float(v))
+                continue
+            totals[k] = totals.get(k, 0.0) + float(v) * w / wsum
+    out.update(totals)
+    out[weighting_key] = sum(weights)
+    return MetricRecord(out)
+
+
 def make_strategy(name: str, *, fraction_train: float = 1.0, min_nodes: int = 1, **kw) -> Strategy:
     """Build a Flower strategy by name.
 
@@ -44,7 +66,8 @@ def make_strategy(name: str, *, fraction_train: float = 1.0, min_nodes: int = 1,
         trimmed mean, ``num_malicious_nodes`` for Krum).
     """
     common = dict(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_nodes,
-                  min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes)
+                  min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
+                  train_metrics_aggr_fn=aggregate_metrics, evaluate_metrics_aggr_fn=aggregate_metrics)
     classes = {"fedavg": FedAvg, "fedadam": FedAdam, "fedyogi": FedYogi, "trimmed-mean": FedTrimmedAvg, "krum": Krum}
     if name not in classes:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
@@ -70,8 +93,9 @@ class GuardedStrategy(Strategy):
     """
 
     def __init__(self, inner: Strategy, *, max_update_norm: float, checkpoint: Path | None = None, round_offset: int = 0,
-                 history: dict | None = None, run_id: str = ""):
+                 history: dict | None = None, run_id: str = "", on_round=None):
         self.run_id = run_id
+        self.on_round = on_round
         self.inner = inner
         self.max_update_norm = max_update_norm
         self.checkpoint = checkpoint
@@ -98,6 +122,8 @@ class GuardedStrategy(Strategy):
         entry = self._round(rnd)
         entry["evaluate"] = {"aggregate": dict(agg) if agg else None, "nodes": per_node}
         self._save()
+        if self.on_round:
+            self.on_round(entry)
         return agg
 
     # -- the guard ----------------------------------------------------------------------

@@ -32,6 +32,11 @@ class GRUForecasterConfig(_Config):
     horizon: int = Field(gt=0, description="Predicted steps.")
     hidden: int = Field(default=32, gt=0, description="GRU hidden size.")
     layers: int = Field(default=1, ge=1, le=4, description="Stacked GRU layers.")
+    seasonal_period: int = Field(
+        default=0, ge=0,
+        description="If > 0 and within the lookback, the model predicts a correction to the seasonal-naive "
+        "forecast (the target one period earlier); otherwise to the last observed value.",
+    )
 
 
 class PatchTSTForecasterConfig(_Config):
@@ -53,6 +58,10 @@ class PatchTSTForecasterConfig(_Config):
     heads: int = Field(default=4, ge=1, description="Attention heads.")
     ffn_dim: int = Field(default=64, gt=0, description="Feed-forward width.")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout in attention/FFN/head.")
+    seasonal_period: int = Field(
+        default=0, ge=0,
+        description="If > 0 and within the lookback, PatchTST's output is added to the seasonal-naive forecast.",
+    )
     scaling: Literal["none", "std", "mean"] = Field(
         default="none",
         description="PatchTST's per-window input scaling; 'none' because sites already standardise their data "
@@ -84,8 +93,11 @@ def default_model_config(schema, kind: str | None = None) -> ModelConfig:
         raise ValueError(f"model {kind!r} does not fit department {schema.department!r}; choose one of {kinds}")
     if kind == "heart-mlp":
         return HeartClassifierConfig(n_features=schema.n_features)
+    period = schema.seasonal_period or 0
+    period = period if schema.horizon <= period <= schema.lookback else 0
     if kind == "gru":
-        return GRUForecasterConfig(n_features=schema.n_features, lookback=schema.lookback, horizon=schema.horizon)
+        return GRUForecasterConfig(n_features=schema.n_features, lookback=schema.lookback, horizon=schema.horizon,
+                                   seasonal_period=period)
     patch = 8 if schema.lookback >= 32 else 4
     return PatchTSTForecasterConfig(
         n_features=schema.n_features,
@@ -93,4 +105,5 @@ def default_model_config(schema, kind: str | None = None) -> ModelConfig:
         horizon=schema.horizon,
         patch_length=patch,
         patch_stride=patch // 2,
+        seasonal_period=period,
     )

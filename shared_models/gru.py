@@ -12,8 +12,9 @@ from shared_models.configs import GRUForecasterConfig
 class GRUForecaster(nn.Module):
     """GRU encoder over the lookback window, linear head to ``horizon`` steps.
 
-    The head predicts the change from the last observed (scaled) target value, which makes
-    persistence the model's starting point.
+    The head predicts a correction to a naive forecast (seasonal when ``seasonal_period``
+    fits in the lookback, else persistence), which makes that naive forecast the model's
+    starting point.
 
     Parameters
     ----------
@@ -31,4 +32,12 @@ class GRUForecaster(nn.Module):
         """Forecast: ``x`` is ``(batch, lookback, n_features)``; returns ``(batch, horizon)``."""
         out, _ = self.rnn(x)
         last = x[:, -1, :]
-        return last[:, :1] + self.head(torch.cat([out[:, -1, :], last], dim=-1))
+        return baseline(x, self.config) + self.head(torch.cat([out[:, -1, :], last], dim=-1))
+
+
+def baseline(x: torch.Tensor, config) -> torch.Tensor:
+    """Naive forecast the models correct: seasonal (one period back) when configured, else persistence."""
+    L, H, P = config.lookback, config.horizon, config.seasonal_period
+    if P and H <= P <= L:
+        return x[:, L - P : L - P + H, 0]
+    return x[:, -1:, 0].expand(-1, H)

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import PatchTSTConfig, PatchTSTForPrediction
 
 from shared_models.configs import PatchTSTForecasterConfig
+from shared_models.gru import baseline
 
 
 class PatchTSTForecaster(nn.Module):
@@ -51,5 +52,7 @@ class PatchTSTForecaster(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Forecast: ``x`` is ``(batch, lookback, n_features)``; returns ``(batch, horizon)``."""
         past = x[:, :, : self.config.input_channels]
-        out = self.model(past_values=past)
-        return out.prediction_outputs[:, :, 0]
+        out = self.model(past_values=past).prediction_outputs[:, :, 0]
+        if self.config.seasonal_period:
+            out = out + baseline(x, self.config)
+        return out

@@ -28,7 +28,7 @@ DEFAULT_TRAIN: dict[tuple[str, str], TrainConfig] = {
     ("traffic", "gru"): TrainConfig(epochs=4, batch_size=128, lr=3e-3),
     ("traffic", "patchtst"): TrainConfig(epochs=4, batch_size=128, lr=3e-3),
     ("utility", "gru"): TrainConfig(epochs=6, batch_size=64, lr=3e-3),
-    ("utility", "patchtst"): TrainConfig(epochs=6, batch_size=64, lr=3e-3),
+    ("utility", "patchtst"): TrainConfig(epochs=6, batch_size=64, lr=1e-3),
 }
 
 

@@ -127,6 +127,81 @@ def baselines(
 
 
 @app.command()
+def run(
+    department: str = typer.Option(..., "--department", "-d", help="health, traffic or utility (one virtual node per site)."),
+    out: Path = typer.Option(Path("runs/sim"), "--out", "-o", help="Run folder: results.json, model.pt, report.html, ledgers/."),
+    rounds: int = typer.Option(5, "--rounds", "-r", min=1, help="Federated rounds."),
+    local_epochs: int = typer.Option(1, "--local-epochs", min=1, help="Local epochs per round."),
+    strategy: str = typer.Option("fedavg", help="fedavg, fedadam, fedyogi, trimmed-mean or krum (Flower's)."),
+    dp: bool = typer.Option(True, "--dp/--no-dp", help="DP-SGD on every node (the example policies require it)."),
+    epsilon: float = typer.Option(3.0, "--epsilon", "-e", help="Target epsilon per node for the whole run (nodes calibrate noise)."),
+    noise_multiplier: Optional[float] = typer.Option(None, help="Fixed noise multiplier instead of --epsilon."),
+    clip: float = typer.Option(1.0, help="Per-sample clipping norm."),
+    model: Optional[str] = typer.Option(None, help="Model kind (default: the department's first)."),
+    lr: float = typer.Option(1e-2, help="Local learning rate."),
+    batch_size: int = typer.Option(64, help="Local batch size (expected size under Poisson sampling)."),
+    fraction: float = typer.Option(1.0, min=0.0, max=1.0, help="Fraction of sites sampled per round."),
+    dropout: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability that a site fails a round (simulated)."),
+    policy: Optional[Path] = typer.Option(None, help="Department policy TOML for every node (default: examples/policies/D.toml)."),
+    engine: str = typer.Option("ray", help="ray (Flower Simulation Engine) or inprocess (no Ray; same apps)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/checkpoint.pkl."),
+    seed: int = typer.Option(0, help="Seed for the initial model and sampling."),
+) -> None:
+    """Federated training of one department's sites on this machine, under each node's policy and ledger.
+
+    Writes OUT/results.json (per-round and per-site metrics, epsilon per site, refusals,
+    excluded replies), OUT/model.pt, OUT/report.html with PNG plots, and each node's
+    ledger under OUT/ledgers/ (ledgers accumulate across runs that share OUT).
+    """
+    from simulations.report import write_report
+    from simulations.run import simulate
+
+    if department not in DEPARTMENTS:
+        raise typer.BadParameter(f"choose from {', '.join(DEPARTMENTS)}", param_hint="--department")
+    from clients.datasets import load_department
+
+    sites = load_department(department).sites
+    cfg = {"department": department, "num-rounds": rounds, "local-epochs": local_epochs, "strategy": strategy, "dp": dp,
+           "target-epsilon": epsilon, "clipping-norm": clip, "lr": lr, "batch-size": batch_size, "fraction-train": fraction,
+           "dropout-probability": dropout, "run-dir": str(out), "resume": resume, "seed": seed, "min-nodes": 1}
+    if noise_multiplier is not None:
+        cfg["noise-multiplier"] = noise_multiplier
+    if model:
+        cfg["model"] = model
+    if policy:
+        cfg["policy"] = str(policy)
+    metric = "accuracy" if department == "health" else "mae-ratio"
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        bar = progress.add_task(f"{department}: rounds", total=rounds)
+
+        def on_round(entry):
+            agg = (entry.get("evaluate") or {}).get("aggregate") or {}
+            tr = (entry.get("train") or {}).get("aggregate") or {}
+            progress.update(bar, completed=entry["round"],
+                            description=f"{department}: round {entry['round']} {metric}={agg.get(metric, float('nan')):.3f} "
+                                        f"eps-max={tr.get('epsilon-max', float('nan')):.2f}")
+
+        t0 = time.perf_counter()
+        results = simulate(cfg, engine=engine, on_round=on_round)
+    report = write_report(out, sites, metric)
+    t = Table(title=f"{department}: federated run ({time.perf_counter() - t0:.0f} s)")
+    for col in ("round", "accepted", metric, "eps max"):
+        t.add_column(col)
+    for e in results["rounds"]:
+        agg = (e.get("evaluate") or {}).get("aggregate") or {}
+        tr = (e.get("train") or {}).get("aggregate") or {}
+        t.add_row(str(e["round"]), str((e.get("train") or {}).get("accepted", "")), f"{agg.get(metric, float('nan')):.3f}",
+                  f"{tr.get('epsilon-max', float('nan')):.2f}")
+    console.print(t)
+    for r in results["refused"]:
+        console.print(f"[yellow]refused[/yellow] round {r['round']} node {r['node']}: {r['reason']}")
+    for r in results["excluded"]:
+        console.print(f"[red]excluded[/red] round {r['round']} node {r['node']}: {r['reason']}")
+    console.print(f"wrote {out}/results.json, {out}/model.pt, {report}")
+
+
+@app.command()
 def datasets(department: Optional[str] = typer.Argument(None, help="Department to describe (default: all).")) -> None:
     """List the bundled department datasets: source, licence, sites and schema."""
     from clients.datasets import DATASETS
