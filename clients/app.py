@@ -10,10 +10,12 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.node import JobRefused, handle_evaluate, handle_train, node_from_config
+from clients.node import JobRefused, NoTrainingData, handle_evaluate, handle_train, node_from_config
 
 #: Error code for a job refused by the node's privacy policy or budget.
 REFUSED = 4031
+#: Error code for a node without training records (nothing to send).
+NO_DATA = 4041
 
 
 
@@ -52,6 +54,8 @@ def train(msg: Message, spec) -> Message:
         new_state, metrics = handle_train(state, cfg, spec)
     except JobRefused as exc:
         return Message(Error(code=REFUSED, reason=str(exc)), reply_to=msg)
+    except NoTrainingData as exc:
+        return Message(Error(code=NO_DATA, reason=str(exc)), reply_to=msg)
     content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 

@@ -33,12 +33,20 @@ from shared_models import build_model, default_model_config
 TRAIN_METRICS = ("train-loss", "num-examples", "epsilon", "noise-multiplier", "steps", "partition-id")
 EVAL_METRICS = ("num-examples", "accuracy", "roc-auc", "mae", "rmse", "mae-ratio", "loss", "partition-id")
 
+#: Run/node config keys read only by department nodes (the ServerApp passes them through).
+NODE_KEYS = ("policy", "ledger", "ledger-dir", "data", "site", "dropout-probability", "virtual-sites", "partitioner",
+             "dirichlet-alpha", "partition-id", "num-partitions")
+
 #: Task name per department (what policies list in ``allowed_tasks``).
 TASKS = {"health": "heart-disease", "traffic": "traffic-forecast", "utility": "utility-forecast"}
 
 
 class SimulatedFailure(RuntimeError):
     """A failure injected by the simulation's dropout probability."""
+
+
+class NoTrainingData(Exception):
+    """The node holds no training records (e.g. an empty virtual site); it sends no update."""
 
 
 class JobRefused(Exception):
@@ -56,6 +64,17 @@ class NodeSpec:
     ledger_path: Path
     partition_id: int | None = None  # simulation only: lets the report label sites
     dropout_probability: float = 0.0  # simulation only: chance of a simulated node failure per message
+    virtual: tuple[int, str, float, int] | None = None  # simulation only: (n, partitioner, alpha, seed)
+
+    def site_data(self):
+        """This node's :class:`~clients.datasets.SiteData` (a natural site or a virtual share)."""
+        ds = _dataset(self.department, self.data)
+        if self.virtual is None:
+            return ds, ds.site_data(self.site)
+        from clients.datasets.virtual import virtual_sites
+
+        n, partitioner, alpha, seed = self.virtual
+        return ds, virtual_sites(ds, n, partitioner, alpha, seed)[int(self.partition_id)]
 
 
 @lru_cache(maxsize=64)
@@ -64,10 +83,15 @@ def _dataset(department: str, data: str | None):
 
 
 def _model_for(spec: NodeSpec, kind: str, state: dict[str, torch.Tensor]):
-    ds = _dataset(spec.department, spec.data)
+    ds, site = spec.site_data()
     model = build_model(default_model_config(ds.schema, kind))
     model.load_state_dict(state)
-    return model, ds
+    return model, ds, site
+
+
+@lru_cache(maxsize=256)
+def _calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    return calibrate_noise(target_epsilon, delta, sample_rate, steps)
 
 
 def job_from_config(cfg: dict, spec: NodeSpec, n_train: int) -> JobRequest:
@@ -79,7 +103,7 @@ def job_from_config(cfg: dict, spec: NodeSpec, n_train: int) -> JobRequest:
     if noise is None and "target-epsilon" in cfg and bool(cfg.get("dp", True)):
         # the node calibrates its own noise so that the whole run lands on the target epsilon
         total = int(cfg.get("num-rounds", 1)) * epochs * steps_per_epoch
-        noise = calibrate_noise(float(cfg["target-epsilon"]), spec.policy.delta, 1.0 / steps_per_epoch, total)
+        noise = _calibrated_noise(float(cfg["target-epsilon"]), spec.policy.delta, 1.0 / steps_per_epoch, total)
     return JobRequest(
         department=str(cfg.get("department", "")),
         task=str(cfg.get("task", "")),
@@ -117,8 +141,9 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     """
     if spec.dropout_probability and random.Random(f"{cfg.get('run-id')}/{cfg.get('server-round')}/{spec.site}").random() < spec.dropout_probability:
         raise SimulatedFailure(f"{spec.site}: simulated node failure (dropout probability {spec.dropout_probability})")
-    model, ds = _model_for(spec, str(cfg.get("model", "")) or None, state)
-    site = ds.site_data(spec.site)
+    model, ds, site = _model_for(spec, str(cfg.get("model", "")) or None, state)
+    if len(site.train) == 0:
+        raise NoTrainingData(f"{spec.department}/{spec.site}: no training records; no update sent")
     train = site.train.tensors()
     job = job_from_config(cfg, spec, len(train))
     ledger = PrivacyLedger(spec.ledger_path)
@@ -126,7 +151,8 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     if not decision.accepted:
         raise JobRefused(f"{spec.department}/{spec.site}: {decision.reason}")
     tc = TrainConfig(epochs=int(cfg.get("local-epochs", 1)), batch_size=int(cfg.get("batch-size", 64)),
-                     lr=float(cfg.get("lr", 1e-2)), seed=int(cfg.get("seed", 0)) * 100_003 + job.round)
+                     lr=float(cfg.get("lr", 1e-2)), seed=int(cfg.get("seed", 0)) * 100_003 + job.round,
+                     proximal_mu=float(cfg.get("proximal-mu", 0.0)))
     dp = None
     release_id = None
     if job.dp:
@@ -162,15 +188,27 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
 
 def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> dict:
     """Evaluate the global model on the node's own test split (whitelisted metrics only)."""
-    model, ds = _model_for(spec, str(cfg.get("model", "")) or None, state)
-    m = evaluate(model, ds.site_data(spec.site), ds.schema.task)
+    model, ds, site = _model_for(spec, str(cfg.get("model", "")) or None, state)
+    out = evaluation_metrics(model, site, ds.schema.task)
+    if spec.partition_id is not None:
+        out["partition-id"] = int(spec.partition_id)
+    return out
+
+
+def evaluation_metrics(model, site, task: str) -> dict:
+    """Whitelisted evaluation metrics of ``model`` on ``site``'s test split.
+
+    A site without test data reports only ``num-examples = 0`` (it then weighs nothing
+    in the aggregate).
+    """
+    if len(site.test) == 0:
+        return {"num-examples": 0}
+    m = evaluate(model, site, task)
     out = {"num-examples": int(m["n"])}
-    if ds.schema.task == "binary-classification":
+    if task == "binary-classification":
         out.update({"accuracy": m["accuracy"], "roc-auc": m["roc_auc"]})
     else:
         out.update({"mae": m["mae"], "rmse": m["rmse"], "mae-ratio": m["mae_ratio"]})
-    if spec.partition_id is not None:
-        out["partition-id"] = int(spec.partition_id)
     return out
 
 
@@ -179,14 +217,22 @@ def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
 
     Keys: ``department``, ``site`` (or ``partition-id`` in simulation: the k-th site),
     ``data`` (file; empty = bundled), ``policy`` (TOML file), ``ledger`` (SQLite file) or
-    ``ledger-dir`` (simulation: one file per site).
+    ``ledger-dir`` (simulation: one file per site); simulation only: ``virtual-sites`` (N > 0:
+    the node is the ``partition-id``-th of N virtual sites, see
+    :mod:`clients.datasets.virtual`), ``partitioner``, ``dirichlet-alpha``,
+    ``dropout-probability``.
     """
     merged = {**run_config, **node_config}
     department = str(merged["department"])
     data = str(merged.get("data") or "") or None
     site = merged.get("site")
     partition = merged.get("partition-id")
-    if not site:
+    virtual = None
+    if int(merged.get("virtual-sites", 0) or 0) > 0:
+        virtual = (int(merged["virtual-sites"]), str(merged.get("partitioner", "iid")),
+                   float(merged.get("dirichlet-alpha", 0.5)), int(merged.get("seed", 0)))
+        site = f"virtual-{int(partition)}"
+    elif not site:
         sites = _dataset(department, data).sites
         site = sites[int(merged["partition-id"]) % len(sites)]
     site = str(site)
@@ -197,4 +243,4 @@ def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
         ledger_path = Path(str(merged["ledger-dir"])) / f"{department}-{site}.sqlite"
     return NodeSpec(department=department, site=site, data=data, policy=policy, ledger_path=ledger_path,
                     partition_id=None if partition is None else int(partition),
-                    dropout_probability=float(merged.get("dropout-probability", 0.0)))
+                    dropout_probability=float(merged.get("dropout-probability", 0.0)), virtual=virtual)

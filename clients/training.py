@@ -28,6 +28,8 @@ class TrainConfig:
     lr: float = 1e-2
     weight_decay: float = 0.0
     seed: int = 0
+    #: FedProx proximal weight: adds ``mu * (w - w_global)`` to each step's gradient (0 = off).
+    proximal_mu: float = 0.0
 
 
 @dataclass
@@ -98,6 +100,11 @@ def fit(
         net, optimizer, criterion, loader = private.module, private.optimizer, private.criterion, private.loader
     else:
         net = model
+    params = [p for p in model.parameters() if p.requires_grad]
+    # FedProx: the weights the round started from (the global model). The proximal term is
+    # data-independent, so it is added *after* Opacus has clipped and noised the data gradient:
+    # it costs no privacy and is not clipped away.
+    anchors = [p.detach().clone() for p in params] if train.proximal_mu > 0 else None
     steps, history = 0, []
     for epoch in range(train.epochs):
         total, count = 0.0, 0
@@ -108,7 +115,14 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(net(xb), yb)
             loss.backward()
-            optimizer.step()
+            if private is not None:
+                # DPOptimizer.step() == pre_step() (clip, noise, accountant hook) + inner step
+                if private.optimizer.pre_step():
+                    _add_proximal(params, anchors, train.proximal_mu)
+                    private.optimizer.original_optimizer.step()
+            else:
+                _add_proximal(params, anchors, train.proximal_mu)
+                optimizer.step()
             steps += 1
             value = float(loss.item())
             if math.isfinite(value):
@@ -129,6 +143,16 @@ def fit(
         private.module.remove_hooks() if hasattr(private.module, "remove_hooks") else None
     model.eval()
     return result
+
+
+@torch.no_grad()
+def _add_proximal(params: list[nn.Parameter], anchors: list[torch.Tensor] | None, mu: float) -> None:
+    """Add the FedProx term's gradient ``mu * (w - w_anchor)`` to each parameter's gradient."""
+    if not anchors or mu <= 0:
+        return
+    for p, a in zip(params, anchors):
+        if p.grad is not None:
+            p.grad.add_(p.detach() - a, alpha=mu)
 
 
 @torch.no_grad()

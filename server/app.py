@@ -1,24 +1,9 @@
 """The coordinator ServerApp: one app for simulation and deployment.
 
-Run config keys (``--run-config`` / ``pyproject`` ``[tool.flwr.app.config]`` / fl-sim):
-
-=================  =====================================================================
-department         health | traffic | utility
-model              model kind (default: the department's first)
-num-rounds         federated rounds
-strategy           fedavg | fedadam | fedyogi | trimmed-mean | krum
-local-epochs       local epochs per round
-batch-size, lr     local training
-dp                 true: DP-SGD on every node (required by default policies)
-target-epsilon     per-node epsilon after num-rounds (node calibrates its own noise)
-noise-multiplier   explicit noise (overrides target-epsilon)
-clipping-norm      per-sample clipping norm
-fraction-train     share of nodes sampled per round
-max-update-norm    replies whose update norm exceeds this are excluded
-run-dir            folder for checkpoint.pkl, model.pt, results.json
-resume             true: continue from run-dir/checkpoint.pkl
-seed               initial model and sampling seed
-=================  =====================================================================
+Its run config (``--run-config`` / ``[tool.flwr.app.config]`` / ``fl-sim``) is validated by
+:class:`RunSettings`: every key is documented there, and a bad value or an unknown key is an
+error naming the key. Keys that only department nodes read (``policy``, ``ledger``,
+``ledger-dir``, ``data``, ``dropout-probability``, virtual-site partitioning) pass through.
 """
 
 from __future__ import annotations
@@ -27,35 +12,134 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clients.datasets import DATASETS
-from clients.node import TASKS
-from server.strategy import GuardedStrategy, load_checkpoint, make_strategy
+from clients.node import NODE_KEYS, TASKS
+from server.strategy import STRATEGIES, GuardedStrategy, TooFewUpdates, load_checkpoint, make_strategy
 from shared_models import build_model, default_model_config, model_kinds
 
 log = logging.getLogger("cityfed.server")
 
-DEFAULTS = {
-    "model": "", "num-rounds": 5, "strategy": "fedavg", "local-epochs": 1, "batch-size": 64, "lr": 1e-2, "dp": True,
-    "target-epsilon": 3.0, "noise-multiplier": -1.0, "clipping-norm": 1.0, "fraction-train": 1.0,
-    "max-update-norm": 1e3, "run-dir": "runs/latest", "resume": False, "seed": 0, "min-nodes": 1,
-}
+
+class RunSettings(BaseModel):
+    """A federated run's settings (run-config keys are the hyphenated field aliases)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    department: Literal["health", "traffic", "utility"] = Field(description="Department whose nodes train.")
+    model: str = Field("", description="Model kind (heart-mlp; gru, patchtst); empty = the department's first.")
+    num_rounds: int = Field(5, ge=1, alias="num-rounds", description="Federated rounds.")
+    strategy: Literal[STRATEGIES] = Field("fedavg", description="Flower aggregation strategy.")
+    proximal_mu: float = Field(0.1, ge=0, alias="proximal-mu", description="FedProx proximal weight (fedprox only).")
+    server_lr: float = Field(1e-2, gt=0, alias="server-lr", description="Server learning rate eta (fedadam, fedyogi).")
+    trim_beta: float = Field(0.2, gt=0, lt=0.5, alias="trim-beta", description="Fraction trimmed at each end (trimmed-mean).")
+    krum_malicious: int = Field(1, ge=0, alias="krum-malicious", description="Nodes Krum assumes malicious.")
+    local_epochs: int = Field(1, ge=1, alias="local-epochs", description="Local epochs per round.")
+    batch_size: int = Field(64, ge=1, alias="batch-size", description="Expected local batch size (Poisson sampling).")
+    lr: float = Field(1e-2, gt=0, description="Local learning rate (Adam).")
+    dp: bool = Field(True, description="DP-SGD on every node (example policies require it).")
+    target_epsilon: float = Field(3.0, gt=0, alias="target-epsilon",
+                                  description="Epsilon each node reaches after num-rounds (nodes calibrate their noise).")
+    noise_multiplier: float = Field(-1.0, alias="noise-multiplier",
+                                    description="Fixed noise multiplier; negative = calibrate from target-epsilon.")
+    clipping_norm: float = Field(1.0, gt=0, alias="clipping-norm", description="Per-sample clipping norm.")
+    fraction_train: float = Field(1.0, gt=0, le=1, alias="fraction-train", description="Share of nodes sampled to train per round.")
+    fraction_evaluate: float = Field(1.0, gt=0, le=1, alias="fraction-evaluate",
+                                     description="Share of nodes sampled to evaluate per round.")
+    min_nodes: int = Field(1, ge=1, alias="min-nodes", description="Nodes that must be connected before a round starts.")
+    min_accepted: int = Field(1, ge=1, alias="min-accepted",
+                              description="A round with fewer acceptable updates ends the run cleanly.")
+    max_update_norm: float = Field(1e3, gt=0, alias="max-update-norm",
+                                   description="Replies whose update L2 norm exceeds this are excluded.")
+    round_timeout: float = Field(3600.0, gt=0, alias="round-timeout", description="Seconds to wait for replies per round.")
+    central_data: str = Field("", alias="central-data",
+                              description="Held-out file (department schema) the coordinator evaluates on each round; "
+                                          "empty = none (federated evaluation on each node's test split only).")
+    run_dir: str = Field("runs/latest", alias="run-dir", description="Folder for checkpoint.pkl, model.pt, results.json.")
+    resume: bool = Field(False, description="Continue from run-dir/checkpoint.pkl.")
+    seed: int = Field(0, description="Seed of the initial model and of local sampling.")
+
+    def as_config(self) -> dict:
+        """The settings as a run-config dict (hyphenated keys)."""
+        return self.model_dump(by_alias=True)
+
+
+#: Defaults of every key (hyphenated), for documentation and tools.
+DEFAULTS = {f.alias or k: f.default for k, f in RunSettings.model_fields.items() if k != "department"}
 
 
 def settings(run_config: dict) -> dict:
-    """Run config with defaults filled in and checked (errors name the key)."""
-    cfg = {**DEFAULTS, **dict(run_config)}
-    if cfg.get("department") not in DATASETS:
-        raise ValueError(f"run config 'department' must be one of {sorted(DATASETS)}, got {cfg.get('department')!r}")
+    """Validate a run config; return it with defaults filled in (hyphenated keys).
+
+    Node-side keys (:data:`clients.node.NODE_KEYS`) pass through unchecked.
+
+    Raises
+    ------
+    ValueError
+        Naming the key, the problem and the allowed values.
+    """
+    raw = dict(run_config)
+    node_side = {k: raw.pop(k) for k in list(raw) if k in NODE_KEYS or k == "run-id"}  # run-id: in-process grid
+    try:
+        parsed = RunSettings.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(x) for x in err["loc"]) or "?"
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown run config key {key!r} (known: {', '.join(sorted(DEFAULTS))}, department)")
+            else:
+                problems.append(f"run config {key!r}: {err['msg']} (got {err.get('input')!r})")
+        raise ValueError("; ".join(problems)) from None
+    cfg = parsed.as_config()
     cfg["model"] = cfg["model"] or model_kinds(cfg["department"])[0]
-    for key in ("num-rounds", "local-epochs", "batch-size"):
-        if int(cfg[key]) < 1:
-            raise ValueError(f"run config {key!r} must be >= 1, got {cfg[key]!r}")
-    return cfg
+    if cfg["model"] not in model_kinds(cfg["department"]):
+        raise ValueError(f"run config 'model': {cfg['model']!r} is not a {cfg['department']} model; "
+                         f"choose one of {', '.join(model_kinds(cfg['department']))}")
+    return {**cfg, **node_side}
+
+
+def _strategy_kwargs(cfg: dict) -> dict:
+    name = cfg["strategy"]
+    if name == "fedprox":
+        return {"proximal_mu": float(cfg["proximal-mu"])}
+    if name in ("fedadam", "fedyogi"):
+        return {"eta": float(cfg["server-lr"])}
+    if name == "trimmed-mean":
+        return {"beta": float(cfg["trim-beta"])}
+    if name == "krum":
+        return {"num_malicious_nodes": int(cfg["krum-malicious"])}
+    return {}
+
+
+def central_evaluator(cfg: dict, strategy: GuardedStrategy):
+    """``evaluate_fn`` for Flower's ``strategy.start``: score the global model on ``central-data``.
+
+    The file is read with the department's adapter (same schema checks as a node's file);
+    every site's test split is scored and the example-weighted mean reported.
+    """
+    from clients.datasets import load_department
+    from clients.node import evaluation_metrics
+
+    ds = load_department(cfg["department"], cfg["central-data"])
+    model = build_model(default_model_config(ds.schema, cfg["model"]))
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        per_site = [evaluation_metrics(model, ds.site_data(s), ds.schema.task) for s in ds.sites]
+        total = sum(m["num-examples"] for m in per_site) or 1
+        agg = {k: sum(m[k] * m["num-examples"] for m in per_site) / total for k in per_site[0] if k != "num-examples"}
+        agg["num-examples"] = total
+        strategy.record_central(server_round, agg)
+        return MetricRecord(agg)
+
+    return evaluate_fn
 
 
 def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) -> dict:
@@ -74,7 +158,9 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
     model = build_model(default_model_config(schema, cfg["model"]))
     arrays = ArrayRecord(model.state_dict())
     offset, history = 0, None
-    inner = make_strategy(cfg["strategy"], fraction_train=float(cfg["fraction-train"]), min_nodes=int(cfg["min-nodes"]))
+    inner = make_strategy(cfg["strategy"], fraction_train=float(cfg["fraction-train"]),
+                          fraction_evaluate=float(cfg["fraction-evaluate"]), min_nodes=int(cfg["min-nodes"]),
+                          **_strategy_kwargs(cfg))
     if cfg["resume"] and ckpt.exists():
         saved = load_checkpoint(ckpt)
         offset, history = int(saved["round"]), saved["history"]
@@ -85,7 +171,7 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
             setattr(inner, k, v)
         log.warning("resuming %s after round %d", run_dir, offset)
     strategy = GuardedStrategy(inner, max_update_norm=float(cfg["max-update-norm"]), checkpoint=ckpt, round_offset=offset,
-                               history=history, run_id=run_id, on_round=on_round)
+                               history=history, run_id=run_id, on_round=on_round, min_accepted=int(cfg["min-accepted"]))
     remaining = int(cfg["num-rounds"]) - offset
     job = {
         "department": dept, "task": TASKS[dept], "model": cfg["model"], "run-id": run_id,
@@ -97,15 +183,24 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
         job["noise-multiplier"] = float(cfg["noise-multiplier"])
     else:
         job["target-epsilon"] = float(cfg["target-epsilon"])
+    if cfg["strategy"] == "fedprox":
+        job["proximal-mu"] = float(cfg["proximal-mu"])
+    evaluate_fn = central_evaluator(cfg, strategy) if cfg["central-data"] else None
     t0 = time.perf_counter()
+    status = "completed"
     if remaining > 0:
-        result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=remaining, train_config=ConfigRecord(job),
-                                evaluate_config=ConfigRecord(job))
-        if len(result.arrays.keys()):
-            arrays = result.arrays
+        try:
+            result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=remaining, train_config=ConfigRecord(job),
+                                    evaluate_config=ConfigRecord(job), evaluate_fn=evaluate_fn,
+                                    timeout=float(cfg["round-timeout"]))
+            if len(result.arrays.keys()):
+                arrays = result.arrays
+        except TooFewUpdates as exc:
+            status = f"stopped: {exc}"
     final = load_checkpoint(ckpt) if ckpt.exists() else {"arrays": {k: v.numpy() for k, v in arrays.items()}}
     torch.save({k: torch.from_numpy(v) for k, v in final["arrays"].items()}, run_dir / "model.pt")
-    out = {"run_id": run_id, "config": cfg, "job": job, "seconds": time.perf_counter() - t0, **strategy.history}
+    out = {"run_id": run_id, "status": status, "config": cfg, "job": job, "seconds": time.perf_counter() - t0,
+           **strategy.history}
     (run_dir / "results.json").write_text(json.dumps(out, indent=2, default=float))
     return out
 

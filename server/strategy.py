@@ -19,62 +19,76 @@ from typing import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedTrimmedAvg, FedYogi, Krum, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from server.validation import validate_update
 
 log = logging.getLogger("cityfed.server")
 
 #: Strategies a run config may name.
-STRATEGIES = ("fedavg", "fedadam", "fedyogi", "trimmed-mean", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "trimmed-mean", "krum")
 
 
 def aggregate_metrics(records: list, weighting_key: str) -> MetricRecord:
     """Aggregate node metrics: example-weighted mean, but the *largest* epsilon (worst node).
 
-    Labels such as ``partition-id`` are not averaged.
+    Each key is averaged over the nodes that reported it (a node without test data reports
+    only ``num-examples = 0`` and weighs nothing); labels such as ``partition-id`` are not
+    averaged; ``epsilon`` becomes ``epsilon-max``.
     """
-    totals: dict[str, float] = {}
-    weights = [float(r["metrics"][weighting_key]) for r in records]
-    wsum = sum(weights) or 1.0
+    sums: dict[str, float] = {}
+    wsums: dict[str, float] = {}
     out: dict[str, float] = {}
-    for rec, w in zip(records, weights):
-        for k, v in rec["metrics"].items():
+    total = 0.0
+    for rec in records:
+        m = rec["metrics"]
+        w = float(m[weighting_key])
+        total += w
+        for k, v in m.items():
             if k in ("partition-id", weighting_key):
                 continue
             if k == "epsilon":
                 out["epsilon-max"] = max(out.get("epsilon-max", 0.0), float(v))
                 continue
-            totals[k] = totals.get(k, 0.0) + float(v) * w / wsum
-    out.update(totals)
-    out[weighting_key] = sum(weights)
+            if w > 0:
+                sums[k] = sums.get(k, 0.0) + float(v) * w
+                wsums[k] = wsums.get(k, 0.0) + w
+    out.update({k: sums[k] / wsums[k] for k in sums})
+    out[weighting_key] = total
     return MetricRecord(out)
 
 
-def make_strategy(name: str, *, fraction_train: float = 1.0, min_nodes: int = 1, **kw) -> Strategy:
+def make_strategy(name: str, *, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_nodes: int = 1,
+                  **kw) -> Strategy:
     """Build a Flower strategy by name.
 
     Parameters
     ----------
-    name : {"fedavg", "fedadam", "fedyogi", "trimmed-mean", "krum"}
-    fraction_train : float
-        Share of nodes sampled for training each round.
+    name : {"fedavg", "fedprox", "fedadam", "fedyogi", "trimmed-mean", "krum"}
+    fraction_train, fraction_evaluate : float
+        Share of nodes sampled for training / evaluation each round.
     min_nodes : int
         Minimum nodes to train/evaluate/be available.
     **kw
-        Extra keyword arguments for the strategy (e.g. ``eta`` for FedAdam, ``beta`` for
-        trimmed mean, ``num_malicious_nodes`` for Krum).
+        Extra keyword arguments for the strategy (e.g. ``proximal_mu`` for FedProx, ``eta``
+        for FedAdam, ``beta`` for trimmed mean, ``num_malicious_nodes`` for Krum).
     """
-    common = dict(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_nodes,
+    common = dict(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=min_nodes,
                   min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
                   train_metrics_aggr_fn=aggregate_metrics, evaluate_metrics_aggr_fn=aggregate_metrics)
-    classes = {"fedavg": FedAvg, "fedadam": FedAdam, "fedyogi": FedYogi, "trimmed-mean": FedTrimmedAvg, "krum": Krum}
+    classes = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "trimmed-mean": FedTrimmedAvg, "krum": Krum}
     if name not in classes:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    if name == "fedprox":
+        kw.setdefault("proximal_mu", 0.1)
     if name in ("fedadam", "fedyogi"):
         kw.setdefault("eta", 1e-2)
         kw.setdefault("eta_l", 1e-2)
     return classes[name](**common, **kw)
+
+
+class TooFewUpdates(RuntimeError):
+    """Fewer acceptable updates than the run's ``min-accepted`` in a round: the run ends cleanly."""
 
 
 class GuardedStrategy(Strategy):
@@ -90,10 +104,20 @@ class GuardedStrategy(Strategy):
         File written after every aggregated round.
     round_offset : int
         Rounds already completed (when resuming): round numbers sent to nodes continue.
+    history : dict, optional
+        History restored from a checkpoint (rounds, excluded replies, refusals).
+    run_id : str
+        Identity of the run (kept across resumes; nodes' ledgers record it).
+    on_round : callable, optional
+        ``on_round(entry)`` after each round's evaluation (progress display).
+    min_accepted : int
+        A round with fewer acceptable updates ends the run cleanly (:class:`TooFewUpdates`)
+        after logging why and checkpointing.
     """
 
     def __init__(self, inner: Strategy, *, max_update_norm: float, checkpoint: Path | None = None, round_offset: int = 0,
-                 history: dict | None = None, run_id: str = "", on_round=None):
+                 history: dict | None = None, run_id: str = "", on_round=None, min_accepted: int = 1):
+        self.min_accepted = max(1, int(min_accepted))
         self.run_id = run_id
         self.on_round = on_round
         self.inner = inner
@@ -150,10 +174,14 @@ class GuardedStrategy(Strategy):
             good.append(msg)
         entry = self._round(rnd)
         entry["train"] = {"nodes": nodes, "accepted": len(good)}
-        if not good:
-            log.warning("round %d: no acceptable update; global model unchanged", rnd)
+        if len(good) < self.min_accepted:
+            reason = (f"round {rnd}: {len(good)} acceptable update(s), fewer than min-accepted={self.min_accepted} "
+                      f"({len(self.history['refused'])} refusal(s), {len(self.history['excluded'])} exclusion(s) so far); "
+                      "global model unchanged, run ended")
+            log.warning(reason)
+            entry["train"]["stopped"] = reason
             self._save()
-            return None, None
+            raise TooFewUpdates(reason)
         arrays, metrics = self.inner.aggregate_train(rnd, good)
         entry["train"]["aggregate"] = dict(metrics) if metrics else None
         self._pending_arrays = arrays
@@ -168,6 +196,12 @@ class GuardedStrategy(Strategy):
         e = {"round": rnd}
         self.history["rounds"].append(e)
         return e
+
+    def record_central(self, server_round: int, metrics: dict) -> None:
+        """Store the coordinator-side evaluation of round ``server_round`` (0 = initial model)."""
+        entry = self._round(server_round + self.round_offset) if server_round else self.history.setdefault("initial", {})
+        entry["central"] = dict(metrics)
+        self._save()
 
     def strategy_state(self) -> dict:
         """Server-optimizer state worth saving (FedAdam/FedYogi moments)."""

@@ -126,53 +126,21 @@ def baselines(
     console.print(f"wrote {path}")
 
 
-@app.command()
-def run(
-    department: str = typer.Option(..., "--department", "-d", help="health, traffic or utility (one virtual node per site)."),
-    out: Path = typer.Option(Path("runs/sim"), "--out", "-o", help="Run folder: results.json, model.pt, report.html, ledgers/."),
-    rounds: int = typer.Option(5, "--rounds", "-r", min=1, help="Federated rounds."),
-    local_epochs: int = typer.Option(1, "--local-epochs", min=1, help="Local epochs per round."),
-    strategy: str = typer.Option("fedavg", help="fedavg, fedadam, fedyogi, trimmed-mean or krum (Flower's)."),
-    dp: bool = typer.Option(True, "--dp/--no-dp", help="DP-SGD on every node (the example policies require it)."),
-    epsilon: float = typer.Option(3.0, "--epsilon", "-e", help="Target epsilon per node for the whole run (nodes calibrate noise)."),
-    noise_multiplier: Optional[float] = typer.Option(None, help="Fixed noise multiplier instead of --epsilon."),
-    clip: float = typer.Option(1.0, help="Per-sample clipping norm."),
-    model: Optional[str] = typer.Option(None, help="Model kind (default: the department's first)."),
-    lr: float = typer.Option(1e-2, help="Local learning rate."),
-    batch_size: int = typer.Option(64, help="Local batch size (expected size under Poisson sampling)."),
-    fraction: float = typer.Option(1.0, min=0.0, max=1.0, help="Fraction of sites sampled per round."),
-    dropout: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability that a site fails a round (simulated)."),
-    policy: Optional[Path] = typer.Option(None, help="Department policy TOML for every node (default: examples/policies/D.toml)."),
-    engine: str = typer.Option("ray", help="ray (Flower Simulation Engine) or inprocess (no Ray; same apps)."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/checkpoint.pkl."),
-    seed: int = typer.Option(0, help="Seed for the initial model and sampling."),
-) -> None:
-    """Federated training of one department's sites on this machine, under each node's policy and ledger.
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)
 
-    Writes OUT/results.json (per-round and per-site metrics, epsilon per site, refusals,
-    excluded replies), OUT/model.pt, OUT/report.html with PNG plots, and each node's
-    ledger under OUT/ledgers/ (ledgers accumulate across runs that share OUT).
-    """
+
+def _run_one(department: str, cfg: dict, out: Path, engine: str) -> dict:
+    from clients.datasets import load_department
     from simulations.report import write_report
     from simulations.run import simulate
 
-    if department not in DEPARTMENTS:
-        raise typer.BadParameter(f"choose from {', '.join(DEPARTMENTS)}", param_hint="--department")
-    from clients.datasets import load_department
-
-    sites = load_department(department).sites
-    cfg = {"department": department, "num-rounds": rounds, "local-epochs": local_epochs, "strategy": strategy, "dp": dp,
-           "target-epsilon": epsilon, "clipping-norm": clip, "lr": lr, "batch-size": batch_size, "fraction-train": fraction,
-           "dropout-probability": dropout, "run-dir": str(out), "resume": resume, "seed": seed, "min-nodes": 1}
-    if noise_multiplier is not None:
-        cfg["noise-multiplier"] = noise_multiplier
-    if model:
-        cfg["model"] = model
-    if policy:
-        cfg["policy"] = str(policy)
+    nvirtual = int(cfg.get("virtual-sites", 0) or 0)
+    sites = [f"virtual-{k}" for k in range(nvirtual)] if nvirtual else load_department(department).sites
     metric = "accuracy" if department == "health" else "mae-ratio"
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+    rounds = int(cfg["num-rounds"])
+    with _progress() as progress:
         bar = progress.add_task(f"{department}: rounds", total=rounds)
 
         def on_round(entry):
@@ -185,7 +153,7 @@ def run(
         t0 = time.perf_counter()
         results = simulate(cfg, engine=engine, on_round=on_round)
     report = write_report(out, sites, metric)
-    t = Table(title=f"{department}: federated run ({time.perf_counter() - t0:.0f} s)")
+    t = Table(title=f"{department}: federated run ({time.perf_counter() - t0:.0f} s, {len(sites)} sites, {results.get('status')})")
     for col in ("round", "accepted", metric, "eps max"):
         t.add_column(col)
     for e in results["rounds"]:
@@ -194,11 +162,161 @@ def run(
         t.add_row(str(e["round"]), str((e.get("train") or {}).get("accepted", "")), f"{agg.get(metric, float('nan')):.3f}",
                   f"{tr.get('epsilon-max', float('nan')):.2f}")
     console.print(t)
-    for r in results["refused"]:
+    for r in results["refused"][:20]:
         console.print(f"[yellow]refused[/yellow] round {r['round']} node {r['node']}: {r['reason']}")
-    for r in results["excluded"]:
+    for r in results["excluded"][:20]:
         console.print(f"[red]excluded[/red] round {r['round']} node {r['node']}: {r['reason']}")
     console.print(f"wrote {out}/results.json, {out}/model.pt, {report}")
+    return results
+
+
+@app.command()
+def run(
+    department: str = typer.Option(..., "--department", "-d",
+                                   help="health, traffic, utility, or 'all' (one after the other, OUT/<department>)."),
+    out: Path = typer.Option(Path("runs/sim"), "--out", "-o", help="Run folder: results.json, model.pt, report.html, ledgers/."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", min=1,
+                                         help="Federated rounds (default per department: health 15, traffic 4, utility 6)."),
+    local_epochs: Optional[int] = typer.Option(None, "--local-epochs", min=1,
+                                               help="Local epochs per round (default: health 2, traffic 1, utility 1)."),
+    strategy: str = typer.Option("fedavg", help="fedavg, fedprox, fedadam, fedyogi, trimmed-mean or krum (Flower's)."),
+    proximal_mu: float = typer.Option(0.1, help="FedProx proximal weight (with --strategy fedprox)."),
+    server_lr: float = typer.Option(1e-2, help="Server learning rate (fedadam, fedyogi)."),
+    dp: bool = typer.Option(True, "--dp/--no-dp", help="DP-SGD on every node (the example policies require it)."),
+    epsilon: float = typer.Option(3.0, "--epsilon", "-e", help="Target epsilon per node for the whole run (nodes calibrate noise)."),
+    noise_multiplier: Optional[float] = typer.Option(None, help="Fixed noise multiplier instead of --epsilon."),
+    clip: float = typer.Option(1.0, help="Per-sample clipping norm."),
+    model: Optional[str] = typer.Option(None, help="Model kind (default: the department's first)."),
+    lr: Optional[float] = typer.Option(None, help="Local learning rate (default: health 0.01, traffic/utility 0.003)."),
+    batch_size: Optional[int] = typer.Option(None, help="Local batch size, expected under Poisson sampling (default: health 32, else 64)."),
+    fraction: float = typer.Option(1.0, min=0.0, max=1.0, help="Fraction of sites sampled to train per round."),
+    fraction_evaluate: float = typer.Option(1.0, min=0.0, max=1.0, help="Fraction of sites sampled to evaluate per round."),
+    min_accepted: int = typer.Option(1, min=1, help="End the run cleanly when a round has fewer acceptable updates."),
+    dropout: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability that a site fails a round (simulated)."),
+    virtual_sites: int = typer.Option(0, min=0, help="N > 0: replace the natural sites by N virtual sites (flwr-datasets)."),
+    partitioner: str = typer.Option("iid", help="Virtual sites: iid or dirichlet."),
+    alpha: float = typer.Option(0.5, help="Virtual sites: Dirichlet concentration (smaller = more skewed)."),
+    policy: Optional[Path] = typer.Option(None, help="Department policy TOML for every node (default: examples/policies/D.toml)."),
+    engine: str = typer.Option("ray", help="ray (Flower Simulation Engine) or inprocess (no Ray; same apps)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/checkpoint.pkl."),
+    seed: int = typer.Option(0, help="Seed for the initial model, sampling and partitioning."),
+) -> None:
+    """Federated training of a department's sites on this machine, under each node's policy and ledger.
+
+    The ServerApp and ClientApp are the deployment ones. Writes OUT/results.json (per-round
+    and per-site metrics, epsilon per site, refusals, excluded replies), OUT/model.pt,
+    OUT/report.html with PNG plots, and each node's ledger under OUT/ledgers/ (ledgers
+    accumulate across runs that share OUT: a second run with the same OUT spends the same
+    budget). Examples:
+
+      fl-sim run -d health -r 10 --local-epochs 2 --batch-size 32 -e 3
+
+      fl-sim run -d traffic --virtual-sites 1000 --partitioner dirichlet -r 3 --fraction-evaluate 0.05
+    """
+    depts = list(DEPARTMENTS) if department == "all" else [department]
+    if any(d not in DEPARTMENTS for d in depts):
+        raise typer.BadParameter(f"choose from {', '.join(DEPARTMENTS)} or 'all'", param_hint="--department")
+    if engine not in ("ray", "inprocess"):
+        raise typer.BadParameter("choose ray or inprocess", param_hint="--engine")
+    if partitioner not in ("iid", "dirichlet"):
+        raise typer.BadParameter("choose iid or dirichlet", param_hint="--partitioner")
+    from server.app import settings
+    from server.strategy import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        raise typer.BadParameter(f"choose from {', '.join(STRATEGIES)}", param_hint="--strategy")
+    from simulations.compare import FED_DEFAULTS
+
+    for d in depts:
+        dout = out / d if len(depts) > 1 else out
+        dflt = FED_DEFAULTS[d]
+        cfg = {"department": d, "num-rounds": rounds or dflt["num-rounds"],
+               "local-epochs": local_epochs or dflt["local-epochs"], "strategy": strategy, "dp": dp,
+               "proximal-mu": proximal_mu, "server-lr": server_lr, "target-epsilon": epsilon, "clipping-norm": clip,
+               "lr": lr or dflt["lr"], "batch-size": batch_size or dflt["batch-size"], "fraction-train": fraction, "fraction-evaluate": fraction_evaluate,
+               "min-accepted": min_accepted, "dropout-probability": dropout, "run-dir": str(dout), "resume": resume,
+               "seed": seed, "min-nodes": 1}
+        if virtual_sites:
+            cfg.update({"virtual-sites": virtual_sites, "partitioner": partitioner, "dirichlet-alpha": alpha})
+        if noise_multiplier is not None:
+            cfg["noise-multiplier"] = noise_multiplier
+        if model:
+            cfg["model"] = model
+        if policy:
+            cfg["policy"] = str(policy)
+        try:
+            settings(cfg)
+        except ValueError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2)
+        _run_one(d, cfg, dout, engine)
+
+
+@app.command()
+def compare(
+    department: str = typer.Option(..., "--department", "-d", help="health, traffic, utility or 'all' (OUT/<department>)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for results.json and one sub-folder per federated run."),
+    epsilon: List[float] = typer.Option([1.0, 3.0, 8.0], "--epsilon", "-e", help="Target epsilons of the DP-federated runs."),
+    model: Optional[str] = typer.Option(None, help="Model kind (default: the department's first)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Override the federated rounds."),
+    local_epochs: Optional[int] = typer.Option(None, help="Override the local epochs per round."),
+    strategy: Optional[str] = typer.Option(None, help="Override the strategy (default fedavg)."),
+    engine: str = typer.Option("inprocess", help="inprocess (fast, same apps) or ray (Flower Simulation Engine)."),
+    overwrite: bool = typer.Option(False, help="Replace federated run folders left in OUT by an earlier comparison."),
+    seed: int = typer.Option(0, help="Seed for splits, initialisation and sampling (same for every method)."),
+) -> None:
+    """Pooled vs local-only vs federated vs DP-federated (epsilon 1, 3, 8), same seeds and test sets.
+
+    Prints one table per department and writes OUT/results.json (summary + per-site rows),
+    plus each federated run's folder (report, ledgers). Health: accuracy on the pooled test
+    set (union of the hospitals' test sets) and the worst hospital; forecasting: MAE vs the
+    pooled model (mean over sites of the MAE ratio) and vs the best naive forecast.
+    """
+    from simulations.compare import FED_DEFAULTS, run_compare
+
+    depts = list(DEPARTMENTS) if department == "all" else [department]
+    if any(d not in DEPARTMENTS for d in depts):
+        raise typer.BadParameter(f"choose from {', '.join(DEPARTMENTS)} or 'all'", param_hint="--department")
+    overrides = {k: v for k, v in (("num-rounds", rounds), ("local-epochs", local_epochs), ("strategy", strategy)) if v}
+    for d in depts:
+        dout = out / d if len(depts) > 1 else out
+        with _progress() as progress:
+            bar = progress.add_task(f"{d}: compare", total=None)
+            rounds_total = overrides.get("num-rounds", FED_DEFAULTS[d]["num-rounds"])
+
+            def on_stage(name, _d=d):
+                progress.update(bar, description=f"{_d}: {name}", completed=0, total=rounds_total)
+
+            def on_round(entry):
+                progress.update(bar, completed=entry["round"])
+
+            try:
+                res = run_compare(d, dout, epsilons=tuple(epsilon), model=model, engine=engine, seed=seed,
+                                  overrides=overrides, overwrite=overwrite, on_stage=on_stage, on_round=on_round)
+            except FileExistsError as exc:
+                console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(2)
+        console.print(compare_table(res, d))
+        console.print(f"wrote {dout}/results.json ({res['meta']['seconds']:.0f} s)")
+
+
+def compare_table(res: dict, department: str) -> Table:
+    """The summary of a comparison as a rich table."""
+    t = Table(title=f"{department}: pooled / local / federated / DP-federated ({res['meta']['model']})")
+    cls = department == "health"
+    cols = ["method", "target eps", "eps spent (max node)"] + (
+        ["accuracy (pooled test)", "ROC-AUC", "worst hospital acc."] if cls else ["MAE vs pooled", "MAE vs naive"])
+    for c in cols:
+        t.add_column(c, justify="right" if c not in ("method",) else "left")
+    for line in res["summary"]:
+        eps = "off" if line["epsilon"] is None else f"{line['epsilon']:g}"
+        spent = "" if line["epsilon_spent_max"] is None else f"{line['epsilon_spent_max']:.2f}"
+        if cls:
+            vals = [line["accuracy"], line["roc-auc"], line["min-site-accuracy"]]
+        else:
+            vals = [line["mae-vs-pooled"], line["mae-vs-naive"]]
+        t.add_row(line["method"], eps, spent, *("" if v is None else f"{v:.3f}" for v in vals))
+    return t
 
 
 @app.command()
@@ -216,8 +334,11 @@ def datasets(department: Optional[str] = typer.Argument(None, help="Department t
 
 
 def main() -> None:  # console script entry point
+    import logging
     import warnings
 
+    # Flower logs every round at INFO; fl-sim shows its own progress and tables
+    logging.getLogger("flwr").setLevel(os.environ.get("CITYFED_FLWR_LOG", "WARNING"))
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # framework noise, not about the user's data (data-quality warnings stay visible)
     warnings.filterwarnings("ignore", message="Secure RNG turned off")

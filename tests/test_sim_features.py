@@ -1,0 +1,184 @@
+"""Federation features added for fl-sim: FedProx, virtual sites, run-config validation, clean stop, compare."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings as hsettings, strategies as st
+
+from clients.app import app as client_app
+from clients.datasets import load_department
+from clients.datasets.virtual import virtual_sites
+from clients.training import TrainConfig, fit
+from privacy.dp import DPSettings
+from privacy.ledger import PrivacyLedger
+from server.app import DEFAULTS, run_federation, settings
+from server.strategy import aggregate_metrics
+from shared_models import build_model, default_model_config
+from simulations.inprocess import InProcessGrid
+
+warnings.filterwarnings("ignore", category=UserWarning)
+SITES = ["Cleveland", "Hungary", "VA Long Beach", "Switzerland"]
+POLICY = """department = "health"
+max_epsilon = {eps}
+delta = 1e-3
+min_noise_multiplier = 0.5
+max_clipping_norm = 1.0
+allowed_tasks = ["heart-disease"]
+max_rounds_per_run = 20
+require_dp = true
+"""
+
+
+def _nodes(tmp_path, eps=(8.0, 8.0, 8.0, 8.0)):
+    out = []
+    for site, e in zip(SITES, eps):
+        pol = tmp_path / f"{site}.toml"
+        pol.write_text(POLICY.format(eps=e))
+        out.append({"department": "health", "site": site, "policy": str(pol), "ledger": str(tmp_path / f"{site}.sqlite")})
+    return out
+
+
+# -- FedProx ------------------------------------------------------------------------------
+
+def _distance_after_fit(mu: float, dp: bool) -> float:
+    ds = load_department("health")
+    torch.manual_seed(0)
+    model = build_model(default_model_config(ds.schema))
+    start = [p.detach().clone() for p in model.parameters()]
+    dps = DPSettings(noise_multiplier=0.5, max_grad_norm=1.0, delta=1e-3) if dp else None
+    fit(model, ds.site_data("Cleveland").train.tensors(), ds.schema.task,
+        TrainConfig(epochs=5, batch_size=32, lr=0.05, seed=1, proximal_mu=mu), dps)
+    return float(sum(((p.detach() - s) ** 2).sum() for p, s in zip(model.parameters(), start)) ** 0.5)
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_proximal_term_keeps_local_model_near_global(dp):
+    free, prox = _distance_after_fit(0.0, dp), _distance_after_fit(5.0, dp)
+    assert prox < 0.7 * free, (free, prox)
+
+
+def test_fedprox_federation_runs_and_learns(tmp_path):
+    cfg = {"department": "health", "num-rounds": 3, "local-epochs": 2, "batch-size": 32, "lr": 0.02, "target-epsilon": 3.0,
+           "run-dir": str(tmp_path / "run"), "strategy": "fedprox", "proximal-mu": 0.1}
+    res = run_federation(InProcessGrid(client_app, _nodes(tmp_path)), cfg, run_id="prox")
+    assert res["status"] == "completed"
+    assert res["job"]["proximal-mu"] == 0.1
+    assert res["rounds"][-1]["evaluate"]["aggregate"]["accuracy"] > 0.7
+
+
+# -- run config validation -------------------------------------------------------------------
+
+def test_settings_fill_defaults_and_pass_node_keys():
+    cfg = settings({"department": "traffic", "policy": "p.toml", "ledger-dir": "l"})
+    assert cfg["model"] == "gru" and cfg["num-rounds"] == DEFAULTS["num-rounds"]
+    assert cfg["policy"] == "p.toml" and cfg["ledger-dir"] == "l"
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"num-rounds": 0}, "num-rounds"), ({"strategy": "fedsgd"}, "strategy"), ({"fraction-train": 1.5}, "fraction-train"),
+    ({"num-round": 3}, "num-round"), ({"model": "patchtst"}, "model"), ({"department": "parks"}, "department"),
+])
+def test_settings_errors_name_the_key(bad, key):
+    with pytest.raises(ValueError, match=repr(key)):
+        settings({"department": "health", **bad})
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(DEFAULTS)), st.one_of(st.integers(-5, 5), st.floats(allow_nan=True),
+                                                                  st.text(max_size=5), st.booleans()), max_size=4))
+def test_settings_only_raise_valueerror(extra):
+    try:
+        out = settings({"department": "health", **extra})
+    except ValueError:
+        return
+    assert out["num-rounds"] >= 1 and out["department"] == "health"
+
+
+# -- metrics aggregation -------------------------------------------------------------------
+
+def test_aggregate_metrics_weights_and_epsilon_max():
+    recs = [{"metrics": {"num-examples": 30, "accuracy": 1.0, "epsilon": 2.0, "partition-id": 0}},
+            {"metrics": {"num-examples": 10, "accuracy": 0.0, "epsilon": 3.5, "partition-id": 1}},
+            {"metrics": {"num-examples": 0}}]  # a virtual node without test data weighs nothing
+    m = aggregate_metrics(recs, "num-examples")
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["epsilon-max"] == 3.5 and m["num-examples"] == 40
+    assert "partition-id" not in m
+
+
+# -- clean stop when too few nodes remain -------------------------------------------------------
+
+def test_run_ends_cleanly_when_all_nodes_refuse(tmp_path):
+    nodes = _nodes(tmp_path, eps=(0.5, 0.5, 0.5, 0.5))  # no node can afford target epsilon 3
+    cfg = {"department": "health", "num-rounds": 3, "target-epsilon": 3.0, "run-dir": str(tmp_path / "run")}
+    res = run_federation(InProcessGrid(client_app, nodes), cfg, run_id="r")
+    assert res["status"].startswith("stopped:") and "min-accepted=1" in res["status"]
+    assert [e["round"] for e in res["rounds"]] == [1]
+    assert len(res["refused"]) == 4
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["status"] == res["status"] and (tmp_path / "run" / "model.pt").exists()
+    for n in nodes:
+        assert PrivacyLedger(n["ledger"]).releases(n["site"]) == []
+
+
+# -- virtual sites (flwr-datasets partitioners) ---------------------------------------------
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
+def test_virtual_sites_partition_every_training_window_once(partitioner):
+    ds = load_department("health")
+    parts = virtual_sites(ds, 7, partitioner, alpha=0.3, seed=3)
+    pooled = np.concatenate([ds.site_data(s).train.X for s in ds.sites])
+    got = np.concatenate([p.train.X for p in parts])
+    assert len(got) == len(pooled)
+    # same multiset of rows: sort both lexicographically
+    key = lambda a: a[np.lexsort(a.T[::-1])]
+    np.testing.assert_array_equal(key(got), key(pooled))
+    assert sum(len(p.test) for p in parts) == sum(len(ds.site_data(s).test) for s in ds.sites)
+    sizes = [len(p.train) for p in parts]
+    if partitioner == "iid":
+        assert max(sizes) - min(sizes) <= 1
+    else:  # label skew: some site's positive share differs a lot from the pooled share
+        shares = [p.train.y.mean() for p in parts if len(p.train)]
+        assert max(shares) - min(shares) > 0.3
+
+
+def test_virtual_forecasting_sites_convert_back_to_original_units_per_row():
+    ds = load_department("utility")
+    part = virtual_sites(ds, 5, "iid", seed=0)[2]
+    # every test window's truth in original units is one of the natural sites' test truths
+    natural = {s: ds.site_data(s) for s in ds.sites}
+    truth = part.to_original(part.test.y)
+    originals = np.concatenate([sd.to_original(sd.test.y) for sd in natural.values()])
+    for row in truth[:20]:
+        assert np.isclose(originals, row).all(axis=1).any()
+
+
+def test_virtual_sites_reject_bad_arguments():
+    ds = load_department("health")
+    with pytest.raises(ValueError, match="at most"):
+        virtual_sites(ds, 10_000)
+    with pytest.raises(ValueError, match="partitioner"):
+        virtual_sites(ds, 3, "zipf")
+    with pytest.raises(ValueError, match="alpha"):
+        virtual_sites(ds, 3, "dirichlet", alpha=0.0)
+
+
+def test_virtual_site_federation(tmp_path):
+    pol = tmp_path / "p.toml"
+    pol.write_text(POLICY.format(eps=8.0))
+    cfg = {"department": "health", "num-rounds": 2, "local-epochs": 1, "batch-size": 16, "target-epsilon": 3.0,
+           "run-dir": str(tmp_path / "run"), "virtual-sites": 12, "partitioner": "dirichlet", "dirichlet-alpha": 0.5,
+           "policy": str(pol), "ledger-dir": str(tmp_path / "ledgers"), "fraction-train": 0.5}
+    nodes = [{"partition-id": i, "num-partitions": 12} for i in range(12)]
+    res = run_federation(InProcessGrid(client_app, nodes, cfg), cfg, run_id="v")
+    from clients.app import NO_DATA
+
+    for e in res["rounds"]:  # half the nodes train; an empty Dirichlet share answers "no data", never crashes
+        no_data = [r for r in res["refused"] if r["round"] == e["round"] and r["code"] == NO_DATA]
+        assert e["train"]["accepted"] + len(no_data) == 6 and e["train"]["accepted"] >= 3
+    assert not [r for r in res["refused"] if r["code"] != NO_DATA]
+    ledgers = list((tmp_path / "ledgers").glob("health-virtual-*.sqlite"))
+    assert 6 <= len(ledgers) <= 12
