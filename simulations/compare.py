@@ -145,6 +145,11 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
     from clients.datasets import load_department
     from shared_models import model_kinds
 
+    import torch
+
+    # one intra-op thread for every method (pooled, local, each simulated node): small models
+    # gain nothing from more, and slow down badly when other processes share the cores
+    torch.set_num_threads(1)
     out = Path(out)
     runs = [("federated", None)] + [("federated-dp", float(e)) for e in epsilons]
     names = [m if e is None else f"{m}-eps{e:g}" for m, e in runs]

@@ -6,6 +6,7 @@ Optional ``tamper`` and ``drop`` hooks inject faults (bad replies, failed nodes)
 
 from __future__ import annotations
 
+import copy
 import random
 from typing import Callable, Iterable
 
@@ -70,6 +71,9 @@ class InProcessGrid(Grid):
             node = msg.metadata.dst_node_id
             if self._rng.random() < self.drop_probability:
                 continue  # the node failed: no reply, like a timeout
+            # each node gets its own copy, like a real transport (secaggplus_mod edits content in place)
+            msg = Message(copy.deepcopy(msg.content), dst_node_id=node, message_type=msg.metadata.message_type,
+                          group_id=msg.metadata.group_id)
             reply = self.client_app(msg, self.contexts[node])
             if self.tamper and msg.metadata.message_type == "train" and not reply.has_error():
                 reply = self.tamper(node, reply)

@@ -41,9 +41,17 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.setdefault("ledger-dir", str(run_dir / "ledgers"))
     cfg.setdefault("policy", str(default_policy(cfg["department"])))
-    sites = load_department(cfg["department"], cfg.get("data") or None).sites
+    nvirtual = int(cfg.get("virtual-sites", 0) or 0)
+    sites = ([f"virtual-{k}" for k in range(nvirtual)] if nvirtual
+             else load_department(cfg["department"], cfg.get("data") or None).sites)
     if engine == "inprocess":
+        import torch
+
         from server.app import run_federation
+
+        # one process plays every node, one after another: 1 intra-op thread per node, as a
+        # Ray worker with 1 CPU has (with more, small models slow down badly when cores are shared)
+        torch.set_num_threads(max(1, int(cpus_per_client)))
         from simulations.inprocess import InProcessGrid
 
         nodes = [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))]

@@ -182,3 +182,39 @@ def test_virtual_site_federation(tmp_path):
     assert not [r for r in res["refused"] if r["code"] != NO_DATA]
     ledgers = list((tmp_path / "ledgers").glob("health-virtual-*.sqlite"))
     assert 6 <= len(ledgers) <= 12
+
+
+# -- coordinator-side evaluation on a held-out file -----------------------------------------------
+
+def test_central_evaluation_matches_federated_evaluation_on_same_records(tmp_path):
+    # the coordinator holds a copy of the hospitals' records (as a released reference set would be):
+    # scoring its test splits must give exactly the example-weighted federated evaluation
+    held_out = load_department("health").export(tmp_path / "heldout.csv")
+    cfg = {"department": "health", "num-rounds": 2, "local-epochs": 1, "batch-size": 32, "target-epsilon": 3.0,
+           "run-dir": str(tmp_path / "run"), "central-data": str(held_out)}
+    res = run_federation(InProcessGrid(client_app, _nodes(tmp_path)), cfg, run_id="c")
+    assert "central" in res["initial"]
+    for e in res["rounds"]:
+        assert e["central"]["accuracy"] == pytest.approx(e["evaluate"]["aggregate"]["accuracy"], abs=1e-9)
+        assert e["central"]["num-examples"] == e["evaluate"]["aggregate"]["num-examples"]
+
+
+# -- fl-sim compare ------------------------------------------------------------------------------
+
+def test_compare_health_small(tmp_path):
+    from simulations.compare import run_compare
+
+    res = run_compare("health", tmp_path / "cmp", epsilons=(3.0,), overrides={"num-rounds": 3, "local-epochs": 1})
+    methods = [(s["method"], s["epsilon"]) for s in res["summary"]]
+    assert methods == [("pooled", None), ("local", None), ("federated", None), ("federated-dp", 3.0)]
+    dp = res["summary"][-1]
+    assert 2.5 < dp["epsilon_spent_max"] <= 3.0 + 1e-6
+    assert all(0.5 < s["accuracy"] <= 1.0 for s in res["summary"])
+    sites = {r["site"] for r in res["rows"] if r["method"] == "federated-dp"}
+    assert sites == {"Cleveland", "Hungary", "VA Long Beach", "Switzerland", "pooled"}
+    # the non-private federated run used a policy with require_dp = false, written next to the results
+    assert "require_dp = false" in (tmp_path / "cmp" / "policies" / "health-no-dp.toml").read_text()
+    saved = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(res["summary"]))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_compare("health", tmp_path / "cmp", epsilons=(3.0,), overrides={"num-rounds": 1})

@@ -1,0 +1,155 @@
+"""Client side of secure aggregation (Flower's SecAgg+) for the department ClientApp.
+
+Two pieces, both used by :func:`clients.app.build_client_app`, so one ClientApp serves
+plain and SecAgg+ runs:
+
+* :func:`conditional_secaggplus_mod` runs Flower's ``secaggplus_mod`` only on train
+  messages that carry its ``secaggplus_configs`` record (the bare mod raises ``KeyError``
+  on every plain train message). The mod masks the node's reply, so the coordinator
+  only ever receives masked, quantised vectors.
+* :func:`secagg_train` answers the protocol's "collect masked vectors" stage: the legacy
+  ``FitIns`` it receives is turned into a plain train message and handled by the *same*
+  :func:`clients.app.train` (policy check, ledger, DP-SGD: nothing duplicated); the reply
+  is the node's **update** (new - global) as a legacy ``FitRes``, bounded on the node
+  because the server can no longer check it: L2 norm at most ``max-update-norm`` and
+  every coordinate inside the range SecAgg+ quantises (uniform scaling, which keeps the
+  update's direction, instead of the mod's silent per-coordinate clipping).
+
+A refusal (policy, budget, no data) inside the protocol becomes the node's error reply:
+the node drops out of the round and SecAgg+ removes its masks from the others' sum as
+long as enough neighbours remain (``secagg-threshold``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+from flwr.compat.common import recorddict_compat as compat
+
+log = logging.getLogger("cityfed.node")
+
+#: Job-config key carrying the model's parameter names, newline-joined (legacy FitIns
+#: configs hold scalars only, no lists).
+PARAM_NAMES_KEY = "param-names"
+#: Error code for an update the node will not send (not finite).
+INVALID_UPDATE = 4221
+
+
+class _NoUpdate(Exception):
+    """The train handler answered with an error inside the SecAgg+ protocol."""
+
+    def __init__(self, error: Error):
+        super().__init__(error.reason)
+        self.error = error
+
+
+def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next) -> Message:
+    """ClientApp mod: apply ``secaggplus_mod`` only to SecAgg+ train messages.
+
+    When the train handler refuses inside the protocol (an error reply), the node replies
+    with that error and leaves the round; its protocol state is reset so that the next
+    round starts cleanly.
+
+    Parameters
+    ----------
+    msg : Message
+    ctxt : Context
+        The node's context (``secaggplus_mod`` keeps its state in ``ctxt.state``).
+    call_next : callable
+        The next mod or the handler.
+    """
+    if msg.metadata.message_type != "train" or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, ctxt)
+
+    def handler(m: Message, c: Context) -> Message:
+        reply = call_next(m, c)
+        if reply.has_error():
+            raise _NoUpdate(reply.error)
+        return reply
+
+    try:
+        return secaggplus_mod(msg, ctxt, handler)
+    except _NoUpdate as exc:
+        ctxt.state.config_records.pop(RECORD_KEY_STATE, None)
+        return Message(exc.error, reply_to=msg)
+
+
+def is_secagg_fit(msg: Message) -> bool:
+    """Whether ``msg`` is SecAgg+'s train instruction (legacy ``FitIns`` layout)."""
+    return "fitins.parameters" in msg.content.array_records
+
+
+def bound_update(update: list[np.ndarray], max_norm: float, coord_bound: float) -> tuple[list[np.ndarray], float]:
+    """Scale ``update`` so its L2 norm is <= ``max_norm`` and every coordinate within ``coord_bound``.
+
+    Returns
+    -------
+    (update, scale)
+        The (possibly) scaled update and the factor applied (1.0 = unchanged).
+    """
+    norm = math.sqrt(sum(float((u.astype(np.float64) ** 2).sum()) for u in update))
+    scale = 1.0 if norm <= max_norm else max_norm / norm
+    peak = max((float(np.abs(u).max()) for u in update if u.size), default=0.0) * scale
+    if peak > coord_bound:
+        scale *= coord_bound / peak
+    return ([u * scale for u in update] if scale < 1.0 else update), scale
+
+
+def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message, object], Message]) -> Message:
+    """Train handler for SecAgg+'s collect stage: legacy ``FitIns`` in, update as ``FitRes`` out.
+
+    Parameters
+    ----------
+    msg : Message
+        Carries ``fitins.parameters`` (the global model) and ``fitins.config`` (the job,
+        plus :data:`PARAM_NAMES_KEY`).
+    spec : clients.node.NodeSpec
+    context : Context
+        The node's context; ``secaggplus_mod`` stored the round's ``clipping_range`` and
+        ``max_weight`` in it at the setup stage.
+    train : callable
+        :func:`clients.app.train` (plain train message in, reply or refusal out).
+
+    Returns
+    -------
+    Message
+        Legacy ``FitRes`` with the bounded update and the node's whitelisted metrics, or
+        the refusal (an error reply).
+    """
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    cfg = dict(fitins.config)
+    names = str(cfg.pop(PARAM_NAMES_KEY)).split("\n")
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    global_state = {n: torch.from_numpy(np.array(a, copy=True)) for n, a in zip(names, arrays, strict=True)}
+    # same metadata as the received message: a node process has no task identity to create a new one
+    plain = Message(content=RecordDict({"arrays": ArrayRecord(global_state), "config": ConfigRecord(cfg)}),
+                    metadata=msg.metadata)
+    reply = train(plain, spec)
+    if reply.has_error():
+        return Message(reply.error, reply_to=msg)
+    new_state = reply.content["arrays"].to_torch_state_dict()
+    metrics = dict(reply.content["metrics"])
+    update = [(new_state[n].double() - global_state[n].double()).numpy() for n in names]
+    if not all(np.isfinite(u).all() for u in update):
+        return Message(Error(code=INVALID_UPDATE, reason=f"{spec.department}/{spec.site}: update not finite; not sent"),
+                       reply_to=msg)
+    sa = context.state.config_records.get(RECORD_KEY_STATE, {})
+    clip, max_weight = float(sa.get("clipping_range", 0.0)), float(sa.get("max_weight", 0.0))
+    n = max(1, int(metrics["num-examples"]))
+    # secaggplus_mod clips each coordinate of update * n / max_weight to +-clip: stay inside it
+    coord_bound = clip * max_weight / n if clip > 0 and max_weight > 0 else math.inf
+    update, scale = bound_update(update, float(cfg.get("max-update-norm", math.inf)), coord_bound)
+    if scale < 1.0:
+        log.warning("%s/%s: update scaled by %.3g to fit max-update-norm / the SecAgg+ clipping range",
+                    spec.department, spec.site, scale)
+    fitres = FitRes(status=Status(code=Code.OK, message="ok"), parameters=ndarrays_to_parameters(update),
+                    num_examples=int(metrics["num-examples"]), metrics=metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
