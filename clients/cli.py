@@ -1,0 +1,425 @@
+"""``fl-client``: run a department node (Flower SuperNode + this project's ClientApp).
+
+Start-up checks fail fast with exit status 2 and a message naming the file and the fix:
+node key, privacy policy, data file, ledger location, CA certificate, coordinator
+reachability (TCP) and the coordinator's certificate (TLS handshake against the CA, host
+name checked). Then ``flower-supernode`` runs under supervision: it is restarted with
+exponential backoff when it exits (e.g. the connection dropped for longer than
+``--reconnect-window``), at most ``--max-restarts`` times in a row; SIGTERM/SIGINT are
+forwarded to it.
+
+Exit codes: 0 stopped by SIGTERM/SIGINT (or ``--check`` passed), 1 gave up after
+``--max-restarts``, 2 bad start-up input, 3 the coordinator refused this node's key
+(not registered, or unregistered).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+#: Value of ``--data`` meaning "the department's bundled real records" (demos and tests).
+BUNDLED = "bundled"
+#: SuperNode log lines meaning the coordinator refused this node's key (no point retrying).
+REFUSED_MARKERS = ("Failed to activate SuperNode", "[code: 2004]", "No SuperNode found with the given public key")
+#: Environment defaults of the SuperNode and the SuperExec / ClientApp processes it starts (the caller's environment wins).
+NODE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "FLWR_TELEMETRY_ENABLED": "0"}
+
+EXIT_OK, EXIT_GAVE_UP, EXIT_SETUP, EXIT_REFUSED = 0, 1, 2, 3
+
+
+class SetupError(Exception):
+    """A start-up problem: the message names the file or option and the fix (exit status 2)."""
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_key(path: Path) -> str:
+    """Check the node's Flower authentication key (``node.key`` from ``fl-pki node-key``).
+
+    Returns
+    -------
+    str
+        The key's fingerprint (``SHA256:...``), to compare with what the coordinator registered.
+
+    Raises
+    ------
+    SetupError
+        Missing/unreadable file, not an OpenSSH EC private key, passphrase-protected, or
+        a non-NIST curve.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from privacy.pki import ssh_fingerprint
+
+    fix = "create it on this machine with `fl-pki node-key --out DIR --department D --site S` and pass DIR/node.key"
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SetupError(f"--key {path}: file not found; fix: {fix}") from None
+    except OSError as exc:
+        raise SetupError(f"--key {path}: cannot read it ({exc.strerror}); fix: run fl-client as the user that owns "
+                         "the key (mode 0600)") from None
+    try:
+        key = serialization.load_ssh_private_key(data, password=None)
+    except TypeError:
+        raise SetupError(f"--key {path}: is passphrase-protected; Flower needs an unencrypted key; fix: {fix}") from None
+    except Exception:  # noqa: BLE001 - cryptography raises ValueError, UnsupportedAlgorithm, ... for garbage
+        hint = " (this is a public key: pass node.key, not node.pub)" if data.startswith(b"ecdsa-") else ""
+        raise SetupError(f"--key {path}: not an OpenSSH private key{hint}; fix: {fix}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in (
+            "secp256r1", "secp384r1", "secp521r1", "secp224r1", "secp192r1"):
+        raise SetupError(f"--key {path}: Flower accepts only ECDSA NIST-curve keys; fix: {fix}")
+    mode = Path(path).stat().st_mode & 0o077
+    if mode:
+        Console(stderr=True).print(f"[yellow]warning:[/] {escape(str(path))} is readable by other users; "
+                                   f"fix: chmod 600 {escape(str(path))}")
+    return ssh_fingerprint(key.public_key())
+
+
+def check_policy(path: Path, department: str):
+    """Load the node's privacy policy and check it belongs to ``department``.
+
+    Raises
+    ------
+    SetupError
+        With :class:`privacy.policy.PolicyError`'s message (file, field, fix), or a
+        department mismatch (the node would refuse every job).
+    """
+    from privacy.policy import PolicyError, load_policy
+
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        raise SetupError(f"--policy {path}: {exc}") from None
+    if policy.department != department:
+        raise SetupError(f"--policy {path}: department = {policy.department!r} but this node is --department "
+                         f"{department}; fix: pass this department's policy (or correct `department` in it)")
+    return policy
+
+
+def check_data(department: str, data: str, site: str):
+    """Open the department's data file and check ``site`` holds training records.
+
+    Raises
+    ------
+    SetupError
+        With :class:`clients.datasets.DataFileError`'s message (file, column, fix), an
+        unknown department, or a site that is not in the file.
+    """
+    from clients.datasets import load_department
+    from clients.datasets.base import DataFileError
+
+    path = None if data == BUNDLED else data
+    if path is not None and not Path(path).is_file():
+        raise SetupError(f"--data {data}: file not found; fix: pass this department's records file (CSV or Parquet)")
+    try:
+        ds = load_department(department, path)
+    except DataFileError as exc:
+        raise SetupError(f"--data {data}: {exc}") from None
+    except ValueError as exc:  # unknown department
+        raise SetupError(f"--department: {exc}") from None
+    if site not in ds.sites:
+        raise SetupError(f"--site {site!r} is not in --data {data} (sites in the file: {', '.join(ds.sites)}); "
+                         "fix: pass one of those, or the file holding this site's records")
+    return ds
+
+
+def check_ledger(path: Path) -> None:
+    """Check the ledger can be created/opened (its folder is created if needed).
+
+    Raises
+    ------
+    SetupError
+        If the folder cannot be created or the file is not a ledger.
+    """
+    from privacy.ledger import LedgerError, PrivacyLedger
+
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        PrivacyLedger(path)
+    except (OSError, LedgerError) as exc:
+        raise SetupError(f"--ledger {path}: {exc}; fix: pass a writable path on this machine's disk "
+                         "(keep the same file for the node's whole life: it holds its lifetime privacy budget)") from None
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (IPv6 as ``[::1]:9092``).
+
+    Raises
+    ------
+    SetupError
+        Without a port, or a port outside 1-65535.
+    """
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SetupError(f"--coordinator {value!r}: expected HOST:PORT (e.g. coord.city.example:9092)")
+    return host, int(port)
+
+
+def check_ca(path: Path) -> ssl.SSLContext:
+    """Load the city CA certificate into a TLS client context (host names checked).
+
+    Raises
+    ------
+    SetupError
+        Missing, unreadable or not a PEM certificate.
+    """
+    try:
+        Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SetupError(f"--ca {path}: file not found; fix: get the city's ca.crt from the coordinator team") from None
+    except OSError as exc:
+        raise SetupError(f"--ca {path}: cannot read it ({exc.strerror})") from None
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError:
+        raise SetupError(f"--ca {path}: not a PEM CA certificate; fix: pass ca.crt (not a key, not server.crt) "
+                         "from the coordinator team") from None
+
+
+def check_coordinator(host: str, port: int, ctx: ssl.SSLContext, ca: Path, timeout: float) -> None:
+    """TCP connect to the coordinator, then a TLS handshake verified against the CA.
+
+    Raises
+    ------
+    SetupError
+        Unreachable (names host, port, timeout) or certificate mismatch (names the CA file).
+    """
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise SetupError(f"--coordinator {host}:{port}: not reachable ({exc.strerror or exc}, timeout {timeout:g} s); "
+                         "fix: check the address, that `fl-server start` is running there, and that the firewall "
+                         "lets this machine reach the port") from None
+    try:
+        with ctx.wrap_socket(sock, server_hostname=host) as tls:
+            tls.getpeercert()
+    except ssl.SSLCertVerificationError as exc:
+        raise SetupError(f"--coordinator {host}:{port}: its certificate does not verify against --ca {ca} "
+                         f"({exc.verify_message}); fix: get the right ca.crt from the coordinator team, or dial the "
+                         "name/IP listed in the coordinator's certificate (`fl-pki show server.crt`)") from None
+    except ssl.SSLError as exc:
+        raise SetupError(f"--coordinator {host}:{port}: TLS handshake failed ({exc.reason or exc}); fix: is the "
+                         "coordinator started with TLS (not --insecure)?") from None
+    except OSError as exc:
+        raise SetupError(f"--coordinator {host}:{port}: connection dropped during the TLS handshake ({exc}); "
+                         "fix: is this the coordinator's Fleet port?") from None
+    finally:
+        sock.close()
+
+
+# --------------------------------------------------------------------------- supervision
+
+
+@dataclass
+class NodeLaunch:
+    """Everything needed to start ``flower-supernode`` for one department node."""
+
+    coordinator: str
+    ca: Path
+    key: Path
+    home: Path
+    node_config: dict
+    runtime_port: int = 9094
+    reconnect_window: float = 300.0
+    trusted_entities: Path | None = None
+    extra_env: dict = field(default_factory=dict)
+
+    def command(self) -> list[str]:
+        """The ``flower-supernode`` command line (node config passed as a TOML file)."""
+        cfg_file = self.home / "node-config.toml"
+        cfg_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in self.node_config.items()))
+        exe = Path(sys.executable).parent / "flower-supernode"
+        cmd = [str(exe) if exe.exists() else "flower-supernode", "--superlink", self.coordinator,
+               "--root-certificates", str(self.ca), "--auth-supernode-private-key", str(self.key),
+               "--port", str(self.runtime_port), "--node-config", str(cfg_file),
+               "--max-wait-time", str(self.reconnect_window)]
+        if self.trusted_entities:
+            cmd += ["--trusted-entities", str(self.trusted_entities)]
+        return cmd
+
+    def env(self) -> dict:
+        """The SuperNode's environment: FLWR_HOME, fast SuperExec polling, this venv on PATH."""
+        env = {**NODE_ENV, **os.environ, **self.extra_env, "FLWR_HOME": str(self.home)}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+
+class Supervisor:
+    """Run a command, restart it with exponential backoff when it exits, forward SIGTERM/SIGINT.
+
+    Parameters
+    ----------
+    launch : NodeLaunch
+    max_restarts : int
+        Restarts in a row before giving up (a run of ``stable_s`` seconds resets the count).
+    backoff : float
+        First wait before a restart (seconds); doubled each time up to ``backoff_max``.
+    backoff_max : float
+    stable_s : float
+        A child that ran this long is considered healthy (count and backoff reset).
+    """
+
+    def __init__(self, launch: NodeLaunch, *, max_restarts: int = 5, backoff: float = 2.0, backoff_max: float = 60.0,
+                 stable_s: float = 300.0, console: Console | None = None):
+        self.launch = launch
+        self.max_restarts, self.backoff, self.backoff_max, self.stable_s = max_restarts, backoff, backoff_max, stable_s
+        self.console = console or Console(stderr=True, highlight=False)
+        self.child: subprocess.Popen | None = None
+        self.stopping = threading.Event()
+        self.refused = threading.Event()
+
+    def _signal(self, signum, _frame) -> None:
+        self.stopping.set()
+        child = self.child
+        if child is not None and child.poll() is None:
+            try:
+                child.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def _pump(self, stream) -> None:
+        for line in iter(stream.readline, ""):
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if any(m in line for m in REFUSED_MARKERS):
+                self.refused.set()
+        stream.close()
+
+    def _wait_child(self) -> int:
+        assert self.child is not None
+        while True:
+            try:
+                return self.child.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if self.stopping.is_set():
+                    try:
+                        return self.child.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        self.child.kill()
+                        return self.child.wait()
+
+    def run(self) -> int:
+        """Supervise until stopped; return the exit status (see module docstring)."""
+        signal.signal(signal.SIGTERM, self._signal)
+        signal.signal(signal.SIGINT, self._signal)
+        failures = 0
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            self.child = subprocess.Popen(self.launch.command(), env=self.launch.env(), stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, bufsize=1)
+            pump = threading.Thread(target=self._pump, args=(self.child.stdout,), daemon=True)
+            pump.start()
+            rc = self._wait_child()
+            pump.join(timeout=5)
+            if self.stopping.is_set():
+                self.console.print(f"fl-client: stopped (SuperNode exit status {rc})")
+                return EXIT_OK
+            if self.refused.is_set():
+                self.console.print("[bold red]fl-client: the coordinator refused this node's key[/] (not registered, or "
+                                   "unregistered). Fix: give node.pub to the coordinator operator "
+                                   "(`fl-server register node.pub`), then start fl-client again.")
+                return EXIT_REFUSED
+            if time.monotonic() - started >= self.stable_s:
+                failures = 0
+            failures += 1
+            if failures > self.max_restarts:
+                self.console.print(f"[bold red]fl-client: SuperNode exited (status {rc}) {failures} times in a row; "
+                                   f"giving up after --max-restarts {self.max_restarts}[/]")
+                return EXIT_GAVE_UP
+            wait = min(self.backoff * 2 ** (failures - 1), self.backoff_max)
+            self.console.print(f"[yellow]fl-client: SuperNode exited (status {rc}); restart {failures}/"
+                               f"{self.max_restarts} in {wait:g} s[/]")
+            if self.stopping.wait(wait):
+                return EXIT_OK
+        return EXIT_OK
+
+
+# --------------------------------------------------------------------------- command
+
+
+def fl_client(
+    department: Annotated[str, typer.Option("--department", help="This node's department: health, traffic or utility. Must match the policy's `department`.")],
+    site: Annotated[str, typer.Option("--site", help="This node's site as named in the data file (e.g. Cleveland); it is the key of the node's privacy ledger.")],
+    data: Annotated[str, typer.Option("--data", help=f"This department's records (CSV/Parquet in the department schema; README lists the columns). They never leave this machine. '{BUNDLED}' = the packaged real data (demos).")],
+    policy: Annotated[Path, typer.Option("--policy", help="This department's privacy policy (TOML; examples/policies/). Every job is checked against it before any data is touched.")],
+    coordinator: Annotated[str, typer.Option("--coordinator", help="HOST:PORT of the coordinator (fl-server start --port). HOST must be a name or IP in the coordinator's certificate.")],
+    ca: Annotated[Path, typer.Option("--ca", help="The city's CA certificate (ca.crt from the coordinator team); the coordinator's certificate must verify against it.")],
+    key: Annotated[Path, typer.Option("--key", help="This node's private key (node.key from `fl-pki node-key` on THIS machine; never copy it). Its node.pub must be registered by the coordinator.")],
+    ledger: Annotated[Optional[Path], typer.Option("--ledger", help="Privacy ledger (SQLite) holding every DP release of this node: its lifetime budget. Keep it, back it up, never delete it. Default: <state-dir>/ledger.sqlite.")] = None,
+    state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="Node working folder (FLWR_HOME: received app bundles, node-config.toml). Default ~/.cityfed/node-<department>-<site>.")] = None,
+    runtime_port: Annotated[int, typer.Option("--runtime-port", min=1, max=65535, help="Local port of the node's own Runtime API (127.0.0.1 only). Change it when several nodes run on one machine.")] = 9094,
+    max_restarts: Annotated[int, typer.Option("--max-restarts", min=0, help="Restarts in a row of a failed SuperNode before giving up (exit 1).")] = 5,
+    backoff: Annotated[float, typer.Option("--backoff", min=0.0, help="First wait before a restart, seconds; doubles each time.")] = 2.0,
+    backoff_max: Annotated[float, typer.Option("--backoff-max", min=0.0, help="Longest wait between restarts, seconds.")] = 60.0,
+    reconnect_window: Annotated[float, typer.Option("--reconnect-window", min=1.0, help="Seconds the SuperNode keeps retrying a lost connection before it exits and is restarted.")] = 300.0,
+    connect_timeout: Annotated[float, typer.Option("--connect-timeout", min=0.1, help="Seconds for the start-up reachability and TLS checks.")] = 5.0,
+    trusted_entities: Annotated[Optional[Path], typer.Option("--trusted-entities", help="YAML of public keys allowed to sign app bundles (FABs); with it the node runs only signed code from the coordinator. Recommended: the code that enforces your policy ships from the coordinator.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Run the start-up checks, print the result and exit (0 = ready).")] = False,
+) -> None:
+    """Run this department's node: join the city's federation and train under this department's own privacy policy.
+
+    Checks everything first and exits with status 2 naming the file and the fix: node key,
+    policy, data file and site, ledger, CA, coordinator reachable, coordinator certificate.
+    Then runs Flower's SuperNode and restarts it with backoff if it fails; Ctrl-C/SIGTERM
+    stops it. Exit 3: the coordinator refused the key (ask the operator to `fl-server
+    register` your node.pub).
+    """
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    home = Path(state_dir or Path.home() / ".cityfed" / f"node-{department}-{site.replace(' ', '_')}").expanduser().resolve()
+    ledger_path = Path(ledger or home / "ledger.sqlite").expanduser().resolve()
+    try:
+        host, port = parse_address(coordinator)
+        fingerprint = check_key(key)
+        check_policy(policy, department)
+        check_data(department, data, site)
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        check_ledger(ledger_path)
+        ctx = check_ca(ca)
+        check_coordinator(host, port, ctx, ca, connect_timeout)
+    except SetupError as exc:
+        err.print(f"[bold red]fl-client: cannot start:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_SETUP) from None
+    err.print(f"[green]fl-client ready[/]: {department}/{escape(site)}, key {fingerprint}, coordinator {host}:{port} "
+              f"(TLS verified), ledger {escape(str(ledger_path))}")
+    if check:
+        raise typer.Exit(EXIT_OK)
+    node_config = {"department": department, "site": site,
+                   "data": "" if data == BUNDLED else str(Path(data).resolve()),
+                   "policy": str(Path(policy).resolve()), "ledger": str(ledger_path)}
+    launch = NodeLaunch(coordinator=coordinator, ca=Path(ca).resolve(), key=Path(key).resolve(), home=home,
+                        node_config=node_config, runtime_port=runtime_port, reconnect_window=reconnect_window,
+                        trusted_entities=Path(trusted_entities).resolve() if trusted_entities else None)
+    sup = Supervisor(launch, max_restarts=max_restarts, backoff=backoff, backoff_max=backoff_max, console=err)
+    raise typer.Exit(sup.run())
+
+
+app = typer.Typer(name="fl-client", add_completion=False, rich_markup_mode="rich", pretty_exceptions_show_locals=False)
+app.command()(fl_client)
+
+
+def main() -> None:
+    """Console entry point ``fl-client``."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
