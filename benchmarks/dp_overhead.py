@@ -30,9 +30,12 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def worker(kind: str, mode: str, epochs: int, batch: int) -> dict:
+def worker(kind: str, mode: str, epochs: int, batch: int, threads: int = 1) -> dict:
     """Train ``kind`` for ``epochs`` epochs in ``mode``; return timings and memory."""
     import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
     from torch.utils.data import DataLoader, TensorDataset
 
     from clients.datasets import load_department
@@ -89,15 +92,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--json", type=Path, help="write all measurements here")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads per run (1 = as a simulated node; 0 = torch's default)")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.epochs, args.batch)))
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.epochs, args.batch, args.threads)))
         return
     rows = []
     for kind in args.models:
         for mode in MODES:
-            cmd = [sys.executable, __file__, "--worker", kind, mode, "--epochs", str(args.epochs), "--batch", str(args.batch)]
+            cmd = [sys.executable, __file__, "--worker", kind, mode, "--epochs", str(args.epochs), "--batch", str(args.batch),
+                   "--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if out.returncode != 0:
                 print(out.stderr[-2000:], file=sys.stderr)
@@ -113,7 +119,8 @@ def main() -> None:
             r["mem_ratio"] = r["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] > 0 else float("nan")
             print(f"| {kind} | {r['params']:,} | {r['records']:,} | {r['mode']} | {r['epoch_s']:.3f} | "
                   f"{r['time_ratio']:.2f} | {r['peak_mem_mb']:.1f} | {r['mem_ratio']:.2f} |")
-    print(f"\ndevice: {rows[0]['device']}; memory = {rows[0]['memory_kind']}; batch {args.batch}")
+    print(f"\ndevice: {rows[0]['device']}; memory = {rows[0]['memory_kind']}; batch {args.batch}; "
+          f"torch threads {args.threads or 'default'}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -429,8 +429,13 @@ def create_ca(
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
         .sign(key, _hash_for(key))
     )
-    out = _prepare_dir(out)
-    key_path, cert_path = out / CA_KEY, out / CA_CERT
+    return _write_key_and_cert(_prepare_dir(out), CA_KEY, CA_CERT, key, cert, force)
+
+
+def _write_key_and_cert(out: Path, key_name: str, cert_name: str, key: ec.EllipticCurvePrivateKey,
+                        cert: x509.Certificate, force: bool) -> tuple[Path, Path]:
+    """Write a private key (0600) and its certificate (0644) into ``out``; return both paths."""
+    key_path, cert_path = out / key_name, out / cert_name
     _write_files(
         [
             (key_path, _pem_private_key(key), PRIVATE_MODE),
@@ -589,16 +594,7 @@ def issue_server_cert(
         .add_extension(aki, critical=False)
         .sign(ca_key, _hash_for(ca_key))
     )
-    out = _prepare_dir(out)
-    key_path, cert_path = out / SERVER_KEY, out / SERVER_CERT
-    _write_files(
-        [
-            (key_path, _pem_private_key(key), PRIVATE_MODE),
-            (cert_path, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE),
-        ],
-        force=force,
-    )
-    return key_path, cert_path
+    return _write_key_and_cert(_prepare_dir(out), SERVER_KEY, SERVER_CERT, key, cert, force)
 
 
 # --------------------------------------------------------------------------- node keys

@@ -91,6 +91,19 @@ def _err() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def _print_rows(title: str, cols: tuple[str, ...], rows: list[dict], as_json: bool) -> None:
+    """Print ``rows`` as JSON, or as a rich table of ``cols``."""
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table(title=title)
+    for col in cols:
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*(escape(str(r.get(col, ""))) for col in cols))
+    _out().print(t)
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
     try:
@@ -457,16 +470,8 @@ def nodes_cmd(
     labels = _node_labels(sd)
     for n in nodes:
         n.update({k: v for k, v in labels.get(str(n.get("node-id")), {}).items() if k in ("name", "fingerprint")})
-    if as_json:
-        print(json.dumps(nodes, indent=2))
-        return
-    t = Table(title="department nodes")
-    cols = ("node-id", "name", "status", "online-at", "offline-at", "fingerprint")
-    for col in cols:
-        t.add_column(col)
-    for n in nodes:
-        t.add_row(*(escape(str(n.get(col, ""))) for col in cols))
-    _out().print(t)
+    _print_rows("department nodes", ("node-id", "name", "status", "online-at", "offline-at", "fingerprint"), nodes,
+                as_json)
 
 
 # --------------------------------------------------------------------------- runs
@@ -538,6 +543,34 @@ def _flwr_run_id(runs: Path, run: str) -> str:
     return str(resolve_run(runs, run)["run-ids"][-1])
 
 
+def secagg_config(cfg: dict, secagg: bool | None, num_shares: int | None, threshold: int | None) -> dict:
+    """The SecAgg+ run-config keys ``fl-server run`` sets.
+
+    SecAgg+ is on by default: ``secagg = true`` unless ``--no-secagg`` is given or the
+    run config (``-c secagg=false``, or a resumed run's stored config) already says so;
+    an explicit ``--secagg/--no-secagg`` wins over the run config. ``--secagg-num-shares``
+    and ``--secagg-threshold`` are passed through as ``secagg-num-shares`` /
+    ``secagg-threshold``.
+    """
+    out = {"secagg": cfg.get("secagg", True) if secagg is None else secagg}
+    if num_shares is not None:
+        out["secagg-num-shares"] = num_shares
+    if threshold is not None:
+        out["secagg-threshold"] = threshold
+    return out
+
+
+def secagg_banner(cfg: dict) -> str:
+    """One line saying which aggregation mode a (validated) run uses."""
+    if cfg.get("secagg"):
+        shares, threshold = int(cfg["secagg-num-shares"]), int(cfg["secagg-threshold"])
+        return (f"[bold green]secure aggregation ON[/] (SecAgg+, {shares} shares, threshold {threshold}: the coordinator "
+                f"only sees the mean update of >= 3 nodes per round; tolerates {shares - threshold} dropped node(s) "
+                f"per neighbourhood)")
+    return ("[bold yellow]secure aggregation OFF[/] (--no-secagg): the coordinator receives each node's updated "
+            "weights individually")
+
+
 @_command("run")
 def run_cmd(
     department: Annotated[Optional[str], typer.Option("--department", help="Department whose nodes train: health, traffic or utility (nodes of other departments refuse the job).")] = None,
@@ -548,14 +581,18 @@ def run_cmd(
     runs_dir: RunsDir = None,
     app_dir: Annotated[Path, typer.Option("--app", help="Project folder whose ServerApp/ClientApp is shipped (the FAB is built from it; use a clean checkout).")] = PROJECT_ROOT,
     follow: Annotated[bool, typer.Option("--follow", help="Stream the run's log until it ends.")] = False,
+    secagg: Annotated[Optional[bool], typer.Option("--secagg/--no-secagg", show_default=False, help="Secure aggregation (Flower SecAgg+), ON by default: the coordinator only learns the weighted mean of the nodes' updates, never one node's update. Needs fedavg, fedadam or fedyogi and at least 3 nodes per round. --no-secagg sends each node's updated weights to the coordinator in the clear (TLS still protects them on the wire); use it only for strategies that need individual updates (krum, trimmed-mean, fedprox). A resumed run keeps its mode unless given.")] = None,
+    secagg_num_shares: Annotated[Optional[int], typer.Option("--secagg-num-shares", min=3, help="SecAgg+: shares of each node's secrets = neighbours + 1 (odd; run config secagg-num-shares, default 3).")] = None,
+    secagg_threshold: Annotated[Optional[int], typer.Option("--secagg-threshold", min=2, help="SecAgg+: shares needed to unmask (< num-shares; run config secagg-threshold, default 2). A round survives num-shares - threshold dropped nodes per neighbourhood.")] = None,
     state_dir: StateDir = None,
 ) -> None:
     """Launch a federated training run of this project's app on the registered nodes.
 
-    Works offline (nothing is installed: both sides use their own environment). The run's
-    artefacts (checkpoint.pkl every round, model.pt, results.json) land in
-    <runs-dir>/<name>/ on the coordinator. Prints the run ID; follow it with
-    `fl-server logs RUN` and `fl-server runs`.
+    Secure aggregation (SecAgg+) is on unless --no-secagg is given: the coordinator then
+    only sees the mean update of at least 3 nodes. Works offline (nothing is installed:
+    both sides use their own environment). The run's artefacts (checkpoint.pkl every
+    round, model.pt, results.json) land in <runs-dir>/<name>/ on the coordinator. Prints
+    the run ID; follow it with `fl-server logs RUN` and `fl-server runs`.
     """
     from server.app import settings
 
@@ -583,11 +620,17 @@ def run_cmd(
             cfg = {"department": department, **overrides}
         if rounds is not None:
             cfg["num-rounds"] = rounds
+        cfg.update(secagg_config(cfg, secagg, secagg_num_shares, secagg_threshold))
         cfg["run-dir"] = str(folder)
         try:
-            settings(cfg)
+            checked = settings(cfg)
         except ValueError as exc:
-            raise CliError(str(exc)) from None
+            msg = str(exc)
+            if cfg.get("secagg") is True and "'secagg' = true" in msg:
+                msg += (f" (secure aggregation is on by default in `fl-server run`: strategy {cfg.get('strategy')!r} "
+                        "needs each node's individual update; fix: -c strategy=fedavg, or --no-secagg to send "
+                        "individual updates to the coordinator)")
+            raise CliError(msg) from None
         if not (Path(app_dir) / "pyproject.toml").exists():
             raise CliError(f"--app {app_dir}: no pyproject.toml; fix: pass the cityfed project folder")
         folder.mkdir(parents=True, exist_ok=True)
@@ -600,6 +643,7 @@ def run_cmd(
                     "launched": [*rec.get("launched", []), datetime.now(timezone.utc).isoformat(timespec="seconds")]})
         rec.pop("folder", None)
         (folder / "launch.json").write_text(json.dumps(rec, indent=2))
+    _out().print(secagg_banner(checked))
     _out().print(f"[green]{'resumed' if resume else 'launched'}[/] run [bold]{run_id}[/] "
                  f"({cfg['department']}, {cfg.get('num-rounds', 5)} rounds) -> {escape(str(folder))}")
     print(run_id)
@@ -621,18 +665,10 @@ def runs_cmd(
     runs = data.get("runs", [])
     for r in runs:
         r["folder"] = folders.get(str(r.get("run-id")), "")
-    if as_json:
-        print(json.dumps(runs, indent=2))
-        return
-    t = Table(title="runs")
-    cols = ("run-id", "status", "elapsed", "pending-at", "finished-at", "folder")
-    for col in cols:
-        t.add_column(col)
-    for r in runs:
-        if isinstance(r.get("elapsed"), (int, float)):
-            r = {**r, "elapsed": f"{r['elapsed']:.0f} s"}
-        t.add_row(*(escape(str(r.get(col, ""))) for col in cols))
-    _out().print(t)
+    if not as_json:
+        runs = [{**r, "elapsed": f"{r['elapsed']:.0f} s"} if isinstance(r.get("elapsed"), (int, float)) else r
+                for r in runs]
+    _print_rows("runs", ("run-id", "status", "elapsed", "pending-at", "finished-at", "folder"), runs, as_json)
 
 
 @_command("logs")

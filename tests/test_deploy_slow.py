@@ -4,7 +4,11 @@ Everything binds 127.0.0.1 (the "department" probe uses source address 127.0.0.3
 wait is bounded, and every process started here is killed by its process-group ID (the PID
 of the process this file started) in a fixture's finally.
 
-Run with ``pytest -m slow tests/test_deploy_slow.py`` (2 CPU cores: ~8-10 min in all).
+The e2e run uses secure aggregation (SecAgg+, ``fl-server run``'s default) and checks, from
+copies of every message the SuperLink stored, that no node sent an unmasked update; the
+fault tests run with ``--no-secagg``.
+
+Run with ``pytest -m slow tests/test_deploy_slow.py`` (2 CPU cores: ~10-12 min in all).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -214,33 +219,175 @@ def health_nodes(city):
     return {site: (ids[site], procs[site]) for site in SITES}
 
 
+# --------------------------------------------------------------------------- what reaches the coordinator
+
+
+class MessageAudit:
+    """Keep a copy of every message the SuperLink stores, read back after the run.
+
+    The SuperLink keeps messages in ``<state-dir>/state.db`` (SQLite): the routing row in
+    ``message_ins`` (coordinator -> node) or ``message_res`` (node -> coordinator), and the
+    content as content-addressed objects in ``objects`` (Message -> RecordDict -> records ->
+    Array -> ArrayChunk; each object's head names its children). Both are deleted as soon
+    as the ServerApp or the node has pulled them, so this installs SQLite triggers (test
+    only; the SuperLink's code is untouched) that copy each routing row when it is
+    inserted and each object's content when it is stored. :meth:`messages` then rebuilds
+    every message with Flower's own inflation code. ``remove`` drops triggers and copies.
+    """
+
+    TABLES = {"message_ins": "cityfed_audit_ins", "message_res": "cityfed_audit_res"}
+
+    def __init__(self, db: Path):
+        self.db = db
+
+    def _sql(self, script: str):
+        import sqlite3
+
+        con = sqlite3.connect(self.db, timeout=60)
+        try:
+            con.executescript(script)
+        finally:
+            con.close()
+
+    def install(self):
+        parts = []
+        for table, copy in self.TABLES.items():
+            parts.append(f"""CREATE TABLE IF NOT EXISTS {copy} (message_id TEXT, run_id INTEGER, src_node_id INTEGER,
+                              dst_node_id INTEGER, message_type TEXT, is_error INTEGER);
+                             CREATE TRIGGER IF NOT EXISTS {copy}_t AFTER INSERT ON {table} BEGIN
+                               INSERT INTO {copy} VALUES (new.message_id, new.run_id, new.src_node_id, new.dst_node_id,
+                                                          new.message_type, new.error IS NOT NULL); END;""")
+        parts.append("""CREATE TABLE IF NOT EXISTS cityfed_audit_objects (object_id TEXT PRIMARY KEY, content BLOB);
+                        CREATE TRIGGER IF NOT EXISTS cityfed_audit_objects_t AFTER UPDATE OF content ON objects
+                          WHEN new.is_available = 1 BEGIN
+                          INSERT OR IGNORE INTO cityfed_audit_objects VALUES (new.object_id, new.content); END;""")
+        self._sql("\n".join(parts))
+
+    def remove(self):
+        drops = [f"DROP TRIGGER IF EXISTS {c}_t; DROP TABLE IF EXISTS {c};" for c in self.TABLES.values()]
+        self._sql("\n".join(drops) + "DROP TRIGGER IF EXISTS cityfed_audit_objects_t; DROP TABLE IF EXISTS cityfed_audit_objects;")
+
+    def messages(self, run_id: str, to_coordinator: bool) -> list[tuple[dict, object]]:
+        """``(routing row, Message or None for an error reply)`` of one run, one direction."""
+        import sqlite3
+
+        from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+        rid = int(run_id)
+        rid = rid - 2 ** 64 if rid >= 2 ** 63 else rid  # uint64 stored as sint64
+        con = sqlite3.connect(self.db, timeout=60)
+        try:
+            rows = con.execute(f"SELECT message_id, src_node_id, dst_node_id, message_type, is_error FROM "
+                               f"{self.TABLES['message_res' if to_coordinator else 'message_ins']} WHERE run_id = ?",
+                               (rid,)).fetchall()
+            contents = dict(con.execute("SELECT object_id, content FROM cityfed_audit_objects").fetchall())
+        finally:
+            con.close()
+        out = []
+        for mid, src, dst, mtype, is_error in rows:
+            row = {"message_id": mid, "src": src % 2 ** 64, "dst": dst % 2 ** 64, "type": mtype}
+            msg = None if is_error else inflate_object_from_contents(mid, contents, keep_object_contents=True)
+            out.append((row, msg))
+        return out
+
+
+def message_arrays(msg) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, np.ndarray]]]:
+    """``(ArrayRecord arrays, ndarrays serialised as bytes in ConfigRecords)`` of a message, named by record."""
+    from flwr.common import bytes_to_ndarray
+
+    records = [(f"{name}/{k}", a.numpy()) for name, rec in msg.content.array_records.items() for k, a in rec.items()]
+    in_configs = []
+    for name, rec in msg.content.config_records.items():
+        for k, v in rec.items():
+            for item in v if isinstance(v, list) else [v]:
+                if isinstance(item, bytes):
+                    try:
+                        in_configs.append((f"{name}/{k}", bytes_to_ndarray(item)))
+                    except Exception:  # noqa: BLE001 - public keys, ciphertexts: not arrays
+                        pass
+    return records, in_configs
+
+
+def model_shapes() -> set[tuple[int, ...]]:
+    """Shapes of the health department's model parameters (what an individual update looks like)."""
+    from clients.datasets import DATASETS
+    from shared_models import build_model, default_model_config, model_kinds
+
+    model = build_model(default_model_config(DATASETS["health"].schema, model_kinds("health")[0]))
+    return {tuple(v.shape) for v in model.state_dict().values()}
+
+
+@pytest.fixture
+def audit(city):
+    a = MessageAudit(city.state / "state.db")
+    a.install()
+    try:
+        yield a
+    finally:
+        a.remove()
+
+
 # --------------------------------------------------------------------------- e2e
 
 
-def test_three_hospitals_train_over_tls_with_node_auth(city, health_nodes):
+def test_three_hospitals_train_over_tls_with_node_auth_and_secagg(city, health_nodes, audit):
     from privacy.ledger import PrivacyLedger
 
     t0 = time.monotonic()
-    run_id = city.launch("--rounds", "2", "--name", "e2e", "--run-config", "min-nodes=3", "--run-config", "round-timeout=120")
-    run = city.wait_run(run_id, 300)
-    assert run["status"] == "finished:completed", city.fl_server("logs", run_id).stdout[-4000:]
+    res = city.fl_server("run", "--department", "health", "--rounds", "2", "--name", "e2e",  # SecAgg+: the default
+                         "--run-config", "min-nodes=3", "--run-config", "round-timeout=120")
+    assert "secure aggregation ON" in " ".join(res.stdout.split())
+    run_id = res.stdout.strip().splitlines()[-1]
     folder = city.state / "runs" / "e2e"
+    wait_for(lambda: _round_of_checkpoint(folder) >= 1, 300, "round 1 checkpoint", poll=1)
+    t1 = time.monotonic()
+    run = city.wait_run(run_id, 300)
+    t2 = time.monotonic()
+    assert run["status"] == "finished:completed", city.fl_server("logs", run_id).stdout[-4000:]
     results = json.loads((folder / "results.json").read_text())
-    assert results["status"] == "completed" and (folder / "model.pt").exists()
+    assert results["status"] == "completed" and (folder / "model.pt").exists() and results["config"]["secagg"] is True
     rounds = results["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     node_site = {nid: site for site, (nid, _) in health_nodes.items()}
     for r in rounds:
         assert r["train"]["accepted"] == 3 and set(r["train"]["nodes"]) == set(node_site)
+        assert r["train"]["secagg"] == {"sampled": 3, "dropped": []}
+    # the model improved: lower train loss, and better federated evaluation of the global model
     loss = [r["train"]["aggregate"]["train-loss"] for r in rounds]
+    auc = [r["evaluate"]["aggregate"]["roc-auc"] for r in rounds]
     assert loss[1] < loss[0], f"train loss did not improve: {loss}"
+    assert auc[1] > auc[0], f"evaluation roc-auc did not improve: {auc}"
     # every hospital's own ledger holds the epsilon it reported after round 2
     for nid, reported in rounds[1]["train"]["nodes"].items():
         site = node_site[nid]
         eps = PrivacyLedger(city.ledger(site)).epsilon(site, DELTA)
         assert 0 < eps <= 8.0 and eps == pytest.approx(reported["epsilon"], rel=1e-6), site
-    assert "ROUND 2/2" in city.fl_server("logs", "e2e").stdout
-    print(f"e2e: 3 nodes x 2 rounds in {time.monotonic() - t0:.1f} s; flwr elapsed {run['elapsed']:.1f} s; loss {loss}")
+    logs = city.fl_server("logs", "e2e").stdout
+    assert "ROUND 2/2" in logs and logs.count("Secure aggregation commencing") >= 2  # once per round (lines may repeat)
+
+    # the coordinator never received an individual unmasked update: rebuild every message of the run
+    shapes, half = model_shapes(), 2 ** 21  # SecAgg+ quantises to [0, 2**22): an unmasked coordinate sits near 2**21
+    sent = audit.messages(run_id, to_coordinator=False)
+    got = audit.messages(run_id, to_coordinator=True)
+    ids = {int(n) for n in node_site}
+    assert len(got) == len(sent) == 2 * 3 * 5  # 2 rounds x 3 nodes x (4 SecAgg+ stages + evaluate), none lost
+    assert {row["src"] for row, _ in got} == ids and all(msg is not None for _, msg in got)  # no error replies
+    # control: the detector sees the model where it does travel (coordinator -> nodes: global model)
+    seen = [a for _, msg in sent for _, a in message_arrays(msg)[0]]
+    assert shapes <= {a.shape for a in seen if np.issubdtype(a.dtype, np.floating)}
+    masked = 0
+    for row, msg in got:
+        arrays, in_configs = message_arrays(msg)
+        assert arrays == [], f"{row['type']} reply from node {row['src']} carries arrays {[n for n, _ in arrays]}"
+        for name, a in in_configs:
+            assert not np.issubdtype(a.dtype, np.floating) or a.shape not in shapes, (row, name, a.dtype, a.shape)
+            if a.shape in shapes:  # a masked model tensor: spread over the 2**32 ring, not near 2**21
+                masked += 1
+                assert np.median(np.abs(a.astype(np.float64) - half)) > half / 2, (row, name)
+    assert masked >= 2 * 3 * len(shapes)  # every node's masked vector of every round was inspected
+    print(f"e2e (SecAgg+): 3 nodes x 2 rounds in {t2 - t0:.1f} s (launch to round-1 checkpoint {t1 - t0:.1f} s, "
+          f"then {t2 - t1:.1f} s); flwr elapsed {run['elapsed']:.1f} s; loss {loss}; roc-auc {auc}; "
+          f"{len(got)} node->coordinator messages inspected, {masked} masked tensors")
 
 
 # --------------------------------------------------------------------------- control plane
@@ -357,8 +504,12 @@ def _round_of_checkpoint(folder: Path) -> int:
     return int(load_checkpoint(ck)["round"]) if ck.exists() else 0
 
 
-def test_node_killed_mid_run_run_completes_with_the_others(city, health_nodes):
-    run_id = city.launch("--rounds", "2", "--name", "nodekill", "--run-config", "round-timeout=45")
+def test_node_killed_mid_run_run_completes_with_the_others(city, health_nodes, audit):
+    # without SecAgg+ (it needs 3 live nodes per round): also the --no-secagg deployment path
+    res = city.fl_server("run", "--department", "health", "--rounds", "2", "--name", "nodekill", "--no-secagg",
+                         "--run-config", "round-timeout=45")
+    assert "secure aggregation OFF" in " ".join(res.stdout.split())
+    run_id = res.stdout.strip().splitlines()[-1]
     folder = city.state / "runs" / "nodekill"
     victim_id, victim = health_nodes["VA Long Beach"]
     # kill it while round 1 is under way (its ClientApp is running or about to)
@@ -370,12 +521,19 @@ def test_node_killed_mid_run_run_completes_with_the_others(city, health_nodes):
     assert results["status"] == "completed" and [r["round"] for r in results["rounds"]] == [1, 2]
     last = results["rounds"][-1]["train"]
     assert victim_id not in last["nodes"] and last["accepted"] == 2
+    assert results["config"]["secagg"] is False and "Secure aggregation" not in city.fl_server("logs", run_id).stdout
+    # control of the e2e test's check: without SecAgg+ the same audit finds each node's weights in its train replies
+    shapes = model_shapes()
+    plain = [(row, {a.shape for _, a in message_arrays(msg)[0] if np.issubdtype(a.dtype, np.floating)})
+             for row, msg in audit.messages(run_id, to_coordinator=True) if msg is not None and row["type"] == "train"]
+    assert len(plain) >= 2 * 2 and all(shapes <= found for _, found in plain)
 
 
 def test_coordinator_crash_then_resume_loses_no_round(city, health_nodes):
     alive = [site for site in SITES if health_nodes[site][1].alive()]
     assert len(alive) >= 2
-    run_id = city.launch("--rounds", "3", "--name", "crash", "--run-config", "round-timeout=60")
+    # --no-secagg: only two hospitals are left after the previous test (SecAgg+ resume: tests/test_secagg.py)
+    run_id = city.launch("--rounds", "3", "--name", "crash", "--no-secagg", "--run-config", "round-timeout=60")
     folder = city.state / "runs" / "crash"
     wait_for(lambda: _round_of_checkpoint(folder) >= 1, 240, "round 1 checkpoint", poll=1)
     city.coordinator.kill()  # SIGKILL: SuperLink, SuperExec and ServerApp at once

@@ -477,3 +477,53 @@ def test_fl_server_nodes_and_runs_tables(monkeypatch, tmp_path):
     assert server_cli.resolve_run(tmp_path / "runs", "7")["folder"] == "e2e"
     with pytest.raises(server_cli.CliError, match="no run"):
         server_cli.resolve_run(tmp_path / "runs", "nope")
+
+
+def _fake_coordinator(pki_files, tmp_path, monkeypatch):
+    """A state dir that looks started, and a ``flwr`` that records the run-config file instead of launching."""
+    sd = tmp_path / "state"
+    server_cli.write_connection(sd, "127.0.0.1:1", pki_files / "ca" / "ca.crt", insecure=False)
+    (sd / "coordinator.json").write_text(json.dumps({"address": "127.0.0.1:1"}))
+    launched = []
+
+    def fake_flwr(state_dir, *args, **kw):
+        assert args[0] == "run"
+        launched.append(tomllib.loads(Path(args[args.index("--run-config") + 1]).read_text()))
+        return {"success": True, "run-id": str(100 + len(launched))}
+
+    monkeypatch.setattr(server_cli, "flwr", fake_flwr)
+    return sd, launched
+
+
+def test_fl_server_run_uses_secagg_by_default_and_no_secagg_switches_it_off(pki_files, tmp_path, monkeypatch):
+    sd, launched = _fake_coordinator(pki_files, tmp_path, monkeypatch)
+    base = ["run", "--department", "health", "--state-dir", str(sd)]
+    res = runner.invoke(server_cli.app, [*base, "--name", "on"])
+    assert res.exit_code == 0, res.output
+    assert launched[-1]["secagg"] is True and "secure aggregation ON" in res.output
+    assert json.loads((sd / "runs" / "on" / "launch.json").read_text())["config"]["secagg"] is True
+    res = runner.invoke(server_cli.app, [*base, "--name", "off", "--no-secagg", "-c", "strategy=krum"])
+    assert res.exit_code == 0, res.output
+    assert launched[-1]["secagg"] is False and launched[-1]["strategy"] == "krum" and "secure aggregation OFF" in res.output
+    res = runner.invoke(server_cli.app, [*base, "--name", "shares", "--secagg-num-shares", "5", "--secagg-threshold", "3"])
+    assert res.exit_code == 0, res.output
+    assert (launched[-1]["secagg"], launched[-1]["secagg-num-shares"], launched[-1]["secagg-threshold"]) == (True, 5, 3)
+    assert "tolerates 2 dropped" in " ".join(res.output.split())
+    # a resumed run keeps its mode unless the flag is given
+    res = runner.invoke(server_cli.app, ["run", "--resume", "off", "--state-dir", str(sd)])
+    assert res.exit_code == 0, res.output
+    assert launched[-1]["secagg"] is False and launched[-1]["resume"] is True
+    assert len(launched) == 4
+
+
+@pytest.mark.parametrize("args, key", [
+    (["-c", "strategy=krum"], "strategy"), (["-c", "strategy=trimmed-mean"], "strategy"),
+    (["--secagg-num-shares", "4"], "secagg-num-shares"), (["--secagg-threshold", "3"], "secagg-threshold"),
+])
+def test_fl_server_run_refuses_what_secagg_cannot_run(pki_files, tmp_path, monkeypatch, args, key):
+    sd, launched = _fake_coordinator(pki_files, tmp_path, monkeypatch)
+    res = runner.invoke(server_cli.app, ["run", "--department", "health", "--state-dir", str(sd), *args])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"'{key}'" in text and launched == []
+    if key == "strategy":
+        assert "--no-secagg" in text

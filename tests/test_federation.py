@@ -15,25 +15,11 @@ from server.app import run_federation
 from simulations.inprocess import InProcessGrid
 
 warnings.filterwarnings("ignore", category=UserWarning)
-SITES = ["Cleveland", "Hungary", "VA Long Beach", "Switzerland"]
-POLICY = """department = "health"
-max_epsilon = {eps}
-delta = 1e-3
-min_noise_multiplier = 0.5
-max_clipping_norm = 1.0
-allowed_tasks = ["heart-disease"]
-max_rounds_per_run = 20
-require_dp = true
-"""
+from fed_helpers import POLICY, SITES, health_nodes  # noqa: E402
 
 
 def _nodes(tmp_path, eps=(8.0, 8.0, 8.0, 8.0)):
-    out = []
-    for site, e in zip(SITES, eps):
-        pol = tmp_path / f"{site}.toml"
-        pol.write_text(POLICY.format(eps=e))
-        out.append({"department": "health", "site": site, "policy": str(pol), "ledger": str(tmp_path / f"{site}.sqlite")})
-    return out
+    return health_nodes(tmp_path, eps)
 
 
 def _cfg(tmp_path, **kw):

@@ -1,0 +1,24 @@
+"""Shared fixtures-as-functions for the federation tests: four health hospitals with their own policies."""
+
+SITES = ["Cleveland", "Hungary", "VA Long Beach", "Switzerland"]
+
+#: A health node's policy (``{eps}``: its lifetime budget).
+POLICY = """department = "health"
+max_epsilon = {eps}
+delta = 1e-3
+min_noise_multiplier = 0.5
+max_clipping_norm = 1.0
+allowed_tasks = ["heart-disease"]
+max_rounds_per_run = 20
+require_dp = true
+"""
+
+
+def health_nodes(tmp_path, eps=(8.0, 8.0, 8.0, 8.0)) -> list[dict]:
+    """Node configs of the first ``len(eps)`` hospitals, each with a policy file and a ledger under ``tmp_path``."""
+    out = []
+    for site, e in zip(SITES, eps):
+        pol = tmp_path / f"{site}.toml"
+        pol.write_text(POLICY.format(eps=e))
+        out.append({"department": "health", "site": site, "policy": str(pol), "ledger": str(tmp_path / f"{site}.sqlite")})
+    return out
