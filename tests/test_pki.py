@@ -379,7 +379,7 @@ def test_node_key_rejects_fields_that_would_break_the_comment(tmp_path, departme
     assert list(tmp_path.iterdir()) == []
 
 
-def test_node_key_loads_with_flowers_own_loaders(tmp_path):
+def test_node_key_loads_with_flowers_own_loaders(tmp_path, monkeypatch):
     from flwr.cli.supernode.register import try_load_public_key
     from flwr.supercore.primitives.asymmetric import (
         bytes_to_public_key,
@@ -407,7 +407,21 @@ def test_node_key_loads_with_flowers_own_loaders(tmp_path):
     assert verify_signature(link_key, b"2026-01-01T00:00:00Z", signature)
     assert not verify_signature(link_key, b"another timestamp", signature)
 
-    # control: the same Flower loaders do reject keys Flower cannot use
+    # control: the same Flower loaders do reject keys Flower cannot use. They exit through
+    # flwr_exit, which also starts a daemon thread that os._exit()s the process a few seconds
+    # later: keep that thread from starting, or it kills the rest of the test session.
+    import types
+
+    import flwr.supercore.exit.exit as flwr_exit_mod
+
+    class _NoThread:
+        def __init__(self, *a, **kw):
+            pass
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(flwr_exit_mod, "threading", types.SimpleNamespace(Thread=_NoThread))
     ed_pub = tmp_path / "ed.pub"
     ed_pub.write_bytes(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
