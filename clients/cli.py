@@ -37,7 +37,8 @@ BUNDLED = "bundled"
 #: SuperNode log lines meaning the coordinator refused this node's key (no point retrying).
 REFUSED_MARKERS = ("Failed to activate SuperNode", "[code: 2004]", "No SuperNode found with the given public key")
 #: Environment defaults of the SuperNode and the SuperExec / ClientApp processes it starts (the caller's environment wins).
-NODE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "FLWR_TELEMETRY_ENABLED": "0"}
+NODE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "CITYFED_NODE_POLL_S": "0.1", "CITYFED_LOG_COMPUTE": "1",
+            "FLWR_TELEMETRY_ENABLED": "0"}
 
 EXIT_OK, EXIT_GAVE_UP, EXIT_SETUP, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -240,20 +241,25 @@ class NodeLaunch:
     node_config: dict
     runtime_port: int = 9094
     reconnect_window: float = 300.0
-    trusted_entities: Path | None = None
     extra_env: dict = field(default_factory=dict)
+    warm: bool = True
 
     def command(self) -> list[str]:
-        """The ``flower-supernode`` command line (node config passed as a TOML file)."""
+        """The SuperNode command line (node config passed as a TOML file).
+
+        ``warm`` (default): Flower's SuperNode through :mod:`clients.warm` (one long-lived
+        ClientApp worker, polling capped at ``CITYFED_NODE_POLL_S``); otherwise plain
+        ``flower-supernode`` (a new ClientApp process per message).
+        """
         cfg_file = self.home / "node-config.toml"
         cfg_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in self.node_config.items()))
         exe = Path(sys.executable).parent / "flower-supernode"
-        cmd = [str(exe) if exe.exists() else "flower-supernode", "--superlink", self.coordinator,
+        head = ([sys.executable, "-m", "clients.warm", "supernode"] if self.warm
+                else [str(exe) if exe.exists() else "flower-supernode"])
+        cmd = [*head, "--superlink", self.coordinator,
                "--root-certificates", str(self.ca), "--auth-supernode-private-key", str(self.key),
                "--port", str(self.runtime_port), "--node-config", str(cfg_file),
                "--max-wait-time", str(self.reconnect_window)]
-        if self.trusted_entities:
-            cmd += ["--trusted-entities", str(self.trusted_entities)]
         return cmd
 
     def env(self) -> dict:
@@ -372,7 +378,7 @@ def fl_client(
     backoff_max: Annotated[float, typer.Option("--backoff-max", min=0.0, help="Longest wait between restarts, seconds.")] = 60.0,
     reconnect_window: Annotated[float, typer.Option("--reconnect-window", min=1.0, help="Seconds the SuperNode keeps retrying a lost connection before it exits and is restarted.")] = 300.0,
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", min=0.1, help="Seconds for the start-up reachability and TLS checks.")] = 5.0,
-    trusted_entities: Annotated[Optional[Path], typer.Option("--trusted-entities", help="YAML of public keys allowed to sign app bundles (FABs); with it the node runs only signed code from the coordinator. Recommended: the code that enforces your policy ships from the coordinator.")] = None,
+    cold: Annotated[bool, typer.Option("--cold", help="Start a new ClientApp process for every message and keep Flower's polling (3 s idle), as plain flower-supernode does. Default: one warm ClientApp worker per node and 0.1 s polling (clients/warm.py; docs/DEPLOYMENT.md §5).")] = False,
     check: Annotated[bool, typer.Option("--check", help="Run the start-up checks, print the result and exit (0 = ready).")] = False,
 ) -> None:
     """Run this department's node: join the city's federation and train under this department's own privacy policy.
@@ -407,7 +413,7 @@ def fl_client(
                    "policy": str(Path(policy).resolve()), "ledger": str(ledger_path)}
     launch = NodeLaunch(coordinator=coordinator, ca=Path(ca).resolve(), key=Path(key).resolve(), home=home,
                         node_config=node_config, runtime_port=runtime_port, reconnect_window=reconnect_window,
-                        trusted_entities=Path(trusted_entities).resolve() if trusted_entities else None)
+                        warm=not cold)
     sup = Supervisor(launch, max_restarts=max_restarts, backoff=backoff, backoff_max=backoff_max, console=err)
     raise typer.Exit(sup.run())
 

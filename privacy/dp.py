@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
+from privacy.ledger import rdp_epsilon  # re-exported: one cached RDP implementation
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import linear as _opacus_linear
 from opacus.grad_sample.utils import register_norm_sampler
@@ -83,7 +83,7 @@ class PrivateTraining:
 
     def epsilon(self) -> float:
         """Epsilon spent so far, from the Opacus accountant, at :attr:`delta`."""
-        return float(self.engine.accountant.get_epsilon(delta=self.delta))
+        return rdp_epsilon(list(self.engine.accountant.history), self.delta)
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
@@ -93,13 +93,6 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
             target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant="rdp"
         )
     )
-
-
-def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of a list of ``(noise_multiplier, sample_rate, steps)`` releases (Opacus RDP)."""
-    acc = RDPAccountant()
-    acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta)) if history else 0.0
 
 
 def make_private(

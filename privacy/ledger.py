@@ -29,6 +29,7 @@ may be used from several threads and survives ``fork``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sqlite3
@@ -143,22 +144,55 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
-def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of ``history`` at ``delta`` with Opacus' RDP accountant (0.0 when empty)."""
+@functools.lru_cache(maxsize=4096)
+def _rdp_one_step(noise: float, q: float) -> "np.ndarray":
+    """RDP of one Sampled Gaussian step at Opacus' default orders (memoized).
+
+    Opacus evaluates a slowly converging series for every fractional order; with a ledger
+    and a simulation of many sites the same ``(noise, q)`` comes back thousands of times.
+    RDP is linear in the number of steps, so ``steps * one_step`` is exactly what
+    :func:`opacus.accountants.analysis.rdp.compute_rdp` returns.
+    """
+    from opacus.accountants.analysis.rdp import compute_rdp  # lazy: importing torch costs seconds
+    from opacus.accountants.rdp import RDPAccountant
+
+    vec = compute_rdp(q=q, noise_multiplier=noise, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    vec.setflags(write=False)
+    return vec
+
+
+def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon of ``(noise_multiplier, sample_rate, steps)`` releases at ``delta`` (Opacus RDP).
+
+    Parameters
+    ----------
+    history : list of (float, float, int)
+        Releases, as an Opacus ``RDPAccountant.history``.
+    delta : float
+        Target delta, in (0, 1).
+
+    Returns
+    -------
+    float
+        The value ``RDPAccountant.get_epsilon(delta)`` returns for the same history (same
+        orders, same composition, same conversion), 0.0 when ``history`` is empty. The
+        per-step RDP of each ``(noise, q)`` is memoized, so repeated queries cost microseconds.
+    """
     if not history:
         return 0.0
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1) (got {delta!r})")
-    from opacus.accountants import RDPAccountant  # lazy: importing torch costs seconds
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+    from opacus.accountants.rdp import RDPAccountant
 
     # RDP composes additively and is linear in the step count, so releases with the same
     # (noise, q) are merged into one entry: identical epsilon, cost independent of #rounds.
     merged: dict[tuple[float, float], int] = {}
     for noise, q, steps in history:
         merged[(float(noise), float(q))] = merged.get((float(noise), float(q)), 0) + int(steps)
-    acc = RDPAccountant()
-    acc.history = [(noise, q, steps) for (noise, q), steps in merged.items()]
-    return float(acc.get_epsilon(delta=delta))
+    rdp = sum(_rdp_one_step(noise, q) * steps for (noise, q), steps in merged.items())
+    eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 class PrivacyLedger:
@@ -335,7 +369,7 @@ class PrivacyLedger:
             if max_epsilon is not None:
                 hist = self._history(con, release.site)
                 hist.append((float(release.noise_multiplier), float(release.sample_rate), int(release.steps)))
-                eps = _rdp_epsilon(hist, float(delta))
+                eps = rdp_epsilon(hist, float(delta))
                 if eps > max_epsilon:
                     raise BudgetExceededError(
                         f"privacy ledger {str(self.path)!r}: release would bring site {release.site!r} "
@@ -446,13 +480,13 @@ class PrivacyLedger:
         Pending releases count (conservative). Computed by an Opacus ``RDPAccountant``
         whose ``history`` is :meth:`history`.
         """
-        return _rdp_epsilon(self.history(site), delta)
+        return rdp_epsilon(self.history(site), delta)
 
     def projected_epsilon(self, site: str, release: Release) -> float:
         """Epsilon of ``site`` if ``release`` were added, at ``release.delta``."""
         hist = self.history(site)
         hist.append((float(release.noise_multiplier), float(release.sample_rate), int(release.steps)))
-        return _rdp_epsilon(hist, release.delta)
+        return rdp_epsilon(hist, release.delta)
 
     def releases(self, site: str | None = None) -> list[dict]:
         """Audit listing: every row (any status), oldest first, as plain dicts.

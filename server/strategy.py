@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import pickle
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -126,6 +127,12 @@ class GuardedStrategy(Strategy):
         self.round_offset = round_offset
         self._global: dict[str, np.ndarray] = {}
         self.history: dict = history or {"rounds": [], "excluded": [], "refused": []}
+        self._started: dict[str, float] = {}
+
+    def _elapsed(self, phase: str) -> float | None:
+        """Seconds since ``configure_<phase>`` of this round (messages out, replies back)."""
+        t = self._started.pop(phase, None)
+        return None if t is None else round(time.monotonic() - t, 3)
 
     # -- delegation ---------------------------------------------------------------------
     def summary(self) -> None:
@@ -133,9 +140,11 @@ class GuardedStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._global = {k: v.numpy() for k, v in arrays.items()}
+        self._started["train"] = time.monotonic()
         return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._started["evaluate"] = time.monotonic()
         return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -144,7 +153,7 @@ class GuardedStrategy(Strategy):
         per_node = {int(m.metadata.src_node_id): dict(m.content["metrics"]) for m in replies if not m.has_error()}
         agg = self.inner.aggregate_evaluate(rnd, replies)
         entry = self._round(rnd)
-        entry["evaluate"] = {"aggregate": dict(agg) if agg else None, "nodes": per_node}
+        entry["evaluate"] = {"aggregate": dict(agg) if agg else None, "nodes": per_node, "seconds": self._elapsed("evaluate")}
         self._save()
         if self.on_round:
             self.on_round(entry)
@@ -173,7 +182,7 @@ class GuardedStrategy(Strategy):
             nodes[node] = dict(msg.content["metrics"])
             good.append(msg)
         entry = self._round(rnd)
-        entry["train"] = {"nodes": nodes, "accepted": len(good)}
+        entry["train"] = {"nodes": nodes, "accepted": len(good), "seconds": self._elapsed("train")}
         if len(good) < self.min_accepted:
             reason = (f"round {rnd}: {len(good)} acceptable update(s), fewer than min-accepted={self.min_accepted} "
                       f"({len(self.history['refused'])} refusal(s), {len(self.history['excluded'])} exclusion(s) so far); "

@@ -294,3 +294,27 @@ def test_other_database_or_newer_schema_refused(tmp_path):
     con.close()
     with pytest.raises(LedgerError, match="newer"):
         PrivacyLedger(newer)
+
+
+def test_memoized_rdp_matches_opacus_accountant_on_random_histories():
+    """The cached per-step RDP gives Opacus' own ``get_epsilon`` for any history."""
+    from hypothesis import given, settings, strategies as st
+
+    from privacy.ledger import rdp_epsilon
+
+    release = st.tuples(
+        st.sampled_from([0.0, 0.5, 0.8, 1.1, 2.5]),
+        st.sampled_from([0.001, 0.02, 0.25, 1.0]),
+        st.integers(min_value=0, max_value=400),
+    )
+
+    @settings(max_examples=25, deadline=None)
+    @given(st.lists(release, min_size=1, max_size=5), st.sampled_from([1e-6, 1e-5, 1e-3]))
+    def check(history, delta):
+        acc = RDPAccountant()
+        acc.history = list(history)
+        expected = acc.get_epsilon(delta=delta)
+        got = rdp_epsilon(history, delta)
+        assert got == pytest.approx(expected, rel=1e-12, abs=0) or (got == expected == float("inf"))
+
+    check()

@@ -1,0 +1,140 @@
+"""Deployment round latency on loopback: where a round's time goes, Flower's defaults vs cityfed's.
+
+One invocation builds a city on 127.0.0.1 (CA, coordinator with TLS and node authentication,
+3 health hospitals, each with only its own records), then runs the same health job
+(``fl-server run --department health``) under each setting, one after another:
+
+* ``flower``: Flower 1.41 as shipped: a new ``flwr-clientapp`` process per message
+  (``fl-client --cold``), SuperNode idle poll 3 s, SuperExec poll 1 s, ServerApp grid poll 3 s;
+* ``cityfed``: ``fl-client``'s default: one warm ClientApp worker per node
+  (:mod:`clients.warm`), SuperNode/SuperExec/grid polling 0.1 s.
+
+Each setting runs with SecAgg+ off and on (``--secagg both``, the default; ``fl-server run``
+uses SecAgg+ by default). Per round it reports the round time (train phase + evaluate phase,
+timed by the ServerApp, from ``results.json``), the compute (the slowest node's DP-SGD
+training plus the slowest node's evaluation, logged by each ClientApp as ``cityfed: ... compute``)
+and the framework share ``1 - compute / round time``: process starts, imports, polling,
+transfer, SecAgg+ protocol.
+
+    python benchmarks/deploy_latency.py [--rounds 3] [--settings flower cityfed] [--secagg both] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from test_deploy_slow import BIN, POLICY, SITES, City, free_port, slug, wait_for  # noqa: E402
+
+SETTINGS = {
+    # Flower's own values (CITYFED_GRID_POLL_S=0: ServerApp uses Flower's 3 s loop)
+    "flower": {"node_args": ["--cold"], "env": {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0", "CITYFED_GRID_POLL_S": "0"}},
+    "cityfed": {"node_args": [], "env": {}},
+}
+COMPUTE = re.compile(r"INFO:cityfed: (train|evaluate) compute ([0-9.]+) s")
+
+
+def start_node(city: City, site: str, tag: str, setting: dict):
+    name = slug(site)
+    cmd = [str(BIN / "fl-client"), "--department", "health", "--site", site,
+           "--data", str(city.base / "data" / f"{name}.csv"), "--policy", str(POLICY),
+           "--coordinator", f"127.0.0.1:{city.port}", "--ca", str(city.ca),
+           "--key", str(city.base / "keys" / name / "node.key"),
+           "--ledger", str(city.base / "ledgers" / f"{name}-{tag}.sqlite"),  # a fresh lifetime budget per setting
+           "--state-dir", str(city.base / f"node-{name}-{tag}"), "--runtime-port", str(free_port()),
+           *setting["node_args"]]
+    return city.start(cmd, f"node-{name}-{tag}", setting["env"])
+
+
+def measure(city: City, tag: str, setting: dict, rounds: int, secagg: bool, ids: dict) -> dict:
+    city.start_coordinator(setting["env"])
+    # a node of the previous setting stays "online" until the coordinator sees its heartbeat
+    # lapse; the same key cannot activate again before that
+    wanted = set(map(str, ids.values()))
+    wait_for(lambda: all(n["status"] != "online" for n in city.nodes() if n["node-id"] in wanted), 300,
+             "the previous setting's nodes to go offline", poll=3)
+    nodes = {site: start_node(city, site, tag, setting) for site in SITES}
+    try:
+        city.wait_online(ids.values())
+        t0 = time.monotonic()
+        res = city.fl_server("run", "--department", "health", "--rounds", str(rounds), "--name", tag,
+                             *([] if secagg else ["--no-secagg"]), "--run-config", "min-nodes=3",
+                             "--run-config", "round-timeout=300")
+        run_id = res.stdout.strip().splitlines()[-1]
+        run = city.wait_run(run_id, 120 + 200 * rounds)
+        wall = time.monotonic() - t0
+        assert run["status"] == "finished:completed", city.fl_server("logs", run_id).stdout[-3000:]
+        results = json.loads((city.state / "runs" / tag / "results.json").read_text())
+        per_node = {}
+        for site, proc in nodes.items():
+            found = COMPUTE.findall(proc.text())
+            per_node[site] = {"train": [float(s) for k, s in found if k == "train"],
+                              "evaluate": [float(s) for k, s in found if k == "evaluate"]}
+            assert len(per_node[site]["train"]) == rounds and len(per_node[site]["evaluate"]) == rounds, (site, found)
+        rows = []
+        for i, r in enumerate(results["rounds"]):
+            train_s, eval_s = float(r["train"]["seconds"]), float(r["evaluate"]["seconds"])
+            compute = max(n["train"][i] for n in per_node.values()) + max(n["evaluate"][i] for n in per_node.values())
+            rows.append({"round": r["round"], "train_s": train_s, "evaluate_s": eval_s, "round_s": train_s + eval_s,
+                         "compute_s": compute, "framework_share": 1.0 - compute / (train_s + eval_s),
+                         "roc_auc": r["evaluate"]["aggregate"]["roc-auc"]})
+        return {"setting": tag, "secagg": secagg, "rounds": rows, "launch_to_finish_s": wall, "per_node": per_node}
+    finally:
+        for proc in nodes.values():
+            proc.stop()
+        city.coordinator.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--secagg", choices=["off", "on", "both"], default="both")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    secaggs = {"off": [False], "on": [True], "both": [False, True]}[args.secagg]
+    base = Path(tempfile.mkdtemp(prefix="latency-", dir="/tmp"))
+    city = City(base)
+    out = []
+    try:
+        city.start_coordinator()
+        ids = {site: city.register(slug(site)) for site in SITES}
+        city.coordinator.stop()
+        for secagg in secaggs:
+            for name in args.settings:
+                tag = f"{name}-{'secagg' if secagg else 'plain'}"
+                print(f"measuring {tag} ({args.rounds} rounds) ...", file=sys.stderr, flush=True)
+                out.append(measure(city, tag, SETTINGS[name], args.rounds, secagg, ids))
+                r = out[-1]["rounds"]
+                print("  " + ", ".join(f"r{x['round']} {x['round_s']:.1f} s (compute {x['compute_s']:.2f} s)" for x in r),
+                      file=sys.stderr, flush=True)
+    finally:
+        city.stop_all()
+    print("\n| setting | SecAgg+ | round | round s (train + evaluate) | compute s | framework share |")
+    print("|---|---|---:|---:|---:|---:|")
+    for m in out:
+        for r in m["rounds"]:
+            print(f"| {m['setting'].split('-')[0]} | {'on' if m['secagg'] else 'off'} | {r['round']} | "
+                  f"{r['round_s']:.1f} ({r['train_s']:.1f} + {r['evaluate_s']:.1f}) | {r['compute_s']:.2f} | "
+                  f"{100 * r['framework_share']:.0f}% |")
+    print("\nsteady state (rounds after the first):")
+    for m in out:
+        steady = m["rounds"][1:] or m["rounds"]
+        rt = sum(r["round_s"] for r in steady) / len(steady)
+        ct = sum(r["compute_s"] for r in steady) / len(steady)
+        m["steady_round_s"], m["steady_compute_s"], m["steady_framework_share"] = rt, ct, 1 - ct / rt
+        print(f"  {m['setting']}: round {rt:.2f} s, compute {ct:.2f} s, framework share {100 * (1 - ct / rt):.0f}%")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,425 @@
+"""Warm ClientApp execution for a department node: one long-lived worker, not a process per message.
+
+Flower 1.41's SuperNode (``--isolation subprocess``) starts ``flower-superexec``, and that starts
+a **fresh** ``flwr-clientapp`` process for every message. On a 2-core node that costs 7-14 s per
+message (Python, torch, opacus, pandas and the app imported again), against 1-2 s of DP-SGD
+compute for the health model. The SuperNode also sleeps a hard-coded 3 s whenever no message
+is waiting, and waits for a reply in 0.5 s steps.
+
+``fl-client`` therefore runs the SuperNode through this module::
+
+    python -m clients.warm supernode <flower-supernode arguments>
+
+which changes three things and nothing else:
+
+1. the SuperNode's sleeps (idle poll 3 s, reply wait 0.5 s) are capped at
+   ``CITYFED_NODE_POLL_S`` seconds (default 0.1), and its retries of not-yet-available
+   message objects start at 20 ms instead of 1 s (:func:`fast_pulls`; same in the worker);
+2. the SuperExec it starts is ``python -m clients.warm superexec`` (Flower's own SuperExec
+   main loop) with a :class:`WarmClientAppExecutor`: ClientApp tasks go to one long-lived
+   worker process; every other task type is started as Flower does (a subprocess);
+3. the worker (``python -m clients.warm worker``) runs each task with the same steps as
+   ``flwr-clientapp`` (:func:`run_task`): pull the message, context, run and FAB from the
+   node-local Runtime API with the task's token, install the FAB, load its ClientApp, call it,
+   push the reply and the task status. It does not exit afterwards, so heavy third-party
+   libraries stay imported and the ClientApp's caches (the node's data) stay warm.
+
+The app's own modules are always the FAB's: before a FAB is loaded, every module of the FAB's
+top-level packages that was not loaded from that FAB's folder is dropped from ``sys.modules``
+(a new FAB, or a copy of the package installed on the node, is never reused by accident).
+Tasks run one after another (a SuperNode hands out one message at a time). If the worker dies
+(OOM, crash), the next task starts a new one; the lost task expires as a crashed
+``flwr-clientapp`` would. ``CITYFED_WARM=0`` (or ``fl-client --cold``) gives Flower's
+process-per-message behaviour unchanged.
+
+This relies on flwr 1.41 internals (``start_client_internal``'s module-level ``time`` and
+``subprocess``, ``run_superexec.get_executor``, ``run_clientapp``'s helpers); :func:`check_flwr`
+refuses other versions with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+#: Flower version whose internals this module patches (pinned in pyproject.toml).
+FLWR_VERSION = "1.41.0"
+#: Environment: cap (seconds) on the SuperNode's polling sleeps.
+POLL_ENV = "CITYFED_NODE_POLL_S"
+DEFAULT_POLL_S = 0.1
+#: Environment: third-party modules the worker imports at start (comma-separated).
+PRELOAD_ENV = "CITYFED_WARM_PRELOAD"
+DEFAULT_PRELOAD = ("numpy", "pandas", "torch", "opacus", "flwr.clientapp", "flwr.app")
+
+
+class WarmSetupError(RuntimeError):
+    """The installed Flower is not the version whose internals this module adapts."""
+
+
+def check_flwr() -> None:
+    """Raise :class:`WarmSetupError` unless flwr is the pinned version."""
+    import flwr
+
+    version = getattr(flwr, "__version__", None)
+    if version is None:
+        from importlib.metadata import version as _v
+
+        version = _v("flwr")
+    if version != FLWR_VERSION:
+        raise WarmSetupError(
+            f"clients.warm adapts flwr {FLWR_VERSION} internals but flwr {version} is installed. "
+            f"Fix: install flwr=={FLWR_VERSION} (pyproject.toml pins it), or run fl-client --cold."
+        )
+
+
+def poll_cap() -> float:
+    """The SuperNode polling cap from ``CITYFED_NODE_POLL_S`` (seconds, 0.01-3)."""
+    raw = os.environ.get(POLL_ENV, str(DEFAULT_POLL_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise WarmSetupError(f"{POLL_ENV}={raw!r}: not a number. Fix: seconds between 0.01 and 3, e.g. 0.1.") from None
+    if not 0.01 <= value <= 3.0:
+        raise WarmSetupError(f"{POLL_ENV}={raw!r}: out of range. Fix: seconds between 0.01 and 3, e.g. 0.1.")
+    return value
+
+
+# --------------------------------------------------------------------------- SuperNode
+
+
+class _CappedTime:
+    """``time`` module stand-in whose ``sleep`` never waits longer than ``cap`` seconds."""
+
+    def __init__(self, cap: float):
+        self._cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(float(seconds), self._cap))
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+class _WarmSuperExecLauncher:
+    """``subprocess`` stand-in: ``Popen(["flower-superexec", ...])`` starts this module's SuperExec."""
+
+    def Popen(self, args, *pargs, **kwargs):  # noqa: N802 (mirrors subprocess.Popen)
+        args = list(args)
+        if args and Path(str(args[0])).name == "flower-superexec":
+            args = [sys.executable, "-m", "clients.warm", "superexec", *args[1:]]
+        return subprocess.Popen(args, *pargs, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(subprocess, name)
+
+
+def run_supernode(argv: list[str]) -> None:
+    """Run Flower's SuperNode with capped polling and the warm SuperExec (see module docstring)."""
+    check_flwr()
+    cap = poll_cap()
+    import flwr.supernode.start_client_internal as sci
+    from flwr.supernode.cli import flower_supernode
+
+    sci.time = _CappedTime(cap)
+    sci.subprocess = _WarmSuperExecLauncher()
+    sci.pull_objects = fast_pulls(sci.pull_objects)  # messages from the coordinator
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
+# --------------------------------------------------------------------------- SuperExec
+
+
+def _executor_class():
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import LaunchResult
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+    class WarmClientAppExecutor(SubprocessExecutor):
+        """SuperExec executor: ClientApp tasks go to one warm worker, the rest start as in Flower."""
+
+        def __init__(self, worker_cmd: list[str] | None = None):
+            self.worker_cmd = worker_cmd or [sys.executable, "-m", "clients.warm", "worker",
+                                             "--parent-pid", str(os.getpid())]
+            self.worker: subprocess.Popen | None = None
+            self.lock = threading.Lock()
+
+        def _live_worker(self) -> subprocess.Popen:
+            if self.worker is None or self.worker.poll() is not None:
+                self.worker = subprocess.Popen(self.worker_cmd, stdin=subprocess.PIPE, text=True)
+            return self.worker
+
+        def launch(self, spec):
+            if spec.task_type != TaskType.CLIENT_APP:
+                return super().launch(spec)
+            line = json.dumps({"runtime_api_address": spec.runtime_api_address, "token": spec.token,
+                               "insecure": spec.insecure, "root_certificates_path": spec.root_certificates_path,
+                               "runtime_dependency_install": spec.runtime_dependency_install,
+                               "task_id": spec.task_id}) + "\n"
+            with self.lock:
+                for attempt in (1, 2):  # a worker that died since the last task is replaced once
+                    try:
+                        worker = self._live_worker()
+                        assert worker.stdin is not None
+                        worker.stdin.write(line)
+                        worker.stdin.flush()
+                        return LaunchResult.accepted()
+                    except (OSError, ValueError) as exc:
+                        self.worker = None
+                        if attempt == 2:
+                            return LaunchResult.failed(f"warm ClientApp worker could not take the task: {exc}")
+            return LaunchResult.failed("unreachable")
+
+        def close(self) -> None:
+            with self.lock:
+                worker, self.worker = self.worker, None
+            if worker is not None and worker.poll() is None:
+                try:
+                    assert worker.stdin is not None
+                    worker.stdin.close()  # EOF: the worker finishes its task and exits
+                    worker.wait(timeout=30)
+                except (OSError, subprocess.TimeoutExpired):
+                    worker.kill()
+
+    return WarmClientAppExecutor
+
+
+def run_superexec(argv: list[str]) -> None:
+    """Run Flower's SuperExec whose subprocess executor is the warm ClientApp executor."""
+    check_flwr()
+    import flwr.supercore.superexec.run_superexec as rs
+    from flwr.supercore.cli import flower_superexec
+    from flwr.supercore.constant import ExecutorType
+
+    flower_get_executor = rs.get_executor
+    warm_cls = _executor_class()
+
+    def get_executor(executor_type, executor_config=None, **kwargs):
+        if executor_type == ExecutorType.SUBPROCESS:
+            return warm_cls()
+        return flower_get_executor(executor_type, executor_config, **kwargs)
+
+    rs.get_executor = get_executor
+    sys.argv = ["flower-superexec", *argv]
+    flower_superexec()
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _fab_packages(app_dir: Path) -> set[str]:
+    """Top-level module and package names an installed FAB folder provides."""
+    names = set()
+    for entry in app_dir.iterdir():
+        if entry.is_dir() and (entry / "__init__.py").exists():
+            names.add(entry.name)
+        elif entry.suffix == ".py":
+            names.add(entry.stem)
+    return names
+
+
+def use_fab_modules(app_dir: Path) -> list[str]:
+    """Drop cached modules of the FAB's packages that were not loaded from ``app_dir``.
+
+    Returns the dropped module names. Modules loaded from ``app_dir`` itself stay (warm reuse
+    of the same FAB); a previous FAB's or a node-installed copy is dropped, so the next import
+    resolves to ``app_dir`` (which ``load_app`` puts first on ``sys.path``).
+    """
+    app_dir = Path(app_dir).resolve()
+    tops = _fab_packages(app_dir)
+    dropped = []
+    for name, module in list(sys.modules.items()):
+        if name.split(".", 1)[0] not in tops:
+            continue
+        origin = getattr(module, "__file__", None)
+        try:
+            inside = origin is not None and Path(origin).resolve().is_relative_to(app_dir)
+        except OSError:
+            inside = False
+        if not inside:
+            del sys.modules[name]
+            dropped.append(name)
+    for entry in list(sys.path):  # other FAB folders (siblings under FLWR_HOME/apps) must not shadow this one
+        if entry and Path(entry).resolve().parent == app_dir.parent and Path(entry).resolve() != app_dir:
+            sys.path.remove(entry)
+    return dropped
+
+
+def run_task(task: dict) -> int:
+    """Run one ClientApp task as ``flwr-clientapp --token`` does, without exiting; returns its exit code.
+
+    Parameters
+    ----------
+    task : dict
+        ``runtime_api_address``, ``token``, ``insecure``, ``root_certificates_path``,
+        ``runtime_dependency_install`` (what Flower's SuperExec passes to ``flwr-clientapp``).
+    """
+    from logging import DEBUG, ERROR, INFO
+
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.cli.install import install_from_fab
+    from flwr.clientapp.client_app import LoadClientAppError
+    from flwr.clientapp.utils import get_load_client_app_fn
+    from flwr.common.config import get_project_dir
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore import log
+    from flwr.supercore.exit import ExitCode
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.runtime.tracing import RuntimeTracingInterceptor
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    if task.get("runtime_dependency_install"):
+        # Installing per-run dependencies into a long-lived process is not possible; fl-server
+        # starts SuperLinks with installation disabled, so this only happens with a foreign setup.
+        log(ERROR, "warm ClientApp worker: runtime dependency installation is not supported; "
+                   "run fl-client --cold for such a deployment")
+    retry_invoker = make_simple_http_retry_invoker()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=task["runtime_api_address"],
+        insecure=bool(task["insecure"]),
+        root_certificates=validate_and_resolve_root_certificates(task.get("root_certificates_path"),
+                                                                 bool(task["insecure"])),
+        interceptors=[RuntimeTracingInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      RuntimeTokenHttpInterceptor(task["token"])],
+        retry_invoker=retry_invoker,
+    )
+    heartbeat = None
+    message = reply = context = None
+    sub_status, details, code = SubStatus.FAILED, "ClientApp task failed due to unknown reason", ExitCode.SUCCESS
+    t0 = time.perf_counter()
+    steps: dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        steps[name] = time.perf_counter() - t0 - sum(steps.values())
+
+    try:
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        message, context, run, fab = pull_task_input(client)
+        mark("pull")
+        install_from_fab(fab.content, skip_prompt=True)
+        mark("install")
+        app_dir = get_project_dir(run.fab_id, run.fab_version, fab.hash_str)
+        dropped = use_fab_modules(Path(app_dir))
+        if dropped:
+            log(DEBUG, "warm ClientApp worker: %d cached module(s) replaced by FAB %s", len(dropped), fab.hash_str[:12])
+        client_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
+            run.fab_id, run.fab_version, fab.hash_str)
+        mark("load")
+        reply = client_app(message=message, context=context)
+        mark("app")
+        sub_status, details = SubStatus.COMPLETED, ""
+    except Exception as ex:  # noqa: BLE001 (as flwr-clientapp: the error goes back as the reply)
+        e_code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) \
+            else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+        reason = ("An exception was raised when attempting to load `ClientApp`" if isinstance(ex, LoadClientAppError)
+                  else str(type(ex)) + ":<'" + str(ex) + "'>")
+        log(ERROR, "ClientApp raised an exception", exc_info=ex)
+        sub_status, details = SubStatus.FAILED, reason
+        if message is not None:
+            reply = Message(Error(code=e_code, reason=reason), reply_to=message)
+        code = ExitCode.TASK_PROC_EXCEPTION
+    finally:
+        if reply is not None and context is not None:
+            try:
+                push_message(client, reply, context)
+            except Exception as ex:  # noqa: BLE001
+                log(ERROR, "Failed to push reply message", exc_info=ex)
+                code = ExitCode.CLIENTAPP_COMMUNICATION_ERROR
+        retry_invoker.max_tries = 1
+        push_task_output(client=client, context=context, sub_status=sub_status, details=details)
+        mark("push")
+        if heartbeat is not None and heartbeat.is_running:
+            heartbeat.stop()
+        client.close()
+        mark("close")
+    log(INFO, "warm ClientApp worker: task %s done in %.2f s (%s; %s)", task.get("task_id"),
+        time.perf_counter() - t0, sub_status, ", ".join(f"{k} {v:.2f}" for k, v in steps.items()))
+    return int(code)
+
+
+#: Object-pull backoff of the worker (Flower: 1 s doubling to 10 s). The SuperNode makes a task
+#: available a moment before the message's objects are in its store; with a warm worker that
+#: moment is hit every time, and Flower's first retry alone costs 1 s, the second 2 s more.
+PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.02, 0.5
+
+
+def fast_pulls(pull):
+    """``pull`` (Flower's ``pull_objects`` / ``pull_and_inflate_object_from_tree``) with a 20 ms first retry.
+
+    Same semantics (retry while an object is unavailable, give up after Flower's
+    ``PULL_MAX_TIME``); only the waits between retries are shorter. Idempotent.
+    """
+    from functools import partial
+
+    if isinstance(pull, partial) and pull.keywords.get("initial_backoff") == PULL_BACKOFF_S:
+        return pull
+    return partial(pull, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S, max_tries_per_object=None)
+
+
+def _fast_object_pulls() -> None:
+    """Make ``run_clientapp.pull_task_input`` retry unavailable objects after 20 ms, not 1 s."""
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    rc.pull_and_inflate_object_from_tree = fast_pulls(rc.pull_and_inflate_object_from_tree)
+
+
+def run_worker(argv: list[str]) -> None:
+    """Worker main loop: one JSON task per stdin line, run in order, until EOF."""
+    import argparse
+    import importlib
+
+    ap = argparse.ArgumentParser(prog="python -m clients.warm worker")
+    ap.add_argument("--parent-pid", type=int)
+    args = ap.parse_args(argv)
+    check_flwr()
+    if args.parent_pid is not None:
+        from flwr.supercore.app_utils import start_parent_process_monitor
+
+        start_parent_process_monitor(args.parent_pid)
+    _fast_object_pulls()
+    preload = [m.strip() for m in os.environ.get(PRELOAD_ENV, ",".join(DEFAULT_PRELOAD)).split(",") if m.strip()]
+    for name in preload:  # third-party only; the app's own modules always come from the FAB
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            print(f"warm ClientApp worker: preload {name!r} failed: {exc}", file=sys.stderr, flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            task = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"warm ClientApp worker: ignored a malformed task line ({len(line)} bytes)", file=sys.stderr,
+                  flush=True)
+            continue
+        run_task(task)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m clients.warm {supernode|superexec|worker} [args...]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"supernode": run_supernode, "superexec": run_superexec, "worker": run_worker}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m clients.warm {supernode|superexec|worker} [args...]\n\n" + (__doc__ or ""),
+              file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        commands[argv[0]](argv[1:])
+    except WarmSetupError as exc:
+        print(f"clients.warm: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

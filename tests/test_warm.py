@@ -1,0 +1,157 @@
+"""clients.warm: the node's warm ClientApp worker and capped polling (fast, no network).
+
+The real thing (a deployment round trip through the warm worker under TLS, node auth and
+SecAgg+) is exercised by tests/test_deploy_slow.py, whose nodes run fl-client's default.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from clients import warm  # noqa: E402
+
+
+def test_capped_time_caps_sleep_and_delegates(monkeypatch):
+    slept = []
+    monkeypatch.setattr(warm.time, "sleep", slept.append)
+    shim = warm._CappedTime(0.1)
+    shim.sleep(3)
+    shim.sleep(0.5)
+    shim.sleep(0.02)
+    assert slept == [0.1, 0.1, 0.02]
+    assert shim.monotonic is time.monotonic  # everything else is the real module
+
+
+def test_supernode_starts_the_warm_superexec_instead_of_flowers(monkeypatch):
+    seen = []
+    monkeypatch.setattr(warm.subprocess, "Popen", lambda args, *a, **k: seen.append(list(args)))
+    launcher = warm._WarmSuperExecLauncher()
+    launcher.Popen(["flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094", "--parent-pid", "7"])
+    launcher.Popen(["/venv/bin/flower-superexec", "--insecure"])
+    launcher.Popen(["something-else", "-x"])
+    assert seen[0] == [sys.executable, "-m", "clients.warm", "superexec", "--insecure", "--runtime-api-address",
+                       "127.0.0.1:9094", "--parent-pid", "7"]
+    assert seen[1] == [sys.executable, "-m", "clients.warm", "superexec", "--insecure"]
+    assert seen[2] == ["something-else", "-x"]
+    assert launcher.DEVNULL is subprocess.DEVNULL
+
+
+def test_flwr_internals_still_where_the_patches_expect():
+    """The pinned flwr has the module attributes clients.warm replaces."""
+    warm.check_flwr()
+    import flwr.supercore.superexec.run_superexec as rs
+    import flwr.supernode.start_client_internal as sci
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    assert sci.time is time and sci.subprocess is subprocess
+    assert callable(rs.get_executor)
+    for name in ("pull_task_input", "push_message", "push_task_output"):
+        assert callable(getattr(rc, name))
+
+
+@pytest.mark.parametrize("raw", ["abc", "0", "0.001", "10", "nan"])
+def test_bad_poll_cap_names_the_variable(monkeypatch, raw):
+    monkeypatch.setenv(warm.POLL_ENV, raw)
+    with pytest.raises(warm.WarmSetupError, match=warm.POLL_ENV):
+        warm.poll_cap()
+
+
+def test_poll_cap_default_and_value(monkeypatch):
+    monkeypatch.delenv(warm.POLL_ENV, raising=False)
+    assert warm.poll_cap() == warm.DEFAULT_POLL_S
+    monkeypatch.setenv(warm.POLL_ENV, "0.25")
+    assert warm.poll_cap() == 0.25
+
+
+def _package(root: Path, name: str, marker: str) -> Path:
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text(f"MARK = {marker!r}\n")
+    (root / name / "mod.py").write_text(f"MARK = {marker!r}\n")
+    return root
+
+
+def test_fab_modules_replace_a_cached_copy_and_a_previous_fab(tmp_path, monkeypatch):
+    import importlib
+
+    installed = _package(tmp_path / "site", "cfpkg_demo", "installed")
+    fab1 = _package(tmp_path / "apps" / "pub.proj.1.0.aaaa", "cfpkg_demo", "fab1")
+    fab2 = _package(tmp_path / "apps" / "pub.proj.1.1.bbbb", "cfpkg_demo", "fab2")
+    monkeypatch.syspath_prepend(str(installed))
+    try:
+        assert importlib.import_module("cfpkg_demo.mod").MARK == "installed"
+        dropped = warm.use_fab_modules(fab1)
+        assert set(dropped) == {"cfpkg_demo", "cfpkg_demo.mod"}
+        sys.path.insert(0, str(fab1))  # what flwr's load_app does
+        assert importlib.import_module("cfpkg_demo.mod").MARK == "fab1"
+        assert warm.use_fab_modules(fab1) == []  # same FAB: stays warm
+        dropped = warm.use_fab_modules(fab2)  # a new FAB: nothing of the old one survives
+        assert "cfpkg_demo.mod" in dropped and str(fab1) not in sys.path
+        sys.path.insert(0, str(fab2))
+        assert importlib.import_module("cfpkg_demo.mod").MARK == "fab2"
+    finally:
+        for name in [n for n in sys.modules if n.split(".")[0] == "cfpkg_demo"]:
+            del sys.modules[name]
+        for p in (str(fab1), str(fab2)):
+            while p in sys.path:
+                sys.path.remove(p)
+
+
+def _spec(task_type, token="tok-1", task_id=1):
+    from flwr.supercore.superexec.executor import ExecutionSpec
+
+    return ExecutionSpec(task_type=task_type, runtime_api_address="127.0.0.1:9094", token=token, insecure=True,
+                         root_certificates_path=None, runtime_dependency_install=False, parent_pid=None,
+                         suppress_output=False, task_id=task_id)
+
+
+def test_executor_sends_clientapp_tasks_to_one_worker_and_replaces_a_dead_one(tmp_path):
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import LaunchResultStatus
+
+    sink = tmp_path / "tasks.jsonl"
+    script = tmp_path / "fake_worker.py"  # stands in for `python -m clients.warm worker`: records each task line
+    script.write_text("import os, sys\n"
+                      f"for line in sys.stdin:\n    open({str(sink)!r}, 'a').write(str(os.getpid()) + ' ' + line)\n")
+    executor = warm._executor_class()(worker_cmd=[sys.executable, str(script)])
+    try:
+        for i in (1, 2):
+            assert executor.launch(_spec(TaskType.CLIENT_APP, f"tok-{i}", i)).status == LaunchResultStatus.ACCEPTED
+        first = executor.worker
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (not sink.exists() or len(sink.read_text().splitlines()) < 2):
+            time.sleep(0.05)
+        first.kill()
+        first.wait(timeout=10)
+        assert executor.launch(_spec(TaskType.CLIENT_APP, "tok-3", 3)).status == LaunchResultStatus.ACCEPTED
+        assert executor.worker is not first
+    finally:
+        executor.close()
+    lines = [ln.split(" ", 1) for ln in sink.read_text().splitlines()]
+    tasks = [json.loads(body) for _, body in lines]
+    assert [t["token"] for t in tasks] == ["tok-1", "tok-2", "tok-3"]
+    assert tasks[0]["runtime_api_address"] == "127.0.0.1:9094" and tasks[0]["insecure"] is True
+    pids = [pid for pid, _ in lines]
+    assert pids[0] == pids[1] != pids[2]  # one warm process for tasks 1-2, a new one after it died
+
+
+def test_executor_starts_other_task_types_as_flower_does(monkeypatch):
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import LaunchResult
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+    seen = []
+    monkeypatch.setattr(SubprocessExecutor, "launch", lambda self, spec: seen.append(spec) or LaunchResult.accepted())
+    executor = warm._executor_class()(worker_cmd=[sys.executable, "-c", "raise SystemExit(1)"])
+    server_app = next(t for t in TaskType if t != TaskType.CLIENT_APP)
+    executor.launch(_spec(server_app))
+    assert [s.task_type for s in seen] == [server_app] and executor.worker is None
