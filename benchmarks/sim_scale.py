@@ -7,7 +7,9 @@ invocation:
 * ``plain``: the in-process grid (:mod:`simulations.inprocess`): one process calls the
   ClientApp for every sampled client, one after another (torch limited to 1 thread, as a
   Ray worker with 1 CPU is);
-* ``ray``: the Flower Simulation Engine (Ray), 1 CPU per virtual client, as ``fl-sim run``.
+* ``ray``: the Flower Simulation Engine (Ray), 1 CPU per virtual client, as ``fl-sim run``
+  (with :mod:`simulations.dispatch`'s linear-time message dispatcher);
+* ``ray-flower`` (optional): the same with Flower's own per-node dispatcher.
 
 Reported: wall time, mean round time (rounds after the first; the first includes start-up),
 peak memory of the whole process tree (sum of RSS of this process and all descendants,
@@ -101,7 +103,9 @@ def worker(engine: str, args) -> dict:
     sampler.start()
     base = _tree_rss_mb(os.getpid())
     t0 = time.perf_counter()
-    res = simulate(cfg, engine="ray" if engine == "ray" else "inprocess", on_round=lambda e: stamps.append(time.perf_counter()))
+    if engine == "ray-flower":  # Flower's own per-node dispatcher (simulations/dispatch.py not installed)
+        os.environ["CITYFED_SIM_DISPATCH"] = "flower"
+    res = simulate(cfg, engine="inprocess" if engine == "plain" else "ray", on_round=lambda e: stamps.append(time.perf_counter()))
     wall = time.perf_counter() - t0
     peak = sampler.stop()
     rounds = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
@@ -110,7 +114,7 @@ def worker(engine: str, args) -> dict:
     return {"engine": engine, "clients": args.clients, "rounds": args.rounds, "fraction": args.fraction, "wall_s": wall,
             "round_s": rounds, "steady_round_s": sum(steady) / len(steady), "peak_tree_rss_mb": peak,
             "rss_before_mb": base, "accepted_per_round": accepted, "status": res.get("status"),
-            "workers": (os.cpu_count() or 1) if engine == "ray" else 1}
+            "workers": (os.cpu_count() or 1) if engine != "plain" else 1}
 
 
 def main() -> None:
@@ -151,12 +155,13 @@ def main() -> None:
         print(f"| {r['engine']} | {r['clients']:,} | {max(r['accepted_per_round']):,} | {r['rounds']} | {r['wall_s']:.1f} | "
               f"{r['steady_round_s']:.2f} | {r['peak_tree_rss_mb']:.0f} |")
     by = {r["engine"]: r for r in rows}
-    if "plain" in by and "ray" in by:
-        raw = by["ray"]["steady_round_s"] / by["plain"]["steady_round_s"]
-        ideal = by["ray"]["steady_round_s"] / (by["plain"]["steady_round_s"] / by["ray"]["workers"])
-        print(f"\noverhead: ray round / plain-loop round = {raw:.2f}x; vs an ideal {by['ray']['workers']}-worker plain loop "
-              f"= {ideal:.2f}x")
-        for r in rows:
+    if "plain" in by:
+        for name in [e for e in ("ray", "ray-flower") if e in by]:
+            r = by[name]
+            raw = r["steady_round_s"] / by["plain"]["steady_round_s"]
+            ideal = r["steady_round_s"] / (by["plain"]["steady_round_s"] / r["workers"])
+            print(f"\noverhead ({name}): round / plain-loop round = {raw:.2f}x; vs an ideal {r['workers']}-worker "
+                  f"plain loop = {ideal:.2f}x")
             r["overhead_raw"], r["overhead_vs_ideal_parallel"] = raw, ideal
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

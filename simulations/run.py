@@ -59,6 +59,9 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
         return run_federation(grid, cfg, run_id=cfg.get("run-id", "sim"), on_round=on_round)
     from flwr.simulation import run_simulation
 
+    from simulations.dispatch import install
+
+    install()  # one walk over the queued messages per sweep instead of one per node (see its docstring)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}

@@ -8,7 +8,8 @@ The e2e run uses secure aggregation (SecAgg+, ``fl-server run``'s default) and c
 copies of every message the SuperLink stored, that no node sent an unmasked update; the
 fault tests run with ``--no-secagg``.
 
-Run with ``pytest -m slow tests/test_deploy_slow.py`` (2 CPU cores: ~10-12 min in all).
+Run with ``pytest -m slow tests/test_deploy_slow.py`` (2 CPU cores: about 3 min with warm nodes, the default;
+the nodes run `fl-client`'s warm ClientApp worker, so this also tests clients/warm.py end to end).
 """
 
 from __future__ import annotations
