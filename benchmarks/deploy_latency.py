@@ -14,7 +14,9 @@ uses SecAgg+ by default). Per round it reports the round time (train phase + eva
 timed by the ServerApp, from ``results.json``), the compute (the slowest node's DP-SGD
 training plus the slowest node's evaluation, logged by each ClientApp as ``cityfed: ... compute``)
 and the framework share ``1 - compute / round time``: process starts, imports, polling,
-transfer, SecAgg+ protocol.
+transfer, SecAgg+ protocol. It then splits each steady-state round along its critical path
+(:func:`breakdown`), from the ServerApp's phase start times (``results.json``) and the
+SuperNodes' timestamped "Receiving / Received / Sending / Sent" log lines.
 
     python benchmarks/deploy_latency.py [--rounds 3] [--settings flower cityfed] [--secagg both] [--json out.json]
 """
@@ -39,7 +41,69 @@ SETTINGS = {
     "flower": {"node_args": ["--cold"], "env": {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0", "CITYFED_GRID_POLL_S": "0"}},
     "cityfed": {"node_args": [], "env": {}},
 }
-COMPUTE = re.compile(r"INFO:cityfed: (train|evaluate) compute ([0-9.]+) s")
+COMPUTE = re.compile(r"cityfed: (train|evaluate) compute ([0-9.]+) s")
+# the SuperNode's own log lines (fl-client turns Flower's timestamps on), one set per message
+NODE_EVENT = re.compile(r"^(?:\x1b\[[0-9;]*m)?INFO (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})(?:\x1b\[[0-9;]*m)?:\s+"
+                        r"(Receiving: \w+ message|Received successfully|Sending: \w+ message|Sent successfully)", re.M)
+#: where a phase's time goes, in the order of a message's path (see :func:`breakdown`)
+PARTS = ("to_node", "downlink", "clientapp", "compute", "uplink", "to_server")
+PART_TITLES = {
+    "to_node": "ServerApp push + node poll wait",
+    "downlink": "node pulls the message (SuperLink -> SuperNode)",
+    "clientapp": "ClientApp start/pickup, pull, push (node-local)",
+    "compute": "compute (DP-SGD / evaluation)",
+    "uplink": "node pushes the reply (SuperNode -> SuperLink)",
+    "to_server": "ServerApp poll, pull, aggregate, checkpoint",
+}
+
+
+def node_exchanges(text: str) -> list[dict]:
+    """One dict per message a SuperNode handled: ``rs`` received-start, ``rd`` received, ``ss`` sending, ``sd`` sent (Unix s)."""
+    from datetime import datetime
+
+    out: list[dict] = []
+    cur: dict = {}
+    for stamp, what in NODE_EVENT.findall(text):
+        t = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()  # local time, as Flower writes it
+        if what.startswith("Receiving"):
+            cur = {"rs": t}
+        elif what == "Received successfully" and "rs" in cur:
+            cur["rd"] = t
+        elif what.startswith("Sending") and "rd" in cur:
+            cur["ss"] = t
+        elif what == "Sent successfully" and "ss" in cur:
+            cur["sd"] = t
+            out.append(cur)
+            cur = {}
+    return out
+
+
+def breakdown(start: float, seconds: float, exchanges: dict[str, list[dict]], compute: float) -> dict:
+    """Split one phase (``start`` .. ``start + seconds``, ServerApp clock) along its critical path.
+
+    A phase is one message exchange per node (four under SecAgg+'s train step). For each
+    exchange the node whose reply was sent last is on the critical path: the time from the
+    previous boundary (phase start, or the previous exchange's last reply) until that node
+    starts receiving is ``to_node``; its receive, ClientApp and send windows are ``downlink``,
+    ``clientapp`` (minus ``compute``, the slowest node's own compute for the phase) and
+    ``uplink``; what follows the last reply is ``to_server``. The parts add up to ``seconds``.
+    """
+    end = start + seconds
+    per_node = [[x for x in xs if start <= x["rs"] <= end] for xs in exchanges.values()]
+    parts = dict.fromkeys(PARTS, 0.0)
+    boundary = start
+    for k in range(max((len(xs) for xs in per_node), default=0)):
+        group = [xs[k] for xs in per_node if len(xs) > k]
+        crit = max(group, key=lambda x: x["sd"])
+        parts["to_node"] += crit["rs"] - boundary
+        parts["downlink"] += crit["rd"] - crit["rs"]
+        parts["clientapp"] += crit["ss"] - crit["rd"]
+        parts["uplink"] += crit["sd"] - crit["ss"]
+        boundary = crit["sd"]
+    parts["clientapp"] -= compute
+    parts["compute"] = compute
+    parts["to_server"] = end - boundary
+    return parts
 
 
 def start_node(city: City, site: str, tag: str, setting: dict):
@@ -79,13 +143,20 @@ def measure(city: City, tag: str, setting: dict, rounds: int, secagg: bool, ids:
             per_node[site] = {"train": [float(s) for k, s in found if k == "train"],
                               "evaluate": [float(s) for k, s in found if k == "evaluate"]}
             assert len(per_node[site]["train"]) == rounds and len(per_node[site]["evaluate"]) == rounds, (site, found)
+        exchanges = {site: node_exchanges(proc.text()) for site, proc in nodes.items()}
         rows = []
         for i, r in enumerate(results["rounds"]):
             train_s, eval_s = float(r["train"]["seconds"]), float(r["evaluate"]["seconds"])
-            compute = max(n["train"][i] for n in per_node.values()) + max(n["evaluate"][i] for n in per_node.values())
+            c_train = max(n["train"][i] for n in per_node.values())
+            c_eval = max(n["evaluate"][i] for n in per_node.values())
+            compute = c_train + c_eval
+            parts = {}
+            for phase, c in (("train", c_train), ("evaluate", c_eval)):
+                for k, v in breakdown(float(r[phase]["started"]), float(r[phase]["seconds"]), exchanges, c).items():
+                    parts[k] = parts.get(k, 0.0) + v
             rows.append({"round": r["round"], "train_s": train_s, "evaluate_s": eval_s, "round_s": train_s + eval_s,
                          "compute_s": compute, "framework_share": 1.0 - compute / (train_s + eval_s),
-                         "roc_auc": r["evaluate"]["aggregate"]["roc-auc"]})
+                         "breakdown_s": parts, "roc_auc": r["evaluate"]["aggregate"]["roc-auc"]})
         return {"setting": tag, "secagg": secagg, "rounds": rows, "launch_to_finish_s": wall, "per_node": per_node}
     finally:
         for proc in nodes.values():
@@ -132,6 +203,13 @@ def main() -> None:
         ct = sum(r["compute_s"] for r in steady) / len(steady)
         m["steady_round_s"], m["steady_compute_s"], m["steady_framework_share"] = rt, ct, 1 - ct / rt
         print(f"  {m['setting']}: round {rt:.2f} s, compute {ct:.2f} s, framework share {100 * (1 - ct / rt):.0f}%")
+        m["steady_breakdown_s"] = {k: sum(r["breakdown_s"][k] for r in steady) / len(steady) for k in PARTS}
+    print("\nwhere a steady-state round's time goes (s; critical path: per message, the node whose reply came last):")
+    print("| part | " + " | ".join(m["setting"] for m in out) + " |")
+    print("|---|" + "---:|" * len(out))
+    for k in PARTS:
+        print(f"| {PART_TITLES[k]} | " + " | ".join(f"{m['steady_breakdown_s'][k]:.2f}" for m in out) + " |")
+    print("| **round** | " + " | ".join(f"**{m['steady_round_s']:.2f}**" for m in out) + " |")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
 

@@ -248,14 +248,13 @@ class NodeLaunch:
         """The SuperNode command line (node config passed as a TOML file).
 
         ``warm`` (default): Flower's SuperNode through :mod:`clients.warm` (one long-lived
-        ClientApp worker, polling capped at ``CITYFED_NODE_POLL_S``); otherwise plain
-        ``flower-supernode`` (a new ClientApp process per message).
+        ClientApp worker, polling capped at ``CITYFED_NODE_POLL_S``); otherwise Flower's
+        ``flower-supernode`` unchanged (a new ClientApp process per message). Both print
+        timestamped logs.
         """
         cfg_file = self.home / "node-config.toml"
         cfg_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in self.node_config.items()))
-        exe = Path(sys.executable).parent / "flower-supernode"
-        head = ([sys.executable, "-m", "clients.warm", "supernode"] if self.warm
-                else [str(exe) if exe.exists() else "flower-supernode"])
+        head = [sys.executable, "-m", "clients.warm", "supernode" if self.warm else "flower-supernode"]
         cmd = [*head, "--superlink", self.coordinator,
                "--root-certificates", str(self.ca), "--auth-supernode-private-key", str(self.key),
                "--port", str(self.runtime_port), "--node-config", str(cfg_file),

@@ -118,10 +118,32 @@ class _WarmSuperExecLauncher:
         return getattr(subprocess, name)
 
 
+def timestamped_logs() -> None:
+    """Put the time (to the millisecond) on every line of this process's Flower log.
+
+    Flower 1.41 prints times only at ``FLWR_LOG_LEVEL=DEBUG``; operators (and
+    ``benchmarks/deploy_latency.py``, which reads when each message was received and sent)
+    need them at INFO too. Only the format changes.
+    """
+    from flwr.supercore.logger import update_console_handler
+
+    update_console_handler(timestamps=True)
+
+
+def run_flower_supernode(argv: list[str]) -> None:
+    """Run Flower's SuperNode exactly as ``flower-supernode`` does, with timestamped logs (``fl-client --cold``)."""
+    from flwr.supernode.cli import flower_supernode
+
+    timestamped_logs()
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
 def run_supernode(argv: list[str]) -> None:
     """Run Flower's SuperNode with capped polling and the warm SuperExec (see module docstring)."""
     check_flwr()
     cap = poll_cap()
+    timestamped_logs()
     import flwr.supernode.start_client_internal as sci
     from flwr.supernode.cli import flower_supernode
 
@@ -383,6 +405,7 @@ def run_worker(argv: list[str]) -> None:
     ap.add_argument("--parent-pid", type=int)
     args = ap.parse_args(argv)
     check_flwr()
+    timestamped_logs()
     if args.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
@@ -407,11 +430,12 @@ def run_worker(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m clients.warm {supernode|superexec|worker} [args...]``."""
+    """``python -m clients.warm {supernode|superexec|worker|flower-supernode} [args...]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"supernode": run_supernode, "superexec": run_superexec, "worker": run_worker}
+    commands = {"supernode": run_supernode, "superexec": run_superexec, "worker": run_worker,
+                "flower-supernode": run_flower_supernode}
     if not argv or argv[0] not in commands:
-        print("usage: python -m clients.warm {supernode|superexec|worker} [args...]\n\n" + (__doc__ or ""),
+        print("usage: python -m clients.warm {supernode|superexec|worker|flower-supernode} [args...]\n\n" + (__doc__ or ""),
               file=sys.stderr)
         raise SystemExit(2)
     try:

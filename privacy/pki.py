@@ -8,8 +8,8 @@ Three kinds of key material exist in a cityfed deployment:
   SuperLink (``--ssl-ca-certfile ca.crt --ssl-certfile server.crt --ssl-keyfile server.key``);
 * one **node key** per department machine (``node.key`` / ``node.pub``), generated on that
   machine. ``node.key`` never leaves it (``flower-supernode --auth-supernode-private-key
-  node.key``); ``node.pub`` is handed to the coordinator (``flwr supernode register
-  node.pub``).
+  node.key``); ``node.pub`` is handed to the coordinator (``fl-server register
+  node.pub``, which runs Flower's ``flwr supernode register``).
 
 Private files are created with mode 0600 through ``os.open`` (never written first and then
 chmod-ed), public files with mode 0644. Every failure is a :class:`PKIError` whose message

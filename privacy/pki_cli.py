@@ -26,7 +26,7 @@ app = typer.Typer(
         "Typical flow: the coordinator team runs [bold]init[/] once (city CA) and "
         "[bold]server-cert[/] for the SuperLink; each department runs [bold]node-key[/] on its "
         "own machine and hands node.pub to the coordinator, who registers it with "
-        "`flwr supernode register node.pub`. [bold]show[/] and [bold]verify[/] inspect the results.\n\n"
+        "`fl-server register node.pub`. [bold]show[/] and [bold]verify[/] inspect the results.\n\n"
         "Exit codes: 0 ok, 1 verification failed, 2 bad input."
     ),
     no_args_is_help=True,
@@ -151,7 +151,7 @@ def node_key_cmd(
 
     Writes [bold]node.key[/] (0600, EC P-384, OpenSSH format; it never leaves this machine:
     `flower-supernode --auth-supernode-private-key node.key`) and [bold]node.pub[/] (0644),
-    which you send to the coordinator, who runs `flwr supernode register node.pub`.
+    which you send to the coordinator, who runs `fl-server register node.pub`.
     Read the printed SHA256 fingerprint to the coordinator by phone so they can confirm
     the node.pub they received is yours. No other file in --out is touched.
     """

@@ -189,6 +189,9 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
     strategy = GuardedStrategy(inner, **guard) if not cfg["secagg"] else SecAggStrategy(
         inner, num_shares=int(cfg["secagg-num-shares"]), threshold=int(cfg["secagg-threshold"]),
         clipping_range=float(cfg["secagg-clipping-range"]), timeout=float(cfg["round-timeout"]), **guard)
+    # record what the run actually uses: SecAgg+ raises the minimums (server/secagg.py)
+    cfg = {**cfg, "min-accepted": strategy.min_accepted,
+           "min-nodes": max(int(cfg["min-nodes"]), int(getattr(inner, "min_train_nodes", 0) or 0))}
     remaining = int(cfg["num-rounds"]) - offset
     job = {
         "department": dept, "task": TASKS[dept], "model": cfg["model"], "run-id": run_id,

@@ -97,10 +97,15 @@ def _print_rows(title: str, cols: tuple[str, ...], rows: list[dict], as_json: bo
         print(json.dumps(rows, indent=2))
         return
     t = Table(title=title)
-    for col in cols:
-        t.add_column(col)
-    for r in rows:
-        t.add_row(*(escape(str(r.get(col, ""))) for col in cols))
+    cells = [[escape(str(r.get(col, ""))) for col in cols] for r in rows]
+    for i, col in enumerate(cols):
+        # IDs and run folders are what `unregister`, `logs` and `stop` take: never cut them,
+        # however narrow the terminal (the other columns fold instead)
+        whole = col.endswith("-id") or col == "folder"
+        t.add_column(col, no_wrap=whole, overflow="fold",
+                     min_width=max([len(col), *(len(c[i]) for c in cells)]) if whole else None)
+    for c in cells:
+        t.add_row(*c)
     _out().print(t)
 
 
@@ -387,7 +392,9 @@ def start_cmd(
     c.print(f"[green]cityfed coordinator[/] on {host}:{port} ({'PLAINTEXT' if insecure else 'TLS + node auth'}); "
             f"control plane only from {', '.join(map(str, nets))}; state {sd}")
     from flwr.superlink.cli.flower_superlink import flower_superlink
+    from flwr.supercore.logger import update_console_handler
 
+    update_console_handler(timestamps=True)  # Flower prints times only at DEBUG; operators need them
     sys.argv = ["flower-superlink", *superlink_args(host=host, port=port, state_dir=sd, ca=ca, cert=cert, key=key,
                                                     insecure=insecure)]
     flower_superlink()

@@ -293,7 +293,7 @@ class SecAggStrategy(GuardedStrategy):
             log.warning("round %d: node %d sent no update: %s", rnd, e["node"], e["reason"])
         entry = self._round(rnd)
         entry["train"] = {"nodes": res.nodes, "accepted": len(res.nodes) if res.mean_update is not None else 0,
-                          "secagg": {"sampled": len(node_ids), "dropped": res.dropped}, "seconds": self._elapsed("train")}
+                          "secagg": {"sampled": len(node_ids), "dropped": res.dropped}, **self._timing("train")}
         if res.mean_update is None or len(res.nodes) < self.min_accepted:
             why = "the SecAgg+ protocol halted (too few live nodes to unmask)" if res.mean_update is None else \
                 f"{len(res.nodes)} contributing node(s), fewer than min-accepted={self.min_accepted}"

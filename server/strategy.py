@@ -128,11 +128,20 @@ class GuardedStrategy(Strategy):
         self._global: dict[str, np.ndarray] = {}
         self.history: dict = history or {"rounds": [], "excluded": [], "refused": []}
         self._started: dict[str, float] = {}
+        self._wall: dict[str, float] = {}
 
     def _elapsed(self, phase: str) -> float | None:
         """Seconds since ``configure_<phase>`` of this round (messages out, replies back)."""
         t = self._started.pop(phase, None)
         return None if t is None else round(time.monotonic() - t, 3)
+
+    def _timing(self, phase: str) -> dict:
+        """``seconds`` (see :meth:`_elapsed`) and ``started`` (Unix time, for lining up with node logs)."""
+        wall = self._wall.pop(phase, None)
+        return {"seconds": self._elapsed(phase), "started": None if wall is None else round(wall, 3)}
+
+    def _start(self, phase: str) -> None:
+        self._started[phase], self._wall[phase] = time.monotonic(), time.time()
 
     # -- delegation ---------------------------------------------------------------------
     def summary(self) -> None:
@@ -140,11 +149,11 @@ class GuardedStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._global = {k: v.numpy() for k, v in arrays.items()}
-        self._started["train"] = time.monotonic()
+        self._start("train")
         return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self._started["evaluate"] = time.monotonic()
+        self._start("evaluate")
         return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -153,7 +162,7 @@ class GuardedStrategy(Strategy):
         per_node = {int(m.metadata.src_node_id): dict(m.content["metrics"]) for m in replies if not m.has_error()}
         agg = self.inner.aggregate_evaluate(rnd, replies)
         entry = self._round(rnd)
-        entry["evaluate"] = {"aggregate": dict(agg) if agg else None, "nodes": per_node, "seconds": self._elapsed("evaluate")}
+        entry["evaluate"] = {"aggregate": dict(agg) if agg else None, "nodes": per_node, **self._timing("evaluate")}
         self._save()
         if self.on_round:
             self.on_round(entry)
@@ -182,7 +191,7 @@ class GuardedStrategy(Strategy):
             nodes[node] = dict(msg.content["metrics"])
             good.append(msg)
         entry = self._round(rnd)
-        entry["train"] = {"nodes": nodes, "accepted": len(good), "seconds": self._elapsed("train")}
+        entry["train"] = {"nodes": nodes, "accepted": len(good), **self._timing("train")}
         if len(good) < self.min_accepted:
             reason = (f"round {rnd}: {len(good)} acceptable update(s), fewer than min-accepted={self.min_accepted} "
                       f"({len(self.history['refused'])} refusal(s), {len(self.history['excluded'])} exclusion(s) so far); "

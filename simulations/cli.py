@@ -345,6 +345,37 @@ def datasets(department: Optional[str] = typer.Argument(None, help="Department t
         console.print(cls.schema.describe())
 
 
+@app.command()
+def export(
+    department: str = typer.Option(..., "--department", "-d", help="health, traffic or utility."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write: .csv or .parquet (by suffix)."),
+    site: Optional[List[str]] = typer.Option(None, "--site", "-s",
+                                             help="Only this site's records (repeat for several; default: all sites). "
+                                                  "Names as `fl-sim datasets` lists them, e.g. 'VA Long Beach'."),
+) -> None:
+    """Write bundled records as a department file in the documented schema (e.g. one hospital's file to try fl-client).
+
+    The file loads back with `fl-client --data FILE` / `fl-sim baselines --data FILE` and gives
+    the same per-site arrays as the bundled data. Example, one file per hospital:
+    `fl-sim export -d health --site Cleveland -o cleveland.csv`.
+    """
+    from clients.datasets import DATASETS, load_department
+    from clients.datasets.base import DataFileError
+
+    if department not in DATASETS:
+        raise typer.BadParameter(f"unknown department {department!r}; choose one of {', '.join(DATASETS)}",
+                                 param_hint="--department")
+    data = load_department(department)
+    try:
+        path = data.export(out, sites=list(site) if site else None)
+    except DataFileError as exc:  # a ValueError too: catch it first
+        raise typer.BadParameter(str(exc), param_hint="--out") from None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--site") from None
+    back = type(data)(path)  # what a node will load from this file
+    console.print(f"wrote {path}: {len(back.raw_frame())} records, sites: {', '.join(back.sites)}")
+
+
 def main() -> None:  # console script entry point
     import logging
     import warnings

@@ -280,3 +280,27 @@ def test_export_reload_round_trip(name, suffix, request, tmp_path):
     pd.testing.assert_frame_equal(again.raw_frame(), ds.raw_frame(), check_dtype=False)
     for site in ds.sites:
         _same_site(ds.site_data(site), again.site_data(site))
+
+
+def test_export_one_site_gives_that_sites_node_the_same_arrays(health, tmp_path):
+    """`fl-sim export --site` writes one hospital's file; its node sees exactly its bundled arrays."""
+    path = health.export(tmp_path / "valb.csv", sites=["VA Long Beach"])
+    mine = type(health)(path)
+    assert mine.sites == ["VA Long Beach"]
+    assert set(pd.read_csv(path)["dataset"]) == {"VA Long Beach"}
+    _same_site(health.site_data("VA Long Beach"), mine.site_data("VA Long Beach"))
+    with pytest.raises(ValueError, match="unknown health site.*valid sites: Cleveland"):
+        health.export(tmp_path / "x.csv", sites=["Nowhere"])
+
+
+def test_fl_sim_export_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", "-d", "health", "--site", "Cleveland", "-o", str(tmp_path / "c.parquet")])
+    assert res.exit_code == 0, res.output
+    assert "Cleveland" in res.output and set(pd.read_parquet(tmp_path / "c.parquet")["dataset"]) == {"Cleveland"}
+    res = runner.invoke(app, ["export", "-d", "health", "-o", str(tmp_path / "c.txt")])
+    assert res.exit_code == 2 and "--out" in res.output and ".csv or .parquet" in res.output

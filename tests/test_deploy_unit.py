@@ -527,3 +527,21 @@ def test_fl_server_run_refuses_what_secagg_cannot_run(pki_files, tmp_path, monke
     assert res.exit_code == 2 and f"'{key}'" in text and launched == []
     if key == "strategy":
         assert "--no-secagg" in text
+
+
+def test_tables_never_cut_ids_in_a_narrow_terminal(monkeypatch, capsys):
+    """`fl-server nodes`/`runs` on an 80-column terminal still show whole node IDs and run folders."""
+    from server import cli as server_cli
+
+    monkeypatch.setenv("COLUMNS", "80")
+    row = {"node-id": "10442398150123456789", "name": "health-Cleveland", "status": "online",
+           "online-at": "2026-11-23T16:49:06.123456+00:00", "offline-at": "",
+           "fingerprint": "SHA256:abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"}
+    server_cli._print_rows("department nodes", tuple(row), [row], False)
+    out = capsys.readouterr().out
+    assert "10442398150123456789" in out and max(map(len, out.splitlines())) <= 80
+    server_cli._print_rows("runs", ("run-id", "status", "folder"),
+                           [{"run-id": "2091209651743482089", "status": "finished:completed",
+                             "folder": "health-20261123T164906Z"}], False)
+    out = capsys.readouterr().out
+    assert "2091209651743482089" in out and "health-20261123T164906Z" in out

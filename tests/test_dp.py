@@ -98,3 +98,32 @@ def test_clipping_bounds_the_update(cfg, x, y, mode):
     p.optimizer.step()
     moved = (_flat(model) - before).norm().item()
     assert 0 < moved <= clip * 1.0001
+
+
+def test_flower_log_lines_print_once_despite_opacus_basicconfig():
+    """Opacus adds a root handler at import; without its removal every Flower line printed twice."""
+    import io
+    import logging
+
+    from flwr.supercore.logger import console_handler
+
+    from privacy.dp import _OPACUS_ROOT_FORMAT, route_logs_through_flower
+
+    root = logging.getLogger()
+    opacus_like = logging.StreamHandler(io.StringIO())
+    opacus_like.setFormatter(logging.Formatter(_OPACUS_ROOT_FORMAT, "%m/%d/%Y %H:%M:%S"))
+    other = logging.StreamHandler(io.StringIO())  # someone else's root handler: left alone
+    root.addHandler(opacus_like)
+    root.addHandler(other)
+    try:
+        route_logs_through_flower()
+        route_logs_through_flower()  # idempotent
+        assert opacus_like not in root.handlers
+        assert other in root.handlers
+        ours = logging.getLogger("cityfed")
+        assert ours.handlers.count(console_handler) == 1 and ours.getEffectiveLevel() == logging.INFO
+        logging.getLogger("flwr").info("[ROUND 1/2]")
+        assert opacus_like.stream.getvalue() == ""
+    finally:
+        root.removeHandler(other)
+        root.removeHandler(opacus_like)

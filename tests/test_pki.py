@@ -513,7 +513,7 @@ def test_parse_san_accepts_every_ip_address(raw):
         ([], ["init", "server-cert", "node-key", "show", "verify", "Exit codes"]),
         (["init"], ["ca.key", "0600", "--force", "--root-certificates"]),
         (["server-cert"], ["--san", "--ssl-certfile", "IP"]),
-        (["node-key"], ["--auth-supernode-private-key", "flwr supernode register", "fingerprint"]),
+        (["node-key"], ["--auth-supernode-private-key", "fl-server register", "fingerprint"]),
         (["show"], ["yellow", "red", ".pub"]),
         (["verify"], ["Exit 0", "--host"]),
     ],

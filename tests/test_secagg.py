@@ -1,6 +1,7 @@
 """Secure aggregation (SecAgg+) through the same ServerApp/ClientApp over the in-process grid."""
 
 import pickle
+import time
 from types import SimpleNamespace
 import warnings
 
@@ -91,7 +92,12 @@ def test_secagg_global_model_is_the_weighted_mean_and_resume_works(tmp_path, cap
 
     res = run_federation(InProcessGrid(client_app, nodes), _cfg(tmp_path), run_id="s1", on_round=on_round)
     assert res["status"] == "completed" and [e["round"] for e in res["rounds"]] == [1, 2]
+    # results.json records the minimums the run used: SecAgg+ raises them to 3
+    assert res["config"]["min-accepted"] == 3 and res["config"]["min-nodes"] >= 3
     for rnd in (1, 2):
+        entry = res["rounds"][rnd - 1]
+        for phase in ("train", "evaluate"):  # timing: duration and wall-clock start (latency benchmark)
+            assert entry[phase]["seconds"] > 0 and abs(entry[phase]["started"] - time.time()) < 600
         ups = [c for c in captured if c["round"] == rnd]
         assert sorted(u["site"] for u in ups) == sorted(SITES[:3])
         before = ups[0]["global"]

@@ -155,3 +155,54 @@ def test_executor_starts_other_task_types_as_flower_does(monkeypatch):
     server_app = next(t for t in TaskType if t != TaskType.CLIENT_APP)
     executor.launch(_spec(server_app))
     assert [s.task_type for s in seen] == [server_app] and executor.worker is None
+
+
+def test_node_logs_carry_millisecond_timestamps(capsys):
+    """fl-client's SuperNode and worker print Flower's log with the time (Flower: only at DEBUG)."""
+    import logging
+
+    from flwr.supercore.logger import FLOWER_LOGGER, ConsoleHandler, update_console_handler
+
+    handlers = [h for h in FLOWER_LOGGER.handlers if isinstance(h, ConsoleHandler)]
+    assert handlers, "Flower's console handler moved; clients.warm.timestamped_logs needs a new hook"
+    try:
+        warm.timestamped_logs()
+        record = logging.LogRecord("flwr", logging.INFO, __file__, 1, "Received successfully", None, None)
+        line = handlers[0].format(record)
+        assert __import__("re").search(r"INFO \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", line), line
+    finally:
+        update_console_handler(timestamps=False)
+
+
+def _deploy_latency():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deploy_latency", ROOT / "benchmarks" / "deploy_latency.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_latency_breakdown_follows_the_slowest_node_and_adds_up():
+    from datetime import datetime
+
+    dl = _deploy_latency()
+
+    def log(events):  # Flower's timestamped INFO format, colour codes included
+        return "".join(f"\x1b[92mINFO {datetime.fromtimestamp(t).strftime('%Y-%m-%d %H:%M:%S,%f')[:-3]}\x1b[0m:      {w}\n"
+                       for t, w in events)
+
+    t0 = datetime(2026, 11, 23, 12, 0, 0).timestamp()
+    fast = log([(t0 + 0.2, "Receiving: train message (ID: a)"), (t0 + 0.3, "Received successfully"),
+                (t0 + 0.5, "Sending: train message (ID: b)"), (t0 + 0.6, "Sent successfully")])
+    slow = log([(t0 + 0.1, "Receiving: train message (ID: c)"), (t0 + 0.4, "Received successfully"),
+                (t0 + 0.5, "INFO: unrelated line"), (t0 + 1.4, "Sending: train message (ID: d)"),
+                (t0 + 1.9, "Sent successfully")])
+    ex = {"fast": dl.node_exchanges(fast), "slow": dl.node_exchanges(slow)}
+    assert len(ex["fast"]) == len(ex["slow"]) == 1
+    parts = dl.breakdown(t0, 2.5, ex, compute=0.7)
+    expect = {"to_node": 0.1, "downlink": 0.3, "clientapp": 1.0 - 0.7, "compute": 0.7, "uplink": 0.5, "to_server": 0.6}
+    assert parts == pytest.approx(expect, abs=2e-3)
+    assert sum(parts.values()) == pytest.approx(2.5, abs=2e-3)
+    # a message outside the phase window is not counted
+    assert dl.breakdown(t0 + 5, 1.0, ex, compute=0.0)["to_server"] == pytest.approx(1.0)

@@ -598,19 +598,37 @@ class DepartmentDataset(abc.ABC):
         """The validated long-format records (one row per record) in the documented schema."""
         return self._frame.copy()
 
-    def export(self, path: str | os.PathLike) -> Path:
+    def export(self, path: str | os.PathLike, sites: list[str] | None = None) -> Path:
         """Write :meth:`raw_frame` as an operator file (``.csv`` or ``.parquet`` by suffix).
 
         Loading the written file with ``type(self)(path)`` gives identical site arrays.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Where to write; the suffix picks the format.
+        sites : list of str, optional
+            Only these sites' records (e.g. one hospital's file for its node); default all.
 
         Returns
         -------
         pathlib.Path
             The written file.
+
+        Raises
+        ------
+        ValueError
+            For an unknown site (the message lists the valid ones).
         """
         p = Path(path)
         suffix = p.suffix.lower()
         frame = self.raw_frame()
+        if sites is not None:
+            unknown = [s for s in sites if s not in self._site_keys]
+            if unknown:
+                raise ValueError(f"unknown {self.department} site(s) {', '.join(map(repr, unknown))}; "
+                                 f"valid sites: {', '.join(self.sites)}")
+            frame = frame[frame[self.schema.site_column].isin([self._site_keys[s] for s in sites])]
         if suffix == ".csv":
             frame.to_csv(p, index=False)
         elif suffix in (".parquet", ".pq"):
