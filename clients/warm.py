@@ -18,7 +18,8 @@ which changes three things and nothing else:
 2. the SuperExec it starts is ``python -m clients.warm superexec`` (Flower's own SuperExec
    main loop) with a :class:`WarmClientAppExecutor`: ClientApp tasks go to one long-lived
    worker process; every other task type is started as Flower does (a subprocess);
-3. the worker (``python -m clients.warm worker``) runs each task with the same steps as
+3. the worker (``python -m clients.warm worker``, started with the SuperExec, so its imports
+   are done before the first message arrives) runs each task with the same steps as
    ``flwr-clientapp`` (:func:`run_task`): pull the message, context, run and FAB from the
    node-local Runtime API with the task's token, install the FAB, load its ClientApp, call it,
    push the reply and the task status. It does not exit afterwards, so heavy third-party
@@ -176,6 +177,18 @@ def _executor_class():
                 self.worker = subprocess.Popen(self.worker_cmd, stdin=subprocess.PIPE, text=True)
             return self.worker
 
+        def prestart(self) -> None:
+            """Start the worker now, so its imports happen while the node waits for its first message.
+
+            A worker that cannot start is not an error here: the first task tries again (and
+            reports a failure then).
+            """
+            with self.lock:
+                try:
+                    self._live_worker()
+                except OSError:
+                    self.worker = None
+
         def launch(self, spec):
             if spec.task_type != TaskType.CLIENT_APP:
                 return super().launch(spec)
@@ -223,7 +236,9 @@ def run_superexec(argv: list[str]) -> None:
 
     def get_executor(executor_type, executor_config=None, **kwargs):
         if executor_type == ExecutorType.SUBPROCESS:
-            return warm_cls()
+            executor = warm_cls()
+            executor.prestart()  # imports off the first round's critical path
+            return executor
         return flower_get_executor(executor_type, executor_config, **kwargs)
 
     rs.get_executor = get_executor

@@ -144,6 +144,39 @@ def test_executor_sends_clientapp_tasks_to_one_worker_and_replaces_a_dead_one(tm
     assert pids[0] == pids[1] != pids[2]  # one warm process for tasks 1-2, a new one after it died
 
 
+def test_worker_is_started_before_the_first_task_and_then_reused(tmp_path):
+    """prestart(): the worker imports while the node is idle; the first task goes to that process."""
+    from flwr.supercore.constant import TaskType
+
+    sink = tmp_path / "tasks.jsonl"
+    script = tmp_path / "fake_worker.py"
+    script.write_text("import os, sys\n"
+                      f"open({str(sink)!r} + '.started', 'w').write(str(os.getpid()))\n"
+                      f"for line in sys.stdin:\n    open({str(sink)!r}, 'a').write(str(os.getpid()) + ' ' + line)\n")
+    executor = warm._executor_class()(worker_cmd=[sys.executable, str(script)])
+    try:
+        executor.prestart()
+        started = executor.worker
+        assert started is not None and started.poll() is None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not Path(str(sink) + ".started").exists():
+            time.sleep(0.05)
+        assert Path(str(sink) + ".started").read_text() == str(started.pid)  # running before any task
+        executor.launch(_spec(TaskType.CLIENT_APP, "tok-1", 1))
+        assert executor.worker is started
+        while time.monotonic() < deadline and not sink.exists():
+            time.sleep(0.05)
+    finally:
+        executor.close()
+    assert sink.read_text().split(" ", 1)[0] == str(started.pid)
+
+
+def test_prestart_failure_is_left_to_the_first_task():
+    executor = warm._executor_class()(worker_cmd=["/nonexistent/python-for-cityfed-test"])
+    executor.prestart()  # no exception: the first task reports it
+    assert executor.worker is None
+
+
 def test_executor_starts_other_task_types_as_flower_does(monkeypatch):
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.executor import LaunchResult
