@@ -262,9 +262,16 @@ class NodeLaunch:
         return cmd
 
     def env(self) -> dict:
-        """The SuperNode's environment: FLWR_HOME, fast SuperExec polling, this venv on PATH."""
+        """The SuperNode's environment: FLWR_HOME, fast SuperExec polling, this venv on PATH.
+
+        ``CITYFED_DP_SEED_FROM_JOB`` (simulations only) is removed: a node's DP noise is
+        always seeded from OS entropy.
+        """
         env = {**NODE_ENV, **os.environ, **self.extra_env, "FLWR_HOME": str(self.home)}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        # a department node's DP noise is always seeded from OS entropy, never from the
+        # coordinator's job seed, whatever the shell exported (privacy.dp.dp_seed)
+        env.pop("CITYFED_DP_SEED_FROM_JOB", None)
         return env
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from privacy.dp import DPSettings, make_private
+from privacy.dp import DPSettings, dp_seed, make_private
 from shared_models import criterion_for
 
 
@@ -87,8 +87,11 @@ def fit(
     FitResult
     """
     device = device or pick_device()
-    torch.manual_seed(train.seed)
-    gen = torch.Generator().manual_seed(train.seed)
+    # under DP the noise and Poisson sampling draw from torch's default generators: seed them
+    # from OS entropy, not from the coordinator's job seed (privacy.dp.dp_seed)
+    seed = train.seed if dp is None else dp_seed(train.seed)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
     criterion = criterion_for(task)
     batch = min(train.batch_size, len(data))

@@ -8,11 +8,17 @@ What this module adds to Opacus:
   sampling and the RDP accountant;
 * a norm sampler for ``nn.Linear`` on inputs with more than 3 dimensions (PatchTST embeds
   ``(batch, channels, patches, patch_len)`` tensors), which Opacus 1.6's ghost clipping
-  silently skips, leaving that layer unclipped and the step failing.
+  silently skips, leaving that layer unclipped and the step failing;
+* :func:`dp_seed`: DP-SGD's randomness (Gaussian noise, Poisson sampling) is seeded from the
+  operating system's entropy, never from the job's seed, which the coordinator chooses: noise
+  it could regenerate, it could subtract. Only a simulation on one machine
+  (``CITYFED_DP_SEED_FROM_JOB=1``, set by ``fl-sim``) draws it from the job's seed, to be
+  reproducible.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -91,6 +97,28 @@ class DPSettings(BaseModel):
         default="auto", description="'auto' = ghost clipping where the model allows, else hooks."
     )
     accountant: Literal["rdp"] = Field(default="rdp", description="Opacus accountant.")
+
+
+#: Environment switch: "1" seeds DP-SGD's noise and sampling from the job's seed (reproducible
+#: simulations on one machine; ``fl-sim`` sets it). Never on a department node: ``fl-client``
+#: removes it from the node's environment.
+SEED_FROM_JOB_ENV = "CITYFED_DP_SEED_FROM_JOB"
+
+
+def dp_seed(job_seed: int) -> int:
+    """The seed of one DP-SGD training call's randomness (noise and Poisson sampling).
+
+    64 bits from the operating system (``os.urandom``), so nobody who knows the job, its seed
+    included, can regenerate the noise and subtract it from an update (or, under SecAgg+, from
+    the sum). With ``CITYFED_DP_SEED_FROM_JOB=1`` (simulations) it is ``job_seed``.
+
+    The generator seeded with it is torch's (Mersenne Twister on CPU, Philox on CUDA), not a
+    cryptographic one: Opacus' ``secure_mode`` needs the ``torchcsprng`` package, which has no
+    build for this torch.
+    """
+    if os.environ.get(SEED_FROM_JOB_ENV, "") == "1":
+        return int(job_seed)
+    return int.from_bytes(os.urandom(8), "little")
 
 
 def default_delta(n_records: int) -> float:

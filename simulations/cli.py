@@ -386,10 +386,18 @@ def main() -> None:  # console script entry point
 
     logging.getLogger("flwr").setLevel(os.environ.get("CITYFED_FLWR_LOG", "WARNING"))
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    # framework noise, not about the user's data (data-quality warnings stay visible)
-    warnings.filterwarnings("ignore", message="Secure RNG turned off")
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    warnings.filterwarnings("ignore", message="Optimal order is the")
+    # simulations (and baselines) on one machine are reproducible: DP noise follows the job's
+    # seed here; a department node (fl-client) always seeds it from OS entropy (privacy.dp.dp_seed)
+    os.environ.setdefault("CITYFED_DP_SEED_FROM_JOB", "1")
+    # framework noise, not about the user's data (data-quality warnings stay visible); also
+    # for Ray's worker processes, which inherit the environment but not these filters.
+    # "Secure RNG turned off": Opacus' secure_mode needs torchcsprng (no build for this torch);
+    # how the noise is seeded is in privacy.dp.dp_seed and the README's DP section.
+    quiet = ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the")
+    for message in quiet:
+        warnings.filterwarnings("ignore", message=message)
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w] + [f"ignore:{m}" for m in quiet])
     app()
 
 

@@ -35,7 +35,15 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
         Flower's Ray simulation engine, or the in-process grid (no Ray; same apps).
     cpus_per_client : float
         Ray resources per virtual client.
+
+    Sets ``CITYFED_DP_SEED_FROM_JOB=1`` in this process unless it is set: DP-SGD's noise then
+    follows the job's seed, so a simulation is reproducible (see :func:`privacy.dp.dp_seed`).
     """
+    from privacy.dp import SEED_FROM_JOB_ENV
+
+    # one machine, no adversary: DP noise follows the job's seed so a simulation is reproducible
+    # (inherited by Ray's workers; a department node never has it, see privacy.dp.dp_seed)
+    os.environ.setdefault(SEED_FROM_JOB_ENV, "1")
     cfg = dict(run_config)
     run_dir = Path(cfg["run-dir"])
     run_dir.mkdir(parents=True, exist_ok=True)

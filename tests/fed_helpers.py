@@ -1,5 +1,13 @@
 """Shared fixtures-as-functions for the federation tests: four health hospitals with their own policies."""
 
+import os
+
+# These tests are simulations on one machine: they compare runs (with and without a bad reply,
+# before and after a resume), so DP noise follows the job's seed, as under fl-sim. The default
+# on a department node (noise seeded from OS entropy) is tested in tests/test_dp.py.
+os.environ.setdefault("CITYFED_DP_SEED_FROM_JOB", "1")
+
+
 SITES = ["Cleveland", "Hungary", "VA Long Beach", "Switzerland"]
 
 #: A health node's policy (``{eps}``: its lifetime budget).

@@ -127,3 +127,41 @@ def test_flower_log_lines_print_once_despite_opacus_basicconfig():
     finally:
         root.removeHandler(other)
         root.removeHandler(opacus_like)
+
+
+def test_dp_noise_is_seeded_from_os_entropy_not_from_the_coordinators_job_seed(monkeypatch):
+    """The coordinator picks the job seed; noise it could regenerate, it could subtract.
+
+    On a node (the default) two DP runs of the same job from the same weights differ: noise and
+    Poisson sampling come from OS entropy. Only with CITYFED_DP_SEED_FROM_JOB=1 (simulations)
+    are they reproducible from the job seed; non-private training stays reproducible.
+    """
+    from privacy.dp import SEED_FROM_JOB_ENV, dp_seed
+
+    data = _data()
+    torch.manual_seed(0)
+    base = build_model(HeartClassifierConfig(n_features=13))
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-2, seed=7)
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
+
+    def trained(settings):
+        m = copy.deepcopy(base)
+        fit(m, data, "binary-classification", cfg, settings)
+        return _flat(m)
+
+    monkeypatch.delenv(SEED_FROM_JOB_ENV, raising=False)
+    assert dp_seed(7) != dp_seed(7)
+    assert not torch.equal(trained(dp), trained(dp))
+    assert torch.equal(trained(None), trained(None))
+    monkeypatch.setenv(SEED_FROM_JOB_ENV, "1")
+    assert dp_seed(7) == 7
+    assert torch.equal(trained(dp), trained(dp))
+
+
+def test_fl_client_never_lets_a_node_seed_noise_from_the_job(monkeypatch, tmp_path):
+    from clients.cli import NodeLaunch
+
+    monkeypatch.setenv("CITYFED_DP_SEED_FROM_JOB", "1")  # e.g. left over in the operator's shell
+    launch = NodeLaunch(coordinator="127.0.0.1:9092", ca=tmp_path / "ca.crt", key=tmp_path / "node.key",
+                        home=tmp_path, node_config={})
+    assert "CITYFED_DP_SEED_FROM_JOB" not in launch.env()
