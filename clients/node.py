@@ -13,6 +13,7 @@ same code. A node:
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -221,7 +222,23 @@ def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
     the node is the ``partition-id``-th of N virtual sites, see
     :mod:`clients.datasets.virtual`), ``partitioner``, ``dirichlet-alpha``,
     ``dropout-probability``; ``torch-threads`` (> 0: intra-op threads torch may use).
+
+    A node config that names the ``department`` (``fl-client``'s) is a department node: the
+    keys above (:data:`NODE_KEYS`) then come from the node config only, never from the
+    coordinator's run config.
     """
+    if "department" in node_config:
+        # a department node (fl-client names its department): what data, site, policy, ledger and
+        # simulation options it uses is the node's decision alone. The run config comes from the
+        # coordinator; were it allowed to add e.g. virtual-sites/partition-id here, the node's
+        # records would be released again under a fresh per-site budget ("virtual-3") in the
+        # same ledger. Simulations put these keys in the run config and name no department here.
+        ignored = sorted(k for k in NODE_KEYS if k in run_config and run_config[k] != node_config.get(k))
+        if ignored:
+            logging.getLogger("cityfed.node").warning(
+                "ignored node-side key(s) %s in the coordinator's run config: the node config decides them",
+                ", ".join(ignored))
+        run_config = {k: v for k, v in run_config.items() if k not in NODE_KEYS}
     merged = {**run_config, **node_config}
     if int(merged.get("torch-threads", 0) or 0) > 0:  # CPU nodes: intra-op threads for training
         torch.set_num_threads(int(merged["torch-threads"]))

@@ -113,3 +113,26 @@ def test_budget_refusal_after_spending(tmp_path):
     assert second.has_error() and second.error.code == REFUSED and "max_epsilon" in second.error.reason
     # the ledger kept the first release only, and survives a reopen
     assert PrivacyLedger(ledger).epsilon("Cleveland", 1e-3) == pytest.approx(eps1)
+
+
+def test_coordinators_run_config_cannot_move_a_node_to_a_fresh_budget(tmp_path):
+    """Node-side keys in the run config (virtual-sites, partition-id, ledger-dir, dropout) are ignored.
+
+    Were they honoured on a department node, a coordinator could have the node train on a
+    share of its records as site "virtual-3", whose ledger entry is empty: a fresh budget.
+    """
+    from clients.node import node_from_config
+
+    ctx, ledger = _node(tmp_path)
+    hostile = {"virtual-sites": 5, "partition-id": 3, "partitioner": "iid", "ledger-dir": str(tmp_path / "other"),
+               "dropout-probability": 1.0, "site": "Hungary", "data": str(tmp_path / "nothing.csv")}
+    spec = node_from_config(dict(ctx.node_config), hostile)
+    assert (spec.site, spec.virtual, spec.dropout_probability, spec.data) == ("Cleveland", None, 0.0, None)
+    assert spec.ledger_path == ledger
+    # end to end: the release lands on the node's own site in its own ledger
+    ctx.run_config = hostile
+    msg, _ = _msg()
+    reply = app(msg, ctx)
+    assert not reply.has_error()
+    assert [r["round"] for r in PrivacyLedger(ledger).releases("Cleveland")] == [1]
+    assert not (tmp_path / "other").exists()
