@@ -507,14 +507,17 @@ def _round_of_checkpoint(folder: Path) -> int:
 
 def test_node_killed_mid_run_run_completes_with_the_others(city, health_nodes, audit):
     # without SecAgg+ (it needs 3 live nodes per round): also the --no-secagg deployment path
+    victim_id, victim = health_nodes["VA Long Beach"]
+    seen = victim.text().count("Receiving: train message")  # from earlier tests' runs
     res = city.fl_server("run", "--department", "health", "--rounds", "2", "--name", "nodekill", "--no-secagg",
                          "--run-config", "round-timeout=45")
     assert "secure aggregation OFF" in " ".join(res.stdout.split())
     run_id = res.stdout.strip().splitlines()[-1]
     folder = city.state / "runs" / "nodekill"
-    victim_id, victim = health_nodes["VA Long Beach"]
-    # kill it while round 1 is under way (its ClientApp is running or about to)
-    wait_for(lambda: "configure_train" in city.fl_server("logs", run_id).stdout, 120, "round 1 to start", poll=1)
+    # kill it mid-round: as soon as its SuperNode starts receiving round 1's train message (read
+    # from its own log: polling `fl-server logs` is too slow now that a warm round takes seconds)
+    wait_for(lambda: victim.text().count("Receiving: train message") > seen, 120, "the victim to receive round 1",
+             poll=0.05)
     victim.kill()
     run = city.wait_run(run_id, 300)
     assert run["status"] == "finished:completed"
