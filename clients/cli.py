@@ -271,7 +271,9 @@ class NodeLaunch:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         # a department node's DP noise is always seeded from OS entropy, never from the
         # coordinator's job seed, whatever the shell exported (privacy.dp.dp_seed)
-        env.pop("CITYFED_DP_SEED_FROM_JOB", None)
+        from privacy import SEED_FROM_JOB_ENV
+
+        env.pop(SEED_FROM_JOB_ENV, None)
         return env
 
 

@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 from opacus import PrivacyEngine
+from privacy import SEED_FROM_JOB_ENV  # re-exported
 from privacy.ledger import rdp_epsilon  # re-exported: one cached RDP implementation
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import linear as _opacus_linear
@@ -99,10 +100,6 @@ class DPSettings(BaseModel):
     accountant: Literal["rdp"] = Field(default="rdp", description="Opacus accountant.")
 
 
-#: Environment switch: "1" seeds DP-SGD's noise and sampling from the job's seed (reproducible
-#: simulations on one machine; ``fl-sim`` sets it). Never on a department node: ``fl-client``
-#: removes it from the node's environment.
-SEED_FROM_JOB_ENV = "CITYFED_DP_SEED_FROM_JOB"
 
 
 def dp_seed(job_seed: int) -> int:

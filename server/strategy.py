@@ -127,21 +127,18 @@ class GuardedStrategy(Strategy):
         self.round_offset = round_offset
         self._global: dict[str, np.ndarray] = {}
         self.history: dict = history or {"rounds": [], "excluded": [], "refused": []}
-        self._started: dict[str, float] = {}
-        self._wall: dict[str, float] = {}
-
-    def _elapsed(self, phase: str) -> float | None:
-        """Seconds since ``configure_<phase>`` of this round (messages out, replies back)."""
-        t = self._started.pop(phase, None)
-        return None if t is None else round(time.monotonic() - t, 3)
-
-    def _timing(self, phase: str) -> dict:
-        """``seconds`` (see :meth:`_elapsed`) and ``started`` (Unix time, for lining up with node logs)."""
-        wall = self._wall.pop(phase, None)
-        return {"seconds": self._elapsed(phase), "started": None if wall is None else round(wall, 3)}
+        self._started: dict[str, tuple[float, float]] = {}
 
     def _start(self, phase: str) -> None:
-        self._started[phase], self._wall[phase] = time.monotonic(), time.time()
+        self._started[phase] = (time.monotonic(), time.time())
+
+    def _timing(self, phase: str) -> dict:
+        """``seconds`` since ``configure_<phase>`` of this round (messages out, replies back) and
+        ``started`` (its Unix time, for lining up with node logs)."""
+        t = self._started.pop(phase, None)
+        if t is None:
+            return {"seconds": None, "started": None}
+        return {"seconds": round(time.monotonic() - t[0], 3), "started": round(t[1], 3)}
 
     # -- delegation ---------------------------------------------------------------------
     def summary(self) -> None:

@@ -388,7 +388,9 @@ def main() -> None:  # console script entry point
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # simulations (and baselines) on one machine are reproducible: DP noise follows the job's
     # seed here; a department node (fl-client) always seeds it from OS entropy (privacy.dp.dp_seed)
-    os.environ.setdefault("CITYFED_DP_SEED_FROM_JOB", "1")
+    from privacy import SEED_FROM_JOB_ENV
+
+    os.environ.setdefault(SEED_FROM_JOB_ENV, "1")
     # framework noise, not about the user's data (data-quality warnings stay visible); also
     # for Ray's worker processes, which inherit the environment but not these filters.
     # "Secure RNG turned off": Opacus' secure_mode needs torchcsprng (no build for this torch);

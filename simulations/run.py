@@ -39,7 +39,7 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
     Sets ``CITYFED_DP_SEED_FROM_JOB=1`` in this process unless it is set: DP-SGD's noise then
     follows the job's seed, so a simulation is reproducible (see :func:`privacy.dp.dp_seed`).
     """
-    from privacy.dp import SEED_FROM_JOB_ENV
+    from privacy import SEED_FROM_JOB_ENV
 
     # one machine, no adversary: DP noise follows the job's seed so a simulation is reproducible
     # (inherited by Ray's workers; a department node never has it, see privacy.dp.dp_seed)
