@@ -171,11 +171,48 @@ def _executor_class():
                                              "--parent-pid", str(os.getpid())]
             self.worker: subprocess.Popen | None = None
             self.lock = threading.Lock()
+            self.idle = threading.Condition()
+            self.in_flight = 0  # tasks handed to the current worker and not reported done
+
+        def _watch(self, worker: subprocess.Popen, done_r: int) -> None:
+            """Count the worker's "task done" lines (its ``--done-fd``) until it exits."""
+            with os.fdopen(done_r, "r") as done:
+                for _ in done:
+                    with self.idle:
+                        if self.worker is worker:
+                            self.in_flight = max(0, self.in_flight - 1)
+                            self.idle.notify_all()
 
         def _live_worker(self) -> subprocess.Popen:
             if self.worker is None or self.worker.poll() is not None:
-                self.worker = subprocess.Popen(self.worker_cmd, stdin=subprocess.PIPE, text=True)
+                done_r, done_w = os.pipe()
+                try:
+                    self.worker = subprocess.Popen([*self.worker_cmd, "--done-fd", str(done_w)], stdin=subprocess.PIPE,
+                                                   text=True, pass_fds=(done_w,))
+                except OSError:
+                    os.close(done_r)
+                    raise
+                finally:
+                    os.close(done_w)
+                self.in_flight = 0
+                threading.Thread(target=self._watch, args=(self.worker, done_r), daemon=True).start()
             return self.worker
+
+        def _replace_stuck_worker(self) -> None:
+            """Kill the worker if it still holds an earlier task (see :data:`STUCK_GRACE_S`)."""
+            with self.idle:
+                if self.worker is None or self.worker.poll() is not None:
+                    self.in_flight = 0  # a dead worker is replaced by _live_worker
+                    return
+                if self.in_flight and not self.idle.wait_for(lambda: self.in_flight == 0, timeout=STUCK_GRACE_S):
+                    worker = self.worker
+                    if worker is not None and worker.poll() is None:
+                        print(f"warm ClientApp worker: a new task arrived while task(s) handed out earlier were still "
+                              f"running after {STUCK_GRACE_S:.0f} s (the SuperNode abandoned them); restarting the "
+                              f"worker (pid {worker.pid})", file=sys.stderr, flush=True)
+                        worker.kill()
+                        worker.wait()
+                    self.worker, self.in_flight = None, 0
 
         def prestart(self) -> None:
             """Start the worker now, so its imports happen while the node waits for its first message.
@@ -197,10 +234,13 @@ def _executor_class():
                                "runtime_dependency_install": spec.runtime_dependency_install,
                                "task_id": spec.task_id}) + "\n"
             with self.lock:
+                self._replace_stuck_worker()
                 for attempt in (1, 2):  # a worker that died since the last task is replaced once
                     try:
                         worker = self._live_worker()
                         assert worker.stdin is not None
+                        with self.idle:
+                            self.in_flight += 1
                         worker.stdin.write(line)
                         worker.stdin.flush()
                         return LaunchResult.accepted()
@@ -385,6 +425,14 @@ def run_task(task: dict) -> int:
     return int(code)
 
 
+#: Seconds a new ClientApp task waits for the worker to finish an earlier one before the worker
+#: is restarted. A SuperNode hands out its next message only after the previous reply is pushed,
+#: so a busy worker at that point normally finishes within milliseconds; one still busy holds a
+#: task the SuperNode abandoned (e.g. its run stopped while the message's objects were being
+#: pulled: the worker would wait for them for Flower's PULL_MAX_TIME, 2 h, blocking every later
+#: task). Flower's process-per-task executor never queues tasks, so it does not need this.
+STUCK_GRACE_S = 5.0
+
 #: Object-pull backoff of the worker (Flower: 1 s doubling to 10 s). The SuperNode makes a task
 #: available a moment before the message's objects are in its store; with a warm worker that
 #: moment is hit every time, and Flower's first retry alone costs 1 s, the second 2 s more.
@@ -418,7 +466,9 @@ def run_worker(argv: list[str]) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m clients.warm worker")
     ap.add_argument("--parent-pid", type=int)
+    ap.add_argument("--done-fd", type=int, help="file descriptor to write one line to after each task")
     args = ap.parse_args(argv)
+    done = os.fdopen(args.done_fd, "w", buffering=1) if args.done_fd is not None else None
     check_flwr()
     timestamped_logs()
     if args.parent_pid is not None:
@@ -441,7 +491,11 @@ def run_worker(argv: list[str]) -> None:
             print(f"warm ClientApp worker: ignored a malformed task line ({len(line)} bytes)", file=sys.stderr,
                   flush=True)
             continue
-        run_task(task)
+        try:
+            run_task(task)
+        finally:
+            if done is not None:
+                done.write(f"{task.get('task_id')}\n")
 
 
 def main(argv: list[str] | None = None) -> None:

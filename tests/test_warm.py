@@ -106,6 +106,11 @@ def test_fab_modules_replace_a_cached_copy_and_a_previous_fab(tmp_path, monkeypa
                 sys.path.remove(p)
 
 
+#: Start of a stand-in for `python -m clients.warm worker`: it takes --done-fd and reports each task there.
+FAKE_WORKER_HEAD = ("import os, sys\n"
+                    "done = os.fdopen(int(sys.argv[sys.argv.index('--done-fd') + 1]), 'w', buffering=1)\n")
+
+
 def _spec(task_type, token="tok-1", task_id=1):
     from flwr.supercore.superexec.executor import ExecutionSpec
 
@@ -120,8 +125,9 @@ def test_executor_sends_clientapp_tasks_to_one_worker_and_replaces_a_dead_one(tm
 
     sink = tmp_path / "tasks.jsonl"
     script = tmp_path / "fake_worker.py"  # stands in for `python -m clients.warm worker`: records each task line
-    script.write_text("import os, sys\n"
-                      f"for line in sys.stdin:\n    open({str(sink)!r}, 'a').write(str(os.getpid()) + ' ' + line)\n")
+    script.write_text(FAKE_WORKER_HEAD +
+                      f"for line in sys.stdin:\n    open({str(sink)!r}, 'a').write(str(os.getpid()) + ' ' + line)\n"
+                      "    done.write('x\\n')\n")
     executor = warm._executor_class()(worker_cmd=[sys.executable, str(script)])
     try:
         for i in (1, 2):
@@ -150,9 +156,10 @@ def test_worker_is_started_before_the_first_task_and_then_reused(tmp_path):
 
     sink = tmp_path / "tasks.jsonl"
     script = tmp_path / "fake_worker.py"
-    script.write_text("import os, sys\n"
+    script.write_text(FAKE_WORKER_HEAD +
                       f"open({str(sink)!r} + '.started', 'w').write(str(os.getpid()))\n"
-                      f"for line in sys.stdin:\n    open({str(sink)!r}, 'a').write(str(os.getpid()) + ' ' + line)\n")
+                      f"for line in sys.stdin:\n    open({str(sink)!r}, 'a').write(str(os.getpid()) + ' ' + line)\n"
+                      "    done.write('x\\n')\n")
     executor = warm._executor_class()(worker_cmd=[sys.executable, str(script)])
     try:
         executor.prestart()
@@ -239,3 +246,40 @@ def test_latency_breakdown_follows_the_slowest_node_and_adds_up():
     assert sum(parts.values()) == pytest.approx(2.5, abs=2e-3)
     # a message outside the phase window is not counted
     assert dl.breakdown(t0 + 5, 1.0, ex, compute=0.0)["to_server"] == pytest.approx(1.0)
+
+
+def test_a_task_abandoned_by_the_supernode_does_not_block_the_next(tmp_path, monkeypatch):
+    """A worker still busy with an earlier task when a new one arrives is restarted.
+
+    Seen in the coordinator-crash test: the SuperNode created a task, then dropped its message
+    (run no longer RUNNING) before pulling the objects; the worker waited for them (Flower: up to
+    2 h) and the resumed run's tasks queued behind it, so the node never replied.
+    """
+    from flwr.supercore.constant import TaskType
+
+    monkeypatch.setattr(warm, "STUCK_GRACE_S", 0.5)
+    sink = tmp_path / "tasks.jsonl"
+    script = tmp_path / "fake_worker.py"  # task "stuck" never finishes; others finish at once
+    script.write_text(FAKE_WORKER_HEAD +
+                      "import json, time\n"
+                      f"for line in sys.stdin:\n    open({str(sink)!r}, 'a').write(str(os.getpid()) + ' ' + line)\n"
+                      "    if json.loads(line)['token'] == 'stuck':\n        time.sleep(600)\n"
+                      "    done.write('x\\n')\n")
+    executor = warm._executor_class()(worker_cmd=[sys.executable, str(script)])
+    try:
+        executor.launch(_spec(TaskType.CLIENT_APP, "ok-1", 1))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and executor.in_flight:
+            time.sleep(0.05)
+        assert executor.in_flight == 0  # the worker reported task 1 done
+        first = executor.worker
+        executor.launch(_spec(TaskType.CLIENT_APP, "stuck", 2))
+        executor.launch(_spec(TaskType.CLIENT_APP, "ok-3", 3))  # waits 0.5 s, then replaces the worker
+        assert first.poll() is not None and executor.worker is not first
+        while time.monotonic() < deadline and len(sink.read_text().splitlines()) < 3:
+            time.sleep(0.05)
+    finally:
+        executor.close()
+    lines = [ln.split(" ", 1) for ln in sink.read_text().splitlines()]
+    assert [json.loads(body)["token"] for _, body in lines] == ["ok-1", "stuck", "ok-3"]
+    assert lines[0][0] == lines[1][0] != lines[2][0]
