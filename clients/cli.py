@@ -11,6 +11,10 @@ forwarded to it.
 Exit codes: 0 stopped by SIGTERM/SIGINT (or ``--check`` passed), 1 gave up after
 ``--max-restarts``, 2 bad start-up input, 3 the coordinator refused this node's key
 (not registered, or unregistered).
+
+Sub-commands (``fl-client app ...``, ``fl-client audit ...``): the department's approvals of
+app bundles the coordinator ships (:mod:`clients.pinning`: ``review``, ``approve``,
+``revoke``, ``list``) and the node's signed audit log (:mod:`privacy.audit_cli`).
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 #: Value of ``--data`` meaning "the department's bundled real records" (demos and tests).
 BUNDLED = "bundled"
@@ -247,14 +253,15 @@ class NodeLaunch:
     def command(self) -> list[str]:
         """The SuperNode command line (node config passed as a TOML file).
 
-        ``warm`` (default): Flower's SuperNode through :mod:`clients.warm` (one long-lived
-        ClientApp worker, polling capped at ``CITYFED_NODE_POLL_S``); otherwise Flower's
-        ``flower-supernode`` unchanged (a new ClientApp process per message). Both print
-        timestamped logs.
+        Flower's SuperNode through :mod:`clients.warm`, whose SuperExec runs every ClientApp
+        task through :func:`clients.warm.run_task` (the app check of :mod:`clients.pinning`
+        first). ``warm`` (default): one long-lived ClientApp worker, polling capped at
+        ``CITYFED_NODE_POLL_S``; otherwise Flower's polling and a new process per message.
+        Both print timestamped logs.
         """
         cfg_file = self.home / "node-config.toml"
         cfg_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in self.node_config.items()))
-        head = [sys.executable, "-m", "clients.warm", "supernode" if self.warm else "flower-supernode"]
+        head = [sys.executable, "-m", "clients.warm", "supernode" if self.warm else "cold-supernode"]
         cmd = [*head, "--superlink", self.coordinator,
                "--root-certificates", str(self.ca), "--auth-supernode-private-key", str(self.key),
                "--port", str(self.runtime_port), "--node-config", str(cfg_file),
@@ -265,9 +272,16 @@ class NodeLaunch:
         """The SuperNode's environment: FLWR_HOME, fast SuperExec polling, this venv on PATH.
 
         ``CITYFED_DP_SEED_FROM_JOB`` (simulations only) is removed: a node's DP noise is
-        always seeded from OS entropy.
+        always seeded from OS entropy. ``CITYFED_NODE_HOME`` (state dir: approved apps,
+        quarantine, audit log) and ``CITYFED_NODE_KEY`` (signs audit entries) tell the
+        ClientApp tasks where the node's app approvals live; ``PYTHONSAFEPATH=1`` keeps the
+        working directory off ``sys.path``, so the node's code and the release a FAB is
+        compared with are the installed ones.
         """
-        env = {**NODE_ENV, **os.environ, **self.extra_env, "FLWR_HOME": str(self.home)}
+        from clients.pinning import HOME_ENV, KEY_ENV
+
+        env = {**NODE_ENV, **os.environ, **self.extra_env, "FLWR_HOME": str(self.home),
+               HOME_ENV: str(self.home), KEY_ENV: str(self.key), "PYTHONSAFEPATH": "1"}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         # a department node's DP noise is always seeded from OS entropy, never from the
         # coordinator's job seed, whatever the shell exported (privacy.dp.dp_seed)
@@ -369,24 +383,36 @@ class Supervisor:
 
 # --------------------------------------------------------------------------- command
 
+#: Options without which the node cannot run (optional in the signature only so that the
+#: sub-commands ``fl-client app ...`` / ``fl-client audit ...`` work without them).
+RUN_REQUIRED = ("department", "site", "data", "policy", "coordinator", "ca", "key")
+#: Written into the state dir when the node starts: lets ``fl-client app``/``audit`` find its key.
+NODE_FILE = "node.json"
+
+
+def default_state_dir(department: str, site: str) -> Path:
+    """``~/.cityfed/node-<department>-<site>`` (spaces in the site become ``_``)."""
+    return Path.home() / ".cityfed" / f"node-{department}-{site.replace(' ', '_')}"
+
 
 def fl_client(
-    department: Annotated[str, typer.Option("--department", help="This node's department: health, traffic or utility. Must match the policy's `department`.")],
-    site: Annotated[str, typer.Option("--site", help="This node's site as named in the data file (e.g. Cleveland); it is the key of the node's privacy ledger.")],
-    data: Annotated[str, typer.Option("--data", help=f"This department's records (CSV/Parquet in the department schema; README lists the columns). They never leave this machine. '{BUNDLED}' = the packaged real data (demos).")],
-    policy: Annotated[Path, typer.Option("--policy", help="This department's privacy policy (TOML; examples/policies/). Every job is checked against it before any data is touched.")],
-    coordinator: Annotated[str, typer.Option("--coordinator", help="HOST:PORT of the coordinator (fl-server start --port). HOST must be a name or IP in the coordinator's certificate.")],
-    ca: Annotated[Path, typer.Option("--ca", help="The city's CA certificate (ca.crt from the coordinator team); the coordinator's certificate must verify against it.")],
-    key: Annotated[Path, typer.Option("--key", help="This node's private key (node.key from `fl-pki node-key` on THIS machine; never copy it). Its node.pub must be registered by the coordinator.")],
+    ctx: typer.Context,
+    department: Annotated[Optional[str], typer.Option("--department", help="\\[required] This node's department: health, traffic or utility. Must match the policy's `department`.", show_default=False)] = None,
+    site: Annotated[Optional[str], typer.Option("--site", help="\\[required] This node's site as named in the data file (e.g. Cleveland); it is the key of the node's privacy ledger.", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help=f"\\[required] This department's records (CSV/Parquet in the department schema; README lists the columns). They never leave this machine. '{BUNDLED}' = the packaged real data (demos).", show_default=False)] = None,
+    policy: Annotated[Optional[Path], typer.Option("--policy", help="\\[required] This department's privacy policy (TOML; examples/policies/). Every job is checked against it before any data is touched.", show_default=False)] = None,
+    coordinator: Annotated[Optional[str], typer.Option("--coordinator", help="\\[required] HOST:PORT of the coordinator (fl-server start --port). HOST must be a name or IP in the coordinator's certificate.", show_default=False)] = None,
+    ca: Annotated[Optional[Path], typer.Option("--ca", help="\\[required] The city's CA certificate (ca.crt from the coordinator team); the coordinator's certificate must verify against it.", show_default=False)] = None,
+    key: Annotated[Optional[Path], typer.Option("--key", help="\\[required] This node's private key (node.key from `fl-pki node-key` on THIS machine; never copy it). Its node.pub must be registered by the coordinator. It also signs the node's audit log.", show_default=False)] = None,
     ledger: Annotated[Optional[Path], typer.Option("--ledger", help="Privacy ledger (SQLite) holding every DP release of this node: its lifetime budget. Keep it, back it up, never delete it. Default: <state-dir>/ledger.sqlite.")] = None,
-    state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="Node working folder (FLWR_HOME: received app bundles, node-config.toml). Default ~/.cityfed/node-<department>-<site>.")] = None,
+    state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="Node working folder (FLWR_HOME: received app bundles, node-config.toml; apps/approved.json, apps/quarantine/, audit.jsonl). Default ~/.cityfed/node-<department>-<site>.")] = None,
     runtime_port: Annotated[int, typer.Option("--runtime-port", min=1, max=65535, help="Local port of the node's own Runtime API (127.0.0.1 only). Change it when several nodes run on one machine.")] = 9094,
     max_restarts: Annotated[int, typer.Option("--max-restarts", min=0, help="Restarts in a row of a failed SuperNode before giving up (exit 1).")] = 5,
     backoff: Annotated[float, typer.Option("--backoff", min=0.0, help="First wait before a restart, seconds; doubles each time.")] = 2.0,
     backoff_max: Annotated[float, typer.Option("--backoff-max", min=0.0, help="Longest wait between restarts, seconds.")] = 60.0,
     reconnect_window: Annotated[float, typer.Option("--reconnect-window", min=1.0, help="Seconds the SuperNode keeps retrying a lost connection before it exits and is restarted.")] = 300.0,
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", min=0.1, help="Seconds for the start-up reachability and TLS checks.")] = 5.0,
-    cold: Annotated[bool, typer.Option("--cold", help="Start a new ClientApp process for every message and keep Flower's polling (3 s idle), as plain flower-supernode does. Default: one warm ClientApp worker per node and 0.1 s polling (clients/warm.py; docs/DEPLOYMENT.md §5).")] = False,
+    cold: Annotated[bool, typer.Option("--cold", help="Start a new ClientApp process for every message and keep Flower's polling (3 s idle), as plain flower-supernode does. Default: one warm ClientApp worker per node and 0.1 s polling (clients/warm.py; docs/DEPLOYMENT.md §5). Both run only approved app code.")] = False,
     check: Annotated[bool, typer.Option("--check", help="Run the start-up checks, print the result and exit (0 = ready).")] = False,
 ) -> None:
     """Run this department's node: join the city's federation and train under this department's own privacy policy.
@@ -396,9 +422,22 @@ def fl_client(
     Then runs Flower's SuperNode and restarts it with backoff if it fails; Ctrl-C/SIGTERM
     stops it. Exit 3: the coordinator refused the key (ask the operator to `fl-server
     register` your node.pub).
+
+    The node runs only app code this department approved: a run's app bundle must be the
+    cityfed release installed here, or approved with `fl-client app approve`; anything else
+    is refused before it is installed or imported, and kept for `fl-client app review`.
+
+    Sub-commands: [bold]app[/] (review, approve, revoke, list app bundles) and [bold]audit[/]
+    (verify, show, export the node's signed audit log), e.g. `fl-client app list --state-dir DIR`.
     """
+    if ctx.invoked_subcommand is not None:
+        return  # `fl-client app ...` / `fl-client audit ...`: the node options are not needed
+    for name in RUN_REQUIRED:
+        if ctx.params.get(name) is None:
+            param = next(p for p in ctx.command.params if p.name == name)
+            raise click.MissingParameter(ctx=ctx, param=param)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    home = Path(state_dir or Path.home() / ".cityfed" / f"node-{department}-{site.replace(' ', '_')}").expanduser().resolve()
+    home = Path(state_dir or default_state_dir(department, site)).expanduser().resolve()
     ledger_path = Path(ledger or home / "ledger.sqlite").expanduser().resolve()
     try:
         host, port = parse_address(coordinator)
@@ -407,8 +446,8 @@ def fl_client(
         check_data(department, data, site)
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         check_ledger(ledger_path)
-        ctx = check_ca(ca)
-        check_coordinator(host, port, ctx, ca, connect_timeout)
+        ctx_tls = check_ca(ca)
+        check_coordinator(host, port, ctx_tls, ca, connect_timeout)
     except SetupError as exc:
         err.print(f"[bold red]fl-client: cannot start:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_SETUP) from None
@@ -416,6 +455,9 @@ def fl_client(
               f"(TLS verified), ledger {escape(str(ledger_path))}")
     if check:
         raise typer.Exit(EXIT_OK)
+    from clients.pinning import write_json
+
+    write_json(home / NODE_FILE, {"department": department, "site": site, "key": str(Path(key).resolve())})
     node_config = {"department": department, "site": site,
                    "data": "" if data == BUNDLED else str(Path(data).resolve()),
                    "policy": str(Path(policy).resolve()), "ledger": str(ledger_path)}
@@ -426,8 +468,340 @@ def fl_client(
     raise typer.Exit(sup.run())
 
 
-app = typer.Typer(name="fl-client", add_completion=False, rich_markup_mode="rich", pretty_exceptions_show_locals=False)
-app.command()(fl_client)
+# --------------------------------------------------------------------------- sub-commands: which node
+
+
+def node_home(state_dir: Path | None = None, department: str | None = None, site: str | None = None) -> Path:
+    """The state dir a sub-command works on.
+
+    In order: ``--state-dir``; ``--department``/``--site`` (``fl-client``'s default); the
+    same options given before the sub-command (``fl-client --state-dir D app list``);
+    ``$CITYFED_NODE_HOME``; the only ``~/.cityfed/node-*`` folder.
+
+    Raises
+    ------
+    SetupError
+        None of these names exactly one node.
+    """
+    from clients.pinning import HOME_ENV
+
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root().params if ctx is not None else {}
+    state_dir = state_dir or root.get("state_dir")
+    department, site = department or root.get("department"), site or root.get("site")
+    if state_dir:
+        return Path(state_dir).expanduser().resolve()
+    if department and site:
+        return default_state_dir(department, site).expanduser().resolve()
+    if department or site:
+        raise SetupError("--department and --site go together (they name ~/.cityfed/node-<department>-<site>); "
+                         "fix: pass both, or --state-dir")
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).expanduser().resolve()
+    found = sorted(p for p in (Path.home() / ".cityfed").glob("node-*") if p.is_dir())
+    if len(found) == 1:
+        return found[0].resolve()
+    listed = f" (found: {', '.join(str(p) for p in found)})" if found else f" (no {Path.home() / '.cityfed'}/node-* folder)"
+    raise SetupError(f"which node? pass --state-dir (the folder fl-client runs with) or --department and --site{listed}")
+
+
+def node_key(home: Path, key: Path | None = None) -> Path | None:
+    """The node's private key: ``--key``, else the one ``fl-client`` last ran with (``<state-dir>/node.json``)."""
+    ctx = click.get_current_context(silent=True)
+    key = key or (ctx.find_root().params.get("key") if ctx is not None else None)
+    if key:
+        return Path(key).expanduser().resolve()
+    try:
+        recorded = json.loads((home / NODE_FILE).read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(recorded) if recorded else None
+
+
+def _out() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _Errors:
+    """``with _Errors():`` prints an operator error (SetupError, PinningError) in red and exits 2, no traceback."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        from clients.pinning import PinningError
+
+        if isinstance(exc, (SetupError, PinningError)):
+            _err().print(f"[bold red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(EXIT_SETUP) from None
+        return False
+
+
+StateDirOpt = Annotated[Optional[Path], typer.Option("--state-dir", help="The node's state folder (fl-client --state-dir). Default: from --department/--site (~/.cityfed/node-<department>-<site>), else $CITYFED_NODE_HOME, else the only ~/.cityfed/node-* folder.", show_default=False)]
+DepartmentOpt = Annotated[Optional[str], typer.Option("--department", help="With --site: the node's default state folder.", show_default=False)]
+SiteOpt = Annotated[Optional[str], typer.Option("--site", help="With --department: the node's default state folder.", show_default=False)]
+KeyOpt = Annotated[Optional[Path], typer.Option("--key", help="Node key that signs the audit entry. Default: the key fl-client last ran with (<state-dir>/node.json).", show_default=False)]
+
+
+# --------------------------------------------------------------------------- fl-client app
+
+app_cmds = typer.Typer(
+    name="app",
+    help=("The app bundles (FABs) this node runs. By default a node runs a run's app only if it is the cityfed "
+          "release installed here, byte for byte; anything else is refused before it is installed or imported and "
+          "kept in <state-dir>/apps/quarantine/.\n\n"
+          "[bold]review[/] shows how a FAB differs (with diffs), [bold]approve[/] lets this node run one exact FAB "
+          "(by its sha256), [bold]revoke[/] withdraws that, [bold]list[/] shows the release and the approvals. "
+          "Exit codes: 0 ok, 2 bad input."),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _decision(digest: str, findings: list, approved: dict) -> str:
+    if digest in approved:
+        return "[green]runs[/] (approved by this department)"
+    if not findings:
+        return "[green]runs[/] (identical to the installed release)"
+    return "[bold red]refused[/] (differs from the installed release, not approved)"
+
+
+@app_cmds.command("review")
+def review_cmd(
+    fab: Annotated[str, typer.Argument(help="A .fab file, the sha256 (or a prefix) of a quarantined FAB, or a Flower run ID this node refused.", show_default=False)],
+    state_dir: StateDirOpt = None,
+    department: DepartmentOpt = None,
+    site: SiteOpt = None,
+    diff: Annotated[bool, typer.Option("--diff/--no-diff", help="Print a unified diff of each differing .py file against the installed release.")] = True,
+    context_lines: Annotated[int, typer.Option("--context", min=0, help="Lines of context around each change.")] = 3,
+) -> None:
+    """Show how an app bundle differs from the cityfed release installed on this node, file by file.
+
+    Lists every file that is modified, extra, missing or not allowed (anything but .py files,
+    pyproject.toml and Flower's .info/CONTENT), then a unified diff of each differing .py file
+    (installed release -> FAB). Read it before `fl-client app approve`.
+    """
+    from rich.syntax import Syntax
+    from rich.table import Table
+
+    from clients import pinning
+
+    with _Errors():
+        home = node_home(state_dir, department, site)
+        digest, content, where = pinning.resolve_fab(fab, home)
+        approved = pinning.Approvals(home).approved()
+        manifest = pinning.release_manifest()
+    out = _out()
+    runs = pinning.Quarantine(home).runs_of(digest)
+    out.print(f"FAB sha256 [bold]{digest}[/]")
+    out.print(f"  from: {escape(where)}" + (f"; refused in run(s) {', '.join(runs)}" if runs else ""))
+    if content is None:
+        out.print(f"  its bytes are not kept on this node; decision on this node: {_decision(digest, [None], approved)}")
+        return
+    files, findings = pinning.read_fab(content)
+    if files:
+        findings += pinning.compare(files, manifest)
+    same = sum(1 for f in files if f.endswith(".py") and f in manifest) - sum(f.status == "modified" for f in findings)
+    out.print(f"  {len(content)} bytes, {len(files)} files; {same} .py file(s) identical to the installed release "
+              f"({len(manifest)} .py files, manifest {pinning.manifest_hash(manifest)[:16]})")
+    out.print(f"  decision on this node: {_decision(digest, findings, approved)}")
+    if not findings:
+        return
+    t = Table(title="files that differ")
+    t.add_column("file", overflow="fold")
+    t.add_column("status", no_wrap=True)
+    t.add_column("detail", overflow="fold")
+    for f in findings:
+        size = f" ({len(files[f.path])} bytes, sha256 {pinning.sha256(files[f.path])[:16]})" \
+            if f.status == "not allowed" and f.path in files else ""
+        t.add_row(escape(f.path), escape(f.status), escape(f.detail + size))
+    out.print(t)
+    if not diff:
+        return
+    release = pinning.release_files()
+    for f in findings:
+        if f.path.endswith(".py") and f.status in ("modified", "extra", "missing"):
+            text = pinning.file_diff(f.path, files.get(f.path), release.get(f.path), context_lines)
+            if text:
+                out.print(f"\n[bold]{escape(f.path)}[/] ({f.status})")
+                out.print(Syntax(text, "diff", theme="ansi_dark", background_color="default", word_wrap=True))
+        elif f.path == pinning.PYPROJECT and f.status == "components changed":
+            out.print(f"\n[bold]pyproject.toml[/]: {escape(f.detail)}")
+
+
+def _audit(home: Path, kind: str, key: Path | None, **fields) -> None:
+    from clients import pinning
+
+    if key is None:
+        _err().print(f"[yellow]note:[/] no node key known for {escape(str(home))} (pass --key): the audit entry is unsigned")
+    pinning.audit(home, kind, key_path=key, **fields)
+
+
+@app_cmds.command("approve")
+def approve_cmd(
+    sha256: Annotated[str, typer.Argument(help="The FAB's sha256 as in the refusal message (or a prefix of a quarantined FAB's).", show_default=False)],
+    state_dir: StateDirOpt = None,
+    department: DepartmentOpt = None,
+    site: SiteOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Let this node run one exact app bundle (by the sha256 of its bytes), even though it differs from the release.
+
+    Review it first (`fl-client app review`). Takes effect from the node's next task, without a
+    restart; recorded in <state-dir>/apps/approved.json and in the node's audit log
+    (app-approved).
+    """
+    from clients import pinning
+
+    with _Errors():
+        home = node_home(state_dir, department, site)
+        digest = pinning.full_sha256(sha256, home)
+        new = pinning.Approvals(home).approve(digest)
+    known = pinning.Quarantine(home).fab_path(digest).is_file()
+    if not new:
+        _out().print(f"already approved: {digest}")
+        return
+    _audit(home, "app-approved", node_key(home, key), **{"fab-sha256": digest, "by": pinning._user()})
+    _out().print(f"[green]approved[/] {digest}: this node runs that app bundle from its next task")
+    if not known:
+        _err().print("[yellow]note:[/] this node has not quarantined that FAB; make sure you reviewed it "
+                     "(`fl-client app review FILE.fab`)")
+
+
+@app_cmds.command("revoke")
+def revoke_cmd(
+    sha256: Annotated[str, typer.Argument(help="An approved FAB's sha256 (or a prefix of a quarantined FAB's).", show_default=False)],
+    state_dir: StateDirOpt = None,
+    department: DepartmentOpt = None,
+    site: SiteOpt = None,
+    key: KeyOpt = None,
+) -> None:
+    """Withdraw an approval: from the node's next task on, that app bundle is refused again (unless it is the release).
+
+    Recorded in <state-dir>/apps/approved.json and in the node's audit log (app-revoked).
+    """
+    from clients import pinning
+
+    with _Errors():
+        home = node_home(state_dir, department, site)
+        digest = pinning.full_sha256(sha256, home)
+        store = pinning.Approvals(home)
+        if not store.revoke(digest):
+            raise pinning.PinningError(f"{digest} is not approved in {store.path}; fix: `fl-client app list` shows "
+                                       "the approved sha256 values")
+    _audit(home, "app-revoked", node_key(home, key), **{"fab-sha256": digest, "by": pinning._user()})
+    _out().print(f"[green]revoked[/] {digest}: this node refuses that app bundle from its next task")
+
+
+@app_cmds.command("list")
+def list_cmd(
+    state_dir: StateDirOpt = None,
+    department: DepartmentOpt = None,
+    site: SiteOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show the installed release (what runs without approval), the approved app bundles and the quarantined ones."""
+    from rich.table import Table
+
+    from clients import pinning
+
+    with _Errors():
+        home = node_home(state_dir, department, site)
+        manifest = pinning.release_manifest()
+        data = pinning.Approvals(home).load()
+    q = pinning.Quarantine(home)
+    runs = q.index()["runs"]
+    quarantined = [{"sha256": d, "runs": q.runs_of(d),
+                    "files": next((runs[r]["files"] for r in q.runs_of(d)), [])} for d in q.fabs()]
+    release = {"manifest-sha256": pinning.manifest_hash(manifest), "files": len(manifest),
+               "packages": {k: str(v) for k, v in pinning.release_dirs().items()}}
+    if as_json:
+        print(json.dumps({"state-dir": str(home), "release": release, "approved": data["approved"],
+                          "revoked": data["revoked"], "quarantined": quarantined}, indent=2))
+        return
+    out = _out()
+    out.print(f"node state: {escape(str(home))}")
+    out.print(f"installed release: manifest sha256 [bold]{release['manifest-sha256']}[/] ({len(manifest)} .py files "
+              f"in {', '.join(escape(v) for v in release['packages'].values())})")
+    if not data["approved"]:
+        out.print("approved app bundles: none (only the installed release runs)")
+    else:
+        t = Table(title="approved app bundles")
+        for col in ("sha256", "approved at", "by"):
+            t.add_column(col, no_wrap=col == "sha256", overflow="fold")
+        for digest, info in sorted(data["approved"].items(), key=lambda kv: str(kv[1].get("approved-at", ""))):
+            t.add_row(digest, escape(str(info.get("approved-at", ""))), escape(str(info.get("by", ""))))
+        out.print(t)
+    if quarantined:
+        t = Table(title="quarantined (refused) app bundles")
+        for col in ("sha256", "runs", "differs"):
+            t.add_column(col, no_wrap=col == "sha256", overflow="fold")
+        for row in quarantined:
+            files = row["files"]
+            shown = ", ".join(files[:4]) + (f", +{len(files) - 4}" if len(files) > 4 else "")
+            t.add_row(row["sha256"], escape(", ".join(row["runs"])), escape(shown))
+        out.print(t)
+
+
+# --------------------------------------------------------------------------- fl-client audit
+
+
+def _audit_default_log() -> Path:
+    try:
+        return node_home() / "audit.jsonl"
+    except SetupError:
+        return Path.home() / ".cityfed" / "node-<department>-<site>" / "audit.jsonl"
+
+
+def _audit_default_pub() -> Path | None:
+    try:
+        key = node_key(node_home())
+    except SetupError:
+        return None
+    return key.with_name("node.pub") if key is not None else None
+
+
+def _audit_command() -> click.Command:
+    """``fl-client audit`` from :mod:`privacy.audit_cli` (imported only when it is used)."""
+    try:
+        from privacy.audit_cli import make_audit_app
+    except Exception as exc:  # noqa: BLE001 - fl-client must run without it
+        reason = f"{type(exc).__name__}: {exc}"
+
+        @click.command("audit", help=f"The node's audit log (unavailable here: {reason}).")
+        def unavailable() -> None:
+            _err().print(f"[bold red]error:[/] `fl-client audit` is not available: privacy.audit_cli cannot be "
+                         f"imported ({escape(reason)}); fix: reinstall cityfed on this node")
+            raise typer.Exit(EXIT_SETUP)
+
+        return unavailable
+    cmd = typer.main.get_command(make_audit_app("node", _audit_default_log, _audit_default_pub))
+    cmd.name = "audit"
+    return cmd
+
+
+class _NodeGroup(TyperGroup):
+    """``fl-client``: the node itself (no sub-command) plus ``app`` and a lazily imported ``audit`` group."""
+
+    def list_commands(self, ctx):
+        return [*super().list_commands(ctx), *(["audit"] if "audit" not in self.commands else [])]
+
+    def get_command(self, ctx, name):
+        if name == "audit" and name not in self.commands:
+            self.add_command(_audit_command(), "audit")
+        return super().get_command(ctx, name)
+
+
+app = typer.Typer(name="fl-client", cls=_NodeGroup, add_completion=False, rich_markup_mode="rich",
+                  pretty_exceptions_show_locals=False)
+app.callback(invoke_without_command=True)(fl_client)
+app.add_typer(app_cmds, name="app")
 
 
 def main() -> None:

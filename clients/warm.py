@@ -1,16 +1,23 @@
-"""Warm ClientApp execution for a department node: one long-lived worker, not a process per message.
+"""How a department node runs ClientApp tasks: every task goes through :func:`run_task`.
 
-Flower 1.41's SuperNode (``--isolation subprocess``) starts ``flower-superexec``, and that starts
-a **fresh** ``flwr-clientapp`` process for every message. On a 2-core node that costs 7-14 s per
-message (Python, torch, opacus, pandas and the app imported again), against 1-2 s of DP-SGD
-compute for the health model. The SuperNode also sleeps a hard-coded 3 s whenever no message
-is waiting, and waits for a reply in 0.5 s steps.
+:func:`run_task` is the one place where a node loads a run's app bundle (FAB): it pulls the
+task's message, context, run and FAB from the node-local Runtime API, asks
+:func:`clients.pinning.admit_fab` whether this department runs that FAB (**before** the FAB
+is extracted, installed or any of its modules imported; a refused FAB gets an error reply
+naming its sha256 and the differing files), then installs it, loads its ClientApp, calls
+it and pushes the reply and the task status, with the same steps as ``flwr-clientapp``.
+``fl-client`` runs the SuperNode through this module in one of two modes, and neither
+starts Flower's ``flwr-clientapp``:
 
-``fl-client`` therefore runs the SuperNode through this module::
+**warm** (default)::
 
     python -m clients.warm supernode <flower-supernode arguments>
 
-which changes three things and nothing else:
+Flower 1.41's SuperNode (``--isolation subprocess``) starts ``flower-superexec``, and that
+starts a **fresh** ``flwr-clientapp`` process for every message. On a 2-core node that costs
+7-14 s per message (Python, torch, opacus, pandas and the app imported again), against 1-2 s
+of DP-SGD compute for the health model. The SuperNode also sleeps a hard-coded 3 s whenever
+no message is waiting, and waits for a reply in 0.5 s steps. Warm mode changes three things:
 
 1. the SuperNode's sleeps (idle poll 3 s, reply wait 0.5 s) are capped at
    ``CITYFED_NODE_POLL_S`` seconds (default 0.1), and its retries of not-yet-available
@@ -19,34 +26,45 @@ which changes three things and nothing else:
    main loop) with a :class:`WarmClientAppExecutor`: ClientApp tasks go to one long-lived
    worker process; every other task type is started as Flower does (a subprocess);
 3. the worker (``python -m clients.warm worker``, started with the SuperExec, so its imports
-   are done before the first message arrives) runs each task with the same steps as
-   ``flwr-clientapp`` (:func:`run_task`): pull the message, context, run and FAB from the
-   node-local Runtime API with the task's token, install the FAB, load its ClientApp, call it,
-   push the reply and the task status. It does not exit afterwards, so heavy third-party
-   libraries stay imported and the ClientApp's caches (the node's data) stay warm.
+   are done before the first message arrives) runs each task with :func:`run_task` and does
+   not exit afterwards, so heavy third-party libraries stay imported and the ClientApp's
+   caches (the node's data) stay warm.
 
-The app's own modules are always the FAB's: before a FAB is loaded, every module of the FAB's
-top-level packages that was not loaded from that FAB's folder is dropped from ``sys.modules``
-(a new FAB, or a copy of the package installed on the node, is never reused by accident).
-Tasks run one after another (a SuperNode hands out one message at a time). If the worker dies
-(OOM, crash), the next task starts a new one; the lost task expires as a crashed
-``flwr-clientapp`` would. ``CITYFED_WARM=0`` (or ``fl-client --cold``) gives Flower's
-process-per-message behaviour unchanged.
+**cold** (``fl-client --cold``)::
+
+    python -m clients.warm cold-supernode <flower-supernode arguments>
+
+Flower's SuperNode with its own polling (no caps, Flower's object-pull backoff); its SuperExec
+(``python -m clients.warm cold-superexec``) starts a **fresh** ``python -m clients.warm task``
+process for every ClientApp task, which runs :func:`run_task` once and exits: Flower's
+process-per-message behaviour, with the same app check.
+
+In warm mode the app's own modules are always the FAB's: before a FAB is loaded, every module
+of the FAB's top-level packages that was not loaded from that FAB's folder is dropped from
+``sys.modules`` (a new FAB, or a copy of the package installed on the node, is never reused
+by accident). Tasks run one after another (a SuperNode hands out one message at a time). If
+the worker dies (OOM, crash), the next task starts a new one; the lost task expires as a
+crashed ``flwr-clientapp`` would.
 
 This relies on flwr 1.41 internals (``start_client_internal``'s module-level ``time`` and
 ``subprocess``, ``run_superexec.get_executor``, ``run_clientapp``'s helpers); :func:`check_flwr`
-refuses other versions with a clear message.
+refuses other versions with a clear message, in both modes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+# bound now, from the node's installed release: a warm worker later drops the FAB packages'
+# modules (``clients`` included) from sys.modules, so a late import could find a FAB's copy
+from clients import pinning
 
 #: Flower version whose internals this module patches (pinned in pyproject.toml).
 FLWR_VERSION = "1.41.0"
@@ -74,7 +92,7 @@ def check_flwr() -> None:
     if version != FLWR_VERSION:
         raise WarmSetupError(
             f"clients.warm adapts flwr {FLWR_VERSION} internals but flwr {version} is installed. "
-            f"Fix: install flwr=={FLWR_VERSION} (pyproject.toml pins it), or run fl-client --cold."
+            f"Fix: install flwr=={FLWR_VERSION} (pyproject.toml pins it)."
         )
 
 
@@ -106,13 +124,22 @@ class _CappedTime:
         return getattr(time, name)
 
 
-class _WarmSuperExecLauncher:
-    """``subprocess`` stand-in: ``Popen(["flower-superexec", ...])`` starts this module's SuperExec."""
+class _SuperExecLauncher:
+    """``subprocess`` stand-in: ``Popen(["flower-superexec", ...])`` starts this module's SuperExec.
+
+    Parameters
+    ----------
+    command : str
+        ``"superexec"`` (warm executor) or ``"cold-superexec"`` (a process per task).
+    """
+
+    def __init__(self, command: str = "superexec"):
+        self.command = command
 
     def Popen(self, args, *pargs, **kwargs):  # noqa: N802 (mirrors subprocess.Popen)
         args = list(args)
         if args and Path(str(args[0])).name == "flower-superexec":
-            args = [sys.executable, "-m", "clients.warm", "superexec", *args[1:]]
+            args = [sys.executable, "-m", "clients.warm", self.command, *args[1:]]
         return subprocess.Popen(args, *pargs, **kwargs)
 
     def __getattr__(self, name):
@@ -131,31 +158,64 @@ def timestamped_logs() -> None:
     update_console_handler(timestamps=True)
 
 
-def run_flower_supernode(argv: list[str]) -> None:
-    """Run Flower's SuperNode exactly as ``flower-supernode`` does, with timestamped logs (``fl-client --cold``)."""
-    from flwr.supernode.cli import flower_supernode
+def run_supernode(argv: list[str], warm: bool = True) -> None:
+    """Run Flower's SuperNode whose SuperExec runs ClientApp tasks through :func:`run_task`.
 
-    timestamped_logs()
-    sys.argv = ["flower-supernode", *argv]
-    flower_supernode()
-
-
-def run_supernode(argv: list[str]) -> None:
-    """Run Flower's SuperNode with capped polling and the warm SuperExec (see module docstring)."""
+    ``warm``: capped polling, fast object pulls and the warm worker (see module docstring);
+    otherwise Flower's polling and a fresh ``python -m clients.warm task`` process per task.
+    """
     check_flwr()
-    cap = poll_cap()
+    cap = poll_cap() if warm else None
     timestamped_logs()
     import flwr.supernode.start_client_internal as sci
     from flwr.supernode.cli import flower_supernode
 
-    sci.time = _CappedTime(cap)
-    sci.subprocess = _WarmSuperExecLauncher()
-    sci.pull_objects = fast_pulls(sci.pull_objects)  # messages from the coordinator
+    if warm:
+        sci.time = _CappedTime(cap)
+        sci.pull_objects = fast_pulls(sci.pull_objects)  # messages from the coordinator
+    sci.subprocess = _SuperExecLauncher("superexec" if warm else "cold-superexec")
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
 
 
 # --------------------------------------------------------------------------- SuperExec
+
+
+def _task_line(spec) -> str:
+    """One ClientApp task as the JSON line :func:`run_task` reads (what Flower passes to ``flwr-clientapp``)."""
+    return json.dumps({"runtime_api_address": spec.runtime_api_address, "token": spec.token,
+                       "insecure": spec.insecure, "root_certificates_path": spec.root_certificates_path,
+                       "runtime_dependency_install": spec.runtime_dependency_install,
+                       "task_id": spec.task_id}) + "\n"
+
+
+def _cold_executor_class():
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import LaunchResult
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+    class ColdClientAppExecutor(SubprocessExecutor):
+        """SuperExec executor: a fresh ``python -m clients.warm task`` process per ClientApp task."""
+
+        def __init__(self, task_cmd: list[str] | None = None):
+            self.task_cmd = task_cmd or [sys.executable, "-m", "clients.warm", "task"]
+
+        def launch(self, spec):
+            if spec.task_type != TaskType.CLIENT_APP:
+                return super().launch(spec)
+            cmd = [*self.task_cmd, "--parent-pid", str(spec.parent_pid if spec.parent_pid is not None else os.getpid())]
+            quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if spec.suppress_output else {}
+            try:
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True, **quiet)
+                assert proc.stdin is not None
+                proc.stdin.write(_task_line(spec))  # the token travels on a pipe, not on the command line
+                proc.stdin.close()
+            except OSError as exc:
+                return LaunchResult.failed(f"ClientApp task process could not start: {exc}")
+            threading.Thread(target=proc.wait, daemon=True).start()  # reap it (no zombies)
+            return LaunchResult.accepted()
+
+    return ColdClientAppExecutor
 
 
 def _executor_class():
@@ -229,10 +289,7 @@ def _executor_class():
         def launch(self, spec):
             if spec.task_type != TaskType.CLIENT_APP:
                 return super().launch(spec)
-            line = json.dumps({"runtime_api_address": spec.runtime_api_address, "token": spec.token,
-                               "insecure": spec.insecure, "root_certificates_path": spec.root_certificates_path,
-                               "runtime_dependency_install": spec.runtime_dependency_install,
-                               "task_id": spec.task_id}) + "\n"
+            line = _task_line(spec)
             with self.lock:
                 self._replace_stuck_worker()
                 for attempt in (1, 2):  # a worker that died since the last task is replaced once
@@ -264,20 +321,21 @@ def _executor_class():
     return WarmClientAppExecutor
 
 
-def run_superexec(argv: list[str]) -> None:
-    """Run Flower's SuperExec whose subprocess executor is the warm ClientApp executor."""
+def run_superexec(argv: list[str], warm: bool = True) -> None:
+    """Run Flower's SuperExec whose subprocess executor is the warm (or, ``warm=False``, the cold) ClientApp executor."""
     check_flwr()
     import flwr.supercore.superexec.run_superexec as rs
     from flwr.supercore.cli import flower_superexec
     from flwr.supercore.constant import ExecutorType
 
     flower_get_executor = rs.get_executor
-    warm_cls = _executor_class()
+    cls = _executor_class() if warm else _cold_executor_class()
 
     def get_executor(executor_type, executor_config=None, **kwargs):
         if executor_type == ExecutorType.SUBPROCESS:
-            executor = warm_cls()
-            executor.prestart()  # imports off the first round's critical path
+            executor = cls()
+            if warm:
+                executor.prestart()  # imports off the first round's critical path
             return executor
         return flower_get_executor(executor_type, executor_config, **kwargs)
 
@@ -327,8 +385,45 @@ def use_fab_modules(app_dir: Path) -> list[str]:
     return dropped
 
 
+#: Names this process in the task log lines ("warm ClientApp worker", or the cold mode's task process).
+_LABEL = "warm ClientApp worker"
+
+
+def _install_accepted(run, fab) -> Path:
+    """Install an accepted FAB and return its folder, after checking it holds exactly the FAB's files.
+
+    Flower reuses an existing ``apps/<publisher>.<name>.<version>.<hash prefix>`` folder; one
+    left by another FAB with the same 8-hex prefix is replaced. The run's FAB ID and version
+    (from the coordinator) must name the folder the FAB installs into, since Flower loads
+    the ClientApp from the folder they name.
+    """
+    from flwr.cli.install import install_from_fab
+    from flwr.common.config import get_project_dir
+
+    app_dir = Path(install_from_fab(fab.content, skip_prompt=True))
+    stale = pinning.installed_mismatch(app_dir, fab.content)
+    if stale:
+        print(f"cityfed: {app_dir} holds files of another FAB ({', '.join(stale[:5])}); reinstalling",
+              file=sys.stderr, flush=True)
+        shutil.rmtree(app_dir)
+        app_dir = Path(install_from_fab(fab.content, skip_prompt=True))
+        stale = pinning.installed_mismatch(app_dir, fab.content)
+        if stale:
+            raise RuntimeError(f"installed app folder {app_dir} does not match FAB {fab.hash_str}: {', '.join(stale[:5])}")
+    named = Path(get_project_dir(run.fab_id, run.fab_version, fab.hash_str))
+    if named.resolve() != app_dir.resolve():
+        raise RuntimeError(f"run {run.run_id} names app {run.fab_id} {run.fab_version} ({named.name}) but its FAB "
+                           f"installs as {app_dir.name}; not loading it")
+    return app_dir
+
+
 def run_task(task: dict) -> int:
-    """Run one ClientApp task as ``flwr-clientapp --token`` does, without exiting; returns its exit code.
+    """Run one ClientApp task as ``flwr-clientapp --token`` does, with the app check; returns its exit code.
+
+    The one place where a node loads a FAB (warm worker and cold task process alike): the
+    FAB is checked by :func:`clients.pinning.admit_fab` right after it is pulled, before it is
+    installed or anything of it imported. A refused FAB gets an error reply (code
+    :data:`clients.pinning.APP_REFUSED`) whose reason names its sha256 and the differing files.
 
     Parameters
     ----------
@@ -336,14 +431,12 @@ def run_task(task: dict) -> int:
         ``runtime_api_address``, ``token``, ``insecure``, ``root_certificates_path``,
         ``runtime_dependency_install`` (what Flower's SuperExec passes to ``flwr-clientapp``).
     """
-    from logging import DEBUG, ERROR, INFO
+    from logging import DEBUG, ERROR, INFO, WARNING
 
     from flwr.app import Message
     from flwr.app.error import Error
-    from flwr.cli.install import install_from_fab
     from flwr.clientapp.client_app import LoadClientAppError
     from flwr.clientapp.utils import get_load_client_app_fn
-    from flwr.common.config import get_project_dir
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore import log
     from flwr.supercore.exit import ExitCode
@@ -356,10 +449,10 @@ def run_task(task: dict) -> int:
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
     if task.get("runtime_dependency_install"):
-        # Installing per-run dependencies into a long-lived process is not possible; fl-server
-        # starts SuperLinks with installation disabled, so this only happens with a foreign setup.
-        log(ERROR, "warm ClientApp worker: runtime dependency installation is not supported; "
-                   "run fl-client --cold for such a deployment")
+        # fl-server starts SuperLinks with runtime installation disabled; the app must use the
+        # node's own environment (which is also what the app check compares against)
+        log(ERROR, "%s: runtime dependency installation is not supported; the app runs in the node's own "
+                   "environment", _LABEL)
     retry_invoker = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
         server_address=task["runtime_api_address"],
@@ -384,18 +477,25 @@ def run_task(task: dict) -> int:
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
         mark("pull")
-        install_from_fab(fab.content, skip_prompt=True)
-        mark("install")
-        app_dir = get_project_dir(run.fab_id, run.fab_version, fab.hash_str)
-        dropped = use_fab_modules(Path(app_dir))
-        if dropped:
-            log(DEBUG, "warm ClientApp worker: %d cached module(s) replaced by FAB %s", len(dropped), fab.hash_str[:12])
-        client_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
-            run.fab_id, run.fab_version, fab.hash_str)
-        mark("load")
-        reply = client_app(message=message, context=context)
-        mark("app")
-        sub_status, details = SubStatus.COMPLETED, ""
+        verdict = pinning.admit_fab(fab.content, announced=fab.hash_str, run_id=run.run_id)
+        mark("check")
+        if not verdict.accepted:
+            log(WARNING, "cityfed: run %s: %s", run.run_id, verdict.reason())
+            reply = Message(Error(code=pinning.APP_REFUSED, reason=verdict.reason()), reply_to=message)
+            sub_status, details = SubStatus.FAILED, verdict.reason()
+        else:
+            app_dir = _install_accepted(run, fab)
+            mark("install")
+            dropped = use_fab_modules(app_dir)
+            if dropped:
+                log(DEBUG, "%s: %d cached module(s) replaced by FAB %s", _LABEL, len(dropped),
+                    fab.hash_str[:12])
+            client_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
+                run.fab_id, run.fab_version, fab.hash_str)
+            mark("load")
+            reply = client_app(message=message, context=context)
+            mark("app")
+            sub_status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # noqa: BLE001 (as flwr-clientapp: the error goes back as the reply)
         e_code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) \
             else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -420,7 +520,7 @@ def run_task(task: dict) -> int:
             heartbeat.stop()
         client.close()
         mark("close")
-    log(INFO, "warm ClientApp worker: task %s done in %.2f s (%s; %s)", task.get("task_id"),
+    log(INFO, "%s: task %s done in %.2f s (%s; %s)", _LABEL, task.get("task_id"),
         time.perf_counter() - t0, sub_status, ", ".join(f"{k} {v:.2f}" for k, v in steps.items()))
     return int(code)
 
@@ -475,6 +575,7 @@ def run_worker(argv: list[str]) -> None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
         start_parent_process_monitor(args.parent_pid)
+    pinning.prepare()  # the installed release's manifest and the audit log, before any FAB is loaded
     _fast_object_pulls()
     preload = [m.strip() for m in os.environ.get(PRELOAD_ENV, ",".join(DEFAULT_PRELOAD)).split(",") if m.strip()]
     for name in preload:  # third-party only; the app's own modules always come from the FAB
@@ -498,14 +599,40 @@ def run_worker(argv: list[str]) -> None:
                 done.write(f"{task.get('task_id')}\n")
 
 
+def run_cold_task(argv: list[str]) -> None:
+    """``python -m clients.warm task``: run the one ClientApp task read from stdin, then exit with its code."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m clients.warm task")
+    ap.add_argument("--parent-pid", type=int)
+    args = ap.parse_args(argv)
+    global _LABEL
+    _LABEL = "ClientApp task process"
+    check_flwr()
+    timestamped_logs()
+    if args.parent_pid is not None:
+        from flwr.supercore.app_utils import start_parent_process_monitor
+
+        start_parent_process_monitor(args.parent_pid)
+    line = sys.stdin.readline()
+    try:
+        task = json.loads(line)
+    except json.JSONDecodeError:
+        raise WarmSetupError(f"task: expected one JSON task line on stdin, got {len(line)} bytes") from None
+    pinning.prepare()
+    raise SystemExit(run_task(task))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m clients.warm {supernode|superexec|worker|flower-supernode} [args...]``."""
+    """``python -m clients.warm {supernode|superexec|worker|cold-supernode|cold-superexec|task} [args...]``."""
+    from functools import partial
+
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"supernode": run_supernode, "superexec": run_superexec, "worker": run_worker,
-                "flower-supernode": run_flower_supernode}
+                "cold-supernode": partial(run_supernode, warm=False),
+                "cold-superexec": partial(run_superexec, warm=False), "task": run_cold_task}
     if not argv or argv[0] not in commands:
-        print("usage: python -m clients.warm {supernode|superexec|worker|flower-supernode} [args...]\n\n" + (__doc__ or ""),
-              file=sys.stderr)
+        print(f"usage: python -m clients.warm {{{'|'.join(commands)}}} [args...]\n\n" + (__doc__ or ""), file=sys.stderr)
         raise SystemExit(2)
     try:
         commands[argv[0]](argv[1:])

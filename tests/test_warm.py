@@ -35,14 +35,16 @@ def test_capped_time_caps_sleep_and_delegates(monkeypatch):
 def test_supernode_starts_the_warm_superexec_instead_of_flowers(monkeypatch):
     seen = []
     monkeypatch.setattr(warm.subprocess, "Popen", lambda args, *a, **k: seen.append(list(args)))
-    launcher = warm._WarmSuperExecLauncher()
+    launcher = warm._SuperExecLauncher()
     launcher.Popen(["flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094", "--parent-pid", "7"])
     launcher.Popen(["/venv/bin/flower-superexec", "--insecure"])
     launcher.Popen(["something-else", "-x"])
+    warm._SuperExecLauncher("cold-superexec").Popen(["flower-superexec", "--insecure"])
     assert seen[0] == [sys.executable, "-m", "clients.warm", "superexec", "--insecure", "--runtime-api-address",
                        "127.0.0.1:9094", "--parent-pid", "7"]
     assert seen[1] == [sys.executable, "-m", "clients.warm", "superexec", "--insecure"]
     assert seen[2] == ["something-else", "-x"]
+    assert seen[3] == [sys.executable, "-m", "clients.warm", "cold-superexec", "--insecure"]  # fl-client --cold
     assert launcher.DEVNULL is subprocess.DEVNULL
 
 
@@ -283,3 +285,59 @@ def test_a_task_abandoned_by_the_supernode_does_not_block_the_next(tmp_path, mon
     lines = [ln.split(" ", 1) for ln in sink.read_text().splitlines()]
     assert [json.loads(body)["token"] for _, body in lines] == ["ok-1", "stuck", "ok-3"]
     assert lines[0][0] == lines[1][0] != lines[2][0]
+
+
+# --------------------------------------------------------------------------- cold mode (fl-client --cold)
+
+
+def test_cold_executor_starts_a_task_process_per_clientapp_task(tmp_path):
+    """fl-client --cold: a fresh `python -m clients.warm task` per task, the task line on its stdin (not argv)."""
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import LaunchResultStatus
+
+    sink = tmp_path / "tasks.jsonl"
+    script = tmp_path / "fake_task.py"  # stands in for `python -m clients.warm task --parent-pid P`
+    script.write_text("import os, sys\n"
+                      f"open({str(sink)!r}, 'a').write(str(os.getpid()) + ' ' + ' '.join(sys.argv[1:]) + ' '"
+                      " + sys.stdin.readline())\n")
+    executor = warm._cold_executor_class()(task_cmd=[sys.executable, str(script)])
+    for i in (1, 2):
+        assert executor.launch(_spec(TaskType.CLIENT_APP, f"tok-{i}", i)).status == LaunchResultStatus.ACCEPTED
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (not sink.exists() or len(sink.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    rows = [ln.split(" ", 3) for ln in sorted(sink.read_text().splitlines(), key=lambda ln: "tok-2" in ln)]
+    assert [json.loads(r[3])["token"] for r in rows] == ["tok-1", "tok-2"]
+    assert rows[0][0] != rows[1][0]  # one process per task
+    assert rows[0][1] == "--parent-pid" and "tok-1" not in " ".join(rows[0][:3])  # the token is not on the command line
+
+
+def test_cold_supernode_keeps_flowers_polling_and_routes_tasks_through_run_task(monkeypatch):
+    import flwr.supernode.cli as sn_cli
+    import flwr.supernode.start_client_internal as sci
+
+    monkeypatch.setattr(sn_cli, "flower_supernode", lambda: None)
+    monkeypatch.setattr(warm, "timestamped_logs", lambda: None)
+    for attr in ("time", "subprocess", "pull_objects"):
+        monkeypatch.setattr(sci, attr, getattr(sci, attr))  # restored after the test
+    pulls = sci.pull_objects
+    warm.run_supernode(["--insecure"], warm=False)
+    assert sci.time is time and sci.pull_objects is pulls  # Flower's polling and object-pull backoff
+    assert sci.subprocess.command == "cold-superexec"
+    warm.run_supernode(["--insecure"], warm=True)
+    assert isinstance(sci.time, warm._CappedTime) and sci.subprocess.command == "superexec"
+
+
+def test_task_entry_point_runs_run_task_once(monkeypatch):
+    seen = []
+    monkeypatch.setattr(warm, "run_task", lambda task: seen.append(task) or 0)
+    monkeypatch.setattr(warm, "timestamped_logs", lambda: None)
+    monkeypatch.setattr(warm.pinning, "prepare", lambda: seen.append("prepared"))
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO('{"token": "t", "task_id": 3}\n'))
+    with pytest.raises(SystemExit) as done:
+        warm.main(["task"])
+    assert done.value.code == 0 and seen == ["prepared", {"token": "t", "task_id": 3}]
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("garbage\n"))
+    with pytest.raises(SystemExit) as bad:
+        warm.main(["task"])
+    assert bad.value.code == 2
