@@ -15,6 +15,8 @@ Everything lives under ``--state-dir`` (env ``CITYFED_STATE_DIR``, default
     superlink-home/       FLWR_HOME of the SuperLink (installed FABs)
     flwr-home/config.toml FLWR_HOME of the operator's ``flwr`` CLI: connection "cityfed"
     coordinator.json      what ``start`` was given (address, CA, admin networks)
+    audit.jsonl(.head)    tamper-evident audit log (runs, node keys, stops, refusals; ``fl-server audit``)
+    audit.key / audit.pub EC P-256 key signing it (0600, made on first use) / its public half
     runs/<name>/          one folder per run: launch.json, run-config.toml, checkpoint.pkl,
                           model.pt, results.json
 
@@ -140,6 +142,28 @@ RunsDir = Annotated[
 
 def _state(state_dir: Path | None) -> Path:
     return Path(state_dir or default_state_dir()).expanduser().resolve()
+
+
+def audit_paths(state_dir: Path) -> tuple[Path, Path, Path]:
+    """``(audit.jsonl, audit.key, audit.pub)`` of the coordinator (see :mod:`privacy.audit`)."""
+    return state_dir / "audit.jsonl", state_dir / "audit.key", state_dir / "audit.pub"
+
+
+def record(state_dir: Path, kind: str, **fields) -> None:
+    """Append a signed entry to the coordinator's audit log (key created on first use).
+
+    Raises
+    ------
+    CliError
+        When the entry cannot be written (code 1; an action already done stays done).
+    """
+    from privacy.audit import AuditError, AuditLog, ensure_signing_key
+
+    log, key, pub = audit_paths(state_dir)
+    try:
+        AuditLog(log, key_path=ensure_signing_key(key, pub)).append(kind, **fields)
+    except AuditError as exc:
+        raise CliError(f"{kind!r} NOT recorded in the coordinator's audit log: {exc}", 1) from None
 
 
 def cli_home(state_dir: Path) -> Path:
@@ -384,6 +408,12 @@ def start_cmd(
         if not guard_installed_in_superlink():
             raise CliError("the control-plane guard could not be installed in this Flower version (needs flwr 1.41's "
                            "superlink extensions hook); refusing to start an unguarded coordinator", 1)
+        record(sd, "start", argv=list(sys.argv), address=address, insecure=insecure, **{"admin-nets": [str(n) for n in nets]})
+    # the SuperExec and ServerApp processes inherit these (Flower starts them with Popen and this environment)
+    from privacy.audit import ENV_KEY, ENV_LOG
+
+    audit_log, audit_key, _ = audit_paths(sd)
+    os.environ[ENV_LOG], os.environ[ENV_KEY] = str(audit_log), str(audit_key)
     os.environ["FLWR_HOME"] = str(superlink_home(sd))
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
@@ -444,6 +474,9 @@ def register_cmd(
     labels = _node_labels(sd)
     labels[node_id] = {"name": name or "", "fingerprint": info.fingerprint, "public-key": str(Path(public_key).resolve())}
     (sd / "nodes.json").write_text(json.dumps(labels, indent=2))
+    with _errors():
+        record(sd, "register", **{"node-id": node_id, "public-key": str(Path(public_key).resolve())}, name=name or "",
+               fingerprint=info.fingerprint)
     _out().print(f"[green]registered[/] {escape(str(public_key))} ({info.fingerprint}) as node [bold]{node_id}[/]")
     print(node_id)
 
@@ -461,6 +494,9 @@ def unregister_cmd(
     sd = _state(state_dir)
     with _errors():
         flwr(sd, "supernode", "unregister", str(node_id), CONNECTION, json_out=True)
+        label = _node_labels(sd).get(str(node_id), {})
+        record(sd, "unregister", **{"node-id": str(node_id)}, name=label.get("name", ""),
+               fingerprint=label.get("fingerprint", "unknown (not registered with fl-server register)"))
     _out().print(f"[green]unregistered[/] node {node_id}")
 
 
@@ -650,6 +686,8 @@ def run_cmd(
                     "launched": [*rec.get("launched", []), datetime.now(timezone.utc).isoformat(timespec="seconds")]})
         rec.pop("folder", None)
         (folder / "launch.json").write_text(json.dumps(rec, indent=2))
+        record(sd, "run", argv=list(sys.argv), **{"run-id": run_id}, department=cfg["department"], folder=str(folder),
+               resumed=bool(resume), config=stored)
     _out().print(secagg_banner(checked))
     _out().print(f"[green]{'resumed' if resume else 'launched'}[/] run [bold]{run_id}[/] "
                  f"({cfg['department']}, {cfg.get('num-rounds', 5)} rounds) -> {escape(str(folder))}")
@@ -705,6 +743,7 @@ def stop_cmd(
     with _errors():
         rid = _flwr_run_id(_runs_dir(sd, runs_dir), run)
         flwr(sd, "stop", rid, CONNECTION, json_out=True)
+        record(sd, "stop", argv=list(sys.argv), **{"run-id": rid})
     _out().print(f"[green]stopped[/] run {rid}")
 
 
@@ -725,6 +764,16 @@ def wait_for_run(state_dir: Path, run_id: str, timeout: float, poll: float = 1.0
         if time.monotonic() > end:
             raise CliError(f"run {run_id} not finished after {timeout:.0f} s (status {runs[0].get('status') if runs else '?'})", 1)
         time.sleep(poll)
+
+
+def _mount_audit() -> None:
+    from privacy.audit_cli import make_audit_app
+
+    app.add_typer(make_audit_app("coordinator", lambda: audit_paths(_state(None))[0],
+                                 lambda: audit_paths(_state(None))[2]), name="audit")
+
+
+_mount_audit()
 
 
 def main() -> None:

@@ -128,6 +128,9 @@ class GuardedStrategy(Strategy):
         self._global: dict[str, np.ndarray] = {}
         self.history: dict = history or {"rounds": [], "excluded": [], "refused": []}
         self._started: dict[str, tuple[float, float]] = {}
+        # refusals/exclusions already in the (restored) history were audited by the earlier process
+        self._audited = {k: len(self.history.get(k, [])) for k in ("refused", "excluded")}
+        self._audit_log = None
 
     def _start(self, phase: str) -> None:
         self._started[phase] = (time.monotonic(), time.time())
@@ -222,7 +225,27 @@ class GuardedStrategy(Strategy):
         """Server-optimizer state worth saving (FedAdam/FedYogi moments)."""
         return {k: getattr(self.inner, k) for k in ("current_arrays", "m_t", "v_t") if hasattr(self.inner, k)}
 
+    def _audit_new(self) -> None:
+        """Append refusals/exclusions recorded since the last call to the coordinator's audit log.
+
+        Only where ``$CITYFED_AUDIT_LOG`` is set (``fl-server start`` sets it for the ServerApp);
+        simulations write nothing. A failed write is logged, never fatal to the run.
+        """
+        from privacy.audit import ENV_LOG, AuditError, audit_log_from_env
+
+        for kind in ("refused", "excluded"):
+            new, self._audited[kind] = self.history[kind][self._audited[kind]:], len(self.history[kind])
+            if not new or not os.environ.get(ENV_LOG):
+                continue
+            try:
+                self._audit_log = self._audit_log or audit_log_from_env()
+                for e in new:
+                    self._audit_log.append(kind, **{"run-id": self.run_id, **e})
+            except AuditError as exc:
+                log.error("audit log: %d %s entr%s NOT recorded: %s", len(new), kind, "y" if len(new) == 1 else "ies", exc)
+
     def _save(self, arrays: ArrayRecord | None = None) -> None:
+        self._audit_new()
         if self.checkpoint is None:
             return
         prev = load_checkpoint(self.checkpoint) if self.checkpoint.exists() else None
