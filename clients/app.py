@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.node import JobRefused, NoTrainingData, handle_evaluate, handle_train, node_from_config
+from clients.node import (EVAL_METRICS, TRAIN_METRICS, JobRefused, NoTrainingData, handle_evaluate, handle_train,
+                          node_from_config)
 from clients.secagg import conditional_secaggplus_mod, is_secagg_fit, secagg_train
 
 #: Error code for a job refused by the node's privacy policy or budget.
@@ -67,26 +68,60 @@ def build_client_app(defaults: dict | None = None) -> ClientApp:
     return capp
 
 
+def whitelisted(metrics: dict, allowed: tuple[str, ...]) -> MetricRecord:
+    """``metrics`` as a ``MetricRecord``; any key outside ``allowed`` is a bug, never sent."""
+    extra = sorted(set(metrics) - set(allowed))
+    if extra:
+        raise RuntimeError(f"refusing to send non-whitelisted metric(s) {extra}")
+    return MetricRecord(metrics)
+
+
+def _audit_reply(spec, msg: Message, content: RecordDict | None, error: Error | None = None) -> None:
+    """Record in the node's audit log what leaves in a reply (names, shapes, bytes; metric keys)."""
+    cfg = dict(msg.content["config"]) if "config" in msg.content else {}
+    fields = {"run": str(cfg.get("run-id", "")), "round": int(cfg.get("server-round", 0)),
+              "message": str(msg.metadata.message_type)}
+    if error is not None:
+        fields.update(error_code=int(error.code), reason=str(error.reason))
+    else:
+        arrays = content["arrays"] if "arrays" in content else {}
+        fields["arrays"] = [{"name": k, "shape": list(a.shape), "bytes": len(a.data)} for k, a in arrays.items()]
+        fields["metrics"] = sorted(content["metrics"].keys()) if "metrics" in content else []
+    spec.audit("reply", **fields)
+
+
 def train(msg: Message, spec) -> Message:
     """Local DP-SGD on the node's own data, under its own policy and ledger."""
     state = msg.content["arrays"].to_torch_state_dict()
     cfg = dict(msg.content["config"])
+    error = None
     try:
         with _compute_timer("train"):
             new_state, metrics = handle_train(state, cfg, spec)
     except JobRefused as exc:
-        return Message(Error(code=REFUSED, reason=str(exc)), reply_to=msg)
+        error = Error(code=REFUSED, reason=str(exc))
     except NoTrainingData as exc:
-        return Message(Error(code=NO_DATA, reason=str(exc)), reply_to=msg)
-    content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
+        error = Error(code=NO_DATA, reason=str(exc))
+    if error is not None:
+        _audit_reply(spec, msg, None, error)
+        return Message(error, reply_to=msg)
+    content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": whitelisted(metrics, TRAIN_METRICS)})
+    _audit_reply(spec, msg, content)
     return Message(content, reply_to=msg)
 
 
 def evaluate(msg: Message, spec) -> Message:
-    """Metrics of the global model on the node's test split."""
-    with _compute_timer("evaluate"):
-        metrics = handle_evaluate(msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), spec)
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    """The node's policy decides: refuse, or DP-noised metrics of the model on its test split."""
+    try:
+        with _compute_timer("evaluate"):
+            metrics = handle_evaluate(msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), spec)
+    except JobRefused as exc:
+        error = Error(code=REFUSED, reason=str(exc))
+        _audit_reply(spec, msg, None, error)
+        return Message(error, reply_to=msg)
+    content = RecordDict({"metrics": whitelisted(metrics, EVAL_METRICS)})
+    _audit_reply(spec, msg, content)
+    return Message(content, reply_to=msg)
 
 
 #: The ClientApp for deployment (``flwr`` app entry point ``clients.app:app``).

@@ -8,7 +8,13 @@ same code. A node:
    (with the reason) anything weaker than the policy or over its lifetime budget;
 2. records the release in its ledger *before* training (pending counts, so a crash never
    under-counts), trains with DP-SGD at the job's noise and clipping, then commits it;
-3. replies with the model's arrays and whitelisted metrics only.
+3. replies with the model's arrays and whitelisted metrics only: the record count rounded as
+   the policy says, the DP-SGD parameters and epsilon, and a training loss or evaluation
+   metrics only where the policy's ``[releases]`` table allows them, then as Gaussian-mechanism
+   releases accounted in the same ledger (:mod:`privacy.releases`);
+4. writes what it decided and released to its own audit log (when ``fl-client`` configured one).
+
+Delta is per site: ``policy.site_delta(n)`` for the site's ``n`` training records.
 """
 
 from __future__ import annotations
@@ -25,18 +31,24 @@ from torch.utils.data import DataLoader
 
 from clients.datasets import load_department
 from clients.training import TrainConfig, evaluate, fit
-from privacy.dp import DPSettings, calibrate_noise
+from privacy.dp import CalibrationError, DPSettings, calibrate_noise
 from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
 from privacy.policy import JobRequest, PrivacyPolicy, check_job, load_policy
+from privacy.releases import ERROR_BOUND, LOSS_BOUND, noisy_means
 from shared_models import build_model, default_model_config
 
 #: The only metric keys a node ever sends back (anything else is a leak by definition).
-TRAIN_METRICS = ("train-loss", "num-examples", "epsilon", "noise-multiplier", "steps", "partition-id")
-EVAL_METRICS = ("num-examples", "accuracy", "roc-auc", "mae", "rmse", "mae-ratio", "loss", "partition-id")
+#: ``train-loss`` and the evaluation metrics leave only as DP releases the policy allows.
+TRAIN_METRICS = ("num-examples", "epsilon", "noise-multiplier", "steps", "train-loss", "partition-id")
+EVAL_METRICS = ("num-examples", "epsilon", "accuracy", "loss", "mae-ratio", "partition-id")
 
 #: Run/node config keys read only by department nodes (the ServerApp passes them through).
 NODE_KEYS = ("policy", "ledger", "ledger-dir", "data", "site", "dropout-probability", "virtual-sites", "partitioner",
-             "dirichlet-alpha", "partition-id", "num-partitions", "torch-threads")
+             "dirichlet-alpha", "partition-id", "num-partitions", "torch-threads", "audit-log", "audit-key")
+
+#: Noised sums of one DP evaluation per task (classification: hits, loss; forecasting: the
+#: model's and the two naive forecasts' absolute errors).
+EVAL_SUMS = {"binary-classification": 2, "forecasting": 3}
 
 #: Task name per department (what policies list in ``allowed_tasks``).
 TASKS = {"health": "heart-disease", "traffic": "traffic-forecast", "utility": "utility-forecast"}
@@ -66,6 +78,21 @@ class NodeSpec:
     partition_id: int | None = None  # simulation only: lets the report label sites
     dropout_probability: float = 0.0  # simulation only: chance of a simulated node failure per message
     virtual: tuple[int, str, float, int] | None = None  # simulation only: (n, partitioner, alpha, seed)
+    audit_log: Path | None = None  # the node's tamper-evident audit log (fl-client: <state-dir>/audit.jsonl)
+    audit_key: Path | None = None  # key signing its entries (the node's own node.key)
+
+    def audit(self, kind: str, **fields) -> None:
+        """Append an entry to the node's audit log (nothing when none is configured).
+
+        A node configured with an audit log never releases without a record: a failed write
+        raises, and the job fails before its reply leaves.
+        """
+        if self.audit_log is None:
+            return
+        from privacy.audit import AuditLog
+
+        AuditLog(self.audit_log, key_path=self.audit_key).append(
+            kind, department=self.department, site=self.site, **fields)
 
     def site_data(self):
         """This node's :class:`~clients.datasets.SiteData` (a natural site or a virtual share)."""
@@ -91,20 +118,56 @@ def _model_for(spec: NodeSpec, kind: str, state: dict[str, torch.Tensor]):
 
 
 @lru_cache(maxsize=256)
-def _calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    return calibrate_noise(target_epsilon, delta, sample_rate, steps)
+def _calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                      reserved: tuple[tuple[float, float, int], ...] = ()) -> float:
+    return calibrate_noise(target_epsilon, delta, sample_rate, steps, reserved)
 
 
-def job_from_config(cfg: dict, spec: NodeSpec, n_train: int) -> JobRequest:
-    """The privacy-relevant part of a train message's config, as the node's policy sees it."""
+def rounded_count(n: int, granularity: int) -> int:
+    """``n`` rounded to the nearest multiple of ``granularity`` (never 0 for ``n > 0``)."""
+    if n <= 0 or granularity <= 1:
+        return max(int(n), 0)
+    return max(granularity, int(round(n / granularity)) * granularity)
+
+
+def planned_releases(cfg: dict, spec: NodeSpec, task: str) -> tuple[tuple[float, float, int], ...]:
+    """The metric releases (``(noise, 1.0, sums)``) the node's policy lets one run make.
+
+    DP-SGD's noise is calibrated with these reserved, so that a run with a ``target-epsilon``
+    lands on it with every release counted (:func:`privacy.dp.calibrate_noise`).
+    """
+    rel = spec.policy.releases
+    rounds = int(cfg.get("num-rounds", 1))
+    out = []
+    if rel.train_loss == "dp":
+        out.append((rel.metric_noise_multiplier, 1.0, rounds))
+    if rel.local_evaluation == "dp" and rel.max_evaluations_per_run:
+        out.append((rel.metric_noise_multiplier, 1.0, min(rounds, rel.max_evaluations_per_run) * EVAL_SUMS[task]))
+    return tuple(out)
+
+
+def job_from_config(cfg: dict, spec: NodeSpec, n_train: int, task: str = "binary-classification") -> JobRequest:
+    """The privacy-relevant part of a train message's config, as the node's policy sees it.
+
+    Raises
+    ------
+    JobRefused
+        When a ``target-epsilon`` cannot be reached (the policy's planned metric releases alone
+        would spend it).
+    """
     batch = int(cfg.get("batch-size", 64))
     steps_per_epoch = max(1, math.ceil(n_train / batch))
     epochs = int(cfg.get("local-epochs", 1))
     noise = float(cfg["noise-multiplier"]) if "noise-multiplier" in cfg else None
     if noise is None and "target-epsilon" in cfg and bool(cfg.get("dp", True)):
-        # the node calibrates its own noise so that the whole run lands on the target epsilon
+        # the node calibrates its own noise so that the whole run (every release the policy
+        # allows included) lands on the target epsilon
         total = int(cfg.get("num-rounds", 1)) * epochs * steps_per_epoch
-        noise = _calibrated_noise(float(cfg["target-epsilon"]), spec.policy.delta, 1.0 / steps_per_epoch, total)
+        try:
+            noise = _calibrated_noise(float(cfg["target-epsilon"]), spec.policy.site_delta(n_train),
+                                      1.0 / steps_per_epoch, total, planned_releases(cfg, spec, task))
+        except CalibrationError as exc:
+            raise JobRefused(f"{spec.department}/{spec.site}: refused: target-epsilon {cfg['target-epsilon']}: {exc}") from None
     return JobRequest(
         department=str(cfg.get("department", "")),
         task=str(cfg.get("task", "")),
@@ -116,6 +179,11 @@ def job_from_config(cfg: dict, spec: NodeSpec, n_train: int) -> JobRequest:
         sample_rate=1.0 / steps_per_epoch,
         steps=epochs * steps_per_epoch,
     )
+
+
+def _job_fields(job: JobRequest) -> dict:
+    return {"run": job.run_id, "round": job.round, "dp": job.dp, "noise_multiplier": job.noise_multiplier,
+            "clipping_norm": job.clipping_norm, "sample_rate": job.sample_rate, "steps": job.steps}
 
 
 def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> tuple[dict[str, torch.Tensor], dict]:
@@ -133,7 +201,9 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     Returns
     -------
     (state_dict, metrics)
-        Updated weights and whitelisted metrics.
+        Updated weights and whitelisted metrics (:data:`TRAIN_METRICS`): the record count
+        rounded by the policy, epsilon (every release counted), the DP-SGD noise and steps,
+        and ``train-loss`` only as a DP release the policy allows.
 
     Raises
     ------
@@ -146,61 +216,166 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     if len(site.train) == 0:
         raise NoTrainingData(f"{spec.department}/{spec.site}: no training records; no update sent")
     train = site.train.tensors()
-    job = job_from_config(cfg, spec, len(train))
+    task = ds.schema.task
+    rel = spec.policy.releases
+    delta = spec.policy.site_delta(len(train))
+    try:
+        job = job_from_config(cfg, spec, len(train), task)
+    except JobRefused as exc:
+        spec.audit("job-refused", run=str(cfg.get("run-id", "")), round=int(cfg.get("server-round", 0)), reason=str(exc))
+        raise
     ledger = PrivacyLedger(spec.ledger_path)
-    decision = check_job(spec.policy, job, ledger, spec.site)
+
+    def release(mechanism: str, noise: float, q: float, steps: int) -> Release:
+        return Release(noise_multiplier=noise, sample_rate=q, steps=steps, delta=delta, run_id=job.run_id,
+                       round=job.round, site=spec.site, department=spec.department, mechanism=mechanism)
+
+    loss_release = release("gaussian-train-loss", rel.metric_noise_multiplier, 1.0, 1) \
+        if job.dp and rel.train_loss == "dp" else None
+    decision = check_job(spec.policy, job, ledger, spec.site, delta=delta,
+                         extra=(loss_release,) if loss_release else ())
+    spec.audit("job", task=job.task, model=str(cfg.get("model", "")), **_job_fields(job),
+               decision="accepted" if decision.accepted else "refused", reason=decision.reason,
+               epsilon_before=decision.epsilon_before, epsilon_after=decision.epsilon_after, delta=delta)
     if not decision.accepted:
         raise JobRefused(f"{spec.department}/{spec.site}: {decision.reason}")
     tc = TrainConfig(epochs=int(cfg.get("local-epochs", 1)), batch_size=int(cfg.get("batch-size", 64)),
                      lr=float(cfg.get("lr", 1e-2)), seed=int(cfg.get("seed", 0)) * 100_003 + job.round,
                      proximal_mu=float(cfg.get("proximal-mu", 0.0)))
     dp = None
-    release_id = None
+    pending: list[tuple[int, Release]] = []
     if job.dp:
-        dp = DPSettings(noise_multiplier=job.noise_multiplier, max_grad_norm=job.clipping_norm, delta=spec.policy.delta)
-        try:
-            release_id = ledger.begin(
-                Release(noise_multiplier=job.noise_multiplier, sample_rate=job.sample_rate, steps=job.steps,
-                        delta=spec.policy.delta, run_id=job.run_id, round=job.round, site=spec.site,
-                        department=spec.department),
-                max_epsilon=spec.policy.max_epsilon, delta=spec.policy.delta,
-            )
+        dp = DPSettings(noise_multiplier=job.noise_multiplier, max_grad_norm=job.clipping_norm, delta=delta)
+        try:  # recorded BEFORE training: a crash never under-counts
+            for r in (release("dp-sgd", job.noise_multiplier, job.sample_rate, job.steps), loss_release):
+                if r is not None:
+                    pending.append((ledger.begin(r, max_epsilon=spec.policy.max_epsilon, delta=delta), r))
         except BudgetExceededError as exc:  # another process spent the budget since check_job
+            for rid, _ in pending:
+                ledger.abort(rid, "budget re-check failed before training")
             raise JobRefused(f"{spec.department}/{spec.site}: refused: {exc}") from exc
+    before = ledger.epsilon(spec.site, delta)
     try:
-        res = fit(model, train, ds.schema.task, tc, dp)
+        res = fit(model, train, task, tc, dp)
+        loss = None
+        if loss_release is not None:
+            from clients.training import per_record_statistics
+
+            stats = per_record_statistics(model, site.train, task, loss_only=True)
+            loss = noisy_means(stats, {"loss": LOSS_BOUND[task]}, rel.metric_noise_multiplier).values["loss"]
     except BaseException as exc:
-        if release_id is not None:
-            ledger.abort(release_id, f"training failed before any release: {type(exc).__name__}: {exc}")
+        for rid, _ in pending:
+            ledger.abort(rid, f"training failed before any release: {type(exc).__name__}")
         raise
-    if release_id is not None:
-        ledger.commit(release_id)
+    for rid, r in pending:
+        ledger.commit(rid)
+        spec.audit("release", run=job.run_id, round=job.round, mechanism=r.mechanism, noise_multiplier=r.noise_multiplier,
+                   sample_rate=r.sample_rate, steps=r.steps, delta=delta, epsilon_before=before,
+                   epsilon_after=ledger.epsilon(spec.site, delta))
     metrics = {
-        "train-loss": float(res.loss),
-        "num-examples": int(res.num_examples),
-        "epsilon": float(ledger.epsilon(spec.site, spec.policy.delta)) if job.dp else float("inf"),
+        "num-examples": rounded_count(int(res.num_examples), rel.num_examples_granularity),
+        "epsilon": float(ledger.epsilon(spec.site, delta)) if job.dp else float("inf"),
         "noise-multiplier": float(job.noise_multiplier or 0.0),
         "steps": int(job.steps),
     }
+    if loss is not None:
+        metrics["train-loss"] = float(loss)
     if spec.partition_id is not None:
         metrics["partition-id"] = int(spec.partition_id)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
 
 
 def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> dict:
-    """Evaluate the global model on the node's own test split (whitelisted metrics only)."""
+    """Score the coordinator's model on the node's own test split, if and as the policy allows.
+
+    Evaluation on private records is a release. With the policy's ``[releases]
+    local_evaluation = "off"`` (the default) it is refused; with ``"dp"`` the node releases
+    noised, clipped metric means (:mod:`privacy.releases`), at most ``max_evaluations_per_run``
+    times per run, each recorded in the ledger before it is computed and checked against the
+    lifetime budget.
+
+    Returns
+    -------
+    dict
+        Whitelisted metrics (:data:`EVAL_METRICS`).
+
+    Raises
+    ------
+    JobRefused
+        Evaluation off, another department's or task's job, the per-run cap reached, or the
+        budget spent.
+    """
+    rel = spec.policy.releases
+    run_id, rnd = str(cfg.get("run-id", "")), int(cfg.get("server-round", 0))
+
+    def refuse(reason: str):
+        spec.audit("evaluate", run=run_id, round=rnd, decision="refused", reason=reason)
+        return JobRefused(f"{spec.department}/{spec.site}: refused: {reason}")
+
+    if str(cfg.get("department", "")) != spec.policy.department:
+        raise refuse(f"department {cfg.get('department')!r} != policy department {spec.policy.department!r}")
+    if str(cfg.get("task", "")) not in spec.policy.allowed_tasks:
+        raise refuse(f"task {cfg.get('task')!r} not in policy allowed_tasks {spec.policy.allowed_tasks!r}")
+    if rel.local_evaluation == "off":
+        raise refuse('local evaluation is off (policy [releases] local_evaluation = "off"): the node\'s test records '
+                     "are not scored for the coordinator; score the run on coordinator-held data (run config central-data)")
+    if not run_id:
+        raise refuse("the evaluate message names no run-id (the per-run evaluation cap needs it)")
+    ledger = PrivacyLedger(spec.ledger_path)
+    done = ledger.count(spec.site, run_id, "gaussian-eval")
+    if done >= rel.max_evaluations_per_run:
+        raise refuse(f"run {run_id} already had {done} evaluation(s), policy [releases] max_evaluations_per_run = "
+                     f"{rel.max_evaluations_per_run}")
     model, ds, site = _model_for(spec, str(cfg.get("model", "")) or None, state)
-    out = evaluation_metrics(model, site, ds.schema.task)
+    task = ds.schema.task
+    if len(site.test) == 0:
+        out = {"num-examples": 0}
+    else:
+        delta = spec.policy.site_delta(len(site.train))
+        r = Release(noise_multiplier=rel.metric_noise_multiplier, sample_rate=1.0, steps=EVAL_SUMS[task], delta=delta,
+                    run_id=run_id, round=rnd, site=spec.site, department=spec.department, mechanism="gaussian-eval")
+        before = ledger.epsilon(spec.site, delta)
+        try:
+            rid = ledger.begin(r, max_epsilon=spec.policy.max_epsilon, delta=delta)
+        except BudgetExceededError as exc:
+            raise refuse(str(exc)) from None
+        try:
+            from clients.training import per_record_statistics
+
+            stats = per_record_statistics(model, site.test, task)
+            if task == "binary-classification":
+                stats = {k: stats[k] for k in ("accuracy", "loss")}
+                bounds = {"accuracy": 1.0, "loss": LOSS_BOUND[task]}
+            else:
+                stats = {k: v for k, v in stats.items() if k.startswith("mae")}
+                bounds = {k: ERROR_BOUND for k in stats}
+            if len(stats) != r.steps:
+                raise RuntimeError(f"{len(stats)} statistics but {r.steps} accounted")
+            released = noisy_means(stats, bounds, rel.metric_noise_multiplier).values
+        except BaseException as exc:
+            ledger.abort(rid, f"evaluation failed before any release: {type(exc).__name__}")
+            raise
+        ledger.commit(rid)
+        after = ledger.epsilon(spec.site, delta)
+        spec.audit("release", run=run_id, round=rnd, mechanism=r.mechanism, noise_multiplier=r.noise_multiplier,
+                   sample_rate=1.0, steps=r.steps, delta=delta, epsilon_before=before, epsilon_after=after)
+        if task == "binary-classification":
+            out = {"accuracy": released["accuracy"], "loss": released["loss"]}
+        else:
+            naive = max(min(v for k, v in released.items() if k != "mae"), 0.01)  # noise can reach 0
+            out = {"mae-ratio": float(f"{released['mae'] / naive:.4g}")}
+        out.update({"num-examples": rounded_count(len(site.test), rel.num_examples_granularity), "epsilon": float(after)})
     if spec.partition_id is not None:
         out["partition-id"] = int(spec.partition_id)
     return out
 
 
 def evaluation_metrics(model, site, task: str) -> dict:
-    """Whitelisted evaluation metrics of ``model`` on ``site``'s test split.
+    """Exact evaluation metrics of ``model`` on ``site``'s test split, for data the caller holds.
 
-    A site without test data reports only ``num-examples = 0`` (it then weighs nothing
-    in the aggregate).
+    The coordinator's central evaluation (``central-data``) and the simulation harness use
+    it; a department node never sends these (see :func:`handle_evaluate`). A site without test
+    data reports only ``num-examples = 0`` (it then weighs nothing in the aggregate).
     """
     if len(site.test) == 0:
         return {"num-examples": 0}
@@ -262,4 +437,6 @@ def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
         ledger_path = Path(str(merged["ledger-dir"])) / f"{department}-{site}.sqlite"
     return NodeSpec(department=department, site=site, data=data, policy=policy, ledger_path=ledger_path,
                     partition_id=None if partition is None else int(partition),
-                    dropout_probability=float(merged.get("dropout-probability", 0.0)), virtual=virtual)
+                    dropout_probability=float(merged.get("dropout-probability", 0.0)), virtual=virtual,
+                    audit_log=Path(str(merged["audit-log"])) if merged.get("audit-log") else None,
+                    audit_key=Path(str(merged["audit-key"])) if merged.get("audit-key") else None)

@@ -223,3 +223,47 @@ def evaluate(model: nn.Module, site, task: str, split: str = "test") -> dict[str
     if task == "binary-classification":
         return classification_metrics(part.y, out)
     return forecast_metrics(site, part, out)
+
+
+def per_record_statistics(model: nn.Module, split, task: str, *, loss_only: bool = False) -> dict[str, np.ndarray]:
+    """One value per record (window) of ``split`` for each statistic a node may release under DP.
+
+    The values feed :func:`privacy.releases.noisy_means`, which clips each to its bound and
+    noises the sums; nothing here leaves the node.
+
+    Parameters
+    ----------
+    model : nn.Module
+    split : clients.datasets.base.Split
+        A site's train or test split (``X``, ``y``; forecasting: ``naive``).
+    task : str
+        ``"binary-classification"`` or ``"forecasting"``.
+    loss_only : bool
+        Only the per-record training criterion (``"loss"``).
+
+    Returns
+    -------
+    dict of str to ndarray
+        ``loss`` (the training criterion per record); with ``loss_only=False`` also
+        classification: ``accuracy`` (1 for a correct prediction at threshold 0.5);
+        forecasting: ``mae`` (mean absolute error over the horizon, scaled units) and
+        ``mae-persistence`` / ``mae-seasonal`` (the naive forecasts' errors on the same windows).
+    """
+    out = predict(model, split.X)
+    pred = torch.as_tensor(out, dtype=torch.float32)
+    target = torch.as_tensor(np.asarray(split.y), dtype=torch.float32)
+    crit = criterion_for(task)
+    crit.reduction = "none"
+    with torch.no_grad():
+        stats = {"loss": crit(pred.reshape(target.shape) if task == "binary-classification" else pred, target).numpy()}
+    if loss_only:
+        return stats
+    if task == "binary-classification":
+        stats["accuracy"] = ((out > 0).astype(np.float32) == np.asarray(split.y)).astype(np.float64)
+        return stats
+    n = len(split.y)
+    truth = np.asarray(split.y).reshape(n, -1)
+    stats["mae"] = np.abs(np.asarray(out).reshape(n, -1) - truth).mean(axis=1)
+    for name, naive in (split.naive or {}).items():
+        stats[f"mae-{name}"] = np.abs(np.asarray(naive).reshape(n, -1) - truth).mean(axis=1)
+    return stats

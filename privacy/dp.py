@@ -143,13 +143,57 @@ class PrivateTraining:
         return rdp_epsilon(list(self.engine.accountant.history), self.delta)
 
 
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Noise multiplier reaching ``target_epsilon`` after ``steps`` Poisson-sampled steps (RDP)."""
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant="rdp"
+class CalibrationError(ValueError):
+    """No noise multiplier reaches the target: the reserved releases alone spend it."""
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    reserved: tuple[tuple[float, float, int], ...] | list = ()) -> float:
+    """Noise multiplier reaching ``target_epsilon`` after ``steps`` Poisson-sampled steps (RDP).
+
+    Parameters
+    ----------
+    target_epsilon, delta : float
+        The whole run's target, at the site's delta.
+    sample_rate : float
+        Poisson sampling rate of DP-SGD.
+    steps : int
+        DP-SGD steps of the whole run.
+    reserved : sequence of (noise_multiplier, sample_rate, steps)
+        Other releases planned in the same run (DP training losses, DP evaluation metrics;
+        :mod:`privacy.releases`): the DP-SGD noise is calibrated so that everything together
+        stays at or below ``target_epsilon``.
+
+    Raises
+    ------
+    CalibrationError
+        When the reserved releases alone reach ``target_epsilon``.
+    """
+    if not reserved:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant="rdp"
+            )
         )
-    )
+    reserved = [(float(n), float(q), int(k)) for n, q, k in reserved]
+
+    def eps(sigma: float) -> float:
+        return rdp_epsilon([(sigma, sample_rate, steps), *reserved], delta)
+
+    floor = rdp_epsilon(reserved, delta)
+    if floor >= target_epsilon:
+        raise CalibrationError(
+            f"the planned metric releases alone spend epsilon {floor:.3g} >= target {target_epsilon:g} "
+            "(fewer evaluations, a larger metric_noise_multiplier, or train_loss = \"off\" in the policy's [releases])")
+    lo, hi = 0.0, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise CalibrationError(f"no noise multiplier below 1e6 reaches epsilon {target_epsilon:g}")
+    while hi - lo > 1e-3 * hi:  # the smallest noise (within 0.1 %) that stays on target: err on the noisy side
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
+    return float(hi)
 
 
 def make_private(

@@ -41,8 +41,15 @@ from pathlib import Path
 
 __all__ = ["BudgetExceededError", "LedgerError", "PrivacyLedger", "Release", "SCHEMA_VERSION"]
 
-#: Version of the on-disk schema, stored in ``PRAGMA user_version``.
-SCHEMA_VERSION = 1
+#: Version of the on-disk schema, stored in ``PRAGMA user_version`` (2 added ``mechanism``;
+#: a version-1 ledger is upgraded in place, its rows marked ``dp-sgd``).
+SCHEMA_VERSION = 2
+
+#: Release mechanisms: a round of DP-SGD (Poisson-subsampled Gaussian), and Gaussian-mechanism
+#: releases of clipped per-record sums (:mod:`privacy.releases`): a training loss, evaluation
+#: metrics. A Gaussian mechanism with noise multiplier sigma and k released sums is accounted as
+#: ``(sigma, sample_rate=1, steps=k)``: the sampled Gaussian at q = 1 IS the Gaussian mechanism.
+MECHANISMS = ("dp-sgd", "gaussian-train-loss", "gaussian-eval")
 
 #: Seconds a connection waits for a lock held by another process before failing.
 DEFAULT_TIMEOUT_S = 30.0
@@ -64,7 +71,8 @@ CREATE TABLE IF NOT EXISTS releases (
     status           TEXT    NOT NULL CHECK (status IN ('pending', 'committed', 'aborted')),
     reason           TEXT,
     created_at       TEXT    NOT NULL,
-    updated_at       TEXT    NOT NULL
+    updated_at       TEXT    NOT NULL,
+    mechanism        TEXT    NOT NULL DEFAULT 'dp-sgd'
 );
 CREATE INDEX IF NOT EXISTS releases_site_status ON releases (site, status);
 """
@@ -105,6 +113,8 @@ class Release:
         Department owning the site (``health``, ``traffic``, ``utility``).
     accountant : str
         Accounting method; only ``"rdp"`` is supported.
+    mechanism : str
+        One of :data:`MECHANISMS` (``"dp-sgd"`` by default).
     """
 
     noise_multiplier: float
@@ -116,6 +126,7 @@ class Release:
     site: str
     department: str
     accountant: str = "rdp"
+    mechanism: str = "dp-sgd"
 
     def __post_init__(self) -> None:
         problems = []
@@ -136,6 +147,8 @@ class Release:
                 problems.append(f"{name} must be a non-empty string (got {value!r})")
         if self.accountant != "rdp":
             problems.append(f"accountant must be 'rdp' (got {self.accountant!r})")
+        if self.mechanism not in MECHANISMS:
+            problems.append(f"mechanism must be one of {', '.join(MECHANISMS)} (got {self.mechanism!r})")
         if problems:
             raise ValueError("invalid Release: " + "; ".join(problems))
 
@@ -318,6 +331,9 @@ class PrivacyLedger:
                     if statement.strip():
                         con.execute(statement)
                 con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version == 1:  # every version-1 row was a round of DP-SGD
+                con.execute("ALTER TABLE releases ADD COLUMN mechanism TEXT NOT NULL DEFAULT 'dp-sgd'")
+                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             con.execute("COMMIT")
         except sqlite3.Error as exc:
             try:
@@ -377,8 +393,8 @@ class PrivacyLedger:
                     )
             cur = con.execute(
                 "INSERT INTO releases (site, department, run_id, round, noise_multiplier, sample_rate,"
-                " steps, planned_steps, delta, accountant, status, reason, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', NULL, ?, ?)",
+                " steps, planned_steps, delta, accountant, status, reason, created_at, updated_at, mechanism)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', NULL, ?, ?, ?)",
                 (
                     release.site,
                     release.department,
@@ -392,6 +408,7 @@ class PrivacyLedger:
                     release.accountant,
                     now,
                     now,
+                    release.mechanism,
                 ),
             )
             return int(cur.lastrowid)
@@ -482,17 +499,27 @@ class PrivacyLedger:
         """
         return rdp_epsilon(self.history(site), delta)
 
-    def projected_epsilon(self, site: str, release: Release) -> float:
-        """Epsilon of ``site`` if ``release`` were added, at ``release.delta``."""
+    def projected_epsilon(self, site: str, release: Release, *more: Release) -> float:
+        """Epsilon of ``site`` if ``release`` (and ``more``) were added, at ``release.delta``."""
         hist = self.history(site)
-        hist.append((float(release.noise_multiplier), float(release.sample_rate), int(release.steps)))
+        for r in (release, *more):
+            hist.append((float(r.noise_multiplier), float(r.sample_rate), int(r.steps)))
         return rdp_epsilon(hist, release.delta)
+
+    def count(self, site: str, run_id: str, mechanism: str) -> int:
+        """Counted (pending or committed) releases of ``mechanism`` that run ``run_id`` obtained from ``site``."""
+        rows = self._read(
+            "SELECT COUNT(*) FROM releases WHERE site = ? AND run_id = ? AND mechanism = ?"
+            " AND status IN ('pending', 'committed')",
+            (site, run_id, mechanism),
+        )
+        return int(rows[0][0])
 
     def releases(self, site: str | None = None) -> list[dict]:
         """Audit listing: every row (any status), oldest first, as plain dicts.
 
         Keys: ``id, site, department, run_id, round, noise_multiplier, sample_rate, steps,
-        planned_steps, delta, accountant, status, reason, created_at, updated_at``
+        planned_steps, delta, accountant, status, reason, created_at, updated_at, mechanism``
         (timestamps are ISO-8601 UTC).
         """
         if site is None:

@@ -255,7 +255,9 @@ def verify_cmd(
 
 def main() -> None:
     """Entry point of the ``fl-pki`` console script."""
-    app(prog_name="fl-pki")
+    from privacy.safe_cli import run_app
+
+    run_app(app, "fl-pki")  # errors: a message, never a traceback with records in it (--debug shows it)
 
 
 if __name__ == "__main__":

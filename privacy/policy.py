@@ -5,12 +5,19 @@ The policy is a TOML file owned by the department (not by the coordinator), e.g.
 
     department = "health"
     max_epsilon = 8.0
-    delta = 1e-3
     min_noise_multiplier = 0.8
     max_clipping_norm = 1.0
     allowed_tasks = ["heart-disease"]
     max_rounds_per_run = 50
     require_dp = true
+
+    [releases]                    # what may leave the node besides the model (DP-safe defaults)
+    num_examples_granularity = 10
+    train_loss = "off"
+    local_evaluation = "off"
+
+Delta is per site: ``1/(10·n)`` for the site's ``n`` training records, or the policy's
+``delta`` where that is smaller (:meth:`PrivacyPolicy.site_delta`).
 
 Before training, :func:`check_job` compares the coordinator's :class:`JobRequest` with the
 policy and with the node's :class:`~privacy.ledger.PrivacyLedger`, and refuses jobs that ask
@@ -33,6 +40,7 @@ from privacy.ledger import PrivacyLedger, Release
 
 __all__ = [
     "Decision",
+    "ReleasePolicy",
     "JobRequest",
     "PolicyError",
     "PrivacyPolicy",
@@ -47,6 +55,58 @@ class PolicyError(ValueError):
 
     The message names the file, the field (dotted path) and how to fix it.
     """
+
+
+class ReleasePolicy(BaseModel):
+    """What a node may release besides the DP-SGD model update (the ``[releases]`` table).
+
+    Every value computed from the node's records that leaves it is either the DP-SGD update,
+    or one of these, released through a Gaussian mechanism whose cost is recorded in the same
+    ledger (:mod:`privacy.releases`). The defaults release nothing extra.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    num_examples_granularity: int = Field(
+        default=10,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Replies report the site's record count rounded to a multiple of this (1 = exact). The count "
+            "(and the DP-SGD step count derived from it) is treated as public, as the sample rate of DP-SGD is."
+        ),
+    )
+    train_loss: Literal["off", "dp"] = Field(
+        default="off",
+        description=(
+            '"dp": train replies carry the training loss of the updated model, mean of per-record losses '
+            'clipped to [0, bound], with Gaussian noise, accounted in the ledger. "off": no loss leaves.'
+        ),
+    )
+    local_evaluation: Literal["off", "dp"] = Field(
+        default="off",
+        description=(
+            '"off": evaluate messages are refused (score runs on coordinator-held data). "dp": the node '
+            "scores the coordinator's model on its own test split and releases noised, clipped metric means "
+            "(accuracy and loss; forecasting: the MAE ratio to the naive forecast), accounted in the ledger."
+        ),
+    )
+    metric_noise_multiplier: float = Field(
+        default=10.0,
+        ge=1.0,
+        le=1e6,
+        allow_inf_nan=False,
+        description=(
+            "Gaussian noise std of each released metric sum, in units of one record's largest contribution "
+            "(a mean over n records gets noise std metric_noise_multiplier/n of its range)."
+        ),
+    )
+    max_evaluations_per_run: int = Field(
+        default=5,
+        ge=0,
+        le=10_000,
+        description="Evaluate messages of one run this node answers (local_evaluation = \"dp\"); later ones are refused.",
+    )
 
 
 class PrivacyPolicy(BaseModel):
@@ -66,13 +126,15 @@ class PrivacyPolicy(BaseModel):
         allow_inf_nan=False,
         description="Lifetime epsilon budget of this node, across all runs and restarts.",
     )
-    delta: float = Field(
+    delta: float | None = Field(
+        default=None,
         gt=0,
-        lt=1,
+        le=1e-3,
         allow_inf_nan=False,
         description=(
-            "Target delta at which epsilon is accounted. Recommended <= 1/n_records "
-            "(cityfed's default is 1/(10·n)); larger deltas permit leaking a record outright."
+            "Optional ceiling on delta. Each site accounts epsilon at delta = 1/(10·n) for its n training "
+            "records, or at this value where it is smaller. At most 1e-3: a larger delta permits leaking a "
+            "record outright."
         ),
     )
     min_noise_multiplier: float = Field(
@@ -97,6 +159,25 @@ class PrivacyPolicy(BaseModel):
         default=True,
         description="When true, a job with DP switched off is refused.",
     )
+    releases: ReleasePolicy = Field(
+        default_factory=ReleasePolicy,
+        description="What may leave the node besides the model update (the [releases] table).",
+    )
+
+    def site_delta(self, n_records: int) -> float:
+        """Delta of a site with ``n_records`` training records: ``min(1/(10·n), delta)``.
+
+        Parameters
+        ----------
+        n_records : int
+            The site's training records (at least 1 is assumed).
+
+        Returns
+        -------
+        float
+        """
+        per_site = 1.0 / (10.0 * max(int(n_records), 1))
+        return per_site if self.delta is None else min(per_site, float(self.delta))
 
 
 class JobRequest(BaseModel):
@@ -151,12 +232,16 @@ class Decision(NamedTuple):
 _FIXES: dict[str, str] = {
     "department": 'set the node\'s department, one of "health", "traffic", "utility", e.g. department = "health"',
     "max_epsilon": "set a positive, finite budget, e.g. max_epsilon = 8.0",
-    "delta": "set a probability between 0 and 1, at most 1/n_records, e.g. delta = 1e-5",
+    "delta": "remove it (each site then uses 1/(10·n)) or set a stricter ceiling, at most 1e-3, e.g. delta = 1e-5",
     "min_noise_multiplier": "set a number >= 0, e.g. min_noise_multiplier = 0.8",
     "max_clipping_norm": "set a positive, finite number, e.g. max_clipping_norm = 1.0",
     "allowed_tasks": 'list at least one task name as strings, e.g. allowed_tasks = ["heart-disease"]',
     "max_rounds_per_run": "set a whole number >= 1 (no decimal point), e.g. max_rounds_per_run = 50",
     "require_dp": "set true or false (unquoted), e.g. require_dp = true",
+    "releases": (
+        'see [releases] in examples/policies/health.toml: num_examples_granularity = 10, train_loss = "off" '
+        'or "dp", local_evaluation = "off" or "dp", metric_noise_multiplier >= 1, max_evaluations_per_run >= 0'
+    ),
 }
 
 
@@ -195,8 +280,11 @@ def _format_validation(source: str, exc: ValidationError) -> str:
             kind = f", {'an' if name[0] in 'aeiou' else 'a'} {name}" if str(err.get("type", "")).endswith("_type") else ""
             text += f" (got {shown}{kind})"
         if err.get("type") == "extra_forbidden":
-            close = difflib.get_close_matches(top, allowed, n=1)
-            fix = f"remove it{f' (did you mean {close[0]!r}?)' if close else ''}; allowed fields: {', '.join(allowed)}"
+            loc_parts = [str(p) for p in err.get("loc", ())]
+            name, known = (loc_parts[-1], list(ReleasePolicy.model_fields)) if len(loc_parts) > 1 and top == "releases" \
+                else (top, allowed)
+            close = difflib.get_close_matches(name, known, n=1)
+            fix = f"remove it{f' (did you mean {close[0]!r}?)' if close else ''}; allowed fields: {', '.join(known)}"
         else:
             fix = _FIXES.get(top, "see the field descriptions in privacy/policy.py")
         lines.append(f"{text}. Fix: {fix}")
@@ -268,14 +356,15 @@ def load_policy(path: str | os.PathLike) -> PrivacyPolicy:
 # -- checking -------------------------------------------------------------------------------
 
 
-def check_job(policy: PrivacyPolicy, job: JobRequest, ledger: PrivacyLedger, site: str) -> Decision:
+def check_job(policy: PrivacyPolicy, job: JobRequest, ledger: PrivacyLedger, site: str, *, delta: float,
+              extra: list[Release] | tuple[Release, ...] = ()) -> Decision:
     """Decide whether ``site`` may run ``job`` under ``policy``.
 
     Checks, in order (the first failure is the reason): department mismatch, task not
     allowed, round > ``max_rounds_per_run``, DP off while ``require_dp``, noise multiplier
     missing or < ``min_noise_multiplier``, clipping norm missing or > ``max_clipping_norm``,
-    projected epsilon (:meth:`PrivacyLedger.projected_epsilon` at ``policy.delta``)
-    > ``max_epsilon``.
+    projected epsilon (:meth:`PrivacyLedger.projected_epsilon` at the site's ``delta``, the
+    DP-SGD round plus the ``extra`` releases planned with it) > ``max_epsilon``.
 
     Parameters
     ----------
@@ -287,6 +376,10 @@ def check_job(policy: PrivacyPolicy, job: JobRequest, ledger: PrivacyLedger, sit
         atomically against concurrent processes).
     site : str
         The node's site id in the ledger.
+    delta : float
+        The site's delta (:meth:`PrivacyPolicy.site_delta` of its training records).
+    extra : sequence of Release
+        Further releases of the same round that must fit the budget too (a DP training loss).
 
     Returns
     -------
@@ -298,7 +391,7 @@ def check_job(policy: PrivacyPolicy, job: JobRequest, ledger: PrivacyLedger, sit
     noise, clipping and budget checks; its ``epsilon_after`` is ``inf`` because a non-DP
     release has no finite privacy guarantee, and it cannot be recorded in the ledger.
     """
-    before = ledger.epsilon(site, policy.delta)
+    before = ledger.epsilon(site, delta)
 
     def refuse(reason: str, after: float | None = None) -> Decision:
         return Decision(False, "refused: " + reason, before, before if after is None else after)
@@ -327,22 +420,22 @@ def check_job(policy: PrivacyPolicy, job: JobRequest, ledger: PrivacyLedger, sit
         noise_multiplier=float(job.noise_multiplier),
         sample_rate=float(job.sample_rate),
         steps=int(job.steps),
-        delta=policy.delta,
+        delta=delta,
         run_id=job.run_id,
         round=int(job.round),
         site=site,
         department=policy.department,
     )
-    after = ledger.projected_epsilon(site, release)
+    after = ledger.projected_epsilon(site, release, *extra)
     if after > policy.max_epsilon:
         return refuse(
-            f"projected epsilon {after:.4g} (now {before:.4g}, delta {policy.delta:g}) > policy max_epsilon "
+            f"projected epsilon {after:.4g} (now {before:.4g}, delta {delta:.3g}) > policy max_epsilon "
             f"{policy.max_epsilon:g}",
             after,
         )
     return Decision(
         True,
-        f"accepted: projected epsilon {after:.4g} <= policy max_epsilon {policy.max_epsilon:g} (delta {policy.delta:g})",
+        f"accepted: projected epsilon {after:.4g} <= policy max_epsilon {policy.max_epsilon:g} (delta {delta:.3g})",
         before,
         after,
     )

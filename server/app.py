@@ -52,8 +52,10 @@ class RunSettings(BaseModel):
                                     description="Fixed noise multiplier; negative = calibrate from target-epsilon.")
     clipping_norm: float = Field(1.0, gt=0, alias="clipping-norm", description="Per-sample clipping norm.")
     fraction_train: float = Field(1.0, gt=0, le=1, alias="fraction-train", description="Share of nodes sampled to train per round.")
-    fraction_evaluate: float = Field(1.0, gt=0, le=1, alias="fraction-evaluate",
-                                     description="Share of nodes sampled to evaluate per round.")
+    fraction_evaluate: float = Field(1.0, ge=0, le=1, alias="fraction-evaluate",
+                                     description="Share of nodes asked to evaluate per round (0 = none). A node answers "
+                                                 "only if its policy allows DP-noised local evaluation; otherwise it "
+                                                 "declines, and the run is scored on central-data.")
     min_nodes: int = Field(1, ge=1, alias="min-nodes", description="Nodes that must be connected before a round starts.")
     min_accepted: int = Field(1, ge=1, alias="min-accepted",
                               description="A round with fewer acceptable updates ends the run cleanly.")
@@ -61,8 +63,9 @@ class RunSettings(BaseModel):
                                    description="Replies whose update L2 norm exceeds this are excluded.")
     round_timeout: float = Field(3600.0, gt=0, alias="round-timeout", description="Seconds to wait for replies per round.")
     central_data: str = Field("", alias="central-data",
-                              description="Held-out file (department schema) the coordinator evaluates on each round; "
-                                          "empty = none (federated evaluation on each node's test split only).")
+                              description="Records the coordinator holds (a file in the department schema, or "
+                                          "'bundled' for the department's packaged public data): every site's test "
+                                          "split in it is scored each round, exactly. Empty = none.")
     run_dir: str = Field("runs/latest", alias="run-dir", description="Folder for checkpoint.pkl, model.pt, results.json.")
     resume: bool = Field(False, description="Continue from run-dir/checkpoint.pkl.")
     seed: int = Field(0, description="Seed of the initial model and of local sampling.")
@@ -141,16 +144,19 @@ def central_evaluator(cfg: dict, strategy: GuardedStrategy):
     from clients.datasets import load_department
     from clients.node import evaluation_metrics
 
-    ds = load_department(cfg["department"], cfg["central-data"])
+    source = cfg["central-data"]
+    ds = load_department(cfg["department"], None if source == "bundled" else source)
     model = build_model(default_model_config(ds.schema, cfg["model"]))
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        per_site = [evaluation_metrics(model, ds.site_data(s), ds.schema.task) for s in ds.sites]
-        total = sum(m["num-examples"] for m in per_site) or 1
-        agg = {k: sum(m[k] * m["num-examples"] for m in per_site) / total for k in per_site[0] if k != "num-examples"}
+        per_site = {s: evaluation_metrics(model, ds.site_data(s), ds.schema.task) for s in ds.sites}
+        scored = [m for m in per_site.values() if m["num-examples"]]
+        total = sum(m["num-examples"] for m in scored) or 1
+        agg = {k: sum(m[k] * m["num-examples"] for m in scored) / total for k in scored[0] if k != "num-examples"} \
+            if scored else {}
         agg["num-examples"] = total
-        strategy.record_central(server_round, agg)
+        strategy.record_central(server_round, agg, per_site)
         return MetricRecord(agg)
 
     return evaluate_fn

@@ -778,7 +778,9 @@ _mount_audit()
 
 def main() -> None:
     """Console entry point ``fl-server``."""
-    app()
+    from privacy.safe_cli import run_app
+
+    run_app(app, "fl-server")  # errors: a message, never a traceback with records in it (--debug shows it)
 
 
 if __name__ == "__main__":

@@ -160,9 +160,13 @@ class GuardedStrategy(Strategy):
         replies = list(replies)
         rnd = server_round + self.round_offset
         per_node = {int(m.metadata.src_node_id): dict(m.content["metrics"]) for m in replies if not m.has_error()}
-        agg = self.inner.aggregate_evaluate(rnd, replies)
+        declined = {int(m.metadata.src_node_id): m.error.reason for m in replies if m.has_error()}
+        if declined:
+            log.info("round %d: %d node(s) declined evaluation (e.g. %s)", rnd, len(declined), next(iter(declined.values())))
+        agg = self.inner.aggregate_evaluate(rnd, [m for m in replies if not m.has_error()])
         entry = self._round(rnd)
-        entry["evaluate"] = {"aggregate": dict(agg) if agg else None, "nodes": per_node, **self._timing("evaluate")}
+        entry["evaluate"] = {"aggregate": dict(agg) if agg else None, "nodes": per_node, "declined": declined,
+                             **self._timing("evaluate")}
         self._save()
         if self.on_round:
             self.on_round(entry)
@@ -215,10 +219,15 @@ class GuardedStrategy(Strategy):
         self.history["rounds"].append(e)
         return e
 
-    def record_central(self, server_round: int, metrics: dict) -> None:
-        """Store the coordinator-side evaluation of round ``server_round`` (0 = initial model)."""
+    def record_central(self, server_round: int, metrics: dict, per_site: dict | None = None) -> None:
+        """Store the coordinator-side evaluation of round ``server_round`` (0 = initial model).
+
+        ``per_site`` maps each site of the coordinator's data to its exact metrics.
+        """
         entry = self._round(server_round + self.round_offset) if server_round else self.history.setdefault("initial", {})
         entry["central"] = dict(metrics)
+        if per_site is not None:
+            entry["central-sites"] = {k: dict(v) for k, v in per_site.items()}
         self._save()
 
     def strategy_state(self) -> dict:

@@ -17,6 +17,7 @@ app = typer.Typer(
     help="cityfed simulation mode: run a city's departments on one machine with bundled real data.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,  # a frame's locals can hold data frames of records
 )
 console = Console()
 DEPARTMENTS = ("health", "traffic", "utility")
@@ -140,11 +141,18 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str) -> dict:
     sites = [f"virtual-{k}" for k in range(nvirtual)] if nvirtual else load_department(department).sites
     metric = "accuracy" if department == "health" else "mae-ratio"
     rounds = int(cfg["num-rounds"])
+
+    def scores(entry: dict) -> dict:  # exact central scores where the run has them, else the nodes' DP releases
+        central = dict(entry.get("central") or {})
+        if "mae-ratio" not in central and "mae_ratio" in central:
+            central["mae-ratio"] = central["mae_ratio"]
+        return central or (entry.get("evaluate") or {}).get("aggregate") or {}
+
     with _progress() as progress:
         bar = progress.add_task(f"{department}: rounds", total=rounds)
 
         def on_round(entry):
-            agg = (entry.get("evaluate") or {}).get("aggregate") or {}
+            agg = scores(entry)
             tr = (entry.get("train") or {}).get("aggregate") or {}
             progress.update(bar, completed=entry["round"],
                             description=f"{department}: round {entry['round']} {metric}={agg.get(metric, float('nan')):.3f} "
@@ -157,7 +165,7 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str) -> dict:
     for col in ("round", "accepted", metric, "eps max"):
         t.add_column(col)
     for e in results["rounds"]:
-        agg = (e.get("evaluate") or {}).get("aggregate") or {}
+        agg = scores(e)
         tr = (e.get("train") or {}).get("aggregate") or {}
         t.add_row(str(e["round"]), str((e.get("train") or {}).get("accepted", "")), f"{agg.get(metric, float('nan')):.3f}",
                   f"{tr.get('epsilon-max', float('nan')):.2f}")
@@ -202,6 +210,12 @@ def run(
     secagg_num_shares: int = typer.Option(3, help="SecAgg+: shares per secret (odd, >= 3)."),
     secagg_threshold: int = typer.Option(2, help="SecAgg+: shares needed to reconstruct (tolerates num-shares - threshold dropouts)."),
     policy: Optional[Path] = typer.Option(None, help="Department policy TOML for every node (default: examples/policies/D.toml)."),
+    site_metrics: str = typer.Option(
+        "central", help="Per-site scores in the report. central: the simulated coordinator holds the department's "
+                        "public bundled data and scores the global model exactly on every site's test split (no node "
+                        "releases anything for it). dp: each node scores it on its own test split and releases "
+                        "DP-noised metrics, accounted in its ledger (the policy is copied to OUT/policies/ with "
+                        "[releases] local_evaluation = \"dp\"; its epsilon counts toward the target). off: neither."),
     engine: str = typer.Option("ray", help="ray (Flower Simulation Engine) or inprocess (no Ray; same apps)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/checkpoint.pkl."),
     seed: int = typer.Option(0, help="Seed for the initial model, sampling and partitioning."),
@@ -225,6 +239,8 @@ def run(
         raise typer.BadParameter("choose ray or inprocess", param_hint="--engine")
     if partitioner not in ("iid", "dirichlet"):
         raise typer.BadParameter("choose iid or dirichlet", param_hint="--partitioner")
+    if site_metrics not in ("central", "dp", "off"):
+        raise typer.BadParameter("choose central, dp or off", param_hint="--site-metrics")
     from server.app import settings
     from server.strategy import STRATEGIES
 
@@ -256,6 +272,16 @@ def run(
             cfg["model"] = model
         if policy:
             cfg["policy"] = str(policy)
+        if site_metrics == "central":
+            cfg.update({"central-data": "bundled", "fraction-evaluate": 0.0})
+        elif site_metrics == "dp":
+            from simulations.compare import write_policy
+
+            cfg["policy"] = str(write_policy(d, dout / "policies" / f"{d}-site-metrics.toml", source=policy,
+                                             releases={"local_evaluation": "dp",
+                                                       "max_evaluations_per_run": int(cfg["num-rounds"])}))
+        else:
+            cfg["fraction-evaluate"] = 0.0
         try:
             settings(cfg)
         except ValueError as exc:
@@ -400,7 +426,9 @@ def main() -> None:  # console script entry point
         warnings.filterwarnings("ignore", message=message)
     os.environ["PYTHONWARNINGS"] = ",".join(
         [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w] + [f"ignore:{m}" for m in quiet])
-    app()
+    from privacy.safe_cli import run_app
+
+    run_app(app, "fl-sim")  # errors: a message, never a traceback with records in it (--debug shows it)
 
 
 if __name__ == "__main__":

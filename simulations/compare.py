@@ -38,33 +38,45 @@ FED_DEFAULTS: dict[str, dict] = {
 }
 
 
-def write_policy(department: str, out: Path, **changes) -> Path:
-    """The department's example policy with ``changes`` applied, written to ``out`` (TOML)."""
-    pol = load_policy(default_policy(department)).model_copy(update=changes)
+def write_policy(department: str, out: Path, source: Path | None = None, **changes) -> Path:
+    """A policy (``source``, default the department's example) with ``changes`` applied, written to ``out``.
+
+    ``releases`` in ``changes`` is a dict of ``[releases]`` fields to change.
+    """
+    src = Path(source) if source else default_policy(department)
+    data = load_policy(src).model_dump(exclude_none=True)
+    for key, value in changes.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("# written by fl-sim compare from examples/policies/" + f"{department}.toml with {changes}\n"
-                   + tomli_w.dumps(pol.model_dump()))
+    out.write_text(f"# written by fl-sim from {src} with {changes}\n" + tomli_w.dumps(data))
     load_policy(out)  # the written file must validate
     return out
 
 
 def _fed_rows(department: str, method: str, eps: float | None, res: dict, sites: list[str], task: str) -> list[dict]:
-    last = next((e for e in reversed(res["rounds"]) if (e.get("evaluate") or {}).get("nodes")), None)
+    """Rows of one federated run: the final global model's exact scores on each site's test split.
+
+    The simulated coordinator holds the department's bundled data (``central-data = "bundled"``)
+    and scores every round's global model on each site's test split: no node releases any
+    metric for the comparison. Epsilon spent is what each node's ledger reported.
+    """
+    last = next((e for e in reversed(res["rounds"]) if e.get("central-sites")), None)
     if last is None:
         return []
     rows = []
-    for m in last["evaluate"]["nodes"].values():
-        site = sites[int(m["partition-id"])]
-        metrics = {k: v for k, v in m.items() if k not in ("partition-id",)}
-        rows.append({"method": method, "epsilon": eps, "site": site, "metrics": metrics})
+    for site, m in last["central-sites"].items():
+        rows.append({"method": method, "epsilon": eps, "site": site, "metrics": dict(m)})
     spent = {}
     for e in res["rounds"]:
-        for m in ((e.get("train") or {}).get("nodes") or {}).values():
-            spent[sites[int(m["partition-id"])]] = float(m["epsilon"])
+        for phase in ("train", "evaluate"):
+            for m in ((e.get(phase) or {}).get("nodes") or {}).values():
+                if "epsilon" in m:
+                    name = sites[int(m["partition-id"])]
+                    spent[name] = max(spent.get(name, 0.0), float(m["epsilon"]))
     for r in rows:
         r["epsilon_spent"] = spent.get(r["site"]) if eps is not None else None
     if task == "binary-classification":
-        agg = last["evaluate"]["aggregate"]
+        agg = last["central"]
         rows.append({"method": method, "epsilon": eps, "site": "pooled",
                      "metrics": {"accuracy": agg["accuracy"], "roc-auc": agg["roc-auc"], "num-examples": agg["num-examples"]},
                      "epsilon_spent": max(spent.values()) if spent and eps is not None else None})
@@ -177,7 +189,8 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
         if on_stage:
             on_stage(name)
         cfg = {"department": department, "model": model, "seed": seed, "run-dir": str(out / name), **fed,
-               "dp": eps is not None, "target-epsilon": eps if eps is not None else 1.0, "run-id": name}
+               "dp": eps is not None, "target-epsilon": eps if eps is not None else 1.0, "run-id": name,
+               "central-data": "bundled", "fraction-evaluate": 0.0}
         if eps is None:
             cfg["policy"] = str(nodp_policy)
         t1 = time.perf_counter()

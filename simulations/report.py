@@ -12,9 +12,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def per_site_series(results: dict, sites: list[str], phase: str, key: str) -> dict[str, list[tuple[int, float]]]:
-    """``{site: [(round, value), ...]}`` from a run's ``results.json`` content."""
+def per_site_series(results: dict, sites: list[str], phase: str | tuple[str, ...], key: str) -> dict[str, list[tuple[int, float]]]:
+    """``{site: [(round, value), ...]}`` from a run's ``results.json`` content.
+
+    ``phase`` is ``"train"`` or ``"evaluate"`` (what the nodes released; several phases: the
+    largest value per round), or ``"central-sites"`` (the coordinator's exact scores on the
+    data it holds, keyed by site name).
+    """
     out: dict[str, list[tuple[int, float]]] = {}
+    if phase == "central-sites":
+        for entry in results["rounds"]:
+            for name, m in (entry.get("central-sites") or {}).items():
+                if key in m and m.get("num-examples", 1):
+                    out.setdefault(name, []).append((entry["round"], float(m[key])))
+        return out
+    if isinstance(phase, tuple):
+        merged: dict[str, dict[int, float]] = {}
+        for ph in phase:
+            for name, pts in per_site_series(results, sites, ph, key).items():
+                for rnd, v in pts:
+                    merged.setdefault(name, {})[rnd] = max(v, merged.get(name, {}).get(rnd, v))
+        return {name: sorted(d.items()) for name, d in merged.items()}
     for entry in results["rounds"]:
         nodes = (entry.get(phase) or {}).get("nodes") or {}
         for node, m in nodes.items():
@@ -46,9 +64,15 @@ def write_report(run_dir: Path, sites: list[str], metric: str) -> Path:
     """Write ``metric.png``, ``epsilon.png`` and ``report.html`` into ``run_dir``."""
     run_dir = Path(run_dir)
     results = json.loads((run_dir / "results.json").read_text())
-    _plot(per_site_series(results, sites, "evaluate", metric), f"{metric} per site (own test split)", metric,
-          run_dir / "metric.png")
-    eps = per_site_series(results, sites, "train", "epsilon")
+    central = per_site_series(results, sites, "central-sites", metric)
+    released = per_site_series(results, sites, "evaluate", metric)
+    if central or not released:
+        _plot(central, f"{metric} per site test split (coordinator-held data, exact)", metric, run_dir / "metric.png")
+    else:
+        _plot(released, f"{metric} per site (DP-noised node releases, accounted)", metric, run_dir / "metric.png")
+    if central and released:
+        _plot(released, f"{metric} per site (DP-noised node releases, accounted)", metric, run_dir / "metric-dp.png")
+    eps = per_site_series(results, sites, ("train", "evaluate"), "epsilon")
     _plot(eps, "epsilon spent per site (node ledger, lifetime)", "epsilon", run_dir / "epsilon.png")
     cfg = results.get("config", {})
     rows = "".join(

@@ -22,6 +22,14 @@ require_dp = true
 """
 
 
+def site_delta(site: str, ceiling: float | None = 1e-3) -> float:
+    """The delta a health node accounts at: 1/(10 n) of the site's training records, or the ceiling if smaller."""
+    from clients.datasets import load_department
+
+    n = len(load_department("health").site_data(site).train)
+    return min(1 / (10 * n), ceiling if ceiling is not None else 1.0)
+
+
 def health_nodes(tmp_path, eps=(8.0, 8.0, 8.0, 8.0)) -> list[dict]:
     """Node configs of the first ``len(eps)`` hospitals, each with a policy file and a ledger under ``tmp_path``."""
     out = []

@@ -26,7 +26,11 @@ max_clipping_norm = 1.0
 allowed_tasks = ["heart-disease"]
 max_rounds_per_run = 10
 require_dp = true
+{releases}
 """
+#: Cleveland's training records in the bundled data, and its delta: 1/(10 n) < the policy's 1e-3 ceiling.
+N_TRAIN = 203
+DELTA = 1 / (10 * N_TRAIN)
 
 
 @pytest.fixture(autouse=True)
@@ -35,9 +39,9 @@ def _identity():
     yield
 
 
-def _node(tmp_path, max_eps=8.0, site="Cleveland"):
+def _node(tmp_path, max_eps=8.0, site="Cleveland", releases=""):
     pol = tmp_path / "policy.toml"
-    pol.write_text(POLICY.format(max_eps=max_eps))
+    pol.write_text(POLICY.format(max_eps=max_eps, releases=f"[releases]\n{releases}" if releases else ""))
     ledger = tmp_path / "ledger.sqlite"
     ctx = Context(run_id=7, node_id=1, node_config={"department": "health", "site": site, "policy": str(pol),
                                                      "ledger": str(ledger)}, state=RecordDict(), run_config={})
@@ -67,21 +71,75 @@ def test_train_reply_has_only_model_arrays_and_whitelisted_metrics(tmp_path):
     assert any(not torch.equal(state[k], ref[k]) for k in ref)  # it trained
     metrics = dict(reply.content["metrics"])
     assert set(metrics) <= set(TRAIN_METRICS)
-    # epsilon in the reply = ledger = an independent accountant for the recorded release
+    # defaults: no training loss leaves, the record count is rounded to a multiple of 10
+    assert "train-loss" not in metrics and metrics["num-examples"] == 200
+    # epsilon in the reply = ledger = an independent accountant for the recorded release, at the site's delta
     rel = PrivacyLedger(ledger).releases("Cleveland")
-    assert len(rel) == 1
+    assert len(rel) == 1 and rel[0]["mechanism"] == "dp-sgd" and rel[0]["delta"] == pytest.approx(DELTA)
     acc = RDPAccountant()
     for _ in range(metrics["steps"]):
-        acc.step(noise_multiplier=1.0, sample_rate=1 / math.ceil(203 / 32))
-    assert metrics["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-3), rel=1e-9)
+        acc.step(noise_multiplier=1.0, sample_rate=1 / math.ceil(N_TRAIN / 32))
+    assert metrics["epsilon"] == pytest.approx(acc.get_epsilon(delta=DELTA), rel=1e-9)
 
 
-def test_evaluate_reply_whitelisted(tmp_path):
-    ctx, _ = _node(tmp_path)
-    msg, _ = _msg(kind="evaluate")
-    reply = app(msg, ctx)
+def test_train_loss_leaves_only_as_an_accounted_dp_release(tmp_path):
+    ctx, ledger = _node(tmp_path, releases='train_loss = "dp"\nmetric_noise_multiplier = 4.0\nnum_examples_granularity = 1')
+    reply = app(_msg()[0], ctx)
     metrics = dict(reply.content["metrics"])
-    assert set(metrics) <= set(EVAL_METRICS) and 0 <= metrics["accuracy"] <= 1
+    assert metrics["num-examples"] == N_TRAIN and 0.0 <= metrics["train-loss"] <= 2.0
+    rel = PrivacyLedger(ledger).releases("Cleveland")
+    assert [(r["mechanism"], r["noise_multiplier"], r["sample_rate"], r["steps"], r["status"]) for r in rel] == [
+        ("dp-sgd", 1.0, 1 / math.ceil(N_TRAIN / 32), metrics["steps"], "committed"),
+        ("gaussian-train-loss", 4.0, 1.0, 1, "committed")]
+    acc = RDPAccountant()  # the Gaussian mechanism is the sampled Gaussian at q = 1
+    for _ in range(metrics["steps"]):
+        acc.step(noise_multiplier=1.0, sample_rate=1 / math.ceil(N_TRAIN / 32))
+    acc.step(noise_multiplier=4.0, sample_rate=1.0)
+    assert metrics["epsilon"] == pytest.approx(acc.get_epsilon(delta=DELTA), rel=1e-9)
+
+
+def test_evaluation_on_private_records_is_refused_by_default(tmp_path):
+    ctx, ledger = _node(tmp_path)
+    reply = app(_msg(kind="evaluate")[0], ctx)
+    assert reply.has_error() and reply.error.code == REFUSED and "local_evaluation" in reply.error.reason
+    assert PrivacyLedger(ledger).releases() == []
+
+
+def test_evaluate_flood_is_capped_noised_and_accounted(tmp_path):
+    """A coordinator sends many crafted models to read the node's test split: the policy caps and noises it."""
+    from clients.node import handle_evaluate, node_from_config
+    from clients.training import evaluate as exact_evaluate
+
+    ctx, ledger = _node(tmp_path, releases='local_evaluation = "dp"\nmax_evaluations_per_run = 3')
+    spec = node_from_config(dict(ctx.node_config), {})
+    ds = load_department("health")
+    answered, refused, exact, released = 0, 0, [], []
+    for k in range(8):
+        torch.manual_seed(100 + k)  # a different crafted model each time
+        msg, model = _msg(kind="evaluate")
+        msg.content["arrays"] = ArrayRecord(build_model(default_model_config(ds.schema)).state_dict())
+        reply = app(msg, ctx)
+        if reply.has_error():
+            refused += 1
+            assert reply.error.code == REFUSED and "max_evaluations_per_run" in reply.error.reason
+            continue
+        answered += 1
+        m = dict(reply.content["metrics"])
+        assert set(m) <= set(EVAL_METRICS) and set(m) >= {"accuracy", "loss", "epsilon", "num-examples"}
+        state = msg.content["arrays"].to_torch_state_dict()
+        model.load_state_dict(state)
+        exact.append(exact_evaluate(model, ds.site_data("Cleveland"), ds.schema.task)["accuracy"])
+        released.append(m["accuracy"])
+    assert (answered, refused) == (3, 5)
+    assert all(abs(a - b) > 1e-6 for a, b in zip(exact, released))  # noised, never the exact value
+    rel = PrivacyLedger(ledger).releases("Cleveland")
+    assert [(r["mechanism"], r["sample_rate"], r["steps"]) for r in rel] == [("gaussian-eval", 1.0, 2)] * 3
+    acc = RDPAccountant()
+    for _ in range(3 * 2):
+        acc.step(noise_multiplier=spec.policy.releases.metric_noise_multiplier, sample_rate=1.0)
+    assert m["epsilon"] == pytest.approx(acc.get_epsilon(delta=DELTA), rel=1e-9)
+    # another run gets its own cap, still within the node's lifetime budget
+    assert "accuracy" in handle_evaluate(state, {**dict(msg.content["config"]), "run-id": "r2"}, spec)
 
 
 @pytest.mark.parametrize(
@@ -112,7 +170,7 @@ def test_budget_refusal_after_spending(tmp_path):
     second = app(_msg(rnd=2)[0], ctx)
     assert second.has_error() and second.error.code == REFUSED and "max_epsilon" in second.error.reason
     # the ledger kept the first release only, and survives a reopen
-    assert PrivacyLedger(ledger).epsilon("Cleveland", 1e-3) == pytest.approx(eps1)
+    assert PrivacyLedger(ledger).epsilon("Cleveland", DELTA) == pytest.approx(eps1)
 
 
 def test_coordinators_run_config_cannot_move_a_node_to_a_fresh_budget(tmp_path):

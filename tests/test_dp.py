@@ -55,16 +55,88 @@ def test_small_epsilon_run_differs_from_non_private():
     assert (_flat(a) - _flat(b)).norm() > 0.1
 
 
-def test_noise_is_added():
-    """Same seed for sampling, noise on: results differ from the noiseless DP run."""
-    data = _data()
+class _RecordingSGD(torch.optim.SGD):
+    """Stands in for fit()'s Adam: records each step's gradients (after Opacus' clip + noise)."""
+
+    steps: list = []
+
+    def __init__(self, params, lr=1e-2, weight_decay=0.0):
+        super().__init__(params, lr=lr, weight_decay=weight_decay)
+
+    def step(self, closure=None):
+        _RecordingSGD.steps.append(torch.cat([p.grad.detach().flatten().clone() for g in self.param_groups
+                                              for p in g["params"] if p.grad is not None]))
+        return super().step(closure)
+
+
+def _first_step_grad(monkeypatch, settings, data, model, batch=32):
+    """The gradient fit() applied at its first step, through the code path a node uses."""
+    monkeypatch.setattr(torch.optim, "Adam", _RecordingSGD)
+    _RecordingSGD.steps = []
+    fit(copy.deepcopy(model), data, "binary-classification", TrainConfig(epochs=1, batch_size=batch, lr=1e-2, seed=5),
+        settings)
+    return _RecordingSGD.steps[0]
+
+
+def test_noise_is_added_at_the_calibrated_scale(monkeypatch):
+    """Same Poisson batch (job-seeded sampling), noise 0 vs sigma: the difference is the noise alone.
+
+    Opacus adds N(0, (sigma*C)^2) to the sum of clipped per-sample gradients and divides by the
+    expected batch size B, so each coordinate of the difference has std sigma*C/B. Runs alone:
+    it sets the seeding switch itself (without it, sampling differs and noise 0 would pass).
+    """
+    monkeypatch.setenv("CITYFED_DP_SEED_FROM_JOB", "1")
+    data = _data(n=256)
     torch.manual_seed(0)
-    base = build_model(HeartClassifierConfig(n_features=13, hidden=()))
-    a, b = copy.deepcopy(base), copy.deepcopy(base)
-    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-2, seed=5)
-    fit(a, data, "binary-classification", cfg, DPSettings(noise_multiplier=0.0, max_grad_norm=1.0))
-    fit(b, data, "binary-classification", cfg, DPSettings(noise_multiplier=2.0, max_grad_norm=1.0))
-    assert (_flat(a) - _flat(b)).norm() > 1e-3
+    model = build_model(HeartClassifierConfig(n_features=13, hidden=(64, 32)))
+    sigma, clip, batch = 1.5, 0.5, 32
+    clean = _first_step_grad(monkeypatch, DPSettings(noise_multiplier=0.0, max_grad_norm=clip), data, model, batch)
+    again = _first_step_grad(monkeypatch, DPSettings(noise_multiplier=0.0, max_grad_norm=clip), data, model, batch)
+    assert torch.allclose(clean, again)  # the same batch: the comparison below isolates the noise
+    noisy = _first_step_grad(monkeypatch, DPSettings(noise_multiplier=sigma, max_grad_norm=clip), data, model, batch)
+    noise = noisy - clean
+    assert noise.numel() > 1000
+    assert noise.std().item() == pytest.approx(sigma * clip / batch, rel=0.1)
+    assert abs(noise.mean().item()) < 4 * sigma * clip / batch / noise.numel() ** 0.5
+
+
+def test_fit_clips_per_sample_gradients(monkeypatch):
+    """Noise 0, clip C: the applied gradient is a mean of per-sample gradients of norm <= C (B = 32)."""
+    monkeypatch.setenv("CITYFED_DP_SEED_FROM_JOB", "1")
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(256, 13, generator=g) * 30, (torch.rand(256, generator=g) > 0.5).float())
+    torch.manual_seed(0)
+    model = build_model(HeartClassifierConfig(n_features=13))
+    clip = 0.01
+    unclipped = _first_step_grad(monkeypatch, None, data, model)
+    clipped = _first_step_grad(monkeypatch, DPSettings(noise_multiplier=0.0, max_grad_norm=clip), data, model)
+    assert unclipped.norm().item() > 20 * clip
+    # sum of at most |batch| vectors of norm <= C, over the expected batch 32; a Poisson batch of
+    # 256 * 1/8 records exceeds 64 with negligible probability
+    assert 0 < clipped.norm().item() <= clip * 64 / 32
+
+
+def test_node_training_adds_noise_by_default(tmp_path, monkeypatch):
+    """handle_train on a node: two runs of one job from one model differ (noise from OS entropy)."""
+    monkeypatch.delenv("CITYFED_DP_SEED_FROM_JOB", raising=False)
+    from clients.datasets import load_department
+    from clients.node import handle_train, node_from_config
+
+    pol = tmp_path / "p.toml"
+    pol.write_text('department = "health"\nmax_epsilon = 50.0\nmin_noise_multiplier = 0.5\nmax_clipping_norm = 1.0\n'
+                   'allowed_tasks = ["heart-disease"]\nmax_rounds_per_run = 5\n')
+    spec = node_from_config({"department": "health", "site": "Cleveland", "policy": str(pol),
+                             "ledger": str(tmp_path / "l.sqlite")}, {})
+    from shared_models import default_model_config
+
+    torch.manual_seed(0)
+    state = build_model(default_model_config(load_department("health").schema)).state_dict()
+    cfg = {"department": "health", "task": "heart-disease", "run-id": "r", "server-round": 1, "dp": True,
+           "noise-multiplier": 1.0, "clipping-norm": 1.0, "batch-size": 32, "seed": 3}
+    a, _ = handle_train(state, cfg, spec)
+    b, _ = handle_train(state, {**cfg, "server-round": 2}, spec)
+    c, _ = handle_train(state, {**cfg, "server-round": 2}, spec)
+    assert any(not torch.equal(b[k], c[k]) for k in b)
 
 
 @pytest.mark.parametrize(

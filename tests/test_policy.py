@@ -84,6 +84,10 @@ def dumps(doc: dict) -> str:
     return "".join(f"{_toml_key(k)} = {_toml_value(v)}\n" for k, v in doc.items())
 
 
+def load_policy_text(text: str) -> PrivacyPolicy:
+    return parse_policy(text, "p.toml")
+
+
 def _policy(**kw) -> PrivacyPolicy:
     base = parse_policy(VALID).model_dump()
     base.update(kw)
@@ -112,7 +116,10 @@ def test_example_policies_load(name):
     pol = load_policy(EXAMPLES / f"{name}.toml")
     assert pol.department == name
     assert pol.max_epsilon == 8.0
-    assert pol.delta == (1e-3 if name == "health" else 1e-5)
+    # each site accounts at 1/(10 n) of its training records; traffic/utility set a stricter ceiling
+    assert pol.delta == (None if name == "health" else 1e-5)
+    assert pol.site_delta(200) == pytest.approx(1 / 2000 if name == "health" else 1e-5)
+    assert pol.releases.train_loss == "off" and pol.releases.local_evaluation == "off"  # DP-safe defaults
     assert pol.require_dp is True and pol.allowed_tasks
 
 
@@ -174,9 +181,32 @@ def test_bad_values(tmp_path, old, new, field):
 
 def test_missing_field(tmp_path):
     path = tmp_path / "p.toml"
-    path.write_text(VALID.replace("delta = 1e-3\n", ""))
-    with pytest.raises(PolicyError, match="field 'delta': is required but missing.*Fix: "):
+    path.write_text(VALID.replace("max_epsilon = 8.0\n", ""))
+    with pytest.raises(PolicyError, match="field 'max_epsilon': is required but missing.*Fix: "):
         load_policy(path)
+
+
+def test_delta_is_per_site_with_an_optional_stricter_ceiling(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(VALID.replace("delta = 1e-3\n", ""))
+    pol = load_policy(path)
+    assert pol.delta is None
+    assert pol.site_delta(243) == pytest.approx(1 / 2430)
+    assert pol.site_delta(0) == pytest.approx(0.1)  # never divides by zero
+    ceiling = load_policy_text(VALID.replace("delta = 1e-3", "delta = 1e-5"))
+    assert ceiling.site_delta(243) == 1e-5 and ceiling.site_delta(10**7) == pytest.approx(1e-8)
+
+
+@pytest.mark.parametrize(("line", "needle"), [
+    ('local_evaluation = "yes"', "releases.local_evaluation"),
+    ("metric_noise_multiplier = 0.1", "releases.metric_noise_multiplier"),
+    ("max_evaluations_per_run = -1", "releases.max_evaluations_per_run"),
+    ("num_examples_granularity = 0", "releases.num_examples_granularity"),
+    ('train_los = "dp"', "did you mean 'train_loss'"),
+])
+def test_bad_release_settings_name_the_field(line, needle):
+    with pytest.raises(PolicyError, match=needle):
+        load_policy_text(VALID + "\n[releases]\n" + line + "\n")
 
 
 def test_bad_toml_syntax_gives_line_and_column(tmp_path):
@@ -239,12 +269,20 @@ _valid_policies = st.builds(
     dict,
     department=st.sampled_from(["health", "traffic", "utility"]),
     max_epsilon=st.floats(min_value=1e-6, max_value=1e6, allow_nan=False, allow_infinity=False),
-    delta=st.floats(min_value=1e-12, max_value=0.5, allow_nan=False, allow_infinity=False),
+    delta=st.floats(min_value=1e-12, max_value=1e-3, allow_nan=False, allow_infinity=False),
     min_noise_multiplier=st.floats(min_value=0, max_value=100, allow_nan=False, allow_infinity=False),
     max_clipping_norm=st.floats(min_value=1e-6, max_value=1e3, allow_nan=False, allow_infinity=False),
     allowed_tasks=st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=4),
     max_rounds_per_run=st.integers(min_value=1, max_value=10**6),
     require_dp=st.booleans(),
+    releases=st.builds(
+        dict,
+        num_examples_granularity=st.integers(min_value=1, max_value=1000),
+        train_loss=st.sampled_from(["off", "dp"]),
+        local_evaluation=st.sampled_from(["off", "dp"]),
+        metric_noise_multiplier=st.floats(min_value=1.0, max_value=1e3, allow_nan=False, allow_infinity=False),
+        max_evaluations_per_run=st.integers(min_value=0, max_value=100),
+    ),
 )
 
 
@@ -260,7 +298,7 @@ def test_valid_policies_round_trip(doc):
 
 
 def test_accepted_job(ledger):
-    d = check_job(_policy(), _job(), ledger, SITE)
+    d = check_job(_policy(), _job(), ledger, SITE, delta=1e-3)
     assert isinstance(d, Decision)
     assert d.accepted and d.reason.startswith("accepted")
     assert d.epsilon_before == 0.0
@@ -286,7 +324,7 @@ def test_accepted_job(ledger):
 def test_refusals(ledger, job, fragment):
     ledger.commit(ledger.begin(Release(1.0, 0.05, 40, 1e-3, "old", 1, SITE, "health")))
     before = ledger.epsilon(SITE, 1e-3)
-    d = check_job(_policy(), _job(**job), ledger, SITE)
+    d = check_job(_policy(), _job(**job), ledger, SITE, delta=1e-3)
     assert not d.accepted
     assert d.reason.startswith("refused: " + fragment)
     assert d.epsilon_before == pytest.approx(before) and d.epsilon_after == pytest.approx(before)
@@ -294,16 +332,16 @@ def test_refusals(ledger, job, fragment):
 
 def test_check_order_first_failure_wins(ledger):
     bad = _job(department="traffic", task="x", round=99, dp=False, noise_multiplier=0.0, clipping_norm=9.0)
-    assert "department" in check_job(_policy(), bad, ledger, SITE).reason
-    assert "task" in check_job(_policy(), bad.model_copy(update={"department": "health"}), ledger, SITE).reason
+    assert "department" in check_job(_policy(), bad, ledger, SITE, delta=1e-3).reason
+    assert "task" in check_job(_policy(), bad.model_copy(update={"department": "health"}), ledger, SITE, delta=1e-3).reason
 
 
 def test_round_equal_to_max_is_accepted(ledger):
-    assert check_job(_policy(), _job(round=5), ledger, SITE).accepted
+    assert check_job(_policy(), _job(round=5), ledger, SITE, delta=1e-3).accepted
 
 
 def test_dp_off_allowed_when_not_required(ledger):
-    d = check_job(_policy(require_dp=False), _job(dp=False, noise_multiplier=None, clipping_norm=None), ledger, SITE)
+    d = check_job(_policy(require_dp=False), _job(dp=False, noise_multiplier=None, clipping_norm=None), ledger, SITE, delta=1e-3)
     assert d.accepted and "require_dp = false" in d.reason
     assert d.epsilon_after == math.inf
 
@@ -315,7 +353,7 @@ def test_budget_refusal_exactly_when_projection_passes_max(ledger):
     # spend rounds until the next one would pass the budget; check the boundary each time
     for rnd in range(1, 200):
         projected = ledger.projected_epsilon(SITE, release)
-        d = check_job(pol, job, ledger, SITE)
+        d = check_job(pol, job, ledger, SITE, delta=1e-3)
         assert d.epsilon_after == pytest.approx(projected, rel=1e-12)
         assert d.accepted == (projected <= pol.max_epsilon)
         if not d.accepted:
@@ -328,15 +366,15 @@ def test_budget_refusal_exactly_when_projection_passes_max(ledger):
         pytest.fail("budget never ran out")
     assert rnd > 3  # several rounds were accepted before the budget ran out
     # a policy whose budget sits exactly on the projection accepts; one just below refuses
-    assert check_job(_policy(max_epsilon=projected), job, ledger, SITE).accepted
-    assert not check_job(_policy(max_epsilon=math.nextafter(projected, 0)), job, ledger, SITE).accepted
+    assert check_job(_policy(max_epsilon=projected), job, ledger, SITE, delta=1e-3).accepted
+    assert not check_job(_policy(max_epsilon=math.nextafter(projected, 0)), job, ledger, SITE, delta=1e-3).accepted
 
 
 def test_budget_counts_across_runs_and_pending(ledger):
     pol = _policy(max_epsilon=1.0)
     job = _job(noise_multiplier=1.0, sample_rate=0.05, steps=40)
     ledger.begin(Release(1.0, 0.05, 40, pol.delta, "earlier-run", 3, SITE, "health"))  # pending: crashed
-    d = check_job(pol, job.model_copy(update={"run_id": "new-run"}), ledger, SITE)
+    d = check_job(pol, job.model_copy(update={"run_id": "new-run"}), ledger, SITE, delta=1e-3)
     assert d.epsilon_before == pytest.approx(ledger.epsilon(SITE, pol.delta)) and d.epsilon_before > 0
     assert d.accepted == (d.epsilon_after <= pol.max_epsilon)
     assert d.epsilon_after == pytest.approx(

@@ -48,11 +48,11 @@ def test_proximal_term_keeps_local_model_near_global(dp):
 
 def test_fedprox_federation_runs_and_learns(tmp_path):
     cfg = {"department": "health", "num-rounds": 3, "local-epochs": 2, "batch-size": 32, "lr": 0.02, "target-epsilon": 3.0,
-           "run-dir": str(tmp_path / "run"), "strategy": "fedprox", "proximal-mu": 0.1}
+           "run-dir": str(tmp_path / "run"), "strategy": "fedprox", "proximal-mu": 0.1, "central-data": "bundled"}
     res = run_federation(InProcessGrid(client_app, _nodes(tmp_path)), cfg, run_id="prox")
     assert res["status"] == "completed"
     assert res["job"]["proximal-mu"] == 0.1
-    assert res["rounds"][-1]["evaluate"]["aggregate"]["accuracy"] > 0.7
+    assert res["rounds"][-1]["central"]["accuracy"] > 0.7
 
 
 # -- run config validation -------------------------------------------------------------------
@@ -172,17 +172,32 @@ def test_virtual_site_federation(tmp_path):
 
 # -- coordinator-side evaluation on a held-out file -----------------------------------------------
 
-def test_central_evaluation_matches_federated_evaluation_on_same_records(tmp_path):
+def test_central_evaluation_scores_each_site_of_the_coordinators_data_exactly(tmp_path):
     # the coordinator holds a copy of the hospitals' records (as a released reference set would be):
-    # scoring its test splits must give exactly the example-weighted federated evaluation
-    held_out = load_department("health").export(tmp_path / "heldout.csv")
+    # it scores every site's test split exactly; the nodes release nothing (evaluation off by policy)
+    import torch
+
+    from clients.node import evaluation_metrics
+    from shared_models import build_model, default_model_config
+
+    ds = load_department("health")
+    held_out = ds.export(tmp_path / "heldout.csv")
     cfg = {"department": "health", "num-rounds": 2, "local-epochs": 1, "batch-size": 32, "target-epsilon": 3.0,
            "run-dir": str(tmp_path / "run"), "central-data": str(held_out)}
     res = run_federation(InProcessGrid(client_app, _nodes(tmp_path)), cfg, run_id="c")
     assert "central" in res["initial"]
     for e in res["rounds"]:
-        assert e["central"]["accuracy"] == pytest.approx(e["evaluate"]["aggregate"]["accuracy"], abs=1e-9)
-        assert e["central"]["num-examples"] == e["evaluate"]["aggregate"]["num-examples"]
+        assert e["evaluate"]["nodes"] == {} and len(e["evaluate"]["declined"]) == 4
+        assert set(e["central-sites"]) == set(ds.sites)
+    model = build_model(default_model_config(ds.schema))
+    model.load_state_dict(torch.load(tmp_path / "run" / "model.pt"))
+    last = res["rounds"][-1]
+    total = 0
+    for site in ds.sites:
+        exact = evaluation_metrics(model, ds.site_data(site), ds.schema.task)
+        assert last["central-sites"][site] == pytest.approx(exact, abs=1e-9)
+        total += exact["num-examples"]
+    assert last["central"]["num-examples"] == total
 
 
 # -- fl-sim compare ------------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""Run a command-line tool so that no private record reaches the terminal through an error.
+
+A Python traceback shows source lines and, with rich's pretty tracebacks, every frame's local
+variables: a data frame of patient rows among them. Every cityfed console script
+(``fl-sim``, ``fl-client``, ``fl-server``, ``fl-pki``) starts through :func:`run_app`:
+
+* an error raised by cityfed's own code (a bad data file, policy, ledger, key, option) is
+  printed as its message, which names the file, the field and the fix and never a record;
+* any other exception is printed as its type and the place it was raised (file and line),
+  without its message (which a library may have filled with a value from the data), and
+  with a hint to re-run with ``--debug``;
+* ``--debug`` anywhere on the command line shows the full traceback (without local variables).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+#: Environment: "1" behaves as if ``--debug`` were given (for tools that start other tools).
+DEBUG_ENV = "CITYFED_DEBUG"
+#: Packages whose exception messages are written for operators (they never carry record values).
+OWN_PACKAGES = ("clients", "server", "privacy", "shared_models", "simulations")
+#: Exit status after an unexpected error.
+EXIT_ERROR = 1
+
+
+def _own(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".", 1)[0] in OWN_PACKAGES
+
+
+def describe(exc: BaseException) -> str:
+    """One line about ``exc`` that is safe to print: its own message, or only its type and place.
+
+    Parameters
+    ----------
+    exc : BaseException
+
+    Returns
+    -------
+    str
+    """
+    if _own(exc):
+        return f"{type(exc).__name__}: {exc}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename != __file__]
+    place = ""
+    if frames:
+        place = f" raised at {_where(frames[-1])}"
+        ours = [f for f in frames if any(f"{os.sep}{p}{os.sep}" in f.filename for p in OWN_PACKAGES)]
+        if ours and ours[-1] is not frames[-1]:
+            place += f", called from {_where(ours[-1])}"
+    return (f"{type(exc).__module__}.{type(exc).__name__}{place} (its message is not shown: it may contain "
+            "values from your records)")
+
+
+def _where(frame: traceback.FrameSummary) -> str:
+    return f"{frame.filename}:{frame.lineno} ({frame.name})"
+
+
+def run_app(app: Callable[..., object], prog: str, argv: list[str] | None = None) -> None:
+    """Run a typer/click ``app`` as a console script with record-safe errors (see module docstring).
+
+    Parameters
+    ----------
+    app : typer.Typer or click command
+    prog : str
+        Program name for messages (``fl-sim``).
+    argv : list of str, optional
+        Arguments (default ``sys.argv[1:]``); ``--debug`` is taken out of them.
+    """
+    import click
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV) == "1"
+    args = [a for a in args if a != "--debug"]
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        code = app(args=args, prog_name=prog, standalone_mode=False)
+    except click.exceptions.Exit as exc:  # typer.Exit
+        code = exc.exit_code
+    except click.ClickException as exc:  # usage errors: click's own message
+        exc.show()
+        code = exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print(f"{prog}: interrupted", file=sys.stderr)
+        code = 130
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the point: nothing escapes as a traceback
+        if debug:
+            traceback.print_exception(exc)
+        else:
+            print(f"{prog}: error: {describe(exc)}. Run again with --debug for the traceback.", file=sys.stderr)
+        code = EXIT_ERROR
+    sys.exit(code if isinstance(code, int) else 0)

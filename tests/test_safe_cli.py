@@ -1,0 +1,78 @@
+"""No private record on the terminal: CLI errors are messages, never tracebacks with locals."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import typer
+
+from privacy.safe_cli import describe, run_app
+
+#: A value only the one-patient hospital's record holds (it must never be printed).
+MARKER = "271.125"
+
+
+def _tiny_hospital_file(tmp_path):
+    from clients.datasets import load_department
+
+    path = load_department("health").export(tmp_path / "health.csv")
+    rows = list(csv.DictReader(open(path)))
+    tiny = {**rows[0], "dataset": "Tiny", "chol": MARKER, "id": "9999"}
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([*rows, tiny])
+    return path
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_bad_data_file_under_fl_sim_prints_no_record(tmp_path, debug):
+    """A hospital with a single patient: a clear error naming file, column and fix; no patient row."""
+    data = _tiny_hospital_file(tmp_path)
+    cmd = [sys.executable, "-c", "from simulations.cli import main; main()", "baselines", "-d", "health",
+           "--data", str(data), "--out", str(tmp_path / "out"), *(["--debug"] if debug else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "200"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert "hospital 'Tiny' has only 1 patient" in out and "Fix:" in out
+    assert MARKER not in out  # neither the message nor a traceback shows the record
+    assert ("Traceback" in out) == debug  # --debug shows the trace (without locals)
+
+
+def _app(exc: BaseException) -> typer.Typer:
+    app = typer.Typer(pretty_exceptions_show_locals=False)
+
+    @app.command()
+    def boom(n: int = 1) -> None:
+        rows = ["patient 63 male chol 271.125"]  # noqa: F841 - a local a pretty traceback would print
+        raise exc
+
+    return app
+
+
+def test_foreign_exception_message_is_withheld(capsys):
+    with pytest.raises(SystemExit) as ended:
+        run_app(_app(ValueError(f"could not convert string to float: '{MARKER}'")), "fl-test", ["--n", "2"])
+    assert ended.value.code == 1
+    err = capsys.readouterr().err
+    assert "builtins.ValueError" in err and "test_safe_cli.py" in err and "--debug" in err
+    assert MARKER not in err and "Traceback" not in err
+
+
+def test_own_exception_message_is_shown():
+    from clients.datasets.base import DataFileError
+
+    exc = DataFileError("f.csv", "column 'age' is not numeric", "fix it")
+    assert describe(exc) == f"DataFileError: {exc}" and "column 'age'" in describe(exc)
+
+
+def test_exit_codes_and_usage_errors_pass_through(capsys):
+    with pytest.raises(SystemExit) as ended:
+        run_app(_app(typer.Exit(3)), "fl-test", [])
+    assert ended.value.code == 3
+    with pytest.raises(SystemExit) as ended:
+        run_app(_app(typer.Exit(0)), "fl-test", ["--n", "not-a-number"])
+    assert ended.value.code == 2 and "not-a-number" in capsys.readouterr().err
