@@ -589,8 +589,8 @@ def verify(path: str | os.PathLike, *, public_key_path: str | os.PathLike | None
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
-        raise AuditError(f"audit log {p} does not exist; fix: pass --log with the right file (a node keeps "
-                         "<state-dir>/audit.jsonl, the coordinator <state-dir>/audit.jsonl)") from None
+        raise AuditError(f"audit log {p} does not exist; fix: pass the audit.jsonl in the node's or the "
+                         "coordinator's state dir (--log)") from None
     except OSError as exc:
         raise AuditError(f"audit log {p}: cannot read it ({exc.strerror}); fix: check its permissions") from None
     pub = load_public_key(public_key_path) if public_key_path is not None else None

@@ -113,7 +113,7 @@ def make_audit_app(role: str, default_log: Callable[[], Path], default_pub: Call
         path = Path(log or default_log()).expanduser()
         if not path.is_file():
             raise audit.AuditError(f"audit log {path} does not exist; fix: pass --log with the {role}'s audit.jsonl "
-                                   "(or the --state-dir / environment the log was written under)")
+                                   "(it lives in the state dir the " + role + " runs with: <state-dir>/audit.jsonl)")
         return path
 
     @command("verify")
