@@ -234,7 +234,7 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
         if job.dp and rel.train_loss == "dp" else None
     decision = check_job(spec.policy, job, ledger, spec.site, delta=delta,
                          extra=(loss_release,) if loss_release else ())
-    spec.audit("job", task=job.task, model=str(cfg.get("model", "")), **_job_fields(job),
+    spec.audit("job", task=job.task, model=str(cfg.get("model", "")), **_job_fields(job), config=dict(cfg),
                decision="accepted" if decision.accepted else "refused", reason=decision.reason,
                epsilon_before=decision.epsilon_before, epsilon_after=decision.epsilon_after, delta=delta)
     if not decision.accepted:
@@ -254,7 +254,7 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
             for rid, _ in pending:
                 ledger.abort(rid, "budget re-check failed before training")
             raise JobRefused(f"{spec.department}/{spec.site}: refused: {exc}") from exc
-    before = ledger.epsilon(spec.site, delta)
+    before = decision.epsilon_before
     try:
         res = fit(model, train, task, tc, dp)
         loss = None

@@ -12,7 +12,7 @@ The policy is a TOML file owned by the department (not by the coordinator), e.g.
     require_dp = true
 
     [releases]                    # what may leave the node besides the model (DP-safe defaults)
-    num_examples_granularity = 10
+    num_examples_granularity = 1
     train_loss = "off"
     local_evaluation = "off"
 
@@ -68,12 +68,13 @@ class ReleasePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     num_examples_granularity: int = Field(
-        default=10,
+        default=1,
         ge=1,
         le=1_000_000,
         description=(
-            "Replies report the site's record count rounded to a multiple of this (1 = exact). The count "
-            "(and the DP-SGD step count derived from it) is treated as public, as the sample rate of DP-SGD is."
+            "Replies report the site's record count rounded to a multiple of this (1 = exact, the default). "
+            "The count is treated as public, as DP-SGD's sample rate and step count are (they reveal it to "
+            "within one batch); rounding hides it only to that extent, and FedAvg weights sites by it."
         ),
     )
     train_loss: Literal["off", "dp"] = Field(

@@ -147,10 +147,11 @@ def central_evaluator(cfg: dict, strategy: GuardedStrategy):
     source = cfg["central-data"]
     ds = load_department(cfg["department"], None if source == "bundled" else source)
     model = build_model(default_model_config(ds.schema, cfg["model"]))
+    sites = {s: ds.site_data(s) for s in ds.sites}  # once: data-quality warnings are printed once, not per round
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        per_site = {s: evaluation_metrics(model, ds.site_data(s), ds.schema.task) for s in ds.sites}
+        per_site = {s: evaluation_metrics(model, site, ds.schema.task) for s, site in sites.items()}
         scored = [m for m in per_site.values() if m["num-examples"]]
         total = sum(m["num-examples"] for m in scored) or 1
         agg = {k: sum(m[k] * m["num-examples"] for m in scored) / total for k in scored[0] if k != "num-examples"} \

