@@ -460,7 +460,10 @@ def fl_client(
     write_json(home / NODE_FILE, {"department": department, "site": site, "key": str(Path(key).resolve())})
     node_config = {"department": department, "site": site,
                    "data": "" if data == BUNDLED else str(Path(data).resolve()),
-                   "policy": str(Path(policy).resolve()), "ledger": str(ledger_path)}
+                   "policy": str(Path(policy).resolve()), "ledger": str(ledger_path),
+                   # the node's signed audit log (clients.node records jobs and releases there;
+                   # clients.pinning the app decisions, through CITYFED_NODE_HOME/CITYFED_NODE_KEY)
+                   "audit-log": str(home / "audit.jsonl"), "audit-key": str(Path(key).resolve())}
     launch = NodeLaunch(coordinator=coordinator, ca=Path(ca).resolve(), key=Path(key).resolve(), home=home,
                         node_config=node_config, runtime_port=runtime_port, reconnect_window=reconnect_window,
                         warm=not cold)
