@@ -463,3 +463,15 @@ def test_node_launch_passes_the_state_dir_and_key_to_the_tasks(tmp_path):
     assert launch.command()[1:4] == ["-m", "clients.warm", "supernode"]
     launch.warm = False
     assert launch.command()[1:4] == ["-m", "clients.warm", "cold-supernode"]  # same run_task, a process per task
+
+
+def test_audit_group_reads_the_nodes_log_and_key(tmp_path, node_key):
+    pytest.importorskip("privacy.audit_cli")
+    home = tmp_path / "node"
+    pinning.write_json(home / client_cli.NODE_FILE, {"key": str(node_key)})  # what fl-client records at start
+    code, out = cli("app", "approve", "c" * 64, "--state-dir", str(home))
+    assert code == 0, out
+    code, out = cli("--state-dir", str(home), "audit", "verify")  # log and node.pub found from the state dir
+    assert code == 0 and "OK" in out and "signed by" in out, out
+    code, out = cli("--state-dir", str(home), "audit", "show")
+    assert code == 0 and "app-approved" in out
