@@ -60,6 +60,8 @@ APP_REFUSED = 4033
 HOME_ENV, KEY_ENV = "CITYFED_NODE_HOME", "CITYFED_NODE_KEY"
 #: Limits on what is read from a FAB (Flower caps a FAB at 10 MB compressed).
 MAX_FILE_BYTES, MAX_TOTAL_BYTES = 16 * 2**20, 64 * 2**20
+#: Refused FABs kept for review; beyond this, the oldest are deleted (their index entries stay).
+MAX_QUARANTINED = 100
 #: Files Flower's FAB builder never ships (``flwr.common.constant.FAB_EXCLUDE_PATTERNS``).
 _NEVER_SHIPPED = ("test_*.py", "*_test.py")
 
@@ -293,7 +295,9 @@ def _check_pyproject(data: bytes) -> list[Finding]:
         config = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         return [Finding(PYPROJECT, "invalid", f"not valid TOML: {exc}")]
-    components = config.get("tool", {}).get("flwr", {}).get("app", {}).get("components")
+    components = config
+    for key in ("tool", "flwr", "app", "components"):
+        components = components.get(key) if isinstance(components, dict) else None
     if components != COMPONENTS:
         shown = ", ".join(f"{k} = {v!r}" for k, v in components.items()) if isinstance(components, dict) else repr(components)
         want = ", ".join(f"{k} = {v!r}" for k, v in COMPONENTS.items())
@@ -510,6 +514,7 @@ class Quarantine:
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             tmp.write_bytes(content)
             os.replace(tmp, target)
+            self._trim()
         if run_id is None:
             return True
         with _Locked(self.index_path):
@@ -521,6 +526,12 @@ class Quarantine:
                                  "files": [f.label() for f in verdict.findings]}
             write_json(self.index_path, data)
         return True
+
+    def _trim(self) -> None:
+        """Keep the newest :data:`MAX_QUARANTINED` FABs (a coordinator cannot fill the node's disk)."""
+        kept = sorted(self.dir.glob("*.fab"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[MAX_QUARANTINED:]:
+            old.unlink(missing_ok=True)
 
     def fabs(self) -> list[str]:
         """sha256 of every quarantined FAB."""

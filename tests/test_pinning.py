@@ -475,3 +475,14 @@ def test_audit_group_reads_the_nodes_log_and_key(tmp_path, node_key):
     assert code == 0 and "OK" in out and "signed by" in out, out
     code, out = cli("--state-dir", str(home), "audit", "show")
     assert code == 0 and "app-approved" in out
+
+
+def test_quarantine_keeps_the_newest_fabs_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(pinning, "MAX_QUARANTINED", 3)
+    for i in range(5):
+        fab = rezip({"pyproject.toml": b"[tool]\n", "evil.py": f"x = {i}\n".encode()})
+        assert not pinning.admit_fab(fab, run_id=i, home=tmp_path).accepted
+    q = pinning.Quarantine(tmp_path)
+    assert len(q.fabs()) == 3 and q.fab_path(sha(fab)).exists() and len(q.index()["runs"]) == 5
+    weird = rezip({"pyproject.toml": b"tool = 1\n"})  # a pyproject of the wrong shape is refused, not a crash
+    assert [f.status for f in verdict(weird).findings if f.path == "pyproject.toml"] == ["components changed"]
