@@ -802,6 +802,7 @@ class _NodeGroup(TyperGroup):
 
 
 app = typer.Typer(name="fl-client", cls=_NodeGroup, add_completion=False, rich_markup_mode="rich",
+                  epilog="Errors print a message naming the file, field and fix, never a traceback (it could show records); add --debug anywhere on the command line for the full traceback.",
                   pretty_exceptions_show_locals=False)
 app.callback(invoke_without_command=True)(fl_client)
 app.add_typer(app_cmds, name="app")
@@ -809,7 +810,9 @@ app.add_typer(app_cmds, name="app")
 
 def main() -> None:
     """Console entry point ``fl-client``."""
-    app()
+    from privacy.safe_cli import run_app
+
+    run_app(app, "fl-client")  # errors: a message, never a traceback with records in it (--debug shows it)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from privacy import pki
 
 app = typer.Typer(
     name="fl-pki",
+    epilog="Errors print a message naming the file, field and fix, never a traceback (it could show records); add --debug anywhere on the command line for the full traceback.",
     help=(
         "Keys and certificates for the city's federated-learning network.\n\n"
         "Typical flow: the coordinator team runs [bold]init[/] once (city CA) and "

@@ -54,6 +54,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 app = typer.Typer(
     name="fl-server",
+    epilog="Errors print a message naming the file, field and fix, never a traceback (it could show records); add --debug anywhere on the command line for the full traceback.",
     help=(
         "Coordinator of the city's federated learning (Flower SuperLink + this project's ServerApp).\n\n"
         "Order: [bold]start[/] the coordinator (TLS + node auth + guarded control plane), "

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 app = typer.Typer(
+    epilog="Errors print a message naming the file, field and fix, never a traceback (it could show records); add --debug anywhere on the command line for the full traceback.",
     help="cityfed simulation mode: run a city's departments on one machine with bundled real data.",
     no_args_is_help=True,
     add_completion=False,
