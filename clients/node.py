@@ -130,49 +130,70 @@ def rounded_count(n: int, granularity: int) -> int:
     return max(granularity, int(round(n / granularity)) * granularity)
 
 
-def planned_releases(cfg: dict, spec: NodeSpec, task: str) -> tuple[tuple[float, float, int], ...]:
-    """The metric releases (``(noise, 1.0, sums)``) the node's policy lets one run make.
+def planned_releases(cfg: dict, spec: NodeSpec, task: str, rounds: int | None = None,
+                     evaluations_done: int = 0) -> tuple[tuple[float, float, int], ...]:
+    """The metric releases (``(noise, 1.0, sums)``) the node's policy lets a run still make.
 
     DP-SGD's noise is calibrated with these reserved, so that a run with a ``target-epsilon``
     lands on it with every release counted (:func:`privacy.dp.calibrate_noise`).
+
+    Parameters
+    ----------
+    rounds : int, optional
+        Rounds still to come, this one included (default: the run's ``num-rounds``).
+    evaluations_done : int
+        DP evaluations the run already obtained (the per-run cap counts them).
     """
     rel = spec.policy.releases
-    rounds = int(cfg.get("num-rounds", 1))
+    rounds = int(cfg.get("num-rounds", 1)) if rounds is None else int(rounds)
     out = []
     if rel.train_loss == "dp":
         out.append((rel.metric_noise_multiplier, 1.0, rounds))
-    if rel.local_evaluation == "dp" and rel.max_evaluations_per_run:
-        out.append((rel.metric_noise_multiplier, 1.0, min(rounds, rel.max_evaluations_per_run) * EVAL_SUMS[task]))
+    evaluations = min(rounds, max(0, rel.max_evaluations_per_run - evaluations_done))
+    if rel.local_evaluation == "dp" and evaluations:
+        out.append((rel.metric_noise_multiplier, 1.0, evaluations * EVAL_SUMS[task]))
     return tuple(out)
 
 
-def job_from_config(cfg: dict, spec: NodeSpec, n_train: int, task: str = "binary-classification") -> JobRequest:
+def job_from_config(cfg: dict, spec: NodeSpec, n_train: int, task: str = "binary-classification",
+                    ledger: PrivacyLedger | None = None) -> JobRequest:
     """The privacy-relevant part of a train message's config, as the node's policy sees it.
+
+    With a ``target-epsilon`` the node calibrates its own noise so that the run, every release
+    its policy allows included, lands on the target. Given its ``ledger``, it calibrates for
+    the rounds still to come on top of what this run already obtained from it: a round replayed
+    after a coordinator crash or a resume is paid for by more noise in the remaining rounds, and
+    a run whose target is already spent is refused (the target is never passed).
 
     Raises
     ------
     JobRefused
-        When a ``target-epsilon`` cannot be reached (the policy's planned metric releases alone
-        would spend it).
+        When a ``target-epsilon`` cannot be reached (already spent by this run, or by the
+        policy's planned metric releases alone).
     """
     batch = int(cfg.get("batch-size", 64))
     steps_per_epoch = max(1, math.ceil(n_train / batch))
     epochs = int(cfg.get("local-epochs", 1))
     noise = float(cfg["noise-multiplier"]) if "noise-multiplier" in cfg else None
+    run_id, rnd = str(cfg.get("run-id", "")), int(cfg.get("server-round", 0))
     if noise is None and "target-epsilon" in cfg and bool(cfg.get("dp", True)):
-        # the node calibrates its own noise so that the whole run (every release the policy
-        # allows included) lands on the target epsilon
-        total = int(cfg.get("num-rounds", 1)) * epochs * steps_per_epoch
+        rounds = int(cfg.get("num-rounds", 1))
+        remaining = max(1, rounds - rnd + 1) if rnd >= 1 else rounds
+        spent: list = ledger.run_history(spec.site, run_id) if ledger is not None and run_id else []
+        done = ledger.count(spec.site, run_id, "gaussian-eval") if spent else 0
+        reserved = tuple(spent) + planned_releases(cfg, spec, task, remaining, done)
         try:
             noise = _calibrated_noise(float(cfg["target-epsilon"]), spec.policy.site_delta(n_train),
-                                      1.0 / steps_per_epoch, total, planned_releases(cfg, spec, task))
+                                      1.0 / steps_per_epoch, remaining * epochs * steps_per_epoch, reserved)
         except CalibrationError as exc:
-            raise JobRefused(f"{spec.department}/{spec.site}: refused: target-epsilon {cfg['target-epsilon']}: {exc}") from None
+            what = "this run's releases so far and the ones planned" if spent else "the planned metric releases"
+            raise JobRefused(f"{spec.department}/{spec.site}: refused: target-epsilon {cfg['target-epsilon']} of run "
+                             f"{run_id!r} cannot be kept with round {rnd} ({what} reach it): {exc}") from None
     return JobRequest(
         department=str(cfg.get("department", "")),
         task=str(cfg.get("task", "")),
-        run_id=str(cfg.get("run-id", "")),
-        round=int(cfg.get("server-round", 0)),
+        run_id=run_id,
+        round=rnd,
         dp=bool(cfg.get("dp", True)),
         noise_multiplier=noise,
         clipping_norm=float(cfg["clipping-norm"]) if "clipping-norm" in cfg else None,
@@ -219,23 +240,26 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     task = ds.schema.task
     rel = spec.policy.releases
     delta = spec.policy.site_delta(len(train))
+    ledger = PrivacyLedger(spec.ledger_path)
     try:
-        job = job_from_config(cfg, spec, len(train), task)
+        job = job_from_config(cfg, spec, len(train), task, ledger)
     except JobRefused as exc:
         spec.audit("job-refused", run=str(cfg.get("run-id", "")), round=int(cfg.get("server-round", 0)), reason=str(exc))
         raise
-    ledger = PrivacyLedger(spec.ledger_path)
+    # the run asked for this round before (resumed after a crash mid-round): counted again, marked
+    replay = bool(job.run_id) and ledger.has_round(spec.site, job.run_id, job.round)
 
     def release(mechanism: str, noise: float, q: float, steps: int) -> Release:
         return Release(noise_multiplier=noise, sample_rate=q, steps=steps, delta=delta, run_id=job.run_id,
-                       round=job.round, site=spec.site, department=spec.department, mechanism=mechanism)
+                       round=job.round, site=spec.site, department=spec.department, mechanism=mechanism,
+                       replay=replay)
 
     loss_release = release("gaussian-train-loss", rel.metric_noise_multiplier, 1.0, 1) \
         if job.dp and rel.train_loss == "dp" else None
     decision = check_job(spec.policy, job, ledger, spec.site, delta=delta,
                          extra=(loss_release,) if loss_release else ())
     spec.audit("job", task=job.task, model=str(cfg.get("model", "")), **_job_fields(job), config=dict(cfg),
-               decision="accepted" if decision.accepted else "refused", reason=decision.reason,
+               decision="accepted" if decision.accepted else "refused", reason=decision.reason, replay=replay,
                epsilon_before=decision.epsilon_before, epsilon_after=decision.epsilon_after, delta=delta)
     if not decision.accepted:
         raise JobRefused(f"{spec.department}/{spec.site}: {decision.reason}")
@@ -270,7 +294,7 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     for rid, r in pending:
         ledger.commit(rid)
         spec.audit("release", run=job.run_id, round=job.round, mechanism=r.mechanism, noise_multiplier=r.noise_multiplier,
-                   sample_rate=r.sample_rate, steps=r.steps, delta=delta, epsilon_before=before,
+                   sample_rate=r.sample_rate, steps=r.steps, delta=delta, replay=r.replay, epsilon_before=before,
                    epsilon_after=ledger.epsilon(spec.site, delta))
     metrics = {
         "num-examples": rounded_count(int(res.num_examples), rel.num_examples_granularity),

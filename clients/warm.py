@@ -500,8 +500,9 @@ def run_task(task: dict) -> int:
         e_code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) \
             else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
         reason = ("An exception was raised when attempting to load `ClientApp`" if isinstance(ex, LoadClientAppError)
-                  else str(type(ex)) + ":<'" + str(ex) + "'>")
-        log(ERROR, "ClientApp raised an exception", exc_info=ex)
+                  else failure_reason(ex))
+        # the reason goes to the coordinator and the log: never a library message that may quote a record
+        log(ERROR, "ClientApp raised an exception: %s", reason, exc_info=ex if os.environ.get("CITYFED_DEBUG") == "1" else None)
         sub_status, details = SubStatus.FAILED, reason
         if message is not None:
             reply = Message(Error(code=e_code, reason=reason), reply_to=message)
@@ -537,6 +538,18 @@ STUCK_GRACE_S = 5.0
 #: available a moment before the message's objects are in its store; with a warm worker that
 #: moment is hit every time, and Flower's first retry alone costs 1 s, the second 2 s more.
 PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.02, 0.5
+
+
+def failure_reason(ex: BaseException) -> str:
+    """What a failed task tells the coordinator and the node's log about ``ex``.
+
+    cityfed's own errors carry messages written for operators; any other exception is reported
+    by type and place only (its message could quote a value from the node's records; see
+    :func:`privacy.safe_cli.describe`). ``CITYFED_DEBUG=1`` adds the traceback to the node's own log.
+    """
+    from privacy.safe_cli import describe
+
+    return describe(ex)
 
 
 def fast_pulls(pull):

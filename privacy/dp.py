@@ -183,8 +183,9 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     floor = rdp_epsilon(reserved, delta)
     if floor >= target_epsilon:
         raise CalibrationError(
-            f"the planned metric releases alone spend epsilon {floor:.3g} >= target {target_epsilon:g} "
-            "(fewer evaluations, a larger metric_noise_multiplier, or train_loss = \"off\" in the policy's [releases])")
+            f"the releases already made or reserved spend epsilon {floor:.3g} >= target {target_epsilon:g} without "
+            "any further DP-SGD step (metric releases: fewer evaluations, a larger metric_noise_multiplier or "
+            "train_loss = \"off\" in the policy's [releases])")
     lo, hi = 0.0, 1.0
     while eps(hi) > target_epsilon:
         lo, hi = hi, hi * 2

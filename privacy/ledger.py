@@ -41,8 +41,8 @@ from pathlib import Path
 
 __all__ = ["BudgetExceededError", "LedgerError", "PrivacyLedger", "Release", "SCHEMA_VERSION"]
 
-#: Version of the on-disk schema, stored in ``PRAGMA user_version`` (2 added ``mechanism``;
-#: a version-1 ledger is upgraded in place, its rows marked ``dp-sgd``).
+#: Version of the on-disk schema, stored in ``PRAGMA user_version`` (2 added ``mechanism`` and
+#: ``replay``; a version-1 ledger is upgraded in place, its rows marked ``dp-sgd``, not replays).
 SCHEMA_VERSION = 2
 
 #: Release mechanisms: a round of DP-SGD (Poisson-subsampled Gaussian), and Gaussian-mechanism
@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS releases (
     reason           TEXT,
     created_at       TEXT    NOT NULL,
     updated_at       TEXT    NOT NULL,
-    mechanism        TEXT    NOT NULL DEFAULT 'dp-sgd'
+    mechanism        TEXT    NOT NULL DEFAULT 'dp-sgd',
+    replay           INTEGER NOT NULL DEFAULT 0 CHECK (replay IN (0, 1))
 );
 CREATE INDEX IF NOT EXISTS releases_site_status ON releases (site, status);
 """
@@ -115,6 +116,9 @@ class Release:
         Accounting method; only ``"rdp"`` is supported.
     mechanism : str
         One of :data:`MECHANISMS` (``"dp-sgd"`` by default).
+    replay : bool
+        The run asked for this round before (e.g. it was resumed after a crash in this round):
+        counted again, marked for audit.
     """
 
     noise_multiplier: float
@@ -127,6 +131,7 @@ class Release:
     department: str
     accountant: str = "rdp"
     mechanism: str = "dp-sgd"
+    replay: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -333,6 +338,7 @@ class PrivacyLedger:
                 con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version == 1:  # every version-1 row was a round of DP-SGD
                 con.execute("ALTER TABLE releases ADD COLUMN mechanism TEXT NOT NULL DEFAULT 'dp-sgd'")
+                con.execute("ALTER TABLE releases ADD COLUMN replay INTEGER NOT NULL DEFAULT 0 CHECK (replay IN (0, 1))")
                 con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             con.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -393,8 +399,8 @@ class PrivacyLedger:
                     )
             cur = con.execute(
                 "INSERT INTO releases (site, department, run_id, round, noise_multiplier, sample_rate,"
-                " steps, planned_steps, delta, accountant, status, reason, created_at, updated_at, mechanism)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', NULL, ?, ?, ?)",
+                " steps, planned_steps, delta, accountant, status, reason, created_at, updated_at, mechanism, replay)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', NULL, ?, ?, ?, ?)",
                 (
                     release.site,
                     release.department,
@@ -409,6 +415,7 @@ class PrivacyLedger:
                     now,
                     now,
                     release.mechanism,
+                    int(bool(release.replay)),
                 ),
             )
             return int(cur.lastrowid)
@@ -506,6 +513,24 @@ class PrivacyLedger:
             hist.append((float(r.noise_multiplier), float(r.sample_rate), int(r.steps)))
         return rdp_epsilon(hist, release.delta)
 
+    def run_history(self, site: str, run_id: str) -> list[tuple[float, float, int]]:
+        """Counted releases (any mechanism) that run ``run_id`` obtained from ``site``, as ``(noise, q, steps)``."""
+        rows = self._read(
+            "SELECT noise_multiplier, sample_rate, steps FROM releases WHERE site = ? AND run_id = ?"
+            " AND status IN ('pending', 'committed') ORDER BY id",
+            (site, run_id),
+        )
+        return [(float(r[0]), float(r[1]), int(r[2])) for r in rows]
+
+    def has_round(self, site: str, run_id: str, round: int, mechanism: str = "dp-sgd") -> bool:
+        """Whether ``run_id`` already obtained a counted ``mechanism`` release of ``round`` from ``site``."""
+        rows = self._read(
+            "SELECT 1 FROM releases WHERE site = ? AND run_id = ? AND round = ? AND mechanism = ?"
+            " AND status IN ('pending', 'committed') LIMIT 1",
+            (site, run_id, int(round), mechanism),
+        )
+        return bool(rows)
+
     def count(self, site: str, run_id: str, mechanism: str) -> int:
         """Counted (pending or committed) releases of ``mechanism`` that run ``run_id`` obtained from ``site``."""
         rows = self._read(
@@ -519,7 +544,7 @@ class PrivacyLedger:
         """Audit listing: every row (any status), oldest first, as plain dicts.
 
         Keys: ``id, site, department, run_id, round, noise_multiplier, sample_rate, steps,
-        planned_steps, delta, accountant, status, reason, created_at, updated_at, mechanism``
+        planned_steps, delta, accountant, status, reason, created_at, updated_at, mechanism, replay``
         (timestamps are ISO-8601 UTC).
         """
         if site is None:

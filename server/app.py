@@ -182,20 +182,26 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
     inner = make_strategy(cfg["strategy"], fraction_train=float(cfg["fraction-train"]),
                           fraction_evaluate=float(cfg["fraction-evaluate"]), min_nodes=int(cfg["min-nodes"]),
                           **_strategy_kwargs(cfg))
+    launch_id = str(run_id)  # this launch's own (Flower) run ID; a resumed run keeps its first one
     if cfg["resume"] and ckpt.exists():
         saved = load_checkpoint(ckpt)
         offset, history = int(saved["round"]), saved["history"]
         run_id = saved.get("run_id", run_id)
+        # the explicit link everyone sees: results.json "resumes", the log, the nodes' ledgers (same run ID)
+        history.setdefault("resumes", []).append(
+            {"flower-run-id": launch_id, "after-round": offset, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         state = {k: torch.from_numpy(v) for k, v in saved["arrays"].items()}
         arrays = ArrayRecord(state)
         for k, v in saved["strategy_state"].items():
             setattr(inner, k, v)
-        log.warning("resuming %s after round %d", run_dir, offset)
+        log.warning("resuming run %s after round %d of %d (this launch is Flower run %s); rounds continue at %d",
+                    run_id, offset, int(cfg["num-rounds"]), launch_id, offset + 1)
     guard = dict(max_update_norm=float(cfg["max-update-norm"]), checkpoint=ckpt, round_offset=offset, history=history,
                  run_id=run_id, on_round=on_round, min_accepted=int(cfg["min-accepted"]))
     strategy = GuardedStrategy(inner, **guard) if not cfg["secagg"] else SecAggStrategy(
         inner, num_shares=int(cfg["secagg-num-shares"]), threshold=int(cfg["secagg-threshold"]),
         clipping_range=float(cfg["secagg-clipping-range"]), timeout=float(cfg["round-timeout"]), **guard)
+    strategy.num_rounds = int(cfg["num-rounds"])
     # record what the run actually uses: SecAgg+ raises the minimums (server/secagg.py)
     cfg = {**cfg, "min-accepted": strategy.min_accepted,
            "min-nodes": max(int(cfg["min-nodes"]), int(getattr(inner, "min_train_nodes", 0) or 0))}

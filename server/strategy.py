@@ -147,9 +147,15 @@ class GuardedStrategy(Strategy):
     def summary(self) -> None:
         self.inner.summary()
 
+    #: The run's total rounds (set by run_federation): the log numbers rounds within the whole run.
+    num_rounds: int | None = None
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._global = {k: v.numpy() for k, v in arrays.items()}
         self._start("train")
+        if self.round_offset:  # Flower numbers this launch's rounds from 1; the run's numbering continues
+            log.info("cityfed: round %d/%s of run %s (resumed after round %d)", server_round + self.round_offset,
+                     self.num_rounds or "?", self.run_id, self.round_offset)
         return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

@@ -222,3 +222,35 @@ def test_node_audit_log_records_job_release_and_what_left(tmp_path):
     assert reply["metrics"] == sorted(["num-examples", "epsilon", "noise-multiplier", "steps"])
     assert entries[3]["data"]["decision"] == "refused" and "local_evaluation" in entries[3]["data"]["reason"]
     assert entries[5]["data"]["decision"] == "refused" and "min_noise_multiplier" in entries[5]["data"]["reason"]
+
+
+def test_replayed_round_is_marked_and_paid_for_by_the_remaining_rounds(tmp_path):
+    """A coordinator resumed mid-round asks for that round again: counted twice, marked, target kept.
+
+    Each node recalibrates its noise from its own ledger for the rounds still to come, so the run
+    lands on target-epsilon instead of overshooting it by the replayed round.
+    """
+    from clients.node import handle_train, node_from_config
+    from privacy.dp import rdp_epsilon
+
+    def run(folder, rounds_asked):
+        folder.mkdir()
+        ctx, ledger = _node(folder)
+        spec = node_from_config(dict(ctx.node_config), {})
+        msg, model = _msg()
+        cfg = {**dict(msg.content["config"]), "target-epsilon": 3.0, "num-rounds": 3}
+        del cfg["noise-multiplier"]
+        noises = []
+        for rnd in rounds_asked:
+            _, m = handle_train(model.state_dict(), {**cfg, "server-round": rnd}, spec)
+            noises.append(m["noise-multiplier"])
+        return PrivacyLedger(ledger), noises
+
+    plain, plain_noise = run(tmp_path / "plain", [1, 2, 3])
+    replayed, replay_noise = run(tmp_path / "replayed", [1, 2, 2, 3])
+    rows = replayed.releases("Cleveland")
+    assert [(r["round"], r["replay"]) for r in rows] == [(1, 0), (2, 0), (2, 1), (3, 0)]
+    for led in (plain, replayed):
+        eps = rdp_epsilon(led.run_history("Cleveland", "r1"), DELTA)
+        assert 2.95 <= eps <= 3.0 + 1e-9  # on target, never above
+    assert replay_noise[0] == plain_noise[0] and replay_noise[-1] > plain_noise[-1]  # the replay costs later noise

@@ -108,6 +108,42 @@ def test_coordinator_killed_after_round_k_resumes_at_k_plus_1(tmp_path):
     res = run_federation(InProcessGrid(client_app, nodes), _cfg(tmp_path, **{"num-rounds": 3, "resume": True}), run_id="r2")
     assert [e["round"] for e in res["rounds"]] == [1, 2, 3]
     assert res["run_id"] == "r1"  # the resumed run keeps its identity (ledger rows too)
+    assert [(r["flower-run-id"], r["after-round"]) for r in res["resumes"]] == [("r2", 2)]  # and says so
     led = PrivacyLedger(nodes[0]["ledger"])
     assert [r["round"] for r in led.releases("Cleveland")] == [1, 2, 3]
     assert led.epsilon("Cleveland", site_delta("Cleveland")) > eps_before  # continues, does not reset
+
+
+class _Crash(RuntimeError):
+    """The coordinator process dies (raised from inside a round)."""
+
+
+def test_crash_mid_round_then_resume_replays_the_round_and_keeps_the_target(tmp_path):
+    """Every node trained round 3, the coordinator died before aggregating it: the resume asks again.
+
+    The replayed round is counted again (conservative) and marked as a replay; each node pays for
+    it with more noise in what is left of the run, so no node passes target-epsilon.
+    """
+    from privacy.dp import rdp_epsilon
+
+    nodes = _nodes(tmp_path)
+    replies = {"n": 0}
+
+    def crash_in_round_3(node, reply):
+        replies["n"] += 1
+        if replies["n"] == 3 * 4:  # the 4th node's round-3 update: all four have trained and released it
+            raise _Crash("coordinator killed mid-round")
+        return reply
+
+    cfg = _cfg(tmp_path, **{"num-rounds": 4})
+    with pytest.raises(_Crash):
+        run_federation(InProcessGrid(client_app, nodes, tamper=crash_in_round_3), cfg, run_id="r1")
+    assert pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))["round"] == 2
+    res = run_federation(InProcessGrid(client_app, nodes), {**cfg, "resume": True}, run_id="r2")
+    assert [e["round"] for e in res["rounds"]] == [1, 2, 3, 4] and res["run_id"] == "r1"
+    for n in nodes:
+        led = PrivacyLedger(n["ledger"])
+        rows = led.releases(n["site"])
+        assert [(r["round"], r["replay"]) for r in rows] == [(1, 0), (2, 0), (3, 0), (3, 1), (4, 0)]
+        eps = rdp_epsilon(led.run_history(n["site"], "r1"), site_delta(n["site"]))
+        assert 2.9 < eps <= 3.0 + 1e-9, n["site"]  # the target, with the replay counted

@@ -56,7 +56,7 @@ def test_calibration_reserves_the_planned_releases():
     assert with_metrics > plain
     total = rdp_epsilon([(with_metrics, q, steps), *reserved], delta)
     assert 2.97 <= total <= 3.0  # on target, never above
-    with pytest.raises(CalibrationError, match="metric releases alone"):
+    with pytest.raises(CalibrationError, match="already made or reserved"):
         calibrate_noise(0.2, delta, q, steps, [(1.0, 1.0, 50)])
 
 

@@ -76,3 +76,14 @@ def test_exit_codes_and_usage_errors_pass_through(capsys):
     with pytest.raises(SystemExit) as ended:
         run_app(_app(typer.Exit(0)), "fl-test", ["--n", "not-a-number"])
     assert ended.value.code == 2 and "not-a-number" in capsys.readouterr().err
+
+
+def test_a_failed_node_task_tells_the_coordinator_no_record_value():
+    """The warm worker's error reply (sent to the coordinator) names the type and place, not a library message."""
+    from clients.warm import failure_reason
+
+    try:
+        float(f"{MARKER}abc")  # a library error quoting a cell value
+    except ValueError as exc:
+        reason = failure_reason(exc)
+    assert "ValueError" in reason and "test_safe_cli.py" in reason and MARKER not in reason
