@@ -525,3 +525,33 @@ def test_fl_server_start_passes_the_audit_log_to_the_superlink_environment(serve
     ents = audit.AuditLog(log).entries()
     assert ents[0]["kind"] == "start" and ents[0]["data"]["insecure"] is True
     assert audit.verify(log, public_key_path=pub).ok
+
+
+@pytest.mark.parametrize("role", ["node", "coordinator"])
+@pytest.mark.parametrize("tamper", ["flip", "delete", "swap"])
+def test_either_log_through_its_own_cli_names_the_broken_entry(keys, tmp_path, role, tamper, monkeypatch):
+    """`fl-client audit verify` (node key, OpenSSH) and `fl-server audit verify` (audit key, PEM) fail on tampering."""
+    if role == "node":
+        from clients.cli import app as cli
+
+        key, pub = keys["key"], keys["pub"]
+        args = ["audit", "verify", "--log", str(tmp_path / "audit.jsonl"), "--pub", str(pub)]
+    else:
+        from server.cli import app as cli
+
+        key, pub = tmp_path / "audit.key", tmp_path / "audit.pub"
+        audit.ensure_signing_key(key, pub)
+        args = ["audit", "verify", "--log", str(tmp_path / "audit.jsonl"), "--pub", str(pub)]
+    log = make_log(tmp_path / "audit.jsonl", key, 5)
+    assert runner.invoke(cli, args).exit_code == 0
+    ls = lines(log.path)
+    if tamper == "flip":
+        i = ls[2].index(b'"epsilon":') + len(b'"epsilon":')
+        ls[2] = ls[2][:i] + (b"9" if ls[2][i:i + 1] != b"9" else b"8") + ls[2][i + 1:]
+    elif tamper == "delete":
+        del ls[2]
+    else:
+        ls[2], ls[3] = ls[3], ls[2]
+    write_lines(log.path, ls)
+    res = runner.invoke(cli, args)
+    assert res.exit_code == 1 and "seq 3" in _text(res), _text(res)
