@@ -133,7 +133,8 @@ def test_health_no_cross_site_or_test_leakage(health, tmp_path):
     frame.loc[test_rows, "cp"] = "typical angina"
     path = tmp_path / "heart.parquet"
     frame.to_parquet(path)
-    changed = HeartDisease(path).site_data("Cleveland")
+    wide = {c: {"min": -1e4, "max": 1e4} for c in ("age", "trestbps", "chol", "thalch", "oldpeak")}  # 999: implausible on purpose
+    changed = HeartDisease(path, ranges=wide).site_data("Cleveland")
     _same_split(base.train, changed.train)
     assert base.meta["scalers"] == changed.meta["scalers"]
     assert not np.array_equal(base.test.X, changed.test.X)

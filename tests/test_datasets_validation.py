@@ -200,11 +200,44 @@ def test_unsorted_timestamps(tmp_path, suffix):
 def test_duplicate_timestamps(tmp_path, suffix):
     f = _traffic_frame()
     f = pd.concat([f.iloc[:50], f.iloc[49:]], ignore_index=True)
+    f.loc[50, "total"] += 1  # same detector and time, a different count: which one is right?
     err = _expect(TrafficCounts, _write(f, tmp_path / f"t{suffix}"), "timestamp", "duplicate timestamp")
-    assert "rows 50 and 51" in err.problem
+    assert "rows 50 and 51" in err.problem and "different values" in err.problem
     u = _utility_frame()
     u = pd.concat([u.iloc[:10], u.iloc[9:]], ignore_index=True)
+    u.loc[10, "demand"] = 1.0
     _expect(ElectricityDemand, _write(u, tmp_path / f"u{suffix}"), "timestamp", "duplicate timestamp")
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_exact_duplicate_rows_are_dropped_with_a_count(tmp_path, suffix, heart_frame):
+    f = _traffic_frame()
+    ref = _site_arrays(TrafficCounts(_write(f, tmp_path / f"ref{suffix}")))
+    g = pd.concat([f.iloc[:50], f.iloc[49:52], f.iloc[50:]], ignore_index=True)  # data rows 50, 51, 52 repeated once (as rows 51, 54, 55)
+    with pytest.warns(DataQualityWarning, match=r"dropped 3 of 579 rows that repeat an earlier row exactly \(rows 51, 54, 55\)"):
+        ds = TrafficCounts(_write(g, tmp_path / f"dup{suffix}"))
+    _same_arrays(_site_arrays(ds), ref)
+    h = pd.concat([heart_frame, heart_frame.iloc[[7]]], ignore_index=True)
+    with pytest.warns(DataQualityWarning, match=r"dropped 1 of 921 rows .*\(row 921\)"):
+        assert len(HeartDisease(_write(h, tmp_path / f"h{suffix}")).raw_frame()) == 920
+
+
+def test_duplicated_column_names_are_an_error(tmp_path, heart_frame):
+    p = tmp_path / "dup.csv"
+    f = _traffic_frame()
+    f.to_csv(p, index=False)
+    text = p.read_text().splitlines()
+    p.write_text("\n".join([text[0] + ",total "] + [line + ",1" for line in text[1:]]) + "\n")
+    err = _expect(TrafficCounts, p, "total", "duplicated column name")
+    assert "'total' at columns 3, 4" in err.problem and "remove the copies" in err.fix
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    h = heart_frame
+    table = pa.Table.from_arrays([pa.array(h[c].astype(str)) for c in h.columns] + [pa.array(h["age"])],
+                                 names=list(h.columns) + ["age"])
+    pq.write_table(table, tmp_path / "dup.parquet")
+    _expect(HeartDisease, tmp_path / "dup.parquet", "age", "duplicated column name")
 
 
 @pytest.mark.parametrize("name", ["a.xlsx", "a.json", "a", "a.csv.gz"])
@@ -321,3 +354,266 @@ def test_property_interpolation_fills_only_short_interior_gaps(values):
             i = j
         else:
             i += 1
+
+
+# ----------------------------------------------------------------------------- issue 11: bad input classes
+
+
+def _site_arrays(ds) -> dict:
+    out = {}
+    for s in ds.sites:
+        d = ds.site_data(s)
+        for part in ("train", "test"):
+            sp = getattr(d, part)
+            assert np.isfinite(sp.X).all() and np.isfinite(sp.y).all(), (s, part)
+            out[(s, part)] = (sp.X, sp.y)
+    return out
+
+
+def _same_arrays(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k][0], b[k][0])
+        np.testing.assert_array_equal(a[k][1], b[k][1])
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_utc_offsets_are_converted_to_utc(tmp_path, suffix):
+    f = _traffic_frame()
+    utc = TrafficCounts(_write(f, tmp_path / f"naive{suffix}"))  # naive timestamps = the reference
+    for name, shifted in (("plus2", (f["timestamp"] + pd.Timedelta("2h")).dt.strftime("%Y-%m-%dT%H:%M:%S+02:00")),
+                          ("zulu", f["timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")),
+                          ("minus0530", (f["timestamp"] - pd.Timedelta("5h30min")).dt.strftime("%Y-%m-%d %H:%M-0530"))):
+        g = f.copy()
+        g["timestamp"] = shifted
+        ds = TrafficCounts(_write(g, tmp_path / f"{name}{suffix}"))
+        pd.testing.assert_series_equal(ds.raw_frame()["timestamp"], utc.raw_frame()["timestamp"])
+        _same_arrays(_site_arrays(ds), _site_arrays(utc))
+
+
+def test_tz_aware_parquet_columns_are_converted_to_utc(tmp_path):
+    f = _traffic_frame()
+    ref = _site_arrays(TrafficCounts(_write(f, tmp_path / "ref.parquet")))
+    g = f.copy()
+    g["timestamp"] = g["timestamp"].dt.tz_localize("UTC").dt.tz_convert("Asia/Kolkata")
+    ds = TrafficCounts(_write(g, tmp_path / "aware.parquet"))
+    assert ds.raw_frame()["timestamp"].dt.tz is None
+    _same_arrays(_site_arrays(ds), ref)
+    u = _utility_frame()  # 2020-01-01 .. 2020-01-30: no DST change; shift it across the March change
+    u["timestamp"] = (u["timestamp"] + pd.Timedelta("80D")).dt.tz_localize("UTC").dt.tz_convert("Europe/Berlin")
+    with pytest.warns(DataQualityWarning, match=r"different UTC offsets .*\+01:00.*converted to UTC") as rec:
+        ElectricityDemand(_write(u, tmp_path / "dst.parquet"))
+    assert "'timestamp'" in str(rec[0].message)
+
+
+def test_mixed_offsets_warn_and_mixed_naive_aware_is_an_error(tmp_path):
+    f = _utility_frame()
+    t = f["timestamp"].dt.tz_localize("UTC")
+    text = t.dt.tz_convert("Europe/Berlin").map(lambda x: x.isoformat())
+    text[:100] = t[:100].dt.tz_convert("Europe/London").map(lambda x: x.isoformat())  # other offsets, same instants
+    f["timestamp"] = text
+    with pytest.warns(DataQualityWarning, match=r"1440 timestamp\(s\) with 2 different UTC offsets"):
+        ds = ElectricityDemand(_write(f, tmp_path / "mix.csv"))
+    assert (ds.raw_frame()["timestamp"].iloc[:720] == pd.date_range("2020-01-01", periods=720, freq="1h")).all()
+    g = _utility_frame()
+    g["timestamp"] = g["timestamp"].astype(str)
+    g.loc[10, "timestamp"] = "2020-01-01 10:00:00+00:00"
+    err = _expect(ElectricityDemand, _write(g, tmp_path / "naive-aware.csv"), "timestamp", "carry a UTC offset")
+    assert "'2020-01-01 10:00:00+00:00' (row 11)" in err.problem and "none (local time)" in err.fix
+
+
+def test_day_first_dates_need_a_date_format(tmp_path):
+    f = _utility_frame()
+    ref = _site_arrays(ElectricityDemand(_write(f, tmp_path / "iso.csv")))
+    dmy = f.copy()
+    dmy["timestamp"] = f["timestamp"].dt.strftime("%d/%m/%Y %H:%M")
+    path = _write(dmy, tmp_path / "dmy.csv")
+    err = _expect(ElectricityDemand, path, "timestamp", "not year-first")
+    assert "'01/01/2020 00:00' (row 1)" in err.problem and "--date-format DMY" in err.fix
+    assert "'13/01/2020 00:00'" in err.problem and "can only be day-first" in err.problem
+    _same_arrays(_site_arrays(ElectricityDemand(path, date_format="DMY")), ref)
+    err = _expect_with(ElectricityDemand, path, "timestamp", "month above 12", date_format="MDY")
+    assert "'13/01/2020 00:00'" in err.problem and "--date-format DMY" in err.fix
+    mdy = f.copy()
+    mdy["timestamp"] = f["timestamp"].dt.strftime("%m-%d-%Y %H:%M")
+    _same_arrays(_site_arrays(ElectricityDemand(_write(mdy, tmp_path / "mdy.csv"), date_format="mdy")), ref)
+    dotted = f.copy()
+    dotted["timestamp"] = f["timestamp"].dt.strftime("%d.%m.%Y um %H.%M")
+    p = _write(dotted, tmp_path / "pattern.csv")
+    _same_arrays(_site_arrays(ElectricityDemand(p, date_format="%d.%m.%Y um %H.%M")), ref)
+    err = _expect_with(ElectricityDemand, p, "timestamp", "do not match", date_format="%d/%m/%Y %H:%M")
+    assert "'01.01.2020 um 00.00' (row 1)" in err.problem
+    with pytest.raises(ValueError, match="unknown date format 'european'"):
+        ElectricityDemand(p, date_format="european")
+
+
+def test_ambiguous_only_dates_are_an_error_without_format(tmp_path):
+    f = _traffic_frame(n_days=3)
+    f = f[f["timestamp"].dt.day <= 3].copy()  # 01/04 .. 03/04: every value is ambiguous
+    f["timestamp"] = f["timestamp"].dt.strftime("%m/%d/%Y %H:%M")
+    err = _expect(TrafficCounts, _write(f, tmp_path / "amb.csv"), "timestamp", "cannot be told apart")
+    assert "no date format was given" in err.problem
+    assert TrafficCounts(tmp_path / "amb.csv", date_format="MDY").raw_frame()["timestamp"].iloc[0] == pd.Timestamp("2024-04-01")
+    f2 = f.copy()
+    f2["timestamp"] = "31/02/2024 00:00"
+    _expect_with(TrafficCounts, _write(f2, tmp_path / "feb.csv"), "timestamp", "impossible day", date_format="DMY")
+    f3 = _traffic_frame(n_days=3)
+    f3["timestamp"] = f3["timestamp"].dt.strftime("%d/%m/%y %H:%M")
+    _expect_with(TrafficCounts, _write(f3, tmp_path / "yy.csv"), "timestamp", "4-digit year", date_format="DMY")
+    f4 = _traffic_frame(n_days=3)
+    f4["timestamp"] = f4["timestamp"].dt.strftime("2204-%m-%d %H:%M")
+    _expect(TrafficCounts, _write(f4, tmp_path / "y2204.csv"), "timestamp", "outside the years 1900-2100")
+
+
+def _expect_with(cls, path, column, match, **kw) -> DataFileError:
+    with pytest.raises(DataFileError) as info:
+        cls(path, **kw)
+    err = info.value
+    assert err.path == str(path) and err.column == column and repr(column) in str(err)
+    assert match in err.problem, err.problem
+    return err
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_huge_and_implausible_values_are_errors(tmp_path, suffix, heart_frame):
+    for cls, frame, col, value, shown in (
+            (ElectricityDemand, _utility_frame(), "demand", 1e300, "1e+300"),
+            (ElectricityDemand, _utility_frame(), "temperature", 451.0, "451.0"),
+            (TrafficCounts, _traffic_frame().astype({"total": "float64"}), "total", 1e300, "1e+300"),
+            (HeartDisease, heart_frame, "age", 1e9, "1000000000.0"),
+            (HeartDisease, heart_frame, "trestbps", -120.0, "-120.0"),
+            (HeartDisease, heart_frame, "oldpeak", 1e300, "1e+300")):
+        f = frame.copy()
+        f.loc[5, col] = value
+        err = _expect(cls, _write(f, tmp_path / f"{col}{suffix}"), col, "outside the plausible range")
+        assert f"{shown} (row 6)" in err.problem.replace("'", ""), err.problem
+        assert "--ranges" in err.fix
+    f = heart_frame.copy()
+    f.loc[3, "trestbps"] = -1
+    assert "1 negative" in _expect(HeartDisease, _write(f, tmp_path / f"neg{suffix}"), "trestbps").problem
+
+
+def test_ranges_file_overrides_the_defaults(tmp_path, heart_frame):
+    f = heart_frame.copy()
+    f.loc[5, "chol"] = 1500.0
+    path = _write(f, tmp_path / "h.csv")
+    _expect(HeartDisease, path, "chol", "0 to 1000 mg/dl")
+    wide = tmp_path / "wide.toml"
+    wide.write_text("[chol]\nmax = 2000\n")
+    assert HeartDisease(path, ranges=wide).raw_frame()["chol"].max() == 1500.0
+    drop = tmp_path / "drop.toml"
+    drop.write_text('[chol]\naction = "missing"\n')
+    with pytest.warns(DataQualityWarning, match=r"column 'chol': 1 value\(s\) outside the plausible range 0 to 1000 mg/dl .*treated as missing"):
+        ds = HeartDisease(path, ranges=drop)
+    assert np.isnan(ds.raw_frame()["chol"][5])
+    narrow = tmp_path / "narrow.toml"
+    narrow.write_text("[age]\nmin = 40\n")
+    _expect(HeartDisease, path, "chol")
+    assert "below 40" in _expect_with(HeartDisease, _write(heart_frame, tmp_path / "ok.csv"), "age", "outside", ranges=narrow).problem
+    for text, column, needle in (("[chole]\nmax = 3\n", "chole", "did you mean 'chol'"),
+                                 ("[sex]\nmax = 3\n", "sex", "only numeric columns"),
+                                 ("[chol]\nmax = inf\n", "chol", "finite"),
+                                 ("[chol]\nmax = 1e300\n", "chol", "finite"),
+                                 ("[chol]\nmax = '9'\n", "chol", "not a number"),
+                                 ("[chol]\nmin = 5\nmax = 1\n", "chol", "above max"),
+                                 ("[chol]\nmaximum = 5\n", "chol", "did you mean 'max'"),
+                                 ('[chol]\naction = "drop"\n', "chol", "action"),
+                                 ("chol = 5\n", "chol", "not a table"),
+                                 ("[chol\n", None, "not valid TOML")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(DataFileError) as info:
+            HeartDisease(path, ranges=bad)
+        assert info.value.path == str(bad) and info.value.column == column and needle in str(info.value), str(info.value)
+    with pytest.raises(DataFileError, match="cannot read the ranges file"):
+        HeartDisease(path, ranges=tmp_path / "none.toml")
+
+
+def test_ranges_from_the_environment(tmp_path, heart_frame, monkeypatch):
+    f = heart_frame.copy()
+    f.loc[5, "chol"] = 1500.0
+    path = _write(f, tmp_path / "h.csv")
+    wide = tmp_path / "wide.toml"
+    wide.write_text("[chol]\nmax = 2000\n")
+    monkeypatch.setenv("CITYFED_RANGES", str(wide))
+    assert HeartDisease(path).raw_frame()["chol"].max() == 1500.0
+    monkeypatch.delenv("CITYFED_RANGES")  # a ranges file is one department's
+    monkeypatch.setenv("CITYFED_DATE_FORMAT", "DMY")
+    u = _utility_frame()
+    u["timestamp"] = u["timestamp"].dt.strftime("%d/%m/%Y %H:%M")
+    assert ElectricityDemand(_write(u, tmp_path / "u.csv")).sites == ["north", "south"]
+
+
+def test_arrays_stay_finite_even_with_a_wide_range(tmp_path):
+    f = _utility_frame()
+    f.loc[5, "demand"] = 1e15
+    f.loc[6, "demand"] = -1e15
+    ds = ElectricityDemand(_write(f, tmp_path / "u.csv"), ranges={"demand": {"min": -1e15, "max": 1e15}})
+    _site_arrays(ds)  # finite (asserted inside): float64 scaling, float32 arrays
+    huge = {"demand": {"min": -1e300, "max": 1e300}}
+    with pytest.raises(DataFileError, match="finite"):
+        ElectricityDemand(tmp_path / "u.csv", ranges=huge)
+
+
+def test_single_class_site_is_an_error(tmp_path, heart_frame):
+    f = heart_frame.copy()
+    f.loc[f["dataset"] == "Hungary", "num"] = 0
+    ds = HeartDisease(_write(f, tmp_path / "h.csv"))
+    ds.site_data("Cleveland")
+    with pytest.raises(DataFileError) as info:
+        ds.site_data("Hungary")
+    assert info.value.column == "num" and "'Hungary'" in info.value.problem and "one class" in info.value.problem
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.filterwarnings("ignore::clients.datasets.DataQualityWarning")  # imputation counts of the tiny sites
+def test_too_few_records_for_a_split_or_a_batch(tmp_path, suffix, heart_frame):
+    for n in (1, 3, 20):
+        f = pd.concat([heart_frame[heart_frame["dataset"] != "Switzerland"],
+                       heart_frame[heart_frame["dataset"] == "Switzerland"].iloc[:n]], ignore_index=True)
+        ds = HeartDisease(_write(f, tmp_path / f"h{n}{suffix}"))
+        with pytest.raises(DataFileError) as info:
+            ds.site_data("Switzerland")
+        assert info.value.column in ("dataset", "num") and "'Switzerland'" in str(info.value), str(info.value)
+    ok = heart_frame[heart_frame["dataset"] == "Switzerland"].iloc[:40]
+    ok = ok.assign(num=[0, 1] * 20)
+    d = HeartDisease(_write(ok, tmp_path / f"ok{suffix}")).site_data("Switzerland")
+    assert len(d.train) >= 16 and len(d.test) >= 1
+    t = _traffic_frame(n_days=2, detectors=(1,)).iloc[:140]  # 35 h: 6 training windows (each needs 8 h + a day of history)
+    with pytest.raises(DataFileError, match=r"'detector-1' yields 6 training and 32 test windows; .*at least 16") as info:
+        TrafficCounts(_write(t, tmp_path / f"t{suffix}")).site_data("detector-1")
+    assert info.value.column == "detector"
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_missing_markers_are_counted_not_vanished(tmp_path, suffix):
+    half = pd.DataFrame({"timestamp": pd.date_range("2020-01-01", periods=48 * 30, freq="30min"), "grid": "g",
+                         "demand": (100 + np.arange(48 * 30.0) % 7).astype(object)})
+    half.loc[[7, 8, 100], "demand"] = ["n/a", "NULL", " "]
+    half.loc[300, "demand"] = None
+    with pytest.warns(DataQualityWarning) as rec:
+        ds = ElectricityDemand(_write(half, tmp_path / f"na{suffix}"))
+        ds.site_data("g")
+    text = " ".join(str(w.message) for w in rec)
+    assert "4 record(s) have no 'demand'" in text, text
+    assert "4 hour(s)" in text and "from fewer records" in text, text
+
+
+@pytest.mark.parametrize("kind", ["dir", "devnull", "fifo"])
+def test_directory_or_device_is_not_called_missing(tmp_path, kind):
+    import os
+
+    if kind == "dir":
+        p = tmp_path / "records.csv"
+        p.mkdir()
+        what = "is a directory"
+    elif kind == "devnull":
+        p = Path(os.devnull)
+        what = "is a character device"
+    else:
+        p = tmp_path / "pipe.csv"
+        os.mkfifo(p)
+        what = "named pipe"
+    with pytest.raises(DataFileError) as info:
+        HeartDisease(p)
+    assert what in info.value.problem and "not found" not in str(info.value)

@@ -34,10 +34,17 @@ __all__ = [
     "SiteData",
     "Split",
     "SUPPORTED_SUFFIXES",
+    "MIN_TRAIN_RECORDS",
 ]
 
 #: File suffixes accepted for operator files.
 SUPPORTED_SUFFIXES = (".csv", ".parquet", ".pq")
+
+#: Fewest training records (forecasting: training windows) a site needs. DP-SGD averages
+#: clipped per-record gradients over a Poisson-sampled batch and adds noise of std sigma*C to the
+#: sum, so the noise on the mean update is sigma*C/B: below about 16 records it swamps any
+#: signal, and the site's test part holds a handful of records at most.
+MIN_TRAIN_RECORDS = 16
 
 _DTYPES = ("float", "int", "category", "datetime", "bool")
 
@@ -88,6 +95,11 @@ class Column:
         Human readable meaning.
     required : bool
         Whether the column must be present in an operator file.
+    plausible : tuple, optional
+        Numeric columns: ``(min, max)`` inclusive plausibility range (``None`` = unbounded on
+        that side), optionally ``(min, max, "missing")`` to treat out-of-range values as
+        missing instead of an error. A department overrides it with a ranges file
+        (:mod:`clients.datasets.plausibility`).
     """
 
     name: str
@@ -95,6 +107,7 @@ class Column:
     unit: str
     description: str
     required: bool = True
+    plausible: tuple | None = None
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -139,13 +152,16 @@ class Schema:
         str
             A fixed-width table (one line per column) followed by the task summary.
         """
-        rows = [("column", "type", "unit", "required", "description")]
+        from .plausibility import Range
+
+        rows = [("column", "type", "unit", "required", "plausible", "description")]
         for c in self.columns:
-            rows.append((c.name, c.dtype, c.unit or "-", "yes" if c.required else "no", c.description))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+            rng = Range(*c.plausible).describe() if c.plausible is not None else "-"
+            rows.append((c.name, c.dtype, c.unit or "-", "yes" if c.required else "no", rng, c.description))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = []
         for i, r in enumerate(rows):
-            lines.append("  ".join(r[k].ljust(widths[k]) for k in range(4)) + "  " + r[4])
+            lines.append("  ".join(r[k].ljust(widths[k]) for k in range(5)) + "  " + r[5])
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 11)
         task = f"task: {self.task}; site column: {self.site_column!r}; target: {self.target!r} ({self.target_unit})"
@@ -238,6 +254,61 @@ def warn_quality(message: str, stacklevel: int = 3) -> None:
     warnings.warn(message, DataQualityWarning, stacklevel=stacklevel)
 
 
+def path_kind(p: Path) -> str | None:
+    """What ``p`` is when it is not a readable regular file, in words (``None`` for a regular file).
+
+    Returns
+    -------
+    str or None
+        ``"file not found"``, ``"a directory"``, ``"a character device"``, ``"a block
+        device"``, ``"a named pipe (FIFO)"``, ``"a socket"``, ``"a broken symbolic link"`` ...
+    """
+    import stat
+
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if p.is_symlink() else "file not found"
+    except OSError as exc:
+        return f"cannot be inspected ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _header_names(p: Path, suffix: str) -> list[str]:
+    """The column names exactly as the file's header has them (before pandas renames duplicates)."""
+    if suffix == ".csv":
+        head = pd.read_csv(p, header=None, nrows=1, dtype=str, keep_default_na=False, skipinitialspace=True)
+        return [str(v) for v in head.iloc[0].tolist()] if len(head) else []
+    import pyarrow.parquet as pq
+
+    return list(pq.read_schema(p).names)
+
+
+def check_duplicate_columns(names: list[str], path) -> None:
+    """Refuse a header that names a column twice (after trimming spaces).
+
+    Raises
+    ------
+    DataFileError
+        Naming the duplicated names and their positions.
+    """
+    seen: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        seen.setdefault(str(n).strip(), []).append(i + 1)
+    dups = {n: pos for n, pos in seen.items() if len(pos) > 1 and not n.startswith("__index_level_")}
+    if dups:
+        listed = "; ".join(f"{n!r} at columns {', '.join(map(str, pos))}" for n, pos in dups.items())
+        raise DataFileError(path, f"duplicated column name(s): {listed}",
+                            "keep one column per name: remove the copies, or rename them if they hold different data",
+                            next(iter(dups)))
+
+
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
     """Read a CSV or Parquet file, mapping every failure to :class:`DataFileError`.
 
@@ -250,46 +321,78 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     -------
     pd.DataFrame
         The raw table (no type coercion beyond the reader's own).
+
+    Raises
+    ------
+    DataFileError
+        Not found, a directory/device/pipe, unreadable, unsupported suffix, empty, not
+        parsable, or a column name used twice.
     """
     p = Path(path)
     suffix = p.suffix.lower()
+    kind = path_kind(p)
+    if kind == "file not found":
+        raise DataFileError(p, "file not found", "check the path (it is resolved from the current directory "
+                            f"{os.getcwd()!r})")
+    if kind is not None:
+        what = f"is {kind}, not a regular file" if kind.startswith("a ") else kind
+        raise DataFileError(p, what, "pass the path of a single CSV or Parquet file"
+                            + (" inside that directory" if kind == "a directory" else ""))
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataFileError(p, f"unsupported file type {p.suffix or '(no suffix)'!r}",
                             f"save the records as CSV (.csv) or Parquet (.parquet)")
-    if not p.exists():
-        raise DataFileError(p, "file not found", "check the path (it is resolved from the current directory "
-                            f"{os.getcwd()!r})")
-    if not p.is_file():
-        raise DataFileError(p, "not a regular file", "pass the path of a single CSV or Parquet file")
+    if not os.access(p, os.R_OK):
+        raise DataFileError(p, "cannot read the file (permission denied)",
+                            "make it readable by the user that runs this command (chmod/chown), or copy it somewhere readable")
     if p.stat().st_size == 0:
         raise DataFileError(p, "file is empty (0 bytes)", "export the records again; the file must have a header and data rows")
     try:
+        names = _header_names(p, suffix)
+        check_duplicate_columns(names, p)
         if suffix == ".csv":
             frame = pd.read_csv(p, float_precision="round_trip", low_memory=False, skipinitialspace=True)
         else:
             frame = pd.read_parquet(p)
+    except DataFileError:
+        raise
     except pd.errors.EmptyDataError:
         raise DataFileError(p, "file has no header and no rows", "write a header line with the documented column names") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DataFileError(p, f"cannot parse the CSV ({exc})", "save it as UTF-8 CSV with a comma separator and one header line") from None
+    except PermissionError:
+        raise DataFileError(p, "cannot read the file (permission denied)", "make it readable by the user that runs this command") from None
     except Exception as exc:  # pyarrow raises a variety of errors on corrupt files
-        raise DataFileError(p, f"cannot read the file ({type(exc).__name__}: {exc})",
+        raise DataFileError(p, f"cannot read the file ({type(exc).__name__})",
                             "check that the file is a valid, uncorrupted " + ("CSV" if suffix == ".csv" else "Parquet") + " file") from None
     frame.columns = [str(c).strip() if isinstance(c, str) else str(c) for c in frame.columns]
+    check_duplicate_columns(list(frame.columns), p)
     return frame
 
 
-def _examples(values: pd.Series, n: int = 3) -> str:
+def _examples(values: pd.Series, n: int = 1) -> str:
+    """The first ``n`` offending values with their 1-based data row, and how many more (rows only).
+
+    Only the offending cell is shown: messages must not carry other record values.
+    """
     parts = [f"{v!r} (row {i + 1})" for i, v in zip(values.index[:n], values.iloc[:n])]
-    more = f" and {len(values) - n} more" if len(values) > n else ""
+    rest = values.index[n:]
+    more = ""
+    if len(rest):
+        rows = ", ".join(str(i + 1) for i in rest[:5]) + (", ..." if len(rest) > 5 else "")
+        more = f" and {len(rest)} more (row{'s' if len(rest) > 1 else ''} {rows})"
     return ", ".join(parts) + more
 
+
+#: Text that means "missing" in a numeric cell: what pandas' CSV reader turns into NaN, so that a
+#: Parquet text column reads like the same CSV. Counted like every missing value.
+NA_MARKERS = frozenset({"", "#n/a", "#n/a n/a", "#na", "-1.#ind", "-1.#qnan", "-nan", "1.#ind", "1.#qnan", "<na>", "n/a",
+                        "na", "null", "nan", "none", "+nan"})
 
 _TRUE = {"true", "1", "1.0", "yes", "y", "t"}
 _FALSE = {"false", "0", "0.0", "no", "n", "f"}
 
 
-def coerce_column(frame: pd.DataFrame, col: Column, path) -> pd.Series:
+def coerce_column(frame: pd.DataFrame, col: Column, path, date_format: str | None = None) -> pd.Series:
     """Coerce one column to its documented dtype or raise :class:`DataFileError`.
 
     Parameters
@@ -300,12 +403,16 @@ def coerce_column(frame: pd.DataFrame, col: Column, path) -> pd.Series:
         Documented column.
     path : path-like
         File name for the error message.
+    date_format : str, optional
+        Layout of text timestamps (:func:`clients.datasets.timestamps.check_date_format`):
+        ``None``/``"ISO"`` year-first only, ``"DMY"``, ``"MDY"`` or a strftime pattern.
 
     Returns
     -------
     pd.Series
-        ``float64`` (float/int), ``datetime64`` (datetime), nullable ``boolean`` (bool), or
-        ``object`` strings (category). Missing values stay missing.
+        ``float64`` (float/int), naive ``datetime64[ns]`` (datetime; UTC where the file gave
+        UTC offsets), nullable ``boolean`` (bool), or ``object`` strings (category). Missing
+        values stay missing.
     """
     s = frame[col.name]
     present = s.notna()
@@ -315,8 +422,8 @@ def coerce_column(frame: pd.DataFrame, col: Column, path) -> pd.Series:
         else:
             out = pd.to_numeric(s, errors="coerce")
             if s.dtype == object:
-                # blank / whitespace-only strings are missing values, not junk
-                blank = s.map(lambda v: isinstance(v, str) and v.strip() == "")
+                # blank strings and NA markers are missing values, not junk (as in pandas' CSV reader)
+                blank = s.map(lambda v: isinstance(v, str) and v.strip().lower() in NA_MARKERS)
                 present &= ~blank
             out = out.astype("float64")
         bad = present & out.isna()
@@ -334,30 +441,12 @@ def coerce_column(frame: pd.DataFrame, col: Column, path) -> pd.Series:
                                     f"{col.name!r} holds whole numbers ({col.description})", col.name)
         return out
     if col.dtype == "datetime":
-        if pd.api.types.is_datetime64_any_dtype(s.dtype):
-            return s
-        if pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype):
-            raise DataFileError(path, f"timestamps are numbers (e.g. {_examples(s[present], 1)}), not dates",
-                                "write timestamps as ISO 8601 text, e.g. '2024-04-18 00:15:00'", col.name)
-        strict = None
+        from .timestamps import _Bad, parse_timestamps
+
         try:
-            strict = pd.to_datetime(s)
-        except (ValueError, TypeError, OverflowError):
-            pass
-        if strict is not None and pd.api.types.is_datetime64_any_dtype(strict.dtype):
-            out = strict
-        else:
-            try:
-                out = pd.to_datetime(s, format="mixed", errors="coerce")
-            except (ValueError, TypeError):
-                out = pd.to_datetime(s, format="mixed", errors="coerce", utc=True)
-        bad = present & out.isna()
-        if bad.any() or not pd.api.types.is_datetime64_any_dtype(out.dtype):
-            if not bad.any():
-                bad = present
-            raise DataFileError(path, f"{int(bad.sum())} unparsable timestamp(s), e.g. {_examples(s[bad])}",
-                                f"write timestamps as ISO 8601, e.g. '2024-04-18 00:15:00'", col.name)
-        return out
+            return parse_timestamps(s, date_format, warn=lambda m: warn_quality(f"{path}, column {col.name!r}: {m}", stacklevel=6))
+        except _Bad as bad:
+            raise DataFileError(path, bad.problem, bad.fix, col.name) from None
     if col.dtype == "bool":
         if pd.api.types.is_bool_dtype(s.dtype):
             return s.astype("boolean")
@@ -376,8 +465,10 @@ def coerce_column(frame: pd.DataFrame, col: Column, path) -> pd.Series:
     return out.astype(object)
 
 
-def validate_frame(frame: pd.DataFrame, schema: Schema, path) -> pd.DataFrame:
-    """Check required columns, coerce documented columns, reject empty/all-missing columns.
+def validate_frame(frame: pd.DataFrame, schema: Schema, path, *, date_format: str | None = None,
+                   ranges: dict | None = None) -> pd.DataFrame:
+    """Check required columns, coerce documented columns, reject empty/all-missing columns,
+    drop fully duplicated rows (counted warning) and check plausibility ranges.
 
     Parameters
     ----------
@@ -386,16 +477,25 @@ def validate_frame(frame: pd.DataFrame, schema: Schema, path) -> pd.DataFrame:
     schema : Schema
     path : path-like
         For error messages.
+    date_format : str, optional
+        Layout of text timestamps (see :func:`coerce_column`).
+    ranges : dict of str to plausibility.Range, optional
+        The ranges to check (:func:`clients.datasets.plausibility.resolve_ranges`); default:
+        the schema's documented ranges.
 
     Returns
     -------
     pd.DataFrame
-        Documented columns only (schema order), coerced, with a 0..n-1 index.
+        Documented columns only (schema order), coerced. Its index is the 0-based data row of
+        each record in the file (rows dropped as duplicates leave gaps).
     """
+    from .plausibility import resolve_ranges
+
     if len(frame) == 0:
         raise DataFileError(path, "the file has a header but no data rows", "export the records again, with data rows")
     frame = frame.reset_index(drop=True)
     names = list(frame.columns)
+    check_duplicate_columns(names, path)
     for c in schema.columns:
         if c.required and c.name not in names:
             near = [n for n in names if n.strip().lower() == c.name.lower()]
@@ -406,11 +506,70 @@ def validate_frame(frame: pd.DataFrame, schema: Schema, path) -> pd.DataFrame:
     for c in schema.columns:
         if c.name not in names:
             continue
-        series = coerce_column(frame, c, path)
+        series = coerce_column(frame, c, path, date_format)
         if c.required and series.isna().all():
             raise DataFileError(path, "every value is missing", f"fill in {c.name!r} ({c.description})", c.name)
         out[c.name] = series
-    return pd.DataFrame(out, index=frame.index)
+    out = pd.DataFrame(out, index=frame.index)
+    dup = out.duplicated(keep="first").to_numpy()
+    if dup.any():
+        rows = out.index[dup]
+        shown = ", ".join(str(r + 1) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        warn_quality(f"{path}: dropped {int(dup.sum())} of {len(out)} rows that repeat an earlier row exactly "
+                     f"(row{'s' if len(rows) > 1 else ''} {shown})", stacklevel=4)
+        out = out[~dup]
+    ranges = resolve_ranges(schema) if ranges is None else ranges
+    for name, rng in ranges.items():
+        if name in out:
+            out[name] = check_range(out[name], frame[name], schema.column(name), rng, path)
+    return out
+
+
+def check_range(values: pd.Series, raw: pd.Series, col: Column, rng, path) -> pd.Series:
+    """Apply one column's plausibility range.
+
+    Parameters
+    ----------
+    values : pd.Series
+        The coerced column (float64).
+    raw : pd.Series
+        The column as read (for the offending value in the message).
+    col : Column
+    rng : clients.datasets.plausibility.Range
+    path : path-like
+
+    Returns
+    -------
+    pd.Series
+        ``values`` (action ``"error"``), or with out-of-range values set missing (action
+        ``"missing"``, with a counted warning).
+
+    Raises
+    ------
+    DataFileError
+        Action ``"error"`` and a value outside the range: names the column, the first value,
+        its row, the counts below/above and the fix.
+    """
+    v = values.to_numpy(dtype=np.float64)
+    below = np.zeros(len(v), bool) if rng.min is None else (v < rng.min)
+    above = np.zeros(len(v), bool) if rng.max is None else (v > rng.max)
+    bad = below | above
+    if not bad.any():
+        return values
+    low = "negative" if rng.min == 0 else f"below {rng.min:g}"
+    counts = ", ".join(x for x in (f"{int(below.sum())} {low}" if below.any() else "",
+                                   f"{int(above.sum())} above {rng.max:g}" if above.any() else "") if x)
+    where = f"outside the plausible range {rng.describe(col.unit)} ({counts})"
+    if rng.action == "missing":
+        warn_quality(f"{path}, column {col.name!r}: {int(bad.sum())} value(s) {where} treated as missing "
+                     "(ranges file: action = \"missing\")", stacklevel=5)
+        return values.where(~bad)
+    first = values.index[bad]
+    example = _examples(raw.loc[first])
+    raise DataFileError(path, f"{int(bad.sum())} value(s) {where}, e.g. {example}",
+                        f"correct them, or leave a cell empty when the value is unknown; if such values are real at "
+                        f"your site, widen the range of {col.name!r} in a ranges file (--ranges FILE; README: "
+                        "plausibility ranges)", col.name)
 
 
 def check_time_order(frame: pd.DataFrame, site_column: str, time_column: str, path) -> None:
@@ -433,14 +592,16 @@ def check_time_order(frame: pd.DataFrame, site_column: str, time_column: str, pa
             continue
         zero = np.flatnonzero(d == np.timedelta64(0))
         neg = np.flatnonzero(d < np.timedelta64(0))
+        row = frame.index.to_numpy()[idx] + 1  # 1-based data rows of the file
         if len(zero):
             i = zero[0]
-            raise DataFileError(path, f"duplicate timestamp {ts.iloc[i + 1]} for {site_column} {str(site)!r} (rows {idx[i] + 1} and {idx[i + 1] + 1})",
+            raise DataFileError(path, f"duplicate timestamp {ts.iloc[i + 1]} for {site_column} {str(site)!r} with different "
+                                f"values (rows {row[i]} and {row[i + 1]})",
                                 f"keep one record per {site_column} and timestamp (aggregate or remove duplicates)", time_column)
         if len(neg):
             i = neg[0]
-            raise DataFileError(path, f"timestamps not sorted for {site_column} {str(site)!r}: row {idx[i + 1] + 1} ({ts.iloc[i + 1]}) "
-                                f"comes after row {idx[i] + 1} ({ts.iloc[i]})",
+            raise DataFileError(path, f"timestamps not sorted for {site_column} {str(site)!r}: row {row[i + 1]} ({ts.iloc[i + 1]}) "
+                                f"comes after row {row[i]} ({ts.iloc[i]})",
                                 f"sort the file by {site_column!r} then {time_column!r} (ascending)", time_column)
 
 
@@ -503,25 +664,47 @@ class DepartmentDataset(abc.ABC):
     test_fraction : float, optional
         Share of each site held out for testing (records for classification, the last part
         of the time range for forecasting). Default: the class's ``default_test_fraction``.
+    date_format : str, optional
+        Layout of text timestamps: ``"ISO"`` (year first, the default), ``"DMY"`` (day first),
+        ``"MDY"`` (month first) or a strftime pattern
+        (:func:`clients.datasets.timestamps.check_date_format`). Default: the environment
+        variable ``CITYFED_DATE_FORMAT`` if set (``fl-client --date-format`` sets it for the
+        node's ClientApp processes), else year-first only.
+    ranges : path-like or mapping, optional
+        Plausibility-range overrides (a TOML file; :mod:`clients.datasets.plausibility`).
+        Default: the file named by ``CITYFED_RANGES`` if set, else the schema's ranges.
+
+    Raises
+    ------
+    DataFileError
+        A bad operator file or ranges file (file, column, value, fix).
+    ValueError
+        A bad ``test_fraction`` or ``date_format``.
     """
 
     department: ClassVar[str]
     schema: ClassVar[Schema]
     default_test_fraction: ClassVar[float] = 0.25
 
-    def __init__(self, path: str | os.PathLike | None = None, *, seed: int = 0, test_fraction: float | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, *, seed: int = 0, test_fraction: float | None = None,
+                 date_format: str | None = None, ranges: str | os.PathLike | dict | None = None):
+        from .plausibility import resolve_ranges
+        from .timestamps import DATE_FORMAT_ENV, check_date_format
+
         tf = self.default_test_fraction if test_fraction is None else float(test_fraction)
         if not 0.0 < tf < 1.0:
             raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction!r}")
         self.path = None if path is None else Path(path)
         self.seed = int(seed)
         self.test_fraction = tf
+        self.date_format = check_date_format(os.environ.get(DATE_FORMAT_ENV) if date_format is None else date_format)
+        self.ranges = resolve_ranges(self.schema, ranges)
         if path is None:
             frame = self._bundled_frame()
             self._origin = f"bundled {self.department} data"
         else:
             self._origin = str(self.path)
-            frame = self._validate(read_table(self.path), self.path)
+            frame = self._guarded(lambda: self._validate(read_table(self.path), self.path), "reading")
         self._frame = frame.reset_index(drop=True)
         self._cache: dict[str, SiteData] = {}
         self._site_keys = self._make_site_keys(self._frame)
@@ -548,7 +731,27 @@ class DepartmentDataset(abc.ABC):
 
     def _validate(self, frame: pd.DataFrame, path) -> pd.DataFrame:
         """Validate an operator frame (subclasses extend with department rules)."""
-        return validate_frame(frame, self.schema, path)
+        return self._validate_frame(frame, path)
+
+    def _validate_frame(self, frame: pd.DataFrame, path) -> pd.DataFrame:
+        """:func:`validate_frame` with this dataset's date format and plausibility ranges."""
+        return validate_frame(frame, self.schema, path, date_format=self.date_format, ranges=self.ranges)
+
+    def _guarded(self, step, doing: str):
+        """Run ``step()``; an unexpected exception becomes a :class:`DataFileError` without its message.
+
+        The checks above should name every problem precisely; this is the last line that keeps a
+        library's traceback (whose message may quote a record) from reaching the operator.
+        """
+        try:
+            return step()
+        except (DataFileError, MemoryError, KeyboardInterrupt):
+            raise
+        except (ValueError, TypeError, ArithmeticError, KeyError, IndexError, AttributeError) as exc:
+            raise DataFileError(self._origin, f"unexpected {type(exc).__name__} while {doing} the records (its message is "
+                                "not shown: it may quote a record)",
+                                "check the file against the schema (`fl-sim datasets`); run again with --debug for the "
+                                "traceback and report it: every bad file should get a precise message") from exc
 
     def _site_name(self, key) -> str:
         """Display name of the site whose site-column value is ``key``."""
@@ -586,8 +789,36 @@ class DepartmentDataset(abc.ABC):
         if site not in self._cache:
             key = self._site_keys[site]
             records = self._frame[self._frame[self.schema.site_column] == key]
-            self._cache[site] = self._build_site(site, records)
+            data = self._guarded(lambda: self._build_site(site, records), f"building site {site!r} from")
+            self._check_site(data)
+            self._cache[site] = data
         return self._cache[site]
+
+    def _check_site(self, data: SiteData) -> None:
+        """What training needs of a built site: enough records for a split and a batch, finite arrays.
+
+        Raises
+        ------
+        DataFileError
+            Fewer than :data:`MIN_TRAIN_RECORDS` training records (windows) or no test record,
+            naming the site; or arrays that are not finite after scaling, naming the target.
+        """
+        unit = "windows" if self.schema.task == "forecasting" else "records"
+        n_train, n_test = len(data.train), len(data.test)
+        if n_train < MIN_TRAIN_RECORDS or n_test < 1:
+            raise DataFileError(self._origin, f"site {data.site!r} yields {n_train} training and {n_test} test {unit}; "
+                                f"training needs at least {MIN_TRAIN_RECORDS} training {unit} (one DP-SGD batch) and one test "
+                                f"{unit[:-1]}", f"provide more records for {data.site!r}"
+                                + (" (a longer period without long gaps)" if unit == "windows" else ""), self.schema.site_column)
+        for part in ("train", "test"):
+            sp = getattr(data, part)
+            arrays = {"X": sp.X, "y": sp.y, **{f"{k} forecast": v for k, v in (sp.naive or {}).items()}}
+            for name, a in arrays.items():
+                if not np.isfinite(a).all():
+                    raise DataFileError(self._origin, f"site {data.site!r}: the {part} {name} array is not finite after scaling "
+                                        "(values too large for float32 arithmetic)",
+                                        "check the numeric columns for implausibly large values; keep the plausibility "
+                                        "ranges (--ranges) within realistic bounds", self.schema.target)
 
     def load(self, site: str, train: bool = True) -> TensorDataset:
         """FLamby-like accessor: one site's train (or test) split as a ``TensorDataset``."""

@@ -67,17 +67,17 @@ class HeartDisease(DepartmentDataset):
         task="binary-classification",
         columns=(
             Column("id", "int", "", "patient record id", required=False),
-            Column("age", "int", "years", "age"),
+            Column("age", "int", "years", "age", plausible=(0, 120)),
             Column("sex", "category", "", "Male / Female"),
             Column("dataset", "category", "", "hospital (one site per hospital)"),
             Column("cp", "category", "", "chest pain type: " + " / ".join(CATEGORIES["cp"])),
-            Column("trestbps", "float", "mm Hg", "resting blood pressure (0 = not measured)"),
-            Column("chol", "float", "mg/dl", "serum cholesterol (0 = not measured)"),
+            Column("trestbps", "float", "mm Hg", "resting blood pressure (0 = not measured)", plausible=(0, 300)),
+            Column("chol", "float", "mg/dl", "serum cholesterol (0 = not measured)", plausible=(0, 1000)),
             Column("fbs", "bool", "", "fasting blood sugar > 120 mg/dl"),
             Column("restecg", "category", "", "resting ECG: " + " / ".join(CATEGORIES["restecg"])),
-            Column("thalch", "float", "bpm", "maximum heart rate achieved"),
+            Column("thalch", "float", "bpm", "maximum heart rate achieved", plausible=(20, 250)),
             Column("exang", "bool", "", "exercise induced angina"),
-            Column("oldpeak", "float", "mm", "ST depression induced by exercise relative to rest"),
+            Column("oldpeak", "float", "mm", "ST depression induced by exercise relative to rest", plausible=(-10, 10)),
             Column("slope", "category", "", "slope of the peak exercise ST segment (not used)", required=False),
             Column("ca", "float", "vessels", "major vessels coloured by fluoroscopy (not used)", required=False),
             Column("thal", "category", "", "thalassemia (not used)", required=False),
@@ -107,7 +107,7 @@ class HeartDisease(DepartmentDataset):
         return self._validate(_bundled_csv(), f"bundled {_FILE}")
 
     def _validate(self, frame: pd.DataFrame, path) -> pd.DataFrame:
-        out = validate_frame(frame, self.schema, path)
+        out = self._validate_frame(frame, path)
         for col, allowed in (("cp", CATEGORIES["cp"]), ("restecg", CATEGORIES["restecg"]), ("sex", tuple(SEX))):
             norm = out[col].map(lambda v: str(v).strip().lower() if pd.notna(v) else v)
             bad = norm.notna() & ~norm.isin([a.lower() for a in allowed])
@@ -146,6 +146,13 @@ class HeartDisease(DepartmentDataset):
         if train.sum() == 0 or test.sum() == 0:
             raise DataFileError(self._origin, f"hospital {site!r} has only {len(r)} patient(s); cannot split into train and test",
                                 "provide more patients for this hospital", "dataset")
+        classes = np.unique(y[train])
+        if len(classes) < 2:
+            which = "heart disease (num > 0)" if classes[0] == 1 else "no heart disease (num = 0)"
+            raise DataFileError(self._origin, f"hospital {site!r}: all {int(train.sum())} training patients have {which}; "
+                                "a classifier cannot learn from one class",
+                                "provide records of patients with and without heart disease for this hospital, or check "
+                                "the 'num' column (0 = no disease, 1-4 = disease)", "num")
 
         cols: dict[str, np.ndarray] = {}
         for c in NUMERIC:

@@ -56,7 +56,7 @@ class TrafficCounts(DepartmentDataset):
         columns=(
             Column("timestamp", "datetime", "", "start of the 15-minute counting bin (local time)"),
             Column("detector", "category", "", "detector id (one site per detector)"),
-            Column("total", "int", "vehicles / 15 min", "vehicles counted in the bin (empty if not recorded)"),
+            Column("total", "int", "vehicles / 15 min", "vehicles counted in the bin (empty if not recorded)", plausible=(0, 10_000)),
             Column("intersection", "int", "", "intersection id (informational)", required=False),
         ),
         site_column="detector",
@@ -89,7 +89,7 @@ class TrafficCounts(DepartmentDataset):
         return _bundled().copy()
 
     def _validate(self, frame: pd.DataFrame, path) -> pd.DataFrame:
-        out = validate_frame(frame, self.schema, path)
+        out = self._validate_frame(frame, path)
         neg = out["total"] < 0
         if neg.any():
             rows = out.index[neg]

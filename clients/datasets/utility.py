@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .base import (Column, DataFileError, DepartmentDataset, Schema, SiteData, check_time_order, drop_missing_keys,
-                   package_file, package_version, validate_frame)
+                   package_file, package_version, warn_quality)
 from .forecasting import build_forecast_site
 
 __all__ = ["ElectricityDemand"]
@@ -103,8 +103,10 @@ class ElectricityDemand(DepartmentDataset):
         columns=(
             Column("timestamp", "datetime", "", "start of the metering interval (grid local time), hourly or finer"),
             Column("grid", "category", "", "grid / operator name (one site per grid)"),
-            Column("demand", "float", "per grid (e.g. GW, MW, kW)", "mean electricity demand over the interval, in the grid's own unit"),
-            Column("temperature", "float", "degC", "air temperature (empty where not measured)", required=False),
+            Column("demand", "float", "per grid (e.g. GW, MW, kW)", "mean electricity demand over the interval, in the grid's own unit",
+                   plausible=(0, 1e12)),
+            Column("temperature", "float", "degC", "air temperature (empty where not measured)", required=False,
+                   plausible=(-90, 60)),
         ),
         site_column="grid",
         target="demand",
@@ -138,11 +140,20 @@ class ElectricityDemand(DepartmentDataset):
         return _bundled().copy()
 
     def _validate(self, frame: pd.DataFrame, path) -> pd.DataFrame:
-        out = validate_frame(frame, self.schema, path)
+        out = self._validate_frame(frame, path)
         if "temperature" not in out:
             out["temperature"] = np.nan
         out = drop_missing_keys(out, ["grid"], path)
         out["grid"] = out["grid"].astype(str)
+        missing = int(out["demand"].isna().sum())
+        if missing:
+            warn_quality(f"{path}: {missing} record(s) have no 'demand' (empty, or a marker such as NA, n/a, null); short "
+                         "gaps are interpolated and windows with remaining gaps are dropped (see per-grid warnings)", stacklevel=4)
+        has_t = out["temperature"].notna().groupby(out["grid"]).transform("any")
+        t_missing = int((has_t & out["temperature"].isna()).sum())
+        if t_missing:
+            warn_quality(f"{path}: {t_missing} record(s) of grids that measure temperature have no 'temperature'; "
+                         "those hours carry temperature-available = 0", stacklevel=4)
         check_time_order(out, "grid", "timestamp", path)
         step = pd.Timedelta(self.schema.step)
         for grid, idx in out.groupby("grid", sort=False).indices.items():
@@ -158,7 +169,14 @@ class ElectricityDemand(DepartmentDataset):
 
     def _build_site(self, site: str, records: pd.DataFrame) -> SiteData:
         frame = records.set_index("timestamp")[["demand", "temperature"]]
-        hourly = frame.resample(self.schema.step).mean()  # half-hourly -> hourly by mean; also a regular grid
+        resampled = frame.resample(self.schema.step)
+        hourly = resampled.mean()  # half-hourly -> hourly by mean; also a regular grid
+        size, present = resampled.size(), resampled["demand"].count()
+        partial = int(((present > 0) & (present < size)).sum())
+        if partial:
+            warn_quality(f"{self._origin}: grid {site!r}: {partial} hour(s) of demand averaged from fewer records than the "
+                         f"hour holds ({int((size - present)[present > 0].sum())} missing value(s) left out of the mean)",
+                         stacklevel=5)
         s = self.schema
         unit = BUNDLED_GRIDS.get(site, {}).get("unit", "") if self.path is None else ""
         return build_forecast_site(site, pd.DatetimeIndex(hourly.index), hourly["demand"].to_numpy(dtype=np.float64),
