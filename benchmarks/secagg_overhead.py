@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 POLICY = """department = "health"
-max_epsilon = 1000.0
+max_epsilon = 100.0
 delta = 1e-3
 min_noise_multiplier = 0.3
 max_clipping_norm = 1.0

@@ -39,15 +39,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from privacy.ledger import PrivacyLedger, Release
 
 __all__ = [
+    "MAX_EPSILON",
     "Decision",
     "ReleasePolicy",
     "JobRequest",
     "PolicyError",
     "PrivacyPolicy",
+    "check_allowed_tasks",
     "check_job",
     "load_policy",
     "parse_policy",
 ]
+
+
+#: Highest lifetime ``max_epsilon`` a policy may set. At epsilon = 10 an adversary's odds on any
+#: one record may already grow e^10 = 22,000-fold; 100 (e^100) promises nothing at all. The
+#: ceiling catches typos and unit slips (``1e308``, a delta written where epsilon belongs)
+#: that would otherwise turn the lifetime budget off without a word.
+MAX_EPSILON = 100.0
 
 
 class PolicyError(ValueError):
@@ -124,8 +133,12 @@ class PrivacyPolicy(BaseModel):
     )
     max_epsilon: float = Field(
         gt=0,
+        le=MAX_EPSILON,
         allow_inf_nan=False,
-        description="Lifetime epsilon budget of this node, across all runs and restarts.",
+        description=(
+            "Lifetime epsilon budget of this node, across all runs and restarts. At most 100: beyond that "
+            "the budget protects nothing (typical budgets are 1-10)."
+        ),
     )
     delta: float | None = Field(
         default=None,
@@ -232,7 +245,10 @@ class Decision(NamedTuple):
 
 _FIXES: dict[str, str] = {
     "department": 'set the node\'s department, one of "health", "traffic", "utility", e.g. department = "health"',
-    "max_epsilon": "set a positive, finite budget, e.g. max_epsilon = 8.0",
+    "max_epsilon": (
+        f"set a positive budget of at most {MAX_EPSILON:g}, e.g. max_epsilon = 8.0 (typical budgets are 1-10; at "
+        f"epsilon {MAX_EPSILON:g} the guarantee is void, so larger values are refused as typos)"
+    ),
     "delta": "remove it (each site then uses 1/(10·n)) or set a stricter ceiling, at most 1e-3, e.g. delta = 1e-5",
     "min_noise_multiplier": "set a number >= 0, e.g. min_noise_multiplier = 0.8",
     "max_clipping_norm": "set a positive, finite number, e.g. max_clipping_norm = 1.0",
@@ -352,6 +368,37 @@ def load_policy(path: str | os.PathLike) -> PrivacyPolicy:
     except UnicodeDecodeError as exc:
         raise PolicyError(f"{p}: not UTF-8 text ({exc}). Fix: save the policy as UTF-8 TOML.") from exc
     return parse_policy(text, str(p))
+
+
+def check_allowed_tasks(policy: PrivacyPolicy, task: str, source: str = "<policy>") -> None:
+    """Refuse a policy whose ``allowed_tasks`` does not list its department's task.
+
+    Such a node would refuse every job ("task not in policy allowed_tasks") while looking
+    healthy; ``fl-client`` calls this at start-up (exit 2) so a typo is found before the first
+    run, not in the coordinator's logs.
+
+    Parameters
+    ----------
+    policy : PrivacyPolicy
+    task : str
+        The department's task name (``clients.node.TASKS[policy.department]``).
+    source : str
+        The policy file, for the message.
+
+    Raises
+    ------
+    PolicyError
+        Naming the file, the field, the missing task, the closest listed name ("did you
+        mean") and the fix.
+    """
+    if task in policy.allowed_tasks:
+        return
+    close = difflib.get_close_matches(task, policy.allowed_tasks, n=1, cutoff=0.6)
+    hint = f" (did you mean {task!r} instead of {close[0]!r}?)" if close else ""
+    raise PolicyError(
+        f"{source}: field 'allowed_tasks': {policy.allowed_tasks!r} does not list {task!r}, the task of department "
+        f"{policy.department!r}{hint}; this node would refuse every job. Fix: write allowed_tasks = [\"{task}\"]"
+    )
 
 
 # -- checking -------------------------------------------------------------------------------

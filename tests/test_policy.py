@@ -16,10 +16,12 @@ if str(ROOT) not in sys.path:  # the venv may not have cityfed installed (`make 
 
 from privacy.ledger import PrivacyLedger, Release  # noqa: E402
 from privacy.policy import (  # noqa: E402
+    MAX_EPSILON,
     Decision,
     JobRequest,
     PolicyError,
     PrivacyPolicy,
+    check_allowed_tasks,
     check_job,
     load_policy,
     parse_policy,
@@ -268,7 +270,7 @@ def test_arbitrary_text_only_raises_policy_error(text):
 _valid_policies = st.builds(
     dict,
     department=st.sampled_from(["health", "traffic", "utility"]),
-    max_epsilon=st.floats(min_value=1e-6, max_value=1e6, allow_nan=False, allow_infinity=False),
+    max_epsilon=st.floats(min_value=1e-6, max_value=100, allow_nan=False, allow_infinity=False),
     delta=st.floats(min_value=1e-12, max_value=1e-3, allow_nan=False, allow_infinity=False),
     min_noise_multiplier=st.floats(min_value=0, max_value=100, allow_nan=False, allow_infinity=False),
     max_clipping_norm=st.floats(min_value=1e-6, max_value=1e3, allow_nan=False, allow_infinity=False),
@@ -292,6 +294,45 @@ def test_valid_policies_round_trip(doc):
     pol = parse_policy(dumps(doc), "gen.toml")
     assert pol.model_dump() == doc
     assert parse_policy(dumps(pol.model_dump()), "again.toml") == pol
+
+
+@pytest.mark.parametrize(("line", "field", "needle"), [
+    ("max_epsilon = 1e308", "max_epsilon", "must be <= 100"),
+    ("max_epsilon = 100.5", "max_epsilon", "must be <= 100"),
+    ("delta = 0.5", "delta", "must be <= 0.001"),
+    ("delta = 1e-3000", "delta", "must be > 0"),  # TOML reads it as 0.0
+])
+def test_privacy_bounds(line, field, needle):
+    key = line.split(" =")[0]
+    text = "".join(ln + "\n" for ln in VALID.splitlines() if not ln.startswith(key + " ")) + line + "\n"
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(text, "p.toml")
+    msg = str(exc.value)
+    assert f"p.toml: field '{field}': {needle}" in msg and "Fix:" in msg
+    if field == "max_epsilon":
+        assert "at most 100" in msg  # the fix says why there is a ceiling
+    assert parse_policy(VALID.replace("max_epsilon = 8.0", f"max_epsilon = {MAX_EPSILON}")).max_epsilon == MAX_EPSILON
+
+
+def test_allowed_tasks_must_hold_the_departments_task():
+    pol = load_policy_text(VALID)
+    check_allowed_tasks(pol, "heart-disease", "p.toml")  # fine
+    typo = load_policy_text(VALID.replace('["heart-disease"]', '["heart-diseases", "traffic-forecast"]'))
+    with pytest.raises(PolicyError) as exc:
+        check_allowed_tasks(typo, "heart-disease", "p.toml")
+    msg = str(exc.value)
+    assert msg.startswith("p.toml: field 'allowed_tasks':") and "'heart-disease'" in msg
+    assert "did you mean 'heart-disease' instead of 'heart-diseases'" in msg and "refuse every job" in msg
+    other = load_policy_text(VALID.replace('["heart-disease"]', '["face-recognition"]'))
+    with pytest.raises(PolicyError, match=r"allowed_tasks = \["):
+        check_allowed_tasks(other, "heart-disease", "p.toml")
+
+
+@pytest.mark.parametrize("name", ["health", "traffic", "utility"])
+def test_example_policies_allow_their_departments_task(name):
+    from clients.node import TASKS
+
+    check_allowed_tasks(load_policy(EXAMPLES / f"{name}.toml"), TASKS[name])
 
 
 # -- check_job ------------------------------------------------------------------------------
