@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
+from server.grid import DeadlineGrid, deadline_grid
 from server.validation import validate_update
 
 log = logging.getLogger("cityfed.server")
@@ -114,10 +115,17 @@ class GuardedStrategy(Strategy):
     min_accepted : int
         A round with fewer acceptable updates ends the run cleanly (:class:`TooFewUpdates`)
         after logging why and checkpointing.
+    round_timeout : float or str, optional
+        The run config's ``round-timeout`` (seconds, or ``"auto"``: deadlines from measured
+        reply times, :class:`server.grid.RoundTimeout`); None: the ``timeout`` given to
+        :meth:`start`. Every exchange gets its deadline (:class:`server.grid.DeadlineGrid`);
+        nodes that miss it are recorded in ``history["dropped"]`` with the reason, and a round
+        waits at most its deadline for enough connected nodes (then the run ends cleanly).
     """
 
     def __init__(self, inner: Strategy, *, max_update_norm: float, checkpoint: Path | None = None, round_offset: int = 0,
-                 history: dict | None = None, run_id: str = "", on_round=None, min_accepted: int = 1):
+                 history: dict | None = None, run_id: str = "", on_round=None, min_accepted: int = 1,
+                 round_timeout: float | str | None = None):
         self.min_accepted = max(1, int(min_accepted))
         self.run_id = run_id
         self.on_round = on_round
@@ -131,6 +139,10 @@ class GuardedStrategy(Strategy):
         # refusals/exclusions already in the (restored) history were audited by the earlier process
         self._audited = {k: len(self.history.get(k, [])) for k in ("refused", "excluded")}
         self._audit_log = None
+        self.round_timeout = round_timeout
+        self.history.setdefault("dropped", [])
+        self._grid: DeadlineGrid | None = None
+        self._eval_skipped: str | None = None
 
     def _start(self, phase: str) -> None:
         self._started[phase] = (time.monotonic(), time.time())
@@ -150,17 +162,72 @@ class GuardedStrategy(Strategy):
     #: The run's total rounds (set by run_federation): the log numbers rounds within the whole run.
     num_rounds: int | None = None
 
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600, **kwargs):
+        """Flower's round loop over ``grid`` wrapped in a :class:`~server.grid.DeadlineGrid`.
+
+        The deadline of every exchange comes from ``round_timeout`` (else ``timeout``); the
+        measured reply times are kept in ``history["reply-times"]`` (saved with checkpoints).
+        """
+        rule = self.round_timeout if self.round_timeout is not None else timeout
+        self._grid = deadline_grid(grid, rule, self.history.setdefault("reply-times", {}))
+        log.info("cityfed: deadlines: %s", self._grid.deadlines.rule.describe())
+        return super().start(grid=self._grid, initial_arrays=initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                             **kwargs)
+
+    def _connected(self, grid: Grid, rnd: int, phase: str) -> tuple[Grid, str]:
+        """``(grid, "")`` with enough connected nodes for ``phase`` (waiting at most its deadline), else ``(grid, why)``.
+
+        Flower's strategies wait for ``min_available_nodes`` without a time limit; with a
+        :class:`~server.grid.DeadlineGrid` the wait is bounded and the strategy samples from
+        the nodes found (a pinned list, so that it never waits itself).
+        """
+        fraction = getattr(self.inner, f"fraction_{phase}", 1.0)
+        if not isinstance(grid, DeadlineGrid) or not fraction:
+            return grid, ""
+        needed = max(int(getattr(self.inner, "min_available_nodes", 1) or 1),
+                     int(getattr(self.inner, f"min_{phase}_nodes", 1) or 1))
+        ids, why = grid.await_nodes(needed, rnd)
+        return (grid.pinned(ids), "") if ids is not None else (grid, why)
+
+    def _dropouts(self, kind: str, rnd: int) -> list[dict]:
+        """Nodes that gave no reply in the last ``kind`` exchange of round ``rnd`` (``node``, ``reason``)."""
+        grid = self._grid
+        ex = grid.exchanges[-1] if grid is not None and grid.exchanges else None
+        if ex is None or ex.kind != kind or ex.round != rnd:
+            return []
+        return [{"node": n, "reason": why} for n, why in ex.missing.items()]
+
+    def _deadline(self, kind: str, rnd: int) -> dict:
+        ex = self._grid.exchanges[-1] if self._grid is not None and self._grid.exchanges else None
+        if ex is None or ex.kind != kind or ex.round != rnd:
+            return {}
+        return {"deadline": {"seconds": ex.deadline, "basis": ex.basis}}
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._global = {k: v.numpy() for k, v in arrays.items()}
         self._start("train")
         if self.round_offset:  # Flower numbers this launch's rounds from 1; the run's numbering continues
             log.info("cityfed: round %d/%s of run %s (resumed after round %d)", server_round + self.round_offset,
                      self.num_rounds or "?", self.run_id, self.round_offset)
-        return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
+        rnd = server_round + self.round_offset
+        sampling, why = self._connected(grid, rnd, "train")
+        if why:
+            reason = f"round {rnd}: {why}; global model unchanged, run ended"
+            log.warning(reason)
+            self._round(rnd)["train"] = {"nodes": {}, "accepted": 0, "stopped": reason, **self._timing("train")}
+            self._save()
+            raise TooFewUpdates(reason)
+        return self.inner.configure_train(rnd, arrays, config, sampling)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._start("evaluate")
-        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        rnd = server_round + self.round_offset
+        sampling, why = self._connected(grid, rnd, "evaluate")
+        self._eval_skipped = f"evaluation skipped: {why}" if why else None
+        if why:  # the round's model is already saved: skip its evaluation, the next round decides
+            log.warning("round %d: %s", rnd, self._eval_skipped)
+            return []
+        return self.inner.configure_evaluate(rnd, arrays, config, sampling)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
@@ -172,7 +239,14 @@ class GuardedStrategy(Strategy):
         agg = self.inner.aggregate_evaluate(rnd, [m for m in replies if not m.has_error()])
         entry = self._round(rnd)
         entry["evaluate"] = {"aggregate": dict(agg) if agg else None, "nodes": per_node, "declined": declined,
-                             **self._timing("evaluate")}
+                             **self._timing("evaluate"), **self._deadline("evaluate", rnd)}
+        dropped = self._dropouts("evaluate", rnd)
+        for d in dropped:
+            log.warning("round %d: node %d gave no evaluation: %s", rnd, d["node"], d["reason"])
+        if dropped:
+            entry["evaluate"]["dropped"] = dropped
+        if self._eval_skipped:
+            entry["evaluate"]["skipped"], self._eval_skipped = self._eval_skipped, None
         self._save()
         if self.on_round:
             self.on_round(entry)
@@ -200,12 +274,19 @@ class GuardedStrategy(Strategy):
                 continue
             nodes[node] = dict(msg.content["metrics"])
             good.append(msg)
+        dropped = self._dropouts("train", rnd)
+        for d in dropped:
+            self.history["dropped"].append({"round": rnd, "stage": "train", **d})
+            log.warning("round %d: node %d sent no update: %s", rnd, d["node"], d["reason"])
         entry = self._round(rnd)
-        entry["train"] = {"nodes": nodes, "accepted": len(good), **self._timing("train")}
+        entry["train"] = {"nodes": nodes, "accepted": len(good), **self._timing("train"), **self._deadline("train", rnd)}
+        if dropped:
+            entry["train"]["dropped"] = dropped
         if len(good) < self.min_accepted:
+            silent = "".join(f"; node {d['node']} ({d['reason']})" for d in dropped)
             reason = (f"round {rnd}: {len(good)} acceptable update(s), fewer than min-accepted={self.min_accepted} "
-                      f"({len(self.history['refused'])} refusal(s), {len(self.history['excluded'])} exclusion(s) so far); "
-                      "global model unchanged, run ended")
+                      f"({len(self.history['refused'])} refusal(s), {len(self.history['excluded'])} exclusion(s) so far"
+                      f"{silent}); global model unchanged, run ended")
             log.warning(reason)
             entry["train"]["stopped"] = reason
             self._save()
@@ -235,6 +316,8 @@ class GuardedStrategy(Strategy):
         if per_site is not None:
             entry["central-sites"] = {k: dict(v) for k, v in per_site.items()}
         self._save()
+        if self.on_round and server_round:  # progress shows the central score (Flower scores after evaluating)
+            self.on_round(entry)
 
     def strategy_state(self) -> dict:
         """Server-optimizer state worth saving (FedAdam/FedYogi moments)."""
