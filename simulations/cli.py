@@ -149,15 +149,19 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str) -> dict:
             central["mae-ratio"] = central["mae_ratio"]
         return central or (entry.get("evaluate") or {}).get("aggregate") or {}
 
+    def eps_max(entry: dict) -> float:  # every release of the round: DP-SGD and any DP evaluation
+        vals = [((entry.get(p) or {}).get("aggregate") or {}).get("epsilon-max") for p in ("train", "evaluate")]
+        vals = [v for v in vals if v is not None]
+        return max(vals) if vals else float("nan")
+
     with _progress() as progress:
         bar = progress.add_task(f"{department}: rounds", total=rounds)
 
         def on_round(entry):
             agg = scores(entry)
-            tr = (entry.get("train") or {}).get("aggregate") or {}
             progress.update(bar, completed=entry["round"],
                             description=f"{department}: round {entry['round']} {metric}={agg.get(metric, float('nan')):.3f} "
-                                        f"eps-max={tr.get('epsilon-max', float('nan')):.2f}")
+                                        f"eps-max={eps_max(entry):.2f}")
 
         t0 = time.perf_counter()
         results = simulate(cfg, engine=engine, on_round=on_round)
@@ -167,9 +171,8 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str) -> dict:
         t.add_column(col)
     for e in results["rounds"]:
         agg = scores(e)
-        tr = (e.get("train") or {}).get("aggregate") or {}
         t.add_row(str(e["round"]), str((e.get("train") or {}).get("accepted", "")), f"{agg.get(metric, float('nan')):.3f}",
-                  f"{tr.get('epsilon-max', float('nan')):.2f}")
+                  f"{eps_max(e):.2f}")
     console.print(t)
     for r in results["refused"][:20]:
         console.print(f"[yellow]refused[/yellow] round {r['round']} node {r['node']}: {r['reason']}")

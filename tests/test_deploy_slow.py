@@ -402,65 +402,6 @@ def test_three_hospitals_train_over_tls_with_node_auth_and_secagg(city, health_n
           f"{len(got)} node->coordinator messages inspected, {masked} masked tensors")
 
 
-def test_evaluate_flood_is_refused_or_noised_and_accounted_on_the_wire(city, health_nodes, audit):
-    """The coordinator asks every node to score its models each round: only policy-allowed, noised answers leave.
-
-    The three hospitals run the example policy (local evaluation off): every evaluate reply is an
-    error. A fourth node (Cleveland's records again, its own key and ledger) allows DP evaluation,
-    at most 2 per run: it answers 2 of 4 with noised metrics, recorded in its ledger, and refuses
-    the rest. Checked on the replies the SuperLink stored.
-    """
-    from clients.datasets import load_department
-    from clients.node import EVAL_METRICS
-    from clients.training import evaluate as exact_evaluate
-    from privacy.ledger import PrivacyLedger
-    from shared_models import build_model, default_model_config
-
-    pol = city.base / "policy-dp-evaluation.toml"
-    pol.write_text(POLICY.read_text().replace('local_evaluation = "off"', 'local_evaluation = "dp"')
-                   .replace("max_evaluations_per_run = 5", "max_evaluations_per_run = 2"))
-    nid = city.register("evaluator")
-    node = city.start_node("Cleveland", key="evaluator", policy=pol)
-    try:
-        city.wait_online([nid])
-        run_id = city.launch("--rounds", "4", "--name", "evalflood", "--no-secagg", "--run-config", "round-timeout=60")
-        run = city.wait_run(run_id, 300)
-        assert run["status"] == "finished:completed", city.fl_server("logs", run_id).stdout[-3000:]
-        sent = [(row, msg) for row, msg in audit.messages(run_id, to_coordinator=False) if row["type"] == "evaluate"]
-        got = [(row, msg) for row, msg in audit.messages(run_id, to_coordinator=True) if row["type"] == "evaluate"]
-        by_node: dict[int, list] = {}
-        for row, msg in got:
-            by_node.setdefault(row["src"], []).append(msg)
-        assert len(sent) == len(got) == 4 * 4 and len(by_node) == 4
-        for site, (hid, _) in health_nodes.items():  # example policy: refused, no metric at all
-            assert all(msg is None for msg in by_node[int(hid)]), site
-        answers = [dict(msg.content["metrics"]) for msg in by_node[int(nid)] if msg is not None]
-        assert len(answers) == 2 and sum(msg is None for msg in by_node[int(nid)]) == 2
-        # noised: no released accuracy equals the exact accuracy of any model the coordinator sent to the node
-        ds = load_department("health", city.base / "data" / "Cleveland.csv")
-        model = build_model(default_model_config(ds.schema))
-        exact = set()
-        for row, msg in sent:
-            if row["dst"] == int(nid):
-                model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-                exact.add(exact_evaluate(model, ds.site_data("Cleveland"), ds.schema.task)["accuracy"])
-        assert len(exact) == 4
-        for m in answers:
-            assert set(m) <= set(EVAL_METRICS) and "roc-auc" not in m
-            assert min(abs(m["accuracy"] - e) for e in exact) > 1e-6
-        # accounted: two evaluation releases of this run in the node's own ledger, in the epsilon it reported
-        results = json.loads((city.state / "runs" / "evalflood" / "results.json").read_text())
-        led = PrivacyLedger(city.ledger("Cleveland", "evaluator"))
-        rows = [r for r in led.releases("Cleveland") if r["run_id"] == results["run_id"]]
-        assert [r["mechanism"] for r in rows].count("gaussian-eval") == 2
-        final = led.epsilon("Cleveland", rows[-1]["delta"])  # every release counted, evaluations included
-        assert results["rounds"][-1]["train"]["nodes"][str(nid)]["epsilon"] == pytest.approx(final, rel=1e-9)
-        assert 0 < max(m["epsilon"] for m in answers) < final
-    finally:
-        node.stop()
-        city.fl_server("unregister", nid)
-
-
 # --------------------------------------------------------------------------- control plane
 
 
@@ -626,3 +567,65 @@ def test_coordinator_crash_then_resume_loses_no_round(city, health_nodes):
     assert results["run_id"] == str(run_id)  # same logical run (ledger run-id) as before the crash
     launch = json.loads((folder / "launch.json").read_text())
     assert launch["run-ids"] == [str(run_id), str(resumed)]
+
+
+def test_evaluate_flood_is_refused_or_noised_and_accounted_on_the_wire(city, health_nodes, audit):
+    """The coordinator asks every node to score its models each round: only policy-allowed, noised answers leave.
+
+    The hospitals still up run the example policy (local evaluation off): every evaluate reply is
+    an error. Another node (Cleveland's records again, its own key and fresh ledger) allows DP
+    evaluation, at most 2 per run: it answers 2 of 4 with noised metrics, recorded in its ledger,
+    and refuses the rest. Checked on the replies the SuperLink stored. Last in the module: the
+    hospitals may have spent their lifetime budget on the earlier runs (they then refuse to train,
+    which this test does not need).
+    """
+    from clients.datasets import load_department
+    from clients.node import EVAL_METRICS
+    from clients.training import evaluate as exact_evaluate
+    from privacy.ledger import PrivacyLedger
+    from shared_models import build_model, default_model_config
+
+    pol = city.base / "policy-dp-evaluation.toml"
+    pol.write_text(POLICY.read_text().replace('local_evaluation = "off"', 'local_evaluation = "dp"')
+                   .replace("max_evaluations_per_run = 5", "max_evaluations_per_run = 2"))
+    alive = {site: hid for site, (hid, proc) in health_nodes.items() if proc.alive()}
+    nid = city.register("evaluator")
+    node = city.start_node("Cleveland", key="evaluator", policy=pol)
+    try:
+        city.wait_online([nid])
+        run_id = city.launch("--rounds", "4", "--name", "evalflood", "--no-secagg", "--run-config", "round-timeout=60")
+        run = city.wait_run(run_id, 300)
+        assert run["status"] == "finished:completed", city.fl_server("logs", run_id).stdout[-3000:]
+        sent = [(row, msg) for row, msg in audit.messages(run_id, to_coordinator=False) if row["type"] == "evaluate"]
+        got = [(row, msg) for row, msg in audit.messages(run_id, to_coordinator=True) if row["type"] == "evaluate"]
+        by_node: dict[int, list] = {}
+        for row, msg in got:
+            by_node.setdefault(row["src"], []).append(msg)
+        assert len(sent) == len(got) == 4 * (len(alive) + 1) and len(by_node) == len(alive) + 1
+        for site, hid in alive.items():  # example policy: refused, no metric at all
+            assert all(msg is None for msg in by_node[int(hid)]), site
+        answers = [dict(msg.content["metrics"]) for msg in by_node[int(nid)] if msg is not None]
+        assert len(answers) == 2 and sum(msg is None for msg in by_node[int(nid)]) == 2
+        # noised: no released accuracy equals the exact accuracy of any model the coordinator sent to the node
+        ds = load_department("health", city.base / "data" / "Cleveland.csv")
+        model = build_model(default_model_config(ds.schema))
+        exact = set()
+        for row, msg in sent:
+            if row["dst"] == int(nid):
+                model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+                exact.add(exact_evaluate(model, ds.site_data("Cleveland"), ds.schema.task)["accuracy"])
+        assert len(exact) == 4
+        for m in answers:
+            assert set(m) <= set(EVAL_METRICS) and "roc-auc" not in m
+            assert min(abs(m["accuracy"] - e) for e in exact) > 1e-6
+        # accounted: two evaluation releases of this run in the node's own ledger, in the epsilon it reported
+        results = json.loads((city.state / "runs" / "evalflood" / "results.json").read_text())
+        led = PrivacyLedger(city.ledger("Cleveland", "evaluator"))
+        rows = [r for r in led.releases("Cleveland") if r["run_id"] == results["run_id"]]
+        assert [r["mechanism"] for r in rows].count("gaussian-eval") == 2
+        final = led.epsilon("Cleveland", rows[-1]["delta"])  # every release counted, evaluations included
+        assert results["rounds"][-1]["train"]["nodes"][str(nid)]["epsilon"] == pytest.approx(final, rel=1e-9)
+        assert 0 < max(m["epsilon"] for m in answers) < final
+    finally:
+        node.stop()
+        city.fl_server("unregister", nid)

@@ -219,3 +219,29 @@ def test_compare_health_small(tmp_path):
     assert saved["summary"] == json.loads(json.dumps(res["summary"]))
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_compare("health", tmp_path / "cmp", epsilons=(3.0,), overrides={"num-rounds": 1})
+
+
+def test_simulated_site_metrics_come_from_accounted_dp_releases(tmp_path):
+    """fl-sim --site-metrics dp: per-site scores are the nodes' DP releases, in their ledgers, on target."""
+    from privacy.dp import rdp_epsilon
+    from simulations.compare import write_policy
+    from simulations.report import write_report
+    from simulations.run import simulate
+
+    pol = write_policy("health", tmp_path / "p.toml", releases={"local_evaluation": "dp", "max_evaluations_per_run": 3})
+    cfg = {"department": "health", "num-rounds": 3, "local-epochs": 1, "batch-size": 32, "target-epsilon": 3.0,
+           "run-dir": str(tmp_path / "run"), "policy": str(pol), "run-id": "dpeval"}
+    res = simulate(cfg, engine="inprocess")
+    ds = load_department("health")
+    for e in res["rounds"]:
+        nodes = e["evaluate"]["nodes"]
+        assert len(nodes) == 4 and all(set(m) == {"accuracy", "loss", "num-examples", "epsilon", "partition-id"}
+                                       for m in nodes.values())
+    for site in ds.sites:
+        led = PrivacyLedger(tmp_path / "run" / "ledgers" / f"health-{site}.sqlite")
+        rows = led.releases(site)
+        assert [r["mechanism"] for r in rows].count("gaussian-eval") == 3
+        delta = 1 / (10 * len(ds.site_data(site).train))
+        assert 2.9 < rdp_epsilon(led.run_history(site, "dpeval"), delta) <= 3.0 + 1e-9  # evaluations included
+    write_report(tmp_path / "run", ds.sites, "accuracy")
+    assert (tmp_path / "run" / "metric.png").stat().st_size > 1000
