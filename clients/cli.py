@@ -19,8 +19,10 @@ app bundles the coordinator ships (:mod:`clients.pinning`: ``review``, ``approve
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -106,10 +108,14 @@ def check_policy(path: Path, department: str):
     Raises
     ------
     SetupError
-        With :class:`privacy.policy.PolicyError`'s message (file, field, fix), or a
-        department mismatch (the node would refuse every job).
+        With :class:`privacy.policy.PolicyError`'s message (file, field, fix), a department
+        mismatch, or an ``allowed_tasks`` without the department's task
+        (:data:`clients.node.TASKS`): either way the node would refuse every job.
     """
     from privacy.policy import PolicyError, load_policy
+
+    from clients.node import TASKS
+    from privacy.policy import check_allowed_tasks
 
     try:
         policy = load_policy(path)
@@ -118,34 +124,122 @@ def check_policy(path: Path, department: str):
     if policy.department != department:
         raise SetupError(f"--policy {path}: department = {policy.department!r} but this node is --department "
                          f"{department}; fix: pass this department's policy (or correct `department` in it)")
+    try:  # a policy that does not list the department's task refuses every job: say so now, not per job
+        check_allowed_tasks(policy, TASKS[department], str(path))
+    except PolicyError as exc:
+        raise SetupError(f"--policy {path}: {exc}") from None
     return policy
 
 
-def check_data(department: str, data: str, site: str):
-    """Open the department's data file and check ``site`` holds training records.
+@dataclass
+class DataReport:
+    """What :func:`check_data` found: the site's record counts and arrays, and the data warnings.
+
+    Attributes
+    ----------
+    site : str
+    source : str
+        The ``--data`` value.
+    records : int
+        The site's records in the file (after dropped rows).
+    train, test : int
+        Training and test records (forecasting: windows), as training will use them.
+    unit : str
+        ``"records"`` or ``"windows"``.
+    x_shape, y_shape : tuple of int
+        Shapes of the training tensors.
+    warnings : list of str
+        Every :class:`~clients.datasets.DataQualityWarning` (counts, never record values).
+    """
+
+    site: str
+    source: str
+    records: int
+    train: int
+    test: int
+    unit: str
+    x_shape: tuple
+    y_shape: tuple
+    warnings: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line: ``site S: N records -> a training and b test records (X ..., y ...)``."""
+        x = "x".join(map(str, self.x_shape))
+        y = "x".join(map(str, self.y_shape))
+        return (f"data {self.source}, site {self.site}: {self.records} records -> {self.train} training and {self.test} "
+                f"test {self.unit} (training tensors X {x}, y {y}); {len(self.warnings)} data warning(s)")
+
+
+def check_data(department: str, data: str, site: str, *, date_format: str | None = None,
+               ranges: str | None = None) -> DataReport:
+    """Open the department's data file and build ``site``'s arrays exactly as training will.
+
+    The same calls as the node's (:meth:`clients.node.NodeSpec.site_data`):
+    :func:`clients.datasets.load_department`, ``site_data(site)`` (the site's train/test split,
+    scalers, windows for forecasting) and the training tensors, so a file that passes cannot
+    fail later on its own records. Every data-quality warning is collected for the report.
+
+    Parameters
+    ----------
+    department, data, site : str
+        ``--department``, ``--data`` (a file, or ``bundled``), ``--site``.
+    date_format : str, optional
+        ``--date-format`` (DMY, MDY, ISO or a strftime pattern).
+    ranges : str, optional
+        ``--ranges``: a plausibility-ranges TOML file.
+
+    Returns
+    -------
+    DataReport
 
     Raises
     ------
     SetupError
-        With :class:`clients.datasets.DataFileError`'s message (file, column, fix), an
-        unknown department, or a site that is not in the file.
+        With :class:`clients.datasets.DataFileError`'s message (file, column, value, fix): a
+        path that is not a regular file (says what it is), a bad file or ranges file, a site
+        not in the file, a site too small for a train/test split or one DP-SGD batch, a
+        single-class site; or a bad ``--date-format``/``--department``.
     """
-    from clients.datasets import load_department
-    from clients.datasets.base import DataFileError
+    import warnings
 
-    path = None if data == BUNDLED else data
-    if path is not None and not Path(path).is_file():
-        raise SetupError(f"--data {data}: file not found; fix: pass this department's records file (CSV or Parquet)")
+    from clients.datasets import load_department
+    from clients.datasets.base import DataFileError, DataQualityWarning, path_kind
+    from clients.datasets.timestamps import check_date_format
+
     try:
-        ds = load_department(department, path)
-    except DataFileError as exc:
-        raise SetupError(f"--data {data}: {exc}") from None
-    except ValueError as exc:  # unknown department
-        raise SetupError(f"--department: {exc}") from None
-    if site not in ds.sites:
-        raise SetupError(f"--site {site!r} is not in --data {data} (sites in the file: {', '.join(ds.sites)}); "
-                         "fix: pass one of those, or the file holding this site's records")
-    return ds
+        date_format = check_date_format(date_format)
+    except ValueError as exc:
+        raise SetupError(f"--date-format {date_format!r}: {exc}; fix: pass the order of the file's dates "
+                         "(DMY = day first, MDY = month first)") from None
+    path = None if data == BUNDLED else data
+    if path is not None:
+        kind = path_kind(Path(path))
+        if kind == "file not found":
+            raise SetupError(f"--data {data}: file not found; fix: pass this department's records file (CSV or Parquet)")
+        if kind is not None:
+            what = f"is {kind}, not a regular file" if kind.startswith("a ") else kind
+            raise SetupError(f"--data {data}: {what}; fix: pass the path of this department's records file "
+                             "(one CSV or Parquet file)" + (" inside that directory" if kind == "a directory" else ""))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataQualityWarning)
+        try:
+            ds = load_department(department, path, date_format=date_format, ranges=ranges)
+            if site not in ds.sites:
+                raise SetupError(f"--site {site!r} is not in --data {data} (sites in the file: {', '.join(ds.sites)}); "
+                                 "fix: pass one of those, or the file holding this site's records")
+            sd = ds.site_data(site)  # the node's own call: split, scalers, windows, size and finiteness checks
+            train, _test = sd.train.tensors(), sd.test.tensors()
+        except DataFileError as exc:
+            option = f"--ranges {ranges}" if ranges is not None and exc.path == str(ranges) else f"--data {data}"
+            raise SetupError(f"{option}: {exc}") from None
+        except ValueError as exc:  # unknown department
+            raise SetupError(f"--department: {exc}") from None
+    notes = [str(w.message) for w in caught if issubclass(w.category, DataQualityWarning)]
+    forecasting = ds.schema.task == "forecasting"
+    records = int(sd.meta.get("records", sd.meta.get("patients", len(sd.train) + len(sd.test))))
+    return DataReport(site=site, source=data, records=records, train=len(sd.train), test=len(sd.test),
+                      unit="windows" if forecasting else "records", x_shape=tuple(train.tensors[0].shape),
+                      y_shape=tuple(train.tensors[1].shape), warnings=notes)
 
 
 def check_ledger(path: Path) -> None:
@@ -166,18 +260,103 @@ def check_ledger(path: Path) -> None:
                          "(keep the same file for the node's whole life: it holds its lifetime privacy budget)") from None
 
 
+_PORT = re.compile(r"[1-9][0-9]{0,4}")
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_ADDRESS_FIX = "fix: write HOST:PORT, e.g. coord.city.example:9092, 10.0.0.5:9092 or [2001:db8::5]:9092"
+
+
+def _valid_host(host: str) -> str | None:
+    """Why ``host`` (no brackets) is not a DNS name or IPv4 address, or ``None`` if it is one."""
+    if not host:
+        return "empty host"
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return f"{host!r} is not a valid IPv4 address (four numbers 0-255, no leading zeros)"
+        return None
+    if len(host) > 253:
+        return f"host name of {len(host)} characters (at most 253)"
+    labels = host.split(".")
+    for lb in labels:
+        if not _LABEL.fullmatch(lb):
+            why = ("an empty label (two dots, or a dot at either end)" if not lb else
+                   f"label {lb!r} longer than 63 characters" if len(lb) > 63 else
+                   f"label {lb!r} (letters, digits and inner hyphens only)")
+            return f"{host!r} is not a valid host name: {why}"
+    if labels[-1].isdigit():
+        return f"{host!r} is neither a valid IPv4 address nor a host name"
+    return None
+
+
 def parse_address(value: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (IPv6 as ``[::1]:9092``).
+    """Split and validate ``HOST:PORT`` strictly (IPv6 as ``[2001:db8::5]:9092``).
+
+    HOST is a DNS name (letters, digits, hyphens; labels of 1-63 characters), an IPv4 address,
+    or an IPv6 address in brackets (brackets only around IPv6). PORT is 1-65535 in ASCII digits
+    without a sign or leading zeros. Nothing else: no scheme (``https://``), path, user name,
+    spaces, non-ASCII characters (e.g. Arabic-Indic digits) or zone index; the address goes to
+    gRPC as it is, so what is not clearly valid is refused rather than misread.
+
+    Returns
+    -------
+    (str, int)
+        The host (without brackets) and the port.
 
     Raises
     ------
     SetupError
-        Without a port, or a port outside 1-65535.
+        Naming the value as given, what is wrong with it and the expected form.
     """
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SetupError(f"--coordinator {value!r}: expected HOST:PORT (e.g. coord.city.example:9092)")
+
+    def bad(problem: str) -> SetupError:
+        return SetupError(f"--coordinator {value!r}: {problem}; {_ADDRESS_FIX}")
+
+    if not isinstance(value, str) or not value:
+        raise bad("empty address")
+    if "://" in value:
+        raise bad(f"no scheme: drop {value.split('://', 1)[0] + '://'!r} (the connection is always gRPC over TLS)")
+    if any(c.isspace() for c in value):
+        raise bad("contains a space or other whitespace")
+    if not value.isascii():
+        odd = next(c for c in value if not c.isascii())
+        kind = "a non-ASCII digit" if odd.isdigit() or odd.isnumeric() else "a non-ASCII character"
+        raise bad(f"contains {kind} {odd!r} (U+{ord(odd):04X}); ports and host names use ASCII digits and letters only")
+    odd = next((c for c in value if not (c.isalnum() or c in ".-:[]")), None)
+    if odd is not None:
+        raise bad(f"contains {odd!r}; only letters, digits, '.', '-', ':' and brackets around an IPv6 address belong in it")
+    if value.count("[") != value.count("]") or value.count("[") > 1:
+        raise bad("unbalanced or repeated brackets: write an IPv6 address as [2001:db8::5]:9092")
+    if value.startswith("["):
+        close = value.index("]")
+        host, rest = value[1:close], value[close + 1:]
+        if not rest.startswith(":"):
+            raise bad("no port after the bracketed address" if not rest else f"{rest!r} after the ']' (expected :PORT)")
+        port = rest[1:]
+        if not host:
+            raise bad("empty host between the brackets")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            what = "an IPv4 address" if re.fullmatch(r"[0-9.]+", host) else "a host name" if ":" not in host else None
+            if what:
+                raise bad(f"brackets go only around an IPv6 address, not {what}: write {host}:PORT") from None
+            raise bad(f"{host!r} is not a valid IPv6 address") from None
+    else:
+        if "[" in value or "]" in value:
+            raise bad("unbalanced or misplaced brackets: write an IPv6 address as [2001:db8::5]:9092")
+        if value.count(":") == 0:
+            raise bad("no port")
+        if value.count(":") > 1:
+            raise bad("an IPv6 address (or more than one ':') must be written in brackets, e.g. [2001:db8::5]:9092")
+        host, _, port = value.partition(":")
+        why = _valid_host(host)
+        if why:
+            raise bad(why)
+    if not port:
+        raise bad("empty port")
+    if not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
+        raise bad(f"port {port!r} is not a number 1-65535 (ASCII digits, no sign, no leading zeros)")
     return host, int(port)
 
 
@@ -390,6 +569,24 @@ RUN_REQUIRED = ("department", "site", "data", "policy", "coordinator", "ca", "ke
 NODE_FILE = "node.json"
 
 
+def data_env(date_format: str | None, ranges: Path | None) -> dict:
+    """Environment that makes the node's ClientApp processes read ``--data`` as ``--check`` did.
+
+    The node opens the file itself (``clients.node``: ``load_department(department, data)``);
+    the loader takes its date format and ranges file from ``CITYFED_DATE_FORMAT`` and
+    ``CITYFED_RANGES`` when none is passed.
+    """
+    from clients.datasets.plausibility import RANGES_ENV
+    from clients.datasets.timestamps import DATE_FORMAT_ENV, check_date_format
+
+    env = {}
+    if date_format is not None:
+        env[DATE_FORMAT_ENV] = check_date_format(date_format) or ""
+    if ranges is not None:
+        env[RANGES_ENV] = str(Path(ranges).resolve())
+    return env
+
+
 def default_state_dir(department: str, site: str) -> Path:
     """``~/.cityfed/node-<department>-<site>`` (spaces in the site become ``_``)."""
     return Path.home() / ".cityfed" / f"node-{department}-{site.replace(' ', '_')}"
@@ -413,12 +610,16 @@ def fl_client(
     reconnect_window: Annotated[float, typer.Option("--reconnect-window", min=1.0, help="Seconds the SuperNode keeps retrying a lost connection before it exits and is restarted.")] = 300.0,
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", min=0.1, help="Seconds for the start-up reachability and TLS checks.")] = 5.0,
     cold: Annotated[bool, typer.Option("--cold", help="Start a new ClientApp process for every message and keep Flower's polling (3 s idle), as plain flower-supernode does. Default: one warm ClientApp worker per node and 0.1 s polling (clients/warm.py; docs/DEPLOYMENT.md §5). Both run only approved app code.")] = False,
-    check: Annotated[bool, typer.Option("--check", help="Run the start-up checks, print the result and exit (0 = ready).")] = False,
+    date_format: Annotated[Optional[str], typer.Option("--date-format", help="Order of the dates in --data when they are not year-first: DMY (18/04/2024, day first), MDY (04/18/2024, month first), ISO (the default: year first only), or a strftime pattern such as '%d.%m.%Y %H:%M'. Dates like 01/04/2024 are refused without it.", show_default=False)] = None,
+    ranges: Annotated[Optional[Path], typer.Option("--ranges", help="TOML file that replaces the schema's plausibility ranges of some columns (README: plausibility ranges), e.g. [trestbps] max = 320. Out-of-range values are errors unless the file says action = \"missing\".", show_default=False)] = None,
+    check: Annotated[bool, typer.Option("--check", help="Run the start-up checks, build this site's training arrays exactly as training will, print the record counts and data warnings, and exit (0 = ready).")] = False,
 ) -> None:
     """Run this department's node: join the city's federation and train under this department's own privacy policy.
 
-    Checks everything first and exits with status 2 naming the file and the fix: node key,
-    policy, data file and site, ledger, CA, coordinator reachable, coordinator certificate.
+    Checks everything first and exits with status 2 naming the file and the fix: coordinator
+    address, node key, policy (and that it allows this department's task), data file and site
+    (the site's training arrays are built as training builds them; counts and data warnings are
+    printed), ledger, CA, coordinator reachable, coordinator certificate.
     Then runs Flower's SuperNode and restarts it with backoff if it fails; Ctrl-C/SIGTERM
     stops it. Exit 3: the coordinator refused the key (ask the operator to `fl-server
     register` your node.pub).
@@ -443,7 +644,7 @@ def fl_client(
         host, port = parse_address(coordinator)
         fingerprint = check_key(key)
         check_policy(policy, department)
-        check_data(department, data, site)
+        report = check_data(department, data, site, date_format=date_format, ranges=None if ranges is None else str(ranges))
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         check_ledger(ledger_path)
         ctx_tls = check_ca(ca)
@@ -451,6 +652,9 @@ def fl_client(
     except SetupError as exc:
         err.print(f"[bold red]fl-client: cannot start:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_SETUP) from None
+    for note in report.warnings:
+        err.print(f"[yellow]data warning:[/] {escape(note)}")
+    err.print(escape(report.summary()))
     err.print(f"[green]fl-client ready[/]: {department}/{escape(site)}, key {fingerprint}, coordinator {host}:{port} "
               f"(TLS verified), ledger {escape(str(ledger_path))}")
     if check:
@@ -466,7 +670,7 @@ def fl_client(
                    "audit-log": str(home / "audit.jsonl"), "audit-key": str(Path(key).resolve())}
     launch = NodeLaunch(coordinator=coordinator, ca=Path(ca).resolve(), key=Path(key).resolve(), home=home,
                         node_config=node_config, runtime_port=runtime_port, reconnect_window=reconnect_window,
-                        warm=not cold)
+                        warm=not cold, extra_env=data_env(date_format, ranges))
     sup = Supervisor(launch, max_restarts=max_restarts, backoff=backoff, backoff_max=backoff_max, console=err)
     raise typer.Exit(sup.run())
 

@@ -361,6 +361,66 @@ def test_fl_client_ca_file_not_a_certificate(pki_files, tls_server, tmp_path):
 def test_fl_client_bad_coordinator_address(pki_files, tmp_path):
     code, text = run_client(client_args(pki_files, tmp_path, 1, **{"--coordinator": "coord.city.example"}))
     assert code == 2 and "HOST:PORT" in text
+    for bad in ("https://127.0.0.1:9092", "127.0.0.1:٩٠٩٢", "[::1:9092", "127.0.0.1:0"):
+        code, text = run_client(client_args(pki_files, tmp_path, 1, **{"--coordinator": bad}))
+        assert code == 2 and "--coordinator" in text and "HOST:PORT" in text, text
+
+
+def test_fl_client_check_prints_the_sites_counts(pki_files, tls_server, tmp_path):
+    code, text = run_client(client_args(pki_files, tmp_path, tls_server.port))
+    assert code == 0, text
+    assert "site Cleveland: 304 records -> 203 training and 101 test records (training tensors X 203x15, y 203); " \
+           "0 data warning(s)" in text, text
+    code, text = run_client(client_args(pki_files, tmp_path, tls_server.port, **{"--site": "Switzerland"}))
+    assert code == 0, text
+    assert "site Switzerland: 123 records -> 82 training and 41 test records" in text, text
+    assert "data warning: bundled health data: hospital 'Switzerland': imputed 209 missing value(s)" in text, text
+
+
+def test_fl_client_refuses_data_that_cannot_train(pki_files, tls_server, tmp_path):
+    from clients.datasets import load_department
+
+    frame = load_department("health").raw_frame()
+    one = frame[frame["dataset"] == "Cleveland"].iloc[:3]
+    path = tmp_path / "three.csv"
+    one.to_csv(path, index=False)
+    code, text = run_client(client_args(pki_files, tmp_path, tls_server.port, **{"--data": str(path)}))
+    assert code == 2 and str(path) in text and "'Cleveland'" in text and "ready" not in text, text
+
+
+def test_fl_client_data_is_a_directory(pki_files, tls_server, tmp_path):
+    code, text = run_client(client_args(pki_files, tmp_path, tls_server.port, **{"--data": str(tmp_path)}))
+    assert code == 2 and "is a directory" in text and "not found" not in text, text
+
+
+def test_fl_client_refuses_a_policy_that_refuses_every_job(pki_files, tls_server, tmp_path):
+    typo = tmp_path / "policy.toml"
+    typo.write_text(POLICY.read_text().replace('allowed_tasks = ["heart-disease"]', 'allowed_tasks = ["heart_disease"]'))
+    code, text = run_client(client_args(pki_files, tmp_path, tls_server.port, **{"--policy": str(typo)}))
+    assert code == 2 and str(typo) in text and "allowed_tasks" in text and "did you mean 'heart-disease'" in text, text
+
+
+def test_fl_client_date_format_reaches_the_node(pki_files, tls_server, tmp_path, monkeypatch):
+    from clients.datasets import load_department
+
+    frame = load_department("health").raw_frame()
+    path = tmp_path / "cleveland.csv"
+    frame[frame["dataset"] == "Cleveland"].to_csv(path, index=False)
+    ranges = tmp_path / "ranges.toml"
+    ranges.write_text("[chol]\nmax = 700\n")
+    launched = {}
+
+    def fake_run(self):
+        launched["env"] = self.launch.env()
+        return 0
+
+    monkeypatch.setattr(client_cli.Supervisor, "run", fake_run)
+    args = [a for a in client_args(pki_files, tmp_path, tls_server.port, **{"--data": str(path)}) if a != "--check"]
+    code, text = run_client(args + ["--date-format", "dmy", "--ranges", str(ranges)])
+    assert code == 0, text
+    assert launched["env"]["CITYFED_DATE_FORMAT"] == "DMY" and launched["env"]["CITYFED_RANGES"] == str(ranges.resolve())
+    code, text = run_client(client_args(pki_files, tmp_path, tls_server.port, **{"--date-format": "weekday-first"}))
+    assert code == 2 and "--date-format" in text and "DMY" in text, text
 
 
 # --------------------------------------------------------------------------- supervisor
