@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -66,6 +67,13 @@ def baselines(
     data: Optional[Path] = typer.Option(
         None, "--data", help="Your own records (CSV/Parquet in the department schema) instead of the bundled data."
     ),
+    date_format: Optional[str] = typer.Option(
+        None, "--date-format", help="Order of the dates in --data when they are not year-first: DMY (day first), MDY "
+                                    "(month first), ISO (default), or a strftime pattern such as '%d.%m.%Y %H:%M'."
+    ),
+    ranges: Optional[Path] = typer.Option(
+        None, "--ranges", help="TOML file replacing the schema's plausibility ranges of some columns (README)."
+    ),
     epochs: Optional[int] = typer.Option(None, help="Override the default number of training epochs."),
     max_grad_norm: float = typer.Option(1.0, help="Per-sample clipping norm of DP-SGD."),
     seed: int = typer.Option(0, help="Seed for splits, initialisation and sampling."),
@@ -78,10 +86,8 @@ def baselines(
     test set and the pooled test set (health); MAE and RMSE in original units next to
     persistence and seasonal-naive forecasts (traffic, utility).
     """
-    import torch
-
-    from simulations.baselines import plan, run_baselines, write_results
-    from clients.datasets import load_department, DataFileError
+    from clients.datasets.plausibility import RANGES_ENV
+    from clients.datasets.timestamps import DATE_FORMAT_ENV, check_date_format
 
     depts = list(DEPARTMENTS) if department == ["all"] else department
     for d in depts:
@@ -89,13 +95,32 @@ def baselines(
             raise typer.BadParameter(f"unknown department {d!r}; choose from {', '.join(DEPARTMENTS)} or 'all'", param_hint="--department")
     if data is not None and len(depts) != 1:
         raise typer.BadParameter("--data needs exactly one --department", param_hint="--data")
+    try:
+        date_format = check_date_format(date_format)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] --date-format: {exc}")
+        raise typer.Exit(2)
+    # the baseline jobs open the file again (simulations.baselines): the loader reads these defaults
+    with _environ({DATE_FORMAT_ENV: date_format, RANGES_ENV: None if ranges is None else str(ranges.resolve())}):
+        _baselines(depts, data, date_format, ranges, seed, model, epsilon, epochs, max_grad_norm, out)
+
+
+def _baselines(depts, data, date_format, ranges, seed, model, epsilon, epochs, max_grad_norm, out) -> None:
+    """The body of ``fl-sim baselines`` (options already checked)."""
+    import torch
+
+    from simulations.baselines import plan, run_baselines, write_results
+    from clients.datasets import load_department, DataFileError
+
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     all_results: list[dict] = []
     for d in depts:
         try:
-            ds = load_department(d, data, seed=seed)
+            ds = load_department(d, data, seed=seed, date_format=date_format, ranges=ranges)
+            for site in ds.sites:  # every site's arrays, as the jobs build them: a bad site stops here, not mid-run
+                ds.site_data(site)
         except DataFileError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            console.print(f"[red]error:[/red] {'--ranges ' if ranges is not None and exc.path == str(ranges) else ''}{exc}")
             raise typer.Exit(2)
         jobs = plan(ds, model or __import__("shared_models").model_kinds(d), list(epsilon))
         with Progress(
@@ -126,6 +151,23 @@ def baselines(
             "data": str(data) if data else "bundled", "python": platform.python_version(), "torch": torch.__version__}
     path = write_results(all_results, out, meta)
     console.print(f"wrote {path}")
+
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    """Set the environment variables whose value is not None for the duration of the block."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is not None:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _progress() -> Progress:
@@ -386,7 +428,8 @@ def export(
     """Write bundled records as a department file in the documented schema (e.g. one hospital's file to try fl-client).
 
     The file loads back with `fl-client --data FILE` / `fl-sim baselines --data FILE` and gives
-    the same per-site arrays as the bundled data. Example, one file per hospital:
+    the same per-site arrays as the bundled data; timestamps are written year-first (ISO 8601),
+    so no --date-format is needed to read it back. Example, one file per hospital:
     `fl-sim export -d health --site Cleveland -o cleveland.csv`.
     """
     from clients.datasets import DATASETS, load_department

@@ -617,3 +617,44 @@ def test_directory_or_device_is_not_called_missing(tmp_path, kind):
     with pytest.raises(DataFileError) as info:
         HeartDisease(p)
     assert what in info.value.problem and "not found" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- fl-sim baselines --date-format / --ranges
+
+
+def test_fl_sim_baselines_date_format_and_ranges(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from simulations import cli as sim_cli
+
+    monkeypatch.delenv("CITYFED_DATE_FORMAT", raising=False)
+    monkeypatch.delenv("CITYFED_RANGES", raising=False)
+    f = _traffic_frame(n_days=4, detectors=(1,))
+    f["timestamp"] = f["timestamp"].dt.strftime("%d/%m/%Y %H:%M")
+    path = _write(f, tmp_path / "dmy.csv")
+    runner = CliRunner()
+    base = ["baselines", "-d", "traffic", "--data", str(path), "-o", str(tmp_path / "out"), "--model", "gru", "--epochs", "1",
+            "--epsilon", "3"]
+    res = runner.invoke(sim_cli.app, base)
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "column 'timestamp'" in text and "--date-format DMY" in text, text
+    res = runner.invoke(sim_cli.app, base + ["--date-format", "nope"])
+    assert res.exit_code == 2 and "--date-format" in res.output
+    ranges = tmp_path / "ranges.toml"
+    ranges.write_text("[total]\nmax = 10\n")  # the file's counts reach 29: now out of range
+    res = runner.invoke(sim_cli.app, base + ["--date-format", "DMY", "--ranges", str(ranges)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "column 'total'" in text and "above 10" in text, text
+    seen = {}
+
+    def fake_run_baselines(department, *, data=None, seed=0, **kw):  # the jobs reopen the file like simulations.baselines
+        ds = load_department(department, data, seed=seed)
+        seen["timestamps"] = ds.raw_frame()["timestamp"]
+        return []
+
+    monkeypatch.setattr("simulations.baselines.run_baselines", fake_run_baselines)
+    res = runner.invoke(sim_cli.app, base + ["--date-format", "DMY"])
+    assert res.exit_code == 0, res.output
+    assert (seen["timestamps"] == pd.date_range("2024-04-01", periods=96 * 4, freq="15min")).all()
+    assert (tmp_path / "out" / "results.json").exists()
+    assert "CITYFED_DATE_FORMAT" not in __import__("os").environ  # set for the command only
