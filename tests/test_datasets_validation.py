@@ -599,6 +599,20 @@ def test_missing_markers_are_counted_not_vanished(tmp_path, suffix):
     assert "4 hour(s)" in text and "from fewer records" in text, text
 
 
+def test_rows_longer_than_the_header(tmp_path):
+    p = tmp_path / "ragged.csv"
+    f = _traffic_frame(n_days=3)
+    f.to_csv(p, index=False)
+    lines = p.read_text().splitlines()
+    lines[1] += ",7,8"  # a stray comma or two in the first row: pandas would silently make the first fields an index
+    p.write_text("\n".join(lines) + "\n")
+    assert "more values than the header has column names (3)" in _expect(TrafficCounts, p, None).problem
+    lines[1] = lines[2]
+    lines[5] += ",7,8"  # further down: the CSV reader says where
+    p.write_text("\n".join(lines) + "\n")
+    assert "Expected 3 fields in line 6, saw 5" in _expect(TrafficCounts, p, None).problem
+
+
 @pytest.mark.parametrize("kind", ["dir", "devnull", "fifo"])
 def test_directory_or_device_is_not_called_missing(tmp_path, kind):
     import os

@@ -335,6 +335,38 @@ def test_example_policies_allow_their_departments_task(name):
     check_allowed_tasks(load_policy(EXAMPLES / f"{name}.toml"), TASKS[name])
 
 
+def _shown(v) -> set[str]:
+    """How a rejected value may appear in a PolicyError: its repr (cut at 57 chars) or one of its parts'."""
+    out = {repr(v)[:57]}
+    if isinstance(v, list):
+        for x in v:
+            out |= _shown(x)
+    if isinstance(v, dict):
+        for k, x in v.items():
+            out |= _shown(x) | {repr(k)[:57]}
+    return out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_valid_policies, st.sampled_from(_FIELDS + [f"releases.{k}" for k in ("num_examples_granularity", "train_loss",
+                                                                              "local_evaluation", "metric_noise_multiplier",
+                                                                              "max_evaluations_per_run")]), _values)
+def test_every_rejected_value_is_named(doc, field, value):
+    if field.startswith("releases."):
+        doc["releases"][field.split(".", 1)[1]] = value
+    else:
+        doc[field] = value
+    try:
+        parse_policy(dumps(doc), "fuzz.toml")
+    except PolicyError as exc:
+        msg = str(exc)
+        assert msg.startswith("fuzz.toml: field '"), msg
+        top = field.split(".")[0]
+        assert f"field '{top}" in msg, msg  # the field, or a dotted path inside it
+        assert any(f"(got {shown}" in msg for shown in _shown(value)), (value, msg)
+        assert "Fix: " in msg
+
+
 # -- check_job ------------------------------------------------------------------------------
 
 

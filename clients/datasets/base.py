@@ -351,6 +351,10 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         check_duplicate_columns(names, p)
         if suffix == ".csv":
             frame = pd.read_csv(p, float_precision="round_trip", low_memory=False, skipinitialspace=True)
+            if not isinstance(frame.index, pd.RangeIndex):  # pandas makes the surplus leading fields an index
+                raise DataFileError(p, f"some rows have more values than the header has column names ({len(names)})",
+                                    "give every row exactly one value per header column (check for stray commas, or "
+                                    "quote values that contain commas)")
         else:
             frame = pd.read_parquet(p)
     except DataFileError:
@@ -369,12 +373,17 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     return frame
 
 
+def _plain(v):
+    """A numpy scalar as the Python value (``1e+300``, not ``np.float64(1e+300)``) for messages."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def _examples(values: pd.Series, n: int = 1) -> str:
     """The first ``n`` offending values with their 1-based data row, and how many more (rows only).
 
     Only the offending cell is shown: messages must not carry other record values.
     """
-    parts = [f"{v!r} (row {i + 1})" for i, v in zip(values.index[:n], values.iloc[:n])]
+    parts = [f"{_plain(v)!r} (row {i + 1})" for i, v in zip(values.index[:n], values.iloc[:n])]
     rest = values.index[n:]
     more = ""
     if len(rest):

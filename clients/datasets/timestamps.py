@@ -96,7 +96,9 @@ def _one(values: pd.Series, mask: np.ndarray, what: str = "") -> str:
     idx = np.flatnonzero(mask)
     first = idx[0]
     more = f" and {len(idx) - 1} more" if len(idx) > 1 else ""
-    return f"{values.iloc[first]!r} (row {values.index[first] + 1}){what}{more}"
+    v = values.iloc[first]
+    v = v.item() if isinstance(v, np.generic) else v
+    return f"{v!r} (row {values.index[first] + 1}){what}{more}"
 
 
 def _offset_text(minutes: int) -> str:
