@@ -117,11 +117,11 @@ def _baselines(depts, data, date_format, ranges, seed, model, epsilon, epochs, m
     for d in depts:
         try:
             ds = load_department(d, data, seed=seed, date_format=date_format, ranges=ranges)
-            for site in ds.sites:  # every site's arrays, as the jobs build them: a bad site stops here, not mid-run
-                ds.site_data(site)
         except DataFileError as exc:
             console.print(f"[red]error:[/red] {'--ranges ' if ranges is not None and exc.path == str(ranges) else ''}{exc}")
             raise typer.Exit(2)
+        for site in ds.sites:  # every site's arrays, as the jobs build them: a site that cannot train stops here
+            ds.site_data(site)  # (its DataFileError is reported by safe_cli.run_app, exit 1), not mid-run
         jobs = plan(ds, model or __import__("shared_models").model_kinds(d), list(epsilon))
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

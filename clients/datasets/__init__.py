@@ -54,7 +54,10 @@ def load_department(name: str, path: str | os.PathLike | None = None, **kw) -> D
     path : str or os.PathLike, optional
         Operator file (CSV/Parquet) in the department schema; ``None`` for the bundled data.
     **kw
-        Passed to the adapter (``seed``, ``test_fraction``).
+        Passed to the adapter: ``seed``, ``test_fraction``, ``date_format`` (``"DMY"``,
+        ``"MDY"``, ``"ISO"`` or a strftime pattern, for dates that are not year-first) and
+        ``ranges`` (plausibility-range overrides: a TOML file or a mapping); see
+        :class:`~clients.datasets.base.DepartmentDataset`.
 
     Returns
     -------
@@ -65,7 +68,7 @@ def load_department(name: str, path: str | os.PathLike | None = None, **kw) -> D
     ValueError
         For an unknown department (the message lists the valid names).
     DataFileError
-        For a bad operator file.
+        For a bad operator file or ranges file (file, column, value, fix).
     """
     try:
         cls = DATASETS[name]
