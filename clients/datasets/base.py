@@ -249,9 +249,19 @@ class SiteData:
 # --------------------------------------------------------------------------------------
 
 
-def warn_quality(message: str, stacklevel: int = 3) -> None:
-    """Emit a :class:`DataQualityWarning`."""
-    warnings.warn(message, DataQualityWarning, stacklevel=stacklevel)
+def warn_quality(message: str, stacklevel: int | None = None) -> None:
+    """Emit a :class:`DataQualityWarning`, attributed to the first caller outside this package.
+
+    ``stacklevel`` is accepted for compatibility and ignored: the call chain inside the
+    adapters varies, and the line that opened the data is the useful place to report.
+    """
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 = the caller of warn_quality
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, DataQualityWarning, stacklevel=level)
 
 
 def path_kind(p: Path) -> str | None:
