@@ -347,7 +347,7 @@ def _shown(v) -> set[str]:
     return out
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_valid_policies, st.sampled_from(_FIELDS + [f"releases.{k}" for k in ("num_examples_granularity", "train_loss",
                                                                               "local_evaluation", "metric_noise_multiplier",
                                                                               "max_evaluations_per_run")]), _values)
