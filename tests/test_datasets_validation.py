@@ -202,7 +202,7 @@ def test_duplicate_timestamps(tmp_path, suffix):
     f = pd.concat([f.iloc[:50], f.iloc[49:]], ignore_index=True)
     f.loc[50, "total"] += 1  # same detector and time, a different count: which one is right?
     err = _expect(TrafficCounts, _write(f, tmp_path / f"t{suffix}"), "timestamp", "duplicate timestamp")
-    assert "rows 50 and 51" in err.problem and "different values" in err.problem
+    assert "rows 50 and 51" in err.problem and "different values" in err.problem and "daylight-saving" in err.fix
     u = _utility_frame()
     u = pd.concat([u.iloc[:10], u.iloc[9:]], ignore_index=True)
     u.loc[10, "demand"] = 1.0
@@ -404,6 +404,16 @@ def test_tz_aware_parquet_columns_are_converted_to_utc(tmp_path):
     with pytest.warns(DataQualityWarning, match=r"different UTC offsets .*\+01:00.*converted to UTC") as rec:
         ElectricityDemand(_write(u, tmp_path / "dst.parquet"))
     assert "'timestamp'" in str(rec[0].message)
+
+
+def test_daylight_saving_local_times_load_with_offsets(tmp_path):
+    t = pd.date_range("2024-10-26", periods=96 * 3 + 4, freq="15min", tz="Europe/Berlin")  # 27 Oct: 02:00-02:45 twice; +02:00 for the first 27 h; +02:00 for the first 27 h
+    f = pd.DataFrame({"timestamp": t.map(lambda x: x.isoformat()), "detector": 1, "total": np.arange(len(t)) % 9})
+    with pytest.warns(DataQualityWarning, match=r"2 different UTC offsets \(\+01:00 on 184 row\(s\), \+02:00 on 108 row\(s\)\)"):
+        ds = TrafficCounts(_write(f, tmp_path / "dst.csv"))
+    assert ds.raw_frame()["timestamp"].diff().dropna().eq(pd.Timedelta("15min")).all()  # a regular UTC grid
+    naive = f.assign(timestamp=t.tz_localize(None).astype(str))
+    assert "daylight-saving" in _expect(TrafficCounts, _write(naive, tmp_path / "naive.csv"), "timestamp", "not sorted").fix
 
 
 def test_mixed_offsets_warn_and_mixed_naive_aware_is_an_error(tmp_path):

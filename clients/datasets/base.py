@@ -616,12 +616,17 @@ def check_time_order(frame: pd.DataFrame, site_column: str, time_column: str, pa
             i = zero[0]
             raise DataFileError(path, f"duplicate timestamp {ts.iloc[i + 1]} for {site_column} {str(site)!r} with different "
                                 f"values (rows {row[i]} and {row[i + 1]})",
-                                f"keep one record per {site_column} and timestamp (aggregate or remove duplicates)", time_column)
+                                f"keep one record per {site_column} and timestamp (aggregate or remove duplicates); if "
+                                "these are local times repeated when daylight-saving time ended, write each timestamp "
+                                "with its UTC offset (e.g. 2024-10-27 02:15+02:00 and 2024-10-27 02:15+01:00)", time_column)
         if len(neg):
             i = neg[0]
+            dst = (" (or, if these are local times that went back when daylight-saving time ended, write each "
+                   "timestamp with its UTC offset, e.g. +02:00 before and +01:00 after, and they are converted to UTC)"
+                   if -d[i] <= np.timedelta64(1, "h") and 1 <= ts.iloc[i].hour <= 3 else "")  # DST ends 01:00-03:00
             raise DataFileError(path, f"timestamps not sorted for {site_column} {str(site)!r}: row {row[i + 1]} ({ts.iloc[i + 1]}) "
                                 f"comes after row {row[i]} ({ts.iloc[i]})",
-                                f"sort the file by {site_column!r} then {time_column!r} (ascending)", time_column)
+                                f"sort the file by {site_column!r} then {time_column!r} (ascending){dst}", time_column)
 
 
 def drop_missing_keys(frame: pd.DataFrame, columns: list[str], path, what: str = "records") -> pd.DataFrame:
