@@ -455,6 +455,12 @@ def test_day_first_dates_need_a_date_format(tmp_path):
     assert "'01.01.2020 um 00.00' (row 1)" in err.problem
     with pytest.raises(ValueError, match="unknown date format 'european'"):
         ElectricityDemand(p, date_format="european")
+    with pytest.raises(ValueError, match="has no year"):
+        ElectricityDemand(p, date_format="%d.%m. um %H.%M")
+    old = dotted.assign(timestamp=f["timestamp"].dt.strftime("%d.%m.1850 um %H.%M"))
+    err = _expect_with(ElectricityDemand, _write(old, tmp_path / "y1850.csv"), "timestamp", "outside the years",
+                       date_format="%d.%m.%Y um %H.%M")
+    assert "'01.01.1850 um 00.00' (row 1)" in err.problem
 
 
 def test_ambiguous_only_dates_are_an_error_without_format(tmp_path):

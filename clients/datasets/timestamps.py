@@ -86,6 +86,11 @@ def check_date_format(value: str | None) -> str | None:
             _dt.datetime(2024, 4, 18, 0, 15).strftime(text)
         except ValueError as exc:
             raise ValueError(f"date format {text!r} is not a valid strftime pattern ({exc})") from None
+        missing = [name for name, codes in (("year", "%Y %y"), ("month", "%m %b %B %j"), ("day", "%d %j")) if
+                   not any(c in text for c in codes.split())]
+        if missing:
+            raise ValueError(f"date format {text!r} has no {' and no '.join(missing)} (e.g. %Y, %m, %d): every "
+                             "timestamp would get a default one")
         return text
     choices = "; ".join(f"{k} = {v}" for k, v in DATE_FORMATS.items())
     raise ValueError(f"unknown date format {text!r}; use one of: {choices}; or a strftime pattern such as '%d.%m.%Y %H:%M'")
@@ -331,5 +336,5 @@ def parse_timestamps(s: pd.Series, date_format: str | None = None, warn=None) ->
             warn(f"{int(aware.sum())} timestamp(s) with {len(np.unique(offs))} different UTC offsets "
                  f"({_offsets_summary(offs)}); all converted to UTC (daylight-saving time changes the offset)")
         out = out - pd.to_timedelta(om, unit="m")
-        _check_years(out, text)
+    _check_years(out, text)
     return out
