@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from clients.datasets import DATASETS
 from clients.node import NODE_KEYS, TASKS
@@ -61,7 +61,15 @@ class RunSettings(BaseModel):
                               description="A round with fewer acceptable updates ends the run cleanly.")
     max_update_norm: float = Field(1e3, gt=0, alias="max-update-norm",
                                    description="Replies whose update L2 norm exceeds this are excluded.")
-    round_timeout: float = Field(3600.0, gt=0, alias="round-timeout", description="Seconds to wait for replies per round.")
+    round_timeout: float | str = Field(
+        "auto", alias="round-timeout",
+        description="How long the coordinator waits for the nodes' replies in each message exchange (train, evaluate, "
+                    "each SecAgg+ stage, and for enough nodes to be connected); a node that has not answered by then is "
+                    "recorded as dropped, with the reason, and the round goes on with the others (or ends the run "
+                    "cleanly under min-accepted). 'auto' (default): the first exchange of each kind may take 600 s, "
+                    "every later one 5 x the slowest reply of the last 3 exchanges of its kind, at least 30 s and at "
+                    "most 600 s; tune as 'auto:first=600,factor=5,floor=30,max=600'. A number: that many seconds for every "
+                    "exchange.")
     central_data: str = Field("", alias="central-data",
                               description="Records the coordinator holds (a file in the department schema, or "
                                           "'bundled' for the department's packaged public data): every site's test "
@@ -80,6 +88,14 @@ class RunSettings(BaseModel):
                                          description="SecAgg+ quantises each coordinate of update*num-examples/1000 in "
                                                      "[-r, r] with 2**22 levels: error <= 2r/2**22 per node (~1e-5 on "
                                                      "the mean, far below DP noise); nodes scale larger updates down.")
+
+    @field_validator("round_timeout", mode="before")
+    @classmethod
+    def _round_timeout(cls, value):
+        from server.grid import RoundTimeout
+
+        rule = RoundTimeout.parse(value)  # ValueError names the accepted forms
+        return rule.fixed if rule.fixed is not None else str(value).strip()
 
     def as_config(self) -> dict:
         """The settings as a run-config dict (hyphenated keys)."""
@@ -197,10 +213,10 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
         log.warning("resuming run %s after round %d of %d (this launch is Flower run %s); rounds continue at %d",
                     run_id, offset, int(cfg["num-rounds"]), launch_id, offset + 1)
     guard = dict(max_update_norm=float(cfg["max-update-norm"]), checkpoint=ckpt, round_offset=offset, history=history,
-                 run_id=run_id, on_round=on_round, min_accepted=int(cfg["min-accepted"]))
+                 run_id=run_id, on_round=on_round, min_accepted=int(cfg["min-accepted"]), round_timeout=cfg["round-timeout"])
     strategy = GuardedStrategy(inner, **guard) if not cfg["secagg"] else SecAggStrategy(
         inner, num_shares=int(cfg["secagg-num-shares"]), threshold=int(cfg["secagg-threshold"]),
-        clipping_range=float(cfg["secagg-clipping-range"]), timeout=float(cfg["round-timeout"]), **guard)
+        clipping_range=float(cfg["secagg-clipping-range"]), **guard)
     strategy.num_rounds = int(cfg["num-rounds"])
     # record what the run actually uses: SecAgg+ raises the minimums (server/secagg.py)
     cfg = {**cfg, "min-accepted": strategy.min_accepted,
@@ -224,8 +240,7 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
     if remaining > 0:
         try:
             result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=remaining, train_config=ConfigRecord(job),
-                                    evaluate_config=ConfigRecord(job), evaluate_fn=evaluate_fn,
-                                    timeout=float(cfg["round-timeout"]))
+                                    evaluate_config=ConfigRecord(job), evaluate_fn=evaluate_fn)
             if len(result.arrays.keys()):
                 arrays = result.arrays
         except TooFewUpdates as exc:
