@@ -17,7 +17,10 @@ plain and SecAgg+ runs:
 
 A refusal (policy, budget, no data) inside the protocol becomes the node's error reply:
 the node drops out of the round and SecAgg+ removes its masks from the others' sum as
-long as enough neighbours remain (``secagg-threshold``).
+long as enough neighbours remain (``secagg-threshold``). So does a protocol abort (a stage
+out of order, too few neighbours, a request for key shares this node does not hold): one
+warning line in the node's log and an error reply with code :data:`SECAGG_ABORTED` whose
+reason names the stage and what was wrong, never a bare ``KeyError`` or a traceback.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 from flwr.compat.common import recorddict_compat as compat
 
 log = logging.getLogger("cityfed.node")
@@ -41,6 +44,8 @@ log = logging.getLogger("cityfed.node")
 PARAM_NAMES_KEY = "param-names"
 #: Error code for an update the node will not send (not finite).
 INVALID_UPDATE = 4221
+#: Error code for a SecAgg+ protocol abort on this node (it leaves the round; nothing of its update was sent).
+SECAGG_ABORTED = 4222
 
 
 class _NoUpdate(Exception):
@@ -49,6 +54,37 @@ class _NoUpdate(Exception):
     def __init__(self, error: Error):
         super().__init__(error.reason)
         self.error = error
+
+
+class _HandlerFailed(Exception):
+    """The train handler itself raised (a bug or a failure of training, not of the protocol)."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__(repr(exc))
+        self.exc = exc
+
+
+def abort_reason(stage: str, exc: Exception) -> str:
+    """Why ``secaggplus_mod`` aborted at ``stage``, in words (its exceptions name node IDs and stages only).
+
+    Parameters
+    ----------
+    stage : str
+        The stage the coordinator asked for (``setup``, ``share_keys``,
+        ``collect_masked_vectors``, ``unmask``).
+    exc : Exception
+        What Flower's mod raised.
+    """
+    if isinstance(exc, KeyError):
+        key = exc.args[0] if exc.args else "?"
+        if isinstance(key, int):
+            what = (f"the coordinator asked for key shares or keys of node {key}, which this node never received "
+                    "(that node left before sharing its keys, or this node restarted during the round)")
+        else:
+            what = f"the coordinator's {stage} message lacks {key!r}"
+    else:
+        what = str(exc) or type(exc).__name__
+    return f"SecAgg+ aborted on this node in the {stage} stage: {what}; this node leaves the round (no update sent)"
 
 
 def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next) -> Message:
@@ -68,9 +104,13 @@ def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next) -> Messag
     """
     if msg.metadata.message_type != "train" or RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, ctxt)
+    stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, "?"))  # the mod pops it
 
     def handler(m: Message, c: Context) -> Message:
-        reply = call_next(m, c)
+        try:
+            reply = call_next(m, c)
+        except Exception as exc:  # noqa: BLE001 - re-raised unchanged below
+            raise _HandlerFailed(exc) from exc
         if reply.has_error():
             raise _NoUpdate(reply.error)
         return reply
@@ -80,6 +120,14 @@ def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next) -> Messag
     except _NoUpdate as exc:
         ctxt.state.config_records.pop(RECORD_KEY_STATE, None)
         return Message(exc.error, reply_to=msg)
+    except _HandlerFailed as exc:  # training failed: the ClientApp's own error handling reports it
+        ctxt.state.config_records.pop(RECORD_KEY_STATE, None)
+        raise exc.exc from None
+    except (KeyError, ValueError, TypeError, IndexError) as exc:  # the protocol, not this node, went wrong
+        ctxt.state.config_records.pop(RECORD_KEY_STATE, None)
+        reason = abort_reason(stage, exc)
+        log.warning("%s (round %s)", reason, msg.metadata.group_id or "?")
+        return Message(Error(code=SECAGG_ABORTED, reason=reason), reply_to=msg)
 
 
 def is_secagg_fit(msg: Message) -> bool:

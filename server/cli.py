@@ -608,9 +608,12 @@ def secagg_banner(cfg: dict) -> str:
     """One line saying which aggregation mode a (validated) run uses."""
     if cfg.get("secagg"):
         shares, threshold = int(cfg["secagg-num-shares"]), int(cfg["secagg-threshold"])
+        least = max(3, int(cfg.get("min-accepted", 1)))  # server.secagg.MIN_SECAGG_NODES
         return (f"[bold green]secure aggregation ON[/] (SecAgg+, {shares} shares, threshold {threshold}: the coordinator "
-                f"only sees the mean update of >= 3 nodes per round; tolerates {shares - threshold} dropped node(s) "
-                f"per neighbourhood)")
+                f"only sees the mean update of >= {least} nodes per round; tolerates {shares - threshold} dropped "
+                f"node(s) per neighbourhood of {shares} in any stage while >= {least} nodes still contribute: with "
+                f"exactly {least} nodes a dropout before the unmask stage ends the run cleanly, so run >= {least + 1} "
+                f"nodes to train through one)")
     return ("[bold yellow]secure aggregation OFF[/] (--no-secagg): the coordinator receives each node's updated "
             "weights individually")
 

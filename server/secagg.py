@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -50,6 +52,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from clients.secagg import PARAM_NAMES_KEY
+from server.grid import DeadlineGrid, Deadlines, RoundTimeout
 from server.strategy import GuardedStrategy, TooFewUpdates, aggregate_metrics
 
 log = logging.getLogger("cityfed.server")
@@ -100,54 +103,118 @@ class SecAggRound:
     ----------
     mean_update : dict or None
         Example-weighted mean of the contributing nodes' updates (name -> float64 array);
-        None when the protocol halted (too few nodes left to unmask).
+        None when the protocol stopped before unmasking (see ``halted``).
     nodes : dict
         Node id -> its plaintext, self-reported train metrics (contributors only).
     refused : list of dict
-        Error replies (``node``, ``code``, ``reason``) in any stage: refusals and failures.
-    dropped : list of int
-        Sampled nodes that neither contributed nor sent an error (no reply).
+        Error replies from nodes (``node``, ``stage``, ``code``, ``reason``) in any stage:
+        refusals (policy, budget) and protocol aborts.
+    dropped : list of dict
+        Nodes that stopped answering (``node``, ``stage``, ``reason``): no reply within the
+        stage's deadline, or reported unavailable by the SuperLink. A node that drops only in
+        the unmask stage still contributed (its mask is recovered from its neighbours' shares).
+    halted : str or None
+        Why the protocol stopped before a mean was obtained (readable, names the nodes).
+    stages : dict
+        Stage -> ``seconds`` it took, its ``deadline`` and the deadline's ``basis``.
     """
 
     mean_update: dict[str, np.ndarray] | None
     nodes: dict[int, dict] = field(default_factory=dict)
     refused: list[dict] = field(default_factory=list)
-    dropped: list[int] = field(default_factory=list)
+    dropped: list[dict] = field(default_factory=list)
+    halted: str | None = None
+    stages: dict[str, dict] = field(default_factory=dict)
 
 
-class _ObservedGrid(Grid):
-    """Delegate to ``grid``; remember every error reply (node, code, reason)."""
+class CityfedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's :class:`SecAggPlusWorkflow` that tolerates dropouts in every stage, and stops early.
 
-    def __init__(self, grid: Grid):
-        self._grid = grid
-        self.errors: list[dict] = []
+    Flower 1.41's workflow keeps every *sampled* node in the set whose secrets the unmask
+    stage reconstructs. A node that left in the setup or share-keys stage never distributed
+    key shares, so the nodes that remain are asked for shares they do not hold (they fail
+    with ``KeyError``) and the coordinator finds no shares for it ("Not enough shares to
+    recover secret"): one dropout before training halted the round although the threshold
+    allows it. Such a node also left no mask in anybody's vector (a node masks only with the
+    neighbours whose key shares it received). Here, after the setup and share-keys stages,
+    the nodes that did not answer are removed from the protocol (the sampled set and every
+    neighbourhood); the unmask stage then reconstructs exactly the nodes that shared keys:
+    the contributors' private masks and, for nodes that left afterwards, their pairwise masks.
 
-    def set_run(self, run) -> None:  # noqa: D102
-        self._grid.set_run(run)
+    The protocol also stops as soon as fewer than ``min_live`` nodes remain (the run's
+    ``min-accepted``, at least :data:`MIN_SECAGG_NODES`): before training when it happens in
+    setup or share-keys (nobody spends privacy budget for a round that would be refused), and
+    before unmasking when it happens in the collect stage (the coordinator never unmasks a sum
+    it would refuse). ``halted`` then says why.
 
-    @property
-    def run(self):  # noqa: D102
-        return self._grid.run
+    Parameters
+    ----------
+    min_live : int
+        Fewest nodes that must remain in each stage.
+    **kwargs
+        :class:`SecAggPlusWorkflow` arguments.
+    """
 
-    def create_message(self, *args, **kwargs) -> Message:  # noqa: D102
-        return self._grid.create_message(*args, **kwargs)
+    def __init__(self, *, min_live: int = MIN_SECAGG_NODES, **kwargs):
+        super().__init__(**kwargs)
+        self.min_live = int(min_live)
+        self.halted: str | None = None
+        self._stage = ""
 
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self._grid.get_node_ids()
+    def setup_stage(self, grid, context, state) -> bool:  # noqa: D102
+        self._stage = Stage.SETUP
+        return super().setup_stage(grid, context, state)
 
-    def push_messages(self, messages):  # noqa: D102
-        return self._grid.push_messages(messages)
+    def share_keys_stage(self, grid, context, state) -> bool:  # noqa: D102
+        self._stage = Stage.SHARE_KEYS
+        return super().share_keys_stage(grid, context, state)
 
-    def pull_messages(self, message_ids):  # noqa: D102
-        return self._grid.pull_messages(message_ids)
+    def collect_masked_vectors_stage(self, grid, context, state) -> bool:  # noqa: D102
+        self._stage = Stage.COLLECT_MASKED_VECTORS
+        return super().collect_masked_vectors_stage(grid, context, state)
 
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: D102
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        for msg in replies:
-            if msg.has_error():
-                self.errors.append({"node": int(msg.metadata.src_node_id), "code": int(msg.error.code),
-                                    "reason": str(msg.error.reason)})
-        return replies
+    def unmask_stage(self, grid, context, state) -> bool:  # noqa: D102
+        self._stage = Stage.UNMASK
+        live = set(state.active_node_ids)
+        ok = super().unmask_stage(grid, context, state)
+        if not ok:
+            answered = set(state.active_node_ids)
+            self.halted = (f"too few nodes answered the unmask stage to reconstruct the masks ({len(answered)} of "
+                           f"{len(live)}; every node's secret needs {state.threshold} shares from live neighbours)")
+        return ok
+
+    def _check_threshold(self, state) -> bool:
+        """Called by Flower after setup, share-keys and collect: trim departed nodes, check what remains."""
+        live = set(state.active_node_ids)
+        if self._stage in (Stage.SETUP, Stage.SHARE_KEYS):
+            # left before its key shares went out: no secret of it to reconstruct, no mask of it anywhere
+            state.sampled_node_ids = set(live)
+            for nid in list(state.nid_to_neighbours):
+                state.nid_to_neighbours[nid] = state.nid_to_neighbours[nid] & live
+        if len(live) < self.min_live:
+            what = "sent a masked update" if self._stage == Stage.COLLECT_MASKED_VECTORS else \
+                f"answered the {self._stage} stage"
+            after = "nothing was unmasked" if self._stage == Stage.COLLECT_MASKED_VECTORS else "no node trained"
+            self.halted = (f"only {len(live)} node(s) {what}, fewer than min-accepted={self.min_live}; "
+                           f"the protocol stopped ({after})")
+            return False
+        for nid in sorted(state.sampled_node_ids):
+            have = state.nid_to_neighbours[nid] & live
+            if len(have) < state.threshold:
+                self.halted = (f"node {nid} kept {len(have)} live neighbour(s) (itself included) after the "
+                               f"{self._stage} stage, fewer than secagg-threshold={state.threshold}: its secrets "
+                               "could not be reconstructed")
+                return False
+        return True
+
+
+def _readable(reason: str) -> str:
+    """A node's error reason, with Flower's ``<class 'KeyError'>:<'2'>`` wrapper spelled out."""
+    m = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", reason.strip(), flags=re.S)
+    if m:
+        return (f"the node's ClientApp failed with {m.group(1)} ({m.group(2)!r}) and left the round "
+                "(a node without cityfed's SecAgg+ abort handling, or a bug: see its log)")
+    return reason
 
 
 class _OneRoundFedAvg(LegacyFedAvg):
@@ -176,12 +243,14 @@ class _OneRoundFedAvg(LegacyFedAvg):
 
 def secagg_train_round(grid: Grid, node_ids: list[int], global_arrays: ArrayRecord, job: dict, server_round: int,
                        workflow: SecAggPlusWorkflow) -> SecAggRound:
-    """Run one round's train step through Flower's SecAgg+ workflow.
+    """Run one round's train step through the SecAgg+ workflow.
 
     Parameters
     ----------
     grid : Grid
-        The run's grid (nodes answer with :func:`clients.secagg.secagg_train`).
+        The run's grid (nodes answer with :func:`clients.secagg.secagg_train`); a
+        :class:`~server.grid.DeadlineGrid` gives each stage its deadline (any other grid is
+        wrapped without deadlines).
     node_ids : list of int
         Sampled nodes.
     global_arrays : ArrayRecord
@@ -192,14 +261,17 @@ def secagg_train_round(grid: Grid, node_ids: list[int], global_arrays: ArrayReco
     server_round : int
         Round number the nodes see.
     workflow : SecAggPlusWorkflow
+        Usually :class:`CityfedSecAggPlusWorkflow` (its ``halted`` reason is reported).
 
     Returns
     -------
     SecAggRound
     """
     names = list(global_arrays.keys())
-    observed = _ObservedGrid(grid)
-    proxies = [GridClientProxy(int(nid), observed, 0) for nid in node_ids]
+    if not isinstance(grid, DeadlineGrid):
+        grid = DeadlineGrid(grid, Deadlines(RoundTimeout(), bounded=False))
+    first = len(grid.exchanges)
+    proxies = [GridClientProxy(int(nid), grid, 0) for nid in node_ids]
     manager = SimpleClientManager()
     for p in proxies:
         manager.register(p)
@@ -210,16 +282,24 @@ def secagg_train_round(grid: Grid, node_ids: list[int], global_arrays: ArrayReco
     before = compat.parameters_to_arrayrecord(
         ndarrays_to_parameters([global_arrays[n].numpy() for n in names]), keep_input=True)
     ctx.state.array_records[MAIN_PARAMS_RECORD] = before
-    workflow(observed, ctx)
+    workflow(grid, ctx)
     after = ctx.state.array_records[MAIN_PARAMS_RECORD]
-    refused = observed.errors
-    failed = {e["node"] for e in refused}
-    dropped = [int(n) for n in node_ids if int(n) not in strategy.results and int(n) not in failed]
-    if after is before:  # the protocol halted before unmasking
-        return SecAggRound(None, {}, refused, dropped)
+    refused, dropped, stages, gone = [], [], {}, set()
+    for ex in grid.exchanges[first:]:
+        stages[ex.kind] = {"seconds": round(ex.seconds, 3), "deadline": ex.deadline, "basis": ex.basis}
+        for node, (code, why) in sorted(ex.errors.items()):
+            refused.append({"node": node, "stage": ex.kind, "code": code, "reason": f"SecAgg+ {ex.kind}: {_readable(why)}"})
+        for node, why in sorted(ex.missing.items()):
+            if node not in gone:
+                gone.add(node)
+                dropped.append({"node": node, "stage": ex.kind, "reason": why})
+    halted = getattr(workflow, "halted", None)
+    if after is before:  # the protocol stopped before unmasking
+        why = halted or "the SecAgg+ protocol halted (too few live nodes to unmask)"
+        return SecAggRound(None, {}, refused, dropped, why, stages)
     mean = parameters_to_ndarrays(compat.arrayrecord_to_parameters(after, keep_input=True))
     return SecAggRound({n: np.asarray(a, dtype=np.float64) for n, a in zip(names, mean, strict=True)},
-                       strategy.results, refused, dropped)
+                       strategy.results, refused, dropped, None, stages)
 
 
 def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -249,21 +329,19 @@ class SecAggStrategy(GuardedStrategy):
     clipping_range : float
         Each coordinate of (update x num-examples / :data:`MAX_WEIGHT`) is quantised in
         [-clipping_range, clipping_range] with 2**22 levels.
-    timeout : float, optional
-        Seconds to wait for replies in each of the four protocol stages.
     **guarded
         Keyword arguments of :class:`~server.strategy.GuardedStrategy`.
         ``min_accepted`` is raised to at least :data:`MIN_SECAGG_NODES`, and so are the
-        inner strategy's minimum train/available nodes.
+        inner strategy's minimum train/available nodes. Its ``round_timeout`` gives each of
+        the four protocol stages its own deadline (:class:`~server.grid.DeadlineGrid`).
     """
 
-    def __init__(self, inner: Strategy, *, num_shares: int, threshold: int, clipping_range: float,
-                 timeout: float | None = None, **guarded):
+    def __init__(self, inner: Strategy, *, num_shares: int, threshold: int, clipping_range: float, **guarded):
         super().__init__(inner, **guarded)
         check_settings({"secagg": True, "strategy": "fedavg", "secagg-num-shares": num_shares,
                         "secagg-threshold": threshold})
         self.workflow_args = dict(num_shares=int(num_shares), reconstruction_threshold=int(threshold),
-                                  clipping_range=float(clipping_range), max_weight=MAX_WEIGHT, timeout=timeout)
+                                  clipping_range=float(clipping_range), max_weight=MAX_WEIGHT)
         SecAggPlusWorkflow(**self.workflow_args)  # Flower's own parameter checks, before any round
         if self.min_accepted < MIN_SECAGG_NODES:
             log.info("secagg: min-accepted raised from %d to %d", self.min_accepted, MIN_SECAGG_NODES)
@@ -287,17 +365,23 @@ class SecAggStrategy(GuardedStrategy):
         self._pending = None
         job = {**job, "max-update-norm": float(self.max_update_norm)}  # nodes clip their own updates
         res = secagg_train_round(grid, node_ids, _record(self._global), job, rnd,
-                                 SecAggPlusWorkflow(**self.workflow_args))
+                                 CityfedSecAggPlusWorkflow(min_live=self.min_accepted, **self.workflow_args))
         for e in res.refused:
             self.history["refused"].append({"round": rnd, **e})
             log.warning("round %d: node %d sent no update: %s", rnd, e["node"], e["reason"])
+        for d in res.dropped:
+            self.history["dropped"].append({"round": rnd, **d})
+            log.warning("round %d: node %d dropped out of SecAgg+ (%s stage): %s", rnd, d["node"], d["stage"], d["reason"])
         entry = self._round(rnd)
         entry["train"] = {"nodes": res.nodes, "accepted": len(res.nodes) if res.mean_update is not None else 0,
-                          "secagg": {"sampled": len(node_ids), "dropped": res.dropped}, **self._timing("train")}
+                          "secagg": {"sampled": len(node_ids), "dropped": res.dropped}, **self._timing("train"),
+                          "stages": res.stages}
         if res.mean_update is None or len(res.nodes) < self.min_accepted:
-            why = "the SecAgg+ protocol halted (too few live nodes to unmask)" if res.mean_update is None else \
+            why = res.halted if res.mean_update is None else \
                 f"{len(res.nodes)} contributing node(s), fewer than min-accepted={self.min_accepted}"
-            reason = f"round {rnd}: {why}; global model unchanged, run ended"
+            who = "".join(f"; node {d['node']} ({d['reason']})" for d in res.dropped) + \
+                "".join(f"; node {e['node']} refused ({e['reason']})" for e in res.refused)
+            reason = f"round {rnd}: SecAgg+: {why}{who}; global model unchanged, run ended"
             log.warning(reason)
             entry["train"]["stopped"] = reason
             self._save()

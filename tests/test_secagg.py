@@ -1,5 +1,6 @@
 """Secure aggregation (SecAgg+) through the same ServerApp/ClientApp over the in-process grid."""
 
+import json
 import pickle
 import time
 from types import SimpleNamespace
@@ -222,7 +223,8 @@ def test_secagg_tolerates_a_dropout_after_training(tmp_path, captured):
     nodes = _nodes(tmp_path, eps=(8.0, 8.0, 8.0, 8.0))
     res = run_federation(DropInCollectStage(client_app, nodes), _cfg(tmp_path, **{"num-rounds": 1}), run_id="d")
     train = res["rounds"][0]["train"]
-    assert train["accepted"] == 3 and set(train["nodes"]) == {1, 3, 4} and train["secagg"]["dropped"] == [2]
+    assert train["accepted"] == 3 and set(train["nodes"]) == {1, 3, 4}
+    assert [(d["node"], d["stage"]) for d in train["secagg"]["dropped"]] == [(2, "collect_masked_vectors")]
     ckpt = pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))
     kept = [c for c in captured if c["site"] != SITES[1]]
     assert len(kept) == 3 and len(captured) == 4  # node 2 trained (and spent budget) but was not aggregated
@@ -317,3 +319,245 @@ def test_secagg_settings_accept_mean_based_strategies():
                         "secagg-threshold": 3})
         assert cfg["secagg"] and cfg["secagg-num-shares"] == 5
     assert settings({"department": "health", "strategy": "krum"})["secagg"] is False  # krum alone is fine
+
+
+# --------------------------------------------------------------------------- dropouts and deadlines (issue 11)
+
+
+def _exchange(messages):
+    """(round, stage) of an exchange: the SecAgg+ stage, else the message type ('train', 'evaluate')."""
+    m = messages[0]
+    cfg = m.content.config_records.get("secaggplus_configs")
+    stage = cfg["stage"] if cfg is not None and "stage" in cfg else m.metadata.message_type
+    if str(m.metadata.group_id).isdigit():
+        return int(m.metadata.group_id), stage
+    return int(m.content["config"]["server-round"]), stage
+
+
+class ClockedGrid(InProcessGrid):
+    """The in-process grid with simulated time, behaving like Flower's deployment grid.
+
+    Every reply takes ``TOOK[stage]`` (simulated) seconds. A node in ``silent`` as
+    ``{node: (round, stage)}`` stops answering from that exchange on (killed): the grid then
+    waits until the ``timeout`` it was given (the deadline, which must be bounded) and returns
+    the others' replies; from then on the node is no longer listed as connected. ``exchanges``
+    records (round, stage, timeout) of every exchange; ``clock``/``sleep`` are the simulated
+    time the coordinator's deadlines use.
+    """
+
+    TOOK = {"train": 8.0, "evaluate": 0.5, "setup": 0.4, "share_keys": 0.3, "collect_masked_vectors": 8.0,
+            "unmask": 0.3}
+
+    def __init__(self, *a, silent=None, **kw):
+        super().__init__(*a, **kw)
+        self.now = 1000.0
+        self.silent = dict(silent or {})
+        self.dead: set[int] = set()
+        self.exchanges: list[tuple] = []
+        self.last_arrivals: dict[int, float] = {}
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def get_node_ids(self):
+        return [n for n in self.contexts if n not in self.dead]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if not messages:
+            return []
+        rnd, stage = _exchange(messages)
+        self.exchanges.append((rnd, stage, timeout))
+        self.dead |= {node for node, when in self.silent.items() if when == (rnd, stage)}
+        live = [m for m in messages if m.metadata.dst_node_id not in self.dead]
+        replies = list(super().send_and_receive(live, timeout=timeout))
+        took = self.TOOK[stage]
+        self.last_arrivals = {int(r.metadata.src_node_id): took for r in replies}
+        if len(live) < len(messages):  # a node is silent: the coordinator waits for it until its deadline
+            assert timeout is not None and timeout < 3600, f"round {rnd} {stage}: waits {timeout} s for a dead node"
+            self.now += timeout
+        else:
+            self.now += took
+        return replies
+
+
+def _no_keyerror(res):
+    text = json.dumps(res, default=str)
+    assert "KeyError" not in text and "<class" not in text, text
+
+
+@pytest.mark.parametrize("stage", ["setup", "share_keys", "collect_masked_vectors", "unmask"])
+def test_secagg_survives_one_silent_node_in_any_stage(tmp_path, captured, stage):
+    # 4 hospitals, default settings (secagg-num-shares 3, threshold 2, round-timeout auto): node 2 stops
+    # answering at `stage` of round 1. Before the fix a dropout before share-keys finished made the
+    # other nodes raise KeyError in the unmask stage and the protocol halted.
+    nodes = _nodes(tmp_path, eps=(8.0, 8.0, 8.0, 8.0))
+    grid = ClockedGrid(client_app, nodes, silent={2: (1, stage)})
+    res = run_federation(grid, _cfg(tmp_path, **{"num-rounds": 1}), run_id="d")
+    _no_keyerror(res)
+    assert res["status"] == "completed", res["status"]
+    train = res["rounds"][0]["train"]
+    contributors = {1, 2, 3, 4} if stage == "unmask" else {1, 3, 4}  # in unmask node 2's vector is already in
+    assert set(train["nodes"]) == contributors and train["accepted"] == len(contributors)
+    [drop] = train["secagg"]["dropped"]
+    assert drop["node"] == 2 and drop["stage"] == stage
+    # round 1: no earlier time to measure, the first-exchange deadline (10 min) applies, named in the reason
+    assert "no reply to SecAgg+" in drop["reason"] and "within 600 s" in drop["reason"], drop
+    assert res["refused"] == [] and res["dropped"] == [{"round": 1, **drop}]
+    assert (1, stage, 600.0) in grid.exchanges
+    ckpt = pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))
+    used = [c for c in captured if c["site"] in {SITES[n - 1] for n in contributors}]
+    assert len(used) == len(contributors)
+    _assert_round_is_mean(used[0]["global"], ckpt["arrays"], used)
+    trained = {c["site"] for c in captured}
+    assert (SITES[1] in trained) == (stage == "unmask")  # a node silent from the collect stage on never trained
+
+
+def test_secagg_three_nodes_one_gone_before_round_2_stops_cleanly_before_training(tmp_path, captured):
+    # the guide's city: 3 hospitals; node 3 is killed between rounds 1 and 2 (silent from round 2's setup)
+    grid = ClockedGrid(client_app, _nodes(tmp_path), silent={3: (2, "setup")})
+    res = run_federation(grid, _cfg(tmp_path, **{"num-rounds": 3}), run_id="g")
+    _no_keyerror(res)
+    assert res["status"].startswith("stopped: round 2:"), res["status"]
+    assert "node 3" in res["status"] and "min-accepted=3" in res["status"]
+    assert [e["round"] for e in res["rounds"]] == [1, 2]  # no round lost or repeated
+    assert pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))["round"] == 1
+    assert {c["round"] for c in captured} == {1}  # nobody trained (or spent budget) for the aborted round
+    # the setup stage of round 2 waited the floor (30 s: round 1's setup took 0.4 s), not an hour
+    assert (2, "setup", 30.0) in grid.exchanges and not [e for e in grid.exchanges if e[0] == 2 and e[1] != "setup"]
+    [drop] = res["rounds"][1]["train"]["secagg"]["dropped"]
+    assert drop["node"] == 3 and drop["stage"] == "setup" and "within 30 s" in drop["reason"] and "floor" in drop["reason"]
+    assert res["refused"] == []
+
+
+def test_secagg_three_nodes_one_killed_while_training_stops_without_unmasking(tmp_path, captured):
+    grid = ClockedGrid(client_app, _nodes(tmp_path), silent={3: (2, "collect_masked_vectors")})
+    res = run_federation(grid, _cfg(tmp_path, **{"num-rounds": 3}), run_id="k")
+    _no_keyerror(res)
+    assert res["status"].startswith("stopped: round 2:") and "min-accepted=3" in res["status"], res["status"]
+    # the deadline is 5 x the slowest reply measured in round 1's collect stage (8 s): 40 s, named with its basis
+    assert "node 3 (no reply to SecAgg+ collect" in res["status"] and "within 40 s" in res["status"]
+    assert "round 1's 8.0 s" in res["status"]
+    assert (2, "collect_masked_vectors", 40.0) in grid.exchanges
+    assert (2, "unmask") not in {e[:2] for e in grid.exchanges}  # the two-node sum is never unmasked
+    assert [e["round"] for e in res["rounds"]] == [1, 2]
+    assert pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))["round"] == 1
+
+
+def test_secagg_three_nodes_one_lost_in_unmask_completes_the_round_then_waits_bounded(tmp_path, captured):
+    # node 3 dies after sending its masked vector: its mask is recovered from the others' shares and the
+    # round counts 3 contributors; round 2 then waits (bounded) for a third connected node and ends cleanly
+    grid = ClockedGrid(client_app, _nodes(tmp_path), silent={3: (1, "unmask")})
+    res = run_federation(grid, _cfg(tmp_path, **{"num-rounds": 2}), run_id="u")
+    _no_keyerror(res)
+    first = res["rounds"][0]["train"]
+    assert first["accepted"] == 3 and set(first["nodes"]) == {1, 2, 3}
+    assert [d["node"] for d in first["secagg"]["dropped"]] == [3]
+    ckpt_1 = res["rounds"][0]
+    assert "aggregate" in ckpt_1["train"]
+    assert res["status"].startswith("stopped: round 2:"), res["status"]
+    assert "node 3" in res["status"] and "connected" in res["status"] and "30 s" in res["status"]
+    assert pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))["round"] == 1
+
+
+def test_plain_round_drops_a_silent_node_after_a_measured_deadline(tmp_path, captured):
+    # without SecAgg+, default settings: node 3 stops answering in round 2's train step
+    grid = ClockedGrid(client_app, _nodes(tmp_path), silent={3: (2, "train")})
+    res = run_federation(grid, _cfg(tmp_path, **{"num-rounds": 3, "secagg": False}), run_id="p")
+    assert res["status"] == "completed" and [e["round"] for e in res["rounds"]] == [1, 2, 3]
+    trains = [(r, t) for r, s, t in grid.exchanges if s == "train"]
+    assert trains == [(1, 600.0), (2, 40.0), (3, 40.0)]  # first-exchange deadline, then 5 x round 1's 8 s
+    second = res["rounds"][1]["train"]
+    assert second["accepted"] == 2 and set(second["nodes"]) == {1, 2}
+    assert second["dropped"] == [{"node": 3, "reason": "no reply to train within 40 s; deadline = 5 x round 1's 8.0 s"}]
+    assert res["dropped"] == [{"round": 2, "stage": "train", **second["dropped"][0]}]
+    assert set(res["rounds"][2]["train"]["nodes"]) == {1, 2}  # round 3 goes on with the others
+
+
+def test_round_timeout_setting():
+    assert settings({"department": "health"})["round-timeout"] == "auto"
+    assert settings({"department": "health", "round-timeout": 45})["round-timeout"] == 45.0
+    assert settings({"department": "health", "round-timeout": "auto:first=300,factor=4,floor=10"})["round-timeout"]
+    for bad in (0, -1, "soon", "auto:factor=0.5", "auto:frist=10", "auto:floor=900", True, float("nan")):
+        with pytest.raises(ValueError, match="'round-timeout'"):
+            settings({"department": "health", "round-timeout": bad})
+
+
+def test_node_answers_a_protocol_abort_with_a_readable_error_and_no_traceback(caplog):
+    # a node asked (by a coordinator without the fix) for the key shares of a node that never shared any
+    from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    st = SecAggPlusState(current_stage=Stage.COLLECT_MASKED_VECTORS, nid=1, threshold=2)
+    st.rd_seed_share_dict, st.sk1_share_dict = {1: b"a", 3: b"b"}, {1: b"c", 3: b"d"}
+    ctx.state.config_records[RECORD_KEY_STATE] = ConfigRecord(st.to_dict())
+    cfg = ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [1, 3], Key.DEAD_NODE_ID_LIST: [2]})
+    msg = Message(RecordDict({RECORD_KEY_CONFIGS: cfg}), dst_node_id=1, message_type="train", group_id="1")
+    caplog.set_level("DEBUG")
+    reply = csecagg.conditional_secaggplus_mod(msg, ctx, lambda m, c: pytest.fail("no training in unmask"))
+    assert reply.has_error() and reply.error.code == csecagg.SECAGG_ABORTED
+    assert "unmask" in reply.error.reason and "node 2" in reply.error.reason and "KeyError" not in reply.error.reason
+    assert RECORD_KEY_STATE not in ctx.state.config_records  # the next round starts from setup
+    assert not [r for r in caplog.records if r.exc_info]  # one warning line, no traceback
+    assert any("node 2" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_deadline_rule_and_the_superlink_answering_for_a_dead_node():
+    from types import SimpleNamespace as NS
+
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+
+    from server.grid import DeadlineGrid, Deadlines, RoundTimeout
+
+    # the rule: first exchange of a kind 600 s, then 5 x the slowest reply so far, within [30, 600] s
+    d = Deadlines(RoundTimeout.parse("auto"))
+    assert d.deadline("train")[0] == 600.0
+    d.record("train", 1, 8.4)
+    assert d.deadline("train") == (42.0, "5 x round 1's 8.4 s")
+    d.record("train", 2, 3.0)  # a faster round does not shrink it: the slowest of the last 3 counts ...
+    assert d.deadline("train")[0] == 42.0
+    d.record("train", 3, 2.0)
+    d.record("train", 4, 7.0)  # ... until round 1 (cold) is no longer among them
+    assert d.deadline("train") == (35.0, "5 x round 4's 7.0 s")
+    d.record("setup", 1, 0.4)
+    assert d.deadline("setup")[0] == 30.0 and "floor" in d.deadline("setup")[1]
+    d.record("evaluate", 1, 500.0)
+    assert d.deadline("evaluate")[0] == 600.0 and "maximum" in d.deadline("evaluate")[1]
+    tuned = Deadlines(RoundTimeout.parse("auto:first=120,factor=3,floor=5,max=60"))
+    tuned.record("train", 1, 10.0)
+    assert tuned.deadline("unmask")[0] == 120.0 and tuned.deadline("train")[0] == 30.0
+    assert Deadlines(RoundTimeout.parse(45)).deadline("train") == (45.0, "round-timeout = 45 s")
+    assert Deadlines(RoundTimeout.parse("auto"), bounded=False).deadline("train")[0] is None  # simulation
+
+    # on the wire: node 101 answers, the SuperLink answers for 102 (no heartbeat), 103 says nothing
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    sent = [Message(RecordDict({"config": ConfigRecord({"server-round": 2})}), dst_node_id=n, message_type="train")
+            for n in (101, 102, 103)]
+
+    class Wire:
+        def send_and_receive(self, messages, *, timeout=None):
+            self.timeout = timeout
+            for i, m in enumerate(messages):
+                m.metadata.__dict__["_message_id"] = f"id{i}"
+            ok = NS(metadata=NS(src_node_id=101, reply_to_message_id="id0"), has_error=lambda: False)
+            gone = NS(metadata=NS(src_node_id=SUPERLINK_NODE_ID, reply_to_message_id="id1"), has_error=lambda: True,
+                      error=NS(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"))
+            self.last_arrivals = {101: 2.5, 102: 61.0}
+            return [ok, gone]
+
+    wire = Wire()
+    deadlines = Deadlines(RoundTimeout.parse("auto"), {"train": [{"round": 1, "seconds": 8.4}]})
+    grid = DeadlineGrid(wire, deadlines)
+    replies = grid.send_and_receive(sent, timeout=3600)
+    assert wire.timeout == 42.0  # the caller's timeout is replaced by the measured deadline
+    assert [r.metadata.src_node_id for r in replies] == [101]  # the SuperLink's error is not a node's refusal
+    [ex] = grid.exchanges
+    assert (ex.kind, ex.round, ex.replied) == ("train", 2, {101: 2.5})
+    assert "unavailable after 61 s in train" in ex.missing[102] and "offline" in ex.missing[102]
+    assert ex.missing[103] == "no reply to train within 42 s; deadline = 5 x round 1's 8.4 s"
+    assert deadlines.measured["train"] == [{"round": 1, "seconds": 8.4}, {"round": 2, "seconds": 2.5}]
