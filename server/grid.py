@@ -453,8 +453,10 @@ class DeadlineGrid(Grid):
                 ex.missing[node] = unavailable_reason(reply.error, arrivals.get(node, ex.seconds), ex.label)
         for n in ex.nodes:
             if n not in ex.replied and n not in ex.missing:
-                ex.missing[n] = (f"no reply to {ex.label} within {_secs(limit)} s; deadline = {basis}"
-                                 if limit is not None else f"no reply to {ex.label}")
+                if limit is not None and ex.seconds >= limit - 0.05:  # (float rounding)
+                    ex.missing[n] = f"no reply to {ex.label} within {_secs(limit)} s; deadline = {basis}"
+                else:  # the grid gave up first (a simulated failure, a message it could not deliver)
+                    ex.missing[n] = f"no reply to {ex.label} (the exchange ended after {_secs(ex.seconds)} s without it)"
         if ex.replied and (not ex.missing or arrivals):
             self.deadlines.record(kind, rnd, max(ex.replied.values()))
         return out

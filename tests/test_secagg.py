@@ -540,8 +540,14 @@ def test_deadline_rule_and_the_superlink_answering_for_a_dead_node():
             for n in (101, 102, 103)]
 
     class Wire:
+        now = 0.0
+
+        def clock(self):
+            return self.now
+
         def send_and_receive(self, messages, *, timeout=None):
             self.timeout = timeout
+            self.now += timeout  # like Flower's grid: it waited until the deadline for 103
             for i, m in enumerate(messages):
                 m.metadata.__dict__["_message_id"] = f"id{i}"
             ok = NS(metadata=NS(src_node_id=101, reply_to_message_id="id0"), has_error=lambda: False)
