@@ -461,8 +461,10 @@ class DeadlineGrid(Grid):
             self.deadlines.record(kind, rnd, max(ex.replied.values()))
         return out
 
-    def await_nodes(self, needed: int, rnd: int | None) -> tuple[list[int] | None, str]:
+    def await_nodes(self, needed: int, rnd: int | None, wait: bool = True) -> tuple[list[int] | None, str]:
         """Wait until at least ``needed`` nodes are connected, at most the ``nodes`` deadline.
+
+        ``wait=False`` looks once (an optional step, such as evaluation, is skipped at once).
 
         Returns
         -------
@@ -478,10 +480,11 @@ class DeadlineGrid(Grid):
             if len(ids) >= needed:
                 self.deadlines.record("nodes", rnd, waited)
                 return ids, ""
-            if limit is not None and waited >= limit:
+            if not wait or limit is not None and waited >= limit:
                 gone = [f"node {n} (last sent a message in round {r})" for n, r in self.seen_nodes.items() if n not in ids]
-                return None, (f"{len(ids)} node(s) connected, the round needs {needed}; waited {_secs(waited)} s "
-                              f"(deadline = {basis})" + (f"; not connected: {', '.join(gone)}" if gone else ""))
+                waiting = f"; waited {_secs(waited)} s (deadline = {basis})" if wait else ""
+                return None, (f"{len(ids)} node(s) connected, the round needs {needed}{waiting}"
+                              + (f"; not connected: {', '.join(gone)}" if gone else ""))
             self.sleep(min(1.0, limit - waited) if limit is not None else 1.0)
 
     def pinned(self, node_ids: list[int]) -> Grid:

@@ -179,14 +179,15 @@ class GuardedStrategy(Strategy):
 
         Flower's strategies wait for ``min_available_nodes`` without a time limit; with a
         :class:`~server.grid.DeadlineGrid` the wait is bounded and the strategy samples from
-        the nodes found (a pinned list, so that it never waits itself).
+        the nodes found (a pinned list, so that it never waits itself). Evaluation does not
+        wait: with too few nodes connected it is skipped.
         """
         fraction = getattr(self.inner, f"fraction_{phase}", 1.0)
         if not isinstance(grid, DeadlineGrid) or not fraction:
             return grid, ""
         needed = max(int(getattr(self.inner, "min_available_nodes", 1) or 1),
                      int(getattr(self.inner, f"min_{phase}_nodes", 1) or 1))
-        ids, why = grid.await_nodes(needed, rnd)
+        ids, why = grid.await_nodes(needed, rnd, wait=phase == "train")  # evaluation is skipped at once
         return (grid.pinned(ids), "") if ids is not None else (grid, why)
 
     def _dropouts(self, kind: str, rnd: int) -> list[dict]:

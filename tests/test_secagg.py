@@ -458,6 +458,9 @@ def test_secagg_three_nodes_one_lost_in_unmask_completes_the_round_then_waits_bo
     assert [d["node"] for d in first["secagg"]["dropped"]] == [3]
     ckpt_1 = res["rounds"][0]
     assert "aggregate" in ckpt_1["train"]
+    # evaluation is optional: with 2 of the 3 nodes SecAgg+ needs connected it is skipped at once, with the reason
+    assert "2 node(s) connected, the round needs 3" in ckpt_1["evaluate"]["skipped"]
+    assert [e for e in grid.exchanges if e[1] == "evaluate"] == []
     assert res["status"].startswith("stopped: round 2:"), res["status"]
     assert "node 3" in res["status"] and "connected" in res["status"] and "30 s" in res["status"]
     assert pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))["round"] == 1
