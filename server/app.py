@@ -250,6 +250,12 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
     out = {"run_id": run_id, "status": status, "config": cfg, "job": job, "seconds": time.perf_counter() - t0,
            **strategy.history}
     (run_dir / "results.json").write_text(json.dumps(out, indent=2, default=float))
+    try:  # the same report.html + plots as fl-sim (which rewrites it with the sites' names)
+        from server.report import write_run_report
+
+        write_run_report(run_dir)
+    except Exception as exc:  # noqa: BLE001 - a plot must never turn a finished run into a failed one
+        log.error("report.html not written in %s: %s: %s", run_dir, type(exc).__name__, exc)
     return out
 
 

@@ -605,3 +605,27 @@ def test_tables_never_cut_ids_in_a_narrow_terminal(monkeypatch, capsys):
                              "folder": "health-20261123T164906Z"}], False)
     out = capsys.readouterr().out
     assert "2091209651743482089" in out and "health-20261123T164906Z" in out
+
+
+# --------------------------------------------------------------------------- supervision (issue 11, item 4)
+
+
+def test_a_run_that_stops_on_too_few_updates_gets_results_and_report(tmp_path):
+    """A deployment run produced no report.html: the ServerApp (run_federation) now writes it, stopped runs too."""
+    from clients.app import app as client_app
+    from server.app import run_federation
+    from simulations.inprocess import InProcessGrid
+
+    policy = POLICY.read_text()
+    nodes = []
+    for site in ("Cleveland", "Hungary"):
+        pol = tmp_path / f"{site}.toml"
+        pol.write_text(policy)
+        nodes.append({"department": "health", "site": site, "policy": str(pol), "ledger": str(tmp_path / f"{site}.sqlite")})
+    run_dir = tmp_path / "run"
+    cfg = {"department": "health", "num-rounds": 2, "min-accepted": 3, "run-dir": str(run_dir)}  # 2 nodes < 3
+    res = run_federation(InProcessGrid(client_app, nodes), cfg, run_id="few")
+    assert res["status"].startswith("stopped:")
+    page = (run_dir / "report.html").read_text()
+    assert (run_dir / "metric.png").exists() and (run_dir / "epsilon.png").exists()
+    assert "stopped:" in page and json.loads((run_dir / "results.json").read_text())["status"] == res["status"]
