@@ -17,8 +17,9 @@ Everything lives under ``--state-dir`` (env ``CITYFED_STATE_DIR``, default
     coordinator.json      what ``start`` was given (address, CA, admin networks)
     audit.jsonl(.head)    tamper-evident audit log (runs, node keys, stops, refusals; ``fl-server audit``)
     audit.key / audit.pub EC P-256 key signing it (0600, made on first use) / its public half
+    serverapps.json       live ServerApp processes by run (written by ``start``, read by ``stop``)
     runs/<name>/          one folder per run: launch.json, run-config.toml, checkpoint.pkl,
-                          model.pt, results.json
+                          model.pt, results.json, report.html (+ metric.png, epsilon.png)
 
 Exit codes: 0 ok, 1 the SuperLink or ``flwr`` reported a failure, 2 bad input (file,
 option or run-config value), 3 the coordinator is not started / not reachable.
@@ -30,12 +31,15 @@ import inspect
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Optional
@@ -337,6 +341,626 @@ def superlink_args(*, host: str, port: int, state_dir: Path, ca: Path | None, ce
     return args
 
 
+# --------------------------------------------------------------------------- supervision (start)
+
+#: Flower's SuperExec starts one of these per run (``flwr-serverapp ... --token T --parent-pid``).
+SERVERAPP_COMMAND = "flwr-serverapp"
+#: Live ServerApp processes by Flower run ID, written by ``start`` for ``stop`` (``{run-id: {pid, start}}``).
+SERVERAPPS_FILE = "serverapps.json"
+
+
+def proc_stat(pid: int) -> dict | None:
+    """State, parent, process group, start time and wait status of ``pid`` (Linux ``/proc/<pid>/stat``).
+
+    Returns
+    -------
+    dict or None
+        ``state`` (``R``, ``S``, ``Z`` ...), ``ppid``, ``pgid``, ``start`` (clock ticks after
+        boot: with the PID, identifies the process) and ``exit`` (the wait(2) status of a
+        zombie, else 0); None when there is no such process or no ``/proc``.
+    """
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()  # the command name may hold spaces and ')'
+    return {"state": fields[0], "ppid": int(fields[1]), "pgid": int(fields[2]), "start": int(fields[19]),
+            "exit": int(fields[49]) if len(fields) > 49 else None}
+
+
+def proc_cmdline(pid: int) -> list[str]:
+    """The command line of ``pid`` (empty when it is gone, a zombie, or there is no ``/proc``)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def proc_children(pid: int) -> list[int]:
+    """PIDs of the direct children of ``pid`` (``/proc/<pid>/task/*/children``, else a scan of ``/proc``)."""
+    try:
+        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    except (OSError, ValueError):
+        pass
+    try:
+        pids = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()]
+    except OSError:
+        return []
+    return [p for p in pids if (proc_stat(p) or {}).get("ppid") == pid]
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``exit status N`` / ``killed by SIGKILL`` for a ``Popen.returncode`` (negative = signal)."""
+    if returncode is None:
+        return "exit status unknown"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def _returncode(wait_status: int | None) -> int | None:
+    """A wait(2) status (``/proc`` ``exit`` field) as a ``Popen.returncode``."""
+    if wait_status is None:
+        return None
+    return -(wait_status & 0x7F) if wait_status & 0x7F else (wait_status >> 8) & 0xFF
+
+
+def _backoff(n: int, first: float, cap: float) -> float:
+    return min(first * 2 ** max(n - 1, 0), cap)
+
+
+@dataclass
+class _ServerApp:
+    """A ``flwr-serverapp`` process the supervisor watches (``start`` guards against PID reuse)."""
+
+    pid: int
+    start: int
+    token: str
+    run_id: int | None = None
+    task_id: int | None = None
+
+
+class CoordinatorSupervisor:
+    """Keep the coordinator's Flower processes alive from inside ``fl-server start``.
+
+    ``fl-server start`` runs Flower's SuperLink in its own process; the SuperLink starts a
+    **SuperExec** process, which starts one **ServerApp** process per run. A thread of
+    ``fl-server start`` checks them every ``poll_s`` seconds:
+
+    * a SuperExec that exited is restarted after ``backoff`` s (doubling up to
+      ``backoff_max``), at most ``max_restarts`` times in a row (a SuperExec that ran
+      ``stable_s`` resets the count); then ``fl-server start`` exits 1 with the reason.
+      Without it no run can start (a new run stays ``pending``).
+    * a ServerApp that died mid-run (killed, out of memory, its SuperExec gone) is detected
+      from its process (within ``poll_s``) and Flower's run status, and the run is resumed
+      from its last checkpoint with ``fl-server run --resume`` after a backoff, at most
+      ``max_resumes`` times per run folder. A run whose process vanished without reporting
+      is marked ``finished:failed`` (with the reason) ``settle_s`` seconds later, not at once
+      and not only when Flower's heartbeat check expires it (up to a minute): nodes still
+      pulling a complete message of it finish cleanly, and nodes waiting for objects the dead
+      process never pushed are released; the resume waits for that. A ServerApp that raised
+      an exception is not resumed (the same error would recur): its run folder gets
+      ``results.json`` (``failed: ...``) and ``report.html``.
+    * the SuperLink itself (this process) is probed on its own ``/health`` every
+      ``health_every_s`` s; after ``health_failures`` failed probes in a row it is hung and
+      ``fl-server start`` exits 1 (systemd restarts it).
+
+    Every action is logged with its reason on ``console``. Only ServerApps this process
+    saw start are resumed: runs cut off by a coordinator crash are resumed by the operator
+    (``fl-server run --resume``), as before.
+
+    Parameters
+    ----------
+    state_dir : Path
+        The coordinator's state folder (``serverapps.json`` is written there).
+    health_url : str or None
+        ``https://<admin address>/health`` of this SuperLink; None disables the probe.
+    max_restarts, max_resumes : int
+    backoff, backoff_max, stable_s, poll_s, settle_s : float
+    health_every_s, health_timeout_s : float
+    health_failures : int
+    console : Console, optional
+    resume : callable, optional
+        ``resume(folder) -> new run ID``; default runs ``fl-server run --resume``.
+    on_fatal : callable, optional
+        ``on_fatal(reason)``; default: stop this process gracefully (SIGTERM to itself; forced
+        exit after ``exit_grace_s``), after which ``fl-server start`` exits 1.
+    """
+
+    def __init__(self, state_dir: Path, *, health_url: str | None = None, max_restarts: int = 5, max_resumes: int = 3,
+                 backoff: float = 2.0, backoff_max: float = 60.0, stable_s: float = 300.0, poll_s: float = 1.0,
+                 settle_s: float = 5.0, health_every_s: float = 15.0, health_timeout_s: float = 10.0, health_failures: int = 4,
+                 stop_grace_s: float = 10.0, exit_grace_s: float = 30.0, console: Console | None = None,
+                 resume: Callable[[Path], str] | None = None, on_fatal: Callable[[str], None] | None = None):
+        self.state_dir = Path(state_dir)
+        self.health_url = health_url
+        self.max_restarts, self.max_resumes = max_restarts, max_resumes
+        self.backoff, self.backoff_max, self.stable_s, self.poll_s = backoff, backoff_max, stable_s, poll_s
+        self.settle_s = settle_s
+        self.health_every_s, self.health_timeout_s, self.health_failures = health_every_s, health_timeout_s, health_failures
+        self.stop_grace_s, self.exit_grace_s = stop_grace_s, exit_grace_s
+        self.console = console or _err()
+        self.resume = resume or self._resume_with_cli
+        self.on_fatal = on_fatal or self._exit_gracefully
+        self.lifespan = None
+        self.fatal: str | None = None
+        self.apps: dict[int, _ServerApp] = {}
+        self.resumes: dict[str, int] = {}
+        self._due: list[tuple[float, Path, int]] = []
+        self._to_fail: list[tuple[float, int, int, str]] = []  # (when, run ID, task ID, why)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.stop_requested = threading.Event()  # the coordinator is shutting down: no restart, no resume
+        self._thread: threading.Thread | None = None
+        self._se_started = time.monotonic()
+        self._se_failures = 0
+        self._se_restart_at: float | None = None
+        self._se_dead_since: float | None = None
+        self._health_next = time.monotonic() + health_every_s
+        self._health_bad = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def attach(self, lifespan) -> None:
+        """Start watching ``lifespan`` (Flower's ``SuperLinkLifespan``, after its start-up)."""
+        self.lifespan = lifespan
+        self._se_started = time.monotonic()
+        proc = getattr(lifespan, "superexec_process", None)
+        self.log(f"supervising the SuperExec (pid {proc.pid if proc else '-'}) and the ServerApps it starts "
+                 f"(restarts: at most {self.max_restarts} in a row; automatic resumes: at most {self.max_resumes} per run)")
+        self._thread = threading.Thread(target=self._loop, name="cityfed-supervisor", daemon=True)
+        self._thread.start()
+
+    def detach(self) -> None:
+        """Stop watching (before Flower stops the SuperExec at shutdown)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def log(self, text: str, style: str = "") -> None:
+        """One timestamped line on the coordinator's log (stderr)."""
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        self.console.print(f"{stamp} fl-server start: " + (f"[{style}]{escape(text)}[/]" if style else escape(text)))
+
+    def fail(self, reason: str) -> None:
+        """Give up: log ``reason`` and end ``fl-server start`` with exit status 1."""
+        if self.fatal is not None:
+            return
+        self.fatal = reason
+        self._stop.set()
+        self.log(f"giving up: {reason}", "bold red")
+        self.on_fatal(reason)
+
+    def _exit_gracefully(self, reason: str) -> None:
+        def force() -> None:
+            self.console.print(f"[bold red]fl-server start: the SuperLink did not stop within {self.exit_grace_s:g} s; "
+                               f"exiting now: {escape(reason)}[/]")
+            os._exit(1)
+
+        timer = threading.Timer(self.exit_grace_s, force)
+        timer.daemon = True
+        timer.start()
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts the SuperLink down cleanly, then start exits 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.check_once()
+            except Exception as exc:  # noqa: BLE001 - the supervisor must outlive any one bad check
+                self.log(f"supervision check failed ({type(exc).__name__}: {exc}); retrying", "red")
+
+    def check_once(self, now: float | None = None) -> None:
+        """One round of checks: SuperExec, ServerApps, due resumes, the SuperLink's health."""
+        now = time.monotonic() if now is None else now
+        if self.lifespan is None or self._stop.is_set() or self.stop_requested.is_set():
+            return
+        self._check_superexec(now)
+        if self._stop.is_set():
+            return
+        self._check_serverapps()
+        self._fail_dead_runs(now)
+        self._start_due_resumes(now)
+        self._check_health(now)
+
+    # -- SuperExec ---------------------------------------------------------------------
+    def _check_superexec(self, now: float) -> None:
+        ls = self.lifespan
+        proc = getattr(ls, "superexec_process", None)
+        if proc is None:
+            return
+        if self._se_restart_at is not None:
+            if now >= self._se_restart_at:
+                self._se_restart_at = None
+                ls._start_superexec_if_needed()
+                self._se_started = now
+                self.log(f"SuperExec restarted (pid {ls.superexec_process.pid}); pending runs start now", "green")
+            return
+        rc = proc.poll()
+        if rc is None:
+            if self._se_failures and now - self._se_started >= self.stable_s:
+                self._se_failures = 0
+            return
+        if rc in (0, -signal.SIGTERM, -signal.SIGINT):  # 0: Flower's graceful exit on SIGTERM/SIGINT
+            # a stop request (systemd stops the whole unit) also reaches this process: let its shutdown come first
+            self._se_dead_since = self._se_dead_since or now
+            if now - self._se_dead_since < self.stop_grace_s:
+                return
+        self._se_dead_since = None
+        if now - self._se_started >= self.stable_s:
+            self._se_failures = 0
+        self._se_failures += 1
+        reason = describe_exit(rc)
+        if self._se_failures > self.max_restarts:
+            times = f"{self._se_failures} time{'s' if self._se_failures != 1 else ''}"
+            self.fail(f"the SuperExec (it starts every run's ServerApp) exited ({reason}) {times} in a row; no run can "
+                      f"start without it (--max-restarts {self.max_restarts}). Fix: read its lines above in this log, "
+                      "then start fl-server again (under systemd, Restart=on-failure does it)")
+            return
+        wait = _backoff(self._se_failures, self.backoff, self.backoff_max)
+        self.log(f"the SuperExec (pid {proc.pid}) exited ({reason}): no run can start without it; restarting it in "
+                 f"{wait:g} s (restart {self._se_failures}/{self.max_restarts})", "yellow")
+        self._se_restart_at = now + wait
+
+    # -- ServerApps --------------------------------------------------------------------
+    def _state(self):
+        return self.lifespan.state_factory.state()
+
+    def _check_serverapps(self) -> None:
+        proc = getattr(self.lifespan, "superexec_process", None)
+        changed = False
+        if proc is not None and proc.poll() is None:
+            for pid in proc_children(proc.pid):
+                if pid in self.apps:
+                    continue
+                cmd = proc_cmdline(pid)
+                st = proc_stat(pid)
+                if st is None or "--token" not in cmd[:-1] or not any(Path(a).name == SERVERAPP_COMMAND for a in cmd[:2]):
+                    continue
+                self.apps[pid] = _ServerApp(pid, st["start"], cmd[cmd.index("--token") + 1])
+                changed = True
+        for app in list(self.apps.values()):
+            if app.run_id is None:
+                task = self._state().get_task_by_token(app.token)
+                if task is not None:
+                    app.run_id, app.task_id = int(task.run_id), int(task.task_id)
+                    changed = True
+            st = proc_stat(app.pid)
+            same = st is not None and st["start"] == app.start
+            if same and st["state"] not in ("Z", "X"):
+                continue
+            del self.apps[app.pid]
+            changed = True
+            how = describe_exit(_returncode(st["exit"])) if same and st["exit"] is not None else "exit status unknown"
+            self._serverapp_ended(app, how)
+        if changed:
+            self._publish()
+
+    def _publish(self) -> None:
+        data = {str(a.run_id): {"pid": a.pid, "start": a.start} for a in self.apps.values() if a.run_id is not None}
+        path = self.state_dir / SERVERAPPS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
+
+    def _run_folder(self, run_id: int) -> Path | None:
+        runs = self._state().get_run_info(run_ids=[run_id])
+        run_dir = (dict(runs[0].override_config) if runs else {}).get("run-dir")
+        return Path(str(run_dir)) if run_dir else None
+
+    def _serverapp_ended(self, app: _ServerApp, how: str) -> None:
+        from flwr.common.constant import Status, SubStatus
+
+        if app.run_id is None:
+            self.log(f"a ServerApp (pid {app.pid}) exited ({how}) before it took its run; nothing to resume", "yellow")
+            return
+        state = self._state()
+        st = state.get_run_status({app.run_id}).get(app.run_id)
+        if st is None:
+            return
+        settle = 0.0
+        if st.status != Status.FINISHED:
+            why = f"its ServerApp process (pid {app.pid}) died ({how}) without reporting"
+            self._to_fail.append((time.monotonic() + self.settle_s, app.run_id, app.task_id, why))
+            settle = self.settle_s + 1.0
+        elif st.sub_status in (SubStatus.COMPLETED, SubStatus.STOPPED):
+            return  # the ServerApp wrote results.json; `fl-server stop` writes it for a stopped run
+        elif st.details.startswith("ServerApp failed with exception"):
+            self._failed(app.run_id, st.details)
+            return
+        else:
+            why = f"its ServerApp process (pid {app.pid}) ended ({how}): {st.details.rstrip('.') or 'no details'}"
+        self._schedule_resume(app.run_id, why, not_before=settle)
+
+    def _fail_dead_runs(self, now: float) -> None:
+        """Mark runs whose ServerApp died without reporting ``finished:failed``, ``settle_s`` after the death."""
+        from flwr.common.constant import Status, SubStatus
+
+        due = [d for d in self._to_fail if d[0] <= now]
+        self._to_fail = [d for d in self._to_fail if d[0] > now]
+        for _, run_id, task_id, why in due:
+            st = self._state().get_run_status({run_id}).get(run_id)
+            if st is not None and st.status != Status.FINISHED:
+                self._state().finish_task(task_id, SubStatus.FAILED, f"{why}; detected by fl-server start")
+                self.log(f"run {run_id}: marked finished:failed ({why})")
+
+    def _failed(self, run_id: int, details: str) -> None:
+        folder = self._run_folder(run_id)
+        where = f" ({folder.name})" if folder else ""
+        self.log(f"run {run_id}{where} failed: {details}. Not resumed automatically (the same error would recur). "
+                 f"Fix: read `fl-server logs {run_id}`, correct the cause, then `fl-server run --resume "
+                 f"{folder.name if folder else run_id}`", "bold red")
+        if folder is not None and (folder / "launch.json").exists():
+            self._write_results(folder, f"failed: {details}", run_id)
+
+    def _write_results(self, folder: Path, status: str, run_id: int) -> None:
+        try:
+            write_run_results(folder, status, str(run_id), written_by="fl-server start")
+        except Exception as exc:  # noqa: BLE001 - logged; the run's checkpoint stays
+            self.log(f"results.json/report.html not written in {folder}: {type(exc).__name__}: {exc}", "red")
+
+    def _schedule_resume(self, run_id: int, why: str, not_before: float = 0.0) -> None:
+        folder = self._run_folder(run_id)
+        if folder is None or not (folder / "launch.json").exists():
+            self.log(f"run {run_id}: {why}; it was not launched with `fl-server run` (no launch.json), so it is not "
+                     "resumed", "bold red")
+            return
+        launch = json.loads((folder / "launch.json").read_text())
+        if str(run_id) != str((launch.get("run-ids") or [""])[-1]):
+            return  # this folder was resumed since (as another run)
+        with self._lock:
+            n = self.resumes.get(str(folder), 0) + 1
+            if n > self.max_resumes:
+                limit = ("automatic resumes are off (--max-resumes 0)" if self.max_resumes == 0 else
+                         f"it was resumed automatically {self.max_resumes} time(s) already (--max-resumes)")
+                self.log(f"run {run_id} ({folder.name}): {why}; not resumed: {limit}. Fix: read `fl-server logs "
+                         f"{run_id}`, then `fl-server run --resume {folder.name}`", "bold red")
+                self._write_results(folder, f"failed: {why}", run_id)
+                return
+            self.resumes[str(folder)] = n
+            wait = max(_backoff(n, max(self.backoff, 1.0), self.backoff_max), not_before)
+            self._due.append((time.monotonic() + wait, folder, run_id))
+        done = _checkpoint_round(folder)
+        self.log(f"run {run_id} ({folder.name}): {why}; resuming it after round {done} (its last checkpoint) in "
+                 f"{wait:g} s (automatic resume {n}/{self.max_resumes})", "yellow")
+
+    def _start_due_resumes(self, now: float) -> None:
+        with self._lock:
+            due = [d for d in self._due if d[0] <= now]
+            self._due = [d for d in self._due if d[0] > now]
+        for _, folder, run_id in due:
+            if self.stop_requested.is_set():
+                return
+            threading.Thread(target=self._resume_thread, args=(folder, run_id), daemon=True,
+                             name=f"cityfed-resume-{folder.name}").start()
+
+    def _resume_thread(self, folder: Path, run_id: int) -> None:
+        try:
+            new = self.resume(folder)
+        except Exception as exc:  # noqa: BLE001 - counted as an attempt, retried with backoff
+            self._schedule_resume(run_id, f"its automatic resume failed ({exc})")
+            return
+        self.log(f"run {run_id} ({folder.name}) resumed as run {new}", "green")
+
+    def _resume_with_cli(self, folder: Path) -> str:
+        cmd = [_bin("fl-server"), "run", "--resume", str(folder), "--runs-dir", str(folder.parent),
+               "--state-dir", str(self.state_dir), "--wait-start", "0"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if res.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` exited {res.returncode}: {(res.stderr or res.stdout).strip()[-1500:]}")
+        return (res.stdout.strip().splitlines() or ["?"])[-1]
+
+    # -- the SuperLink itself ----------------------------------------------------------
+    def _check_health(self, now: float) -> None:
+        if self.health_url is None or now < self._health_next:
+            return
+        import httpx
+
+        self._health_next = now + self.health_every_s
+        try:  # liveness of this very process over loopback: nothing is sent, so the certificate is not checked
+            ok = httpx.get(self.health_url, verify=False, timeout=self.health_timeout_s).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        self._health_bad = 0 if ok else self._health_bad + 1
+        if not ok:
+            self.log(f"the SuperLink did not answer {self.health_url} ({self._health_bad}/{self.health_failures})", "yellow")
+        if self._health_bad >= self.health_failures:
+            self.fail(f"the SuperLink has not answered {self.health_url} {self._health_bad} times in a row "
+                      f"({self.health_every_s:g} s apart): it is hung. Exiting so that systemd (Restart=on-failure) "
+                      "starts it again; runs resume with `fl-server run --resume`")
+
+
+def _checkpoint_round(folder: Path) -> int:
+    """Rounds completed according to ``folder/checkpoint.pkl`` (0 without one)."""
+    ckpt = Path(folder) / "checkpoint.pkl"
+    if not ckpt.exists():
+        return 0
+    from server.strategy import load_checkpoint
+
+    try:
+        return int(load_checkpoint(ckpt)["round"])
+    except Exception:  # noqa: BLE001 - a damaged checkpoint: the resume will say so
+        return 0
+
+
+def install_supervisor(supervisor: CoordinatorSupervisor) -> None:
+    """Make Flower's SuperLink hand its lifespan (SuperExec, state) to ``supervisor`` when it starts.
+
+    Flower 1.41 builds the SuperLink app from ``flower_superlink.SuperLinkLifespan`` (looked up
+    when ``flower_superlink()`` runs): it is replaced by a subclass whose ``startup`` attaches
+    the supervisor and whose ``shutdown`` detaches it before the SuperExec is stopped.
+
+    Raises
+    ------
+    CliError
+        When this Flower version has no such hook (code 1).
+    """
+    import importlib
+
+    if not supervision_hook_available():
+        raise CliError("fl-server cannot supervise the SuperExec in this Flower version (needs flwr 1.41's "
+                       "SuperLinkLifespan); refusing to start an unsupervised coordinator", 1)
+    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    base = getattr(fs.SuperLinkLifespan, "_cityfed_base", fs.SuperLinkLifespan)
+
+    class SupervisedLifespan(base):  # type: ignore[misc, valid-type]
+        _cityfed_base = base
+
+        def startup(self) -> None:
+            super().startup()
+            supervisor.attach(self)
+
+        def shutdown(self) -> None:
+            supervisor.detach()
+            super().shutdown()
+
+    fs.SuperLinkLifespan = SupervisedLifespan
+    _watch_stop_requests(supervisor)
+
+
+def _watch_stop_requests(supervisor: CoordinatorSupervisor) -> None:
+    """Stop supervising as soon as SIGTERM/SIGINT reaches the SuperLink's server.
+
+    A stop request (``systemctl stop``: SIGTERM to every process of the unit) also ends the
+    SuperExec and the ServerApps: they must not be restarted or resumed while the coordinator
+    shuts down. uvicorn installs its own signal handlers (``Server.handle_exit``); this
+    wraps it (once) so that the supervisor stops first.
+    """
+    try:
+        import uvicorn.server
+    except ImportError:
+        return
+    server = uvicorn.server.Server
+    original = getattr(server.handle_exit, "_cityfed_original", server.handle_exit)
+
+    def handle_exit(self, sig, frame):
+        _stop_requested.set()
+        return original(self, sig, frame)
+
+    handle_exit._cityfed_original = original  # type: ignore[attr-defined]
+    server.handle_exit = handle_exit
+    supervisor.stop_requested = _stop_requested
+
+
+#: Set when SIGTERM/SIGINT reached the SuperLink's server (:func:`_watch_stop_requests`).
+_stop_requested = threading.Event()
+
+
+def supervision_hook_available() -> bool:
+    """Whether flwr's SuperLink exposes what :func:`install_supervisor` relies on."""
+    import importlib
+
+    try:
+        fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    except ImportError:
+        return False
+    cls = getattr(fs, "SuperLinkLifespan", None)
+    return (cls is not None and all(hasattr(cls, a) for a in ("startup", "shutdown", "_start_superexec_if_needed"))
+            and "SuperLinkLifespan" in fs._run_superlink_http_api.__code__.co_names)
+
+
+class _StopRequested(BaseException):
+    """SIGTERM/SIGINT reached ``fl-server start`` (raised once uvicorn has shut the SuperLink down)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum, _frame) -> None:
+    raise _StopRequested(signum)
+
+
+# --------------------------------------------------------------------------- run results
+
+
+def _app_defaults() -> dict:
+    """The shipped app's run-config defaults (``[tool.flwr.app.config]`` of the project)."""
+    try:
+        return dict(tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return {}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_run_results(folder: Path, status: str, flwr_run_id: str, *, written_by: str) -> dict:
+    """Write ``results.json``, ``model.pt`` and ``report.html`` for a run the ServerApp did not finish.
+
+    For a run stopped by the operator (``fl-server stop``) or one whose ServerApp failed:
+    the rounds completed so far come from the run's checkpoint (its history: per-round
+    metrics, refusals, excluded replies), ``model.pt`` is the last completed round's model.
+
+    Parameters
+    ----------
+    folder : Path
+        The run folder (``launch.json``, ``checkpoint.pkl``).
+    status : str
+        The run's own status, e.g. ``stopped by operator`` or ``failed: ...``.
+    flwr_run_id : str
+        The Flower run that ended (the folder's logical ``run_id`` stays the first one's).
+    written_by : str
+        Which command wrote it (recorded in the file).
+
+    Returns
+    -------
+    dict
+        What was written to ``results.json``.
+    """
+    folder = Path(folder)
+    launch = json.loads((folder / "launch.json").read_text())
+    ckpt = folder / "checkpoint.pkl"
+    saved = None
+    if ckpt.exists():
+        from server.strategy import load_checkpoint
+
+        saved = load_checkpoint(ckpt)
+    history = dict(saved["history"]) if saved else {"rounds": [], "excluded": [], "refused": []}
+    done = int(saved["round"]) if saved else 0
+    history["rounds"] = [e for e in history.get("rounds", []) if int(e.get("round", 0)) <= done]
+    out = {"run_id": str((saved or {}).get("run_id") or (launch.get("run-ids") or [flwr_run_id])[0]), "status": status,
+           "config": {**_app_defaults(), **launch.get("config", {})}, "job": None, "seconds": None, **history,
+           "rounds-completed": done, "flwr-run-id": str(flwr_run_id), "written-by": written_by,
+           "written-at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if saved:
+        import torch
+
+        torch.save({k: torch.from_numpy(v) for k, v in saved["arrays"].items()}, folder / "model.pt")
+    _write_atomic(folder / "results.json", json.dumps(out, indent=2, default=float))
+    from server.report import write_run_report
+
+    write_run_report(folder)
+    return out
+
+
+def run_result(folder: Path, launch: dict, run_id: str, status: str) -> str:
+    """The run's own outcome for ``fl-server runs``: ``results.json``'s status where it belongs to ``run_id``.
+
+    ``resumed as run N`` for a Flower run that a later one continued, ``""`` while the run
+    is not finished, ``no results.json`` for a finished run without one.
+    """
+    ids = [str(r) for r in launch.get("run-ids", [])]
+    if run_id in ids and run_id != ids[-1]:
+        return f"resumed as run {ids[ids.index(run_id) + 1]}"
+    if not str(status).startswith("finished"):
+        return ""
+    path = Path(folder) / "results.json"
+    try:
+        data = json.loads(path.read_text())
+        written = path.stat().st_mtime
+    except (OSError, ValueError):
+        return "no results.json"
+    launched = launch.get("launched") or []
+    if launched and written < datetime.fromisoformat(launched[-1]).timestamp() - 2:
+        return "no results.json (only an earlier launch's)"
+    return str(data.get("status", "?"))
+
+
 @_command("start")
 def start_cmd(
     ca: Annotated[Optional[Path], typer.Option("--ca", help="City CA certificate (ca.crt from `fl-pki init`).")] = None,
@@ -347,6 +971,10 @@ def start_cmd(
     state_dir: StateDir = None,
     admin_net: Annotated[list[str], typer.Option("--admin-net", help="CIDR allowed to use the Control/Runtime APIs (launch runs, register nodes). Repeatable; default loopback only (127.0.0.1/32 and ::1/128), i.e. run fl-server commands on the coordinator itself or through an SSH tunnel. Never list department networks.")] = [],  # noqa: B006
     insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext HTTP without TLS and WITHOUT node authentication: anyone on the network can join or read models. Only for a throwaway local test.")] = False,
+    max_restarts: Annotated[int, typer.Option("--max-restarts", min=0, help="Restarts in a row of a SuperExec that exited (it starts every run's ServerApp) before fl-server start gives up and exits 1 (one that ran 5 minutes resets the count).")] = 5,
+    max_resumes: Annotated[int, typer.Option("--max-resumes", min=0, help="Automatic resumes (from the last checkpoint, as `fl-server run --resume`) of one run whose ServerApp process died mid-run; 0 = never. A ServerApp that raised an exception is never resumed automatically.")] = 3,
+    backoff: Annotated[float, typer.Option("--backoff", min=0.0, help="First wait before a SuperExec restart or an automatic resume, seconds; doubles each time.")] = 2.0,
+    backoff_max: Annotated[float, typer.Option("--backoff-max", min=0.0, help="Longest wait between restarts or resumes, seconds.")] = 60.0,
 ) -> None:
     """Run the coordinator (Flower SuperLink) in the foreground until Ctrl-C / SIGTERM.
 
@@ -357,6 +985,11 @@ def start_cmd(
     outside --admin-net with HTTP 403. Also writes the `flwr` connection "cityfed" used by
     the other fl-server commands. Refuses to start without --ca/--cert/--key unless
     --insecure is given.
+
+    Supervises Flower's processes: a SuperExec that exits is restarted with backoff (exit 1
+    after --max-restarts in a row), a run whose ServerApp process died mid-run is resumed
+    from its checkpoint (at most --max-resumes times), a hung SuperLink ends it with exit 1;
+    each action is logged with its reason.
     """
     from server.guard import DEFAULT_ADMIN_NETS, guard_installed_in_superlink, install_guard, parse_networks
 
@@ -428,7 +1061,29 @@ def start_cmd(
     update_console_handler(timestamps=True)  # Flower prints times only at DEBUG; operators need them
     sys.argv = ["flower-superlink", *superlink_args(host=host, port=port, state_dir=sd, ca=ca, cert=cert, key=key,
                                                     insecure=insecure)]
-    flower_superlink()
+    sup = CoordinatorSupervisor(sd, health_url=f"{'http' if insecure else 'https'}://{address}/health",
+                                max_restarts=max_restarts, max_resumes=max_resumes, backoff=backoff,
+                                backoff_max=backoff_max, console=c)
+    with _errors():
+        install_supervisor(sup)
+    # uvicorn shuts the SuperLink down on SIGTERM/SIGINT, then re-raises the signal into these
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_stop)
+    stopped = None
+    try:
+        flower_superlink()
+    except _StopRequested as req:
+        stopped = req.signum
+    finally:
+        sup.detach()
+    if sup.fatal:
+        _err().print(f"[bold red]error:[/] {escape(sup.fatal)}")
+        raise typer.Exit(1)
+    if stopped is None:
+        _err().print("[bold red]error:[/] the SuperLink stopped serving without a stop request (see the lines above); "
+                     "fix: correct what they name, then start fl-server again (under systemd, Restart=on-failure does it)")
+        raise typer.Exit(1)
+    c.print(f"fl-server start: coordinator stopped ({signal.Signals(stopped).name})")
 
 
 # --------------------------------------------------------------------------- nodes
@@ -618,6 +1273,109 @@ def secagg_banner(cfg: dict) -> str:
             "weights individually")
 
 
+class _Phases:
+    """Progress of a multi-step command on stderr (stdout stays for results: ``run`` prints the run ID last).
+
+    Each step is a timestamped line (elapsed seconds since the command started); on a
+    terminal a spinner also shows the current step and its live status.
+    """
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.t0 = time.monotonic()
+        self.text = ""
+        self._status = None
+
+    def __enter__(self) -> "_Phases":
+        if self.console.is_terminal:
+            self._status = self.console.status("")
+            self._status.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._status is not None:
+            self._status.__exit__(*exc)
+            self._status = None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def step(self, text: str) -> None:
+        """Start a step: one line ``[  12.3 s] text ...``."""
+        self.text = text
+        self.console.print(f"[dim][{self.elapsed():6.1f} s][/] {escape(text)} ...")
+        self.update("")
+
+    def update(self, detail: str) -> None:
+        """Live detail of the current step (spinner only: no line per poll)."""
+        if self._status is not None:
+            self._status.update(f"{escape(self.text)} {escape(detail)} ({self.elapsed():.0f} s)")
+
+
+def control_run_status(state_dir: Path, run_id: str, timeout: float = 10.0) -> dict:
+    """One run's Flower status from the coordinator's Control API, in this process (no ``flwr`` start-up).
+
+    Returns
+    -------
+    dict
+        ``status`` as ``fl-server runs`` shows it (``pending``, ``starting``, ``running``,
+        ``finished:completed|failed|stopped``) and ``details``.
+
+    Raises
+    ------
+    CliError
+        Not reachable (code 3) or no such run (code 1).
+    """
+    import ssl
+
+    import httpx
+    from flwr.proto.control_pb2 import ListRunsRequest, ListRunsResponse
+
+    coord = _coordinator(state_dir)
+    insecure = bool(coord.get("insecure"))
+    if not insecure and not coord.get("ca"):
+        raise CliError(f"run {run_id}: status not available: no CA recorded in {state_dir / 'coordinator.json'}; "
+                       "fix: restart `fl-server start` with this version", 3)
+    try:
+        verify = False if insecure else ssl.create_default_context(cafile=str(coord["ca"]))
+    except (OSError, ssl.SSLError) as exc:
+        raise CliError(f"run {run_id}: status not available: CA {coord['ca']}: {exc}", 3) from None
+    url = f"{'http' if insecure else 'https'}://{coord['address']}/v1/control/list-runs"
+    try:
+        resp = httpx.post(url, content=ListRunsRequest(run_id=int(run_id)).SerializeToString(),
+                          headers={"content-type": "application/protobuf"}, verify=verify, timeout=timeout)
+        resp.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise CliError(f"run {run_id}: status not available from {url} ({type(exc).__name__}: {exc})", 3) from None
+    for proto in ListRunsResponse.FromString(resp.content).run_dict.values():
+        st = proto.status
+        return {"status": f"{st.status}:{st.sub_status}" if st.status == "finished" else st.status, "details": st.details}
+    raise CliError(f"run {run_id}: not known to the coordinator", 1)
+
+
+def wait_run_started(state_dir: Path, run_id: str, timeout: float, on_status: Callable[[str], None] | None = None,
+                     poll: float = 0.5) -> dict:
+    """Poll a run's status until its ServerApp runs (or the run finished), at most ``timeout`` seconds.
+
+    Returns
+    -------
+    dict
+        The last status (:func:`control_run_status`); ``status`` is ``unknown`` (with the
+        reason in ``details``) when it could not be read.
+    """
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            st = control_run_status(state_dir, run_id)
+        except CliError as exc:
+            return {"status": "unknown", "details": str(exc)}
+        if on_status is not None:
+            on_status(f"(status {st['status']})")
+        if st["status"] == "running" or st["status"].startswith("finished") or time.monotonic() >= end:
+            return st
+        time.sleep(poll)
+
+
 @_command("run")
 def run_cmd(
     department: Annotated[Optional[str], typer.Option("--department", help="Department whose nodes train: health, traffic or utility (nodes of other departments refuse the job).")] = None,
@@ -631,6 +1389,7 @@ def run_cmd(
     secagg: Annotated[Optional[bool], typer.Option("--secagg/--no-secagg", show_default=False, help="Secure aggregation (Flower SecAgg+), ON by default: the coordinator only learns the weighted mean of the nodes' updates, never one node's update. Needs fedavg, fedadam or fedyogi and at least 3 nodes per round. --no-secagg sends each node's updated weights to the coordinator in the clear (TLS still protects them on the wire); use it only for strategies that need individual updates (krum, trimmed-mean, fedprox). A resumed run keeps its mode unless given.")] = None,
     secagg_num_shares: Annotated[Optional[int], typer.Option("--secagg-num-shares", min=3, help="SecAgg+: shares of each node's secrets = neighbours + 1 (odd; run config secagg-num-shares, default 3).")] = None,
     secagg_threshold: Annotated[Optional[int], typer.Option("--secagg-threshold", min=2, help="SecAgg+: shares needed to unmask (< num-shares; run config secagg-threshold, default 2). A round survives num-shares - threshold dropped nodes per neighbourhood.")] = None,
+    wait_start: Annotated[float, typer.Option("--wait-start", min=0.0, help="Seconds to wait, after submitting, for the run's ServerApp to start running (progress on stderr); 0 = return once submitted. A run still pending then is reported, not cancelled.")] = 60.0,
     state_dir: StateDir = None,
 ) -> None:
     """Launch a federated training run of this project's app on the registered nodes.
@@ -638,13 +1397,17 @@ def run_cmd(
     Secure aggregation (SecAgg+) is on unless --no-secagg is given: the coordinator then
     only sees the mean update of at least 3 nodes. Works offline (nothing is installed:
     both sides use their own environment). The run's artefacts (checkpoint.pkl every
-    round, model.pt, results.json) land in <runs-dir>/<name>/ on the coordinator. Prints
-    the run ID; follow it with `fl-server logs RUN` and `fl-server runs`.
+    round, model.pt, results.json, report.html) land in <runs-dir>/<name>/ on the coordinator.
+    Shows each launch step on stderr (checking the config, building and submitting the app
+    bundle, waiting for the run to start) and prints the run ID as the last line of stdout;
+    follow it with `fl-server logs RUN` and `fl-server runs`.
     """
-    from server.app import settings
-
     sd = _state(state_dir)
-    with _errors():
+    started = None
+    with _Phases(_err()) as phases, _errors():
+        phases.step("checking the run config")
+        from server.app import settings
+
         _coordinator(sd)
         runs = _runs_dir(sd, runs_dir)
         overrides = parse_run_config(run_config)
@@ -683,6 +1446,7 @@ def run_cmd(
         folder.mkdir(parents=True, exist_ok=True)
         cfg_file = folder / "run-config.toml"
         cfg_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.items()))
+        phases.step(f"building the app bundle from {Path(app_dir).resolve()} and submitting it to the coordinator (flwr run)")
         data = flwr(sd, "run", str(Path(app_dir).resolve()), CONNECTION, "--run-config", str(cfg_file), json_out=True)
         run_id = str(data.get("run-id"))
         stored = {k: v for k, v in cfg.items() if k != "resume"}
@@ -692,12 +1456,43 @@ def run_cmd(
         (folder / "launch.json").write_text(json.dumps(rec, indent=2))
         record(sd, "run", argv=list(sys.argv), **{"run-id": run_id}, department=cfg["department"], folder=str(folder),
                resumed=bool(resume), config=stored)
+        if wait_start > 0:
+            phases.step(f"run {run_id} submitted (app bundle {data.get('fab-hash', '?')}); waiting for the coordinator "
+                        "to start its ServerApp")
+            started = wait_run_started(sd, run_id, wait_start, on_status=phases.update)
     _out().print(secagg_banner(checked))
     _out().print(f"[green]{'resumed' if resume else 'launched'}[/] run [bold]{run_id}[/] "
                  f"({cfg['department']}, {cfg.get('num-rounds', 5)} rounds) -> {escape(str(folder))}")
+    failed = _report_start(run_id, started, wait_start, phases.elapsed())
     print(run_id)
+    if failed:
+        raise typer.Exit(1)
     if follow:
         raise typer.Exit(flwr(sd, "log", str(run_id), CONNECTION, "--stream", stream=True))
+
+
+def _report_start(run_id: str, started: dict | None, waited: float, elapsed: float) -> bool:
+    """Say on stderr how the launch ended; True when the run already failed."""
+    err = _err()
+    if started is None:
+        err.print(f"submitted in {elapsed:.1f} s (not waiting for it to start: --wait-start 0)")
+        return False
+    status, details = started["status"], started.get("details", "")
+    if status == "running":
+        err.print(f"[green]run {run_id} is running[/] ({elapsed:.1f} s after `fl-server run` started)")
+    elif status == "finished:failed":
+        err.print(f"[bold red]error:[/] run {run_id} failed as it started: {escape(details or 'no details')}; "
+                  f"fix: read `fl-server logs {run_id}`")
+        return True
+    elif status.startswith("finished"):
+        err.print(f"run {run_id} already ended ({status}{': ' + escape(details) if details else ''}); see `fl-server runs`")
+    elif status == "unknown":
+        err.print(f"[yellow]note:[/] could not check that run {run_id} started: {escape(details)}")
+    else:
+        err.print(f"[yellow]warning:[/] run {run_id} is still {status} after {waited:g} s: the coordinator has not "
+                  "started its ServerApp yet. Fix: check the `fl-server start` log (it restarts a SuperExec that "
+                  "died and says why); the run starts as soon as it can")
+    return False
 
 
 @_command("runs")
@@ -706,18 +1501,27 @@ def runs_cmd(
     runs_dir: RunsDir = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (Flower's run records + the run folder).")] = False,
 ) -> None:
-    """List runs: Flower run ID, status (pending/starting/running/finished:completed|failed|stopped), elapsed time and run folder."""
+    """List runs: Flower run ID, status, result, elapsed time and run folder.
+
+    status is Flower's (pending/starting/running/finished:completed|failed|stopped): whether
+    the ServerApp process ended cleanly. result is the run's own outcome from its
+    results.json (completed; stopped: too few updates ...; stopped by operator; failed: ...),
+    or "resumed as run N" for a run continued by a later one; empty while it runs.
+    """
     sd = _state(state_dir)
     with _errors():
         data = flwr(sd, "ls", CONNECTION, json_out=True)
-        folders = {str(r): d["folder"] for d in _launches(_runs_dir(sd, runs_dir)) for r in d.get("run-ids", [])}
+        rd = _runs_dir(sd, runs_dir)
+        launches = {str(r): d for d in _launches(rd) for r in d.get("run-ids", [])}
     runs = data.get("runs", [])
     for r in runs:
-        r["folder"] = folders.get(str(r.get("run-id")), "")
+        d = launches.get(str(r.get("run-id")))
+        r["folder"] = d["folder"] if d else ""
+        r["result"] = run_result(rd / d["folder"], d, str(r.get("run-id")), str(r.get("status", ""))) if d else ""
     if not as_json:
         runs = [{**r, "elapsed": f"{r['elapsed']:.0f} s"} if isinstance(r.get("elapsed"), (int, float)) else r
                 for r in runs]
-    _print_rows("runs", ("run-id", "status", "elapsed", "pending-at", "finished-at", "folder"), runs, as_json)
+    _print_rows("runs", ("run-id", "status", "result", "elapsed", "pending-at", "finished-at", "folder"), runs, as_json)
 
 
 @_command("logs")
@@ -741,14 +1545,75 @@ def stop_cmd(
     run: Annotated[str, typer.Argument(help="Run ID or run folder name (from `fl-server runs`).")],
     state_dir: StateDir = None,
     runs_dir: RunsDir = None,
+    wait: Annotated[float, typer.Option("--wait", min=0.0, help="Seconds to wait for the run's ServerApp to exit (so that its last checkpoint is final) before results.json is written.")] = 60.0,
 ) -> None:
-    """Stop a run now (status finished:stopped). The last completed round's checkpoint stays in its folder."""
+    """Stop a run now (status finished:stopped) and leave its results in its folder.
+
+    Once the run's ServerApp has exited, writes results.json (status "stopped by operator",
+    the rounds completed so far from the run's checkpoint), model.pt (the last completed
+    round's model) and report.html, like a run that ends by itself. `fl-server run
+    --resume RUN` continues it later from that checkpoint.
+    """
     sd = _state(state_dir)
     with _errors():
         rid = _flwr_run_id(_runs_dir(sd, runs_dir), run)
         flwr(sd, "stop", rid, CONNECTION, json_out=True)
         record(sd, "stop", argv=list(sys.argv), **{"run-id": rid})
     _out().print(f"[green]stopped[/] run {rid}")
+    _stopped_results(sd, _runs_dir(sd, runs_dir), rid, wait)
+
+
+def _stopped_results(state_dir: Path, runs: Path, run_id: str, wait: float) -> None:
+    """``fl-server stop``'s second half: wait for the ServerApp, then results.json, model.pt, report.html."""
+    rec = next((d for d in _launches(runs) if run_id in [str(r) for r in d.get("run-ids", [])]), None)
+    if rec is None:
+        _err().print(f"[yellow]note:[/] run {run_id} has no run folder under {escape(str(runs))} (not launched with "
+                     "`fl-server run`, or pass its --runs-dir): no results.json written")
+        return
+    folder = runs / rec["folder"]
+    ids = [str(r) for r in rec.get("run-ids", [])]
+    if run_id != ids[-1]:
+        _err().print(f"[yellow]note:[/] run {run_id} was resumed as run {ids[ids.index(run_id) + 1]}; "
+                     f"{escape(str(folder))} is left as it is")
+        return
+    with _err().status(f"waiting for the ServerApp of run {run_id} to exit (up to {wait:g} s)"):
+        exited = wait_serverapp_exit(state_dir, run_id, wait)
+    if not exited:
+        _err().print(f"[yellow]warning:[/] the ServerApp of run {run_id} is still running after {wait:g} s; "
+                     "results.json is written from its checkpoint as it is now")
+    with _errors():
+        try:
+            out = write_run_results(folder, "stopped by operator", run_id, written_by="fl-server stop")
+        except Exception as exc:  # noqa: BLE001 - the run is stopped; say what is missing and why
+            raise CliError(f"run {run_id} is stopped, but its results could not be written in {folder} "
+                           f"({type(exc).__name__}: {exc}); its checkpoint.pkl is kept: `fl-server run --resume "
+                           f"{rec['folder']}` continues it", 1) from None
+    _out().print(f"results.json: stopped by operator after {out['rounds-completed']} completed round(s) -> "
+                 f"{escape(str(folder / 'results.json'))}; report: {escape(str(folder / 'report.html'))}")
+
+
+def wait_serverapp_exit(state_dir: Path, run_id: str, timeout: float, poll: float = 0.2) -> bool:
+    """Wait until the ServerApp process of ``run_id`` has exited (as ``fl-server start`` publishes them).
+
+    Returns
+    -------
+    bool
+        True once it is gone (or was never listed), False after ``timeout`` seconds.
+    """
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            entry = json.loads((state_dir / SERVERAPPS_FILE).read_text()).get(str(run_id))
+        except (OSError, ValueError, AttributeError):
+            entry = None
+        if not entry:
+            return True
+        st = proc_stat(int(entry["pid"]))
+        if st is None or st["start"] != entry.get("start") or st["state"] in ("Z", "X"):
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(poll)
 
 
 def wait_for_run(state_dir: Path, run_id: str, timeout: float, poll: float = 1.0) -> dict:

@@ -610,6 +610,369 @@ def test_tables_never_cut_ids_in_a_narrow_terminal(monkeypatch, capsys):
 # --------------------------------------------------------------------------- supervision (issue 11, item 4)
 
 
+def _kill_pid(pid: int) -> None:
+    """End one process this test started (by PID) and reap it if it is our child."""
+    import signal as _signal
+
+    try:
+        os.kill(pid, _signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def _wait_until(pred, timeout: float, what: str, poll: float = 0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = pred()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def _alive(pid: int) -> bool:
+    st = server_cli.proc_stat(pid)
+    return st is not None and st["state"] not in ("Z", "X")
+
+
+class FakeState:
+    """The few LinkState calls the coordinator's supervisor makes, answered from dicts."""
+
+    def __init__(self, folder: Path):
+        self.status = {}
+        self.tasks = {}
+        self.finished = []
+        self.folder = folder
+
+    def get_task_by_token(self, token):
+        return self.tasks.get(token)
+
+    def get_run_status(self, run_ids):
+        return {r: self.status[r] for r in run_ids if r in self.status}
+
+    def get_run_info(self, run_ids):
+        return [SimpleNamespace(override_config={"run-dir": str(self.folder)})]
+
+    def finish_task(self, task_id, sub_status, details):
+        self.finished.append((task_id, sub_status, details))
+        for r, st in self.status.items():
+            self.status[r] = SimpleNamespace(status="finished", sub_status=sub_status, details=details)
+        return True
+
+
+class FakeLifespan:
+    def __init__(self, state, superexec=None, restart=None):
+        self.superexec_process = superexec
+        self.state_factory = SimpleNamespace(state=lambda: state)
+        self.restarts = 0
+        self._restart = restart
+
+    def _start_superexec_if_needed(self):
+        self.restarts += 1
+        self.superexec_process = self._restart()
+
+
+def _supervisor(tmp_path, **kw):
+    fatal, resumed = [], []
+    sup = server_cli.CoordinatorSupervisor(tmp_path, console=server_cli.Console(stderr=True, width=300),
+                                           on_fatal=fatal.append, resume=kw.pop("resume", lambda f: resumed.append(f) or "8"),
+                                           **kw)
+    return sup, fatal, resumed
+
+
+def test_coordinator_restarts_a_dead_superexec_with_backoff_then_gives_up(tmp_path, capsys):
+    """The SuperExec exited and fl-server start said nothing: now it is restarted (2, 4, 8 ... s), then exit 1."""
+    import subprocess
+
+    def dies_at_once():
+        p = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+        p.wait()
+        return p
+
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    ls = FakeLifespan(FakeState(tmp_path), first, dies_at_once)
+    sup, fatal, _ = _supervisor(tmp_path)  # defaults: --max-restarts 5, --backoff 2, --backoff-max 60
+    sup.lifespan = ls
+    try:
+        now = 1000.0
+        sup._se_started = now
+        sup.check_once(now)
+        assert ls.restarts == 0  # alive: nothing to do
+        first.kill()
+        first.wait()
+        waits = []
+        for _ in range(6):
+            sup.check_once(now)  # notices the exit, schedules the restart
+            if fatal:
+                break
+            waits.append(sup._se_restart_at - now)
+            now = sup._se_restart_at
+            sup.check_once(now)  # restarts it (it dies again at once)
+        assert waits == [2, 4, 8, 16, 32] and ls.restarts == 5
+        assert len(fatal) == 1 and "exited (exit status 3) 6 times in a row" in fatal[0] and "--max-restarts 5" in fatal[0]
+        err = " ".join(capsys.readouterr().err.split())
+        assert "exited (killed by SIGKILL): no run can start without it; restarting it in 2 s (restart 1/5)" in err
+        assert "SuperExec restarted" in err and "giving up" in err
+    finally:
+        if first.poll() is None:
+            _kill_pid(first.pid)
+
+
+def _fake_superexec(tmp_path, token: str):
+    """A stand-in SuperExec that starts a stand-in ``flwr-serverapp --token TOKEN`` (and does not reap it)."""
+    import subprocess
+
+    app = tmp_path / "bin" / "flwr-serverapp"
+    app.parent.mkdir(exist_ok=True)
+    app.write_text("import time\ntime.sleep(120)\n")
+    code = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, {str(app)!r}, '--token', {token!r}]); "
+            "time.sleep(120)")
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def _launch_folder(tmp_path, run_ids=("7",)) -> Path:
+    folder = tmp_path / "runs" / "health-test"
+    folder.mkdir(parents=True)
+    (folder / "launch.json").write_text(json.dumps({"run-ids": list(run_ids), "config": {"department": "health"},
+                                                    "launched": ["2020-01-01T00:00:00+00:00"]}))
+    return folder
+
+
+def test_coordinator_resumes_a_run_whose_serverapp_was_killed(tmp_path, capsys):
+    folder = _launch_folder(tmp_path)
+    state = FakeState(folder)
+    state.tasks["T7"] = SimpleNamespace(run_id=7, task_id=70)
+    state.status[7] = SimpleNamespace(status="running", sub_status="", details="")
+    superexec = _fake_superexec(tmp_path, "T7")
+    sup, fatal, resumed = _supervisor(tmp_path)  # defaults: --max-resumes 3, --backoff 2
+    sup.lifespan = FakeLifespan(state, superexec)
+    app_pid = None
+    try:
+        app_pid = _wait_until(lambda: (sup.check_once() or [p for p, a in sup.apps.items() if a.run_id == 7]), 30,
+                              "the ServerApp stand-in to be tracked")[0]
+        assert json.loads((tmp_path / server_cli.SERVERAPPS_FILE).read_text())["7"]["pid"] == app_pid
+        os.kill(app_pid, 9)  # dies without reporting: Flower still says 'running' (until its heartbeat expires)
+        t0 = time.monotonic()
+        _wait_until(lambda: sup.check_once() or not sup.apps, 10, "the dead ServerApp to be noticed")
+        assert state.finished == []  # not at once: nodes pulling its last complete message finish first
+        _wait_until(lambda: sup.check_once() or state.finished, 15, "the dead run to be failed in Flower")
+        task_id, sub, details = state.finished[0]
+        assert task_id == 70 and sub == "failed" and "killed by SIGKILL" in details  # Flower's status says why
+        assert time.monotonic() - t0 >= 4.5  # the default 5 s settle time
+        assert resumed == []  # the resume waits for that
+        _wait_until(lambda: sup.check_once() or resumed, 10, "the automatic resume")
+        assert resumed == [folder]
+        err = " ".join(capsys.readouterr().err.split())
+        assert "run 7 (health-test): its ServerApp process" in err and "died (killed by SIGKILL)" in err
+        assert "automatic resume 1/3" in err
+        assert json.loads((tmp_path / server_cli.SERVERAPPS_FILE).read_text()) == {}
+        # bounded: after --max-resumes 3 the run is left for the operator, with its results.json and report
+        for _ in range(2):
+            sup._schedule_resume(7, "died again")
+        sup._schedule_resume(7, "died a fourth time")
+        results = json.loads((folder / "results.json").read_text())
+        assert results["status"] == "failed: died a fourth time" and (folder / "report.html").exists()
+        assert "not resumed: it was resumed automatically 3 time(s) already" in " ".join(capsys.readouterr().err.split())
+    finally:
+        if app_pid is not None:
+            try:
+                os.kill(app_pid, 9)
+            except ProcessLookupError:
+                pass
+        _kill_pid(superexec.pid)
+
+
+def test_coordinator_does_not_resume_a_serverapp_that_raised(tmp_path, capsys):
+    folder = _launch_folder(tmp_path)
+    state = FakeState(folder)
+    state.status[7] = SimpleNamespace(status="finished", sub_status="failed",
+                                      details="ServerApp failed with exception: boom")
+    sup, fatal, resumed = _supervisor(tmp_path)
+    sup.lifespan = FakeLifespan(state)
+    sup._serverapp_ended(server_cli._ServerApp(pid=1, start=0, token="T", run_id=7, task_id=70), "exit status 1")
+    assert resumed == [] and state.finished == []
+    results = json.loads((folder / "results.json").read_text())
+    assert results["status"] == "failed: ServerApp failed with exception: boom" and (folder / "report.html").exists()
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Not resumed automatically" in err and "fl-server run --resume health-test" in err
+
+
+def test_coordinator_exits_when_its_superlink_stops_answering(tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing answers there: a hung (or dead) SuperLink
+    sup, fatal, _ = _supervisor(tmp_path, health_url=f"http://127.0.0.1:{port}/health")  # defaults: 4 probes 15 s apart
+    sup.lifespan = FakeLifespan(FakeState(tmp_path))
+    now = time.monotonic()
+    for k in range(1, 4):
+        sup.check_once(now + 15 * k)
+        assert fatal == []
+    sup.check_once(now + 60)
+    assert len(fatal) == 1 and "has not answered" in fatal[0] and "4 times in a row" in fatal[0]
+
+
+def test_install_supervisor_hooks_flowers_superlink_lifespan(tmp_path, monkeypatch):
+    import importlib
+
+    import uvicorn.server
+
+    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    original = fs.SuperLinkLifespan
+    monkeypatch.setattr(fs, "SuperLinkLifespan", original)  # restored after the test
+    uvicorn_exit = uvicorn.server.Server.handle_exit
+    monkeypatch.setattr(uvicorn.server.Server, "handle_exit", uvicorn_exit)
+    monkeypatch.setattr(server_cli, "_stop_requested", threading.Event())
+    assert server_cli.supervision_hook_available()
+    sup, _, _ = _supervisor(tmp_path)
+    server_cli.install_supervisor(sup)
+    server_cli.install_supervisor(sup)  # idempotent: one subclass of Flower's class
+    cls = fs.SuperLinkLifespan
+    assert cls is not original and cls.__bases__ == (original,) and cls._cityfed_base is original
+    calls = []
+    monkeypatch.setattr(original, "startup", lambda self: calls.append("flower startup"))
+    monkeypatch.setattr(original, "shutdown", lambda self: calls.append("flower shutdown"))
+    monkeypatch.setattr(sup, "attach", lambda ls: calls.append("attach"))
+    monkeypatch.setattr(sup, "detach", lambda: calls.append("detach"))
+    ls = object.__new__(cls)
+    ls.startup()
+    ls.shutdown()
+    assert calls == ["flower startup", "attach", "detach", "flower shutdown"]
+    # a stop request reaching uvicorn stops the supervision before the SuperExec/ServerApps end with it
+    assert uvicorn.server.Server.handle_exit._cityfed_original is uvicorn_exit  # wrapped once
+    fake = SimpleNamespace(_captured_signals=[], should_exit=False, force_exit=False)
+    uvicorn.server.Server.handle_exit(fake, 15, None)
+    assert fake.should_exit and sup.stop_requested.is_set()
+    sup.lifespan = FakeLifespan(FakeState(tmp_path), SimpleNamespace(poll=lambda: -9, pid=1))
+    sup.check_once(1e9)
+    assert sup._se_restart_at is None  # nothing restarted while the coordinator shuts down
+
+
+def _runs_answer(monkeypatch, runs):
+    monkeypatch.setattr(server_cli, "flwr", lambda sd, *args, **kw: {"success": True, "runs": runs})
+
+
+def test_runs_shows_the_runs_own_result_and_never_contradicts_results_json(monkeypatch, tmp_path):
+    """A run that stopped cleanly on too few updates is finished:completed for Flower; its result says stopped."""
+    runs = tmp_path / "runs"
+    for name, ids, status in (("fewer", ["7"], "stopped: round 1: 2 acceptable update(s), fewer than min-accepted 3"),
+                              ("resumed", ["8", "9"], "completed"), ("stale", ["10"], "stopped by operator")):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "launch.json").write_text(json.dumps({"run-ids": ids, "config": {}}))
+        (runs / name / "results.json").write_text(json.dumps({"status": status}))
+    # 'stale': results.json from before its latest launch (a resumed run still going)
+    launch = json.loads((runs / "stale" / "launch.json").read_text())
+    os.utime(runs / "stale" / "results.json", (time.time() - 3600, time.time() - 3600))
+    launch["launched"] = [datetime_now_iso()]
+    (runs / "stale" / "launch.json").write_text(json.dumps(launch))
+    _runs_answer(monkeypatch, [{"run-id": "7", "status": "finished:completed", "elapsed": 3.0},
+                               {"run-id": "8", "status": "finished:failed", "elapsed": 1.0},
+                               {"run-id": "9", "status": "finished:completed", "elapsed": 9.0},
+                               {"run-id": "10", "status": "finished:completed", "elapsed": 9.0},
+                               {"run-id": "11", "status": "running", "elapsed": 2.0}])
+    res = runner.invoke(server_cli.app, ["runs", "--state-dir", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    got = {r["run-id"]: r["result"] for r in json.loads(res.stdout)}
+    assert got == {"7": "stopped: round 1: 2 acceptable update(s), fewer than min-accepted 3",
+                   "8": "resumed as run 9", "9": "completed", "10": "no results.json (only an earlier launch's)",
+                   "11": ""}
+    res = runner.invoke(server_cli.app, ["runs", "--state-dir", str(tmp_path)])
+    assert res.exit_code == 0 and "result" in res.output and "stopped: round 1" in " ".join(res.output.split())
+
+
+def datetime_now_iso() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _checkpoint(folder: Path, done: int) -> None:
+    import pickle
+
+    import numpy as np
+
+    rounds = [{"round": r, "train": {"accepted": 2, "nodes": {"1": {"epsilon": 0.5 * r, "num-examples": 10}}},
+               "central": {"accuracy": 0.6 + 0.05 * r}, "central-sites": {"Cleveland": {"accuracy": 0.6 + 0.05 * r,
+                                                                                        "num-examples": 5}}}
+              for r in range(1, done + 2)]  # the round in progress is in the history too
+    blob = {"run_id": "7", "round": done, "arrays": {"w": np.arange(3, dtype=np.float32)}, "strategy_state": {},
+            "history": {"rounds": rounds, "excluded": [], "refused": [{"round": 1, "node": 2, "code": 1, "reason": "policy"}]}}
+    with open(folder / "checkpoint.pkl", "wb") as fh:
+        pickle.dump(blob, fh)
+
+
+def test_stop_leaves_results_json_model_and_report(pki_files, monkeypatch, tmp_path):
+    """fl-server stop wrote no results.json: now the rounds completed so far, the model and the report stay."""
+    import subprocess
+
+    sd = tmp_path / "state"
+    server_cli.write_connection(sd, "127.0.0.1:1", pki_files / "ca" / "ca.crt", insecure=False)
+    (sd / "coordinator.json").write_text(json.dumps({"address": "127.0.0.1:1"}))
+    folder = sd / "runs" / "health-stopped"
+    folder.mkdir(parents=True)
+    (folder / "launch.json").write_text(json.dumps({"run-ids": ["7"], "config": {"department": "health", "num-rounds": 5}}))
+    _checkpoint(folder, done=2)
+    calls = []
+    monkeypatch.setattr(server_cli, "flwr", lambda sd_, *args, **kw: calls.append(args) or {"success": True})
+    # the run's ServerApp (as fl-server start publishes it) exits a moment after the stop
+    app = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    try:
+        (sd / server_cli.SERVERAPPS_FILE).write_text(json.dumps({"7": {"pid": app.pid,
+                                                                       "start": server_cli.proc_stat(app.pid)["start"]}}))
+        t0 = time.monotonic()
+        res = runner.invoke(server_cli.app, ["stop", "health-stopped", "--state-dir", str(sd)])
+        assert res.exit_code == 0, res.output
+        assert time.monotonic() - t0 >= 1.0  # waited for the ServerApp, so the checkpoint was final
+    finally:
+        _kill_pid(app.pid)
+    assert calls[0][:2] == ("stop", "7")
+    results = json.loads((folder / "results.json").read_text())
+    assert results["status"] == "stopped by operator" and results["rounds-completed"] == 2
+    assert [r["round"] for r in results["rounds"]] == [1, 2] and results["run_id"] == "7"
+    assert results["refused"][0]["reason"] == "policy" and results["config"]["strategy"] == "fedavg"  # app defaults
+    assert (folder / "model.pt").exists() and (folder / "metric.png").exists() and (folder / "epsilon.png").exists()
+    page = (folder / "report.html").read_text()
+    assert "stopped by operator" in page and "after 2 of 5 rounds" in page
+    assert "stopped by operator after 2 completed round(s)" in " ".join(res.output.split())
+
+
+def test_run_shows_launch_progress_and_prints_the_run_id_last(pki_files, tmp_path, monkeypatch):
+    """Launching took 29-93 s with nothing shown: now each step is shown on stderr, the run ID stays stdout's last line."""
+    sd, launched = _fake_coordinator(pki_files, tmp_path, monkeypatch)
+    answers = iter([{"status": "pending", "details": ""}, {"status": "starting", "details": ""},
+                    {"status": "running", "details": ""}])
+    monkeypatch.setattr(server_cli, "control_run_status", lambda sd_, rid, timeout=10.0: next(answers))
+    res = runner.invoke(server_cli.app, ["run", "--department", "health", "--state-dir", str(sd), "--name", "p"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().splitlines()[-1] == "101"
+    err = " ".join(res.stderr.split())
+    steps = ["checking the run config", "building the app bundle", "submitting it to the coordinator",
+             "run 101 submitted", "waiting for the coordinator to start its ServerApp", "run 101 is running"]
+    assert all(s in err for s in steps), err
+    assert [err.index(s) for s in steps] == sorted(err.index(s) for s in steps)
+
+
+@pytest.mark.parametrize("status, code, expect", [
+    ({"status": "finished:failed", "details": "ServerApp failed with exception: boom"}, 1, "failed as it started: ServerApp failed with exception: boom"),
+    ({"status": "pending", "details": ""}, 0, "still pending after 60 s"),
+    ({"status": "unknown", "details": "no route"}, 0, "could not check that run 101 started: no route"),
+])
+def test_run_reports_how_the_launch_ended(pki_files, tmp_path, monkeypatch, status, code, expect):
+    sd, launched = _fake_coordinator(pki_files, tmp_path, monkeypatch)
+    monkeypatch.setattr(server_cli, "wait_run_started", lambda *a, **kw: status)
+    res = runner.invoke(server_cli.app, ["run", "--department", "health", "--state-dir", str(sd), "--name", "q"])
+    assert res.exit_code == code, res.output
+    assert res.stdout.strip().splitlines()[-1] == "101"
+    err = " ".join(res.stderr.split())
+    assert expect in err
+    if status["status"] == "pending":
+        assert "fl-server start" in err  # names where to look
+
+
 def test_a_run_that_stops_on_too_few_updates_gets_results_and_report(tmp_path):
     """A deployment run produced no report.html: the ServerApp (run_federation) now writes it, stopped runs too."""
     from clients.app import app as client_app
