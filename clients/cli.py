@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import click
 import typer
@@ -414,6 +414,141 @@ def check_coordinator(host: str, port: int, ctx: ssl.SSLContext, ca: Path, timeo
 
 # --------------------------------------------------------------------------- supervision
 
+#: One fl-client per node: an exclusive lock on this file in the state dir (it holds the owner's PID).
+LOCK_FILE = "fl-client.lock"
+#: Seconds the coordinator may still count a node online after its SuperNode vanished without
+#: signing off (Flower: 2 heartbeats of 30 s), plus a margin; a refusal within it is retried once.
+ONLINE_GRACE_S = 75.0
+#: Seconds a SuperNode (or what is left of its process group) gets after SIGTERM before SIGKILL.
+STOP_GRACE_S = 15.0
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive ``sig`` when the process starting it dies (Linux).
+
+    ``prctl(PR_SET_PDEATHSIG)``: the kernel signals the SuperNode as soon as ``fl-client``
+    ends, even by SIGKILL, so it never outlives it. SIGTERM lets the SuperNode sign off at
+    the coordinator (the node is shown offline at once and a restarted fl-client can join
+    with the same key). If ``fl-client`` died before the signal was armed, the child
+    signals itself. None where ``prctl`` is not available (not Linux).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+def _proc_stat(pid: int) -> dict | None:
+    """``state``, ``ppid``, ``pgid`` of ``pid`` from ``/proc`` (None: no such process, or no ``/proc``)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()
+    return {"state": fields[0], "ppid": int(fields[1]), "pgid": int(fields[2])}
+
+
+def _proc_cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie counts as exited)."""
+    st = _proc_stat(pid)
+    if st is not None:
+        return st["state"] in ("Z", "X")
+    if Path("/proc/self/stat").exists():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def supernodes_using_key(key: Path) -> list[dict]:
+    """SuperNode processes on this machine authenticating with ``key`` (Linux ``/proc``; else none).
+
+    Returns
+    -------
+    list of dict
+        ``pid``, ``pgid``, ``parent`` (its parent's PID and ``parent-cmd``), ``owner`` (the PID
+        of the live ``fl-client`` that runs it, else None) and ``orphan``: True when its
+        parent is gone (it was adopted by PID 1 or a systemd manager), i.e. the fl-client that
+        started it died.
+    """
+    key = Path(key).expanduser().resolve()
+    try:
+        pids = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()]
+    except OSError:
+        return []
+    out = []
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        cmd = _proc_cmdline(pid)
+        if "--auth-supernode-private-key" not in cmd[:-1]:
+            continue
+        arg = Path(cmd[cmd.index("--auth-supernode-private-key") + 1])
+        if not arg.is_absolute():
+            try:
+                arg = Path(os.readlink(f"/proc/{pid}/cwd")) / arg
+            except OSError:
+                continue
+        st = _proc_stat(pid)
+        if st is None or st["state"] in ("Z", "X") or arg.resolve() != key:
+            continue
+        parent = _proc_cmdline(st["ppid"])
+        owned = any(Path(a).name == "fl-client" or a == "clients.cli" for a in parent)
+        adopted = st["ppid"] == 1 or not parent or Path(parent[0]).name.startswith("systemd")
+        out.append({"pid": pid, "pgid": st["pgid"], "parent": st["ppid"], "parent-cmd": " ".join(parent)[:200],
+                    "owner": st["ppid"] if owned else None, "orphan": adopted and not owned})
+    return out
+
+
+def stop_process_tree(pid: int, pgid: int | None = None, grace: float = STOP_GRACE_S) -> str:
+    """SIGTERM ``pid`` (its whole process group when it leads one), SIGKILL after ``grace`` s.
+
+    Returns
+    -------
+    str
+        What it took: ``stopped by SIGTERM`` or ``killed (SIGKILL after N s)``.
+    """
+    group = pgid is not None and pgid == pid
+
+    def send(sig: int) -> None:
+        try:
+            os.killpg(pid, sig) if group else os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    send(signal.SIGTERM)
+    end = time.monotonic() + grace
+    while time.monotonic() < end:
+        if _gone(pid):
+            return "stopped by SIGTERM"
+        time.sleep(0.1)
+    send(signal.SIGKILL)
+    return f"killed (SIGKILL after {grace:g} s)"
+
 
 @dataclass
 class NodeLaunch:
@@ -469,9 +604,36 @@ class NodeLaunch:
         env.pop(SEED_FROM_JOB_ENV, None)
         return env
 
+    def popen_kwargs(self) -> dict:
+        """How the SuperNode process is started: its own process group, and on Linux a parent-death signal.
+
+        ``fl-client`` can then end the SuperNode's whole tree (SuperExec, ClientApp worker)
+        by process group, and the SuperNode gets SIGTERM the moment ``fl-client`` dies, even
+        by SIGKILL (:func:`die_with_parent`).
+        """
+        kwargs: dict = {"process_group": 0}
+        preexec = die_with_parent()
+        if preexec is not None:
+            kwargs["preexec_fn"] = preexec
+        return kwargs
+
 
 class Supervisor:
-    """Run a command, restart it with exponential backoff when it exits, forward SIGTERM/SIGINT.
+    """Run the SuperNode, restart it with exponential backoff when it exits, forward SIGTERM/SIGINT.
+
+    The SuperNode never outlives ``fl-client`` and a node never runs twice:
+
+    * it is started in its own process group (with its SuperExec and ClientApp worker), and
+      on Linux with a parent-death signal (:func:`die_with_parent`): when ``fl-client`` dies,
+      even by SIGKILL, the kernel sends the SuperNode SIGTERM and it signs off at the
+      coordinator; whatever is left of its group when it exits is stopped too;
+    * before starting, ``fl-client`` locks ``<state-dir>/fl-client.lock`` (a second fl-client
+      on the same node exits 2) and looks for SuperNodes authenticating with the same key
+      (:func:`supernodes_using_key`): one run by another live fl-client makes it exit 2, one
+      left without its fl-client (an orphan) is stopped first;
+    * a refusal of the key shortly after a SuperNode of this node vanished without signing
+      off (SIGKILL, crash) is retried once after ``online_grace_s``: the coordinator still
+      counts that node online until its heartbeats expire.
 
     Parameters
     ----------
@@ -483,16 +645,24 @@ class Supervisor:
     backoff_max : float
     stable_s : float
         A child that ran this long is considered healthy (count and backoff reset).
+    online_grace_s : float
+        See above (default :data:`ONLINE_GRACE_S`).
+    stop_grace_s : float
+        SIGTERM to SIGKILL, for an orphaned SuperNode or what is left of a group.
     """
 
     def __init__(self, launch: NodeLaunch, *, max_restarts: int = 5, backoff: float = 2.0, backoff_max: float = 60.0,
-                 stable_s: float = 300.0, console: Console | None = None):
+                 stable_s: float = 300.0, online_grace_s: float = ONLINE_GRACE_S, stop_grace_s: float = STOP_GRACE_S,
+                 console: Console | None = None):
         self.launch = launch
         self.max_restarts, self.backoff, self.backoff_max, self.stable_s = max_restarts, backoff, backoff_max, stable_s
+        self.online_grace_s, self.stop_grace_s = online_grace_s, stop_grace_s
         self.console = console or Console(stderr=True, highlight=False)
         self.child: subprocess.Popen | None = None
         self.stopping = threading.Event()
         self.refused = threading.Event()
+        self.joined = threading.Event()
+        self._unsigned_end: float | None = None
 
     def _signal(self, signum, _frame) -> None:
         self.stopping.set()
@@ -509,6 +679,8 @@ class Supervisor:
             sys.stderr.flush()
             if any(m in line for m in REFUSED_MARKERS):
                 self.refused.set()
+            if "SuperNode ID:" in line:
+                self.joined.set()
         stream.close()
 
     def _wait_child(self) -> int:
@@ -524,23 +696,117 @@ class Supervisor:
                         self.child.kill()
                         return self.child.wait()
 
+    def _end_group(self, pgid: int) -> None:
+        """Stop what is left of the SuperNode's process group (its SuperExec, ClientApp worker)."""
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        end = time.monotonic() + self.stop_grace_s
+        while time.monotonic() < end:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _take_lock(self):
+        """Lock ``<state-dir>/fl-client.lock``; None (after saying why) when another fl-client holds it."""
+        import fcntl
+
+        home = Path(self.launch.home)
+        home.mkdir(parents=True, exist_ok=True)
+        fh = open(home / LOCK_FILE, "a+")  # noqa: SIM115 - held (and closed) by run()
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            self.console.print(f"[bold red]fl-client: another fl-client (pid {escape(holder)}) runs this node[/] "
+                               f"(state dir {escape(str(home))}); two would run two SuperNodes on one key. Fix: stop "
+                               "that one first (systemctl stop ...), or give this one its own --state-dir and key")
+            return None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        return fh
+
+    def _clear_stale(self) -> bool:
+        """Stop orphaned SuperNodes of this key; False (after saying why) when a live fl-client runs one."""
+        found = supernodes_using_key(self.launch.key)
+        for f in found:
+            if f["orphan"]:
+                continue
+            by = (f"run by fl-client pid {f['owner']}" if f["owner"] is not None else
+                  f"started by pid {f['parent']}: {f['parent-cmd']}")
+            self.console.print(f"[bold red]fl-client: this node's key {escape(str(self.launch.key))} is in use by "
+                               f"another SuperNode (pid {f['pid']}, {escape(by)})[/]: two SuperNodes must not share "
+                               f"one key. Fix: stop {'that fl-client' if f['owner'] is not None else 'it'} first")
+            return False
+        for f in found:
+            self.console.print(f"[yellow]fl-client: a SuperNode with this node's key is still running without its "
+                               f"fl-client (pid {f['pid']}; its fl-client was killed?): stopping it first, so that "
+                               "this node does not run twice[/]")
+            how = stop_process_tree(f["pid"], f["pgid"], self.stop_grace_s)
+            self.console.print(f"fl-client: orphaned SuperNode {f['pid']} {how}")
+            if how.startswith("killed"):
+                self._unsigned_end = time.monotonic()
+        return True
+
     def run(self) -> int:
         """Supervise until stopped; return the exit status (see module docstring)."""
         signal.signal(signal.SIGTERM, self._signal)
         signal.signal(signal.SIGINT, self._signal)
+        lock = self._take_lock()
+        if lock is None:
+            return EXIT_SETUP
+        try:
+            if not self._clear_stale():
+                return EXIT_SETUP
+            return self._supervise()
+        finally:
+            lock.close()
+
+    def _supervise(self) -> int:
         failures = 0
+        retried_online = False
         while not self.stopping.is_set():
             started = time.monotonic()
+            self.refused.clear()
+            self.joined.clear()
             self.child = subprocess.Popen(self.launch.command(), env=self.launch.env(), stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                          stderr=subprocess.STDOUT, text=True, bufsize=1, **self.launch.popen_kwargs())
             pump = threading.Thread(target=self._pump, args=(self.child.stdout,), daemon=True)
             pump.start()
             rc = self._wait_child()
             pump.join(timeout=5)
+            self._end_group(self.child.pid)
+            if self.joined.is_set() and rc < 0:  # killed by a signal it could not handle: it did not sign off
+                self._unsigned_end = time.monotonic()
             if self.stopping.is_set():
                 self.console.print(f"fl-client: stopped (SuperNode exit status {rc})")
                 return EXIT_OK
             if self.refused.is_set():
+                since = None if self._unsigned_end is None else time.monotonic() - self._unsigned_end
+                if since is not None and since < self.online_grace_s and not retried_online:
+                    retried_online = True
+                    wait = self.online_grace_s - since
+                    self.console.print(f"[yellow]fl-client: the coordinator refused this node's key, but a SuperNode of "
+                                       f"this node ended {since:.0f} s ago without signing off and may still count as "
+                                       f"online there; retrying in {wait:.0f} s[/]")
+                    if self.stopping.wait(wait):
+                        return EXIT_OK
+                    continue
                 self.console.print("[bold red]fl-client: the coordinator refused this node's key[/] (not registered, or "
                                    "unregistered). Fix: give node.pub to the coordinator operator "
                                    "(`fl-server register node.pub`), then start fl-client again.")

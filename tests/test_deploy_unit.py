@@ -639,6 +639,189 @@ def _alive(pid: int) -> bool:
     return st is not None and st["state"] not in ("Z", "X")
 
 
+SUPERVISOR_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from clients import cli
+
+class Launch(cli.NodeLaunch):
+    def command(self):
+        return [sys.executable, "-c", {child!r}]
+
+launch = Launch(coordinator="x:1", ca=Path({tmp!r}), key=Path({tmp!r}) / "node.key", home=Path({tmp!r}), node_config={{}})
+sys.exit(cli.Supervisor(launch).run())
+"""
+
+SUPERNODE_STANDIN = """
+import os, pathlib, signal, sys, time
+d = pathlib.Path({tmp!r})
+def term(*a):
+    (d / "got-term").write_text("x")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+(d / "child.pid").write_text(f"{{os.getpid()}} {{os.getpgid(0)}}")
+time.sleep(120)
+"""
+
+
+def test_supernode_gets_sigterm_when_fl_client_is_killed(tmp_path):
+    """kill -9 of fl-client left its SuperNode running and connected: now the kernel ends it (PR_SET_PDEATHSIG)."""
+    import subprocess
+    import signal as _signal
+
+    child = SUPERNODE_STANDIN.format(tmp=str(tmp_path))
+    script = tmp_path / "fl_client_standin.py"
+    script.write_text(SUPERVISOR_SCRIPT.format(root=str(ROOT), child=child, tmp=str(tmp_path)))
+    sup = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid = None
+    try:
+        _wait_until(lambda: (tmp_path / "child.pid").exists() and (tmp_path / "child.pid").read_text(), 60,
+                    "the SuperNode stand-in to start")
+        pid, pgid = map(int, (tmp_path / "child.pid").read_text().split())
+        assert pgid == pid != os.getpgid(0)  # its own process group: fl-client ends its whole tree by group
+        os.kill(sup.pid, _signal.SIGKILL)
+        sup.wait(timeout=10)
+        t0 = time.monotonic()
+        _wait_until(lambda: not _alive(pid), 5, "the SuperNode stand-in to end after fl-client was killed")
+        assert (tmp_path / "got-term").exists()  # SIGTERM: a real SuperNode signs off at the coordinator
+        assert time.monotonic() - t0 < 5
+    finally:
+        if sup.poll() is None:
+            _kill_pid(sup.pid)
+        if pid is not None:
+            try:
+                os.kill(pid, _signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_supervisor_ends_what_is_left_of_the_supernodes_group(tmp_path):
+    """A SuperNode that exits leaves no SuperExec/worker behind: its process group is ended too."""
+    grandchild = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, pathlib\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)'])\n"
+              f"pathlib.Path({str(grandchild)!r}).write_text(str(p.pid))\n"
+              "sys.exit(1)\n")
+    launch = ScriptLaunch(tmp_path, script)
+    sup = client_cli.Supervisor(launch, max_restarts=0, stop_grace_s=1.0)
+    try:
+        assert sup.run() == client_cli.EXIT_GAVE_UP
+        pid = int(grandchild.read_text())
+        _wait_until(lambda: not _alive(pid), 5, "the orphaned grandchild to be killed")
+    finally:
+        if grandchild.exists():
+            try:
+                os.kill(int(grandchild.read_text()), 9)
+            except ProcessLookupError:
+                pass
+
+
+def _fake_supernode(tmp_path, key: Path, parent_name: str | None = None):
+    """A process whose command line says it is a SuperNode using ``key``: ``(parent Popen or None, its PID)``.
+
+    With ``parent_name``, it runs under a live parent whose command line holds that name;
+    without, its parent exits at once (an orphan, adopted by PID 1, as when fl-client is
+    killed); it notes a SIGTERM in ``tmp_path/got-term``.
+    """
+    import subprocess
+
+    pid_file = tmp_path / "fake-supernode.pid"
+    body = (f"import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: "
+            f"(pathlib.Path({str(tmp_path / 'got-term')!r}).write_text('x'), sys.exit(0))); "
+            f"pathlib.Path({str(tmp_path / 'ready')!r}).write_text('x'); time.sleep(120)")
+    sleeper = [sys.executable, "-c", body, "clients.warm", "supernode", "--auth-supernode-private-key", str(key)]
+    if parent_name is None:
+        code = (f"import subprocess, pathlib; c = subprocess.Popen({sleeper!r}, start_new_session=True); "
+                f"pathlib.Path({str(pid_file)!r}).write_text(str(c.pid))")
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+        parent = None
+    else:
+        code = (f"import subprocess, pathlib, time; c = subprocess.Popen({sleeper!r}); "
+                f"pathlib.Path({str(pid_file)!r}).write_text(str(c.pid)); time.sleep(120)")
+        parent = subprocess.Popen([sys.executable, "-c", code, parent_name])
+    pid = int(_wait_until(lambda: pid_file.exists() and pid_file.read_text(), 30, "the fake SuperNode"))
+    _wait_until(lambda: (tmp_path / "ready").exists(), 30, "the fake SuperNode's SIGTERM handler")
+    return parent, pid
+
+
+def test_fl_client_stops_an_orphaned_supernode_of_its_key_before_starting(tmp_path, capsys):
+    """A restarted fl-client must not run a second SuperNode next to one its killed predecessor left."""
+    key = tmp_path / "node.key"
+    key.write_text("k")
+    _, pid = _fake_supernode(tmp_path, key)
+    try:
+        _wait_until(lambda: (server_cli.proc_stat(pid) or {}).get("ppid") == 1, 10, "the fake SuperNode to be adopted")
+        launch = ScriptLaunch(tmp_path, "import sys; sys.exit(1)")
+        launch.key = key
+        sup = client_cli.Supervisor(launch, max_restarts=0, console=client_cli.Console(stderr=True, width=300))
+        assert sup.run() == client_cli.EXIT_GAVE_UP and launch.starts == 1
+        assert not _alive(pid) and (tmp_path / "got-term").exists()  # SIGTERM: a real SuperNode signs off first
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"still running without its fl-client (pid {pid}" in err and f"SuperNode {pid} stopped by SIGTERM" in err
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("parent_name, by", [("fl-client", "run by fl-client pid"), ("other-supervisor", "started by pid")])
+def test_fl_client_refuses_a_key_that_another_live_supernode_uses(tmp_path, capsys, parent_name, by):
+    key = tmp_path / "node.key"
+    key.write_text("k")
+    parent, pid = _fake_supernode(tmp_path, key, parent_name=parent_name)
+    try:
+        launch = ScriptLaunch(tmp_path, "import sys; sys.exit(1)")
+        launch.key = key
+        sup = client_cli.Supervisor(launch, max_restarts=0, console=client_cli.Console(stderr=True, width=300))
+        assert sup.run() == client_cli.EXIT_SETUP and launch.starts == 0
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"in use by another SuperNode (pid {pid}, {by} {parent.pid}" in err and "must not share one key" in err
+        assert _alive(pid)  # left alone: it is someone's running node
+    finally:
+        _kill_pid(pid)
+        _kill_pid(parent.pid)
+
+
+def test_second_fl_client_on_one_node_is_refused(tmp_path, capsys):
+    import fcntl
+
+    with open(tmp_path / client_cli.LOCK_FILE, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        launch = ScriptLaunch(tmp_path, "import sys; sys.exit(1)")
+        sup = client_cli.Supervisor(launch, max_restarts=0, console=client_cli.Console(stderr=True, width=300))
+        assert sup.run() == client_cli.EXIT_SETUP and launch.starts == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "another fl-client (pid 4242) runs this node" in err and "--state-dir" in err
+
+
+class SequenceLaunch(ScriptLaunch):
+    """A launch whose n-th start runs ``scripts[n]``."""
+
+    def __init__(self, tmp_path, scripts):
+        super().__init__(tmp_path, scripts[0])
+        self.scripts = scripts
+
+    def command(self):
+        self.starts += 1
+        return [sys.executable, "-c", self.scripts[min(self.starts, len(self.scripts)) - 1]]
+
+
+def test_refusal_right_after_an_unsigned_exit_is_retried_once(tmp_path):
+    """A SuperNode killed by SIGKILL stays 'online' at the coordinator for a while: its restart is refused once."""
+    joined_then_killed = "import os; print('SuperNode ID: 42', flush=True); os.kill(os.getpid(), 9)"
+    refused = "import sys; print('[code: 2004] Failed to activate SuperNode'); sys.exit(1)"
+    launch = SequenceLaunch(tmp_path, [joined_then_killed, refused, refused])
+    sup = client_cli.Supervisor(launch, max_restarts=5, backoff=0.05, online_grace_s=1.0)
+    t0 = time.monotonic()
+    assert sup.run() == client_cli.EXIT_REFUSED
+    assert launch.starts == 3 and time.monotonic() - t0 >= 0.9  # retried once after the grace, then refused
+
+
 class FakeState:
     """The few LinkState calls the coordinator's supervisor makes, answered from dicts."""
 
