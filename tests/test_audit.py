@@ -507,8 +507,21 @@ def test_fl_server_start_passes_the_audit_log_to_the_superlink_environment(serve
 
     fs = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the package shadows it with a function
 
+    import signal
+
+    import uvicorn.server
+
     seen = {}
-    monkeypatch.setattr(fs, "flower_superlink", lambda: seen.update({k: os.environ.get(k) for k in (audit.ENV_LOG, audit.ENV_KEY)}))
+
+    def fake_superlink():
+        seen.update({k: os.environ.get(k) for k in (audit.ENV_LOG, audit.ENV_KEY)})
+        raise server_cli._StopRequested(signal.SIGTERM)  # the operator stopped it: a clean exit
+
+    monkeypatch.setattr(fs, "flower_superlink", fake_superlink)
+    # start installs its supervisor hooks and signal handlers: all restored after the test
+    monkeypatch.setattr(fs, "SuperLinkLifespan", fs.SuperLinkLifespan)
+    monkeypatch.setattr(uvicorn.server.Server, "handle_exit", uvicorn.server.Server.handle_exit)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     monkeypatch.setattr("server.guard.guard_installed_in_superlink", lambda: True)
     monkeypatch.setattr("server.guard.install_guard", lambda nets: None)
     monkeypatch.setattr("flwr.supercore.logger.update_console_handler", lambda **kw: None)
@@ -518,8 +531,13 @@ def test_fl_server_start_passes_the_audit_log_to_the_superlink_environment(serve
         monkeypatch.setenv(k, os.environ.get(k, ""))
     monkeypatch.setattr(sys, "argv", ["fl-server", "start", "--insecure"])
     sd = tmp_path / "state"
-    res = runner.invoke(server_cli.app, ["start", "--insecure", "--host", "127.0.0.1", "--state-dir", str(sd)])
+    try:
+        res = runner.invoke(server_cli.app, ["start", "--insecure", "--host", "127.0.0.1", "--state-dir", str(sd)])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     assert res.exit_code == 0, res.output
+    assert "coordinator stopped (SIGTERM)" in res.output
     log, key, pub = server_cli.audit_paths(sd.resolve())
     assert seen == {audit.ENV_LOG: str(log), audit.ENV_KEY: str(key)}
     ents = audit.AuditLog(log).entries()
