@@ -46,8 +46,13 @@ by accident). Tasks run one after another (a SuperNode hands out one message at 
 the worker dies (OOM, crash), the next task starts a new one; the lost task expires as a
 crashed ``flwr-clientapp`` would.
 
+In both modes, a message whose run ends while the SuperNode is still receiving it leaves no
+task behind (:func:`drop_stale_pulls`; flwr 1.41 left one, and the node then answered every later
+message one reply late).
+
 This relies on flwr 1.41 internals (``start_client_internal``'s module-level ``time`` and
-``subprocess``, ``run_superexec.get_executor``, ``run_clientapp``'s helpers); :func:`check_flwr`
+``subprocess`` and its ``_pull_and_store_message``, ``run_superexec.get_executor``,
+``run_clientapp``'s helpers); :func:`check_flwr`
 refuses other versions with a clear message, in both modes.
 """
 
@@ -173,9 +178,73 @@ def run_supernode(argv: list[str], warm: bool = True) -> None:
     if warm:
         sci.time = _CappedTime(cap)
         sci.pull_objects = fast_pulls(sci.pull_objects)  # messages from the coordinator
+    sci._pull_and_store_message = drop_stale_pulls(sci._pull_and_store_message)
     sci.subprocess = _SuperExecLauncher("superexec" if warm else "cold-superexec")
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
+
+
+class _TaskRecorder:
+    """A NodeState seen through: records the task and the message one pull creates."""
+
+    def __init__(self, state):
+        self._state = state
+        self.task_id: int | None = None
+        self.message_id: str | None = None
+
+    def __getattr__(self, name):
+        return getattr(self._state, name)
+
+    def create_task(self, *args, **kwargs):
+        self.task_id = self._state.create_task(*args, **kwargs)
+        return self.task_id
+
+    def store_message(self, message):
+        if not message.metadata.reply_to_message_id:
+            self.message_id = message.metadata.message_id
+        return self._state.store_message(message)
+
+
+def drop_stale_pulls(pull):
+    """Flower's ``_pull_and_store_message`` that leaves nothing behind when the run ends mid-pull.
+
+    flwr 1.41 creates the ClientApp task and stores the (still empty) message before it pulls
+    the message's objects. When the run stops in between (``fl-server stop``, a ServerApp that
+    died), the pull raises ``RunNotRunningException`` and Flower only logs "Run ID ... is not in
+    `RUNNING` status. Ignoring message": the task stays pending and the message stays stored.
+    The node's SuperExec then runs that leftover task, its reply is pushed in place of the next
+    run's reply, and from then on every reply is pushed one message late: the next run drops
+    the node at its deadline, until ``fl-client`` restarts. Here, a pull that returns nothing
+    after it created a task finishes that task (``stopped``) and deletes its message and objects,
+    as Flower already does when the object pull fails. Idempotent.
+    """
+    if getattr(pull, "_cityfed_drops_stale", False):
+        return pull
+
+    def pull_and_store(*, state, object_store, **kwargs):
+        rec = _TaskRecorder(state)
+        run_id = pull(state=rec, object_store=object_store, **kwargs)
+        if run_id is None and rec.task_id is not None:
+            from flwr.common.constant import SubStatus
+
+            if rec.message_id:
+                state.delete_messages(message_ids=[rec.message_id])
+                object_store.delete(rec.message_id)
+            if state.finish_task(rec.task_id, sub_status=SubStatus.STOPPED,
+                                 details="the run ended while its message was being received"):
+                _log_info("Dropped the message of a run that is no longer running (task %s)", rec.task_id)
+        return run_id
+
+    pull_and_store._cityfed_drops_stale = True  # type: ignore[attr-defined]
+    return pull_and_store
+
+
+def _log_info(fmt: str, *args) -> None:
+    from logging import INFO
+
+    from flwr.common.logger import log
+
+    log(INFO, fmt, *args)
 
 
 # --------------------------------------------------------------------------- SuperExec

@@ -341,3 +341,75 @@ def test_task_entry_point_runs_run_task_once(monkeypatch):
     with pytest.raises(SystemExit) as bad:
         warm.main(["task"])
     assert bad.value.code == 2
+
+
+def _stale_pull_setup(monkeypatch):
+    """A SuperNode state that knows run 7 and one train message of it, as Flower 1.41 pulls it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)  # a message is made in a ServerApp of run 7
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    state = NodeStateFactory(ObjectStoreFactory()).state()
+    store = state.object_store
+    state.set_node_id(5)
+    run = Run.create_empty(7)
+    run.fab_hash = "ab" * 32
+    state.store_run(run)
+    msg = Message(RecordDict(), dst_node_id=5, message_type="train")
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    return state, store, msg, get_object_tree(msg)
+
+
+def test_a_run_that_ends_mid_pull_leaves_no_task_or_message_on_the_node(monkeypatch):
+    """flwr 1.41 kept the task and the empty message when the run stopped while the node pulled it."""
+    import flwr.supernode.start_client_internal as sci
+    from flwr.common.constant import Status, SubStatus
+
+    state, store, msg, tree = _stale_pull_setup(monkeypatch)
+
+    def stopped(*_a, **_k):
+        raise sci.RunNotRunningException("run 7 stopped")
+
+    kwargs = dict(node_config={}, receive=lambda: (msg, tree), get_run=None, get_fab=None,
+                  pull_object=stopped, confirm_message_received=stopped, trusted_entities=None)
+    assert sci._pull_and_store_message(state=state, object_store=store, **kwargs) is None
+    leftover = [t for t in state.get_tasks() if t.status.status != Status.FINISHED]
+    assert leftover, "Flower's own function leaves a pending task (the defect): the test would not see a fix"
+
+    state2, store2, msg2, tree2 = _stale_pull_setup(monkeypatch)
+    kwargs.update(receive=lambda: (msg2, tree2))
+    pull = warm.drop_stale_pulls(sci._pull_and_store_message)
+    assert warm.drop_stale_pulls(pull) is pull
+    assert pull(state=state2, object_store=store2, **kwargs) is None
+    tasks = state2.get_tasks()
+    assert tasks and all(t.status.status == Status.FINISHED and t.status.sub_status == SubStatus.STOPPED
+                         for t in tasks)
+    assert state2.get_messages_legacy() == []  # nothing left for a later task to pick up
+    assert msg2.metadata.message_id not in getattr(store2, "store", {})
+
+
+def test_a_normal_pull_is_left_as_flower_does_it(monkeypatch):
+    import flwr.supernode.start_client_internal as sci
+    from flwr.common.constant import Status
+
+    state, store, msg, tree = _stale_pull_setup(monkeypatch)
+    objects = {}
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    for oid, obj in get_all_nested_objects(msg).items():
+        objects[oid] = obj.deflate()
+    confirmed = []
+    pull = warm.drop_stale_pulls(sci._pull_and_store_message)
+    run_id = pull(state=state, object_store=store, node_config={}, receive=lambda: (msg, tree), get_run=None,
+                  get_fab=None, pull_object=lambda run, oid: objects[oid],
+                  confirm_message_received=lambda run, mid: confirmed.append(mid), trusted_entities=None)
+    assert run_id == 7 and confirmed == [msg.metadata.message_id]
+    assert [t.status.status for t in state.get_tasks()] == [Status.PENDING]
+    assert [m.metadata.message_id for m in state.get_messages_legacy()] == [msg.metadata.message_id]
