@@ -530,12 +530,21 @@ def test_node_killed_mid_run_run_completes_with_the_others(city, health_nodes, a
     wait_for(lambda: victim.text().count("Receiving: train message") > seen, 120, "the victim to receive round 1",
              poll=0.05)
     victim.kill()
+    t_kill = time.monotonic()
     run = city.wait_run(run_id, 300)
     assert run["status"] == "finished:completed"
     results = json.loads((folder / "results.json").read_text())
     assert results["status"] == "completed" and [r["round"] for r in results["rounds"]] == [1, 2]
     last = results["rounds"][-1]["train"]
     assert victim_id not in last["nodes"] and last["accepted"] == 2
+    from faultlog import max_run_epsilon, record
+
+    r1 = results["rounds"][0]["train"]
+    record("kill -9 a node as it receives round 1 (plain aggregation)",
+           f"round 1 aggregated {r1['accepted']} update(s), the node named; run completed with the other two",
+           f"run done {time.monotonic() - t_kill:.0f} s after the kill", 0,
+           max_run_epsilon(city, SITES, results["run_id"]), results["config"].get("target-epsilon"),
+           "--no-secagg, round-timeout=45")
     assert results["config"]["secagg"] is False and "Secure aggregation" not in city.fl_server("logs", run_id).stdout
     # control of the e2e test's check: without SecAgg+ the same audit finds each node's weights in its train replies
     shapes = model_shapes()
@@ -552,6 +561,7 @@ def test_coordinator_crash_then_resume_loses_no_round(city, health_nodes):
     folder = city.state / "runs" / "crash"
     wait_for(lambda: _round_of_checkpoint(folder) >= 1, 240, "round 1 checkpoint", poll=1)
     city.coordinator.kill()  # SIGKILL: SuperLink, SuperExec and ServerApp at once
+    t_kill = time.monotonic()
     city.coordinator.p.wait(timeout=30)
     done = _round_of_checkpoint(folder)
     assert done < 3
@@ -567,6 +577,14 @@ def test_coordinator_crash_then_resume_loses_no_round(city, health_nodes):
     assert results["run_id"] == str(run_id)  # same logical run (ledger run-id) as before the crash
     launch = json.loads((folder / "launch.json").read_text())
     assert launch["run-ids"] == [str(run_id), str(resumed)]
+    from faultlog import max_run_epsilon, record
+
+    record("coordinator killed (SIGKILL of fl-server: SuperLink, SuperExec, ServerApp) after round 1, restarted, "
+           "fl-server run --resume", f"nodes reconnected by themselves; resumed from the round-{done} checkpoint "
+           "under the same run ID, 3/3 rounds", f"kill -> resumed run done {time.monotonic() - t_kill:.0f} s "
+           "(restart and resume by the test, as an operator or systemd would)", 0,
+           max_run_epsilon(city, alive, results["run_id"]), results["config"].get("target-epsilon"),
+           "--no-secagg, round-timeout=60")
 
 
 def test_evaluate_flood_is_refused_or_noised_and_accounted_on_the_wire(city, health_nodes, audit):

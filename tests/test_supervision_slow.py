@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from faultlog import max_run_epsilon, record  # noqa: E402
 from test_deploy_slow import SITES, City, _round_of_checkpoint, slug, wait_for  # noqa: E402
 
 from clients.cli import supernodes_using_key  # noqa: E402
@@ -145,15 +146,23 @@ def test_killed_superexec_is_restarted_and_its_run_resumed(city, nodes):
     old = superexec(city)
     assert old is not None and serverapp(city) is not None
     os.kill(old, signal.SIGKILL)  # the ServerApp it started follows it (Flower's parent-PID watch)
-    wait_for(lambda: "SuperExec restarted" in city.coordinator.text(), 60, "fl-server start to restart the SuperExec")
+    t_kill = time.monotonic()
+    wait_for(lambda: "SuperExec restarted" in city.coordinator.text(), 60, "fl-server start to restart the SuperExec",
+             poll=0.2)
+    t_detect = time.monotonic() - t_kill
     log = city.coordinator.text()
     assert f"the SuperExec (pid {old}) exited (killed by SIGKILL)" in log and "restart 1/5" in log
     new = superexec(city)
     assert new is not None and new != old and city.coordinator.alive()
     resumed = wait_resumed(city, folder)
-    check_completed(city, folder, first, resumed, 4)
+    results = check_completed(city, folder, first, resumed, 4)
     log = city.coordinator.text()
     assert f"run {first} (superexec-kill): its ServerApp" in log and f"resumed as run {resumed}" in log
+    record("the coordinator's SuperExec killed (SIGKILL) in round 2; its ServerApp dies with it",
+           "fl-server start restarted the SuperExec and resumed the run from its checkpoint (same run ID, "
+           "4/4 rounds, runs shows 'resumed as run ...')", f"{t_detect:.1f} s (to the restart)", 0,
+           max_run_epsilon(city, TRAINING, results["run_id"]), results["config"].get("target-epsilon"),
+           "--no-secagg, 2 nodes")
 
 
 def test_killed_serverapp_is_marked_failed_and_resumed(city, nodes):
@@ -163,15 +172,21 @@ def test_killed_serverapp_is_marked_failed_and_resumed(city, nodes):
     app = serverapp(city)
     assert app is not None
     os.kill(app, signal.SIGKILL)  # no chance to report: Flower alone says "running" until its heartbeat expires
+    t_kill = time.monotonic()
     wait_for(lambda: f"its ServerApp process (pid {app}) died (killed by SIGKILL)" in city.coordinator.text(), 30,
-             "fl-server start to notice the dead ServerApp", poll=0.5)
+             "fl-server start to notice the dead ServerApp", poll=0.2)
+    t_detect = time.monotonic() - t_kill
     assert "automatic resume 1/3" in city.coordinator.text()
     wait_for(lambda: f"run {first}: marked finished:failed" in city.coordinator.text(), 30,
              "the dead run to be marked failed", poll=0.5)
     row = run_row(city, first)
     assert row["status"] == "finished:failed" and row["status-details"].startswith("its ServerApp process")
     resumed = wait_resumed(city, folder)
-    check_completed(city, folder, first, resumed, 4)
+    results = check_completed(city, folder, first, resumed, 4)
+    record("the ServerApp killed (SIGKILL) in round 2", "marked finished:failed with the reason, resumed "
+           "automatically from its checkpoint (same run ID, 4/4 rounds)", f"{t_detect:.1f} s (to the notice)", 0,
+           max_run_epsilon(city, TRAINING, results["run_id"]), results["config"].get("target-epsilon"),
+           "--no-secagg, 2 nodes")
 
 
 def test_stop_leaves_results_report_and_runs_agrees(city, nodes):
