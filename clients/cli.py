@@ -1232,12 +1232,16 @@ def _audit_default_log() -> Path:
         return Path.home() / ".cityfed" / "node-<department>-<site>" / "audit.jsonl"
 
 
-def _audit_default_pub() -> Path | None:
-    try:
-        key = node_key(node_home())
-    except SetupError:
-        return None
-    return key.with_name("node.pub") if key is not None else None
+def _audit_default_pub(log: Path) -> Path | None:
+    """``node.pub`` next to the key the node last ran with: from the log's own folder (a state dir), else the node's."""
+    for home in (lambda: Path(log).expanduser().resolve().parent, node_home):
+        try:
+            key = node_key(home())
+        except SetupError:
+            continue
+        if key is not None and key.with_name("node.pub").is_file():
+            return key.with_name("node.pub")
+    return None
 
 
 def _audit_command() -> click.Command:

@@ -67,7 +67,8 @@ def summarize(data: dict, width: int = SUMMARY_CHARS) -> str:
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
-def make_audit_app(role: str, default_log: Callable[[], Path], default_pub: Callable[[], Path | None]) -> typer.Typer:
+def make_audit_app(role: str, default_log: Callable[[], Path],
+                   default_pub: Callable[[Path], Path | None]) -> typer.Typer:
     """The ``audit`` command group (``verify``, ``show``, ``export``) for one tool.
 
     Parameters
@@ -78,8 +79,9 @@ def make_audit_app(role: str, default_log: Callable[[], Path], default_pub: Call
         Returns the log path used when ``--log`` is not given (called lazily, so it can
         read environment variables such as the state dir).
     default_pub : callable
-        Returns the public key checked by ``verify`` when ``--pub`` is not given, or None
-        (a returned path that does not exist counts as None: signatures not checked).
+        Called with the log's path; returns the public key checked by ``verify`` when
+        ``--pub`` is not given, or None (a returned path that does not exist counts as None:
+        ``verify`` then fails unless ``--chain-only`` is given).
 
     Returns
     -------
@@ -121,27 +123,34 @@ def make_audit_app(role: str, default_log: Callable[[], Path], default_pub: Call
         log: LogOpt = None,
         pub: Annotated[Optional[Path], typer.Option("--pub", help=f"Public key that signed the log (OpenSSH node.pub or PEM audit.pub); default: the {role}'s.", show_default=False)] = None,
         anchor: Annotated[Optional[Path], typer.Option("--anchor", help="A copy of <log>.head kept off-host earlier: the log must still contain that entry (detects a rewritten or cut history).")] = None,
+        chain_only: Annotated[bool, typer.Option("--chain-only", help="Accept a log whose signatures cannot be checked (no public key): only the hash chain and head file are checked. Anyone who can write the file can rebuild a chain: this proves little.")] = False,
         debug: DebugOpt = False,
     ) -> None:
         """Check the hash chain, every signature and the head file; name the first broken entry.
 
         Exit 0 when intact, 1 when broken (edited, deleted, reordered or unsigned entry,
-        bad signature, cut tail, interrupted write). Without a public key only the chain
-        is checked, and the output says so.
+        bad signature, cut tail, interrupted write) or when no public key was found to check
+        the signatures (pass --pub, or --chain-only to accept a chain-only check).
         """
+        pub_name = "node.pub" if role == "node" else "audit.pub"
         with _errors(debug):
             path = resolve_log(log)
             key = pub
             if key is None:
-                dflt = default_pub()
+                dflt = default_pub(path)
                 key = dflt if dflt is not None and Path(dflt).expanduser().is_file() else None
             res = audit.verify(path, public_key_path=key, anchor=anchor)
-        if res.ok:
+        if res.ok and (res.signatures_checked or chain_only):
             _out().print(f"[bold green]OK[/] {escape(str(path))}: {escape(res.reason)}")
             if not res.signatures_checked:
-                _err().print("[yellow]warning:[/] signatures not checked; pass --pub with the public key "
-                             f"({'node.pub' if role == 'node' else 'audit.pub'}) to check them")
+                _err().print(f"[yellow]warning:[/] signatures not checked (--chain-only); pass --pub with the public key "
+                             f"({pub_name}) to check them")
             return
+        if res.ok:
+            _err().print(f"[bold red]NOT VERIFIED[/] {escape(str(path))}: {escape(res.reason)}; no public key was found "
+                         f"to check the signatures (a hash chain alone can be rebuilt by anyone who can write the file); "
+                         f"fix: pass --pub with the {role}'s {pub_name}, or --chain-only to accept a chain-only check")
+            raise typer.Exit(1)
         _err().print(f"[bold red]BROKEN[/] {escape(str(path))}: {escape(res.reason)}")
         if res.first_bad is not None:
             line = _line(path, res.first_bad)

@@ -256,7 +256,7 @@ _FIXES: dict[str, str] = {
     "max_rounds_per_run": "set a whole number >= 1 (no decimal point), e.g. max_rounds_per_run = 50",
     "require_dp": "set true or false (unquoted), e.g. require_dp = true",
     "releases": (
-        'see [releases] in examples/policies/health.toml: num_examples_granularity = 10, train_loss = "off" '
+        'see [releases] in examples/policies/health.toml: num_examples_granularity = 1, train_loss = "off" '
         'or "dp", local_evaluation = "off" or "dp", metric_noise_multiplier >= 1, max_evaluations_per_run >= 0'
     ),
 }

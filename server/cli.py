@@ -149,6 +149,12 @@ def _state(state_dir: Path | None) -> Path:
     return Path(state_dir or default_state_dir()).expanduser().resolve()
 
 
+def _audit_default_pub(log: Path) -> Path:
+    """``audit.pub`` beside the log (its state dir), else the coordinator's state dir's."""
+    beside = audit_paths(Path(log).expanduser().resolve().parent)[2]
+    return beside if beside.is_file() else audit_paths(_state(None))[2]
+
+
 def audit_paths(state_dir: Path) -> tuple[Path, Path, Path]:
     """``(audit.jsonl, audit.key, audit.pub)`` of the coordinator (see :mod:`privacy.audit`)."""
     return state_dir / "audit.jsonl", state_dir / "audit.key", state_dir / "audit.pub"
@@ -1638,8 +1644,7 @@ def wait_for_run(state_dir: Path, run_id: str, timeout: float, poll: float = 1.0
 def _mount_audit() -> None:
     from privacy.audit_cli import make_audit_app
 
-    app.add_typer(make_audit_app("coordinator", lambda: audit_paths(_state(None))[0],
-                                 lambda: audit_paths(_state(None))[2]), name="audit")
+    app.add_typer(make_audit_app("coordinator", lambda: audit_paths(_state(None))[0], _audit_default_pub), name="audit")
 
 
 _mount_audit()

@@ -310,7 +310,7 @@ def test_append_reads_only_the_tail(tmp_path, monkeypatch):
 
 
 def _cli(log: Path, pub: Path | None):
-    return make_audit_app("node", lambda: log, lambda: pub)
+    return make_audit_app("node", lambda: log, lambda _log: pub)
 
 
 def _text(res) -> str:
@@ -328,10 +328,12 @@ def test_cli_verify_ok_and_broken(keys, tmp_path):
     res = runner.invoke(app, ["verify"])
     text = _text(res)
     assert res.exit_code == 1 and "BROKEN" in text and "seq 2" in text and "first broken entry (line 2)" in text
-    # without a public key: chain only, with a warning
+    # without a public key the log is not verified (exit 1, says how) unless a chain-only check is asked for
     good = make_log(tmp_path / "g.jsonl", keys["key"], 2)
     res = runner.invoke(_cli(good.path, None), ["verify"])
-    assert res.exit_code == 0 and "signatures not checked" in _text(res)
+    assert res.exit_code == 1 and "NOT VERIFIED" in _text(res) and "--pub" in _text(res) and "--chain-only" in _text(res)
+    res = runner.invoke(_cli(good.path, None), ["verify", "--chain-only"])
+    assert res.exit_code == 0 and "signatures not checked (--chain-only)" in _text(res)
     # --log / --pub override the defaults
     res = runner.invoke(app, ["verify", "--log", str(good.path), "--pub", str(keys["other_pub"])])
     assert res.exit_code == 1 and "bad signature" in _text(res)

@@ -475,6 +475,11 @@ def test_audit_group_reads_the_nodes_log_and_key(tmp_path, node_key):
     assert code == 0 and "OK" in out and "signed by" in out, out
     code, out = cli("--state-dir", str(home), "audit", "show")
     assert code == 0 and "app-approved" in out
+    # --log alone: node.pub is found through the log's own folder (the state dir), not only the default node home
+    code, out = cli("audit", "verify", "--log", str(home / "audit.jsonl"))
+    assert code == 0 and "OK" in out and "signed by" in out, out
+    code, out = cli("audit", "verify", "--log", str(home / "audit.jsonl"), "--pub", str(tmp_path / "none.pub"))
+    assert code != 0, out
 
 
 def test_quarantine_keeps_the_newest_fabs_only(tmp_path, monkeypatch):
