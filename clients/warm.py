@@ -236,6 +236,7 @@ def drop_stale_pulls(pull):
         return run_id
 
     pull_and_store._cityfed_drops_stale = True  # type: ignore[attr-defined]
+    pull_and_store.__wrapped__ = pull  # type: ignore[attr-defined]
     return pull_and_store
 
 

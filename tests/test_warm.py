@@ -318,12 +318,13 @@ def test_cold_supernode_keeps_flowers_polling_and_routes_tasks_through_run_task(
 
     monkeypatch.setattr(sn_cli, "flower_supernode", lambda: None)
     monkeypatch.setattr(warm, "timestamped_logs", lambda: None)
-    for attr in ("time", "subprocess", "pull_objects"):
+    for attr in ("time", "subprocess", "pull_objects", "_pull_and_store_message"):
         monkeypatch.setattr(sci, attr, getattr(sci, attr))  # restored after the test
     pulls = sci.pull_objects
     warm.run_supernode(["--insecure"], warm=False)
     assert sci.time is time and sci.pull_objects is pulls  # Flower's polling and object-pull backoff
     assert sci.subprocess.command == "cold-superexec"
+    assert sci._pull_and_store_message._cityfed_drops_stale  # a stale pull leaves no task, cold mode too
     warm.run_supernode(["--insecure"], warm=True)
     assert isinstance(sci.time, warm._CappedTime) and sci.subprocess.command == "superexec"
 
@@ -379,13 +380,14 @@ def test_a_run_that_ends_mid_pull_leaves_no_task_or_message_on_the_node(monkeypa
 
     kwargs = dict(node_config={}, receive=lambda: (msg, tree), get_run=None, get_fab=None,
                   pull_object=stopped, confirm_message_received=stopped, trusted_entities=None)
-    assert sci._pull_and_store_message(state=state, object_store=store, **kwargs) is None
+    flowers = getattr(sci._pull_and_store_message, "__wrapped__", sci._pull_and_store_message)  # unpatched
+    assert flowers(state=state, object_store=store, **kwargs) is None
     leftover = [t for t in state.get_tasks() if t.status.status != Status.FINISHED]
     assert leftover, "Flower's own function leaves a pending task (the defect): the test would not see a fix"
 
     state2, store2, msg2, tree2 = _stale_pull_setup(monkeypatch)
     kwargs.update(receive=lambda: (msg2, tree2))
-    pull = warm.drop_stale_pulls(sci._pull_and_store_message)
+    pull = warm.drop_stale_pulls(flowers)
     assert warm.drop_stale_pulls(pull) is pull
     assert pull(state=state2, object_store=store2, **kwargs) is None
     tasks = state2.get_tasks()
@@ -406,7 +408,7 @@ def test_a_normal_pull_is_left_as_flower_does_it(monkeypatch):
     for oid, obj in get_all_nested_objects(msg).items():
         objects[oid] = obj.deflate()
     confirmed = []
-    pull = warm.drop_stale_pulls(sci._pull_and_store_message)
+    pull = warm.drop_stale_pulls(getattr(sci._pull_and_store_message, "__wrapped__", sci._pull_and_store_message))
     run_id = pull(state=state, object_store=store, node_config={}, receive=lambda: (msg, tree), get_run=None,
                   get_fab=None, pull_object=lambda run, oid: objects[oid],
                   confirm_message_received=lambda run, mid: confirmed.append(mid), trusted_entities=None)
