@@ -225,6 +225,7 @@ def _check(city: City, hospitals: Hospitals, name: str, run_id: str, marks: dict
     assert "Not enough shares" not in logs and "Traceback" not in logs, logs[-3000:]
     results["_ended"] = t_end
     results["_logs"] = logs
+    results["_city"] = city
     return results
 
 
@@ -266,6 +267,20 @@ def _marks(hospitals: Hospitals) -> dict:
     return {site: len(hospitals.procs[site].text()) for site in SITES}
 
 
+def _measured(key: str, what: str, stage: dict, drop: dict, res: dict, t_fault: float, scenario: str, outcome: str,
+              lost: str | int, **extra) -> None:
+    """Keep, record (fault table) and print what one test measured about its fault's stage."""
+    MEASURED[key] = {"stage": drop["stage"], "stage_s": stage["seconds"], "deadline_s": stage["deadline"],
+                     "basis": stage["basis"], "fault_to_run_end_s": round(res["_ended"] - t_fault, 1),
+                     "reason": drop["reason"], **extra}
+    record(scenario, outcome, f"{stage['seconds']:.1f} s (stage deadline {stage['deadline']:.0f} s)", lost,
+           max_run_epsilon(res["_city"], SITES, res["run_id"]))
+    print(f"\n({key}) {what}: stage ended after {stage['seconds']:.1f} s (deadline {stage['deadline']:.1f} s = "
+          f"{stage['basis']}{''.join(f'; {k} {v}' for k, v in extra.items())}); fault -> run finished "
+          f"{res['_ended'] - t_fault:.1f} s; reason: {drop['reason']}")
+    print(json.dumps(MEASURED, indent=1))
+
+
 def test_a_node_killed_while_training_ends_the_run_cleanly_naming_it(city, hospitals):
     hospitals.up()
     victim = hospitals.procs[VICTIM]
@@ -288,16 +303,10 @@ def test_a_node_killed_while_training_ends_the_run_cleanly_naming_it(city, hospi
     assert "unmask" not in r2["stages"]  # the two-node sum was never unmasked
     assert stage["deadline"] < 600, stage  # measured from round 1, not the first-exchange 600 s
     assert stage["seconds"] <= stage["deadline"] + SLACK_S
-    MEASURED["a"] = {"stage": "collect_masked_vectors", "stage_s": stage["seconds"], "deadline_s": stage["deadline"],
-                     "basis": stage["basis"], "kill_to_run_end_s": round(res["_ended"] - t_kill, 1),
-                     "reason": drop["reason"]}
-    record("kill -9 a node while it trains (SecAgg+ collect stage, round 2 of 3)",
-           "run stopped cleanly before anything was unmasked, the node and reason named in results.json",
-           f"{stage['seconds']:.1f} s (stage deadline {stage['deadline']:.0f} s)",
-           "0 (stopped after round 1: 2 contributors < min 3)", max_run_epsilon(city, SITES, res["run_id"]))
-    print(f"\n(a) killed in round 2's collect stage: stage ended after {stage['seconds']:.1f} s "
-          f"(deadline {stage['deadline']:.1f} s = {stage['basis']}); kill -> run finished {res['_ended'] - t_kill:.1f} s; "
-          f"reason: {drop['reason']}")
+    _measured("a", "killed in round 2's collect stage", stage, drop, res, t_kill,
+              "kill -9 a node while it trains (SecAgg+ collect stage, round 2 of 3)",
+              "run stopped cleanly before anything was unmasked, the node and reason named in results.json",
+              "0 (stopped after round 1: 2 contributors < min 3)")
     assert res["_ended"] - t_kill <= stage["deadline"] + 60
 
 
@@ -330,16 +339,10 @@ def test_b_node_killed_in_setup_nobody_trains(city, hospitals):
         if site != VICTIM:
             rows = [r for r in PrivacyLedger(city.ledger(site)).releases(site) if r["run_id"] == res["run_id"]]
             assert sorted({r["round"] for r in rows}) == [1], (site, rows)
-    MEASURED["b"] = {"stage": drop["stage"], "stage_s": stage["seconds"], "deadline_s": stage["deadline"],
-                     "basis": stage["basis"], "kill_to_run_end_s": round(res["_ended"] - t_kill, 1),
-                     "reason": drop["reason"]}
-    record("kill -9 a node in SecAgg+ setup / share-keys (round 2 of 3)",
-           "run stopped cleanly before anyone trained round 2 (no budget spent on it), node named; no KeyError",
-           f"{stage['seconds']:.1f} s (stage deadline {stage['deadline']:.0f} s)",
-           "0 (stopped after round 1)", max_run_epsilon(city, SITES, res["run_id"]))
-    print(f"\n(b) killed in round 2's {drop['stage']} stage: stage ended after {stage['seconds']:.1f} s "
-          f"(deadline {stage['deadline']:.1f} s = {stage['basis']}); kill -> run finished {res['_ended'] - t_kill:.1f} s; "
-          f"reason: {drop['reason']}")
+    _measured("b", f"killed in round 2's {drop['stage']} stage", stage, drop, res, t_kill,
+              "kill -9 a node in SecAgg+ setup / share-keys (round 2 of 3)",
+              "run stopped cleanly before anyone trained round 2 (no budget spent on it), node named; no KeyError",
+              "0 (stopped after round 1)")
     assert res["_ended"] - t_kill <= stage["deadline"] + 60
 
 
@@ -363,17 +366,9 @@ def test_c_node_killed_after_sending_its_masked_vector_the_round_completes(city,
     assert "aggregate" in r2 and res["refused"] == []
     stage = r2["stages"]["unmask"]
     assert stage["seconds"] <= stage["deadline"] + SLACK_S and stage["deadline"] < 600
-    MEASURED["c"] = {"stage": "unmask", "stage_s": stage["seconds"], "deadline_s": stage["deadline"],
-                     "basis": stage["basis"], "kill_to_run_end_s": round(res["_ended"] - t_kill, 1),
-                     "reason": drop["reason"]}
-    record("kill -9 a node after it sent its masked vector (SecAgg+ unmask stage)",
-           "round completed with all 3 contributions (its mask rebuilt from the others' shares); run completed",
-           f"{stage['seconds']:.1f} s (stage deadline {stage['deadline']:.0f} s)", 0,
-           max_run_epsilon(city, SITES, res["run_id"]))
-    print(f"\n(c) killed before round 2's unmask stage: stage ended after {stage['seconds']:.1f} s "
-          f"(deadline {stage['deadline']:.1f} s = {stage['basis']}); round completed with 3 contributors; "
-          f"kill -> run finished {res['_ended'] - t_kill:.1f} s; reason: {drop['reason']}")
-    print(json.dumps(MEASURED, indent=1))
+    _measured("c", "killed before round 2's unmask stage", stage, drop, res, t_kill,
+              "kill -9 a node after it sent its masked vector (SecAgg+ unmask stage)",
+              "round completed with all 3 contributions (its mask rebuilt from the others' shares); run completed", 0)
 
 
 def test_d_node_whose_clientapp_hangs_is_dropped_by_the_deadline(city, hospitals):
@@ -424,17 +419,10 @@ def test_d_node_whose_clientapp_hangs_is_dropped_by_the_deadline(city, hospitals
     assert drop["reason"].startswith("no reply to SecAgg+ collect-masked-vectors (training) within "), drop
     assert "deadline = " in drop["reason"] and stage["deadline"] < 600
     assert stage["deadline"] - 1 <= stage["seconds"] <= stage["deadline"] + SLACK_S, stage
-    MEASURED["d"] = {"stage": "collect_masked_vectors", "stage_s": stage["seconds"], "deadline_s": stage["deadline"],
-                     "basis": stage["basis"], "hang_to_run_end_s": round(res["_ended"] - t_stop, 1),
-                     "reason": drop["reason"]}
-    record("a node's ClientApp hangs while training, the node stays connected (SecAgg+ collect)",
-           "the stage's deadline dropped it, run stopped cleanly naming it (was: waited round-timeout = 3600 s)",
-           f"{stage['seconds']:.1f} s (stage deadline {stage['deadline']:.0f} s)",
-           "0 (stopped after round 1: 2 contributors < min 3)", max_run_epsilon(city, SITES, res["run_id"]))
-    print(f"\n(d) ClientApp hung in round 2's collect stage (node connected): stage ended after {stage['seconds']:.1f} s "
-          f"(deadline {stage['deadline']:.1f} s = {stage['basis']}); hang -> run finished {res['_ended'] - t_stop:.1f} s; "
-          f"reason: {drop['reason']}")
-    print(json.dumps(MEASURED, indent=1))
+    _measured("d", "ClientApp hung in round 2's collect stage (node connected)", stage, drop, res, t_stop,
+              "a node's ClientApp hangs while training, the node stays connected (SecAgg+ collect)",
+              "the stage's deadline dropped it, run stopped cleanly naming it (was: waited round-timeout = 3600 s)",
+              "0 (stopped after round 1: 2 contributors < min 3)")
 
 
 def test_e_node_frozen_while_training_is_dropped_by_the_deadline(city, hospitals):
@@ -466,14 +454,7 @@ def test_e_node_frozen_while_training_is_dropped_by_the_deadline(city, hospitals
     by = "deadline" if "no reply" in drop["reason"] else "heartbeat"
     assert by == "heartbeat" or "within" in drop["reason"] and "deadline = " in drop["reason"], drop
     assert stage["seconds"] <= min(stage["deadline"], 60 + 30) + SLACK_S, stage
-    MEASURED["e"] = {"stage": "collect_masked_vectors", "stage_s": stage["seconds"], "deadline_s": stage["deadline"],
-                     "basis": stage["basis"], "found_by": by, "stop_to_run_end_s": round(res["_ended"] - t_stop, 1),
-                     "reason": drop["reason"]}
-    record("a node frozen (SIGSTOP: no reply, no heartbeat) while it trains (SecAgg+ collect)",
-           f"dropped by the {by}, run stopped cleanly naming it",
-           f"{stage['seconds']:.1f} s (stage deadline {stage['deadline']:.0f} s)",
-           "0 (stopped after round 1: 2 contributors < min 3)", max_run_epsilon(city, SITES, res["run_id"]))
-    print(f"\n(e) frozen in round 2's collect stage: stage ended after {stage['seconds']:.1f} s "
-          f"(deadline {stage['deadline']:.1f} s = {stage['basis']}; found by the {by}); "
-          f"freeze -> run finished {res['_ended'] - t_stop:.1f} s; reason: {drop['reason']}")
-    print(json.dumps(MEASURED, indent=1))
+    _measured("e", "frozen in round 2's collect stage", stage, drop, res, t_stop,
+              "a node frozen (SIGSTOP: no reply, no heartbeat) while it trains (SecAgg+ collect)",
+              f"dropped by the {by}, run stopped cleanly naming it", "0 (stopped after round 1: 2 contributors < min 3)",
+              found_by=by)
