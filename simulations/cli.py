@@ -177,7 +177,7 @@ def _progress() -> Progress:
 
 def _run_one(department: str, cfg: dict, out: Path, engine: str) -> dict:
     from clients.datasets import load_department
-    from simulations.report import write_report
+    from simulations.report import write_report_safely
     from simulations.run import simulate
 
     nvirtual = int(cfg.get("virtual-sites", 0) or 0)
@@ -207,7 +207,7 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str) -> dict:
 
         t0 = time.perf_counter()
         results = simulate(cfg, engine=engine, on_round=on_round)
-    report = write_report(out, sites, metric)
+    report = write_report_safely(out, sites, metric) or "no report.html (see the error above)"
     t = Table(title=f"{department}: federated run ({time.perf_counter() - t0:.0f} s, {len(sites)} sites, {results.get('status')})")
     for col in ("round", "accepted", metric, "eps max"):
         t.add_column(col)

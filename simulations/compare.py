@@ -196,9 +196,9 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
         t1 = time.perf_counter()
         res = simulate(cfg, engine=engine, on_round=on_round)
         timings[name] = time.perf_counter() - t1
-        from simulations.report import write_report
+        from simulations.report import write_report_safely
 
-        write_report(out / name, ds.sites, "accuracy" if task == "binary-classification" else "mae-ratio")
+        write_report_safely(out / name, ds.sites, "accuracy" if task == "binary-classification" else "mae-ratio")
         rows += _fed_rows(department, method, eps, res, ds.sites, task)
         if res.get("refused"):
             rows.append({"method": method, "epsilon": eps, "site": "refusals", "metrics": {},
@@ -212,4 +212,7 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
         "rows": rows,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float))
+    from simulations.report import write_report_safely  # DIR/report.html: per site local-only vs federated, the gain
+
+    write_report_safely(out, ds.sites, "accuracy" if task == "binary-classification" else "mae-ratio")
     return result
