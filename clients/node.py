@@ -119,8 +119,8 @@ def _model_for(spec: NodeSpec, kind: str, state: dict[str, torch.Tensor]):
 
 @lru_cache(maxsize=256)
 def _calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                      reserved: tuple[tuple[float, float, int], ...] = ()) -> float:
-    return calibrate_noise(target_epsilon, delta, sample_rate, steps, reserved)
+                      reserved: tuple[tuple[float, float, int], ...] = (), accountant: str = "rdp") -> float:
+    return calibrate_noise(target_epsilon, delta, sample_rate, steps, reserved, accountant)
 
 
 def rounded_count(n: int, granularity: int) -> int:
@@ -184,7 +184,8 @@ def job_from_config(cfg: dict, spec: NodeSpec, n_train: int, task: str = "binary
         reserved = tuple(spent) + planned_releases(cfg, spec, task, remaining, done)
         try:
             noise = _calibrated_noise(float(cfg["target-epsilon"]), spec.policy.site_delta(n_train),
-                                      1.0 / steps_per_epoch, remaining * epochs * steps_per_epoch, reserved)
+                                      1.0 / steps_per_epoch, remaining * epochs * steps_per_epoch, reserved,
+                                      spec.policy.accountant)
         except CalibrationError as exc:
             what = "this run's releases so far and the ones planned" if spent else "the planned metric releases"
             raise JobRefused(f"{spec.department}/{spec.site}: refused: target-epsilon {cfg['target-epsilon']} of run "
@@ -240,7 +241,7 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     task = ds.schema.task
     rel = spec.policy.releases
     delta = spec.policy.site_delta(len(train))
-    ledger = PrivacyLedger(spec.ledger_path)
+    ledger = PrivacyLedger(spec.ledger_path, accountant=spec.policy.accountant)
     try:
         job = job_from_config(cfg, spec, len(train), task, ledger)
     except JobRefused as exc:
@@ -295,7 +296,7 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
         ledger.commit(rid)
         spec.audit("release", run=job.run_id, round=job.round, mechanism=r.mechanism, noise_multiplier=r.noise_multiplier,
                    sample_rate=r.sample_rate, steps=r.steps, delta=delta, replay=r.replay, epsilon_before=before,
-                   epsilon_after=ledger.epsilon(spec.site, delta))
+                   epsilon_after=ledger.epsilon(spec.site, delta), accountant=ledger.accountant)
     metrics = {
         "num-examples": rounded_count(int(res.num_examples), rel.num_examples_granularity),
         "epsilon": float(ledger.epsilon(spec.site, delta)) if job.dp else float("inf"),
@@ -345,7 +346,7 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
                      "are not scored for the coordinator; score the run on coordinator-held data (run config central-data)")
     if not run_id:
         raise refuse("the evaluate message names no run-id (the per-run evaluation cap needs it)")
-    ledger = PrivacyLedger(spec.ledger_path)
+    ledger = PrivacyLedger(spec.ledger_path, accountant=spec.policy.accountant)
     done = ledger.count(spec.site, run_id, "gaussian-eval")
     if done >= rel.max_evaluations_per_run:
         raise refuse(f"run {run_id} already had {done} evaluation(s), policy [releases] max_evaluations_per_run = "
@@ -382,7 +383,8 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
         ledger.commit(rid)
         after = ledger.epsilon(spec.site, delta)
         spec.audit("release", run=run_id, round=rnd, mechanism=r.mechanism, noise_multiplier=r.noise_multiplier,
-                   sample_rate=1.0, steps=r.steps, delta=delta, epsilon_before=before, epsilon_after=after)
+                   sample_rate=1.0, steps=r.steps, delta=delta, epsilon_before=before, epsilon_after=after,
+                   accountant=ledger.accountant)
         if task == "binary-classification":
             out = {"accuracy": released["accuracy"], "loss": released["loss"]}
         else:

@@ -5,7 +5,7 @@ What this module adds to Opacus:
 * :class:`DPSettings`, the validated knobs of a private training job;
 * :func:`make_private`, which picks ghost clipping when the model allows it (all shipped
   models do) and falls back to per-sample gradient hooks otherwise, always with Poisson
-  sampling and the RDP accountant;
+  sampling; epsilon by the RDP accountant, or the tighter PRV one (:mod:`privacy.accounting`);
 * a norm sampler for ``nn.Linear`` on inputs with more than 3 dimensions (PatchTST embeds
   ``(batch, channels, patches, patch_len)`` tensors), which Opacus 1.6's ghost clipping
   silently skips, leaving that layer unclipped and the step failing;
@@ -18,6 +18,7 @@ What this module adds to Opacus:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -25,7 +26,8 @@ from typing import Literal
 import torch
 from opacus import PrivacyEngine
 from privacy import SEED_FROM_JOB_ENV  # re-exported
-from privacy.ledger import rdp_epsilon  # re-exported: one cached RDP implementation
+from privacy.accounting import ACCOUNTANTS, rdp_epsilon  # re-exported: one cached RDP implementation
+from privacy.accounting import epsilon as composed_epsilon
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import linear as _opacus_linear
 from opacus.grad_sample.utils import register_norm_sampler
@@ -97,7 +99,9 @@ class DPSettings(BaseModel):
     grad_sample_mode: Literal["auto", "ghost", "hooks"] = Field(
         default="auto", description="'auto' = ghost clipping where the model allows, else hooks."
     )
-    accountant: Literal["rdp"] = Field(default="rdp", description="Opacus accountant.")
+    accountant: Literal["rdp", "prv"] = Field(
+        default="rdp", description="Accountant of calibration and reported epsilon (privacy.accounting)."
+    )
 
 
 
@@ -137,10 +141,11 @@ class PrivateTraining:
     sample_rate: float
     delta: float
     grad_sample_mode: str
+    accountant: str = "rdp"
 
     def epsilon(self) -> float:
-        """Epsilon spent so far, from the Opacus accountant, at :attr:`delta`."""
-        return rdp_epsilon(list(self.engine.accountant.history), self.delta)
+        """Epsilon spent so far (the engine's step history, by :attr:`accountant`), at :attr:`delta`."""
+        return composed_epsilon(list(self.engine.accountant.history), self.delta, self.accountant)
 
 
 class CalibrationError(ValueError):
@@ -148,8 +153,8 @@ class CalibrationError(ValueError):
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    reserved: tuple[tuple[float, float, int], ...] | list = ()) -> float:
-    """Noise multiplier reaching ``target_epsilon`` after ``steps`` Poisson-sampled steps (RDP).
+                    reserved: tuple[tuple[float, float, int], ...] | list = (), accountant: str = "rdp") -> float:
+    """Noise multiplier reaching ``target_epsilon`` after ``steps`` Poisson-sampled steps.
 
     Parameters
     ----------
@@ -163,37 +168,83 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         Other releases planned in the same run (DP training losses, DP evaluation metrics;
         :mod:`privacy.releases`): the DP-SGD noise is calibrated so that everything together
         stays at or below ``target_epsilon``.
+    accountant : {"rdp", "prv"}
+        The accountant the node's ledger uses (:mod:`privacy.accounting`; the department
+        policy's ``accountant``). The result is the smallest noise (within 0.1 %) whose
+        composition with ``reserved``, computed by exactly that accountant, is at most
+        ``target_epsilon``; "prv" gives less noise for the same target (its epsilon is tighter).
 
     Raises
     ------
     CalibrationError
         When the reserved releases alone reach ``target_epsilon``.
     """
-    if not reserved:
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {', '.join(map(repr, ACCOUNTANTS))} (got {accountant!r})")
+    reserved = [(float(n), float(q), int(k)) for n, q, k in reserved]
+    if not reserved and accountant == "rdp":
         return float(
             get_noise_multiplier(
                 target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant="rdp"
             )
         )
-    reserved = [(float(n), float(q), int(k)) for n, q, k in reserved]
 
     def eps(sigma: float) -> float:
-        return rdp_epsilon([(sigma, sample_rate, steps), *reserved], delta)
+        return composed_epsilon([(sigma, sample_rate, steps), *reserved], delta, accountant)
 
-    floor = rdp_epsilon(reserved, delta)
+    floor = composed_epsilon(reserved, delta, accountant)
     if floor >= target_epsilon:
         raise CalibrationError(
             f"the releases already made or reserved spend epsilon {floor:.3g} >= target {target_epsilon:g} without "
             "any further DP-SGD step (metric releases: fewer evaluations, a larger metric_noise_multiplier or "
             "train_loss = \"off\" in the policy's [releases])")
-    lo, hi = 0.0, 1.0
-    while eps(hi) > target_epsilon:
-        lo, hi = hi, hi * 2
-        if hi > 1e6:
-            raise CalibrationError(f"no noise multiplier below 1e6 reaches epsilon {target_epsilon:g}")
-    while hi - lo > 1e-3 * hi:  # the smallest noise (within 0.1 %) that stays on target: err on the noisy side
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
+    tol = 1e-3  # the smallest noise (within 0.1 %) that stays on target: err on the noisy side
+    if accountant == "rdp":
+        lo, hi = 0.0, 1.0
+        while eps(hi) > target_epsilon:
+            lo, hi = hi, hi * 2
+            if hi > 1e6:
+                raise CalibrationError(f"no noise multiplier below 1e6 reaches epsilon {target_epsilon:g}")
+        while hi - lo > tol * hi:
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
+        return float(hi)
+    # PRV: each evaluation costs ~0.1-1 s, so start from RDP's noise (PRV's epsilon is never above
+    # RDP's, so it stays on target) and search below it by Illinois regula falsi in log-log space
+    hi = calibrate_noise(target_epsilon, delta, sample_rate, steps, reserved, "rdp")
+    e_hi = eps(hi)
+    lo = hi * 0.8
+    while (e_lo := eps(lo)) <= target_epsilon:
+        hi, e_hi, lo = lo, e_lo, lo * 0.8
+        if lo < 1e-3:
+            return float(hi)
+    f_lo, f_hi = math.log(e_lo / target_epsilon), math.log(max(e_hi, 1e-300) / target_epsilon)
+    side = 0
+    for _ in range(60):
+        if hi - lo <= tol * hi:
+            break
+        if f_lo > 0 > f_hi and math.isfinite(f_lo) and math.isfinite(f_hi):
+            x = math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * f_lo / (f_lo - f_hi))
+        else:
+            x = (lo + hi) / 2
+        if not lo < x < hi:
+            x = (lo + hi) / 2
+        e_x = eps(x)
+        f_x = math.log(max(e_x, 1e-300) / target_epsilon)
+        if e_x <= target_epsilon:
+            hi, f_hi = x, f_x
+            if side == -1:
+                f_lo /= 2  # Illinois: the same end kept twice, weigh it down
+            side = -1
+        else:
+            lo, f_lo = x, f_x
+            if side == 1:
+                f_hi /= 2
+            side = 1
+    else:  # never seen, but never loop forever: finish by bisection
+        while hi - lo > tol * hi:
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
     return float(hi)
 
 
@@ -232,11 +283,12 @@ def make_private(
     if settings.noise_multiplier is not None:
         noise = settings.noise_multiplier
     elif settings.target_epsilon is not None:
-        noise = calibrate_noise(settings.target_epsilon, delta, sample_rate, epochs * len(loader))
+        noise = calibrate_noise(settings.target_epsilon, delta, sample_rate, epochs * len(loader),
+                                accountant=settings.accountant)
     else:
         raise ValueError("DPSettings needs target_epsilon or noise_multiplier")
     mode = "ghost" if settings.grad_sample_mode == "auto" else settings.grad_sample_mode
-    engine = PrivacyEngine(accountant=settings.accountant)
+    engine = PrivacyEngine(accountant="rdp")  # only its step history is read (PrivateTraining.epsilon)
     result = engine.make_private(
         module=module,
         optimizer=optimizer,
@@ -264,4 +316,5 @@ def make_private(
         sample_rate=sample_rate,
         delta=delta,
         grad_sample_mode=mode,
+        accountant=settings.accountant,
     )

@@ -2,9 +2,12 @@
 
 Each department node keeps a :class:`PrivacyLedger` on its own disk: one SQLite file with a
 row per DP release, i.e. per round of local DP-SGD whose result left (or may have left) the
-node. The node's epsilon is never stored; it is always recomputed from these rows with
-Opacus' :class:`~opacus.accountants.RDPAccountant`, so the lifetime budget spans runs,
-restarts and crashes.
+node. The node's epsilon is never stored; it is always recomputed from these rows, so the
+lifetime budget spans runs, restarts and crashes. The accountant is the department policy's
+choice (``accountant = "rdp"``, the default, or ``"prv"``; :mod:`privacy.accounting`), given to
+the ledger when it is opened: each row records the accountant in force when it was written,
+and an epsilon is always the accountant in force *now* over the *whole* history (both are
+valid upper bounds for every row, so a ledger that switched accountants stays correct).
 
 Life cycle of a release::
 
@@ -29,7 +32,6 @@ may be used from several threads and survives ``fork``.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sqlite3
@@ -39,7 +41,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["BudgetExceededError", "LedgerError", "PrivacyLedger", "Release", "SCHEMA_VERSION"]
+from privacy.accounting import ACCOUNTANTS, _rdp_one_step, rdp_epsilon  # noqa: F401 (re-exported)
+from privacy.accounting import epsilon as composed_epsilon
+
+__all__ = ["BudgetExceededError", "LedgerError", "PrivacyLedger", "Release", "SCHEMA_VERSION", "rdp_epsilon"]
 
 #: Version of the on-disk schema, stored in ``PRAGMA user_version`` (2 added ``mechanism`` and
 #: ``replay``; a version-1 ledger is upgraded in place, its rows marked ``dp-sgd``, not replays).
@@ -112,8 +117,9 @@ class Release:
         The node's identity; one accountant per site.
     department : str
         Department owning the site (``health``, ``traffic``, ``utility``).
-    accountant : str
-        Accounting method; only ``"rdp"`` is supported.
+    accountant : str, optional
+        Accountant of the ledger it is recorded in (``"rdp"`` or ``"prv"``); ``None`` (the
+        default) takes the ledger's. The row stores the accountant that checked it.
     mechanism : str
         One of :data:`MECHANISMS` (``"dp-sgd"`` by default).
     replay : bool
@@ -129,7 +135,7 @@ class Release:
     round: int
     site: str
     department: str
-    accountant: str = "rdp"
+    accountant: str | None = None
     mechanism: str = "dp-sgd"
     replay: bool = False
 
@@ -150,8 +156,8 @@ class Release:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 problems.append(f"{name} must be a non-empty string (got {value!r})")
-        if self.accountant != "rdp":
-            problems.append(f"accountant must be 'rdp' (got {self.accountant!r})")
+        if self.accountant is not None and self.accountant not in ACCOUNTANTS:
+            problems.append(f"accountant must be one of {', '.join(map(repr, ACCOUNTANTS))} (got {self.accountant!r})")
         if self.mechanism not in MECHANISMS:
             problems.append(f"mechanism must be one of {', '.join(MECHANISMS)} (got {self.mechanism!r})")
         if problems:
@@ -160,57 +166,6 @@ class Release:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
-@functools.lru_cache(maxsize=4096)
-def _rdp_one_step(noise: float, q: float) -> "np.ndarray":
-    """RDP of one Sampled Gaussian step at Opacus' default orders (memoized).
-
-    Opacus evaluates a slowly converging series for every fractional order; with a ledger
-    and a simulation of many sites the same ``(noise, q)`` comes back thousands of times.
-    RDP is linear in the number of steps, so ``steps * one_step`` is exactly what
-    :func:`opacus.accountants.analysis.rdp.compute_rdp` returns.
-    """
-    from opacus.accountants.analysis.rdp import compute_rdp  # lazy: importing torch costs seconds
-    from opacus.accountants.rdp import RDPAccountant
-
-    vec = compute_rdp(q=q, noise_multiplier=noise, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
-    vec.setflags(write=False)
-    return vec
-
-
-def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of ``(noise_multiplier, sample_rate, steps)`` releases at ``delta`` (Opacus RDP).
-
-    Parameters
-    ----------
-    history : list of (float, float, int)
-        Releases, as an Opacus ``RDPAccountant.history``.
-    delta : float
-        Target delta, in (0, 1).
-
-    Returns
-    -------
-    float
-        The value ``RDPAccountant.get_epsilon(delta)`` returns for the same history (same
-        orders, same composition, same conversion), 0.0 when ``history`` is empty. The
-        per-step RDP of each ``(noise, q)`` is memoized, so repeated queries cost microseconds.
-    """
-    if not history:
-        return 0.0
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"delta must be in (0, 1) (got {delta!r})")
-    from opacus.accountants.analysis.rdp import get_privacy_spent
-    from opacus.accountants.rdp import RDPAccountant
-
-    # RDP composes additively and is linear in the step count, so releases with the same
-    # (noise, q) are merged into one entry: identical epsilon, cost independent of #rounds.
-    merged: dict[tuple[float, float], int] = {}
-    for noise, q, steps in history:
-        merged[(float(noise), float(q))] = merged.get((float(noise), float(q)), 0) + int(steps)
-    rdp = sum(_rdp_one_step(noise, q) * steps for (noise, q), steps in merged.items())
-    eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
-    return float(eps)
 
 
 class PrivacyLedger:
@@ -222,6 +177,9 @@ class PrivacyLedger:
         Ledger file. Parent directories and the schema are created when missing.
     timeout : float, optional
         Seconds to wait for another process' lock (default 30).
+    accountant : {"rdp", "prv"}
+        How epsilon is computed from the rows (:func:`privacy.accounting.epsilon`): the node's
+        policy's ``accountant``. Default ``"rdp"``.
 
     Raises
     ------
@@ -237,9 +195,12 @@ class PrivacyLedger:
     rows.
     """
 
-    def __init__(self, path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, path: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT_S, accountant: str = "rdp"):
         self.path = Path(path)
         self.timeout = float(timeout)
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {', '.join(map(repr, ACCOUNTANTS))} (got {accountant!r})")
+        self.accountant = accountant
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -365,8 +326,8 @@ class PrivacyLedger:
         max_epsilon, delta : float, optional
             When both are given, the budget is checked inside the same write transaction
             (atomic against other processes): if the epsilon at ``delta`` including this
-            release would exceed ``max_epsilon``, nothing is written and
-            :class:`BudgetExceededError` is raised.
+            release (by the ledger's accountant, over the whole history) would exceed
+            ``max_epsilon``, nothing is written and :class:`BudgetExceededError` is raised.
 
         Returns
         -------
@@ -377,6 +338,10 @@ class PrivacyLedger:
             raise TypeError(f"begin() expects a Release, got {type(release).__name__}")
         if (max_epsilon is None) != (delta is None):
             raise ValueError("give both max_epsilon and delta, or neither")
+        if release.accountant is not None and release.accountant != self.accountant:
+            raise LedgerError(
+                f"privacy ledger {str(self.path)!r}: release names accountant {release.accountant!r} but the "
+                f"ledger accounts with {self.accountant!r} (open it with the policy's accountant).")
         now = _now()
         with self._write() as con:
             other = con.execute(
@@ -391,11 +356,12 @@ class PrivacyLedger:
             if max_epsilon is not None:
                 hist = self._history(con, release.site)
                 hist.append((float(release.noise_multiplier), float(release.sample_rate), int(release.steps)))
-                eps = rdp_epsilon(hist, float(delta))
+                eps = composed_epsilon(hist, float(delta), self.accountant)
                 if eps > max_epsilon:
                     raise BudgetExceededError(
                         f"privacy ledger {str(self.path)!r}: release would bring site {release.site!r} "
-                        f"to epsilon {eps:.4g} > max_epsilon {max_epsilon:g} (delta {delta:g})."
+                        f"to epsilon {eps:.4g} > max_epsilon {max_epsilon:g} (delta {delta:g}, "
+                        f"{self.accountant.upper()} accountant)."
                     )
             cur = con.execute(
                 "INSERT INTO releases (site, department, run_id, round, noise_multiplier, sample_rate,"
@@ -411,7 +377,7 @@ class PrivacyLedger:
                     int(release.steps),
                     int(release.steps),
                     float(release.delta),
-                    release.accountant,
+                    self.accountant,
                     now,
                     now,
                     release.mechanism,
@@ -498,20 +464,24 @@ class PrivacyLedger:
             except sqlite3.Error as exc:
                 raise self._fail("read failed", exc) from exc
 
-    def epsilon(self, site: str, delta: float) -> float:
+    def epsilon(self, site: str, delta: float, accountant: str | None = None) -> float:
         """Epsilon spent by ``site`` at ``delta`` over all counted releases (0.0 when none).
 
-        Pending releases count (conservative). Computed by an Opacus ``RDPAccountant``
-        whose ``history`` is :meth:`history`.
+        Pending releases count (conservative). Computed by ``accountant`` (default: the
+        ledger's) over :meth:`history`, all rows whatever accountant they were recorded under.
         """
-        return rdp_epsilon(self.history(site), delta)
+        return composed_epsilon(self.history(site), delta, accountant or self.accountant)
 
-    def projected_epsilon(self, site: str, release: Release, *more: Release) -> float:
+    def projected_epsilon(self, site: str, release: Release, *more: Release, accountant: str | None = None) -> float:
         """Epsilon of ``site`` if ``release`` (and ``more``) were added, at ``release.delta``."""
         hist = self.history(site)
         for r in (release, *more):
             hist.append((float(r.noise_multiplier), float(r.sample_rate), int(r.steps)))
-        return rdp_epsilon(hist, release.delta)
+        return composed_epsilon(hist, release.delta, accountant or self.accountant)
+
+    def run_epsilon(self, site: str, run_id: str, delta: float, accountant: str | None = None) -> float:
+        """Epsilon of the releases run ``run_id`` obtained from ``site`` (:meth:`run_history`), at ``delta``."""
+        return composed_epsilon(self.run_history(site, run_id), delta, accountant or self.accountant)
 
     def run_history(self, site: str, run_id: str) -> list[tuple[float, float, int]]:
         """Counted releases (any mechanism) that run ``run_id`` obtained from ``site``, as ``(noise, q, steps)``."""
@@ -561,5 +531,5 @@ class PrivacyLedger:
         return [r[0] for r in rows]
 
     def __repr__(self) -> str:
-        return f"PrivacyLedger({str(self.path)!r})"
+        return f"PrivacyLedger({str(self.path)!r}, accountant={self.accountant!r})"
 

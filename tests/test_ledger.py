@@ -165,7 +165,7 @@ def test_invalid_release_rejected():
     with pytest.raises(ValueError, match="noise_multiplier"):
         _rel(noise=-1.0)
     with pytest.raises(ValueError, match="accountant"):
-        Release(1.0, 0.1, 1, 1e-5, "r", 1, "s", "health", accountant="prv")
+        Release(1.0, 0.1, 1, 1e-5, "r", 1, "s", "health", accountant="pld")
 
 
 def test_survives_restart_in_another_process(tmp_path):

@@ -277,6 +277,7 @@ _valid_policies = st.builds(
     allowed_tasks=st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=4),
     max_rounds_per_run=st.integers(min_value=1, max_value=10**6),
     require_dp=st.booleans(),
+    accountant=st.sampled_from(["rdp", "prv"]),
     releases=st.builds(
         dict,
         num_examples_granularity=st.integers(min_value=1, max_value=1000),
@@ -458,3 +459,61 @@ def test_budget_counts_across_runs_and_pending(ledger):
 def test_job_request_rejects_unknown_knobs():
     with pytest.raises(ValueError):
         _job(secure_rng=False)
+
+
+# -- the accountant switch (issue 12.3) ---------------------------------------------------------
+
+
+def test_accountant_defaults_to_rdp_and_accepts_prv():
+    assert load_policy_text(VALID).accountant == "rdp"
+    assert load_policy_text(VALID + 'accountant = "prv"\n').accountant == "prv"
+    assert load_policy_text(VALID + 'accountant = "rdp"\n').accountant == "rdp"
+    for name in ("health", "traffic", "utility"):  # the examples keep the default (README's tables are RDP)
+        assert load_policy(EXAMPLES / f"{name}.toml").accountant == "rdp"
+
+
+@pytest.mark.parametrize(("line", "got"), [
+    ('accountant = "pld"', "'pld'"),
+    ('accountant = "PRV"', "'PRV'"),
+    ("accountant = 1", "1"),
+    ('accountant = ""', "''"),
+])
+def test_bad_accountant_names_the_field_and_the_allowed_values(line, got):
+    with pytest.raises(PolicyError) as exc:
+        load_policy_text(VALID + line + "\n")
+    msg = str(exc.value)
+    assert msg.startswith("p.toml: field 'accountant': must be 'rdp' or 'prv'"), msg
+    assert f"(got {got}" in msg and 'Fix: set "rdp"' in msg and 'accountant = "prv"' in msg
+
+
+def test_accountant_typo_in_key_suggests_it():
+    with pytest.raises(PolicyError, match="did you mean 'accountant'"):
+        load_policy_text(VALID + 'acountant = "prv"\n')
+
+
+def test_coordinator_cannot_choose_the_accountant():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="accountant"):
+        _job(accountant="prv")
+
+
+def test_check_job_uses_the_policys_accountant(tmp_path):
+    from privacy.accounting import prv_epsilon, rdp_epsilon
+
+    led = PrivacyLedger(tmp_path / "l.sqlite", accountant="prv")
+    led.commit(led.begin(Release(1.0, 0.05, 200, 1e-3, "old", 1, SITE, "health")))
+    hist = [(1.0, 0.05, 200), (1.0, 0.05, 40)]
+    prv, rdp = prv_epsilon(hist, 1e-3), rdp_epsilon(hist, 1e-3)
+    assert prv < 0.95 * rdp
+    d = check_job(_policy(accountant="prv"), _job(), led, SITE, delta=1e-3)
+    assert d.accepted and d.epsilon_after == pytest.approx(prv, rel=1e-12) and "PRV" in d.reason
+    assert d.epsilon_before == pytest.approx(prv_epsilon(hist[:1], 1e-3), rel=1e-12)
+    # the same ledger checked under an RDP policy: RDP over the whole history
+    d = check_job(_policy(accountant="rdp"), _job(), led, SITE, delta=1e-3)
+    assert d.epsilon_after == pytest.approx(rdp, rel=1e-12) and "RDP" in d.reason
+    # a budget between the two: PRV accepts, RDP refuses
+    mid = (prv + rdp) / 2
+    assert check_job(_policy(accountant="prv", max_epsilon=mid), _job(), led, SITE, delta=1e-3).accepted
+    refused = check_job(_policy(accountant="rdp", max_epsilon=mid), _job(), led, SITE, delta=1e-3)
+    assert not refused.accepted and "projected epsilon" in refused.reason
