@@ -39,7 +39,7 @@ test: install
 FAULT_TABLE := $(CURDIR)/runs/fault-table.jsonl
 test-slow: install
 	@mkdir -p runs && rm -f $(FAULT_TABLE)
-	FLWR_TELEMETRY_ENABLED=0 CITYFED_FAULT_TABLE=$(FAULT_TABLE) $(BIN)/python -m pytest -q -m slow --reruns 1 \
+	FLWR_TELEMETRY_ENABLED=0 CITYFED_FAULT_TABLE=$(FAULT_TABLE) $(BIN)/python -m pytest -q -rR --durations=12 -m slow --reruns 1 \
 		--reruns-delay 5; rc=$$?; $(BIN)/python benchmarks/fault_table.py --render $(FAULT_TABLE) || true; exit $$rc
 
 bench: install

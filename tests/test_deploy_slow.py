@@ -158,7 +158,12 @@ class City:
         return res
 
     def register(self, name: str) -> str:
-        return self.fl_server("register", str(self.base / "keys" / name / "node.pub")).stdout.strip().splitlines()[-1]
+        """Register ``name``'s node.pub once per city (a rerun of a failed test gets the same node ID)."""
+        done = self.__dict__.setdefault("registered", {})
+        if name not in done:
+            res = self.fl_server("register", str(self.base / "keys" / name / "node.pub"))
+            done[name] = res.stdout.strip().splitlines()[-1]
+        return done[name]
 
     def nodes(self) -> list[dict]:
         return json.loads(self.fl_server("nodes", "--json").stdout)
