@@ -281,13 +281,20 @@ def _measured(key: str, what: str, stage: dict, drop: dict, res: dict, t_fault: 
     print(json.dumps(MEASURED, indent=1))
 
 
-def test_a_node_killed_while_training_ends_the_run_cleanly_naming_it(city, hospitals):
+def _start(city: City, hospitals: Hospitals, name: str, rounds: int, line: str = "Receiving: train message"):
+    """All three hospitals up, then a run launched: ``(victim proc, victim node ID, log marks, lines seen, run ID)``.
+
+    ``lines seen`` counts ``line`` in the victim's log before the run (the fault is timed from it).
+    """
     hospitals.up()
     victim = hospitals.procs[VICTIM]
-    vid = int(hospitals.ids[VICTIM])
     marks = _marks(hospitals)
-    seen = victim.text().count("Receiving: train message")
-    run_id = _launch(city, "kill-collect", 3)
+    seen = victim.text().count(line)
+    return victim, int(hospitals.ids[VICTIM]), marks, seen, _launch(city, name, rounds)
+
+
+def test_a_node_killed_while_training_ends_the_run_cleanly_naming_it(city, hospitals):
+    victim, vid, marks, seen, run_id = _start(city, hospitals, "kill-collect", 3)
     # 4 SecAgg+ train messages per round: the 7th is round 2's collect stage (train + masked vector)
     t_kill = _kill_at(hospitals, VICTIM, "Receiving: train message", seen + 7, city.state / "runs" / "kill-collect")
     res = _check(city, hospitals, "kill-collect", run_id, marks)
@@ -313,12 +320,7 @@ def test_a_node_killed_while_training_ends_the_run_cleanly_naming_it(city, hospi
 def test_b_node_killed_in_setup_nobody_trains(city, hospitals):
     from privacy.ledger import PrivacyLedger
 
-    hospitals.up()
-    victim = hospitals.procs[VICTIM]
-    vid = int(hospitals.ids[VICTIM])
-    marks = _marks(hospitals)
-    seen = victim.text().count("Receiving: train message")
-    run_id = _launch(city, "kill-setup", 3)
+    victim, vid, marks, seen, run_id = _start(city, hospitals, "kill-setup", 3)
     # the 5th train message is round 2's setup: killed while it makes its keys (about 1 s of work
     # here; should its reply slip out first, it drops out of share-keys instead: also before training)
     t_kill = _kill_at(hospitals, VICTIM, "Receiving: train message", seen + 5, city.state / "runs" / "kill-setup")
@@ -347,12 +349,7 @@ def test_b_node_killed_in_setup_nobody_trains(city, hospitals):
 
 
 def test_c_node_killed_after_sending_its_masked_vector_the_round_completes(city, hospitals):
-    hospitals.up()
-    victim = hospitals.procs[VICTIM]
-    vid = int(hospitals.ids[VICTIM])
-    marks = _marks(hospitals)
-    seen = victim.text().count("Sending: train message")
-    run_id = _launch(city, "kill-unmask", 2)
+    victim, vid, marks, seen, run_id = _start(city, hospitals, "kill-unmask", 2, line="Sending: train message")
     # its 7th train reply is round 2's masked vector: dead when the unmask stage asks for its shares
     t_kill = _kill_at(hospitals, VICTIM, "Sending: train message", seen + 7, city.state / "runs" / "kill-unmask",
                       then="Sent successfully")
@@ -379,12 +376,7 @@ def test_d_node_whose_clientapp_hangs_is_dropped_by_the_deadline(city, hospitals
     """
     import signal
 
-    hospitals.up()
-    victim = hospitals.procs[VICTIM]
-    vid = int(hospitals.ids[VICTIM])
-    marks = _marks(hospitals)
-    seen = victim.text().count("Receiving: train message")
-    run_id = _launch(city, "hang-collect", 3)
+    victim, vid, marks, seen, run_id = _start(city, hospitals, "hang-collect", 3)
     _await_line(victim, "Receiving: train message", seen + 7, None, city.state / "runs" / "hang-collect")
     import threading
 
@@ -428,12 +420,7 @@ def test_d_node_whose_clientapp_hangs_is_dropped_by_the_deadline(city, hospitals
 def test_e_node_frozen_while_training_is_dropped_by_the_deadline(city, hospitals):
     import signal
 
-    hospitals.up()
-    victim = hospitals.procs[VICTIM]
-    vid = int(hospitals.ids[VICTIM])
-    marks = _marks(hospitals)
-    seen = victim.text().count("Receiving: train message")
-    run_id = _launch(city, "freeze-collect", 3)
+    victim, vid, marks, seen, run_id = _start(city, hospitals, "freeze-collect", 3)
     _await_line(victim, "Receiving: train message", seen + 7, None, city.state / "runs" / "freeze-collect")
     hospitals.snapshot(VICTIM)
     frozen = hospitals.trees[VICTIM]  # fl-client, its SuperNode (own session) and the ClientApp worker
