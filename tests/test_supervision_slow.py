@@ -248,8 +248,12 @@ def test_killed_fl_client_leaves_no_supernode(city):
 
     # they follow through Flower's parent-PID watch (0.2 s) and a graceful shutdown: slower on a busy machine
     wait_for(group_gone, 30, "the SuperNode's SuperExec and ClientApp worker to end", poll=0.1)
-    status = {n["node-id"]: n["status"] for n in city.nodes()}
-    assert status[node_id] == "offline"  # it signed off (SIGTERM), so the key is free again at once
+    # it signs off on SIGTERM (offline at once) unless it dies before its sign-off call completes;
+    # then the SuperLink marks it offline when its heartbeat expires (seen once in a full module run)
+    t1 = time.monotonic()
+    wait_for(lambda: {n["node-id"]: n["status"] for n in city.nodes()}[node_id] == "offline", 120,
+             "the coordinator to show the killed node offline", poll=1)
+    print(f"\nkilled fl-client: offline at the coordinator {time.monotonic() - t1:.1f} s after its processes ended")
     again = city.start_node(site)
     city.wait_online([node_id])
     assert [s["owner"] for s in supernodes_using_key(key)] == [again.pid]  # one SuperNode on the key
