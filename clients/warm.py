@@ -642,6 +642,37 @@ def _fast_object_pulls() -> None:
     rc.pull_and_inflate_object_from_tree = fast_pulls(rc.pull_and_inflate_object_from_tree)
 
 
+#: Seconds a ClientApp process may outlive its SuperExec before it exits without waiting for its task.
+ORPHAN_GRACE_S = 5.0
+
+
+def exit_when_orphaned(parent_pid: int, grace: float = ORPHAN_GRACE_S) -> threading.Thread:
+    """End this process ``grace`` s after its parent ``parent_pid`` is gone, whatever it is doing.
+
+    Flower's parent monitor raises SIGINT in the main thread; a task blocked in a call that
+    never returns (pulling from or pushing to a SuperNode that was killed) or one that catches
+    the interrupt outlives it, and the worker stayed behind holding the node's data in memory
+    (seen after ``kill -9`` of a node while it evaluated). This backstop checks every 0.5 s
+    whether the process was re-parented (its parent died) and then calls ``os._exit(1)`` after
+    the grace period. Returns the (daemon) watcher thread.
+    """
+    def watch() -> None:
+        gone_at = None
+        while True:
+            time.sleep(0.5)
+            if os.getppid() == parent_pid:
+                continue
+            gone_at = gone_at or time.monotonic()
+            if time.monotonic() - gone_at >= grace:
+                print(f"ClientApp process {os.getpid()}: its SuperExec (pid {parent_pid}) is gone; exiting",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+
+    t = threading.Thread(target=watch, name="cityfed-orphan-watch", daemon=True)
+    t.start()
+    return t
+
+
 def run_worker(argv: list[str]) -> None:
     """Worker main loop: one JSON task per stdin line, run in order, until EOF."""
     import argparse
@@ -658,6 +689,7 @@ def run_worker(argv: list[str]) -> None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
         start_parent_process_monitor(args.parent_pid)
+        exit_when_orphaned(args.parent_pid)
     pinning.prepare()  # the installed release's manifest and the audit log, before any FAB is loaded
     _fast_object_pulls()
     preload = [m.strip() for m in os.environ.get(PRELOAD_ENV, ",".join(DEFAULT_PRELOAD)).split(",") if m.strip()]

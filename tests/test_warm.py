@@ -7,6 +7,7 @@ SecAgg+) is exercised by tests/test_deploy_slow.py, whose nodes run fl-client's 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -415,3 +416,51 @@ def test_a_normal_pull_is_left_as_flower_does_it(monkeypatch):
     assert run_id == 7 and confirmed == [msg.metadata.message_id]
     assert [t.status.status for t in state.get_tasks()] == [Status.PENDING]
     assert [m.metadata.message_id for m in state.get_messages_legacy()] == [msg.metadata.message_id]
+
+
+def _running(pid: int) -> bool:
+    """``pid`` exists and has not exited (a zombie nobody reaped yet counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_clientapp_process_whose_superexec_dies_exits_even_when_its_task_is_stuck(tmp_path):
+    """The warm worker outlived a killed node when its task ignored Flower's SIGINT: the backstop ends it."""
+    import signal as _signal
+
+    pidfile = tmp_path / "child.pid"
+    child = (
+        "import os, signal, sys, time\n"
+        f"sys.path.insert(0, {str(Path(warm.__file__).resolve().parents[1])!r})\n"
+        "from clients import warm\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)  # a task that does not end on Flower's interrupt\n"
+        "warm.exit_when_orphaned(os.getppid(), grace=0.5)\n"
+        f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c",
+                               "import subprocess, sys, time\n"
+                               f"subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+                               "time.sleep(120)\n"])
+    try:
+        end = time.monotonic() + 60
+        while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < end:
+            time.sleep(0.1)
+        pid = int(pidfile.read_text())
+        time.sleep(1.5)
+        assert _running(pid)  # alive while its parent is
+        parent.kill()
+        parent.wait(timeout=10)
+        end = time.monotonic() + 15
+        while time.monotonic() < end:
+            if not _running(pid):
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(pid, _signal.SIGKILL)
+            raise AssertionError("the orphaned ClientApp process did not exit")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
