@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from clients.datasets import DATASETS
 from clients.node import NODE_KEYS, TASKS
+from server.artefacts import CHECKPOINT, MODEL, require_no_legacy_checkpoint, save_model
 from server.secagg import SecAggStrategy
 from server.secagg import check_settings as check_secagg
 from server.strategy import STRATEGIES, GuardedStrategy, TooFewUpdates, load_checkpoint, make_strategy
@@ -74,8 +75,8 @@ class RunSettings(BaseModel):
                               description="Records the coordinator holds (a file in the department schema, or "
                                           "'bundled' for the department's packaged public data): every site's test "
                                           "split in it is scored each round, exactly. Empty = none.")
-    run_dir: str = Field("runs/latest", alias="run-dir", description="Folder for checkpoint.pkl, model.pt, results.json.")
-    resume: bool = Field(False, description="Continue from run-dir/checkpoint.pkl.")
+    run_dir: str = Field("runs/latest", alias="run-dir", description="Folder for checkpoint.safetensors, model.safetensors, results.json.")
+    resume: bool = Field(False, description="Continue from run-dir/checkpoint.safetensors.")
     seed: int = Field(0, description="Seed of the initial model and of local sampling.")
     secagg: bool = Field(False, description="Aggregate train updates under Flower's SecAgg+: the coordinator only sees "
                                             "their weighted mean (fedavg, fedadam, fedyogi only; at least 3 nodes per round).")
@@ -189,7 +190,9 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
     dept = cfg["department"]
     run_dir = Path(cfg["run-dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = run_dir / "checkpoint.pkl"
+    ckpt = run_dir / CHECKPOINT
+    if cfg["resume"]:
+        require_no_legacy_checkpoint(run_dir)  # an earlier version's pickle: never unpickled, the error says what to do
     schema = DATASETS[dept].schema
     torch.manual_seed(int(cfg["seed"]))
     model = build_model(default_model_config(schema, cfg["model"]))
@@ -246,7 +249,7 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
         except TooFewUpdates as exc:
             status = f"stopped: {exc}"
     final = load_checkpoint(ckpt) if ckpt.exists() else {"arrays": {k: v.numpy() for k, v in arrays.items()}}
-    torch.save({k: torch.from_numpy(v) for k, v in final["arrays"].items()}, run_dir / "model.pt")
+    save_model(run_dir / MODEL, final["arrays"], metadata={"run-id": str(run_id)})
     out = {"run_id": run_id, "status": status, "config": cfg, "job": job, "seconds": time.perf_counter() - t0,
            **strategy.history}
     (run_dir / "results.json").write_text(json.dumps(out, indent=2, default=float))

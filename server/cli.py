@@ -18,8 +18,8 @@ Everything lives under ``--state-dir`` (env ``CITYFED_STATE_DIR``, default
     audit.jsonl(.head)    tamper-evident audit log (runs, node keys, stops, refusals; ``fl-server audit``)
     audit.key / audit.pub EC P-256 key signing it (0600, made on first use) / its public half
     serverapps.json       live ServerApp processes by run (written by ``start``, read by ``stop``)
-    runs/<name>/          one folder per run: launch.json, run-config.toml, checkpoint.pkl,
-                          model.pt, results.json, report.html (+ metric.png, epsilon.png)
+    runs/<name>/          one folder per run: launch.json, run-config.toml, checkpoint.safetensors,
+                          model.safetensors, results.json, report.html (+ metric.png, epsilon.png)
 
 Exit codes: 0 ok, 1 the SuperLink or ``flwr`` reported a failure, 2 bad input (file,
 option or run-config value), 3 the coordinator is not started / not reachable.
@@ -140,7 +140,7 @@ StateDir = Annotated[
 ]
 RunsDir = Annotated[
     Optional[Path],
-    typer.Option("--runs-dir", help="Folder for run folders (model.pt, results.json, checkpoint.pkl). "
+    typer.Option("--runs-dir", help="Folder for run folders (model.safetensors, results.json, checkpoint.safetensors). "
                  "Default: <state-dir>/runs. Must be on the coordinator machine."),
 ]
 
@@ -778,8 +778,10 @@ class CoordinatorSupervisor:
 
 
 def _checkpoint_round(folder: Path) -> int:
-    """Rounds completed according to ``folder/checkpoint.pkl`` (0 without one)."""
-    ckpt = Path(folder) / "checkpoint.pkl"
+    """Rounds completed according to ``folder/checkpoint.safetensors`` (0 without one)."""
+    from server.artefacts import CHECKPOINT
+
+    ckpt = Path(folder) / CHECKPOINT
     if not ckpt.exists():
         return 0
     from server.strategy import load_checkpoint
@@ -896,16 +898,16 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_run_results(folder: Path, status: str, flwr_run_id: str, *, written_by: str) -> dict:
-    """Write ``results.json``, ``model.pt`` and ``report.html`` for a run the ServerApp did not finish.
+    """Write ``results.json``, ``model.safetensors`` and ``report.html`` for a run the ServerApp did not finish.
 
     For a run stopped by the operator (``fl-server stop``) or one whose ServerApp failed:
     the rounds completed so far come from the run's checkpoint (its history: per-round
-    metrics, refusals, excluded replies), ``model.pt`` is the last completed round's model.
+    metrics, refusals, excluded replies), ``model.safetensors`` is the last completed round's model.
 
     Parameters
     ----------
     folder : Path
-        The run folder (``launch.json``, ``checkpoint.pkl``).
+        The run folder (``launch.json``, ``checkpoint.safetensors``).
     status : str
         The run's own status, e.g. ``stopped by operator`` or ``failed: ...``.
     flwr_run_id : str
@@ -920,7 +922,10 @@ def write_run_results(folder: Path, status: str, flwr_run_id: str, *, written_by
     """
     folder = Path(folder)
     launch = json.loads((folder / "launch.json").read_text())
-    ckpt = folder / "checkpoint.pkl"
+    from server.artefacts import CHECKPOINT, MODEL, require_no_legacy_checkpoint, save_model
+
+    require_no_legacy_checkpoint(folder)  # an earlier version's pickle is never unpickled
+    ckpt = folder / CHECKPOINT
     saved = None
     if ckpt.exists():
         from server.strategy import load_checkpoint
@@ -934,9 +939,7 @@ def write_run_results(folder: Path, status: str, flwr_run_id: str, *, written_by
            "rounds-completed": done, "flwr-run-id": str(flwr_run_id), "written-by": written_by,
            "written-at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if saved:
-        import torch
-
-        torch.save({k: torch.from_numpy(v) for k, v in saved["arrays"].items()}, folder / "model.pt")
+        save_model(folder / MODEL, saved["arrays"], metadata={"run-id": out["run_id"]})
     _write_atomic(folder / "results.json", json.dumps(out, indent=2, default=float))
     from server.report import write_run_report
 
@@ -1402,8 +1405,8 @@ def run_cmd(
 
     Secure aggregation (SecAgg+) is on unless --no-secagg is given: the coordinator then
     only sees the mean update of at least 3 nodes. Works offline (nothing is installed:
-    both sides use their own environment). The run's artefacts (checkpoint.pkl every
-    round, model.pt, results.json, report.html) land in <runs-dir>/<name>/ on the coordinator.
+    both sides use their own environment). The run's artefacts (checkpoint.safetensors every
+    round, model.safetensors, results.json, report.html) land in <runs-dir>/<name>/ on the coordinator.
     Shows each launch step on stderr (checking the config, building and submitting the app
     bundle, waiting for the run to start) and prints the run ID as the last line of stdout;
     follow it with `fl-server logs RUN` and `fl-server runs`.
@@ -1556,7 +1559,7 @@ def stop_cmd(
     """Stop a run now (status finished:stopped) and leave its results in its folder.
 
     Once the run's ServerApp has exited, writes results.json (status "stopped by operator",
-    the rounds completed so far from the run's checkpoint), model.pt (the last completed
+    the rounds completed so far from the run's checkpoint), model.safetensors (the last completed
     round's model) and report.html, like a run that ends by itself. `fl-server run
     --resume RUN` continues it later from that checkpoint.
     """
@@ -1570,7 +1573,7 @@ def stop_cmd(
 
 
 def _stopped_results(state_dir: Path, runs: Path, run_id: str, wait: float) -> None:
-    """``fl-server stop``'s second half: wait for the ServerApp, then results.json, model.pt, report.html."""
+    """``fl-server stop``'s second half: wait for the ServerApp, then results.json, model.safetensors, report.html."""
     rec = next((d for d in _launches(runs) if run_id in [str(r) for r in d.get("run-ids", [])]), None)
     if rec is None:
         _err().print(f"[yellow]note:[/] run {run_id} has no run folder under {escape(str(runs))} (not launched with "
@@ -1592,7 +1595,7 @@ def _stopped_results(state_dir: Path, runs: Path, run_id: str, wait: float) -> N
             out = write_run_results(folder, "stopped by operator", run_id, written_by="fl-server stop")
         except Exception as exc:  # noqa: BLE001 - the run is stopped; say what is missing and why
             raise CliError(f"run {run_id} is stopped, but its results could not be written in {folder} "
-                           f"({type(exc).__name__}: {exc}); its checkpoint.pkl is kept: `fl-server run --resume "
+                           f"({type(exc).__name__}: {exc}); its checkpoint.safetensors is kept: `fl-server run --resume "
                            f"{rec['folder']}` continues it", 1) from None
     _out().print(f"results.json: stopped by operator after {out['rounds-completed']} completed round(s) -> "
                  f"{escape(str(folder / 'results.json'))}; report: {escape(str(folder / 'report.html'))}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import pickle
 import time
 from pathlib import Path
 from typing import Iterable
@@ -22,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
+from server.artefacts import read_checkpoint, write_checkpoint
 from server.grid import DeadlineGrid, deadline_grid
 from server.validation import validate_update
 
@@ -355,15 +355,14 @@ class GuardedStrategy(Strategy):
             arrays_np = {k: v.numpy() for k, v in arrays.items()}
             done = max(e["round"] for e in self.history["rounds"])
         blob = {"run_id": self.run_id, "round": done, "arrays": arrays_np, "strategy_state": self.strategy_state(), "history": self.history}
-        tmp = self.checkpoint.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            pickle.dump(blob, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(self.checkpoint)
+        write_checkpoint(self.checkpoint, blob)  # safetensors + JSON, temp file + fsync + rename (server/artefacts.py)
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Load a coordinator checkpoint: ``round`` done, ``arrays``, ``strategy_state``, ``history``."""
-    with open(path, "rb") as fh:
-        return pickle.load(fh)
+    """Load a coordinator checkpoint: ``round`` done, ``arrays``, ``strategy_state``, ``history``.
+
+    Reads ``checkpoint.safetensors`` (:func:`server.artefacts.read_checkpoint`); a pickle
+    ``checkpoint.pkl`` of an earlier version raises
+    :class:`~server.artefacts.LegacyCheckpointError` and is never unpickled.
+    """
+    return read_checkpoint(path)

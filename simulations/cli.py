@@ -220,7 +220,7 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str) -> dict:
         console.print(f"[yellow]refused[/yellow] round {r['round']} node {r['node']}: {r['reason']}")
     for r in results["excluded"][:20]:
         console.print(f"[red]excluded[/red] round {r['round']} node {r['node']}: {r['reason']}")
-    console.print(f"wrote {out}/results.json, {out}/model.pt, {report}")
+    console.print(f"wrote {out}/results.json, {out}/model.safetensors, {report}")
     return results
 
 
@@ -228,7 +228,7 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str) -> dict:
 def run(
     department: str = typer.Option(..., "--department", "-d",
                                    help="health, traffic, utility, or 'all' (one after the other, OUT/<department>)."),
-    out: Path = typer.Option(Path("runs/sim"), "--out", "-o", help="Run folder: results.json, model.pt, report.html, ledgers/."),
+    out: Path = typer.Option(Path("runs/sim"), "--out", "-o", help="Run folder: results.json, model.safetensors, report.html, ledgers/."),
     rounds: Optional[int] = typer.Option(None, "--rounds", "-r", min=1,
                                          help="Federated rounds (default per department: health 15, traffic 8, utility 8)."),
     local_epochs: Optional[int] = typer.Option(None, "--local-epochs", min=1,
@@ -263,13 +263,13 @@ def run(
                         "DP-noised metrics, accounted in its ledger (the policy is copied to OUT/policies/ with "
                         "[releases] local_evaluation = \"dp\"; its epsilon counts toward the target). off: neither."),
     engine: str = typer.Option("ray", help="ray (Flower Simulation Engine) or inprocess (no Ray; same apps)."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/checkpoint.pkl."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/checkpoint.safetensors."),
     seed: int = typer.Option(0, help="Seed for the initial model, sampling and partitioning."),
 ) -> None:
     """Federated training of a department's sites on this machine, under each node's policy and ledger.
 
     The ServerApp and ClientApp are the deployment ones. Writes OUT/results.json (per-round
-    and per-site metrics, epsilon per site, refusals, excluded replies), OUT/model.pt,
+    and per-site metrics, epsilon per site, refusals, excluded replies), OUT/model.safetensors,
     OUT/report.html with PNG plots, and each node's ledger under OUT/ledgers/ (ledgers
     accumulate across runs that share OUT: a second run with the same OUT spends the same
     budget). Examples:

@@ -357,7 +357,7 @@ def test_three_hospitals_train_over_tls_with_node_auth_and_secagg(city, health_n
     t2 = time.monotonic()
     assert run["status"] == "finished:completed", city.fl_server("logs", run_id).stdout[-4000:]
     results = json.loads((folder / "results.json").read_text())
-    assert results["status"] == "completed" and (folder / "model.pt").exists() and results["config"]["secagg"] is True
+    assert results["status"] == "completed" and (folder / "model.safetensors").exists() and results["config"]["secagg"] is True
     rounds = results["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     node_site = {nid: site for site, (nid, _) in health_nodes.items()}
@@ -517,7 +517,7 @@ def test_node_that_does_not_trust_the_city_ca_is_refused(city, health_nodes):
 def _round_of_checkpoint(folder: Path) -> int:
     from server.strategy import load_checkpoint
 
-    ck = folder / "checkpoint.pkl"
+    ck = folder / "checkpoint.safetensors"
     return int(load_checkpoint(ck)["round"]) if ck.exists() else 0
 
 

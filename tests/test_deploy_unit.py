@@ -1074,9 +1074,9 @@ def datetime_now_iso() -> str:
 
 
 def _checkpoint(folder: Path, done: int) -> None:
-    import pickle
-
     import numpy as np
+
+    from server.artefacts import write_checkpoint
 
     rounds = [{"round": r, "train": {"accepted": 2, "nodes": {"1": {"epsilon": 0.5 * r, "num-examples": 10}}},
                "central": {"accuracy": 0.6 + 0.05 * r}, "central-sites": {"Cleveland": {"accuracy": 0.6 + 0.05 * r,
@@ -1084,8 +1084,7 @@ def _checkpoint(folder: Path, done: int) -> None:
               for r in range(1, done + 2)]  # the round in progress is in the history too
     blob = {"run_id": "7", "round": done, "arrays": {"w": np.arange(3, dtype=np.float32)}, "strategy_state": {},
             "history": {"rounds": rounds, "excluded": [], "refused": [{"round": 1, "node": 2, "code": 1, "reason": "policy"}]}}
-    with open(folder / "checkpoint.pkl", "wb") as fh:
-        pickle.dump(blob, fh)
+    write_checkpoint(folder / "checkpoint.safetensors", blob)
 
 
 def test_stop_leaves_results_json_model_and_report(pki_files, monkeypatch, tmp_path):
@@ -1117,7 +1116,7 @@ def test_stop_leaves_results_json_model_and_report(pki_files, monkeypatch, tmp_p
     assert results["status"] == "stopped by operator" and results["rounds-completed"] == 2
     assert [r["round"] for r in results["rounds"]] == [1, 2] and results["run_id"] == "7"
     assert results["refused"][0]["reason"] == "policy" and results["config"]["strategy"] == "fedavg"  # app defaults
-    assert (folder / "model.pt").exists() and (folder / "metric.png").exists() and (folder / "epsilon.png").exists()
+    assert (folder / "model.safetensors").exists() and (folder / "metric.png").exists() and (folder / "epsilon.png").exists()
     page = (folder / "report.html").read_text()
     assert "stopped by operator" in page and "after 2 of 5 rounds" in page
     assert "stopped by operator after 2 completed round(s)" in " ".join(res.output.split())

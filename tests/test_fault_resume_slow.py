@@ -42,7 +42,7 @@ def nodes(city):
 def _checkpoint_round(folder) -> int:
     from server.strategy import load_checkpoint
 
-    ck = folder / "checkpoint.pkl"
+    ck = folder / "checkpoint.safetensors"
     return int(load_checkpoint(ck)["round"]) if ck.exists() else 0
 
 

@@ -1,17 +1,18 @@
 """ServerApp + ClientApp over the in-process grid: faults, refusals, resume."""
 
 import json
-import pickle
 import warnings
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord
+from safetensors.torch import load_file
 
 from clients.app import app as client_app
 from privacy.ledger import PrivacyLedger
 from server.app import run_federation
+from server.strategy import load_checkpoint
 from simulations.inprocess import InProcessGrid
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -44,7 +45,7 @@ def test_dp_federation_learns_and_ledgers_hold_target_epsilon(tmp_path):
         assert 2.5 < eps <= 3.0 + 1e-6  # calibrated by each node for the whole run
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["rounds"][-1]["train"]["accepted"] == 4
-    assert (tmp_path / "run" / "model.pt").exists()
+    assert (tmp_path / "run" / "model.safetensors").exists()
 
 
 def _tamper(kind):
@@ -76,8 +77,8 @@ def test_bad_reply_excluded_and_global_model_unaffected(tmp_path, kind):
     nodes2 = _nodes(clean_dir)
     ref = run_federation(InProcessGrid(client_app, nodes2, tamper=lambda n, r: _drop_marker(n, r)),
                          _cfg(clean_dir, **{"num-rounds": 1, "max-update-norm": 50.0}), run_id="r")
-    a = torch.load(tmp_path / "run" / "model.pt")
-    b = torch.load(clean_dir / "run" / "model.pt")
+    a = load_file(tmp_path / "run" / "model.safetensors")
+    b = load_file(clean_dir / "run" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k]) for k in a)
 
 
@@ -102,7 +103,7 @@ def test_coordinator_killed_after_round_k_resumes_at_k_plus_1(tmp_path):
     grid = InProcessGrid(client_app, nodes)
     # "kill" after round 2: the first process only gets through 2 rounds of a 3-round run
     run_federation(grid, _cfg(tmp_path, **{"num-rounds": 2}), run_id="r1")
-    ck = pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))
+    ck = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
     assert ck["round"] == 2
     eps_before = PrivacyLedger(nodes[0]["ledger"]).epsilon("Cleveland", site_delta("Cleveland"))
     res = run_federation(InProcessGrid(client_app, nodes), _cfg(tmp_path, **{"num-rounds": 3, "resume": True}), run_id="r2")
@@ -138,7 +139,7 @@ def test_crash_mid_round_then_resume_replays_the_round_and_keeps_the_target(tmp_
     cfg = _cfg(tmp_path, **{"num-rounds": 4})
     with pytest.raises(_Crash):
         run_federation(InProcessGrid(client_app, nodes, tamper=crash_in_round_3), cfg, run_id="r1")
-    assert pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))["round"] == 2
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")["round"] == 2
     res = run_federation(InProcessGrid(client_app, nodes), {**cfg, "resume": True}, run_id="r2")
     assert [e["round"] for e in res["rounds"]] == [1, 2, 3, 4] and res["run_id"] == "r1"
     for n in nodes:

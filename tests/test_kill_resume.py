@@ -2,7 +2,6 @@
 
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import time
 import pytest
 
 from privacy.ledger import PrivacyLedger
+from server.strategy import load_checkpoint
 
 SITES = ["Cleveland", "Hungary", "VA Long Beach", "Switzerland"]
 
@@ -25,14 +25,14 @@ def test_sigkill_after_round_k_resumes_at_k_plus_1(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     proc = subprocess.Popen(_cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    ckpt = out / "checkpoint.pkl"
+    ckpt = out / "checkpoint.safetensors"
     done = 0
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             if ckpt.exists():
                 try:
-                    done = pickle.loads(ckpt.read_bytes())["round"]
+                    done = load_checkpoint(ckpt)["round"]
                 except Exception:  # being replaced: read again
                     done = 0
                 if done >= 2:
@@ -45,7 +45,7 @@ def test_sigkill_after_round_k_resumes_at_k_plus_1(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    k = pickle.loads(ckpt.read_bytes())["round"]
+    k = load_checkpoint(ckpt)["round"]
     assert 2 <= k < 5
     res = subprocess.run(_cmd(out, "--resume"), capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]

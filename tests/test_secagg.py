@@ -1,7 +1,6 @@
 """Secure aggregation (SecAgg+) through the same ServerApp/ClientApp over the in-process grid."""
 
 import json
-import pickle
 import time
 from types import SimpleNamespace
 import warnings
@@ -15,6 +14,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
+from safetensors.torch import load_file
 
 import clients.app as capp_mod
 import clients.secagg as csecagg
@@ -23,6 +23,7 @@ from clients.node import TRAIN_METRICS
 from privacy.ledger import PrivacyLedger
 from server.app import run_federation, settings
 from server.secagg import MAX_WEIGHT
+from server.strategy import load_checkpoint
 from simulations.inprocess import InProcessGrid
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -85,11 +86,11 @@ def _assert_round_is_mean(before, after, updates):
 
 def test_secagg_global_model_is_the_weighted_mean_and_resume_works(tmp_path, captured):
     nodes = _nodes(tmp_path)
-    ckpt = tmp_path / "run" / "checkpoint.pkl"
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
     globals_after = {}
 
     def on_round(entry):
-        globals_after[entry["round"]] = pickle.load(open(ckpt, "rb"))["arrays"]
+        globals_after[entry["round"]] = load_checkpoint(ckpt)["arrays"]
 
     res = run_federation(InProcessGrid(client_app, nodes), _cfg(tmp_path), run_id="s1", on_round=on_round)
     assert res["status"] == "completed" and [e["round"] for e in res["rounds"]] == [1, 2]
@@ -194,7 +195,7 @@ def test_secagg_ledgers_and_a_policy_refusal(tmp_path, captured):
     assert {(r["round"], r["node"], r["code"]) for r in res["refused"]} == {(1, 4, REFUSED), (2, 4, REFUSED)}
     assert all("max_epsilon" in r["reason"] for r in res["refused"])
     assert PrivacyLedger(nodes[3]["ledger"]).releases("Switzerland") == []
-    ckpt = pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
     ups = [c for c in captured if c["round"] == 2]
     assert len(ups) == 3
     _assert_round_is_mean(ups[0]["global"], ckpt["arrays"], ups)  # the refusing node's masks were removed
@@ -225,7 +226,7 @@ def test_secagg_tolerates_a_dropout_after_training(tmp_path, captured):
     train = res["rounds"][0]["train"]
     assert train["accepted"] == 3 and set(train["nodes"]) == {1, 3, 4}
     assert [(d["node"], d["stage"]) for d in train["secagg"]["dropped"]] == [(2, "collect_masked_vectors")]
-    ckpt = pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
     kept = [c for c in captured if c["site"] != SITES[1]]
     assert len(kept) == 3 and len(captured) == 4  # node 2 trained (and spent budget) but was not aggregated
     _assert_round_is_mean(kept[0]["global"], ckpt["arrays"], kept)
@@ -238,7 +239,7 @@ def test_secagg_round_with_two_contributors_ends_the_run_unchanged(tmp_path):
     assert res["status"].startswith("stopped:") and "min-accepted=3" in res["status"]
     assert [e["round"] for e in res["rounds"]] == [1]
     assert res["rounds"][0]["train"]["accepted"] == 0 or "stopped" in res["rounds"][0]["train"]
-    assert pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))["round"] == 0  # nothing applied
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")["round"] == 0  # nothing applied
 
 
 def test_secagg_rejects_an_oversized_aggregate(tmp_path, captured, monkeypatch):
@@ -259,7 +260,7 @@ def test_secagg_rejects_an_oversized_aggregate(tmp_path, captured, monkeypatch):
     assert [x["node"] for x in res["excluded"]] == ["secure-aggregate"]
     assert "max-update-norm" in res["excluded"][0]["reason"]
     assert res["rounds"][0]["train"]["rejected"]
-    final = torch.load(tmp_path / "run" / "model.pt")
+    final = load_file(tmp_path / "run" / "model.safetensors")
     initial = captured[0]["global"]
     assert all(np.array_equal(final[k].double().numpy(), initial[k]) for k in initial)  # global model unchanged
 
@@ -408,7 +409,7 @@ def test_secagg_survives_one_silent_node_in_any_stage(tmp_path, captured, stage)
     assert "no reply to SecAgg+" in drop["reason"] and "within 600 s" in drop["reason"], drop
     assert res["refused"] == [] and res["dropped"] == [{"round": 1, **drop}]
     assert (1, stage, 600.0) in grid.exchanges
-    ckpt = pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
     used = [c for c in captured if c["site"] in {SITES[n - 1] for n in contributors}]
     assert len(used) == len(contributors)
     _assert_round_is_mean(used[0]["global"], ckpt["arrays"], used)
@@ -424,7 +425,7 @@ def test_secagg_three_nodes_one_gone_before_round_2_stops_cleanly_before_trainin
     assert res["status"].startswith("stopped: round 2:"), res["status"]
     assert "node 3" in res["status"] and "min-accepted=3" in res["status"]
     assert [e["round"] for e in res["rounds"]] == [1, 2]  # no round lost or repeated
-    assert pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))["round"] == 1
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")["round"] == 1
     assert {c["round"] for c in captured} == {1}  # nobody trained (or spent budget) for the aborted round
     # the setup stage of round 2 waited the floor (30 s: round 1's setup took 0.4 s), not an hour
     assert (2, "setup", 30.0) in grid.exchanges and not [e for e in grid.exchanges if e[0] == 2 and e[1] != "setup"]
@@ -444,7 +445,7 @@ def test_secagg_three_nodes_one_killed_while_training_stops_without_unmasking(tm
     assert (2, "collect_masked_vectors", 40.0) in grid.exchanges
     assert (2, "unmask") not in {e[:2] for e in grid.exchanges}  # the two-node sum is never unmasked
     assert [e["round"] for e in res["rounds"]] == [1, 2]
-    assert pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))["round"] == 1
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")["round"] == 1
 
 
 def test_secagg_three_nodes_one_lost_in_unmask_completes_the_round_then_waits_bounded(tmp_path, captured):
@@ -463,7 +464,7 @@ def test_secagg_three_nodes_one_lost_in_unmask_completes_the_round_then_waits_bo
     assert [e for e in grid.exchanges if e[1] == "evaluate"] == []
     assert res["status"].startswith("stopped: round 2:"), res["status"]
     assert "node 3" in res["status"] and "connected" in res["status"] and "30 s" in res["status"]
-    assert pickle.load(open(tmp_path / "run" / "checkpoint.pkl", "rb"))["round"] == 1
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")["round"] == 1
 
 
 def test_plain_round_drops_a_silent_node_after_a_measured_deadline(tmp_path, captured):

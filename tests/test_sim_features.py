@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings as hsettings, strategies as st
+from safetensors.torch import load_file
 
 from clients.app import app as client_app
 from clients.datasets import load_department
@@ -105,7 +106,7 @@ def test_run_ends_cleanly_when_all_nodes_refuse(tmp_path):
     assert [e["round"] for e in res["rounds"]] == [1]
     assert len(res["refused"]) == 4
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["status"] == res["status"] and (tmp_path / "run" / "model.pt").exists()
+    assert saved["status"] == res["status"] and (tmp_path / "run" / "model.safetensors").exists()
     for n in nodes:
         assert PrivacyLedger(n["ledger"]).releases(n["site"]) == []
 
@@ -190,7 +191,7 @@ def test_central_evaluation_scores_each_site_of_the_coordinators_data_exactly(tm
         assert e["evaluate"]["nodes"] == {} and len(e["evaluate"]["declined"]) == 4
         assert set(e["central-sites"]) == set(ds.sites)
     model = build_model(default_model_config(ds.schema))
-    model.load_state_dict(torch.load(tmp_path / "run" / "model.pt"))
+    model.load_state_dict(load_file(tmp_path / "run" / "model.safetensors"))
     last = res["rounds"][-1]
     total = 0
     for site in ds.sites:

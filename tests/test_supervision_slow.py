@@ -4,7 +4,7 @@
   and resumes the run it was running from its checkpoint; the run completes, no manual step;
 * a run's ServerApp killed mid-run: noticed at once from its process, marked failed in Flower
   with the reason, resumed, completes;
-* ``fl-server stop``: results.json ("stopped by operator", the rounds done), model.pt and
+* ``fl-server stop``: results.json ("stopped by operator", the rounds done), model.safetensors and
   report.html are left, and ``fl-server runs`` shows that result;
 * a run that ends cleanly on too few updates (every node refuses it): ``runs`` shows its own
   result next to Flower's ``finished:completed``;
@@ -199,7 +199,7 @@ def test_stop_leaves_results_report_and_runs_agrees(city, nodes):
     done = results["rounds-completed"]
     assert results["status"] == "stopped by operator" and 1 <= done < 30
     assert [r["round"] for r in results["rounds"]] == list(range(1, done + 1)) and results["run_id"] == run_id
-    assert (folder / "model.pt").exists() and "stopped by operator" in (folder / "report.html").read_text()
+    assert (folder / "model.safetensors").exists() and "stopped by operator" in (folder / "report.html").read_text()
     row = run_row(city, run_id)
     assert row["status"] == "finished:stopped" and row["result"] == "stopped by operator"
     time.sleep(3)  # the supervisor saw the ServerApp go: a stopped run is not resumed
