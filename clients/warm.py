@@ -58,6 +58,7 @@ refuses other versions with a clear message, in both modes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -654,7 +655,8 @@ def exit_when_orphaned(parent_pid: int, grace: float = ORPHAN_GRACE_S) -> thread
     the interrupt outlives it, and the worker stayed behind holding the node's data in memory
     (seen after ``kill -9`` of a node while it evaluated). This backstop checks every 0.5 s
     whether the process was re-parented (its parent died) and then calls ``os._exit(1)`` after
-    the grace period. Returns the (daemon) watcher thread.
+    the grace period, also when its farewell message cannot be written (stderr a broken pipe:
+    that error once ended the watcher instead of the process). Returns the (daemon) watcher thread.
     """
     def watch() -> None:
         gone_at = None
@@ -664,9 +666,11 @@ def exit_when_orphaned(parent_pid: int, grace: float = ORPHAN_GRACE_S) -> thread
                 continue
             gone_at = gone_at or time.monotonic()
             if time.monotonic() - gone_at >= grace:
-                print(f"ClientApp process {os.getpid()}: its SuperExec (pid {parent_pid}) is gone; exiting",
-                      file=sys.stderr, flush=True)
-                os._exit(1)
+                try:  # stderr may be a pipe nobody reads any more (the node that read it was killed)
+                    print(f"ClientApp process {os.getpid()}: its SuperExec (pid {parent_pid}) is gone; exiting",
+                          file=sys.stderr, flush=True)
+                finally:
+                    os._exit(1)
 
     t = threading.Thread(target=watch, name="cityfed-orphan-watch", daemon=True)
     t.start()
@@ -698,20 +702,34 @@ def run_worker(argv: list[str]) -> None:
             importlib.import_module(name)
         except ImportError as exc:
             print(f"warm ClientApp worker: preload {name!r} failed: {exc}", file=sys.stderr, flush=True)
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            task = json.loads(line)
-        except json.JSONDecodeError:
-            print(f"warm ClientApp worker: ignored a malformed task line ({len(line)} bytes)", file=sys.stderr,
-                  flush=True)
-            continue
-        try:
-            run_task(task)
-        finally:
-            if done is not None:
-                done.write(f"{task.get('task_id')}\n")
+    code = 0
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            try:
+                task = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"warm ClientApp worker: ignored a malformed task line ({len(line)} bytes)", file=sys.stderr,
+                      flush=True)
+                continue
+            try:
+                run_task(task)
+            finally:
+                if done is not None:
+                    done.write(f"{task.get('task_id')}\n")
+    except BaseException as exc:  # noqa: BLE001 (a broken done-pipe, an interrupt: the worker ends either way)
+        code = 1
+        with contextlib.suppress(Exception):
+            print(f"warm ClientApp worker: ending after {type(exc).__name__}", file=sys.stderr, flush=True)
+    # End here rather than in interpreter teardown: a thread left by a task (a gRPC channel to a
+    # SuperNode that was killed) kept the worker alive at exit, holding the node's data in memory.
+    # Every task has finished (ledger rows are written and synced inside the task).
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    os._exit(code)
 
 
 def run_cold_task(argv: list[str]) -> None:

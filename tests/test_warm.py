@@ -426,15 +426,23 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_a_clientapp_process_whose_superexec_dies_exits_even_when_its_task_is_stuck(tmp_path):
-    """The warm worker outlived a killed node when its task ignored Flower's SIGINT: the backstop ends it."""
+@pytest.mark.parametrize("stderr_reader_gone", [False, True], ids=["stderr-open", "stderr-broken-pipe"])
+def test_a_clientapp_process_whose_superexec_dies_exits_even_when_its_task_is_stuck(tmp_path, stderr_reader_gone):
+    """The warm worker outlived a killed node when its task ignored Flower's SIGINT: the backstop ends it.
+
+    With ``stderr-broken-pipe`` the process's stderr is a pipe whose reader is gone, as when the
+    ``fl-client`` that read the node's output was killed: the backstop's own message then fails
+    (EPIPE), and it must exit all the same (it did not: the watcher thread died on the error).
+    """
     import signal as _signal
 
     pidfile = tmp_path / "child.pid"
+    broken = "r, w = os.pipe(); os.dup2(w, 2); os.close(r); os.close(w)\n" if stderr_reader_gone else ""
     child = (
         "import os, signal, sys, time\n"
         f"sys.path.insert(0, {str(Path(warm.__file__).resolve().parents[1])!r})\n"
         "from clients import warm\n"
+        + broken +
         "signal.signal(signal.SIGINT, signal.SIG_IGN)  # a task that does not end on Flower's interrupt\n"
         "warm.exit_when_orphaned(os.getppid(), grace=0.5)\n"
         f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
