@@ -1653,6 +1653,11 @@ def _mount_audit() -> None:
 _mount_audit()
 
 
+from serving.commands import server_export as _server_export  # noqa: E402  (fl-server export: serving/commands.py)
+
+_command("export")(_server_export)
+
+
 def main() -> None:
     """Console entry point ``fl-server``."""
     from privacy.safe_cli import run_app

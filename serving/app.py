@@ -1,0 +1,195 @@
+"""The ``fl-serve`` HTTP API (FastAPI): predictions from a verified model package, on the department's node.
+
+Endpoints
+---------
+``POST /predict``
+    Records in the department's schema, as JSON ``{"records": [{column: value, ...}, ...]}``
+    or a CSV body (``Content-Type: text/csv``). Answer: health, ``probability`` per record;
+    traffic / utility, the ``forecast`` of the next steps after the last record, in the
+    target's unit. A schema violation is answered 422 with ``field``, ``problem``, ``fix``.
+``GET /model``
+    The model card (provenance: run, strategy, rounds, sites, epsilon and delta, metrics).
+``GET /metrics``
+    Request counts by endpoint and status, records predicted, latency percentiles.
+``GET /health``
+    Liveness (no key needed): package, department, site.
+``GET /docs``, ``GET /openapi.json``
+    OpenAPI documentation (no key needed; it holds no record and no model).
+
+Every endpoint but ``/health`` and the docs needs an API key (``X-API-Key: KEY`` or
+``Authorization: Bearer KEY``): none given is 401, a wrong one 403. Request bodies are never
+logged; an unexpected error is answered 500 with its type only (a library message may
+quote a record).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from serving.features import RequestError, SiteFeatures, frame_from_csv, frame_from_records
+from serving.package import ModelPackage
+
+log = logging.getLogger("cityfed.serve")
+
+#: Most records one request may carry.
+MAX_RECORDS = 10_000
+#: Largest request body (bytes).
+MAX_BODY = 20 * 1024 * 1024
+
+
+class PredictRequest(BaseModel):
+    """JSON body of ``POST /predict``."""
+
+    records: list[dict] = Field(description="Records in the department's schema: one object per record, keys are the "
+                                            "schema's column names (GET /model -> schema). Health: one probability "
+                                            "per record. Traffic/utility: the site's consecutive records up to the "
+                                            "last known step (at least the model's lookback); the answer is the next "
+                                            "horizon steps.")
+
+
+class Metrics:
+    """Request counts and latencies (thread-safe; the last 10,000 latencies per endpoint)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.latency: dict[str, deque] = defaultdict(lambda: deque(maxlen=10_000))
+        self.records = 0
+
+    def add(self, endpoint: str, status: int, seconds: float, records: int = 0) -> None:  # noqa: D102
+        with self._lock:
+            self.counts[endpoint][str(status)] += 1
+            self.latency[endpoint].append(seconds)
+            self.records += records
+
+    def snapshot(self) -> dict:  # noqa: D102
+        with self._lock:
+            out = {"uptime-seconds": round(time.time() - self.started, 3), "records-predicted": self.records,
+                   "requests": {k: dict(v) for k, v in self.counts.items()}, "latency-ms": {}}
+            for k, v in self.latency.items():
+                a = np.asarray(v) * 1000
+                out["latency-ms"][k] = {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
+                                        "max": float(a.max()), "n": int(len(a))}
+            return out
+
+
+def _unprocessable(exc: RequestError) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": [{"field": exc.field, "problem": exc.problem, "fix": exc.fix}]})
+
+
+def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]) -> FastAPI:
+    """The FastAPI app serving ``package`` for ``features``' site.
+
+    Parameters
+    ----------
+    package : ModelPackage
+        A verified package (:func:`serving.package.load_package`).
+    features : SiteFeatures
+        The served site's validation and scaling (built from the node's own data).
+    api_keys : list of str
+        Accepted keys (at least one).
+
+    Returns
+    -------
+    FastAPI
+    """
+    if not api_keys or not all(api_keys):
+        raise ValueError("fl-serve needs at least one non-empty API key")
+    if package.department != features.department:
+        raise ValueError(f"the package is a {package.department} model; the data given is {features.department}'s")
+    keys = [k.encode() for k in api_keys]
+    metrics = Metrics()
+    model = package.model
+    lock = threading.Lock()  # one forward pass at a time (torch threads are the parallelism)
+    card = package.card
+    app = FastAPI(title=f"cityfed model: {package.department} run {card.get('run-id')}, site {features.site}",
+                  description="Predictions of a cityfed federated model on this department's node. Send records in the "
+                              "department's schema; answers are in original units. Needs an API key "
+                              "(X-API-Key header).", version=str(card.get("cityfed-version", "")))
+
+    def require_key(request: Request) -> None:
+        given = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if given is None and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not given:
+            raise HTTPException(401, "API key missing: send it as 'X-API-Key: KEY' (or 'Authorization: Bearer KEY')",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not any(hmac.compare_digest(given.encode(), k) for k in keys):
+            raise HTTPException(403, "API key not accepted")
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        metrics.add(request.url.path, response.status_code, time.perf_counter() - t0,
+                    int(response.headers.get("x-records", 0) or 0))
+        return response
+
+    @app.get("/health", summary="Liveness: the served package, department and site")
+    def health() -> dict:
+        return {"status": "ok", "department": package.department, "site": features.site,
+                "run-id": card.get("run-id"), "manifest-sha256": package.manifest_sha256}
+
+    @app.get("/model", summary="The model card (provenance) and the schema of the records", dependencies=[Depends(require_key)])
+    def model_card() -> dict:
+        return {"card": card, "schema": package.schema, "model-config": package.model_config,
+                "manifest-sha256": package.manifest_sha256, "site": features.site}
+
+    @app.get("/metrics", summary="Request counts, records predicted, latency percentiles", dependencies=[Depends(require_key)])
+    def get_metrics() -> dict:
+        return metrics.snapshot()
+
+    @app.post("/predict", summary="Predict from records in the department's schema (JSON or CSV body)",
+              dependencies=[Depends(require_key)],
+              openapi_extra={"requestBody": {"content": {
+                  "application/json": {"schema": PredictRequest.model_json_schema()},
+                  "text/csv": {"schema": {"type": "string"}}}, "required": True}})
+    async def predict(request: Request):
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            return _unprocessable(RequestError("records", f"the body has {len(body)} bytes, more than {MAX_BODY}",
+                                               "send fewer records per request"))
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            if ctype in ("text/csv", "application/csv"):
+                frame = frame_from_csv(body)
+            else:
+                try:
+                    payload = json.loads(body or b"null")
+                except ValueError:
+                    raise RequestError("body", "not valid JSON", "send {\"records\": [...]} with Content-Type "
+                                       "application/json, or a CSV with Content-Type text/csv") from None
+                if not isinstance(payload, dict) or "records" not in payload:
+                    raise RequestError("records", "missing", "send {\"records\": [{column: value, ...}, ...]}")
+                frame = frame_from_records(payload["records"])
+            if len(frame) > MAX_RECORDS:
+                raise RequestError("records", f"{len(frame)} records, more than {MAX_RECORDS}", "split the request")
+            X, info = features.inputs(frame)
+        except RequestError as exc:
+            return _unprocessable(exc)
+        with lock, torch.no_grad():
+            out = model(torch.from_numpy(X)).numpy()
+        answer = features.answer(out, info)
+        return JSONResponse(answer, headers={"x-records": str(len(frame))})
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):  # a library message may quote a record: type only
+        log.error("fl-serve: %s on %s", type(exc).__name__, request.url.path)
+        return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__}); see the "
+                                                                "server log"})
+
+    app.state.metrics = metrics
+    return app

@@ -1,0 +1,162 @@
+"""``fl-serve``: serve a verified model package on the department's own node (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=(
+    "Serve a cityfed model package (fl-sim export-model / fl-server export) on this department's node. "
+    "The package's hashes are checked first (a changed file is refused). Records are validated with the same checks "
+    "as training and scaled with this site's own training scalers, built here from the department's data (bundled, "
+    "or --data): they never come from the package or the coordinator. API: POST /predict (JSON or CSV records in "
+    "the department's schema; answers in original units), GET /model (model card), GET /metrics, GET /health, "
+    "GET /docs (OpenAPI). Every call but /health and the docs needs an API key: header 'X-API-Key: KEY'."))
+err = Console(stderr=True)
+
+#: Environment variable that may hold the API key (instead of --api-key-file).
+KEY_ENV = "CITYFED_SERVE_API_KEY"
+
+
+def read_keys(path: Path | None) -> list[str]:
+    """API keys from a file (one per line, ``#`` comments) or ``$CITYFED_SERVE_API_KEY``.
+
+    Raises
+    ------
+    typer.BadParameter
+        No key anywhere, an unreadable file, or a key shorter than 16 characters.
+    """
+    if path is not None:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            raise typer.BadParameter(f"{path}: cannot read ({exc.strerror}); fix: give a readable file with one key "
+                                     "per line", param_hint="--api-key-file") from None
+        keys = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        where = str(path)
+    else:
+        keys = [os.environ[KEY_ENV].strip()] if os.environ.get(KEY_ENV, "").strip() else []
+        where = f"${KEY_ENV}"
+    if not keys:
+        raise typer.BadParameter(f"no API key in {where}; fix: put a key in a file (e.g. `python -c 'import secrets; "
+                                 f"print(secrets.token_urlsafe(32))' > serve.keys; chmod 600 serve.keys`) and pass "
+                                 f"--api-key-file serve.keys, or set {KEY_ENV}", param_hint="--api-key-file")
+    short = [k for k in keys if len(k) < 16]
+    if short:
+        raise typer.BadParameter(f"{where}: {len(short)} key(s) shorter than 16 characters; fix: use long random keys "
+                                 "(secrets.token_urlsafe(32))", param_hint="--api-key-file")
+    return keys
+
+
+def build(package: Path, site: str, data: Path | None, keys: list[str], *, manifest_sha256: str | None = None,
+          date_format: str | None = None, ranges: Path | None = None):
+    """Load and verify ``package``, build ``site``'s features from the node's data, and return the FastAPI app."""
+    from serving.app import build_app
+    from serving.features import SiteFeatures
+    from serving.package import load_package
+
+    pkg = load_package(package, manifest_sha256=manifest_sha256)
+    feats = SiteFeatures(pkg.department, site, data, date_format=date_format, ranges=ranges)
+    feats.self_check()
+    return build_app(pkg, feats, keys)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (for tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class ServerThread:
+    """Run a FastAPI app under uvicorn in a background thread (tests, benchmarks): ``with ServerThread(app) as url:``."""
+
+    def __init__(self, fastapi_app, host: str = "127.0.0.1", port: int | None = None, **config):
+        import uvicorn
+
+        self.port = port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(fastapi_app, host=host, port=self.port, log_level="warning",
+                                                    access_log=False, **config))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+        if not self.server.started:
+            raise RuntimeError(f"uvicorn did not start on {self.url}")
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@app.command()
+def serve(
+    package: Annotated[Path, typer.Argument(help="Package folder (fl-sim export-model / fl-server export).")],
+    site: Annotated[str, typer.Option("--site", "-s", help="The site this node serves (its hospital, detector or grid; "
+                                      "`fl-sim datasets` lists them). Its training scalers are fitted here from --data.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="The department's own records file (CSV/Parquet, as "
+                                                 "for fl-client --data); default: the bundled records.")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help=f"File with the accepted API keys, one "
+                                                         f"per line (default: ${KEY_ENV}).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8480,
+    manifest_sha256: Annotated[Optional[str], typer.Option("--manifest-sha256", help="Expected SHA-256 of the "
+                                                           "package's MANIFEST.json (printed by the export): refuses a "
+                                                           "package replaced as a whole.")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option("--tls-cert", help="TLS certificate (PEM); with --tls-key the API "
+                                                     "is served over HTTPS.")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option("--tls-key", help="TLS private key (PEM).")] = None,
+    client_ca: Annotated[Optional[Path], typer.Option("--client-ca", help="CA certificate (PEM): clients must present "
+                                                      "a certificate it signed (mutual TLS), in addition to the API "
+                                                      "key.")] = None,
+    date_format: Annotated[Optional[str], typer.Option("--date-format", help="Layout of text timestamps in --data and "
+                                                       "in requests: ISO (default), DMY, MDY or a strftime pattern.")] = None,
+    ranges: Annotated[Optional[Path], typer.Option("--ranges", help="Plausibility-range overrides (TOML), as in "
+                                                   "training.")] = None,
+) -> None:
+    """Serve PACKAGE for one site on this node: POST /predict, GET /model, /metrics, /health, /docs."""
+    import ssl
+
+    import uvicorn
+
+    from serving.features import RequestError
+    from serving.package import PackageError
+
+    keys = read_keys(api_key_file)
+    if (tls_cert is None) != (tls_key is None):
+        raise typer.BadParameter("give --tls-cert and --tls-key together", param_hint="--tls-cert")
+    if client_ca is not None and tls_cert is None:
+        raise typer.BadParameter("--client-ca (mutual TLS) needs --tls-cert and --tls-key", param_hint="--client-ca")
+    try:
+        fastapi_app = build(package, site, data, keys, manifest_sha256=manifest_sha256, date_format=date_format,
+                            ranges=ranges)
+    except (PackageError, RequestError) as exc:
+        err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    tls = {}
+    if tls_cert is not None:
+        tls = {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(tls_key)}
+        if client_ca is not None:
+            tls.update(ssl_ca_certs=str(client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    scheme = "https" if tls else "http"
+    err.print(f"serving {package} ({fastapi_app.title}) on {scheme}://{host}:{port} (docs: /docs)", highlight=False)
+    uvicorn.run(fastapi_app, host=host, port=port, log_level="info", **tls)
+
+
+def main() -> None:  # console script entry point
+    """``fl-serve`` console script."""
+    from privacy.safe_cli import run_app
+
+    run_app(app, "fl-serve")

@@ -1,0 +1,270 @@
+"""Records in a department's schema -> model inputs, with the site's own training-fitted scaling.
+
+``fl-serve`` runs on a department node: the scalers, imputation values and schema stay
+there. :class:`SiteFeatures` loads the department's data with the same adapter as training
+(:func:`clients.datasets.load_department`: bundled records, or the node's own file), builds
+the served site (which fits its scalers on the site's training part only, as in training)
+and then turns request records into model inputs:
+
+* validation: the adapter's own ``_validate`` (the same column, type, range, category,
+  timestamp and ordering checks as a training file); a violation is the adapter's
+  :class:`~clients.datasets.base.DataFileError` naming the column and the fix;
+* health: the site's training medians / modes impute, its training mean / std standardise,
+  the categories are one-hot over the adapter's own lists (constants of
+  :mod:`clients.datasets.health`); output: the probability of heart disease;
+* traffic / utility: the last ``lookback`` steps on the site's grid (utility: hourly means),
+  short gaps interpolated by :func:`clients.datasets.forecasting.interpolate_short_gaps`,
+  target and temperature scaled with the site's training scalers, calendar channels from
+  :func:`clients.datasets.forecasting.calendar_channels`; output: the next ``horizon``
+  steps in the target's original unit.
+
+The transformation reproduces the adapter's test arrays exactly
+(``tests/test_serve.py`` checks it against ``site_data(site).test.X``), and
+:meth:`SiteFeatures.self_check` does so for health at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clients.datasets import load_department
+from clients.datasets.base import DataFileError, DataQualityWarning, read_table
+
+#: Name used for request data in validation messages.
+REQUEST = "request"
+
+
+class RequestError(ValueError):
+    """A request that cannot be answered; ``field`` names the column (or ``records``), ``fix`` what to do."""
+
+    def __init__(self, field: str | None, problem: str, fix: str):
+        self.field, self.problem, self.fix = field, problem, fix
+        super().__init__(f"{field or 'request'}: {problem}. Fix: {fix}")
+
+
+def frame_from_records(records: list[dict]) -> pd.DataFrame:
+    """A request's JSON records (one object per record, keys = schema columns) as a frame."""
+    if not isinstance(records, list) or not records:
+        raise RequestError("records", "no records", "send a non-empty list of records in the department's schema")
+    if not all(isinstance(r, dict) for r in records):
+        raise RequestError("records", "every record must be a JSON object (column -> value)",
+                           "send [{\"column\": value, ...}, ...]")
+    return pd.DataFrame.from_records(records)
+
+
+def frame_from_csv(body: bytes) -> pd.DataFrame:
+    """A CSV request body as a frame, read by the adapters' own reader (:func:`read_table`)."""
+    with tempfile.TemporaryDirectory(prefix="cityfed-serve-") as tmp:
+        path = Path(tmp) / "request.csv"
+        path.write_bytes(body)
+        try:
+            return read_table(path)
+        except DataFileError as exc:
+            raise RequestError(exc.column or "csv", exc.problem, exc.fix) from None
+
+
+class SiteFeatures:
+    """Model inputs for request records of one site, scaled as in training.
+
+    Parameters
+    ----------
+    department : str
+        ``health``, ``traffic`` or ``utility``.
+    site : str
+        The site served (a hospital, detector, grid), one of the dataset's sites.
+    data : path-like, optional
+        The department's own records file (as for ``fl-client --data``); ``None``: bundled data.
+    date_format, ranges : optional
+        As for :func:`clients.datasets.load_department`.
+    """
+
+    def __init__(self, department: str, site: str, data: str | os.PathLike | None = None, *,
+                 date_format: str | None = None, ranges=None):
+        self.ds = load_department(department, data, date_format=date_format, ranges=ranges)
+        if site not in self.ds.sites:
+            raise RequestError("site", f"unknown {department} site {site!r}", f"serve one of: {', '.join(self.ds.sites)}")
+        self.department, self.site = department, site
+        self.schema = self.ds.schema
+        self.site_key = self.ds._site_keys[site]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataQualityWarning)
+            self.data = self.ds.site_data(site)
+        if self.schema.task != "forecasting":
+            self._fit_health()
+
+    # -- validation (the adapter's own checks) ------------------------------------------------
+    def validate(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Check request records with the adapter's training checks; fill what a prediction does not need.
+
+        The site column may be left out (the served site); the target may be left out (it is
+        what is predicted: health's ``num``). Raises :class:`RequestError` naming the column.
+        """
+        s = self.schema
+        frame = frame.copy()
+        frame.columns = [str(c).strip() for c in frame.columns]
+        if s.site_column not in frame.columns:
+            frame[s.site_column] = self.site_key
+        if s.task != "forecasting":
+            frame[s.target] = 0  # not used: what the model predicts
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DataQualityWarning)
+                out = self.ds._guarded(lambda: self.ds._validate(frame, REQUEST), "checking")
+        except DataFileError as exc:
+            raise RequestError(exc.column or "records", exc.problem, exc.fix) from None
+        sites = {self.ds._site_name(k) for k in out[s.site_column].dropna().unique()}
+        if sites - {self.site}:
+            raise RequestError(s.site_column, f"records of {sorted(sites - {self.site})}; this server serves site {self.site!r}",
+                               f"send only records of {self.site!r} (or leave {s.site_column!r} out)")
+        if len(out) == 0:
+            raise RequestError("records", "no usable record", "send at least one complete record")
+        return out
+
+    # -- health -------------------------------------------------------------------------------
+    def _fit_health(self) -> None:
+        from clients.datasets import health as h
+
+        frame = self.ds._frame
+        records = frame[frame[self.schema.site_column] == self.site_key]
+        train = records.loc[self.data.meta["train_rows"]]
+        raw = self._health_raw(train)
+        self._median = {}
+        for c in (*h.NUMERIC, *h.BINARY):
+            v = raw[c][np.isfinite(raw[c])]
+            self._median[c] = float(np.median(v)) if len(v) else None
+        self._scalers = dict(self.data.meta["scalers"])
+        self._mode = {}
+        for c in h.CATEGORIES:
+            norm = train[c].map(lambda v: str(v).strip().lower() if pd.notna(v) else None).dropna()
+            counts = norm.value_counts()
+            self._mode[c] = counts.index[0] if len(counts) else None
+
+    @staticmethod
+    def _health_raw(r: pd.DataFrame) -> dict[str, np.ndarray]:
+        from clients.datasets import health as h
+
+        cols: dict[str, np.ndarray] = {}
+        for c in h.NUMERIC:
+            v = r[c].to_numpy(dtype=np.float64).copy()
+            if c in h.ZERO_IS_MISSING:
+                v[v == 0] = np.nan
+            cols[c] = v
+        cols["sex"] = r["sex"].map(lambda v: h.SEX[str(v).strip().lower()] if pd.notna(v) else np.nan).to_numpy(dtype=np.float64)
+        for c in ("fbs", "exang"):
+            cols[c] = r[c].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
+        return cols
+
+    def _health_X(self, r: pd.DataFrame) -> np.ndarray:
+        from clients.datasets import health as h
+
+        cols = self._health_raw(r)
+        feats = []
+        for c in (*h.NUMERIC, *h.BINARY):
+            v = cols[c]
+            med = self._median[c]
+            if med is None:  # no training value at this site: the adapter sets the feature to 0
+                feats.append(np.zeros(len(v)))
+                continue
+            v = np.where(np.isnan(v), med, v)
+            if c in h.NUMERIC:
+                mean, std = self._scalers[c]
+                v = (v - mean) / std
+            feats.append(v)
+        for c, vals in h.CATEGORIES.items():
+            norm = r[c].map(lambda v: str(v).strip().lower() if pd.notna(v) else None)
+            norm = norm.where(norm.notna(), self._mode[c])
+            feats += [(norm == val).to_numpy(dtype=np.float64) for val in vals]
+        return np.column_stack(feats).astype(np.float32)
+
+    # -- forecasting ----------------------------------------------------------------------------
+    def _forecast_X(self, r: pd.DataFrame) -> tuple[np.ndarray, pd.DatetimeIndex]:
+        from clients.datasets.forecasting import MAX_GAP, calendar_channels, interpolate_short_gaps
+
+        s, meta = self.schema, self.data.meta
+        step = pd.Timedelta(s.step)
+        target_col = s.target
+        frame = r.set_index(s.time_column)
+        if self.department == "utility":
+            frame = frame[[target_col, "temperature"]].resample(s.step).mean()
+        times = pd.DatetimeIndex(frame.index)
+        end = times[-1]
+        grid = pd.date_range(times[0], end, freq=step)
+        if len(grid) < s.lookback:
+            raise RequestError(s.time_column, f"the records cover {len(grid)} step(s) of {s.step}; a forecast needs the "
+                               f"last {s.lookback} steps ({s.lookback * step} of history)",
+                               f"send at least {s.lookback} consecutive {s.step} records of {target_col!r} ending at the "
+                               "last known step")
+        frame = frame[~frame.index.duplicated()].reindex(grid)
+        y, _ = interpolate_short_gaps(frame[target_col].to_numpy(dtype=np.float64))
+        y = y[-s.lookback:]
+        if not np.isfinite(y).all():
+            raise RequestError(target_col, f"{int((~np.isfinite(y)).sum())} of the last {s.lookback} steps have no value "
+                               f"(gaps longer than {MAX_GAP} steps are not interpolated)",
+                               f"send the last {s.lookback} steps of {target_col!r} with no gap longer than {MAX_GAP} steps")
+        win = grid[-s.lookback:]
+        channels = [((y - self.data.target_mean) / self.data.target_std)[:, None], calendar_channels(win)]
+        if "temperature_mean" in meta:
+            temp = frame["temperature"].to_numpy(dtype=np.float64)[-s.lookback:] if "temperature" in frame \
+                else np.full(s.lookback, np.nan)
+            avail = np.isfinite(temp) & (float(meta.get("temperature_available", 0.0)) > 0)
+            t_scaled = np.where(avail, (np.nan_to_num(temp) - meta["temperature_mean"]) / meta["temperature_std"], 0.0)
+            channels += [t_scaled[:, None], avail.astype(np.float64)[:, None]]
+        X = np.concatenate(channels, axis=1).astype(np.float32)[None]
+        future = pd.date_range(end + step, periods=s.horizon, freq=step)
+        return X, future
+
+    # -- public -----------------------------------------------------------------------------------
+    def inputs(self, frame: pd.DataFrame) -> tuple[np.ndarray, dict]:
+        """Validated model inputs for request records, with what the answer needs.
+
+        Returns
+        -------
+        X : np.ndarray
+            Health: ``(n, n_features)``; forecasting: ``(1, lookback, channels)``.
+        info : dict
+            Forecasting: ``times`` of the predicted steps.
+        """
+        r = self.validate(frame)
+        if self.schema.task == "forecasting":
+            X, future = self._forecast_X(r)
+            return X, {"times": future}
+        return self._health_X(r), {}
+
+    def answer(self, outputs: np.ndarray, info: dict) -> dict:
+        """Model outputs in the department's original units (probabilities, or forecasts with their times)."""
+        s = self.schema
+        if s.task == "forecasting":
+            values = self.data.to_original(outputs.reshape(-1))
+            return {"forecast": [{s.time_column: t.isoformat(), s.target: float(v)} for t, v in zip(info["times"], values)],
+                    "unit": self.data.meta.get("unit") or s.target_unit, "site": self.site}
+        p = 1.0 / (1.0 + np.exp(-outputs.reshape(-1).astype(np.float64)))
+        return {"probability": [float(x) for x in p], "meaning": "probability of heart disease (num > 0)",
+                "site": self.site}
+
+    def test_records(self) -> pd.DataFrame:
+        """Health: the served site's test records (adapter order), for the start-up self-check and tests."""
+        frame = self.ds._frame
+        return frame.loc[self.data.meta["test_rows"]].reset_index(drop=True)
+
+    def self_check(self) -> float:
+        """Health: largest difference between this transformation and the adapter's test arrays (0 when identical).
+
+        Raises
+        ------
+        RuntimeError
+            When they differ by more than 1e-5 (the served scaling would not be the training one).
+        """
+        if self.schema.task == "forecasting":
+            return 0.0
+        X = self._health_X(self.validate(self.test_records()))
+        diff = float(np.abs(X - self.data.test.X).max()) if len(X) else 0.0
+        if X.shape != self.data.test.X.shape or diff > 1e-5:
+            raise RuntimeError(f"serving features of site {self.site!r} differ from training's (max {diff:g}); "
+                               "report this: the served scaling must be the training one")
+        return diff

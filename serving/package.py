@@ -1,0 +1,439 @@
+"""Model package: a run's global model with its provenance, every file covered by a SHA-256 manifest.
+
+A package is a folder::
+
+    model.safetensors   the global model's weights (safetensors: arrays only, no code)
+    model-config.json   the shared_models config the weights belong to (kind, sizes)
+    schema.json         the department's data schema (columns, units, plausibility, task)
+    model-card.json     provenance: run ID, app hash, strategy, rounds, sites, epsilon and
+                        delta per site and mechanism, metrics per site, data sources, time
+    model-card.md       the same card for people
+    MANIFEST.json       SHA-256 of each file above
+
+:func:`load_package` recomputes every hash and refuses a package whose files differ from
+its manifest, lack a file or carry an extra one (:class:`PackageError`). The manifest can
+itself be pinned: its SHA-256 is printed by the export and ``fl-serve --manifest-sha256``
+checks it, so a package swapped as a whole is refused too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from server.artefacts import LEGACY_MODEL, MODEL, ArtefactError, load_model, save_model, write_atomic
+
+#: Package format written in the manifest.
+PACKAGE_FORMAT = "cityfed-model-package/1"
+MANIFEST = "MANIFEST.json"
+FILES = (MODEL, "model-config.json", "schema.json", "model-card.json", "model-card.md")
+
+
+class PackageError(ValueError):
+    """A model package or run folder that cannot be exported or loaded; the message names the file and the fix."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json(obj) -> str:
+    def default(v):
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, (tuple, set)):
+            return list(v)
+        return str(v)
+
+    def clean(v):  # NaN/inf are not JSON: null
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(json.loads(json.dumps(obj, default=default))), indent=2, allow_nan=False) + "\n"
+
+
+def schema_dict(schema) -> dict:
+    """The department :class:`~clients.datasets.base.Schema` as JSON-able data (plus its text table)."""
+    d = asdict(schema)
+    d["columns"] = [{**c, "plausible": list(c["plausible"]) if c["plausible"] is not None else None} for c in d["columns"]]
+    d["describe"] = schema.describe()
+    return d
+
+
+# -- provenance from a run folder -----------------------------------------------------------
+def _site_names(results: dict, sites: list[str]) -> dict[str, str]:
+    from server.report import node_names
+
+    return node_names(results, sites)
+
+
+def _per_site(results: dict, sites: list[str]) -> dict[str, dict]:
+    """Per site (simulation) or node (deployment): last released train/evaluate metrics, exact central scores."""
+    names = _site_names(results, sites)
+    out: dict[str, dict] = {}
+    rounds = sorted((e for e in results.get("rounds", []) if isinstance(e, dict)), key=lambda e: e.get("round", 0))
+    for e in rounds:
+        for phase in ("train", "evaluate"):
+            for node, m in ((e.get(phase) or {}).get("nodes") or {}).items():
+                name = names.get(str(node), f"node {node}")
+                s = out.setdefault(name, {"node": str(node)})
+                s[f"last-{phase}-release"] = {"round": e["round"], **{k: v for k, v in m.items() if k != "partition-id"}}
+                if isinstance(m.get("epsilon"), (int, float)):
+                    s["epsilon-reported"] = max(float(m["epsilon"]), s.get("epsilon-reported", float("-inf")))
+        for name, m in (e.get("central-sites") or {}).items():
+            out.setdefault(name, {})["central"] = {"round": e["round"], **m}
+    for name, m in ((results.get("initial") or {}).get("central-sites") or {}).items():
+        out.setdefault(name, {})["central-initial"] = m
+    return out
+
+
+def _privacy(run_dir: Path, run_id: str) -> tuple[dict, str]:
+    """Per site and mechanism epsilon/delta from the run folder's ledgers (simulation), with where it came from."""
+    from server.report import ledger_summary, read_ledgers
+
+    rows = read_ledgers(run_dir / "ledgers")
+    if not rows:
+        return {}, ("no ledger in the run folder (deployment: each node keeps its own ledger; the epsilon the nodes "
+                    "reported is under sites.<site>.epsilon-reported)")
+    summary = ledger_summary(rows, run_id)
+    out = {}
+    for site, s in summary.items():
+        out[site] = {"delta": s["delta"], "accountant": s["accountant"][0] if s["accountant"] else None,
+                     "epsilon-run": s["run-epsilon"], "epsilon-lifetime": s["lifetime-epsilon"],
+                     "mechanisms": {m: {"epsilon": v["epsilon"], "delta": s["delta"], "releases": v["releases"],
+                                        "steps": v["steps"], "noise-multiplier": list(v["noise"]) if v["noise"] else None}
+                                    for m, v in s["mechanisms"].items()}}
+    return out, "the run folder's ledgers (ledgers/*.sqlite), recomputed with each site's accountant"
+
+
+def _app_hash(run_dir: Path) -> tuple[str | None, str]:
+    launch = run_dir / "launch.json"
+    if launch.is_file():
+        try:
+            rec = json.loads(launch.read_text())
+        except ValueError:
+            rec = {}
+        for key in ("fab-hash", "app-hash"):
+            if rec.get(key):
+                return str(rec[key]), "launch.json"
+        return None, "launch.json does not record the app bundle's hash"
+    return None, "a simulation: no app bundle (the installed cityfed ran it)"
+
+
+def model_card(run_dir: Path, results: dict, *, sites: list[str], model_config: dict, made_by: str) -> dict:
+    """The model card (provenance) of a finished run folder.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run folder (``results.json``; ``ledgers/`` in simulation; ``launch.json`` in deployment).
+    results : dict
+        ``results.json``'s content.
+    sites : list of str
+        Site names by partition ID (simulation) or ``[]`` (deployment: nodes are named by ID).
+    model_config : dict
+        The model's config.
+    made_by : str
+        The command that wrote the package.
+
+    Returns
+    -------
+    dict
+    """
+    from clients.datasets import DATASETS
+
+    cfg = results.get("config") or {}
+    dept = cfg.get("department")
+    run_id = str(results.get("run_id"))
+    privacy, privacy_source = _privacy(run_dir, run_id)
+    per_site = _per_site(results, sites)
+    for name, p in privacy.items():
+        per_site.setdefault(name, {})["privacy"] = p
+    app_hash, app_hash_note = _app_hash(run_dir)
+    rounds = [e for e in results.get("rounds", []) if isinstance(e, dict)]
+    trained = sorted({n for e in rounds for n in (((e.get("train") or {}).get("nodes")) or {})}, key=str)
+    names = _site_names(results, sites)
+    try:
+        source = DATASETS[dept].source()
+    except Exception as exc:  # noqa: BLE001 - a card says what it could not find
+        source = {"error": f"{type(exc).__name__}"}
+    data = cfg.get("central-data") or None
+    return {
+        "card-format": 1,
+        "run-id": run_id,
+        "status": results.get("status"),
+        "department": dept,
+        "task": (results.get("job") or {}).get("task"),
+        "model": model_config,
+        "app-hash": app_hash,
+        "app-hash-note": app_hash_note,
+        "strategy": cfg.get("strategy"),
+        "strategy-settings": {k: cfg.get(k) for k in ("proximal-mu", "server-lr", "trim-beta", "krum-malicious")
+                              if k in cfg and (cfg.get("strategy"), k) in {("fedprox", "proximal-mu"), ("fedadam", "server-lr"),
+                                                                           ("fedyogi", "server-lr"), ("trimmed-mean", "trim-beta"),
+                                                                           ("krum", "krum-malicious")}},
+        "secure-aggregation": bool(cfg.get("secagg")),
+        "rounds-planned": cfg.get("num-rounds"),
+        "rounds-completed": max((int(e["round"]) for e in rounds if (e.get("train") or {}).get("accepted")), default=0),
+        "sites-trained": [names.get(str(n), f"node {n}") for n in trained],
+        "training": {k: cfg.get(k) for k in ("local-epochs", "batch-size", "lr", "dp", "target-epsilon", "noise-multiplier",
+                                             "clipping-norm", "seed")},
+        "privacy": privacy,
+        "privacy-source": privacy_source,
+        "sites": per_site,
+        "excluded-updates": len(results.get("excluded") or []),
+        "refusals": len(results.get("refused") or []),
+        "data-sources": {"bundled": source, "coordinator-central-data": data,
+                         "note": "bundled source as installed where the package was made; a department that trained "
+                                 "on its own file has its own records' provenance"},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "made-by": made_by,
+        "cityfed-version": _version(),
+    }
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def card_markdown(card: dict) -> str:
+    """The model card as Markdown (what ``model-card.md`` holds)."""
+    lines = [f"# Model card: run {card['run-id']} ({card['department']})", "",
+             f"- status: {card['status']}", f"- task: {card.get('task')}", f"- model: {card['model'].get('kind')}",
+             f"- app hash: {card['app-hash'] or '-'} ({card['app-hash-note']})",
+             f"- strategy: {card['strategy']} {card['strategy-settings'] or ''}".rstrip(),
+             f"- secure aggregation: {'yes' if card['secure-aggregation'] else 'no'}",
+             f"- rounds: {card['rounds-completed']} completed of {card['rounds-planned']} planned",
+             f"- sites that trained: {', '.join(card['sites-trained']) or '-'}",
+             f"- training: {', '.join(f'{k} = {_fmt(v)}' for k, v in card['training'].items())}",
+             f"- excluded updates: {card['excluded-updates']}; refusals: {card['refusals']}",
+             f"- created: {card['created']} by {card['made-by']} (cityfed {card['cityfed-version']})", "",
+             "## Privacy per site and mechanism", "", f"Source: {card['privacy-source']}.", ""]
+    if card["privacy"]:
+        lines += ["| site | mechanism | epsilon | delta | releases |", "|---|---|---:|---:|---:|"]
+        for site, p in sorted(card["privacy"].items()):
+            for mech, m in p["mechanisms"].items():
+                lines.append(f"| {site} | {mech} | {_fmt(m['epsilon'])} | {_fmt(m['delta'])} | {m['releases']} |")
+            lines.append(f"| {site} | all (this run) | {_fmt(p['epsilon-run'])} | {_fmt(p['delta'])} | |")
+    lines += ["", "## Sites", "", "| site | epsilon reported by the node | last released metrics | coordinator's exact scores |",
+              "|---|---:|---|---|"]
+    for site, s in sorted(card["sites"].items()):
+        rel = s.get("last-evaluate-release") or s.get("last-train-release") or {}
+        rel = ", ".join(f"{k} {_fmt(v)}" for k, v in rel.items() if k not in ("num-examples",))
+        cen = ", ".join(f"{k} {_fmt(v)}" for k, v in (s.get("central") or {}).items())
+        lines.append(f"| {site} | {_fmt(s.get('epsilon-reported'))} | {rel or '-'} | {cen or '-'} |")
+    lines += ["", "## Data sources", "", "```json", json.dumps(card["data-sources"], indent=2, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+# -- export ----------------------------------------------------------------------------------
+def export_package(run_dir: Path, out_dir: Path, *, sites: list[str] | None = None, made_by: str = "cityfed") -> dict:
+    """Write the model package of a finished run folder to ``out_dir``.
+
+    Parameters
+    ----------
+    run_dir : Path
+        A run folder with ``results.json`` and ``model.safetensors``.
+    out_dir : Path
+        The package folder (created; must be empty or absent).
+    sites : list of str, optional
+        Site names by partition ID (simulation); default: the department's sites (simulation
+        runs name nodes by partition ID; deployment runs do not, and nodes stay ``node <ID>``).
+    made_by : str
+        Command recorded in the card.
+
+    Returns
+    -------
+    dict
+        The manifest (``files``: name -> SHA-256) plus ``manifest-sha256``.
+
+    Raises
+    ------
+    PackageError
+        No results.json / model, a model that does not fit its config, a non-empty ``out_dir``.
+    """
+    from clients.datasets import DATASETS, load_department
+    from shared_models import build_model, default_model_config
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    res_path = run_dir / "results.json"
+    if not res_path.is_file():
+        raise PackageError(f"{res_path}: not found; fix: give a run folder (fl-sim run -o DIR / fl-server runs) "
+                           "of a run that ended")
+    results = json.loads(res_path.read_text())
+    model_path = run_dir / MODEL
+    if not model_path.is_file():
+        hint = (f" (it has {LEGACY_MODEL}, a pickle of an earlier version that cityfed does not read: re-run "
+                "the run with this version)") if (run_dir / LEGACY_MODEL).exists() else ""
+        raise PackageError(f"{model_path}: not found{hint}; fix: export a run that ended (its folder holds {MODEL})")
+    cfg = results.get("config") or {}
+    dept = cfg.get("department")
+    if dept not in DATASETS:
+        raise PackageError(f"{res_path}: config.department = {dept!r} is not one of {sorted(DATASETS)}")
+    schema = DATASETS[dept].schema
+    mcfg = default_model_config(schema, cfg.get("model") or None)
+    try:
+        weights = load_model(model_path)
+    except ArtefactError as exc:
+        raise PackageError(str(exc)) from None
+    import torch
+
+    model = build_model(mcfg)
+    try:
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)
+    except RuntimeError as exc:
+        raise PackageError(f"{model_path}: the weights do not fit the run's model {mcfg.kind!r} "
+                           f"({str(exc).splitlines()[0]}); fix: export the folder of the run that wrote them") from None
+    if sites is None:
+        sites = load_department(dept).sites if cfg.get("department") and _is_simulation(run_dir) else []
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise PackageError(f"{out_dir}: not empty; fix: give a new folder for the package")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_id = str(results.get("run_id"))
+    save_model(out_dir / MODEL, weights, metadata={"run-id": run_id, "department": dept, "model": mcfg.kind})
+    mc = mcfg.model_dump(mode="json")
+    write_atomic(out_dir / "model-config.json", _json(mc).encode())
+    write_atomic(out_dir / "schema.json", _json(schema_dict(schema)).encode())
+    card = model_card(run_dir, results, sites=sites, model_config=mc, made_by=made_by)
+    write_atomic(out_dir / "model-card.json", _json(card).encode())
+    write_atomic(out_dir / "model-card.md", card_markdown(card).encode())
+    manifest = {"format": PACKAGE_FORMAT, "run-id": run_id, "department": dept,
+                "files": {name: sha256_file(out_dir / name) for name in FILES}}
+    write_atomic(out_dir / MANIFEST, _json(manifest).encode())
+    return {**manifest, "manifest-sha256": sha256_file(out_dir / MANIFEST)}
+
+
+def _is_simulation(run_dir: Path) -> bool:
+    """A simulation run folder (nodes named by partition ID): no ``launch.json`` of ``fl-server run``."""
+    return not (Path(run_dir) / "launch.json").exists()
+
+
+# -- load ------------------------------------------------------------------------------------
+@dataclass
+class ModelPackage:
+    """A loaded, verified package: the model (eval mode), its config, schema and card."""
+
+    path: Path
+    model: object
+    model_config: dict
+    schema: dict
+    card: dict
+    manifest: dict
+    manifest_sha256: str
+
+    @property
+    def department(self) -> str:  # noqa: D102
+        return str(self.manifest["department"])
+
+
+def verify_package(path: Path, *, manifest_sha256: str | None = None) -> dict:
+    """Check a package's files against its manifest; return the manifest.
+
+    Parameters
+    ----------
+    path : Path
+        The package folder.
+    manifest_sha256 : str, optional
+        Expected SHA-256 of ``MANIFEST.json`` (as printed by the export).
+
+    Raises
+    ------
+    PackageError
+        Missing manifest or file, a file whose hash differs, an unexpected file, a manifest
+        other than the expected one.
+    """
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise PackageError(f"{mpath}: not found; fix: give a package folder written by `fl-sim export-model` "
+                           "or `fl-server export`")
+    got = sha256_file(mpath)
+    if manifest_sha256 and got != manifest_sha256.lower():
+        raise PackageError(f"{mpath}: SHA-256 {got} differs from the expected {manifest_sha256}; the package was "
+                           "replaced or changed: do not serve it; export it again from the run folder")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except ValueError:
+        raise PackageError(f"{mpath}: not valid JSON; the package is damaged: export it again") from None
+    if manifest.get("format") != PACKAGE_FORMAT or not isinstance(manifest.get("files"), dict):
+        raise PackageError(f"{mpath}: format {manifest.get('format')!r}, expected {PACKAGE_FORMAT!r}; "
+                           "export it again with this cityfed")
+    if set(manifest["files"]) != set(FILES):
+        raise PackageError(f"{mpath}: lists {sorted(manifest['files'])}, a package has exactly {sorted(FILES)}; "
+                           "the package was changed: export it again")
+    extra = sorted(p.name for p in path.iterdir() if p.name not in (*FILES, MANIFEST))
+    if extra:
+        raise PackageError(f"{path}: unexpected file(s) {extra} not covered by {MANIFEST}; fix: remove them, "
+                           "or export the package again into an empty folder")
+    for name, want in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise PackageError(f"{f}: missing from the package; export it again")
+        have = sha256_file(f)
+        if have != want:
+            raise PackageError(f"{f}: SHA-256 {have} does not match {MANIFEST} ({want}): the file was changed "
+                               "after export (tampered or damaged); refused. Fix: export the package again from "
+                               "the run folder")
+    return manifest
+
+
+def load_package(path: Path, *, manifest_sha256: str | None = None) -> ModelPackage:
+    """Verify a package (:func:`verify_package`) and build its model with the packaged weights.
+
+    Parameters
+    ----------
+    path : Path
+    manifest_sha256 : str, optional
+
+    Returns
+    -------
+    ModelPackage
+    """
+    import torch
+    from pydantic import TypeAdapter
+
+    from shared_models import build_model
+    from shared_models.configs import GRUForecasterConfig, HeartClassifierConfig, PatchTSTForecasterConfig
+
+    path = Path(path)
+    manifest = verify_package(path, manifest_sha256=manifest_sha256)
+    mc = json.loads((path / "model-config.json").read_text())
+    kinds = {"heart-mlp": HeartClassifierConfig, "gru": GRUForecasterConfig, "patchtst": PatchTSTForecasterConfig}
+    if mc.get("kind") not in kinds:
+        raise PackageError(f"{path / 'model-config.json'}: kind {mc.get('kind')!r} is not one of {sorted(kinds)}")
+    config = TypeAdapter(kinds[mc["kind"]]).validate_python(mc)
+    model = build_model(config)
+    weights = load_model(path / MODEL)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)
+    model.eval()
+    return ModelPackage(path=path, model=model, model_config=mc, schema=json.loads((path / "schema.json").read_text()),
+                        card=json.loads((path / "model-card.json").read_text()), manifest=manifest,
+                        manifest_sha256=sha256_file(path / MANIFEST))
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("cityfed")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
