@@ -1165,6 +1165,22 @@ def unregister_cmd(
     _out().print(f"[green]unregistered[/] node {node_id}")
 
 
+def list_nodes(state_dir: Path) -> list[dict]:
+    """Registered department nodes: Flower's ``supernode ls`` records plus the name and fingerprint
+    ``register`` recorded (what ``fl-server nodes`` and ``fl-server console`` show).
+
+    Raises
+    ------
+    CliError
+        When the coordinator cannot be asked (see :func:`flwr`).
+    """
+    nodes = flwr(state_dir, "supernode", "ls", CONNECTION, json_out=True).get("nodes", [])
+    labels = _node_labels(state_dir)
+    for n in nodes:
+        n.update({k: v for k, v in labels.get(str(n.get("node-id")), {}).items() if k in ("name", "fingerprint")})
+    return nodes
+
+
 @_command("nodes")
 def nodes_cmd(
     state_dir: StateDir = None,
@@ -1173,11 +1189,7 @@ def nodes_cmd(
     """List registered department nodes with their status (online/offline/unregistered)."""
     sd = _state(state_dir)
     with _errors():
-        data = flwr(sd, "supernode", "ls", CONNECTION, json_out=True)
-    nodes = data.get("nodes", [])
-    labels = _node_labels(sd)
-    for n in nodes:
-        n.update({k: v for k, v in labels.get(str(n.get("node-id")), {}).items() if k in ("name", "fingerprint")})
+        nodes = list_nodes(sd)
     _print_rows("department nodes", ("node-id", "name", "status", "online-at", "offline-at", "fingerprint"), nodes,
                 as_json)
 
@@ -1504,6 +1516,25 @@ def _report_start(run_id: str, started: dict | None, waited: float, elapsed: flo
     return False
 
 
+def list_runs(state_dir: Path, runs: Path) -> list[dict]:
+    """Flower's run records (``flwr ls``) with each run's ``folder`` under ``runs`` and its ``result``
+    (:func:`run_result`): what ``fl-server runs`` and ``fl-server console`` show.
+
+    Raises
+    ------
+    CliError
+        When the coordinator cannot be asked (see :func:`flwr`).
+    """
+    data = flwr(state_dir, "ls", CONNECTION, json_out=True)
+    launches = {str(r): d for d in _launches(runs) for r in d.get("run-ids", [])}
+    out = data.get("runs", [])
+    for r in out:
+        d = launches.get(str(r.get("run-id")))
+        r["folder"] = d["folder"] if d else ""
+        r["result"] = run_result(runs / d["folder"], d, str(r.get("run-id")), str(r.get("status", ""))) if d else ""
+    return out
+
+
 @_command("runs")
 def runs_cmd(
     state_dir: StateDir = None,
@@ -1519,14 +1550,7 @@ def runs_cmd(
     """
     sd = _state(state_dir)
     with _errors():
-        data = flwr(sd, "ls", CONNECTION, json_out=True)
-        rd = _runs_dir(sd, runs_dir)
-        launches = {str(r): d for d in _launches(rd) for r in d.get("run-ids", [])}
-    runs = data.get("runs", [])
-    for r in runs:
-        d = launches.get(str(r.get("run-id")))
-        r["folder"] = d["folder"] if d else ""
-        r["result"] = run_result(rd / d["folder"], d, str(r.get("run-id")), str(r.get("status", ""))) if d else ""
+        runs = list_runs(sd, _runs_dir(sd, runs_dir))
     if not as_json:
         runs = [{**r, "elapsed": f"{r['elapsed']:.0f} s"} if isinstance(r.get("elapsed"), (int, float)) else r
                 for r in runs]
@@ -1549,6 +1573,37 @@ def logs_cmd(
         print(flwr(sd, "log", rid, CONNECTION, "--show", timeout=60))
 
 
+def stop_run(state_dir: Path, runs: Path, run: str, **audit_fields) -> str:
+    """Stop a run (``flwr stop``) and record the stop in the coordinator's audit log.
+
+    ``fl-server stop`` and the console's stop button both call it; the results of the stopped
+    run are written afterwards by :func:`_stopped_results`.
+
+    Parameters
+    ----------
+    state_dir, runs : Path
+        The coordinator's state folder and its runs folder.
+    run : str
+        Run ID or run folder name.
+    **audit_fields
+        Extra fields of the audit entry (e.g. ``via="console"``).
+
+    Returns
+    -------
+    str
+        The Flower run ID that was stopped.
+
+    Raises
+    ------
+    CliError
+        Unknown run, or ``flwr stop`` failed.
+    """
+    rid = _flwr_run_id(runs, run)
+    flwr(state_dir, "stop", rid, CONNECTION, json_out=True)
+    record(state_dir, "stop", argv=list(sys.argv), **{"run-id": rid}, **audit_fields)
+    return rid
+
+
 @_command("stop")
 def stop_cmd(
     run: Annotated[str, typer.Argument(help="Run ID or run folder name (from `fl-server runs`).")],
@@ -1565,9 +1620,7 @@ def stop_cmd(
     """
     sd = _state(state_dir)
     with _errors():
-        rid = _flwr_run_id(_runs_dir(sd, runs_dir), run)
-        flwr(sd, "stop", rid, CONNECTION, json_out=True)
-        record(sd, "stop", argv=list(sys.argv), **{"run-id": rid})
+        rid = stop_run(sd, _runs_dir(sd, runs_dir), run)
     _out().print(f"[green]stopped[/] run {rid}")
     _stopped_results(sd, _runs_dir(sd, runs_dir), rid, wait)
 
@@ -1642,6 +1695,33 @@ def wait_for_run(state_dir: Path, run_id: str, timeout: float, poll: float = 1.0
         if time.monotonic() > end:
             raise CliError(f"run {run_id} not finished after {timeout:.0f} s (status {runs[0].get('status') if runs else '?'})", 1)
         time.sleep(poll)
+
+
+@_command("console")
+def console_cmd(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on. Default 127.0.0.1 (this machine only); any other address needs --allow-remote, --certfile and --keyfile.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8090,
+    allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a non-loopback --host (the admin network only); HTTPS (--certfile/--keyfile) is then required.")] = False,
+    certfile: Annotated[Optional[Path], typer.Option("--certfile", help="TLS certificate (PEM) for HTTPS, e.g. the coordinator's from `fl-pki`.")] = None,
+    keyfile: Annotated[Optional[Path], typer.Option("--keyfile", help="TLS private key (PEM) of --certfile.")] = None,
+    refresh: Annotated[int, typer.Option("--refresh", min=0, help="Seconds between page reloads while a run is live (0 = never).")] = 10,
+    state_dir: StateDir = None,
+    runs_dir: RunsDir = None,
+) -> None:
+    """Serve the operator console: a web page of nodes, runs, the audit log, reports; stop a run.
+
+    Reads what `nodes`, `runs`, `logs` and `audit` read (the coordinator and the run folders)
+    and shows epsilon as the nodes reported it. Every page needs the admin token in
+    <state-dir>/console.token (made on first use, mode 0600): open the login URL printed at
+    start. Listens on 127.0.0.1 unless --allow-remote is given with HTTPS. See README:
+    operator console.
+    """
+    from server.console import serve
+
+    sd = _state(state_dir)
+    with _errors():
+        serve(sd, _runs_dir(sd, runs_dir), host=host, port=port, allow_remote=allow_remote, certfile=certfile,
+              keyfile=keyfile, refresh=refresh)
 
 
 def _mount_audit() -> None:
