@@ -36,6 +36,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 log = logging.getLogger("cityfed.node")
 
@@ -192,12 +193,31 @@ def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message,
     sa = context.state.config_records.get(RECORD_KEY_STATE, {})
     clip, max_weight = float(sa.get("clipping_range", 0.0)), float(sa.get("max_weight", 0.0))
     n = max(1, int(metrics["num-examples"]))
+    max_norm = float(cfg.get("max-update-norm", math.inf))
+    central = None
+    if KEY_CLIPPING_NORM in cfg:  # central DP: the node clips at its own norm, every node weighs the same
+        from clients.clipping import ClippingRefused, applied_norm
+
+        try:
+            central = (float(cfg[KEY_CLIPPING_NORM]), applied_norm(cfg[KEY_CLIPPING_NORM], spec.policy))
+        except ClippingRefused as exc:
+            from clients.clipping import BAD_CLIPPING_NORM
+
+            return Message(Error(code=BAD_CLIPPING_NORM, reason=f"{spec.department}/{spec.site}: refused: {exc}"),
+                           reply_to=msg)
+        max_norm = min(max_norm, central[1])
+        n = int(max_weight) if max_weight >= 1 else 1
     # secaggplus_mod clips each coordinate of update * n / max_weight to +-clip: stay inside it
     coord_bound = clip * max_weight / n if clip > 0 and max_weight > 0 else math.inf
-    update, scale = bound_update(update, float(cfg.get("max-update-norm", math.inf)), coord_bound)
+    update, scale = bound_update(update, max_norm, coord_bound)
     if scale < 1.0:
-        log.warning("%s/%s: update scaled by %.3g to fit max-update-norm / the SecAgg+ clipping range",
-                    spec.department, spec.site, scale)
+        log.log(logging.INFO if central else logging.WARNING,
+                "%s/%s: update scaled by %.3g to fit max-update-norm%s / the SecAgg+ clipping range",
+                spec.department, spec.site, scale, " / the central-DP clipping norm" if central else "")
     fitres = FitRes(status=Status(code=Code.OK, message="ok"), parameters=ndarrays_to_parameters(update),
-                    num_examples=int(metrics["num-examples"]), metrics=metrics)
+                    num_examples=n if central else int(metrics["num-examples"]), metrics=metrics)
+    if central:
+        from clients.clipping import record_participation
+
+        record_participation(spec, {**cfg, "server-round": cfg.get("server-round", 0)}, *central)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

@@ -589,6 +589,11 @@ def section_summary(results: dict, ctx: dict) -> str:
         ("differential privacy", privacy),
         ("per-sample clipping norm", fmt_num(cfg.get("clipping-norm", job.get("clipping-norm")), 2)),
         ("secure aggregation", sa),
+        ("central DP (published model)",
+         f"on: noise multiplier {fmt_num(cfg.get('central-noise-multiplier'))}, update clipping norm "
+         f"{fmt_num(cfg.get('central-clipping-norm'))}, δ {fmt_delta(cfg.get('central-delta'))}; "
+         f"ε {fmt_eps(_dict(results.get('central-dp')).get('epsilon'))} after "
+         f"{fmt_int(_dict(results.get('central-dp')).get('rounds'))} round(s)" if cfg.get("central-dp") else None),
         ("local training", f"{fmt_int(job.get('local-epochs', cfg.get('local-epochs')))} epoch(s) per round, "
                            f"batch size {fmt_int(job.get('batch-size', cfg.get('batch-size')))}, "
                            f"learning rate {fmt_num(job.get('lr', cfg.get('lr')), 4)}"),
@@ -739,7 +744,36 @@ def section_sites(results: dict, ctx: dict) -> str:
     return f"<h2>Sites</h2>{table(*drop_empty_columns(headers, rows, keep=2), caption=cap)}"
 
 
+def central_dp_table(results: dict) -> str:
+    """The coordinator's central-DP accountant (run config ``central-dp``) per round, as its own mechanism; "" when off."""
+    cfg = _dict(results.get("config"))
+    if not cfg.get("central-dp"):
+        return ""
+    rows = []
+    for e in sorted(_rounds(results), key=lambda e: e["round"]):
+        c = _dict(_dict(e.get("train")).get("central-dp"))
+        if c:
+            rows.append([num(str(e["round"])), num(fmt_int(c.get("contributors"))), num(fmt_num(c.get("noise-multiplier"))),
+                         num(fmt_num(c.get("clipping-norm"))), num(fmt_num(c.get("noise-std"), 4)),
+                         num(fmt_num(c.get("sample-rate"), 2)), num(fmt_delta(c.get("delta"))), num(fmt_eps(c.get("epsilon")))])
+    total = _dict(results.get("central-dp"))
+    cap = ("Central DP of the published model (the coordinator's Gaussian noise on the unweighted mean of the nodes' "
+           "clipped updates; user level: one node's whole participation). ε after each round, all launches of the run "
+           f"({str(total.get('accountant') or cfg.get('central-accountant') or 'rdp').upper()}"
+           f"{', ' + fmt_eps(total.get('epsilon')) + ' in total' if _is_num(total.get('epsilon')) else ''}). "
+           "A separate mechanism from the nodes' own ε above: it protects the model against its users, not a node "
+           "against the coordinator, and is the coordinator's claim (nodes record it as claimed).")
+    return "<h3>Central DP (coordinator)</h3>" + (table(
+        ["round", "updates in the mean", "noise multiplier z", "clipping norm C", "noise std (z·C/k)",
+         "node sampling rate q", "δ (central)", "ε (central, after the round)"], rows, caption=cap) if rows else
+        f'<p class="note">{esc(cap)} No round was aggregated under central DP.</p>')
+
+
 def section_privacy(results: dict, ctx: dict) -> str:
+    return _section_privacy(results, ctx) + central_dp_table(results)
+
+
+def _section_privacy(results: dict, ctx: dict) -> str:
     ledgers = ctx.get("ledgers") or {}
     cfg = _dict(results.get("config"))
     target = cfg.get("target-epsilon") if cfg.get("dp") else None

@@ -405,7 +405,9 @@ class SecAggStrategy(GuardedStrategy):
         reply = Message(RecordDict({"arrays": _record(proposal),
                                     "metrics": MetricRecord({"num-examples": 1})}),
                         dst_node_id=0, message_type="train")
-        arrays, _ = self.inner.aggregate_train(rnd, [reply])
+        central = {"contributors": len(res.nodes)} if hasattr(self.inner, "central_state") else {}  # central DP noise
+        arrays, _ = self.inner.aggregate_train(rnd, [reply], **central)
+        self._record_central_dp(entry, arrays)
         self._pending_arrays = arrays
         self._save(arrays)
         return arrays, metrics

@@ -1,0 +1,249 @@
+"""Central differential privacy of the published model (run config ``central-dp = true``).
+
+Flower's :class:`~flwr.serverapp.strategy.DifferentialPrivacyClientSideFixedClipping` wraps
+the run's FedAvg/FedProx: each node clips its own model update (its code, at a norm no larger
+than its policy allows: :mod:`clients.clipping`), the coordinator averages the clipped updates
+*unweighted* and adds Gaussian noise of std ``central-noise-multiplier x central-clipping-norm
+/ k`` to the mean of the ``k`` updates it aggregated (Flower's own noise function). This is the
+user-level (node-level) DP-FedAvg of McMahan et al. 2018: one node's whole contribution to a
+round is bounded by the clipping norm, so the *published* model sequence is (epsilon, delta)-DP
+with respect to any one node's participation.
+
+:class:`CentralAccountant` composes the rounds as a sampled Gaussian mechanism (noise
+multiplier ``z``, node sampling rate ``q = fraction-train``, one step per aggregated round)
+with the ledger's accountants (:func:`privacy.accounting.epsilon`, Opacus RDP or PRV). Its
+state is plain JSON (:meth:`CentralAccountant.state`) saved in the run checkpoint under
+:data:`STATE_KEY` and restored on resume, so a resumed run's central epsilon continues.
+
+What it does NOT do: protect a department from the coordinator. The coordinator adds the noise
+itself, so it sees the noiseless sum (under SecAgg+ only the sum, never one node's update).
+Each node's own guarantee remains its local DP-SGD, accounted in its own ledger; the central
+epsilon is the coordinator's *claim*, which nodes record as such (mechanism "central", claimed).
+
+Sampling: Flower samples a fixed number of nodes per round (without replacement); the
+accountant uses the Poisson analysis at ``q = fraction-train``, the usual approximation of
+DP-FedAvg. With ``fraction-train = 1`` (the default) no amplification is claimed (``q = 1``):
+exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, Strategy
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_stdv
+
+from privacy.accounting import ACCOUNTANTS
+from privacy.accounting import epsilon as composed_epsilon
+
+log = logging.getLogger("cityfed.server")
+
+#: Key of the accountant's state in ``GuardedStrategy.strategy_state()`` (and so in the checkpoint).
+STATE_KEY = "central_dp"
+#: Metric the wrapped FedAvg weighs replies by under central DP: 1 for every node (unweighted mean).
+WEIGHT_KEY = "central-dp-weight"
+#: Strategies whose aggregation is FedAvg's mean (the noise is calibrated to it).
+CENTRAL_STRATEGIES = ("fedavg", "fedprox")
+#: Train-config keys the coordinator adds for the nodes (what their ledgers record as claimed).
+CLAIM_KEYS = ("central-noise-multiplier", "central-delta", "central-epsilon-claimed", "central-accountant",
+              "central-sample-rate")
+
+__all__ = ["CENTRAL_STRATEGIES", "CentralAccountant", "CentralDPFixedClipping", "KEY_CLIPPING_NORM", "STATE_KEY",
+           "WEIGHT_KEY", "check_settings"]
+
+
+def check_settings(cfg: dict) -> None:
+    """Cross-key checks of a validated run config for ``central-dp = true``.
+
+    Raises
+    ------
+    ValueError
+        Naming the key and the fix: a strategy whose aggregate is not FedAvg's mean (the noise
+        would not match its sensitivity).
+    """
+    if not cfg.get("central-dp"):
+        return
+    if cfg["strategy"] not in CENTRAL_STRATEGIES:
+        raise ValueError(f"run config 'strategy': {cfg['strategy']!r} cannot run with 'central-dp' = true (the noise "
+                         f"is calibrated to FedAvg's mean of clipped updates); choose one of "
+                         f"{', '.join(CENTRAL_STRATEGIES)} or set 'central-dp' = false")
+    if cfg.get("secagg") and cfg["strategy"] != "fedavg":
+        raise ValueError("run config 'strategy': 'central-dp' with 'secagg' needs 'fedavg' "
+                         f"(got {cfg['strategy']!r})")
+
+
+class CentralAccountant:
+    """User-level accountant of the central-DP rounds of one run: a JSON-serialisable history.
+
+    Parameters
+    ----------
+    delta : float
+        The run's central delta (``central-delta``).
+    accountant : {"rdp", "prv"}
+        :func:`privacy.accounting.epsilon`'s accountant.
+    history : list of [noise, q, steps], optional
+        Rounds already composed (restored from a checkpoint).
+    """
+
+    def __init__(self, delta: float, accountant: str = "rdp", history: Iterable | None = None):
+        if not 0.0 < float(delta) < 1.0:
+            raise ValueError(f"central delta must be in (0, 1) (got {delta!r})")
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"central accountant must be one of {', '.join(ACCOUNTANTS)} (got {accountant!r})")
+        self.delta = float(delta)
+        self.accountant = accountant
+        self.history: list[list] = []
+        for z, q, steps in history or []:
+            self._add(float(z), float(q), int(steps))
+
+    def _add(self, z: float, q: float, steps: int) -> None:
+        if not (z > 0 and math.isfinite(z)) or not 0.0 < q <= 1.0 or steps < 0:
+            raise ValueError(f"invalid central-DP accountant entry (noise {z!r}, q {q!r}, steps {steps!r})")
+        if self.history and self.history[-1][0] == z and self.history[-1][1] == q:
+            self.history[-1][2] += steps
+        else:
+            self.history.append([z, q, steps])
+
+    @property
+    def rounds(self) -> int:
+        """Rounds composed so far."""
+        return sum(int(h[2]) for h in self.history)
+
+    def step(self, noise_multiplier: float, sample_rate: float) -> None:
+        """Compose one noised aggregate (a round) at ``noise_multiplier`` and node sampling rate ``sample_rate``."""
+        self._add(float(noise_multiplier), float(sample_rate), 1)
+
+    def epsilon(self, extra: tuple[float, float] | None = None) -> float:
+        """Epsilon at :attr:`delta` of the rounds so far (plus one ``(noise, q)`` round if ``extra``); 0 when none."""
+        hist = [(float(z), float(q), int(s)) for z, q, s in self.history]
+        if extra is not None:
+            hist.append((float(extra[0]), float(extra[1]), 1))
+        return float(composed_epsilon(hist, self.delta, self.accountant)) if hist else 0.0
+
+    def state(self) -> dict:
+        """Plain JSON state (what the checkpoint keeps under :data:`STATE_KEY`)."""
+        return {"delta": self.delta, "accountant": self.accountant, "history": [list(h) for h in self.history],
+                "rounds": self.rounds, "epsilon": self.epsilon()}
+
+    @classmethod
+    def from_state(cls, state: dict | None, *, delta: float, accountant: str = "rdp") -> "CentralAccountant":
+        """Continue a saved history (``state`` from a checkpoint, or None) at this launch's ``delta`` and accountant.
+
+        The history is what counts: a resume with another delta or accountant recomputes the
+        epsilon of every round so far with them (never forgets a round).
+        """
+        history = (state or {}).get("history") or []
+        if not isinstance(history, list):
+            raise ValueError(f"checkpoint {STATE_KEY!r}: 'history' must be a list of [noise, q, steps] (got {history!r})")
+        return cls(delta, accountant, history)
+
+
+class CentralDPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed-clipping DP wrapper with cityfed's accountant and unweighted mean.
+
+    Parameters
+    ----------
+    strategy : FedAvg
+        The run's FedAvg or FedProx (its ``weighted_by_key`` is set to :data:`WEIGHT_KEY`:
+        every node weighs 1, so one node moves the mean by at most ``clipping_norm / k``).
+    noise_multiplier, clipping_norm : float
+        ``z`` and ``C``: noise std ``z * C / k`` on the mean of ``k`` clipped updates.
+    delta : float
+        Central delta of the accountant.
+    sample_rate : float
+        Node sampling rate per round (``fraction-train``).
+    accountant : {"rdp", "prv"}
+    state : dict, optional
+        :meth:`central_state` of an earlier launch of the run (resume).
+
+    Notes
+    -----
+    Flower's own accountant (``accountant=`` of the wrapper) needs no-amplification sampling and
+    equal weights; cityfed passes none and keeps :class:`CentralAccountant` instead (Opacus
+    RDP/PRV, sampling rate, JSON state in the checkpoint).
+    """
+
+    def __init__(self, strategy: Strategy, *, noise_multiplier: float, clipping_norm: float, delta: float,
+                 sample_rate: float = 1.0, accountant: str = "rdp", state: dict | None = None):
+        if not isinstance(strategy, FedAvg) or strategy.__class__.aggregate_train is not FedAvg.aggregate_train:
+            raise ValueError("central DP needs a strategy aggregating with FedAvg.aggregate_train (fedavg, fedprox)")
+        if not noise_multiplier > 0:
+            raise ValueError(f"central noise multiplier must be > 0 (got {noise_multiplier!r})")
+        super().__init__(strategy, float(noise_multiplier), float(clipping_norm), 1)
+        if not 0.0 < float(sample_rate) <= 1.0:
+            raise ValueError(f"central sample rate must be in (0, 1] (got {sample_rate!r})")
+        strategy.weighted_by_key = WEIGHT_KEY
+        self.sample_rate = float(sample_rate)
+        self.central = CentralAccountant.from_state(state, delta=delta, accountant=accountant)
+        self.last: dict | None = None
+
+    # the wrapped strategy's sampling settings, read and raised through the wrapper (GuardedStrategy,
+    # SecAggStrategy raise min_train_nodes / min_available_nodes)
+    def __getattr__(self, name: str):
+        inner = self.__dict__.get("strategy")
+        if inner is not None and name.startswith(("fraction_", "min_")):
+            return getattr(inner, name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        inner = self.__dict__.get("strategy")
+        if inner is not None and name.startswith(("fraction_", "min_")):
+            setattr(inner, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def central_state(self) -> dict:
+        """The accountant's JSON state (saved in the checkpoint under :data:`STATE_KEY`)."""
+        return self.central.state()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Flower's wrapper (adds the clipping norm) plus what nodes record as the coordinator's claim."""
+        config["central-noise-multiplier"] = self.noise_multiplier
+        config["central-delta"] = self.central.delta
+        config["central-accountant"] = self.central.accountant
+        config["central-sample-rate"] = self.sample_rate
+        # the epsilon the published model will have once this round's noised aggregate is out
+        config["central-epsilon-claimed"] = self.central.epsilon((self.noise_multiplier, self.sample_rate))
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message], *,
+                        contributors: int | None = None) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Unweighted mean of the (node-clipped) updates plus Flower's Gaussian noise; account the round.
+
+        Parameters
+        ----------
+        replies : iterable of Message
+            Accepted replies (new weights = global + clipped update).
+        contributors : int, optional
+            Nodes behind ``replies`` when that is not one reply each (SecAgg+ hands over one
+            reply: the mean of ``contributors`` updates).
+        """
+        replies = list(replies)
+        k = int(contributors) if contributors is not None else len(replies)
+        if k < 1 or not replies:
+            return None, None
+        for r in replies:
+            r.content["metrics"][WEIGHT_KEY] = 1.0
+        self.num_sampled_clients = k
+        if contributors is None:
+            arrays, metrics = super().aggregate_train(server_round, replies)
+        else:
+            arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+            if arrays:
+                arrays = self._add_noise_to_aggregated_arrays(arrays)
+        if not arrays:
+            return arrays, metrics
+        self.central.step(self.noise_multiplier, self.sample_rate)
+        self.last = {"epsilon": self.central.epsilon(), "delta": self.central.delta,
+                     "accountant": self.central.accountant, "noise-multiplier": self.noise_multiplier,
+                     "clipping-norm": self.clipping_norm, "sample-rate": self.sample_rate, "contributors": k,
+                     "noise-std": compute_stdv(self.noise_multiplier, self.clipping_norm, k),
+                     "rounds-accounted": self.central.rounds}
+        log.info("central DP: round %d: noise std %.4g on the mean of %d update(s); central epsilon %.4g at delta %g "
+                 "after %d round(s)", server_round, self.last["noise-std"], k, self.last["epsilon"], self.central.delta,
+                 self.central.rounds)
+        return arrays, metrics

@@ -1,0 +1,249 @@
+"""Central DP (run config ``central-dp``): Flower's DP wrapper, node-side clipping, accountant in the checkpoint."""
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from clients.app import build_client_app
+from privacy.ledger import PrivacyLedger
+from server.app import run_federation, settings
+from server.central_dp import STATE_KEY, CentralAccountant, CentralDPFixedClipping
+from server.strategy import load_checkpoint
+from simulations.inprocess import InProcessGrid
+
+warnings.filterwarnings("ignore", category=UserWarning)
+from fed_helpers import POLICY, health_nodes, site_delta  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages built outside a grid need Flower's task identity (as the in-process grid sets it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+def _reply(arrays: dict, n: int) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": n})})
+    return Message(content, dst_node_id=0, message_type="train")
+
+
+# -- the coordinator's wrapper ----------------------------------------------------------------------------------
+def test_noise_added_with_expected_std_on_the_unweighted_mean():
+    rng = np.random.default_rng(0)
+    d, k, z, c = 40_000, 4, 2.0, 1.0
+    updates = []
+    for _ in range(k):  # each node's update has norm exactly c (clipped on the node)
+        u = rng.normal(size=d).astype(np.float64)
+        updates.append(u * (c / np.linalg.norm(u)))
+    weights = [10, 100, 1000, 5]  # very different record counts: central DP must not weigh by them
+    from server.strategy import make_strategy
+
+    wrapper = CentralDPFixedClipping(make_strategy("fedavg"), noise_multiplier=z, clipping_norm=c, delta=1e-5)
+    agg, metrics = wrapper.aggregate_train(1, [_reply({"w": u}, n) for u, n in zip(updates, weights)])
+    out = agg["w"].numpy()
+    plain = np.mean(updates, axis=0)  # unweighted
+    resid = out - plain
+    expected = z * c / k
+    assert abs(resid.std() / expected - 1) < 0.02  # ~0.35 % standard error at d = 40,000
+    assert abs(resid.mean()) < 5 * expected / math.sqrt(d)
+    # the mean is unweighted (one node moves it by at most C/k whatever its record count): seen with tiny noise
+    quiet = CentralDPFixedClipping(FedAvg(), noise_multiplier=1e-9, clipping_norm=c, delta=1e-5)
+    q_out = quiet.aggregate_train(1, [_reply({"w": u}, n) for u, n in zip(updates, weights)])[0]["w"].numpy()
+    assert np.allclose(q_out, plain, atol=1e-7)
+    assert not np.allclose(q_out, np.average(updates, axis=0, weights=weights), atol=1e-4)
+    assert metrics["num-examples"] == sum(weights)  # the total is still reported
+    assert wrapper.last["noise-std"] == pytest.approx(expected) and wrapper.last["contributors"] == k
+    assert wrapper.central.rounds == 1 and wrapper.last["epsilon"] > 0
+
+
+def test_secagg_mean_gets_noise_for_its_contributors():
+    """SecAgg+ hands over one reply (the mean of k updates): the noise is z*C/k, not z*C/1."""
+    d, k, z, c = 40_000, 5, 1.0, 0.5
+    mean = np.zeros(d)
+    wrapper = CentralDPFixedClipping(FedAvg(), noise_multiplier=z, clipping_norm=c, delta=1e-5)
+    agg, _ = wrapper.aggregate_train(3, [_reply({"w": mean}, 1)], contributors=k)
+    assert abs(agg["w"].numpy().std() / (z * c / k) - 1) < 0.02
+
+
+def test_only_mean_strategies_accepted():
+    from server.strategy import make_strategy
+
+    with pytest.raises(ValueError, match="FedAvg.aggregate_train"):
+        CentralDPFixedClipping(make_strategy("fedadam"), noise_multiplier=1.0, clipping_norm=1.0, delta=1e-5)
+    with pytest.raises(ValueError, match="'central-dp'"):
+        settings({"department": "health", "strategy": "krum", "central-dp": True})
+    with pytest.raises(ValueError, match="central-noise-multiplier"):
+        settings({"department": "health", "central-dp": True, "central-noise-multiplier": 0})
+    cfg = settings({"department": "health", "central-dp": True})
+    assert cfg["central-clipping-norm"] == 1.0 and cfg["central-delta"] == 1e-5
+
+
+# -- the accountant -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("z,q,rounds,delta", [(1.0, 1.0, 5, 1e-5), (1.1, 0.5, 10, 1e-5), (0.8, 0.25, 30, 1e-6)])
+def test_accountant_matches_independent_accountants(z, q, rounds, delta):
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    event = dp_event.GaussianDpEvent(z) if q == 1 else dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z))
+    rdp = rdp_privacy_accountant.RdpAccountant()
+    rdp.compose(event, rounds)
+    pld = pld_privacy_accountant.PLDAccountant()
+    pld.compose(event, rounds)
+    acc = CentralAccountant(delta, "rdp")
+    for _ in range(rounds):
+        acc.step(z, q)
+    assert acc.rounds == rounds
+    assert acc.epsilon() == pytest.approx(rdp.get_epsilon(delta), rel=0.01)  # dp-accounting's RDP (other orders)
+    prv = CentralAccountant(delta, "prv", acc.history).epsilon()
+    assert pld.get_epsilon(delta) * 0.99 <= prv <= acc.epsilon()  # PRV: tighter than RDP, never below PLD - 1 %
+
+
+def test_accountant_state_is_json_and_continues():
+    acc = CentralAccountant(1e-5)
+    for _ in range(3):
+        acc.step(1.2, 1.0)
+    state = json.loads(json.dumps(acc.state()))  # plain JSON types only
+    again = CentralAccountant.from_state(state, delta=1e-5)
+    assert again.epsilon() == acc.epsilon() and again.rounds == 3
+    again.step(1.2, 1.0)
+    fresh = CentralAccountant(1e-5, history=[(1.2, 1.0, 4)])
+    assert again.epsilon() == pytest.approx(fresh.epsilon())
+    assert again.epsilon() > acc.epsilon()
+
+
+# -- the node ---------------------------------------------------------------------------------------------------
+def _node(tmp_path, cap: float | None = None, require_dp: bool = True):
+    pol = tmp_path / "Cleveland.toml"
+    text = POLICY.format(eps=50.0)
+    if not require_dp:
+        text = text.replace("require_dp = true", "require_dp = false")
+    if cap is not None:
+        text += f"central_max_clipping_norm = {cap}\n"
+    pol.write_text(text)
+    return {"department": "health", "site": "Cleveland", "policy": str(pol), "ledger": str(tmp_path / "Cleveland.sqlite")}
+
+
+def _train_once(tmp_path, node, asked, dp=True, run_id="run-x"):
+    """Send one train message (as the coordinator's DP wrapper does) to the real ClientApp; (global, reply)."""
+    from shared_models import build_model, default_model_config
+
+    from clients.datasets import DATASETS
+
+    torch.manual_seed(0)
+    model = build_model(default_model_config(DATASETS["health"].schema, "heart-mlp"))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    job = {"department": "health", "task": "heart-disease", "model": "heart-mlp", "run-id": run_id, "server-round": 1,
+           "local-epochs": 1, "batch-size": 32, "lr": 0.05, "dp": dp, "clipping-norm": 1.0, "noise-multiplier": 1.0,
+           "num-rounds": 1, "seed": 0}
+    if asked is not None:
+        job.update({KEY_CLIPPING_NORM: asked, "central-noise-multiplier": 1.0, "central-delta": 1e-5,
+                    "central-epsilon-claimed": 4.73, "central-accountant": "rdp", "central-sample-rate": 1.0})
+    grid = InProcessGrid(build_client_app(), [node])
+    msg = grid.create_message(RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(job)}), "train", 1, "1")
+    reply = list(grid.send_and_receive([msg]))[0]
+    return state, reply
+
+
+def _update_norm(state, reply) -> float:
+    new = reply.content["arrays"].to_torch_state_dict()
+    return math.sqrt(sum(float(((new[k].double() - state[k].double()) ** 2).sum()) for k in state))
+
+
+def test_node_clips_at_the_coordinators_norm_and_records_a_claim(tmp_path):
+    node = _node(tmp_path)
+    state, free = _train_once(tmp_path, node, None, run_id="plain")  # no central DP: the update is not clipped
+    unclipped = _update_norm(state, free)
+    assert unclipped > 0.1
+    state, reply = _train_once(tmp_path, node, 0.05)
+    assert not reply.has_error()
+    assert _update_norm(state, reply) == pytest.approx(0.05, rel=1e-4)
+    led = PrivacyLedger(node["ledger"])
+    claims = led.central_claims("Cleveland")
+    assert [(c["run_id"], c["round"], c["clipping_norm_asked"], c["clipping_norm_applied"]) for c in claims] == \
+        [("run-x", 1, 0.05, 0.05)]
+    assert claims[0]["claimed_epsilon"] == 4.73 and claims[0]["claimed_delta"] == 1e-5
+    # the claim is not the node's guarantee: its epsilon is its DP-SGD rows alone
+    dp_only = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in led.releases("Cleveland")]
+    assert {r["mechanism"] for r in led.releases("Cleveland")} == {"dp-sgd"}
+    from privacy.accounting import epsilon
+
+    d = site_delta("Cleveland")
+    assert led.epsilon("Cleveland", d) == pytest.approx(epsilon(dp_only, d))
+
+
+def test_node_never_clips_looser_than_its_policy(tmp_path):
+    node = _node(tmp_path, cap=0.02)
+    state, reply = _train_once(tmp_path, node, 1.0)  # the coordinator asks for 50x the node's cap
+    assert not reply.has_error()
+    assert _update_norm(state, reply) == pytest.approx(0.02, rel=1e-4)
+    c = PrivacyLedger(node["ledger"]).central_claims("Cleveland")[0]
+    assert (c["clipping_norm_asked"], c["clipping_norm_applied"]) == (1.0, 0.02)
+    state, reply = _train_once(tmp_path, node, 0.01, run_id="run-y")  # tighter than the cap: the coordinator's
+    assert _update_norm(state, reply) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_node_refuses_an_unusable_norm_and_still_requires_its_own_dp(tmp_path):
+    node = _node(tmp_path)
+    _, reply = _train_once(tmp_path, node, -1.0)
+    assert reply.has_error() and "clipping norm" in reply.error.reason
+    _, reply = _train_once(tmp_path, node, 0.5, dp=False)  # central DP does not replace the node's DP-SGD
+    assert reply.has_error() and "require_dp" in reply.error.reason
+    assert PrivacyLedger(node["ledger"]).central_claims() == []
+
+
+# -- end to end -------------------------------------------------------------------------------------------------
+def _cfg(tmp_path, **kw):
+    cfg = {"department": "health", "num-rounds": 1, "local-epochs": 1, "batch-size": 64, "lr": 0.02,
+           "target-epsilon": 3.0, "run-dir": str(tmp_path / "run"), "min-nodes": 1, "central-dp": True,
+           "central-noise-multiplier": 1.0, "central-clipping-norm": 0.1, "central-delta": 1e-5}
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.mark.slow
+def test_federation_with_central_dp_resumes_its_accountant(tmp_path):
+    """fl-sim's in-process federation (4 hospitals) with central DP: 1 round, then resumed to 2: epsilon continues."""
+    from simulations.run import simulate
+
+    res1 = simulate(_cfg(tmp_path, **{"run-id": "r1"}), engine="inprocess")
+    c1 = res1["rounds"][0]["train"]["central-dp"]
+    one = CentralAccountant(1e-5, history=[(1.0, 1.0, 1)]).epsilon()
+    assert c1["contributors"] == 4 and c1["noise-std"] == pytest.approx(1.0 * 0.1 / 4)
+    assert c1["epsilon"] == pytest.approx(one) and res1["central-dp"]["rounds"] == 1
+    ck = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert ck["strategy_state"][STATE_KEY]["history"] == [[1.0, 1.0, 1]]
+    before = {k: v.copy() for k, v in ck["arrays"].items()}
+
+    res2 = simulate(_cfg(tmp_path, **{"num-rounds": 2, "resume": True, "run-id": "r2"}), engine="inprocess")
+    two = CentralAccountant(1e-5, history=[(1.0, 1.0, 2)]).epsilon()
+    assert [e["round"] for e in res2["rounds"]] == [1, 2] and res2["run_id"] == "r1"
+    assert two > one
+    assert res2["rounds"][1]["train"]["central-dp"]["epsilon"] == pytest.approx(two)  # continued, not restarted
+    assert res2["central-dp"]["rounds"] == 2 and res2["central-dp"]["epsilon"] == pytest.approx(two)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["central-dp"]["epsilon"] == pytest.approx(two)
+    # round 2 moved the model by the clipped unweighted mean (norm <= 0.1) plus noise of std 0.1/4 per weight
+    after = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")["arrays"]
+    diff = np.concatenate([(after[k].astype(np.float64) - before[k]).ravel() for k in before])
+    assert 0.9 * 0.1 / 4 < diff.std() < 1.1 * 0.1 / 4 + 0.1 / math.sqrt(diff.size)
+    ledgers = sorted((tmp_path / "run" / "ledgers").glob("*.sqlite"))
+    assert len(ledgers) == 4
+    for path in ledgers:  # every node: its own DP-SGD within the target, the central rounds recorded as claims
+        led = PrivacyLedger(path)
+        site = path.stem.split("-", 1)[1]
+        assert led.epsilon(site, site_delta(site, None)) <= 3.0 + 1e-6
+        claims = led.central_claims(site)
+        assert [c["round"] for c in claims] == [1, 2] and {c["run_id"] for c in claims} == {"r1"}
+        assert [c["claimed_epsilon"] for c in claims] == pytest.approx([one, two])
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "Central DP (coordinator)" in html and f"{two:.3f}" in html
