@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from clients.node import (EVAL_METRICS, TRAIN_METRICS, JobRefused, NoTrainingData, handle_evaluate, handle_train,
                           node_from_config)
+from clients.clipping import central_clipping_mod
 from clients.secagg import conditional_secaggplus_mod, is_secagg_fit, secagg_train
 
 #: Error code for a job refused by the node's privacy policy or budget.
@@ -50,7 +51,8 @@ def build_client_app(defaults: dict | None = None) -> ClientApp:
         by the node config (``fl-client``) and the run config.
     """
     defaults = dict(defaults or {})
-    capp = ClientApp(mods=[conditional_secaggplus_mod])  # SecAgg+ (run config secagg=true) only when asked
+    # SecAgg+ (run config secagg=true) and the node's central-DP update clipping (central-dp=true) only when asked
+    capp = ClientApp(mods=[conditional_secaggplus_mod, central_clipping_mod(lambda c: spec(c))])
 
     def spec(context: Context):
         return node_from_config(dict(context.node_config), {**defaults, **dict(context.run_config)})

@@ -83,6 +83,29 @@ CREATE TABLE IF NOT EXISTS releases (
 CREATE INDEX IF NOT EXISTS releases_site_status ON releases (site, status);
 """
 
+#: Central-DP participations (run config ``central-dp``): NOT releases of this node's privacy budget and
+#: never composed into its epsilon. Each row records that the node sent a clipped update to a central-DP
+#: round and what the coordinator *claimed* (its noise and the published model's epsilon): a claim the node
+#: cannot verify (the coordinator adds the noise). Added without a schema version change: older code
+#: ignores the table.
+_CENTRAL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS central_claims (
+    id                     INTEGER PRIMARY KEY AUTOINCREMENT,
+    site                   TEXT    NOT NULL,
+    department             TEXT    NOT NULL,
+    run_id                 TEXT    NOT NULL,
+    round                  INTEGER NOT NULL,
+    clipping_norm_asked    REAL    NOT NULL,
+    clipping_norm_applied  REAL    NOT NULL,
+    claimed_noise_multiplier REAL,
+    claimed_sample_rate    REAL,
+    claimed_epsilon        REAL,
+    claimed_delta          REAL,
+    claimed_accountant     TEXT,
+    created_at             TEXT    NOT NULL
+)
+"""
+
 
 class LedgerError(RuntimeError):
     """The ledger file cannot be created, opened, read or written, or a call is invalid.
@@ -287,7 +310,7 @@ class PrivacyLedger:
                 tables = {
                     r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
                 } - {"sqlite_sequence"}
-                if tables - {"releases"}:
+                if tables - {"releases", "central_claims"}:
                     con.execute("ROLLBACK")
                     raise LedgerError(
                         f"privacy ledger {str(self.path)!r}: is an SQLite database but not a privacy "
@@ -301,6 +324,7 @@ class PrivacyLedger:
                 con.execute("ALTER TABLE releases ADD COLUMN mechanism TEXT NOT NULL DEFAULT 'dp-sgd'")
                 con.execute("ALTER TABLE releases ADD COLUMN replay INTEGER NOT NULL DEFAULT 0 CHECK (replay IN (0, 1))")
                 con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            con.execute(_CENTRAL_SCHEMA)
             con.execute("COMMIT")
         except sqlite3.Error as exc:
             try:
@@ -529,6 +553,44 @@ class PrivacyLedger:
             "SELECT run_id FROM releases WHERE site = ? GROUP BY run_id ORDER BY MIN(id)", (site,)
         )
         return [r[0] for r in rows]
+
+    # -- central DP (claims, not releases of this node's budget) ----------------------------
+    def record_central(self, *, site: str, department: str, run_id: str, round: int, clipping_norm_asked: float,
+                       clipping_norm_applied: float, claimed: dict | None = None) -> int:
+        """Record that ``site`` sent a clipped update to round ``round`` of central-DP run ``run_id``.
+
+        The row never counts toward this node's epsilon (its guarantee is its own DP-SGD rows);
+        ``claimed`` holds what the coordinator said (keys ``noise_multiplier``, ``sample_rate``,
+        ``epsilon``, ``delta``, ``accountant``; missing ones stored as NULL), kept as a claim.
+
+        Returns
+        -------
+        int
+            The row id.
+        """
+        c = dict(claimed or {})
+
+        def num(key):
+            v = c.get(key)
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+        with self._write() as con:
+            cur = con.execute(
+                "INSERT INTO central_claims (site, department, run_id, round, clipping_norm_asked, clipping_norm_applied,"
+                " claimed_noise_multiplier, claimed_sample_rate, claimed_epsilon, claimed_delta, claimed_accountant,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (str(site), str(department), str(run_id), int(round), float(clipping_norm_asked),
+                 float(clipping_norm_applied), num("noise_multiplier"), num("sample_rate"), num("epsilon"), num("delta"),
+                 None if c.get("accountant") is None else str(c["accountant"]), _now()))
+            return int(cur.lastrowid)
+
+    def central_claims(self, site: str | None = None) -> list[dict]:
+        """Central-DP participations (:meth:`record_central`), oldest first, as plain dicts."""
+        if site is None:
+            rows = self._read("SELECT * FROM central_claims ORDER BY id")
+        else:
+            rows = self._read("SELECT * FROM central_claims WHERE site = ? ORDER BY id", (site,))
+        return [dict(r) for r in rows]
 
     def __repr__(self) -> str:
         return f"PrivacyLedger({str(self.path)!r}, accountant={self.accountant!r})"

@@ -175,6 +175,17 @@ class PrivacyPolicy(BaseModel):
         description="When true, a job with DP switched off is refused.",
     )
     accountant: Literal["rdp", "prv"] = Field(
+    central_max_clipping_norm: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description=(
+            "Central-DP runs (run config central-dp = true): the largest L2 norm of the model update (new weights - "
+            "the coordinator's weights) this node sends. The node clips its update to the smaller of this and the "
+            "coordinator's central-clipping-norm (the coordinator can ask for less, never more). Unset: the "
+            "coordinator's norm. Central DP never replaces this node's own DP-SGD (require_dp still applies)."
+        ),
+    )
         default="rdp",
         description=(
             'How this node computes epsilon from its ledger, for its budget checks, the epsilon it reports and '
@@ -278,6 +289,7 @@ def _describe(err: dict[str, Any]) -> str:
     """Short, plain wording for one pydantic error."""
     etype = err.get("type", "")
     ctx = err.get("ctx") or {}
+    "central_max_clipping_norm": "set a positive, finite number, e.g. central_max_clipping_norm = 1.0, or remove it",
     if etype == "missing":
         return "is required but missing"
     if etype == "extra_forbidden":

@@ -24,6 +24,9 @@ from clients.node import NODE_KEYS, TASKS
 from server.artefacts import CHECKPOINT, MODEL, require_no_legacy_checkpoint, save_model
 from server.secagg import SecAggStrategy
 from server.secagg import check_settings as check_secagg
+from server.central_dp import STATE_KEY as CENTRAL_STATE_KEY
+from server.central_dp import CentralDPFixedClipping
+from server.central_dp import check_settings as check_central_dp
 from server.strategy import STRATEGIES, GuardedStrategy, TooFewUpdates, load_checkpoint, make_strategy
 from shared_models import build_model, default_model_config, model_kinds
 
@@ -101,6 +104,26 @@ class RunSettings(BaseModel):
     def as_config(self) -> dict:
         """The settings as a run-config dict (hyphenated keys)."""
         return self.model_dump(by_alias=True)
+    central_dp: bool = Field(False, alias="central-dp",
+                             description="Central DP of the published model (server/central_dp.py): each node clips "
+                                         "its model update (to central-clipping-norm, or less where its policy's "
+                                         "central_max_clipping_norm says so), the coordinator averages the updates "
+                                         "unweighted and adds Gaussian noise (Flower's DP wrapper), and accounts the "
+                                         "rounds (user level) in the checkpoint. Protects the model against its users, "
+                                         "not the nodes against the coordinator; nodes still run their own DP-SGD. "
+                                         "fedavg and fedprox only.")
+    central_noise_multiplier: float = Field(1.0, gt=0, allow_inf_nan=False, alias="central-noise-multiplier",
+                                            description="Central DP: noise std on the mean of k updates = this x "
+                                                        "central-clipping-norm / k.")
+    central_clipping_norm: float = Field(1.0, gt=0, allow_inf_nan=False, alias="central-clipping-norm",
+                                         description="Central DP: L2 norm each node clips its model update to (an "
+                                                     "upper bound: a node's policy may clip tighter, never looser).")
+    central_delta: float = Field(1e-5, gt=0, lt=1, alias="central-delta",
+                                 description="Central DP: delta of the coordinator's (user-level) accountant; keep it "
+                                             "well below 1 / number of nodes.")
+    central_accountant: Literal["rdp", "prv"] = Field("rdp", alias="central-accountant",
+                                                      description="Central DP: accountant of the central epsilon "
+                                                                  "(Opacus RDP, or PRV: tighter).")
 
 
 #: Defaults of every key (hyphenated), for documentation and tools.
@@ -144,6 +167,7 @@ def _strategy_kwargs(cfg: dict) -> dict:
     if name == "fedprox":
         return {"proximal_mu": float(cfg["proximal-mu"])}
     if name in ("fedadam", "fedyogi"):
+    check_central_dp(cfg)
         return {"eta": float(cfg["server-lr"])}
     if name == "trimmed-mean":
         return {"beta": float(cfg["trim-beta"])}
@@ -197,7 +221,7 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
     torch.manual_seed(int(cfg["seed"]))
     model = build_model(default_model_config(schema, cfg["model"]))
     arrays = ArrayRecord(model.state_dict())
-    offset, history = 0, None
+    offset, history, central_state = 0, None, None
     inner = make_strategy(cfg["strategy"], fraction_train=float(cfg["fraction-train"]),
                           fraction_evaluate=float(cfg["fraction-evaluate"]), min_nodes=int(cfg["min-nodes"]),
                           **_strategy_kwargs(cfg))
@@ -225,10 +249,23 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
     cfg = {**cfg, "min-accepted": strategy.min_accepted,
            "min-nodes": max(int(cfg["min-nodes"]), int(getattr(inner, "min_train_nodes", 0) or 0))}
     remaining = int(cfg["num-rounds"]) - offset
+        central_state = saved["strategy_state"].pop(CENTRAL_STATE_KEY, None)  # the central-DP accountant (JSON)
     job = {
         "department": dept, "task": TASKS[dept], "model": cfg["model"], "run-id": run_id,
         "local-epochs": int(cfg["local-epochs"]), "batch-size": int(cfg["batch-size"]), "lr": float(cfg["lr"]),
         "dp": bool(cfg["dp"]), "clipping-norm": float(cfg["clipping-norm"]), "num-rounds": int(cfg["num-rounds"]),
+    if cfg["central-dp"]:  # Flower's client-side fixed-clipping DP wrapper; its accountant continues on resume
+        if offset and central_state is None:
+            log.warning("central DP: the checkpoint of run %s holds no central-DP accountant (its first %d round(s) "
+                        "ran without central DP); central epsilon counts from round %d", run_id, offset, offset + 1)
+        inner = CentralDPFixedClipping(inner, noise_multiplier=float(cfg["central-noise-multiplier"]),
+                                       clipping_norm=float(cfg["central-clipping-norm"]), delta=float(cfg["central-delta"]),
+                                       sample_rate=float(cfg["fraction-train"]), accountant=cfg["central-accountant"],
+                                       state=central_state)
+    elif central_state:
+        log.warning("central DP: run %s was resumed with central-dp = false: its central epsilon (%.4g after %s "
+                    "round(s)) no longer covers the rounds to come", run_id, float(central_state.get("epsilon", "nan")),
+                    central_state.get("rounds"))
         "seed": int(cfg["seed"]),
     }
     if float(cfg["noise-multiplier"]) >= 0:
@@ -270,6 +307,8 @@ def build_server_app(defaults: dict | None = None, on_round=None) -> ServerApp:
     @sapp.main()
     def _main(grid: Grid, context: Context) -> None:
         from server.grid import fast_poll  # deployment: poll replies every 0.1 s, not Flower's 3 s
+    if cfg["central-dp"]:  # the published model's central epsilon (the coordinator's accountant, all launches)
+        out["central-dp"] = strategy.strategy_state()[CENTRAL_STATE_KEY]
         run_federation(fast_poll(grid), {**defaults, **dict(context.run_config)}, run_id=str(context.run_id), on_round=on_round)
 
     return sapp

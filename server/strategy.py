@@ -49,6 +49,9 @@ def aggregate_metrics(records: list, weighting_key: str) -> MetricRecord:
         for k, v in m.items():
             if k in ("partition-id", weighting_key):
                 continue
+            if k == "num-examples":  # weighted by another key (central DP: 1 per node): still the total
+                out[k] = out.get(k, 0.0) + float(v)
+                continue
             if k == "epsilon":
                 out["epsilon-max"] = max(out.get("epsilon-max", 0.0), float(v))
                 continue
@@ -297,6 +300,7 @@ class GuardedStrategy(Strategy):
         self._pending_arrays = arrays
         self._save(arrays)
         return arrays, metrics
+        self._record_central_dp(entry, arrays)
 
     # -- checkpoints --------------------------------------------------------------------
     def _round(self, rnd: int) -> dict:
@@ -321,8 +325,20 @@ class GuardedStrategy(Strategy):
             self.on_round(entry)
 
     def strategy_state(self) -> dict:
-        """Server-optimizer state worth saving (FedAdam/FedYogi moments)."""
-        return {k: getattr(self.inner, k) for k in ("current_arrays", "m_t", "v_t") if hasattr(self.inner, k)}
+        """Server-optimizer state worth saving (FedAdam/FedYogi moments) and, under central DP, the
+        accountant's JSON state under ``"central_dp"`` (:data:`server.central_dp.STATE_KEY`)."""
+        out = {k: getattr(self.inner, k) for k in ("current_arrays", "m_t", "v_t", "momentum_vector") if hasattr(self.inner, k)}
+        if hasattr(self.inner, "central_state"):
+            from server.central_dp import STATE_KEY
+
+            out[STATE_KEY] = self.inner.central_state()
+        return out
+
+    def _record_central_dp(self, entry: dict, arrays) -> None:
+        """Under central DP, the round's central epsilon and delta (and noise) in ``entry["train"]["central-dp"]``."""
+        last = getattr(self.inner, "last", None) if hasattr(self.inner, "central_state") else None
+        if arrays is not None and last is not None:
+            entry["train"]["central-dp"] = dict(last)
 
     def _audit_new(self) -> None:
         """Append refusals/exclusions recorded since the last call to the coordinator's audit log.

@@ -1,0 +1,200 @@
+"""fl-serve end to end: simulated run -> export -> HTTP predictions equal the package's offline ones, in original units.
+
+Also: API keys (401/403), schema violations answered 422 naming the field (the data loaders'
+own checks), CSV upload, /model and /metrics, and no pickle / torch.load anywhere in
+export, serving and resume.
+"""
+
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_helpers import KEY, offline, served, simulated_run, synthetic_run, window_records  # noqa: E402
+
+from serving.package import export_package  # noqa: E402
+
+H = {"X-API-Key": KEY}
+SITE = "Hungary"
+
+
+@pytest.fixture(scope="module")
+def health_run(tmp_path_factory):
+    """A real 1-round DP federated simulation of the four hospitals, exported."""
+    d = tmp_path_factory.mktemp("health")
+    res = simulated_run(d / "run", "health", rounds=1)
+    assert res["status"] == "completed"
+    export_package(d / "run", d / "pkg")
+    return d
+
+
+def _health_records(feats) -> list[dict]:
+    r = feats.test_records()
+    cols = [c.name for c in feats.schema.columns if c.name in r.columns and c.name not in ("num", "id")]
+    out = []
+    for rec in r[cols].to_dict(orient="records"):
+        out.append({k: (None if v is None or (isinstance(v, float) and np.isnan(v)) else
+                        (v.item() if hasattr(v, "item") else v)) for k, v in rec.items()})
+    return out
+
+
+def test_health_http_predictions_equal_offline_on_test_split(health_run):
+    server, feats, pkg = served(health_run / "pkg", SITE)
+    test = feats.data.test
+    want = 1 / (1 + np.exp(-offline(pkg, test.X).reshape(-1).astype(np.float64)))
+    records = _health_records(feats)
+    assert len(records) == len(test) > 50
+    with server as url:
+        r = httpx.post(f"{url}/predict", json={"records": records}, headers=H, timeout=60)
+        assert r.status_code == 200, r.text
+        got = np.array(r.json()["probability"])
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        assert ((got > 0) & (got < 1)).all()
+        # the same records as a CSV upload
+        import pandas as pd
+
+        csv = pd.DataFrame(records).to_csv(index=False)
+        r = httpx.post(f"{url}/predict", content=csv, headers={**H, "Content-Type": "text/csv"}, timeout=60)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["probability"], want, rtol=1e-6, atol=1e-7)
+        # one record at a time gives the same answer
+        r = httpx.post(f"{url}/predict", json={"records": records[:1]}, headers=H, timeout=60)
+        assert r.json()["probability"][0] == pytest.approx(want[0], rel=1e-6)
+        card = httpx.get(f"{url}/model", headers=H).json()
+        assert card["card"]["run-id"] == pkg.card["run-id"] and card["site"] == SITE
+        assert set(card["card"]["privacy"]) == {"Cleveland", "Hungary", "VA Long Beach", "Switzerland"}
+        for site, p in card["card"]["privacy"].items():
+            assert 0 < p["mechanisms"]["dp-sgd"]["epsilon"] <= 3.0 + 1e-6 and 0 < p["delta"] < 1
+        m = httpx.get(f"{url}/metrics", headers=H).json()
+        assert m["requests"]["/predict"]["200"] == 3 and m["records-predicted"] == 2 * len(records) + 1
+        assert httpx.get(f"{url}/health").json()["site"] == SITE
+        assert "/predict" in httpx.get(f"{url}/openapi.json").json()["paths"]
+
+
+def test_api_key_missing_or_wrong_refused(health_run):
+    server, feats, _ = served(health_run / "pkg", SITE)
+    body = {"records": _health_records(feats)[:1]}
+    with server as url:
+        for path, call in (("/predict", lambda h: httpx.post(f"{url}/predict", json=body, headers=h)),
+                           ("/model", lambda h: httpx.get(f"{url}/model", headers=h)),
+                           ("/metrics", lambda h: httpx.get(f"{url}/metrics", headers=h))):
+            assert call({}).status_code == 401, path
+            assert call({"X-API-Key": KEY + "x"}).status_code == 403, path
+            assert call({"Authorization": "Bearer nope"}).status_code == 403, path
+            assert call({"Authorization": f"Bearer {KEY}"}).status_code == 200, path
+
+
+#: (column, bad value or DROP, words the answer must contain): the data loaders' own checks.
+VIOLATIONS = [
+    ("age", "sixty", "non-numeric"),
+    ("age", 63.5, "non-integer"),
+    ("age", 150, "plausib"),
+    ("chol", "inf", "infinite"),
+    ("cp", "sharp pain", "unknown value"),
+    ("sex", "x", "unknown value"),
+    ("fbs", "maybe", "true/false"),
+    ("thalch", "DROP", "missing"),
+    ("dataset", "Cleveland", "this server serves"),
+]
+
+
+@pytest.mark.parametrize("column,value,words", VIOLATIONS)
+def test_schema_violations_answered_422_naming_the_field(health_run, column, value, words):
+    server, feats, _ = served(health_run / "pkg", SITE)
+    rec = dict(_health_records(feats)[0])
+    if value == "DROP":
+        rec.pop(column)
+    else:
+        rec[column] = value
+    with server as url:
+        r = httpx.post(f"{url}/predict", json={"records": [rec]}, headers=H)
+    assert r.status_code == 422, r.text
+    d = r.json()["detail"][0]
+    assert d["field"] == column, d
+    assert words in (d["problem"] + d["fix"]).lower() or words in d["problem"], d
+    assert d["fix"]
+
+
+def test_malformed_bodies_answered_422(health_run):
+    server, _, _ = served(health_run / "pkg", SITE)
+    with server as url:
+        for kw in ({"content": b"{not json", "headers": {**H, "Content-Type": "application/json"}},
+                   {"json": {"rows": []}, "headers": H}, {"json": {"records": []}, "headers": H},
+                   {"json": {"records": [1, 2]}, "headers": H},
+                   {"content": b"age,age\n1,2\n", "headers": {**H, "Content-Type": "text/csv"}}):
+            r = httpx.post(f"{url}/predict", **kw)
+            assert r.status_code == 422, r.text
+            assert r.json()["detail"][0]["fix"]
+
+
+def test_no_pickle_loaded_in_export_serve_and_resume(health_run, tmp_path, monkeypatch):
+    from clients.app import app as client_app
+    from server.app import run_federation
+    from simulations.inprocess import InProcessGrid
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle / torch.load called")
+
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(health_run / "run", run)
+    for mod, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(mod, name, refuse)
+    export_package(run, tmp_path / "pkg")
+    server, feats, pkg = served(tmp_path / "pkg", SITE)
+    with server as url:
+        r = httpx.post(f"{url}/predict", json={"records": _health_records(feats)[:3]}, headers=H)
+        assert r.status_code == 200
+    cfg = json.loads((run / "results.json").read_text())["config"]
+    cfg.update({"run-dir": str(run), "resume": True})  # all rounds done: resume reads the checkpoint, writes the model
+    res = run_federation(InProcessGrid(client_app, []), cfg, run_id="again")
+    assert res["status"] == "completed" and (run / "model.safetensors").exists()
+
+
+def test_forecast_serving_matches_offline_untrained_models(tmp_path):
+    """Traffic and utility (untrained weights, no simulation): HTTP forecasts = offline, in original units."""
+    for dept, site in (("traffic", "detector-3"), ("utility", "victoria-2014")):
+        run = synthetic_run(tmp_path / dept / "run", dept)
+        export_package(run, tmp_path / dept / "pkg", sites=[])
+        server, feats, pkg = served(tmp_path / dept / "pkg", site)
+        n = len(feats.data.test)
+        with server as url:
+            for i in (0, n // 2, n - 1):
+                records, t0 = window_records(feats, i)
+                r = httpx.post(f"{url}/predict", json={"records": records}, headers=H, timeout=60)
+                assert r.status_code == 200, r.text
+                ans = r.json()
+                want = feats.data.to_original(offline(pkg, feats.data.test.X[i:i + 1]).reshape(-1))
+                got = np.array([f[feats.schema.target] for f in ans["forecast"]])
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * max(1.0, abs(feats.data.target_mean)))
+                assert ans["forecast"][0][feats.schema.time_column] == t0.isoformat()
+                assert len(got) == feats.schema.horizon
+            short, _ = window_records(feats, 0, extra=0)
+            r = httpx.post(f"{url}/predict", json={"records": short[-5:]}, headers=H)
+            assert r.status_code == 422 and r.json()["detail"][0]["field"] == feats.schema.time_column
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dept,site", [("traffic", "detector-3"), ("utility", "victoria-2014")])
+def test_forecast_end_to_end_after_simulated_run(tmp_path, dept, site):
+    """A real 1-round DP simulation of every site -> export -> fl-serve -> forecasts equal offline ones."""
+    res = simulated_run(tmp_path / "run", dept, rounds=1)
+    assert res["status"] == "completed"
+    export_package(tmp_path / "run", tmp_path / "pkg")
+    server, feats, pkg = served(tmp_path / "pkg", site)
+    assert set(pkg.card["privacy"]) and pkg.card["rounds-completed"] == 1
+    with server as url:
+        for i in (0, len(feats.data.test) - 1):
+            records, _ = window_records(feats, i)
+            r = httpx.post(f"{url}/predict", json={"records": records}, headers=H, timeout=60)
+            assert r.status_code == 200, r.text
+            want = feats.data.to_original(offline(pkg, feats.data.test.X[i:i + 1]).reshape(-1))
+            got = np.array([f[feats.schema.target] for f in r.json()["forecast"]])
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * max(1.0, abs(feats.data.target_mean)))
