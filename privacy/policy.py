@@ -174,7 +174,6 @@ class PrivacyPolicy(BaseModel):
         default=True,
         description="When true, a job with DP switched off is refused.",
     )
-    accountant: Literal["rdp", "prv"] = Field(
     central_max_clipping_norm: float | None = Field(
         default=None,
         gt=0,
@@ -186,6 +185,7 @@ class PrivacyPolicy(BaseModel):
             "coordinator's norm. Central DP never replaces this node's own DP-SGD (require_dp still applies)."
         ),
     )
+    accountant: Literal["rdp", "prv"] = Field(
         default="rdp",
         description=(
             'How this node computes epsilon from its ledger, for its budget checks, the epsilon it reports and '
@@ -277,6 +277,7 @@ _FIXES: dict[str, str] = {
     "allowed_tasks": 'list at least one task name as strings, e.g. allowed_tasks = ["heart-disease"]',
     "max_rounds_per_run": "set a whole number >= 1 (no decimal point), e.g. max_rounds_per_run = 50",
     "require_dp": "set true or false (unquoted), e.g. require_dp = true",
+    "central_max_clipping_norm": "set a positive, finite number, e.g. central_max_clipping_norm = 1.0, or remove it",
     "accountant": 'set "rdp" (Renyi DP, the default) or "prv" (tighter), e.g. accountant = "prv"',
     "releases": (
         'see [releases] in examples/policies/health.toml: num_examples_granularity = 1, train_loss = "off" '
@@ -289,7 +290,6 @@ def _describe(err: dict[str, Any]) -> str:
     """Short, plain wording for one pydantic error."""
     etype = err.get("type", "")
     ctx = err.get("ctx") or {}
-    "central_max_clipping_norm": "set a positive, finite number, e.g. central_max_clipping_norm = 1.0, or remove it",
     if etype == "missing":
         return "is required but missing"
     if etype == "extra_forbidden":

@@ -23,10 +23,10 @@ from clients.datasets import DATASETS
 from clients.node import NODE_KEYS, TASKS
 from server.artefacts import CHECKPOINT, MODEL, require_no_legacy_checkpoint, save_model
 from server.secagg import SecAggStrategy
-from server.secagg import check_settings as check_secagg
 from server.central_dp import STATE_KEY as CENTRAL_STATE_KEY
 from server.central_dp import CentralDPFixedClipping
 from server.central_dp import check_settings as check_central_dp
+from server.secagg import check_settings as check_secagg
 from server.strategy import STRATEGIES, GuardedStrategy, TooFewUpdates, load_checkpoint, make_strategy
 from shared_models import build_model, default_model_config, model_kinds
 
@@ -92,18 +92,6 @@ class RunSettings(BaseModel):
                                          description="SecAgg+ quantises each coordinate of update*num-examples/1000 in "
                                                      "[-r, r] with 2**22 levels: error <= 2r/2**22 per node (~1e-5 on "
                                                      "the mean, far below DP noise); nodes scale larger updates down.")
-
-    @field_validator("round_timeout", mode="before")
-    @classmethod
-    def _round_timeout(cls, value):
-        from server.grid import RoundTimeout
-
-        rule = RoundTimeout.parse(value)  # ValueError names the accepted forms
-        return rule.fixed if rule.fixed is not None else str(value).strip()
-
-    def as_config(self) -> dict:
-        """The settings as a run-config dict (hyphenated keys)."""
-        return self.model_dump(by_alias=True)
     central_dp: bool = Field(False, alias="central-dp",
                              description="Central DP of the published model (server/central_dp.py): each node clips "
                                          "its model update (to central-clipping-norm, or less where its policy's "
@@ -124,6 +112,18 @@ class RunSettings(BaseModel):
     central_accountant: Literal["rdp", "prv"] = Field("rdp", alias="central-accountant",
                                                       description="Central DP: accountant of the central epsilon "
                                                                   "(Opacus RDP, or PRV: tighter).")
+
+    @field_validator("round_timeout", mode="before")
+    @classmethod
+    def _round_timeout(cls, value):
+        from server.grid import RoundTimeout
+
+        rule = RoundTimeout.parse(value)  # ValueError names the accepted forms
+        return rule.fixed if rule.fixed is not None else str(value).strip()
+
+    def as_config(self) -> dict:
+        """The settings as a run-config dict (hyphenated keys)."""
+        return self.model_dump(by_alias=True)
 
 
 #: Defaults of every key (hyphenated), for documentation and tools.
@@ -155,6 +155,7 @@ def settings(run_config: dict) -> dict:
         raise ValueError("; ".join(problems)) from None
     cfg = parsed.as_config()
     check_secagg(cfg)
+    check_central_dp(cfg)
     cfg["model"] = cfg["model"] or model_kinds(cfg["department"])[0]
     if cfg["model"] not in model_kinds(cfg["department"]):
         raise ValueError(f"run config 'model': {cfg['model']!r} is not a {cfg['department']} model; "
@@ -167,7 +168,6 @@ def _strategy_kwargs(cfg: dict) -> dict:
     if name == "fedprox":
         return {"proximal_mu": float(cfg["proximal-mu"])}
     if name in ("fedadam", "fedyogi"):
-    check_central_dp(cfg)
         return {"eta": float(cfg["server-lr"])}
     if name == "trimmed-mean":
         return {"beta": float(cfg["trim-beta"])}
@@ -235,25 +235,11 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
             {"flower-run-id": launch_id, "after-round": offset, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         state = {k: torch.from_numpy(v) for k, v in saved["arrays"].items()}
         arrays = ArrayRecord(state)
+        central_state = saved["strategy_state"].pop(CENTRAL_STATE_KEY, None)  # the central-DP accountant (JSON)
         for k, v in saved["strategy_state"].items():
             setattr(inner, k, v)
         log.warning("resuming run %s after round %d of %d (this launch is Flower run %s); rounds continue at %d",
                     run_id, offset, int(cfg["num-rounds"]), launch_id, offset + 1)
-    guard = dict(max_update_norm=float(cfg["max-update-norm"]), checkpoint=ckpt, round_offset=offset, history=history,
-                 run_id=run_id, on_round=on_round, min_accepted=int(cfg["min-accepted"]), round_timeout=cfg["round-timeout"])
-    strategy = GuardedStrategy(inner, **guard) if not cfg["secagg"] else SecAggStrategy(
-        inner, num_shares=int(cfg["secagg-num-shares"]), threshold=int(cfg["secagg-threshold"]),
-        clipping_range=float(cfg["secagg-clipping-range"]), **guard)
-    strategy.num_rounds = int(cfg["num-rounds"])
-    # record what the run actually uses: SecAgg+ raises the minimums (server/secagg.py)
-    cfg = {**cfg, "min-accepted": strategy.min_accepted,
-           "min-nodes": max(int(cfg["min-nodes"]), int(getattr(inner, "min_train_nodes", 0) or 0))}
-    remaining = int(cfg["num-rounds"]) - offset
-        central_state = saved["strategy_state"].pop(CENTRAL_STATE_KEY, None)  # the central-DP accountant (JSON)
-    job = {
-        "department": dept, "task": TASKS[dept], "model": cfg["model"], "run-id": run_id,
-        "local-epochs": int(cfg["local-epochs"]), "batch-size": int(cfg["batch-size"]), "lr": float(cfg["lr"]),
-        "dp": bool(cfg["dp"]), "clipping-norm": float(cfg["clipping-norm"]), "num-rounds": int(cfg["num-rounds"]),
     if cfg["central-dp"]:  # Flower's client-side fixed-clipping DP wrapper; its accountant continues on resume
         if offset and central_state is None:
             log.warning("central DP: the checkpoint of run %s holds no central-DP accountant (its first %d round(s) "
@@ -266,6 +252,20 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
         log.warning("central DP: run %s was resumed with central-dp = false: its central epsilon (%.4g after %s "
                     "round(s)) no longer covers the rounds to come", run_id, float(central_state.get("epsilon", "nan")),
                     central_state.get("rounds"))
+    guard = dict(max_update_norm=float(cfg["max-update-norm"]), checkpoint=ckpt, round_offset=offset, history=history,
+                 run_id=run_id, on_round=on_round, min_accepted=int(cfg["min-accepted"]), round_timeout=cfg["round-timeout"])
+    strategy = GuardedStrategy(inner, **guard) if not cfg["secagg"] else SecAggStrategy(
+        inner, num_shares=int(cfg["secagg-num-shares"]), threshold=int(cfg["secagg-threshold"]),
+        clipping_range=float(cfg["secagg-clipping-range"]), **guard)
+    strategy.num_rounds = int(cfg["num-rounds"])
+    # record what the run actually uses: SecAgg+ raises the minimums (server/secagg.py)
+    cfg = {**cfg, "min-accepted": strategy.min_accepted,
+           "min-nodes": max(int(cfg["min-nodes"]), int(getattr(inner, "min_train_nodes", 0) or 0))}
+    remaining = int(cfg["num-rounds"]) - offset
+    job = {
+        "department": dept, "task": TASKS[dept], "model": cfg["model"], "run-id": run_id,
+        "local-epochs": int(cfg["local-epochs"]), "batch-size": int(cfg["batch-size"]), "lr": float(cfg["lr"]),
+        "dp": bool(cfg["dp"]), "clipping-norm": float(cfg["clipping-norm"]), "num-rounds": int(cfg["num-rounds"]),
         "seed": int(cfg["seed"]),
     }
     if float(cfg["noise-multiplier"]) >= 0:
@@ -289,6 +289,8 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
     save_model(run_dir / MODEL, final["arrays"], metadata={"run-id": str(run_id)})
     out = {"run_id": run_id, "status": status, "config": cfg, "job": job, "seconds": time.perf_counter() - t0,
            **strategy.history}
+    if cfg["central-dp"]:  # the published model's central epsilon (the coordinator's accountant, all launches)
+        out["central-dp"] = strategy.strategy_state()[CENTRAL_STATE_KEY]
     (run_dir / "results.json").write_text(json.dumps(out, indent=2, default=float))
     try:  # the same report.html + plots as fl-sim (which rewrites it with the sites' names)
         from server.report import write_run_report
@@ -307,8 +309,6 @@ def build_server_app(defaults: dict | None = None, on_round=None) -> ServerApp:
     @sapp.main()
     def _main(grid: Grid, context: Context) -> None:
         from server.grid import fast_poll  # deployment: poll replies every 0.1 s, not Flower's 3 s
-    if cfg["central-dp"]:  # the published model's central epsilon (the coordinator's accountant, all launches)
-        out["central-dp"] = strategy.strategy_state()[CENTRAL_STATE_KEY]
         run_federation(fast_poll(grid), {**defaults, **dict(context.run_config)}, run_id=str(context.run_id), on_round=on_round)
 
     return sapp

@@ -297,10 +297,10 @@ class GuardedStrategy(Strategy):
             raise TooFewUpdates(reason)
         arrays, metrics = self.inner.aggregate_train(rnd, good)
         entry["train"]["aggregate"] = dict(metrics) if metrics else None
+        self._record_central_dp(entry, arrays)
         self._pending_arrays = arrays
         self._save(arrays)
         return arrays, metrics
-        self._record_central_dp(entry, arrays)
 
     # -- checkpoints --------------------------------------------------------------------
     def _round(self, rnd: int) -> dict:
