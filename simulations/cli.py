@@ -449,6 +449,11 @@ def export(
     console.print(f"wrote {path}: {len(back.raw_frame())} records, sites: {', '.join(back.sites)}")
 
 
+from simulations.audit_cmd import audit as _audit  # noqa: E402  (fl-sim audit: simulations/audit_cmd.py)
+
+app.command("audit")(_audit)
+
+
 from serving.commands import export_model as _export_model  # noqa: E402  (fl-sim export-model: serving/commands.py)
 
 app.command("export-model")(_export_model)
