@@ -255,6 +255,13 @@ def run(
                                      "Needs >= 3 sites and fedavg, fedadam or fedyogi."),
     secagg_num_shares: int = typer.Option(3, help="SecAgg+: shares per secret (odd, >= 3)."),
     secagg_threshold: int = typer.Option(2, help="SecAgg+: shares needed to reconstruct (tolerates num-shares - threshold dropouts)."),
+    central_dp: bool = typer.Option(False, "--central-dp/--no-central-dp",
+                                    help="Central DP of the published model: nodes clip their update, the coordinator "
+                                         "adds Gaussian noise to the unweighted mean and accounts it (fedavg, fedprox; "
+                                         "on top of the nodes' own DP-SGD). README 'Central DP'."),
+    central_noise: float = typer.Option(1.0, min=0.0, help="Central DP: noise multiplier z (std z*C/k on the mean of k updates)."),
+    central_clip: float = typer.Option(1.0, min=0.0, help="Central DP: update clipping norm C (nodes may clip tighter, never looser)."),
+    central_delta: float = typer.Option(1e-5, min=0.0, max=1.0, help="Central DP: delta of the coordinator's accountant."),
     policy: Optional[Path] = typer.Option(None, help="Department policy TOML for every node (default: examples/policies/D.toml)."),
     site_metrics: str = typer.Option(
         "central", help="Per-site scores in the report. central: the simulated coordinator holds the department's "
@@ -310,6 +317,9 @@ def run(
                               "(use --virtual-sites to simulate more)")
                 raise typer.Exit(2)
             cfg.update({"secagg": True, "secagg-num-shares": secagg_num_shares, "secagg-threshold": secagg_threshold})
+        if central_dp:
+            cfg.update({"central-dp": True, "central-noise-multiplier": central_noise, "central-clipping-norm": central_clip,
+                        "central-delta": central_delta})
         if virtual_sites:
             cfg.update({"virtual-sites": virtual_sites, "partitioner": partitioner, "dirichlet-alpha": alpha})
         if noise_multiplier is not None:
