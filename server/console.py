@@ -370,14 +370,18 @@ def datetime_ts(iso: str) -> float:
 # --------------------------------------------------------------------------- plots
 
 
+def _short(name: str, n: int = 32) -> str:
+    return name if len(name) <= n else name[: n - 1] + "…"
+
+
 def svg_chart(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, *,
-              hline: tuple[float, str] | None = None, width: int = 560, height: int = 280) -> Html:
+              hline: tuple[float, str] | None = None, width: int = 600, height: int = 280) -> Html:
     """A line chart of ``{name: [(round, value), ...]}`` as inline SVG (no script, no external file).
 
     Each point is a ``<circle>`` with ``data-series``, ``data-round`` and ``data-value`` (the
     value as stored) and a ``<title>`` tooltip; ``hline`` draws a dashed reference line.
     """
-    left, right, top, bottom = 58, 170, 28, 40
+    left, right, top, bottom = 58, 210, 28, 40
     pw, ph = width - left - right, height - top - bottom
     pts = [(r, v) for s in series.values() for r, v in s]
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
@@ -427,7 +431,7 @@ def svg_chart(series: dict[str, list[tuple[int, float]]], title: str, ylabel: st
         ly = top + 10 + i * 16
         if ly < top + ph:
             parts.append(f'<rect x="{left + pw + 10}" y="{ly - 8}" width="10" height="10" fill="{colour}"/>'
-                         f'<text x="{left + pw + 24}" y="{ly + 1}" font-size="11">{esc(name[:26])}</text>')
+                         f'<text x="{left + pw + 24}" y="{ly + 1}" font-size="11">{esc(_short(name))}</text>')
     if hline:
         ly = top + 10 + len(series) * 16
         parts.append(f'<line x1="{left + pw + 10}" x2="{left + pw + 20}" y1="{ly - 3}" y2="{ly - 3}" stroke="#8a1c17" '
@@ -732,7 +736,7 @@ class Pages:
         v = audit["verified"]
         sig = "signatures checked against audit.pub" if v.get("signatures") else "chain only: no audit.pub beside the log"
         badge = Html(f'<span class="status {"ok" if v.get("ok") else "bad"}">{"verified" if v.get("ok") else "NOT VERIFIED"}</span>')
-        return Html(f'<p>{badge} {esc(audit["path"])}: {esc(fmt_int(v.get("entries")))} entries; {esc(sig)}. '
+        return Html(f'<p>{badge} {esc(audit["path"])} ({esc(fmt_int(v.get("entries")))} entries checked; {esc(sig)}). '
                     f'{esc(v.get("reason") or "")} <a href="/audit">entries</a></p>')
 
     def audit_page(self) -> str:

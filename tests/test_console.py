@@ -243,7 +243,7 @@ def test_overview_shows_nodes_runs_and_audit_log(coord):
     assert runs_t[1][:5] == [FOLDER, RUN_ID, "health", "finished:completed", "completed"]
     assert runs_t[1][5] == "2 of 2"
     text = _text(page)
-    assert "verified" in text and "NOT VERIFIED" not in text and "1 entries; signatures checked" in text
+    assert "verified" in text and "NOT VERIFIED" not in text and "(1 entries checked; signatures checked against audit.pub)" in text
 
 
 def test_run_page_figures_match_results_json(coord):
