@@ -23,6 +23,7 @@ from clients.datasets import DATASETS
 from clients.node import NODE_KEYS, TASKS
 from server.artefacts import CHECKPOINT, MODEL, require_no_legacy_checkpoint, save_model
 from server.secagg import SecAggStrategy
+from server.central_dp import NORM_SLACK as CENTRAL_NORM_SLACK
 from server.central_dp import STATE_KEY as CENTRAL_STATE_KEY
 from server.central_dp import CentralDPFixedClipping
 from server.central_dp import check_settings as check_central_dp
@@ -252,7 +253,10 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
         log.warning("central DP: run %s was resumed with central-dp = false: its central epsilon (%.4g after %s "
                     "round(s)) no longer covers the rounds to come", run_id, float(central_state.get("epsilon", "nan")),
                     central_state.get("rounds"))
-    guard = dict(max_update_norm=float(cfg["max-update-norm"]), checkpoint=ckpt, round_offset=offset, history=history,
+    max_update_norm = float(cfg["max-update-norm"])
+    if cfg["central-dp"]:  # an update over the clipping norm (a node that did not clip) would void the noise's calibration
+        max_update_norm = min(max_update_norm, float(cfg["central-clipping-norm"]) * CENTRAL_NORM_SLACK)
+    guard = dict(max_update_norm=max_update_norm, checkpoint=ckpt, round_offset=offset, history=history,
                  run_id=run_id, on_round=on_round, min_accepted=int(cfg["min-accepted"]), round_timeout=cfg["round-timeout"])
     strategy = GuardedStrategy(inner, **guard) if not cfg["secagg"] else SecAggStrategy(
         inner, num_shares=int(cfg["secagg-num-shares"]), threshold=int(cfg["secagg-threshold"]),

@@ -46,6 +46,10 @@ log = logging.getLogger("cityfed.server")
 STATE_KEY = "central_dp"
 #: Metric the wrapped FedAvg weighs replies by under central DP: 1 for every node (unweighted mean).
 WEIGHT_KEY = "central-dp-weight"
+#: Under central DP the coordinator excludes any update whose L2 norm exceeds the clipping norm times
+#: this (float rounding of the node's clip stays far below it): a node that did not clip (older code, a
+#: fault) cannot void the noise's calibration. Under SecAgg+ only the mean's norm can be checked.
+NORM_SLACK = 1.001
 #: Strategies whose aggregation is FedAvg's mean (the noise is calibrated to it).
 CENTRAL_STRATEGIES = ("fedavg", "fedprox")
 #: Train-config keys the coordinator adds for the nodes (what their ledgers record as claimed).

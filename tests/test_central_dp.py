@@ -247,3 +247,26 @@ def test_federation_with_central_dp_resumes_its_accountant(tmp_path):
         assert [c["claimed_epsilon"] for c in claims] == pytest.approx([one, two])
     html = (tmp_path / "run" / "report.html").read_text()
     assert "Central DP (coordinator)" in html and f"{two:.3f}" in html
+
+
+def test_unclipped_update_is_excluded_by_the_coordinator(tmp_path):
+    """A node that does not clip (older code, a fault) is excluded: its update would void the noise's calibration."""
+
+    def unclip(node, reply):  # node 2's update multiplied by 10 after its clip: norm 10 x C
+        if node != 2:
+            return reply
+        new, ref = reply.content["arrays"].to_torch_state_dict(), grid_state["global"]
+        reply.content["arrays"] = ArrayRecord({k: ref[k] + 10 * (new[k] - ref[k]) for k in new})
+        return reply
+
+    from shared_models import build_model, default_model_config
+
+    from clients.datasets import DATASETS
+
+    torch.manual_seed(0)  # the run's initial model (seed 0), the global model of round 1
+    grid_state = {"global": build_model(default_model_config(DATASETS["health"].schema, "heart-mlp")).state_dict()}
+    nodes = health_nodes(tmp_path, eps=(8.0, 8.0, 8.0))
+    res = run_federation(InProcessGrid(build_client_app(), nodes, tamper=unclip), _cfg(tmp_path), run_id="r")
+    assert [x["node"] for x in res["excluded"]] == [2] and "exceeds the bound 0.1" in res["excluded"][0]["reason"]
+    c = res["rounds"][0]["train"]["central-dp"]
+    assert c["contributors"] == 2 and c["noise-std"] == pytest.approx(0.1 / 2)
