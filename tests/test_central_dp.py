@@ -270,3 +270,18 @@ def test_unclipped_update_is_excluded_by_the_coordinator(tmp_path):
     assert [x["node"] for x in res["excluded"]] == [2] and "exceeds the bound 0.1" in res["excluded"][0]["reason"]
     c = res["rounds"][0]["train"]["central-dp"]
     assert c["contributors"] == 2 and c["noise-std"] == pytest.approx(0.1 / 2)
+
+
+def test_central_dp_composes_with_secagg(tmp_path):
+    """SecAgg+ and central DP: nodes clip before masking with equal weights, the coordinator noises the unmasked mean."""
+    nodes = health_nodes(tmp_path, eps=(8.0, 8.0, 8.0))
+    res = run_federation(InProcessGrid(build_client_app(), nodes), _cfg(tmp_path, secagg=True), run_id="sa")
+    train = res["rounds"][0]["train"]
+    assert train["secagg"]["sampled"] == 3 and train["accepted"] == 3
+    c = train["central-dp"]
+    assert c["contributors"] == 3 and c["noise-std"] == pytest.approx(0.1 / 3)
+    # the unmasked mean of 3 updates clipped to 0.1 (unweighted), before the noise
+    assert train["aggregate"]["aggregate-update-norm"] <= 0.1 * 1.001
+    for n in nodes:
+        claims = PrivacyLedger(n["ledger"]).central_claims(n["site"])
+        assert [(c["round"], c["clipping_norm_applied"]) for c in claims] == [(1, 0.1)]
