@@ -63,6 +63,10 @@ def build_client_app(defaults: dict | None = None) -> ClientApp:
             return secagg_train(msg, spec(context), context, train)
         return train(msg, spec(context))
 
+    @capp.train("personalise")
+    def _personalise(msg: Message, context: Context) -> Message:
+        return personalise(msg, spec(context))
+
     @capp.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         return evaluate(msg, spec(context))
@@ -108,6 +112,30 @@ def train(msg: Message, spec) -> Message:
         _audit_reply(spec, msg, None, error)
         return Message(error, reply_to=msg)
     content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": whitelisted(metrics, TRAIN_METRICS)})
+    _audit_reply(spec, msg, content)
+    return Message(content, reply_to=msg)
+
+
+def personalise(msg: Message, spec) -> Message:
+    """Fine-tune the run's final model on the node's records, keep it on the node; reply with no arrays.
+
+    The node's policy decides (``personalisation``); the release is accounted in its ledger
+    (:mod:`clients.personalise`). The reply carries only :data:`PERSONALISE_METRICS`.
+    """
+    from clients.personalise import PERSONALISE_METRICS, handle_personalise
+
+    error = None
+    try:
+        with _compute_timer("personalise"):
+            metrics = handle_personalise(msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), spec)
+    except JobRefused as exc:
+        error = Error(code=REFUSED, reason=str(exc))
+    except NoTrainingData as exc:
+        error = Error(code=NO_DATA, reason=str(exc))
+    if error is not None:
+        _audit_reply(spec, msg, None, error)
+        return Message(error, reply_to=msg)
+    content = RecordDict({"metrics": whitelisted(metrics, PERSONALISE_METRICS)})
     _audit_reply(spec, msg, content)
     return Message(content, reply_to=msg)
 

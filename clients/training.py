@@ -30,6 +30,9 @@ class TrainConfig:
     seed: int = 0
     #: FedProx proximal weight: adds ``mu * (w - w_global)`` to each step's gradient (0 = off).
     proximal_mu: float = 0.0
+    #: Only parameters whose name starts with one of these prefixes are trained (the others stay
+    #: frozen, e.g. a per-site head fine-tuned on a shared body); ``None`` = all parameters.
+    trainable: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -87,6 +90,28 @@ def fit(
     FitResult
     """
     device = device or pick_device()
+    frozen = _freeze(model, train.trainable)
+    try:
+        return _fit(model, data, task, train, dp, device, on_epoch)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _freeze(model: nn.Module, trainable: tuple[str, ...] | None) -> list[nn.Parameter]:
+    """Freeze every parameter outside ``trainable`` (name prefixes); return those frozen."""
+    if trainable is None:
+        return []
+    frozen = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(tuple(trainable))]
+    if len(frozen) == sum(1 for p in model.parameters() if p.requires_grad):
+        raise ValueError(f"TrainConfig.trainable {trainable!r} matches no parameter of {type(model).__name__} "
+                         f"(names: {', '.join(n for n, _ in model.named_parameters())})")
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
+def _fit(model, data, task, train, dp, device, on_epoch) -> FitResult:
     # under DP the noise and Poisson sampling draw from torch's default generators: seed them
     # from OS entropy, not from the coordinator's job seed (privacy.dp.dp_seed)
     seed = train.seed if dp is None else dp_seed(train.seed)
@@ -96,7 +121,7 @@ def fit(
     criterion = criterion_for(task)
     batch = min(train.batch_size, len(data))
     loader = DataLoader(data, batch_size=batch, shuffle=True, generator=gen)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=train.lr, weight_decay=train.weight_decay)
     private = None
     if dp is not None:
         private = make_private(model, optimizer, loader, criterion, dp, epochs=train.epochs)

@@ -54,7 +54,7 @@ SCHEMA_VERSION = 2
 #: releases of clipped per-record sums (:mod:`privacy.releases`): a training loss, evaluation
 #: metrics. A Gaussian mechanism with noise multiplier sigma and k released sums is accounted as
 #: ``(sigma, sample_rate=1, steps=k)``: the sampled Gaussian at q = 1 IS the Gaussian mechanism.
-MECHANISMS = ("dp-sgd", "gaussian-train-loss", "gaussian-eval")
+MECHANISMS = ("dp-sgd", "gaussian-train-loss", "gaussian-eval", "personalisation")
 
 #: Seconds a connection waits for a lock held by another process before failing.
 DEFAULT_TIMEOUT_S = 30.0

@@ -11,6 +11,7 @@ The policy is a TOML file owned by the department (not by the coordinator), e.g.
     max_rounds_per_run = 50
     require_dp = true
     accountant = "rdp"            # or "prv": tighter epsilon, less noise for the same target
+    personalisation = true        # fine-tune the run's model on-site, within the run's target epsilon
 
     [releases]                    # what may leave the node besides the model (DP-safe defaults)
     num_examples_granularity = 1
@@ -193,6 +194,17 @@ class PrivacyPolicy(BaseModel):
             "PRV accountant, its conservative upper bound, never above RDP's: about 10 % lower epsilon, so less "
             "noise for the same target). Applies to the whole ledger, past releases included. Only the node's "
             "policy sets it; the coordinator cannot."
+        ),
+    )
+    personalisation: bool = Field(
+        default=False,
+        description=(
+            "When true, the node answers a run's final 'personalise' message: it fine-tunes the run's final "
+            "model on its own training records (DP-SGD when the run is private, its noise calibrated with the "
+            "run's rounds so that the run's target-epsilon covers both), keeps the personalised model in its "
+            "own folder and records the release in its ledger (mechanism 'personalisation'); nothing derived "
+            "from the records is sent back. False (the default): the message is refused and no budget is "
+            "reserved for it."
         ),
     )
     releases: ReleasePolicy = Field(

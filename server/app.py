@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from clients.datasets import DATASETS
 from clients.node import NODE_KEYS, TASKS
 from server.artefacts import CHECKPOINT, MODEL, require_no_legacy_checkpoint, save_model
+from server.personalise import personalise_config, personalise_nodes
 from server.secagg import SecAggStrategy
 from server.central_dp import NORM_SLACK as CENTRAL_NORM_SLACK
 from server.central_dp import STATE_KEY as CENTRAL_STATE_KEY
@@ -45,6 +46,8 @@ class RunSettings(BaseModel):
     strategy: Literal[STRATEGIES] = Field("fedavg", description="Flower aggregation strategy.")
     proximal_mu: float = Field(0.1, ge=0, alias="proximal-mu", description="FedProx proximal weight (fedprox only).")
     server_lr: float = Field(1e-2, gt=0, alias="server-lr", description="Server learning rate eta (fedadam, fedyogi).")
+    server_momentum: float = Field(0.9, ge=0, lt=1, alias="server-momentum",
+                                   description="Server momentum (fedavgm only; its server learning rate is 1).")
     trim_beta: float = Field(0.2, gt=0, lt=0.5, alias="trim-beta", description="Fraction trimmed at each end (trimmed-mean).")
     krum_malicious: int = Field(1, ge=0, alias="krum-malicious", description="Nodes Krum assumes malicious.")
     local_epochs: int = Field(1, ge=1, alias="local-epochs", description="Local epochs per round.")
@@ -79,6 +82,15 @@ class RunSettings(BaseModel):
                               description="Records the coordinator holds (a file in the department schema, or "
                                           "'bundled' for the department's packaged public data): every site's test "
                                           "split in it is scored each round, exactly. Empty = none.")
+    personalise_epochs: int = Field(0, ge=0, alias="personalise-epochs",
+                                    description="After the last round, each node whose policy allows it (personalisation "
+                                                "= true) fine-tunes the final model on its own records for this many "
+                                                "epochs and keeps it; under DP the run's target-epsilon covers it. 0 = off.")
+    personalise_lr: float = Field(1e-3, gt=0, alias="personalise-lr", description="Learning rate of the personalisation (Adam).")
+    personalise_layers: Literal["all", "head"] = Field("all", alias="personalise-layers",
+                                                       description="Parameters personalised: all, or the output layer only.")
+    personalise_mu: float = Field(0.0, ge=0, alias="personalise-mu",
+                                  description="Proximal pull of the personalised model towards the global one (Ditto-like).")
     run_dir: str = Field("runs/latest", alias="run-dir", description="Folder for checkpoint.safetensors, model.safetensors, results.json.")
     resume: bool = Field(False, description="Continue from run-dir/checkpoint.safetensors.")
     seed: int = Field(0, description="Seed of the initial model and of local sampling.")
@@ -170,6 +182,8 @@ def _strategy_kwargs(cfg: dict) -> dict:
         return {"proximal_mu": float(cfg["proximal-mu"])}
     if name in ("fedadam", "fedyogi"):
         return {"eta": float(cfg["server-lr"])}
+    if name == "fedavgm":
+        return {"server_momentum": float(cfg["server-momentum"])}
     if name == "trimmed-mean":
         return {"beta": float(cfg["trim-beta"])}
     if name == "krum":
@@ -278,6 +292,7 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
         job["target-epsilon"] = float(cfg["target-epsilon"])
     if cfg["strategy"] == "fedprox":
         job["proximal-mu"] = float(cfg["proximal-mu"])
+    job.update(personalise_config(cfg))  # nodes reserve the personalisation's steps in their calibration
     evaluate_fn = central_evaluator(cfg, strategy) if cfg["central-data"] else None
     t0 = time.perf_counter()
     status = "completed"
@@ -291,6 +306,9 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
             status = f"stopped: {exc}"
     final = load_checkpoint(ckpt) if ckpt.exists() else {"arrays": {k: v.numpy() for k, v in arrays.items()}}
     save_model(run_dir / MODEL, final["arrays"], metadata={"run-id": str(run_id)})
+    if job.get("personalise-epochs") and status == "completed":  # each node fine-tunes on-site, keeps its model
+        strategy.history["personalise"] = personalise_nodes(
+            grid, job, ArrayRecord({k: torch.from_numpy(v) for k, v in final["arrays"].items()}), int(cfg["num-rounds"]))
     out = {"run_id": run_id, "status": status, "config": cfg, "job": job, "seconds": time.perf_counter() - t0,
            **strategy.history}
     if cfg["central-dp"]:  # the published model's central epsilon (the coordinator's accountant, all launches)

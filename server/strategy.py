@@ -19,7 +19,7 @@ from typing import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from server.artefacts import read_checkpoint, write_checkpoint
 from server.grid import DeadlineGrid, deadline_grid
@@ -28,7 +28,7 @@ from server.validation import validate_update
 log = logging.getLogger("cityfed.server")
 
 #: Strategies a run config may name.
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "trimmed-mean", "krum")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "trimmed-mean", "krum", "fedavgm")
 
 
 def aggregate_metrics(records: list, weighting_key: str) -> MetricRecord:
@@ -69,23 +69,26 @@ def make_strategy(name: str, *, fraction_train: float = 1.0, fraction_evaluate: 
 
     Parameters
     ----------
-    name : {"fedavg", "fedprox", "fedadam", "fedyogi", "trimmed-mean", "krum"}
+    name : {"fedavg", "fedprox", "fedadam", "fedyogi", "trimmed-mean", "krum", "fedavgm"}
     fraction_train, fraction_evaluate : float
         Share of nodes sampled for training / evaluation each round.
     min_nodes : int
         Minimum nodes to train/evaluate/be available.
     **kw
         Extra keyword arguments for the strategy (e.g. ``proximal_mu`` for FedProx, ``eta``
-        for FedAdam, ``beta`` for trimmed mean, ``num_malicious_nodes`` for Krum).
+        for FedAdam, ``server_momentum`` for FedAvgM, ``beta`` for trimmed mean, ``num_malicious_nodes`` for Krum).
     """
     common = dict(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=min_nodes,
                   min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
                   train_metrics_aggr_fn=aggregate_metrics, evaluate_metrics_aggr_fn=aggregate_metrics)
-    classes = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "trimmed-mean": FedTrimmedAvg, "krum": Krum}
+    classes = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "trimmed-mean": FedTrimmedAvg, "krum": Krum,
+               "fedavgm": FedAvgM}
     if name not in classes:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     if name == "fedprox":
         kw.setdefault("proximal_mu", 0.1)
+    if name == "fedavgm":  # FedAvg with server momentum (Hsu et al. 2019)
+        kw.setdefault("server_momentum", 0.9)
     if name in ("fedadam", "fedyogi"):
         kw.setdefault("eta", 1e-2)
         kw.setdefault("eta_l", 1e-2)

@@ -47,12 +47,13 @@ def _concat(parts: Iterable[TensorDataset]) -> TensorDataset:
     return TensorDataset(*(torch.cat([p.tensors[i] for p in parts]) for i in range(2)))
 
 
-def plan(dataset: DepartmentDataset, kinds: list[str], epsilons: list[float]) -> list[Job]:
-    """All jobs of a baseline run, in order."""
+def plan(dataset: DepartmentDataset, kinds: list[str], epsilons: list[float], pooled_dp: bool = True) -> list[Job]:
+    """All jobs of a baseline run, in order (``pooled_dp=False``: no pooled DP job)."""
     jobs = []
     for kind in kinds:
         for eps in [None, *epsilons]:
-            jobs.append(Job(kind, "pooled", eps, None))
+            if eps is None or pooled_dp:
+                jobs.append(Job(kind, "pooled", eps, None))
             jobs += [Job(kind, "local", eps, s) for s in dataset.sites]
     return jobs
 
@@ -84,6 +85,8 @@ def run_baselines(
     seed: int = 0,
     epochs: int | None = None,
     max_grad_norm: float = 1.0,
+    pooled_dp: bool = True,
+    site_delta: Callable[[int], float] | None = None,
     on_job: Callable[[Job], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[dict]:
@@ -103,6 +106,11 @@ def run_baselines(
         Override the default epochs.
     max_grad_norm : float
         Per-sample clipping norm for DP runs.
+    pooled_dp : bool
+        Also train the pooled model under DP at each epsilon (``False``: local-only DP rows only).
+    site_delta : callable, optional
+        ``site_delta(n)``: the delta of a DP job on ``n`` records (e.g. a department policy's
+        :meth:`~privacy.policy.PrivacyPolicy.site_delta`, as its nodes use); default ``1/(10·n)``.
     on_job, on_epoch : callable, optional
         Progress callbacks.
 
@@ -118,7 +126,7 @@ def run_baselines(
     sites = {s: ds.site_data(s) for s in ds.sites}
     primary = "accuracy" if task == "binary-classification" else "mae"
     results: list[dict] = []
-    for job in plan(ds, kinds, list(epsilons)):
+    for job in plan(ds, kinds, list(epsilons), pooled_dp):
         if on_job:
             on_job(job)
         cfg = copy.copy(DEFAULT_TRAIN[(department, job.model)])
@@ -129,7 +137,9 @@ def run_baselines(
         model = build_model(default_model_config(schema, job.model))
         train_sites = list(sites) if job.site is None else [job.site]
         train = _concat(sites[s].train.tensors() for s in train_sites)
-        dp = None if job.epsilon is None else DPSettings(target_epsilon=job.epsilon, max_grad_norm=max_grad_norm)
+        dp = None if job.epsilon is None else DPSettings(
+            target_epsilon=job.epsilon, max_grad_norm=max_grad_norm,
+            delta=site_delta(len(train)) if site_delta else None)
         t0 = time.perf_counter()
         fitres = fit(model, train, task, cfg, dp, on_epoch=on_epoch)
         seconds = time.perf_counter() - t0

@@ -17,6 +17,7 @@ original units, and ``MAE vs pooled`` = mean over sites of MAE(method) / MAE(poo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -32,9 +33,12 @@ from simulations.run import default_policy, simulate
 #: Federated settings per department (health: rounds x local epochs = the pooled epochs; traffic and
 #: utility: the best of a few non-private runs of 4-16 rounds, 1-3 local epochs, lr 3e-3/1e-2, batch 32-256).
 FED_DEFAULTS: dict[str, dict] = {
-    "health": {"num-rounds": 15, "local-epochs": 2, "batch-size": 32, "lr": 1e-2, "strategy": "fedavg"},
-    "traffic": {"num-rounds": 8, "local-epochs": 1, "batch-size": 128, "lr": 1e-2, "strategy": "fedavg"},
-    "utility": {"num-rounds": 8, "local-epochs": 1, "batch-size": 128, "lr": 1e-2, "strategy": "fedavg"},
+    "health": {"num-rounds": 15, "local-epochs": 2, "batch-size": 32, "lr": 1e-2, "strategy": "fedavg",
+               "personalise-epochs": 10, "personalise-lr": 1e-3},
+    "traffic": {"num-rounds": 8, "local-epochs": 1, "batch-size": 128, "lr": 1e-2, "strategy": "fedavg",
+                "personalise-epochs": 2, "personalise-lr": 1e-3},
+    "utility": {"num-rounds": 8, "local-epochs": 1, "batch-size": 128, "lr": 1e-2, "strategy": "fedavg",
+                "personalise-epochs": 3, "personalise-lr": 1e-3},
 }
 
 
@@ -83,6 +87,43 @@ def _fed_rows(department: str, method: str, eps: float | None, res: dict, sites:
     return rows
 
 
+def _personalised_rows(ds, method: str, eps: float | None, res: dict, run_dir: Path, task: str) -> list[dict]:
+    """Rows ``federated+personalised``: each node's kept model scored on its own site's test split.
+
+    In simulation the harness plays every node, so it may read the model each node kept
+    (:func:`clients.personalise.personalised_path`, under the run's ledger folder); a department
+    node never sends it. Epsilon spent is the node's ledger total after the personalisation.
+    """
+    from clients.node import evaluation_metrics
+    from clients.personalise import load_personalised
+    from clients.training import classification_metrics, predict
+    from shared_models import build_model, default_model_config
+
+    done = (res.get("personalise") or {}).get("nodes") or {}
+    spent = {ds.sites[int(m["partition-id"])]: float(m["epsilon"]) for m in done.values() if "partition-id" in m}
+    name = f"{method}+personalised"
+    rows, ys, logits = [], [], []
+    for s in ds.sites:
+        path = run_dir / "ledgers" / "personalised" / f"{ds.schema.department}-{s}" / f"{res['run_id']}.safetensors"
+        if s not in spent or not path.exists():
+            continue
+        model = build_model(default_model_config(ds.schema, res["config"]["model"]))
+        model.load_state_dict(load_personalised(path))
+        site = ds.site_data(s)
+        rows.append({"method": name, "epsilon": eps, "site": s, "metrics": evaluation_metrics(model, site, task),
+                     "epsilon_spent": spent[s] if eps is not None else None})
+        if task == "binary-classification" and len(site.test):
+            ys.append(site.test.y)
+            logits.append(predict(model, site.test.X))
+    if task == "binary-classification" and ys:
+        m = classification_metrics(np.concatenate(ys), np.concatenate(logits))
+        rows.append({"method": name, "epsilon": eps, "site": "pooled",
+                     "metrics": {"accuracy": m["accuracy"], "roc-auc": m["roc_auc"], "num-examples": m["n"]},
+                     "epsilon_spent": max(spent.values()) if spent and eps is not None else None,
+                     "note": "each hospital's personalised model on its own test set"})
+    return rows
+
+
 def _baseline_rows(entries: list[dict], task: str) -> list[dict]:
     rows = []
     for e in entries:
@@ -125,9 +166,110 @@ def summarise(rows: list[dict], task: str) -> list[dict]:
     return out
 
 
+#: Leave-one-site-out runs only for departments with at most this many sites (one extra
+#: non-private federated run per site; traffic's 22 detectors would cost 22 runs).
+LOO_MAX_SITES = 6
+
+
+def _headline(task: str) -> tuple[str, bool]:
+    """The per-site headline metric and whether higher is better."""
+    return ("accuracy", True) if task == "binary-classification" else ("mae", False)
+
+
+def _gain(task: str, base: float | None, new: float | None) -> float | None:
+    """Gain of ``new`` over ``base``: accuracy points (classification), relative MAE reduction (forecasting)."""
+    if base is None or new is None:
+        return None
+    return float(new - base) if task == "binary-classification" else float(1.0 - new / base) if base else None
+
+
+def per_site_value(rows: list[dict], sites: list[str], task: str, epsilons: tuple[float, ...],
+                   loo: dict[str, float] | None = None) -> dict:
+    """Per site: its metric local-only, federated and personalised (non-private and at each epsilon), the gains.
+
+    Parameters
+    ----------
+    rows : list of dict
+        The comparison's rows.
+    sites : list of str
+    task : str
+    epsilons : tuple of float
+    loo : dict, optional
+        Leave-one-site-out contribution per site (:func:`leave_one_out`).
+
+    Returns
+    -------
+    dict
+        ``metric``, ``higher_is_better``, ``gain`` (how gains are measured), ``sites`` (one entry
+        per site: ``local``, ``federated``, ``personalised``, ``gain-federated``,
+        ``gain-personalised``, ``dp`` per epsilon with the same keys, ``loo-contribution``),
+        ``worst-site`` (lowest personalised gain, non-private) and ``worst-site-dp`` per epsilon.
+    """
+    metric, higher = _headline(task)
+    value = {(r["method"], r["epsilon"], r["site"]): r["metrics"].get(metric) for r in rows if r.get("metrics")}
+
+    def entry(eps):
+        local = value.get(("local", eps, s))
+        fed = value.get(("federated" if eps is None else "federated-dp", eps, s))
+        pers = value.get(("federated+personalised" if eps is None else "federated-dp+personalised", eps, s))
+        return {"local": local, "federated": fed, "personalised": pers, "gain-federated": _gain(task, local, fed),
+                "gain-personalised": _gain(task, local, pers)}
+
+    out_sites = []
+    for s in sites:
+        e = {"site": s, **entry(None), "dp": {f"{eps:g}": entry(eps) for eps in epsilons}}
+        if loo is not None:
+            e["loo-contribution"] = loo.get(s)
+        out_sites.append(e)
+
+    def worst(get):
+        cands = [(get(e), e["site"]) for e in out_sites if get(e) is not None]
+        return None if not cands else {"site": min(cands)[1], "gain": min(cands)[0]}
+
+    return {"metric": metric, "higher_is_better": higher,
+            "gain": ("accuracy points over local-only" if higher else "relative MAE reduction over local-only "
+                     "(1 - MAE / MAE local-only)"),
+            "sites": out_sites,
+            "worst-site": worst(lambda e: e["gain-personalised"]),
+            "worst-site-dp": {f"{eps:g}": worst(lambda e, k=f"{eps:g}": e["dp"][k]["gain-personalised"]) for eps in epsilons}}
+
+
+def leave_one_out(department: str, out: Path, cfg: dict, sites: list[str], task: str, reference: dict,
+                  engine: str = "inprocess") -> dict[str, float]:
+    """Non-private leave-one-site-out contribution of each site to the others.
+
+    For each site ``s``, one non-private federated run (the comparison's settings, no
+    personalisation) without ``s``; its contribution is the mean over the other sites ``t`` of
+    accuracy(all) - accuracy(without s) (classification) or MAE(without s) / MAE(all) - 1
+    (forecasting): positive = the others do better with ``s`` in the federation.
+
+    ``reference`` maps each site to its metrics in the all-sites non-private run.
+    """
+    metric, _ = _headline(task)
+    contrib = {}
+    for s in sites:
+        name = f"loo-without-{''.join(c if c.isalnum() else '_' for c in s)}"
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+        run = {**cfg, "run-dir": str(out / name), "run-id": name, "personalise-epochs": 0}
+        res = simulate(run, engine="inprocess", only_sites=[t for t in sites if t != s])
+        last = next((e for e in reversed(res["rounds"]) if e.get("central-sites")), None)
+        if last is None:
+            continue
+        deltas = []
+        for t in sites:
+            if t == s or t not in reference or t not in last["central-sites"]:
+                continue
+            a, b = reference[t][metric], last["central-sites"][t][metric]
+            deltas.append(a - b if task == "binary-classification" else b / a - 1.0)
+        contrib[s] = float(np.mean(deltas)) if deltas else None
+    return contrib
+
+
 def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.0, 3.0, 8.0), model: str | None = None,
                 engine: str = "inprocess", seed: int = 0, overrides: dict | None = None, overwrite: bool = False,
-                on_stage: Callable[[str], None] | None = None, on_round: Callable[[dict], None] | None = None) -> dict:
+                on_stage: Callable[[str], None] | None = None, on_round: Callable[[dict], None] | None = None,
+                loo: bool = True) -> dict:
     """Run the whole comparison for one department and write ``OUT/results.json``.
 
     Parameters
@@ -149,6 +291,9 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
         carry spent budget into this comparison).
     on_stage, on_round : callable, optional
         Progress callbacks.
+    loo : bool
+        Leave-one-site-out contributions (non-private; only with the in-process engine and at most
+        :data:`LOO_MAX_SITES` sites).
 
     Returns
     -------
@@ -163,6 +308,11 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
     # one intra-op thread for every method (pooled, local, each simulated node): small models
     # gain nothing from more, and slow down badly when other processes share the cores
     torch.set_num_threads(1)
+    from privacy import SEED_FROM_JOB_ENV
+
+    # one machine, no adversary: DP noise follows the seed, so the local-only DP baselines are
+    # reproducible too (simulate() sets the same for the federated runs; see privacy.dp.dp_seed)
+    os.environ.setdefault(SEED_FROM_JOB_ENV, "1")
     out = Path(out)
     runs = [("federated", None)] + [("federated-dp", float(e)) for e in epsilons]
     names = [m if e is None else f"{m}-eps{e:g}" for m, e in runs]
@@ -179,7 +329,10 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
     t0 = time.perf_counter()
     if on_stage:
         on_stage("pooled and local-only baselines")
-    base = run_baselines(department, epsilons=[], kinds=[model], seed=seed)
+    # local-only DP at the same epsilons (what a site gets alone under the same privacy); no pooled DP
+    policy = load_policy(default_policy(department))  # the nodes' delta: local-only DP uses the same
+    base = run_baselines(department, epsilons=list(epsilons), kinds=[model], seed=seed, pooled_dp=False,
+                         site_delta=policy.site_delta)
     rows = _baseline_rows(base, task)
     fed = {**FED_DEFAULTS[department], **(overrides or {})}
     nodp_policy = write_policy(department, out / "policies" / f"{department}-no-dp.toml", require_dp=False)
@@ -200,15 +353,36 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
 
         write_report_safely(out / name, ds.sites, "accuracy" if task == "binary-classification" else "mae-ratio")
         rows += _fed_rows(department, method, eps, res, ds.sites, task)
+        if fed.get("personalise-epochs"):
+            rows += _personalised_rows(ds, method, eps, res, out / name, task)
         if res.get("refused"):
             rows.append({"method": method, "epsilon": eps, "site": "refusals", "metrics": {},
                          "refused": res["refused"], "epsilon_spent": None})
     rows = [r for r in rows if r["site"] != "refusals"] + [r for r in rows if r["site"] == "refusals"]
+    loo_note = None
+    contrib = None
+    if not loo:
+        loo_note = "not run (loo=False)"
+    elif engine != "inprocess" or len(ds.sites) > LOO_MAX_SITES:
+        loo_note = f"not run: needs the in-process engine and at most {LOO_MAX_SITES} sites ({len(ds.sites)} here)"
+    else:
+        if on_stage:
+            on_stage("leave-one-site-out (non-private)")
+        reference = {r["site"]: r["metrics"] for r in rows if r["method"] == "federated" and r["epsilon"] is None}
+        t1 = time.perf_counter()
+        base_cfg = {"department": department, "model": model, "seed": seed, **fed, "dp": False, "target-epsilon": 1.0,
+                    "central-data": "bundled", "fraction-evaluate": 0.0, "policy": str(nodp_policy)}
+        contrib = leave_one_out(department, out, base_cfg, ds.sites, task, reference)
+        timings["leave-one-site-out"] = time.perf_counter() - t1
+        loo_note = "non-private federated runs without each site; see leave_one_out"
+    value = per_site_value(rows, ds.sites, task, tuple(epsilons), contrib)
+    value["loo-note"] = loo_note
     result = {
         "meta": {"command": "fl-sim compare", "department": department, "model": model, "seed": seed,
                  "epsilons": list(epsilons), "federated": fed, "engine": engine, "seconds": time.perf_counter() - t0,
                  "seconds_per_run": timings},
         "summary": summarise([r for r in rows if r["site"] != "refusals"], task),
+        "per_site": value,
         "rows": rows,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=float))

@@ -23,7 +23,8 @@ def default_policy(department: str) -> Path:
     return ROOT / "examples" / "policies" / f"{department}.toml"
 
 
-def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 1.0, on_round=None) -> dict:
+def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 1.0, on_round=None,
+             only_sites: list[str] | None = None) -> dict:
     """Run one federation in simulation and return its ``results.json`` content.
 
     Parameters
@@ -35,6 +36,9 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
         Flower's Ray simulation engine, or the in-process grid (no Ray; same apps).
     cpus_per_client : float
         Ray resources per virtual client.
+    only_sites : list of str, optional
+        In-process engine only: run with these sites' nodes alone (e.g. leave-one-site-out);
+        each keeps its partition id among all the department's sites.
 
     Sets ``CITYFED_DP_SEED_FROM_JOB=1`` in this process unless it is set: DP-SGD's noise then
     follows the job's seed, so a simulation is reproducible (see :func:`privacy.dp.dp_seed`).
@@ -63,8 +67,15 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
         from simulations.inprocess import InProcessGrid
 
         nodes = [{"partition-id": i, "num-partitions": len(sites)} for i in range(len(sites))]
+        if only_sites is not None:
+            unknown = sorted(set(only_sites) - set(sites))
+            if unknown:
+                raise ValueError(f"only_sites: unknown site(s) {unknown}; the department's sites are {sites}")
+            nodes = [{**n, "site": sites[n["partition-id"]]} for n in nodes if sites[n["partition-id"]] in only_sites]
         grid = InProcessGrid(build_client_app(), nodes, cfg)
         return run_federation(grid, cfg, run_id=cfg.get("run-id", "sim"), on_round=on_round)
+    if only_sites is not None:
+        raise ValueError("only_sites needs engine='inprocess'")
     from flwr.simulation import run_simulation
 
     from simulations.dispatch import install

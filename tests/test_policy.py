@@ -278,6 +278,7 @@ _valid_policies = st.builds(
     max_rounds_per_run=st.integers(min_value=1, max_value=10**6),
     require_dp=st.booleans(),
     accountant=st.sampled_from(["rdp", "prv"]),
+    personalisation=st.booleans(),
     releases=st.builds(
         dict,
         num_examples_granularity=st.integers(min_value=1, max_value=1000),
