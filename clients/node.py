@@ -182,12 +182,12 @@ def job_from_config(cfg: dict, spec: NodeSpec, n_train: int, task: str = "binary
         spent: list = ledger.run_history(spec.site, run_id) if ledger is not None and run_id else []
         done = ledger.count(spec.site, run_id, "gaussian-eval") if spent else 0
         reserved = tuple(spent) + planned_releases(cfg, spec, task, remaining, done)
-        try:
-            noise = _calibrated_noise(float(cfg["target-epsilon"]), spec.policy.site_delta(n_train),
         # a run that ends with on-site personalisation (clients.personalise) reserves its steps at the
         # same noise and sample rate: the target covers the rounds and the personalisation together
         from clients.personalise import personalise_steps
 
+        try:
+            noise = _calibrated_noise(float(cfg["target-epsilon"]), spec.policy.site_delta(n_train),
                                       1.0 / steps_per_epoch,
                                       remaining * epochs * steps_per_epoch + personalise_steps(cfg, spec, n_train), reserved,
                                       spec.policy.accountant)
