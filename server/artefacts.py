@@ -159,9 +159,9 @@ def _decode(obj, arrays: dict[str, np.ndarray]):
         if set(obj) == {"$array"}:
             return arrays[obj["$array"]]
         if set(obj) == {"$arrayrecord"}:
-            from flwr.app import ArrayRecord
+            from flwr.app import Array, ArrayRecord
 
-            return ArrayRecord({k: _decode(v, arrays) for k, v in obj["$arrayrecord"].items()})
+            return ArrayRecord({k: Array(np.ascontiguousarray(_decode(v, arrays))) for k, v in obj["$arrayrecord"].items()})
         if set(obj) == {"$tuple"}:
             return tuple(_decode(v, arrays) for v in obj["$tuple"])
         if set(obj) == {"$items"}:
