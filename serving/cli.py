@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=(
     "Serve a cityfed model package (fl-sim export-model / fl-server export) on this department's node. "
@@ -143,7 +144,7 @@ def serve(
         fastapi_app = build(package, site, data, keys, manifest_sha256=manifest_sha256, date_format=date_format,
                             ranges=ranges)
     except (PackageError, RequestError) as exc:
-        err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     tls = {}
     if tls_cert is not None:

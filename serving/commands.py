@@ -14,9 +14,9 @@ _console = Console()
 
 def _report(out: Path, manifest: dict) -> None:
     _console.print(f"wrote model package {escape(str(out))} (run {escape(str(manifest['run-id']))}, "
-                   f"{manifest['department']}): {', '.join(manifest['files'])}, MANIFEST.json", highlight=False)
+                   f"{manifest['department']}): {', '.join(manifest['files'])}, MANIFEST.json", highlight=False, soft_wrap=True)
     _console.print(f"MANIFEST.json SHA-256: {manifest['manifest-sha256']} (pin it: fl-serve --manifest-sha256)",
-                   highlight=False)
+                   highlight=False, soft_wrap=True)
 
 
 def export_model(

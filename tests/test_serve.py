@@ -198,3 +198,73 @@ def test_forecast_end_to_end_after_simulated_run(tmp_path, dept, site):
             want = feats.data.to_original(offline(pkg, feats.data.test.X[i:i + 1]).reshape(-1))
             got = np.array([f[feats.schema.target] for f in r.json()["forecast"]])
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * max(1.0, abs(feats.data.target_mean)))
+
+
+@pytest.fixture(scope="module")
+def traffic_package(tmp_path_factory):
+    d = tmp_path_factory.mktemp("traffic")
+    export_package(synthetic_run(d / "run", "traffic"), d / "pkg", sites=[])
+    return d / "pkg"
+
+
+def _shift(rec, minutes):
+    import pandas as pd
+
+    return (pd.Timestamp(rec) + pd.Timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+#: Traffic records broken the ways the traffic loader refuses a file: (how, field).
+TRAFFIC_VIOLATIONS = [
+    ("negative", "total"),
+    ("off-grid", "timestamp"),
+    ("unsorted", "timestamp"),
+    ("day-first", "timestamp"),
+    ("conflict", "timestamp"),
+    ("text", "total"),
+]
+
+
+@pytest.mark.parametrize("how,field", TRAFFIC_VIOLATIONS)
+def test_forecast_schema_violations_answered_422(traffic_package, how, field):
+    server, feats, _ = served(traffic_package, "detector-3")
+    records, _ = window_records(feats, 0)
+    records = [dict(r) for r in records]
+    k = len(records) // 2
+    if how == "negative":
+        records[k]["total"] = -3
+    elif how == "off-grid":
+        records[k]["timestamp"] = _shift(records[k]["timestamp"], 7)
+    elif how == "unsorted":
+        records[k], records[k + 1] = records[k + 1], records[k]
+    elif how == "day-first":
+        import pandas as pd
+
+        for r in records:
+            r["timestamp"] = pd.Timestamp(r["timestamp"]).strftime("%d/%m/%Y %H:%M")
+    elif how == "conflict":
+        records.insert(k, {**records[k], "total": (records[k]["total"] or 0) + 5})
+    elif how == "text":
+        records[k]["total"] = "twelve"
+    with server as url:
+        r = httpx.post(f"{url}/predict", json={"records": records}, headers=H)
+    assert r.status_code == 422, r.text
+    d = r.json()["detail"][0]
+    assert d["field"] == field, d
+    assert d["fix"]
+
+
+def test_fl_serve_refuses_tampered_package_and_missing_key(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from serving.cli import KEY_ENV, app
+
+    run = synthetic_run(tmp_path / "run", "health")
+    export_package(run, tmp_path / "pkg", sites=[])
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    res = CliRunner().invoke(app, [str(tmp_path / "pkg"), "--site", "Cleveland"])
+    assert res.exit_code == 2 and "no API key" in res.output
+    monkeypatch.setenv(KEY_ENV, KEY)
+    card = tmp_path / "pkg" / "model-card.json"
+    card.write_text(card.read_text().replace('"fedavg"', '"krum"'))
+    res = CliRunner().invoke(app, [str(tmp_path / "pkg"), "--site", "Cleveland"])
+    assert res.exit_code == 1 and "model-card.json" in res.output and "does not match" in res.output
