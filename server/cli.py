@@ -1471,6 +1471,8 @@ def run_cmd(
         data = flwr(sd, "run", str(Path(app_dir).resolve()), CONNECTION, "--run-config", str(cfg_file), json_out=True)
         run_id = str(data.get("run-id"))
         stored = {k: v for k, v in cfg.items() if k != "resume"}
+        if data.get("fab-hash"):  # the app bundle this launch ran: model cards (fl-server export) cite it
+            rec["fab-hash"] = str(data["fab-hash"])
         rec.update({"config": stored, "run-ids": [*rec.get("run-ids", []), run_id],
                     "launched": [*rec.get("launched", []), datetime.now(timezone.utc).isoformat(timespec="seconds")]})
         rec.pop("folder", None)
