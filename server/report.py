@@ -48,6 +48,7 @@ MECHANISM_LABELS = {
     "dp-sgd": "DP-SGD (model update)",
     "gaussian-train-loss": "Gaussian release: training loss",
     "gaussian-eval": "Gaussian release: evaluation metrics",
+    "personalisation": "DP-SGD (on-site personalisation, model kept on the node)",
 }
 
 #: Methods of ``fl-sim compare``.
@@ -56,6 +57,8 @@ METHOD_LABELS = {
     "local": "local-only (each site alone)",
     "federated": "federated, no DP",
     "federated-dp": "federated with DP",
+    "federated+personalised": "federated, then personalised on each site, no DP",
+    "federated-dp+personalised": "federated with DP, then personalised on each site (same ε budget)",
 }
 
 CSS = """
@@ -1032,15 +1035,58 @@ def render_compare_page(results: dict, metric: str, *, plots: dict[str, str] | N
                    num(fmt_num(lv))]
             for k, _ in fed_keys:
                 v = grid["values"].get((site, k))
-                gain = (v - lv if better else lv - v) if _is_num(v) and _is_num(lv) else None
+                # DP methods are compared with local-only DP at the same epsilon where the comparison has it
+                ref = grid["values"].get((site, ("local", k[1])), lv) if k[1] is not None else lv
+                gain = (v - ref if better else ref - v) if _is_num(v) and _is_num(ref) else None
                 row += [num(fmt_num(v)), num(("+" if _is_num(gain) and gain > 0 else "") + fmt_num(gain))]
                 if k[1] is not None:
                     row.append(num(fmt_eps(grid["spent"].get((site, k)))))
             rows.append(row)
-        cap = (f"{metric_label(metric)}. Gain = federated − local-only"
+        cap = (f"{metric_label(metric)}. Gain = federated − local-only (DP runs: local-only with DP at the same ε "
+               "where the comparison ran it)"
                f"{'' if better else ' with the sign flipped (lower is better)'}: positive means the site gains by "
                "federating. ε spent: what the site's ledger reported (dimensionless).")
         return f"<h2>Per site: local-only vs federated</h2>{table(headers, rows, caption=cap, groups=groups)}"
+
+    def value_section(results, ctx):
+        value = _dict(results.get("per_site"))
+        entries = [e for e in _list(value.get("sites")) if isinstance(e, dict)]
+        if not entries:
+            return ""
+        m = str(value.get("metric", metric))
+        eps_keys = list(_dict(entries[0].get("dp")))
+        headers = ["site", "local-only", "federated", "personalised", "gain"]
+        groups = [("", 1), ("no DP: " + metric_label(m, False), 4)]
+        for k in eps_keys:
+            headers += ["local-only", "federated", "personalised", "gain"]
+            groups.append((f"DP at ε = {k}", 4))
+        headers.append("leave-one-out contribution")
+        groups.append(("", 1))
+
+        def cells(d):
+            d = _dict(d)
+            g = d.get("gain-personalised")
+            return [num(fmt_num(d.get("local"))), num(fmt_num(d.get("federated"))), num(fmt_num(d.get("personalised"))),
+                    num(("+" if _is_num(g) and g > 0 else "") + fmt_num(g))]
+
+        rows = []
+        for e in entries:
+            row = [e.get("site")] + cells(e)
+            for k in eps_keys:
+                row += cells(_dict(e.get("dp")).get(k))
+            row.append(num(fmt_num(e.get("loo-contribution"))))
+            rows.append(row)
+        worst = _dict(value.get("worst-site"))
+        worst_dp = _dict(value.get("worst-site-dp"))
+        lines = [f"Worst site (no DP): {esc(worst.get('site', MISSING))}, gain {fmt_num(worst.get('gain'))}."]
+        lines += [f"Worst site at ε = {esc(k)}: {esc(_dict(w).get('site', MISSING))}, gain {fmt_num(_dict(w).get('gain'))}."
+                  for k, w in worst_dp.items()]
+        cap = (f"{metric_label(m)} of each site's model on its own test split. Gain = personalised vs local-only "
+               f"({value.get('gain', '')}); positive = the site gains. Leave-one-out contribution: "
+               f"{value.get('loo-note') or MISSING}; mean over the other sites of how much worse they do without "
+               "this site (accuracy points, or relative MAE increase): positive = the site helps the others.")
+        return (f"<h2>Per-site value: local-only, federated, personalised</h2>"
+                f"{table(headers, rows, caption=cap, groups=groups)}<p>{' '.join(lines)}</p>")
 
     def plots_section(results, ctx):
         return section_plots(results, {"plots": plots or {}}) if plots else ""
@@ -1056,7 +1102,7 @@ def render_compare_page(results: dict, metric: str, *, plots: dict[str, str] | N
 
     body = "".join(_safe(t, fn, results, {}) for t, fn in (
         ("Comparison", summary_section), ("Plots", plots_section), ("Methods", methods_section),
-        ("Per site", sites_section), ("Refusals", refusals_section)))
+        ("Per site", sites_section), ("Per-site value", value_section), ("Refusals", refusals_section)))
     return _page(f"cityfed comparison: {meta.get('department', 'unknown department')}",
                  "pooled vs local-only vs federated vs DP-federated (fl-sim compare)", body)
 

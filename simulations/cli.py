@@ -358,8 +358,16 @@ def compare(
     engine: str = typer.Option("inprocess", help="inprocess (fast, same apps) or ray (Flower Simulation Engine)."),
     overwrite: bool = typer.Option(False, help="Replace federated run folders left in OUT by an earlier comparison."),
     seed: int = typer.Option(0, help="Seed for splits, initialisation and sampling (same for every method)."),
+    personalise_epochs: Optional[int] = typer.Option(None, "--personalise-epochs", help="Override the epochs each node fine-tunes the final model on its own records (0 = no personalised rows)."),
+    personalise_layers: Optional[str] = typer.Option(None, "--personalise-layers", help="Override what is personalised: all, or head (the output layer)."),
+    personalise_lr: Optional[float] = typer.Option(None, "--personalise-lr", help="Override the personalisation learning rate."),
+    loo: bool = typer.Option(True, "--loo/--no-loo", help="Leave-one-site-out contributions (non-private; departments with at most 6 sites)."),
 ) -> None:
     """Pooled vs local-only vs federated vs DP-federated (epsilon 1, 3, 8), same seeds and test sets.
+
+    Also: federated+personalised (each node fine-tunes the final model on its own records, under
+    DP within the same epsilon), local-only DP at the same epsilons, and per-site value (gains,
+    worst site, leave-one-site-out) in results.json "per_site" and the report.
 
     Prints one table per department and writes OUT/results.json (summary + per-site rows),
     plus each federated run's folder (report, ledgers). Health: accuracy on the pooled test
@@ -371,7 +379,10 @@ def compare(
     depts = list(DEPARTMENTS) if department == "all" else [department]
     if any(d not in DEPARTMENTS for d in depts):
         raise typer.BadParameter(f"choose from {', '.join(DEPARTMENTS)} or 'all'", param_hint="--department")
-    overrides = {k: v for k, v in (("num-rounds", rounds), ("local-epochs", local_epochs), ("strategy", strategy)) if v}
+    overrides = {k: v for k, v in (("num-rounds", rounds), ("local-epochs", local_epochs), ("strategy", strategy),
+                                   ("personalise-layers", personalise_layers), ("personalise-lr", personalise_lr)) if v}
+    if personalise_epochs is not None:
+        overrides["personalise-epochs"] = personalise_epochs
     for d in depts:
         dout = out / d if len(depts) > 1 else out
         with _progress() as progress:
@@ -386,7 +397,7 @@ def compare(
 
             try:
                 res = run_compare(d, dout, epsilons=tuple(epsilon), model=model, engine=engine, seed=seed,
-                                  overrides=overrides, overwrite=overwrite, on_stage=on_stage, on_round=on_round)
+                                  overrides=overrides, overwrite=overwrite, on_stage=on_stage, on_round=on_round, loo=loo)
             except FileExistsError as exc:
                 console.print(f"[red]error:[/red] {exc}")
                 raise typer.Exit(2)
