@@ -182,12 +182,17 @@ def test_node_clips_at_the_coordinators_norm_and_records_a_claim(tmp_path):
 
 
 def test_node_never_clips_looser_than_its_policy(tmp_path):
-    node = _node(tmp_path, cap=0.02)
+    node = {**_node(tmp_path, cap=0.02), "audit-log": str(tmp_path / "audit.jsonl")}
     state, reply = _train_once(tmp_path, node, 1.0)  # the coordinator asks for 50x the node's cap
     assert not reply.has_error()
     assert _update_norm(state, reply) == pytest.approx(0.02, rel=1e-4)
     c = PrivacyLedger(node["ledger"]).central_claims("Cleveland")[0]
     assert (c["clipping_norm_asked"], c["clipping_norm_applied"]) == (1.0, 0.02)
+    from privacy.audit import AuditLog
+
+    (entry,) = [e for e in AuditLog(tmp_path / "audit.jsonl").entries() if e["kind"] == "central-dp"]
+    assert entry["data"]["clipping_norm_applied"] == 0.02 and entry["data"]["claimed_epsilon"] == 4.73
+    assert "claimed" in entry["data"]["note"]
     state, reply = _train_once(tmp_path, node, 0.01, run_id="run-y")  # tighter than the cap: the coordinator's
     assert _update_norm(state, reply) == pytest.approx(0.01, rel=1e-4)
 
@@ -285,3 +290,22 @@ def test_central_dp_composes_with_secagg(tmp_path):
     for n in nodes:
         claims = PrivacyLedger(n["ledger"]).central_claims(n["site"])
         assert [(c["round"], c["clipping_norm_applied"]) for c in claims] == [(1, 0.1)]
+
+
+def test_report_shows_central_dp_as_its_own_mechanism():
+    from server.report import central_dp_table, section_summary
+
+    assert central_dp_table({"config": {"central-dp": False}}) == ""
+    results = {"config": {"central-dp": True, "central-noise-multiplier": 1.0, "central-clipping-norm": 0.1,
+                          "central-delta": 1e-5},
+               "rounds": [{"round": 1, "train": {"central-dp": {"epsilon": 4.7285, "delta": 1e-5, "noise-multiplier": 1.0,
+                                                                "clipping-norm": 0.1, "noise-std": 0.025,
+                                                                "sample-rate": 1.0, "contributors": 4}}},
+                          {"round": 2, "train": {"accepted": 0}}],
+               "central-dp": {"epsilon": 4.7285, "rounds": 1, "accountant": "rdp"}}
+    html = central_dp_table(results)
+    assert "Central DP (coordinator)" in html and "4.729" in html and "0.0250" in html and "1.00e-05" in html
+    assert html.count("<tr>") == 2  # header + the one aggregated round
+    assert "claim" in html and "not a node" in html
+    summary = section_summary(results, {})
+    assert "central DP (published model)" in summary and "4.729 after 1 round(s)" in summary
