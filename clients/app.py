@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.energy import EnergyMeter
 from clients.node import (EVAL_METRICS, TRAIN_METRICS, JobRefused, NoTrainingData, handle_evaluate, handle_train,
                           node_from_config)
 from clients.clipping import central_clipping_mod
@@ -102,7 +103,7 @@ def train(msg: Message, spec) -> Message:
     cfg = dict(msg.content["config"])
     error = None
     try:
-        with _compute_timer("train"):
+        with _compute_timer("train"), EnergyMeter() as energy:
             new_state, metrics = handle_train(state, cfg, spec)
     except JobRefused as exc:
         error = Error(code=REFUSED, reason=str(exc))
@@ -111,7 +112,8 @@ def train(msg: Message, spec) -> Message:
     if error is not None:
         _audit_reply(spec, msg, None, error)
         return Message(error, reply_to=msg)
-    content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": whitelisted(metrics, TRAIN_METRICS)})
+    content = RecordDict({"arrays": ArrayRecord(new_state),
+                          "metrics": whitelisted({**metrics, **energy.metrics()}, TRAIN_METRICS)})
     _audit_reply(spec, msg, content)
     return Message(content, reply_to=msg)
 
@@ -143,13 +145,13 @@ def personalise(msg: Message, spec) -> Message:
 def evaluate(msg: Message, spec) -> Message:
     """The node's policy decides: refuse, or DP-noised metrics of the model on its test split."""
     try:
-        with _compute_timer("evaluate"):
+        with _compute_timer("evaluate"), EnergyMeter() as energy:
             metrics = handle_evaluate(msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), spec)
     except JobRefused as exc:
         error = Error(code=REFUSED, reason=str(exc))
         _audit_reply(spec, msg, None, error)
         return Message(error, reply_to=msg)
-    content = RecordDict({"metrics": whitelisted(metrics, EVAL_METRICS)})
+    content = RecordDict({"metrics": whitelisted({**metrics, **energy.metrics()}, EVAL_METRICS)})
     _audit_reply(spec, msg, content)
     return Message(content, reply_to=msg)
 

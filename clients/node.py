@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from clients.datasets import load_department
+from clients.energy import ENERGY_METRICS
 from clients.training import TrainConfig, evaluate, fit
 from privacy.dp import CalibrationError, DPSettings, calibrate_noise
 from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
@@ -38,9 +39,10 @@ from privacy.releases import ERROR_BOUND, LOSS_BOUND, noisy_means
 from shared_models import build_model, default_model_config
 
 #: The only metric keys a node ever sends back (anything else is a leak by definition).
-#: ``train-loss`` and the evaluation metrics leave only as DP releases the policy allows.
-TRAIN_METRICS = ("num-examples", "epsilon", "noise-multiplier", "steps", "train-loss", "partition-id")
-EVAL_METRICS = ("num-examples", "epsilon", "accuracy", "loss", "mae-ratio", "partition-id")
+#: ``train-loss`` and the evaluation metrics leave only as DP releases the policy allows;
+#: ``energy-j``/``energy-method`` are the task's energy, not from records (:mod:`clients.energy`).
+TRAIN_METRICS = ("num-examples", "epsilon", "noise-multiplier", "steps", "train-loss", "partition-id") + ENERGY_METRICS
+EVAL_METRICS = ("num-examples", "epsilon", "accuracy", "loss", "mae-ratio", "partition-id") + ENERGY_METRICS
 
 #: Run/node config keys read only by department nodes (the ServerApp passes them through).
 NODE_KEYS = ("policy", "ledger", "ledger-dir", "data", "site", "dropout-probability", "virtual-sites", "partitioner",

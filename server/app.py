@@ -313,6 +313,9 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
            **strategy.history}
     if cfg["central-dp"]:  # the published model's central epsilon (the coordinator's accountant, all launches)
         out["central-dp"] = strategy.strategy_state()[CENTRAL_STATE_KEY]
+    from server.energy import summarise as energy_summary
+
+    out["energy"] = energy_summary(out)  # per node and for the run, as the nodes reported it (server/energy.py)
     (run_dir / "results.json").write_text(json.dumps(out, indent=2, default=float))
     try:  # the same report.html + plots as fl-sim (which rewrites it with the sites' names)
         from server.report import write_run_report

@@ -938,6 +938,9 @@ def write_run_results(folder: Path, status: str, flwr_run_id: str, *, written_by
            "config": {**_app_defaults(), **launch.get("config", {})}, "job": None, "seconds": None, **history,
            "rounds-completed": done, "flwr-run-id": str(flwr_run_id), "written-by": written_by,
            "written-at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    from server.energy import summarise as energy_summary
+
+    out["energy"] = energy_summary(out)  # per node and for the run, as the nodes reported it
     if saved:
         save_model(folder / MODEL, saved["arrays"], metadata={"run-id": out["run_id"]})
     _write_atomic(folder / "results.json", json.dumps(out, indent=2, default=float))

@@ -484,6 +484,23 @@ def _done(res: dict | None) -> int:
     return max(done, int(rc)) if isinstance(rc, (int, float)) else done
 
 
+def energy_of(res: dict) -> dict:
+    """The run's energy summary: results.json's ``energy`` where written, else summed from its rounds."""
+    from server.energy import summarise
+
+    e = res.get("energy")
+    return e if isinstance(e, dict) and isinstance(e.get("nodes"), dict) else summarise(res)
+
+
+def fmt_joules(j) -> str:
+    """``840 J``, ``12.3 kJ (3.4 Wh)``; "—" for None."""
+    if not isinstance(j, (int, float)) or isinstance(j, bool):
+        return MISSING
+    if j < 1000:
+        return f"{j:.3g} J"
+    return f"{j / 1000:.3g} kJ ({j / 3600:.3g} Wh)"
+
+
 def _model_cards(folder: Path) -> list[str]:
     return [n for n in MODEL_CARDS if (folder / n).is_file()]
 
@@ -569,9 +586,10 @@ class Pages:
             elapsed = fmt_seconds(r["elapsed"]) if isinstance(r.get("elapsed"), (int, float)) else MISSING
             cells.append([name, r["run-id"] or MISSING, r.get("department") or MISSING, _badge(r["status"]),
                           r.get("result") or MISSING, _progress(r["done"], r["planned"]) if r["planned"] else MISSING,
-                          ("num", elapsed), _ago(r["launched"]) if r["launched"] else MISSING])
+                          ("num", elapsed), ("num", fmt_joules(energy_of(r.get("results") or {})["total-j"])),
+                          _ago(r["launched"]) if r["launched"] else MISSING])
         return out + table(["run folder", "run ID", "department", "status (Flower)", "result", "rounds done",
-                            "elapsed", "launched"], cells,
+                            "elapsed", "energy (nodes)", "launched"], cells,
                            caption="Runs (as fl-server runs): status is Flower's; result is the run's own outcome.")
 
     def runs_page(self) -> str:
@@ -647,6 +665,7 @@ class Pages:
                      "the coordinator)."))
         body += [f"<figure>{svg}<figcaption>{esc(cap)}</figcaption></figure>" for svg, cap in figs]
         body.append(self._sites_table(res, metric, labels))
+        body.append(self._energy(res, labels))
         body.append(self._rounds_table(res, labels))
         body.append(self._events(res, labels))
         return self.page(f"run {folder}", "".join(body), live=r["status"] in LIVE)
@@ -681,6 +700,21 @@ class Pages:
             out += table(["site", "test records", f"{metric_label(metric, False)}, exact"], crow,
                          caption=f"Coordinator-held test data per site, after round {last.get('round')}.")
         return "<h2>Sites</h2>" + out
+
+    def _energy(self, res: dict, labels: dict) -> str:
+        e = energy_of(res)
+        if not e["nodes"]:
+            return ('<h2>Energy</h2><p class="note">No node reported its energy (nodes of an earlier version, or '
+                    "CITYFED_ENERGY=off on the node).</p>")
+        rows = [[self._node(nid, labels), ("num", fmt_joules(n["train-j"])), ("num", fmt_joules(n["evaluate-j"])),
+                 ("num", fmt_joules(n["joules"])), "; ".join(n["methods"])]
+                for nid, n in sorted(e["nodes"].items(), key=lambda kv: str(kv[0]))]
+        rows.append(["all nodes (run)", MISSING, MISSING, ("num", fmt_joules(e["total-j"])), MISSING])
+        return "<h2>Energy</h2>" + table(
+            ["site / node", "training", "evaluation", "total", "method"], rows, total_rows={len(rows) - 1},
+            caption="Energy of the nodes' train and evaluate tasks as each node reported it (measured with RAPL/NVML "
+                    "where the node's machine exposes them, else estimated from its process CPU time × a stated "
+                    "power per core: the method column says which). The coordinator's own process is not counted.")
 
     def _rounds_table(self, res: dict, labels: dict) -> str:
         rounds = [e for e in res.get("rounds") or [] if isinstance(e, dict)]

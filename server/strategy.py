@@ -35,8 +35,8 @@ def aggregate_metrics(records: list, weighting_key: str) -> MetricRecord:
     """Aggregate node metrics: example-weighted mean, but the *largest* epsilon (worst node).
 
     Each key is averaged over the nodes that reported it (a node without test data reports
-    only ``num-examples = 0`` and weighs nothing); labels such as ``partition-id`` are not
-    averaged; ``epsilon`` becomes ``epsilon-max``.
+    only ``num-examples = 0`` and weighs nothing); labels such as ``partition-id`` and
+    ``energy-method`` are not averaged; ``energy-j`` is summed; ``epsilon`` becomes ``epsilon-max``.
     """
     sums: dict[str, float] = {}
     wsums: dict[str, float] = {}
@@ -47,9 +47,9 @@ def aggregate_metrics(records: list, weighting_key: str) -> MetricRecord:
         w = float(m[weighting_key])
         total += w
         for k, v in m.items():
-            if k in ("partition-id", weighting_key):
+            if k in ("partition-id", "energy-method", weighting_key):
                 continue
-            if k == "num-examples":  # weighted by another key (central DP: 1 per node): still the total
+            if k in ("num-examples", "energy-j"):  # totals (weighted by another key, e.g. central DP's 1 per node, too)
                 out[k] = out.get(k, 0.0) + float(v)
                 continue
             if k == "epsilon":

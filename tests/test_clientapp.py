@@ -219,7 +219,7 @@ def test_node_audit_log_records_job_release_and_what_left(tmp_path):
     assert job["decision"] == "accepted" and job["run"] == "r1" and job["config"]["noise-multiplier"] == 1.0
     assert release["mechanism"] == "dp-sgd" and release["epsilon_after"] > release["epsilon_before"] == 0
     assert {a["name"] for a in reply["arrays"]} == set(_msg()[1].state_dict()) and all(a["bytes"] > 0 for a in reply["arrays"])
-    assert reply["metrics"] == sorted(["num-examples", "epsilon", "noise-multiplier", "steps"])
+    assert reply["metrics"] == sorted(["num-examples", "epsilon", "noise-multiplier", "steps", "energy-j", "energy-method"])
     assert entries[3]["data"]["decision"] == "refused" and "local_evaluation" in entries[3]["data"]["reason"]
     assert entries[5]["data"]["decision"] == "refused" and "min_noise_multiplier" in entries[5]["data"]["reason"]
 

@@ -117,13 +117,13 @@ def _text(page: str) -> str:
     return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
 
 
-def _table(page: str, first_header: str) -> list[list[str]]:
-    """Rows (cell texts) of the table whose first header cell is ``first_header``."""
+def _table(page: str, first_header: str, second: str | None = None) -> list[list[str]]:
+    """Rows (cell texts) of the first table whose first header cell is ``first_header`` (and second ``second``)."""
     for t in re.findall(r"<table.*?</table>", page, flags=re.S):
         rows = [[" ".join(html.unescape(re.sub(r"<[^>]+>", " ", c)).split())
                  for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", tr, flags=re.S)]
                 for tr in re.findall(r"<tr.*?</tr>", t, flags=re.S)]
-        if rows and rows[0] and rows[0][0] == first_header:
+        if rows and rows[0] and rows[0][0] == first_header and (second is None or rows[0][1:2] == [second]):
             return rows
     raise AssertionError(f"no table starting with {first_header!r}")
 
@@ -400,3 +400,73 @@ def test_svg_chart_places_points_by_value():
     assert by[("a", 2)][1] < by[("b&lt;", 1)][1] < by[("a", 1)][1]  # higher value: higher on the page
     assert by[("a", 1)][0] == by[("b&lt;", 1)][0] < by[("a", 2)][0]
     assert "no rounds completed yet" in console.svg_chart({}, "t", "y")
+
+
+def test_fl_server_console_serves_on_loopback(tmp_path):
+    """``fl-server console`` as an operator starts it: the token file, the login line, HTTP on 127.0.0.1."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "console", "--port", str(port), "--state-dir", str(tmp_path)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"open http://127.0.0.1:{port}/login" in line and str(tmp_path / console.TOKEN_FILE) in line, line
+        assert "token=" not in line  # not a terminal: the token is not printed
+        token = (tmp_path / console.TOKEN_FILE).read_text().strip()
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401  # up, and it wants the token
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the console did not answer")
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            page = r.read().decode()
+        # no coordinator in this state dir: the page says so and how to fix it
+        assert r.status == 200 and "the coordinator did not answer" in page and "fl-server start" in page
+        # a second console on the same port: refused with the reason
+        second = subprocess.run([sys.executable, "-m", "server.cli", "console", "--port", str(port), "--state-dir",
+                                 str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and "cannot listen there" in second.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_energy_per_site_and_run(coord):
+    """Each node reports its tasks' energy (method named); results.json sums it; the console shows it."""
+    from clients.energy import METHODS
+
+    sd, runs, res, _ = coord
+    per_node = {}
+    for e in res["rounds"]:
+        for ph in ("train", "evaluate"):
+            for nid, m in e[ph]["nodes"].items():
+                assert m["energy-j"] > 0 and m["energy-method"] in METHODS  # every reply carries it
+                per_node[nid] = per_node.get(nid, 0.0) + m["energy-j"]
+    assert res["energy"]["total-j"] == pytest.approx(sum(per_node.values()))
+    assert {k: v["joules"] for k, v in res["energy"]["nodes"].items()} == pytest.approx(per_node)
+    c, _, _ = _client(sd, runs)
+    rows = _table(c.get(f"/runs/{FOLDER}").text, "site / node", "training")  # the energy table
+    assert rows[-1][0] == "all nodes (run)" and rows[-1][3] == console.fmt_joules(sum(per_node.values()))
+    labels = json.loads((sd / "nodes.json").read_text())
+    for r in rows[1:-1]:
+        nid = re.search(r"\(node (\d+)\)$", r[0]).group(1)
+        assert r[3] == console.fmt_joules(per_node[nid]) and r[4] in METHODS.values()
+        assert r[0].startswith(labels[nid]["name"])
+    overview = _table(c.get("/").text, "run folder")
+    assert overview[0][7] == "energy (nodes)" and overview[1][7] == console.fmt_joules(sum(per_node.values()))

@@ -1,0 +1,58 @@
+"""Energy per run and per site from the nodes' replies (issue 13.4).
+
+Each node meters its own train and evaluate tasks and reports ``energy-j`` with an
+``energy-method`` code (:mod:`clients.energy`: RAPL/NVML measured, or process CPU time × a
+stated power per core). :func:`summarise` adds them up per node and for the run. The
+coordinator's own process is **not** counted (in an in-process simulation it also runs the
+nodes, so it could not be told apart); the figures are what the nodes reported.
+"""
+
+from __future__ import annotations
+
+from clients.energy import METHODS
+
+
+def _num(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def summarise(results: dict) -> dict:
+    """Energy per node and for the run from a run's results (``rounds[*].train|evaluate.nodes``).
+
+    Parameters
+    ----------
+    results : dict
+        ``results.json`` content, or the checkpoint history of a live run.
+
+    Returns
+    -------
+    dict
+        ``nodes``: ``{node ID: {"train-j", "evaluate-j", "joules", "partition-id", "methods"}}``
+        (methods: the :data:`clients.energy.METHODS` texts the node reported); ``total-j``: the
+        sum over nodes; ``replies``: replies that carried a figure; ``scope``: what is counted.
+        Empty ``nodes`` and ``total-j`` None when no reply carried one (older nodes, or
+        ``CITYFED_ENERGY=off``).
+    """
+    nodes: dict[str, dict] = {}
+    replies = 0
+    for entry in results.get("rounds") or []:
+        if not isinstance(entry, dict):
+            continue
+        for phase in ("train", "evaluate"):
+            ph = entry.get(phase) if isinstance(entry.get(phase), dict) else {}
+            for node, m in (ph.get("nodes") or {}).items():
+                j = _num(m.get("energy-j")) if isinstance(m, dict) else None
+                if j is None:
+                    continue
+                replies += 1
+                n = nodes.setdefault(str(node), {"train-j": 0.0, "evaluate-j": 0.0, "joules": 0.0,
+                                                  "partition-id": m.get("partition-id"), "methods": []})
+                n[f"{phase}-j"] += j
+                n["joules"] += j
+                code = m.get("energy-method")
+                text = METHODS.get(int(code), f"method {code}") if _num(code) is not None else "not stated"
+                if text not in n["methods"]:
+                    n["methods"].append(text)
+    return {"nodes": nodes, "total-j": sum(n["joules"] for n in nodes.values()) if nodes else None,
+            "replies": replies, "scope": "department nodes' train and evaluate tasks, as reported; "
+                                         "the coordinator's own process is not counted"}

@@ -1,0 +1,111 @@
+"""Energy per task on a node (:mod:`clients.energy`) and per run (:mod:`server.energy`).
+
+RAPL is absent on the test machine; its reading is checked on a powercap tree laid out as
+Linux's (``intel-rapl:N/energy_uj``, ``max_energy_range_uj``) whose counters the test
+advances. The estimate is checked against the process's own CPU time. The figures in a real
+run's replies and results.json are checked in ``tests/test_console.py``.
+"""
+
+import math
+import time
+
+import pytest
+
+from clients import energy
+from server.energy import summarise
+
+
+def _busy(seconds: float) -> None:
+    end = time.process_time() + seconds
+    x = 0
+    while time.process_time() < end:
+        x += 1
+
+
+def test_estimate_is_cpu_time_times_stated_watts(monkeypatch, tmp_path):
+    monkeypatch.setenv(energy.ENV_WATTS, "10")
+    with energy.EnergyMeter(powercap=tmp_path, gpu=False) as m:  # empty powercap: no RAPL
+        _busy(0.3)
+    assert m.method == 1 and energy.METHODS[1].startswith("estimate")
+    assert 0.3 <= m.cpu_seconds < 2.0
+    assert m.joules == pytest.approx(10 * m.cpu_seconds)
+    out = m.metrics()
+    assert set(out) == set(energy.ENERGY_METRICS) and out["energy-method"] == 1
+    assert out["energy-j"] == pytest.approx(m.joules, rel=0.05)  # two significant figures
+
+
+def test_default_watts_and_bad_setting(monkeypatch, tmp_path):
+    monkeypatch.delenv(energy.ENV_WATTS, raising=False)
+    assert energy.watts_per_core() == energy.DEFAULT_WATTS_PER_CORE
+    for bad in ("-1", "0", "abc", "nan", "inf"):
+        monkeypatch.setenv(energy.ENV_WATTS, bad)
+        with pytest.raises(ValueError, match=energy.ENV_WATTS):
+            with energy.EnergyMeter(powercap=tmp_path, gpu=False):  # refused before the task's work
+                raise AssertionError("the block must not run")
+
+
+def _rapl(root, name, uj, max_uj=262143328850):
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "energy_uj").write_text(f"{uj}\n")
+    (d / "max_energy_range_uj").write_text(f"{max_uj}\n")
+    return d
+
+
+def test_rapl_measured_across_packages_and_a_wrap(tmp_path):
+    p0 = _rapl(tmp_path, "intel-rapl:0", 1_000_000)
+    p1 = _rapl(tmp_path, "intel-rapl:1", 999_000_000, max_uj=1_000_000_000)
+    _rapl(tmp_path, "intel-rapl:0:0", 5)  # a sub-domain (cores): inside package 0's figure, not added
+    assert [d.name for d in energy.rapl_domains(tmp_path)] == ["intel-rapl:0", "intel-rapl:1"]
+    with energy.EnergyMeter(powercap=tmp_path, gpu=False) as m:
+        (p0 / "energy_uj").write_text("3500000\n")  # +2.5 J
+        (p1 / "energy_uj").write_text("500000\n")  # wrapped: +1.0 J + 0.5 J
+        (tmp_path / "intel-rapl:0:0" / "energy_uj").write_text("900000000\n")
+    assert m.method == 0 and m.joules == pytest.approx(4.0)
+    assert m.metrics() == {"energy-j": 4.0, "energy-method": 0}
+
+
+def test_unreadable_rapl_falls_back_to_the_estimate(tmp_path, monkeypatch):
+    monkeypatch.setenv(energy.ENV_WATTS, "6")
+    d = tmp_path / "intel-rapl:0"
+    d.mkdir()
+    (d / "energy_uj").write_text("not a number")  # as when only root may read it: unusable
+    assert energy.rapl_domains(tmp_path) == []
+    with energy.EnergyMeter(powercap=tmp_path, gpu=False) as m:
+        _busy(0.05)
+    assert m.method == 1 and m.joules == pytest.approx(6 * m.cpu_seconds)
+
+
+def test_switched_off_sends_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv(energy.ENV_SWITCH, "off")
+    with energy.EnergyMeter(powercap=tmp_path, gpu=False) as m:
+        _busy(0.01)
+    assert m.metrics() == {}
+
+
+def test_two_significant_figures():
+    assert energy.sig2(1234.5) == 1200 and energy.sig2(0.012345) == 0.012 and energy.sig2(9.96) == 10.0
+    assert energy.sig2(0) == 0 and energy.sig2(-1) == 0 and energy.sig2(math.inf) == 0
+
+
+def test_summary_per_node_and_run():
+    res = {"rounds": [
+        {"round": 1, "train": {"nodes": {"7": {"energy-j": 10.0, "energy-method": 1, "partition-id": 0},
+                                         "8": {"energy-j": 4.0, "energy-method": 0}}},
+         "evaluate": {"nodes": {"7": {"energy-j": 1.5, "energy-method": 1}, "8": {"accuracy": 0.5}}}},
+        {"round": 2, "train": {"nodes": {"7": {"energy-j": 12.0, "energy-method": 3}}}},
+    ]}
+    s = summarise(res)
+    assert s["nodes"]["7"]["train-j"] == 22.0 and s["nodes"]["7"]["evaluate-j"] == 1.5 and s["nodes"]["7"]["joules"] == 23.5
+    assert s["nodes"]["7"]["methods"] == [energy.METHODS[1], energy.METHODS[3]]
+    assert s["nodes"]["8"]["joules"] == 4.0 and s["total-j"] == 27.5 and s["replies"] == 4
+    assert summarise({"rounds": [{"round": 1, "train": {"nodes": {"1": {"num-examples": 3}}}}]})["total-j"] is None
+
+
+def test_round_aggregate_sums_energy_and_keeps_no_method_average():
+    from server.strategy import aggregate_metrics
+
+    recs = [{"metrics": {"num-examples": 100, "epsilon": 1.0, "energy-j": 3.0, "energy-method": 1}},
+            {"metrics": {"num-examples": 300, "epsilon": 2.0, "energy-j": 5.0, "energy-method": 0}}]
+    agg = dict(aggregate_metrics(recs, "num-examples"))
+    assert agg["energy-j"] == 8.0 and "energy-method" not in agg and agg["epsilon-max"] == 2.0
