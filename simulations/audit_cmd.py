@@ -53,11 +53,11 @@ def audit(
     bound at --confidence (Steinke, Nasr, Jagielski 2023): the training is NOT (eps_lb,
     delta)-DP. The ledger's epsilon is what a PrivacyLedger recorded for the same training.
 
-    Reading the table: the non-private control must show clear leakage (AUC >= 0.6 or
-    eps_lb > 1), otherwise the attack is too weak to say anything about the DP rows. A DP row
-    whose eps_lb is above its ledger epsilon is a bug (exit code 1). eps_lb below the ledger
-    epsilon is expected (the bound is a lower bound; DP-SGD's accounting assumes an attacker
-    who sees every step).
+    Reading the table: the non-private control must show clear leakage (AUC >= 0.6 on the
+    records or the canaries, or eps_lb > 1), otherwise the attack is too weak to say anything
+    about the DP rows. A DP row whose eps_lb is above its ledger epsilon is a bug (exit 1).
+    eps_lb below the ledger epsilon is expected (the bound is a lower bound; DP-SGD's
+    accounting assumes an attacker who sees every step).
 
     Writes OUT/audit.json (AUC, TPR at low FPR, bounds, ledger epsilon and delta, attack
     settings, seconds) and OUT/ledgers/audit-eps*.sqlite.

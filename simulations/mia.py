@@ -325,8 +325,8 @@ def make_canaries(X: np.ndarray, y: np.ndarray, k: int, rng: np.random.Generator
     Classification: each feature drawn independently; a feature with more than two distinct
     values in ``X`` is put 2.5-4 standard deviations from its mean (random side), any other
     takes one of its observed values; the label is random. Forecasting: a random window's
-    inputs with a random target (standard normal times 3 in scaled units).
-    Nothing of a real record is copied whole.
+    inputs with a random target (standard normal times 3 in scaled units): a (window, target)
+    pair no site produced. Canaries never leave the audit (they are not written anywhere).
     """
     X = np.asarray(X, dtype=np.float32)
     if k <= 0:
@@ -403,8 +403,10 @@ def _pool(settings: AuditSettings, ds, task: str, rng: np.random.Generator) -> _
 
 
 def _verdict(row: dict) -> str:
+    """Issue 12's reading: the control must leak clearly (AUC >= 0.6 on records or canaries, or eps_lb > 1)."""
     if row["epsilon"] is None:
-        if (row["records"]["auc"] >= 0.6) or row["eps_lb"] > 1.0:
+        aucs = [a["auc"] for a in (row.get("records"), row.get("canaries")) if a]
+        if max(aucs) >= 0.6 or row["eps_lb"] > 1.0:
             return "clear leakage (the attack can test DP bounds)"
         return "attack too weak: no clear leakage even without DP, so the DP rows prove nothing"
     if row["eps_lb"] > row["ledger_epsilon"] + 1e-9:
@@ -549,7 +551,7 @@ def run_audit(settings: AuditSettings, out: Path, *,
             "test_accuracy" if task == "binary-classification" else "test_mse": float(np.mean(test_scores)),
             "seconds": time.perf_counter() - t0,
         }
-        row["verdict"] = _verdict({**row, "records": audits.get("records") or audits["canaries"]})
+        row["verdict"] = _verdict(row)
         row["ok"] = not row["verdict"].startswith("BOUND ABOVE")
         rows.append(row)
 

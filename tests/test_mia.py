@@ -156,7 +156,8 @@ def job_seeded(monkeypatch):
 def test_small_health_audit_control_leaks_more_and_dp_stays_below_ledger(tmp_path, job_seeded):
     from privacy.ledger import PrivacyLedger
 
-    s = mia.AuditSettings(department="health", epsilons=(1.0,), shadows=6, targets=2, canaries=64, seed=3)
+    s = mia.AuditSettings(department="health", epsilons=(1.0,), shadows=6, targets=2, canaries=64, seed=3,
+                          sites=("Cleveland",))
     res = mia.run_audit(s, tmp_path)
     control, dp = res["rows"]
     assert control["epsilon"] is None and dp["epsilon"] == 1.0
@@ -164,6 +165,7 @@ def test_small_health_audit_control_leaks_more_and_dp_stays_below_ledger(tmp_pat
     assert control["canaries"]["auc"] > 0.7
     assert control["canaries"]["auc"] > dp["canaries"]["auc"] + 0.15
     assert control["eps_lb"] >= dp["eps_lb"]
+    assert control["verdict"].startswith("clear leakage")
     # the DP row: bound below the ledger's epsilon, which is the real ledger's on disk
     assert dp["eps_lb"] <= dp["ledger_epsilon"]
     assert dp["ok"] and res["ok"]
