@@ -26,9 +26,7 @@ def export_model(
 ) -> None:
     """Write a run's model package: weights (safetensors), model config, data schema, model card (JSON + Markdown), SHA-256 manifest.
 
-    The card records the run ID, strategy, rounds, the sites that trained, epsilon and delta per
-    site and per mechanism (from the run's ledgers), metrics per site, data source versions
-    and the creation time. Serve it on a department node with `fl-serve DIR --site SITE`.
+    The card records the run ID, strategy, rounds, the sites that trained, epsilon and delta per site and per mechanism (from the run's ledgers), metrics per site, data source versions and the creation time. Serve it on a department node with `fl-serve DIR --site SITE`.
     """
     from serving.package import PackageError, export_package
 
