@@ -127,7 +127,10 @@ def serve(
     ranges: Annotated[Optional[Path], typer.Option("--ranges", help="Plausibility-range overrides (TOML), as in "
                                                    "training.")] = None,
 ) -> None:
-    """Serve PACKAGE for one site on this node: POST /predict, GET /model, /metrics, /health, /docs."""
+    """Serve PACKAGE for one site on this node: POST /predict, GET /model, /metrics, /health, /docs.
+
+    The package's SHA-256 hashes are checked first (a changed, missing or extra file is refused). Records are validated with the same checks as a training file and scaled with this site's own training scalers, fitted here from the department's data (bundled, or --data): they never come from the package or the coordinator. Answers are in original units: probabilities (health), the next steps with their timestamps (traffic, utility). Every call but /health and the docs needs an API key in the header 'X-API-Key: KEY'. Example: fl-serve runs/h3-package --site Cleveland --api-key-file serve.keys --port 8480
+    """
     import ssl
 
     import uvicorn
