@@ -277,6 +277,7 @@ _valid_policies = st.builds(
     allowed_tasks=st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=4),
     max_rounds_per_run=st.integers(min_value=1, max_value=10**6),
     require_dp=st.booleans(),
+    central_max_clipping_norm=st.floats(min_value=1e-6, max_value=1e3, allow_nan=False, allow_infinity=False),
     accountant=st.sampled_from(["rdp", "prv"]),
     personalisation=st.booleans(),
     releases=st.builds(
