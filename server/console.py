@@ -95,7 +95,7 @@ caption{caption-side:top;text-align:left;color:#52606d;font-size:.9em;padding-bo
 figure{display:inline-block;vertical-align:top;margin:.4em 1.5em .4em 0}figcaption{color:#52606d;font-size:.85em;max-width:36em}
 svg text{font-family:inherit}pre{background:#f6f8fa;padding:.6em;overflow:auto;max-height:40em;font-size:.82em}
 progress{width:8em}form.stop{margin:.6em 0;padding:.5em .8em;border:1px solid #e6b8b5;background:#fdf3f2;display:inline-block}
-button{font-weight:600}
+button{font-weight:600}.nowrap,td a{white-space:nowrap}
 """
 
 #: Line colours of the plots (colour-blind safe, Okabe-Ito).
@@ -469,7 +469,7 @@ def _progress(done, planned) -> Html:
         d, p = int(done or 0), int(planned)
     except (TypeError, ValueError):
         return Html(esc(fmt_int(done)))
-    return Html(f'<progress value="{min(d, p)}" max="{max(p, 1)}"></progress> {d} of {p}')
+    return Html(f'<span class="nowrap"><progress value="{min(d, p)}" max="{max(p, 1)}"></progress> {d} of {p}</span>')
 
 
 def _error(text: str | None) -> str:

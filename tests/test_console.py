@@ -312,7 +312,7 @@ def test_live_run_progress_from_the_checkpoint(coord):
     c, _, _ = _client(sd, runs, refresh=7)
     page = c.get(f"/runs/{FOLDER}").text
     assert '<meta http-equiv="refresh" content="7">' in page
-    assert '<progress value="2" max="5"></progress> 2 of 5' in page
+    assert '<progress value="2" max="5"></progress> 2 of 5</span>' in page
     assert "the run&#x27;s checkpoint (live" in page
     pts = _points(page)
     for e in res["rounds"]:  # the checkpoint's history: the same figures
