@@ -470,3 +470,28 @@ def test_energy_per_site_and_run(coord):
         assert r[0].startswith(labels[nid]["name"])
     overview = _table(c.get("/").text, "run folder")
     assert overview[0][7] == "energy (nodes)" and overview[1][7] == console.fmt_joules(sum(per_node.values()))
+
+
+@pytest.mark.slow
+def test_console_against_a_real_coordinator(tmp_path):
+    """No stand-in: a real ``fl-server start`` (TLS, node auth), a registered node key, the console's
+    pages read it through the real ``flwr`` CLI (the same calls as ``fl-server nodes`` / ``runs``)."""
+    from test_deploy_slow import City
+
+    city = City(tmp_path)
+    try:
+        city.start_coordinator()
+        nid = city.register("Cleveland")
+        c, _, _ = _client(city.state, city.state / "runs")
+        page = c.get("/").text
+        assert "did not answer" not in page, _text(page)[:2000]
+        nodes = _table(page, "node ID")
+        assert [r[0] for r in nodes[1:]] == [nid]
+        col = {h: i for i, h in enumerate(nodes[0])}
+        assert nodes[1][col["name"]].endswith("Cleveland") and nodes[1][col["status"]] in ("registered", "offline")
+        assert nodes[1][col["key fingerprint"]].startswith("SHA256:")
+        assert "No run yet" in page
+        assert city.nodes()[0]["node-id"] == nid  # fl-server nodes agrees
+    finally:
+        for p in city.procs:
+            p.stop()
