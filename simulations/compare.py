@@ -34,11 +34,11 @@ from simulations.run import default_policy, simulate
 #: utility: the best of a few non-private runs of 4-16 rounds, 1-3 local epochs, lr 3e-3/1e-2, batch 32-256).
 FED_DEFAULTS: dict[str, dict] = {
     "health": {"num-rounds": 15, "local-epochs": 2, "batch-size": 32, "lr": 1e-2, "strategy": "fedavg",
-               "personalise-epochs": 10, "personalise-lr": 1e-3},
+               "personalise-epochs": 20, "personalise-lr": 1e-2, "personalise-layers": "head"},
     "traffic": {"num-rounds": 8, "local-epochs": 1, "batch-size": 128, "lr": 1e-2, "strategy": "fedavg",
-                "personalise-epochs": 2, "personalise-lr": 1e-3},
+                "personalise-epochs": 3, "personalise-lr": 1e-2, "personalise-layers": "head"},
     "utility": {"num-rounds": 8, "local-epochs": 1, "batch-size": 128, "lr": 1e-2, "strategy": "fedavg",
-                "personalise-epochs": 3, "personalise-lr": 1e-3},
+                "personalise-epochs": 5, "personalise-lr": 1e-2, "personalise-layers": "head"},
 }
 
 
