@@ -195,14 +195,18 @@ def test_cli_audit_writes_json_and_checks_options(tmp_path, job_seeded):
     bad = runner.invoke(app, ["audit", "-d", "police", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "health" in bad.output
     ok = runner.invoke(app, ["audit", "-d", "health", "--shadows", "2", "--targets", "1", "--canaries", "16",
-                             "-e", "8", "--no-control", "--site", "Switzerland", "--out", str(tmp_path)])
+                             "-e", "8", "--no-control", "--site", "Cleveland", "--out", str(tmp_path)])
     assert ok.exit_code == 0, ok.output
     assert "eps=8" in ok.output and "empirical privacy audit" in ok.output
     res = json.loads((tmp_path / "audit.json").read_text())
-    assert res["meta"]["pool"]["sites"] == ["Switzerland"] and len(res["rows"]) == 1
-    assert res["rows"][0]["ledger_epsilon"] <= 8.0 + 1e-6
+    assert res["meta"]["pool"]["sites"] == ["Cleveland"] and len(res["rows"]) == 1
+    assert res["rows"][0]["ledger_epsilon"] <= 8.0 + 1e-6 and res["rows"][0]["accountant"] == "rdp"
+    from privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(tmp_path / "ledgers" / "audit-eps8.sqlite")
+    assert ledger.epsilon("target-0", res["rows"][0]["delta"]) == pytest.approx(res["rows"][0]["ledger_epsilon"])
     again = runner.invoke(app, ["audit", "-d", "health", "--shadows", "2", "--targets", "1", "--canaries", "16",
-                                "-e", "8", "--no-control", "--site", "Switzerland", "--out", str(tmp_path)])
+                                "-e", "8", "--no-control", "--site", "Cleveland", "--out", str(tmp_path)])
     assert again.exit_code == 2 and "--overwrite" in again.output
     unknown = runner.invoke(app, ["audit", "-d", "health", "--site", "Atlantis", "--out", str(tmp_path / "x")])
     assert unknown.exit_code == 2 and "Atlantis" in unknown.output and "Cleveland" in unknown.output
