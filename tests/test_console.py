@@ -24,7 +24,7 @@ import pytest
 from typer.testing import CliRunner
 
 import server.cli as server_cli
-from server import console
+from server import console, console_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("report_screenshot", ROOT / "benchmarks" / "report_screenshot.py")
@@ -394,12 +394,12 @@ def test_broken_audit_log_is_shown_not_verified(coord):
 
 
 def test_svg_chart_places_points_by_value():
-    svg = console.svg_chart({"a": [(1, 0.2), (2, 0.8)], "b<": [(1, 0.5)]}, "t", "y")
+    svg = console_pages.svg_chart({"a": [(1, 0.2), (2, 0.8)], "b<": [(1, 0.5)]}, "t", "y")
     circles = re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"[^>]*data-series="([^"]*)" data-round="(\d)"', svg)
     by = {(s, int(r)): (float(x), float(y)) for x, y, s, r in circles}
     assert by[("a", 2)][1] < by[("b&lt;", 1)][1] < by[("a", 1)][1]  # higher value: higher on the page
     assert by[("a", 1)][0] == by[("b&lt;", 1)][0] < by[("a", 2)][0]
-    assert "no rounds completed yet" in console.svg_chart({}, "t", "y")
+    assert "no rounds completed yet" in console_pages.svg_chart({}, "t", "y")
 
 
 def test_fl_server_console_serves_on_loopback(tmp_path):
@@ -462,14 +462,14 @@ def test_energy_per_site_and_run(coord):
     assert {k: v["joules"] for k, v in res["energy"]["nodes"].items()} == pytest.approx(per_node)
     c, _, _ = _client(sd, runs)
     rows = _table(c.get(f"/runs/{FOLDER}").text, "site / node", "training")  # the energy table
-    assert rows[-1][0] == "all nodes (run)" and rows[-1][3] == console.fmt_joules(sum(per_node.values()))
+    assert rows[-1][0] == "all nodes (run)" and rows[-1][3] == console_pages.fmt_joules(sum(per_node.values()))
     labels = json.loads((sd / "nodes.json").read_text())
     for r in rows[1:-1]:
         nid = re.search(r"\(node (\d+)\)$", r[0]).group(1)
-        assert r[3] == console.fmt_joules(per_node[nid]) and r[4] in METHODS.values()
+        assert r[3] == console_pages.fmt_joules(per_node[nid]) and r[4] in METHODS.values()
         assert r[0].startswith(labels[nid]["name"])
     overview = _table(c.get("/").text, "run folder")
-    assert overview[0][7] == "energy (nodes)" and overview[1][7] == console.fmt_joules(sum(per_node.values()))
+    assert overview[0][7] == "energy (nodes)" and overview[1][7] == console_pages.fmt_joules(sum(per_node.values()))
 
 
 @pytest.mark.slow
