@@ -10,7 +10,8 @@ round is bounded by the clipping norm, so the *published* model sequence is (eps
 with respect to any one node's participation.
 
 :class:`CentralAccountant` composes the rounds as a sampled Gaussian mechanism (noise
-multiplier ``z``, node sampling rate ``q = fraction-train``, one step per aggregated round)
+multiplier ``z``, node sampling rate ``q = fraction-train`` or the larger share of the connected
+nodes FedAvg samples where its minimum forces more, one step per aggregated round)
 with the ledger's accountants (:func:`privacy.accounting.epsilon`, Opacus RDP or PRV). Its
 state is plain JSON (:meth:`CentralAccountant.state`) saved in the run checkpoint under
 :data:`STATE_KEY` and restored on resume, so a resumed run's central epsilon continues.
@@ -184,6 +185,7 @@ class CentralDPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
         self.sample_rate = float(sample_rate)
         self.central = CentralAccountant.from_state(state, delta=delta, accountant=accountant)
         self.last: dict | None = None
+        self._rates: dict[int, float] = {}
 
     # the wrapped strategy's sampling settings, read and raised through the wrapper (GuardedStrategy,
     # SecAggStrategy raise min_train_nodes / min_available_nodes)
@@ -206,13 +208,29 @@ class CentralDPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Flower's wrapper (adds the clipping norm) plus what nodes record as the coordinator's claim."""
+        q = self.round_sample_rate(grid)
+        self._rates[server_round] = q
         config["central-noise-multiplier"] = self.noise_multiplier
         config["central-delta"] = self.central.delta
         config["central-accountant"] = self.central.accountant
-        config["central-sample-rate"] = self.sample_rate
+        config["central-sample-rate"] = q
         # the epsilon the published model will have once this round's noised aggregate is out
-        config["central-epsilon-claimed"] = self.central.epsilon((self.noise_multiplier, self.sample_rate))
+        config["central-epsilon-claimed"] = self.central.epsilon((self.noise_multiplier, q))
         return super().configure_train(server_round, arrays, config, grid)
+
+    def round_sample_rate(self, grid: Grid) -> float:
+        """Node sampling rate of this round: ``fraction-train``, or more where FedAvg's minimum forces more.
+
+        FedAvg samples ``max(int(n * fraction_train), min_train_nodes)`` of the ``n`` connected
+        nodes; the accountant never uses less than that share.
+        """
+        if self.sample_rate >= 1.0:
+            return 1.0
+        n = len(list(grid.get_node_ids()))
+        if n <= 0:
+            return 1.0
+        size = max(int(n * self.strategy.fraction_train), int(self.strategy.min_train_nodes))
+        return float(min(1.0, max(self.sample_rate, size / n)))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message], *,
                         contributors: int | None = None) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -241,10 +259,11 @@ class CentralDPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
                 arrays = self._add_noise_to_aggregated_arrays(arrays)
         if not arrays:
             return arrays, metrics
-        self.central.step(self.noise_multiplier, self.sample_rate)
+        q = self._rates.pop(server_round, 1.0)  # a round not configured here: no amplification claimed
+        self.central.step(self.noise_multiplier, q)
         self.last = {"epsilon": self.central.epsilon(), "delta": self.central.delta,
                      "accountant": self.central.accountant, "noise-multiplier": self.noise_multiplier,
-                     "clipping-norm": self.clipping_norm, "sample-rate": self.sample_rate, "contributors": k,
+                     "clipping-norm": self.clipping_norm, "sample-rate": q, "contributors": k,
                      "noise-std": compute_stdv(self.noise_multiplier, self.clipping_norm, k),
                      "rounds-accounted": self.central.rounds}
         log.info("central DP: round %d: noise std %.4g on the mean of %d update(s); central epsilon %.4g at delta %g "

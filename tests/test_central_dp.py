@@ -309,3 +309,24 @@ def test_report_shows_central_dp_as_its_own_mechanism():
     assert "claim" in html and "not a node" in html
     summary = section_summary(results, {})
     assert "central DP (published model)" in summary and "4.729 after 1 round(s)" in summary
+
+
+def test_sampling_rate_is_never_below_what_fedavg_samples():
+    from types import SimpleNamespace
+
+    from server.strategy import make_strategy
+
+    def grid(n):
+        return SimpleNamespace(get_node_ids=lambda: list(range(1, n + 1)))
+
+    def wrapper(fraction, min_nodes):
+        return CentralDPFixedClipping(make_strategy("fedavg", fraction_train=fraction, min_nodes=min_nodes),
+                                      noise_multiplier=1.0, clipping_norm=1.0, delta=1e-5, sample_rate=fraction)
+
+    assert wrapper(0.5, 1).round_sample_rate(grid(10)) == 0.5
+    assert wrapper(0.5, 3).round_sample_rate(grid(4)) == 0.75  # FedAvg samples max(int(4 * 0.5), 3) = 3 of 4
+    assert wrapper(1.0, 1).round_sample_rate(grid(4)) == 1.0
+    w = wrapper(0.5, 1)
+    assert w.min_train_nodes == 1 and w.fraction_train == 0.5  # read through the wrapper (the run loop does)
+    w.min_train_nodes = 3  # SecAgg+ raises it through the wrapper: the wrapped FedAvg gets it
+    assert w.strategy.min_train_nodes == 3
