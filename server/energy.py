@@ -56,3 +56,30 @@ def summarise(results: dict) -> dict:
     return {"nodes": nodes, "total-j": sum(n["joules"] for n in nodes.values()) if nodes else None,
             "replies": replies, "scope": "department nodes' train and evaluate tasks, as reported; "
                                          "the coordinator's own process is not counted"}
+
+
+def card_section(results: dict, names: dict[str, str]) -> dict:
+    """The model card's ``energy``: the run's total and each site's, named as the card names sites.
+
+    Parameters
+    ----------
+    results : dict
+        ``results.json``'s content.
+    names : dict
+        ``{node ID: site name}`` (the card's naming; nodes without one are ``node <ID>``).
+    """
+    e = results.get("energy") if isinstance(results.get("energy"), dict) else summarise(results)
+    sites = {names.get(str(n), f"node {n}"): {"joules": v["joules"], "train-j": v["train-j"], "evaluate-j": v["evaluate-j"],
+                                               "methods": v["methods"]} for n, v in (e.get("nodes") or {}).items()}
+    return {"total-j": e.get("total-j"), "sites": sites, "scope": e.get("scope", "")}
+
+
+def card_markdown(section: dict | None) -> list[str]:
+    """Markdown lines of the card's energy section (``[]`` when no node reported energy)."""
+    if not section or not section.get("sites"):
+        return []
+    lines = ["", "## Energy", "", f"Scope: {section.get('scope')}.", "", "| site | energy (J) | method |", "|---|---:|---|"]
+    for site, s in sorted(section["sites"].items()):
+        lines.append(f"| {site} | {s['joules']:.3g} | {'; '.join(s['methods'])} |")
+    lines.append(f"| all sites (run) | {section['total-j']:.3g} | |")
+    return lines

@@ -157,6 +157,7 @@ def model_card(run_dir: Path, results: dict, *, sites: list[str], model_config: 
     dict
     """
     from clients.datasets import DATASETS
+    from server.energy import card_section as energy_card
 
     cfg = results.get("config") or {}
     dept = cfg.get("department")
@@ -202,6 +203,7 @@ def model_card(run_dir: Path, results: dict, *, sites: list[str], model_config: 
         "data-sources": {"bundled": source, "coordinator-central-data": data,
                          "note": "bundled source as installed where the package was made; a department that trained "
                                  "on its own file has its own records' provenance"},
+        "energy": energy_card(results, names),  # as the nodes reported it (server/energy.py)
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "made-by": made_by,
         "cityfed-version": _version(),
@@ -218,6 +220,8 @@ def _fmt(v) -> str:
 
 def card_markdown(card: dict) -> str:
     """The model card as Markdown (what ``model-card.md`` holds)."""
+    from server.energy import card_markdown as energy_markdown
+
     lines = [f"# Model card: run {card['run-id']} ({card['department']})", "",
              f"- status: {card['status']}", f"- task: {card.get('task')}", f"- model: {card['model'].get('kind')}",
              f"- app hash: {card['app-hash'] or '-'} ({card['app-hash-note']})",
@@ -242,6 +246,7 @@ def card_markdown(card: dict) -> str:
         rel = ", ".join(f"{k} {_fmt(v)}" for k, v in rel.items() if k not in ("num-examples",))
         cen = ", ".join(f"{k} {_fmt(v)}" for k, v in (s.get("central") or {}).items())
         lines.append(f"| {site} | {_fmt(s.get('epsilon-reported'))} | {rel or '-'} | {cen or '-'} |")
+    lines += energy_markdown(card.get("energy"))
     lines += ["", "## Data sources", "", "```json", json.dumps(card["data-sources"], indent=2, default=str), "```", ""]
     return "\n".join(lines)
 

@@ -109,3 +109,19 @@ def test_round_aggregate_sums_energy_and_keeps_no_method_average():
             {"metrics": {"num-examples": 300, "epsilon": 2.0, "energy-j": 5.0, "energy-method": 0}}]
     agg = dict(aggregate_metrics(recs, "num-examples"))
     assert agg["energy-j"] == 8.0 and "energy-method" not in agg and agg["epsilon-max"] == 2.0
+
+
+def test_model_card_carries_energy_per_site_and_run(tmp_path):
+    from serving.package import card_markdown, model_card
+
+    res = {"run_id": "r1", "status": "completed", "config": {"department": "health", "num-rounds": 1},
+           "rounds": [{"round": 1, "train": {"accepted": 2, "nodes": {
+               "1": {"num-examples": 10, "epsilon": 1.0, "partition-id": 0, "energy-j": 2.5, "energy-method": 1},
+               "2": {"num-examples": 10, "epsilon": 1.0, "partition-id": 1, "energy-j": 1.5, "energy-method": 0}}}}]}
+    card = model_card(tmp_path, res, sites=["Cleveland", "Hungary"], model_config={"kind": "heart-mlp"}, made_by="test")
+    e = card["energy"]
+    assert e["total-j"] == 4.0 and e["sites"]["Cleveland"]["joules"] == 2.5 and e["sites"]["Hungary"]["joules"] == 1.5
+    assert e["sites"]["Hungary"]["methods"] == [energy.METHODS[0]]
+    md = card_markdown(card)
+    assert "## Energy" in md and "| Cleveland | 2.5 | estimate: process CPU time × W per core |" in md
+    assert "| all sites (run) | 4 | |" in md
