@@ -109,6 +109,15 @@ def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]
         raise ValueError("fl-serve needs at least one non-empty API key")
     if package.department != features.department:
         raise ValueError(f"the package is a {package.department} model; the data given is {features.department}'s")
+    from serving.package import schema_dict
+
+    here = {k: v for k, v in schema_dict(features.schema).items() if k != "describe"}
+    packaged = {k: v for k, v in package.schema.items() if k != "describe"}
+    if here != packaged:
+        diff = sorted(k for k in set(here) | set(packaged) if here.get(k) != packaged.get(k))
+        raise ValueError(f"{package.path}/schema.json differs from this node's {features.department} schema in "
+                         f"{diff}: the package was made by another cityfed version; serve it with that version, or "
+                         "export the run again with this one")
     keys = [k.encode() for k in api_keys]
     metrics = Metrics()
     model = package.model

@@ -146,7 +146,7 @@ def serve(
     try:
         fastapi_app = build(package, site, data, keys, manifest_sha256=manifest_sha256, date_format=date_format,
                             ranges=ranges)
-    except (PackageError, RequestError) as exc:
+    except (PackageError, RequestError, ValueError) as exc:  # ValueError: package and node disagree (schema, department)
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     tls = {}

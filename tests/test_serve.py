@@ -268,3 +268,20 @@ def test_fl_serve_refuses_tampered_package_and_missing_key(tmp_path, monkeypatch
     card.write_text(card.read_text().replace('"fedavg"', '"krum"'))
     res = CliRunner().invoke(app, [str(tmp_path / "pkg"), "--site", "Cleveland"])
     assert res.exit_code == 1 and "model-card.json" in res.output and "does not match" in res.output
+
+
+def test_package_schema_must_match_the_nodes(tmp_path):
+    """A package made for another schema (another cityfed version) is refused before anything is served."""
+    from serving.app import build_app
+    from serving.features import SiteFeatures
+    from serving.package import load_package
+
+    export_package(synthetic_run(tmp_path / "run", "traffic"), tmp_path / "pkg", sites=[])
+    pkg = load_package(tmp_path / "pkg")
+    feats = SiteFeatures("traffic", "detector-3")
+    build_app(pkg, feats, [KEY])  # the same schema: accepted
+    pkg.schema = {**pkg.schema, "lookback": 16}
+    with pytest.raises(ValueError, match="lookback"):
+        build_app(pkg, feats, [KEY])
+    with pytest.raises(ValueError, match="health"):
+        build_app(pkg, SiteFeatures("health", "Cleveland"), [KEY])
