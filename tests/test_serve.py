@@ -285,3 +285,58 @@ def test_package_schema_must_match_the_nodes(tmp_path):
         build_app(pkg, feats, [KEY])
     with pytest.raises(ValueError, match="health"):
         build_app(pkg, SiteFeatures("health", "Cleveland"), [KEY])
+
+
+def _client_cert(ca_dir: Path, out: Path) -> tuple[Path, Path]:
+    """A client certificate (clientAuth) signed by the test CA."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from privacy.pki import load_ca
+
+    ca_cert, ca_key = load_ca(ca_dir)
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "control-room")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA384()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "client.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / "client.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return out / "client.crt", out / "client.key"
+
+
+def test_mutual_tls_needs_a_client_certificate_and_the_key(tmp_path):
+    import ssl
+
+    from privacy.pki import create_ca, issue_server_cert
+    from serving.app import build_app
+    from serving.cli import ServerThread
+    from serving.features import SiteFeatures
+    from serving.package import load_package
+
+    create_ca(tmp_path / "ca")
+    srv_key, srv_crt = issue_server_cert(tmp_path / "ca", tmp_path / "srv", ["127.0.0.1"])
+    crt, key = _client_cert(tmp_path / "ca", tmp_path / "client")
+    export_package(synthetic_run(tmp_path / "run", "health"), tmp_path / "pkg", sites=[])
+    app = build_app(load_package(tmp_path / "pkg"), SiteFeatures("health", "Cleveland"), [KEY])
+    srv_files = {p.name: p for p in (Path(srv_key), Path(srv_crt))}
+    server = ServerThread(app, ssl_certfile=str(srv_files["server.crt"]), ssl_keyfile=str(srv_files["server.key"]),
+                          ssl_ca_certs=str(tmp_path / "ca" / "ca.crt"), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    with server as url:
+        url = url.replace("http://", "https://")
+        with_cert = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.crt"))
+        with_cert.load_cert_chain(str(crt), str(key))
+        assert httpx.get(f"{url}/health", verify=with_cert).status_code == 200
+        assert httpx.get(f"{url}/model", verify=with_cert).status_code == 401  # the certificate does not replace the key
+        assert httpx.get(f"{url}/model", verify=with_cert, headers=H).status_code == 200
+        without = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.crt"))
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health", verify=without)
