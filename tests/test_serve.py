@@ -340,3 +340,28 @@ def test_mutual_tls_needs_a_client_certificate_and_the_key(tmp_path):
         without = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.crt"))
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/health", verify=without)
+
+
+def test_node_serves_from_its_own_records_file(tmp_path):
+    """fl-serve --data: the node's own file (here one hospital's, written by fl-sim export) gives the scaling."""
+    from typer.testing import CliRunner
+
+    from clients.datasets import load_department
+    from serving.app import build_app
+    from serving.cli import ServerThread
+    from serving.features import SiteFeatures
+    from serving.package import load_package
+    from simulations.cli import app as sim_app
+
+    res = CliRunner().invoke(sim_app, ["export", "-d", "health", "--site", "Hungary", "-o", str(tmp_path / "hungary.csv")])
+    assert res.exit_code == 0, res.output
+    export_package(synthetic_run(tmp_path / "run", "health"), tmp_path / "pkg", sites=[])
+    pkg = load_package(tmp_path / "pkg")
+    feats = SiteFeatures("health", "Hungary", tmp_path / "hungary.csv")
+    assert feats.ds.sites == ["Hungary"]
+    np.testing.assert_array_equal(feats.data.test.X, load_department("health").site_data("Hungary").test.X)
+    want = 1 / (1 + np.exp(-offline(pkg, feats.data.test.X).reshape(-1).astype(np.float64)))
+    with ServerThread(build_app(pkg, feats, [KEY])) as url:
+        r = httpx.post(f"{url}/predict", json={"records": _health_records(feats)}, headers=H, timeout=60)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json()["probability"], want, rtol=1e-6, atol=1e-7)
