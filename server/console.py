@@ -292,6 +292,11 @@ def make_app(state_dir: Path, runs_dir: Path, *, token: str, refresh: int = 10, 
         html_ = pages.log_page(folder)
         return html_ if html_ is not None else not_found(f"no run folder {folder!r} under {src.runs_dir}")
 
+    @app.get("/runs/{folder}/model-card", response_class=HTMLResponse)
+    def run_card(folder: str):
+        html_ = pages.card_page(folder)
+        return html_ if html_ is not None else not_found(f"no run folder {folder!r} under {src.runs_dir}")
+
     @app.get("/runs/{folder}/{name}")
     def run_file(folder: str, name: str):
         known = {d["folder"] for d in src.launches()}

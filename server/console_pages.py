@@ -492,7 +492,9 @@ class Pages:
             links.append(f'<a href="/runs/{esc(folder)}/report.html">run report</a>')
         if (fdir / "results.json").is_file():
             links.append(f'<a href="/runs/{esc(folder)}/results.json">results.json</a>')
-        links += [f'<a href="/runs/{esc(folder)}/{esc(n)}">model card ({esc(n)})</a>' for n in _model_cards(fdir)]
+        if (fdir / "results.json").is_file():
+            links.append(f'<a href="/runs/{esc(folder)}/model-card">model card</a>')
+        links += [f'<a href="/runs/{esc(folder)}/{esc(n)}">exported model card ({esc(n)})</a>' for n in _model_cards(fdir)]
         body.append("<p>" + " · ".join(links) + "</p>")
         from server.report import kv_table
 
@@ -609,6 +611,30 @@ class Pages:
                              [[("num", fmt_int(x.get("round"))), self._node(x.get("node"), labels), x.get("stage") or "train",
                                str(x.get("reason") or MISSING)] for x in items]))
         return "".join(out)
+
+    def card_page(self, folder: str) -> str | None:
+        """The run's model card, made now from its folder (as ``fl-server export`` writes it into a package)."""
+        fdir = self.src.runs_dir / folder
+        if folder not in {d["folder"] for d in self.src.launches()}:
+            return None
+        body = f'<h1>Model card of {esc(folder)}</h1><p><a href="/runs/{esc(folder)}">back to the run</a></p>'
+        try:
+            from clients.datasets import DATASETS
+            from serving.package import card_markdown, model_card
+            from shared_models import default_model_config
+
+            results = json.loads((fdir / "results.json").read_text())
+            cfg = results.get("config") or {}
+            mc = default_model_config(DATASETS[cfg["department"]].schema, cfg.get("model") or None).model_dump(mode="json")
+            card = model_card(fdir, results, sites=[], model_config=mc, made_by="fl-server console")
+        except Exception as exc:  # noqa: BLE001 - the page says what is missing
+            log.warning("console: model card of %s not made: %s: %s", folder, type(exc).__name__, exc)
+            return self.page(f"model card {folder}", body + _error(
+                f"no model card: {type(exc).__name__} ({'no results.json yet: the run has not ended' if isinstance(exc, OSError) else exc})"))
+        body += ('<p class="note">Made now from the run folder (results.json, ledgers where present). '
+                 "<code>fl-server export RUN -o DIR</code> writes the same card into a model package, with the "
+                 "weights and a manifest of hashes.</p>")
+        return self.page(f"model card {folder}", body + f"<pre>{esc(card_markdown(card))}</pre>")
 
     def log_page(self, folder: str) -> str | None:
         rows, _ = self.run_rows()

@@ -287,7 +287,7 @@ def test_run_page_figures_match_results_json(coord):
 def test_model_card_linked_when_present_and_other_files_not_served(coord):
     sd, runs, _, _ = coord
     c, _, _ = _client(sd, runs)
-    assert "model card" not in c.get(f"/runs/{FOLDER}").text
+    assert "exported model card" not in c.get(f"/runs/{FOLDER}").text
     (runs / FOLDER / "model_card.json").write_text(json.dumps({"run-id": RUN_ID}))
     assert f'href="/runs/{FOLDER}/model_card.json"' in c.get(f"/runs/{FOLDER}").text
     assert c.get(f"/runs/{FOLDER}/model_card.json").json() == {"run-id": RUN_ID}
@@ -495,3 +495,17 @@ def test_console_against_a_real_coordinator(tmp_path):
     finally:
         for p in city.procs:
             p.stop()
+
+
+def test_model_card_made_from_the_run_folder(coord):
+    sd, runs, res, _ = coord
+    c, _, _ = _client(sd, runs)
+    assert f'href="/runs/{FOLDER}/model-card"' in c.get(f"/runs/{FOLDER}").text
+    page = c.get(f"/runs/{FOLDER}/model-card").text
+    text = html.unescape(page)
+    assert f"# Model card: run {res['run_id']} (health)" in text and "## Energy" in text
+    assert "- rounds: 2 completed of 2 planned" in text
+    (runs / FOLDER / "results.json").unlink()  # a run that has not ended: no card, and the page says why
+    page = c.get(f"/runs/{FOLDER}/model-card").text
+    assert "no model card" in page and "has not ended" in page
+    assert c.get("/runs/nope/model-card").status_code == 404

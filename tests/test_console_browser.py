@@ -3,8 +3,8 @@
 ``fl-server console``'s app is served by uvicorn on 127.0.0.1 (a free port) over the folder of
 a real 2-round health run (as in ``tests/test_console.py``; the coordinator's answers stood in
 with Flower's JSON). Chromium logs in with the token link, loads the overview, the run page,
-the nodes and audit pages and the run's report: the page loads (``--dump-dom``), its figures
-are results.json's, the browser logs no console message (errors, CSP violations: captured
+the nodes and audit pages, the run's report and its model card: each page loads
+(``--dump-dom``), its figures are results.json's, the browser logs no console message (errors, CSP violations: captured
 from ``--enable-logging=stderr``), and a screenshot renders.
 
 Set ``CITYFED_CONSOLE_SCREENSHOTS=docs/img`` to also write the screenshots shown in the README
@@ -169,7 +169,7 @@ def test_run_page_in_the_browser(served):
             assert r.status == 200 and r.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_nodes_and_audit_pages_in_the_browser(served):
+def test_nodes_audit_and_model_card_pages_in_the_browser(served):
     base, token, _, _ = served
     dom, msgs = browse(_login(base, token, "/audit"))
     assert msgs == [] and "<h1>Coordinator audit log</h1>" in dom
@@ -177,6 +177,8 @@ def test_nodes_and_audit_pages_in_the_browser(served):
     assert rows[1][:3] == ["1", rows[1][1], "run"] and f"run-id={RUN_ID}" in html.unescape(rows[1][3])
     dom, msgs = browse(_login(base, token, "/nodes"))
     assert msgs == [] and len(_table(dom, "node ID")) == 1 + len(SITES)
+    dom, msgs = browse(_login(base, token, f"/runs/{FOLDER}/model-card"))
+    assert msgs == [] and "# Model card: run" in html.unescape(dom) and "## Energy" in dom
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
