@@ -205,6 +205,8 @@ def test_cli_refuses_a_non_loopback_bind(tmp_path):
     r = CliRunner().invoke(server_cli.app, ["console", "--host", "0.0.0.0", "--allow-remote", "--state-dir", str(tmp_path)])
     assert r.exit_code == 2 and "--certfile" in r.output
     assert not (tmp_path / console.TOKEN_FILE).exists()  # refused before anything is made
+    r = CliRunner().invoke(server_cli.app, ["console", "--state-dir", str(tmp_path / "typo")])
+    assert r.exit_code == 2 and "no such folder" in r.output and not (tmp_path / "typo").exists()
 
 
 # --------------------------------------------------------------------------- content
