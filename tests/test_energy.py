@@ -125,3 +125,31 @@ def test_model_card_carries_energy_per_site_and_run(tmp_path):
     md = card_markdown(card)
     assert "## Energy" in md and "| Cleveland | 2.5 | estimate: process CPU time × W per core |" in md
     assert "| all sites (run) | 4 | |" in md
+
+
+def test_gpu_counter_added_when_nvml_is_there(monkeypatch, tmp_path):
+    """The NVML path (no GPU on the test machine): a stand-in ``pynvml`` whose energy counter (mJ) advances."""
+    import sys
+    import types
+
+    import torch
+
+    counter = {"mj": 1_000_000}
+    fake = types.SimpleNamespace(nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: ("gpu", i),
+                                 nvmlDeviceGetTotalEnergyConsumption=lambda h: counter["mj"])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv(energy.ENV_WATTS, "6")
+    with energy.EnergyMeter(powercap=tmp_path) as m:
+        _busy(0.02)
+        counter["mj"] += 42_500  # 42.5 J on the GPU
+    assert m.method == 3 and m.joules == pytest.approx(42.5 + 6 * m.cpu_seconds)
+    _rapl(tmp_path, "intel-rapl:0", 0)
+    with energy.EnergyMeter(powercap=tmp_path) as m:
+        (tmp_path / "intel-rapl:0" / "energy_uj").write_text("2000000\n")
+        counter["mj"] += 1_000
+    assert m.method == 2 and m.joules == pytest.approx(3.0)
+    with energy.EnergyMeter(powercap=tmp_path, gpu=False) as m:
+        counter["mj"] += 1_000
+    assert m.method == 0  # gpu=False: the counter is not read
