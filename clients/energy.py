@@ -20,11 +20,11 @@ A department node meters each train and evaluate task of its own process
 
 Is it a release? No record value enters it: it is a function of the process's compute
 time, which follows from the number of records, the model and the DP-SGD steps - and the
-reply already carries the steps and the record count (rounded as the policy says). To keep
-it from pinning the record count more finely than the policy's rounding, it is sent with two
-significant figures (timing noise between tasks is of that order anyway). It is therefore not
-accounted in the ledger; a department that does not want it sent sets
-``$CITYFED_ENERGY=off`` on the node (the keys are then left out of the reply).
+reply already carries the steps and the record count (rounded as the policy says). It is
+sent with two significant figures and not accounted in the ledger. How closely a task's CPU
+time tracks the exact record count has not been measured: a department whose policy rounds
+its record counts, or that does not want the figure sent, sets ``$CITYFED_ENERGY=off`` on the
+node (the keys are then left out of the reply).
 """
 
 from __future__ import annotations
