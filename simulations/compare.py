@@ -38,7 +38,7 @@ FED_DEFAULTS: dict[str, dict] = {
     "traffic": {"num-rounds": 8, "local-epochs": 1, "batch-size": 128, "lr": 1e-2, "strategy": "fedavg",
                 "personalise-epochs": 3, "personalise-lr": 1e-2, "personalise-layers": "head"},
     "utility": {"num-rounds": 8, "local-epochs": 1, "batch-size": 128, "lr": 1e-2, "strategy": "fedavg",
-                "personalise-epochs": 5, "personalise-lr": 1e-2, "personalise-layers": "head"},
+                "personalise-epochs": 5, "personalise-lr": 3e-3, "personalise-layers": "all"},
 }
 
 
