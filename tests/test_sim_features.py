@@ -208,9 +208,16 @@ def test_compare_health_small(tmp_path):
 
     res = run_compare("health", tmp_path / "cmp", epsilons=(3.0,), overrides={"num-rounds": 3, "local-epochs": 1})
     methods = [(s["method"], s["epsilon"]) for s in res["summary"]]
-    assert methods == [("pooled", None), ("local", None), ("federated", None), ("federated-dp", 3.0)]
-    dp = res["summary"][-1]
-    assert 2.5 < dp["epsilon_spent_max"] <= 3.0 + 1e-6
+    assert methods == [("pooled", None), ("local", None), ("local", 3.0), ("federated", None),
+                       ("federated+personalised", None), ("federated-dp", 3.0), ("federated-dp+personalised", 3.0)]
+    dp, pers = res["summary"][-2], res["summary"][-1]
+    # the run's target covers rounds + personalisation: the global model spent less, the nodes' total is on target
+    assert 2.95 < pers["epsilon_spent_max"] <= 3.0 + 1e-6 and dp["epsilon_spent_max"] < pers["epsilon_spent_max"]
+    assert 2.9 < res["summary"][2]["epsilon_spent_max"] <= 3.0 + 1e-6  # local-only DP on the same target
+    value = res["per_site"]
+    assert [e["site"] for e in value["sites"]] == load_department("health").sites
+    assert all(isinstance(e["loo-contribution"], float) for e in value["sites"])  # 4 hospitals: LOO runs
+    assert value["worst-site"]["gain"] == min(e["gain-personalised"] for e in value["sites"])
     assert all(0.5 < s["accuracy"] <= 1.0 for s in res["summary"])
     sites = {r["site"] for r in res["rows"] if r["method"] == "federated-dp"}
     assert sites == {"Cleveland", "Hungary", "VA Long Beach", "Switzerland", "pooled"}
