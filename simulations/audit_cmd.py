@@ -115,6 +115,12 @@ def audit(
     console.print(f"pool: {meta['pool']['records']} training records of {', '.join(meta['pool']['sites'])} + "
                   f"{meta['pool']['canaries']} canaries; {shadows} shadows, {targets} targets per setting; "
                   f"{meta['seconds']:.0f} s. Wrote {out / 'audit.json'}")
+    try:  # the readable page; a failure to write it never hides the result printed above
+        from server.audit_report import write_audit_report
+
+        console.print(f"report: {write_audit_report(out)}")
+    except (OSError, ValueError) as exc:
+        console.print(f"[yellow]report.html not written: {type(exc).__name__}: {exc}[/yellow]")
     for row in res["rows"]:
         colour = "green" if row["ok"] and not row["verdict"].startswith("attack too weak") else "red"
         console.print(f"[{colour}]{row['setting']}: {row['verdict']}[/{colour}]")

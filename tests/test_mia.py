@@ -179,6 +179,12 @@ def test_small_health_audit_control_leaks_more_and_dp_stays_below_ledger(tmp_pat
     saved = json.loads((tmp_path / "audit.json").read_text())
     assert saved["rows"][1]["ledger_epsilon"] == dp["ledger_epsilon"]
     assert saved["meta"]["attack"]["shadows"] == 6 and saved["meta"]["pool"]["canaries"] == 64
+    # the readable page shows the same figures, formatted (no raw JSON)
+    from server.audit_report import write_audit_report
+
+    page = write_audit_report(tmp_path).read_text()
+    assert f"{dp['ledger_epsilon']:.3f}" in page and f"{control['canaries']['auc']:.3f}" in page
+    assert "consistent" in page and "{" not in page.split("</style>")[1]
     # a second audit into the same folder would add to its ledgers: refused
     with pytest.raises(FileExistsError, match="ledgers"):
         mia.run_audit(s, tmp_path)
@@ -198,6 +204,7 @@ def test_cli_audit_writes_json_and_checks_options(tmp_path, job_seeded):
                              "-e", "8", "--no-control", "--site", "Cleveland", "--out", str(tmp_path)])
     assert ok.exit_code == 0, ok.output
     assert "eps=8" in ok.output and "empirical privacy audit" in ok.output
+    assert (tmp_path / "report.html").exists() and "no non-private control" in (tmp_path / "report.html").read_text()
     res = json.loads((tmp_path / "audit.json").read_text())
     assert res["meta"]["pool"]["sites"] == ["Cleveland"] and len(res["rows"]) == 1
     assert res["rows"][0]["ledger_epsilon"] <= 8.0 + 1e-6 and res["rows"][0]["accountant"] == "rdp"
@@ -210,3 +217,38 @@ def test_cli_audit_writes_json_and_checks_options(tmp_path, job_seeded):
     assert again.exit_code == 2 and "--overwrite" in again.output
     unknown = runner.invoke(app, ["audit", "-d", "health", "--site", "Atlantis", "--out", str(tmp_path / "x")])
     assert unknown.exit_code == 2 and "Atlantis" in unknown.output and "Cleveland" in unknown.output
+
+
+def _audit_result(eps_lb_dp: float, control_leaks: bool | None) -> dict:
+    rows = [] if control_leaks is None else [{"setting": "no DP", "epsilon": None, "ledger_epsilon": None, "eps_lb": 1.2,
+                                              "records": {"auc": 0.61}, "canaries": {"auc": 0.8}, "verdict": "x"}]
+    rows.append({"setting": "eps=3", "epsilon": 3.0, "ledger_epsilon": 2.99, "eps_lb": eps_lb_dp, "delta": 1e-4,
+                 "records": {"auc": 0.52, "tpr_at_fpr": {"0.01": 0.02}}, "canaries": {"auc": 0.55}, "verdict": "y"})
+    return {"meta": {"department": "health"}, "rows": rows, "control_leaks": control_leaks}
+
+
+@pytest.mark.parametrize("eps_lb,control,ok,phrase", [
+    (0.5, True, True, "leaks clearly"),
+    (0.0, False, True, "attack is too weak"),
+    (0.0, None, True, "no non-private control"),
+    (3.5, True, False, "DEFECT"),
+])
+def test_audit_page_reading(eps_lb, control, ok, phrase, tmp_path):
+    """The page's verdict: a DP bound above its ledger epsilon is a defect; a weak attack proves nothing."""
+    from server.audit_report import verdict, write_audit_report
+
+    res = _audit_result(eps_lb, control)
+    got_ok, sentence = verdict(res)
+    assert got_ok is ok and phrase in sentence
+    (tmp_path / "audit.json").write_text(json.dumps(res))
+    page = write_audit_report(tmp_path).read_text()
+    assert phrase in page
+    assert ("&gt; ledger" in page) is (not ok)
+
+
+def test_audit_page_refuses_a_file_that_is_not_an_audit(tmp_path):
+    from server.audit_report import write_audit_report
+
+    (tmp_path / "audit.json").write_text(json.dumps({"meta": {}, "summary": []}))
+    with pytest.raises(ValueError, match="not an fl-sim audit"):
+        write_audit_report(tmp_path)
