@@ -223,3 +223,24 @@ def test_per_site_value_gains_and_worst():
     assert v["worst-site"] == {"site": "b", "gain": pytest.approx(-0.1)}
     assert v["worst-site-dp"]["3"]["site"] == "a" and a["loo-contribution"] == 0.1
     assert v["higher_is_better"] is False
+
+
+def test_forecasting_node_keeps_its_gru(tmp_path):
+    """A GRU (Opacus DPGRU: aliased parameter tensors) is kept as safetensors and loads back; non-private
+    personalisation (policy require_dp = false) records nothing in the ledger."""
+    pol = tmp_path / "policy.toml"
+    pol.write_text('department = "utility"\nmax_epsilon = 8.0\nmin_noise_multiplier = 0.5\nmax_clipping_norm = 1.0\n'
+                   'allowed_tasks = ["utility-forecast"]\nmax_rounds_per_run = 10\nrequire_dp = false\n'
+                   'personalisation = true\n')
+    spec = node_from_config({"department": "utility", "site": "england-wales-2000", "policy": str(pol),
+                             "ledger": str(tmp_path / "ledger.sqlite")}, {})
+    ds = load_department("utility")
+    torch.manual_seed(0)
+    model = build_model(default_model_config(ds.schema, "gru"))
+    cfg = {**_cfg(), "department": "utility", "task": "utility-forecast", "model": "gru", "dp": False,
+           "personalise-epochs": 1, "personalise-layers": "all", "batch-size": 128}
+    metrics = handle_personalise(model.state_dict(), cfg, spec)
+    assert metrics["epsilon"] == math.inf and PrivacyLedger(spec.ledger_path).releases() == []
+    kept = build_model(default_model_config(ds.schema, "gru"))
+    kept.load_state_dict(load_personalised(personalised_path(spec, "r1")))
+    assert any(not torch.equal(a, b) for a, b in zip(kept.state_dict().values(), model.state_dict().values()))
