@@ -299,11 +299,32 @@ class GuardedStrategy(Strategy):
             self._save()
             raise TooFewUpdates(reason)
         arrays, metrics = self.inner.aggregate_train(rnd, good)
+        arrays = self._in_model_dtypes(arrays)
         entry["train"]["aggregate"] = dict(metrics) if metrics else None
         self._record_central_dp(entry, arrays)
         self._pending_arrays = arrays
         self._save(arrays)
         return arrays, metrics
+
+    def _in_model_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The aggregate in the global model's dtypes (FedAdam/FedYogi's optimiser returns float64).
+
+        A float64 global model made every float32 node reply fail validation from the next
+        round on, so FedAdam and FedYogi runs ended after one round. The server optimiser's own
+        state (moments, ``current_arrays``) keeps its precision; only the model sent on is cast.
+        """
+        if arrays is None or not self._global:
+            return arrays
+        from flwr.app import Array
+
+        out, changed = {}, False
+        for k, v in arrays.items():
+            ref = self._global.get(k)
+            a = v.numpy()
+            if ref is not None and a.dtype != ref.dtype:
+                a, changed = a.astype(ref.dtype), True
+            out[k] = Array(np.ascontiguousarray(a))
+        return ArrayRecord(out) if changed else arrays
 
     # -- checkpoints --------------------------------------------------------------------
     def _round(self, rnd: int) -> dict:

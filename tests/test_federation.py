@@ -148,3 +148,15 @@ def test_crash_mid_round_then_resume_replays_the_round_and_keeps_the_target(tmp_
         assert [(r["round"], r["replay"]) for r in rows] == [(1, 0), (2, 0), (3, 0), (3, 1), (4, 0)]
         eps = rdp_epsilon(led.run_history(n["site"], "r1"), site_delta(n["site"]))
         assert 2.9 < eps <= 3.0 + 1e-9, n["site"]  # the target, with the replay counted
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedyogi", "fedavgm"])
+def test_server_optimiser_strategies_keep_the_model_dtype_and_accept_every_round(tmp_path, strategy):
+    """FedAdam/FedYogi returned a float64 global model: from round 2 on every float32 node reply was excluded."""
+    nodes = _nodes(tmp_path)
+    res = run_federation(InProcessGrid(client_app, nodes), _cfg(tmp_path, strategy=strategy), run_id="r1")
+    assert res["excluded"] == [] and [e["round"] for e in res["rounds"]] == [1, 2, 3]
+    assert all(e["train"]["accepted"] == 4 for e in res["rounds"])
+    model = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert {str(t.dtype) for t in model.values()} == {"torch.float32"}
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert {a.dtype for a in ckpt["arrays"].values()} == {np.dtype("float32")}
