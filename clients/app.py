@@ -97,25 +97,37 @@ def _audit_reply(spec, msg: Message, content: RecordDict | None, error: Error | 
     spec.audit("reply", **fields)
 
 
-def train(msg: Message, spec) -> Message:
-    """Local DP-SGD on the node's own data, under its own policy and ledger."""
-    state = msg.content["arrays"].to_torch_state_dict()
-    cfg = dict(msg.content["config"])
-    error = None
+def _answer(msg: Message, spec, work) -> Message:
+    """Run ``work()`` (it returns the reply's RecordDict) and answer ``msg``; a refusal becomes an Error reply.
+
+    The policy's refusals (:class:`~clients.node.JobRefused`) and a node without training data
+    (:class:`~clients.node.NoTrainingData`) are answered with their code and reason; either way
+    the reply is recorded in the node's audit log.
+    """
     try:
-        with _compute_timer("train"), EnergyMeter() as energy:
-            new_state, metrics = handle_train(state, cfg, spec)
+        content = work()
     except JobRefused as exc:
         error = Error(code=REFUSED, reason=str(exc))
     except NoTrainingData as exc:
         error = Error(code=NO_DATA, reason=str(exc))
-    if error is not None:
-        _audit_reply(spec, msg, None, error)
-        return Message(error, reply_to=msg)
-    content = RecordDict({"arrays": ArrayRecord(new_state),
-                          "metrics": whitelisted({**metrics, **energy.metrics()}, TRAIN_METRICS)})
-    _audit_reply(spec, msg, content)
-    return Message(content, reply_to=msg)
+    else:
+        _audit_reply(spec, msg, content)
+        return Message(content, reply_to=msg)
+    _audit_reply(spec, msg, None, error)
+    return Message(error, reply_to=msg)
+
+
+def train(msg: Message, spec) -> Message:
+    """Local DP-SGD on the node's own data, under its own policy and ledger."""
+
+    def work() -> RecordDict:
+        with _compute_timer("train"), EnergyMeter() as energy:
+            new_state, metrics = handle_train(msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]),
+                                              spec)
+        return RecordDict({"arrays": ArrayRecord(new_state),
+                           "metrics": whitelisted({**metrics, **energy.metrics()}, TRAIN_METRICS)})
+
+    return _answer(msg, spec, work)
 
 
 def personalise(msg: Message, spec) -> Message:
@@ -126,34 +138,23 @@ def personalise(msg: Message, spec) -> Message:
     """
     from clients.personalise import PERSONALISE_METRICS, handle_personalise
 
-    error = None
-    try:
+    def work() -> RecordDict:
         with _compute_timer("personalise"):
             metrics = handle_personalise(msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), spec)
-    except JobRefused as exc:
-        error = Error(code=REFUSED, reason=str(exc))
-    except NoTrainingData as exc:
-        error = Error(code=NO_DATA, reason=str(exc))
-    if error is not None:
-        _audit_reply(spec, msg, None, error)
-        return Message(error, reply_to=msg)
-    content = RecordDict({"metrics": whitelisted(metrics, PERSONALISE_METRICS)})
-    _audit_reply(spec, msg, content)
-    return Message(content, reply_to=msg)
+        return RecordDict({"metrics": whitelisted(metrics, PERSONALISE_METRICS)})
+
+    return _answer(msg, spec, work)
 
 
 def evaluate(msg: Message, spec) -> Message:
     """The node's policy decides: refuse, or DP-noised metrics of the model on its test split."""
-    try:
+
+    def work() -> RecordDict:
         with _compute_timer("evaluate"), EnergyMeter() as energy:
             metrics = handle_evaluate(msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), spec)
-    except JobRefused as exc:
-        error = Error(code=REFUSED, reason=str(exc))
-        _audit_reply(spec, msg, None, error)
-        return Message(error, reply_to=msg)
-    content = RecordDict({"metrics": whitelisted({**metrics, **energy.metrics()}, EVAL_METRICS)})
-    _audit_reply(spec, msg, content)
-    return Message(content, reply_to=msg)
+        return RecordDict({"metrics": whitelisted({**metrics, **energy.metrics()}, EVAL_METRICS)})
+
+    return _answer(msg, spec, work)
 
 
 #: The ClientApp for deployment (``flwr`` app entry point ``clients.app:app``).
