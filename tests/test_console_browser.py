@@ -15,12 +15,10 @@ PATH: CI images may not have one (``apt-get install -y chromium`` installs it on
 """
 
 import html
-import importlib.util
 import json
 import os
 import re
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -31,14 +29,9 @@ import pytest
 import server.cli as server_cli
 from server import console
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("report_screenshot", ROOT / "benchmarks" / "report_screenshot.py")
-shot = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(shot)
+from chromium import needs_chromium, png_size, shot  # noqa: E402
 
-pytestmark = pytest.mark.skipif(shot.find_chromium() is None,
-                                reason="no chromium binary on PATH (apt-get install -y chromium); the browser check "
-                                       "of the operator console needs one")
+pytestmark = needs_chromium("the browser check of the operator console")
 
 from test_console import (FOLDER, RUN_ID, SITES, FakeCoordinator, _flower_node, _iso,  # noqa: E402
                                 _last_reported_eps, _points, _table, real_run)  # noqa: F401 - fixture
@@ -181,15 +174,10 @@ def test_nodes_audit_and_model_card_pages_in_the_browser(served):
     assert msgs == [] and "# Model card: run" in html.unescape(dom) and "## Energy" in dom
 
 
-def _png_size(data: bytes) -> tuple[int, int]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    return struct.unpack(">II", data[16:24])
-
-
 def test_screenshots_render(served, tmp_path):
     base, token, _, _ = served
     out = Path(os.environ.get("CITYFED_CONSOLE_SCREENSHOTS") or tmp_path)
     for name, page, h in (("console-overview.png", "/", 820), ("console-run.png", f"/runs/{FOLDER}", 1500)):
         data, msgs = screenshot(_login(base, token, page), out / name, 1280, h)
         assert msgs == []
-        assert _png_size(data) == (1280, h) and len(data) > 40_000, name  # a rendered page, not a blank one
+        assert png_size(data) == (1280, h) and len(data) > 40_000, name  # a rendered page, not a blank one

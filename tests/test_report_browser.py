@@ -10,22 +10,14 @@ PATH: CI images may not have one (``apt-get install -y chromium`` installs it on
 """
 
 import html
-import importlib.util
 import json
 import re
-import struct
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("report_screenshot", ROOT / "benchmarks" / "report_screenshot.py")
-shot = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(shot)
+from chromium import needs_chromium, png_size, shot  # noqa: E402
 
-pytestmark = pytest.mark.skipif(shot.find_chromium() is None,
-                                reason="no chromium binary on PATH (apt-get install -y chromium); the browser check "
-                                       "of report.html needs one")
+pytestmark = needs_chromium("the browser check of report.html")
 
 SITES = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
 
@@ -108,6 +100,5 @@ def test_screenshot_renders(run, tmp_path):
     out, _, _ = run
     png = shot.screenshot(out / "report.html", tmp_path / "report.png", 1280, 2400)
     data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
+    width, height = png_size(data)
     assert (width, height) == (1280, 2400) and len(data) > 50_000  # a rendered page, not a blank one
