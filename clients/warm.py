@@ -73,7 +73,7 @@ from pathlib import Path
 from clients import pinning
 
 #: Flower version whose internals this module patches (pinned in pyproject.toml).
-FLWR_VERSION = "1.41.0"
+FLWR_VERSION = "1.42.0"
 #: Environment: cap (seconds) on the SuperNode's polling sleeps.
 POLL_ENV = "CITYFED_NODE_POLL_S"
 DEFAULT_POLL_S = 0.1

@@ -23,7 +23,7 @@ from queue import Queue
 #: Environment switch: ``flower`` keeps Flower's own dispatcher (for side-by-side measurements).
 ENV = "CITYFED_SIM_DISPATCH"
 #: flwr version whose ``vce_api`` and ``InMemoryLinkState`` internals this module relies on.
-FLWR_VERSION = "1.41.0"
+FLWR_VERSION = "1.42.0"
 
 
 def take_pending(state, nodes) -> list:
