@@ -8,7 +8,7 @@ invocation:
   ClientApp for every sampled client, one after another (torch limited to 1 thread, as a
   Ray worker with 1 CPU is);
 * ``ray``: the Flower Simulation Engine (Ray), 1 CPU per virtual client, as ``fl-sim run``
-  (with :mod:`simulations.dispatch`'s linear-time message dispatcher);
+  (with :mod:`flower_compat.dispatch`'s linear-time message dispatcher);
 * ``ray-flower`` (optional): the same with Flower's own per-node dispatcher.
 
 Reported: wall time, mean round time (rounds after the first; the first includes start-up),
@@ -103,7 +103,7 @@ def worker(engine: str, args) -> dict:
     sampler.start()
     base = _tree_rss_mb(os.getpid())
     t0 = time.perf_counter()
-    if engine == "ray-flower":  # Flower's own per-node dispatcher (simulations/dispatch.py not installed)
+    if engine == "ray-flower":  # Flower's own per-node dispatcher (flower_compat/dispatch.py not installed)
         os.environ["CITYFED_SIM_DISPATCH"] = "flower"
     res = simulate(cfg, engine="inprocess" if engine == "plain" else "ray", on_round=lambda e: stamps.append(time.perf_counter()))
     wall = time.perf_counter() - t0

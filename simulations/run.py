@@ -78,7 +78,7 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
         raise ValueError("only_sites needs engine='inprocess'")
     from flwr.simulation import run_simulation
 
-    from simulations.dispatch import install
+    from flower_compat.dispatch import install
 
     install()  # one walk over the queued messages per sweep instead of one per node (see its docstring)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -1,4 +1,4 @@
-"""A linear-time message dispatcher for Flower's Simulation Engine (flwr 1.41).
+"""Seam ``dispatch``: a linear-time message dispatcher for Flower's Simulation Engine.
 
 Flower's ``vce_api.add_messages_to_queue`` thread sweeps every 0.1 s and, for **every** virtual
 node, calls ``InMemoryLinkState.get_message_ins(node_id, limit=1)``, which walks **every**
@@ -11,7 +11,11 @@ coordinator process' samples there, saturating one of the machine's two cores.
 sweep: each undelivered message whose destination is a simulated node is validated with the
 state's own check, marked delivered and queued, at most one per node per sweep (Flower's
 ``limit=1``). For any state other than ``InMemoryLinkState`` it runs Flower's loop unchanged.
-:func:`install` puts it in place; :mod:`simulations.run` calls it before ``run_simulation``.
+:func:`install` puts it in place; :mod:`simulations.run` calls it before starting the simulation.
+
+Private Flower names used (checked by the ``dispatch`` self-test): ``vce_api.add_messages_to_queue``,
+``InMemoryLinkState`` (``lock``, ``message_ins_store``, ``_check_stored_messages``) and
+``flwr.supercore.date.now``. No public API exposes the Simulation Engine's dispatcher.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ import os
 import threading
 from queue import Queue
 
+from flower_compat import check_version, register
+
 #: Environment switch: ``flower`` keeps Flower's own dispatcher (for side-by-side measurements).
 ENV = "CITYFED_SIM_DISPATCH"
-#: flwr version whose ``vce_api`` and ``InMemoryLinkState`` internals this module relies on.
-FLWR_VERSION = "1.42.0"
 
 
 def take_pending(state, nodes) -> list:
@@ -76,14 +80,40 @@ _flower_add_messages_to_queue = None
 
 
 def install() -> bool:
-    """Replace Flower's dispatcher in ``vce_api`` (idempotent); False if flwr is not the pinned version."""
+    """Replace Flower's dispatcher in ``vce_api`` (idempotent).
+
+    Returns
+    -------
+    bool
+        False when ``CITYFED_SIM_DISPATCH=flower`` keeps Flower's own dispatcher.
+
+    Raises
+    ------
+    flower_compat.CompatError
+        When the installed flwr is not :data:`flower_compat.FLWR_VERSION`.
+    """
     global _flower_add_messages_to_queue
-    import flwr
+    check_version()
     from flwr.server.superlink.fleet.vce import vce_api
 
-    if getattr(flwr, "__version__", None) != FLWR_VERSION or os.environ.get(ENV) == "flower":
+    if os.environ.get(ENV) == "flower":
         return False
     if vce_api.add_messages_to_queue is not add_messages_to_queue:
         _flower_add_messages_to_queue = vce_api.add_messages_to_queue
         vce_api.add_messages_to_queue = add_messages_to_queue
     return True
+
+
+@register("dispatch")
+def _self_test() -> None:
+    """The Simulation Engine internals :func:`install` and :func:`take_pending` use."""
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    from flwr.supercore.date import now  # noqa: F401
+
+    assert callable(vce_api.add_messages_to_queue), "vce_api.add_messages_to_queue is gone"
+    for name in ("_check_stored_messages", "get_message_ins"):
+        assert hasattr(InMemoryLinkState, name), f"InMemoryLinkState.{name} is gone"
+    set_in_init = InMemoryLinkState.__init__.__code__.co_names  # attributes __init__ assigns
+    for attr in ("lock", "message_ins_store"):
+        assert attr in set_in_init, f"InMemoryLinkState.{attr} is no longer set in __init__"
