@@ -26,7 +26,7 @@ def main() -> None:
 
     import dp_accounting
 
-    from clients.datasets import load_department
+    from citydata import load_department
     from privacy.accounting import prv_epsilon, rdp_epsilon
     from privacy.dp import calibrate_noise
     from simulations.compare import FED_DEFAULTS

@@ -38,7 +38,7 @@ def worker(kind: str, mode: str, epochs: int, batch: int, threads: int = 1) -> d
         torch.set_num_threads(threads)
     from torch.utils.data import DataLoader, TensorDataset
 
-    from clients.datasets import load_department
+    from citydata import load_department
     from privacy.dp import DPSettings, make_private
     from shared_models import build_model, criterion_for, default_model_config
 

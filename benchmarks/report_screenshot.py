@@ -80,7 +80,7 @@ def short_run(out: Path, rounds: int = 2, target_epsilon: float = 3.0) -> dict:
     "dp"``); the simulated coordinator also scores each hospital's test split exactly
     (``central-data = "bundled"``). Then writes ``out/report.html``.
     """
-    from clients.datasets import load_department
+    from citydata import load_department
     from server.report import write_report
     from simulations.compare import write_policy
     from simulations.run import simulate
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no chromium on PATH; fix: apt-get install -y chromium", file=sys.stderr)
         return 1
     if args.results_only:
-        from clients.datasets import load_department
+        from citydata import load_department
         from server.report import write_report
 
         write_report(args.out, load_department("health").sites, "accuracy")

@@ -149,7 +149,7 @@ class DataReport:
     x_shape, y_shape : tuple of int
         Shapes of the training tensors.
     warnings : list of str
-        Every :class:`~clients.datasets.DataQualityWarning` (counts, never record values).
+        Every :class:`~citydata.DataQualityWarning` (counts, never record values).
     """
 
     site: str
@@ -175,7 +175,7 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
     """Open the department's data file and build ``site``'s arrays exactly as training will.
 
     The same calls as the node's (:meth:`clients.node.NodeSpec.site_data`):
-    :func:`clients.datasets.load_department`, ``site_data(site)`` (the site's train/test split,
+    :func:`citydata.load_department`, ``site_data(site)`` (the site's train/test split,
     scalers, windows for forecasting) and the training tensors, so a file that passes cannot
     fail later on its own records. Every data-quality warning is collected for the report.
 
@@ -195,16 +195,16 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
     Raises
     ------
     SetupError
-        With :class:`clients.datasets.DataFileError`'s message (file, column, value, fix): a
+        With :class:`citydata.DataFileError`'s message (file, column, value, fix): a
         path that is not a regular file (says what it is), a bad file or ranges file, a site
         not in the file, a site too small for a train/test split or one DP-SGD batch, a
         single-class site; or a bad ``--date-format``/``--department``.
     """
     import warnings
 
-    from clients.datasets import load_department
-    from clients.datasets.base import DataFileError, DataQualityWarning, path_kind
-    from clients.datasets.timestamps import check_date_format
+    from citydata import load_department
+    from citydata.base import DataFileError, DataQualityWarning, path_kind
+    from citydata.timestamps import check_date_format
 
     try:
         date_format = check_date_format(date_format)
@@ -842,8 +842,8 @@ def data_env(date_format: str | None, ranges: Path | None) -> dict:
     the loader takes its date format and ranges file from ``CITYFED_DATE_FORMAT`` and
     ``CITYFED_RANGES`` when none is passed.
     """
-    from clients.datasets.plausibility import RANGES_ENV
-    from clients.datasets.timestamps import DATE_FORMAT_ENV, check_date_format
+    from citydata.plausibility import RANGES_ENV
+    from citydata.timestamps import DATE_FORMAT_ENV, check_date_format
 
     env = {}
     if date_format is not None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from clients.datasets import load_department
+from citydata import load_department
 from clients.energy import ENERGY_METRICS
 from clients.training import TrainConfig, evaluate, fit
 from privacy.dp import CalibrationError, DPSettings, calibrate_noise
@@ -97,11 +97,11 @@ class NodeSpec:
             kind, department=self.department, site=self.site, **fields)
 
     def site_data(self):
-        """This node's :class:`~clients.datasets.SiteData` (a natural site or a virtual share)."""
+        """This node's :class:`~citydata.SiteData` (a natural site or a virtual share)."""
         ds = _dataset(self.department, self.data)
         if self.virtual is None:
             return ds, ds.site_data(self.site)
-        from clients.datasets.virtual import virtual_sites
+        from citydata.virtual import virtual_sites
 
         n, partitioner, alpha, seed = self.virtual
         return ds, virtual_sites(ds, n, partitioner, alpha, seed)[int(self.partition_id)]
@@ -428,7 +428,7 @@ def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
     ``data`` (file; empty = bundled), ``policy`` (TOML file), ``ledger`` (SQLite file) or
     ``ledger-dir`` (simulation: one file per site); simulation only: ``virtual-sites`` (N > 0:
     the node is the ``partition-id``-th of N virtual sites, see
-    :mod:`clients.datasets.virtual`), ``partitioner``, ``dirichlet-alpha``,
+    :mod:`citydata.virtual`), ``partitioner``, ``dirichlet-alpha``,
     ``dropout-probability``; ``torch-threads`` (> 0: intra-op threads torch may use).
 
     A node config that names the ``department`` (``fl-client``'s) is a department node: the

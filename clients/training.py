@@ -233,7 +233,7 @@ def evaluate(model: nn.Module, site, task: str, split: str = "test") -> dict[str
     Parameters
     ----------
     model : nn.Module
-    site : clients.datasets.SiteData
+    site : citydata.SiteData
     task : str
     split : {"test", "train"}
 
@@ -259,7 +259,7 @@ def per_record_statistics(model: nn.Module, split, task: str, *, loss_only: bool
     Parameters
     ----------
     model : nn.Module
-    split : clients.datasets.base.Split
+    split : citydata.base.Split
         A site's train or test split (``X``, ``y``; forecasting: ``naive``).
     task : str
         ``"binary-classification"`` or ``"forecasting"``.

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from clients.datasets import DATASETS
+from citydata import DATASETS
 from clients.node import NODE_KEYS, TASKS
 from server.artefacts import CHECKPOINT, MODEL, require_no_legacy_checkpoint, save_model
 from server.personalise import personalise_config, personalise_nodes
@@ -197,7 +197,7 @@ def central_evaluator(cfg: dict, strategy: GuardedStrategy):
     The file is read with the department's adapter (same schema checks as a node's file);
     every site's test split is scored and the example-weighted mean reported.
     """
-    from clients.datasets import load_department
+    from citydata import load_department
     from clients.node import evaluation_metrics
 
     source = cfg["central-data"]

@@ -619,7 +619,7 @@ class Pages:
             return None
         body = f'<h1>Model card of {esc(folder)}</h1><p><a href="/runs/{esc(folder)}">back to the run</a></p>'
         try:
-            from clients.datasets import DATASETS
+            from citydata import DATASETS
             from serving.package import card_markdown, model_card
             from shared_models import default_model_config
 

@@ -2,20 +2,20 @@
 
 ``fl-serve`` runs on a department node: the scalers, imputation values and schema stay
 there. :class:`SiteFeatures` loads the department's data with the same adapter as training
-(:func:`clients.datasets.load_department`: bundled records, or the node's own file), builds
+(:func:`citydata.load_department`: bundled records, or the node's own file), builds
 the served site (which fits its scalers on the site's training part only, as in training)
 and then turns request records into model inputs:
 
 * validation: the adapter's own ``_validate`` (the same column, type, range, category,
   timestamp and ordering checks as a training file); a violation is the adapter's
-  :class:`~clients.datasets.base.DataFileError` naming the column and the fix;
+  :class:`~citydata.base.DataFileError` naming the column and the fix;
 * health: the site's training medians / modes impute, its training mean / std standardise,
   the categories are one-hot over the adapter's own lists (constants of
-  :mod:`clients.datasets.health`); output: the probability of heart disease;
+  :mod:`citydata.health`); output: the probability of heart disease;
 * traffic / utility: the last ``lookback`` steps on the site's grid (utility: hourly means),
-  short gaps interpolated by :func:`clients.datasets.forecasting.interpolate_short_gaps`,
+  short gaps interpolated by :func:`citydata.forecasting.interpolate_short_gaps`,
   target and temperature scaled with the site's training scalers, calendar channels from
-  :func:`clients.datasets.forecasting.calendar_channels`; output: the next ``horizon``
+  :func:`citydata.forecasting.calendar_channels`; output: the next ``horizon``
   steps in the target's original unit.
 
 The transformation reproduces the adapter's test arrays exactly
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from clients.datasets import load_department
-from clients.datasets.base import DataFileError, DataQualityWarning, read_table
+from citydata import load_department
+from citydata.base import DataFileError, DataQualityWarning, read_table
 
 #: Name used for request data in validation messages.
 REQUEST = "request"
@@ -81,7 +81,7 @@ class SiteFeatures:
     data : path-like, optional
         The department's own records file (as for ``fl-client --data``); ``None``: bundled data.
     date_format, ranges : optional
-        As for :func:`clients.datasets.load_department`.
+        As for :func:`citydata.load_department`.
     """
 
     def __init__(self, department: str, site: str, data: str | os.PathLike | None = None, *,
@@ -128,7 +128,7 @@ class SiteFeatures:
 
     # -- health -------------------------------------------------------------------------------
     def _fit_health(self) -> None:
-        from clients.datasets import health as h
+        from citydata import health as h
 
         frame = self.ds._frame
         records = frame[frame[self.schema.site_column] == self.site_key]
@@ -147,7 +147,7 @@ class SiteFeatures:
 
     @staticmethod
     def _health_raw(r: pd.DataFrame) -> dict[str, np.ndarray]:
-        from clients.datasets import health as h
+        from citydata import health as h
 
         cols: dict[str, np.ndarray] = {}
         for c in h.NUMERIC:
@@ -161,7 +161,7 @@ class SiteFeatures:
         return cols
 
     def _health_X(self, r: pd.DataFrame) -> np.ndarray:
-        from clients.datasets import health as h
+        from citydata import health as h
 
         cols = self._health_raw(r)
         feats = []
@@ -184,7 +184,7 @@ class SiteFeatures:
 
     # -- forecasting ----------------------------------------------------------------------------
     def _forecast_X(self, r: pd.DataFrame) -> tuple[np.ndarray, pd.DatetimeIndex]:
-        from clients.datasets.forecasting import MAX_GAP, calendar_channels, interpolate_short_gaps
+        from citydata.forecasting import MAX_GAP, calendar_channels, interpolate_short_gaps
 
         s, meta = self.schema, self.data.meta
         step = pd.Timedelta(s.step)

@@ -69,7 +69,7 @@ def _json(obj) -> str:
 
 
 def schema_dict(schema) -> dict:
-    """The department :class:`~clients.datasets.base.Schema` as JSON-able data (plus its text table)."""
+    """The department :class:`~citydata.base.Schema` as JSON-able data (plus its text table)."""
     d = asdict(schema)
     d["columns"] = [{**c, "plausible": list(c["plausible"]) if c["plausible"] is not None else None} for c in d["columns"]]
     d["describe"] = schema.describe()
@@ -156,7 +156,7 @@ def model_card(run_dir: Path, results: dict, *, sites: list[str], model_config: 
     -------
     dict
     """
-    from clients.datasets import DATASETS
+    from citydata import DATASETS
     from server.energy import card_section as energy_card
 
     cfg = results.get("config") or {}
@@ -277,7 +277,7 @@ def export_package(run_dir: Path, out_dir: Path, *, sites: list[str] | None = No
     PackageError
         No results.json / model, a model that does not fit its config, a non-empty ``out_dir``.
     """
-    from clients.datasets import DATASETS, load_department
+    from citydata import DATASETS, load_department
     from shared_models import build_model, default_model_config
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)

@@ -82,7 +82,7 @@ def default_model_config(schema, kind: str | None = None) -> ModelConfig:
 
     Parameters
     ----------
-    schema : clients.datasets.Schema
+    schema : citydata.Schema
         Schema of the department dataset (gives features, lookback, horizon).
     kind : str, optional
         ``"heart-mlp"``, ``"gru"`` or ``"patchtst"``; the department's default when omitted.

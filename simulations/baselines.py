@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, TensorDataset
 
-from clients.datasets import DepartmentDataset, load_department
+from citydata import DepartmentDataset, load_department
 from clients.training import TrainConfig, classification_metrics, evaluate, fit, predict
 from privacy.dp import DPSettings
 from shared_models import build_model, default_model_config, model_kinds

@@ -300,7 +300,7 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
     dict
         ``{"meta", "summary", "rows"}`` as written to ``OUT/results.json``.
     """
-    from clients.datasets import load_department
+    from citydata import load_department
     from shared_models import model_kinds
 
     import torch

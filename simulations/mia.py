@@ -436,7 +436,7 @@ def run_audit(settings: AuditSettings, out: Path, *,
     """
     import torch
 
-    from clients.datasets import load_department
+    from citydata import load_department
     from clients.training import TrainConfig, fit, predict, roc_auc
     from privacy.dp import DPSettings, default_delta
     from privacy.ledger import PrivacyLedger, Release

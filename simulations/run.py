@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from clients.app import build_client_app
-from clients.datasets import load_department
+from citydata import load_department
 from server.app import build_server_app
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ require_dp = true
 
 def site_delta(site: str, ceiling: float | None = 1e-3) -> float:
     """The delta a health node accounts at: 1/(10 n) of the site's training records, or the ceiling if smaller."""
-    from clients.datasets import load_department
+    from citydata import load_department
 
     n = len(load_department("health").site_data(site).train)
     return min(1 / (10 * n), ceiling if ceiling is not None else 1.0)

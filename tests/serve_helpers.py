@@ -28,7 +28,7 @@ def simulated_run(run_dir: Path, department: str = "health", rounds: int = 1, mo
 
 def synthetic_run(run_dir: Path, department: str, seed: int = 0) -> Path:
     """A run folder holding an untrained model of ``department`` (results.json + model.safetensors), no simulation."""
-    from clients.datasets import DATASETS
+    from citydata import DATASETS
     from server.artefacts import MODEL, save_model
     from shared_models import build_model, default_model_config
 

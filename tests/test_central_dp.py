@@ -137,7 +137,7 @@ def _train_once(tmp_path, node, asked, dp=True, run_id="run-x"):
     """Send one train message (as the coordinator's DP wrapper does) to the real ClientApp; (global, reply)."""
     from shared_models import build_model, default_model_config
 
-    from clients.datasets import DATASETS
+    from citydata import DATASETS
 
     torch.manual_seed(0)
     model = build_model(default_model_config(DATASETS["health"].schema, "heart-mlp"))
@@ -266,7 +266,7 @@ def test_unclipped_update_is_excluded_by_the_coordinator(tmp_path):
 
     from shared_models import build_model, default_model_config
 
-    from clients.datasets import DATASETS
+    from citydata import DATASETS
 
     torch.manual_seed(0)  # the run's initial model (seed 0), the global model of round 1
     grid_state = {"global": build_model(default_model_config(DATASETS["health"].schema, "heart-mlp")).state_dict()}

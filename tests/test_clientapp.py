@@ -13,7 +13,7 @@ from clients.app import REFUSED, app
 from clients.node import EVAL_METRICS, TRAIN_METRICS
 from privacy.ledger import PrivacyLedger
 from shared_models import build_model, default_model_config
-from clients.datasets import load_department
+from citydata import load_department
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

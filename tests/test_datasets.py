@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from clients.datasets import (DATASETS, DataQualityWarning, DepartmentDataset, ElectricityDemand, HeartDisease, SiteData,
+from citydata import (DATASETS, DataQualityWarning, DepartmentDataset, ElectricityDemand, HeartDisease, SiteData,
                               TrafficCounts, load_department)
 
-pytestmark = pytest.mark.filterwarnings("ignore::clients.datasets.DataQualityWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::citydata.DataQualityWarning")
 
 
 @pytest.fixture(scope="module")

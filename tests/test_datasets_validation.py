@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clients.datasets import (DataFileError, DataQualityWarning, ElectricityDemand, HeartDisease, TrafficCounts,
+from citydata import (DataFileError, DataQualityWarning, ElectricityDemand, HeartDisease, TrafficCounts,
                               load_department)
-from clients.datasets.forecasting import interpolate_short_gaps
+from citydata.forecasting import interpolate_short_gaps
 
 SUFFIXES = [".csv", ".parquet"]
 
@@ -582,7 +582,7 @@ def test_single_class_site_is_an_error(tmp_path, heart_frame):
 
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
-@pytest.mark.filterwarnings("ignore::clients.datasets.DataQualityWarning")  # imputation counts of the tiny sites
+@pytest.mark.filterwarnings("ignore::citydata.DataQualityWarning")  # imputation counts of the tiny sites
 def test_too_few_records_for_a_split_or_a_batch(tmp_path, suffix, heart_frame):
     for n in (1, 3, 20):
         f = pd.concat([heart_frame[heart_frame["dataset"] != "Switzerland"],

@@ -105,7 +105,7 @@ class City:
     """PKI, coordinator and helpers for one test module."""
 
     def __init__(self, base: Path):
-        from clients.datasets.base import package_file
+        from citydata.base import package_file
         from privacy import pki
 
         import pandas as pd
@@ -327,7 +327,7 @@ def message_arrays(msg) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, n
 
 def model_shapes() -> set[tuple[int, ...]]:
     """Shapes of the health department's model parameters (what an individual update looks like)."""
-    from clients.datasets import DATASETS
+    from citydata import DATASETS
     from shared_models import build_model, default_model_config, model_kinds
 
     model = build_model(default_model_config(DATASETS["health"].schema, model_kinds("health")[0]))
@@ -376,7 +376,7 @@ def test_three_hospitals_train_over_tls_with_node_auth_and_secagg(city, health_n
     assert auc[2] > auc[0] and auc[2] > 0.6, f"central roc-auc did not improve: {auc}"
     assert all("train-loss" not in m for r in rounds for m in r["train"]["nodes"].values())
     # every hospital's own ledger holds the epsilon it reported after round 2, at its own delta 1/(10 n)
-    from clients.datasets import load_department
+    from citydata import load_department
 
     for nid, reported in rounds[1]["train"]["nodes"].items():
         site = node_site[nid]
@@ -608,7 +608,7 @@ def test_evaluate_flood_is_refused_or_noised_and_accounted_on_the_wire(city, hea
     hospitals may have spent their lifetime budget on the earlier runs (they then refuse to train,
     which this test does not need).
     """
-    from clients.datasets import load_department
+    from citydata import load_department
     from clients.node import EVAL_METRICS
     from clients.training import evaluate as exact_evaluate
     from privacy.ledger import PrivacyLedger

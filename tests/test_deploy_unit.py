@@ -378,7 +378,7 @@ def test_fl_client_check_prints_the_sites_counts(pki_files, tls_server, tmp_path
 
 
 def test_fl_client_refuses_data_that_cannot_train(pki_files, tls_server, tmp_path):
-    from clients.datasets import load_department
+    from citydata import load_department
 
     frame = load_department("health").raw_frame()
     one = frame[frame["dataset"] == "Cleveland"].iloc[:3]
@@ -401,7 +401,7 @@ def test_fl_client_refuses_a_policy_that_refuses_every_job(pki_files, tls_server
 
 
 def test_fl_client_date_format_reaches_the_node(pki_files, tls_server, tmp_path, monkeypatch):
-    from clients.datasets import load_department
+    from citydata import load_department
 
     frame = load_department("health").raw_frame()
     path = tmp_path / "cleveland.csv"

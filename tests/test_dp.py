@@ -119,7 +119,7 @@ def test_fit_clips_per_sample_gradients(monkeypatch):
 def test_node_training_adds_noise_by_default(tmp_path, monkeypatch):
     """handle_train on a node: two runs of one job from one model differ (noise from OS entropy)."""
     monkeypatch.delenv("CITYFED_DP_SEED_FROM_JOB", raising=False)
-    from clients.datasets import load_department
+    from citydata import load_department
     from clients.node import handle_train, node_from_config
 
     pol = tmp_path / "p.toml"

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clients.datasets import DATASETS, DataFileError, DataQualityWarning
+from citydata import DATASETS, DataFileError, DataQualityWarning
 
 SUFFIXES = (".csv", ".parquet")
 

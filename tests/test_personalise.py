@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import REFUSED, app
-from clients.datasets import load_department
+from citydata import load_department
 from clients.node import JobRefused, job_from_config, node_from_config
 from clients.personalise import (PERSONALISE_METRICS, handle_personalise, head_prefix, load_personalised,
                                  personalised_path)

@@ -15,7 +15,7 @@ MARKER = "271.125"
 
 
 def _tiny_hospital_file(tmp_path):
-    from clients.datasets import load_department
+    from citydata import load_department
 
     path = load_department("health").export(tmp_path / "health.csv")
     rows = list(csv.DictReader(open(path)))
@@ -63,7 +63,7 @@ def test_foreign_exception_message_is_withheld(capsys):
 
 
 def test_own_exception_message_is_shown():
-    from clients.datasets.base import DataFileError
+    from citydata.base import DataFileError
 
     exc = DataFileError("f.csv", "column 'age' is not numeric", "fix it")
     assert describe(exc) == f"DataFileError: {exc}" and "column 'age'" in describe(exc)

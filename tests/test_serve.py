@@ -346,7 +346,7 @@ def test_node_serves_from_its_own_records_file(tmp_path):
     """fl-serve --data: the node's own file (here one hospital's, written by fl-sim export) gives the scaling."""
     from typer.testing import CliRunner
 
-    from clients.datasets import load_department
+    from citydata import load_department
     from serving.app import build_app
     from serving.cli import ServerThread
     from serving.features import SiteFeatures

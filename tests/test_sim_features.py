@@ -10,8 +10,8 @@ from hypothesis import given, settings as hsettings, strategies as st
 from safetensors.torch import load_file
 
 from clients.app import app as client_app
-from clients.datasets import load_department
-from clients.datasets.virtual import virtual_sites
+from citydata import load_department
+from citydata.virtual import virtual_sites
 from clients.training import TrainConfig, fit
 from privacy.dp import DPSettings
 from privacy.ledger import PrivacyLedger

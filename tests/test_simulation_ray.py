@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from clients.datasets import load_department
+from citydata import load_department
 from privacy.ledger import PrivacyLedger
 
 

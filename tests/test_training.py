@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from clients.datasets import load_department
+from citydata import load_department
 from clients.training import TrainConfig, evaluate, fit, predict, roc_auc
 from privacy.dp import DPSettings
 from shared_models import build_model, default_model_config

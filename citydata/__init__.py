@@ -4,7 +4,7 @@ Each adapter reads the real records bundled in an installed package (``path=None
 operator's own CSV/Parquet file in the documented schema, validates it and exposes per-site
 train/test arrays, FLamby style::
 
-    from clients.datasets import load_department
+    from citydata import load_department
     ds = load_department("traffic")
     ds.sites                     # ['detector-1', ...]
     site = ds.site_data("detector-1")
@@ -57,7 +57,7 @@ def load_department(name: str, path: str | os.PathLike | None = None, **kw) -> D
         Passed to the adapter: ``seed``, ``test_fraction``, ``date_format`` (``"DMY"``,
         ``"MDY"``, ``"ISO"`` or a strftime pattern, for dates that are not year-first) and
         ``ranges`` (plausibility-range overrides: a TOML file or a mapping); see
-        :class:`~clients.datasets.base.DepartmentDataset`.
+        :class:`~citydata.base.DepartmentDataset`.
 
     Returns
     -------

@@ -99,7 +99,7 @@ class Column:
         Numeric columns: ``(min, max)`` inclusive plausibility range (``None`` = unbounded on
         that side), optionally ``(min, max, "missing")`` to treat out-of-range values as
         missing instead of an error. A department overrides it with a ranges file
-        (:mod:`clients.datasets.plausibility`).
+        (:mod:`citydata.plausibility`).
     """
 
     name: str
@@ -423,7 +423,7 @@ def coerce_column(frame: pd.DataFrame, col: Column, path, date_format: str | Non
     path : path-like
         File name for the error message.
     date_format : str, optional
-        Layout of text timestamps (:func:`clients.datasets.timestamps.check_date_format`):
+        Layout of text timestamps (:func:`citydata.timestamps.check_date_format`):
         ``None``/``"ISO"`` year-first only, ``"DMY"``, ``"MDY"`` or a strftime pattern.
 
     Returns
@@ -499,7 +499,7 @@ def validate_frame(frame: pd.DataFrame, schema: Schema, path, *, date_format: st
     date_format : str, optional
         Layout of text timestamps (see :func:`coerce_column`).
     ranges : dict of str to plausibility.Range, optional
-        The ranges to check (:func:`clients.datasets.plausibility.resolve_ranges`); default:
+        The ranges to check (:func:`citydata.plausibility.resolve_ranges`); default:
         the schema's documented ranges.
 
     Returns
@@ -554,7 +554,7 @@ def check_range(values: pd.Series, raw: pd.Series, col: Column, rng, path) -> pd
     raw : pd.Series
         The column as read (for the offending value in the message).
     col : Column
-    rng : clients.datasets.plausibility.Range
+    rng : citydata.plausibility.Range
     path : path-like
 
     Returns
@@ -691,11 +691,11 @@ class DepartmentDataset(abc.ABC):
     date_format : str, optional
         Layout of text timestamps: ``"ISO"`` (year first, the default), ``"DMY"`` (day first),
         ``"MDY"`` (month first) or a strftime pattern
-        (:func:`clients.datasets.timestamps.check_date_format`). Default: the environment
+        (:func:`citydata.timestamps.check_date_format`). Default: the environment
         variable ``CITYFED_DATE_FORMAT`` if set (``fl-client --date-format`` sets it for the
         node's ClientApp processes), else year-first only.
     ranges : path-like or mapping, optional
-        Plausibility-range overrides (a TOML file; :mod:`clients.datasets.plausibility`).
+        Plausibility-range overrides (a TOML file; :mod:`citydata.plausibility`).
         Default: the file named by ``CITYFED_RANGES`` if set, else the schema's ranges.
 
     Raises

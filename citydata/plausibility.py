@@ -17,7 +17,7 @@ grid whose net demand can be negative) overrides it in a small TOML file::
                             # with a counted DataQualityWarning) instead of stopping with an error
 
 ``fl-client --ranges FILE`` and ``fl-sim baselines --ranges FILE`` read it, as does the
-``ranges`` argument of :func:`clients.datasets.load_department`. ``fl-client`` passes it to the
+``ranges`` argument of :func:`citydata.load_department`. ``fl-client`` passes it to the
 node's ClientApp processes through :data:`RANGES_ENV`.
 """
 
@@ -87,7 +87,7 @@ def resolve_ranges(schema, overrides: str | os.PathLike | Mapping | None = None)
 
     Parameters
     ----------
-    schema : clients.datasets.base.Schema
+    schema : citydata.base.Schema
     overrides : path-like or mapping, optional
         A ranges TOML file (see the module docstring) or the same content as a mapping
         ``{column: {"min": .., "max": .., "action": ..}}``; ``None``: the file named by

@@ -13,7 +13,7 @@ Rules (README, "Your own records"):
 * A timestamp may carry a UTC offset (``+02:00``, ``+0200``, ``+02``, ``Z``, ``UTC``).
   Offset-aware timestamps, and tz-aware Parquet columns, are converted to UTC and stored
   without a time zone. If they carry several offsets (daylight-saving time) a counted
-  :class:`~clients.datasets.base.DataQualityWarning` says so. A column mixing timestamps with
+  :class:`~citydata.base.DataQualityWarning` says so. A column mixing timestamps with
   and without an offset is an error: the naive ones cannot be placed in time.
 * Naive timestamps are taken as they are (the site's local time, as the bundled data).
 * Years outside 1900-2100 are an error (a typo in the year, or a wrong date format).
@@ -303,8 +303,8 @@ def parse_timestamps(s: pd.Series, date_format: str | None = None, warn=None) ->
     Raises
     ------
     _Bad
-        ``(problem, fix)``, turned into a :class:`~clients.datasets.base.DataFileError` naming
-        the column by :func:`clients.datasets.base.coerce_column`.
+        ``(problem, fix)``, turned into a :class:`~citydata.base.DataFileError` naming
+        the column by :func:`citydata.base.coerce_column`.
     """
     warn = warn or (lambda msg: None)
     date_format = check_date_format(date_format)
