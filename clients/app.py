@@ -36,7 +36,7 @@ def _compute_timer(kind: str):
         yield
     finally:
         if os.environ.get(LOG_COMPUTE_ENV) == "1":
-            from flwr.supercore import log
+            from flower_compat.logging import log
 
             log(20, "cityfed: %s compute %.3f s", kind, time.perf_counter() - t0)
 

@@ -24,7 +24,8 @@ from typing import Callable
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp.mod import fixedclipping_mod
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from flower_compat.dp import KEY_CLIPPING_NORM
 
 from clients.secagg import is_secagg_fit
 

@@ -34,9 +34,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
-from flwr.compat.common import recorddict_compat as compat
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from flower_compat.dp import KEY_CLIPPING_NORM
+from flower_compat.secagg import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
+from flower_compat.secagg import recorddict_compat as compat
 
 log = logging.getLogger("cityfed.node")
 

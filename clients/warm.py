@@ -50,10 +50,11 @@ In both modes, a message whose run ends while the SuperNode is still receiving i
 task behind (:func:`drop_stale_pulls`; flwr 1.41 left one, and the node then answered every later
 message one reply late).
 
-This relies on flwr 1.41 internals (``start_client_internal``'s module-level ``time`` and
+Every Flower internal this relies on (``start_client_internal``'s module-level ``time`` and
 ``subprocess`` and its ``_pull_and_store_message``, ``run_superexec.get_executor``,
-``run_clientapp``'s helpers); :func:`check_flwr`
-refuses other versions with a clear message, in both modes.
+``run_clientapp``'s helpers) is wired in :mod:`flower_compat.warm` (why Flower's own
+``--isolation process`` cannot replace it is said there); :func:`check_flwr` is the compat
+layer's one version gate and refuses other versions with a clear message, in both modes.
 """
 
 from __future__ import annotations
@@ -61,7 +62,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -71,9 +71,10 @@ from pathlib import Path
 # bound now, from the node's installed release: a warm worker later drops the FAB packages'
 # modules (``clients`` included) from sys.modules, so a late import could find a FAB's copy
 from clients import pinning
-
-#: Flower version whose internals this module patches (pinned in pyproject.toml).
-FLWR_VERSION = "1.42.0"
+from flower_compat import CompatError, check_version
+from flower_compat import warm as flower_warm
+from flower_compat.logging import timestamped_logs
+from flower_compat.warm import PULL_BACKOFF_CAP_S, PULL_BACKOFF_S, drop_stale_pulls, fast_pulls  # noqa: F401 (re-exported)
 #: Environment: cap (seconds) on the SuperNode's polling sleeps.
 POLL_ENV = "CITYFED_NODE_POLL_S"
 DEFAULT_POLL_S = 0.1
@@ -87,19 +88,11 @@ class WarmSetupError(RuntimeError):
 
 
 def check_flwr() -> None:
-    """Raise :class:`WarmSetupError` unless flwr is the pinned version."""
-    import flwr
-
-    version = getattr(flwr, "__version__", None)
-    if version is None:
-        from importlib.metadata import version as _v
-
-        version = _v("flwr")
-    if version != FLWR_VERSION:
-        raise WarmSetupError(
-            f"clients.warm adapts flwr {FLWR_VERSION} internals but flwr {version} is installed. "
-            f"Fix: install flwr=={FLWR_VERSION} (pyproject.toml pins it)."
-        )
+    """Raise :class:`WarmSetupError` unless flwr is the version :mod:`flower_compat` adapts (its one gate)."""
+    try:
+        check_version()
+    except CompatError as exc:
+        raise WarmSetupError(str(exc)) from None
 
 
 def poll_cap() -> float:
@@ -117,51 +110,13 @@ def poll_cap() -> float:
 # --------------------------------------------------------------------------- SuperNode
 
 
-class _CappedTime:
-    """``time`` module stand-in whose ``sleep`` never waits longer than ``cap`` seconds."""
-
-    def __init__(self, cap: float):
-        self._cap = cap
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(float(seconds), self._cap))
-
-    def __getattr__(self, name):
-        return getattr(time, name)
+#: ``time`` stand-in with capped sleeps; ``subprocess`` stand-in that starts this module's SuperExec.
+_CappedTime = flower_warm.CappedTime
 
 
-class _SuperExecLauncher:
-    """``subprocess`` stand-in: ``Popen(["flower-superexec", ...])`` starts this module's SuperExec.
-
-    Parameters
-    ----------
-    command : str
-        ``"superexec"`` (warm executor) or ``"cold-superexec"`` (a process per task).
-    """
-
-    def __init__(self, command: str = "superexec"):
-        self.command = command
-
-    def Popen(self, args, *pargs, **kwargs):  # noqa: N802 (mirrors subprocess.Popen)
-        args = list(args)
-        if args and Path(str(args[0])).name == "flower-superexec":
-            args = [sys.executable, "-m", "clients.warm", self.command, *args[1:]]
-        return subprocess.Popen(args, *pargs, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(subprocess, name)
-
-
-def timestamped_logs() -> None:
-    """Put the time (to the millisecond) on every line of this process's Flower log.
-
-    Flower 1.41 prints times only at ``FLWR_LOG_LEVEL=DEBUG``; operators (and
-    ``benchmarks/deploy_latency.py``, which reads when each message was received and sent)
-    need them at INFO too. Only the format changes.
-    """
-    from flwr.supercore.logger import update_console_handler
-
-    update_console_handler(timestamps=True)
+def _SuperExecLauncher(command: str = "superexec") -> flower_warm.SuperExecLauncher:  # noqa: N802 (was a class)
+    """The SuperNode's SuperExec is ``python -m clients.warm COMMAND`` (``superexec`` or ``cold-superexec``)."""
+    return flower_warm.SuperExecLauncher(command, module="clients.warm")
 
 
 def run_supernode(argv: list[str], warm: bool = True) -> None:
@@ -173,80 +128,7 @@ def run_supernode(argv: list[str], warm: bool = True) -> None:
     check_flwr()
     cap = poll_cap() if warm else None
     timestamped_logs()
-    import flwr.supernode.start_client_internal as sci
-    from flwr.supernode.cli import flower_supernode
-
-    if warm:
-        sci.time = _CappedTime(cap)
-        sci.pull_objects = fast_pulls(sci.pull_objects)  # messages from the coordinator
-    sci._pull_and_store_message = drop_stale_pulls(sci._pull_and_store_message)
-    sci.subprocess = _SuperExecLauncher("superexec" if warm else "cold-superexec")
-    sys.argv = ["flower-supernode", *argv]
-    flower_supernode()
-
-
-class _TaskRecorder:
-    """A NodeState seen through: records the task and the message one pull creates."""
-
-    def __init__(self, state):
-        self._state = state
-        self.task_id: int | None = None
-        self.message_id: str | None = None
-
-    def __getattr__(self, name):
-        return getattr(self._state, name)
-
-    def create_task(self, *args, **kwargs):
-        self.task_id = self._state.create_task(*args, **kwargs)
-        return self.task_id
-
-    def store_message(self, message):
-        if not message.metadata.reply_to_message_id:
-            self.message_id = message.metadata.message_id
-        return self._state.store_message(message)
-
-
-def drop_stale_pulls(pull):
-    """Flower's ``_pull_and_store_message`` that leaves nothing behind when the run ends mid-pull.
-
-    flwr 1.41 creates the ClientApp task and stores the (still empty) message before it pulls
-    the message's objects. When the run stops in between (``fl-server stop``, a ServerApp that
-    died), the pull raises ``RunNotRunningException`` and Flower only logs "Run ID ... is not in
-    `RUNNING` status. Ignoring message": the task stays pending and the message stays stored.
-    The node's SuperExec then runs that leftover task, its reply is pushed in place of the next
-    run's reply, and from then on every reply is pushed one message late: the next run drops
-    the node at its deadline, until ``fl-client`` restarts. Here, a pull that returns nothing
-    after it created a task finishes that task (``stopped``) and deletes its message and objects,
-    as Flower already does when the object pull fails. Idempotent.
-    """
-    if getattr(pull, "_cityfed_drops_stale", False):
-        return pull
-
-    def pull_and_store(*, state, object_store, **kwargs):
-        rec = _TaskRecorder(state)
-        run_id = pull(state=rec, object_store=object_store, **kwargs)
-        if run_id is None and rec.task_id is not None:
-            from flwr.common.constant import SubStatus
-
-            if rec.message_id:
-                state.delete_messages(message_ids=[rec.message_id])
-                object_store.delete(rec.message_id)
-            if state.finish_task(rec.task_id, sub_status=SubStatus.STOPPED,
-                                 details="the run ended while its message was being received"):
-                _log_info("Dropped the message of a run that is no longer running (task %s)", rec.task_id)
-        return run_id
-
-    pull_and_store._cityfed_drops_stale = True  # type: ignore[attr-defined]
-    pull_and_store.__wrapped__ = pull  # type: ignore[attr-defined]
-    return pull_and_store
-
-
-def _log_info(fmt: str, *args) -> None:
-    from logging import INFO
-
-    from flwr.common.logger import log
-
-    log(INFO, fmt, *args)
+    flower_warm.run_supernode(argv, cap=cap, launcher=_SuperExecLauncher("superexec" if warm else "cold-superexec"))
 
 
 # --------------------------------------------------------------------------- SuperExec
@@ -254,26 +136,17 @@ def _log_info(fmt: str, *args) -> None:
 
 def _task_line(spec) -> str:
     """One ClientApp task as the JSON line :func:`run_task` reads (what Flower passes to ``flwr-clientapp``)."""
-    return json.dumps({"runtime_api_address": spec.runtime_api_address, "token": spec.token,
-                       "insecure": spec.insecure, "root_certificates_path": spec.root_certificates_path,
-                       "runtime_dependency_install": spec.runtime_dependency_install,
-                       "task_id": spec.task_id}) + "\n"
+    return json.dumps(flower_warm.task_of(spec)) + "\n"
 
 
 def _cold_executor_class():
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.superexec.executor import LaunchResult
-    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
-
-    class ColdClientAppExecutor(SubprocessExecutor):
+    class ColdClientAppExecutor(flower_warm.client_app_executor_base()):
         """SuperExec executor: a fresh ``python -m clients.warm task`` process per ClientApp task."""
 
         def __init__(self, task_cmd: list[str] | None = None):
             self.task_cmd = task_cmd or [sys.executable, "-m", "clients.warm", "task"]
 
-        def launch(self, spec):
-            if spec.task_type != TaskType.CLIENT_APP:
-                return super().launch(spec)
+        def launch_client_app(self, spec) -> str | None:
             cmd = [*self.task_cmd, "--parent-pid", str(spec.parent_pid if spec.parent_pid is not None else os.getpid())]
             quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if spec.suppress_output else {}
             try:
@@ -282,19 +155,15 @@ def _cold_executor_class():
                 proc.stdin.write(_task_line(spec))  # the token travels on a pipe, not on the command line
                 proc.stdin.close()
             except OSError as exc:
-                return LaunchResult.failed(f"ClientApp task process could not start: {exc}")
+                return f"ClientApp task process could not start: {exc}"
             threading.Thread(target=proc.wait, daemon=True).start()  # reap it (no zombies)
-            return LaunchResult.accepted()
+            return None
 
     return ColdClientAppExecutor
 
 
 def _executor_class():
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.superexec.executor import LaunchResult
-    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
-
-    class WarmClientAppExecutor(SubprocessExecutor):
+    class WarmClientAppExecutor(flower_warm.client_app_executor_base()):
         """SuperExec executor: ClientApp tasks go to one warm worker, the rest start as in Flower."""
 
         def __init__(self, worker_cmd: list[str] | None = None):
@@ -357,9 +226,7 @@ def _executor_class():
                 except OSError:
                     self.worker = None
 
-        def launch(self, spec):
-            if spec.task_type != TaskType.CLIENT_APP:
-                return super().launch(spec)
+        def launch_client_app(self, spec) -> str | None:
             line = _task_line(spec)
             with self.lock:
                 self._replace_stuck_worker()
@@ -371,12 +238,12 @@ def _executor_class():
                             self.in_flight += 1
                         worker.stdin.write(line)
                         worker.stdin.flush()
-                        return LaunchResult.accepted()
+                        return None
                     except (OSError, ValueError) as exc:
                         self.worker = None
                         if attempt == 2:
-                            return LaunchResult.failed(f"warm ClientApp worker could not take the task: {exc}")
-            return LaunchResult.failed("unreachable")
+                            return f"warm ClientApp worker could not take the task: {exc}"
+            return "unreachable"
 
         def close(self) -> None:
             with self.lock:
@@ -395,24 +262,15 @@ def _executor_class():
 def run_superexec(argv: list[str], warm: bool = True) -> None:
     """Run Flower's SuperExec whose subprocess executor is the warm (or, ``warm=False``, the cold) ClientApp executor."""
     check_flwr()
-    import flwr.supercore.superexec.run_superexec as rs
-    from flwr.supercore.cli import flower_superexec
-    from flwr.supercore.constant import ExecutorType
-
-    flower_get_executor = rs.get_executor
     cls = _executor_class() if warm else _cold_executor_class()
 
-    def get_executor(executor_type, executor_config=None, **kwargs):
-        if executor_type == ExecutorType.SUBPROCESS:
-            executor = cls()
-            if warm:
-                executor.prestart()  # imports off the first round's critical path
-            return executor
-        return flower_get_executor(executor_type, executor_config, **kwargs)
+    def make_executor():
+        executor = cls()
+        if warm:
+            executor.prestart()  # imports off the first round's critical path
+        return executor
 
-    rs.get_executor = get_executor
-    sys.argv = ["flower-superexec", *argv]
-    flower_superexec()
+    flower_warm.run_superexec(argv, make_executor)
 
 
 # --------------------------------------------------------------------------- worker
@@ -460,34 +318,6 @@ def use_fab_modules(app_dir: Path) -> list[str]:
 _LABEL = "warm ClientApp worker"
 
 
-def _install_accepted(run, fab) -> Path:
-    """Install an accepted FAB and return its folder, after checking it holds exactly the FAB's files.
-
-    Flower reuses an existing ``apps/<publisher>.<name>.<version>.<hash prefix>`` folder; one
-    left by another FAB with the same 8-hex prefix is replaced. The run's FAB ID and version
-    (from the coordinator) must name the folder the FAB installs into, since Flower loads
-    the ClientApp from the folder they name.
-    """
-    from flwr.cli.install import install_from_fab
-    from flwr.common.config import get_project_dir
-
-    app_dir = Path(install_from_fab(fab.content, skip_prompt=True))
-    stale = pinning.installed_mismatch(app_dir, fab.content)
-    if stale:
-        print(f"cityfed: {app_dir} holds files of another FAB ({', '.join(stale[:5])}); reinstalling",
-              file=sys.stderr, flush=True)
-        shutil.rmtree(app_dir)
-        app_dir = Path(install_from_fab(fab.content, skip_prompt=True))
-        stale = pinning.installed_mismatch(app_dir, fab.content)
-        if stale:
-            raise RuntimeError(f"installed app folder {app_dir} does not match FAB {fab.hash_str}: {', '.join(stale[:5])}")
-    named = Path(get_project_dir(run.fab_id, run.fab_version, fab.hash_str))
-    if named.resolve() != app_dir.resolve():
-        raise RuntimeError(f"run {run.run_id} names app {run.fab_id} {run.fab_version} ({named.name}) but its FAB "
-                           f"installs as {app_dir.name}; not loading it")
-    return app_dir
-
-
 def run_task(task: dict) -> int:
     """Run one ClientApp task as ``flwr-clientapp --token`` does, with the app check; returns its exit code.
 
@@ -495,6 +325,8 @@ def run_task(task: dict) -> int:
     FAB is checked by :func:`clients.pinning.admit_fab` right after it is pulled, before it is
     installed or anything of it imported. A refused FAB gets an error reply (code
     :data:`clients.pinning.APP_REFUSED`) whose reason names its sha256 and the differing files.
+    Flower's side of the task (Runtime API, install, load, push) is
+    :func:`flower_compat.warm.run_clientapp_task`.
 
     Parameters
     ----------
@@ -502,99 +334,15 @@ def run_task(task: dict) -> int:
         ``runtime_api_address``, ``token``, ``insecure``, ``root_certificates_path``,
         ``runtime_dependency_install`` (what Flower's SuperExec passes to ``flwr-clientapp``).
     """
-    from logging import DEBUG, ERROR, INFO, WARNING
-
-    from flwr.app import Message
-    from flwr.app.error import Error
-    from flwr.clientapp.client_app import LoadClientAppError
-    from flwr.clientapp.utils import get_load_client_app_fn
-    from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore import log
-    from flwr.supercore.exit import ExitCode
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supercore.runtime.tracing import RuntimeTracingInterceptor
-    from flwr.supercore.tls import validate_and_resolve_root_certificates
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
-
-    if task.get("runtime_dependency_install"):
-        # fl-server starts SuperLinks with runtime installation disabled; the app must use the
-        # node's own environment (which is also what the app check compares against)
-        log(ERROR, "%s: runtime dependency installation is not supported; the app runs in the node's own "
-                   "environment", _LABEL)
-    retry_invoker = make_simple_http_retry_invoker()
-    client = RuntimeHttpClient.from_server_address(
-        server_address=task["runtime_api_address"],
-        insecure=bool(task["insecure"]),
-        root_certificates=validate_and_resolve_root_certificates(task.get("root_certificates_path"),
-                                                                 bool(task["insecure"])),
-        interceptors=[RuntimeTracingInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                      RuntimeTokenHttpInterceptor(task["token"])],
-        retry_invoker=retry_invoker,
+    return flower_warm.run_clientapp_task(
+        task,
+        admit=lambda content, announced, run_id: pinning.admit_fab(content, announced=announced, run_id=run_id),
+        refused_code=pinning.APP_REFUSED,
+        installed_mismatch=pinning.installed_mismatch,
+        prepare_app=lambda app_dir: use_fab_modules(app_dir),  # looked up per task (tests replace it)
+        failure_reason=lambda ex: failure_reason(ex),
+        label=_LABEL,
     )
-    heartbeat = None
-    message = reply = context = None
-    sub_status, details, code = SubStatus.FAILED, "ClientApp task failed due to unknown reason", ExitCode.SUCCESS
-    t0 = time.perf_counter()
-    steps: dict[str, float] = {}
-
-    def mark(name: str) -> None:
-        steps[name] = time.perf_counter() - t0 - sum(steps.values())
-
-    try:
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
-        heartbeat.start()
-        message, context, run, fab = pull_task_input(client)
-        mark("pull")
-        verdict = pinning.admit_fab(fab.content, announced=fab.hash_str, run_id=run.run_id)
-        mark("check")
-        if not verdict.accepted:
-            log(WARNING, "cityfed: run %s: %s", run.run_id, verdict.reason())
-            reply = Message(Error(code=pinning.APP_REFUSED, reason=verdict.reason()), reply_to=message)
-            sub_status, details = SubStatus.FAILED, verdict.reason()
-        else:
-            app_dir = _install_accepted(run, fab)
-            mark("install")
-            dropped = use_fab_modules(app_dir)
-            if dropped:
-                log(DEBUG, "%s: %d cached module(s) replaced by FAB %s", _LABEL, len(dropped),
-                    fab.hash_str[:12])
-            client_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
-                run.fab_id, run.fab_version, fab.hash_str)
-            mark("load")
-            reply = client_app(message=message, context=context)
-            mark("app")
-            sub_status, details = SubStatus.COMPLETED, ""
-    except Exception as ex:  # noqa: BLE001 (as flwr-clientapp: the error goes back as the reply)
-        e_code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) \
-            else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-        reason = ("An exception was raised when attempting to load `ClientApp`" if isinstance(ex, LoadClientAppError)
-                  else failure_reason(ex))
-        # the reason goes to the coordinator and the log: never a library message that may quote a record
-        log(ERROR, "ClientApp raised an exception: %s", reason, exc_info=ex if os.environ.get("CITYFED_DEBUG") == "1" else None)
-        sub_status, details = SubStatus.FAILED, reason
-        if message is not None:
-            reply = Message(Error(code=e_code, reason=reason), reply_to=message)
-        code = ExitCode.TASK_PROC_EXCEPTION
-    finally:
-        if reply is not None and context is not None:
-            try:
-                push_message(client, reply, context)
-            except Exception as ex:  # noqa: BLE001
-                log(ERROR, "Failed to push reply message", exc_info=ex)
-                code = ExitCode.CLIENTAPP_COMMUNICATION_ERROR
-        retry_invoker.max_tries = 1
-        push_task_output(client=client, context=context, sub_status=sub_status, details=details)
-        mark("push")
-        if heartbeat is not None and heartbeat.is_running:
-            heartbeat.stop()
-        client.close()
-        mark("close")
-    log(INFO, "%s: task %s done in %.2f s (%s; %s)", _LABEL, task.get("task_id"),
-        time.perf_counter() - t0, sub_status, ", ".join(f"{k} {v:.2f}" for k, v in steps.items()))
-    return int(code)
 
 
 #: Seconds a new ClientApp task waits for the worker to finish an earlier one before the worker
@@ -604,12 +352,6 @@ def run_task(task: dict) -> int:
 #: pulled: the worker would wait for them for Flower's PULL_MAX_TIME, 2 h, blocking every later
 #: task). Flower's process-per-task executor never queues tasks, so it does not need this.
 STUCK_GRACE_S = 5.0
-
-#: Object-pull backoff of the worker (Flower: 1 s doubling to 10 s). The SuperNode makes a task
-#: available a moment before the message's objects are in its store; with a warm worker that
-#: moment is hit every time, and Flower's first retry alone costs 1 s, the second 2 s more.
-PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.02, 0.5
-
 
 def failure_reason(ex: BaseException) -> str:
     """What a failed task tells the coordinator and the node's log about ``ex``.
@@ -621,26 +363,6 @@ def failure_reason(ex: BaseException) -> str:
     from privacy.safe_cli import describe
 
     return describe(ex)
-
-
-def fast_pulls(pull):
-    """``pull`` (Flower's ``pull_objects`` / ``pull_and_inflate_object_from_tree``) with a 20 ms first retry.
-
-    Same semantics (retry while an object is unavailable, give up after Flower's
-    ``PULL_MAX_TIME``); only the waits between retries are shorter. Idempotent.
-    """
-    from functools import partial
-
-    if isinstance(pull, partial) and pull.keywords.get("initial_backoff") == PULL_BACKOFF_S:
-        return pull
-    return partial(pull, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S, max_tries_per_object=None)
-
-
-def _fast_object_pulls() -> None:
-    """Make ``run_clientapp.pull_task_input`` retry unavailable objects after 20 ms, not 1 s."""
-    from flwr.supernode.runtime import run_clientapp as rc
-
-    rc.pull_and_inflate_object_from_tree = fast_pulls(rc.pull_and_inflate_object_from_tree)
 
 
 #: Seconds a ClientApp process may outlive its SuperExec before it exits without waiting for its task.
@@ -690,12 +412,10 @@ def run_worker(argv: list[str]) -> None:
     check_flwr()
     timestamped_logs()
     if args.parent_pid is not None:
-        from flwr.supercore.app_utils import start_parent_process_monitor
-
-        start_parent_process_monitor(args.parent_pid)
+        flower_warm.start_parent_monitor(args.parent_pid)
         exit_when_orphaned(args.parent_pid)
     pinning.prepare()  # the installed release's manifest and the audit log, before any FAB is loaded
-    _fast_object_pulls()
+    flower_warm.fast_object_pulls()
     preload = [m.strip() for m in os.environ.get(PRELOAD_ENV, ",".join(DEFAULT_PRELOAD)).split(",") if m.strip()]
     for name in preload:  # third-party only; the app's own modules always come from the FAB
         try:
@@ -744,9 +464,7 @@ def run_cold_task(argv: list[str]) -> None:
     check_flwr()
     timestamped_logs()
     if args.parent_pid is not None:
-        from flwr.supercore.app_utils import start_parent_process_monitor
-
-        start_parent_process_monitor(args.parent_pid)
+        flower_warm.start_parent_monitor(args.parent_pid)
     line = sys.stdin.readline()
     try:
         task = json.loads(line)

@@ -53,8 +53,9 @@ def route_logs_through_flower() -> None:
     """
     import logging
 
-    from flwr.supercore.logger import console_handler
+    from flower_compat.logging import console_handler as flower_console_handler
 
+    console_handler = flower_console_handler()
     root = logging.getLogger()
     for handler in list(root.handlers):
         if type(handler) is logging.StreamHandler and getattr(handler.formatter, "_fmt", None) == _OPACUS_ROOT_FORMAT:

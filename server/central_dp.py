@@ -36,7 +36,8 @@ from typing import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, Strategy
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_stdv
+
+from flower_compat.dp import KEY_CLIPPING_NORM, compute_stdv
 
 from privacy.accounting import ACCOUNTANTS
 from privacy.accounting import epsilon as composed_epsilon

@@ -656,7 +656,7 @@ class CoordinatorSupervisor:
         return Path(str(run_dir)) if run_dir else None
 
     def _serverapp_ended(self, app: _ServerApp, how: str) -> None:
-        from flwr.common.constant import Status, SubStatus
+        from flower_compat.superlink import Status, SubStatus
 
         if app.run_id is None:
             self.log(f"a ServerApp (pid {app.pid}) exited ({how}) before it took its run; nothing to resume", "yellow")
@@ -681,7 +681,7 @@ class CoordinatorSupervisor:
 
     def _fail_dead_runs(self, now: float) -> None:
         """Mark runs whose ServerApp died without reporting ``finished:failed``, ``settle_s`` after the death."""
-        from flwr.common.constant import Status, SubStatus
+        from flower_compat.superlink import Status, SubStatus
 
         due = [d for d in self._to_fail if d[0] <= now]
         self._to_fail = [d for d in self._to_fail if d[0] > now]
@@ -804,26 +804,12 @@ def install_supervisor(supervisor: CoordinatorSupervisor) -> None:
     CliError
         When this Flower version has no such hook (code 1).
     """
-    import importlib
+    from flower_compat.superlink import supervise_lifespan
 
     if not supervision_hook_available():
-        raise CliError("fl-server cannot supervise the SuperExec in this Flower version (needs flwr 1.41's "
+        raise CliError("fl-server cannot supervise the SuperExec in this Flower version (needs flwr's "
                        "SuperLinkLifespan); refusing to start an unsupervised coordinator", 1)
-    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
-    base = getattr(fs.SuperLinkLifespan, "_cityfed_base", fs.SuperLinkLifespan)
-
-    class SupervisedLifespan(base):  # type: ignore[misc, valid-type]
-        _cityfed_base = base
-
-        def startup(self) -> None:
-            super().startup()
-            supervisor.attach(self)
-
-        def shutdown(self) -> None:
-            supervisor.detach()
-            super().shutdown()
-
-    fs.SuperLinkLifespan = SupervisedLifespan
+    supervise_lifespan(lambda lifespan: supervisor.attach(lifespan), lambda: supervisor.detach())  # looked up per call
     _watch_stop_requests(supervisor)
 
 
@@ -857,15 +843,9 @@ _stop_requested = threading.Event()
 
 def supervision_hook_available() -> bool:
     """Whether flwr's SuperLink exposes what :func:`install_supervisor` relies on."""
-    import importlib
+    from flower_compat.superlink import lifespan_hook_available
 
-    try:
-        fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
-    except ImportError:
-        return False
-    cls = getattr(fs, "SuperLinkLifespan", None)
-    return (cls is not None and all(hasattr(cls, a) for a in ("startup", "shutdown", "_start_superexec_if_needed"))
-            and "SuperLinkLifespan" in fs._run_superlink_http_api.__code__.co_names)
+    return lifespan_hook_available()
 
 
 class _StopRequested(BaseException):
@@ -1067,10 +1047,10 @@ def start_cmd(
     c = _err()
     c.print(f"[green]cityfed coordinator[/] on {host}:{port} ({'PLAINTEXT' if insecure else 'TLS + node auth'}); "
             f"control plane only from {', '.join(map(str, nets))}; state {sd}")
-    from flwr.superlink.cli.flower_superlink import flower_superlink
-    from flwr.supercore.logger import update_console_handler
+    from flower_compat.logging import timestamped_logs
+    from flower_compat.superlink import flower_superlink
 
-    update_console_handler(timestamps=True)  # Flower prints times only at DEBUG; operators need them
+    timestamped_logs()  # Flower prints times only at DEBUG; operators need them
     sys.argv = ["flower-superlink", *superlink_args(host=host, port=port, state_dir=sd, ca=ca, cert=cert, key=key,
                                                     insecure=insecure)]
     sup = CoordinatorSupervisor(sd, health_url=f"{'http' if insecure else 'https'}://{address}/health",
@@ -1353,7 +1333,8 @@ def control_run_status(state_dir: Path, run_id: str, timeout: float = 10.0) -> d
     import ssl
 
     import httpx
-    from flwr.proto.control_pb2 import ListRunsRequest, ListRunsResponse
+
+    from flower_compat.superlink import list_runs_request, list_runs_statuses
 
     coord = _coordinator(state_dir)
     insecure = bool(coord.get("insecure"))
@@ -1366,14 +1347,13 @@ def control_run_status(state_dir: Path, run_id: str, timeout: float = 10.0) -> d
         raise CliError(f"run {run_id}: status not available: CA {coord['ca']}: {exc}", 3) from None
     url = f"{'http' if insecure else 'https'}://{coord['address']}/v1/control/list-runs"
     try:
-        resp = httpx.post(url, content=ListRunsRequest(run_id=int(run_id)).SerializeToString(),
+        resp = httpx.post(url, content=list_runs_request(int(run_id)),
                           headers={"content-type": "application/protobuf"}, verify=verify, timeout=timeout)
         resp.raise_for_status()
     except httpx.HTTPError as exc:
         raise CliError(f"run {run_id}: status not available from {url} ({type(exc).__name__}: {exc})", 3) from None
-    for proto in ListRunsResponse.FromString(resp.content).run_dict.values():
-        st = proto.status
-        return {"status": f"{st.status}:{st.sub_status}" if st.status == "finished" else st.status, "details": st.details}
+    for status, sub_status, details in list_runs_statuses(resp.content):
+        return {"status": f"{status}:{sub_status}" if status == "finished" else status, "details": details}
     raise CliError(f"run {run_id}: not known to the coordinator", 1)
 
 

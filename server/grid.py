@@ -30,9 +30,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.serverapp import Grid
+
+from flower_compat.grid import NODE_UNAVAILABLE, SUPERLINK_NODE_ID, fast_http_pulls, is_deployment_grid, is_simulation_grid
+from flower_compat.secagg import RECORD_KEY_CONFIGS, Key
 
 #: Seconds between two ``pull_messages`` calls while replies are outstanding.
 POLL_INTERVAL_S = 0.1
@@ -128,18 +129,12 @@ def fast_poll(grid: Grid, interval: float = POLL_INTERVAL_S) -> Grid:
         SuperLink's environment, inherited by the ServerApp process) overrides it, and a
         value <= 0 there disables the wrapper (Flower's 3 s loop, for measurements).
     """
-    from flwr.superlink.grid.http_grid import HttpGrid
-
     interval = float(os.environ.get(POLL_ENV, interval))
     if interval <= 0:  # measurement switch: keep Flower's own 3 s loop
         return grid
-    if isinstance(grid, HttpGrid) and not isinstance(grid, FastPollGrid):
-        import flwr.superlink.grid.http_grid as http_grid
-
-        from clients.warm import fast_pulls
-
+    if is_deployment_grid(grid) and not isinstance(grid, FastPollGrid):
         # a reply is listed before its objects are stored: retry after 20 ms, not Flower's 1 s
-        http_grid.pull_objects = fast_pulls(http_grid.pull_objects)
+        fast_http_pulls()
         return FastPollGrid(grid, interval)
     return grid
 
@@ -362,7 +357,7 @@ def exchange_kind(messages: list[Message], default_round: int | None = None) -> 
 
 def unavailable_reason(error, seconds: float, label: str) -> str:
     """Why the SuperLink answered for a node (its error reply), in words."""
-    if int(error.code) == ErrorCode.NODE_UNAVAILABLE:
+    if int(error.code) == NODE_UNAVAILABLE:
         return (f"unavailable after {_secs(seconds)} s in {label}: the SuperLink reports the node offline (its "
                 "SuperNode signed off, or its heartbeat stopped: process gone or unreachable)")
     return f"no reply to {label}: the SuperLink reports the message or its reply unavailable ({error.reason})"
@@ -533,7 +528,5 @@ def deadline_grid(grid: Grid, round_timeout, measured: dict | None = None) -> De
     """
     if isinstance(grid, DeadlineGrid):
         return grid
-    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
-
     rule = RoundTimeout.parse(round_timeout)
-    return DeadlineGrid(grid, Deadlines(rule, measured, bounded=not isinstance(grid, InMemoryGrid)))
+    return DeadlineGrid(grid, Deadlines(rule, measured, bounded=not is_simulation_grid(grid)))

@@ -15,7 +15,8 @@ the SuperLink's extension hook ``flwr.superlink.extensions.get_middleware`` (cal
 network (default: loopback only). The SuperExec that the SuperLink starts reaches the
 Runtime API over 127.0.0.1, so it keeps working.
 
-Limits: the hook is internal to flwr 1.41 (pinned in pyproject); the peer address is the TCP
+Limits: the hook is internal to flwr (the compat layer's ``superlink`` seam,
+:mod:`flower_compat.superlink`, wires it and checks it at start-up); the peer address is the TCP
 peer (behind a proxy every request comes from the proxy's address). Use a path-filtering
 reverse proxy or firewall as well (see docs/DEPLOYMENT.md).
 """
@@ -134,17 +135,12 @@ def install_guard(networks: Sequence[IPNetwork] | None = None) -> None:
     networks : sequence of ip_network, optional
         Admin networks; default loopback only.
     """
-    from flwr.superlink import extensions
     from starlette.middleware import Middleware
 
-    original = getattr(extensions.get_middleware, "_cityfed_original", extensions.get_middleware)
+    from flower_compat.superlink import add_outer_middleware
+
     nets = list(networks) if networks is not None else parse_networks(DEFAULT_ADMIN_NETS)
-
-    def get_middleware():
-        return (Middleware(ControlPlaneGuard, networks=nets), *original())
-
-    get_middleware._cityfed_original = original  # type: ignore[attr-defined]
-    extensions.get_middleware = get_middleware
+    add_outer_middleware(Middleware(ControlPlaneGuard, networks=nets))
 
 
 def guard_installed_in_superlink() -> bool:
@@ -153,7 +149,6 @@ def guard_installed_in_superlink() -> bool:
     Guards against a Flower upgrade that stops calling the hook: ``fl-server start`` refuses
     to start when this is false.
     """
-    from flwr.superlink import main as superlink_main
+    from flower_compat.superlink import outer_middleware_class
 
-    mws = list(superlink_main._get_middleware())  # noqa: SLF001 - the hook this module relies on
-    return bool(mws) and getattr(mws[0], "cls", None) is ControlPlaneGuard
+    return outer_middleware_class() is ControlPlaneGuard

@@ -39,17 +39,14 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import Stage
-from flwr.compat.common import recorddict_compat as compat
-from flwr.server.client_manager import SimpleClientManager
-from flwr.server.compat.grid_client_proxy import GridClientProxy
-from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server import LegacyContext, SimpleClientManager
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from flower_compat.secagg import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, GridClientProxy, Stage, WorkflowKey
+from flower_compat.secagg import recorddict_compat as compat
 
 from clients.secagg import PARAM_NAMES_KEY
 from server.grid import DeadlineGrid, Deadlines, RoundTimeout

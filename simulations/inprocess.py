@@ -12,7 +12,8 @@ from typing import Callable, Iterable
 
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+
+from flower_compat.inprocess import set_task_identity
 
 
 class InProcessGrid(Grid):
@@ -43,7 +44,7 @@ class InProcessGrid(Grid):
         self.drop_probability = drop_probability
         self._rng = random.Random(seed)
         self._run = None
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        set_task_identity(run_id=1, node_id=0, task_id=1)  # Messages built here take their IDs from it
 
     def set_run(self, run) -> None:  # noqa: D102
         self._run = run
