@@ -198,7 +198,7 @@ def central_evaluator(cfg: dict, strategy: GuardedStrategy):
     every site's test split is scored and the example-weighted mean reported.
     """
     from citydata import load_department
-    from clients.node import evaluation_metrics
+    from shared_models.scoring import evaluation_metrics
 
     source = cfg["central-data"]
     ds = load_department(cfg["department"], None if source == "bundled" else source)

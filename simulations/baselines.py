@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import ConcatDataset, TensorDataset
 
 from citydata import DepartmentDataset, load_department
-from clients.training import TrainConfig, classification_metrics, evaluate, fit, predict
+from clients.training import TrainConfig, fit
+from shared_models.scoring import classification_metrics, evaluate, predict
 from privacy.dp import DPSettings
 from shared_models import build_model, default_model_config, model_kinds
 

@@ -94,9 +94,8 @@ def _personalised_rows(ds, method: str, eps: float | None, res: dict, run_dir: P
     (:func:`clients.personalise.personalised_path`, under the run's ledger folder); a department
     node never sends it. Epsilon spent is the node's ledger total after the personalisation.
     """
-    from clients.node import evaluation_metrics
     from clients.personalise import load_personalised
-    from clients.training import classification_metrics, predict
+    from shared_models.scoring import classification_metrics, evaluation_metrics, predict
     from shared_models import build_model, default_model_config
 
     done = (res.get("personalise") or {}).get("nodes") or {}

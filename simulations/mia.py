@@ -297,7 +297,7 @@ def roc_summary(scores: np.ndarray, members: np.ndarray, fprs=LOW_FPRS) -> dict:
         ``auc`` and ``tpr_at_fpr`` (``{"0.001": tpr, ...}``: the largest TPR of a threshold
         whose FPR is at most the given rate), ``n_members``, ``n_nonmembers``.
     """
-    from clients.training import roc_auc
+    from shared_models.scoring import roc_auc
 
     scores = np.asarray(scores, dtype=float).ravel()
     members = np.asarray(members, dtype=bool).ravel()
@@ -437,7 +437,8 @@ def run_audit(settings: AuditSettings, out: Path, *,
     import torch
 
     from citydata import load_department
-    from clients.training import TrainConfig, fit, predict, roc_auc
+    from clients.training import TrainConfig, fit
+    from shared_models.scoring import predict, roc_auc
     from privacy.dp import DPSettings, default_delta
     from privacy.ledger import PrivacyLedger, Release
     from shared_models import build_model, default_model_config, model_kinds

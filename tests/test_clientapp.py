@@ -108,7 +108,7 @@ def test_evaluation_on_private_records_is_refused_by_default(tmp_path):
 def test_evaluate_flood_is_capped_noised_and_accounted(tmp_path):
     """A coordinator sends many crafted models to read the node's test split: the policy caps and noises it."""
     from clients.node import handle_evaluate, node_from_config
-    from clients.training import evaluate as exact_evaluate
+    from shared_models.scoring import evaluate as exact_evaluate
 
     ctx, ledger = _node(tmp_path, releases='local_evaluation = "dp"\nmax_evaluations_per_run = 3')
     spec = node_from_config(dict(ctx.node_config), {})

@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from citydata import load_department
-from clients.training import TrainConfig, evaluate, fit, predict, roc_auc
+from clients.training import TrainConfig, fit
+from shared_models.scoring import evaluate, predict, roc_auc
 from privacy.dp import DPSettings
 from shared_models import build_model, default_model_config
 
