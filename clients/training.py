@@ -77,7 +77,8 @@ def fit(
     dp : DPSettings, optional
         DP-SGD settings; ``None`` trains without privacy.
     device : torch.device, optional
-        Defaults to CUDA when available.
+        Default: the node's device (:func:`shared_models.device.pick_device`: CUDA when present
+        and, in a Ray simulation, granted to this client; `$CITYFED_DEVICE` overrides).
     on_epoch : callable, optional
         Called as ``on_epoch(epoch, mean_loss)`` after each epoch (progress bars).
 

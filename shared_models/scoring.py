@@ -11,10 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-
-def pick_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from shared_models.device import pick_device  # noqa: F401  (also the training loop's default device)
 
 
 @torch.no_grad()

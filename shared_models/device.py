@@ -1,0 +1,82 @@
+"""Where a node trains: CUDA when the node has a GPU it may use, CPU otherwise.
+
+One rule for every place that trains or scores a model (:mod:`clients.training` and :mod:`shared_models.scoring`, hence the
+ClientApp's train, evaluate and personalise, and the baselines):
+
+* ``$CITYFED_DEVICE`` (:data:`DEVICE_ENV`) is the node's own choice: ``auto`` (the default),
+  ``cpu``, ``cuda`` or ``cuda:N``. A department sets it on the node machine (deployment); it
+  is not part of the job, so the coordinator cannot move a node's records to another device.
+* ``auto`` picks CUDA when torch sees a CUDA device, except inside a Ray actor that Ray gave
+  no GPU (simulation with ``--gpus-per-client 0``): such a client trains on CPU even on a
+  GPU machine, whatever Ray does with ``CUDA_VISIBLE_DEVICES`` for GPU-less actors.
+* ``cuda`` on a machine without CUDA is an error (never a silent fall-back to CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+#: Environment: the node's device choice (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+DEVICE_ENV = "CITYFED_DEVICE"
+
+
+def ray_gpu_grant() -> bool | None:
+    """Whether Ray granted GPUs to this process: ``None`` outside a Ray actor.
+
+    Returns
+    -------
+    bool or None
+        ``True``/``False`` inside a Ray actor with/without GPUs assigned (``ray.get_gpu_ids()``);
+        ``None`` when Ray is not imported, not initialised, or this is not an actor (a driver,
+        the in-process simulation, a deployed node).
+    """
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    if ray.get_runtime_context().get_actor_id() is None:
+        return None
+    return len(ray.get_gpu_ids()) > 0
+
+
+def choose_device(setting: str, *, cuda_available: bool, gpu_granted: bool | None) -> torch.device:
+    """The device for a setting, given what the machine and Ray allow (no side effects).
+
+    Parameters
+    ----------
+    setting : str
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (case and surrounding spaces ignored).
+    cuda_available : bool
+        Whether torch sees a CUDA device.
+    gpu_granted : bool or None
+        :func:`ray_gpu_grant`: ``False`` = a Ray actor without GPUs (``auto`` then means CPU).
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    ValueError
+        An unknown setting, or ``cuda`` asked for where torch sees no CUDA device.
+    """
+    value = setting.strip().lower()
+    if value == "auto":
+        return torch.device("cuda" if cuda_available and gpu_granted is not False else "cpu")
+    if value == "cpu":
+        return torch.device("cpu")
+    if value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit()):
+        if not cuda_available:
+            raise ValueError(f"{DEVICE_ENV}={setting!r} but torch {torch.__version__} sees no CUDA device "
+                             f"(CUDA build: {torch.version.cuda or 'no'}); set {DEVICE_ENV}=auto or cpu, "
+                             "or install a CUDA build of torch on a machine with an NVIDIA GPU")
+        return torch.device(value)
+    raise ValueError(f"{DEVICE_ENV}={setting!r} is not a device; use auto, cpu, cuda or cuda:N")
+
+
+def pick_device() -> torch.device:
+    """This node's training device: :func:`choose_device` of ``$CITYFED_DEVICE`` (default ``auto``)."""
+    return choose_device(os.environ.get(DEVICE_ENV, "auto"), cuda_available=torch.cuda.is_available(),
+                         gpu_granted=ray_gpu_grant())
