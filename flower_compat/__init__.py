@@ -1,9 +1,36 @@
 """The one place cityfed touches Flower's private internals, behind one version gate.
 
-Everything else in cityfed uses Flower's public API (``flwr.app``, ``flwr.serverapp``,
-``flwr.clientapp``, ``flwr.simulation``...). Each submodule of this package adapts one
-internal seam (the warm worker, the grid's object pulls, the simulation dispatcher, the
-control-plane middleware, ...) and registers a self-test of the private names it relies on.
+Everything else in cityfed uses Flower's public API. Each submodule of this package adapts one
+internal seam and registers a self-test of the private names it relies on:
+
+=================  =====================  ==================================================
+seam               module                 used by
+=================  =====================  ==================================================
+warm-worker        :mod:`.warm`           ``clients/warm.py`` (SuperNode, SuperExec, flwr-clientapp)
+grid               :mod:`.grid`           ``server/grid.py`` (HttpGrid pulls, InMemoryGrid)
+superlink          :mod:`.superlink`      ``server/guard.py``, ``server/cli.py`` (middleware,
+                                          lifespan, run status, Control API protobufs)
+dispatch           :mod:`.dispatch`       ``simulations/run.py`` (Simulation Engine dispatcher)
+secagg             :mod:`.secagg`         ``server/secagg.py``, ``clients/secagg.py``, ``server/grid.py``
+dp                 :mod:`.dp`             ``server/central_dp.py``, ``clients/clipping.py``, ``clients/secagg.py``
+logging            :mod:`.logging`        ``clients/app.py``, ``clients/warm.py``, ``server/cli.py``,
+                                          ``simulations/cli.py``, ``privacy/dp.py``
+task-identity      :mod:`.inprocess`      ``simulations/inprocess.py``
+strategy-state     :mod:`.strategy_state` ``server/strategy.py`` (FedAdam/FedYogi/FedAvgM state)
+=================  =====================  ==================================================
+
+What counts as public
+---------------------
+:data:`PUBLIC_MODULES`: the modules of Flower's API reference
+(https://flower.ai/docs/framework/ref-api/flwr.html: ``flwr.app``, ``flwr.clientapp`` with
+``mod``, ``flwr.serverapp`` with ``strategy``, ``flwr.simulation``, ``flwr.common``,
+``flwr.client`` with ``mod``, ``flwr.server`` with ``strategy`` and ``workflow``; plus
+``flwr.agentapp``), imported by exactly those names. Everything else is private: their
+submodules (``flwr.app.error``, ``flwr.server.workflow.constant``, ...), ``flwr.supercore``,
+``flwr.supernode``, ``flwr.superlink``, ``flwr.server.superlink``, ``flwr.server.compat``,
+``flwr.compat``, ``flwr.common.constant``, ``flwr.common.logger``, ``flwr.common.config``,
+``flwr.common.secure_aggregation``, ``flwr.proto``, ``flwr.cli``. ``tests/test_compat.py``
+fails on any import of a private module outside this package (and outside tests).
 
 :data:`FLWR_VERSION` is the one Flower release these adapters were written and tested
 against (pinned in ``pyproject.toml`` and ``constraints.txt``). :func:`check_version` and
@@ -13,10 +40,31 @@ test suite; a mismatch fails with the fix named instead of breaking deep inside 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 #: The Flower release every adapter in this package is written against.
 FLWR_VERSION = "1.42.0"
+
+#: Flower modules that are public API (Flower's API reference); any other ``flwr`` module is private.
+PUBLIC_MODULES = frozenset({
+    "flwr", "flwr.agentapp", "flwr.app", "flwr.clientapp", "flwr.clientapp.mod", "flwr.serverapp",
+    "flwr.serverapp.strategy", "flwr.simulation", "flwr.common", "flwr.client", "flwr.client.mod", "flwr.server",
+    "flwr.server.strategy", "flwr.server.workflow",
+})
+
+
+def is_private(module: str) -> bool:
+    """Whether importing ``module`` (a dotted name) touches Flower internals.
+
+    Parameters
+    ----------
+    module : str
+        E.g. ``"flwr.serverapp"`` (public), ``"flwr.supercore.logger"`` (private); modules of
+        other packages (``flwr_datasets``, ``numpy``) are not Flower's and never private.
+    """
+    if module != "flwr" and not module.startswith("flwr."):
+        return False
+    return module not in PUBLIC_MODULES
 
 #: name -> callable raising ``CompatError`` when the private names a seam uses are missing.
 _CHECKS: dict[str, Callable[[], None]] = {}
@@ -67,13 +115,19 @@ def register(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
     return deco
 
 
-def self_test() -> dict[str, str]:
-    """Check the version gate, then every registered seam; return ``{seam: "ok"}``.
+def self_test(seams: Iterable[str] | None = None) -> dict[str, str]:
+    """Check the version gate, then every registered seam (or only ``seams``); return ``{seam: "ok"}``.
+
+    Parameters
+    ----------
+    seams : iterable of str, optional
+        Names of the seams to check (what one entry point uses); default all.
 
     Raises
     ------
     CompatError
-        Naming every seam whose private Flower names are missing, and the fix.
+        Naming every seam whose private Flower names are missing, and the fix; or an unknown
+        seam name in ``seams``.
     """
     import importlib
     import pkgutil
@@ -81,8 +135,12 @@ def self_test() -> dict[str, str]:
     check_version()
     for mod in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{mod.name}")
+    wanted = sorted(_CHECKS) if seams is None else sorted(set(seams))
+    unknown = [n for n in wanted if n not in _CHECKS]
+    if unknown:
+        raise CompatError(f"flower_compat.self_test: unknown seam(s) {unknown}; known: {sorted(_CHECKS)}")
     failures: dict[str, str] = {}
-    for name, fn in sorted(_CHECKS.items()):
+    for name, fn in ((n, _CHECKS[n]) for n in wanted):
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - each seam's failure is reported by name
@@ -90,5 +148,5 @@ def self_test() -> dict[str, str]:
     if failures:
         lines = "; ".join(f"{k}: {v}" for k, v in failures.items())
         raise CompatError(f"flwr {installed_version()} lacks internals cityfed adapts ({lines}). "
-                          f"Fix: install flwr=={FLWR_VERSION}.")
-    return {name: "ok" for name in sorted(_CHECKS)}
+                          f"Fix: pip install -c constraints.txt 'flwr[simulation,dp]=={FLWR_VERSION}'.")
+    return {name: "ok" for name in wanted}

@@ -22,7 +22,7 @@ from collections.abc import Callable
 #: Environment: "1" behaves as if ``--debug`` were given (for tools that start other tools).
 DEBUG_ENV = "CITYFED_DEBUG"
 #: Packages whose exception messages are written for operators (they never carry record values).
-OWN_PACKAGES = ("clients", "server", "privacy", "shared_models", "simulations")
+OWN_PACKAGES = ("clients", "server", "privacy", "shared_models", "simulations", "flower_compat")
 #: Exit status after an unexpected error.
 EXIT_ERROR = 1
 
@@ -59,7 +59,8 @@ def _where(frame: traceback.FrameSummary) -> str:
     return f"{frame.filename}:{frame.lineno} ({frame.name})"
 
 
-def run_app(app: Callable[..., object], prog: str, argv: list[str] | None = None) -> None:
+def run_app(app: Callable[..., object], prog: str, argv: list[str] | None = None,
+            startup: Callable[[], object] | None = None) -> None:
     """Run a typer/click ``app`` as a console script with record-safe errors (see module docstring).
 
     Parameters
@@ -69,6 +70,9 @@ def run_app(app: Callable[..., object], prog: str, argv: list[str] | None = None
         Program name for messages (``fl-sim``).
     argv : list of str, optional
         Arguments (default ``sys.argv[1:]``); ``--debug`` is taken out of them.
+    startup : callable, optional
+        Called before the app (e.g. :func:`flower_compat.self_test`), except for ``--help``;
+        its errors are reported like the app's (message, exit status 1; traceback only with ``--debug``).
     """
     import click
 
@@ -78,6 +82,8 @@ def run_app(app: Callable[..., object], prog: str, argv: list[str] | None = None
     if debug:
         os.environ[DEBUG_ENV] = "1"
     try:
+        if startup is not None and not {"--help", "-h"} & set(args):  # help text needs no start-up check
+            startup()
         code = app(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as exc:  # typer.Exit
         code = exc.exit_code

@@ -1727,7 +1727,11 @@ def main() -> None:
     """Console entry point ``fl-server``."""
     from privacy.safe_cli import run_app
 
-    run_app(app, "fl-server")  # errors: a message, never a traceback with records in it (--debug shows it)
+    from flower_compat import self_test
+
+    # the Flower internals fl-server relies on: checked first
+    seams = ("superlink", "grid", "secagg", "dp", "logging", "strategy-state")
+    run_app(app, "fl-server", startup=lambda: self_test(seams))  # errors: a message, never a traceback (--debug shows it)
 
 
 if __name__ == "__main__":
