@@ -34,7 +34,11 @@ def ray_gpu_grant() -> bool | None:
         the in-process simulation, a deployed node).
     """
     ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    # a Ray actor runs with Ray fully imported; elsewhere (a simulation's driver) another thread
+    # may be importing it right now, so its names may be missing yet: not an actor either way
+    if not all(hasattr(ray, n) for n in ("is_initialized", "get_runtime_context", "get_gpu_ids")):
+        return None
+    if not ray.is_initialized():
         return None
     if ray.get_runtime_context().get_actor_id() is None:
         return None

@@ -64,3 +64,15 @@ def test_training_keeps_model_and_data_on_the_chosen_device(monkeypatch):
     if not torch.cuda.is_available():  # the node asked for CUDA on a machine without it: an error, not CPU
         with pytest.raises(ValueError, match="sees no CUDA device"):
             fit(model, data, "binary-classification", TrainConfig(epochs=1, batch_size=16))
+
+
+def test_a_half_imported_ray_is_not_an_actor(monkeypatch):
+    """A simulation's driver may score a model while another thread is still importing ray."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))  # no names yet
+    assert ray_gpu_grant() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
+    assert pick_device() == torch.device("cuda")
