@@ -21,7 +21,7 @@ no message is waiting, and waits for a reply in 0.5 s steps. Warm mode changes t
 
 1. the SuperNode's sleeps (idle poll 3 s, reply wait 0.5 s) are capped at
    ``CITYFED_NODE_POLL_S`` seconds (default 0.1), and its retries of not-yet-available
-   message objects start at 20 ms instead of 1 s (:func:`fast_pulls`; same in the worker);
+   message objects start at 20 ms instead of 1 s (:func:`flower_compat.warm.fast_pulls`; same in the worker);
 2. the SuperExec it starts is ``python -m clients.warm superexec`` (Flower's own SuperExec
    main loop) with a :class:`WarmClientAppExecutor`: ClientApp tasks go to one long-lived
    worker process; every other task type is started as Flower does (a subprocess);
@@ -47,7 +47,7 @@ the worker dies (OOM, crash), the next task starts a new one; the lost task expi
 crashed ``flwr-clientapp`` would.
 
 In both modes, a message whose run ends while the SuperNode is still receiving it leaves no
-task behind (:func:`drop_stale_pulls`; flwr 1.41 left one, and the node then answered every later
+task behind (:func:`flower_compat.warm.drop_stale_pulls`; flwr 1.41 left one, and the node then answered every later
 message one reply late).
 
 Every Flower internal this relies on (``start_client_internal``'s module-level ``time`` and
@@ -74,7 +74,6 @@ from clients import pinning
 from flower_compat import CompatError, check_version
 from flower_compat import warm as flower_warm
 from flower_compat.logging import timestamped_logs
-from flower_compat.warm import PULL_BACKOFF_CAP_S, PULL_BACKOFF_S, drop_stale_pulls, fast_pulls  # noqa: F401 (re-exported)
 #: Environment: cap (seconds) on the SuperNode's polling sleeps.
 POLL_ENV = "CITYFED_NODE_POLL_S"
 DEFAULT_POLL_S = 0.1

@@ -20,6 +20,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from clients import warm  # noqa: E402
+from flower_compat import self_test as flower_compat_self_test  # noqa: E402
+from flower_compat import warm as flower_warm  # noqa: E402
 
 
 def test_capped_time_caps_sleep_and_delegates(monkeypatch):
@@ -50,8 +52,9 @@ def test_supernode_starts_the_warm_superexec_instead_of_flowers(monkeypatch):
 
 
 def test_flwr_internals_still_where_the_patches_expect():
-    """The pinned flwr has the module attributes clients.warm replaces."""
+    """The pinned flwr has the module attributes flower_compat.warm replaces (its self-test too)."""
     warm.check_flwr()
+    assert flower_compat_self_test(["warm-worker"]) == {"warm-worker": "ok"}
     import flwr.supercore.superexec.run_superexec as rs
     import flwr.supernode.start_client_internal as sci
     from flwr.supernode.runtime import run_clientapp as rc
@@ -388,8 +391,8 @@ def test_a_run_that_ends_mid_pull_leaves_no_task_or_message_on_the_node(monkeypa
 
     state2, store2, msg2, tree2 = _stale_pull_setup(monkeypatch)
     kwargs.update(receive=lambda: (msg2, tree2))
-    pull = warm.drop_stale_pulls(flowers)
-    assert warm.drop_stale_pulls(pull) is pull
+    pull = flower_warm.drop_stale_pulls(flowers)
+    assert flower_warm.drop_stale_pulls(pull) is pull
     assert pull(state=state2, object_store=store2, **kwargs) is None
     tasks = state2.get_tasks()
     assert tasks and all(t.status.status == Status.FINISHED and t.status.sub_status == SubStatus.STOPPED
@@ -409,7 +412,7 @@ def test_a_normal_pull_is_left_as_flower_does_it(monkeypatch):
     for oid, obj in get_all_nested_objects(msg).items():
         objects[oid] = obj.deflate()
     confirmed = []
-    pull = warm.drop_stale_pulls(getattr(sci._pull_and_store_message, "__wrapped__", sci._pull_and_store_message))
+    pull = flower_warm.drop_stale_pulls(getattr(sci._pull_and_store_message, "__wrapped__", sci._pull_and_store_message))
     run_id = pull(state=state, object_store=store, node_config={}, receive=lambda: (msg, tree), get_run=None,
                   get_fab=None, pull_object=lambda run, oid: objects[oid],
                   confirm_message_received=lambda run, mid: confirmed.append(mid), trusted_entities=None)
