@@ -1,0 +1,12 @@
+"""The job contract between the coordinator and the department nodes.
+
+What both sides must agree on, in one neutral package that imports neither ``server`` nor
+``clients`` (both import it; ``tests/test_contract.py`` checks that the server package imports
+nothing from the client package):
+
+* :mod:`contract.keys`: run-config and node-config keys (:data:`~contract.keys.NODE_KEYS`,
+  the job-config keys a train/evaluate/personalise message carries);
+* :mod:`contract.tasks`: the task per department, record and message names, the reply metric
+  names and the metric whitelists of each reply;
+* :mod:`contract.energy`: the energy figures a reply may carry and their method codes.
+"""
