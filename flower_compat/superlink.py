@@ -4,9 +4,10 @@
   ``flwr.superlink.extensions.get_middleware`` (read by ``flwr/superlink/main.py:_get_middleware``
   when it builds its FastAPI app); :mod:`server.guard` puts its control-plane guard first.
 * :func:`supervise_lifespan`: subclass ``flower_superlink.SuperLinkLifespan`` so that the
-  coordinator's supervisor sees it start and stop (its ``superexec_process``,
-  ``_start_superexec_if_needed`` and ``state_factory`` are then used by ``server.cli``'s
-  ``CoordinatorSupervisor``; the self-test checks they exist).
+  coordinator's supervisor sees it start and stop; :func:`superexec_process`,
+  :func:`restart_superexec` and :func:`link_state` are what ``server.cli``'s
+  ``CoordinatorSupervisor`` then reads and does through it (the self-test checks the
+  lifespan's attributes and the link state's methods).
 * :func:`flower_superlink`: Flower's ``flower-superlink`` main, run in-process.
 * :data:`Status`, :data:`SubStatus`: the run status names of the link state.
 * :func:`list_runs_request` / :func:`list_runs_statuses`: the Control API's ``ListRuns`` protobufs
@@ -23,8 +24,9 @@ from flwr.common.constant import Status, SubStatus
 
 from flower_compat import register
 
-__all__ = ["Status", "SubStatus", "add_outer_middleware", "flower_superlink", "list_runs_request",
-           "list_runs_statuses", "lifespan_hook_available", "outer_middleware_class", "supervise_lifespan"]
+__all__ = ["Status", "SubStatus", "add_outer_middleware", "flower_superlink", "lifespan_hook_available", "link_state",
+           "list_runs_request", "list_runs_statuses", "outer_middleware_class", "restart_superexec",
+           "superexec_process", "supervise_lifespan"]
 
 _FS = "flwr.superlink.cli.flower_superlink"
 
@@ -98,6 +100,21 @@ def supervise_lifespan(on_startup: Callable[[object], None], on_shutdown: Callab
     fs.SuperLinkLifespan = SupervisedLifespan
 
 
+def superexec_process(lifespan):
+    """The SuperExec process a ``SuperLinkLifespan`` started (``subprocess.Popen``), or ``None``."""
+    return getattr(lifespan, "superexec_process", None)
+
+
+def restart_superexec(lifespan) -> None:
+    """Start the lifespan's SuperExec again (after it exited), as the SuperLink does at start-up."""
+    lifespan._start_superexec_if_needed()  # noqa: SLF001 - the seam
+
+
+def link_state(lifespan):
+    """The SuperLink's link state (``get_task_by_token``, ``get_run_status``, ``get_run_info``, ``finish_task``)."""
+    return lifespan.state_factory.state()
+
+
 def list_runs_request(run_id: int) -> bytes:
     """The serialised Control API ``ListRunsRequest`` for ``run_id`` (POST ``/v1/control/list-runs``)."""
     from flwr.proto.control_pb2 import ListRunsRequest
@@ -129,6 +146,11 @@ def _self_test() -> None:
     init_names = fs.SuperLinkLifespan.__init__.__code__.co_names + fs.SuperLinkLifespan.startup.__code__.co_names
     for attr in ("superexec_process", "state_factory"):
         assert attr in init_names, f"SuperLinkLifespan no longer sets {attr}"
+    from flwr.server.superlink.linkstate import LinkState
+
+    missing = [m for m in ("get_task_by_token", "get_run_status", "get_run_info", "finish_task")
+               if not callable(getattr(LinkState, m, None))]
+    assert not missing, f"LinkState lacks {missing}"
     for name in ("FINISHED", "PENDING", "RUNNING"):
         assert hasattr(Status, name), f"Status.{name} is gone"
     for name in ("COMPLETED", "STOPPED", "FAILED"):

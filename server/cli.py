@@ -511,9 +511,11 @@ class CoordinatorSupervisor:
     # -- lifecycle ---------------------------------------------------------------------
     def attach(self, lifespan) -> None:
         """Start watching ``lifespan`` (Flower's ``SuperLinkLifespan``, after its start-up)."""
+        from flower_compat.superlink import superexec_process
+
         self.lifespan = lifespan
         self._se_started = time.monotonic()
-        proc = getattr(lifespan, "superexec_process", None)
+        proc = superexec_process(lifespan)
         self.log(f"supervising the SuperExec (pid {proc.pid if proc else '-'}) and the ServerApps it starts "
                  f"(restarts: at most {self.max_restarts} in a row; automatic resumes: at most {self.max_resumes} per run)")
         self._thread = threading.Thread(target=self._loop, name="cityfed-supervisor", daemon=True)
@@ -572,16 +574,18 @@ class CoordinatorSupervisor:
 
     # -- SuperExec ---------------------------------------------------------------------
     def _check_superexec(self, now: float) -> None:
+        from flower_compat.superlink import restart_superexec, superexec_process
+
         ls = self.lifespan
-        proc = getattr(ls, "superexec_process", None)
+        proc = superexec_process(ls)
         if proc is None:
             return
         if self._se_restart_at is not None:
             if now >= self._se_restart_at:
                 self._se_restart_at = None
-                ls._start_superexec_if_needed()
+                restart_superexec(ls)
                 self._se_started = now
-                self.log(f"SuperExec restarted (pid {ls.superexec_process.pid}); pending runs start now", "green")
+                self.log(f"SuperExec restarted (pid {superexec_process(ls).pid}); pending runs start now", "green")
             return
         rc = proc.poll()
         if rc is None:
@@ -611,10 +615,14 @@ class CoordinatorSupervisor:
 
     # -- ServerApps --------------------------------------------------------------------
     def _state(self):
-        return self.lifespan.state_factory.state()
+        from flower_compat.superlink import link_state
+
+        return link_state(self.lifespan)
 
     def _check_serverapps(self) -> None:
-        proc = getattr(self.lifespan, "superexec_process", None)
+        from flower_compat.superlink import superexec_process
+
+        proc = superexec_process(self.lifespan)
         changed = False
         if proc is not None and proc.poll() is None:
             for pid in proc_children(proc.pid):
