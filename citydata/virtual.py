@@ -17,6 +17,7 @@ window came from.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -42,7 +43,8 @@ def _pooled(ds: DepartmentDataset, part: str):
     return (cat(xs), cat(ys), {k: cat(v) for k, v in naive.items()}, cat(means), cat(stds), cat(origin))
 
 
-def _partition_rows(labels: np.ndarray, n: int, partitioner: str, alpha: float, seed: int) -> list[np.ndarray]:
+def _partitioner(labels: np.ndarray, n: int, partitioner: str, alpha: float, seed: int):
+    """A Flower Datasets partitioner over the row numbers of ``labels`` (nothing split yet)."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
@@ -59,33 +61,109 @@ def _partition_rows(labels: np.ndarray, n: int, partitioner: str, alpha: float, 
     else:
         order = np.arange(len(labels))
     part.dataset = Dataset.from_dict({"row": order.astype(np.int64), "label": labels[order].astype(np.int64)})
-    return [np.asarray(part.load_partition(k)["row"], dtype=np.int64) for k in range(n)]
+    return part
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One copy of the pooled arrays and the two partitioners; a site is cut from them on demand."""
+
+    train: tuple  # X, y, origin
+    test: tuple  # X, y, naive, mean, std, origin
+    train_part: object
+    test_part: object
+    classification: bool
 
 
 @lru_cache(maxsize=8)
-def _virtual(ds: DepartmentDataset, n: int, partitioner: str, alpha: float, seed: int) -> tuple[SiteData, ...]:
+def _plan(ds: DepartmentDataset, n: int, partitioner: str, alpha: float, seed: int) -> _Plan:
     classification = ds.schema.task == "binary-classification"
     Xtr, ytr, _, _, _, otr = _pooled(ds, "train")
-    Xte, yte, nte, mte, ste, ote = _pooled(ds, "test")
+    test = _pooled(ds, "test")
     train_labels = ytr.astype(np.int64) if classification else otr
-    train_rows = _partition_rows(train_labels, n, partitioner, alpha, seed)
-    test_rows = _partition_rows(yte.astype(np.int64) if classification else ote, n, "iid", alpha, seed + 1)
-    out = []
-    for k in range(n):
-        tr, te = train_rows[k], test_rows[k]
-        test = Split(Xte[te], yte[te], {name: v[te] for name, v in nte.items()} or None)
-        if classification:
-            mean, std = 0.0, 1.0
-        else:  # per-row scalers of the windows' natural sites: to_original works row by row
-            mean, std = mte[te][:, None], ste[te][:, None]
-        out.append(SiteData(site=f"virtual-{k}", train=Split(Xtr[tr], ytr[tr]), test=test, target_mean=mean,
-                            target_std=std, meta={"partitioner": partitioner, "alpha": alpha,
-                                                  "natural_sites": sorted({ds.sites[i] for i in otr[tr]})}))
-    return tuple(out)
+    test_labels = test[1].astype(np.int64) if classification else test[5]
+    return _Plan((Xtr, ytr, otr), test, _partitioner(train_labels, n, partitioner, alpha, seed),
+                 _partitioner(test_labels, n, "iid", alpha, seed + 1), classification)
+
+
+def _rows(part, k: int) -> np.ndarray:
+    """Row numbers of partition ``k``.
+
+    With more IID partitions than rows, partition ``k >= rows`` is empty (the contiguous
+    shards hold one row each, then none); ``datasets`` refuses to cut such a shard.
+    """
+    from flwr_datasets.partitioner import IidPartitioner
+
+    if isinstance(part, IidPartitioner) and k >= len(part.dataset):
+        return np.zeros(0, dtype=np.int64)
+    return np.asarray(part.load_partition(k)["row"], dtype=np.int64)
+
+
+def _site(ds: DepartmentDataset, plan: _Plan, k: int, n: int, partitioner: str, alpha: float) -> SiteData:
+    Xtr, ytr, otr = plan.train
+    Xte, yte, nte, mte, ste, _ = plan.test
+    tr, te = _rows(plan.train_part, k), _rows(plan.test_part, k)
+    test = Split(Xte[te], yte[te], {name: v[te] for name, v in nte.items()} or None)
+    if plan.classification:
+        mean, std = 0.0, 1.0
+    else:  # per-row scalers of the windows' natural sites: to_original works row by row
+        mean, std = mte[te][:, None], ste[te][:, None]
+    return SiteData(site=f"virtual-{k}", train=Split(Xtr[tr], ytr[tr]), test=test, target_mean=mean, target_std=std,
+                    meta={"partitioner": partitioner, "alpha": alpha,
+                          "natural_sites": sorted({ds.sites[i] for i in otr[tr]})})
+
+
+def _checked(ds: DepartmentDataset, n: int, partitioner: str, alpha: float, allow_empty: bool) -> None:
+    if n < 1:
+        raise ValueError(f"virtual sites: n must be >= 1, got {n}")
+    if partitioner not in PARTITIONERS:
+        raise ValueError(f"unknown partitioner {partitioner!r}; choose one of {', '.join(PARTITIONERS)}")
+    n_train = sum(len(ds.site_data(s).train) for s in ds.sites)
+    if n > n_train and not (allow_empty and partitioner == "iid"):
+        raise ValueError(f"virtual sites: {n} sites but only {n_train} {ds.department} training windows; "
+                         f"use at most {n_train} (or, for a scale test with the iid partitioner, allow empty "
+                         f"sites: run config virtual-allow-empty=true)")
+    if partitioner == "dirichlet" and not alpha > 0:
+        raise ValueError(f"virtual sites: Dirichlet alpha must be > 0, got {alpha}")
+
+
+def virtual_site(ds: DepartmentDataset, n: int, k: int, partitioner: str = "iid", alpha: float = 0.5, seed: int = 0,
+                 *, allow_empty: bool = False) -> SiteData:
+    """The ``k``-th of ``n`` virtual sites alone (what a simulated node loads).
+
+    Only this site's rows are copied out of the pooled arrays, which are held once per
+    process (cached with the partitioners, not the ``n`` sites), so a Ray worker that plays
+    thousands of nodes holds one copy of the department's data. The result is the same
+    :class:`SiteData` as ``virtual_sites(ds, n, ...)[k]``.
+
+    Parameters
+    ----------
+    ds, n, partitioner, alpha, seed
+        As in :func:`virtual_sites`.
+    k : int
+        Site index, ``0 <= k < n``.
+    allow_empty : bool
+        As in :func:`virtual_sites`.
+
+    Returns
+    -------
+    SiteData
+        ``virtual-{k}``.
+
+    Raises
+    ------
+    ValueError
+        As :func:`virtual_sites`, or ``k`` outside ``[0, n)``.
+    """
+    n, k = int(n), int(k)
+    if not 0 <= k < n:
+        raise ValueError(f"virtual sites: site index (partition-id) {k} outside 0..{n - 1}")
+    _checked(ds, n, partitioner, alpha, allow_empty)
+    return _site(ds, _plan(ds, n, partitioner, float(alpha), int(seed)), k, n, partitioner, float(alpha))
 
 
 def virtual_sites(ds: DepartmentDataset, n: int, partitioner: str = "iid", alpha: float = 0.5,
-                  seed: int = 0) -> list[SiteData]:
+                  seed: int = 0, *, allow_empty: bool = False) -> list[SiteData]:
     """Split a department's pooled data into ``n`` virtual sites.
 
     Parameters
@@ -100,6 +178,10 @@ def virtual_sites(ds: DepartmentDataset, n: int, partitioner: str = "iid", alpha
         Dirichlet concentration (smaller = more skewed); ignored for ``iid``.
     seed : int
         Partitioning seed.
+    allow_empty : bool
+        Scale tests only: with the ``iid`` partitioner, allow more sites than training
+        windows; the sites beyond hold no training window (their nodes answer "no training
+        records").
 
     Returns
     -------
@@ -113,12 +195,7 @@ def virtual_sites(ds: DepartmentDataset, n: int, partitioner: str = "iid", alpha
         Unknown partitioner, ``n < 1``, more virtual sites than training windows, or
         ``alpha <= 0``.
     """
-    if n < 1:
-        raise ValueError(f"virtual sites: n must be >= 1, got {n}")
-    n_train = sum(len(ds.site_data(s).train) for s in ds.sites)
-    if n > n_train:
-        raise ValueError(f"virtual sites: {n} sites but only {n_train} {ds.department} training windows; "
-                         f"use at most {n_train}")
-    if partitioner == "dirichlet" and not alpha > 0:
-        raise ValueError(f"virtual sites: Dirichlet alpha must be > 0, got {alpha}")
-    return list(_virtual(ds, int(n), partitioner, float(alpha), int(seed)))
+    n = int(n)
+    _checked(ds, n, partitioner, alpha, allow_empty)
+    plan = _plan(ds, n, partitioner, float(alpha), int(seed))
+    return [_site(ds, plan, k, n, partitioner, float(alpha)) for k in range(n)]
