@@ -28,8 +28,10 @@ which is the 7-14 s per message the warm worker removes. 1.42's new "warm execut
 are pre-started Kubernetes pods that each run one task (``warm_executor_dispatch.py:15``)
 and exclude ClientApp tasks (``WARM_EXECUTOR_TASK_TYPES = {AGENT_APP, MODEL, CONNECTOR}``,
 ``warm_executor_pool.py:33``). So no public mode keeps a ClientApp process alive across
-messages, and none routes a FAB through a node-side check before it is installed; the
-SuperNode's polling sleeps (``start_client_internal.py:263``, ``:470``) have no setting. The
+messages, and none lets the node compare a FAB's files with its installed release before the
+FAB is installed (``--trusted-entities`` checks signatures, which the open-source SuperLink
+does not provide; docs/DEPLOYMENT.md); the SuperNode's polling sleeps
+(``start_client_internal.py:263``, ``:470``) have no setting. The
 executor swap (``run_superexec.get_executor``) and the polling caps stay private seams here.
 ``--isolation process`` would replace only :class:`SuperExecLauncher` (cityfed would start
 its SuperExec next to the SuperNode), at the cost of re-implementing the SuperNode's launch
