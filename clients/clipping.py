@@ -28,15 +28,12 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flower_compat.dp import KEY_CLIPPING_NORM
 
 from clients.secagg import is_secagg_fit
+from contract.keys import CENTRAL_CLAIM_KEYS
 
 log = logging.getLogger("cityfed.node")
 
 #: Error code for a central-DP train message whose clipping norm the node cannot use.
 BAD_CLIPPING_NORM = 4032
-
-#: Train-config keys (set by server.central_dp) whose values the node records as the coordinator's claim.
-CLAIMED = {"noise_multiplier": "central-noise-multiplier", "sample_rate": "central-sample-rate",
-           "epsilon": "central-epsilon-claimed", "delta": "central-delta", "accountant": "central-accountant"}
 
 
 class ClippingRefused(ValueError):
@@ -77,7 +74,7 @@ def record_participation(spec, cfg: dict, asked: float, applied: float) -> None:
     """
     from privacy.ledger import PrivacyLedger
 
-    claimed = {k: cfg.get(v) for k, v in CLAIMED.items()}
+    claimed = {k: cfg.get(v) for k, v in CENTRAL_CLAIM_KEYS.items()}  # set by server.central_dp
     run_id, rnd = str(cfg.get("run-id", "")), int(cfg.get("server-round", 0))
     PrivacyLedger(spec.ledger_path, accountant=spec.policy.accountant).record_central(
         site=spec.site, department=spec.department, run_id=run_id, round=rnd, clipping_norm_asked=float(asked),

@@ -1,12 +1,12 @@
 """Energy of a node's work (issue 13.4): measured where the machine exposes it, estimated otherwise.
 
 A department node meters each train and evaluate task of its own process
-(:class:`EnergyMeter`) and adds two numbers to its reply (:data:`ENERGY_METRICS`):
+(:class:`EnergyMeter`) and adds two numbers to its reply (:data:`contract.energy.ENERGY_METRICS`):
 
 ``energy-j``
     joules used by the task, two significant figures;
 ``energy-method``
-    how it was obtained (:data:`METHODS`):
+    how it was obtained (:data:`contract.energy.METHODS`):
 
     * CPU: **measured** from Intel/AMD RAPL package counters
       (``/sys/class/powercap/intel-rapl:*/energy_uj``) where they are readable - the whole
@@ -34,15 +34,8 @@ import os
 import resource
 from pathlib import Path
 
-#: Keys a node adds to its train/evaluate replies (whitelisted with the others in :mod:`clients.app`).
-ENERGY_METRICS = ("energy-j", "energy-method")
-#: ``energy-method`` codes and what they mean.
-METHODS = {
-    0: "measured: RAPL (CPU package)",
-    1: "estimate: process CPU time × W per core",
-    2: "measured: RAPL (CPU package) + NVML (GPU)",
-    3: "estimate: process CPU time × W per core, + NVML (GPU, measured)",
-}
+from contract.energy import ENERGY_METRICS
+
 #: Stated power of one fully busy CPU core (W) for the estimate, unless ``$CITYFED_CPU_WATTS_PER_CORE``.
 #: About a server CPU's TDP per core (e.g. 180 W / 32 cores = 5.6 W); an assumption, not a measurement.
 DEFAULT_WATTS_PER_CORE = 6.0
@@ -154,7 +147,7 @@ class EnergyMeter:
     joules : float
         Energy of the block (after it ends), unrounded.
     method : int
-        :data:`METHODS` code.
+        :data:`contract.energy.METHODS` code.
     cpu_seconds : float
         Process CPU time spent in the block.
     """
@@ -202,7 +195,8 @@ class EnergyMeter:
         self.method = (0 if measured_cpu else 1) + (2 if gpu_j is not None else 0)
 
     def metrics(self) -> dict[str, float | int]:
-        """The reply's energy keys (:data:`ENERGY_METRICS`), or ``{}`` when ``$CITYFED_ENERGY=off``."""
+        """The reply's energy keys (:data:`contract.energy.ENERGY_METRICS`), or ``{}`` when ``$CITYFED_ENERGY=off``."""
         if os.environ.get(ENV_SWITCH, "").strip().lower() in ("off", "0", "false", "no"):
             return {}
-        return {"energy-j": sig2(self.joules), "energy-method": int(self.method)}
+        joules_key, method_key = ENERGY_METRICS
+        return {joules_key: sig2(self.joules), method_key: int(self.method)}

@@ -12,8 +12,9 @@ Rules, in order:
 1. **approved**: the FAB's sha256 (of its bytes; Flower's ``Fab.hash_str``) is listed in
    ``<state-dir>/apps/approved.json`` (``fl-client app approve``): it runs whatever it holds;
 2. **release**: the FAB is the cityfed release installed on this node: its ``.py`` files are
-   byte-identical to those of the packages ``server``, ``clients``, ``privacy`` and
-   ``shared_models`` in the node's own environment (located with importlib, never the
+   byte-identical to those of the release's packages (:data:`RELEASE_PACKAGES`: ``server``,
+   ``clients``, ``citydata``, ``contract``, ``flower_compat``, ``privacy``, ``shared_models``,
+   pyproject's ``fab-include``) in the node's own environment (located with importlib, never the
    working directory; :func:`release_manifest`), none missing and none extra; it holds no
    other file than ``pyproject.toml`` and Flower's ``.info/CONTENT`` (an ``.so``, a ``.pyc``
    or a ``.pth`` could take over imports even when every ``.py`` matches); and its
@@ -48,7 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 #: Packages of the cityfed release that a FAB ships (pyproject ``fab-include``).
-RELEASE_PACKAGES = ("server", "clients", "privacy", "shared_models")
+RELEASE_PACKAGES = ("server", "clients", "citydata", "contract", "flower_compat", "privacy", "shared_models")
 #: The release's ``[tool.flwr.app.components]``.
 COMPONENTS = {"serverapp": "server.app:app", "clientapp": "clients.app:app"}
 #: Flower's own FAB metadata (verified and removed by ``flwr.cli.install``, never importable).

@@ -39,11 +39,10 @@ from flower_compat.dp import KEY_CLIPPING_NORM
 from flower_compat.secagg import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 from flower_compat.secagg import recorddict_compat as compat
 
+from contract.keys import MAX_UPDATE_NORM, PARAM_NAMES_KEY
+
 log = logging.getLogger("cityfed.node")
 
-#: Job-config key carrying the model's parameter names, newline-joined (legacy FitIns
-#: configs hold scalars only, no lists).
-PARAM_NAMES_KEY = "param-names"
 #: Error code for an update the node will not send (not finite).
 INVALID_UPDATE = 4221
 #: Error code for a SecAgg+ protocol abort on this node (it leaves the round; nothing of its update was sent).
@@ -160,7 +159,7 @@ def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message,
     ----------
     msg : Message
         Carries ``fitins.parameters`` (the global model) and ``fitins.config`` (the job,
-        plus :data:`PARAM_NAMES_KEY`).
+        plus :data:`contract.keys.PARAM_NAMES_KEY`).
     spec : clients.node.NodeSpec
     context : Context
         The node's context; ``secaggplus_mod`` stored the round's ``clipping_range`` and
@@ -194,7 +193,7 @@ def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message,
     sa = context.state.config_records.get(RECORD_KEY_STATE, {})
     clip, max_weight = float(sa.get("clipping_range", 0.0)), float(sa.get("max_weight", 0.0))
     n = max(1, int(metrics["num-examples"]))
-    max_norm = float(cfg.get("max-update-norm", math.inf))
+    max_norm = float(cfg.get(MAX_UPDATE_NORM, math.inf))
     central = None
     if KEY_CLIPPING_NORM in cfg:  # central DP: the node clips at its own norm, every node weighs the same
         from clients.clipping import ClippingRefused, applied_norm

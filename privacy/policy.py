@@ -417,7 +417,7 @@ def check_allowed_tasks(policy: PrivacyPolicy, task: str, source: str = "<policy
     ----------
     policy : PrivacyPolicy
     task : str
-        The department's task name (``clients.node.TASKS[policy.department]``).
+        The department's task name (``contract.tasks.TASKS[policy.department]``).
     source : str
         The policy file, for the message.
 

@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, Strategy
 
+from contract.keys import CENTRAL_CLAIM_KEYS
 from flower_compat.dp import KEY_CLIPPING_NORM, compute_stdv
 
 from privacy.accounting import ACCOUNTANTS
@@ -54,9 +55,6 @@ WEIGHT_KEY = "central-dp-weight"
 NORM_SLACK = 1.001
 #: Strategies whose aggregation is FedAvg's mean (the noise is calibrated to it).
 CENTRAL_STRATEGIES = ("fedavg", "fedprox")
-#: Train-config keys the coordinator adds for the nodes (what their ledgers record as claimed).
-CLAIM_KEYS = ("central-noise-multiplier", "central-delta", "central-epsilon-claimed", "central-accountant",
-              "central-sample-rate")
 
 __all__ = ["CENTRAL_STRATEGIES", "CentralAccountant", "CentralDPFixedClipping", "KEY_CLIPPING_NORM", "STATE_KEY",
            "WEIGHT_KEY", "check_settings"]
@@ -211,12 +209,12 @@ class CentralDPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
         """Flower's wrapper (adds the clipping norm) plus what nodes record as the coordinator's claim."""
         q = self.round_sample_rate(grid)
         self._rates[server_round] = q
-        config["central-noise-multiplier"] = self.noise_multiplier
-        config["central-delta"] = self.central.delta
-        config["central-accountant"] = self.central.accountant
-        config["central-sample-rate"] = q
-        # the epsilon the published model will have once this round's noised aggregate is out
-        config["central-epsilon-claimed"] = self.central.epsilon((self.noise_multiplier, q))
+        # the epsilon claimed is the one the published model will have once this round's noised aggregate is out
+        claims = {"noise_multiplier": self.noise_multiplier, "delta": self.central.delta,
+                  "accountant": self.central.accountant, "sample_rate": q,
+                  "epsilon": self.central.epsilon((self.noise_multiplier, q))}
+        for name, value in claims.items():  # the job-config keys the nodes' ledgers record as the claim
+            config[CENTRAL_CLAIM_KEYS[name]] = value
         return super().configure_train(server_round, arrays, config, grid)
 
     def round_sample_rate(self, grid: Grid) -> float:

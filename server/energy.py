@@ -9,7 +9,7 @@ nodes, so it could not be told apart); the figures are what the nodes reported.
 
 from __future__ import annotations
 
-from clients.energy import METHODS
+from contract.energy import METHODS
 
 
 def _num(v) -> float | None:
@@ -28,7 +28,7 @@ def summarise(results: dict) -> dict:
     -------
     dict
         ``nodes``: ``{node ID: {"train-j", "evaluate-j", "joules", "partition-id", "methods"}}``
-        (methods: the :data:`clients.energy.METHODS` texts the node reported); ``total-j``: the
+        (methods: the :data:`contract.energy.METHODS` texts the node reported); ``total-j``: the
         sum over nodes; ``replies``: replies that carried a figure; ``scope``: what is counted.
         Empty ``nodes`` and ``total-j`` None when no reply carried one (older nodes, or
         ``CITYFED_ENERGY=off``).

@@ -13,10 +13,10 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
-log = logging.getLogger("cityfed.server")
+from contract.keys import SERVER_ROUND
+from contract.tasks import ARRAYS, CONFIG, METRICS, PERSONALISE_MESSAGE
 
-#: The message type nodes answer with their personalisation handler (``ClientApp.train("personalise")``).
-MESSAGE_TYPE = "train.personalise"
+log = logging.getLogger("cityfed.server")
 
 
 def personalise_config(cfg: dict) -> dict:
@@ -52,9 +52,9 @@ def personalise_nodes(grid: Grid, job: dict, arrays: ArrayRecord, num_rounds: in
     dict
         ``{"nodes": {node_id: metrics}, "refused": [{"node", "code", "reason"}], "asked": n}``.
     """
-    config = ConfigRecord({**job, "server-round": int(num_rounds)})
+    config = ConfigRecord({**job, SERVER_ROUND: int(num_rounds)})
     ids = list(grid.get_node_ids())
-    msgs = [grid.create_message(RecordDict({"arrays": arrays, "config": config}), MESSAGE_TYPE, nid, "personalise")
+    msgs = [grid.create_message(RecordDict({ARRAYS: arrays, CONFIG: config}), PERSONALISE_MESSAGE, nid, "personalise")
             for nid in ids]
     out: dict = {"asked": len(ids), "nodes": {}, "refused": []}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
@@ -62,6 +62,6 @@ def personalise_nodes(grid: Grid, job: dict, arrays: ArrayRecord, num_rounds: in
         if reply.has_error():
             out["refused"].append({"node": node, "code": int(reply.error.code), "reason": str(reply.error.reason)})
             log.warning("node %s did not personalise: %s", node, reply.error.reason)
-        elif "metrics" in reply.content:
-            out["nodes"][str(node)] = dict(reply.content["metrics"])
+        elif METRICS in reply.content:
+            out["nodes"][str(node)] = dict(reply.content[METRICS])
     return out

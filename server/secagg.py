@@ -48,7 +48,7 @@ from flwr.serverapp.strategy import Strategy
 from flower_compat.secagg import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, GridClientProxy, Stage, WorkflowKey
 from flower_compat.secagg import recorddict_compat as compat
 
-from clients.secagg import PARAM_NAMES_KEY
+from contract.keys import MAX_UPDATE_NORM, PARAM_NAMES_KEY, SERVER_ROUND
 from server.grid import DeadlineGrid, Deadlines, RoundTimeout
 from server.strategy import GuardedStrategy, TooFewUpdates, aggregate_metrics
 
@@ -254,7 +254,7 @@ def secagg_train_round(grid: Grid, node_ids: list[int], global_arrays: ArrayReco
         Current global model; sent as the legacy ``FitIns.parameters``.
     job : dict
         Train config (scalars only); the parameter names are added under
-        :data:`PARAM_NAMES_KEY`.
+        :data:`contract.keys.PARAM_NAMES_KEY`.
     server_round : int
         Round number the nodes see.
     workflow : SecAggPlusWorkflow
@@ -272,7 +272,7 @@ def secagg_train_round(grid: Grid, node_ids: list[int], global_arrays: ArrayReco
     manager = SimpleClientManager()
     for p in proxies:
         manager.register(p)
-    strategy = _OneRoundFedAvg(proxies, {**job, "server-round": int(server_round), PARAM_NAMES_KEY: "\n".join(names)})
+    strategy = _OneRoundFedAvg(proxies, {**job, SERVER_ROUND: int(server_round), PARAM_NAMES_KEY: "\n".join(names)})
     ctx = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                         strategy=strategy, client_manager=manager)
     ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: int(server_round)})
@@ -360,7 +360,7 @@ class SecAggStrategy(GuardedStrategy):
         rnd = server_round + self.round_offset
         grid, node_ids, job = self._pending
         self._pending = None
-        job = {**job, "max-update-norm": float(self.max_update_norm)}  # nodes clip their own updates
+        job = {**job, MAX_UPDATE_NORM: float(self.max_update_norm)}  # nodes clip their own updates
         res = secagg_train_round(grid, node_ids, _record(self._global), job, rnd,
                                  CityfedSecAggPlusWorkflow(min_live=self.min_accepted, **self.workflow_args))
         for e in res.refused:

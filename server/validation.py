@@ -1,4 +1,4 @@
-"""Checks every train reply passes before it can touch the global model."""
+"""Checks every reply passes before it can touch the global model or the run's records."""
 
 from __future__ import annotations
 
@@ -42,4 +42,28 @@ def validate_update(arrays: ArrayRecord, global_arrays: dict[str, np.ndarray], m
     norm = sq**0.5
     if norm > max_update_norm:
         return f"update norm {norm:.3g} exceeds the bound {max_update_norm:.3g}"
+    return None
+
+
+def unexpected_metrics(metrics, allowed: tuple[str, ...]) -> str | None:
+    """Return why a reply's metrics must not be kept, or ``None`` if every key is whitelisted.
+
+    Parameters
+    ----------
+    metrics : MetricRecord or dict
+        The node's reply metrics.
+    allowed : tuple of str
+        The reply's whitelist in the job contract (:data:`contract.tasks.TRAIN_METRICS`,
+        :data:`contract.tasks.EVAL_METRICS`).
+
+    Returns
+    -------
+    str or None
+        A reason naming the keys outside the whitelist (their values are never quoted: a key
+        outside the contract may carry anything).
+    """
+    extra = sorted(set(metrics.keys()) - set(allowed))
+    if extra:
+        return (f"reply carries metric(s) {extra[:5]} outside the job contract's whitelist "
+                f"(contract.tasks: {', '.join(allowed)}); not recorded")
     return None

@@ -10,7 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 from clients.app import REFUSED, app
-from clients.node import EVAL_METRICS, TRAIN_METRICS
+from contract.tasks import EVAL_METRICS, TRAIN_METRICS
 from privacy.ledger import PrivacyLedger
 from shared_models import build_model, default_model_config
 from citydata import load_department

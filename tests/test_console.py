@@ -451,7 +451,7 @@ def test_fl_server_console_serves_on_loopback(tmp_path):
 
 def test_energy_per_site_and_run(coord):
     """Each node reports its tasks' energy (method named); results.json sums it; the console shows it."""
-    from clients.energy import METHODS
+    from contract.energy import METHODS
 
     sd, runs, res, _ = coord
     per_node = {}

@@ -609,7 +609,7 @@ def test_evaluate_flood_is_refused_or_noised_and_accounted_on_the_wire(city, hea
     which this test does not need).
     """
     from citydata import load_department
-    from clients.node import EVAL_METRICS
+    from contract.tasks import EVAL_METRICS
     from shared_models.scoring import evaluate as exact_evaluate
     from privacy.ledger import PrivacyLedger
     from shared_models import build_model, default_model_config

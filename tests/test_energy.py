@@ -12,6 +12,7 @@ import time
 import pytest
 
 from clients import energy
+from contract.energy import ENERGY_METRICS, METHODS
 from server.energy import summarise
 
 
@@ -26,11 +27,11 @@ def test_estimate_is_cpu_time_times_stated_watts(monkeypatch, tmp_path):
     monkeypatch.setenv(energy.ENV_WATTS, "10")
     with energy.EnergyMeter(powercap=tmp_path, gpu=False) as m:  # empty powercap: no RAPL
         _busy(0.3)
-    assert m.method == 1 and energy.METHODS[1].startswith("estimate")
+    assert m.method == 1 and METHODS[1].startswith("estimate")
     assert 0.3 <= m.cpu_seconds < 2.0
     assert m.joules == pytest.approx(10 * m.cpu_seconds)
     out = m.metrics()
-    assert set(out) == set(energy.ENERGY_METRICS) and out["energy-method"] == 1
+    assert set(out) == set(ENERGY_METRICS) and out["energy-method"] == 1
     assert out["energy-j"] == pytest.approx(m.joules, rel=0.05)  # two significant figures
 
 
@@ -97,7 +98,7 @@ def test_summary_per_node_and_run():
     ]}
     s = summarise(res)
     assert s["nodes"]["7"]["train-j"] == 22.0 and s["nodes"]["7"]["evaluate-j"] == 1.5 and s["nodes"]["7"]["joules"] == 23.5
-    assert s["nodes"]["7"]["methods"] == [energy.METHODS[1], energy.METHODS[3]]
+    assert s["nodes"]["7"]["methods"] == [METHODS[1], METHODS[3]]
     assert s["nodes"]["8"]["joules"] == 4.0 and s["total-j"] == 27.5 and s["replies"] == 4
     assert summarise({"rounds": [{"round": 1, "train": {"nodes": {"1": {"num-examples": 3}}}}]})["total-j"] is None
 
@@ -121,7 +122,7 @@ def test_model_card_carries_energy_per_site_and_run(tmp_path):
     card = model_card(tmp_path, res, sites=["Cleveland", "Hungary"], model_config={"kind": "heart-mlp"}, made_by="test")
     e = card["energy"]
     assert e["total-j"] == 4.0 and e["sites"]["Cleveland"]["joules"] == 2.5 and e["sites"]["Hungary"]["joules"] == 1.5
-    assert e["sites"]["Hungary"]["methods"] == [energy.METHODS[0]]
+    assert e["sites"]["Hungary"]["methods"] == [METHODS[0]]
     md = card_markdown(card)
     assert "## Energy" in md and "| Cleveland | 2.5 | estimate: process CPU time × W per core |" in md
     assert "| all sites (run) | 4 | |" in md

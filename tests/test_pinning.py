@@ -491,3 +491,14 @@ def test_quarantine_keeps_the_newest_fabs_only(tmp_path, monkeypatch):
     assert len(q.fabs()) == 3 and q.fab_path(sha(fab)).exists() and len(q.index()["runs"]) == 5
     weird = rezip({"pyproject.toml": b"tool = 1\n"})  # a pyproject of the wrong shape is refused, not a crash
     assert [f.status for f in verdict(weird).findings if f.path == "pyproject.toml"] == ["components changed"]
+
+
+def test_release_packages_are_the_packages_a_fab_ships():
+    """Every package of pyproject's ``fab-include`` is pinned: a FAB file outside them would be refused as
+    extra, and a package the node imports but pinning skips (the data loaders, the job contract, the
+    Flower compat layer) could be replaced by a coordinator's FAB unchecked."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["fab-include"]
+    shipped = {p.split("/", 1)[0] for p in include if p.endswith("**/*.py")}
+    assert set(pinning.RELEASE_PACKAGES) == shipped

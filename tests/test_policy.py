@@ -333,7 +333,7 @@ def test_allowed_tasks_must_hold_the_departments_task():
 
 @pytest.mark.parametrize("name", ["health", "traffic", "utility"])
 def test_example_policies_allow_their_departments_task(name):
-    from clients.node import TASKS
+    from contract.tasks import TASKS
 
     check_allowed_tasks(load_policy(EXAMPLES / f"{name}.toml"), TASKS[name])
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 import clients.app as capp_mod
 import clients.secagg as csecagg
 from clients.app import REFUSED, app as client_app
-from clients.node import TRAIN_METRICS
+from contract.keys import PARAM_NAMES_KEY
+from contract.tasks import TRAIN_METRICS
 from privacy.ledger import PrivacyLedger
 from server.app import run_federation, settings
 from server.secagg import MAX_WEIGHT
@@ -280,7 +281,7 @@ def test_node_scales_its_update_into_the_quantisation_range(monkeypatch):
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # Messages need a task identity
     glob = {"w": torch.zeros(4), "b": torch.zeros(2)}
     new = {"w": torch.tensor([0.5, -2.0, 0.1, 0.0]), "b": torch.tensor([1.0, 0.0])}
-    cfg = {"max-update-norm": 1000.0, csecagg.PARAM_NAMES_KEY: "w\nb", "server-round": 1}
+    cfg = {"max-update-norm": 1000.0, PARAM_NAMES_KEY: "w\nb", "server-round": 1}
     content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([glob["w"].numpy(), glob["b"].numpy()]), cfg),
                                           keep_input=True)
     msg = Message(content, dst_node_id=1, message_type="train")

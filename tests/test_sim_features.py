@@ -178,7 +178,7 @@ def test_central_evaluation_scores_each_site_of_the_coordinators_data_exactly(tm
     # it scores every site's test split exactly; the nodes release nothing (evaluation off by policy)
     import torch
 
-    from clients.node import evaluation_metrics
+    from shared_models.scoring import evaluation_metrics
     from shared_models import build_model, default_model_config
 
     ds = load_department("health")
