@@ -86,8 +86,8 @@ def baselines(
     test set and the pooled test set (health); MAE and RMSE in original units next to
     persistence and seasonal-naive forecasts (traffic, utility).
     """
-    from clients.datasets.plausibility import RANGES_ENV
-    from clients.datasets.timestamps import DATE_FORMAT_ENV, check_date_format
+    from citydata.plausibility import RANGES_ENV
+    from citydata.timestamps import DATE_FORMAT_ENV, check_date_format
 
     depts = list(DEPARTMENTS) if department == ["all"] else department
     for d in depts:
@@ -110,7 +110,7 @@ def _baselines(depts, data, date_format, ranges, seed, model, epsilon, epochs, m
     import torch
 
     from simulations.baselines import plan, run_baselines, write_results
-    from clients.datasets import load_department, DataFileError
+    from citydata import load_department, DataFileError
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     all_results: list[dict] = []
@@ -175,8 +175,8 @@ def _progress() -> Progress:
                     console=console)
 
 
-def _run_one(department: str, cfg: dict, out: Path, engine: str) -> dict:
-    from clients.datasets import load_department
+def _run_one(department: str, cfg: dict, out: Path, engine: str, ray_options: dict | None = None) -> dict:
+    from citydata import load_department
     from simulations.report import write_report_safely
     from simulations.run import simulate
 
@@ -206,7 +206,7 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str) -> dict:
                                         f"eps-max={eps_max(entry):.2f}")
 
         t0 = time.perf_counter()
-        results = simulate(cfg, engine=engine, on_round=on_round)
+        results = simulate(cfg, engine=engine, on_round=on_round, **(ray_options or {}))
     report = write_report_safely(out, sites, metric) or "no report.html (see the error above)"
     t = Table(title=f"{department}: federated run ({time.perf_counter() - t0:.0f} s, {len(sites)} sites, {results.get('status')})")
     for col in ("round", "accepted", metric, "eps max"):
@@ -270,6 +270,13 @@ def run(
                         "DP-noised metrics, accounted in its ledger (the policy is copied to OUT/policies/ with "
                         "[releases] local_evaluation = \"dp\"; its epsilon counts toward the target). off: neither."),
     engine: str = typer.Option("ray", help="ray (Flower Simulation Engine) or inprocess (no Ray; same apps)."),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help="Run on an existing Ray cluster: HOST:PORT of its head (as `ray start --head` "
+                                    "prints it) or 'auto'. Every Ray node needs this cityfed environment at the same "
+                                    "path (README 'Ray cluster and GPUs'). Default: start Ray on this machine."),
+    gpus_per_client: float = typer.Option(
+        0.0, "--gpus-per-client", min=0.0, help="Ray engine: GPUs per simulated client (0.25 = four clients share "
+                                                "a GPU); those clients train on CUDA. 0 = CPU clients."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/checkpoint.safetensors."),
     seed: int = typer.Option(0, help="Seed for the initial model, sampling and partitioning."),
 ) -> None:
@@ -290,6 +297,7 @@ def run(
         raise typer.BadParameter(f"choose from {', '.join(DEPARTMENTS)} or 'all'", param_hint="--department")
     if engine not in ("ray", "inprocess"):
         raise typer.BadParameter("choose ray or inprocess", param_hint="--engine")
+    ray_options = _ray_options(engine, ray_address, gpus_per_client)
     if partitioner not in ("iid", "dirichlet"):
         raise typer.BadParameter("choose iid or dirichlet", param_hint="--partitioner")
     if site_metrics not in ("central", "dp", "off"):
@@ -311,7 +319,7 @@ def run(
                "min-accepted": min_accepted, "dropout-probability": dropout, "run-dir": str(dout), "resume": resume,
                "seed": seed, "min-nodes": 1}
         if secagg:
-            n_sites = virtual_sites or len(__import__("clients.datasets", fromlist=["x"]).load_department(d).sites)
+            n_sites = virtual_sites or len(__import__("citydata", fromlist=["x"]).load_department(d).sites)
             if n_sites < 3:
                 console.print(f"[red]error:[/red] --secagg needs at least 3 sites; {d} has {n_sites} "
                               "(use --virtual-sites to simulate more)")
@@ -343,7 +351,28 @@ def run(
         except ValueError as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2)
-        _run_one(d, cfg, dout, engine)
+        _run_one(d, cfg, dout, engine, ray_options)
+
+
+def _ray_options(engine: str, ray_address: Optional[str], gpus_per_client: float) -> dict:
+    """Check ``--ray-address``/``--gpus-per-client`` (the cluster answers, has the GPUs); simulate()'s kwargs."""
+    from simulations.ray_cluster import backend_config, check_cluster
+
+    if engine != "ray" and (ray_address or gpus_per_client):
+        raise typer.BadParameter("--ray-address and --gpus-per-client need --engine ray", param_hint="--engine")
+    try:
+        if ray_address:
+            console.print(f"connecting to the Ray cluster at {ray_address} ...")
+            info = check_cluster(ray_address, gpus_per_client)
+            res = info["resources"]
+            console.print(f"Ray cluster at {ray_address}: {info['nodes']} node(s), {res.get('CPU', 0):g} CPUs, "
+                          f"{res.get('GPU', 0):g} GPUs")
+        else:
+            backend_config(gpus_per_client=gpus_per_client)  # GPU clients on a machine without one: stop here
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    return {"ray_address": ray_address, "gpus_per_client": gpus_per_client} if engine == "ray" else {}
 
 
 @app.command()
@@ -427,7 +456,7 @@ def compare_table(res: dict, department: str) -> Table:
 @app.command()
 def datasets(department: Optional[str] = typer.Argument(None, help="Department to describe (default: all).")) -> None:
     """List the bundled department datasets: source, licence, sites and schema."""
-    from clients.datasets import DATASETS
+    from citydata import DATASETS
 
     for name, cls in DATASETS.items():
         if department and name != department:
@@ -453,8 +482,8 @@ def export(
     so no --date-format is needed to read it back. Example, one file per hospital:
     `fl-sim export -d health --site Cleveland -o cleveland.csv`.
     """
-    from clients.datasets import DATASETS, load_department
-    from clients.datasets.base import DataFileError
+    from citydata import DATASETS, load_department
+    from citydata.base import DataFileError
 
     if department not in DATASETS:
         raise typer.BadParameter(f"unknown department {department!r}; choose one of {', '.join(DATASETS)}",
@@ -486,9 +515,9 @@ def main() -> None:  # console script entry point
 
     # Flower logs every round at INFO; fl-sim shows its own progress and tables (set the level
     # after Flower's logger module has configured itself at import)
-    import flwr.common.logger  # noqa: F401
+    from flower_compat.logging import configure_flower_logger
 
-    logging.getLogger("flwr").setLevel(os.environ.get("CITYFED_FLWR_LOG", "WARNING"))
+    configure_flower_logger(os.environ.get("CITYFED_FLWR_LOG", "WARNING"))
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # simulations (and baselines) on one machine are reproducible: DP noise follows the job's
     # seed here; a department node (fl-client) always seeds it from OS entropy (privacy.dp.dp_seed)
@@ -506,7 +535,10 @@ def main() -> None:  # console script entry point
         [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w] + [f"ignore:{m}" for m in quiet])
     from privacy.safe_cli import run_app
 
-    run_app(app, "fl-sim")  # errors: a message, never a traceback with records in it (--debug shows it)
+    from flower_compat import self_test
+
+    # every Flower internal a simulation relies on, checked before anything else (flower_compat)
+    run_app(app, "fl-sim", startup=self_test)  # errors: a message, never a traceback with records in it (--debug)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def default_policy(department: str) -> Path:
 
 
 def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 1.0, on_round=None,
-             only_sites: list[str] | None = None) -> dict:
+             only_sites: list[str] | None = None, ray_address: str | None = None,
+             gpus_per_client: float = 0.0) -> dict:
     """Run one federation in simulation and return its ``results.json`` content.
 
     Parameters
@@ -36,6 +37,11 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
         Flower's Ray simulation engine, or the in-process grid (no Ray; same apps).
     cpus_per_client : float
         Ray resources per virtual client.
+    ray_address : str, optional
+        Ray engine: run on this existing Ray cluster (``HOST:PORT`` or ``auto``; see
+        :mod:`simulations.ray_cluster`) instead of starting Ray on this machine.
+    gpus_per_client : float
+        Ray engine: GPUs per virtual client (a fraction shares one); such clients train on CUDA.
     only_sites : list of str, optional
         In-process engine only: run with these sites' nodes alone (e.g. leave-one-site-out);
         each keeps its partition id among all the department's sites.
@@ -76,14 +82,15 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
         return run_federation(grid, cfg, run_id=cfg.get("run-id", "sim"), on_round=on_round)
     if only_sites is not None:
         raise ValueError("only_sites needs engine='inprocess'")
-    from flwr.simulation import run_simulation
-
     from flower_compat.dispatch import install
 
     install()  # one walk over the queued messages per sweep instead of one per node (see its docstring)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
-    run_simulation(server_app=build_server_app(cfg, on_round=on_round), client_app=build_client_app(cfg),
-                   num_supernodes=len(sites), backend_config=backend)
+    from simulations.ray_cluster import backend_config
+
+    backend = backend_config(cpus_per_client, gpus_per_client, ray_address)
+    from flower_compat.simulation import run_apps
+
+    # Flower's engine entry, not the deprecated run_simulation wrapper (why: flower_compat.simulation)
+    run_apps(build_server_app(cfg, on_round=on_round), build_client_app(cfg), len(sites), backend)
     return json.loads((run_dir / "results.json").read_text())
