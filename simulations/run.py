@@ -8,7 +8,9 @@ ledger file under ``RUN_DIR/ledgers/`` and applies the department's policy.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from pathlib import Path
 
 from clients.app import build_client_app
@@ -21,6 +23,47 @@ ROOT = Path(__file__).resolve().parents[1]
 def default_policy(department: str) -> Path:
     """The example policy shipped for a department (``examples/policies/<dept>.toml``)."""
     return ROOT / "examples" / "policies" / f"{department}.toml"
+
+
+def wait_for_nodes(grid, expected: int, *, timeout_s: float = 600.0, sleep=time.sleep, clock=time.monotonic) -> int:
+    """Wait until ``expected`` nodes are registered on ``grid`` (at most ``timeout_s``).
+
+    Flower's Simulation Engine registers its virtual nodes in one thread while the ServerApp
+    already runs in another, so the first round would sample only the nodes registered so far
+    (a 1,000-node run sampled 699; a 100,000-node run with 1 % sampled drew round 1 from the
+    first nodes registered).
+
+    Returns
+    -------
+    int
+        The number of nodes registered when the wait ended; fewer than ``expected`` only when
+        the timeout passed first (then a warning names both numbers).
+    """
+    t0 = clock()
+    while True:
+        count = len(list(grid.get_node_ids()))
+        if count >= expected:
+            return count
+        if clock() - t0 >= timeout_s:
+            logging.getLogger("cityfed.simulation").warning(
+                "only %d of %d simulated nodes registered after %.0f s; the first round samples from those",
+                count, expected, timeout_s)
+            return count
+        sleep(0.2)
+
+
+def after_registration(server_app, expected: int, timeout_s: float = 600.0):
+    """A ServerApp that runs ``server_app`` once ``expected`` nodes are registered (:func:`wait_for_nodes`)."""
+    from flwr.serverapp import ServerApp
+
+    outer = ServerApp()
+
+    @outer.main()
+    def _main(grid, context) -> None:
+        wait_for_nodes(grid, expected, timeout_s=timeout_s)
+        server_app(grid, context)
+
+    return outer
 
 
 def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 1.0, on_round=None,
@@ -92,5 +135,6 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
     from flower_compat.simulation import run_apps
 
     # Flower's engine entry, not the deprecated run_simulation wrapper (why: flower_compat.simulation)
-    run_apps(build_server_app(cfg, on_round=on_round), build_client_app(cfg), len(sites), backend)
+    server_app = after_registration(build_server_app(cfg, on_round=on_round), len(sites))
+    run_apps(server_app, build_client_app(cfg), len(sites), backend)
     return json.loads((run_dir / "results.json").read_text())
