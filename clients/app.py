@@ -10,15 +10,17 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.energy import EnergyMeter
-from clients.node import (EVAL_METRICS, TRAIN_METRICS, JobRefused, NoTrainingData, handle_evaluate, handle_train,
-                          node_from_config)
+from clients.node import JobRefused, NoTrainingData, handle_evaluate, handle_train, node_from_config
 from clients.clipping import central_clipping_mod
 from clients.secagg import conditional_secaggplus_mod, is_secagg_fit, secagg_train
+from contract.tasks import (ARRAYS, CONFIG, EVAL_METRICS, METRICS, PERSONALISE_ACTION, PERSONALISE_METRICS,
+                            TRAIN_METRICS)
 
 #: Error code for a job refused by the node's privacy policy or budget.
 REFUSED = 4031
@@ -47,16 +49,19 @@ def build_client_app(defaults: dict | None = None) -> ClientApp:
     Parameters
     ----------
     defaults : dict, optional
-        Run-config defaults baked in (simulation: ``flwr.simulation.run_simulation`` gives
-        nodes an empty run config). Deployment uses the module-level :data:`app`, configured
-        by the node config (``fl-client``) and the run config.
+        Run-config defaults baked in (``fl-sim``: its ServerApp and ClientApp objects carry the
+        whole run config, policy and ledger folder included). Deployment uses the module-level
+        :data:`app`, configured by the node config (``fl-client``) and the run config; under
+        ``flwr run .`` the module-level app's simulated nodes get :func:`flwr_run_node_defaults`.
     """
     defaults = dict(defaults or {})
     # SecAgg+ (run config secagg=true) and the node's central-DP update clipping (central-dp=true) only when asked
     capp = ClientApp(mods=[conditional_secaggplus_mod, central_clipping_mod(lambda c: spec(c))])
 
     def spec(context: Context):
-        return node_from_config(dict(context.node_config), {**defaults, **dict(context.run_config)})
+        run_config = {**defaults, **dict(context.run_config)}
+        node_config = dict(context.node_config)
+        return node_from_config(node_config, {**flwr_run_node_defaults(node_config, run_config), **run_config})
 
     @capp.train()
     def _train(msg: Message, context: Context) -> Message:
@@ -64,7 +69,7 @@ def build_client_app(defaults: dict | None = None) -> ClientApp:
             return secagg_train(msg, spec(context), context, train)
         return train(msg, spec(context))
 
-    @capp.train("personalise")
+    @capp.train(PERSONALISE_ACTION)
     def _personalise(msg: Message, context: Context) -> Message:
         return personalise(msg, spec(context))
 
@@ -73,6 +78,80 @@ def build_client_app(defaults: dict | None = None) -> ClientApp:
         return evaluate(msg, spec(context))
 
     return capp
+
+
+def example_policy(department: str) -> Path:
+    """The example policy of ``department`` (``examples/policies/<department>.toml`` of the project).
+
+    Looked up next to this module (a cityfed clone: ``fl-sim``), else next to the installed
+    ``simulations`` package: under ``flwr run .`` this module runs from the app bundle Flower
+    installed into ``$FLWR_HOME/apps/`` (only ``.py`` files travel in it, see
+    :mod:`clients.pinning`), while ``simulations`` never travels and resolves to the clone that
+    ``make install`` (``pip install -e .``) installed.
+
+    Raises
+    ------
+    FileNotFoundError
+        Naming the places looked in and the fix.
+    """
+    import importlib.util
+
+    roots = [Path(__file__).resolve().parents[1]]
+    spec = importlib.util.find_spec("simulations")
+    if spec is not None and spec.origin:
+        roots.append(Path(spec.origin).resolve().parents[1])
+    for root in roots:
+        path = root / "examples" / "policies" / f"{department}.toml"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"no example policy for department {department!r} in {', '.join(str(r / 'examples' / 'policies') for r in roots)}. "
+        "Fix: run flwr run from a cityfed clone installed with `make install` (pip install -e .)")
+
+
+def flwr_run_node_defaults(node_config: dict, run_config: dict) -> dict:
+    """Node-side keys for a node that ``flwr run .`` simulates: the example policy, ledgers in run-dir.
+
+    ``flwr run .`` runs the module-level apps with the app's run config only
+    (``[tool.flwr.app.config]``), which names no policy or ledger: those are a node's own keys.
+    A simulated node (Flower's node config has ``partition-id``, no ``department``) then applies
+    its department's example policy (:func:`example_policy`) and keeps its ledger under
+    ``<run-dir>/ledgers/``, as ``fl-sim run`` does. Nothing is added for a department node
+    (``fl-client`` names its department in the node config) nor when the run config already
+    names a policy (``fl-sim``).
+
+    Parameters
+    ----------
+    node_config : dict
+        Flower's node config of this node.
+    run_config : dict
+        The run config the node received (defaults included).
+
+    Returns
+    -------
+    dict
+        ``{"policy": ..., "ledger-dir": ...}`` or ``{}``.
+
+    Raises
+    ------
+    ValueError
+        When the number of simulated nodes (``num-partitions``) is not the department's number
+        of sites: one node per site, the error names the ``flwr run`` option that sets it.
+    """
+    if "department" in node_config or "partition-id" not in node_config or run_config.get("policy"):
+        return {}
+    from citydata import load_department
+
+    department = str(run_config["department"])
+    sites = load_department(department, str(run_config.get("data") or "") or None).sites
+    nodes = int(node_config.get("num-partitions", 0))
+    if nodes != len(sites):
+        raise ValueError(
+            f"flwr run: {nodes} simulated node(s) for department {department!r}, which has {len(sites)} site(s) "
+            f"({', '.join(sites)}): one node per site. Fix: flwr run . --federation-config "
+            f"'num-supernodes={len(sites)}' --run-config 'department=\"{department}\"'")
+    return {"policy": str(example_policy(department)),
+            "ledger-dir": str(Path(str(run_config.get("run-dir") or "runs/latest")) / "ledgers")}
 
 
 def whitelisted(metrics: dict, allowed: tuple[str, ...]) -> MetricRecord:
@@ -85,15 +164,15 @@ def whitelisted(metrics: dict, allowed: tuple[str, ...]) -> MetricRecord:
 
 def _audit_reply(spec, msg: Message, content: RecordDict | None, error: Error | None = None) -> None:
     """Record in the node's audit log what leaves in a reply (names, shapes, bytes; metric keys)."""
-    cfg = dict(msg.content["config"]) if "config" in msg.content else {}
+    cfg = dict(msg.content[CONFIG]) if CONFIG in msg.content else {}
     fields = {"run": str(cfg.get("run-id", "")), "round": int(cfg.get("server-round", 0)),
               "message": str(msg.metadata.message_type)}
     if error is not None:
         fields.update(error_code=int(error.code), reason=str(error.reason))
     else:
-        arrays = content["arrays"] if "arrays" in content else {}
+        arrays = content[ARRAYS] if ARRAYS in content else {}
         fields["arrays"] = [{"name": k, "shape": list(a.shape), "bytes": len(a.data)} for k, a in arrays.items()]
-        fields["metrics"] = sorted(content["metrics"].keys()) if "metrics" in content else []
+        fields["metrics"] = sorted(content[METRICS].keys()) if METRICS in content else []
     spec.audit("reply", **fields)
 
 
@@ -122,10 +201,10 @@ def train(msg: Message, spec) -> Message:
 
     def work() -> RecordDict:
         with _compute_timer("train"), EnergyMeter() as energy:
-            new_state, metrics = handle_train(msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]),
+            new_state, metrics = handle_train(msg.content[ARRAYS].to_torch_state_dict(), dict(msg.content[CONFIG]),
                                               spec)
-        return RecordDict({"arrays": ArrayRecord(new_state),
-                           "metrics": whitelisted({**metrics, **energy.metrics()}, TRAIN_METRICS)})
+        return RecordDict({ARRAYS: ArrayRecord(new_state),
+                           METRICS: whitelisted({**metrics, **energy.metrics()}, TRAIN_METRICS)})
 
     return _answer(msg, spec, work)
 
@@ -134,14 +213,14 @@ def personalise(msg: Message, spec) -> Message:
     """Fine-tune the run's final model on the node's records, keep it on the node; reply with no arrays.
 
     The node's policy decides (``personalisation``); the release is accounted in its ledger
-    (:mod:`clients.personalise`). The reply carries only :data:`PERSONALISE_METRICS`.
+    (:mod:`clients.personalise`). The reply carries only :data:`contract.tasks.PERSONALISE_METRICS`.
     """
-    from clients.personalise import PERSONALISE_METRICS, handle_personalise
+    from clients.personalise import handle_personalise
 
     def work() -> RecordDict:
         with _compute_timer("personalise"):
-            metrics = handle_personalise(msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), spec)
-        return RecordDict({"metrics": whitelisted(metrics, PERSONALISE_METRICS)})
+            metrics = handle_personalise(msg.content[ARRAYS].to_torch_state_dict(), dict(msg.content[CONFIG]), spec)
+        return RecordDict({METRICS: whitelisted(metrics, PERSONALISE_METRICS)})
 
     return _answer(msg, spec, work)
 
@@ -151,8 +230,8 @@ def evaluate(msg: Message, spec) -> Message:
 
     def work() -> RecordDict:
         with _compute_timer("evaluate"), EnergyMeter() as energy:
-            metrics = handle_evaluate(msg.content["arrays"].to_torch_state_dict(), dict(msg.content["config"]), spec)
-        return RecordDict({"metrics": whitelisted({**metrics, **energy.metrics()}, EVAL_METRICS)})
+            metrics = handle_evaluate(msg.content[ARRAYS].to_torch_state_dict(), dict(msg.content[CONFIG]), spec)
+        return RecordDict({METRICS: whitelisted({**metrics, **energy.metrics()}, EVAL_METRICS)})
 
     return _answer(msg, spec, work)
 

@@ -110,11 +110,11 @@ def check_policy(path: Path, department: str):
     SetupError
         With :class:`privacy.policy.PolicyError`'s message (file, field, fix), a department
         mismatch, or an ``allowed_tasks`` without the department's task
-        (:data:`clients.node.TASKS`): either way the node would refuse every job.
+        (:data:`contract.tasks.TASKS`): either way the node would refuse every job.
     """
     from privacy.policy import PolicyError, load_policy
 
-    from clients.node import TASKS
+    from contract.tasks import TASKS
     from privacy.policy import check_allowed_tasks
 
     try:
@@ -1286,7 +1286,10 @@ def main() -> None:
     """Console entry point ``fl-client``."""
     from privacy.safe_cli import run_app
 
-    run_app(app, "fl-client")  # errors: a message, never a traceback with records in it (--debug shows it)
+    from flower_compat import self_test
+
+    seams = ("warm-worker", "logging", "dp", "secagg")  # the Flower internals fl-client relies on: checked first
+    run_app(app, "fl-client", startup=lambda: self_test(seams))  # errors: a message, never a traceback (--debug shows it)
 
 
 if __name__ == "__main__":

@@ -30,31 +30,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from citydata import load_department
-from clients.energy import ENERGY_METRICS
-from clients.training import TrainConfig, evaluate, fit
+from clients.training import TrainConfig, fit
+from contract.keys import NODE_KEYS
 from privacy.dp import CalibrationError, DPSettings, calibrate_noise
 from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
 from privacy.policy import JobRequest, PrivacyPolicy, check_job, load_policy
 from privacy.releases import ERROR_BOUND, LOSS_BOUND, noisy_means
 from shared_models import build_model, default_model_config
 
-#: The only metric keys a node ever sends back (anything else is a leak by definition).
-#: ``train-loss`` and the evaluation metrics leave only as DP releases the policy allows;
-#: ``energy-j``/``energy-method`` are the task's energy, not from records (:mod:`clients.energy`).
-TRAIN_METRICS = ("num-examples", "epsilon", "noise-multiplier", "steps", "train-loss", "partition-id") + ENERGY_METRICS
-EVAL_METRICS = ("num-examples", "epsilon", "accuracy", "loss", "mae-ratio", "partition-id") + ENERGY_METRICS
-
-#: Run/node config keys read only by department nodes (the ServerApp passes them through).
-NODE_KEYS = ("policy", "ledger", "ledger-dir", "data", "site", "dropout-probability", "virtual-sites", "partitioner",
-             "dirichlet-alpha", "partition-id", "num-partitions", "torch-threads", "audit-log", "audit-key")
-
 #: Noised sums of one DP evaluation per task (classification: hits, loss; forecasting: the
 #: model's and the two naive forecasts' absolute errors).
 EVAL_SUMS = {"binary-classification": 2, "forecasting": 3}
-
-#: Task name per department (what policies list in ``allowed_tasks``).
-TASKS = {"health": "heart-disease", "traffic": "traffic-forecast", "utility": "utility-forecast"}
-
 
 class SimulatedFailure(RuntimeError):
     """A failure injected by the simulation's dropout probability."""
@@ -79,7 +65,7 @@ class NodeSpec:
     ledger_path: Path
     partition_id: int | None = None  # simulation only: lets the report label sites
     dropout_probability: float = 0.0  # simulation only: chance of a simulated node failure per message
-    virtual: tuple[int, str, float, int] | None = None  # simulation only: (n, partitioner, alpha, seed)
+    virtual: tuple[int, str, float, int, bool] | None = None  # simulation only: (n, partitioner, alpha, seed, allow_empty)
     audit_log: Path | None = None  # the node's tamper-evident audit log (fl-client: <state-dir>/audit.jsonl)
     audit_key: Path | None = None  # key signing its entries (the node's own node.key)
 
@@ -101,10 +87,11 @@ class NodeSpec:
         ds = _dataset(self.department, self.data)
         if self.virtual is None:
             return ds, ds.site_data(self.site)
-        from citydata.virtual import virtual_sites
+        from citydata.virtual import virtual_site
 
-        n, partitioner, alpha, seed = self.virtual
-        return ds, virtual_sites(ds, n, partitioner, alpha, seed)[int(self.partition_id)]
+        n, partitioner, alpha, seed, allow_empty = self.virtual
+        # this site's rows alone: a Ray worker playing thousands of nodes holds one copy of the data
+        return ds, virtual_site(ds, n, int(self.partition_id), partitioner, alpha, seed, allow_empty=allow_empty)
 
 
 @lru_cache(maxsize=64)
@@ -230,7 +217,7 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     Returns
     -------
     (state_dict, metrics)
-        Updated weights and whitelisted metrics (:data:`TRAIN_METRICS`): the record count
+        Updated weights and whitelisted metrics (:data:`contract.tasks.TRAIN_METRICS`): the record count
         rounded by the policy, epsilon (every release counted), the DP-SGD noise and steps,
         and ``train-loss`` only as a DP release the policy allows.
 
@@ -329,7 +316,7 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
     Returns
     -------
     dict
-        Whitelisted metrics (:data:`EVAL_METRICS`).
+        Whitelisted metrics (:data:`contract.tasks.EVAL_METRICS`).
 
     Raises
     ------
@@ -403,24 +390,6 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
     return out
 
 
-def evaluation_metrics(model, site, task: str) -> dict:
-    """Exact evaluation metrics of ``model`` on ``site``'s test split, for data the caller holds.
-
-    The coordinator's central evaluation (``central-data``) and the simulation harness use
-    it; a department node never sends these (see :func:`handle_evaluate`). A site without test
-    data reports only ``num-examples = 0`` (it then weighs nothing in the aggregate).
-    """
-    if len(site.test) == 0:
-        return {"num-examples": 0}
-    m = evaluate(model, site, task)
-    out = {"num-examples": int(m["n"])}
-    if task == "binary-classification":
-        out.update({"accuracy": m["accuracy"], "roc-auc": m["roc_auc"]})
-    else:
-        out.update({"mae": m["mae"], "rmse": m["rmse"], "mae-ratio": m["mae_ratio"]})
-    return out
-
-
 def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
     """Build a node's spec from Flower's node config (deployment) or run config (simulation).
 
@@ -428,11 +397,11 @@ def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
     ``data`` (file; empty = bundled), ``policy`` (TOML file), ``ledger`` (SQLite file) or
     ``ledger-dir`` (simulation: one file per site); simulation only: ``virtual-sites`` (N > 0:
     the node is the ``partition-id``-th of N virtual sites, see
-    :mod:`citydata.virtual`), ``partitioner``, ``dirichlet-alpha``,
+    :mod:`citydata.virtual`), ``partitioner``, ``dirichlet-alpha``, ``virtual-allow-empty``,
     ``dropout-probability``; ``torch-threads`` (> 0: intra-op threads torch may use).
 
     A node config that names the ``department`` (``fl-client``'s) is a department node: the
-    keys above (:data:`NODE_KEYS`) then come from the node config only, never from the
+    keys above (:data:`contract.keys.NODE_KEYS`) then come from the node config only, never from the
     coordinator's run config.
     """
     if "department" in node_config:
@@ -457,7 +426,8 @@ def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
     virtual = None
     if int(merged.get("virtual-sites", 0) or 0) > 0:
         virtual = (int(merged["virtual-sites"]), str(merged.get("partitioner", "iid")),
-                   float(merged.get("dirichlet-alpha", 0.5)), int(merged.get("seed", 0)))
+                   float(merged.get("dirichlet-alpha", 0.5)), int(merged.get("seed", 0)),
+                   str(merged.get("virtual-allow-empty", False)).lower() in ("1", "true"))
         site = f"virtual-{int(partition)}"
     elif not site:
         sites = _dataset(department, data).sites

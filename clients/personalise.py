@@ -13,7 +13,7 @@ policy (``personalisation = true``), whether to answer. If it does, it
    its head (``personalise-layers = "head"``), optionally pulled towards the global model
    (``personalise-mu``, the proximal term of Ditto/FedProx, data-independent so free);
 4. keeps the personalised model on the node (:func:`personalised_path`, safetensors) and replies
-   with the DP-SGD parameters and epsilon only (:data:`PERSONALISE_METRICS`): no arrays, nothing
+   with the DP-SGD parameters and epsilon only (:data:`contract.tasks.PERSONALISE_METRICS`): no arrays, nothing
    computed from the records.
 """
 
@@ -28,9 +28,6 @@ from clients.training import TrainConfig, fit
 from privacy.dp import DPSettings
 from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
 from privacy.policy import JobRequest, check_job
-
-#: The only metric keys a personalise reply carries (no loss, no score: nothing from the records).
-PERSONALISE_METRICS = ("num-examples", "epsilon", "noise-multiplier", "steps", "partition-id")
 
 #: Run-config keys of personalisation (sent with the personalise message, read by the node).
 LAYERS = ("all", "head")
@@ -86,7 +83,7 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
     Returns
     -------
     dict
-        Whitelisted metrics (:data:`PERSONALISE_METRICS`).
+        Whitelisted metrics (:data:`contract.tasks.PERSONALISE_METRICS`).
 
     Raises
     ------

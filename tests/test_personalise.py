@@ -14,9 +14,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from clients.app import REFUSED, app
 from citydata import load_department
 from clients.node import JobRefused, job_from_config, node_from_config
-from clients.personalise import (PERSONALISE_METRICS, handle_personalise, head_prefix, load_personalised,
-                                 personalised_path)
+from clients.personalise import handle_personalise, head_prefix, load_personalised, personalised_path
 from clients.training import TrainConfig, fit
+from contract.tasks import PERSONALISE_METRICS
 from privacy.ledger import PrivacyLedger
 from privacy.policy import PolicyError, parse_policy
 from shared_models import build_model, criterion_for, default_model_config
