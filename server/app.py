@@ -20,7 +20,8 @@ from flwr.serverapp import Grid, ServerApp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from citydata import DATASETS
-from clients.node import NODE_KEYS, TASKS
+from contract.keys import NODE_KEYS, RUN_ID
+from contract.tasks import TASKS
 from server.artefacts import CHECKPOINT, MODEL, require_no_legacy_checkpoint, save_model
 from server.personalise import personalise_config, personalise_nodes
 from server.secagg import SecAggStrategy
@@ -146,7 +147,7 @@ DEFAULTS = {f.alias or k: f.default for k, f in RunSettings.model_fields.items()
 def settings(run_config: dict) -> dict:
     """Validate a run config; return it with defaults filled in (hyphenated keys).
 
-    Node-side keys (:data:`clients.node.NODE_KEYS`) pass through unchecked.
+    Node-side keys (:data:`contract.keys.NODE_KEYS`) pass through unchecked.
 
     Raises
     ------
@@ -154,7 +155,7 @@ def settings(run_config: dict) -> dict:
         Naming the key, the problem and the allowed values.
     """
     raw = dict(run_config)
-    node_side = {k: raw.pop(k) for k in list(raw) if k in NODE_KEYS or k == "run-id"}  # run-id: in-process grid
+    node_side = {k: raw.pop(k) for k in list(raw) if k in NODE_KEYS or k == RUN_ID}  # run-id: in-process grid
     try:
         parsed = RunSettings.model_validate(raw)
     except ValidationError as exc:
@@ -189,6 +190,37 @@ def _strategy_kwargs(cfg: dict) -> dict:
     if name == "krum":
         return {"num_malicious_nodes": int(cfg["krum-malicious"])}
     return {}
+
+
+def job_config(cfg: dict, run_id: str) -> dict:
+    """The job config every train, evaluate and personalise message of a run carries.
+
+    Only keys of the job contract (:data:`contract.keys.JOB_KEYS`); Flower's strategies add
+    ``server-round``, central DP its clipping norm and claims, SecAgg+ the parameter names and
+    the update bound.
+
+    Parameters
+    ----------
+    cfg : dict
+        A validated run config (:func:`settings`).
+    run_id : str
+        The run's identity (kept across resumes).
+    """
+    dept = cfg["department"]
+    job = {
+        "department": dept, "task": TASKS[dept], "model": cfg["model"], RUN_ID: run_id,
+        "local-epochs": int(cfg["local-epochs"]), "batch-size": int(cfg["batch-size"]), "lr": float(cfg["lr"]),
+        "dp": bool(cfg["dp"]), "clipping-norm": float(cfg["clipping-norm"]), "num-rounds": int(cfg["num-rounds"]),
+        "seed": int(cfg["seed"]),
+    }
+    if float(cfg["noise-multiplier"]) >= 0:
+        job["noise-multiplier"] = float(cfg["noise-multiplier"])
+    else:
+        job["target-epsilon"] = float(cfg["target-epsilon"])
+    if cfg["strategy"] == "fedprox":
+        job["proximal-mu"] = float(cfg["proximal-mu"])
+    job.update(personalise_config(cfg))  # nodes reserve the personalisation's steps in their calibration
+    return job
 
 
 def central_evaluator(cfg: dict, strategy: GuardedStrategy):
@@ -236,7 +268,7 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
     torch.manual_seed(int(cfg["seed"]))
     model = build_model(default_model_config(schema, cfg["model"]))
     arrays = ArrayRecord(model.state_dict())
-    offset, history, central_state = 0, None, None
+    offset, history, central_state, saved_state = 0, None, None, None
     inner = make_strategy(cfg["strategy"], fraction_train=float(cfg["fraction-train"]),
                           fraction_evaluate=float(cfg["fraction-evaluate"]), min_nodes=int(cfg["min-nodes"]),
                           **_strategy_kwargs(cfg))
@@ -250,9 +282,8 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
             {"flower-run-id": launch_id, "after-round": offset, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         state = {k: torch.from_numpy(v) for k, v in saved["arrays"].items()}
         arrays = ArrayRecord(state)
-        central_state = saved["strategy_state"].pop(CENTRAL_STATE_KEY, None)  # the central-DP accountant (JSON)
-        for k, v in saved["strategy_state"].items():
-            setattr(inner, k, v)
+        saved_state = saved["strategy_state"]  # the server optimiser's state_dict, restored below
+        central_state = saved_state.get(CENTRAL_STATE_KEY)  # the central-DP accountant (JSON)
         log.warning("resuming run %s after round %d of %d (this launch is Flower run %s); rounds continue at %d",
                     run_id, offset, int(cfg["num-rounds"]), launch_id, offset + 1)
     if cfg["central-dp"]:  # Flower's client-side fixed-clipping DP wrapper; its accountant continues on resume
@@ -276,23 +307,13 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
         inner, num_shares=int(cfg["secagg-num-shares"]), threshold=int(cfg["secagg-threshold"]),
         clipping_range=float(cfg["secagg-clipping-range"]), **guard)
     strategy.num_rounds = int(cfg["num-rounds"])
+    if saved_state:
+        strategy.load_state_dict(saved_state)  # FedAdam/FedYogi moments, FedAvgM momentum continue
     # record what the run actually uses: SecAgg+ raises the minimums (server/secagg.py)
     cfg = {**cfg, "min-accepted": strategy.min_accepted,
            "min-nodes": max(int(cfg["min-nodes"]), int(getattr(inner, "min_train_nodes", 0) or 0))}
     remaining = int(cfg["num-rounds"]) - offset
-    job = {
-        "department": dept, "task": TASKS[dept], "model": cfg["model"], "run-id": run_id,
-        "local-epochs": int(cfg["local-epochs"]), "batch-size": int(cfg["batch-size"]), "lr": float(cfg["lr"]),
-        "dp": bool(cfg["dp"]), "clipping-norm": float(cfg["clipping-norm"]), "num-rounds": int(cfg["num-rounds"]),
-        "seed": int(cfg["seed"]),
-    }
-    if float(cfg["noise-multiplier"]) >= 0:
-        job["noise-multiplier"] = float(cfg["noise-multiplier"])
-    else:
-        job["target-epsilon"] = float(cfg["target-epsilon"])
-    if cfg["strategy"] == "fedprox":
-        job["proximal-mu"] = float(cfg["proximal-mu"])
-    job.update(personalise_config(cfg))  # nodes reserve the personalisation's steps in their calibration
+    job = job_config(cfg, run_id)
     evaluate_fn = central_evaluator(cfg, strategy) if cfg["central-data"] else None
     t0 = time.perf_counter()
     status = "completed"

@@ -21,9 +21,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
+from flower_compat.strategy_state import from_legacy_names, owned_state_base
+from contract.tasks import ARRAYS, CONFIG, EVAL_METRICS, NUM_EXAMPLES, TRAIN_METRICS
 from server.artefacts import read_checkpoint, write_checkpoint
 from server.grid import DeadlineGrid, deadline_grid
-from server.validation import validate_update
+from server.validation import unexpected_metrics, validate_update
 
 log = logging.getLogger("cityfed.server")
 
@@ -63,6 +65,66 @@ def aggregate_metrics(records: list, weighting_key: str) -> MetricRecord:
     return MetricRecord(out)
 
 
+#: Key of the server optimiser's state in ``GuardedStrategy.strategy_state()`` (and so in the checkpoint).
+OPTIMISER_KEY = "optimiser"
+
+
+class ServerOptimiserState:
+    """Mixin: a server optimiser whose state (``self.optimiser_state``, cityfed's names) a checkpoint carries.
+
+    The Flower strategy it is mixed into reads and writes that state through
+    :func:`flower_compat.strategy_state.owned_state_base`; cityfed only uses
+    :meth:`state_dict` and :meth:`load_state_dict`.
+    """
+
+    STATE_NAMES: tuple[str, ...]  # set by owned_state_base: the keys of optimiser_state
+
+    def state_dict(self) -> dict:
+        """The optimiser's state by cityfed name (``model``, ``first-moment``, ``second-moment``, ``momentum``).
+
+        Entries not yet set (before the first aggregated round) are left out.
+        """
+        state = self.__dict__.get("optimiser_state", {})
+        return {k: state[k] for k in self.STATE_NAMES if state.get(k) is not None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` (e.g. a checkpoint's).
+
+        Raises
+        ------
+        ValueError
+            ``state`` names an entry this optimiser does not keep (the fix: resume with the
+            strategy that wrote the checkpoint).
+        """
+        unknown = sorted(set(state) - set(self.STATE_NAMES))
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: saved optimiser state has {unknown}, which it does not keep "
+                             f"(it keeps {list(self.STATE_NAMES)}). Fix: resume with the strategy that wrote the "
+                             "checkpoint, or start a new run")
+        self.__dict__.setdefault("optimiser_state", {}).update(state)
+
+
+class CityFedAdam(ServerOptimiserState, owned_state_base(FedAdam)):
+    """Flower's FedAdam; its moment estimates and model are checkpointed with :meth:`state_dict`."""
+
+
+class CityFedYogi(ServerOptimiserState, owned_state_base(FedYogi)):
+    """Flower's FedYogi; its moment estimates and model are checkpointed with :meth:`state_dict`."""
+
+
+class CityFedAvgM(ServerOptimiserState, owned_state_base(FedAvgM)):
+    """Flower's FedAvgM; its server momentum and model are checkpointed with :meth:`state_dict`."""
+
+
+def optimiser_state(strategy_state: dict) -> dict:
+    """The server optimiser's part of a checkpoint's ``strategy_state`` (also of checkpoints from earlier versions)."""
+    if OPTIMISER_KEY in strategy_state:
+        return dict(strategy_state[OPTIMISER_KEY])
+    from server.central_dp import STATE_KEY
+
+    return from_legacy_names({k: v for k, v in strategy_state.items() if k != STATE_KEY})
+
+
 def make_strategy(name: str, *, fraction_train: float = 1.0, fraction_evaluate: float = 1.0, min_nodes: int = 1,
                   **kw) -> Strategy:
     """Build a Flower strategy by name.
@@ -80,9 +142,10 @@ def make_strategy(name: str, *, fraction_train: float = 1.0, fraction_evaluate: 
     """
     common = dict(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=min_nodes,
                   min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes,
-                  train_metrics_aggr_fn=aggregate_metrics, evaluate_metrics_aggr_fn=aggregate_metrics)
-    classes = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "trimmed-mean": FedTrimmedAvg, "krum": Krum,
-               "fedavgm": FedAvgM}
+                  train_metrics_aggr_fn=aggregate_metrics, evaluate_metrics_aggr_fn=aggregate_metrics,
+                  arrayrecord_key=ARRAYS, configrecord_key=CONFIG, weighted_by_key=NUM_EXAMPLES)  # the job contract's names
+    classes = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": CityFedAdam, "fedyogi": CityFedYogi,
+               "trimmed-mean": FedTrimmedAvg, "krum": Krum, "fedavgm": CityFedAvgM}
     if name not in classes:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     if name == "fedprox":
@@ -239,14 +302,24 @@ class GuardedStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         rnd = server_round + self.round_offset
-        per_node = {int(m.metadata.src_node_id): dict(m.content["metrics"]) for m in replies if not m.has_error()}
         declined = {int(m.metadata.src_node_id): m.error.reason for m in replies if m.has_error()}
         if declined:
             log.info("round %d: %d node(s) declined evaluation (e.g. %s)", rnd, len(declined), next(iter(declined.values())))
-        agg = self.inner.aggregate_evaluate(rnd, [m for m in replies if not m.has_error()])
+        kept, excluded = [], {}
+        for m in (m for m in replies if not m.has_error()):
+            why = unexpected_metrics(m.content["metrics"], EVAL_METRICS) if "metrics" in m.content else "reply lacks 'metrics'"
+            if why:
+                excluded[int(m.metadata.src_node_id)] = why
+                log.warning("round %d: excluded the evaluation of node %d: %s", rnd, int(m.metadata.src_node_id), why)
+            else:
+                kept.append(m)
+        per_node = {int(m.metadata.src_node_id): dict(m.content["metrics"]) for m in kept}
+        agg = self.inner.aggregate_evaluate(rnd, kept)
         entry = self._round(rnd)
         entry["evaluate"] = {"aggregate": dict(agg) if agg else None, "nodes": per_node, "declined": declined,
                              **self._timing("evaluate"), **self._deadline("evaluate", rnd)}
+        if excluded:
+            entry["evaluate"]["excluded"] = excluded
         dropped = self._dropouts("evaluate", rnd)
         for d in dropped:
             log.warning("round %d: node %d gave no evaluation: %s", rnd, d["node"], d["reason"])
@@ -274,7 +347,8 @@ class GuardedStrategy(Strategy):
             if "arrays" not in msg.content or "metrics" not in msg.content:
                 reason = "reply lacks 'arrays' or 'metrics'"
             else:
-                reason = validate_update(msg.content["arrays"], self._global, self.max_update_norm)
+                reason = unexpected_metrics(msg.content["metrics"], TRAIN_METRICS) or \
+                    validate_update(msg.content["arrays"], self._global, self.max_update_norm)
             if reason:
                 self.history["excluded"].append({"round": rnd, "node": node, "reason": reason})
                 log.warning("round %d: excluded node %d: %s", rnd, node, reason)
@@ -349,14 +423,35 @@ class GuardedStrategy(Strategy):
             self.on_round(entry)
 
     def strategy_state(self) -> dict:
-        """Server-optimizer state worth saving (FedAdam/FedYogi moments) and, under central DP, the
+        """What the checkpoint keeps of the strategy: the server optimiser's :meth:`~ServerOptimiserState.state_dict`
+        (FedAdam/FedYogi moments, FedAvgM momentum) under :data:`OPTIMISER_KEY` and, under central DP, the
         accountant's JSON state under ``"central_dp"`` (:data:`server.central_dp.STATE_KEY`)."""
-        out = {k: getattr(self.inner, k) for k in ("current_arrays", "m_t", "v_t", "momentum_vector") if hasattr(self.inner, k)}
+        out = {}
+        if isinstance(self.inner, ServerOptimiserState):
+            out[OPTIMISER_KEY] = self.inner.state_dict()
         if hasattr(self.inner, "central_state"):
             from server.central_dp import STATE_KEY
 
             out[STATE_KEY] = self.inner.central_state()
         return out
+
+    state_dict = strategy_state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the server optimiser from a checkpoint's ``strategy_state`` (see :meth:`strategy_state`).
+
+        The central-DP accountant is restored when the wrapper is built (its ``state``
+        argument); a saved optimiser state that the run's strategy does not keep (the run
+        resumed with another strategy) is logged and not used.
+        """
+        saved = optimiser_state(state)
+        if not saved:
+            return
+        if isinstance(self.inner, ServerOptimiserState):
+            self.inner.load_state_dict(saved)
+        else:
+            log.warning("resume: the checkpoint holds server-optimiser state (%s) that %s does not keep; not used",
+                        ", ".join(sorted(saved)), type(self.inner).__name__)
 
     def _record_central_dp(self, entry: dict, arrays) -> None:
         """Under central DP, the round's central epsilon and delta (and noise) in ``entry["train"]["central-dp"]``."""
