@@ -160,3 +160,41 @@ def test_server_optimiser_strategies_keep_the_model_dtype_and_accept_every_round
     assert {str(t.dtype) for t in model.values()} == {"torch.float32"}
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
     assert {a.dtype for a in ckpt["arrays"].values()} == {np.dtype("float32")}
+
+
+def test_fedadam_resumed_from_its_checkpoint_continues_with_the_saved_moments(tmp_path, monkeypatch):
+    """The checkpoint carries FedAdam's moments under cityfed's names (state_dict); a resume starts from them."""
+    from server.strategy import OPTIMISER_KEY, CityFedAdam
+
+    nodes = _nodes(tmp_path)
+    run_federation(InProcessGrid(client_app, nodes), _cfg(tmp_path, strategy="fedadam", **{"num-rounds": 2}), run_id="r1")
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")["strategy_state"]
+    assert set(saved) == {OPTIMISER_KEY}
+    moments = saved[OPTIMISER_KEY]
+    assert set(moments) == {"model", "first-moment", "second-moment"}  # no Flower attribute names
+    assert any(np.abs(v).sum() > 0 for v in moments["first-moment"].values())
+
+    seen = []
+    flower_aggregate = CityFedAdam.aggregate_train
+
+    def spy(self, server_round, replies):
+        seen.append((server_round, {k: {n: np.array(a) for n, a in v.items()} for k, v in self.state_dict().items()
+                                    if k != "model"}))
+        return flower_aggregate(self, server_round, replies)
+
+    monkeypatch.setattr(CityFedAdam, "aggregate_train", spy)
+    res = run_federation(InProcessGrid(client_app, nodes),
+                         _cfg(tmp_path, strategy="fedadam", **{"num-rounds": 3, "resume": True}), run_id="r2")
+    assert [e["round"] for e in res["rounds"]] == [1, 2, 3] and res["excluded"] == []
+    assert [rnd for rnd, _ in seen] == [3]
+    at_round_3 = seen[0][1]
+    for key in ("first-moment", "second-moment"):  # round 3 steps from the saved moments, not from zero
+        assert set(at_round_3[key]) == set(moments[key])
+        for name, value in moments[key].items():
+            np.testing.assert_array_equal(at_round_3[key][name], value)
+    after = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")["strategy_state"][OPTIMISER_KEY]
+    beta_1 = CityFedAdam().beta_1  # m_3 = beta_1 m_2 + (1 - beta_1) delta_3: the saved moment decays into the new one
+    name = next(iter(moments["first-moment"]))
+    delta_3 = (after["first-moment"][name] - beta_1 * moments["first-moment"][name]) / (1 - beta_1)
+    fresh = (1 - beta_1) * delta_3  # what round 3 would have left without the saved moment
+    assert not np.allclose(after["first-moment"][name], fresh)
