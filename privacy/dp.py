@@ -3,9 +3,11 @@
 What this module adds to Opacus:
 
 * :class:`DPSettings`, the validated knobs of a private training job;
-* :func:`make_private`, which picks ghost clipping when the model allows it (all shipped
-  models do) and falls back to per-sample gradient hooks otherwise, always with Poisson
-  sampling; epsilon by the RDP accountant, or the tighter PRV one (:mod:`privacy.accounting`);
+* :func:`make_private`, which under ``grad_sample_mode="auto"`` trains with the fastest
+  per-sample-gradient mode measured for the model kind that Opacus accepts, hooks last
+  (:mod:`privacy.grad_modes`), always with Poisson sampling (batches fetched by tensor indexing,
+  :mod:`privacy.poisson_loader`); epsilon by the RDP accountant, or the tighter PRV one
+  (:mod:`privacy.accounting`);
 * a norm sampler for ``nn.Linear`` on inputs with more than 3 dimensions (PatchTST embeds
   ``(batch, channels, patches, patch_len)`` tensors), which Opacus 1.6's ghost clipping
   silently skips, leaving that layer unclipped and the step failing;
@@ -31,6 +33,8 @@ from privacy.accounting import epsilon as composed_epsilon
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import linear as _opacus_linear
 from opacus.grad_sample.utils import register_norm_sampler
+from privacy.grad_modes import candidate_modes, usable_mode
+from privacy.poisson_loader import TensorPoissonLoader
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -97,8 +101,10 @@ class DPSettings(BaseModel):
     delta: float | None = Field(
         default=None, gt=0, lt=1, description="Target delta; default 1/(10·n) for n training records."
     )
-    grad_sample_mode: Literal["auto", "ghost", "hooks"] = Field(
-        default="auto", description="'auto' = ghost clipping where the model allows, else hooks."
+    grad_sample_mode: Literal["auto", "hooks", "ghost", "functorch", "ew"] = Field(
+        default="auto",
+        description="Opacus' per-sample-gradient mode; 'auto' = the fastest measured for the model kind that "
+        "Opacus accepts, hooks last (privacy.grad_modes.AUTO_MODES).",
     )
     accountant: Literal["rdp", "prv"] = Field(
         default="rdp", description="Accountant of calibration and reported epsilon (privacy.accounting)."
@@ -268,7 +274,9 @@ def make_private(
         The non-private training objects (criterion must return one loss per sample when
         ``reduction='none'``, see :mod:`shared_models.losses`).
     settings : DPSettings
-        Target epsilon or noise multiplier, clipping norm, delta, clipping mode.
+        Target epsilon or noise multiplier, clipping norm, delta, per-sample-gradient mode
+        ("auto": the first of :func:`privacy.grad_modes.candidate_modes` that Opacus accepts
+        for the model; the mode used is ``PrivateTraining.grad_sample_mode``).
     epochs : int
         Planned epochs (used to calibrate noise for ``target_epsilon``).
     n_records : int, optional
@@ -288,7 +296,8 @@ def make_private(
                                 accountant=settings.accountant)
     else:
         raise ValueError("DPSettings needs target_epsilon or noise_multiplier")
-    mode = "ghost" if settings.grad_sample_mode == "auto" else settings.grad_sample_mode
+    mode = usable_mode(module, criterion, loader.dataset, candidate_modes(module, settings.grad_sample_mode),
+                       settings.max_grad_norm)
     engine = PrivacyEngine(accountant="rdp")  # only its step history is read (PrivateTraining.epsilon)
     result = engine.make_private(
         module=module,
@@ -306,6 +315,8 @@ def make_private(
     else:
         dp_module, dp_opt, dp_loader = result
         dp_crit = criterion
+    if TensorPoissonLoader.applies_to(dp_loader):  # the same Poisson draws, fetched by tensor indexing
+        dp_loader = TensorPoissonLoader(dp_loader)
     return PrivateTraining(
         module=dp_module,
         optimizer=dp_opt,
