@@ -8,7 +8,7 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
 OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo baselines compare test test-slow bench bench-scale clean
+.PHONY: install demo baselines compare test test-slow bench bench-scale clean flwr-run
 
 install: $(STAMP)
 
@@ -23,6 +23,16 @@ $(STAMP): pyproject.toml constraints.txt
 # the main job: a federated DP simulation (Flower Simulation Engine) of all three departments
 demo: install
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fl-sim run --department all --epsilon 3 --out $(OUT)
+
+# Flower-native: `flwr run .` of the project's apps on a local SuperLink (README "Flower-native:
+# flwr run ."), one simulated node per site of DEPT; offline (no runtime dependency installation,
+# no update check). The SuperLink stays up: stop it with `$(BIN)/python -m simulations.flwr_local stop`.
+DEPT ?= health
+flwr-run: install
+	N=$$($(BIN)/python -c "from citydata import load_department; print(len(load_department('$(DEPT)').sites))") && \
+	PATH="$(CURDIR)/$(BIN):$$PATH" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 \
+	FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 $(BIN)/flwr run . local --stream \
+	--federation-config "num-supernodes=$$N" --run-config "department='$(DEPT)' run-dir='$(CURDIR)/runs/flwr-$(DEPT)-$(shell date +%Y%m%d-%H%M%S)'"
 
 baselines: install
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fl-sim baselines --department all --epsilon 3 --out runs/baselines
