@@ -34,6 +34,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _invoke(*args: str) -> tuple[int, str]:
+    """``fl-sim run ARGS`` in this process (the option checks; no run starts): exit code, output."""
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    res = CliRunner().invoke(app, ["run", *args], env={"COLUMNS": "200"})
+    return res.exit_code, " ".join(res.output.split())
+
+
 def _fl_sim(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "fl-sim"), "run", *args], capture_output=True, text=True, timeout=timeout,
                           env={**ENV, "COLUMNS": "200"}, cwd=ROOT)
@@ -77,9 +87,8 @@ def test_gpu_clients_need_gpus():
 def test_gpu_clients_on_a_machine_without_gpu_stop_before_ray():
     with pytest.raises(ValueError, match="--gpus-per-client 1 asks for GPUs but this machine has none"):
         backend_config(1.0, 1.0)
-    r = _fl_sim("-d", "health", "-r", "1", "--gpus-per-client", "1", "--out", tempfile.mkdtemp(), timeout=120)
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert "--gpus-per-client 1 asks for GPUs but this machine has none" in " ".join(r.stdout.split())
+    code, out = _invoke("-d", "health", "-r", "1", "--gpus-per-client", "1", "--out", tempfile.mkdtemp())
+    assert code == 2 and "--gpus-per-client 1 asks for GPUs but this machine has none" in out, out
 
 
 def test_unreachable_address_names_it_and_the_fix():
@@ -88,14 +97,13 @@ def test_unreachable_address_names_it_and_the_fix():
     with pytest.raises(ValueError, match=rf"--ray-address 127.0.0.1:{port}: no Ray cluster answers there.*ray start --head --port {port}"):
         check_cluster(f"127.0.0.1:{port}")
     assert time.perf_counter() - t0 < 10  # not ray.init's endless retries
-    r = _fl_sim("-d", "health", "-r", "1", "--ray-address", f"127.0.0.1:{port}", "--out", tempfile.mkdtemp(), timeout=120)
-    out = " ".join(r.stdout.split())
-    assert r.returncode == 2 and f"--ray-address 127.0.0.1:{port}: no Ray cluster answers there" in out, out + r.stderr
-    r = _fl_sim("-d", "health", "--ray-address", "localhost", "--out", tempfile.mkdtemp(), timeout=120)
-    assert r.returncode == 2 and "expected HOST:PORT" in " ".join(r.stdout.split())
-    r = _fl_sim("-d", "health", "--engine", "inprocess", "--ray-address", "127.0.0.1:1", "--out", tempfile.mkdtemp(),
-                timeout=120)
-    assert r.returncode == 2 and "need --engine ray" in " ".join((r.stdout + r.stderr).split())
+    code, out = _invoke("-d", "health", "-r", "1", "--ray-address", f"127.0.0.1:{port}", "--out", tempfile.mkdtemp())
+    assert code == 2 and f"--ray-address 127.0.0.1:{port}: no Ray cluster answers there" in out, out
+    code, out = _invoke("-d", "health", "--ray-address", "localhost", "--out", tempfile.mkdtemp())
+    assert code == 2 and "expected HOST:PORT" in out, out
+    code, out = _invoke("-d", "health", "--engine", "inprocess", "--ray-address", "127.0.0.1:1", "--out",
+                        tempfile.mkdtemp())
+    assert code == 2 and "need --engine ray" in out, out
 
 
 # ---------------------------------------------------------------------------------------------
