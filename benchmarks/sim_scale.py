@@ -127,9 +127,10 @@ class PeakSampler(threading.Thread):
 def _sampled(clients: int, fraction: float) -> int:
     """Nodes a round samples (Flower: ``int(available x fraction)``, at least ``min-nodes``).
 
-    Used as ``min-nodes``: Flower's simulation registers its nodes while the ServerApp
-    already runs, so a round must wait for this many (with ``min-nodes = 1`` the first round
-    of a 1,000-client run sampled the 699 nodes registered by then).
+    Used as ``min-nodes``, so a round never samples fewer. Flower's simulation registers its
+    nodes while the ServerApp already runs (with ``min-nodes = 1`` the first round of a
+    1,000-client run sampled the 699 registered by then); ``fl-sim run`` now also waits for
+    all of them (:func:`simulations.run.after_registration`).
     """
     return max(1, int(clients * fraction))
 
