@@ -33,11 +33,12 @@ from torch.utils.data import DataLoader, TensorDataset
 #: The modes :class:`privacy.dp.DPSettings` accepts besides "auto".
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
 
-#: model kind (``model.config.kind``) -> modes to try, fastest measured first (1 torch thread,
-#: CPU, batch 64; ``benchmarks/dp_overhead.py``). Models of another kind use :data:`DEFAULT_AUTO_MODES`.
+#: model kind (``model.config.kind``) -> modes to try, fastest measured first (CPU seconds per epoch,
+#: 1 torch thread, batch 64; ``benchmarks/dp_overhead.py``, README "DP cost benchmark": expanded
+#: weights fastest on all three, hooks second). Models of another kind use :data:`DEFAULT_AUTO_MODES`.
 AUTO_MODES: dict[str, tuple[str, ...]] = {
     "heart-mlp": ("ew", "hooks"),
-    "gru": ("hooks",),
+    "gru": ("ew", "hooks"),
     "patchtst": ("ew", "hooks"),
 }
 
