@@ -46,13 +46,17 @@ def _flat(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def _one_clipped_step(kind, mode, clip=0.05):
+def _one_clipped_step(kind, mode, clip=0.05, freeze_first_half=False):
     """Weights moved by one noise-free DP-SGD step (SGD, lr 1) on a fixed full batch, in ``mode``."""
     torch.manual_seed(0)
     model = build_model(SHIPPED[kind][0])
+    if freeze_first_half:  # as TrainConfig.trainable does (personalisation: a shared body stays frozen)
+        params = list(model.parameters())
+        for q in params[: len(params) // 2]:
+            q.requires_grad_(False)
     before = _flat(model).clone()
     x, y = _batch(kind)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=1.0)
     p = make_private(model, opt, DataLoader(TensorDataset(x, y), batch_size=len(x)), _criterion(kind),
                      DPSettings(noise_multiplier=0.0, max_grad_norm=clip, grad_sample_mode=mode), epochs=1)
     assert p.grad_sample_mode == mode
@@ -71,6 +75,14 @@ def test_each_mode_applies_the_same_clipped_gradient_as_hooks(kind, mode):
     got = _one_clipped_step(kind, mode)
     assert ref.norm() > 0
     assert ref.norm() <= 0.05 * 1.0001  # mean of per-sample grads clipped to C
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", list(SHIPPED))
+def test_expanded_weights_with_frozen_parameters_applies_hooks_gradient(kind):
+    ref = _one_clipped_step(kind, "hooks", freeze_first_half=True)
+    got = _one_clipped_step(kind, "ew", freeze_first_half=True)
+    assert ref.norm() > 0 and (ref == 0).any()  # the frozen half did not move
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-7)
 
 
