@@ -16,7 +16,7 @@ Opacus 1.6 computes per-sample gradients (or, for ghost clipping, their norms) i
 ``benchmarks/dp_overhead.py`` (README, "DP cost benchmark"); ``hooks`` closes every list, as
 the mode that handles the most models. :func:`usable_mode` tries them in that order on a copy of
 the model with one zero-valued batch (no record is read, nothing is released, the accountant is
-not touched) and returns the first that Opacus accepts.
+not touched) and returns the first that Opacus accepts, remembered per architecture for the process.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ DEFAULT_AUTO_MODES: tuple[str, ...] = ("hooks", "ghost")
 REFUSALS: tuple[type[BaseException], ...] = (NotImplementedError, RuntimeError)
 
 log = logging.getLogger("cityfed.dp")
+
+#: :func:`usable_mode`'s answers by architecture (:func:`_signature`): a node trains the same
+#: model every round, so it probes once per process, not once per round.
+_USABLE: dict[tuple, str] = {}
 
 
 class NoUsableModeError(ValueError):
@@ -118,6 +122,16 @@ def probe(module: nn.Module, criterion: nn.Module, batch: Sequence[torch.Tensor]
         dp_module.remove_hooks()
 
 
+def _signature(module: nn.Module, criterion: nn.Module, batch: Sequence[torch.Tensor], modes: Sequence[str]) -> tuple:
+    """What decides a probe's outcome: module and criterion types, every submodule's type, each
+    parameter's name, shape and trainability, the batch's shapes and dtypes, the device, the modes."""
+    return (
+        type(module), type(criterion), tuple(type(m) for m in module.modules()),
+        tuple((n, tuple(p.shape), p.requires_grad) for n, p in module.named_parameters()),
+        tuple((tuple(t.shape), t.dtype) for t in batch), str(batch[0].device), tuple(modes),
+    )
+
+
 def usable_mode(module: nn.Module, criterion: nn.Module, dataset, modes: Sequence[str], max_grad_norm: float) -> str:
     """The first of ``modes`` whose :func:`probe` passes on ``module``.
 
@@ -135,6 +149,7 @@ def usable_mode(module: nn.Module, criterion: nn.Module, dataset, modes: Sequenc
     Returns
     -------
     str
+        The mode; remembered per architecture (:func:`_signature`) for the rest of the process.
 
     Raises
     ------
@@ -145,6 +160,9 @@ def usable_mode(module: nn.Module, criterion: nn.Module, dataset, modes: Sequenc
         return modes[0]
     device = next(module.parameters()).device
     batch = _zero_batch(dataset, device)
+    key = _signature(module, criterion, batch, modes)
+    if key in _USABLE:
+        return _USABLE[key]
     refused: list[str] = []
     for mode in modes:
         try:
@@ -157,6 +175,7 @@ def usable_mode(module: nn.Module, criterion: nn.Module, dataset, modes: Sequenc
                         "; ".join(refused), mode)
         else:
             log.debug("DP-SGD on %s with grad_sample_mode %r", type(module).__name__, mode)
+        _USABLE[key] = mode
         return mode
     raise NoUsableModeError(
         f"no Opacus grad_sample_mode handles {type(module).__name__}: " + "; ".join(refused)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from clients.training import TrainConfig, fit
 from privacy.dp import DPSettings, make_private
+from privacy import grad_modes
 from privacy.grad_modes import AUTO_MODES, GRAD_SAMPLE_MODES, NoUsableModeError, candidate_modes, usable_mode
 from privacy.poisson_loader import TensorPoissonLoader
 from shared_models import (
@@ -137,6 +138,7 @@ def _data(n=256):
 def test_auto_falls_back_when_opacus_refuses_the_first_mode_and_still_trains_with_noise(net, first, monkeypatch, caplog):
     monkeypatch.setenv("CITYFED_DP_SEED_FROM_JOB", "1")  # the same Poisson batches in both runs
     monkeypatch.setitem(AUTO_MODES, net().config.kind, (first, "hooks"))
+    monkeypatch.setattr(grad_modes, "_USABLE", {})  # probe afresh (the refusal is logged once)
     torch.manual_seed(0)
     base = net()
     cfg = TrainConfig(epochs=1, batch_size=32, lr=0.05, seed=11)
@@ -150,6 +152,27 @@ def test_auto_falls_back_when_opacus_refuses_the_first_mode_and_still_trains_wit
     assert (_flat(clean) - _flat(base)).norm() > 0  # it trained
     assert (_flat(noisy) - _flat(clean)).norm() > 0.05  # same batches: the difference is the noise
     assert r1.epsilon is not None and r1.epsilon > 0
+
+
+def test_the_probe_runs_once_per_architecture(monkeypatch):
+    monkeypatch.setattr(grad_modes, "_USABLE", {})
+    calls = []
+    real_probe = grad_modes.probe
+
+    def counting_probe(*args, **kwargs):
+        calls.append(args[3])
+        return real_probe(*args, **kwargs)
+
+    monkeypatch.setattr(grad_modes, "probe", counting_probe)
+    monkeypatch.setitem(AUTO_MODES, "tied-test", ("ghost", "hooks"))
+    assert usable_mode(TiedNet(), PerSampleBCEWithLogits(), _data(), ("ghost", "hooks"), 1.0) == "hooks"
+    assert calls == ["ghost", "hooks"]
+    assert usable_mode(TiedNet(), PerSampleBCEWithLogits(), _data(), ("ghost", "hooks"), 1.0) == "hooks"
+    assert calls == ["ghost", "hooks"]  # remembered: the same architecture
+    frozen = TiedNet()
+    frozen.lin.requires_grad_(False)  # the tied layer frozen: ghost clipping accepts it
+    assert usable_mode(frozen, PerSampleBCEWithLogits(), _data(), ("ghost", "hooks"), 1.0) == "ghost"
+    assert calls == ["ghost", "hooks", "ghost"]
 
 
 def test_no_usable_mode_names_each_refusal():
