@@ -22,7 +22,8 @@ from collections.abc import Callable
 #: Environment: "1" behaves as if ``--debug`` were given (for tools that start other tools).
 DEBUG_ENV = "CITYFED_DEBUG"
 #: Packages whose exception messages are written for operators (they never carry record values).
-OWN_PACKAGES = ("clients", "server", "privacy", "shared_models", "simulations", "flower_compat")
+OWN_PACKAGES = ("clients", "server", "privacy", "shared_models", "simulations", "flower_compat", "citydata", "contract",
+                "serving")
 #: Exit status after an unexpected error.
 EXIT_ERROR = 1
 

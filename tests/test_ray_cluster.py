@@ -149,7 +149,8 @@ def ray_cluster():
                                   "--ray-client-server-port", str(_free_port()),
                                   "--dashboard-agent-listen-port", str(_free_port()), "--temp-dir", str(dirs[0]),
                                   *common], env))
-        groups.append(_ray_start(["--address", f"127.0.0.1:{port}", "--dashboard-agent-listen-port",
+        groups.append(_ray_start(["--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
+                                  "--dashboard-agent-listen-port",
                                   str(_free_port()), "--temp-dir", str(dirs[1]), *common], env))
         yield {"address": f"127.0.0.1:{port}", "dirs": dirs}
     finally:

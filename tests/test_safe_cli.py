@@ -87,3 +87,15 @@ def test_a_failed_node_task_tells_the_coordinator_no_record_value():
     except ValueError as exc:
         reason = failure_reason(exc)
     assert "ValueError" in reason and "test_safe_cli.py" in reason and MARKER not in reason
+
+
+def test_own_packages_are_every_package_the_project_ships():
+    """A package moved or added (e.g. citydata, contract) must be trusted for messages: its errors name the fix."""
+    import tomllib
+    from pathlib import Path
+
+    from privacy.safe_cli import OWN_PACKAGES
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    shipped = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert shipped == set(OWN_PACKAGES)
