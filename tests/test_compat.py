@@ -189,7 +189,7 @@ def test_cli_start_up_refuses_a_wrong_flower_version(monkeypatch, capsys, prog):
 
     main = importlib.import_module({"fl-client": "clients.cli", "fl-server": "server.cli",
                                     "fl-sim": "simulations.cli"}[prog]).main
-    monkeypatch.delenv("CITYFED_DEBUG", raising=False)
+    monkeypatch.setenv("CITYFED_DEBUG", "0")  # recorded, so the "1" that --debug sets below is undone after the test
     monkeypatch.setattr(flwr, "__version__", "1.41.0")
     code, err = _run_cli(monkeypatch, capsys, main, prog, "--no-such-option-either")
     assert code == 1 and "CompatError" in err and "flwr 1.41.0 is installed" in err and "Fix: pip install" in err
