@@ -52,7 +52,7 @@ from pathlib import Path
 RELEASE_PACKAGES = ("server", "clients", "citydata", "contract", "flower_compat", "privacy", "shared_models")
 #: The release's ``[tool.flwr.app.components]``.
 COMPONENTS = {"serverapp": "server.app:app", "clientapp": "clients.app:app"}
-#: Flower's own FAB metadata (verified and removed by ``flwr.cli.install``, never importable).
+#: Flower's own FAB metadata (verified and removed by Flower's FAB installer, never importable).
 FAB_METADATA = (".info/CONTENT",)
 PYPROJECT = "pyproject.toml"
 #: Error code of the reply to a task whose FAB this node refused.
@@ -63,7 +63,7 @@ HOME_ENV, KEY_ENV = "CITYFED_NODE_HOME", "CITYFED_NODE_KEY"
 MAX_FILE_BYTES, MAX_TOTAL_BYTES = 16 * 2**20, 64 * 2**20
 #: Refused FABs kept for review; beyond this, the oldest are deleted (their index entries stay).
 MAX_QUARANTINED = 100
-#: Files Flower's FAB builder never ships (``flwr.common.constant.FAB_EXCLUDE_PATTERNS``).
+#: Files Flower's FAB builder never ships (Flower's FAB exclude patterns).
 _NEVER_SHIPPED = ("test_*.py", "*_test.py")
 
 

@@ -13,7 +13,7 @@ starts Flower's ``flwr-clientapp``:
 
     python -m clients.warm supernode <flower-supernode arguments>
 
-Flower 1.41's SuperNode (``--isolation subprocess``) starts ``flower-superexec``, and that
+Flower 1.42's SuperNode (``--isolation subprocess``) starts ``flower-superexec``, and that
 starts a **fresh** ``flwr-clientapp`` process for every message. On a 2-core node that costs
 7-14 s per message (Python, torch, opacus, pandas and the app imported again), against 1-2 s
 of DP-SGD compute for the health model. The SuperNode also sleeps a hard-coded 3 s whenever
@@ -47,7 +47,7 @@ the worker dies (OOM, crash), the next task starts a new one; the lost task expi
 crashed ``flwr-clientapp`` would.
 
 In both modes, a message whose run ends while the SuperNode is still receiving it leaves no
-task behind (:func:`flower_compat.warm.drop_stale_pulls`; flwr 1.41 left one, and the node then answered every later
+task behind (:func:`flower_compat.warm.drop_stale_pulls`; flwr 1.42 left one, and the node then answered every later
 message one reply late).
 
 Every Flower internal this relies on (``start_client_internal``'s module-level ``time`` and

@@ -3,7 +3,7 @@
 ``fl-sim run`` builds one ServerApp and one ClientApp per department run (run-config defaults,
 policy and ledger paths baked in; an ``on_round`` callback that feeds the progress display) and
 runs them on Ray with the dispatcher of :mod:`flower_compat.dispatch` installed in the same
-process. flwr 1.41/1.42 deprecate the one public function that does this,
+process. flwr 1.41 and 1.42 deprecate the one public function that does this,
 ``flwr.simulation.run_simulation`` (it logs "DEPRECATED FEATURE ... use `flwr run`" on every
 call, once per department in ``make demo``).
 

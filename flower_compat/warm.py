@@ -132,7 +132,7 @@ class _TaskRecorder:
 def drop_stale_pulls(pull):
     """Flower's ``_pull_and_store_message`` that leaves nothing behind when the run ends mid-pull.
 
-    flwr 1.41/1.42 create the ClientApp task and store the (still empty) message before they pull
+    flwr 1.41 and 1.42 create the ClientApp task and store the (still empty) message before they pull
     the message's objects. When the run stops in between (``fl-server stop``, a ServerApp that
     died), the pull raises ``RunNotRunningException`` and Flower only logs "Run ID ... is not in
     `RUNNING` status. Ignoring message": the task stays pending and the message stays stored.

@@ -531,7 +531,7 @@ def audit_log_from_env() -> AuditLog | None:
     """The log named by ``$CITYFED_AUDIT_LOG`` (signed with ``$CITYFED_AUDIT_KEY`` if set), else None.
 
     ``fl-server start`` sets both for the SuperLink; its SuperExec and ServerApp
-    processes inherit them (Flower 1.41 starts both with ``subprocess.Popen`` and the
+    processes inherit them (Flower 1.42 starts both with ``subprocess.Popen`` and the
     parent's environment). Simulations set neither, so they write nothing.
     """
     path = os.environ.get(ENV_LOG)

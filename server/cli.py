@@ -1,6 +1,6 @@
 """``fl-server``: the coordinator operator's tool (typer + rich).
 
-Wraps Flower 1.41's SuperLink and ``flwr`` CLI with this project's safe defaults:
+Wraps Flower 1.42's SuperLink and ``flwr`` CLI with this project's safe defaults:
 
 * ``start``: SuperLink with TLS, node authentication, a persistent state DB, no runtime
   dependency installation, and the Control/Runtime guard (:mod:`server.guard`);
@@ -51,7 +51,7 @@ from rich.table import Table
 
 #: Name of the ``flwr`` connection written into ``$FLWR_HOME/config.toml``.
 CONNECTION = "cityfed"
-#: Default SuperLink port (all of Fleet, Control and Runtime in Flower 1.41).
+#: Default SuperLink port (all of Fleet, Control and Runtime in Flower 1.42).
 DEFAULT_PORT = 9092
 #: Project root (holds pyproject.toml with ``[tool.flwr.app]``): the app ``fl-server run`` ships.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -803,7 +803,7 @@ def _checkpoint_round(folder: Path) -> int:
 def install_supervisor(supervisor: CoordinatorSupervisor) -> None:
     """Make Flower's SuperLink hand its lifespan (SuperExec, state) to ``supervisor`` when it starts.
 
-    Flower 1.41 builds the SuperLink app from ``flower_superlink.SuperLinkLifespan`` (looked up
+    Flower 1.42 builds the SuperLink app from ``flower_superlink.SuperLinkLifespan`` (looked up
     when ``flower_superlink()`` runs): it is replaced by a subclass whose ``startup`` attaches
     the supervisor and whose ``shutdown`` detaches it before the SuperExec is stopped.
 
@@ -1040,7 +1040,7 @@ def start_cmd(
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2))
         install_guard(nets)
         if not guard_installed_in_superlink():
-            raise CliError("the control-plane guard could not be installed in this Flower version (needs flwr 1.41's "
+            raise CliError("the control-plane guard could not be installed in this Flower version (needs flwr 1.42's "
                            "superlink extensions hook); refusing to start an unguarded coordinator", 1)
         record(sd, "start", argv=list(sys.argv), address=address, insecure=insecure, **{"admin-nets": [str(n) for n in nets]})
     # the SuperExec and ServerApp processes inherit these (Flower starts them with Popen and this environment)

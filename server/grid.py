@@ -1,7 +1,7 @@
 """Grid wrappers: fast polling (deployment) and reply deadlines derived from measured times.
 
 **Fast polling.**
-In Flower 1.41 the deployment grid (``flwr.superlink.grid.http_grid.HttpGrid``) implements
+In Flower 1.42 the deployment grid (Flower's HTTP grid; :mod:`flower_compat.grid` holds what cityfed adapts of it) implements
 ``send_and_receive`` as ``push_messages`` followed by a ``pull_messages`` loop that sleeps
 **3 s** between pulls. Every train and every evaluate step of a round therefore waits up to
 3 s after the last reply has arrived. :class:`FastPollGrid` keeps the same semantics

@@ -1,15 +1,14 @@
-"""Control/Runtime API guard for the Flower 1.41 SuperLink (used by ``fl-server start``).
+"""Control/Runtime API guard for the Flower 1.42 SuperLink (used by ``fl-server start``).
 
-Flower 1.41 serves the Fleet, Control and Runtime APIs from ONE FastAPI/uvicorn app on ONE
-``--host/--port`` (``flwr/superlink/cli/flower_superlink.py:_run_superlink_http_api``).
+Flower 1.42 serves the Fleet, Control and Runtime APIs from ONE FastAPI/uvicorn app on ONE
+``--host/--port`` (the SuperLink's HTTP API entry; see :mod:`flower_compat.superlink`).
 Departments must reach the Fleet API, so that port is reachable from their machines; the
 open-source Control API (start runs, register nodes, ...) has no account authentication and
 ``/v1/runtime/acquire-task`` is unauthenticated in subprocess isolation. Without a guard,
 anyone who can reach the Fleet port could launch a run or register a node.
 
 :class:`ControlPlaneGuard` is a pure ASGI middleware installed as the outermost layer through
-the SuperLink's extension hook ``flwr.superlink.extensions.get_middleware`` (called by
-``flwr/superlink/main.py:_get_middleware``). The rule is an allow-list by path:
+the SuperLink's middleware extension hook (named and wired only in :mod:`flower_compat.superlink`). The rule is an allow-list by path:
 ``/v1/fleet/*`` and ``/health`` are public; every other path (Control, Runtime, ``/docs``,
 ``/openapi.json``) is refused with HTTP 403 unless the TCP peer address is in an admin
 network (default: loopback only). The SuperExec that the SuperLink starts reaches the

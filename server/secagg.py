@@ -7,7 +7,7 @@ the example-weighted *mean* of the nodes' updates. Everything else of a run is u
 :func:`server.app.run_federation`'s loop, evaluation, checkpoints, resume and history, and,
 on the nodes, the same policy check, ledger and DP-SGD (:mod:`clients.secagg`).
 
-Flower 1.41 runs SecAgg+ only through its legacy path (a ``LegacyContext`` with a legacy
+Flower 1.42 runs SecAgg+ only through its legacy path (a ``LegacyContext`` with a legacy
 strategy, see DESIGN.md §3), so :func:`secagg_train_round` builds that context for a single
 round around the nodes the run's strategy sampled. :class:`SecAggStrategy` plugs it into
 the Message-API loop: its ``configure_train`` samples nodes as usual but sends no plain
@@ -75,7 +75,7 @@ def check_settings(cfg: dict) -> None:
     ------
     ValueError
         Naming the key: a strategy that needs individual updates, an even
-        ``secagg-num-shares`` (crashes SecAgg+ clients in Flower 1.41), or a
+        ``secagg-num-shares`` (crashes SecAgg+ clients in Flower 1.42), or a
         ``secagg-threshold`` not below ``secagg-num-shares``.
     """
     if not cfg.get("secagg"):
@@ -127,7 +127,7 @@ class SecAggRound:
 class CityfedSecAggPlusWorkflow(SecAggPlusWorkflow):
     """Flower's :class:`SecAggPlusWorkflow` that tolerates dropouts in every stage, and stops early.
 
-    Flower 1.41's workflow keeps every *sampled* node in the set whose secrets the unmask
+    Flower 1.42's workflow keeps every *sampled* node in the set whose secrets the unmask
     stage reconstructs. A node that left in the setup or share-keys stage never distributed
     key shares, so the nodes that remain are asked for shares they do not hold (they fail
     with ``KeyError``) and the coordinator finds no shares for it ("Not enough shares to
