@@ -17,6 +17,8 @@ logging            :mod:`.logging`        ``clients/app.py``, ``clients/warm.py`
                                           ``simulations/cli.py``, ``privacy/dp.py``
 task-identity      :mod:`.inprocess`      ``simulations/inprocess.py``
 strategy-state     :mod:`.strategy_state` ``server/strategy.py`` (FedAdam/FedYogi/FedAvgM state)
+testing            :mod:`.testing`        ``tests/`` only (what the tests build or patch of Flower's
+                                          SuperNode, SuperExec, SuperLink, FABs and node keys)
 =================  =====================  ==================================================
 
 What counts as public
@@ -30,7 +32,8 @@ submodules (``flwr.app.error``, ``flwr.server.workflow.constant``, ...), ``flwr.
 ``flwr.supernode``, ``flwr.superlink``, ``flwr.server.superlink``, ``flwr.server.compat``,
 ``flwr.compat``, ``flwr.common.constant``, ``flwr.common.logger``, ``flwr.common.config``,
 ``flwr.common.secure_aggregation``, ``flwr.proto``, ``flwr.cli``. ``tests/test_compat.py``
-fails on any import of a private module outside this package (and outside tests).
+fails on any import of a private module outside this package, the tests included (and on a
+``monkeypatch.setattr`` of a ``"flwr.<private module>.<name>"`` string).
 
 :data:`FLWR_VERSION` is the one Flower release these adapters were written and tested
 against (pinned in ``pyproject.toml`` and ``constraints.txt``). :func:`check_version` and

@@ -466,11 +466,11 @@ def _reply(to, node: int, *, error: str | None = None, arrays=None):
 
 def test_serverapp_refusals_and_exclusions_are_audited_when_the_env_says_so(keys, tmp_path, monkeypatch):
     from flwr.app import Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
+    from flower_compat.inprocess import set_task_identity
     from server.strategy import GuardedStrategy, make_strategy
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    set_task_identity(7, 0, 1)
     glob = {"w": np.zeros(3, dtype=np.float32)}
     out = Message(RecordDict({"arrays": _arrays(glob)}), dst_node_id=1, message_type="train")
     replies = [_reply(out, 5, error="policy: epsilon budget spent"),
@@ -505,9 +505,8 @@ def test_serverapp_refusals_and_exclusions_are_audited_when_the_env_says_so(keys
 
 def test_fl_server_start_passes_the_audit_log_to_the_superlink_environment(server_cli, monkeypatch, tmp_path):
     """`fl-server start` records a `start` entry and exports CITYFED_AUDIT_LOG/KEY before launching Flower."""
-    import importlib
-
-    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the package shadows it with a function
+    from flower_compat.testing import supercore_logger
+    from flower_compat.testing import superlink_cli_flower_superlink as fs  # (the module, not the package's function)
 
     import signal
 
@@ -526,7 +525,7 @@ def test_fl_server_start_passes_the_audit_log_to_the_superlink_environment(serve
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     monkeypatch.setattr("server.guard.guard_installed_in_superlink", lambda: True)
     monkeypatch.setattr("server.guard.install_guard", lambda nets: None)
-    monkeypatch.setattr("flwr.supercore.logger.update_console_handler", lambda **kw: None)
+    monkeypatch.setattr(supercore_logger, "update_console_handler", lambda **kw: None)
     for k in (audit.ENV_LOG, audit.ENV_KEY, "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"):
         monkeypatch.setenv(k, "")  # start sets them in os.environ: restored (removed) after the test
     for k in ("FLWR_HOME", "PATH"):

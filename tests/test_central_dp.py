@@ -9,9 +9,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from clients.app import build_client_app
+from flower_compat.dp import KEY_CLIPPING_NORM
+from flower_compat.inprocess import set_task_identity
 from privacy.ledger import PrivacyLedger
 from server.app import run_federation, settings
 from server.central_dp import STATE_KEY, CentralAccountant, CentralDPFixedClipping
@@ -25,9 +26,7 @@ from fed_helpers import POLICY, health_nodes, site_delta  # noqa: E402
 @pytest.fixture(autouse=True)
 def _task_identity():
     """Messages built outside a grid need Flower's task identity (as the in-process grid sets it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    set_task_identity(1, 0, 1)
 
 
 def _reply(arrays: dict, n: int) -> Message:

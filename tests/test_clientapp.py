@@ -6,11 +6,11 @@ import warnings
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
 from clients.app import REFUSED, app
 from contract.tasks import EVAL_METRICS, TRAIN_METRICS
+from flower_compat.inprocess import set_task_identity
 from privacy.ledger import PrivacyLedger
 from shared_models import build_model, default_model_config
 from citydata import load_department
@@ -35,7 +35,7 @@ DELTA = 1 / (10 * N_TRAIN)
 
 @pytest.fixture(autouse=True)
 def _identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    set_task_identity(7, 0, 1)
     yield
 
 

@@ -16,10 +16,15 @@ import flower_compat  # noqa: E402
 from flower_compat import CompatError, is_private  # noqa: E402
 
 #: Seams cityfed adapts (a seam removed or renamed must be removed here too).
-SEAMS = {"dispatch", "dp", "grid", "logging", "secagg", "strategy-state", "superlink", "task-identity", "warm-worker"}
+SEAMS = {"dispatch", "dp", "grid", "logging", "secagg", "strategy-state", "superlink", "task-identity", "testing",
+         "warm-worker"}
 
-#: Folders that are not project code (the compat layer itself and tests may import Flower internals).
-SKIP_DIRS = {"flower_compat", "tests", ".venv", ".git", "build", "dist", "runs", "__pycache__", "node_modules"}
+#: Folders the scan skips: the compat layer itself (the one place Flower internals are imported) and what is
+#: not project code. Tests are project code: they reach Flower internals through flower_compat too.
+SKIP_DIRS = {"flower_compat", ".venv", ".git", "build", "dist", "runs", "__pycache__", "node_modules"}
+
+#: Files outside flower_compat/ the scan skips: this one, which names private modules as the data it checks.
+SKIP_FILES = {Path("tests", "test_compat.py")}
 
 
 def test_self_test_passes_for_every_seam():
@@ -53,6 +58,8 @@ def test_a_wrong_flower_version_fails_with_the_fix(monkeypatch):
     ("flwr.supercore.logger", "update_console_handler", "logging"),
     ("flwr.common.secure_aggregation.secaggplus_constants", "RECORD_KEY_STATE", "secagg"),
     ("flwr.supercore.differential_privacy", "KEY_CLIPPING_NORM", "dp"),
+    ("flwr.cli.build", "build_fab_from_files", "testing"),
+    ("flwr.supercore.exit.exit", "threading", "testing"),
 ])
 def test_a_seam_whose_flower_name_is_gone_fails_naming_the_seam(monkeypatch, module, name, seam):
     import importlib
@@ -84,9 +91,25 @@ def test_public_and_private_flower_modules():
     assert not is_private("flwr_datasets.partitioner") and not is_private("numpy")
 
 
+def _target_module(target: str) -> str:
+    """The module of a dotted ``monkeypatch.setattr`` target (``"flwr.supercore.logger.log"`` ->
+    ``"flwr.supercore.logger"``): its longest prefix that is a module, as pytest resolves it."""
+    import importlib.util
+
+    parts = target.split(".")
+    for end in range(len(parts), 0, -1):
+        try:
+            if importlib.util.find_spec(".".join(parts[:end])) is not None:
+                return ".".join(parts[:end])
+        except (ImportError, ValueError, AttributeError):
+            pass
+    return target.rsplit(".", 1)[0]
+
+
 def _private_imports(path: Path) -> list[str]:
     """``file:line module`` for each import of a private Flower module in ``path`` (import statements,
-    ``from`` imports of private submodules, and ``importlib.import_module``/``__import__`` of a literal)."""
+    ``from`` imports of private submodules, ``importlib.import_module``/``__import__`` of a literal) and
+    each ``monkeypatch.setattr``/``delattr`` whose target is a string in a private Flower module."""
     import importlib.util
 
     found = []
@@ -112,6 +135,9 @@ def _private_imports(path: Path) -> list[str]:
             name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
             if name in ("import_module", "__import__"):
                 mods = [node.args[0].value]
+            elif name in ("setattr", "delattr") and isinstance(fn, ast.Attribute) \
+                    and (node.args[0].value == "flwr" or node.args[0].value.startswith("flwr.")):
+                mods = [_target_module(node.args[0].value)]  # monkeypatch.setattr("flwr.x.y.attr", ...)
         found += [f"{path.relative_to(ROOT)}:{node.lineno} {m}" for m in mods if is_private(m)]
     return found
 
@@ -120,6 +146,8 @@ def _project_files() -> list[Path]:
     out = []
     for path in ROOT.rglob("*.py"):
         rel = path.relative_to(ROOT)
+        if rel in SKIP_FILES:
+            continue
         if not (set(rel.parts[:-1]) & SKIP_DIRS) and not any(p.startswith(".") or p.endswith(".egg-info")
                                                            for p in rel.parts[:-1]):
             out.append(path)
@@ -128,10 +156,13 @@ def _project_files() -> list[Path]:
 
 def test_no_flower_internals_outside_the_compat_layer():
     files = _project_files()
-    assert any(f.parts[-2:] == ("clients", "warm.py") for f in files)  # the scan sees the project
+    assert any(f.parts[-2:] == ("clients", "warm.py") for f in files)  # the scan sees the project ...
+    assert any(f.parts[-2:] == ("tests", "test_warm.py") for f in files)  # ... its tests too
+    assert not any(f.parts[-2:] == ("tests", "test_compat.py") for f in files)  # (but not this file)
     offenders = [hit for f in files for hit in _private_imports(f)]
     assert offenders == [], ("Flower internals imported outside flower_compat/ (move them into a seam module "
-                             "there, with a self-test):\n" + "\n".join(offenders))
+                             "there, with a self-test; what only tests use: flower_compat/testing.py):\n"
+                             + "\n".join(offenders))
 
 
 def test_the_scan_finds_each_kind_of_private_import(tmp_path, monkeypatch):
@@ -143,9 +174,15 @@ def test_the_scan_finds_each_kind_of_private_import(tmp_path, monkeypatch):
                    "import importlib\n"
                    "importlib.import_module('flwr.proto.control_pb2')\n"
                    "from flwr.app import Message\n"
-                   "from flwr_datasets import FederatedDataset\n")
+                   "from flwr_datasets import FederatedDataset\n"
+                   "monkeypatch.setattr('flwr.supercore.logger.update_console_handler', None)\n"
+                   "monkeypatch.delattr('flwr.superlink.cli.flower_superlink.SuperLinkLifespan')\n"
+                   "monkeypatch.setattr('flwr.serverapp.strategy.FedAvg.start', None)\n"
+                   "monkeypatch.setattr('flwr.app.Message', None)\n"
+                   "setattr('flwr.supercore.logger', 'name', None)\n")  # (the builtin: no target string)
     assert [h.split(" ", 1)[1] for h in _private_imports(bad)] == [
-        "flwr.supercore.logger", "flwr.common.constant", "flwr.server.superlink", "flwr.proto.control_pb2"]
+        "flwr.supercore.logger", "flwr.common.constant", "flwr.server.superlink", "flwr.proto.control_pb2",
+        "flwr.supercore.logger", "flwr.superlink.cli.flower_superlink"]
 
 
 def test_checkpoint_state_from_earlier_versions_uses_cityfed_names():

@@ -288,7 +288,7 @@ class MessageAudit:
         """``(routing row, Message or None for an error reply)`` of one run, one direction."""
         import sqlite3
 
-        from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+        from flower_compat.testing import inflate_object_from_contents
 
         rid = int(run_id)
         rid = rid - 2 ** 64 if rid >= 2 ** 63 else rid  # uint64 stored as sint64
@@ -418,8 +418,8 @@ def test_three_hospitals_train_over_tls_with_node_auth_and_secagg(city, health_n
 
 def _node_headers(key_file: Path) -> dict:
     from cryptography.hazmat.primitives import serialization
-    from flwr.supercore.date import now
-    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+
+    from flower_compat.testing import now, public_key_to_bytes, sign_message
 
     key = serialization.load_ssh_private_key(key_file.read_bytes(), None)
     ts = now().isoformat()

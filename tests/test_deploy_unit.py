@@ -112,9 +112,8 @@ def test_guard_closes_non_admin_websocket():
 
 
 def test_guard_is_outermost_superlink_middleware(monkeypatch):
-    from flwr.superlink import extensions
-    from flwr.superlink import main as superlink_main
-
+    from flower_compat.testing import superlink_extensions as extensions
+    from flower_compat.testing import superlink_main
     from server.guard import guard_installed_in_superlink
 
     monkeypatch.setattr(extensions, "get_middleware", extensions.get_middleware)  # restored after the test
@@ -180,8 +179,7 @@ def test_fast_poll_grid_honours_timeout():
 
 
 def test_fast_poll_wraps_only_deployment_grids(monkeypatch):
-    from flwr.superlink.grid.http_grid import HttpGrid
-
+    from flower_compat.testing import HttpGrid
     from server.grid import FastPollGrid, fast_poll
     from simulations.inprocess import InProcessGrid
 
@@ -1000,11 +998,9 @@ def test_coordinator_exits_when_its_superlink_stops_answering(tmp_path):
 
 
 def test_install_supervisor_hooks_flowers_superlink_lifespan(tmp_path, monkeypatch):
-    import importlib
-
     import uvicorn.server
 
-    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    from flower_compat.testing import superlink_cli_flower_superlink as fs  # (the module, not the package's function)
     original = fs.SuperLinkLifespan
     monkeypatch.setattr(fs, "SuperLinkLifespan", original)  # restored after the test
     uvicorn_exit = uvicorn.server.Server.handle_exit

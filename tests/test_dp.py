@@ -177,8 +177,7 @@ def test_flower_log_lines_print_once_despite_opacus_basicconfig():
     import io
     import logging
 
-    from flwr.supercore.logger import console_handler
-
+    from flower_compat.logging import console_handler as flower_console_handler
     from privacy.dp import _OPACUS_ROOT_FORMAT, route_logs_through_flower
 
     root = logging.getLogger()
@@ -193,7 +192,7 @@ def test_flower_log_lines_print_once_despite_opacus_basicconfig():
         assert opacus_like not in root.handlers
         assert other in root.handlers
         ours = logging.getLogger("cityfed")
-        assert ours.handlers.count(console_handler) == 1 and ours.getEffectiveLevel() == logging.INFO
+        assert ours.handlers.count(flower_console_handler()) == 1 and ours.getEffectiveLevel() == logging.INFO
         logging.getLogger("flwr").info("[ROUND 1/2]")
         assert opacus_like.stream.getvalue() == ""
     finally:

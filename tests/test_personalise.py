@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import REFUSED, app
 from citydata import load_department
@@ -17,6 +16,7 @@ from clients.node import JobRefused, job_from_config, node_from_config
 from clients.personalise import handle_personalise, head_prefix, load_personalised, personalised_path
 from clients.training import TrainConfig, fit
 from contract.tasks import PERSONALISE_METRICS
+from flower_compat.inprocess import set_task_identity
 from privacy.ledger import PrivacyLedger
 from privacy.policy import PolicyError, parse_policy
 from shared_models import build_model, criterion_for, default_model_config
@@ -39,7 +39,7 @@ SITE = "Cleveland"
 
 @pytest.fixture(autouse=True)
 def _identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    set_task_identity(7, 0, 1)
     torch.set_num_threads(1)
     yield
 

@@ -44,7 +44,7 @@ def sha(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def release_fab() -> bytes:
     """The installed release as `fl-server run` ships it (Flower's FAB builder on the release's files)."""
-    from flwr.cli.build import build_fab_from_files
+    from flower_compat.testing import build_fab_from_files
 
     files = {rel: path for rel, path in pinning.release_files().items()}
     files["pyproject.toml"] = ROOT / "pyproject.toml"
@@ -230,15 +230,16 @@ class FakeRuntime:
 
     def __init__(self, monkeypatch, fab: bytes, announced: str | None = None, run_id: int = 77):
         from flwr.app import Context, Message, RecordDict
-        from flwr.supercore.fab import Fab
-        from flwr.supercore.task_identity import TaskIdentity
-        import flwr.cli.install as install_mod
-        import flwr.clientapp.utils as capp_utils
-        import flwr.supercore.heartbeat as hb
-        import flwr.supercore.runtime as rt
-        import flwr.supernode.runtime.run_clientapp as rc
 
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 5, 1
+        from flower_compat.inprocess import set_task_identity
+        from flower_compat.testing import Fab
+        from flower_compat.testing import cli_install as install_mod
+        from flower_compat.testing import clientapp_utils as capp_utils
+        from flower_compat.testing import supercore_heartbeat as hb
+        from flower_compat.testing import supercore_runtime as rt
+        from flower_compat.testing import supernode_runtime_run_clientapp as rc
+
+        set_task_identity(run_id, 5, 1)
         self.message = Message(RecordDict(), dst_node_id=5, message_type="train")
         self.message.metadata.__dict__["_message_id"] = self.message.object_id
         self.context = Context(run_id=run_id, node_id=5, node_config={}, state=RecordDict(), run_config={})
@@ -326,7 +327,7 @@ def test_run_task_installs_and_runs_the_release_and_an_approved_fab(release_fab,
 
 def test_run_task_replaces_an_app_folder_left_by_another_fab(release_fab, node_home, monkeypatch):
     """Flower reuses apps/<publisher>.<name>.<version>.<8 hex of the hash>: a stale folder is reinstalled."""
-    from flwr.common.config import get_project_dir
+    from flower_compat.testing import get_project_dir
 
     app_dir = Path(get_project_dir("cityfed/cityfed", "0.1.0", sha(release_fab)))
     (app_dir / "clients").mkdir(parents=True)

@@ -63,7 +63,7 @@ COLD = "VA Long Beach"
 
 def app_copy(dst: Path, changes: dict[str, str]) -> tuple[Path, str]:
     """Copy the project's fab-include files and pyproject.toml to ``dst``, append ``changes``; return (dst, FAB sha256)."""
-    from flwr.cli.build import build_fab_from_disk
+    from flower_compat.testing import build_fab_from_disk
 
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["fab-include"]
     for pattern in patterns:

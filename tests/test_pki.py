@@ -380,14 +380,14 @@ def test_node_key_rejects_fields_that_would_break_the_comment(tmp_path, departme
 
 
 def test_node_key_loads_with_flowers_own_loaders(tmp_path, monkeypatch):
-    from flwr.cli.supernode.register import try_load_public_key
-    from flwr.supercore.primitives.asymmetric import (
+    from flower_compat.testing import (
         bytes_to_public_key,
         sign_message,
+        try_load_public_key,
         uses_nist_ec_curve,
         verify_signature,
     )
-    from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
+    from flower_compat.testing import try_setup_client_authentication as _try_setup_client_authentication
 
     key_path, pub_path, _ = pki.create_node_key(tmp_path, "health", "Cleveland")
 
@@ -412,7 +412,7 @@ def test_node_key_loads_with_flowers_own_loaders(tmp_path, monkeypatch):
     # later: keep that thread from starting, or it kills the rest of the test session.
     import types
 
-    import flwr.supercore.exit.exit as flwr_exit_mod
+    from flower_compat.testing import supercore_exit_exit as flwr_exit_mod
 
     class _NoThread:
         def __init__(self, *a, **kw):

@@ -10,9 +10,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import FitIns, bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
-from flwr.compat.common import recorddict_compat as compat
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 
@@ -21,6 +18,10 @@ import clients.secagg as csecagg
 from clients.app import REFUSED, app as client_app
 from contract.keys import PARAM_NAMES_KEY
 from contract.tasks import TRAIN_METRICS
+from flower_compat.inprocess import set_task_identity
+from flower_compat.secagg import RECORD_KEY_STATE
+from flower_compat.secagg import recorddict_compat as compat
+from flower_compat.testing import TaskIdentity
 from privacy.ledger import PrivacyLedger
 from server.app import run_federation, settings
 from server.secagg import MAX_WEIGHT
@@ -278,7 +279,7 @@ def test_node_bounds_its_update_to_norm_and_quantisation_range():
 
 def test_node_scales_its_update_into_the_quantisation_range(monkeypatch):
     # the adapter alone: a node whose update would be clipped coordinate-wise by secaggplus_mod scales it instead
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # Messages need a task identity
+    set_task_identity(1, 0, 1)  # Messages need a task identity
     glob = {"w": torch.zeros(4), "b": torch.zeros(2)}
     new = {"w": torch.tensor([0.5, -2.0, 0.1, 0.0]), "b": torch.tensor([1.0, 0.0])}
     cfg = {"max-update-norm": 1000.0, PARAM_NAMES_KEY: "w\nb", "server-round": 1}
@@ -493,10 +494,10 @@ def test_round_timeout_setting():
 
 def test_node_answers_a_protocol_abort_with_a_readable_error_and_no_traceback(caplog):
     # a node asked (by a coordinator without the fix) for the key shares of a node that never shared any
-    from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+    from flower_compat.secagg import RECORD_KEY_CONFIGS, Key, Stage
+    from flower_compat.testing import SecAggPlusState
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    set_task_identity(1, 0, 1)
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     st = SecAggPlusState(current_stage=Stage.COLLECT_MASKED_VECTORS, nid=1, threshold=2)
     st.rd_seed_share_dict, st.sk1_share_dict = {1: b"a", 3: b"b"}, {1: b"c", 3: b"d"}
@@ -515,8 +516,7 @@ def test_node_answers_a_protocol_abort_with_a_readable_error_and_no_traceback(ca
 def test_deadline_rule_and_the_superlink_answering_for_a_dead_node():
     from types import SimpleNamespace as NS
 
-    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-
+    from flower_compat.grid import NODE_UNAVAILABLE, SUPERLINK_NODE_ID
     from server.grid import DeadlineGrid, Deadlines, RoundTimeout
 
     # the rule: first exchange of a kind 600 s, then 5 x the slowest reply so far, within [30, 600] s
@@ -540,7 +540,7 @@ def test_deadline_rule_and_the_superlink_answering_for_a_dead_node():
     assert Deadlines(RoundTimeout.parse("auto"), bounded=False).deadline("train")[0] is None  # simulation
 
     # on the wire: node 101 answers, the SuperLink answers for 102 (no heartbeat), 103 says nothing
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    set_task_identity(1, 0, 1)
     sent = [Message(RecordDict({"config": ConfigRecord({"server-round": 2})}), dst_node_id=n, message_type="train")
             for n in (101, 102, 103)]
 
@@ -557,7 +557,7 @@ def test_deadline_rule_and_the_superlink_answering_for_a_dead_node():
                 m.metadata.__dict__["_message_id"] = f"id{i}"
             ok = NS(metadata=NS(src_node_id=101, reply_to_message_id="id0"), has_error=lambda: False)
             gone = NS(metadata=NS(src_node_id=SUPERLINK_NODE_ID, reply_to_message_id="id1"), has_error=lambda: True,
-                      error=NS(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"))
+                      error=NS(code=NODE_UNAVAILABLE, reason="Error: Node Unavailable"))
             self.last_arrivals = {101: 2.5, 102: 61.0}
             return [ok, gone]
 

@@ -55,9 +55,9 @@ def test_flwr_internals_still_where_the_patches_expect():
     """The pinned flwr has the module attributes flower_compat.warm replaces (its self-test too)."""
     warm.check_flwr()
     assert flower_compat_self_test(["warm-worker"]) == {"warm-worker": "ok"}
-    import flwr.supercore.superexec.run_superexec as rs
-    import flwr.supernode.start_client_internal as sci
-    from flwr.supernode.runtime import run_clientapp as rc
+    from flower_compat.testing import supercore_superexec_run_superexec as rs
+    from flower_compat.testing import supernode_runtime_run_clientapp as rc
+    from flower_compat.testing import supernode_start_client_internal as sci
 
     assert sci.time is time and sci.subprocess is subprocess
     assert callable(rs.get_executor)
@@ -118,7 +118,7 @@ FAKE_WORKER_HEAD = ("import os, sys\n"
 
 
 def _spec(task_type, token="tok-1", task_id=1):
-    from flwr.supercore.superexec.executor import ExecutionSpec
+    from flower_compat.testing import ExecutionSpec
 
     return ExecutionSpec(task_type=task_type, runtime_api_address="127.0.0.1:9094", token=token, insecure=True,
                          root_certificates_path=None, runtime_dependency_install=False, parent_pid=None,
@@ -126,8 +126,7 @@ def _spec(task_type, token="tok-1", task_id=1):
 
 
 def test_executor_sends_clientapp_tasks_to_one_worker_and_replaces_a_dead_one(tmp_path):
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.superexec.executor import LaunchResultStatus
+    from flower_compat.testing import LaunchResultStatus, TaskType
 
     sink = tmp_path / "tasks.jsonl"
     script = tmp_path / "fake_worker.py"  # stands in for `python -m clients.warm worker`: records each task line
@@ -158,7 +157,7 @@ def test_executor_sends_clientapp_tasks_to_one_worker_and_replaces_a_dead_one(tm
 
 def test_worker_is_started_before_the_first_task_and_then_reused(tmp_path):
     """prestart(): the worker imports while the node is idle; the first task goes to that process."""
-    from flwr.supercore.constant import TaskType
+    from flower_compat.testing import TaskType
 
     sink = tmp_path / "tasks.jsonl"
     script = tmp_path / "fake_worker.py"
@@ -191,9 +190,7 @@ def test_prestart_failure_is_left_to_the_first_task():
 
 
 def test_executor_starts_other_task_types_as_flower_does(monkeypatch):
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.superexec.executor import LaunchResult
-    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+    from flower_compat.testing import LaunchResult, SubprocessExecutor, TaskType
 
     seen = []
     monkeypatch.setattr(SubprocessExecutor, "launch", lambda self, spec: seen.append(spec) or LaunchResult.accepted())
@@ -207,7 +204,7 @@ def test_node_logs_carry_millisecond_timestamps(capsys):
     """fl-client's SuperNode and worker print Flower's log with the time (Flower: only at DEBUG)."""
     import logging
 
-    from flwr.supercore.logger import FLOWER_LOGGER, ConsoleHandler, update_console_handler
+    from flower_compat.testing import FLOWER_LOGGER, ConsoleHandler, supercore_logger
 
     handlers = [h for h in FLOWER_LOGGER.handlers if isinstance(h, ConsoleHandler)]
     assert handlers, "Flower's console handler moved; clients.warm.timestamped_logs needs a new hook"
@@ -217,7 +214,7 @@ def test_node_logs_carry_millisecond_timestamps(capsys):
         line = handlers[0].format(record)
         assert __import__("re").search(r"INFO \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", line), line
     finally:
-        update_console_handler(timestamps=False)
+        supercore_logger.update_console_handler(timestamps=False)
 
 
 def _deploy_latency():
@@ -261,7 +258,7 @@ def test_a_task_abandoned_by_the_supernode_does_not_block_the_next(tmp_path, mon
     (run no longer RUNNING) before pulling the objects; the worker waited for them (Flower: up to
     2 h) and the resumed run's tasks queued behind it, so the node never replied.
     """
-    from flwr.supercore.constant import TaskType
+    from flower_compat.testing import TaskType
 
     monkeypatch.setattr(warm, "STUCK_GRACE_S", 0.5)
     sink = tmp_path / "tasks.jsonl"
@@ -296,8 +293,7 @@ def test_a_task_abandoned_by_the_supernode_does_not_block_the_next(tmp_path, mon
 
 def test_cold_executor_starts_a_task_process_per_clientapp_task(tmp_path):
     """fl-client --cold: a fresh `python -m clients.warm task` per task, the task line on its stdin (not argv)."""
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.superexec.executor import LaunchResultStatus
+    from flower_compat.testing import LaunchResultStatus, TaskType
 
     sink = tmp_path / "tasks.jsonl"
     script = tmp_path / "fake_task.py"  # stands in for `python -m clients.warm task --parent-pid P`
@@ -317,8 +313,8 @@ def test_cold_executor_starts_a_task_process_per_clientapp_task(tmp_path):
 
 
 def test_cold_supernode_keeps_flowers_polling_and_routes_tasks_through_run_task(monkeypatch):
-    import flwr.supernode.cli as sn_cli
-    import flwr.supernode.start_client_internal as sci
+    from flower_compat.testing import supernode_cli as sn_cli
+    from flower_compat.testing import supernode_start_client_internal as sci
 
     monkeypatch.setattr(sn_cli, "flower_supernode", lambda: None)
     monkeypatch.setattr(warm, "timestamped_logs", lambda: None)
@@ -350,16 +346,14 @@ def test_task_entry_point_runs_run_task_once(monkeypatch):
 
 def _stale_pull_setup(monkeypatch):
     """A SuperNode state that knows run 7 and one train message of it, as Flower 1.41 pulls it."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from flower_compat.testing import TaskIdentity
 
     monkeypatch.setattr(TaskIdentity, "_run_id", 7)  # a message is made in a ServerApp of run 7
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     from flwr.app import Message, RecordDict
-    from flwr.supercore.inflatable.inflatable_object import get_object_tree
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.supercore.run import Run
-    from flwr.supernode.nodestate import NodeStateFactory
+
+    from flower_compat.testing import NodeStateFactory, ObjectStoreFactory, Run, get_object_tree
 
     state = NodeStateFactory(ObjectStoreFactory()).state()
     store = state.object_store
@@ -374,8 +368,8 @@ def _stale_pull_setup(monkeypatch):
 
 def test_a_run_that_ends_mid_pull_leaves_no_task_or_message_on_the_node(monkeypatch):
     """flwr 1.41 kept the task and the empty message when the run stopped while the node pulled it."""
-    import flwr.supernode.start_client_internal as sci
-    from flwr.common.constant import Status, SubStatus
+    from flower_compat.superlink import Status, SubStatus
+    from flower_compat.testing import supernode_start_client_internal as sci
 
     state, store, msg, tree = _stale_pull_setup(monkeypatch)
 
@@ -402,12 +396,12 @@ def test_a_run_that_ends_mid_pull_leaves_no_task_or_message_on_the_node(monkeypa
 
 
 def test_a_normal_pull_is_left_as_flower_does_it(monkeypatch):
-    import flwr.supernode.start_client_internal as sci
-    from flwr.common.constant import Status
+    from flower_compat.superlink import Status
+    from flower_compat.testing import supernode_start_client_internal as sci
 
     state, store, msg, tree = _stale_pull_setup(monkeypatch)
     objects = {}
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flower_compat.testing import get_all_nested_objects
 
     for oid, obj in get_all_nested_objects(msg).items():
         objects[oid] = obj.deflate()
