@@ -403,7 +403,7 @@ def compare(
     set (union of the hospitals' test sets) and the worst hospital; forecasting: MAE vs the
     pooled model (mean over sites of the MAE ratio) and vs the best naive forecast.
     """
-    from simulations.compare import FED_DEFAULTS, run_compare
+    from simulations.compare import federated_settings, run_compare
 
     depts = list(DEPARTMENTS) if department == "all" else [department]
     if any(d not in DEPARTMENTS for d in depts):
@@ -416,7 +416,7 @@ def compare(
         dout = out / d if len(depts) > 1 else out
         with _progress() as progress:
             bar = progress.add_task(f"{d}: compare", total=None)
-            rounds_total = overrides.get("num-rounds", FED_DEFAULTS[d]["num-rounds"])
+            rounds_total = max(federated_settings(d, dp, overrides)["num-rounds"] for dp in (False, True))
 
             def on_stage(name, _d=d):
                 progress.update(bar, description=f"{_d}: {name}", completed=0, total=rounds_total)

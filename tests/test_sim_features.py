@@ -229,6 +229,38 @@ def test_compare_health_small(tmp_path):
         run_compare("health", tmp_path / "cmp", epsilons=(3.0,), overrides={"num-rounds": 1})
 
 
+def test_compare_dp_runs_use_the_dp_defaults(tmp_path, monkeypatch):
+    """FED_DP_DEFAULTS change the DP-federated runs only; the non-private run keeps FED_DEFAULTS; overrides win."""
+    import simulations.compare as cmp
+
+    seen = {}
+
+    def fake_simulate(cfg, engine="inprocess", on_round=None, **kw):
+        seen[cfg["run-id"]] = dict(cfg)
+        return {"rounds": [], "run_id": cfg["run-id"], "config": cfg, "refused": []}
+
+    monkeypatch.setattr(cmp, "simulate", fake_simulate)
+    monkeypatch.setattr(cmp, "run_baselines", lambda *a, **k: [])
+    monkeypatch.setitem(cmp.FED_DP_DEFAULTS, "health", {"lr": 1e-3, "batch-size": 64})
+    res = cmp.run_compare("health", tmp_path / "c", epsilons=(3.0,), loo=False, overrides={"num-rounds": 2})
+    nodp, dp = seen["federated"], seen["federated-dp-eps3"]
+    assert (nodp["lr"], nodp["batch-size"], nodp["dp"]) == (cmp.FED_DEFAULTS["health"]["lr"], 32, False)
+    assert (dp["lr"], dp["batch-size"], dp["dp"], dp["target-epsilon"]) == (1e-3, 64, True, 3.0)
+    assert nodp["num-rounds"] == dp["num-rounds"] == 2  # an override applies to both
+    assert res["meta"]["federated-dp"]["lr"] == 1e-3 and res["meta"]["federated"]["lr"] == nodp["lr"]
+    # the DP defaults may not turn DP off or change the target
+    for over in cmp.FED_DP_DEFAULTS.values():
+        assert not {"dp", "target-epsilon", "noise-multiplier", "policy"} & set(over)
+    assert cmp.federated_settings("utility", True, {"lr": 0.5})["lr"] == 0.5
+    # a DP clipping norm above the example policy's ceiling would have every DP job refused
+    from privacy.policy import load_policy
+    from simulations.run import default_policy
+
+    for dept in cmp.FED_DP_DEFAULTS:
+        clip = cmp.federated_settings(dept, True).get("clipping-norm")
+        assert clip is None or 0 < clip <= load_policy(default_policy(dept)).max_clipping_norm
+
+
 def test_simulated_site_metrics_come_from_accounted_dp_releases(tmp_path):
     """fl-sim --site-metrics dp: per-site scores are the nodes' DP releases, in their ledgers, on target."""
     from privacy.dp import rdp_epsilon
