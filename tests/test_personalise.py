@@ -244,3 +244,29 @@ def test_forecasting_node_keeps_its_gru(tmp_path):
     kept = build_model(default_model_config(ds.schema, "gru"))
     kept.load_state_dict(load_personalised(personalised_path(spec, "r1")))
     assert any(not torch.equal(a, b) for a, b in zip(kept.state_dict().values(), model.state_dict().values()))
+
+
+def test_health_dp_comparison_splits_each_nodes_budget_half_and_half(tmp_path):
+    """fl-sim compare's health DP runs (FED_DP_DEFAULTS): each node keeps half its DP-SGD steps for its
+    own model, personalises as many epochs as local-only training, and its rounds' mean gradient is less
+    noisy than at the non-private settings' batch; the non-private run is unchanged."""
+    from clients.personalise import personalise_steps
+    from simulations.baselines import DEFAULT_TRAIN
+    from simulations.compare import FED_DEFAULTS, federated_settings
+
+    _, spec = _spec(tmp_path)
+    n = len(spec.site_data()[1].train)
+    assert federated_settings("health", False) == FED_DEFAULTS["health"]
+    dp = federated_settings("health", True)
+    assert dp["personalise-epochs"] == DEFAULT_TRAIN[("health", "heart-mlp")].epochs
+    assert dp["personalise-layers"] == "all"
+    cfg = _cfg(**{k: dp[k] for k in ("num-rounds", "local-epochs", "batch-size", "lr", "personalise-epochs",
+                                     "personalise-lr", "personalise-layers")}, **{"server-round": 1})
+    rounds = job_from_config(cfg, spec, n)
+    assert personalise_steps(cfg, spec, n) == rounds.steps * cfg["num-rounds"]  # half the run's steps each
+    nodp = FED_DEFAULTS["health"]
+    old = job_from_config(_cfg(**{k: nodp[k] for k in ("num-rounds", "local-epochs", "batch-size",
+                                                       "personalise-epochs")}, **{"server-round": 1}), spec, n)
+    # same target epsilon: noise std on the batch's mean clipped gradient (sigma / batch) is lower
+    assert rounds.noise_multiplier / dp["batch-size"] < old.noise_multiplier / nodp["batch-size"]
+    assert rounds.noise_multiplier > old.noise_multiplier  # still noise, calibrated to the same target
