@@ -69,6 +69,10 @@ def is_private(module: str) -> bool:
         return False
     return module not in PUBLIC_MODULES
 
+#: Seams only cityfed's tests use (:mod:`flower_compat.testing`): checked by the test suite, never
+#: at a command's start-up (a Flower name only a test needs must not stop a department's node).
+TEST_ONLY_SEAMS = ("testing",)
+
 #: name -> callable raising ``CompatError`` when the private names a seam uses are missing.
 _CHECKS: dict[str, Callable[[], None]] = {}
 
@@ -118,13 +122,15 @@ def register(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
     return deco
 
 
-def self_test(seams: Iterable[str] | None = None) -> dict[str, str]:
+def self_test(seams: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> dict[str, str]:
     """Check the version gate, then every registered seam (or only ``seams``); return ``{seam: "ok"}``.
 
     Parameters
     ----------
     seams : iterable of str, optional
         Names of the seams to check (what one entry point uses); default all.
+    exclude : iterable of str, optional
+        Seams not to check (an entry point's start-up leaves out :data:`TEST_ONLY_SEAMS`).
 
     Raises
     ------
@@ -139,7 +145,9 @@ def self_test(seams: Iterable[str] | None = None) -> dict[str, str]:
     for mod in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{mod.name}")
     wanted = sorted(_CHECKS) if seams is None else sorted(set(seams))
-    unknown = [n for n in wanted if n not in _CHECKS]
+    skip = set(exclude)
+    unknown = [n for n in [*wanted, *sorted(skip)] if n not in _CHECKS]
+    wanted = [n for n in wanted if n not in skip]
     if unknown:
         raise CompatError(f"flower_compat.self_test: unknown seam(s) {unknown}; known: {sorted(_CHECKS)}")
     failures: dict[str, str] = {}

@@ -235,3 +235,26 @@ def test_cli_start_up_refuses_a_wrong_flower_version(monkeypatch, capsys, prog):
     assert code == 1 and "Traceback" in err and "CompatError" in err
     code, err = _run_cli(monkeypatch, capsys, main, prog, "--help")  # help needs no check
     assert code == 0
+
+
+def test_a_broken_test_only_seam_does_not_stop_fl_sim(monkeypatch, capsys):
+    """The ``testing`` seam holds names only tests use: the test suite checks it, fl-sim's start-up does not."""
+    from simulations import cli
+
+    flower_compat.self_test(["testing"])  # registers it
+
+    def gone() -> None:
+        raise AttributeError("a test-only Flower name is gone")
+
+    monkeypatch.setitem(flower_compat._CHECKS, "testing", gone)
+    with pytest.raises(CompatError, match="testing: AttributeError"):
+        flower_compat.self_test()  # the suite's full check still reports it
+    assert "testing" not in flower_compat.self_test(exclude=flower_compat.TEST_ONLY_SEAMS)
+    with pytest.raises(CompatError, match="unknown seam"):
+        flower_compat.self_test(exclude=["no-such-seam"])
+    monkeypatch.setenv("CITYFED_DEBUG", "0")
+    monkeypatch.setattr(sys, "argv", ["fl-sim", "run", "--no-such-option"])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 2  # the app's usage error: start-up passed despite the broken test-only seam
+    assert "CompatError" not in capsys.readouterr().err
