@@ -172,7 +172,9 @@ def job_from_config(cfg: dict, spec: NodeSpec, n_train: int, task: str = "binary
         done = ledger.count(spec.site, run_id, "gaussian-eval") if spent else 0
         reserved = tuple(spent) + planned_releases(cfg, spec, task, remaining, done)
         # a run that ends with on-site personalisation (clients.personalise) reserves its steps at the
-        # same noise and sample rate: the target covers the rounds and the personalisation together
+        # same noise and sample rate: the target covers the rounds and the personalisation together.
+        # (With its own personalise-batch-size the reserve is approximate; the personalisation is
+        # calibrated exactly on what the ledger holds then, so the target is never passed either way.)
         from clients.personalise import personalise_steps
 
         try:

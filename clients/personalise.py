@@ -11,7 +11,10 @@ policy (``personalisation = true``), whether to answer. If it does, it
    records it in its ledger (mechanism ``"personalisation"``) before training;
 3. fine-tunes with the one training loop (:func:`clients.training.fit`): the whole model, or only
    its head (``personalise-layers = "head"``), optionally pulled towards the global model
-   (``personalise-mu``, the proximal term of Ditto/FedProx, data-independent so free);
+   (``personalise-mu``, the proximal term of Ditto/FedProx, data-independent so free). Without
+   DP, ``personalise-epochs`` is the most it trains: the count (0 = keep the global model) is
+   chosen on a validation split of the node's own training records
+   (:func:`clients.selection.fit_selected`); under DP-SGD it trains exactly the accounted epochs;
 4. keeps the personalised model on the node (:func:`personalised_path`, safetensors) and replies
    with the DP-SGD parameters and epsilon only (:data:`contract.tasks.PERSONALISE_METRICS`): no arrays, nothing
    computed from the records.
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from clients.selection import fit_selected
 from clients.training import TrainConfig, fit
 from privacy.dp import DPSettings
 from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
@@ -39,10 +43,14 @@ def personalise_epochs(cfg: dict, spec) -> int:
     return epochs if epochs > 0 and spec.policy.personalisation else 0
 
 
+def personalise_batch(cfg: dict) -> int:
+    """Batch size of the personalisation: ``personalise-batch-size``, or the run's ``batch-size`` when 0 or absent."""
+    return int(cfg.get("personalise-batch-size", 0) or 0) or int(cfg.get("batch-size", 64))
+
+
 def personalise_steps(cfg: dict, spec, n_train: int) -> int:
-    """DP-SGD steps of this node's planned personalisation (same batch size as the run's rounds)."""
-    batch = int(cfg.get("batch-size", 64))
-    return personalise_epochs(cfg, spec) * max(1, math.ceil(n_train / batch))
+    """DP-SGD steps of this node's planned personalisation (at :func:`personalise_batch`)."""
+    return personalise_epochs(cfg, spec) * max(1, math.ceil(n_train / personalise_batch(cfg)))
 
 
 def head_prefix(model: torch.nn.Module) -> str:
@@ -77,7 +85,8 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
         The run's final global model.
     cfg : dict
         The run's job config plus ``personalise-epochs``, ``personalise-lr``,
-        ``personalise-layers`` (``"all"`` or ``"head"``) and ``personalise-mu``.
+        ``personalise-layers`` (``"all"`` or ``"head"``), ``personalise-mu`` and
+        ``personalise-batch-size`` (0: the run's ``batch-size``).
     spec : clients.node.NodeSpec
 
     Returns
@@ -120,7 +129,7 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
         raise refuse(f"run {run_id!r} was already personalised on this node (once per run)")
     # the same calibration as a training round, with no rounds left: the personalisation's steps
     # get the noise that lands the run (what it spent so far + these steps) on its target
-    pcfg = {**cfg, "local-epochs": epochs, "num-rounds": rnd, "personalise-epochs": 0}
+    pcfg = {**cfg, "local-epochs": epochs, "num-rounds": rnd, "personalise-epochs": 0, "batch-size": personalise_batch(cfg)}
     base = job_from_config(pcfg, spec, len(train), task, ledger)
     job = JobRequest(**{**base.model_dump(), "round": rnd})
     decision = check_job(spec.policy, job, ledger, spec.site, delta=delta)
@@ -140,13 +149,16 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
             rid = ledger.begin(release, max_epsilon=spec.policy.max_epsilon, delta=delta)
         except BudgetExceededError as exc:
             raise refuse(str(exc)) from exc
-    tc = TrainConfig(epochs=epochs, batch_size=int(cfg.get("batch-size", 64)),
+    tc = TrainConfig(epochs=epochs, batch_size=personalise_batch(cfg),
                      lr=float(cfg.get("personalise-lr", cfg.get("lr", 1e-2))),
                      seed=int(cfg.get("seed", 0)) * 100_003 + rnd + 7919,
                      proximal_mu=float(cfg.get("personalise-mu", 0.0)),
                      trainable=(head_prefix(model),) if layers == "head" else None)
     try:
-        res = fit(model, train, task, tc, dp)
+        if dp is None:  # non-private: at most `epochs`, as many as the node's validation split favours (0 = keep)
+            res = fit_selected(model, train, task, tc, allow_zero=True)
+        else:  # DP-SGD: the accounted steps, no selection on the records
+            res = fit(model, train, task, tc, dp)
         path = personalised_path(spec, run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
@@ -154,7 +166,7 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
         tmp = path.with_suffix(".tmp")
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp),
                   metadata={"run-id": run_id, "department": spec.department, "site": spec.site, "layers": layers,
-                            "epochs": str(epochs), "dp": str(job.dp), "noise-multiplier": str(job.noise_multiplier)})
+                            "epochs": str(epochs if dp is not None else res.selected_epochs), "dp": str(job.dp), "noise-multiplier": str(job.noise_multiplier)})
         tmp.replace(path)
     except BaseException as exc:
         if rid is not None:

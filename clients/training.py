@@ -50,6 +50,10 @@ class FitResult:
     max_grad_norm: float | None = None
     grad_sample_mode: str | None = None
     history: list[float] = field(default_factory=list)
+    #: Epochs chosen on a validation split (:func:`clients.selection.fit_selected`); ``None`` = fixed.
+    selected_epochs: int | None = None
+    #: Validation score per epoch of that search (index 0: before training).
+    validation: list[float] | None = None
 
 
 def fit(

@@ -29,7 +29,7 @@ PARAM_NAMES_KEY = "param-names"
 MAX_UPDATE_NORM = "max-update-norm"
 #: Job-config keys of on-site personalisation (sent with every train message too, so that each
 #: node reserves the personalisation's DP-SGD steps when it calibrates its rounds' noise).
-PERSONALISE_KEYS = ("personalise-epochs", "personalise-lr", "personalise-layers", "personalise-mu")
+PERSONALISE_KEYS = ("personalise-epochs", "personalise-lr", "personalise-layers", "personalise-mu", "personalise-batch-size")
 #: Job-config keys of a central-DP run that state the coordinator's *claimed* guarantee, by the
 #: name the node's ledger stores them under (:meth:`privacy.ledger.PrivacyLedger.record_central`).
 CENTRAL_CLAIM_KEYS = {"noise_multiplier": "central-noise-multiplier", "sample_rate": "central-sample-rate",

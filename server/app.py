@@ -90,6 +90,9 @@ class RunSettings(BaseModel):
     personalise_lr: float = Field(1e-3, gt=0, alias="personalise-lr", description="Learning rate of the personalisation (Adam).")
     personalise_layers: Literal["all", "head"] = Field("all", alias="personalise-layers",
                                                        description="Parameters personalised: all, or the output layer only.")
+    personalise_batch_size: int = Field(0, ge=0, alias="personalise-batch-size",
+                                        description="Batch size of the personalisation (DP-SGD: its expected batch, which "
+                                                    "the nodes' noise calibration uses). 0 = the run's batch-size.")
     personalise_mu: float = Field(0.0, ge=0, alias="personalise-mu",
                                   description="Proximal pull of the personalised model towards the global one (Ditto-like).")
     run_dir: str = Field("runs/latest", alias="run-dir", description="Folder for checkpoint.safetensors, model.safetensors, results.json.")

@@ -29,7 +29,8 @@ def personalise_config(cfg: dict) -> dict:
     if epochs <= 0:
         return {}
     return {"personalise-epochs": epochs, "personalise-lr": float(cfg["personalise-lr"]),
-            "personalise-layers": str(cfg["personalise-layers"]), "personalise-mu": float(cfg["personalise-mu"])}
+            "personalise-layers": str(cfg["personalise-layers"]), "personalise-mu": float(cfg["personalise-mu"]),
+            "personalise-batch-size": int(cfg.get("personalise-batch-size", 0) or 0)}
 
 
 def personalise_nodes(grid: Grid, job: dict, arrays: ArrayRecord, num_rounds: int, *, timeout: float = 600.0) -> dict:

@@ -18,12 +18,15 @@ import torch
 from torch.utils.data import ConcatDataset, TensorDataset
 
 from citydata import DepartmentDataset, load_department
+from clients.selection import fit_selected, validation_split
 from clients.training import TrainConfig, fit
 from shared_models.scoring import classification_metrics, evaluate, predict
 from privacy.dp import DPSettings
 from shared_models import build_model, default_model_config, model_kinds
 
-#: Default local-training hyper-parameters per (department, model kind).
+#: Default local-training hyper-parameters per (department, model kind). ``epochs`` is what a DP-SGD
+#: baseline trains (fixed: part of its accounted release); a non-private baseline trains as many
+#: epochs, up to :data:`SELECT_MAX_EPOCHS`, as its validation split favours (:mod:`clients.selection`).
 DEFAULT_TRAIN: dict[tuple[str, str], TrainConfig] = {
     ("health", "heart-mlp"): TrainConfig(epochs=30, batch_size=32, lr=1e-2),
     ("traffic", "gru"): TrainConfig(epochs=4, batch_size=128, lr=3e-3),
@@ -31,6 +34,9 @@ DEFAULT_TRAIN: dict[tuple[str, str], TrainConfig] = {
     ("utility", "gru"): TrainConfig(epochs=6, batch_size=64, lr=3e-3),
     ("utility", "patchtst"): TrainConfig(epochs=6, batch_size=64, lr=1e-3),
 }
+
+#: The most epochs a non-private baseline's validation search tries.
+SELECT_MAX_EPOCHS = 60
 
 
 @dataclass
@@ -104,7 +110,7 @@ def run_baselines(
         Operator file in the department schema instead of the bundled data.
     seed : int
     epochs : int, optional
-        Override the default epochs.
+        Train every job exactly this many epochs (no validation search).
     max_grad_norm : float
         Per-sample clipping norm for DP runs.
     pooled_dp : bool
@@ -118,7 +124,10 @@ def run_baselines(
     Returns
     -------
     list of dict
-        One entry per (model, method, epsilon, site), ``site="pooled"`` for the pooled test set.
+        One entry per (model, method, epsilon, site), ``site="pooled"`` for the pooled test set;
+        ``metrics["epochs"]``: the epochs trained (non-private without ``epochs``: chosen on the
+        sites' validation splits, :func:`clients.selection.fit_selected`, at most
+        :data:`SELECT_MAX_EPOCHS`; a pooled model's split is the union of its sites' splits).
     """
     ds = load_department(department, data, seed=seed)
     schema = ds.schema
@@ -142,11 +151,19 @@ def run_baselines(
             target_epsilon=job.epsilon, max_grad_norm=max_grad_norm,
             delta=site_delta(len(train)) if site_delta else None)
         t0 = time.perf_counter()
-        fitres = fit(model, train, task, cfg, dp, on_epoch=on_epoch)
+        if dp is None and not epochs:
+            cfg.epochs = SELECT_MAX_EPOCHS
+            parts = [validation_split(sites[s].train.tensors(), task, seed=seed) for s in train_sites]
+            split = (_concat(p[0] for p in parts), _concat(p[1] for p in parts))
+            fitres = fit_selected(model, train, task, cfg, split=split, on_epoch=on_epoch)
+        else:
+            fitres = fit(model, train, task, cfg, dp, on_epoch=on_epoch)
         seconds = time.perf_counter() - t0
+        trained = fitres.selected_epochs if fitres.selected_epochs is not None else cfg.epochs
         per_site = {s: evaluate(model, sites[s], task) for s in train_sites}
         for s, m in per_site.items():
             m["train_seconds"] = seconds
+            m["epochs"] = trained
             results.append(_entry(department, job, s, m, fitres if dp else None, primary))
         # the "pooled" row: pooled test set for classification, mean skill for forecasting
         if job.site is None:

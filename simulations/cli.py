@@ -74,7 +74,10 @@ def baselines(
     ranges: Optional[Path] = typer.Option(
         None, "--ranges", help="TOML file replacing the schema's plausibility ranges of some columns (README)."
     ),
-    epochs: Optional[int] = typer.Option(None, help="Override the default number of training epochs."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Train every job exactly this many epochs. Default: DP-SGD jobs "
+                                         "train a fixed count per department (their accounted release); non-private jobs "
+                                         "as many (at most 60) as a validation split of each site's training records "
+                                         "favours."),
     max_grad_norm: float = typer.Option(1.0, help="Per-sample clipping norm of DP-SGD."),
     seed: int = typer.Option(0, help="Seed for splits, initialisation and sampling."),
 ) -> None:
@@ -387,9 +390,12 @@ def compare(
     engine: str = typer.Option("inprocess", help="inprocess (fast, same apps) or ray (Flower Simulation Engine)."),
     overwrite: bool = typer.Option(False, help="Replace federated run folders left in OUT by an earlier comparison."),
     seed: int = typer.Option(0, help="Seed for splits, initialisation and sampling (same for every method)."),
-    personalise_epochs: Optional[int] = typer.Option(None, "--personalise-epochs", help="Override the epochs each node fine-tunes the final model on its own records (0 = no personalised rows)."),
+    personalise_epochs: Optional[int] = typer.Option(None, "--personalise-epochs", help="Override the epochs each node fine-tunes the final model on its own records (0 = no personalised rows; "
+                                                  "without DP the most it tries, chosen on the node's validation split)."),
     personalise_layers: Optional[str] = typer.Option(None, "--personalise-layers", help="Override what is personalised: all, or head (the output layer)."),
     personalise_lr: Optional[float] = typer.Option(None, "--personalise-lr", help="Override the personalisation learning rate."),
+    personalise_batch_size: Optional[int] = typer.Option(None, "--personalise-batch-size", min=0,
+                                                         help="Override the personalisation batch size (0 = the run's batch size)."),
     loo: bool = typer.Option(True, "--loo/--no-loo", help="Leave-one-site-out contributions (non-private; departments with at most 6 sites)."),
 ) -> None:
     """Pooled vs local-only vs federated vs DP-federated (epsilon 1, 3, 8), same seeds and test sets.
@@ -412,6 +418,8 @@ def compare(
                                    ("personalise-layers", personalise_layers), ("personalise-lr", personalise_lr)) if v}
     if personalise_epochs is not None:
         overrides["personalise-epochs"] = personalise_epochs
+    if personalise_batch_size is not None:
+        overrides["personalise-batch-size"] = personalise_batch_size
     for d in depts:
         dout = out / d if len(depts) > 1 else out
         with _progress() as progress:

@@ -115,6 +115,29 @@ def test_personalisation_is_a_ledger_release_within_target(tmp_path):
     assert len(ledger.releases(SITE)) == 4
 
 
+@pytest.mark.parametrize("pbatch", [16, 64])
+def test_personalisation_batch_size_is_accounted_at_its_own_sample_rate(tmp_path, pbatch):
+    """personalise-batch-size: the release is recorded at that batch's sample rate and steps, and the run
+    still lands on its target (the personalisation is calibrated on what the ledger holds)."""
+    from clients.node import handle_train
+
+    _, spec = _spec(tmp_path)
+    n = len(spec.site_data()[1].train)
+    cfg = _cfg(**{"personalise-batch-size": pbatch})
+    state = _global_state()
+    for rnd in (1, 2, 3):
+        state, _ = handle_train(state, {**cfg, "server-round": rnd}, spec)
+    metrics = handle_personalise(state, cfg, spec)
+    rows = PrivacyLedger(spec.ledger_path).releases(SITE)
+    per_epoch = math.ceil(n / pbatch)
+    assert rows[-1]["mechanism"] == "personalisation"
+    assert rows[-1]["sample_rate"] == pytest.approx(1 / per_epoch) and rows[-1]["steps"] == 4 * per_epoch
+    assert rows[0]["sample_rate"] == pytest.approx(1 / math.ceil(n / 32))  # the rounds keep the run's batch
+    assert metrics["steps"] == 4 * per_epoch
+    after = PrivacyLedger(spec.ledger_path).run_epsilon(SITE, "r1", spec.policy.site_delta(n))
+    assert 2.9 <= after <= 3.0 + 1e-9
+
+
 def test_lifetime_budget_refuses(tmp_path):
     _, spec = _spec(tmp_path, max_eps=0.5)
     with pytest.raises(JobRefused, match="max_epsilon"):
