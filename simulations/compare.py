@@ -27,7 +27,7 @@ import numpy as np
 import tomli_w
 
 from privacy.policy import load_policy
-from simulations.baselines import run_baselines
+from simulations.baselines import DEFAULT_TRAIN, SELECT_MAX_EPOCHS, run_baselines
 from simulations.run import default_policy, simulate
 
 #: Federated settings per department (health: rounds x local epochs = the pooled epochs; traffic and
@@ -414,7 +414,11 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
     value["loo-note"] = loo_note
     result = {
         "meta": {"command": "fl-sim compare", "department": department, "model": model, "seed": seed,
-                 "epsilons": list(epsilons), "federated": fed, "federated-dp": fed_dp, "engine": engine, "seconds": time.perf_counter() - t0,
+                 "epsilons": list(epsilons), "federated": fed, "federated-dp": fed_dp, "engine": engine,
+                 "baselines": {"non-private-epochs": f"chosen on each site's validation split, at most {SELECT_MAX_EPOCHS} "
+                                                     "(clients.selection; rows' metrics.epochs)",
+                               "dp-epochs": DEFAULT_TRAIN[(department, model)].epochs},
+                 "seconds": time.perf_counter() - t0,
                  "seconds_per_run": timings},
         "summary": summarise([r for r in rows if r["site"] != "refusals"], task),
         "per_site": value,

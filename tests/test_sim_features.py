@@ -248,6 +248,10 @@ def test_compare_dp_runs_use_the_dp_defaults(tmp_path, monkeypatch):
     assert (dp["lr"], dp["batch-size"], dp["dp"], dp["target-epsilon"]) == (1e-3, 64, True, 3.0)
     assert nodp["num-rounds"] == dp["num-rounds"] == 2  # an override applies to both
     assert res["meta"]["federated-dp"]["lr"] == 1e-3 and res["meta"]["federated"]["lr"] == nodp["lr"]
+    from simulations.baselines import DEFAULT_TRAIN
+
+    assert res["meta"]["baselines"]["dp-epochs"] == DEFAULT_TRAIN[("health", "heart-mlp")].epochs
+    assert "validation" in res["meta"]["baselines"]["non-private-epochs"]
     # the DP defaults may not turn DP off or change the target
     for over in cmp.FED_DP_DEFAULTS.values():
         assert not {"dp", "target-epsilon", "noise-multiplier", "policy"} & set(over)
