@@ -7,7 +7,7 @@ this module holds *how* that is wired into Flower's private machinery:
 * :func:`run_supernode`: Flower's ``flower-supernode`` main with its module-level ``time``
   replaced by :class:`CappedTime` (idle poll 3 s and reply wait 0.5 s capped), its
   ``pull_objects`` by :func:`fast_pulls`, its ``_pull_and_store_message`` by
-  :func:`drop_stale_pulls`, and its ``subprocess`` by :class:`SuperExecLauncher` (the SuperExec
+  :func:`drop_stale_pulls`, its ``_push_messages`` by :func:`skip_stale_replies`, and its ``subprocess`` by :class:`SuperExecLauncher` (the SuperExec
   it starts is cityfed's, ``python -m clients.warm superexec``);
 * :func:`run_superexec`: Flower's ``flower-superexec`` main whose subprocess executor is a
   subclass of :func:`client_app_executor_base` (ClientApp tasks go to cityfed's
@@ -152,6 +152,8 @@ def drop_stale_pulls(pull):
             from flwr.common.constant import SubStatus
 
             if rec.message_id:
+                _DROPPED.add(rec.message_id)
+                _drop_replies_to(state, object_store, {rec.message_id})
                 state.delete_messages(message_ids=[rec.message_id])
                 object_store.delete(rec.message_id)
             if state.finish_task(rec.task_id, sub_status=SubStatus.STOPPED,
@@ -166,6 +168,88 @@ def drop_stale_pulls(pull):
     pull_and_store._cityfed_drops_stale = True  # type: ignore[attr-defined]
     pull_and_store.__wrapped__ = pull  # type: ignore[attr-defined]
     return pull_and_store
+
+
+class _DroppedMessages:
+    """IDs of messages :func:`drop_stale_pulls` dropped (the latest :attr:`KEEP`; a node drops a few a run)."""
+
+    KEEP = 1024
+
+    def __init__(self):
+        self._ids: dict[str, None] = {}
+
+    def add(self, message_id: str) -> None:
+        self._ids[message_id] = None
+        while len(self._ids) > self.KEEP:
+            del self._ids[next(iter(self._ids))]
+
+    def __contains__(self, message_id) -> bool:
+        return message_id in self._ids
+
+
+#: The messages this node process dropped mid-pull (one SuperNode per process).
+_DROPPED = _DroppedMessages()
+
+
+def _drop_replies_to(state, object_store, dropped) -> list:
+    """Delete, from the node's state and object store, the replies to messages in ``dropped``; return the rest.
+
+    Returns the reply messages that are *not* answers to a dropped message.
+    """
+    keep = []
+    for reply in state.get_messages_legacy(is_reply=True):
+        if reply.metadata.reply_to_message_id in dropped:
+            state.delete_messages(message_ids=[reply.metadata.message_id])
+            object_store.delete(reply.metadata.message_id)
+            from logging import INFO
+
+            from flwr.common.logger import log
+
+            log(INFO, "Dropped the reply to message %s of a run that is no longer running",
+                reply.metadata.reply_to_message_id)
+        else:
+            keep.append(reply)
+    return keep
+
+
+class _FreshReplies:
+    """A NodeState seen by ``_push_messages``: replies to dropped messages are deleted, never pushed."""
+
+    def __init__(self, state, object_store):
+        self._state = state
+        self._store = object_store
+
+    def __getattr__(self, name):
+        return getattr(self._state, name)
+
+    def get_messages_legacy(self, *, is_reply=None, **kwargs):
+        if is_reply and not kwargs:
+            return _drop_replies_to(self._state, self._store, _DROPPED)
+        return self._state.get_messages_legacy(is_reply=is_reply, **kwargs)
+
+
+def skip_stale_replies(push):
+    """Flower's ``_push_messages`` that never pushes a reply to a message :func:`drop_stale_pulls` dropped.
+
+    The SuperExec can hand a task to its ClientApp the moment the task exists, before the
+    message's objects are pulled (the warm worker always does). If the run stops during that
+    pull, :func:`drop_stale_pulls` drops the message, but the ClientApp may already be answering
+    it: its reply then lands in the node's state after (or while) the message is dropped. flwr
+    1.42's push stage, run after the *next* message is pulled, pushes whatever reply it finds
+    first: the stale one (ignored by the SuperLink), then returns, so the next message's reply
+    waits for the message after it, and every later reply goes one message late (a resumed run
+    dropped the node at SecAgg+ setup). Here the push stage deletes replies to dropped messages
+    and waits for the reply it is owed. Idempotent.
+    """
+    if getattr(push, "_cityfed_skips_stale", False):
+        return push
+
+    def push_messages(*, state, object_store, **kwargs):
+        return push(state=_FreshReplies(state, object_store), object_store=object_store, **kwargs)
+
+    push_messages._cityfed_skips_stale = True  # type: ignore[attr-defined]
+    push_messages.__wrapped__ = push  # type: ignore[attr-defined]
+    return push_messages
 
 
 def run_supernode(argv: list[str], *, cap: float | None, launcher: SuperExecLauncher) -> None:
@@ -188,6 +272,7 @@ def run_supernode(argv: list[str], *, cap: float | None, launcher: SuperExecLaun
         sci.time = CappedTime(cap)
         sci.pull_objects = fast_pulls(sci.pull_objects)  # messages from the coordinator
     sci._pull_and_store_message = drop_stale_pulls(sci._pull_and_store_message)  # noqa: SLF001
+    sci._push_messages = skip_stale_replies(sci._push_messages)  # noqa: SLF001
     sci.subprocess = launcher
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
@@ -419,7 +504,8 @@ def _self_test() -> None:
     import flwr.supernode.start_client_internal as sci
     from flwr.supernode.runtime import run_clientapp as rc
 
-    for mod, names in ((sci, ("time", "subprocess", "pull_objects", "_pull_and_store_message", "RunNotRunningException")),
+    for mod, names in ((sci, ("time", "subprocess", "pull_objects", "_pull_and_store_message", "_push_messages",
+                             "RunNotRunningException")),
                        (rs, ("get_executor",)),
                        (rc, ("pull_and_inflate_object_from_tree", "pull_task_input", "push_message", "push_task_output"))):
         missing = [n for n in names if not hasattr(mod, n)]

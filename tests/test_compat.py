@@ -51,6 +51,7 @@ def test_a_wrong_flower_version_fails_with_the_fix(monkeypatch):
 
 @pytest.mark.parametrize("module, name, seam", [
     ("flwr.supernode.start_client_internal", "_pull_and_store_message", "warm-worker"),
+    ("flwr.supernode.start_client_internal", "_push_messages", "warm-worker"),
     ("flwr.supercore.superexec.run_superexec", "get_executor", "warm-worker"),
     ("flwr.superlink.grid.http_grid", "pull_objects", "grid"),
     ("flwr.superlink.main", "_get_middleware", "superlink"),

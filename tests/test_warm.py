@@ -318,13 +318,14 @@ def test_cold_supernode_keeps_flowers_polling_and_routes_tasks_through_run_task(
 
     monkeypatch.setattr(sn_cli, "flower_supernode", lambda: None)
     monkeypatch.setattr(warm, "timestamped_logs", lambda: None)
-    for attr in ("time", "subprocess", "pull_objects", "_pull_and_store_message"):
+    for attr in ("time", "subprocess", "pull_objects", "_pull_and_store_message", "_push_messages"):
         monkeypatch.setattr(sci, attr, getattr(sci, attr))  # restored after the test
     pulls = sci.pull_objects
     warm.run_supernode(["--insecure"], warm=False)
     assert sci.time is time and sci.pull_objects is pulls  # Flower's polling and object-pull backoff
     assert sci.subprocess.command == "cold-superexec"
     assert sci._pull_and_store_message._cityfed_drops_stale  # a stale pull leaves no task, cold mode too
+    assert sci._push_messages._cityfed_skips_stale  # ... and no reply pushed in place of the next one
     warm.run_supernode(["--insecure"], warm=True)
     assert isinstance(sci.time, warm._CappedTime) and sci.subprocess.command == "superexec"
 
@@ -413,6 +414,80 @@ def test_a_normal_pull_is_left_as_flower_does_it(monkeypatch):
     assert run_id == 7 and confirmed == [msg.metadata.message_id]
     assert [t.status.status for t in state.get_tasks()] == [Status.PENDING]
     assert [m.metadata.message_id for m in state.get_messages_legacy()] == [msg.metadata.message_id]
+
+
+def _reply(msg):
+    from flwr.app import Message, RecordDict
+
+    return Message(RecordDict(), reply_to=msg)
+
+
+@pytest.mark.parametrize("stale_reply_at", ["during the pull", "before the next pull", "while waiting to push"])
+def test_a_reply_to_a_dropped_message_is_never_pushed_in_place_of_the_next_reply(monkeypatch, stale_reply_at):
+    """flwr 1.42: the task of a message whose run stopped mid-pull can already be running (the warm worker
+    takes it at once); its reply then waited in the node's state and the push after the *next* message
+    sent it instead of that message's reply, so every later reply went one message late (CI, 2026-12-04:
+    the resumed run dropped the node at SecAgg+ setup)."""
+    from flower_compat.testing import supernode_start_client_internal as sci
+
+    flowers_pull = getattr(sci._pull_and_store_message, "__wrapped__", sci._pull_and_store_message)
+    flowers_push = getattr(sci._push_messages, "__wrapped__", sci._push_messages)
+    pull = flower_warm.drop_stale_pulls(flowers_pull)
+    push = flower_warm.skip_stale_replies(flowers_push)
+    assert flower_warm.skip_stale_replies(push) is push
+
+    def node_after_a_stale_pull(pull):
+        """The node state once run 7's first message was dropped mid-pull and a next message of it arrived."""
+        state, store, stale, tree = _stale_pull_setup(monkeypatch)
+
+        def stopped(*_a, **_k):
+            if stale_reply_at == "during the pull":  # the worker answered before the pull gave up
+                sci._insert_message(_reply(stale), state, store)
+            raise sci.RunNotRunningException("run 7 stopped")
+
+        assert pull(state=state, object_store=store, node_config={}, receive=lambda: (stale, tree), get_run=None,
+                    get_fab=None, pull_object=stopped, confirm_message_received=stopped, trusted_entities=None) is None
+        if stale_reply_at == "before the next pull":
+            sci._insert_message(_reply(stale), state, store)
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        nxt = Message(RecordDict({"c": ConfigRecord({"round": 2})}), dst_node_id=5, message_type="train")
+        nxt.metadata.__dict__["_message_id"] = nxt.object_id
+        from flower_compat.testing import get_all_nested_objects, get_object_tree
+
+        objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(nxt).items()}
+        assert pull(state=state, object_store=store, node_config={}, receive=lambda: (nxt, get_object_tree(nxt)),
+                    get_run=None, get_fab=None, pull_object=lambda run, oid: objects[oid],
+                    confirm_message_received=lambda run, mid: None, trusted_entities=None) == 7
+        return state, store, stale, nxt
+
+    def pushed_replies(pull_fn, push_fn):
+        state, store, stale, nxt = node_after_a_stale_pull(pull_fn)
+        late = [_reply(stale)] if stale_reply_at == "while waiting to push" else []
+
+        class Clock:  # the push stage's waits: the stale reply lands first, the next message's reply after it
+            def __getattr__(self, name):
+                return getattr(time, name)
+
+            def sleep(self, _s):
+                sci._insert_message(late.pop() if late else _reply(nxt), state, store)
+
+        monkeypatch.setattr(sci, "time", Clock())
+        if late:
+            sci._insert_message(late.pop(), state, store)
+        elif stale_reply_at != "while waiting to push":
+            sci._insert_message(_reply(nxt), state, store)
+        sent = []
+        push_fn(state=state, object_store=store, send=lambda m, t, rt: (sent.append(m.metadata.reply_to_message_id),
+                                                                        (set(), "session"))[1],
+                push_object=lambda *a: None)
+        return sent, stale.metadata.message_id, nxt.metadata.message_id, state
+
+    sent, stale_id, _, _ = pushed_replies(flowers_pull, flowers_push)
+    assert sent[0] == stale_id, "Flower's own push sends the stale reply first (the defect): the test would not see a fix"
+    sent, stale_id, next_id, state = pushed_replies(pull, push)
+    assert sent == [next_id]  # the next message is answered by its own reply, in time
+    assert all(m.metadata.reply_to_message_id != stale_id for m in state.get_messages_legacy())  # the stale one is gone
 
 
 def _running(pid: int) -> bool:
