@@ -151,11 +151,29 @@ class City:
         return p
 
     def fl_server(self, *args, check=True, timeout=180) -> subprocess.CompletedProcess:
+        if args[:1] == ("run",) and "--name" in args and "--resume" not in args:
+            self._set_aside_earlier_attempt(args[args.index("--name") + 1])
         res = subprocess.run([str(BIN / "fl-server"), *args, "--state-dir", str(self.state)], env={**env(), "COLUMNS": "250"},
                              capture_output=True, text=True, timeout=timeout)
         if check:
             assert res.returncode == 0, f"fl-server {args}: {res.stdout}\n{res.stderr}"
         return res
+
+    def _set_aside_earlier_attempt(self, name: str) -> None:
+        """A rerun (``--reruns``) launches its run under the same ``--name`` as the failed attempt did.
+
+        The earlier attempt's run is stopped if it still goes, and its folder is kept, renamed
+        ``NAME.attempt-N``, for the post-mortem; the rerun then starts from a clean folder.
+        """
+        folder = self.state / "runs" / name
+        if not folder.exists():
+            return
+        self.fl_server("stop", name, "--wait", "30", check=False)
+        n = 1
+        while folder.with_name(f"{name}.attempt-{n}").exists():
+            n += 1
+        folder.rename(folder.with_name(f"{name}.attempt-{n}"))
+        print(f"rerun: the earlier attempt's run folder {name} is kept as {name}.attempt-{n}")
 
     def register(self, name: str) -> str:
         """Register ``name``'s node.pub once per city (a rerun of a failed test gets the same node ID).
