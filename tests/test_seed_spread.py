@@ -1,0 +1,59 @@
+"""benchmarks/seed_spread.py: per-site gains of several `fl-sim compare` runs (one per seed) side by side."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("seed_spread", ROOT / "benchmarks" / "seed_spread.py")
+seed_spread = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(seed_spread)
+
+
+def _results(path: Path, seed: int, gains: dict, dp_gains: dict, department="health") -> Path:
+    """A compare results.json with the fields the script reads (per_site, meta, summary)."""
+    sites = [{"site": s, "gain-personalised": g, "dp": {k: {"gain-personalised": v[s]} for k, v in dp_gains.items()}}
+             for s, g in gains.items()]
+    summary = [{"method": "local", "epsilon": None, "accuracy": 0.8},
+               {"method": "federated+personalised", "epsilon": None, "accuracy": 0.80 + seed / 100}]
+    path.write_text(json.dumps({"meta": {"department": department, "model": "m", "seed": seed},
+                                "per_site": {"metric": "accuracy", "higher_is_better": True, "sites": sites},
+                                "summary": summary}))
+    return path
+
+
+def test_mean_and_worst_per_site_and_setting_over_the_epsilons_all_runs_have(tmp_path, capsys):
+    a = _results(tmp_path / "a.json", 0, {"A": 0.02, "B": -0.01}, {"3": {"A": 0.0, "B": 0.01}, "8": {"A": 0, "B": 0}})
+    b = _results(tmp_path / "b.json", 1, {"A": 0.04, "B": 0.0}, {"3": {"A": -0.02, "B": 0.03}})
+    runs = seed_spread.load([b, a])
+    assert [r["meta"]["seed"] for r in runs] == [0, 1]
+    assert seed_spread.settings(runs) == ["non-private", "3"]  # eps 8 is only in one run
+    head, rows = seed_spread.table(runs)
+    assert head == ["site", "setting", "seed 0", "seed 1", "mean", "worst"]
+    got = {(r[0], r[1]): r[2:] for r in rows}
+    assert got[("A", "non-private")] == pytest.approx([0.02, 0.04, 0.03, 0.02])
+    assert got[("A", "3")] == pytest.approx([0.0, -0.02, -0.01, -0.02])
+    assert got[("B", "non-private")] == pytest.approx([-0.01, 0.0, -0.005, -0.01])
+    assert seed_spread.main([str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "below 0: A (3), B (non-private)" in out and "+3.0 pt" in out
+    assert "0.805" in out  # the mean of the pooled summary row (0.80, 0.81)
+
+
+def test_bad_input_names_the_file_and_the_fix(tmp_path):
+    missing = tmp_path / "none.json"
+    with pytest.raises(SystemExit, match=f"{missing}.*Fix: pass the results.json"):
+        seed_spread.load([missing])
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not an `fl-sim compare` results.json"):
+        seed_spread.load([tmp_path / "x.json"])
+    a = _results(tmp_path / "a.json", 0, {"A": 0.0}, {})
+    with pytest.raises(SystemExit, match="seed appears twice"):
+        seed_spread.load([a, a])
+    t = _results(tmp_path / "t.json", 1, {"A": 0.0}, {}, department="traffic")
+    with pytest.raises(SystemExit, match="mix departments"):
+        seed_spread.load([a, t])
