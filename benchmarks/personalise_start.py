@@ -19,9 +19,10 @@ non-private rule as the node (:func:`clients.selection.fit_selected`: the epoch 
 - from the initialisation at the run's ``personalise-lr``.
 
 It prints each model's test metric next to the comparison's local-only and personalised values.
-The training seed is ``--train-seed`` (default: the comparison's seed); a different seed than the
-comparison's own runs used, so the spread between the comparison's value and this script's value
-for the same setting is seed noise. Simulation only: it reads the site's records from the bundled
+The training seed is ``--train-seed`` (default: the comparison's seed). With the default, the
+run from the initialisation is the comparison's local-only model (same seed, same rule: it
+reproduces its metric); the node's personalisation used another seed, so the gap between the
+comparison's personalised value and this script's at the same learning rate is seed noise. Simulation only: it reads the site's records from the bundled
 data, like ``fl-sim compare``.
 """
 
