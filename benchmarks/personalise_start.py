@@ -22,8 +22,8 @@ It prints each model's test metric next to the comparison's local-only and perso
 The training seed is ``--train-seed`` (default: the comparison's seed). With the default, the
 run from the initialisation is the comparison's local-only model (same seed, same rule: it
 reproduces its metric); the node's personalisation used another seed, so the gap between the
-comparison's personalised value and this script's at the same learning rate is seed noise. Simulation only: it reads the site's records from the bundled
-data, like ``fl-sim compare``.
+comparison's personalised value and this script's at the same learning rate is seed noise.
+Simulation only: it reads the site's records from the bundled data, like ``fl-sim compare``.
 """
 
 from __future__ import annotations
