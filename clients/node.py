@@ -68,6 +68,7 @@ class NodeSpec:
     virtual: tuple[int, str, float, int, bool] | None = None  # simulation only: (n, partitioner, alpha, seed, allow_empty)
     audit_log: Path | None = None  # the node's tamper-evident audit log (fl-client: <state-dir>/audit.jsonl)
     audit_key: Path | None = None  # key signing its entries (the node's own node.key)
+    data_seed: int = 0  # seed of the train/test split of its records (node config ``data-seed``)
 
     def audit(self, kind: str, **fields) -> None:
         """Append an entry to the node's audit log (nothing when none is configured).
@@ -84,7 +85,7 @@ class NodeSpec:
 
     def site_data(self):
         """This node's :class:`~citydata.SiteData` (a natural site or a virtual share)."""
-        ds = _dataset(self.department, self.data)
+        ds = _dataset(self.department, self.data, self.data_seed)
         if self.virtual is None:
             return ds, ds.site_data(self.site)
         from citydata.virtual import virtual_site
@@ -95,8 +96,8 @@ class NodeSpec:
 
 
 @lru_cache(maxsize=64)
-def _dataset(department: str, data: str | None):
-    return load_department(department, data)
+def _dataset(department: str, data: str | None, seed: int = 0):
+    return load_department(department, data, seed=seed)
 
 
 def _model_for(spec: NodeSpec, kind: str, state: dict[str, torch.Tensor]):
@@ -392,6 +393,20 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
     return out
 
 
+def _data_seed(raw) -> int:
+    """The ``data-seed`` node-config value as an int >= 0 (a whole number, or its decimal text)."""
+    try:
+        if isinstance(raw, (bool, float)):
+            raise ValueError
+        value = int(str(raw).strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"node config 'data-seed': {raw!r} is not a whole number >= 0 (the seed of the node's "
+                         "train/test split); fix: set data-seed = 0, or leave it out")
+    return value
+
+
 def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
     """Build a node's spec from Flower's node config (deployment) or run config (simulation).
 
@@ -400,7 +415,8 @@ def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
     ``ledger-dir`` (simulation: one file per site); simulation only: ``virtual-sites`` (N > 0:
     the node is the ``partition-id``-th of N virtual sites, see
     :mod:`citydata.virtual`), ``partitioner``, ``dirichlet-alpha``, ``virtual-allow-empty``,
-    ``dropout-probability``; ``torch-threads`` (> 0: intra-op threads torch may use).
+    ``dropout-probability``; ``torch-threads`` (> 0: intra-op threads torch may use); ``data-seed``
+    (seed of the node's train/test split of its records, default 0; a simulation sets the run's seed).
 
     A node config that names the ``department`` (``fl-client``'s) is a department node: the
     keys above (:data:`contract.keys.NODE_KEYS`) then come from the node config only, never from the
@@ -435,6 +451,7 @@ def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
         sites = _dataset(department, data).sites
         site = sites[int(merged["partition-id"]) % len(sites)]
     site = str(site)
+    data_seed = _data_seed(merged.get("data-seed", 0))
     policy = load_policy(merged["policy"])
     if merged.get("ledger"):
         ledger_path = Path(str(merged["ledger"]))
@@ -444,4 +461,4 @@ def node_from_config(node_config: dict, run_config: dict) -> NodeSpec:
                     partition_id=None if partition is None else int(partition),
                     dropout_probability=float(merged.get("dropout-probability", 0.0)), virtual=virtual,
                     audit_log=Path(str(merged["audit-log"])) if merged.get("audit-log") else None,
-                    audit_key=Path(str(merged["audit-key"])) if merged.get("audit-key") else None)
+                    audit_key=Path(str(merged["audit-key"])) if merged.get("audit-key") else None, data_seed=data_seed)

@@ -12,9 +12,11 @@ from __future__ import annotations
 #: Run/node config keys read only by department nodes (the ServerApp passes them through). A
 #: department node (``fl-client``: its node config names the department) takes them from its
 #: node config only, never from the coordinator's run config (:func:`clients.node.node_from_config`).
+#: ``data-seed``: seed of the node's train/test split of its records (health: a seeded random
+#: draw per hospital; forecasting splits in time and ignores it); simulations set it to the run's seed.
 NODE_KEYS = ("policy", "ledger", "ledger-dir", "data", "site", "dropout-probability", "virtual-sites", "partitioner",
              "dirichlet-alpha", "virtual-allow-empty", "partition-id", "num-partitions", "torch-threads", "audit-log",
-             "audit-key")
+             "audit-key", "data-seed")
 
 #: Job-config key: the run's identity (kept across resumes; nodes' ledgers record it).
 RUN_ID = "run-id"
@@ -29,7 +31,8 @@ PARAM_NAMES_KEY = "param-names"
 MAX_UPDATE_NORM = "max-update-norm"
 #: Job-config keys of on-site personalisation (sent with every train message too, so that each
 #: node reserves the personalisation's DP-SGD steps when it calibrates its rounds' noise).
-PERSONALISE_KEYS = ("personalise-epochs", "personalise-lr", "personalise-layers", "personalise-mu", "personalise-batch-size")
+PERSONALISE_KEYS = ("personalise-epochs", "personalise-lr", "personalise-layers", "personalise-mu", "personalise-batch-size",
+                    "personalise-own-lr", "personalise-own-batch-size")
 #: Job-config keys of a central-DP run that state the coordinator's *claimed* guarantee, by the
 #: name the node's ledger stores them under (:meth:`privacy.ledger.PrivacyLedger.record_central`).
 CENTRAL_CLAIM_KEYS = {"noise_multiplier": "central-noise-multiplier", "sample_rate": "central-sample-rate",

@@ -83,6 +83,11 @@ class RunSettings(BaseModel):
                               description="Records the coordinator holds (a file in the department schema, or "
                                           "'bundled' for the department's packaged public data): every site's test "
                                           "split in it is scored each round, exactly. Empty = none.")
+    central_data_seed: int = Field(0, ge=0, alias="central-data-seed",
+                                   description="Seed of the train/test split of central-data (health: a seeded random "
+                                               "draw per hospital). Simulations set it, and each node's data-seed, to "
+                                               "the run's seed, so the coordinator scores the test records the nodes "
+                                               "hold out.")
     personalise_epochs: int = Field(0, ge=0, alias="personalise-epochs",
                                     description="After the last round, each node whose policy allows it (personalisation "
                                                 "= true) fine-tunes the final model on its own records for this many "
@@ -95,6 +100,14 @@ class RunSettings(BaseModel):
                                                     "the nodes' noise calibration uses). 0 = the run's batch-size.")
     personalise_mu: float = Field(0.0, ge=0, alias="personalise-mu",
                                   description="Proximal pull of the personalised model towards the global one (Ditto-like).")
+    personalise_own_lr: float = Field(0.0, ge=0, allow_inf_nan=False, alias="personalise-own-lr",
+                                      description="Without DP: each node also trains a model from the run's initialisation "
+                                                  "on its own records alone at this learning rate and keeps whichever of it "
+                                                  "and the personalised federated model scores better on its validation split "
+                                                  "(a node never keeps a model worse there than its own). 0 = off; ignored "
+                                                  "under DP (a second model would be a second release).")
+    personalise_own_batch_size: int = Field(0, ge=0, alias="personalise-own-batch-size",
+                                            description="Batch size of that own-records model. 0 = the personalisation's.")
     run_dir: str = Field("runs/latest", alias="run-dir", description="Folder for checkpoint.safetensors, model.safetensors, results.json.")
     resume: bool = Field(False, description="Continue from run-dir/checkpoint.safetensors.")
     seed: int = Field(0, description="Seed of the initial model and of local sampling.")
@@ -236,7 +249,7 @@ def central_evaluator(cfg: dict, strategy: GuardedStrategy):
     from shared_models.scoring import evaluation_metrics
 
     source = cfg["central-data"]
-    ds = load_department(cfg["department"], None if source == "bundled" else source)
+    ds = load_department(cfg["department"], None if source == "bundled" else source, seed=int(cfg.get("central-data-seed", 0)))
     model = build_model(default_model_config(ds.schema, cfg["model"]))
     sites = {s: ds.site_data(s) for s in ds.sites}  # once: data-quality warnings are printed once, not per round
 

@@ -102,6 +102,10 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.setdefault("ledger-dir", str(run_dir / "ledgers"))
     cfg.setdefault("policy", str(default_policy(cfg["department"])))
+    # every simulated node and the coordinator's central data split the records by the run's seed,
+    # as the non-federated baselines do (citydata: health's test split is a seeded draw per hospital)
+    cfg.setdefault("data-seed", int(cfg.get("seed", 0) or 0))
+    cfg.setdefault("central-data-seed", cfg["data-seed"])
     nvirtual = int(cfg.get("virtual-sites", 0) or 0)
     sites = ([f"virtual-{k}" for k in range(nvirtual)] if nvirtual
              else load_department(cfg["department"], cfg.get("data") or None).sites)
