@@ -91,15 +91,37 @@ def summary(runs: list[dict]) -> tuple[list[str], list[list]]:
     return [*head[:2], *head[2:]], rows
 
 
+def kept_own(runs: list[dict]) -> dict[str, tuple[int, int]] | None:
+    """Per site: on how many seeds the node kept its own-records model without DP, of the seeds that say.
+
+    ``None`` when no run records it (comparisons made before ``personalise-own-lr`` or with
+    ``--no-personalise-own``): every personalised row is then the fine-tuned federated model.
+    """
+    counts: dict[str, list[int]] = {}
+    for r in runs:
+        for s in r["per_site"]["sites"]:
+            if s.get("kept") in ("own", "federated"):
+                c = counts.setdefault(s["site"], [0, 0])
+                c[0] += s["kept"] == "own"
+                c[1] += 1
+    return {k: (v[0], v[1]) for k, v in counts.items()} if counts else None
+
+
 def compact(runs: list[dict]) -> tuple[list[str], list[list]]:
-    """One row per site: for each setting the mean gain over the seeds and, in brackets, the worst."""
+    """One row per site: for each setting the mean gain over the seeds and, in brackets, the worst;
+    and, where the runs record it, on how many seeds the node kept its own model without DP."""
     head, rows = table(runs)
     sets = settings(runs)
     by_site: dict[str, dict] = {}
     for r in rows:
         by_site.setdefault(r[0], {})[r[1]] = (r[-2], r[-1])
+    own = kept_own(runs)
     out_head = ["site", *[f"{'without DP' if k == 'non-private' else 'epsilon ' + k}: mean (worst)" for k in sets]]
-    return out_head, [[site, *[v.get(k, (None, None)) for k in sets]] for site, v in by_site.items()]
+    if own is not None:
+        out_head.append("own model kept without DP (seeds)")
+    return out_head, [[site, *[v.get(k, (None, None)) for k in sets],
+                       *([f"{own[site][0]} of {own[site][1]}" if site in own else "-"] if own is not None else [])]
+                      for site, v in by_site.items()]
 
 
 def _fmt(x, unit: str | None) -> str:
@@ -146,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         print(render(head, rows, args.markdown, unit))
     losing = sorted({(r[0], r[1]) for r in rows if r[-2] is not None and r[-2] < 0})
     print(f"\nsites whose mean gain is below 0: {', '.join(f'{s} ({k})' for s, k in losing) or 'none'}")
+    own = kept_own(runs)
+    if own is not None:
+        kept = [f"{s} ({n} of {m})" for s, (n, m) in own.items() if n]
+        print(f"without DP, nodes that kept their own-records model (its gain is 0 by construction): "
+              f"{', '.join(kept) or 'none'}")
     print()
     head, rows = summary(runs)
     print(render(head, rows, args.markdown))

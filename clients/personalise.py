@@ -14,7 +14,11 @@ policy (``personalisation = true``), whether to answer. If it does, it
    (``personalise-mu``, the proximal term of Ditto/FedProx, data-independent so free). Without
    DP, ``personalise-epochs`` is the most it trains: the count (0 = keep the global model) is
    chosen on a validation split of the node's own training records
-   (:func:`clients.selection.fit_selected`); under DP-SGD it trains exactly the accounted epochs;
+   (:func:`clients.selection.fit_selected`); under DP-SGD it trains exactly the accounted epochs.
+   Without DP and with ``personalise-own-lr`` > 0 the node also trains a second candidate from the
+   run's initialisation on its own records alone (the model it would have without the federation)
+   and keeps whichever of the two scores better on the same validation split (:func:`choose_kept`);
+   which one it kept stays on the node (the model file's metadata ``kept``, its audit log);
 4. keeps the personalised model on the node (:func:`personalised_path`, safetensors) and replies
    with the DP-SGD parameters and epsilon only (:data:`contract.tasks.PERSONALISE_METRICS`): no arrays, nothing
    computed from the records.
@@ -23,18 +27,23 @@ policy (``personalisation = true``), whether to answer. If it does, it
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from clients.selection import fit_selected
-from clients.training import TrainConfig, fit
+from clients.selection import fit_selected, select_epochs, validation_split
+from clients.training import FitResult, TrainConfig, fit
 from privacy.dp import DPSettings
 from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
 from privacy.policy import JobRequest, check_job
+from shared_models import build_model, default_model_config
 
-#: Run-config keys of personalisation (sent with the personalise message, read by the node).
+#: Values of ``personalise-layers``.
 LAYERS = ("all", "head")
+#: Values of the kept model's metadata ``kept``: fine-tuned from the federated model, or the node's own.
+KEPT = ("federated", "own")
 
 
 def personalise_epochs(cfg: dict, spec) -> int:
@@ -51,6 +60,65 @@ def personalise_batch(cfg: dict) -> int:
 def personalise_steps(cfg: dict, spec, n_train: int) -> int:
     """DP-SGD steps of this node's planned personalisation (at :func:`personalise_batch`)."""
     return personalise_epochs(cfg, spec) * max(1, math.ceil(n_train / personalise_batch(cfg)))
+
+
+def own_settings(cfg: dict) -> tuple[float, int] | None:
+    """Learning rate and batch size of the own-records candidate, or ``None`` when the run asks for none.
+
+    ``personalise-own-lr`` (0 or absent = no candidate) and ``personalise-own-batch-size`` (0 or
+    absent = :func:`personalise_batch`).
+    """
+    lr = float(cfg.get("personalise-own-lr", 0.0) or 0.0)
+    if lr <= 0:
+        return None
+    return lr, int(cfg.get("personalise-own-batch-size", 0) or 0) or personalise_batch(cfg)
+
+
+def choose_kept(model: torch.nn.Module, build: Callable[[], torch.nn.Module], train, task: str, tc: TrainConfig,
+                own_tc: TrainConfig, seed: int) -> tuple[torch.nn.Module, FitResult, str, dict]:
+    """Non-private personalisation with a fallback: the better of fine-tuned federated and own-records model.
+
+    Both candidates are scored on one validation split of the node's training records
+    (:func:`clients.selection.validation_split` with ``seed``), each at its best epoch count
+    (:func:`clients.selection.select_epochs`; the fine-tuning may keep 0 epochs, i.e. the global
+    model). The one with the lower validation score (ties: the federated one) is then trained on
+    all the training records for its count, exactly as :func:`clients.selection.fit_selected` would.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The run's final global model (fine-tuned in place when it is kept).
+    build : callable
+        Returns the run's initial model (the own candidate's start), built by the node itself.
+    train : TensorDataset
+        The node's training records.
+    task : str
+    tc, own_tc : TrainConfig
+        Fine-tuning and own-model training (``epochs``: the most either search tries).
+    seed : int
+        Seed of the validation split.
+
+    Returns
+    -------
+    (nn.Module, FitResult, str, dict)
+        The kept model (trained), its final training's result, ``"federated"`` or ``"own"``
+        (:data:`KEPT`), and the two candidates' validation scores and epoch counts (these stay on the node).
+    """
+    fit_part, val = validation_split(train, task, seed=seed)
+    ft_epochs, ft_scores = select_epochs(model, fit_part, val, task, tc, allow_zero=True)
+    own = build()
+    own_epochs, own_scores = select_epochs(own, fit_part, val, task, own_tc)
+    scores = {"federated-validation": float(ft_scores[ft_epochs]), "federated-epochs": int(ft_epochs),
+              "own-validation": float(own_scores[own_epochs]), "own-epochs": int(own_epochs)}
+    kept, chosen, cfg, epochs, curve = ("own", own, own_tc, own_epochs, own_scores) \
+        if scores["own-validation"] < scores["federated-validation"] else ("federated", model, tc, ft_epochs, ft_scores)
+    if epochs == 0:
+        res = FitResult(loss=math.nan, num_examples=len(train), steps=0)
+        chosen.eval()
+    else:
+        res = fit(chosen, train, task, replace(cfg, epochs=epochs), None)
+    res.selected_epochs, res.validation = epochs, curve
+    return chosen, res, kept, scores
 
 
 def head_prefix(model: torch.nn.Module) -> str:
@@ -76,6 +144,26 @@ def load_personalised(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def personalised_kept(path: Path) -> str:
+    """Which candidate a personalised model file holds: ``"federated"`` or ``"own"`` (:data:`KEPT`).
+
+    Files written before the own-records candidate existed have no ``kept`` entry: ``"federated"``.
+
+    Raises
+    ------
+    ValueError
+        The metadata names something else (the file was not written by :func:`handle_personalise`).
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        kept = (f.metadata() or {}).get("kept", "federated")
+    if kept not in KEPT:
+        raise ValueError(f"{path}: metadata kept = {kept!r} is not one of {', '.join(KEPT)}; "
+                         "fix: personalise the run again (the file was not written by cityfed)")
+    return kept
+
+
 def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
     """Fine-tune the run's final model on this node's training records, under its policy.
 
@@ -85,8 +173,9 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
         The run's final global model.
     cfg : dict
         The run's job config plus ``personalise-epochs``, ``personalise-lr``,
-        ``personalise-layers`` (``"all"`` or ``"head"``), ``personalise-mu`` and
-        ``personalise-batch-size`` (0: the run's ``batch-size``).
+        ``personalise-layers`` (``"all"`` or ``"head"``), ``personalise-mu``,
+        ``personalise-batch-size`` (0: the run's ``batch-size``) and, without DP only,
+        ``personalise-own-lr`` / ``personalise-own-batch-size`` (:func:`own_settings`, :func:`choose_kept`).
     spec : clients.node.NodeSpec
 
     Returns
@@ -118,7 +207,8 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
         raise refuse(f"personalise-layers {layers!r} is not one of {', '.join(LAYERS)}")
     if not run_id:
         raise refuse("the personalise message names no run-id (its release is accounted per run)")
-    model, ds, site = _model_for(spec, str(cfg.get("model", "")) or None, state)
+    kind = str(cfg.get("model", "")) or None
+    model, ds, site = _model_for(spec, kind, state)
     if len(site.train) == 0:
         raise NoTrainingData(f"{spec.department}/{spec.site}: no training records; nothing to personalise")
     train = site.train.tensors()
@@ -154,8 +244,20 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
                      seed=int(cfg.get("seed", 0)) * 100_003 + rnd + 7919,
                      proximal_mu=float(cfg.get("personalise-mu", 0.0)),
                      trainable=(head_prefix(model),) if layers == "head" else None)
+    own = own_settings(cfg) if dp is None else None  # under DP a second model would be a second release
+    kept, scores = "federated", {}
     try:
-        if dp is None:  # non-private: at most `epochs`, as many as the node's validation split favours (0 = keep)
+        if own is not None:  # non-private: the better of fine-tuned federated and the node's own model
+            seed = int(cfg.get("seed", 0))
+            own_tc = TrainConfig(epochs=epochs, batch_size=own[1], lr=own[0], seed=seed)
+
+            def build() -> torch.nn.Module:  # the run's initialisation, as the coordinator draws it from the seed
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    return build_model(default_model_config(ds.schema, kind))
+
+            model, res, kept, scores = choose_kept(model, build, train, task, tc, own_tc, seed)
+        elif dp is None:  # non-private: at most `epochs`, as many as the node's validation split favours (0 = keep)
             res = fit_selected(model, train, task, tc, allow_zero=True)
         else:  # DP-SGD: the accounted steps, no selection on the records
             res = fit(model, train, task, tc, dp)
@@ -166,7 +268,8 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
         tmp = path.with_suffix(".tmp")
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp),
                   metadata={"run-id": run_id, "department": spec.department, "site": spec.site, "layers": layers,
-                            "epochs": str(epochs if dp is not None else res.selected_epochs), "dp": str(job.dp), "noise-multiplier": str(job.noise_multiplier)})
+                            "epochs": str(epochs if dp is not None else res.selected_epochs), "dp": str(job.dp),
+                            "noise-multiplier": str(job.noise_multiplier), "kept": kept})
         tmp.replace(path)
     except BaseException as exc:
         if rid is not None:
@@ -179,7 +282,7 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
         spec.audit("release", run=run_id, round=rnd, mechanism=release.mechanism, noise_multiplier=release.noise_multiplier,
                    sample_rate=release.sample_rate, steps=release.steps, delta=delta, epsilon_before=decision.epsilon_before,
                    epsilon_after=after, accountant=ledger.accountant)
-    spec.audit("personalised", run=run_id, path=str(path), steps=res.steps)
+    spec.audit("personalised", run=run_id, path=str(path), steps=res.steps, kept=kept, **scores)
     out = {"num-examples": rounded_count(len(train), spec.policy.releases.num_examples_granularity),
            "epsilon": after, "noise-multiplier": float(job.noise_multiplier or 0.0), "steps": int(job.steps)}
     if spec.partition_id is not None:

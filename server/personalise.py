@@ -30,7 +30,9 @@ def personalise_config(cfg: dict) -> dict:
         return {}
     return {"personalise-epochs": epochs, "personalise-lr": float(cfg["personalise-lr"]),
             "personalise-layers": str(cfg["personalise-layers"]), "personalise-mu": float(cfg["personalise-mu"]),
-            "personalise-batch-size": int(cfg.get("personalise-batch-size", 0) or 0)}
+            "personalise-batch-size": int(cfg.get("personalise-batch-size", 0) or 0),
+            "personalise-own-lr": float(cfg.get("personalise-own-lr", 0.0) or 0.0),
+            "personalise-own-batch-size": int(cfg.get("personalise-own-batch-size", 0) or 0)}
 
 
 def personalise_nodes(grid: Grid, job: dict, arrays: ArrayRecord, num_rounds: int, *, timeout: float = 600.0) -> dict:

@@ -1055,8 +1055,10 @@ def render_compare_page(results: dict, metric: str, *, plots: dict[str, str] | N
             return ""
         m = str(value.get("metric", metric))
         eps_keys = list(_dict(entries[0].get("dp")))
-        headers = ["site", "local-only", "federated", "personalised", "gain"]
-        groups = [("", 1), ("no DP: " + metric_label(m, False), 4)]
+        # which model a node kept without DP (the fine-tuned federated one, or its own-records candidate)
+        show_kept = any(e.get("kept") for e in entries)
+        headers = ["site", "local-only", "federated", "personalised", "gain"] + (["kept"] if show_kept else [])
+        groups = [("", 1), ("no DP: " + metric_label(m, False), 4 + show_kept)]
         for k in eps_keys:
             headers += ["local-only", "federated", "personalised", "gain"]
             groups.append((f"DP at ε = {k}", 4))
@@ -1071,7 +1073,7 @@ def render_compare_page(results: dict, metric: str, *, plots: dict[str, str] | N
 
         rows = []
         for e in entries:
-            row = [e.get("site")] + cells(e)
+            row = [e.get("site")] + cells(e) + ([str(e.get("kept") or MISSING)] if show_kept else [])
             for k in eps_keys:
                 row += cells(_dict(e.get("dp")).get(k))
             row.append(num(fmt_num(e.get("loo-contribution"))))
@@ -1084,7 +1086,10 @@ def render_compare_page(results: dict, metric: str, *, plots: dict[str, str] | N
         cap = (f"{metric_label(m)} of each site's model on its own test split. Gain = personalised vs local-only "
                f"({value.get('gain', '')}); positive = the site gains. Leave-one-out contribution: "
                f"{value.get('loo-note') or MISSING}; mean over the other sites of how much worse they do without "
-               "this site (accuracy points, or relative MAE increase): positive = the site helps the others.")
+               "this site (accuracy points, or relative MAE increase): positive = the site helps the others."
+               + (" Kept: which model the node kept without DP, chosen on its own validation split: federated = "
+                  "fine-tuned from the federated model, own = trained on its own records alone (fl-sim compare "
+                  "trains it with the local-only baseline's seed and settings, so it scores as local-only)." if show_kept else ""))
         return (f"<h2>Per-site value: local-only, federated, personalised</h2>"
                 f"{table(headers, rows, caption=cap, groups=groups)}<p>{' '.join(lines)}</p>")
 

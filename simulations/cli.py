@@ -397,6 +397,11 @@ def compare(
     personalise_batch_size: Optional[int] = typer.Option(None, "--personalise-batch-size", min=0,
                                                          help="Override the personalisation batch size (0 = the run's batch size)."),
     loo: bool = typer.Option(True, "--loo/--no-loo", help="Leave-one-site-out contributions (non-private; departments with at most 6 sites)."),
+    personalise_own: bool = typer.Option(True, "--personalise-own/--no-personalise-own",
+                                         help="Without DP, each node also trains a model on its own records alone (like the "
+                                              "local-only baseline) and keeps whichever of it and the personalised federated "
+                                              "model scores better on its validation split; rows say which it kept. "
+                                              "--no-personalise-own: always the personalised federated model."),
 ) -> None:
     """Pooled vs local-only vs federated vs DP-federated (epsilon 1, 3, 8), same seeds and test sets.
 
@@ -434,7 +439,8 @@ def compare(
 
             try:
                 res = run_compare(d, dout, epsilons=tuple(epsilon), model=model, engine=engine, seed=seed,
-                                  overrides=overrides, overwrite=overwrite, on_stage=on_stage, on_round=on_round, loo=loo)
+                                  overrides=overrides, overwrite=overwrite, on_stage=on_stage, on_round=on_round, loo=loo,
+                                  own=personalise_own)
             except FileExistsError as exc:
                 console.print(f"[red]error:[/red] {exc}")
                 raise typer.Exit(2)

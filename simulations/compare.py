@@ -68,10 +68,19 @@ FED_DP_DEFAULTS: dict[str, dict] = {
 }
 
 
-def federated_settings(department: str, dp: bool, overrides: dict | None = None) -> dict:
+def federated_settings(department: str, dp: bool, overrides: dict | None = None, own_model: str | None = None) -> dict:
     """The run config of a comparison's federated runs: :data:`FED_DEFAULTS`, under DP with
-    :data:`FED_DP_DEFAULTS` on top, then ``overrides`` (which win for both)."""
-    return {**FED_DEFAULTS[department], **(FED_DP_DEFAULTS.get(department, {}) if dp else {}), **(overrides or {})}
+    :data:`FED_DP_DEFAULTS` on top, then ``overrides`` (which win for both).
+
+    ``own_model`` (a model kind; non-private runs only): each node's own-records candidate
+    (``personalise-own-lr``, :func:`clients.personalise.choose_kept`) is trained like that kind's
+    local-only baseline (:data:`simulations.baselines.DEFAULT_TRAIN`'s learning rate and batch size).
+    """
+    own = {}
+    if own_model and not dp:
+        base = DEFAULT_TRAIN[(department, own_model)]
+        own = {"personalise-own-lr": base.lr, "personalise-own-batch-size": base.batch_size}
+    return {**FED_DEFAULTS[department], **own, **(FED_DP_DEFAULTS.get(department, {}) if dp else {}), **(overrides or {})}
 
 
 def write_policy(department: str, out: Path, source: Path | None = None, **changes) -> Path:
@@ -126,7 +135,7 @@ def _personalised_rows(ds, method: str, eps: float | None, res: dict, run_dir: P
     (:func:`clients.personalise.personalised_path`, under the run's ledger folder); a department
     node never sends it. Epsilon spent is the node's ledger total after the personalisation.
     """
-    from clients.personalise import load_personalised
+    from clients.personalise import load_personalised, personalised_kept
     from shared_models.scoring import classification_metrics, evaluation_metrics, predict
     from shared_models import build_model, default_model_config
 
@@ -141,7 +150,8 @@ def _personalised_rows(ds, method: str, eps: float | None, res: dict, run_dir: P
         model = build_model(default_model_config(ds.schema, res["config"]["model"]))
         model.load_state_dict(load_personalised(path))
         site = ds.site_data(s)
-        rows.append({"method": name, "epsilon": eps, "site": s, "metrics": evaluation_metrics(model, site, task),
+        metrics = {**evaluation_metrics(model, site, task), "kept": personalised_kept(path)}
+        rows.append({"method": name, "epsilon": eps, "site": s, "metrics": metrics,
                      "epsilon_spent": spent[s] if eps is not None else None})
         if task == "binary-classification" and len(site.test):
             ys.append(site.test.y)
@@ -235,18 +245,22 @@ def per_site_value(rows: list[dict], sites: list[str], task: str, epsilons: tupl
     dict
         ``metric``, ``higher_is_better``, ``gain`` (how gains are measured), ``sites`` (one entry
         per site: ``local``, ``federated``, ``personalised``, ``gain-federated``,
-        ``gain-personalised``, ``dp`` per epsilon with the same keys, ``loo-contribution``),
+        ``gain-personalised``, ``kept`` (the personalised row's model: ``"federated"`` = fine-tuned
+        from the federated model, ``"own"`` = the node's own-records candidate, ``None`` = no row),
+        ``dp`` per epsilon with the same keys, ``loo-contribution``),
         ``worst-site`` (lowest personalised gain, non-private) and ``worst-site-dp`` per epsilon.
     """
     metric, higher = _headline(task)
     value = {(r["method"], r["epsilon"], r["site"]): r["metrics"].get(metric) for r in rows if r.get("metrics")}
+    kept = {(r["epsilon"], r["site"]): r["metrics"]["kept"] for r in rows
+            if r["method"].endswith("+personalised") and "kept" in (r.get("metrics") or {})}
 
     def entry(eps):
         local = value.get(("local", eps, s))
         fed = value.get(("federated" if eps is None else "federated-dp", eps, s))
         pers = value.get(("federated+personalised" if eps is None else "federated-dp+personalised", eps, s))
         return {"local": local, "federated": fed, "personalised": pers, "gain-federated": _gain(task, local, fed),
-                "gain-personalised": _gain(task, local, pers)}
+                "gain-personalised": _gain(task, local, pers), "kept": kept.get((eps, s))}
 
     out_sites = []
     for s in sites:
@@ -302,7 +316,7 @@ def leave_one_out(department: str, out: Path, cfg: dict, sites: list[str], task:
 def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.0, 3.0, 8.0), model: str | None = None,
                 engine: str = "inprocess", seed: int = 0, overrides: dict | None = None, overwrite: bool = False,
                 on_stage: Callable[[str], None] | None = None, on_round: Callable[[dict], None] | None = None,
-                loo: bool = True) -> dict:
+                loo: bool = True, own: bool = True) -> dict:
     """Run the whole comparison for one department and write ``OUT/results.json``.
 
     Parameters
@@ -328,6 +342,10 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
     loo : bool
         Leave-one-site-out contributions (non-private; only with the in-process engine and at most
         :data:`LOO_MAX_SITES` sites).
+    own : bool
+        Non-private personalisation keeps the better, on each node's validation split, of the
+        fine-tuned federated model and a model of the node's own records trained like the local-only
+        baseline (:func:`clients.personalise.choose_kept`); rows say which (``metrics.kept``).
 
     Returns
     -------
@@ -368,7 +386,7 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
     base = run_baselines(department, epsilons=list(epsilons), kinds=[model], seed=seed, pooled_dp=False,
                          site_delta=policy.site_delta)
     rows = _baseline_rows(base, task)
-    fed = federated_settings(department, False, overrides)
+    fed = federated_settings(department, False, overrides, own_model=model if own else None)
     fed_dp = federated_settings(department, True, overrides)
     nodp_policy = write_policy(department, out / "policies" / f"{department}-no-dp.toml", require_dp=False)
     timings = {}

@@ -57,3 +57,25 @@ def test_bad_input_names_the_file_and_the_fix(tmp_path):
     t = _results(tmp_path / "t.json", 1, {"A": 0.0}, {}, department="traffic")
     with pytest.raises(SystemExit, match="mix departments"):
         seed_spread.load([a, t])
+
+
+def test_counts_the_seeds_on_which_each_node_kept_its_own_model(tmp_path, capsys):
+    paths = []
+    for seed, kept in enumerate([{"A": "own", "B": "federated"}, {"A": "own", "B": "own"}, {"A": "federated"}]):
+        p = _results(tmp_path / f"{seed}.json", seed, {s: 0.0 for s in ("A", "B")}, {})
+        r = json.loads(p.read_text())
+        for s in r["per_site"]["sites"]:
+            if s["site"] in kept:
+                s["kept"] = kept[s["site"]]
+        p.write_text(json.dumps(r))
+        paths.append(p)
+    runs = seed_spread.load(paths)
+    assert seed_spread.kept_own(runs) == {"A": (2, 3), "B": (1, 2)}
+    head, rows = seed_spread.compact(runs)
+    assert head[-1] == "own model kept without DP (seeds)" and [r[-1] for r in rows] == ["2 of 3", "1 of 2"]
+    assert seed_spread.main(["--compact", *map(str, paths)]) == 0
+    assert "kept their own-records model (its gain is 0 by construction): A (2 of 3), B (1 of 2)" in capsys.readouterr().out
+    # older comparisons (no "kept"): no column, no line
+    old = [_results(tmp_path / f"old{s}.json", s, {"A": 0.0}, {}) for s in (0, 1)]
+    assert seed_spread.kept_own(seed_spread.load(old)) is None
+    assert "own model" not in seed_spread.compact(seed_spread.load(old))[0][-1]

@@ -1,0 +1,211 @@
+"""Non-private personalisation with the node's own-records candidate (``personalise-own-lr``):
+the node keeps whichever of the fine-tuned federated model and a model of its own records alone
+scores better on its validation split, says which in the model file and its audit log only, and
+never trains the extra model under DP."""
+
+import json
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+from citydata import load_department
+from clients.node import node_from_config
+from clients.personalise import (choose_kept, handle_personalise, load_personalised, personalised_kept,
+                                 personalised_path)
+from clients.selection import fit_selected, validation_split
+from clients.training import TrainConfig, fit
+from contract.tasks import PERSONALISE_METRICS
+from flower_compat.inprocess import set_task_identity
+from privacy.ledger import PrivacyLedger
+from shared_models import build_model, default_model_config
+
+warnings.filterwarnings("ignore", category=UserWarning)
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+SITE = "Cleveland"
+POLICY = """
+department = "health"
+max_epsilon = 8.0
+min_noise_multiplier = 0.5
+max_clipping_norm = 1.0
+allowed_tasks = ["heart-disease"]
+max_rounds_per_run = 10
+require_dp = {require_dp}
+personalisation = true
+"""
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    set_task_identity(7, 0, 1)
+    torch.set_num_threads(1)
+    yield
+
+
+def _spec(tmp_path, require_dp=False):
+    pol = tmp_path / "policy.toml"
+    pol.write_text(POLICY.format(require_dp=str(require_dp).lower()))
+    return node_from_config({"department": "health", "site": SITE, "policy": str(pol),
+                             "ledger": str(tmp_path / "ledger.sqlite"), "audit-log": str(tmp_path / "audit.jsonl")}, {})
+
+
+def _cfg(**over):
+    cfg = {"department": "health", "task": "heart-disease", "model": "heart-mlp", "run-id": "r1", "server-round": 3,
+           "num-rounds": 3, "local-epochs": 1, "batch-size": 32, "lr": 0.01, "dp": False, "target-epsilon": 3.0,
+           "clipping-norm": 1.0, "seed": 0, "personalise-epochs": 30, "personalise-lr": 0.01,
+           "personalise-layers": "head", "personalise-own-lr": 0.01, "personalise-own-batch-size": 32}
+    cfg.update(over)
+    return cfg
+
+
+def _init(seed=0):
+    torch.manual_seed(seed)
+    return build_model(default_model_config(load_department("health").schema))
+
+
+def _harmful_global():
+    """A global model that learnt the opposite of Cleveland's labels (a federation that hurts this site)."""
+    model = _init(5)
+    tr = load_department("health").site_data(SITE).train.tensors()
+    flipped = torch.utils.data.TensorDataset(tr.tensors[0], 1.0 - tr.tensors[1])
+    fit(model, flipped, "binary-classification", TrainConfig(epochs=30, batch_size=32, lr=1e-2, seed=5), None)
+    return model.state_dict()
+
+
+def _audit(tmp_path, kind):
+    return [e["data"] for e in map(json.loads, (tmp_path / "audit.jsonl").read_text().splitlines()) if e["kind"] == kind]
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_node_keeps_its_own_model_when_the_federated_one_is_worse(tmp_path):
+    """Head-only fine-tuning cannot undo a harmful global model: the node keeps its own-records model,
+    which is exactly the local-only baseline's (same seed, settings and validation split)."""
+    spec = _spec(tmp_path)
+    out = handle_personalise(_harmful_global(), _cfg(), spec)
+    assert set(out) <= set(PERSONALISE_METRICS) and out["epsilon"] == math.inf
+    path = personalised_path(spec, "r1")
+    assert personalised_kept(path) == "own"
+    train = load_department("health").site_data(SITE).train.tensors()
+    ref = _init(0)
+    fit_selected(ref, train, "binary-classification", TrainConfig(epochs=30, batch_size=32, lr=0.01, seed=0),
+                 split=validation_split(train, "binary-classification", seed=0))
+    assert _equal(load_personalised(path), {k: v.detach() for k, v in ref.state_dict().items()})
+    (entry,) = _audit(tmp_path, "personalised")
+    assert entry["kept"] == "own" and entry["own-validation"] < entry["federated-validation"]
+    assert entry["own-epochs"] >= 1 and 0 <= entry["federated-epochs"] <= 30
+    assert PrivacyLedger(spec.ledger_path).releases() == []  # non-private: nothing accounted, nothing released
+
+
+def test_node_keeps_the_federated_model_when_it_validates_better(tmp_path):
+    """A global model already fitted to the site beats an own model that barely trains (lr 1e-7)."""
+    spec = _spec(tmp_path)
+    good = _init(3)
+    train = load_department("health").site_data(SITE).train.tensors()
+    fit(good, train, "binary-classification", TrainConfig(epochs=20, batch_size=32, lr=1e-2, seed=3), None)
+    handle_personalise(good.state_dict(), _cfg(**{"personalise-own-lr": 1e-7, "personalise-epochs": 2}), spec)
+    assert personalised_kept(personalised_path(spec, "r1")) == "federated"
+    (entry,) = _audit(tmp_path, "personalised")
+    assert entry["kept"] == "federated" and entry["federated-validation"] <= entry["own-validation"]
+
+
+def test_choose_kept_prefers_the_federated_model_on_a_tie():
+    """Two identical candidates: the federated one is kept (the fallback needs a strictly better score)."""
+    train = load_department("health").site_data(SITE).train.tensors()
+    tc = TrainConfig(epochs=2, batch_size=32, lr=0.01, seed=0)
+    model, res, kept, scores = choose_kept(_init(0), _init, train, "binary-classification", tc, tc, 0)
+    assert kept == "federated" and scores["own-validation"] == scores["federated-validation"]
+    assert res.selected_epochs == scores["federated-epochs"]
+
+
+def test_own_candidate_is_never_trained_under_dp(tmp_path):
+    """Under DP a second model would be a second release: the node fine-tunes the federated model only,
+    with exactly one accounted release."""
+    spec = _spec(tmp_path, require_dp=True)
+    handle_personalise(_harmful_global(), _cfg(**{"dp": True, "personalise-epochs": 2}), spec)
+    assert personalised_kept(personalised_path(spec, "r1")) == "federated"
+    assert [r["mechanism"] for r in PrivacyLedger(spec.ledger_path).releases()] == ["personalisation"]
+    (entry,) = _audit(tmp_path, "personalised")
+    assert entry["kept"] == "federated" and "own-validation" not in entry
+
+
+def test_personalised_kept_reads_the_files_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    state = {"w": torch.zeros(2)}
+    old = tmp_path / "old.safetensors"
+    save_file(state, str(old), metadata={"run-id": "r"})
+    assert personalised_kept(old) == "federated"  # written before the own candidate existed
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad), metadata={"kept": "coordinator"})
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*'coordinator'.*fix"):
+        personalised_kept(bad)
+
+
+def test_run_config_carries_and_validates_the_own_keys():
+    from server.app import settings
+    from server.personalise import personalise_config
+
+    cfg = settings({"department": "health", "personalise-epochs": 5, "personalise-own-lr": 0.01,
+                    "personalise-own-batch-size": 16})
+    job = personalise_config(cfg)
+    assert job["personalise-own-lr"] == 0.01 and job["personalise-own-batch-size"] == 16
+    assert settings({"department": "health"})["personalise-own-lr"] == 0.0  # off by default
+    for key, bad in (("personalise-own-lr", -0.1), ("personalise-own-lr", float("nan")), ("personalise-own-batch-size", -1)):
+        with pytest.raises(ValueError, match=key):
+            settings({"department": "health", key: bad})
+
+
+def test_compare_sends_the_own_candidate_to_the_non_private_run_only(tmp_path, monkeypatch):
+    import simulations.compare as cmp
+    from simulations.baselines import DEFAULT_TRAIN
+
+    seen = {}
+    monkeypatch.setattr(cmp, "simulate", lambda cfg, **kw: seen.setdefault(cfg["run-id"], dict(cfg)) and
+                        {"rounds": [], "run_id": cfg["run-id"], "config": cfg, "refused": []})
+    monkeypatch.setattr(cmp, "run_baselines", lambda *a, **k: [])
+    cmp.run_compare("utility", tmp_path / "c", epsilons=(3.0,), loo=False)
+    base = DEFAULT_TRAIN[("utility", "gru")]
+    assert (seen["federated"]["personalise-own-lr"], seen["federated"]["personalise-own-batch-size"]) == (base.lr, base.batch_size)
+    assert "personalise-own-lr" not in seen["federated-dp-eps3"]
+    seen.clear()
+    cmp.run_compare("utility", tmp_path / "d", epsilons=(3.0,), loo=False, own=False)
+    assert "personalise-own-lr" not in seen["federated"]
+
+
+def test_per_site_value_and_report_say_which_model_each_node_kept():
+    from server import report as R
+    from simulations.compare import per_site_value
+
+    def row(method, eps, site, acc, kept=None):
+        m = {"accuracy": acc, "num-examples": 50}
+        if kept:
+            m["kept"] = kept
+        return {"method": method, "epsilon": eps, "site": site, "metrics": m}
+
+    rows = [row("local", None, "a", 0.80), row("federated+personalised", None, "a", 0.80, "own"),
+            row("local", None, "b", 0.70), row("federated+personalised", None, "b", 0.75, "federated"),
+            row("local", 3.0, "a", 0.6), row("federated-dp+personalised", 3.0, "a", 0.7, "federated")]
+    v = per_site_value(rows, ["a", "b"], "binary-classification", (3.0,))
+    a, b = v["sites"]
+    assert (a["kept"], b["kept"], a["dp"]["3"]["kept"]) == ("own", "federated", "federated")
+    page = R.render_compare_page({"meta": {}, "rows": rows, "per_site": v}, "accuracy")
+    text = " ".join(R_text(page).split())
+    assert "kept" in text and " own " in text and "trained on its own records alone" in text
+    # an older results.json without "kept": no column
+    for e in v["sites"]:
+        e.pop("kept")
+    assert "trained on its own records alone" not in R_text(R.render_compare_page({"meta": {}, "rows": rows, "per_site": v},
+                                                                                  "accuracy"))
+
+
+def R_text(page: str) -> str:
+    import html
+    import re
+
+    return html.unescape(re.sub(r"<[^>]+>", " ", re.sub(r"<style>.*?</style>", "", page, flags=re.S)))
