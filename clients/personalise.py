@@ -164,6 +164,27 @@ def personalised_kept(path: Path) -> str:
     return kept
 
 
+def personalised_scores(path: Path) -> dict[str, float]:
+    """The two candidates' validation scores and epoch counts a personalised model file records.
+
+    Keys ``federated-validation``, ``own-validation`` (lower is better, :func:`clients.selection.validation_score`),
+    ``federated-epochs``, ``own-epochs``; empty when the node trained no own-records candidate.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    out = {}
+    for key in ("federated-validation", "own-validation", "federated-epochs", "own-epochs"):
+        if key in meta:
+            try:
+                out[key] = float(meta[key])
+            except ValueError:
+                raise ValueError(f"{path}: metadata {key} = {meta[key]!r} is not a number; fix: personalise the run "
+                                 "again (the file was not written by cityfed)") from None
+    return out
+
+
 def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
     """Fine-tune the run's final model on this node's training records, under its policy.
 
@@ -269,7 +290,8 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp),
                   metadata={"run-id": run_id, "department": spec.department, "site": spec.site, "layers": layers,
                             "epochs": str(epochs if dp is not None else res.selected_epochs), "dp": str(job.dp),
-                            "noise-multiplier": str(job.noise_multiplier), "kept": kept})
+                            "noise-multiplier": str(job.noise_multiplier), "kept": kept,
+                            **{k: str(v) for k, v in scores.items()}})
         tmp.replace(path)
     except BaseException as exc:
         if rid is not None:

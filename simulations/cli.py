@@ -281,7 +281,7 @@ def run(
         0.0, "--gpus-per-client", min=0.0, help="Ray engine: GPUs per simulated client (0.25 = four clients share "
                                                 "a GPU); those clients train on CUDA. 0 = CPU clients."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/checkpoint.safetensors."),
-    seed: int = typer.Option(0, help="Seed for the initial model, sampling and partitioning."),
+    seed: int = typer.Option(0, help="Seed for the initial model, sampling, partitioning and each site's train/test split (health: a seeded draw per hospital; as fl-sim baselines --seed)."),
 ) -> None:
     """Federated training of a department's sites on this machine, under each node's policy and ledger.
 

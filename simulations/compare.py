@@ -135,7 +135,7 @@ def _personalised_rows(ds, method: str, eps: float | None, res: dict, run_dir: P
     (:func:`clients.personalise.personalised_path`, under the run's ledger folder); a department
     node never sends it. Epsilon spent is the node's ledger total after the personalisation.
     """
-    from clients.personalise import load_personalised, personalised_kept
+    from clients.personalise import load_personalised, personalised_kept, personalised_scores
     from shared_models.scoring import classification_metrics, evaluation_metrics, predict
     from shared_models import build_model, default_model_config
 
@@ -150,7 +150,7 @@ def _personalised_rows(ds, method: str, eps: float | None, res: dict, run_dir: P
         model = build_model(default_model_config(ds.schema, res["config"]["model"]))
         model.load_state_dict(load_personalised(path))
         site = ds.site_data(s)
-        metrics = {**evaluation_metrics(model, site, task), "kept": personalised_kept(path)}
+        metrics = {**evaluation_metrics(model, site, task), "kept": personalised_kept(path), **personalised_scores(path)}
         rows.append({"method": name, "epsilon": eps, "site": s, "metrics": metrics,
                      "epsilon_spent": spent[s] if eps is not None else None})
         if task == "binary-classification" and len(site.test):

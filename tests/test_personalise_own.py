@@ -99,6 +99,10 @@ def test_node_keeps_its_own_model_when_the_federated_one_is_worse(tmp_path):
     (entry,) = _audit(tmp_path, "personalised")
     assert entry["kept"] == "own" and entry["own-validation"] < entry["federated-validation"]
     assert entry["own-epochs"] >= 1 and 0 <= entry["federated-epochs"] <= 30
+    from clients.personalise import personalised_scores
+
+    assert personalised_scores(path) == {k: pytest.approx(entry[k]) for k in
+                                         ("federated-validation", "own-validation", "federated-epochs", "own-epochs")}
     assert PrivacyLedger(spec.ledger_path).releases() == []  # non-private: nothing accounted, nothing released
 
 
@@ -141,6 +145,13 @@ def test_personalised_kept_reads_the_files_metadata(tmp_path):
     old = tmp_path / "old.safetensors"
     save_file(state, str(old), metadata={"run-id": "r"})
     assert personalised_kept(old) == "federated"  # written before the own candidate existed
+    from clients.personalise import personalised_scores
+
+    assert personalised_scores(old) == {}
+    junk = tmp_path / "junk.safetensors"
+    save_file(state, str(junk), metadata={"kept": "own", "own-validation": "low"})
+    with pytest.raises(ValueError, match=r"junk\.safetensors.*own-validation.*'low'.*fix"):
+        personalised_scores(junk)
     bad = tmp_path / "bad.safetensors"
     save_file(state, str(bad), metadata={"kept": "coordinator"})
     with pytest.raises(ValueError, match=r"bad\.safetensors.*'coordinator'.*fix"):
