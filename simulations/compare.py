@@ -150,7 +150,10 @@ def _personalised_rows(ds, method: str, eps: float | None, res: dict, run_dir: P
         model = build_model(default_model_config(ds.schema, res["config"]["model"]))
         model.load_state_dict(load_personalised(path))
         site = ds.site_data(s)
-        metrics = {**evaluation_metrics(model, site, task), "kept": personalised_kept(path), **personalised_scores(path)}
+        metrics = evaluation_metrics(model, site, task)
+        scores = personalised_scores(path)
+        if scores:  # the node weighed its own-records candidate (non-private, personalise-own-lr): say what it kept
+            metrics.update({"kept": personalised_kept(path), **scores})
         rows.append({"method": name, "epsilon": eps, "site": s, "metrics": metrics,
                      "epsilon_spent": spent[s] if eps is not None else None})
         if task == "binary-classification" and len(site.test):

@@ -220,3 +220,24 @@ def R_text(page: str) -> str:
     import re
 
     return html.unescape(re.sub(r"<[^>]+>", " ", re.sub(r"<style>.*?</style>", "", page, flags=re.S)))
+
+
+@pytest.mark.parametrize("own_lr", [0.0, 0.01])
+def test_compare_rows_say_what_was_kept_only_where_the_node_weighed_its_own_model(tmp_path, own_lr):
+    """A run without the candidate (or under DP) has no `kept`: nothing was weighed, so nothing to report."""
+    import simulations.compare as cmp
+
+    pol = tmp_path / "policy.toml"
+    pol.write_text(POLICY.format(require_dp="false"))
+    run_dir = tmp_path / "run"
+    spec = node_from_config({"department": "health", "site": SITE, "policy": str(pol),
+                             "ledger": str(run_dir / "ledgers" / f"health-{SITE}.sqlite")}, {})
+    handle_personalise(_init(0).state_dict(), _cfg(**{"personalise-own-lr": own_lr, "personalise-epochs": 2}), spec)
+    ds = load_department("health")
+    res = {"personalise": {"nodes": {"7": {"partition-id": ds.sites.index(SITE), "epsilon": math.inf}}},
+           "run_id": "r1", "config": {"model": "heart-mlp"}}
+    (row,) = [r for r in cmp._personalised_rows(ds, "federated", None, res, run_dir, ds.schema.task) if r["site"] == SITE]
+    if own_lr:
+        assert row["metrics"]["kept"] in ("federated", "own") and "own-validation" in row["metrics"]
+    else:
+        assert "kept" not in row["metrics"] and "own-validation" not in row["metrics"]
