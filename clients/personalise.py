@@ -27,13 +27,12 @@ policy (``personalisation = true``), whether to answer. If it does, it
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from clients.selection import fit_selected, select_epochs, validation_split
+from clients.selection import fit_chosen, fit_selected, select_epochs, validation_split
 from clients.training import FitResult, TrainConfig, fit
 from privacy.dp import DPSettings
 from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
@@ -82,7 +81,8 @@ def choose_kept(model: torch.nn.Module, build: Callable[[], torch.nn.Module], tr
     (:func:`clients.selection.validation_split` with ``seed``), each at its best epoch count
     (:func:`clients.selection.select_epochs`; the fine-tuning may keep 0 epochs, i.e. the global
     model). The one with the lower validation score (ties: the federated one) is then trained on
-    all the training records for its count, exactly as :func:`clients.selection.fit_selected` would.
+    all the training records for its count (:func:`clients.selection.fit_chosen`, as
+    :func:`clients.selection.fit_selected` does).
 
     Parameters
     ----------
@@ -112,13 +112,7 @@ def choose_kept(model: torch.nn.Module, build: Callable[[], torch.nn.Module], tr
               "own-validation": float(own_scores[own_epochs]), "own-epochs": int(own_epochs)}
     kept, chosen, cfg, epochs, curve = ("own", own, own_tc, own_epochs, own_scores) \
         if scores["own-validation"] < scores["federated-validation"] else ("federated", model, tc, ft_epochs, ft_scores)
-    if epochs == 0:
-        res = FitResult(loss=math.nan, num_examples=len(train), steps=0)
-        chosen.eval()
-    else:
-        res = fit(chosen, train, task, replace(cfg, epochs=epochs), None)
-    res.selected_epochs, res.validation = epochs, curve
-    return chosen, res, kept, scores
+    return chosen, fit_chosen(chosen, train, task, cfg, epochs, curve), kept, scores
 
 
 def head_prefix(model: torch.nn.Module) -> str:

@@ -183,6 +183,15 @@ def fit_selected(model: nn.Module, data: TensorDataset, task: str, train: TrainC
                          "release and are fixed in advance; call clients.training.fit")
     fit_part, val = split or validation_split(data, task, fraction, train.seed)
     epochs, scores = select_epochs(model, fit_part, val, task, train, patience=patience, allow_zero=allow_zero)
+    return fit_chosen(model, data, task, train, epochs, scores, on_epoch=on_epoch)
+
+
+def fit_chosen(model: nn.Module, data: TensorDataset, task: str, train: TrainConfig, epochs: int, scores: list[float],
+               *, on_epoch: Callable[[int, float], None] | None = None) -> FitResult:
+    """The last step of :func:`fit_selected`: train on all of ``data`` for the chosen ``epochs`` (0: leave ``model`` as is).
+
+    ``scores`` is the search's validation curve (:func:`select_epochs`), kept on the result.
+    """
     if epochs == 0:
         res = FitResult(loss=math.nan, num_examples=len(data), steps=0)
         model.eval()
