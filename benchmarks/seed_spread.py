@@ -12,7 +12,8 @@ DP and under DP at each epsilon) on one seed. A seed changes the split, the init
 the sampling, so with test sets of 41-101 patients (health) one patient moves a hospital's
 accuracy by 1-2.5 points. This script reads several ``results.json`` of one department, made
 with different seeds, and prints, per site and setting, the gain on each seed, its mean and its
-worst; and the pooled summary per seed (accuracy, or MAE / pooled). It computes nothing new: every
+worst; which sites' mean gain lies more than two standard errors (over the seeds) below or above 0;
+and the pooled summary per seed (accuracy, or MAE / pooled). It computes nothing new: every
 number is one ``fl-sim compare`` wrote.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -89,6 +91,26 @@ def summary(runs: list[dict]) -> tuple[list[str], list[list]]:
         have = [v for v in vals if v is not None]
         rows.append([method, "-" if eps is None else f"{eps:g}", *vals, statistics.fmean(have) if have else None])
     return [*head[:2], *head[2:]], rows
+
+
+def beyond_noise(rows: list[list], z: float = 2.0) -> tuple[list[tuple], list[tuple]]:
+    """(site, setting, mean, standard error) whose mean gain is below / above 0 by more than ``z`` standard errors.
+
+    The standard error is the seeds' sample standard deviation over the square root of their number
+    (at least 3 seeds; fewer give no verdict). Seeds differ in split, initialisation and noise, so this
+    says whether a site's loss or gain shows up across splits, not only on one test split.
+    """
+    below, above = [], []
+    for r in rows:
+        have = [x for x in r[2:-2] if x is not None]
+        if len(have) < 3:
+            continue
+        mean, se = statistics.fmean(have), statistics.stdev(have) / math.sqrt(len(have))
+        if mean + z * se < 0:
+            below.append((r[0], r[1], mean, se))
+        elif mean - z * se > 0:
+            above.append((r[0], r[1], mean, se))
+    return below, above
 
 
 def kept_own(runs: list[dict]) -> dict[str, tuple[int, int]] | None:
@@ -168,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         print(render(head, rows, args.markdown, unit))
     losing = sorted({(r[0], r[1]) for r in rows if r[-2] is not None and r[-2] < 0})
     print(f"\nsites whose mean gain is below 0: {', '.join(f'{s} ({k})' for s, k in losing) or 'none'}")
+    below, above = beyond_noise(rows)
+    if len(runs) >= 3:
+        def fmt(items):
+            return ", ".join(f"{s} ({k}: {100 * m:+.1f} +- {100 * e:.1f}{unit})" for s, k, m, e in items) or "none"
+
+        print(f"mean gain below 0 by more than 2 standard errors over the seeds: {fmt(below)}")
+        print(f"mean gain above 0 by more than 2 standard errors over the seeds: {fmt(above)}")
     own = kept_own(runs)
     if own is not None:
         kept = [f"{s} ({n} of {m})" for s, (n, m) in own.items() if n]

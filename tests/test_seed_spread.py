@@ -79,3 +79,24 @@ def test_counts_the_seeds_on_which_each_node_kept_its_own_model(tmp_path, capsys
     old = [_results(tmp_path / f"old{s}.json", s, {"A": 0.0}, {}) for s in (0, 1)]
     assert seed_spread.kept_own(seed_spread.load(old)) is None
     assert "own model" not in seed_spread.compact(seed_spread.load(old))[0][-1]
+
+
+def test_beyond_noise_needs_three_seeds_and_a_mean_two_standard_errors_from_zero(tmp_path, capsys):
+    """A loss on every seed is beyond noise; a loss on average with gains on other seeds is not."""
+    gains = [{"A": -0.02, "B": -0.06, "C": 0.01}, {"A": -0.01, "B": 0.05, "C": 0.02}, {"A": -0.03, "B": 0.00, "C": 0.03}]
+    paths = [_results(tmp_path / f"{s}.json", s, g, {}) for s, g in enumerate(gains)]
+    head, rows = seed_spread.table(seed_spread.load(paths))
+    below, above = seed_spread.beyond_noise(rows)
+    # A: mean -0.02, sd 0.01, se 0.00577 -> -0.02 + 2 * 0.00577 < 0; B: mean -0.0033, se 0.0318 -> no verdict
+    assert [(s, k) for s, k, _, _ in below] == [("A", "non-private")]
+    assert below[0][2] == pytest.approx(-0.02) and below[0][3] == pytest.approx(0.01 / 3 ** 0.5)
+    assert [(s, k) for s, k, _, _ in above] == [("C", "non-private")]
+    assert seed_spread.main([str(p) for p in paths]) == 0
+    out = capsys.readouterr().out
+    assert "below 0 by more than 2 standard errors over the seeds: A (non-private: -2.0 +- 0.6 pt)" in out
+    assert "above 0 by more than 2 standard errors over the seeds: C (non-private: +2.0 +- 0.6 pt)" in out
+    # two seeds: no verdict, and no line
+    _, rows2 = seed_spread.table(seed_spread.load(paths[:2]))
+    assert seed_spread.beyond_noise(rows2) == ([], [])
+    seed_spread.main([str(p) for p in paths[:2]])
+    assert "standard errors" not in capsys.readouterr().out
