@@ -278,7 +278,10 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
             raise JobRefused(f"{spec.department}/{spec.site}: refused: {exc}") from exc
     before = decision.epsilon_before
     try:
-        res = fit(model, train, task, tc, dp)
+        from clients.personalise import round_records
+
+        # without DP, with an own-records candidate to weigh later: the choice's validation records held out
+        res = fit(model, round_records(train, task, cfg, job.dp), task, tc, dp)
         loss = None
         if loss_release is not None:
             from clients.training import per_record_statistics

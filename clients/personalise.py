@@ -73,6 +73,30 @@ def own_settings(cfg: dict) -> tuple[float, int] | None:
     return lr, int(cfg.get("personalise-own-batch-size", 0) or 0) or personalise_batch(cfg)
 
 
+def weighs_own(cfg: dict, dp: bool) -> bool:
+    """Whether the run's personalisation will weigh an own-records candidate (:func:`choose_kept`).
+
+    Only without DP, with ``personalise-epochs`` > 0 and ``personalise-own-lr`` > 0.
+    """
+    return not dp and int(cfg.get("personalise-epochs", 0) or 0) > 0 and own_settings(cfg) is not None
+
+
+def round_records(train, task: str, cfg: dict, dp: bool):
+    """The records a node trains the federated rounds on.
+
+    All its training records, except when the run's personalisation will weigh an own-records
+    candidate (:func:`weighs_own`): then the validation split that choice is made on
+    (:func:`clients.selection.validation_split` with the run's ``seed``, as :func:`handle_personalise`
+    draws it) is held out, so that both candidates are scored on records neither has trained on.
+    (Trained on every record, the federated candidate had seen the validation records and the own
+    candidate had not: the choice leant toward the federated model.) The kept model is trained on
+    all the records afterwards, as before.
+    """
+    if not weighs_own(cfg, dp):
+        return train
+    return validation_split(train, task, seed=int(cfg.get("seed", 0) or 0))[0]
+
+
 def choose_kept(model: torch.nn.Module, build: Callable[[], torch.nn.Module], train, task: str, tc: TrainConfig,
                 own_tc: TrainConfig, seed: int) -> tuple[torch.nn.Module, FitResult, str, dict]:
     """Non-private personalisation with a fallback: the better of fine-tuned federated and own-records model.

@@ -284,12 +284,25 @@ def per_site_value(rows: list[dict], sites: list[str], task: str, epsilons: tupl
             "worst-site-dp": {f"{eps:g}": worst(lambda e, k=f"{eps:g}": e["dp"][k]["gain-personalised"]) for eps in epsilons}}
 
 
+def loo_personalise_epochs(cfg: dict) -> int:
+    """``personalise-epochs`` of a leave-one-site-out run: 0 (its models are not personalised), except 1
+    when the reference run's nodes weigh an own-records candidate.
+
+    Those nodes hold their validation split out of the rounds (:func:`clients.personalise.round_records`),
+    and do so only when the run personalises; one epoch at most makes the runs without a site train
+    their rounds on the same records as the reference, at little cost (their personalised models are not used).
+    """
+    from clients.personalise import weighs_own
+
+    return 1 if weighs_own(cfg, bool(cfg.get("dp"))) else 0
+
+
 def leave_one_out(department: str, out: Path, cfg: dict, sites: list[str], task: str, reference: dict,
                   engine: str = "inprocess") -> dict[str, float]:
     """Non-private leave-one-site-out contribution of each site to the others.
 
-    For each site ``s``, one non-private federated run (the comparison's settings, no
-    personalisation) without ``s``; its contribution is the mean over the other sites ``t`` of
+    For each site ``s``, one non-private federated run (the comparison's settings, no personalisation
+    but see :func:`loo_personalise_epochs`) without ``s``; its contribution is the mean over the other sites ``t`` of
     accuracy(all) - accuracy(without s) (classification) or MAE(without s) / MAE(all) - 1
     (forecasting): positive = the others do better with ``s`` in the federation.
 
@@ -301,7 +314,7 @@ def leave_one_out(department: str, out: Path, cfg: dict, sites: list[str], task:
         name = f"loo-without-{''.join(c if c.isalnum() else '_' for c in s)}"
         if (out / name).exists():
             shutil.rmtree(out / name)
-        run = {**cfg, "run-dir": str(out / name), "run-id": name, "personalise-epochs": 0}
+        run = {**cfg, "run-dir": str(out / name), "run-id": name, "personalise-epochs": loo_personalise_epochs(cfg)}
         res = simulate(run, engine="inprocess", only_sites=[t for t in sites if t != s])
         last = next((e for e in reversed(res["rounds"]) if e.get("central-sites")), None)
         if last is None:

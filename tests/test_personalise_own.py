@@ -241,3 +241,62 @@ def test_compare_rows_say_what_was_kept_only_where_the_node_weighed_its_own_mode
         assert row["metrics"]["kept"] in ("federated", "own") and "own-validation" in row["metrics"]
     else:
         assert "kept" not in row["metrics"] and "own-validation" not in row["metrics"]
+
+
+def _round(tmp_path, **over):
+    """One federated round at the node (handle_train) from the run's initialisation."""
+    from clients.node import handle_train
+
+    spec = _spec(tmp_path, require_dp=bool(over.get("dp")))
+    state = {k: v.detach().clone() for k, v in _init(0).state_dict().items()}
+    return handle_train(state, _cfg(**over), spec)
+
+
+def test_rounds_hold_out_the_records_the_choice_is_made_on(tmp_path):
+    """Defect found 2026-12-04: every federated round trained on the whole training split, so the
+    fine-tuned federated candidate had seen the validation records on which choose_kept scores it
+    against the own-records candidate, which never had: the choice leant toward the federated model
+    (health: its validation log loss 15-24 % below the own model's at Hungary and Cleveland on most
+    seeds, while the test accuracy went either way). With the own candidate on, the node trains its
+    rounds on the fit part only; the kept model is still trained on all records."""
+    train = load_department("health").site_data(SITE).train.tensors()
+    fit_part, val = validation_split(train, "binary-classification", seed=0)
+    state, metrics = _round(tmp_path)
+    assert metrics["num-examples"] == len(fit_part) < len(train)
+    ref = _init(0)
+    fit(ref, fit_part, "binary-classification", TrainConfig(epochs=1, batch_size=32, lr=0.01, seed=3), None)
+    assert _equal(state, ref.state_dict())
+
+
+@pytest.mark.parametrize("over", [{"personalise-own-lr": 0.0}, {"personalise-epochs": 0}, {"dp": True}],
+                         ids=["no-own-candidate", "no-personalisation", "dp"])
+def test_rounds_train_on_every_record_when_no_own_candidate_is_weighed(tmp_path, over):
+    """No own candidate, no personalisation, or DP (where the candidate is never trained): nothing is held out."""
+    train = load_department("health").site_data(SITE).train.tensors()
+    _, metrics = _round(tmp_path, **over)
+    assert metrics["num-examples"] == len(train)
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["own-candidate", "no-own-candidate"])
+def test_leave_one_out_runs_train_on_the_records_the_reference_run_trained_on(tmp_path, monkeypatch, own):
+    """A site's leave-one-site-out contribution compares the all-sites run with a run without it: both
+    must train the rounds on the same records (with the own candidate on, the reference's nodes hold
+    out their validation split, so the runs without a site must too)."""
+    import simulations.compare as cmp
+    from clients.personalise import round_records
+    from server.app import job_config, settings
+
+    seen = []
+    monkeypatch.setattr(cmp, "simulate", lambda cfg, **kw: seen.append(dict(cfg)) or {"rounds": []})
+    fed = cmp.federated_settings("health", False, own_model="heart-mlp" if own else None)
+    cfg = {"department": "health", "model": "heart-mlp", "seed": 1, **fed, "dp": False, "run-dir": str(tmp_path / "ref")}
+    cmp.leave_one_out("health", tmp_path, cfg, ["Cleveland", "Hungary"], "binary-classification", {})
+    train = load_department("health", seed=1).site_data(SITE).train.tensors()
+
+    def records(run_cfg):  # what a node trains its rounds on, from the job config the ServerApp sends it
+        return len(round_records(train, "binary-classification", job_config(settings(run_cfg), "x"), False))
+
+    assert len(seen) == 2
+    expected = len(validation_split(train, "binary-classification", seed=1)[0]) if own else len(train)
+    assert records(cfg) == expected
+    assert [records(c) for c in seen] == [expected, expected]
