@@ -135,6 +135,8 @@ def render(department: str, epsilon: float | None, overrides: dict, runs: list[d
     lines = [head, ""]
     if markdown:
         lines += [f"| seed | {metric} after the last round | best round ({metric}) | s |", "|---|---|---|---|"]
+    else:
+        lines.append(f"seed  {metric} after the last round  best round ({metric})  s")
     for r in runs:
         br, bv = best(r["rounds"], key=lambda x: x[1])
         cells = [str(r["seed"]), f"{r['final']:.3f}", f"{br} ({bv:.3f})", f"{r['seconds']:.0f}"]
