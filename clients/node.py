@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from citydata import load_department
+from clients.personalise import round_records
 from clients.training import TrainConfig, fit
 from contract.keys import NODE_KEYS
 from privacy.dp import CalibrationError, DPSettings, calibrate_noise
@@ -278,8 +279,6 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
             raise JobRefused(f"{spec.department}/{spec.site}: refused: {exc}") from exc
     before = decision.epsilon_before
     try:
-        from clients.personalise import round_records
-
         # without DP, with an own-records candidate to weigh later: the choice's validation records held out
         res = fit(model, round_records(train, task, cfg, job.dp), task, tc, dp)
         loss = None
