@@ -92,19 +92,16 @@ def parse_set(items: list[str]) -> dict:
 
 def run_seed(department: str, seed: int, epsilon: float | None, overrides: dict, out: Path) -> dict:
     """One federated run (in-process) as ``fl-sim compare`` configures it; returns per-round pooled metrics."""
-    from simulations.compare import federated_settings, write_policy
+    from simulations.compare import federated_settings, run_config, write_policy
     from simulations.run import simulate
 
-    name = f"seed{seed}"
-    run_dir = out / name
+    run_dir = out / f"seed{seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # its ledgers would carry spent budget into this run
-    cfg = {"department": department, "seed": seed, "run-dir": str(run_dir), "run-id": name,
-           **federated_settings(department, epsilon is not None, overrides),
-           "dp": epsilon is not None, "target-epsilon": epsilon if epsilon is not None else 1.0,
-           "central-data": "bundled", "fraction-evaluate": 0.0}
+    policy = None
     if epsilon is None:
-        cfg["policy"] = str(write_policy(department, out / "policies" / f"{department}-no-dp.toml", require_dp=False))
+        policy = write_policy(department, out / "policies" / f"{department}-no-dp.toml", require_dp=False)
+    cfg = run_config(department, seed, epsilon, run_dir, federated_settings(department, epsilon is not None, overrides), policy)
     t0 = time.perf_counter()
     res = simulate(cfg, engine="inprocess")
     metric, _ = METRIC[department]

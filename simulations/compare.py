@@ -83,6 +83,24 @@ def federated_settings(department: str, dp: bool, overrides: dict | None = None,
     return {**FED_DEFAULTS[department], **own, **(FED_DP_DEFAULTS.get(department, {}) if dp else {}), **(overrides or {})}
 
 
+def run_config(department: str, seed: int, epsilon: float | None, run_dir: Path, settings: dict,
+               policy: Path | None = None, *, model: str | None = None) -> dict:
+    """The run config of one of a comparison's federated runs, scored by the simulated coordinator.
+
+    ``settings`` is :func:`federated_settings`' result; ``epsilon`` ``None`` = no DP, with ``policy``
+    the nodes' policy allowing it (:func:`write_policy` with ``require_dp=False``). The coordinator
+    holds the bundled data (``central-data = "bundled"``) and asks no node for an evaluation.
+    """
+    cfg = {"department": department, "seed": seed, "run-dir": str(run_dir), "run-id": Path(run_dir).name,
+           **settings, "dp": epsilon is not None, "target-epsilon": epsilon if epsilon is not None else 1.0,
+           "central-data": "bundled", "fraction-evaluate": 0.0}
+    if model:
+        cfg["model"] = model
+    if policy is not None:
+        cfg["policy"] = str(policy)
+    return cfg
+
+
 def write_policy(department: str, out: Path, source: Path | None = None, **changes) -> Path:
     """A policy (``source``, default the department's example) with ``changes`` applied, written to ``out``.
 
@@ -410,11 +428,8 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
         name = method if eps is None else f"{method}-eps{eps:g}"
         if on_stage:
             on_stage(name)
-        cfg = {"department": department, "model": model, "seed": seed, "run-dir": str(out / name),
-               **(fed if eps is None else fed_dp), "dp": eps is not None, "target-epsilon": eps if eps is not None else 1.0, "run-id": name,
-               "central-data": "bundled", "fraction-evaluate": 0.0}
-        if eps is None:
-            cfg["policy"] = str(nodp_policy)
+        cfg = run_config(department, seed, eps, out / name, fed if eps is None else fed_dp,
+                         nodp_policy if eps is None else None, model=model)
         t1 = time.perf_counter()
         res = simulate(cfg, engine=engine, on_round=on_round)
         timings[name] = time.perf_counter() - t1
