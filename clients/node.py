@@ -263,7 +263,7 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     if not decision.accepted:
         raise JobRefused(f"{spec.department}/{spec.site}: {decision.reason}")
     tc = TrainConfig(epochs=int(cfg.get("local-epochs", 1)), batch_size=int(cfg.get("batch-size", 64)),
-                     lr=float(cfg.get("lr", 1e-2)), seed=int(cfg.get("seed", 0)) * 100_003 + job.round,
+                     lr=float(cfg.get("lr", 1e-2)), optimizer=optimizer, seed=int(cfg.get("seed", 0)) * 100_003 + job.round,
                      proximal_mu=float(cfg.get("proximal-mu", 0.0)))
     dp = None
     pending: list[tuple[int, Release]] = []

@@ -81,18 +81,19 @@ def weighs_own(cfg: dict, dp: bool) -> bool:
     return not dp and int(cfg.get("personalise-epochs", 0) or 0) > 0 and own_settings(cfg) is not None
 
 
-def round_records(train, task: str, cfg: dict, dp: bool):
+def round_records(train, task: str, cfg: dict, dp: bool, *, personalises: bool = True):
     """The records a node trains the federated rounds on.
 
     All its training records, except when the run's personalisation will weigh an own-records
-    candidate (:func:`weighs_own`): then the validation split that choice is made on
+    candidate (:func:`weighs_own`) and the node will personalise (``personalises``: its own policy's
+    ``personalisation``; a node that will refuse the personalise message holds nothing out): then the validation split that choice is made on
     (:func:`clients.selection.validation_split` with the run's ``seed``, as :func:`handle_personalise`
     draws it) is held out, so that both candidates are scored on records neither has trained on.
     (Trained on every record, the federated candidate had seen the validation records and the own
     candidate had not: the choice leant toward the federated model.) The kept model is trained on
     all the records afterwards, as before.
     """
-    if not weighs_own(cfg, dp):
+    if not (personalises and weighs_own(cfg, dp)):
         return train
     return validation_split(train, task, seed=int(cfg.get("seed", 0) or 0))[0]
 
