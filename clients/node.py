@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from citydata import load_department
 from clients.personalise import round_records
-from clients.training import TrainConfig, fit
+from clients.training import OPTIMIZERS, TrainConfig, fit
 from contract.keys import NODE_KEYS
 from privacy.dp import CalibrationError, DPSettings, calibrate_noise
 from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
@@ -232,6 +232,10 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     """
     if spec.dropout_probability and random.Random(f"{cfg.get('run-id')}/{cfg.get('server-round')}/{spec.site}").random() < spec.dropout_probability:
         raise SimulatedFailure(f"{spec.site}: simulated node failure (dropout probability {spec.dropout_probability})")
+    optimizer = str(cfg.get("optimizer", "adam"))
+    if optimizer not in OPTIMIZERS:  # before the policy check: a job the node cannot run is neither audited nor accounted
+        raise JobRefused(f"{spec.department}/{spec.site}: refused: job config optimizer {optimizer!r} is not one of "
+                         f"{', '.join(OPTIMIZERS)}")
     model, ds, site = _model_for(spec, str(cfg.get("model", "")) or None, state)
     if len(site.train) == 0:
         raise NoTrainingData(f"{spec.department}/{spec.site}: no training records; no update sent")
@@ -280,7 +284,7 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     before = decision.epsilon_before
     try:
         # without DP, with an own-records candidate to weigh later: the choice's validation records held out
-        res = fit(model, round_records(train, task, cfg, job.dp), task, tc, dp)
+        res = fit(model, round_records(train, task, cfg, job.dp, personalises=spec.policy.personalisation), task, tc, dp)
         loss = None
         if loss_release is not None:
             from clients.training import per_record_statistics

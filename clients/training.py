@@ -15,9 +15,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from contract.keys import OPTIMIZERS
 from privacy.dp import DPSettings, dp_seed, make_private
 from shared_models import criterion_for
 from shared_models.scoring import pick_device, predict
+
+
+#: Momentum of the ``"sgd"`` optimizer.
+SGD_MOMENTUM = 0.9
 
 
 @dataclass
@@ -34,6 +39,16 @@ class TrainConfig:
     #: Only parameters whose name starts with one of these prefixes are trained (the others stay
     #: frozen, e.g. a per-site head fine-tuned on a shared body); ``None`` = all parameters.
     trainable: tuple[str, ...] | None = None
+    #: ``"adam"`` (Adam) or ``"sgd"`` (SGD with momentum :data:`SGD_MOMENTUM`). Under DP-SGD's noise
+    #: Adam rescales every coordinate by its (mostly noise) second moment, so its steps are about
+    #: ``lr * batch / (noise_multiplier * clipping_norm)`` times the noisy gradient: plain SGD with a
+    #: learning rate set by the noise. ``"sgd"`` takes the learning rate as given (README, "Local optimizer").
+    optimizer: str = "adam"
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)} "
+                             "(run config 'optimizer')")
 
 
 @dataclass
@@ -122,7 +137,7 @@ def _fit(model, data, task, train, dp, device, on_epoch) -> FitResult:
     criterion = criterion_for(task)
     batch = min(train.batch_size, len(data))
     loader = DataLoader(data, batch_size=batch, shuffle=True, generator=gen)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=train.lr, weight_decay=train.weight_decay)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], train)
     private = None
     if dp is not None:
         private = make_private(model, optimizer, loader, criterion, dp, epochs=train.epochs)
@@ -172,6 +187,26 @@ def _fit(model, data, task, train, dp, device, on_epoch) -> FitResult:
         private.module.remove_hooks() if hasattr(private.module, "remove_hooks") else None
     model.eval()
     return result
+
+
+def make_optimizer(params: list[nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+    """The torch optimizer of ``train.optimizer`` over ``params`` (Opacus wraps it under DP).
+
+    Parameters
+    ----------
+    params : list of nn.Parameter
+        The parameters to train.
+    train : TrainConfig
+        ``optimizer``, ``lr`` and ``weight_decay``.
+
+    Returns
+    -------
+    torch.optim.Optimizer
+        :class:`torch.optim.Adam`, or :class:`torch.optim.SGD` with momentum :data:`SGD_MOMENTUM`.
+    """
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, momentum=SGD_MOMENTUM, weight_decay=train.weight_decay)
+    return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
 
 
 @torch.no_grad()

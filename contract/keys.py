@@ -18,6 +18,9 @@ NODE_KEYS = ("policy", "ledger", "ledger-dir", "data", "site", "dropout-probabil
              "dirichlet-alpha", "virtual-allow-empty", "partition-id", "num-partitions", "torch-threads", "audit-log",
              "audit-key", "data-seed")
 
+#: Values of the job-config key ``optimizer`` (the rounds' local optimizer, :func:`clients.training.make_optimizer`).
+OPTIMIZERS = ("adam", "sgd")
+
 #: Job-config key: the run's identity (kept across resumes; nodes' ledgers record it).
 RUN_ID = "run-id"
 #: Job-config key: the round (Flower's strategies set it; the coordinator's own SecAgg+ and
@@ -41,6 +44,6 @@ CENTRAL_CLAIM_KEYS = {"noise_multiplier": "central-noise-multiplier", "sample_ra
 
 #: Every key a job config may carry (besides Flower's own central-DP ``clipping_norm``): what
 #: the coordinator sends and the only run-level keys a node reads from a message.
-JOB_KEYS = ("department", "task", "model", RUN_ID, SERVER_ROUND, "local-epochs", "batch-size", "lr", "dp",
+JOB_KEYS = ("department", "task", "model", RUN_ID, SERVER_ROUND, "local-epochs", "batch-size", "lr", "optimizer", "dp",
             "clipping-norm", "num-rounds", "seed", "noise-multiplier", "target-epsilon", "proximal-mu",
             MAX_UPDATE_NORM, PARAM_NAMES_KEY, *PERSONALISE_KEYS, *CENTRAL_CLAIM_KEYS.values())

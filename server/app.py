@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from citydata import DATASETS
-from contract.keys import NODE_KEYS, RUN_ID
+from contract.keys import NODE_KEYS, OPTIMIZERS, RUN_ID
 from contract.tasks import TASKS
 from server.artefacts import CHECKPOINT, MODEL, require_no_legacy_checkpoint, save_model
 from server.personalise import personalise_config, personalise_nodes
@@ -53,7 +53,11 @@ class RunSettings(BaseModel):
     krum_malicious: int = Field(1, ge=0, alias="krum-malicious", description="Nodes Krum assumes malicious.")
     local_epochs: int = Field(1, ge=1, alias="local-epochs", description="Local epochs per round.")
     batch_size: int = Field(64, ge=1, alias="batch-size", description="Expected local batch size (Poisson sampling).")
-    lr: float = Field(1e-2, gt=0, description="Local learning rate (Adam).")
+    lr: float = Field(1e-2, gt=0, description="Local learning rate (of the optimizer below).")
+    optimizer: Literal[OPTIMIZERS] = Field(
+        "adam", description="Local optimizer of the rounds: adam, or sgd (SGD with momentum 0.9). Under DP-SGD's noise "
+                            "Adam's steps are noise-normalised; sgd takes lr as given (README, 'Local optimizer'). The "
+                            "personalisation trains with Adam.")
     dp: bool = Field(True, description="DP-SGD on every node (example policies require it).")
     target_epsilon: float = Field(3.0, gt=0, alias="target-epsilon",
                                   description="Epsilon each node reaches after num-rounds (nodes calibrate their noise).")
@@ -226,7 +230,7 @@ def job_config(cfg: dict, run_id: str) -> dict:
     job = {
         "department": dept, "task": TASKS[dept], "model": cfg["model"], RUN_ID: run_id,
         "local-epochs": int(cfg["local-epochs"]), "batch-size": int(cfg["batch-size"]), "lr": float(cfg["lr"]),
-        "dp": bool(cfg["dp"]), "clipping-norm": float(cfg["clipping-norm"]), "num-rounds": int(cfg["num-rounds"]),
+        "optimizer": str(cfg["optimizer"]), "dp": bool(cfg["dp"]), "clipping-norm": float(cfg["clipping-norm"]), "num-rounds": int(cfg["num-rounds"]),
         "seed": int(cfg["seed"]),
     }
     if float(cfg["noise-multiplier"]) >= 0:

@@ -245,6 +245,9 @@ def run(
     clip: float = typer.Option(1.0, help="Per-sample clipping norm."),
     model: Optional[str] = typer.Option(None, help="Model kind (default: the department's first)."),
     lr: Optional[float] = typer.Option(None, help="Local learning rate (default: 0.01)."),
+    optimizer: str = typer.Option("adam", help="Local optimizer of the rounds: adam, or sgd (momentum 0.9; under DP-SGD "
+                                               "it takes --lr as given, where Adam's steps are noise-normalised). "
+                                               "Personalisation trains with Adam."),
     batch_size: Optional[int] = typer.Option(None, help="Local batch size, expected under Poisson sampling (default: health 32, else 128)."),
     fraction: float = typer.Option(1.0, min=0.0, max=1.0, help="Fraction of sites sampled to train per round."),
     fraction_evaluate: float = typer.Option(1.0, min=0.0, max=1.0, help="Fraction of sites sampled to evaluate per round."),
@@ -303,6 +306,10 @@ def run(
     ray_options = _ray_options(engine, ray_address, gpus_per_client)
     if partitioner not in ("iid", "dirichlet"):
         raise typer.BadParameter("choose iid or dirichlet", param_hint="--partitioner")
+    from contract.keys import OPTIMIZERS
+
+    if optimizer not in OPTIMIZERS:
+        raise typer.BadParameter(f"{optimizer!r}: choose {' or '.join(OPTIMIZERS)}", param_hint="--optimizer")
     if site_metrics not in ("central", "dp", "off"):
         raise typer.BadParameter("choose central, dp or off", param_hint="--site-metrics")
     from server.app import settings
@@ -318,7 +325,7 @@ def run(
         cfg = {"department": d, "num-rounds": rounds or dflt["num-rounds"],
                "local-epochs": local_epochs or dflt["local-epochs"], "strategy": strategy, "dp": dp,
                "proximal-mu": proximal_mu, "server-lr": server_lr, "target-epsilon": epsilon, "clipping-norm": clip,
-               "lr": lr or dflt["lr"], "batch-size": batch_size or dflt["batch-size"], "fraction-train": fraction, "fraction-evaluate": fraction_evaluate,
+               "lr": lr or dflt["lr"], "optimizer": optimizer, "batch-size": batch_size or dflt["batch-size"], "fraction-train": fraction, "fraction-evaluate": fraction_evaluate,
                "min-accepted": min_accepted, "dropout-probability": dropout, "run-dir": str(dout), "resume": resume,
                "seed": seed, "min-nodes": 1}
         if secagg:
