@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 
 from citydata import load_department
 from clients.personalise import round_records
-from clients.training import OPTIMIZERS, TrainConfig, fit
-from contract.keys import NODE_KEYS
+from clients.training import TrainConfig, fit
+from contract.keys import NODE_KEYS, OPTIMIZERS
 from privacy.dp import CalibrationError, DPSettings, calibrate_noise
 from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
 from privacy.policy import JobRequest, PrivacyPolicy, check_job, load_policy
