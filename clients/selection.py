@@ -114,11 +114,18 @@ def validation_score(model: nn.Module, val: TensorDataset, task: str) -> float:
 
 
 def select_epochs(model: nn.Module, fit_part: TensorDataset, val: TensorDataset, task: str, train: TrainConfig,
-                  *, patience: int = PATIENCE, allow_zero: bool = False) -> tuple[int, list[float]]:
+                  *, patience: int = PATIENCE, allow_zero: bool = False, best: dict | None = None) -> tuple[int, list[float]]:
     """The epoch count (at most ``train.epochs``) with the best validation score; ``model`` is left unchanged.
 
     The search stops after ``patience`` epochs, and at least :data:`PATIENCE_STEPS` optimiser
     steps, without a better score.
+
+    Parameters
+    ----------
+    best : dict, optional
+        Filled with a copy of the weights (state dict) after the best count, i.e. the model trained
+        on ``fit_part`` that scored best on ``val`` (:func:`clients.personalise.choose_kept` scores an
+        average of two such models).
 
     Returns
     -------
@@ -130,14 +137,20 @@ def select_epochs(model: nn.Module, fit_part: TensorDataset, val: TensorDataset,
     per_epoch = max(1, math.ceil(len(fit_part) / max(1, min(train.batch_size, len(fit_part)))))
     patience = max(int(patience), math.ceil(PATIENCE_STEPS / per_epoch))
     scores = [validation_score(model, val, task) if allow_zero else math.nan]
-    best = [0 if allow_zero else -1, scores[0] if allow_zero else math.inf]
+    top = [0 if allow_zero else -1, scores[0] if allow_zero else math.inf]
+    if best is not None:
+        best.clear()
+        best.update(copy.deepcopy(start))
 
     def on_epoch(epoch: int, _loss: float) -> None:
         score = validation_score(model, val, task)
         scores.append(score)
-        if score < best[1]:
-            best[:] = [epoch + 1, score]
-        elif epoch + 1 - best[0] >= patience:
+        if best is not None and (score < top[1] or (epoch == 0 and not allow_zero)):  # as the count returned
+            best.clear()
+            best.update(copy.deepcopy(model.state_dict()))
+        if score < top[1]:
+            top[:] = [epoch + 1, score]
+        elif epoch + 1 - top[0] >= patience:
             raise _Stop
 
     try:
@@ -146,7 +159,7 @@ def select_epochs(model: nn.Module, fit_part: TensorDataset, val: TensorDataset,
         pass
     finally:
         model.load_state_dict(start)
-    return max(int(best[0]), 0 if allow_zero else 1), scores
+    return max(int(top[0]), 0 if allow_zero else 1), scores
 
 
 def fit_selected(model: nn.Module, data: TensorDataset, task: str, train: TrainConfig, *,

@@ -101,6 +101,43 @@ def test_search_takes_the_best_epoch_stops_after_patience_and_leaves_the_model(m
     assert _same(before, _state(model))
 
 
+@pytest.mark.parametrize("allow_zero", [False, True])
+def test_search_hands_back_the_weights_of_the_count_it_chose(allow_zero):
+    """``best`` receives the weights after the chosen count: they score exactly the chosen score on the
+    validation part (what choose_kept averages), and the model itself is left as it was."""
+    ds, model = _health()
+    fit_part, val = sel.validation_split(ds.site_data("Cleveland").train.tensors(), "binary-classification")
+    before = _state(model)
+    best = {"stale": torch.zeros(1)}
+    k, seen = sel.select_epochs(model, fit_part, val, "binary-classification",
+                                TrainConfig(epochs=15, batch_size=32, lr=1e-2), allow_zero=allow_zero, best=best)
+    assert _same(before, _state(model)) and "stale" not in best
+    probe = _health()[1]
+    probe.load_state_dict(best)
+    assert sel.validation_score(probe, val, "binary-classification") == seen[k]
+    assert _same(best, before) == (k == 0)
+
+
+def test_search_hands_back_the_first_epoch_when_no_score_is_a_number(monkeypatch):
+    """Every score NaN (a diverging model): the count is 1 and ``best`` holds the weights after epoch 1."""
+    ds, model = _health()
+    fit_part, val = sel.validation_split(ds.site_data("Hungary").train.tensors(), "binary-classification")
+    after = []
+    real = sel.fit
+
+    def spy(m, *a, on_epoch=None, **kw):
+        def hook(epoch, loss):
+            after.append(_state(m))
+            on_epoch(epoch, loss)
+        return real(m, *a, on_epoch=hook, **kw)
+
+    monkeypatch.setattr(sel, "fit", spy)
+    monkeypatch.setattr(sel, "validation_score", lambda *a: math.nan)
+    best = {}
+    k, _ = sel.select_epochs(model, fit_part, val, "binary-classification", TrainConfig(epochs=6, batch_size=32), best=best)
+    assert k == 1 and len(after) > 1 and _same(best, after[0]) and not _same(best, after[-1])
+
+
 def test_patience_is_at_least_PATIENCE_STEPS_optimiser_steps(monkeypatch):
     """A small site takes few steps per epoch: the search waits ceil(PATIENCE_STEPS / steps per epoch) epochs."""
     ds, model = _health()
