@@ -128,7 +128,7 @@ def render(r: dict) -> str:
     unit = "accuracy" if cls else "MAE (site's units)"
     intro = (f"Per site ({unit}; gain = {v.get('gain')}; local epochs = chosen on the site's validation split"
              + ("; kept = the model the node kept without DP: federated = fine-tuned from the federated model, "
-                "own = its own-records candidate, trained like local-only" if any(e.get("kept") for e in v["sites"]) else "")
+                "own = its own-records candidate, trained like local-only, average = the mean of those two models' predictions" if any(e.get("kept") for e in v["sites"]) else "")
              + f"; LOO = leave-one-site-out contribution, {v.get('loo-note')}):")
     return "\n".join([f"**{r['meta']['department']}**", settings_line(r), "", *summary_table(r), "", intro, "",
                       *site_table(r), "", worst_line(r)])

@@ -122,7 +122,7 @@ def kept_own(runs: list[dict]) -> dict[str, tuple[int, int]] | None:
     counts: dict[str, list[int]] = {}
     for r in runs:
         for s in r["per_site"]["sites"]:
-            if s.get("kept") in ("own", "federated"):
+            if s.get("kept") in ("own", "federated", "average"):
                 c = counts.setdefault(s["site"], [0, 0])
                 c[0] += s["kept"] == "own"
                 c[1] += 1

@@ -1089,7 +1089,7 @@ def render_compare_page(results: dict, metric: str, *, plots: dict[str, str] | N
                "this site (accuracy points, or relative MAE increase): positive = the site helps the others."
                + (" Kept: which model the node kept without DP, chosen on its own validation split: federated = "
                   "fine-tuned from the federated model, own = trained on its own records alone (fl-sim compare "
-                  "trains it with the local-only baseline's seed and settings, so it scores as local-only)." if show_kept else ""))
+                  "trains it with the local-only baseline's seed and settings, so it scores as local-only), average = the mean of those two models' predictions." if show_kept else ""))
         return (f"<h2>Per-site value: local-only, federated, personalised</h2>"
                 f"{table(headers, rows, caption=cap, groups=groups)}<p>{' '.join(lines)}</p>")
 

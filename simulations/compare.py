@@ -153,7 +153,7 @@ def _personalised_rows(ds, method: str, eps: float | None, res: dict, run_dir: P
     (:func:`clients.personalise.personalised_path`, under the run's ledger folder); a department
     node never sends it. Epsilon spent is the node's ledger total after the personalisation.
     """
-    from clients.personalise import load_personalised, personalised_kept, personalised_scores
+    from clients.personalise import personalised_kept, personalised_model, personalised_scores
     from shared_models.scoring import classification_metrics, evaluation_metrics, predict
     from shared_models import build_model, default_model_config
 
@@ -165,8 +165,7 @@ def _personalised_rows(ds, method: str, eps: float | None, res: dict, run_dir: P
         path = run_dir / "ledgers" / "personalised" / f"{ds.schema.department}-{s}" / f"{res['run_id']}.safetensors"
         if s not in spent or not path.exists():
             continue
-        model = build_model(default_model_config(ds.schema, res["config"]["model"]))
-        model.load_state_dict(load_personalised(path))
+        model = personalised_model(path, lambda: build_model(default_model_config(ds.schema, res["config"]["model"])), task)
         site = ds.site_data(s)
         metrics = evaluation_metrics(model, site, task)
         scores = personalised_scores(path)
@@ -267,7 +266,8 @@ def per_site_value(rows: list[dict], sites: list[str], task: str, epsilons: tupl
         ``metric``, ``higher_is_better``, ``gain`` (how gains are measured), ``sites`` (one entry
         per site: ``local``, ``federated``, ``personalised``, ``gain-federated``,
         ``gain-personalised``, ``kept`` (the personalised row's model: ``"federated"`` = fine-tuned
-        from the federated model, ``"own"`` = the node's own-records candidate, ``None`` = no row),
+        from the federated model, ``"own"`` = the node's own-records candidate, ``"average"`` = the mean of those two models'
+        predictions, ``None`` = no row),
         ``dp`` per epsilon with the same keys, ``loo-contribution``),
         ``worst-site`` (lowest personalised gain, non-private) and ``worst-site-dp`` per epsilon.
     """

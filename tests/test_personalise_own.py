@@ -1,7 +1,7 @@
 """Non-private personalisation with the node's own-records candidate (``personalise-own-lr``):
-the node keeps whichever of the fine-tuned federated model and a model of its own records alone
-scores better on its validation split, says which in the model file and its audit log only, and
-never trains the extra model under DP."""
+the node keeps a model of its own records alone, or the average of it and the fine-tuned federated
+model, whichever scores better on its validation split, says which in the model file and its audit
+log only, and never trains the extra model under DP."""
 
 import json
 import math
@@ -10,6 +10,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from citydata import load_department
 from clients.node import node_from_config
@@ -84,10 +86,11 @@ def _equal(a: dict, b: dict) -> bool:
 
 
 def test_node_keeps_its_own_model_when_the_federated_one_is_worse(tmp_path):
-    """Head-only fine-tuning cannot undo a harmful global model: the node keeps its own-records model,
-    which is exactly the local-only baseline's (same seed, settings and validation split)."""
+    """A harmful global model the fine-tuning cannot move (lr 1e-7) drags the average below the own model:
+    the node keeps its own-records model, which is exactly the local-only baseline's (same seed,
+    settings and validation split)."""
     spec = _spec(tmp_path)
-    out = handle_personalise(_harmful_global(), _cfg(), spec)
+    out = handle_personalise(_harmful_global(), _cfg(**{"personalise-lr": 1e-7}), spec)
     assert set(out) <= set(PERSONALISE_METRICS) and out["epsilon"] == math.inf
     path = personalised_path(spec, "r1")
     assert personalised_kept(path) == "own"
@@ -97,34 +100,79 @@ def test_node_keeps_its_own_model_when_the_federated_one_is_worse(tmp_path):
                  split=validation_split(train, "binary-classification", seed=0))
     assert _equal(load_personalised(path), {k: v.detach() for k, v in ref.state_dict().items()})
     (entry,) = _audit(tmp_path, "personalised")
-    assert entry["kept"] == "own" and entry["own-validation"] < entry["federated-validation"]
+    assert entry["kept"] == "own" and entry["own-validation"] < entry["average-validation"] < entry["federated-validation"]
     assert entry["own-epochs"] >= 1 and 0 <= entry["federated-epochs"] <= 30
     from clients.personalise import personalised_scores
 
     assert personalised_scores(path) == {k: pytest.approx(entry[k]) for k in
-                                         ("federated-validation", "own-validation", "federated-epochs", "own-epochs")}
+                                         ("federated-validation", "own-validation", "average-validation",
+                                          "federated-epochs", "own-epochs")}
     assert PrivacyLedger(spec.ledger_path).releases() == []  # non-private: nothing accounted, nothing released
 
 
-def test_node_keeps_the_federated_model_when_it_validates_better(tmp_path):
-    """A global model already fitted to the site beats an own model that barely trains (lr 1e-7)."""
+def test_node_keeps_the_average_when_it_validates_better(tmp_path):
+    """A global model already fitted to the site and an own model that barely trains (lr 1e-7): the
+    average of the two validates better than the own model, so the node keeps the average. The file
+    holds both models (the own one exactly as local-only trains it) and loads as their mean."""
+    from clients.personalise import personalised_model
+    from shared_models.ensemble import MeanEnsemble
+
     spec = _spec(tmp_path)
     good = _init(3)
     train = load_department("health").site_data(SITE).train.tensors()
     fit(good, train, "binary-classification", TrainConfig(epochs=20, batch_size=32, lr=1e-2, seed=3), None)
     handle_personalise(good.state_dict(), _cfg(**{"personalise-own-lr": 1e-7, "personalise-epochs": 2}), spec)
-    assert personalised_kept(personalised_path(spec, "r1")) == "federated"
+    path = personalised_path(spec, "r1")
+    assert personalised_kept(path) == "average"
     (entry,) = _audit(tmp_path, "personalised")
-    assert entry["kept"] == "federated" and entry["federated-validation"] <= entry["own-validation"]
+    assert entry["kept"] == "average" and entry["average-validation"] <= entry["own-validation"]
+    model = personalised_model(path, _init, "binary-classification")
+    assert isinstance(model, MeanEnsemble) and len(model.members) == 2
+    own_ref = _init(0)
+    fit_selected(own_ref, train, "binary-classification", TrainConfig(epochs=2, batch_size=32, lr=1e-7, seed=0),
+                 split=validation_split(train, "binary-classification", seed=0))
+    assert _equal(model.members[1].state_dict(), own_ref.state_dict())
+    x = train.tensors[0][:16]
+    with torch.no_grad():
+        p = (torch.sigmoid(model.members[0](x)) + torch.sigmoid(own_ref(x))) / 2
+        assert torch.allclose(torch.sigmoid(model(x)), p, atol=1e-6)
+    # the fine-tuned model: the global model as sent where the search kept 0 epochs, else trained further
+    assert _equal(model.members[0].state_dict(), good.state_dict()) == (entry["federated-epochs"] == 0)
 
 
-def test_choose_kept_prefers_the_federated_model_on_a_tie():
-    """Two identical candidates: the federated one is kept (the fallback needs a strictly better score)."""
+def test_choose_kept_returns_the_trained_average_of_both_candidates():
+    """choose_kept's average holds the fine-tuned model and the own model, each trained on all records
+    for the epoch count its validation search chose; the steps count both trainings."""
+    from shared_models.ensemble import MeanEnsemble
+
     train = load_department("health").site_data(SITE).train.tensors()
-    tc = TrainConfig(epochs=2, batch_size=32, lr=0.01, seed=0)
-    model, res, kept, scores = choose_kept(_init(0), _init, train, "binary-classification", tc, tc, 0)
-    assert kept == "federated" and scores["own-validation"] == scores["federated-validation"]
-    assert res.selected_epochs == scores["federated-epochs"]
+    good = _init(3)
+    fit(good, train, "binary-classification", TrainConfig(epochs=20, batch_size=32, lr=1e-2, seed=3), None)
+    tc = TrainConfig(epochs=3, batch_size=32, lr=0.01, seed=1)
+    own_tc = TrainConfig(epochs=3, batch_size=32, lr=1e-7, seed=0)
+    model, res, kept, scores = choose_kept(good, _init, train, "binary-classification", tc, own_tc, 0)
+    assert kept == "average" and isinstance(model, MeanEnsemble) and model.members[0] is good
+    per_epoch = math.ceil(len(train) / 32)
+    assert res.steps == per_epoch * (scores["federated-epochs"] + scores["own-epochs"])
+    assert set(scores) == {"federated-validation", "own-validation", "average-validation", "federated-epochs",
+                           "own-epochs"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(own=st.floats(allow_nan=True, allow_infinity=True), avg=st.floats(allow_nan=True, allow_infinity=True),
+       fed=st.floats(allow_nan=True, allow_infinity=True))
+def test_pick_kept_keeps_the_own_model_only_when_it_validates_strictly_better(own, avg, fed):
+    """The average is kept unless the own model scores strictly lower; a NaN score (a diverged model)
+    loses to any number; the fine-tuned model's own score never decides."""
+    from clients.personalise import pick_kept
+
+    kept = pick_kept({"own-validation": own, "average-validation": avg, "federated-validation": fed})
+    if math.isnan(avg):
+        assert kept == "own"
+    elif math.isnan(own):
+        assert kept == "average"
+    else:
+        assert kept == ("own" if own < avg else "average")
 
 
 def test_own_candidate_is_never_trained_under_dp(tmp_path):
@@ -238,7 +286,7 @@ def test_compare_rows_say_what_was_kept_only_where_the_node_weighed_its_own_mode
            "run_id": "r1", "config": {"model": "heart-mlp"}}
     (row,) = [r for r in cmp._personalised_rows(ds, "federated", None, res, run_dir, ds.schema.task) if r["site"] == SITE]
     if own_lr:
-        assert row["metrics"]["kept"] in ("federated", "own") and "own-validation" in row["metrics"]
+        assert row["metrics"]["kept"] in ("average", "own") and "own-validation" in row["metrics"]
     else:
         assert "kept" not in row["metrics"] and "own-validation" not in row["metrics"]
 
