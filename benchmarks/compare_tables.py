@@ -53,7 +53,7 @@ def settings_line(r: dict) -> str:
                    f"chosen on the node's validation split), batch {pb}, lr {_lr(fed.get('personalise-lr'))}")
         if float(fed.get("personalise-own-lr", 0) or 0) > 0:
             out.append(f"own-records candidate: lr {_lr(fed['personalise-own-lr'])}, batch "
-                       f"{fed.get('personalise-own-batch-size') or pb} (kept where it validates better)")
+                       f"{fed.get('personalise-own-batch-size') or pb} (kept alone, or averaged with the fine-tuned model, whichever validates better)")
     changed = {k: v for k, v in dp.items() if fed.get(k) != v and not k.startswith("personalise-own")}
     if changed:
         bits = []
