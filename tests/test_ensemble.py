@@ -38,7 +38,7 @@ def test_classification_returns_the_logit_of_the_mean_probability_finite_and_bet
     p = (torch.sigmoid(ta) + torch.sigmoid(tb)) / 2
     assert torch.allclose(torch.sigmoid(out), p, atol=1e-12)
     for i in range(3):  # where the naive formula is finite, the same number
-        if 1e-12 < float(p[i]) < 1 - 1e-12:
+        if 1e-6 < float(p[i]) < 1 - 1e-6:  # (nearer 0 or 1, 1 - p itself loses the digits)
             assert float(out[i]) == pytest.approx(math.log(p[i] / (1 - p[i])), abs=1e-6)
 
 
