@@ -17,8 +17,8 @@ policy (``personalisation = true``), whether to answer. If it does, it
    (:func:`clients.selection.fit_selected`); under DP-SGD it trains exactly the accounted epochs.
    Without DP and with ``personalise-own-lr`` > 0 the node also trains a second candidate from the
    run's initialisation on its own records alone (the model it would have without the federation)
-   and keeps whichever of the fine-tuned model, its own model and the average of the two models'
-   predictions scores best on the same validation split (:func:`choose_kept`); which one it kept
+   and keeps the average of that model's and the fine-tuned model's predictions unless its own
+   model alone scores better on the same validation split (:func:`choose_kept`); which one it kept
    stays on the node (the model file's metadata ``kept``, its audit log);
 4. keeps the personalised model on the node (:func:`personalised_path`, safetensors) and replies
    with the DP-SGD parameters and epsilon only (:data:`contract.tasks.PERSONALISE_METRICS`): no arrays, nothing
