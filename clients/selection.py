@@ -140,7 +140,7 @@ def select_epochs(model: nn.Module, fit_part: TensorDataset, val: TensorDataset,
     top = [0 if allow_zero else -1, scores[0] if allow_zero else math.inf]
     if best is not None:
         best.clear()
-        best.update(copy.deepcopy(start))
+        best.update(start)  # ``start`` is already a copy, and only read from here on
 
     def on_epoch(epoch: int, _loss: float) -> None:
         score = validation_score(model, val, task)
