@@ -41,6 +41,7 @@ from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
 from privacy.policy import JobRequest, check_job
 from shared_models import build_model, default_model_config
 from shared_models.ensemble import MeanEnsemble
+from shared_models.fingerprint import state_sha256
 
 #: Values of ``personalise-layers``.
 LAYERS = ("all", "head")
@@ -313,6 +314,7 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
     model, ds, site = _model_for(spec, kind, state)
     if len(site.train) == 0:
         raise NoTrainingData(f"{spec.department}/{spec.site}: no training records; nothing to personalise")
+    base_sha = state_sha256(model.state_dict())  # the global model it starts from (fl-serve --personalised checks it)
     train = site.train.tensors()
     task = ds.schema.task
     delta = spec.policy.site_delta(len(train))
@@ -371,7 +373,7 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp),
                   metadata={"run-id": run_id, "department": spec.department, "site": spec.site, "layers": layers,
                             "epochs": str(epochs if dp is not None else res.selected_epochs), "dp": str(job.dp),
-                            "noise-multiplier": str(job.noise_multiplier), "kept": kept,
+                            "noise-multiplier": str(job.noise_multiplier), "kept": kept, "base-sha256": base_sha,
                             **{k: str(v) for k, v in scores.items()}})
         tmp.replace(path)
     except BaseException as exc:

@@ -8,7 +8,9 @@ Endpoints
     traffic / utility, the ``forecast`` of the next steps after the last record, in the
     target's unit. A schema violation is answered 422 with ``field``, ``problem``, ``fix``.
 ``GET /model``
-    The model card (provenance: run, strategy, rounds, sites, epsilon and delta, metrics).
+    The model card (provenance: run, strategy, rounds, sites, epsilon and delta, metrics);
+    ``model``: ``global``, or ``personalised`` with ``personalised`` naming the node's file
+    (``fl-serve --personalised``, :mod:`serving.personalised`).
 ``GET /metrics``
     Request counts by endpoint and status, records predicted, latency percentiles.
 ``GET /health``
@@ -123,7 +125,9 @@ def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]
     model = package.model
     lock = threading.Lock()  # one forward pass at a time (torch threads are the parallelism)
     card = package.card
-    app = FastAPI(title=f"cityfed model: {package.department} run {card.get('run-id')}, site {features.site}",
+    personalised = package.personalised
+    which = "personalised model" if personalised else "model"
+    app = FastAPI(title=f"cityfed {which}: {package.department} run {card.get('run-id')}, site {features.site}",
                   description="Predictions of a cityfed federated model on this department's node. Send records in the "
                               "department's schema; answers are in original units. Needs an API key "
                               "(X-API-Key header).", version=str(card.get("cityfed-version", "")))
@@ -150,12 +154,15 @@ def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]
     @app.get("/health", summary="Liveness: the served package, department and site")
     def health() -> dict:
         return {"status": "ok", "department": package.department, "site": features.site,
-                "run-id": card.get("run-id"), "manifest-sha256": package.manifest_sha256}
+                "run-id": card.get("run-id"), "manifest-sha256": package.manifest_sha256,
+                "model": "personalised" if personalised else "global",
+                **({"personalised-sha256": personalised["sha256"]} if personalised else {})}
 
     @app.get("/model", summary="The model card (provenance) and the schema of the records", dependencies=[Depends(require_key)])
     def model_card() -> dict:
         return {"card": card, "schema": package.schema, "model-config": package.model_config,
-                "manifest-sha256": package.manifest_sha256, "site": features.site}
+                "manifest-sha256": package.manifest_sha256, "site": features.site,
+                "model": "personalised" if personalised else "global", "personalised": personalised}
 
     @app.get("/metrics", summary="Request counts, records predicted, latency percentiles", dependencies=[Depends(require_key)])
     def get_metrics() -> dict:

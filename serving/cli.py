@@ -57,13 +57,21 @@ def read_keys(path: Path | None) -> list[str]:
 
 
 def build(package: Path, site: str, data: Path | None, keys: list[str], *, manifest_sha256: str | None = None,
-          date_format: str | None = None, ranges: Path | None = None):
-    """Load and verify ``package``, build ``site``'s features from the node's data, and return the FastAPI app."""
+          date_format: str | None = None, ranges: Path | None = None, personalised: Path | None = None):
+    """Load and verify ``package``, build ``site``'s features from the node's data, and return the FastAPI app.
+
+    With ``personalised``, the node's personalised model file of the package's run replaces the
+    package's weights (:func:`serving.personalised.attach_personalised`).
+    """
     from serving.app import build_app
     from serving.features import SiteFeatures
     from serving.package import load_package
 
     pkg = load_package(package, manifest_sha256=manifest_sha256)
+    if personalised is not None:
+        from serving.personalised import attach_personalised
+
+        pkg = attach_personalised(pkg, personalised, site)
     feats = SiteFeatures(pkg.department, site, data, date_format=date_format, ranges=ranges)
     feats.self_check()
     return build_app(pkg, feats, keys)
@@ -126,10 +134,16 @@ def serve(
                                                        "in requests: ISO (default), DMY, MDY or a strftime pattern.")] = None,
     ranges: Annotated[Optional[Path], typer.Option("--ranges", help="Plausibility-range overrides (TOML), as in "
                                                    "training.")] = None,
+    personalised: Annotated[Optional[Path], typer.Option("--personalised", help="Serve this node's personalised model "
+                                                         "of the package's run instead of the global one: the file the "
+                                                         "node kept, <ledger folder>/personalised/<department>-<site>/"
+                                                         "<run id>.safetensors (fl-client: its state dir; fl-sim run: "
+                                                         "RUN_DIR/ledgers/personalised/). Refused unless its site is "
+                                                         "--site and it was fine-tuned from this package's model.")] = None,
 ) -> None:
     """Serve PACKAGE for one site on this node: POST /predict, GET /model, /metrics, /health, /docs.
 
-    The package's SHA-256 hashes are checked first (a changed, missing or extra file is refused). Records are validated with the same checks as a training file and scaled with this site's own training scalers, fitted here from the department's data (bundled, or --data): they never come from the package or the coordinator. Answers are in original units: probabilities (health), the next steps with their timestamps (traffic, utility). Every call but /health and the docs needs an API key in the header 'X-API-Key: KEY'. Example: fl-serve runs/h3-package --site Cleveland --api-key-file serve.keys --port 8480
+    The package's SHA-256 hashes are checked first (a changed, missing or extra file is refused). Records are validated with the same checks as a training file and scaled with this site's own training scalers, fitted here from the department's data (bundled, or --data): they never come from the package or the coordinator. Answers are in original units: probabilities (health), the next steps with their timestamps (traffic, utility). Every call but /health and the docs needs an API key in the header 'X-API-Key: KEY'. With --personalised FILE the node's personalised model of the package's run is served instead of the global one (GET /model says which). Example: fl-serve runs/h3-package --site Cleveland --api-key-file serve.keys --port 8480
     """
     import ssl
 
@@ -145,7 +159,7 @@ def serve(
         raise typer.BadParameter("--client-ca (mutual TLS) needs --tls-cert and --tls-key", param_hint="--client-ca")
     try:
         fastapi_app = build(package, site, data, keys, manifest_sha256=manifest_sha256, date_format=date_format,
-                            ranges=ranges)
+                            ranges=ranges, personalised=personalised)
     except (PackageError, RequestError, ValueError) as exc:  # ValueError: package and node disagree (schema, department)
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None

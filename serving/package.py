@@ -345,6 +345,9 @@ class ModelPackage:
     card: dict
     manifest: dict
     manifest_sha256: str
+    #: Set by :func:`serving.personalised.attach_personalised`: the node's personalised model file
+    #: that :attr:`model` now holds (file, SHA-256, kept, dp, epochs, ...); ``None``: the global model.
+    personalised: dict | None = None
 
     @property
     def department(self) -> str:  # noqa: D102
@@ -402,6 +405,27 @@ def verify_package(path: Path, *, manifest_sha256: str | None = None) -> dict:
     return manifest
 
 
+def model_builder(path: Path, model_config: dict):
+    """A callable returning a fresh model of the package's ``model-config.json`` (untrained weights).
+
+    Raises
+    ------
+    PackageError
+        An unknown model kind.
+    """
+    from pydantic import TypeAdapter
+
+    from shared_models import build_model
+    from shared_models.configs import GRUForecasterConfig, HeartClassifierConfig, PatchTSTForecasterConfig
+
+    kinds = {"heart-mlp": HeartClassifierConfig, "gru": GRUForecasterConfig, "patchtst": PatchTSTForecasterConfig}
+    if model_config.get("kind") not in kinds:
+        raise PackageError(f"{Path(path) / 'model-config.json'}: kind {model_config.get('kind')!r} is not one of "
+                           f"{sorted(kinds)}")
+    config = TypeAdapter(kinds[model_config["kind"]]).validate_python(model_config)
+    return lambda: build_model(config)
+
+
 def load_package(path: Path, *, manifest_sha256: str | None = None) -> ModelPackage:
     """Verify a package (:func:`verify_package`) and build its model with the packaged weights.
 
@@ -415,19 +439,11 @@ def load_package(path: Path, *, manifest_sha256: str | None = None) -> ModelPack
     ModelPackage
     """
     import torch
-    from pydantic import TypeAdapter
-
-    from shared_models import build_model
-    from shared_models.configs import GRUForecasterConfig, HeartClassifierConfig, PatchTSTForecasterConfig
 
     path = Path(path)
     manifest = verify_package(path, manifest_sha256=manifest_sha256)
     mc = json.loads((path / "model-config.json").read_text())
-    kinds = {"heart-mlp": HeartClassifierConfig, "gru": GRUForecasterConfig, "patchtst": PatchTSTForecasterConfig}
-    if mc.get("kind") not in kinds:
-        raise PackageError(f"{path / 'model-config.json'}: kind {mc.get('kind')!r} is not one of {sorted(kinds)}")
-    config = TypeAdapter(kinds[mc["kind"]]).validate_python(mc)
-    model = build_model(config)
+    model = model_builder(path, mc)()
     weights = load_model(path / MODEL)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)
     model.eval()

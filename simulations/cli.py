@@ -223,6 +223,15 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str, ray_options: di
         console.print(f"[yellow]refused[/yellow] round {r['round']} node {r['node']}: {r['reason']}")
     for r in results["excluded"][:20]:
         console.print(f"[red]excluded[/red] round {r['round']} node {r['node']}: {r['reason']}")
+    pers = results.get("personalise") or {}
+    if pers:
+        kept = sorted((Path(out) / "ledgers" / "personalised").glob("*/*.safetensors"))
+        console.print(f"personalised: {len(pers.get('nodes') or {})} of {pers.get('asked', 0)} node(s) fine-tuned the final "
+                      f"model on their own records; their models stay on the nodes: "
+                      f"{', '.join(str(k) for k in kept) or 'none written'} (serve one: fl-serve PACKAGE --site SITE "
+                      "--personalised FILE)")
+        for r in (pers.get("refused") or [])[:20]:
+            console.print(f"[yellow]personalisation refused[/yellow] node {r['node']}: {r['reason']}")
     console.print(f"wrote {out}/results.json, {out}/model.safetensors, {report}")
     return results
 
@@ -285,6 +294,18 @@ def run(
                                                 "a GPU); those clients train on CUDA. 0 = CPU clients."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/checkpoint.safetensors."),
     seed: int = typer.Option(0, help="Seed for the initial model, sampling, partitioning and each site's train/test split (health: a seeded draw per hospital; as fl-sim baselines --seed)."),
+    personalise_epochs: int = typer.Option(0, "--personalise-epochs", min=0,
+                                           help="After the last round each node fine-tunes the final model on its own "
+                                                "records for this many epochs (under DP within --epsilon; without DP the "
+                                                "most it tries, chosen on its validation split) and keeps it in "
+                                                "OUT/ledgers/personalised/ (fl-serve --personalised serves it). 0 = off. "
+                                                "README 'Personalisation at the node'."),
+    personalise_layers: str = typer.Option("all", "--personalise-layers", help="What is personalised: all, or head (the output layer)."),
+    personalise_lr: float = typer.Option(1e-3, "--personalise-lr", min=0.0, help="Personalisation learning rate (Adam)."),
+    personalise_own_lr: float = typer.Option(0.0, "--personalise-own-lr", min=0.0,
+                                             help="Without DP only: > 0 also trains a model of the node's own records at "
+                                                  "this learning rate; the node keeps it alone or averaged with the "
+                                                  "fine-tuned model, whichever validates better. 0 = off."),
 ) -> None:
     """Federated training of a department's sites on this machine, under each node's policy and ledger.
 
@@ -297,6 +318,8 @@ def run(
       fl-sim run -d health -r 10 --local-epochs 2 --batch-size 32 -e 3
 
       fl-sim run -d traffic --virtual-sites 1000 --partitioner dirichlet -r 3 --fraction-evaluate 0.05
+
+      fl-sim run -d health -r 15 -e 3 --batch-size 64 --personalise-epochs 30 --personalise-lr 0.01
     """
     depts = list(DEPARTMENTS) if department == "all" else [department]
     if any(d not in DEPARTMENTS for d in depts):
@@ -328,6 +351,9 @@ def run(
                "lr": lr or dflt["lr"], "optimizer": optimizer, "batch-size": batch_size or dflt["batch-size"], "fraction-train": fraction, "fraction-evaluate": fraction_evaluate,
                "min-accepted": min_accepted, "dropout-probability": dropout, "run-dir": str(dout), "resume": resume,
                "seed": seed, "min-nodes": 1}
+        if personalise_epochs:
+            cfg.update({"personalise-epochs": personalise_epochs, "personalise-layers": personalise_layers,
+                        "personalise-lr": personalise_lr, "personalise-own-lr": personalise_own_lr})
         if secagg:
             n_sites = virtual_sites or len(__import__("citydata", fromlist=["x"]).load_department(d).sites)
             if n_sites < 3:
