@@ -58,6 +58,17 @@ def served(package: Path, site: str):
     return ServerThread(build_app(pkg, feats, [KEY])), feats, pkg
 
 
+def health_records(feats) -> list[dict]:
+    """The served hospital's test records as JSON records (the label and ID left out; NaN as null)."""
+    r = feats.test_records()
+    cols = [c.name for c in feats.schema.columns if c.name in r.columns and c.name not in ("num", "id")]
+    out = []
+    for rec in r[cols].to_dict(orient="records"):
+        out.append({k: (None if v is None or (isinstance(v, float) and np.isnan(v)) else
+                        (v.item() if hasattr(v, "item") else v)) for k, v in rec.items()})
+    return out
+
+
 def offline(pkg, X: np.ndarray) -> np.ndarray:
     """The package's model called in-process on model inputs ``X`` (raw outputs)."""
     with torch.no_grad():

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_helpers import KEY, offline, served, simulated_run, synthetic_run, window_records  # noqa: E402
+from serve_helpers import KEY, health_records, offline, served, simulated_run, synthetic_run, window_records  # noqa: E402
 
 from serving.package import export_package  # noqa: E402
 
@@ -34,21 +34,11 @@ def health_run(tmp_path_factory):
     return d
 
 
-def _health_records(feats) -> list[dict]:
-    r = feats.test_records()
-    cols = [c.name for c in feats.schema.columns if c.name in r.columns and c.name not in ("num", "id")]
-    out = []
-    for rec in r[cols].to_dict(orient="records"):
-        out.append({k: (None if v is None or (isinstance(v, float) and np.isnan(v)) else
-                        (v.item() if hasattr(v, "item") else v)) for k, v in rec.items()})
-    return out
-
-
 def test_health_http_predictions_equal_offline_on_test_split(health_run):
     server, feats, pkg = served(health_run / "pkg", SITE)
     test = feats.data.test
     want = 1 / (1 + np.exp(-offline(pkg, test.X).reshape(-1).astype(np.float64)))
-    records = _health_records(feats)
+    records = health_records(feats)
     assert len(records) == len(test) > 50
     with server as url:
         r = httpx.post(f"{url}/predict", json={"records": records}, headers=H, timeout=60)
@@ -79,7 +69,7 @@ def test_health_http_predictions_equal_offline_on_test_split(health_run):
 
 def test_api_key_missing_or_wrong_refused(health_run):
     server, feats, _ = served(health_run / "pkg", SITE)
-    body = {"records": _health_records(feats)[:1]}
+    body = {"records": health_records(feats)[:1]}
     with server as url:
         for path, call in (("/predict", lambda h: httpx.post(f"{url}/predict", json=body, headers=h)),
                            ("/model", lambda h: httpx.get(f"{url}/model", headers=h)),
@@ -107,7 +97,7 @@ VIOLATIONS = [
 @pytest.mark.parametrize("column,value,words", VIOLATIONS)
 def test_schema_violations_answered_422_naming_the_field(health_run, column, value, words):
     server, feats, _ = served(health_run / "pkg", SITE)
-    rec = dict(_health_records(feats)[0])
+    rec = dict(health_records(feats)[0])
     if value == "DROP":
         rec.pop(column)
     else:
@@ -150,7 +140,7 @@ def test_no_pickle_loaded_in_export_serve_and_resume(health_run, tmp_path, monke
     export_package(run, tmp_path / "pkg")
     server, feats, pkg = served(tmp_path / "pkg", SITE)
     with server as url:
-        r = httpx.post(f"{url}/predict", json={"records": _health_records(feats)[:3]}, headers=H)
+        r = httpx.post(f"{url}/predict", json={"records": health_records(feats)[:3]}, headers=H)
         assert r.status_code == 200
     cfg = json.loads((run / "results.json").read_text())["config"]
     cfg.update({"run-dir": str(run), "resume": True})  # all rounds done: resume reads the checkpoint, writes the model
@@ -362,6 +352,6 @@ def test_node_serves_from_its_own_records_file(tmp_path):
     np.testing.assert_array_equal(feats.data.test.X, load_department("health").site_data("Hungary").test.X)
     want = 1 / (1 + np.exp(-offline(pkg, feats.data.test.X).reshape(-1).astype(np.float64)))
     with ServerThread(build_app(pkg, feats, [KEY])) as url:
-        r = httpx.post(f"{url}/predict", json={"records": _health_records(feats)}, headers=H, timeout=60)
+        r = httpx.post(f"{url}/predict", json={"records": health_records(feats)}, headers=H, timeout=60)
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["probability"], want, rtol=1e-6, atol=1e-7)

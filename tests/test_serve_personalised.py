@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_helpers import KEY, offline  # noqa: E402
+from serve_helpers import KEY, health_records, offline  # noqa: E402
 
 H = {"X-API-Key": KEY}
 SITE = "Hungary"
@@ -73,13 +73,6 @@ def _served(pkg_dir: Path, personalised: Path, site: str = SITE):
     return ServerThread(build_app(pkg, feats, [KEY])), feats, pkg
 
 
-def _records(feats) -> list[dict]:
-    r = feats.test_records()
-    cols = [c.name for c in feats.schema.columns if c.name in r.columns and c.name not in ("num", "id")]
-    return [{k: (None if v is None or (isinstance(v, float) and np.isnan(v)) else (v.item() if hasattr(v, "item") else v))
-             for k, v in rec.items()} for rec in r[cols].to_dict(orient="records")]
-
-
 def test_http_predictions_are_the_personalised_models(run):
     from clients.personalise import personalised_model
     from serving.package import load_package, model_builder, sha256_file
@@ -96,7 +89,7 @@ def test_http_predictions_are_the_personalised_models(run):
     global_p = 1 / (1 + np.exp(-offline(glob, X).reshape(-1).astype(np.float64)))
     assert np.abs(want - global_p).max() > 1e-3  # the personalisation moved the model: the check below can tell them apart
     with server as url:
-        r = httpx.post(f"{url}/predict", json={"records": _records(feats)}, headers=H, timeout=60)
+        r = httpx.post(f"{url}/predict", json={"records": health_records(feats)}, headers=H, timeout=60)
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()["probability"], want, rtol=1e-6, atol=1e-7)
         card = httpx.get(f"{url}/model", headers=H).json()
@@ -132,7 +125,7 @@ def test_an_averaged_personalised_file_is_served_as_the_mean(run, tmp_path):
     with torch.no_grad():
         want = ((torch.sigmoid(tuned(X)) + torch.sigmoid(own(X))) / 2).reshape(-1).double().numpy()
     with server as url:
-        r = httpx.post(f"{url}/predict", json={"records": _records(feats)}, headers=H, timeout=60)
+        r = httpx.post(f"{url}/predict", json={"records": health_records(feats)}, headers=H, timeout=60)
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()["probability"], want, rtol=1e-5, atol=1e-6)
         assert httpx.get(f"{url}/model", headers=H).json()["personalised"]["kept"] == "average"
