@@ -11,9 +11,9 @@ these checks (each refusal names the file, what differs and the fix):
   package's run;
 - its ``base-sha256``, the fingerprint of the global model the node fine-tuned
   (:func:`shared_models.fingerprint.state_sha256`), equals the package's model's: a personalised
-  model of another run with the same run ID (every ``fl-sim run`` is ``sim``) is refused. Files
-  written before 2026-12-05 have no fingerprint; they are served on the run ID alone, and
-  ``/model`` says so;
+  model of another run with the same run ID (an in-process ``fl-sim run`` in a new folder is
+  ``sim``) is refused. Files written before 2026-12-05 have no fingerprint; they are served on
+  the run ID alone, and ``/model`` says so;
 - its tensors are exactly the model's (an ``average`` file holds two models:
   :class:`shared_models.ensemble.MeanEnsemble`).
 """

@@ -208,7 +208,7 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str, ray_options: di
                             description=f"{department}: round {entry['round']} {metric}={agg.get(metric, float('nan')):.3f} "
                                         f"eps-max={eps_max(entry):.2f}")
 
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         results = simulate(cfg, engine=engine, on_round=on_round, **(ray_options or {}))
     report = write_report_safely(out, sites, metric) or "no report.html (see the error above)"
     t = Table(title=f"{department}: federated run ({time.perf_counter() - t0:.0f} s, {len(sites)} sites, {results.get('status')})")
@@ -225,11 +225,12 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str, ray_options: di
         console.print(f"[red]excluded[/red] round {r['round']} node {r['node']}: {r['reason']}")
     pers = results.get("personalise") or {}
     if pers:
-        kept = sorted((Path(out) / "ledgers" / "personalised").glob("*/*.safetensors"))
-        console.print(f"personalised: {len(pers.get('nodes') or {})} of {pers.get('asked', 0)} node(s) fine-tuned the final "
-                      f"model on their own records; their models stay on the nodes: "
-                      f"{', '.join(str(k) for k in kept) or 'none written'} (serve one: fl-serve PACKAGE --site SITE "
-                      "--personalised FILE)")
+        kept = [k for k in sorted((Path(out) / "ledgers" / "personalised").glob("*/*.safetensors"))
+                if k.stat().st_mtime >= started - 1]  # this run's (a resumed run's folder may hold older ones)
+        done = len(pers.get("nodes") or {})
+        console.print(f"personalised: {done} of {pers.get('asked', 0)} node(s) fine-tuned the final model on their own "
+                      "records" + (f"; their models stay on the nodes: {', '.join(str(k) for k in kept)} (serve one: "
+                                   "fl-serve PACKAGE --site SITE --personalised FILE)" if done and kept else ""))
         for r in (pers.get("refused") or [])[:20]:
             console.print(f"[yellow]personalisation refused[/yellow] node {r['node']}: {r['reason']}")
     console.print(f"wrote {out}/results.json, {out}/model.safetensors, {report}")
@@ -312,8 +313,8 @@ def run(
     The ServerApp and ClientApp are the deployment ones. Writes OUT/results.json (per-round
     and per-site metrics, epsilon per site, refusals, excluded replies), OUT/model.safetensors,
     OUT/report.html with PNG plots, and each node's ledger under OUT/ledgers/ (ledgers
-    accumulate across runs that share OUT: a second run with the same OUT spends the same
-    budget). Examples:
+    accumulate across runs that share OUT: a second run with the same OUT is a new run, with a run
+    ID of its own and its own epsilon target, within each node's lifetime budget). Examples:
 
       fl-sim run -d health -r 10 --local-epochs 2 --batch-size 32 -e 3
 

@@ -66,6 +66,27 @@ def after_registration(server_app, expected: int, timeout_s: float = 600.0):
     return outer
 
 
+def inprocess_run_id(ledger_dir: Path) -> str:
+    """The run ID of a fresh in-process run: ``sim``, or ``sim-2``, ``sim-3``... where the ledgers know it.
+
+    The nodes account per run ID (their target epsilon, personalisation once per run), and a
+    simulation's ledgers stay in its folder: a second run into the same folder must not pass for
+    the first, which would find its target spent and train with overwhelming noise. (Flower's
+    Simulation Engine draws a new run ID per launch; a resumed run keeps its checkpoint's.)
+    """
+    from privacy.ledger import PrivacyLedger
+
+    used: set[str] = set()
+    for path in sorted(Path(ledger_dir).glob("*.sqlite")):
+        used.update(str(r["run_id"]) for r in PrivacyLedger(path).releases())
+    if "sim" not in used:
+        return "sim"
+    n = 2
+    while f"sim-{n}" in used:
+        n += 1
+    return f"sim-{n}"
+
+
 def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 1.0, on_round=None,
              only_sites: list[str] | None = None, ray_address: str | None = None,
              gpus_per_client: float = 0.0) -> dict:
@@ -126,7 +147,8 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
                 raise ValueError(f"only_sites: unknown site(s) {unknown}; the department's sites are {sites}")
             nodes = [{**n, "site": sites[n["partition-id"]]} for n in nodes if sites[n["partition-id"]] in only_sites]
         grid = InProcessGrid(build_client_app(), nodes, cfg)
-        return run_federation(grid, cfg, run_id=cfg.get("run-id", "sim"), on_round=on_round)
+        return run_federation(grid, cfg, run_id=cfg.get("run-id") or inprocess_run_id(Path(cfg["ledger-dir"])),
+                              on_round=on_round)
     if only_sites is not None:
         raise ValueError("only_sites needs engine='inprocess'")
     from flower_compat.dispatch import install

@@ -1,0 +1,82 @@
+"""`fl-sim run` twice into the same --out: a second run, not a silently ruined one.
+
+The nodes account per run ID and a simulation's ledgers stay in OUT/ledgers. Every in-process
+run's ID used to be ``sim``, so a second fresh run into the same OUT found its epsilon target
+already spent by "this run" and trained with overwhelming noise (health, 2 rounds: 0.458
+accuracy, the first run 0.641), exit 0; its personalisation was refused as "already
+personalised". Now a fresh run gets a run ID the ledgers do not know (``sim-2``...), its own
+target, within each node's lifetime budget (the example policy's ``max_epsilon`` 8), as
+Flower's Simulation Engine (a new run ID per launch) and deployment already did.
+"""
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("CITYFED_DP_SEED_FROM_JOB", "1")
+
+SITES = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
+ARGS = ["-d", "health", "-r", "2", "--batch-size", "64", "--engine", "inprocess", "--personalise-epochs", "2",
+        "--personalise-lr", "0.01"]
+
+
+def _fl_sim_run(*args: str):
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    res = CliRunner().invoke(app, ["run", *args], env={"COLUMNS": "200"})
+    return res.exit_code, " ".join(res.output.split())
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def test_a_second_run_into_the_same_out_is_a_new_run_with_its_own_target(tmp_path):
+    from privacy.ledger import PrivacyLedger
+    from privacy.policy import load_policy
+    from simulations.run import inprocess_run_id
+
+    out = tmp_path / "r"
+    assert inprocess_run_id(out / "ledgers") == "sim"  # no ledger yet
+    code, text = _fl_sim_run(*ARGS, "-o", str(out))
+    assert code == 0, text
+    first = _results(out)
+    code, text = _fl_sim_run(*ARGS, "-o", str(out))
+    assert code == 0, text
+    second = _results(out)
+    assert (first["run_id"], second["run_id"]) == ("sim", "sim-2")
+    # the same seed and settings with a target of its own: the same model, not a noise-drowned one
+    acc = [r["rounds"][-1]["central"]["accuracy"] for r in (first, second)]
+    assert acc[1] == acc[0] > 0.55, acc
+    assert not second["personalise"]["refused"] and len(second["personalise"]["nodes"]) == 4
+    assert "already personalised" not in text
+    policy = load_policy(Path("examples/policies/health.toml"))
+    for site in SITES:
+        led = PrivacyLedger(out / "ledgers" / f"health-{site}.sqlite")
+        assert led.runs(site) == ["sim", "sim-2"]
+        delta = led.releases(site)[0]["delta"]
+        for run in ("sim", "sim-2"):
+            assert 2.9 < led.run_epsilon(site, run, delta) <= 3.0 + 1e-6
+        assert led.epsilon(site, delta) <= policy.max_epsilon
+        assert (out / "ledgers" / "personalised" / f"health-{site}" / "sim-2.safetensors").is_file()
+    assert "sim-2.safetensors" in text
+    # a third run that would pass a node's lifetime budget is refused, saying so (a round that
+    # still fits under it may be accepted: the budget is never passed)
+    from simulations.compare import write_policy
+
+    lifetime = max(PrivacyLedger(out / "ledgers" / f"health-{s}.sqlite").epsilon(s, PrivacyLedger(
+        out / "ledgers" / f"health-{s}.sqlite").releases(s)[0]["delta"]) for s in SITES)
+    assert 3.0 < lifetime < 6.0  # two runs at 3 compose to less than 6 (RDP)
+    cap = round(lifetime + 0.5, 2)
+    tight = write_policy("health", tmp_path / "tight.toml", max_epsilon=cap)
+    assert inprocess_run_id(out / "ledgers") == "sim-3"
+    code, text = _fl_sim_run(*ARGS, "-o", str(out), "--policy", str(tight))
+    third = _results(out)
+    assert third["run_id"] == "sim-3"
+    assert third["refused"] and all("max_epsilon" in r["reason"] for r in third["refused"]), third["refused"]
+    for site in SITES:
+        led = PrivacyLedger(out / "ledgers" / f"health-{site}.sqlite")
+        assert led.epsilon(site, led.releases(site)[0]["delta"]) <= cap
