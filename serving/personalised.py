@@ -43,6 +43,8 @@ def personalised_metadata(path: Path) -> dict[str, str]:
     fix = ("fix: give the file the node wrote after a run with personalise-epochs > 0: "
            "<ledger folder>/personalised/<department>-<site>/<run id>.safetensors (fl-client: its state dir; "
            "fl-sim run: RUN_DIR/ledgers/personalised/)")
+    if path.is_dir():
+        raise PackageError(f"--personalised {path}: a folder, not a file; {fix}")
     if not path.is_file():
         raise PackageError(f"--personalised {path}: not found; {fix}")
     try:

@@ -151,6 +151,7 @@ def _bad_files(run: Path, tmp: Path) -> dict:
     save_file(load_file(str(path)), str(plain))
     return {
         "missing": (tmp / "nope.safetensors", SITE, ["not found", "personalised/<department>-<site>"]),
+        "a folder": (path.parent, SITE, ["a folder, not a file"]),
         "not safetensors": (tmp / "garbage.safetensors", SITE, ["not a safetensors file"]),
         "no metadata": (plain, SITE, ["no run-id", "not a personalised model"]),
         "another site's": (_file(run, "Cleveland"), SITE, ["metadata site = 'Cleveland'", "'Hungary'"]),
@@ -167,7 +168,7 @@ def _bad_files(run: Path, tmp: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "not safetensors", "no metadata", "another site's", "another run",
+@pytest.mark.parametrize("case", ["missing", "a folder", "not safetensors", "no metadata", "another site's", "another run",
                                   "another department", "another global model", "a tensor missing", "bad kept"])
 def test_wrong_personalised_files_are_refused_naming_the_file(run, tmp_path, case):
     from serving.package import PackageError, load_package
