@@ -208,7 +208,7 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str, ray_options: di
                             description=f"{department}: round {entry['round']} {metric}={agg.get(metric, float('nan')):.3f} "
                                         f"eps-max={eps_max(entry):.2f}")
 
-        t0, started = time.perf_counter(), time.time()
+        t0 = time.perf_counter()
         results = simulate(cfg, engine=engine, on_round=on_round, **(ray_options or {}))
     report = write_report_safely(out, sites, metric) or "no report.html (see the error above)"
     t = Table(title=f"{department}: federated run ({time.perf_counter() - t0:.0f} s, {len(sites)} sites, {results.get('status')})")
@@ -226,7 +226,7 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str, ray_options: di
     pers = results.get("personalise") or {}
     if pers:
         kept = [k for k in sorted((Path(out) / "ledgers" / "personalised").glob("*/*.safetensors"))
-                if k.stat().st_mtime >= started - 1]  # this run's (a resumed run's folder may hold older ones)
+                if k.stem == str(results.get("run_id"))]  # this run's: the folder may hold earlier runs' files
         done = len(pers.get("nodes") or {})
         console.print(f"personalised: {done} of {pers.get('asked', 0)} node(s) fine-tuned the final model on their own "
                       "records" + (f"; their models stay on the nodes: {', '.join(str(k) for k in kept)} (serve one: "
