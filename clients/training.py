@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from contract.keys import OPTIMIZERS
-from privacy.dp import DPSettings, dp_seed, make_private
+from privacy.dp import DPSettings, dp_seed, make_private, noise_only_step
 from shared_models import criterion_for
 from shared_models.scoring import pick_device, predict
 
@@ -153,7 +153,13 @@ def _fit(model, data, task, train, dp, device, on_epoch) -> FitResult:
     for epoch in range(train.epochs):
         total, count = 0.0, 0
         for xb, yb in loader:
-            if len(xb) == 0:  # Poisson sampling can draw an empty batch
+            if len(xb) == 0:
+                # Poisson sampling drew no record (only under DP): still a noised, accounted step
+                optimizer.zero_grad(set_to_none=True)
+                noise_only_step(private.optimizer)
+                _add_proximal(params, anchors, train.proximal_mu)
+                private.optimizer.original_optimizer.step()
+                steps += 1
                 continue
             xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad(set_to_none=True)

@@ -330,3 +330,38 @@ def make_private(
         grad_sample_mode=mode,
         accountant=settings.accountant,
     )
+
+
+def noise_only_step(optimizer) -> bool:
+    """DP-SGD's step for a Poisson batch that drew no record: zero clipped sum, full noise.
+
+    The accounting (the node's ledger and Opacus' accountant) counts every one of the
+    ``epochs * ceil(n / batch)`` steps as a release of a noised sum at the sample rate, empty
+    draws included; skipping an empty draw would release "no step", which the update shows, and
+    the sampled-Gaussian bound would no longer hold. The models cannot run a forward pass on zero
+    records (GRU and PatchTST reshape by batch size; expanded weights refuse a batch of 0), so this
+    does what :meth:`opacus.optimizers.DPOptimizer.pre_step` does for such a batch without one: each
+    trainable parameter's clipped sum is zero, Opacus' ``add_noise`` adds
+    ``N(0, (noise_multiplier * max_grad_norm)^2)`` from the optimizer's generator, the result is
+    divided by the expected batch size, and the step hook (the engine's accountant) records the step.
+
+    Parameters
+    ----------
+    optimizer : opacus.optimizers.DPOptimizer
+        The private optimizer (any of Opacus' per-sample-gradient modes), after ``zero_grad``.
+
+    Returns
+    -------
+    bool
+        True, like ``pre_step``: the caller then runs the inner optimizer's step.
+    """
+    for p in optimizer.params:
+        p.summed_grad = torch.zeros_like(p)
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # one accumulated (empty) batch
+    optimizer.add_noise()
+    if optimizer.loss_reduction == "mean":
+        for p in optimizer.params:
+            p.grad /= optimizer.expected_batch_size
+    if optimizer.step_hook:
+        optimizer.step_hook(optimizer)
+    return True
