@@ -26,6 +26,9 @@ from contract.tasks import (ARRAYS, CONFIG, EVAL_METRICS, METRICS, PERSONALISE_A
 REFUSED = 4031
 #: Error code for a node without training records (nothing to send).
 NO_DATA = 4041
+#: Error code for a task the node could not complete for any other reason (its cause stays in the
+#: node's own log: :func:`failed_reason`).
+FAILED = 5001
 #: Environment: when "1" (``fl-client`` sets it), each message's own compute time is logged
 #: ("cityfed: train compute 1.734 s"): the numerator of the deployment latency breakdown.
 LOG_COMPUTE_ENV = "CITYFED_LOG_COMPUTE"
@@ -63,19 +66,28 @@ def build_client_app(defaults: dict | None = None) -> ClientApp:
         node_config = dict(context.node_config)
         return node_from_config(node_config, {**flwr_run_node_defaults(node_config, run_config), **run_config})
 
+    def guarded(msg: Message, context: Context, handle) -> Message:
+        # the node's set-up (its policy, config) failing: a fixed reason leaves, the cause is logged here
+        try:
+            node = spec(context)
+        except Exception as exc:  # noqa: BLE001
+            _log_failure(_kind(msg), exc)
+            return Message(Error(code=FAILED, reason=failed_reason(_kind(msg), exc)), reply_to=msg)
+        return handle(node)
+
     @capp.train()
     def _train(msg: Message, context: Context) -> Message:
         if is_secagg_fit(msg):  # SecAgg+ collect stage: same train(), the update goes out masked
-            return secagg_train(msg, spec(context), context, train)
-        return train(msg, spec(context))
+            return guarded(msg, context, lambda node: secagg_train(msg, node, context, train))
+        return guarded(msg, context, lambda node: train(msg, node))
 
     @capp.train(PERSONALISE_ACTION)
     def _personalise(msg: Message, context: Context) -> Message:
-        return personalise(msg, spec(context))
+        return guarded(msg, context, lambda node: personalise(msg, node))
 
     @capp.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return evaluate(msg, spec(context))
+        return guarded(msg, context, lambda node: evaluate(msg, node))
 
     return capp
 
@@ -176,12 +188,51 @@ def _audit_reply(spec, msg: Message, content: RecordDict | None, error: Error | 
     spec.audit("reply", **fields)
 
 
+def failed_reason(kind: str, exc: BaseException, spec=None) -> str:
+    """What the coordinator is told about a task that failed with ``exc``: never the error's message.
+
+    A message may quote the node's records (a data file's bad cell and its row, a library's
+    conversion error), its file paths or its configuration; only the node, the task and the
+    error's type leave. The node's own log has the cause (:func:`_log_failure`).
+
+    Parameters
+    ----------
+    kind : str
+        The message type ("train", "evaluate", "train.personalise").
+    exc : BaseException
+        What the task raised.
+    spec : clients.node.NodeSpec, optional
+        The node (names its department and site); None when the node could not be set up.
+
+    Returns
+    -------
+    str
+    """
+    who = f"{spec.department}/{spec.site}: " if spec is not None else ""
+    return (f"{who}the node could not complete this {kind} task ({type(exc).__name__}); the node's operator "
+            "finds the cause in the node's log")
+
+
+def _log_failure(kind: str, exc: BaseException) -> None:
+    """The node's own log: the cause (:func:`privacy.safe_cli.describe`), the traceback with ``CITYFED_DEBUG=1``."""
+    from flower_compat.logging import log
+    from privacy.safe_cli import DEBUG_ENV, describe
+
+    log(40, "cityfed: %s task failed: %s", kind, describe(exc),
+        exc_info=exc if os.environ.get(DEBUG_ENV) == "1" else None)
+
+
+def _kind(msg: Message) -> str:
+    return str(msg.metadata.message_type)
+
+
 def _answer(msg: Message, spec, work) -> Message:
     """Run ``work()`` (it returns the reply's RecordDict) and answer ``msg``; a refusal becomes an Error reply.
 
     The policy's refusals (:class:`~clients.node.JobRefused`) and a node without training data
-    (:class:`~clients.node.NoTrainingData`) are answered with their code and reason; either way
-    the reply is recorded in the node's audit log.
+    (:class:`~clients.node.NoTrainingData`) are answered with their code and reason. Any other
+    error is answered with :data:`FAILED` and :func:`failed_reason` (no message of the error
+    leaves; the node's log has it). Every reply is recorded in the node's audit log.
     """
     try:
         content = work()
@@ -189,6 +240,9 @@ def _answer(msg: Message, spec, work) -> Message:
         error = Error(code=REFUSED, reason=str(exc))
     except NoTrainingData as exc:
         error = Error(code=NO_DATA, reason=str(exc))
+    except Exception as exc:  # noqa: BLE001: the cause stays on the node, a fixed reason leaves
+        _log_failure(_kind(msg), exc)
+        error = Error(code=FAILED, reason=failed_reason(_kind(msg), exc, spec))
     else:
         _audit_reply(spec, msg, content)
         return Message(content, reply_to=msg)
