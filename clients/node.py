@@ -55,6 +55,56 @@ class JobRefused(Exception):
     """The node's policy refused the job; ``str(exc)`` is the reason sent to the coordinator."""
 
 
+#: The job config's numbers as the node accepts them: key -> (kind, lowest, lowest allowed itself).
+#: Every value is the coordinator's; the node checks each before using any (a NaN, a negative
+#: batch or an epsilon of 1e300 is refused, not trained with or calibrated for).
+JOB_NUMBERS: dict[str, tuple[type, float, bool]] = {
+    "server-round": (int, 0, True), "num-rounds": (int, 1, True), "local-epochs": (int, 1, True),
+    "batch-size": (int, 1, True), "seed": (int, 0, True), "personalise-epochs": (int, 0, True),
+    "personalise-batch-size": (int, 0, True), "personalise-own-batch-size": (int, 0, True),
+    "target-epsilon": (float, 0.0, False), "noise-multiplier": (float, 0.0, True), "clipping-norm": (float, 0.0, False),
+    "lr": (float, 0.0, False), "proximal-mu": (float, 0.0, True), "personalise-lr": (float, 0.0, False),
+    "personalise-own-lr": (float, 0.0, True), "personalise-mu": (float, 0.0, True), "max-update-norm": (float, 0.0, False),
+}
+
+
+def check_job_numbers(cfg: dict, spec: "NodeSpec") -> None:
+    """Refuse a job config whose numbers the node cannot honour (:data:`JOB_NUMBERS`).
+
+    Whole numbers must be whole (not a bool, not 2.5), real numbers finite, each at or above its
+    lowest value; ``target-epsilon`` at most the policy's lifetime ``max_epsilon`` (a larger
+    target can never be kept).
+
+    Parameters
+    ----------
+    cfg : dict
+        The message's job config (the coordinator's).
+    spec : NodeSpec
+        The node (its policy, and its name for the reason).
+
+    Raises
+    ------
+    JobRefused
+        Naming the key, the value sent and what the node accepts.
+    """
+    for key, (kind, lowest, inclusive) in JOB_NUMBERS.items():
+        if key not in cfg:
+            continue
+        raw = cfg[key]
+        ok = not isinstance(raw, bool) and isinstance(raw, (int, float))
+        if ok and kind is int:
+            ok = float(raw).is_integer()
+        if ok:
+            ok = math.isfinite(raw) and (raw >= lowest if inclusive else raw > lowest)
+        if not ok:
+            what = "a whole number" if kind is int else "a finite number"
+            bound = f"{'>=' if inclusive else '>'} {lowest:g}"
+            raise JobRefused(f"{spec.department}/{spec.site}: refused: job config {key} = {raw!r} is not {what} {bound}")
+    if "target-epsilon" in cfg and float(cfg["target-epsilon"]) > spec.policy.max_epsilon:
+        raise JobRefused(f"{spec.department}/{spec.site}: refused: job config target-epsilon = {cfg['target-epsilon']!r} "
+                         f"is above the policy's lifetime max_epsilon {spec.policy.max_epsilon:g} (it can never be kept)")
+
+
 @dataclass
 class NodeSpec:
     """Where a node's data, policy and ledger live."""
@@ -232,6 +282,7 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     """
     if spec.dropout_probability and random.Random(f"{cfg.get('run-id')}/{cfg.get('server-round')}/{spec.site}").random() < spec.dropout_probability:
         raise SimulatedFailure(f"{spec.site}: simulated node failure (dropout probability {spec.dropout_probability})")
+    check_job_numbers(cfg, spec)
     optimizer = str(cfg.get("optimizer", "adam"))
     if optimizer not in OPTIMIZERS:  # before the policy check: a job the node cannot run is neither audited nor accounted
         raise JobRefused(f"{spec.department}/{spec.site}: refused: job config optimizer {optimizer!r} is not one of "
@@ -333,6 +384,7 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
         Evaluation off, another department's or task's job, the per-run cap reached, or the
         budget spent.
     """
+    check_job_numbers(cfg, spec)
     rel = spec.policy.releases
     run_id, rnd = str(cfg.get("run-id", "")), int(cfg.get("server-round", 0))
 

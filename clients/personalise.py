@@ -292,8 +292,9 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
         Policy ``personalisation = false``, no epochs asked, the run's target already spent,
         or the policy's checks / lifetime budget refuse the release.
     """
-    from clients.node import JobRefused, NoTrainingData, _model_for, job_from_config, rounded_count
+    from clients.node import JobRefused, NoTrainingData, _model_for, check_job_numbers, job_from_config, rounded_count
 
+    check_job_numbers(cfg, spec)
     run_id, rnd = str(cfg.get("run-id", "")), int(cfg.get("server-round", 0))
 
     def refuse(reason: str) -> JobRefused:
