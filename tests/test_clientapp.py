@@ -254,3 +254,72 @@ def test_replayed_round_is_marked_and_paid_for_by_the_remaining_rounds(tmp_path)
         eps = rdp_epsilon(led.run_history("Cleveland", "r1"), DELTA)
         assert 2.95 <= eps <= 3.0 + 1e-9  # on target, never above
     assert replay_noise[0] == plain_noise[0] and replay_noise[-1] > plain_noise[-1]  # the replay costs later noise
+
+
+def test_a_failed_task_tells_the_coordinator_no_record_value_and_is_audited(tmp_path):
+    """A node whose data file went bad mid-run (re-exported after start-up) answers with a fixed reason.
+
+    The cause (a data error naming a column and a row) stays in the node's own log; what leaves
+    names only the node, the task and the error's type, and the audit log records the reply.
+    """
+    import csv
+    import json
+
+    from clients.app import FAILED
+
+    path = load_department("health").export(tmp_path / "heart.csv", sites=["Cleveland"])
+    rows = list(csv.DictReader(path.open()))
+    rows[16]["chol"] = "MARKER4711x"  # one bad cell, row 17
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    ctx, ledger = _node(tmp_path, releases='local_evaluation = "dp"')
+    ctx.node_config = {**dict(ctx.node_config), "data": str(path), "audit-log": str(tmp_path / "audit.jsonl")}
+    for kind in ("train", "evaluate"):
+        reply = app(_msg(kind=kind)[0], ctx)
+        assert reply.has_error() and reply.error.code == FAILED
+        reason = reply.error.reason
+        assert "health/Cleveland" in reason and "DataFileError" in reason and kind in reason
+        for leak in ("MARKER4711", "row", "chol", str(path), path.name):
+            assert leak not in reason, (leak, reason)
+    entries = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    replies = [e["data"] for e in entries if e["kind"] == "reply"]
+    assert [r["error_code"] for r in replies] == [FAILED, FAILED]
+    assert all("MARKER4711" not in json.dumps(e) for e in entries)
+    assert PrivacyLedger(ledger).releases("Cleveland") == []  # nothing was released
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("key,value", [
+    ("target-epsilon", float("nan")), ("target-epsilon", -1.0), ("target-epsilon", 1e300), ("target-epsilon", 0.0),
+    ("batch-size", 0), ("batch-size", -5), ("batch-size", 2.5), ("local-epochs", -1), ("local-epochs", True),
+    ("num-rounds", 0), ("server-round", -1), ("lr", float("inf")), ("clipping-norm", float("nan")),
+    ("proximal-mu", -0.1), ("personalise-epochs", -3), ("max-update-norm", 0.0),
+])
+def test_coordinator_numbers_the_node_cannot_honour_are_refused(tmp_path, key, value):
+    """A NaN, a negative batch or an epsilon of 1e300 is refused naming the key; nothing is released.
+
+    Before this check, target-epsilon = 1e300 hung the node in noise calibration, NaN was
+    calibrated for, and a negative count failed with a generic error.
+    """
+    ctx, ledger = _node(tmp_path, releases='local_evaluation = "dp"')
+    for kind in ("train", "evaluate"):
+        msg, _ = _msg(kind=kind, **{key: value})
+        if key == "target-epsilon":  # the node calibrates its noise for the target
+            del msg.content["config"]["noise-multiplier"]
+        reply = app(msg, ctx)
+        assert reply.has_error() and reply.error.code == REFUSED, reply.error
+        assert f"job config {key} = " in reply.error.reason
+    assert PrivacyLedger(ledger).releases("Cleveland") == []
+
+
+def test_a_target_epsilon_within_the_budget_is_calibrated_for(tmp_path):
+    ctx, ledger = _node(tmp_path)
+    msg, _ = _msg()
+    cfg = msg.content["config"]
+    del cfg["noise-multiplier"]
+    cfg["target-epsilon"], cfg["num-rounds"] = 3, 2  # an int epsilon is a number too
+    reply = app(msg, ctx)
+    assert not reply.has_error(), reply.error
+    assert 0 < PrivacyLedger(ledger).epsilon("Cleveland", DELTA) <= 3
