@@ -270,6 +270,10 @@ class Deadlines:
         self.rule = rule
         self.measured = measured if measured is not None else {}
         self.bounded = bounded
+        # kinds exchanged since this run (re)started: a resumed run is a new Flower run, whose nodes
+        # start its app again (tens of seconds), so its first exchange of each kind gets ``first``
+        # whatever the checkpointed history measured before the stop
+        self._since_start: set[str] = set()
 
     def deadline(self, kind: str) -> tuple[float | None, str]:
         """``(seconds or None, basis)`` for the next exchange of ``kind``; the basis explains the number."""
@@ -281,6 +285,9 @@ class Deadlines:
         recent = self.measured.get(kind)
         if not recent:
             return r.first, f"the {r.first:g} s allowed for a run's first {KIND_LABELS.get(kind, kind)} exchange"
+        if kind not in self._since_start:
+            return r.first, (f"the {r.first:g} s allowed for the first {KIND_LABELS.get(kind, kind)} exchange of a "
+                             "resumed run (its nodes start the run's app again)")
         m = max(reversed(recent), key=lambda x: float(x["seconds"]))  # the slowest; the latest of equals
         raw = r.factor * float(m["seconds"])
         basis = f"{r.factor:g} x round {m['round']}'s {_secs(float(m['seconds']))} s"
@@ -292,6 +299,7 @@ class Deadlines:
 
     def record(self, kind: str, rnd: int | None, seconds: float) -> None:
         """Note that an exchange of ``kind`` in round ``rnd`` had its slowest reply after ``seconds``."""
+        self._since_start.add(kind)
         recent = self.measured.setdefault(kind, [])
         recent.append({"round": rnd, "seconds": round(float(seconds), 3)})
         del recent[:-RECENT]

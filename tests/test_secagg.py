@@ -513,6 +513,29 @@ def test_node_answers_a_protocol_abort_with_a_readable_error_and_no_traceback(ca
     assert any("node 2" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
 
 
+def test_a_resumed_run_gives_each_kinds_first_exchange_the_first_deadline():
+    """After ``fl-server stop`` and ``--resume`` the nodes start the run's app again (tens of seconds).
+
+    The reply times measured before the stop (saved with the checkpoint) must not set the first
+    exchange of the resumed run: a SecAgg+ setup measured at 0.4 s got the 30 s floor and every
+    node was dropped while its worker restarted (docs/DEPLOYMENT.md walk, 2026-12-05).
+    """
+    from server.grid import Deadlines, RoundTimeout
+
+    saved = {"setup": [{"round": 3, "seconds": 0.4}], "train": [{"round": 3, "seconds": 8.4}]}
+    resumed = Deadlines(RoundTimeout.parse("auto"), saved)
+    for kind in ("setup", "train"):
+        seconds, basis = resumed.deadline(kind)
+        assert seconds == 600.0 and "resumed" in basis, basis
+    resumed.record("setup", 5, 27.0)  # the restart's cold exchange, then measured again as usual
+    assert resumed.deadline("setup") == (135.0, "5 x round 5's 27 s")
+    assert resumed.deadline("train")[0] == 600.0  # still the first train exchange since the resume
+    resumed.record("train", 5, 2.0)
+    assert resumed.deadline("train") == (42.0, "5 x round 3's 8.4 s")  # the saved history still counts
+    assert resumed.measured is saved  # kept in the run's history (checkpointed)
+    assert Deadlines(RoundTimeout.parse(45), saved).deadline("setup")[0] == 45.0  # a fixed timeout is fixed
+
+
 def test_deadline_rule_and_the_superlink_answering_for_a_dead_node():
     from types import SimpleNamespace as NS
 
@@ -562,7 +585,8 @@ def test_deadline_rule_and_the_superlink_answering_for_a_dead_node():
             return [ok, gone]
 
     wire = Wire()
-    deadlines = Deadlines(RoundTimeout.parse("auto"), {"train": [{"round": 1, "seconds": 8.4}]})
+    deadlines = Deadlines(RoundTimeout.parse("auto"))
+    deadlines.record("train", 1, 8.4)  # round 1 of this run took 8.4 s
     grid = DeadlineGrid(wire, deadlines)
     replies = grid.send_and_receive(sent, timeout=3600)
     assert wire.timeout == 42.0  # the caller's timeout is replaced by the measured deadline
