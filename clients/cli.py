@@ -2,15 +2,15 @@
 
 Start-up checks fail fast with exit status 2 and a message naming the file and the fix:
 node key, privacy policy, data file, ledger location, CA certificate, coordinator
-reachability (TCP) and the coordinator's certificate (TLS handshake against the CA, host
-name checked). Then ``flower-supernode`` runs under supervision: it is restarted with
+reachability (TCP; exit status 4 instead, since a coordinator that is down or not yet up is
+transient) and the coordinator's certificate (TLS handshake against the CA, host name checked). Then ``flower-supernode`` runs under supervision: it is restarted with
 exponential backoff when it exits (e.g. the connection dropped for longer than
 ``--reconnect-window``), at most ``--max-restarts`` times in a row; SIGTERM/SIGINT are
 forwarded to it.
 
 Exit codes: 0 stopped by SIGTERM/SIGINT (or ``--check`` passed), 1 gave up after
 ``--max-restarts``, 2 bad start-up input, 3 the coordinator refused this node's key
-(not registered, or unregistered).
+(not registered, or unregistered), 4 the coordinator was not reachable at start-up (restart later).
 
 Sub-commands (``fl-client app ...``, ``fl-client audit ...``): the department's approvals of
 app bundles the coordinator ships (:mod:`clients.pinning`: ``review``, ``approve``,
@@ -49,10 +49,33 @@ NODE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "CITYFED_NODE_POLL_S": "
             "FLWR_TELEMETRY_ENABLED": "0"}
 
 EXIT_OK, EXIT_GAVE_UP, EXIT_SETUP, EXIT_REFUSED = 0, 1, 2, 3
+#: Exit status when the coordinator cannot be reached at start-up: transient (down, not yet up,
+#: network), so a service manager should restart the node (not in RestartPreventExitStatus).
+EXIT_UNREACHABLE = 4
 
 
 class SetupError(Exception):
     """A start-up problem: the message names the file or option and the fix (exit status 2)."""
+
+
+class CoordinatorUnreachable(SetupError):
+    """The coordinator's address does not answer (exit status 4: restart later, no person needed)."""
+
+
+def check_site_name(site: str) -> None:
+    """Refuse a ``--site`` that is not a plain name: it names the node's state folder and ledger key.
+
+    Raises
+    ------
+    SetupError
+        For a path separator, a control character, ``.`` or ``..``, or more than 100 characters.
+    """
+    bad = ("/" in site or "\\" in site or site.strip() in ("", ".", "..") or len(site) > 100
+           or any(ord(c) < 32 or ord(c) == 127 for c in site))
+    if bad:
+        raise SetupError(f"--site {ascii(site[:60])}: not a site name (it becomes a folder name under the state dir "
+                         "and the ledger's key, so no path separator, no control character, not '.' or '..', at most "
+                         "100 characters); fix: pass the site as the data file names it, e.g. --site Cleveland")
 
 
 # --------------------------------------------------------------------------- checks
@@ -392,9 +415,10 @@ def check_coordinator(host: str, port: int, ctx: ssl.SSLContext, ca: Path, timeo
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
-        raise SetupError(f"--coordinator {host}:{port}: not reachable ({exc.strerror or exc}, timeout {timeout:g} s); "
-                         "fix: check the address, that `fl-server start` is running there, and that the firewall "
-                         "lets this machine reach the port") from None
+        raise CoordinatorUnreachable(
+            f"--coordinator {host}:{port}: not reachable ({exc.strerror or exc}, timeout {timeout:g} s); fix: check the "
+            "address, that `fl-server start` is running there, and that the firewall lets this machine reach the port "
+            f"(exit status {EXIT_UNREACHABLE}: a service manager may restart the node until the coordinator is up)") from None
     try:
         with ctx.wrap_socket(sock, server_hostname=host) as tls:
             tls.getpeercert()
@@ -904,6 +928,11 @@ def fl_client(
             param = next(p for p in ctx.command.params if p.name == name)
             raise click.MissingParameter(ctx=ctx, param=param)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        check_site_name(site)
+    except SetupError as exc:
+        err.print(f"[bold red]fl-client: cannot start:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_SETUP) from None
     home = Path(state_dir or default_state_dir(department, site)).expanduser().resolve()
     ledger_path = Path(ledger or home / "ledger.sqlite").expanduser().resolve()
     try:
@@ -917,7 +946,7 @@ def fl_client(
         check_coordinator(host, port, ctx_tls, ca, connect_timeout)
     except SetupError as exc:
         err.print(f"[bold red]fl-client: cannot start:[/] {escape(str(exc))}")
-        raise typer.Exit(EXIT_SETUP) from None
+        raise typer.Exit(EXIT_UNREACHABLE if isinstance(exc, CoordinatorUnreachable) else EXIT_SETUP) from None
     for note in report.warnings:
         err.print(f"[yellow]data warning:[/] {escape(note)}")
     err.print(escape(report.summary()))
