@@ -686,6 +686,10 @@ def load_public_key(path: Path) -> PublicKeyInfo:
     """
     path = Path(path).expanduser()
     data = _read(path, "public key", "pass the node.pub written by `fl-pki node-key`")
+    if b"PRIVATE KEY" in data:
+        raise PKIError(f"{path}: is a private key (node.key), which must never leave the department's machine; fix: hand "
+                       "over node.pub instead. As this private key has now been copied, make a new key on the department's "
+                       "machine (`fl-pki node-key ... --force`) and register that node.pub")
     lines = [ln for ln in data.decode("utf-8", "replace").splitlines() if ln.strip() and not ln.startswith("#")]
     if len(lines) != 1:
         raise PKIError(f"{path}: expected exactly one OpenSSH public key line, found {len(lines)}; fix: hand over the node.pub from `fl-pki node-key`")

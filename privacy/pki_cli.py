@@ -138,6 +138,10 @@ def server_cert_cmd(
     c.print(f"  SANs        : {escape(', '.join(info.sans))}")
     c.print(f"  private key : {escape(str(key_path))}  (0600)")
     c.print(f"  certificate : {escape(str(cert_path))}  (0644)")
+    if not any(s.strip() in ("IP:127.0.0.1", "127.0.0.1") for s in info.sans):
+        _err().print("[yellow]note:[/] no 127.0.0.1 SAN: `fl-server start` refuses this certificate, because the "
+                     "fl-server commands on the coordinator dial 127.0.0.1. Fix: issue it again with --force and "
+                     "--san 127.0.0.1 next to the other names")
     c.print(f"Check it with: fl-pki verify --ca {escape(str(Path(ca_dir) / pki.CA_CERT))} --cert {escape(str(cert_path))}")
 
 

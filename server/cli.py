@@ -1027,9 +1027,9 @@ def start_cmd(
             try:
                 pki.verify_server_cert(ca, cert, admin)
             except pki.PKIError:
-                _err().print(f"[yellow]warning:[/] {escape(str(cert))} does not cover {admin}; the fl-server "
-                             f"commands on this machine dial {admin} and will fail TLS. Fix: reissue with "
-                             f"`fl-pki server-cert ... --san {admin}`")
+                raise CliError(f"--cert {cert} does not cover {admin}: the fl-server commands on this machine (register, "
+                               f"run, nodes, stop) dial {admin} and would fail TLS. Fix: reissue it with `fl-pki "
+                               f"server-cert ... --san {admin}` next to the names departments dial") from None
         sd.mkdir(parents=True, exist_ok=True, mode=0o700)
         superlink_home(sd).mkdir(parents=True, exist_ok=True, mode=0o700)
         address = _admin_address(host, port)
@@ -1558,6 +1558,12 @@ def run_cmd(
                         "needs each node's individual update; fix: -c strategy=fedavg, or --no-secagg to send "
                         "individual updates to the coordinator)")
             raise CliError(msg) from None
+        if resume:
+            done, planned = _checkpoint_round(folder), int(checked["num-rounds"])
+            if done >= planned:
+                raise CliError(f"run {resume} already completed all {planned} rounds (its checkpoint is after round "
+                               f"{done}); nothing to resume. Fix: continue it with more rounds (--resume {resume} "
+                               f"--rounds {done + 1} or more), or start a new run")
         if not (Path(app_dir) / "pyproject.toml").exists():
             raise CliError(f"--app {app_dir}: no pyproject.toml; fix: pass the cityfed project folder")
         folder.mkdir(parents=True, exist_ok=True)
@@ -1697,7 +1703,17 @@ def stop_run(state_dir: Path, runs: Path, run: str, **audit_fields) -> str:
         Unknown run, or ``flwr stop`` failed.
     """
     rid = _flwr_run_id(runs, run)
-    flwr(state_dir, "stop", rid, CONNECTION, json_out=True)
+    try:
+        flwr(state_dir, "stop", rid, CONNECTION, json_out=True)
+    except CliError:
+        try:
+            status = control_run_status(state_dir, rid)["status"]
+        except CliError:
+            status = ""
+        if status.startswith("finished"):
+            raise CliError(f"run {run} (Flower run {rid}) has already finished ({status}); nothing to stop. Its results: "
+                           "`fl-server runs`, and results.json in its run folder", 2) from None
+        raise
     record(state_dir, "stop", argv=list(sys.argv), **{"run-id": rid}, **audit_fields)
     return rid
 

@@ -324,9 +324,10 @@ def make_app(state_dir: Path, runs_dir: Path, *, token: str, refresh: int = 10, 
         try:
             rid = cli.stop_run(src.state_dir, src.runs_dir, folder, via="console",
                                client=request.client.host if request.client else None)
-        except cli.CliError as exc:
+        except cli.CliError as exc:  # 409: the run had already finished (exc.code 2); 502: the coordinator failed
             return HTMLResponse(pages.page("stop failed", f"<h1>Run {esc(folder)} not stopped</h1>{_error(str(exc))}"
-                                           f'<p><a href="/runs/{esc(folder)}">back to the run</a></p>'), status_code=502)
+                                           f'<p><a href="/runs/{esc(folder)}">back to the run</a></p>'),
+                                status_code=409 if exc.code == 2 else 502)
         log.warning("console: run %s (%s) stopped by an operator from %s", rid, folder,
                     request.client.host if request.client else "?")
         th = threading.Thread(target=cli._stopped_results, args=(src.state_dir, src.runs_dir, rid, stop_wait),
