@@ -329,8 +329,27 @@ def test_fl_client_unreachable_coordinator(pki_files, tmp_path):
     s.close()  # nothing listens there now
     t0 = time.monotonic()
     code, text = run_client(client_args(pki_files, tmp_path, port))
-    assert code == 2 and f"127.0.0.1:{port}" in text and "not reachable" in text
+    # not a bad set-up (exit 2, which the documented systemd unit does not restart): a coordinator
+    # that is down or not yet up is transient, so a node booted before it is restarted until it is up
+    assert code == client_cli.EXIT_UNREACHABLE == 4
+    assert f"127.0.0.1:{port}" in text and "not reachable" in text and "restart" in text
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("site", ["../../escaped", "a/b", "..", "x\\y", "bad\x00name"])
+def test_fl_client_site_that_is_not_a_name_is_refused_before_anything_is_written(pki_files, tmp_path, monkeypatch, site):
+    """``--site`` names the node's state folder (~/.cityfed/node-<dept>-<site>) and its ledger key."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    args = client_args(pki_files, tmp_path, 1)
+    args = [a for a in args]
+    i = args.index("--site")
+    args[i + 1] = site
+    if "--state-dir" in args:  # the default state dir is where a traversal would land
+        j = args.index("--state-dir")
+        del args[j:j + 2]
+    code, text = run_client(args)
+    assert code == 2 and "--site" in text and "path" in text
+    assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("*"))
 
 
 def test_fl_client_wrong_ca(pki_files, tls_server, tmp_path):
@@ -1170,3 +1189,80 @@ def test_a_run_that_stops_on_too_few_updates_gets_results_and_report(tmp_path):
     page = (run_dir / "report.html").read_text()
     assert (run_dir / "metric.png").exists() and (run_dir / "epsilon.png").exists()
     assert "stopped:" in page and json.loads((run_dir / "results.json").read_text())["status"] == res["status"]
+
+
+def test_fl_server_run_resume_of_a_run_that_completed_every_round_is_refused(pki_files, tmp_path, monkeypatch):
+    """``--resume`` of a finished run used to launch a new, empty Flower run and mark the old one resumed."""
+    import numpy as np
+
+    from server.artefacts import write_checkpoint
+
+    sd, launched = _fake_coordinator(pki_files, tmp_path, monkeypatch)
+    res = runner.invoke(server_cli.app, ["run", "--department", "health", "--state-dir", str(sd), "--name", "done",
+                                         "--rounds", "2"])
+    assert res.exit_code == 0, res.output
+    folder = sd / "runs" / "done"
+    blob = {"run_id": "1", "round": 2, "arrays": {"w": np.zeros(2, np.float32)}, "strategy_state": {}, "history": {}}
+    write_checkpoint(folder / "checkpoint.safetensors", blob)
+    before = (folder / "launch.json").read_text()
+    res = runner.invoke(server_cli.app, ["run", "--resume", "done", "--state-dir", str(sd)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "completed all 2 rounds" in text and "--rounds" in text, text
+    assert len(launched) == 1 and (folder / "launch.json").read_text() == before  # nothing launched, nothing marked
+    # more rounds: the run is continued
+    res = runner.invoke(server_cli.app, ["run", "--resume", "done", "--rounds", "3", "--state-dir", str(sd)])
+    assert res.exit_code == 0, res.output
+    assert launched[-1]["resume"] is True and launched[-1]["num-rounds"] == 3
+    # a run stopped after round 1 of 2 is resumed as before
+    write_checkpoint(folder / "checkpoint.safetensors", {**blob, "round": 1})
+    res = runner.invoke(server_cli.app, ["run", "--resume", "done", "--rounds", "2", "--state-dir", str(sd)])
+    assert res.exit_code == 0, res.output
+
+
+def test_fl_server_stop_of_a_finished_run_says_so(pki_files, monkeypatch, tmp_path):
+    """Flower's raw "[code: 18] Run is already finished" became: the run finished, nothing to stop."""
+    sd = tmp_path / "state"
+    server_cli.write_connection(sd, "127.0.0.1:1", pki_files / "ca" / "ca.crt", insecure=False)
+    (sd / "coordinator.json").write_text(json.dumps({"address": "127.0.0.1:1"}))
+    folder = sd / "runs" / "health-done"
+    folder.mkdir(parents=True)
+    (folder / "launch.json").write_text(json.dumps({"run-ids": ["7"], "config": {"department": "health", "num-rounds": 2}}))
+
+    def flwr_stop(sd_, *args, **kw):
+        raise server_cli.CliError("`flwr stop 7 cityfed` failed: ... [code: 18] Run is already finished.", 1)
+
+    monkeypatch.setattr(server_cli, "flwr", flwr_stop)
+    monkeypatch.setattr(server_cli, "control_run_status", lambda sd_, rid, timeout=10.0: {"status": "finished:completed",
+                                                                                        "details": ""})
+    res = runner.invoke(server_cli.app, ["stop", "health-done", "--state-dir", str(sd)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "already finished (finished:completed)" in text and "nothing to stop" in text, text
+    assert "code: 18" not in text
+    assert not (folder / "results.json").exists()  # nothing rewritten as "stopped by operator"
+    # any other failure of flwr stop is reported as before
+    monkeypatch.setattr(server_cli, "control_run_status", lambda sd_, rid, timeout=10.0: {"status": "running",
+                                                                                        "details": ""})
+    res = runner.invoke(server_cli.app, ["stop", "health-done", "--state-dir", str(sd)])
+    assert res.exit_code == 1 and "code: 18" in " ".join(res.output.split())
+
+
+def test_fl_server_start_refuses_a_cert_its_own_commands_cannot_dial(pki_files, tmp_path):
+    """A certificate without 127.0.0.1 used to start with a warning; every fl-server command then failed TLS."""
+    pki.issue_server_cert(pki_files / "ca", tmp_path / "named", ["coord.city.example"])
+    res = runner.invoke(server_cli.app, ["start", "--ca", str(pki_files / "ca" / "ca.crt"),
+                                         "--cert", str(tmp_path / "named" / "server.crt"),
+                                         "--key", str(tmp_path / "named" / "server.key"), "--state-dir", str(tmp_path / "sd"),
+                                         "--port", "1"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "does not cover 127.0.0.1" in text and "--san 127.0.0.1" in text, text
+    assert not (tmp_path / "sd" / "coordinator.json").exists()
+
+
+def test_fl_server_register_names_a_private_key_handed_over_by_mistake(pki_files, tmp_path):
+    sd = tmp_path / "state"
+    server_cli.write_connection(sd, "127.0.0.1:1", pki_files / "ca" / "ca.crt", insecure=False)
+    (sd / "coordinator.json").write_text(json.dumps({"address": "127.0.0.1:1"}))
+    res = runner.invoke(server_cli.app, ["register", str(pki_files / "node" / "node.key"), "--state-dir", str(sd)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "private key" in text and "node.pub" in text and "new key" in text, text
+    assert "PRIVATE KEY-----" not in text

@@ -523,3 +523,12 @@ def test_help_answers_the_operators_questions(command, phrases):
     assert result.exit_code == 0
     for phrase in phrases:
         assert phrase in result.output, phrase
+
+
+def test_server_cert_without_loopback_san_says_fl_server_start_will_refuse_it(city, tmp_path):
+    result = _invoke("server-cert", "--ca-dir", city["ca"], "--out", tmp_path / "named", "--san", "coord.city.example")
+    assert result.exit_code == 0, result.output
+    assert "no 127.0.0.1 SAN" in " ".join(result.output.split())
+    result = _invoke("server-cert", "--ca-dir", city["ca"], "--out", tmp_path / "both", "--san", "127.0.0.1",
+                     "--san", "coord.city.example")
+    assert result.exit_code == 0 and "127.0.0.1 SAN" not in result.output
