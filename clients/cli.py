@@ -37,6 +37,7 @@ from typing import Annotated, Callable, Optional
 import click
 import typer
 from rich.console import Console
+from privacy.safe_cli import make_console
 from rich.markup import escape
 from typer.core import TyperGroup
 
@@ -927,7 +928,7 @@ def fl_client(
         if ctx.params.get(name) is None:
             param = next(p for p in ctx.command.params if p.name == name)
             raise click.MissingParameter(ctx=ctx, param=param)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err = make_console(stderr=True)
     try:
         check_site_name(site)
     except SetupError as exc:
@@ -1021,11 +1022,11 @@ def node_key(home: Path, key: Path | None = None) -> Path | None:
 
 
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    return make_console()
 
 
 def _err() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return make_console(stderr=True)
 
 
 class _Errors:

@@ -20,6 +20,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from privacy.safe_cli import make_console
 from rich.markup import escape
 from rich.table import Table
 
@@ -32,11 +33,11 @@ SUMMARY_CHARS = 100
 
 
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    return make_console()
 
 
 def _err() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return make_console(stderr=True)
 
 
 @contextmanager

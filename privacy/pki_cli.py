@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from privacy.safe_cli import make_console
 from rich.markup import escape
 from rich.table import Table
 
@@ -48,11 +49,11 @@ def _command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
 
 
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    return make_console()
 
 
 def _err() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return make_console(stderr=True)
 
 
 @contextmanager

@@ -27,6 +27,32 @@ OWN_PACKAGES = ("clients", "server", "privacy", "shared_models", "simulations", 
 #: Exit status after an unexpected error.
 EXIT_ERROR = 1
 
+#: Columns a console writes when its output is not a terminal (a log, a pipe, systemd's journal)
+#: and ``COLUMNS`` is not set: rich's default of 80 split node fingerprints and site names over
+#: several lines, which breaks grep and copy-paste.
+PIPE_WIDTH = 200
+
+
+def make_console(stderr: bool = False, **kwargs) -> "Console":
+    """A rich console for a CLI's output: no highlighting, soft wrap, :data:`PIPE_WIDTH` columns off a terminal.
+
+    Parameters
+    ----------
+    stderr : bool
+        Write to standard error instead of standard output.
+    **kwargs
+        Other :class:`rich.console.Console` arguments (they win).
+
+    Returns
+    -------
+    rich.console.Console
+    """
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if os.environ.get("COLUMNS") or (hasattr(stream, "isatty") and stream.isatty()) else PIPE_WIDTH
+    return Console(**{"stderr": stderr, "highlight": False, "soft_wrap": True, "width": width, **kwargs})
+
 
 def _own(exc: BaseException) -> bool:
     return type(exc).__module__.split(".", 1)[0] in OWN_PACKAGES

@@ -46,6 +46,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from privacy.safe_cli import make_console
 from rich.markup import escape
 from rich.table import Table
 
@@ -91,11 +92,11 @@ def _command(name: str, hidden: bool = False) -> Callable[[Callable[..., None]],
 
 
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    return make_console()
 
 
 def _err() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return make_console(stderr=True)
 
 
 def _print_rows(title: str, cols: tuple[str, ...], rows: list[dict], as_json: bool) -> None:

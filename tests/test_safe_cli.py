@@ -99,3 +99,24 @@ def test_own_packages_are_every_package_the_project_ships():
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     shipped = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert shipped == set(OWN_PACKAGES)
+
+
+def test_cli_output_off_a_terminal_is_not_wrapped_at_80_columns(tmp_path):
+    """``fl-server nodes > file`` split each fingerprint over 7 lines and statuses as 'register'/'ed'."""
+    import json
+    import subprocess
+    import sys
+
+    sd = tmp_path / "state"
+    sd.mkdir()
+    (sd / "nodes.json").write_text(json.dumps({"4242424242424242424": {"name": "health-VA Long Beach",
+                                                                       "fingerprint": "SHA256:" + "A" * 43}}))
+    code = ("import sys; from server import cli; "
+            "cli.flwr = lambda sd, *a, **k: {'success': True, 'nodes': [{'node-id': '4242424242424242424', "
+            "'status': 'registered', 'online-at': 'N/A', 'offline-at': 'N/A'}]}; "
+            "sys.argv = ['fl-server', 'nodes', '--state-dir', sys.argv[1]]; cli.main()")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "COLUMNS"}
+    out = subprocess.run([sys.executable, "-c", code, str(sd)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any("SHA256:" + "A" * 43 in ln and "health-VA Long Beach" in ln and "registered" in ln for ln in lines), out.stdout
