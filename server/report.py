@@ -710,6 +710,11 @@ def _site_rows(results: dict, ctx: dict) -> dict[str, dict]:
         for name, m in _dict(e.get("central-sites")).items():
             if isinstance(m, dict):
                 sites.setdefault(name, {})["central"] = m
+    # on-site personalisation after the last round: its reply carries the node's lifetime epsilon then
+    for node, m in _dict(_dict(results.get("personalise")).get("nodes")).items():
+        if isinstance(m, dict) and _is_num(m.get("epsilon")):
+            s = sites.setdefault(names.get(str(node), f"node {node}"), {"node": str(node)})
+            s["epsilon"] = max(float(m["epsilon"]), s.get("epsilon", float("-inf")))
     for name, m in _dict(_dict(results.get("initial")).get("central-sites")).items():
         if isinstance(m, dict):
             sites.setdefault(name, {})["initial"] = m

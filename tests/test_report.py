@@ -285,3 +285,24 @@ def test_a_report_failure_is_logged_and_never_raised(tmp_path, caplog):
     assert any("report.html not written" in r.message for r in caplog.records)
     (tmp_path / "results.json").write_text(json.dumps(sim_results()))
     assert R.write_report_safely(tmp_path, SITES, "accuracy") == tmp_path / "report.html"
+
+
+def test_audit_counts_the_personalisation_the_node_reported_last():
+    """A personalised DP run: the node's last reported epsilon is its personalise reply's, which the ledger holds.
+
+    The audit compared the ledger (2.999 after the personalisation) with the last round's epsilon
+    (2.01) and flagged every site of ``fl-sim run --personalise-epochs 30`` (README walk, 2026-12-05).
+    """
+    res = sim_results()
+    res["personalise"] = {"asked": 2, "refused": [], "nodes": {"11": {"num-examples": 203, "epsilon": 2.9999,
+                                                                      "noise-multiplier": 4.8, "steps": 120,
+                                                                      "partition-id": 0}}}
+    ledgers = {"Cleveland": {"delta": 4.926e-4, "deltas": [4.926e-4], "accountant": ["rdp"], "run-epsilon": 2.9999,
+                             "lifetime-epsilon": 2.9999, "aborted": 0, "other-runs": 0,
+                             "mechanisms": {"dp-sgd": {"releases": 2, "steps": 14, "noise": (1.25, 1.3),
+                                                       "sample-rate": [0.1429], "replays": 0, "epsilon": 2.0},
+                                            "personalisation": {"releases": 1, "steps": 120, "noise": (4.8, 4.8),
+                                                                "sample-rate": [0.25], "replays": 0, "epsilon": 2.5}}}}
+    page = R.render_run_page(res, SITES, "accuracy", plots={}, ledgers=ledgers)
+    text = " ".join(visible_text(page).split())
+    assert "ledger matches the reported ε" in text and "differs from the reported" not in text, text
