@@ -32,7 +32,7 @@ flwr-run: install
 	N=$$($(BIN)/python -c "from citydata import load_department; print(len(load_department('$(DEPT)').sites))") && \
 	PATH="$(CURDIR)/$(BIN):$$PATH" FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 \
 	FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 $(BIN)/flwr run . local --stream \
-	--federation-config "num-supernodes=$$N" --run-config "department='$(DEPT)' run-dir='$(CURDIR)/runs/flwr-$(DEPT)-$(shell date +%Y%m%d-%H%M%S)'"
+	--federation-config "num-supernodes=$$N" --run-config "department='$(DEPT)' central-data='bundled' run-dir='$(CURDIR)/runs/flwr-$(DEPT)-$(shell date +%Y%m%d-%H%M%S)'"
 
 baselines: install
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/fl-sim baselines --department all --epsilon 3 --out runs/baselines
