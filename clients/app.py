@@ -78,7 +78,8 @@ def build_client_app(defaults: dict | None = None) -> ClientApp:
     @capp.train()
     def _train(msg: Message, context: Context) -> Message:
         if is_secagg_fit(msg):  # SecAgg+ collect stage: same train(), the update goes out masked
-            return guarded(msg, context, lambda node: secagg_train(msg, node, context, train))
+            return guarded(msg, context, lambda node: secagg_train(msg, node, context, lambda m, n: train(m, n, audit=False),
+                                                                 audit=lambda **f: node.audit("reply", **f)))
         return guarded(msg, context, lambda node: train(msg, node))
 
     @capp.train(PERSONALISE_ACTION)
@@ -226,13 +227,14 @@ def _kind(msg: Message) -> str:
     return str(msg.metadata.message_type)
 
 
-def _answer(msg: Message, spec, work) -> Message:
+def _answer(msg: Message, spec, work, audit: bool = True) -> Message:
     """Run ``work()`` (it returns the reply's RecordDict) and answer ``msg``; a refusal becomes an Error reply.
 
     The policy's refusals (:class:`~clients.node.JobRefused`) and a node without training data
     (:class:`~clients.node.NoTrainingData`) are answered with their code and reason. Any other
     error is answered with :data:`FAILED` and :func:`failed_reason` (no message of the error
-    leaves; the node's log has it). Every reply is recorded in the node's audit log.
+    leaves; the node's log has it). Every reply is recorded in the node's audit log, unless
+    ``audit`` is False: the caller sends something else and records that (SecAgg+: the masked update).
     """
     try:
         content = work()
@@ -244,14 +246,20 @@ def _answer(msg: Message, spec, work) -> Message:
         _log_failure(_kind(msg), exc)
         error = Error(code=FAILED, reason=failed_reason(_kind(msg), exc, spec))
     else:
-        _audit_reply(spec, msg, content)
+        if audit:
+            _audit_reply(spec, msg, content)
         return Message(content, reply_to=msg)
-    _audit_reply(spec, msg, None, error)
+    if audit:
+        _audit_reply(spec, msg, None, error)
     return Message(error, reply_to=msg)
 
 
-def train(msg: Message, spec) -> Message:
-    """Local DP-SGD on the node's own data, under its own policy and ledger."""
+def train(msg: Message, spec, audit: bool = True) -> Message:
+    """Local DP-SGD on the node's own data, under its own policy and ledger.
+
+    ``audit=False``: the reply is not what leaves (SecAgg+ masks it; :func:`clients.secagg.secagg_train`
+    records the reply it sends).
+    """
 
     def work() -> RecordDict:
         with _compute_timer("train"), EnergyMeter() as energy:
@@ -260,7 +268,7 @@ def train(msg: Message, spec) -> Message:
         return RecordDict({ARRAYS: ArrayRecord(new_state),
                            METRICS: whitelisted({**metrics, **energy.metrics()}, TRAIN_METRICS)})
 
-    return _answer(msg, spec, work)
+    return _answer(msg, spec, work, audit=audit)
 
 
 def personalise(msg: Message, spec) -> Message:

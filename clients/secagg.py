@@ -152,7 +152,8 @@ def bound_update(update: list[np.ndarray], max_norm: float, coord_bound: float) 
     return ([u * scale for u in update] if scale < 1.0 else update), scale
 
 
-def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message, object], Message]) -> Message:
+def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message, object], Message],
+                 audit: Callable[..., None] | None = None) -> Message:
     """Train handler for SecAgg+'s collect stage: legacy ``FitIns`` in, update as ``FitRes`` out.
 
     Parameters
@@ -165,7 +166,11 @@ def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message,
         The node's context; ``secaggplus_mod`` stored the round's ``clipping_range`` and
         ``max_weight`` in it at the setup stage.
     train : callable
-        :func:`clients.app.train` (plain train message in, reply or refusal out).
+        :func:`clients.app.train` (plain train message in, reply or refusal out; it does not audit).
+    audit : callable, optional
+        ``audit(**fields)`` records the reply that leaves in the node's audit log: the update's
+        names and shapes (masked by ``secaggplus_mod`` after this returns) and the metric keys, or
+        the error's code and reason.
 
     Returns
     -------
@@ -176,6 +181,18 @@ def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message,
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     cfg = dict(fitins.config)
     names = str(cfg.pop(PARAM_NAMES_KEY)).split("\n")
+
+    def leave(reply: Message, **what) -> Message:
+        if audit is not None:
+            fields = {"run": str(cfg.get("run-id", "")), "round": int(cfg.get("server-round", 0) or 0),
+                      "message": "train (SecAgg+ collect)"}
+            if reply.has_error():
+                fields.update(error_code=int(reply.error.code), reason=str(reply.error.reason))
+            else:
+                fields.update(what)
+            audit(**fields)
+        return reply
+
     arrays = parameters_to_ndarrays(fitins.parameters)
     global_state = {n: torch.from_numpy(np.array(a, copy=True)) for n, a in zip(names, arrays, strict=True)}
     # same metadata as the received message: a node process has no task identity to create a new one
@@ -183,13 +200,13 @@ def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message,
                     metadata=msg.metadata)
     reply = train(plain, spec)
     if reply.has_error():
-        return Message(reply.error, reply_to=msg)
+        return leave(Message(reply.error, reply_to=msg))
     new_state = reply.content["arrays"].to_torch_state_dict()
     metrics = dict(reply.content["metrics"])
     update = [(new_state[n].double() - global_state[n].double()).numpy() for n in names]
     if not all(np.isfinite(u).all() for u in update):
-        return Message(Error(code=INVALID_UPDATE, reason=f"{spec.department}/{spec.site}: update not finite; not sent"),
-                       reply_to=msg)
+        return leave(Message(Error(code=INVALID_UPDATE, reason=f"{spec.department}/{spec.site}: update not finite; "
+                                   "not sent"), reply_to=msg))
     sa = context.state.config_records.get(RECORD_KEY_STATE, {})
     clip, max_weight = float(sa.get("clipping_range", 0.0)), float(sa.get("max_weight", 0.0))
     n = max(1, int(metrics["num-examples"]))
@@ -203,8 +220,8 @@ def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message,
         except ClippingRefused as exc:
             from clients.clipping import BAD_CLIPPING_NORM
 
-            return Message(Error(code=BAD_CLIPPING_NORM, reason=f"{spec.department}/{spec.site}: refused: {exc}"),
-                           reply_to=msg)
+            return leave(Message(Error(code=BAD_CLIPPING_NORM, reason=f"{spec.department}/{spec.site}: refused: {exc}"),
+                                 reply_to=msg))
         max_norm = min(max_norm, central[1])
         n = int(max_weight) if max_weight >= 1 else 1
     # secaggplus_mod clips each coordinate of update * n / max_weight to +-clip: stay inside it
@@ -220,4 +237,6 @@ def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message,
         from clients.clipping import record_participation
 
         record_participation(spec, {**cfg, "server-round": cfg.get("server-round", 0)}, *central)
-    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+    return leave(Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg),
+                 arrays=[{"name": k, "shape": list(u.shape), "masked": True} for k, u in zip(names, update)],
+                 metrics=sorted(metrics), update_scale=float(scale))
