@@ -323,3 +323,40 @@ def test_a_target_epsilon_within_the_budget_is_calibrated_for(tmp_path):
     reply = app(msg, ctx)
     assert not reply.has_error(), reply.error
     assert 0 < PrivacyLedger(ledger).epsilon("Cleveland", DELTA) <= 3
+
+
+def test_secagg_reply_is_audited_as_the_masked_update_that_leaves(tmp_path):
+    """Under SecAgg+ the audit log recorded the plain reply's model arrays: what leaves is the masked update."""
+    import json
+
+    from flwr.common import FitIns, ndarrays_to_parameters
+
+    from contract.keys import PARAM_NAMES_KEY
+    from flower_compat.secagg import recorddict_compat as compat
+
+    ctx, ledger = _node(tmp_path)
+    ctx.node_config = {**dict(ctx.node_config), "audit-log": str(tmp_path / "audit.jsonl")}
+    plain, model = _msg()
+    cfg = {**dict(plain.content["config"]), PARAM_NAMES_KEY: "\n".join(model.state_dict())}
+    arrays = [v.numpy() for v in model.state_dict().values()]
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(arrays), cfg), keep_input=True)
+    reply = app(Message(content, dst_node_id=1, message_type="train"), ctx)
+    assert not reply.has_error()
+    entries = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    replies = [e["data"] for e in entries if e["kind"] == "reply"]
+    assert len(replies) == 1, replies  # one entry per reply that leaves, not the inner plain one too
+    r = replies[0]
+    assert r["message"] == "train (SecAgg+ collect)" and r["run"] == "r1" and r["round"] == 1
+    assert {a["name"] for a in r["arrays"]} == set(model.state_dict()) and all(a["masked"] for a in r["arrays"])
+    assert r["metrics"] == sorted(dict(compat.recorddict_to_fitres(reply.content, keep_input=True).metrics))
+    # a refusal inside the protocol: one entry, with the error, no arrays
+    (tmp_path / "b").mkdir()
+    ctx2, _ = _node(tmp_path / "b")
+    ctx2.node_config = {**dict(ctx2.node_config), "audit-log": str(tmp_path / "b" / "audit.jsonl")}
+    weak = {**cfg, "noise-multiplier": 0.1}
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(arrays), weak), keep_input=True)
+    reply = app(Message(content, dst_node_id=1, message_type="train"), ctx2)
+    assert reply.has_error() and reply.error.code == REFUSED
+    entries = [json.loads(line) for line in (tmp_path / "b" / "audit.jsonl").read_text().splitlines()]
+    replies = [e["data"] for e in entries if e["kind"] == "reply"]
+    assert len(replies) == 1 and replies[0]["error_code"] == REFUSED and "arrays" not in replies[0]
