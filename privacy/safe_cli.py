@@ -86,6 +86,29 @@ def _where(frame: traceback.FrameSummary) -> str:
     return f"{frame.filename}:{frame.lineno} ({frame.name})"
 
 
+def _plain_warnings(prog: str) -> None:
+    """Print each distinct warning once, as ``prog: warning: Category: message``.
+
+    Python's default shows the file, line number and source line of the ``warnings.warn`` call
+    (``clients/node.py:91: DataQualityWarning: ... return ds, ds.site_data(self.site)``), and
+    once per calling place: a data file's warning appeared twice in ``fl-sim run`` (the
+    coordinator's central evaluation and the node load the same file). ``--debug`` keeps
+    Python's format.
+    """
+    import warnings
+
+    seen: set[tuple[str, str]] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001 - warnings' signature
+        key = (category.__name__, str(message))
+        if key in seen:
+            return
+        seen.add(key)
+        print(f"{prog}: warning: {category.__name__}: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
 def run_app(app: Callable[..., object], prog: str, argv: list[str] | None = None,
             startup: Callable[[], object] | None = None) -> None:
     """Run a typer/click ``app`` as a console script with record-safe errors (see module docstring).
@@ -108,6 +131,8 @@ def run_app(app: Callable[..., object], prog: str, argv: list[str] | None = None
     args = [a for a in args if a != "--debug"]
     if debug:
         os.environ[DEBUG_ENV] = "1"
+    else:
+        _plain_warnings(prog)
     try:
         if startup is not None and not {"--help", "-h"} & set(args):  # help text needs no start-up check
             startup()

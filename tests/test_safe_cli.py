@@ -120,3 +120,32 @@ def test_cli_output_off_a_terminal_is_not_wrapped_at_80_columns(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert any("SHA256:" + "A" * 43 in ln and "health-VA Long Beach" in ln and "registered" in ln for ln in lines), out.stdout
+
+
+def test_warnings_print_once_without_source_lines(capsys):
+    import warnings
+
+    import typer
+
+    from citydata.base import DataQualityWarning
+
+    app = typer.Typer()
+
+    @app.command()
+    def main() -> None:
+        for place in range(2):  # two calling places, as the coordinator's and the node's loads
+            if place == 0:
+                warnings.warn("cleveland.csv: 1 duplicate row dropped", DataQualityWarning, stacklevel=1)
+            else:
+                warnings.warn("cleveland.csv: 1 duplicate row dropped", DataQualityWarning, stacklevel=1)
+
+    old = warnings.showwarning
+    try:
+        with pytest.raises(SystemExit) as ended:
+            run_app(app, "fl-test", [])
+    finally:
+        warnings.showwarning = old
+    assert ended.value.code == 0
+    err = capsys.readouterr().err
+    assert err.count("cleveland.csv: 1 duplicate row dropped") == 1
+    assert "fl-test: warning: DataQualityWarning: cleveland.csv" in err and "warnings.warn" not in err and ".py:" not in err
