@@ -49,6 +49,9 @@ REFUSED_MARKERS = ("Failed to activate SuperNode", "[code: 2004]", "No SuperNode
 NODE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "CITYFED_NODE_POLL_S": "0.1", "CITYFED_LOG_COMPUTE": "1",
             "FLWR_TELEMETRY_ENABLED": "0"}
 
+#: Terminal colour/control sequences (Flower colours its log lines), taken out of a log that is not a terminal.
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
 EXIT_OK, EXIT_GAVE_UP, EXIT_SETUP, EXIT_REFUSED = 0, 1, 2, 3
 #: Exit status when the coordinator cannot be reached at start-up: transient (down, not yet up,
 #: network), so a service manager should restart the node (not in RestartPreventExitStatus).
@@ -699,8 +702,9 @@ class Supervisor:
                 pass
 
     def _pump(self, stream) -> None:
+        plain = not sys.stderr.isatty()  # a log file or the journal: no colour codes
         for line in iter(stream.readline, ""):
-            sys.stderr.write(line)
+            sys.stderr.write(ANSI_ESCAPE.sub("", line) if plain else line)
             sys.stderr.flush()
             if any(m in line for m in REFUSED_MARKERS):
                 self.refused.set()

@@ -18,11 +18,15 @@ def timestamped_logs() -> None:
 
     Flower prints times only at ``FLWR_LOG_LEVEL=DEBUG``; operators (and
     ``benchmarks/deploy_latency.py``, which reads when each message was received and sent)
-    need them at INFO too. Only the format changes.
+    need them at INFO too. Only the format changes; colour codes only where the log is a
+    terminal (Flower colours every line, which left escape codes in log files and the journal).
     """
+    from flwr.supercore.logger import console_handler as handler
     from flwr.supercore.logger import update_console_handler
 
-    update_console_handler(timestamps=True)
+    stream = getattr(handler, "stream", None)
+    update_console_handler(timestamps=True, colored=bool(stream is not None and hasattr(stream, "isatty")
+                                                         and stream.isatty()))
 
 
 def console_handler() -> _logging.Handler:

@@ -1266,3 +1266,15 @@ def test_fl_server_register_names_a_private_key_handed_over_by_mistake(pki_files
     text = " ".join(res.output.split())
     assert res.exit_code == 2 and "private key" in text and "node.pub" in text and "new key" in text, text
     assert "PRIVATE KEY-----" not in text
+
+
+def test_node_log_written_to_a_file_has_no_colour_codes(tmp_path, monkeypatch):
+    """Flower colours its lines; under systemd or `> node.log` the codes ended up in the file."""
+    import io
+
+    sup = client_cli.Supervisor.__new__(client_cli.Supervisor)
+    sup.refused, sup.joined = threading.Event(), threading.Event()
+    out = io.StringIO()  # not a terminal
+    monkeypatch.setattr(sys, "stderr", out)
+    sup._pump(io.StringIO("\x1b[92mINFO 2026-12-05 08:00:00,000\x1b[0m:      SuperNode ID: 42\n"))
+    assert out.getvalue() == "INFO 2026-12-05 08:00:00,000:      SuperNode ID: 42\n" and sup.joined.is_set()
