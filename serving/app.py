@@ -20,8 +20,10 @@ Endpoints
 
 Every endpoint but ``/health`` and the docs needs an API key (``X-API-Key: KEY`` or
 ``Authorization: Bearer KEY``): none given is 401, a wrong one 403. Request bodies are never
-logged; an unexpected error is answered 500 with its type only (a library message may
-quote a record).
+logged. No request body is answered 500: one the checks do not foresee (a library error while
+reading it) is answered 422 ``records`` with the error's type. An unexpected error elsewhere is
+answered 500 with its type only (a library message may quote a record); the server log gets
+one line with its type and place, and its traceback only under ``fl-serve --debug``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 from collections import defaultdict, deque
@@ -39,7 +42,8 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from serving.features import RequestError, SiteFeatures, frame_from_csv, frame_from_records
+from serving.features import (UNFORESEEN_FIX, RequestError, SiteFeatures, error_place, frame_from_csv,
+                              frame_from_records)
 from serving.package import ModelPackage
 
 log = logging.getLogger("cityfed.serve")
@@ -91,7 +95,42 @@ def _unprocessable(exc: RequestError) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": [{"field": exc.field, "problem": exc.problem, "fix": exc.fix}]})
 
 
-def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]) -> FastAPI:
+def _records(body: bytes):
+    """The ``records`` of a JSON body; :class:`RequestError` (field ``body`` or ``records``) when it is not one."""
+    fix = "send {\"records\": [{column: value, ...}, ...]} with Content-Type application/json, or a CSV with " \
+          "Content-Type text/csv"
+    try:
+        payload = json.loads(body or b"null")
+    except RecursionError:
+        raise RequestError("body", "JSON nested too deeply", "send {\"records\": [{column: value, ...}, ...]} whose "
+                           "values are single numbers, texts, true/false or null (no lists or objects)") from None
+    except json.JSONDecodeError as exc:  # its position only: the message would quote no value, but keep it short
+        raise RequestError("body", f"not valid JSON (line {exc.lineno} column {exc.colno})", fix) from None
+    except UnicodeDecodeError:
+        raise RequestError("body", "not valid UTF-8 text", "send the body encoded as UTF-8: " + fix) from None
+    except ValueError:  # an integer of more than 4300 digits (Python's limit)
+        raise RequestError("body", "a number too large (more than 4300 digits)",
+                           "send plausible values (GET /model -> schema gives units and ranges): " + fix) from None
+    if not isinstance(payload, dict) or "records" not in payload:
+        raise RequestError("records", "missing", "send {\"records\": [{column: value, ...}, ...]}")
+    records = payload["records"]
+    if isinstance(records, list) and len(records) > MAX_RECORDS:
+        raise RequestError("records", f"{len(records)} records, more than {MAX_RECORDS}", "split the request")
+    return records
+
+
+def _internal(exc: BaseException, path: str, debug: bool) -> JSONResponse:
+    """The answer to an error no check foresaw: 500 with its type; the log gets one line (type and place, never the
+    message, which a library may have filled with a record's value), the traceback only with ``--debug``."""
+    if debug:
+        log.error("fl-serve: %s on %s", error_place(exc), path, exc_info=exc)
+    else:
+        log.error("fl-serve: %s on %s; run fl-serve with --debug for the traceback", error_place(exc), path)
+    return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__}); see the server log"})
+
+
+def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str], *,
+              debug: bool | None = None) -> FastAPI:
     """The FastAPI app serving ``package`` for ``features``' site.
 
     Parameters
@@ -102,6 +141,9 @@ def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]
         The served site's validation and scaling (built from the node's own data).
     api_keys : list of str
         Accepted keys (at least one).
+    debug : bool, optional
+        Log the traceback of an unexpected error (default: ``$CITYFED_DEBUG`` is ``1``, as
+        ``fl-serve --debug`` sets it); otherwise one line with its type and place.
 
     Returns
     -------
@@ -120,6 +162,10 @@ def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]
         raise ValueError(f"{package.path}/schema.json differs from this node's {features.department} schema in "
                          f"{diff}: the package was made by another cityfed version; serve it with that version, or "
                          "export the run again with this one")
+    if debug is None:
+        from privacy.safe_cli import DEBUG_ENV
+
+        debug = os.environ.get(DEBUG_ENV) == "1"
     keys = [k.encode() for k in api_keys]
     metrics = Metrics()
     model = package.model
@@ -146,7 +192,10 @@ def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]
     @app.middleware("http")
     async def count(request: Request, call_next):
         t0 = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # noqa: BLE001 - one log line, no traceback (a frame's values may be a record)
+            response = _internal(exc, request.url.path, debug)
         metrics.add(request.url.path, response.status_code, time.perf_counter() - t0,
                     int(response.headers.get("x-records", 0) or 0))
         return response
@@ -180,20 +229,23 @@ def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]
                                                "send fewer records per request"))
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
-            if ctype in ("text/csv", "application/csv"):
-                frame = frame_from_csv(body)
-            else:
-                try:
-                    payload = json.loads(body or b"null")
-                except ValueError:
-                    raise RequestError("body", "not valid JSON", "send {\"records\": [...]} with Content-Type "
-                                       "application/json, or a CSV with Content-Type text/csv") from None
-                if not isinstance(payload, dict) or "records" not in payload:
-                    raise RequestError("records", "missing", "send {\"records\": [{column: value, ...}, ...]}")
-                frame = frame_from_records(payload["records"])
-            if len(frame) > MAX_RECORDS:
-                raise RequestError("records", f"{len(frame)} records, more than {MAX_RECORDS}", "split the request")
-            X, info = features.inputs(frame)
+            try:
+                if ctype in ("text/csv", "application/csv"):
+                    frame = frame_from_csv(body)
+                else:
+                    frame = frame_from_records(_records(body))
+                if len(frame) > MAX_RECORDS:
+                    raise RequestError("records", f"{len(frame)} records, more than {MAX_RECORDS}", "split the request")
+                X, info = features.inputs(frame)
+            except RequestError:
+                raise
+            except (ValueError, TypeError, ArithmeticError, LookupError, AttributeError, RecursionError) as exc:
+                # a body the checks did not foresee: the client's fault or ours, never a 500 or a traceback
+                log.warning("fl-serve: a request's records raised %s (answered 422)", error_place(exc))
+                if debug:
+                    log.warning("fl-serve: traceback (--debug)", exc_info=exc)
+                raise RequestError("records", f"the records could not be read ({type(exc).__name__})",
+                                   UNFORESEEN_FIX) from None
         except RequestError as exc:
             return _unprocessable(exc)
         with lock, torch.no_grad():
@@ -202,10 +254,8 @@ def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]
         return JSONResponse(answer, headers={"x-records": str(len(frame))})
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):  # a library message may quote a record: type only
-        log.error("fl-serve: %s on %s", type(exc).__name__, request.url.path)
-        return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__}); see the "
-                                                                "server log"})
+    async def unexpected(request: Request, exc: Exception):  # raised outside the middleware above
+        return _internal(exc, request.url.path, debug)
 
     app.state.metrics = metrics
     return app

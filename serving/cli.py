@@ -84,6 +84,75 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse, before anything is announced, an address ``fl-serve`` cannot listen on.
+
+    Binds ``host:port`` as uvicorn will (``SO_REUSEADDR``) and lets it go again.
+
+    Raises
+    ------
+    typer.BadParameter
+        The port is in use, needs privileges, or ``host`` is not an address of this machine.
+    """
+    import errno
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise typer.BadParameter(f"host {host!r} cannot be resolved ({getattr(exc, 'strerror', None) or exc}); fix: "
+                                 "pass --host 127.0.0.1 (this machine only) or an address of this machine",
+                                 param_hint="--host") from None
+    family, kind, proto, _, addr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise typer.BadParameter(f"port {port} on {host} is in use (another fl-serve?); fix: pass --port N "
+                                     "with a free port, or stop the program that holds it", param_hint="--port") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise typer.BadParameter(f"port {port} on {host}: permission denied (ports below 1024 need privileges); "
+                                     "fix: pass --port N with N of 1024 or above", param_hint="--port") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise typer.BadParameter(f"{host} is not an address of this machine; fix: pass --host 127.0.0.1 (this "
+                                     "machine only), 0.0.0.0 (every interface) or one of its addresses",
+                                     param_hint="--host") from None
+        raise typer.BadParameter(f"cannot listen on {host} port {port} ({exc.strerror or type(exc).__name__}); fix: "
+                                 "pass another --host / --port", param_hint="--port") from None
+
+
+def check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """Load the TLS files as uvicorn will, so that a bad one is named before anything is announced.
+
+    Raises
+    ------
+    typer.BadParameter
+        A file missing or unreadable, not PEM, or a key that does not match the certificate.
+    """
+    import ssl
+
+    for path, hint in ((cert, "--tls-cert"), (key, "--tls-key"), (client_ca, "--client-ca")):
+        if path is not None and not Path(path).is_file():
+            raise typer.BadParameter(f"{path}: not found (or not a file); fix: give the PEM file ({hint})",
+                                     param_hint=hint)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as exc:
+        raise typer.BadParameter(f"{cert} / {key}: cannot be loaded as a PEM certificate and its private key "
+                                 f"({getattr(exc, 'reason', None) or exc.strerror or type(exc).__name__}); fix: give "
+                                 "the PEM certificate (fl-pki) with --tls-cert and its own key with --tls-key",
+                                 param_hint="--tls-cert / --tls-key") from None
+    if client_ca is not None:
+        try:
+            ctx.load_verify_locations(str(client_ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise typer.BadParameter(f"{client_ca}: cannot be loaded as a PEM CA certificate "
+                                     f"({getattr(exc, 'reason', None) or exc.strerror or type(exc).__name__}); fix: "
+                                     "give the CA certificate (ca.crt of fl-pki init)", param_hint="--client-ca") from None
+
+
 class ServerThread:
     """Run a FastAPI app under uvicorn in a background thread (tests, benchmarks): ``with ServerThread(app) as url:``."""
 
@@ -165,9 +234,11 @@ def serve(
         raise typer.Exit(1) from None
     tls = {}
     if tls_cert is not None:
+        check_tls(tls_cert, tls_key, client_ca)
         tls = {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(tls_key)}
         if client_ca is not None:
             tls.update(ssl_ca_certs=str(client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    check_port(host, port)  # before announcing: a busy port is said plainly (exit 2), not by uvicorn's Errno
     scheme = "https" if tls else "http"
     err.print(f"serving {package} ({fastapi_app.title}) on {scheme}://{host}:{port} (docs: /docs)", highlight=False)
     uvicorn.run(fastapi_app, host=host, port=port, log_level="info", **tls)

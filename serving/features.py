@@ -25,8 +25,10 @@ The transformation reproduces the adapter's test arrays exactly
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import traceback
 import warnings
 from pathlib import Path
 
@@ -40,6 +42,23 @@ from citydata.base import DataFileError, DataQualityWarning, read_table
 REQUEST = "request"
 
 
+log = logging.getLogger("cityfed.serve")
+
+
+def error_place(exc: BaseException) -> str:
+    """``Type raised at file:line (function)``: what the server log may say of an error (never its message,
+    which a library may have filled with a record's value)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    place = f" raised at {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
+    return f"{type(exc).__module__}.{type(exc).__name__}{place}"
+
+
+#: Fix of a request error the checks did not foresee (an HTTP client cannot pass ``--debug``).
+UNFORESEEN_FIX = ("check the records against the department's schema (GET /model -> schema: columns, types, units, "
+                  "ranges); if they match it, report this to the node's operator (the server log names the error's "
+                  "type and place; fl-serve --debug shows the traceback)")
+
+
 class RequestError(ValueError):
     """A request that cannot be answered; ``field`` names the column (or ``records``), ``fix`` what to do."""
 
@@ -48,14 +67,44 @@ class RequestError(ValueError):
         super().__init__(f"{field or 'request'}: {problem}. Fix: {fix}")
 
 
+#: JSON values a record's field may hold (a single value: number, text, true/false or null).
+SCALARS = (str, int, float, bool, type(None))
+
+
 def frame_from_records(records: list[dict]) -> pd.DataFrame:
-    """A request's JSON records (one object per record, keys = schema columns) as a frame."""
+    """A request's JSON records (one object per record, keys = schema columns) as a frame.
+
+    Every value must be a single JSON value (number, text, true/false or null) that fits a
+    float; otherwise :class:`RequestError` names the field (the client's own value is not
+    echoed: it may be a private record).
+    """
     if not isinstance(records, list) or not records:
-        raise RequestError("records", "no records", "send a non-empty list of records in the department's schema")
+        raise RequestError("records", "no records (expected a non-empty list of objects)",
+                           "send a non-empty list of records in the department's schema")
     if not all(isinstance(r, dict) for r in records):
         raise RequestError("records", "every record must be a JSON object (column -> value)",
                            "send [{\"column\": value, ...}, ...]")
-    return pd.DataFrame.from_records(records)
+    for i, rec in enumerate(records, start=1):
+        for key, value in rec.items():
+            if not isinstance(value, SCALARS):
+                what = "a list" if isinstance(value, list) else "an object" if isinstance(value, dict) else \
+                    type(value).__name__
+                raise RequestError(str(key), f"{what} in record {i}; a single value is expected",
+                                   f"give {str(key)!r} a single value (a number, text, true/false or null), "
+                                   "not a list or an object")
+            if isinstance(value, int) and not isinstance(value, bool):
+                try:
+                    float(value)
+                except OverflowError:
+                    raise RequestError(str(key), f"number too large in record {i} (over 1.8e308, beyond a float)",
+                                       f"send a plausible value of {str(key)!r} (GET /model -> schema gives its unit "
+                                       "and range), or null when it is unknown") from None
+    try:
+        return pd.DataFrame.from_records(records)
+    except (OverflowError, TypeError, ValueError) as exc:  # not expected after the checks above
+        raise RequestError("records", f"the records cannot be read as a table ({type(exc).__name__})",
+                           "send records as flat objects of single values in the department's schema "
+                           "(GET /model -> schema)") from None
 
 
 def frame_from_csv(body: bytes) -> pd.DataFrame:
@@ -112,11 +161,23 @@ class SiteFeatures:
             frame[s.site_column] = self.site_key
         if s.task != "forecasting":
             frame[s.target] = 0  # not used: what the model predicts
+        unique = not frame.columns.duplicated().any()  # duplicates: the adapter's check names them
+        for col in s.columns:  # JSON true/false where a number is expected (pandas would read it as 1/0)
+            if unique and col.dtype in ("int", "float") and col.name in frame.columns and col.name != s.target:
+                flags = frame[col.name].map(lambda v: isinstance(v, (bool, np.bool_))).to_numpy(dtype=bool)
+                if flags.any():
+                    raise RequestError(col.name, f"true/false in record {int(np.argmax(flags)) + 1}, where a number "
+                                       f"({col.unit or 'no unit'}) is expected",
+                                       f"send {col.name!r} as a number, or null when it is unknown")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DataQualityWarning)
                 out = self.ds._guarded(lambda: self.ds._validate(frame, REQUEST), "checking")
         except DataFileError as exc:
+            if exc.__cause__ is not None:  # the adapter's last guard: an error its checks did not name
+                log.warning("fl-serve: a request's records raised %s while checking them (answered 422)",
+                            error_place(exc.__cause__))
+                raise RequestError(exc.column or "records", exc.problem, UNFORESEEN_FIX) from None
             raise RequestError(exc.column or "records", exc.problem, exc.fix) from None
         sites = {self.ds._site_name(k) for k in out[s.site_column].dropna().unique()}
         if sites - {self.site}:

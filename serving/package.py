@@ -33,10 +33,49 @@ from server.artefacts import LEGACY_MODEL, MODEL, ArtefactError, load_model, sav
 PACKAGE_FORMAT = "cityfed-model-package/1"
 MANIFEST = "MANIFEST.json"
 FILES = (MODEL, "model-config.json", "schema.json", "model-card.json", "model-card.md")
+#: Most parameters (and buffer elements) a packaged model may have: the shipped models have thousands to
+#: hundreds of thousands; this bound refuses a config that would allocate gigabytes before it is built.
+MAX_PARAMETERS = 50_000_000
+#: The fix of a package whose files were changed after the export (with a re-signed manifest) or damaged.
+EXPORT_AGAIN = "fix: export the package again from the run folder (fl-sim export-model / fl-server export)"
 
 
 class PackageError(ValueError):
     """A model package or run folder that cannot be exported or loaded; the message names the file and the fix."""
+
+
+def _kind(value) -> str:
+    """The JSON type of ``value`` in words (for messages)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+def _package_json(path: Path, name: str) -> dict:
+    """The JSON object in package file ``name``; :class:`PackageError` naming the file otherwise."""
+    f = Path(path) / name
+    try:
+        value = json.loads(f.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PackageError(f"{f}: cannot read ({exc.strerror or type(exc).__name__}); fix: make the package's files "
+                           "readable by the user that runs fl-serve") from None
+    except json.JSONDecodeError as exc:
+        raise PackageError(f"{f}: not valid JSON (line {exc.lineno} column {exc.colno}); the package is damaged; "
+                           f"{EXPORT_AGAIN}") from None
+    except (ValueError, RecursionError) as exc:  # not UTF-8, nested too deeply, a number of > 4300 digits
+        raise PackageError(f"{f}: not valid JSON ({type(exc).__name__}); the package is damaged; {EXPORT_AGAIN}") from None
+    if not isinstance(value, dict):
+        raise PackageError(f"{f}: holds {_kind(value)}, where a JSON object is expected; the package is damaged; "
+                           f"{EXPORT_AGAIN}")
+    return value
 
 
 def sha256_file(path: Path) -> str:
@@ -375,34 +414,78 @@ def verify_package(path: Path, *, manifest_sha256: str | None = None) -> dict:
     if not mpath.is_file():
         raise PackageError(f"{mpath}: not found; fix: give a package folder written by `fl-sim export-model` "
                            "or `fl-server export`")
-    got = sha256_file(mpath)
+    try:
+        got = sha256_file(mpath)
+    except OSError as exc:
+        raise PackageError(f"{mpath}: cannot read ({exc.strerror or type(exc).__name__}); fix: make the package's "
+                           "files readable by the user that runs fl-serve") from None
     if manifest_sha256 and got != manifest_sha256.lower():
         raise PackageError(f"{mpath}: SHA-256 {got} differs from the expected {manifest_sha256}; the package was "
                            "replaced or changed: do not serve it; export it again from the run folder")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except ValueError:
-        raise PackageError(f"{mpath}: not valid JSON; the package is damaged: export it again") from None
-    if manifest.get("format") != PACKAGE_FORMAT or not isinstance(manifest.get("files"), dict):
-        raise PackageError(f"{mpath}: format {manifest.get('format')!r}, expected {PACKAGE_FORMAT!r}; "
-                           "export it again with this cityfed")
-    if set(manifest["files"]) != set(FILES):
-        raise PackageError(f"{mpath}: lists {sorted(manifest['files'])}, a package has exactly {sorted(FILES)}; "
-                           "the package was changed: export it again")
+    manifest = _package_json(path, MANIFEST)
+    if manifest.get("format") != PACKAGE_FORMAT:
+        raise PackageError(f"{mpath}: format {manifest.get('format')!r}, expected {PACKAGE_FORMAT!r}; fix: export "
+                           "the package again with this cityfed (or serve it with the cityfed version that wrote it)")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise PackageError(f"{mpath}: files is {_kind(files)}, expected an object of file name -> SHA-256; the manifest "
+                           f"was changed; {EXPORT_AGAIN}")
+    if set(files) != set(FILES):
+        raise PackageError(f"{mpath}: files lists {sorted(files)}, a package has exactly {sorted(FILES)}; "
+                           f"the package was changed; {EXPORT_AGAIN}")
+    bad = sorted(n for n, h in files.items() if not (isinstance(h, str) and len(h) == 64
+                                                      and all(c in "0123456789abcdef" for c in h)))
+    if bad:
+        raise PackageError(f"{mpath}: files.{bad[0]} is not a SHA-256 (64 hex digits); the manifest was changed; "
+                           f"{EXPORT_AGAIN}")
+    from citydata import DATASETS
+
+    dept = manifest.get("department")
+    if not isinstance(dept, str) or dept not in DATASETS:
+        raise PackageError(f"{mpath}: department {dept!r} is not one of {sorted(DATASETS)}; the manifest was changed; "
+                           f"{EXPORT_AGAIN}")
     extra = sorted(p.name for p in path.iterdir() if p.name not in (*FILES, MANIFEST))
     if extra:
         raise PackageError(f"{path}: unexpected file(s) {extra} not covered by {MANIFEST}; fix: remove them, "
                            "or export the package again into an empty folder")
-    for name, want in manifest["files"].items():
+    for name, want in files.items():
         f = path / name
         if not f.is_file():
-            raise PackageError(f"{f}: missing from the package; export it again")
-        have = sha256_file(f)
+            raise PackageError(f"{f}: missing from the package; {EXPORT_AGAIN}")
+        try:
+            have = sha256_file(f)
+        except OSError as exc:
+            raise PackageError(f"{f}: cannot read ({exc.strerror or type(exc).__name__}); fix: make the package's "
+                               "files readable by the user that runs fl-serve") from None
         if have != want:
             raise PackageError(f"{f}: SHA-256 {have} does not match {MANIFEST} ({want}): the file was changed "
                                "after export (tampered or damaged); refused. Fix: export the package again from "
                                "the run folder")
     return manifest
+
+
+def _validation_problems(exc) -> str:
+    """A pydantic ``ValidationError`` in one line: ``field = value: problem`` per error."""
+    out = []
+    for e in exc.errors()[:5]:
+        field = ".".join(str(x) for x in e.get("loc", ())) or "(the whole config)"
+        value = repr(e.get("input"))
+        value = value if len(value) <= 40 else value[:37] + "..."
+        out.append(f"{field} = {value}: {e.get('msg', 'invalid')}" if e.get("type") != "missing"
+                   else f"{field}: missing")
+    more = len(exc.errors()) - len(out)
+    return "; ".join(out) + (f" (and {more} more)" if more > 0 else "")
+
+
+def count_parameters(config) -> int:
+    """Parameters plus buffer elements of the model ``config`` describes, counted without allocating it."""
+    import torch
+
+    from shared_models import build_model
+
+    with torch.device("meta"):  # shapes only: no memory, whatever the sizes
+        model = build_model(config)
+    return int(sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers()))
 
 
 def model_builder(path: Path, model_config: dict):
@@ -413,17 +496,58 @@ def model_builder(path: Path, model_config: dict):
     PackageError
         An unknown model kind.
     """
-    from pydantic import TypeAdapter
+    from pydantic import ValidationError
 
     from shared_models import build_model
     from shared_models.configs import GRUForecasterConfig, HeartClassifierConfig, PatchTSTForecasterConfig
 
+    cfile = Path(path) / "model-config.json"
     kinds = {"heart-mlp": HeartClassifierConfig, "gru": GRUForecasterConfig, "patchtst": PatchTSTForecasterConfig}
+    if not isinstance(model_config, dict):
+        raise PackageError(f"{cfile}: holds {_kind(model_config)}, where a JSON object is expected; {EXPORT_AGAIN}")
     if model_config.get("kind") not in kinds:
-        raise PackageError(f"{Path(path) / 'model-config.json'}: kind {model_config.get('kind')!r} is not one of "
-                           f"{sorted(kinds)}")
-    config = TypeAdapter(kinds[model_config["kind"]]).validate_python(model_config)
+        raise PackageError(f"{cfile}: kind {model_config.get('kind')!r} is not one of {sorted(kinds)}; fix: serve it "
+                           "with the cityfed version that wrote it, or export the package again with this one")
+    try:
+        config = kinds[model_config["kind"]].model_validate(model_config)
+    except ValidationError as exc:
+        raise PackageError(f"{cfile}: {_validation_problems(exc)}; {EXPORT_AGAIN}") from None
+    sizes = ", ".join(f"{k} = {list(v) if isinstance(v, tuple) else v}" for k, v in config.model_dump().items()
+                      if isinstance(v, (int, tuple)) and not isinstance(v, bool))
+    try:
+        n = count_parameters(config)
+    except (ValueError, TypeError, RuntimeError, ArithmeticError) as exc:  # e.g. d_model not divisible by heads
+        why = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise PackageError(f"{cfile}: no {config.kind} model can be built from it ({why}); {EXPORT_AGAIN}") from None
+    if n > MAX_PARAMETERS:
+        raise PackageError(f"{cfile}: a {config.kind} model of {n:,} parameters ({sizes}), more than fl-serve loads "
+                           f"({MAX_PARAMETERS:,}); the config was changed; {EXPORT_AGAIN}")
     return lambda: build_model(config)
+
+
+def _state_dict_problems(message: str) -> str:
+    """torch's ``load_state_dict`` error in a few words: tensors whose shapes differ, missing, unexpected."""
+    import re
+
+    out = [f"{m[0]} is [{m[1]}] in the file, [{m[2]}] in the model" for m in
+           re.findall(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) from "
+                      r"checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)", message)]
+    for what in ("Missing key(s)", "Unexpected key(s)"):
+        m = re.search(re.escape(what) + r" in state_dict: ([^.]*(?:\.[^\s.][^.]*)*)\.", message)
+        if m:
+            out.append(f"{what.lower().replace('(s)', 's')} {m.group(1)[:200]}")
+    if not out:
+        return " ".join(message.split())[:300] or "RuntimeError"
+    return "; ".join(out[:3]) + (f" (and {len(out) - 3} more)" if len(out) > 3 else "")
+
+
+def _check_fits_schema(path: Path, model_config: dict, schema: dict) -> None:
+    """The model's input and output sizes are the schema's (n_features; lookback and horizon when forecasting)."""
+    for key in ("n_features", "lookback", "horizon"):
+        if key in model_config and schema.get(key) is not None and model_config[key] != schema[key]:
+            raise PackageError(f"{Path(path) / 'model-config.json'}: {key} = {model_config[key]!r}, but "
+                               f"schema.json's {key} is {schema[key]!r}: the model does not fit the records; "
+                               f"{EXPORT_AGAIN}")
 
 
 def load_package(path: Path, *, manifest_sha256: str | None = None) -> ModelPackage:
@@ -442,14 +566,27 @@ def load_package(path: Path, *, manifest_sha256: str | None = None) -> ModelPack
 
     path = Path(path)
     manifest = verify_package(path, manifest_sha256=manifest_sha256)
-    mc = json.loads((path / "model-config.json").read_text())
-    model = model_builder(path, mc)()
-    weights = load_model(path / MODEL)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)
+    mc = _package_json(path, "model-config.json")
+    schema = _package_json(path, "schema.json")
+    card = _package_json(path, "model-card.json")
+    build = model_builder(path, mc)
+    _check_fits_schema(path, mc, schema)
+    try:
+        weights = load_model(path / MODEL)
+    except ArtefactError:
+        raise PackageError(f"{path / MODEL}: not a readable safetensors file; the package is damaged; "
+                           f"{EXPORT_AGAIN}") from None
+    model = build()
+    try:
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)
+    except RuntimeError as exc:  # missing/unexpected tensors, shapes (names and shapes only, no values)
+        why = _state_dict_problems(str(exc))
+        raise PackageError(f"{path / MODEL}: its tensors do not fit the {mc.get('kind')} model of model-config.json "
+                           f"({why}); {EXPORT_AGAIN}") from None
     model.eval()
-    return ModelPackage(path=path, model=model, model_config=mc, schema=json.loads((path / "schema.json").read_text()),
-                        card=json.loads((path / "model-card.json").read_text()), manifest=manifest,
+    return ModelPackage(path=path, model=model, model_config=mc, schema=schema, card=card, manifest=manifest,
                         manifest_sha256=sha256_file(path / MANIFEST))
+
 
 def _version() -> str:
     import importlib.metadata

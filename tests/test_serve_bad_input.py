@@ -1,0 +1,288 @@
+"""fl-serve on bad input: request bodies, a busy port and damaged package files.
+
+Every bad request body is answered 422 naming the field (never 500), and the server log
+holds no traceback and no record value; ``fl-serve`` on a busy port says so before
+announcing anything (exit 2); every damaged package file is refused naming the file inside
+the package, the field and the fix.
+"""
+
+import json
+import logging
+import socket
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_helpers import KEY, health_records, served, synthetic_run  # noqa: E402
+
+from serving.package import MANIFEST, PackageError, export_package, load_package, sha256_file  # noqa: E402
+
+H = {"X-API-Key": KEY, "Content-Type": "application/json"}
+SITE = "Hungary"
+#: A value no log line may contain (it stands for a private record value).
+SECRET = "Zq7xSecretValue"
+
+
+@pytest.fixture(scope="module")
+def health_pkg(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad-input")
+    export_package(synthetic_run(d / "run", "health"), d / "pkg", sites=[])
+    return d / "pkg"
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        self.lines: list[str] = []
+        self._seen: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        if any(r is record for r in self._seen):  # the same record reaching two of the loggers watched
+            return
+        self._seen.append(record)
+        self.lines.append(self.format(record))  # the formatter appends exc_info (a traceback) when present
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def server_log():
+    """Everything the serving and uvicorn loggers write while a test runs (tracebacks included)."""
+    h = _Collect()
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error", "cityfed.serve")]
+    for lg in loggers:
+        lg.addHandler(h)
+    yield h
+    for lg in loggers:
+        lg.removeHandler(h)
+
+
+def _record(feats, **change):
+    return {**health_records(feats)[0], **change}
+
+
+def _bodies(feats):
+    """(name, raw body, field expected, words expected in problem + fix)."""
+    def rec(**c):
+        return json.dumps({"records": [_record(feats, **c)]})
+
+    return [
+        ("huge int", rec(age=10 ** 400), "age", "number too large"),
+        ("huge negative int", rec(chol=-(10 ** 400)), "chol", "number too large"),
+        ("nested arrays", "[" * 100_000, "body", "nested too deeply"),
+        ("nested in records", '{"records": ' + "[" * 100_000, "body", "nested too deeply"),
+        ("nested objects", '{"records": [{"age": ' + '{"a": ' * 100_000, "body", "nested too deeply"),
+        ("list value", rec(sex=["Male"]), "sex", "single value"),
+        ("object value", rec(dataset={"a": 1}), "dataset", "single value"),
+        ("list of secret", rec(cp=[SECRET]), "cp", "single value"),
+        ("too many digits", '{"records": [{"age": ' + "9" * 5000 + "}]}", "body", "too large"),
+        ("records not a list", json.dumps({"records": {"age": 1}}), "records", "list"),
+        ("not an object", json.dumps([1, 2]), "records", "records"),
+        ("bad utf-8", b'{"records": [{"sex": "\xff"}]}', "body", "utf-8"),
+        ("true for a number", rec(age=True), "age", "true/false"),
+        ("false for a number", json.dumps({"records": [_record(feats), _record(feats, chol=False)]}), "chol",
+         "record 2"),
+    ]
+
+
+BODY_NAMES = ["huge int", "huge negative int", "nested arrays", "nested in records", "nested objects", "list value",
+              "object value", "list of secret", "too many digits", "records not a list", "not an object", "bad utf-8",
+              "true for a number", "false for a number"]
+
+
+@pytest.mark.parametrize("name", BODY_NAMES)
+def test_bad_bodies_answered_422_naming_the_field_without_traceback(health_pkg, server_log, name):
+    server, feats, _ = served(health_pkg, SITE)
+    _, body, field, words = next(b for b in _bodies(feats) if b[0] == name)
+    with server as url:
+        r = httpx.post(f"{url}/predict", content=body, headers=H, timeout=60)
+        ok = httpx.post(f"{url}/predict", json={"records": [_record(feats)]}, headers=H, timeout=60)
+    assert r.status_code == 422, r.text
+    d = r.json()["detail"][0]
+    assert d["field"] == field, d
+    assert words in (d["problem"] + " " + d["fix"]).lower(), d
+    assert d["fix"] and "--debug" not in d["fix"], d  # an HTTP client cannot pass --debug to the server
+    assert ok.status_code == 200, ok.text  # the server still answers
+    assert "Traceback" not in server_log.text and "Exception in ASGI" not in server_log.text, server_log.text
+    assert SECRET not in server_log.text
+
+
+def test_unexpected_error_logs_one_line_without_traceback_or_values(health_pkg, server_log, monkeypatch):
+    """An error the checks did not foresee: 500 with its type, one log line (type and place), no traceback, no value."""
+    from serving import features as features_mod
+
+    monkeypatch.delenv("CITYFED_DEBUG", raising=False)  # read when the app is built (fl-serve --debug sets it)
+    server, feats, _ = served(health_pkg, SITE)
+
+    def boom(self, outputs, info):
+        raise KeyError(SECRET)
+
+    monkeypatch.setattr(features_mod.SiteFeatures, "answer", boom)
+    with server as url:
+        r = httpx.post(f"{url}/predict", json={"records": [_record(feats)]}, headers=H, timeout=60)
+        assert httpx.get(f"{url}/health").status_code == 200
+    assert r.status_code == 500 and "KeyError" in r.text and SECRET not in r.text
+    assert "Traceback" not in server_log.text and "Exception in ASGI" not in server_log.text, server_log.text
+    assert SECRET not in server_log.text
+    lines = [ln for ln in server_log.lines if "KeyError" in ln]
+    assert len(lines) == 1 and "--debug" in lines[0], server_log.lines
+
+
+def test_unexpected_error_traceback_with_debug(health_pkg, server_log, monkeypatch):
+    from serving import features as features_mod
+
+    monkeypatch.setenv("CITYFED_DEBUG", "1")
+    server, feats, _ = served(health_pkg, SITE)
+
+    def boom(self, outputs, info):
+        raise KeyError("x")
+
+    monkeypatch.setattr(features_mod.SiteFeatures, "answer", boom)
+    with server as url:
+        r = httpx.post(f"{url}/predict", json={"records": [_record(feats)]}, headers=H, timeout=60)
+    assert r.status_code == 500
+    assert "Traceback" in server_log.text
+
+
+# -- fl-serve on a busy port --------------------------------------------------------------------
+def test_fl_serve_on_a_busy_port_says_so_before_announcing(health_pkg, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from serving.cli import KEY_ENV, app
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        res = CliRunner().invoke(app, [str(health_pkg), "--site", "Cleveland", "--port", str(port)])
+    assert res.exit_code == 2, res.output
+    assert f"port {port} on 127.0.0.1 is in use" in res.output and "--port" in res.output, res.output
+    assert "serving" not in res.output and "Errno" not in res.output, res.output
+
+
+def test_fl_serve_on_an_address_not_of_this_machine(health_pkg, monkeypatch):
+    from typer.testing import CliRunner
+
+    from serving.cli import KEY_ENV, app
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    res = CliRunner().invoke(app, [str(health_pkg), "--site", "Cleveland", "--host", "192.0.2.1", "--port", "18999"])
+    assert res.exit_code == 2, res.output
+    assert "192.0.2.1" in res.output and "--host" in res.output and "serving" not in res.output, res.output
+
+
+def test_fl_serve_with_a_bad_tls_file_says_so_before_announcing(health_pkg, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from serving.cli import KEY_ENV, app
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
+    for args, words in ((["--tls-cert", str(tmp_path / "nope.crt"), "--tls-key", str(junk)], "nope.crt"),
+                        (["--tls-cert", str(junk), "--tls-key", str(junk)], "junk.pem")):
+        res = CliRunner().invoke(app, [str(health_pkg), "--site", "Cleveland", "--port", "18997", *args])
+        assert res.exit_code == 2, res.output
+        assert words in res.output and "fix" in res.output and "serving" not in res.output, res.output
+
+
+# -- damaged package files ------------------------------------------------------------------------
+def _copy(pkg: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    out = tmp_path / "pkg"
+    shutil.copytree(pkg, out)
+    return out
+
+
+def _rehash(pkg: Path) -> None:
+    """Re-sign the manifest after a change (as someone who edits a package and its manifest would)."""
+    m = json.loads((pkg / MANIFEST).read_text())
+    m["files"] = {name: sha256_file(pkg / name) for name in m["files"]}
+    (pkg / MANIFEST).write_text(json.dumps(m))
+
+
+def _edit_json(pkg: Path, name: str, fn) -> None:
+    p = pkg / name
+    p.write_text(json.dumps(fn(json.loads(p.read_text()))))
+
+
+#: (name, change to the package, file named, words in the message)
+PACKAGE_DAMAGE = [
+    ("config invalid", lambda p: _edit_json(p, "model-config.json", lambda c: {**c, "dropout": 2.0}),
+     "model-config.json", "dropout"),
+    ("config unknown field", lambda p: _edit_json(p, "model-config.json", lambda c: {**c, "colour": "red"}),
+     "model-config.json", "colour"),
+    ("config not json", lambda p: (p / "model-config.json").write_text("{oops"), "model-config.json", "not valid json"),
+    ("config a list", lambda p: (p / "model-config.json").write_text("[1, 2]"), "model-config.json", "object"),
+    ("card not json", lambda p: (p / "model-card.json").write_text(""), "model-card.json", "not valid json"),
+    ("schema not json", lambda p: (p / "schema.json").write_text("nope"), "schema.json", "not valid json"),
+    ("huge layer", lambda p: _edit_json(p, "model-config.json", lambda c: {**c, "hidden": [10 ** 9]}),
+     "model-config.json", "parameters"),
+    ("weights do not fit", lambda p: _edit_json(p, "model-config.json", lambda c: {**c, "hidden": [8]}),
+     "model.safetensors", "model-config.json"),
+    ("features differ from schema", lambda p: _edit_json(p, "model-config.json", lambda c: {**c, "n_features": 9}),
+     "model-config.json", "n_features"),
+    ("weights not safetensors", lambda p: (p / "model.safetensors").write_bytes(b"not a model"), "model.safetensors",
+     "safetensors"),
+]
+
+
+@pytest.mark.parametrize("name", [d[0] for d in PACKAGE_DAMAGE])
+def test_damaged_package_file_named_with_field_and_fix(health_pkg, tmp_path, name):
+    _, change, fname, words = next(d for d in PACKAGE_DAMAGE if d[0] == name)
+    pkg = _copy(health_pkg, tmp_path)
+    change(pkg)
+    _rehash(pkg)
+    with pytest.raises(PackageError) as info:
+        load_package(pkg)
+    msg = str(info.value)
+    assert fname in msg and words in msg.lower() and "fix" in msg.lower(), msg
+    assert "\n" not in msg, msg  # one line, not pydantic's multi-line dump
+
+
+#: (name, manifest JSON text or function of the manifest, words in the message, words it must not contain)
+MANIFEST_DAMAGE = [
+    ("files null", lambda m: {**m, "files": None}, "files", "expected 'cityfed"),
+    ("files a list", lambda m: {**m, "files": list(m["files"])}, "files", "expected 'cityfed"),
+    ("a list", lambda m: [1, 2], "json object", None),
+    ("department a number", lambda m: {**m, "department": 5}, "department", None),
+    ("department unknown", lambda m: {**m, "department": "water"}, "department", None),
+    ("format other", lambda m: {**m, "format": "cityfed-model-package/9"}, "format", None),
+    ("hash a number", lambda m: {**m, "files": {**m["files"], "schema.json": 5}}, "schema.json", None),
+]
+
+
+@pytest.mark.parametrize("name", [d[0] for d in MANIFEST_DAMAGE])
+def test_damaged_manifest_named_with_field_and_fix(health_pkg, tmp_path, name):
+    _, change, words, never = next(d for d in MANIFEST_DAMAGE if d[0] == name)
+    pkg = _copy(health_pkg, tmp_path)
+    _edit_json(pkg, MANIFEST, change)
+    with pytest.raises(PackageError) as info:
+        load_package(pkg)
+    msg = str(info.value)
+    assert MANIFEST in msg and words in msg.lower() and "fix" in msg.lower(), msg
+    if never:
+        assert never not in msg, msg
+
+
+def test_fl_serve_reports_a_bad_model_config_in_one_line(health_pkg, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from serving.cli import KEY_ENV, app
+
+    pkg = _copy(health_pkg, tmp_path)
+    _edit_json(pkg, "model-config.json", lambda c: {**c, "dropout": "lots"})
+    _rehash(pkg)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    res = CliRunner().invoke(app, [str(pkg), "--site", "Cleveland", "--port", "18998"])
+    assert res.exit_code == 1, res.output
+    assert "model-config.json" in res.output and "dropout" in res.output and "fix" in res.output, res.output
+    assert "validation error" not in res.output and "errors.pydantic.dev" not in res.output, res.output
