@@ -68,7 +68,7 @@ def load_department(name: str, path: str | os.PathLike | None = None, **kw) -> D
     ValueError
         For an unknown department (the message lists the valid names).
     DataFileError
-        For a bad operator file or ranges file (file, column, value, fix).
+        For a bad operator file or ranges file (file, column, rows, fix; never a record's values).
     """
     try:
         cls = DATASETS[name]

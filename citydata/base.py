@@ -8,13 +8,20 @@ records into :class:`SiteData` (train/test :class:`Split` arrays ready for PyTor
 
 Nothing is dropped or imputed silently: such steps emit a :class:`DataQualityWarning`
 that states the count.
+
+Private records never appear in a message: errors and warnings name the file, the column, the
+rows (1-based data rows, the first few then a count) and the kind of problem, never a value
+read from a cell. Names that come from the file (site names, header names) are shown cut to
+:data:`MAX_SHOWN_NAME` characters with control characters escaped.
 """
 
 from __future__ import annotations
 
 import abc
+import csv
 import importlib.metadata
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +42,10 @@ __all__ = [
     "Split",
     "SUPPORTED_SUFFIXES",
     "MIN_TRAIN_RECORDS",
+    "MAX_SITE_NAME",
+    "check_site_names",
+    "rows_text",
+    "shown_name",
 ]
 
 #: File suffixes accepted for operator files.
@@ -47,6 +58,38 @@ SUPPORTED_SUFFIXES = (".csv", ".parquet", ".pq")
 MIN_TRAIN_RECORDS = 16
 
 _DTYPES = ("float", "int", "category", "datetime", "bool")
+
+#: Longest site name (hospital, detector, grid): site names become file and ledger names downstream.
+MAX_SITE_NAME = 100
+#: Longest name from a file (a site or header name) quoted in a message; longer ones are cut.
+MAX_SHOWN_NAME = 60
+#: Rows listed in a message before "and N more".
+MAX_ROWS_SHOWN = 5
+
+
+def shown_name(name, limit: int = MAX_SHOWN_NAME) -> str:
+    """A name read from a file (site, header) for a message: quoted, control characters escaped, cut to ``limit``.
+
+    Only for names (sites, columns), never for record values.
+    """
+    text = str(name)
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def rows_text(rows, limit: int = MAX_ROWS_SHOWN) -> str:
+    """``"row 17"``, ``"rows 3, 8"`` or ``"rows 1, 2, 3, 4, 5 and 7 more"`` from 0-based data-row labels.
+
+    Messages name rows, never the values in them.
+    """
+    n = len(rows)
+    shown = [str(int(r) + 1) for r in list(rows[:limit])]
+    if n == 1:
+        return f"row {shown[0]}"
+    if n <= limit:
+        return f"rows {', '.join(shown[:-1])} and {shown[-1]}"
+    return f"rows {', '.join(shown)} and {n - limit} more"
 
 
 class DataFileError(ValueError):
@@ -71,7 +114,7 @@ class DataFileError(ValueError):
         self.problem = problem
         self.fix = fix
         self.column = column
-        where = f"{self.path}" + (f", column {column!r}" if column is not None else "")
+        where = f"{self.path}" + (f", column {shown_name(column)}" if column is not None else "")
         super().__init__(f"{where}: {problem}. Fix: {fix}")
 
 
@@ -300,23 +343,132 @@ def _header_names(p: Path, suffix: str) -> list[str]:
     return list(pq.read_schema(p).names)
 
 
+def documented_columns() -> set[str]:
+    """Column names documented by any department schema (lower case): the header names a message may quote.
+
+    A header name that is not documented is not quoted: in a file without a header line, the
+    "header" is the first record.
+    """
+    from . import DATASETS
+
+    return {c.name.lower() for cls in DATASETS.values() for c in cls.schema.columns}
+
+
+def _is_documented(name, documented: set[str]) -> bool:
+    return str(name).strip().lower() in documented
+
+
 def check_duplicate_columns(names: list[str], path) -> None:
     """Refuse a header that names a column twice (after trimming spaces).
 
     Raises
     ------
     DataFileError
-        Naming the duplicated names and their positions.
+        Naming the duplicated names (documented column names only; others by position) and
+        their positions.
     """
     seen: dict[str, list[int]] = {}
     for i, n in enumerate(names):
         seen.setdefault(str(n).strip(), []).append(i + 1)
     dups = {n: pos for n, pos in seen.items() if len(pos) > 1 and not n.startswith("__index_level_")}
     if dups:
-        listed = "; ".join(f"{n!r} at columns {', '.join(map(str, pos))}" for n, pos in dups.items())
-        raise DataFileError(path, f"duplicated column name(s): {listed}",
-                            "keep one column per name: remove the copies, or rename them if they hold different data",
-                            next(iter(dups)))
+        documented = documented_columns()
+        parts, named = [], []
+        for n, pos in dups.items():
+            if _is_documented(n, documented):
+                parts.append(f"{shown_name(n)} at columns {', '.join(map(str, pos))}")
+                named.append(n)
+            else:
+                parts.append(f"an undocumented name at columns {', '.join(map(str, pos))} (not shown: in a file "
+                             "without a header line it would be a record value)")
+        raise DataFileError(path, f"duplicated column name(s): {'; '.join(parts)}",
+                            "keep one column per name: remove the copies, or rename them if they hold different data; "
+                            "check that the file starts with a header line",
+                            named[0] if named else None)
+
+
+#: Bytes that never occur in a text CSV cell: ASCII control characters other than tab, LF and CR.
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: Every other byte: ``chunk.translate(None, _NOT_CONTROL)`` is empty for a clean chunk (faster than the regex).
+_NOT_CONTROL = bytes(b for b in range(256) if not _CONTROL_BYTES.match(bytes([b])))
+_SCAN_CHUNK = 1 << 24
+#: Longest stretch of a line kept to find the column of a control byte (longer: the column is not named).
+_SCAN_LINE = 1 << 20
+
+
+def check_text_bytes(path, chunk_size: int = _SCAN_CHUNK) -> None:
+    """Refuse a CSV holding NUL or other ASCII control bytes (tab, CR and LF are fine).
+
+    pandas' CSV reader cuts a cell at a NUL byte (``2\\x00999`` is read as 2), so such a file
+    is refused before it is parsed. The scan reads the file in chunks (a byte translate each; a
+    regex search only in a chunk that holds such a byte).
+
+    Raises
+    ------
+    DataFileError
+        A UTF-16 byte order mark, or the first control byte: its line (the header is line 1)
+        and, when the line can be split cheaply, its column. The byte and the cell are not
+        shown.
+    """
+    p = Path(path)
+    with open(p, "rb") as fh:
+        header = fh.readline(_SCAN_LINE)
+        if header.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise DataFileError(p, "the file is UTF-16 text (it starts with a UTF-16 byte order mark), not UTF-8",
+                                "save the records as UTF-8 CSV (in a spreadsheet: 'CSV UTF-8'; or "
+                                "`iconv -f UTF-16 -t UTF-8 in.csv > out.csv`)")
+        fh.seek(0)
+        line, quotes, carry = 1, 0, b""  # line of the chunk's start, quote bytes before it, the line's earlier bytes
+        while chunk := fh.read(chunk_size):
+            m = _CONTROL_BYTES.search(chunk) if chunk.translate(None, _NOT_CONTROL) else None
+            if m is None:
+                line += chunk.count(b"\n")
+                quotes += chunk.count(b'"')
+                last = chunk.rfind(b"\n")
+                carry = (carry + chunk if last < 0 else chunk[last + 1:])[-_SCAN_LINE:]
+                continue
+            pos = m.start()
+            start = chunk.rfind(b"\n", 0, pos) + 1
+            line += chunk.count(b"\n", 0, pos)
+            if start:
+                quotes += chunk.count(b'"', 0, start)
+            else:  # the line began in an earlier chunk: its quotes so far are counted already
+                quotes -= carry.count(b'"')
+            prefix = (carry if start == 0 else b"") + chunk[start:pos]
+            column = None
+            if line > 1 and quotes % 2 == 0 and len(prefix) < _SCAN_LINE:  # odd: the line starts inside a quoted cell
+                column = _column_at(header, prefix)
+            what = "NUL" if chunk[pos] == 0 else "control"
+            where = "the header line (line 1)" if line == 1 else f"line {line}"
+            raise DataFileError(p, f"{where} contains a NUL/control byte ({what} character): not a text CSV "
+                                "(a CSV reader would cut or garble that cell)",
+                                "save the records as a UTF-8 text CSV: a NUL byte usually means a binary, UTF-16 or "
+                                "damaged file; otherwise remove the control character from that cell", column)
+
+
+def _column_at(header: bytes, prefix: bytes) -> str | None:
+    """The documented header name of the field that ``prefix`` (a line's start) ends in, if any."""
+    try:
+        names = next(csv.reader([header.decode("utf-8", "replace").lstrip("\ufeff").rstrip("\r\n")]), [])
+        fields = next(csv.reader([prefix.decode("utf-8", "replace")]), [])
+    except csv.Error:
+        return None
+    index = len(fields) - 1 if fields else 0  # "a,b," -> ['a', 'b', '']: the byte is in the third field
+    if index >= len(names):
+        return None
+    name = names[index].strip()
+    return name if _is_documented(name, documented_columns()) else None
+
+
+def _parser_problem(exc: Exception) -> str:
+    """A CSV parser's message, kept only where it is one of the known forms that hold no cell text."""
+    text = str(exc)
+    for pattern in (r"Expected \d+ fields in line \d+, saw \d+", r"EOF inside string starting at row \d+",
+                    r"EOF following escape character", r"Buffer overflow caught", r"Too many columns specified"):
+        m = re.search(pattern, text)
+        if m:
+            return f"cannot parse the CSV ({m.group(0)})"
+    return f"cannot parse the CSV ({type(exc).__name__}; its message is not shown: it may quote a record)"
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
@@ -356,6 +508,8 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
                             "make it readable by the user that runs this command (chmod/chown), or copy it somewhere readable")
     if p.stat().st_size == 0:
         raise DataFileError(p, "file is empty (0 bytes)", "export the records again; the file must have a header and data rows")
+    if suffix == ".csv":
+        check_text_bytes(p)
     try:
         names = _header_names(p, suffix)
         check_duplicate_columns(names, p)
@@ -371,8 +525,11 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         raise
     except pd.errors.EmptyDataError:
         raise DataFileError(p, "file has no header and no rows", "write a header line with the documented column names") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataFileError(p, f"cannot parse the CSV ({exc})", "save it as UTF-8 CSV with a comma separator and one header line") from None
+    except UnicodeDecodeError:
+        raise DataFileError(p, "cannot parse the CSV: not UTF-8 text (an invalid byte sequence)",
+                            "save it as UTF-8 CSV with a comma separator and one header line") from None
+    except pd.errors.ParserError as exc:
+        raise DataFileError(p, _parser_problem(exc), "save it as UTF-8 CSV with a comma separator and one header line") from None
     except PermissionError:
         raise DataFileError(p, "cannot read the file (permission denied)", "make it readable by the user that runs this command") from None
     except Exception as exc:  # pyarrow raises a variety of errors on corrupt files
@@ -381,25 +538,6 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     frame.columns = [str(c).strip() if isinstance(c, str) else str(c) for c in frame.columns]
     check_duplicate_columns(list(frame.columns), p)
     return frame
-
-
-def _plain(v):
-    """A numpy scalar as the Python value (``1e+300``, not ``np.float64(1e+300)``) for messages."""
-    return v.item() if isinstance(v, np.generic) else v
-
-
-def _examples(values: pd.Series, n: int = 1) -> str:
-    """The first ``n`` offending values with their 1-based data row, and how many more (rows only).
-
-    Only the offending cell is shown: messages must not carry other record values.
-    """
-    parts = [f"{_plain(v)!r} (row {i + 1})" for i, v in zip(values.index[:n], values.iloc[:n])]
-    rest = values.index[n:]
-    more = ""
-    if len(rest):
-        rows = ", ".join(str(i + 1) for i in rest[:5]) + (", ..." if len(rest) > 5 else "")
-        more = f" and {len(rest)} more (row{'s' if len(rest) > 1 else ''} {rows})"
-    return ", ".join(parts) + more
 
 
 #: Text that means "missing" in a numeric cell: what pandas' CSV reader turns into NaN, so that a
@@ -447,16 +585,16 @@ def coerce_column(frame: pd.DataFrame, col: Column, path, date_format: str | Non
             out = out.astype("float64")
         bad = present & out.isna()
         if bad.any():
-            raise DataFileError(path, f"{int(bad.sum())} non-numeric value(s), e.g. {_examples(s[bad])}",
+            raise DataFileError(path, f"{int(bad.sum())} non-numeric value(s) at {rows_text(s.index[bad])}",
                                 f"make every value of {col.name!r} a number ({col.unit or 'no unit'}) or leave it empty", col.name)
         inf = np.isinf(out.to_numpy())
         if inf.any():
-            raise DataFileError(path, f"{int(inf.sum())} infinite value(s), e.g. {_examples(s[inf])}",
+            raise DataFileError(path, f"{int(inf.sum())} infinite value(s) at {rows_text(s.index[inf])}",
                                 f"replace them with finite numbers or leave them empty", col.name)
         if col.dtype == "int":
             frac = out.notna() & (out != np.round(out))
             if frac.any():
-                raise DataFileError(path, f"{int(frac.sum())} non-integer value(s), e.g. {_examples(s[frac])}",
+                raise DataFileError(path, f"{int(frac.sum())} non-integer value(s) at {rows_text(s.index[frac])}",
                                     f"{col.name!r} holds whole numbers ({col.description})", col.name)
         return out
     if col.dtype == "datetime":
@@ -476,7 +614,7 @@ def coerce_column(frame: pd.DataFrame, col: Column, path, date_format: str | Non
         out[present & text.isin(_FALSE)] = False
         bad = present & out.isna()
         if bad.any():
-            raise DataFileError(path, f"{int(bad.sum())} value(s) that are not true/false, e.g. {_examples(s[bad])}",
+            raise DataFileError(path, f"{int(bad.sum())} value(s) that are not true/false at {rows_text(s.index[bad])}",
                                 f"use TRUE/FALSE (or 1/0) in {col.name!r}, or leave it empty when unknown", col.name)
         return out
     # category: keep as text, missing stays missing
@@ -518,9 +656,9 @@ def validate_frame(frame: pd.DataFrame, schema: Schema, path, *, date_format: st
     for c in schema.columns:
         if c.required and c.name not in names:
             near = [n for n in names if n.strip().lower() == c.name.lower()]
-            hint = f"rename column {near[0]!r} to {c.name!r}" if near else (
+            hint = f"rename column {shown_name(near[0])} to {c.name!r}" if near else (
                 f"add a column {c.name!r} ({c.dtype}, {c.unit or 'no unit'}: {c.description})")
-            raise DataFileError(path, f"missing required column (found: {', '.join(map(repr, names)) or 'none'})", hint, c.name)
+            raise DataFileError(path, f"missing required column (found: {_found_names(names, schema)})", hint, c.name)
     out = {}
     for c in schema.columns:
         if c.name not in names:
@@ -544,6 +682,18 @@ def validate_frame(frame: pd.DataFrame, schema: Schema, path, *, date_format: st
     return out
 
 
+def _found_names(names: list, schema: Schema) -> str:
+    """The header names that are documented columns, and a count of the others (not shown: without a header
+    line the "names" are the first record's values)."""
+    known = {c.name.lower() for c in schema.columns}
+    shown = [shown_name(n) for n in names if str(n).strip().lower() in known]
+    other = len(names) - len(shown)
+    if other:
+        shown.append(f"{other} other name(s), not shown: they are not {schema.department} columns; if the file has "
+                     "no header line, its first record is read as one")
+    return ", ".join(shown) or "none"
+
+
 def check_range(values: pd.Series, raw: pd.Series, col: Column, rng, path) -> pd.Series:
     """Apply one column's plausibility range.
 
@@ -552,7 +702,7 @@ def check_range(values: pd.Series, raw: pd.Series, col: Column, rng, path) -> pd
     values : pd.Series
         The coerced column (float64).
     raw : pd.Series
-        The column as read (for the offending value in the message).
+        The column as read (unused: messages name rows, never values; kept for callers).
     col : Column
     rng : citydata.plausibility.Range
     path : path-like
@@ -566,8 +716,8 @@ def check_range(values: pd.Series, raw: pd.Series, col: Column, rng, path) -> pd
     Raises
     ------
     DataFileError
-        Action ``"error"`` and a value outside the range: names the column, the first value,
-        its row, the counts below/above and the fix.
+        Action ``"error"`` and a value outside the range: names the column, the range, the
+        rows (the first few), the counts below/above and the fix; never the values.
     """
     v = values.to_numpy(dtype=np.float64)
     below = np.zeros(len(v), bool) if rng.min is None else (v < rng.min)
@@ -583,9 +733,7 @@ def check_range(values: pd.Series, raw: pd.Series, col: Column, rng, path) -> pd
         warn_quality(f"{path}, column {col.name!r}: {int(bad.sum())} value(s) {where} treated as missing "
                      "(ranges file: action = \"missing\")", stacklevel=5)
         return values.where(~bad)
-    first = values.index[bad]
-    example = _examples(raw.loc[first])
-    raise DataFileError(path, f"{int(bad.sum())} value(s) {where}, e.g. {example}",
+    raise DataFileError(path, f"{int(bad.sum())} value(s) {where} at {rows_text(values.index[bad])}",
                         f"correct them, or leave a cell empty when the value is unknown; if such values are real at "
                         f"your site, widen the range of {col.name!r} in a ranges file (--ranges FILE; README: "
                         "plausibility ranges)", col.name)
@@ -597,12 +745,12 @@ def check_time_order(frame: pd.DataFrame, site_column: str, time_column: str, pa
     Raises
     ------
     DataFileError
-        Naming the time column, the site and the first offending row.
+        Naming the time column, the site and the offending rows (not the timestamps).
     """
     t = frame[time_column]
     if t.isna().any():
         rows = t.index[t.isna()]
-        raise DataFileError(path, f"{len(rows)} missing timestamp(s), first at row {rows[0] + 1}",
+        raise DataFileError(path, f"{len(rows)} missing timestamp(s) at {rows_text(rows)}",
                             "give every record its timestamp (leave the value column empty instead of dropping the time)", time_column)
     for site, idx in frame.groupby(site_column, sort=False, dropna=True).indices.items():
         ts = t.iloc[idx]
@@ -614,8 +762,8 @@ def check_time_order(frame: pd.DataFrame, site_column: str, time_column: str, pa
         row = frame.index.to_numpy()[idx] + 1  # 1-based data rows of the file
         if len(zero):
             i = zero[0]
-            raise DataFileError(path, f"duplicate timestamp {ts.iloc[i + 1]} for {site_column} {str(site)!r} with different "
-                                f"values (rows {row[i]} and {row[i + 1]})",
+            raise DataFileError(path, f"duplicate timestamp for {site_column} {shown_name(site)} with different values "
+                                f"(rows {row[i]} and {row[i + 1]} have the same time)",
                                 f"keep one record per {site_column} and timestamp (aggregate or remove duplicates); if "
                                 "these are local times repeated when daylight-saving time ended, write each timestamp "
                                 "with its UTC offset (e.g. 2024-10-27 02:15+02:00 and 2024-10-27 02:15+01:00)", time_column)
@@ -624,9 +772,54 @@ def check_time_order(frame: pd.DataFrame, site_column: str, time_column: str, pa
             dst = (" (or, if these are local times that went back when daylight-saving time ended, write each "
                    "timestamp with its UTC offset, e.g. +02:00 before and +01:00 after, and they are converted to UTC)"
                    if -d[i] <= np.timedelta64(1, "h") and 1 <= ts.iloc[i].hour <= 3 else "")  # DST ends 01:00-03:00
-            raise DataFileError(path, f"timestamps not sorted for {site_column} {str(site)!r}: row {row[i + 1]} ({ts.iloc[i + 1]}) "
-                                f"comes after row {row[i]} ({ts.iloc[i]})",
+            raise DataFileError(path, f"timestamps not sorted for {site_column} {shown_name(site)}: row {row[i + 1]} is earlier "
+                                f"than row {row[i]} before it",
                                 f"sort the file by {site_column!r} then {time_column!r} (ascending){dst}", time_column)
+
+
+def _site_name_rule(name: str) -> str | None:
+    """What makes ``name`` unusable as a site (file and ledger) name, or ``None``."""
+    import unicodedata
+
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        return "contains a control character (NUL, tab, newline ...)"
+    if "/" in name or "\\" in name:
+        return "contains a path separator ('/' or '\\')"
+    if name in (".", ".."):
+        return "is '.' or '..'"
+    if len(name) > MAX_SITE_NAME:
+        return f"is longer than {MAX_SITE_NAME} characters"
+    return None
+
+
+def check_site_names(frame: pd.DataFrame, site_column: str, path) -> None:
+    """Refuse site names (hospital, detector, grid) that cannot safely become file and ledger names.
+
+    A site name may hold spaces and letters of any language; it may not contain ``/``, ``\\``
+    or a control character, be ``.`` or ``..``, or be longer than :data:`MAX_SITE_NAME`
+    characters.
+
+    Raises
+    ------
+    DataFileError
+        Naming the site column, the rows, the rule and the fix (the name itself is not shown).
+    """
+    text = frame[site_column].dropna().map(str)
+    bad: dict[str, str] = {}
+    for v in pd.unique(text):
+        rule = _site_name_rule(v)
+        if rule is not None:
+            bad[v] = rule
+    if not bad:
+        return
+    rows = text.index[text.isin(list(bad)).to_numpy()]
+    rule = bad[text[rows[0]]]
+    others = {r for r in bad.values() if r != rule}
+    also = f" (other rows: a name that {'; '.join(sorted(others))})" if others else ""
+    raise DataFileError(path, f"{len(rows)} record(s) at {rows_text(rows)} have a site name that {rule}{also}",
+                        f"site names become file and ledger names: rename the site in {site_column!r} to a name of at "
+                        f"most {MAX_SITE_NAME} characters without '/', '\\' or control characters, and not '.' or '..' "
+                        "(spaces and letters of any language are fine)", site_column)
 
 
 def drop_missing_keys(frame: pd.DataFrame, columns: list[str], path, what: str = "records") -> pd.DataFrame:
@@ -701,7 +894,7 @@ class DepartmentDataset(abc.ABC):
     Raises
     ------
     DataFileError
-        A bad operator file or ranges file (file, column, value, fix).
+        A bad operator file or ranges file (file, column, rows, fix; never a record's values).
     ValueError
         A bad ``test_fraction`` or ``date_format``.
     """
@@ -813,7 +1006,7 @@ class DepartmentDataset(abc.ABC):
         if site not in self._cache:
             key = self._site_keys[site]
             records = self._frame[self._frame[self.schema.site_column] == key]
-            data = self._guarded(lambda: self._build_site(site, records), f"building site {site!r} from")
+            data = self._guarded(lambda: self._build_site(site, records), f"building site {shown_name(site)} from")
             self._check_site(data)
             self._cache[site] = data
         return self._cache[site]
@@ -830,16 +1023,16 @@ class DepartmentDataset(abc.ABC):
         unit = "windows" if self.schema.task == "forecasting" else "records"
         n_train, n_test = len(data.train), len(data.test)
         if n_train < MIN_TRAIN_RECORDS or n_test < 1:
-            raise DataFileError(self._origin, f"site {data.site!r} yields {n_train} training and {n_test} test {unit}; "
+            raise DataFileError(self._origin, f"site {shown_name(data.site)} yields {n_train} training and {n_test} test {unit}; "
                                 f"training needs at least {MIN_TRAIN_RECORDS} training {unit} (one DP-SGD batch) and one test "
-                                f"{unit[:-1]}", f"provide more records for {data.site!r}"
+                                f"{unit[:-1]}", f"provide more records for {shown_name(data.site)}"
                                 + (" (a longer period without long gaps)" if unit == "windows" else ""), self.schema.site_column)
         for part in ("train", "test"):
             sp = getattr(data, part)
             arrays = {"X": sp.X, "y": sp.y, **{f"{k} forecast": v for k, v in (sp.naive or {}).items()}}
             for name, a in arrays.items():
                 if not np.isfinite(a).all():
-                    raise DataFileError(self._origin, f"site {data.site!r}: the {part} {name} array is not finite after scaling "
+                    raise DataFileError(self._origin, f"site {shown_name(data.site)}: the {part} {name} array is not finite after scaling "
                                         "(values too large for float32 arithmetic)",
                                         "check the numeric columns for implausibly large values; keep the plausibility "
                                         "ranges (--ranges) within realistic bounds", self.schema.target)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .base import DataFileError, SiteData, Split, warn_quality
+from .base import DataFileError, SiteData, Split, shown_name, warn_quality
 
 #: Longest run of missing target steps that is filled by linear interpolation.
 MAX_GAP = 4
@@ -131,12 +131,12 @@ def build_forecast_site(
     missing_raw = int(np.isnan(target).sum())
     y_raw, n_filled = interpolate_short_gaps(target)
     if n_filled:
-        warn_quality(f"{origin}: site {site!r}: interpolated {n_filled} missing target value(s) "
+        warn_quality(f"{origin}: site {shown_name(site)}: interpolated {n_filled} missing target value(s) "
                      f"in gaps of at most {MAX_GAP} steps (of {missing_raw} missing on the {n}-step grid)", stacklevel=5)
     cut = int(round(n * (1.0 - test_fraction)))
     mean, std = _fit_scaler(y_raw[:cut])
     if not np.isfinite(y_raw[:cut]).any():
-        raise DataFileError(origin, f"site {site!r} has no target value in its training period", "provide data for the earlier part of the time range", time_column)
+        raise DataFileError(origin, f"site {shown_name(site)} has no target value in its training period", "provide data for the earlier part of the time range", time_column)
     scaled = (y_raw - mean) / std
 
     channels = [scaled[:, None], calendar_channels(times)]
@@ -145,7 +145,7 @@ def build_forecast_site(
         temp = np.full(n, np.nan) if temperature is None else np.asarray(temperature, dtype=np.float64)
         avail = np.isfinite(temp)
         if avail.any() and not avail[:cut].any():
-            warn_quality(f"{origin}: site {site!r}: temperature only present in the test period "
+            warn_quality(f"{origin}: site {shown_name(site)}: temperature only present in the test period "
                          f"({int(avail.sum())} values); it cannot be scaled from training data and is treated as unavailable", stacklevel=5)
             avail[:] = False
         t_mean, t_std = _fit_scaler(np.where(avail[:cut], temp[:cut], np.nan))
@@ -169,7 +169,7 @@ def build_forecast_site(
     for name, sel in (("train", is_train), ("test", is_test)):
         dropped = int((sel & ~ok).sum())
         if dropped:
-            warn_quality(f"{origin}: site {site!r}: dropped {dropped} of {int(sel.sum())} {name} windows that contain "
+            warn_quality(f"{origin}: site {shown_name(site)}: dropped {dropped} of {int(sel.sum())} {name} windows that contain "
                          f"missing values (in inputs, targets or the seasonal-naive reference) after interpolating short gaps", stacklevel=5)
         s = starts[sel & ok]
         if name == "train" and train_stride > 1:
@@ -184,7 +184,7 @@ def build_forecast_site(
                             naive={"persistence": persistence, "seasonal": seasonal},
                             target_time=times.to_numpy()[jj] if len(s) else np.zeros(0, dtype="datetime64[ns]"))
     if len(parts["train"]) == 0 or len(parts["test"]) == 0:
-        raise DataFileError(origin, f"site {site!r} yields {len(parts['train'])} training and {len(parts['test'])} test windows",
+        raise DataFileError(origin, f"site {shown_name(site)} yields {len(parts['train'])} training and {len(parts['test'])} test windows",
                             "provide a longer record without long gaps for this site", time_column)
     info = {"split_time": times[cut], "n_steps": n, "interpolated": int(n_filled), "missing_steps": missing_raw,
             "start": times[0], "end": times[-1], **t_meta, **(meta or {})}

@@ -20,8 +20,8 @@ import zlib
 import numpy as np
 import pandas as pd
 
-from .base import (Column, DataFileError, DepartmentDataset, Schema, SiteData, Split, drop_missing_keys, package_file,
-                   package_version, validate_frame, warn_quality)
+from .base import (Column, DataFileError, DepartmentDataset, Schema, SiteData, Split, check_site_names, drop_missing_keys,
+                   package_file, package_version, rows_text, shown_name, validate_frame, warn_quality)
 
 __all__ = ["HeartDisease"]
 
@@ -114,15 +114,16 @@ class HeartDisease(DepartmentDataset):
             if bad.any():
                 rows = out.index[bad]
                 shown = ("Male / Female" if col == "sex" else " / ".join(allowed))
-                raise DataFileError(path, f"{int(bad.sum())} unknown value(s), e.g. {out[col][rows[0]]!r} (row {rows[0] + 1})",
+                raise DataFileError(path, f"{int(bad.sum())} unknown value(s) at {rows_text(rows)}",
                                     f"use one of: {shown} (or leave it empty when unknown)", col)
         num = out["num"]
         bad = num.notna() & ((num < 0) | (num > 4))
         if bad.any():
             rows = out.index[bad]
-            raise DataFileError(path, f"{int(bad.sum())} value(s) outside 0-4, e.g. {num[rows[0]]:g} (row {rows[0] + 1})",
+            raise DataFileError(path, f"{int(bad.sum())} value(s) outside 0-4 at {rows_text(rows)}",
                                 "code the diagnosis as 0 (no disease) to 4, or 0/1", "num")
         out = drop_missing_keys(out, ["dataset", "num"], path, what="patients")
+        check_site_names(out, "dataset", path)
         out["dataset"] = out["dataset"].astype(str)
         return out.reset_index(drop=True)
 
@@ -144,12 +145,12 @@ class HeartDisease(DepartmentDataset):
         test = self._split(site, y)
         train = ~test
         if train.sum() == 0 or test.sum() == 0:
-            raise DataFileError(self._origin, f"hospital {site!r} has only {len(r)} patient(s); cannot split into train and test",
+            raise DataFileError(self._origin, f"hospital {shown_name(site)} has only {len(r)} patient(s); cannot split into train and test",
                                 "provide more patients for this hospital", "dataset")
         classes = np.unique(y[train])
         if len(classes) < 2:
             which = "heart disease (num > 0)" if classes[0] == 1 else "no heart disease (num = 0)"
-            raise DataFileError(self._origin, f"hospital {site!r}: all {int(train.sum())} training patients have {which}; "
+            raise DataFileError(self._origin, f"hospital {shown_name(site)}: all {int(train.sum())} training patients have {which}; "
                                 "a classifier cannot learn from one class",
                                 "provide records of patients with and without heart disease for this hospital, or check "
                                 "the 'num' column (0 = no disease, 1-4 = disease)", "num")
@@ -206,10 +207,10 @@ class HeartDisease(DepartmentDataset):
 
         if imputed:
             detail = ", ".join(f"{c}: {n}" for c, n in imputed.items())
-            warn_quality(f"{self._origin}: hospital {site!r}: imputed {sum(imputed.values())} missing value(s) in {len(r)} patients "
+            warn_quality(f"{self._origin}: hospital {shown_name(site)}: imputed {sum(imputed.values())} missing value(s) in {len(r)} patients "
                          f"with the hospital's training median/mode ({detail}; trestbps/chol of 0 count as missing)", stacklevel=4)
         if no_train:
-            warn_quality(f"{self._origin}: hospital {site!r}: no training value for {', '.join(no_train)}; these features are set to 0 "
+            warn_quality(f"{self._origin}: hospital {shown_name(site)}: no training value for {', '.join(no_train)}; these features are set to 0 "
                          "(the mean after standardization / no category) for every patient", stacklevel=4)
 
         X = np.column_stack([cols[c] for c in (*NUMERIC, *BINARY)] + onehots).astype(np.float32)

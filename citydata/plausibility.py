@@ -2,7 +2,7 @@
 
 Every numeric column with a documented range (``Column.plausible``; README, "Schema and
 plausibility ranges") is checked after it is read: a value outside the range is an error naming
-the file, the column, the value and its row, because a value that cannot be real (an age of
+the file, the column, the range and the rows (never the value: it is part of a record), because a value that cannot be real (an age of
 1e9 years, a negative blood pressure) is a data-entry or unit error that would otherwise turn
 into a silently wrong model. A department whose real records do fall outside a default (a
 grid whose net demand can be negative) overrides it in a small TOML file::

@@ -17,6 +17,9 @@ Rules (README, "Your own records"):
   and without an offset is an error: the naive ones cannot be placed in time.
 * Naive timestamps are taken as they are (the site's local time, as the bundled data).
 * Years outside 1900-2100 are an error (a typo in the year, or a wrong date format).
+
+Messages name the rows of the offending timestamps (the first few, then a count), never the
+timestamps themselves: they are part of the records.
 """
 
 from __future__ import annotations
@@ -96,14 +99,11 @@ def check_date_format(value: str | None) -> str | None:
     raise ValueError(f"unknown date format {text!r}; use one of: {choices}; or a strftime pattern such as '%d.%m.%Y %H:%M'")
 
 
-def _one(values: pd.Series, mask: np.ndarray, what: str = "") -> str:
-    """One offending value and its row, plus how many more (rows are 1-based data rows)."""
-    idx = np.flatnonzero(mask)
-    first = idx[0]
-    more = f" and {len(idx) - 1} more" if len(idx) > 1 else ""
-    v = values.iloc[first]
-    v = v.item() if isinstance(v, np.generic) else v
-    return f"{v!r} (row {values.index[first] + 1}){what}{more}"
+def _one(values: pd.Series, mask: np.ndarray) -> str:
+    """The rows of the offending values (``"row 17"``, ``"rows 3, 5 and 2 more"``; 1-based data rows), not the values."""
+    from .base import rows_text
+
+    return rows_text(values.index[np.flatnonzero(mask)])
 
 
 def _offset_text(minutes: int) -> str:
@@ -124,7 +124,7 @@ def _check_years(out: pd.Series, text: pd.Series) -> None:
     years = out.dt.year.where(ok)
     bad = (ok & ((years < YEAR_RANGE[0]) | (years > YEAR_RANGE[1]))).to_numpy()
     if bad.any():
-        raise _Bad(f"{int(bad.sum())} timestamp(s) outside the years {YEAR_RANGE[0]}-{YEAR_RANGE[1]}, e.g. {_one(text, bad)}",
+        raise _Bad(f"{int(bad.sum())} timestamp(s) outside the years {YEAR_RANGE[0]}-{YEAR_RANGE[1]} at {_one(text, bad)}",
                    "correct the year (a typo, or a day/month/year order the file does not use: see --date-format)")
 
 
@@ -143,13 +143,15 @@ def _from_datetime_dtype(s: pd.Series, warn) -> pd.Series:
     years = s.dt.year
     bad = (s.notna() & ((years < YEAR_RANGE[0]) | (years > YEAR_RANGE[1]))).to_numpy()
     if bad.any():
-        raise _Bad(f"{int(bad.sum())} timestamp(s) outside the years {YEAR_RANGE[0]}-{YEAR_RANGE[1]}, e.g. {_one(s.astype(str), bad)}",
+        raise _Bad(f"{int(bad.sum())} timestamp(s) outside the years {YEAR_RANGE[0]}-{YEAR_RANGE[1]} at {_one(s, bad)}",
                    "correct the year")
     return s.astype("datetime64[ns]")
 
 
 def _as_text(s: pd.Series) -> pd.Series:
     """Object column -> stripped strings (NaN stays NaN); datetime objects -> ISO text."""
+    number = object()
+
     def conv(v):
         if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NaT:
             return np.nan
@@ -159,9 +161,14 @@ def _as_text(s: pd.Series) -> pd.Series:
         if isinstance(v, (_dt.datetime, _dt.date, pd.Timestamp)):
             return v.isoformat()
         if isinstance(v, (bool, int, float, np.integer, np.floating, np.bool_)):
-            raise _Bad(f"timestamps are numbers (e.g. {v!r}), not dates", f"write timestamps as ISO 8601 text, e.g. {_EXAMPLE}")
+            return number
         return str(v).strip() or np.nan
-    return s.map(conv)
+    out = s.map(conv)
+    numbers = out.map(lambda v: v is number).to_numpy(dtype=bool)
+    if numbers.any():
+        raise _Bad(f"{int(numbers.sum())} timestamp(s) are numbers ({_one(s, numbers)}), not dates",
+                   f"write timestamps as ISO 8601 text, e.g. {_EXAMPLE}")
+    return out
 
 
 def _strptime(text: pd.Series, fmt: str) -> tuple[pd.Series, np.ndarray, np.ndarray]:
@@ -180,7 +187,7 @@ def _strptime(text: pd.Series, fmt: str) -> tuple[pd.Series, np.ndarray, np.ndar
     parsed = text.map(lambda v: values.get(v) if isinstance(v, str) else None)
     bad = (text.notna() & parsed.isna()).to_numpy()
     if bad.any():
-        raise _Bad(f"{int(bad.sum())} timestamp(s) that do not match --date-format {fmt!r}, e.g. {_one(text, bad)}",
+        raise _Bad(f"{int(bad.sum())} timestamp(s) that do not match --date-format {fmt!r} at {_one(text, bad)}",
                    f"write every timestamp as {_dt.datetime(2024, 4, 18, 0, 15).strftime(fmt)!r} (the pattern {fmt!r}), "
                    "or pass the pattern the file uses")
     wall = pd.to_datetime(parsed, errors="coerce")
@@ -199,25 +206,25 @@ def _regex(text: pd.Series, date_format: str | None) -> tuple[pd.Series, np.ndar
         how = (f"write them as {DATE_FORMATS[date_format]}" if date_format in DATE_FORMATS
                else f"write timestamps as ISO 8601, e.g. {_EXAMPLE} (an offset such as +02:00 or Z is allowed), or pass "
                     "--date-format with the file's layout (DMY, MDY, or a strftime pattern such as '%d.%m.%Y %H:%M')")
-        raise _Bad(f"{int(unmatched.sum())} unparsable timestamp(s), e.g. {_one(text, unmatched)}", how)
+        raise _Bad(f"{int(unmatched.sum())} unparsable timestamp(s) at {_one(text, unmatched)}", how)
     a, b, c = (m[k].fillna("0") for k in ("a", "b", "c"))
     year_first = (a.str.len() == 4).to_numpy()
     other = present & ~year_first
     if other.any():
         two_digit_year = other & (c.str.len() != 4).to_numpy()
         if two_digit_year.any():
-            raise _Bad(f"{int(two_digit_year.sum())} timestamp(s) without a 4-digit year, e.g. {_one(text, two_digit_year)}",
+            raise _Bad(f"{int(two_digit_year.sum())} timestamp(s) without a 4-digit year at {_one(text, two_digit_year)}",
                        "write the year with 4 digits (2024, not 24)")
         if date_format not in ("DMY", "MDY"):
             a_num = a.astype(int).to_numpy()
             b_num = b.astype(int).to_numpy()
             hint = ""
             if (other & (a_num > 12)).any():
-                hint = f"; {_one(text, other & (a_num > 12))} can only be day-first"
+                hint = f"; {_one(text, other & (a_num > 12))} can only be day-first (a first number above 12)"
             elif (other & (b_num > 12)).any():
-                hint = f"; {_one(text, other & (b_num > 12))} can only be month-first"
+                hint = f"; {_one(text, other & (b_num > 12))} can only be month-first (a second number above 12)"
             given = f" with --date-format {date_format}" if date_format else " and no date format was given"
-            raise _Bad(f"{int(other.sum())} timestamp(s) are not year-first{given}, e.g. {_one(text, other)}: "
+            raise _Bad(f"{int(other.sum())} timestamp(s) are not year-first{given} ({_one(text, other)}): "
                        f"day and month cannot be told apart{hint}",
                        "pass --date-format DMY (day/month/year) or --date-format MDY (month/day/year), "
                        f"or write ISO 8601 dates ({_EXAMPLE})")
@@ -229,7 +236,7 @@ def _regex(text: pd.Series, date_format: str | None) -> tuple[pd.Series, np.ndar
         month, day = b.to_numpy().astype(int), np.where(ymd, c, a).astype(int)
     bad_year_pos = present & year_first & (c.str.len() > 2).to_numpy()
     if bad_year_pos.any():
-        raise _Bad(f"{int(bad_year_pos.sum())} unparsable timestamp(s), e.g. {_one(text, bad_year_pos)}",
+        raise _Bad(f"{int(bad_year_pos.sum())} unparsable timestamp(s) at {_one(text, bad_year_pos)}",
                    f"write timestamps as ISO 8601, e.g. {_EXAMPLE}")
     bad_month = present & ((month < 1) | (month > 12))
     if bad_month.any():
@@ -237,28 +244,28 @@ def _regex(text: pd.Series, date_format: str | None) -> tuple[pd.Series, np.ndar
             other_fmt = "DMY" if date_format == "MDY" else "MDY"
             order = "month-first" if date_format == "MDY" else "day-first"
             raise _Bad(f"{int(bad_month.sum())} timestamp(s) with a month above 12 when read {order} (--date-format "
-                       f"{date_format}), e.g. {_one(text, bad_month)}",
+                       f"{date_format}) at {_one(text, bad_month)}",
                        f"if the file is {'day' if other_fmt == 'DMY' else 'month'}-first pass --date-format {other_fmt}; "
                        "otherwise correct those dates")
-        raise _Bad(f"{int(bad_month.sum())} timestamp(s) with an impossible month, e.g. {_one(text, bad_month)}",
+        raise _Bad(f"{int(bad_month.sum())} timestamp(s) with an impossible month at {_one(text, bad_month)}",
                    "correct the month (1-12)")
     hh = m["H"].fillna("0").astype(int).to_numpy()
     mm = m["M"].fillna("0").astype(int).to_numpy()
     ss = m["S"].fillna("0").astype(int).to_numpy()
     bad_time = present & ((hh > 23) | (mm > 59) | (ss > 59))
     if bad_time.any():
-        raise _Bad(f"{int(bad_time.sum())} timestamp(s) with an impossible time of day, e.g. {_one(text, bad_time)}",
+        raise _Bad(f"{int(bad_time.sum())} timestamp(s) with an impossible time of day at {_one(text, bad_time)}",
                    "write times as HH:MM[:SS] with hours 0-23 (midnight is 00:00 of the next day, not 24:00)")
     parts = pd.DataFrame({"year": np.where(present, year, 2000), "month": np.where(present, month, 1),
                           "day": np.where(present, day, 1), "hour": hh, "minute": mm, "second": ss})
     bad_year = present & ((year < YEAR_RANGE[0]) | (year > YEAR_RANGE[1]))
     if bad_year.any():
-        raise _Bad(f"{int(bad_year.sum())} timestamp(s) outside the years {YEAR_RANGE[0]}-{YEAR_RANGE[1]}, e.g. {_one(text, bad_year)}",
+        raise _Bad(f"{int(bad_year.sum())} timestamp(s) outside the years {YEAR_RANGE[0]}-{YEAR_RANGE[1]} at {_one(text, bad_year)}",
                    "correct the year (a typo, or a day/month/year order the file does not use: see --date-format)")
     wall = pd.to_datetime(parts, errors="coerce")
     bad_day = present & wall.isna().to_numpy()
     if bad_day.any():
-        raise _Bad(f"{int(bad_day.sum())} timestamp(s) with an impossible day of the month, e.g. {_one(text, bad_day)}",
+        raise _Bad(f"{int(bad_day.sum())} timestamp(s) with an impossible day of the month (a date that does not exist) at {_one(text, bad_day)}",
                    "correct those dates" + ("" if date_format in ("DMY", "MDY") else
                                             " (or, if the file is not year-first, pass --date-format DMY or MDY)"))
     frac = m["F"].fillna("").str.ljust(9, "0").str.slice(0, 9).replace("", "0").astype(np.int64).to_numpy()
@@ -275,7 +282,8 @@ def _regex(text: pd.Series, date_format: str | None) -> tuple[pd.Series, np.ndar
                 continue
             h, mi = int(v[1:3]), (int(v[3:5]) if len(v) > 3 else 0)
             if h > 14 or mi > 59:
-                raise _Bad(f"timestamp(s) with an impossible UTC offset, e.g. {_one(text, aware & (t == v).to_numpy())}",
+                bad_offset = aware & (t == v).to_numpy()
+                raise _Bad(f"{int(bad_offset.sum())} timestamp(s) with an impossible UTC offset at {_one(text, bad_offset)}",
                            "UTC offsets lie between -12:00 and +14:00")
             minutes[v] = (-1 if v[0] == "-" else 1) * (h * 60 + mi)
         om[aware] = t[aware].map(minutes).to_numpy(dtype=np.int64)
@@ -314,7 +322,7 @@ def parse_timestamps(s: pd.Series, date_format: str | None = None, warn=None) ->
         present = s.notna()
         if not present.any():
             return pd.Series(pd.NaT, index=s.index, dtype="datetime64[ns]")
-        raise _Bad(f"timestamps are numbers (e.g. {_one(s, present.to_numpy())}), not dates",
+        raise _Bad(f"timestamps are numbers ({_one(s, present.to_numpy())}), not dates",
                    f"write timestamps as ISO 8601 text, e.g. {_EXAMPLE}")
     text = _as_text(s)
     present = text.notna().to_numpy()
@@ -326,8 +334,8 @@ def parse_timestamps(s: pd.Series, date_format: str | None = None, warn=None) ->
         wall, aware, om = _regex(text, date_format)
     naive = present & ~aware
     if aware.any() and naive.any():
-        raise _Bad(f"{int(aware.sum())} timestamp(s) carry a UTC offset, e.g. {_one(text, aware)}, and {int(naive.sum())} "
-                   f"do not, e.g. row {np.flatnonzero(naive)[0] + 1}; the ones without cannot be placed in time",
+        raise _Bad(f"{int(aware.sum())} timestamp(s) carry a UTC offset ({_one(text, aware)}) and {int(naive.sum())} "
+                   f"do not ({_one(text, naive)}); the ones without cannot be placed in time",
                    "give every timestamp the same kind: all with their UTC offset (e.g. +02:00 or Z), or none (local time)")
     out = pd.Series(wall, index=s.index).astype("datetime64[ns]")
     if aware.any():

@@ -12,8 +12,8 @@ import functools
 import numpy as np
 import pandas as pd
 
-from .base import (Column, DataFileError, DepartmentDataset, Schema, SiteData, check_time_order, drop_missing_keys,
-                   package_file, package_version, validate_frame, warn_quality)
+from .base import (Column, DataFileError, DepartmentDataset, Schema, SiteData, check_site_names, check_time_order,
+                   drop_missing_keys, package_file, package_version, rows_text, validate_frame, warn_quality)
 from .forecasting import build_forecast_site
 
 __all__ = ["TrafficCounts"]
@@ -93,9 +93,10 @@ class TrafficCounts(DepartmentDataset):
         neg = out["total"] < 0
         if neg.any():
             rows = out.index[neg]
-            raise DataFileError(path, f"{int(neg.sum())} negative count(s), first at row {rows[0] + 1} ({out['total'][rows[0]]:g})",
+            raise DataFileError(path, f"{int(neg.sum())} negative count(s) at {rows_text(rows)}",
                                 "counts are vehicles per bin and cannot be negative; leave unknown counts empty", "total")
         out = drop_missing_keys(out, ["detector"], path)
+        check_site_names(out, "detector", path)
         # detector ids: whole numbers stay integers (sites read "detector-15"), anything else is text
         det = pd.to_numeric(out["detector"], errors="coerce")
         if det.notna().all() and (det == det.round()).all():
@@ -107,7 +108,7 @@ class TrafficCounts(DepartmentDataset):
         off = t != t.dt.floor("15min")
         if off.any():
             rows = out.index[off]
-            raise DataFileError(path, f"{int(off.sum())} timestamp(s) not on a 15-minute boundary, first at row {rows[0] + 1} ({t[rows[0]]})",
+            raise DataFileError(path, f"{int(off.sum())} timestamp(s) not on a 15-minute boundary at {rows_text(rows)}",
                                 "aggregate the counts into 15-minute bins starting at :00, :15, :30 and :45", "timestamp")
         missing = int(out["total"].isna().sum())
         if missing:

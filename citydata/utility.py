@@ -25,8 +25,8 @@ import functools
 import numpy as np
 import pandas as pd
 
-from .base import (Column, DataFileError, DepartmentDataset, Schema, SiteData, check_time_order, drop_missing_keys,
-                   package_file, package_version, warn_quality)
+from .base import (Column, DataFileError, DepartmentDataset, Schema, SiteData, check_site_names, check_time_order,
+                   drop_missing_keys, package_file, package_version, shown_name, warn_quality)
 from .forecasting import build_forecast_site
 
 __all__ = ["ElectricityDemand"]
@@ -144,6 +144,7 @@ class ElectricityDemand(DepartmentDataset):
         if "temperature" not in out:
             out["temperature"] = np.nan
         out = drop_missing_keys(out, ["grid"], path)
+        check_site_names(out, "grid", path)
         out["grid"] = out["grid"].astype(str)
         missing = int(out["demand"].isna().sum())
         if missing:
@@ -162,7 +163,7 @@ class ElectricityDemand(DepartmentDataset):
                 continue
             med = pd.Timedelta(np.median(d.astype("timedelta64[ns]").astype(np.int64)), unit="ns")
             if med > step or step % med != pd.Timedelta(0):
-                raise DataFileError(path, f"grid {grid!r} is recorded every {med}; an hourly or finer regular step "
+                raise DataFileError(path, f"grid {shown_name(grid)} is recorded every {med}; an hourly or finer regular step "
                                     "(that divides one hour, e.g. 15 or 30 minutes) is needed",
                                     "export the demand at hourly (or finer) resolution", "timestamp")
         return out.reset_index(drop=True)
@@ -174,7 +175,7 @@ class ElectricityDemand(DepartmentDataset):
         size, present = resampled.size(), resampled["demand"].count()
         partial = int(((present > 0) & (present < size)).sum())
         if partial:
-            warn_quality(f"{self._origin}: grid {site!r}: {partial} hour(s) of demand averaged from fewer records than the "
+            warn_quality(f"{self._origin}: grid {shown_name(site)}: {partial} hour(s) of demand averaged from fewer records than the "
                          f"hour holds ({int((size - present)[present > 0].sum())} missing value(s) left out of the mean)",
                          stacklevel=5)
         s = self.schema
