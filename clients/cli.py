@@ -222,7 +222,7 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
     Raises
     ------
     SetupError
-        With :class:`citydata.DataFileError`'s message (file, column, value, fix): a
+        With :class:`citydata.DataFileError`'s message (file, column, rows, kind of problem, fix; never a cell's value): a
         path that is not a regular file (says what it is), a bad file or ranges file, a site
         not in the file, a site too small for a train/test split or one DP-SGD batch, a
         single-class site; or a bad ``--date-format``/``--department``.
