@@ -175,6 +175,16 @@ def _app_hash(run_dir: Path) -> tuple[str | None, str]:
     return None, "a simulation: no app bundle (the installed cityfed ran it)"
 
 
+def _calibrated_noise(cfg: dict) -> dict:
+    """``{"noise-multiplier": "calibrated by each node ..."}`` for a run that set none (the run config's -1), else ``{}``."""
+    nm = cfg.get("noise-multiplier")
+    if cfg.get("dp") and (nm is None or (isinstance(nm, (int, float)) and nm < 0)):
+        target = cfg.get("target-epsilon")
+        return {"noise-multiplier": f"calibrated by each node for target-epsilon {target:g}"
+                if isinstance(target, (int, float)) else "calibrated by each node"}
+    return {}
+
+
 def model_card(run_dir: Path, results: dict, *, sites: list[str], model_config: dict, made_by: str) -> dict:
     """The model card (provenance) of a finished run folder.
 
@@ -232,8 +242,9 @@ def model_card(run_dir: Path, results: dict, *, sites: list[str], model_config: 
         "rounds-planned": cfg.get("num-rounds"),
         "rounds-completed": max((int(e["round"]) for e in rounds if (e.get("train") or {}).get("accepted")), default=0),
         "sites-trained": [names.get(str(n), f"node {n}") for n in trained],
-        "training": {k: cfg.get(k) for k in ("local-epochs", "batch-size", "lr", "dp", "target-epsilon", "noise-multiplier",
-                                             "clipping-norm", "seed")},
+        "training": {**{k: cfg.get(k) for k in ("local-epochs", "batch-size", "lr", "dp", "target-epsilon",
+                                                "noise-multiplier", "clipping-norm", "seed")},
+                     **_calibrated_noise(cfg)},
         "privacy": privacy,
         "privacy-source": privacy_source,
         "sites": per_site,

@@ -154,3 +154,17 @@ def test_gpu_counter_added_when_nvml_is_there(monkeypatch, tmp_path):
     with energy.EnergyMeter(powercap=tmp_path, gpu=False) as m:
         counter["mj"] += 1_000
     assert m.method == 0  # gpu=False: the counter is not read
+
+
+def test_model_card_says_the_noise_was_calibrated_per_node_not_the_sentinel(tmp_path):
+    """A run with a target epsilon stores noise-multiplier = -1 ("calibrate"); the card printed -1."""
+    from serving.package import card_markdown, model_card
+
+    res = {"run_id": "r1", "status": "completed", "rounds": [],
+           "config": {"department": "health", "num-rounds": 1, "dp": True, "target-epsilon": 3.0, "noise-multiplier": -1.0}}
+    card = model_card(tmp_path, res, sites=["Cleveland"], model_config={"kind": "heart-mlp"}, made_by="test")
+    assert card["training"]["noise-multiplier"] == "calibrated by each node for target-epsilon 3"
+    assert "-1" not in card_markdown(card).split("noise-multiplier")[1].splitlines()[0]
+    res["config"]["noise-multiplier"] = 1.1  # a fixed noise stays as given
+    card = model_card(tmp_path, res, sites=["Cleveland"], model_config={"kind": "heart-mlp"}, made_by="test")
+    assert card["training"]["noise-multiplier"] == 1.1
