@@ -112,7 +112,9 @@ def resolve_ranges(schema, overrides: str | os.PathLike | Mapping | None = None)
             return out
         overrides = env
     source, table = load_ranges(overrides) if not isinstance(overrides, Mapping) else ("ranges", dict(overrides))
-    numeric = {c.name: c for c in schema.columns if c.dtype in ("float", "int")}
+    # the numeric columns that have a plausibility range (a label such as health's num is checked by
+    # its department's own rule, an id by none: a range for them would be silently ignored)
+    numeric = {c.name: c for c in schema.columns if c.dtype in ("float", "int") and c.plausible is not None}
     names = [c.name for c in schema.columns]
     for col, spec in table.items():
         if col not in names:
@@ -120,6 +122,10 @@ def resolve_ranges(schema, overrides: str | os.PathLike | Mapping | None = None)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise _bad(source, f"[{col}] is not a {schema.department} column{hint}",
                        f"use one of the numeric columns: {', '.join(numeric)}", str(col))
+        if col not in numeric and schema.column(col).dtype in ("float", "int"):
+            raise _bad(source, f"[{col}] has no plausibility range to change (its values are checked by the "
+                       f"{schema.department} loader's own rule, which a ranges file does not override)",
+                       f"remove [{col}]; columns with ranges: {', '.join(numeric)}", col)
         if col not in numeric:
             raise _bad(source, f"[{col}] is a {schema.column(col).dtype} column; only numeric columns have ranges",
                        f"remove [{col}]; numeric columns: {', '.join(numeric)}", col)

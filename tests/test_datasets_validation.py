@@ -528,6 +528,7 @@ def test_ranges_file_overrides_the_defaults(tmp_path, heart_frame):
     assert "below 40" in _expect_with(HeartDisease, _write(heart_frame, tmp_path / "ok.csv"), "age", "outside", ranges=narrow).problem
     for text, column, needle in (("[chole]\nmax = 3\n", "chole", "did you mean 'chol'"),
                                  ("[sex]\nmax = 3\n", "sex", "only numeric columns"),
+                                 ("[num]\nmax = 9\n", "num", "no plausibility range to change"),
                                  ("[chol]\nmax = inf\n", "chol", "finite"),
                                  ("[chol]\nmax = 1e300\n", "chol", "finite"),
                                  ("[chol]\nmax = '9'\n", "chol", "not a number"),
