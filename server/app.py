@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from citydata import DATASETS
 from contract.keys import NODE_KEYS, OPTIMIZERS, RUN_ID
 from contract.tasks import TASKS
+from privacy.policy import MAX_EPSILON
 from server.artefacts import CHECKPOINT, MODEL, require_no_legacy_checkpoint, save_model
 from server.personalise import personalise_config, personalise_nodes
 from server.secagg import SecAggStrategy
@@ -35,42 +36,67 @@ from shared_models import build_model, default_model_config, model_kinds
 
 log = logging.getLogger("cityfed.server")
 
+#: Bounds of the run config's numbers: far above any sensible value, low enough to catch typos and
+#: unit slips (``1e308``, ``99999999999999999999``) that would otherwise run, or fail mid-run.
+MAX_ROUNDS = 100_000
+MAX_EPOCHS = 10_000
+MAX_NODES = 1_000_000
+MAX_BATCH = 1_000_000
+MAX_LR = 1e3
+MAX_SCALE = 1e6  # noise multipliers, clipping norms, proximal weights, SecAgg+ range
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (and the nodes' splits) take at most 32 bits
+#: ``noise-multiplier`` value meaning "calibrate the noise from target-epsilon" (the default).
+CALIBRATE = -1.0
+
+
+class RunConfigError(ValueError):
+    """A run config key or value that is not valid; the message names the key, the value and the fix.
+
+    A cityfed error (its message is shown by :func:`privacy.safe_cli.run_app`); a ``ValueError``
+    for the callers that catch those.
+    """
+
 
 class RunSettings(BaseModel):
-    """A federated run's settings (run-config keys are the hyphenated field aliases)."""
+    """A federated run's settings (run-config keys are the hyphenated field aliases).
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    Every number is finite (``inf``/``nan`` are refused) and within the bounds its field states;
+    a ``true``/``false`` is not a number.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     department: Literal["health", "traffic", "utility"] = Field(description="Department whose nodes train.")
     model: str = Field("", description="Model kind (heart-mlp; gru, patchtst); empty = the department's first.")
-    num_rounds: int = Field(5, ge=1, alias="num-rounds", description="Federated rounds.")
+    num_rounds: int = Field(5, ge=1, le=MAX_ROUNDS, alias="num-rounds", description="Federated rounds.")
     strategy: Literal[STRATEGIES] = Field("fedavg", description="Flower aggregation strategy.")
-    proximal_mu: float = Field(0.1, ge=0, alias="proximal-mu", description="FedProx proximal weight (fedprox only).")
-    server_lr: float = Field(1e-2, gt=0, alias="server-lr", description="Server learning rate eta (fedadam, fedyogi).")
+    proximal_mu: float = Field(0.1, ge=0, le=MAX_SCALE, alias="proximal-mu", description="FedProx proximal weight (fedprox only).")
+    server_lr: float = Field(1e-2, gt=0, le=MAX_LR, alias="server-lr", description="Server learning rate eta (fedadam, fedyogi).")
     server_momentum: float = Field(0.9, ge=0, lt=1, alias="server-momentum",
                                    description="Server momentum (fedavgm only; its server learning rate is 1).")
     trim_beta: float = Field(0.2, gt=0, lt=0.5, alias="trim-beta", description="Fraction trimmed at each end (trimmed-mean).")
-    krum_malicious: int = Field(1, ge=0, alias="krum-malicious", description="Nodes Krum assumes malicious.")
-    local_epochs: int = Field(1, ge=1, alias="local-epochs", description="Local epochs per round.")
-    batch_size: int = Field(64, ge=1, alias="batch-size", description="Expected local batch size (Poisson sampling).")
-    lr: float = Field(1e-2, gt=0, description="Local learning rate (of the optimizer below).")
+    krum_malicious: int = Field(1, ge=0, le=MAX_NODES, alias="krum-malicious", description="Nodes Krum assumes malicious.")
+    local_epochs: int = Field(1, ge=1, le=MAX_EPOCHS, alias="local-epochs", description="Local epochs per round.")
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH, alias="batch-size", description="Expected local batch size (Poisson sampling).")
+    lr: float = Field(1e-2, gt=0, le=MAX_LR, description="Local learning rate (of the optimizer below).")
     optimizer: Literal[OPTIMIZERS] = Field(
         "adam", description="Local optimizer of the rounds: adam, or sgd (SGD with momentum 0.9). Under DP-SGD's noise "
                             "Adam's steps are noise-normalised; sgd takes lr as given (README, 'Local optimizer'). The "
                             "personalisation trains with Adam.")
     dp: bool = Field(True, description="DP-SGD on every node (example policies require it).")
-    target_epsilon: float = Field(3.0, gt=0, alias="target-epsilon",
-                                  description="Epsilon each node reaches after num-rounds (nodes calibrate their noise).")
-    noise_multiplier: float = Field(-1.0, alias="noise-multiplier",
-                                    description="Fixed noise multiplier; negative = calibrate from target-epsilon.")
-    clipping_norm: float = Field(1.0, gt=0, alias="clipping-norm", description="Per-sample clipping norm.")
+    target_epsilon: float = Field(3.0, gt=0, le=MAX_EPSILON, alias="target-epsilon",
+                                  description="Epsilon each node reaches after num-rounds (nodes calibrate their noise); "
+                                              "at most a policy's highest lifetime max_epsilon.")
+    noise_multiplier: float = Field(CALIBRATE, alias="noise-multiplier",
+                                    description="Fixed noise multiplier (>= 0); -1 (default) = calibrate from target-epsilon.")
+    clipping_norm: float = Field(1.0, gt=0, le=MAX_SCALE, alias="clipping-norm", description="Per-sample clipping norm.")
     fraction_train: float = Field(1.0, gt=0, le=1, alias="fraction-train", description="Share of nodes sampled to train per round.")
     fraction_evaluate: float = Field(1.0, ge=0, le=1, alias="fraction-evaluate",
                                      description="Share of nodes asked to evaluate per round (0 = none). A node answers "
                                                  "only if its policy allows DP-noised local evaluation; otherwise it "
                                                  "declines, and the run is scored on central-data.")
-    min_nodes: int = Field(1, ge=1, alias="min-nodes", description="Nodes that must be connected before a round starts.")
-    min_accepted: int = Field(1, ge=1, alias="min-accepted",
+    min_nodes: int = Field(1, ge=1, le=MAX_NODES, alias="min-nodes", description="Nodes that must be connected before a round starts.")
+    min_accepted: int = Field(1, ge=1, le=MAX_NODES, alias="min-accepted",
                               description="A round with fewer acceptable updates ends the run cleanly.")
     max_update_norm: float = Field(1e3, gt=0, alias="max-update-norm",
                                    description="Replies whose update L2 norm exceeds this are excluded.")
@@ -87,42 +113,42 @@ class RunSettings(BaseModel):
                               description="Records the coordinator holds (a file in the department schema, or "
                                           "'bundled' for the department's packaged public data): every site's test "
                                           "split in it is scored each round, exactly. Empty = none.")
-    central_data_seed: int = Field(0, ge=0, alias="central-data-seed",
+    central_data_seed: int = Field(0, ge=0, le=MAX_SEED, alias="central-data-seed",
                                    description="Seed of the train/test split of central-data (health: a seeded random "
                                                "draw per hospital). Simulations set it, and each node's data-seed, to "
                                                "the run's seed, so the coordinator scores the test records the nodes "
                                                "hold out.")
-    personalise_epochs: int = Field(0, ge=0, alias="personalise-epochs",
+    personalise_epochs: int = Field(0, ge=0, le=MAX_EPOCHS, alias="personalise-epochs",
                                     description="After the last round, each node whose policy allows it (personalisation "
                                                 "= true) fine-tunes the final model on its own records for this many "
                                                 "epochs and keeps it; under DP the run's target-epsilon covers it. 0 = off.")
-    personalise_lr: float = Field(1e-3, gt=0, alias="personalise-lr", description="Learning rate of the personalisation (Adam).")
+    personalise_lr: float = Field(1e-3, gt=0, le=MAX_LR, alias="personalise-lr", description="Learning rate of the personalisation (Adam).")
     personalise_layers: Literal["all", "head"] = Field("all", alias="personalise-layers",
                                                        description="Parameters personalised: all, or the output layer only.")
-    personalise_batch_size: int = Field(0, ge=0, alias="personalise-batch-size",
+    personalise_batch_size: int = Field(0, ge=0, le=MAX_BATCH, alias="personalise-batch-size",
                                         description="Batch size of the personalisation (DP-SGD: its expected batch, which "
                                                     "the nodes' noise calibration uses). 0 = the run's batch-size.")
-    personalise_mu: float = Field(0.0, ge=0, alias="personalise-mu",
+    personalise_mu: float = Field(0.0, ge=0, le=MAX_SCALE, alias="personalise-mu",
                                   description="Proximal pull of the personalised model towards the global one (Ditto-like).")
-    personalise_own_lr: float = Field(0.0, ge=0, allow_inf_nan=False, alias="personalise-own-lr",
+    personalise_own_lr: float = Field(0.0, ge=0, le=MAX_LR, alias="personalise-own-lr",
                                       description="Without DP: each node also trains a model from the run's initialisation "
                                                   "on its own records alone at this learning rate and keeps whichever of it "
                                                   "and the personalised federated model scores better on its validation split "
                                                   "(a node never keeps a model worse there than its own). 0 = off; ignored "
                                                   "under DP (a second model would be a second release).")
-    personalise_own_batch_size: int = Field(0, ge=0, alias="personalise-own-batch-size",
+    personalise_own_batch_size: int = Field(0, ge=0, le=MAX_BATCH, alias="personalise-own-batch-size",
                                             description="Batch size of that own-records model. 0 = the personalisation's.")
     run_dir: str = Field("runs/latest", alias="run-dir", description="Folder for checkpoint.safetensors, model.safetensors, results.json.")
     resume: bool = Field(False, description="Continue from run-dir/checkpoint.safetensors.")
-    seed: int = Field(0, description="Seed of the initial model and of local sampling.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the initial model and of local sampling.")
     secagg: bool = Field(False, description="Aggregate train updates under Flower's SecAgg+: the coordinator only sees "
                                             "their weighted mean (fedavg, fedadam, fedyogi only; at least 3 nodes per round).")
     secagg_num_shares: int = Field(3, ge=3, le=1023, alias="secagg-num-shares",
                                    description="SecAgg+ shares of each node's secrets = neighbours + 1 (odd).")
-    secagg_threshold: int = Field(2, ge=2, alias="secagg-threshold",
+    secagg_threshold: int = Field(2, ge=2, le=1022, alias="secagg-threshold",
                                   description="SecAgg+ shares needed to unmask (< secagg-num-shares); a round survives "
                                               "dropouts while each node keeps this many live neighbours.")
-    secagg_clipping_range: float = Field(8.0, gt=0, allow_inf_nan=False, alias="secagg-clipping-range",
+    secagg_clipping_range: float = Field(8.0, gt=0, le=MAX_SCALE, alias="secagg-clipping-range",
                                          description="SecAgg+ quantises each coordinate of update*num-examples/1000 in "
                                                      "[-r, r] with 2**22 levels: error <= 2r/2**22 per node (~1e-5 on "
                                                      "the mean, far below DP noise); nodes scale larger updates down.")
@@ -134,10 +160,10 @@ class RunSettings(BaseModel):
                                          "rounds (user level) in the checkpoint. Protects the model against its users, "
                                          "not the nodes against the coordinator; nodes still run their own DP-SGD. "
                                          "fedavg and fedprox only.")
-    central_noise_multiplier: float = Field(1.0, gt=0, allow_inf_nan=False, alias="central-noise-multiplier",
+    central_noise_multiplier: float = Field(1.0, gt=0, le=MAX_SCALE, alias="central-noise-multiplier",
                                             description="Central DP: noise std on the mean of k updates = this x "
                                                         "central-clipping-norm / k.")
-    central_clipping_norm: float = Field(1.0, gt=0, allow_inf_nan=False, alias="central-clipping-norm",
+    central_clipping_norm: float = Field(1.0, gt=0, le=MAX_SCALE, alias="central-clipping-norm",
                                          description="Central DP: L2 norm each node clips its model update to (an "
                                                      "upper bound: a node's policy may clip tighter, never looser).")
     central_delta: float = Field(1e-5, gt=0, lt=1, alias="central-delta",
@@ -146,6 +172,20 @@ class RunSettings(BaseModel):
     central_accountant: Literal["rdp", "prv"] = Field("rdp", alias="central-accountant",
                                                       description="Central DP: accountant of the central epsilon "
                                                                   "(Opacus RDP, or PRV: tighter).")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value, info):
+        if isinstance(value, bool) and _NUMBER_KIND.get(info.field_name):  # true is not 1
+            raise ValueError("a number, not true/false")
+        return value
+
+    @field_validator("noise_multiplier")
+    @classmethod
+    def _noise(cls, value: float) -> float:
+        if value != CALIBRATE and not 0 <= value <= MAX_SCALE:
+            raise ValueError("out of range")  # settings() words it (_range_text)
+        return value
 
     @field_validator("round_timeout", mode="before")
     @classmethod
@@ -164,6 +204,35 @@ class RunSettings(BaseModel):
 DEFAULTS = {f.alias or k: f.default for k, f in RunSettings.model_fields.items() if k != "department"}
 
 
+def _fmt(x) -> str:
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e16:
+        return str(int(x))
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _range_text(name: str) -> str:
+    """What a numeric field accepts, from its bounds: 'a finite number > 0 and <= 100'."""
+    import annotated_types as at
+
+    info = RunSettings.model_fields[name]
+    if name == "noise_multiplier":
+        return (f"a finite number >= 0 and <= {_fmt(MAX_SCALE)}, or -1 (the default) to calibrate the noise from "
+                "'target-epsilon'")
+    parts = []
+    for m in info.metadata:
+        for cls_, attr, op in ((at.Gt, "gt", ">"), (at.Ge, "ge", ">="), (at.Lt, "lt", "<"), (at.Le, "le", "<=")):
+            if isinstance(m, cls_):
+                parts.append(f"{op} {_fmt(getattr(m, attr))}")
+    what = "a whole number" if _NUMBER_KIND[name] is int else "a finite number"
+    return what + (" " + " and ".join(parts) if parts else "")
+
+
+#: The numeric fields (int or float; not round-timeout, a number or a rule) -> their kind.
+_NUMBER_KIND = {k: f.annotation for k, f in RunSettings.model_fields.items() if f.annotation in (int, float)}
+#: Hyphenated key -> what it accepts (run-config errors say it).
+_ACCEPTS = {RunSettings.model_fields[k].alias or k: _range_text(k) for k in _NUMBER_KIND}
+
+
 def settings(run_config: dict) -> dict:
     """Validate a run config; return it with defaults filled in (hyphenated keys).
 
@@ -171,8 +240,8 @@ def settings(run_config: dict) -> dict:
 
     Raises
     ------
-    ValueError
-        Naming the key, the problem and the allowed values.
+    RunConfigError
+        (a ``ValueError``) Naming the key, the value and the allowed values.
     """
     raw = dict(run_config)
     node_side = {k: raw.pop(k) for k in list(raw) if k in NODE_KEYS or k == RUN_ID}  # run-id: in-process grid
@@ -184,16 +253,22 @@ def settings(run_config: dict) -> dict:
             key = ".".join(str(x) for x in err["loc"]) or "?"
             if err["type"] == "extra_forbidden":
                 problems.append(f"unknown run config key {key!r} (known: {', '.join(sorted(DEFAULTS))}, department)")
+            elif key in _ACCEPTS:
+                problems.append(f"run config {key!r}: must be {_ACCEPTS[key]} (got {err.get('input')!r})")
             else:
-                problems.append(f"run config {key!r}: {err['msg']} (got {err.get('input')!r})")
-        raise ValueError("; ".join(problems)) from None
+                msg = str(err["msg"]).removeprefix("Value error, ")
+                problems.append(f"run config {key!r}: {msg} (got {err.get('input')!r})")
+        raise RunConfigError("; ".join(problems)) from None
     cfg = parsed.as_config()
-    check_secagg(cfg)
-    check_central_dp(cfg)
+    try:
+        check_secagg(cfg)
+        check_central_dp(cfg)
+    except ValueError as exc:  # their messages name the key and the fix
+        raise RunConfigError(str(exc)) from None
     cfg["model"] = cfg["model"] or model_kinds(cfg["department"])[0]
     if cfg["model"] not in model_kinds(cfg["department"]):
-        raise ValueError(f"run config 'model': {cfg['model']!r} is not a {cfg['department']} model; "
-                         f"choose one of {', '.join(model_kinds(cfg['department']))}")
+        raise RunConfigError(f"run config 'model': {cfg['model']!r} is not a {cfg['department']} model; "
+                             f"choose one of {', '.join(model_kinds(cfg['department']))}")
     return {**cfg, **node_side}
 
 

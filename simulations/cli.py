@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import time
@@ -23,6 +24,9 @@ app = typer.Typer(
 )
 console = Console()
 DEPARTMENTS = ("health", "traffic", "utility")
+#: Bounds of the whole-number options: server.app's run-config bounds (not imported here: the CLI
+#: starts without torch; tests/test_run_settings_validation.py checks they agree).
+_MAX_ROUNDS, _MAX_EPOCHS, _MAX_NODES, _MAX_BATCH, _MAX_SEED = 100_000, 10_000, 1_000_000, 1_000_000, 2**32 - 1
 
 
 def _table(results: list[dict], department: str) -> Table:
@@ -74,12 +78,12 @@ def baselines(
     ranges: Optional[Path] = typer.Option(
         None, "--ranges", help="TOML file replacing the schema's plausibility ranges of some columns (README)."
     ),
-    epochs: Optional[int] = typer.Option(None, min=1, help="Train every job exactly this many epochs. Default: DP-SGD jobs "
+    epochs: Optional[int] = typer.Option(None, min=1, max=_MAX_EPOCHS, help="Train every job exactly this many epochs. Default: DP-SGD jobs "
                                          "train a fixed count per department (their accounted release); non-private jobs "
                                          "as many (at most 60) as a validation split of each site's training records "
                                          "favours."),
     max_grad_norm: float = typer.Option(1.0, help="Per-sample clipping norm of DP-SGD."),
-    seed: int = typer.Option(0, help="Seed for splits, initialisation and sampling."),
+    seed: int = typer.Option(0, min=0, max=_MAX_SEED, help="Seed for splits, initialisation and sampling."),
 ) -> None:
     """Train pooled and local-only reference models, without DP and with Opacus DP-SGD.
 
@@ -98,6 +102,11 @@ def baselines(
             raise typer.BadParameter(f"unknown department {d!r}; choose from {', '.join(DEPARTMENTS)} or 'all'", param_hint="--department")
     if data is not None and len(depts) != 1:
         raise typer.BadParameter("--data needs exactly one --department", param_hint="--data")
+    from privacy.policy import MAX_EPSILON
+
+    _check_numbers([("--epsilon", e, 0, False, MAX_EPSILON) for e in epsilon]
+                   + [("--max-grad-norm", max_grad_norm, 0, False, 1e6)])
+    _check_out_dir(out, "--out")
     try:
         date_format = check_date_format(date_format)
     except ValueError as exc:
@@ -237,14 +246,153 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str, ray_options: di
     return results
 
 
+def _check_numbers(checks: list[tuple]) -> None:
+    """Refuse an option value that is not a finite number within its bounds (typer's ranges let ``nan`` through).
+
+    ``checks``: ``(option, value, low, low_inclusive, high)`` with ``high`` a number (inclusive) or
+    ``(number, inclusive)``; a value of ``None`` (option not given) is skipped.
+    """
+    for option, value, low, low_inclusive, high in checks:
+        if value is None:
+            continue
+        high, high_inclusive = high if isinstance(high, tuple) else (high, True)
+        ok = (math.isfinite(value) and (value >= low if low_inclusive else value > low)
+              and (value <= high if high_inclusive else value < high))
+        if not ok:
+            def num(x: float) -> str:
+                return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+            raise typer.BadParameter(f"must be a finite number {'>=' if low_inclusive else '>'} {num(low)} and "
+                                     f"{'<=' if high_inclusive else '<'} {num(high)} (got {value!r})", param_hint=option)
+
+
+def _check_out_dir(path: Path, option: str) -> None:
+    """Refuse an output folder that is, or lies under, an existing file (before anything is created)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == path else f"lies under {p}, which is a file"
+                raise typer.BadParameter(f"{path} {where}, not a folder; fix: choose a folder path (created if missing)",
+                                         param_hint=option)
+            return
+
+
+def _check_resumable(run_dirs: list[Path]) -> list[Path]:
+    """``--resume`` needs a checkpoint to resume: refuse, rather than silently start a fresh run.
+
+    With several departments (``-d all``) at least one of their folders must hold one (a run
+    interrupted in its second department resumes it; the departments not started yet start
+    from round 1, which is said). Returns the folders without a checkpoint.
+    """
+    from server.artefacts import CHECKPOINT, LegacyCheckpointError, require_no_legacy_checkpoint
+
+    for run_dir in run_dirs:
+        try:
+            require_no_legacy_checkpoint(run_dir)  # an earlier version's pickle: its own message says what to do
+        except LegacyCheckpointError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--resume") from None
+    missing = [p for p in run_dirs if not (p / CHECKPOINT).is_file()]
+    if len(missing) == len(run_dirs):
+        where = (f"{run_dirs[0]} has" if len(run_dirs) == 1
+                 else f"none of {', '.join(str(p) for p in run_dirs)} has")
+        raise typer.BadParameter(f"{where} no {CHECKPOINT}: there is no interrupted run to resume there; fix: drop "
+                                 "--resume to start a new run (or pass the --out of the interrupted run)",
+                                 param_hint="--resume")
+    return missing
+
+
+def _check_policies(depts: list[str], policy: Optional[Path]) -> dict:
+    """Load each department's node policy (``--policy``, or the example one) and check its department, up front.
+
+    Returns ``{department: PrivacyPolicy}``.
+    """
+    from privacy.policy import PolicyError, load_policy
+    from simulations.run import default_policy
+
+    if policy is not None and len(depts) > 1:
+        raise typer.BadParameter(f"{policy}: a policy file is for one department, and --department all runs "
+                                 f"{', '.join(depts)}; fix: run each department on its own with its --policy, or leave "
+                                 "--policy out (each department's examples/policies/<department>.toml)", param_hint="--policy")
+    found = {}
+    for d in depts:
+        path = policy if policy is not None else default_policy(d)
+        try:
+            pol = load_policy(path)
+        except PolicyError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--policy") from None
+        if pol.department != d:
+            raise typer.BadParameter(f"{path} is a policy for department {pol.department!r}, and this run is for {d!r}: "
+                                     f"every node would refuse every round; fix: pass a {d} policy (e.g. "
+                                     f"examples/policies/{d}.toml)", param_hint="--policy")
+        found[d] = pol
+    return found
+
+
+def _policy_conflicts(cfg: dict, pol, path: str) -> None:
+    """Refuse settings that every node's policy refuses at every round (the nodes' own checks, made up front).
+
+    Only what needs no node's data or ledger: the task, DP required, the target epsilon above the
+    lifetime budget, the noise multiplier and the clipping norm (``privacy.policy.check_job``,
+    ``clients.node.check_job_numbers``).
+    """
+    from contract.tasks import TASKS
+
+    d = cfg["department"]
+    if TASKS[d] not in pol.allowed_tasks:
+        raise typer.BadParameter(f"{path}: task {TASKS[d]!r} is not in the policy's allowed_tasks "
+                                 f"{list(pol.allowed_tasks)}; every node would refuse; fix: a policy that allows it",
+                                 param_hint="--policy")
+    calibrate = float(cfg.get("noise-multiplier", -1.0)) < 0
+    if calibrate and float(cfg["target-epsilon"]) > pol.max_epsilon:
+        raise typer.BadParameter(f"{cfg['target-epsilon']:g} is above the lifetime max_epsilon {pol.max_epsilon:g} of "
+                                 f"the nodes' policy {path}: every node would refuse every round; fix: --epsilon "
+                                 f"{pol.max_epsilon:g} or less", param_hint="--epsilon")
+    if not cfg["dp"]:
+        if pol.require_dp:
+            raise typer.BadParameter(f"the nodes' policy {path} requires DP (require_dp = true): every node would refuse "
+                                     "every round; fix: drop --no-dp, or pass a policy with require_dp = false",
+                                     param_hint="--no-dp")
+        return
+    if not calibrate and float(cfg["noise-multiplier"]) < pol.min_noise_multiplier:
+        raise typer.BadParameter(f"{cfg['noise-multiplier']:g} is below the min_noise_multiplier "
+                                 f"{pol.min_noise_multiplier:g} of the nodes' policy {path}: every node would refuse "
+                                 f"every round; fix: --noise-multiplier {pol.min_noise_multiplier:g} or more, or leave "
+                                 "it out to calibrate the noise from --epsilon", param_hint="--noise-multiplier")
+    if float(cfg["clipping-norm"]) > pol.max_clipping_norm:
+        raise typer.BadParameter(f"{cfg['clipping-norm']:g} is above the max_clipping_norm {pol.max_clipping_norm:g} "
+                                 f"of the nodes' policy {path}: every node would refuse every round; fix: --clip "
+                                 f"{pol.max_clipping_norm:g} or less", param_hint="--clip")
+
+
+def _untrained(department: str, results: dict) -> bool:
+    """Whether no node's update was accepted in any round of the run (it trained nothing); if so, say so.
+
+    ``fl-sim run`` then exits 1 (after its other departments). The run's artefacts stay for the
+    diagnosis (results.json lists every refusal, exclusion and drop); the model it wrote is the
+    initial model (or, resumed, the checkpoint's).
+    """
+    rounds = results.get("rounds") or []
+    if any(int((e.get("train") or {}).get("accepted") or 0) > 0 for e in rounds):
+        return False
+    counts = {k: len(results.get(k) or []) for k in ("refused", "excluded", "dropped")}
+    reasons = sorted({str(r.get("reason", "")).split(": refused: ", 1)[-1] for r in results.get("refused") or []})
+    console.print(f"[red]error:[/red] {department}: no node's update was accepted in any of the {len(rounds)} round(s) "
+                  f"run ({counts['refused']} refusal(s), {counts['excluded']} exclusion(s), {counts['dropped']} "
+                  "dropped): the run trained nothing and its model is the initial one"
+                  + (f"; the nodes said: {'; '.join(reasons[:3])}" if reasons else "")
+                  + f"; fix: the settings the reasons name (see above and {results.get('config', {}).get('run-dir', 'OUT')}"
+                  "/results.json)")
+    return True
+
+
 @app.command()
 def run(
     department: str = typer.Option(..., "--department", "-d",
                                    help="health, traffic, utility, or 'all' (one after the other, OUT/<department>)."),
     out: Path = typer.Option(Path("runs/sim"), "--out", "-o", help="Run folder: results.json, model.safetensors, report.html, ledgers/."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", min=1,
+    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", min=1, max=_MAX_ROUNDS,
                                          help="Federated rounds (default per department: health 15, traffic 8, utility 8)."),
-    local_epochs: Optional[int] = typer.Option(None, "--local-epochs", min=1,
+    local_epochs: Optional[int] = typer.Option(None, "--local-epochs", min=1, max=_MAX_EPOCHS,
                                                help="Local epochs per round (default: health 2, traffic 1, utility 1)."),
     strategy: str = typer.Option("fedavg", help="fedavg, fedprox, fedadam, fedyogi, trimmed-mean or krum (Flower's)."),
     proximal_mu: float = typer.Option(0.1, help="FedProx proximal weight (with --strategy fedprox)."),
@@ -258,12 +406,12 @@ def run(
     optimizer: str = typer.Option("adam", help="Local optimizer of the rounds: adam, or sgd (momentum 0.9; under DP-SGD "
                                                "it takes --lr as given, where Adam's steps are noise-normalised). "
                                                "Personalisation trains with Adam."),
-    batch_size: Optional[int] = typer.Option(None, help="Local batch size, expected under Poisson sampling (default: health 32, else 128)."),
+    batch_size: Optional[int] = typer.Option(None, min=1, max=_MAX_BATCH, help="Local batch size, expected under Poisson sampling (default: health 32, else 128)."),
     fraction: float = typer.Option(1.0, min=0.0, max=1.0, help="Fraction of sites sampled to train per round."),
     fraction_evaluate: float = typer.Option(1.0, min=0.0, max=1.0, help="Fraction of sites sampled to evaluate per round."),
-    min_accepted: int = typer.Option(1, min=1, help="End the run cleanly when a round has fewer acceptable updates."),
+    min_accepted: int = typer.Option(1, min=1, max=_MAX_NODES, help="End the run cleanly when a round has fewer acceptable updates."),
     dropout: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability that a site fails a round (simulated)."),
-    virtual_sites: int = typer.Option(0, min=0, help="N > 0: replace the natural sites by N virtual sites (flwr-datasets)."),
+    virtual_sites: int = typer.Option(0, min=0, max=_MAX_NODES, help="N > 0: replace the natural sites by N virtual sites (flwr-datasets)."),
     partitioner: str = typer.Option("iid", help="Virtual sites: iid or dirichlet."),
     alpha: float = typer.Option(0.5, help="Virtual sites: Dirichlet concentration (smaller = more skewed)."),
     secagg: bool = typer.Option(False, "--secagg/--no-secagg",
@@ -294,8 +442,8 @@ def run(
         0.0, "--gpus-per-client", min=0.0, help="Ray engine: GPUs per simulated client (0.25 = four clients share "
                                                 "a GPU); those clients train on CUDA. 0 = CPU clients."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/checkpoint.safetensors."),
-    seed: int = typer.Option(0, help="Seed for the initial model, sampling, partitioning and each site's train/test split (health: a seeded draw per hospital; as fl-sim baselines --seed)."),
-    personalise_epochs: int = typer.Option(0, "--personalise-epochs", min=0,
+    seed: int = typer.Option(0, min=0, max=_MAX_SEED, help="Seed for the initial model, sampling, partitioning and each site's train/test split (health: a seeded draw per hospital; as fl-sim baselines --seed)."),
+    personalise_epochs: int = typer.Option(0, "--personalise-epochs", min=0, max=_MAX_EPOCHS,
                                            help="After the last round each node fine-tunes the final model on its own "
                                                 "records for this many epochs (under DP within --epsilon; without DP the "
                                                 "most it tries, chosen on its validation split) and keeps it in "
@@ -327,7 +475,20 @@ def run(
         raise typer.BadParameter(f"choose from {', '.join(DEPARTMENTS)} or 'all'", param_hint="--department")
     if engine not in ("ray", "inprocess"):
         raise typer.BadParameter("choose ray or inprocess", param_hint="--engine")
-    ray_options = _ray_options(engine, ray_address, gpus_per_client)
+    from privacy.policy import MAX_EPSILON
+    from server.app import MAX_LR, MAX_SCALE, settings
+
+    # every number before anything else: inf, nan and out-of-range values are refused, never replaced
+    _check_numbers([
+        ("--epsilon", epsilon, 0, False, MAX_EPSILON), ("--noise-multiplier", noise_multiplier, 0, True, MAX_SCALE),
+        ("--lr", lr, 0, False, MAX_LR), ("--proximal-mu", proximal_mu, 0, True, MAX_SCALE),
+        ("--server-lr", server_lr, 0, False, MAX_LR), ("--clip", clip, 0, False, MAX_SCALE),
+        ("--fraction", fraction, 0, False, 1.0), ("--fraction-evaluate", fraction_evaluate, 0, True, 1.0),
+        ("--dropout", dropout, 0, True, 1.0), ("--alpha", alpha, 0, False, MAX_SCALE),
+        ("--central-noise", central_noise, 0, False, MAX_SCALE), ("--central-clip", central_clip, 0, False, MAX_SCALE),
+        ("--central-delta", central_delta, 0, False, (1.0, False)), ("--gpus-per-client", gpus_per_client, 0, True, 1e3),
+        ("--personalise-lr", personalise_lr, 0, False, MAX_LR), ("--personalise-own-lr", personalise_own_lr, 0, True, MAX_LR),
+    ])
     if partitioner not in ("iid", "dirichlet"):
         raise typer.BadParameter("choose iid or dirichlet", param_hint="--partitioner")
     from contract.keys import OPTIMIZERS
@@ -336,22 +497,30 @@ def run(
         raise typer.BadParameter(f"{optimizer!r}: choose {' or '.join(OPTIMIZERS)}", param_hint="--optimizer")
     if site_metrics not in ("central", "dp", "off"):
         raise typer.BadParameter("choose central, dp or off", param_hint="--site-metrics")
-    from server.app import settings
     from server.strategy import STRATEGIES
 
     if strategy not in STRATEGIES:
         raise typer.BadParameter(f"choose from {', '.join(STRATEGIES)}", param_hint="--strategy")
     from simulations.compare import FED_DEFAULTS
 
+    outs = {d: out / d if len(depts) > 1 else out for d in depts}
+    _check_out_dir(out, "--out")
     for d in depts:
-        dout = out / d if len(depts) > 1 else out
+        _check_out_dir(outs[d], "--out")
+    fresh = _check_resumable([outs[d] for d in depts]) if resume else []
+    policies = _check_policies(depts, policy)
+    ray_options = _ray_options(engine, ray_address, gpus_per_client)  # may ask a Ray cluster: after the local checks
+    cfgs = {}
+    for d in depts:  # every department's run config is checked before the first one starts
+        dout = outs[d]
         dflt = FED_DEFAULTS[d]
-        cfg = {"department": d, "num-rounds": rounds or dflt["num-rounds"],
-               "local-epochs": local_epochs or dflt["local-epochs"], "strategy": strategy, "dp": dp,
-               "proximal-mu": proximal_mu, "server-lr": server_lr, "target-epsilon": epsilon, "clipping-norm": clip,
-               "lr": lr or dflt["lr"], "optimizer": optimizer, "batch-size": batch_size or dflt["batch-size"], "fraction-train": fraction, "fraction-evaluate": fraction_evaluate,
-               "min-accepted": min_accepted, "dropout-probability": dropout, "run-dir": str(dout), "resume": resume,
-               "seed": seed, "min-nodes": 1}
+        cfg = {"department": d, "num-rounds": dflt["num-rounds"] if rounds is None else rounds,
+               "local-epochs": dflt["local-epochs"] if local_epochs is None else local_epochs, "strategy": strategy,
+               "dp": dp, "proximal-mu": proximal_mu, "server-lr": server_lr, "target-epsilon": epsilon,
+               "clipping-norm": clip, "lr": dflt["lr"] if lr is None else lr, "optimizer": optimizer,
+               "batch-size": dflt["batch-size"] if batch_size is None else batch_size, "fraction-train": fraction,
+               "fraction-evaluate": fraction_evaluate, "min-accepted": min_accepted, "dropout-probability": dropout,
+               "run-dir": str(dout), "resume": resume, "seed": seed, "min-nodes": 1}
         if personalise_epochs:
             cfg.update({"personalise-epochs": personalise_epochs, "personalise-layers": personalise_layers,
                         "personalise-lr": personalise_lr, "personalise-own-lr": personalise_own_lr})
@@ -367,6 +536,13 @@ def run(
                         "central-delta": central_delta})
         if virtual_sites:
             cfg.update({"virtual-sites": virtual_sites, "partitioner": partitioner, "dirichlet-alpha": alpha})
+            from citydata import load_department
+            from citydata.virtual import _checked as check_virtual
+
+            try:  # the nodes' own check, before any of them starts (too many sites for the records)
+                check_virtual(load_department(d, seed=seed), virtual_sites, partitioner, alpha, allow_empty=False)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--virtual-sites") from None
         if noise_multiplier is not None:
             cfg["noise-multiplier"] = noise_multiplier
         if model:
@@ -375,20 +551,47 @@ def run(
             cfg["policy"] = str(policy)
         if site_metrics == "central":
             cfg.update({"central-data": "bundled", "fraction-evaluate": 0.0})
-        elif site_metrics == "dp":
-            from simulations.compare import write_policy
-
-            cfg["policy"] = str(write_policy(d, dout / "policies" / f"{d}-site-metrics.toml", source=policy,
-                                             releases={"local_evaluation": "dp",
-                                                       "max_evaluations_per_run": int(cfg["num-rounds"])}))
-        else:
+        elif site_metrics != "dp":
             cfg["fraction-evaluate"] = 0.0
         try:
             settings(cfg)
         except ValueError as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2)
-        _run_one(d, cfg, dout, engine, ray_options)
+        from simulations.run import default_policy
+
+        _policy_conflicts(cfg, policies[d], str(policy if policy is not None else default_policy(d)))
+        if site_metrics == "dp":  # the policy copy it will write must validate (max_evaluations_per_run = rounds)
+            import tempfile
+
+            from privacy.policy import PolicyError
+            from simulations.compare import write_policy
+
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    write_policy(d, Path(tmp) / "p.toml", source=policy, releases={
+                        "local_evaluation": "dp", "max_evaluations_per_run": int(cfg["num-rounds"])})
+                except PolicyError as exc:
+                    console.print(f"[red]error:[/red] --site-metrics dp: the nodes' policy with local_evaluation = "
+                                  f"\"dp\" for {cfg['num-rounds']} round(s) is not valid: {exc}")
+                    raise typer.Exit(2)
+        cfgs[d] = cfg
+    untrained = []
+    for d in depts:
+        dout, cfg = outs[d], cfgs[d]
+        if dout in fresh:
+            console.print(f"--resume: {dout} has no checkpoint (this department had not started): {d} starts at round 1")
+        if site_metrics == "dp":
+            from simulations.compare import write_policy
+
+            cfg["policy"] = str(write_policy(d, dout / "policies" / f"{d}-site-metrics.toml", source=policy,
+                                             releases={"local_evaluation": "dp",
+                                                       "max_evaluations_per_run": int(cfg["num-rounds"])}))
+        results = _run_one(d, cfg, dout, engine, ray_options)
+        if _untrained(d, results):
+            untrained.append(d)
+    if untrained:  # every node refused (or dropped) every round: not a successful run
+        raise typer.Exit(1)
 
 
 def _ray_options(engine: str, ray_address: Optional[str], gpus_per_client: float) -> dict:
@@ -418,17 +621,17 @@ def compare(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for results.json and one sub-folder per federated run."),
     epsilon: List[float] = typer.Option([1.0, 3.0, 8.0], "--epsilon", "-e", help="Target epsilons of the DP-federated runs."),
     model: Optional[str] = typer.Option(None, help="Model kind (default: the department's first)."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Override the federated rounds."),
-    local_epochs: Optional[int] = typer.Option(None, help="Override the local epochs per round."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", min=1, max=_MAX_ROUNDS, help="Override the federated rounds."),
+    local_epochs: Optional[int] = typer.Option(None, min=1, max=_MAX_EPOCHS, help="Override the local epochs per round."),
     strategy: Optional[str] = typer.Option(None, help="Override the strategy (default fedavg)."),
     engine: str = typer.Option("inprocess", help="inprocess (fast, same apps) or ray (Flower Simulation Engine)."),
     overwrite: bool = typer.Option(False, help="Replace federated run folders left in OUT by an earlier comparison."),
-    seed: int = typer.Option(0, help="Seed for splits, initialisation and sampling (same for every method)."),
-    personalise_epochs: Optional[int] = typer.Option(None, "--personalise-epochs", help="Override the epochs each node fine-tunes the final model on its own records (0 = no personalised rows; "
+    seed: int = typer.Option(0, min=0, max=_MAX_SEED, help="Seed for splits, initialisation and sampling (same for every method)."),
+    personalise_epochs: Optional[int] = typer.Option(None, "--personalise-epochs", min=0, max=_MAX_EPOCHS, help="Override the epochs each node fine-tunes the final model on its own records (0 = no personalised rows; "
                                                   "without DP the most it tries, chosen on the node's validation split)."),
     personalise_layers: Optional[str] = typer.Option(None, "--personalise-layers", help="Override what is personalised: all, or head (the output layer)."),
     personalise_lr: Optional[float] = typer.Option(None, "--personalise-lr", help="Override the personalisation learning rate."),
-    personalise_batch_size: Optional[int] = typer.Option(None, "--personalise-batch-size", min=0,
+    personalise_batch_size: Optional[int] = typer.Option(None, "--personalise-batch-size", min=0, max=_MAX_BATCH,
                                                          help="Override the personalisation batch size (0 = the run's batch size)."),
     loo: bool = typer.Option(True, "--loo/--no-loo", help="Leave-one-site-out contributions (non-private; departments with at most 6 sites)."),
     personalise_own: bool = typer.Option(True, "--personalise-own/--no-personalise-own",
@@ -453,12 +656,17 @@ def compare(
     depts = list(DEPARTMENTS) if department == "all" else [department]
     if any(d not in DEPARTMENTS for d in depts):
         raise typer.BadParameter(f"choose from {', '.join(DEPARTMENTS)} or 'all'", param_hint="--department")
+    if engine not in ("ray", "inprocess"):
+        raise typer.BadParameter("choose ray or inprocess", param_hint="--engine")
+    from privacy.policy import MAX_EPSILON
+
+    _check_numbers([("--epsilon", e, 0, False, MAX_EPSILON) for e in epsilon]
+                   + [("--personalise-lr", personalise_lr, 0, False, 1e3)])
     overrides = {k: v for k, v in (("num-rounds", rounds), ("local-epochs", local_epochs), ("strategy", strategy),
-                                   ("personalise-layers", personalise_layers), ("personalise-lr", personalise_lr)) if v}
-    if personalise_epochs is not None:
-        overrides["personalise-epochs"] = personalise_epochs
-    if personalise_batch_size is not None:
-        overrides["personalise-batch-size"] = personalise_batch_size
+                                   ("personalise-layers", personalise_layers), ("personalise-lr", personalise_lr),
+                                   ("personalise-epochs", personalise_epochs),
+                                   ("personalise-batch-size", personalise_batch_size)) if v is not None}
+    _check_compare_configs(depts, out, epsilon, model, seed, overrides)
     for d in depts:
         dout = out / d if len(depts) > 1 else out
         with _progress() as progress:
@@ -480,6 +688,25 @@ def compare(
                 raise typer.Exit(2)
         console.print(compare_table(res, d))
         console.print(f"wrote {dout}/results.json ({res['meta']['seconds']:.0f} s)")
+
+
+def _check_compare_configs(depts: list[str], out: Path, epsilon: list[float], model: Optional[str], seed: int,
+                           overrides: dict) -> None:
+    """Every run config a comparison will run, checked before its first (pooled) training: exit 2 naming the key."""
+    from server.app import settings
+    from simulations.compare import federated_settings, run_config
+
+    _check_out_dir(out, "--out")
+    for d in depts:
+        dout = out / d if len(depts) > 1 else out
+        _check_out_dir(dout, "--out")
+        for eps in (None, *epsilon):
+            cfg = run_config(d, seed, eps, dout / "check", federated_settings(d, eps is not None, overrides), model=model)
+            try:
+                settings(cfg)
+            except ValueError as exc:
+                console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(2)
 
 
 def compare_table(res: dict, department: str) -> Table:

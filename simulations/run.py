@@ -118,15 +118,19 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
     # one machine, no adversary: DP noise follows the job's seed so a simulation is reproducible
     # (inherited by Ray's workers; a department node never has it, see privacy.dp.dp_seed)
     os.environ.setdefault(SEED_FROM_JOB_ENV, "1")
+    from server.app import settings
+
+    settings(run_config)  # a bad value is a RunConfigError naming the key, before any folder is created
     cfg = dict(run_config)
     run_dir = Path(cfg["run-dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
     cfg.setdefault("ledger-dir", str(run_dir / "ledgers"))
     cfg.setdefault("policy", str(default_policy(cfg["department"])))
     # every simulated node and the coordinator's central data split the records by the run's seed,
     # as the non-federated baselines do (citydata: health's test split is a seeded draw per hospital)
     cfg.setdefault("data-seed", int(cfg.get("seed", 0) or 0))
     cfg.setdefault("central-data-seed", cfg["data-seed"])
+    settings(cfg)  # and the seeds derived from it
+    run_dir.mkdir(parents=True, exist_ok=True)
     nvirtual = int(cfg.get("virtual-sites", 0) or 0)
     sites = ([f"virtual-{k}" for k in range(nvirtual)] if nvirtual
              else load_department(cfg["department"], cfg.get("data") or None).sites)

@@ -139,12 +139,10 @@ def test_warnings_print_once_without_source_lines(capsys):
             else:
                 warnings.warn("cleveland.csv: 1 duplicate row dropped", DataQualityWarning, stacklevel=1)
 
-    old = warnings.showwarning
-    try:
+    with warnings.catch_warnings():  # other test modules ignore UserWarnings process-wide; restores showwarning
+        warnings.simplefilter("always")
         with pytest.raises(SystemExit) as ended:
             run_app(app, "fl-test", [])
-    finally:
-        warnings.showwarning = old
     assert ended.value.code == 0
     err = capsys.readouterr().err
     assert err.count("cleveland.csv: 1 duplicate row dropped") == 1
