@@ -14,6 +14,13 @@ from rich.table import Table
 console = Console()
 
 
+def _error(message: str) -> None:
+    """Print ``error: MESSAGE``; the message is text, not rich markup (a ranges file's ``[sex]`` stays)."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(message)}")
+
+
 def audit(
     department: str = typer.Option("health", "--department", "-d",
                                    help="health (heart-mlp), traffic or utility (GRU; forecasting windows, per-window "
@@ -103,10 +110,10 @@ def audit(
         try:
             res = run_audit(settings, out, on_model=on_model)
         except FileExistsError as exc:
-            console.print(f"[red]error:[/red] {exc} (or pass --overwrite)")
+            _error(f"{exc} (or pass --overwrite)")
             raise typer.Exit(2)
         except ValueError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            _error(f"{exc}")
             raise typer.Exit(2)
         progress.update(bar, completed=n_settings * (shadows + targets))
     console.print(audit_table(res))

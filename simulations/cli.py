@@ -23,6 +23,13 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # a frame's locals can hold data frames of records
 )
 console = Console()
+
+
+def _error(message: str) -> None:
+    """Print ``error: MESSAGE``; the message is text, not rich markup (a ranges file's ``[sex]`` stays)."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(message)}")
 DEPARTMENTS = ("health", "traffic", "utility")
 #: Bounds of the whole-number options: server.app's run-config bounds (not imported here: the CLI
 #: starts without torch; tests/test_run_settings_validation.py checks they agree).
@@ -110,7 +117,7 @@ def baselines(
     try:
         date_format = check_date_format(date_format)
     except ValueError as exc:
-        console.print(f"[red]error:[/red] --date-format: {exc}")
+        _error(f"--date-format: {exc}")
         raise typer.Exit(2)
     # the baseline jobs open the file again (simulations.baselines): the loader reads these defaults
     with _environ({DATE_FORMAT_ENV: date_format, RANGES_ENV: None if ranges is None else str(ranges.resolve())}):
@@ -130,7 +137,7 @@ def _baselines(depts, data, date_format, ranges, seed, model, epsilon, epochs, m
         try:
             ds = load_department(d, data, seed=seed, date_format=date_format, ranges=ranges)
         except DataFileError as exc:
-            console.print(f"[red]error:[/red] {'--ranges ' if ranges is not None and exc.path == str(ranges) else ''}{exc}")
+            _error(f"{'--ranges ' if ranges is not None and exc.path == str(ranges) else ''}{exc}")
             raise typer.Exit(2)
         for site in ds.sites:  # every site's arrays, as the jobs build them: a site that cannot train stops here
             ds.site_data(site)  # (its DataFileError is reported by safe_cli.run_app, exit 1), not mid-run
@@ -376,7 +383,7 @@ def _untrained(department: str, results: dict) -> bool:
         return False
     counts = {k: len(results.get(k) or []) for k in ("refused", "excluded", "dropped")}
     reasons = sorted({str(r.get("reason", "")).split(": refused: ", 1)[-1] for r in results.get("refused") or []})
-    console.print(f"[red]error:[/red] {department}: no node's update was accepted in any of the {len(rounds)} round(s) "
+    _error(f"{department}: no node's update was accepted in any of the {len(rounds)} round(s) "
                   f"run ({counts['refused']} refusal(s), {counts['excluded']} exclusion(s), {counts['dropped']} "
                   "dropped): the run trained nothing and its model is the initial one"
                   + (f"; the nodes said: {'; '.join(reasons[:3])}" if reasons else "")
@@ -527,7 +534,7 @@ def run(
         if secagg:
             n_sites = virtual_sites or len(__import__("citydata", fromlist=["x"]).load_department(d).sites)
             if n_sites < 3:
-                console.print(f"[red]error:[/red] --secagg needs at least 3 sites; {d} has {n_sites} "
+                _error(f"--secagg needs at least 3 sites; {d} has {n_sites} "
                               "(use --virtual-sites to simulate more)")
                 raise typer.Exit(2)
             cfg.update({"secagg": True, "secagg-num-shares": secagg_num_shares, "secagg-threshold": secagg_threshold})
@@ -556,7 +563,7 @@ def run(
         try:
             settings(cfg)
         except ValueError as exc:
-            console.print(f"[red]error:[/red] {exc}")
+            _error(f"{exc}")
             raise typer.Exit(2)
         from simulations.run import default_policy
 
@@ -572,7 +579,7 @@ def run(
                     write_policy(d, Path(tmp) / "p.toml", source=policy, releases={
                         "local_evaluation": "dp", "max_evaluations_per_run": int(cfg["num-rounds"])})
                 except PolicyError as exc:
-                    console.print(f"[red]error:[/red] --site-metrics dp: the nodes' policy with local_evaluation = "
+                    _error(f"--site-metrics dp: the nodes' policy with local_evaluation = "
                                   f"\"dp\" for {cfg['num-rounds']} round(s) is not valid: {exc}")
                     raise typer.Exit(2)
         cfgs[d] = cfg
@@ -610,7 +617,7 @@ def _ray_options(engine: str, ray_address: Optional[str], gpus_per_client: float
         else:
             backend_config(gpus_per_client=gpus_per_client)  # GPU clients on a machine without one: stop here
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        _error(f"{exc}")
         raise typer.Exit(2)
     return {"ray_address": ray_address, "gpus_per_client": gpus_per_client} if engine == "ray" else {}
 
@@ -684,7 +691,7 @@ def compare(
                                   overrides=overrides, overwrite=overwrite, on_stage=on_stage, on_round=on_round, loo=loo,
                                   own=personalise_own)
             except FileExistsError as exc:
-                console.print(f"[red]error:[/red] {exc}")
+                _error(f"{exc}")
                 raise typer.Exit(2)
         console.print(compare_table(res, d))
         console.print(f"wrote {dout}/results.json ({res['meta']['seconds']:.0f} s)")
@@ -705,7 +712,7 @@ def _check_compare_configs(depts: list[str], out: Path, epsilon: list[float], mo
             try:
                 settings(cfg)
             except ValueError as exc:
-                console.print(f"[red]error:[/red] {exc}")
+                _error(f"{exc}")
                 raise typer.Exit(2)
 
 
