@@ -520,10 +520,25 @@ def test_fl_server_commands_need_a_started_coordinator(tmp_path):
     assert res.exit_code == 3 and "fl-server start" in res.output
 
 
-def test_fl_server_run_validates_run_config_before_launch(pki_files, tmp_path):
+def _started_state(pki_files, tmp_path) -> Path:
+    """A coordinator state dir that looks started (connection and coordinator.json; nothing listens)."""
     sd = tmp_path / "state"
     server_cli.write_connection(sd, "127.0.0.1:1", pki_files / "ca" / "ca.crt", insecure=False)
     (sd / "coordinator.json").write_text(json.dumps({"address": "127.0.0.1:1"}))
+    return sd
+
+
+def _run_folder(sd: Path, name: str, rounds: int) -> Path:
+    """A health run folder under ``sd/runs`` launched as Flower run 7."""
+    folder = sd / "runs" / name
+    folder.mkdir(parents=True)
+    (folder / "launch.json").write_text(json.dumps({"run-ids": ["7"], "config": {"department": "health",
+                                                                                 "num-rounds": rounds}}))
+    return folder
+
+
+def test_fl_server_run_validates_run_config_before_launch(pki_files, tmp_path):
+    sd = _started_state(pki_files, tmp_path)
     res = runner.invoke(server_cli.app, ["run", "--department", "health", "--state-dir", str(sd),
                                          "--run-config", "batch-size=0"])
     assert res.exit_code == 2 and "batch-size" in res.output
@@ -558,9 +573,7 @@ def test_fl_server_nodes_and_runs_tables(monkeypatch, tmp_path):
 
 def _fake_coordinator(pki_files, tmp_path, monkeypatch):
     """A state dir that looks started, and a ``flwr`` that records the run-config file instead of launching."""
-    sd = tmp_path / "state"
-    server_cli.write_connection(sd, "127.0.0.1:1", pki_files / "ca" / "ca.crt", insecure=False)
-    (sd / "coordinator.json").write_text(json.dumps({"address": "127.0.0.1:1"}))
+    sd = _started_state(pki_files, tmp_path)
     launched = []
 
     def fake_flwr(state_dir, *args, **kw):
@@ -1106,12 +1119,8 @@ def test_stop_leaves_results_json_model_and_report(pki_files, monkeypatch, tmp_p
     """fl-server stop wrote no results.json: now the rounds completed so far, the model and the report stay."""
     import subprocess
 
-    sd = tmp_path / "state"
-    server_cli.write_connection(sd, "127.0.0.1:1", pki_files / "ca" / "ca.crt", insecure=False)
-    (sd / "coordinator.json").write_text(json.dumps({"address": "127.0.0.1:1"}))
-    folder = sd / "runs" / "health-stopped"
-    folder.mkdir(parents=True)
-    (folder / "launch.json").write_text(json.dumps({"run-ids": ["7"], "config": {"department": "health", "num-rounds": 5}}))
+    sd = _started_state(pki_files, tmp_path)
+    folder = _run_folder(sd, "health-stopped", rounds=5)
     _checkpoint(folder, done=2)
     calls = []
     monkeypatch.setattr(server_cli, "flwr", lambda sd_, *args, **kw: calls.append(args) or {"success": True})
@@ -1221,12 +1230,8 @@ def test_fl_server_run_resume_of_a_run_that_completed_every_round_is_refused(pki
 
 def test_fl_server_stop_of_a_finished_run_says_so(pki_files, monkeypatch, tmp_path):
     """Flower's raw "[code: 18] Run is already finished" became: the run finished, nothing to stop."""
-    sd = tmp_path / "state"
-    server_cli.write_connection(sd, "127.0.0.1:1", pki_files / "ca" / "ca.crt", insecure=False)
-    (sd / "coordinator.json").write_text(json.dumps({"address": "127.0.0.1:1"}))
-    folder = sd / "runs" / "health-done"
-    folder.mkdir(parents=True)
-    (folder / "launch.json").write_text(json.dumps({"run-ids": ["7"], "config": {"department": "health", "num-rounds": 2}}))
+    sd = _started_state(pki_files, tmp_path)
+    folder = _run_folder(sd, "health-done", rounds=2)
 
     def flwr_stop(sd_, *args, **kw):
         raise server_cli.CliError("`flwr stop 7 cityfed` failed: ... [code: 18] Run is already finished.", 1)
@@ -1259,9 +1264,7 @@ def test_fl_server_start_refuses_a_cert_its_own_commands_cannot_dial(pki_files, 
 
 
 def test_fl_server_register_names_a_private_key_handed_over_by_mistake(pki_files, tmp_path):
-    sd = tmp_path / "state"
-    server_cli.write_connection(sd, "127.0.0.1:1", pki_files / "ca" / "ca.crt", insecure=False)
-    (sd / "coordinator.json").write_text(json.dumps({"address": "127.0.0.1:1"}))
+    sd = _started_state(pki_files, tmp_path)
     res = runner.invoke(server_cli.app, ["register", str(pki_files / "node" / "node.key"), "--state-dir", str(sd)])
     text = " ".join(res.output.split())
     assert res.exit_code == 2 and "private key" in text and "node.pub" in text and "new key" in text, text
