@@ -113,7 +113,15 @@ def _site(ds: DepartmentDataset, plan: _Plan, k: int, n: int, partitioner: str, 
                           "natural_sites": sorted({ds.sites[i] for i in otr[tr]})})
 
 
-def _checked(ds: DepartmentDataset, n: int, partitioner: str, alpha: float, allow_empty: bool) -> None:
+def check_virtual_sites(ds: DepartmentDataset, n: int, partitioner: str, alpha: float, allow_empty: bool) -> None:
+    """Check that ``n`` virtual sites can be cut from ``ds`` with ``partitioner`` (the nodes' own check).
+
+    Raises
+    ------
+    ValueError
+        ``n`` below 1, an unknown partitioner, more sites than training records (unless empty
+        sites are allowed with ``iid``), or a Dirichlet ``alpha`` that is not > 0.
+    """
     if n < 1:
         raise ValueError(f"virtual sites: n must be >= 1, got {n}")
     if partitioner not in PARTITIONERS:
@@ -158,7 +166,7 @@ def virtual_site(ds: DepartmentDataset, n: int, k: int, partitioner: str = "iid"
     n, k = int(n), int(k)
     if not 0 <= k < n:
         raise ValueError(f"virtual sites: site index (partition-id) {k} outside 0..{n - 1}")
-    _checked(ds, n, partitioner, alpha, allow_empty)
+    check_virtual_sites(ds, n, partitioner, alpha, allow_empty)
     return _site(ds, _plan(ds, n, partitioner, float(alpha), int(seed)), k, n, partitioner, float(alpha))
 
 
@@ -196,6 +204,6 @@ def virtual_sites(ds: DepartmentDataset, n: int, partitioner: str = "iid", alpha
         ``alpha <= 0``.
     """
     n = int(n)
-    _checked(ds, n, partitioner, alpha, allow_empty)
+    check_virtual_sites(ds, n, partitioner, alpha, allow_empty)
     plan = _plan(ds, n, partitioner, float(alpha), int(seed))
     return [_site(ds, plan, k, n, partitioner, float(alpha)) for k in range(n)]

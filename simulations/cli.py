@@ -544,10 +544,10 @@ def run(
         if virtual_sites:
             cfg.update({"virtual-sites": virtual_sites, "partitioner": partitioner, "dirichlet-alpha": alpha})
             from citydata import load_department
-            from citydata.virtual import _checked as check_virtual
+            from citydata.virtual import check_virtual_sites
 
             try:  # the nodes' own check, before any of them starts (too many sites for the records)
-                check_virtual(load_department(d, seed=seed), virtual_sites, partitioner, alpha, allow_empty=False)
+                check_virtual_sites(load_department(d, seed=seed), virtual_sites, partitioner, alpha, allow_empty=False)
             except ValueError as exc:
                 raise typer.BadParameter(str(exc), param_hint="--virtual-sites") from None
         if noise_multiplier is not None:
