@@ -440,6 +440,52 @@ def check_allowed_tasks(policy: PrivacyPolicy, task: str, source: str = "<policy
 # -- checking -------------------------------------------------------------------------------
 
 
+def job_conflict(policy: PrivacyPolicy, *, department: str, task: str, dp: bool, noise_multiplier: float | None,
+                 clipping_norm: float | None, round: int = 0) -> tuple[str, str] | None:
+    """The first of the policy's fixed checks a job fails, as ``(setting, reason)``, else None.
+
+    The checks that need neither data nor ledger, in :func:`check_job`'s order: department,
+    task, round above ``max_rounds_per_run``, DP off under ``require_dp``, noise multiplier
+    missing or below ``min_noise_multiplier``, clipping norm missing or above
+    ``max_clipping_norm``. ``check_job`` applies them on the node; ``fl-sim`` applies them up
+    front, so that a run every node would refuse is not started.
+
+    Parameters
+    ----------
+    policy : PrivacyPolicy
+    department, task : str
+    dp : bool
+    noise_multiplier, clipping_norm : float or None
+        Ignored when ``dp`` is off.
+    round : int
+        The job's round (0: not checked against ``max_rounds_per_run``).
+
+    Returns
+    -------
+    tuple of (str, str) or None
+        The setting that conflicts (``department``, ``task``, ``round``, ``dp``,
+        ``noise_multiplier``, ``clipping_norm``) and the reason, or None.
+    """
+    if department != policy.department:
+        return "department", f"department {department!r} != policy department {policy.department!r}"
+    if task not in policy.allowed_tasks:
+        return "task", f"task {task!r} not in policy allowed_tasks {policy.allowed_tasks!r}"
+    if round > policy.max_rounds_per_run:
+        return "round", f"round {round} > policy max_rounds_per_run {policy.max_rounds_per_run}"
+    if not dp:
+        return ("dp", "dp is off but policy require_dp = true") if policy.require_dp else None
+    if noise_multiplier is None:
+        return "noise_multiplier", f"noise_multiplier missing, policy min_noise_multiplier is {policy.min_noise_multiplier:g}"
+    if noise_multiplier < policy.min_noise_multiplier:
+        return ("noise_multiplier",
+                f"noise_multiplier {noise_multiplier:g} < policy min_noise_multiplier {policy.min_noise_multiplier:g}")
+    if clipping_norm is None:
+        return "clipping_norm", f"clipping_norm missing, policy max_clipping_norm is {policy.max_clipping_norm:g}"
+    if clipping_norm > policy.max_clipping_norm:
+        return "clipping_norm", f"clipping_norm {clipping_norm:g} > policy max_clipping_norm {policy.max_clipping_norm:g}"
+    return None
+
+
 def check_job(policy: PrivacyPolicy, job: JobRequest, ledger: PrivacyLedger, site: str, *, delta: float,
               extra: list[Release] | tuple[Release, ...] = ()) -> Decision:
     """Decide whether ``site`` may run ``job`` under ``policy``.
@@ -481,26 +527,12 @@ def check_job(policy: PrivacyPolicy, job: JobRequest, ledger: PrivacyLedger, sit
     def refuse(reason: str, after: float | None = None) -> Decision:
         return Decision(False, "refused: " + reason, before, before if after is None else after)
 
-    if job.department != policy.department:
-        return refuse(f"department {job.department!r} != policy department {policy.department!r}")
-    if job.task not in policy.allowed_tasks:
-        return refuse(f"task {job.task!r} not in policy allowed_tasks {policy.allowed_tasks!r}")
-    if job.round > policy.max_rounds_per_run:
-        return refuse(f"round {job.round} > policy max_rounds_per_run {policy.max_rounds_per_run}")
+    conflict = job_conflict(policy, department=job.department, task=job.task, dp=job.dp,
+                            noise_multiplier=job.noise_multiplier, clipping_norm=job.clipping_norm, round=job.round)
+    if conflict is not None:
+        return refuse(conflict[1])
     if not job.dp:
-        if policy.require_dp:
-            return refuse("dp is off but policy require_dp = true")
         return Decision(True, "accepted: dp is off, allowed by policy require_dp = false (not accounted)", before, math.inf)
-    if job.noise_multiplier is None:
-        return refuse(f"noise_multiplier missing, policy min_noise_multiplier is {policy.min_noise_multiplier:g}")
-    if job.noise_multiplier < policy.min_noise_multiplier:
-        return refuse(
-            f"noise_multiplier {job.noise_multiplier:g} < policy min_noise_multiplier {policy.min_noise_multiplier:g}"
-        )
-    if job.clipping_norm is None:
-        return refuse(f"clipping_norm missing, policy max_clipping_norm is {policy.max_clipping_norm:g}")
-    if job.clipping_norm > policy.max_clipping_norm:
-        return refuse(f"clipping_norm {job.clipping_norm:g} > policy max_clipping_norm {policy.max_clipping_norm:g}")
     release = Release(
         noise_multiplier=float(job.noise_multiplier),
         sample_rate=float(job.sample_rate),

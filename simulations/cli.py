@@ -338,37 +338,34 @@ def _check_policies(depts: list[str], policy: Optional[Path]) -> dict:
 def _policy_conflicts(cfg: dict, pol, path: str) -> None:
     """Refuse settings that every node's policy refuses at every round (the nodes' own checks, made up front).
 
-    Only what needs no node's data or ledger: the task, DP required, the target epsilon above the
-    lifetime budget, the noise multiplier and the clipping norm (``privacy.policy.check_job``,
-    ``clients.node.check_job_numbers``).
+    Only what needs no node's data or ledger: :func:`privacy.policy.job_conflict` (department,
+    task, DP required, minimum noise, maximum clipping norm), and a target epsilon above the
+    policy's lifetime budget (``clients.node.check_job_numbers``).
     """
     from contract.tasks import TASKS
+    from privacy.policy import job_conflict
 
-    d = cfg["department"]
-    if TASKS[d] not in pol.allowed_tasks:
-        raise typer.BadParameter(f"{path}: task {TASKS[d]!r} is not in the policy's allowed_tasks "
-                                 f"{list(pol.allowed_tasks)}; every node would refuse; fix: a policy that allows it",
-                                 param_hint="--policy")
     calibrate = float(cfg.get("noise-multiplier", -1.0)) < 0
-    if calibrate and float(cfg["target-epsilon"]) > pol.max_epsilon:
+    if cfg["dp"] and calibrate and float(cfg["target-epsilon"]) > pol.max_epsilon:
         raise typer.BadParameter(f"{cfg['target-epsilon']:g} is above the lifetime max_epsilon {pol.max_epsilon:g} of "
                                  f"the nodes' policy {path}: every node would refuse every round; fix: --epsilon "
                                  f"{pol.max_epsilon:g} or less", param_hint="--epsilon")
-    if not cfg["dp"]:
-        if pol.require_dp:
-            raise typer.BadParameter(f"the nodes' policy {path} requires DP (require_dp = true): every node would refuse "
-                                     "every round; fix: drop --no-dp, or pass a policy with require_dp = false",
-                                     param_hint="--no-dp")
+    conflict = job_conflict(pol, department=cfg["department"], task=TASKS[cfg["department"]], dp=bool(cfg["dp"]),
+                            noise_multiplier=pol.min_noise_multiplier if calibrate else float(cfg["noise-multiplier"]),
+                            clipping_norm=float(cfg["clipping-norm"]))
+    if conflict is None:
         return
-    if not calibrate and float(cfg["noise-multiplier"]) < pol.min_noise_multiplier:
-        raise typer.BadParameter(f"{cfg['noise-multiplier']:g} is below the min_noise_multiplier "
-                                 f"{pol.min_noise_multiplier:g} of the nodes' policy {path}: every node would refuse "
-                                 f"every round; fix: --noise-multiplier {pol.min_noise_multiplier:g} or more, or leave "
-                                 "it out to calibrate the noise from --epsilon", param_hint="--noise-multiplier")
-    if float(cfg["clipping-norm"]) > pol.max_clipping_norm:
-        raise typer.BadParameter(f"{cfg['clipping-norm']:g} is above the max_clipping_norm {pol.max_clipping_norm:g} "
-                                 f"of the nodes' policy {path}: every node would refuse every round; fix: --clip "
-                                 f"{pol.max_clipping_norm:g} or less", param_hint="--clip")
+    setting, reason = conflict
+    option, fix = {
+        "department": ("--policy", f"pass a {cfg['department']} policy (e.g. examples/policies/{cfg['department']}.toml)"),
+        "task": ("--policy", "a policy whose allowed_tasks lists it"),
+        "dp": ("--no-dp", "drop --no-dp, or pass a policy with require_dp = false"),
+        "noise_multiplier": ("--noise-multiplier", f"--noise-multiplier {pol.min_noise_multiplier:g} or more, or leave "
+                                                   "it out to calibrate the noise from --epsilon"),
+        "clipping_norm": ("--clip", f"--clip {pol.max_clipping_norm:g} or less"),
+    }.get(setting, ("--policy", "change the setting or the policy"))
+    raise typer.BadParameter(f"the nodes' policy {path} refuses this run ({reason}): every node would refuse every "
+                             f"round; fix: {fix}", param_hint=option)
 
 
 def _untrained(department: str, results: dict) -> bool:

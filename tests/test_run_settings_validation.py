@@ -182,9 +182,9 @@ def test_fl_sim_run_one_policy_for_all_departments(tmp_path, capsys, monkeypatch
 
 @pytest.mark.parametrize("args, option, text", [
     (["-e", "20"], "--epsilon", "above the lifetime max_epsilon 8"),
-    (["--no-dp"], "--no-dp", "requires DP (require_dp = true)"),
-    (["--noise-multiplier", "0.5"], "--noise-multiplier", "below the min_noise_multiplier 0.8"),
-    (["--clip", "2"], "--clip", "above the max_clipping_norm 1"),
+    (["--no-dp"], "--no-dp", "dp is off but policy require_dp = true"),
+    (["--noise-multiplier", "0.5"], "--noise-multiplier", "noise_multiplier 0.5 < policy min_noise_multiplier 0.8"),
+    (["--clip", "2"], "--clip", "clipping_norm 2 > policy max_clipping_norm 1"),
 ])
 def test_fl_sim_run_settings_every_node_would_refuse(tmp_path, capsys, monkeypatch, args, option, text):
     code, out = _fl_sim(_run(tmp_path, *args), capsys, monkeypatch)
