@@ -8,10 +8,12 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+
+from privacy.safe_cli import make_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console()
+console = make_console(highlight=True, soft_wrap=False)  # 200 columns off a terminal (logs, pipes)
 
 
 def _error(message: str) -> None:

@@ -12,6 +12,8 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+
+from privacy.safe_cli import make_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -22,7 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,  # a frame's locals can hold data frames of records
 )
-console = Console()
+console = make_console(highlight=True, soft_wrap=False)  # 200 columns off a terminal (logs, pipes)
 
 
 def _error(message: str) -> None:
