@@ -14,7 +14,9 @@ same code. A node:
    releases accounted in the same ledger (:mod:`privacy.releases`);
 4. writes what it decided and released to its own audit log (when ``fl-client`` configured one).
 
-Delta is per site: ``policy.site_delta(n)`` for the site's ``n`` training records.
+Delta is per site: ``policy.site_delta`` of the site's training records, counted as the policy lets
+them be known (:func:`public_count`: with ``num_examples_granularity`` > 1, the rounded count, from
+which the DP-SGD steps, sample rate and noise scale derive too).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from clients.personalise import round_records
 from clients.training import TrainConfig, fit
 from contract.keys import NODE_KEYS, OPTIMIZERS
 from privacy.dp import CalibrationError, DPSettings, calibrate_noise
+from privacy.dp import steps_per_epoch as dp_steps_per_epoch
 from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
 from privacy.policy import JobRequest, PrivacyPolicy, check_job, load_policy
 from privacy.releases import ERROR_BOUND, LOSS_BOUND, noisy_means
@@ -165,10 +168,47 @@ def _calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, s
 
 
 def rounded_count(n: int, granularity: int) -> int:
-    """``n`` rounded to the nearest multiple of ``granularity`` (never 0 for ``n > 0``)."""
+    """``n`` rounded to the nearest multiple of ``granularity`` (never 0 for ``n > 0``).
+
+    The node's public count: the reply's ``num-examples``, and the count DP-SGD's steps, sample
+    rate and noise scale are derived from (:func:`privacy.dp.steps_per_epoch`), so that none of
+    what leaves reveals more of ``n`` than this.
+    """
     if n <= 0 or granularity <= 1:
         return max(int(n), 0)
     return max(granularity, int(round(n / granularity)) * granularity)
+
+
+def delta_records(n: int, granularity: int) -> int:
+    """The record count a site's delta is set for: ``rounded_count(n, g) + g // 2``, never below ``n``.
+
+    The delta (:meth:`~privacy.policy.PrivacyPolicy.site_delta`, ``1/(10 n)``) shows in the
+    reply's epsilon; derived from the rounded count alone it reveals nothing more of ``n``, and
+    the half granularity added keeps it at or below the exact count's delta (conservative).
+    Granularity 1: ``n``.
+    """
+    granularity = max(int(granularity), 1)
+    return rounded_count(n, granularity) + granularity // 2
+
+
+def public_count(n: int, policy: PrivacyPolicy) -> tuple[int, float]:
+    """The count a node's replies may reveal of its ``n`` training records, and the delta it sets.
+
+    Parameters
+    ----------
+    n : int
+        The site's exact number of training records.
+    policy : PrivacyPolicy
+        The node's policy (its ``releases.num_examples_granularity``).
+
+    Returns
+    -------
+    (records, delta)
+        :func:`rounded_count` of ``n``: the reply's ``num-examples`` and the count DP-SGD's steps,
+        sample rate and noise scale derive from; and the site's delta for :func:`delta_records`.
+    """
+    g = policy.releases.num_examples_granularity
+    return rounded_count(n, g), policy.site_delta(delta_records(n, g))
 
 
 def planned_releases(cfg: dict, spec: NodeSpec, task: str, rounds: int | None = None,
@@ -206,14 +246,25 @@ def job_from_config(cfg: dict, spec: NodeSpec, n_train: int, task: str = "binary
     after a coordinator crash or a resume is paid for by more noise in the remaining rounds, and
     a run whose target is already spent is refused (the target is never passed).
 
+    Parameters
+    ----------
+    cfg : dict
+        The message's job config.
+    spec : NodeSpec
+    n_train : int
+        The site's exact number of training records; the steps, sample rate, delta and noise
+        derive from :func:`public_count` of it.
+    task : str
+    ledger : PrivacyLedger, optional
+
     Raises
     ------
     JobRefused
         When a ``target-epsilon`` cannot be reached (already spent by this run, or by the
         policy's planned metric releases alone).
     """
-    batch = int(cfg.get("batch-size", 64))
-    steps_per_epoch = max(1, math.ceil(n_train / batch))
+    public, delta = public_count(n_train, spec.policy)  # nothing below reveals more of n_train than `public`
+    steps_per_epoch = dp_steps_per_epoch(public, int(cfg.get("batch-size", 64)))
     epochs = int(cfg.get("local-epochs", 1))
     noise = float(cfg["noise-multiplier"]) if "noise-multiplier" in cfg else None
     run_id, rnd = str(cfg.get("run-id", "")), int(cfg.get("server-round", 0))
@@ -230,7 +281,7 @@ def job_from_config(cfg: dict, spec: NodeSpec, n_train: int, task: str = "binary
         from clients.personalise import personalise_steps
 
         try:
-            noise = _calibrated_noise(float(cfg["target-epsilon"]), spec.policy.site_delta(n_train),
+            noise = _calibrated_noise(float(cfg["target-epsilon"]), delta,
                                       1.0 / steps_per_epoch,
                                       remaining * epochs * steps_per_epoch + personalise_steps(cfg, spec, n_train), reserved,
                                       spec.policy.accountant)
@@ -293,7 +344,8 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     train = site.train.tensors()
     task = ds.schema.task
     rel = spec.policy.releases
-    delta = spec.policy.site_delta(len(train))
+    # what leaves (steps, sample rate, noise, delta, epsilon, the count) derives from the rounded count
+    public, delta = public_count(len(train), spec.policy)
     ledger = PrivacyLedger(spec.ledger_path, accountant=spec.policy.accountant)
     try:
         job = job_from_config(cfg, spec, len(train), task, ledger)
@@ -323,7 +375,8 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     dp = None
     pending: list[tuple[int, Release]] = []
     if job.dp:
-        dp = DPSettings(noise_multiplier=job.noise_multiplier, max_grad_norm=job.clipping_norm, delta=delta)
+        dp = DPSettings(noise_multiplier=job.noise_multiplier, max_grad_norm=job.clipping_norm, delta=delta,
+                        public_records=public)
         try:  # recorded BEFORE training: a crash never under-counts
             for r in (release("dp-sgd", job.noise_multiplier, job.sample_rate, job.steps), loss_release):
                 if r is not None:
@@ -352,7 +405,7 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
                    sample_rate=r.sample_rate, steps=r.steps, delta=delta, replay=r.replay, epsilon_before=before,
                    epsilon_after=ledger.epsilon(spec.site, delta), accountant=ledger.accountant)
     metrics = {
-        "num-examples": rounded_count(int(res.num_examples), rel.num_examples_granularity),
+        "num-examples": rounded_count(int(res.num_examples), rel.num_examples_granularity),  # = public under DP
         "epsilon": float(ledger.epsilon(spec.site, delta)) if job.dp else float("inf"),
         "noise-multiplier": float(job.noise_multiplier or 0.0),
         "steps": int(job.steps),
@@ -411,7 +464,7 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
     if len(site.test) == 0:
         out = {"num-examples": 0}
     else:
-        delta = spec.policy.site_delta(len(site.train))
+        delta = public_count(len(site.train), spec.policy)[1]
         r = Release(noise_multiplier=rel.metric_noise_multiplier, sample_rate=1.0, steps=EVAL_SUMS[task], delta=delta,
                     run_id=run_id, round=rnd, site=spec.site, department=spec.department, mechanism="gaussian-eval")
         before = ledger.epsilon(spec.site, delta)

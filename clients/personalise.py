@@ -63,8 +63,15 @@ def personalise_batch(cfg: dict) -> int:
 
 
 def personalise_steps(cfg: dict, spec, n_train: int) -> int:
-    """DP-SGD steps of this node's planned personalisation (at :func:`personalise_batch`)."""
-    return personalise_epochs(cfg, spec) * max(1, math.ceil(n_train / personalise_batch(cfg)))
+    """DP-SGD steps of this node's planned personalisation (at :func:`personalise_batch`).
+
+    From the count the node may reveal (:func:`clients.node.public_count` of ``n_train``), as
+    every other released step count.
+    """
+    from clients.node import public_count
+    from privacy.dp import steps_per_epoch
+
+    return personalise_epochs(cfg, spec) * steps_per_epoch(public_count(n_train, spec.policy)[0], personalise_batch(cfg))
 
 
 def own_settings(cfg: dict) -> tuple[float, int] | None:
@@ -292,7 +299,7 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
         Policy ``personalisation = false``, no epochs asked, the run's target already spent,
         or the policy's checks / lifetime budget refuse the release.
     """
-    from clients.node import JobRefused, NoTrainingData, _model_for, check_job_numbers, job_from_config, rounded_count
+    from clients.node import JobRefused, NoTrainingData, _model_for, check_job_numbers, job_from_config, public_count
 
     check_job_numbers(cfg, spec)
     run_id, rnd = str(cfg.get("run-id", "")), int(cfg.get("server-round", 0))
@@ -318,7 +325,7 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
     base_sha = state_sha256(model.state_dict())  # the global model it starts from (fl-serve --personalised checks it)
     train = site.train.tensors()
     task = ds.schema.task
-    delta = spec.policy.site_delta(len(train))
+    public, delta = public_count(len(train), spec.policy)  # what leaves derives from the rounded count
     ledger = PrivacyLedger(spec.ledger_path, accountant=spec.policy.accountant)
     if ledger.count(spec.site, run_id, "personalisation"):
         raise refuse(f"run {run_id!r} was already personalised on this node (once per run)")
@@ -336,7 +343,8 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
         raise JobRefused(f"{spec.department}/{spec.site}: {decision.reason}")
     dp, rid, release = None, None, None
     if job.dp:
-        dp = DPSettings(noise_multiplier=job.noise_multiplier, max_grad_norm=job.clipping_norm, delta=delta)
+        dp = DPSettings(noise_multiplier=job.noise_multiplier, max_grad_norm=job.clipping_norm, delta=delta,
+                        public_records=public)
         release = Release(noise_multiplier=job.noise_multiplier, sample_rate=job.sample_rate, steps=job.steps,
                           delta=delta, run_id=run_id, round=rnd, site=spec.site, department=spec.department,
                           mechanism="personalisation")
@@ -389,7 +397,7 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
                    sample_rate=release.sample_rate, steps=release.steps, delta=delta, epsilon_before=decision.epsilon_before,
                    epsilon_after=after, accountant=ledger.accountant)
     spec.audit("personalised", run=run_id, path=str(path), steps=res.steps, kept=kept, **scores)
-    out = {"num-examples": rounded_count(len(train), spec.policy.releases.num_examples_granularity),
+    out = {"num-examples": public,
            "epsilon": after, "noise-multiplier": float(job.noise_multiplier or 0.0), "steps": int(job.steps)}
     if spec.partition_id is not None:
         out["partition-id"] = int(spec.partition_id)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from contract.keys import OPTIMIZERS
-from privacy.dp import DPSettings, dp_seed, make_private, noise_only_step
+from privacy.dp import DPSettings, dp_seed, make_private, noise_only_step, steps_per_epoch
 from shared_models import criterion_for
 from shared_models.scoring import pick_device, predict
 
@@ -140,7 +140,9 @@ def _fit(model, data, task, train, dp, device, on_epoch) -> FitResult:
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], train)
     private = None
     if dp is not None:
-        private = make_private(model, optimizer, loader, criterion, dp, epochs=train.epochs)
+        # steps per epoch from the count the node may reveal (its policy's rounded count), as its ledger accounts
+        private = make_private(model, optimizer, loader, criterion, dp, epochs=train.epochs,
+                               epoch_steps=steps_per_epoch(dp.public_records or len(data), train.batch_size))
         net, optimizer, criterion, loader = private.module, private.optimizer, private.criterion, private.loader
     else:
         net = model

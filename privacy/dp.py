@@ -109,6 +109,12 @@ class DPSettings(BaseModel):
     accountant: Literal["rdp", "prv"] = Field(
         default="rdp", description="Accountant of calibration and reported epsilon (privacy.accounting)."
     )
+    public_records: int | None = Field(
+        default=None, ge=1,
+        description="The record count that may be known outside the node (its policy's rounded count): the steps "
+        "per epoch, the sample rate and the expected batch size that scales the noise are derived from it, so "
+        "that the update does not reveal the exact count. None: the exact count.",
+    )
 
 
 
@@ -127,6 +133,41 @@ def dp_seed(job_seed: int) -> int:
     if os.environ.get(SEED_FROM_JOB_ENV, "") == "1":
         return int(job_seed)
     return int.from_bytes(os.urandom(8), "little")
+
+
+def steps_per_epoch(n_records: int, batch_size: int) -> int:
+    """DP-SGD steps of one epoch over ``n_records`` at ``batch_size``: ``max(1, ceil(n / batch))``.
+
+    The node's ledger accounts these steps at sample rate ``1 / steps_per_epoch`` (Poisson
+    sampling: each record joins each step's batch with that probability), and
+    :func:`make_private` takes exactly them.
+
+    Parameters
+    ----------
+    n_records : int
+        The count the steps derive from: the node's public (rounded) count where its policy
+        rounds counts, else the exact one.
+    batch_size : int
+        The job's batch size (>= 1).
+
+    Returns
+    -------
+    int
+    """
+    return max(1, math.ceil(int(n_records) / max(int(batch_size), 1)))
+
+
+class _PlannedSteps(torch.utils.data.Sampler):
+    """A batch sampler that only has a length: what Opacus reads of the loader it replaces."""
+
+    def __init__(self, steps: int):
+        self.steps = int(steps)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        raise RuntimeError("_PlannedSteps is only measured (Opacus replaces it by its Poisson sampler)")
 
 
 def default_delta(n_records: int) -> float:
@@ -265,6 +306,7 @@ def make_private(
     epochs: int,
     n_records: int | None = None,
     noise_generator: torch.Generator | None = None,
+    epoch_steps: int | None = None,
 ) -> PrivateTraining:
     """Wrap model, optimizer, criterion and loader for DP-SGD with Poisson sampling.
 
@@ -281,6 +323,11 @@ def make_private(
         Planned epochs (used to calibrate noise for ``target_epsilon``).
     n_records : int, optional
         Training records (for the default delta); defaults to ``len(loader.dataset)``.
+    epoch_steps : int, optional
+        Steps per epoch (:func:`steps_per_epoch` of the job's batch size and the count it may
+        reveal, ``settings.public_records``); default ``len(loader)``. The sample rate is its
+        inverse, and exactly this many Poisson batches are drawn per epoch (Opacus' own sampler
+        would draw ``int(1 / (1 / k))``, one fewer for k = 93, 99, 105, ...).
 
     Returns
     -------
@@ -288,7 +335,11 @@ def make_private(
     """
     n = n_records if n_records is not None else len(loader.dataset)
     delta = settings.delta if settings.delta is not None else default_delta(n)
-    sample_rate = 1.0 / len(loader)
+    k = int(epoch_steps) if epoch_steps is not None else len(loader)
+    sample_rate = 1.0 / k
+    # Opacus reads only the loader's length (sample rate 1/len) and its dataset and settings
+    planned = torch.utils.data.DataLoader(loader.dataset, batch_sampler=_PlannedSteps(k), generator=loader.generator,
+                                          collate_fn=loader.collate_fn, num_workers=loader.num_workers)
     if settings.noise_multiplier is not None:
         noise = settings.noise_multiplier
     elif settings.target_epsilon is not None:
@@ -302,7 +353,7 @@ def make_private(
     result = engine.make_private(
         module=module,
         optimizer=optimizer,
-        data_loader=loader,
+        data_loader=planned,
         criterion=criterion,
         noise_multiplier=noise,
         max_grad_norm=settings.max_grad_norm,
@@ -315,6 +366,7 @@ def make_private(
     else:
         dp_module, dp_opt, dp_loader = result
         dp_crit = criterion
+    _exact_plan(engine, dp_opt, dp_loader, k, settings.public_records or len(loader.dataset))
     if TensorPoissonLoader.applies_to(dp_loader):  # the same Poisson draws, fetched by tensor indexing
         dp_loader = TensorPoissonLoader(dp_loader)
     return PrivateTraining(
@@ -330,6 +382,21 @@ def make_private(
         grad_sample_mode=mode,
         accountant=settings.accountant,
     )
+
+
+def _exact_plan(engine: PrivacyEngine, optimizer, dp_loader, steps: int, count: int) -> None:
+    """Make Opacus' loader, accountant hook and noise scale follow the plan of ``steps`` per epoch.
+
+    Opacus derives three things from the loader and the exact dataset size: the sampler's steps
+    (``int(1 / sample_rate)``, which floating point makes ``k - 1`` for some ``k``), the sample
+    rate its accountant records (``1 / len(loader)`` of that sampler) and the expected batch size
+    that divides the noised sum (``int(n * sample_rate)``: the exact count, readable from the
+    update's noise level). Here they are ``steps``, ``1 / steps`` and ``int(count / steps)`` of the
+    count the node may reveal.
+    """
+    dp_loader.batch_sampler.steps = int(steps)
+    optimizer.expected_batch_size = max(1, int(count * (1.0 / steps)))
+    optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=1.0 / steps))
 
 
 def noise_only_step(optimizer) -> bool:

@@ -19,7 +19,9 @@ The policy is a TOML file owned by the department (not by the coordinator), e.g.
     local_evaluation = "off"
 
 Delta is per site: ``1/(10·n)`` for the site's ``n`` training records, or the policy's
-``delta`` where that is smaller (:meth:`PrivacyPolicy.site_delta`).
+``delta`` where that is smaller (:meth:`PrivacyPolicy.site_delta`); with counts rounded to
+``g`` > 1, ``n`` is the rounded count plus ``g // 2`` (never fewer than the exact count:
+:func:`clients.node.delta_records`).
 
 Before training, :func:`check_job` compares the coordinator's :class:`JobRequest` with the
 policy and with the node's :class:`~privacy.ledger.PrivacyLedger`, and refuses jobs that ask
@@ -84,8 +86,10 @@ class ReleasePolicy(BaseModel):
         le=1_000_000,
         description=(
             "Replies report the site's record count rounded to a multiple of this (1 = exact, the default). "
-            "The count is treated as public, as DP-SGD's sample rate and step count are (they reveal it to "
-            "within one batch); rounding hides it only to that extent, and FedAvg weights sites by it."
+            "What else leaves and follows the count (DP-SGD's steps and sample rate, the noise calibrated for "
+            "them, the noise scale of the update, the site's delta and so the reported epsilon) is derived from "
+            "the rounded count, so no reply reveals more of it. The rounded count itself is not a DP release: "
+            "FedAvg weights sites by it."
         ),
     )
     train_loss: Literal["off", "dp"] = Field(

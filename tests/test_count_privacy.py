@@ -1,0 +1,171 @@
+"""A node's record count leaves only as its policy rounds it.
+
+With ``num_examples_granularity = g`` the reply's ``num-examples`` is rounded to a multiple of
+``g``. Everything else that leaves and depends on the count (DP-SGD's steps and sample rate, the
+calibrated noise multiplier, the site's delta and so the reported epsilon, the scale of the noise
+in the update) must then be derived from the rounded count too, or a coordinator reads the exact
+count back from them (``steps = epochs * ceil(n / batch)``, exactly ``n`` at batch size 1).
+
+Also: DP-SGD takes exactly the steps the ledger accounts (Opacus' sampler would take
+``int(1 / (1 / k))`` steps, one fewer than ``k`` for k = 93, 99, 105, ...).
+"""
+
+import dataclasses
+import math
+import warnings
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from torch.utils.data import DataLoader, TensorDataset
+
+from citydata import load_department
+from clients.app import app
+from clients.node import NodeSpec, delta_records, rounded_count
+from clients.training import TrainConfig, fit
+from contract.tasks import ENERGY_METRICS
+from flower_compat.inprocess import set_task_identity
+from privacy.dp import DPSettings, make_private, steps_per_epoch
+from privacy.ledger import PrivacyLedger
+from shared_models import build_model, criterion_for, default_model_config
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+POLICY = """
+department = "health"
+max_epsilon = 8.0
+min_noise_multiplier = 0.3
+max_clipping_norm = 1.0
+allowed_tasks = ["heart-disease"]
+max_rounds_per_run = 10
+require_dp = true
+[releases]
+num_examples_granularity = {g}
+"""
+
+
+_REAL_SITE_DATA = NodeSpec.site_data
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    set_task_identity(7, 0, 1)
+    yield
+
+
+def _reply(tmp_path, monkeypatch, n: int, g: int, **job):
+    """Train message to a Cleveland node that holds only its first ``n`` training records."""
+    def first_n(self):
+        ds, site = _REAL_SITE_DATA(self)
+        train = dataclasses.replace(site.train, X=site.train.X[:n], y=site.train.y[:n])
+        return ds, dataclasses.replace(site, train=train)
+
+    monkeypatch.setattr(NodeSpec, "site_data", first_n)
+    folder = tmp_path / f"n{n}-g{g}"
+    folder.mkdir()
+    (folder / "policy.toml").write_text(POLICY.format(g=g))
+    ctx = Context(run_id=7, node_id=1, node_config={"department": "health", "site": "Cleveland",
+                                                     "policy": str(folder / "policy.toml"),
+                                                     "ledger": str(folder / "ledger.sqlite")},
+                  state=RecordDict(), run_config={})
+    torch.manual_seed(0)
+    model = build_model(default_model_config(load_department("health").schema))
+    cfg = {"department": "health", "task": "heart-disease", "model": "heart-mlp", "run-id": "r1", "server-round": 1,
+           "num-rounds": 3, "local-epochs": 1, "batch-size": 8, "lr": 0.01, "dp": True, "clipping-norm": 1.0, **job}
+    reply = app(Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(cfg)}),
+                        dst_node_id=1, message_type="train"), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    metrics = {k: v for k, v in dict(reply.content["metrics"]).items() if k not in ENERGY_METRICS}
+    releases = [(r["mechanism"], r["noise_multiplier"], r["sample_rate"], r["steps"], r["delta"])
+                for r in PrivacyLedger(folder / "ledger.sqlite").releases("Cleveland")]
+    return metrics, releases
+
+
+@pytest.mark.parametrize("job", [{"target-epsilon": 3.0}, {"noise-multiplier": 1.0}], ids=["target-epsilon", "noise"])
+def test_what_leaves_depends_only_on_the_rounded_count(tmp_path, monkeypatch, job):
+    # 196..204 all round to 200 at granularity 10; at batch size 8 their exact steps per epoch
+    # (25 or 26) and deltas (1/(10 n)) differ: none of it may show in what leaves
+    seen = {n: _reply(tmp_path, monkeypatch, n, 10, **job) for n in (196, 199, 203, 204)}
+    first = seen[196]
+    assert first[0]["num-examples"] == 200
+    for n, (metrics, releases) in seen.items():
+        assert metrics == first[0], f"n={n}: the reply differs from n=196's"
+        assert releases == first[1], f"n={n}: the ledger's release differs from n=196's"
+    # derived from the rounded count: 25 steps, and a delta of a site with at least n records
+    (_, _, q, steps, delta), = first[1]
+    assert steps == 25 and q == pytest.approx(1 / 25)
+    assert delta <= 1 / (10 * 204)
+
+
+def test_granularity_one_keeps_the_exact_count(tmp_path, monkeypatch):
+    metrics, releases = _reply(tmp_path, monkeypatch, 203, 1, **{"noise-multiplier": 1.0})
+    (_, _, q, steps, delta), = releases
+    assert metrics["num-examples"] == 203 and steps == metrics["steps"] == 26 and q == pytest.approx(1 / 26)
+    assert delta == pytest.approx(1 / 2030)
+
+
+@pytest.mark.parametrize("n,g", [(1, 10), (4, 10), (5, 10), (15, 10), (25, 10), (203, 10), (203, 1), (1049, 100),
+                                 (1050, 100), (7, 3), (8, 3)])
+def test_delta_records_is_never_below_the_exact_count(n, g):
+    # the delta of the rounded count must be no larger than the exact count's 1/(10 n)
+    assert delta_records(n, g) >= n
+    assert delta_records(n, g) - rounded_count(n, g) == g // 2  # a function of the rounded count alone
+
+
+def _data(n: int) -> TensorDataset:
+    ds = load_department("health")
+    x, y = ds.site_data(ds.sites[0]).train.tensors().tensors
+    reps = math.ceil(n / len(x))
+    return TensorDataset(x.repeat(reps, 1)[:n], y.repeat(reps)[:n])
+
+
+@pytest.mark.parametrize("k", [93, 99, 26])
+def test_dp_fit_takes_exactly_the_accounted_steps(k):
+    ds = load_department("health")
+    n = 8 * k - 3  # ceil(n / 8) = k
+    assert steps_per_epoch(n, 8) == k
+    model = build_model(default_model_config(ds.schema))
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    result = fit(model, _data(n), ds.schema.task, TrainConfig(epochs=2, batch_size=8, lr=1e-3), dp)
+    assert result.steps == 2 * k and result.sample_rate == pytest.approx(1 / k)
+
+
+def test_the_update_noise_scale_follows_the_public_count():
+    """Opacus divides the noised sum by the expected batch size ``int(n * q)``: from the public count."""
+    ds = load_department("health")
+    sizes = set()
+    for n in (196, 199, 203, 204):
+        model = build_model(default_model_config(ds.schema))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = DataLoader(_data(n), batch_size=8)
+        dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, public_records=200)
+        private = make_private(model, opt, loader, criterion_for(ds.schema.task), dp, epochs=1,
+                               epoch_steps=steps_per_epoch(200, 8))
+        assert len(private.loader) == 25 and private.sample_rate == pytest.approx(1 / 25)
+        sizes.add(private.optimizer.expected_batch_size)
+    assert sizes == {8}
+
+
+def test_personalisation_reply_depends_only_on_the_rounded_count(tmp_path, monkeypatch):
+    from clients.node import node_from_config
+    from clients.personalise import handle_personalise
+
+    seen = []
+    for n in (196, 203):
+        _reply(tmp_path, monkeypatch, n, 10, **{"target-epsilon": 3.0})  # round 1 of the run, then its personalisation
+        folder = tmp_path / f"n{n}-g10"
+        policy = folder / "policy.toml"
+        policy.write_text(policy.read_text().replace("[releases]", "personalisation = true\n[releases]"))
+        spec = node_from_config({"department": "health", "site": "Cleveland", "policy": str(policy),
+                                 "ledger": str(folder / "ledger.sqlite")}, {})
+        torch.manual_seed(0)
+        state = build_model(default_model_config(load_department("health").schema)).state_dict()
+        cfg = {"department": "health", "task": "heart-disease", "model": "heart-mlp", "run-id": "r1",
+               "server-round": 3, "num-rounds": 3, "local-epochs": 1, "batch-size": 8, "lr": 0.01, "dp": True,
+               "target-epsilon": 3.0, "clipping-norm": 1.0, "personalise-epochs": 2}
+        metrics = handle_personalise(state, cfg, spec)
+        rows = [(r["mechanism"], r["noise_multiplier"], r["sample_rate"], r["steps"], r["delta"])
+                for r in PrivacyLedger(folder / "ledger.sqlite").releases("Cleveland")]
+        seen.append((metrics, rows))
+    assert seen[0][1][-1][0] == "personalisation" and seen[0][0]["steps"] == 2 * 25
+    assert seen[0] == seen[1]
