@@ -18,12 +18,11 @@ from flwr.clientapp import ClientApp
 from clients.energy import EnergyMeter
 from clients.node import JobRefused, NoTrainingData, handle_evaluate, handle_train, node_from_config
 from clients.clipping import central_clipping_mod
-from clients.secagg import conditional_secaggplus_mod, is_secagg_fit, secagg_train
+from clients.replies import REFUSED, audit_reply  # noqa: F401 - REFUSED: the node's error codes live here
+from clients.secagg import is_secagg_fit, secagg_train, secure_aggregation_mod
 from contract.tasks import (ARRAYS, CONFIG, EVAL_METRICS, METRICS, PERSONALISE_ACTION, PERSONALISE_METRICS,
                             TRAIN_METRICS)
 
-#: Error code for a job refused by the node's privacy policy or budget.
-REFUSED = 4031
 #: Error code for a node without training records (nothing to send).
 NO_DATA = 4041
 #: Error code for a task the node could not complete for any other reason (its cause stays in the
@@ -58,8 +57,9 @@ def build_client_app(defaults: dict | None = None) -> ClientApp:
         ``flwr run .`` the module-level app's simulated nodes get :func:`flwr_run_node_defaults`.
     """
     defaults = dict(defaults or {})
-    # SecAgg+ (run config secagg=true) and the node's central-DP update clipping (central-dp=true) only when asked
-    capp = ClientApp(mods=[conditional_secaggplus_mod, central_clipping_mod(lambda c: spec(c))])
+    # SecAgg+ (run config secagg=true) under the node's own policy on it, and the node's central-DP update
+    # clipping (central-dp=true) only when asked
+    capp = ClientApp(mods=[secure_aggregation_mod(lambda c: spec(c)), central_clipping_mod(lambda c: spec(c))])
 
     def spec(context: Context):
         run_config = {**defaults, **dict(context.run_config)}
@@ -175,20 +175,6 @@ def whitelisted(metrics: dict, allowed: tuple[str, ...]) -> MetricRecord:
     return MetricRecord(metrics)
 
 
-def _audit_reply(spec, msg: Message, content: RecordDict | None, error: Error | None = None) -> None:
-    """Record in the node's audit log what leaves in a reply (names, shapes, bytes; metric keys)."""
-    cfg = dict(msg.content[CONFIG]) if CONFIG in msg.content else {}
-    fields = {"run": str(cfg.get("run-id", "")), "round": int(cfg.get("server-round", 0)),
-              "message": str(msg.metadata.message_type)}
-    if error is not None:
-        fields.update(error_code=int(error.code), reason=str(error.reason))
-    else:
-        arrays = content[ARRAYS] if ARRAYS in content else {}
-        fields["arrays"] = [{"name": k, "shape": list(a.shape), "bytes": len(a.data)} for k, a in arrays.items()]
-        fields["metrics"] = sorted(content[METRICS].keys()) if METRICS in content else []
-    spec.audit("reply", **fields)
-
-
 def failed_reason(kind: str, exc: BaseException, spec=None) -> str:
     """What the coordinator is told about a task that failed with ``exc``: never the error's message.
 
@@ -247,10 +233,10 @@ def _answer(msg: Message, spec, work, audit: bool = True) -> Message:
         error = Error(code=FAILED, reason=failed_reason(_kind(msg), exc, spec))
     else:
         if audit:
-            _audit_reply(spec, msg, content)
+            audit_reply(spec, msg, content)
         return Message(content, reply_to=msg)
     if audit:
-        _audit_reply(spec, msg, None, error)
+        audit_reply(spec, msg, None, error)
     return Message(error, reply_to=msg)
 
 

@@ -27,6 +27,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 
 from flower_compat.dp import KEY_CLIPPING_NORM
 
+from clients.replies import audit_reply
 from clients.secagg import is_secagg_fit
 from contract.keys import CENTRAL_CLAIM_KEYS
 
@@ -112,8 +113,9 @@ def central_clipping_mod(spec_of: Callable[[Context], object]):
         try:
             applied = applied_norm(asked, spec.policy)
         except ClippingRefused as exc:
-            return Message(Error(code=BAD_CLIPPING_NORM, reason=f"{spec.department}/{spec.site}: refused: {exc}"),
-                           reply_to=msg)
+            error = Error(code=BAD_CLIPPING_NORM, reason=f"{spec.department}/{spec.site}: refused: {exc}")
+            audit_reply(spec, msg, error=error)
+            return Message(error, reply_to=msg)
         cfg[KEY_CLIPPING_NORM] = applied  # Flower's mod clips at what the node decided
         reply = fixedclipping_mod(msg, ctxt, call_next)
         if not reply.has_error():

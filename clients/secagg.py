@@ -3,7 +3,9 @@
 Two pieces, both used by :func:`clients.app.build_client_app`, so one ClientApp serves
 plain and SecAgg+ runs:
 
-* :func:`conditional_secaggplus_mod` runs Flower's ``secaggplus_mod`` only on train
+* :func:`secure_aggregation_mod` applies the node's own policy on secure aggregation
+  (``require_secure_aggregation``, ``min_secagg_num_shares``, ``min_secagg_threshold``), then
+  :func:`conditional_secaggplus_mod` runs Flower's ``secaggplus_mod`` only on train
   messages that carry its ``secaggplus_configs`` record (the bare mod raises ``KeyError``
   on every plain train message). The mod masks the node's reply, so the coordinator
   only ever receives masked, quantised vectors.
@@ -36,10 +38,12 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from flower_compat.dp import KEY_CLIPPING_NORM
-from flower_compat.secagg import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
+from flower_compat.secagg import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flower_compat.secagg import recorddict_compat as compat
 
+from clients.replies import REFUSED, audit_reply
 from contract.keys import MAX_UPDATE_NORM, PARAM_NAMES_KEY
+from privacy.policy import secagg_conflict
 
 log = logging.getLogger("cityfed.node")
 
@@ -88,7 +92,58 @@ def abort_reason(stage: str, exc: Exception) -> str:
     return f"SecAgg+ aborted on this node in the {stage} stage: {what}; this node leaves the round (no update sent)"
 
 
-def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next) -> Message:
+def secure_aggregation_mod(spec_of: Callable[[Context], object]):
+    """ClientApp mod: the node's policy on secure aggregation, then SecAgg+ on SecAgg+ train messages.
+
+    The node's policy (:func:`privacy.policy.secagg_conflict`) decides, not the coordinator:
+
+    * ``require_secure_aggregation = true``: a plain train message is refused (:data:`REFUSED`)
+      before the handler runs, so nothing is trained or ledgered;
+    * ``min_secagg_num_shares`` / ``min_secagg_threshold``: SecAgg+'s setup stage asking for
+      fewer is refused before the node makes its keys, and the node leaves the round.
+
+    Each refusal and each protocol abort is recorded in the node's audit log
+    (:func:`clients.replies.audit_reply`).
+
+    Parameters
+    ----------
+    spec_of : callable
+        ``spec_of(context) -> clients.node.NodeSpec`` (the node's policy and audit log).
+
+    Returns
+    -------
+    callable
+        The mod (:func:`conditional_secaggplus_mod` with the node's policy and audit log).
+    """
+
+    def mod(msg: Message, ctxt: Context, call_next) -> Message:
+        return conditional_secaggplus_mod(msg, ctxt, call_next, spec_of=spec_of)
+
+    return mod
+
+
+def _node(spec_of, ctxt: Context):
+    """The node's spec, or None where it cannot be set up (the handler then answers with that failure)."""
+    if spec_of is None:
+        return None
+    try:
+        return spec_of(ctxt)
+    except Exception:  # noqa: BLE001 - clients.app.guarded reports it, with a fixed reason
+        return None
+
+
+def _refuse(msg: Message, node, setting: str, reason: str, stage: str | None = None) -> Message:
+    where = f" at SecAgg+'s {stage} stage" if stage else ""
+    fix = ("the coordinator runs it with SecAgg+ (secagg = true)" if setting == "require_secure_aggregation"
+           else f"the coordinator raises it, or this node's operator lowers {setting} in the node's policy")
+    error = Error(code=REFUSED, reason=f"{node.department}/{node.site}: refused{where}: {reason}; this node "
+                  f"leaves the round (no update sent). Fix: {fix}")
+    log.warning("%s", error.reason)
+    audit_reply(node, msg, error=error, **({"stage": stage} if stage else {}))
+    return Message(error, reply_to=msg)
+
+
+def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next, spec_of=None) -> Message:
     """ClientApp mod: apply ``secaggplus_mod`` only to SecAgg+ train messages.
 
     When the train handler refuses inside the protocol (an error reply), the node replies
@@ -102,10 +157,27 @@ def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next) -> Messag
         The node's context (``secaggplus_mod`` keeps its state in ``ctxt.state``).
     call_next : callable
         The next mod or the handler.
+    spec_of : callable, optional
+        ``spec_of(context) -> NodeSpec``: the node's policy on secure aggregation is applied and
+        refusals and aborts are audited (:func:`secure_aggregation_mod`); None: neither.
     """
-    if msg.metadata.message_type != "train" or RECORD_KEY_CONFIGS not in msg.content.config_records:
+    if msg.metadata.message_type != "train":
         return call_next(msg, ctxt)
-    stage = str(msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, "?"))  # the mod pops it
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:  # a plain train message: the update leaves unmasked
+        node = _node(spec_of, ctxt)
+        conflict = secagg_conflict(node.policy, secagg=False) if node is not None else None
+        return _refuse(msg, node, *conflict) if conflict else call_next(msg, ctxt)
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    stage = str(configs.get(Key.STAGE, "?"))  # the mod pops it
+    node = _node(spec_of, ctxt)
+    if node is not None and stage == Stage.SETUP:
+        shares, threshold = configs.get(Key.SHARE_NUMBER), configs.get(Key.THRESHOLD)
+        conflict = secagg_conflict(node.policy, secagg=True,
+                                   num_shares=int(shares) if isinstance(shares, int) else None,
+                                   threshold=int(threshold) if isinstance(threshold, int) else None)
+        if conflict:
+            ctxt.state.config_records.pop(RECORD_KEY_STATE, None)
+            return _refuse(msg, node, *conflict, stage=stage)
 
     def handler(m: Message, c: Context) -> Message:
         try:
@@ -128,7 +200,10 @@ def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next) -> Messag
         ctxt.state.config_records.pop(RECORD_KEY_STATE, None)
         reason = abort_reason(stage, exc)
         log.warning("%s (round %s)", reason, msg.metadata.group_id or "?")
-        return Message(Error(code=SECAGG_ABORTED, reason=reason), reply_to=msg)
+        error = Error(code=SECAGG_ABORTED, reason=reason)
+        if node is not None:
+            audit_reply(node, msg, error=error, stage=stage)
+        return Message(error, reply_to=msg)
 
 
 def is_secagg_fit(msg: Message) -> bool:

@@ -38,7 +38,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from privacy.ledger import PrivacyLedger, Release
 
@@ -51,8 +51,10 @@ __all__ = [
     "PrivacyPolicy",
     "check_allowed_tasks",
     "check_job",
+    "job_conflict",
     "load_policy",
     "parse_policy",
+    "secagg_conflict",
 ]
 
 
@@ -179,6 +181,35 @@ class PrivacyPolicy(BaseModel):
         default=True,
         description="When true, a job with DP switched off is refused.",
     )
+    require_secure_aggregation: bool = Field(
+        default=False,
+        description=(
+            "When true, this node's model update leaves only masked by secure aggregation (Flower's SecAgg+: the "
+            "coordinator sees only the sum of several nodes' updates): a plain train message (a run with "
+            "secagg = false, fl-server --no-secagg) is refused before any training or ledger row. False (the "
+            "default): the coordinator's run decides, and without SecAgg+ it sees this node's DP-noised update."
+        ),
+    )
+    min_secagg_num_shares: int = Field(
+        default=3,
+        ge=3,
+        le=1023,
+        description=(
+            "SecAgg+ runs: the fewest shares of this node's mask secrets the coordinator may ask for (its "
+            "secagg-num-shares: the node masks with that many - 1 neighbours; odd, as Flower requires). A run "
+            "asking for fewer is left at its setup stage, before any key or record is used."
+        ),
+    )
+    min_secagg_threshold: int = Field(
+        default=2,
+        ge=2,
+        le=1022,
+        description=(
+            "SecAgg+ runs: the fewest shares needed to reconstruct this node's secrets (the coordinator's "
+            "secagg-threshold; fewer colluding neighbours cannot unmask its update). A run with a lower "
+            "threshold is left at its setup stage."
+        ),
+    )
     central_max_clipping_norm: float | None = Field(
         default=None,
         gt=0,
@@ -215,6 +246,14 @@ class PrivacyPolicy(BaseModel):
         default_factory=ReleasePolicy,
         description="What may leave the node besides the model update (the [releases] table).",
     )
+
+    @field_validator("min_secagg_num_shares")
+    @classmethod
+    def _odd_shares(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"must be odd (got {value}): Flower's SecAgg+ runs only with an odd number of shares; "
+                             f"fix: {value + 1}")
+        return value
 
     def site_delta(self, n_records: int) -> float:
         """Delta of a site with ``n_records`` training records: ``min(1/(10·n), delta)``.
@@ -487,6 +526,40 @@ def job_conflict(policy: PrivacyPolicy, *, department: str, task: str, dp: bool,
         return "clipping_norm", f"clipping_norm missing, policy max_clipping_norm is {policy.max_clipping_norm:g}"
     if clipping_norm > policy.max_clipping_norm:
         return "clipping_norm", f"clipping_norm {clipping_norm:g} > policy max_clipping_norm {policy.max_clipping_norm:g}"
+    return None
+
+
+def secagg_conflict(policy: PrivacyPolicy, *, secagg: bool, num_shares: int | None = None,
+                    threshold: int | None = None) -> tuple[str, str] | None:
+    """The first of the policy's secure-aggregation settings a run fails, as ``(setting, reason)``, else None.
+
+    The node applies it to every train message (:mod:`clients.secagg`: a plain one, or SecAgg+'s
+    setup stage with the coordinator's shares and threshold); ``fl-sim`` applies it up front.
+
+    Parameters
+    ----------
+    policy : PrivacyPolicy
+    secagg : bool
+        Whether the node's update would leave masked by SecAgg+.
+    num_shares, threshold : int, optional
+        The run's ``secagg-num-shares`` and ``secagg-threshold`` (SecAgg+ only; None: not known yet).
+
+    Returns
+    -------
+    tuple of (str, str) or None
+        ``("require_secure_aggregation" | "min_secagg_num_shares" | "min_secagg_threshold", reason)``.
+    """
+    if not secagg:
+        if policy.require_secure_aggregation:
+            return ("require_secure_aggregation", "this node's policy requires secure aggregation "
+                    "(require_secure_aggregation = true) and the run sends its update unmasked (secagg = false)")
+        return None
+    if num_shares is not None and num_shares < policy.min_secagg_num_shares:
+        return ("min_secagg_num_shares", f"the run's SecAgg+ secagg-num-shares {num_shares} < policy "
+                f"min_secagg_num_shares {policy.min_secagg_num_shares}")
+    if threshold is not None and threshold < policy.min_secagg_threshold:
+        return ("min_secagg_threshold", f"the run's SecAgg+ secagg-threshold {threshold} < policy "
+                f"min_secagg_threshold {policy.min_secagg_threshold}")
     return None
 
 

@@ -1,0 +1,47 @@
+"""The node's audit record of each reply it sends (what left, or the error it answered with).
+
+Every reply of the ClientApp is recorded here, whichever part of the node answers: the task
+handlers (:mod:`clients.app`), the SecAgg+ mod (:mod:`clients.secagg`: its refusals and protocol
+aborts; the masked update is recorded by :func:`clients.secagg.secagg_train`) and the central-DP
+clipping mod (:mod:`clients.clipping`). An audit of what left that missed error replies would
+not show everything the coordinator was told.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Error, Message, RecordDict
+
+from contract.tasks import ARRAYS, CONFIG, METRICS
+
+#: Error code for a job refused by the node's privacy policy or budget (its reason says which setting).
+REFUSED = 4031
+
+
+def audit_reply(spec, msg: Message, content: RecordDict | None = None, error: Error | None = None, **extra) -> None:
+    """Append a ``reply`` entry to the node's audit log (nothing when it keeps none).
+
+    Parameters
+    ----------
+    spec : clients.node.NodeSpec
+        The node (its :meth:`~clients.node.NodeSpec.audit`).
+    msg : Message
+        The message answered: its job config gives the run and round; a SecAgg+ stage message,
+        which carries no job config, gives its round (Flower's group ID).
+    content : RecordDict, optional
+        The reply's content: array names, shapes and bytes and the metric keys are recorded.
+    error : Error, optional
+        The error replied instead: its code and reason are recorded.
+    **extra
+        More fields (e.g. the SecAgg+ ``stage``).
+    """
+    cfg = dict(msg.content[CONFIG]) if CONFIG in msg.content.config_records else {}
+    group = str(msg.metadata.group_id or "")
+    rnd = cfg.get("server-round", int(group) if group.isdigit() else 0)
+    fields = {"run": str(cfg.get("run-id", "")), "round": int(rnd), "message": str(msg.metadata.message_type), **extra}
+    if error is not None:
+        fields.update(error_code=int(error.code), reason=str(error.reason))
+    elif content is not None:
+        arrays = content[ARRAYS] if ARRAYS in content.array_records else {}
+        fields["arrays"] = [{"name": k, "shape": list(a.shape), "bytes": len(a.data)} for k, a in arrays.items()]
+        fields["metrics"] = sorted(content[METRICS].keys()) if METRICS in content.metric_records else []
+    spec.audit("reply", **fields)
