@@ -394,7 +394,8 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
             from clients.training import per_record_statistics
 
             stats = per_record_statistics(model, site.train, task, loss_only=True)
-            loss = noisy_means(stats, {"loss": LOSS_BOUND[task]}, rel.metric_noise_multiplier).values["loss"]
+            loss = noisy_means(stats, {"loss": LOSS_BOUND[task]}, rel.metric_noise_multiplier,
+                               count=rounded_count(len(stats["loss"]), rel.num_examples_granularity)).values["loss"]
     except BaseException as exc:
         for rid, _ in pending:
             ledger.abort(rid, f"training failed before any release: {type(exc).__name__}")
@@ -484,7 +485,8 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
                 bounds = {k: ERROR_BOUND for k in stats}
             if len(stats) != r.steps:
                 raise RuntimeError(f"{len(stats)} statistics but {r.steps} accounted")
-            released = noisy_means(stats, bounds, rel.metric_noise_multiplier).values
+            released = noisy_means(stats, bounds, rel.metric_noise_multiplier,
+                                   count=rounded_count(len(site.test), rel.num_examples_granularity)).values
         except BaseException as exc:
             ledger.abort(rid, f"evaluation failed before any release: {type(exc).__name__}")
             raise

@@ -59,7 +59,8 @@ class MetricRelease:
     sums: int
 
 
-def noisy_means(contributions: dict[str, np.ndarray], bounds: dict[str, float], noise_multiplier: float) -> MetricRelease:
+def noisy_means(contributions: dict[str, np.ndarray], bounds: dict[str, float], noise_multiplier: float,
+                count: int | None = None) -> MetricRelease:
     """Release the means of per-record contributions through the Gaussian mechanism.
 
     Parameters
@@ -71,6 +72,10 @@ def noisy_means(contributions: dict[str, np.ndarray], bounds: dict[str, float], 
     noise_multiplier : float
         Noise std per sum, in units of the largest contribution (>= 0; 0 releases exact means
         and is refused by every policy, which require >= 1).
+    count : int, optional
+        The divisor of each noised sum: the count the node may reveal (its policy's rounded count,
+        :func:`clients.node.public_count`), so that the released mean derives from the noised sum
+        and that count only. Default: the exact number of values.
 
     Returns
     -------
@@ -84,6 +89,10 @@ def noisy_means(contributions: dict[str, np.ndarray], bounds: dict[str, float], 
     if not noise_multiplier >= 0:
         raise ValueError(f"noise_multiplier must be >= 0 (got {noise_multiplier!r})")
     n = lengths.pop()
+    if count is not None:
+        if int(count) < 1:
+            raise ValueError(f"count must be >= 1 (got {count!r})")
+        n = int(count)
     values = {}
     for name, per_record in contributions.items():
         bound = float(bounds[name])

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -169,3 +170,13 @@ def test_personalisation_reply_depends_only_on_the_rounded_count(tmp_path, monke
         seen.append((metrics, rows))
     assert seen[0][1][-1][0] == "personalisation" and seen[0][0]["steps"] == 2 * 25
     assert seen[0] == seen[1]
+
+
+def test_a_released_mean_is_divided_by_the_public_count():
+    from privacy.releases import noisy_means
+
+    values = {"loss": np.full(203, 0.5)}
+    assert noisy_means(values, {"loss": 1.0}, 0.0).values["loss"] == pytest.approx(0.5)  # exact count by default
+    assert noisy_means(values, {"loss": 1.0}, 0.0, count=200).values["loss"] == pytest.approx(101.5 / 200, rel=1e-3)
+    with pytest.raises(ValueError, match="count"):
+        noisy_means(values, {"loss": 1.0}, 1.0, count=0)
