@@ -50,7 +50,7 @@ NODE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "CITYFED_NODE_POLL_S": "
             "FLWR_TELEMETRY_ENABLED": "0"}
 
 #: Terminal colour/control sequences (Flower colours its log lines), taken out of a log that is not a terminal.
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+from flower_compat.logging import ANSI_ESCAPE  # noqa: E402
 
 EXIT_OK, EXIT_GAVE_UP, EXIT_SETUP, EXIT_REFUSED = 0, 1, 2, 3
 #: Exit status when the coordinator cannot be reached at start-up: transient (down, not yet up,

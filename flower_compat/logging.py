@@ -1,16 +1,35 @@
 """Seam ``logging``: Flower's logger internals (``flwr.supercore.logger``, ``flwr.common.logger``).
 
-Flower has no public logging API. cityfed uses its ``flwr`` logger in four ways, all here:
+Flower has no public logging API. cityfed uses its ``flwr`` logger in five ways, all here:
 timestamps on every line (:func:`timestamped_logs`), the project's lines through Flower's
-console handler (:func:`console_handler`), logging into Flower's log (:func:`log`) and quieting
-it after Flower configured it (:func:`configure_flower_logger`).
+console handler (:func:`console_handler`, :func:`route_logs_through_flower`), logging into
+Flower's log (:func:`log`) and quieting it after Flower configured it
+(:func:`configure_flower_logger`). Flower colours its lines; :func:`plain` takes the colour
+codes out of text that is not shown on a terminal.
 """
 
 from __future__ import annotations
 
 import logging as _logging
+import re
 
 from flower_compat import register
+
+#: Terminal colour/control sequences (Flower's console handler colours the level of every line).
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: The format of the root handler Opacus 1.6 adds when imported (``logging.basicConfig`` in
+#: ``opacus/utils/module_utils.py``).
+OPACUS_ROOT_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colour/control sequences (for a file, a pipe, the journal)."""
+    return ANSI_ESCAPE.sub("", text)
+
+
+def _on_terminal(handler: _logging.Handler) -> bool:
+    stream = getattr(handler, "stream", None)
+    return bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
 
 
 def timestamped_logs() -> None:
@@ -24,9 +43,7 @@ def timestamped_logs() -> None:
     from flwr.supercore.logger import console_handler as handler
     from flwr.supercore.logger import update_console_handler
 
-    stream = getattr(handler, "stream", None)
-    update_console_handler(timestamps=True, colored=bool(stream is not None and hasattr(stream, "isatty")
-                                                         and stream.isatty()))
+    update_console_handler(timestamps=True, colored=_on_terminal(handler))
 
 
 def console_handler() -> _logging.Handler:
@@ -34,6 +51,35 @@ def console_handler() -> _logging.Handler:
     from flwr.supercore.logger import console_handler as handler
 
     return handler
+
+
+def route_logs_through_flower() -> None:
+    """One line per log event, in Flower's format, coloured only on a terminal (idempotent).
+
+    Opacus 1.6 calls ``logging.basicConfig`` when it is imported (the shared models import it),
+    which puts a handler on the root logger. Flower's ``flwr`` logger propagates to the root, so
+    every Flower line was printed twice (``INFO :      [ROUND 1/2]`` and
+    ``12/05/2026 10:35:15:INFO:[ROUND 1/2]``). In a ServerApp process (``flwr-serverapp``) both
+    went into the run's log at the SuperLink, which ``flwr log`` and ``fl-server logs`` show.
+
+    This removes that one handler (a plain root ``StreamHandler`` with Opacus' exact format; any
+    other root handler stays), gives the ``cityfed`` loggers Flower's console handler at INFO
+    (the coordinator's own lines, e.g. excluded updates or a resume, appear once, in the same
+    log and format as Flower's) and colours Flower's lines only where they go to a terminal.
+    """
+    from flwr.supercore.logger import update_console_handler
+
+    handler = console_handler()
+    root = _logging.getLogger()
+    for h in list(root.handlers):
+        if type(h) is _logging.StreamHandler and getattr(h.formatter, "_fmt", None) == OPACUS_ROOT_FORMAT:
+            root.removeHandler(h)
+    ours = _logging.getLogger("cityfed")
+    if handler not in ours.handlers:
+        ours.addHandler(handler)
+    if ours.level == _logging.NOTSET:
+        ours.setLevel(_logging.INFO)
+    update_console_handler(colored=_on_terminal(handler))
 
 
 def log(level: int, msg: str, *args, **kwargs) -> None:

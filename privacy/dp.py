@@ -40,36 +40,7 @@ from torch import nn
 
 _linear_norm_sample = _opacus_linear.compute_linear_norm_sample
 
-#: The format of the root handler Opacus adds at import (``opacus/utils/module_utils.py``).
-_OPACUS_ROOT_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
-
-
-def route_logs_through_flower() -> None:
-    """One console line per log event, in Flower's format (idempotent).
-
-    Opacus 1.6 calls ``logging.basicConfig`` when it is imported, which puts a handler on the
-    root logger. Flower's ``flwr`` logger propagates to the root, so every Flower line was
-    printed twice (``INFO : [ROUND 1/2]`` and ``11/23/2026 16:49:06:INFO:[ROUND 1/2]``), in
-    ``fl-server logs`` too. This removes that one handler (a plain root ``StreamHandler`` with
-    Opacus' exact format; any other root handler stays) and gives the ``cityfed`` loggers
-    Flower's console handler at INFO, so the project's own lines (excluded or refused updates,
-    resume) appear once, in the same log and format as Flower's.
-    """
-    import logging
-
-    from flower_compat.logging import console_handler as flower_console_handler
-
-    console_handler = flower_console_handler()
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if type(handler) is logging.StreamHandler and getattr(handler.formatter, "_fmt", None) == _OPACUS_ROOT_FORMAT:
-            root.removeHandler(handler)
-    ours = logging.getLogger("cityfed")
-    if console_handler not in ours.handlers:
-        ours.addHandler(console_handler)
-    if ours.level == logging.NOTSET:
-        ours.setLevel(logging.INFO)
-
+from flower_compat.logging import route_logs_through_flower  # noqa: E402 - re-exported; after opacus' import
 
 route_logs_through_flower()  # opacus is imported above, so its basicConfig has run
 

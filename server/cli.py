@@ -253,7 +253,8 @@ def flwr(state_dir: Path, *args: str, timeout: float | None = 120, json_out: boo
     json_out : bool
         Append ``--format json`` and return the parsed JSON.
     stream : bool
-        Let the output go straight to the terminal (``logs --follow``); returns the exit code.
+        Print the output as it comes (``logs --follow``), without colour codes unless stdout
+        is a terminal (:func:`for_output`); returns the exit code.
 
     Raises
     ------
@@ -265,7 +266,7 @@ def flwr(state_dir: Path, *args: str, timeout: float | None = 120, json_out: boo
     env = _env(cli_home(state_dir))
     env["COLUMNS"] = env.get("COLUMNS", "200")
     if stream:
-        return subprocess.call(cmd, env=env)
+        return _stream(cmd, env, sys.stdout)
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -286,6 +287,44 @@ def flwr(state_dir: Path, *args: str, timeout: float | None = 120, json_out: boo
         msg = (proc.stderr + "\n" + text).strip()[-2000:]
         raise CliError(f"`flwr {' '.join(args)}` failed: {msg}", 1)
     return text
+
+
+def for_output(text: str, stream) -> str:
+    """``text`` as it should be written to ``stream``: colour codes only where it is a terminal.
+
+    Flower colours the level of its log lines; the ServerApp log of a run (``flwr log``) keeps
+    them as they were written. In a file, a pipe or the journal they are noise.
+
+    Parameters
+    ----------
+    text : str
+    stream : file-like or None
+        Where ``text`` goes (``sys.stdout``); ``None`` counts as not a terminal.
+    """
+    from flower_compat.logging import plain
+
+    isatty = getattr(stream, "isatty", None)
+    return text if callable(isatty) and isatty() else plain(text)
+
+
+def _stream(cmd: list[str], env: dict[str, str], out) -> int:
+    """Run ``cmd``, writing its stdout to ``out`` line by line as it comes (:func:`for_output`); its exit code.
+
+    On a terminal the command writes to it directly (colours, progress as ``flwr`` draws it);
+    its stderr is this process's either way.
+    """
+    isatty = getattr(out, "isatty", None)
+    if callable(isatty) and isatty():
+        return subprocess.call(cmd, env=env)
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace") as proc:
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                out.write(for_output(line, out))
+                out.flush()
+        except KeyboardInterrupt:  # Ctrl-C ends the follow, as it ends `flwr log --stream`
+            proc.terminate()
+        return proc.wait()
 
 
 # --------------------------------------------------------------------------- app config
@@ -1675,7 +1714,7 @@ def logs_cmd(
         rid = _flwr_run_id(_runs_dir(sd, runs_dir), run)
         if follow:
             raise typer.Exit(flwr(sd, "log", rid, CONNECTION, "--stream", stream=True))
-        print(flwr(sd, "log", rid, CONNECTION, "--show", timeout=60))
+        print(for_output(flwr(sd, "log", rid, CONNECTION, "--show", timeout=60), sys.stdout))
 
 
 def stop_run(state_dir: Path, runs: Path, run: str, **audit_fields) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flower_compat.logging import plain
 from server import cli
 from server.report import (MISSING, Html, esc, fmt_eps, fmt_int, fmt_num, fmt_seconds, metric_for, metric_label,
                            per_site_series, status_badge, table)
@@ -646,7 +647,7 @@ class Pages:
         if err:
             body += _error(err)
         else:
-            text = text or ""
+            text = plain(text or "")  # a log stored with Flower's colour codes (runs before the fix) reads as text
             cut = len(text) > LOG_TAIL
             body += (f'<p class="note">last {LOG_TAIL:,} characters</p>' if cut else "") + f"<pre>{esc(text[-LOG_TAIL:])}</pre>"
         return self.page(f"log {folder}", body, live=r["status"] in LIVE)

@@ -178,7 +178,8 @@ def test_flower_log_lines_print_once_despite_opacus_basicconfig():
     import logging
 
     from flower_compat.logging import console_handler as flower_console_handler
-    from privacy.dp import _OPACUS_ROOT_FORMAT, route_logs_through_flower
+    from flower_compat.logging import OPACUS_ROOT_FORMAT as _OPACUS_ROOT_FORMAT
+    from privacy.dp import route_logs_through_flower
 
     root = logging.getLogger()
     opacus_like = logging.StreamHandler(io.StringIO())
