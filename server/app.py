@@ -23,7 +23,7 @@ from citydata import DATASETS
 from contract.keys import NODE_KEYS, OPTIMIZERS, RUN_ID
 from contract.tasks import TASKS
 from privacy.policy import MAX_EPSILON
-from server.artefacts import CHECKPOINT, MODEL, require_no_legacy_checkpoint, save_model
+from server.artefacts import CHECKPOINT, MODEL, require_no_legacy_checkpoint, save_model, write_checkpoint
 from server.personalise import personalise_config, personalise_nodes
 from server.secagg import SecAggStrategy
 from server.central_dp import NORM_SLACK as CENTRAL_NORM_SLACK
@@ -346,6 +346,38 @@ def central_evaluator(cfg: dict, strategy: GuardedStrategy):
     return evaluate_fn
 
 
+def record_resume(ckpt: Path, saved: dict, history: dict, launch_id: str) -> dict:
+    """Append this launch to the run's ``resumes`` and write it into the checkpoint at once.
+
+    ``resumes`` in ``results.json`` is the explicit link between a run's launches. The entry
+    goes into ``history`` (the strategy's, which becomes ``results.json``) and, before any
+    round of this launch runs, into ``ckpt``: a launch that dies before its first round's
+    checkpoint (crash, SIGKILL, ``fl-server stop``) would otherwise leave no trace, and the
+    next resume, which reads the checkpoint, would drop it.
+
+    Parameters
+    ----------
+    ckpt : Path
+        The run's ``checkpoint.safetensors``, as ``saved`` was read from it.
+    saved : dict
+        The checkpoint blob (:func:`server.strategy.load_checkpoint`); written back with ``history``.
+    history : dict
+        The run history this launch keeps (``GuardedStrategy.history``); updated in place.
+    launch_id : str
+        This launch's own (Flower) run ID.
+
+    Returns
+    -------
+    dict
+        The entry: ``flower-run-id``, ``after-round`` (rounds done before this launch) and ``at`` (UTC).
+    """
+    entry = {"flower-run-id": str(launch_id), "after-round": int(saved["round"]),
+             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    history.setdefault("resumes", []).append(entry)
+    write_checkpoint(ckpt, {**saved, "history": history})  # atomic: temporary file, fsync, rename
+    return entry
+
+
 def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) -> dict:
     """Run (or resume) a federated training run on ``grid`` and write its artefacts.
 
@@ -364,6 +396,7 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
     model = build_model(default_model_config(schema, cfg["model"]))
     arrays = ArrayRecord(model.state_dict())
     offset, history, central_state, saved_state = 0, None, None, None
+    saved = None  # the checkpoint blob this launch resumes from
     inner = make_strategy(cfg["strategy"], fraction_train=float(cfg["fraction-train"]),
                           fraction_evaluate=float(cfg["fraction-evaluate"]), min_nodes=int(cfg["min-nodes"]),
                           **_strategy_kwargs(cfg))
@@ -372,9 +405,6 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
         saved = load_checkpoint(ckpt)
         offset, history = int(saved["round"]), saved["history"]
         run_id = saved.get("run_id", run_id)
-        # the explicit link everyone sees: results.json "resumes", the log, the nodes' ledgers (same run ID)
-        history.setdefault("resumes", []).append(
-            {"flower-run-id": launch_id, "after-round": offset, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         state = {k: torch.from_numpy(v) for k, v in saved["arrays"].items()}
         arrays = ArrayRecord(state)
         saved_state = saved["strategy_state"]  # the server optimiser's state_dict, restored below
@@ -410,6 +440,8 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
     remaining = int(cfg["num-rounds"]) - offset
     job = job_config(cfg, run_id)
     evaluate_fn = central_evaluator(cfg, strategy) if cfg["central-data"] else None
+    if saved is not None:  # recorded once nothing is left to refuse this resume (e.g. another strategy's state)
+        record_resume(ckpt, saved, strategy.history, launch_id)
     t0 = time.perf_counter()
     status = "completed"
     if remaining > 0:
@@ -449,7 +481,12 @@ def build_server_app(defaults: dict | None = None, on_round=None) -> ServerApp:
 
     @sapp.main()
     def _main(grid: Grid, context: Context) -> None:
+        from flower_compat.logging import route_logs_through_flower
         from server.grid import fast_poll  # deployment: poll replies every 0.1 s, not Flower's 3 s
+
+        # the run's log (`flwr log`, `fl-server logs`): each line once (Opacus' root handler doubled them), the
+        # coordinator's own lines in it, colour codes only where this process writes to a terminal
+        route_logs_through_flower()
         run_federation(fast_poll(grid), {**defaults, **dict(context.run_config)}, run_id=str(context.run_id), on_round=on_round)
 
     return sapp
