@@ -6,36 +6,160 @@ import contextlib
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
-from privacy.safe_cli import make_console
+from privacy.safe_cli import DEBUG_ENV, make_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+#: fl-sim's exit status (README, fl-sim's --help): 2 = input the user can fix (an option, --out, a data,
+#: ranges or policy file), said as ``error: WHAT; fix: HOW`` before anything is created or trained;
+#: 1 = the run failed, not through its input (privacy.safe_cli.EXIT_ERROR for an unexpected error).
+EXIT_INPUT, EXIT_FAILED = 2, 1
+
+
+class _Commands(TyperGroup):
+    """fl-sim's commands, with one error rule: click's usage errors (a value of the wrong type or
+    range, a missing or unknown option or command, a subcommand's ``typer.BadParameter``) and a bad
+    data file (``citydata.DataFileError``, wherever it is found) are input errors: exit 2 with one
+    ``error: WHAT; fix: HOW`` line, also where the app runs without ``privacy.safe_cli.run_app``
+    (``typer.testing.CliRunner``, embedding).
+    """
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError:  # bare ``fl-sim``: click prints the help
+            raise
+        except click.UsageError as exc:  # fl-sim's own options (``fl-sim --bogus``)
+            _usage_error(exc)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            _usage_error(exc)
+        except Exception as exc:  # noqa: BLE001 - only a data file's error is handled here
+            base = sys.modules.get("citydata.base")  # not imported: the error cannot be a DataFileError
+            if base is None or not isinstance(exc, base.DataFileError):
+                raise
+            _data_file_error(exc)
+
+
 app = typer.Typer(
-    epilog="Errors print a message naming the file, field and fix, never a traceback (it could show records); add --debug anywhere on the command line for the full traceback.",
+    cls=_Commands,
+    epilog="Exit status: 0 = done; 2 = input you can fix (an option, --out, a --data or --ranges file, a policy): "
+           "one line 'error: WHAT; fix: HOW' on standard error, naming the option or file (and column), never a "
+           "record's value, before anything is created or trained; 1 = the run failed, not through its input (no "
+           "node's update accepted in any round, or an unexpected error: its type and place, never a traceback: it "
+           "could show records). Add --debug anywhere on the command line for the full traceback.",
     help="cityfed simulation mode: run a city's departments on one machine with bundled real data.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,  # a frame's locals can hold data frames of records
 )
 console = make_console(highlight=True, soft_wrap=False)  # 200 columns off a terminal (logs, pipes)
+err_console = make_console(stderr=True)  # errors: standard error, never wrapped (one line to grep)
 
 
-def _error(message: str) -> None:
-    """Print ``error: MESSAGE``; the message is text, not rich markup (a ranges file's ``[sex]`` stays)."""
+def _error(message: str, fix: Optional[str] = None) -> None:
+    """Print ``error: MESSAGE; fix: FIX`` on standard error; text, not rich markup (a ranges file's ``[sex]`` stays).
+
+    ``fix`` None: the message (a shared module's, e.g. a policy's) already says how to fix it.
+    """
     from rich.markup import escape
 
-    console.print(f"[red]error:[/red] {escape(message)}")
+    err_console.print(f"[red]error:[/red] {escape(message)}" + (f"; fix: {escape(fix)}" if fix else ""))
+
+
+def _refuse(what: str, fix: Optional[str], option: Optional[str] = None) -> NoReturn:
+    """Input the user can fix: ``error: [OPTION: ]WHAT; fix: FIX`` on standard error, exit 2."""
+    _error(f"{option}: {what}" if option else what, fix)
+    raise typer.Exit(EXIT_INPUT)
+
+
+def _usage_error(exc: click.UsageError) -> NoReturn:
+    """click's own refusal (wrong type, out of range, missing, unknown) in fl-sim's format, exit 2."""
+    where = exc.ctx.command_path if exc.ctx is not None else "fl-sim"
+    _refuse(exc.format_message().strip().rstrip("."), f"see '{where} --help'")
+
+
+def _data_file_error(exc: Exception, options: Optional[dict] = None) -> NoReturn:
+    """A bad data file (``citydata.DataFileError``): exit 2 naming the file, the column and the fix.
+
+    Built from the error's fields, which never hold a value read from the file's cells. ``options``:
+    ``{option: path}``, to name the option that gave the file. ``--debug``: the traceback first.
+    """
+    from citydata.base import shown_name
+
+    if os.environ.get(DEBUG_ENV) == "1":
+        import traceback
+
+        traceback.print_exception(exc)  # without local variables
+    option = next((o for o, p in (options or {}).items() if p is not None and exc.path == str(p)), None)
+    where = exc.path + (f", column {shown_name(exc.column)}" if exc.column is not None else "")
+    _refuse(f"{where}: {exc.problem}", exc.fix, option)
+
+
 DEPARTMENTS = ("health", "traffic", "utility")
 #: Bounds of the whole-number options: server.app's run-config bounds (not imported here: the CLI
 #: starts without torch; tests/test_run_settings_validation.py checks they agree).
 _MAX_ROUNDS, _MAX_EPOCHS, _MAX_NODES, _MAX_BATCH, _MAX_SEED = 100_000, 10_000, 1_000_000, 1_000_000, 2**32 - 1
+#: The run-config key each option of ``fl-sim run`` and ``fl-sim compare`` sets -> that option. The run
+#: config's own validation (``server.app.settings``, bounds stated once in ``RunSettings``) checks the
+#: values; fl-sim reports a refusal under the option the user typed.
+RUN_CONFIG_OPTIONS = {
+    "num-rounds": "--rounds", "local-epochs": "--local-epochs", "strategy": "--strategy", "proximal-mu": "--proximal-mu",
+    "server-lr": "--server-lr", "target-epsilon": "--epsilon", "noise-multiplier": "--noise-multiplier",
+    "clipping-norm": "--clip", "model": "--model", "lr": "--lr", "optimizer": "--optimizer", "batch-size": "--batch-size",
+    "fraction-train": "--fraction", "fraction-evaluate": "--fraction-evaluate", "min-accepted": "--min-accepted",
+    "seed": "--seed", "secagg-num-shares": "--secagg-num-shares", "secagg-threshold": "--secagg-threshold",
+    "central-noise-multiplier": "--central-noise", "central-clipping-norm": "--central-clip",
+    "central-delta": "--central-delta", "personalise-epochs": "--personalise-epochs",
+    "personalise-layers": "--personalise-layers", "personalise-lr": "--personalise-lr",
+    "personalise-own-lr": "--personalise-own-lr", "personalise-batch-size": "--personalise-batch-size",
+}
+
+
+def _check_run_config(cfg: dict, options: dict, command: str) -> None:
+    """Validate run config ``cfg`` with ``server.app.settings``; a refusal is an input error naming the option.
+
+    ``options``: ``{run-config key: option}`` for the keys of ``cfg`` that the command's options set.
+    ``RunConfigError`` carries no key (its message may list several problems), so the option is
+    found by validating each of those keys alone (with the run config's defaults for the others);
+    a problem no single key has (two keys that do not go together, e.g. ``secagg`` with ``krum``)
+    is reported as the run config words it.
+    """
+    from server.app import RunConfigError, settings
+
+    try:
+        settings(cfg)
+        return
+    except RunConfigError as exc:
+        whole = str(exc)
+    bad = []
+    for key, option in options.items():
+        if key not in cfg:
+            continue
+        try:
+            settings({"department": cfg["department"], key: cfg[key]})
+        except RunConfigError as exc:
+            bad.append((option, str(exc)))
+    if not bad:
+        _refuse(whole, f"change the options that set these run-config keys (see '{command} --help')")
+    (option, first), rest = bad[0], bad[1:]
+    named = " and ".join(dict.fromkeys(o for o, _ in bad))
+    _refuse("; ".join([first, *(f"{o}: {m}" for o, m in rest)]), f"give {named} a value the message allows", option)
 
 
 def _table(results: list[dict], department: str) -> Table:
@@ -108,19 +232,20 @@ def baselines(
     depts = list(DEPARTMENTS) if department == ["all"] else department
     for d in depts:
         if d not in DEPARTMENTS:
-            raise typer.BadParameter(f"unknown department {d!r}; choose from {', '.join(DEPARTMENTS)} or 'all'", param_hint="--department")
+            _refuse(f"unknown department {d!r}", f"choose from {', '.join(DEPARTMENTS)} or 'all'", "--department")
     if data is not None and len(depts) != 1:
-        raise typer.BadParameter("--data needs exactly one --department", param_hint="--data")
-    from privacy.policy import MAX_EPSILON
-
-    _check_numbers([("--epsilon", e, 0, False, MAX_EPSILON) for e in epsilon]
-                   + [("--max-grad-norm", max_grad_norm, 0, False, 1e6)])
+        _refuse(f"one file is one department's records, and this asks for {len(depts)} departments",
+                "pass exactly one --department with --data", "--data")
+    # the DP-SGD targets and the clipping norm follow the run config's rules (target-epsilon, clipping-norm)
+    for e in epsilon:
+        _check_run_config({"department": depts[0], "target-epsilon": e, "clipping-norm": max_grad_norm},
+                          {"target-epsilon": "--epsilon", "clipping-norm": "--max-grad-norm"}, "fl-sim baselines")
     _check_out_dir(out, "--out")
     try:
         date_format = check_date_format(date_format)
     except ValueError as exc:
-        _error(f"--date-format: {exc}")
-        raise typer.Exit(2)
+        _refuse(str(exc), "DMY, MDY, ISO or a strftime pattern with %Y, %m and %d (see 'fl-sim baselines --help')",
+                "--date-format")
     # the baseline jobs open the file again (simulations.baselines): the loader reads these defaults
     with _environ({DATE_FORMAT_ENV: date_format, RANGES_ENV: None if ranges is None else str(ranges.resolve())}):
         _baselines(depts, data, date_format, ranges, seed, model, epsilon, epochs, max_grad_norm, out)
@@ -138,11 +263,10 @@ def _baselines(depts, data, date_format, ranges, seed, model, epsilon, epochs, m
     for d in depts:
         try:
             ds = load_department(d, data, seed=seed, date_format=date_format, ranges=ranges)
+            for site in ds.sites:  # every site's arrays, as the jobs build them: a site that cannot train
+                ds.site_data(site)  # stops here (an input error, exit 2), not mid-run
         except DataFileError as exc:
-            _error(f"{'--ranges ' if ranges is not None and exc.path == str(ranges) else ''}{exc}")
-            raise typer.Exit(2)
-        for site in ds.sites:  # every site's arrays, as the jobs build them: a site that cannot train stops here
-            ds.site_data(site)  # (its DataFileError is reported by safe_cli.run_app, exit 1), not mid-run
+            _data_file_error(exc, {"--ranges": ranges, "--data": data})
         jobs = plan(ds, model or __import__("shared_models").model_kinds(d), list(epsilon))
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -258,6 +382,7 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str, ray_options: di
 def _check_numbers(checks: list[tuple]) -> None:
     """Refuse an option value that is not a finite number within its bounds (typer's ranges let ``nan`` through).
 
+    Only for options that are not run-config keys (the run config checks its own: :func:`_check_run_config`).
     ``checks``: ``(option, value, low, low_inclusive, high)`` with ``high`` a number (inclusive) or
     ``(number, inclusive)``; a value of ``None`` (option not given) is skipped.
     """
@@ -271,8 +396,9 @@ def _check_numbers(checks: list[tuple]) -> None:
             def num(x: float) -> str:
                 return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
-            raise typer.BadParameter(f"must be a finite number {'>=' if low_inclusive else '>'} {num(low)} and "
-                                     f"{'<=' if high_inclusive else '<'} {num(high)} (got {value!r})", param_hint=option)
+            _refuse(f"must be a finite number {'>=' if low_inclusive else '>'} {num(low)} and "
+                    f"{'<=' if high_inclusive else '<'} {num(high)} (got {value!r})", f"give {option} a value in that range",
+                    option)
 
 
 def _check_out_dir(path: Path, option: str) -> None:
@@ -281,8 +407,7 @@ def _check_out_dir(path: Path, option: str) -> None:
         if p.exists():
             if not p.is_dir():
                 where = "is a file" if p == path else f"lies under {p}, which is a file"
-                raise typer.BadParameter(f"{path} {where}, not a folder; fix: choose a folder path (created if missing)",
-                                         param_hint=option)
+                _refuse(f"{path} {where}, not a folder", "choose a folder path (created if missing)", option)
             return
 
 
@@ -298,15 +423,14 @@ def _check_resumable(run_dirs: list[Path]) -> list[Path]:
     for run_dir in run_dirs:
         try:
             require_no_legacy_checkpoint(run_dir)  # an earlier version's pickle: its own message says what to do
-        except LegacyCheckpointError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--resume") from None
+        except LegacyCheckpointError as exc:  # its message says what to do
+            _refuse(str(exc), None, "--resume")
     missing = [p for p in run_dirs if not (p / CHECKPOINT).is_file()]
     if len(missing) == len(run_dirs):
         where = (f"{run_dirs[0]} has" if len(run_dirs) == 1
                  else f"none of {', '.join(str(p) for p in run_dirs)} has")
-        raise typer.BadParameter(f"{where} no {CHECKPOINT}: there is no interrupted run to resume there; fix: drop "
-                                 "--resume to start a new run (or pass the --out of the interrupted run)",
-                                 param_hint="--resume")
+        _refuse(f"{where} no {CHECKPOINT}: there is no interrupted run to resume there",
+                "drop --resume to start a new run (or pass the --out of the interrupted run)", "--resume")
     return missing
 
 
@@ -319,20 +443,19 @@ def _check_policies(depts: list[str], policy: Optional[Path]) -> dict:
     from simulations.run import default_policy
 
     if policy is not None and len(depts) > 1:
-        raise typer.BadParameter(f"{policy}: a policy file is for one department, and --department all runs "
-                                 f"{', '.join(depts)}; fix: run each department on its own with its --policy, or leave "
-                                 "--policy out (each department's examples/policies/<department>.toml)", param_hint="--policy")
+        _refuse(f"{policy}: a policy file is for one department, and --department all runs {', '.join(depts)}",
+                "run each department on its own with its --policy, or leave --policy out (each department's "
+                "examples/policies/<department>.toml)", "--policy")
     found = {}
     for d in depts:
         path = policy if policy is not None else default_policy(d)
         try:
             pol = load_policy(path)
-        except PolicyError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--policy") from None
+        except PolicyError as exc:  # its message names the file, the field and the fix
+            _refuse(str(exc), None, "--policy")
         if pol.department != d:
-            raise typer.BadParameter(f"{path} is a policy for department {pol.department!r}, and this run is for {d!r}: "
-                                     f"every node would refuse every round; fix: pass a {d} policy (e.g. "
-                                     f"examples/policies/{d}.toml)", param_hint="--policy")
+            _refuse(f"{path} is a policy for department {pol.department!r}, and this run is for {d!r}: every node "
+                    "would refuse every round", f"pass a {d} policy (e.g. examples/policies/{d}.toml)", "--policy")
         found[d] = pol
     return found
 
@@ -341,20 +464,23 @@ def _policy_conflicts(cfg: dict, pol, path: str) -> None:
     """Refuse settings that every node's policy refuses at every round (the nodes' own checks, made up front).
 
     Only what needs no node's data or ledger: :func:`privacy.policy.job_conflict` (department,
-    task, DP required, minimum noise, maximum clipping norm), and a target epsilon above the
+    task, DP required, minimum noise, maximum clipping norm), :func:`privacy.policy.secagg_conflict`
+    (SecAgg+ required, its minimum shares and threshold), and a target epsilon above the
     policy's lifetime budget (``clients.node.check_job_numbers``).
     """
     from contract.tasks import TASKS
-    from privacy.policy import job_conflict
+    from privacy.policy import job_conflict, secagg_conflict
 
     calibrate = float(cfg.get("noise-multiplier", -1.0)) < 0
     if cfg["dp"] and calibrate and float(cfg["target-epsilon"]) > pol.max_epsilon:
-        raise typer.BadParameter(f"{cfg['target-epsilon']:g} is above the lifetime max_epsilon {pol.max_epsilon:g} of "
-                                 f"the nodes' policy {path}: every node would refuse every round; fix: --epsilon "
-                                 f"{pol.max_epsilon:g} or less", param_hint="--epsilon")
+        _refuse(f"{cfg['target-epsilon']:g} is above the lifetime max_epsilon {pol.max_epsilon:g} of the nodes' "
+                f"policy {path}: every node would refuse every round", f"--epsilon {pol.max_epsilon:g} or less", "--epsilon")
     conflict = job_conflict(pol, department=cfg["department"], task=TASKS[cfg["department"]], dp=bool(cfg["dp"]),
                             noise_multiplier=pol.min_noise_multiplier if calibrate else float(cfg["noise-multiplier"]),
                             clipping_norm=float(cfg["clipping-norm"]))
+    if conflict is None:
+        conflict = secagg_conflict(pol, secagg=bool(cfg.get("secagg")), num_shares=cfg.get("secagg-num-shares"),
+                                   threshold=cfg.get("secagg-threshold"))
     if conflict is None:
         return
     setting, reason = conflict
@@ -365,9 +491,12 @@ def _policy_conflicts(cfg: dict, pol, path: str) -> None:
         "noise_multiplier": ("--noise-multiplier", f"--noise-multiplier {pol.min_noise_multiplier:g} or more, or leave "
                                                    "it out to calibrate the noise from --epsilon"),
         "clipping_norm": ("--clip", f"--clip {pol.max_clipping_norm:g} or less"),
+        "require_secure_aggregation": ("--secagg", "add --secagg (SecAgg+ needs at least 3 sites), or pass a policy "
+                                                   "with require_secure_aggregation = false"),
+        "min_secagg_num_shares": ("--secagg-num-shares", f"--secagg-num-shares {pol.min_secagg_num_shares} or more"),
+        "min_secagg_threshold": ("--secagg-threshold", f"--secagg-threshold {pol.min_secagg_threshold} or more"),
     }.get(setting, ("--policy", "change the setting or the policy"))
-    raise typer.BadParameter(f"the nodes' policy {path} refuses this run ({reason}): every node would refuse every "
-                             f"round; fix: {fix}", param_hint=option)
+    _refuse(f"the nodes' policy {path} refuses this run ({reason}): every node would refuse every round", fix, option)
 
 
 def _untrained(department: str, results: dict) -> bool:
@@ -383,11 +512,11 @@ def _untrained(department: str, results: dict) -> bool:
     counts = {k: len(results.get(k) or []) for k in ("refused", "excluded", "dropped")}
     reasons = sorted({str(r.get("reason", "")).split(": refused: ", 1)[-1] for r in results.get("refused") or []})
     _error(f"{department}: no node's update was accepted in any of the {len(rounds)} round(s) "
-                  f"run ({counts['refused']} refusal(s), {counts['excluded']} exclusion(s), {counts['dropped']} "
-                  "dropped): the run trained nothing and its model is the initial one"
-                  + (f"; the nodes said: {'; '.join(reasons[:3])}" if reasons else "")
-                  + f"; fix: the settings the reasons name (see above and {results.get('config', {}).get('run-dir', 'OUT')}"
-                  "/results.json)")
+           f"run ({counts['refused']} refusal(s), {counts['excluded']} exclusion(s), {counts['dropped']} "
+           "dropped): the run trained nothing and its model is the initial one"
+           + (f"; the nodes said: {'; '.join(reasons[:3])}" if reasons else ""),
+           f"the settings the reasons name (see above and {results.get('config', {}).get('run-dir', 'OUT')}"
+           "/results.json)")
     return True
 
 
@@ -413,10 +542,10 @@ def run(
                                                "it takes --lr as given, where Adam's steps are noise-normalised). "
                                                "Personalisation trains with Adam."),
     batch_size: Optional[int] = typer.Option(None, min=1, max=_MAX_BATCH, help="Local batch size, expected under Poisson sampling (default: health 32, else 128)."),
-    fraction: float = typer.Option(1.0, min=0.0, max=1.0, help="Fraction of sites sampled to train per round."),
-    fraction_evaluate: float = typer.Option(1.0, min=0.0, max=1.0, help="Fraction of sites sampled to evaluate per round."),
+    fraction: float = typer.Option(1.0, help="Fraction of sites sampled to train per round."),
+    fraction_evaluate: float = typer.Option(1.0, help="Fraction of sites sampled to evaluate per round."),
     min_accepted: int = typer.Option(1, min=1, max=_MAX_NODES, help="End the run cleanly when a round has fewer acceptable updates."),
-    dropout: float = typer.Option(0.0, min=0.0, max=1.0, help="Probability that a site fails a round (simulated)."),
+    dropout: float = typer.Option(0.0, help="Probability that a site fails a round (simulated)."),
     virtual_sites: int = typer.Option(0, min=0, max=_MAX_NODES, help="N > 0: replace the natural sites by N virtual sites (flwr-datasets)."),
     partitioner: str = typer.Option("iid", help="Virtual sites: iid or dirichlet."),
     alpha: float = typer.Option(0.5, help="Virtual sites: Dirichlet concentration (smaller = more skewed)."),
@@ -429,9 +558,9 @@ def run(
                                     help="Central DP of the published model: nodes clip their update, the coordinator "
                                          "adds Gaussian noise to the unweighted mean and accounts it (fedavg, fedprox; "
                                          "on top of the nodes' own DP-SGD). README 'Central DP'."),
-    central_noise: float = typer.Option(1.0, min=0.0, help="Central DP: noise multiplier z (std z*C/k on the mean of k updates)."),
-    central_clip: float = typer.Option(1.0, min=0.0, help="Central DP: update clipping norm C (nodes may clip tighter, never looser)."),
-    central_delta: float = typer.Option(1e-5, min=0.0, max=1.0, help="Central DP: delta of the coordinator's accountant."),
+    central_noise: float = typer.Option(1.0, help="Central DP: noise multiplier z (std z*C/k on the mean of k updates)."),
+    central_clip: float = typer.Option(1.0, help="Central DP: update clipping norm C (nodes may clip tighter, never looser)."),
+    central_delta: float = typer.Option(1e-5, help="Central DP: delta of the coordinator's accountant."),
     policy: Optional[Path] = typer.Option(None, help="Department policy TOML for every node (default: examples/policies/D.toml)."),
     site_metrics: str = typer.Option(
         "central", help="Per-site scores in the report. central: the simulated coordinator holds the department's "
@@ -445,7 +574,7 @@ def run(
                                     "prints it) or 'auto'. Every Ray node needs this cityfed environment at the same "
                                     "path (README 'Ray cluster and GPUs'). Default: start Ray on this machine."),
     gpus_per_client: float = typer.Option(
-        0.0, "--gpus-per-client", min=0.0, help="Ray engine: GPUs per simulated client (0.25 = four clients share "
+        0.0, "--gpus-per-client", help="Ray engine: GPUs per simulated client (0.25 = four clients share "
                                                 "a GPU); those clients train on CUDA. 0 = CPU clients."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/checkpoint.safetensors."),
     seed: int = typer.Option(0, min=0, max=_MAX_SEED, help="Seed for the initial model, sampling, partitioning and each site's train/test split (health: a seeded draw per hospital; as fl-sim baselines --seed)."),
@@ -456,8 +585,8 @@ def run(
                                                 "OUT/ledgers/personalised/ (fl-serve --personalised serves it). 0 = off. "
                                                 "README 'Personalisation at the node'."),
     personalise_layers: str = typer.Option("all", "--personalise-layers", help="What is personalised: all, or head (the output layer)."),
-    personalise_lr: float = typer.Option(1e-3, "--personalise-lr", min=0.0, help="Personalisation learning rate (Adam)."),
-    personalise_own_lr: float = typer.Option(0.0, "--personalise-own-lr", min=0.0,
+    personalise_lr: float = typer.Option(1e-3, "--personalise-lr", help="Personalisation learning rate (Adam)."),
+    personalise_own_lr: float = typer.Option(0.0, "--personalise-own-lr",
                                              help="Without DP only: > 0 also trains a model of the node's own records at "
                                                   "this learning rate; the node keeps it alone or averaged with the "
                                                   "fine-tuned model, whichever validates better. 0 = off."),
@@ -478,47 +607,36 @@ def run(
     """
     depts = list(DEPARTMENTS) if department == "all" else [department]
     if any(d not in DEPARTMENTS for d in depts):
-        raise typer.BadParameter(f"choose from {', '.join(DEPARTMENTS)} or 'all'", param_hint="--department")
+        _refuse(f"unknown department {department!r}", f"choose from {', '.join(DEPARTMENTS)} or 'all'", "--department")
     if engine not in ("ray", "inprocess"):
-        raise typer.BadParameter("choose ray or inprocess", param_hint="--engine")
-    from privacy.policy import MAX_EPSILON
-    from server.app import MAX_LR, MAX_SCALE, settings
-
-    # every number before anything else: inf, nan and out-of-range values are refused, never replaced
-    _check_numbers([
-        ("--epsilon", epsilon, 0, False, MAX_EPSILON), ("--noise-multiplier", noise_multiplier, 0, True, MAX_SCALE),
-        ("--lr", lr, 0, False, MAX_LR), ("--proximal-mu", proximal_mu, 0, True, MAX_SCALE),
-        ("--server-lr", server_lr, 0, False, MAX_LR), ("--clip", clip, 0, False, MAX_SCALE),
-        ("--fraction", fraction, 0, False, 1.0), ("--fraction-evaluate", fraction_evaluate, 0, True, 1.0),
-        ("--dropout", dropout, 0, True, 1.0), ("--alpha", alpha, 0, False, MAX_SCALE),
-        ("--central-noise", central_noise, 0, False, MAX_SCALE), ("--central-clip", central_clip, 0, False, MAX_SCALE),
-        ("--central-delta", central_delta, 0, False, (1.0, False)), ("--gpus-per-client", gpus_per_client, 0, True, 1e3),
-        ("--personalise-lr", personalise_lr, 0, False, MAX_LR), ("--personalise-own-lr", personalise_own_lr, 0, True, MAX_LR),
-    ])
+        _refuse(f"unknown engine {engine!r}", "choose ray or inprocess", "--engine")
     if partitioner not in ("iid", "dirichlet"):
-        raise typer.BadParameter("choose iid or dirichlet", param_hint="--partitioner")
+        _refuse(f"unknown partitioner {partitioner!r}", "choose iid or dirichlet", "--partitioner")
     from contract.keys import OPTIMIZERS
 
     if optimizer not in OPTIMIZERS:
-        raise typer.BadParameter(f"{optimizer!r}: choose {' or '.join(OPTIMIZERS)}", param_hint="--optimizer")
+        _refuse(f"unknown optimizer {optimizer!r}", f"choose {' or '.join(OPTIMIZERS)}", "--optimizer")
     if site_metrics not in ("central", "dp", "off"):
-        raise typer.BadParameter("choose central, dp or off", param_hint="--site-metrics")
+        _refuse(f"unknown choice {site_metrics!r}", "choose central, dp or off", "--site-metrics")
     from server.strategy import STRATEGIES
 
     if strategy not in STRATEGIES:
-        raise typer.BadParameter(f"choose from {', '.join(STRATEGIES)}", param_hint="--strategy")
+        _refuse(f"unknown strategy {strategy!r}", f"choose from {', '.join(STRATEGIES)}", "--strategy")
+    from server.app import MAX_SCALE
     from simulations.compare import FED_DEFAULTS
 
+    # every number before anything else: inf, nan and out-of-range values are refused, never replaced. The
+    # run config's keys by the run config's own rules (_check_run_config, below); here the options that
+    # are not run-config keys, and the one value of the run config's that is not an option's: -1 (calibrate)
+    if noise_multiplier is not None and noise_multiplier < 0:
+        _refuse(f"must be a finite number >= 0 (got {noise_multiplier!r})",
+                "leave --noise-multiplier out to calibrate the noise from --epsilon, or give a fixed multiplier >= 0",
+                "--noise-multiplier")
+    _check_numbers([("--dropout", dropout, 0, True, 1.0), ("--alpha", alpha, 0, False, MAX_SCALE),
+                    ("--gpus-per-client", gpus_per_client, 0, True, 1e3)])
     outs = {d: out / d if len(depts) > 1 else out for d in depts}
-    _check_out_dir(out, "--out")
-    for d in depts:
-        _check_out_dir(outs[d], "--out")
-    fresh = _check_resumable([outs[d] for d in depts]) if resume else []
-    policies = _check_policies(depts, policy)
-    ray_options = _ray_options(engine, ray_address, gpus_per_client)  # may ask a Ray cluster: after the local checks
     cfgs = {}
-    for d in depts:  # every department's run config is checked before the first one starts
-        dout = outs[d]
+    for d in depts:  # every department's run config, checked before anything is created or trained
         dflt = FED_DEFAULTS[d]
         cfg = {"department": d, "num-rounds": dflt["num-rounds"] if rounds is None else rounds,
                "local-epochs": dflt["local-epochs"] if local_epochs is None else local_epochs, "strategy": strategy,
@@ -526,44 +644,55 @@ def run(
                "clipping-norm": clip, "lr": dflt["lr"] if lr is None else lr, "optimizer": optimizer,
                "batch-size": dflt["batch-size"] if batch_size is None else batch_size, "fraction-train": fraction,
                "fraction-evaluate": fraction_evaluate, "min-accepted": min_accepted, "dropout-probability": dropout,
-               "run-dir": str(dout), "resume": resume, "seed": seed, "min-nodes": 1}
+               "run-dir": str(outs[d]), "resume": resume, "seed": seed, "min-nodes": 1}
+        personalise = {"personalise-epochs": personalise_epochs, "personalise-layers": personalise_layers,
+                       "personalise-lr": personalise_lr, "personalise-own-lr": personalise_own_lr}
+        secagg_keys = {"secagg-num-shares": secagg_num_shares, "secagg-threshold": secagg_threshold}
+        central = {"central-noise-multiplier": central_noise, "central-clipping-norm": central_clip,
+                   "central-delta": central_delta}
         if personalise_epochs:
-            cfg.update({"personalise-epochs": personalise_epochs, "personalise-layers": personalise_layers,
-                        "personalise-lr": personalise_lr, "personalise-own-lr": personalise_own_lr})
+            cfg.update(personalise)
         if secagg:
-            n_sites = virtual_sites or len(__import__("citydata", fromlist=["x"]).load_department(d).sites)
-            if n_sites < 3:
-                _error(f"--secagg needs at least 3 sites; {d} has {n_sites} "
-                              "(use --virtual-sites to simulate more)")
-                raise typer.Exit(2)
-            cfg.update({"secagg": True, "secagg-num-shares": secagg_num_shares, "secagg-threshold": secagg_threshold})
+            cfg.update({"secagg": True, **secagg_keys})
         if central_dp:
-            cfg.update({"central-dp": True, "central-noise-multiplier": central_noise, "central-clipping-norm": central_clip,
-                        "central-delta": central_delta})
+            cfg.update({"central-dp": True, **central})
         if virtual_sites:
             cfg.update({"virtual-sites": virtual_sites, "partitioner": partitioner, "dirichlet-alpha": alpha})
-            from citydata import load_department
-            from citydata.virtual import check_virtual_sites
-
-            try:  # the nodes' own check, before any of them starts (too many sites for the records)
-                check_virtual_sites(load_department(d, seed=seed), virtual_sites, partitioner, alpha, allow_empty=False)
-            except ValueError as exc:
-                raise typer.BadParameter(str(exc), param_hint="--virtual-sites") from None
         if noise_multiplier is not None:
             cfg["noise-multiplier"] = noise_multiplier
         if model:
             cfg["model"] = model
         if policy:
             cfg["policy"] = str(policy)
+        # also the values of the options this run does not use (a typo is refused, not ignored): their
+        # keys do not change what the run config accepts with the features off
+        _check_run_config({**personalise, **secagg_keys, **central, **cfg}, RUN_CONFIG_OPTIONS, "fl-sim run")
         if site_metrics == "central":
             cfg.update({"central-data": "bundled", "fraction-evaluate": 0.0})
         elif site_metrics != "dp":
             cfg["fraction-evaluate"] = 0.0
-        try:
-            settings(cfg)
-        except ValueError as exc:
-            _error(f"{exc}")
-            raise typer.Exit(2)
+        cfgs[d] = cfg
+    _check_out_dir(out, "--out")
+    for d in depts:
+        _check_out_dir(outs[d], "--out")
+    fresh = _check_resumable([outs[d] for d in depts]) if resume else []
+    policies = _check_policies(depts, policy)
+    ray_options = _ray_options(engine, ray_address, gpus_per_client)  # may ask a Ray cluster: after the local checks
+    for d in depts:  # what needs the department's records or its policy, before the first department starts
+        cfg = cfgs[d]
+        if secagg:
+            n_sites = virtual_sites or len(__import__("citydata", fromlist=["x"]).load_department(d).sites)
+            if n_sites < 3:
+                _refuse(f"--secagg needs at least 3 sites; {d} has {n_sites}", "use --virtual-sites to simulate more",
+                        "--secagg")
+        if virtual_sites:
+            from citydata import load_department
+            from citydata.virtual import check_virtual_sites
+
+            try:  # the nodes' own check, before any of them starts (too many sites for the records)
+                check_virtual_sites(load_department(d, seed=seed), virtual_sites, partitioner, alpha, allow_empty=False)
+            except ValueError as exc:
+                _refuse(str(exc), "a --virtual-sites count (and --alpha) the message allows", "--virtual-sites")
         from simulations.run import default_policy
 
         _policy_conflicts(cfg, policies[d], str(policy if policy is not None else default_policy(d)))
@@ -577,11 +706,9 @@ def run(
                 try:
                     write_policy(d, Path(tmp) / "p.toml", source=policy, releases={
                         "local_evaluation": "dp", "max_evaluations_per_run": int(cfg["num-rounds"])})
-                except PolicyError as exc:
-                    _error(f"--site-metrics dp: the nodes' policy with local_evaluation = "
-                                  f"\"dp\" for {cfg['num-rounds']} round(s) is not valid: {exc}")
-                    raise typer.Exit(2)
-        cfgs[d] = cfg
+                except PolicyError as exc:  # its message names the field and the fix
+                    _refuse(f"the nodes' policy with local_evaluation = \"dp\" for {cfg['num-rounds']} round(s) is "
+                            f"not valid: {exc}", None, "--site-metrics dp")
     untrained = []
     for d in depts:
         dout, cfg = outs[d], cfgs[d]
@@ -596,8 +723,8 @@ def run(
         results = _run_one(d, cfg, dout, engine, ray_options)
         if _untrained(d, results):
             untrained.append(d)
-    if untrained:  # every node refused (or dropped) every round: not a successful run
-        raise typer.Exit(1)
+    if untrained:  # every node refused (or dropped) every round: a failed run, not an input error
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _ray_options(engine: str, ray_address: Optional[str], gpus_per_client: float) -> dict:
@@ -605,7 +732,8 @@ def _ray_options(engine: str, ray_address: Optional[str], gpus_per_client: float
     from simulations.ray_cluster import backend_config, check_cluster
 
     if engine != "ray" and (ray_address or gpus_per_client):
-        raise typer.BadParameter("--ray-address and --gpus-per-client need --engine ray", param_hint="--engine")
+        _refuse(f"--ray-address and --gpus-per-client need --engine ray (got --engine {engine})",
+                "add --engine ray, or drop --ray-address and --gpus-per-client", "--engine")
     try:
         if ray_address:
             console.print(f"connecting to the Ray cluster at {ray_address} ...")
@@ -615,9 +743,8 @@ def _ray_options(engine: str, ray_address: Optional[str], gpus_per_client: float
                           f"{res.get('GPU', 0):g} GPUs")
         else:
             backend_config(gpus_per_client=gpus_per_client)  # GPU clients on a machine without one: stop here
-    except ValueError as exc:
-        _error(f"{exc}")
-        raise typer.Exit(2)
+    except ValueError as exc:  # its message names the option and what to check
+        _refuse(str(exc), None)
     return {"ray_address": ray_address, "gpus_per_client": gpus_per_client} if engine == "ray" else {}
 
 
@@ -661,13 +788,9 @@ def compare(
 
     depts = list(DEPARTMENTS) if department == "all" else [department]
     if any(d not in DEPARTMENTS for d in depts):
-        raise typer.BadParameter(f"choose from {', '.join(DEPARTMENTS)} or 'all'", param_hint="--department")
+        _refuse(f"unknown department {department!r}", f"choose from {', '.join(DEPARTMENTS)} or 'all'", "--department")
     if engine not in ("ray", "inprocess"):
-        raise typer.BadParameter("choose ray or inprocess", param_hint="--engine")
-    from privacy.policy import MAX_EPSILON
-
-    _check_numbers([("--epsilon", e, 0, False, MAX_EPSILON) for e in epsilon]
-                   + [("--personalise-lr", personalise_lr, 0, False, 1e3)])
+        _refuse(f"unknown engine {engine!r}", "choose ray or inprocess", "--engine")
     overrides = {k: v for k, v in (("num-rounds", rounds), ("local-epochs", local_epochs), ("strategy", strategy),
                                    ("personalise-layers", personalise_layers), ("personalise-lr", personalise_lr),
                                    ("personalise-epochs", personalise_epochs),
@@ -689,30 +812,26 @@ def compare(
                 res = run_compare(d, dout, epsilons=tuple(epsilon), model=model, engine=engine, seed=seed,
                                   overrides=overrides, overwrite=overwrite, on_stage=on_stage, on_round=on_round, loo=loo,
                                   own=personalise_own)
-            except FileExistsError as exc:
-                _error(f"{exc}")
-                raise typer.Exit(2)
+            except FileExistsError as exc:  # its message says: another --out, or --overwrite
+                _refuse(str(exc), None, "--out")
         console.print(compare_table(res, d))
         console.print(f"wrote {dout}/results.json ({res['meta']['seconds']:.0f} s)")
 
 
 def _check_compare_configs(depts: list[str], out: Path, epsilon: list[float], model: Optional[str], seed: int,
                            overrides: dict) -> None:
-    """Every run config a comparison will run, checked before its first (pooled) training: exit 2 naming the key."""
-    from server.app import settings
+    """Every run config a comparison will run, checked before its first (pooled) training: exit 2 naming the option."""
     from simulations.compare import federated_settings, run_config
 
     _check_out_dir(out, "--out")
+    given = [*overrides, "seed", *(["model"] if model else [])]  # the keys compare's options set
     for d in depts:
         dout = out / d if len(depts) > 1 else out
         _check_out_dir(dout, "--out")
         for eps in (None, *epsilon):
             cfg = run_config(d, seed, eps, dout / "check", federated_settings(d, eps is not None, overrides), model=model)
-            try:
-                settings(cfg)
-            except ValueError as exc:
-                _error(f"{exc}")
-                raise typer.Exit(2)
+            keys = [*given, *(["target-epsilon"] if eps is not None else [])]
+            _check_run_config(cfg, {k: RUN_CONFIG_OPTIONS[k] for k in keys}, "fl-sim compare")
 
 
 def compare_table(res: dict, department: str) -> Table:
@@ -767,15 +886,14 @@ def export(
     from citydata.base import DataFileError
 
     if department not in DATASETS:
-        raise typer.BadParameter(f"unknown department {department!r}; choose one of {', '.join(DATASETS)}",
-                                 param_hint="--department")
+        _refuse(f"unknown department {department!r}", f"choose one of {', '.join(DATASETS)}", "--department")
     data = load_department(department)
     try:
         path = data.export(out, sites=list(site) if site else None)
     except DataFileError as exc:  # a ValueError too: catch it first
-        raise typer.BadParameter(str(exc), param_hint="--out") from None
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--site") from None
+        _data_file_error(exc, {"--out": exc.path})  # the file it would write
+    except ValueError as exc:  # unknown sites: the message lists the department's
+        _refuse(str(exc), "name sites as `fl-sim datasets` lists them", "--site")
     back = type(data)(path)  # what a node will load from this file
     console.print(f"wrote {path}: {len(back.raw_frame())} records, sites: {', '.join(back.sites)}")
 

@@ -679,7 +679,7 @@ def test_fl_sim_baselines_date_format_and_ranges(tmp_path, monkeypatch):
     ranges.write_text("[detector]\nmax = 3\n")  # the message names the table as [detector]: text, not rich markup
     res = runner.invoke(sim_cli.app, base + ["--date-format", "DMY", "--ranges", str(ranges)])
     text = " ".join(res.output.split())
-    assert res.exit_code == 2 and "Fix: remove [detector]" in text, text
+    assert res.exit_code == 2 and "fix: remove [detector]" in text, text
     seen = {}
 
     def fake_run_baselines(department, *, data=None, seed=0, **kw):  # the jobs reopen the file like simulations.baselines

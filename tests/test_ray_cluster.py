@@ -190,7 +190,7 @@ def test_fl_sim_runs_on_a_two_node_ray_cluster(ray_cluster, tmp_path):
     # the cluster is still up after the run (Flower only disconnected), and has no GPU for GPU clients
     r = _fl_sim("-d", "health", "-r", "1", "--ray-address", addr, "--gpus-per-client", "0.5", "--out",
                 str(tmp_path / "gpu"), timeout=180)
-    text = " ".join(r.stdout.split())
+    text = " ".join((r.stdout + r.stderr).split())  # fl-sim's errors go to standard error
     assert r.returncode == 2 and f"--gpus-per-client 0.5 asks for GPUs but the Ray cluster at {addr} has none" in text, text
 
 

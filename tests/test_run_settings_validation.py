@@ -192,13 +192,28 @@ def test_fl_sim_run_settings_every_node_would_refuse(tmp_path, capsys, monkeypat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("extra, args, option, text", [
+    ("require_secure_aggregation = true\n", [], "--secagg", "require_secure_aggregation = true"),
+    ("min_secagg_threshold = 3\n", ["--secagg", "--secagg-threshold", "2"], "--secagg-threshold",
+     "secagg-threshold 2 < policy min_secagg_threshold 3"),
+    ("min_secagg_num_shares = 5\n", ["--secagg"], "--secagg-num-shares",
+     "secagg-num-shares 3 < policy min_secagg_num_shares 5"),
+])
+def test_fl_sim_run_secure_aggregation_every_node_would_refuse(tmp_path, capsys, monkeypatch, extra, args, option, text):
+    example = cli.Path(__file__).resolve().parents[1] / "examples" / "policies" / "health.toml"
+    pol = _write(tmp_path / "policy.toml", example.read_text().replace("[releases]", extra + "[releases]", 1))
+    code, out = _fl_sim(_run(tmp_path, "--policy", pol, *args), capsys, monkeypatch)
+    assert code == 2 and option in out and text in out and "every node would refuse" in out, out
+    assert not (tmp_path / "out").exists()
+
+
 def test_untrained_run_is_reported(capsys, monkeypatch):
     monkeypatch.setattr(cli.console, "width", 400)
     refused = {"rounds": [{"round": 1, "train": {"accepted": 0}}],
                "refused": [{"round": 1, "node": 1, "reason": "health/Cleveland: refused: projected epsilon 9 > policy max_epsilon 8"}],
                "excluded": [], "config": {"run-dir": "runs/x"}}
     assert cli._untrained("health", refused)
-    out = " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().err.split())  # errors go to standard error
     assert "no node's update was accepted in any of the 1 round(s)" in out and "projected epsilon 9" in out
     assert "runs/x/results.json" in out
     assert not cli._untrained("health", {"rounds": [{"round": 1, "train": {"accepted": 0}},

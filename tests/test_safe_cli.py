@@ -36,8 +36,8 @@ def test_bad_data_file_under_fl_sim_prints_no_record(tmp_path, debug):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "200"})
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 1
-    assert "hospital 'Tiny' has only 1 patient" in out and "Fix:" in out
+    assert proc.returncode == 2  # a data file the user can fix: an input error (fl-sim's exit status)
+    assert "hospital 'Tiny' has only 1 patient" in out and "; fix: " in out
     assert MARKER not in out  # neither the message nor a traceback shows the record
     assert ("Traceback" in out) == debug  # --debug shows the trace (without locals)
 
