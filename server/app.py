@@ -54,7 +54,18 @@ class RunConfigError(ValueError):
 
     A cityfed error (its message is shown by :func:`privacy.safe_cli.run_app`); a ``ValueError``
     for the callers that catch those.
+
+    Attributes
+    ----------
+    keys : tuple of str
+        The run-config keys whose own value is refused, in the message's order (a CLI names the
+        option that set each); empty for a problem of several keys together (e.g. ``secagg`` with
+        a strategy that needs individual updates).
     """
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.keys = tuple(keys)
 
 
 class RunSettings(BaseModel):
@@ -248,9 +259,10 @@ def settings(run_config: dict) -> dict:
     try:
         parsed = RunSettings.model_validate(raw)
     except ValidationError as exc:
-        problems = []
+        problems, keys = [], []
         for err in exc.errors():
             key = ".".join(str(x) for x in err["loc"]) or "?"
+            keys.append(key)
             if err["type"] == "extra_forbidden":
                 problems.append(f"unknown run config key {key!r} (known: {', '.join(sorted(DEFAULTS))}, department)")
             elif key in _ACCEPTS:
@@ -258,7 +270,7 @@ def settings(run_config: dict) -> dict:
             else:
                 msg = str(err["msg"]).removeprefix("Value error, ")
                 problems.append(f"run config {key!r}: {msg} (got {err.get('input')!r})")
-        raise RunConfigError("; ".join(problems)) from None
+        raise RunConfigError("; ".join(problems), tuple(dict.fromkeys(keys))) from None
     cfg = parsed.as_config()
     try:
         check_secagg(cfg)
@@ -268,7 +280,7 @@ def settings(run_config: dict) -> dict:
     cfg["model"] = cfg["model"] or model_kinds(cfg["department"])[0]
     if cfg["model"] not in model_kinds(cfg["department"]):
         raise RunConfigError(f"run config 'model': {cfg['model']!r} is not a {cfg['department']} model; "
-                             f"choose one of {', '.join(model_kinds(cfg['department']))}")
+                             f"choose one of {', '.join(model_kinds(cfg['department']))}", ("model",))
     return {**cfg, **node_side}
 
 

@@ -135,31 +135,18 @@ def _check_run_config(cfg: dict, options: dict, command: str) -> None:
     """Validate run config ``cfg`` with ``server.app.settings``; a refusal is an input error naming the option.
 
     ``options``: ``{run-config key: option}`` for the keys of ``cfg`` that the command's options set.
-    ``RunConfigError`` carries no key (its message may list several problems), so the option is
-    found by validating each of those keys alone (with the run config's defaults for the others);
-    a problem no single key has (two keys that do not go together, e.g. ``secagg`` with ``krum``)
-    is reported as the run config words it.
+    The refusal's keys (``RunConfigError.keys``) give the options; a problem of several keys
+    together (e.g. ``secagg`` with ``krum``) is reported as the run config words it.
     """
     from server.app import RunConfigError, settings
 
     try:
         settings(cfg)
-        return
     except RunConfigError as exc:
-        whole = str(exc)
-    bad = []
-    for key, option in options.items():
-        if key not in cfg:
-            continue
-        try:
-            settings({"department": cfg["department"], key: cfg[key]})
-        except RunConfigError as exc:
-            bad.append((option, str(exc)))
-    if not bad:
-        _refuse(whole, f"change the options that set these run-config keys (see '{command} --help')")
-    (option, first), rest = bad[0], bad[1:]
-    named = " and ".join(dict.fromkeys(o for o, _ in bad))
-    _refuse("; ".join([first, *(f"{o}: {m}" for o, m in rest)]), f"give {named} a value the message allows", option)
+        named = [options[k] for k in exc.keys if k in options]
+        if not named:
+            _refuse(str(exc), f"change the options that set these run-config keys (see '{command} --help')")
+        _refuse(str(exc), f"give {' and '.join(dict.fromkeys(named))} a value the message allows", named[0])
 
 
 def _table(results: list[dict], department: str) -> Table:

@@ -296,3 +296,17 @@ def test_fl_sim_run_resume_all_departments(tmp_path, capsys, monkeypatch):
     code, text = _fl_sim(["run", "-d", "all", "--engine", "inprocess", "-o", out, "--resume"], capsys, monkeypatch)
     assert code == 0 and ran == ["health", "traffic", "utility"], text
     assert "utility starts at round 1" in text
+
+
+def test_run_config_error_names_the_refused_keys():
+    from server.app import RunConfigError, settings
+
+    with pytest.raises(RunConfigError) as exc:
+        settings({"department": "health", "lr": 0.0, "batch-size": 0})
+    assert set(exc.value.keys) == {"lr", "batch-size"}
+    with pytest.raises(RunConfigError) as exc:
+        settings({"department": "health", "model": "gru"})
+    assert exc.value.keys == ("model",)
+    with pytest.raises(RunConfigError) as exc:  # two keys that do not go together: no one key to blame
+        settings({"department": "health", "secagg": True, "strategy": "krum"})
+    assert exc.value.keys == ()
