@@ -75,7 +75,10 @@ class DPSettings(BaseModel):
     grad_sample_mode: Literal["auto", "hooks", "ghost", "functorch", "ew"] = Field(
         default="auto",
         description="Opacus' per-sample-gradient mode; 'auto' = the fastest measured for the model kind that "
-        "Opacus accepts, hooks last (privacy.grad_modes.AUTO_MODES).",
+        "Opacus accepts, hooks last (privacy.grad_modes.AUTO_MODES). Every mode but 'ghost' counts a record whose "
+        "gradient is not finite as contributing zero; ghost clipping keeps no per-sample gradients, so there one "
+        "such record makes the update NaN (a node trains with 'auto', which never picks ghost for the shipped "
+        "models).",
     )
     accountant: Literal["rdp", "prv"] = Field(
         default="rdp", description="Accountant of calibration and reported epsilon (privacy.accounting)."
@@ -314,7 +317,7 @@ def make_private(
     if settings.noise_multiplier is not None:
         noise = settings.noise_multiplier
     elif settings.target_epsilon is not None:
-        noise = calibrate_noise(settings.target_epsilon, delta, sample_rate, epochs * len(loader),
+        noise = calibrate_noise(settings.target_epsilon, delta, sample_rate, epochs * k,
                                 accountant=settings.accountant)
     else:
         raise ValueError("DPSettings needs target_epsilon or noise_multiplier")
@@ -338,6 +341,8 @@ def make_private(
         dp_module, dp_opt, dp_loader = result
         dp_crit = criterion
     _exact_plan(engine, dp_opt, dp_loader, k, settings.public_records or len(loader.dataset))
+    if mode != "ghost":  # ghost clipping keeps no per-sample gradients to check (see DPSettings.grad_sample_mode)
+        _finite_contributions(dp_opt)
     if TensorPoissonLoader.applies_to(dp_loader):  # the same Poisson draws, fetched by tensor indexing
         dp_loader = TensorPoissonLoader(dp_loader)
     return PrivateTraining(
@@ -353,6 +358,39 @@ def make_private(
         grad_sample_mode=mode,
         accountant=settings.accountant,
     )
+
+
+def _finite_contributions(optimizer) -> None:
+    """Make every record's contribution finite before Opacus clips it: a non-finite one counts as zero.
+
+    Opacus clips a record's gradient by ``C / (norm + 1e-6)``: an infinite norm gives the factor 0
+    and ``0 * inf`` is NaN, so one record's non-finite gradient made the whole noised update NaN.
+    The coordinator chooses the weights, so it can make exactly the records above a threshold
+    of its choosing overflow, and a NaN update (or SecAgg+'s "update not finite") told it,
+    without noise and without any ledger row, whether a sampled record met its condition
+    (a binary search on one feature took 12 messages). Here such a record's per-sample gradient
+    is set to zero in every parameter before clipping: its contribution (norm 0 <= C) is within
+    the clipping bound the accounting assumes, so the noised update stays a DP release and is
+    finite. Records whose gradients are finite are untouched.
+    """
+    original = optimizer.clip_and_accumulate
+
+    def clip_and_accumulate():
+        params = [p for p in optimizer.params if getattr(p, "grad_sample", None) is not None]
+        for p in params:
+            if isinstance(p.grad_sample, list):  # accumulated batches (Poisson sampling forbids it): one tensor
+                p.grad_sample = torch.cat(p.grad_sample, dim=0)
+        if params and len(params[0].grad_sample):
+            finite = None
+            for p in params:
+                ok = torch.isfinite(p.grad_sample.reshape(len(p.grad_sample), -1)).all(dim=1)
+                finite = ok if finite is None else finite & ok.to(finite.device)
+            if not bool(finite.all()):
+                for p in params:
+                    p.grad_sample[~finite.to(p.grad_sample.device)] = 0
+        return original()
+
+    optimizer.clip_and_accumulate = clip_and_accumulate
 
 
 def _exact_plan(engine: PrivacyEngine, optimizer, dp_loader, steps: int, count: int) -> None:

@@ -42,8 +42,10 @@ AUTO_MODES: dict[str, tuple[str, ...]] = {
     "patchtst": ("ew", "hooks"),
 }
 
-#: Order for a model whose kind is not in :data:`AUTO_MODES` (hooks first: the widest support).
-DEFAULT_AUTO_MODES: tuple[str, ...] = ("hooks", "ghost")
+#: Order for a model whose kind is not in :data:`AUTO_MODES` (hooks first: the widest support). Never
+#: ghost: it keeps no per-sample gradients, so a record with a non-finite gradient cannot be counted as
+#: zero (:func:`privacy.dp.make_private`); ghost only when asked for by name.
+DEFAULT_AUTO_MODES: tuple[str, ...] = ("hooks", "functorch")
 
 #: What Opacus (or PyTorch under it) raises when a mode cannot handle a model: ghost clipping's
 #: parameter tying and expanded weights' batch-first check raise ``NotImplementedError``;
