@@ -19,7 +19,7 @@ from clients.energy import EnergyMeter
 from clients.node import JobRefused, NoTrainingData, handle_evaluate, handle_train, node_from_config
 from clients.clipping import central_clipping_mod
 from clients.replies import REFUSED, audit_reply  # noqa: F401 - REFUSED: the node's error codes live here
-from clients.secagg import is_secagg_fit, secagg_train, secure_aggregation_mod
+from clients.secagg import is_secagg_fit, secagg_train, secure_aggregation_mod, unmasked_refusal
 from contract.tasks import (ARRAYS, CONFIG, EVAL_METRICS, METRICS, PERSONALISE_ACTION, PERSONALISE_METRICS,
                             TRAIN_METRICS)
 
@@ -80,7 +80,7 @@ def build_client_app(defaults: dict | None = None) -> ClientApp:
         if is_secagg_fit(msg):  # SecAgg+ collect stage: same train(), the update goes out masked
             return guarded(msg, context, lambda node: secagg_train(msg, node, context, lambda m, n: train(m, n, audit=False),
                                                                  audit=lambda **f: node.audit("reply", **f)))
-        return guarded(msg, context, lambda node: train(msg, node))
+        return guarded(msg, context, lambda node: unmasked_refusal(msg, node) or train(msg, node))
 
     @capp.train(PERSONALISE_ACTION)
     def _personalise(msg: Message, context: Context) -> Message:

@@ -27,7 +27,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 
 from flower_compat.dp import KEY_CLIPPING_NORM
 
-from clients.replies import audit_reply
+from clients.replies import audit_reply, is_train
 from clients.secagg import is_secagg_fit
 from contract.keys import CENTRAL_CLAIM_KEYS
 
@@ -104,7 +104,7 @@ def central_clipping_mod(spec_of: Callable[[Context], object]):
     """
 
     def mod(msg: Message, ctxt: Context, call_next) -> Message:
-        if (msg.metadata.message_type != "train" or "config" not in msg.content.config_records
+        if (not is_train(msg) or "config" not in msg.content.config_records
                 or is_secagg_fit(msg) or not is_central_dp(msg.content["config"])):
             return call_next(msg, ctxt)
         cfg = msg.content["config"]

@@ -17,6 +17,16 @@ from contract.tasks import ARRAYS, CONFIG, METRICS
 REFUSED = 4031
 
 
+def is_train(msg: Message) -> bool:
+    """Whether ``msg`` goes to the ClientApp's default train handler: type ``train`` or ``train.default``.
+
+    Flower routes both to the handler registered with ``@app.train()``; a check of what leaves
+    that looked for ``train`` alone was skipped by a coordinator that sent ``train.default``.
+    (``train.personalise`` goes to its own handler, whose reply carries no arrays.)
+    """
+    return str(msg.metadata.message_type) in ("train", "train.default")
+
+
 def audit_reply(spec, msg: Message, content: RecordDict | None = None, error: Error | None = None, **extra) -> None:
     """Append a ``reply`` entry to the node's audit log (nothing when it keeps none).
 

@@ -41,7 +41,7 @@ from flower_compat.dp import KEY_CLIPPING_NORM
 from flower_compat.secagg import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flower_compat.secagg import recorddict_compat as compat
 
-from clients.replies import REFUSED, audit_reply
+from clients.replies import REFUSED, audit_reply, is_train
 from contract.keys import MAX_UPDATE_NORM, PARAM_NAMES_KEY
 from privacy.policy import secagg_conflict
 
@@ -143,6 +143,28 @@ def _refuse(msg: Message, node, setting: str, reason: str, stage: str | None = N
     return Message(error, reply_to=msg)
 
 
+def unmasked_refusal(msg: Message, node) -> Message | None:
+    """The node's refusal of a train message whose update would leave unmasked, or None if its policy allows it.
+
+    :func:`secure_aggregation_mod` applies it before the handler; the train handler applies it
+    again to every plain train message it gets, so no routing of a message around the mod
+    (another message type, another mod order) sends an unmasked update against the policy.
+
+    Parameters
+    ----------
+    msg : Message
+        A plain (not SecAgg+) train message.
+    node : clients.node.NodeSpec
+
+    Returns
+    -------
+    Message or None
+        The refusal (code :data:`clients.replies.REFUSED`, audited) under ``require_secure_aggregation``.
+    """
+    conflict = secagg_conflict(node.policy, secagg=False)
+    return _refuse(msg, node, *conflict) if conflict else None
+
+
 def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next, spec_of=None) -> Message:
     """ClientApp mod: apply ``secaggplus_mod`` only to SecAgg+ train messages.
 
@@ -161,12 +183,12 @@ def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next, spec_of=N
         ``spec_of(context) -> NodeSpec``: the node's policy on secure aggregation is applied and
         refusals and aborts are audited (:func:`secure_aggregation_mod`); None: neither.
     """
-    if msg.metadata.message_type != "train":
+    if not is_train(msg):
         return call_next(msg, ctxt)
     if RECORD_KEY_CONFIGS not in msg.content.config_records:  # a plain train message: the update leaves unmasked
         node = _node(spec_of, ctxt)
-        conflict = secagg_conflict(node.policy, secagg=False) if node is not None else None
-        return _refuse(msg, node, *conflict) if conflict else call_next(msg, ctxt)
+        refusal = unmasked_refusal(msg, node) if node is not None else None
+        return refusal or call_next(msg, ctxt)
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     stage = str(configs.get(Key.STAGE, "?"))  # the mod pops it
     node = _node(spec_of, ctxt)

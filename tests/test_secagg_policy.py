@@ -8,6 +8,7 @@ abort and a central-DP clipping refusal are written to the node's audit log: an 
 left that misses an error reply is not an audit.
 """
 
+import math
 import warnings
 
 import pytest
@@ -166,3 +167,52 @@ def test_a_central_dp_clipping_refusal_is_audited(tmp_path):
 def test_bad_secagg_policy_values_name_the_field(text, field):
     with pytest.raises(PolicyError, match=field):
         parse_policy(POLICY.format(eps=8.0) + text)
+
+
+def _plain_train(ds_state_cfg: dict | None = None, message_type: str = "train") -> Message:
+    from shared_models import build_model, default_model_config
+    from citydata import load_department
+
+    torch.manual_seed(0)
+    model = build_model(default_model_config(load_department("health").schema))
+    cfg = {"department": "health", "task": "heart-disease", "model": "heart-mlp", "run-id": "p1", "server-round": 1,
+           "local-epochs": 1, "batch-size": 64, "lr": 0.01, "dp": True, "noise-multiplier": 1.0, "clipping-norm": 1.0,
+           **(ds_state_cfg or {})}
+    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(cfg)}),
+                   dst_node_id=1, message_type=message_type)
+
+
+@pytest.mark.parametrize("message_type", ["train", "train.default"])
+def test_every_type_routed_to_the_train_handler_is_checked(tmp_path, message_type):
+    """Flower routes 'train.default' to the same handler as 'train': the policy applies to both (audit finding)."""
+    set_task_identity(1, 0, 1)
+    ctx, node = _context(tmp_path, "require_secure_aggregation = true\n")
+    reply = client_app(_plain_train(message_type=message_type), ctx)
+    assert reply.has_error() and reply.error.code == REFUSED and "require_secure_aggregation" in reply.error.reason
+    assert PrivacyLedger(node["ledger"]).releases() == []
+
+
+def test_central_clipping_applies_to_train_default(tmp_path):
+    from flower_compat.dp import KEY_CLIPPING_NORM
+
+    set_task_identity(1, 0, 1)
+    ctx, node = _context(tmp_path, "central_max_clipping_norm = 0.001\n")
+    msg = _plain_train({KEY_CLIPPING_NORM: 1.0}, message_type="train.default")
+    before = msg.content["arrays"].to_torch_state_dict()
+    reply = client_app(msg, ctx)
+    after = reply.content["arrays"].to_torch_state_dict()
+    norm = math.sqrt(sum(float(((after[k] - before[k]).double() ** 2).sum()) for k in before))
+    assert norm <= 0.001 * (1 + 1e-3)
+
+
+def test_the_train_handler_refuses_an_unmasked_update_even_without_the_mod(tmp_path, monkeypatch):
+    """Defence in depth: a plain train message that reaches the handler past the mod is still refused."""
+    import clients.app as capp
+
+    monkeypatch.setattr(capp, "secure_aggregation_mod", lambda spec_of: (lambda m, c, call_next: call_next(m, c)))
+    bare = capp.build_client_app()
+    set_task_identity(1, 0, 1)
+    ctx, node = _context(tmp_path, "require_secure_aggregation = true\n")
+    reply = bare(_plain_train(), ctx)
+    assert reply.has_error() and reply.error.code == REFUSED and "require_secure_aggregation" in reply.error.reason
+    assert PrivacyLedger(node["ledger"]).releases() == []
