@@ -201,6 +201,17 @@ def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next, spec_of=N
             ctxt.state.config_records.pop(RECORD_KEY_STATE, None)
             return _refuse(msg, node, *conflict, stage=stage)
 
+    if stage == Stage.UNMASK:
+        overlap = unmask_conflict(configs.get(Key.ACTIVE_NODE_ID_LIST, []), configs.get(Key.DEAD_NODE_ID_LIST, []))
+        if overlap:
+            ctxt.state.config_records.pop(RECORD_KEY_STATE, None)
+            reason = f"SecAgg+ aborted on this node in the unmask stage: {overlap}; this node leaves the round"
+            log.warning("%s (round %s)", reason, msg.metadata.group_id or "?")
+            error = Error(code=SECAGG_ABORTED, reason=reason)
+            if node is not None:
+                audit_reply(node, msg, error=error, stage=stage)
+            return Message(error, reply_to=msg)
+
     def handler(m: Message, c: Context) -> Message:
         try:
             reply = call_next(m, c)
@@ -211,7 +222,7 @@ def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next, spec_of=N
         return reply
 
     try:
-        return secaggplus_mod(msg, ctxt, handler)
+        reply = secaggplus_mod(msg, ctxt, handler)
     except _NoUpdate as exc:
         ctxt.state.config_records.pop(RECORD_KEY_STATE, None)
         return Message(exc.error, reply_to=msg)
@@ -226,6 +237,42 @@ def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next, spec_of=N
         if node is not None:
             audit_reply(node, msg, error=error, stage=stage)
         return Message(error, reply_to=msg)
+    if node is not None and stage != Stage.COLLECT_MASKED_VECTORS:  # collect: secagg_train recorded the masked update
+        audit_reply(node, msg, stage=stage, **_stage_sent(stage, configs, reply))
+    return reply
+
+
+def unmask_conflict(active, dead) -> str | None:
+    """Why an unmask request must not be answered, or None.
+
+    For each neighbour the node reveals one secret share: of its private mask seed when the
+    coordinator says the neighbour's masked vector arrived (active), of its mask key when it says
+    the neighbour dropped out (dead). A node named in both lists (or twice) would have both
+    revealed, and with enough neighbours' answers the coordinator could remove every mask from
+    that neighbour's vector: its individual update. Flower's ``secaggplus_mod`` (1.42) does not
+    check this; SecAgg+ still assumes a coordinator that follows the protocol otherwise
+    (README's trust table).
+    """
+    active, dead = [int(n) for n in active or []], [int(n) for n in dead or []]
+    both = sorted(set(active) & set(dead))
+    twice = sorted({n for n in active + dead if (active + dead).count(n) > 1} - set(both))
+    if both:
+        return (f"the coordinator named node(s) {', '.join(map(str, both))} both active and dropped out: answering "
+                "would reveal both secrets that hide their update; refused")
+    if twice:
+        return f"the coordinator named node(s) {', '.join(map(str, twice))} more than once; refused"
+    return None
+
+
+def _stage_sent(stage: str, configs, reply: Message) -> dict:
+    """What a SecAgg+ stage reply sent, for the node's audit log (never a key or share itself)."""
+    sent = sorted(reply.content.config_records[RECORD_KEY_CONFIGS].keys()) \
+        if RECORD_KEY_CONFIGS in reply.content.config_records else []
+    fields: dict = {"sent": sent}
+    if stage == Stage.UNMASK:  # whose secrets it revealed shares of, and which secret
+        fields.update(mask_seed_shares_of=[int(n) for n in configs.get(Key.ACTIVE_NODE_ID_LIST, [])],
+                      mask_key_shares_of=[int(n) for n in configs.get(Key.DEAD_NODE_ID_LIST, [])])
+    return fields
 
 
 def is_secagg_fit(msg: Message) -> bool:

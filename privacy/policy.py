@@ -197,7 +197,8 @@ class PrivacyPolicy(BaseModel):
         description=(
             "SecAgg+ runs: the fewest shares of this node's mask secrets the coordinator may ask for (its "
             "secagg-num-shares: the node masks with that many - 1 neighbours; odd, as Flower requires). A run "
-            "asking for fewer is left at its setup stage, before any key or record is used."
+            "asking for fewer is left at its setup stage, before any key or record is used. Neighbours that drop "
+            "out after setup make the neighbourhood smaller, never below the threshold."
         ),
     )
     min_secagg_threshold: int = Field(

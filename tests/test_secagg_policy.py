@@ -71,8 +71,15 @@ def test_a_node_that_requires_secure_aggregation_trains_under_secagg(tmp_path):
     assert res["rounds"][0]["train"]["accepted"] == 4
     for node in nodes:
         assert [r["mechanism"] for r in PrivacyLedger(node["ledger"]).releases(node["site"])] == ["dp-sgd"]
-        (sent,) = [e["data"] for e in _audit(node) if e["kind"] == "reply" and e["data"]["message"].startswith("train")]
+        replies = [e["data"] for e in _audit(node) if e["kind"] == "reply" and e["data"]["message"].startswith("train")]
+        (sent,) = [r for r in replies if "arrays" in r]
         assert all(a["masked"] for a in sent["arrays"])
+        # every stage's reply is in the audit log: what it sent (names, never keys or shares), and in the
+        # unmask stage whose secrets it revealed shares of
+        stages = {r["stage"]: r for r in replies if "stage" in r}
+        assert set(stages) == {"setup", "share_keys", "unmask"}
+        assert stages["setup"]["sent"] == ["pk1", "pk2"]
+        assert sorted(stages["unmask"]["mask_seed_shares_of"]) and stages["unmask"]["mask_key_shares_of"] == []
 
 
 def test_a_node_leaves_a_secagg_round_whose_threshold_is_below_its_minimum(tmp_path):
@@ -216,3 +223,43 @@ def test_the_train_handler_refuses_an_unmasked_update_even_without_the_mod(tmp_p
     reply = bare(_plain_train(), ctx)
     assert reply.has_error() and reply.error.code == REFUSED and "require_secure_aggregation" in reply.error.reason
     assert PrivacyLedger(node["ledger"]).releases() == []
+
+
+@pytest.mark.parametrize("active,dead,needle", [([1, 3], [3], "both active and dropped out"),
+                                                 ([1, 3, 3], [], "more than once")])
+def test_an_unmask_request_that_would_reveal_both_secrets_is_refused(tmp_path, active, dead, needle):
+    """A coordinator that names a neighbour both active and dropped out gets nothing (audit finding: with
+    Flower's mod alone both of the neighbour's secrets were reconstructed, so its update could be unmasked)."""
+    from flower_compat.testing import SecAggPlusState
+
+    set_task_identity(1, 0, 1)
+    ctx, node = _context(tmp_path, "")
+    st = SecAggPlusState(current_stage=Stage.COLLECT_MASKED_VECTORS, nid=1, threshold=2)
+    st.rd_seed_share_dict, st.sk1_share_dict = {1: b"a", 3: b"b"}, {1: b"c", 3: b"d"}
+    ctx.state.config_records[RECORD_KEY_STATE] = ConfigRecord(st.to_dict())
+    cfg = ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead})
+    reply = client_app(Message(RecordDict({RECORD_KEY_CONFIGS: cfg}), dst_node_id=1, message_type="train",
+                               group_id="1"), ctx)
+    assert reply.has_error() and reply.error.code == csecagg.SECAGG_ABORTED and needle in reply.error.reason
+    assert RECORD_KEY_STATE not in ctx.state.config_records
+    (entry,) = _error_replies(node)
+    assert entry["stage"] == "unmask" and needle in entry["reason"]
+
+
+def test_an_honest_unmask_request_is_answered_and_audited(tmp_path):
+    from flower_compat.testing import SecAggPlusState
+
+    set_task_identity(1, 0, 1)
+    ctx, node = _context(tmp_path, "")
+    st = SecAggPlusState(current_stage=Stage.COLLECT_MASKED_VECTORS, nid=1, threshold=2)
+    st.rd_seed_share_dict, st.sk1_share_dict = {1: b"a", 3: b"b", 4: b"e"}, {1: b"c", 3: b"d", 4: b"f"}
+    ctx.state.config_records[RECORD_KEY_STATE] = ConfigRecord(st.to_dict())
+    cfg = ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [1, 3], Key.DEAD_NODE_ID_LIST: [4]})
+    reply = client_app(Message(RecordDict({RECORD_KEY_CONFIGS: cfg}), dst_node_id=1, message_type="train",
+                               group_id="1"), ctx)
+    assert not reply.has_error()
+    sent = dict(reply.content.config_records[RECORD_KEY_CONFIGS])
+    assert list(sent[Key.SHARE_LIST]) == [b"a", b"b", b"f"]  # seed shares of 1 and 3, key share of 4
+    (entry,) = [e["data"] for e in _audit(node) if e["kind"] == "reply"]
+    assert entry["stage"] == "unmask" and entry["mask_seed_shares_of"] == [1, 3] and entry["mask_key_shares_of"] == [4]
+    assert entry["sent"] == sorted([Key.NODE_ID_LIST, Key.SHARE_LIST])  # names of what was sent, not the shares
