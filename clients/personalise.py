@@ -318,6 +318,8 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
         raise refuse(f"personalise-layers {layers!r} is not one of {', '.join(LAYERS)}")
     if not run_id:
         raise refuse("the personalise message names no run-id (its release is accounted per run)")
+    if rnd < 1:  # it follows a run's last round; its noise is calibrated with the run's rounds
+        raise refuse(f"the personalise message's server-round is {rnd}; it follows a run's last round (>= 1)")
     kind = str(cfg.get("model", "")) or None
     model, ds, site = _model_for(spec, kind, state)
     if len(site.train) == 0:

@@ -203,6 +203,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     """
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {', '.join(map(repr, ACCOUNTANTS))} (got {accountant!r})")
+    if int(steps) < 1:  # no step: no noise multiplier changes anything (Opacus' search would never end)
+        raise CalibrationError(f"nothing to calibrate: {steps} DP-SGD steps planned")
     reserved = [(float(n), float(q), int(k)) for n, q, k in reserved]
     if not reserved and accountant == "rdp":
         return float(
@@ -233,7 +235,14 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         return float(hi)
     # PRV: each evaluation costs ~0.1-1 s, so start from RDP's noise (PRV's epsilon is never above
     # RDP's, so it stays on target) and search below it by Illinois regula falsi in log-log space
-    hi = calibrate_noise(target_epsilon, delta, sample_rate, steps, reserved, "rdp")
+    try:
+        hi = calibrate_noise(target_epsilon, delta, sample_rate, steps, reserved, "rdp")
+    except CalibrationError:  # RDP's floor reaches the target but PRV's (lower) does not: search up with PRV
+        hi = 1.0
+        while eps(hi) > target_epsilon:
+            hi *= 2
+            if hi > 1e6:
+                raise CalibrationError(f"no noise multiplier below 1e6 reaches epsilon {target_epsilon:g}") from None
     e_hi = eps(hi)
     lo = hi * 0.8
     while (e_lo := eps(lo)) <= target_epsilon:

@@ -128,7 +128,8 @@ class Release:
         Gaussian noise standard deviation divided by the clipping norm (``>= 0``; 0 means
         no privacy and gives an infinite epsilon).
     sample_rate : float
-        Poisson sampling rate ``q = batch_size / n_records`` in ``[0, 1]``.
+        Poisson sampling rate in ``[0, 1]``: each record joins each step's batch with this probability
+        (DP-SGD: ``1 / ceil(n / batch_size)`` of the count the node may reveal, ``clients.node.public_count``).
     steps : int
         Number of noisy optimizer steps (planned; the actual count may be given at commit).
     delta : float

@@ -90,7 +90,8 @@ class ReleasePolicy(BaseModel):
             "Replies report the site's record count rounded to a multiple of this (1 = exact, the default). "
             "What else leaves and follows the count (DP-SGD's steps and sample rate, the noise calibrated for "
             "them, the noise scale of the update, the site's delta and so the reported epsilon) is derived from "
-            "the rounded count, so no reply reveals more of it. The rounded count itself is not a DP release: "
+            "the rounded count (a reply's timing and its energy-j still follow the exact count). The rounded count "
+            "itself is not a DP release: "
             "FedAvg weights sites by it."
         ),
     )
@@ -292,7 +293,8 @@ class JobRequest(BaseModel):
     clipping_norm: float | None = Field(
         default=None, gt=0, allow_inf_nan=False, description="Per-sample clipping norm (None when DP is off)."
     )
-    sample_rate: float = Field(ge=0, le=1, description="Poisson sampling rate q = batch_size / n_records.")
+    sample_rate: float = Field(ge=0, le=1, description="Poisson sampling rate: 1 / ceil(n / batch-size) of the count the "
+                               "node may reveal (clients.node.public_count).")
     steps: int = Field(ge=0, description="Number of noisy optimizer steps this round will take.")
 
 

@@ -180,3 +180,44 @@ def test_a_released_mean_is_divided_by_the_public_count():
     assert noisy_means(values, {"loss": 1.0}, 0.0, count=200).values["loss"] == pytest.approx(101.5 / 200, rel=1e-3)
     with pytest.raises(ValueError, match="count"):
         noisy_means(values, {"loss": 1.0}, 1.0, count=0)
+
+
+def test_a_personalise_message_at_round_0_is_refused_not_calibrated_forever(tmp_path, monkeypatch):
+    """Audit finding: round 0 planned 0 DP-SGD steps and Opacus' noise search never ended (the node hung)."""
+    import time
+
+    from clients.node import JobRefused, node_from_config
+    from clients.personalise import handle_personalise
+    from privacy.dp import CalibrationError, calibrate_noise
+
+    folder = tmp_path / "p0"
+    folder.mkdir()
+    (folder / "policy.toml").write_text(POLICY.format(g=1).replace("[releases]", "personalisation = true\n[releases]"))
+    spec = node_from_config({"department": "health", "site": "Cleveland", "policy": str(folder / "policy.toml"),
+                             "ledger": str(folder / "ledger.sqlite")}, {})
+    state = build_model(default_model_config(load_department("health").schema)).state_dict()
+    cfg = {"department": "health", "task": "heart-disease", "model": "heart-mlp", "run-id": "r0", "server-round": 0,
+           "num-rounds": 3, "local-epochs": 1, "batch-size": 8, "lr": 0.01, "dp": True, "target-epsilon": 3.0,
+           "clipping-norm": 1.0, "personalise-epochs": 2}
+    t0 = time.monotonic()
+    with pytest.raises(JobRefused, match="server-round is 0"):
+        handle_personalise(state, cfg, spec)
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(CalibrationError, match="0 DP-SGD steps"):
+        calibrate_noise(3.0, 1e-5, 0.1, 0)
+
+
+def test_prv_calibration_searches_where_rdp_already_reaches_the_target():
+    """Audit finding: with reserved releases whose RDP epsilon reaches the target but whose PRV epsilon
+    does not, a PRV node refused a round it could run (the search started from RDP's answer)."""
+    from privacy.accounting import epsilon as composed
+    from privacy.dp import CalibrationError, calibrate_noise
+
+    delta, reserved = 1e-5, [(1.0, 0.1, 200)]
+    rdp, prv = composed(reserved, delta, "rdp"), composed(reserved, delta, "prv")
+    assert prv < rdp
+    target = (rdp + prv) / 2  # between the two floors
+    with pytest.raises(CalibrationError):
+        calibrate_noise(target, delta, 0.1, 50, reserved, "rdp")
+    sigma = calibrate_noise(target, delta, 0.1, 50, reserved, "prv")
+    assert composed([(sigma, 0.1, 50), *reserved], delta, "prv") <= target
