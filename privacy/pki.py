@@ -19,11 +19,14 @@ names the file or value at fault and says how to fix it.
 from __future__ import annotations
 
 import base64
+import difflib
+import errno
 import hashlib
 import ipaddress
 import os
 import re
 import secrets
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -57,8 +60,18 @@ CLOCK_SKEW = timedelta(hours=1)
 #: Below this many days left, ``fl-pki show`` warns.
 EXPIRY_WARNING_DAYS = 30
 
+#: Longest validity ``--days`` may ask for (100 years); a certificate cannot end after 9999-12-31
+#: either (X.509's GeneralizedTime has four year digits), and a server certificate not after its CA.
+MAX_DAYS = 36500
+_LAST_INSTANT = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
+
+#: The city's departments (``--department`` of ``fl-pki node-key``, ``fl-client`` and the policies).
+DEPARTMENTS = ("health", "traffic", "utility")
+
+#: Longest ``--site`` (the limit ``fl-client`` and the data files use).
+MAX_SITE_NAME = 100
+
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_NODE_FIELD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class PKIError(ValueError):
@@ -140,6 +153,30 @@ def _check_days(days: int, what: str) -> None:
         raise PKIError(f"--days {days!r} for the {what} is invalid; pass a whole number of days >= 1")
 
 
+def _not_after(days: int, what: str, now: datetime, ca: x509.Certificate | None = None,
+               ca_path: Path | None = None) -> datetime:
+    """``now + days``, refusing (never overflowing on) a lifetime past every limit that applies.
+
+    The limits: :data:`MAX_DAYS`, the last instant a certificate can hold (9999-12-31), and for a
+    certificate signed by ``ca``, the CA's own expiry.
+    """
+    _check_days(days, what)
+    day = timedelta(days=1)
+    to_9999 = (_LAST_INSTANT - now) // day
+    limits = [(MAX_DAYS, f"is more than {MAX_DAYS} days (100 years)", "")]
+    limits.append((to_9999, "would end after the year 9999, the last date a certificate can hold", ""))
+    if ca is not None:
+        ca_left = (ca.not_valid_after_utc - now) // day
+        limits.append((ca_left, f"would outlast the CA: {ca_path} expires on {ca.not_valid_after_utc:%Y-%m-%d} (in "
+                                f"{max(ca_left, 0)} days)", ", or renew the CA"))
+    limit, why, renew = min(limits, key=lambda item: item[0])
+    if days <= limit:
+        return now + timedelta(days=days)
+    fix = f"pass --days {limit} or less{renew}" if limit >= 1 else "renew the CA (`fl-pki init --force`)" if renew \
+        else "check this machine's clock"
+    raise PKIError(f"--days {days} for the {what} {why}; fix: {fix}")
+
+
 def _curve(curve: str) -> ec.EllipticCurve:
     try:
         return CURVES[curve.lower()]
@@ -151,22 +188,95 @@ def _hash_for(key: ec.EllipticCurvePrivateKey) -> hashes.HashAlgorithm:
     return hashes.SHA384() if key.curve.key_size >= 384 else hashes.SHA256()
 
 
+def _os_fix(err: OSError, out: Path) -> str:
+    """The fix for an ``OSError`` met while creating ``out`` or writing into it."""
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"pass a --out directory this user can write to, or ask the owner of {out} for write access"
+    if err.errno == errno.EROFS:
+        return "pass a --out directory on a writable disk"
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return "free some disk space (or pass a --out directory on another disk), then run again"
+    if err.errno == errno.ENAMETOOLONG:
+        return "pass a shorter --out path"
+    return "check the --out path and its disk, then run again"
+
+
 def _prepare_dir(out: Path) -> Path:
+    """Create ``--out`` (mode 0700) if missing; a :class:`PKIError` naming --out and the fix if that fails."""
     out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise PKIError(f"{out}: exists and is not a directory; fix: pass a directory to --out")
-    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        if out.exists() and not out.is_dir():
+            raise PKIError(f"--out {out}: exists and is not a directory; fix: pass a directory to --out")
+        blocker = next((p for p in reversed(out.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise PKIError(f"--out {out}: cannot be created, as {blocker} is a file, not a directory; fix: pass a "
+                           f"--out directory that is not inside the file {blocker}")
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as err:
+        raise PKIError(f"--out {out}: cannot create this directory ({err.strerror or err}); fix: {_os_fix(err, out)}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PKIError(f"--out {out}: this user cannot write into it (permission denied); fix: "
+                       f"{_os_fix(PermissionError(errno.EACCES, 'Permission denied'), out)}")
     return out
 
 
-def _write_files(files: Sequence[tuple[Path, bytes, int]], *, force: bool) -> None:
-    """Write ``(path, data, mode)`` triples; refuse up front if any exists and not ``force``.
+def _write_into(out: Path, files: Sequence[tuple[str, bytes, int]], force: bool) -> list[Path]:
+    """Create ``--out`` if needed and write ``(name, data, mode)`` files into it as one set.
 
-    Each file is created by ``os.open`` with its final mode (private keys are never readable
-    by others, not even for an instant). Without ``force`` the target itself is created with
-    ``O_EXCL``; with ``force`` a fresh temporary file is renamed over it, so the old file's
-    (possibly looser) mode is not inherited.
+    If nothing could be written, a directory this call created is removed again (only while
+    empty), so a failed run leaves no trace.
+
+    Returns
+    -------
+    list of Path
+        The written files, in order.
     """
+    out = Path(out).expanduser()
+    try:
+        new = next((p for p in [*reversed(out.parents), out] if not p.exists()), None)
+    except OSError:
+        new = None
+    try:
+        out = _prepare_dir(out)
+        paths = [(out / name, data, mode) for name, data, mode in files]
+        _write_files(paths, force=force)
+    except BaseException:
+        d = out
+        while new is not None:
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                break
+            if d == new or d == d.parent:
+                break
+            d = d.parent
+        raise
+    return [p for p, _, _ in paths]
+
+
+def _write_files(files: Sequence[tuple[Path, bytes, int]], *, force: bool) -> None:
+    """Write ``(path, data, mode)`` triples as one set: all of them, or none (the old set stays).
+
+    Refuses up front if any exists and not ``force`` (or, with ``force``, if one is a directory).
+    Each file is created by ``os.open`` with its final mode (private keys are never readable
+    by others, not even for an instant). Without ``force`` the targets themselves are created
+    with ``O_EXCL``, and removed again if a later one fails, so a retry is not blocked by a
+    lone ``*.key``. With ``force`` every file is first written to a fresh temporary file (so
+    the old file's, possibly looser, mode is not inherited), then each is renamed over its
+    target; if a rename fails, the ones already replaced get their old file back, so a key
+    never ends up next to another key's certificate.
+
+    Raises
+    ------
+    PKIError
+        Existing files without ``force``, a directory in the way, or an ``OSError`` (permission
+        denied, disk full, ...), naming ``--out``, the file and the fix.
+    """
+    if not files:
+        return
+    out = files[0][0].parent
     if not force:
         existing = [str(p) for p, _, _ in files if os.path.lexists(p)]
         if existing:
@@ -175,28 +285,83 @@ def _write_files(files: Sequence[tuple[Path, bytes, int]], *, force: bool) -> No
                 "Fix: pass --force to replace it (anything signed or registered with the old "
                 "key stops working), or choose another --out directory"
             )
-    for path, data, mode in files:
-        target = path
-        if force:
-            target = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
+    else:
+        in_the_way = [str(p) for p, _, _ in files if p.is_dir() and not p.is_symlink()]
+        if in_the_way:
+            raise PKIError(f"{', '.join(in_the_way)}: is a directory, and --force replaces only files; nothing was "
+                           "changed; fix: move that directory away, or choose another --out directory")
+    created: list[Path] = []  # files this call made: the targets (no force) or the temporary files (force)
+    complete = False
+    current = files[0][0]
+    try:
+        staged: list[tuple[Path, Path]] = []
+        for path, data, mode in files:
+            current = path
+            target = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp") if force else path
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        except FileExistsError:
-            raise PKIError(
-                f"{path}: appeared while writing; fix: make sure no other fl-pki runs on the same "
-                "directory, then run again"
-            ) from None
-        try:
-            os.fchmod(fd, mode)  # the umask may have removed bits from a public file's 0644
+            created.append(target)
             with os.fdopen(fd, "wb") as fh:
+                os.fchmod(fh.fileno(), mode)  # the umask may have removed bits from a public file's 0644
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            if force:
-                os.replace(target, path)
-        except BaseException:
-            Path(target).unlink(missing_ok=True)
-            raise
+            staged.append((target, path))
+        if force:
+            _replace_all(staged)
+        complete = True
+    except FileExistsError:
+        raise PKIError(
+            f"{current}: appeared while writing; nothing was changed; fix: make sure no other fl-pki runs on the "
+            "same directory, then run again"
+        ) from None
+    except OSError as err:
+        raise PKIError(f"--out {out}: cannot write {current.name} ({err.strerror or err}); nothing was changed; "
+                       f"fix: {_os_fix(err, out)}") from None
+    finally:
+        if not complete:
+            for p in created:
+                try:
+                    p.unlink(missing_ok=True)
+                except OSError:
+                    pass
+
+
+def _replace_all(staged: Sequence[tuple[Path, Path]]) -> None:
+    """Rename each temporary file over its target; on a failure put the replaced targets back, then re-raise."""
+    done: list[tuple[Path, Path | None]] = []  # (target, hard link to its old file, or None if there was none)
+    try:
+        for tmp, path in staged:
+            backup = None
+            if os.path.lexists(path):
+                backup = path.with_name(f".{path.name}.{secrets.token_hex(6)}.old")
+                try:
+                    os.link(path, backup, follow_symlinks=False)
+                except (OSError, NotImplementedError):
+                    backup = None  # no hard links here: the replacement cannot be undone, go ahead anyway
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if backup is not None:
+                    backup.unlink(missing_ok=True)
+                raise
+            done.append((path, backup))
+    except BaseException:
+        for path, backup in reversed(done):
+            try:
+                if backup is not None:
+                    os.replace(backup, path)
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise
+    finally:
+        for _, backup in done:
+            if backup is not None:
+                try:
+                    backup.unlink(missing_ok=True)
+                except OSError:
+                    pass
 
 
 def _read(path: Path, what: str, fix: str) -> bytes:
@@ -211,14 +376,24 @@ def _read(path: Path, what: str, fix: str) -> bytes:
         raise PKIError(f"{path}: cannot read {what} ({err.strerror}); fix: check its permissions") from None
 
 
-def _load_certs(path: Path, what: str, fix: str) -> list[x509.Certificate]:
+def _load_certs(path: Path, what: str, fix: str, *, pem_for: str | None = None) -> list[x509.Certificate]:
+    """The certificates in a PEM file (a bundle too) or a DER file.
+
+    With ``pem_for`` (an option such as ``--ca``), a DER file is refused with the ``openssl``
+    command that converts it: Flower, gRPC and ``fl-client --ca`` read only PEM.
+    """
     data = _read(path, what, fix)
     try:
         if b"-----BEGIN CERTIFICATE-----" in data:
             return x509.load_pem_x509_certificates(data)
-        return [x509.load_der_x509_certificate(data)]
+        certs = [x509.load_der_x509_certificate(data)]
     except ValueError:
         raise PKIError(f"{path}: is not a PEM or DER X.509 certificate; fix: {fix}") from None
+    if pem_for is not None:
+        pem = path.with_suffix(".pem" if path.suffix == ".crt" else ".crt")
+        raise PKIError(f"{pem_for} {path}: is a DER (binary) certificate, but fl-client --ca, Flower and gRPC read only PEM; "
+                       f"fix: convert it with `openssl x509 -inform der -in {path} -out {pem}` and pass {pem} to {pem_for}")
+    return certs
 
 
 def _name(name: x509.Name) -> str:
@@ -263,7 +438,7 @@ def _same_key(a: object, b: object) -> bool:
 # --------------------------------------------------------------------------- SANs
 
 
-def parse_san(value: str) -> x509.GeneralName:
+def parse_san(value: str, flag: str = "--san") -> x509.GeneralName:
     """Turn one ``--san`` value into an X.509 subject alternative name.
 
     Parameters
@@ -272,6 +447,8 @@ def parse_san(value: str) -> x509.GeneralName:
         An IPv4/IPv6 address (``10.0.0.5``, ``::1``, ``[::1]``) or a DNS host name
         (``coord.city.example``, ``localhost``). Surrounding whitespace and one trailing dot
         are ignored; host names are lower-cased.
+    flag : str
+        The option the value came from, named in error messages (``--san``, ``--host``).
 
     Returns
     -------
@@ -284,18 +461,21 @@ def parse_san(value: str) -> x509.GeneralName:
     PKIError
         If ``value`` is neither; the message quotes the value and says what to pass instead.
         Wildcards are refused (list every host name), as are non-ASCII names (pass the
-        ``xn--`` form) and dotted numbers that are not a valid IP address.
+        ``xn--`` form), dotted numbers that are not a valid IP address, and the unspecified
+        address (``0.0.0.0``, ``::``: servers listen on it, no client dials it).
     """
+    f = flag
     if not isinstance(value, str):
-        raise PKIError(f"SAN {value!r} is not text; pass a host name or an IP address")
+        raise PKIError(f"{f} {value!r} is not text; pass a host name or an IP address")
     text = value.strip()
     fix = "pass a host name like coord.city.example or an IP address like 10.0.0.5"
     if not text:
-        raise PKIError(f"SAN {value!r} is empty; {fix}")
+        raise PKIError(f"{f} {value!r} is empty; {fix}")
     if not text.isascii():
-        raise PKIError(f"SAN {value!r} contains non-ASCII characters; pass the IDNA (xn--...) form of the name")
+        raise PKIError(f"{f} {value!r} contains non-ASCII characters; pass the IDNA (xn--...) form of the name")
     if "," in text or any(c.isspace() for c in text):
-        raise PKIError(f"SAN {value!r} contains a comma or whitespace; pass one --san per name")
+        raise PKIError(f"{f} {value!r} contains a comma or whitespace; "
+                       f"{'pass one --san per name' if f == '--san' else f'pass one host name to {f}'}")
     bracketed = text.startswith("[") and text.endswith("]")
     candidate = text[1:-1] if bracketed else text
     try:
@@ -304,33 +484,38 @@ def parse_san(value: str) -> x509.GeneralName:
         ip = None
     if ip is not None:
         if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
-            raise PKIError(f"SAN {value!r} has an IPv6 zone (%...); certificates cannot name one, drop it")
+            raise PKIError(f"{f} {value!r} has an IPv6 zone (%...); certificates cannot name one, drop it")
         if bracketed and ip.version != 6:
-            raise PKIError(f"SAN {value!r}: only IPv6 addresses go in brackets; pass {candidate}")
+            raise PKIError(f"{f} {value!r}: only IPv6 addresses go in brackets; pass {candidate}")
+        if ip.is_unspecified:
+            raise PKIError(f"{f} {value!r} is the unspecified address: a server listens on it, but no client dials "
+                           "it, so a certificate naming it covers nothing; fix: pass the addresses clients dial, "
+                           "e.g. 127.0.0.1 and the coordinator's LAN address or host name")
         return x509.IPAddress(ip)
     if bracketed:
-        raise PKIError(f"SAN {value!r} is bracketed but not an IPv6 address; {fix}")
+        raise PKIError(f"{f} {value!r} is bracketed but not an IPv6 address; {fix}")
     if "*" in text:
-        raise PKIError(f"SAN {value!r} is a wildcard; wildcards are not issued, pass each host name with its own --san")
+        raise PKIError(f"{f} {value!r} is a wildcard; wildcards are not issued, "
+                       f"{'pass each host name with its own --san' if f == '--san' else f'pass one host name to {f}'}")
     if "://" in text or "/" in text or ":" in text:
-        raise PKIError(f"SAN {value!r} looks like a URL or host:port; pass only the host part, e.g. coord.city.example")
+        raise PKIError(f"{f} {value!r} looks like a URL or host:port; pass only the host part, e.g. {f} coord.city.example")
     name = text.lower()
     if name.endswith(".") and name != ".":
         name = name[:-1]
     if len(name) > 253:
-        raise PKIError(f"SAN {value!r} is longer than 253 characters; {fix}")
+        raise PKIError(f"{f} {value!r} is longer than 253 characters; {fix}")
     labels = name.split(".")
     for label in labels:
         if not label:
-            raise PKIError(f"SAN {value!r} has an empty label (leading dot or two dots in a row); {fix}")
+            raise PKIError(f"{f} {value!r} has an empty label (leading dot or two dots in a row); {fix}")
         if len(label) > 63:
-            raise PKIError(f"SAN {value!r} has a label longer than 63 characters; {fix}")
+            raise PKIError(f"{f} {value!r} has a label longer than 63 characters; {fix}")
         if not _LABEL.fullmatch(label):
             raise PKIError(
-                f"SAN {value!r}: label {label!r} may only hold letters, digits and inner hyphens; {fix}"
+                f"{f} {value!r}: label {label!r} may only hold letters, digits and inner hyphens; {fix}"
             )
     if labels[-1].isdigit():
-        raise PKIError(f"SAN {value!r} looks like an IP address but is not a valid one; check the numbers")
+        raise PKIError(f"{f} {value!r} looks like an IP address but is not a valid one; check the numbers")
     return x509.DNSName(name)
 
 
@@ -402,7 +587,7 @@ def create_ca(
         On an invalid name, days or curve, or if the files exist and ``force`` is false.
     """
     now = _utcnow(now)
-    _check_days(days, "CA")
+    not_after = _not_after(days, "CA", now)
     if not isinstance(name, str) or not name.strip() or len(name.strip()) > 64 or any(c in name for c in "\r\n\0"):
         raise PKIError(f"--name {name!r} is invalid; pass a one-line CA name of 1-64 characters")
     key = ec.generate_private_key(_curve(curve))
@@ -415,7 +600,7 @@ def create_ca(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + timedelta(days=days))
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -429,19 +614,19 @@ def create_ca(
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
         .sign(key, _hash_for(key))
     )
-    return _write_key_and_cert(_prepare_dir(out), CA_KEY, CA_CERT, key, cert, force)
+    return _write_key_and_cert(out, CA_KEY, CA_CERT, key, cert, force)
 
 
 def _write_key_and_cert(out: Path, key_name: str, cert_name: str, key: ec.EllipticCurvePrivateKey,
                         cert: x509.Certificate, force: bool) -> tuple[Path, Path]:
-    """Write a private key (0600) and its certificate (0644) into ``out``; return both paths."""
-    key_path, cert_path = out / key_name, out / cert_name
-    _write_files(
+    """Write a private key (0600) and its certificate (0644) into ``out`` (created if missing); return both paths."""
+    key_path, cert_path = _write_into(
+        out,
         [
-            (key_path, _pem_private_key(key), PRIVATE_MODE),
-            (cert_path, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE),
+            (key_name, _pem_private_key(key), PRIVATE_MODE),
+            (cert_name, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE),
         ],
-        force=force,
+        force,
     )
     return key_path, cert_path
 
@@ -556,13 +741,7 @@ def issue_server_cert(
     names = parse_sans(sans)
     _check_days(days, "server certificate")
     ca_cert, ca_key = load_ca(ca_dir, now=now)
-    not_after = now + timedelta(days=days)
-    if not_after > ca_cert.not_valid_after_utc:
-        left = (ca_cert.not_valid_after_utc - now) // timedelta(days=1)
-        raise PKIError(
-            f"{Path(ca_dir) / CA_CERT}: CA expires on {ca_cert.not_valid_after_utc:%Y-%m-%d}, before the "
-            f"requested {days} days; fix: pass --days {max(left, 1)} or less, or renew the CA"
-        )
+    not_after = _not_after(days, "server certificate", now, ca_cert, Path(ca_dir).expanduser() / CA_CERT)
     key = ec.generate_private_key(_curve(curve))
     first = names[0]
     cn = next((n.value for n in names if isinstance(n, x509.DNSName)), str(first.value))
@@ -594,7 +773,7 @@ def issue_server_cert(
         .add_extension(aki, critical=False)
         .sign(ca_key, _hash_for(ca_key))
     )
-    return _write_key_and_cert(_prepare_dir(out), SERVER_KEY, SERVER_CERT, key, cert, force)
+    return _write_key_and_cert(out, SERVER_KEY, SERVER_CERT, key, cert, force)
 
 
 # --------------------------------------------------------------------------- node keys
@@ -618,6 +797,65 @@ def ssh_fingerprint(public_key: ec.EllipticCurvePublicKey) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
+def _fl_client_site_rule(site: str) -> str | None:
+    """Why ``fl-client --site`` refuses ``site`` (its ``check_site_name``), or ``None``."""
+    if "/" in site or "\\" in site:
+        return "it holds a path separator"
+    if any(ord(c) < 32 or ord(c) == 127 for c in site):
+        return "it holds a control character"
+    if site.strip() in ("", ".", ".."):
+        return "it is empty, '.' or '..'"
+    if len(site) > MAX_SITE_NAME:
+        return f"it is longer than {MAX_SITE_NAME} characters"
+    return None
+
+
+def _breaks_comment(c: str) -> bool:
+    """Whether ``c`` cannot stand in node.pub's one-line ``cityfed:<department>:<site>`` comment."""
+    return c == ":" or unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")
+
+
+def check_node_fields(department: str, site: str) -> None:
+    """Refuse a ``--department`` or ``--site`` that ``fl-pki node-key`` cannot record.
+
+    The department is one of :data:`DEPARTMENTS`. The site is any name ``fl-client --site``
+    accepts (the data file's site name, e.g. ``"VA Long Beach"``; no path separator or control
+    character, not ``.`` or ``..``, at most 100 characters) that also fits node.pub's one-line
+    comment ``cityfed:<department>:<site>``: no ``:``, no line or paragraph separator, no
+    leading or trailing space. The comment is only a label the coordinator sees
+    (``fl-server register`` names the node after it); nothing checks it against ``fl-client --site``.
+
+    Raises
+    ------
+    PKIError
+        Naming the option, the value and the fix: a did-you-mean for a misspelt department,
+        and for a site ``fl-client`` accepts, a replacement both tools accept.
+    """
+    if not isinstance(department, str) or department not in DEPARTMENTS:
+        close = difflib.get_close_matches(department.lower(), DEPARTMENTS, n=1, cutoff=0.6) \
+            if isinstance(department, str) else []
+        fix = (f"pass --department {close[0]} (did you mean {close[0]!r}?)" if close
+               else "pass the department whose records this machine holds, e.g. --department health")
+        raise PKIError(f"--department {department!r} is invalid: the city's departments are "
+                       f"{', '.join(DEPARTMENTS)}; fix: {fix}")
+    if not isinstance(site, str):
+        raise PKIError(f"--site {site!r} is invalid: not text; fix: pass the site's name, e.g. --site Cleveland")
+    rule = _fl_client_site_rule(site)
+    if rule is not None:
+        raise PKIError(f"--site {site!r} is invalid: {rule} (fl-client refuses it too: the site names the node's "
+                       "state folder and ledger key); fix: pass the site as the department's data file names it, "
+                       "e.g. --site Cleveland or --site 'VA Long Beach'")
+    bad = sorted({c for c in site if _breaks_comment(c)})
+    if bad or site != site.strip():
+        what = (f"it holds {', '.join(map(repr, bad))}" if bad else "") + \
+            (" and " if bad and site != site.strip() else "") + \
+            ("it starts or ends with a space" if site != site.strip() else "")
+        better = "".join("-" if _breaks_comment(c) else c for c in site).strip()
+        raise PKIError(f"--site {site!r} is invalid in a node key: {what}, which node.pub's one-line comment "
+                       f"cityfed:<department>:<site> cannot hold (the site there is only a label for the "
+                       f"coordinator); fix: pass --site {better!r} instead")
+
+
 def create_node_key(
     out: Path, department: str, site: str, *, force: bool = False
 ) -> tuple[Path, Path, str]:
@@ -632,9 +870,11 @@ def create_node_key(
     ----------
     out : Path
         Directory on the department's own machine (created with mode 0700 if missing).
-    department, site : str
-        Letters, digits, ``.``, ``_``, ``-`` (1-64 characters, starting with a letter or
-        digit), e.g. ``"health"``, ``"Cleveland"``.
+    department : str
+        ``"health"``, ``"traffic"`` or ``"utility"``.
+    site : str
+        The site's name as ``fl-client --site`` takes it, e.g. ``"Cleveland"``,
+        ``"VA Long Beach"`` (see :func:`check_node_fields`).
     force : bool
         Replace an existing pair. The old public key must then be re-registered.
 
@@ -648,21 +888,14 @@ def create_node_key(
     PKIError
         On an invalid department or site, or existing files without ``force``.
     """
-    for flag, value in (("--department", department), ("--site", site)):
-        if not isinstance(value, str) or not _NODE_FIELD.fullmatch(value):
-            raise PKIError(
-                f"{flag} {value!r} is invalid; use 1-64 letters, digits, '.', '_' or '-' "
-                "(e.g. 'public-works', 'East-Side'), no spaces or colons"
-            )
+    check_node_fields(department, site)
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     public += f" cityfed:{department}:{site}\n".encode()
-    out = _prepare_dir(out)
-    key_path, pub_path = out / NODE_KEY, out / NODE_PUB
-    _write_files([(key_path, private, PRIVATE_MODE), (pub_path, public, PUBLIC_MODE)], force=force)
+    key_path, pub_path = _write_into(out, [(NODE_KEY, private, PRIVATE_MODE), (NODE_PUB, public, PUBLIC_MODE)], force)
     return key_path, pub_path, ssh_fingerprint(key.public_key())
 
 
@@ -781,8 +1014,8 @@ def verify_server_cert(
     """
     now = _utcnow(now)
     ca_path, cert_path = Path(ca).expanduser(), Path(cert).expanduser()
-    roots = _load_certs(ca_path, "CA certificate", "pass the city's ca.crt to --ca")
-    chain = _load_certs(cert_path, "certificate", "pass the server.crt to check to --cert")
+    roots = _load_certs(ca_path, "CA certificate", "pass the city's ca.crt to --ca", pem_for="--ca")
+    chain = _load_certs(cert_path, "certificate", "pass the server.crt to check to --cert", pem_for="--cert")
     leaf, intermediates = chain[0], chain[1:]
     if not any(_is_ca(r) for r in roots):
         raise PKIError(f"{ca_path}: is not a CA certificate; fix: pass the city's ca.crt to --ca (and server.crt to --cert)")
@@ -813,7 +1046,7 @@ def verify_server_cert(
         )
     sans = _sans(leaf)
     if host is not None:
-        names = [parse_san(host)]
+        names = [parse_san(host, "--host")]
         if names[0] not in sans:
             raise CertificateInvalid(
                 f"{cert_path}: does not cover {host!r} (its SANs: {', '.join(map(_san_text, sans)) or 'none'}); "

@@ -83,7 +83,7 @@ Curve = Annotated[
 def init_cmd(
     out: Annotated[Path, typer.Option("--out", help="Directory for ca.key and ca.crt (created 0700 if missing). Keep it offline/backed up.")],
     name: Annotated[str, typer.Option("--name", help="CA common name shown in every certificate it signs.")] = "City FL CA",
-    days: Annotated[int, typer.Option("--days", min=1, help="CA validity in days.")] = 3650,
+    days: Annotated[int, typer.Option("--days", min=1, help="CA validity in days (at most 36500).")] = 3650,
     curve: Curve = "p384",
     force: Force = False,
 ) -> None:
@@ -148,8 +148,8 @@ def server_cert_cmd(
 
 @_command("node-key")
 def node_key_cmd(
-    department: Annotated[str, typer.Option("--department", help="Department id, e.g. health (letters, digits, . _ -).")],
-    site: Annotated[str, typer.Option("--site", help="Site name, e.g. Cleveland (letters, digits, . _ -; no spaces).")],
+    department: Annotated[str, typer.Option("--department", help="This node's department: health, traffic or utility.")],
+    site: Annotated[str, typer.Option("--site", help="Site name as fl-client --site takes it (the data file's name), e.g. Cleveland or 'VA Long Beach'; no ':'.")],
     out: Annotated[Path, typer.Option("--out", help="Directory on THIS machine for node.key and node.pub (created 0700 if missing).")],
     force: Force = False,
 ) -> None:

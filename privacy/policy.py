@@ -253,8 +253,8 @@ class PrivacyPolicy(BaseModel):
     @classmethod
     def _odd_shares(cls, value: int) -> int:
         if value % 2 == 0:
-            raise ValueError(f"must be odd (got {value}): Flower's SecAgg+ runs only with an odd number of shares; "
-                             f"fix: {value + 1}")
+            raise ValueError("must be odd, as Flower's SecAgg+ runs only with an odd number of shares; "
+                             f"fix: set min_secagg_num_shares = {value + 1} (or {value - 1}, a weaker minimum)")
         return value
 
     def site_delta(self, n_records: int) -> float:
@@ -335,6 +335,21 @@ _FIXES: dict[str, str] = {
     "allowed_tasks": 'list at least one task name as strings, e.g. allowed_tasks = ["heart-disease"]',
     "max_rounds_per_run": "set a whole number >= 1 (no decimal point), e.g. max_rounds_per_run = 50",
     "require_dp": "set true or false (unquoted), e.g. require_dp = true",
+    "require_secure_aggregation": (
+        "set true or false (unquoted), e.g. require_secure_aggregation = true (true: this node's update leaves "
+        "only masked by SecAgg+, and runs without it are refused), or remove it (default false)"
+    ),
+    "min_secagg_num_shares": (
+        "set an odd whole number from 3 to 1023 (no decimal point), e.g. min_secagg_num_shares = 5, or remove it "
+        "(default 3)"
+    ),
+    "min_secagg_threshold": (
+        "set a whole number from 2 to 1022 (no decimal point), e.g. min_secagg_threshold = 3, or remove it (default 2)"
+    ),
+    "personalisation": (
+        "set true or false (unquoted), e.g. personalisation = true, or remove it (default false: the node refuses "
+        "to personalise)"
+    ),
     "central_max_clipping_norm": "set a positive, finite number, e.g. central_max_clipping_norm = 1.0, or remove it",
     "accountant": 'set "rdp" (Renyi DP, the default) or "prv" (tighter), e.g. accountant = "prv"',
     "releases": (
@@ -364,28 +379,58 @@ def _describe(err: dict[str, Any]) -> str:
 
 
 def _format_validation(source: str, exc: ValidationError) -> str:
+    """One line per pydantic error: file, dotted field, what is wrong, the value found, and one fix.
+
+    A field validator's ``ValueError`` is shown without pydantic's ``"Value error, "`` prefix, without a
+    ``(got ...)`` of its own (the value is added once, here) and with its ``fix: ...`` tail, if any, as
+    the line's single ``Fix:``. A key in the wrong table (a top-level key written after the
+    ``[releases]`` line, or a ``[releases]`` setting at top level) is told to move, not to go.
+    """
     lines = []
     allowed = list(PrivacyPolicy.model_fields)
+    top_level = [f for f in allowed if f != "releases"]
+    in_releases = list(ReleasePolicy.model_fields)
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "<document>"
-        top = str(err["loc"][0]) if err.get("loc") else ""
-        text = f"{source}: field {loc!r}: {_describe(err)}"
-        if err.get("type") not in ("missing",) and "input" in err:
+        loc_parts = [str(p) for p in err.get("loc", ())]
+        loc = ".".join(loc_parts) or "<document>"
+        top = loc_parts[0] if loc_parts else ""
+        etype = str(err.get("type", ""))
+        described, own_fix = _describe(err), None
+        if etype in ("value_error", "assertion_error"):
+            described = str(err.get("msg", "is invalid")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            head, sep, tail = described.partition("; fix:")
+            if not sep:
+                head, sep, tail = described.partition("; Fix:")
+            if sep and tail.strip():
+                described, own_fix = head, tail.strip().rstrip(".")
+            if "input" in err:
+                for shown in {repr(err["input"]), str(err["input"])}:
+                    described = described.replace(f" (got {shown})", "").replace(f"(got {shown})", "")
+            described = described.strip().rstrip(";:,.") or "is invalid"
+        fix = own_fix or _FIXES.get(top, "see the field descriptions in privacy/policy.py")
+        if etype == "extra_forbidden":
+            if len(loc_parts) == 2 and top == "releases" and loc_parts[1] in top_level:
+                described = "is not a [releases] setting"
+                fix = ("this is a top-level policy key: move it above the [releases] table (TOML puts every key "
+                       "written after the [releases] line into that table, e.g. a line appended at the end of the file)")
+            elif len(loc_parts) == 1 and top in in_releases:
+                described = "is not a top-level policy key"
+                fix = ("this is a [releases] setting: move it under the [releases] table (after the [releases] line; "
+                       "add that line at the end of the file if there is none)")
+            else:
+                name, known = (loc_parts[-1], in_releases) if len(loc_parts) > 1 and top == "releases" \
+                    else (top, allowed)
+                close = difflib.get_close_matches(name, known, n=1)
+                fix = f"remove it{f' (did you mean {close[0]!r}?)' if close else ''}; allowed fields: {', '.join(known)}"
+        text = f"{source}: field {loc!r}: {described}"
+        if etype != "missing" and "input" in err:
             got = err["input"]
             shown = repr(got)
             if len(shown) > 60:
                 shown = shown[:57] + "..."
             name = type(got).__name__
-            kind = f", {'an' if name[0] in 'aeiou' else 'a'} {name}" if str(err.get("type", "")).endswith("_type") else ""
+            kind = f", {'an' if name[0] in 'aeiou' else 'a'} {name}" if etype.endswith("_type") else ""
             text += f" (got {shown}{kind})"
-        if err.get("type") == "extra_forbidden":
-            loc_parts = [str(p) for p in err.get("loc", ())]
-            name, known = (loc_parts[-1], list(ReleasePolicy.model_fields)) if len(loc_parts) > 1 and top == "releases" \
-                else (top, allowed)
-            close = difflib.get_close_matches(name, known, n=1)
-            fix = f"remove it{f' (did you mean {close[0]!r}?)' if close else ''}; allowed fields: {', '.join(known)}"
-        else:
-            fix = _FIXES.get(top, "see the field descriptions in privacy/policy.py")
         lines.append(f"{text}. Fix: {fix}")
     return "\n".join(lines)
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import errno
 import hashlib
 import ipaddress
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -372,7 +375,8 @@ def test_node_key_format_modes_comment_and_fingerprint(tmp_path):
         assert derived.returncode == 0 and derived.stdout.split()[:2] == [kind, blob]
 
 
-@pytest.mark.parametrize("department, site", [("public works", "Cleveland"), ("health", "a:b"), ("", "x"), ("health", "-x")])
+@pytest.mark.parametrize("department, site", [("public works", "Cleveland"), ("health", "a:b"), ("", "x"), ("health", "a\nb"),
+                                              ("health", "a\u2028b"), ("health", "Cleveland ")])
 def test_node_key_rejects_fields_that_would_break_the_comment(tmp_path, department, site):
     result = _invoke("node-key", "--department", department, "--site", site, "--out", tmp_path)
     assert result.exit_code == 2 and "invalid" in result.output
@@ -500,7 +504,11 @@ def test_parse_san_property_valid_name_or_pkierror(city, raw):
 
 @settings(max_examples=60, deadline=None)
 @given(_ADDRESSES)
-def test_parse_san_accepts_every_ip_address(raw):
+def test_parse_san_accepts_every_ip_address_but_the_unspecified_one(raw):
+    if ipaddress.ip_address(raw).is_unspecified:  # 0.0.0.0, ::: a server listens on it, no client dials it
+        with pytest.raises(pki.PKIError, match="unspecified address"):
+            pki.parse_san(raw)
+        return
     assert pki.parse_san(raw) == x509.IPAddress(ipaddress.ip_address(raw))
 
 
@@ -532,3 +540,257 @@ def test_server_cert_without_loopback_san_says_fl_server_start_will_refuse_it(ci
     result = _invoke("server-cert", "--ca-dir", city["ca"], "--out", tmp_path / "both", "--san", "127.0.0.1",
                      "--san", "coord.city.example")
     assert result.exit_code == 0 and "127.0.0.1 SAN" not in result.output
+
+
+# --------------------------------------------------------------------------- bad input (independent tester's findings)
+#
+# The standard: bad input exits 2 with a message naming the option or file, the value and the fix;
+# no traceback; nothing half-written.
+
+
+def _said(result) -> str:
+    """The CLI's output with rich's line wrapping undone."""
+    return " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("days", ["99999999", "36501", str(10**30)])
+def test_init_days_past_the_maximum_exits_2_naming_days(tmp_path, days):
+    out = tmp_path / "ca"
+    result = _invoke("init", "--out", out, "--days", days)
+    assert result.exit_code == 2, (result.output, result.exception)
+    said = _said(result)
+    assert f"--days {days}" in said and "pass --days 36500 or less" in said, said
+    assert not out.exists()
+    assert _invoke("init", "--out", out, "--days", "36500").exit_code == 0  # the maximum itself is fine
+
+
+def test_ca_days_cannot_reach_past_the_year_9999(tmp_path):
+    with pytest.raises(pki.PKIError, match=r"--days 3650 .*9999.*pass --days \d+ or less"):
+        pki.create_ca(tmp_path, days=3650, now=datetime(9995, 1, 1, tzinfo=timezone.utc))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("days", ["99999999", "36501", "4000", str(10**30)])
+def test_server_cert_days_past_the_ca_exits_2_with_the_largest_that_works(tmp_path, city, days):
+    out = tmp_path / "srv"
+    args = ["server-cert", "--ca-dir", city["ca"], "--out", out, "--san", "127.0.0.1"]
+    result = _invoke(*args, "--days", days)
+    assert result.exit_code == 2, (result.output, result.exception)
+    said = _said(result)
+    assert f"--days {days}" in said and "CA" in said, said
+    assert not out.exists()
+    largest = re.search(r"pass --days (\d+) or less", said)
+    assert largest, said
+    assert _invoke(*args, "--days", largest.group(1)).exit_code == 0  # the fix works
+
+
+@pytest.mark.parametrize("command", ["init", "node-key", "server-cert"])
+def test_out_below_a_file_exits_2_naming_out(tmp_path, city, command):
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "sub"
+    extra = {"init": [], "node-key": ["--department", "health", "--site", "Cleveland"],
+             "server-cert": ["--ca-dir", city["ca"], "--san", "127.0.0.1"]}[command]
+    result = _invoke(command, *extra, "--out", out)
+    assert result.exit_code == 2, (result.output, result.exception)
+    said = _said(result)
+    assert f"--out {out}" in said and "afile" in said and "fix:" in said, said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_node_key_into_a_read_only_folder_exits_2(tmp_path):
+    out = tmp_path / "ro"
+    out.mkdir(mode=0o555)
+    result = _invoke("node-key", "--department", "health", "--site", "Cleveland", "--out", out)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert f"--out {out}" in _said(result) and "fix:" in _said(result)
+    assert list(out.iterdir()) == []
+
+
+def _failing_open(monkeypatch, name: str, error: OSError) -> None:
+    """Make ``os.open`` fail for a file whose name contains ``name`` (the final file or its temporary)."""
+    real = os.open
+
+    def fake(path, *args, **kwargs):
+        if name in os.fspath(path):
+            raise error
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", fake)
+
+
+def test_node_key_permission_denied_exits_2_and_writes_nothing(tmp_path, monkeypatch):
+    _failing_open(monkeypatch, "node.key", PermissionError(errno.EACCES, "Permission denied"))
+    result = _invoke("node-key", "--department", "health", "--site", "Cleveland", "--out", tmp_path)
+    assert result.exit_code == 2, (result.output, result.exception)
+    said = _said(result)
+    assert f"--out {tmp_path}" in said and "Permission denied" in said and "fix:" in said, said
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["init", "node-key"])
+def test_a_failure_after_the_first_file_leaves_nothing_that_blocks_a_retry(tmp_path, monkeypatch, command):
+    args = ["init"] if command == "init" else ["node-key", "--department", "health", "--site", "Cleveland"]
+    second = "ca.crt" if command == "init" else "node.pub"
+    with monkeypatch.context() as m:
+        _failing_open(m, second, OSError(errno.ENOSPC, "No space left on device"))
+        result = _invoke(*args, "--out", tmp_path)
+    assert result.exit_code == 2, (result.output, result.exception)
+    said = _said(result)
+    assert f"--out {tmp_path}" in said and "No space left on device" in said and "fix:" in said, said
+    assert list(tmp_path.iterdir()) == []  # no lone private key
+    assert _invoke(*args, "--out", tmp_path).exit_code == 0  # so the retry works
+
+
+def test_a_failed_force_keeps_the_old_pair_together(tmp_path, monkeypatch):
+    pki.create_ca(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with monkeypatch.context() as m:
+        _failing_open(m, "ca.crt", OSError(errno.ENOSPC, "No space left on device"))
+        result = _invoke("init", "--out", tmp_path, "--force")
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # not a new key with the old certificate
+
+    real_replace, calls = os.replace, []
+
+    def replace_fails_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace_fails_second)
+        result = _invoke("init", "--out", tmp_path, "--force")
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    pki.load_ca(tmp_path)  # still a matching pair
+
+
+def test_force_over_a_directory_refuses_before_replacing_anything(tmp_path):
+    pki.create_ca(tmp_path)
+    key = (tmp_path / "ca.key").read_bytes()
+    (tmp_path / "ca.crt").unlink()
+    (tmp_path / "ca.crt").mkdir()
+    result = _invoke("init", "--out", tmp_path, "--force")
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert str(tmp_path / "ca.crt") in _said(result) and "directory" in _said(result)
+    assert (tmp_path / "ca.key").read_bytes() == key
+
+
+@pytest.mark.parametrize("site", ["VA Long Beach", "Zürich", "St. Mary's", "Site 12 (north)"])
+def test_node_key_accepts_the_site_names_fl_client_accepts(tmp_path, site):
+    from clients.cli import check_site_name
+    from flower_compat.testing import bytes_to_public_key, try_load_public_key, uses_nist_ec_curve
+
+    check_site_name(site)
+    result = _invoke("node-key", "--department", "health", "--site", site, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert pki.load_public_key(tmp_path / "node.pub").comment == f"cityfed:health:{site}"
+    assert uses_nist_ec_curve(bytes_to_public_key(try_load_public_key(tmp_path / "node.pub")))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=110))
+def test_every_fl_client_site_name_is_accepted_or_gets_a_working_suggestion(site):
+    from clients.cli import SetupError, check_site_name
+
+    try:
+        check_site_name(site)
+    except SetupError:
+        return  # fl-client refuses it too
+    try:
+        pki.check_node_fields("health", site)
+    except pki.PKIError as err:
+        msg = str(err)
+        assert msg.startswith(f"--site {site!r}") and "fix:" in msg, msg
+        suggested = re.search(r"fix: pass --site (.+?) instead", msg)
+        assert suggested, msg
+        better = ast.literal_eval(suggested.group(1))
+        pki.check_node_fields("health", better)  # the suggestion is accepted by both tools
+        check_site_name(better)
+
+
+@pytest.mark.parametrize("department, hint", [("healthh", "'health'"), ("Health", "'health'"), ("traffc", "'traffic'"),
+                                              ("police", "health, traffic, utility")])
+def test_node_key_department_must_be_a_city_department(tmp_path, department, hint):
+    result = _invoke("node-key", "--department", department, "--site", "Cleveland", "--out", tmp_path)
+    assert result.exit_code == 2, result.output
+    said = _said(result)
+    assert f"--department {department!r}" in said and hint in said, said
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_node_key_departments_are_the_citys():
+    from contract.tasks import TASKS
+
+    assert set(pki.DEPARTMENTS) == set(TASKS)
+
+
+@pytest.mark.parametrize("san", ["0.0.0.0", "::", "[::]"])
+def test_server_cert_refuses_the_unspecified_address(tmp_path, city, san):
+    result = _invoke("server-cert", "--ca-dir", city["ca"], "--out", tmp_path / "srv", "--san", "127.0.0.1", "--san", san)
+    assert result.exit_code == 2, result.output
+    said = _said(result)
+    assert f"--san {san!r}" in said and "unspecified" in said and "127.0.0.1" in said, said
+    assert not (tmp_path / "srv").exists()
+
+
+@pytest.mark.parametrize("host, hint", [("bad_host:9092", "host part"), ("bad_host", "label"), ("0.0.0.0", "unspecified"),
+                                        ("a b", "one host")])
+def test_verify_bad_host_names_the_host_option(city, host, hint):
+    result = _invoke("verify", "--ca", city["ca"] / "ca.crt", "--cert", city["srv"] / "server.crt", "--host", host)
+    assert result.exit_code == 2, result.output
+    said = _said(result)
+    assert f"--host {host!r}" in said and hint in said and "SAN" not in said.split(";")[0], said
+
+
+@pytest.mark.parametrize("which", ["--ca", "--cert"])
+def test_verify_refuses_der_like_fl_client_and_says_how_to_convert(city, tmp_path, which):
+    src = city["ca"] / "ca.crt" if which == "--ca" else city["srv"] / "server.crt"
+    der = tmp_path / (src.stem + ".der")
+    der.write_bytes(_cert(src).public_bytes(serialization.Encoding.DER))
+    files = {"--ca": city["ca"] / "ca.crt", "--cert": city["srv"] / "server.crt", which: der}
+    result = _invoke("verify", "--ca", files["--ca"], "--cert", files["--cert"])
+    assert result.exit_code == 2, result.output
+    said = _said(result)
+    assert f"{which} {der}" in said and "PEM" in said, said
+    assert f"openssl x509 -inform der -in {der} -out {tmp_path / src.name}" in said, said
+    # the conversion it prints is what fl-client --ca needs
+    converted = tmp_path / src.name
+    converted.write_bytes(_cert(src).public_bytes(serialization.Encoding.PEM))
+    files[which] = converted
+    assert _invoke("verify", "--ca", files["--ca"], "--cert", files["--cert"]).exit_code == 0
+    if which == "--ca":
+        from clients.cli import SetupError, check_ca
+
+        with pytest.raises(SetupError, match="not a PEM"):
+            check_ca(der)
+        check_ca(converted)
+
+
+def test_show_still_reads_der(city, tmp_path):
+    der = tmp_path / "ca.der"
+    der.write_bytes(_cert(city["ca"] / "ca.crt").public_bytes(serialization.Encoding.DER))
+    assert _invoke("show", der).exit_code == 0
+
+
+def test_out_not_writable_is_refused_before_any_key_is_made(tmp_path, monkeypatch):
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == tmp_path and mode & os.W_OK
+                        else real(p, mode, **kw))  # a read-only folder, as root cannot have one
+    result = _invoke("node-key", "--department", "health", "--site", "Cleveland", "--out", tmp_path)
+    assert result.exit_code == 2, (result.output, result.exception)
+    said = _said(result)
+    assert f"--out {tmp_path}" in said and "permission denied" in said and "fix: pass a --out directory" in said, said
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_into_a_new_folder_removes_the_folder_too(tmp_path, monkeypatch):
+    out = tmp_path / "new" / "keys"
+    with monkeypatch.context() as m:
+        _failing_open(m, "ca.crt", OSError(errno.ENOSPC, "No space left on device"))
+        result = _invoke("init", "--out", out)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert list(tmp_path.iterdir()) == []  # no empty new/keys left behind either
+    assert _invoke("init", "--out", out).exit_code == 0

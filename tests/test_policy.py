@@ -21,6 +21,7 @@ from privacy.policy import (  # noqa: E402
     JobRequest,
     PolicyError,
     PrivacyPolicy,
+    ReleasePolicy,
     check_allowed_tasks,
     check_job,
     load_policy,
@@ -522,3 +523,128 @@ def test_check_job_uses_the_policys_accountant(tmp_path):
     assert check_job(_policy(accountant="prv", max_epsilon=mid), _job(), led, SITE, delta=1e-3).accepted
     refused = check_job(_policy(accountant="rdp", max_epsilon=mid), _job(), led, SITE, delta=1e-3)
     assert not refused.accepted and "projected epsilon" in refused.reason
+
+
+# -- error messages: misplaced keys, a fix for every field, field validators ------------------
+
+_TOP = [f for f in _FIELDS if f != "releases"]
+_RELEASES = list(ReleasePolicy.model_fields)
+
+
+def _release_lines(releases: dict) -> str:
+    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in releases.items())
+
+
+def test_top_level_key_appended_after_the_releases_table_says_move_it_above():
+    text = (EXAMPLES / "health.toml").read_text() + "\nrequire_secure_aggregation = true\n"
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(text, "health.toml")
+    msg = str(exc.value)
+    assert msg.startswith("health.toml: field 'releases.require_secure_aggregation':"), msg
+    assert "top-level policy key" in msg and "move it above the [releases] table" in msg, msg
+    assert "Fix: remove it" not in msg  # following that would silently drop the protection
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_valid_policies, st.sampled_from(_TOP))
+def test_a_top_level_key_under_releases_is_moved_not_removed(doc, field):
+    value = doc.pop(field)
+    releases = doc.pop("releases")
+    body = dumps(doc) + "[releases]\n" + _release_lines(releases)
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(body + f"{field} = {_toml_value(value)}\n", "p.toml")
+    lines = str(exc.value).splitlines()
+    mine = [ln for ln in lines if ln.startswith(f"p.toml: field 'releases.{field}':")]
+    assert len(mine) == 1, lines
+    assert "move it above the [releases] table" in mine[0] and "remove it" not in mine[0], mine[0]
+    # following the fix gives the department the setting it wrote
+    moved = dumps(doc) + f"{field} = {_toml_value(value)}\n" + "[releases]\n" + _release_lines(releases)
+    assert getattr(parse_policy(moved, "p.toml"), field) == value
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_valid_policies, st.sampled_from(_RELEASES))
+def test_a_releases_key_at_top_level_is_moved_under_releases(doc, field):
+    releases = doc.pop("releases")
+    value = releases.pop(field)
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(dumps(doc) + f"{field} = {_toml_value(value)}\n", "p.toml")
+    msg = str(exc.value)
+    assert msg.startswith(f"p.toml: field '{field}':") and "move it under the [releases] table" in msg, msg
+    assert "remove it" not in msg, msg
+    moved = dumps(doc) + "[releases]\n" + _release_lines({**releases, field: value})
+    assert getattr(parse_policy(moved, "p.toml").releases, field) == value
+
+
+@pytest.mark.parametrize(("line", "field"), [
+    ("require_secure_aggregation = 1", "require_secure_aggregation"),
+    ('require_secure_aggregation = "true"', "require_secure_aggregation"),
+    ("min_secagg_num_shares = 1", "min_secagg_num_shares"),
+    ("min_secagg_num_shares = 3.0", "min_secagg_num_shares"),
+    ("min_secagg_num_shares = 2048", "min_secagg_num_shares"),
+    ("min_secagg_threshold = 1", "min_secagg_threshold"),
+    ("min_secagg_threshold = 1e9", "min_secagg_threshold"),
+    ('personalisation = "yes"', "personalisation"),
+])
+def test_secagg_and_personalisation_errors_have_a_real_fix(line, field):
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(VALID + line + "\n", "p.toml")
+    msg = str(exc.value)
+    assert msg.startswith(f"p.toml: field '{field}':"), msg
+    assert "see the field descriptions" not in msg, msg
+    assert "Fix: " in msg and f"{field} = " in msg.split("Fix: ", 1)[1], msg
+
+
+def test_every_field_has_its_own_fix():
+    from privacy.policy import _FIXES
+
+    assert set(_FIELDS) <= set(_FIXES), set(_FIELDS) - set(_FIXES)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(min_value=2, max_value=511).map(lambda k: 2 * k))
+def test_even_num_shares_message_is_plain(shares):
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(VALID + f"min_secagg_num_shares = {shares}\n", "p.toml")
+    msg = str(exc.value)
+    assert "\n" not in msg and "Value error" not in msg, msg
+    assert msg.count("(got ") == 1 and f"(got {shares})" in msg, msg
+    assert msg.lower().count("fix:") == 1, msg
+    assert msg.startswith(f"p.toml: field 'min_secagg_num_shares': must be odd"), msg
+    assert f"min_secagg_num_shares = {shares + 1}" in msg.split("Fix: ", 1)[1], msg
+    fixed = parse_policy(VALID + f"min_secagg_num_shares = {shares + 1}\n", "p.toml")  # the fix works
+    assert fixed.min_secagg_num_shares == shares + 1
+
+
+def test_any_field_validator_message_is_cleaned_up():
+    from pydantic import BaseModel, ValidationError, field_validator
+
+    from privacy.policy import _format_validation
+
+    class Toy(BaseModel):
+        n: int
+
+        @field_validator("n")
+        @classmethod
+        def _prime(cls, v):
+            raise ValueError(f"must be prime (got {v}); fix: n = 7")
+
+    with pytest.raises(ValidationError) as exc:
+        Toy(n=4)
+    assert _format_validation("t.toml", exc.value) == "t.toml: field 'n': must be prime (got 4). Fix: n = 7"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_valid_policies, st.sampled_from(_FIELDS + [f"releases.{k}" for k in _RELEASES]), _values)
+def test_every_error_line_has_one_plain_fix(doc, field, value):
+    if field.startswith("releases."):
+        doc["releases"][field.split(".", 1)[1]] = value
+    else:
+        doc[field] = value
+    try:
+        parse_policy(dumps(doc), "fuzz.toml")
+    except PolicyError as exc:
+        for line in str(exc).splitlines():
+            assert "Value error" not in line and "Assertion failed" not in line, line
+            assert line.count(". Fix: ") == 1 and "; fix:" not in line, line
+            assert "see the field descriptions" not in line, line
