@@ -191,10 +191,19 @@ def main() -> None:
     ap.add_argument("--allow-empty", action="store_true",
                     help="more clients than training windows: the sites beyond hold none and answer 'no training "
                          "records' (traffic has 39,006 windows; needed for 100,000 clients)")
-    ap.add_argument("--tmp", default="/tmp", help="short folder for run dirs (Ray needs short socket paths)")
+    ap.add_argument("--tmp", default="/tmp", help="short folder for run dirs (Ray needs short socket paths); "
+                                                  "created if missing")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    tmp = Path(args.tmp)
+    if tmp.exists() and not tmp.is_dir():
+        ap.error(f"--tmp {args.tmp}: is a file, not a folder; give a (short) folder path, created if missing")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        ap.error(f"--tmp {args.tmp}: cannot create the folder ({exc.strerror or type(exc).__name__}); give a "
+                 "writable (short) folder path")
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args)))
         return

@@ -74,11 +74,13 @@ def _bad(source, problem: str, fix: str, column: str | None = None):
 
 def _bound(source, col: str, key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(source, f"[{col}] {key} = {value!r} is not a number", f"write a number, e.g. {key} = 0", col)
+        raise _bad(source, f"[{col}] {key} = {value!r} is not a number",
+                   f"write the bound as a number (unquoted), or remove '{key}' to keep the default bound", col)
     v = float(value)
     if not math.isfinite(v) or abs(v) > MAX_BOUND:
         raise _bad(source, f"[{col}] {key} = {value!r} is not a finite number of magnitude <= {MAX_BOUND:g}",
-                   f"write a finite bound, e.g. {key} = 0 (values beyond {MAX_BOUND:g} cannot be scaled for training)", col)
+                   f"write a finite bound within +-{MAX_BOUND:g} (values beyond it cannot be scaled for training), or "
+                   f"remove '{key}' to keep the default bound", col)
     return v
 
 

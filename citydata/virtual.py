@@ -128,7 +128,8 @@ def check_virtual_sites(ds: DepartmentDataset, n: int, partitioner: str, alpha: 
         raise ValueError(f"unknown partitioner {partitioner!r}; choose one of {', '.join(PARTITIONERS)}")
     n_train = sum(len(ds.site_data(s).train) for s in ds.sites)
     if n > n_train and not (allow_empty and partitioner == "iid"):
-        raise ValueError(f"virtual sites: {n} sites but only {n_train} {ds.department} training windows; "
+        unit = "training records (patients)" if ds.schema.task == "binary-classification" else "training windows"
+        raise ValueError(f"virtual sites: {n} sites but only {n_train} {ds.department} {unit}; "
                          f"use at most {n_train} (or, for a scale test with the iid partitioner, allow empty "
                          f"sites: run config virtual-allow-empty=true)")
     if partitioner == "dirichlet" and not alpha > 0:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 
 from privacy.safe_cli import make_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -15,12 +15,55 @@ from rich.table import Table
 
 console = make_console(highlight=True, soft_wrap=False)  # 200 columns off a terminal (logs, pipes)
 
+#: Highest --seed: the other fl-sim commands' bound (simulations.cli._MAX_SEED, the run config's).
+_MAX_SEED = 2**32 - 1
 
-def _error(message: str) -> None:
-    """Print ``error: MESSAGE``; the message is text, not rich markup (a ranges file's ``[sex]`` stays)."""
-    from rich.markup import escape
 
-    console.print(f"[red]error:[/red] {escape(message)}")
+def _check_inputs(department: str, out: Path, epsilon: List[float], seed: int, site: Optional[List[str]],
+                  accountant: str, clip: float, confidence: float, control: bool, overwrite: bool) -> None:
+    """fl-sim's input rule for ``fl-sim audit``: exit 2 with ``error: OPTION: WHAT; fix: HOW`` on standard error.
+
+    Everything the audit would refuse, checked before its data is loaded, its progress bar shown or
+    anything written: the department, accountant, epsilons, clipping norm, confidence, --out (a file; earlier
+    audit ledgers there without --overwrite) and --site (the site names need the department's
+    bundled records, so they are read only when --site is given).
+    """
+    from simulations.cli import _check_out_dir, _refuse  # fl-sim's own format (imported here: cli imports this module)
+
+    departments = ("health", "traffic", "utility")
+    if department not in departments:
+        _refuse(f"unknown department {department!r}", f"choose from {', '.join(departments)}", "--department")
+    if accountant not in ("rdp", "prv"):
+        _refuse(f"unknown accountant {accountant!r}", "choose rdp or prv", "--accountant")
+    bad = [e for e in epsilon if not (e > 0 and math.isfinite(e))]
+    if bad:
+        _refuse(f"every epsilon must be a finite number > 0 (got {bad[0]!r})", "give --epsilon a finite number > 0",
+                "--epsilon")
+    if not (clip > 0 and math.isfinite(clip)):
+        _refuse(f"the clipping norm must be a finite number > 0 (got {clip!r})", "give --clip a finite number > 0",
+                "--clip")
+    if not 0.5 <= confidence <= 0.9999:  # typer's range lets nan through
+        _refuse(f"must be a number from 0.5 to 0.9999 (got {confidence!r})", "give --confidence a value in that range",
+                "--confidence")
+    if not control and not epsilon:
+        _refuse("nothing to audit", "give an --epsilon or keep the --control", "--no-control")
+    if not 0 <= seed <= _MAX_SEED:  # typer's range says so first; a direct call too
+        _refuse(f"{seed} is not in the range 0<=x<={_MAX_SEED}", "give --seed a whole number in that range", "--seed")
+    _check_out_dir(out, "--out")
+    ledgers = out / "ledgers"
+    stale = sorted(ledgers.glob("audit-*.sqlite")) if ledgers.is_dir() else []
+    if stale and not overwrite:  # simulations.mia.run_audit's own refusal, before anything runs
+        _refuse(f"{stale[0]} exists: an audit's ledgers would be added to",
+                f"pass --overwrite to remove {ledgers}/audit-* first, or choose another --out", "--out")
+    if site:
+        from citydata import load_department
+
+        names = load_department(department, seed=seed).sites
+        unknown = [s for s in site if s not in names]
+        if unknown:
+            _refuse(f"unknown site(s) {', '.join(map(repr, unknown))} for {department}",
+                    f"choose from {', '.join(map(repr, names))} (as `fl-sim datasets {department}` lists them)",
+                    "--site")
 
 
 def audit(
@@ -39,7 +82,8 @@ def audit(
     canaries: int = typer.Option(128, "--canaries", min=0,
                                  help="Synthetic records (atypical features, random label), each in a model's "
                                       "training set with probability 1/2; 0 audits the real records only."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the inclusion masks, canaries, initialisation and DP noise."),
+    seed: int = typer.Option(0, "--seed", min=0, max=_MAX_SEED,
+                             help="Seed of the inclusion masks, canaries, initialisation and DP noise."),
     site: Optional[List[str]] = typer.Option(None, "--site", "-s",
                                              help="Pool only this site's training records (repeat; default: all sites)."),
     accountant: str = typer.Option("rdp", "--accountant",
@@ -75,19 +119,7 @@ def audit(
 
     from simulations.mia import AuditSettings, run_audit
 
-    departments = ("health", "traffic", "utility")
-    if department not in departments:
-        raise typer.BadParameter(f"unknown department {department!r}; choose from {', '.join(departments)}",
-                                 param_hint="--department")
-    if accountant not in ("rdp", "prv"):
-        raise typer.BadParameter(f"accountant must be 'rdp' or 'prv' (got {accountant!r})", param_hint="--accountant")
-    bad = [e for e in epsilon if not (e > 0 and e < float("inf"))]
-    if bad:
-        raise typer.BadParameter(f"every epsilon must be a finite number > 0 (got {bad[0]!r})", param_hint="--epsilon")
-    if clip <= 0:
-        raise typer.BadParameter(f"the clipping norm must be > 0 (got {clip!r})", param_hint="--clip")
-    if not control and not epsilon:
-        raise typer.BadParameter("nothing to audit: give an --epsilon or keep the --control", param_hint="--no-control")
+    _check_inputs(department, out, epsilon, seed, site, accountant, clip, confidence, control, overwrite)
     if overwrite and (out / "ledgers").exists():
         for p in (out / "ledgers").glob("audit-*.sqlite*"):
             p.unlink()
@@ -109,14 +141,7 @@ def audit(
             kind = "shadow" if j < shadows else "target"
             progress.update(bar, description=f"{department} {label}: {kind} {j + 1}/{total}")
 
-        try:
-            res = run_audit(settings, out, on_model=on_model)
-        except FileExistsError as exc:
-            _error(f"{exc} (or pass --overwrite)")
-            raise typer.Exit(2)
-        except ValueError as exc:
-            _error(f"{exc}")
-            raise typer.Exit(2)
+        res = run_audit(settings, out, on_model=on_model)  # its input refusals were made above (_check_inputs)
         progress.update(bar, completed=n_settings * (shadows + targets))
     console.print(audit_table(res))
     meta = res["meta"]

@@ -65,6 +65,19 @@ def plan(dataset: DepartmentDataset, kinds: list[str], epsilons: list[float], po
     return jobs
 
 
+def check_kinds(department: str, kinds: list[str] | None) -> list[str]:
+    """``kinds``, or all the department's model kinds when empty; :class:`ValueError` for a kind it does not ship.
+
+    Checked before the department's data is loaded (``fl-sim baselines --model`` checks the same, as an
+    input error).
+    """
+    shipped = model_kinds(department)
+    for kind in kinds or ():
+        if kind not in shipped:
+            raise ValueError(f"{kind!r} is not a {department} model; choose one of {', '.join(shipped)}")
+    return list(kinds) if kinds else shipped
+
+
 def _entry(dept, job, site, metrics, fitres, primary):
     if primary not in metrics or metrics[primary] != metrics[primary]:  # forecasting "pooled" row
         primary = "mae_ratio"
@@ -128,11 +141,16 @@ def run_baselines(
         ``metrics["epochs"]``: the epochs trained (non-private without ``epochs``: chosen on the
         sites' validation splits, :func:`clients.selection.fit_selected`, at most
         :data:`SELECT_MAX_EPOCHS`; a pooled model's split is the union of its sites' splits).
+
+    Raises
+    ------
+    ValueError
+        A kind in ``kinds`` that the department does not ship (:func:`check_kinds`), before any data is loaded.
     """
+    kinds = check_kinds(department, kinds)
     ds = load_department(department, data, seed=seed)
     schema = ds.schema
     task = schema.task
-    kinds = kinds or model_kinds(department)
     sites = {s: ds.site_data(s) for s in ds.sites}
     primary = "accuracy" if task == "binary-classification" else "mae"
     results: list[dict] = []

