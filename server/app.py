@@ -244,10 +244,43 @@ _NUMBER_KIND = {k: f.annotation for k, f in RunSettings.model_fields.items() if 
 _ACCEPTS = {RunSettings.model_fields[k].alias or k: _range_text(k) for k in _NUMBER_KIND}
 
 
+#: Every key a run config may hold: the hyphenated RunSettings keys and ``department`` (node-side keys aside).
+RUN_CONFIG_KEYS = ("department", *DEFAULTS)
+
+
+def unknown_key_message(key: str) -> str:
+    """Why ``key`` is not a run-config key, with the closest known key ("did you mean") and the fix."""
+    import difflib
+
+    known = [*RUN_CONFIG_KEYS, *NODE_KEYS]
+    close = difflib.get_close_matches(str(key).replace("_", "-").lower(), known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    fix = f"use {close[0]!r}" if close else "use one of the keys listed"
+    return (f"unknown run config key {key!r}{hint} (run-config keys are hyphenated; known: "
+            f"{', '.join(sorted(RUN_CONFIG_KEYS))}); fix: {fix} (`fl-server app-config` lists every key and its default)")
+
+
+def _refuse_unknown_keys(raw: dict) -> None:
+    """Refuse keys that are no run-config key, field names (``local_epochs``) included.
+
+    RunSettings also takes its field names (``populate_by_name``); Flower does not, and would
+    refuse the run after it was submitted.
+
+    Raises
+    ------
+    RunConfigError
+        Naming each unknown key, with the closest known one.
+    """
+    unknown = [k for k in raw if k not in RUN_CONFIG_KEYS]
+    if unknown:
+        raise RunConfigError("; ".join(unknown_key_message(k) for k in unknown), tuple(map(str, unknown)))
+
+
 def settings(run_config: dict) -> dict:
     """Validate a run config; return it with defaults filled in (hyphenated keys).
 
-    Node-side keys (:data:`contract.keys.NODE_KEYS`) pass through unchecked.
+    Node-side keys (:data:`contract.keys.NODE_KEYS`) pass through unchecked; any other key that is not a
+    hyphenated run-config key (:data:`RUN_CONFIG_KEYS`; a field name such as ``local_epochs`` included) is refused.
 
     Raises
     ------
@@ -256,6 +289,7 @@ def settings(run_config: dict) -> dict:
     """
     raw = dict(run_config)
     node_side = {k: raw.pop(k) for k in list(raw) if k in NODE_KEYS or k == RUN_ID}  # run-id: in-process grid
+    _refuse_unknown_keys(raw)
     try:
         parsed = RunSettings.model_validate(raw)
     except ValidationError as exc:
@@ -264,7 +298,7 @@ def settings(run_config: dict) -> dict:
             key = ".".join(str(x) for x in err["loc"]) or "?"
             keys.append(key)
             if err["type"] == "extra_forbidden":
-                problems.append(f"unknown run config key {key!r} (known: {', '.join(sorted(DEFAULTS))}, department)")
+                problems.append(unknown_key_message(key))
             elif key in _ACCEPTS:
                 problems.append(f"run config {key!r}: must be {_ACCEPTS[key]} (got {err.get('input')!r})")
             else:

@@ -76,11 +76,31 @@ app = typer.Typer(
 
 
 class CliError(Exception):
-    """An operator-facing error: message names the file/option and the fix; ``code`` is the exit code."""
+    """An operator-facing error: message names the file/option and the fix; ``code`` is the exit code.
 
-    def __init__(self, message: str, code: int = 2):
+    Attributes
+    ----------
+    code : int
+        The exit status.
+    flower_code : int or None
+        Flower's error code (``[code: 16]``) when the error is Flower's answer.
+    """
+
+    def __init__(self, message: str, code: int = 2, flower_code: int | None = None):
         super().__init__(message)
         self.code = code
+        self.flower_code = flower_code
+
+
+#: Flower's error codes (``flwr.supercore.error.ApiErrorCode``) that mean a bad run or node ID.
+RUN_ID_NOT_FOUND = 16
+NODE_NOT_FOUND = 24
+#: Largest run or node ID (Flower's are unsigned 64-bit integers).
+MAX_FLOWER_ID = 2**64 - 1
+#: The fix for a run that is not known (here or to Flower).
+FIX_RUN = "use a folder name or run ID from `fl-server runs`"
+#: The fix for a node ID that is not known to Flower.
+FIX_NODE = "use a node ID from `fl-server nodes`"
 
 
 def _command(name: str, hidden: bool = False) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -147,7 +167,53 @@ RunsDir = Annotated[
 
 
 def _state(state_dir: Path | None) -> Path:
-    return Path(state_dir or default_state_dir()).expanduser().resolve()
+    """The coordinator's state folder (``--state-dir``, else :func:`default_state_dir`), resolved.
+
+    Exits 2 (after saying why) when it is a file or lies under one.
+    """
+    sd = Path(state_dir or default_state_dir()).expanduser().resolve()
+    option = ("--state-dir" if state_dir else
+              "--state-dir (from $CITYFED_STATE_DIR)" if os.environ.get("CITYFED_STATE_DIR") else "--state-dir (default)")
+    with _errors():
+        check_folder_option(sd, option)
+    return sd
+
+
+def check_folder_option(path: Path, option: str, must_exist: bool = False) -> Path:
+    """Refuse a folder option that names a file, lies under a file, or (``must_exist``) does not exist.
+
+    Parameters
+    ----------
+    path : Path
+        The folder, resolved.
+    option : str
+        The option that gave it (``--state-dir``), for the message.
+    must_exist : bool
+        Refuse a folder that does not exist (a command that only reads it).
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    CliError
+        Code 2, naming the option, the path and the fix.
+    """
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise CliError(f"{option} {path}: is a file, not a folder; fix: pass a folder (or move that file away)")
+        return path
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise CliError(f"{option} {path}: cannot be a folder, {blocker} is a file; fix: pass a folder that is not "
+                       "under a file")
+    if must_exist:
+        raise CliError(f"{option} {path}: no such folder; fix: pass the folder the runs were launched with "
+                       "(`fl-server run --runs-dir`), or leave the option out for <state-dir>/runs")
+    return path
 
 
 def _audit_default_pub(log: Path) -> Path:
@@ -279,14 +345,32 @@ def flwr(state_dir: Path, *args: str, timeout: float | None = 120, json_out: boo
         except ValueError:
             data = {}
         if proc.returncode != 0 or not data.get("success", proc.returncode == 0):
-            msg = data.get("error-message") or (proc.stderr or text).strip()[-2000:]
+            msg = flower_message(str(data.get("error-message") or proc.stderr or text))
             code = 3 if re.search(r"connect|unavailable|refused|timed out", msg, re.I) else 1
-            raise CliError(f"`flwr {' '.join(args)}` failed: {msg}", code)
+            raise CliError(f"`flwr {' '.join(args)}` failed: {msg}", code, flower_code(msg))
         return data
     if proc.returncode != 0:
-        msg = (proc.stderr + "\n" + text).strip()[-2000:]
-        raise CliError(f"`flwr {' '.join(args)}` failed: {msg}", 1)
+        msg = flower_message(proc.stderr + "\n" + text)
+        raise CliError(f"`flwr {' '.join(args)}` failed: {msg}", 1, flower_code(msg))
     return text
+
+
+def flower_message(text: str, limit: int = 2000) -> str:
+    """Flower's output as one plain line for an error message: no colour codes, no box, no blank lines.
+
+    ``flwr`` colours its log lines and draws errors in a box (rich); neither belongs in a message
+    that may end up in a file or the journal. The last ``limit`` characters are kept.
+    """
+    from flower_compat.logging import plain
+
+    lines = (re.sub(r"[\u2500-\u257f]+", " ", line) for line in plain(text).splitlines())
+    return " ".join(" ".join(line.split()) for line in lines if line.strip())[-limit:]
+
+
+def flower_code(text: str) -> int | None:
+    """Flower's error code in its output (``[code: 16] Run ID not found.`` gives 16), else None."""
+    m = re.search(r"\[code: (\d+)\]", text)
+    return int(m.group(1)) if m else None
 
 
 def for_output(text: str, stream) -> str:
@@ -363,6 +447,144 @@ def app_config_cmd() -> None:
 
 
 # --------------------------------------------------------------------------- start
+
+
+def admin_networks(admin_net: list[str], host: str) -> list:
+    """The networks ``fl-server start`` lets use the Control/Runtime APIs.
+
+    Always loopback (``127.0.0.1/32``, ``::1/128``) and the address the other ``fl-server``
+    commands on the coordinator dial (:func:`_admin_address`, when ``--host`` is an IP address),
+    plus each ``--admin-net``: without them those commands would be refused (HTTP 403).
+
+    Raises
+    ------
+    CliError
+        An ``--admin-net`` item that is not an IP network (code 2).
+    """
+    import ipaddress
+
+    from server.guard import DEFAULT_ADMIN_NETS, parse_networks
+
+    try:
+        given = parse_networks(admin_net)
+    except ValueError as exc:
+        raise CliError(f"--admin-net: {exc}; fix: pass a CIDR such as 10.20.0.0/16, or an IP address") from None
+    own = list(DEFAULT_ADMIN_NETS)
+    dialled = _admin_address(host, 1).rsplit(":", 1)[0].strip("[]")
+    try:
+        own.append(str(ipaddress.ip_network(dialled)))
+    except ValueError:  # a host name: the commands dial it, its address is not known here
+        pass
+    return list(dict.fromkeys([*parse_networks(own), *given]))
+
+
+def check_tls_key(cert: Path, key: Path) -> None:
+    """Refuse a ``--key`` that is not the private key of ``--cert``.
+
+    Raises
+    ------
+    CliError
+        Code 2: not a PEM private key (e.g. a certificate), encrypted, or another key pair's.
+    """
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    from privacy.pki import _same_key
+
+    fix = "pass the server.key that `fl-pki server-cert` wrote next to this --cert"
+    try:
+        private = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
+    except TypeError:
+        raise CliError(f"--key {key}: is encrypted; fix: {fix} (unencrypted, mode 0600)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise CliError(f"--key {key}: not a PEM private key (a certificate or public key?); fix: {fix}") from None
+    public = x509.load_pem_x509_certificate(Path(cert).read_bytes()).public_key()
+    if not _same_key(private.public_key(), public):
+        raise CliError(f"--key {key}: does not belong to --cert {cert} (another key pair's private key); fix: {fix}, "
+                       "or the certificate issued for this key")
+
+
+#: ``fl-server start`` holds an exclusive lock on this file in the state dir (it holds the owner's PID).
+LOCK_FILE = "fl-server.lock"
+
+
+def _second_start(state_dir: Path, holder: str) -> CliError:
+    return CliError(f"--state-dir {state_dir}: another `fl-server start` (pid {holder}) runs the coordinator of this "
+                    f"state dir; a second one would run a second SuperLink on its state.db and take its "
+                    f"coordinator.json; fix: use the running one (every fl-server command with --state-dir {state_dir} "
+                    f"talks to it), stop it first (kill -TERM {holder}, or `systemctl stop` its unit), or give this "
+                    "one another --state-dir")
+
+
+def check_not_started(state_dir: Path) -> None:
+    """Refuse when another ``fl-server start`` holds ``<state-dir>/fl-server.lock`` (nothing is written).
+
+    Raises
+    ------
+    CliError
+        Code 2, naming the other process's PID and the fix.
+    """
+    import fcntl
+
+    try:
+        fh = open(Path(state_dir) / LOCK_FILE)  # noqa: SIM115 - closed below
+    except OSError:  # no lock file (or no state dir yet): nobody holds it
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _second_start(state_dir, fh.read().strip() or "?") from None
+
+
+def take_start_lock(state_dir: Path):
+    """Lock ``<state-dir>/fl-server.lock`` for this process (one ``fl-server start`` per state dir).
+
+    The lock is released when the returned file is closed or this process ends (a killed
+    ``fl-server start`` leaves no stale lock); the file holds this process's PID.
+
+    Returns
+    -------
+    file object
+        Keep it open as long as the coordinator runs.
+
+    Raises
+    ------
+    CliError
+        Code 2 when another ``fl-server start`` holds it.
+    """
+    import fcntl
+
+    fh = open(Path(state_dir) / LOCK_FILE, "a+")  # noqa: SIM115 - held by start_cmd
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise _second_start(state_dir, holder) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a ``--host``/``--port`` that cannot be listened on now (in use, or not an address of this machine).
+
+    Raises
+    ------
+    CliError
+        Code 2, naming the options and the fix.
+    """
+    from server.console import listen_problem
+
+    problem = listen_problem(host, port)
+    if problem:
+        raise CliError(f"--host {host} --port {port}: cannot listen there ({problem}); fix: stop what uses the port "
+                       f"(e.g. another coordinator: `ss -ltnp 'sport = :{port}'` shows it), or choose another --port")
 
 
 def _admin_address(host: str, port: int) -> str:
@@ -760,7 +982,12 @@ class CoordinatorSupervisor:
             self.log(f"run {run_id}: {why}; it was not launched with `fl-server run` (no launch.json), so it is not "
                      "resumed", "bold red")
             return
-        launch = json.loads((folder / "launch.json").read_text())
+        try:
+            launch = read_launch(folder / "launch.json")
+        except ValueError as exc:
+            self.log(f"run {run_id}: {why}; not resumed: {UNREADABLE} {folder / 'launch.json'} ({exc}). Fix: "
+                     f"restore it, then `fl-server run --resume {folder.name}`", "bold red")
+            return
         if str(run_id) != str((launch.get("run-ids") or [""])[-1]):
             return  # this folder was resumed since (as another run)
         with self._lock:
@@ -920,9 +1147,10 @@ def _app_defaults() -> dict:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Write ``text`` to ``path`` through a temporary file, fsync and rename (never a half-written file)."""
+    from server.artefacts import write_atomic
+
+    write_atomic(Path(path), text.encode())
 
 
 def write_run_results(folder: Path, status: str, flwr_run_id: str, *, written_by: str) -> dict:
@@ -949,7 +1177,7 @@ def write_run_results(folder: Path, status: str, flwr_run_id: str, *, written_by
         What was written to ``results.json``.
     """
     folder = Path(folder)
-    launch = json.loads((folder / "launch.json").read_text())
+    launch = read_launch(folder / "launch.json")  # ValueError: malformed (the callers say so)
     from server.artefacts import CHECKPOINT, MODEL, require_no_legacy_checkpoint, save_model
 
     require_no_legacy_checkpoint(folder)  # an earlier version's pickle is never unpickled
@@ -1001,6 +1229,48 @@ def run_result(folder: Path, launch: dict, run_id: str, status: str) -> str:
     return str(data.get("status", "?"))
 
 
+def check_tls_files(ca: Path | None, cert: Path | None, key: Path | None, host: str,
+                    port: int) -> tuple[Path, Path, Path]:
+    """``fl-server start``'s TLS checks: all three given and readable, --cert signed by --ca and
+    covering the address the local commands dial, --key its private key.
+
+    Returns
+    -------
+    tuple of Path
+        ``(ca, cert, key)``, resolved.
+
+    Raises
+    ------
+    CliError
+        Code 2, naming the option and the fix.
+    """
+    missing = [f for f, v in (("--ca", ca), ("--cert", cert), ("--key", key)) if v is None]
+    if missing:
+        raise CliError(f"refusing to start without TLS: {', '.join(missing)} not given; fix: create them with "
+                       "`fl-pki init` and `fl-pki server-cert`, then pass --ca ca.crt --cert server.crt --key "
+                       "server.key (or --insecure for a throwaway local test only)")
+    ca, cert, key = (Path(p).expanduser().resolve() for p in (ca, cert, key))
+    for flag, p in (("--ca", ca), ("--cert", cert), ("--key", key)):
+        if not p.is_file() or not os.access(p, os.R_OK):
+            raise CliError(f"{flag} {p}: file missing or unreadable; fix: pass the file from `fl-pki` "
+                           "(check the path and permissions)")
+    from privacy import pki
+
+    try:
+        pki.verify_server_cert(ca, cert)
+    except pki.PKIError as exc:
+        raise CliError(f"--cert: {exc}") from None
+    admin = _admin_address(host, port).rsplit(":", 1)[0].strip("[]")
+    try:
+        pki.verify_server_cert(ca, cert, admin)
+    except pki.PKIError:
+        raise CliError(f"--cert {cert} does not cover {admin}: the fl-server commands on this machine (register, "
+                       f"run, nodes, stop) dial {admin} and would fail TLS. Fix: reissue it with `fl-pki "
+                       f"server-cert ... --san {admin}` next to the names departments dial") from None
+    check_tls_key(cert, key)
+    return ca, cert, key
+
+
 @_command("start")
 def start_cmd(
     ca: Annotated[Optional[Path], typer.Option("--ca", help="City CA certificate (ca.crt from `fl-pki init`).")] = None,
@@ -1009,7 +1279,7 @@ def start_cmd(
     host: Annotated[str, typer.Option("--host", help="Address to listen on. 0.0.0.0 = every interface (departments connect from other machines); 127.0.0.1 = this machine only.")] = "0.0.0.0",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port for the Fleet API (departments) and the guarded Control/Runtime APIs (operator). Open it to department machines only.")] = DEFAULT_PORT,
     state_dir: StateDir = None,
-    admin_net: Annotated[list[str], typer.Option("--admin-net", help="CIDR allowed to use the Control/Runtime APIs (launch runs, register nodes). Repeatable; default loopback only (127.0.0.1/32 and ::1/128), i.e. run fl-server commands on the coordinator itself or through an SSH tunnel. Never list department networks.")] = [],  # noqa: B006
+    admin_net: Annotated[list[str], typer.Option("--admin-net", help="CIDR allowed to use the Control/Runtime APIs (launch runs, register nodes), in addition to loopback (127.0.0.1/32 and ::1/128, and the --host address when it is an IP), which is always allowed: the other fl-server commands on the coordinator dial it. Repeatable; default loopback only, i.e. run fl-server commands on the coordinator itself or through an SSH tunnel. Never list department networks.")] = [],  # noqa: B006
     insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext HTTP without TLS and WITHOUT node authentication: anyone on the network can join or read models. Only for a throwaway local test.")] = False,
     max_restarts: Annotated[int, typer.Option("--max-restarts", min=0, help="Restarts in a row of a SuperExec that exited (it starts every run's ServerApp) before fl-server start gives up and exits 1 (one that ran 5 minutes resets the count).")] = 5,
     max_resumes: Annotated[int, typer.Option("--max-resumes", min=0, help="Automatic resumes (from the last checkpoint, as `fl-server run --resume`) of one run whose ServerApp process died mid-run; 0 = never. A ServerApp that raised an exception is never resumed automatically.")] = 3,
@@ -1022,59 +1292,38 @@ def start_cmd(
     register` can join), keeps runs and registered nodes in <state-dir>/state.db (a restart
     with the same --state-dir resumes them), never installs packages at run time, and
     refuses Control/Runtime calls (launching runs, registering nodes) from any address
-    outside --admin-net with HTTP 403. Also writes the `flwr` connection "cityfed" used by
-    the other fl-server commands. Refuses to start without --ca/--cert/--key unless
-    --insecure is given.
+    outside loopback and --admin-net with HTTP 403. Also writes the `flwr` connection
+    "cityfed" used by the other fl-server commands. Refuses to start without
+    --ca/--cert/--key unless --insecure is given, with a --key that is not --cert's, on a
+    port in use, and while another `fl-server start` runs on the same --state-dir (it
+    names its PID): exit 2, nothing written.
 
     Supervises Flower's processes: a SuperExec that exits is restarted with backoff (exit 1
     after --max-restarts in a row), a run whose ServerApp process died mid-run is resumed
     from its checkpoint (at most --max-resumes times), a hung SuperLink ends it with exit 1;
     each action is logged with its reason.
     """
-    from server.guard import DEFAULT_ADMIN_NETS, guard_installed_in_superlink, install_guard, parse_networks
+    from server.guard import guard_installed_in_superlink, install_guard
 
     sd = _state(state_dir)
     with _errors():
-        try:
-            nets = parse_networks(admin_net or DEFAULT_ADMIN_NETS)
-        except ValueError as exc:
-            raise CliError(f"--admin-net: {exc}") from None
-        tls = [ca, cert, key]
+        nets = admin_networks(admin_net, host)
         if insecure:
-            if any(tls):
+            if any([ca, cert, key]):
                 raise CliError("--insecure cannot be combined with --ca/--cert/--key; fix: drop --insecure (recommended)")
             _err().print("[bold red on white] WARNING [/][bold red] --insecure: NO TLS and NO node authentication. Any machine "
                          "that reaches this port can join the federation, receive the model and send updates. "
                          "Never use this outside a throwaway local test.[/]")
         else:
-            missing = [f for f, v in (("--ca", ca), ("--cert", cert), ("--key", key)) if v is None]
-            if missing:
-                raise CliError(f"refusing to start without TLS: {', '.join(missing)} not given; fix: create them with "
-                               "`fl-pki init` and `fl-pki server-cert`, then pass --ca ca.crt --cert server.crt --key "
-                               "server.key (or --insecure for a throwaway local test only)")
-            ca, cert, key = (Path(p).expanduser().resolve() for p in (ca, cert, key))
-            for flag, p in (("--ca", ca), ("--cert", cert), ("--key", key)):
-                if not p.is_file() or not os.access(p, os.R_OK):
-                    raise CliError(f"{flag} {p}: file missing or unreadable; fix: pass the file from `fl-pki` "
-                                   "(check the path and permissions)")
-            from privacy import pki
-
-            try:
-                pki.verify_server_cert(ca, cert)
-            except pki.PKIError as exc:
-                raise CliError(f"--cert: {exc}") from None
-            admin = _admin_address(host, port).rsplit(":", 1)[0].strip("[]")
-            try:
-                pki.verify_server_cert(ca, cert, admin)
-            except pki.PKIError:
-                raise CliError(f"--cert {cert} does not cover {admin}: the fl-server commands on this machine (register, "
-                               f"run, nodes, stop) dial {admin} and would fail TLS. Fix: reissue it with `fl-pki "
-                               f"server-cert ... --san {admin}` next to the names departments dial") from None
+            ca, cert, key = check_tls_files(ca, cert, key, host, port)
+        check_not_started(sd)  # before the port: a second start on this state dir names the running one
+        check_port_free(host, port)
         sd.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = take_start_lock(sd)  # held until this process ends
         superlink_home(sd).mkdir(parents=True, exist_ok=True, mode=0o700)
         address = _admin_address(host, port)
         write_connection(sd, address, ca, insecure)
-        (sd / "coordinator.json").write_text(json.dumps({
+        _write_atomic(sd / "coordinator.json", json.dumps({
             "address": address, "host": host, "port": port, "ca": str(ca) if ca else None, "insecure": insecure,
             "admin-nets": [str(n) for n in nets], "pid": os.getpid(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2))
@@ -1116,6 +1365,7 @@ def start_cmd(
         stopped = req.signum
     finally:
         sup.detach()
+        lock.close()
     if sup.fatal:
         _err().print(f"[bold red]error:[/] {escape(sup.fatal)}")
         raise typer.Exit(1)
@@ -1256,7 +1506,7 @@ def register_cmd(
 
 @_command("unregister")
 def unregister_cmd(
-    node_id: Annotated[int, typer.Argument(help="Node ID shown by `fl-server register` or `fl-server nodes`.")],
+    node_id: Annotated[str, typer.Argument(help="Node ID shown by `fl-server register` or `fl-server nodes`.")],
     state_dir: StateDir = None,
 ) -> None:
     """Remove a department node: its key can no longer connect (a connected node is dropped).
@@ -1266,7 +1516,14 @@ def unregister_cmd(
     """
     sd = _state(state_dir)
     with _errors():
-        flwr(sd, "supernode", "unregister", str(node_id), CONNECTION, json_out=True)
+        node_id = check_flower_id(node_id, "node ID", FIX_NODE)
+        try:
+            flwr(sd, "supernode", "unregister", node_id, CONNECTION, json_out=True)
+        except CliError as exc:
+            if exc.flower_code != NODE_NOT_FOUND:
+                raise
+            raise CliError(f"node ID {node_id}: not registered at this coordinator ([code: {NODE_NOT_FOUND}] Node ID "
+                           f"not found); fix: {FIX_NODE}") from None
         label = _node_labels(sd).get(str(node_id), {})
         record(sd, "unregister", **{"node-id": str(node_id)}, name=label.get("name", ""),
                fingerprint=label.get("fingerprint", "unknown (not registered with fl-server register)"))
@@ -1318,28 +1575,197 @@ def parse_run_config(items: list[str]) -> dict:
     Raises
     ------
     CliError
-        For an item without ``=``.
+        For an item without ``=`` or without a key, and for a key given twice (code 2).
     """
-    out = {}
+    out, given = {}, {}
     for item in items:
         if "=" not in item:
-            raise CliError(f"--run-config {item!r}: expected key=value (e.g. --run-config local-epochs=2)")
-        k, v = item.split("=", 1)
-        out[k.strip()] = _parse_value(v.strip())
+            raise CliError(f"-c/--run-config {item!r}: expected key=value; fix: e.g. -c local-epochs=2")
+        k, v = (part.strip() for part in item.split("=", 1))
+        if not k:
+            raise CliError(f"-c/--run-config {item!r}: the item has no key (nothing before '='); fix: -c key=value, "
+                           "e.g. -c local-epochs=2 (`fl-server app-config` lists every key)")
+        if k in out:
+            raise CliError(f"-c/--run-config: key {k!r} given twice ({given[k]!r} and {item!r}); fix: give each "
+                           "run-config key once")
+        out[k], given[k] = _parse_value(v), item
     return out
 
 
-def _runs_dir(state_dir: Path, runs_dir: Path | None) -> Path:
-    return Path(runs_dir or state_dir / "runs").expanduser().resolve()
+#: Run-config keys ``fl-server run`` sets itself -> what to use instead.
+SET_BY_RUN = {"run-dir": "--name (and --runs-dir): the run folder is <runs-dir>/<name>",
+              "resume": "--resume RUN to continue a run"}
+#: Run-config keys that an option of ``fl-server run`` sets -> that option.
+OPTION_KEYS = {"department": "--department", "num-rounds": "--rounds", "secagg": "--secagg/--no-secagg",
+               "secagg-num-shares": "--secagg-num-shares", "secagg-threshold": "--secagg-threshold"}
+
+
+def _same_value(a, b) -> bool:
+    return type(a) is type(b) and a == b  # true is not 1
+
+
+def explicit_options(department, rounds, secagg, num_shares, threshold) -> dict[str, tuple[str, object]]:
+    """``{run-config key: (the option as given, its value)}`` for the options of ``fl-server run`` that were given."""
+    given = {"department": (f"--department {department}", department),
+             "num-rounds": (f"--rounds {rounds}", rounds),
+             "secagg": ("--secagg" if secagg else "--no-secagg", secagg),
+             "secagg-num-shares": (f"--secagg-num-shares {num_shares}", num_shares),
+             "secagg-threshold": (f"--secagg-threshold {threshold}", threshold)}
+    return {k: v for k, v in given.items() if v[1] is not None}
+
+
+def check_overrides(overrides: dict, explicit: dict[str, tuple[str, object]]) -> None:
+    """Refuse ``-c`` keys ``fl-server run`` sets itself, and ``-c`` values that contradict an option given.
+
+    Raises
+    ------
+    CliError
+        Code 2, naming the ``-c`` item, the option and the fix.
+    """
+    for key, instead in SET_BY_RUN.items():
+        if key in overrides:
+            raise CliError(f"-c {key}={_toml_value_or_text(overrides[key])}: `fl-server run` sets {key!r} itself; "
+                           f"fix: drop it, and use {instead}")
+    for key, (option, value) in explicit.items():
+        if key in overrides and not _same_value(overrides[key], value):
+            raise CliError(f"{option} and -c {key}={_toml_value_or_text(overrides[key])} disagree; fix: give "
+                           f"{OPTION_KEYS[key]} only (drop the -c item)")
+
+
+def _toml_value_or_text(v) -> str:
+    try:
+        return _toml_value(v).strip('"') if isinstance(v, str) else _toml_value(v)
+    except TypeError:
+        return str(v)
+
+
+def check_app_keys(cfg: dict, app_dir: Path) -> None:
+    """Refuse run-config keys that the app's ``[tool.flwr.app.config]`` lacks: Flower would refuse the run.
+
+    Node-side keys (``data``, ``policy`` ...) are the department nodes' own (``fl-client``), never
+    taken from the coordinator's run config.
+
+    Raises
+    ------
+    CliError
+        Code 2: ``--app`` has no readable pyproject.toml, or a key it does not declare.
+    """
+    from contract.keys import NODE_KEYS
+
+    path = Path(app_dir) / "pyproject.toml"
+    try:
+        known = tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"]
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        raise CliError(f"--app {app_dir}: no readable pyproject.toml with [tool.flwr.app.config]; fix: pass the cityfed "
+                       "project folder") from None
+    for key in cfg:
+        if key in NODE_KEYS:
+            raise CliError(f"-c {key}={_toml_value_or_text(cfg[key])}: {key!r} is a department node's own setting "
+                           "(fl-client's node config), never taken from the coordinator's run config; fix: drop it "
+                           "(set it on each node's fl-client)")
+        if key not in known:
+            raise CliError(f"-c {key}={_toml_value_or_text(cfg[key])}: {key!r} is not a run-config key of the app in "
+                           f"--app {app_dir} (its [tool.flwr.app.config]), so Flower would refuse the run; fix: drop "
+                           "it, or pass the cityfed project folder as --app")
+
+
+def _runs_dir(state_dir: Path, runs_dir: Path | None, must_exist: bool = False) -> Path:
+    """``--runs-dir``, else ``<state-dir>/runs``, resolved and checked (:func:`check_folder_option`).
+
+    ``must_exist``: a ``--runs-dir`` given explicitly must exist (commands that only read it);
+    the default one may not exist yet (no run launched).
+
+    Raises
+    ------
+    CliError
+        Code 2, naming ``--runs-dir``.
+    """
+    path = Path(runs_dir or state_dir / "runs").expanduser().resolve()
+    option = "--runs-dir" if runs_dir else "--runs-dir (default <state-dir>/runs)"
+    return check_folder_option(path, option, must_exist=must_exist and runs_dir is not None)
+
+
+def _is_run_id(value) -> bool:
+    """A Flower run ID as launch.json holds it: an int, or a string of digits, within 64 bits."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return False
+    text = str(value)
+    return re.fullmatch(r"[0-9]+", text) is not None and int(text) <= MAX_FLOWER_ID
+
+
+def read_launch(path: Path) -> dict:
+    """A run folder's ``launch.json`` (what ``fl-server run`` wrote), its shape checked.
+
+    Returns
+    -------
+    dict
+        With ``run-ids`` (list of Flower run IDs, first to latest) and ``config`` (dict) always present.
+
+    Raises
+    ------
+    ValueError
+        Saying what is wrong: unreadable, not JSON (e.g. truncated), not an object, ``run-ids``
+        not a list of run IDs, ``config`` not an object, ``launched`` not a list of ISO times.
+    """
+    try:
+        d = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno}; truncated?)") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"a JSON {type(d).__name__} where an object is expected")
+    d.setdefault("run-ids", [])
+    d.setdefault("config", {})
+    if not isinstance(d["run-ids"], list) or not all(_is_run_id(r) for r in d["run-ids"]):
+        raise ValueError(f"'run-ids' must be a list of Flower run IDs (got {json.dumps(d['run-ids'])[:80]})")
+    if not isinstance(d["config"], dict):
+        raise ValueError(f"'config' must be an object of run-config keys (got {json.dumps(d['config'])[:80]})")
+    launched = d.get("launched", [])
+    if not isinstance(launched, list) or not all(isinstance(t, str) for t in launched):
+        raise ValueError(f"'launched' must be a list of ISO 8601 times (got {json.dumps(launched)[:80]})")
+    try:
+        [datetime.fromisoformat(t) for t in launched]
+    except ValueError:
+        raise ValueError(f"'launched' must be a list of ISO 8601 times (got {json.dumps(launched)[:80]})") from None
+    return d
+
+
+#: ``(path, mtime, size)`` of the malformed launch.json files already warned about (once each).
+_WARNED_LAUNCHES: set[tuple[str, int, int]] = set()
+#: What ``fl-server runs`` and the console show for a run folder whose launch.json is malformed.
+UNREADABLE = "unreadable launch.json"
+
+
+def _warn_launch_once(path: Path, reason: str) -> None:
+    try:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = (str(path), 0, 0)
+    if key in _WARNED_LAUNCHES:
+        return
+    _WARNED_LAUNCHES.add(key)
+    _err().print(f"[yellow]warning:[/] {escape(str(path))}: {UNREADABLE} ({escape(reason)}); its run folder matches "
+                 "no run (listed as unreadable). Fix: restore it (it holds the folder's Flower run IDs and settings), "
+                 "or move the folder out of the runs folder")
 
 
 def _launches(runs: Path) -> list[dict]:
+    """Every run folder's launch record under ``runs`` (with ``folder``), by folder name.
+
+    A malformed ``launch.json`` (:func:`read_launch`) is warned about once and listed as
+    ``{"folder", "run-ids": [], "config": {}, "unreadable": reason}``: it matches no run.
+    """
     out = []
     for f in sorted(runs.glob("*/launch.json")):
         try:
-            d = json.loads(f.read_text())
-        except ValueError:
-            continue
+            d = read_launch(f)
+        except ValueError as exc:
+            _warn_launch_once(f, str(exc))
+            d = {"run-ids": [], "config": {}, "unreadable": str(exc)}
         d["folder"] = f.parent.name
         out.append(d)
     return out
@@ -1351,24 +1777,65 @@ def resolve_run(runs: Path, run: str) -> dict:
     Raises
     ------
     CliError
-        If no run folder under ``runs`` matches.
+        If no run folder under ``runs`` matches, or its launch.json is malformed (code 2).
     """
     p = Path(run).expanduser()
     folder = p if p.is_absolute() else runs / run
-    if (folder / "launch.json").exists():
-        d = json.loads((folder / "launch.json").read_text())
+    if (folder / "launch.json").is_file():
+        try:
+            d = read_launch(folder / "launch.json")
+        except ValueError as exc:
+            raise CliError(f"{folder / 'launch.json'}: {UNREADABLE} ({exc}); fix: restore it (it holds the run's "
+                           "Flower run IDs and settings), or use a Flower run ID from `fl-server runs`") from None
         d["folder"] = folder.name
         return d
     for d in _launches(runs):
         if run in [str(r) for r in d.get("run-ids", [])]:
             return d
-    raise CliError(f"no run {run!r} under {runs}; fix: use a folder name or run ID from `fl-server runs`")
+    raise CliError(f"no run {run!r} under {runs}; fix: {FIX_RUN}")
+
+
+def check_flower_id(value: str, what: str, fix: str) -> str:
+    """Refuse a run or node ID that is not a whole number from 0 to 2**64 - 1 (Flower's IDs).
+
+    Returns
+    -------
+    str
+        ``value`` without leading zeros.
+
+    Raises
+    ------
+    CliError
+        Code 2, naming the value and ``fix``.
+    """
+    text = str(value).strip()
+    if not re.fullmatch(r"[0-9]+", text) or int(text) > MAX_FLOWER_ID:
+        raise CliError(f"{what} {value!r}: not a Flower {what.split()[0]} ID (a whole number from 0 to "
+                       f"{MAX_FLOWER_ID}); fix: {fix}")
+    return str(int(text))
 
 
 def _flwr_run_id(runs: Path, run: str) -> str:
-    if run.isdigit() and not (runs / run / "launch.json").exists():
-        return run
-    return str(resolve_run(runs, run)["run-ids"][-1])
+    """The Flower run ID of ``run`` (a run folder name or path, or a Flower run ID).
+
+    Raises
+    ------
+    CliError
+        Code 2: no such run folder, a malformed launch.json, or digits outside Flower's 64 bits.
+    """
+    if re.fullmatch(r"[0-9]+", run) and not (runs / run / "launch.json").exists():
+        return check_flower_id(run, "run ID", FIX_RUN)
+    rec = resolve_run(runs, run)
+    if not rec["run-ids"]:
+        raise CliError(f"run folder {rec['folder']} has no Flower run ID in its launch.json; fix: {FIX_RUN}")
+    return str(rec["run-ids"][-1])
+
+
+def unknown_run(run: str, rid: str) -> CliError:
+    """The error for a run ID the coordinator does not know (Flower's ``[code: 16]``)."""
+    shown = f"run {run!r}" + (f" (Flower run {rid})" if str(run) != str(rid) else "")
+    return CliError(f"{shown}: not known to the coordinator ([code: {RUN_ID_NOT_FOUND}] Run ID not found); fix: "
+                    f"{FIX_RUN}", 2)
 
 
 def secagg_config(cfg: dict, secagg: bool | None, num_shares: int | None, threshold: int | None) -> dict:
@@ -1376,7 +1843,8 @@ def secagg_config(cfg: dict, secagg: bool | None, num_shares: int | None, thresh
 
     SecAgg+ is on by default: ``secagg = true`` unless ``--no-secagg`` is given or the
     run config (``-c secagg=false``, or a resumed run's stored config) already says so;
-    an explicit ``--secagg/--no-secagg`` wins over the run config. ``--secagg-num-shares``
+    an explicit ``--secagg/--no-secagg`` wins over a resumed run's stored config (a ``-c``
+    item that contradicts it is refused before: :func:`check_overrides`). ``--secagg-num-shares``
     and ``--secagg-threshold`` are passed through as ``secagg-num-shares`` /
     ``secagg-threshold``.
     """
@@ -1482,13 +1950,27 @@ def _control_post(state_dir: Path, path: str, body: bytes, what: str, timeout: f
         resp = httpx.post(url, content=body, headers={"content-type": "application/protobuf"}, verify=verify,
                           timeout=timeout)
         resp.raise_for_status()
+    except httpx.HTTPStatusError as exc:
+        raise CliError(f"{what} not available from {url} ({flower_message(exc.response.text, 300) or exc})", 3,
+                       _answer_code(exc.response)) from None
     except httpx.HTTPError as exc:
         raise CliError(f"{what} not available from {url} ({type(exc).__name__}: {exc})", 3) from None
     return resp.content
 
 
-def control_run_status(state_dir: Path, run_id: str, timeout: float = 10.0) -> dict:
+def _answer_code(resp) -> int | None:
+    """Flower's error code in a Control API error answer (``{"code": 16, "detail": ...}``), else None."""
+    try:
+        code = resp.json().get("code")
+    except (ValueError, AttributeError):
+        return None
+    return code if isinstance(code, int) and not isinstance(code, bool) else None
+
+
+def control_run_status(state_dir: Path, run_id: str, timeout: float = 10.0, shown: str | None = None) -> dict:
     """One run's Flower status from the coordinator's Control API, in this process (no ``flwr`` start-up).
+
+    ``shown``: how the operator named the run (a folder name), for the message of an unknown run.
 
     Returns
     -------
@@ -1499,12 +1981,16 @@ def control_run_status(state_dir: Path, run_id: str, timeout: float = 10.0) -> d
     Raises
     ------
     CliError
-        Not reachable (code 3) or no such run (code 1).
+        Not reachable (code 3), or no such run (code 2 when the coordinator says so, else 1).
     """
     from flower_compat.superlink import list_runs_request, list_runs_statuses
 
-    content = _control_post(state_dir, "/v1/control/list-runs", list_runs_request(int(run_id)), f"run {run_id}: status",
-                            timeout)
+    run_id = check_flower_id(str(run_id), "run ID", FIX_RUN)
+    try:
+        content = _control_post(state_dir, "/v1/control/list-runs", list_runs_request(int(run_id)),
+                                f"run {run_id}: status", timeout)
+    except CliError as exc:
+        raise (unknown_run(shown or run_id, run_id) if exc.flower_code == RUN_ID_NOT_FOUND else exc) from None
     for status, sub_status, details in list_runs_statuses(content):
         return {"status": f"{status}:{sub_status}" if status == "finished" else status, "details": details}
     raise CliError(f"run {run_id}: not known to the coordinator", 1)
@@ -1563,54 +2049,32 @@ def run_cmd(
     started = None
     with _Phases(_err()) as phases, _errors():
         phases.step("checking the run config")
-        from server.app import settings
-
-        _coordinator(sd)
         runs = _runs_dir(sd, runs_dir)
         overrides = parse_run_config(run_config)
+        explicit = explicit_options(department, rounds, secagg, secagg_num_shares, secagg_threshold)
+        check_overrides(overrides, explicit)
         if resume:
-            rec = resolve_run(runs, resume)
-            folder = runs / rec["folder"]
-            cfg = {**rec["config"], **overrides, "resume": True}
-            if department and department != cfg["department"]:
-                raise CliError(f"--department {department} but run {resume} is a {cfg['department']} run; fix: drop --department")
+            rec, folder, cfg = _resumed_run(runs, resume, department, overrides)
         else:
-            if not department:
-                raise CliError("--department is required (health, traffic or utility)")
-            folder_name = name or f"{department}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", folder_name):
-                raise CliError(f"--name {folder_name!r}: use letters, digits, '.', '_' or '-'")
-            folder = runs / folder_name
-            if (folder / "launch.json").exists():
-                raise CliError(f"run folder {folder} exists; fix: choose another --name, or --resume {folder_name}")
-            rec = {"run-ids": []}
-            cfg = {"department": department, **overrides}
+            rec, folder, cfg = _new_run(runs, department, name, overrides)
         if rounds is not None:
             cfg["num-rounds"] = rounds
         cfg.update(secagg_config(cfg, secagg, secagg_num_shares, secagg_threshold))
         cfg["run-dir"] = str(folder)
-        try:
-            checked = settings(cfg)
-        except ValueError as exc:
-            msg = str(exc)
-            if cfg.get("secagg") is True and "'secagg' = true" in msg:
-                msg += (f" (secure aggregation is on by default in `fl-server run`: strategy {cfg.get('strategy')!r} "
-                        "needs each node's individual update; fix: -c strategy=fedavg, or --no-secagg to send "
-                        "individual updates to the coordinator)")
-            raise CliError(msg) from None
+        checked = _checked_settings(cfg, explicit)
+        check_app_keys(cfg, app_dir)
         if resume:
             done, planned = _checkpoint_round(folder), int(checked["num-rounds"])
             if done >= planned:
                 raise CliError(f"run {resume} already completed all {planned} rounds (its checkpoint is after round "
                                f"{done}); nothing to resume. Fix: continue it with more rounds (--resume {resume} "
                                f"--rounds {done + 1} or more), or start a new run")
-        if not (Path(app_dir) / "pyproject.toml").exists():
-            raise CliError(f"--app {app_dir}: no pyproject.toml; fix: pass the cityfed project folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg_file = folder / "run-config.toml"
-        cfg_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.items()))
+        _coordinator(sd)  # after the run config: a bad one is exit 2 whether or not the coordinator is up
         phases.step(f"building the app bundle from {Path(app_dir).resolve()} and submitting it to the coordinator (flwr run)")
-        data = flwr(sd, "run", str(Path(app_dir).resolve()), CONNECTION, "--run-config", str(cfg_file), json_out=True)
+        cfg_text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.items())
+        data = _submit(sd, app_dir, cfg_text)
+        folder.mkdir(parents=True, exist_ok=True)  # only now: a refused submission leaves no folder behind
+        _write_atomic(folder / "run-config.toml", cfg_text)
         run_id = str(data.get("run-id"))
         stored = {k: v for k, v in cfg.items() if k != "resume"}
         if data.get("fab-hash"):  # the app bundle this launch ran: model cards (fl-server export) cite it
@@ -1618,7 +2082,7 @@ def run_cmd(
         rec.update({"config": stored, "run-ids": [*rec.get("run-ids", []), run_id],
                     "launched": [*rec.get("launched", []), datetime.now(timezone.utc).isoformat(timespec="seconds")]})
         rec.pop("folder", None)
-        (folder / "launch.json").write_text(json.dumps(rec, indent=2))
+        _write_atomic(folder / "launch.json", json.dumps(rec, indent=2))
         record(sd, "run", argv=list(sys.argv), **{"run-id": run_id}, department=cfg["department"], folder=str(folder),
                resumed=bool(resume), config=stored)
         if wait_start > 0:
@@ -1634,6 +2098,83 @@ def run_cmd(
         raise typer.Exit(1)
     if follow:
         raise typer.Exit(flwr(sd, "log", str(run_id), CONNECTION, "--stream", stream=True))
+
+
+#: A run folder name (``--name``): what ``fl-server run`` accepts.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _departments() -> tuple[str, ...]:
+    from typing import get_args
+
+    from server.app import RunSettings
+
+    return get_args(RunSettings.model_fields["department"].annotation)
+
+
+def _new_run(runs: Path, department: str | None, name: str | None, overrides: dict) -> tuple[dict, Path, dict]:
+    """``(launch record, folder, run config)`` of a new run; refuses a missing department or a bad --name."""
+    depts = _departments()
+    if not department:
+        given = f" (not -c department={overrides['department']})" if "department" in overrides else ""
+        raise CliError(f"--department is required; fix: --department {'|'.join(depts)}{given}")
+    if department not in depts:
+        raise CliError(f"--department {department!r}: not a department; fix: --department {'|'.join(depts)}")
+    folder_name = name or f"{department}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    if not RUN_NAME.fullmatch(folder_name):
+        shown = folder_name if len(folder_name) <= 60 else f"{folder_name[:57]}... ({len(folder_name)} characters)"
+        raise CliError(f"--name {shown!r}: a run folder name is 1 to 100 characters, letters, digits, '.', '_' or '-', "
+                       "starting with a letter or digit; fix: choose such a name (e.g. health-trial-2)")
+    folder = runs / folder_name
+    if (folder / "launch.json").exists():
+        raise CliError(f"run folder {folder} exists; fix: choose another --name, or --resume {folder_name}")
+    if folder.exists() and not folder.is_dir():
+        raise CliError(f"--name {folder_name}: {folder} is a file; fix: choose another --name")
+    return {"run-ids": []}, folder, {"department": department, **overrides}
+
+
+def _resumed_run(runs: Path, resume: str, department: str | None, overrides: dict) -> tuple[dict, Path, dict]:
+    """``(launch record, folder, run config)`` of a run to resume; refuses another department."""
+    rec = resolve_run(runs, resume)
+    stored = rec["config"].get("department")
+    for option, value in (("--department", department), ("-c department", overrides.get("department"))):
+        if value is not None and value != stored:
+            shown = f"{option} {value}" if option.startswith("--") else f"{option}={value}"
+            raise CliError(f"{shown} but run {resume} is a {stored} run (a resumed run keeps its department); "
+                           f"fix: drop {option}")
+    return rec, runs / rec["folder"], {**rec["config"], **overrides, "resume": True}
+
+
+def _checked_settings(cfg: dict, explicit: dict[str, tuple[str, object]]) -> dict:
+    """:func:`server.app.settings` of ``cfg``; a refusal is exit 2 naming the key, the option or -c item, and the fix."""
+    from server.app import RunConfigError, settings
+
+    try:
+        return settings(cfg)
+    except RunConfigError as exc:
+        msg = str(exc)
+        if cfg.get("secagg") is True and "'secagg' = true" in msg:
+            msg += (f" (secure aggregation is on by default in `fl-server run`: strategy {cfg.get('strategy')!r} "
+                    "needs each node's individual update; fix: -c strategy=fedavg, or --no-secagg to send "
+                    "individual updates to the coordinator)")
+        elif "fix:" not in msg:
+            options = [explicit[k][0].split()[0] for k in exc.keys if k in explicit]
+            fix = (f"give {' and '.join(dict.fromkeys(options))} a value the message allows" if options else
+                   f"-c {exc.keys[0]}=<a value the message allows>" if exc.keys else
+                   "change the run-config keys the message names (-c KEY=VALUE)")
+            msg += f"; fix: {fix} (`fl-server app-config` lists every key and its default)"
+        raise CliError(msg) from None
+
+
+def _submit(state_dir: Path, app_dir: Path, cfg_text: str) -> dict:
+    """``flwr run`` of the app in ``app_dir`` with the run config ``cfg_text`` (a temporary TOML file); its answer."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fl-server-run-") as tmp:
+        cfg_file = Path(tmp) / "run-config.toml"
+        cfg_file.write_text(cfg_text)
+        return flwr(state_dir, "run", str(Path(app_dir).resolve()), CONNECTION, "--run-config", str(cfg_file),
+                    json_out=True)
 
 
 def _report_start(run_id: str, started: dict | None, waited: float, elapsed: float) -> bool:
@@ -1670,12 +2211,16 @@ def list_runs(state_dir: Path, runs: Path) -> list[dict]:
         When the coordinator cannot be asked (see :func:`flwr`).
     """
     data = flwr(state_dir, "ls", CONNECTION, json_out=True)
-    launches = {str(r): d for d in _launches(runs) for r in d.get("run-ids", [])}
+    records = _launches(runs)
+    launches = {str(r): d for d in records for r in d.get("run-ids", [])}
     out = data.get("runs", [])
     for r in out:
         d = launches.get(str(r.get("run-id")))
         r["folder"] = d["folder"] if d else ""
         r["result"] = run_result(runs / d["folder"], d, str(r.get("run-id")), str(r.get("status", ""))) if d else ""
+    # a folder whose launch.json is malformed matches no run: listed on its own, so that it is seen
+    out += [{"run-id": "", "status": "", "result": f"{UNREADABLE}: {d['unreadable']}", "folder": d["folder"]}
+            for d in records if d.get("unreadable")]
     return out
 
 
@@ -1694,7 +2239,7 @@ def runs_cmd(
     """
     sd = _state(state_dir)
     with _errors():
-        runs = list_runs(sd, _runs_dir(sd, runs_dir))
+        runs = list_runs(sd, _runs_dir(sd, runs_dir, must_exist=True))
     if not as_json:
         runs = [{**r, "elapsed": f"{r['elapsed']:.0f} s"} if isinstance(r.get("elapsed"), (int, float)) else r
                 for r in runs]
@@ -1711,10 +2256,24 @@ def logs_cmd(
     """Print the ServerApp log of a run (round progress, refusals, errors)."""
     sd = _state(state_dir)
     with _errors():
-        rid = _flwr_run_id(_runs_dir(sd, runs_dir), run)
+        rid = _flwr_run_id(_runs_dir(sd, runs_dir, must_exist=True), run)
         if follow:
+            _refuse_unknown_run(sd, rid, run)  # here, not in the box Flower would stream
             raise typer.Exit(flwr(sd, "log", rid, CONNECTION, "--stream", stream=True))
-        print(for_output(flwr(sd, "log", rid, CONNECTION, "--show", timeout=60), sys.stdout))
+        try:
+            text = flwr(sd, "log", rid, CONNECTION, "--show", timeout=60)
+        except CliError as exc:
+            raise (unknown_run(run, rid) if exc.flower_code == RUN_ID_NOT_FOUND else exc) from None
+        print(for_output(text, sys.stdout))
+
+
+def _refuse_unknown_run(state_dir: Path, rid: str, run: str) -> None:
+    """Refuse (code 2) a run ID the coordinator says it does not know; any other answer, or none, lets the caller go on."""
+    try:
+        control_run_status(state_dir, rid, shown=run)
+    except CliError as exc:
+        if exc.code == 2:
+            raise
 
 
 def stop_run(state_dir: Path, runs: Path, run: str, **audit_fields) -> str:
@@ -1740,12 +2299,14 @@ def stop_run(state_dir: Path, runs: Path, run: str, **audit_fields) -> str:
     Raises
     ------
     CliError
-        Unknown run, or ``flwr stop`` failed.
+        Unknown run (here or to the coordinator: code 2), or ``flwr stop`` failed.
     """
     rid = _flwr_run_id(runs, run)
     try:
         flwr(state_dir, "stop", rid, CONNECTION, json_out=True)
-    except CliError:
+    except CliError as exc:
+        if exc.flower_code == RUN_ID_NOT_FOUND:
+            raise unknown_run(run, rid) from None
         try:
             status = control_run_status(state_dir, rid)["status"]
         except CliError:
@@ -1774,7 +2335,7 @@ def stop_cmd(
     """
     sd = _state(state_dir)
     with _errors():
-        rid = stop_run(sd, _runs_dir(sd, runs_dir), run)
+        rid = stop_run(sd, _runs_dir(sd, runs_dir, must_exist=True), run)
     _out().print(f"[green]stopped[/] run {rid}")
     _stopped_results(sd, _runs_dir(sd, runs_dir), rid, wait)
 
@@ -1874,8 +2435,8 @@ def console_cmd(
 
     sd = _state(state_dir)
     with _errors():
-        serve(sd, _runs_dir(sd, runs_dir), host=host, port=port, allow_remote=allow_remote, certfile=certfile,
-              keyfile=keyfile, refresh=refresh)
+        serve(sd, _runs_dir(sd, runs_dir, must_exist=True), host=host, port=port, allow_remote=allow_remote,
+              certfile=certfile, keyfile=keyfile, refresh=refresh)
 
 
 def _mount_audit() -> None:

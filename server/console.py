@@ -114,6 +114,23 @@ def check_bind(host: str, *, allow_remote: bool, certfile: Path | None, keyfile:
                            "`fl-pki`)")
 
 
+def listen_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now (a bind test, as the server binds), or None when it can.
+
+    ``fl-server console`` and ``fl-server start`` check it before they write or start anything.
+    """
+    import socket
+
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host.strip("[]"), port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def load_token(state_dir: Path) -> str:
     """The admin token in ``<state_dir>/console.token``; made (32 random bytes, mode 0600) when missing.
 
@@ -364,14 +381,10 @@ def serve(state_dir: Path, runs_dir: Path, *, host: str = "127.0.0.1", port: int
         token = load_token(state_dir)
     except ConsoleError as exc:
         raise cli.CliError(str(exc)) from None
-    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host.strip("[]"), port))
-        except OSError as exc:
-            raise cli.CliError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); fix: choose "
-                               "another --port, or stop what uses it", 1) from None
+    problem = listen_problem(host, port)
+    if problem:
+        raise cli.CliError(f"--host {host} --port {port}: cannot listen there ({problem}); fix: choose "
+                           "another --port, or stop what uses it", 1)
     hosts = ["127.0.0.1", "localhost", "::1", "[::1]"] if is_loopback(host) else ["*"]
     app = make_app(state_dir, runs_dir, token=token, refresh=refresh, allowed_hosts=hosts)
     scheme = "https" if certfile else "http"

@@ -416,7 +416,7 @@ class Pages:
     def run_rows(self) -> tuple[list[dict], str | None]:
         """One dict per run folder (and per Flower run without one), newest first."""
         flwr_runs, err = self.src.runs()
-        by_id = {str(r.get("run-id")): r for r in flwr_runs or []}
+        by_id = {str(r.get("run-id")): r for r in flwr_runs or [] if str(r.get("run-id") or "")}
         rows, seen = [], set()
         for launch in self.src.launches():
             ids = [str(r) for r in launch.get("run-ids", [])]
@@ -425,9 +425,11 @@ class Pages:
             seen.update(ids)
             res, source = self.src.results(launch)
             cfg = {**cli._app_defaults(), **launch.get("config", {})}
-            rows.append({"folder": launch["folder"], "run-id": rid, "run-ids": ids, "department": cfg.get("department"),
-                         "status": fr.get("status") or ("unknown" if err else "not known to the coordinator"),
-                         "result": fr.get("result", ""), "elapsed": fr.get("elapsed"),
+            bad = launch.get("unreadable")  # a malformed launch.json: its runs and settings are not known
+            status = fr.get("status") or ("unknown" if err or bad else "not known to the coordinator")
+            rows.append({"folder": launch["folder"], "run-id": rid, "run-ids": ids,
+                         "department": None if bad else cfg.get("department"), "status": status,
+                         "result": f"{cli.UNREADABLE}: {bad}" if bad else fr.get("result", ""), "elapsed": fr.get("elapsed"),
                          "done": _done(res), "planned": cfg.get("num-rounds"), "launched": (launch.get("launched") or [""])[-1],
                          "results": res, "source": source, "launch": launch})
         for rid, fr in by_id.items():
@@ -487,6 +489,9 @@ class Pages:
         if flash:
             body.append(f'<p class="flash">{esc(flash)}</p>')
         body.append(_error(f"the coordinator did not answer: {err}" if err else None))
+        bad = r["launch"].get("unreadable")
+        body.append(_error(f"{folder}/launch.json: {cli.UNREADABLE} ({bad}); the folder's Flower run IDs and settings "
+                           "are not known. Fix: restore it, or move the folder out of the runs folder" if bad else None))
         links = [f'<a href="/runs/{esc(folder)}/log">ServerApp log</a>']
         fdir = self.src.runs_dir / folder
         if (fdir / "report.html").is_file():

@@ -1,0 +1,488 @@
+"""``fl-server`` and its operator console given bad input: exit 2, a message naming the option, key or
+file, the value and the fix, nothing written before the input is checked, no traceback.
+
+Most tests need no coordinator: the checking functions are called directly, or ``fl-server`` runs
+in process (typer's CliRunner) against a state dir that only looks started (nothing listens) with a
+stand-in ``flwr``. The tests marked ``live`` share one real ``fl-server start`` on loopback (TLS,
+node auth, ``--admin-net 10.0.0.0/8``; a few seconds) for what only Flower can say (unknown run and
+node IDs), the single-instance lock and the port check. ``fl-server start`` runs that may start a
+SuperLink run as subprocesses in their own session, killed by process group in ``finally``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from privacy import pki  # noqa: E402
+from server import cli as server_cli  # noqa: E402
+
+BIN = Path(sys.executable).parent
+runner = CliRunner(env={"COLUMNS": "250"})
+FIX_RUNS = "use a folder name or run ID from `fl-server runs`"
+
+
+def _text(res) -> str:
+    return " ".join((res.output + (res.stderr if res.stderr_bytes is not None else "")).split())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "250",
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            try:
+                os.killpg(proc.pid, 0)  # what it started may outlive it
+            except (ProcessLookupError, PermissionError):
+                return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def fl_server(*args: str, timeout: float = 60.0) -> tuple[int | None, str]:
+    """Run ``fl-server ARGS`` in its own session; ``(exit status or None after timeout, output)``."""
+    proc = subprocess.Popen([str(BIN / "fl-server"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=_env(), start_new_session=True)
+    try:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            out, _ = proc.communicate()
+            rc = None
+    finally:
+        _kill_group(proc)
+    return rc, out
+
+
+@pytest.fixture(scope="module")
+def pki_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    pki.create_ca(d / "ca")
+    pki.issue_server_cert(d / "ca", d / "server", ["127.0.0.1", "localhost"])
+    pki.create_ca(d / "other-ca", "Some Other CA")
+    pki.issue_server_cert(d / "other-ca", d / "other-server", ["127.0.0.1", "localhost"])
+    return d
+
+
+def _tls(pki_files, key: Path | None = None) -> list[str]:
+    return ["--ca", str(pki_files / "ca" / "ca.crt"), "--cert", str(pki_files / "server" / "server.crt"),
+            "--key", str(key or pki_files / "server" / "server.key")]
+
+
+def _started_state(pki_files, tmp_path) -> Path:
+    """A coordinator state dir that looks started (connection and coordinator.json; nothing listens)."""
+    sd = tmp_path / "state"
+    server_cli.write_connection(sd, "127.0.0.1:1", pki_files / "ca" / "ca.crt", insecure=False)
+    (sd / "coordinator.json").write_text(json.dumps({"address": "127.0.0.1:1", "ca": str(pki_files / "ca" / "ca.crt")}))
+    return sd
+
+
+@pytest.fixture
+def fake_coordinator(pki_files, tmp_path, monkeypatch):
+    """A state dir that looks started, and a ``flwr`` that records launches (run config) and answers ``ls``."""
+    sd = _started_state(pki_files, tmp_path)
+    launched = []
+
+    def fake_flwr(state_dir, *args, **kw):
+        if args[:2] == ("supernode", "ls"):
+            return {"success": True, "nodes": []}
+        if args[0] == "ls":
+            return {"success": True, "runs": [{"run-id": "7", "status": "finished:completed", "elapsed": 3.0}]}
+        assert args[0] == "run", args
+        launched.append(tomllib.loads(Path(args[args.index("--run-config") + 1]).read_text()))
+        return {"success": True, "run-id": str(100 + len(launched))}
+
+    monkeypatch.setattr(server_cli, "flwr", fake_flwr)
+    return sd, launched
+
+
+def _run(sd: Path, *args: str):
+    return runner.invoke(server_cli.app, ["run", "--state-dir", str(sd), "--wait-start", "0", *args])
+
+
+# --------------------------------------------------------------------------- 2. underscore run-config keys
+
+
+@pytest.mark.parametrize("key, hyphenated", [("local_epochs", "local-epochs"), ("target_epsilon", "target-epsilon"),
+                                             ("num_rounds", "num-rounds")])
+def test_settings_refuses_the_field_name_of_a_hyphenated_key(key, hyphenated):
+    from server.app import RunConfigError, settings
+
+    with pytest.raises(RunConfigError) as err:
+        settings({"department": "health", key: 2})
+    assert err.value.keys == (key,)
+    assert f"did you mean '{hyphenated}'" in str(err.value) and "fix:" in str(err.value)
+
+
+def test_settings_still_takes_hyphenated_and_node_side_keys():
+    from server.app import settings
+
+    cfg = settings({"department": "health", "local-epochs": 2, "data": "bundled", "run-id": "x"})
+    assert cfg["local-epochs"] == 2 and cfg["data"] == "bundled"
+
+
+def test_run_refuses_an_underscore_key_before_anything_is_written(fake_coordinator):
+    sd, launched = fake_coordinator
+    res = _run(sd, "--department", "health", "--name", "u", "-c", "local_epochs=2")
+    text = _text(res)
+    assert res.exit_code == 2, text
+    assert "local_epochs" in text and "did you mean 'local-epochs'" in text and "fix:" in text
+    assert launched == [] and not (sd / "runs" / "u").exists()
+
+
+def test_run_refuses_node_side_keys_flower_would_refuse(fake_coordinator):
+    sd, launched = fake_coordinator
+    res = _run(sd, "--department", "health", "--name", "n", "-c", "data=/x.csv")
+    text = _text(res)
+    assert res.exit_code == 2 and "'data'" in text and "fl-client" in text and "fix:" in text, text
+    assert launched == [] and not (sd / "runs" / "n").exists()
+
+
+# --------------------------------------------------------------------------- 3. -c against the options
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--department", "health", "-c", "department=traffic"], ["--department health", "department=traffic"]),
+    (["--department", "health", "--rounds", "7", "-c", "num-rounds=3"], ["--rounds 7", "num-rounds=3"]),
+    (["--department", "health", "--no-secagg", "-c", "secagg=true"], ["--no-secagg", "secagg=true"]),
+    (["--department", "health", "--secagg-num-shares", "5", "-c", "secagg-num-shares=7"],
+     ["--secagg-num-shares 5", "secagg-num-shares=7"]),
+    (["--department", "health", "-c", "run-dir=/tmp/elsewhere"], ["run-dir", "--name", "--runs-dir"]),
+    (["--department", "health", "-c", "resume=true"], ["resume", "--resume"]),
+    (["--department", "health", "-c", "lr=0.1", "-c", "lr=0.2"], ["lr", "twice"]),
+    (["--department", "health", "-c", "=1"], ["'=1'", "no key"]),
+])
+def test_run_refuses_run_config_that_conflicts_with_options_or_is_set_by_fl_server(fake_coordinator, args, words):
+    sd, launched = fake_coordinator
+    res = _run(sd, "--name", "c", *args)
+    text = _text(res)
+    assert res.exit_code == 2, text
+    assert all(w in text for w in words) and "fix:" in text, text
+    assert "unknown run config key '?'" not in text
+    assert launched == [] and not (sd / "runs" / "c").exists()
+
+
+def test_run_takes_run_config_that_agrees_with_the_options(fake_coordinator):
+    sd, launched = fake_coordinator
+    res = _run(sd, "--name", "ok", "--department", "health", "--rounds", "3", "-c", "num-rounds=3",
+               "-c", "department=health")
+    assert res.exit_code == 0, _text(res)
+    assert launched[-1]["num-rounds"] == 3 and launched[-1]["department"] == "health"
+
+
+def test_resume_refuses_another_department_in_run_config(fake_coordinator):
+    sd, launched = fake_coordinator
+    assert _run(sd, "--name", "r", "--department", "health").exit_code == 0
+    res = _run(sd, "--resume", "r", "-c", "department=traffic")
+    text = _text(res)
+    assert res.exit_code == 2 and "department=traffic" in text and "health" in text, text
+    assert len(launched) == 1
+
+
+def test_parse_run_config_names_the_item():
+    with pytest.raises(server_cli.CliError, match="no key"):
+        server_cli.parse_run_config(["=1"])
+    with pytest.raises(server_cli.CliError, match="twice"):
+        server_cli.parse_run_config(["lr=1", " lr = 2"])
+    with pytest.raises(server_cli.CliError, match="fix:"):
+        server_cli.parse_run_config(["lr"])
+
+
+# --------------------------------------------------------------------------- 4. run and node IDs
+
+
+@pytest.mark.parametrize("value", ["18446744073709551616", "99999999999999999999999"])
+def test_run_ids_outside_64_bits_are_refused(tmp_path, value):
+    with pytest.raises(server_cli.CliError) as err:
+        server_cli._flwr_run_id(tmp_path / "runs", value)
+    assert err.value.code == 2 and value in str(err.value) and FIX_RUNS in str(err.value)
+    assert server_cli._flwr_run_id(tmp_path / "runs", str(2**64 - 1)) == str(2**64 - 1)
+
+
+@pytest.mark.parametrize("cmd", [["stop", "18446744073709551616"], ["logs", "99999999999999999999999"],
+                                 ["unregister", "99999999999999999999999"], ["unregister", "abc"]])
+def test_commands_refuse_ids_outside_64_bits_before_asking_flower(pki_files, tmp_path, cmd):
+    sd = _started_state(pki_files, tmp_path)
+    res = runner.invoke(server_cli.app, [*cmd, "--state-dir", str(sd)])
+    text = _text(res)
+    assert res.exit_code == 2, (text, res.exception)
+    assert cmd[1] in text and "fix:" in text
+
+
+def test_flower_failures_are_plain_text():
+    boxed = ("\x1b[92mINFO \x1b[0m:      Printing logstream for run_id `123`\n╭─ Error ──────╮\n"
+             "│ [code: 16] Run ID not found.          │\n╰──────────────╯\n")
+    msg = server_cli.flower_message(boxed)
+    assert "\x1b" not in msg and "╭" not in msg and "│" not in msg
+    assert "[code: 16] Run ID not found." in msg
+    assert server_cli.flower_code(boxed) == 16
+
+
+# --------------------------------------------------------------------------- 5. --key of another certificate
+
+
+def test_key_that_does_not_belong_to_the_certificate_is_refused(pki_files):
+    cert = pki_files / "server" / "server.crt"
+    server_cli.check_tls_key(cert, pki_files / "server" / "server.key")
+    with pytest.raises(server_cli.CliError) as err:
+        server_cli.check_tls_key(cert, pki_files / "other-server" / "server.key")
+    assert err.value.code == 2 and "--key" in str(err.value) and "does not belong" in str(err.value)
+    with pytest.raises(server_cli.CliError, match="--key .*not a PEM private key"):
+        server_cli.check_tls_key(cert, cert)
+
+
+@pytest.mark.parametrize("which", ["other-key", "certificate"])
+def test_start_with_a_mismatched_key_exits_2_before_writing(pki_files, tmp_path, which):
+    key = pki_files / "other-server" / "server.key" if which == "other-key" else pki_files / "server" / "server.crt"
+    sd = tmp_path / "state"
+    rc, out = fl_server("start", *_tls(pki_files, key), "--host", "127.0.0.1", "--port", str(_free_port()),
+                        "--state-dir", str(sd), timeout=60)
+    text = " ".join(out.split())
+    assert rc == 2, text[-3000:]
+    assert "--key" in text and "fix:" in text and "Traceback" not in text
+    assert not (sd / "coordinator.json").exists()
+
+
+# --------------------------------------------------------------------------- 6. --state-dir / --runs-dir that are files
+
+
+def test_state_dir_that_is_a_file_is_refused(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for sd in (f, f / "under"):
+        res = runner.invoke(server_cli.app, ["start", "--insecure", "--state-dir", str(sd), "--port", str(_free_port())])
+        text = _text(res)
+        assert res.exit_code == 2, (text, res.exception)
+        assert "--state-dir" in text and "fix:" in text
+
+
+def test_runs_dir_that_is_a_file_is_refused_by_run(fake_coordinator, tmp_path):
+    sd, launched = fake_coordinator
+    f = tmp_path / "runs-file"
+    f.write_text("x")
+    res = _run(sd, "--department", "health", "--runs-dir", str(f))
+    assert res.exit_code == 2 and "--runs-dir" in _text(res), (_text(res), res.exception)
+    assert launched == []
+
+
+@pytest.mark.parametrize("what", ["missing", "file"])
+def test_runs_refuses_a_runs_dir_that_is_not_a_folder(fake_coordinator, tmp_path, what):
+    sd, _ = fake_coordinator
+    d = tmp_path / "nowhere"
+    if what == "file":
+        d.write_text("x")
+    res = runner.invoke(server_cli.app, ["runs", "--state-dir", str(sd), "--runs-dir", str(d)])
+    text = _text(res)
+    assert res.exit_code == 2 and "--runs-dir" in text and "fix:" in text, text
+
+
+def test_runs_without_any_run_yet_is_fine(fake_coordinator):
+    sd, _ = fake_coordinator
+    assert runner.invoke(server_cli.app, ["runs", "--state-dir", str(sd)]).exit_code == 0
+
+
+# --------------------------------------------------------------------------- 7. malformed launch.json
+
+
+BAD_LAUNCH = {"list": "[1, 2]", "wrong-types": json.dumps({"run-ids": "abc", "config": []}),
+              "truncated": '{"run-ids": ["7"], "config": {"depart', "bad-id": json.dumps({"run-ids": [True], "config": {}})}
+
+
+def _runs_with_bad_launch(sd: Path, bad: str) -> Path:
+    good = sd / "runs" / "good"
+    good.mkdir(parents=True)
+    (good / "launch.json").write_text(json.dumps({"run-ids": ["7"], "config": {"department": "health"}}))
+    broken = sd / "runs" / "broken"
+    broken.mkdir()
+    (broken / "launch.json").write_text(BAD_LAUNCH[bad])
+    return broken / "launch.json"
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_LAUNCH))
+def test_launches_skip_a_malformed_launch_json_with_one_warning(tmp_path, capsys, bad):
+    path = _runs_with_bad_launch(tmp_path, bad)
+    first = server_cli._launches(tmp_path / "runs")
+    again = server_cli._launches(tmp_path / "runs")
+    err = " ".join(capsys.readouterr().err.split())
+    assert [d["folder"] for d in first if not d.get("unreadable")] == ["good"]
+    assert [d["folder"] for d in again if d.get("unreadable")] == ["broken"]
+    assert err.count(str(path)) == 1 and "unreadable launch.json" in err
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_LAUNCH))
+def test_runs_and_logs_survive_a_malformed_launch_json(fake_coordinator, bad):
+    sd, _ = fake_coordinator
+    path = _runs_with_bad_launch(sd, bad)
+    res = runner.invoke(server_cli.app, ["runs", "--state-dir", str(sd)])
+    text = _text(res)
+    assert res.exit_code == 0, (text, res.exception)
+    assert "good" in text and "broken" in text and "unreadable launch.json" in text
+    res = runner.invoke(server_cli.app, ["logs", "broken", "--state-dir", str(sd)])
+    text = _text(res)
+    assert res.exit_code == 2, (text, res.exception)
+    assert str(path) in text and "fix:" in text
+
+
+def test_console_pages_survive_a_malformed_launch_json(fake_coordinator):
+    from fastapi.testclient import TestClient
+
+    from server import console
+
+    sd, _ = fake_coordinator
+    _runs_with_bad_launch(sd, "list")
+    token = console.load_token(sd)
+    client = TestClient(console.make_app(sd, sd / "runs", token=token, cache_s=0),
+                        base_url="http://127.0.0.1:8090", raise_server_exceptions=False)
+    auth = {"Authorization": f"Bearer {token}"}
+    for page in ("/", "/runs", "/runs/good", "/runs/broken", "/nodes"):
+        resp = client.get(page, headers=auth)
+        assert resp.status_code == 200, (page, resp.text[-2000:])
+    assert "unreadable launch.json" in client.get("/runs", headers=auth).text
+    assert "unreadable launch.json" in client.get("/runs/broken", headers=auth).text
+    assert client.get("/runs", headers=auth).text.count('href="/runs/broken"') == 1  # one row, not a second empty one
+    assert client.get("/runs/good/stop", headers=auth).status_code == 404  # (10) not 405
+
+
+def test_launch_json_is_written_atomically(fake_coordinator, monkeypatch):
+    sd, _ = fake_coordinator
+    written = []
+    original = server_cli._write_atomic
+    monkeypatch.setattr(server_cli, "_write_atomic", lambda path, text: (written.append(Path(path).name), original(path, text)))
+    assert _run(sd, "--department", "health", "--name", "a").exit_code == 0
+    assert "launch.json" in written
+    assert server_cli.read_launch(sd / "runs" / "a" / "launch.json")["run-ids"] == ["101"]
+
+
+# --------------------------------------------------------------------------- 9. --admin-net keeps loopback
+
+
+def test_admin_networks_always_include_loopback_and_the_address_commands_dial():
+    nets = [str(n) for n in server_cli.admin_networks(["10.0.0.0/8"], "0.0.0.0")]
+    assert {"10.0.0.0/8", "127.0.0.1/32", "::1/128"} <= set(nets)
+    assert "10.1.2.3/32" in [str(n) for n in server_cli.admin_networks([], "10.1.2.3")]
+    assert sorted(map(str, server_cli.admin_networks([], "0.0.0.0"))) == ["127.0.0.1/32", "::1/128"]
+    assert "always" in " ".join(runner.invoke(server_cli.app, ["start", "--help"]).output.split())
+
+
+# --------------------------------------------------------------------------- 10. nitpicks
+
+
+def test_run_checks_the_run_config_before_the_coordinator(tmp_path):
+    res = _run(tmp_path / "no-coordinator", "--department", "health", "-c", "batch-size=0")
+    text = _text(res)
+    assert res.exit_code == 2 and "batch-size" in text and "fix:" in text, text
+
+
+def test_run_names_the_100_character_limit_of_name(fake_coordinator):
+    sd, _ = fake_coordinator
+    res = _run(sd, "--department", "health", "--name", "a" * 300)
+    text = _text(res)
+    assert res.exit_code == 2 and "100" in text and "fix:" in text, text
+
+
+# --------------------------------------------------------------------------- live coordinator (1, 4, 8, 9)
+
+
+@pytest.fixture(scope="module")
+def live(pki_files, tmp_path_factory):
+    """A started coordinator with ``--admin-net 10.0.0.0/8`` (no loopback given): ``(state dir, port, pid)``."""
+    base = tmp_path_factory.mktemp("live")
+    port = _free_port()
+    state = base / "state"
+    log = base / "coordinator.log"
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen([str(BIN / "fl-server"), "start", *_tls(pki_files), "--host", "127.0.0.1",
+                                 "--port", str(port), "--state-dir", str(state), "--admin-net", "10.0.0.0/8"],
+                                stdout=fh, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    try:
+        end = time.monotonic() + 90
+        while "Uvicorn running" not in log.read_text(errors="replace") and proc.poll() is None and time.monotonic() < end:
+            time.sleep(0.2)
+        assert proc.poll() is None and "Uvicorn running" in log.read_text(errors="replace"), log.read_text()[-3000:]
+        yield state.resolve(), port, proc.pid
+    finally:
+        _kill_group(proc)
+
+
+def test_live_admin_net_without_loopback_still_serves_local_commands(live):
+    state, _, _ = live
+    res = runner.invoke(server_cli.app, ["nodes", "--state-dir", str(state)])
+    assert res.exit_code == 0, _text(res)
+    coord = json.loads((state / "coordinator.json").read_text())
+    assert {"10.0.0.0/8", "127.0.0.1/32", "::1/128"} <= set(coord["admin-nets"])
+
+
+@pytest.mark.parametrize("cmd, fix", [(["stop", "123"], FIX_RUNS), (["logs", "123"], FIX_RUNS),
+                                      (["logs", "123", "--follow"], FIX_RUNS),
+                                      (["unregister", "12345"], "use a node ID from `fl-server nodes`")])
+def test_live_ids_flower_does_not_know_exit_2_with_the_fix(live, cmd, fix):
+    state, _, _ = live
+    rc, out = fl_server(*cmd, "--state-dir", str(state), timeout=120)
+    text = " ".join(out.split())
+    assert rc == 2, text
+    assert fix in text and cmd[1] in text and "\x1b" not in out and "╭" not in out
+
+
+def test_live_start_on_a_busy_port_exits_2_before_writing(pki_files, live, tmp_path):
+    _, port, _ = live
+    sd = tmp_path / "state"
+    rc, out = fl_server("start", *_tls(pki_files), "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(sd),
+                        timeout=60)
+    text = " ".join(out.split())
+    assert rc == 2, text[-3000:]
+    assert f"--port {port}" in text and "fix:" in text
+    assert not (sd / "coordinator.json").exists() and not (sd / "flwr-home").exists()
+
+
+def test_live_second_start_on_the_same_state_dir_is_refused(pki_files, live):
+    """Last of the live tests: without the lock a second start rewrites the live coordinator's files."""
+    state, port, pid = live
+    from privacy.audit import AuditLog
+
+    files = {p: p.read_bytes() for p in (state / "coordinator.json", state / "flwr-home" / "config.toml")}
+    starts = sum(e["kind"] == "start" for e in AuditLog(server_cli.audit_paths(state)[0]).entries())
+    rc, out = fl_server("start", *_tls(pki_files), "--host", "127.0.0.1", "--port", str(_free_port()),
+                        "--state-dir", str(state), timeout=45)
+    text = " ".join(out.split())
+    assert rc == 2, text[-3000:]
+    assert f"pid {pid}" in text and "--state-dir" in text and "fix:" in text
+    assert {p: p.read_bytes() for p in files} == files
+    assert sum(e["kind"] == "start" for e in AuditLog(server_cli.audit_paths(state)[0]).entries()) == starts
+    # and the lock is the file fl-client's lock is: held with flock, naming the holder
+    with open(state / "fl-server.lock") as fh:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert fh.read().strip() == str(pid)
