@@ -1,12 +1,13 @@
 """``fl-client``: run a department node (Flower SuperNode + this project's ClientApp).
 
 Start-up checks fail fast with exit status 2 and a message naming the file and the fix:
-node key, privacy policy, data file, ledger location, CA certificate, coordinator
-reachability (TCP; exit status 4 instead, since a coordinator that is down or not yet up is
-transient) and the coordinator's certificate (TLS handshake against the CA, host name checked). Then ``flower-supernode`` runs under supervision: it is restarted with
-exponential backoff when it exits (e.g. the connection dropped for longer than
-``--reconnect-window``), at most ``--max-restarts`` times in a row; SIGTERM/SIGINT are
-forwarded to it.
+empty option values, department, node key, privacy policy, data file, CA certificate, state
+folder (created, and probed for writing), ledger location, coordinator reachability (TCP; exit
+status 4 instead, since a coordinator that is down or not yet up is transient) and the
+coordinator's certificate (TLS handshake against the CA, host name checked, in date). Then
+``flower-supernode`` runs under supervision: it is restarted with exponential backoff when it
+exits (e.g. the connection dropped for longer than ``--reconnect-window``), at most
+``--max-restarts`` times in a row; SIGTERM/SIGINT are forwarded to it.
 
 Exit codes: 0 stopped by SIGTERM/SIGINT (or ``--check`` passed), 1 gave up after
 ``--max-restarts``, 2 bad start-up input, 3 the coordinator refused this node's key
@@ -82,6 +83,265 @@ def check_site_name(site: str) -> None:
                          "100 characters); fix: pass the site as the data file names it, e.g. --site Cleveland")
 
 
+#: What to pass instead of an empty value, per option of the node command (parameter name -> option, fix).
+#: An empty path would silently mean the working folder (``Path("")`` is ``.``): with an unset
+#: variable in a service unit, ``--state-dir ""`` started a fresh privacy ledger there.
+EMPTY_FIXES = {
+    "department": ("--department", "pass this node's department: health, traffic or utility"),
+    "site": ("--site", "pass this node's site as the data file names it, e.g. --site Cleveland"),
+    "data": ("--data", f"pass this department's records file (CSV or Parquet), or {BUNDLED!r} for the packaged "
+             "demo data"),
+    "policy": ("--policy", "pass this department's privacy policy file (TOML, e.g. /etc/cityfed/health.toml)"),
+    "coordinator": ("--coordinator", "pass the coordinator's HOST:PORT, e.g. coord.city.example:9092"),
+    "ca": ("--ca", "pass the city's ca.crt from the coordinator team"),
+    "key": ("--key", "pass this node's node.key (made on this machine by `fl-pki node-key`)"),
+    "ledger": ("--ledger", "give the privacy ledger's file, or leave the option out for the default "
+               "(<state-dir>/ledger.sqlite); keep the same file for the node's whole life"),
+    "state_dir": ("--state-dir", "give the node's state folder, e.g. /var/lib/cityfed-node, or leave the option out "
+                  "for the default (~/.cityfed/node-<department>-<site>)"),
+    "date_format": ("--date-format", "pass DMY, MDY, ISO or a strftime pattern, or leave the option out for "
+                    "year-first dates"),
+    "ranges": ("--ranges", "pass a plausibility-ranges TOML file, or leave the option out for the schema's ranges"),
+}
+
+
+def check_not_empty(params: dict, names=None) -> None:
+    """Refuse an option given an empty (or all-blank) value, e.g. from an unset shell variable.
+
+    Parameters
+    ----------
+    params : dict
+        The command's parameters as click parsed them (``ctx.params``: a path option still
+        holds the text given, ``""`` rather than ``Path(".")``).
+    names : iterable of str, optional
+        The parameters to check (keys of :data:`EMPTY_FIXES`); default all of them.
+
+    Raises
+    ------
+    SetupError
+        Naming the first empty option and what to pass instead.
+    """
+    for name in EMPTY_FIXES if names is None else names:
+        value = params.get(name)
+        if isinstance(value, (str, os.PathLike)) and not str(value).strip():
+            option, fix = EMPTY_FIXES[name]
+            blank = " (only white space)" if str(value) else ""
+            raise SetupError(f"{option} is empty{blank}; fix: {fix}")
+
+
+def check_department(department: str) -> None:
+    """Refuse a ``--department`` that is not one of the federation's departments (case-sensitive).
+
+    Checked before the policy is read, so the message blames the option rather than the policy.
+
+    Raises
+    ------
+    SetupError
+        Naming the value, the closest department ("did you mean") and the valid names.
+    """
+    from contract.tasks import TASKS
+
+    if department in TASKS:
+        return
+    import difflib
+
+    known = ", ".join(TASKS)
+    plain = department.strip().lower()
+    close = plain if plain in TASKS else next(iter(difflib.get_close_matches(plain, list(TASKS), n=1)), None)
+    hint = ""
+    if close is not None:
+        why = " (department names are lower-case, without spaces)" if plain == close else ""
+        hint = f"; did you mean {close!r}?{why}"
+    raise SetupError(f"--department {department!r}: not a department of this federation{hint}; fix: pass one of "
+                     f"{known} (the one your policy's `department` names)")
+
+
+def check_input_file(option: str, path, fix: str, *, inside: str | None = None) -> Path:
+    """Check that ``path`` is a regular file before it is opened.
+
+    A named pipe would block the read forever, a directory gives a misleading "cannot read
+    it", a device is no file to parse: each is named as such.
+
+    Parameters
+    ----------
+    option : str
+        The option, for the message (``--key``).
+    path : str or Path
+        Its value.
+    fix : str
+        What to pass instead (after ``fix:``).
+    inside : str, optional
+        The file usually found in a folder given by mistake (``node.key``): the fix then shows
+        ``<folder>/<inside>``.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    SetupError
+        Missing, a directory, a FIFO, a device, a socket, a broken link or not inspectable.
+    """
+    from citydata.base import path_kind
+
+    path = Path(path)
+    kind = path_kind(path)
+    if kind is None:
+        return path
+    if kind == "file not found":
+        raise SetupError(f"{option} {path}: file not found; fix: {fix}")
+    what = f"is {kind}, not a regular file" if kind.startswith("a ") else kind
+    if kind == "a directory":
+        fix = f"pass the file in that folder, e.g. {path / inside} (or: {fix})" if inside else \
+            f"pass the file itself, not a folder: {fix}"
+    raise SetupError(f"{option} {path}: {what}; fix: {fix}")
+
+
+def _user() -> str:
+    """This process's user name (for fixes such as ``chown USER``)."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError, OSError):
+        return "the user that runs fl-client"
+
+
+def _not_a_folder(path: Path) -> Path | None:
+    """The first of ``path``'s ancestors (or ``path`` itself) that exists but is not a folder, if any.
+
+    None also when that cannot be told (a folder this user may not search): ``mkdir`` then
+    says why.
+    """
+    try:
+        for d in [*reversed(path.parents), path]:
+            if d.is_dir():
+                continue
+            return d if d.exists() or d.is_symlink() else None
+    except OSError:
+        pass
+    return None
+
+
+def make_private_dirs(path: Path) -> list[Path]:
+    """Create ``path`` and its missing parents, each with mode 0700 (as the state folder).
+
+    ``Path.mkdir(parents=True, mode=...)`` gives the mode to the last folder only; a node's
+    folders (state, ledger) hold private files, so every folder made for them is private.
+
+    Returns
+    -------
+    list of Path
+        The folders created, outermost first.
+
+    Raises
+    ------
+    OSError
+        From ``mkdir`` (permission, a file in the way, read-only file system).
+    """
+    made = []
+    for d in [*reversed(Path(path).parents), Path(path)]:
+        if d.is_dir():
+            continue
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+            continue
+        made.append(d)
+    return made
+
+
+def check_writable(folder: Path, option: str, value, fix: str | None = None) -> None:
+    """Probe that this process can create (and remove) a file in ``folder``.
+
+    A real write, not a look at the mode bits: ``--check`` then catches a folder the node
+    could not write when it runs (another user's, a read-only mount), for root too.
+
+    Parameters
+    ----------
+    folder : Path
+        The folder to probe (it exists).
+    option, value
+        The option and its value, for the message (the value may be a file in ``folder``).
+    fix : str, optional
+        The fix; default: let this user write the folder, or pass another one.
+
+    Raises
+    ------
+    SetupError
+        Naming the option, its value, the folder, the system's reason and the fix.
+    """
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".fl-client-write-check-", dir=folder)
+    except OSError as exc:
+        user = _user()
+        fix = fix or (f"let {user} write it (e.g. `sudo chown {user} {folder}` and `chmod 700 {folder}`), or pass a "
+                      f"folder {user} can write")
+        where = "" if Path(folder) == Path(value) else f": its folder {folder}"
+        raise SetupError(f"{option} {value}{where} is not writable by this user ({exc.strerror or exc}); "
+                         f"fix: {fix}") from None
+    os.close(fd)
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
+
+
+def check_state_dir(home: Path, option: str = "--state-dir") -> None:
+    """Create the node's state folder (mode 0700, missing parents too) and probe that it is writable.
+
+    Parameters
+    ----------
+    home : Path
+        The state folder.
+    option : str
+        How messages name it: ``--state-dir``, or ``--state-dir (default)`` when the option
+        was left out.
+
+    Raises
+    ------
+    SetupError
+        Naming the option, the folder and the fix: a file at that path or in the way, a
+        folder that cannot be created (permission, read-only file system) or written.
+    """
+    home = Path(home)
+    blocker = _not_a_folder(home)
+    fix = "pass a folder for the node's state with --state-dir, e.g. /var/lib/cityfed-node"
+    if blocker == home:
+        raise SetupError(f"{option} {home}: is a file, not a folder; fix: {fix}, or move that file away")
+    if blocker is not None:
+        raise SetupError(f"{option} {home}: cannot create it: {blocker} is a file, not a folder; fix: {fix}")
+    try:
+        make_private_dirs(home)
+    except OSError as exc:
+        user = _user()
+        at = f" at {exc.filename}" if exc.filename and str(exc.filename) != str(home) else ""
+        raise SetupError(f"{option} {home}: cannot create it ({exc.strerror or exc}{at}); fix: create it for {user} "
+                         f"(e.g. `sudo install -d -m 700 -o {user} {home}`), or pass a folder {user} can write") from None
+    check_writable(home, option, home)
+
+
+def _reword(message: str, source: str, option: str) -> str:
+    """``option: message``, where ``message`` names ``source`` at the start of its lines: the file named once.
+
+    ``PolicyError``/``DataFileError`` messages start with the file (``X: field ...``,
+    ``X, column 'age': ...``); under ``--policy X`` that read ``--policy X: X: field ...``.
+    Their ``. Fix:`` becomes ``; fix:``; a message of several lines keeps them, indented.
+    """
+    lines = []
+    for line in message.splitlines() or [""]:
+        rest = line[len(source):] if line.startswith(source) else ""
+        if rest.startswith((": ", ", ")):  # "X: field ..." / "X, column 'age': ..."
+            line = rest[2:]
+        lines.append(line.replace(". Fix: ", "; fix: "))
+    return "\n  ".join([f"{option}: {lines[0]}", *lines[1:]])
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -96,8 +356,8 @@ def check_key(path: Path) -> str:
     Raises
     ------
     SetupError
-        Missing/unreadable file, not an OpenSSH EC private key, passphrase-protected, or
-        a non-NIST curve.
+        Missing/unreadable file, not a regular file (a folder, a FIFO: checked before it is
+        opened), not an OpenSSH EC private key, passphrase-protected, or a non-NIST curve.
     """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -105,13 +365,16 @@ def check_key(path: Path) -> str:
     from privacy.pki import ssh_fingerprint
 
     fix = "create it on this machine with `fl-pki node-key --out DIR --department D --site S` and pass DIR/node.key"
+    check_input_file("--key", path, fix, inside="node.key")
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise SetupError(f"--key {path}: file not found; fix: {fix}") from None
-    except OSError as exc:
+    except PermissionError as exc:
         raise SetupError(f"--key {path}: cannot read it ({exc.strerror}); fix: run fl-client as the user that owns "
                          "the key (mode 0600)") from None
+    except OSError as exc:
+        raise SetupError(f"--key {path}: cannot read it ({exc.strerror or exc}); fix: {fix}") from None
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except TypeError:
@@ -135,8 +398,10 @@ def check_policy(path: Path, department: str):
     Raises
     ------
     SetupError
-        With :class:`privacy.policy.PolicyError`'s message (file, field, fix), a department
-        mismatch, or an ``allowed_tasks`` without the department's task
+        With :class:`privacy.policy.PolicyError`'s message (field, fix; the file named once), a
+        path that is not a regular file (checked before it is opened: a FIFO would block), a
+        file saved with a UTF-8 byte-order mark (the node's own reader refuses it too), a
+        department mismatch, or an ``allowed_tasks`` without the department's task
         (:data:`contract.tasks.TASKS`): either way the node would refuse every job.
     """
     from privacy.policy import PolicyError, load_policy
@@ -144,17 +409,26 @@ def check_policy(path: Path, department: str):
     from contract.tasks import TASKS
     from privacy.policy import check_allowed_tasks
 
+    check_input_file("--policy", path, "pass this department's privacy policy (TOML; examples/policies/)")
+    try:
+        with open(path, "rb") as fh:
+            bom = fh.read(3) == b"\xef\xbb\xbf"
+    except OSError:
+        bom = False  # load_policy says why it cannot be read
+    if bom:
+        raise SetupError(f"--policy {path}: the file starts with a byte-order mark (BOM), which TOML does not allow; "
+                         "fix: save it as UTF-8 without BOM (in Notepad: encoding 'UTF-8', not 'UTF-8 with BOM')")
     try:
         policy = load_policy(path)
     except PolicyError as exc:
-        raise SetupError(f"--policy {path}: {exc}") from None
+        raise SetupError(_reword(str(exc), str(path), f"--policy {path}")) from None
     if policy.department != department:
         raise SetupError(f"--policy {path}: department = {policy.department!r} but this node is --department "
                          f"{department}; fix: pass this department's policy (or correct `department` in it)")
     try:  # a policy that does not list the department's task refuses every job: say so now, not per job
         check_allowed_tasks(policy, TASKS[department], str(path))
     except PolicyError as exc:
-        raise SetupError(f"--policy {path}: {exc}") from None
+        raise SetupError(_reword(str(exc), str(path), f"--policy {path}")) from None
     return policy
 
 
@@ -223,8 +497,8 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
     ------
     SetupError
         With :class:`citydata.DataFileError`'s message (file, column, rows, kind of problem, fix; never a cell's value): a
-        path that is not a regular file (says what it is), a bad file or ranges file, a site
-        not in the file, a site too small for a train/test split or one DP-SGD batch, a
+        path that is not a regular file (says what it is; ``--ranges`` too), a bad file or ranges
+        file, a site not in the file, a site too small for a train/test split or one DP-SGD batch, a
         single-class site; or a bad ``--date-format``/``--department``.
     """
     import warnings
@@ -238,6 +512,9 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
     except ValueError as exc:
         raise SetupError(f"--date-format {date_format!r}: {exc}; fix: pass the order of the file's dates "
                          "(DMY = day first, MDY = month first)") from None
+    if ranges is not None:
+        check_input_file("--ranges", ranges, "pass a plausibility-ranges TOML file (README: plausibility ranges), or "
+                         "leave the option out for the schema's ranges")
     path = None if data == BUNDLED else data
     if path is not None:
         kind = path_kind(Path(path))
@@ -258,7 +535,7 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
             train, _test = sd.train.tensors(), sd.test.tensors()
         except DataFileError as exc:
             option = f"--ranges {ranges}" if ranges is not None and exc.path == str(ranges) else f"--data {data}"
-            raise SetupError(f"{option}: {exc}") from None
+            raise SetupError(_reword(str(exc), exc.path, option)) from None
         except ValueError as exc:  # unknown department
             raise SetupError(f"--department: {exc}") from None
     notes = [str(w.message) for w in caught if issubclass(w.category, DataQualityWarning)]
@@ -269,22 +546,54 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
                       y_shape=tuple(train.tensors[1].shape), warnings=notes)
 
 
-def check_ledger(path: Path) -> None:
-    """Check the ledger can be created/opened (its folder is created if needed).
+def check_ledger(path: Path, option: str = "--ledger") -> None:
+    """Check the ledger can be created/opened and written (missing folders are created, mode 0700).
+
+    Parameters
+    ----------
+    path : Path
+        The ledger file.
+    option : str
+        How messages name it: ``--ledger``, or ``--ledger (default)`` when the option was left out.
 
     Raises
     ------
     SetupError
-        If the folder cannot be created or the file is not a ledger.
+        Naming ``--ledger`` and the fix: a directory (or FIFO, device) at that path, a file in
+        the way of its folder, a folder that cannot be created or written (SQLite writes its
+        journal next to the ledger), a read-only ledger, or a file that is not a ledger.
     """
+    from citydata.base import path_kind
     from privacy.ledger import LedgerError, PrivacyLedger
 
+    path = Path(path)
+    keep = "keep the same file for the node's whole life: it holds its lifetime privacy budget"
+    blocker = _not_a_folder(path.parent)
+    if blocker is not None:
+        raise SetupError(f"{option} {path}: cannot create its folder: {blocker} is a file, not a folder; fix: pass a "
+                         f"path whose folders are folders, e.g. <state-dir>/ledger.sqlite ({keep})")
+    kind = path_kind(path)
+    if kind not in (None, "file not found"):
+        what = f"is {kind}, not a ledger file" if kind.startswith("a ") else kind
+        example = f"e.g. {path / 'ledger.sqlite'}" if kind == "a directory" else "e.g. <state-dir>/ledger.sqlite"
+        raise SetupError(f"{option} {path}: {what}; fix: pass the ledger file's path ({example}; {keep})")
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(path.parent)
+    except OSError as exc:
+        raise SetupError(f"{option} {path}: cannot create its folder {exc.filename or path.parent} "
+                         f"({exc.strerror or exc}); fix: pass a path on this machine's disk that {_user()} can write "
+                         f"({keep})") from None
+    check_writable(path.parent, option, path, f"pass a ledger path in a folder {_user()} can write (SQLite writes its "
+                   f"journal next to the ledger), e.g. <state-dir>/ledger.sqlite ({keep})")
+    if kind is None and not os.access(path, os.R_OK | os.W_OK):
+        raise SetupError(f"{option} {path}: this user ({_user()}) cannot read and write it; fix: run fl-client as the "
+                         f"ledger's owner, or `chmod 600` it ({keep})")
+    try:
         PrivacyLedger(path)
     except (OSError, LedgerError) as exc:
-        raise SetupError(f"--ledger {path}: {exc}; fix: pass a writable path on this machine's disk "
-                         "(keep the same file for the node's whole life: it holds its lifetime privacy budget)") from None
+        text = str(exc).removeprefix(f"privacy ledger {str(path)!r}: ")
+        raise SetupError(f"{option} {path}: {text}; fix: pass a writable path on this machine's disk "
+                         f"({keep})") from None
 
 
 _PORT = re.compile(r"[1-9][0-9]{0,4}")
@@ -393,19 +702,85 @@ def check_ca(path: Path) -> ssl.SSLContext:
     Raises
     ------
     SetupError
-        Missing, unreadable or not a PEM certificate.
+        Missing, not a regular file (a folder, a FIFO: checked before it is opened),
+        unreadable or not a PEM certificate.
     """
+    fix = "get the city's ca.crt from the coordinator team"
+    check_input_file("--ca", path, fix, inside="ca.crt")
     try:
         Path(path).read_bytes()
     except FileNotFoundError:
-        raise SetupError(f"--ca {path}: file not found; fix: get the city's ca.crt from the coordinator team") from None
+        raise SetupError(f"--ca {path}: file not found; fix: {fix}") from None
     except OSError as exc:
-        raise SetupError(f"--ca {path}: cannot read it ({exc.strerror})") from None
+        raise SetupError(f"--ca {path}: cannot read it ({exc.strerror or exc}); fix: make it readable by "
+                         f"{_user()} (ca.crt is not secret: `chmod 644 {path}`)") from None
     try:
         return ssl.create_default_context(cafile=str(path))
     except ssl.SSLError:
         raise SetupError(f"--ca {path}: not a PEM CA certificate; fix: pass ca.crt (not a key, not server.crt) "
                          "from the coordinator team") from None
+
+
+#: OpenSSL's verification results for a certificate outside its validity period.
+_X509_NOT_YET_VALID, _X509_EXPIRED = 9, 10
+_RENEW_FIX = ("ask the coordinator team to renew the coordinator's certificate (`fl-pki server-cert --force` on the "
+              "coordinator, then restart fl-server), then start fl-client again")
+
+
+def _peer_certificate(host: str, port: int, timeout: float):
+    """The coordinator's certificate as presented, read without verifying it (None if it cannot be had)."""
+    from cryptography import x509
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock, \
+                ctx.wrap_socket(sock, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+        return x509.load_der_x509_certificate(der) if der else None
+    except (OSError, ValueError):
+        return None
+
+
+def _out_of_date_message(host: str, port: int, ca: Path, code: int, timeout: float) -> str:
+    """The message for a certificate that failed verification as expired or not yet valid.
+
+    Tells which certificate is out of date (the coordinator's, else the city CA in ``--ca``),
+    since when or from when, and this machine's clock (a wrong clock gives the same error).
+    """
+    from datetime import datetime, timezone
+
+    from cryptography import x509
+
+    now = datetime.now(timezone.utc)
+    clock = f"this machine's clock says {now:%Y-%m-%d %H:%M} UTC"
+
+    def state(cert) -> str | None:
+        if now > cert.not_valid_after_utc:
+            return f"has expired (it expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; {clock})"
+        if now < cert.not_valid_before_utc:
+            return f"is not yet valid (it is valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; {clock})"
+        return None
+
+    where = f"--coordinator {host}:{port}"
+    try:
+        cas = x509.load_pem_x509_certificates(Path(ca).read_bytes())
+    except (OSError, ValueError):
+        cas = []
+    ca_state = next((st for st in map(state, cas) if st), None)
+    peer = _peer_certificate(host, port, timeout)
+    peer_state = state(peer) if peer is not None else None
+    if peer_state is None and ca_state is not None:  # the root of trust: a new server certificate would not do
+        return (f"{where}: the city CA certificate in --ca {ca} {ca_state}; fix: if this machine's clock is right, ask "
+                "the coordinator team for a new CA (`fl-pki init`), a coordinator certificate signed by it and the new "
+                "ca.crt")
+    if peer_state is None:  # not readable: say what OpenSSL said
+        peer_state = ("is not yet valid" if code == _X509_NOT_YET_VALID else "has expired") + f" ({clock})"
+    also = f" (the city CA certificate in --ca {ca} {ca_state.split(' (')[0]} too)" if ca_state else ""
+    clock_fix = ("check this machine's clock first (`timedatectl`); if it is right, " if code == _X509_NOT_YET_VALID
+                 else "if this machine's clock is wrong, correct it; otherwise ")
+    return f"{where}: the coordinator's certificate {peer_state}{also}; fix: {clock_fix}{_RENEW_FIX}"
 
 
 def check_coordinator(host: str, port: int, ctx: ssl.SSLContext, ca: Path, timeout: float) -> None:
@@ -414,7 +789,9 @@ def check_coordinator(host: str, port: int, ctx: ssl.SSLContext, ca: Path, timeo
     Raises
     ------
     SetupError
-        Unreachable (names host, port, timeout) or certificate mismatch (names the CA file).
+        Unreachable (names host, port, timeout), a certificate that has expired or is not yet
+        valid (says which, since when, and to have it renewed: ``fl-pki server-cert --force``
+        on the coordinator), or a certificate mismatch (names the CA file).
     """
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -427,6 +804,8 @@ def check_coordinator(host: str, port: int, ctx: ssl.SSLContext, ca: Path, timeo
         with ctx.wrap_socket(sock, server_hostname=host) as tls:
             tls.getpeercert()
     except ssl.SSLCertVerificationError as exc:
+        if exc.verify_code in (_X509_EXPIRED, _X509_NOT_YET_VALID):
+            raise SetupError(_out_of_date_message(host, port, ca, exc.verify_code, timeout)) from None
         raise SetupError(f"--coordinator {host}:{port}: its certificate does not verify against --ca {ca} "
                          f"({exc.verify_message}); fix: get the right ca.crt from the coordinator team, or dial the "
                          "name/IP listed in the coordinator's certificate (`fl-pki show server.crt`)") from None
@@ -911,10 +1290,11 @@ def fl_client(
 ) -> None:
     """Run this department's node: join the city's federation and train under this department's own privacy policy.
 
-    Checks everything first and exits with status 2 naming the file and the fix: coordinator
-    address, node key, policy (and that it allows this department's task), data file and site
-    (the site's training arrays are built as training builds them; counts and data warnings are
-    printed), ledger, CA, coordinator reachable, coordinator certificate.
+    Checks everything first and exits with status 2 naming the file and the fix: no empty
+    option value, department, coordinator address, node key, policy (and that it allows this
+    department's task), data file and site (the site's training arrays are built as training
+    builds them; counts and data warnings are printed), CA, state folder (writable), ledger,
+    coordinator reachable, coordinator certificate (in date, verified against the CA).
     Then runs Flower's SuperNode and restarts it with backoff if it fails; Ctrl-C/SIGTERM
     stops it. Exit 3: the coordinator refused the key (ask the operator to `fl-server
     register` your node.pub).
@@ -934,7 +1314,9 @@ def fl_client(
             raise click.MissingParameter(ctx=ctx, param=param)
     err = make_console(stderr=True)
     try:
+        check_not_empty(ctx.params)  # before any Path("") (= the working folder) is used
         check_site_name(site)
+        check_department(department)
     except SetupError as exc:
         err.print(f"[bold red]fl-client: cannot start:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_SETUP) from None
@@ -945,9 +1327,9 @@ def fl_client(
         fingerprint = check_key(key)
         check_policy(policy, department)
         report = check_data(department, data, site, date_format=date_format, ranges=None if ranges is None else str(ranges))
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        check_ledger(ledger_path)
-        ctx_tls = check_ca(ca)
+        ctx_tls = check_ca(ca)  # every input file is checked before the first thing is written
+        check_state_dir(home, "--state-dir" if state_dir else "--state-dir (default)")
+        check_ledger(ledger_path, "--ledger" if ledger else "--ledger (default)")
         check_coordinator(host, port, ctx_tls, ca, connect_timeout)
     except SetupError as exc:
         err.print(f"[bold red]fl-client: cannot start:[/] {escape(str(exc))}")
@@ -988,12 +1370,14 @@ def node_home(state_dir: Path | None = None, department: str | None = None, site
     Raises
     ------
     SetupError
-        None of these names exactly one node.
+        An option given empty (``--state-dir ""``), or none of these names exactly one node.
     """
     from clients.pinning import HOME_ENV
 
     ctx = click.get_current_context(silent=True)
     root = ctx.find_root().params if ctx is not None else {}
+    for params in ([ctx.params] if ctx is not None else []) + [root]:  # "" would be the working folder
+        check_not_empty(params, ("state_dir", "department", "site", "key"))
     state_dir = state_dir or root.get("state_dir")
     department, site = department or root.get("department"), site or root.get("site")
     if state_dir:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import socket
-import ssl
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ if str(ROOT) not in sys.path:
 
 from clients import cli as client_cli  # noqa: E402
 from privacy import pki  # noqa: E402
+from tls_helpers import TLSServer  # noqa: E402
 from server import cli as server_cli  # noqa: E402
 from server.guard import ControlPlaneGuard, install_guard, parse_networks  # noqa: E402
 
@@ -203,40 +203,6 @@ def pki_files(tmp_path_factory):
     pki.create_ca(d / "other-ca", "Some Other CA")
     pki.create_node_key(d / "node", "health", "Cleveland")
     return d
-
-
-class TLSServer:
-    """A TLS endpoint presenting the coordinator certificate (no Flower behind it)."""
-
-    def __init__(self, cert: Path, key: Path):
-        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.ctx.load_cert_chain(cert, key)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            try:
-                conn.settimeout(5)
-                with self.ctx.wrap_socket(conn, server_side=True):
-                    pass
-            except (OSError, ssl.SSLError):
-                pass
-            finally:
-                conn.close()
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(timeout=5)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
