@@ -1128,25 +1128,16 @@ class Supervisor:
 
     def _take_lock(self):
         """Lock ``<state-dir>/fl-client.lock``; None (after saying why) when another fl-client holds it."""
-        import fcntl
+        from privacy.safe_cli import pid_lock
 
         home = Path(self.launch.home)
         home.mkdir(parents=True, exist_ok=True)
-        fh = open(home / LOCK_FILE, "a+")  # noqa: SIM115 - held (and closed) by run()
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            fh.close()
+        fh, holder = pid_lock(home / LOCK_FILE)  # held (and closed) by run()
+        if fh is None:
             self.console.print(f"[bold red]fl-client: another fl-client (pid {escape(holder)}) runs this node[/] "
                                f"(state dir {escape(str(home))}); two would run two SuperNodes on one key. Fix: stop "
                                "that one first (systemctl stop ...), or give this one its own --state-dir and key")
             return None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
         return fh
 
     def _clear_stale(self) -> bool:

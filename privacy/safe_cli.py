@@ -109,6 +109,40 @@ def _plain_warnings(prog: str) -> None:
     warnings.showwarning = show
 
 
+def pid_lock(path: str | os.PathLike):
+    """Take an exclusive, non-blocking lock on ``path`` and write this process's PID into it.
+
+    One process per state folder (``fl-client``, ``fl-server start``): the lock goes with the
+    open file, so a killed process leaves no stale lock.
+
+    Parameters
+    ----------
+    path : path-like
+        The lock file (created if missing; its folder must exist).
+
+    Returns
+    -------
+    (file, None) or (None, str)
+        The open lock file, to keep open while the process runs; or, when another process holds
+        the lock, None and that process's PID as written in the file ("?" if unknown).
+    """
+    import fcntl
+
+    fh = open(path, "a+")  # noqa: SIM115 - the caller holds it
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        return None, holder
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh, None
+
+
 def run_app(app: Callable[..., object], prog: str, argv: list[str] | None = None,
             startup: Callable[[], object] | None = None) -> None:
     """Run a typer/click ``app`` as a console script with record-safe errors (see module docstring).

@@ -554,20 +554,11 @@ def take_start_lock(state_dir: Path):
     CliError
         Code 2 when another ``fl-server start`` holds it.
     """
-    import fcntl
+    from privacy.safe_cli import pid_lock
 
-    fh = open(Path(state_dir) / LOCK_FILE, "a+")  # noqa: SIM115 - held by start_cmd
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "?"
-        fh.close()
-        raise _second_start(state_dir, holder) from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
+    fh, holder = pid_lock(Path(state_dir) / LOCK_FILE)
+    if fh is None:
+        raise _second_start(state_dir, holder)
     return fh
 
 
