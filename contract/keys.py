@@ -21,6 +21,9 @@ NODE_KEYS = ("policy", "ledger", "ledger-dir", "data", "site", "dropout-probabil
 #: Values of the job-config key ``optimizer`` (the rounds' local optimizer, :func:`clients.training.make_optimizer`).
 OPTIMIZERS = ("adam", "sgd")
 
+#: Strategies a run config may name (``server.strategy`` builds them; CLIs list them without importing Flower).
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "trimmed-mean", "krum", "fedavgm")
+
 #: Job-config key: the run's identity (kept across resumes; nodes' ledgers record it).
 RUN_ID = "run-id"
 #: Job-config key: the round (Flower's strategies set it; the coordinator's own SecAgg+ and

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from flower_compat.strategy_state import from_legacy_names, owned_state_base
+from contract.keys import STRATEGIES  # re-exported: the strategies a run config may name
 from contract.tasks import ARRAYS, CONFIG, EVAL_METRICS, NUM_EXAMPLES, TRAIN_METRICS
 from server.artefacts import read_checkpoint, write_checkpoint
 from server.grid import DeadlineGrid, deadline_grid
@@ -29,8 +30,6 @@ from server.validation import unexpected_metrics, validate_update
 
 log = logging.getLogger("cityfed.server")
 
-#: Strategies a run config may name.
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "trimmed-mean", "krum", "fedavgm")
 
 
 def aggregate_metrics(records: list, weighting_key: str) -> MetricRecord:

@@ -83,34 +83,13 @@ def _argument_help(command: click.Command) -> None:
             param.help = info.help
 
 
-def _strategy_names() -> tuple[str, ...]:
-    """The strategies a run config accepts (``server.strategy.STRATEGIES``), for the help texts.
-
-    Read from that module's source: importing it imports Flower, and ``fl-sim --help`` starts
-    without it (``fl-sim run`` checks ``--strategy`` against the imported tuple itself).
-    """
-    import ast
-    from importlib.util import find_spec
-
-    try:
-        tree = ast.parse(Path(find_spec("server.strategy").origin).read_text(encoding="utf-8"))
-        for node in tree.body:
-            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "STRATEGIES" for t in node.targets):
-                return tuple(ast.literal_eval(node.value))
-    except (AttributeError, OSError, SyntaxError, ValueError):
-        pass
-    from server.strategy import STRATEGIES  # no longer a literal there: import it
-
-    return tuple(STRATEGIES)
-
-
 def _or_list(names) -> str:
     """``a, b or c``."""
     names = list(names)
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-STRATEGY_NAMES = _strategy_names()
+from contract.keys import STRATEGIES as STRATEGY_NAMES  # noqa: E402 - no Flower import for --help
 
 app = typer.Typer(
     cls=_Commands,
