@@ -143,6 +143,35 @@ def pid_lock(path: str | os.PathLike):
     return fh, None
 
 
+def restore_argument_help(command) -> None:
+    """Give each positional argument of ``command`` (and of its subcommands) its help text back.
+
+    typer (0.20) sets a ``TyperArgument``'s help before ``click.Argument.__init__`` (click >= 8.2)
+    resets it to None, so ``--help`` listed ``PUBLIC_KEY``, ``RUN`` or ``PACKAGE`` without the
+    ``typer.Argument(help=...)`` description. The help is read back from each command function's
+    own declaration; arguments that already have help, and plain click commands, are left alone.
+
+    Parameters
+    ----------
+    command : click.Command
+        A command or group, as ``typer.main.get_command`` builds it.
+    """
+    import click
+    from typer.models import ArgumentInfo
+    from typer.utils import get_params_from_function
+
+    for sub in getattr(command, "commands", {}).values():
+        restore_argument_help(sub)
+    function = getattr(command.callback, "__wrapped__", None)  # typer's wrapper of the command function
+    if function is None:
+        return
+    declared = {name: meta.default for name, meta in get_params_from_function(function).items()}
+    for param in command.params:
+        info = declared.get(param.name)
+        if isinstance(param, click.Argument) and not getattr(param, "help", None) and isinstance(info, ArgumentInfo):
+            param.help = info.help
+
+
 def run_app(app: Callable[..., object], prog: str, argv: list[str] | None = None,
             startup: Callable[[], object] | None = None) -> None:
     """Run a typer/click ``app`` as a console script with record-safe errors (see module docstring).
@@ -170,7 +199,13 @@ def run_app(app: Callable[..., object], prog: str, argv: list[str] | None = None
     try:
         if startup is not None and not {"--help", "-h"} & set(args):  # help text needs no start-up check
             startup()
-        code = app(args=args, prog_name=prog, standalone_mode=False)
+        command = app
+        if not isinstance(app, click.Command):  # a typer.Typer: build its click command once, help restored
+            import typer.main
+
+            command = typer.main.get_command(app)
+            restore_argument_help(command)
+        code = command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as exc:  # typer.Exit
         code = exc.exit_code
     except click.ClickException as exc:  # usage errors: click's own message

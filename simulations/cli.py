@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from privacy.safe_cli import DEBUG_ENV, make_console
+from privacy.safe_cli import DEBUG_ENV, make_console, restore_argument_help
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -33,13 +33,14 @@ class _Commands(TyperGroup):
     ``error: WHAT; fix: HOW`` line, also where the app runs without ``privacy.safe_cli.run_app``
     (``typer.testing.CliRunner``, embedding).
 
-    Also gives each command's positional arguments back the help text typer lost (:func:`_argument_help`).
+    Also gives each command's positional arguments back the help text typer lost
+    (:func:`privacy.safe_cli.restore_argument_help`), also under ``CliRunner``.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         for command in self.commands.values():
-            _argument_help(command)
+            restore_argument_help(command)
 
     def make_context(self, *args, **kwargs):
         try:
@@ -61,26 +62,6 @@ class _Commands(TyperGroup):
             if base is None or not isinstance(exc, base.DataFileError):
                 raise
             _data_file_error(exc)
-
-
-def _argument_help(command: click.Command) -> None:
-    """Give ``command``'s positional arguments their ``typer.Argument(help=...)`` text back.
-
-    typer (0.20) sets a ``TyperArgument``'s help before ``click.Argument.__init__`` (click >= 8.2)
-    resets it to None: ``--help`` listed ``DEPARTMENT`` and ``RUN_DIR`` without their descriptions.
-    The help is read from the command function's own declaration.
-    """
-    from typer.models import ArgumentInfo
-    from typer.utils import get_params_from_function
-
-    function = getattr(command.callback, "__wrapped__", None)  # typer's wrapper of the command function
-    if function is None:
-        return
-    declared = {name: meta.default for name, meta in get_params_from_function(function).items()}
-    for param in command.params:
-        info = declared.get(param.name)
-        if isinstance(param, click.Argument) and not getattr(param, "help", None) and isinstance(info, ArgumentInfo):
-            param.help = info.help
 
 
 def _or_list(names) -> str:
