@@ -2,9 +2,9 @@
 
 Every reply of the ClientApp is recorded here, whichever part of the node answers: the task
 handlers (:mod:`clients.app`), the SecAgg+ mod (:mod:`clients.secagg`: its refusals and protocol
-aborts; the masked update is recorded by :func:`clients.secagg.secagg_train`) and the central-DP
-clipping mod (:mod:`clients.clipping`). An audit of what left that missed error replies would
-not show everything the coordinator was told.
+aborts; the masked update is recorded by :func:`clients.secagg.secagg_train`, written only once the
+mod has masked it and returns it) and the central-DP clipping mod (:mod:`clients.clipping`). An
+audit of what left that missed error replies would not show everything the coordinator was told.
 """
 
 from __future__ import annotations

@@ -23,12 +23,18 @@ long as enough neighbours remain (``secagg-threshold``). So does a protocol abor
 out of order, too few neighbours, a request for key shares this node does not hold): one
 warning line in the node's log and an error reply with code :data:`SECAGG_ABORTED` whose
 reason names the stage and what was wrong, never a bare ``KeyError`` or a traceback.
+
+The node's records of the masked update (its audit-log entry, and under central DP its participation
+row and entry) are written only once ``secaggplus_mod`` has masked the update and the reply is about to
+leave: an abort after training leaves the abort entry alone. The DP-SGD release of that training stays
+committed in the node's ledger (:func:`clients.node.handle_train` commits it when training ends).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from contextvars import ContextVar
 from typing import Callable
 
 import numpy as np
@@ -51,6 +57,20 @@ log = logging.getLogger("cityfed.node")
 INVALID_UPDATE = 4221
 #: Error code for a SecAgg+ protocol abort on this node (it leaves the round; nothing of its update was sent).
 SECAGG_ABORTED = 4222
+
+
+#: Set by :func:`conditional_secaggplus_mod` while ``secaggplus_mod`` runs: the records of the masked update
+#: (:func:`_when_sent`) wait here and are written only when the masked reply is returned.
+_UNTIL_SENT: ContextVar[list[Callable[[], None]] | None] = ContextVar("cityfed_secagg_until_sent", default=None)
+
+
+def _when_sent(write: Callable[[], None]) -> None:
+    """Write a record of the update when it leaves: inside SecAgg+, once masked; elsewhere, now."""
+    waiting = _UNTIL_SENT.get()
+    if waiting is None:
+        write()
+    else:
+        waiting.append(write)
 
 
 class _NoUpdate(Exception):
@@ -172,6 +192,11 @@ def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next, spec_of=N
     with that error and leaves the round; its protocol state is reset so that the next
     round starts cleanly.
 
+    In the collect stage the handler's records of the masked update (:func:`secagg_train`) are
+    written only after ``secaggplus_mod`` has masked it, just before the masked reply is returned.
+    When the stage ends otherwise (the handler's error reply, the handler raising, a protocol
+    abort) they are dropped: the audit log holds only the reply that left.
+
     Parameters
     ----------
     msg : Message
@@ -221,6 +246,8 @@ def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next, spec_of=N
             raise _NoUpdate(reply.error)
         return reply
 
+    waiting: list[Callable[[], None]] = []  # collect: the masked update's records, written once it is masked
+    token = _UNTIL_SENT.set(waiting)
     try:
         reply = secaggplus_mod(msg, ctxt, handler)
     except _NoUpdate as exc:
@@ -237,6 +264,14 @@ def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next, spec_of=N
         if node is not None:
             audit_reply(node, msg, error=error, stage=stage)
         return Message(error, reply_to=msg)
+    finally:
+        _UNTIL_SENT.reset(token)
+    try:
+        for write in waiting:  # the masked update leaves: its records first (a failed write stops the reply)
+            write()
+    except BaseException:
+        ctxt.state.config_records.pop(RECORD_KEY_STATE, None)
+        raise
     if node is not None and stage != Stage.COLLECT_MASKED_VECTORS:  # collect: secagg_train recorded the masked update
         audit_reply(node, msg, stage=stage, **_stage_sent(stage, configs, reply))
     return reply
@@ -313,8 +348,12 @@ def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message,
         :func:`clients.app.train` (plain train message in, reply or refusal out; it does not audit).
     audit : callable, optional
         ``audit(**fields)`` records the reply that leaves in the node's audit log: the update's
-        names and shapes (masked by ``secaggplus_mod`` after this returns) and the metric keys, or
-        the error's code and reason.
+        names and shapes and the metric keys, or the error's code and reason. An error is recorded
+        at once (it leaves as it is). The update is masked by ``secaggplus_mod`` after this
+        returns, and may never leave (the mod aborts): under :func:`conditional_secaggplus_mod` its
+        entry, and under central DP the participation record
+        (:func:`clients.clipping.record_participation`), are written only when the masked reply is
+        returned; called outside the mod, they are written before this returns.
 
     Returns
     -------
@@ -332,9 +371,10 @@ def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message,
                       "message": "train (SecAgg+ collect)"}
             if reply.has_error():
                 fields.update(error_code=int(reply.error.code), reason=str(reply.error.reason))
+                audit(**fields)
             else:
                 fields.update(what)
-            audit(**fields)
+                _when_sent(lambda: audit(**fields))
         return reply
 
     arrays = parameters_to_ndarrays(fitins.parameters)
@@ -380,7 +420,7 @@ def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message,
     if central:
         from clients.clipping import record_participation
 
-        record_participation(spec, {**cfg, "server-round": cfg.get("server-round", 0)}, *central)
+        _when_sent(lambda: record_participation(spec, {**cfg, "server-round": cfg.get("server-round", 0)}, *central))
     return leave(Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg),
                  arrays=[{"name": k, "shape": list(u.shape), "masked": True} for k, u in zip(names, update)],
                  metrics=sorted(metrics), update_scale=float(scale))
