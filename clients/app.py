@@ -59,7 +59,9 @@ def build_client_app(defaults: dict | None = None) -> ClientApp:
     defaults = dict(defaults or {})
     # SecAgg+ (run config secagg=true) under the node's own policy on it, and the node's central-DP update
     # clipping (central-dp=true) only when asked
-    capp = ClientApp(mods=[secure_aggregation_mod(lambda c: spec(c)), central_clipping_mod(lambda c: spec(c))])
+    # outermost: no error escapes to Flower, which would send its message to the coordinator
+    capp = ClientApp(mods=[failure_guard_mod(lambda c: spec(c)), secure_aggregation_mod(lambda c: spec(c)),
+                           central_clipping_mod(lambda c: spec(c))])
 
     def spec(context: Context):
         run_config = {**defaults, **dict(context.run_config)}
@@ -198,6 +200,44 @@ def failed_reason(kind: str, exc: BaseException, spec=None) -> str:
     who = f"{spec.department}/{spec.site}: " if spec is not None else ""
     return (f"{who}the node could not complete this {kind} task ({type(exc).__name__}); the node's operator "
             "finds the cause in the node's log")
+
+
+def failure_guard_mod(spec_of):
+    """ClientApp mod (the outermost): an error no handler or mod answered leaves as a fixed reason.
+
+    Flower answers an exception that escapes a ClientApp with its type and message, and a message
+    may quote the node's records. This mod answers it like the task handlers do: code
+    :data:`FAILED`, :func:`failed_reason`'s text (the node, the task and the error's type), the
+    cause in the node's own log, and the reply in its audit log. Python's ``BaseException``\ s that
+    are not errors (``KeyboardInterrupt``, ``SystemExit``) pass.
+
+    Parameters
+    ----------
+    spec_of : callable
+        ``spec_of(context) -> clients.node.NodeSpec`` (the node, for the reason and the audit log);
+        if it fails too, the reason names no node and no audit entry can be written.
+
+    Returns
+    -------
+    callable
+        The mod ``(msg, context, call_next) -> Message``.
+    """
+    def mod(msg: Message, context: Context, call_next) -> Message:
+        try:
+            return call_next(msg, context)
+        except Exception as exc:  # noqa: BLE001 - the point: only a fixed reason leaves
+            kind = _kind(msg)
+            _log_failure(kind, exc)
+            try:
+                node = spec_of(context)
+            except Exception:  # noqa: BLE001 - the node's set-up failed: answered without naming it
+                node = None
+            error = Error(code=FAILED, reason=failed_reason(kind, exc, node))
+            if node is not None:
+                audit_reply(node, msg, None, error)  # a failed audit write stops the reply (Flower's error)
+            return Message(error, reply_to=msg)
+
+    return mod
 
 
 def _log_failure(kind: str, exc: BaseException) -> None:
