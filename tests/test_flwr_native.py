@@ -152,8 +152,11 @@ def test_stop_local_superlink_ends_only_that_flwr_homes_superlink_and_its_childr
     # a stand-in `flower-superlink` (same argv shape as flwr's local SuperLink) with one child
     fake = tmp_path / "bin" / "flower-superlink"
     fake.parent.mkdir()
-    fake.write_text(f"#!{sys.executable}\nimport subprocess, sys, time\n"
-                    f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\ntime.sleep(300)\n")
+    started = tmp_path / "children-started"  # each stand-in notes its PID once its child is started
+    started.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport os, pathlib, subprocess, sys, time\n"
+                    f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+                    f"pathlib.Path({str(started)!r}, str(os.getpid())).write_text('x')\ntime.sleep(300)\n")
     fake.chmod(0o755)
     mine, other = tmp_path / "home", tmp_path / "other-home"
     procs = [subprocess.Popen([str(fake), "--simulation", "--log-file", str(h / "local-superlink" / "superlink.log")],
@@ -164,7 +167,9 @@ def test_stop_local_superlink_ends_only_that_flwr_homes_superlink_and_its_childr
             time.sleep(0.1)
         assert local_superlink_pids(mine) == [procs[0].pid]
         assert local_superlink_pids(other) == [procs[1].pid]
-        time.sleep(1.0)  # the child is started
+        # the child is started (a fixed 1 s sleep could lose to a slow interpreter start on a loaded box)
+        while time.monotonic() < deadline and not (started / str(procs[0].pid)).exists():
+            time.sleep(0.05)
         stopped = stop_local_superlink(mine, timeout=10)
         assert procs[0].pid in stopped and len(stopped) == 2  # the SuperLink and its child
         assert procs[0].wait(timeout=10) is not None
