@@ -19,7 +19,8 @@ from clients.energy import EnergyMeter
 from clients.node import JobRefused, NoTrainingData, handle_evaluate, handle_train, node_from_config
 from clients.clipping import central_clipping_mod
 from clients.replies import REFUSED, audit_reply  # noqa: F401 - REFUSED: the node's error codes live here
-from clients.secagg import is_secagg_fit, secagg_train, secure_aggregation_mod, unmasked_refusal
+from clients.secagg import (is_secagg_fit, masking_active, secagg_train, secure_aggregation_mod,
+                            unmasked_refusal)
 from contract.tasks import (ARRAYS, CONFIG, EVAL_METRICS, METRICS, PERSONALISE_ACTION, PERSONALISE_METRICS,
                             TRAIN_METRICS)
 
@@ -80,8 +81,10 @@ def build_client_app(defaults: dict | None = None) -> ClientApp:
     @capp.train()
     def _train(msg: Message, context: Context) -> Message:
         if is_secagg_fit(msg):  # SecAgg+ collect stage: same train(), the update goes out masked
-            return guarded(msg, context, lambda node: secagg_train(msg, node, context, lambda m, n: train(m, n, audit=False),
-                                                                 audit=lambda **f: node.audit("reply", **f)))
+            # ... only inside the SecAgg+ mod: the collect layout without the protocol is a plain update
+            return guarded(msg, context, lambda node: (None if masking_active() else unmasked_refusal(msg, node))
+                           or secagg_train(msg, node, context, lambda m, n: train(m, n, audit=False),
+                                           audit=lambda **f: node.audit("reply", **f)))
         return guarded(msg, context, lambda node: unmasked_refusal(msg, node) or train(msg, node))
 
     @capp.train(PERSONALISE_ACTION)

@@ -64,6 +64,16 @@ SECAGG_ABORTED = 4222
 _UNTIL_SENT: ContextVar[list[Callable[[], None]] | None] = ContextVar("cityfed_secagg_until_sent", default=None)
 
 
+def masking_active() -> bool:
+    """Whether the caller runs inside Flower's ``secaggplus_mod`` (via :func:`conditional_secaggplus_mod`).
+
+    Only then is the update that :func:`secagg_train` returns masked before it leaves; a message in
+    SecAgg+'s collect layout that reaches the handler any other way (no SecAgg+ configs record)
+    would send the bounded update in the clear.
+    """
+    return _UNTIL_SENT.get() is not None
+
+
 def _when_sent(write: Callable[[], None]) -> None:
     """Write a record of the update when it leaves: inside SecAgg+, once masked; elsewhere, now."""
     waiting = _UNTIL_SENT.get()
@@ -362,6 +372,7 @@ def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message,
         the refusal (an error reply).
     """
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    masked = masking_active()  # outside the mod the bounded update leaves as it is: audited so
     cfg = dict(fitins.config)
     names = str(cfg.pop(PARAM_NAMES_KEY)).split("\n")
 
@@ -422,5 +433,5 @@ def secagg_train(msg: Message, spec, context: Context, train: Callable[[Message,
 
         _when_sent(lambda: record_participation(spec, {**cfg, "server-round": cfg.get("server-round", 0)}, *central))
     return leave(Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg),
-                 arrays=[{"name": k, "shape": list(u.shape), "masked": True} for k, u in zip(names, update)],
+                 arrays=[{"name": k, "shape": list(u.shape), "masked": masked} for k, u in zip(names, update)],
                  metrics=sorted(metrics), update_scale=float(scale))

@@ -263,3 +263,26 @@ def test_an_honest_unmask_request_is_answered_and_audited(tmp_path):
     (entry,) = [e["data"] for e in _audit(node) if e["kind"] == "reply"]
     assert entry["stage"] == "unmask" and entry["mask_seed_shares_of"] == [1, 3] and entry["mask_key_shares_of"] == [4]
     assert entry["sent"] == sorted([Key.NODE_ID_LIST, Key.SHARE_LIST])  # names of what was sent, not the shares
+
+
+def test_the_collect_layout_without_the_protocol_is_refused_by_the_handler(tmp_path, monkeypatch):
+    """Defence in depth: a message in SecAgg+'s collect layout (legacy FitIns) that reaches the
+    handler with no SecAgg+ mod around it would send its update unmasked: refused under the policy."""
+    from flwr.common import FitIns, ndarrays_to_parameters
+
+    import clients.app as capp
+    from contract.keys import PARAM_NAMES_KEY
+    from flower_compat.secagg import recorddict_compat as compat
+
+    monkeypatch.setattr(capp, "secure_aggregation_mod", lambda spec_of: (lambda m, c, call_next: call_next(m, c)))
+    bare = capp.build_client_app()
+    set_task_identity(1, 0, 1)
+    ctx, node = _context(tmp_path, "require_secure_aggregation = true\n")
+    plain = _plain_train()
+    state = plain.content["arrays"].to_torch_state_dict()
+    cfg = {**dict(plain.content["config"]), PARAM_NAMES_KEY: "\n".join(state)}
+    content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([v.numpy() for v in state.values()]), cfg),
+                                          keep_input=True)
+    reply = bare(Message(content, dst_node_id=1, message_type="train"), ctx)
+    assert reply.has_error() and reply.error.code == REFUSED and "require_secure_aggregation" in reply.error.reason
+    assert PrivacyLedger(node["ledger"]).releases() == []
