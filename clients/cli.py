@@ -24,6 +24,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import ssl
@@ -280,7 +281,8 @@ def check_writable(folder: Path, option: str, value, fix: str | None = None) -> 
         fd, name = tempfile.mkstemp(prefix=".fl-client-write-check-", dir=folder)
     except OSError as exc:
         user = _user()
-        fix = fix or (f"let {user} write it (e.g. `sudo chown {user} {folder}` and `chmod 700 {folder}`), or pass a "
+        q = shlex.quote(str(folder))
+        fix = fix or (f"let {user} write it (e.g. `sudo chown {shlex.quote(user)} {q}` and `chmod 700 {q}`), or pass a "
                       f"folder {user} can write")
         where = "" if Path(folder) == Path(value) else f": its folder {folder}"
         raise SetupError(f"{option} {value}{where} is not writable by this user ({exc.strerror or exc}); "
@@ -322,7 +324,8 @@ def check_state_dir(home: Path, option: str = "--state-dir") -> None:
         user = _user()
         at = f" at {exc.filename}" if exc.filename and str(exc.filename) != str(home) else ""
         raise SetupError(f"{option} {home}: cannot create it ({exc.strerror or exc}{at}); fix: create it for {user} "
-                         f"(e.g. `sudo install -d -m 700 -o {user} {home}`), or pass a folder {user} can write") from None
+                         f"(e.g. `sudo install -d -m 700 -o {shlex.quote(user)} {shlex.quote(str(home))}`), or pass a "
+                         f"folder {user} can write") from None
     check_writable(home, option, home)
 
 
@@ -388,7 +391,7 @@ def check_key(path: Path) -> str:
     mode = Path(path).stat().st_mode & 0o077
     if mode:
         Console(stderr=True).print(f"[yellow]warning:[/] {escape(str(path))} is readable by other users; "
-                                   f"fix: chmod 600 {escape(str(path))}")
+                                   f"fix: chmod 600 {escape(shlex.quote(str(path)))}")
     return ssh_fingerprint(key.public_key())
 
 
@@ -713,7 +716,7 @@ def check_ca(path: Path) -> ssl.SSLContext:
         raise SetupError(f"--ca {path}: file not found; fix: {fix}") from None
     except OSError as exc:
         raise SetupError(f"--ca {path}: cannot read it ({exc.strerror or exc}); fix: make it readable by "
-                         f"{_user()} (ca.crt is not secret: `chmod 644 {path}`)") from None
+                         f"{_user()} (ca.crt is not secret: `chmod 644 {shlex.quote(str(path))}`)") from None
     try:
         return ssl.create_default_context(cafile=str(path))
     except ssl.SSLError:

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 ``verify`` found the certificate untrustworthy, 2 bad i
 from __future__ import annotations
 
 import inspect
+import shlex
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,7 +103,7 @@ def init_cmd(
     c.print(f"  private key : {escape(str(key_path))}  (0600, keep secret)")
     c.print(f"  certificate : {escape(str(cert_path))}  (0644, give to every department)")
     c.print(f"  SHA-256     : {info.sha256}")
-    c.print(f"Next: fl-pki server-cert --ca-dir {escape(str(out))} --out <dir> --san <coordinator host or IP> ...")
+    c.print(f"Next: fl-pki server-cert --ca-dir {escape(shlex.quote(str(out)))} --out <dir> --san <coordinator host or IP> ...")
 
 
 @_command("server-cert")
@@ -143,7 +144,8 @@ def server_cert_cmd(
         _err().print("[yellow]note:[/] no 127.0.0.1 SAN: `fl-server start` refuses this certificate, because the "
                      "fl-server commands on the coordinator dial 127.0.0.1. Fix: issue it again with --force and "
                      "--san 127.0.0.1 next to the other names")
-    c.print(f"Check it with: fl-pki verify --ca {escape(str(Path(ca_dir) / pki.CA_CERT))} --cert {escape(str(cert_path))}")
+    c.print(f"Check it with: fl-pki verify --ca {escape(shlex.quote(str(Path(ca_dir) / pki.CA_CERT)))} "
+            f"--cert {escape(shlex.quote(str(cert_path)))}")
 
 
 @_command("node-key")

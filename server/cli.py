@@ -31,6 +31,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -302,7 +303,8 @@ def _coordinator(state_dir: Path) -> dict:
     path = state_dir / "coordinator.json"
     if not (cli_home(state_dir) / "config.toml").exists() or not path.exists():
         raise CliError(f"no coordinator set up in {state_dir} (missing {path}); fix: run `fl-server start "
-                       f"--state-dir {state_dir} ...` first, or pass the --state-dir you started it with", 3)
+                       f"--state-dir {shlex.quote(str(state_dir))} ...` first, or pass the --state-dir you started "
+                       "it with", 3)
     return json.loads(path.read_text())
 
 
@@ -512,7 +514,8 @@ LOCK_FILE = "fl-server.lock"
 def _second_start(state_dir: Path, holder: str) -> CliError:
     return CliError(f"--state-dir {state_dir}: another `fl-server start` (pid {holder}) runs the coordinator of this "
                     f"state dir; a second one would run a second SuperLink on its state.db and take its "
-                    f"coordinator.json; fix: use the running one (every fl-server command with --state-dir {state_dir} "
+                    f"coordinator.json; fix: use the running one (every fl-server command with --state-dir "
+                    f"{shlex.quote(str(state_dir))} "
                     f"talks to it), stop it first (kill -TERM {holder}, or `systemctl stop` its unit), or give this "
                     "one another --state-dir")
 
@@ -565,17 +568,30 @@ def take_start_lock(state_dir: Path):
 def check_port_free(host: str, port: int) -> None:
     """Refuse a ``--host``/``--port`` that cannot be listened on now (in use, or not an address of this machine).
 
+    ``fl-server start`` and ``fl-server console`` both check their address with it.
+
     Raises
     ------
     CliError
-        Code 2, naming the options and the fix.
+        Code 2, naming the options and the fix (for the port in use: what to stop or change; for
+        an address that is not this machine's or a name that does not resolve: --host).
     """
-    from server.console import listen_problem
+    import errno
 
-    problem = listen_problem(host, port)
-    if problem:
-        raise CliError(f"--host {host} --port {port}: cannot listen there ({problem}); fix: stop what uses the port "
-                       f"(e.g. another coordinator: `ss -ltnp 'sport = :{port}'` shows it), or choose another --port")
+    from server.console import bind_error
+
+    exc = bind_error(host, port)
+    if exc is None:
+        return
+    problem = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        fix = (f"stop what uses the port (e.g. another coordinator or console: `ss -ltnp 'sport = :{port}'` shows "
+               "it), or choose another --port")
+    elif exc.errno == errno.EACCES:
+        fix = "choose a --port above 1023 (lower ones need root or CAP_NET_BIND_SERVICE)"
+    else:  # EADDRNOTAVAIL, a name that does not resolve (socket.gaierror), ...
+        fix = "pass an address of this machine as --host (`ip -brief address` lists them), or its host name"
+    raise CliError(f"--host {host} --port {port}: cannot listen there ({problem}); fix: {fix}")
 
 
 def _admin_address(host: str, port: int) -> str:
@@ -957,7 +973,7 @@ class CoordinatorSupervisor:
         where = f" ({folder.name})" if folder else ""
         self.log(f"run {run_id}{where} failed: {details}. Not resumed automatically (the same error would recur). "
                  f"Fix: read `fl-server logs {run_id}`, correct the cause, then `fl-server run --resume "
-                 f"{folder.name if folder else run_id}`", "bold red")
+                 f"{shlex.quote(folder.name) if folder else run_id}`", "bold red")
         if folder is not None and (folder / "launch.json").exists():
             self._write_results(folder, f"failed: {details}", run_id)
 
@@ -977,7 +993,7 @@ class CoordinatorSupervisor:
             launch = read_launch(folder / "launch.json")
         except ValueError as exc:
             self.log(f"run {run_id}: {why}; not resumed: {UNREADABLE} {folder / 'launch.json'} ({exc}). Fix: "
-                     f"restore it, then `fl-server run --resume {folder.name}`", "bold red")
+                     f"restore it, then `fl-server run --resume {shlex.quote(folder.name)}`", "bold red")
             return
         if str(run_id) != str((launch.get("run-ids") or [""])[-1]):
             return  # this folder was resumed since (as another run)
@@ -987,7 +1003,7 @@ class CoordinatorSupervisor:
                 limit = ("automatic resumes are off (--max-resumes 0)" if self.max_resumes == 0 else
                          f"it was resumed automatically {self.max_resumes} time(s) already (--max-resumes)")
                 self.log(f"run {run_id} ({folder.name}): {why}; not resumed: {limit}. Fix: read `fl-server logs "
-                         f"{run_id}`, then `fl-server run --resume {folder.name}`", "bold red")
+                         f"{run_id}`, then `fl-server run --resume {shlex.quote(folder.name)}`", "bold red")
                 self._write_results(folder, f"failed: {why}", run_id)
                 return
             self.resumes[str(folder)] = n
@@ -1257,7 +1273,7 @@ def check_tls_files(ca: Path | None, cert: Path | None, key: Path | None, host: 
     except pki.PKIError:
         raise CliError(f"--cert {cert} does not cover {admin}: the fl-server commands on this machine (register, "
                        f"run, nodes, stop) dial {admin} and would fail TLS. Fix: reissue it with `fl-pki "
-                       f"server-cert ... --san {admin}` next to the names departments dial") from None
+                       f"server-cert ... --san {shlex.quote(admin)}` next to the names departments dial") from None
     check_tls_key(cert, key)
     return ca, cert, key
 
@@ -1426,7 +1442,10 @@ def _node_of_key_in_use(state_dir: Path, public_key: Path, info) -> dict:
     """
     path = Path(public_key).expanduser().resolve()
     parts = info.comment.split(":")
-    dept, site = (parts[1], parts[2]) if len(parts) == 3 and parts[0] == "cityfed" else ("<department>", "<site>")
+    # the key's own department and site, quoted for a shell (a site may hold spaces: "VA Long Beach");
+    # placeholders stay as they are when the key's comment is not fl-pki's
+    dept, site = ((shlex.quote(parts[1]), shlex.quote(parts[2])) if len(parts) == 3 and parts[0] == "cityfed"
+                  else ("<department>", "<site>"))
     new_key = (f"on the department's machine create a new key with `fl-pki node-key --department {dept} --site {site} "
                f"--out <its key folder> --force`, then register the new node.pub here with `fl-server register <new node.pub>`")
     mine = [n for n in registered_nodes_by_key(state_dir) if n["fingerprint"] == info.fingerprint]
@@ -2058,7 +2077,8 @@ def run_cmd(
             done, planned = _checkpoint_round(folder), int(checked["num-rounds"])
             if done >= planned:
                 raise CliError(f"run {resume} already completed all {planned} rounds (its checkpoint is after round "
-                               f"{done}); nothing to resume. Fix: continue it with more rounds (--resume {resume} "
+                               f"{done}); nothing to resume. Fix: continue it with more rounds (--resume "
+                               f"{shlex.quote(str(resume))} "
                                f"--rounds {done + 1} or more), or start a new run")
         _coordinator(sd)  # after the run config: a bad one is exit 2 whether or not the coordinator is up
         phases.step(f"building the app bundle from {Path(app_dir).resolve()} and submitting it to the coordinator (flwr run)")
@@ -2118,7 +2138,7 @@ def _new_run(runs: Path, department: str | None, name: str | None, overrides: di
                        "starting with a letter or digit; fix: choose such a name (e.g. health-trial-2)")
     folder = runs / folder_name
     if (folder / "launch.json").exists():
-        raise CliError(f"run folder {folder} exists; fix: choose another --name, or --resume {folder_name}")
+        raise CliError(f"run folder {folder} exists; fix: choose another --name, or --resume {shlex.quote(folder_name)}")
     if folder.exists() and not folder.is_dir():
         raise CliError(f"--name {folder_name}: {folder} is a file; fix: choose another --name")
     return {"run-ids": []}, folder, {"department": department, **overrides}
@@ -2355,7 +2375,7 @@ def _stopped_results(state_dir: Path, runs: Path, run_id: str, wait: float) -> N
         except Exception as exc:  # noqa: BLE001 - the run is stopped; say what is missing and why
             raise CliError(f"run {run_id} is stopped, but its results could not be written in {folder} "
                            f"({type(exc).__name__}: {exc}); its checkpoint.safetensors is kept: `fl-server run --resume "
-                           f"{rec['folder']}` continues it", 1) from None
+                           f"{shlex.quote(str(rec['folder']))}` continues it", 1) from None
     _out().print(f"results.json: stopped by operator after {out['rounds-completed']} completed round(s) -> "
                  f"{escape(str(folder / 'results.json'))}; report: {escape(str(folder / 'report.html'))}")
 
@@ -2456,4 +2476,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m server.cli`: this file runs as __main__, a second copy of server.cli. The modules it
+    # calls (server.console, serving.commands) raise server.cli.CliError, which this copy's _errors()
+    # would not catch (exit 1 instead of the error's code): run the importable module's main instead.
+    from server.cli import main as _main
+
+    _main()

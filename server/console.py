@@ -47,6 +47,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,8 @@ def check_bind(host: str, *, allow_remote: bool, certfile: Path | None, keyfile:
     ConsoleError
         Naming the option and the fix.
     """
+    if not host.strip():
+        raise ConsoleError("--host is empty; fix: leave --host out (127.0.0.1), or pass an address of this machine")
     if (certfile is None) != (keyfile is None):
         raise ConsoleError("--certfile and --keyfile go together; fix: pass both (PEM certificate and its key) or neither")
     for opt, f in (("--certfile", certfile), ("--keyfile", keyfile)):
@@ -114,10 +117,12 @@ def check_bind(host: str, *, allow_remote: bool, certfile: Path | None, keyfile:
                            "`fl-pki`)")
 
 
-def listen_problem(host: str, port: int) -> str | None:
-    """Why ``host:port`` cannot be listened on now (a bind test, as the server binds), or None when it can.
+def bind_error(host: str, port: int) -> OSError | None:
+    """The error binding ``host:port`` gives now (a bind test, as the server binds), or None when it binds.
 
-    ``fl-server console`` and ``fl-server start`` check it before they write or start anything.
+    ``fl-server console`` and ``fl-server start`` check it (:func:`server.cli.check_port_free`)
+    before they write or start anything. A host name that does not resolve gives a
+    :class:`socket.gaierror` (an ``OSError``).
     """
     import socket
 
@@ -127,8 +132,37 @@ def listen_problem(host: str, port: int) -> str | None:
         try:
             s.bind((host.strip("[]"), port))
         except OSError as exc:
-            return exc.strerror or str(exc)
+            return exc
     return None
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now (:func:`bind_error`'s reason), or None when it can."""
+    exc = bind_error(host, port)
+    return None if exc is None else (exc.strerror or str(exc))
+
+
+def check_tls_pair(certfile: Path, keyfile: Path) -> None:
+    """Refuse ``--certfile``/``--keyfile`` that are not a PEM certificate and its (unencrypted) private key.
+
+    Loads them as the server will (before anything is written), so that a wrong file is an
+    input error, not a failure after the console has announced its address.
+
+    Raises
+    ------
+    ConsoleError
+        Naming both options and the fix.
+    """
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:  # a password callback: an encrypted key is refused, never prompted for
+        ctx.load_cert_chain(certfile, keyfile, password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConsoleError(f"--certfile {certfile} --keyfile {keyfile}: not a PEM certificate and its unencrypted "
+                           f"private key ({reason}); fix: pass the certificate and key `fl-pki server-cert` wrote "
+                           "(server.crt and server.key) for this host") from None
 
 
 def load_token(state_dir: Path) -> str:
@@ -137,18 +171,33 @@ def load_token(state_dir: Path) -> str:
     Raises
     ------
     ConsoleError
-        When the file is readable by others or empty.
+        When the file cannot be made or read, is not a file, is readable by others, or holds no
+        token (code 2 as ``fl-server console`` reports it).
     """
     path = Path(state_dir) / TOKEN_FILE
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise ConsoleError(f"--state-dir {state_dir}: cannot write the admin token file {path} "
+                               f"({exc.strerror or exc}); fix: run fl-server console as the user that owns the state "
+                               "dir (the one that runs `fl-server start`), or pass a --state-dir this user can write") from None
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_urlsafe(32) + "\n")
+    if not path.is_file():
+        raise ConsoleError(f"{path}: is a folder (or another non-file), not the admin token file; fix: move it out of "
+                           "the way; the console then makes a new token file there")
     if path.stat().st_mode & 0o077:
         raise ConsoleError(f"{path}: readable by other users (mode {path.stat().st_mode & 0o777:o}); fix: "
-                           f"chmod 600 {path}, or delete it to make a new token")
-    token = path.read_text().strip()
+                           f"chmod 600 {shlex.quote(str(path))}, or delete it to make a new token")
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ConsoleError(f"{path}: cannot read it ({exc.strerror or exc}); fix: run fl-server console as the "
+                           "file's owner (the state dir's), or delete it to make a new token") from None
+    except UnicodeDecodeError:
+        raise ConsoleError(f"{path}: not a token (not UTF-8 text); fix: delete it (a new one is made)") from None
     if len(token) < 16:
         raise ConsoleError(f"{path}: token shorter than 16 characters; fix: delete the file (a new one is made)")
     return token
@@ -366,7 +415,11 @@ def serve(state_dir: Path, runs_dir: Path, *, host: str = "127.0.0.1", port: int
     Raises
     ------
     server.cli.CliError
-        Refused bind (code 2), token file problem (code 2), port in use (code 1).
+        Code 2, naming the option and the fix, before anything is written: a missing
+        ``--state-dir``, a refused bind (:func:`check_bind`), TLS files that are not a
+        certificate and its key, a ``--host``/``--port`` it cannot listen on (in use, or not an
+        address of this machine: :func:`server.cli.check_port_free`, as ``fl-server start``),
+        a token file problem (:func:`load_token`).
     """
     import socket
     import sys
@@ -378,13 +431,12 @@ def serve(state_dir: Path, runs_dir: Path, *, host: str = "127.0.0.1", port: int
                            "`fl-server start` uses; default $CITYFED_STATE_DIR or ~/.cityfed/coordinator)")
     try:
         check_bind(host, allow_remote=allow_remote, certfile=certfile, keyfile=keyfile)
+        if certfile is not None and keyfile is not None:
+            check_tls_pair(certfile, keyfile)
+        cli.check_port_free(host, port)  # as `fl-server start`: code 2, before the token file is made
         token = load_token(state_dir)
     except ConsoleError as exc:
         raise cli.CliError(str(exc)) from None
-    problem = listen_problem(host, port)
-    if problem:
-        raise cli.CliError(f"--host {host} --port {port}: cannot listen there ({problem}); fix: choose "
-                           "another --port, or stop what uses it", 1)
     hosts = ["127.0.0.1", "localhost", "::1", "[::1]"] if is_loopback(host) else ["*"]
     app = make_app(state_dir, runs_dir, token=token, refresh=refresh, allowed_hosts=hosts)
     scheme = "https" if certfile else "http"

@@ -443,7 +443,7 @@ def test_fl_server_console_serves_on_loopback(tmp_path):
         # a second console on the same port: refused with the reason
         second = subprocess.run([sys.executable, "-m", "server.cli", "console", "--port", str(port), "--state-dir",
                                  str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-        assert second.returncode == 1 and "cannot listen there" in second.stderr
+        assert second.returncode == 2 and "cannot listen there" in second.stderr
     finally:
         proc.terminate()
         proc.wait(timeout=20)
