@@ -353,7 +353,8 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
         spec.audit("job-refused", run=str(cfg.get("run-id", "")), round=int(cfg.get("server-round", 0)), reason=str(exc))
         raise
     # the run asked for this round before (resumed after a crash mid-round): counted again, marked
-    replay = bool(job.run_id) and ledger.has_round(spec.site, job.run_id, job.round)
+    replay = bool(job.run_id) and ledger.has_round(spec.site, job.run_id, job.round,
+                                                   "dp-sgd" if job.dp else "non-private")
 
     def release(mechanism: str, noise: float, q: float, steps: int) -> Release:
         return Release(noise_multiplier=noise, sample_rate=q, steps=steps, delta=delta, run_id=job.run_id,
@@ -374,7 +375,10 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
                      proximal_mu=float(cfg.get("proximal-mu", 0.0)))
     dp = None
     pending: list[tuple[int, Release]] = []
-    if job.dp:
+    if not job.dp:  # allowed by the policy, still a release: the site's epsilon is infinite from now on
+        r = release("non-private", 0.0, 1.0, 1)
+        pending.append((ledger.begin(r), r))
+    else:
         dp = DPSettings(noise_multiplier=job.noise_multiplier, max_grad_norm=job.clipping_norm, delta=delta,
                         public_records=public)
         try:  # recorded BEFORE training: a crash never under-counts
@@ -408,7 +412,7 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     metrics = {
         "num-examples": rounded_count(int(res.num_examples), rel.num_examples_granularity),  # = public under DP
         "epsilon": float(ledger.epsilon(spec.site, delta)) if job.dp else float("inf"),
-        "noise-multiplier": float(job.noise_multiplier or 0.0),
+        "noise-multiplier": float(job.noise_multiplier or 0.0) if job.dp else 0.0,
         "steps": int(job.steps),
     }
     if loss is not None:

@@ -108,6 +108,8 @@ def rdp_epsilon(history: History, delta: float) -> float:
         return 0.0
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1) (got {delta!r})")
+    if any(noise <= 0 and q > 0 and steps > 0 for noise, q, steps in history):
+        return math.inf  # a noiseless release (a non-private round) has no finite epsilon
     from opacus.accountants.analysis.rdp import get_privacy_spent
     from opacus.accountants.rdp import RDPAccountant
 

@@ -54,7 +54,10 @@ SCHEMA_VERSION = 2
 #: releases of clipped per-record sums (:mod:`privacy.releases`): a training loss, evaluation
 #: metrics. A Gaussian mechanism with noise multiplier sigma and k released sums is accounted as
 #: ``(sigma, sample_rate=1, steps=k)``: the sampled Gaussian at q = 1 IS the Gaussian mechanism.
-MECHANISMS = ("dp-sgd", "gaussian-train-loss", "gaussian-eval", "personalisation")
+#: A round trained without DP (the policy's ``require_dp = false``) is recorded as ``non-private``
+#: ``(0, 1, 1)``: no noise, so the site's epsilon is infinite from then on and no later release fits
+#: a finite budget.
+MECHANISMS = ("dp-sgd", "gaussian-train-loss", "gaussian-eval", "personalisation", "non-private")
 
 #: Seconds a connection waits for a lock held by another process before failing.
 DEFAULT_TIMEOUT_S = 30.0
@@ -382,6 +385,11 @@ class PrivacyLedger:
                 hist = self._history(con, release.site)
                 hist.append((float(release.noise_multiplier), float(release.sample_rate), int(release.steps)))
                 eps = composed_epsilon(hist, float(delta), self.accountant)
+                if eps > max_epsilon and not math.isfinite(eps):
+                    raise BudgetExceededError(
+                        f"privacy ledger {str(self.path)!r}: site {release.site!r} has a non-private release (a round "
+                        f"trained without DP, allowed by policy require_dp = false): its epsilon is infinite, so no "
+                        f"release stays within max_epsilon {max_epsilon:g}.")
                 if eps > max_epsilon:
                     raise BudgetExceededError(
                         f"privacy ledger {str(self.path)!r}: release would bring site {release.site!r} "

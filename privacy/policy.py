@@ -180,7 +180,11 @@ class PrivacyPolicy(BaseModel):
     )
     require_dp: bool = Field(
         default=True,
-        description="When true, a job with DP switched off is refused.",
+        description=(
+            "When true, a job with DP switched off is refused. When false, such a job is accepted and recorded in the "
+            "ledger as a 'non-private' release: from then on the site's epsilon is infinite and every DP job, "
+            "evaluation or DP personalisation is refused (no finite guarantee holds for records that left without "
+            "noise)."),
     )
     require_secure_aggregation: bool = Field(
         default=False,
@@ -645,7 +649,10 @@ def check_job(policy: PrivacyPolicy, job: JobRequest, ledger: PrivacyLedger, sit
     -----
     A non-DP job that the policy allows (``require_dp = false``) is accepted without the
     noise, clipping and budget checks; its ``epsilon_after`` is ``inf`` because a non-DP
-    release has no finite privacy guarantee, and it cannot be recorded in the ledger.
+    release has no finite privacy guarantee. The node records it in the ledger as a
+    ``non-private`` release (:data:`privacy.ledger.MECHANISMS`), so the site's epsilon stays
+    infinite and every later DP job is refused here: no finite guarantee can be claimed for
+    records that already left without noise.
     """
     before = ledger.epsilon(site, delta, policy.accountant)
 
@@ -657,7 +664,13 @@ def check_job(policy: PrivacyPolicy, job: JobRequest, ledger: PrivacyLedger, sit
     if conflict is not None:
         return refuse(conflict[1])
     if not job.dp:
-        return Decision(True, "accepted: dp is off, allowed by policy require_dp = false (not accounted)", before, math.inf)
+        return Decision(True, "accepted: dp is off, allowed by policy require_dp = false (recorded as a non-private "
+                        "release: the site's epsilon is infinite from now on)", before, math.inf)
+    if math.isinf(before):
+        return refuse(f"this site's records already left without DP (a non-private release in the ledger, allowed by "
+                      f"policy require_dp = false): its epsilon is infinite, so no DP release stays within max_epsilon "
+                      f"{policy.max_epsilon:g}; a DP guarantee needs a site whose records never left without noise",
+                      math.inf)
     release = Release(
         noise_multiplier=float(job.noise_multiplier),
         sample_rate=float(job.sample_rate),
