@@ -302,6 +302,30 @@ def job_from_config(cfg: dict, spec: NodeSpec, n_train: int, task: str = "binary
     )
 
 
+def check_run_cap(job: JobRequest, spec: "NodeSpec", ledger: PrivacyLedger) -> None:
+    """Refuse a training round the policy's ``max_rounds_per_run`` does not leave to ``job``'s run.
+
+    The round numbers are the coordinator's: a training round is numbered from 1 (Flower's server
+    rounds), and the run's trainings already in the node's ledger (DP-SGD and non-private rounds,
+    pending or committed, replays of a round included) count against the cap, so neither round 0
+    nor a repeated round trains a run more often than the policy allows. The cap binds one run; the
+    coordinator names runs, so across runs the lifetime ``max_epsilon`` is what binds.
+
+    Raises
+    ------
+    JobRefused
+        Round below 1, or the run has had its ``max_rounds_per_run`` trainings.
+    """
+    if job.round < 1:
+        raise JobRefused(f"{spec.department}/{spec.site}: refused: job config server-round {job.round}: training "
+                         "rounds are numbered from 1 (each counts against policy max_rounds_per_run)")
+    cap = spec.policy.max_rounds_per_run
+    trained = ledger.count(spec.site, job.run_id, "dp-sgd") + ledger.count(spec.site, job.run_id, "non-private")
+    if trained >= cap:
+        raise JobRefused(f"{spec.department}/{spec.site}: refused: run {job.run_id!r} already trained {trained} "
+                         f"time(s) on this node (replayed rounds included), policy max_rounds_per_run = {cap}")
+
+
 def _job_fields(job: JobRequest) -> dict:
     return {"run": job.run_id, "round": job.round, "dp": job.dp, "noise_multiplier": job.noise_multiplier,
             "clipping_norm": job.clipping_norm, "sample_rate": job.sample_rate, "steps": job.steps}
@@ -349,6 +373,7 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     ledger = PrivacyLedger(spec.ledger_path, accountant=spec.policy.accountant)
     try:
         job = job_from_config(cfg, spec, len(train), task, ledger)
+        check_run_cap(job, spec, ledger)
     except JobRefused as exc:
         spec.audit("job-refused", run=str(cfg.get("run-id", "")), round=int(cfg.get("server-round", 0)), reason=str(exc))
         raise

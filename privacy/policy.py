@@ -124,7 +124,9 @@ class ReleasePolicy(BaseModel):
         default=5,
         ge=0,
         le=10_000,
-        description="Evaluate messages of one run this node answers (local_evaluation = \"dp\"); later ones are refused.",
+        description=("Evaluate messages of one run this node answers (local_evaluation = \"dp\"); later ones are "
+                     "refused. One run's cap: the coordinator names runs, so across runs the lifetime max_epsilon "
+                     "binds (each evaluation is an accounted release)."),
     )
 
 
@@ -176,7 +178,10 @@ class PrivacyPolicy(BaseModel):
     )
     max_rounds_per_run: int = Field(
         ge=1,
-        description="Highest server round (1-based) of one run this node takes part in.",
+        description=("Highest server round (1-based) of one run this node takes part in, and the most times one run "
+                     "trains on this node: the run's trainings in the ledger, replayed rounds included, are counted "
+                     "(clients.node.check_run_cap). One run's cap: the coordinator names runs, so across runs the "
+                     "lifetime max_epsilon binds."),
     )
     require_dp: bool = Field(
         default=True,
