@@ -211,7 +211,7 @@ def failure_guard_mod(spec_of):
     Flower answers an exception that escapes a ClientApp with its type and message, and a message
     may quote the node's records. This mod answers it like the task handlers do: code
     :data:`FAILED`, :func:`failed_reason`'s text (the node, the task and the error's type), the
-    cause in the node's own log, and the reply in its audit log. Python's ``BaseException``\ s that
+    cause in the node's own log, and the reply in its audit log. Python exceptions that
     are not errors (``KeyboardInterrupt``, ``SystemExit``) pass.
 
     Parameters
