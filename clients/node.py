@@ -38,7 +38,7 @@ from contract.keys import NODE_KEYS, OPTIMIZERS
 from privacy.dp import CalibrationError, DPSettings, calibrate_noise
 from privacy.dp import steps_per_epoch as dp_steps_per_epoch
 from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
-from privacy.policy import JobRequest, PrivacyPolicy, check_job, load_policy
+from privacy.policy import JobRequest, PrivacyPolicy, check_job, job_conflict, load_policy
 from privacy.releases import ERROR_BOUND, LOSS_BOUND, noisy_means
 from shared_models import build_model, default_model_config
 
@@ -183,9 +183,11 @@ def delta_records(n: int, granularity: int) -> int:
     """The record count a site's delta is set for: ``rounded_count(n, g) + g // 2``, never below ``n``.
 
     The delta (:meth:`~privacy.policy.PrivacyPolicy.site_delta`, ``1/(10 n)``) shows in the
-    reply's epsilon; derived from the rounded count alone it reveals nothing more of ``n``, and
-    the half granularity added keeps it at or below the exact count's delta (conservative).
-    Granularity 1: ``n``.
+    reply's epsilon, so it is derived from what may leave: under DP ``n`` is the site's released,
+    noised count (:mod:`clients.counts`), rounded, plus half the granularity. It follows that count,
+    so it may be slightly above the exact count's ``1/(10 n)`` when the noise drew low (std
+    ``count_noise_multiplier`` records); a policy that needs a hard bound sets ``delta``, which
+    caps every site's delta. Granularity 1: ``n``.
     """
     granularity = max(int(granularity), 1)
     return rounded_count(n, granularity) + granularity // 2
@@ -197,7 +199,8 @@ def public_count(n: int, policy: PrivacyPolicy) -> tuple[int, float]:
     Parameters
     ----------
     n : int
-        The site's exact number of training records.
+        The site's training-record count as it may leave: under DP the released, noised count
+        (:func:`train_count`, :mod:`clients.counts`); without DP (a non-private round) the exact one.
     policy : PrivacyPolicy
         The node's policy (its ``releases.num_examples_granularity``).
 
@@ -252,8 +255,9 @@ def job_from_config(cfg: dict, spec: NodeSpec, n_train: int, task: str = "binary
         The message's job config.
     spec : NodeSpec
     n_train : int
-        The site's exact number of training records; the steps, sample rate, delta and noise
-        derive from :func:`public_count` of it.
+        The site's training-record count as it may leave: under DP its released, noised count
+        (:func:`train_count`); the steps, sample rate, delta and noise derive from
+        :func:`public_count` of it.
     task : str
     ledger : PrivacyLedger, optional
 
@@ -302,7 +306,7 @@ def job_from_config(cfg: dict, spec: NodeSpec, n_train: int, task: str = "binary
     )
 
 
-def check_run_cap(job: JobRequest, spec: "NodeSpec", ledger: PrivacyLedger) -> None:
+def check_run_cap(run_id: str, rnd: int, spec: "NodeSpec", ledger: PrivacyLedger) -> None:
     """Refuse a training round the policy's ``max_rounds_per_run`` does not leave to ``job``'s run.
 
     The round numbers are the coordinator's: a training round is numbered from 1 (Flower's server
@@ -311,19 +315,48 @@ def check_run_cap(job: JobRequest, spec: "NodeSpec", ledger: PrivacyLedger) -> N
     nor a repeated round trains a run more often than the policy allows. The cap binds one run; the
     coordinator names runs, so across runs the lifetime ``max_epsilon`` is what binds.
 
+    Parameters
+    ----------
+    run_id, rnd : str, int
+        The job config's ``run-id`` and ``server-round``.
+
     Raises
     ------
     JobRefused
         Round below 1, or the run has had its ``max_rounds_per_run`` trainings.
     """
-    if job.round < 1:
-        raise JobRefused(f"{spec.department}/{spec.site}: refused: job config server-round {job.round}: training "
+    if rnd < 1:
+        raise JobRefused(f"{spec.department}/{spec.site}: refused: job config server-round {rnd}: training "
                          "rounds are numbered from 1 (each counts against policy max_rounds_per_run)")
     cap = spec.policy.max_rounds_per_run
-    trained = ledger.count(spec.site, job.run_id, "dp-sgd") + ledger.count(spec.site, job.run_id, "non-private")
+    trained = ledger.count(spec.site, run_id, "dp-sgd") + ledger.count(spec.site, run_id, "non-private")
     if trained >= cap:
-        raise JobRefused(f"{spec.department}/{spec.site}: refused: run {job.run_id!r} already trained {trained} "
+        raise JobRefused(f"{spec.department}/{spec.site}: refused: run {run_id!r} already trained {trained} "
                          f"time(s) on this node (replayed rounds included), policy max_rounds_per_run = {cap}")
+
+
+def train_count(spec: "NodeSpec", ledger: PrivacyLedger, cfg: dict, exact: int) -> int:
+    """The released (noised, accounted once) count of the site's ``exact`` training records.
+
+    :func:`clients.counts.released_count` for the training split, with the job config's run, round
+    and seed. For a job the policy refuses whatever the count (another department or task, DP off
+    under ``require_dp``, too little noise asked, too large a clipping norm, a round past the cap)
+    no count is released: the exact one is returned, for :func:`~privacy.policy.check_job` to
+    refuse the job with a reason that carries no count (nothing derived from it leaves).
+    """
+    from clients.counts import released_count
+
+    noise = cfg.get("noise-multiplier")
+    conflict = job_conflict(spec.policy, department=str(cfg.get("department", "")), task=str(cfg.get("task", "")),
+                            dp=bool(cfg.get("dp", True)),
+                            noise_multiplier=float(noise) if noise is not None else spec.policy.min_noise_multiplier,
+                            clipping_norm=float(cfg["clipping-norm"]) if "clipping-norm" in cfg else None,
+                            round=int(cfg.get("server-round", 0)))
+    if conflict is not None:
+        return exact
+
+    return released_count(spec, ledger, "train", exact, run_id=str(cfg.get("run-id", "")),
+                          round=int(cfg.get("server-round", 0)), seed=int(cfg.get("seed", 0)))
 
 
 def _job_fields(job: JobRequest) -> dict:
@@ -368,12 +401,14 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     train = site.train.tensors()
     task = ds.schema.task
     rel = spec.policy.releases
-    # what leaves (steps, sample rate, noise, delta, epsilon, the count) derives from the rounded count
-    public, delta = public_count(len(train), spec.policy)
     ledger = PrivacyLedger(spec.ledger_path, accountant=spec.policy.accountant)
     try:
-        job = job_from_config(cfg, spec, len(train), task, ledger)
-        check_run_cap(job, spec, ledger)
+        check_run_cap(str(cfg.get("run-id", "")), int(cfg.get("server-round", 0)), spec, ledger)
+        # under DP, what leaves (steps, sample rate, noise, delta, epsilon, the count) derives from the
+        # site's released, noised count (clients.counts), rounded; without DP the round is non-private
+        n_count = train_count(spec, ledger, cfg, len(train)) if bool(cfg.get("dp", True)) else len(train)
+        public, delta = public_count(n_count, spec.policy)
+        job = job_from_config(cfg, spec, n_count, task, ledger)
     except JobRefused as exc:
         spec.audit("job-refused", run=str(cfg.get("run-id", "")), round=int(cfg.get("server-round", 0)), reason=str(exc))
         raise
@@ -424,7 +459,7 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
 
             stats = per_record_statistics(model, site.train, task, loss_only=True)
             loss = noisy_means(stats, {"loss": LOSS_BOUND[task]}, rel.metric_noise_multiplier,
-                               count=rounded_count(len(stats["loss"]), rel.num_examples_granularity)).values["loss"]
+                               count=public).values["loss"]
     except BaseException as exc:
         for rid, _ in pending:
             ledger.abort(rid, f"training failed before any release: {type(exc).__name__}")
@@ -435,7 +470,8 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
                    sample_rate=r.sample_rate, steps=r.steps, delta=delta, replay=r.replay, epsilon_before=before,
                    epsilon_after=ledger.epsilon(spec.site, delta), accountant=ledger.accountant)
     metrics = {
-        "num-examples": rounded_count(int(res.num_examples), rel.num_examples_granularity),  # = public under DP
+        # under DP the released count; a non-private round (its epsilon is infinite) the records it trained on
+        "num-examples": public if job.dp else rounded_count(int(res.num_examples), rel.num_examples_granularity),
         "epsilon": float(ledger.epsilon(spec.site, delta)) if job.dp else float("inf"),
         "noise-multiplier": float(job.noise_multiplier or 0.0) if job.dp else 0.0,
         "steps": int(job.steps),
@@ -494,7 +530,17 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
     if len(site.test) == 0:
         out = {"num-examples": 0}
     else:
-        delta = public_count(len(site.train), spec.policy)[1]
+        # the delta follows the released training count; the means' divisor and num-examples the released
+        # test count (each released once, noised and accounted: clients.counts)
+        from clients.counts import released_count
+
+        # (released_count itself, not train_count: an evaluate's job-like settings are not checked here, and
+        # no fallback to the exact count may reach the reply's epsilon)
+        seed = int(cfg.get("seed", 0))
+        delta = public_count(released_count(spec, ledger, "train", len(site.train), run_id=run_id, round=rnd, seed=seed)
+                             if len(site.train) else 1, spec.policy)[1]
+        n_test = rounded_count(released_count(spec, ledger, "test", len(site.test), run_id=run_id, round=rnd, seed=seed),
+                               rel.num_examples_granularity)
         r = Release(noise_multiplier=rel.metric_noise_multiplier, sample_rate=1.0, steps=EVAL_SUMS[task], delta=delta,
                     run_id=run_id, round=rnd, site=spec.site, department=spec.department, mechanism="gaussian-eval")
         before = ledger.epsilon(spec.site, delta)
@@ -515,7 +561,7 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
             if len(stats) != r.steps:
                 raise RuntimeError(f"{len(stats)} statistics but {r.steps} accounted")
             released = noisy_means(stats, bounds, rel.metric_noise_multiplier,
-                                   count=rounded_count(len(site.test), rel.num_examples_granularity)).values
+                                   count=n_test).values
         except BaseException as exc:
             ledger.abort(rid, f"evaluation failed before any release: {type(exc).__name__}")
             raise
@@ -529,7 +575,7 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
         else:
             naive = max(min(v for k, v in released.items() if k != "mae"), 0.01)  # noise can reach 0
             out = {"mae-ratio": float(f"{released['mae'] / naive:.4g}")}
-        out.update({"num-examples": rounded_count(len(site.test), rel.num_examples_granularity), "epsilon": float(after)})
+        out.update({"num-examples": n_test, "epsilon": float(after)})
     if spec.partition_id is not None:
         out["partition-id"] = int(spec.partition_id)
     return out

@@ -65,8 +65,8 @@ def personalise_batch(cfg: dict) -> int:
 def personalise_steps(cfg: dict, spec, n_train: int) -> int:
     """DP-SGD steps of this node's planned personalisation (at :func:`personalise_batch`).
 
-    From the count the node may reveal (:func:`clients.node.public_count` of ``n_train``), as
-    every other released step count.
+    From the count the node may reveal (:func:`clients.node.public_count` of ``n_train``, the site's
+    released count under DP: :mod:`clients.counts`), as every other released step count.
     """
     from clients.node import public_count
     from privacy.dp import steps_per_epoch
@@ -327,14 +327,20 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
     base_sha = state_sha256(model.state_dict())  # the global model it starts from (fl-serve --personalised checks it)
     train = site.train.tensors()
     task = ds.schema.task
-    public, delta = public_count(len(train), spec.policy)  # what leaves derives from the rounded count
     ledger = PrivacyLedger(spec.ledger_path, accountant=spec.policy.accountant)
+    # under DP what leaves derives from the site's released, noised count (clients.counts), rounded
+    n_count = len(train)
+    if bool(cfg.get("dp", True)):
+        from clients.node import train_count
+
+        n_count = train_count(spec, ledger, cfg, len(train))
+    public, delta = public_count(n_count, spec.policy)
     if ledger.count(spec.site, run_id, "personalisation"):
         raise refuse(f"run {run_id!r} was already personalised on this node (once per run)")
     # the same calibration as a training round, with no rounds left: the personalisation's steps
     # get the noise that lands the run (what it spent so far + these steps) on its target
     pcfg = {**cfg, "local-epochs": epochs, "num-rounds": rnd, "personalise-epochs": 0, "batch-size": personalise_batch(cfg)}
-    base = job_from_config(pcfg, spec, len(train), task, ledger)
+    base = job_from_config(pcfg, spec, n_count, task, ledger)
     job = JobRequest(**{**base.model_dump(), "round": rnd})
     decision = check_job(spec.policy, job, ledger, spec.site, delta=delta)
     spec.audit("personalise", run=run_id, round=rnd, dp=job.dp, noise_multiplier=job.noise_multiplier,

@@ -57,7 +57,9 @@ SCHEMA_VERSION = 2
 #: A round trained without DP (the policy's ``require_dp = false``) is recorded as ``non-private``
 #: ``(0, 1, 1)``: no noise, so the site's epsilon is infinite from then on and no later release fits
 #: a finite budget.
-MECHANISMS = ("dp-sgd", "gaussian-train-loss", "gaussian-eval", "personalisation", "non-private")
+#: ``gaussian-count``: the site's record count (of its training or test split) with Gaussian noise
+#: (sensitivity 1), released once per data set and reused (:meth:`PrivacyLedger.released_count`).
+MECHANISMS = ("dp-sgd", "gaussian-train-loss", "gaussian-eval", "personalisation", "non-private", "gaussian-count")
 
 #: Seconds a connection waits for a lock held by another process before failing.
 DEFAULT_TIMEOUT_S = 30.0
@@ -106,6 +108,23 @@ CREATE TABLE IF NOT EXISTS central_claims (
     claimed_delta          REAL,
     claimed_accountant     TEXT,
     created_at             TEXT    NOT NULL
+)
+"""
+
+
+#: The noised record counts a node has released (one per site, split and exact count: a data set that
+#: changes size gets a new, accounted release), so that every later reply reuses the same value (reuse
+#: is post-processing and costs nothing more). ``exact`` never leaves the node. Added without a schema
+#: version change: older code ignores the table.
+_COUNTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS released_counts (
+    site        TEXT    NOT NULL,
+    split       TEXT    NOT NULL,
+    exact       INTEGER NOT NULL,
+    value       INTEGER NOT NULL CHECK (value >= 1),
+    release_id  INTEGER NOT NULL REFERENCES releases (id),
+    created_at  TEXT    NOT NULL,
+    PRIMARY KEY (site, split, exact)
 )
 """
 
@@ -314,7 +333,7 @@ class PrivacyLedger:
                 tables = {
                     r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
                 } - {"sqlite_sequence"}
-                if tables - {"releases", "central_claims"}:
+                if tables - {"releases", "central_claims", "released_counts"}:
                     con.execute("ROLLBACK")
                     raise LedgerError(
                         f"privacy ledger {str(self.path)!r}: is an SQLite database but not a privacy "
@@ -329,6 +348,7 @@ class PrivacyLedger:
                 con.execute("ALTER TABLE releases ADD COLUMN replay INTEGER NOT NULL DEFAULT 0 CHECK (replay IN (0, 1))")
                 con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             con.execute(_CENTRAL_SCHEMA)
+            con.execute(_COUNTS_SCHEMA)
             con.execute("COMMIT")
         except sqlite3.Error as exc:
             try:
@@ -476,6 +496,68 @@ class PrivacyLedger:
             raise ValueError("abort() needs a non-empty reason for the audit trail")
         self._finish(release_id, "aborted", steps=None, reason=reason)
 
+    def released_count(self, release: Release, split: str, exact: int, draw, *, max_epsilon: float,
+                       delta: float, delta_of=None) -> tuple[int, bool]:
+        """The noised count of ``site``'s ``split`` records: the one released before, or a new release.
+
+        In one write transaction: when this site, split and exact count already have a released
+        value it is returned (nothing new leaves: the same value again). Otherwise the budget is
+        checked with ``release`` (a ``gaussian-count`` release) added, ``draw()`` gives the noised
+        value, and the release (committed: it leaves with the reply that asked for it) and the value
+        are recorded together.
+
+        Parameters
+        ----------
+        release : Release
+            The ``gaussian-count`` release (noise multiplier = the noise std in records, q = 1, 1 step).
+        split : str
+            ``"train"`` or ``"test"``.
+        exact : int
+            The exact count (stays in the ledger, on the node).
+        draw : callable
+            ``draw() -> int``: the noised count (>= 1).
+        max_epsilon, delta : float
+            The budget check, as in :meth:`begin`.
+        delta_of : callable, optional
+            ``delta_of(value) -> float``: the delta recorded with the committed release, once the
+            value is known (the site's delta follows its released count); default ``release.delta``.
+
+        Returns
+        -------
+        (int, bool)
+            The value, and whether this call released it (False: released before).
+
+        Raises
+        ------
+        BudgetExceededError
+            A new release would pass ``max_epsilon``.
+        """
+        if release.mechanism != "gaussian-count":
+            raise ValueError(f"released_count() records a gaussian-count release (got {release.mechanism!r})")
+        with self._write() as con:
+            row = con.execute("SELECT value FROM released_counts WHERE site = ? AND split = ? AND exact = ?",
+                              (release.site, split, int(exact))).fetchone()
+            if row is not None:
+                return int(row[0]), False
+        rid = self.begin(release, max_epsilon=max_epsilon, delta=delta)
+        value = int(draw())
+        if value < 1:
+            self.abort(rid, "the drawn count was below 1")
+            raise ValueError(f"a released count must be >= 1 (got {value})")
+        with self._write() as con:
+            row = con.execute("SELECT value FROM released_counts WHERE site = ? AND split = ? AND exact = ?",
+                              (release.site, split, int(exact))).fetchone()
+            if row is not None:  # another process released it meanwhile: its value is the one that leaves
+                con.execute("UPDATE releases SET status = 'aborted', reason = ?, updated_at = ? WHERE id = ?",
+                            ("another process released this count first", _now(), rid))
+                return int(row[0]), False
+            row_delta = float(delta_of(value)) if delta_of is not None else float(release.delta)
+            con.execute("UPDATE releases SET status = 'committed', delta = ?, updated_at = ? WHERE id = ?",
+                        (row_delta, _now(), rid))
+            con.execute("INSERT INTO released_counts (site, split, exact, value, release_id, created_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?)", (release.site, split, int(exact), value, rid, _now()))
+        return value, True
+
     # -- reads ---------------------------------------------------------------------------
     @staticmethod
     def _history(con: sqlite3.Connection, site: str) -> list[tuple[float, float, int]]:
@@ -542,6 +624,19 @@ class PrivacyLedger:
             (site, run_id, mechanism),
         )
         return int(rows[0][0])
+
+    def counts(self, site: str | None = None, split: str | None = None) -> list[dict]:
+        """The released record counts (:meth:`released_count`), oldest first, as plain dicts.
+
+        Keys: ``site, split, exact, value, release_id, created_at``. ``exact`` is the node's own
+        figure (never sent); ``value`` is what its replies carry.
+        """
+        sql, params = "SELECT site, split, exact, value, release_id, created_at FROM released_counts", []
+        where = [(c, v) for c, v in (("site", site), ("split", split)) if v is not None]
+        if where:
+            sql += " WHERE " + " AND ".join(f"{c} = ?" for c, _ in where)
+            params = [v for _, v in where]
+        return [dict(r) for r in self._read(sql + " ORDER BY release_id", tuple(params))]
 
     def releases(self, site: str | None = None) -> list[dict]:
         """Audit listing: every row (any status), oldest first, as plain dicts.

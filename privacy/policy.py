@@ -87,12 +87,23 @@ class ReleasePolicy(BaseModel):
         ge=1,
         le=1_000_000,
         description=(
-            "Replies report the site's record count rounded to a multiple of this (1 = exact, the default). "
-            "What else leaves and follows the count (DP-SGD's steps and sample rate, the noise calibrated for "
-            "them, the noise scale of the update, the site's delta and so the reported epsilon) is derived from "
-            "the rounded count (a reply's timing and its energy-j still follow the exact count). The rounded count "
-            "itself is not a DP release: "
-            "FedAvg weights sites by it."
+            "Replies report the site's released record count (see count_noise_multiplier) rounded to a multiple "
+            "of this (1 = not rounded, the default). What else leaves and follows the count (DP-SGD's steps and "
+            "sample rate, the noise calibrated for them, the noise scale of the update, the site's delta and so the "
+            "reported epsilon) is derived from the released, rounded count (a reply's timing and its energy-j "
+            "still follow the exact count). FedAvg weights sites by it."
+        ),
+    )
+    count_noise_multiplier: float = Field(
+        default=10.0,
+        ge=1.0,
+        le=1e6,
+        allow_inf_nan=False,
+        description=(
+            "Gaussian noise std, in records, of the site's record count: a DP-run node releases the count of its "
+            "training records (and, with local_evaluation = \"dp\", of its test records) once per data set, "
+            "noised and accounted in the ledger (mechanism gaussian-count, sensitivity 1), and every reply reuses "
+            "that value. 10 costs about 1 % of an epsilon-3 budget."
         ),
     )
     train_loss: Literal["off", "dp"] = Field(
@@ -362,7 +373,8 @@ _FIXES: dict[str, str] = {
     "central_max_clipping_norm": "set a positive, finite number, e.g. central_max_clipping_norm = 1.0, or remove it",
     "accountant": 'set "rdp" (Renyi DP, the default) or "prv" (tighter), e.g. accountant = "prv"',
     "releases": (
-        'see [releases] in examples/policies/health.toml: num_examples_granularity = 1, train_loss = "off" '
+        'see [releases] in examples/policies/health.toml: num_examples_granularity = 1, count_noise_multiplier >= 1, '
+        'train_loss = "off" '
         'or "dp", local_evaluation = "off" or "dp", metric_noise_multiplier >= 1, max_evaluations_per_run >= 0'
     ),
 }

@@ -20,7 +20,7 @@ from privacy.dp import calibrate_noise
 from privacy.ledger import LedgerError, PrivacyLedger, Release
 
 warnings.filterwarnings("ignore", category=UserWarning)
-from fed_helpers import POLICY, SITES, site_delta  # noqa: E402
+from fed_helpers import POLICY, SITES  # noqa: E402
 
 
 def pld_epsilon(history, delta: float) -> float:
@@ -208,6 +208,12 @@ def test_calibration_refuses_when_reserved_releases_spend_the_target():
 # -- the node, end to end in-process ------------------------------------------------------------
 
 
+def _released_delta(ledger, site: str) -> float:
+    """The delta a health node accounts at: 1/(10 n) of its released training count n, or the policy's 1e-3 if smaller."""
+    (row,) = PrivacyLedger(ledger).counts(site, split="train")  # released once
+    return min(1 / (10 * row["value"]), 1e-3)
+
+
 def test_dp_federation_with_prv_policy_lands_on_target_with_less_noise(tmp_path):
     from clients.app import app as client_app
     from server.app import run_federation
@@ -227,19 +233,22 @@ def test_dp_federation_with_prv_policy_lands_on_target_with_less_noise(tmp_path)
         assert [e["round"] for e in res["rounds"]] == [1, 2] and res["rounds"][-1]["train"]["accepted"] == 2
         runs[acc] = nodes
     for i, site in enumerate(SITES[:2]):
-        delta = site_delta(site)
         rows = {acc: PrivacyLedger(runs[acc][i]["ledger"]).releases(site) for acc in runs}
-        assert [r["accountant"] for r in rows["prv"]] == ["prv", "prv"]
-        assert [r["accountant"] for r in rows["rdp"]] == ["rdp", "rdp"]
-        noise = {acc: max(r["noise_multiplier"] for r in rows[acc]) for acc in rows}
+        # count release: each node first released its training count (noised, once), then trained two rounds
+        for acc in runs:
+            assert [(r["mechanism"], r["accountant"]) for r in rows[acc]] == [
+                ("gaussian-count", acc), ("dp-sgd", acc), ("dp-sgd", acc)]
+        # the site's delta follows its released training count (each ledger released its own)
+        delta = {acc: _released_delta(runs[acc][i]["ledger"], site) for acc in runs}
+        noise = {acc: max(r["noise_multiplier"] for r in rows[acc] if r["mechanism"] == "dp-sgd") for acc in rows}
         assert noise["prv"] < 0.95 * noise["rdp"], (site, noise)
         prv_led = PrivacyLedger(runs["prv"][i]["ledger"], accountant="prv")
-        eps = prv_led.run_epsilon(site, "r-prv", delta)
+        eps = prv_led.run_epsilon(site, "r-prv", delta["prv"])
         assert 1.9 < eps <= 2.0 + 1e-9, (site, eps)  # at or below the target, and close to it
-        independent = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in rows["prv"]]
-        assert eps >= 0.99 * pld_epsilon(independent, delta)
-        assert rdp_epsilon(independent, delta) > 2.0  # the same run is over target by RDP's count
-        rdp_eps = PrivacyLedger(runs["rdp"][i]["ledger"]).run_epsilon(site, "r-rdp", delta)
+        independent = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in rows["prv"]]  # count included
+        assert eps >= 0.99 * pld_epsilon(independent, delta["prv"])
+        assert rdp_epsilon(independent, delta["prv"]) > 2.0  # the same run is over target by RDP's count
+        rdp_eps = PrivacyLedger(runs["rdp"][i]["ledger"]).run_epsilon(site, "r-rdp", delta["rdp"])
         assert 1.9 < rdp_eps <= 2.0 + 1e-9
 
 

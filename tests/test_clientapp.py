@@ -48,6 +48,18 @@ def _node(tmp_path, max_eps=8.0, site="Cleveland", releases=""):
     return ctx, ledger
 
 
+def _released(ledger, split="train"):
+    """The site's released (noised, accounted once) record count of ``split``: what its replies derive from."""
+    rows = PrivacyLedger(ledger).counts("Cleveland", split=split)
+    assert len(rows) == 1, rows  # released once, then reused
+    return rows[0]["value"]
+
+
+def _site_delta(n):
+    """The policy's delta for a site whose (released, rounded) count gives ``n`` records: min(1/(10 n), 1e-3)."""
+    return min(1 / (10 * n), 1e-3)
+
+
 def _msg(kind="train", rnd=1, **over):
     torch.manual_seed(0)
     model = build_model(default_model_config(load_department("health").schema))
@@ -71,33 +83,52 @@ def test_train_reply_has_only_model_arrays_and_whitelisted_metrics(tmp_path):
     assert any(not torch.equal(state[k], ref[k]) for k in ref)  # it trained
     metrics = dict(reply.content["metrics"])
     assert set(metrics) <= set(TRAIN_METRICS)
-    # defaults: no training loss leaves; the record count is exact (policy: public, as DP-SGD's sample rate)
-    assert "train-loss" not in metrics and metrics["num-examples"] == N_TRAIN
-    # epsilon in the reply = ledger = an independent accountant for the recorded release, at the site's delta
-    rel = PrivacyLedger(ledger).releases("Cleveland")
-    assert len(rel) == 1 and rel[0]["mechanism"] == "dp-sgd" and rel[0]["delta"] == pytest.approx(DELTA)
+    # defaults: no training loss leaves; the record count leaves noised (std 10), released once and accounted
+    assert "train-loss" not in metrics and abs(metrics["num-examples"] - N_TRAIN) <= 60
+    rows = PrivacyLedger(ledger).releases()
+    assert [r["mechanism"] for r in rows] == ["gaussian-count", "dp-sgd"]
+    assert rows[0]["noise_multiplier"] == 10.0 and rows[0]["status"] == "committed"
+    again = dict(app(_msg(rnd=2)[0], ctx).content["metrics"])  # the next round reuses the released value
+    assert again["num-examples"] == metrics["num-examples"]
+    assert [r["mechanism"] for r in PrivacyLedger(ledger).releases()] == ["gaussian-count", "dp-sgd", "dp-sgd"]
+    # the count that leaves is the released one (granularity 1), and DP-SGD's steps derive from it
+    n = _released(ledger)
+    assert metrics["num-examples"] == n and metrics["steps"] == math.ceil(n / 32)
+    # epsilon in the reply = ledger = an independent accountant for the recorded releases, at the site's delta
+    # (count release: the delta and sample rate follow the released count, and the count's release is composed in)
+    delta = _site_delta(n)
+    rel = [r for r in PrivacyLedger(ledger).releases("Cleveland") if r["mechanism"] == "dp-sgd"]
+    assert [r["round"] for r in rel] == [1, 2] and rel[0]["delta"] == pytest.approx(delta)
     acc = RDPAccountant()
+    acc.step(noise_multiplier=10.0, sample_rate=1.0)  # the count's Gaussian release (q = 1, one step) comes first
     for _ in range(metrics["steps"]):
-        acc.step(noise_multiplier=1.0, sample_rate=1 / math.ceil(N_TRAIN / 32))
-    assert metrics["epsilon"] == pytest.approx(acc.get_epsilon(delta=DELTA), rel=1e-9)
+        acc.step(noise_multiplier=1.0, sample_rate=1 / math.ceil(n / 32))
+    assert metrics["epsilon"] == pytest.approx(acc.get_epsilon(delta=delta), rel=1e-9)
 
 
 def test_train_loss_leaves_only_as_an_accounted_dp_release(tmp_path):
     ctx, ledger = _node(tmp_path, releases='train_loss = "dp"\nmetric_noise_multiplier = 4.0\nnum_examples_granularity = 10')
     reply = app(_msg()[0], ctx)
     metrics = dict(reply.content["metrics"])
-    assert metrics["num-examples"] == 200 and 0.0 <= metrics["train-loss"] <= 2.0  # 203 records, rounded by policy
+    # count release: the released (noised) count of the 203 records, rounded by policy to a multiple of 10
+    n = _released(ledger)
+    public = max(10, round(n / 10) * 10)
+    assert metrics["num-examples"] == public and 0.0 <= metrics["train-loss"] <= 2.0
     rel = PrivacyLedger(ledger).releases("Cleveland")
     assert [(r["mechanism"], r["noise_multiplier"], r["sample_rate"], r["steps"], r["status"]) for r in rel] == [
-        ("dp-sgd", 1.0, 1 / math.ceil(N_TRAIN / 32), metrics["steps"], "committed"),
+        ("gaussian-count", 10.0, 1.0, 1, "committed"),  # count release: the count is released (once) first
+        ("dp-sgd", 1.0, 1 / math.ceil(public / 32), metrics["steps"], "committed"),
         ("gaussian-train-loss", 4.0, 1.0, 1, "committed")]
+    assert metrics["steps"] == math.ceil(public / 32)
     acc = RDPAccountant()  # the Gaussian mechanism is the sampled Gaussian at q = 1
+    acc.step(noise_multiplier=10.0, sample_rate=1.0)
     for _ in range(metrics["steps"]):
-        acc.step(noise_multiplier=1.0, sample_rate=1 / math.ceil(N_TRAIN / 32))
+        acc.step(noise_multiplier=1.0, sample_rate=1 / math.ceil(public / 32))
     acc.step(noise_multiplier=4.0, sample_rate=1.0)
-    # counts rounded to 10: the delta is that of 200 + 10 // 2 records (clients.node.delta_records), not 203's
-    assert rel[0]["delta"] == pytest.approx(1 / (10 * 205))
-    assert metrics["epsilon"] == pytest.approx(acc.get_epsilon(delta=1 / (10 * 205)), rel=1e-9)
+    # counts rounded to 10: the delta is that of the rounded released count + 10 // 2 records
+    # (clients.node.delta_records), not of the exact 203
+    assert rel[1]["delta"] == pytest.approx(_site_delta(public + 5))
+    assert metrics["epsilon"] == pytest.approx(acc.get_epsilon(delta=_site_delta(public + 5)), rel=1e-9)
 
 
 def test_evaluation_on_private_records_is_refused_by_default(tmp_path):
@@ -135,11 +166,18 @@ def test_evaluate_flood_is_capped_noised_and_accounted(tmp_path):
     assert (answered, refused) == (3, 5)
     assert all(abs(a - b) > 1e-6 for a, b in zip(exact, released))  # noised, never the exact value
     rel = PrivacyLedger(ledger).releases("Cleveland")
-    assert [(r["mechanism"], r["sample_rate"], r["steps"]) for r in rel] == [("gaussian-eval", 1.0, 2)] * 3
+    # count release: the first evaluation releases the training and the test counts (once each, noise std 10)
+    assert [(r["mechanism"], r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in rel] == [
+        ("gaussian-count", 10.0, 1.0, 1)] * 2 + [("gaussian-eval", spec.policy.releases.metric_noise_multiplier, 1.0, 2)] * 3
+    assert [c["split"] for c in PrivacyLedger(ledger).counts("Cleveland")] == ["train", "test"]
+    assert m["num-examples"] == _released(ledger, "test")  # the released test count, not the exact one
     acc = RDPAccountant()
+    for _ in range(2):
+        acc.step(noise_multiplier=10.0, sample_rate=1.0)
     for _ in range(3 * 2):
         acc.step(noise_multiplier=spec.policy.releases.metric_noise_multiplier, sample_rate=1.0)
-    assert m["epsilon"] == pytest.approx(acc.get_epsilon(delta=DELTA), rel=1e-9)
+    # the site's delta follows the released training count
+    assert m["epsilon"] == pytest.approx(acc.get_epsilon(delta=_site_delta(_released(ledger))), rel=1e-9)
     # another run gets its own cap, still within the node's lifetime budget
     assert "accuracy" in handle_evaluate(state, {**dict(msg.content["config"]), "run-id": "r2"}, spec)
 
@@ -171,8 +209,9 @@ def test_budget_refusal_after_spending(tmp_path):
     assert 0 < eps1 < 3.0
     second = app(_msg(rnd=2)[0], ctx)
     assert second.has_error() and second.error.code == REFUSED and "max_epsilon" in second.error.reason
-    # the ledger kept the first release only, and survives a reopen
-    assert PrivacyLedger(ledger).epsilon("Cleveland", DELTA) == pytest.approx(eps1)
+    # the ledger kept the first round's releases only (count release: the count, then DP-SGD), and survives a reopen
+    assert [r["mechanism"] for r in PrivacyLedger(ledger).releases("Cleveland")] == ["gaussian-count", "dp-sgd"]
+    assert PrivacyLedger(ledger).epsilon("Cleveland", _site_delta(_released(ledger))) == pytest.approx(eps1)
 
 
 def test_coordinators_run_config_cannot_move_a_node_to_a_fresh_budget(tmp_path):
@@ -194,7 +233,10 @@ def test_coordinators_run_config_cannot_move_a_node_to_a_fresh_budget(tmp_path):
     msg, _ = _msg()
     reply = app(msg, ctx)
     assert not reply.has_error()
-    assert [r["round"] for r in PrivacyLedger(ledger).releases("Cleveland")] == [1]
+    # count release: the node's count is released on its own site, in its own ledger, before the round
+    assert [(r["mechanism"], r["round"]) for r in PrivacyLedger(ledger).releases()] == [
+        ("gaussian-count", 1), ("dp-sgd", 1)]
+    assert [(c["site"], c["split"]) for c in PrivacyLedger(ledger).counts()] == [("Cleveland", "train")]
     assert not (tmp_path / "other").exists()
 
 
@@ -216,24 +258,34 @@ def test_node_audit_log_records_job_release_and_what_left(tmp_path):
     assert res.ok, res.reason
     entries = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     kinds = [e["kind"] for e in entries]
-    assert kinds == ["job", "release", "reply", "evaluate", "reply", "job", "reply"]
-    job, release, reply = (e["data"] for e in entries[:3])
+    # count release: the training count's release is audited first, before the job it was released for
+    assert kinds == ["release", "job", "release", "reply", "evaluate", "reply", "job", "reply"]
+    count = entries[0]["data"]
+    assert count["mechanism"] == "gaussian-count" and count["split"] == "train" and count["noise_multiplier"] == 10.0
+    assert count["run"] == "r1" and count["round"] == 1 and count["epsilon_after"] > count["epsilon_before"] == 0
+    job, release, reply = (e["data"] for e in entries[1:4])
     assert job["decision"] == "accepted" and job["run"] == "r1" and job["config"]["noise-multiplier"] == 1.0
-    assert release["mechanism"] == "dp-sgd" and release["epsilon_after"] > release["epsilon_before"] == 0
+    assert release["mechanism"] == "dp-sgd" and release["epsilon_after"] > release["epsilon_before"] > 0
     assert {a["name"] for a in reply["arrays"]} == set(_msg()[1].state_dict()) and all(a["bytes"] > 0 for a in reply["arrays"])
     assert reply["metrics"] == sorted(["num-examples", "epsilon", "noise-multiplier", "steps", "energy-j", "energy-method"])
-    assert entries[3]["data"]["decision"] == "refused" and "local_evaluation" in entries[3]["data"]["reason"]
-    assert entries[5]["data"]["decision"] == "refused" and "min_noise_multiplier" in entries[5]["data"]["reason"]
+    assert entries[4]["data"]["decision"] == "refused" and "local_evaluation" in entries[4]["data"]["reason"]
+    assert entries[6]["data"]["decision"] == "refused" and "min_noise_multiplier" in entries[6]["data"]["reason"]
+    assert [r["mechanism"] for r in PrivacyLedger(ledger).releases()] == ["gaussian-count", "dp-sgd"]  # no new count
 
 
-def test_replayed_round_is_marked_and_paid_for_by_the_remaining_rounds(tmp_path):
+def test_replayed_round_is_marked_and_paid_for_by_the_remaining_rounds(tmp_path, monkeypatch):
     """A coordinator resumed mid-round asks for that round again: counted twice, marked, target kept.
 
     Each node recalibrates its noise from its own ledger for the rounds still to come, so the run
     lands on target-epsilon instead of overshooting it by the replayed round.
     """
     from clients.node import handle_train, node_from_config
+    from privacy import SEED_FROM_JOB_ENV
     from privacy.dp import rdp_epsilon
+
+    # count release: both nodes release the same noised count (seeded from the job), so that their
+    # first rounds' noise compares
+    monkeypatch.setenv(SEED_FROM_JOB_ENV, "1")
 
     def run(folder, rounds_asked):
         folder.mkdir()
@@ -251,9 +303,13 @@ def test_replayed_round_is_marked_and_paid_for_by_the_remaining_rounds(tmp_path)
     plain, plain_noise = run(tmp_path / "plain", [1, 2, 3])
     replayed, replay_noise = run(tmp_path / "replayed", [1, 2, 2, 3])
     rows = replayed.releases("Cleveland")
-    assert [(r["round"], r["replay"]) for r in rows] == [(1, 0), (2, 0), (2, 1), (3, 0)]
+    # count release: the count is released once, in round 1, ahead of the DP-SGD rounds
+    assert [(r["mechanism"], r["round"], r["replay"]) for r in rows] == [
+        ("gaussian-count", 1, 0), ("dp-sgd", 1, 0), ("dp-sgd", 2, 0), ("dp-sgd", 2, 1), ("dp-sgd", 3, 0)]
+    assert plain.counts("Cleveland")[0]["value"] == replayed.counts("Cleveland")[0]["value"]
     for led in (plain, replayed):
-        eps = rdp_epsilon(led.run_history("Cleveland", "r1"), DELTA)
+        # the run's history holds the count release too: the calibration reserved it
+        eps = rdp_epsilon(led.run_history("Cleveland", "r1"), _site_delta(led.counts("Cleveland")[0]["value"]))
         assert 2.95 <= eps <= 3.0 + 1e-9  # on target, never above
     assert replay_noise[0] == plain_noise[0] and replay_noise[-1] > plain_noise[-1]  # the replay costs later noise
 

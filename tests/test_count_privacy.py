@@ -6,6 +6,10 @@ calibrated noise multiplier, the site's delta and so the reported epsilon, the s
 in the update) must then be derived from the rounded count too, or a coordinator reads the exact
 count back from them (``steps = epochs * ceil(n / batch)``, exactly ``n`` at batch size 1).
 
+Under DP the count these derive from is the site's released count (clients.counts: the exact count
+plus Gaussian noise, released once and accounted); the tests here fix that noise so that replies for
+different exact counts compare.
+
 Also: DP-SGD takes exactly the steps the ledger accounts (Opacus' sampler would take
 ``int(1 / (1 / k))`` steps, one fewer than ``k`` for k = 93, 99, 105, ...).
 """
@@ -54,6 +58,24 @@ def _identity():
     yield
 
 
+class _FixedNoise:
+    """Stands in for clients.counts' CSPRNG: the count's Gaussian noise is always ``offset`` records."""
+
+    def __init__(self, offset: float):
+        self.offset = offset
+
+    def gauss(self, mu, sigma):
+        return mu + self.offset
+
+
+def _fix_count_noise(monkeypatch, offset: float = 0.0) -> None:
+    """The released count is the exact count + ``offset`` (count release: it is noised once per data set)."""
+    import clients.counts
+
+    monkeypatch.delenv("CITYFED_DP_SEED_FROM_JOB", raising=False)  # the noise comes from clients.counts._RNG
+    monkeypatch.setattr(clients.counts, "_RNG", _FixedNoise(offset))
+
+
 def _reply(tmp_path, monkeypatch, n: int, g: int, **job):
     """Train message to a Cleveland node that holds only its first ``n`` training records."""
     def first_n(self):
@@ -86,23 +108,33 @@ def _reply(tmp_path, monkeypatch, n: int, g: int, **job):
 def test_what_leaves_depends_only_on_the_rounded_count(tmp_path, monkeypatch, job):
     # 196..204 all round to 200 at granularity 10; at batch size 8 their exact steps per epoch
     # (25 or 26) and deltas (1/(10 n)) differ: none of it may show in what leaves
+    _fix_count_noise(monkeypatch)  # count release: zero count noise, so the released count is n itself
     seen = {n: _reply(tmp_path, monkeypatch, n, 10, **job) for n in (196, 199, 203, 204)}
     first = seen[196]
     assert first[0]["num-examples"] == 200
     for n, (metrics, releases) in seen.items():
         assert metrics == first[0], f"n={n}: the reply differs from n=196's"
-        assert releases == first[1], f"n={n}: the ledger's release differs from n=196's"
+        assert releases == first[1], f"n={n}: the ledger's releases differ from n=196's"
+    # count release: the count (noise std 10, q = 1, one step) is released first, then DP-SGD's round
+    (count, _, _, _, count_delta), (mech, _, q, steps, delta) = first[1]
+    assert count == "gaussian-count" and first[1][0][1:4] == (10.0, 1.0, 1) and mech == "dp-sgd"
     # derived from the rounded count: 25 steps, and a delta of a site with at least n records
-    (_, _, q, steps, delta), = first[1]
     assert steps == 25 and q == pytest.approx(1 / 25)
-    assert delta <= 1 / (10 * 204)
+    assert delta <= 1 / (10 * 204) and count_delta <= 1 / (10 * 204)
 
 
-def test_granularity_one_keeps_the_exact_count(tmp_path, monkeypatch):
+def test_granularity_one_leaves_the_released_count_unrounded(tmp_path, monkeypatch):
+    """Granularity 1 rounds nothing: what leaves follows the released (noised) count, not the exact 203."""
+    # count release: the count leaves noised (here by a fixed +7 records: 210, not the exact 203)
+    _fix_count_noise(monkeypatch, 7.0)
     metrics, releases = _reply(tmp_path, monkeypatch, 203, 1, **{"noise-multiplier": 1.0})
-    (_, _, q, steps, delta), = releases
-    assert metrics["num-examples"] == 203 and steps == metrics["steps"] == 26 and q == pytest.approx(1 / 26)
-    assert delta == pytest.approx(1 / 2030)
+    (row,) = PrivacyLedger(tmp_path / "n203-g1" / "ledger.sqlite").counts("Cleveland", split="train")
+    assert (row["exact"], row["value"]) == (203, 210)
+    (count, *_), (mech, _, q, steps, delta) = releases
+    assert (count, mech) == ("gaussian-count", "dp-sgd")
+    # steps = ceil(210 / 8) = 27 (the exact count's would be 26), delta 1/(10 * 210) (not 1/2030)
+    assert metrics["num-examples"] == 210 and steps == metrics["steps"] == 27 and q == pytest.approx(1 / 27)
+    assert delta == pytest.approx(1 / 2100)
 
 
 @pytest.mark.parametrize("n,g", [(1, 10), (4, 10), (5, 10), (15, 10), (25, 10), (203, 10), (203, 1), (1049, 100),
@@ -151,6 +183,7 @@ def test_personalisation_reply_depends_only_on_the_rounded_count(tmp_path, monke
     from clients.node import node_from_config
     from clients.personalise import handle_personalise
 
+    _fix_count_noise(monkeypatch)  # count release: zero count noise, so the released count is n itself
     seen = []
     for n in (196, 203):
         _reply(tmp_path, monkeypatch, n, 10, **{"target-epsilon": 3.0})  # round 1 of the run, then its personalisation
@@ -168,6 +201,7 @@ def test_personalisation_reply_depends_only_on_the_rounded_count(tmp_path, monke
         rows = [(r["mechanism"], r["noise_multiplier"], r["sample_rate"], r["steps"], r["delta"])
                 for r in PrivacyLedger(folder / "ledger.sqlite").releases("Cleveland")]
         seen.append((metrics, rows))
+    assert seen[0][1][0][0] == "gaussian-count" and [r[0] for r in seen[0][1]].count("gaussian-count") == 1
     assert seen[0][1][-1][0] == "personalisation" and seen[0][0]["steps"] == 2 * 25
     assert seen[0] == seen[1]
 

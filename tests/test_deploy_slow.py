@@ -407,13 +407,18 @@ def test_three_hospitals_train_over_tls_with_node_auth_and_secagg(city, health_n
     auc = [results["initial"]["central"]["roc-auc"]] + [r["central"]["roc-auc"] for r in rounds]
     assert auc[2] > auc[0] and auc[2] > 0.6, f"central roc-auc did not improve: {auc}"
     assert all("train-loss" not in m for r in rounds for m in r["train"]["nodes"].values())
-    # every hospital's own ledger holds the epsilon it reported after round 2, at its own delta 1/(10 n)
+    # every hospital's own ledger holds the epsilon it reported after round 2, at its own delta 1/(10 n),
+    # n its released (noised, accounted) training count: the exact one never left (clients.counts)
     from citydata import load_department
 
     for nid, reported in rounds[1]["train"]["nodes"].items():
         site = node_site[nid]
         led = PrivacyLedger(city.ledger(site))
-        delta = 1 / (10 * len(load_department("health", city.base / "data" / f"{slug(site)}.csv").site_data(site).train))
+        exact = len(load_department("health", city.base / "data" / f"{slug(site)}.csv").site_data(site).train)
+        (count,) = led.counts(site, "train")
+        assert count["exact"] == exact and reported["num-examples"] == count["value"]
+        assert [r["mechanism"] for r in led.releases(site)][0] == "gaussian-count"
+        delta = 1 / (10 * count["value"])
         assert all(r["delta"] == pytest.approx(delta) for r in led.releases(site))
         eps = led.epsilon(site, delta)
         assert 0 < eps <= 8.0 and eps == pytest.approx(reported["epsilon"], rel=1e-6), site

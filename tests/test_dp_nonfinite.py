@@ -92,4 +92,7 @@ def test_a_coordinators_threshold_probe_learns_nothing_from_nan(tmp_path):
         assert not reply.has_error(), reply.error.reason
         state = reply.content["arrays"].to_torch_state_dict()
         assert all(torch.isfinite(v).all() for v in state.values()), f"threshold {threshold}: a non-finite update left"
-    assert len(PrivacyLedger(tmp_path / "ledger.sqlite").releases("Cleveland")) == 2  # both accounted
+    # both probes accounted; count release: the site's count was released (once, by the first probe's run) before them
+    rows = PrivacyLedger(tmp_path / "ledger.sqlite").releases("Cleveland")
+    assert [(r["mechanism"], r["run_id"]) for r in rows] == [
+        ("gaussian-count", "probe-0"), ("dp-sgd", "probe-0"), ("dp-sgd", "probe-1")]

@@ -19,6 +19,15 @@ warnings.filterwarnings("ignore", category=UserWarning)
 from fed_helpers import POLICY, SITES, health_nodes, site_delta  # noqa: E402
 
 
+def _released_delta(node) -> float:
+    """The delta a DP node accounts at: it follows the site's released (noised) training count, not the exact one."""
+    from clients.node import public_count
+    from privacy.policy import load_policy
+
+    (count,) = PrivacyLedger(node["ledger"]).counts(node["site"], split="train")
+    return public_count(count["value"], load_policy(node["policy"]))[1]
+
+
 def _nodes(tmp_path, eps=(8.0, 8.0, 8.0, 8.0)):
     return health_nodes(tmp_path, eps)
 
@@ -105,14 +114,18 @@ def test_coordinator_killed_after_round_k_resumes_at_k_plus_1(tmp_path):
     run_federation(grid, _cfg(tmp_path, **{"num-rounds": 2}), run_id="r1")
     ck = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
     assert ck["round"] == 2
-    eps_before = PrivacyLedger(nodes[0]["ledger"]).epsilon("Cleveland", site_delta("Cleveland"))
+    delta = _released_delta(nodes[0])
+    eps_before = PrivacyLedger(nodes[0]["ledger"]).epsilon("Cleveland", delta)
     res = run_federation(InProcessGrid(client_app, nodes), _cfg(tmp_path, **{"num-rounds": 3, "resume": True}), run_id="r2")
     assert [e["round"] for e in res["rounds"]] == [1, 2, 3]
     assert res["run_id"] == "r1"  # the resumed run keeps its identity (ledger rows too)
     assert [(r["flower-run-id"], r["after-round"]) for r in res["resumes"]] == [("r2", 2)]  # and says so
     led = PrivacyLedger(nodes[0]["ledger"])
-    assert [r["round"] for r in led.releases("Cleveland")] == [1, 2, 3]
-    assert led.epsilon("Cleveland", site_delta("Cleveland")) > eps_before  # continues, does not reset
+    # the training count is released once (round 1) and the resumed round 3 reuses it: no second count row
+    assert [(r["mechanism"], r["run_id"], r["round"]) for r in led.releases("Cleveland")] == \
+        [("gaussian-count", "r1", 1), ("dp-sgd", "r1", 1), ("dp-sgd", "r1", 2), ("dp-sgd", "r1", 3)]
+    assert _released_delta(nodes[0]) == delta
+    assert led.epsilon("Cleveland", delta) > eps_before  # continues, does not reset
 
 
 class _Crash(RuntimeError):
@@ -145,8 +158,10 @@ def test_crash_mid_round_then_resume_replays_the_round_and_keeps_the_target(tmp_
     for n in nodes:
         led = PrivacyLedger(n["ledger"])
         rows = led.releases(n["site"])
-        assert [(r["round"], r["replay"]) for r in rows] == [(1, 0), (2, 0), (3, 0), (3, 1), (4, 0)]
-        eps = rdp_epsilon(led.run_history(n["site"], "r1"), site_delta(n["site"]))
+        # the count release (once, round 1, never replayed) precedes the dp-sgd rounds
+        assert [(r["mechanism"], r["round"], r["replay"]) for r in rows] == \
+            [("gaussian-count", 1, 0)] + [("dp-sgd", k, p) for k, p in [(1, 0), (2, 0), (3, 0), (3, 1), (4, 0)]]
+        eps = rdp_epsilon(led.run_history(n["site"], "r1"), _released_delta(n))  # the count release included
         assert 2.9 < eps <= 3.0 + 1e-9, n["site"]  # the target, with the replay counted
 
 @pytest.mark.parametrize("strategy", ["fedadam", "fedyogi", "fedavgm"])

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from clients.app import REFUSED, app
 from citydata import load_department
-from clients.node import JobRefused, job_from_config, node_from_config
+from clients.node import JobRefused, job_from_config, node_from_config, public_count
 from clients.personalise import handle_personalise, head_prefix, load_personalised, personalised_path
 from clients.training import TrainConfig, fit
 from contract.tasks import PERSONALISE_METRICS
@@ -59,6 +59,11 @@ def _cfg(**over):
     return cfg
 
 
+def _released(spec, site=SITE):
+    """The site's released (noised, once-accounted) training count: what the node's steps and delta follow."""
+    return PrivacyLedger(spec.ledger_path).counts(site, split="train")[0]["value"]
+
+
 def _global_state():
     torch.manual_seed(0)
     return build_model(default_model_config(load_department("health").schema)).state_dict()
@@ -94,14 +99,16 @@ def test_personalisation_is_a_ledger_release_within_target(tmp_path):
     for rnd in (1, 2, 3):
         state, _ = handle_train(state, _cfg(**{"server-round": rnd}), spec)
     ledger = PrivacyLedger(spec.ledger_path)
-    delta = spec.policy.site_delta(len(spec.site_data()[1].train))
+    delta = public_count(_released(spec), spec.policy)[1]  # the node's delta follows its released count
     before = ledger.run_epsilon(SITE, "r1", delta)
     assert before < 2.9  # the rounds left budget for the personalisation
     metrics = handle_personalise(state, _cfg(), spec)
     assert set(metrics) <= set(PERSONALISE_METRICS)
     rows = ledger.releases(SITE)
-    assert [r["mechanism"] for r in rows] == ["dp-sgd"] * 3 + ["personalisation"]
-    assert rows[-1]["noise_multiplier"] == pytest.approx(rows[0]["noise_multiplier"], rel=0.01)  # ~one noise for the run
+    # the count release (once, by round 1, in the run's history) comes first
+    assert [r["mechanism"] for r in rows] == ["gaussian-count"] + ["dp-sgd"] * 3 + ["personalisation"]
+    assert rows[0]["run_id"] == "r1" and rows[0]["round"] == 1 and rows[0]["status"] == "committed"
+    assert rows[-1]["noise_multiplier"] == pytest.approx(rows[1]["noise_multiplier"], rel=0.01)  # ~one noise for the run
     after = ledger.run_epsilon(SITE, "r1", delta)
     assert 2.97 <= after <= 3.0 + 1e-9
     assert metrics["epsilon"] == pytest.approx(after) and after <= spec.policy.max_epsilon
@@ -112,7 +119,8 @@ def test_personalisation_is_a_ledger_release_within_target(tmp_path):
     # once per run: a second personalisation of the same run (e.g. a resumed run) is refused
     with pytest.raises(JobRefused, match="already personalised"):
         handle_personalise(state, _cfg(), spec)
-    assert len(ledger.releases(SITE)) == 4
+    assert len(ledger.releases(SITE)) == 5  # count + 3 rounds + personalisation; the count is not released again
+    assert len(ledger.counts(SITE)) == 1
 
 
 @pytest.mark.parametrize("pbatch", [16, 64])
@@ -129,12 +137,16 @@ def test_personalisation_batch_size_is_accounted_at_its_own_sample_rate(tmp_path
         state, _ = handle_train(state, {**cfg, "server-round": rnd}, spec)
     metrics = handle_personalise(state, cfg, spec)
     rows = PrivacyLedger(spec.ledger_path).releases(SITE)
-    per_epoch = math.ceil(n / pbatch)
-    assert rows[-1]["mechanism"] == "personalisation"
+    # steps, sample rates and delta follow the released (noised) count, not the exact n
+    released = _released(spec)
+    assert PrivacyLedger(spec.ledger_path).counts(SITE, split="train")[0]["exact"] == n
+    public, delta = public_count(released, spec.policy)
+    per_epoch = math.ceil(public / pbatch)
+    assert [r["mechanism"] for r in rows] == ["gaussian-count"] + ["dp-sgd"] * 3 + ["personalisation"]
     assert rows[-1]["sample_rate"] == pytest.approx(1 / per_epoch) and rows[-1]["steps"] == 4 * per_epoch
-    assert rows[0]["sample_rate"] == pytest.approx(1 / math.ceil(n / 32))  # the rounds keep the run's batch
+    assert all(r["sample_rate"] == pytest.approx(1 / math.ceil(public / 32)) for r in rows[1:4])  # the rounds keep the run's batch
     assert metrics["steps"] == 4 * per_epoch
-    after = PrivacyLedger(spec.ledger_path).run_epsilon(SITE, "r1", spec.policy.site_delta(n))
+    after = PrivacyLedger(spec.ledger_path).run_epsilon(SITE, "r1", delta)
     assert 2.9 <= after <= 3.0 + 1e-9
 
 
@@ -217,8 +229,9 @@ def test_federation_end_to_end(tmp_path):
         spec = node_from_config({}, {**cfg, "policy": str(default_policy("health")),
                                      "ledger-dir": str(tmp_path / "run" / "ledgers"), "partition-id": ds.sites.index(site)})
         ledger = PrivacyLedger(spec.ledger_path)
-        delta = spec.policy.site_delta(len(ds.site_data(site).train))
-        assert [r["mechanism"] for r in ledger.releases(site)] == ["dp-sgd", "dp-sgd", "personalisation"]
+        delta = public_count(_released(spec, site), spec.policy)[1]  # follows the released count
+        # the count release comes first (fraction-evaluate 0: no test count is released)
+        assert [r["mechanism"] for r in ledger.releases(site)] == ["gaussian-count", "dp-sgd", "dp-sgd", "personalisation"]
         eps = ledger.run_epsilon(site, "e2e", delta)
         assert 2.95 <= eps <= 3.0 + 1e-9, (site, eps)
         g = build_model(default_model_config(ds.schema))

@@ -181,7 +181,8 @@ def test_own_candidate_is_never_trained_under_dp(tmp_path):
     spec = _spec(tmp_path, require_dp=True)
     handle_personalise(_harmful_global(), _cfg(**{"dp": True, "personalise-epochs": 2}), spec)
     assert personalised_kept(personalised_path(spec, "r1")) == "federated"
-    assert [r["mechanism"] for r in PrivacyLedger(spec.ledger_path).releases()] == ["personalisation"]
+    # plus the once-only release of the training count the personalisation's steps derive from
+    assert [r["mechanism"] for r in PrivacyLedger(spec.ledger_path).releases()] == ["gaussian-count", "personalisation"]
     (entry,) = _audit(tmp_path, "personalised")
     assert entry["kept"] == "federated" and "own-validation" not in entry
 
@@ -318,14 +319,28 @@ def test_rounds_hold_out_the_records_the_choice_is_made_on(tmp_path):
 
 @pytest.mark.parametrize("over", [{"personalise-own-lr": 0.0}, {"personalise-epochs": 0}, {"dp": True}],
                          ids=["no-own-candidate", "no-personalisation", "dp"])
-def test_rounds_train_on_every_record_when_no_own_candidate_is_weighed(tmp_path, over):
+def test_rounds_train_on_every_record_when_no_own_candidate_is_weighed(tmp_path, monkeypatch, over):
     """No own candidate, no personalisation, or DP (where the candidate is never trained): nothing is
     held out. (Without the candidate the fine-tuning's epoch search still scores on records the rounds
     trained on; holding them out too was measured on 2026-12-05 and not adopted: README,
     "Personalisation at the node".)"""
+    import clients.node as node
+
     train = load_department("health").site_data(SITE).train.tensors()
+    seen = []  # the records each round's training was given
+    real_fit = node.fit
+    monkeypatch.setattr(node, "fit", lambda model, data, *a, **kw: seen.append(data) or real_fit(model, data, *a, **kw))
     _, metrics = _round(tmp_path, **over)
-    assert metrics["num-examples"] == len(train)
+    (data,) = seen
+    assert len(data) == len(train)
+    assert len(data.tensors) == len(train.tensors) and all(torch.equal(a, b) for a, b in zip(data.tensors, train.tensors))
+    if over.get("dp"):
+        # under DP the reply carries the released (noised) count, not the exact one trained on
+        released = PrivacyLedger(tmp_path / "ledger.sqlite").counts(SITE, split="train")
+        assert [c["exact"] for c in released] == [len(train)]
+        assert metrics["num-examples"] == released[0]["value"]
+    else:
+        assert metrics["num-examples"] == len(train)
 
 
 def test_rounds_train_on_every_record_when_the_nodes_policy_refuses_personalisation(tmp_path):

@@ -205,6 +205,7 @@ def test_delta_is_per_site_with_an_optional_stricter_ceiling(tmp_path):
     ("metric_noise_multiplier = 0.1", "releases.metric_noise_multiplier"),
     ("max_evaluations_per_run = -1", "releases.max_evaluations_per_run"),
     ("num_examples_granularity = 0", "releases.num_examples_granularity"),
+    ("count_noise_multiplier = 0.5", "releases.count_noise_multiplier"),  # the released count's noise std >= 1
     ('train_los = "dp"', "did you mean 'train_loss'"),
 ])
 def test_bad_release_settings_name_the_field(line, needle):
@@ -287,6 +288,8 @@ _valid_policies = st.builds(
     releases=st.builds(
         dict,
         num_examples_granularity=st.integers(min_value=1, max_value=1000),
+        # the noise std (records) of the released record count (clients.counts), >= 1
+        count_noise_multiplier=st.floats(min_value=1.0, max_value=1e6, allow_nan=False, allow_infinity=False),
         train_loss=st.sampled_from(["off", "dp"]),
         local_evaluation=st.sampled_from(["off", "dp"]),
         metric_noise_multiplier=st.floats(min_value=1.0, max_value=1e3, allow_nan=False, allow_infinity=False),
@@ -355,7 +358,8 @@ def _shown(v) -> set[str]:
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_valid_policies, st.sampled_from(_FIELDS + [f"releases.{k}" for k in ("num_examples_granularity", "train_loss",
+@given(_valid_policies, st.sampled_from(_FIELDS + [f"releases.{k}" for k in ("num_examples_granularity",
+                                                                              "count_noise_multiplier", "train_loss",
                                                                               "local_evaluation", "metric_noise_multiplier",
                                                                               "max_evaluations_per_run")]), _values)
 def test_every_rejected_value_is_named(doc, field, value):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import clients.app as capp_mod
 import clients.secagg as csecagg
 from clients.app import REFUSED, app as client_app
+from clients.node import public_count
 from contract.keys import PARAM_NAMES_KEY
 from contract.tasks import TRAIN_METRICS
 from flower_compat.inprocess import set_task_identity
@@ -23,13 +24,14 @@ from flower_compat.secagg import RECORD_KEY_STATE
 from flower_compat.secagg import recorddict_compat as compat
 from flower_compat.testing import TaskIdentity
 from privacy.ledger import PrivacyLedger
+from privacy.policy import load_policy
 from server.app import run_federation, settings
 from server.secagg import MAX_WEIGHT
 from server.strategy import load_checkpoint
 from simulations.inprocess import InProcessGrid
 
 warnings.filterwarnings("ignore", category=UserWarning)
-from fed_helpers import POLICY, SITES, health_nodes, site_delta  # noqa: E402
+from fed_helpers import POLICY, SITES, health_nodes  # noqa: E402
 CLIP = 8.0  # secagg-clipping-range default
 
 
@@ -77,12 +79,33 @@ def _tolerance(updates):
     return len(updates) * (2 * CLIP / 2 ** 22) * MAX_WEIGHT / total + 1e-6
 
 
+def _released(nodes):
+    """Each site's training-record count as its node released it (noised once, in its ledger): its SecAgg+ weight."""
+    return {n["site"]: PrivacyLedger(n["ledger"]).counts(n["site"], split="train")[0]["value"] for n in nodes}
+
+
+def _assert_weights_are_released(updates, nodes):
+    """Each node weighted its masked update by its released count (num-examples), never by its exact count."""
+    rows = {n["site"]: PrivacyLedger(n["ledger"]).counts(n["site"], split="train") for n in nodes}
+    assert all(len(r) == 1 for r in rows.values())  # released once, reused by every round (and the resumed run)
+    released = _released(nodes)
+    assert all(u["n"] == released[u["site"]] for u in updates), ([(u["site"], u["n"]) for u in updates], released)
+    # the check tells the released weights from the exact ones: the noise moved at least one count
+    assert any(rows[u["site"]][0]["exact"] != u["n"] for u in updates)
+
+
+def _round_error(before, after, updates):
+    """Largest coordinate difference between the round's aggregate step and the updates' weighted mean."""
+    mean, _ = _weighted_mean(updates)
+    return max(float(np.abs(after[k].astype(np.float64) - before[k] - mean[k]).max()) for k in mean)
+
+
 def _assert_round_is_mean(before, after, updates):
     mean, _ = _weighted_mean(updates)
     tol = _tolerance(updates)
     scale = max(float(np.abs(m).max()) for m in mean.values())
     assert scale > 100 * tol  # the comparison is not vacuous
-    err = max(float(np.abs(after[k].astype(np.float64) - before[k] - mean[k]).max()) for k in mean)
+    err = _round_error(before, after, updates)
     assert err <= tol, (err, tol)
 
 
@@ -107,7 +130,12 @@ def test_secagg_global_model_is_the_weighted_mean_and_resume_works(tmp_path, cap
         before = ups[0]["global"]
         if rnd == 2:  # the nodes trained from the secure aggregate of round 1
             assert all(np.array_equal(before[k], globals_after[1][k].astype(np.float64)) for k in before)
+        # the weights are the counts the nodes released (noised, in their ledgers), not their exact counts
+        _assert_weights_are_released(ups, nodes[:3])
         _assert_round_is_mean(before, globals_after[rnd], ups)
+        exact = {n["site"]: PrivacyLedger(n["ledger"]).counts(n["site"], split="train")[0]["exact"] for n in nodes[:3]}
+        by_exact = [{**u, "n": exact[u["site"]]} for u in ups]  # the mean weighted by the exact counts does not match
+        assert _round_error(before, globals_after[rnd], by_exact) > 10 * _tolerance(ups)
         entry = res["rounds"][rnd - 1]
         assert entry["train"]["accepted"] == 3 and set(entry["train"]["nodes"]) == {1, 2, 3}
         assert entry["train"]["aggregate"]["aggregate-update-norm"] > 0
@@ -121,8 +149,11 @@ def test_secagg_global_model_is_the_weighted_mean_and_resume_works(tmp_path, cap
                          run_id="other", on_round=on_round)
     assert res["run_id"] == "s1" and [e["round"] for e in res["rounds"]] == [1, 2, 3]
     assert all(c["round"] == 3 for c in captured)
+    _assert_weights_are_released(captured, nodes[:3])  # the resumed run reuses the released counts
     _assert_round_is_mean(captured[0]["global"], globals_after[3], captured)
-    assert [r["round"] for r in PrivacyLedger(nodes[0]["ledger"]).releases("Cleveland")] == [1, 2, 3]
+    # round 1 first released the node's (noised) training-record count, once for all runs
+    assert [(r["mechanism"], r["round"]) for r in PrivacyLedger(nodes[0]["ledger"]).releases("Cleveland")] == [
+        ("gaussian-count", 1), ("dp-sgd", 1), ("dp-sgd", 2), ("dp-sgd", 3)]
 
 
 class RecordingGrid(InProcessGrid):
@@ -197,16 +228,23 @@ def test_secagg_ledgers_and_a_policy_refusal(tmp_path, captured):
     assert {(r["round"], r["node"], r["code"]) for r in res["refused"]} == {(1, 4, REFUSED), (2, 4, REFUSED)}
     assert all("max_epsilon" in r["reason"] for r in res["refused"])
     assert PrivacyLedger(nodes[3]["ledger"]).releases("Switzerland") == []
+    assert PrivacyLedger(nodes[3]["ledger"]).counts() == []  # refused outright: no record count released either
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
     ups = [c for c in captured if c["round"] == 2]
     assert len(ups) == 3
+    _assert_weights_are_released(ups, nodes[:3])
     _assert_round_is_mean(ups[0]["global"], ckpt["arrays"], ups)  # the refusing node's masks were removed
     for i, n in enumerate(nodes[:3], start=1):
         led = PrivacyLedger(n["ledger"])
         rows = led.releases(n["site"])
-        assert [r["round"] for r in rows] == [1, 2] and all(r["status"] == "committed" for r in rows)
-        eps = led.epsilon(n["site"], site_delta(n["site"]))
-        assert eps == pytest.approx(_accountant_epsilon(rows, site_delta(n["site"])), rel=1e-9)
+        # the count release (round 1, before training) is in the ledger and in the run's epsilon
+        assert [(r["mechanism"], r["round"]) for r in rows] == [("gaussian-count", 1), ("dp-sgd", 1), ("dp-sgd", 2)]
+        assert all(r["status"] == "committed" for r in rows)
+        # the node's delta (and so its epsilon) follows its released count, not the exact one
+        delta = public_count(_released([n])[n["site"]], load_policy(n["policy"]))[1]
+        assert delta == pytest.approx(min(1 / (10 * _released([n])[n["site"]]), 1e-3), rel=1e-12)
+        eps = led.epsilon(n["site"], delta)
+        assert eps == pytest.approx(_accountant_epsilon(rows, delta), rel=1e-9)
         assert 2.5 < eps <= 3.0 + 1e-6  # calibrated by the node for the whole run, as without SecAgg+
         assert res["rounds"][1]["train"]["nodes"][i]["epsilon"] == pytest.approx(eps, rel=1e-9)
 
@@ -231,8 +269,10 @@ def test_secagg_tolerates_a_dropout_after_training(tmp_path, captured):
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
     kept = [c for c in captured if c["site"] != SITES[1]]
     assert len(kept) == 3 and len(captured) == 4  # node 2 trained (and spent budget) but was not aggregated
+    _assert_weights_are_released(kept, [n for n in nodes if n["site"] != SITES[1]])
     _assert_round_is_mean(kept[0]["global"], ckpt["arrays"], kept)
-    assert len(PrivacyLedger(nodes[1]["ledger"]).releases(SITES[1])) == 1
+    # the dropped node released its (noised) count, then trained: both stay spent
+    assert [r["mechanism"] for r in PrivacyLedger(nodes[1]["ledger"]).releases(SITES[1])] == ["gaussian-count", "dp-sgd"]
 
 
 def test_secagg_round_with_two_contributors_ends_the_run_unchanged(tmp_path):

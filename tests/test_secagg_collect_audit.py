@@ -123,8 +123,13 @@ def test_the_masked_update_that_leaves_is_audited_once(tmp_path, central):
     (entry,) = _collect_replies(nodes[0])
     assert entry["message"] == COLLECT and entry["run"] == "sa" and entry["round"] == 1 and "error_code" not in entry
     assert entry["arrays"] and all(a["masked"] for a in entry["arrays"])
-    (row,) = PrivacyLedger(nodes[0]["ledger"]).releases(nodes[0]["site"])
+    # the node's first DP round releases its (noised) training-record count first: one gaussian-count row
+    count_row, row = PrivacyLedger(nodes[0]["ledger"]).releases(nodes[0]["site"])
+    assert count_row["mechanism"] == "gaussian-count" and count_row["status"] == "committed"
+    assert (count_row["run_id"], count_row["round"], count_row["noise_multiplier"]) == ("sa", 1, 10.0)
     assert row["mechanism"] == "dp-sgd" and row["status"] == "committed"
+    (count,) = PrivacyLedger(nodes[0]["ledger"]).counts(nodes[0]["site"])
+    assert count["split"] == "train" and count["release_id"] == count_row["id"]
     claims = PrivacyLedger(nodes[0]["ledger"]).central_claims()
     assert len(claims) == (1 if central else 0)
     assert len([e for e in _entries(nodes[0]) if e["kind"] == "central-dp"]) == len(claims)
@@ -148,9 +153,12 @@ def test_a_protocol_abort_after_training_is_audited_as_the_abort_alone(tmp_path,
     assert entry["stage"] == Stage.COLLECT_MASKED_VECTORS
     # the node did train: its DP-SGD release stays committed, once (the noise was drawn from its records)
     ledger = PrivacyLedger(node["ledger"])
-    (row,) = ledger.releases(node["site"])
+    # the training-record count was released (noised, accounted) before training: its row and audit entry come first
+    count_row, row = ledger.releases(node["site"])
+    assert count_row["mechanism"] == "gaussian-count" and count_row["status"] == "committed" and count_row["round"] == 1
     assert row["mechanism"] == "dp-sgd" and row["status"] == "committed" and row["round"] == 1
-    assert len([e for e in _entries(node) if e["kind"] == "release"]) == 1
+    releases = [e["data"] for e in _entries(node) if e["kind"] == "release"]
+    assert [(r["mechanism"], r.get("split")) for r in releases] == [("gaussian-count", "train"), ("dp-sgd", None)]
     # no central-DP participation is recorded for an update that was not sent
     assert ledger.central_claims() == []
     assert not [e for e in _entries(node) if e["kind"] == "central-dp"]
@@ -166,3 +174,4 @@ def test_a_refusal_inside_the_collect_stage_is_audited_once(tmp_path):
     assert entry["message"] == COLLECT and entry["error_code"] == REFUSED and entry["reason"] == reply.error.reason
     assert "arrays" not in entry
     assert PrivacyLedger(nodes[0]["ledger"]).releases(nodes[0]["site"]) == []  # refused before training
+    assert PrivacyLedger(nodes[0]["ledger"]).counts() == []  # refused outright: no record count released either

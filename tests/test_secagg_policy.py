@@ -70,7 +70,9 @@ def test_a_node_that_requires_secure_aggregation_trains_under_secagg(tmp_path):
     assert res["status"] == "completed" and res["refused"] == []
     assert res["rounds"][0]["train"]["accepted"] == 4
     for node in nodes:
-        assert [r["mechanism"] for r in PrivacyLedger(node["ledger"]).releases(node["site"])] == ["dp-sgd"]
+        # a fresh DP node first releases its (noised) training-record count, then trains
+        assert [r["mechanism"] for r in PrivacyLedger(node["ledger"]).releases(node["site"])] == ["gaussian-count",
+                                                                                                  "dp-sgd"]
         replies = [e["data"] for e in _audit(node) if e["kind"] == "reply" and e["data"]["message"].startswith("train")]
         (sent,) = [r for r in replies if "arrays" in r]
         assert all(a["masked"] for a in sent["arrays"])

@@ -1,0 +1,94 @@
+"""The site's record counts as they may leave the node: noised once, accounted, reused.
+
+A count computed from the node's records is a release like any other: the exact number of
+training records, sent as a reply's ``num-examples`` or readable from DP-SGD's steps, sample
+rate and delta, tells apart two data sets that differ in one record. A DP-run node therefore
+releases each count once through the Gaussian mechanism (sensitivity 1, noise std the policy's
+``[releases] count_noise_multiplier`` records), records it in its ledger (mechanism
+``gaussian-count``) and reuses the released value for everything that follows from the count:
+reuse is post-processing and costs nothing more. A data set that changes size gets a new release.
+
+The noise comes from the operating system's CSPRNG; in simulation with
+``CITYFED_DP_SEED_FROM_JOB=1`` (``fl-sim``, one machine, no adversary) it is seeded from the job's
+seed, so that runs repeat.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+from privacy import SEED_FROM_JOB_ENV
+from privacy.accounting import epsilon as composed_epsilon
+from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
+
+__all__ = ["released_count"]
+
+_RNG = random.SystemRandom()
+
+
+def released_count(spec, ledger: PrivacyLedger, split: str, exact: int, *, run_id: str, round: int,
+                   seed: int = 0) -> int:
+    """The noised count of the site's ``split`` records that the node's replies derive from.
+
+    Parameters
+    ----------
+    spec : clients.node.NodeSpec
+        The node (its site, department, policy, audit log).
+    ledger : PrivacyLedger
+        The node's ledger: holds the released value, and accounts a new release.
+    split : str
+        ``"train"`` or ``"test"``.
+    exact : int
+        The exact count (>= 1; it never leaves the node).
+    run_id, round : str, int
+        The run and round that asked first (recorded with a new release).
+    seed : int
+        The job's seed (used only with ``CITYFED_DP_SEED_FROM_JOB=1``).
+
+    Returns
+    -------
+    int
+        ``max(1, round(exact + N(0, sigma^2)))``, the same value every time for this data set.
+
+    Raises
+    ------
+    clients.node.JobRefused
+        A new release would pass the policy's lifetime ``max_epsilon``.
+    """
+    from clients.node import JobRefused, delta_records, public_count
+
+    policy = spec.policy
+    sigma = float(policy.releases.count_noise_multiplier)
+    exact = int(exact)
+    # the budget is checked at the exact count's delta (the value is not drawn yet); every later release
+    # re-checks the whole history, this one included, at the delta that follows from the released value,
+    # which the committed row records like the site's other rows
+    delta = policy.site_delta(delta_records(exact, policy.releases.num_examples_granularity))
+    release = Release(noise_multiplier=sigma, sample_rate=1.0, steps=1, delta=delta, run_id=run_id or "count",
+                      round=max(int(round), 0), site=spec.site, department=spec.department,
+                      mechanism="gaussian-count")
+    if os.environ.get(SEED_FROM_JOB_ENV) == "1":
+        rng = random.Random(f"{seed}/{spec.department}/{spec.site}/{split}/{exact}")
+    else:
+        rng = _RNG
+    history_before = ledger.history(spec.site)
+    try:
+        value, new = ledger.released_count(release, split, exact,
+                                           lambda: max(1, round_half(exact + rng.gauss(0.0, sigma))),
+                                           max_epsilon=policy.max_epsilon, delta=delta,
+                                           delta_of=lambda value: public_count(value, policy)[1])
+    except BudgetExceededError as exc:
+        raise JobRefused(f"{spec.department}/{spec.site}: refused: releasing the {split} record count: {exc}") from None
+    if new:  # audited like the other releases, at the delta that follows from the released count
+        site_delta = public_count(value, policy)[1]
+        spec.audit("release", run=run_id, round=int(round), mechanism="gaussian-count", split=split,
+                   noise_multiplier=sigma, sample_rate=1.0, steps=1, delta=site_delta,
+                   epsilon_before=composed_epsilon(history_before, site_delta, ledger.accountant),
+                   epsilon_after=ledger.epsilon(spec.site, site_delta), accountant=ledger.accountant)
+    return value
+
+
+def round_half(x: float) -> int:
+    """``x`` rounded to the nearest whole number (halves away from zero)."""
+    return int(x + 0.5) if x >= 0 else -int(-x + 0.5)
