@@ -49,6 +49,8 @@ MECHANISM_LABELS = {
     "gaussian-train-loss": "Gaussian release: training loss",
     "gaussian-eval": "Gaussian release: evaluation metrics",
     "personalisation": "DP-SGD (on-site personalisation, model kept on the node)",
+    "gaussian-count": "Gaussian release: record count (once per data set)",
+    "non-private": "trained without DP (no finite epsilon)",
 }
 
 #: Methods of ``fl-sim compare``.

@@ -306,3 +306,11 @@ def test_audit_counts_the_personalisation_the_node_reported_last():
     page = R.render_run_page(res, SITES, "accuracy", plots={}, ledgers=ledgers)
     text = " ".join(visible_text(page).split())
     assert "ledger matches the reported ε" in text and "differs from the reported" not in text, text
+
+
+def test_every_ledger_mechanism_has_a_label_people_read():
+    """A new ledger mechanism (the record count, non-private rounds) is named in words in the report."""
+    from privacy.ledger import MECHANISMS
+
+    assert set(MECHANISMS) <= set(R.MECHANISM_LABELS), set(MECHANISMS) - set(R.MECHANISM_LABELS)
+    assert all(label and label != m for m, label in R.MECHANISM_LABELS.items())
