@@ -28,7 +28,7 @@ _RNG = random.SystemRandom()
 
 
 def released_count(spec, ledger: PrivacyLedger, split: str, exact: int, *, run_id: str, round: int,
-                   seed: int = 0) -> int:
+                   seed: int = 0, site_delta: float | None = None) -> int:
     """The noised count of the site's ``split`` records that the node's replies derive from.
 
     Parameters
@@ -45,6 +45,9 @@ def released_count(spec, ledger: PrivacyLedger, split: str, exact: int, *, run_i
         The run and round that asked first (recorded with a new release).
     seed : int
         The job's seed (used only with ``CITYFED_DP_SEED_FROM_JOB=1``).
+    site_delta : float, optional
+        The site's delta, where it is known already (it follows the released training count: give
+        it for the test split). Default: the training split's own, from the value released.
 
     Returns
     -------
@@ -64,7 +67,12 @@ def released_count(spec, ledger: PrivacyLedger, split: str, exact: int, *, run_i
     # the budget is checked at the exact count's delta (the value is not drawn yet); every later release
     # re-checks the whole history, this one included, at the delta that follows from the released value,
     # which the committed row records like the site's other rows
-    delta = policy.site_delta(delta_records(exact, policy.releases.num_examples_granularity))
+    delta = policy.site_delta(delta_records(exact, policy.releases.num_examples_granularity)) \
+        if site_delta is None else float(site_delta)
+
+    def delta_of(value: int) -> float:
+        return public_count(value, policy)[1] if site_delta is None else float(site_delta)
+
     release = Release(noise_multiplier=sigma, sample_rate=1.0, steps=1, delta=delta, run_id=run_id or "count",
                       round=max(int(round), 0), site=spec.site, department=spec.department,
                       mechanism="gaussian-count")
@@ -77,15 +85,15 @@ def released_count(spec, ledger: PrivacyLedger, split: str, exact: int, *, run_i
         value, new = ledger.released_count(release, split, exact,
                                            lambda: max(1, round_half(exact + rng.gauss(0.0, sigma))),
                                            max_epsilon=policy.max_epsilon, delta=delta,
-                                           delta_of=lambda value: public_count(value, policy)[1])
+                                           delta_of=delta_of)
     except BudgetExceededError as exc:
         raise JobRefused(f"{spec.department}/{spec.site}: refused: releasing the {split} record count: {exc}") from None
     if new:  # audited like the other releases, at the delta that follows from the released count
-        site_delta = public_count(value, policy)[1]
+        row_delta = delta_of(value)
         spec.audit("release", run=run_id, round=int(round), mechanism="gaussian-count", split=split,
-                   noise_multiplier=sigma, sample_rate=1.0, steps=1, delta=site_delta,
-                   epsilon_before=composed_epsilon(history_before, site_delta, ledger.accountant),
-                   epsilon_after=ledger.epsilon(spec.site, site_delta), accountant=ledger.accountant)
+                   noise_multiplier=sigma, sample_rate=1.0, steps=1, delta=row_delta,
+                   epsilon_before=composed_epsilon(history_before, row_delta, ledger.accountant),
+                   epsilon_after=ledger.epsilon(spec.site, row_delta), accountant=ledger.accountant)
     return value
 
 

@@ -539,8 +539,8 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
         seed = int(cfg.get("seed", 0))
         delta = public_count(released_count(spec, ledger, "train", len(site.train), run_id=run_id, round=rnd, seed=seed)
                              if len(site.train) else 1, spec.policy)[1]
-        n_test = rounded_count(released_count(spec, ledger, "test", len(site.test), run_id=run_id, round=rnd, seed=seed),
-                               rel.num_examples_granularity)
+        n_test = rounded_count(released_count(spec, ledger, "test", len(site.test), run_id=run_id, round=rnd, seed=seed,
+                                              site_delta=delta), rel.num_examples_granularity)
         r = Release(noise_multiplier=rel.metric_noise_multiplier, sample_rate=1.0, steps=EVAL_SUMS[task], delta=delta,
                     run_id=run_id, round=rnd, site=spec.site, department=spec.department, mechanism="gaussian-eval")
         before = ledger.epsilon(spec.site, delta)

@@ -162,6 +162,9 @@ def test_an_evaluate_replys_epsilon_follows_the_released_count_whatever_its_sett
     eps = dict(reply.content["metrics"])["epsilon"]
     assert eps == pytest.approx(rdp_epsilon(hist, 1 / (10 * counts["train"]["value"])), rel=1e-9)
     assert eps != pytest.approx(rdp_epsilon(hist, 1 / (10 * counts["train"]["exact"])), rel=1e-6)
+    # every row of the site, the test count's included, records the site's one delta (the report reads it)
+    assert all(r["delta"] == pytest.approx(1 / (10 * counts["train"]["value"]), rel=1e-12)
+               for r in led.releases("Cleveland"))
 
 
 class _Offset:
