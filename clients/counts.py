@@ -81,13 +81,22 @@ def released_count(spec, ledger: PrivacyLedger, split: str, exact: int, *, run_i
     else:
         rng = _RNG
     history_before = ledger.history(spec.site)
+    if any(noise <= 0 and q > 0 and steps > 0 for noise, q, steps in history_before):
+        raise JobRefused(f"{spec.department}/{spec.site}: refused: this site's records already left without DP (a "
+                         "non-private release in the ledger, allowed by policy require_dp = false): its epsilon is "
+                         f"infinite, so no DP release stays within max_epsilon {policy.max_epsilon:g}")
     try:
         value, new = ledger.released_count(release, split, exact,
                                            lambda: max(1, round_half(exact + rng.gauss(0.0, sigma))),
                                            max_epsilon=policy.max_epsilon, delta=delta,
                                            delta_of=delta_of)
     except BudgetExceededError as exc:
-        raise JobRefused(f"{spec.department}/{spec.site}: refused: releasing the {split} record count: {exc}") from None
+        # the ledger's message holds an epsilon at the exact count's delta: it stays in the node's log
+        from flower_compat.logging import log
+
+        log(30, "cityfed: %s/%s: the %s record count was not released: %s", spec.department, spec.site, split, exc)
+        raise JobRefused(f"{spec.department}/{spec.site}: refused: the site's {split} record count cannot be released "
+                         f"within policy max_epsilon {policy.max_epsilon:g} (the node's log has the figures)") from None
     if new:  # audited like the other releases, at the delta that follows from the released count
         row_delta = delta_of(value)
         spec.audit("release", run=run_id, round=int(round), mechanism="gaussian-count", split=split,

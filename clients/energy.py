@@ -19,12 +19,13 @@ A department node meters each train and evaluate task of its own process
       otherwise.
 
 Is it a release? No record value enters it: it is a function of the process's compute
-time, which follows from the number of records, the model and the DP-SGD steps - and the
-reply already carries the steps and the record count (rounded as the policy says). It is
-sent with two significant figures and not accounted in the ledger. How closely a task's CPU
-time tracks the exact record count has not been measured: a department whose policy rounds
-its record counts, or that does not want the figure sent, sets ``$CITYFED_ENERGY=off`` on the
-node (the keys are then left out of the reply).
+time, which follows from the number of records, the model and the DP-SGD steps. The reply's
+steps and record count are derived from the site's released, noised count (:mod:`clients.counts`),
+but the compute time follows the exact number of records: the figure is sent with two
+significant figures and not accounted in the ledger, and how closely a task's CPU time tracks
+the exact record count has not been measured. A department that wants nothing to leave beyond
+its released count sets ``$CITYFED_ENERGY=off`` on the node (the keys are then left out of the
+reply).
 """
 
 from __future__ import annotations

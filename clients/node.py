@@ -339,10 +339,15 @@ def train_count(spec: "NodeSpec", ledger: PrivacyLedger, cfg: dict, exact: int) 
     """The released (noised, accounted once) count of the site's ``exact`` training records.
 
     :func:`clients.counts.released_count` for the training split, with the job config's run, round
-    and seed. For a job the policy refuses whatever the count (another department or task, DP off
+    and seed. A job the policy refuses whatever the count (another department or task, DP off
     under ``require_dp``, too little noise asked, too large a clipping norm, a round past the cap)
-    no count is released: the exact one is returned, for :func:`~privacy.policy.check_job` to
-    refuse the job with a reason that carries no count (nothing derived from it leaves).
+    is refused here with the policy's reason, before anything is computed from the count (no noise
+    calibrated on it, no count released).
+
+    Raises
+    ------
+    JobRefused
+        The policy's conflict, or the count's release does not fit the budget.
     """
     from clients.counts import released_count
 
@@ -353,7 +358,7 @@ def train_count(spec: "NodeSpec", ledger: PrivacyLedger, cfg: dict, exact: int) 
                             clipping_norm=float(cfg["clipping-norm"]) if "clipping-norm" in cfg else None,
                             round=int(cfg.get("server-round", 0)))
     if conflict is not None:
-        return exact
+        raise JobRefused(f"{spec.department}/{spec.site}: refused: {conflict[1]}")
 
     return released_count(spec, ledger, "train", exact, run_id=str(cfg.get("run-id", "")),
                           round=int(cfg.get("server-round", 0)), seed=int(cfg.get("seed", 0)))

@@ -360,6 +360,10 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
             rid = ledger.begin(release, max_epsilon=spec.policy.max_epsilon, delta=delta)
         except BudgetExceededError as exc:
             raise refuse(str(exc)) from exc
+    else:  # allowed by the policy (require_dp = false), still a release: the site's epsilon is infinite after it
+        release = Release(noise_multiplier=0.0, sample_rate=1.0, steps=1, delta=delta, run_id=run_id, round=rnd,
+                          site=spec.site, department=spec.department, mechanism="non-private")
+        rid = ledger.begin(release)
     tc = TrainConfig(epochs=epochs, batch_size=personalise_batch(cfg),
                      lr=float(cfg.get("personalise-lr", cfg.get("lr", 1e-2))),
                      seed=int(cfg.get("seed", 0)) * 100_003 + rnd + 7919,
@@ -406,7 +410,8 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
                    epsilon_after=after, accountant=ledger.accountant)
     spec.audit("personalised", run=run_id, path=str(path), steps=res.steps, kept=kept, **scores)
     out = {"num-examples": public,
-           "epsilon": after, "noise-multiplier": float(job.noise_multiplier or 0.0), "steps": int(job.steps)}
+           "epsilon": after, "noise-multiplier": float(job.noise_multiplier or 0.0) if job.dp else 0.0,
+           "steps": int(job.steps)}
     if spec.partition_id is not None:
         out["partition-id"] = int(spec.partition_id)
     return out

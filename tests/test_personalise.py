@@ -263,7 +263,7 @@ def test_per_site_value_gains_and_worst():
 
 def test_forecasting_node_keeps_its_gru(tmp_path):
     """A GRU (Opacus DPGRU: aliased parameter tensors) is kept as safetensors and loads back; non-private
-    personalisation (policy require_dp = false) records nothing in the ledger."""
+    personalisation (policy require_dp = false) is recorded as a non-private release."""
     pol = tmp_path / "policy.toml"
     pol.write_text('department = "utility"\nmax_epsilon = 8.0\nmin_noise_multiplier = 0.5\nmax_clipping_norm = 1.0\n'
                    'allowed_tasks = ["utility-forecast"]\nmax_rounds_per_run = 10\nrequire_dp = false\n'
@@ -276,7 +276,8 @@ def test_forecasting_node_keeps_its_gru(tmp_path):
     cfg = {**_cfg(), "department": "utility", "task": "utility-forecast", "model": "gru", "dp": False,
            "personalise-epochs": 1, "personalise-layers": "all", "batch-size": 128}
     metrics = handle_personalise(model.state_dict(), cfg, spec)
-    assert metrics["epsilon"] == math.inf and PrivacyLedger(spec.ledger_path).releases() == []
+    assert metrics["epsilon"] == math.inf  # a non-private release (was: nothing in the ledger)
+    assert [r["mechanism"] for r in PrivacyLedger(spec.ledger_path).releases()] == ["non-private"]
     kept = build_model(default_model_config(ds.schema, "gru"))
     kept.load_state_dict(load_personalised(personalised_path(spec, "r1")))
     assert any(not torch.equal(a, b) for a, b in zip(kept.state_dict().values(), model.state_dict().values()))
@@ -306,3 +307,14 @@ def test_health_dp_comparison_splits_each_nodes_budget_half_and_half(tmp_path):
     # same target epsilon: noise std on the batch's mean clipped gradient (sigma / batch) is lower
     assert rounds.noise_multiplier / dp["batch-size"] < old.noise_multiplier / nodp["batch-size"]
     assert rounds.noise_multiplier > old.noise_multiplier  # still noise, calibrated to the same target
+
+
+def test_a_non_private_personalisation_is_a_non_private_release(tmp_path):
+    """Audit finding: under require_dp = false a dp = false personalisation wrote no ledger row and
+    reported noise-multiplier 1.0, so the site kept claiming a finite epsilon afterwards."""
+    _, spec = _spec(tmp_path, require_dp=False)
+    metrics = handle_personalise(_global_state(), _cfg(dp=False, **{"personalise-epochs": 1}), spec)
+    assert metrics["noise-multiplier"] == 0.0 and math.isinf(metrics["epsilon"])
+    ledger = PrivacyLedger(spec.ledger_path)
+    assert [(r["mechanism"], r["status"]) for r in ledger.releases(SITE)] == [("non-private", "committed")]
+    assert math.isinf(ledger.epsilon(SITE, 1e-5))

@@ -98,6 +98,7 @@ def _train(ctx, **over):
     cfg = {"department": "health", "task": "heart-disease", "model": "heart-mlp", "run-id": "r1", "server-round": 1,
            "local-epochs": 1, "batch-size": 64, "lr": 0.01, "dp": True, "noise-multiplier": 1.0, "clipping-norm": 1.0,
            **over}
+    cfg = {k: v for k, v in cfg.items() if v is not None}  # None: leave the key out
     return app(Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord(cfg)}),
                        dst_node_id=1, message_type="train"), ctx)
 
@@ -175,3 +176,32 @@ class _Offset:
 
     def gauss(self, mu, sigma):
         return self.offset
+
+
+def test_a_count_refused_by_the_budget_says_nothing_computed_from_the_exact_count(tmp_path, monkeypatch):
+    """Audit finding: the refusal carried the ledger's message, whose delta was 1/(10 n) of the exact
+    count (and the ledger's path); the reason that leaves now names the policy's limit only."""
+    monkeypatch.delenv(SEED_FROM_JOB_ENV, raising=False)
+    folder = tmp_path / "n"
+    _spec(folder, max_eps=0.05)
+    ctx = Context(run_id=7, node_id=1, state=RecordDict(), run_config={},
+                  node_config={"department": "health", "site": "Cleveland", "policy": str(folder / "policy.toml"),
+                               "ledger": str(folder / "ledger.sqlite")})
+    reply = _train(ctx)
+    assert reply.has_error() and reply.error.code == REFUSED
+    reason = reply.error.reason
+    assert "record count cannot be released within policy max_epsilon 0.05" in reason
+    assert "delta" not in reason and "ledger" not in reason and str(folder) not in reason
+    assert PrivacyLedger(folder / "ledger.sqlite").releases("Cleveland") == []
+
+
+@pytest.mark.parametrize("conflict", [{"department": "traffic"}, {"server-round": 11}, {"clipping-norm": 5.0}])
+def test_a_job_refused_outright_computes_nothing_from_the_count(tmp_path, monkeypatch, conflict):
+    """Audit finding: a refused job with a tiny target-epsilon was calibrated on the exact count and the
+    CalibrationError's 'spend epsilon X' (at delta 1/(10 n)) left in the reason, free of charge."""
+    monkeypatch.delenv(SEED_FROM_JOB_ENV, raising=False)
+    ctx = _ctx(tmp_path)
+    reply = _train(ctx, **{"target-epsilon": 0.0001, "noise-multiplier": None, **conflict})
+    assert reply.has_error() and reply.error.code == REFUSED
+    assert "epsilon" not in reply.error.reason.replace("max_epsilon", ""), reply.error.reason
+    assert PrivacyLedger(ctx.node_config["ledger"]).releases("Cleveland") == []
