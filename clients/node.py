@@ -37,7 +37,7 @@ from clients.training import TrainConfig, fit
 from contract.keys import NODE_KEYS, OPTIMIZERS
 from privacy.dp import CalibrationError, DPSettings, calibrate_noise
 from privacy.dp import steps_per_epoch as dp_steps_per_epoch
-from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
+from privacy.ledger import BudgetExceededError, PrivacyLedger, Release, RunCapExceededError
 from privacy.policy import JobRequest, PrivacyPolicy, check_job, job_conflict, load_policy
 from privacy.releases import ERROR_BOUND, LOSS_BOUND, noisy_means
 from shared_models import build_model, default_model_config
@@ -329,10 +329,20 @@ def check_run_cap(run_id: str, rnd: int, spec: "NodeSpec", ledger: PrivacyLedger
         raise JobRefused(f"{spec.department}/{spec.site}: refused: job config server-round {rnd}: training "
                          "rounds are numbered from 1 (each counts against policy max_rounds_per_run)")
     cap = spec.policy.max_rounds_per_run
-    trained = ledger.count(spec.site, run_id, "dp-sgd") + ledger.count(spec.site, run_id, "non-private")
+    trained = sum(ledger.count(spec.site, run_id, m) for m in TRAINING_MECHANISMS)
     if trained >= cap:
-        raise JobRefused(f"{spec.department}/{spec.site}: refused: run {run_id!r} already trained {trained} "
-                         f"time(s) on this node (replayed rounds included), policy max_rounds_per_run = {cap}")
+        raise run_cap_refusal(spec, run_id, trained)
+
+
+#: The ledger mechanisms of a training round (counted against ``max_rounds_per_run``).
+TRAINING_MECHANISMS = ("dp-sgd", "non-private")
+
+
+def run_cap_refusal(spec: "NodeSpec", run_id: str, trained: int) -> "JobRefused":
+    """The refusal of a training round past the policy's ``max_rounds_per_run`` (``trained`` so far)."""
+    return JobRefused(f"{spec.department}/{spec.site}: refused: run {run_id!r} already trained {trained} "
+                      f"time(s) on this node (replayed rounds included), policy max_rounds_per_run = "
+                      f"{spec.policy.max_rounds_per_run}")
 
 
 def train_count(spec: "NodeSpec", ledger: PrivacyLedger, cfg: dict, exact: int) -> int:
@@ -440,20 +450,27 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
                      proximal_mu=float(cfg.get("proximal-mu", 0.0)))
     dp = None
     pending: list[tuple[int, Release]] = []
-    if not job.dp:  # allowed by the policy, still a release: the site's epsilon is infinite from now on
-        r = release("non-private", 0.0, 1.0, 1)
-        pending.append((ledger.begin(r), r))
-    else:
-        dp = DPSettings(noise_multiplier=job.noise_multiplier, max_grad_norm=job.clipping_norm, delta=delta,
-                        public_records=public)
-        try:  # recorded BEFORE training: a crash never under-counts
+    # the run's cap again, inside the write that records the round: another process of this node may
+    # have trained the run since check_run_cap read the ledger
+    cap = (TRAINING_MECHANISMS, spec.policy.max_rounds_per_run)
+    try:  # recorded BEFORE training: a crash never under-counts
+        if not job.dp:  # allowed by the policy, still a release: the site's epsilon is infinite from now on
+            r = release("non-private", 0.0, 1.0, 1)
+            pending.append((ledger.begin(r, run_cap=cap), r))
+        else:
+            dp = DPSettings(noise_multiplier=job.noise_multiplier, max_grad_norm=job.clipping_norm, delta=delta,
+                            public_records=public)
             for r in (release("dp-sgd", job.noise_multiplier, job.sample_rate, job.steps), loss_release):
                 if r is not None:
-                    pending.append((ledger.begin(r, max_epsilon=spec.policy.max_epsilon, delta=delta), r))
-        except BudgetExceededError as exc:  # another process spent the budget since check_job
-            for rid, _ in pending:
-                ledger.abort(rid, "budget re-check failed before training")
-            raise JobRefused(f"{spec.department}/{spec.site}: refused: {exc}") from exc
+                    pending.append((ledger.begin(r, max_epsilon=spec.policy.max_epsilon, delta=delta,
+                                                 run_cap=cap if r.mechanism == "dp-sgd" else None), r))
+    except (BudgetExceededError, RunCapExceededError) as exc:  # another process spent the budget or the cap
+        for rid, _ in pending:
+            ledger.abort(rid, "budget re-check failed before training")
+        refusal = run_cap_refusal(spec, job.run_id, exc.done) if isinstance(exc, RunCapExceededError) \
+            else JobRefused(f"{spec.department}/{spec.site}: refused: {exc}")
+        spec.audit("job-refused", run=job.run_id, round=job.round, reason=str(refusal))
+        raise refusal from exc
     before = decision.epsilon_before
     try:
         # without DP, with an own-records candidate to weigh later: the choice's validation records held out
@@ -549,8 +566,12 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
         r = Release(noise_multiplier=rel.metric_noise_multiplier, sample_rate=1.0, steps=EVAL_SUMS[task], delta=delta,
                     run_id=run_id, round=rnd, site=spec.site, department=spec.department, mechanism="gaussian-eval")
         before = ledger.epsilon(spec.site, delta)
-        try:
-            rid = ledger.begin(r, max_epsilon=spec.policy.max_epsilon, delta=delta)
+        try:  # the cap again, in the write: another process of this node may have evaluated the run since
+            rid = ledger.begin(r, max_epsilon=spec.policy.max_epsilon, delta=delta,
+                               run_cap=(("gaussian-eval",), rel.max_evaluations_per_run))
+        except RunCapExceededError as exc:
+            raise refuse(f"run {run_id} already had {exc.done} evaluation(s), policy [releases] "
+                         f"max_evaluations_per_run = {rel.max_evaluations_per_run}") from None
         except BudgetExceededError as exc:
             raise refuse(str(exc)) from None
         try:

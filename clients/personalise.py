@@ -37,7 +37,7 @@ import torch
 from clients.selection import fit_chosen, fit_selected, select_epochs, validation_score, validation_split
 from clients.training import FitResult, TrainConfig, fit
 from privacy.dp import DPSettings
-from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
+from privacy.ledger import BudgetExceededError, PrivacyLedger, Release, RunCapExceededError
 from privacy.policy import JobRequest, check_job
 from shared_models import build_model, default_model_config
 from shared_models.ensemble import MeanEnsemble
@@ -357,7 +357,11 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
                           delta=delta, run_id=run_id, round=rnd, site=spec.site, department=spec.department,
                           mechanism="personalisation")
         try:  # recorded BEFORE training: a crash never under-counts
-            rid = ledger.begin(release, max_epsilon=spec.policy.max_epsilon, delta=delta)
+            # once per run, checked again in the write: another process of this node may have personalised it
+            rid = ledger.begin(release, max_epsilon=spec.policy.max_epsilon, delta=delta,
+                               run_cap=(("personalisation",), 1))
+        except RunCapExceededError:
+            raise refuse(f"run {run_id!r} was already personalised on this node (once per run)") from None
         except BudgetExceededError as exc:
             raise refuse(str(exc)) from exc
     else:  # allowed by the policy (require_dp = false), still a release: the site's epsilon is infinite after it

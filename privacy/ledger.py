@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -44,7 +44,8 @@ from pathlib import Path
 from privacy.accounting import ACCOUNTANTS, _rdp_one_step, rdp_epsilon  # noqa: F401 (re-exported)
 from privacy.accounting import epsilon as composed_epsilon
 
-__all__ = ["BudgetExceededError", "LedgerError", "PrivacyLedger", "Release", "SCHEMA_VERSION", "rdp_epsilon"]
+__all__ = ["BudgetExceededError", "LedgerError", "PrivacyLedger", "Release", "RunCapExceededError", "SCHEMA_VERSION",
+           "rdp_epsilon"]
 
 #: Version of the on-disk schema, stored in ``PRAGMA user_version`` (2 added ``mechanism`` and
 #: ``replay``; a version-1 ledger is upgraded in place, its rows marked ``dp-sgd``, not replays).
@@ -138,6 +139,20 @@ class LedgerError(RuntimeError):
 
 class BudgetExceededError(LedgerError):
     """:meth:`PrivacyLedger.begin` was given a budget and the release would exceed it."""
+
+
+class RunCapExceededError(LedgerError):
+    """:meth:`PrivacyLedger.begin` was given a per-run cap and the run already has that many releases.
+
+    Attributes
+    ----------
+    done, cap : int
+        The run's counted releases of the capped mechanisms, and the cap.
+    """
+
+    def __init__(self, message: str, done: int, cap: int):
+        super().__init__(message)
+        self.done, self.cap = int(done), int(cap)
 
 
 @dataclass(frozen=True)
@@ -364,6 +379,7 @@ class PrivacyLedger:
         *,
         max_epsilon: float | None = None,
         delta: float | None = None,
+        run_cap: tuple[Sequence[str], int] | None = None,
     ) -> int:
         """Record ``release`` as 'pending' before training starts.
 
@@ -376,6 +392,11 @@ class PrivacyLedger:
             (atomic against other processes): if the epsilon at ``delta`` including this
             release (by the ledger's accountant, over the whole history) would exceed
             ``max_epsilon``, nothing is written and :class:`BudgetExceededError` is raised.
+        run_cap : (mechanisms, cap), optional
+            A per-run cap checked in the same transaction: when the release's run already has
+            ``cap`` counted (pending or committed) releases of ``mechanisms`` from the site,
+            nothing is written and :class:`RunCapExceededError` is raised. Two processes of
+            one node that both read the run's count before either wrote cannot both pass it.
 
         Returns
         -------
@@ -401,6 +422,16 @@ class PrivacyLedger:
                     f"privacy ledger {str(self.path)!r}: site {release.site!r} belongs to department "
                     f"{other[0]!r}, not {release.department!r} (one accountant per department site)."
                 )
+            if run_cap is not None:
+                mechanisms, cap = tuple(run_cap[0]), int(run_cap[1])
+                done = int(con.execute(
+                    "SELECT COUNT(*) FROM releases WHERE site = ? AND run_id = ? AND status IN ('pending', 'committed')"
+                    f" AND mechanism IN ({', '.join('?' * len(mechanisms))})",
+                    (release.site, release.run_id, *mechanisms)).fetchone()[0])
+                if done >= cap:
+                    raise RunCapExceededError(
+                        f"privacy ledger {str(self.path)!r}: run {release.run_id!r} already has {done} "
+                        f"{'/'.join(mechanisms)} release(s) from site {release.site!r} (cap {cap})", done, cap)
             if max_epsilon is not None:
                 hist = self._history(con, release.site)
                 hist.append((float(release.noise_multiplier), float(release.sample_rate), int(release.steps)))

@@ -191,7 +191,9 @@ class PrivacyPolicy(BaseModel):
         ge=1,
         description=("Highest server round (1-based) of one run this node takes part in, and the most times one run "
                      "trains on this node: the run's trainings in the ledger, replayed rounds included, are counted "
-                     "(clients.node.check_run_cap), so leave headroom above a run's rounds for replays after a crash. "
+                     "(clients.node.check_run_cap, and again inside the ledger write that records the round, so two "
+                     "processes of one node cannot both pass it), so leave headroom above a run's rounds for replays "
+                     "after a crash. "
                      "One run's cap: the coordinator names runs, so across runs the lifetime max_epsilon binds."),
     )
     require_dp: bool = Field(
