@@ -8,13 +8,15 @@ seam               module                 used by
 =================  =====================  ==================================================
 warm-worker        :mod:`.warm`           ``clients/warm.py`` (SuperNode, SuperExec, flwr-clientapp)
 grid               :mod:`.grid`           ``server/grid.py`` (HttpGrid pulls, InMemoryGrid)
-superlink          :mod:`.superlink`      ``server/guard.py``, ``server/cli.py`` (middleware,
-                                          lifespan, run status, Control API protobufs)
+superlink          :mod:`.superlink`      ``server/guard.py``, ``server/cli.py``,
+                                          ``server/supervisor.py``, ``server/flwr_calls.py``
+                                          (middleware, lifespan, run status, Control API protobufs)
 dispatch           :mod:`.dispatch`       ``simulations/run.py`` (Simulation Engine dispatcher)
 secagg             :mod:`.secagg`         ``server/secagg.py``, ``clients/secagg.py``, ``server/grid.py``
 dp                 :mod:`.dp`             ``server/central_dp.py``, ``clients/clipping.py``, ``clients/secagg.py``
 logging            :mod:`.logging`        ``clients/app.py``, ``clients/warm.py``, ``server/cli.py``,
-                                          ``simulations/cli.py``, ``privacy/dp.py``
+                                          ``server/flwr_calls.py``, ``simulations/cli.py``,
+                                          ``privacy/dp.py``
 task-identity      :mod:`.inprocess`      ``simulations/inprocess.py``
 strategy-state     :mod:`.strategy_state` ``server/strategy.py`` (FedAdam/FedYogi/FedAvgM state)
 testing            :mod:`.testing`        ``tests/`` only (what the tests build or patch of Flower's

@@ -1,11 +1,12 @@
-"""Seam ``superlink``: the SuperLink internals ``fl-server start`` (``server/cli.py``, ``server/guard.py``) adapts.
+"""Seam ``superlink``: the SuperLink internals ``fl-server`` adapts (``server/cli.py``, ``server/guard.py``,
+``server/supervisor.py``, ``server/flwr_calls.py``).
 
 * :func:`add_outer_middleware` / :func:`outer_middleware_class`: the SuperLink's extension hook
   ``flwr.superlink.extensions.get_middleware`` (read by ``flwr/superlink/main.py:_get_middleware``
   when it builds its FastAPI app); :mod:`server.guard` puts its control-plane guard first.
 * :func:`supervise_lifespan`: subclass ``flower_superlink.SuperLinkLifespan`` so that the
   coordinator's supervisor sees it start and stop; :func:`superexec_process`,
-  :func:`restart_superexec` and :func:`link_state` are what ``server.cli``'s
+  :func:`restart_superexec` and :func:`link_state` are what ``server.supervisor``'s
   ``CoordinatorSupervisor`` then reads and does through it (the self-test checks the
   lifespan's attributes and the link state's methods).
 * :func:`flower_superlink`: Flower's ``flower-superlink`` main, run in-process.

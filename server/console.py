@@ -120,7 +120,7 @@ def check_bind(host: str, *, allow_remote: bool, certfile: Path | None, keyfile:
 def bind_error(host: str, port: int) -> OSError | None:
     """The error binding ``host:port`` gives now (a bind test, as the server binds), or None when it binds.
 
-    ``fl-server console`` and ``fl-server start`` check it (:func:`server.cli.check_port_free`)
+    ``fl-server console`` and ``fl-server start`` check it (:func:`server.start_checks.check_port_free`)
     before they write or start anything. A host name that does not resolve gives a
     :class:`socket.gaierror` (an ``OSError``).
     """
@@ -414,11 +414,11 @@ def serve(state_dir: Path, runs_dir: Path, *, host: str = "127.0.0.1", port: int
 
     Raises
     ------
-    server.cli.CliError
+    server.errors.CliError
         Code 2, naming the option and the fix, before anything is written: a missing
         ``--state-dir``, a refused bind (:func:`check_bind`), TLS files that are not a
         certificate and its key, a ``--host``/``--port`` it cannot listen on (in use, or not an
-        address of this machine: :func:`server.cli.check_port_free`, as ``fl-server start``),
+        address of this machine: :func:`server.start_checks.check_port_free`, as ``fl-server start``),
         a token file problem (:func:`load_token`).
     """
     import socket

@@ -27,6 +27,7 @@ from clients import cli as client_cli  # noqa: E402
 from privacy import pki  # noqa: E402
 from tls_helpers import TLSServer  # noqa: E402
 from server import cli as server_cli  # noqa: E402
+from server import flwr_calls, supervisor  # noqa: E402
 from server.guard import ControlPlaneGuard, install_guard, parse_networks  # noqa: E402
 
 runner = CliRunner(env={"COLUMNS": "250"})
@@ -1008,7 +1009,7 @@ def test_install_supervisor_hooks_flowers_superlink_lifespan(tmp_path, monkeypat
     monkeypatch.setattr(fs, "SuperLinkLifespan", original)  # restored after the test
     uvicorn_exit = uvicorn.server.Server.handle_exit
     monkeypatch.setattr(uvicorn.server.Server, "handle_exit", uvicorn_exit)
-    monkeypatch.setattr(server_cli, "_stop_requested", threading.Event())
+    monkeypatch.setattr(supervisor, "_stop_requested", threading.Event())
     assert server_cli.supervision_hook_available()
     sup, _, _ = _supervisor(tmp_path)
     server_cli.install_supervisor(sup)
@@ -1122,7 +1123,7 @@ def test_run_shows_launch_progress_and_prints_the_run_id_last(pki_files, tmp_pat
     sd, launched = _fake_coordinator(pki_files, tmp_path, monkeypatch)
     answers = iter([{"status": "pending", "details": ""}, {"status": "starting", "details": ""},
                     {"status": "running", "details": ""}])
-    monkeypatch.setattr(server_cli, "control_run_status", lambda sd_, rid, timeout=10.0: next(answers))
+    monkeypatch.setattr(flwr_calls, "control_run_status", lambda sd_, rid, timeout=10.0: next(answers))  # wait_run_started's
     res = runner.invoke(server_cli.app, ["run", "--department", "health", "--state-dir", str(sd), "--name", "p"])
     assert res.exit_code == 0, res.output
     assert res.stdout.strip().splitlines()[-1] == "101"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from server import cli as server_cli
+from server import flwr_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -150,7 +151,7 @@ def test_fl_server_logs_follow_streams_each_line_once_without_colour_codes(tmp_p
     fake.write_text(f"#!{sys.executable}\nimport sys\nassert sys.argv[1:] == ['log', '7', 'cityfed', '--stream'], sys.argv\n"
                     f"for line in open({str(sample)!r}, encoding='utf-8'):\n    sys.stdout.write(line)\n    sys.stdout.flush()\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(server_cli, "_bin", lambda name: str(fake) if name == "flwr" else name)
+    monkeypatch.setattr(flwr_calls, "_bin", lambda name: str(fake) if name == "flwr" else name)  # what flwr() runs
     res = runner.invoke(server_cli.app, ["logs", "7", "--follow", "--state-dir", str(sd)])
     assert res.exit_code == 0, res.output
     out = capfd.readouterr().out + res.output  # the stream goes to the process's stdout (not a terminal here)

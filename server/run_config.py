@@ -1,0 +1,248 @@
+"""The run config that ``fl-server run`` submits.
+
+One job: turn ``fl-server run``'s options and ``-c KEY=VALUE`` items into a checked run config.
+``-c`` items are parsed (:func:`parse_run_config`) and refused where ``fl-server run`` sets the
+key itself or an option given says otherwise (:func:`check_overrides`), or where the app does
+not declare the key (:func:`check_app_keys`); SecAgg+ keys are added (:func:`secagg_config`);
+the launch record, folder and config of a new or resumed run are made (:func:`_new_run`,
+:func:`_resumed_run`) and validated as the ServerApp will (:func:`_checked_settings`). Also the
+``[tool.flwr.app.config]`` section that ``fl-server app-config`` prints (:func:`app_config_toml`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import tomllib
+from datetime import datetime, timezone
+from pathlib import Path
+
+from server.errors import CliError
+from server.launches import resolve_run
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (int, float)):
+        return repr(v)
+    raise TypeError(f"unsupported run-config value {v!r}")
+
+
+def app_config_toml() -> str:
+    """The ``[tool.flwr.app.config]`` section: every RunSettings key with its default.
+
+    ``department`` (required by RunSettings, no default) is listed as ``"health"`` so that
+    ``--run-config`` may override it.
+    """
+    from server.app import DEFAULTS
+
+    rows = [f"department = {_toml_value('health')}"] + [f"{k} = {_toml_value(v)}" for k, v in DEFAULTS.items()]
+    return "[tool.flwr.app.config]\n" + "\n".join(rows) + "\n"
+
+
+def _parse_value(raw: str):
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # bare words (fedprox, /abs/path) are strings
+
+
+def parse_run_config(items: list[str]) -> dict:
+    """Parse ``k=v`` items; values are TOML (``3``, ``0.5``, ``true``, ``"x"``) or a bare string.
+
+    Raises
+    ------
+    CliError
+        For an item without ``=`` or without a key, and for a key given twice (code 2).
+    """
+    out, given = {}, {}
+    for item in items:
+        if "=" not in item:
+            raise CliError(f"-c/--run-config {item!r}: expected key=value; fix: e.g. -c local-epochs=2")
+        k, v = (part.strip() for part in item.split("=", 1))
+        if not k:
+            raise CliError(f"-c/--run-config {item!r}: the item has no key (nothing before '='); fix: -c key=value, "
+                           "e.g. -c local-epochs=2 (`fl-server app-config` lists every key)")
+        if k in out:
+            raise CliError(f"-c/--run-config: key {k!r} given twice ({given[k]!r} and {item!r}); fix: give each "
+                           "run-config key once")
+        out[k], given[k] = _parse_value(v), item
+    return out
+
+
+#: Run-config keys ``fl-server run`` sets itself -> what to use instead.
+SET_BY_RUN = {"run-dir": "--name (and --runs-dir): the run folder is <runs-dir>/<name>",
+              "resume": "--resume RUN to continue a run"}
+#: Run-config keys that an option of ``fl-server run`` sets -> that option.
+OPTION_KEYS = {"department": "--department", "num-rounds": "--rounds", "secagg": "--secagg/--no-secagg",
+               "secagg-num-shares": "--secagg-num-shares", "secagg-threshold": "--secagg-threshold"}
+
+
+def _same_value(a, b) -> bool:
+    return type(a) is type(b) and a == b  # true is not 1
+
+
+def explicit_options(department, rounds, secagg, num_shares, threshold) -> dict[str, tuple[str, object]]:
+    """``{run-config key: (the option as given, its value)}`` for the options of ``fl-server run`` that were given."""
+    given = {"department": (f"--department {department}", department),
+             "num-rounds": (f"--rounds {rounds}", rounds),
+             "secagg": ("--secagg" if secagg else "--no-secagg", secagg),
+             "secagg-num-shares": (f"--secagg-num-shares {num_shares}", num_shares),
+             "secagg-threshold": (f"--secagg-threshold {threshold}", threshold)}
+    return {k: v for k, v in given.items() if v[1] is not None}
+
+
+def check_overrides(overrides: dict, explicit: dict[str, tuple[str, object]]) -> None:
+    """Refuse ``-c`` keys ``fl-server run`` sets itself, and ``-c`` values that contradict an option given.
+
+    Raises
+    ------
+    CliError
+        Code 2, naming the ``-c`` item, the option and the fix.
+    """
+    for key, instead in SET_BY_RUN.items():
+        if key in overrides:
+            raise CliError(f"-c {key}={_toml_value_or_text(overrides[key])}: `fl-server run` sets {key!r} itself; "
+                           f"fix: drop it, and use {instead}")
+    for key, (option, value) in explicit.items():
+        if key in overrides and not _same_value(overrides[key], value):
+            raise CliError(f"{option} and -c {key}={_toml_value_or_text(overrides[key])} disagree; fix: give "
+                           f"{OPTION_KEYS[key]} only (drop the -c item)")
+
+
+def _toml_value_or_text(v) -> str:
+    try:
+        return _toml_value(v).strip('"') if isinstance(v, str) else _toml_value(v)
+    except TypeError:
+        return str(v)
+
+
+def check_app_keys(cfg: dict, app_dir: Path) -> None:
+    """Refuse run-config keys that the app's ``[tool.flwr.app.config]`` lacks: Flower would refuse the run.
+
+    Node-side keys (``data``, ``policy`` ...) are the department nodes' own (``fl-client``), never
+    taken from the coordinator's run config.
+
+    Raises
+    ------
+    CliError
+        Code 2: ``--app`` has no readable pyproject.toml, or a key it does not declare.
+    """
+    from contract.keys import NODE_KEYS
+
+    path = Path(app_dir) / "pyproject.toml"
+    try:
+        known = tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"]
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        raise CliError(f"--app {app_dir}: no readable pyproject.toml with [tool.flwr.app.config]; fix: pass the cityfed "
+                       "project folder") from None
+    for key in cfg:
+        if key in NODE_KEYS:
+            raise CliError(f"-c {key}={_toml_value_or_text(cfg[key])}: {key!r} is a department node's own setting "
+                           "(fl-client's node config), never taken from the coordinator's run config; fix: drop it "
+                           "(set it on each node's fl-client)")
+        if key not in known:
+            raise CliError(f"-c {key}={_toml_value_or_text(cfg[key])}: {key!r} is not a run-config key of the app in "
+                           f"--app {app_dir} (its [tool.flwr.app.config]), so Flower would refuse the run; fix: drop "
+                           "it, or pass the cityfed project folder as --app")
+
+
+def secagg_config(cfg: dict, secagg: bool | None, num_shares: int | None, threshold: int | None) -> dict:
+    """The SecAgg+ run-config keys ``fl-server run`` sets.
+
+    SecAgg+ is on by default: ``secagg = true`` unless ``--no-secagg`` is given or the
+    run config (``-c secagg=false``, or a resumed run's stored config) already says so;
+    an explicit ``--secagg/--no-secagg`` wins over a resumed run's stored config (a ``-c``
+    item that contradicts it is refused before: :func:`check_overrides`). ``--secagg-num-shares``
+    and ``--secagg-threshold`` are passed through as ``secagg-num-shares`` /
+    ``secagg-threshold``.
+    """
+    out = {"secagg": cfg.get("secagg", True) if secagg is None else secagg}
+    if num_shares is not None:
+        out["secagg-num-shares"] = num_shares
+    if threshold is not None:
+        out["secagg-threshold"] = threshold
+    return out
+
+
+def secagg_banner(cfg: dict) -> str:
+    """One line saying which aggregation mode a (validated) run uses."""
+    if cfg.get("secagg"):
+        shares, threshold = int(cfg["secagg-num-shares"]), int(cfg["secagg-threshold"])
+        least = max(3, int(cfg.get("min-accepted", 1)))  # server.secagg.MIN_SECAGG_NODES
+        return (f"[bold green]secure aggregation ON[/] (SecAgg+, {shares} shares, threshold {threshold}: the coordinator "
+                f"only sees the mean update of >= {least} nodes per round; tolerates {shares - threshold} dropped "
+                f"node(s) per neighbourhood of {shares} in any stage while >= {least} nodes still contribute: with "
+                f"exactly {least} nodes a dropout before the unmask stage ends the run cleanly, so run >= {least + 1} "
+                f"nodes to train through one)")
+    return ("[bold yellow]secure aggregation OFF[/] (--no-secagg): the coordinator receives each node's updated "
+            "weights individually")
+
+
+#: A run folder name (``--name``): what ``fl-server run`` accepts.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _departments() -> tuple[str, ...]:
+    from typing import get_args
+
+    from server.app import RunSettings
+
+    return get_args(RunSettings.model_fields["department"].annotation)
+
+
+def _new_run(runs: Path, department: str | None, name: str | None, overrides: dict) -> tuple[dict, Path, dict]:
+    """``(launch record, folder, run config)`` of a new run; refuses a missing department or a bad --name."""
+    depts = _departments()
+    if not department:
+        given = f" (not -c department={overrides['department']})" if "department" in overrides else ""
+        raise CliError(f"--department is required; fix: --department {'|'.join(depts)}{given}")
+    if department not in depts:
+        raise CliError(f"--department {department!r}: not a department; fix: --department {'|'.join(depts)}")
+    folder_name = name or f"{department}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    if not RUN_NAME.fullmatch(folder_name):
+        shown = folder_name if len(folder_name) <= 60 else f"{folder_name[:57]}... ({len(folder_name)} characters)"
+        raise CliError(f"--name {shown!r}: a run folder name is 1 to 100 characters, letters, digits, '.', '_' or '-', "
+                       "starting with a letter or digit; fix: choose such a name (e.g. health-trial-2)")
+    folder = runs / folder_name
+    if (folder / "launch.json").exists():
+        raise CliError(f"run folder {folder} exists; fix: choose another --name, or --resume {shlex.quote(folder_name)}")
+    if folder.exists() and not folder.is_dir():
+        raise CliError(f"--name {folder_name}: {folder} is a file; fix: choose another --name")
+    return {"run-ids": []}, folder, {"department": department, **overrides}
+
+
+def _resumed_run(runs: Path, resume: str, department: str | None, overrides: dict) -> tuple[dict, Path, dict]:
+    """``(launch record, folder, run config)`` of a run to resume; refuses another department."""
+    rec = resolve_run(runs, resume)
+    stored = rec["config"].get("department")
+    for option, value in (("--department", department), ("-c department", overrides.get("department"))):
+        if value is not None and value != stored:
+            shown = f"{option} {value}" if option.startswith("--") else f"{option}={value}"
+            raise CliError(f"{shown} but run {resume} is a {stored} run (a resumed run keeps its department); "
+                           f"fix: drop {option}")
+    return rec, runs / rec["folder"], {**rec["config"], **overrides, "resume": True}
+
+
+def _checked_settings(cfg: dict, explicit: dict[str, tuple[str, object]]) -> dict:
+    """:func:`server.app.settings` of ``cfg``; a refusal is exit 2 naming the key, the option or -c item, and the fix."""
+    from server.app import RunConfigError, settings
+
+    try:
+        return settings(cfg)
+    except RunConfigError as exc:
+        msg = str(exc)
+        if cfg.get("secagg") is True and "'secagg' = true" in msg:
+            msg += (f" (secure aggregation is on by default in `fl-server run`: strategy {cfg.get('strategy')!r} "
+                    "needs each node's individual update; fix: -c strategy=fedavg, or --no-secagg to send "
+                    "individual updates to the coordinator)")
+        elif "fix:" not in msg:
+            options = [explicit[k][0].split()[0] for k in exc.keys if k in explicit]
+            fix = (f"give {' and '.join(dict.fromkeys(options))} a value the message allows" if options else
+                   f"-c {exc.keys[0]}=<a value the message allows>" if exc.keys else
+                   "change the run-config keys the message names (-c KEY=VALUE)")
+            msg += f"; fix: {fix} (`fl-server app-config` lists every key and its default)"
+        raise CliError(msg) from None
