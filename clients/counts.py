@@ -15,6 +15,7 @@ seed, so that runs repeat.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 
@@ -25,6 +26,9 @@ from privacy.ledger import BudgetExceededError, PrivacyLedger, Release
 __all__ = ["released_count"]
 
 _RNG = random.SystemRandom()
+#: The budget of a count release is checked at the delta of ``exact + HIGH_DRAW * sigma`` records:
+#: a Gaussian draw above it has probability below 1e-9.
+HIGH_DRAW = 6.0
 
 
 def released_count(spec, ledger: PrivacyLedger, split: str, exact: int, *, run_id: str, round: int,
@@ -64,10 +68,12 @@ def released_count(spec, ledger: PrivacyLedger, split: str, exact: int, *, run_i
     policy = spec.policy
     sigma = float(policy.releases.count_noise_multiplier)
     exact = int(exact)
-    # the budget is checked at the exact count's delta (the value is not drawn yet); every later release
-    # re-checks the whole history, this one included, at the delta that follows from the released value,
-    # which the committed row records like the site's other rows
-    delta = policy.site_delta(delta_records(exact, policy.releases.num_examples_granularity)) \
+    # the value is not drawn yet, and the site's delta will follow it (a larger count, a smaller delta, a
+    # larger epsilon): the budget is checked at the delta of a count HIGH_DRAW standard deviations above the
+    # exact one, so the released value cannot take the site past max_epsilon (unless it draws higher still,
+    # probability < 1e-9); the committed row records the delta that follows from the released value
+    high = exact + math.ceil(HIGH_DRAW * sigma)
+    delta = policy.site_delta(delta_records(high, policy.releases.num_examples_granularity)) \
         if site_delta is None else float(site_delta)
 
     def delta_of(value: int) -> float:
@@ -91,7 +97,7 @@ def released_count(spec, ledger: PrivacyLedger, split: str, exact: int, *, run_i
                                            max_epsilon=policy.max_epsilon, delta=delta,
                                            delta_of=delta_of)
     except BudgetExceededError as exc:
-        # the ledger's message holds an epsilon at the exact count's delta: it stays in the node's log
+        # the ledger's message holds an epsilon at a delta computed from the exact count: it stays in the node's log
         from flower_compat.logging import log
 
         log(30, "cityfed: %s/%s: the %s record count was not released: %s", spec.department, spec.site, split, exc)

@@ -467,8 +467,9 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     except (BudgetExceededError, RunCapExceededError) as exc:  # another process spent the budget or the cap
         for rid, _ in pending:
             ledger.abort(rid, "budget re-check failed before training")
+        # (the ledger's reason without its file's path: the node's file layout stays on the node)
         refusal = run_cap_refusal(spec, job.run_id, exc.done) if isinstance(exc, RunCapExceededError) \
-            else JobRefused(f"{spec.department}/{spec.site}: refused: {exc}")
+            else JobRefused(f"{spec.department}/{spec.site}: refused: {exc.reason}")
         spec.audit("job-refused", run=job.run_id, round=job.round, reason=str(refusal))
         raise refusal from exc
     before = decision.epsilon_before
@@ -572,8 +573,8 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
         except RunCapExceededError as exc:
             raise refuse(f"run {run_id} already had {exc.done} evaluation(s), policy [releases] "
                          f"max_evaluations_per_run = {rel.max_evaluations_per_run}") from None
-        except BudgetExceededError as exc:
-            raise refuse(str(exc)) from None
+        except BudgetExceededError as exc:  # without the ledger file's path
+            raise refuse(exc.reason) from None
         try:
             from clients.training import per_record_statistics
 

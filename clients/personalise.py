@@ -362,8 +362,8 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
                                run_cap=(("personalisation",), 1))
         except RunCapExceededError:
             raise refuse(f"run {run_id!r} was already personalised on this node (once per run)") from None
-        except BudgetExceededError as exc:
-            raise refuse(str(exc)) from exc
+        except BudgetExceededError as exc:  # without the ledger file's path
+            raise refuse(exc.reason) from None
     else:  # allowed by the policy (require_dp = false), still a release: the site's epsilon is infinite after it
         release = Release(noise_multiplier=0.0, sample_rate=1.0, steps=1, delta=delta, run_id=run_id, round=rnd,
                           site=spec.site, department=spec.department, mechanism="non-private")

@@ -138,7 +138,18 @@ class LedgerError(RuntimeError):
 
 
 class BudgetExceededError(LedgerError):
-    """:meth:`PrivacyLedger.begin` was given a budget and the release would exceed it."""
+    """:meth:`PrivacyLedger.begin` was given a budget and the release would exceed it.
+
+    Attributes
+    ----------
+    reason : str
+        The message without the ledger file's path: what a node may send its coordinator (the
+        full message, with the path, is for the node's operator and log).
+    """
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason if reason is not None else message
 
 
 class RunCapExceededError(LedgerError):
@@ -437,16 +448,14 @@ class PrivacyLedger:
                 hist.append((float(release.noise_multiplier), float(release.sample_rate), int(release.steps)))
                 eps = composed_epsilon(hist, float(delta), self.accountant)
                 if eps > max_epsilon and not math.isfinite(eps):
-                    raise BudgetExceededError(
-                        f"privacy ledger {str(self.path)!r}: site {release.site!r} has a non-private release (a round "
-                        f"trained without DP, allowed by policy require_dp = false): its epsilon is infinite, so no "
-                        f"release stays within max_epsilon {max_epsilon:g}.")
+                    reason = (f"site {release.site!r} has a non-private release (a round trained without DP, allowed "
+                              f"by policy require_dp = false): its epsilon is infinite, so no release stays within "
+                              f"max_epsilon {max_epsilon:g}.")
+                    raise BudgetExceededError(f"privacy ledger {str(self.path)!r}: {reason}", reason)
                 if eps > max_epsilon:
-                    raise BudgetExceededError(
-                        f"privacy ledger {str(self.path)!r}: release would bring site {release.site!r} "
-                        f"to epsilon {eps:.4g} > max_epsilon {max_epsilon:g} (delta {delta:g}, "
-                        f"{self.accountant.upper()} accountant)."
-                    )
+                    reason = (f"release would bring site {release.site!r} to epsilon {eps:.4g} > max_epsilon "
+                              f"{max_epsilon:g} (delta {delta:g}, {self.accountant.upper()} accountant).")
+                    raise BudgetExceededError(f"privacy ledger {str(self.path)!r}: {reason}", reason)
             cur = con.execute(
                 "INSERT INTO releases (site, department, run_id, round, noise_multiplier, sample_rate,"
                 " steps, planned_steps, delta, accountant, status, reason, created_at, updated_at, mechanism, replay)"
