@@ -451,8 +451,11 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
         saved = load_checkpoint(ckpt)
         offset, history = int(saved["round"]), saved["history"]
         run_id = saved.get("run_id", run_id)
-        state = {k: torch.from_numpy(v) for k, v in saved["arrays"].items()}
-        arrays = ArrayRecord(state)
+        if saved["arrays"]:
+            arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in saved["arrays"].items()})
+        else:  # an earlier version's checkpoint of a run stopped before round 1 held no model: the seed's initial one
+            log.warning("run %s: its checkpoint holds no model (stopped before round 1): starting from the initial "
+                        "model of seed %s", run_id, cfg["seed"])
         saved_state = saved["strategy_state"]  # the server optimiser's state_dict, restored below
         central_state = saved_state.get(CENTRAL_STATE_KEY)  # the central-DP accountant (JSON)
         log.warning("resuming run %s after round %d of %d (this launch is Flower run %s); rounds continue at %d",

@@ -100,7 +100,7 @@ def write_run_results(folder: Path, status: str, flwr_run_id: str, *, written_by
     from server.energy import summarise as energy_summary
 
     out["energy"] = energy_summary(out)  # per node and for the run, as the nodes reported it
-    if saved:
+    if saved and saved["arrays"]:  # (an earlier version's checkpoint of round 0 held no model)
         save_model(folder / MODEL, saved["arrays"], metadata={"run-id": out["run_id"]})
     _write_atomic(folder / "results.json", json.dumps(out, indent=2, default=float))
     from server.report import write_run_report

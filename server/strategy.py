@@ -236,6 +236,8 @@ class GuardedStrategy(Strategy):
         The deadline of every exchange comes from ``round_timeout`` (else ``timeout``); the
         measured reply times are kept in ``history["reply-times"]`` (saved with checkpoints).
         """
+        if not self._global:  # a checkpoint written before round 1 (the round-0 score) holds the initial model
+            self._global = {k: v.numpy() for k, v in initial_arrays.items()}
         rule = self.round_timeout if self.round_timeout is not None else timeout
         self._grid = deadline_grid(grid, rule, self.history.setdefault("reply-times", {}))
         log.info("cityfed: deadlines: %s", self._grid.deadlines.rule.describe())
