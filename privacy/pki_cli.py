@@ -92,7 +92,8 @@ def init_cmd(
 
     ca.crt is public: every department gets a copy and passes it to
     `flower-supernode --root-certificates ca.crt`. ca.key signs the coordinator's
-    certificate and must never leave the coordinator team. Existing files are never
+    certificate and stays with the CA operator only (offline or in a vault): it never goes to
+    the coordinator or a department. Existing files are never
     overwritten unless --force is given.
     """
     with _errors():
