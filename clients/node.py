@@ -466,7 +466,7 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
                                                  run_cap=cap if r.mechanism == "dp-sgd" else None), r))
     except (BudgetExceededError, RunCapExceededError) as exc:  # another process spent the budget or the cap
         for rid, _ in pending:
-            ledger.abort(rid, "budget re-check failed before training")
+            ledger.abort(rid, f"refused in the ledger's write before training: {type(exc).__name__}")
         # (the ledger's reason without its file's path: the node's file layout stays on the node)
         refusal = run_cap_refusal(spec, job.run_id, exc.done) if isinstance(exc, RunCapExceededError) \
             else JobRefused(f"{spec.department}/{spec.site}: refused: {exc.reason}")
@@ -543,11 +543,14 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
                      "are not scored for the coordinator; score the run on coordinator-held data (run config central-data)")
     if not run_id:
         raise refuse("the evaluate message names no run-id (the per-run evaluation cap needs it)")
+    def capped(done: int) -> JobRefused:
+        return refuse(f"run {run_id} already had {done} evaluation(s), policy [releases] max_evaluations_per_run = "
+                      f"{rel.max_evaluations_per_run}")
+
     ledger = PrivacyLedger(spec.ledger_path, accountant=spec.policy.accountant)
-    done = ledger.count(spec.site, run_id, "gaussian-eval")
+    done = ledger.count(spec.site, run_id, "gaussian-eval")  # early: a capped run releases no count either
     if done >= rel.max_evaluations_per_run:
-        raise refuse(f"run {run_id} already had {done} evaluation(s), policy [releases] max_evaluations_per_run = "
-                     f"{rel.max_evaluations_per_run}")
+        raise capped(done)
     model, ds, site = _model_for(spec, str(cfg.get("model", "")) or None, state)
     task = ds.schema.task
     if len(site.test) == 0:
@@ -571,8 +574,7 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
             rid = ledger.begin(r, max_epsilon=spec.policy.max_epsilon, delta=delta,
                                run_cap=(("gaussian-eval",), rel.max_evaluations_per_run))
         except RunCapExceededError as exc:
-            raise refuse(f"run {run_id} already had {exc.done} evaluation(s), policy [releases] "
-                         f"max_evaluations_per_run = {rel.max_evaluations_per_run}") from None
+            raise capped(exc.done) from None
         except BudgetExceededError as exc:  # without the ledger file's path
             raise refuse(exc.reason) from None
         try:

@@ -335,8 +335,9 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
 
         n_count = train_count(spec, ledger, cfg, len(train))
     public, delta = public_count(n_count, spec.policy)
+    once = f"run {run_id!r} was already personalised on this node (once per run)"
     if ledger.count(spec.site, run_id, "personalisation"):
-        raise refuse(f"run {run_id!r} was already personalised on this node (once per run)")
+        raise refuse(once)
     # the same calibration as a training round, with no rounds left: the personalisation's steps
     # get the noise that lands the run (what it spent so far + these steps) on its target
     pcfg = {**cfg, "local-epochs": epochs, "num-rounds": rnd, "personalise-epochs": 0, "batch-size": personalise_batch(cfg)}
@@ -361,7 +362,7 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
             rid = ledger.begin(release, max_epsilon=spec.policy.max_epsilon, delta=delta,
                                run_cap=(("personalisation",), 1))
         except RunCapExceededError:
-            raise refuse(f"run {run_id!r} was already personalised on this node (once per run)") from None
+            raise refuse(once) from None
         except BudgetExceededError as exc:  # without the ledger file's path
             raise refuse(exc.reason) from None
     else:  # allowed by the policy (require_dp = false), still a release: the site's epsilon is infinite after it
