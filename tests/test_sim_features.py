@@ -277,7 +277,9 @@ def test_compare_dp_runs_use_the_dp_defaults(tmp_path, monkeypatch):
 
 def test_simulated_site_metrics_come_from_accounted_dp_releases(tmp_path):
     """fl-sim --site-metrics dp: per-site scores are the nodes' DP releases, in their ledgers, on target."""
+    from clients.node import public_count
     from privacy.dp import rdp_epsilon
+    from privacy.policy import load_policy
     from simulations.compare import write_policy
     from simulations.report import write_report
     from simulations.run import simulate
@@ -296,7 +298,9 @@ def test_simulated_site_metrics_come_from_accounted_dp_releases(tmp_path):
         led = PrivacyLedger(tmp_path / "run" / "ledgers" / f"health-{site}.sqlite")
         rows = led.releases(site)
         assert [r["mechanism"] for r in rows].count("gaussian-eval") == 3
-        delta = 1 / (10 * len(ds.site_data(site).train))
+        # the policy's per-site delta, of the site's released (noised) training count as the node sets it
+        (count,) = led.counts(site, split="train")
+        delta = public_count(count["value"], load_policy(pol))[1]
         assert 2.9 < rdp_epsilon(led.run_history(site, "dpeval"), delta) <= 3.0 + 1e-9  # evaluations included
     write_report(tmp_path / "run", ds.sites, "accuracy")
     assert (tmp_path / "run" / "metric.png").stat().st_size > 1000
