@@ -55,8 +55,9 @@ SEX = {"male": 1.0, "m": 1.0, "1": 1.0, "1.0": 1.0, "female": 0.0, "f": 0.0, "0"
 #: with the center (0 after scaling). Public constants, never statistics of a node's records: rounded
 #: general clinical reference values for adults referred for cardiac evaluation (typical age of a
 #: coronary angiography patient about 55 +/- 10 years; resting systolic blood pressure 130 mm Hg,
-#: the upper limit of normal-high; total serum cholesterol 220 mg/dl, within the 200-239
-#: borderline-high band; maximum heart rate in an exercise test about 140 bpm, 85 % of the
+#: where current guidelines put the high-normal / stage-1 hypertension boundary; total serum
+#: cholesterol 220 mg/dl, within the 200-239 borderline-high band; maximum heart rate in an
+#: exercise test about 140 bpm, 85 % of the
 #: age-predicted maximum 220 - 55; exercise ST depression 1 mm, the usual threshold of a positive
 #: test). The scales are the rough spread of these values in such patients. They need not be exact:
 #: scaling only has to be fixed and public (the same at every site, for every record).
