@@ -10,7 +10,8 @@ of all natural sites are split by a Flower Datasets partitioner:
   draws mostly from a few detectors/grids), concentration ``alpha``.
 
 Each virtual node tests on an IID share of the pooled *test* windows. Preprocessing stays the
-natural sites' own (scalers fitted on each natural site's training period), and forecasting
+natural sites' own (forecasting: scalers fitted on each natural site's training period; health:
+the fixed constants of :data:`citydata.health.REFERENCE`), and forecasting
 metrics are converted back to original units row by row with the scaler of the site each
 window came from.
 """
