@@ -16,16 +16,11 @@ from server.strategy import load_checkpoint
 from simulations.inprocess import InProcessGrid
 
 warnings.filterwarnings("ignore", category=UserWarning)
-from fed_helpers import POLICY, SITES, health_nodes  # noqa: E402
+from fed_helpers import POLICY, SITES, health_nodes, released_delta  # noqa: E402
 
 
 def _released_delta(node) -> float:
-    """The delta a DP node accounts at: it follows the site's released (noised) training count, not the exact one."""
-    from clients.node import public_count
-    from privacy.policy import load_policy
-
-    (count,) = PrivacyLedger(node["ledger"]).counts(node["site"], split="train")
-    return public_count(count["value"], load_policy(node["policy"]))[1]
+    return released_delta(node["ledger"], node["site"], node["policy"])
 
 
 def _nodes(tmp_path, eps=(8.0, 8.0, 8.0, 8.0)):
