@@ -145,9 +145,7 @@ class SiteFeatures:
         self.site_key = self.ds._site_keys[site]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DataQualityWarning)
-            self.data = self.ds.site_data(site)
-        if self.schema.task != "forecasting":
-            self._fit_health()
+            self.data = self.ds.site_data(site)  # health: nothing to fit (record_features uses public constants)
 
     # -- validation (the adapter's own checks) ------------------------------------------------
     def validate(self, frame: pd.DataFrame) -> pd.DataFrame:
@@ -190,10 +188,6 @@ class SiteFeatures:
         return out
 
     # -- health -------------------------------------------------------------------------------
-    def _fit_health(self) -> None:
-        """Health scaling has nothing to fit: :func:`citydata.health.record_features` uses public constants only."""
-        self._scalers = dict(self.data.meta["scalers"])  # the fixed citydata.health.REFERENCE (center, scale)
-
     def _health_X(self, r: pd.DataFrame) -> np.ndarray:
         from citydata import health as h
 
