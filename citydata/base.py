@@ -175,6 +175,7 @@ class Schema:
     n_features: int = 0
     train_stride: int = 1  # forecasting: keep every k-th training window (overlapping windows are near-duplicates)
     scale_floor: float = 1e-6  # forecasting: public floor of a window's scale, in target units
+    relative_scale_floor: float = 0.01  # forecasting: public floor of a window's scale, share of its lookback mean
 
     def column(self, name: str) -> Column:
         """Return the documented column called ``name`` (``KeyError`` if absent)."""

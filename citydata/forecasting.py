@@ -33,7 +33,8 @@ MAX_GAP = 4
 #: Public reference of the temperature channel, deg C: ``(T - 15) / 10``.
 TEMPERATURE_REFERENCE = (15.0, 10.0)
 
-#: A window's scale is at least this share of its lookback mean's magnitude.
+#: Default share of a window's lookback mean magnitude below which its scale does not go
+#: (a department may set its own public value: :attr:`citydata.base.Schema.relative_scale_floor`).
 RELATIVE_SCALE_FLOOR = 0.01
 
 
@@ -84,7 +85,7 @@ def calendar_channels(times: pd.DatetimeIndex) -> np.ndarray:
     return np.stack([np.sin(2 * np.pi * tod), np.cos(2 * np.pi * tod), np.sin(2 * np.pi * dow), np.cos(2 * np.pi * dow)], axis=1)
 
 
-def window_scale(loc: np.ndarray, std: np.ndarray, floor: float) -> np.ndarray:
+def window_scale(loc: np.ndarray, std: np.ndarray, floor: float, relative: float = RELATIVE_SCALE_FLOOR) -> np.ndarray:
     """A window's scale: its lookback std, floored.
 
     Parameters
@@ -93,17 +94,20 @@ def window_scale(loc: np.ndarray, std: np.ndarray, floor: float) -> np.ndarray:
         Each window's lookback mean and (population) std of the target.
     floor : float
         The department's public absolute floor, in target units (:attr:`Schema.scale_floor`).
+    relative : float
+        The department's public relative floor (:attr:`Schema.relative_scale_floor`).
 
     Returns
     -------
     np.ndarray
-        ``max(std, RELATIVE_SCALE_FLOOR * |loc|, floor)``: a flat lookback (a closed
-        detector, a constant load) does not blow the window's targets up.
+        ``max(std, relative * |loc|, floor)``: a flat lookback (a closed detector, a
+        constant load) does not blow the window's targets up.
     """
-    return np.maximum(np.maximum(std, RELATIVE_SCALE_FLOOR * np.abs(loc)), float(floor))
+    return np.maximum(np.maximum(std, float(relative) * np.abs(loc)), float(floor))
 
 
-def window_normalise(lookback: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
+def window_normalise(lookback: np.ndarray, floor: float,
+                     relative: float = RELATIVE_SCALE_FLOOR) -> tuple[np.ndarray, np.ndarray]:
     """Instance normalisation (RevIN style) of forecasting windows: each by its own lookback.
 
     Parameters
@@ -112,6 +116,8 @@ def window_normalise(lookback: np.ndarray, floor: float) -> tuple[np.ndarray, np
         ``(n, lookback)`` raw target of each window's input steps (finite).
     floor : float
         Public absolute floor of the scale, in target units.
+    relative : float
+        Public relative floor of the scale (share of the lookback mean's magnitude).
 
     Returns
     -------
@@ -123,7 +129,7 @@ def window_normalise(lookback: np.ndarray, floor: float) -> tuple[np.ndarray, np
     v = np.asarray(lookback, dtype=np.float64)
     loc = v.mean(axis=1)
     std = np.sqrt(((v - loc[:, None]) ** 2).mean(axis=1))
-    return loc, window_scale(loc, std, floor)
+    return loc, window_scale(loc, std, floor, relative)
 
 
 def temperature_channel(temperature: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -164,6 +170,7 @@ def build_forecast_site(
     test_fraction: float,
     train_stride: int = 1,
     scale_floor: float = 1e-6,
+    relative_scale_floor: float = RELATIVE_SCALE_FLOOR,
     temperature: np.ndarray | None = None,
     with_temperature: bool = False,
     origin: str = "",
@@ -187,8 +194,8 @@ def build_forecast_site(
     train_stride : int
         Keep the training windows that start every ``train_stride``-th step of the grid
         (test windows: all).
-    scale_floor : float
-        Public floor of a window's scale, in target units (:func:`window_scale`).
+    scale_floor, relative_scale_floor : float
+        Public absolute (target units) and relative floors of a window's scale (:func:`window_scale`).
     temperature : np.ndarray, optional
         Raw temperature on the grid (NaN where missing); only used when ``with_temperature``.
     with_temperature : bool
@@ -262,7 +269,7 @@ def build_forecast_site(
         jj = s + L
         inp = s[:, None] + np.arange(L)[None, :]
         hor = jj[:, None] + np.arange(H)[None, :]
-        loc, scale = window_normalise(y_raw[inp], scale_floor) if len(s) else (np.zeros(0), np.ones(0))
+        loc, scale = window_normalise(y_raw[inp], scale_floor, relative_scale_floor) if len(s) else (np.zeros(0), np.ones(0))
         sc = lambda v: ((v - loc[:, None]) / scale[:, None]).astype(np.float32)  # noqa: E731
         X = feats[inp] if len(s) else np.zeros((0, L, feats.shape[1]), np.float32)
         if len(s):

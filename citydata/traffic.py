@@ -69,6 +69,7 @@ class TrafficCounts(DepartmentDataset):
         seasonal_period=96,
         n_features=5,
         scale_floor=1.0,  # one vehicle per bin: a closed lane's flat lookback is not blown up
+        relative_scale_floor=1.0,  # scale >= the lookback's mean count (measured best of 0.01-2: README)
     )
     #: Channel names of ``X[..., k]``.
     channels = ("total_window_scaled", "hour_sin", "hour_cos", "dow_sin", "dow_cos")
@@ -132,5 +133,6 @@ class TrafficCounts(DepartmentDataset):
         target = pd.Series(records["total"].to_numpy(dtype=np.float64), index=times).reindex(grid).to_numpy()
         s = self.schema
         return build_forecast_site(site, grid, target, lookback=s.lookback, horizon=s.horizon, period=s.seasonal_period,
-                                   test_fraction=self.test_fraction, scale_floor=s.scale_floor, origin=self._origin,
+                                   test_fraction=self.test_fraction, scale_floor=s.scale_floor,
+                                   relative_scale_floor=s.relative_scale_floor, origin=self._origin,
                                    meta={"unit": s.target_unit, "records": len(records)})

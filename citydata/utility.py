@@ -185,6 +185,6 @@ class ElectricityDemand(DepartmentDataset):
         return build_forecast_site(site, pd.DatetimeIndex(hourly.index), hourly["demand"].to_numpy(dtype=np.float64),
                                    temperature=hourly["temperature"].to_numpy(dtype=np.float64), with_temperature=True,
                                    lookback=s.lookback, horizon=s.horizon, period=s.seasonal_period, train_stride=s.train_stride,
-                                   scale_floor=s.scale_floor,
+                                   scale_floor=s.scale_floor, relative_scale_floor=s.relative_scale_floor,
                                    test_fraction=self.test_fraction, origin=self._origin,
                                    meta={"unit": unit, "records": len(records)})

@@ -273,7 +273,7 @@ class SiteFeatures:
                                f"(gaps longer than {MAX_GAP} steps are not interpolated)",
                                f"send the last {s.lookback} steps of {target_col!r} with no gap longer than {MAX_GAP} steps")
         win = grid[-s.lookback:]
-        loc, scale = window_normalise(y[None, :], s.scale_floor)
+        loc, scale = window_normalise(y[None, :], s.scale_floor, s.relative_scale_floor)
         channels = [((y[None, :] - loc[:, None]) / scale[:, None]).astype(np.float32)[0][:, None], calendar_channels(win)]
         if meta.get("temperature_reference") is not None:
             temp = frame["temperature"].to_numpy(dtype=np.float64)[-s.lookback:] if "temperature" in frame \
