@@ -10,9 +10,10 @@ of all natural sites are split by a Flower Datasets partitioner:
   draws mostly from a few detectors/grids), concentration ``alpha``.
 
 Each virtual node tests on an IID share of the pooled *test* windows. Preprocessing stays the
-natural sites' own (forecasting: each window normalised by its own lookback), and each
-forecasting window keeps its own statistics (``Split.loc`` / ``Split.scale``), so metrics are
-converted back to original units row by row.
+natural sites' own (forecasting: each window normalised by its own lookback; health: the fixed
+constants of :data:`citydata.health.REFERENCE`), and each forecasting window keeps its own
+statistics (``Split.loc`` / ``Split.scale``), so metrics are converted back to original units
+row by row.
 """
 
 from __future__ import annotations

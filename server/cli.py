@@ -62,7 +62,7 @@ from server.errors import (  # noqa: F401
 )
 from server.flwr_calls import (  # noqa: F401
     CONNECTION, _answer_code, _bin, cli_home, _control_post, control_run_status, _coordinator, _env, flower_code,
-    flower_message, flwr, for_output, _stream, superlink_home, wait_for_run, wait_run_started, write_connection,
+    flower_message, flwr, for_output, _stream, superlink_home, wait_run_started, write_connection,
 )
 from server.launches import (  # noqa: F401
     PROJECT_ROOT, UNREADABLE, _WARNED_LAUNCHES, _app_defaults, _checkpoint_round, _flwr_run_id, _is_run_id,

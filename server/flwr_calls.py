@@ -302,22 +302,3 @@ def wait_run_started(state_dir: Path, run_id: str, timeout: float, on_status: Ca
         if st["status"] == "running" or st["status"].startswith("finished") or time.monotonic() >= end:
             return st
         time.sleep(poll)
-
-
-def wait_for_run(state_dir: Path, run_id: str, timeout: float, poll: float = 1.0) -> dict:
-    """Poll ``flwr ls --run-id`` until the run is finished; return its record.
-
-    Raises
-    ------
-    CliError
-        On timeout (code 1).
-    """
-    end = time.monotonic() + timeout
-    while True:
-        data = flwr(state_dir, "ls", CONNECTION, "--run-id", str(run_id), json_out=True)
-        runs = data.get("runs", [])
-        if runs and str(runs[0].get("status", "")).startswith("finished"):
-            return runs[0]
-        if time.monotonic() > end:
-            raise CliError(f"run {run_id} not finished after {timeout:.0f} s (status {runs[0].get('status') if runs else '?'})", 1)
-        time.sleep(poll)

@@ -16,9 +16,9 @@ from rich.markup import escape
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=(
     "Serve a cityfed model package (fl-sim export-model / fl-server export) on this department's node. "
     "The package's hashes are checked first (a changed file is refused). Records are validated with the same checks "
-    "as training and scaled as in training: health with this site's own training scalers, built here from the "
-    "department's data (bundled, or --data), forecasting by each request window's own lookback; scalers never come "
-    "from the package or the coordinator. API: POST /predict (JSON or CSV records in "
+    "as training and scaled as in training (health: fixed public reference constants; traffic/utility: each request "
+    "window by its own lookback): nothing is fitted to records, and nothing comes from the package or the coordinator. "
+    "API: POST /predict (JSON or CSV records in "
     "the department's schema; answers in original units), GET /model (model card), GET /metrics, GET /health, "
     "GET /docs (OpenAPI). Every call but /health and the docs needs an API key: header 'X-API-Key: KEY'."))
 err = Console(stderr=True)
@@ -184,7 +184,7 @@ class ServerThread:
 def serve(
     package: Annotated[Path, typer.Argument(help="Package folder (fl-sim export-model / fl-server export).")],
     site: Annotated[str, typer.Option("--site", "-s", help="The site this node serves (its hospital, detector or grid; "
-                                      "`fl-sim datasets` lists them). Health: its training scalers are fitted here from --data.")],
+                                      "`fl-sim datasets` lists them). Its records come from --data or the bundled data.")],
     data: Annotated[Optional[Path], typer.Option("--data", help="The department's own records file (CSV/Parquet, as "
                                                  "for fl-client --data); default: the bundled records.")] = None,
     api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help=f"File with the accepted API keys, one "
@@ -213,7 +213,7 @@ def serve(
 ) -> None:
     """Serve PACKAGE for one site on this node: POST /predict, GET /model, /metrics, /health, /docs.
 
-    The package's SHA-256 hashes are checked first (a changed, missing or extra file is refused). Records are validated with the same checks as a training file and scaled with this site's own training scalers, fitted here from the department's data (bundled, or --data): they never come from the package or the coordinator. Answers are in original units: probabilities (health), the next steps with their timestamps (traffic, utility). Every call but /health and the docs needs an API key in the header 'X-API-Key: KEY'. With --personalised FILE the node's personalised model of the package's run is served instead of the global one (GET /model says which). Example: fl-serve runs/h3-package --site Cleveland --api-key-file serve.keys --port 8480
+    The package's SHA-256 hashes are checked first (a changed, missing or extra file is refused). Records are validated with the same checks as a training file and scaled as in training (health: fixed public reference constants; traffic/utility: this site's own training scalers, fitted here from the department's data, bundled or --data): they never come from the package or the coordinator. Answers are in original units: probabilities (health), the next steps with their timestamps (traffic, utility). Every call but /health and the docs needs an API key in the header 'X-API-Key: KEY'. With --personalised FILE the node's personalised model of the package's run is served instead of the global one (GET /model says which). Example: fl-serve runs/h3-package --site Cleveland --api-key-file serve.keys --port 8480
     """
     import ssl
 

@@ -1,18 +1,19 @@
-"""Records in a department's schema -> model inputs, scaled as in training.
+"""Records in a department's schema -> model inputs, scaled as in training (nothing fitted to records).
 
-``fl-serve`` runs on a department node: the scalers, imputation values and schema stay
-there. :class:`SiteFeatures` loads the department's data with the same adapter as training
+``fl-serve`` runs on a department node: the schema and the records stay there (scaling uses
+no statistic of any record: health fixed public constants, forecasting each window's own lookback).
+:class:`SiteFeatures` loads the department's data with the same adapter as training
 (:func:`citydata.load_department`: bundled records, or the node's own file), builds
-the served site (which fits its scalers on the site's training part only, as in training)
-and then turns request records into model inputs (forecasting needs nothing fitted: each
-window is normalised by its own lookback):
+the served site and then turns request records into model inputs (health: fixed public
+constants; forecasting: each window normalised by its own lookback):
 
 * validation: the adapter's own ``_validate`` (the same column, type, range, category,
   timestamp and ordering checks as a training file); a violation is the adapter's
   :class:`~citydata.base.DataFileError` naming the column and the fix;
-* health: the site's training medians / modes impute, its training mean / std standardise,
-  the categories are one-hot over the adapter's own lists (constants of
-  :mod:`citydata.health`); output: the probability of heart disease;
+* health: :func:`citydata.health.record_features`, the adapter's own per-record transformation:
+  numeric values scaled with the fixed reference constants :data:`citydata.health.REFERENCE`,
+  missing values replaced by fixed constants, categories one-hot over the adapter's own lists
+  (no statistic of any record); output: the probability of heart disease;
 * traffic / utility: the last ``lookback`` steps on the site's grid (utility: hourly means),
   short gaps interpolated by :func:`citydata.forecasting.interpolate_short_gaps`,
   the target normalised by the request window's own lookback mean and floored std
@@ -192,59 +193,13 @@ class SiteFeatures:
 
     # -- health -------------------------------------------------------------------------------
     def _fit_health(self) -> None:
-        from citydata import health as h
-
-        frame = self.ds._frame
-        records = frame[frame[self.schema.site_column] == self.site_key]
-        train = records.loc[self.data.meta["train_rows"]]
-        raw = self._health_raw(train)
-        self._median = {}
-        for c in (*h.NUMERIC, *h.BINARY):
-            v = raw[c][np.isfinite(raw[c])]
-            self._median[c] = float(np.median(v)) if len(v) else None
-        self._scalers = dict(self.data.meta["scalers"])
-        self._mode = {}
-        for c in h.CATEGORIES:
-            norm = train[c].map(lambda v: str(v).strip().lower() if pd.notna(v) else None).dropna()
-            counts = norm.value_counts()
-            self._mode[c] = counts.index[0] if len(counts) else None
-
-    @staticmethod
-    def _health_raw(r: pd.DataFrame) -> dict[str, np.ndarray]:
-        from citydata import health as h
-
-        cols: dict[str, np.ndarray] = {}
-        for c in h.NUMERIC:
-            v = r[c].to_numpy(dtype=np.float64).copy()
-            if c in h.ZERO_IS_MISSING:
-                v[v == 0] = np.nan
-            cols[c] = v
-        cols["sex"] = r["sex"].map(lambda v: h.SEX[str(v).strip().lower()] if pd.notna(v) else np.nan).to_numpy(dtype=np.float64)
-        for c in ("fbs", "exang"):
-            cols[c] = r[c].astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
-        return cols
+        """Health scaling has nothing to fit: :func:`citydata.health.record_features` uses public constants only."""
+        self._scalers = dict(self.data.meta["scalers"])  # the fixed citydata.health.REFERENCE (center, scale)
 
     def _health_X(self, r: pd.DataFrame) -> np.ndarray:
         from citydata import health as h
 
-        cols = self._health_raw(r)
-        feats = []
-        for c in (*h.NUMERIC, *h.BINARY):
-            v = cols[c]
-            med = self._median[c]
-            if med is None:  # no training value at this site: the adapter sets the feature to 0
-                feats.append(np.zeros(len(v)))
-                continue
-            v = np.where(np.isnan(v), med, v)
-            if c in h.NUMERIC:
-                mean, std = self._scalers[c]
-                v = (v - mean) / std
-            feats.append(v)
-        for c, vals in h.CATEGORIES.items():
-            norm = r[c].map(lambda v: str(v).strip().lower() if pd.notna(v) else None)
-            norm = norm.where(norm.notna(), self._mode[c])
-            feats += [(norm == val).to_numpy(dtype=np.float64) for val in vals]
-        return np.column_stack(feats).astype(np.float32)
+        return h.record_features(r)
 
     # -- forecasting ----------------------------------------------------------------------------
     def _forecast_X(self, r: pd.DataFrame) -> tuple[np.ndarray, pd.DatetimeIndex, tuple[np.ndarray, np.ndarray]]:

