@@ -174,6 +174,8 @@ class Schema:
     seasonal_period: int | None = None
     n_features: int = 0
     train_stride: int = 1  # forecasting: keep every k-th training window (overlapping windows are near-duplicates)
+    scale_floor: float = 1e-6  # forecasting: public floor of a window's scale, in target units
+    relative_scale_floor: float = 0.01  # forecasting: public floor of a window's scale, share of its lookback mean
 
     def column(self, name: str) -> Column:
         """Return the documented column called ``name`` (``KeyError`` if absent)."""
@@ -225,23 +227,52 @@ class Split:
     ----------
     X : np.ndarray
         float32; classification ``(n, n_features)``; forecasting ``(n, lookback, n_features)``
-        with channel 0 the scaled target.
+        with channel 0 the target in window units.
     y : np.ndarray
-        float32; classification ``(n,)`` of 0/1; forecasting ``(n, horizon)`` scaled target.
+        float32; classification ``(n,)`` of 0/1; forecasting ``(n, horizon)`` target in window
+        units.
     naive : dict of str to np.ndarray, optional
         Forecasting only: ``"persistence"`` and ``"seasonal"`` forecasts ``(n, horizon)`` in
-        scaled units, computed only from values before each window's first target step.
+        the same window units, computed only from values before each window's first target step.
     target_time : np.ndarray, optional
         Forecasting only: ``datetime64`` time of each window's first target step.
+    loc, scale : np.ndarray, optional
+        Forecasting only: float64 ``(n,)``, each window's own lookback mean and floored std
+        (:func:`citydata.forecasting.window_normalise`): ``original = value * scale + loc``.
     """
 
     X: np.ndarray
     y: np.ndarray
     naive: dict[str, np.ndarray] | None = None
     target_time: np.ndarray | None = None
+    loc: np.ndarray | None = None
+    scale: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(len(self.y))
+
+    def to_original(self, values: np.ndarray) -> np.ndarray:
+        """Undo the window normalisation, row by row.
+
+        Parameters
+        ----------
+        values : np.ndarray
+            ``(n, ...)`` values in window units, one row per window of this split (``y``, a
+            naive forecast, or a model's predictions for ``X``).
+
+        Returns
+        -------
+        np.ndarray
+            float64 ``values * scale + loc`` with each row's own window statistics (the
+            values unchanged, as float64, for a split without them: classification).
+        """
+        v = np.asarray(values, dtype=np.float64)
+        if self.loc is None or self.scale is None:
+            return v
+        if len(v) != len(self.loc):
+            raise ValueError(f"{len(v)} rows of values for a split of {len(self.loc)} windows")
+        shape = (len(v),) + (1,) * (v.ndim - 1)
+        return v * np.reshape(self.scale, shape) + np.reshape(self.loc, shape)
 
     def tensors(self) -> TensorDataset:
         """The split as a ``TensorDataset`` of ``(X, y)`` float32 tensors."""
@@ -251,15 +282,14 @@ class Split:
 
 @dataclass
 class SiteData:
-    """One site's train and test splits plus the target scaler (forecasting).
+    """One site's train and test splits.
 
     Attributes
     ----------
     site : str
     train, test : Split
-    target_mean, target_std : float
-        Forecasting: ``original = scaled * target_std + target_mean`` (fitted on the site's
-        training period only). Classification: 0 and 1.
+        Forecasting splits carry each window's own scaler (:meth:`Split.to_original`); no
+        scaler is fitted on the site as a whole.
     meta : dict
         Extra facts about the site (units, split time, feature scalers, counts).
     """
@@ -267,24 +297,7 @@ class SiteData:
     site: str
     train: Split
     test: Split
-    target_mean: float = 0.0
-    target_std: float = 1.0
     meta: dict[str, Any] = field(default_factory=dict)
-
-    def to_original(self, y_scaled: np.ndarray) -> np.ndarray:
-        """Undo the target scaling.
-
-        Parameters
-        ----------
-        y_scaled : np.ndarray
-            Values in scaled units.
-
-        Returns
-        -------
-        np.ndarray
-            ``y_scaled * target_std + target_mean`` (original units).
-        """
-        return np.asarray(y_scaled, dtype=np.float64) * self.target_std + self.target_mean
 
 
 # --------------------------------------------------------------------------------------

@@ -1,9 +1,23 @@
 """Sliding-window forecasting data shared by the traffic and utility departments.
 
 Per site: the series lies on a regular grid; short target gaps (<= ``MAX_GAP`` steps) are
-interpolated linearly; the last ``test_fraction`` of the time range is the test period;
-scalers are fitted on the training period only; windows whose inputs, targets or
-seasonal-naive reference contain a missing value are dropped (with a warning).
+interpolated linearly; the last ``test_fraction`` of the time range is the test period.
+
+Every sample is a function of its own window's readings (and public constants): the target
+is normalised per window (instance normalisation, RevIN style, as in PatchTST) by the mean
+and floored std of that window's own lookback, the model predicts the horizon in those
+window units, and :meth:`citydata.base.Split.to_original` turns predictions back into the
+target's unit with the same window's statistics. Temperature is scaled with public reference
+constants (:data:`TEMPERATURE_REFERENCE`). No statistic of the site's other records enters a
+sample, so one reading changes only the samples of the windows that contain it, which is
+what DP-SGD and the node's ledger account for (one window = one training record).
+
+Windows whose inputs or targets contain a missing value are dropped (with a warning), as are
+windows holding an interpolated value whose gap is not bounded by readings inside the same
+window, and test windows whose seasonal-naive reference is missing (a training window whose
+reference, outside the window, is missing carries the persistence forecast in its place: the
+naive forecasts only score test windows); training windows are kept every ``train_stride`` steps of
+the grid (a public phase, not a count of the surviving windows).
 """
 
 from __future__ import annotations
@@ -15,6 +29,20 @@ from .base import DataFileError, SiteData, Split, shown_name, warn_quality
 
 #: Longest run of missing target steps that is filled by linear interpolation.
 MAX_GAP = 4
+
+#: Public reference of the temperature channel, deg C: ``(T - 15) / 10``.
+TEMPERATURE_REFERENCE = (15.0, 10.0)
+
+#: Default share of a window's lookback mean magnitude below which its scale does not go
+#: (a department may set its own public value: :attr:`citydata.base.Schema.relative_scale_floor`).
+RELATIVE_SCALE_FLOOR = 0.01
+
+
+def _short_gaps(nan: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
+    """Runs ``[a, b)`` of ``nan`` no longer than ``max_gap`` with data on both sides."""
+    padded = np.concatenate([[False], nan, [False]])
+    edges = np.flatnonzero(np.diff(padded.astype(np.int8)))
+    return [(int(a), int(b)) for a, b in zip(edges[0::2], edges[1::2]) if b - a <= max_gap and a > 0 and b < len(nan)]
 
 
 def interpolate_short_gaps(values: np.ndarray, max_gap: int = MAX_GAP) -> tuple[np.ndarray, int]:
@@ -38,13 +66,8 @@ def interpolate_short_gaps(values: np.ndarray, max_gap: int = MAX_GAP) -> tuple[
     nan = np.isnan(v)
     if not nan.any():
         return v, 0
-    padded = np.concatenate([[False], nan, [False]])
-    edges = np.flatnonzero(np.diff(padded.astype(np.int8)))
-    starts, ends = edges[0::2], edges[1::2]  # run = [start, end)
     filled = 0
-    for a, b in zip(starts, ends):
-        if b - a > max_gap or a == 0 or b == len(v):
-            continue
+    for a, b in _short_gaps(nan, max_gap):
         left, right = v[a - 1], v[b]
         frac = np.arange(1, b - a + 1) / (b - a + 1)
         v[a:b] = left + (right - left) * frac
@@ -62,14 +85,72 @@ def calendar_channels(times: pd.DatetimeIndex) -> np.ndarray:
     return np.stack([np.sin(2 * np.pi * tod), np.cos(2 * np.pi * tod), np.sin(2 * np.pi * dow), np.cos(2 * np.pi * dow)], axis=1)
 
 
-def _fit_scaler(values: np.ndarray) -> tuple[float, float]:
-    v = values[np.isfinite(values)]
-    if len(v) == 0:
-        return 0.0, 1.0
-    mean, std = float(v.mean()), float(v.std())
-    if not np.isfinite(std) or std <= 1e-12:
-        std = 1.0
-    return mean, std
+def window_scale(loc: np.ndarray, std: np.ndarray, floor: float, relative: float = RELATIVE_SCALE_FLOOR) -> np.ndarray:
+    """A window's scale: its lookback std, floored.
+
+    Parameters
+    ----------
+    loc, std : np.ndarray
+        Each window's lookback mean and (population) std of the target.
+    floor : float
+        The department's public absolute floor, in target units (:attr:`Schema.scale_floor`).
+    relative : float
+        The department's public relative floor (:attr:`Schema.relative_scale_floor`).
+
+    Returns
+    -------
+    np.ndarray
+        ``max(std, relative * |loc|, floor)``: a flat lookback (a closed detector, a
+        constant load) does not blow the window's targets up.
+    """
+    return np.maximum(np.maximum(std, float(relative) * np.abs(loc)), float(floor))
+
+
+def window_normalise(lookback: np.ndarray, floor: float,
+                     relative: float = RELATIVE_SCALE_FLOOR) -> tuple[np.ndarray, np.ndarray]:
+    """Instance normalisation (RevIN style) of forecasting windows: each by its own lookback.
+
+    Parameters
+    ----------
+    lookback : np.ndarray
+        ``(n, lookback)`` raw target of each window's input steps (finite).
+    floor : float
+        Public absolute floor of the scale, in target units.
+    relative : float
+        Public relative floor of the scale (share of the lookback mean's magnitude).
+
+    Returns
+    -------
+    loc, scale : np.ndarray
+        float64 ``(n,)``: the lookback mean and :func:`window_scale`. A window's scaled
+        value is ``(raw - loc) / scale``, and ``raw = scaled * scale + loc``; both depend on
+        that window's own readings only (no statistic of the site's other records).
+    """
+    v = np.asarray(lookback, dtype=np.float64)
+    loc = v.mean(axis=1)
+    std = np.sqrt(((v - loc[:, None]) ** 2).mean(axis=1))
+    return loc, window_scale(loc, std, floor, relative)
+
+
+def temperature_channel(temperature: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Temperature scaled with the public reference constants, and its 0/1 availability flag.
+
+    Parameters
+    ----------
+    temperature : np.ndarray
+        Raw temperature in deg C (NaN where missing).
+
+    Returns
+    -------
+    scaled, available : np.ndarray
+        ``(T - TEMPERATURE_REFERENCE[0]) / TEMPERATURE_REFERENCE[1]`` where available (0
+        elsewhere), and 1.0 / 0.0 availability. Each value is a function of its own reading.
+    """
+    temp = np.asarray(temperature, dtype=np.float64)
+    avail = np.isfinite(temp)
+    centre, spread = TEMPERATURE_REFERENCE
+    scaled = np.where(avail, (np.where(avail, temp, centre) - centre) / spread, 0.0)
+    return scaled, avail.astype(np.float64)
 
 
 def _window_sums(bad: np.ndarray, length: int) -> np.ndarray:
@@ -88,13 +169,15 @@ def build_forecast_site(
     period: int,
     test_fraction: float,
     train_stride: int = 1,
+    scale_floor: float = 1e-6,
+    relative_scale_floor: float = RELATIVE_SCALE_FLOOR,
     temperature: np.ndarray | None = None,
     with_temperature: bool = False,
     origin: str = "",
     time_column: str = "timestamp",
     meta: dict | None = None,
 ) -> SiteData:
-    """Windows, scalers and naive baselines of one site.
+    """Windows (each normalised by its own lookback) and naive baselines of one site.
 
     Parameters
     ----------
@@ -109,11 +192,14 @@ def build_forecast_site(
     test_fraction : float
         Share of the grid (from the end) that forms the test period.
     train_stride : int
-        Keep every ``train_stride``-th training window (test windows: all).
+        Keep the training windows that start every ``train_stride``-th step of the grid
+        (test windows: all).
+    scale_floor, relative_scale_floor : float
+        Public absolute (target units) and relative floors of a window's scale (:func:`window_scale`).
     temperature : np.ndarray, optional
         Raw temperature on the grid (NaN where missing); only used when ``with_temperature``.
     with_temperature : bool
-        Add the scaled temperature and the 0/1 temperature-available channels.
+        Add the temperature (public reference scaling) and the 0/1 temperature-available channels.
     origin : str
         File (or "bundled ...") for messages.
     time_column : str
@@ -124,8 +210,10 @@ def build_forecast_site(
     Returns
     -------
     SiteData
-        ``X`` is ``(n, lookback, channels)``: scaled target, hour sin/cos, weekday sin/cos
-        [, scaled temperature, temperature flag]; ``y`` is ``(n, horizon)`` scaled target.
+        ``X`` is ``(n, lookback, channels)``: window-normalised target, hour sin/cos, weekday
+        sin/cos [, scaled temperature, temperature flag]; ``y`` is ``(n, horizon)`` target in
+        the same window units; ``loc`` / ``scale`` of each split undo them
+        (:meth:`Split.to_original`).
     """
     n = len(times)
     missing_raw = int(np.isnan(target).sum())
@@ -134,58 +222,70 @@ def build_forecast_site(
         warn_quality(f"{origin}: site {shown_name(site)}: interpolated {n_filled} missing target value(s) "
                      f"in gaps of at most {MAX_GAP} steps (of {missing_raw} missing on the {n}-step grid)", stacklevel=5)
     cut = int(round(n * (1.0 - test_fraction)))
-    mean, std = _fit_scaler(y_raw[:cut])
     if not np.isfinite(y_raw[:cut]).any():
         raise DataFileError(origin, f"site {shown_name(site)} has no target value in its training period", "provide data for the earlier part of the time range", time_column)
-    scaled = (y_raw - mean) / std
 
-    channels = [scaled[:, None], calendar_channels(times)]
+    channels = [np.zeros((n, 1)), calendar_channels(times)]  # channel 0: filled per window below
     t_meta = {}
     if with_temperature:
         temp = np.full(n, np.nan) if temperature is None else np.asarray(temperature, dtype=np.float64)
-        avail = np.isfinite(temp)
-        if avail.any() and not avail[:cut].any():
-            warn_quality(f"{origin}: site {shown_name(site)}: temperature only present in the test period "
-                         f"({int(avail.sum())} values); it cannot be scaled from training data and is treated as unavailable", stacklevel=5)
-            avail[:] = False
-        t_mean, t_std = _fit_scaler(np.where(avail[:cut], temp[:cut], np.nan))
-        t_scaled = np.where(avail, (np.nan_to_num(temp) - t_mean) / t_std, 0.0)
-        channels += [t_scaled[:, None], avail.astype(np.float64)[:, None]]
-        t_meta = {"temperature_mean": t_mean, "temperature_std": t_std, "temperature_available": float(avail.mean())}
+        t_scaled, avail = temperature_channel(temp)
+        channels += [t_scaled[:, None], avail[:, None]]
+        t_meta = {"temperature_reference": TEMPERATURE_REFERENCE, "temperature_available": float(avail.mean())}
     feats = np.concatenate(channels, axis=1).astype(np.float32)
 
     L, H, P = lookback, horizon, period
-    bad = ~np.isfinite(scaled)
-    starts = np.arange(max(0, P - L), n - L - H + 1)  # first target index j = s + L; seasonal ref j - P >= 0
+    W = L + H
+    bad = ~np.isfinite(y_raw)
+    first = max(0, P - L)
+    starts = np.arange(first, n - W + 1)  # first target index j = s + L; seasonal ref j - P >= 0
     j = starts + L
     in_bad = _window_sums(bad, L)[starts]
     out_bad = _window_sums(bad, H)[j]
     seas_bad = _window_sums(bad, H)[j - P]
-    ok = (in_bad == 0) & (out_bad == 0) & (seas_bad == 0)
+    # an interpolated value counts as a reading of its window only when both readings it is drawn
+    # from lie in the same window; otherwise it carries a reading from outside
+    cut_gap = np.zeros(len(starts), dtype=bool)
+    for a, b in _short_gaps(np.isnan(np.asarray(target, dtype=np.float64)), MAX_GAP):
+        touches = (starts <= b - 1) & (starts + W - 1 >= a)
+        holds = (starts <= a - 1) & (starts + W - 1 >= b)
+        cut_gap |= touches & ~holds
     is_train = j + H <= cut
     is_test = j >= cut
+    # a training window's seasonal reference lies outside it when the period exceeds the lookback
+    # (traffic): only the test windows, which are scored against it, need it
+    ok = (in_bad == 0) & (out_bad == 0) & ~cut_gap & ((seas_bad == 0) | is_train)
+    if train_stride > 1:
+        is_train &= (starts - first) % train_stride == 0
 
     parts = {}
     for name, sel in (("train", is_train), ("test", is_test)):
         dropped = int((sel & ~ok).sum())
         if dropped:
             warn_quality(f"{origin}: site {shown_name(site)}: dropped {dropped} of {int(sel.sum())} {name} windows that contain "
-                         f"missing values (in inputs, targets or the seasonal-naive reference) after interpolating short gaps", stacklevel=5)
+                         f"missing values (in inputs, targets or the seasonal-naive reference, or a short gap filled from a "
+                         f"reading outside the window)", stacklevel=5)
         s = starts[sel & ok]
-        if name == "train" and train_stride > 1:
-            s = s[::train_stride]
         jj = s + L
-        X = feats[s[:, None] + np.arange(L)[None, :]] if len(s) else np.zeros((0, L, feats.shape[1]), np.float32)
+        inp = s[:, None] + np.arange(L)[None, :]
         hor = jj[:, None] + np.arange(H)[None, :]
-        y = scaled[hor].astype(np.float32) if len(s) else np.zeros((0, H), np.float32)
-        persistence = np.repeat(scaled[jj - 1][:, None], H, axis=1).astype(np.float32) if len(s) else np.zeros((0, H), np.float32)
-        seasonal = scaled[hor - P].astype(np.float32) if len(s) else np.zeros((0, H), np.float32)
+        loc, scale = window_normalise(y_raw[inp], scale_floor, relative_scale_floor) if len(s) else (np.zeros(0), np.ones(0))
+        sc = lambda v: ((v - loc[:, None]) / scale[:, None]).astype(np.float32)  # noqa: E731
+        X = feats[inp] if len(s) else np.zeros((0, L, feats.shape[1]), np.float32)
+        if len(s):
+            X[:, :, 0] = sc(y_raw[inp])
+        y = sc(y_raw[hor]) if len(s) else np.zeros((0, H), np.float32)
+        persistence = sc(np.repeat(y_raw[jj - 1][:, None], H, axis=1)) if len(s) else np.zeros((0, H), np.float32)
+        seasonal = sc(y_raw[hor - P]) if len(s) else np.zeros((0, H), np.float32)
+        no_ref = ~np.isfinite(seasonal).all(axis=1)
+        seasonal[no_ref] = persistence[no_ref]  # training windows only (test windows without one are dropped)
         parts[name] = Split(X=np.ascontiguousarray(X, dtype=np.float32), y=y,
                             naive={"persistence": persistence, "seasonal": seasonal},
-                            target_time=times.to_numpy()[jj] if len(s) else np.zeros(0, dtype="datetime64[ns]"))
+                            target_time=times.to_numpy()[jj] if len(s) else np.zeros(0, dtype="datetime64[ns]"),
+                            loc=loc, scale=scale)
     if len(parts["train"]) == 0 or len(parts["test"]) == 0:
         raise DataFileError(origin, f"site {shown_name(site)} yields {len(parts['train'])} training and {len(parts['test'])} test windows",
                             "provide a longer record without long gaps for this site", time_column)
     info = {"split_time": times[cut], "n_steps": n, "interpolated": int(n_filled), "missing_steps": missing_raw,
-            "start": times[0], "end": times[-1], **t_meta, **(meta or {})}
-    return SiteData(site=site, train=parts["train"], test=parts["test"], target_mean=mean, target_std=std, meta=info)
+            "start": times[0], "end": times[-1], "scaling": "per-window", **t_meta, **(meta or {})}
+    return SiteData(site=site, train=parts["train"], test=parts["test"], meta=info)

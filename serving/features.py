@@ -1,11 +1,11 @@
-"""Records in a department's schema -> model inputs, with the site's own scaling (health: fixed constants).
+"""Records in a department's schema -> model inputs, scaled as in training (nothing fitted to records).
 
-``fl-serve`` runs on a department node: the scalers, imputation values and schema stay
-there (health: fixed public constants; forecasting: fitted on the site's training period).
+``fl-serve`` runs on a department node: the schema and the records stay there (scaling uses
+no statistic of any record: health fixed public constants, forecasting each window's own lookback).
 :class:`SiteFeatures` loads the department's data with the same adapter as training
 (:func:`citydata.load_department`: bundled records, or the node's own file), builds
-the served site (forecasting: scalers fitted on the site's training part only, as in training)
-and then turns request records into model inputs:
+the served site and then turns request records into model inputs (health: fixed public
+constants; forecasting: each window normalised by its own lookback):
 
 * validation: the adapter's own ``_validate`` (the same column, type, range, category,
   timestamp and ordering checks as a training file); a violation is the adapter's
@@ -16,9 +16,11 @@ and then turns request records into model inputs:
   (no statistic of any record); output: the probability of heart disease;
 * traffic / utility: the last ``lookback`` steps on the site's grid (utility: hourly means),
   short gaps interpolated by :func:`citydata.forecasting.interpolate_short_gaps`,
-  target and temperature scaled with the site's training scalers, calendar channels from
-  :func:`citydata.forecasting.calendar_channels`; output: the next ``horizon``
-  steps in the target's original unit.
+  the target normalised by the request window's own lookback mean and floored std
+  (:func:`citydata.forecasting.window_normalise`), temperature by the public reference
+  (:func:`citydata.forecasting.temperature_channel`), calendar channels from
+  :func:`citydata.forecasting.calendar_channels`; output: the next ``horizon`` steps in the
+  target's original unit (the model's window units undone with the same window's statistics).
 
 The transformation reproduces the adapter's test arrays exactly
 (``tests/test_serve.py`` checks it against ``site_data(site).test.X``), and
@@ -194,8 +196,9 @@ class SiteFeatures:
         return h.record_features(r)
 
     # -- forecasting ----------------------------------------------------------------------------
-    def _forecast_X(self, r: pd.DataFrame) -> tuple[np.ndarray, pd.DatetimeIndex]:
-        from citydata.forecasting import MAX_GAP, calendar_channels, interpolate_short_gaps
+    def _forecast_X(self, r: pd.DataFrame) -> tuple[np.ndarray, pd.DatetimeIndex, tuple[np.ndarray, np.ndarray]]:
+        from citydata.forecasting import (MAX_GAP, calendar_channels, interpolate_short_gaps, temperature_channel,
+                                          window_normalise)
 
         s, meta = self.schema, self.data.meta
         step = pd.Timedelta(s.step)
@@ -219,16 +222,16 @@ class SiteFeatures:
                                f"(gaps longer than {MAX_GAP} steps are not interpolated)",
                                f"send the last {s.lookback} steps of {target_col!r} with no gap longer than {MAX_GAP} steps")
         win = grid[-s.lookback:]
-        channels = [((y - self.data.target_mean) / self.data.target_std)[:, None], calendar_channels(win)]
-        if "temperature_mean" in meta:
+        loc, scale = window_normalise(y[None, :], s.scale_floor, s.relative_scale_floor)
+        channels = [((y[None, :] - loc[:, None]) / scale[:, None]).astype(np.float32)[0][:, None], calendar_channels(win)]
+        if meta.get("temperature_reference") is not None:
             temp = frame["temperature"].to_numpy(dtype=np.float64)[-s.lookback:] if "temperature" in frame \
                 else np.full(s.lookback, np.nan)
-            avail = np.isfinite(temp) & (float(meta.get("temperature_available", 0.0)) > 0)
-            t_scaled = np.where(avail, (np.nan_to_num(temp) - meta["temperature_mean"]) / meta["temperature_std"], 0.0)
-            channels += [t_scaled[:, None], avail.astype(np.float64)[:, None]]
+            t_scaled, avail = temperature_channel(temp)
+            channels += [t_scaled[:, None], avail[:, None]]
         X = np.concatenate(channels, axis=1).astype(np.float32)[None]
         future = pd.date_range(end + step, periods=s.horizon, freq=step)
-        return X, future
+        return X, future, (loc, scale)
 
     # -- public -----------------------------------------------------------------------------------
     def inputs(self, frame: pd.DataFrame) -> tuple[np.ndarray, dict]:
@@ -239,19 +242,21 @@ class SiteFeatures:
         X : np.ndarray
             Health: ``(n, n_features)``; forecasting: ``(1, lookback, channels)``.
         info : dict
-            Forecasting: ``times`` of the predicted steps.
+            Forecasting: ``times`` of the predicted steps and ``window`` (the request window's
+            own ``loc`` and ``scale``, which :meth:`answer` uses to undo the normalisation).
         """
         r = self.validate(frame)
         if self.schema.task == "forecasting":
-            X, future = self._forecast_X(r)
-            return X, {"times": future}
+            X, future, window = self._forecast_X(r)
+            return X, {"times": future, "window": window}
         return self._health_X(r), {}
 
     def answer(self, outputs: np.ndarray, info: dict) -> dict:
         """Model outputs in the department's original units (probabilities, or forecasts with their times)."""
         s = self.schema
         if s.task == "forecasting":
-            values = self.data.to_original(outputs.reshape(-1))
+            loc, scale = info["window"]  # the request window's own statistics (one window)
+            values = np.asarray(outputs, dtype=np.float64).reshape(-1) * float(scale[0]) + float(loc[0])
             return {"forecast": [{s.time_column: t.isoformat(), s.target: float(v)} for t, v in zip(info["times"], values)],
                     "unit": self.data.meta.get("unit") or s.target_unit, "site": self.site}
         p = 1.0 / (1.0 + np.exp(-outputs.reshape(-1).astype(np.float64)))

@@ -42,13 +42,18 @@ def classification_metrics(y: np.ndarray, logits: np.ndarray) -> dict[str, float
 
 
 def forecast_metrics(site, split, pred_scaled: np.ndarray) -> dict[str, float]:
-    """MAE/RMSE in the site's original units, next to the naive baselines on the same windows."""
-    truth = site.to_original(split.y)
-    pred = site.to_original(pred_scaled)
+    """MAE/RMSE in the site's original units, next to the naive baselines on the same windows.
+
+    Every window is taken back to the target's unit with its own statistics
+    (:meth:`citydata.base.Split.to_original`), the model's prediction, the truth and the naive
+    forecasts alike, so the errors of different windows add up in one unit.
+    """
+    truth = split.to_original(split.y)
+    pred = split.to_original(np.asarray(pred_scaled).reshape(truth.shape))
     err = pred - truth
     out = {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err**2).mean())), "n": int(len(truth))}
     for name, naive in (split.naive or {}).items():
-        nerr = site.to_original(naive) - truth
+        nerr = split.to_original(naive) - truth
         out[f"mae_{name}"] = float(np.abs(nerr).mean())
         out[f"rmse_{name}"] = float(np.sqrt((nerr**2).mean()))
     naive_maes = [v for k, v in out.items() if k.startswith("mae_")]

@@ -31,6 +31,9 @@ def utility():
 def _same_split(a, b):
     np.testing.assert_array_equal(a.X, b.X)
     np.testing.assert_array_equal(a.y, b.y)
+    for stat in ("loc", "scale"):
+        if getattr(a, stat) is not None or getattr(b, stat) is not None:
+            np.testing.assert_array_equal(getattr(a, stat), getattr(b, stat))
     if a.naive is not None or b.naive is not None:
         assert a.naive.keys() == b.naive.keys()
         for k in a.naive:
@@ -40,7 +43,6 @@ def _same_split(a, b):
 def _same_site(a: SiteData, b: SiteData):
     _same_split(a.train, b.train)
     _same_split(a.test, b.test)
-    assert a.target_mean == b.target_mean and a.target_std == b.target_std
 
 
 # ----------------------------------------------------------------------------- registry
@@ -171,7 +173,7 @@ def test_forecasting_sites_and_shapes(name, n_sites, request):
             assert set(part.naive) == {"persistence", "seasonal"}
             for v in part.naive.values():
                 assert v.shape == part.y.shape and np.isfinite(v).all()
-            # persistence = last observed (scaled) value, from the input window
+            # persistence = last observed value (window units), from the input window
             np.testing.assert_array_equal(part.naive["persistence"], np.repeat(part.X[:, -1, :1], s.horizon, axis=1))
             xb, yb = part.tensors()[:2]
             assert xb.shape == (2, s.lookback, s.n_features) and yb.shape == (2, s.horizon)
@@ -196,7 +198,7 @@ def test_utility_channels_and_seasonal_naive(utility):
         flag = X[:, :, 6]
         assert set(np.unique(flag)) <= {0.0, 1.0}
         if site == "victoria-2014":
-            assert flag.min() == 1.0 and X[:, :, 5].std() > 0.5
+            assert flag.min() == 1.0 and X[:, :, 5].std() > 0.3  # (T - 15) / 10: Victoria's temperature spread
         else:
             assert flag.max() == 0.0 and np.all(X[:, :, 5] == 0)
 
@@ -210,7 +212,7 @@ def test_utility_hourly_resampling(utility):
     # first training target (after lookback 72 h) is the mean of the two half-hours of that hour
     t0 = pd.Timestamp(d.train.target_time[0])
     assert t0 == pd.Timestamp("2014-01-04 00:00")
-    assert d.to_original(d.train.y[0, 0]) == pytest.approx(hourly[t0], rel=1e-5)
+    assert d.train.to_original(d.train.y)[0, 0] == pytest.approx(hourly[t0], rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["traffic", "utility"])
@@ -229,22 +231,28 @@ def test_time_split(name, request):
 
 
 @pytest.mark.parametrize("name", ["traffic", "utility"])
-def test_train_target_scaled_mean0_std1(name, request):
+def test_target_normalised_per_window(name, request):
+    """Each window's target channel: mean 0 and std 1 over its own lookback (std above the floor); to_original undoes it."""
     ds = request.getfixturevalue(name)
+    s = ds.schema
     raw = ds.raw_frame()
-    sc = ds.schema.site_column
+    sc = s.site_column
     for site in ds.sites[:3]:
         d = ds.site_data(site)
         key = ds._site_keys[site]
-        rec = raw[raw[sc] == key].set_index("timestamp")[ds.schema.target].resample(ds.schema.step).mean()
+        rec = raw[raw[sc] == key].set_index("timestamp")[s.target].resample(s.step).mean()
         rec = rec.interpolate(limit_area="inside")  # the adapter fills the (short) gaps of the bundled data
-        train_period = rec[rec.index < d.meta["split_time"]]
-        assert d.target_mean == pytest.approx(train_period.mean(), rel=1e-3)
-        assert d.target_std == pytest.approx(train_period.std(ddof=0), rel=1e-3)
-        y0 = d.train.y[:, 0]
-        assert abs(y0.mean()) < 0.1 and abs(y0.std() - 1) < 0.1
-        np.testing.assert_allclose(d.to_original(d.train.y[:5, 0]), train_period.loc[d.train.target_time[:5]].to_numpy(),
-                                   rtol=1e-5, atol=1e-5 * d.target_std)
+        for part in (d.train, d.test):
+            x0 = part.X[:, :, 0].astype(np.float64)
+            np.testing.assert_allclose(x0.mean(axis=1), 0.0, atol=1e-5)
+            floored = part.scale > np.sqrt(((part.to_original(x0) - part.loc[:, None]) ** 2).mean(axis=1)) * (1 + 1e-6)
+            np.testing.assert_allclose(x0[~floored].std(axis=1), 1.0, rtol=1e-4)
+            assert (part.scale >= s.scale_floor).all()
+            idx = pd.DatetimeIndex(part.target_time[:5])
+            np.testing.assert_allclose(part.to_original(part.y)[:5, 0], rec.loc[idx].to_numpy(),
+                                       rtol=1e-5, atol=1e-5 * float(part.scale[:5].max()))
+            lookback = np.stack([rec.loc[t - s.lookback * pd.Timedelta(s.step):t - pd.Timedelta(s.step)].to_numpy() for t in idx])
+            np.testing.assert_allclose(part.loc[:5], lookback.mean(axis=1), rtol=1e-9)
 
 
 def test_traffic_no_cross_site_or_test_period_leakage(traffic, tmp_path):
@@ -260,9 +268,9 @@ def test_traffic_no_cross_site_or_test_period_leakage(traffic, tmp_path):
     changed = TrafficCounts(path)
     d = changed.site_data(site)
     _same_split(base.train, d.train)
-    assert (d.target_mean, d.target_std) == (base.target_mean, base.target_std)
     assert not np.array_equal(base.test.y, d.test.y)
-    assert changed.site_data("detector-16").target_mean != traffic.site_data("detector-16").target_mean
+    other_new, other_old = changed.site_data("detector-16").test, traffic.site_data("detector-16").test
+    assert not np.array_equal(other_new.loc, other_old.loc)
 
 
 def test_utility_no_test_period_leakage_temperature(utility, tmp_path):
@@ -276,8 +284,7 @@ def test_utility_no_test_period_leakage_temperature(utility, tmp_path):
     frame.to_parquet(path)
     d = ElectricityDemand(path).site_data(site)
     _same_split(base.train, d.train)
-    assert d.meta["temperature_mean"] == base.meta["temperature_mean"]
-    assert d.meta["temperature_std"] == base.meta["temperature_std"]
+    assert d.meta["temperature_reference"] == base.meta["temperature_reference"]
 
 
 # ----------------------------------------------------------------------------- round trip

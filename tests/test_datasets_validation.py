@@ -85,7 +85,7 @@ def test_utility_without_temperature_column_and_half_hourly(tmp_path):
     assert ut.site_data("north").train.X.shape[1:] == (72, 7)
     half = pd.DataFrame({"timestamp": pd.date_range("2020-01-01", periods=48 * 30, freq="30min"), "grid": "g", "demand": np.arange(48 * 30.0)})
     d = ElectricityDemand(_write(half, tmp_path / "h.csv")).site_data("g")
-    assert d.to_original(d.train.y[0, 0]) == pytest.approx((2 * 72 + 2 * 72 + 1) / 2)  # mean of the two half-hours
+    assert d.train.to_original(d.train.y)[0, 0] == pytest.approx((2 * 72 + 2 * 72 + 1) / 2)  # mean of the two half-hours
     daily = half.iloc[::48]
     _expect(ElectricityDemand, _write(daily, tmp_path / "d.csv"), "timestamp", "recorded every 1 days")
 

@@ -161,9 +161,10 @@ def test_forecast_serving_matches_offline_untrained_models(tmp_path):
                 r = httpx.post(f"{url}/predict", json={"records": records}, headers=H, timeout=60)
                 assert r.status_code == 200, r.text
                 ans = r.json()
-                want = feats.data.to_original(offline(pkg, feats.data.test.X[i:i + 1]).reshape(-1))
+                test = feats.data.test
+                want = offline(pkg, test.X[i:i + 1]).reshape(-1) * test.scale[i] + test.loc[i]  # the window's own statistics
                 got = np.array([f[feats.schema.target] for f in ans["forecast"]])
-                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * max(1.0, abs(feats.data.target_mean)))
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * max(1.0, abs(test.loc[i])))
                 assert ans["forecast"][0][feats.schema.time_column] == t0.isoformat()
                 assert len(got) == feats.schema.horizon
             short, _ = window_records(feats, 0, extra=0)
@@ -185,9 +186,11 @@ def test_forecast_end_to_end_after_simulated_run(tmp_path, dept, site):
             records, _ = window_records(feats, i)
             r = httpx.post(f"{url}/predict", json={"records": records}, headers=H, timeout=60)
             assert r.status_code == 200, r.text
-            want = feats.data.to_original(offline(pkg, feats.data.test.X[i:i + 1]).reshape(-1))
+            test = feats.data.test
+            pred = offline(pkg, test.X[i:i + 1]).reshape(-1)
+            want = pred * test.scale[i] + test.loc[i]  # the window's own statistics
             got = np.array([f[feats.schema.target] for f in r.json()["forecast"]])
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * max(1.0, abs(feats.data.target_mean)))
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * max(1.0, abs(test.loc[i])))
 
 
 @pytest.fixture(scope="module")

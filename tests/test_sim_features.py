@@ -137,8 +137,8 @@ def test_virtual_forecasting_sites_convert_back_to_original_units_per_row():
     part = virtual_sites(ds, 5, "iid", seed=0)[2]
     # every test window's truth in original units is one of the natural sites' test truths
     natural = {s: ds.site_data(s) for s in ds.sites}
-    truth = part.to_original(part.test.y)
-    originals = np.concatenate([sd.to_original(sd.test.y) for sd in natural.values()])
+    truth = part.test.to_original(part.test.y)
+    originals = np.concatenate([sd.test.to_original(sd.test.y) for sd in natural.values()])
     for row in truth[:20]:
         assert np.isclose(originals, row).all(axis=1).any()
 
