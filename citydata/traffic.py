@@ -101,10 +101,14 @@ class TrafficCounts(DepartmentDataset):
         check_site_names(out, "detector", path)
         # detector ids: whole numbers stay integers (sites read "detector-15"), anything else is text
         det = pd.to_numeric(out["detector"], errors="coerce")
-        if det.notna().all() and (det == det.round()).all():
+        # "INF", "1e30": numbers to pandas, but no int64 holds them (kept as the text they are)
+        is_whole = det.notna() & np.isfinite(det) & (det.abs() <= 2**53) & (det == det.round())
+        if is_whole.all():
             out["detector"] = det.astype("int64")
-        else:
-            out["detector"] = out["detector"].astype(str)
+        else:  # text ids; a whole number among them keeps its integer spelling (3.0 read from a CSV: "3")
+            text = out["detector"].astype(str)
+            text[is_whole] = det[is_whole].astype("int64").astype(str)
+            out["detector"] = text
         check_time_order(out, "detector", "timestamp", path)
         t = out["timestamp"]
         off = t != t.dt.floor("15min")
