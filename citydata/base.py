@@ -1090,6 +1090,7 @@ class DepartmentDataset(abc.ABC):
                 raise ValueError(f"unknown {self.department} site(s) {', '.join(map(repr, unknown))}; "
                                  f"valid sites: {', '.join(self.sites)}")
             frame = frame[frame[self.schema.site_column].isin([self._site_keys[s] for s in sites])]
+        frame = _whole_number_columns(frame, self.schema)
         if suffix == ".csv":
             frame.to_csv(p, index=False)
         elif suffix in (".parquet", ".pq"):
@@ -1100,3 +1101,23 @@ class DepartmentDataset(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._origin}, {len(self._site_keys)} sites, {len(self._frame)} records)"
+
+
+def _whole_number_columns(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """``frame`` with each ``int`` column of ``schema`` as nullable whole numbers (pandas ``Int64``).
+
+    pandas holds an integer column with a missing record as float, which a CSV would show as
+    ``63.0`` and a Parquet file type as double; written this way the file reads as the schema
+    documents it (``63``, an empty cell where the record has none; Parquet ``int64``). A column
+    with a fraction in it (not possible after validation) is left as it is.
+    """
+    out = frame.copy()
+    for col in schema.columns:
+        if col.dtype != "int" or col.name not in out.columns:
+            continue
+        values = pd.to_numeric(out[col.name], errors="coerce")
+        known = values.dropna()
+        if values.isna().sum() == out[col.name].isna().sum() and (known == known.round()).all() \
+                and (known.abs() <= 2**53).all():
+            out[col.name] = values.round().astype("Int64")
+    return out
