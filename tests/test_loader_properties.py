@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from citydata import DATASETS, DataFileError, DataQualityWarning
@@ -161,17 +161,31 @@ def _check_private(text: str, ops, path: Path, dept: str) -> None:
     """No edited cell's value (long enough to be told apart from counts and rows) is in ``text``."""
     site = DATASETS[dept].schema.site_column
     text = text.replace(str(path), "<file>")
+    # site names may be shown: a private cell that holds the same text as an edited site name is not told apart
+    site_names = [str(op[3]).strip() for op in ops if op[0] == "cell" and op[1] == site]
     for op in ops:
-        if op[0] != "cell" or op[1] == site:  # site names may be shown
+        if op[0] != "cell" or op[1] == site:
             continue
         value = op[3]
         shown = value.strip() if isinstance(value, str) else repr(value) if isinstance(value, (int, float)) else ""
-        if len(shown) >= 6 and not isinstance(value, bool):
+        if len(shown) >= 6 and not isinstance(value, bool) and not any(shown in name for name in site_names):
             assert shown not in text, (value, text)
+
+
+def _site_named_like_a_private_cell():
+    """Found by a longer run: a private cell holding the same number as an edited site name, which is shown."""
+    frame = _health()
+    ops = []
+    for col in ("id", "dataset"):
+        frame[col] = frame[col].astype(object)
+        frame.at[0, col] = 1000.0
+        ops.append(("cell", col, 0, 1000.0))
+    return "health", frame, ops, None, ".csv"
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(_case())
+@example(_site_named_like_a_private_cell())
 def test_loaders_never_crash_and_never_return_non_finite_arrays(case):
     dept, frame, ops, date_format, suffix = case
     cls = DATASETS[dept]
