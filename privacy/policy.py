@@ -421,14 +421,14 @@ def _format_validation(source: str, exc: ValidationError) -> str:
         described, own_fix = _describe(err), None
         if etype in ("value_error", "assertion_error"):
             described = str(err.get("msg", "is invalid")).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            if "input" in err:  # the value is shown once, below; first, so a value reading "; fix:" splits nothing
+                for shown in {repr(err["input"]), str(err["input"])}:
+                    described = described.replace(f" (got {shown})", "").replace(f"(got {shown})", "")
             head, sep, tail = described.partition("; fix:")
             if not sep:
                 head, sep, tail = described.partition("; Fix:")
             if sep and tail.strip():
                 described, own_fix = head, tail.strip().rstrip(".")
-            if "input" in err:
-                for shown in {repr(err["input"]), str(err["input"])}:
-                    described = described.replace(f" (got {shown})", "").replace(f"(got {shown})", "")
             described = described.strip().rstrip(";:,.") or "is invalid"
         fix = own_fix or _FIXES.get(top, "see the field descriptions in privacy/policy.py")
         if etype == "extra_forbidden":
