@@ -1115,9 +1115,18 @@ def _whole_number_columns(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     for col in schema.columns:
         if col.dtype != "int" or col.name not in out.columns:
             continue
-        values = pd.to_numeric(out[col.name], errors="coerce")
-        known = values.dropna()
-        if values.isna().sum() == out[col.name].isna().sum() and (known == known.round()).all() \
-                and (known.abs() <= 2**53).all():
-            out[col.name] = values.round().astype("Int64")
+        whole = whole_numbers(out[col.name])
+        if (whole | out[col.name].isna()).all():
+            out[col.name] = pd.to_numeric(out[col.name], errors="coerce").round().astype("Int64")
     return out
+
+
+def whole_numbers(values: pd.Series) -> pd.Series:
+    """Which of ``values`` are finite whole numbers that an int64 holds exactly (magnitude <= 2**53).
+
+    Text is read as a number where it is one (``"3"``, ``"3.0"``); ``inf``, ``1e30``, fractions,
+    missing values and other text are ``False``. Used where a column's numbers are written or named
+    as integers (site names ``detector-3``, exported whole-number columns).
+    """
+    v = pd.to_numeric(values, errors="coerce")
+    return v.notna() & np.isfinite(v) & (v.abs() <= 2**53) & (v == v.round())

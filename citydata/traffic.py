@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from .base import (Column, DataFileError, DepartmentDataset, Schema, SiteData, check_site_names, check_time_order,
-                   drop_missing_keys, package_file, package_version, rows_text, validate_frame, warn_quality)
+                   drop_missing_keys, package_file, package_version, rows_text, validate_frame, warn_quality,
+                   whole_numbers)
 from .forecasting import build_forecast_site
 
 __all__ = ["TrafficCounts"]
@@ -101,8 +102,7 @@ class TrafficCounts(DepartmentDataset):
         check_site_names(out, "detector", path)
         # detector ids: whole numbers stay integers (sites read "detector-15"), anything else is text
         det = pd.to_numeric(out["detector"], errors="coerce")
-        # "INF", "1e30": numbers to pandas, but no int64 holds them (kept as the text they are)
-        is_whole = det.notna() & np.isfinite(det) & (det.abs() <= 2**53) & (det == det.round())
+        is_whole = whole_numbers(out["detector"])  # "INF", "1e30": numbers to pandas, but no int64 holds them
         if is_whole.all():
             out["detector"] = det.astype("int64")
         else:  # text ids; a whole number among them keeps its integer spelling (3.0 read from a CSV: "3")

@@ -289,7 +289,6 @@ def test_traffic_specific_rules(tmp_path):
         ds.site_data("detector-1")
 
 
-
 @pytest.mark.parametrize("suffix", SUFFIXES)
 @pytest.mark.parametrize("ident", ["INF", "-inf", "Infinity", "1e30", "9223372036854775808"])
 def test_traffic_detector_ids_that_look_numeric_but_are_not_whole_numbers_stay_text(tmp_path, suffix, ident):
