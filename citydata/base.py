@@ -484,13 +484,17 @@ def _parser_problem(exc: Exception) -> str:
     return f"cannot parse the CSV ({type(exc).__name__}; its message is not shown: it may quote a record)"
 
 
-def read_table(path: str | os.PathLike) -> pd.DataFrame:
+def read_table(path: str | os.PathLike, text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
     """Read a CSV or Parquet file, mapping every failure to :class:`DataFileError`.
 
     Parameters
     ----------
     path : str or os.PathLike
         ``.csv``, ``.parquet`` or ``.pq`` file.
+    text_columns : tuple of str, optional
+        CSV columns read as text, as written (a site column: ``INF`` stays ``INF``, not the
+        float inf); empty cells and pandas' missing-value markers still read as missing. A
+        Parquet file keeps the types it was written with.
 
     Returns
     -------
@@ -527,7 +531,8 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         names = _header_names(p, suffix)
         check_duplicate_columns(names, p)
         if suffix == ".csv":
-            frame = pd.read_csv(p, float_precision="round_trip", low_memory=False, skipinitialspace=True)
+            frame = pd.read_csv(p, float_precision="round_trip", low_memory=False, skipinitialspace=True,
+                                dtype={n: str for n in names if n.strip() in text_columns} or None)
             if not isinstance(frame.index, pd.RangeIndex):  # pandas makes the surplus leading fields an index
                 raise DataFileError(p, f"some rows have more values than the header has column names ({len(names)})",
                                     "give every row exactly one value per header column (check for stray commas, or "
@@ -934,7 +939,8 @@ class DepartmentDataset(abc.ABC):
             self._origin = f"bundled {self.department} data"
         else:
             self._origin = str(self.path)
-            frame = self._guarded(lambda: self._validate(read_table(self.path), self.path), "reading")
+            frame = self._guarded(lambda: self._validate(read_table(self.path, (self.schema.site_column,)), self.path),
+                                  "reading")
         self._frame = frame.reset_index(drop=True)
         self._cache: dict[str, SiteData] = {}
         self._site_keys = self._make_site_keys(self._frame)
