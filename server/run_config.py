@@ -227,6 +227,48 @@ def _resumed_run(runs: Path, resume: str, department: str | None, overrides: dic
     return rec, runs / rec["folder"], {**rec["config"], **overrides, "resume": True}
 
 
+def check_central_data(cfg: dict) -> None:
+    """Read ``central-data`` as the ServerApp will, before the run is launched; make its path absolute.
+
+    The ServerApp reads the file when the run starts, in ``fl-server start``'s working directory
+    (``/`` under systemd): a relative path is taken from the folder ``fl-server run`` runs in and
+    written into ``cfg`` as an absolute path. Empty (no central data) and ``bundled`` pass as
+    they are.
+
+    Parameters
+    ----------
+    cfg : dict
+        The run config (``department``, ``central-data``, ``central-data-seed``); changed in place.
+
+    Raises
+    ------
+    CliError
+        The file is missing, not readable or not in the department's schema (exit 2; the message
+        names the key, the file, the column where there is one, and the fix). Nothing is launched.
+    """
+    import warnings
+
+    from citydata import load_department
+    from citydata.base import DataFileError
+
+    source = str(cfg.get("central-data") or "")
+    if source in ("", "bundled"):
+        return
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else Path.cwd() / path
+    try:
+        with warnings.catch_warnings():  # data-quality notes: the ServerApp logs them when it reads the file
+            warnings.simplefilter("ignore")
+            ds = load_department(cfg["department"], path, seed=int(cfg.get("central-data-seed") or 0))
+            for site in ds.sites:
+                ds.site_data(site)
+    except DataFileError as exc:
+        where = exc.path + (f", column {exc.column!r}" if exc.column is not None else "")
+        raise CliError(f"run config 'central-data' ({source}): {where}: {exc.problem}; fix: {exc.fix} (or drop -c "
+                       "central-data: the coordinator then holds no data)") from None
+    cfg["central-data"] = str(path)
+
+
 def _checked_settings(cfg: dict, explicit: dict[str, tuple[str, object]]) -> dict:
     """:func:`server.app.settings` of ``cfg``; a refusal is exit 2 naming the key, the option or -c item, and the fix."""
     from server.app import RunConfigError, settings

@@ -212,6 +212,43 @@ def test_resume_refuses_another_department_in_run_config(fake_coordinator):
     assert len(launched) == 1
 
 
+# --------------------------------------------------------------------------- central-data, read by the ServerApp
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda d: d / "missing.csv", ["file not found"]),
+    (lambda d: d, ["directory"]),
+    (lambda d: (d / "bad.csv").write_text("id,age\n1,63\n") and d / "bad.csv", ["missing required column"]),
+])
+def test_run_checks_central_data_before_it_launches(fake_coordinator, tmp_path, make, words):
+    """The ServerApp reads central-data when the run starts: a missing or bad file was a run that
+    launched (exit 0) and failed 10 s later with a traceback in the coordinator's log."""
+    sd, launched = fake_coordinator
+    path = make(tmp_path)
+    res = _run(sd, "--department", "health", "--name", "cd", "-c", f"central-data={path}")
+    text = _text(res)
+    assert res.exit_code == 2, text
+    assert "central-data" in text and str(path) in text and all(w in text for w in words) and "fix:" in text.lower(), text
+    assert "Traceback" not in text
+    assert launched == [] and not (sd / "runs" / "cd").exists()
+
+
+def test_run_resolves_a_relative_central_data_path_from_where_it_runs(fake_coordinator, tmp_path, monkeypatch):
+    """The ServerApp runs in `fl-server start`'s working directory: the run config carries the
+    absolute path of the file the operator named, from the folder `fl-server run` ran in."""
+    from citydata import load_department
+
+    sd, launched = fake_coordinator
+    (tmp_path / "ref").mkdir()
+    load_department("health", None).raw_frame().to_csv(tmp_path / "ref" / "heart.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    res = _run(sd, "--department", "health", "--name", "rel", "-c", "central-data=ref/heart.csv")
+    assert res.exit_code == 0, _text(res)
+    assert launched[-1]["central-data"] == str(tmp_path / "ref" / "heart.csv")
+    assert _run(sd, "--department", "health", "--name", "bun", "-c", "central-data=bundled").exit_code == 0
+    assert launched[-1]["central-data"] == "bundled"
+
+
 def test_parse_run_config_names_the_item():
     with pytest.raises(server_cli.CliError, match="no key"):
         server_cli.parse_run_config(["=1"])
