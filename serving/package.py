@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.energy import ENERGY_METRICS
 from server.artefacts import LEGACY_MODEL, MODEL, ArtefactError, load_model, save_model, write_atomic
 
 #: Package format written in the manifest.
@@ -293,7 +294,7 @@ def card_markdown(card: dict) -> str:
               "|---|---:|---|---|"]
     for site, s in sorted(card["sites"].items()):
         rel = s.get("last-evaluate-release") or s.get("last-train-release") or {}
-        rel = ", ".join(f"{k} {_fmt(v)}" for k, v in rel.items() if k not in ("num-examples",))
+        rel = ", ".join(f"{k} {_fmt(v)}" for k, v in rel.items() if k not in ("num-examples", *ENERGY_METRICS))
         cen = ", ".join(f"{k} {_fmt(v)}" for k, v in (s.get("central") or {}).items())
         lines.append(f"| {site} | {_fmt(s.get('epsilon-reported'))} | {rel or '-'} | {cen or '-'} |")
     lines += energy_markdown(card.get("energy"))

@@ -126,6 +126,10 @@ def test_model_card_carries_energy_per_site_and_run(tmp_path):
     md = card_markdown(card)
     assert "## Energy" in md and "| Cleveland | 2.5 | estimate: process CPU time × W per core |" in md
     assert "| all sites (run) | 4 | |" in md
+    # the Sites table's metrics column is the model's metrics: energy is the Energy table's (its method a
+    # code there was shown as a bare number, "energy-method 1")
+    sites = md[md.index("## Sites"):md.index("## Energy")]
+    assert "| Cleveland | 1 | round 1, epsilon 1 |" in sites and "energy" not in sites
 
 
 def test_gpu_counter_added_when_nvml_is_there(monkeypatch, tmp_path):
