@@ -207,13 +207,14 @@ def serve(
     personalised: Annotated[Optional[Path], typer.Option("--personalised", help="Serve this node's personalised model "
                                                          "of the package's run instead of the global one: the file the "
                                                          "node kept, <ledger folder>/personalised/<department>-<site>/"
-                                                         "<run id>.safetensors (fl-client: its state dir; fl-sim run: "
+                                                         "<run id>.safetensors (fl-client: the folder of its --ledger "
+                                                         "file; fl-sim run: "
                                                          "RUN_DIR/ledgers/personalised/). Refused unless its site is "
                                                          "--site and it was fine-tuned from this package's model.")] = None,
 ) -> None:
     """Serve PACKAGE for one site on this node: POST /predict, GET /model, /metrics, /health, /docs.
 
-    The package's SHA-256 hashes are checked first (a changed, missing or extra file is refused). Records are validated with the same checks as a training file and scaled as in training (health: fixed public reference constants; traffic/utility: this site's own training scalers, fitted here from the department's data, bundled or --data): they never come from the package or the coordinator. Answers are in original units: probabilities (health), the next steps with their timestamps (traffic, utility). Every call but /health and the docs needs an API key in the header 'X-API-Key: KEY'. With --personalised FILE the node's personalised model of the package's run is served instead of the global one (GET /model says which). Example: fl-serve runs/h3-package --site Cleveland --api-key-file serve.keys --port 8480
+    The package's SHA-256 hashes are checked first (a changed, missing or extra file is refused). Records are validated with the same checks as a training file and scaled as in training (health: fixed public reference constants; traffic/utility: each request window normalised by its own lookback): nothing is fitted to records, and nothing comes from the package or the coordinator. Answers are in original units: probabilities (health), the next steps with their timestamps (traffic, utility). Every call but /health and the docs needs an API key in the header 'X-API-Key: KEY'. With --personalised FILE the node's personalised model of the package's run is served instead of the global one (GET /model says which). Example: fl-serve runs/h3-package --site Cleveland --api-key-file serve.keys --port 8480
     """
     import ssl
 

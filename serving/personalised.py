@@ -41,7 +41,8 @@ def personalised_metadata(path: Path) -> dict[str, str]:
 
     path = Path(path)
     fix = ("fix: give the file the node wrote after a run with personalise-epochs > 0: "
-           "<ledger folder>/personalised/<department>-<site>/<run id>.safetensors (fl-client: its state dir; "
+           "<ledger folder>/personalised/<department>-<site>/<run id>.safetensors "
+           "(fl-client: the folder of its --ledger file; "
            "fl-sim run: RUN_DIR/ledgers/personalised/)")
     if path.is_dir():
         raise PackageError(f"--personalised {path}: a folder, not a file; {fix}")
