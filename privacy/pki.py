@@ -979,6 +979,62 @@ def describe_certificates(path: Path, *, now: datetime | None = None) -> list[Ce
     return infos
 
 
+#: Extension OIDs the strict validator names -> their name in words.
+_EXTENSION_NAMES = {
+    "2.5.29.35": "Authority Key Identifier", "2.5.29.14": "Subject Key Identifier", "2.5.29.15": "Key Usage",
+    "2.5.29.37": "Extended Key Usage", "2.5.29.17": "Subject Alternative Name", "2.5.29.19": "Basic Constraints",
+    "2.5.29.30": "Name Constraints", "2.5.29.32": "Certificate Policies",
+}
+#: The fix for a certificate that strict validation refuses.
+_REISSUE = ("reissue it with `fl-pki server-cert --ca-dir <CA directory> --out <folder> --san <each name clients dial>`, "
+            "which writes every extension strict validation needs")
+
+
+def explain_verification_error(err: Exception) -> str:
+    """Say in plain words why ``cryptography``'s strict RFC 5280 validator refused a certificate.
+
+    The validator's messages (``validation failed: invalid extension: 2.5.29.35: Certificate is
+    missing required extension (encountered processing <Certificate(...)>)``) name extensions by
+    OID and end with Python object text; this names the extension, the certificate (by subject)
+    and the fix.
+
+    Parameters
+    ----------
+    err : Exception
+        The ``VerificationError`` (or its text).
+
+    Returns
+    -------
+    str
+        ``"<problem>; fix: <fix>"``.
+    """
+    text = str(err).strip()
+    subject = re.search(r"<Certificate\(subject=<Name\(([^)]*)\)>", text)
+    text = re.sub(r"\s*\(encountered processing <Certificate\(.*\)>\)\s*$", "", text, flags=re.S)
+    text = text.removeprefix("validation failed:").strip()
+    who = f"the certificate {subject.group(1)}" if subject else "the certificate"
+    ext = re.fullmatch(r"invalid extension: ([0-9.]+): (.*)", text, flags=re.S)
+    if ext:
+        oid, why = ext.groups()
+        label = _EXTENSION_NAMES.get(oid, oid)
+        if "missing required extension" in why.lower():
+            problem = f"{who} has no {label} extension, which strict RFC 5280 validation requires"
+        elif "critical" in why.lower():
+            shown = label if label == oid else f"{label} (OID {oid})"
+            problem = f"{who} carries the critical extension {shown}, which strict RFC 5280 validation does not accept"
+        else:
+            problem = f"{who}'s {label} extension is not acceptable to strict RFC 5280 validation ({why.rstrip('.')})"
+    elif "keyusage" in text.lower().replace(" ", ""):
+        problem = f"{who}'s Key Usage extension is not that of a server certificate ({text})"
+    elif "eku" in text.lower():
+        problem = (f"{who}'s Extended Key Usage does not allow TLS server authentication (serverAuth) ({text})")
+    elif "basicconstraints" in text.lower().replace(" ", ""):
+        problem = f"{who}'s Basic Constraints are not those of a server certificate ({text})"
+    else:
+        problem = f"{who} failed strict RFC 5280 validation ({text})"
+    return f"{problem}; fix: {_REISSUE}"
+
+
 def verify_server_cert(
     ca: Path, cert: Path, host: str | None = None, *, now: datetime | None = None
 ) -> VerifyResult:
@@ -1061,7 +1117,8 @@ def verify_server_cert(
         try:
             builder.build_server_verifier(name).verify(leaf, intermediates)
         except VerificationError as err:
-            raise CertificateInvalid(f"{cert_path}: failed validation against {ca_path} for {_san_text(name)}: {err}") from None
+            raise CertificateInvalid(f"{cert_path}: failed validation against {ca_path} for {_san_text(name)}: "
+                                     f"{explain_verification_error(err)}") from None
     return VerifyResult(
         names=tuple(_san_text(n) for n in names),
         not_after=leaf.not_valid_after_utc,

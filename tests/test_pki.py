@@ -794,3 +794,50 @@ def test_a_failed_write_into_a_new_folder_removes_the_folder_too(tmp_path, monke
     assert result.exit_code == 2, (result.output, result.exception)
     assert list(tmp_path.iterdir()) == []  # no empty new/keys left behind either
     assert _invoke("init", "--out", out).exit_code == 0
+
+
+# --------------------------------------------------------------------------- verifier errors in plain words
+
+
+def _odd_leaf(ca_dir: Path, out: Path, *, aki: bool = True, extensions=()) -> Path:
+    """A leaf for 127.0.0.1 signed by ``ca_dir``'s key, built by hand (not by fl-pki)."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    ca_key = serialization.load_pem_private_key((ca_dir / pki.CA_KEY).read_bytes(), None)
+    ca_crt = _cert(ca_dir / pki.CA_CERT)
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ok")]))
+         .issuer_name(ca_crt.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+         .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), True))
+    if aki:
+        b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False)
+    for ext, critical in extensions:
+        b = b.add_extension(ext, critical)
+    out.write_bytes(b.sign(ca_key, hashes.SHA384()).public_bytes(serialization.Encoding.PEM))
+    return out
+
+
+@pytest.mark.parametrize("case, says", [
+    ("no-aki", "no Authority Key Identifier extension"),
+    ("key-usage", "Key Usage"),
+    ("eku", "Extended Key Usage"),
+    ("critical", "critical extension 1.2.3.4"),
+])
+def test_verify_names_a_verifier_refusal_in_plain_words_with_a_fix(city, tmp_path, case, says):
+    """cryptography's strict RFC 5280 errors ('invalid extension: 2.5.29.35: ...') become words and a fix."""
+    exts = {"no-aki": [], "key-usage": [(x509.KeyUsage(False, False, False, False, False, True, True, False, False), True)],
+            "eku": [(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)],
+            "critical": [(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x05\x00"), True)]}[case]
+    crt = _odd_leaf(city["ca"], tmp_path / "ok.crt", aki=case != "no-aki", extensions=exts)
+    res = _invoke("verify", "--ca", city["ca"] / pki.CA_CERT, "--cert", crt)
+    text = " ".join(res.output.split())
+    assert res.exit_code == 1, text
+    assert says in text and "fix:" in text and "fl-pki server-cert" in text, text
+    for raw in ("2.5.29.35", "encountered processing", "<Certificate("):
+        assert raw not in text, text
