@@ -74,7 +74,7 @@ from server.run_config import (  # noqa: F401
     secagg_banner, secagg_config, _toml_value, _toml_value_or_text,
 )
 from server.start_checks import (  # noqa: F401
-    LOCK_FILE, _admin_address, admin_networks, check_not_started, check_port_free, check_tls_files, check_tls_key,
+    LOCK_FILE, _admin_address, admin_networks, check_host, check_not_started, check_port_free, check_tls_files, check_tls_key,
     _second_start, superlink_args, take_start_lock,
 )
 from server.supervisor import (  # noqa: F401
@@ -297,6 +297,7 @@ def start_cmd(
 
     sd = _state(state_dir)
     with _errors():
+        check_host(host)  # first: the TLS and port checks would blame the certificate or the network
         nets = admin_networks(admin_net, host)
         if insecure:
             if any([ca, cert, key]):

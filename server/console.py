@@ -429,6 +429,9 @@ def serve(state_dir: Path, runs_dir: Path, *, host: str = "127.0.0.1", port: int
     if not Path(state_dir).is_dir():
         raise cli.CliError(f"--state-dir {state_dir}: no such folder; fix: pass the coordinator's state dir (the one "
                            "`fl-server start` uses; default $CITYFED_STATE_DIR or ~/.cityfed/coordinator)")
+    from server.start_checks import check_host
+
+    check_host(host)  # as `fl-server start`: an address or host name, no port, no scheme
     try:
         check_bind(host, allow_remote=allow_remote, certfile=certfile, keyfile=keyfile)
         if certfile is not None and keyfile is not None:

@@ -11,10 +11,71 @@ listened on (:func:`check_port_free`). Then ``flower-superlink``'s arguments (:f
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from pathlib import Path
 
 from server.errors import CliError
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def check_host(host: str, option: str = "--host") -> str:
+    """Refuse a ``--host`` that is not an IP address literal or a host name (no port, no scheme).
+
+    ``fl-server start`` and ``fl-server console`` check it before anything else that uses it
+    (the TLS and port checks would otherwise blame the certificate or the network). An IPv6
+    literal may be written bare (``::1``) or in brackets (``[::1]``).
+
+    Parameters
+    ----------
+    host : str
+        The value given.
+    option : str
+        The option that gave it, for the message.
+
+    Returns
+    -------
+    str
+        ``host``, unchanged.
+
+    Raises
+    ------
+    CliError
+        Code 2, naming the option, the value and the fix.
+    """
+    import ipaddress
+
+    text = host.strip()
+    if not text:
+        raise CliError(f"{option} is empty; fix: pass an IP address of this machine (e.g. {option} 127.0.0.1, or "
+                       f"{option} 0.0.0.0 for every interface) or its host name")
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", text)
+    if scheme:
+        rest = re.split(r"[/:]", scheme.group(2).strip("[]").split("]")[0], maxsplit=1)[0] or "127.0.0.1"
+        raise CliError(f"{option} {host}: has a scheme ({scheme.group(1)}://); {option} takes an address or host "
+                       f"name only; fix: {option} {rest} (and the port, if any, as --port)")
+    try:
+        ipaddress.ip_address(text[1:-1] if text.startswith("[") and text.endswith("]") else text)
+        return host
+    except ValueError:
+        pass
+    with_port = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)|([^:\[\]]+):([0-9]+)", text)
+    if with_port:
+        addr, port = (with_port.group(1), with_port.group(2)) if with_port.group(1) else with_port.group(3, 4)
+        raise CliError(f"{option} {host}: has a port; {option} takes an address or host name only and the port is "
+                       f"its own option; fix: {option} {addr} --port {port}")
+    if re.fullmatch(r"[0-9.]+", text):
+        raise CliError(f"{option} {host}: not an IP address (four numbers 0 to 255 separated by dots) and not a "
+                       f"host name; fix: pass an IP address of this machine (`ip -brief address` lists them; e.g. "
+                       f"{option} 127.0.0.1, or {option} 0.0.0.0 for every interface) or its host name")
+    labels = text.removesuffix(".").split(".")
+    if len(text) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise CliError(f"{option} {host}: not an IP address or a host name (a host name is letters, digits and '-' "
+                       f"in dot-separated parts, e.g. coord.city.example); fix: pass an IP address of this machine "
+                       f"(`ip -brief address` lists them; e.g. {option} 127.0.0.1) or its host name")
+    return host
+
 
 def admin_networks(admin_net: list[str], host: str) -> list:
     """The networks ``fl-server start`` lets use the Control/Runtime APIs.

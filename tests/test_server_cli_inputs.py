@@ -523,3 +523,44 @@ def test_live_second_start_on_the_same_state_dir_is_refused(pki_files, live):
         with pytest.raises(BlockingIOError):
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert fh.read().strip() == str(pid)
+
+
+# --------------------------------------------------------------------------- --host: an address, nothing else
+
+
+@pytest.mark.parametrize("host, says, fix", [
+    ("127.0.0.1:80", "port", "--host 127.0.0.1 --port 80"),
+    ("[::1]:9092", "port", "--host ::1 --port 9092"),
+    ("999.1.1.1", "not an IP address", "--host"),
+    ("https://coord.city.example", "scheme", "--host coord.city.example"),
+    ("coord_city", "host name", "--host"),
+    ("coord city", "host name", "--host"),
+])
+def test_start_refuses_a_host_that_is_not_an_address_or_host_name(pki_files, tmp_path, host, says, fix):
+    """Was: '--cert ... does not cover 127.0.0.1:80 ... Fix: reissue it ... --san 127.0.0.1:80' (fl-pki refuses that)."""
+    sd = tmp_path / "state"
+    res = runner.invoke(server_cli.app, ["start", *_tls(pki_files), "--host", host, "--port", str(_free_port()),
+                                         "--state-dir", str(sd)])
+    text = _text(res)
+    assert res.exit_code == 2, text
+    assert text.startswith(f"error: --host {host}") and says in text and "fix:" in text and fix in text, text
+    assert "--san" not in text and "reissue" not in text, text
+    assert not sd.exists()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "[::1]", "localhost", "coord.city.example", "0.0.0.0", "::"])
+def test_check_host_takes_ip_literals_and_host_names(host):
+    server_cli.check_host(host)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8090", "999.1.1.1", "http://localhost"])
+def test_console_refuses_a_host_that_is_not_an_address_or_host_name(pki_files, tmp_path, host):
+    sd = tmp_path / "state"
+    (sd / "runs").mkdir(parents=True)
+    res = runner.invoke(server_cli.app, ["console", "--state-dir", str(sd), "--host", host, "--allow-remote",
+                                         "--certfile", str(pki_files / "server" / "server.crt"),
+                                         "--keyfile", str(pki_files / "server" / "server.key")])
+    text = _text(res)
+    assert res.exit_code == 2 and text.startswith(f"error: --host {host}:") and "fix:" in text, text
+    assert "cannot listen" not in text, text  # was: a bind test's 'Name or service not known' for 127.0.0.1:8090
+    assert not (sd / "console.token").exists()
