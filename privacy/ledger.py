@@ -134,7 +134,28 @@ class LedgerError(RuntimeError):
     """The ledger file cannot be created, opened, read or written, or a call is invalid.
 
     The message always names the ledger file.
+
+    Parameters
+    ----------
+    message : str
+        The full message: ``privacy ledger '<path>': <problem>. Fix: <fix>.`` when both are known.
+    problem : str, optional
+        What is wrong, without the file's path and without the fix.
+    fix : str, optional
+        What the operator should do (no leading "Fix:", no final period); ``None`` when the ledger
+        has no specific advice.
+
+    Attributes
+    ----------
+    problem, fix : str or None
+        As given, so that a caller which names the file its own way (``--ledger <path>: ...``) can
+        say the problem and ONE fix instead of wrapping a message that already has a fix.
     """
+
+    def __init__(self, message: str, *, problem: str | None = None, fix: str | None = None):
+        super().__init__(message)
+        self.problem = problem
+        self.fix = fix
 
 
 class BudgetExceededError(LedgerError):
@@ -281,21 +302,72 @@ class PrivacyLedger:
                 "Fix: point the ledger at a writable local path."
             ) from exc
         if self.path.exists() and not self.path.is_file():
-            raise LedgerError(f"privacy ledger {str(self.path)!r}: exists but is not a regular file.")
+            raise self._refuse("exists but is not a regular file", "pass the path of the ledger file itself")
+        self._check_existing()
         with self._connect(init=True) as con:
             self._init_schema(con)
 
     # -- connection handling -------------------------------------------------------------
+    def _refuse(self, problem: str, fix: str | None) -> LedgerError:
+        """A :class:`LedgerError` naming the file, with ``problem`` and ``fix`` also kept apart."""
+        tail = f" Fix: {fix}." if fix else ""
+        return LedgerError(f"privacy ledger {str(self.path)!r}: {problem}.{tail}", problem=problem, fix=fix)
+
     def _fail(self, what: str, exc: BaseException) -> LedgerError:
-        hint = ""
+        problem, fix = f"{what}: {exc}", None
         text = str(exc).lower()
         if "not a database" in text or "malformed" in text:
-            hint = " The file is corrupt or not a privacy ledger; restore it from backup (never delete it: that resets the budget)."
+            problem += " (the file is corrupt or not a privacy ledger)"
+            fix = ("restore the node's ledger from backup, or pass the right ledger path "
+                   "(never delete a ledger: that resets the node's privacy budget)")
         elif "readonly" in text or "unable to open" in text or "permission" in text:
-            hint = " Fix: make the file and its directory writable by this process."
+            fix = "make the file and its directory writable by this process"
         elif "locked" in text or "busy" in text:
-            hint = f" Another process held the lock for more than {self.timeout:g} s."
-        return LedgerError(f"privacy ledger {str(self.path)!r}: {what}: {exc}.{hint}")
+            problem += f" (another process held the lock for more than {self.timeout:g} s)"
+            fix = "stop the other process that uses this ledger, or try again when it is done"
+        return self._refuse(problem, fix)
+
+    def _check_existing(self) -> None:
+        """Refuse an existing file that is not a usable ledger, reading it only (nothing is written).
+
+        Opening a file read-write first switched it to WAL (header bytes 18-19), so a refused file was
+        changed. A missing or empty file is left to :meth:`_init_schema` (it becomes a new ledger).
+        """
+        try:
+            if self.path.stat().st_size == 0:
+                return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self._fail("cannot open", exc) from exc
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        try:
+            con = sqlite3.connect(uri, uri=True, timeout=self.timeout, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise self._fail("cannot open", exc) from exc
+        try:
+            con.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_READONLY"):
+                return  # e.g. a hot journal to roll back: needs the read-write open, which checks again
+            raise self._fail("cannot open", exc) from exc
+        finally:
+            con.close()
+        self._check_version(version, tables)
+
+    def _check_version(self, version: int, tables: set[str]) -> None:
+        """Raise :class:`LedgerError` when ``user_version`` / ``tables`` are not those of a ledger."""
+        if version > SCHEMA_VERSION:
+            raise self._refuse(f"schema version {version} is newer than this code supports ({SCHEMA_VERSION})",
+                               "upgrade cityfed on this node")
+        if version == 0:
+            other = tables - {"sqlite_sequence", "releases", "central_claims", "released_counts"}
+            if other:
+                raise self._refuse(
+                    f"is an SQLite database but not a privacy ledger (tables {sorted(tables - {'sqlite_sequence'})})",
+                    "choose another ledger path")
 
     @contextmanager
     def _connect(self, *, init: bool = False) -> Iterator[sqlite3.Connection]:
@@ -349,22 +421,13 @@ class PrivacyLedger:
         try:
             con.execute("BEGIN IMMEDIATE")
             version = con.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            try:  # checked read-only by _check_existing too; again here, under the write lock
+                self._check_version(version, tables)
+            except LedgerError:
                 con.execute("ROLLBACK")
-                raise LedgerError(
-                    f"privacy ledger {str(self.path)!r}: schema version {version} is newer than "
-                    f"this code supports ({SCHEMA_VERSION}). Fix: upgrade cityfed on this node."
-                )
+                raise
             if version == 0:
-                tables = {
-                    r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-                } - {"sqlite_sequence"}
-                if tables - {"releases", "central_claims", "released_counts"}:
-                    con.execute("ROLLBACK")
-                    raise LedgerError(
-                        f"privacy ledger {str(self.path)!r}: is an SQLite database but not a privacy "
-                        f"ledger (tables {sorted(tables)}). Fix: choose another ledger path."
-                    )
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         con.execute(statement)

@@ -318,3 +318,64 @@ def test_memoized_rdp_matches_opacus_accountant_on_random_histories():
         assert got == pytest.approx(expected, rel=1e-12, abs=0) or (got == expected == float("inf"))
 
     check()
+
+
+def _delete_mode_db(path: Path, *statements: str) -> None:
+    """An SQLite file in rollback-journal mode (header bytes 18-19 are 1, WAL would make them 2)."""
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode = DELETE")
+    for statement in statements:
+        con.execute(statement)
+    con.commit()
+    con.close()
+
+
+def _damaged_ledger(path: Path) -> None:
+    PrivacyLedger(path)
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode = DELETE")
+    con.close()
+    data = bytearray(path.read_bytes())
+    data[100:len(data) // 4] = b"\x07" * (len(data) // 4 - 100)  # page 1's schema, after the header
+    path.write_bytes(bytes(data))
+
+
+_REFUSED = {
+    "other-database": (lambda p: _delete_mode_db(p, "CREATE TABLE t (x)", "INSERT INTO t VALUES (1)"),
+                       "not a privacy ledger"),
+    "newer-schema": (lambda p: _delete_mode_db(p, "CREATE TABLE releases (x)", f"PRAGMA user_version = {SCHEMA_VERSION + 7}"),
+                     "newer"),
+    "not-sqlite": (lambda p: p.write_bytes(b"this is not an sqlite database at all\n" * 50), "not a database"),
+    "random-bytes": (lambda p: p.write_bytes(bytes(range(256)) * 16), "not a database"),
+    "damaged": (_damaged_ledger, "malformed"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_REFUSED))
+def test_refused_file_is_left_byte_for_byte(tmp_path, kind):
+    """A file the ledger refuses is checked read-only: before the fix, opening an SQLite file that is not
+    a ledger (or is from a newer schema) switched it to WAL (header bytes 18-19 went from 1 to 2)."""
+    make, says = _REFUSED[kind]
+    path = tmp_path / "L.sqlite"
+    make(path)
+    before = path.read_bytes()
+    with pytest.raises(LedgerError, match=says) as exc:
+        PrivacyLedger(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["L.sqlite"]  # no -wal / -shm / -journal left
+    err = exc.value
+    assert err.problem and err.fix and str(path) in str(err)
+    assert says in err.problem and "fix" not in err.problem.lower(), err.problem
+    assert str(err).count("Fix: ") == 1 and str(err).endswith(f"Fix: {err.fix}."), str(err)
+
+
+def test_empty_file_becomes_a_ledger(tmp_path):
+    """A 0-byte file (``install -m 600 /dev/null ledger.sqlite``) is an empty SQLite database: it becomes a ledger."""
+    path = tmp_path / "L.sqlite"
+    path.write_bytes(b"")
+    led = PrivacyLedger(path)
+    assert led.epsilon("health-1", DELTA) == 0.0
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    con.close()
+
