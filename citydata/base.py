@@ -107,13 +107,18 @@ class DataFileError(ValueError):
         What the operator should do about it.
     column : str, optional
         The offending column, when the problem is about one column.
+    setting : str, optional
+        The environment variable that named the file or gave the value (``CITYFED_RANGES``,
+        ``CITYFED_DATE_FORMAT``), when it came from one rather than from an argument: a CLI
+        then names the variable, not one of its own options.
     """
 
-    def __init__(self, path, problem: str, fix: str, column: str | None = None):
+    def __init__(self, path, problem: str, fix: str, column: str | None = None, *, setting: str | None = None):
         self.path = str(path)
         self.problem = problem
         self.fix = fix
         self.column = column
+        self.setting = setting
         where = f"{self.path}" + (f", column {shown_name(column)}" if column is not None else "")
         super().__init__(f"{where}: {problem}. Fix: {fix}")
 
@@ -912,7 +917,8 @@ class DepartmentDataset(abc.ABC):
     Raises
     ------
     DataFileError
-        A bad operator file or ranges file (file, column, rows, fix; never a record's values).
+        A bad operator file or ranges file (file, column, rows, fix; never a record's values), or
+        a bad ``CITYFED_DATE_FORMAT``/``CITYFED_RANGES`` (naming the variable; ``setting`` set).
     ValueError
         A bad ``test_fraction`` or ``date_format``.
     """
@@ -924,7 +930,6 @@ class DepartmentDataset(abc.ABC):
     def __init__(self, path: str | os.PathLike | None = None, *, seed: int = 0, test_fraction: float | None = None,
                  date_format: str | None = None, ranges: str | os.PathLike | dict | None = None):
         from .plausibility import resolve_ranges
-        from .timestamps import DATE_FORMAT_ENV, check_date_format
 
         tf = self.default_test_fraction if test_fraction is None else float(test_fraction)
         if not 0.0 < tf < 1.0:
@@ -932,7 +937,7 @@ class DepartmentDataset(abc.ABC):
         self.path = None if path is None else Path(path)
         self.seed = int(seed)
         self.test_fraction = tf
-        self.date_format = check_date_format(os.environ.get(DATE_FORMAT_ENV) if date_format is None else date_format)
+        self.date_format = _date_format_setting(date_format)
         self.ranges = resolve_ranges(self.schema, ranges)
         if path is None:
             frame = self._bundled_frame()
@@ -1107,6 +1112,33 @@ class DepartmentDataset(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._origin}, {len(self._site_keys)} sites, {len(self._frame)} records)"
+
+
+def _date_format_setting(date_format: str | None) -> str | None:
+    """``date_format`` checked (:func:`citydata.timestamps.check_date_format`), or, when it is ``None``, the
+    value of ``CITYFED_DATE_FORMAT``.
+
+    Raises
+    ------
+    ValueError
+        A bad ``date_format`` argument (the caller names its option).
+    DataFileError
+        A bad ``CITYFED_DATE_FORMAT`` value: names the variable, its value, the accepted values and
+        the fix (unset it, or set an accepted value), with ``setting`` set to the variable.
+    """
+    from .timestamps import DATE_FORMAT_ENV, DATE_FORMATS, check_date_format
+
+    if date_format is not None:
+        return check_date_format(date_format)
+    value = os.environ.get(DATE_FORMAT_ENV)
+    try:
+        return check_date_format(value)
+    except ValueError as exc:
+        raise DataFileError(f"the environment variable {DATE_FORMAT_ENV}", str(exc),
+                            f"unset {DATE_FORMAT_ENV} (then dates must be year first), or set it to one of "
+                            f"{', '.join(DATE_FORMATS)} or a strftime pattern with the year, month and day (e.g. "
+                            f"{DATE_FORMAT_ENV}='%d.%m.%Y %H:%M'); a --date-format option overrides it",
+                            setting=DATE_FORMAT_ENV) from None
 
 
 def _whole_number_columns(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:

@@ -105,14 +105,29 @@ def resolve_ranges(schema, overrides: str | os.PathLike | Mapping | None = None)
     DataFileError
         For a bad overrides file (unreadable, not TOML, an unknown or non-numeric column, an
         unknown key, a bound that is not a finite number, ``min > max``, an unknown action),
-        naming the file, the column and the fix.
+        naming the file, the column and the fix. A file named by :data:`RANGES_ENV` is named
+        with the variable (and ``setting`` is set to it).
     """
+    if overrides is not None:
+        return _resolve(schema, overrides)
+    env = os.environ.get(RANGES_ENV, "").strip()
+    try:
+        return _resolve(schema, env or None)
+    except Exception as exc:
+        from .base import DataFileError
+
+        if not isinstance(exc, DataFileError):
+            raise
+        raise DataFileError(f"{exc.path} (the ranges file named by the environment variable {RANGES_ENV})",
+                            exc.problem, f"{exc.fix}; or unset {RANGES_ENV} to keep the schema's ranges", exc.column,
+                            setting=RANGES_ENV) from None
+
+
+def _resolve(schema, overrides) -> dict[str, Range]:
+    """:func:`resolve_ranges` with ``overrides`` given (``None``: the schema's ranges only)."""
     out = {c.name: Range(*c.plausible) for c in schema.columns if c.plausible is not None}
     if overrides is None:
-        env = os.environ.get(RANGES_ENV, "").strip()
-        if not env:
-            return out
-        overrides = env
+        return out
     source, table = load_ranges(overrides) if not isinstance(overrides, Mapping) else ("ranges", dict(overrides))
     # the numeric columns that have a plausibility range (a label such as health's num is checked by
     # its department's own rule, an id by none: a range for them would be silently ignored)

@@ -502,7 +502,8 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
         With :class:`citydata.DataFileError`'s message (file, column, rows, kind of problem, fix; never a cell's value): a
         path that is not a regular file (says what it is; ``--ranges`` too), a bad file or ranges
         file, a site not in the file, a site too small for a train/test split or one DP-SGD batch, a
-        single-class site; or a bad ``--date-format``/``--department``.
+        single-class site; or a bad ``--date-format``/``--department``, or a bad ``CITYFED_DATE_FORMAT`` or
+        ``CITYFED_RANGES`` (named, with its value: the loader's defaults when the option is left out).
     """
     import warnings
 
@@ -537,7 +538,12 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
             sd = ds.site_data(site)  # the node's own call: split, scalers, windows, size and finiteness checks
             train, _test = sd.train.tensors(), sd.test.tensors()
         except DataFileError as exc:
-            option = f"--ranges {ranges}" if ranges is not None and exc.path == str(ranges) else f"--data {data}"
+            if getattr(exc, "setting", None):  # CITYFED_RANGES/CITYFED_DATE_FORMAT: the message names the variable
+                option = exc.path
+            elif ranges is not None and exc.path == str(ranges):
+                option = f"--ranges {ranges}"
+            else:
+                option = f"--data {data}"
             raise SetupError(_reword(str(exc), exc.path, option)) from None
         except ValueError as exc:  # unknown department
             raise SetupError(f"--department: {exc}") from None
