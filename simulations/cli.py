@@ -424,6 +424,48 @@ def _check_out_dir(path: Path, option: str) -> None:
             return
 
 
+def nodes_per_round(n_sites: int, fraction: float, secagg: bool = False) -> int:
+    """How many nodes a round of a simulation asks to train (Flower's sampling with fl-sim's min-nodes).
+
+    Parameters
+    ----------
+    n_sites : int
+        The simulated nodes (the department's sites, or ``--virtual-sites``).
+    fraction : float
+        ``--fraction`` (run config ``fraction-train``).
+    secagg : bool
+        SecAgg+ raises the nodes a round samples to at least 3 (``server.secagg``).
+
+    Returns
+    -------
+    int
+        ``max(int(n_sites * fraction), min-nodes)``, at most ``n_sites``: Flower's FedAvg
+        samples that many (``configure_train``); fl-sim's min-nodes is 1 (3 under SecAgg+).
+    """
+    return min(n_sites, max(int(n_sites * fraction), 3 if secagg else 1))
+
+
+def _check_min_accepted(department: str, min_accepted: int, n_sites: int, fraction: float, secagg: bool,
+                        several: bool = False) -> None:
+    """Refuse a ``--min-accepted`` no round can reach: more than the nodes a round trains (exit 2).
+
+    Such a run would train its first round (every node's DP-SGD spends budget), then stop with
+    "fewer than min-accepted": refused before anything is created or trained. ``several``: the
+    run has several departments (``-d all``), so the fix also says to run them one by one.
+    """
+    per_round = nodes_per_round(n_sites, fraction, secagg)
+    if min_accepted <= per_round:
+        return
+    sampled = (f" ({department} has {n_sites} sites)" if per_round == n_sites
+               else f" (--fraction {fraction:g} of its {n_sites} sites)")
+    _refuse(f"{min_accepted} is more than the {per_round} node(s) each round of {department} trains{sampled}: "
+            f"every round would end the run, after its nodes had trained (and spent privacy budget)",
+            f"--min-accepted {per_round} or less"
+            + (", or a larger --fraction" if per_round < n_sites else "")
+            + (", or run the departments one by one" if several else ""),
+            "--min-accepted")
+
+
 def _check_resumable(run_dirs: list[Path]) -> list[Path]:
     """``--resume`` needs a checkpoint to resume: refuse, rather than silently start a fresh run.
 
@@ -695,8 +737,9 @@ def run(
     ray_options = _ray_options(engine, ray_address, gpus_per_client)  # may ask a Ray cluster: after the local checks
     for d in depts:  # what needs the department's records or its policy, before the first department starts
         cfg = cfgs[d]
+        n_sites = virtual_sites or len(__import__("citydata", fromlist=["x"]).load_department(d).sites)
+        _check_min_accepted(d, min_accepted, n_sites, fraction, secagg, several=len(depts) > 1)
         if secagg:
-            n_sites = virtual_sites or len(__import__("citydata", fromlist=["x"]).load_department(d).sites)
             if n_sites < 3:
                 _refuse(f"--secagg needs at least 3 sites; {d} has {n_sites}", "use --virtual-sites to simulate more",
                         "--secagg")

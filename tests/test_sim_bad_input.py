@@ -1,0 +1,71 @@
+"""fl-sim: bad input found by review (exit 2 before anything is trained or written; nothing lost).
+
+* ``fl-sim run --min-accepted N`` with more than the nodes a round can have: refused before
+  anything is trained (a DP budget is never spent on a run that cannot succeed).
+* A run that stops early (a round with fewer acceptable updates than ``--min-accepted``) exits 1:
+  the rounds asked for were not all run, and a script must be able to tell.
+* ``fl-sim export -o FILE``: a missing folder is created; a folder, or a path under a file, is
+  refused naming ``--out``; a failed write leaves an existing file as it was.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import simulations.cli as cli
+from privacy.safe_cli import DEBUG_ENV, run_app
+
+
+def _fl_sim(argv, capsys, monkeypatch):
+    """fl-sim as its console script runs it: (exit status, stdout, stderr), whitespace collapsed."""
+    monkeypatch.setenv(DEBUG_ENV, "0")
+    with pytest.raises(SystemExit) as ex:
+        run_app(cli.app, "fl-sim", argv=[str(a) for a in argv])
+    cap = capsys.readouterr()
+    return ex.value.code, " ".join(cap.out.split()), " ".join(cap.err.split())
+
+
+def _input_error(code, out, err):
+    assert code == 2, (out, err)
+    assert err.count("error: ") == 1 and "; fix: " in err, err
+    assert "Traceback" not in err and "not shown" not in err, err
+
+
+@pytest.fixture()
+def never_train(monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("trained before the input was checked")
+
+    monkeypatch.setattr(cli, "_run_one", never)
+
+
+# -- A1 (a): more nodes required than a round can have ------------------------------------------------
+
+@pytest.mark.parametrize("args, text", [
+    (["-d", "health", "--min-accepted", "99"], "99 is more than the 4 node(s)"),
+    (["-d", "health", "--min-accepted", "5"], "5 is more than the 4 node(s)"),
+    (["-d", "health", "--fraction", "0.5", "--min-accepted", "3"], "3 is more than the 2 node(s)"),
+    (["-d", "health", "--virtual-sites", "5", "--min-accepted", "6"], "6 is more than the 5 node(s)"),
+    (["-d", "all", "--min-accepted", "4"], "utility"),
+])
+def test_min_accepted_above_the_nodes_of_a_round_is_refused_before_training(tmp_path, capsys, monkeypatch,
+                                                                            never_train, args, text):
+    code, out, err = _fl_sim(["run", "--engine", "inprocess", "-r", "1", "--local-epochs", "1", *args,
+                              "-o", tmp_path / "out"], capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert "--min-accepted" in err and text in err and "fix: --min-accepted" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_min_accepted_equal_to_the_sites_is_allowed(tmp_path, capsys, monkeypatch):
+    """4 hospitals, --min-accepted 4: the check lets it through (to the run itself)."""
+    seen = []
+
+    def fake_run(d, cfg, out, engine, ray_options=None):
+        seen.append(cfg["min-accepted"])
+        return {"status": "completed", "rounds": [{"round": 1, "train": {"accepted": 4}}], "config": cfg}
+
+    monkeypatch.setattr(cli, "_run_one", fake_run)
+    code, out, err = _fl_sim(["run", "-d", "health", "--engine", "inprocess", "-r", "1", "--min-accepted", "4",
+                              "-o", tmp_path / "out"], capsys, monkeypatch)
+    assert code == 0 and seen == [4], (out, err)
