@@ -177,7 +177,8 @@ def load_ranges(path: str | os.PathLike) -> tuple[str, dict]:
     Raises
     ------
     DataFileError
-        Missing, unreadable, not UTF-8 or not valid TOML.
+        Missing, unreadable, starting with a UTF-8 byte-order mark (which TOML does not allow),
+        not UTF-8 or not valid TOML.
     """
     p = Path(path)
     try:
@@ -187,6 +188,9 @@ def load_ranges(path: str | os.PathLike) -> tuple[str, dict]:
     except OSError as exc:
         raise _bad(p, f"cannot read the ranges file ({exc.strerror or exc})",
                    "pass the path of an existing TOML file (README: plausibility ranges)") from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # refused, as fl-client refuses a policy file with one
+        raise _bad(p, "the file starts with a byte-order mark (BOM), which TOML does not allow",
+                   "save it as UTF-8 without BOM (in Notepad: encoding 'UTF-8', not 'UTF-8 with BOM')")
     try:
         return str(p), tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

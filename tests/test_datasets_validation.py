@@ -709,3 +709,15 @@ def test_fl_sim_baselines_date_format_and_ranges(tmp_path, monkeypatch):
     assert (seen["timestamps"] == pd.date_range("2024-04-01", periods=96 * 4, freq="15min")).all()
     assert (tmp_path / "out" / "results.json").exists()
     assert "CITYFED_DATE_FORMAT" not in __import__("os").environ  # set for the command only
+
+
+def test_ranges_file_with_a_byte_order_mark_says_so(tmp_path, heart_frame):
+    """A ranges file saved as 'UTF-8 with BOM' is refused naming the BOM, as fl-client does for a policy file."""
+    path = _write(heart_frame, tmp_path / "h.csv")
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[chol]\nmax = 1200\n")
+    with pytest.raises(DataFileError) as info:
+        HeartDisease(path, ranges=bom)
+    err = info.value
+    assert err.path == str(bom) and "byte-order mark (BOM)" in err.problem, str(err)
+    assert "without BOM" in err.fix and "not valid TOML" not in str(err), str(err)
