@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import csv
+import difflib
 import importlib.metadata
 import os
 import re
@@ -678,7 +679,7 @@ def validate_frame(frame: pd.DataFrame, schema: Schema, path, *, date_format: st
     check_duplicate_columns(names, path)
     for c in schema.columns:
         if c.required and c.name not in names:
-            near = [n for n in names if n.strip().lower() == c.name.lower()]
+            near = _near_miss(c.name, names, schema)
             hint = f"rename column {shown_name(near[0])} to {c.name!r}" if near else (
                 f"add a column {c.name!r} ({c.dtype}, {c.unit or 'no unit'}: {c.description})")
             raise DataFileError(path, f"missing required column (found: {_found_names(names, schema)})", hint, c.name)
@@ -703,6 +704,29 @@ def validate_frame(frame: pd.DataFrame, schema: Schema, path, *, date_format: st
         if name in out:
             out[name] = check_range(out[name], frame[name], schema.column(name), rng, path)
     return out
+
+
+#: Least similarity (difflib ratio, lower case) of a header name to a missing column for a "rename" hint.
+NEAR_MISS_CUTOFF = 0.8
+
+
+def _near_miss(column: str, names: list, schema: Schema) -> list:
+    """Header names that may be ``column`` misspelt: same name in another case or with spaces first, then a close
+    spelling (``thalach`` for ``thalch``, ``totl`` for ``total``).
+
+    A close spelling is only offered when the header holds at least one of ``schema``'s column names: otherwise
+    the first line may be a record (a file without a header line), whose values are never quoted. Header names
+    that are the schema's columns themselves are never offered.
+    """
+    exact = [n for n in names if str(n).strip().lower() == column.lower()]
+    if exact:
+        return exact
+    known = {c.name.lower() for c in schema.columns}
+    lowered = {str(n).strip().lower(): n for n in names if str(n).strip().lower() not in known}
+    if not lowered or not any(str(n).strip().lower() in known for n in names):
+        return []
+    close = difflib.get_close_matches(column.lower(), list(lowered), n=1, cutoff=NEAR_MISS_CUTOFF)
+    return [lowered[close[0]]] if close else []
 
 
 def _found_names(names: list, schema: Schema) -> str:

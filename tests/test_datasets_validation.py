@@ -721,3 +721,24 @@ def test_ranges_file_with_a_byte_order_mark_says_so(tmp_path, heart_frame):
     err = info.value
     assert err.path == str(bom) and "byte-order mark (BOM)" in err.problem, str(err)
     assert "without BOM" in err.fix and "not valid TOML" not in str(err), str(err)
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_missing_column_names_a_close_spelling(tmp_path, suffix, heart_frame):
+    """``thalach`` (the UCI spelling of ``thalch``) and other close spellings are named in the fix."""
+    err = _expect(HeartDisease, _write(heart_frame.rename(columns={"thalch": "thalach"}), tmp_path / f"h{suffix}"),
+                  "thalch", "missing required column")
+    assert "rename column 'thalach' to 'thalch'" in err.fix, err.fix
+    err = _expect(TrafficCounts, _write(_traffic_frame().rename(columns={"total": "totl"}), tmp_path / f"t{suffix}"),
+                  "total", "missing required column")
+    assert "rename column 'totl' to 'total'" in err.fix, err.fix
+
+
+def test_close_spelling_is_not_quoted_from_a_headerless_file(tmp_path):
+    """Without one documented column name the first line is not a header: nothing from it is quoted."""
+    path = tmp_path / "noheader.csv"
+    frame = _traffic_frame()
+    frame["detector"] = "totals"  # a site name close to 'total', in the first record
+    frame.to_csv(path, index=False, header=False)
+    err = _expect(TrafficCounts, path, "timestamp", "missing required column")
+    assert "totals" not in str(err), str(err)
