@@ -113,11 +113,77 @@ def check_overrides(overrides: dict, explicit: dict[str, tuple[str, object]]) ->
                            f"{OPTION_KEYS[key]} only (drop the -c item)")
 
 
+def _toml_text(v) -> str:
+    """``v`` as TOML writes it (``"five"``, ``5``, ``true``), else its text."""
+    try:
+        return _toml_value(v)
+    except TypeError:
+        return str(v)
+
+
 def _toml_value_or_text(v) -> str:
     try:
         return _toml_value(v).strip('"') if isinstance(v, str) else _toml_value(v)
     except TypeError:
         return str(v)
+
+
+#: The table of ``pyproject.toml`` that holds the app's run-config keys and defaults.
+APP_TABLE = "[tool.flwr.app.config]"
+_FIX_APP = "pass the cityfed project folder as --app (`fl-server app-config` prints the section with every default)"
+
+
+def read_app_config(app_dir: Path) -> dict:
+    """The app's run-config defaults: ``[tool.flwr.app.config]`` of ``--app``'s ``pyproject.toml``.
+
+    Parameters
+    ----------
+    app_dir : Path
+        The ``--app`` folder.
+
+    Returns
+    -------
+    dict
+        The table's keys and values, as Flower reads them.
+
+    Raises
+    ------
+    CliError
+        Code 2, naming the file and the real problem: missing or unreadable, not UTF-8, not valid
+        TOML (the parser's reason with line and column, e.g. a duplicated key), or no such table.
+    """
+    path = Path(app_dir) / "pyproject.toml"
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise CliError(f"--app {app_dir}: no pyproject.toml in it ({path}); fix: {_FIX_APP}") from None
+    except IsADirectoryError:
+        raise CliError(f"--app {app_dir}: {path} is a folder, not a file; fix: {_FIX_APP}") from None
+    except OSError as exc:
+        raise CliError(f"--app {app_dir}: cannot read {path} ({exc.strerror or exc}); fix: make it readable by this "
+                       f"user, or {_FIX_APP}") from None
+    except UnicodeDecodeError as exc:
+        raise CliError(f"--app {app_dir}: {path} is not UTF-8 text (byte {exc.start}); fix: save it as UTF-8, or "
+                       f"{_FIX_APP}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        reason = str(exc)
+        at = re.search(r"at line (\d+)", reason)
+        lines = text.splitlines()
+        if at and 0 < int(at.group(1)) <= len(lines):
+            reason += f": {lines[int(at.group(1)) - 1].strip()[:80]!r}"
+        if "overwrite" in reason.lower():
+            reason += " (a key given twice in one table?)"
+        raise CliError(f"--app {app_dir}: {path} is not valid TOML: {reason}; fix: correct that line (each key once "
+                       f"per table), or {_FIX_APP}") from None
+    table = data
+    for part in ("tool", "flwr", "app", "config"):
+        table = table.get(part) if isinstance(table, dict) else None
+    if not isinstance(table, dict):
+        raise CliError(f"--app {app_dir}: {path} has no {APP_TABLE} table (the app's run-config keys and defaults); "
+                       f"fix: {_FIX_APP}")
+    return table
 
 
 def check_app_keys(cfg: dict, app_dir: Path) -> None:
@@ -129,16 +195,12 @@ def check_app_keys(cfg: dict, app_dir: Path) -> None:
     Raises
     ------
     CliError
-        Code 2: ``--app`` has no readable pyproject.toml, or a key it does not declare.
+        Code 2: ``--app``'s pyproject.toml is missing, not valid TOML or has no such table
+        (:func:`read_app_config`), or a key it does not declare.
     """
     from contract.keys import NODE_KEYS
 
-    path = Path(app_dir) / "pyproject.toml"
-    try:
-        known = tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"]
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
-        raise CliError(f"--app {app_dir}: no readable pyproject.toml with [tool.flwr.app.config]; fix: pass the cityfed "
-                       "project folder") from None
+    known = read_app_config(app_dir)
     for key in cfg:
         if key in NODE_KEYS:
             raise CliError(f"-c {key}={_toml_value_or_text(cfg[key])}: {key!r} is a department node's own setting "
@@ -148,6 +210,52 @@ def check_app_keys(cfg: dict, app_dir: Path) -> None:
             raise CliError(f"-c {key}={_toml_value_or_text(cfg[key])}: {key!r} is not a run-config key of the app in "
                            f"--app {app_dir} (its [tool.flwr.app.config]), so Flower would refuse the run; fix: drop "
                            "it, or pass the cityfed project folder as --app")
+
+
+def check_app_defaults(cfg: dict, app_dir: Path, explicit: dict[str, tuple[str, object]]) -> dict:
+    """Validate the app's defaults merged with the run config, as the ServerApp will see them.
+
+    Flower gives the ServerApp ``--app``'s ``[tool.flwr.app.config]`` updated with the run config
+    that ``fl-server run`` submits; a bad default in that file (``num-rounds = "five"``) would
+    fail the run once it started. A refusal caused by a value from the file names the file and
+    its key; one caused by the run config names the option or ``-c`` item
+    (:func:`_checked_settings`).
+
+    Parameters
+    ----------
+    cfg : dict
+        The run config ``fl-server run`` submits.
+    app_dir : Path
+        The ``--app`` folder.
+    explicit : dict
+        :func:`explicit_options`.
+
+    Returns
+    -------
+    dict
+        The merged settings (:func:`server.app.settings`).
+
+    Raises
+    ------
+    CliError
+        Code 2, naming the file and key, or the option or ``-c`` item, and the fix.
+    """
+    from contract.keys import NODE_KEYS
+    from server.app import RunConfigError, settings
+
+    defaults = {k: v for k, v in read_app_config(app_dir).items() if k not in NODE_KEYS}
+    merged = {**defaults, **cfg}
+    try:
+        return settings(merged)
+    except RunConfigError as exc:
+        from_file = [k for k in exc.keys if k in defaults and k not in cfg]
+        if not from_file:
+            return _checked_settings(merged, explicit)
+        path = Path(app_dir) / "pyproject.toml"
+        shown = ", ".join(f"{k} = {_toml_text(defaults[k])}" for k in from_file)
+        raise CliError(f"--app {app_dir}: {path} {APP_TABLE} {shown}: {exc}; fix: correct it in that file "
+                       f"(`fl-server app-config` prints the section with every default), or override it with "
+                       f"-c {from_file[0]}=VALUE") from None
 
 
 def secagg_config(cfg: dict, secagg: bool | None, num_shares: int | None, threshold: int | None) -> dict:

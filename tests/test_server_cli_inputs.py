@@ -564,3 +564,53 @@ def test_console_refuses_a_host_that_is_not_an_address_or_host_name(pki_files, t
     assert res.exit_code == 2 and text.startswith(f"error: --host {host}:") and "fix:" in text, text
     assert "cannot listen" not in text, text  # was: a bind test's 'Name or service not known' for 127.0.0.1:8090
     assert not (sd / "console.token").exists()
+
+
+# --------------------------------------------------------------------------- --app's pyproject.toml
+
+
+def _app_copy(tmp_path, old: str, new: str) -> Path:
+    """A copy of the project's pyproject.toml in a folder, with ``old`` replaced by ``new`` (once)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    assert old in text
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(text.replace(old, new, 1))
+    return app
+
+
+def test_run_names_an_app_pyproject_that_is_not_valid_toml(fake_coordinator, tmp_path):
+    """Was: 'no readable pyproject.toml with [tool.flwr.app.config]' for a duplicated key."""
+    sd, launched = fake_coordinator
+    app = _app_copy(tmp_path, "num-rounds = 5\n", "num-rounds = 5\nnum-rounds = 5\n")
+    res = _run(sd, "--department", "health", "--app", str(app))
+    text = _text(res)
+    assert res.exit_code == 2 and not launched, text
+    assert str(app / "pyproject.toml") in text and "not valid TOML" in text and "line" in text, text
+    assert "num-rounds" in text and "fix:" in text, text
+    assert "no readable" not in text
+
+
+def test_run_names_an_app_pyproject_without_the_app_config_table(fake_coordinator, tmp_path):
+    sd, launched = fake_coordinator
+    app = _app_copy(tmp_path, "[tool.flwr.app.config]", "[tool.flwr.app.konfig]")
+    res = _run(sd, "--department", "health", "--app", str(app))
+    text = _text(res)
+    assert res.exit_code == 2 and not launched, text
+    assert str(app / "pyproject.toml") in text and "no [tool.flwr.app.config] table" in text and "fix:" in text, text
+
+
+def test_run_checks_the_apps_own_defaults_and_blames_the_file(fake_coordinator, tmp_path):
+    """B5: a bad default in --app's pyproject.toml passed 'checking the run config'; the ServerApp
+    merges the app's defaults with the run config, so fl-server run checks them merged and names the
+    file's key (not a -c item the operator never typed)."""
+    sd, launched = fake_coordinator
+    app = _app_copy(tmp_path, "num-rounds = 5\n", 'num-rounds = "five"\n')
+    res = _run(sd, "--department", "health", "--app", str(app))
+    text = _text(res)
+    assert res.exit_code == 2 and not launched, text
+    assert str(app / "pyproject.toml") in text and "num-rounds" in text and "'five'" in text and "fix:" in text, text
+    assert "-c secagg" not in text and "-c num-rounds=<" not in text, text
+    # an override the operator gives wins over the file's default, as in the ServerApp
+    res = _run(sd, "--department", "health", "--app", str(app), "--rounds", "3")
+    assert res.exit_code == 0 and launched, _text(res)
