@@ -77,7 +77,8 @@ app = typer.Typer(
     epilog="Exit status: 0 = done; 2 = input you can fix (an option, --out, a --data or --ranges file, a policy): "
            "one line 'error: WHAT; fix: HOW' on standard error, naming the option or file (and column), never a "
            "record's value, before anything is created or trained; 1 = the run failed, not through its input (no "
-           "node's update accepted in any round, or an unexpected error: its type and place, never a traceback: it "
+           "node's update accepted in any round, a run that stopped before its last round (a round with fewer "
+           "acceptable updates than --min-accepted), or an unexpected error: its type and place, never a traceback: it "
            "could show records). Add --debug anywhere on the command line for the full traceback.",
     help="cityfed simulation mode: run a city's departments on one machine with bundled real data.",
     no_args_is_help=True,
@@ -575,6 +576,44 @@ def _untrained(department: str, results: dict) -> bool:
     return True
 
 
+def _stopped(department: str, results: dict) -> bool:
+    """Whether the run ended before its last round (``status: stopped: ...``); if so, say so on standard error.
+
+    A round with fewer acceptable updates than ``--min-accepted`` (nodes refused, were excluded
+    or dropped) ends the run cleanly: its artefacts (results.json, the checkpoint, the model after
+    the last completed round) stay, but the rounds asked for were not all run, so ``fl-sim run``
+    exits 1 (after its other departments) and a script can tell. Not for a run that trained
+    nothing at all: :func:`_untrained` reports that one.
+
+    Parameters
+    ----------
+    department : str
+        The department of the run (named in the message).
+    results : dict
+        The run's results (``server.app.run_federation``): ``status``, ``rounds``, ``config``.
+
+    Returns
+    -------
+    bool
+        True if the run stopped early (and was reported).
+    """
+    import re
+
+    status = str(results.get("status") or "")
+    if not status.startswith("stopped"):
+        return False
+    cfg = results.get("config") or {}
+    match = re.match(r"stopped: round (\d+): ", status)
+    done = int(match.group(1)) - 1 if match else max(0, len(results.get("rounds") or []) - 1)
+    why = status[match.end():] if match else (status.partition(": ")[2] or status)
+    _error(f"{department}: the run stopped in round {done + 1} of {cfg.get('num-rounds', '?')} ({done} round(s) "
+           f"completed): {why}; "
+           f"model.safetensors holds {f'the model of round {done}' if done else 'the initial model'}",
+           f"the reasons are in {cfg.get('run-dir', 'OUT')}/results.json (refused, excluded, dropped); lower "
+           "--min-accepted, or fix what the nodes refused, and run again")
+    return True
+
+
 @app.command()
 def run(
     department: str = typer.Option(..., "--department", "-d",
@@ -601,7 +640,8 @@ def run(
     batch_size: Optional[int] = typer.Option(None, min=1, max=_MAX_BATCH, help="Local batch size, expected under Poisson sampling (default: health 32, else 128)."),
     fraction: float = typer.Option(1.0, help="Fraction of sites sampled to train per round."),
     fraction_evaluate: float = typer.Option(1.0, help="Fraction of sites sampled to evaluate per round."),
-    min_accepted: int = typer.Option(1, min=1, max=_MAX_NODES, help="End the run cleanly when a round has fewer acceptable updates."),
+    min_accepted: int = typer.Option(1, min=1, max=_MAX_NODES, help="End the run cleanly when a round has fewer acceptable updates "
+                                                                          "(fl-sim then exits 1); at most the nodes a round trains."),
     dropout: float = typer.Option(0.0, help="Probability that a site fails a round (simulated)."),
     virtual_sites: int = typer.Option(0, min=0, max=_MAX_NODES, help="N > 0: replace the natural sites by N virtual sites (flwr-datasets)."),
     partitioner: str = typer.Option("iid", help="Virtual sites: iid or dirichlet."),
@@ -779,9 +819,9 @@ def run(
                                              releases={"local_evaluation": "dp",
                                                        "max_evaluations_per_run": int(cfg["num-rounds"])}))
         results = _run_one(d, cfg, dout, engine, ray_options)
-        if _untrained(d, results):
+        if _untrained(d, results) or _stopped(d, results):
             untrained.append(d)
-    if untrained:  # every node refused (or dropped) every round: a failed run, not an input error
+    if untrained:  # every node refused (or dropped) every round, or a round too few: a failed run, not an input error
         raise typer.Exit(EXIT_FAILED)
 
 

@@ -69,3 +69,51 @@ def test_min_accepted_equal_to_the_sites_is_allowed(tmp_path, capsys, monkeypatc
     code, out, err = _fl_sim(["run", "-d", "health", "--engine", "inprocess", "-r", "1", "--min-accepted", "4",
                               "-o", tmp_path / "out"], capsys, monkeypatch)
     assert code == 0 and seen == [4], (out, err)
+
+
+# -- A1 (b): a run that stops early is not "done" ------------------------------------------------------
+
+STOPPED = ("stopped: round 2: 1 acceptable update(s), fewer than min-accepted=2 (3 refusal(s), 0 exclusion(s) so "
+           "far); global model unchanged, run ended")
+
+
+def _fake_runs(monkeypatch, statuses: dict):
+    """``_run_one`` returning, per department, a run that trained round 1 and then ended with ``statuses[d]``."""
+    ran = []
+
+    def fake_run(d, cfg, out, engine, ray_options=None):
+        ran.append(d)
+        status = statuses.get(d, "completed")
+        rounds = [{"round": 1, "train": {"accepted": 4}}]
+        if status != "completed":
+            rounds.append({"round": 2, "train": {"accepted": 1}})
+        return {"status": status, "rounds": rounds, "refused": [{"round": 2, "node": 3, "reason": "x: refused: budget"}],
+                "excluded": [], "config": {**cfg, "num-rounds": 3}}
+
+    monkeypatch.setattr(cli, "_run_one", fake_run)
+    return ran
+
+
+def test_a_run_that_stopped_early_exits_1(tmp_path, capsys, monkeypatch):
+    _fake_runs(monkeypatch, {"health": STOPPED})
+    code, out, err = _fl_sim(["run", "-d", "health", "--engine", "inprocess", "-r", "3", "--min-accepted", "2",
+                              "-o", tmp_path / "out"], capsys, monkeypatch)
+    assert code == 1, (out, err)
+    assert err.count("error: ") == 1 and "; fix: " in err and "Traceback" not in err, err
+    assert "health: the run stopped in round 2 of 3 (1 round(s) completed): 1 acceptable" in err and "fewer than min-accepted=2" in err, err
+    assert "results.json" in err and "--min-accepted" in err, err
+
+
+def test_all_departments_run_when_one_stops_early(tmp_path, capsys, monkeypatch):
+    ran = _fake_runs(monkeypatch, {"traffic": STOPPED})
+    code, out, err = _fl_sim(["run", "-d", "all", "--engine", "inprocess", "-r", "3", "-o", tmp_path / "out"],
+                             capsys, monkeypatch)
+    assert code == 1 and ran == ["health", "traffic", "utility"], (out, err)
+    assert "traffic: the run stopped in round 2 of 3" in err and "health:" not in err, err
+
+
+def test_a_completed_run_exits_0(tmp_path, capsys, monkeypatch):
+    _fake_runs(monkeypatch, {})
+    code, out, err = _fl_sim(["run", "-d", "health", "--engine", "inprocess", "-r", "1", "-o", tmp_path / "out"],
+                             capsys, monkeypatch)
+    assert code == 0 and "error" not in err, (out, err)
