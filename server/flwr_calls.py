@@ -81,12 +81,47 @@ def write_connection(state_dir: Path, address: str, ca: Path | None, insecure: b
 
 
 def _coordinator(state_dir: Path) -> dict:
+    """What ``fl-server start`` recorded in ``<state-dir>/coordinator.json`` (address, CA, insecure).
+
+    Raises
+    ------
+    CliError
+        Code 3 when the coordinator was never set up here (``coordinator.json`` or the ``flwr``
+        connection missing, each named); code 2 when ``coordinator.json`` is damaged (not JSON,
+        not an object, ``address``/``ca``/``insecure`` missing or of the wrong type): the fix is
+        to restart ``fl-server start`` with this state dir, which rewrites it.
+    """
     path = state_dir / "coordinator.json"
-    if not (cli_home(state_dir) / "config.toml").exists() or not path.exists():
+    connection = cli_home(state_dir) / "config.toml"
+    sd = shlex.quote(str(state_dir))
+    restart = (f"fix: restart the coordinator (`fl-server start --state-dir {sd} ...` with its usual options), "
+               "which rewrites it; or pass the --state-dir you started it with")
+    missing = [p for p in (path, connection) if not p.exists()]
+    if path in missing:
         raise CliError(f"no coordinator set up in {state_dir} (missing {path}); fix: run `fl-server start "
-                       f"--state-dir {shlex.quote(str(state_dir))} ...` first, or pass the --state-dir you started "
-                       "it with", 3)
-    return json.loads(path.read_text())
+                       f"--state-dir {sd} ...` first, or pass the --state-dir you started it with", 3)
+    try:
+        coord = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CliError(f"{path}: cannot be read ({exc.strerror or exc}); fix: run this command as the user that runs "
+                       "`fl-server start`, or make the file readable by this user", 2) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CliError(f"{path}: damaged: not JSON ({exc}); {restart}", 2) from None
+    problem = None
+    if not isinstance(coord, dict):
+        problem = f"not a JSON object (a {type(coord).__name__})"
+    elif not isinstance(coord.get("address"), str) or not coord["address"].strip():
+        problem = f"'address' is {coord.get('address')!r}, not the host:port the commands dial"
+    elif coord.get("ca") is not None and not isinstance(coord["ca"], str):
+        problem = f"'ca' is {coord['ca']!r}, not the path of the CA certificate"
+    elif not isinstance(coord.get("insecure", False), bool):
+        problem = f"'insecure' is {coord['insecure']!r}, not true or false"
+    if problem:
+        raise CliError(f"{path}: damaged: {problem}; {restart}", 2)
+    if connection in missing:
+        raise CliError(f"coordinator in {state_dir} not fully set up (missing {connection}, the flwr connection "
+                       f"`fl-server start` writes); {restart}", 3)
+    return coord
 
 
 def flwr(state_dir: Path, *args: str, timeout: float | None = 120, json_out: bool = False, stream: bool = False):

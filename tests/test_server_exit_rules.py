@@ -350,3 +350,38 @@ def test_fl_pki_next_steps_quote_the_paths(tmp_path):
     command = check.removeprefix("Check it with: ")
     assert _words_after(command, "--ca") == str(ca / pki.CA_CERT), check
     assert _words_after(command, "--cert") == str(srv / "server.crt"), check
+
+
+# --------------------------------------------------------------------------- 4. a damaged coordinator.json
+
+
+@pytest.mark.parametrize("content, says", [
+    ("{bad\n", "not JSON"),
+    ("[1, 2]\n", "not a JSON object"),
+    ('{"address": 5, "ca": null}\n', "'address'"),
+    ('{"ca": "/x/ca.crt"}\n', "'address'"),
+    ('{"address": "127.0.0.1:9092", "ca": 7}\n', "'ca'"),
+])
+@pytest.mark.parametrize("command", [["nodes"], ["run", "--department", "health", "--wait-start", "0"]])
+def test_damaged_coordinator_json_is_named_as_damaged_with_the_fix(tmp_path, content, says, command):
+    """Was: exit 3 'no coordinator set up ... (missing .../coordinator.json)' for a file that is there."""
+    sd = tmp_path / "coordinator state"
+    sd.mkdir()
+    (sd / "coordinator.json").write_text(content)
+    res = runner.invoke(server_cli.app, [*command, "--state-dir", str(sd)])
+    text = _text(res)
+    assert res.exit_code == 2, text
+    assert f"{sd / 'coordinator.json'}: damaged" in text and says in text and "missing" not in text, text
+    assert _words_after(_backticked(text, "fl-server start"), "--state-dir") == str(sd), text
+    assert "Traceback" not in text
+    assert (sd / "coordinator.json").read_text() == content  # nothing changed
+
+
+def test_coordinator_json_without_the_connection_names_the_missing_file(tmp_path):
+    sd = tmp_path / "state"
+    sd.mkdir()
+    (sd / "coordinator.json").write_text('{"address": "127.0.0.1:9092", "ca": null, "insecure": true}')
+    res = runner.invoke(server_cli.app, ["nodes", "--state-dir", str(sd)])
+    text = _text(res)
+    assert res.exit_code == 3, text
+    assert "missing" in text and "config.toml" in text and f"missing {sd / 'coordinator.json'}" not in text, text
