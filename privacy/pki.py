@@ -915,7 +915,8 @@ def load_public_key(path: Path) -> PublicKeyInfo:
     Raises
     ------
     PKIError
-        If the file is missing or is not a single OpenSSH public key line.
+        If the file is missing, is a private key, starts with a byte-order mark (BOM) or is not a
+        single OpenSSH public key line.
     """
     path = Path(path).expanduser()
     data = _read(path, "public key", "pass the node.pub written by `fl-pki node-key`")
@@ -923,6 +924,10 @@ def load_public_key(path: Path) -> PublicKeyInfo:
         raise PKIError(f"{path}: is a private key (node.key), which must never leave the department's machine; fix: hand "
                        "over node.pub instead. As this private key has now been copied, make a new key on the department's "
                        "machine (`fl-pki node-key ... --force`) and register that node.pub")
+    if data.startswith(b"\xef\xbb\xbf"):  # Flower reads the file itself and refuses it too: named, not stripped
+        raise PKIError(f"{path}: the file starts with a byte-order mark (BOM), which an OpenSSH public key file does not "
+                       "have (an editor saved it as 'UTF-8 with BOM'); fix: save it as UTF-8 without BOM (in Notepad: "
+                       "encoding 'UTF-8'), or hand over the node.pub from `fl-pki node-key` unedited")
     lines = [ln for ln in data.decode("utf-8", "replace").splitlines() if ln.strip() and not ln.startswith("#")]
     if len(lines) != 1:
         raise PKIError(f"{path}: expected exactly one OpenSSH public key line, found {len(lines)}; fix: hand over the node.pub from `fl-pki node-key`")

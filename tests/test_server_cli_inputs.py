@@ -614,3 +614,21 @@ def test_run_checks_the_apps_own_defaults_and_blames_the_file(fake_coordinator, 
     # an override the operator gives wins over the file's default, as in the ServerApp
     res = _run(sd, "--department", "health", "--app", str(app), "--rounds", "3")
     assert res.exit_code == 0 and launched, _text(res)
+
+
+# --------------------------------------------------------------------------- node.pub with a byte-order mark
+
+
+def test_register_names_a_byte_order_mark_in_node_pub(tmp_path):
+    """Was: 'is not an OpenSSH public key' for a valid key saved 'UTF-8 with BOM' (Notepad). Flower's
+    `flwr supernode register` reads the file itself and refuses the BOM too, so it is named, not stripped."""
+    _, pub, _ = pki.create_node_key(tmp_path / "k", "health", "site-a")
+    bom = tmp_path / "k" / "bom.pub"
+    bom.write_bytes(b"\xef\xbb\xbf" + pub.read_bytes())
+    sd = tmp_path / "state"
+    res = runner.invoke(server_cli.app, ["register", "--state-dir", str(sd), str(bom)])
+    text = _text(res)
+    assert res.exit_code == 2, text
+    assert str(bom) in text and "byte-order mark (BOM)" in text and "fix:" in text and "without BOM" in text, text
+    assert "is not an OpenSSH public key" not in text
+    assert bom.read_bytes().startswith(b"\xef\xbb\xbf")  # read, not edited
