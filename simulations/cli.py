@@ -467,6 +467,52 @@ def _check_min_accepted(department: str, min_accepted: int, n_sites: int, fracti
             "--min-accepted")
 
 
+def _check_out_file(path: Path, option: str, what: str) -> None:
+    """Refuse an output file path that is an existing folder or lies under a file (before anything is created).
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The file the command will write (missing folders above it are created later,
+        :func:`_make_parents`).
+    option : str
+        The option that gave it (named in the message).
+    what : str
+        What to give instead (the fix), e.g. "a file path ending in .csv or .parquet".
+    """
+    if path.is_dir():
+        _refuse(f"{path} is a folder, not a file", f"give {what}, e.g. {path / ('export' + (path.suffix or '.csv'))}",
+                option)
+    for p in path.parents:
+        if p.exists():
+            if not p.is_dir():
+                _refuse(f"{path} lies under {p}, which is a file, not a folder", f"give {what}", option)
+            return
+
+
+def _make_parents(path: Path, option: str) -> list[Path]:
+    """Create the missing folders above output file ``path``; returns them, outermost first (to undo).
+
+    A folder that cannot be created (permission denied, read-only file system) is an input error
+    naming ``option`` and the folder (exit 2).
+    """
+    missing = [p for p in reversed(path.parents) if not p.exists()]
+    for folder in missing:
+        try:
+            folder.mkdir()
+        except FileExistsError:  # made meanwhile (another process): fine if it is a folder
+            if not folder.is_dir():
+                _refuse(f"{path} lies under {folder}, which is a file, not a folder", "give a file path in a folder",
+                        option)
+        except OSError as exc:
+            for made in reversed(missing[:missing.index(folder)]):
+                with contextlib.suppress(OSError):
+                    made.rmdir()
+            _refuse(f"cannot create the folder {folder} for {path}: {exc.strerror or type(exc).__name__}",
+                    "choose a folder you can write to (or create it first)", option)
+    return missing
+
+
 def _check_resumable(run_dirs: list[Path]) -> list[Path]:
     """``--resume`` needs a checkpoint to resume: refuse, rather than silently start a fresh run.
 
@@ -991,7 +1037,8 @@ def _packages(src: dict) -> str:
 @app.command()
 def export(
     department: str = typer.Option(..., "--department", "-d", help="health, traffic or utility."),
-    out: Path = typer.Option(..., "--out", "-o", help="File to write: .csv or .parquet (by suffix)."),
+    out: Path = typer.Option(..., "--out", "-o", help="File to write: .csv or .parquet (by suffix); missing folders are created, "
+                                                                  "and a file already there is replaced only by a complete one."),
     site: Optional[List[str]] = typer.Option(None, "--site", "-s",
                                              help="Only this site's records (repeat for several; default: all sites). "
                                                   "Names as `fl-sim datasets` lists them, e.g. 'VA Long Beach'."),
@@ -1008,13 +1055,34 @@ def export(
 
     if department not in DATASETS:
         _refuse(f"unknown department {department!r}", f"choose one of {', '.join(DATASETS)}", "--department")
+    _check_out_file(out, "--out", "a file path ending in .csv or .parquet (missing folders are created)")
     data = load_department(department)
+    created = _make_parents(out, "--out")
+    partial = out.with_name(f".{out.stem}.partial-{os.getpid()}{out.suffix}")  # same folder: an atomic rename
+
+    def undo() -> None:  # nothing of a failed export stays: no partial file, no folder it created
+        partial.unlink(missing_ok=True)
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
     try:
-        path = data.export(out, sites=list(site) if site else None)
+        data.export(partial, sites=list(site) if site else None)
+        os.replace(partial, out)  # a file an earlier export wrote is replaced only by a complete one
     except DataFileError as exc:  # a ValueError too: catch it first
-        _data_file_error(exc, {"--out": exc.path})  # the file it would write
+        undo()
+        _data_file_error(type(exc)(out, exc.problem, exc.fix, exc.column), {"--out": out})  # the file it would write
     except ValueError as exc:  # unknown sites: the message lists the department's
+        undo()
         _refuse(str(exc), "name sites as `fl-sim datasets` lists them", "--site")
+    except PermissionError:
+        undo()
+        _refuse(f"cannot write {out}: permission denied in {out.parent}",
+                "choose a folder you can write to, or change its permissions", "--out")
+    except BaseException:
+        undo()
+        raise
+    path = out
     back = type(data)(path)  # what a node will load from this file
     console.print(f"wrote {path}: {len(back.raw_frame())} records, sites: {', '.join(back.sites)}")
 

@@ -117,3 +117,81 @@ def test_a_completed_run_exits_0(tmp_path, capsys, monkeypatch):
     code, out, err = _fl_sim(["run", "-d", "health", "--engine", "inprocess", "-r", "1", "-o", tmp_path / "out"],
                              capsys, monkeypatch)
     assert code == 0 and "error" not in err, (out, err)
+
+
+# -- A2: fl-sim export -o FILE --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_export_creates_missing_folders(tmp_path, capsys, monkeypatch, suffix):
+    out = tmp_path / "nodir" / "deeper" / f"x{suffix}"
+    code, text, err = _fl_sim(["export", "-d", "health", "--site", "Cleveland", "-o", out], capsys, monkeypatch)
+    assert code == 0, (text, err)
+    assert out.is_file() and f"wrote {out}" in text, text
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("make, where", [
+    (lambda p: (p / "afile").write_text("keep"), "afile/x.csv"),
+    (lambda p: (p / "afile").write_text("keep"), "afile/sub/x.parquet"),
+])
+def test_export_under_a_file_is_refused(tmp_path, capsys, monkeypatch, make, where):
+    make(tmp_path)
+    code, out, err = _fl_sim(["export", "-d", "health", "-o", tmp_path / where], capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert "--out" in err and f"{tmp_path / 'afile'}, which is a file" in err, err
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_export_to_an_existing_folder_is_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "d.csv").mkdir()
+    code, out, err = _fl_sim(["export", "-d", "health", "-o", tmp_path / "d.csv"], capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert f"--out: {tmp_path / 'd.csv'} is a folder" in err and "fix: " in err, err
+    assert list((tmp_path / "d.csv").iterdir()) == []
+
+
+def test_export_refusal_creates_no_folder(tmp_path, capsys, monkeypatch):
+    """A bad suffix or an unknown site is refused with the folder it would have created left uncreated."""
+    for args in (["-o", tmp_path / "new" / "x.txt"], ["-o", tmp_path / "new" / "x.csv", "--site", "Atlantis"]):
+        code, out, err = _fl_sim(["export", "-d", "health", *args], capsys, monkeypatch)
+        _input_error(code, out, err)
+        assert str(tmp_path / "new" / "x") in err or "--site" in err, err
+        assert ".partial" not in err, err
+        assert not (tmp_path / "new").exists()
+
+
+def test_export_unwritable_folder_is_an_input_error_and_keeps_the_old_file(tmp_path, capsys, monkeypatch):
+    """A folder it cannot write in (root ignores permissions: the write is made to fail as it would)."""
+    import pandas as pd
+
+    out = tmp_path / "x.csv"
+    out.write_text("earlier export\n")
+
+    def denied(self, path, *a, **k):
+        open(path, "w").write("half a file")
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", denied)
+    code, text, err = _fl_sim(["export", "-d", "health", "-o", out], capsys, monkeypatch)
+    _input_error(code, text, err)
+    assert f"--out: cannot write {out}" in err and str(tmp_path) in err, err
+    assert out.read_text() == "earlier export\n"  # nothing lost
+    assert [p.name for p in tmp_path.iterdir()] == ["x.csv"]
+
+
+def test_export_failed_write_keeps_the_old_file(tmp_path, capsys, monkeypatch):
+    """An unexpected failure mid-write (exit 1) leaves the file an earlier export wrote as it was."""
+    import pandas as pd
+
+    out = tmp_path / "x.csv"
+    out.write_text("earlier export\n")
+
+    def full(self, path, *a, **k):
+        open(path, "w").write("half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    code, text, err = _fl_sim(["export", "-d", "health", "-o", out], capsys, monkeypatch)
+    assert code == 1, (text, err)
+    assert out.read_text() == "earlier export\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.csv"]
