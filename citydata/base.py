@@ -594,21 +594,32 @@ def coerce_column(frame: pd.DataFrame, col: Column, path, date_format: str | Non
         ``float64`` (float/int), naive ``datetime64[ns]`` (datetime; UTC where the file gave
         UTC offsets), nullable ``boolean`` (bool), or ``object`` strings (category). Missing
         values stay missing.
+
+    Raises
+    ------
+    DataFileError
+        A column whose type is not the documented one (dates/times, durations or true/false
+        where a number is expected, a duration or true/false where a timestamp is, ...), named
+        with its type and the expected one; or values that cannot be read as the documented
+        type (rows named, never the values).
     """
     s = frame[col.name]
     present = s.notna()
+    kind = _stored_kind(s)
+    if kind is not None and kind[0] not in _ACCEPTED_KINDS[col.dtype] and bool(present.any()):
+        raise _wrong_type(path, col, *kind)
     if col.dtype in ("float", "int"):
-        if pd.api.types.is_bool_dtype(s.dtype):
-            out = s.astype("float64")
-        else:
-            out = pd.to_numeric(s, errors="coerce")
-            if s.dtype == object:
-                # blank strings and NA markers are missing values, not junk (as in pandas' CSV reader)
-                blank = s.map(lambda v: isinstance(v, str) and v.strip().lower() in NA_MARKERS)
-                present &= ~blank
-            out = out.astype("float64")
+        out = pd.to_numeric(s, errors="coerce")
+        if s.dtype == object:
+            # blank strings and NA markers are missing values, not junk (as in pandas' CSV reader)
+            blank = s.map(lambda v: isinstance(v, str) and v.strip().lower() in NA_MARKERS)
+            present &= ~blank
+        out = out.astype("float64")
         bad = present & out.isna()
         if bad.any():
+            kind = _stored_kind(s[bad], scan=True)
+            if kind is not None and bool(bad.sum() == present.sum()):  # every value: the column's type, not typos
+                raise _wrong_type(path, col, *kind)
             raise DataFileError(path, f"{int(bad.sum())} non-numeric value(s) at {rows_text(s.index[bad])}",
                                 f"make every value of {col.name!r} a number ({col.unit or 'no unit'}) or leave it empty", col.name)
         inf = np.isinf(out.to_numpy())
@@ -644,6 +655,52 @@ def coerce_column(frame: pd.DataFrame, col: Column, path, date_format: str | Non
     # category: keep as text, missing stays missing
     out = s.map(lambda v: (v.strip() or np.nan) if isinstance(v, str) else (np.nan if pd.isna(v) else v))
     return out.astype(object)
+
+
+#: What a column holds when it is not numbers or text: kind -> words for a message.
+_KIND_WORDS = {"datetime": "dates/times", "timedelta": "durations", "bool": "true/false values", "date": "dates",
+               "time": "times of day", "bytes": "binary values"}
+#: The kinds each documented dtype accepts (the others are refused naming the column's type).
+_ACCEPTED_KINDS = {"float": (), "int": (), "datetime": ("datetime",), "bool": ("bool",), "category": ()}
+_INFERRED_KIND = {"date": "date", "datetime": "datetime", "datetime64": "datetime", "timedelta": "timedelta",
+                  "timedelta64": "timedelta", "time": "time", "bytes": "bytes", "boolean": "bool"}
+
+
+def _stored_kind(s: pd.Series, scan: bool = False) -> tuple[str, str] | None:
+    """``(kind, type name)`` of a column holding dates/times, durations or booleans (its dtype: a Parquet
+    column's type, or a CSV column of TRUE/FALSE); ``None`` for numbers and text.
+
+    ``scan``: also look at the values of a text (object) column (a Parquet date or binary column reads as
+    Python objects); slower, so only on an error path. Only type names are returned, never values.
+    """
+    dt = s.dtype
+    if pd.api.types.is_datetime64_any_dtype(dt):
+        return "datetime", str(dt)
+    if pd.api.types.is_timedelta64_dtype(dt):
+        return "timedelta", str(dt)
+    if pd.api.types.is_bool_dtype(dt):
+        return "bool", str(dt)
+    if scan and dt == object:
+        inferred = pd.api.types.infer_dtype(s, skipna=True)
+        if inferred in _INFERRED_KIND:
+            return _INFERRED_KIND[inferred], inferred
+    return None
+
+
+def _wrong_type(path, col: Column, kind: str, type_name: str) -> DataFileError:
+    """The error for a column whose type is not its documented one: what it holds, what is expected, the fix."""
+    unit = f" ({col.unit})" if col.unit else ""
+    expected, write = {
+        "float": (f"a number{unit}", f"numbers{unit}"),
+        "int": (f"a whole number{unit}", f"whole numbers{unit}"),
+        "datetime": ("a timestamp", "timestamps (a Parquet timestamp column, or ISO 8601 text such as "
+                                    "'2024-04-18 00:15:00')"),
+        "bool": ("true/false", "true/false (a Parquet boolean column, or TRUE/FALSE or 1/0)"),
+        "category": ("text", "text (the column's documented values)"),
+    }[col.dtype]
+    return DataFileError(path, f"the column holds {_KIND_WORDS[kind]} ({type_name}), expected {expected}",
+                         f"store {col.name!r} as {write}: {col.description}; if another column was saved under this "
+                         "name, fix the column names (`fl-sim datasets` lists the schema)", col.name)
 
 
 def validate_frame(frame: pd.DataFrame, schema: Schema, path, *, date_format: str | None = None,

@@ -742,3 +742,50 @@ def test_close_spelling_is_not_quoted_from_a_headerless_file(tmp_path):
     frame.to_csv(path, index=False, header=False)
     err = _expect(TrafficCounts, path, "timestamp", "missing required column")
     assert "totals" not in str(err), str(err)
+
+
+_WRONG_TYPES = {  # Parquet column kinds, made for n rows
+    "datetime": lambda n: pd.Series(pd.date_range("2020-01-01", periods=n, freq="h")),
+    "datetime_tz": lambda n: pd.Series(pd.date_range("2020-01-01", periods=n, freq="h", tz="UTC")),
+    "timedelta": lambda n: pd.Series(pd.to_timedelta(np.arange(n), unit="h")),
+    "bool": lambda n: pd.Series(np.arange(n) % 2 == 0),
+    "date": lambda n: pd.Series(pd.date_range("2020-01-01", periods=n, freq="D").date),
+    "bytes": lambda n: pd.Series([b"ab"] * n),
+    "int": lambda n: pd.Series(np.arange(n) % 50 + 1, dtype="int64"),
+}
+
+
+@pytest.mark.parametrize(("column", "kind", "words", "expected"), [
+    ("age", "datetime", "dates/times (datetime64", "expected a whole number (years)"),
+    ("age", "datetime_tz", "dates/times (datetime64", "expected a whole number (years)"),
+    ("chol", "timedelta", "durations (timedelta64", "expected a number (mg/dl)"),
+    ("thalch", "bool", "true/false values (bool", "expected a number (bpm)"),
+    ("trestbps", "date", "dates (date", "expected a number (mm Hg)"),
+    ("oldpeak", "bytes", "binary values (bytes", "expected a number (mm)"),
+    ("fbs", "datetime", "dates/times (datetime64", "expected true/false"),
+    ("exang", "timedelta", "durations (timedelta64", "expected true/false"),
+    ("sex", "datetime", "dates/times (datetime64", "expected text"),
+    ("cp", "bool", "true/false values (bool", "expected text"),
+])
+def test_parquet_column_of_the_wrong_type_is_named_as_such(tmp_path, heart_frame, column, kind, words, expected):
+    f = heart_frame.copy()
+    f[column] = _WRONG_TYPES[kind](len(f)).to_numpy() if kind != "date" else _WRONG_TYPES[kind](len(f))
+    path = tmp_path / "h.parquet"
+    f.to_parquet(path, index=False)
+    err = _expect(HeartDisease, path, column)
+    assert words in err.problem and expected in err.problem, err.problem
+    assert "outside" not in err.problem and "unknown value" not in err.problem, err.problem
+
+
+@pytest.mark.parametrize(("column", "kind", "words", "expected"), [
+    ("timestamp", "timedelta", "durations (timedelta64", "expected a timestamp"),
+    ("timestamp", "bool", "true/false values (bool", "expected a timestamp"),
+    ("total", "datetime", "dates/times (datetime64", "expected a whole number (vehicles / 15 min)"),
+])
+def test_traffic_parquet_column_of_the_wrong_type(tmp_path, column, kind, words, expected):
+    f = _traffic_frame()
+    f[column] = _WRONG_TYPES[kind](len(f)).to_numpy()
+    path = tmp_path / "t.parquet"
+    f.to_parquet(path, index=False)
+    err = _expect(TrafficCounts, path, column)
+    assert words in err.problem and expected in err.problem, err.problem
