@@ -149,12 +149,17 @@ def read_app_config(app_dir: Path) -> dict:
     Raises
     ------
     CliError
-        Code 2, naming the file and the real problem: missing or unreadable, not UTF-8, not valid
+        Code 2, naming the file and the real problem: missing or unreadable, a byte-order mark, not UTF-8, not valid
         TOML (the parser's reason with line and column, e.g. a duplicated key), or no such table.
     """
     path = Path(app_dir) / "pyproject.toml"
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        raw = path.read_bytes()
+        if raw.startswith(b"\xef\xbb\xbf"):  # Flower's `flwr run` reads it with tomli, which refuses it
+            raise CliError(f"--app {app_dir}: {path} starts with a byte-order mark (BOM), which TOML does not allow "
+                           "(Flower would refuse the app); fix: save it as UTF-8 without BOM (in Notepad: encoding "
+                           "'UTF-8', not 'UTF-8 with BOM')")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise CliError(f"--app {app_dir}: no pyproject.toml in it ({path}); fix: {_FIX_APP}") from None
     except IsADirectoryError:

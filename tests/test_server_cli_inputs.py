@@ -632,3 +632,15 @@ def test_register_names_a_byte_order_mark_in_node_pub(tmp_path):
     assert str(bom) in text and "byte-order mark (BOM)" in text and "fix:" in text and "without BOM" in text, text
     assert "is not an OpenSSH public key" not in text
     assert bom.read_bytes().startswith(b"\xef\xbb\xbf")  # read, not edited
+
+
+def test_run_names_a_byte_order_mark_in_the_app_pyproject(fake_coordinator, tmp_path):
+    """Flower's `flwr run` reads pyproject.toml with tomli, which refuses a BOM: named before it is submitted."""
+    sd, launched = fake_coordinator
+    app = _app_copy(tmp_path, "[tool.flwr.app.config]", "[tool.flwr.app.config]")
+    path = app / "pyproject.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    res = _run(sd, "--department", "health", "--app", str(app))
+    text = _text(res)
+    assert res.exit_code == 2 and not launched, text
+    assert str(path) in text and "byte-order mark (BOM)" in text and "fix:" in text, text
