@@ -416,13 +416,25 @@ def _check_numbers(checks: list[tuple]) -> None:
 
 
 def _check_out_dir(path: Path, option: str) -> None:
-    """Refuse an output folder that is, or lies under, an existing file (before anything is created)."""
+    """Refuse an output folder that is, or lies under, an existing file, or that this user cannot create or write in.
+
+    Checked before anything is created: the nearest existing folder of ``path`` (itself, or the
+    one its missing folders would be created in) must be a folder this user can write in.
+    """
     for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
                 where = "is a file" if p == path else f"lies under {p}, which is a file"
                 _refuse(f"{path} {where}, not a folder", "choose a folder path (created if missing)", option)
+            _check_writable(p, path, option)
             return
+
+
+def _check_writable(folder: Path, path: Path, option: str) -> None:
+    """Refuse (exit 2, naming ``option``) an existing ``folder`` this user cannot write in, where ``path`` goes."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        _refuse(f"cannot write in {folder} (permission denied)" + ("" if folder == path else f", where {path} goes"),
+                "choose a folder you can write to, or change its permissions", option)
 
 
 def nodes_per_round(n_sites: int, fraction: float, secagg: bool = False) -> int:
@@ -487,6 +499,7 @@ def _check_out_file(path: Path, option: str, what: str) -> None:
         if p.exists():
             if not p.is_dir():
                 _refuse(f"{path} lies under {p}, which is a file, not a folder", f"give {what}", option)
+            _check_writable(p, path, option)
             return
 
 

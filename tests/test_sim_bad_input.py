@@ -195,3 +195,59 @@ def test_export_failed_write_keeps_the_old_file(tmp_path, capsys, monkeypatch):
     assert code == 1, (text, err)
     assert out.read_text() == "earlier export\n"
     assert [p.name for p in tmp_path.iterdir()] == ["x.csv"]
+
+
+# -- A2: the other subcommands' --out folders ----------------------------------------------------------
+
+def _training_refused(monkeypatch):
+    """Every subcommand's training fails the test: the --out refusal comes first."""
+    import simulations.baselines as baselines
+    import simulations.compare as compare
+    import simulations.mia as mia
+
+    def never(*a, **k):
+        raise AssertionError("ran before --out was checked")
+
+    for mod, name in ((compare, "run_compare"), (baselines, "run_baselines"), (mia, "run_audit"), (cli, "_run_one")):
+        monkeypatch.setattr(mod, name, never)
+
+
+SUBCOMMANDS = {
+    "run": ["run", "-d", "health", "--engine", "inprocess", "-r", "1"],
+    "baselines": ["baselines", "-d", "health"],
+    "compare": ["compare", "-d", "health"],
+    "audit": ["audit", "-d", "health"],
+    "export-model": ["export-model", "RUNDIR"],
+    "export": ["export", "-d", "health"],
+}
+
+
+@pytest.mark.parametrize("command", list(SUBCOMMANDS))
+def test_out_folder_that_cannot_be_written_is_refused(tmp_path, capsys, monkeypatch, command):
+    """--out in (or under) a folder this user cannot write: exit 2 naming --out and the folder, nothing made.
+
+    Root ignores permissions: ``os.access`` is made to answer as it would for another user.
+    """
+    import os
+
+    _training_refused(monkeypatch)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, mode, **k: False if str(p) == str(locked) else real(p, mode, **k))
+    argv = [str(tmp_path) if a == "RUNDIR" else a for a in SUBCOMMANDS[command]]
+    code, out, err = _fl_sim([*argv, "-o", locked / "new" / "run"], capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert "--out" in err and f"cannot write in {locked}" in err, err
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", list(SUBCOMMANDS))
+def test_out_folder_under_a_file_is_refused(tmp_path, capsys, monkeypatch, command):
+    _training_refused(monkeypatch)
+    (tmp_path / "afile").write_text("keep")
+    argv = [str(tmp_path) if a == "RUNDIR" else a for a in SUBCOMMANDS[command]]
+    code, out, err = _fl_sim([*argv, "-o", tmp_path / "afile" / "run"], capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert "--out" in err and f"{tmp_path / 'afile'}, which is a file" in err, err
+    assert (tmp_path / "afile").read_text() == "keep"
