@@ -984,6 +984,36 @@ def describe_certificates(path: Path, *, now: datetime | None = None) -> list[Ce
     return infos
 
 
+def validity_problem(cert: x509.Certificate, *, now: datetime | None = None, restart: str = "the coordinator") -> str | None:
+    """Why ``cert`` is not within its validity period now, with the fix; None when it is.
+
+    ``fl-pki verify``, ``fl-server start`` and ``fl-server console`` refuse a certificate with it.
+
+    Parameters
+    ----------
+    cert : x509.Certificate
+        The certificate.
+    now : datetime, optional
+        Reference time; defaults to now.
+    restart : str
+        What to restart with a new certificate, for the fix (``"the coordinator"``).
+
+    Returns
+    -------
+    str or None
+        ``"expired on ... (N days ago); fix: ..."`` or ``"not valid before ...; fix: ..."``.
+    """
+    now = _utcnow(now)
+    if now > cert.not_valid_after_utc:
+        ago = (now - cert.not_valid_after_utc) // timedelta(days=1)
+        return (f"expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC ({ago} days ago); "
+                f"fix: issue a new one with `fl-pki server-cert --force` and restart {restart}")
+    if now < cert.not_valid_before_utc:
+        return (f"not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; fix: check this machine's clock "
+                "(`date -u`), or issue a new one with `fl-pki server-cert --force`")
+    return None
+
+
 #: Extension OIDs the strict validator names -> their name in words.
 _EXTENSION_NAMES = {
     "2.5.29.35": "Authority Key Identifier", "2.5.29.14": "Subject Key Identifier", "2.5.29.15": "Key Usage",
@@ -1080,16 +1110,9 @@ def verify_server_cert(
     leaf, intermediates = chain[0], chain[1:]
     if not any(_is_ca(r) for r in roots):
         raise PKIError(f"{ca_path}: is not a CA certificate; fix: pass the city's ca.crt to --ca (and server.crt to --cert)")
-    if now > leaf.not_valid_after_utc:
-        ago = (now - leaf.not_valid_after_utc) // timedelta(days=1)
-        raise CertificateInvalid(
-            f"{cert_path}: expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC ({ago} days ago); "
-            "fix: issue a new one with `fl-pki server-cert --force` and restart the coordinator"
-        )
-    if now < leaf.not_valid_before_utc:
-        raise CertificateInvalid(
-            f"{cert_path}: not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; fix: check this machine's clock"
-        )
+    dates = validity_problem(leaf, now=now, restart="the coordinator")
+    if dates:
+        raise CertificateInvalid(f"{cert_path}: {dates}")
     issuers = [r for r in [*roots, *intermediates] if r.subject == leaf.issuer]
     signed = False
     for issuer in issuers:

@@ -417,7 +417,9 @@ def serve(state_dir: Path, runs_dir: Path, *, host: str = "127.0.0.1", port: int
     server.errors.CliError
         Code 2, naming the option and the fix, before anything is written: a missing
         ``--state-dir``, a refused bind (:func:`check_bind`), TLS files that are not a
-        certificate and its key, a ``--host``/``--port`` it cannot listen on (in use, or not an
+        certificate and its key, a certificate expired or not yet valid (as ``fl-server start``:
+        :func:`server.start_checks.check_cert_in_date`), a ``--host`` that is not an address or
+        host name (:func:`server.start_checks.check_host`), a ``--host``/``--port`` it cannot listen on (in use, or not an
         address of this machine: :func:`server.start_checks.check_port_free`, as ``fl-server start``),
         a token file problem (:func:`load_token`).
     """
@@ -429,13 +431,14 @@ def serve(state_dir: Path, runs_dir: Path, *, host: str = "127.0.0.1", port: int
     if not Path(state_dir).is_dir():
         raise cli.CliError(f"--state-dir {state_dir}: no such folder; fix: pass the coordinator's state dir (the one "
                            "`fl-server start` uses; default $CITYFED_STATE_DIR or ~/.cityfed/coordinator)")
-    from server.start_checks import check_host
+    from server.start_checks import check_cert_in_date, check_host
 
     check_host(host)  # as `fl-server start`: an address or host name, no port, no scheme
     try:
         check_bind(host, allow_remote=allow_remote, certfile=certfile, keyfile=keyfile)
         if certfile is not None and keyfile is not None:
             check_tls_pair(certfile, keyfile)
+            check_cert_in_date(certfile, "--certfile", "the console")  # as `fl-server start` checks its --cert
         cli.check_port_free(host, port)  # as `fl-server start`: code 2, before the token file is made
         token = load_token(state_dir)
     except ConsoleError as exc:

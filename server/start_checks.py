@@ -106,6 +106,35 @@ def admin_networks(admin_net: list[str], host: str) -> list:
     return list(dict.fromkeys([*parse_networks(own), *given]))
 
 
+def check_cert_in_date(cert: Path, option: str = "--cert", restart: str = "the coordinator") -> None:
+    """Refuse a TLS certificate that is expired or not yet valid (``fl-server start``'s ``--cert``,
+    ``fl-server console``'s ``--certfile``).
+
+    Parameters
+    ----------
+    cert : Path
+        The PEM certificate (its first certificate is the server's).
+    option : str
+        The option that gave it, for the message.
+    restart : str
+        What to restart with a new certificate, for the fix.
+
+    Raises
+    ------
+    CliError
+        Code 2, naming the option, the file, the date and the fix.
+    """
+    from privacy import pki
+
+    try:
+        leaf = pki._load_certs(Path(cert), "certificate", "pass the server.crt from `fl-pki server-cert`")[0]
+    except pki.PKIError as exc:
+        raise CliError(f"{option}: {exc}") from None
+    problem = pki.validity_problem(leaf, restart=restart)
+    if problem:
+        raise CliError(f"{option} {cert}: {problem}")
+
+
 def check_tls_key(cert: Path, key: Path) -> None:
     """Refuse a ``--key`` that is not the private key of ``--cert``.
 
@@ -269,6 +298,7 @@ def check_tls_files(ca: Path | None, cert: Path | None, key: Path | None, host: 
                            "(check the path and permissions)")
     from privacy import pki
 
+    check_cert_in_date(cert)  # the console checks its --certfile with it too
     try:
         pki.verify_server_cert(ca, cert)
     except pki.PKIError as exc:

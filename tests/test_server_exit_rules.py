@@ -385,3 +385,43 @@ def test_coordinator_json_without_the_connection_names_the_missing_file(tmp_path
     text = _text(res)
     assert res.exit_code == 3, text
     assert "missing" in text and "config.toml" in text and f"missing {sd / 'coordinator.json'}" not in text, text
+
+
+# --------------------------------------------------------------------------- 5. the console's certificate, as start checks it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("when, says", [(-400, "expired on"), (400, "not valid before")])
+def test_console_refuses_a_certfile_out_of_date_as_start_does(state, tmp_path, when, says):
+    """Was: HTTPS served with an expired certificate without a word (fl-server start refuses it, exit 2)."""
+    from datetime import datetime, timedelta, timezone
+
+    then = datetime.now(timezone.utc) + timedelta(days=when)
+    pki.create_ca(tmp_path / "ca", now=then)
+    key, cert = pki.issue_server_cert(tmp_path / "ca", tmp_path / "srv", ["127.0.0.1"], days=30, now=then)
+    res = _console(state, "--host", "0.0.0.0", "--allow-remote", "--certfile", str(cert), "--keyfile", str(key),
+                   "--port", str(_free_port()))
+    text = _text(res)
+    assert res.exit_code == 2, text
+    assert f"--certfile {cert}" in text and says in text and "fix:" in text and "fl-pki server-cert" in text, text
+    assert not (state / console.TOKEN_FILE).exists()
+    # the same words as fl-server start's check (one check, server/start_checks.py)
+    with pytest.raises(server_cli.CliError) as start:
+        server_cli.check_tls_files(tmp_path / "ca" / "ca.crt", cert, key, "127.0.0.1", 1)
+    assert says in str(start.value)
+
+
+def test_console_refuses_a_keyfile_of_another_certificate(state, tmp_path, server_tls):
+    cert, _ = server_tls
+    pki.create_ca(tmp_path / "ca")
+    other_key, _ = pki.issue_server_cert(tmp_path / "ca", tmp_path / "srv", ["127.0.0.1"])
+    res = _console(state, "--host", "0.0.0.0", "--allow-remote", "--certfile", str(cert), "--keyfile", str(other_key),
+                   "--port", str(_free_port()))
+    text = _text(res)
+    assert res.exit_code == 2 and "--keyfile" in text and "fix:" in text, text
+    assert not (state / console.TOKEN_FILE).exists()
