@@ -701,7 +701,7 @@ def run(
     fraction_evaluate: float = typer.Option(1.0, help="Fraction of sites sampled to evaluate per round."),
     min_accepted: int = typer.Option(1, min=1, max=_MAX_NODES, help="End the run cleanly when a round has fewer acceptable updates "
                                                                           "(fl-sim then exits 1); at most the nodes a round trains."),
-    dropout: float = typer.Option(0.0, help="Probability that a site fails a round (simulated)."),
+    dropout: float = typer.Option(0.0, help="Probability that a site fails a round (simulated; below 1)."),
     virtual_sites: int = typer.Option(0, min=0, max=_MAX_NODES, help="N > 0: replace the natural sites by N virtual sites (flwr-datasets)."),
     partitioner: str = typer.Option("iid", help="Virtual sites: iid or dirichlet."),
     alpha: float = typer.Option(0.5, help="Virtual sites: Dirichlet concentration (smaller = more skewed)."),
@@ -788,7 +788,8 @@ def run(
         _refuse(f"must be a finite number >= 0 (got {noise_multiplier!r})",
                 "leave --noise-multiplier out to calibrate the noise from --epsilon, or give a fixed multiplier >= 0",
                 "--noise-multiplier")
-    _check_numbers([("--dropout", dropout, 0, True, 1.0), ("--alpha", alpha, 0, False, MAX_SCALE),
+    # --dropout 1: every site fails every round, a run that cannot train
+    _check_numbers([("--dropout", dropout, 0, True, (1.0, False)), ("--alpha", alpha, 0, False, MAX_SCALE),
                     ("--gpus-per-client", gpus_per_client, 0, True, 1e3)])
     outs = {d: out / d if len(depts) > 1 else out for d in depts}
     cfgs = {}

@@ -251,3 +251,12 @@ def test_out_folder_under_a_file_is_refused(tmp_path, capsys, monkeypatch, comma
     _input_error(code, out, err)
     assert "--out" in err and f"{tmp_path / 'afile'}, which is a file" in err, err
     assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_dropout_1_is_refused_before_training(tmp_path, capsys, monkeypatch, never_train):
+    """--dropout 1: every site fails every round, a run that cannot train: refused, not run to exit 1."""
+    code, out, err = _fl_sim(["run", "-d", "health", "--engine", "inprocess", "-r", "1", "--dropout", "1",
+                              "-o", tmp_path / "out"], capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert "--dropout" in err and "< 1 (got 1.0)" in err, err
+    assert not (tmp_path / "out").exists()
