@@ -253,10 +253,19 @@ def check_app_defaults(cfg: dict, app_dir: Path, explicit: dict[str, tuple[str, 
     try:
         return settings(merged)
     except RunConfigError as exc:
-        from_file = [k for k in exc.keys if k in defaults and k not in cfg]
-        if not from_file:
-            return _checked_settings(merged, explicit)
         path = Path(app_dir) / "pyproject.toml"
+        from_file = [k for k in exc.keys if k in defaults and k not in cfg]
+        if not from_file:  # several keys together (e.g. a strategy with secagg): say which values the file gave
+            named = [k for k in defaults if k not in cfg and f"'{k}'" in str(exc)]
+            try:
+                return _checked_settings(merged, explicit)
+            except CliError as err:
+                if not named:
+                    raise
+                given = ", ".join(f"{k} = {_toml_text(defaults[k])}" for k in named)
+                raise CliError(f"{err} ({given} comes from {path} {APP_TABLE}: correct it there, or override it "
+                               "with -c)") from None
+
         shown = ", ".join(f"{k} = {_toml_text(defaults[k])}" for k in from_file)
         raise CliError(f"--app {app_dir}: {path} {APP_TABLE} {shown}: {exc}; fix: correct it in that file "
                        f"(`fl-server app-config` prints the section with every default), or override it with "

@@ -644,3 +644,13 @@ def test_run_names_a_byte_order_mark_in_the_app_pyproject(fake_coordinator, tmp_
     text = _text(res)
     assert res.exit_code == 2 and not launched, text
     assert str(path) in text and "byte-order mark (BOM)" in text and "fix:" in text, text
+
+
+def test_run_says_which_value_of_a_conflict_comes_from_the_app_pyproject(fake_coordinator, tmp_path):
+    """A conflict of a file default with fl-server run's own setting (secagg on) names the file's key."""
+    sd, launched = fake_coordinator
+    app = _app_copy(tmp_path, 'strategy = "fedavg"\n', 'strategy = "krum"\n')
+    res = _run(sd, "--department", "health", "--app", str(app))
+    text = _text(res)
+    assert res.exit_code == 2 and not launched, text
+    assert f'strategy = "krum" comes from {app / "pyproject.toml"}' in text and "fix:" in text, text
