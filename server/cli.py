@@ -656,7 +656,8 @@ def run_cmd(
         _checked_settings(cfg, explicit)  # the operator's options and -c items first: they are named
         check_app_keys(cfg, app_dir)
         checked = check_app_defaults(cfg, app_dir, explicit)  # with --app's defaults, as the ServerApp merges them
-        if cfg.get("central-data"):
+        if checked.get("central-data") not in (None, "", "bundled"):  # -c item or --app's default
+            cfg.setdefault("central-data", checked["central-data"])
             phases.step(f"reading central-data {cfg['central-data']} as the ServerApp will")
             check_central_data(cfg)
         if resume:

@@ -233,6 +233,20 @@ def test_run_checks_central_data_before_it_launches(fake_coordinator, tmp_path, 
     assert launched == [] and not (sd / "runs" / "cd").exists()
 
 
+def test_run_checks_central_data_given_as_the_apps_default(fake_coordinator, tmp_path):
+    """A central-data set in --app's pyproject.toml (not by -c) is read before the launch too."""
+    sd, launched = fake_coordinator
+    app = tmp_path / "app"
+    app.mkdir()
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '\ncentral-data = ""' in text
+    (app / "pyproject.toml").write_text(text.replace('\ncentral-data = ""', f'\ncentral-data = "{tmp_path}/gone.csv"'))
+    res = _run(sd, "--department", "health", "--name", "appcd", "--app", str(app))
+    text = _text(res)
+    assert res.exit_code == 2 and "central-data" in text and "gone.csv" in text and "file not found" in text, text
+    assert launched == [] and not (sd / "runs" / "appcd").exists()
+
+
 def test_run_resolves_a_relative_central_data_path_from_where_it_runs(fake_coordinator, tmp_path, monkeypatch):
     """The ServerApp runs in `fl-server start`'s working directory: the run config carries the
     absolute path of the file the operator named, from the folder `fl-server run` ran in."""
