@@ -635,7 +635,7 @@ def _untrained(department: str, results: dict) -> bool:
     return True
 
 
-def _stopped(department: str, results: dict) -> bool:
+def _stopped(department: str, results: dict, fix: Optional[str] = None) -> bool:
     """Whether the run ended before its last round (``status: stopped: ...``); if so, say so on standard error.
 
     A round with fewer acceptable updates than ``--min-accepted`` (nodes refused, were excluded
@@ -650,6 +650,8 @@ def _stopped(department: str, results: dict) -> bool:
         The department of the run (named in the message).
     results : dict
         The run's results (``server.app.run_federation``): ``status``, ``rounds``, ``config``.
+    fix : str, optional
+        The fix to print (default: fl-sim run's: the reasons' file, lower ``--min-accepted``).
 
     Returns
     -------
@@ -668,8 +670,8 @@ def _stopped(department: str, results: dict) -> bool:
     _error(f"{department}: the run stopped in round {done + 1} of {cfg.get('num-rounds', '?')} ({done} round(s) "
            f"completed): {why}; "
            f"model.safetensors holds {f'the model of round {done}' if done else 'the initial model'}",
-           f"the reasons are in {cfg.get('run-dir', 'OUT')}/results.json (refused, excluded, dropped); lower "
-           "--min-accepted, or fix what the nodes refused, and run again")
+           fix or f"the reasons are in {cfg.get('run-dir', 'OUT')}/results.json (refused, excluded, dropped); lower "
+                  "--min-accepted, or fix what the nodes refused, and run again")
     return True
 
 
@@ -955,6 +957,7 @@ def compare(
                                    ("personalise-epochs", personalise_epochs),
                                    ("personalise-batch-size", personalise_batch_size)) if v is not None}
     _check_compare_configs(depts, out, epsilon, model, seed, overrides)
+    failed = False
     for d in depts:
         dout = out / d if len(depts) > 1 else out
         with _progress() as progress:
@@ -975,6 +978,14 @@ def compare(
                 _refuse(str(exc), None, "--out")
         console.print(compare_table(res, d))
         console.print(f"wrote {dout}/results.json ({res['meta']['seconds']:.0f} s)")
+        for name, run in (res["meta"].get("stopped") or {}).items():  # its rows are not a whole run's
+            failed = True
+            _stopped(f"{d}: {name}", {"status": run["status"], "config": {"run-dir": str(dout / name),
+                                                                            "num-rounds": run["num-rounds"]}},
+                     fix=f"the reasons are in {dout / name}/results.json (refused, excluded, dropped); its rows in "
+                         f"{dout}/results.json score the model of the rounds it completed")
+    if failed:  # a federated run ended before its last round: exit 1, as fl-sim run does
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _check_compare_configs(depts: list[str], out: Path, epsilon: list[float], model: Optional[str], seed: int,

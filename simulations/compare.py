@@ -384,7 +384,9 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
     Returns
     -------
     dict
-        ``{"meta", "summary", "rows"}`` as written to ``OUT/results.json``.
+        ``{"meta", "summary", "rows"}`` as written to ``OUT/results.json``; ``meta["stopped"]``
+        maps each federated run that ended before its last round (``status: stopped: ...``) to
+        ``{"status", "num-rounds"}`` (its rows score the model it had then).
     """
     from citydata import load_department
     from shared_models import model_kinds
@@ -424,6 +426,7 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
     fed_dp = federated_settings(department, True, overrides)
     nodp_policy = write_policy(department, out / "policies" / f"{department}-no-dp.toml", require_dp=False)
     timings = {}
+    stopped = {}  # federated run -> its status, for each run that ended before its last round
     for method, eps in runs:
         name = method if eps is None else f"{method}-eps{eps:g}"
         if on_stage:
@@ -433,6 +436,8 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
         t1 = time.perf_counter()
         res = simulate(cfg, engine=engine, on_round=on_round)
         timings[name] = time.perf_counter() - t1
+        if str(res.get("status", "")).startswith("stopped"):  # its rows score the model it had when it stopped
+            stopped[name] = {"status": str(res["status"]), "num-rounds": int(cfg["num-rounds"])}
         from simulations.report import write_report_safely
 
         write_report_safely(out / name, ds.sites, "accuracy" if task == "binary-classification" else "mae-ratio")
@@ -468,7 +473,7 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
                                                      "(clients.selection; rows' metrics.epochs)",
                                "dp-epochs": DEFAULT_TRAIN[(department, model)].epochs},
                  "seconds": time.perf_counter() - t0,
-                 "seconds_per_run": timings},
+                 "seconds_per_run": timings, "stopped": stopped},
         "summary": summarise([r for r in rows if r["site"] != "refusals"], task),
         "per_site": value,
         "rows": rows,

@@ -260,3 +260,41 @@ def test_dropout_1_is_refused_before_training(tmp_path, capsys, monkeypatch, nev
     _input_error(code, out, err)
     assert "--dropout" in err and "< 1 (got 1.0)" in err, err
     assert not (tmp_path / "out").exists()
+
+
+# -- A1 (b) in fl-sim compare: a federated run of the comparison that stopped early ---------------------
+
+def test_compare_records_a_federated_run_that_stopped(tmp_path, monkeypatch):
+    """run_compare: meta["stopped"] names each federated run that ended before its last round (no training here)."""
+    import simulations.compare as compare
+    import simulations.report as report
+
+    monkeypatch.setattr(compare, "run_baselines", lambda *a, **k: [])
+    monkeypatch.setattr(compare, "_fed_rows", lambda *a, **k: [])
+    monkeypatch.setattr(compare, "_personalised_rows", lambda *a, **k: [])
+    monkeypatch.setattr(compare, "summarise", lambda *a, **k: [])
+    monkeypatch.setattr(compare, "per_site_value", lambda *a, **k: {})
+    monkeypatch.setattr(report, "write_report_safely", lambda *a, **k: None)
+
+    def fake_simulate(cfg, **k):
+        stopped = cfg["run-dir"].endswith("federated-dp-eps1")
+        return {"status": STOPPED if stopped else "completed", "rounds": [], "refused": []}
+
+    monkeypatch.setattr(compare, "simulate", fake_simulate)
+    res = compare.run_compare("health", tmp_path / "cmp", epsilons=(1.0, 3.0), loo=False, own=False)
+    assert res["meta"]["stopped"] == {"federated-dp-eps1": {"status": STOPPED, "num-rounds": 15}}  # health's default
+
+
+def test_fl_sim_compare_exits_1_when_a_federated_run_stopped(tmp_path, capsys, monkeypatch):
+    import simulations.compare as compare
+
+    def fake_compare(department, out, **k):
+        return {"meta": {"seconds": 1.0, "model": "heart-mlp", "stopped": {"federated-dp-eps1": {"status": STOPPED, "num-rounds": 8}}},
+                "summary": []}
+
+    monkeypatch.setattr(compare, "run_compare", fake_compare)
+    code, out, err = _fl_sim(["compare", "-d", "health", "-o", tmp_path / "cmp"], capsys, monkeypatch)
+    assert code == 1, (out, err)
+    assert err.count("error: ") == 1 and "; fix: " in err, err
+    assert "health: federated-dp-eps1: the run stopped in round 2 of 8" in err, err
+    assert str(tmp_path / "cmp" / "federated-dp-eps1") in err and "--min-accepted" not in err, err
