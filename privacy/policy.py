@@ -513,6 +513,9 @@ def load_policy(path: str | os.PathLike) -> PrivacyPolicy:
             f"{p}: cannot read policy file: {exc.strerror or exc}. "
             "Fix: pass the path of an existing TOML policy (see examples/policies/)."
         ) from exc
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise PolicyError(f"{p}: the file starts with a byte-order mark (BOM), which TOML does not allow. Fix: save "
+                          "it as UTF-8 without BOM (in Notepad: encoding 'UTF-8', not 'UTF-8 with BOM').")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -232,6 +232,16 @@ def test_not_utf8(tmp_path):
         load_policy(path)
 
 
+def test_byte_order_mark_is_named(tmp_path):
+    """Every reader of a policy (fl-client, fl-sim run --policy) names a UTF-8 BOM: it was 'not valid
+    TOML (line 1, column 1)' outside fl-client's own start-up check."""
+    path = tmp_path / "p.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + (ROOT / "examples" / "policies" / "health.toml").read_bytes())
+    with pytest.raises(PolicyError) as err:
+        load_policy(path)
+    assert "p.toml" in str(err.value) and "byte-order mark" in str(err.value) and "without BOM" in str(err.value)
+
+
 # -- hypothesis: arbitrary documents never crash with anything but PolicyError ------------------
 
 _FIELDS = list(PrivacyPolicy.model_fields)
