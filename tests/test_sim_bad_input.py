@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import simulations.cli as cli
@@ -168,7 +170,7 @@ def test_export_unwritable_folder_is_an_input_error_and_keeps_the_old_file(tmp_p
     out.write_text("earlier export\n")
 
     def denied(self, path, *a, **k):
-        open(path, "w").write("half a file")
+        Path(path).write_text("half a file")
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", denied)
@@ -187,7 +189,7 @@ def test_export_failed_write_keeps_the_old_file(tmp_path, capsys, monkeypatch):
     out.write_text("earlier export\n")
 
     def full(self, path, *a, **k):
-        open(path, "w").write("half a file")
+        Path(path).write_text("half a file")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", full)
