@@ -78,6 +78,42 @@ def build(package: Path, site: str, data: Path | None, keys: list[str], *, manif
     return build_app(pkg, feats, keys)
 
 
+_SHA256_FIX = ("fix: copy the 64-character hash from the line 'MANIFEST.json SHA-256: ...' that `fl-server export` "
+               "(or `fl-sim export-model`) printed, or leave --manifest-sha256 out")
+
+
+def check_manifest_sha256(value: str | None) -> str | None:
+    """Check and normalise ``--manifest-sha256``: 64 hex digits, any case, an optional ``sha256:`` prefix.
+
+    Parameters
+    ----------
+    value : str or None
+        The option as given; ``None`` when it was left out.
+
+    Returns
+    -------
+    str or None
+        The hash in lower case without prefix or spaces, or ``None``.
+
+    Raises
+    ------
+    typer.BadParameter
+        Not a SHA-256 (exit 2): the message names the option, the value and the fix. Checked before
+        the package is read, so a typo is not reported as a replaced package.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    for prefix in ("sha256:", "sha-256:"):
+        if text.lower().startswith(prefix):
+            text = text[len(prefix):].strip()
+    if len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text):
+        return text.lower()
+    raise typer.BadParameter(f"{value!r} is not a SHA-256 (64 hex characters, got {len(text)} characters"
+                             f"{'' if all(c in '0123456789abcdefABCDEF' for c in text) else ', not all hex'}); "
+                             f"{_SHA256_FIX}", param_hint="--manifest-sha256")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now (for tests and benchmarks)."""
     with socket.socket() as s:
@@ -223,6 +259,7 @@ def serve(
     from serving.features import RequestError
     from serving.package import PackageError
 
+    manifest_sha256 = check_manifest_sha256(manifest_sha256)
     keys = read_keys(api_key_file)
     if (tls_cert is None) != (tls_key is None):
         raise typer.BadParameter("give --tls-cert and --tls-key together", param_hint="--tls-cert")

@@ -193,6 +193,37 @@ def test_fl_serve_with_a_bad_tls_file_says_so_before_announcing(health_pkg, tmp_
         assert words in res.output and "fix" in res.output and "serving" not in res.output, res.output
 
 
+
+# -- --manifest-sha256 ------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["xyz", "", "0" * 63, "0" * 65, "g" * 64, "sha512:" + "0" * 64, "0" * 32 + "-" + "0" * 31])
+def test_fl_serve_refuses_a_malformed_manifest_sha256(health_pkg, monkeypatch, value):
+    """Not a SHA-256 at all: exit 2 naming the option, the value and where the hash comes from (was exit 1
+    "MANIFEST.json: SHA-256 ... differs from the expected xyz; the package was replaced or changed")."""
+    from typer.testing import CliRunner
+
+    from serving.cli import KEY_ENV, app
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: print("uvicorn.run: would serve"))  # "" used to serve
+    res = CliRunner().invoke(app, [str(health_pkg), "--site", "Cleveland", "--port", "18996",
+                                   "--manifest-sha256", value])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert "--manifest-sha256" in out and repr(value) in out and "64 hex" in out, out
+    assert "fix: " in out and "MANIFEST.json SHA-256" in out and "export" in out, out
+    assert "differs" not in out and "replaced" not in out and "serving" not in out, out
+
+
+def test_manifest_sha256_accepts_what_the_export_prints(health_pkg):
+    """Upper or lower case, a ``sha256:`` prefix, spaces around: the same hash."""
+    from serving.cli import check_manifest_sha256
+
+    h = sha256_file(health_pkg / MANIFEST)
+    for value in (h, h.upper(), f"  {h}\n", f"sha256:{h}", f"SHA-256:{h}", f"sha256: {h}"):
+        assert check_manifest_sha256(value) == h, value
+        assert load_package(health_pkg, manifest_sha256=check_manifest_sha256(value)).manifest_sha256 == h
+    assert check_manifest_sha256(None) is None
+
 # -- damaged package files ------------------------------------------------------------------------
 def _copy(pkg: Path, tmp_path: Path) -> Path:
     import shutil
