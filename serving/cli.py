@@ -159,20 +159,75 @@ def check_port(host: str, port: int) -> None:
                                  "pass another --host / --port", param_hint="--port") from None
 
 
+def _tls_file(path: Path, option: str, fix: str) -> None:
+    """Refuse a TLS option's path that is missing, not a regular file, or unreadable (exit 2)."""
+    path = Path(path)
+    if not path.exists():
+        raise typer.BadParameter(f"{path}: not found; fix: {fix}", param_hint=option)
+    if path.is_dir():
+        raise typer.BadParameter(f"{path}: is a directory, not a PEM file; fix: {fix}", param_hint=option)
+    if not path.is_file():
+        raise typer.BadParameter(f"{path}: is not a regular file; fix: {fix}", param_hint=option)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise typer.BadParameter(f"{path}: cannot read it ({exc.strerror or type(exc).__name__}); fix: make it readable "
+                                 f"by this user, or {fix}", param_hint=option) from None
+
+
+#: The fixes for the TLS options: what each file is and where it comes from.
+_CERT_FIX = "pass the server certificate (PEM, e.g. server.crt of `fl-pki server-cert`)"
+_KEY_FIX = "pass that certificate's own private key (PEM, unencrypted, e.g. the server.key written next to it)"
+
+
 def check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
     """Load the TLS files as uvicorn will, so that a bad one is named before anything is announced.
+
+    Parameters
+    ----------
+    cert, key : Path
+        ``--tls-cert`` and ``--tls-key``.
+    client_ca : Path or None
+        ``--client-ca``.
 
     Raises
     ------
     typer.BadParameter
-        A file missing or unreadable, not PEM, or a key that does not match the certificate.
+        Exit 2, naming the option, the file and the fix: a file missing, a directory, unreadable or not
+        PEM; a certificate expired or not yet valid (as ``fl-server start`` refuses it); a key that is
+        not the certificate's.
     """
     import ssl
 
-    for path, hint in ((cert, "--tls-cert"), (key, "--tls-key"), (client_ca, "--client-ca")):
-        if path is not None and not Path(path).is_file():
-            raise typer.BadParameter(f"{path}: not found (or not a file); fix: give the PEM file ({hint})",
-                                     param_hint=hint)
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    from privacy import pki
+
+    _tls_file(cert, "--tls-cert", _CERT_FIX)
+    _tls_file(key, "--tls-key", _KEY_FIX)
+    if client_ca is not None:
+        _tls_file(client_ca, "--client-ca", "give the CA certificate (ca.crt of fl-pki init)")
+    try:
+        leaf = pki._load_certs(Path(cert), "certificate", _CERT_FIX)[0]
+    except (pki.PKIError, IndexError) as exc:
+        raise typer.BadParameter(str(exc) if isinstance(exc, pki.PKIError) else f"{cert}: holds no certificate; "
+                                 f"fix: {_CERT_FIX}", param_hint="--tls-cert") from None
+    problem = pki.validity_problem(leaf, restart="fl-serve")
+    if problem:
+        raise typer.BadParameter(f"{cert}: {problem}", param_hint="--tls-cert")
+    try:
+        private = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
+    except TypeError:
+        raise typer.BadParameter(f"{key}: is encrypted (fl-serve cannot ask for a passphrase); fix: {_KEY_FIX}",
+                                 param_hint="--tls-key") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise typer.BadParameter(f"{key}: not a PEM private key (a certificate or public key?); fix: {_KEY_FIX}",
+                                 param_hint="--tls-key") from None
+    if not pki._same_key(private.public_key(), leaf.public_key()):
+        raise typer.BadParameter(f"{key}: does not belong to --tls-cert {cert} (another key pair's private key); "
+                                 f"fix: {_KEY_FIX}, or the certificate issued for this key", param_hint="--tls-key")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         ctx.load_cert_chain(str(cert), str(key))
@@ -261,8 +316,12 @@ def serve(
 
     manifest_sha256 = check_manifest_sha256(manifest_sha256)
     keys = read_keys(api_key_file)
-    if (tls_cert is None) != (tls_key is None):
-        raise typer.BadParameter("give --tls-cert and --tls-key together", param_hint="--tls-cert")
+    if tls_cert is not None and tls_key is None:
+        raise typer.BadParameter(f"{tls_cert} is given without --tls-key; fix: {_KEY_FIX} with --tls-key, or leave "
+                                 "both out to serve plain HTTP", param_hint="--tls-cert")
+    if tls_key is not None and tls_cert is None:
+        raise typer.BadParameter(f"{tls_key} is given without --tls-cert; fix: {_CERT_FIX} with --tls-cert, or leave "
+                                 "both out to serve plain HTTP", param_hint="--tls-key")
     if client_ca is not None and tls_cert is None:
         raise typer.BadParameter("--client-ca (mutual TLS) needs --tls-cert and --tls-key", param_hint="--client-ca")
     try:

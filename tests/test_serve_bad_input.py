@@ -8,6 +8,7 @@ the package, the field and the fix.
 
 import json
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -193,6 +194,87 @@ def test_fl_serve_with_a_bad_tls_file_says_so_before_announcing(health_pkg, tmp_
         assert words in res.output and "fix" in res.output and "serving" not in res.output, res.output
 
 
+
+
+# -- TLS certificate dates, key pairs, missing halves ------------------------------------------------
+def _self_signed(folder: Path, name: str, *, days_from: int, days_to: int, key=None):
+    """A self-signed certificate for 127.0.0.1 valid from now+days_from to now+days_to; returns (crt, key)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now + dt.timedelta(days=days_from)).not_valid_after(now + dt.timedelta(days=days_to))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    crt, kf = folder / f"{name}.crt", folder / f"{name}.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    kf.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    kf.chmod(0o600)
+    return crt, kf
+
+
+def _serve_cli(pkg, monkeypatch, *args):
+    from typer.testing import CliRunner
+
+    from serving.cli import KEY_ENV, app
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: print("uvicorn.run: would serve"))
+    res = CliRunner().invoke(app, [str(pkg), "--site", "Cleveland", "--port", "18995", *args])
+    return res, " ".join(res.output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())  # rich's box wraps lines
+
+
+def test_fl_serve_refuses_a_certificate_out_of_date_or_of_another_key(health_pkg, tmp_path, monkeypatch):
+    """fl-server start refuses these (exit 2); fl-serve served HTTPS with an expired certificate without a word."""
+    expired = _self_signed(tmp_path, "expired", days_from=-30, days_to=-1)
+    future = _self_signed(tmp_path, "future", days_from=5, days_to=60)
+    good = _self_signed(tmp_path, "good", days_from=-1, days_to=60)
+    other = _self_signed(tmp_path, "other", days_from=-1, days_to=60)
+    cases = [
+        (expired, ["--tls-cert", "expired.crt", "expired on", "fix: "]),
+        (future, ["--tls-cert", "future.crt", "not valid before", "fix: "]),
+        ((good[0], other[1]), ["--tls-key", "other.key", "does not belong to", "good.crt", "fix: "]),
+    ]
+    for (crt, key), words in cases:
+        res, out = _serve_cli(health_pkg, monkeypatch, "--tls-cert", str(crt), "--tls-key", str(key))
+        assert res.exit_code == 2, res.output
+        assert all(w in out for w in words), (words, out)
+        assert "would serve" not in out and "serving" not in out, out
+    res, out = _serve_cli(health_pkg, monkeypatch, "--tls-cert", str(good[0]), "--tls-key", str(good[1]))
+    assert res.exit_code == 0 and "would serve" in out and "https://" in out, res.output
+
+
+def test_fl_serve_names_the_missing_half_and_unusable_tls_paths(health_pkg, tmp_path, monkeypatch):
+    crt, key = _self_signed(tmp_path, "good", days_from=-1, days_to=60)
+    cases = [
+        (["--tls-cert", str(crt)], ["--tls-key", "fix: "]),
+        (["--tls-key", str(key)], ["--tls-cert", "fix: "]),
+        (["--tls-cert", str(tmp_path), "--tls-key", str(key)], ["--tls-cert", "is a directory", "fix: "]),
+        (["--tls-cert", str(crt), "--tls-key", str(tmp_path)], ["--tls-key", "is a directory", "fix: "]),
+        (["--tls-cert", str(tmp_path / "nope.crt"), "--tls-key", str(key)], ["--tls-cert", "nope.crt", "not found",
+                                                                              "fix: "]),
+    ]
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+        locked = tmp_path / "locked.key"
+        locked.write_bytes(key.read_bytes())
+        locked.chmod(0)
+        cases.append((["--tls-cert", str(crt), "--tls-key", str(locked)], ["--tls-key", "locked.key", "cannot read",
+                                                                           "fix: "]))
+    for args, words in cases:
+        res, out = _serve_cli(health_pkg, monkeypatch, *args)
+        assert res.exit_code == 2, res.output
+        assert all(w in out for w in words), (words, out)
+        assert "would serve" not in out and "serving" not in out and "Traceback" not in out, out
 
 # -- --manifest-sha256 ------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", ["xyz", "", "0" * 63, "0" * 65, "g" * 64, "sha512:" + "0" * 64, "0" * 32 + "-" + "0" * 31])
