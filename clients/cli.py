@@ -599,10 +599,10 @@ def check_ledger(path: Path, option: str = "--ledger") -> None:
                          f"ledger's owner, or `chmod 600` it ({keep})")
     try:
         PrivacyLedger(path)
-    except (OSError, LedgerError) as exc:
-        text = str(exc).removeprefix(f"privacy ledger {str(path)!r}: ")
-        raise SetupError(f"{option} {path}: {text}; fix: pass a writable path on this machine's disk "
-                         f"({keep})") from None
+    except (OSError, LedgerError) as exc:  # the ledger's own problem and fix where it gives them (one fix, not two)
+        problem = getattr(exc, "problem", None) or str(exc).removeprefix(f"privacy ledger {str(path)!r}: ")
+        fix = getattr(exc, "fix", None) or "pass a writable path on this machine's disk"
+        raise SetupError(f"{option} {path}: {problem}; fix: {fix} ({keep})") from None
 
 
 _PORT = re.compile(r"[1-9][0-9]{0,4}")

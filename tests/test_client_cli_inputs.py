@@ -348,6 +348,24 @@ def test_ledger_that_is_a_directory(pki_files, tls_server, tmp_path):
     assert_setup_error(code, text, exc, f"--ledger {d}", "is a directory", str(d / "ledger.sqlite"))
 
 
+def test_ledger_that_is_another_database_has_one_fix_and_is_left_as_it_was(pki_files, tls_server, tmp_path):
+    """Another SQLite database given as --ledger: refused with the ledger's own fix only (the
+    message had two, 'Fix: choose another ledger path.; fix: pass a writable path ...'), the file unchanged."""
+    import sqlite3
+
+    other = tmp_path / "other.sqlite"
+    con = sqlite3.connect(other)
+    con.execute("create table t(x)")
+    con.commit()
+    con.close()
+    before = other.read_bytes()
+    code, text, exc = run_client(client_args(pki_files, tmp_path, tls_server.port, **{"--ledger": str(other)}))
+    assert_setup_error(code, text, exc, f"--ledger {other}", "not a privacy ledger")
+    messages = text.split("fl-client: cannot start:")[1:]
+    assert messages and all(m.lower().count("fix:") == 1 for m in messages), text
+    assert other.read_bytes() == before
+
+
 def test_new_nested_ledger_folders_are_private(pki_files, tls_server, tmp_path):
     ledger = tmp_path / "a" / "b" / "ledger.sqlite"
     code, text, exc = run_client(client_args(pki_files, tmp_path, tls_server.port, **{"--ledger": str(ledger)}))
