@@ -311,6 +311,7 @@ def serve(
 
     import uvicorn
 
+    from citydata.base import DataFileError
     from serving.features import RequestError
     from serving.package import PackageError
 
@@ -327,6 +328,9 @@ def serve(
     try:
         fastapi_app = build(package, site, data, keys, manifest_sha256=manifest_sha256, date_format=date_format,
                             ranges=ranges, personalised=personalised)
+    except DataFileError as exc:  # the node's own inputs (--data, --ranges, CITYFED_*): bad input, as in fl-client
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     except (PackageError, RequestError, ValueError) as exc:  # ValueError: package and node disagree (schema, department)
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None

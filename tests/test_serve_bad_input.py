@@ -399,3 +399,19 @@ def test_fl_serve_reports_a_bad_model_config_in_one_line(health_pkg, tmp_path, m
     assert res.exit_code == 1, res.output
     assert "model-config.json" in res.output and "dropout" in res.output and "fix" in res.output, res.output
     assert "validation error" not in res.output and "errors.pydantic.dev" not in res.output, res.output
+
+
+@pytest.mark.parametrize("case", ["missing data", "bad date format variable", "ranges file missing"])
+def test_fl_serve_bad_node_input_is_exit_2(health_pkg, tmp_path, monkeypatch, case):
+    """The node's own inputs (--data, CITYFED_DATE_FORMAT, --ranges) are bad input: exit 2 naming them,
+    as in fl-client and fl-sim (a damaged package stays exit 1); they were exit 1."""
+    args, words = {
+        "missing data": (["--data", str(tmp_path / "gone.csv")], ["gone.csv", "file not found"]),
+        "bad date format variable": ([], ["CITYFED_DATE_FORMAT", "XYZ"]),
+        "ranges file missing": (["--ranges", str(tmp_path / "r.toml")], ["r.toml"]),
+    }[case]
+    if case == "bad date format variable":
+        monkeypatch.setenv("CITYFED_DATE_FORMAT", "XYZ")
+    res, text = _serve_cli(health_pkg, monkeypatch, *args)
+    assert res.exit_code == 2, text
+    assert all(w in text for w in words) and "fix" in text.lower() and "would serve" not in text, text
