@@ -12,9 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import simulations.cli as sim_cli  # noqa: E402
 from clients.cli import SetupError, check_data  # noqa: E402
-from privacy.safe_cli import DEBUG_ENV, run_app  # noqa: E402
+from sim_helpers import fl_sim as _fl_sim  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +38,6 @@ def never_train(monkeypatch):
         raise AssertionError("trained before the input was checked")
 
     monkeypatch.setattr(baselines, "run_baselines", never)
-
-
-def _fl_sim(argv, capsys, monkeypatch):
-    monkeypatch.setenv(DEBUG_ENV, "0")
-    with pytest.raises(SystemExit) as ex:
-        run_app(sim_cli.app, "fl-sim", argv=[str(a) for a in argv])
-    cap = capsys.readouterr()
-    return ex.value.code, " ".join(cap.out.split()), " ".join(cap.err.split())
 
 
 # -- CITYFED_DATE_FORMAT ------------------------------------------------------------------------------

@@ -15,16 +15,7 @@ from pathlib import Path
 import pytest
 
 import simulations.cli as cli
-from privacy.safe_cli import DEBUG_ENV, run_app
-
-
-def _fl_sim(argv, capsys, monkeypatch):
-    """fl-sim as its console script runs it: (exit status, stdout, stderr), whitespace collapsed."""
-    monkeypatch.setenv(DEBUG_ENV, "0")
-    with pytest.raises(SystemExit) as ex:
-        run_app(cli.app, "fl-sim", argv=[str(a) for a in argv])
-    cap = capsys.readouterr()
-    return ex.value.code, " ".join(cap.out.split()), " ".join(cap.err.split())
+from sim_helpers import fl_sim as _fl_sim
 
 
 def _input_error(code, out, err):

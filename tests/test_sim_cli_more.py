@@ -14,18 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 import simulations.cli as cli
-from privacy.safe_cli import DEBUG_ENV, run_app
+from privacy.safe_cli import DEBUG_ENV
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-
-def _fl_sim(argv, capsys, monkeypatch):
-    """fl-sim as its console script runs it (privacy.safe_cli.run_app): (exit status, stdout, stderr)."""
-    monkeypatch.setenv(DEBUG_ENV, "0")
-    with pytest.raises(SystemExit) as ex:
-        run_app(cli.app, "fl-sim", argv=[str(a) for a in argv])
-    cap = capsys.readouterr()
-    return ex.value.code, " ".join(cap.out.split()), " ".join(cap.err.split())
+from sim_helpers import fl_sim as _fl_sim  # noqa: E402
 
 
 def _one_input_error(code: int, out: str, err: str, option: str | None = None) -> str:

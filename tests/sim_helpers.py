@@ -1,0 +1,30 @@
+"""Running ``fl-sim`` in a test as its console script runs it (one helper for the fl-sim CLI tests)."""
+
+from __future__ import annotations
+
+import pytest
+
+import simulations.cli as cli
+from privacy.safe_cli import DEBUG_ENV, run_app
+
+
+def fl_sim(argv, capsys, monkeypatch) -> tuple[int, str, str]:
+    """fl-sim as its console script runs it (:func:`privacy.safe_cli.run_app`).
+
+    Parameters
+    ----------
+    argv : list
+        The arguments (anything ``str()`` turns into one).
+    capsys, monkeypatch
+        pytest's fixtures of the calling test.
+
+    Returns
+    -------
+    tuple of (int, str, str)
+        Exit status, stdout and stderr (whitespace collapsed).
+    """
+    monkeypatch.setenv(DEBUG_ENV, "0")
+    with pytest.raises(SystemExit) as ex:
+        run_app(cli.app, "fl-sim", argv=[str(a) for a in argv])
+    cap = capsys.readouterr()
+    return ex.value.code, " ".join(cap.out.split()), " ".join(cap.err.split())
