@@ -593,25 +593,23 @@ def _app_copy(tmp_path, old: str, new: str) -> Path:
     return app
 
 
-def test_run_names_an_app_pyproject_that_is_not_valid_toml(fake_coordinator, tmp_path):
-    """Was: 'no readable pyproject.toml with [tool.flwr.app.config]' for a duplicated key."""
+@pytest.mark.parametrize("old, new, bom, words", [
+    # a key given twice: was 'no readable pyproject.toml with [tool.flwr.app.config]'
+    ("num-rounds = 5\n", "num-rounds = 5\nnum-rounds = 5\n", False, ["not valid TOML", "line", "num-rounds"]),
+    ("[tool.flwr.app.config]", "[tool.flwr.app.konfig]", False, ["no [tool.flwr.app.config] table"]),
+    # Flower's `flwr run` reads pyproject.toml with tomli, which refuses a BOM: named before it is submitted
+    ("[tool.flwr.app.config]", "[tool.flwr.app.config]", True, ["byte-order mark (BOM)"]),
+], ids=["key-twice", "no-table", "bom"])
+def test_run_names_what_is_wrong_with_the_app_pyproject(fake_coordinator, tmp_path, old, new, bom, words):
     sd, launched = fake_coordinator
-    app = _app_copy(tmp_path, "num-rounds = 5\n", "num-rounds = 5\nnum-rounds = 5\n")
-    res = _run(sd, "--department", "health", "--app", str(app))
+    path = _app_copy(tmp_path, old, new) / "pyproject.toml"
+    if bom:
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    res = _run(sd, "--department", "health", "--app", str(path.parent))
     text = _text(res)
     assert res.exit_code == 2 and not launched, text
-    assert str(app / "pyproject.toml") in text and "not valid TOML" in text and "line" in text, text
-    assert "num-rounds" in text and "fix:" in text, text
+    assert str(path) in text and all(w in text for w in words) and "fix:" in text, text
     assert "no readable" not in text
-
-
-def test_run_names_an_app_pyproject_without_the_app_config_table(fake_coordinator, tmp_path):
-    sd, launched = fake_coordinator
-    app = _app_copy(tmp_path, "[tool.flwr.app.config]", "[tool.flwr.app.konfig]")
-    res = _run(sd, "--department", "health", "--app", str(app))
-    text = _text(res)
-    assert res.exit_code == 2 and not launched, text
-    assert str(app / "pyproject.toml") in text and "no [tool.flwr.app.config] table" in text and "fix:" in text, text
 
 
 def test_run_checks_the_apps_own_defaults_and_blames_the_file(fake_coordinator, tmp_path):
@@ -646,18 +644,6 @@ def test_register_names_a_byte_order_mark_in_node_pub(tmp_path):
     assert str(bom) in text and "byte-order mark (BOM)" in text and "fix:" in text and "without BOM" in text, text
     assert "is not an OpenSSH public key" not in text
     assert bom.read_bytes().startswith(b"\xef\xbb\xbf")  # read, not edited
-
-
-def test_run_names_a_byte_order_mark_in_the_app_pyproject(fake_coordinator, tmp_path):
-    """Flower's `flwr run` reads pyproject.toml with tomli, which refuses a BOM: named before it is submitted."""
-    sd, launched = fake_coordinator
-    app = _app_copy(tmp_path, "[tool.flwr.app.config]", "[tool.flwr.app.config]")
-    path = app / "pyproject.toml"
-    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
-    res = _run(sd, "--department", "health", "--app", str(app))
-    text = _text(res)
-    assert res.exit_code == 2 and not launched, text
-    assert str(path) in text and "byte-order mark (BOM)" in text and "fix:" in text, text
 
 
 def test_run_says_which_value_of_a_conflict_comes_from_the_app_pyproject(fake_coordinator, tmp_path):
