@@ -435,6 +435,38 @@ def _same_key(a: object, b: object) -> bool:
     return a.public_bytes(*fmt) == b.public_bytes(*fmt)  # type: ignore[attr-defined]
 
 
+def private_key_problem(key: Path, cert: x509.Certificate, cert_label: str) -> str | None:
+    """Why the PEM file ``key`` is not ``cert``'s unencrypted private key; None when it is.
+
+    One check for every server that takes a certificate and its key (``fl-server start``'s
+    ``--cert``/``--key``, ``fl-serve``'s ``--tls-cert``/``--tls-key``); the caller adds the option
+    name and its fix.
+
+    Parameters
+    ----------
+    key : Path
+        The private key file (readable: the caller has checked the path).
+    cert : x509.Certificate
+        The server certificate the key must belong to.
+    cert_label : str
+        How the message names the certificate, e.g. ``"--cert server.crt"``.
+
+    Returns
+    -------
+    str or None
+        ``"is encrypted (...)"``, ``"not a PEM private key (...)"`` or ``"does not belong to ..."``.
+    """
+    try:
+        private = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
+    except TypeError:
+        return "is encrypted (a server cannot ask for its passphrase)"
+    except (ValueError, UnsupportedAlgorithm):
+        return "not a PEM private key (a certificate or public key?)"
+    if not _same_key(private.public_key(), cert.public_key()):
+        return f"does not belong to {cert_label} (another key pair's private key)"
+    return None
+
+
 # --------------------------------------------------------------------------- SANs
 
 

@@ -144,22 +144,15 @@ def check_tls_key(cert: Path, key: Path) -> None:
         Code 2: not a PEM private key (e.g. a certificate), encrypted, or another key pair's.
     """
     from cryptography import x509
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
 
-    from privacy.pki import _same_key
+    from privacy.pki import private_key_problem
 
     fix = "pass the server.key that `fl-pki server-cert` wrote next to this --cert"
-    try:
-        private = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
-    except TypeError:
-        raise CliError(f"--key {key}: is encrypted; fix: {fix} (unencrypted, mode 0600)") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise CliError(f"--key {key}: not a PEM private key (a certificate or public key?); fix: {fix}") from None
-    public = x509.load_pem_x509_certificate(Path(cert).read_bytes()).public_key()
-    if not _same_key(private.public_key(), public):
-        raise CliError(f"--key {key}: does not belong to --cert {cert} (another key pair's private key); fix: {fix}, "
-                       "or the certificate issued for this key")
+    leaf = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+    problem = private_key_problem(key, leaf, f"--cert {cert}")
+    if problem:
+        more = ", or the certificate issued for this key" if problem.startswith("does not belong") else ""
+        raise CliError(f"--key {key}: {problem}; fix: {fix} (unencrypted, mode 0600){more}")
 
 
 #: ``fl-server start`` holds an exclusive lock on this file in the state dir (it holds the owner's PID).

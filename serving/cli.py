@@ -200,9 +200,6 @@ def check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
     """
     import ssl
 
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
-
     from privacy import pki
 
     _tls_file(cert, "--tls-cert", _CERT_FIX)
@@ -217,17 +214,10 @@ def check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
     problem = pki.validity_problem(leaf, restart="fl-serve")
     if problem:
         raise typer.BadParameter(f"{cert}: {problem}", param_hint="--tls-cert")
-    try:
-        private = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
-    except TypeError:
-        raise typer.BadParameter(f"{key}: is encrypted (fl-serve cannot ask for a passphrase); fix: {_KEY_FIX}",
-                                 param_hint="--tls-key") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise typer.BadParameter(f"{key}: not a PEM private key (a certificate or public key?); fix: {_KEY_FIX}",
-                                 param_hint="--tls-key") from None
-    if not pki._same_key(private.public_key(), leaf.public_key()):
-        raise typer.BadParameter(f"{key}: does not belong to --tls-cert {cert} (another key pair's private key); "
-                                 f"fix: {_KEY_FIX}, or the certificate issued for this key", param_hint="--tls-key")
+    problem = pki.private_key_problem(key, leaf, f"--tls-cert {cert}")
+    if problem:
+        more = ", or the certificate issued for this key" if problem.startswith("does not belong") else ""
+        raise typer.BadParameter(f"{key}: {problem}; fix: {_KEY_FIX}{more}", param_hint="--tls-key")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         ctx.load_cert_chain(str(cert), str(key))
