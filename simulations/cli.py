@@ -837,16 +837,17 @@ def run(
     fresh = _check_resumable([outs[d] for d in depts]) if resume else []
     policies = _check_policies(depts, policy)
     ray_options = _ray_options(engine, ray_address, gpus_per_client)  # may ask a Ray cluster: after the local checks
+    from citydata import load_department
+
     for d in depts:  # what needs the department's records or its policy, before the first department starts
         cfg = cfgs[d]
-        n_sites = virtual_sites or len(__import__("citydata", fromlist=["x"]).load_department(d).sites)
+        n_sites = virtual_sites or len(load_department(d).sites)
         _check_min_accepted(d, min_accepted, n_sites, fraction, secagg, several=len(depts) > 1)
         if secagg:
             if n_sites < 3:
                 _refuse(f"--secagg needs at least 3 sites; {d} has {n_sites}", "use --virtual-sites to simulate more",
                         "--secagg")
         if virtual_sites:
-            from citydata import load_department
             from citydata.virtual import check_virtual_sites
 
             try:  # the nodes' own check, before any of them starts (too many sites for the records)
