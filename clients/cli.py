@@ -403,8 +403,7 @@ def check_policy(path: Path, department: str):
     SetupError
         With :class:`privacy.policy.PolicyError`'s message (field, fix; the file named once), a
         path that is not a regular file (checked before it is opened: a FIFO would block), a
-        file saved with a UTF-8 byte-order mark (the node's own reader refuses it too), a
-        department mismatch, or an ``allowed_tasks`` without the department's task
+        file saved with a UTF-8 byte-order mark (named by ``load_policy``), a department mismatch, or an ``allowed_tasks`` without the department's task
         (:data:`contract.tasks.TASKS`): either way the node would refuse every job.
     """
     from privacy.policy import PolicyError, load_policy
@@ -413,15 +412,7 @@ def check_policy(path: Path, department: str):
     from privacy.policy import check_allowed_tasks
 
     check_input_file("--policy", path, "pass this department's privacy policy (TOML; examples/policies/)")
-    try:
-        with open(path, "rb") as fh:
-            bom = fh.read(3) == b"\xef\xbb\xbf"
-    except OSError:
-        bom = False  # load_policy says why it cannot be read
-    if bom:
-        raise SetupError(f"--policy {path}: the file starts with a byte-order mark (BOM), which TOML does not allow; "
-                         "fix: save it as UTF-8 without BOM (in Notepad: encoding 'UTF-8', not 'UTF-8 with BOM')")
-    try:
+    try:  # a UTF-8 byte-order mark is named by load_policy itself
         policy = load_policy(path)
     except PolicyError as exc:
         raise SetupError(_reword(str(exc), str(path), f"--policy {path}")) from None
