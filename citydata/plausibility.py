@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from contract.text_files import BOM_FIX, UTF8_BOM
+
 __all__ = ["ACTIONS", "RANGES_ENV", "Range", "load_ranges", "resolve_ranges"]
 
 #: What happens to an out-of-range value: ``"error"`` stops with a DataFileError,
@@ -188,9 +190,8 @@ def load_ranges(path: str | os.PathLike) -> tuple[str, dict]:
     except OSError as exc:
         raise _bad(p, f"cannot read the ranges file ({exc.strerror or exc})",
                    "pass the path of an existing TOML file (README: plausibility ranges)") from None
-    if raw.startswith(b"\xef\xbb\xbf"):  # refused, as fl-client refuses a policy file with one
-        raise _bad(p, "the file starts with a byte-order mark (BOM), which TOML does not allow",
-                   "save it as UTF-8 without BOM (in Notepad: encoding 'UTF-8', not 'UTF-8 with BOM')")
+    if raw.startswith(UTF8_BOM):  # refused, as fl-client refuses a policy file with one
+        raise _bad(p, "the file starts with a byte-order mark (BOM), which TOML does not allow", BOM_FIX)
     try:
         return str(p), tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

@@ -39,6 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from contract.text_files import BOM_FIX, UTF8_BOM
+
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
 SERVER_KEY = "server.key"
@@ -376,11 +378,30 @@ def _read(path: Path, what: str, fix: str) -> bytes:
         raise PKIError(f"{path}: cannot read {what} ({err.strerror}); fix: check its permissions") from None
 
 
-def _load_certs(path: Path, what: str, fix: str, *, pem_for: str | None = None) -> list[x509.Certificate]:
+def load_certificates(path: Path, what: str, fix: str, *, pem_for: str | None = None) -> list[x509.Certificate]:
     """The certificates in a PEM file (a bundle too) or a DER file.
 
-    With ``pem_for`` (an option such as ``--ca``), a DER file is refused with the ``openssl``
-    command that converts it: Flower, gRPC and ``fl-client --ca`` read only PEM.
+    Parameters
+    ----------
+    path
+        The certificate file.
+    what
+        What the file is, for the message ("certificate", "CA certificate").
+    fix
+        What the user should do when the file is missing, unreadable or not a certificate.
+    pem_for
+        An option such as ``--ca``: a DER file is then refused with the ``openssl`` command that
+        converts it (Flower, gRPC and ``fl-client --ca`` read only PEM).
+
+    Returns
+    -------
+    list of cryptography.x509.Certificate
+        At least one; the leaf first for a chain file.
+
+    Raises
+    ------
+    PKIError
+        Naming the file, the problem and ``fix``.
     """
     data = _read(path, what, fix)
     try:
@@ -694,7 +715,7 @@ def load_ca(ca_dir: Path, *, now: datetime | None = None) -> tuple[x509.Certific
     ca_dir = Path(ca_dir).expanduser()
     init_fix = f"pass the directory made by `fl-pki init --out {ca_dir}` as --ca-dir"
     cert_path, key_path = ca_dir / CA_CERT, ca_dir / CA_KEY
-    certs = _load_certs(cert_path, "CA certificate", init_fix)
+    certs = load_certificates(cert_path, "CA certificate", init_fix)
     cert = certs[0]
     key_bytes = _read(key_path, "CA private key", init_fix)
     if os.name == "posix" and key_path.stat().st_mode & 0o077:
@@ -956,10 +977,10 @@ def load_public_key(path: Path) -> PublicKeyInfo:
         raise PKIError(f"{path}: is a private key (node.key), which must never leave the department's machine; fix: hand "
                        "over node.pub instead. As this private key has now been copied, make a new key on the department's "
                        "machine (`fl-pki node-key ... --force`) and register that node.pub")
-    if data.startswith(b"\xef\xbb\xbf"):  # Flower reads the file itself and refuses it too: named, not stripped
+    if data.startswith(UTF8_BOM):  # Flower reads the file itself and refuses it too: named, not stripped
         raise PKIError(f"{path}: the file starts with a byte-order mark (BOM), which an OpenSSH public key file does not "
-                       "have (an editor saved it as 'UTF-8 with BOM'); fix: save it as UTF-8 without BOM (in Notepad: "
-                       "encoding 'UTF-8'), or hand over the node.pub from `fl-pki node-key` unedited")
+                       f"have (an editor saved it as 'UTF-8 with BOM'); fix: {BOM_FIX}, or hand over the node.pub from "
+                       "`fl-pki node-key` unedited")
     lines = [ln for ln in data.decode("utf-8", "replace").splitlines() if ln.strip() and not ln.startswith("#")]
     if len(lines) != 1:
         raise PKIError(f"{path}: expected exactly one OpenSSH public key line, found {len(lines)}; fix: hand over the node.pub from `fl-pki node-key`")
@@ -998,7 +1019,7 @@ def describe_certificates(path: Path, *, now: datetime | None = None) -> list[Ce
     now = _utcnow(now)
     path = Path(path).expanduser()
     infos = []
-    for cert in _load_certs(path, "certificate", "pass a .crt file written by fl-pki"):
+    for cert in load_certificates(path, "certificate", "pass a .crt file written by fl-pki"):
         infos.append(
             CertInfo(
                 path=path,
@@ -1137,8 +1158,8 @@ def verify_server_cert(
     """
     now = _utcnow(now)
     ca_path, cert_path = Path(ca).expanduser(), Path(cert).expanduser()
-    roots = _load_certs(ca_path, "CA certificate", "pass the city's ca.crt to --ca", pem_for="--ca")
-    chain = _load_certs(cert_path, "certificate", "pass the server.crt to check to --cert", pem_for="--cert")
+    roots = load_certificates(ca_path, "CA certificate", "pass the city's ca.crt to --ca", pem_for="--ca")
+    chain = load_certificates(cert_path, "certificate", "pass the server.crt to check to --cert", pem_for="--cert")
     leaf, intermediates = chain[0], chain[1:]
     if not any(_is_ca(r) for r in roots):
         raise PKIError(f"{ca_path}: is not a CA certificate; fix: pass the city's ca.crt to --ca (and server.crt to --cert)")

@@ -40,6 +40,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from contract.text_files import BOM_FIX, UTF8_BOM
 from privacy.ledger import PrivacyLedger, Release
 
 __all__ = [
@@ -513,9 +514,9 @@ def load_policy(path: str | os.PathLike) -> PrivacyPolicy:
             f"{p}: cannot read policy file: {exc.strerror or exc}. "
             "Fix: pass the path of an existing TOML policy (see examples/policies/)."
         ) from exc
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raise PolicyError(f"{p}: the file starts with a byte-order mark (BOM), which TOML does not allow. Fix: save "
-                          "it as UTF-8 without BOM (in Notepad: encoding 'UTF-8', not 'UTF-8 with BOM').")
+    if raw.startswith(UTF8_BOM):
+        raise PolicyError(f"{p}: the file starts with a byte-order mark (BOM), which TOML does not allow. "
+                          f"Fix: {BOM_FIX}.")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

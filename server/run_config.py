@@ -18,6 +18,7 @@ import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 
+from contract.text_files import BOM_FIX, UTF8_BOM
 from server.errors import CliError
 from server.launches import resolve_run
 
@@ -155,10 +156,9 @@ def read_app_config(app_dir: Path) -> dict:
     path = Path(app_dir) / "pyproject.toml"
     try:
         raw = path.read_bytes()
-        if raw.startswith(b"\xef\xbb\xbf"):  # Flower's `flwr run` reads it with tomli, which refuses it
+        if raw.startswith(UTF8_BOM):  # Flower's `flwr run` reads it with tomli, which refuses it
             raise CliError(f"--app {app_dir}: {path} starts with a byte-order mark (BOM), which TOML does not allow "
-                           "(Flower would refuse the app); fix: save it as UTF-8 without BOM (in Notepad: encoding "
-                           "'UTF-8', not 'UTF-8 with BOM')")
+                           f"(Flower would refuse the app); fix: {BOM_FIX}")
         text = raw.decode("utf-8")
     except FileNotFoundError:
         raise CliError(f"--app {app_dir}: no pyproject.toml in it ({path}); fix: {_FIX_APP}") from None

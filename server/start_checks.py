@@ -127,7 +127,7 @@ def check_cert_in_date(cert: Path, option: str = "--cert", restart: str = "the c
     from privacy import pki
 
     try:
-        leaf = pki._load_certs(Path(cert), "certificate", "pass the server.crt from `fl-pki server-cert`")[0]
+        leaf = pki.load_certificates(Path(cert), "certificate", "pass the server.crt from `fl-pki server-cert`")[0]
     except pki.PKIError as exc:
         raise CliError(f"{option}: {exc}") from None
     problem = pki.validity_problem(leaf, restart=restart)

@@ -207,7 +207,7 @@ def check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
     if client_ca is not None:
         _tls_file(client_ca, "--client-ca", "give the CA certificate (ca.crt of fl-pki init)")
     try:
-        leaf = pki._load_certs(Path(cert), "certificate", _CERT_FIX)[0]
+        leaf = pki.load_certificates(Path(cert), "certificate", _CERT_FIX)[0]
     except (pki.PKIError, IndexError) as exc:
         raise typer.BadParameter(str(exc) if isinstance(exc, pki.PKIError) else f"{cert}: holds no certificate; "
                                  f"fix: {_CERT_FIX}", param_hint="--tls-cert") from None
