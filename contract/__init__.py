@@ -9,4 +9,6 @@ nothing from the client package):
 * :mod:`contract.tasks`: the task per department, record and message names, the reply metric
   names and the metric whitelists of each reply;
 * :mod:`contract.energy`: the energy figures a reply may carry and their method codes.
+* :mod:`contract.text_files`: how a reader of a user's TOML or key file names a UTF-8
+  byte-order mark (one wording for node and coordinator).
 """
