@@ -1166,12 +1166,15 @@ class DepartmentDataset(abc.ABC):
         Returns
         -------
         pathlib.Path
-            The written file.
+            The written file. It is written beside ``path`` and renamed over it, so a file already
+            there is replaced only by a complete one and a failed write leaves nothing behind.
 
         Raises
         ------
         ValueError
             For an unknown site (the message lists the valid ones).
+        OSError
+            When the file cannot be written (the earlier file, if any, is left as it was).
         """
         p = Path(path)
         suffix = p.suffix.lower()
@@ -1183,12 +1186,20 @@ class DepartmentDataset(abc.ABC):
                                  f"valid sites: {', '.join(self.sites)}")
             frame = frame[frame[self.schema.site_column].isin([self._site_keys[s] for s in sites])]
         frame = _whole_number_columns(frame, self.schema)
-        if suffix == ".csv":
-            frame.to_csv(p, index=False)
-        elif suffix in (".parquet", ".pq"):
-            frame.to_parquet(p, index=False)
-        else:
+        if suffix not in (".csv", ".parquet", ".pq"):
             raise DataFileError(p, f"unsupported file type {p.suffix or '(no suffix)'!r}", "export to a .csv or .parquet path")
+        # written beside the target, then renamed over it (atomic in one folder): a file already there is
+        # replaced only by a complete one, and a failed write leaves nothing behind
+        partial = p.with_name(f".{p.stem}.partial-{os.getpid()}{p.suffix}")
+        try:
+            if suffix == ".csv":
+                frame.to_csv(partial, index=False)
+            else:
+                frame.to_parquet(partial, index=False)
+            os.replace(partial, p)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         return p
 
     def __repr__(self) -> str:

@@ -1084,20 +1084,17 @@ def export(
     _check_out_file(out, "--out", "a file path ending in .csv or .parquet (missing folders are created)")
     data = load_department(department)
     created = _make_parents(out, "--out")
-    partial = out.with_name(f".{out.stem}.partial-{os.getpid()}{out.suffix}")  # same folder: an atomic rename
 
-    def undo() -> None:  # nothing of a failed export stays: no partial file, no folder it created
-        partial.unlink(missing_ok=True)
+    def undo() -> None:  # nothing of a failed export stays (export removes its partial file): no folder it created
         for folder in reversed(created):
             with contextlib.suppress(OSError):
                 folder.rmdir()
 
     try:
-        data.export(partial, sites=list(site) if site else None)
-        os.replace(partial, out)  # a file an earlier export wrote is replaced only by a complete one
+        data.export(out, sites=list(site) if site else None)  # a file already there is replaced only by a complete one
     except DataFileError as exc:  # a ValueError too: catch it first
         undo()
-        _data_file_error(type(exc)(out, exc.problem, exc.fix, exc.column), {"--out": out})  # the file it would write
+        _data_file_error(exc, {"--out": out})
     except ValueError as exc:  # unknown sites: the message lists the department's
         undo()
         _refuse(str(exc), "name sites as `fl-sim datasets` lists them", "--site")

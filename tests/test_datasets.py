@@ -340,6 +340,27 @@ def test_export_one_site_gives_that_sites_node_the_same_arrays(health, tmp_path)
         health.export(tmp_path / "x.csv", sites=["Nowhere"])
 
 
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_export_that_fails_midway_leaves_the_earlier_file_and_no_partial(health, tmp_path, monkeypatch, suffix):
+    """``Dataset.export`` (not only fl-sim's CLI) replaces a file only by a complete one: a write that fails
+    part way (disk full, a kill) leaves the earlier file byte for byte and no temporary file beside it."""
+    path = health.export(tmp_path / f"h{suffix}", sites=["Cleveland"])
+    before = path.read_bytes()
+    method = "to_csv" if suffix == ".csv" else "to_parquet"
+    real = getattr(pd.DataFrame, method)
+
+    def half_then_fail(self, target, *args, **kwargs):
+        real(self.head(3), target, *args, **kwargs)  # a few records reach the disk, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, method, half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        health.export(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 def test_fl_sim_export_cli(tmp_path):
     from typer.testing import CliRunner
 
