@@ -24,7 +24,8 @@ def _check_inputs(department: str, out: Path, epsilon: List[float], seed: int, s
     """fl-sim's input rule for ``fl-sim audit``: exit 2 with ``error: OPTION: WHAT; fix: HOW`` on standard error.
 
     Everything the audit would refuse, checked before its data is loaded, its progress bar shown or
-    anything written: the department, accountant, epsilons, clipping norm, confidence, --out (a file; earlier
+    anything written: the department, accountant, epsilons (each setting once: two that share a ledger name,
+    ``audit-eps{eps:g}.sqlite``, are refused), repeated --site names, clipping norm, confidence, --out (a file; earlier
     audit ledgers there without --overwrite) and --site (the site names need the department's
     bundled records, so they are read only when --site is given).
     """
@@ -39,6 +40,18 @@ def _check_inputs(department: str, out: Path, epsilon: List[float], seed: int, s
     if bad:
         _refuse(f"every epsilon must be a finite number > 0 (got {bad[0]!r})", "give --epsilon a finite number > 0",
                 "--epsilon")
+    from simulations.mia import ledger_name, repeated_site, same_ledger
+
+    clash = same_ledger(epsilon)
+    if clash:  # one ledger for both: the second row would report the two settings' composed epsilon
+        first, second = clash
+        _refuse(f"{first!r} and {second!r} are the same setting (both eps={first:g}, one ledger "
+                f"{ledger_name(first)}): the second would be added to the first's ledger",
+                "give each epsilon once (values equal to 6 significant digits count as one)", "--epsilon")
+    twice = repeated_site(site)
+    if twice is not None:
+        _refuse(f"site {twice!r} given more than once: its records would be in the audit's pool twice",
+                "give each --site once", "--site")
     if not (clip > 0 and math.isfinite(clip)):
         _refuse(f"the clipping norm must be a finite number > 0 (got {clip!r})", "give --clip a finite number > 0",
                 "--clip")
@@ -73,7 +86,8 @@ def audit(
     out: Path = typer.Option(Path("runs/audit"), "--out", "-o",
                              help="Folder for audit.json and ledgers/ (one ledger per DP setting, one site per target)."),
     epsilon: List[float] = typer.Option([1.0, 3.0, 8.0], "--epsilon", "-e",
-                                        help="Target epsilon of a DP-SGD setting to audit (repeat for several). "
+                                        help="Target epsilon of a DP-SGD setting to audit (repeat for several, each once: "
+                                             "values equal to 6 significant digits are one setting). "
                                              "A non-private control is always audited too (unless --no-control)."),
     shadows: int = typer.Option(32, "--shadows", min=2,
                                 help="Shadow (reference) models per setting; the attacker knows their training sets."),
@@ -85,7 +99,7 @@ def audit(
     seed: int = typer.Option(0, "--seed", min=0, max=_MAX_SEED,
                              help="Seed of the inclusion masks, canaries, initialisation and DP noise."),
     site: Optional[List[str]] = typer.Option(None, "--site", "-s",
-                                             help="Pool only this site's training records (repeat; default: all sites)."),
+                                             help="Pool only this site's training records (repeat, each site once; default: all sites)."),
     accountant: str = typer.Option("rdp", "--accountant",
                                    help="Accountant of the DP noise calibration and the ledgers: rdp or prv."),
     confidence: float = typer.Option(0.95, "--confidence", min=0.5, max=0.9999,

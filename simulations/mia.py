@@ -414,6 +414,66 @@ def _verdict(row: dict) -> str:
     return "consistent with the ledger"
 
 
+def ledger_name(eps: float) -> str:
+    """File name of the audit ledger of DP setting ``eps`` (in ``OUT/ledgers``): ``audit-eps{eps:g}.sqlite``.
+
+    Parameters
+    ----------
+    eps : float
+        Target epsilon of the setting.
+
+    Returns
+    -------
+    str
+        The name; two epsilons with the same name (equal to 6 significant digits) share one ledger.
+    """
+    return f"audit-eps{eps:g}.sqlite"
+
+
+def same_ledger(epsilons) -> tuple[float, float] | None:
+    """The first two of ``epsilons`` that would share one ledger (:func:`ledger_name`), or None.
+
+    Two such settings would compose in one ledger: the second row would report both
+    settings' epsilon, and both rows are labelled alike. ``fl-sim audit`` refuses them.
+
+    Parameters
+    ----------
+    epsilons : iterable of float
+        Target epsilons, in the order given.
+
+    Returns
+    -------
+    tuple of (float, float) or None
+        The earlier and the later value of the first collision.
+    """
+    seen: dict[str, float] = {}
+    for e in epsilons:
+        name = ledger_name(e)
+        if name in seen:
+            return seen[name], e
+        seen[name] = e
+    return None
+
+
+def repeated_site(sites) -> str | None:
+    """The first site named more than once in ``sites`` (its records would be in the pool twice), or None.
+
+    Parameters
+    ----------
+    sites : iterable of str or None
+
+    Returns
+    -------
+    str or None
+    """
+    seen: set[str] = set()
+    for s in sites or ():
+        if s in seen:
+            return s
+        seen.add(s)
+    return None
+
+
 def run_audit(settings: AuditSettings, out: Path, *,
               on_model: Callable[[str, int, int], None] | None = None) -> dict:
     """Train shadows and targets per privacy setting, attack them, bound epsilon; write ``out/audit.json``.
@@ -453,6 +513,14 @@ def run_audit(settings: AuditSettings, out: Path, *,
         raise ValueError(f"confidence must be in (0, 1) (got {settings.confidence})")
     if any(not (e > 0 and math.isfinite(e)) for e in settings.epsilons):
         raise ValueError(f"every epsilon must be a finite number > 0 (got {list(settings.epsilons)})")
+    clash = same_ledger(settings.epsilons)
+    if clash:
+        raise ValueError(f"epsilons {clash[0]!r} and {clash[1]!r} are one setting (both eps={clash[0]:g}, ledger "
+                         f"{ledger_name(clash[0])}): the second would be composed with the first; give each once")
+    twice = repeated_site(settings.sites)
+    if twice is not None:
+        raise ValueError(f"site {twice!r} given more than once (its records would be in the pool twice); "
+                         "give each site once")
     out = Path(out)
     ledger_dir = out / "ledgers"
     stale = sorted(ledger_dir.glob("audit-*.sqlite")) if ledger_dir.exists() else []
@@ -483,7 +551,7 @@ def run_audit(settings: AuditSettings, out: Path, *,
         ledger = None
         if eps is not None:
             ledger_dir.mkdir(parents=True, exist_ok=True)
-            ledger = PrivacyLedger(ledger_dir / f"audit-eps{eps:g}.sqlite", accountant=settings.accountant)
+            ledger = PrivacyLedger(ledger_dir / ledger_name(eps), accountant=settings.accountant)
         target_info = []
         test_scores = []
         for j in range(n_models):

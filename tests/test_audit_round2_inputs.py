@@ -1,0 +1,75 @@
+"""``fl-sim audit`` inputs found in the second bad-input round: repeated --epsilon/--site values, fixed output
+files that are folders, and CITYFED_AUDIT_THREADS. Each is refused (exit 2, naming the option or variable, the
+value and a fix) before any model is trained or any ledger written."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import simulations.mia as mia  # noqa: E402
+from sim_helpers import fl_sim as _fl_sim  # noqa: E402
+
+TINY = ["audit", "-d", "health", "--no-control", "--shadows", "2", "--targets", "1", "--canaries", "0"]
+
+
+@pytest.fixture()
+def never_train(monkeypatch):
+    """The audit's training fails the test: every refusal here comes first."""
+
+    def never(*a, **k):
+        raise AssertionError("trained before the input was checked")
+
+    monkeypatch.setattr(mia, "run_audit", never)
+
+
+def _refused(code, out, err, *words):
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in out + err
+    assert err.startswith("error:") and "fix:" in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+# -- D2: repeated values of a repeatable option ---------------------------------------------------------------
+
+@pytest.mark.parametrize("values", [("3", "3"), ("3", "3.0000001"), ("1", "8", "8.0")])
+def test_repeated_epsilon_is_refused_before_training(tmp_path, capsys, monkeypatch, never_train, values):
+    """Epsilons that name the same ledger (audit-eps{eps:g}.sqlite) would be composed into one: refused."""
+    out_dir = tmp_path / "a"
+    argv = [*TINY, "-o", out_dir]
+    for v in values:
+        argv += ["-e", v]
+    code, out, err = _fl_sim(argv, capsys, monkeypatch)
+    _refused(code, out, err, "--epsilon", repr(float(values[-2])), repr(float(values[-1])), "once")
+    assert not out_dir.exists()
+
+
+def test_repeated_site_is_refused_before_training(tmp_path, capsys, monkeypatch, never_train):
+    """A site given twice would put each of its records in the pool twice (the audit's independence breaks)."""
+    out_dir = tmp_path / "a"
+    code, out, err = _fl_sim([*TINY, "-e", "3", "-s", "Cleveland", "-s", "Hungary", "-s", "Cleveland", "-o", out_dir],
+                             capsys, monkeypatch)
+    _refused(code, out, err, "--site", "'Cleveland'", "once")
+    assert not out_dir.exists()
+
+
+def test_run_audit_refuses_epsilons_that_share_a_ledger(tmp_path):
+    """The library call too (before the data is loaded or anything written)."""
+    s = mia.AuditSettings(department="health", epsilons=(3.0, 3.0000001), shadows=2, targets=1, canaries=0)
+    with pytest.raises(ValueError, match="audit-eps3.sqlite"):
+        mia.run_audit(s, tmp_path / "a")
+    s = mia.AuditSettings(department="health", epsilons=(3.0,), shadows=2, targets=1, canaries=0,
+                          sites=("Cleveland", "Cleveland"))
+    with pytest.raises(ValueError, match="Cleveland"):
+        mia.run_audit(s, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
