@@ -25,8 +25,9 @@ def _check_inputs(department: str, out: Path, epsilon: List[float], seed: int, s
 
     Everything the audit would refuse, checked before its data is loaded, its progress bar shown or
     anything written: the department, accountant, epsilons (each setting once: two that share a ledger name,
-    ``audit-eps{eps:g}.sqlite``, are refused), repeated --site names, clipping norm, confidence, --out (a file; earlier
-    audit ledgers there without --overwrite) and --site (the site names need the department's
+    ``audit-eps{eps:g}.sqlite``, are refused), repeated --site names, clipping norm, confidence, --out (a file;
+    a folder where the audit writes a file at its end: audit.json, report.html and their .tmp; a file at
+    ledgers/; earlier audit ledgers there without --overwrite) and --site (the site names need the department's
     bundled records, so they are read only when --site is given).
     """
     from simulations.cli import _check_out_dir, _refuse  # fl-sim's own format (imported here: cli imports this module)
@@ -63,7 +64,21 @@ def _check_inputs(department: str, out: Path, epsilon: List[float], seed: int, s
     if not 0 <= seed <= _MAX_SEED:  # typer's range says so first; a direct call too
         _refuse(f"{seed} is not in the range 0<=x<={_MAX_SEED}", "give --seed a whole number in that range", "--seed")
     _check_out_dir(out, "--out")
+    from simulations.mia import FIXED_OUTPUTS
+
+    for name in FIXED_OUTPUTS:  # written at the end: a folder there would fail after all the training
+        p = out / name
+        if p.exists() and not p.is_file():
+            _refuse(f"{p} exists and is not a file: the audit writes {name} there at its end",
+                    f"remove or rename {p}, or choose another --out", "--out")
     ledgers = out / "ledgers"
+    if ledgers.exists() and not ledgers.is_dir():
+        _refuse(f"{ledgers} is a file: the audit writes its ledgers in that folder",
+                f"remove or rename {ledgers}, or choose another --out", "--out")
+    odd = sorted(p for p in ledgers.glob("audit-*.sqlite*") if not p.is_file()) if ledgers.is_dir() else []
+    if odd:  # neither a ledger to add to nor one --overwrite may remove
+        _refuse(f"{odd[0]} exists and is not a file: the audit's ledgers take that name",
+                f"remove or rename {odd[0]}, or choose another --out", "--out")
     stale = sorted(ledgers.glob("audit-*.sqlite")) if ledgers.is_dir() else []
     if stale and not overwrite:  # simulations.mia.run_audit's own refusal, before anything runs
         _refuse(f"{stale[0]} exists: an audit's ledgers would be added to",
@@ -131,7 +146,7 @@ def audit(
     """
     import torch
 
-    from simulations.mia import AuditSettings, run_audit
+    from simulations.mia import AuditOutputError, AuditSettings, run_audit
 
     _check_inputs(department, out, epsilon, seed, site, accountant, clip, confidence, control, overwrite)
     if overwrite and (out / "ledgers").exists():
@@ -155,7 +170,15 @@ def audit(
             kind = "shadow" if j < shadows else "target"
             progress.update(bar, description=f"{department} {label}: {kind} {j + 1}/{total}")
 
-        res = run_audit(settings, out, on_model=on_model)  # its input refusals were made above (_check_inputs)
+        try:
+            res = run_audit(settings, out, on_model=on_model)  # its input refusals were made above (_check_inputs)
+        except AuditOutputError as exc:  # not the input: exit 1, but say which file and why
+            progress.stop()
+            from simulations.cli import EXIT_FAILED, _error
+
+            _error(f"--out: {exc}; the audit's result was not written and its ledgers were removed",
+                   f"free space in (or fix) {out}, or choose another --out, and run the audit again")
+            raise typer.Exit(EXIT_FAILED) from None
         progress.update(bar, completed=n_settings * (shadows + targets))
     console.print(audit_table(res))
     meta = res["meta"]

@@ -414,6 +414,26 @@ def _verdict(row: dict) -> str:
     return "consistent with the ledger"
 
 
+class AuditOutputError(OSError):
+    """The audit's result could not be written at its end (``out/audit.json``); nothing of the run was kept.
+
+    Attributes
+    ----------
+    path : Path
+        The file that could not be written.
+    reason : str
+        The operating system's reason (e.g. ``No space left on device``); never a record's value.
+    """
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"cannot write {path} ({reason})")
+        self.path, self.reason = Path(path), reason
+
+
+#: Files the audit writes in its output folder at its end (``report.html``: fl-sim audit, after run_audit).
+FIXED_OUTPUTS = ("audit.json", "audit.json.tmp", "report.html", "report.html.tmp")
+
+
 def ledger_name(eps: float) -> str:
     """File name of the audit ledger of DP setting ``eps`` (in ``OUT/ledgers``): ``audit-eps{eps:g}.sqlite``.
 
@@ -484,7 +504,8 @@ def run_audit(settings: AuditSettings, out: Path, *,
     out : Path
         Folder for ``audit.json`` and ``ledgers/audit-*.sqlite`` (one ledger per DP setting,
         one site per target model). Existing audit ledgers there are an error (they would be
-        added to): remove them or choose another folder.
+        added to): remove them or choose another folder. So is a folder at ``audit.json``
+        (or ``audit.json.tmp``) or a file at ``ledgers``: found before anything is trained.
     on_model : callable, optional
         Called as ``on_model(setting_label, index, total)`` before each model is trained.
 
@@ -493,6 +514,16 @@ def run_audit(settings: AuditSettings, out: Path, *,
     dict
         What ``audit.json`` holds: ``meta`` (mechanism, settings, pool sizes, seconds) and
         ``rows``, one per privacy setting (ledger epsilon and delta, attack ROC, bounds, verdict).
+
+    Raises
+    ------
+    ValueError
+        Bad settings (counts, confidence, epsilons, two epsilons sharing a ledger, a site twice).
+    FileExistsError, IsADirectoryError, NotADirectoryError
+        Earlier audit ledgers in ``out``, or an output path of the wrong kind (before training).
+    AuditOutputError
+        ``audit.json`` could not be written at the end (e.g. a full disk): its temporary file
+        and this run's ledgers are removed, so nothing half-written blocks a rerun.
     """
     import torch
 
@@ -523,6 +554,13 @@ def run_audit(settings: AuditSettings, out: Path, *,
                          "give each site once")
     out = Path(out)
     ledger_dir = out / "ledgers"
+    for p in (out / "audit.json", out / "audit.json.tmp"):  # found before the training, not after it
+        if p.exists() and not p.is_file():
+            raise IsADirectoryError(f"{p} exists and is not a file: the audit writes it at its end. Remove it or "
+                                    "choose another --out")
+    if ledger_dir.exists() and not ledger_dir.is_dir():
+        raise NotADirectoryError(f"{ledger_dir} is a file: the audit writes its ledgers in that folder. Remove it "
+                                 "or choose another --out")
     stale = sorted(ledger_dir.glob("audit-*.sqlite")) if ledger_dir.exists() else []
     if stale:
         raise FileExistsError(f"{stale[0]} exists: an audit's ledgers would be added to. Remove {ledger_dir}/audit-* "
@@ -544,6 +582,7 @@ def run_audit(settings: AuditSettings, out: Path, *,
 
     setting_list: list[float | None] = ([None] if settings.control else []) + list(settings.epsilons)
     rows = []
+    made: list[Path] = []  # this run's ledgers (removed if its result cannot be written)
     for si, eps in enumerate(setting_list):
         label = "no DP" if eps is None else f"eps={eps:g}"
         t0 = time.perf_counter()
@@ -552,6 +591,7 @@ def run_audit(settings: AuditSettings, out: Path, *,
         if eps is not None:
             ledger_dir.mkdir(parents=True, exist_ok=True)
             ledger = PrivacyLedger(ledger_dir / ledger_name(eps), accountant=settings.accountant)
+            made.append(ledger_dir / ledger_name(eps))
         target_info = []
         test_scores = []
         for j in range(n_models):
@@ -649,10 +689,22 @@ def run_audit(settings: AuditSettings, out: Path, *,
     result = {"meta": meta, "rows": rows,
               "ok": all(r["ok"] for r in rows),
               "control_leaks": None if not settings.control else rows[0]["verdict"].startswith("clear")}
-    out.mkdir(parents=True, exist_ok=True)
+    import contextlib
     import json
 
     tmp = out / "audit.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=float))
-    tmp.replace(out / "audit.json")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(result, indent=2, default=float))
+        tmp.replace(out / "audit.json")
+    except OSError as exc:  # nothing half-written: no .tmp, no ledger without its result (it would block a rerun)
+        with contextlib.suppress(OSError):
+            if tmp.is_file():
+                tmp.unlink()
+        for ledger_path in made:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                p = ledger_path.with_name(ledger_path.name + suffix)
+                with contextlib.suppress(OSError):
+                    p.unlink(missing_ok=True)
+        raise AuditOutputError(out / "audit.json", exc.strerror or type(exc).__name__) from exc
     return result

@@ -73,3 +73,66 @@ def test_run_audit_refuses_epsilons_that_share_a_ledger(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+# -- D3: a fixed output file that is a folder -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["audit.json", "audit.json.tmp", "report.html", "report.html.tmp", "ledgers"])
+def test_output_file_that_is_a_folder_is_refused_before_training(tmp_path, capsys, monkeypatch, never_train, name):
+    out_dir = tmp_path / "a"
+    if name == "ledgers":  # the ledgers' folder is a file
+        out_dir.mkdir()
+        (out_dir / name).write_text("keep me")
+    else:
+        (out_dir / name).mkdir(parents=True)
+        (out_dir / name / "keep.txt").write_text("keep me")
+    code, out, err = _fl_sim([*TINY, "-e", "3", "-o", out_dir], capsys, monkeypatch)
+    _refused(code, out, err, "--out", str(out_dir / name))
+    assert sorted(p.name for p in out_dir.iterdir()) == [name]  # nothing added, nothing removed
+    assert "keep me" in ((out_dir / name).read_text() if name == "ledgers" else (out_dir / name / "keep.txt").read_text())
+
+
+def test_ledger_path_that_is_a_folder_is_refused_with_overwrite(tmp_path, capsys, monkeypatch, never_train):
+    """--overwrite removes earlier ledgers; a folder under an audit ledger's name is not one: refused, kept."""
+    (tmp_path / "a" / "ledgers" / "audit-eps3.sqlite").mkdir(parents=True)
+    code, out, err = _fl_sim([*TINY, "-e", "3", "--overwrite", "-o", tmp_path / "a"], capsys, monkeypatch)
+    _refused(code, out, err, "--out", str(tmp_path / "a" / "ledgers" / "audit-eps3.sqlite"))
+    assert (tmp_path / "a" / "ledgers" / "audit-eps3.sqlite").is_dir()
+
+
+def test_run_audit_refuses_an_audit_json_folder_before_training(tmp_path, monkeypatch):
+    (tmp_path / "audit.json").mkdir()
+
+    def never(*a, **k):
+        raise AssertionError("loaded the data before the output was checked")
+
+    import citydata
+
+    monkeypatch.setattr(citydata, "load_department", never)
+    s = mia.AuditSettings(department="health", epsilons=(3.0,), shadows=2, targets=1, canaries=0)
+    with pytest.raises(IsADirectoryError, match="audit.json"):
+        mia.run_audit(s, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.json"]
+
+
+def test_failed_final_write_leaves_no_partial_file_and_no_ledger(tmp_path, capsys, monkeypatch):
+    """The disk fills up at the last step: exit 1 naming audit.json, no audit.json.tmp, no ledger blocking a rerun."""
+    import errno
+    import pathlib
+
+    real = pathlib.Path.replace
+
+    def full_disk(self, target):
+        if self.name == "audit.json.tmp":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "replace", full_disk)
+    monkeypatch.setenv("CITYFED_AUDIT_THREADS", "1")
+    out_dir = tmp_path / "a"
+    code, out, err = _fl_sim([*TINY, "-e", "8", "-s", "Cleveland", "-o", out_dir], capsys, monkeypatch)
+    assert code == 1, (code, out, err)
+    assert str(out_dir / "audit.json") in err and "No space left on device" in err and "fix:" in err, err
+    assert "Traceback" not in out + err
+    assert not (out_dir / "audit.json.tmp").exists() and not (out_dir / "audit.json").exists()
+    assert list((out_dir / "ledgers").glob("audit-*")) == [] if (out_dir / "ledgers").exists() else True
+
+
