@@ -1351,17 +1351,86 @@ def fl_client(
 # --------------------------------------------------------------------------- sub-commands: which node
 
 
-def node_home(state_dir: Path | None = None, department: str | None = None, site: str | None = None) -> Path:
-    """The state dir a sub-command works on.
+class NoNodeNamed(SetupError):
+    """No option or variable names a node, and there is not exactly one ``~/.cityfed/node-*`` folder."""
 
-    In order: ``--state-dir``; ``--department``/``--site`` (``fl-client``'s default); the
-    same options given before the sub-command (``fl-client --state-dir D app list``);
-    ``$CITYFED_NODE_HOME``; the only ``~/.cityfed/node-*`` folder.
+
+class NodeFileError(SetupError):
+    """``<state-dir>/node.json`` (written by ``fl-client`` at each start) cannot be read or is damaged.
+
+    Attributes
+    ----------
+    path : Path
+        The file.
+    problem : str
+        What is wrong with it (the message without the fix).
+    """
+
+    def __init__(self, path: Path, problem: str, fix: str):
+        super().__init__(f"{path}: {problem}; fix: {fix}")
+        self.path, self.problem = path, problem
+
+
+#: What ``fl-client`` and its node write in the state dir: a folder holding none of these is no node's.
+NODE_MARKERS = (NODE_FILE, "ledger.sqlite", "audit.jsonl", "apps")
+
+
+def check_node_home(home: Path, named: str, fix: str) -> None:
+    """Refuse a state dir that is no node's: missing, not a folder, or holding nothing ``fl-client`` wrote.
+
+    The ``app`` and ``audit`` sub-commands work on an existing node's state: a mistyped folder
+    must not be created, nor an approval recorded where no node reads it.
+
+    Parameters
+    ----------
+    home : Path
+        The resolved state dir.
+    named : str
+        What gave it, for the message (``--state-dir``, ``$CITYFED_NODE_HOME``, ...).
+    fix : str
+        What to pass instead.
 
     Raises
     ------
     SetupError
-        An option given empty (``--state-dir ""``), or none of these names exactly one node.
+        Naming ``named``, the folder and ``fix``.
+    """
+    new = " (a new node's is made by its first `fl-client` start, `--check` included)"
+    if not home.exists():
+        raise SetupError(f"{named} {home}: does not exist, so it is no node's state dir; fix: {fix}{new}")
+    if not home.is_dir():
+        raise SetupError(f"{named} {home}: is a file, not a folder; fix: {fix}")
+    if not any((home / name).exists() for name in NODE_MARKERS):
+        raise SetupError(f"{named} {home}: holds nothing fl-client wrote (no {NODE_FILE}, ledger.sqlite, audit.jsonl "
+                         f"or apps/), so it is no node's state dir; fix: {fix}{new}")
+
+
+def node_home(state_dir: Path | None = None, department: str | None = None, site: str | None = None) -> Path:
+    """The state dir a sub-command works on: an existing node's (see :func:`check_node_home`).
+
+    In order: ``--state-dir``; ``--department``/``--site`` (``fl-client``'s default); the
+    same options given before the sub-command (``fl-client --state-dir D app list``);
+    ``$CITYFED_NODE_HOME``; the only ``~/.cityfed/node-*`` folder. ``--department`` and
+    ``--site`` get ``fl-client``'s own checks (:func:`check_department`,
+    :func:`check_site_name`) wherever they are given.
+
+    Parameters
+    ----------
+    state_dir, department, site : optional
+        The sub-command's own options (the root command's are read from click's context).
+
+    Returns
+    -------
+    Path
+        The resolved state dir; it exists and holds something ``fl-client`` wrote.
+
+    Raises
+    ------
+    NoNodeNamed
+        Nothing names a node and there is not exactly one ``~/.cityfed/node-*`` folder.
+    SetupError
+        An option given empty (``--state-dir ""``), a bad department or site, only one of
+        ``--department``/``--site``, or a state dir that is no node's.
     """
     from clients.pinning import HOME_ENV
 
@@ -1371,33 +1440,122 @@ def node_home(state_dir: Path | None = None, department: str | None = None, site
         check_not_empty(params, ("state_dir", "department", "site", "key"))
     state_dir = state_dir or root.get("state_dir")
     department, site = department or root.get("department"), site or root.get("site")
+    if site is not None:
+        check_site_name(site)  # "../x" would name a folder outside ~/.cityfed
+    if department is not None:
+        check_department(department)
+    fix = "pass the --state-dir fl-client runs with (it holds node.json and ledger.sqlite), e.g. /var/lib/cityfed-node"
     if state_dir:
-        return Path(state_dir).expanduser().resolve()
+        home = Path(state_dir).expanduser().resolve()
+        check_node_home(home, "--state-dir", fix)
+        return home
     if department and site:
-        return default_state_dir(department, site).expanduser().resolve()
+        home = default_state_dir(department, site).expanduser().resolve()
+        check_node_home(home, "--department/--site: state dir",
+                        "pass the --department and --site fl-client runs with, or its --state-dir")
+        return home
     if department or site:
         raise SetupError("--department and --site go together (they name ~/.cityfed/node-<department>-<site>); "
                          "fix: pass both, or --state-dir")
     if os.environ.get(HOME_ENV):
-        return Path(os.environ[HOME_ENV]).expanduser().resolve()
+        home = Path(os.environ[HOME_ENV]).expanduser().resolve()
+        check_node_home(home, f"${HOME_ENV}", f"set it to the --state-dir fl-client runs with, or unset it and {fix}")
+        return home
     found = sorted(p for p in (Path.home() / ".cityfed").glob("node-*") if p.is_dir())
     if len(found) == 1:
-        return found[0].resolve()
+        home = found[0].resolve()
+        check_node_home(home, "the only node folder", fix)
+        return home
     listed = f" (found: {', '.join(str(p) for p in found)})" if found else f" (no {Path.home() / '.cityfed'}/node-* folder)"
-    raise SetupError(f"which node? pass --state-dir (the folder fl-client runs with) or --department and --site{listed}")
+    raise NoNodeNamed(f"which node? pass --state-dir (the folder fl-client runs with) or --department and --site{listed}")
 
 
 def node_key(home: Path, key: Path | None = None) -> Path | None:
-    """The node's private key: ``--key``, else the one ``fl-client`` last ran with (``<state-dir>/node.json``)."""
+    """The node's private key: ``--key``, else the one ``fl-client`` last ran with (``<state-dir>/node.json``).
+
+    Parameters
+    ----------
+    home : Path
+        The node's state dir.
+    key : Path, optional
+        ``--key`` of the sub-command (else the root command's).
+
+    Returns
+    -------
+    Path or None
+        None where no key is given and the state dir has no ``node.json``.
+
+    Raises
+    ------
+    NodeFileError
+        ``node.json`` cannot be read, is not a JSON object, or has no ``key`` naming a file.
+    """
     ctx = click.get_current_context(silent=True)
     key = key or (ctx.find_root().params.get("key") if ctx is not None else None)
     if key:
         return Path(key).expanduser().resolve()
+    path = Path(home) / NODE_FILE
+    fix = f"pass --key with this node's node.key (fl-client rewrites {NODE_FILE} at its next start)"
     try:
-        recorded = json.loads((home / NODE_FILE).read_text()).get("key")
-    except (OSError, ValueError, AttributeError):
+        raw = path.read_bytes()
+    except FileNotFoundError:
         return None
-    return Path(recorded) if recorded else None
+    except IsADirectoryError:
+        raise NodeFileError(path, "is a directory, not fl-client's node file", fix) from None
+    except OSError as exc:
+        raise NodeFileError(path, f"cannot read it ({exc.strerror or exc})", fix) from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        bom = " (it starts with a byte-order mark)" if raw.startswith(b"\xef\xbb\xbf") else ""
+        raise NodeFileError(path, f"not JSON{bom}: the file is damaged", fix) from None
+    if not isinstance(data, dict):
+        raise NodeFileError(path, f"is a JSON {type(data).__name__}, not a JSON object: the file is damaged", fix)
+    recorded = data.get("key")
+    if not isinstance(recorded, str) or not recorded.strip():
+        raise NodeFileError(path, "no `key` naming the node's key file: the file is damaged", fix)
+    return Path(recorded)
+
+
+def signing_key(home: Path, key: Path | None = None) -> Path | None:
+    """The key that signs an ``app`` decision's audit entry, checked before the decision is changed.
+
+    Parameters
+    ----------
+    home : Path
+        The node's state dir.
+    key : Path, optional
+        ``--key``; default the one ``node.json`` names (:func:`node_key`).
+
+    Returns
+    -------
+    Path or None
+        None where no key is known (the entry is then written unsigned, with a note).
+
+    Raises
+    ------
+    SetupError
+        ``node.json`` is damaged, or the key is not a readable, unencrypted EC private key
+        (named as ``--key`` or as the key ``node.json`` names).
+    """
+    ctx = click.get_current_context(silent=True)
+    given = key or (ctx.find_root().params.get("key") if ctx is not None else None)
+    path = node_key(home, key)
+    if path is None:
+        return None
+    named = "--key" if given else f"{Path(home) / NODE_FILE} names key"
+    fix = "pass --key with this node's node.key (made on this machine by `fl-pki node-key`)"
+    check_input_file(named, path, fix, inside="node.key")
+    try:
+        from privacy.audit import AuditError, load_private_key
+    except Exception:  # noqa: BLE001 - pinning notes a missing audit module itself
+        return path
+    try:
+        load_private_key(path)
+    except AuditError as exc:
+        reason = str(exc).removeprefix(f"audit signing key {path.expanduser()}").lstrip(": ")
+        raise SetupError(f"{named} {path}: cannot sign the audit entry: {reason}") from None
+    return path
 
 
 def _out() -> Console:
@@ -1423,10 +1581,10 @@ class _Errors:
         return False
 
 
-StateDirOpt = Annotated[Optional[Path], typer.Option("--state-dir", help="The node's state folder (fl-client --state-dir). Default: from --department/--site (~/.cityfed/node-<department>-<site>), else $CITYFED_NODE_HOME, else the only ~/.cityfed/node-* folder.", show_default=False)]
-DepartmentOpt = Annotated[Optional[str], typer.Option("--department", help="With --site: the node's default state folder.", show_default=False)]
+StateDirOpt = Annotated[Optional[Path], typer.Option("--state-dir", help="The node's state folder (fl-client --state-dir); it must exist and hold what fl-client wrote there (node.json, ledger.sqlite, audit.jsonl or apps/). Default: from --department/--site (~/.cityfed/node-<department>-<site>), else $CITYFED_NODE_HOME, else the only ~/.cityfed/node-* folder.", show_default=False)]
+DepartmentOpt = Annotated[Optional[str], typer.Option("--department", help="With --site: the node's default state folder (checked as fl-client checks them).", show_default=False)]
 SiteOpt = Annotated[Optional[str], typer.Option("--site", help="With --department: the node's default state folder.", show_default=False)]
-KeyOpt = Annotated[Optional[Path], typer.Option("--key", help="Node key that signs the audit entry. Default: the key fl-client last ran with (<state-dir>/node.json).", show_default=False)]
+KeyOpt = Annotated[Optional[Path], typer.Option("--key", help="Node key that signs the audit entry (checked before anything is recorded). Default: the key fl-client last ran with (<state-dir>/node.json).", show_default=False)]
 
 
 # --------------------------------------------------------------------------- fl-client app
@@ -1537,19 +1695,21 @@ def approve_cmd(
 
     Review it first (`fl-client app review`). Takes effect from the node's next task, without a
     restart; recorded in <state-dir>/apps/approved.json and in the node's audit log
-    (app-approved).
+    (app-approved). Refused (exit 2, nothing recorded) for a state dir that fl-client did not
+    make, a damaged <state-dir>/node.json, or a key that cannot sign the audit entry.
     """
     from clients import pinning
 
     with _Errors():
         home = node_home(state_dir, department, site)
         digest = pinning.full_sha256(sha256, home)
+        signer = signing_key(home, key)  # before the decision: an approval is never left without its entry
         new = pinning.Approvals(home).approve(digest)
     known = pinning.Quarantine(home).fab_path(digest).is_file()
     if not new:
         _out().print(f"already approved: {digest}")
         return
-    _audit(home, "app-approved", node_key(home, key), **{"fab-sha256": digest, "by": pinning._user()})
+    _audit(home, "app-approved", signer, **{"fab-sha256": digest, "by": pinning._user()})
     _out().print(f"[green]approved[/] {digest}: this node runs that app bundle from its next task")
     if not known:
         _err().print("[yellow]note:[/] this node has not quarantined that FAB; make sure you reviewed it "
@@ -1567,17 +1727,19 @@ def revoke_cmd(
     """Withdraw an approval: from the node's next task on, that app bundle is refused again (unless it is the release).
 
     Recorded in <state-dir>/apps/approved.json and in the node's audit log (app-revoked).
+    Refused (exit 2, nothing recorded) as `approve` is.
     """
     from clients import pinning
 
     with _Errors():
         home = node_home(state_dir, department, site)
         digest = pinning.full_sha256(sha256, home)
+        signer = signing_key(home, key)  # before the decision: a revocation is never left without its entry
         store = pinning.Approvals(home)
         if not store.revoke(digest):
             raise pinning.PinningError(f"{digest} is not approved in {store.path}; fix: `fl-client app list` shows "
                                        "the approved sha256 values")
-    _audit(home, "app-revoked", node_key(home, key), **{"fab-sha256": digest, "by": pinning._user()})
+    _audit(home, "app-revoked", signer, **{"fab-sha256": digest, "by": pinning._user()})
     _out().print(f"[green]revoked[/] {digest}: this node refuses that app bundle from its next task")
 
 
@@ -1635,17 +1797,27 @@ def list_cmd(
 
 
 def _audit_default_log() -> Path:
+    """``<state-dir>/audit.jsonl`` of the node the root options name (a bad one is refused, naming the option)."""
+    from privacy.audit import AuditError
+
     try:
         return node_home() / "audit.jsonl"
-    except SetupError:
+    except NoNodeNamed:  # audit's own "does not exist" message then says where the log lives
         return Path.home() / ".cityfed" / "node-<department>-<site>" / "audit.jsonl"
+    except SetupError as exc:
+        raise AuditError(str(exc)) from None
 
 
 def _audit_default_pub(log: Path) -> Path | None:
     """``node.pub`` next to the key the node last ran with: from the log's own folder (a state dir), else the node's."""
+    from privacy.audit import AuditError
+
     for home in (lambda: Path(log).expanduser().resolve().parent, node_home):
         try:
             key = node_key(home())
+        except NodeFileError as exc:  # say which file is damaged rather than "no public key found"
+            raise AuditError(f"{exc.path}: {exc.problem}, so the node's key (and node.pub next to it) is not known; "
+                             "fix: pass --pub with the node's node.pub") from None
         except SetupError:
             continue
         if key is not None and key.with_name("node.pub").is_file():
