@@ -18,9 +18,40 @@ console = make_console(highlight=True, soft_wrap=False)  # 200 columns off a ter
 #: Highest --seed: the other fl-sim commands' bound (simulations.cli._MAX_SEED, the run config's).
 _MAX_SEED = 2**32 - 1
 
+#: Environment variable: PyTorch threads of the audit's training (default 1; at most the machine's CPU count).
+THREADS_ENV = "CITYFED_AUDIT_THREADS"
+
+
+def audit_threads() -> int:
+    """The audit's PyTorch thread count from ``$CITYFED_AUDIT_THREADS``; fl-sim's exit 2 for a bad value.
+
+    Unset or empty: 1. Otherwise a whole number from 1 to this machine's CPU count
+    (``os.cpu_count()``): more threads than cores only slow the training down, and a very
+    large count makes PyTorch fail to start its threads (or crash).
+
+    Returns
+    -------
+    int
+        The thread count.
+    """
+    from simulations.cli import _refuse
+
+    raw = os.environ.get(THREADS_ENV, "")
+    if not raw.strip():
+        return 1
+    most = os.cpu_count() or 1
+    fix = f"set {THREADS_ENV} to a whole number from 1 to {most} (this machine's CPU count), or unset it (1 thread)"
+    try:
+        n = int(raw.strip())
+    except ValueError:
+        _refuse(f"{THREADS_ENV}={raw!r}: not a whole number", fix)
+    if not 1 <= n <= most:
+        _refuse(f"{THREADS_ENV}={raw!r}: out of range", fix)
+    return n
+
 
 def _check_inputs(department: str, out: Path, epsilon: List[float], seed: int, site: Optional[List[str]],
-                  accountant: str, clip: float, confidence: float, control: bool, overwrite: bool) -> None:
+                  accountant: str, clip: float, confidence: float, control: bool, overwrite: bool) -> int:
     """fl-sim's input rule for ``fl-sim audit``: exit 2 with ``error: OPTION: WHAT; fix: HOW`` on standard error.
 
     Everything the audit would refuse, checked before its data is loaded, its progress bar shown or
@@ -63,6 +94,7 @@ def _check_inputs(department: str, out: Path, epsilon: List[float], seed: int, s
         _refuse("nothing to audit", "give an --epsilon or keep the --control", "--no-control")
     if not 0 <= seed <= _MAX_SEED:  # typer's range says so first; a direct call too
         _refuse(f"{seed} is not in the range 0<=x<={_MAX_SEED}", "give --seed a whole number in that range", "--seed")
+    threads = audit_threads()
     _check_out_dir(out, "--out")
     from simulations.mia import FIXED_OUTPUTS
 
@@ -92,6 +124,7 @@ def _check_inputs(department: str, out: Path, epsilon: List[float], seed: int, s
             _refuse(f"unknown site(s) {', '.join(map(repr, unknown))} for {department}",
                     f"choose from {', '.join(map(repr, names))} (as `fl-sim datasets {department}` lists them)",
                     "--site")
+    return threads
 
 
 def audit(
@@ -143,16 +176,19 @@ def audit(
 
     Writes OUT/audit.json (AUC, TPR at low FPR, bounds, ledger epsilon and delta, attack
     settings, seconds) and OUT/ledgers/audit-eps*.sqlite.
+
+    Environment: CITYFED_AUDIT_THREADS = PyTorch threads of the training, a whole number from
+    1 to this machine's CPU count (default 1; another value is refused with exit 2).
     """
     import torch
 
     from simulations.mia import AuditOutputError, AuditSettings, run_audit
 
-    _check_inputs(department, out, epsilon, seed, site, accountant, clip, confidence, control, overwrite)
+    threads = _check_inputs(department, out, epsilon, seed, site, accountant, clip, confidence, control, overwrite)
     if overwrite and (out / "ledgers").exists():
         for p in (out / "ledgers").glob("audit-*.sqlite*"):
             p.unlink()
-    torch.set_num_threads(max(1, int(os.environ.get("CITYFED_AUDIT_THREADS", "1"))))
+    torch.set_num_threads(threads)
     settings = AuditSettings(department=department, epsilons=tuple(epsilon), shadows=shadows, targets=targets,
                              canaries=canaries, seed=seed, sites=tuple(site) if site else None, accountant=accountant,
                              confidence=confidence, max_grad_norm=clip, max_records=max_records, control=control)

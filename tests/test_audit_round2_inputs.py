@@ -136,3 +136,39 @@ def test_failed_final_write_leaves_no_partial_file_and_no_ledger(tmp_path, capsy
     assert list((out_dir / "ledgers").glob("audit-*")) == [] if (out_dir / "ledgers").exists() else True
 
 
+# -- D5: CITYFED_AUDIT_THREADS ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,what", [
+    ("abc", "not a whole number"),
+    ("2.5", "not a whole number"),
+    ("0", "out of range"),
+    ("-3", "out of range"),
+    ("100000", "out of range"),
+])
+def test_bad_audit_threads_is_refused_before_training(tmp_path, capsys, monkeypatch, never_train, value, what):
+    monkeypatch.setenv("CITYFED_AUDIT_THREADS", value)
+    out_dir = tmp_path / "a"
+    code, out, err = _fl_sim([*TINY, "-e", "3", "-o", out_dir], capsys, monkeypatch)
+    _refused(code, out, err, f"CITYFED_AUDIT_THREADS={value!r}", what, f"1 to {os.cpu_count()}", "unset")
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("value,threads", [("", 1), (" 1 ", 1), (str(os.cpu_count()), os.cpu_count())])
+def test_good_audit_threads_is_used(tmp_path, capsys, monkeypatch, value, threads):
+    import torch
+
+    seen = {}
+
+    def record(settings, out, on_model=None):
+        seen["threads"] = torch.get_num_threads()
+        raise SystemExit(0)
+
+    monkeypatch.setattr(mia, "run_audit", record)
+    before = torch.get_num_threads()
+    monkeypatch.setenv("CITYFED_AUDIT_THREADS", value)
+    try:
+        code, out, err = _fl_sim([*TINY, "-e", "3", "-o", tmp_path / "a"], capsys, monkeypatch)
+    finally:
+        threads_seen = seen.get("threads")
+        torch.set_num_threads(before)
+    assert code == 0 and threads_seen == threads, (code, out, err, threads_seen)
