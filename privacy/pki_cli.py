@@ -202,15 +202,26 @@ def show_cmd(
     Days left turn [yellow]yellow[/] under 30 days and [red]red[/] once expired. Private
     keys (.key) are refused: they are never displayed. Use `fl-pki verify` to check a
     certificate against the CA.
+
+    Every file that can be read is shown, in the order given; one that cannot (missing, a
+    folder, damaged, a private key) gets its error where it comes, and the command ends with
+    a line naming every file not shown (given several files); exit status 2.
     """
+    # A read-only look: the files that can be shown still are (a glob of certificates with one
+    # bad file in it shows the others), and the last line says which were not: output that
+    # looks complete is not taken for a complete success.
     c = _out()
-    failed = False
+    failed: list[Path] = []
     for path in paths:
         try:
             _show_one(c, path)
         except pki.PKIError as err:
             _err().print(f"[bold red]error:[/] {escape(str(err))}")
-            failed = True
+            failed.append(path)
+    if failed and len(paths) > 1:
+        names = escape(", ".join(str(p) for p in failed))
+        _err().print(f"[bold red]fl-pki show:[/] {len(failed)} of {len(paths)} files not shown: {names}; fix: see each "
+                     "file's error above, or leave those files out")
     if failed:
         raise typer.Exit(2)
 

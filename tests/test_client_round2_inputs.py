@@ -195,3 +195,39 @@ def test_audit_verify_names_a_damaged_node_json(home, tmp_path, node_key):
     assert code == 2 and str(state / client_cli.NODE_FILE) in text and "--pub" in text, text
     code, text = cli("audit", "verify", "--log", state / "audit.jsonl", "--pub", node_key.with_name("node.pub"))
     assert code == 0 and "OK" in text, text
+
+
+# --------------------------------------------------------------------------- fl-pki show
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> dict[str, Path]:
+    from privacy import pki
+
+    base = tmp_path_factory.mktemp("pki")
+    pki.create_ca(base / "ca", "Round Two CA")
+    pki.create_node_key(base / "node", "health", "Cleveland")
+    return {"crt": base / "ca" / "ca.crt", "pub": base / "node" / "node.pub", "key": base / "node" / "node.key"}
+
+
+def test_pki_show_ends_with_which_files_were_not_shown(certs, tmp_path):
+    from privacy.pki_cli import app as pki_app
+
+    missing, folder = tmp_path / "missing.crt", tmp_path
+    res = runner.invoke(pki_app, ["show", str(certs["crt"]), str(missing), str(certs["key"]), str(folder),
+                                  str(certs["pub"])])
+    assert res.exit_code == 2, res.output
+    assert "CN=Round Two CA" in res.stdout and "Fingerprint" in res.stdout  # the good files are shown
+    assert "BEGIN" not in res.output and "PRIVATE KEY-----" not in res.output
+    last = " ".join(res.stderr.strip().splitlines()[-1].split())
+    assert last.startswith("fl-pki show: 3 of 5 files not shown:"), last
+    for bad in (missing, certs["key"], folder):
+        assert str(bad) in last, last
+    assert res.stdout.index("Fingerprint") > res.stdout.index("CN=Round Two CA")  # order of the arguments kept
+
+
+def test_pki_show_all_good_exits_0_without_summary(certs):
+    from privacy.pki_cli import app as pki_app
+
+    res = runner.invoke(pki_app, ["show", str(certs["crt"]), str(certs["pub"])])
+    assert res.exit_code == 0 and "not shown" not in res.output, res.output
