@@ -127,6 +127,10 @@ def write_audit_report(out: Path) -> Path:
         raise ValueError(f"{out / 'audit.json'}: not an fl-sim audit result (no 'rows')")
     path = out / "report.html"
     tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(render_audit_page(audit))
-    tmp.replace(path)
+    try:
+        tmp.write_text(render_audit_page(audit))
+        tmp.replace(path)  # an earlier page is replaced only by a complete one
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -252,3 +252,24 @@ def test_audit_page_refuses_a_file_that_is_not_an_audit(tmp_path):
     (tmp_path / "audit.json").write_text(json.dumps({"meta": {}, "summary": []}))
     with pytest.raises(ValueError, match="not an fl-sim audit"):
         write_audit_report(tmp_path)
+
+
+def test_audit_page_write_that_fails_leaves_no_temp_file_and_the_earlier_page(tmp_path, monkeypatch):
+    """A page that cannot be written (disk full at the rename) leaves the earlier report.html as it was
+    and no report.html.tmp that would block or confuse a rerun."""
+    from pathlib import Path
+
+    from server.audit_report import write_audit_report
+
+    (tmp_path / "audit.json").write_text(json.dumps(_audit_result(0.5, True)))
+    before = write_audit_report(tmp_path).read_bytes()
+    (tmp_path / "audit.json").write_text(json.dumps(_audit_result(0.0, False)))
+
+    def full(self, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "replace", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_audit_report(tmp_path)
+    assert (tmp_path / "report.html").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.json", "report.html"]
