@@ -148,6 +148,31 @@ RUN_CONFIG_OPTIONS = {
 }
 
 
+def _refuse_repeats(option: str, values, key, what: str) -> None:
+    """Refuse (exit 2, naming ``option``) a repeatable option given the same value twice.
+
+    Parameters
+    ----------
+    option : str
+        The option (``--epsilon``).
+    values : list
+        Its values, in the order given.
+    key : callable
+        What tells two values apart (``str``; for epsilons ``f"{e:g}"``, as the tables and run names write them).
+    what : str
+        What one value is, for the fix (``"epsilon"``: "give each epsilon once").
+    """
+    seen: dict = {}
+    for v in values:
+        k = key(v)
+        if k in seen:
+            a = seen[k]
+            _refuse(f"{a!r} is given twice" if a == v else f"{a!r} and {v!r} are the same value to 6 significant digits "
+                                                           f"({k}), so they would give the same results twice",
+                    f"give each {what} once", option)
+        seen[k] = v
+
+
 def _check_run_config(cfg: dict, options: dict, command: str) -> None:
     """Validate run config ``cfg`` with ``server.app.settings``; a refusal is an input error naming the option.
 
@@ -196,14 +221,14 @@ def _table(results: list[dict], department: str) -> Table:
 @app.command()
 def baselines(
     department: List[str] = typer.Option(
-        ..., "--department", "-d", help="health, traffic or utility; repeat for several, or 'all'."
+        ..., "--department", "-d", help="health, traffic or utility; repeat for several (each once), or 'all'."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for results.json (created if missing)."),
     epsilon: List[float] = typer.Option(
-        [3.0], "--epsilon", "-e", help="Target epsilon of the DP-SGD runs (repeat for several). delta = 1/(10·n)."
+        [3.0], "--epsilon", "-e", help="Target epsilon of the DP-SGD runs (repeat for several, each once). delta = 1/(10·n)."
     ),
     model: Optional[List[str]] = typer.Option(
-        None, "--model", "-m", help="Model kinds (heart-mlp for health; gru, patchtst for forecasting). Default: all."
+        None, "--model", "-m", help="Model kinds (heart-mlp for health; gru, patchtst for forecasting; repeat for several, each once). Default: all."
     ),
     data: Optional[Path] = typer.Option(
         None, "--data", help="Your own records (CSV/Parquet in the department schema) instead of the bundled data."
@@ -237,6 +262,10 @@ def baselines(
     for d in depts:
         if d not in DEPARTMENTS:
             _refuse(f"unknown department {d!r}", f"choose from {', '.join(DEPARTMENTS)} or 'all'", "--department")
+    # a value given twice would train (and print) the same jobs twice; epsilons are told apart as the table prints them
+    _refuse_repeats("--department", depts, str, "department")
+    _refuse_repeats("--model", model or [], str, "model kind")
+    _refuse_repeats("--epsilon", epsilon, lambda e: f"{e:g}", "epsilon")
     if model:  # each department trains every --model: each must be one of its model kinds
         from shared_models.configs import model_kinds
 
@@ -913,7 +942,9 @@ def _ray_options(engine: str, ray_address: Optional[str], gpus_per_client: float
 def compare(
     department: str = typer.Option(..., "--department", "-d", help="health, traffic, utility or 'all' (OUT/<department>)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for results.json and one sub-folder per federated run."),
-    epsilon: List[float] = typer.Option([1.0, 3.0, 8.0], "--epsilon", "-e", help="Target epsilons of the DP-federated runs."),
+    epsilon: List[float] = typer.Option([1.0, 3.0, 8.0], "--epsilon", "-e", help="Target epsilons of the DP-federated runs (repeat for several, each once: "
+                                                                                   "values equal to 6 significant digits name one run, "
+                                                                                   "federated-dp-eps<value>)."),
     model: Optional[str] = typer.Option(None, help="Model kind (default: the department's first)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", "-r", min=1, max=_MAX_ROUNDS, help="Override the federated rounds."),
     local_epochs: Optional[int] = typer.Option(None, min=1, max=_MAX_EPOCHS, help="Override the local epochs per round."),
@@ -992,8 +1023,12 @@ def compare(
 def _check_compare_configs(depts: list[str], out: Path, epsilon: list[float], model: Optional[str], seed: int,
                            overrides: dict) -> None:
     """Every run config a comparison will run, checked before its first (pooled) training: exit 2 naming the option."""
-    from simulations.compare import federated_settings, run_config
+    from simulations.compare import describe_same_run_epsilons, federated_settings, run_config, same_run_epsilons
 
+    clashes = same_run_epsilons(epsilon)
+    if clashes:
+        _refuse(describe_same_run_epsilons(clashes), "give each epsilon once (values equal to 6 significant digits "
+                                                     "name one run)", "--epsilon")
     _check_out_dir(out, "--out")
     given = [*overrides, "seed", *(["model"] if model else [])]  # the keys compare's options set
     for d in depts:

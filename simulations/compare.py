@@ -83,6 +83,58 @@ def federated_settings(department: str, dp: bool, overrides: dict | None = None,
     return {**FED_DEFAULTS[department], **own, **(FED_DP_DEFAULTS.get(department, {}) if dp else {}), **(overrides or {})}
 
 
+def run_name(method: str, epsilon: float | None) -> str:
+    """The folder name and run ID of one of a comparison's federated runs: ``federated``, ``federated-dp-eps3``.
+
+    Parameters
+    ----------
+    method : str
+        ``"federated"`` or ``"federated-dp"``.
+    epsilon : float or None
+        The run's target epsilon (None: no DP), written with ``:g`` (6 significant digits).
+
+    Returns
+    -------
+    str
+    """
+    return method if epsilon is None else f"{method}-eps{epsilon:g}"
+
+
+def same_run_epsilons(epsilons) -> list[tuple[float, float, str]]:
+    """Target epsilons that would share one DP run: the same value twice, or values that name the same run.
+
+    Two DP runs whose names (:func:`run_name`) are equal would share one folder, run ID and
+    ledgers: the second would find the first's budget spent (and train at a huge noise), and
+    overwrite its model and results.
+
+    Parameters
+    ----------
+    epsilons : iterable of float
+        The comparison's target epsilons, in the order given.
+
+    Returns
+    -------
+    list of (float, float, str)
+        ``(first, later, run name)`` for each value whose run an earlier value already names; empty if none.
+    """
+    seen: dict[str, float] = {}
+    clashes = []
+    for e in epsilons:
+        name = run_name("federated-dp", float(e))
+        if name in seen:
+            clashes.append((seen[name], float(e), name))
+        else:
+            seen[name] = float(e)
+    return clashes
+
+
+def describe_same_run_epsilons(clashes: list[tuple[float, float, str]]) -> str:
+    """``3.0 is given twice (run federated-dp-eps3)`` / ``3.0 and 3.0000001 name the same run (...)``, joined by ``; ``."""
+    return "; ".join((f"{a!r} is given twice" if a == b else f"{a!r} and {b!r} name the same run")
+                     + f" (folder and run ID {name}: the later run would reuse the earlier one's ledgers and spent budget)"
+                     for a, b, name in clashes)
+
+
 def run_config(department: str, seed: int, epsilon: float | None, run_dir: Path, settings: dict,
                policy: Path | None = None, *, model: str | None = None) -> dict:
     """The run config of one of a comparison's federated runs, scored by the simulated coordinator.
@@ -387,6 +439,13 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
         ``{"meta", "summary", "rows"}`` as written to ``OUT/results.json``; ``meta["stopped"]``
         maps each federated run that ended before its last round (``status: stopped: ...``) to
         ``{"status", "num-rounds"}`` (its rows score the model it had then).
+
+    Raises
+    ------
+    ValueError
+        Two of ``epsilons`` name the same DP run (:func:`same_run_epsilons`), before anything is created.
+    FileExistsError
+        Run folders of an earlier comparison are in ``out`` and ``overwrite`` is False.
     """
     from citydata import load_department
     from shared_models import model_kinds
@@ -402,8 +461,11 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
     # reproducible too (simulate() sets the same for the federated runs; see privacy.dp.dp_seed)
     os.environ.setdefault(SEED_FROM_JOB_ENV, "1")
     out = Path(out)
+    clashes = same_run_epsilons(epsilons)
+    if clashes:
+        raise ValueError(f"epsilons: {describe_same_run_epsilons(clashes)}; fix: give each epsilon once")
     runs = [("federated", None)] + [("federated-dp", float(e)) for e in epsilons]
-    names = [m if e is None else f"{m}-eps{e:g}" for m, e in runs]
+    names = [run_name(m, e) for m, e in runs]
     existing = [n for n in names if (out / n).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out}: run folder(s) {', '.join(existing)} exist from an earlier comparison (their "
@@ -428,7 +490,7 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
     timings = {}
     stopped = {}  # federated run -> its status, for each run that ended before its last round
     for method, eps in runs:
-        name = method if eps is None else f"{method}-eps{eps:g}"
+        name = run_name(method, eps)
         if on_stage:
             on_stage(name)
         cfg = run_config(department, seed, eps, out / name, fed if eps is None else fed_dp,

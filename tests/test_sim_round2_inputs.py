@@ -1,0 +1,102 @@
+"""fl-sim: bad input of review round 2 (exit 2 before anything is trained or written; nothing lost).
+
+* ``compare --epsilon`` (and ``baselines --epsilon/--model/--department``) given twice, or two
+  values that name the same run (``federated-dp-eps{e:g}``): refused before any training (D1).
+* An output file that these commands write at the end (OUT/results.json, the report, ...) that
+  is a folder: refused with ``--out`` before any training (D3).
+* ``CITYFED_FLWR_LOG``: any case accepted; a value that is not a level refused with exit 2 (D4).
+* ``CITYFED_CPU_WATTS_PER_CORE`` checked before ``fl-sim run`` / ``compare`` train (D6).
+* ``baselines -d health -d all``: 'all' cannot be combined (D12).
+* An unknown command's suggestion is said once (D13).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import simulations.cli as cli
+from sim_helpers import fl_sim as _fl_sim
+
+
+def _input_error(code, out, err):
+    assert code == 2, (out, err)
+    assert err.count("error: ") == 1 and "; fix: " in err, err
+    assert "Traceback" not in err and "not shown" not in err, err
+
+
+@pytest.fixture()
+def never_train(monkeypatch):
+    """Every fl-sim command's training fails the test: the refusal must come first."""
+    import simulations.baselines as baselines
+    import simulations.compare as compare
+
+    def never(*a, **k):
+        raise AssertionError("trained before the input was checked")
+
+    for mod, name in ((compare, "run_compare"), (compare, "run_baselines"), (compare, "simulate"),
+                      (baselines, "run_baselines"), (cli, "_run_one")):
+        monkeypatch.setattr(mod, name, never)
+
+
+COMPARE = ["compare", "-d", "health", "--rounds", "1", "--local-epochs", "1", "--personalise-epochs", "0", "--no-loo",
+           "--no-personalise-own"]
+
+
+# -- D1: the same epsilon twice ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eps, shown", [
+    (["3", "3"], "3.0 is given twice"),
+    (["3", "3.0000001"], "3.0 and 3.0000001"),
+    (["1", "3", "8", "3.0"], "3.0 is given twice"),
+])
+def test_compare_same_epsilon_twice_is_refused_before_training(tmp_path, capsys, monkeypatch, never_train, eps, shown):
+    code, out, err = _fl_sim([*COMPARE, *[a for e in eps for a in ("-e", e)], "-o", tmp_path / "c"], capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert "--epsilon" in err and shown in err and "federated-dp-eps3" in err, err
+    assert "give each epsilon once" in err, err
+    assert not (tmp_path / "c").exists()
+
+
+def test_compare_distinct_epsilons_pass_the_check(tmp_path, capsys, monkeypatch):
+    """3 and 3.00001 name different runs (eps3, eps3.00001): not refused."""
+    import simulations.compare as compare
+
+    seen = []
+
+    def fake_compare(department, out, **k):
+        seen.append(k["epsilons"])
+        return {"meta": {"seconds": 1.0, "model": "heart-mlp"}, "summary": []}
+
+    monkeypatch.setattr(compare, "run_compare", fake_compare)
+    code, out, err = _fl_sim([*COMPARE, "-e", "3", "-e", "3.00001", "-o", tmp_path / "c"], capsys, monkeypatch)
+    assert code == 0 and seen == [(3.0, 3.00001)], (out, err)
+
+
+def test_run_compare_refuses_epsilons_that_name_the_same_run(tmp_path, monkeypatch):
+    """The library refuses them too (another caller than fl-sim), before anything is created."""
+    import simulations.compare as compare
+
+    def never(*a, **k):
+        raise AssertionError("trained before the input was checked")
+
+    monkeypatch.setattr(compare, "run_baselines", never)
+    monkeypatch.setattr(compare, "simulate", never)
+
+    with pytest.raises(ValueError, match="federated-dp-eps3"):
+        compare.run_compare("health", tmp_path / "c", epsilons=(3.0, 3.0000001), loo=False, own=False)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("args, option, shown", [
+    (["-d", "health", "-e", "3", "-e", "3"], "--epsilon", "3.0 is given twice"),
+    (["-d", "health", "-e", "3", "-e", "3.0000001"], "--epsilon", "3.0 and 3.0000001"),
+    (["-d", "health", "-d", "health"], "--department", "'health' is given twice"),
+    (["-d", "health", "-m", "heart-mlp", "-m", "heart-mlp"], "--model", "'heart-mlp' is given twice"),
+])
+def test_baselines_same_value_twice_is_refused(tmp_path, capsys, monkeypatch, never_train, args, option, shown):
+    code, out, err = _fl_sim(["baselines", *args, "-o", tmp_path / "b"], capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert f"error: {option}:" in err and shown in err and "give each" in err, err
+    assert not (tmp_path / "b").exists()
