@@ -27,6 +27,8 @@ def export_model(
     """Write a run's model package: weights (safetensors), model config, data schema, model card (JSON + Markdown), SHA-256 manifest.
 
     The card records the run ID, strategy, rounds, the sites that trained, epsilon and delta per site and per mechanism (from the run's ledgers), metrics per site, data source versions and the creation time. Serve it on a department node with `fl-serve DIR --site SITE`.
+
+    A results.json or launch.json that is empty, not UTF-8 (or has a byte-order mark), not JSON, not a JSON object, or has a field of the wrong type is refused (exit 2) naming the file, the field and a fix; nothing is written.
     """
     from serving.package import PackageError, export_package
 

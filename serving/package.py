@@ -79,6 +79,208 @@ def _package_json(path: Path, name: str) -> dict:
     return value
 
 
+#: The fix of a run folder's results.json or launch.json that is damaged or was edited.
+RUN_FILE_FIX = ("restore the file the run wrote (fl-sim run / fl-server write results.json and launch.json; they are "
+                "not meant to be edited), or export another run folder")
+
+
+def _run_json(path: Path) -> dict:
+    """The JSON object in a run folder's file ``path`` (``results.json``, ``launch.json``).
+
+    Parameters
+    ----------
+    path : Path
+        The file.
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    PackageError
+        Naming the file, the problem (cannot be read, empty, a byte-order mark, not UTF-8, not
+        valid JSON, not a JSON object) and the fix. No value of the file is quoted.
+    """
+    from contract.text_files import BOM_FIX, UTF8_BOM
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PackageError(f"{path}: cannot read ({exc.strerror or type(exc).__name__}); fix: make it readable by "
+                           "the user that exports the package") from None
+    if not raw.strip():
+        raise PackageError(f"{path}: empty; fix: {RUN_FILE_FIX}")
+    if raw.startswith(UTF8_BOM):
+        raise PackageError(f"{path}: starts with a UTF-8 byte-order mark (BOM); fix: {BOM_FIX}, or {RUN_FILE_FIX}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        utf16 = " (it looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise PackageError(f"{path}: not UTF-8 (byte {exc.start}){utf16}; fix: save it as UTF-8, or "
+                           f"{RUN_FILE_FIX}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PackageError(f"{path}: not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno}); "
+                           f"fix: {RUN_FILE_FIX}") from None
+    except (ValueError, RecursionError) as exc:  # nested too deeply, a number of > 4300 digits
+        raise PackageError(f"{path}: not valid JSON ({type(exc).__name__}); fix: {RUN_FILE_FIX}") from None
+    if not isinstance(value, dict):
+        raise PackageError(f"{path}: holds {_kind(value)}, where a JSON object is expected; fix: {RUN_FILE_FIX}")
+    return value
+
+
+_NUM, _TEXT, _NONE = (int, float), (str,), (type(None),)
+
+
+def _expect(path: Path, where: str, value, kinds: tuple, words: str) -> None:
+    """:class:`PackageError` naming ``path`` and the field ``where`` unless ``value`` is one of ``kinds``
+    (true/false counts as a number only where ``bool`` is in ``kinds``)."""
+    if isinstance(value, kinds) and (not isinstance(value, bool) or bool in kinds):
+        return
+    raise PackageError(f"{path}: {where} is {_kind(value)}, where {words} is expected; fix: {RUN_FILE_FIX}")
+
+
+def _expect_table_of_tables(path: Path, where: str, value) -> None:
+    """``value`` is null or an object whose values are objects (metrics by node or site)."""
+    _expect(path, where, value, (dict, *_NONE), "an object (or null)")
+    for k, v in (value or {}).items():
+        _expect(path, f"{where}.{k}", v, (dict,), "an object")
+
+
+#: Fields of a results.json config the card reads, by the JSON types they may have.
+_CONFIG_FIELDS = {
+    **{k: ((*_NUM, *_NONE), "a number (or null)") for k in (
+        "num-rounds", "local-epochs", "batch-size", "lr", "target-epsilon", "noise-multiplier", "clipping-norm", "seed",
+        "proximal-mu", "server-lr", "trim-beta", "krum-malicious")},
+    **{k: ((bool, int, *_NONE), "true/false (or null)") for k in ("dp", "secagg")},
+    **{k: ((*_TEXT, *_NONE), "text (or null)") for k in ("strategy", "model", "central-data")},
+}
+
+
+def check_results(results, path: Path) -> dict:
+    """Check that a run's ``results.json`` content has the shape the model card reads.
+
+    Parameters
+    ----------
+    results : object
+        ``results.json``'s content.
+    path : Path
+        The file (named in the messages).
+
+    Returns
+    -------
+    dict
+        ``results``, unchanged.
+
+    Raises
+    ------
+    PackageError
+        Naming the file, the field (``config.department``, ``rounds[3].train.nodes.2``...), what
+        it holds and the fix: not an object, no ``config`` object, a ``config.department`` that is
+        not a department, a field of the wrong JSON type.
+    """
+    from citydata import DATASETS
+
+    path = Path(path)
+    if not isinstance(results, dict):
+        raise PackageError(f"{path}: holds {_kind(results)}, where a JSON object is expected; fix: {RUN_FILE_FIX}")
+    if "config" not in results:
+        raise PackageError(f"{path}: no config.department (the file has no config); fix: {RUN_FILE_FIX}")
+    cfg = results["config"]
+    _expect(path, "config", cfg, (dict,), "an object")
+    dept = cfg.get("department")
+    if dept is None:
+        raise PackageError(f"{path}: no config.department; fix: {RUN_FILE_FIX}")
+    _expect(path, "config.department", dept, _TEXT, f"one of {', '.join(sorted(DATASETS))}")
+    if dept not in DATASETS:
+        raise PackageError(f"{path}: config.department = {dept[:40]!r} is not one of {sorted(DATASETS)}; "
+                           f"fix: {RUN_FILE_FIX}")
+    for key, (kinds, words) in _CONFIG_FIELDS.items():
+        if key in cfg:
+            _expect(path, f"config.{key}", cfg[key], kinds, words)
+    _expect(path, "run_id", results.get("run_id"), (*_TEXT, int, *_NONE), "text")
+    _expect(path, "status", results.get("status"), (*_TEXT, *_NONE), "text (or null)")
+    _expect(path, "job", results.get("job"), (dict, *_NONE), "an object (or null)")
+    _expect(path, "job.task", (results.get("job") or {}).get("task"), (*_TEXT, *_NONE), "text (or null)")
+    for key in ("excluded", "refused"):
+        _expect(path, key, results.get(key), (list, *_NONE), "a list (or null)")
+    _expect(path, "rounds", results.get("rounds"), (list, *_NONE), "a list (or null)")
+    for i, e in enumerate(results.get("rounds") or []):
+        where = f"rounds[{i}]"
+        _expect(path, where, e, (dict,), "an object")
+        if "round" not in e:
+            raise PackageError(f"{path}: {where} has no round number; fix: {RUN_FILE_FIX}")
+        _expect(path, f"{where}.round", e["round"], (int,), "a whole number")
+        for phase in ("train", "evaluate"):
+            _expect(path, f"{where}.{phase}", e.get(phase), (dict, *_NONE), "an object (or null)")
+            _expect_table_of_tables(path, f"{where}.{phase}.nodes", (e.get(phase) or {}).get("nodes"))
+        _expect_table_of_tables(path, f"{where}.central-sites", e.get("central-sites"))
+    _expect(path, "initial", results.get("initial"), (dict, *_NONE), "an object (or null)")
+    _expect_table_of_tables(path, "initial.central-sites", (results.get("initial") or {}).get("central-sites"))
+    energy = results.get("energy")
+    _expect(path, "energy", energy, (dict, *_NONE), "an object (or null)")
+    if energy:
+        _expect_table_of_tables(path, "energy.nodes", energy.get("nodes"))
+        for node, v in (energy.get("nodes") or {}).items():
+            for key in ("joules", "train-j", "evaluate-j"):
+                _expect(path, f"energy.nodes.{node}.{key}", v.get(key), _NUM, "a number")
+            _expect(path, f"energy.nodes.{node}.methods", v.get("methods"), (list,), "a list of texts")
+            for j, m in enumerate(v["methods"]):
+                _expect(path, f"energy.nodes.{node}.methods[{j}]", m, _TEXT, "text")
+        if energy.get("nodes"):
+            _expect(path, "energy.total-j", energy.get("total-j"), _NUM, "a number")
+    return results
+
+
+def read_run_results(run_dir: Path) -> dict:
+    """A run folder's ``results.json``, read and checked (:func:`check_results`).
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run folder.
+
+    Returns
+    -------
+    dict
+
+    Raises
+    ------
+    PackageError
+        No results.json, or one that cannot be read, is not UTF-8 JSON, or has the wrong
+        shape; the message names the file, the field and the fix.
+    """
+    res_path = Path(run_dir) / "results.json"
+    if not res_path.is_file():
+        raise PackageError(f"{res_path}: not found; fix: give a run folder (fl-sim run -o DIR / fl-server runs) "
+                           "of a run that ended")
+    return check_results(_run_json(res_path), res_path)
+
+
+def run_model_config(results: dict, res_path: Path):
+    """The model config of a checked ``results.json`` (its ``config.model``, or the department's default).
+
+    Raises
+    ------
+    PackageError
+        ``config.model`` is not a model of the department, naming the file and the fix.
+    """
+    from citydata import DATASETS
+    from shared_models import default_model_config
+    from shared_models.configs import model_kinds
+
+    cfg = results["config"]
+    schema = DATASETS[cfg["department"]].schema
+    kind = cfg.get("model") or None
+    if kind is not None and kind not in model_kinds(schema.department):
+        raise PackageError(f"{res_path}: config.model = {kind[:40]!r} is not a model of department "
+                           f"{schema.department!r} ({', '.join(model_kinds(schema.department))}); fix: {RUN_FILE_FIX}")
+    return default_model_config(schema, kind)
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()
@@ -164,12 +366,10 @@ def _privacy(run_dir: Path, run_id: str) -> tuple[dict, str]:
 
 def _app_hash(run_dir: Path) -> tuple[str | None, str]:
     launch = run_dir / "launch.json"
-    if launch.is_file():
-        try:
-            rec = json.loads(launch.read_text())
-        except ValueError:
-            rec = {}
+    if launch.exists():
+        rec = _run_json(launch)
         for key in ("fab-hash", "app-hash"):
+            _expect(launch, key, rec.get(key), (*_TEXT, *_NONE), "text (the app bundle's SHA-256)")
             if rec.get(key):
                 return str(rec[key]), "launch.json"
         return None, "launch.json does not record the app bundle's hash"
@@ -205,10 +405,17 @@ def model_card(run_dir: Path, results: dict, *, sites: list[str], model_config: 
     Returns
     -------
     dict
+
+    Raises
+    ------
+    PackageError
+        ``results`` or the folder's ``launch.json`` has the wrong shape (:func:`check_results`),
+        or a ledger in ``ledgers/`` cannot be read; the message names the file and the fix.
     """
     from citydata import DATASETS
     from server.energy import card_section as energy_card
 
+    check_results(results, Path(run_dir) / "results.json")
     cfg = results.get("config") or {}
     dept = cfg.get("department")
     run_id = str(results.get("run_id"))
@@ -326,28 +533,25 @@ def export_package(run_dir: Path, out_dir: Path, *, sites: list[str] | None = No
     Raises
     ------
     PackageError
-        No results.json / model, a model that does not fit its config, a non-empty ``out_dir``.
+        No results.json / model, a results.json or launch.json that is damaged or has the wrong
+        shape (:func:`read_run_results`), a model that does not fit its config, a non-empty ``out_dir``.
     """
     from citydata import DATASETS, load_department
-    from shared_models import build_model, default_model_config
+    from shared_models import build_model
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     res_path = run_dir / "results.json"
-    if not res_path.is_file():
-        raise PackageError(f"{res_path}: not found; fix: give a run folder (fl-sim run -o DIR / fl-server runs) "
-                           "of a run that ended")
-    results = json.loads(res_path.read_text())
+    results = read_run_results(run_dir)
     model_path = run_dir / MODEL
     if not model_path.is_file():
         hint = (f" (it has {LEGACY_MODEL}, a pickle of an earlier version that cityfed does not read: re-run "
                 "the run with this version)") if (run_dir / LEGACY_MODEL).exists() else ""
         raise PackageError(f"{model_path}: not found{hint}; fix: export a run that ended (its folder holds {MODEL})")
-    cfg = results.get("config") or {}
-    dept = cfg.get("department")
-    if dept not in DATASETS:
-        raise PackageError(f"{res_path}: config.department = {dept!r} is not one of {sorted(DATASETS)}")
+    cfg = results["config"]
+    dept = cfg["department"]
     schema = DATASETS[dept].schema
-    mcfg = default_model_config(schema, cfg.get("model") or None)
+    mcfg = run_model_config(results, res_path)
+    _app_hash(run_dir)  # a damaged launch.json is refused before anything is written
     try:
         weights = load_model(model_path)
     except ArtefactError as exc:

@@ -1,0 +1,173 @@
+"""Round 2 bad input: fl-sim export-model's run files, damaged ledgers, the console's request bodies and model card.
+
+* D7: a results.json or launch.json that is not UTF-8, not a JSON object, or has a field of the wrong
+  type is an input error (exit 2) naming the file, the field and a fix; nothing is written.
+* D8: a ledger in RUN_DIR/ledgers that cannot be read is not "no ledger": the export is refused
+  (exit 2, naming the ledger file); the run report says the ledger could not be read.
+* D9: ``fl-server console`` refuses a request body over its limit with 413 without reading it
+  (Content-Length checked first; a chunked body read with a cap).
+* D10: the console's model-card page names the damaged file, the field and a fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from serve_helpers import synthetic_run
+from sim_helpers import fl_sim
+
+
+def _input_error(code, out, err):
+    assert code == 2, (out, err)
+    assert err.count("error: ") == 1 and "; fix: " in err, err
+    assert "Traceback" not in err and "not shown" not in err, err
+
+
+def _export(run: Path, out: Path, capsys, monkeypatch):
+    return fl_sim(["export-model", run, "-o", out], capsys, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    """A run folder (untrained health model, results.json with one round) and a valid ledger."""
+    from privacy.ledger import PrivacyLedger, Release
+
+    run = synthetic_run(tmp_path_factory.mktemp("r2") / "run", "health")
+    res = json.loads((run / "results.json").read_text())
+    res["rounds"] = [{"round": 1, "train": {"accepted": 1, "nodes": {"1": {"num-examples": 10, "epsilon": 1.5,
+                                                                           "partition-id": 0, "energy-j": 0.1,
+                                                                           "energy-method": 1}}},
+                      "evaluate": {"nodes": {}}, "central-sites": {"Cleveland": {"accuracy": 0.5}}}]
+    res["initial"] = {"central-sites": {"Cleveland": {"accuracy": 0.4}}}
+    (run / "results.json").write_text(json.dumps(res))
+    led = PrivacyLedger(run / "ledgers" / "health-Cleveland.sqlite")
+    led.commit(led.begin(Release(noise_multiplier=1.1, sample_rate=0.1, steps=10, delta=1e-5, run_id=res["run_id"],
+                                 round=1, site="Cleveland", department="health")))
+    return run
+
+
+@pytest.fixture
+def run(good_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(good_run, dst)
+    return dst
+
+
+def test_a_good_run_exports_with_its_ledger_table(run, tmp_path, capsys, monkeypatch):
+    code, out, err = _export(run, tmp_path / "pkg", capsys, monkeypatch)
+    assert code == 0, err
+    md = (tmp_path / "pkg" / "model-card.md").read_text()
+    assert "the run folder's ledgers" in md and "| Cleveland | dp-sgd |" in md
+
+
+# -- D7: results.json / launch.json of the wrong encoding or shape --------------------------------------------
+
+def _edit(field_path: list, value):
+    def edit(res):
+        d = res
+        for k in field_path[:-1]:
+            d = d[k]
+        d[field_path[-1]] = value
+        return res
+    return edit
+
+
+RESULTS_CASES = {
+    # name: (bytes or edit function, words the message must hold)
+    "utf16": (lambda raw: raw.decode().encode("utf-16"), ["not UTF-8"]),
+    "bom": (lambda raw: b"\xef\xbb\xbf" + raw, ["byte-order mark"]),
+    "truncated": (lambda raw: raw[: len(raw) // 2], ["not valid JSON"]),
+    "empty": (lambda raw: b"", ["empty"]),
+    "list": (lambda raw: b"[1, 2, 3]", ["a list", "JSON object"]),
+    "config-list": (_edit(["config"], [1]), ["config", "a list"]),
+    "no-department": (lambda res: {**res, "config": {"model": ""}}, ["config.department"]),
+    "department-number": (_edit(["config", "department"], 5), ["config.department", "a number"]),
+    "model-list": (_edit(["config", "model"], [1]), ["config.model", "a list"]),
+    "model-unknown": (_edit(["config", "model"], "gru"), ["config.model", "gru"]),
+    "rounds-text": (_edit(["rounds"], "x"), ["rounds", "text"]),
+    "round-entry-list": (_edit(["rounds"], [[1]]), ["rounds[0]", "a list"]),
+    "round-number-text": (_edit(["rounds", 0, "round"], "x"), ["rounds[0].round", "text"]),
+    "train-list": (_edit(["rounds", 0, "train"], []), ["rounds[0].train", "a list"]),
+    "nodes-list": (_edit(["rounds", 0, "train", "nodes"], [1]), ["rounds[0].train.nodes", "a list"]),
+    "node-metrics-number": (_edit(["rounds", 0, "train", "nodes", "1"], 3), ["rounds[0].train.nodes.1", "a number"]),
+    "central-sites-list": (_edit(["rounds", 0, "central-sites"], [1]), ["rounds[0].central-sites", "a list"]),
+    "initial-list": (_edit(["initial"], [1]), ["initial", "a list"]),
+    "job-list": (_edit(["job"], ["x"]), ["job", "a list"]),
+    "excluded-number": (_edit(["excluded"], 3), ["excluded", "a number"]),
+    "energy-list": (_edit(["energy"], [1]), ["energy", "a list"]),
+    "energy-node-joules": (_edit(["energy"], {"nodes": {"1": {"joules": "x"}}, "total-j": 1.0}),
+                           ["energy.nodes.1", "joules"]),
+    "dp-text": (_edit(["config", "target-epsilon"], "three"), ["config.target-epsilon", "text"]),
+    "run-id-object": (_edit(["run_id"], {"a": 1}), ["run_id", "an object"]),
+}
+
+
+def _damage(path: Path, how):
+    raw = path.read_bytes()
+    try:
+        out = how(raw)
+    except (AttributeError, TypeError, KeyError):
+        out = None
+    if not isinstance(out, bytes):
+        out = json.dumps(how(json.loads(raw))).encode()
+    path.write_bytes(out)
+
+
+@pytest.mark.parametrize("case", sorted(RESULTS_CASES))
+def test_damaged_results_json_is_an_input_error_naming_the_file_and_field(run, tmp_path, capsys, monkeypatch, case):
+    how, words = RESULTS_CASES[case]
+    _damage(run / "results.json", how)
+    before = (run / "results.json").read_bytes()
+    code, out, err = _export(run, tmp_path / "pkg", capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert f"{run / 'results.json'}:" in err and "RUN_DIR" in err, err
+    for w in words:
+        assert w in err, (w, err)
+    assert not (tmp_path / "pkg").exists()
+    assert (run / "results.json").read_bytes() == before  # nothing changed
+
+
+LAUNCH_CASES = {
+    "utf16": (json.dumps({"fab-hash": "abc"}).encode("utf-16"), ["not UTF-8"]),
+    "bom": (b"\xef\xbb\xbf" + json.dumps({"fab-hash": "abc"}).encode(), ["byte-order mark"]),
+    "truncated": (b'{"fab-hash": "ab', ["not valid JSON"]),
+    "empty": (b"", ["empty"]),
+    "list": (b"[1]", ["a list", "JSON object"]),
+    "hash-list": (json.dumps({"fab-hash": [1]}).encode(), ["fab-hash", "a list"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAUNCH_CASES))
+def test_damaged_launch_json_is_an_input_error_naming_the_file(run, tmp_path, capsys, monkeypatch, case):
+    data, words = LAUNCH_CASES[case]
+    (run / "launch.json").write_bytes(data)
+    code, out, err = _export(run, tmp_path / "pkg", capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert f"{run / 'launch.json'}:" in err, err
+    for w in words:
+        assert w in err, (w, err)
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_fl_server_export_names_the_damaged_file_too(run, tmp_path):
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    (run / "results.json").write_text("[1, 2]")
+    (run / "launch.json").write_text(json.dumps({"run-ids": ["42"], "config": {}}))
+    res = CliRunner().invoke(app, ["export", "42", "-o", str(tmp_path / "pkg"), "--runs-dir", str(run.parent),
+                                   "--state-dir", str(tmp_path / "state")])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert "results.json" in text and "a list" in text and "fix:" in text and "Traceback" not in text
+    assert not (tmp_path / "pkg").exists()
+
+
