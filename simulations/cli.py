@@ -221,7 +221,7 @@ def _table(results: list[dict], department: str) -> Table:
 @app.command()
 def baselines(
     department: List[str] = typer.Option(
-        ..., "--department", "-d", help="health, traffic or utility; repeat for several (each once), or 'all'."
+        ..., "--department", "-d", help="health, traffic or utility; repeat for several (each once), or 'all' alone."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for results.json (created if missing)."),
     epsilon: List[float] = typer.Option(
@@ -258,6 +258,9 @@ def baselines(
     from citydata.plausibility import RANGES_ENV
     from citydata.timestamps import DATE_FORMAT_ENV, check_date_format
 
+    if "all" in department and len(department) > 1:
+        _refuse(f"'all' cannot be combined with other departments (got {', '.join(repr(d) for d in department)})",
+                "give -d all alone, or name each department you want (repeat -d)", "--department")
     depts = list(DEPARTMENTS) if department == ["all"] else department
     for d in depts:
         if d not in DEPARTMENTS:

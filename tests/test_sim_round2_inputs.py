@@ -100,3 +100,13 @@ def test_baselines_same_value_twice_is_refused(tmp_path, capsys, monkeypatch, ne
     _input_error(code, out, err)
     assert f"error: {option}:" in err and shown in err and "give each" in err, err
     assert not (tmp_path / "b").exists()
+
+
+# -- D12: 'all' with another department ------------------------------------------------------------------
+
+def test_baselines_all_with_another_department_is_refused_as_such(tmp_path, capsys, monkeypatch, never_train):
+    code, out, err = _fl_sim(["baselines", "-d", "health", "-d", "all", "-o", tmp_path / "b"], capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert "error: --department:" in err and "'all' cannot be combined with other departments" in err, err
+    assert "unknown department" not in err, err
+    assert not (tmp_path / "b").exists()
