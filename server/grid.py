@@ -37,8 +37,12 @@ from flower_compat.secagg import RECORD_KEY_CONFIGS, Key
 
 #: Seconds between two ``pull_messages`` calls while replies are outstanding.
 POLL_INTERVAL_S = 0.1
-#: Environment variable overriding the poll interval (<= 0: do not wrap).
+#: Environment variable overriding the poll interval (0: do not wrap, keep Flower's 3 s loop).
 POLL_ENV = "CITYFED_GRID_POLL_S"
+#: Bounds of ``$CITYFED_GRID_POLL_S`` other than 0 (seconds): below the lower one the ServerApp
+#: would hammer the SuperLink with pulls; above the upper one every exchange of every round
+#: would wait that long after its last reply (Flower's own loop sleeps 3 s).
+POLL_MIN_S, POLL_MAX_S = 0.01, 60.0
 
 
 class FastPollGrid(Grid):
@@ -117,6 +121,51 @@ class FastPollGrid(Grid):
         return getattr(self.inner, name)
 
 
+def poll_interval_from_env(default: float = POLL_INTERVAL_S) -> float:
+    """The deployment ServerApp's poll interval: ``$CITYFED_GRID_POLL_S`` where set, else ``default``.
+
+    ``fl-server start`` checks it before the SuperLink starts (its ServerApp processes inherit
+    the variable); :func:`fast_poll` reads it again when a run begins, before round 1.
+
+    Parameters
+    ----------
+    default : float
+        Seconds used where the variable is unset.
+
+    Returns
+    -------
+    float
+        Seconds between pulls (:data:`POLL_MIN_S` to :data:`POLL_MAX_S`), or 0: keep Flower's
+        own 3 s loop (a measurement switch).
+
+    Raises
+    ------
+    server.errors.CliError
+        Exit status 2: the variable is set but is not a number, not finite, negative, or
+        outside the bounds; the message names the variable, its value and the fix.
+    """
+    from server.errors import CliError
+
+    raw = os.environ.get(POLL_ENV)
+    if raw is None:
+        return float(default)
+    fix = (f"fix: set {POLL_ENV} to the seconds between two pulls for replies, {POLL_MIN_S:g} to {POLL_MAX_S:g} "
+           f"(e.g. {POLL_INTERVAL_S:g}, the default), or 0 to keep Flower's own 3 s loop, or unset it")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise CliError(f"{POLL_ENV}={raw!r}: not a number of seconds; {fix}") from None
+    if not math.isfinite(value):
+        raise CliError(f"{POLL_ENV}={raw!r}: not a finite number; {fix}")
+    if value == 0:
+        return 0.0
+    if value < 0:
+        raise CliError(f"{POLL_ENV}={raw!r}: negative; {fix}")
+    if not POLL_MIN_S <= value <= POLL_MAX_S:
+        raise CliError(f"{POLL_ENV}={raw!r}: outside {POLL_MIN_S:g} to {POLL_MAX_S:g} seconds; {fix}")
+    return value
+
+
 def fast_poll(grid: Grid, interval: float = POLL_INTERVAL_S) -> Grid:
     """Wrap a deployment grid in :class:`FastPollGrid`; return any other grid unchanged.
 
@@ -126,17 +175,23 @@ def fast_poll(grid: Grid, interval: float = POLL_INTERVAL_S) -> Grid:
         What Flower passed to the ServerApp's main.
     interval : float
         Poll interval in seconds; the environment variable ``CITYFED_GRID_POLL_S`` (in the
-        SuperLink's environment, inherited by the ServerApp process) overrides it, and a
-        value <= 0 there disables the wrapper (Flower's 3 s loop, for measurements).
+        SuperLink's environment, inherited by the ServerApp process) overrides it
+        (:func:`poll_interval_from_env`), and 0 there disables the wrapper (Flower's 3 s
+        loop, for measurements). Simulation grids do not read it.
+
+    Raises
+    ------
+    server.errors.CliError
+        A deployment grid and a bad ``CITYFED_GRID_POLL_S`` (before any message is sent).
     """
-    interval = float(os.environ.get(POLL_ENV, interval))
-    if interval <= 0:  # measurement switch: keep Flower's own 3 s loop
+    if not is_deployment_grid(grid) or isinstance(grid, FastPollGrid):
         return grid
-    if is_deployment_grid(grid) and not isinstance(grid, FastPollGrid):
-        # a reply is listed before its objects are stored: retry after 20 ms, not Flower's 1 s
-        fast_http_pulls()
-        return FastPollGrid(grid, interval)
-    return grid
+    interval = poll_interval_from_env(interval)
+    if interval == 0:  # measurement switch: keep Flower's own 3 s loop
+        return grid
+    # a reply is listed before its objects are stored: retry after 20 ms, not Flower's 1 s
+    fast_http_pulls()
+    return FastPollGrid(grid, interval)
 
 
 # --------------------------------------------------------------------------- deadlines

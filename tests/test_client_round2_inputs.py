@@ -231,3 +231,43 @@ def test_pki_show_all_good_exits_0_without_summary(certs):
 
     res = runner.invoke(pki_app, ["show", str(certs["crt"]), str(certs["pub"])])
     assert res.exit_code == 0 and "not shown" not in res.output, res.output
+
+
+# --------------------------------------------------------------------------- CITYFED_GRID_POLL_S
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "-inf", "-1", "1e9", "", " ", "0.1s"])
+def test_grid_poll_variable_is_checked(monkeypatch, value):
+    from server.errors import CliError
+    from server.grid import POLL_ENV, poll_interval_from_env
+
+    monkeypatch.setenv(POLL_ENV, value)
+    with pytest.raises(CliError) as info:
+        poll_interval_from_env()
+    msg = str(info.value)
+    assert info.value.code == 2
+    assert POLL_ENV in msg and repr(value) in msg and "fix:" in msg and "0.1" in msg, msg
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, 0.1), ("0.5", 0.5), (" 2 ", 2.0), ("0", 0.0), ("60", 60.0)])
+def test_grid_poll_variable_good_values(monkeypatch, value, expected):
+    from server.grid import POLL_ENV, poll_interval_from_env
+
+    if value is None:
+        monkeypatch.delenv(POLL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(POLL_ENV, value)
+    assert poll_interval_from_env() == expected
+
+
+def test_fast_poll_names_a_bad_variable_and_ignores_it_for_simulation_grids(monkeypatch):
+    from flower_compat.testing import HttpGrid
+    from server.errors import CliError
+    from server.grid import POLL_ENV, fast_poll
+    from simulations.inprocess import InProcessGrid
+
+    monkeypatch.setenv(POLL_ENV, "abc")
+    other = object.__new__(InProcessGrid)
+    assert fast_poll(other) is other  # the variable is for deployment grids only: a simulation is not stopped
+    with pytest.raises(CliError, match=POLL_ENV):
+        fast_poll(object.__new__(HttpGrid))
