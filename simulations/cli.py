@@ -84,6 +84,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,  # a frame's locals can hold data frames of records
+    suggest_commands=False,  # click's own "No such command" already says "Did you mean ...?" (typer added it again)
 )
 console = make_console(highlight=True, soft_wrap=False)  # 200 columns off a terminal (logs, pipes)
 err_console = make_console(stderr=True)  # errors: standard error, never wrapped (one line to grep)

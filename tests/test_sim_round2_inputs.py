@@ -110,3 +110,11 @@ def test_baselines_all_with_another_department_is_refused_as_such(tmp_path, caps
     assert "error: --department:" in err and "'all' cannot be combined with other departments" in err, err
     assert "unknown department" not in err, err
     assert not (tmp_path / "b").exists()
+
+
+# -- D13: an unknown command ---------------------------------------------------------------------------------
+
+def test_unknown_command_suggestion_is_said_once(capsys, monkeypatch):
+    code, out, err = _fl_sim(["report"], capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert "No such command 'report'" in err and err.count("Did you mean") == 1, err
