@@ -89,17 +89,59 @@ def log(level: int, msg: str, *args, **kwargs) -> None:
     flower_log(level, msg, *args, **kwargs)
 
 
-def configure_flower_logger(level: str | int) -> None:
+#: The level names :func:`configure_flower_logger` accepts (any case), as its refusal lists them.
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(value: str | int, source: str = "the log level") -> int:
+    """The :mod:`logging` level named by ``value``, in any case and without surrounding blanks.
+
+    Parameters
+    ----------
+    value : str or int
+        A level name (:data:`LEVELS`, or ``WARN``/``FATAL``, which :mod:`logging` also knows),
+        e.g. ``"warning"``, or a level number.
+    source : str
+        Where the value came from, for the message (e.g. ``"CITYFED_FLWR_LOG"``).
+
+    Returns
+    -------
+    int
+        The level number.
+
+    Raises
+    ------
+    ValueError
+        ``value`` names no level: ``SOURCE='VALUE': not a log level; fix: ...`` (the allowed names).
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    level = _logging.getLevelNamesMapping().get(str(value).strip().upper())
+    if level is None or level == _logging.NOTSET:
+        raise ValueError(f"{source}={value!r}: not a log level; fix: set it to {', '.join(LEVELS[:-1])} or "
+                         f"{LEVELS[-1]} (any case), or unset it")
+    return level
+
+
+def configure_flower_logger(level: str | int, source: str = "the log level") -> None:
     """Let Flower configure its ``flwr`` logger (done when its logger module is imported), then set ``level``.
 
     Parameters
     ----------
     level : str or int
-        A :mod:`logging` level name or number, e.g. ``"WARNING"``.
+        A :mod:`logging` level name in any case (e.g. ``"WARNING"``, ``"debug"``) or number.
+    source : str
+        Where ``level`` came from, named in the refusal (e.g. ``"CITYFED_FLWR_LOG"``).
+
+    Raises
+    ------
+    ValueError
+        ``level`` names no level (:func:`log_level`); checked before Flower is imported.
     """
+    number = log_level(level, source)
     import flwr.common.logger  # noqa: F401 - configures the "flwr" logger and its console handler
 
-    _logging.getLogger("flwr").setLevel(level)
+    _logging.getLogger("flwr").setLevel(number)
 
 
 @register("logging")

@@ -74,12 +74,15 @@ from contract.keys import STRATEGIES as STRATEGY_NAMES  # noqa: E402 - no Flower
 
 app = typer.Typer(
     cls=_Commands,
-    epilog="Exit status: 0 = done; 2 = input you can fix (an option, --out, a --data or --ranges file, a policy): "
+    epilog="Exit status: 0 = done; 2 = input you can fix (an option, --out, a --data or --ranges file, a policy, a CITYFED_* "
+           "environment variable): "
            "one line 'error: WHAT; fix: HOW' on standard error, naming the option or file (and column), never a "
            "record's value, before anything is created or trained; 1 = the run failed, not through its input (no "
            "node's update accepted in any round, a run that stopped before its last round (a round with fewer "
            "acceptable updates than --min-accepted), or an unexpected error: its type and place, never a traceback: it "
-           "could show records). Add --debug anywhere on the command line for the full traceback.",
+           "could show records). Add --debug anywhere on the command line for the full traceback. "
+           "CITYFED_FLWR_LOG=DEBUG|INFO|WARNING|ERROR|CRITICAL (any case; default WARNING) sets how much of Flower's "
+           "own log is shown.",
     help="cityfed simulation mode: run a city's departments on one machine with bundled real data.",
     no_args_is_help=True,
     add_completion=False,
@@ -1193,6 +1196,11 @@ def export_model(
     _report(out, manifest)
 
 
+#: Environment: the level of Flower's ``flwr`` log in fl-sim (DEBUG, INFO, WARNING, ERROR or CRITICAL, any
+#: case; default WARNING: fl-sim shows its own progress and tables).
+FLWR_LOG_ENV = "CITYFED_FLWR_LOG"
+
+
 def main() -> None:  # console script entry point
     import logging
     import warnings
@@ -1201,7 +1209,12 @@ def main() -> None:  # console script entry point
     # after Flower's logger module has configured itself at import)
     from flower_compat.logging import configure_flower_logger
 
-    configure_flower_logger(os.environ.get("CITYFED_FLWR_LOG", "WARNING"))
+    level = os.environ.get(FLWR_LOG_ENV, "").strip() or "WARNING"  # set but empty: as unset
+    try:
+        configure_flower_logger(level, FLWR_LOG_ENV)
+    except ValueError as exc:  # before run_app (its error rule): exit 2 here, no traceback
+        _error(str(exc))
+        sys.exit(EXIT_INPUT)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # simulations (and baselines) on one machine are reproducible: DP noise follows the job's
     # seed here; a department node (fl-client) always seeds it from OS entropy (privacy.dp.dp_seed)

@@ -102,6 +102,64 @@ def test_baselines_same_value_twice_is_refused(tmp_path, capsys, monkeypatch, ne
     assert not (tmp_path / "b").exists()
 
 
+# -- D4: CITYFED_FLWR_LOG ------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def flwr_level():
+    """The ``flwr`` logger's level, set back after the test."""
+    flwr = logging.getLogger("flwr")
+    before = flwr.level
+    yield flwr
+    flwr.setLevel(before)
+
+
+@pytest.fixture()
+def main_env(monkeypatch, flwr_level):
+    """fl-sim's main() with its environment changes undone and run_app replaced (records the call)."""
+    import warnings
+
+    import privacy.safe_cli as safe_cli
+    from privacy import SEED_FROM_JOB_ENV
+
+    for var in ("FLWR_TELEMETRY_ENABLED", "PYTHONWARNINGS", SEED_FROM_JOB_ENV):
+        monkeypatch.setenv(var, "")
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    ran = []
+    monkeypatch.setattr(safe_cli, "run_app", lambda *a, **k: ran.append(a))
+    monkeypatch.setattr(cli.sys, "argv", ["fl-sim", "datasets", "health"])
+    return ran
+
+
+@pytest.mark.parametrize("value", ["BOGUS", "verbose", "10", "WARNING x"])
+def test_flwr_log_not_a_level_is_refused_without_traceback(monkeypatch, capsys, main_env, value):
+    monkeypatch.setenv("CITYFED_FLWR_LOG", value)
+    with pytest.raises(SystemExit) as ex:
+        cli.main()
+    err = " ".join(capsys.readouterr().err.split())
+    assert ex.value.code == 2, err
+    assert f"CITYFED_FLWR_LOG={value!r}" in err and "not a log level" in err, err
+    assert "fix:" in err and "DEBUG, INFO, WARNING, ERROR" in err and "unset it" in err, err
+    assert "Traceback" not in err and main_env == []
+
+
+@pytest.mark.parametrize("value, level", [("debug", logging.DEBUG), ("Info", logging.INFO), (" error ", logging.ERROR),
+                                          ("", logging.WARNING)])
+def test_flwr_log_level_in_any_case_is_accepted(monkeypatch, main_env, value, level):
+    monkeypatch.setenv("CITYFED_FLWR_LOG", value)
+    cli.main()
+    assert len(main_env) == 1 and logging.getLogger("flwr").level == level
+
+
+def test_configure_flower_logger_names_the_allowed_levels(flwr_level):
+    from flower_compat.logging import configure_flower_logger
+
+    flwr = flwr_level
+    configure_flower_logger("debug")
+    assert flwr.level == logging.DEBUG
+    with pytest.raises(ValueError, match="'BOGUS': not a log level.*DEBUG, INFO, WARNING, ERROR"):
+        configure_flower_logger("BOGUS")
+
+
 # -- D12: 'all' with another department ------------------------------------------------------------------
 
 def test_baselines_all_with_another_department_is_refused_as_such(tmp_path, capsys, monkeypatch, never_train):
