@@ -177,6 +177,21 @@ def _refuse_repeats(option: str, values, key, what: str) -> None:
         seen[k] = v
 
 
+def _check_node_environment() -> None:
+    """Refuse (exit 2) a bad setting of the environment the simulated nodes read in every task, before training.
+
+    ``$CITYFED_CPU_WATTS_PER_CORE`` (:func:`clients.energy.watts_per_core`, its own message and
+    fix): each node's train and evaluate task reads it first, so a bad value failed every task
+    of every round, and the run, without naming the variable.
+    """
+    from clients.energy import watts_per_core
+
+    try:
+        watts_per_core()
+    except ValueError as exc:  # names the variable, its value and the fix
+        _refuse(str(exc), None)
+
+
 def _check_run_config(cfg: dict, options: dict, command: str) -> None:
     """Validate run config ``cfg`` with ``server.app.settings``; a refusal is an input error naming the option.
 
@@ -804,6 +819,7 @@ def run(
         _refuse(f"unknown department {department!r}", f"choose from {', '.join(DEPARTMENTS)} or 'all'", "--department")
     if engine not in ("ray", "inprocess"):
         _refuse(f"unknown engine {engine!r}", "choose ray or inprocess", "--engine")
+    _check_node_environment()
     if partitioner not in ("iid", "dirichlet"):
         _refuse(f"unknown partitioner {partitioner!r}", "choose iid or dirichlet", "--partitioner")
     from contract.keys import OPTIMIZERS
@@ -991,6 +1007,7 @@ def compare(
         _refuse(f"unknown department {department!r}", f"choose from {', '.join(DEPARTMENTS)} or 'all'", "--department")
     if engine not in ("ray", "inprocess"):
         _refuse(f"unknown engine {engine!r}", "choose ray or inprocess", "--engine")
+    _check_node_environment()
     overrides = {k: v for k, v in (("num-rounds", rounds), ("local-epochs", local_epochs), ("strategy", strategy),
                                    ("personalise-layers", personalise_layers), ("personalise-lr", personalise_lr),
                                    ("personalise-epochs", personalise_epochs),

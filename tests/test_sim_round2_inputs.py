@@ -160,6 +160,34 @@ def test_configure_flower_logger_names_the_allowed_levels(flwr_level):
         configure_flower_logger("BOGUS")
 
 
+# -- D6: CITYFED_CPU_WATTS_PER_CORE ------------------------------------------------------------------------
+
+RUN = ["run", "-d", "health", "--engine", "inprocess", "-r", "1"]
+
+
+@pytest.mark.parametrize("command", [RUN, [*COMPARE, "-e", "3"], ["run", "-d", "all", "--engine", "inprocess", "-r", "1"]])
+@pytest.mark.parametrize("value", ["nan", "abc", "-1", "0", "inf"])
+def test_bad_cpu_watts_per_core_is_refused_before_training(tmp_path, capsys, monkeypatch, never_train, command, value):
+    monkeypatch.setenv("CITYFED_CPU_WATTS_PER_CORE", value)
+    code, out, err = _fl_sim([*command, "-o", tmp_path / "o"], capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert f"$CITYFED_CPU_WATTS_PER_CORE={value!r}" in err and "positive number" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_good_cpu_watts_per_core_passes_the_check(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CITYFED_CPU_WATTS_PER_CORE", "5.5")
+    seen = []
+
+    def fake_run(d, cfg, out, engine, ray_options=None):
+        seen.append(d)
+        return {"status": "completed", "rounds": [{"round": 1, "train": {"accepted": 4}}], "config": cfg}
+
+    monkeypatch.setattr(cli, "_run_one", fake_run)
+    code, out, err = _fl_sim([*RUN, "-o", tmp_path / "o"], capsys, monkeypatch)
+    assert code == 0 and seen == ["health"], (out, err)
+
+
 # -- D12: 'all' with another department ------------------------------------------------------------------
 
 def test_baselines_all_with_another_department_is_refused_as_such(tmp_path, capsys, monkeypatch, never_train):
