@@ -114,9 +114,13 @@ def make_audit_app(role: str, default_log: Callable[[], Path],
 
     def resolve_log(log: Path | None) -> Path:
         path = Path(log or default_log()).expanduser()
+        where = f"it lives in the state dir the {role} runs with: <state-dir>/audit.jsonl"
+        if path.is_dir():
+            raise audit.AuditError(f"audit log {path}: is a directory, not the log file; fix: pass --log with the "
+                                   f"{role}'s audit.jsonl, e.g. --log {path / 'audit.jsonl'} ({where})")
         if not path.is_file():
-            raise audit.AuditError(f"audit log {path} does not exist; fix: pass --log with the {role}'s audit.jsonl "
-                                   "(it lives in the state dir the " + role + " runs with: <state-dir>/audit.jsonl)")
+            what = "does not exist" if not path.exists() else "is not a regular file"
+            raise audit.AuditError(f"audit log {path} {what}; fix: pass --log with the {role}'s audit.jsonl ({where})")
         return path
 
     @command("verify")
@@ -197,11 +201,15 @@ def make_audit_app(role: str, default_log: Callable[[], Path],
     ) -> None:
         """Copy the log's complete entries as JSON lines, byte for byte (so the copy verifies too).
 
+        A log with a line that is not a JSON entry is refused (exit 2), as `show` refuses it:
+        `verify` names the broken entry.
+
         With -o FILE the head goes to FILE.head as well: keep both on another machine and
         later check the live log with `verify --anchor FILE.head`.
         """
         with _errors(debug):
             path = resolve_log(log)
+            audit.AuditLog(path).entries()  # a line that is no JSON entry is refused as `show` refuses it
             raw = path.read_bytes()
             body = raw[: raw.rfind(b"\n") + 1]  # complete lines only
             if out is None:

@@ -271,3 +271,23 @@ def test_fast_poll_names_a_bad_variable_and_ignores_it_for_simulation_grids(monk
     assert fast_poll(other) is other  # the variable is for deployment grids only: a simulation is not stopped
     with pytest.raises(CliError, match=POLL_ENV):
         fast_poll(object.__new__(HttpGrid))
+
+
+def test_audit_show_names_a_folder_given_as_log(home, tmp_path):
+    for sub in ("show", "verify", "export"):
+        code, text = cli("audit", sub, "--log", tmp_path)
+        assert code == 2 and f"audit log {tmp_path}: is a directory" in text, text
+        assert f"--log {tmp_path / 'audit.jsonl'}" in text and "does not exist" not in text, text
+
+
+@pytest.mark.parametrize("content", ["[1,2]\n", "not json\n", '{"seq": 1}\n[3]\n'])
+def test_audit_export_refuses_what_show_refuses(home, tmp_path, content):
+    log = tmp_path / "audit.jsonl"
+    log.write_text(content)
+    code, shown = cli("audit", "show", "--log", log)
+    assert code == 2 and "not a JSON entry" in shown, shown
+    code, text = cli("audit", "export", "--log", log, "-o", tmp_path / "copy.jsonl")
+    assert code == 2 and str(log) in text and "not a JSON entry" in text and "fix:" in text, text
+    assert not (tmp_path / "copy.jsonl").exists() and "exported" not in text
+    res = runner.invoke(client_cli.app, ["audit", "export", "--log", str(log)])  # to standard output: nothing written
+    assert res.exit_code == 2 and res.stdout == "", res.output
