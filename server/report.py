@@ -327,29 +327,77 @@ def per_site_series(results: dict, sites: list[str], phase: str | tuple[str, ...
     return out
 
 
+#: Columns of a ledger's ``releases`` rows the report and the model card read, with the kind they must hold.
+_LEDGER_COLUMNS = {"site": None, "run_id": None, "status": None, "noise_multiplier": "a number",
+                   "sample_rate": "a number", "steps": "a number"}
+#: The fix of a ledger file that cannot be read.
+LEDGER_FIX = ("restore the ledger file from a backup or from the run's original folder (a node's ledger is its record of "
+              "the privacy budget spent), or re-run the run")
+
+
+def _ledger_rows(path: Path) -> list[dict]:
+    """Every release row of one ledger file, read-only; :class:`ValueError` naming the problem when a row lacks a
+    column or holds the wrong type (a ``sqlite3.Error`` when the file is not a ledger database)."""
+    rows = []
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    try:
+        con.row_factory = sqlite3.Row
+        for r in con.execute("SELECT * FROM releases ORDER BY id"):
+            d = dict(r)
+            for col, kind in _LEDGER_COLUMNS.items():
+                if col not in d:
+                    raise ValueError(f"its releases table has no column {col}")
+                if d[col] is None or (kind and not _is_num(d[col])):
+                    raise ValueError(f"release row {d.get('id')}: column {col} holds "
+                                     f"{'nothing' if d[col] is None else type(d[col]).__name__}, where "
+                                     f"{kind or 'a value'} is expected")
+            d.setdefault("mechanism", "dp-sgd")
+            rows.append(d)
+    finally:
+        con.close()
+    return rows
+
+
+def read_ledger_files(folder: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """Every release row of the ledgers (``*.sqlite``) in ``folder``, read-only, and the ledgers that could not be read.
+
+    Parameters
+    ----------
+    folder : Path
+        A run folder's ``ledgers/``.
+
+    Returns
+    -------
+    (list of dict, list of (Path, str))
+        The rows (``[]`` when there is no such folder); each ledger file that exists but cannot be
+        read (not a database, no ``releases`` table, a row of the wrong shape) with the problem in
+        words. ``folder`` itself is listed when it exists but is not a folder. Rows of schema 1
+        ledgers (no ``mechanism`` column) are DP-SGD releases.
+    """
+    rows: list[dict] = []
+    bad: list[tuple[Path, str]] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        if folder.exists():
+            bad.append((folder, "not a folder"))
+        return rows, bad
+    for path in sorted(folder.glob("*.sqlite")):
+        try:
+            rows += _ledger_rows(path)
+        except (sqlite3.Error, ValueError, OSError) as exc:
+            bad.append((path, str(exc) or type(exc).__name__))
+    return rows, bad
+
+
 def read_ledgers(folder: Path) -> list[dict]:
     """Every release row of the ledgers (``*.sqlite``) in ``folder``, read-only; [] when none.
 
-    A ledger that cannot be read is logged and skipped (the report shows what it has).
+    A ledger that cannot be read is logged and skipped (:func:`read_ledger_files` also says which).
     Rows of schema 1 ledgers (no ``mechanism`` column) are DP-SGD releases.
     """
-    rows: list[dict] = []
-    folder = Path(folder)
-    if not folder.is_dir():
-        return rows
-    for path in sorted(folder.glob("*.sqlite")):
-        try:
-            con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
-            try:
-                con.row_factory = sqlite3.Row
-                for r in con.execute("SELECT * FROM releases ORDER BY id"):
-                    d = dict(r)
-                    d.setdefault("mechanism", "dp-sgd")
-                    rows.append(d)
-            finally:
-                con.close()
-        except sqlite3.Error as exc:
-            log.warning("report: ledger %s not read: %s", path, exc)
+    rows, bad = read_ledger_files(folder)
+    for path, problem in bad:
+        log.warning("report: ledger %s not read: %s", path, problem)
     return rows
 
 
@@ -783,10 +831,22 @@ def section_privacy(results: dict, ctx: dict) -> str:
     return _section_privacy(results, ctx) + central_dp_table(results)
 
 
+def _unreadable_note(ctx: dict) -> str:
+    """The page's warning naming each ledger file that exists but could not be read ('' when none)."""
+    bad = ctx.get("unreadable-ledgers") or []
+    if not bad:
+        return ""
+    items = "".join(f"<li><code>{esc(p)}</code>: {esc(problem)}</li>" for p, problem in bad)
+    return (f'<p class="note"><span class="status bad">{len(bad)} ledger file(s) could not be read</span>: their sites\' '
+            f"ε and δ from the ledger are not shown here (the ledgers are not missing: they are damaged). Fix: "
+            f"{esc(LEDGER_FIX)}.</p><ul>{items}</ul>")
+
+
 def _section_privacy(results: dict, ctx: dict) -> str:
     ledgers = ctx.get("ledgers") or {}
     cfg = _dict(results.get("config"))
     target = cfg.get("target-epsilon") if cfg.get("dp") else None
+    note = _unreadable_note(ctx)
     if not ledgers:
         sites = _site_rows(results, ctx)
         rows = []
@@ -801,6 +861,8 @@ def _section_privacy(results: dict, ctx: dict) -> str:
                       "ε after its last evaluation release", "in round", "training loss released", "target ε (run)"],
                      rows, caption="ε as reported by each node (lifetime, all mechanisms composed).") if rows else \
             '<p class="note">No node reported ε.</p>'
+        if note:
+            return f"<h2>Privacy per site and mechanism</h2>{note}<p class=\"note\">Below is what the nodes reported with their replies.</p>{body}"
         return ("<h2>Privacy per site and mechanism</h2><p class=\"note\">The nodes' ledgers are not in this run folder "
                 "(in deployment they stay on the department machines): ε and δ per mechanism are in each node's "
                 "ledger and audit log (<code>fl-client audit show --kind release</code>). Below is what the nodes "
@@ -831,7 +893,7 @@ def _section_privacy(results: dict, ctx: dict) -> str:
     cap = ("From the nodes' ledgers in this run folder (read-only), recomputed with the ledgers' accountant "
            f"({', '.join(sorted({a for s in ledgers.values() for a in s['accountant']}))}) at each site's δ. "
            "ε is dimensionless; δ is a probability.")
-    return f"<h2>Privacy per site and mechanism</h2>{table(headers, rows, caption=cap, total_rows=totals)}"
+    return f"<h2>Privacy per site and mechanism</h2>{note}{table(headers, rows, caption=cap, total_rows=totals)}"
 
 
 def section_audit(results: dict, ctx: dict) -> str:
@@ -860,7 +922,8 @@ def section_audit(results: dict, ctx: dict) -> str:
             over += 1
             what = "this run's ε" if _is_num(run_eps) else "the reported lifetime ε (may include earlier runs)"
             verdict = Html(f'<span class="status bad">over target</span> {esc(what)} exceeds it by {esc(fmt_eps(basis - target))}')
-        rows.append([name, num(fmt_eps(reported)), num(fmt_eps(run_eps) if led else "ledger on the node"),
+        no_ledger = "ledger unreadable (see Privacy)" if ctx.get("unreadable-ledgers") else "ledger on the node"
+        rows.append([name, num(fmt_eps(reported)), num(fmt_eps(run_eps) if led else no_ledger),
                      num(fmt_eps(target) if target is not None else MISSING), verdict, reasons_list(checks)])
     if rows:
         verdict = "every site is within the run's target ε" if target is not None and not over else \
@@ -917,15 +980,18 @@ def section_events(results: dict, ctx: dict) -> str:
 
 
 def render_run_page(results: dict, sites: list[str], metric: str, *, plots: dict[str, str] | None = None,
-                    ledgers: dict | None = None, audit: dict | None = None, compare_link: str | None = None) -> str:
+                    ledgers: dict | None = None, audit: dict | None = None, compare_link: str | None = None,
+                    unreadable_ledgers: list[tuple[Path, str]] | None = None) -> str:
     """The HTML page of one run from its ``results.json`` content (pure: no files read).
 
     ``plots`` maps image file names to captions, ``ledgers`` is :func:`ledger_summary`'s result
-    (keyed by site), ``audit`` :func:`coordinator_audit`'s.
+    (keyed by site), ``audit`` :func:`coordinator_audit`'s, ``unreadable_ledgers``
+    :func:`read_ledger_files`' ledgers that exist but could not be read (named on the page, never
+    shown as absent).
     """
     results = _dict(results)
     ctx = {"metric": metric, "names": node_names(results, sites), "plots": plots or {}, "ledgers": ledgers or {},
-           "audit": audit, "compare_link": compare_link}
+           "audit": audit, "compare_link": compare_link, "unreadable-ledgers": list(unreadable_ledgers or [])}
     cfg = _dict(results.get("config"))
     title = f"cityfed run report: {cfg.get('department', 'unknown department')}"
     body = "".join(_safe(t, fn, results, ctx) for t, fn in (
@@ -1156,12 +1222,15 @@ def write_report(run_dir: Path, sites: list[str], metric: str) -> Path:
     else:
         results = _dict(results)
         plots = write_plots(results, sites, metric, run_dir)
-        ledgers = {}
+        ledgers, unreadable = {}, []
         try:
             folder = run_dir / "ledgers"
-            if not folder.is_dir() and _dict(results.get("config")).get("ledger-dir"):
+            if not folder.exists() and _dict(results.get("config")).get("ledger-dir"):
                 folder = Path(results["config"]["ledger-dir"])
-            ledgers = ledger_summary(read_ledgers(folder), results.get("run_id"))
+            rows, unreadable = read_ledger_files(folder)
+            for path, problem in unreadable:
+                log.warning("report: ledger %s not read: %s", path, problem)
+            ledgers = ledger_summary(rows, results.get("run_id"))
         except Exception as exc:  # noqa: BLE001
             log.error("report: ledgers not summarised in %s: %s: %s", run_dir, type(exc).__name__, exc)
         try:
@@ -1176,7 +1245,8 @@ def write_report(run_dir: Path, sites: list[str], metric: str) -> Path:
                 link = "../report.html"
         except (OSError, ValueError):
             pass
-        page = render_run_page(results, sites, metric, plots=plots, ledgers=ledgers, audit=audit, compare_link=link)
+        page = render_run_page(results, sites, metric, plots=plots, ledgers=ledgers, audit=audit, compare_link=link,
+                               unreadable_ledgers=unreadable)
     out = run_dir / "report.html"
     out.write_text(page, encoding="utf-8")
     return out

@@ -28,7 +28,7 @@ def export_model(
 
     The card records the run ID, strategy, rounds, the sites that trained, epsilon and delta per site and per mechanism (from the run's ledgers), metrics per site, data source versions and the creation time. Serve it on a department node with `fl-serve DIR --site SITE`.
 
-    A results.json or launch.json that is empty, not UTF-8 (or has a byte-order mark), not JSON, not a JSON object, or has a field of the wrong type is refused (exit 2) naming the file, the field and a fix; nothing is written.
+    A results.json or launch.json that is empty, not UTF-8 (or has a byte-order mark), not JSON, not a JSON object, or has a field of the wrong type is refused (exit 2) naming the file, the field and a fix; so is a ledger in ledgers/ that cannot be read (the card must record epsilon per site: a damaged ledger is not left out as if there were none). Nothing is written.
     """
     from serving.package import PackageError, export_package
 
@@ -51,7 +51,8 @@ def server_export(
 
     Nodes are named by their node ID in the card (the coordinator does not know their sites);
     epsilon per site is what each node reported (its ledger stays on the node). Copy the folder
-    to a department node and serve it there with `fl-serve DIR --site SITE`.
+    to a department node and serve it there with `fl-serve DIR --site SITE`. A damaged results.json,
+    launch.json or ledger is refused (exit 2) naming the file and a fix; nothing is written.
     """
     from server.cli import CliError, _errors, _runs_dir, _state, resolve_run
     from serving.package import PackageError, export_package

@@ -346,10 +346,22 @@ def _per_site(results: dict, sites: list[str]) -> dict[str, dict]:
 
 
 def _privacy(run_dir: Path, run_id: str) -> tuple[dict, str]:
-    """Per site and mechanism epsilon/delta from the run folder's ledgers (simulation), with where it came from."""
-    from server.report import ledger_summary, read_ledgers
+    """Per site and mechanism epsilon/delta from the run folder's ledgers (simulation), with where it came from.
 
-    rows = read_ledgers(run_dir / "ledgers")
+    Raises
+    ------
+    PackageError
+        A ledger in ``ledgers/`` exists but cannot be read: the card must record epsilon per site,
+        so it is not made without it (a damaged ledger is not "no ledger").
+    """
+    from server.report import LEDGER_FIX, ledger_summary, read_ledger_files
+
+    rows, bad = read_ledger_files(run_dir / "ledgers")
+    if bad:
+        (first, problem), more = bad[0], bad[1:]
+        also = f" (and {len(more)} more: {', '.join(p.name for p, _ in more)})" if more else ""
+        raise PackageError(f"{first}: ledger cannot be read ({problem}){also}; the model card records epsilon per site "
+                           f"from the run's ledgers, so the package is not made without it; fix: {LEDGER_FIX}")
     if not rows:
         return {}, ("no ledger in the run folder (deployment: each node keeps its own ledger; the epsilon the nodes "
                     "reported is under sites.<site>.epsilon-reported)")
@@ -566,20 +578,33 @@ def export_package(run_dir: Path, out_dir: Path, *, sites: list[str] | None = No
                            f"({str(exc).splitlines()[0]}); fix: export the folder of the run that wrote them") from None
     if sites is None:
         sites = load_department(dept).sites if cfg.get("department") and _is_simulation(run_dir) else []
+    run_id = str(results.get("run_id"))
+    mc = mcfg.model_dump(mode="json")
+    # everything the package holds is made before anything is written (a ledger that cannot be read is
+    # refused here, with no package folder left behind)
+    card = model_card(run_dir, results, sites=sites, model_config=mc, made_by=made_by)
+    texts = {"model-config.json": _json(mc), "schema.json": _json(schema_dict(schema)), "model-card.json": _json(card),
+             "model-card.md": card_markdown(card)}
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PackageError(f"{out_dir}: not empty; fix: give a new folder for the package")
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_id = str(results.get("run_id"))
-    save_model(out_dir / MODEL, weights, metadata={"run-id": run_id, "department": dept, "model": mcfg.kind})
-    mc = mcfg.model_dump(mode="json")
-    write_atomic(out_dir / "model-config.json", _json(mc).encode())
-    write_atomic(out_dir / "schema.json", _json(schema_dict(schema)).encode())
-    card = model_card(run_dir, results, sites=sites, model_config=mc, made_by=made_by)
-    write_atomic(out_dir / "model-card.json", _json(card).encode())
-    write_atomic(out_dir / "model-card.md", card_markdown(card).encode())
-    manifest = {"format": PACKAGE_FORMAT, "run-id": run_id, "department": dept,
-                "files": {name: sha256_file(out_dir / name) for name in FILES}}
-    write_atomic(out_dir / MANIFEST, _json(manifest).encode())
+    try:
+        save_model(out_dir / MODEL, weights, metadata={"run-id": run_id, "department": dept, "model": mcfg.kind})
+        for name, text in texts.items():
+            write_atomic(out_dir / name, text.encode())
+        manifest = {"format": PACKAGE_FORMAT, "run-id": run_id, "department": dept,
+                    "files": {name: sha256_file(out_dir / name) for name in FILES}}
+        write_atomic(out_dir / MANIFEST, _json(manifest).encode())
+    except BaseException:  # no half-written package: remove what this call wrote
+        for name in (*FILES, MANIFEST):
+            (out_dir / name).unlink(missing_ok=True)
+        if made:
+            try:
+                out_dir.rmdir()
+            except OSError:
+                pass
+        raise
     return {**manifest, "manifest-sha256": sha256_file(out_dir / MANIFEST)}
 
 

@@ -171,3 +171,53 @@ def test_fl_server_export_names_the_damaged_file_too(run, tmp_path):
     assert not (tmp_path / "pkg").exists()
 
 
+# -- D8: a damaged ledger is not "no ledger" ----------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["junk", "empty-file", "no-releases-table"])
+def test_unreadable_ledger_refuses_the_export_naming_the_file(run, tmp_path, capsys, monkeypatch, damage):
+    import sqlite3
+
+    bad = run / "ledgers" / "health-Hungary.sqlite"
+    if damage == "junk":
+        bad.write_text("junk\n")
+    elif damage == "empty-file":
+        bad.write_bytes(b"")
+    else:
+        con = sqlite3.connect(bad)
+        con.execute("CREATE TABLE other (x)")
+        con.commit()
+        con.close()
+    code, out, err = _export(run, tmp_path / "pkg", capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert str(bad) in err and "cannot be read" in err and "epsilon" in err, err
+    assert "no ledger in the run folder" not in err + out
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_all_ledgers_damaged_also_refused(run, tmp_path, capsys, monkeypatch):
+    for f in (run / "ledgers").glob("*.sqlite"):
+        f.write_text("junk\n")
+    code, out, err = _export(run, tmp_path / "pkg", capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert "health-Cleveland.sqlite" in err and not (tmp_path / "pkg").exists()
+
+
+def test_run_report_says_a_damaged_ledger_could_not_be_read(run):
+    from server import report as R
+
+    (run / "ledgers" / "health-Cleveland.sqlite").write_text("junk\n")
+    page = R.write_report(run, ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"], "accuracy").read_text()
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+    assert "ledgers are not in this run folder" not in text, text
+    assert "health-Cleveland.sqlite" in text and "could not be read" in text, text
+    assert "ledger on the node" not in text
+
+
+def test_read_ledger_files_lists_what_it_could_not_read(run):
+    from server.report import read_ledger_files
+
+    (run / "ledgers" / "x.sqlite").write_text("junk")
+    rows, bad = read_ledger_files(run / "ledgers")
+    assert len(rows) == 1 and [p.name for p, _ in bad] == ["x.sqlite"]
+
+
