@@ -6,6 +6,7 @@ place (what federation tries to approach without moving data); local = each site
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -226,11 +227,33 @@ def _combine_local(dept, kind, eps, rows, task, primary) -> dict:
             "value": metrics.get(primary), "metrics": metrics, "epsilon_spent": None, "delta": None, "noise_multiplier": None}
 
 
+#: The files ``fl-sim baselines`` writes in its --out folder, at the end: results.json, through results.json.tmp.
+END_FILES = ("results.json", "results.json.tmp")
+
+
+def write_json(path: Path, data) -> None:
+    """Write ``data`` as JSON to ``path`` whole or not at all (``PATH.tmp``, then renamed; no ``.tmp`` left on failure).
+
+    Parameters
+    ----------
+    path : Path
+        The file; its folder must exist.
+    data
+        JSON-able (numbers numpy gives are written as floats).
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=float))
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_results(results: list[dict], out: Path, meta: dict) -> Path:
-    """Write ``results.json`` (atomically: temp file then rename) and return its path."""
+    """Write ``results.json`` whole or not at all (:func:`write_json`) and return its path."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=float))
-    tmp.replace(path)
+    write_json(path, {"meta": meta, "results": results})
     return path

@@ -306,6 +306,9 @@ def baselines(
         _check_run_config({"department": depts[0], "target-epsilon": e, "clipping-norm": max_grad_norm},
                           {"target-epsilon": "--epsilon", "clipping-norm": "--max-grad-norm"}, "fl-sim baselines")
     _check_out_dir(out, "--out")
+    from simulations.baselines import END_FILES
+
+    _check_end_files(out, END_FILES, "fl-sim baselines")
     try:
         date_format = check_date_format(date_format)
     except ValueError as exc:
@@ -479,6 +482,29 @@ def _check_out_dir(path: Path, option: str) -> None:
                 _refuse(f"{path} {where}, not a folder", "choose a folder path (created if missing)", option)
             _check_writable(p, path, option)
             return
+
+
+def _check_end_files(out: Path, names, command: str, option: str = "--out") -> None:
+    """Refuse (exit 2, naming ``option``) a file the command writes in ``out`` at the end that is a folder there.
+
+    Such a folder was found only after all the training (exit 1, a partial file left).
+
+    Parameters
+    ----------
+    out : Path
+        The output folder (need not exist).
+    names : iterable of str
+        The files the command writes in it.
+    command : str
+        The command, for the message (``fl-sim baselines``).
+    option : str
+        The option that gave ``out``.
+    """
+    for name in names:
+        path = out / name
+        if path.exists() and not path.is_file():
+            _refuse(f"{path} is a folder, not a file: {command} writes {name} there (after all its training)",
+                    f"remove or rename it, or choose another {option}", option)
 
 
 def _check_writable(folder: Path, path: Path, option: str) -> None:
@@ -1012,7 +1038,7 @@ def compare(
                                    ("personalise-layers", personalise_layers), ("personalise-lr", personalise_lr),
                                    ("personalise-epochs", personalise_epochs),
                                    ("personalise-batch-size", personalise_batch_size)) if v is not None}
-    _check_compare_configs(depts, out, epsilon, model, seed, overrides)
+    _check_compare_configs(depts, out, epsilon, model, seed, overrides, overwrite=overwrite, loo=loo, engine=engine)
     failed = False
     for d in depts:
         dout = out / d if len(depts) > 1 else out
@@ -1045,9 +1071,18 @@ def compare(
 
 
 def _check_compare_configs(depts: list[str], out: Path, epsilon: list[float], model: Optional[str], seed: int,
-                           overrides: dict) -> None:
-    """Every run config a comparison will run, checked before its first (pooled) training: exit 2 naming the option."""
-    from simulations.compare import describe_same_run_epsilons, federated_settings, run_config, same_run_epsilons
+                           overrides: dict, *, overwrite: bool = False, loo: bool = True,
+                           engine: str = "inprocess") -> None:
+    """Every run config a comparison will run, and every department's output folder, checked before its first
+    (pooled) training: exit 2 naming the option.
+
+    The output folders by :func:`simulations.compare.check_outputs` (earlier run folders without
+    ``--overwrite``, a folder where a file is written at the end or the reverse), every department's
+    before the first department trains.
+    """
+    from citydata import load_department
+    from simulations.compare import (check_outputs, describe_same_run_epsilons, federated_settings, loo_sites,
+                                     run_config, same_run_epsilons)
 
     clashes = same_run_epsilons(epsilon)
     if clashes:
@@ -1058,6 +1093,11 @@ def _check_compare_configs(depts: list[str], out: Path, epsilon: list[float], mo
     for d in depts:
         dout = out / d if len(depts) > 1 else out
         _check_out_dir(dout, "--out")
+        try:
+            check_outputs(dout, d, epsilon, overwrite=overwrite,
+                          loo_without=loo_sites(load_department(d).sites, loo, engine))
+        except FileExistsError as exc:  # its message says what to do
+            _refuse(str(exc), None, "--out")
         for eps in (None, *epsilon):
             cfg = run_config(d, seed, eps, dout / "check", federated_settings(d, eps is not None, overrides), model=model)
             keys = [*given, *(["target-epsilon"] if eps is not None else [])]

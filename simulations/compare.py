@@ -27,7 +27,7 @@ import numpy as np
 import tomli_w
 
 from privacy.policy import load_policy
-from simulations.baselines import DEFAULT_TRAIN, SELECT_MAX_EPOCHS, run_baselines
+from simulations.baselines import DEFAULT_TRAIN, SELECT_MAX_EPOCHS, run_baselines, write_json
 from simulations.run import default_policy, simulate
 
 #: Federated settings per department (health: rounds x local epochs = the pooled epochs; traffic and
@@ -133,6 +133,67 @@ def describe_same_run_epsilons(clashes: list[tuple[float, float, str]]) -> str:
     return "; ".join((f"{a!r} is given twice" if a == b else f"{a!r} and {b!r} name the same run")
                      + f" (folder and run ID {name}: the later run would reuse the earlier one's ledgers and spent budget)"
                      for a, b, name in clashes)
+
+
+#: The files a comparison writes in its folder at the end (after all the training): results.json (through
+#: results.json.tmp) and the report (report.html, compare.png).
+END_FILES = ("results.json", "results.json.tmp", "report.html", "compare.png")
+
+
+def loo_name(site: str) -> str:
+    """The folder (and run ID) of the leave-one-site-out run without ``site``: ``loo-without-VA_Long_Beach``."""
+    return f"loo-without-{''.join(c if c.isalnum() else '_' for c in site)}"
+
+
+def loo_sites(sites: list[str], loo: bool, engine: str) -> list[str]:
+    """The sites a comparison runs a leave-one-site-out run without (none unless ``loo``, the in-process engine and
+    at most :data:`LOO_MAX_SITES` sites)."""
+    return list(sites) if loo and engine == "inprocess" and len(sites) <= LOO_MAX_SITES else []
+
+
+def check_outputs(out: Path, department: str, epsilons, *, overwrite: bool = False, loo_without=()) -> None:
+    """Refuse, before anything is trained or created, a comparison folder the comparison could not write to the end.
+
+    Checked: the files written at the end (:data:`END_FILES`) and the non-private policy
+    (``policies/<department>-no-dp.toml``) must not be folders; ``policies`` and the run folders
+    (``federated``, ``federated-dp-eps<e>``, ``loo-without-<site>`` for ``loo_without``) must not be
+    files; and the federated run folders must not be there from an earlier comparison (their
+    ledgers hold spent budget) unless ``overwrite``.
+
+    Parameters
+    ----------
+    out : Path
+        The comparison's folder (need not exist).
+    department : str
+    epsilons : iterable of float
+        The DP runs' target epsilons.
+    overwrite : bool
+        Earlier run folders will be replaced.
+    loo_without : iterable of str
+        The sites of the leave-one-site-out runs (:func:`loo_sites`).
+
+    Raises
+    ------
+    FileExistsError
+        ``OUT/...: what is wrong; fix: ...`` (the first problem found).
+    """
+    out = Path(out)
+    fix = "remove or rename it, or choose another --out"
+    for name in (*END_FILES, f"policies/{department}-no-dp.toml"):
+        path = out / name
+        if path.exists() and not path.is_file():
+            raise FileExistsError(f"{path} is a folder, not a file: the comparison writes {name} there (after all its "
+                                  f"training); fix: {fix}")
+    names = [run_name("federated", None), *(run_name("federated-dp", float(e)) for e in epsilons)]
+    for name in ("policies", *names, *(loo_name(s) for s in loo_without)):
+        path = out / name
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} is a file, not a folder: the comparison makes its {name} folder there; "
+                                  f"fix: {fix}")
+    existing = [n for n in names if (out / n).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out}: run folder(s) {', '.join(existing)} exist from an earlier comparison (their "
+                              "ledgers hold spent budget); fix: choose another --out, or pass --overwrite to replace them")
 
 
 def run_config(department: str, seed: int, epsilon: float | None, run_dir: Path, settings: dict,
@@ -381,7 +442,7 @@ def leave_one_out(department: str, out: Path, cfg: dict, sites: list[str], task:
     metric, _ = _headline(task)
     contrib = {}
     for s in sites:
-        name = f"loo-without-{''.join(c if c.isalnum() else '_' for c in s)}"
+        name = loo_name(s)
         if (out / name).exists():
             shutil.rmtree(out / name)
         run = {**cfg, "run-dir": str(out / name), "run-id": name, "personalise-epochs": loo_personalise_epochs(cfg)}
@@ -445,7 +506,9 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
     ValueError
         Two of ``epsilons`` name the same DP run (:func:`same_run_epsilons`), before anything is created.
     FileExistsError
-        Run folders of an earlier comparison are in ``out`` and ``overwrite`` is False.
+        Run folders of an earlier comparison are in ``out`` and ``overwrite`` is False, or a path the
+        comparison writes is a folder where it writes a file or the reverse (:func:`check_outputs`),
+        before anything is trained.
     """
     from citydata import load_department
     from shared_models import model_kinds
@@ -466,14 +529,12 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
         raise ValueError(f"epsilons: {describe_same_run_epsilons(clashes)}; fix: give each epsilon once")
     runs = [("federated", None)] + [("federated-dp", float(e)) for e in epsilons]
     names = [run_name(m, e) for m, e in runs]
-    existing = [n for n in names if (out / n).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out}: run folder(s) {', '.join(existing)} exist from an earlier comparison (their "
-                              "ledgers hold spent budget). Fix: choose another --out, or pass --overwrite to replace them")
-    for n in existing:
-        shutil.rmtree(out / n)
-    out.mkdir(parents=True, exist_ok=True)
     ds = load_department(department, seed=seed)
+    check_outputs(out, department, epsilons, overwrite=overwrite, loo_without=loo_sites(ds.sites, loo, engine))
+    for n in names:
+        if (out / n).exists():
+            shutil.rmtree(out / n)
+    out.mkdir(parents=True, exist_ok=True)
     task = ds.schema.task
     model = model or model_kinds(department)[0]
     t0 = time.perf_counter()
@@ -514,7 +575,7 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
     contrib = None
     if not loo:
         loo_note = "not run (loo=False)"
-    elif engine != "inprocess" or len(ds.sites) > LOO_MAX_SITES:
+    elif not loo_sites(ds.sites, loo, engine):
         loo_note = f"not run: needs the in-process engine and at most {LOO_MAX_SITES} sites ({len(ds.sites)} here)"
     else:
         if on_stage:
@@ -540,7 +601,7 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
         "per_site": value,
         "rows": rows,
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2, default=float))
+    write_json(out / "results.json", result)  # whole or not at all
     from simulations.report import write_report_safely  # DIR/report.html: per site local-only vs federated, the gain
 
     write_report_safely(out, ds.sites, "accuracy" if task == "binary-classification" else "mae-ratio")

@@ -102,6 +102,119 @@ def test_baselines_same_value_twice_is_refused(tmp_path, capsys, monkeypatch, ne
     assert not (tmp_path / "b").exists()
 
 
+# -- D3: an output file that is a folder -----------------------------------------------------------------
+
+@pytest.mark.parametrize("blocker", ["results.json", "results.json.tmp", "report.html", "compare.png",
+                                     "policies/health-no-dp.toml"])
+def test_compare_output_file_that_is_a_folder_is_refused(tmp_path, capsys, monkeypatch, never_train, blocker):
+    out_dir = tmp_path / "c"
+    (out_dir / blocker).mkdir(parents=True)
+    before = sorted(out_dir.rglob("*"))
+    code, out, err = _fl_sim([*COMPARE, "-e", "3", "-o", out_dir], capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert "error: --out:" in err and f"{out_dir / blocker} is a folder" in err, err
+    assert sorted(out_dir.rglob("*")) == before
+
+
+@pytest.mark.parametrize("blocker", ["policies", "federated", "federated-dp-eps3"])
+def test_compare_output_folder_that_is_a_file_is_refused(tmp_path, capsys, monkeypatch, never_train, blocker):
+    """A file where compare makes a folder: refused, also with --overwrite (it would remove folders only)."""
+    out_dir = tmp_path / "c"
+    out_dir.mkdir()
+    (out_dir / blocker).write_text("keep")
+    code, out, err = _fl_sim([*COMPARE, "-e", "3", "--overwrite", "-o", out_dir], capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert "error: --out:" in err and f"{out_dir / blocker} is a file" in err, err
+    assert (out_dir / blocker).read_text() == "keep" and len(list(out_dir.iterdir())) == 1
+
+
+def test_compare_leave_one_out_folder_that_is_a_file_is_refused(tmp_path, capsys, monkeypatch, never_train):
+    out_dir = tmp_path / "c"
+    out_dir.mkdir()
+    (out_dir / "loo-without-Cleveland").write_text("keep")
+    argv = [a for a in COMPARE if a != "--no-loo"]
+    code, out, err = _fl_sim([*argv, "-e", "3", "-o", out_dir], capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert "error: --out:" in err and f"{out_dir / 'loo-without-Cleveland'} is a file" in err, err
+
+
+def test_compare_all_departments_checks_every_department_before_the_first(tmp_path, capsys, monkeypatch, never_train):
+    """-d all: utility's OUT/utility/results.json is a folder: refused before health trains."""
+    out_dir = tmp_path / "c"
+    (out_dir / "utility" / "results.json").mkdir(parents=True)
+    argv = ["compare", "-d", "all", "--rounds", "1", "--no-loo", "-e", "3", "-o", out_dir]
+    code, out, err = _fl_sim(argv, capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert f"{out_dir / 'utility' / 'results.json'} is a folder" in err, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["utility"]
+
+
+def test_compare_all_departments_finds_an_earlier_run_folder_before_the_first(tmp_path, capsys, monkeypatch,
+                                                                            never_train):
+    """-d all: an earlier comparison's traffic/federated (spent ledgers) is found before health trains."""
+    out_dir = tmp_path / "c"
+    (out_dir / "traffic" / "federated").mkdir(parents=True)
+    argv = ["compare", "-d", "all", "--rounds", "1", "--no-loo", "-e", "3", "-o", out_dir]
+    code, out, err = _fl_sim(argv, capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert "error: --out:" in err and "federated" in err and "--overwrite" in err, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["traffic"]
+
+
+@pytest.mark.parametrize("blocker", ["results.json", "results.json.tmp"])
+def test_baselines_output_file_that_is_a_folder_is_refused(tmp_path, capsys, monkeypatch, never_train, blocker):
+    out_dir = tmp_path / "b"
+    (out_dir / blocker).mkdir(parents=True)
+    code, out, err = _fl_sim(["baselines", "-d", "health", "--epochs", "1", "-e", "3", "-o", out_dir], capsys,
+                             monkeypatch)
+    _input_error(code, out, err)
+    assert "error: --out:" in err and f"{out_dir / blocker} is a folder" in err, err
+    assert [p.name for p in out_dir.iterdir()] == [blocker]
+
+
+def test_write_results_leaves_no_temporary_file_when_it_fails(tmp_path):
+    from simulations.baselines import write_results
+
+    (tmp_path / "results.json").mkdir()
+    with pytest.raises(OSError):
+        write_results([], tmp_path, {})
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_compare_writes_results_json_whole_or_not_at_all(tmp_path, monkeypatch):
+    """run_compare writes results.json through a temporary file: a failed write (disk full) leaves the earlier file
+    as it was, and no temporary file."""
+    import errno
+    from pathlib import Path
+
+    import simulations.compare as compare
+    import simulations.report as report
+
+    for name in ("_fed_rows", "_personalised_rows", "summarise"):
+        monkeypatch.setattr(compare, name, lambda *a, **k: [])
+    monkeypatch.setattr(compare, "run_baselines", lambda *a, **k: [])
+    monkeypatch.setattr(compare, "per_site_value", lambda *a, **k: {})
+    monkeypatch.setattr(report, "write_report_safely", lambda *a, **k: None)
+    monkeypatch.setattr(compare, "simulate", lambda cfg, **k: {"status": "completed", "rounds": [], "refused": []})
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "results.json").write_text("earlier")
+    real = Path.write_text
+
+    def disk_full(self, data, *a, **k):  # half the text reaches the file, then the disk is full
+        if not self.name.startswith("results.json"):
+            return real(self, data, *a, **k)
+        real(self, data[: len(data) // 2], *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError):
+        compare.run_compare("health", out, epsilons=(3.0,), loo=False, own=False)
+    monkeypatch.undo()
+    assert (out / "results.json").read_text() == "earlier"
+    assert not list(out.glob("*.tmp"))
+
+
 # -- D4: CITYFED_FLWR_LOG ------------------------------------------------------------------------------------
 
 @pytest.fixture()
