@@ -29,6 +29,10 @@ Security (the console can stop runs and shows the audit log):
 * the stop form carries a CSRF token (an HMAC of the run folder under the admin token) and the
   request's ``Origin``, when sent, must be the console's own; the ``Host`` header must name the
   console (against DNS rebinding);
+* a request body over :data:`MAX_FORM_BYTES` (8 KiB; the console's forms are far smaller) is
+  refused with 413 before it is read: a ``Content-Length`` over the limit is refused unread, a
+  chunked body is read only up to the limit (:func:`read_form_body`), so no client - the login
+  form needs no token - can make the console hold a large body in memory;
 * the pages run no script at all (Content-Security-Policy ``script-src 'none'``): live pages
   reload with ``<meta http-equiv="refresh">``; plots are inline SVG; nothing is fetched from
   outside; every value is escaped.
@@ -66,12 +70,61 @@ log = logging.getLogger(__name__)
 TOKEN_FILE = "console.token"
 #: Session cookie name.
 COOKIE = "cityfed_console"
+#: Largest request body (bytes) the console reads: its forms (login token, stop button) are well under 1 KiB.
+MAX_FORM_BYTES = 8192
 #: Files of a run folder the console serves (report, its plots, results, a model card).
 SERVED_FILES = re.compile(r"(report\.html|results\.json|model[_-]card\.(json|md)|[A-Za-z0-9_-]{1,64}\.png)")
 
 
 class ConsoleError(Exception):
     """A console set-up error for the operator (message names the option and the fix)."""
+
+
+class BodyRefused(Exception):
+    """A request body the console does not read (over :data:`MAX_FORM_BYTES`, or a bad ``Content-Length``)."""
+
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status, self.text = status, text
+
+
+async def read_form_body(request: Request, limit: int = MAX_FORM_BYTES) -> bytes:
+    """The request body, read only up to ``limit`` bytes.
+
+    A ``Content-Length`` over ``limit`` is refused before any of the body is read; a body sent
+    without one (chunked) is read chunk by chunk and refused as soon as it passes ``limit``, so
+    memory stays bounded whatever the client sends.
+
+    Parameters
+    ----------
+    request : starlette.requests.Request
+        The request.
+    limit : int
+        Most bytes read.
+
+    Returns
+    -------
+    bytes
+
+    Raises
+    ------
+    BodyRefused
+        413 for a body over ``limit``, 400 for a ``Content-Length`` that is not a whole number.
+    """
+    too_large = (f"request body over {limit} bytes: refused unread (the console's forms are far smaller); "
+                 "fix: send only the console's own form fields (token, csrf, confirm)")
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.strip().isdigit():
+            raise BodyRefused(400, "Content-Length is not a whole number; fix: send a valid HTTP request")
+        if int(length) > limit:
+            raise BodyRefused(413, too_large)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyRefused(413, too_large)
+    return bytes(body)
 
 
 # --------------------------------------------------------------------------- bind and token
@@ -315,9 +368,15 @@ def make_app(state_dir: Path, runs_dir: Path, *, token: str, refresh: int = 10, 
             return login_form("", 200)
         return logged_in(request, next) if guard.token_ok(token) else login_form("Wrong token.", 403)
 
+    @app.exception_handler(BodyRefused)
+    async def body_refused(request: Request, exc: BodyRefused):
+        # the rest of an unread body is not waited for: the connection is closed after the answer
+        return PlainTextResponse(exc.text, exc.status, headers={"Connection": "close"})
+
     async def form(request: Request) -> dict[str, str]:
-        # url-encoded forms only (the console's own); parsed here: no python-multipart dependency
-        body = (await request.body())[:8192].decode("utf-8", errors="replace")
+        # url-encoded forms only (the console's own); parsed here: no python-multipart dependency.
+        # At most MAX_FORM_BYTES are read (BodyRefused: 413 before reading more)
+        body = (await read_form_body(request)).decode("utf-8", errors="replace")
         return {k: v[0] for k, v in parse_qs(body, keep_blank_values=True).items()}
 
     @app.post("/login", response_class=HTMLResponse)

@@ -221,3 +221,95 @@ def test_read_ledger_files_lists_what_it_could_not_read(run):
     assert len(rows) == 1 and [p.name for p, _ in bad] == ["x.sqlite"]
 
 
+# -- D9: request bodies over the console's limit ---------------------------------------------------------------
+
+def _console(tmp_path: Path, runs: Path | None = None):
+    from server import console
+
+    sd = tmp_path / "state"
+    sd.mkdir(exist_ok=True)
+    runs = runs or (sd / "runs")
+    runs.mkdir(exist_ok=True)
+    token = console.load_token(sd)
+    return console.make_app(sd, runs, token=token, cache_s=0, stop_wait=1), token
+
+
+def _asgi_post(app, path: str, chunks, headers: list[tuple[bytes, bytes]]):
+    """POST ``chunks`` to ``app`` as a server would; returns (status, bytes the app pulled from the body)."""
+    pulled = {"bytes": 0, "messages": 0}
+    it = iter(chunks)
+    sent = []
+
+    async def receive():
+        try:
+            chunk = next(it)
+        except StopIteration:
+            await asyncio.sleep(0.01)
+            return {"type": "http.disconnect"}
+        pulled["bytes"] += len(chunk)
+        pulled["messages"] += 1
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"127.0.0.1:8090"), (b"content-type", b"application/x-www-form-urlencoded"),
+                         *headers],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8090)}
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], pulled
+
+
+def test_content_length_over_the_limit_is_refused_unread(tmp_path):
+    from server.console import MAX_FORM_BYTES
+
+    app, _ = _console(tmp_path)
+    body = (b"a" * 1024 for _ in range(400_000))  # 400 MB if it were read
+    status, pulled = _asgi_post(app, "/login", body, [(b"content-length", str(400_000 * 1024).encode())])
+    assert status == 413
+    assert pulled["bytes"] == 0, pulled
+
+
+def test_chunked_body_over_the_limit_is_read_only_up_to_the_cap(tmp_path):
+    from server.console import MAX_FORM_BYTES
+
+    app, _ = _console(tmp_path)
+    body = (b"a" * 1024 for _ in range(400_000))  # no Content-Length: Transfer-Encoding chunked
+    status, pulled = _asgi_post(app, "/login", body, [(b"transfer-encoding", b"chunked")])
+    assert status == 413
+    assert pulled["bytes"] <= MAX_FORM_BYTES + 1024, pulled
+
+
+def test_bodies_just_over_and_at_the_limit(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from server.console import MAX_FORM_BYTES
+
+    app, token = _console(tmp_path)
+    c = TestClient(app, base_url="http://127.0.0.1:8090")
+    ct = {"Content-Type": "application/x-www-form-urlencoded"}
+    over = c.post("/login", content=b"token=" + b"a" * (MAX_FORM_BYTES - 5), headers=ct, follow_redirects=False)
+    assert over.status_code == 413 and str(MAX_FORM_BYTES) in over.text
+    assert over.headers.get("x-frame-options") == "DENY"  # the console's headers on the refusal too
+    pad = MAX_FORM_BYTES - len(f"token={token}&pad=")
+    at = c.post("/login", content=f"token={token}&pad={'a' * pad}".encode(), headers=ct, follow_redirects=False)
+    assert at.status_code == 303, at.text  # exactly the limit: read and accepted
+
+
+def test_stop_refuses_an_oversized_body_too(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from server.console import MAX_FORM_BYTES
+
+    app, token = _console(tmp_path)
+    c = TestClient(app, base_url="http://127.0.0.1:8090")
+    r = c.post("/runs/x/stop", content=b"a" * (MAX_FORM_BYTES + 1), headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 413
+    status, pulled = _asgi_post(app, "/runs/x/stop", (b"a" * 1024 for _ in range(10_000)),
+                                [(b"authorization", f"Bearer {token}".encode())])
+    assert status == 413 and pulled["bytes"] <= MAX_FORM_BYTES + 1024
+
+
