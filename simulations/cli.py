@@ -503,8 +503,26 @@ def _check_end_files(out: Path, names, command: str, option: str = "--out") -> N
     for name in names:
         path = out / name
         if path.exists() and not path.is_file():
-            _refuse(f"{path} is a folder, not a file: {command} writes {name} there (after all its training)",
+            _refuse(f"{path} is a folder, not a file: {command} writes {name} there (after its training)",
                     f"remove or rename it, or choose another {option}", option)
+
+
+def _check_end_folders(out: Path, names, command: str, option: str = "--out") -> None:
+    """Refuse (exit 2, naming ``option``) a file in ``out`` where the command makes a folder (e.g. ``ledgers``)."""
+    for name in names:
+        path = out / name
+        if path.exists() and not path.is_dir():
+            _refuse(f"{path} is a file, not a folder: {command} makes its {name} folder there",
+                    f"remove or rename it, or choose another {option}", option)
+
+
+def _run_end_files() -> tuple[str, ...]:
+    """The files ``fl-sim run`` writes in a run folder after its nodes have trained: results, model, checkpoint
+    (each through ``NAME.tmp`` where written atomically), report and plots (:mod:`server.report`)."""
+    from server.artefacts import CHECKPOINT, MODEL
+
+    return ("results.json", MODEL, f"{MODEL}.tmp", CHECKPOINT, f"{CHECKPOINT}.tmp", "report.html", "metric.png",
+            "metric-dp.png", "epsilon.png", "round-time.png")
 
 
 def _check_writable(folder: Path, path: Path, option: str) -> None:
@@ -912,6 +930,9 @@ def run(
     _check_out_dir(out, "--out")
     for d in depts:
         _check_out_dir(outs[d], "--out")
+        # written after the nodes trained (and spent budget): a folder or file in the way is refused now
+        _check_end_files(outs[d], _run_end_files(), "fl-sim run")
+        _check_end_folders(outs[d], ["ledgers", *(["policies"] if site_metrics == "dp" else [])], "fl-sim run")
     fresh = _check_resumable([outs[d] for d in depts]) if resume else []
     policies = _check_policies(depts, policy)
     ray_options = _ray_options(engine, ray_address, gpus_per_client)  # may ask a Ray cluster: after the local checks

@@ -317,3 +317,33 @@ def test_unknown_command_suggestion_is_said_once(capsys, monkeypatch):
     code, out, err = _fl_sim(["report"], capsys, monkeypatch)
     _input_error(code, out, err)
     assert "No such command 'report'" in err and err.count("Did you mean") == 1, err
+
+
+# -- D3 (the same class in fl-sim run) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("blocker", ["results.json", "model.safetensors", "checkpoint.safetensors.tmp", "report.html",
+                                     "epsilon.png"])
+@pytest.mark.parametrize("departments", ["health", "all"])
+def test_run_output_file_that_is_a_folder_is_refused(tmp_path, capsys, monkeypatch, never_train, blocker, departments):
+    """A folder at OUT/results.json was found after the run had trained (its nodes had spent their budget), exit 1."""
+    out_dir = tmp_path / "r"
+    where = out_dir / ("utility" if departments == "all" else "") / blocker
+    where.mkdir(parents=True)
+    before = sorted(out_dir.rglob("*"))
+    code, out, err = _fl_sim(["run", "-d", departments, "--engine", "inprocess", "-r", "1", "-o", out_dir], capsys,
+                             monkeypatch)
+    _input_error(code, out, err)
+    assert "error: --out:" in err and f"{where} is a folder, not a file" in err, err
+    assert sorted(out_dir.rglob("*")) == before
+
+
+@pytest.mark.parametrize("blocker", ["ledgers", "policies"])
+def test_run_output_folder_that_is_a_file_is_refused(tmp_path, capsys, monkeypatch, never_train, blocker):
+    out_dir = tmp_path / "r"
+    out_dir.mkdir()
+    (out_dir / blocker).write_text("keep")
+    code, out, err = _fl_sim(["run", "-d", "health", "--engine", "inprocess", "-r", "1", "--site-metrics", "dp",
+                              "-o", out_dir], capsys, monkeypatch)
+    _input_error(code, out, err)
+    assert "error: --out:" in err and f"{out_dir / blocker} is a file, not a folder" in err, err
+    assert (out_dir / blocker).read_text() == "keep" and len(list(out_dir.iterdir())) == 1
