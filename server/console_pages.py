@@ -624,19 +624,25 @@ class Pages:
         if folder not in {d["folder"] for d in self.src.launches()}:
             return None
         body = f'<h1>Model card of {esc(folder)}</h1><p><a href="/runs/{esc(folder)}">back to the run</a></p>'
-        try:
-            from citydata import DATASETS
-            from serving.package import card_markdown, model_card
-            from shared_models import default_model_config
+        from serving.package import PackageError, card_markdown, model_card, read_run_results, run_model_config
 
-            results = json.loads((fdir / "results.json").read_text())
-            cfg = results.get("config") or {}
-            mc = default_model_config(DATASETS[cfg["department"]].schema, cfg.get("model") or None).model_dump(mode="json")
+        if not (fdir / "results.json").exists():
+            return self.page(f"model card {folder}", body + _error(
+                "no model card: no results.json yet: the run has not ended"))
+        try:
+            # as fl-server export reads the folder: a damaged results.json, launch.json or ledger is named
+            # with the field and a fix (PackageError), never shown as an exception name
+            results = read_run_results(fdir)
+            mc = run_model_config(results, fdir / "results.json").model_dump(mode="json")
             card = model_card(fdir, results, sites=[], model_config=mc, made_by="fl-server console")
+        except PackageError as exc:
+            log.warning("console: model card of %s not made: %s", folder, exc)
+            return self.page(f"model card {folder}", body + _error(f"no model card: {exc}"))
         except Exception as exc:  # noqa: BLE001 - the page says what is missing
             log.warning("console: model card of %s not made: %s: %s", folder, type(exc).__name__, exc)
             return self.page(f"model card {folder}", body + _error(
-                f"no model card: {type(exc).__name__} ({'no results.json yet: the run has not ended' if isinstance(exc, OSError) else exc})"))
+                f"no model card: an unexpected {type(exc).__name__} (the console's log has the message); fix: export "
+                f"the run with fl-server export RUN -o DIR, which names what is wrong"))
         body += ('<p class="note">Made now from the run folder (results.json, ledgers where present). '
                  "<code>fl-server export RUN -o DIR</code> writes the same card into a model package, with the "
                  "weights and a manifest of hashes.</p>")

@@ -313,3 +313,35 @@ def test_stop_refuses_an_oversized_body_too(tmp_path):
     assert status == 413 and pulled["bytes"] <= MAX_FORM_BYTES + 1024
 
 
+# -- D10: the console's model-card page of a damaged results.json ------------------------------------------------
+
+CARD_CASES = {
+    "list": (b"[1, 2]", ["results.json", "a list", "JSON object"]),
+    "missing-department": (json.dumps({"status": 5, "rounds": "x", "config": []}).encode(), ["results.json", "config", "a list"]),
+    "no-department": (json.dumps({"config": {}}).encode(), ["results.json", "config.department"]),
+    "rounds-text": (None, ["results.json", "rounds", "text"]),
+    "utf16": (json.dumps({"config": {"department": "health"}}).encode("utf-16"), ["results.json", "not UTF-8"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CARD_CASES))
+def test_model_card_page_names_the_file_problem_and_fix(good_run, tmp_path, case):
+    from fastapi.testclient import TestClient
+
+    data, words = CARD_CASES[case]
+    runs = tmp_path / "runs"
+    shutil.copytree(good_run, runs / "bad4")
+    (runs / "bad4" / "launch.json").write_text(json.dumps({"run-ids": ["9"], "config": {}}))
+    if data is None:
+        res = json.loads((runs / "bad4" / "results.json").read_text())
+        res["rounds"] = "x"
+        data = json.dumps(res).encode()
+    (runs / "bad4" / "results.json").write_bytes(data)
+    app, token = _console(tmp_path, runs)
+    c = TestClient(app, base_url="http://127.0.0.1:8090")
+    page = c.get("/runs/bad4/model-card", headers={"Authorization": f"Bearer {token}"})
+    assert page.status_code == 200
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page.text)).split())
+    for w in [*words, "fix:"]:
+        assert w in text, (w, text)
+    assert "KeyError" not in text and "AttributeError" not in text and "TypeError" not in text, text
