@@ -264,8 +264,6 @@ def _asgi_post(app, path: str, chunks, headers: list[tuple[bytes, bytes]]):
 
 
 def test_content_length_over_the_limit_is_refused_unread(tmp_path):
-    from server.console import MAX_FORM_BYTES
-
     app, _ = _console(tmp_path)
     body = (b"a" * 1024 for _ in range(400_000))  # 400 MB if it were read
     status, pulled = _asgi_post(app, "/login", body, [(b"content-length", str(400_000 * 1024).encode())])
