@@ -285,8 +285,8 @@ def start_cmd(
     outside loopback and --admin-net with HTTP 403. Also writes the `flwr` connection
     "cityfed" used by the other fl-server commands. Refuses to start without
     --ca/--cert/--key unless --insecure is given, with a --key that is not --cert's, on a
-    port in use, and while another `fl-server start` runs on the same --state-dir (it
-    names its PID): exit 2, nothing written.
+    port in use, while another `fl-server start` runs on the same --state-dir (it
+    names its PID), and with a bad CITYFED_GRID_POLL_S: exit 2, nothing written.
 
     Supervises Flower's processes: a SuperExec that exits is restarted with backoff (exit 1
     after --max-restarts in a row), a run whose ServerApp process died mid-run is resumed
@@ -297,6 +297,9 @@ def start_cmd(
 
     sd = _state(state_dir)
     with _errors():
+        from server.grid import poll_interval_from_env
+
+        poll_interval_from_env()  # the ServerApp processes inherit it: a bad value is refused before anything starts
         check_host(host)  # first: the TLS and port checks would blame the certificate or the network
         nets = admin_networks(admin_net, host)
         if insecure:

@@ -654,3 +654,17 @@ def test_run_says_which_value_of_a_conflict_comes_from_the_app_pyproject(fake_co
     text = _text(res)
     assert res.exit_code == 2 and not launched, text
     assert f'strategy = "krum" comes from {app / "pyproject.toml"}' in text and "fix:" in text, text
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "-1", "1e9"])
+def test_start_refuses_a_bad_grid_poll_variable_before_anything_starts(tmp_path, monkeypatch, value):
+    """The ServerApp processes inherit CITYFED_GRID_POLL_S; a bad value was found only when a run reached
+    its first round. `fl-server start` refuses it (exit 2, the variable named), nothing written."""
+    monkeypatch.setenv("CITYFED_GRID_POLL_S", value)
+    sd = tmp_path / "state"
+    res = runner.invoke(server_cli.app, ["start", "--insecure", "--host", "127.0.0.1", "--state-dir", str(sd),
+                                         "--port", str(_free_port())])
+    text = _text(res)
+    assert res.exit_code == 2, (text, res.exception)
+    assert "CITYFED_GRID_POLL_S" in text and value in text and "fix:" in text, text
+    assert not (sd / "coordinator.json").exists()
