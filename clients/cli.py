@@ -1590,6 +1590,7 @@ KeyOpt = Annotated[Optional[Path], typer.Option("--key", help="Node key that sig
 # --------------------------------------------------------------------------- fl-client app
 
 app_cmds = typer.Typer(
+    suggest_commands=False,  # click says "Did you mean ...?" itself (typer repeated it)
     name="app",
     help=("The app bundles (FABs) this node runs. By default a node runs a run's app only if it is the cityfed "
           "release installed here, byte for byte; anything else is refused before it is installed or imported and "
@@ -1856,7 +1857,7 @@ class _NodeGroup(TyperGroup):
         return super().get_command(ctx, name)
 
 
-app = typer.Typer(name="fl-client", cls=_NodeGroup, add_completion=False, rich_markup_mode="rich",
+app = typer.Typer(name="fl-client", cls=_NodeGroup, add_completion=False, suggest_commands=False, rich_markup_mode="rich",
                   epilog="Errors print a message naming the file, field and fix, never a traceback (it could show records); add --debug anywhere on the command line for the full traceback.",
                   pretty_exceptions_show_locals=False)
 app.callback(invoke_without_command=True)(fl_client)

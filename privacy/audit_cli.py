@@ -90,6 +90,7 @@ def make_audit_app(role: str, default_log: Callable[[], Path],
         Mount it with ``app.add_typer(make_audit_app(...), name="audit")``.
     """
     sub = typer.Typer(
+        suggest_commands=False,  # click says "Did you mean ...?" itself (typer repeated it)
         name="audit",
         help=(f"The {role}'s tamper-evident audit log (hash-chained, signed JSON lines).\n\n"
               "[bold]verify[/] checks it (exit 0 intact, 1 broken: the first broken entry is named), "

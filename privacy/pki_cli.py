@@ -22,6 +22,7 @@ from rich.table import Table
 from privacy import pki
 
 app = typer.Typer(
+    suggest_commands=False,  # click says "Did you mean ...?" itself (typer repeated it)
     name="fl-pki",
     epilog="Errors print a message naming the file, field and fix, never a traceback (it could show records); add --debug anywhere on the command line for the full traceback.",
     help=(

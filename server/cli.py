@@ -87,6 +87,7 @@ from server.supervisor import (  # noqa: F401
 DEFAULT_PORT = 9092
 
 app = typer.Typer(
+    suggest_commands=False,  # click says "Did you mean ...?" itself (typer repeated it)
     name="fl-server",
     epilog="Errors print a message naming the file, field and fix, never a traceback (it could show records); add --debug anywhere on the command line for the full traceback.",
     help=(

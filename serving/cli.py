@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=(
+app = typer.Typer(add_completion=False, suggest_commands=False, no_args_is_help=True, help=(
     "Serve a cityfed model package (fl-sim export-model / fl-server export) on this department's node. "
     "The package's hashes are checked first (a changed file is refused). Records are validated with the same checks "
     "as training and scaled as in training (health: fixed public reference constants; traffic/utility: each request "
