@@ -130,6 +130,25 @@ def check_not_empty(params: dict, names=None) -> None:
             raise SetupError(f"{option} is empty{blank}; fix: {fix}")
 
 
+def check_energy_setting() -> None:
+    """Refuse a bad ``$CITYFED_CPU_WATTS_PER_CORE`` at start-up (:func:`clients.energy.watts_per_core`).
+
+    Each train and evaluate task meters its energy with it: a bad value would fail every task
+    of the node, named only in the node's log.
+
+    Raises
+    ------
+    SetupError
+        Naming the variable, its value and the fix.
+    """
+    from clients.energy import watts_per_core
+
+    try:
+        watts_per_core()
+    except ValueError as exc:
+        raise SetupError(str(exc)) from None
+
+
 def check_department(department: str) -> None:
     """Refuse a ``--department`` that is not one of the federation's departments (case-sensitive).
 
@@ -1308,6 +1327,7 @@ def fl_client(
         check_not_empty(ctx.params)  # before any Path("") (= the working folder) is used
         check_site_name(site)
         check_department(department)
+        check_energy_setting()
     except SetupError as exc:
         err.print(f"[bold red]fl-client: cannot start:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_SETUP) from None

@@ -228,6 +228,18 @@ def test_department_is_checked_before_the_policy(pki_files, tmp_path, monkeypatc
     assert not (tmp_path / "node").exists()
 
 
+
+@pytest.mark.parametrize("value", ["nan", "abc", "-1", "0", "inf"])
+def test_bad_cpu_watts_per_core_is_refused_at_start_up(pki_files, tmp_path, monkeypatch, value):
+    """A bad CITYFED_CPU_WATTS_PER_CORE failed every train and evaluate task of the node (an unnamed
+    ValueError in the node's log, the coordinator seeing only failures); it is refused at start-up."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CITYFED_CPU_WATTS_PER_CORE", value)
+    code, text, exc = run_client(client_args(pki_files, tmp_path, 1))
+    assert_setup_error(code, text, exc, f"CITYFED_CPU_WATTS_PER_CORE={value!r}", "unset it")
+    assert not (tmp_path / "node").exists()
+
+
 def test_empty_state_dir_of_app_subcommand_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = runner.invoke(client_cli.app, ["app", "list", "--state-dir", ""])
