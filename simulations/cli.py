@@ -1268,9 +1268,6 @@ def export_model(
         option = "--out" if message.startswith(f"{out}:") else "RUN_DIR"
         what, _, fix = message.partition("; fix: ")
         _refuse(what, fix or "give the --out folder of a finished fl-sim run (fl-sim run -o DIR)", option)
-    except json.JSONDecodeError as exc:  # results.json (or launch.json) damaged: the run folder's problem
-        _refuse(f"{run_dir}: a JSON file of the run is not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})",
-                "give the --out folder of a finished fl-sim run (fl-sim run -o DIR)", "RUN_DIR")
     _report(out, manifest)
 
 
