@@ -28,3 +28,16 @@ def fl_sim(argv, capsys, monkeypatch) -> tuple[int, str, str]:
         run_app(cli.app, "fl-sim", argv=[str(a) for a in argv])
     cap = capsys.readouterr()
     return ex.value.code, " ".join(cap.out.split()), " ".join(cap.err.split())
+
+
+def assert_input_error(code: int, out: str, err: str) -> None:
+    """fl-sim's input-error rule: exit 2 and one ``error: WHAT; fix: HOW`` line, no traceback, no hidden message.
+
+    Parameters
+    ----------
+    code, out, err
+        What :func:`fl_sim` returned.
+    """
+    assert code == 2, (out, err)
+    assert err.count("error: ") == 1 and "; fix: " in err, err
+    assert "Traceback" not in err and "not shown" not in err, err

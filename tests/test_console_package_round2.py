@@ -21,13 +21,8 @@ from pathlib import Path
 import pytest
 
 from serve_helpers import synthetic_run
+from sim_helpers import assert_input_error as _input_error
 from sim_helpers import fl_sim
-
-
-def _input_error(code, out, err):
-    assert code == 2, (out, err)
-    assert err.count("error: ") == 1 and "; fix: " in err, err
-    assert "Traceback" not in err and "not shown" not in err, err
 
 
 def _export(run: Path, out: Path, capsys, monkeypatch):

@@ -15,13 +15,8 @@ from pathlib import Path
 import pytest
 
 import simulations.cli as cli
+from sim_helpers import assert_input_error as _input_error
 from sim_helpers import fl_sim as _fl_sim
-
-
-def _input_error(code, out, err):
-    assert code == 2, (out, err)
-    assert err.count("error: ") == 1 and "; fix: " in err, err
-    assert "Traceback" not in err and "not shown" not in err, err
 
 
 @pytest.fixture()
