@@ -24,6 +24,22 @@ from clients.secagg import (is_secagg_fit, masking_active, secagg_train, secure_
 from contract.tasks import (ARRAYS, CONFIG, EVAL_METRICS, METRICS, PERSONALISE_ACTION, PERSONALISE_METRICS,
                             TRAIN_METRICS)
 
+class NodeSetupError(ValueError):
+    """A simulated node's set-up does not fit its run (``flwr run``'s node count): configuration, never records.
+
+    Its message names the setting, its value and the fix and holds no record value, so the node's
+    log shows it (:func:`privacy.safe_cli.describe` hides a plain ``ValueError``'s message).
+    """
+
+
+class ExamplePolicyNotFound(FileNotFoundError):
+    """No example policy where :func:`example_policy` looks: names the folders and the fix (shown in logs)."""
+
+
+class MetricsNotWhitelisted(RuntimeError):
+    """A bug: a reply's metrics hold a key outside its whitelist (the message names the keys, never values)."""
+
+
 #: Error code for a node without training records (nothing to send).
 NO_DATA = 4041
 #: Error code for a task the node could not complete for any other reason (its cause stays in the
@@ -109,8 +125,8 @@ def example_policy(department: str) -> Path:
 
     Raises
     ------
-    FileNotFoundError
-        Naming the places looked in and the fix.
+    ExamplePolicyNotFound
+        A ``FileNotFoundError`` naming the places looked in and the fix.
     """
     import importlib.util
 
@@ -122,7 +138,7 @@ def example_policy(department: str) -> Path:
         path = root / "examples" / "policies" / f"{department}.toml"
         if path.is_file():
             return path
-    raise FileNotFoundError(
+    raise ExamplePolicyNotFound(
         f"no example policy for department {department!r} in {', '.join(str(r / 'examples' / 'policies') for r in roots)}. "
         "Fix: run flwr run from a cityfed clone installed with `make install` (pip install -e .)")
 
@@ -152,9 +168,10 @@ def flwr_run_node_defaults(node_config: dict, run_config: dict) -> dict:
 
     Raises
     ------
-    ValueError
-        When the number of simulated nodes (``num-partitions``) is not the department's number
-        of sites: one node per site, the error names the ``flwr run`` option that sets it.
+    NodeSetupError
+        A ``ValueError``: the number of simulated nodes (``num-partitions``) is not the department's
+        number of sites (one node per site); it names the ``flwr run`` option that sets it, and the
+        node's log shows it.
     """
     if "department" in node_config or "partition-id" not in node_config or run_config.get("policy"):
         return {}
@@ -164,7 +181,7 @@ def flwr_run_node_defaults(node_config: dict, run_config: dict) -> dict:
     sites = load_department(department, str(run_config.get("data") or "") or None).sites
     nodes = int(node_config.get("num-partitions", 0))
     if nodes != len(sites):
-        raise ValueError(
+        raise NodeSetupError(
             f"flwr run: {nodes} simulated node(s) for department {department!r}, which has {len(sites)} site(s) "
             f"({', '.join(sites)}): one node per site. Fix: flwr run . --federation-config "
             f"'num-supernodes={len(sites)}' --run-config 'department=\"{department}\"'")
@@ -176,7 +193,7 @@ def whitelisted(metrics: dict, allowed: tuple[str, ...]) -> MetricRecord:
     """``metrics`` as a ``MetricRecord``; any key outside ``allowed`` is a bug, never sent."""
     extra = sorted(set(metrics) - set(allowed))
     if extra:
-        raise RuntimeError(f"refusing to send non-whitelisted metric(s) {extra}")
+        raise MetricsNotWhitelisted(f"refusing to send non-whitelisted metric(s) {extra}")
     return MetricRecord(metrics)
 
 

@@ -23,6 +23,31 @@ import torch
 DEVICE_ENV = "CITYFED_DEVICE"
 
 
+class DeviceError(ValueError):
+    """A bad ``$CITYFED_DEVICE`` (:data:`DEVICE_ENV`): an unknown value, or CUDA where torch sees none.
+
+    Its message names the variable, its value and the fix, and holds no record value: the CLIs'
+    error handler (:func:`privacy.safe_cli.describe`) shows it (a plain ``ValueError``'s message
+    is hidden, as it might quote a record), and a node's log names the setting.
+
+    Parameters
+    ----------
+    problem : str
+        What is wrong (names the variable and its value).
+    fix : str
+        What to set instead.
+
+    Attributes
+    ----------
+    setting : str
+        The environment variable (:data:`DEVICE_ENV`).
+    """
+
+    def __init__(self, problem: str, fix: str):
+        self.problem, self.fix, self.setting = problem, fix, DEVICE_ENV
+        super().__init__(f"{problem}; fix: {fix}")
+
+
 def ray_gpu_grant() -> bool | None:
     """Whether Ray granted GPUs to this process: ``None`` outside a Ray actor.
 
@@ -63,8 +88,8 @@ def choose_device(setting: str, *, cuda_available: bool, gpu_granted: bool | Non
 
     Raises
     ------
-    ValueError
-        An unknown setting, or ``cuda`` asked for where torch sees no CUDA device.
+    DeviceError
+        An unknown setting, or ``cuda`` asked for where torch sees no CUDA device (a ``ValueError``).
     """
     value = setting.strip().lower()
     if value == "auto":
@@ -73,14 +98,26 @@ def choose_device(setting: str, *, cuda_available: bool, gpu_granted: bool | Non
         return torch.device("cpu")
     if value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit()):
         if not cuda_available:
-            raise ValueError(f"{DEVICE_ENV}={setting!r} but torch {torch.__version__} sees no CUDA device "
-                             f"(CUDA build: {torch.version.cuda or 'no'}); set {DEVICE_ENV}=auto or cpu, "
-                             "or install a CUDA build of torch on a machine with an NVIDIA GPU")
+            raise DeviceError(f"{DEVICE_ENV}={setting!r} but torch {torch.__version__} sees no CUDA device "
+                              f"(CUDA build: {torch.version.cuda or 'no'})",
+                              f"set {DEVICE_ENV}=auto or cpu (or unset it), or install a CUDA build of torch on a "
+                              "machine with an NVIDIA GPU")
         return torch.device(value)
-    raise ValueError(f"{DEVICE_ENV}={setting!r} is not a device; use auto, cpu, cuda or cuda:N")
+    raise DeviceError(f"{DEVICE_ENV}={setting!r} is not a device",
+                      f"set {DEVICE_ENV} to auto, cpu, cuda or cuda:N (or unset it: auto)")
 
 
 def pick_device() -> torch.device:
-    """This node's training device: :func:`choose_device` of ``$CITYFED_DEVICE`` (default ``auto``)."""
+    """This node's training device: :func:`choose_device` of ``$CITYFED_DEVICE`` (default ``auto``).
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    DeviceError
+        A bad ``$CITYFED_DEVICE`` (:func:`choose_device`).
+    """
     return choose_device(os.environ.get(DEVICE_ENV, "auto"), cuda_available=torch.cuda.is_available(),
                          gpu_granted=ray_gpu_grant())

@@ -28,8 +28,9 @@ EXIT_INPUT, EXIT_FAILED = 2, 1
 
 class _Commands(TyperGroup):
     """fl-sim's commands, with one error rule: click's usage errors (a value of the wrong type or
-    range, a missing or unknown option or command, a subcommand's ``typer.BadParameter``) and a bad
-    data file (``citydata.DataFileError``, wherever it is found) are input errors: exit 2 with one
+    range, a missing or unknown option or command, a subcommand's ``typer.BadParameter``), a bad
+    data file (``citydata.DataFileError``, wherever it is found) and a bad ``$CITYFED_DEVICE``
+    (``shared_models.device.DeviceError``) are input errors: exit 2 with one
     ``error: WHAT; fix: HOW`` line, also where the app runs without ``privacy.safe_cli.run_app``
     (``typer.testing.CliRunner``, embedding).
 
@@ -57,7 +58,10 @@ class _Commands(TyperGroup):
             raise
         except click.UsageError as exc:
             _usage_error(exc)
-        except Exception as exc:  # noqa: BLE001 - only a data file's error is handled here
+        except Exception as exc:  # noqa: BLE001 - only a data file's or CITYFED_DEVICE's error is handled here
+            device = sys.modules.get("shared_models.device")  # not imported: the error cannot be a DeviceError
+            if device is not None and isinstance(exc, device.DeviceError):  # a command without its own check
+                _refuse(exc.problem, exc.fix)
             base = sys.modules.get("citydata.base")  # not imported: the error cannot be a DataFileError
             if base is None or not isinstance(exc, base.DataFileError):
                 raise
@@ -177,13 +181,30 @@ def _refuse_repeats(option: str, values, key, what: str) -> None:
         seen[k] = v
 
 
-def _check_node_environment() -> None:
+def _check_node_environment(energy: bool = True) -> None:
     """Refuse (exit 2) a bad setting of the environment the simulated nodes read in every task, before training.
 
+    ``$CITYFED_DEVICE`` (:func:`shared_models.device.pick_device`: an unknown value, or CUDA
+    where torch sees none): every training and scoring reads it, so a bad value failed the
+    run's first central evaluation or every node's task (exit 1, the message hidden).
     ``$CITYFED_CPU_WATTS_PER_CORE`` (:func:`clients.energy.watts_per_core`, its own message and
     fix): each node's train and evaluate task reads it first, so a bad value failed every task
     of every round, and the run, without naming the variable.
+
+    Parameters
+    ----------
+    energy : bool
+        Also check ``$CITYFED_CPU_WATTS_PER_CORE`` (the commands that run nodes; ``fl-sim
+        baselines`` trains without them).
     """
+    from shared_models.device import DeviceError, pick_device
+
+    try:
+        pick_device()
+    except DeviceError as exc:  # names the variable and its value; its fix
+        _refuse(exc.problem, exc.fix)
+    if not energy:
+        return
     from clients.energy import watts_per_core
 
     try:
@@ -284,6 +305,7 @@ def baselines(
     for d in depts:
         if d not in DEPARTMENTS:
             _refuse(f"unknown department {d!r}", f"choose from {', '.join(DEPARTMENTS)} or 'all'", "--department")
+    _check_node_environment(energy=False)  # the jobs train and score on $CITYFED_DEVICE
     # a value given twice would train (and print) the same jobs twice; epsilons are told apart as the table prints them
     _refuse_repeats("--department", depts, str, "department")
     _refuse_repeats("--model", model or [], str, "model kind")

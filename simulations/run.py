@@ -20,6 +20,10 @@ from server.app import build_server_app
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class SimulationArgumentError(ValueError):
+    """A :func:`simulate` argument that does not fit (sites, engine): names it, never a record (shown by the CLIs)."""
+
+
 def default_policy(department: str) -> Path:
     """The example policy shipped for a department (``examples/policies/<dept>.toml``)."""
     return ROOT / "examples" / "policies" / f"{department}.toml"
@@ -110,9 +114,21 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
         In-process engine only: run with these sites' nodes alone (e.g. leave-one-site-out);
         each keeps its partition id among all the department's sites.
 
+    Returns
+    -------
+    dict
+        The run's ``results.json`` content.
+
+    Raises
+    ------
+    SimulationArgumentError
+        A ``ValueError``: ``only_sites`` names a site the department lacks, or is given with ``engine="ray"``.
+
     Sets ``CITYFED_DP_SEED_FROM_JOB=1`` in this process unless it is set: DP-SGD's noise then
     follows the job's seed, so a simulation is reproducible (see :func:`privacy.dp.dp_seed`).
     """
+    if only_sites is not None and engine != "inprocess":  # before anything is created
+        raise SimulationArgumentError("only_sites needs engine='inprocess'")
     from privacy import SEED_FROM_JOB_ENV
 
     # one machine, no adversary: DP noise follows the job's seed so a simulation is reproducible
@@ -148,13 +164,11 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
         if only_sites is not None:
             unknown = sorted(set(only_sites) - set(sites))
             if unknown:
-                raise ValueError(f"only_sites: unknown site(s) {unknown}; the department's sites are {sites}")
+                raise SimulationArgumentError(f"only_sites: unknown site(s) {unknown}; the department's sites are {sites}")
             nodes = [{**n, "site": sites[n["partition-id"]]} for n in nodes if sites[n["partition-id"]] in only_sites]
         grid = InProcessGrid(build_client_app(), nodes, cfg)
         return run_federation(grid, cfg, run_id=cfg.get("run-id") or inprocess_run_id(Path(cfg["ledger-dir"])),
                               on_round=on_round)
-    if only_sites is not None:
-        raise ValueError("only_sites needs engine='inprocess'")
     from flower_compat.dispatch import install
 
     install()  # one walk over the queued messages per sweep instead of one per node (see its docstring)

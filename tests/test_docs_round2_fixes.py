@@ -1,0 +1,114 @@
+"""fl-sim and the ClientApp: defects found by the second README check (docs round 2).
+
+* Configuration errors (CITYFED_DEVICE, ``flwr run``'s node count, a missing example policy, the
+  simulation's own arguments) are shown: their messages hold no record value, and the no-traceback
+  handler hid them as if they might (``privacy.safe_cli.describe``). fl-sim refuses a bad
+  ``CITYFED_DEVICE`` before training (exit 2, the variable, its value and the fix).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import simulations.cli as cli
+from privacy.safe_cli import describe
+from sim_helpers import assert_input_error, fl_sim
+
+
+@pytest.fixture()
+def never_train(monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("trained before the input was checked")
+
+    monkeypatch.setattr(cli, "_run_one", never)
+    import simulations.baselines as baselines
+    import simulations.compare as compare
+
+    monkeypatch.setattr(baselines, "run_baselines", never)
+    monkeypatch.setattr(compare, "run_compare", never)
+    monkeypatch.setattr(cli, "_baselines", never)
+
+
+def _raised(call) -> BaseException:
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - the test looks at it
+        return exc
+    raise AssertionError("nothing raised")
+
+
+# -- 1. configuration errors are shown ------------------------------------------------------------
+
+@pytest.mark.parametrize("value, text", [("cuda", "sees no CUDA device"), ("cuda:1", "sees no CUDA device"),
+                                         ("bogus", "is not a device")])
+@pytest.mark.parametrize("command", [["run", "-d", "health", "-r", "1", "--engine", "inprocess"],
+                                     ["compare", "-d", "health", "-r", "1"],
+                                     ["baselines", "-d", "health", "--epochs", "1"]])
+def test_bad_cityfed_device_is_an_input_error_naming_it(tmp_path, capsys, monkeypatch, never_train, value, text,
+                                                         command):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CITYFED_DEVICE", value)
+    out = tmp_path / "o"
+    code, stdout, err = fl_sim([*command, "-o", out], capsys, monkeypatch)
+    assert_input_error(code, stdout, err)
+    assert f"CITYFED_DEVICE={value!r}" in err and text in err and "auto" in err and "cpu" in err, err
+    assert not out.exists()
+
+
+def test_device_error_message_is_shown():
+    from shared_models.device import choose_device
+
+    exc = _raised(lambda: choose_device("cuda", cuda_available=False, gpu_granted=None))
+    assert isinstance(exc, ValueError)
+    shown = describe(exc)
+    assert "CITYFED_DEVICE='cuda'" in shown and "not shown" not in shown, shown
+
+
+def test_flwr_run_node_count_error_is_shown():
+    from clients.app import flwr_run_node_defaults
+
+    exc = _raised(lambda: flwr_run_node_defaults({"partition-id": 0, "num-partitions": 3},
+                                                 {"department": "health", "run-dir": "/tmp/x"}))
+    assert isinstance(exc, ValueError)
+    shown = describe(exc)
+    assert "num-supernodes=4" in shown and "not shown" not in shown, shown
+
+
+def test_missing_example_policy_error_is_shown(monkeypatch):
+    import importlib.util
+
+    import clients.app as capp
+
+    monkeypatch.setattr(capp, "__file__", "/nonexistent/cityfed/clients/app.py")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    exc = _raised(lambda: capp.example_policy("health"))
+    assert isinstance(exc, FileNotFoundError)
+    shown = describe(exc)
+    assert "no example policy for department 'health'" in shown and "make install" in shown, shown
+
+
+def test_simulate_argument_errors_are_shown(tmp_path):
+    from simulations.run import simulate
+
+    cfg = {"department": "health", "run-dir": str(tmp_path / "r"), "num-rounds": 1}
+    exc = _raised(lambda: simulate(cfg, engine="inprocess", only_sites=["Nowhere"]))
+    assert "unknown site(s) ['Nowhere']" in describe(exc), describe(exc)
+    exc = _raised(lambda: simulate(cfg, engine="ray", only_sites=["Cleveland"]))
+    assert "only_sites needs engine='inprocess'" in describe(exc), describe(exc)
+
+
+def test_device_error_raised_inside_any_command_is_an_input_error(capsys, monkeypatch):
+    """A command without its own pre-flight check (e.g. fl-sim audit) still answers a bad CITYFED_DEVICE with exit 2."""
+    from shared_models.device import DeviceError
+
+    def datasets(*a, **k):
+        raise DeviceError("CITYFED_DEVICE='bogus' is not a device", "set CITYFED_DEVICE to auto")
+
+    monkeypatch.setattr(cli, "_packages", datasets)
+    code, out, err = fl_sim(["datasets", "health"], capsys, monkeypatch)
+    assert_input_error(code, out, err)
+    assert "CITYFED_DEVICE='bogus'" in err, err
