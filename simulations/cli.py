@@ -971,8 +971,16 @@ def run(
         if virtual_sites:
             from citydata.virtual import check_virtual_sites
 
+            ds = load_department(d, seed=seed)
+            n_train = sum(len(ds.site_data(s).train) for s in ds.sites)  # what the nodes' own check counts
+            if virtual_sites > n_train:  # fl-sim's nodes never allow empty sites (a node key, not a run-config one)
+                unit = "training records (patients)" if ds.schema.task == "binary-classification" else "training windows"
+                _refuse(f"{virtual_sites} virtual sites but only {n_train} {d} {unit}: some sites would have no "
+                        "records", f"--virtual-sites {n_train} or fewer (a scale test with more clients than records, "
+                        "empty sites allowed: python benchmarks/sim_scale.py --clients N --allow-empty)",
+                        "--virtual-sites")
             try:  # the nodes' own check, before any of them starts (too many sites for the records)
-                check_virtual_sites(load_department(d, seed=seed), virtual_sites, partitioner, alpha, allow_empty=False)
+                check_virtual_sites(ds, virtual_sites, partitioner, alpha, allow_empty=False)
             except ValueError as exc:
                 _refuse(str(exc), "a --virtual-sites count (and --alpha) the message allows", "--virtual-sites")
         from simulations.run import default_policy

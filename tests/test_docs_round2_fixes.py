@@ -112,3 +112,16 @@ def test_device_error_raised_inside_any_command_is_an_input_error(capsys, monkey
     code, out, err = fl_sim(["datasets", "health"], capsys, monkeypatch)
     assert_input_error(code, out, err)
     assert "CITYFED_DEVICE='bogus'" in err, err
+
+
+# -- 4. too many virtual sites: a fix fl-sim run's user can apply ---------------------------------
+
+def test_too_many_virtual_sites_names_a_fix_that_exists(tmp_path, capsys, monkeypatch, never_train):
+    out = tmp_path / "vs"
+    code, stdout, err = fl_sim(["run", "-d", "traffic", "--virtual-sites", "100000", "-o", out], capsys, monkeypatch)
+    assert_input_error(code, stdout, err)
+    assert "--virtual-sites" in err and "100000" in err and "training windows" in err, err
+    assert "run config virtual-allow-empty" not in err, err  # a node key: fl-sim run cannot set it
+    assert "benchmarks/sim_scale.py" in err and "--allow-empty" in err, err
+    assert not out.exists()
+
