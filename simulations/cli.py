@@ -659,9 +659,9 @@ def _check_resumable(run_dirs: list[Path]) -> list[Path]:
             _refuse(str(exc), None, "--resume")
     missing = [p for p in run_dirs if not (p / CHECKPOINT).is_file()]
     if len(missing) == len(run_dirs):
-        where = (f"{run_dirs[0]} has" if len(run_dirs) == 1
-                 else f"none of {', '.join(str(p) for p in run_dirs)} has")
-        _refuse(f"{where} no {CHECKPOINT}: there is no interrupted run to resume there",
+        where = (f"{run_dirs[0]} has no {CHECKPOINT}" if len(run_dirs) == 1
+                 else f"none of {', '.join(str(p) for p in run_dirs)} has a {CHECKPOINT}")
+        _refuse(f"{where}: there is no interrupted run to resume there",
                 "drop --resume to start a new run (or pass the --out of the interrupted run)", "--resume")
     return missing
 

@@ -125,3 +125,12 @@ def test_too_many_virtual_sites_names_a_fix_that_exists(tmp_path, capsys, monkey
     assert "benchmarks/sim_scale.py" in err and "--allow-empty" in err, err
     assert not out.exists()
 
+
+# -- 5. -d all --resume without any checkpoint: no double negative --------------------------------
+
+def test_resume_all_without_checkpoints_says_none_has_one(tmp_path, capsys, monkeypatch, never_train):
+    code, stdout, err = fl_sim(["run", "-d", "all", "-o", tmp_path, "--resume", "--engine", "inprocess"], capsys,
+                               monkeypatch)
+    assert_input_error(code, stdout, err)
+    assert "has no checkpoint" not in err, err
+    assert f"none of {tmp_path / 'health'}" in err and "has a checkpoint.safetensors" in err, err
