@@ -643,14 +643,31 @@ def _make_parents(path: Path, option: str) -> list[Path]:
     return missing
 
 
-def _check_resumable(run_dirs: list[Path]) -> list[Path]:
-    """``--resume`` needs a checkpoint to resume: refuse, rather than silently start a fresh run.
+def _check_resumable(run_dirs: list[Path], rounds: dict) -> tuple[list[Path], dict]:
+    """``--resume`` needs a checkpoint with rounds left to train: refuse, rather than start afresh or train nothing.
 
     With several departments (``-d all``) at least one of their folders must hold one (a run
     interrupted in its second department resumes it; the departments not started yet start
-    from round 1, which is said). Returns the folders without a checkpoint.
+    from round 1, which is said). A checkpoint after the last round asked for (``--rounds``, or
+    the department's default) is a finished run: resumed, it trained nothing and rewrote its
+    results, model and report. Alone it is refused (exit 2; a larger ``--rounds`` resumes it for
+    more rounds); under ``-d all`` that department is skipped, unless every department finished.
+
+    Parameters
+    ----------
+    run_dirs : list of Path
+        Each department's run folder.
+    rounds : dict
+        ``{run folder: rounds asked for}``.
+
+    Returns
+    -------
+    (list of Path, dict)
+        The folders without a checkpoint, and ``{folder: rounds its checkpoint completed}`` for the
+        finished ones (to skip).
     """
-    from server.artefacts import CHECKPOINT, LegacyCheckpointError, require_no_legacy_checkpoint
+    from server.artefacts import (CHECKPOINT, ArtefactError, LegacyCheckpointError, read_checkpoint,
+                                  require_no_legacy_checkpoint)
 
     for run_dir in run_dirs:
         try:
@@ -663,7 +680,25 @@ def _check_resumable(run_dirs: list[Path]) -> list[Path]:
                  else f"none of {', '.join(str(p) for p in run_dirs)} has a {CHECKPOINT}")
         _refuse(f"{where}: there is no interrupted run to resume there",
                 "drop --resume to start a new run (or pass the --out of the interrupted run)", "--resume")
-    return missing
+    finished = {}
+    for run_dir in run_dirs:
+        if run_dir in missing:
+            continue
+        try:
+            done = int(read_checkpoint(run_dir / CHECKPOINT)["round"])
+        except ArtefactError as exc:  # damaged, or not a cityfed checkpoint: its message names the file
+            _refuse(str(exc), None, "--resume")
+        if done >= int(rounds[run_dir]):
+            finished[run_dir] = done
+    if len(finished) == len(run_dirs):  # nothing to resume anywhere
+        run_dir, done = next(iter(finished.items()))
+        asked = int(rounds[run_dir])
+        _refuse(f"the run in {run_dir} finished all {done} of its rounds ({CHECKPOINT} is after round {done}; "
+                f"--rounds asks for {asked}): there is nothing left to train, and resuming would only rewrite its "
+                "results, model and report", f"raise --rounds above {done} to train more rounds of it (e.g. --resume "
+                f"--rounds {done + 5}), or drop --resume to start a new run (another --out keeps this one's files)",
+                "--resume")
+    return missing, finished
 
 
 def _check_policies(depts: list[str], policy: Optional[Path]) -> dict:
@@ -851,7 +886,9 @@ def run(
     gpus_per_client: float = typer.Option(
         0.0, "--gpus-per-client", help="Ray engine: GPUs per simulated client (0.25 = four clients share "
                                                 "a GPU); those clients train on CUDA. 0 = CPU clients."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/checkpoint.safetensors."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from OUT/checkpoint.safetensors (up to --rounds: "
+                                             "a larger --rounds continues a finished run; a run that finished all "
+                                             "--rounds is refused, or skipped under -d all)."),
     seed: int = typer.Option(0, min=0, max=_MAX_SEED, help="Seed for the initial model, sampling, partitioning and each site's train/test split (health: a seeded draw per hospital; as fl-sim baselines --seed)."),
     personalise_epochs: int = typer.Option(0, "--personalise-epochs", min=0, max=_MAX_EPOCHS,
                                            help="After the last round each node fine-tunes the final model on its own "
@@ -955,7 +992,8 @@ def run(
         # written after the nodes trained (and spent budget): a folder or file in the way is refused now
         _check_end_files(outs[d], _run_end_files(), "fl-sim run")
         _check_end_folders(outs[d], ["ledgers", *(["policies"] if site_metrics == "dp" else [])], "fl-sim run")
-    fresh = _check_resumable([outs[d] for d in depts]) if resume else []
+    fresh, finished = (_check_resumable([outs[d] for d in depts], {outs[d]: cfgs[d]["num-rounds"] for d in depts})
+                       if resume else ([], {}))
     policies = _check_policies(depts, policy)
     ray_options = _ray_options(engine, ray_address, gpus_per_client)  # may ask a Ray cluster: after the local checks
     from citydata import load_department
@@ -1002,6 +1040,10 @@ def run(
     untrained = []
     for d in depts:
         dout, cfg = outs[d], cfgs[d]
+        if dout in finished:  # -d all --resume: this department had finished; its files stay as they are
+            console.print(f"--resume: {d} finished all {finished[dout]} of its rounds in {dout}: skipped (raise "
+                          "--rounds to train more)")
+            continue
         if dout in fresh:
             console.print(f"--resume: {dout} has no checkpoint (this department had not started): {d} starts at round 1")
         if site_metrics == "dp":

@@ -134,3 +134,48 @@ def test_resume_all_without_checkpoints_says_none_has_one(tmp_path, capsys, monk
     assert_input_error(code, stdout, err)
     assert "has no checkpoint" not in err, err
     assert f"none of {tmp_path / 'health'}" in err and "has a checkpoint.safetensors" in err, err
+
+
+# -- 6. --resume of a run that finished all its rounds --------------------------------------------
+
+def _finished(folder: Path, rounds: int) -> Path:
+    from server.artefacts import CHECKPOINT, write_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(folder / CHECKPOINT, {"run_id": "sim", "round": rounds, "arrays": {}, "strategy_state": {},
+                                           "history": {}})
+    (folder / "results.json").write_text('{"status": "completed"}')
+    return folder
+
+
+def test_resume_of_a_finished_run_is_refused_and_rewrites_nothing(tmp_path, capsys, monkeypatch, never_train):
+    run_dir = _finished(tmp_path / "h", 15)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    code, stdout, err = fl_sim(["run", "-d", "health", "-o", run_dir, "--resume", "--engine", "inprocess"], capsys,
+                               monkeypatch)
+    assert_input_error(code, stdout, err)
+    assert "--resume" in err and str(run_dir) in err and "finished all 15" in err and "--rounds" in err, err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_resume_with_more_rounds_than_the_finished_run_still_runs(tmp_path, capsys, monkeypatch):
+    run_dir = _finished(tmp_path / "h", 15)
+    ran = []
+    monkeypatch.setattr(cli, "_run_one", lambda d, cfg, *a, **k: ran.append((d, cfg["num-rounds"])) or
+                        {"rounds": [{"round": 16, "train": {"accepted": 4}}], "status": "completed"})
+    code, stdout, err = fl_sim(["run", "-d", "health", "-o", run_dir, "--resume", "-r", "16", "--engine", "inprocess"],
+                               capsys, monkeypatch)
+    assert code == 0, (stdout, err)
+    assert ran == [("health", 16)]
+
+
+def test_resume_all_skips_the_departments_that_finished(tmp_path, capsys, monkeypatch):
+    _finished(tmp_path / "health", 15)
+    ran = []
+    monkeypatch.setattr(cli, "_run_one", lambda d, cfg, *a, **k: ran.append(d) or
+                        {"rounds": [{"round": 1, "train": {"accepted": 1}}], "status": "completed"})
+    code, stdout, err = fl_sim(["run", "-d", "all", "-o", tmp_path, "--resume", "--engine", "inprocess"], capsys,
+                               monkeypatch)
+    assert code == 0, (stdout, err)
+    assert ran == ["traffic", "utility"]
+    assert "health" in stdout and "finished all 15" in stdout, stdout
