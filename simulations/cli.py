@@ -548,10 +548,27 @@ def _run_end_files() -> tuple[str, ...]:
 
 
 def _check_writable(folder: Path, path: Path, option: str) -> None:
-    """Refuse (exit 2, naming ``option``) an existing ``folder`` this user cannot write in, where ``path`` goes."""
-    if not os.access(folder, os.W_OK | os.X_OK):
+    """Refuse (exit 2, naming ``option``) an existing ``folder`` where ``path`` cannot be created or written.
+
+    Asked (``os.access``), then tried: a probe file is created in ``folder`` and removed at once.
+    ``os.access`` answers yes for root whatever the file system says (a read-only mount, ``/sys``, ``/proc``),
+    and the run then failed with an opaque error after it had started (exit 1). Any reason the
+    probe fails (permission, read-only file system, a pseudo file system) is reported.
+    """
+    import tempfile
+
+    if not os.access(folder, os.W_OK | os.X_OK):  # this user's permissions (root passes: tried below)
         _refuse(f"cannot write in {folder} (permission denied)" + ("" if folder == path else f", where {path} goes"),
                 "choose a folder you can write to, or change its permissions", option)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cityfed-write-check-", dir=folder)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        _refuse(f"cannot write in {folder} ({why})" + ("" if folder == path else f", where {path} goes"),
+                "choose a folder you can write to (or change its permissions)", option)
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
 
 
 def nodes_per_round(n_sites: int, fraction: float, secagg: bool = False) -> int:

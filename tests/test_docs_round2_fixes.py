@@ -179,3 +179,25 @@ def test_resume_all_skips_the_departments_that_finished(tmp_path, capsys, monkey
     assert code == 0, (stdout, err)
     assert ran == ["traffic", "utility"]
     assert "health" in stdout and "finished all 15" in stdout, stdout
+
+
+# -- 7. an --out that cannot be created, whatever the reason (root: os.access says yes) -----------
+
+@pytest.mark.parametrize("out", ["/sys/cityfed-h5-test/x", "/proc/cityfed-h5-test", "/sys/cityfed-h5-test"])
+@pytest.mark.parametrize("command", [["run", "-d", "health", "-r", "1", "--engine", "inprocess"],
+                                     ["compare", "-d", "health", "-r", "1"],
+                                     ["baselines", "-d", "health", "--epochs", "1"],
+                                     ["export-model", "RUN"], ["audit", "-d", "health"]])
+def test_out_that_cannot_be_created_is_an_input_error(tmp_path, capsys, monkeypatch, never_train, out, command):
+    command = [str(tmp_path) if a == "RUN" else a for a in command]
+    code, stdout, err = fl_sim([*command, "-o", out], capsys, monkeypatch)
+    assert_input_error(code, stdout, err)
+    assert "--out" in err and out.split("/")[1] in err, err
+    assert not Path(out).exists()
+
+
+@pytest.mark.parametrize("out", ["/sys/cityfed-h5-test/x.csv", "/proc/cityfed-h5.csv"])
+def test_export_to_a_file_that_cannot_be_created_is_an_input_error(capsys, monkeypatch, out):
+    code, stdout, err = fl_sim(["export", "-d", "health", "--site", "Cleveland", "-o", out], capsys, monkeypatch)
+    assert_input_error(code, stdout, err)
+    assert "--out" in err, err
