@@ -1236,8 +1236,8 @@ def compare_table(res: dict, department: str) -> Table:
 @app.command()
 def datasets(department: Optional[str] = typer.Argument(None, help="Department to describe: health, traffic or "
                                                                      "utility (default: all).")) -> None:
-    """List the bundled department datasets: source, licence, sites and schema."""
-    from citydata import DATASETS
+    """List the bundled department datasets: source, licence, sites (their names, as --site takes them) and schema."""
+    from citydata import DATASETS, load_department
 
     if department is not None and department not in DATASETS:
         _refuse(f"unknown department {department!r}", f"choose one of {', '.join(DATASETS)}, or leave it out for all",
@@ -1248,6 +1248,7 @@ def datasets(department: Optional[str] = typer.Argument(None, help="Department t
         src = cls.source()
         console.rule(f"{name}: {src.get('description', '')}")
         console.print(f"{_packages(src)}, {src['rows']} rows, sites: {src['sites']}")
+        console.print(f"site names: {', '.join(load_department(name).sites)}")  # as fl-sim export --site takes them
         console.print(cls.schema.describe())
 
 
@@ -1276,7 +1277,7 @@ def export(
                                                                   "and a file already there is replaced only by a complete one."),
     site: Optional[List[str]] = typer.Option(None, "--site", "-s",
                                              help="Only this site's records (repeat for several; default: all sites). "
-                                                  "Names as `fl-sim datasets` lists them, e.g. 'VA Long Beach'."),
+                                                  "Names as `fl-sim datasets DEPARTMENT` lists them (site names), e.g. 'VA Long Beach'."),
 ) -> None:
     """Write bundled records as a department file in the documented schema (e.g. one hospital's file to try fl-client).
 
@@ -1306,7 +1307,7 @@ def export(
         _data_file_error(exc, {"--out": out})
     except ValueError as exc:  # unknown sites: the message lists the department's
         undo()
-        _refuse(str(exc), "name sites as `fl-sim datasets` lists them", "--site")
+        _refuse(str(exc), f"name sites as `fl-sim datasets {department}` lists them (site names)", "--site")
     except PermissionError:
         undo()
         _refuse(f"cannot write {out}: permission denied in {out.parent}",

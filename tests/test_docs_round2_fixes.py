@@ -201,3 +201,20 @@ def test_export_to_a_file_that_cannot_be_created_is_an_input_error(capsys, monke
     code, stdout, err = fl_sim(["export", "-d", "health", "--site", "Cleveland", "-o", out], capsys, monkeypatch)
     assert_input_error(code, stdout, err)
     assert "--out" in err, err
+
+
+# -- 8. fl-sim datasets lists the site names that --site takes ------------------------------------
+
+@pytest.mark.parametrize("department, names", [
+    ("traffic", ["detector-1", "detector-13", "detector-28"]),
+    ("health", ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]),
+    ("utility", ["england-wales-2000", "portugal-2012", "victoria-2014"]),
+])
+def test_datasets_lists_the_site_names_export_takes(capsys, monkeypatch, department, names):
+    from citydata import load_department
+
+    assert set(names) <= set(load_department(department).sites)
+    code, stdout, err = fl_sim(["datasets", department], capsys, monkeypatch)
+    assert code == 0, err
+    line = next((part for part in stdout.split("site names: ")[1:]), "")
+    assert all(n in line for n in names), stdout
