@@ -286,7 +286,7 @@ def test_fl_sim_run_resume_of_a_legacy_checkpoint(tmp_path, capsys, monkeypatch)
 def test_fl_sim_run_resume_all_departments(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     code, text = _fl_sim(["run", "-d", "all", "--engine", "inprocess", "-o", out, "--resume"], capsys, monkeypatch)
-    assert code == 2 and "none of" in text and "has no checkpoint.safetensors" in text, text
+    assert code == 2 and "none of" in text and "has a checkpoint.safetensors" in text and "has no" not in text, text
     # a -d all run interrupted in traffic: health and traffic have checkpoints, utility had not started
     ran = []
     monkeypatch.setattr(cli, "_run_one", lambda d, cfg, dout, *a: ran.append(d) or {"rounds": [{"train": {"accepted": 1}}]})
