@@ -290,9 +290,12 @@ def test_fl_sim_run_resume_all_departments(tmp_path, capsys, monkeypatch):
     # a -d all run interrupted in traffic: health and traffic have checkpoints, utility had not started
     ran = []
     monkeypatch.setattr(cli, "_run_one", lambda d, cfg, dout, *a: ran.append(d) or {"rounds": [{"train": {"accepted": 1}}]})
-    for d in ("health", "traffic"):
+    from server.artefacts import CHECKPOINT, write_checkpoint
+
+    for d in ("health", "traffic"):  # checkpoints of round 2 of the default rounds
         (out / d).mkdir(parents=True)
-        (out / d / "checkpoint.safetensors").write_bytes(b"")
+        write_checkpoint(out / d / CHECKPOINT, {"run_id": "sim", "round": 2, "arrays": {}, "strategy_state": {},
+                                                "history": {}})
     code, text = _fl_sim(["run", "-d", "all", "--engine", "inprocess", "-o", out, "--resume"], capsys, monkeypatch)
     assert code == 0 and ran == ["health", "traffic", "utility"], text
     assert "utility starts at round 1" in text
