@@ -132,7 +132,7 @@ def check_virtual_sites(ds: DepartmentDataset, n: int, partitioner: str, alpha: 
         unit = "training records (patients)" if ds.schema.task == "binary-classification" else "training windows"
         raise ValueError(f"virtual sites: {n} sites but only {n_train} {ds.department} {unit}; "
                          f"use at most {n_train} (or, for a scale test with the iid partitioner, allow empty "
-                         f"sites: run config virtual-allow-empty=true)")
+                         f"sites: node-config key virtual-allow-empty=true, as benchmarks/sim_scale.py --allow-empty sets it)")
     if partitioner == "dirichlet" and not alpha > 0:
         raise ValueError(f"virtual sites: Dirichlet alpha must be > 0, got {alpha}")
 

@@ -130,11 +130,13 @@ def check_not_empty(params: dict, names=None) -> None:
             raise SetupError(f"{option} is empty{blank}; fix: {fix}")
 
 
-def check_energy_setting() -> None:
-    """Refuse a bad ``$CITYFED_CPU_WATTS_PER_CORE`` at start-up (:func:`clients.energy.watts_per_core`).
+def check_node_environment() -> None:
+    """Refuse at start-up a bad setting that every task of the node reads.
 
-    Each train and evaluate task meters its energy with it: a bad value would fail every task
-    of the node, named only in the node's log.
+    ``$CITYFED_DEVICE`` (:func:`shared_models.device.pick_device`: an unknown value, or CUDA
+    where torch sees none) and ``$CITYFED_CPU_WATTS_PER_CORE``
+    (:func:`clients.energy.watts_per_core`, each train and evaluate task meters its energy
+    with it): a bad value would fail every task of the node, named only in the node's log.
 
     Raises
     ------
@@ -142,7 +144,12 @@ def check_energy_setting() -> None:
         Naming the variable, its value and the fix.
     """
     from clients.energy import watts_per_core
+    from shared_models.device import DeviceError, pick_device
 
+    try:
+        pick_device()
+    except DeviceError as exc:
+        raise SetupError(f"{exc.problem}; fix: {exc.fix}") from None
     try:
         watts_per_core()
     except ValueError as exc:
@@ -1327,7 +1334,7 @@ def fl_client(
         check_not_empty(ctx.params)  # before any Path("") (= the working folder) is used
         check_site_name(site)
         check_department(department)
-        check_energy_setting()
+        check_node_environment()
     except SetupError as exc:
         err.print(f"[bold red]fl-client: cannot start:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_SETUP) from None

@@ -56,12 +56,13 @@ def _check_inputs(department: str, out: Path, epsilon: List[float], seed: int, s
 
     Everything the audit would refuse, checked before its data is loaded, its progress bar shown or
     anything written: the department, accountant, epsilons (each setting once: two that share a ledger name,
-    ``audit-eps{eps:g}.sqlite``, are refused), repeated --site names, clipping norm, confidence, --out (a file;
+    ``audit-eps{eps:g}.sqlite``, are refused), repeated --site names, clipping norm, confidence, ``$CITYFED_DEVICE``, --out (a file;
     a folder where the audit writes a file at its end: audit.json, report.html and their .tmp; a file at
     ledgers/; earlier audit ledgers there without --overwrite) and --site (the site names need the department's
     bundled records, so they are read only when --site is given).
     """
-    from simulations.cli import _check_out_dir, _refuse  # fl-sim's own format (imported here: cli imports this module)
+    from simulations.cli import _check_node_environment, _check_out_dir, _refuse  # fl-sim's own format (imported here:
+    # cli imports this module)
 
     departments = ("health", "traffic", "utility")
     if department not in departments:
@@ -95,6 +96,7 @@ def _check_inputs(department: str, out: Path, epsilon: List[float], seed: int, s
     if not 0 <= seed <= _MAX_SEED:  # typer's range says so first; a direct call too
         _refuse(f"{seed} is not in the range 0<=x<={_MAX_SEED}", "give --seed a whole number in that range", "--seed")
     threads = audit_threads()
+    _check_node_environment(energy=False)  # $CITYFED_DEVICE: every model of the audit trains on it
     _check_out_dir(out, "--out")
     from simulations.mia import FIXED_OUTPUTS
 

@@ -172,3 +172,13 @@ def test_good_audit_threads_is_used(tmp_path, capsys, monkeypatch, value, thread
         threads_seen = seen.get("threads")
         torch.set_num_threads(before)
     assert code == 0 and threads_seen == threads, (code, out, err, threads_seen)
+
+
+@pytest.mark.parametrize("value", ["bogus", "cuda:x"])
+def test_bad_device_is_refused_before_training(tmp_path, capsys, monkeypatch, never_train, value):
+    """A bad CITYFED_DEVICE was found only once the audit trained its first model (exit 2 after spending time)."""
+    monkeypatch.setenv("CITYFED_DEVICE", value)
+    out_dir = tmp_path / "a"
+    code, out, err = _fl_sim([*TINY, "-e", "3", "-o", out_dir], capsys, monkeypatch)
+    _refused(code, out, err, "CITYFED_DEVICE")
+    assert not out_dir.exists()

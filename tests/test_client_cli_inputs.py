@@ -240,6 +240,17 @@ def test_bad_cpu_watts_per_core_is_refused_at_start_up(pki_files, tmp_path, monk
     assert not (tmp_path / "node").exists()
 
 
+
+@pytest.mark.parametrize("value", ["bogus", "cuda:x"])
+def test_bad_device_is_refused_at_start_up(pki_files, tmp_path, monkeypatch, value):
+    """A bad CITYFED_DEVICE failed every task of the node (named only in the node's log)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CITYFED_DEVICE", value)
+    code, text, exc = run_client(client_args(pki_files, tmp_path, 1))
+    assert_setup_error(code, text, exc, "CITYFED_DEVICE", value)
+    assert not (tmp_path / "node").exists()
+
+
 def test_empty_state_dir_of_app_subcommand_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = runner.invoke(client_cli.app, ["app", "list", "--state-dir", ""])
