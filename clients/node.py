@@ -374,6 +374,73 @@ def train_count(spec: "NodeSpec", ledger: PrivacyLedger, cfg: dict, exact: int) 
                           round=int(cfg.get("server-round", 0)), seed=int(cfg.get("seed", 0)))
 
 
+@dataclass
+class TrainPlan:
+    """A training job as the node decided it before anything trains (:func:`plan_train`)."""
+
+    job: JobRequest  # the job as the node runs it: its noise multiplier calibrated where it had a target
+    public: int  # the released, rounded record count the reply carries
+    delta: float  # the site's delta
+    replay: bool  # the run asked for this round before (resumed after a crash mid-round)
+    loss_release: Release | None  # the round's DP training-loss release, where the policy makes one
+    decision: object  # privacy.policy.Decision: check_job's verdict (accepted, reason, epsilon before/after)
+
+    def release(self, spec: "NodeSpec", mechanism: str, noise: float, q: float, steps: int) -> Release:
+        """A release of this round (for the ledger), with its delta, run, round and replay mark."""
+        return Release(noise_multiplier=noise, sample_rate=q, steps=steps, delta=self.delta, run_id=self.job.run_id,
+                       round=self.job.round, site=spec.site, department=spec.department, mechanism=mechanism,
+                       replay=self.replay)
+
+
+def plan_train(cfg: dict, spec: "NodeSpec", ledger: PrivacyLedger, exact: int, task: str) -> TrainPlan:
+    """The node's decision on a training job, up to (not including) its ledger write and training.
+
+    The steps :func:`handle_train` takes after the job's numbers and the site's data are checked:
+    the run's cap (:func:`check_run_cap`), the released training count (:func:`train_count`; under
+    DP it is accounted in ``ledger`` the first time a run asks), the job as the node runs it
+    (:func:`job_from_config`: the noise it calibrates for a ``target-epsilon``) and the policy's
+    verdict on it (:func:`privacy.policy.check_job`). ``fl-sim run`` calls it on a temporary copy of
+    each simulated node's ledger to refuse up front a run every node would refuse.
+
+    Parameters
+    ----------
+    cfg : dict
+        The message's job config (with ``run-id`` and ``server-round``).
+    spec : NodeSpec
+    ledger : PrivacyLedger
+        The node's ledger (written to: the training count's release, where new).
+    exact : int
+        The site's exact training-record count (it never leaves the node).
+    task : str
+
+    Returns
+    -------
+    TrainPlan
+        ``decision.accepted`` False (with its reason) where the policy refuses the job.
+
+    Raises
+    ------
+    JobRefused
+        The run's cap, the policy's conflict, the count's budget, or a target that cannot be kept.
+    """
+    rel = spec.policy.releases
+    check_run_cap(str(cfg.get("run-id", "")), int(cfg.get("server-round", 0)), spec, ledger)
+    # under DP, what leaves (steps, sample rate, noise, delta, epsilon, the count) derives from the
+    # site's released, noised count (clients.counts), rounded; without DP the round is non-private
+    n_count = train_count(spec, ledger, cfg, exact) if bool(cfg.get("dp", True)) else exact
+    public, delta = public_count(n_count, spec.policy)
+    job = job_from_config(cfg, spec, n_count, task, ledger)
+    # the run asked for this round before (resumed after a crash mid-round): counted again, marked
+    replay = bool(job.run_id) and ledger.has_round(spec.site, job.run_id, job.round,
+                                                   "dp-sgd" if job.dp else "non-private")
+    plan = TrainPlan(job=job, public=public, delta=delta, replay=replay, loss_release=None, decision=None)
+    if job.dp and rel.train_loss == "dp":
+        plan.loss_release = plan.release(spec, "gaussian-train-loss", rel.metric_noise_multiplier, 1.0, 1)
+    plan.decision = check_job(spec.policy, job, ledger, spec.site, delta=delta,
+                              extra=(plan.loss_release,) if plan.loss_release else ())
+    return plan
+
+
 def _job_fields(job: JobRequest) -> dict:
     return {"run": job.run_id, "round": job.round, "dp": job.dp, "noise_multiplier": job.noise_multiplier,
             "clipping_norm": job.clipping_norm, "sample_rate": job.sample_rate, "steps": job.steps}
@@ -418,28 +485,16 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     rel = spec.policy.releases
     ledger = PrivacyLedger(spec.ledger_path, accountant=spec.policy.accountant)
     try:
-        check_run_cap(str(cfg.get("run-id", "")), int(cfg.get("server-round", 0)), spec, ledger)
-        # under DP, what leaves (steps, sample rate, noise, delta, epsilon, the count) derives from the
-        # site's released, noised count (clients.counts), rounded; without DP the round is non-private
-        n_count = train_count(spec, ledger, cfg, len(train)) if bool(cfg.get("dp", True)) else len(train)
-        public, delta = public_count(n_count, spec.policy)
-        job = job_from_config(cfg, spec, n_count, task, ledger)
+        plan = plan_train(cfg, spec, ledger, len(train), task)
     except JobRefused as exc:
         spec.audit("job-refused", run=str(cfg.get("run-id", "")), round=int(cfg.get("server-round", 0)), reason=str(exc))
         raise
-    # the run asked for this round before (resumed after a crash mid-round): counted again, marked
-    replay = bool(job.run_id) and ledger.has_round(spec.site, job.run_id, job.round,
-                                                   "dp-sgd" if job.dp else "non-private")
+    job, public, delta, replay, loss_release, decision = (plan.job, plan.public, plan.delta, plan.replay,
+                                                          plan.loss_release, plan.decision)
 
     def release(mechanism: str, noise: float, q: float, steps: int) -> Release:
-        return Release(noise_multiplier=noise, sample_rate=q, steps=steps, delta=delta, run_id=job.run_id,
-                       round=job.round, site=spec.site, department=spec.department, mechanism=mechanism,
-                       replay=replay)
+        return plan.release(spec, mechanism, noise, q, steps)
 
-    loss_release = release("gaussian-train-loss", rel.metric_noise_multiplier, 1.0, 1) \
-        if job.dp and rel.train_loss == "dp" else None
-    decision = check_job(spec.policy, job, ledger, spec.site, delta=delta,
-                         extra=(loss_release,) if loss_release else ())
     spec.audit("job", task=job.task, model=str(cfg.get("model", "")), **_job_fields(job), config=dict(cfg),
                decision="accepted" if decision.accepted else "refused", reason=decision.reason, replay=replay,
                epsilon_before=decision.epsilon_before, epsilon_after=decision.epsilon_after, delta=delta)

@@ -783,6 +783,118 @@ def _policy_conflicts(cfg: dict, pol, path: str) -> None:
     _refuse(f"the nodes' policy {path} refuses this run ({reason}): every node would refuse every round", fix, option)
 
 
+def _copy_ledgers(ledger_dir: Path, tmp: Path) -> Path:
+    """Copy the run's ledger files (each with its SQLite journal/WAL files) into ``tmp/ledgers``; nothing is opened."""
+    import shutil
+
+    dest = tmp / "ledgers"
+    dest.mkdir()
+    if ledger_dir.is_dir():
+        for path in ledger_dir.iterdir():
+            if path.is_file() and path.name.endswith((".sqlite", ".sqlite-wal", ".sqlite-journal")):  # -shm: rebuilt
+                shutil.copyfile(path, dest / path.name)
+    return dest
+
+
+def _check_calibrated_noise(department: str, cfg: dict, pol, path: str, node_policy: Path, tmp: Path) -> None:
+    """Refuse a target ``--epsilon`` whose calibrated noise too many nodes' policy refuses (exit 2).
+
+    Each node calibrates its DP-SGD noise multiplier for the run's target epsilon from its own
+    released record count, delta, ledger and planned releases, and refuses the round when the
+    noise is below its policy's ``min_noise_multiplier`` (a large ``--epsilon`` asks for little
+    noise). :func:`_policy_conflicts` checks an explicit ``--noise-multiplier`` only; here every
+    natural site's node runs its own decision (:func:`clients.node.plan_train`, the steps it takes
+    before training) on the job config the coordinator would send for the run's first round (on
+    ``--resume``: the checkpoint's run and its next round), on copies of the run's ledgers in
+    ``tmp`` (the real ones are never opened). The run is refused when fewer nodes would accept that
+    round than ``--min-accepted``: its first round would end the run (exit 1, nothing trained).
+    The message names the calibrated noise per site, the policy and a lower ``--epsilon`` that
+    passes (where one of two cheap tries finds it). Not for ``--virtual-sites`` runs (one calibration per virtual node: too costly up front;
+    their nodes refuse as before) nor without DP or with a fixed ``--noise-multiplier``.
+    """
+    if not cfg["dp"] or "noise-multiplier" in cfg or int(cfg.get("virtual-sites", 0) or 0):
+        return
+    from clients.node import JobRefused, check_job_numbers, node_from_config, plan_train
+    from privacy import SEED_FROM_JOB_ENV
+    from privacy.ledger import PrivacyLedger
+    from server.app import job_config, settings
+    from server.artefacts import CHECKPOINT, read_checkpoint
+    from simulations.run import inprocess_run_id
+
+    run_dir = Path(cfg["run-dir"])
+    ledger_dir = run_dir / "ledgers"
+    # the run config as simulations.run.simulate completes it (the nodes' policy, their split's seed)
+    run_cfg = settings({**cfg, "policy": str(node_policy), "data-seed": int(cfg.get("seed", 0) or 0)})
+    run_id, rnd = None, 1
+    if cfg.get("resume") and (run_dir / CHECKPOINT).is_file():  # checked readable by _check_resumable
+        saved = read_checkpoint(run_dir / CHECKPOINT)
+        run_id, rnd = saved.get("run_id"), int(saved["round"]) + 1
+    # a new run's ID is one no ledger knows (Ray draws a fresh one): nothing of its own spent yet
+    copies = _copy_ledgers(ledger_dir, tmp)
+    job = {**job_config(run_cfg, str(run_id or inprocess_run_id(copies))), "server-round": rnd}
+    from citydata import load_department
+
+    sites = load_department(department, cfg.get("data") or None).sites
+    nodes = []
+    with _environ({SEED_FROM_JOB_ENV: os.environ.get(SEED_FROM_JOB_ENV, "1")}):  # as simulate() sets it
+        for i in range(len(sites)):
+            spec = node_from_config({"partition-id": i, "num-partitions": len(sites)},
+                                    {**run_cfg, "ledger-dir": str(copies)})
+            ds, site = spec.site_data()
+            if len(site.train) == 0:  # the node sends no update
+                continue
+            nodes.append((spec, len(site.train), ds.schema.task,
+                          PrivacyLedger(spec.ledger_path, accountant=spec.policy.accountant)))
+
+        def decide(epsilon: float) -> list[tuple[str, Optional[float], Optional[str]]]:
+            """(site, calibrated noise or None, refusal reason or None) of each node at this target."""
+            out = []
+            for spec, exact, task, ledger in nodes:
+                j = {**job, "target-epsilon": float(epsilon)}
+                try:
+                    check_job_numbers(j, spec)
+                    plan = plan_train(j, spec, ledger, exact, task)
+                except JobRefused as exc:
+                    out.append((spec.site, None, str(exc)))
+                    continue
+                decision = plan.decision
+                out.append((spec.site, plan.job.noise_multiplier, None if decision.accepted else str(decision.reason)))
+            return out
+
+        epsilon = float(cfg["target-epsilon"])
+        need = int(cfg["min-accepted"])
+        found = decide(epsilon)
+        if sum(1 for _, _, why in found if why is None) >= need:
+            return
+        low_noise = [(site, noise) for site, noise, why in found
+                     if why is not None and noise is not None and noise < pol.min_noise_multiplier]
+        passes = None
+        noises = sorted((noise for _, noise, _ in found if noise is not None), reverse=True)
+        if low_noise and len(noises) >= need:
+            # an --epsilon to suggest, cheaply (each try calibrates every node again): the noise falls
+            # about as 1/epsilon, so scale to the need-th noisiest node's and check it (one decimal)
+            guess = epsilon * noises[need - 1] / pol.min_noise_multiplier
+            for factor in (1.0, 0.9):
+                best = math.floor(guess * factor * 10) / 10
+                if 0 < best < epsilon and sum(1 for _, _, why in decide(best) if why is None) >= need:
+                    passes = best
+                    break
+    accepted = sum(1 for _, _, why in found if why is None)
+    where = f"round {rnd} of run {run_id!r}" if run_id else "the run's first round"
+    short = f"{accepted} of {len(found)} {department} node(s) would accept {where}, fewer than --min-accepted {need}"
+    if low_noise:
+        noises = ", ".join(f"{site} {noise:.3g}" for site, noise in low_noise)
+        _refuse(f"{epsilon:g}: the noise multiplier each node calibrates for it ({noises}) is below the "
+                f"min_noise_multiplier {pol.min_noise_multiplier:g} of the nodes' policy {path}, which refuses "
+                f"less noise: {short}, and the run would train nothing",
+                (f"--epsilon {passes:g} or lower" if passes is not None else "a lower --epsilon")
+                + ", or a policy with a lower min_noise_multiplier (--policy)", "--epsilon")
+    reasons = sorted({why.split(": refused: ", 1)[-1] for _, _, why in found if why})
+    _refuse(f"{epsilon:g}: {short} (the nodes' policy {path} and their ledgers in {ledger_dir}): "
+            + "; ".join(reasons[:3]), "the settings the reasons name (a lower --epsilon, another --out for fresh "
+            "ledgers, or --policy)", "--epsilon")
+
+
 def _untrained(department: str, results: dict) -> bool:
     """Whether no node's update was accepted in any round of the run (it trained nothing); if so, say so.
 
@@ -1041,19 +1153,25 @@ def run(
         from simulations.run import default_policy
 
         _policy_conflicts(cfg, policies[d], str(policy if policy is not None else default_policy(d)))
-        if site_metrics == "dp":  # the policy copy it will write must validate (max_evaluations_per_run = rounds)
-            import tempfile
+        import tempfile
 
-            from privacy.policy import PolicyError
-            from simulations.compare import write_policy
+        with tempfile.TemporaryDirectory() as tmp:  # the copies the checks below make: gone with it
+            node_policy = Path(policy if policy is not None else default_policy(d))
+            if site_metrics == "dp":  # the policy copy it will write must validate (max_evaluations_per_run = rounds)
+                from privacy.policy import PolicyError
+                from simulations.compare import write_policy
 
-            with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    write_policy(d, Path(tmp) / "p.toml", source=policy, releases={
+                    node_policy = write_policy(d, Path(tmp) / "p.toml", source=policy, releases={
                         "local_evaluation": "dp", "max_evaluations_per_run": int(cfg["num-rounds"])})
                 except PolicyError as exc:  # its message names the field and the fix
                     _refuse(f"the nodes' policy with local_evaluation = \"dp\" for {cfg['num-rounds']} round(s) is "
                             f"not valid: {exc}", None, "--site-metrics dp")
+            if outs[d] not in finished:  # (skipped: a -d all --resume department that finished)
+                # the noise each node calibrates for --epsilon, against its policy's minimum (not with
+                # --virtual-sites: one calibration per virtual node is too costly to make up front)
+                _check_calibrated_noise(d, cfg, policies[d], str(policy if policy is not None else default_policy(d)),
+                                        Path(node_policy), Path(tmp))
     untrained = []
     for d in depts:
         dout, cfg = outs[d], cfgs[d]
