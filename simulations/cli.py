@@ -971,7 +971,7 @@ def run(
     proximal_mu: float = typer.Option(0.1, help="FedProx proximal weight (with --strategy fedprox)."),
     server_lr: float = typer.Option(1e-2, help="Server learning rate (fedadam, fedyogi)."),
     dp: bool = typer.Option(True, "--dp/--no-dp", help="DP-SGD on every node (the example policies require it)."),
-    epsilon: float = typer.Option(3.0, "--epsilon", "-e", help="Target epsilon per node for the whole run (nodes calibrate noise)."),
+    epsilon: float = typer.Option(3.0, "--epsilon", "-e", help="Target epsilon per node for the whole run (nodes calibrate noise; refused up front when fewer nodes than --min-accepted would accept the noise calibrated for it, below their policy's min_noise_multiplier)."),
     noise_multiplier: Optional[float] = typer.Option(None, help="Fixed noise multiplier instead of --epsilon."),
     clip: float = typer.Option(1.0, help="Per-sample clipping norm."),
     model: Optional[str] = typer.Option(None, help="Model kind (default: the department's first)."),
