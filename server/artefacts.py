@@ -57,14 +57,24 @@ def write_atomic(path: Path, data: bytes) -> None:
         Destination; its folder must exist.
     data : bytes
         The whole file.
+
+    Raises
+    ------
+    OSError
+        The file could not be written; a file already at ``path`` is left as it was and the
+        temporary file (``PATH.tmp``) is removed.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _contiguous(arrays: dict) -> dict[str, np.ndarray]:

@@ -125,12 +125,8 @@ def write_audit_report(out: Path) -> Path:
     audit = json.loads((out / "audit.json").read_text())
     if not isinstance(audit, dict) or "rows" not in audit:
         raise ValueError(f"{out / 'audit.json'}: not an fl-sim audit result (no 'rows')")
+    from server.artefacts import write_atomic
+
     path = out / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    try:
-        tmp.write_text(render_audit_page(audit))
-        tmp.replace(path)  # an earlier page is replaced only by a complete one
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, render_audit_page(audit).encode())  # an earlier page is replaced only by a complete one
     return path

@@ -6,7 +6,6 @@ place (what federation tries to approach without moving data); local = each site
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import time
@@ -241,14 +240,9 @@ def write_json(path: Path, data) -> None:
     data
         JSON-able (numbers numpy gives are written as floats).
     """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=float))
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
+    from server.artefacts import write_atomic
+
+    write_atomic(Path(path), json.dumps(data, indent=2, default=float).encode())
 
 
 def write_results(results: list[dict], out: Path, meta: dict) -> Path:

@@ -692,15 +692,12 @@ def run_audit(settings: AuditSettings, out: Path, *,
     import contextlib
     import json
 
-    tmp = out / "audit.json.tmp"
+    from server.artefacts import write_atomic
+
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(result, indent=2, default=float))
-        tmp.replace(out / "audit.json")
-    except OSError as exc:  # nothing half-written: no .tmp, no ledger without its result (it would block a rerun)
-        with contextlib.suppress(OSError):
-            if tmp.is_file():
-                tmp.unlink()
+        write_atomic(out / "audit.json", json.dumps(result, indent=2, default=float).encode())  # no .tmp left on failure
+    except OSError as exc:  # nothing half-written: no ledger without its result either (it would block a rerun)
         for ledger_path in made:
             for suffix in ("", "-wal", "-shm", "-journal"):
                 p = ledger_path.with_name(ledger_path.name + suffix)
