@@ -61,8 +61,8 @@ def _check_inputs(department: str, out: Path, epsilon: List[float], seed: int, s
     ledgers/; earlier audit ledgers there without --overwrite) and --site (the site names need the department's
     bundled records, so they are read only when --site is given).
     """
-    from simulations.cli import _check_node_environment, _check_out_dir, _refuse  # fl-sim's own format (imported here:
-    # cli imports this module)
+    from simulations.cli import (_check_end_files, _check_end_folders, _check_node_environment,  # fl-sim's own format
+                                 _check_out_dir, _refuse)  # (imported here: cli imports this module)
 
     departments = ("health", "traffic", "utility")
     if department not in departments:
@@ -100,15 +100,9 @@ def _check_inputs(department: str, out: Path, epsilon: List[float], seed: int, s
     _check_out_dir(out, "--out")
     from simulations.mia import FIXED_OUTPUTS
 
-    for name in FIXED_OUTPUTS:  # written at the end: a folder there would fail after all the training
-        p = out / name
-        if p.exists() and not p.is_file():
-            _refuse(f"{p} exists and is not a file: the audit writes {name} there at its end",
-                    f"remove or rename {p}, or choose another --out", "--out")
+    _check_end_files(out, FIXED_OUTPUTS, "fl-sim audit")  # a folder there would fail after all the training
+    _check_end_folders(out, ("ledgers",), "fl-sim audit")
     ledgers = out / "ledgers"
-    if ledgers.exists() and not ledgers.is_dir():
-        _refuse(f"{ledgers} is a file: the audit writes its ledgers in that folder",
-                f"remove or rename {ledgers}, or choose another --out", "--out")
     odd = sorted(p for p in ledgers.glob("audit-*.sqlite*") if not p.is_file()) if ledgers.is_dir() else []
     if odd:  # neither a ledger to add to nor one --overwrite may remove
         _refuse(f"{odd[0]} exists and is not a file: the audit's ledgers take that name",
