@@ -77,8 +77,9 @@ def short_run(out: Path, rounds: int = 2, target_epsilon: float = 3.0) -> dict:
 
     Every hospital trains with DP-SGD to ``target_epsilon`` for the run and releases its
     evaluation metrics through the Gaussian mechanism (policy ``[releases] local_evaluation =
-    "dp"``); the simulated coordinator also scores each hospital's test split exactly
-    (``central-data = "bundled"``). Then writes ``out/report.html``.
+    "dp"``) and its tasks' energy (``energy = "sent"``: an opt-in, not a DP release); the simulated
+    coordinator also scores each hospital's test split exactly (``central-data = "bundled"``).
+    Then writes ``out/report.html``.
     """
     from citydata import load_department
     from server.report import write_report
@@ -88,7 +89,8 @@ def short_run(out: Path, rounds: int = 2, target_epsilon: float = 3.0) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     policy = write_policy("health", out / "policies" / "health-dp-eval.toml",
-                          releases={"local_evaluation": "dp", "max_evaluations_per_run": rounds})
+                          releases={"local_evaluation": "dp", "max_evaluations_per_run": rounds,
+                                    "energy": "sent"})
     cfg = {"department": "health", "num-rounds": rounds, "local-epochs": 1, "batch-size": 32, "dp": True,
            "target-epsilon": target_epsilon, "run-dir": str(out), "policy": str(policy), "run-id": "report-demo",
            "central-data": "bundled", "fraction-evaluate": 1.0, "seed": 0}

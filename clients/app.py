@@ -312,7 +312,7 @@ def train(msg: Message, spec, audit: bool = True) -> Message:
             new_state, metrics = handle_train(msg.content[ARRAYS].to_torch_state_dict(), dict(msg.content[CONFIG]),
                                               spec)
         return RecordDict({ARRAYS: ArrayRecord(new_state),
-                           METRICS: whitelisted({**metrics, **energy.metrics()}, TRAIN_METRICS)})
+                           METRICS: whitelisted({**metrics, **energy.metrics(spec.policy.releases.energy)}, TRAIN_METRICS)})
 
     return _answer(msg, spec, work, audit=audit)
 
@@ -339,7 +339,7 @@ def evaluate(msg: Message, spec) -> Message:
     def work() -> RecordDict:
         with _compute_timer("evaluate"), EnergyMeter() as energy:
             metrics = handle_evaluate(msg.content[ARRAYS].to_torch_state_dict(), dict(msg.content[CONFIG]), spec)
-        return RecordDict({METRICS: whitelisted({**metrics, **energy.metrics()}, EVAL_METRICS)})
+        return RecordDict({METRICS: whitelisted({**metrics, **energy.metrics(spec.policy.releases.energy)}, EVAL_METRICS)})
 
     return _answer(msg, spec, work)
 

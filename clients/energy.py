@@ -18,14 +18,14 @@ A department node meters each train and evaluate task of its own process
       Volta and later) when the task ran on CUDA and ``pynvml`` is installed; not counted
       otherwise.
 
-Is it a release? No record value enters it: it is a function of the process's compute
-time, which follows from the number of records, the model and the DP-SGD steps. The reply's
-steps and record count are derived from the site's released, noised count (:mod:`clients.counts`),
-but the compute time follows the exact number of records: the figure is sent with two
-significant figures and not accounted in the ledger, and how closely a task's CPU time tracks
-the exact record count has not been measured. A department that wants nothing to leave beyond
-its released count sets ``$CITYFED_ENERGY=off`` on the node (the keys are then left out of the
-reply).
+Is it a release? No record value enters it, but it is computed from the task's compute, which
+follows the site's exact record count and, under DP-SGD's Poisson sampling, each round's realised
+batch sizes (the subsampling analysis of the accountant assumes they stay hidden). The reply's
+steps and record count derive from the released, noised count (:mod:`clients.counts`); this
+figure does not, it is not accounted in the ledger, and one figure per reply lets a coordinator
+average it over rounds (which also undoes the two-significant-figure rounding). So it leaves only
+when the node's own policy opts in (``[releases] energy = "sent"``, default ``"off"``), and
+``$CITYFED_ENERGY=off`` on the node turns it off whatever the policy says.
 """
 
 from __future__ import annotations
@@ -195,8 +195,17 @@ class EnergyMeter:
         self.joules = cpu_j + (gpu_j or 0.0)
         self.method = (0 if measured_cpu else 1) + (2 if gpu_j is not None else 0)
 
-    def metrics(self) -> dict[str, float | int]:
-        """The reply's energy keys (:data:`contract.energy.ENERGY_METRICS`), or ``{}`` when ``$CITYFED_ENERGY=off``."""
+    def metrics(self, policy_setting: str = "sent") -> dict[str, float | int]:
+        """The reply's energy keys (:data:`contract.energy.ENERGY_METRICS`), or ``{}``.
+
+        Parameters
+        ----------
+        policy_setting : str
+            The node policy's ``[releases] energy``: ``"sent"`` or ``"off"``. Nothing is returned
+            unless it is ``"sent"``, nor when ``$CITYFED_ENERGY=off``.
+        """
+        if policy_setting != "sent":
+            return {}
         if os.environ.get(ENV_SWITCH, "").strip().lower() in ("off", "0", "false", "no"):
             return {}
         joules_key, method_key = ENERGY_METRICS

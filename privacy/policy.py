@@ -78,7 +78,8 @@ class ReleasePolicy(BaseModel):
 
     Every value computed from the node's records that leaves it is either the DP-SGD update,
     or one of these, released through a Gaussian mechanism whose cost is recorded in the same
-    ledger (:mod:`privacy.releases`). The defaults release nothing extra.
+    ledger (:mod:`privacy.releases`), or ``energy``, which is not a DP release and is off unless the
+    policy opts in. The defaults release nothing extra.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -139,6 +140,18 @@ class ReleasePolicy(BaseModel):
         description=("Evaluate messages of one run this node answers (local_evaluation = \"dp\"); later ones are "
                      "refused. One run's cap: the coordinator names runs, so across runs the lifetime max_epsilon "
                      "binds (each evaluation is an accounted release)."),
+    )
+    energy: Literal["off", "sent"] = Field(
+        default="off",
+        description=(
+            '"off" (the default): replies carry no energy figure. "sent": train and evaluate replies carry '
+            "energy-j (the task's joules, two significant figures) and energy-method, for the coordinator's "
+            "per-site and per-run energy tables. Not a DP release and not in the ledger: the figure is measured "
+            "from the task's compute, which follows the site's exact record count and, under DP-SGD's Poisson "
+            "sampling, each round's realised batch sizes (which the accountant assumes stay hidden); one figure "
+            "per reply, so a coordinator can average them over rounds. Opt in only if that is acceptable for "
+            "this site. $CITYFED_ENERGY=off on the node turns it off whatever this says."
+        ),
     )
 
 

@@ -574,8 +574,9 @@ class Pages:
     def _energy(self, res: dict, labels: dict) -> str:
         e = energy_of(res)
         if not e["nodes"]:
-            return ('<h2>Energy</h2><p class="note">No node reported its energy (nodes of an earlier version, or '
-                    "CITYFED_ENERGY=off on the node).</p>")
+            return ('<h2>Energy</h2><p class="note">No node reported its energy: a node sends it only when its '
+                    'privacy policy opts in (<code>[releases] energy = "sent"</code>; not a DP release), and not '
+                    "with CITYFED_ENERGY=off on the node or from nodes of an earlier version.</p>")
         rows = [[self._node(nid, labels), ("num", fmt_joules(n["train-j"])), ("num", fmt_joules(n["evaluate-j"])),
                  ("num", fmt_joules(n["joules"])), "; ".join(n["methods"])]
                 for nid, n in sorted(e["nodes"].items(), key=lambda kv: str(kv[0]))]

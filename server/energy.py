@@ -30,8 +30,8 @@ def summarise(results: dict) -> dict:
         ``nodes``: ``{node ID: {"train-j", "evaluate-j", "joules", "partition-id", "methods"}}``
         (methods: the :data:`contract.energy.METHODS` texts the node reported); ``total-j``: the
         sum over nodes; ``replies``: replies that carried a figure; ``scope``: what is counted.
-        Empty ``nodes`` and ``total-j`` None when no reply carried one (older nodes, or
-        ``CITYFED_ENERGY=off``).
+        Empty ``nodes`` and ``total-j`` None when no reply carried one (no node's policy opts in
+        with ``[releases] energy = "sent"``, the default; ``CITYFED_ENERGY=off``; older nodes).
     """
     nodes: dict[str, dict] = {}
     replies = 0

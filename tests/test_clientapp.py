@@ -269,7 +269,8 @@ def test_node_audit_log_records_job_release_and_what_left(tmp_path):
     assert job["decision"] == "accepted" and job["run"] == "r1" and job["config"]["noise-multiplier"] == 1.0
     assert release["mechanism"] == "dp-sgd" and release["epsilon_after"] > release["epsilon_before"] > 0
     assert {a["name"] for a in reply["arrays"]} == set(_msg()[1].state_dict()) and all(a["bytes"] > 0 for a in reply["arrays"])
-    assert reply["metrics"] == sorted(["num-examples", "epsilon", "noise-multiplier", "steps", "energy-j", "energy-method"])
+    # no energy figure: the policy does not opt in ([releases] energy, default "off")
+    assert reply["metrics"] == sorted(["num-examples", "epsilon", "noise-multiplier", "steps"])
     assert entries[4]["data"]["decision"] == "refused" and "local_evaluation" in entries[4]["data"]["reason"]
     assert "min_noise_multiplier" in entries[6]["data"]["reason"] and entries[6]["data"]["round"] == 2
     assert [r["mechanism"] for r in PrivacyLedger(ledger).releases()] == ["gaussian-count", "dp-sgd"]  # no new count

@@ -207,6 +207,7 @@ def test_delta_is_per_site_with_an_optional_stricter_ceiling(tmp_path):
     ("num_examples_granularity = 0", "releases.num_examples_granularity"),
     ("count_noise_multiplier = 0.5", "releases.count_noise_multiplier"),  # the released count's noise std >= 1
     ('train_los = "dp"', "did you mean 'train_loss'"),
+    ("energy = true", "releases.energy"),
 ])
 def test_bad_release_settings_name_the_field(line, needle):
     with pytest.raises(PolicyError, match=needle):
@@ -304,6 +305,7 @@ _valid_policies = st.builds(
         local_evaluation=st.sampled_from(["off", "dp"]),
         metric_noise_multiplier=st.floats(min_value=1.0, max_value=1e3, allow_nan=False, allow_infinity=False),
         max_evaluations_per_run=st.integers(min_value=0, max_value=100),
+        energy=st.sampled_from(["off", "sent"]),
     ),
 )
 
@@ -371,7 +373,7 @@ def _shown(v) -> set[str]:
 @given(_valid_policies, st.sampled_from(_FIELDS + [f"releases.{k}" for k in ("num_examples_granularity",
                                                                               "count_noise_multiplier", "train_loss",
                                                                               "local_evaluation", "metric_noise_multiplier",
-                                                                              "max_evaluations_per_run")]), _values)
+                                                                              "max_evaluations_per_run", "energy")]), _values)
 def test_every_rejected_value_is_named(doc, field, value):
     if field.startswith("releases."):
         doc["releases"][field.split(".", 1)[1]] = value

@@ -315,8 +315,8 @@ def test_simulated_site_metrics_come_from_accounted_dp_releases(tmp_path):
     ds = load_department("health")
     for e in res["rounds"]:
         nodes = e["evaluate"]["nodes"]
-        assert len(nodes) == 4 and all(set(m) == {"accuracy", "loss", "num-examples", "epsilon", "partition-id",
-                                                  "energy-j", "energy-method"}
+        # only DP releases and the count (no energy figure: the policy does not opt in)
+        assert len(nodes) == 4 and all(set(m) == {"accuracy", "loss", "num-examples", "epsilon", "partition-id"}
                                        for m in nodes.values())
     for site in ds.sites:
         led = PrivacyLedger(tmp_path / "run" / "ledgers" / f"health-{site}.sqlite")
