@@ -24,8 +24,9 @@ Security (the console can stop runs and shows the audit log):
   network in clear;
 * every page needs the **admin token** (``<state-dir>/console.token``, 32 random bytes, mode
   0600, made on first use; delete it to rotate): ``/login?token=...`` (the URL printed at start)
-  or the login form sets an HttpOnly, SameSite=Strict session cookie; scripts may send
-  ``Authorization: Bearer <token>``;
+  or the login form sets an HttpOnly, SameSite=Strict session cookie, dated and signed with the
+  token, that lasts :data:`SESSION_TTL_S` (12 h); ``POST /logout`` ends every session issued so
+  far (while the console runs); scripts may send ``Authorization: Bearer <token>``;
 * the stop form carries a CSRF token (an HMAC of the run folder under the admin token) and the
   request's ``Origin``, when sent, must be the console's own; the ``Host`` header must name the
   console (against DNS rebinding);
@@ -53,6 +54,7 @@ import re
 import secrets
 import shlex
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -256,19 +258,40 @@ def load_token(state_dir: Path) -> str:
     return token
 
 
+#: Seconds a console session (the login cookie) lasts; then the admin token is asked for again.
+SESSION_TTL_S = 12 * 3600
+#: Seconds a session's issue time may lie ahead of this machine's clock.
+CLOCK_SKEW_S = 60
+
+
+def _now() -> float:
+    """The clock sessions are dated by (a seam for tests)."""
+    return time.time()
+
+
 @dataclass
 class Guard:
-    """Session cookie and CSRF tokens derived from the admin token (HMAC-SHA256)."""
+    """Session cookie and CSRF tokens derived from the admin token (HMAC-SHA256).
+
+    A session cookie is ``<issued>.<HMAC of "session:<issued>">``: it lasts :data:`SESSION_TTL_S`
+    from its issue time, cannot be re-dated without the token, and every session issued before the
+    last log-out (``not_before``, kept while the console runs) is refused.
+    """
 
     token: str
+    not_before: float = 0.0
 
     def _mac(self, what: str) -> str:
         return hmac.new(self.token.encode(), what.encode(), hashlib.sha256).hexdigest()
 
-    @property
-    def session(self) -> str:
-        """The session cookie's value."""
-        return self._mac("session")
+    def new_session(self) -> str:
+        """A fresh session cookie value, dated now."""
+        issued = max(int(_now()), int(self.not_before) + 1)
+        return f"{issued}.{self._mac(f'session:{issued}')}"
+
+    def end_sessions(self) -> None:
+        """Refuse every session issued so far (log-out)."""
+        self.not_before = max(self.not_before, float(int(_now())))
 
     def csrf(self, folder: str) -> str:
         """The CSRF token of the stop form of ``folder``."""
@@ -278,7 +301,13 @@ class Guard:
         return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
 
     def session_ok(self, given: str | None) -> bool:
-        return bool(given) and hmac.compare_digest(given.encode(), self.session.encode())
+        issued, _, mac = (given or "").partition(".")
+        if not (issued.isdigit() and len(issued) <= 12 and mac):
+            return False
+        if not hmac.compare_digest(mac.encode(), self._mac(f"session:{issued}").encode()):
+            return False
+        age = _now() - int(issued)
+        return int(issued) > self.not_before and -CLOCK_SKEW_S <= age <= SESSION_TTL_S
 
     def csrf_ok(self, folder: str, given: str | None) -> bool:
         return bool(given) and hmac.compare_digest(given.encode(), self.csrf(folder).encode())
@@ -358,8 +387,8 @@ def make_app(state_dir: Path, runs_dir: Path, *, token: str, refresh: int = 10, 
     def logged_in(request: Request, nxt: str | None = None) -> RedirectResponse:
         target = nxt if nxt and nxt.startswith("/") and not nxt.startswith("//") and "\\" not in nxt else "/"
         resp = RedirectResponse(target, status_code=303)
-        resp.set_cookie(COOKIE, guard.session, httponly=True, samesite="strict", secure=request.url.scheme == "https",
-                        path="/")
+        resp.set_cookie(COOKIE, guard.new_session(), httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https", path="/", max_age=SESSION_TTL_S)
         return resp
 
     @app.get("/login", response_class=HTMLResponse)
@@ -383,6 +412,13 @@ def make_app(state_dir: Path, runs_dir: Path, *, token: str, refresh: int = 10, 
     async def login_post(request: Request):
         token = (await form(request)).get("token", "")
         return logged_in(request) if guard.token_ok(token) else login_form("Wrong token.", 403)
+
+    @app.post("/logout")
+    def logout(request: Request):
+        guard.end_sessions()  # a copy of the cookie kept elsewhere stops working too
+        resp = RedirectResponse("/login", status_code=303)
+        resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https")
+        return resp
 
     @app.get("/console.css")
     def css():

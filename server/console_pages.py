@@ -42,6 +42,7 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:
 color:#1d232a;line-height:1.4}
 header{display:flex;gap:1.5em;align-items:baseline;border-bottom:2px solid #dde3ea;padding-bottom:.3em}
 header a{color:#1d4f91;text-decoration:none;font-weight:600}header .brand{font-size:1.3em;color:#1d232a}
+header form.logout{margin-left:auto}header form.logout button{font:inherit;color:#1d4f91;background:none;border:1px solid #dde3ea;border-radius:4px;cursor:pointer}
 h1{font-size:1.45em;margin:.6em 0 .2em}h2{font-size:1.15em;margin-top:1.4em;border-bottom:1px solid #dde3ea}
 table{border-collapse:collapse;margin:.5em 0;font-size:.92em}
 th,td{border:1px solid #cfd6de;padding:3px 8px;vertical-align:top}th{background:#eef2f6;text-align:left}
@@ -380,7 +381,9 @@ class Pages:
                 f"<title>{esc(title)} · cityfed console</title>{meta}"
                 '<link rel="stylesheet" href="/console.css"></head><body>'
                 '<header><span class="brand">cityfed operator console</span><a href="/">overview</a>'
-                '<a href="/nodes">nodes</a><a href="/runs">runs</a><a href="/audit">audit log</a></header>'
+                '<a href="/nodes">nodes</a><a href="/runs">runs</a><a href="/audit">audit log</a>'
+                '<form method="post" action="/logout" class="logout"><button type="submit">log out</button></form>'
+                '</header>'
                 f"{body}<p class=\"note\">Coordinator state {esc(self.src.state_dir)} · runs {esc(self.src.runs_dir)} · "
                 f"page made {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}"
                 f"{f' · reloads every {int(self.refresh)} s while a run is live' if meta else ''}</p></body></html>")
