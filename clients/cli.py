@@ -1031,7 +1031,7 @@ class NodeLaunch:
                HOME_ENV: str(self.home), KEY_ENV: str(self.key), "PYTHONSAFEPATH": "1"}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         # a department node's DP noise is always seeded from OS entropy, never from the
-        # coordinator's job seed, whatever the shell exported (privacy.dp.dp_seed)
+        # coordinator's job seed, whatever the shell exported (privacy.dp.dp_seeds)
         from privacy import SEED_FROM_JOB_ENV
 
         env.pop(SEED_FROM_JOB_ENV, None)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from contract.keys import OPTIMIZERS
-from privacy.dp import DPSettings, dp_seed, make_private, noise_only_step, steps_per_epoch
+from privacy.dp import DPSettings, dp_seeds, make_private, noise_only_step, steps_per_epoch
 from shared_models import criterion_for
 from shared_models.scoring import pick_device, predict
 
@@ -128,11 +128,18 @@ def _freeze(model: nn.Module, trainable: tuple[str, ...] | None) -> list[nn.Para
 
 
 def _fit(model, data, task, train, dp, device, on_epoch) -> FitResult:
-    # under DP the noise and Poisson sampling draw from torch's default generators: seed them
-    # from OS entropy, not from the coordinator's job seed (privacy.dp.dp_seed)
-    seed = train.seed if dp is None else dp_seed(train.seed)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    # under DP, Poisson sampling, the noise and the rest (dropout) are three independent streams,
+    # seeded from OS entropy, not from the coordinator's job seed (privacy.dp.dp_seeds): the
+    # accountant's bound assumes the noise is independent of the batches
+    noise_gen = None
+    if dp is None:
+        torch.manual_seed(train.seed)
+        gen = torch.Generator().manual_seed(train.seed)
+    else:
+        seeds = dp_seeds(train.seed)
+        torch.manual_seed(seeds.other)
+        gen = torch.Generator().manual_seed(seeds.sampling)
+        noise_gen = torch.Generator(device=torch.device(device)).manual_seed(seeds.noise)
     model.to(device).train()
     criterion = criterion_for(task)
     batch = min(train.batch_size, len(data))
@@ -141,7 +148,7 @@ def _fit(model, data, task, train, dp, device, on_epoch) -> FitResult:
     private = None
     if dp is not None:
         # steps per epoch from the count the node may reveal (its policy's rounded count), as its ledger accounts
-        private = make_private(model, optimizer, loader, criterion, dp, epochs=train.epochs,
+        private = make_private(model, optimizer, loader, criterion, dp, epochs=train.epochs, noise_generator=noise_gen,
                                epoch_steps=steps_per_epoch(dp.public_records or len(data), train.batch_size))
         net, optimizer, criterion, loader = private.module, private.optimizer, private.criterion, private.loader
     else:

@@ -11,19 +11,20 @@ What this module adds to Opacus:
 * a norm sampler for ``nn.Linear`` on inputs with more than 3 dimensions (PatchTST embeds
   ``(batch, channels, patches, patch_len)`` tensors), which Opacus 1.6's ghost clipping
   silently skips, leaving that layer unclipped and the step failing;
-* :func:`dp_seed`: DP-SGD's randomness (Gaussian noise, Poisson sampling) is seeded from the
+* :func:`dp_seeds`: DP-SGD's randomness (Gaussian noise, Poisson sampling) is seeded from the
   operating system's entropy, never from the job's seed, which the coordinator chooses: noise
   it could regenerate, it could subtract. Only a simulation on one machine
-  (``CITYFED_DP_SEED_FROM_JOB=1``, set by ``fl-sim``) draws it from the job's seed, to be
-  reproducible.
+  (``CITYFED_DP_SEED_FROM_JOB=1``, set by ``fl-sim``) derives it from the job's seed, to be
+  reproducible. The noise, the sampling and the rest (dropout) are three independent streams.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from opacus import PrivacyEngine
@@ -91,6 +92,44 @@ class DPSettings(BaseModel):
     )
 
 
+
+
+class DPSeeds(NamedTuple):
+    """Seeds of one DP-SGD training call's three random streams (:func:`dp_seeds`)."""
+
+    sampling: int  #: Poisson sampling: which records each step's batch holds
+    noise: int  #: the Gaussian noise added to each step's clipped sum, on a generator used for nothing else
+    other: int  #: torch's default generators: dropout and any other draw of the model
+
+
+def dp_seeds(job_seed: int) -> DPSeeds:
+    """Independent seeds for DP-SGD's sampling, its noise, and everything else.
+
+    The sampled-Gaussian bound the ledger accounts for assumes the noise is independent of the
+    batches. Two torch generators seeded alike (Mersenne Twister) yield the same uniform draws,
+    so one seed for both made each noise value a function of the draws that chose the batch. And
+    a stream shared with dropout would move the noise by how many records earlier steps drew. So
+    each stream has its own seed: three draws from the operating system (``os.urandom``, as
+    :func:`dp_seed`), or with ``CITYFED_DP_SEED_FROM_JOB=1`` (simulations) three seeds derived from
+    the job's by SHA-256 (reproducible, still distinct).
+
+    Parameters
+    ----------
+    job_seed : int
+        The job's seed (used only in simulations).
+
+    Returns
+    -------
+    DPSeeds
+    """
+    if os.environ.get(SEED_FROM_JOB_ENV, "") == "1":
+        def derive(stream: str) -> int:
+            digest = hashlib.sha256(f"cityfed-dp:{int(job_seed)}:{stream}".encode()).digest()
+            return int.from_bytes(digest[:8], "little")
+    else:
+        def derive(stream: str) -> int:
+            return int.from_bytes(os.urandom(8), "little")
+    return DPSeeds(derive("sampling"), derive("noise"), derive("other"))
 
 
 def dp_seed(job_seed: int) -> int:

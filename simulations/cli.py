@@ -1500,14 +1500,14 @@ def main() -> None:  # console script entry point
         sys.exit(EXIT_INPUT)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # simulations (and baselines) on one machine are reproducible: DP noise follows the job's
-    # seed here; a department node (fl-client) always seeds it from OS entropy (privacy.dp.dp_seed)
+    # seed here; a department node (fl-client) always seeds it from OS entropy (privacy.dp.dp_seeds)
     from privacy import SEED_FROM_JOB_ENV
 
     os.environ.setdefault(SEED_FROM_JOB_ENV, "1")
     # framework noise, not about the user's data (data-quality warnings stay visible); also
     # for Ray's worker processes, which inherit the environment but not these filters.
     # "Secure RNG turned off": Opacus' secure_mode needs torchcsprng (no build for this torch);
-    # how the noise is seeded is in privacy.dp.dp_seed and the README's DP section.
+    # how the noise is seeded is in privacy.dp.dp_seeds and the README's DP section.
     quiet = ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the")
     for message in quiet:
         warnings.filterwarnings("ignore", message=message)

@@ -521,7 +521,7 @@ def run_compare(department: str, out: Path, *, epsilons: tuple[float, ...] = (1.
     from privacy import SEED_FROM_JOB_ENV
 
     # one machine, no adversary: DP noise follows the seed, so the local-only DP baselines are
-    # reproducible too (simulate() sets the same for the federated runs; see privacy.dp.dp_seed)
+    # reproducible too (simulate() sets the same for the federated runs; see privacy.dp.dp_seeds)
     os.environ.setdefault(SEED_FROM_JOB_ENV, "1")
     out = Path(out)
     clashes = same_run_epsilons(epsilons)

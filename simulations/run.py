@@ -125,14 +125,14 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
         A ``ValueError``: ``only_sites`` names a site the department lacks, or is given with ``engine="ray"``.
 
     Sets ``CITYFED_DP_SEED_FROM_JOB=1`` in this process unless it is set: DP-SGD's noise then
-    follows the job's seed, so a simulation is reproducible (see :func:`privacy.dp.dp_seed`).
+    follows the job's seed, so a simulation is reproducible (see :func:`privacy.dp.dp_seeds`).
     """
     if only_sites is not None and engine != "inprocess":  # before anything is created
         raise SimulationArgumentError("only_sites needs engine='inprocess'")
     from privacy import SEED_FROM_JOB_ENV
 
     # one machine, no adversary: DP noise follows the job's seed so a simulation is reproducible
-    # (inherited by Ray's workers; a department node never has it, see privacy.dp.dp_seed)
+    # (inherited by Ray's workers; a department node never has it, see privacy.dp.dp_seeds)
     os.environ.setdefault(SEED_FROM_JOB_ENV, "1")
     from server.app import settings
 
