@@ -912,7 +912,7 @@ def console_cmd(
     allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a non-loopback --host (the admin network only); HTTPS (--certfile/--keyfile) is then required.")] = False,
     certfile: Annotated[Optional[Path], typer.Option("--certfile", help="TLS certificate (PEM) for HTTPS, e.g. the coordinator's from `fl-pki`.")] = None,
     keyfile: Annotated[Optional[Path], typer.Option("--keyfile", help="TLS private key (PEM) of --certfile.")] = None,
-    refresh: Annotated[int, typer.Option("--refresh", min=0, help="Seconds between page reloads while a run is live (0 = never).")] = 10,
+    refresh: Annotated[int, typer.Option("--refresh", min=0, max=86400, help="Seconds between page reloads while a run is live (0 = never; at most 86400, a day).")] = 10,
     state_dir: StateDir = None,
     runs_dir: RunsDir = None,
 ) -> None:

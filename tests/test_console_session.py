@@ -69,3 +69,16 @@ def test_logout_ends_the_session(setup):
     assert c.get("/runs").status_code == 401  # sessions issued before the log-out are refused
     _login(c, token)
     assert c.get("/runs").status_code == 200  # a new login works at once
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999", "86401", "-1"])
+def test_refresh_out_of_range_is_refused(tmp_path, value):
+    from typer.testing import CliRunner
+
+    from server.cli import app as server_app
+
+    sd = tmp_path / "state"
+    sd.mkdir()
+    r = CliRunner().invoke(server_app, ["console", "--state-dir", str(sd), "--refresh", value])
+    assert r.exit_code == 2 and "--refresh" in r.output, r.output
+    assert not (sd / console.TOKEN_FILE).exists()  # refused before anything is written
