@@ -396,6 +396,29 @@ _FIXES: dict[str, str] = {
 }
 
 
+#: Longest form of a value a message shows (a policy field, a key, a job's department or task): longer
+#: ones are cut, so a 100,000-character entry makes one readable line, not a 100 KB one.
+SHOWN_MAX = 60
+
+
+def _shown(value: Any, limit: int = SHOWN_MAX) -> str:
+    """``repr(value)``, cut to ``limit`` characters (ending ``...``) when it is longer.
+
+    Parameters
+    ----------
+    value : Any
+        The value to show: a string, a list of task names, a number.
+    limit : int
+        The most characters returned.
+
+    Returns
+    -------
+    str
+    """
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _describe(err: dict[str, Any]) -> str:
     """Short, plain wording for one pydantic error."""
     etype = err.get("type", "")
@@ -459,12 +482,10 @@ def _format_validation(source: str, exc: ValidationError) -> str:
                     else (top, allowed)
                 close = difflib.get_close_matches(name, known, n=1)
                 fix = f"remove it{f' (did you mean {close[0]!r}?)' if close else ''}; allowed fields: {', '.join(known)}"
-        text = f"{source}: field {loc!r}: {described}"
+        text = f"{source}: field {_shown(loc)}: {described}"
         if etype != "missing" and "input" in err:
             got = err["input"]
-            shown = repr(got)
-            if len(shown) > 60:
-                shown = shown[:57] + "..."
+            shown = _shown(got)
             name = type(got).__name__
             kind = f", {'an' if name[0] in 'aeiou' else 'a'} {name}" if etype.endswith("_type") else ""
             text += f" (got {shown}{kind})"
@@ -556,15 +577,16 @@ def check_allowed_tasks(policy: PrivacyPolicy, task: str, source: str = "<policy
     ------
     PolicyError
         Naming the file, the field, the missing task, the closest listed name ("did you
-        mean") and the fix.
+        mean") and the fix. The listed names are shown cut to 60 characters.
     """
     if task in policy.allowed_tasks:
         return
     close = difflib.get_close_matches(task, policy.allowed_tasks, n=1, cutoff=0.6)
-    hint = f" (did you mean {task!r} instead of {close[0]!r}?)" if close else ""
+    hint = f" (did you mean {task!r} instead of {_shown(close[0])}?)" if close else ""
     raise PolicyError(
-        f"{source}: field 'allowed_tasks': {policy.allowed_tasks!r} does not list {task!r}, the task of department "
-        f"{policy.department!r}{hint}; this node would refuse every job. Fix: write allowed_tasks = [\"{task}\"]"
+        f"{source}: field 'allowed_tasks': {_shown(policy.allowed_tasks)} does not list {task!r}, the task of "
+        f"department {policy.department!r}{hint}; this node would refuse every job. "
+        f"Fix: write allowed_tasks = [\"{task}\"]"
     )
 
 
@@ -595,12 +617,13 @@ def job_conflict(policy: PrivacyPolicy, *, department: str, task: str, dp: bool,
     -------
     tuple of (str, str) or None
         The setting that conflicts (``department``, ``task``, ``round``, ``dp``,
-        ``noise_multiplier``, ``clipping_norm``) and the reason, or None.
+        ``noise_multiplier``, ``clipping_norm``) and the reason, or None. The reason shows the
+        job's department or task and the policy's ``allowed_tasks`` cut to 60 characters.
     """
     if department != policy.department:
-        return "department", f"department {department!r} != policy department {policy.department!r}"
+        return "department", f"department {_shown(department)} != policy department {policy.department!r}"
     if task not in policy.allowed_tasks:
-        return "task", f"task {task!r} not in policy allowed_tasks {policy.allowed_tasks!r}"
+        return "task", f"task {_shown(task)} not in policy allowed_tasks {_shown(policy.allowed_tasks)}"
     if round > policy.max_rounds_per_run:
         return "round", f"round {round} > policy max_rounds_per_run {policy.max_rounds_per_run}"
     if not dp:
