@@ -63,17 +63,26 @@ def build(package: Path, site: str, data: Path | None, keys: list[str], *, manif
 
     With ``personalised``, the node's personalised model file of the package's run replaces the
     package's weights (:func:`serving.personalised.attach_personalised`).
+
+    Raises
+    ------
+    serving.package.PackageError
+        A damaged package, or a personalised file that does not fit it.
+    serving.features.SiteError
+        ``site`` is not a site of the department's records (bundled or ``data``).
+    citydata.base.DataFileError
+        The node's own inputs (``data``, ``ranges``, ``CITYFED_DATE_FORMAT``...) cannot be used.
     """
     from serving.app import build_app
     from serving.features import SiteFeatures
     from serving.package import load_package
 
     pkg = load_package(package, manifest_sha256=manifest_sha256)
+    feats = SiteFeatures(pkg.department, site, data, date_format=date_format, ranges=ranges)  # --site, --data first
     if personalised is not None:
         from serving.personalised import attach_personalised
 
         pkg = attach_personalised(pkg, personalised, site)
-    feats = SiteFeatures(pkg.department, site, data, date_format=date_format, ranges=ranges)
     feats.self_check()
     return build_app(pkg, feats, keys)
 
@@ -265,7 +274,8 @@ class ServerThread:
 def serve(
     package: Annotated[Path, typer.Argument(help="Package folder (fl-sim export-model / fl-server export).")],
     site: Annotated[str, typer.Option("--site", "-s", help="The site this node serves (its hospital, detector or grid; "
-                                      "`fl-sim datasets` lists them). Its records come from --data or the bundled data.")],
+                                      "`fl-sim datasets` lists them). Its records come from --data or the bundled data; a site "
+                                      "not in them is refused (exit 2).")],
     data: Annotated[Optional[Path], typer.Option("--data", help="The department's own records file (CSV/Parquet, as "
                                                  "for fl-client --data); default: the bundled records.")] = None,
     api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help=f"File with the accepted API keys, one "
@@ -302,7 +312,7 @@ def serve(
     import uvicorn
 
     from citydata.base import DataFileError
-    from serving.features import RequestError
+    from serving.features import RequestError, SiteError
     from serving.package import PackageError
 
     manifest_sha256 = check_manifest_sha256(manifest_sha256)
@@ -318,7 +328,7 @@ def serve(
     try:
         fastapi_app = build(package, site, data, keys, manifest_sha256=manifest_sha256, date_format=date_format,
                             ranges=ranges, personalised=personalised)
-    except DataFileError as exc:  # the node's own inputs (--data, --ranges, CITYFED_*): bad input, as in fl-client
+    except (DataFileError, SiteError) as exc:  # the node's own inputs (--site, --data, --ranges, CITYFED_*): exit 2 as fl-client
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except (PackageError, RequestError, ValueError) as exc:  # ValueError: package and node disagree (schema, department)

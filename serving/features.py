@@ -71,6 +71,20 @@ class RequestError(ValueError):
         super().__init__(f"{field or 'request'}: {problem}. Fix: {fix}")
 
 
+class SiteError(RequestError):
+    """``--site`` is not a site of the department's records (a bad option value: ``fl-serve`` exits 2).
+
+    ``field`` is ``"--site"``; the message names the value, where the sites come from (the bundled
+    records or the ``--data`` file) and the sites to choose from.
+    """
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters (an option value echoed in a message)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...' ({len(value)} characters)"
+
+
 #: JSON values a record's field may hold (a single value: number, text, true/false or null).
 SCALARS = (str, int, float, bool, type(None))
 
@@ -135,13 +149,24 @@ class SiteFeatures:
         The department's own records file (as for ``fl-client --data``); ``None``: bundled data.
     date_format, ranges : optional
         As for :func:`citydata.load_department`.
+
+    Raises
+    ------
+    SiteError
+        ``site`` is not one of the records' sites (``fl-serve --site``: exit 2).
+    citydata.base.DataFileError
+        The records file, date format or ranges cannot be used (as for ``fl-client --data``).
     """
 
     def __init__(self, department: str, site: str, data: str | os.PathLike | None = None, *,
                  date_format: str | None = None, ranges=None):
         self.ds = load_department(department, data, date_format=date_format, ranges=ranges)
         if site not in self.ds.sites:
-            raise RequestError("site", f"unknown {department} site {site!r}", f"serve one of: {', '.join(self.ds.sites)}")
+            where = "the bundled records" if data is None else f"--data {data}"
+            choices = ", ".join(self.ds.sites)
+            raise SiteError("--site", f"{_shown(site)} is not a {department} site in {where} (sites there: {choices})",
+                            f"pass --site with one of: {choices}" + ("" if data is None else
+                                                                     ", or the --data file holding this site's records"))
         self.department, self.site = department, site
         self.schema = self.ds.schema
         self.site_key = self.ds._site_keys[site]
