@@ -301,7 +301,8 @@ def serve(
                                                          "<run id>.safetensors (fl-client: the folder of its --ledger "
                                                          "file; fl-sim run: "
                                                          "RUN_DIR/ledgers/personalised/). Refused unless its site is "
-                                                         "--site and it was fine-tuned from this package's model.")] = None,
+                                                         "--site and it was fine-tuned from this package's model (exit 1); a path that is "
+                                                         "missing, a folder or no personalised model file: exit 2.")] = None,
 ) -> None:
     """Serve PACKAGE for one site on this node: POST /predict, GET /model, /metrics, /health, /docs.
 
@@ -314,6 +315,7 @@ def serve(
     from citydata.base import DataFileError
     from serving.features import RequestError, SiteError
     from serving.package import PackageError
+    from serving.personalised import PersonalisedPathError
 
     manifest_sha256 = check_manifest_sha256(manifest_sha256)
     keys = read_keys(api_key_file)
@@ -328,7 +330,8 @@ def serve(
     try:
         fastapi_app = build(package, site, data, keys, manifest_sha256=manifest_sha256, date_format=date_format,
                             ranges=ranges, personalised=personalised)
-    except (DataFileError, SiteError) as exc:  # the node's own inputs (--site, --data, --ranges, CITYFED_*): exit 2 as fl-client
+    except (DataFileError, SiteError, PersonalisedPathError) as exc:  # the node's own inputs (--site, --data,
+        # --ranges, CITYFED_*, a --personalised path that is no personalised model file): exit 2, as fl-client
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except (PackageError, RequestError, ValueError) as exc:  # ValueError: package and node disagree (schema, department)

@@ -25,6 +25,16 @@ from pathlib import Path
 
 from serving.package import ModelPackage, PackageError, model_builder, sha256_file
 
+
+class PersonalisedPathError(PackageError):
+    """``--personalised`` names no usable personalised model file: missing, a folder, not
+    safetensors, or without cityfed's metadata (a bad option value: ``fl-serve`` exits 2).
+
+    A file that is a personalised model but does not fit the package (another department, site,
+    run or global model, tensors that do not fit) stays a :class:`PackageError` (exit 1).
+    """
+
+
 #: Metadata a personalised model file must carry (written by ``clients.personalise.handle_personalise``).
 REQUIRED = ("run-id", "department", "site")
 
@@ -34,8 +44,8 @@ def personalised_metadata(path: Path) -> dict[str, str]:
 
     Raises
     ------
-    PackageError
-        Missing or unreadable file, not safetensors, or no cityfed personalisation metadata.
+    PersonalisedPathError
+        Missing or unreadable file, a folder, not safetensors, or no cityfed personalisation metadata.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -45,18 +55,22 @@ def personalised_metadata(path: Path) -> dict[str, str]:
            "(fl-client: the folder of its --ledger file; "
            "fl-sim run: RUN_DIR/ledgers/personalised/)")
     if path.is_dir():
-        raise PackageError(f"--personalised {path}: a folder, not a file; {fix}")
+        raise PersonalisedPathError(f"--personalised {path}: a folder, not a file; {fix}")
     if not path.is_file():
-        raise PackageError(f"--personalised {path}: not found; {fix}")
+        raise PersonalisedPathError(f"--personalised {path}: not found; {fix}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
+    except PermissionError as exc:
+        raise PersonalisedPathError(f"--personalised {path}: cannot be read ({exc.strerror}); fix: make it readable by "
+                                    "this user, or give another file") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise PackageError(f"--personalised {path}: not a safetensors file ({type(exc).__name__}); {fix}") from None
+        raise PersonalisedPathError(f"--personalised {path}: not a safetensors file ({type(exc).__name__}); "
+                                    f"{fix}") from None
     missing = [k for k in REQUIRED if not meta.get(k)]
     if missing:
-        raise PackageError(f"--personalised {path}: no {', '.join(missing)} in its metadata: not a personalised model "
-                           f"written by cityfed; {fix}")
+        raise PersonalisedPathError(f"--personalised {path}: no {', '.join(missing)} in its metadata: not a "
+                                    f"personalised model written by cityfed; {fix}")
     return meta
 
 
@@ -81,9 +95,11 @@ def attach_personalised(package: ModelPackage, path: Path, site: str) -> ModelPa
 
     Raises
     ------
+    PersonalisedPathError
+        The file is missing, a folder, or not a cityfed personalised model (a bad option value).
     PackageError
-        The file is missing, not a cityfed personalised model, of another department, site or
-        run, fine-tuned from another global model, or its tensors do not fit the package's model.
+        The file is of another department, site or run, fine-tuned from another global model,
+        or its tensors do not fit the package's model.
     """
     from safetensors import SafetensorError
 
