@@ -123,6 +123,38 @@ def check_manifest_sha256(value: str | None) -> str | None:
                              f"{_SHA256_FIX}", param_hint="--manifest-sha256")
 
 
+#: The fix for a bad ``--date-format`` (the accepted values, as ``CITYFED_DATE_FORMAT``'s message lists them).
+DATE_FORMAT_FIX = ("fix: pass ISO (year first, the default), DMY (day first: 18/04/2024), MDY (month first: "
+                   "04/18/2024) or a strftime pattern with the year, month and day such as '%d.%m.%Y %H:%M', or leave "
+                   "--date-format out for year-first dates")
+
+
+def check_date_format_option(value: str | None) -> str | None:
+    """Check ``--date-format`` before anything is read, as ``fl-client`` does.
+
+    Parameters
+    ----------
+    value : str or None
+        The option as given; ``None`` when it was left out.
+
+    Returns
+    -------
+    str or None
+        The value normalised by :func:`citydata.timestamps.check_date_format`.
+
+    Raises
+    ------
+    typer.BadParameter
+        Not a date format (exit 2): the message names the option, the value, what is wrong and the fix.
+    """
+    from citydata.timestamps import check_date_format
+
+    try:
+        return check_date_format(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{exc}; {DATE_FORMAT_FIX}", param_hint="--date-format") from None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now (for tests and benchmarks)."""
     with socket.socket() as s:
@@ -292,7 +324,8 @@ def serve(
                                                       "a certificate it signed (mutual TLS), in addition to the API "
                                                       "key.")] = None,
     date_format: Annotated[Optional[str], typer.Option("--date-format", help="Layout of text timestamps in --data and "
-                                                       "in requests: ISO (default), DMY, MDY or a strftime pattern.")] = None,
+                                                       "in requests: ISO (default), DMY, MDY or a strftime pattern with the year, month and day; "
+                                                       "anything else is refused (exit 2).")] = None,
     ranges: Annotated[Optional[Path], typer.Option("--ranges", help="Plausibility-range overrides (TOML), as in "
                                                    "training.")] = None,
     personalised: Annotated[Optional[Path], typer.Option("--personalised", help="Serve this node's personalised model "
@@ -318,6 +351,7 @@ def serve(
     from serving.personalised import PersonalisedPathError
 
     manifest_sha256 = check_manifest_sha256(manifest_sha256)
+    date_format = check_date_format_option(date_format)
     keys = read_keys(api_key_file)
     if tls_cert is not None and tls_key is None:
         raise typer.BadParameter(f"{tls_cert} is given without --tls-key; fix: {_KEY_FIX} with --tls-key, or leave "
