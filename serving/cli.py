@@ -155,6 +155,28 @@ def check_date_format_option(value: str | None) -> str | None:
         raise typer.BadParameter(f"{exc}; {DATE_FORMAT_FIX}", param_hint="--date-format") from None
 
 
+_PACKAGE_FIX = "fix: give the package folder written by `fl-sim export-model` or `fl-server export` (its -o DIR)"
+
+
+def check_package_path(package: Path) -> None:
+    """Refuse a PACKAGE argument that does not exist or is not a folder (exit 2), before it is read.
+
+    A folder that is there but holds a damaged package is :func:`serving.package.load_package`'s
+    to refuse (exit 1, as the README documents).
+
+    Raises
+    ------
+    typer.BadParameter
+        The message names PACKAGE, the path and the fix.
+    """
+    path = Path(package)
+    if not path.exists():
+        raise typer.BadParameter(f"{path}: not found; {_PACKAGE_FIX}", param_hint="PACKAGE")
+    if not path.is_dir():
+        raise typer.BadParameter(f"{path}: not a folder (a package is a folder with MANIFEST.json); {_PACKAGE_FIX}",
+                                 param_hint="PACKAGE")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now (for tests and benchmarks)."""
     with socket.socket() as s:
@@ -352,6 +374,7 @@ def serve(
 
     manifest_sha256 = check_manifest_sha256(manifest_sha256)
     date_format = check_date_format_option(date_format)
+    check_package_path(package)
     keys = read_keys(api_key_file)
     if tls_cert is not None and tls_key is None:
         raise typer.BadParameter(f"{tls_cert} is given without --tls-key; fix: {_KEY_FIX} with --tls-key, or leave "
