@@ -98,17 +98,51 @@ def over_http(url: str, key: str, bodies: list[dict], n: int, clients: int, max_
     return s
 
 
+def _whole(low: int, example: int):
+    """An argparse ``type``: a whole number >= ``low`` (the error names the value and a fix)."""
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= {low}; fix: e.g. {example}")
+        return value
+    return check
+
+
+def _seconds(text: str) -> float:
+    """An argparse ``type``: a finite number of seconds > 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of seconds > 0; fix: e.g. 30")
+    return value
+
+
 def main() -> None:
+    """Parse the arguments (bad ones: exit 2 with the option, the value and a fix) and run the benchmark."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--package", type=Path, help="A health package (default: export an untrained model)")
-    ap.add_argument("--site", default="Cleveland")
-    ap.add_argument("--requests", type=int, default=300, help="Requests per scenario (upper bound)")
-    ap.add_argument("--max-seconds", type=float, default=30.0, help="Time limit per scenario")
-    ap.add_argument("--batch", type=int, default=64, help="Records per batch request")
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4], help="Concurrent clients")
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--package", type=Path, help="A health package folder (default: export an untrained model)")
+    ap.add_argument("--site", default="Cleveland", help="The hospital served (a health site)")
+    ap.add_argument("--requests", type=_whole(1, 300), default=300, help="Requests per scenario (upper bound)")
+    ap.add_argument("--max-seconds", type=_seconds, default=30.0, help="Time limit per scenario")
+    ap.add_argument("--batch", type=_whole(1, 64), default=64, help="Records per batch request")
+    ap.add_argument("--clients", type=_whole(1, 4), nargs="+", default=[1, 4], help="Concurrent clients")
+    ap.add_argument("--warmup", type=_whole(0, 5), default=5)
     ap.add_argument("--json", type=Path, help="Write the figures here")
     args = ap.parse_args()
+    if args.package is not None and not args.package.is_dir():
+        what = "not found" if not args.package.exists() else "not a folder"
+        ap.error(f"--package {args.package}: {what}; fix: give a health package folder (fl-sim export-model RUN -o DIR), "
+                 "or leave --package out to export an untrained model")
+    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
+        ap.error(f"--json {args.json}: {'a folder' if args.json.is_dir() else 'its folder does not exist'}; fix: give a "
+                 "file path in an existing folder")
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -118,16 +152,25 @@ def main() -> None:
 
     from serve_helpers import synthetic_run
     from serving.cli import free_port
-    from serving.features import SiteFeatures
-    from serving.package import export_package, load_package
+    from serving.features import SiteError, SiteFeatures
+    from serving.package import PackageError, export_package, load_package
 
-    tmp = Path(tempfile.mkdtemp(prefix="cityfed-serve-bench-"))
+    try:
+        feats = SiteFeatures("health", args.site)
+    except SiteError as exc:
+        ap.error(str(exc))
     pkg_dir = args.package
     if pkg_dir is None:
+        tmp = Path(tempfile.mkdtemp(prefix="cityfed-serve-bench-"))
         export_package(synthetic_run(tmp / "run", "health"), tmp / "pkg", sites=[])
         pkg_dir = tmp / "pkg"
-    pkg = load_package(pkg_dir)
-    feats = SiteFeatures("health", args.site)
+    try:
+        pkg = load_package(pkg_dir)
+    except PackageError as exc:
+        ap.error(f"--package {pkg_dir}: {exc}")
+    if pkg.department != "health":
+        ap.error(f"--package {pkg_dir}: a {pkg.department} package; fix: give a health package (this benchmark "
+                 "serves one hospital), or leave --package out")
     test = feats.test_records()
     cols = [c.name for c in feats.schema.columns if c.name in test.columns and c.name not in ("num", "id")]
     recs = json.loads(test[cols].to_json(orient="records"))
