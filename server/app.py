@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -23,7 +24,7 @@ from citydata import DATASETS
 from contract.keys import NODE_KEYS, OPTIMIZERS, RUN_ID
 from contract.tasks import TASKS
 from privacy.policy import MAX_EPSILON
-from server.artefacts import CHECKPOINT, MODEL, require_no_legacy_checkpoint, save_model, write_checkpoint
+from server.artefacts import CHECKPOINT, MODEL, ArtefactError, require_no_legacy_checkpoint, save_model, write_checkpoint
 from server.personalise import personalise_config, personalise_nodes
 from server.secagg import SecAggStrategy
 from server.central_dp import NORM_SLACK as CENTRAL_NORM_SLACK
@@ -523,8 +524,73 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
     return out
 
 
+#: The fix a run-config refusal without one of its own gets in the ServerApp's log.
+RUN_CONFIG_FIX = ("correct the value with `flwr run . <federation> --run-config \"KEY=VALUE\"` or in "
+                  "[tool.flwr.app.config] of pyproject.toml (`fl-server app-config` lists every key, its default "
+                  "and what it accepts)")
+
+
+def config_errors() -> tuple[type[Exception], ...]:
+    """The errors a ServerApp run stops on that are the operator's input, not a bug.
+
+    A bad run config (:class:`RunConfigError`), a run folder's artefact (:class:`server.artefacts.ArtefactError`:
+    an earlier version's checkpoint, an unreadable one), a bad ``CITYFED_GRID_POLL_S``
+    (:class:`server.errors.CliError`) and a bad ``central-data`` file (:class:`citydata.base.DataFileError`).
+    Their messages name the key, file or variable, the value and the fix, and never a record value.
+
+    Returns
+    -------
+    tuple of type
+    """
+    from citydata.base import DataFileError
+    from server.errors import CliError
+
+    return RunConfigError, ArtefactError, CliError, DataFileError
+
+
+class _DropReported(logging.Filter):
+    """Drop Flower's "ServerApp raised an exception" record (and its traceback) for an error already logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102 - logging.Filter's
+        exc = record.exc_info[1] if record.exc_info else None
+        return not getattr(exc, "cityfed_reported", False)
+
+
+def report_stop(exc: Exception) -> None:
+    """Log ``exc``, one of :func:`config_errors`, as one line with its fix, and keep Flower from adding a traceback.
+
+    The ServerApp's main re-raises ``exc`` afterwards, so that Flower still marks the run failed
+    (``flwr ls``: failed; its exit code) - Flower marks a main that returns as completed. Flower logs a
+    main's exception with its full traceback (``ERROR : ServerApp raised an exception``, or
+    ``Simulation`` under ``flwr run`` with a simulation federation); a filter on Flower's ``flwr`` logger
+    drops that record for an exception reported here. ``CITYFED_DEBUG=1`` keeps the traceback.
+
+    Parameters
+    ----------
+    exc : Exception
+        The error; its message names the key, file or variable, the value and the fix.
+    """
+    from privacy.safe_cli import DEBUG_ENV
+
+    message = " ".join(str(exc).split("\n")).strip()
+    if isinstance(exc, RunConfigError) and "fix:" not in message.lower():
+        message = f"{message}; fix: {RUN_CONFIG_FIX}"
+    log.error("run stopped: %s", message)
+    if os.environ.get(DEBUG_ENV) == "1":
+        return
+    exc.cityfed_reported = True
+    flower_logger = logging.getLogger("flwr")
+    if not any(isinstance(f, _DropReported) for f in flower_logger.filters):
+        flower_logger.addFilter(_DropReported())
+
+
 def build_server_app(defaults: dict | None = None, on_round=None) -> ServerApp:
-    """The coordinator ServerApp (``defaults`` are baked-in run-config values for simulation)."""
+    """The coordinator ServerApp (``defaults`` are baked-in run-config values for simulation).
+
+    A bad run config, run folder, ``CITYFED_GRID_POLL_S`` or ``central-data`` file (:func:`config_errors`)
+    is logged as one line naming the key, file or variable, the value and the fix, without a traceback
+    (:func:`report_stop`); the run still ends failed.
+    """
     defaults = dict(defaults or {})
     sapp = ServerApp()
 
@@ -536,7 +602,12 @@ def build_server_app(defaults: dict | None = None, on_round=None) -> ServerApp:
         # the run's log (`flwr log`, `fl-server logs`): each line once (Opacus' root handler doubled them), the
         # coordinator's own lines in it, colour codes only where this process writes to a terminal
         route_logs_through_flower()
-        run_federation(fast_poll(grid), {**defaults, **dict(context.run_config)}, run_id=str(context.run_id), on_round=on_round)
+        try:
+            run_federation(fast_poll(grid), {**defaults, **dict(context.run_config)}, run_id=str(context.run_id),
+                           on_round=on_round)
+        except config_errors() as exc:
+            report_stop(exc)
+            raise  # Flower marks the run failed (a main that returns is "completed"); its traceback is dropped
 
     return sapp
 
