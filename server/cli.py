@@ -42,6 +42,7 @@ import shlex
 import signal
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -127,7 +128,8 @@ def _print_rows(title: str, cols: tuple[str, ...], rows: list[dict], as_json: bo
         print(json.dumps(rows, indent=2))
         return
     t = Table(title=title)
-    cells = [[escape(str(r.get(col, ""))) for col in cols] for r in rows]
+    # a value with a control character (a label recorded before register checked it) is shown escaped, never raw
+    cells = [[escape(_cell_text(r.get(col, ""))) for col in cols] for r in rows]
     for i, col in enumerate(cols):
         # IDs and run folders are what `unregister`, `logs` and `stop` take: never cut them,
         # however narrow the terminal (the other columns fold instead)
@@ -137,6 +139,12 @@ def _print_rows(title: str, cols: tuple[str, ...], rows: list[dict], as_json: bo
     for c in cells:
         t.add_row(*c)
     _out().print(t)
+
+
+def _cell_text(value) -> str:
+    """``str(value)`` for a table cell; one holding a non-printable character (ESC, newline) is shown escaped."""
+    text = str(value)
+    return text if text.isprintable() else _printable_repr(text)[1:-1]
 
 
 @contextmanager
@@ -450,10 +458,77 @@ def _node_of_key_in_use(state_dir: Path, public_key: Path, info) -> dict:
                    f"known here; fix: ask whoever registered it to `fl-server unregister` that node, or {new_key}", 1)
 
 
+#: Longest node label (``register --name``): a department, '-' and a site name of up to 100 characters fit.
+MAX_NODE_LABEL = 120
+
+
+def shown_label(label: str, limit: int = 60) -> str:
+    """A node label for a message or a table: quoted, control characters escaped, cut to ``limit`` characters.
+
+    Parameters
+    ----------
+    label : str
+        The label (as given or as recorded in nodes.json, which may predate the checks).
+    limit : int
+        Longest part shown; a longer label is cut and its length given.
+
+    Returns
+    -------
+    str
+        ``repr`` of the label (or of its first ``limit`` characters), never holding a raw control character.
+    """
+    text = str(label)
+    if len(text) <= limit:
+        return _printable_repr(text)
+    return f"{_printable_repr(text[:limit])}... ({len(text)} characters)"
+
+
+def _printable_repr(text: str) -> str:
+    """``repr(text)`` with every non-printable character escaped (``repr`` keeps some, e.g. U+202E)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in repr(text))
+
+
+def check_node_label(label: str, option: str = "--name") -> str:
+    """Refuse a node label (``fl-server register --name``) that cannot be stored and printed safely.
+
+    A label is 1 to :data:`MAX_NODE_LABEL` printable characters (spaces and letters of any
+    language are fine), not only spaces: no control character (ESC, newline, tab ...), no
+    other non-printable character (bidirectional overrides, line separators).
+
+    Parameters
+    ----------
+    label : str
+        The label.
+    option : str
+        Where it came from, for the message (``--name``, or the key comment it defaults to).
+
+    Returns
+    -------
+    str
+        ``label``, unchanged.
+
+    Raises
+    ------
+    CliError
+        Code 2, naming the option, the label (escaped and cut) and the fix.
+    """
+    fix = "fix: pass --name with letters, digits, spaces, '.', '_' or '-', e.g. --name health-Cleveland"
+    if not label.strip():
+        raise CliError(f"{option} {shown_label(label)}: empty; {fix}")
+    if len(label) > MAX_NODE_LABEL:
+        raise CliError(f"{option} {shown_label(label)}: more than {MAX_NODE_LABEL} characters; {fix}")
+    bad = next((c for c in label if not c.isprintable()), None)
+    if bad is not None:
+        kind = "a control character" if unicodedata.category(bad) == "Cc" else "a non-printable character"
+        raise CliError(f"{option} {shown_label(label)}: holds {kind} ({bad.encode('unicode_escape').decode('ascii')}), "
+                       f"which would be written raw to the terminal of `fl-server nodes`; {fix}")
+    return label
+
+
 @_command("register")
 def register_cmd(
     public_key: Annotated[Path, typer.Argument(help="The department's node.pub (from `fl-pki node-key` on the department machine). Never node.key.")],
-    name: Annotated[Optional[str], typer.Option("--name", help="Label shown by `fl-server nodes`; default department-site from the key's comment.")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help=f"Label shown by `fl-server nodes`: 1 to {MAX_NODE_LABEL} printable characters (no control characters; Flower gets it with every character other than letters, digits, '.', '_' and '-' made '-'); default department-site from the key's comment.")] = None,
     state_dir: StateDir = None,
 ) -> None:
     """Allow a department node to join: register its public key with the coordinator.
@@ -461,8 +536,11 @@ def register_cmd(
     Prints the node ID (needed for `fl-server unregister`). Until a key is registered, a
     node using it is refused at connection time (HTTP 412, nothing is exchanged).
     Registering a key the coordinator already holds (e.g. after an interrupted register)
-    prints that key's node ID and records it (exit 0); a key that was unregistered cannot
-    be registered again (the error says how to make a new one).
+    prints that key's node ID and records it (exit 0); without --name it keeps the label
+    recorded for it, and with another --name it relabels it and says so (old and new
+    label). A key that was unregistered cannot be registered again (the error says how to
+    make a new one). A --name (or a key comment, without --name) that is empty, longer than
+    the limit or holds a control character is refused: exit 2, nothing registered.
     """
     from privacy import pki
 
@@ -475,8 +553,11 @@ def register_cmd(
         if not info.key_type.startswith("ecdsa-sha2-nistp"):
             raise CliError(f"{public_key}: {info.key_type} key; Flower needs an ECDSA NIST-curve key; fix: create it "
                            "with `fl-pki node-key`")
+        given = name is not None
         if name is None and info.comment.startswith("cityfed:"):
             name = "-".join(info.comment.split(":")[1:])
+        if name is not None:
+            check_node_label(name, "--name" if given else f"--name (default from the comment of {public_key})")
         args = ["supernode", "register", str(Path(public_key).expanduser().resolve()), CONNECTION]
         if name:
             args += ["--name", re.sub(r"[^A-Za-z0-9._-]", "-", name)]
@@ -488,15 +569,25 @@ def register_cmd(
             already = _node_of_key_in_use(sd, public_key, info)
             node_id = already["node-id"]
     labels = _node_labels(sd)
+    labels = labels if isinstance(labels, dict) else {}
+    before = labels.get(node_id, {}).get("name") if already and isinstance(labels.get(node_id), dict) else None
+    if already and not given and before is not None:
+        name = before  # re-registered without --name: the label recorded for this key stays
     labels[node_id] = {"name": name or "", "fingerprint": info.fingerprint, "public-key": str(Path(public_key).resolve())}
-    (sd / "nodes.json").write_text(json.dumps(labels, indent=2))
+    _write_atomic(sd / "nodes.json", json.dumps(labels, indent=2))
+    relabelled = already is not None and before is not None and before != (name or "")
     with _errors():
         record(sd, "register", **{"node-id": node_id, "public-key": str(Path(public_key).resolve())}, name=name or "",
-               fingerprint=info.fingerprint, **({"already-registered": True} if already else {}))
+               fingerprint=info.fingerprint, **({"already-registered": True} if already else {}),
+               **({"previous-name": before} if relabelled else {}))
     if already:
         _out().print(f"[green]already registered[/] {escape(str(public_key))} ({info.fingerprint}) is node "
                      f"[bold]{node_id}[/] (status {escape(already['status'])}, registered at {escape(already['registered-at'])}); "
                      f"recorded in {escape(str(sd / 'nodes.json'))}")
+        if relabelled:
+            _out().print(f"[yellow]label changed[/]: node {node_id} was labelled {escape(shown_label(before))}, now "
+                         f"{escape(shown_label(name or ''))} (--name); `fl-server nodes` shows the new label (Flower keeps "
+                         "the name it was registered with)")
     else:
         _out().print(f"[green]registered[/] {escape(str(public_key))} ({info.fingerprint}) as node [bold]{node_id}[/]")
     print(node_id)

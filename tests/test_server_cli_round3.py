@@ -1,0 +1,177 @@
+"""fl-server input defects of the round-3 bad-input corpus (D1-D4), with the coordinator faked.
+
+* D1: ``register --name`` with control characters or too long is refused; re-registering a key
+  with another ``--name`` says that the label changed; ``nodes`` never prints a raw control character.
+* D2: every float option (``run --wait-start``, ``stop --wait``, ``start --backoff/--backoff-max``)
+  refuses NaN and infinity; the supervisor refuses them too.
+* D3: ``run --resume`` of a run whose latest Flower run is not finished is refused.
+* D4: an all-digit ``run --name`` is refused; a reference that names a folder and another
+  folder's run ID is refused naming both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from privacy import pki  # noqa: E402
+from server import cli as server_cli  # noqa: E402
+
+runner = CliRunner(env={"COLUMNS": "250"})
+
+
+def _text(res) -> str:
+    return " ".join((res.output + (res.stderr if res.stderr_bytes is not None else "")).split())
+
+
+@pytest.fixture(scope="module")
+def ca_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    pki.create_ca(d / "ca")
+    return d / "ca" / "ca.crt"
+
+
+@pytest.fixture
+def coord(ca_file, tmp_path, monkeypatch):
+    """A state dir that looks started and a fake ``flwr``/Control API: records every call, answers from ``status``."""
+    sd = tmp_path / "state"
+    server_cli.write_connection(sd, "127.0.0.1:1", ca_file, insecure=False)
+    (sd / "coordinator.json").write_text(json.dumps({"address": "127.0.0.1:1", "ca": str(ca_file)}))
+    calls: list[tuple] = []
+    status: dict[str, str] = {}  # run ID -> Flower status
+    state = {"next": 100, "in-use": set()}
+
+    def fake_flwr(state_dir, *args, **kw):
+        calls.append(args)
+        if args[:2] == ("supernode", "register"):
+            key = args[2]
+            if key in state["in-use"]:
+                raise server_cli.CliError("`flwr supernode register` failed: [code: 23] Public key already in use.", 1)
+            state["in-use"].add(key)
+            state["next"] += 1
+            return {"success": True, "node-id": str(state["next"])}
+        if args[:2] == ("supernode", "ls"):
+            return {"success": True, "nodes": [{"node-id": n, "status": "online"} for n in state.get("nodes", [])]}
+        if args[0] == "ls":
+            return {"success": True, "runs": [{"run-id": r, "status": s} for r, s in status.items()]}
+        if args[0] == "stop":
+            status[args[1]] = "finished:stopped"
+            return {"success": True}
+        if args[0] == "run":
+            state["next"] += 1
+            rid = str(state["next"])
+            status[rid] = "pending"
+            calls[-1] = (*args, tomllib.loads(Path(args[args.index("--run-config") + 1]).read_text()))
+            return {"success": True, "run-id": rid}
+        raise AssertionError(args)
+
+    def fake_status(state_dir, run_id, timeout=10.0, shown=None):
+        if str(run_id) not in status:
+            raise server_cli.unknown_run(shown or run_id, run_id)
+        return {"status": status[str(run_id)], "details": ""}
+
+    def fake_in_use(state_dir, public_key, info):
+        nid = state.setdefault("by-key", {}).get(str(Path(public_key).resolve()))
+        return {"node-id": nid, "status": "online", "registered-at": "2025-01-01T00:00:00Z"}
+
+    monkeypatch.setattr(server_cli, "flwr", fake_flwr)
+    monkeypatch.setattr(server_cli, "control_run_status", fake_status)
+    monkeypatch.setattr(server_cli, "_node_of_key_in_use", fake_in_use)
+    monkeypatch.setattr(server_cli, "wait_serverapp_exit", lambda *a, **k: True)
+    return {"sd": sd, "calls": calls, "status": status, "state": state}
+
+
+def _launches(coord) -> list[tuple]:
+    return [c for c in coord["calls"] if c[0] == "run"]
+
+
+def _run(coord, *args: str):
+    return runner.invoke(server_cli.app, ["run", "--state-dir", str(coord["sd"]), "--wait-start", "0", *args])
+
+
+# --------------------------------------------------------------------------- D1: register --name
+
+
+@pytest.fixture
+def node_pub(tmp_path):
+    pki.create_node_key(tmp_path / "keys", "health", "Cleveland")
+    return tmp_path / "keys" / "node.pub"
+
+
+def _register(coord, pub: Path, *extra: str):
+    res = runner.invoke(server_cli.app, ["register", str(pub), "--state-dir", str(coord["sd"]), *extra])
+    if res.exit_code == 0:
+        nid = res.stdout.strip().splitlines()[-1]
+        coord["state"].setdefault("by-key", {})[str(pub.resolve())] = nid
+    return res
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("bad\x1b[31mred\nline", ["control character"]),
+    ("tab\there", ["control character"]),
+    ("x" * 5000, ["5000 characters", "120"]),
+    ("", ["empty"]),
+    ("   ", ["empty"]),
+])
+def test_register_refuses_a_bad_name_before_asking_flower(coord, node_pub, bad, words):
+    res = _register(coord, node_pub, "--name", bad)
+    text = _text(res)
+    assert res.exit_code == 2, text
+    assert "--name" in text and "fix:" in text and all(w in text for w in words), text
+    assert "\x1b" not in res.output and "x" * 200 not in text, text
+    assert not coord["calls"] and not (coord["sd"] / "nodes.json").exists()
+
+
+def test_register_refuses_a_key_comment_that_cannot_be_a_label(coord, node_pub):
+    line = node_pub.read_text().split()
+    node_pub.write_text(f"{line[0]} {line[1]} cityfed:health:Clev\x1b[2Jland\n")
+    res = _register(coord, node_pub)
+    text = _text(res)
+    assert res.exit_code == 2 and "control character" in text and "--name" in text and "fix:" in text, text
+    assert "\x1b" not in res.output and not coord["calls"]
+
+
+def test_register_stores_the_label_and_sends_flower_the_same_rule(coord, node_pub):
+    res = _register(coord, node_pub, "--name", "Cleveland clinic")
+    assert res.exit_code == 0, _text(res)
+    labels = json.loads((coord["sd"] / "nodes.json").read_text())
+    assert [v["name"] for v in labels.values()] == ["Cleveland clinic"]
+    reg = next(c for c in coord["calls"] if c[:2] == ("supernode", "register"))
+    assert reg[reg.index("--name") + 1] == "Cleveland-clinic"
+
+
+def test_reregister_with_another_name_says_the_label_changed(coord, node_pub):
+    assert _register(coord, node_pub, "--name", "first").exit_code == 0
+    res = _register(coord, node_pub, "--name", "second")
+    text = _text(res)
+    assert res.exit_code == 0, text
+    assert "already registered" in text and "'first'" in text and "'second'" in text and "label" in text, text
+    assert [v["name"] for v in json.loads((coord["sd"] / "nodes.json").read_text()).values()] == ["second"]
+
+
+def test_reregister_without_name_keeps_the_recorded_label(coord, node_pub):
+    assert _register(coord, node_pub, "--name", "my-label").exit_code == 0
+    res = _register(coord, node_pub)
+    text = _text(res)
+    assert res.exit_code == 0, text
+    assert "already registered" in text and "changed" not in text, text
+    assert [v["name"] for v in json.loads((coord["sd"] / "nodes.json").read_text()).values()] == ["my-label"]
+
+
+def test_nodes_never_prints_a_raw_control_character_of_an_old_label(coord):
+    (coord["sd"] / "nodes.json").write_text(json.dumps({"5": {"name": "bad\x1b[31mred\nline", "fingerprint": "SHA256:x"}}))
+    coord["state"]["nodes"] = ["5"]
+    res = runner.invoke(server_cli.app, ["nodes", "--state-dir", str(coord["sd"])])
+    assert res.exit_code == 0, _text(res)
+    assert "\x1b" not in res.output and "\\x1b" in res.output and "\\n" in res.output, res.output
