@@ -17,11 +17,45 @@ import time
 import warnings
 
 
+#: Largest target epsilon (the policy's ceiling, privacy.policy.MAX_EPSILON: beyond it a budget protects nothing).
+MAX_EPSILON = 100.0
+
+
+def target_epsilon(text: str) -> float:
+    """An ``--epsilon`` value: a finite number > 0 and <= :data:`MAX_EPSILON` (argparse ``type``).
+
+    Parameters
+    ----------
+    text : str
+        One value as given.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        Naming the value, what is allowed and a fix (argparse exits 2 with the option's name).
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_EPSILON):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number > 0 and <= {MAX_EPSILON:g} (a target "
+                                         "epsilon); fix: e.g. --epsilon 1 3 8")
+    return value
+
+
 def main() -> None:
+    from contract.tasks import TASKS  # light: the departments, before the slow imports below
+
     warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--department", default="health")
-    ap.add_argument("--epsilon", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    ap.add_argument("--department", default="health", choices=sorted(TASKS), help="department (default: health)")
+    ap.add_argument("--epsilon", type=target_epsilon, nargs="+", default=[1.0, 3.0, 8.0],
+                    help=f"target epsilons, each a finite number > 0 and <= {MAX_EPSILON:g} (default: 1 3 8)")
     args = ap.parse_args()
 
     import dp_accounting

@@ -32,7 +32,8 @@ def load(path: Path) -> dict:
                          "that `fl-sim compare --out DIR` wrote (DIR/results.json)")
     missing = [k for k in ("meta", "summary", "per_site", "rows") if k not in r]
     if missing or r["meta"].get("command") != "fl-sim compare":
-        raise SystemExit(f"error: {path}: not an `fl-sim compare` results.json (missing {', '.join(missing) or 'meta.command'})")
+        raise SystemExit(f"error: {path}: not an `fl-sim compare` results.json (missing {', '.join(missing) or 'meta.command'})"
+                         ". Fix: pass the results.json that `fl-sim compare --out DIR` wrote (DIR/results.json)")
     return r
 
 
@@ -138,7 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", type=Path, help="results.json of one `fl-sim compare` department")
     args = ap.parse_args(argv)
-    print(render(load(args.results)))
+    try:
+        text = render(load(args.results))
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # a bad results file: its message names the file and the fix; exit 2
+            print(exc.code, file=sys.stderr)
+            return 2
+        raise
+    print(text)
     return 0
 
 

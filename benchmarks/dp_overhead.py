@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -145,20 +146,60 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def whole_number(low: int, example: str):
+    """An argparse ``type``: a whole number >= ``low``; its error names the value, the range and ``example`` as the fix.
+
+    Parameters
+    ----------
+    low : int
+        The smallest value allowed.
+    example : str
+        A valid use of the option, shown as the fix.
+
+    Returns
+    -------
+    callable
+        ``str -> int``, raising :class:`argparse.ArgumentTypeError` (argparse exits 2 naming the option).
+    """
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= {low}; fix: e.g. {example}")
+        return value
+
+    return parse
+
+
+def finite_seconds(text: str) -> float:
+    """``--min-time``: a finite number of seconds >= 0 (argparse ``type``; its error names the value and the fix)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of seconds >= 0; fix: e.g. --min-time 3")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--records", type=int, default=0,
+    ap.add_argument("--epochs", type=whole_number(1, "--epochs 2"), default=2,
+                    help="timed epochs after one warm-up epoch (>= 1)")
+    ap.add_argument("--batch", type=whole_number(1, "--batch 64"), default=64, help="batch size (>= 1)")
+    ap.add_argument("--records", type=whole_number(0, "--records 500"), default=0,
                     help="train on the first N records of each department (0 = all; the same N for every mode)")
-    ap.add_argument("--min-time", type=float, default=3.0,
+    ap.add_argument("--min-time", type=finite_seconds, default=3.0,
                     help="time more epochs until their total is at least this many seconds (median reported)")
-    ap.add_argument("--repeats", type=int, default=3,
+    ap.add_argument("--repeats", type=whole_number(1, "--repeats 3"), default=3,
                     help="runs per (model, mode), interleaved across modes; the fastest is reported")
-    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                    help="models to measure (default: all)")
     ap.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES, help="'none' is always measured")
     ap.add_argument("--json", type=Path, help="write all measurements here")
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--threads", type=whole_number(0, "--threads 1"), default=1,
                     help="torch intra-op threads per run (1 = as a simulated node; 0 = torch's default)")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()

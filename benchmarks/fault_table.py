@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "fault-table.jsonl",
                     help="where the suite records its rows (default: runs/fault-table.jsonl; replaced)")
     args = ap.parse_args(argv)
-    rc = 0
-    if args.render is None:
+    rc, given = 0, args.render is not None
+    if not given:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.unlink(missing_ok=True)
         env = {**os.environ, "CITYFED_FAULT_TABLE": str(args.out.resolve()), "FLWR_TELEMETRY_ENABLED": "0"}
@@ -86,7 +86,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: the fault suite failed (pytest exit {rc}); the table shows the scenarios that passed",
                   file=sys.stderr)
         args.render = args.out
-    print(render(load_rows(args.render)))
+    try:
+        rows = load_rows(args.render)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # a missing or bad --render file: its message names it; exit 2
+            print(exc.code, file=sys.stderr)
+            return 2 if given else 1
+        raise
+    print(render(rows))
     return 1 if rc else 0
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -63,14 +64,60 @@ def site_row(results: dict, site: str) -> dict:
     return rows[site]
 
 
+def _whole(text: str) -> int:
+    """``--max-epochs`` / ``--batch-size``: a whole number >= 1 (argparse ``type``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= 1; fix: e.g. 60 epochs, batch 64, "
+                                         "or leave the option out for the run's value")
+    return value
+
+
+def _lr(text: str) -> float:
+    """``--lr``: a finite number > 0 (argparse ``type``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number > 0; fix: e.g. --lr 0.01")
+    return value
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The script's entry: :func:`main`; a bad run folder, site or model file exits 2 with its message.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0, or 2 for a bad input (its message, naming the file and the fix, on stderr).
+    """
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # main's refusals: SystemExit with the message
+            print(exc.code, file=sys.stderr)
+            return 2
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="folder `fl-sim compare --out` wrote for one department")
     ap.add_argument("site", help="site name, as in the comparison's per-site table")
-    ap.add_argument("--lr", type=float, action="append", help="fine-tuning learning rate (repeat)")
-    ap.add_argument("--max-epochs", type=int, default=None, help="most epochs (default: the run's personalise-epochs)")
-    ap.add_argument("--batch-size", type=int, default=None, help="default: the run's personalise-batch-size")
+    ap.add_argument("--lr", type=_lr, action="append", help="fine-tuning learning rate, > 0 (repeat)")
+    ap.add_argument("--max-epochs", type=_whole, default=None,
+                    help="most epochs, >= 1 (default: the run's personalise-epochs)")
+    ap.add_argument("--batch-size", type=_whole, default=None, help=">= 1; default: the run's personalise-batch-size")
     ap.add_argument("--train-seed", type=int, default=None, help="default: the comparison's seed")
     args = ap.parse_args(argv)
 
@@ -125,4 +172,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -77,12 +77,47 @@ def run_once(n_sites: int, secagg: bool, rounds: int, workdir: Path, dp: bool = 
     return [b[0] - a[0] for a, b in spans], [b[1] - a[1] for a, b in spans]
 
 
+#: Fewest sites a SecAgg+ run takes (server.secagg.MIN_SECAGG_NODES: a run raises min-accepted to it).
+MIN_SITES = 3
+
+
+def whole_number(low: int, example: str, why: str = ""):
+    """An argparse ``type``: a whole number >= ``low``; its error names the value, the range, ``why`` and a fix.
+
+    Parameters
+    ----------
+    low : int
+        The smallest value allowed.
+    example : str
+        A valid use of the option, shown as the fix.
+    why : str
+        Why ``low`` is the least (optional).
+
+    Returns
+    -------
+    callable
+        ``str -> int``, raising :class:`argparse.ArgumentTypeError` (argparse exits 2 naming the option).
+    """
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= {low}{why}; fix: e.g. {example}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Measure and print the table; return the measurements."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[3, 20], help="numbers of virtual health sites")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per run")
-    ap.add_argument("--repeats", type=int, default=1, help="runs per (size, mode), alternating modes")
+    ap.add_argument("--sizes", type=whole_number(MIN_SITES, "--sizes 3 20", " (SecAgg+ needs at least 3 nodes)"),
+                    nargs="+", default=[3, 20], help=f"numbers of virtual health sites, each >= {MIN_SITES}")
+    ap.add_argument("--rounds", type=whole_number(1, "--rounds 3"), default=3, help="rounds per run (>= 1)")
+    ap.add_argument("--repeats", type=whole_number(1, "--repeats 1"), default=1,
+                    help="runs per (size, mode), alternating modes (>= 1)")
     ap.add_argument("--no-dp", dest="dp", action="store_false",
                     help="train without DP-SGD (policy require_dp = false): isolates the protocol's cost")
     ap.add_argument("--json", type=Path, help="also write the measurements here")

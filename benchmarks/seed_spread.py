@@ -37,7 +37,8 @@ def load(paths: list[Path]) -> list[dict]:
             raise SystemExit(f"error: {p}: cannot read a compare results.json ({exc}). Fix: pass the results.json "
                              "that `fl-sim compare --out DIR` wrote (DIR/results.json or DIR/<department>/results.json)")
         if "per_site" not in r or "meta" not in r:
-            raise SystemExit(f"error: {p}: no 'per_site'/'meta' (not an `fl-sim compare` results.json)")
+            raise SystemExit(f"error: {p}: no 'per_site'/'meta' (not an `fl-sim compare` results.json). Fix: pass the "
+                             "results.json that `fl-sim compare --out DIR` wrote (DIR/results.json)")
         runs.append(r)
     depts = {(r["meta"]["department"], r["meta"]["model"]) for r in runs}
     if len(depts) != 1:
@@ -176,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true", help="print Markdown tables (README)")
     ap.add_argument("--compact", action="store_true", help="one row per site: mean (worst) gain per setting")
     args = ap.parse_args(argv)
-    runs = load(args.results)
+    try:
+        runs = load(args.results)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # a bad results file: its message names the file and the fix; exit 2
+            print(exc.code, file=sys.stderr)
+            return 2
+        raise
     meta = runs[0]["meta"]
     forecasting = not runs[0]["per_site"].get("higher_is_better", True)
     below, unit = ("relative MAE reduction, %", " %") if forecasting else ("accuracy points (pt)", " pt")

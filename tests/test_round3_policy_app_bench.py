@@ -87,6 +87,14 @@ def test_d8_job_conflict_shortens_the_policys_tasks():
 # --------------------------------------------------------------------------- D9
 
 
+@pytest.fixture(autouse=True)
+def _flower_console_on_stderr(monkeypatch):
+    """Flower's console handler keeps the stderr of the test that imported flwr (closed since, under pytest)."""
+    from flower_compat.logging import console_handler
+
+    monkeypatch.setattr(console_handler(), "stream", sys.stderr)
+
+
 def _run_server_app(run_config: dict):
     """Call the ServerApp as Flower does; return the exception it raised (None if none)."""
     from unittest import mock
