@@ -42,6 +42,10 @@ DATE_FORMATS = {
 #: Environment variable read when no date format is passed (``fl-client --date-format`` sets it
 #: for the node's ClientApp processes, which open the file themselves).
 DATE_FORMAT_ENV = "CITYFED_DATE_FORMAT"
+#: The fix of a refused date format, worded once (fl-client's and fl-serve's --date-format).
+DATE_FORMAT_FIX = ("fix: pass ISO (year first, the default), DMY (day first: 18/04/2024), MDY (month first: "
+                   "04/18/2024) or a strftime pattern with the year, month and day such as '%d.%m.%Y %H:%M', or leave "
+                   "--date-format out for year-first dates")
 #: Plausible years of a record.
 YEAR_RANGE = (1900, 2100)
 

@@ -526,13 +526,12 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
 
     from citydata import load_department
     from citydata.base import DataFileError, DataQualityWarning, path_kind
-    from citydata.timestamps import check_date_format
+    from citydata.timestamps import DATE_FORMAT_FIX, check_date_format
 
     try:
         date_format = check_date_format(date_format)
     except ValueError as exc:
-        raise SetupError(f"--date-format {date_format!r}: {exc}; fix: pass the order of the file's dates "
-                         "(DMY = day first, MDY = month first)") from None
+        raise SetupError(f"--date-format {date_format!r}: {exc}; {DATE_FORMAT_FIX}") from None
     if ranges is not None:
         check_input_file("--ranges", ranges, "pass a plausibility-ranges TOML file (README: plausibility ranges), or "
                          "leave the option out for the schema's ranges")

@@ -124,9 +124,7 @@ def check_manifest_sha256(value: str | None) -> str | None:
 
 
 #: The fix for a bad ``--date-format`` (the accepted values, as ``CITYFED_DATE_FORMAT``'s message lists them).
-DATE_FORMAT_FIX = ("fix: pass ISO (year first, the default), DMY (day first: 18/04/2024), MDY (month first: "
-                   "04/18/2024) or a strftime pattern with the year, month and day such as '%d.%m.%Y %H:%M', or leave "
-                   "--date-format out for year-first dates")
+from citydata.timestamps import DATE_FORMAT_FIX  # noqa: E402 - worded once, with fl-client's
 
 
 def check_date_format_option(value: str | None) -> str | None:
