@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import re
 import shlex
@@ -145,6 +146,30 @@ def _cell_text(value) -> str:
     """``str(value)`` for a table cell; one holding a non-printable character (ESC, newline) is shown escaped."""
     text = str(value)
     return text if text.isprintable() else _printable_repr(text)[1:-1]
+
+
+def finite_seconds(option: str, example: float) -> Callable[[float | None], float | None]:
+    """A typer callback refusing NaN and infinity for the seconds option ``option`` (click's ``min=`` lets NaN through).
+
+    Parameters
+    ----------
+    option : str
+        The option's name, for the message (``--wait-start``).
+    example : float
+        A good value, for the fix.
+
+    Returns
+    -------
+    callable
+        ``check(value)``: ``value`` unchanged, or :class:`typer.BadParameter` (exit 2, before the command runs).
+    """
+    def check(value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise typer.BadParameter(f"{value} is not a finite number of seconds (NaN and infinity are refused); "
+                                     f"fix: {option} {example:g}", param_hint=f"'{option}'")
+        return value
+
+    return check
 
 
 @contextmanager
@@ -282,8 +307,8 @@ def start_cmd(
     insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext HTTP without TLS and WITHOUT node authentication: anyone on the network can join or read models. Only for a throwaway local test.")] = False,
     max_restarts: Annotated[int, typer.Option("--max-restarts", min=0, help="Restarts in a row of a SuperExec that exited (it starts every run's ServerApp) before fl-server start gives up and exits 1 (one that ran 5 minutes resets the count).")] = 5,
     max_resumes: Annotated[int, typer.Option("--max-resumes", min=0, help="Automatic resumes (from the last checkpoint, as `fl-server run --resume`) of one run whose ServerApp process died mid-run; 0 = never. A ServerApp that raised an exception is never resumed automatically.")] = 3,
-    backoff: Annotated[float, typer.Option("--backoff", min=0.0, help="First wait before a SuperExec restart or an automatic resume, seconds; doubles each time.")] = 2.0,
-    backoff_max: Annotated[float, typer.Option("--backoff-max", min=0.0, help="Longest wait between restarts or resumes, seconds.")] = 60.0,
+    backoff: Annotated[float, typer.Option("--backoff", min=0.0, callback=finite_seconds("--backoff", 2), help="First wait before a SuperExec restart or an automatic resume, seconds (finite, >= 0); doubles each time.")] = 2.0,
+    backoff_max: Annotated[float, typer.Option("--backoff-max", min=0.0, callback=finite_seconds("--backoff-max", 60), help="Longest wait between restarts or resumes, seconds (finite, >= 0).")] = 60.0,
 ) -> None:
     """Run the coordinator (Flower SuperLink) in the foreground until Ctrl-C / SIGTERM.
 
@@ -719,7 +744,7 @@ def run_cmd(
     secagg: Annotated[Optional[bool], typer.Option("--secagg/--no-secagg", show_default=False, help="Secure aggregation (Flower SecAgg+), ON by default: the coordinator only learns the weighted mean of the nodes' updates, never one node's update. Needs fedavg, fedadam or fedyogi and at least 3 nodes per round. --no-secagg sends each node's updated weights to the coordinator in the clear (TLS still protects them on the wire); use it only for strategies that need individual updates (krum, trimmed-mean, fedprox). A resumed run keeps its mode unless given.")] = None,
     secagg_num_shares: Annotated[Optional[int], typer.Option("--secagg-num-shares", min=3, help="SecAgg+: shares of each node's secrets = neighbours + 1 (odd; run config secagg-num-shares, default 3).")] = None,
     secagg_threshold: Annotated[Optional[int], typer.Option("--secagg-threshold", min=2, help="SecAgg+: shares needed to unmask (< num-shares; run config secagg-threshold, default 2). A round survives num-shares - threshold dropped nodes per neighbourhood.")] = None,
-    wait_start: Annotated[float, typer.Option("--wait-start", min=0.0, help="Seconds to wait, after submitting, for the run's ServerApp to start running (progress on stderr); 0 = return once submitted. A run still pending then is reported, not cancelled.")] = 60.0,
+    wait_start: Annotated[float, typer.Option("--wait-start", min=0.0, callback=finite_seconds("--wait-start", 60), help="Seconds to wait, after submitting, for the run's ServerApp to start running (progress on stderr); 0 = return once submitted (NaN and infinity are refused). A run still pending then is reported, not cancelled.")] = 60.0,
     state_dir: StateDir = None,
 ) -> None:
     """Launch a federated training run of this project's app on the registered nodes.
@@ -951,7 +976,7 @@ def stop_cmd(
     run: Annotated[str, typer.Argument(help="Run ID or run folder name (from `fl-server runs`).")],
     state_dir: StateDir = None,
     runs_dir: RunsDir = None,
-    wait: Annotated[float, typer.Option("--wait", min=0.0, help="Seconds to wait for the run's ServerApp to exit (so that its last checkpoint is final) before results.json is written.")] = 60.0,
+    wait: Annotated[float, typer.Option("--wait", min=0.0, callback=finite_seconds("--wait", 60), help="Seconds to wait for the run's ServerApp to exit (so that its last checkpoint is final) before results.json is written (finite, >= 0).")] = 60.0,
 ) -> None:
     """Stop a run now (status finished:stopped) and leave its results in its folder.
 

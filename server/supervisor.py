@@ -11,6 +11,7 @@ waits on the ServerApps it publishes in ``serverapps.json``) live here too.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import signal
@@ -96,7 +97,10 @@ def _returncode(wait_status: int | None) -> int | None:
 
 
 def _backoff(n: int, first: float, cap: float) -> float:
-    return min(first * 2 ** max(n - 1, 0), cap)
+    """The ``n``-th wait (1-based): ``first`` doubled ``n - 1`` times, at most ``cap`` (both finite, >= 0)."""
+    if not (math.isfinite(first) and math.isfinite(cap)) or first < 0 or cap < 0:
+        raise ValueError(f"backoff {first!r} / backoff-max {cap!r}: must be finite numbers of seconds >= 0")
+    return min(first * 2 ** min(max(n - 1, 0), 64), cap)
 
 
 @dataclass
@@ -162,6 +166,10 @@ class CoordinatorSupervisor:
                  settle_s: float = 5.0, health_every_s: float = 15.0, health_timeout_s: float = 10.0, health_failures: int = 4,
                  stop_grace_s: float = 10.0, exit_grace_s: float = 30.0, console: Console | None = None,
                  resume: Callable[[Path], str] | None = None, on_fatal: Callable[[str], None] | None = None):
+        for what, value in (("backoff", backoff), ("backoff_max", backoff_max)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                # NaN would never schedule a restart (now >= now + nan is never true): a silent hang
+                raise ValueError(f"{what} {value!r}: must be a finite number of seconds >= 0")
         self.state_dir = Path(state_dir)
         self.health_url = health_url
         self.max_restarts, self.max_resumes = max_restarts, max_resumes

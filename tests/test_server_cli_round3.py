@@ -175,3 +175,47 @@ def test_nodes_never_prints_a_raw_control_character_of_an_old_label(coord):
     res = runner.invoke(server_cli.app, ["nodes", "--state-dir", str(coord["sd"])])
     assert res.exit_code == 0, _text(res)
     assert "\x1b" not in res.output and "\\x1b" in res.output and "\\n" in res.output, res.output
+
+
+# --------------------------------------------------------------------------- D2: float options refuse NaN/inf
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "Infinity"])  # -inf: click's min=0 refuses it
+def test_run_refuses_a_non_finite_wait_start_before_submitting(coord, value):
+    res = runner.invoke(server_cli.app, ["run", "--state-dir", str(coord["sd"]), "--department", "health",
+                                         "--name", "r2", "--wait-start", value])
+    text = _text(res)
+    assert res.exit_code == 2 and "--wait-start" in text and str(float(value)) in text and "fix:" in text, text
+    assert not _launches(coord) and not (coord["sd"] / "runs" / "r2").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_stop_refuses_a_non_finite_wait_before_stopping(coord, value):
+    assert _run(coord, "--department", "health", "--name", "r1").exit_code == 0
+    res = runner.invoke(server_cli.app, ["stop", "r1", "--state-dir", str(coord["sd"]), "--wait", value])
+    text = _text(res)
+    assert res.exit_code == 2 and "--wait" in text and str(float(value)) in text and "fix:" in text, text
+    assert not [c for c in coord["calls"] if c[0] == "stop"]
+
+
+@pytest.mark.parametrize("option", ["--backoff", "--backoff-max"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_start_refuses_a_non_finite_backoff_before_writing(tmp_path, monkeypatch, option, value):
+    sd = tmp_path / "st"
+
+    def reached(host):  # start's first check: the refusal must come before it (never start a SuperLink here)
+        raise server_cli.CliError("reached check_host", 9)
+
+    monkeypatch.setattr(server_cli, "check_host", reached)
+    res = runner.invoke(server_cli.app, ["start", "--insecure", "--host", "127.0.0.1", "--port", "1",
+                                         "--state-dir", str(sd), option, value])
+    text = _text(res)
+    assert res.exit_code == 2 and option in text and value in text and "fix:" in text, text
+    assert not sd.exists()
+
+
+@pytest.mark.parametrize("kw", [{"backoff": float("nan")}, {"backoff_max": float("nan")}, {"backoff": float("inf")},
+                                {"backoff_max": -1.0}])
+def test_supervisor_refuses_a_non_finite_backoff(tmp_path, kw):
+    with pytest.raises(ValueError, match="backoff"):
+        server_cli.CoordinatorSupervisor(tmp_path, **kw)
