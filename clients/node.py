@@ -38,7 +38,7 @@ from contract.keys import NODE_KEYS, OPTIMIZERS
 from privacy.dp import CalibrationError, DPSettings, calibrate_noise
 from privacy.dp import steps_per_epoch as dp_steps_per_epoch
 from privacy.ledger import BudgetExceededError, PrivacyLedger, Release, RunCapExceededError
-from privacy.policy import JobRequest, PrivacyPolicy, check_job, job_conflict, load_policy
+from privacy.policy import JobRequest, PrivacyPolicy, check_job, job_conflict, load_policy, shown_value
 from privacy.releases import ERROR_BOUND, LOSS_BOUND, noisy_means
 from shared_models import build_model, default_model_config
 
@@ -102,7 +102,7 @@ def check_job_numbers(cfg: dict, spec: "NodeSpec") -> None:
         if not ok:
             what = "a whole number" if kind is int else "a finite number"
             bound = f"{'>=' if inclusive else '>'} {lowest:g}"
-            raise JobRefused(f"{spec.department}/{spec.site}: refused: job config {key} = {raw!r} is not {what} {bound}")
+            raise JobRefused(f"{spec.department}/{spec.site}: refused: job config {key} = {shown_value(raw)} is not {what} {bound}")
     if "target-epsilon" in cfg and float(cfg["target-epsilon"]) > spec.policy.max_epsilon:
         raise JobRefused(f"{spec.department}/{spec.site}: refused: job config target-epsilon = {cfg['target-epsilon']!r} "
                          f"is above the policy's lifetime max_epsilon {spec.policy.max_epsilon:g} (it can never be kept)")
@@ -590,9 +590,11 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
         return JobRefused(f"{spec.department}/{spec.site}: refused: {reason}")
 
     if str(cfg.get("department", "")) != spec.policy.department:
-        raise refuse(f"department {cfg.get('department')!r} != policy department {spec.policy.department!r}")
+        raise refuse(f"department {shown_value(cfg.get('department'))} != policy department "
+                     f"{shown_value(spec.policy.department)}")
     if str(cfg.get("task", "")) not in spec.policy.allowed_tasks:
-        raise refuse(f"task {cfg.get('task')!r} not in policy allowed_tasks {spec.policy.allowed_tasks!r}")
+        raise refuse(f"task {shown_value(cfg.get('task'))} not in policy allowed_tasks "
+                     f"{shown_value(spec.policy.allowed_tasks)}")
     if rel.local_evaluation == "off":
         raise refuse('local evaluation is off (policy [releases] local_evaluation = "off"): the node\'s test records '
                      "are not scored for the coordinator; score the run on coordinator-held data (run config central-data)")

@@ -401,7 +401,7 @@ _FIXES: dict[str, str] = {
 SHOWN_MAX = 60
 
 
-def _shown(value: Any, limit: int = SHOWN_MAX) -> str:
+def shown_value(value: Any, limit: int = SHOWN_MAX) -> str:
     """``repr(value)``, cut to ``limit`` characters (ending ``...``) when it is longer.
 
     Parameters
@@ -482,10 +482,10 @@ def _format_validation(source: str, exc: ValidationError) -> str:
                     else (top, allowed)
                 close = difflib.get_close_matches(name, known, n=1)
                 fix = f"remove it{f' (did you mean {close[0]!r}?)' if close else ''}; allowed fields: {', '.join(known)}"
-        text = f"{source}: field {_shown(loc)}: {described}"
+        text = f"{source}: field {shown_value(loc)}: {described}"
         if etype != "missing" and "input" in err:
             got = err["input"]
-            shown = _shown(got)
+            shown = shown_value(got)
             name = type(got).__name__
             kind = f", {'an' if name[0] in 'aeiou' else 'a'} {name}" if etype.endswith("_type") else ""
             text += f" (got {shown}{kind})"
@@ -582,9 +582,9 @@ def check_allowed_tasks(policy: PrivacyPolicy, task: str, source: str = "<policy
     if task in policy.allowed_tasks:
         return
     close = difflib.get_close_matches(task, policy.allowed_tasks, n=1, cutoff=0.6)
-    hint = f" (did you mean {task!r} instead of {_shown(close[0])}?)" if close else ""
+    hint = f" (did you mean {task!r} instead of {shown_value(close[0])}?)" if close else ""
     raise PolicyError(
-        f"{source}: field 'allowed_tasks': {_shown(policy.allowed_tasks)} does not list {task!r}, the task of "
+        f"{source}: field 'allowed_tasks': {shown_value(policy.allowed_tasks)} does not list {task!r}, the task of "
         f"department {policy.department!r}{hint}; this node would refuse every job. "
         f"Fix: write allowed_tasks = [\"{task}\"]"
     )
@@ -621,9 +621,9 @@ def job_conflict(policy: PrivacyPolicy, *, department: str, task: str, dp: bool,
         job's department or task and the policy's ``allowed_tasks`` cut to 60 characters.
     """
     if department != policy.department:
-        return "department", f"department {_shown(department)} != policy department {policy.department!r}"
+        return "department", f"department {shown_value(department)} != policy department {policy.department!r}"
     if task not in policy.allowed_tasks:
-        return "task", f"task {_shown(task)} not in policy allowed_tasks {_shown(policy.allowed_tasks)}"
+        return "task", f"task {shown_value(task)} not in policy allowed_tasks {shown_value(policy.allowed_tasks)}"
     if round > policy.max_rounds_per_run:
         return "round", f"round {round} > policy max_rounds_per_run {policy.max_rounds_per_run}"
     if not dp:
