@@ -737,7 +737,7 @@ def run_cmd(
     rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, help="Federated rounds (run-config num-rounds; default 5).")] = None,
     run_config: Annotated[list[str], typer.Option("--run-config", "-c", help="Override a run setting, key=value, repeatable: e.g. -c strategy=fedprox -c target-epsilon=2.0 -c min-nodes=3. `fl-server app-config` lists every key and default.")] = [],  # noqa: B006
     name: Annotated[Optional[str], typer.Option("--name", help="Run folder name under --runs-dir (default <department>-<UTC time>).")] = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue an interrupted run (e.g. after a coordinator crash) from its checkpoint: give its folder name or run ID. Same settings, same folder; the completed rounds are not repeated.")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue an interrupted run (e.g. after a coordinator crash) from its checkpoint: give its folder name or run ID. Same settings, same folder; the completed rounds are not repeated. Refused (exit 2) while the run is still pending, starting or running: `fl-server stop` it first.")] = None,
     runs_dir: RunsDir = None,
     app_dir: Annotated[Path, typer.Option("--app", help="Project folder whose ServerApp/ClientApp is shipped (the FAB is built from it; use a clean checkout).")] = PROJECT_ROOT,
     follow: Annotated[bool, typer.Option("--follow", help="Stream the run's log until it ends.")] = False,
@@ -788,6 +788,9 @@ def run_cmd(
                                f"{shlex.quote(str(resume))} "
                                f"--rounds {done + 1} or more), or start a new run")
         _coordinator(sd)  # after the run config: a bad one is exit 2 whether or not the coordinator is up
+        if resume:
+            phases.step("checking that the run to resume has ended")
+            refuse_resume_of_a_live_run(sd, rec, resume, folder)
         phases.step(f"building the app bundle from {Path(app_dir).resolve()} and submitting it to the coordinator (flwr run)")
         cfg_text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.items())
         data = _submit(sd, app_dir, cfg_text)
@@ -816,6 +819,56 @@ def run_cmd(
         raise typer.Exit(1)
     if follow:
         raise typer.Exit(flwr(sd, "log", str(run_id), CONNECTION, "--stream", stream=True))
+
+
+def refuse_resume_of_a_live_run(state_dir: Path, rec: dict, resume: str, folder: Path) -> None:
+    """Refuse ``fl-server run --resume`` of a run whose latest Flower run has not finished.
+
+    A second ServerApp on the same run folder would share its checkpoint and results with
+    the first one. The coordinator's Control API (:func:`control_run_status`, the status
+    ``fl-server runs`` shows) is asked for the folder's latest run ID (``launch.json``); a run
+    it does not know (e.g. a new state.db) cannot be running and passes. When the coordinator
+    cannot be reached, the submission that follows needs it too and fails the same way (exit
+    3): a note says so and the caller goes on.
+
+    Parameters
+    ----------
+    state_dir : Path
+        The coordinator's state folder.
+    rec : dict
+        The run's launch record (``run-ids``, first to latest).
+    resume : str
+        ``--resume`` as given, for the message.
+    folder : Path
+        The run folder.
+
+    Raises
+    ------
+    CliError
+        Code 2 when the run is pending, starting or running (naming it, its status and the fix);
+        code 1 when the coordinator answers with another error (the run's status is unknown).
+    """
+    ids = [str(r) for r in rec.get("run-ids", [])]
+    if not ids:
+        return
+    try:
+        status = control_run_status(state_dir, ids[-1], shown=resume)["status"]
+    except CliError as exc:
+        if exc.code == 2:  # the coordinator does not know this run: nothing of it is running
+            return
+        if exc.code == 3:  # not reachable: `flwr run` cannot submit either, and says so
+            _err().print(f"[yellow]note:[/] could not check that run {ids[-1]} has ended: {escape(str(exc))}")
+            return
+        raise CliError(f"--resume {shlex.quote(str(resume))}: could not learn whether its run {ids[-1]} has ended "
+                       f"({exc}); nothing resumed; fix: check `fl-server runs`, `fl-server stop` the run if it is still "
+                       "running, then resume it", 1) from None
+    if not status.startswith("finished"):
+        ref = shlex.quote(str(resume))
+        raise CliError(f"--resume {ref}: its run {ids[-1]} is still {status}, not finished; resuming it now would start a "
+                       f"second ServerApp on the same run folder {folder} and checkpoint; fix: `fl-server stop {ref}` "
+                       f"first (or wait for it to end; `fl-server runs` shows its status), then `fl-server run --resume "
+                       f"{ref}`; after a coordinator crash, Flower marks a run whose ServerApp is gone finished:failed "
+                       "within about a minute")
 
 
 def _submit(state_dir: Path, app_dir: Path, cfg_text: str) -> dict:

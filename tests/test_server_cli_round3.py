@@ -219,3 +219,38 @@ def test_start_refuses_a_non_finite_backoff_before_writing(tmp_path, monkeypatch
 def test_supervisor_refuses_a_non_finite_backoff(tmp_path, kw):
     with pytest.raises(ValueError, match="backoff"):
         server_cli.CoordinatorSupervisor(tmp_path, **kw)
+
+
+# --------------------------------------------------------------------------- D3: resume of a live run
+
+
+@pytest.mark.parametrize("live", ["pending", "starting", "running"])
+def test_resume_of_a_run_that_is_not_finished_is_refused(coord, live):
+    assert _run(coord, "--department", "health", "--rounds", "1", "--no-secagg", "--name", "r1").exit_code == 0
+    rid = list(coord["status"])[-1]
+    coord["status"][rid] = live
+    launch = (coord["sd"] / "runs" / "r1" / "launch.json").read_bytes()
+    res = _run(coord, "--resume", "r1", "--rounds", "1", "--no-secagg")
+    text = _text(res)
+    assert res.exit_code == 2, text
+    assert rid in text and live in text and "fl-server stop r1" in text and "fix:" in text, text
+    assert len(_launches(coord)) == 1
+    assert (coord["sd"] / "runs" / "r1" / "launch.json").read_bytes() == launch
+
+
+@pytest.mark.parametrize("ended", ["finished:failed", "finished:stopped"])
+def test_resume_of_a_finished_run_still_launches(coord, ended):
+    assert _run(coord, "--department", "health", "--rounds", "2", "--no-secagg", "--name", "r1").exit_code == 0
+    rid = list(coord["status"])[-1]
+    coord["status"][rid] = ended
+    res = _run(coord, "--resume", "r1")
+    assert res.exit_code == 0, _text(res)
+    assert len(_launches(coord)) == 2
+
+
+def test_resume_of_a_run_the_coordinator_no_longer_knows_still_launches(coord):
+    assert _run(coord, "--department", "health", "--rounds", "2", "--no-secagg", "--name", "r1").exit_code == 0
+    coord["status"].clear()  # e.g. a new state.db: that run cannot be running
+    res = _run(coord, "--resume", "r1")
+    assert res.exit_code == 0, _text(res)
+    assert len(_launches(coord)) == 2
