@@ -736,7 +736,7 @@ def run_cmd(
     department: Annotated[Optional[str], typer.Option("--department", help="Department whose nodes train: health, traffic or utility (nodes of other departments refuse the job).")] = None,
     rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, help="Federated rounds (run-config num-rounds; default 5).")] = None,
     run_config: Annotated[list[str], typer.Option("--run-config", "-c", help="Override a run setting, key=value, repeatable: e.g. -c strategy=fedprox -c target-epsilon=2.0 -c min-nodes=3. `fl-server app-config` lists every key and default.")] = [],  # noqa: B006
-    name: Annotated[Optional[str], typer.Option("--name", help="Run folder name under --runs-dir (default <department>-<UTC time>).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Run folder name under --runs-dir (default <department>-<UTC time>): 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit, not digits only (that reads as a run ID).")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue an interrupted run (e.g. after a coordinator crash) from its checkpoint: give its folder name or run ID. Same settings, same folder; the completed rounds are not repeated. Refused (exit 2) while the run is still pending, starting or running: `fl-server stop` it first.")] = None,
     runs_dir: RunsDir = None,
     app_dir: Annotated[Path, typer.Option("--app", help="Project folder whose ServerApp/ClientApp is shipped (the FAB is built from it; use a clean checkout).")] = PROJECT_ROOT,
@@ -769,6 +769,7 @@ def run_cmd(
             rec, folder, cfg = _resumed_run(runs, resume, department, overrides)
         else:
             rec, folder, cfg = _new_run(runs, department, name, overrides)
+            refuse_run_id_name(name)
         if rounds is not None:
             cfg["num-rounds"] = rounds
         cfg.update(secagg_config(cfg, secagg, secagg_num_shares, secagg_threshold))
@@ -819,6 +820,23 @@ def run_cmd(
         raise typer.Exit(1)
     if follow:
         raise typer.Exit(flwr(sd, "log", str(run_id), CONNECTION, "--stream", stream=True))
+
+
+def refuse_run_id_name(name: str | None) -> None:
+    """Refuse a ``fl-server run --name`` of digits only: it reads as a Flower run ID.
+
+    ``stop``, ``logs``, ``export`` and ``--resume`` take a run folder name or a Flower run
+    ID; a folder named like another run's ID would make them act on the wrong run.
+
+    Raises
+    ------
+    CliError
+        Code 2, naming ``--name``, the value and a fix.
+    """
+    if name is not None and re.fullmatch(r"[0-9]+", name):
+        raise CliError(f"--name {name}: a run folder name of digits only reads as a Flower run ID (`fl-server stop`, "
+                       f"`logs`, `export` and `run --resume` take either), so it could name another run; fix: add a "
+                       f"letter, e.g. --name run-{name}")
 
 
 def refuse_resume_of_a_live_run(state_dir: Path, rec: dict, resume: str, folder: Path) -> None:

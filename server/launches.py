@@ -222,10 +222,27 @@ def _launches(runs: Path) -> list[dict]:
 def resolve_run(runs: Path, run: str) -> dict:
     """Find a run's launch record by folder name, folder path, or Flower run ID.
 
+    A reference of digits that is both a run folder's name and a Flower run ID of another run
+    folder (a folder named so before ``fl-server run --name`` refused all-digit names) is
+    ambiguous and refused, naming both; a folder path is never taken for a run ID.
+
+    Parameters
+    ----------
+    runs : Path
+        The runs folder (``--runs-dir``).
+    run : str
+        A run folder's name or path, or a Flower run ID.
+
+    Returns
+    -------
+    dict
+        The launch record (:func:`read_launch`) with ``folder`` (the folder's name).
+
     Raises
     ------
     CliError
-        If no run folder under ``runs`` matches, or its launch.json is malformed (code 2).
+        If no run folder under ``runs`` matches, its launch.json is malformed, or the reference
+        is ambiguous (code 2; the message names the matches and the fix).
     """
     p = Path(run).expanduser()
     folder = p if p.is_absolute() else runs / run
@@ -236,6 +253,15 @@ def resolve_run(runs: Path, run: str) -> dict:
             raise CliError(f"{folder / 'launch.json'}: {UNREADABLE} ({exc}); fix: restore it (it holds the run's "
                            "Flower run IDs and settings), or use a Flower run ID from `fl-server runs`") from None
         d["folder"] = folder.name
+        if not p.is_absolute() and re.fullmatch(r"[0-9]+", run):
+            others = [o["folder"] for o in _launches(runs)
+                      if o["folder"] != folder.name and run in [str(r) for r in o.get("run-ids", [])]]
+            if others:
+                own = ", ".join(str(r) for r in d["run-ids"]) or "none"
+                raise CliError(f"run {run!r} is ambiguous: it is the name of run folder {folder.name!r} (Flower run "
+                               f"{own}) and Flower run {run} of run folder {others[0]!r}; nothing done; fix: pass "
+                               f"{others[0]!r} for the run folder of Flower run {run}, or the path {folder} for the run "
+                               f"folder named {run!r}")
         return d
     for d in _launches(runs):
         if run in [str(r) for r in d.get("run-ids", [])]:

@@ -254,3 +254,46 @@ def test_resume_of_a_run_the_coordinator_no_longer_knows_still_launches(coord):
     res = _run(coord, "--resume", "r1")
     assert res.exit_code == 0, _text(res)
     assert len(_launches(coord)) == 2
+
+
+# --------------------------------------------------------------------------- D4: a name that reads as a run ID
+
+
+@pytest.mark.parametrize("name", ["101", "2178948588361970750", "0"])
+def test_run_refuses_an_all_digit_name(coord, name):
+    res = _run(coord, "--department", "health", "--name", name)
+    text = _text(res)
+    assert res.exit_code == 2 and f"--name {name}" in text and "run ID" in text and "fix:" in text, text
+    assert not _launches(coord) and not (coord["sd"] / "runs" / name).exists()
+
+
+def _ambiguous(coord) -> tuple[str, str]:
+    """Folder ``a`` whose run ID is the name of folder ``<that ID>`` holding another run (made before the fix)."""
+    assert _run(coord, "--department", "health", "--no-secagg", "--name", "a").exit_code == 0
+    rid_a = list(coord["status"])[-1]
+    other = coord["sd"] / "runs" / rid_a
+    other.mkdir()
+    (other / "launch.json").write_text(json.dumps({"run-ids": ["999"], "config": {"department": "health"}}))
+    coord["status"]["999"] = "running"
+    return rid_a, "999"
+
+
+@pytest.mark.parametrize("cmd", [["stop"], ["logs"]])
+def test_a_reference_naming_a_folder_and_another_runs_id_is_refused(coord, cmd):
+    rid_a, rid_b = _ambiguous(coord)
+    res = runner.invoke(server_cli.app, [*cmd, rid_a, "--state-dir", str(coord["sd"])])
+    text = _text(res)
+    assert res.exit_code == 2, text
+    assert "ambiguous" in text and rid_b in text and "'a'" in text and "fix:" in text, text
+    assert not [c for c in coord["calls"] if c[0] in ("stop", "log")]
+    assert coord["status"][rid_b] == "running"
+
+
+def test_resolve_run_refuses_the_ambiguous_reference_and_takes_the_unambiguous_ones(coord):
+    rid_a, rid_b = _ambiguous(coord)
+    runs = coord["sd"] / "runs"
+    with pytest.raises(server_cli.CliError, match="ambiguous"):
+        server_cli.resolve_run(runs, rid_a)
+    assert server_cli.resolve_run(runs, "a")["folder"] == "a"
+    assert server_cli.resolve_run(runs, rid_b)["folder"] == rid_a
+    assert server_cli.resolve_run(runs, str(runs / rid_a))["folder"] == rid_a  # a path is a folder, never an ID
