@@ -116,7 +116,7 @@ def _flower_reports(exc: BaseException, entity: str = "ServerApp") -> None:
     """What Flower's run_serverapp / simulation app do with a ServerApp's exception."""
     from logging import ERROR
 
-    from flwr.common.logger import log as flwr_log
+    from flower_compat.logging import log as flwr_log
 
     flwr_log(ERROR, "%s raised an exception", entity, exc_info=exc)
 
