@@ -24,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_args, beside this script
+from bench_args import finite_number, whole_number  # noqa: E402
 
 #: model kind -> department whose real data feeds it
 MODELS = {"heart-mlp": "health", "gru": "traffic", "patchtst": "traffic"}
@@ -146,44 +148,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def whole_number(low: int, example: str):
-    """An argparse ``type``: a whole number >= ``low``; its error names the value, the range and ``example`` as the fix.
-
-    Parameters
-    ----------
-    low : int
-        The smallest value allowed.
-    example : str
-        A valid use of the option, shown as the fix.
-
-    Returns
-    -------
-    callable
-        ``str -> int``, raising :class:`argparse.ArgumentTypeError` (argparse exits 2 naming the option).
-    """
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= {low}; fix: e.g. {example}")
-        return value
-
-    return parse
-
-
-def finite_seconds(text: str) -> float:
-    """``--min-time``: a finite number of seconds >= 0 (argparse ``type``; its error names the value and the fix)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of seconds >= 0; fix: e.g. --min-time 3")
-    return value
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=whole_number(1, "--epochs 2"), default=2,
@@ -191,7 +155,7 @@ def main() -> None:
     ap.add_argument("--batch", type=whole_number(1, "--batch 64"), default=64, help="batch size (>= 1)")
     ap.add_argument("--records", type=whole_number(0, "--records 500"), default=0,
                     help="train on the first N records of each department (0 = all; the same N for every mode)")
-    ap.add_argument("--min-time", type=finite_seconds, default=3.0,
+    ap.add_argument("--min-time", type=finite_number(0, "--min-time 3", unit="of seconds "), default=3.0,
                     help="time more epochs until their total is at least this many seconds (median reported)")
     ap.add_argument("--repeats", type=whole_number(1, "--repeats 3"), default=3,
                     help="runs per (model, mode), interleaved across modes; the fastest is reported")

@@ -35,6 +35,9 @@ import sys
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_args, beside this script
+from bench_args import finite_number, whole_number  # noqa: E402
+
 
 def load_run(run: Path) -> tuple[dict, Path]:
     """Read a comparison's results.json and locate its non-private global model."""
@@ -64,29 +67,6 @@ def site_row(results: dict, site: str) -> dict:
     return rows[site]
 
 
-def _whole(text: str) -> int:
-    """``--max-epochs`` / ``--batch-size``: a whole number >= 1 (argparse ``type``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= 1; fix: e.g. 60 epochs, batch 64, "
-                                         "or leave the option out for the run's value")
-    return value
-
-
-def _lr(text: str) -> float:
-    """``--lr``: a finite number > 0 (argparse ``type``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number > 0; fix: e.g. --lr 0.01")
-    return value
-
-
 def cli(argv: list[str] | None = None) -> int:
     """The script's entry: :func:`main`; a bad run folder, site or model file exits 2 with its message.
 
@@ -114,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="folder `fl-sim compare --out` wrote for one department")
     ap.add_argument("site", help="site name, as in the comparison's per-site table")
-    ap.add_argument("--lr", type=_lr, action="append", help="fine-tuning learning rate, > 0 (repeat)")
-    ap.add_argument("--max-epochs", type=_whole, default=None,
+    ap.add_argument("--lr", type=finite_number(0, "--lr 0.01", inclusive=False), action="append", help="fine-tuning learning rate, > 0 (repeat)")
+    ap.add_argument("--max-epochs", type=whole_number(1, "60 epochs, batch 64, or leave the option out for the run's value"), default=None,
                     help="most epochs, >= 1 (default: the run's personalise-epochs)")
-    ap.add_argument("--batch-size", type=_whole, default=None, help=">= 1; default: the run's personalise-batch-size")
+    ap.add_argument("--batch-size", type=whole_number(1, "60 epochs, batch 64, or leave the option out for the run's value"), default=None, help=">= 1; default: the run's personalise-batch-size")
     ap.add_argument("--train-seed", type=int, default=None, help="default: the comparison's seed")
     args = ap.parse_args(argv)
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_args, beside this script
+from bench_args import whole_number  # noqa: E402
 
 POLICY = """department = "health"
 max_epsilon = 100.0
@@ -79,35 +81,6 @@ def run_once(n_sites: int, secagg: bool, rounds: int, workdir: Path, dp: bool = 
 
 #: Fewest sites a SecAgg+ run takes (server.secagg.MIN_SECAGG_NODES: a run raises min-accepted to it).
 MIN_SITES = 3
-
-
-def whole_number(low: int, example: str, why: str = ""):
-    """An argparse ``type``: a whole number >= ``low``; its error names the value, the range, ``why`` and a fix.
-
-    Parameters
-    ----------
-    low : int
-        The smallest value allowed.
-    example : str
-        A valid use of the option, shown as the fix.
-    why : str
-        Why ``low`` is the least (optional).
-
-    Returns
-    -------
-    callable
-        ``str -> int``, raising :class:`argparse.ArgumentTypeError` (argparse exits 2 naming the option).
-    """
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= {low}{why}; fix: e.g. {example}")
-        return value
-
-    return parse
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_args, beside this script
+from bench_args import finite_number, whole_number  # noqa: E402
 BIN = Path(sys.executable).parent
 
 import numpy as np  # noqa: E402
@@ -98,42 +100,16 @@ def over_http(url: str, key: str, bodies: list[dict], n: int, clients: int, max_
     return s
 
 
-def _whole(low: int, example: int):
-    """An argparse ``type``: a whole number >= ``low`` (the error names the value and a fix)."""
-    def check(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= {low}; fix: e.g. {example}")
-        return value
-    return check
-
-
-def _seconds(text: str) -> float:
-    """An argparse ``type``: a finite number of seconds > 0."""
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of seconds > 0; fix: e.g. 30")
-    return value
-
-
 def main() -> None:
     """Parse the arguments (bad ones: exit 2 with the option, the value and a fix) and run the benchmark."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--package", type=Path, help="A health package folder (default: export an untrained model)")
     ap.add_argument("--site", default="Cleveland", help="The hospital served (a health site)")
-    ap.add_argument("--requests", type=_whole(1, 300), default=300, help="Requests per scenario (upper bound)")
-    ap.add_argument("--max-seconds", type=_seconds, default=30.0, help="Time limit per scenario")
-    ap.add_argument("--batch", type=_whole(1, 64), default=64, help="Records per batch request")
-    ap.add_argument("--clients", type=_whole(1, 4), nargs="+", default=[1, 4], help="Concurrent clients")
-    ap.add_argument("--warmup", type=_whole(0, 5), default=5)
+    ap.add_argument("--requests", type=whole_number(1, "300"), default=300, help="Requests per scenario (upper bound)")
+    ap.add_argument("--max-seconds", type=finite_number(0, "30", inclusive=False, unit="of seconds "), default=30.0, help="Time limit per scenario")
+    ap.add_argument("--batch", type=whole_number(1, "64"), default=64, help="Records per batch request")
+    ap.add_argument("--clients", type=whole_number(1, "4"), nargs="+", default=[1, 4], help="Concurrent clients")
+    ap.add_argument("--warmup", type=whole_number(0, "5"), default=5)
     ap.add_argument("--json", type=Path, help="Write the figures here")
     args = ap.parse_args()
     if args.package is not None and not args.package.is_dir():
