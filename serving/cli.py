@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from citydata.timestamps import DATE_FORMAT_FIX  # the fix of a bad --date-format, worded once with fl-client's
+
 app = typer.Typer(add_completion=False, suggest_commands=False, no_args_is_help=True, help=(
     "Serve a cityfed model package (fl-sim export-model / fl-server export) on this department's node. "
     "The package's hashes are checked first (a changed file is refused). Records are validated with the same checks "
@@ -121,10 +123,6 @@ def check_manifest_sha256(value: str | None) -> str | None:
     raise typer.BadParameter(f"{value!r} is not a SHA-256 (64 hex characters, got {len(text)} characters"
                              f"{'' if all(c in '0123456789abcdefABCDEF' for c in text) else ', not all hex'}); "
                              f"{_SHA256_FIX}", param_hint="--manifest-sha256")
-
-
-#: The fix for a bad ``--date-format`` (the accepted values, as ``CITYFED_DATE_FORMAT``'s message lists them).
-from citydata.timestamps import DATE_FORMAT_FIX  # noqa: E402 - worded once, with fl-client's
 
 
 def check_date_format_option(value: str | None) -> str | None:
