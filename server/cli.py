@@ -769,7 +769,6 @@ def run_cmd(
             rec, folder, cfg = _resumed_run(runs, resume, department, overrides)
         else:
             rec, folder, cfg = _new_run(runs, department, name, overrides)
-            refuse_run_id_name(name)
         if rounds is not None:
             cfg["num-rounds"] = rounds
         cfg.update(secagg_config(cfg, secagg, secagg_num_shares, secagg_threshold))
@@ -820,23 +819,6 @@ def run_cmd(
         raise typer.Exit(1)
     if follow:
         raise typer.Exit(flwr(sd, "log", str(run_id), CONNECTION, "--stream", stream=True))
-
-
-def refuse_run_id_name(name: str | None) -> None:
-    """Refuse a ``fl-server run --name`` of digits only: it reads as a Flower run ID.
-
-    ``stop``, ``logs``, ``export`` and ``--resume`` take a run folder name or a Flower run
-    ID; a folder named like another run's ID would make them act on the wrong run.
-
-    Raises
-    ------
-    CliError
-        Code 2, naming ``--name``, the value and a fix.
-    """
-    if name is not None and re.fullmatch(r"[0-9]+", name):
-        raise CliError(f"--name {name}: a run folder name of digits only reads as a Flower run ID (`fl-server stop`, "
-                       f"`logs`, `export` and `run --resume` take either), so it could name another run; fix: add a "
-                       f"letter, e.g. --name run-{name}")
 
 
 def refuse_resume_of_a_live_run(state_dir: Path, rec: dict, resume: str, folder: Path) -> None:

@@ -317,7 +317,8 @@ def _departments() -> tuple[str, ...]:
 
 
 def _new_run(runs: Path, department: str | None, name: str | None, overrides: dict) -> tuple[dict, Path, dict]:
-    """``(launch record, folder, run config)`` of a new run; refuses a missing department or a bad --name."""
+    """``(launch record, folder, run config)`` of a new run; refuses a missing department or a bad --name
+    (not :data:`RUN_NAME`, or digits only: that reads as a Flower run ID)."""
     depts = _departments()
     if not department:
         given = f" (not -c department={overrides['department']})" if "department" in overrides else ""
@@ -329,6 +330,10 @@ def _new_run(runs: Path, department: str | None, name: str | None, overrides: di
         shown = folder_name if len(folder_name) <= 60 else f"{folder_name[:57]}... ({len(folder_name)} characters)"
         raise CliError(f"--name {shown!r}: a run folder name is 1 to 100 characters, letters, digits, '.', '_' or '-', "
                        "starting with a letter or digit; fix: choose such a name (e.g. health-trial-2)")
+    if folder_name.isdigit():  # stop/logs/export/--resume take a folder name or a Flower run ID
+        raise CliError(f"--name {folder_name}: a run folder name of digits only reads as a Flower run ID (`fl-server "
+                       f"stop`, `logs`, `export` and `run --resume` take either), so it could name another run; fix: "
+                       f"add a letter, e.g. --name run-{folder_name}")
     folder = runs / folder_name
     if (folder / "launch.json").exists():
         raise CliError(f"run folder {folder} exists; fix: choose another --name, or --resume {shlex.quote(folder_name)}")
