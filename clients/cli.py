@@ -1707,7 +1707,7 @@ def _audit(home: Path, kind: str, key: Path | None, **fields) -> None:
 
     if key is None:
         _err().print(f"[yellow]note:[/] no node key known for {escape(str(home))} (pass --key): the audit entry is unsigned")
-    pinning.audit(home, kind, key_path=key, **fields)
+    pinning.audit(home, kind, key_path=key, strict=True, **fields)
 
 
 @app_cmds.command("approve")
@@ -1723,7 +1723,8 @@ def approve_cmd(
     Review it first (`fl-client app review`). Takes effect from the node's next task, without a
     restart; recorded in <state-dir>/apps/approved.json and in the node's audit log
     (app-approved). Refused (exit 2, nothing recorded) for a state dir that fl-client did not
-    make, a damaged <state-dir>/node.json, or a key that cannot sign the audit entry.
+    make, a damaged <state-dir>/node.json, or a key that cannot sign the audit entry. Undone
+    (exit 1) if the audit entry cannot be written (a full disk, an unwritable audit.jsonl).
     """
     from clients import pinning
 
@@ -1736,7 +1737,12 @@ def approve_cmd(
     if not new:
         _out().print(f"already approved: {digest}")
         return
-    _audit(home, "app-approved", signer, **{"fab-sha256": digest, "by": pinning._user()})
+    try:
+        _audit(home, "app-approved", signer, **{"fab-sha256": digest, "by": pinning._user()})
+    except pinning.PinningError as exc:  # an approval is never left in force without its entry
+        pinning.Approvals(home).revoke(digest)
+        _err().print(f"[red]not approved[/] {digest}: {escape(str(exc))}; the approval was undone")
+        raise typer.Exit(1) from None
     _out().print(f"[green]approved[/] {digest}: this node runs that app bundle from its next task")
     if not known:
         _err().print("[yellow]note:[/] this node has not quarantined that FAB; make sure you reviewed it "
@@ -1754,7 +1760,8 @@ def revoke_cmd(
     """Withdraw an approval: from the node's next task on, that app bundle is refused again (unless it is the release).
 
     Recorded in <state-dir>/apps/approved.json and in the node's audit log (app-revoked).
-    Refused (exit 2, nothing recorded) as `approve` is.
+    Refused (exit 2, nothing recorded) as `approve` is. If the audit entry cannot be written the
+    revocation stays in force (refusing is the safe way) and the command exits 1, saying so.
     """
     from clients import pinning
 
@@ -1766,7 +1773,12 @@ def revoke_cmd(
         if not store.revoke(digest):
             raise pinning.PinningError(f"{digest} is not approved in {store.path}; fix: `fl-client app list` shows "
                                        "the approved sha256 values")
-    _audit(home, "app-revoked", signer, **{"fab-sha256": digest, "by": pinning._user()})
+    try:
+        _audit(home, "app-revoked", signer, **{"fab-sha256": digest, "by": pinning._user()})
+    except pinning.PinningError as exc:  # the revocation stays: refusing the bundle is the safe way
+        _err().print(f"[yellow]revoked[/] {digest}, but {escape(str(exc))}; the revocation stays in force "
+                     "(the node refuses that bundle) with no audit entry for it")
+        raise typer.Exit(1) from None
     _out().print(f"[green]revoked[/] {digest}: this node refuses that app bundle from its next task")
 
 

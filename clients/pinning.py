@@ -639,11 +639,36 @@ def audit_class():
         return _audit_class
 
 
-def audit(home: Path, kind: str, key_path: str | os.PathLike | None = None, **fields) -> bool:
-    """Append one entry to the node's audit log (``<home>/audit.jsonl``); False (and a note) if it cannot."""
+def audit(home: Path, kind: str, key_path: str | os.PathLike | None = None, strict: bool = False,
+          **fields) -> bool:
+    """Append one entry to the node's audit log (``<home>/audit.jsonl``).
+
+    Parameters
+    ----------
+    home : Path
+        The node's state folder.
+    kind : str
+        The entry's kind (``app-approved``, ...).
+    key_path : path, optional
+        The node key that signs the entry (default ``$CITYFED_NODE_KEY``; unsigned without one).
+    strict : bool
+        Raise :class:`PinningError` naming the reason when the entry cannot be written, instead of
+        a note and False. The node's own decisions (a task refused or run) use False: a full disk
+        must not crash the node; an operator's ``fl-client app`` decision uses True.
+    **fields
+        The entry's fields.
+
+    Returns
+    -------
+    bool
+        True when the entry was appended; False (and a note) when it could not be.
+    """
     cls = audit_class()
     if cls is None:
-        _note(f"audit entries not written ({kind}): privacy.audit is not available ({_audit_failure})")
+        reason = f"privacy.audit is not available ({_audit_failure})"
+        if strict:
+            raise PinningError(f"audit entry {kind!r} not written: {reason}")
+        _note(f"audit entries not written ({kind}): {reason}")
         return False
     key = key_path or os.environ.get(KEY_ENV) or None
     if key is None:
@@ -652,6 +677,8 @@ def audit(home: Path, kind: str, key_path: str | os.PathLike | None = None, **fi
         cls(Path(home) / "audit.jsonl", key_path=key).append(kind, **fields)
         return True
     except Exception as exc:  # noqa: BLE001 - a full disk must not crash the node's decision
+        if strict:
+            raise PinningError(f"audit entry {kind!r} not written: {exc}") from None
         _note(f"audit entry {kind!r} not written: {exc}")
         return False
 

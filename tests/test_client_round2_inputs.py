@@ -291,3 +291,22 @@ def test_audit_export_refuses_what_show_refuses(home, tmp_path, content):
     assert not (tmp_path / "copy.jsonl").exists() and "exported" not in text
     res = runner.invoke(client_cli.app, ["audit", "export", "--log", str(log)])  # to standard output: nothing written
     assert res.exit_code == 2 and res.stdout == "", res.output
+
+
+@pytest.mark.parametrize("verb", ["approve", "revoke"])
+def test_a_decision_whose_audit_entry_cannot_be_written_is_not_silent(home, tmp_path, node_key, verb):
+    """An approval is never left in force without its audit entry; a revocation (the safe way) stays, loudly."""
+    pytest.importorskip("privacy.audit")
+    state = node_state(tmp_path / "node", node_key)
+    if verb == "revoke":
+        pinning.Approvals(state).approve(SHA)
+    (state / "audit.jsonl").mkdir()  # the log cannot be appended to (as a full disk or a read-only file)
+    code, text = cli("app", verb, SHA, "--state-dir", state)
+    assert code == 1, text
+    assert "audit" in text and str(state / "audit.jsonl") in text and "fix:" in text, text
+    approved = list(pinning.Approvals(state).approved())
+    assert approved == [], approved  # approve: undone; revoke: kept
+    if verb == "approve":
+        assert "not approved" in text, text
+    else:
+        assert "revoked" in text, text
