@@ -19,8 +19,8 @@ from clients.energy import EnergyMeter
 from clients.node import JobRefused, NoTrainingData, handle_evaluate, handle_train, node_from_config
 from clients.clipping import central_clipping_mod
 from clients.replies import REFUSED, audit_reply  # noqa: F401 - REFUSED: the node's error codes live here
-from clients.secagg import (is_secagg_fit, masking_active, secagg_train, secure_aggregation_mod,
-                            unmasked_refusal)
+from clients.secagg import (is_secagg_fit, masking_active, plain_in_collect_refusal, secagg_train,
+                            secure_aggregation_mod, unmasked_refusal)
 from contract.tasks import (ARRAYS, CONFIG, EVAL_METRICS, METRICS, PERSONALISE_ACTION, PERSONALISE_METRICS,
                             TRAIN_METRICS)
 
@@ -101,6 +101,9 @@ def build_client_app(defaults: dict | None = None) -> ClientApp:
             return guarded(msg, context, lambda node: (None if masking_active() else unmasked_refusal(msg, node))
                            or secagg_train(msg, node, context, lambda m, n: train(m, n, audit=False),
                                            audit=lambda **f: node.audit("reply", **f)))
+        if masking_active():  # inside SecAgg+'s collect stage only the FitIns layout is masked: this one would
+            # train, then fail to mask (the masked reply never leaves): refused before training
+            return guarded(msg, context, lambda node: plain_in_collect_refusal(msg, node))
         return guarded(msg, context, lambda node: unmasked_refusal(msg, node) or train(msg, node))
 
     @capp.train(PERSONALISE_ACTION)

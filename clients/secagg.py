@@ -48,8 +48,9 @@ from flower_compat.secagg import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stag
 from flower_compat.secagg import recorddict_compat as compat
 
 from clients.replies import REFUSED, audit_reply, is_train
-from contract.keys import MAX_UPDATE_NORM, PARAM_NAMES_KEY
+from contract.keys import MAX_UPDATE_NORM, PARAM_NAMES_KEY, SECAGG_MIN_NEIGHBOURS, SECAGG_MOD_RANGE
 from privacy.policy import secagg_conflict
+from privacy.policy import shown_value as shown
 
 log = logging.getLogger("cityfed.node")
 
@@ -173,6 +174,22 @@ def _refuse(msg: Message, node, setting: str, reason: str, stage: str | None = N
     return Message(error, reply_to=msg)
 
 
+def plain_in_collect_refusal(msg: Message, node) -> Message:
+    """The node's answer to a plain-layout train message inside SecAgg+'s collect stage (audited).
+
+    Only the collect layout (a legacy ``FitIns``, :func:`secagg_train`) is masked by Flower's mod;
+    a plain message there would be trained, recorded as a reply and then fail to mask. It is
+    refused before training.
+    """
+    error = Error(code=SECAGG_ABORTED, reason=(
+        f"SecAgg+ aborted on this node in the {Stage.COLLECT_MASKED_VECTORS} stage: the train message is not in "
+        "the protocol's collect layout (fitins), so its update could not be masked; nothing was trained; this "
+        "node leaves the round"))
+    log.warning("%s", error.reason)
+    audit_reply(node, msg, error=error, stage=Stage.COLLECT_MASKED_VECTORS)
+    return Message(error, reply_to=msg)
+
+
 def unmasked_refusal(msg: Message, node) -> Message | None:
     """The node's refusal of a train message whose update would leave unmasked, or None if its policy allows it.
 
@@ -227,25 +244,43 @@ def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next, spec_of=N
     configs = msg.content.config_records[RECORD_KEY_CONFIGS]
     stage = str(configs.get(Key.STAGE, "?"))  # the mod pops it
     node = _node(spec_of, ctxt)
-    if node is not None and stage == Stage.SETUP:
-        shares, threshold = configs.get(Key.SHARE_NUMBER), configs.get(Key.THRESHOLD)
-        conflict = secagg_conflict(node.policy, secagg=True,
-                                   num_shares=int(shares) if isinstance(shares, int) else None,
-                                   threshold=int(threshold) if isinstance(threshold, int) else None)
-        if conflict:
-            ctxt.state.config_records.pop(RECORD_KEY_STATE, None)
-            return _refuse(msg, node, *conflict, stage=stage)
 
-    if stage == Stage.UNMASK:
+    def abort(what: str) -> Message:
+        ctxt.state.config_records.pop(RECORD_KEY_STATE, None)
+        named = stage if stage in (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK) \
+            else shown(stage)
+        reason = f"SecAgg+ aborted on this node in the {named} stage: {what}; this node leaves the round"
+        log.warning("%s (round %s)", reason, msg.metadata.group_id or "?")
+        error = Error(code=SECAGG_ABORTED, reason=reason)
+        if node is not None:
+            audit_reply(node, msg, error=error, stage=stage)
+        return Message(error, reply_to=msg)
+
+    if str(msg.metadata.message_type) != "train":  # Flower's mod masks type "train" only: another type
+        # (train.default, routed to the same handler) would pass through it and leave unmasked
+        return abort(f"a SecAgg+ message of type {shown(str(msg.metadata.message_type))}; the protocol runs "
+                     "on type 'train' only, which Flower's mod masks")
+    if stage == Stage.SETUP:
+        if node is not None:
+            shares, threshold = configs.get(Key.SHARE_NUMBER), configs.get(Key.THRESHOLD)
+            conflict = secagg_conflict(node.policy, secagg=True,
+                                       num_shares=int(shares) if isinstance(shares, int) else None,
+                                       threshold=int(threshold) if isinstance(threshold, int) else None)
+            if conflict:
+                ctxt.state.config_records.pop(RECORD_KEY_STATE, None)
+                return _refuse(msg, node, *conflict, stage=stage)
+        weak = setup_conflict(configs)
+        if weak:
+            return abort(weak)
+    elif stage == Stage.SHARE_KEYS:
+        few = share_keys_conflict(configs, msg.metadata.dst_node_id,
+                                  node.policy.min_secagg_num_shares if node is not None else None)
+        if few:
+            return abort(few)
+    elif stage == Stage.UNMASK:
         overlap = unmask_conflict(configs.get(Key.ACTIVE_NODE_ID_LIST, []), configs.get(Key.DEAD_NODE_ID_LIST, []))
         if overlap:
-            ctxt.state.config_records.pop(RECORD_KEY_STATE, None)
-            reason = f"SecAgg+ aborted on this node in the unmask stage: {overlap}; this node leaves the round"
-            log.warning("%s (round %s)", reason, msg.metadata.group_id or "?")
-            error = Error(code=SECAGG_ABORTED, reason=reason)
-            if node is not None:
-                audit_reply(node, msg, error=error, stage=stage)
-            return Message(error, reply_to=msg)
+            return abort(overlap)
 
     def handler(m: Message, c: Context) -> Message:
         try:
@@ -276,6 +311,9 @@ def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next, spec_of=N
         return Message(error, reply_to=msg)
     finally:
         _UNTIL_SENT.reset(token)
+    if stage == Stage.COLLECT_MASKED_VECTORS and not _only_masked(reply):  # defence in depth: nothing else leaves
+        waiting.clear()
+        return abort("the collect stage's reply holds something other than masked vectors (not sent)")
     try:
         for write in waiting:  # the masked update leaves: its records first (a failed write stops the reply)
             write()
@@ -285,6 +323,80 @@ def conditional_secaggplus_mod(msg: Message, ctxt: Context, call_next, spec_of=N
     if node is not None and stage != Stage.COLLECT_MASKED_VECTORS:  # collect: secagg_train recorded the masked update
         audit_reply(node, msg, stage=stage, **_stage_sent(stage, configs, reply))
     return reply
+
+
+def _number(value) -> float | None:
+    """``value`` as a float if it is a real number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def setup_conflict(configs) -> str | None:
+    """Why the setup stage's quantisation settings must be refused, or None (the node's own constants).
+
+    The coordinator chooses them and Flower's ``secaggplus_mod`` (1.42) checks only their types:
+
+    * ``mod_range`` must be :data:`contract.keys.SECAGG_MOD_RANGE` (2**32): masks are drawn below
+      it, so a modulus of 2 makes every mask 0 and the "masked" vector is the quantised update;
+    * ``target_range`` (the quantisation levels) an integer in (0, mod_range);
+    * ``clipping_range`` and ``max_weight`` finite and > 0.
+
+    Parameters
+    ----------
+    configs : mapping
+        The setup stage's ``secaggplus_configs`` record.
+    """
+    mod = configs.get(Key.MOD_RANGE)
+    if isinstance(mod, bool) or mod != SECAGG_MOD_RANGE:
+        return (f"{Key.MOD_RANGE} {shown(mod)} is not {SECAGG_MOD_RANGE} (2**32), the only modulus this node "
+                "masks with (a smaller one gives weaker masks: with 2 every mask is 0)")
+    target = configs.get(Key.TARGET_RANGE)
+    if isinstance(target, bool) or not isinstance(target, int) or not 0 < target < SECAGG_MOD_RANGE:
+        return f"{Key.TARGET_RANGE} {shown(target)} is not an integer in (0, 2**32)"
+    for key in (Key.CLIPPING_RANGE, Key.MAX_WEIGHT):
+        value = _number(configs.get(key))
+        if value is None or not math.isfinite(value) or value <= 0:
+            return f"{key} {shown(configs.get(key))} is not a finite number > 0"
+    return None
+
+
+def share_keys_conflict(configs, own_id: int, min_shares: int | None) -> str | None:
+    """Why the share-keys stage's neighbourhood is too small to mask with, or None.
+
+    The setup stage only *claims* ``secagg-num-shares``; the share-keys stage names the nodes
+    this node actually masks with (its pairwise masks). Flower's mod accepts as few as the
+    threshold, itself included: one neighbour at the default threshold 2. Refused below
+    ``max(SECAGG_MIN_NEIGHBOURS, min_secagg_num_shares - 1)`` neighbours (the policy's
+    "masks with that many - 1 neighbours").
+
+    Parameters
+    ----------
+    configs : mapping
+        The share-keys stage's ``secaggplus_configs`` record (node ID -> public keys, and the stage).
+    own_id : int
+        This node's ID.
+    min_shares : int or None
+        The node policy's ``min_secagg_num_shares`` (None: no policy known).
+    """
+    others = {str(k) for k in configs if k != Key.STAGE} - {str(own_id)}
+    need = max(SECAGG_MIN_NEIGHBOURS, (min_shares or 0) - 1)
+    if len(others) < need:
+        return (f"the coordinator named {len(others)} neighbour(s) to mask with, fewer than {need} "
+                f"(max({SECAGG_MIN_NEIGHBOURS}, policy min_secagg_num_shares {min_shares} - 1)); with too few "
+                "neighbours the masks could be removed")
+    return None
+
+
+def _only_masked(reply: Message) -> bool:
+    """Whether a collect-stage reply carries masked vectors and no array record (nothing in the clear)."""
+    if reply.has_error():
+        return True  # an error reply carries no update
+    content = reply.content
+    if any(len(rec) for rec in content.array_records.values()):
+        return False
+    configs = content.config_records.get(RECORD_KEY_CONFIGS)
+    return configs is not None and Key.MASKED_PARAMETERS in configs
 
 
 def unmask_conflict(active, dead) -> str | None:

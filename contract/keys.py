@@ -50,3 +50,15 @@ CENTRAL_CLAIM_KEYS = {"noise_multiplier": "central-noise-multiplier", "sample_ra
 JOB_KEYS = ("department", "task", "model", RUN_ID, SERVER_ROUND, "local-epochs", "batch-size", "lr", "optimizer", "dp",
             "clipping-norm", "num-rounds", "seed", "noise-multiplier", "target-epsilon", "proximal-mu",
             MAX_UPDATE_NORM, PARAM_NAMES_KEY, *PERSONALISE_KEYS, *CENTRAL_CLAIM_KEYS.values())
+
+
+#: SecAgg+'s modulus: masks are drawn uniformly below it, and the masked sum is taken modulo it.
+#: Flower's ``SecAggPlusWorkflow`` default; the coordinator sends it at the setup stage and a node
+#: accepts no other value (a modulus of 2 makes every mask 0, so the "masked" vector would be the
+#: node's quantised update in the clear).
+SECAGG_MOD_RANGE = 1 << 32
+#: The fewest neighbours a node masks its update with. Flower (1.42) folds each 32-byte mask seed
+#: to 32 bits, so with one neighbour the pairwise mask is one of 2**32 values, a search within
+#: reach of a coordinator that learns the node's own mask seed at the unmask stage (the protocol
+#: gives it that seed for a node whose vector arrived); with two, 2**64.
+SECAGG_MIN_NEIGHBOURS = 2

@@ -234,8 +234,10 @@ class PrivacyPolicy(BaseModel):
         description=(
             "SecAgg+ runs: the fewest shares of this node's mask secrets the coordinator may ask for (its "
             "secagg-num-shares: the node masks with that many - 1 neighbours; odd, as Flower requires). A run "
-            "asking for fewer is left at its setup stage, before any key or record is used. Neighbours that drop "
-            "out after setup make the neighbourhood smaller, never below the threshold."
+            "asking for fewer is left at its setup stage, before any key or record is used. The share-keys stage "
+            "must then name at least max(2, this - 1) other nodes, or the node leaves the round before training: "
+            "neighbours that drop out after setup (or a coordinator that names fewer) cannot shrink its masking "
+            "below that. The neighbours' keys come from the coordinator: nodes it registered itself count."
         ),
     )
     min_secagg_threshold: int = Field(
@@ -244,8 +246,8 @@ class PrivacyPolicy(BaseModel):
         le=1022,
         description=(
             "SecAgg+ runs: the fewest shares needed to reconstruct this node's secrets (the coordinator's "
-            "secagg-threshold; fewer colluding neighbours cannot unmask its update). A run with a lower "
-            "threshold is left at its setup stage."
+            "secagg-threshold; fewer colluding neighbours cannot unmask its update, against a coordinator that "
+            "follows the protocol). A run with a lower threshold is left at its setup stage."
         ),
     )
     central_max_clipping_norm: float | None = Field(

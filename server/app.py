@@ -156,7 +156,9 @@ class RunSettings(BaseModel):
     secagg: bool = Field(False, description="Aggregate train updates under Flower's SecAgg+: the coordinator only sees "
                                             "their weighted mean (fedavg, fedadam, fedyogi only; at least 3 nodes per round).")
     secagg_num_shares: int = Field(3, ge=3, le=1023, alias="secagg-num-shares",
-                                   description="SecAgg+ shares of each node's secrets = neighbours + 1 (odd).")
+                                   description="SecAgg+ shares of each node's secrets = neighbours + 1 (odd). A node "
+                                               "masks with at least 2 neighbours or leaves the round: under 3, a node "
+                                               "that drops out at setup takes its 2 neighbours with it; 5 survives it.")
     secagg_threshold: int = Field(2, ge=2, le=1022, alias="secagg-threshold",
                                   description="SecAgg+ shares needed to unmask (< secagg-num-shares); a round survives "
                                               "dropouts while each node keeps this many live neighbours.")

@@ -48,7 +48,7 @@ from flwr.serverapp.strategy import Strategy
 from flower_compat.secagg import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, GridClientProxy, Stage, WorkflowKey
 from flower_compat.secagg import recorddict_compat as compat
 
-from contract.keys import MAX_UPDATE_NORM, PARAM_NAMES_KEY, SERVER_ROUND
+from contract.keys import MAX_UPDATE_NORM, PARAM_NAMES_KEY, SECAGG_MOD_RANGE, SERVER_ROUND
 from server.grid import DeadlineGrid, Deadlines, RoundTimeout
 from server.strategy import GuardedStrategy, TooFewUpdates, aggregate_metrics
 
@@ -338,7 +338,8 @@ class SecAggStrategy(GuardedStrategy):
         check_settings({"secagg": True, "strategy": "fedavg", "secagg-num-shares": num_shares,
                         "secagg-threshold": threshold})
         self.workflow_args = dict(num_shares=int(num_shares), reconstruction_threshold=int(threshold),
-                                  clipping_range=float(clipping_range), max_weight=MAX_WEIGHT)
+                                  clipping_range=float(clipping_range), max_weight=MAX_WEIGHT,
+                                  modulus_range=SECAGG_MOD_RANGE)  # the only modulus a node accepts
         SecAggPlusWorkflow(**self.workflow_args)  # Flower's own parameter checks, before any round
         if self.min_accepted < MIN_SECAGG_NODES:
             log.info("secagg: min-accepted raised from %d to %d", self.min_accepted, MIN_SECAGG_NODES)

@@ -432,14 +432,17 @@ def _no_keyerror(res):
     assert "KeyError" not in text and "<class" not in text, text
 
 
-@pytest.mark.parametrize("stage", ["setup", "share_keys", "collect_masked_vectors", "unmask"])
-def test_secagg_survives_one_silent_node_in_any_stage(tmp_path, captured, stage):
+@pytest.mark.parametrize(("stage", "shares"), [("setup", 5), ("share_keys", 3), ("collect_masked_vectors", 3),
+                                              ("unmask", 3)])
+def test_secagg_survives_one_silent_node_in_any_stage(tmp_path, captured, stage, shares):
     # 4 hospitals, default settings (secagg-num-shares 3, threshold 2, round-timeout auto): node 2 stops
     # answering at `stage` of round 1. Before the fix a dropout before share-keys finished made the
-    # other nodes raise KeyError in the unmask stage and the protocol halted.
+    # other nodes raise KeyError in the unmask stage and the protocol halted. A dropout at setup
+    # leaves its neighbours fewer than 2 others to mask with under 3 shares (refused since
+    # 2026-12-06: test_a_setup_dropout_under_three_shares_...); with 5 shares each keeps 2.
     nodes = _nodes(tmp_path, eps=(8.0, 8.0, 8.0, 8.0))
     grid = ClockedGrid(client_app, nodes, silent={2: (1, stage)})
-    res = run_federation(grid, _cfg(tmp_path, **{"num-rounds": 1}), run_id="d")
+    res = run_federation(grid, _cfg(tmp_path, **{"num-rounds": 1, "secagg-num-shares": shares}), run_id="d")
     _no_keyerror(res)
     assert res["status"] == "completed", res["status"]
     train = res["rounds"][0]["train"]
@@ -457,6 +460,19 @@ def test_secagg_survives_one_silent_node_in_any_stage(tmp_path, captured, stage)
     _assert_round_is_mean(used[0]["global"], ckpt["arrays"], used)
     trained = {c["site"] for c in captured}
     assert (SITES[1] in trained) == (stage == "unmask")  # a node silent from the collect stage on never trained
+
+
+def test_a_setup_dropout_under_three_shares_stops_the_round_before_anyone_trains(tmp_path, captured):
+    # default shares (3) among 4 hospitals: node 2 silent at setup leaves nodes 1 and 3 one other
+    # node each to mask with, which they refuse (one 32-bit mask seed would hide the update); too
+    # few remain for min-accepted 3: the round stops cleanly, nobody trained or spent budget
+    nodes = _nodes(tmp_path, eps=(8.0, 8.0, 8.0, 8.0))
+    grid = ClockedGrid(client_app, nodes, silent={2: (1, "setup")})
+    res = run_federation(grid, _cfg(tmp_path, **{"num-rounds": 1}), run_id="d3")
+    _no_keyerror(res)
+    assert res["status"].startswith("stopped: round 1:"), res["status"]
+    assert "neighbour(s) to mask with, fewer than 2" in res["status"], res["status"]
+    assert captured == []  # nobody trained
 
 
 def test_secagg_three_nodes_one_gone_before_round_2_stops_cleanly_before_training(tmp_path, captured):

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import FitIns, ndarrays_to_parameters
 
 import clients.secagg as csecagg
@@ -175,3 +175,126 @@ def test_a_refusal_inside_the_collect_stage_is_audited_once(tmp_path):
     assert "arrays" not in entry
     assert PrivacyLedger(nodes[0]["ledger"]).releases(nodes[0]["site"]) == []  # refused before training
     assert PrivacyLedger(nodes[0]["ledger"]).counts() == []  # refused outright: no record count released either
+
+
+# --------------------------------------------------------------------------- a hostile coordinator's
+# SecAgg+ messages (independent review of 2026-12-06): each must leave no individual update behind.
+
+
+def _dp_sgd_rows(node: dict) -> int:
+    return sum(r["mechanism"] == "dp-sgd" for r in PrivacyLedger(node["ledger"]).releases())
+
+
+def _sent_arrays(reply: Message) -> int:
+    return 0 if reply.has_error() else sum(len(rec) for rec in reply.content.array_records.values())
+
+
+def _masked_audits(node: dict) -> list[dict]:
+    return [e["data"] for e in _entries(node) if e["kind"] == "reply"
+            and any(a.get("masked") for a in e["data"].get("arrays", []))]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("required", [True, False], ids=["secagg-required", "secagg-optional"])
+@pytest.mark.parametrize("stage", [Stage.COLLECT_MASKED_VECTORS, Stage.SETUP])
+def test_a_secagg_message_of_another_type_never_sends_an_update(tmp_path, required, stage):
+    """Flower's secaggplus_mod masks only type ``train``; ``train.default`` reaches the same handler unmasked."""
+    set_task_identity(1, 0, 1)
+    (node,) = health_nodes(tmp_path, (8.0,))
+    node["audit-log"] = str(tmp_path / "audit.jsonl")
+    if required:
+        with open(node["policy"], "a") as fh:
+            fh.write("require_secure_aggregation = true\n")
+    ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    content = _fitins()
+    content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord({Key.STAGE: stage})
+    reply = client_app(Message(content, dst_node_id=1, message_type="train.default", group_id="1"), ctx)
+    assert reply.has_error() and reply.error.code in (REFUSED, csecagg.SECAGG_ABORTED), reply
+    assert "train.default" in reply.error.reason, reply.error.reason
+    assert _dp_sgd_rows(node) == 0  # refused before training
+    assert _masked_audits(node) == []  # and never recorded as a masked update
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("field", "value"), [
+    (Key.MOD_RANGE, 2), (Key.MOD_RANGE, 3), (Key.MOD_RANGE, 1 << 16), (Key.MOD_RANGE, (1 << 32) - 1),
+    (Key.TARGET_RANGE, 0), (Key.TARGET_RANGE, -5), (Key.TARGET_RANGE, 1 << 32),
+    (Key.CLIPPING_RANGE, 0.0), (Key.CLIPPING_RANGE, -1.0), (Key.CLIPPING_RANGE, float("nan")),
+    (Key.CLIPPING_RANGE, float("inf")), (Key.MAX_WEIGHT, 0.0), (Key.MAX_WEIGHT, float("nan")),
+])
+@pytest.mark.parametrize("required", [True, False], ids=["secagg-required", "secagg-optional"])
+def test_setup_with_a_weak_modulus_or_bad_quantisation_is_refused(tmp_path, field, value, required):
+    """A modulus of 2 makes every mask 0: the "masked" vector was the quantised update in the clear."""
+    set_task_identity(1, 0, 1)
+    (node,) = health_nodes(tmp_path, (8.0,))
+    node["audit-log"] = str(tmp_path / "audit.jsonl")
+    if required:
+        with open(node["policy"], "a") as fh:
+            fh.write("require_secure_aggregation = true\n")
+    ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    setup = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2,
+             Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 1 << 22, Key.MOD_RANGE: 1 << 32, Key.MAX_WEIGHT: MAX_WEIGHT}
+    reply = _send(ctx, 1, {**setup, field: value})
+    assert reply.has_error() and reply.error.code in (REFUSED, csecagg.SECAGG_ABORTED), reply
+    assert field in reply.error.reason, reply.error.reason
+    assert RECORD_KEY_STATE not in ctx.state.config_records  # no keys kept for a later stage
+    assert any(e["kind"] == "reply" and e["data"].get("error_code") for e in _entries(node))
+    # the sound setup still passes
+    ok = _send(Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}), 1, setup)
+    assert not ok.has_error(), ok.error
+
+
+@pytest.mark.timeout(180)
+def test_share_keys_with_fewer_neighbours_than_the_policy_is_refused(tmp_path):
+    """Setup says 3 shares; share-keys then names one neighbour: with one, a 32-bit mask seed is all that hides it."""
+    set_task_identity(1, 0, 1)
+    nodes = health_nodes(tmp_path, (8.0, 8.0))
+    for node in nodes:
+        node["audit-log"] = str(tmp_path / f"{node['site']}.audit.jsonl")
+    ctxs = {nid: Context(run_id=1, node_id=nid, node_config=node, state=RecordDict(), run_config={})
+            for nid, node in zip((1, 2), nodes)}
+    keys = {}
+    for nid, ctx in ctxs.items():  # the setup claims 3 shares (the policy minimum)
+        reply = _send(ctx, nid, {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3,
+                                 Key.THRESHOLD: 2, Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 1 << 22,
+                                 Key.MOD_RANGE: 1 << 32, Key.MAX_WEIGHT: MAX_WEIGHT})
+        assert not reply.has_error(), reply.error
+        sent = reply.content.config_records[RECORD_KEY_CONFIGS]
+        keys[str(nid)] = [sent[Key.PUBLIC_KEY_1], sent[Key.PUBLIC_KEY_2]]
+    reply = _send(ctxs[1], 1, {Key.STAGE: Stage.SHARE_KEYS, **keys})  # itself and one neighbour
+    assert reply.has_error() and reply.error.code in (REFUSED, csecagg.SECAGG_ABORTED), reply
+    assert "neighbour" in reply.error.reason and "min_secagg_num_shares" in reply.error.reason, reply.error.reason
+    assert RECORD_KEY_STATE not in ctxs[1].state.config_records
+    reply = _collect(ctxs[1], [])  # a collect after it finds no protocol state: nothing is trained
+    assert reply.has_error() and _dp_sgd_rows(nodes[0]) == 0, reply
+
+
+@pytest.mark.timeout(180)
+def test_a_plain_layout_in_the_collect_stage_is_refused_before_training(tmp_path):
+    """Inside the collect stage only the FitIns layout is masked; a plain message trained, audited a reply, then aborted."""
+    nodes, ctxs, inbox = _up_to_collect(tmp_path)
+    from citydata import load_department
+    from shared_models import build_model, default_model_config
+
+    torch.manual_seed(0)
+    model = build_model(default_model_config(load_department("health").schema))
+    content = RecordDict()
+    content.array_records["arrays"] = ArrayRecord(model.state_dict())
+    content.config_records["config"] = ConfigRecord(dict(_fitins().config_records["fitins.config"]))
+    srcs, cts = [s for s, _ in inbox[1]], [c for _, c in inbox[1]]
+    reply = _send(ctxs[1], 1, {Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.SOURCE_LIST: srcs,
+                               Key.CIPHERTEXT_LIST: cts}, content)
+    assert reply.has_error(), reply
+    assert _dp_sgd_rows(nodes[0]) == 0
+    assert not [e for e in _collect_replies(nodes[0]) if e.get("arrays")]  # no reply recorded that never left
+
+
+@pytest.mark.timeout(180)
+def test_a_collect_reply_without_masked_vectors_never_leaves(tmp_path, monkeypatch):
+    """Defence in depth: whatever Flower's mod returns from the collect stage must carry masked vectors only."""
+    nodes, ctxs, inbox = _up_to_collect(tmp_path)
+    monkeypatch.setattr(csecagg, "secaggplus_mod", lambda msg, ctxt, call_next: call_next(msg, ctxt))
+    reply = _collect(ctxs[1], inbox[1])
+    assert reply.has_error() and reply.error.code == csecagg.SECAGG_ABORTED, reply
+    assert _sent_arrays(reply) == 0
+    assert _masked_audits(nodes[0]) == []
