@@ -194,18 +194,23 @@ def _masked_audits(node: dict) -> list[dict]:
             and any(a.get("masked") for a in e["data"].get("arrays", []))]
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("required", [True, False], ids=["secagg-required", "secagg-optional"])
-@pytest.mark.parametrize("stage", [Stage.COLLECT_MASKED_VECTORS, Stage.SETUP])
-def test_a_secagg_message_of_another_type_never_sends_an_update(tmp_path, required, stage):
-    """Flower's secaggplus_mod masks only type ``train``; ``train.default`` reaches the same handler unmasked."""
+def _one_node(tmp_path, required: bool) -> tuple[dict, Context]:
+    """One hospital node (its policy requiring SecAgg+ or not) and a fresh context."""
     set_task_identity(1, 0, 1)
     (node,) = health_nodes(tmp_path, (8.0,))
     node["audit-log"] = str(tmp_path / "audit.jsonl")
     if required:
         with open(node["policy"], "a") as fh:
             fh.write("require_secure_aggregation = true\n")
-    ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    return node, Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("required", [True, False], ids=["secagg-required", "secagg-optional"])
+@pytest.mark.parametrize("stage", [Stage.COLLECT_MASKED_VECTORS, Stage.SETUP])
+def test_a_secagg_message_of_another_type_never_sends_an_update(tmp_path, required, stage):
+    """Flower's secaggplus_mod masks only type ``train``; ``train.default`` reaches the same handler unmasked."""
+    node, ctx = _one_node(tmp_path, required)
     content = _fitins()
     content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord({Key.STAGE: stage})
     reply = client_app(Message(content, dst_node_id=1, message_type="train.default", group_id="1"), ctx)
@@ -225,13 +230,7 @@ def test_a_secagg_message_of_another_type_never_sends_an_update(tmp_path, requir
 @pytest.mark.parametrize("required", [True, False], ids=["secagg-required", "secagg-optional"])
 def test_setup_with_a_weak_modulus_or_bad_quantisation_is_refused(tmp_path, field, value, required):
     """A modulus of 2 makes every mask 0: the "masked" vector was the quantised update in the clear."""
-    set_task_identity(1, 0, 1)
-    (node,) = health_nodes(tmp_path, (8.0,))
-    node["audit-log"] = str(tmp_path / "audit.jsonl")
-    if required:
-        with open(node["policy"], "a") as fh:
-            fh.write("require_secure_aggregation = true\n")
-    ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    node, ctx = _one_node(tmp_path, required)
     setup = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2,
              Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 1 << 22, Key.MOD_RANGE: 1 << 32, Key.MAX_WEIGHT: MAX_WEIGHT}
     reply = _send(ctx, 1, {**setup, field: value})
