@@ -379,7 +379,14 @@ def share_keys_conflict(configs, own_id: int, min_shares: int | None) -> str | N
     min_shares : int or None
         The node policy's ``min_secagg_num_shares`` (None: no policy known).
     """
-    others = {str(k) for k in configs if k != Key.STAGE} - {str(own_id)}
+    ids = set()
+    for key in configs:
+        if key != Key.STAGE:
+            try:
+                ids.add(int(key))  # as Flower's mod reads them: "01" and "1" are one node
+            except (TypeError, ValueError):
+                continue  # Flower's mod refuses the stage itself
+    others = ids - {int(own_id)}
     need = max(SECAGG_MIN_NEIGHBOURS, (min_shares or 0) - 1)
     if len(others) < need:
         return (f"the coordinator named {len(others)} neighbour(s) to mask with, fewer than {need} "

@@ -260,7 +260,8 @@ def test_share_keys_with_fewer_neighbours_than_the_policy_is_refused(tmp_path):
         assert not reply.has_error(), reply.error
         sent = reply.content.config_records[RECORD_KEY_CONFIGS]
         keys[str(nid)] = [sent[Key.PUBLIC_KEY_1], sent[Key.PUBLIC_KEY_2]]
-    reply = _send(ctxs[1], 1, {Key.STAGE: Stage.SHARE_KEYS, **keys})  # itself and one neighbour
+    reply = _send(ctxs[1], 1, {Key.STAGE: Stage.SHARE_KEYS, **keys, "01": keys["1"], "+2": keys["2"]})
+    # itself and one neighbour, each named twice (Flower's mod reads "01" as node 1)
     assert reply.has_error() and reply.error.code in (REFUSED, csecagg.SECAGG_ABORTED), reply
     assert "neighbour" in reply.error.reason and "min_secagg_num_shares" in reply.error.reason, reply.error.reason
     assert RECORD_KEY_STATE not in ctxs[1].state.config_records
