@@ -1740,7 +1740,12 @@ def approve_cmd(
     try:
         _audit(home, "app-approved", signer, **{"fab-sha256": digest, "by": pinning._user()})
     except pinning.PinningError as exc:  # an approval is never left in force without its entry
-        pinning.Approvals(home).revoke(digest)
+        try:
+            pinning.Approvals(home).revoke(digest)
+        except Exception as undo:  # noqa: BLE001 - said in words: the operator must revoke it
+            _err().print(f"[red]approved without an audit entry[/] {digest}: {escape(str(exc))}; undoing the approval "
+                         f"failed too ({escape(str(undo))}); fix: free the disk, then `fl-client app revoke {digest}`")
+            raise typer.Exit(1) from None
         _err().print(f"[red]not approved[/] {digest}: {escape(str(exc))}; the approval was undone")
         raise typer.Exit(1) from None
     _out().print(f"[green]approved[/] {digest}: this node runs that app bundle from its next task")

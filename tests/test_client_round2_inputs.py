@@ -310,3 +310,18 @@ def test_a_decision_whose_audit_entry_cannot_be_written_is_not_silent(home, tmp_
         assert "not approved" in text, text
     else:
         assert "revoked" in text, text
+
+
+def test_an_approval_that_cannot_be_undone_says_so_and_how_to_revoke(home, tmp_path, node_key, monkeypatch):
+    pytest.importorskip("privacy.audit")
+    state = node_state(tmp_path / "node", node_key)
+    (state / "audit.jsonl").mkdir()  # the entry cannot be written ...
+
+    def full_disk(self, digest):  # ... nor the undo
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pinning.Approvals, "revoke", full_disk)
+    code, text = cli("app", "approve", SHA, "--state-dir", state)
+    assert code == 1, text
+    assert "approved without an audit entry" in text and "No space left" in text, text
+    assert f"fl-client app revoke {SHA}" in text and "Traceback" not in text, text
