@@ -109,7 +109,9 @@ class RunSettings(BaseModel):
                                                  "declines, and the run is scored on central-data.")
     min_nodes: int = Field(1, ge=1, le=MAX_NODES, alias="min-nodes", description="Nodes that must be connected before a round starts.")
     min_accepted: int = Field(1, ge=1, le=MAX_NODES, alias="min-accepted",
-                              description="A round with fewer acceptable updates ends the run cleanly.")
+                              description="A round with fewer acceptable updates ends the run cleanly. min-nodes is "
+                                          "raised to it: a round waits (within its deadline) for that many "
+                                          "connected nodes and samples at least as many.")
     max_update_norm: float = Field(1e3, gt=0, alias="max-update-norm",
                                    description="Replies whose update L2 norm exceeds this are excluded.")
     round_timeout: float | str = Field(

@@ -344,9 +344,7 @@ class SecAggStrategy(GuardedStrategy):
         if self.min_accepted < MIN_SECAGG_NODES:
             log.info("secagg: min-accepted raised from %d to %d", self.min_accepted, MIN_SECAGG_NODES)
             self.min_accepted = MIN_SECAGG_NODES
-        for attr in ("min_train_nodes", "min_available_nodes"):
-            if getattr(inner, attr, MIN_SECAGG_NODES) < MIN_SECAGG_NODES:
-                setattr(inner, attr, MIN_SECAGG_NODES)
+        self.raise_node_minimums(self.min_accepted)
         self._pending: tuple[Grid, list[int], dict] | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

@@ -182,7 +182,8 @@ class GuardedStrategy(Strategy):
         ``on_round(entry)`` after each round's evaluation (progress display).
     min_accepted : int
         A round with fewer acceptable updates ends the run cleanly (:class:`TooFewUpdates`)
-        after logging why and checkpointing.
+        after logging why and checkpointing. The inner strategy's ``min_train_nodes`` and
+        ``min_available_nodes`` are raised to it: a round waits for that many connected nodes.
     round_timeout : float or str, optional
         The run config's ``round-timeout`` (seconds, or ``"auto"``: deadlines from measured
         reply times, :class:`server.grid.RoundTimeout`); None: the ``timeout`` given to
@@ -211,6 +212,19 @@ class GuardedStrategy(Strategy):
         self.history.setdefault("dropped", [])
         self._grid: DeadlineGrid | None = None
         self._eval_skipped: str | None = None
+        self.raise_node_minimums(self.min_accepted)
+
+    def raise_node_minimums(self, least: int) -> None:
+        """Raise the inner strategy's minimum train/available nodes to ``least`` (logged).
+
+        A round that trained fewer nodes than ``min_accepted`` could only end the run: it
+        waits (within its deadline) for that many connected nodes, and samples at least as many.
+        """
+        for attr in ("min_train_nodes", "min_available_nodes"):
+            now = getattr(self.inner, attr, None)
+            if now is not None and int(now) < least:
+                log.info("%s raised from %d to %d (min-accepted)", attr.replace("_", "-"), int(now), least)
+                setattr(self.inner, attr, least)
 
     def _start(self, phase: str) -> None:
         self._started[phase] = (time.monotonic(), time.time())

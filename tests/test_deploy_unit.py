@@ -1165,15 +1165,17 @@ def test_a_run_that_stops_on_too_few_updates_gets_results_and_report(tmp_path):
     from simulations.inprocess import InProcessGrid
 
     policy = POLICY.read_text()
+    assert "max_epsilon = 8.0" in policy
     nodes = []
-    for site in ("Cleveland", "Hungary"):
+    for site in ("Cleveland", "Hungary", "Switzerland"):
         pol = tmp_path / f"{site}.toml"
-        pol.write_text(policy)
+        # Hungary's lifetime budget is below the run's target: it refuses, 2 acceptable updates < 3
+        pol.write_text(policy.replace("max_epsilon = 8.0", "max_epsilon = 1.0") if site == "Hungary" else policy)
         nodes.append({"department": "health", "site": site, "policy": str(pol), "ledger": str(tmp_path / f"{site}.sqlite")})
     run_dir = tmp_path / "run"
-    cfg = {"department": "health", "num-rounds": 2, "min-accepted": 3, "run-dir": str(run_dir)}  # 2 nodes < 3
+    cfg = {"department": "health", "num-rounds": 2, "min-accepted": 3, "run-dir": str(run_dir)}
     res = run_federation(InProcessGrid(client_app, nodes), cfg, run_id="few")
-    assert res["status"].startswith("stopped:")
+    assert res["status"].startswith("stopped: round 1: 2 acceptable update(s), fewer than min-accepted=3"), res["status"]
     page = (run_dir / "report.html").read_text()
     assert (run_dir / "metric.png").exists() and (run_dir / "epsilon.png").exists()
     assert "stopped:" in page and json.loads((run_dir / "results.json").read_text())["status"] == res["status"]
@@ -1260,3 +1262,37 @@ def test_node_log_written_to_a_file_has_no_colour_codes(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stderr", out)
     sup._pump(io.StringIO("\x1b[92mINFO 2026-12-05 08:00:00,000\x1b[0m:      SuperNode ID: 42\n"))
     assert out.getvalue() == "INFO 2026-12-05 08:00:00,000:      SuperNode ID: 42\n" and sup.joined.is_set()
+
+
+def test_a_round_waits_for_min_accepted_nodes_before_it_starts(tmp_path):
+    """``-c min-accepted=3`` with the default ``min-nodes = 1``: round 1 started as soon as the first
+    node had connected, got its one update and ended the run ("fewer than min-accepted"), though
+    the other two nodes connected a moment later. A round now waits (within its deadline) for as
+    many connected nodes as it must accept, and samples at least that many."""
+    from clients.app import app as client_app
+    from server.app import run_federation
+    from simulations.inprocess import InProcessGrid
+
+    class LateNodes(InProcessGrid):
+        """Node 1 is connected at once; nodes 2 and 3 connect 1.5 s after the coordinator first looks."""
+
+        first: float | None = None
+
+        def get_node_ids(self):
+            now = time.monotonic()
+            self.first = self.first if self.first is not None else now
+            ids = list(super().get_node_ids())
+            return ids if now - self.first >= 1.5 else ids[:1]
+
+    policy = POLICY.read_text()
+    nodes = []
+    for site in ("Cleveland", "Hungary", "Switzerland"):
+        pol = tmp_path / f"{site}.toml"
+        pol.write_text(policy)
+        nodes.append({"department": "health", "site": site, "policy": str(pol), "ledger": str(tmp_path / f"{site}.sqlite")})
+    run_dir = tmp_path / "run"
+    cfg = {"department": "health", "num-rounds": 1, "min-accepted": 3, "run-dir": str(run_dir)}  # min-nodes: default 1
+    res = run_federation(LateNodes(client_app, nodes), cfg, run_id="late")
+    assert res["status"] == "completed", res["status"]
+    assert len(res["rounds"][0]["train"]["nodes"]) == 3, res["rounds"][0]["train"]
+    assert res["config"]["min-nodes"] == 3, res["config"]  # what the run used, as recorded
