@@ -659,7 +659,8 @@ def coerce_column(frame: pd.DataFrame, col: Column, path, date_format: str | Non
 
 #: What a column holds when it is not numbers or text: kind -> words for a message.
 _KIND_WORDS = {"datetime": "dates/times", "timedelta": "durations", "bool": "true/false values", "date": "dates",
-               "time": "times of day", "bytes": "binary values"}
+               "time": "times of day", "bytes": "binary values",
+               "nested": "several values per cell (a Parquet list, struct or map column)"}
 #: The kinds each documented dtype accepts (the others are refused naming the column's type).
 _ACCEPTED_KINDS = {"float": (), "int": (), "datetime": ("datetime",), "bool": ("bool",), "category": ()}
 _INFERRED_KIND = {"date": "date", "datetime": "datetime", "datetime64": "datetime", "timedelta": "timedelta",
@@ -668,7 +669,8 @@ _INFERRED_KIND = {"date": "date", "datetime": "datetime", "datetime64": "datetim
 
 def _stored_kind(s: pd.Series, scan: bool = False) -> tuple[str, str] | None:
     """``(kind, type name)`` of a column holding dates/times, durations or booleans (its dtype: a Parquet
-    column's type, or a CSV column of TRUE/FALSE); ``None`` for numbers and text.
+    column's type, or a CSV column of TRUE/FALSE), or ``("nested", ...)`` for lists/records in a cell (a Parquet
+    list, struct or map column); ``None`` for numbers and text.
 
     ``scan``: also look at the values of a text (object) column (a Parquet date or binary column reads as
     Python objects); slower, so only on an error path. Only type names are returned, never values.
@@ -680,6 +682,10 @@ def _stored_kind(s: pd.Series, scan: bool = False) -> tuple[str, str] | None:
         return "timedelta", str(dt)
     if pd.api.types.is_bool_dtype(dt):
         return "bool", str(dt)
+    if dt == object:  # a Parquet list/struct/map column reads as arrays/dicts; its type is the same in every row
+        first = next((v for v in s if v is not None and not (isinstance(v, float) and v != v)), None)
+        if isinstance(first, (list, tuple, dict, set, np.ndarray)):
+            return "nested", type(first).__name__
     if scan and dt == object:
         inferred = pd.api.types.infer_dtype(s, skipna=True)
         if inferred in _INFERRED_KIND:
@@ -1093,6 +1099,36 @@ class DepartmentDataset(abc.ABC):
         """Site names, in a stable order."""
         return list(self._site_keys)
 
+    def site_choices(self, site: str) -> str:
+        """What a message about an unknown ``site`` may say about the sites there are.
+
+        The bundled (public) data's sites are listed. An operator's own file's are not: its
+        site column is read from the records, and with the wrong column mapped as the site
+        column the list would be record values. Then only their count, the column and a close
+        match to the name asked for (``did you mean``) are given.
+
+        Parameters
+        ----------
+        site : str
+            The name asked for.
+
+        Returns
+        -------
+        str
+            E.g. ``"valid sites: Cleveland, Hungary"`` or ``"its site column 'dataset' holds 4
+            distinct value(s), not listed here (...); did you mean 'Cleveland'?"``.
+        """
+        if self.path is None:
+            return f"valid sites: {', '.join(self.sites)}"
+        import difflib
+
+        close = difflib.get_close_matches(str(site), self.sites, n=1, cutoff=0.8)
+        if not close:
+            close = [s for s in self.sites if s.casefold() == str(site).casefold()][:1]
+        return (f"its site column {shown_name(self.schema.site_column)} holds {len(self.sites)} distinct value(s), "
+                "not listed here (they are read from the records, and a wrong column mapped as the site column "
+                "would list record values)" + (f"; did you mean {shown_name(close[0])}?" if close else ""))
+
     def site_data(self, site: str) -> SiteData:
         """Train/test arrays of one site (computed once, then cached).
 
@@ -1107,7 +1143,7 @@ class DepartmentDataset(abc.ABC):
             For an unknown site (the message lists the valid ones).
         """
         if site not in self._site_keys:
-            raise ValueError(f"unknown {self.department} site {site!r}; valid sites: {', '.join(self.sites)}")
+            raise ValueError(f"unknown {self.department} site {shown_name(site)}; {self.site_choices(site)}")
         if site not in self._cache:
             key = self._site_keys[site]
             records = self._frame[self._frame[self.schema.site_column] == key]
@@ -1182,8 +1218,8 @@ class DepartmentDataset(abc.ABC):
         if sites is not None:
             unknown = [s for s in sites if s not in self._site_keys]
             if unknown:
-                raise ValueError(f"unknown {self.department} site(s) {', '.join(map(repr, unknown))}; "
-                                 f"valid sites: {', '.join(self.sites)}")
+                raise ValueError(f"unknown {self.department} site(s) {', '.join(map(shown_name, unknown))}; "
+                                 f"{self.site_choices(unknown[0])}")
             frame = frame[frame[self.schema.site_column].isin([self._site_keys[s] for s in sites])]
         frame = _whole_number_columns(frame, self.schema)
         if suffix not in (".csv", ".parquet", ".pq"):

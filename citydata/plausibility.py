@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from contract.text_files import BOM_FIX, UTF8_BOM
+from contract.text_files import BOM_FIX, UTF8_BOM, load_toml
 
 __all__ = ["ACTIONS", "RANGES_ENV", "Range", "load_ranges", "resolve_ranges"]
 
@@ -193,7 +193,7 @@ def load_ranges(path: str | os.PathLike) -> tuple[str, dict]:
     if raw.startswith(UTF8_BOM):  # refused, as fl-client refuses a policy file with one
         raise _bad(p, "the file starts with a byte-order mark (BOM), which TOML does not allow", BOM_FIX)
     try:
-        return str(p), tomllib.loads(raw.decode("utf-8"))
+        return str(p), load_toml(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise _bad(p, "not UTF-8 text", "save the ranges file as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:

@@ -416,7 +416,7 @@ def check_key(path: Path) -> str:
         raise SetupError(f"--key {path}: Flower accepts only ECDSA NIST-curve keys; fix: {fix}")
     mode = Path(path).stat().st_mode & 0o077
     if mode:
-        Console(stderr=True).print(f"[yellow]warning:[/] {escape(str(path))} is readable by other users; "
+        Console(stderr=True, emoji=False).print(f"[yellow]warning:[/] {escape(str(path))} is readable by other users; "
                                    f"fix: chmod 600 {escape(shlex.quote(str(path)))}")
     return ssh_fingerprint(key.public_key())
 
@@ -525,7 +525,7 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
     import warnings
 
     from citydata import load_department
-    from citydata.base import DataFileError, DataQualityWarning, path_kind
+    from citydata.base import DataFileError, DataQualityWarning, path_kind, shown_name
     from citydata.timestamps import DATE_FORMAT_FIX, check_date_format
 
     try:
@@ -549,8 +549,9 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
         try:
             ds = load_department(department, path, date_format=date_format, ranges=ranges)
             if site not in ds.sites:
-                raise SetupError(f"--site {site!r} is not in --data {data} (sites in the file: {', '.join(ds.sites)}); "
-                                 "fix: pass one of those, or the file holding this site's records")
+                raise SetupError(f"--site {shown_name(site)} is not in --data {data} ({ds.site_choices(site)}); "
+                                 f"fix: pass the site as the file's {shown_name(ds.schema.site_column)} column writes "
+                                 "it, or the file holding this site's records")
             sd = ds.site_data(site)  # the node's own call: split, scalers, windows, size and finiteness checks
             train, _test = sd.train.tensors(), sd.test.tensors()
         except DataFileError as exc:
@@ -1089,7 +1090,7 @@ class Supervisor:
         self.launch = launch
         self.max_restarts, self.backoff, self.backoff_max, self.stable_s = max_restarts, backoff, backoff_max, stable_s
         self.online_grace_s, self.stop_grace_s = online_grace_s, stop_grace_s
-        self.console = console or Console(stderr=True, highlight=False)
+        self.console = console or Console(stderr=True, highlight=False, emoji=False)
         self.child: subprocess.Popen | None = None
         self.stopping = threading.Event()
         self.refused = threading.Event()

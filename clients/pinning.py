@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from contract.text_files import load_toml
+
 #: Packages of the cityfed release that a FAB ships (pyproject ``fab-include``).
 RELEASE_PACKAGES = ("server", "clients", "citydata", "contract", "flower_compat", "privacy", "shared_models")
 #: The release's ``[tool.flwr.app.components]``.
@@ -293,7 +295,7 @@ def _kind(name: str) -> str:
 
 def _check_pyproject(data: bytes) -> list[Finding]:
     try:
-        config = tomllib.loads(data.decode("utf-8"))
+        config = load_toml(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         return [Finding(PYPROJECT, "invalid", f"not valid TOML: {exc}")]
     components = config
@@ -729,7 +731,11 @@ def admit_fab(content: bytes, *, announced: str | None = None, run_id=None, home
     except PinningError as exc:
         _note(str(exc))
         manifest = None
-    verdict = check_fab(content, manifest, approved, announced)
+    try:
+        verdict = check_fab(content, manifest, approved, announced)
+    except Exception as exc:  # noqa: BLE001 - a check that fails refuses, and the FAB is still kept and audited
+        verdict = Verdict(sha256(content), False, "",
+                          (Finding("<FAB>", "check failed", f"the node's check raised {type(exc).__name__}"),))
     run = None if run_id is None else str(run_id)
     if verdict.accepted:
         seen = (run, verdict.sha256, verdict.rule)

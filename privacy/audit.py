@@ -502,7 +502,7 @@ class AuditLog:
                 obj = json.loads(line)
                 if not isinstance(obj, dict):
                     raise ValueError("not an object")
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise AuditError(f"audit log {self.path}, line {i}: not a JSON entry; fix: run `audit verify` "
                                  "(the log was damaged or edited)") from None
             out.append(obj)
@@ -611,6 +611,9 @@ def verify(path: str | os.PathLike, *, public_key_path: str | os.PathLike | None
             e = json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
         except (ValueError, UnicodeDecodeError) as exc:
             return bad(i - 1, i, f"entry seq {i} (line {i}) is not valid JSON ({str(exc)[:80]}): the line was edited or damaged")
+        except RecursionError:
+            return bad(i - 1, i, f"entry seq {i} (line {i}) is not valid JSON (nested too deeply): the line was edited "
+                                 "or damaged")
         if not isinstance(e, dict):
             return bad(i - 1, i, f"entry seq {i} (line {i}) is not a JSON object: the line was edited")
         keys = set(e)

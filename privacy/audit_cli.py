@@ -20,6 +20,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from contract.text_files import printable
 from privacy.safe_cli import make_console
 from rich.markup import escape
 from rich.table import Table
@@ -161,7 +162,7 @@ def make_audit_app(role: str, default_log: Callable[[], Path],
         if res.first_bad is not None:
             line = _line(path, res.first_bad)
             if line is not None:
-                _err().print(f"first broken entry (line {res.first_bad}): {escape(line)}")
+                _err().print(f"first broken entry (line {res.first_bad}): {escape(printable(line))}")
         raise typer.Exit(1)
 
     @command("show")

@@ -40,7 +40,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from contract.text_files import BOM_FIX, UTF8_BOM
+from contract.text_files import BOM_FIX, UTF8_BOM, load_toml
 from privacy.ledger import PrivacyLedger, Release
 
 __all__ = [
@@ -512,7 +512,7 @@ def parse_policy(text: str, source: str = "<string>") -> PrivacyPolicy:
         problem: file, dotted field, what is wrong, the value found, and a fix).
     """
     try:
-        data = tomllib.loads(text)
+        data = load_toml(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(
             f"{source}: not valid TOML: {exc}. Fix: correct the syntax at that line/column "

@@ -51,7 +51,8 @@ def make_console(stderr: bool = False, **kwargs) -> "Console":
 
     stream = sys.stderr if stderr else sys.stdout
     width = None if os.environ.get("COLUMNS") or (hasattr(stream, "isatty") and stream.isatty()) else PIPE_WIDTH
-    return Console(**{"stderr": stderr, "highlight": False, "soft_wrap": True, "width": width, **kwargs})
+    # emoji=False: rich reads ":CD:" in a fingerprint (AA:CD:EF) as an emoji code and prints a CD emoji
+    return Console(**{"stderr": stderr, "highlight": False, "soft_wrap": True, "width": width, "emoji": False, **kwargs})
 
 
 def _own(exc: BaseException) -> bool:

@@ -253,13 +253,35 @@ def read_checkpoint(path: Path) -> dict:
     if meta is None:
         raise ArtefactError(f"{path}: a safetensors file without cityfed checkpoint metadata "
                             f"(key {_META_KEY!r}); it is not a cityfed checkpoint")
-    meta = json.loads(meta)
+    damaged = (f"{path}: damaged checkpoint metadata (key {_META_KEY!r}: {{}}); start a new run (or restore the "
+               "file from a copy)")
+    try:
+        meta = json.loads(meta)
+    except RecursionError:
+        raise ArtefactError(damaged.format("nested too deeply to read")) from None
+    except ValueError as exc:
+        raise ArtefactError(damaged.format(f"not JSON: {type(exc).__name__}")) from None
+    if not isinstance(meta, dict):
+        raise ArtefactError(damaged.format(f"a JSON {type(meta).__name__}, not an object"))
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ArtefactError(f"{path}: checkpoint format {meta.get('format')!r}, this cityfed reads format "
+        raise ArtefactError(f"{path}: checkpoint format {_shown(meta.get('format'))}, this cityfed reads format "
                             f"{CHECKPOINT_FORMAT}; finish the run with the version that wrote it or start a new run")
-    blob = _decode(meta["blob"], tensors)
-    blob["arrays"] = {k: tensors[f"arrays/{k}"] for k in meta["array-names"]}
+    try:
+        blob = _decode(meta["blob"], tensors)
+        if not isinstance(blob, dict):
+            raise TypeError(type(blob).__name__)
+        blob["arrays"] = {k: tensors[f"arrays/{k}"] for k in meta["array-names"]}
+    except KeyError as exc:
+        raise ArtefactError(damaged.format(f"missing {_shown(exc.args[0] if exc.args else '?')}")) from None
+    except (TypeError, ValueError, AttributeError, RecursionError) as exc:
+        raise ArtefactError(damaged.format(f"not the layout this cityfed writes ({type(exc).__name__})")) from None
     return blob
+
+
+def _shown(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a value read from a damaged file)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def legacy_message(path: Path) -> str:

@@ -52,6 +52,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from contract.text_files import printable
 from privacy.safe_cli import make_console
 from rich.markup import escape
 from rich.table import Table
@@ -510,7 +511,7 @@ def shown_label(label: str, limit: int = 60) -> str:
 
 def _printable_repr(text: str) -> str:
     """``repr(text)`` with every non-printable character escaped (``repr`` keeps some, e.g. U+202E)."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in repr(text))
+    return printable(repr(text))
 
 
 def check_node_label(label: str, option: str = "--name") -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from contract.text_files import load_toml
 from privacy.safe_cli import make_console
 from server.errors import FIX_RUN, MAX_FLOWER_ID, CliError, check_flower_id
 
@@ -44,7 +45,7 @@ def _checkpoint_round(folder: Path) -> int:
 def _app_defaults() -> dict:
     """The shipped app's run-config defaults (``[tool.flwr.app.config]`` of the project)."""
     try:
-        return dict(tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+        return dict(load_toml((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
     except (OSError, KeyError, tomllib.TOMLDecodeError):
         return {}
 

@@ -18,7 +18,7 @@ import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 
-from contract.text_files import BOM_FIX, UTF8_BOM
+from contract.text_files import BOM_FIX, UTF8_BOM, load_toml
 from server.errors import CliError
 from server.launches import resolve_run
 
@@ -46,7 +46,7 @@ def app_config_toml() -> str:
 
 def _parse_value(raw: str):
     try:
-        return tomllib.loads(f"v = {raw}")["v"]
+        return load_toml(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw  # bare words (fedprox, /abs/path) are strings
 
@@ -171,7 +171,7 @@ def read_app_config(app_dir: Path) -> dict:
         raise CliError(f"--app {app_dir}: {path} is not UTF-8 text (byte {exc.start}); fix: save it as UTF-8, or "
                        f"{_FIX_APP}") from None
     try:
-        data = tomllib.loads(text)
+        data = load_toml(text)
     except tomllib.TOMLDecodeError as exc:
         reason = str(exc)
         at = re.search(r"at line (\d+)", reason)

@@ -23,7 +23,7 @@ app = typer.Typer(add_completion=False, suggest_commands=False, no_args_is_help=
     "API: POST /predict (JSON or CSV records in "
     "the department's schema; answers in original units), GET /model (model card), GET /metrics, GET /health, "
     "GET /docs (OpenAPI). Every call but /health and the docs needs an API key: header 'X-API-Key: KEY'."))
-err = Console(stderr=True)
+err = Console(stderr=True, emoji=False)
 
 #: Environment variable that may hold the API key (instead of --api-key-file).
 KEY_ENV = "CITYFED_SERVE_API_KEY"

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-_console = Console()
+_console = Console(emoji=False)
 
 
 def _report(out: Path, manifest: dict) -> None:

@@ -163,10 +163,11 @@ class SiteFeatures:
         self.ds = load_department(department, data, date_format=date_format, ranges=ranges)
         if site not in self.ds.sites:
             where = "the bundled records" if data is None else f"--data {data}"
-            choices = ", ".join(self.ds.sites)
-            raise SiteError("--site", f"{_shown(site)} is not a {department} site in {where} (sites there: {choices})",
-                            f"pass --site with one of: {choices}" + ("" if data is None else
-                                                                     ", or the --data file holding this site's records"))
+            choices = self.ds.site_choices(site)  # the bundled sites, or (an operator's file) a count, no values
+            raise SiteError("--site", f"{_shown(site)} is not a {department} site in {where} ({choices})",
+                            f"pass --site with one of: {', '.join(self.ds.sites)}" if data is None else
+                            f"pass --site as the file's {self.ds.schema.site_column!r} column writes it, or the "
+                            "--data file holding this site's records")
         self.department, self.site = department, site
         self.schema = self.ds.schema
         self.site_key = self.ds._site_keys[site]

@@ -389,7 +389,7 @@ def _pool(settings: AuditSettings, ds, task: str, rng: np.random.Generator) -> _
     unknown = [s for s in sites if s not in ds.sites]
     if unknown:
         raise ValueError(f"unknown site(s) {', '.join(map(repr, unknown))} for {settings.department}; "
-                         f"choose from {', '.join(map(repr, ds.sites))}")
+                         f"{ds.site_choices(unknown[0])}")
     parts = [ds.site_data(s) for s in sites]
     X = np.concatenate([p.train.X for p in parts]).astype(np.float32)
     y = np.concatenate([p.train.y for p in parts]).astype(np.float32)
