@@ -34,6 +34,12 @@ Field values are coerced to JSON first (numpy scalars and arrays to numbers and 
 to strings, tuples and sets to lists, mapping keys to strings); anything else is an
 :class:`AuditError`.
 
+A replaced signing key (a new ``node.key``): the first append with the new key writes a
+``key-changed`` entry (``data.key``: the new key's fingerprint) before its own, chained as usual and
+signed by the new key. Entries between two ``key-changed`` entries form a key segment signed by
+one key; :func:`verify` takes several public keys and reports the earlier segments whose key was
+not given (``unchecked``): their content is still bound by the chain to the new key's entries.
+
 ``<log>.head`` holds the last entry's ``seq``, ``hash`` and ``signature`` (JSON), rewritten
 atomically (temporary file, fsync, ``os.replace``) after every append. Appends hold an
 exclusive ``fcntl.flock`` on the log file while they read the last entry (only the file's
@@ -119,6 +125,10 @@ class VerifyResult:
         What was checked, or what is wrong with which entry.
     signatures_checked : bool
         Whether signatures were verified against a public key.
+    unchecked : tuple of (int, int)
+        Seq ranges (first, last) of earlier key segments (before a ``key-changed`` entry)
+        signed by a key that was not given: chained to the checked entries, their own
+        signatures not checked.
     """
 
     ok: bool
@@ -126,9 +136,14 @@ class VerifyResult:
     first_bad: int | None
     reason: str
     signatures_checked: bool = False
+    unchecked: tuple[tuple[int, int], ...] = ()
 
 
 # --------------------------------------------------------------------------- JSON
+
+
+#: Kind of the entry that starts a key segment (the log's signing key was replaced).
+KEY_CHANGED = "key-changed"
 
 
 def canonical(obj) -> bytes:
@@ -433,6 +448,16 @@ class AuditLog:
                 seq, prev = 0, GENESIS
             self._check_head(seq, prev)
             out = []
+            if (last_line and self._key is not None and isinstance(last.get("sig"), str)
+                    and not _signed_by(last, self._key.public_key())):
+                # the signing key was replaced (a new node key after `fl-pki node-key --force`): a new key
+                # segment, chained to the old entries, so that `verify` checks each segment with its key
+                pub = self._key.public_key()
+                rec = self._make(seq + 1, prev, KEY_CHANGED, {
+                    "reason": f"entry seq {seq} is not signed by this key: the signing key was replaced",
+                    "key": key_fingerprint(pub)})
+                out.append(rec)
+                seq, prev = rec["seq"], rec["hash"]
             if partial:
                 # a write interrupted by a crash: drop the partial line, but keep the fact in the chain
                 os.ftruncate(fd, size - len(partial))
@@ -509,6 +534,21 @@ class AuditLog:
         return out
 
 
+def _signed_by(entry: Mapping, pub) -> bool:
+    """Whether ``entry`` carries a valid signature by ``pub`` (an unsigned entry: by no key)."""
+    sig = entry.get("sig")
+    if not isinstance(sig, str):
+        return False
+    try:
+        der = base64.b64decode(sig, validate=True)
+        if base64.b64encode(der).decode("ascii") != sig:  # unused base64 bits changed
+            raise InvalidSignature
+        pub.verify(der, bytes.fromhex(str(entry.get("hash"))), ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
 def _read_head(path: Path) -> dict | None:
     """The head file's content, None if absent; AuditError if unreadable."""
     try:
@@ -561,7 +601,7 @@ def _describe_seq_mismatch(lines: list[bytes], i: int, found) -> str:
     return f"line {i} holds entry seq {found!r} where seq {i} was expected: an entry was inserted or duplicated"
 
 
-def verify(path: str | os.PathLike, *, public_key_path: str | os.PathLike | None = None,
+def verify(path: str | os.PathLike, *, public_key_path=None,
            anchor: str | os.PathLike | None = None) -> VerifyResult:
     """Check a log's chain, signatures and head file; report the first broken entry.
 
@@ -569,9 +609,13 @@ def verify(path: str | os.PathLike, *, public_key_path: str | os.PathLike | None
     ----------
     path : path
         The log (its head file ``<log>.head`` is read too).
-    public_key_path : path, optional
-        OpenSSH (``node.pub``) or PEM (``audit.pub``) public key: every entry must then
-        carry a valid signature by it. Without it only the chain is checked (and the
+    public_key_path : path or list of paths, optional
+        OpenSSH (``node.pub``) or PEM (``audit.pub``) public key(s): every entry must then
+        carry a valid signature. A ``key-changed`` entry (the signing key was replaced)
+        starts a key segment: every entry of a segment is signed by one key, the last
+        segment's key must be given, and an earlier segment signed by a key not given is
+        reported in ``unchecked`` (its entries are bound by the hash chain to the next
+        segment's, signed by a given key). Without a key only the chain is checked (and the
         result says so).
     anchor : path, optional
         A head file copied off-host earlier: the log must still contain that entry.
@@ -593,14 +637,28 @@ def verify(path: str | os.PathLike, *, public_key_path: str | os.PathLike | None
                          "coordinator's state dir (--log)") from None
     except OSError as exc:
         raise AuditError(f"audit log {p}: cannot read it ({exc.strerror}); fix: check its permissions") from None
-    pub = load_public_key(public_key_path) if public_key_path is not None else None
+    if public_key_path is None:
+        pubs = []
+    elif isinstance(public_key_path, (str, os.PathLike)):
+        pubs = [load_public_key(public_key_path)]
+    else:
+        pubs = [load_public_key(k) for k in public_key_path]
+    pub = pubs[0] if pubs else None
     anchored = _read_head(Path(anchor).expanduser()) if anchor is not None else None
     if anchor is not None and anchored is None:
         raise AuditError(f"anchor {anchor} does not exist; fix: pass a copy of <log>.head taken earlier")
     checked = pub is not None
+    segment = {"start": 1, "key": None}  # the current key segment: its first seq, the given key that signs it
+    unchecked: list[tuple[int, int]] = []
 
     def bad(n_ok: int, seq: int | None, why: str) -> VerifyResult:
         return VerifyResult(False, n_ok, seq, why, checked)
+
+    def signed_by_given(e: dict) -> int | None:
+        return next((j for j, k in enumerate(pubs) if _signed_by(e, k)), None)
+
+    def key_names() -> str:
+        return " or ".join(key_fingerprint(k) for k in pubs)
 
     pieces = raw.split(b"\n")
     lines, rest = pieces[:-1], pieces[-1]
@@ -643,17 +701,27 @@ def verify(path: str | os.PathLike, *, public_key_path: str | os.PathLike | None
             if not isinstance(sig, str):
                 return bad(i - 1, i, f"entry seq {i}: not signed, but a public key was given: the entry was "
                                      "written without the key or its signature was removed")
-            try:
-                der = base64.b64decode(sig, validate=True)
-                if base64.b64encode(der).decode("ascii") != sig:  # unused base64 bits changed
-                    raise InvalidSignature
-                pub.verify(der, bytes.fromhex(e["hash"]), ec.ECDSA(hashes.SHA256()))
-            except (InvalidSignature, ValueError):
-                return bad(i - 1, i, f"entry seq {i}: bad signature (not made by the key {key_fingerprint(pub)} over "
+            if e["kind"] == KEY_CHANGED and i > 1:  # a new key segment starts here
+                if segment["key"] is None:
+                    unchecked.append((segment["start"], i - 1))
+                segment.update(start=i, key=None)
+            signer = signed_by_given(e)  # index into pubs, or None
+            if i == segment["start"]:
+                segment["key"] = signer
+            elif signer != segment["key"]:  # one key signs every entry of a segment
+                if segment["key"] is None:  # the segment's first entry is no given key's, this one is
+                    return bad(segment["start"] - 1, segment["start"],
+                               f"entry seq {segment['start']}: bad signature (not made by the key that signs entry "
+                               f"seq {i} of the same key segment): the entry or its signature was replaced")
+                return bad(i - 1, i, f"entry seq {i}: bad signature (not made by the key {key_names()} over "
                                      "this entry's hash): the entry or its signature was replaced")
         prev = e["hash"]
         entries.append(e)
     n = len(entries)
+    if pub is not None and n and segment["key"] is None:  # the last segment must be a given key's
+        start = segment["start"]
+        return bad(start - 1, start, f"entry seq {start}: bad signature (not made by the key {key_names()} over this "
+                                     "entry's hash): the entry or its signature was replaced")
     if rest:
         return bad(n, n + 1, f"entry seq {n + 1} (line {n + 1}) is incomplete ({len(rest)} bytes, no newline): a "
                              "write was interrupted or the file was cut mid-entry")
@@ -681,8 +749,14 @@ def verify(path: str | os.PathLike, *, public_key_path: str | os.PathLike | None
         if a >= 1 and entries[a - 1]["hash"] != anchored["hash"]:
             return bad(n, a, f"entry seq {a} does not match the anchor {anchor}: the history was rewritten")
     notes = [f"{n} entr{'y' if n == 1 else 'ies'}, hash chain intact"]
-    if checked:
-        notes.append(f"every entry signed by {key_fingerprint(pub)}")
+    if checked and not unchecked:
+        notes.append(f"every entry signed by {key_names()}")
+    elif checked:
+        ranges = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in unchecked)
+        one = len(unchecked) == 1 and unchecked[0][0] == unchecked[0][1]
+        notes.append(f"entr{'y' if one else 'ies'} {ranges} signed by an earlier key (the key was replaced at a key-changed entry): their "
+                     f"signatures NOT checked, pass that key's public key too (--pub, repeatable); the other entries "
+                     f"signed by {key_names()}")
     else:
         notes.append("signatures NOT checked (no public key given)")
     if head is not None and head["seq"] < n:
@@ -690,4 +764,4 @@ def verify(path: str | os.PathLike, *, public_key_path: str | os.PathLike | None
                      "interrupted append)")
     if anchored is not None:
         notes.append(f"contains the anchored entry seq {anchored['seq']}")
-    return VerifyResult(True, n, None, "; ".join(notes), checked)
+    return VerifyResult(True, n, None, "; ".join(notes), checked, tuple(unchecked))

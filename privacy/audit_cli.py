@@ -128,7 +128,7 @@ def make_audit_app(role: str, default_log: Callable[[], Path],
     @command("verify")
     def verify_cmd(
         log: LogOpt = None,
-        pub: Annotated[Optional[Path], typer.Option("--pub", help=f"Public key that signed the log (OpenSSH node.pub or PEM audit.pub); default: the {role}'s.", show_default=False)] = None,
+        pub: Annotated[Optional[list[Path]], typer.Option("--pub", help=f"Public key that signed the log (OpenSSH node.pub or PEM audit.pub); default: the {role}'s. Repeat it for a log whose key was replaced (a key-changed entry): the current key and the earlier ones.", show_default=False)] = None,
         anchor: Annotated[Optional[Path], typer.Option("--anchor", help="A copy of <log>.head kept off-host earlier: the log must still contain that entry (detects a rewritten or cut history).")] = None,
         chain_only: Annotated[bool, typer.Option("--chain-only", help="Accept a log whose signatures cannot be checked (no public key): only the hash chain and head file are checked. Anyone who can write the file can rebuild a chain: this proves little.")] = False,
         debug: DebugOpt = False,
@@ -142,7 +142,7 @@ def make_audit_app(role: str, default_log: Callable[[], Path],
         pub_name = "node.pub" if role == "node" else "audit.pub"
         with _errors(debug):
             path = resolve_log(log)
-            key = pub
+            key = list(pub) if pub else None
             if key is None:
                 dflt = default_pub(path)
                 key = dflt if dflt is not None and Path(dflt).expanduser().is_file() else None
@@ -152,6 +152,12 @@ def make_audit_app(role: str, default_log: Callable[[], Path],
             if not res.signatures_checked:
                 _err().print(f"[yellow]warning:[/] signatures not checked (--chain-only); pass --pub with the public key "
                              f"({pub_name}) to check them")
+            elif res.unchecked:
+                _err().print(f"[yellow]warning:[/] the signatures of entries signed before a key change were not "
+                             f"checked; pass the earlier {pub_name} too (`fl-pki node-key --force` keeps it as "
+                             "node-replaced-<time>.pub)" if role == "node" else
+                             f"[yellow]warning:[/] the signatures of entries signed before a key change were not "
+                             f"checked; pass the earlier {pub_name} too (--pub, repeatable)")
             return
         if res.ok:
             _err().print(f"[bold red]NOT VERIFIED[/] {escape(str(path))}: {escape(res.reason)}; no public key was found "

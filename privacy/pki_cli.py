@@ -166,13 +166,48 @@ def node_key_cmd(
     the node.pub they received is yours. No other file in --out is touched.
     """
     with _errors():
-        key_path, pub_path, fingerprint = pki.create_node_key(out, department, site, force=force)
+        kept = _keep_replaced_pub(Path(out).expanduser()) if force else None
+        try:
+            key_path, pub_path, fingerprint = pki.create_node_key(out, department, site, force=force)
+        except BaseException:
+            if kept is not None:
+                kept.unlink(missing_ok=True)  # the old node.pub is still in place
+            raise
     c = _out()
     c.print(f"[green]Created node key[/] for cityfed:{escape(department)}:{escape(site)} (EC P-384)")
     c.print(f"  private key : {escape(str(key_path))}  (0600, never leaves this machine)")
     c.print(f"  public key  : {escape(str(pub_path))}  (0644, send to the coordinator)")
     c.print(f"  fingerprint : [bold]{fingerprint}[/]")
+    if kept is not None:
+        c.print(f"  replaced    : the previous node.pub is kept as {escape(str(kept))}: it verifies this node's audit "
+                "entries signed before the change (`fl-client audit verify --pub node.pub --pub "
+                f"{escape(kept.name)}`)")
     c.print("Read the fingerprint to the coordinator; they compare it with `fl-pki show node.pub`.")
+
+
+def _keep_replaced_pub(out: Path) -> Path | None:
+    """Copy ``out/node.pub`` (about to be replaced by ``--force``) to ``node-replaced-<UTC time>.pub`` (0644).
+
+    The old public key is what verifies the node's audit entries signed before the key change;
+    the old private key is not kept. Returns the copy, or None when there is no node.pub.
+    """
+    import os
+    from datetime import datetime, timezone
+
+    pub = out / pki.NODE_PUB
+    if not pub.is_file():
+        return None
+    data = pub.read_bytes()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    kept = out / f"node-replaced-{stamp}.pub"
+    fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(kept, 0o644)
+    return kept
 
 
 def _cert_table(info: pki.CertInfo, title: str) -> Table:

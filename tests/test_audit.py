@@ -574,3 +574,73 @@ def test_either_log_through_its_own_cli_names_the_broken_entry(keys, tmp_path, r
     write_lines(log.path, ls)
     res = runner.invoke(cli, args)
     assert res.exit_code == 1 and "seq 3" in _text(res), _text(res)
+
+
+# --------------------------------------------------------------------------- key rotation
+
+
+def test_a_replaced_node_key_starts_a_key_segment_that_verifies(keys, tmp_path):
+    """DEPLOYMENT's key rotation (unregister, `fl-pki node-key --force`, register the new node.pub):
+    fl-client went on appending to the same log with the new key, and `audit verify` then reported
+    BROKEN with the new node.pub (entry 1) and with the old one (the first new entry), for good.
+    Now the first append with another key records a ``key-changed`` entry, chained to the old
+    entries and signed by the new key; verify checks each key segment with its key."""
+    old = make_log(tmp_path / "audit.jsonl", keys["key"], 3)
+    new = audit.AuditLog(old.path, key_path=keys["other_key"])
+    entry = new.append("release", round=4)
+    kinds = [e["kind"] for e in new.entries()]
+    assert kinds == ["job", "release", "job", "key-changed", "release"] and entry["seq"] == 5
+    changed = new.entries()[3]
+    assert changed["data"]["key"] == audit.key_fingerprint(audit.load_public_key(keys["other_pub"]))
+    # the new key alone: the chain binds the old entries to the new key's; their signatures are not checked
+    res = audit.verify(old.path, public_key_path=keys["other_pub"])
+    assert res.ok and res.signatures_checked and res.unchecked == ((1, 3),), res
+    assert "entries 1-3" in res.reason and "--pub" in res.reason, res.reason
+    # both keys: every signature checked
+    res = audit.verify(old.path, public_key_path=[keys["other_pub"], keys["pub"]])
+    assert res.ok and res.unchecked == () and "NOT" not in res.reason, res
+    # the old key alone: the entries after the change are not its
+    res = audit.verify(old.path, public_key_path=keys["pub"])
+    assert not res.ok and res.first_bad == 4, res
+    # a second append with the new key adds no second key-changed entry
+    new.append("job", round=5)
+    assert [e["kind"] for e in new.entries()].count("key-changed") == 1
+
+
+def test_a_key_change_cannot_launder_edits_or_a_foreign_tail(keys, tmp_path):
+    """Someone without the node's key cannot use a key-changed entry to rewrite history or append."""
+    d = tmp_path / "k"
+    intruder_key, intruder_pub, _ = pki.create_node_key(d, "health", "Switzerland")
+    path = tmp_path / "audit.jsonl"
+    make_log(path, keys["key"], 3)
+    audit.AuditLog(path, key_path=keys["other_key"]).append("release", round=4)  # seq 4 key-changed, 5 release
+    good = path.read_bytes()
+    head = path.with_name("audit.jsonl.head").read_bytes()
+    # an intruder's key appends: its key-changed segment is not the given key's
+    audit.AuditLog(path, key_path=intruder_key).append("release", round=99)
+    res = audit.verify(path, public_key_path=keys["other_pub"])
+    assert not res.ok and res.first_bad == 6, res
+    # an old entry edited and re-chained under the intruder's key: the new key's key-changed entry no longer links
+    path.write_bytes(good)
+    path.with_name("audit.jsonl.head").write_bytes(head)
+    ls = lines(path)
+    e = json.loads(ls[1])
+    e["data"]["epsilon"] = 0.0
+    forged = audit.AuditLog(tmp_path / "scratch.jsonl", key_path=intruder_key)
+    e["hash"] = audit.entry_hash({k: v for k, v in e.items() if k not in ("hash", "sig")})
+    e["sig"] = forged._sign(e["hash"])
+    ls[1] = audit.canonical(e)
+    write_lines(path, ls)
+    res = audit.verify(path, public_key_path=keys["other_pub"])
+    assert not res.ok and res.first_bad == 3, res  # entry 3's prev no longer matches
+
+
+def test_audit_verify_cli_takes_several_public_keys(keys, tmp_path):
+    log = make_log(tmp_path / "audit.jsonl", keys["key"], 2)
+    audit.AuditLog(log.path, key_path=keys["other_key"]).append("release", round=3)
+    app = _cli(log.path, keys["other_pub"])
+    res = runner.invoke(app, ["verify"])
+    text = _text(res)
+    assert res.exit_code == 0 and "OK" in text and "entries 1-2" in text and "--pub" in text, text
+    res = runner.invoke(app, ["verify", "--pub", str(keys["other_pub"]), "--pub", str(keys["pub"])])
+    assert res.exit_code == 0 and "entries 1-2" not in _text(res), _text(res)

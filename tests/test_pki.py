@@ -841,3 +841,17 @@ def test_verify_names_a_verifier_refusal_in_plain_words_with_a_fix(city, tmp_pat
     assert says in text and "fix:" in text and "fl-pki server-cert" in text, text
     for raw in ("2.5.29.35", "encountered processing", "<Certificate("):
         assert raw not in text, text
+
+
+def test_node_key_force_keeps_the_replaced_public_key(tmp_path):
+    """`fl-pki node-key --force` (DEPLOYMENT's key rotation) overwrote node.pub: the department lost the only key
+    that verifies its audit entries signed before the change. It is kept as node-replaced-<time>.pub."""
+    first = _invoke("node-key", "--department", "health", "--site", "Cleveland", "--out", tmp_path)
+    assert first.exit_code == 0, first.output
+    old = (tmp_path / "node.pub").read_bytes()
+    again = _invoke("node-key", "--department", "health", "--site", "Cleveland", "--out", tmp_path, "--force")
+    assert again.exit_code == 0, again.output
+    kept = sorted(tmp_path.glob("node-replaced-*.pub"))
+    assert len(kept) == 1 and kept[0].read_bytes() == old and (tmp_path / "node.pub").read_bytes() != old
+    assert _mode(kept[0]) == 0o644 and kept[0].name in " ".join(again.output.split()), again.output
+    assert not list(tmp_path.glob("node-replaced-*.key"))  # the old private key is not kept
