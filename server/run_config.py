@@ -18,6 +18,7 @@ import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 
+from contract.keys import SECAGG_MIN_NEIGHBOURS
 from contract.text_files import BOM_FIX, UTF8_BOM, load_toml
 from server.errors import CliError
 from server.launches import resolve_run
@@ -295,11 +296,16 @@ def secagg_banner(cfg: dict) -> str:
     if cfg.get("secagg"):
         shares, threshold = int(cfg["secagg-num-shares"]), int(cfg["secagg-threshold"])
         least = max(3, int(cfg.get("min-accepted", 1)))  # server.secagg.MIN_SECAGG_NODES
-        return (f"[bold green]secure aggregation ON[/] (SecAgg+, {shares} shares, threshold {threshold}: the coordinator "
-                f"only sees the mean update of >= {least} nodes per round; tolerates {shares - threshold} dropped "
-                f"node(s) per neighbourhood of {shares} in any stage while >= {least} nodes still contribute: with "
-                f"exactly {least} nodes a dropout before the unmask stage ends the run cleanly, so run >= {least + 1} "
-                f"nodes to train through one)")
+        head = (f"[bold green]secure aggregation ON[/] (SecAgg+, {shares} shares, threshold {threshold}: the coordinator "
+                f"only sees the mean update of >= {least} nodes per round, if it follows the protocol; tolerates "
+                f"{shares - threshold} dropped node(s) per neighbourhood of {shares} while >= {least} nodes still "
+                f"contribute")
+        if shares - 1 - 1 < SECAGG_MIN_NEIGHBOURS:  # a setup dropout leaves each neighbour too few others to mask with
+            return (f"{head}; a node that drops out at setup takes its {shares - 1} neighbours out of the round too "
+                    f"(each keeps {shares - 2} other node(s), fewer than the {SECAGG_MIN_NEIGHBOURS} every node "
+                    f"requires): run >= {least + shares} nodes, or --secagg-num-shares 5 with >= {least + 1}, to "
+                    "train through one dropout)")
+        return f"{head}: run >= {least + 1} nodes to train through one dropout)"
     return ("[bold yellow]secure aggregation OFF[/] (--no-secagg): the coordinator receives each node's updated "
             "weights individually")
 

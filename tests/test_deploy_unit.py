@@ -1296,3 +1296,15 @@ def test_a_round_waits_for_min_accepted_nodes_before_it_starts(tmp_path):
     assert res["status"] == "completed", res["status"]
     assert len(res["rounds"][0]["train"]["nodes"]) == 3, res["rounds"][0]["train"]
     assert res["config"]["min-nodes"] == 3, res["config"]  # what the run used, as recorded
+
+
+def test_the_secagg_banner_says_what_a_setup_dropout_does_under_three_shares():
+    """The banner said "run >= 4 nodes to train through one" dropout: since the node's neighbour check
+    (2026-12-06) a setup dropout under 3 shares takes its 2 neighbours out too (4 or 5 nodes stop)."""
+    from server.run_config import secagg_banner
+
+    three = " ".join(secagg_banner({"secagg": True, "secagg-num-shares": 3, "secagg-threshold": 2}).split())
+    assert "run >= 4 nodes" not in three and "2 neighbours" in three and ">= 6 nodes" in three, three
+    assert "--secagg-num-shares 5" in three, three
+    five = " ".join(secagg_banner({"secagg": True, "secagg-num-shares": 5, "secagg-threshold": 3}).split())
+    assert "tolerates 2 dropped" in five and ">= 4 nodes" in five and "neighbours out" not in five, five
