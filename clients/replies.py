@@ -36,7 +36,8 @@ def audit_reply(spec, msg: Message, content: RecordDict | None = None, error: Er
         The node (its :meth:`~clients.node.NodeSpec.audit`).
     msg : Message
         The message answered: its job config gives the run and round; a SecAgg+ stage message,
-        which carries no job config, gives its round (Flower's group ID).
+        which carries no job config, gives its round (Flower's group ID). Every entry also
+        names the message's Flower run ID (``flower-run``), which the stage messages carry too.
     content : RecordDict, optional
         The reply's content: array names, shapes and bytes and the metric keys are recorded.
     error : Error, optional
@@ -47,7 +48,8 @@ def audit_reply(spec, msg: Message, content: RecordDict | None = None, error: Er
     cfg = dict(msg.content[CONFIG]) if CONFIG in msg.content.config_records else {}
     group = str(msg.metadata.group_id or "")
     rnd = cfg.get("server-round", int(group) if group.isdigit() else 0)
-    fields = {"run": str(cfg.get("run-id", "")), "round": int(rnd), "message": str(msg.metadata.message_type), **extra}
+    fields = {"run": str(cfg.get("run-id", "")), "flower-run": str(msg.metadata.run_id), "round": int(rnd),
+              "message": str(msg.metadata.message_type), **extra}
     if error is not None:
         fields.update(error_code=int(error.code), reason=str(error.reason))
     elif content is not None:

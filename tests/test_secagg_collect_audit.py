@@ -298,3 +298,13 @@ def test_a_collect_reply_without_masked_vectors_never_leaves(tmp_path, monkeypat
     assert reply.has_error() and reply.error.code == csecagg.SECAGG_ABORTED, reply
     assert _sent_arrays(reply) == 0
     assert _masked_audits(nodes[0]) == []
+
+
+@pytest.mark.timeout(180)
+def test_every_secagg_stage_reply_is_audited_with_its_flower_run(tmp_path):
+    """The setup, share-keys and unmask messages carry no job config: their reply entries said ``"run": ""`` and
+    could not be tied to a run. Every reply entry now names the Flower run ID of the message it answers."""
+    nodes, ctxs, inbox = _up_to_collect(tmp_path)
+    replies = [e["data"] for e in _entries(nodes[0]) if e["kind"] == "reply"]
+    assert [r.get("stage") for r in replies] == [Stage.SETUP, Stage.SHARE_KEYS], replies
+    assert all(r["flower-run"] == "1" for r in replies), replies
