@@ -31,6 +31,7 @@ the node key from ``$CITYFED_NODE_KEY``) when :mod:`privacy.audit` is available.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fcntl
 import getpass
@@ -38,6 +39,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import stat
 import sys
 import threading
@@ -93,13 +95,19 @@ class Verdict:
     accepted: bool
     rule: str  # "approved" | "release" | "" (refused)
     findings: tuple[Finding, ...] = ()
+    home: str | None = None  # the node's state dir (set by admit_fab; named in the node's own log only)
 
-    def reason(self, limit: int = 12) -> str:
-        """One line for the task's error reply and the node's log."""
+    def reason(self, limit: int = 12, *, local: bool = False) -> str:
+        """One line for the task's error reply (``local=False``) and the node's log (``local=True``).
+
+        The node's log line gives the review and approve commands with ``--state-dir`` (the
+        node's own folder, which the reply to the coordinator does not name).
+        """
         if self.accepted:
             return f"app accepted by this department: FAB sha256 {self.sha256} ({self.rule})"
-        hint = (f"review with `fl-client app review {self.sha256[:12]}`, approve with "
-                f"`fl-client app approve {self.sha256}`")
+        where = f" --state-dir {shlex.quote(self.home)}" if local and self.home else ""
+        hint = (f"review with `fl-client app review {self.sha256[:12]}{where}`, approve with "
+                f"`fl-client app approve {self.sha256}{where}`")
         if self.findings and self.findings[0].status == "hash mismatch":
             return (f"app not approved by this department: the coordinator announced the FAB as sha256 "
                     f"{self.findings[0].detail.split()[-1]} but its bytes hash to {self.sha256}; {hint}")
@@ -736,6 +744,7 @@ def admit_fab(content: bytes, *, announced: str | None = None, run_id=None, home
     except Exception as exc:  # noqa: BLE001 - a check that fails refuses, and the FAB is still kept and audited
         verdict = Verdict(sha256(content), False, "",
                           (Finding("<FAB>", "check failed", f"the node's check raised {type(exc).__name__}"),))
+    verdict = dataclasses.replace(verdict, home=str(home))
     run = None if run_id is None else str(run_id)
     if verdict.accepted:
         seen = (run, verdict.sha256, verdict.rule)

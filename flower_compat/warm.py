@@ -450,7 +450,7 @@ def run_clientapp_task(task: dict, *, admit: Callable, refused_code: int, instal
         verdict = admit(fab.content, fab.hash_str, run.run_id)
         mark("check")
         if not verdict.accepted:
-            log(WARNING, "cityfed: run %s: %s", run.run_id, verdict.reason())
+            log(WARNING, "cityfed: run %s: %s", run.run_id, verdict.reason(local=True))  # the node's own log
             reply = Message(Error(code=refused_code, reason=verdict.reason()), reply_to=message)
             sub_status, details = SubStatus.FAILED, verdict.reason()
         else:

@@ -503,3 +503,17 @@ def test_release_packages_are_the_packages_a_fab_ships():
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["fab-include"]
     shipped = {p.split("/", 1)[0] for p in include if p.endswith("**/*.py")}
     assert set(pinning.RELEASE_PACKAGES) == shipped
+
+
+def test_the_node_log_line_of_a_refused_app_gives_commands_that_work_with_its_state_dir(release_fab, tmp_path):
+    """The refusal's `fl-client app review/approve` commands failed (exit 2, "which node?") on a node run with
+    --state-dir, as the guide sets nodes up. The node's own log line now names its state dir; the reply to the
+    coordinator does not (the node's paths are not the coordinator's business)."""
+    home = tmp_path / "state dir"
+    fab = altered(release_fab, evil_DOT_py=b"x = 1\n")
+    v = pinning.admit_fab(fab, run_id=5, home=home)
+    assert not v.accepted
+    local = v.reason(local=True)
+    assert f"fl-client app review {sha(fab)[:12]} --state-dir '{home}'" in local, local
+    assert f"fl-client app approve {sha(fab)} --state-dir '{home}'" in local, local
+    assert str(home) not in v.reason() and "fl-client app review" in v.reason()
