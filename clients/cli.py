@@ -1234,7 +1234,10 @@ class Supervisor:
                     continue
                 self.console.print("[bold red]fl-client: the coordinator refused this node's key[/] (not registered, or "
                                    "unregistered). Fix: give node.pub to the coordinator operator "
-                                   "(`fl-server register node.pub`), then start fl-client again.")
+                                   "(`fl-server register node.pub`), then start fl-client again; if this key was "
+                                   "unregistered it is never admitted again: make a new one (`fl-pki node-key "
+                                   "--department ... --site ... --out <key folder> --force`, which keeps the old "
+                                   "node.pub for the audit log) and send that node.pub.")
                 return EXIT_REFUSED
             if time.monotonic() - started >= self.stable_s:
                 failures = 0

@@ -1308,3 +1308,18 @@ def test_the_secagg_banner_says_what_a_setup_dropout_does_under_three_shares():
     assert "--secagg-num-shares 5" in three, three
     five = " ".join(secagg_banner({"secagg": True, "secagg-num-shares": 5, "secagg-threshold": 3}).split())
     assert "tolerates 2 dropped" in five and ">= 4 nodes" in five and "neighbours out" not in five, five
+
+
+def test_a_refused_key_says_how_to_come_back_after_an_unregister(tmp_path):
+    """The fix only said "give node.pub to the coordinator operator": after `fl-server unregister` that key is
+    never admitted again, so it also says to make a new key (`fl-pki node-key --force`) and send that."""
+    import io
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    launch = ScriptLaunch(tmp_path, "import sys; print('Exit Code: 305 [code: 2004] Failed to activate SuperNode'); sys.exit(1)")
+    sup = client_cli.Supervisor(launch, max_restarts=5, backoff=0.05, console=Console(file=out, width=400))
+    assert sup.run() == client_cli.EXIT_REFUSED
+    text = " ".join(out.getvalue().split())
+    assert "fl-server register node.pub" in text and "fl-pki node-key" in text and "--force" in text, text
