@@ -741,10 +741,20 @@ def check_ca(path: Path) -> ssl.SSLContext:
         raise SetupError(f"--ca {path}: cannot read it ({exc.strerror or exc}); fix: make it readable by "
                          f"{_user()} (ca.crt is not secret: `chmod 644 {shlex.quote(str(path))}`)") from None
     try:
-        return ssl.create_default_context(cafile=str(path))
+        context = ssl.create_default_context(cafile=str(path))
     except ssl.SSLError:
         raise SetupError(f"--ca {path}: not a PEM CA certificate; fix: pass ca.crt (not a key, not server.crt) "
                          "from the coordinator team") from None
+    from privacy import pki
+
+    try:
+        certs = pki.load_certificates(Path(path), "CA certificate", fix, pem_for="--ca")
+    except pki.PKIError as exc:
+        raise SetupError(str(exc)) from None
+    if not any(pki.is_ca(c) for c in certs):
+        raise SetupError(f"--ca {path}: is not a CA certificate (no CA:TRUE basic constraint: a server's or another "
+                         f"leaf certificate); fix: pass the city's ca.crt (not server.crt), {fix}")
+    return context
 
 
 #: OpenSSL's verification results for a certificate outside its validity period.

@@ -437,7 +437,8 @@ def _san_text(name: x509.GeneralName) -> str:
     return f"{type(name).__name__}:{name.value}"
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
+def is_ca(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` carries the CA:TRUE basic constraint (a certificate authority's)."""
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
@@ -731,7 +732,7 @@ def load_ca(ca_dir: Path, *, now: datetime | None = None) -> tuple[x509.Certific
         raise PKIError(f"{key_path}: is not an EC key; fix: create the CA with `fl-pki init`")
     if not _same_key(key.public_key(), cert.public_key()):
         raise PKIError(f"{key_path}: does not belong to {cert_path}; fix: keep the ca.key/ca.crt pair from one `fl-pki init` together")
-    if not _is_ca(cert):
+    if not is_ca(cert):
         raise PKIError(f"{cert_path}: is not a CA certificate (BasicConstraints CA=false); fix: {init_fix}")
     if now > cert.not_valid_after_utc:
         raise PKIError(
@@ -1029,7 +1030,7 @@ def describe_certificates(path: Path, *, now: datetime | None = None) -> list[Ce
                 not_before=cert.not_valid_before_utc,
                 not_after=cert.not_valid_after_utc,
                 now=now,
-                is_ca=_is_ca(cert),
+                is_ca=is_ca(cert),
                 key_type=_key_type(cert.public_key()),
                 sha256=cert.fingerprint(hashes.SHA256()).hex(":").upper(),
             )
@@ -1161,7 +1162,7 @@ def verify_server_cert(
     roots = load_certificates(ca_path, "CA certificate", "pass the city's ca.crt to --ca", pem_for="--ca")
     chain = load_certificates(cert_path, "certificate", "pass the server.crt to check to --cert", pem_for="--cert")
     leaf, intermediates = chain[0], chain[1:]
-    if not any(_is_ca(r) for r in roots):
+    if not any(is_ca(r) for r in roots):
         raise PKIError(f"{ca_path}: is not a CA certificate; fix: pass the city's ca.crt to --ca (and server.crt to --cert)")
     dates = validity_problem(leaf, now=now, restart="the coordinator")
     if dates:

@@ -395,3 +395,13 @@ def test_new_nested_ledger_folders_are_private(pki_files, tls_server, tmp_path):
     assert code == 0 and exc is None, text
     for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "node"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+
+
+def test_ca_option_refuses_a_certificate_that_is_not_a_ca(pki_files):
+    """`--ca server.crt` (its help says "not server.crt") passed the start-up check."""
+    crt = pki_files / "server" / "server.crt"
+    with pytest.raises(client_cli.SetupError) as info:
+        client_cli.check_ca(crt)
+    msg = str(info.value)
+    assert msg.startswith(f"--ca {crt}") and "not a CA certificate" in msg and "ca.crt" in msg, msg
+    client_cli.check_ca(pki_files / "ca" / "ca.crt")  # the CA itself passes
