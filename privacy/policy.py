@@ -203,7 +203,9 @@ class PrivacyPolicy(BaseModel):
     )
     max_rounds_per_run: int = Field(
         ge=1,
-        description=("Highest server round (1-based) of one run this node takes part in, and the most times one run "
+        le=1_000_000,
+        description=("Highest server round (1-based) of one run this node takes part in (at most 1,000,000), and the "
+                     "most times one run "
                      "trains on this node: the run's trainings in the ledger, replayed rounds included, are counted "
                      "(clients.node.check_run_cap, and again inside the ledger write that records the round, so two "
                      "processes of one node cannot both pass it), so leave headroom above a run's rounds for replays "

@@ -162,6 +162,9 @@ def test_extra_key_suggests_the_right_one(tmp_path):
     ("old", "new", "field"),
     [
         ("max_rounds_per_run = 5", "max_rounds_per_run = 5.0", "max_rounds_per_run"),  # strict int
+        # no upper bound was set: 2**64 and more were accepted (and outgrow the ledger's SQLite integers)
+        ("max_rounds_per_run = 5", "max_rounds_per_run = 99999999999999999999", "max_rounds_per_run"),
+        ("max_rounds_per_run = 5", "max_rounds_per_run = 1000001", "max_rounds_per_run"),
         ("max_epsilon = 8.0", 'max_epsilon = "8"', "max_epsilon"),  # no str coercion
         ("max_epsilon = 8.0", "max_epsilon = inf", "max_epsilon"),
         ("delta = 1e-3", "delta = 1.0", "delta"),
