@@ -363,7 +363,9 @@ class PrivacyLedger:
             raise self._refuse(f"schema version {version} is newer than this code supports ({SCHEMA_VERSION})",
                                "upgrade cityfed on this node")
         if version == 0:
-            other = tables - {"sqlite_sequence", "releases", "central_claims", "released_counts"}
+            # a ledger's tables and its schema version are written in one transaction: tables without a
+            # version (even one named releases) are another program's
+            other = tables - {"sqlite_sequence"}
             if other:
                 raise self._refuse(
                     f"is an SQLite database but not a privacy ledger (tables {sorted(tables - {'sqlite_sequence'})})",

@@ -345,6 +345,10 @@ _REFUSED = {
                        "not a privacy ledger"),
     "newer-schema": (lambda p: _delete_mode_db(p, "CREATE TABLE releases (x)", f"PRAGMA user_version = {SCHEMA_VERSION + 7}"),
                      "newer"),
+    # another program's table that happens to be called releases: was "cannot initialise: no such column: site;
+    # fix: pass a writable path"
+    "foreign-releases-table": (lambda p: _delete_mode_db(p, "CREATE TABLE releases (tag TEXT, notes TEXT)",
+                                                         "INSERT INTO releases VALUES ('v1', 'x')"), "not a privacy ledger"),
     "not-sqlite": (lambda p: p.write_bytes(b"this is not an sqlite database at all\n" * 50), "not a database"),
     "random-bytes": (lambda p: p.write_bytes(bytes(range(256)) * 16), "not a database"),
     "damaged": (_damaged_ledger, "malformed"),
