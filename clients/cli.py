@@ -20,6 +20,7 @@ app bundles the coordinator ships (:mod:`clients.pinning`: ``review``, ``approve
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import json
 import os
@@ -1315,12 +1316,12 @@ def fl_client(
     connect_timeout: Annotated[float, typer.Option("--connect-timeout", min=0.1, help="Seconds for the start-up reachability and TLS checks.")] = 5.0,
     cold: Annotated[bool, typer.Option("--cold", help="Start a new ClientApp process for every message and keep Flower's polling (3 s idle), as plain flower-supernode does. Default: one warm ClientApp worker per node and 0.1 s polling (clients/warm.py; docs/DEPLOYMENT.md §5). Both run only approved app code.")] = False,
     date_format: Annotated[Optional[str], typer.Option("--date-format", help="Order of the dates in --data when they are not year-first: DMY (18/04/2024, day first), MDY (04/18/2024, month first), ISO (the default: year first only), or a strftime pattern such as '%d.%m.%Y %H:%M'. Dates like 01/04/2024 are refused without it.", show_default=False)] = None,
-    ranges: Annotated[Optional[Path], typer.Option("--ranges", help="TOML file that replaces the schema's plausibility ranges of some columns (README: plausibility ranges), e.g. [trestbps] max = 320. Out-of-range values are errors unless the file says action = \"missing\".", show_default=False)] = None,
+    ranges: Annotated[Optional[Path], typer.Option("--ranges", help="TOML file that replaces the schema's plausibility ranges of some columns (README: plausibility ranges), e.g. \\[trestbps] max = 320. Out-of-range values are errors unless the file says action = \"missing\".", show_default=False)] = None,
     check: Annotated[bool, typer.Option("--check", help="Run the start-up checks, build this site's training arrays exactly as training will, print the record counts and data warnings, and exit (0 = ready).")] = False,
 ) -> None:
     """Run this department's node: join the city's federation and train under this department's own privacy policy.
 
-    Checks everything first and exits with status 2 naming the file and the fix: no empty
+    Checks everything first and exits with status 2 (4: the coordinator cannot be reached) naming the file and the fix: no empty
     option value, department, coordinator address, node key, policy (and that it allows this
     department's task), data file and site (the site's training arrays are built as training
     builds them; counts and data warnings are printed), CA, state folder (writable), ledger,
@@ -1917,7 +1918,9 @@ class _NodeGroup(TyperGroup):
 app = typer.Typer(name="fl-client", cls=_NodeGroup, add_completion=False, suggest_commands=False, rich_markup_mode="rich",
                   epilog="Errors print a message naming the file, field and fix, never a traceback (it could show records); add --debug anywhere on the command line for the full traceback.",
                   pretty_exceptions_show_locals=False)
-app.callback(invoke_without_command=True)(fl_client)
+# the help wraps by paragraph at the terminal's width (the docstring's own line breaks cut sentences)
+app.callback(invoke_without_command=True, help="\n\n".join(
+    " ".join(p.split()) for p in inspect.cleandoc(fl_client.__doc__ or "").split("\n\n")))(fl_client)
 app.add_typer(app_cmds, name="app")
 
 

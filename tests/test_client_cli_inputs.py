@@ -405,3 +405,15 @@ def test_ca_option_refuses_a_certificate_that_is_not_a_ca(pki_files):
     msg = str(info.value)
     assert msg.startswith(f"--ca {crt}") and "not a CA certificate" in msg and "ca.crt" in msg, msg
     client_cli.check_ca(pki_files / "ca" / "ca.crt")  # the CA itself passes
+
+
+def test_fl_client_help_wraps_by_paragraph_and_keeps_its_example():
+    """`fl-client --help` kept the docstring's line breaks (sentences cut at a fixed column whatever the terminal's
+    width) and rich ate `[trestbps]` from the --ranges example as markup."""
+    from typer.testing import CliRunner
+
+    res = CliRunner(env={"COLUMNS": "400"}).invoke(client_cli.app, ["--help"])
+    text = res.output
+    assert res.exit_code == 0, text
+    assert "no empty option value, department, coordinator address, node key, policy" in text, text
+    assert "[trestbps] max = 320" in " ".join(text.split()), text
