@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Literal
@@ -314,8 +315,9 @@ def settings(run_config: dict) -> dict:
     try:
         check_secagg(cfg)
         check_central_dp(cfg)
-    except ValueError as exc:  # their messages name the key and the fix
-        raise RunConfigError(str(exc)) from None
+    except ValueError as exc:  # their messages name the key ("run config 'KEY': ...") and what is wrong
+        named = re.match(r"run config '(secagg-num-shares|secagg-threshold)':", str(exc))  # a key's own value
+        raise RunConfigError(str(exc), (named.group(1),) if named else ()) from None  # else: keys together
     cfg["model"] = cfg["model"] or model_kinds(cfg["department"])[0]
     if cfg["model"] not in model_kinds(cfg["department"]):
         raise RunConfigError(f"run config 'model': {cfg['model']!r} is not a {cfg['department']} model; "

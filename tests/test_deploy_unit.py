@@ -1323,3 +1323,12 @@ def test_a_refused_key_says_how_to_come_back_after_an_unregister(tmp_path):
     assert sup.run() == client_cli.EXIT_REFUSED
     text = " ".join(out.getvalue().split())
     assert "fl-server register node.pub" in text and "fl-pki node-key" in text and "--force" in text, text
+
+
+def test_a_bad_secagg_threshold_option_is_named_as_the_option_given(pki_files, tmp_path, monkeypatch):
+    """`--secagg-threshold 3` (with 3 shares) was told to "change the run-config keys ... (-c KEY=VALUE)"."""
+    sd, launched = _fake_coordinator(pki_files, tmp_path, monkeypatch)
+    res = runner.invoke(server_cli.app, ["run", "--department", "health", "--state-dir", str(sd), "--secagg-threshold", "3"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "fix: give --secagg-threshold a value the message allows" in text, text
+    assert not launched
