@@ -228,10 +228,10 @@ def make_audit_app(role: str, default_log: Callable[[], Path],
             if out.exists() and not force:
                 raise audit.AuditError(f"--out {out} exists; fix: choose another file or add --force")
             try:
-                out.write_bytes(body)
+                _write_private(out, body)  # as private as the log (0600)
                 head = path.with_name(path.name + audit.HEAD_SUFFIX)
                 if head.exists():
-                    out.with_name(out.name + audit.HEAD_SUFFIX).write_bytes(head.read_bytes())
+                    _write_private(out.with_name(out.name + audit.HEAD_SUFFIX), head.read_bytes())
             except OSError as exc:
                 raise audit.AuditError(f"--out {out}: cannot write it ({exc.strerror}); fix: check the folder "
                                        "exists and is writable") from None
@@ -239,6 +239,18 @@ def make_audit_app(role: str, default_log: Callable[[], Path],
         _err().print(f"[green]exported[/] {n} entr{'y' if n == 1 else 'ies'} to {escape(str(out))}")
 
     return sub
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with mode 0600 (replacing what is there)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file (--force) keeps its mode otherwise
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def _line(path: Path, n: int, width: int = 300) -> str | None:

@@ -382,6 +382,8 @@ def test_cli_export_stdout_and_file(keys, tmp_path):
     res = runner.invoke(app, ["export", "-o", str(out)])
     assert res.exit_code == 0 and out.read_bytes() == log.path.read_bytes()
     assert audit.verify(out, public_key_path=keys["pub"]).ok  # the copy carries its head and verifies
+    # the copy is as private as the log (0600; it was written 0644 by the umask)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600 == stat.S_IMODE(os.stat(str(out) + ".head").st_mode)
     res = runner.invoke(app, ["export", "-o", str(out)])
     assert res.exit_code == 2 and "--force" in _text(res)
     # the off-host copy anchors the live log
