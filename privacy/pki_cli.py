@@ -191,22 +191,13 @@ def _keep_replaced_pub(out: Path) -> Path | None:
     The old public key is what verifies the node's audit entries signed before the key change;
     the old private key is not kept. Returns the copy, or None when there is no node.pub.
     """
-    import os
     from datetime import datetime, timezone
 
     pub = out / pki.NODE_PUB
     if not pub.is_file():
         return None
-    data = pub.read_bytes()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    kept = out / f"node-replaced-{stamp}.pub"
-    fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(kept, 0o644)
+    kept = out / f"node-replaced-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}.pub"
+    pki._write_files([(kept, pub.read_bytes(), pki.PUBLIC_MODE)], force=False)
     return kept
 
 
