@@ -989,6 +989,12 @@ def load_public_key(path: Path) -> PublicKeyInfo:
         key = serialization.load_ssh_public_key(lines[0].encode())
     except (ValueError, UnsupportedAlgorithm):
         raise PKIError(f"{path}: is not an OpenSSH public key; fix: hand over the node.pub from `fl-pki node-key` (never node.key)") from None
+    try:  # Flower (`flwr supernode register`) loads the whole file as one key: a comment or blank line first fails there
+        serialization.load_ssh_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        raise PKIError(f"{path}: holds comment or blank lines besides its key line, which Flower's key loader refuses; "
+                       "fix: keep only the key line (as `fl-pki node-key` wrote it), or hand over that node.pub "
+                       "unedited") from None
     parts = lines[0].split(None, 2)
     curve = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else "-"
     return PublicKeyInfo(path, parts[0], curve, ssh_fingerprint(key), parts[2].strip() if len(parts) > 2 else "")

@@ -72,7 +72,7 @@ from server.launches import (  # noqa: F401
     _launches, read_launch, resolve_run, run_result, _warn_launch_once, _write_atomic, write_run_results,
 )
 from server.run_config import (  # noqa: F401
-    OPTION_KEYS, RUN_NAME, SET_BY_RUN, app_config_toml, check_app_defaults, check_app_keys, check_central_data, check_overrides, _checked_settings,
+    OPTION_KEYS, RUN_NAME, SET_BY_RUN, app_config_toml, check_app_defaults, check_app_keys, check_central_data, check_overrides, check_resumed_config, _checked_settings,
     _departments, explicit_options, _new_run, parse_run_config, _parse_value, _resumed_run, _same_value,
     secagg_banner, secagg_config, _toml_value, _toml_value_or_text,
 )
@@ -774,6 +774,8 @@ def run_cmd(
             cfg["num-rounds"] = rounds
         cfg.update(secagg_config(cfg, secagg, secagg_num_shares, secagg_threshold))
         cfg["run-dir"] = str(folder)
+        if resume:
+            check_resumed_config(folder, cfg, overrides, explicit)  # a stored value refused: launch.json is named
         _checked_settings(cfg, explicit)  # the operator's options and -c items first: they are named
         check_app_keys(cfg, app_dir)
         checked = check_app_defaults(cfg, app_dir, explicit)  # with --app's defaults, as the ServerApp merges them

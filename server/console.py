@@ -316,6 +316,14 @@ class Guard:
 # --------------------------------------------------------------------------- app
 
 
+def _netloc(url: str) -> str | None:
+    """The host[:port] of ``url``, lowercased; None where it cannot be parsed (``http://[``)."""
+    try:
+        return urlsplit(url).netloc.lower()
+    except ValueError:
+        return None
+
+
 def make_app(state_dir: Path, runs_dir: Path, *, token: str, refresh: int = 10, allowed_hosts: list[str] | None = None,
              cache_s: float = 3.0, stop_wait: float = 60.0):
     """The console's FastAPI app.
@@ -474,8 +482,8 @@ def make_app(state_dir: Path, runs_dir: Path, *, token: str, refresh: int = 10, 
         fields = await form(request)
         csrf, confirm = fields.get("csrf", ""), fields.get("confirm", "")
         origin = request.headers.get("origin")
-        if origin and origin != "null" and urlsplit(origin).netloc.lower() != (request.headers.get("host") or "").lower():
-            return PlainTextResponse(f"refused: request from another site ({origin})", 403)
+        if origin and origin != "null" and _netloc(origin) != (request.headers.get("host") or "").lower():
+            return PlainTextResponse(f"refused: request from another site ({origin[:100]!r})", 403)
         if origin == "null" or not guard.csrf_ok(folder, csrf):
             return PlainTextResponse("refused: missing or wrong CSRF token; use the stop button of the run's page", 403)
         if confirm != "yes":

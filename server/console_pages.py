@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from flower_compat.logging import plain
 from server import cli
+from server.launches import read_results
 from server.report import (MISSING, Html, esc, fmt_eps, fmt_int, fmt_num, fmt_seconds, metric_for, metric_label,
                            per_site_series, status_badge, table)
 
@@ -147,7 +148,7 @@ class Sources:
             config, ``rounds-completed``); ``(None, "none")`` when neither exists.
         """
         folder = self.runs_dir / launch["folder"]
-        res = self._file_cached(folder / "results.json", lambda p: json.loads(p.read_text()))
+        res = self._file_cached(folder / "results.json", read_results)  # a damaged one: None, logged
         launched = launch.get("launched") or []
         if isinstance(res, dict):
             written = (folder / "results.json").stat().st_mtime

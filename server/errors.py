@@ -52,7 +52,8 @@ def check_flower_id(value: str, what: str, fix: str) -> str:
         Code 2, naming the value and ``fix``.
     """
     text = str(value).strip()
-    if not re.fullmatch(r"[0-9]+", text) or int(text) > MAX_FLOWER_ID:
+    # at most 20 digits (2**64 - 1 has 20) before int(): Python refuses to convert over 4300
+    if not re.fullmatch(r"[0-9]+", text) or len(text.lstrip("0")) > 20 or int(text) > MAX_FLOWER_ID:
         raise CliError(f"{what} {value!r}: not a Flower {what.split()[0]} ID (a whole number from 0 to "
                        f"{MAX_FLOWER_ID}); fix: {fix}")
     return str(int(text))

@@ -123,14 +123,78 @@ def run_result(folder: Path, launch: dict, run_id: str, status: str) -> str:
         return ""
     path = Path(folder) / "results.json"
     try:
-        data = json.loads(path.read_text())
+        data = read_results(path)
         written = path.stat().st_mtime
-    except (OSError, ValueError):
+    except OSError:
         return "no results.json"
+    except ValueError as exc:
+        return f"damaged results.json ({exc})"
     launched = launch.get("launched") or []
     if launched and written < datetime.fromisoformat(launched[-1]).timestamp() - 2:
         return "no results.json (only an earlier launch's)"
     return str(data.get("status", "?"))
+
+
+def read_results(path: Path) -> dict:
+    """A run folder's ``results.json``, its shape checked where the coordinator's pages and commands read it.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read.
+    ValueError
+        Saying what is wrong (first problem only): not UTF-8, not JSON, nested too deeply, not an
+        object, or a part of the wrong type (``config``, ``rounds`` and each round's ``round``,
+        ``train``/``evaluate`` and their ``nodes``, ``energy``, the event lists, ``status``).
+    """
+    try:
+        d = json.loads(Path(path).read_text())
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno}; truncated?)") from None
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply to read)") from None
+    problem = results_problem(d)
+    if problem:
+        raise ValueError(problem)
+    return d
+
+
+def results_problem(d) -> str | None:
+    """What is wrong with the shape of a ``results.json`` object, or None (see :func:`read_results`)."""
+
+    def kind(v) -> str:
+        return "null" if v is None else type(v).__name__
+
+    if not isinstance(d, dict):
+        return f"a JSON {kind(d)} where an object is expected"
+    for key, want in (("config", dict), ("energy", dict), ("status", str), ("rounds", list), ("refused", list),
+                      ("excluded", list), ("dropped", list)):
+        if d.get(key) is not None and not isinstance(d[key], want):
+            return f"{key!r} is a {kind(d[key])}, not a{'n' if want is dict else ''} {want.__name__}"
+    for key in ("refused", "excluded", "dropped"):
+        if any(not isinstance(e, dict) for e in d.get(key) or []):
+            return f"{key!r} holds an entry that is not an object"
+    nodes = (d.get("energy") or {}).get("nodes")
+    if nodes is not None and (not isinstance(nodes, dict) or any(not isinstance(v, dict) for v in nodes.values())):
+        return "'energy.nodes' is not an object of per-node objects"
+    for i, entry in enumerate(d.get("rounds") or [], 1):
+        if not isinstance(entry, dict):
+            return f"rounds[{i}] is a {kind(entry)}, not an object"
+        rnd = entry.get("round")
+        if rnd is not None and (isinstance(rnd, bool) or not isinstance(rnd, int)):
+            return f"rounds[{i}].round is a {kind(rnd)}, not a whole number"
+        for phase in ("train", "evaluate"):
+            ph = entry.get(phase)
+            if ph is None:
+                continue
+            if not isinstance(ph, dict):
+                return f"rounds[{i}].{phase} is a {kind(ph)}, not an object"
+            nodes = ph.get("nodes")
+            if nodes is not None and (not isinstance(nodes, dict) or any(not isinstance(v, dict) for v in nodes.values())):
+                return f"rounds[{i}].{phase}.nodes is not an object of per-node objects"
+    return None
 
 
 def _is_run_id(value) -> bool:
@@ -163,6 +227,8 @@ def read_launch(path: Path) -> dict:
         raise ValueError("not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno}; truncated?)") from None
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply to read)") from None
     if not isinstance(d, dict):
         raise ValueError(f"a JSON {type(d).__name__} where an object is expected")
     d.setdefault("run-ids", [])

@@ -360,6 +360,27 @@ def _resumed_run(runs: Path, resume: str, department: str | None, overrides: dic
     return rec, runs / rec["folder"], {**rec["config"], **overrides, "resume": True}
 
 
+def check_resumed_config(folder: Path, cfg: dict, overrides: dict, explicit: dict) -> None:
+    """Name the run folder's ``launch.json`` when a value it holds (not one given now) is refused.
+
+    Raises
+    ------
+    CliError
+        Code 2: the file, the key and its value, and the fix (override it, or restore the file).
+    """
+    from server.app import RunConfigError, settings
+
+    try:
+        settings(cfg)
+    except RunConfigError as exc:
+        stored = [k for k in exc.keys if k not in overrides and k not in explicit]
+        if stored:
+            shown = ", ".join(f"{k} = {json.dumps(cfg.get(k))[:60]}" for k in stored)
+            raise CliError(f"--resume: {Path(folder) / 'launch.json'} holds {shown}: {exc}; fix: override it with "
+                           f"-c {stored[0]}=VALUE, or restore launch.json (fl-server run wrote it; this value was "
+                           "edited or damaged)") from None
+
+
 def check_central_data(cfg: dict) -> None:
     """Read ``central-data`` as the ServerApp will, before the run is launched; make its path absolute.
 
