@@ -196,7 +196,8 @@ def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]
             response = await call_next(request)
         except Exception as exc:  # noqa: BLE001 - one log line, no traceback (a frame's values may be a record)
             response = _internal(exc, request.url.path, debug)
-        metrics.add(request.url.path, response.status_code, time.perf_counter() - t0,
+        path = request.url.path  # every other path is one key: a key per path grew /metrics without bound
+        metrics.add(path if path in routes else "(other)", response.status_code, time.perf_counter() - t0,
                     int(response.headers.get("x-records", 0) or 0))
         return response
 
@@ -223,11 +224,22 @@ def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]
                   "application/json": {"schema": PredictRequest.model_json_schema()},
                   "text/csv": {"schema": {"type": "string"}}}, "required": True}})
     async def predict(request: Request):
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return _unprocessable(RequestError("records", f"the body has {len(body)} bytes, more than {MAX_BODY}",
-                                               "send fewer records per request"))
+        too_big = RequestError("records", f"the body has more than {MAX_BODY} bytes", "send fewer records per request")
+        declared = request.headers.get("content-length", "")
+        if declared.strip().isdigit() and len(declared.strip()) <= 20 and int(declared) > MAX_BODY:
+            return _unprocessable(too_big)  # answered before the body is read
+        chunks, size = [], 0
+        async for chunk in request.stream():  # read up to the limit, never the whole of a larger body
+            size += len(chunk)
+            if size > MAX_BODY:
+                return _unprocessable(too_big)
+            chunks.append(chunk)
+        body = b"".join(chunks)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in ("", "application/json", "text/csv", "application/csv") and not ctype.endswith("+json"):
+            return JSONResponse({"detail": [{"field": "content-type", "problem": f"{ctype[:60]!r} is not accepted",
+                                             "fix": "send application/json ({\"records\": [...]}) or text/csv"}]},
+                                status_code=415)
         try:
             try:
                 if ctype in ("text/csv", "application/csv"):
@@ -257,5 +269,6 @@ def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]
     async def unexpected(request: Request, exc: Exception):  # raised outside the middleware above
         return _internal(exc, request.url.path, debug)
 
+    routes = {r.path for r in app.routes if hasattr(r, "path")}
     app.state.metrics = metrics
     return app

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from contract.text_files import BOM_FIX, UTF8_BOM
 from citydata.timestamps import DATE_FORMAT_FIX  # the fix of a bad --date-format, worded once with fl-client's
 
 app = typer.Typer(add_completion=False, suggest_commands=False, no_args_is_help=True, help=(
@@ -39,10 +40,19 @@ def read_keys(path: Path | None) -> list[str]:
     """
     if path is not None:
         try:
-            lines = Path(path).read_text().splitlines()
+            raw = Path(path).read_bytes()
         except OSError as exc:
             raise typer.BadParameter(f"{path}: cannot read ({exc.strerror}); fix: give a readable file with one key "
                                      "per line", param_hint="--api-key-file") from None
+        if raw.startswith(UTF8_BOM):  # it would stay in the first key: every client's key refused (403)
+            raise typer.BadParameter(f"{path}: starts with a byte-order mark (BOM), which would become part of the "
+                                     f"first key; fix: {BOM_FIX}", param_hint="--api-key-file")
+        try:
+            lines = raw.decode("utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise typer.BadParameter(f"{path}: not UTF-8 text (byte {exc.start}); fix: write the keys as plain text, one "
+                                     "per line (`python -c 'import secrets; print(secrets.token_urlsafe(32))' > "
+                                     "serve.keys`)", param_hint="--api-key-file") from None
         keys = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
         where = str(path)
     else:

@@ -102,6 +102,11 @@ def frame_from_records(records: list[dict]) -> pd.DataFrame:
     if not all(isinstance(r, dict) for r in records):
         raise RequestError("records", "every record must be a JSON object (column -> value)",
                            "send [{\"column\": value, ...}, ...]")
+    empty = [i for i, rec in enumerate(records, start=1) if not rec]
+    if empty:  # else pandas makes no rows of them, and the file-loading check said "header but no data rows"
+        raise RequestError("records", f"record {empty[0]} is an empty object" + (f" ({len(empty)} are)" if len(empty) > 1
+                                                                                   else ""),
+                           "give every record its columns in the department's schema (GET /model lists them)")
     for i, rec in enumerate(records, start=1):
         for key, value in rec.items():
             if not isinstance(value, SCALARS):

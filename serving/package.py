@@ -665,29 +665,29 @@ def verify_package(path: Path, *, manifest_sha256: str | None = None) -> dict:
                            "replaced or changed: do not serve it; export it again from the run folder")
     manifest = _package_json(path, MANIFEST)
     if manifest.get("format") != PACKAGE_FORMAT:
-        raise PackageError(f"{mpath}: format {manifest.get('format')!r}, expected {PACKAGE_FORMAT!r}; fix: export "
+        raise PackageError(f"{mpath}: format {_cut(manifest.get('format'))}, expected {PACKAGE_FORMAT!r}; fix: export "
                            "the package again with this cityfed (or serve it with the cityfed version that wrote it)")
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise PackageError(f"{mpath}: files is {_kind(files)}, expected an object of file name -> SHA-256; the manifest "
                            f"was changed; {EXPORT_AGAIN}")
     if set(files) != set(FILES):
-        raise PackageError(f"{mpath}: files lists {sorted(files)}, a package has exactly {sorted(FILES)}; "
+        raise PackageError(f"{mpath}: files lists {_cut(sorted(files))}, a package has exactly {sorted(FILES)}; "
                            f"the package was changed; {EXPORT_AGAIN}")
     bad = sorted(n for n, h in files.items() if not (isinstance(h, str) and len(h) == 64
                                                       and all(c in "0123456789abcdef" for c in h)))
     if bad:
-        raise PackageError(f"{mpath}: files.{bad[0]} is not a SHA-256 (64 hex digits); the manifest was changed; "
+        raise PackageError(f"{mpath}: files.{_cut(bad[0])} is not a SHA-256 (64 hex digits); the manifest was changed; "
                            f"{EXPORT_AGAIN}")
     from citydata import DATASETS
 
     dept = manifest.get("department")
     if not isinstance(dept, str) or dept not in DATASETS:
-        raise PackageError(f"{mpath}: department {dept!r} is not one of {sorted(DATASETS)}; the manifest was changed; "
+        raise PackageError(f"{mpath}: department {_cut(dept)} is not one of {sorted(DATASETS)}; the manifest was changed; "
                            f"{EXPORT_AGAIN}")
     extra = sorted(p.name for p in path.iterdir() if p.name not in (*FILES, MANIFEST))
     if extra:
-        raise PackageError(f"{path}: unexpected file(s) {extra} not covered by {MANIFEST}; fix: remove them, "
+        raise PackageError(f"{path}: unexpected file(s) {_cut(extra)} not covered by {MANIFEST}; fix: remove them, "
                            "or export the package again into an empty folder")
     for name, want in files.items():
         f = path / name
@@ -791,6 +791,12 @@ def _check_fits_schema(path: Path, model_config: dict, schema: dict) -> None:
                                f"{EXPORT_AGAIN}")
 
 
+def _cut(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a value read from a package that may be damaged)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def load_package(path: Path, *, manifest_sha256: str | None = None) -> ModelPackage:
     """Verify a package (:func:`verify_package`) and build its model with the packaged weights.
 
@@ -817,6 +823,15 @@ def load_package(path: Path, *, manifest_sha256: str | None = None) -> ModelPack
     except ArtefactError:
         raise PackageError(f"{path / MODEL}: not a readable safetensors file; the package is damaged; "
                            f"{EXPORT_AGAIN}") from None
+    for name, value in weights.items():  # names and kinds only, never values
+        arr = np.asarray(value)
+        if arr.dtype.kind != "f":
+            raise PackageError(f"{path / MODEL}: tensor {name[:60]!r} holds {arr.dtype} values, not floating point; "
+                               f"the package is damaged; {EXPORT_AGAIN}")
+        if not np.isfinite(arr).all():
+            raise PackageError(f"{path / MODEL}: tensor {name[:60]!r} holds NaN or infinite values, so every "
+                               f"prediction would be too; the run that made it diverged or the file is damaged; "
+                               f"{EXPORT_AGAIN}")
     model = build()
     try:
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)

@@ -17,6 +17,7 @@ console = make_console(highlight=True, soft_wrap=False)  # 200 columns off a ter
 
 #: Highest --seed: the other fl-sim commands' bound (simulations.cli._MAX_SEED, the run config's).
 _MAX_SEED = 2**32 - 1
+MAX_CLIP = 1e6  # server.app.MAX_SCALE: the largest clipping norm a run accepts
 
 #: Environment variable: PyTorch threads of the audit's training (default 1; at most the machine's CPU count).
 THREADS_ENV = "CITYFED_AUDIT_THREADS"
@@ -85,9 +86,9 @@ def _check_inputs(department: str, out: Path, epsilon: List[float], seed: int, s
     if twice is not None:
         _refuse(f"site {twice!r} given more than once: its records would be in the audit's pool twice",
                 "give each --site once", "--site")
-    if not (clip > 0 and math.isfinite(clip)):
-        _refuse(f"the clipping norm must be a finite number > 0 (got {clip!r})", "give --clip a finite number > 0",
-                "--clip")
+    if not (0 < clip <= MAX_CLIP and math.isfinite(clip)):  # MAX_CLIP: runs' clipping-norm bound (server.app)
+        _refuse(f"the clipping norm must be a finite number > 0 and at most {MAX_CLIP:g} (got {clip!r})",
+                f"give --clip a number in (0, {MAX_CLIP:g}]", "--clip")
     if not 0.5 <= confidence <= 0.9999:  # typer's range lets nan through
         _refuse(f"must be a number from 0.5 to 0.9999 (got {confidence!r})", "give --confidence a value in that range",
                 "--confidence")
@@ -133,13 +134,14 @@ def audit(
                                         help="Target epsilon of a DP-SGD setting to audit (repeat for several, each once: "
                                              "values equal to 6 significant digits are one setting). "
                                              "A non-private control is always audited too (unless --no-control)."),
-    shadows: int = typer.Option(32, "--shadows", min=2,
-                                help="Shadow (reference) models per setting; the attacker knows their training sets."),
-    targets: int = typer.Option(8, "--targets", min=1,
-                                help="Audited models per setting; their guesses are pooled into one bound."),
-    canaries: int = typer.Option(128, "--canaries", min=0,
-                                 help="Synthetic records (atypical features, random label), each in a model's "
-                                      "training set with probability 1/2; 0 audits the real records only."),
+    shadows: int = typer.Option(32, "--shadows", min=2, max=1024,
+                                help="Shadow (reference) models per setting (at most 1024); the attacker knows their "
+                                     "training sets."),
+    targets: int = typer.Option(8, "--targets", min=1, max=1024,
+                                help="Audited models per setting (at most 1024); their guesses are pooled into one bound."),
+    canaries: int = typer.Option(128, "--canaries", min=0, max=100_000,
+                                 help="Synthetic records (atypical features, random label; at most 100,000), each in a "
+                                      "model's training set with probability 1/2; 0 audits the real records only."),
     seed: int = typer.Option(0, "--seed", min=0, max=_MAX_SEED,
                              help="Seed of the inclusion masks, canaries, initialisation and DP noise."),
     site: Optional[List[str]] = typer.Option(None, "--site", "-s",
