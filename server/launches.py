@@ -164,15 +164,17 @@ def read_results(path: Path) -> dict:
 def results_problem(d) -> str | None:
     """What is wrong with the shape of a ``results.json`` object, or None (see :func:`read_results`)."""
 
+    names = {dict: "an object", list: "a list", str: "a text", int: "a number", float: "a number", bool: "true/false"}
+
     def kind(v) -> str:
-        return "null" if v is None else type(v).__name__
+        return "null" if v is None else names.get(type(v), type(v).__name__)
 
     if not isinstance(d, dict):
-        return f"a JSON {kind(d)} where an object is expected"
+        return f"{kind(d)} where an object is expected"
     for key, want in (("config", dict), ("energy", dict), ("status", str), ("rounds", list), ("refused", list),
                       ("excluded", list), ("dropped", list)):
         if d.get(key) is not None and not isinstance(d[key], want):
-            return f"{key!r} is a {kind(d[key])}, not a{'n' if want is dict else ''} {want.__name__}"
+            return f"{key!r} is {kind(d[key])}, not {names[want]}"
     for key in ("refused", "excluded", "dropped"):
         if any(not isinstance(e, dict) for e in d.get(key) or []):
             return f"{key!r} holds an entry that is not an object"
@@ -181,16 +183,16 @@ def results_problem(d) -> str | None:
         return "'energy.nodes' is not an object of per-node objects"
     for i, entry in enumerate(d.get("rounds") or [], 1):
         if not isinstance(entry, dict):
-            return f"rounds[{i}] is a {kind(entry)}, not an object"
+            return f"rounds[{i}] is {kind(entry)}, not an object"
         rnd = entry.get("round")
         if rnd is not None and (isinstance(rnd, bool) or not isinstance(rnd, int)):
-            return f"rounds[{i}].round is a {kind(rnd)}, not a whole number"
+            return f"rounds[{i}].round is {kind(rnd)}, not a whole number"
         for phase in ("train", "evaluate"):
             ph = entry.get(phase)
             if ph is None:
                 continue
             if not isinstance(ph, dict):
-                return f"rounds[{i}].{phase} is a {kind(ph)}, not an object"
+                return f"rounds[{i}].{phase} is {kind(ph)}, not an object"
             nodes = ph.get("nodes")
             if nodes is not None and (not isinstance(nodes, dict) or any(not isinstance(v, dict) for v in nodes.values())):
                 return f"rounds[{i}].{phase}.nodes is not an object of per-node objects"
