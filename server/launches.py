@@ -147,18 +147,23 @@ def read_results(path: Path) -> dict:
         object, or a part of the wrong type (``config``, ``rounds`` and each round's ``round``,
         ``train``/``evaluate`` and their ``nodes``, ``energy``, the event lists, ``status``).
     """
+    d = _json_file(path)
+    problem = results_problem(d)
+    if problem:
+        raise ValueError(problem)
+    return d
+
+
+def _json_file(path: Path):
+    """The JSON in ``path``; ValueError saying why it is not JSON (OSError passes)."""
     try:
-        d = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except UnicodeDecodeError:
         raise ValueError("not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno}; truncated?)") from None
     except RecursionError:
         raise ValueError("not valid JSON (nested too deeply to read)") from None
-    problem = results_problem(d)
-    if problem:
-        raise ValueError(problem)
-    return d
 
 
 def results_problem(d) -> str | None:
@@ -222,15 +227,9 @@ def read_launch(path: Path) -> dict:
         not a list of run IDs, ``config`` not an object, ``launched`` not a list of ISO times.
     """
     try:
-        d = json.loads(Path(path).read_text())
+        d = _json_file(path)
     except OSError as exc:
         raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise ValueError("not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno}; truncated?)") from None
-    except RecursionError:
-        raise ValueError("not valid JSON (nested too deeply to read)") from None
     if not isinstance(d, dict):
         raise ValueError(f"a JSON {type(d).__name__} where an object is expected")
     d.setdefault("run-ids", [])

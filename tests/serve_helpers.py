@@ -45,6 +45,23 @@ def synthetic_run(run_dir: Path, department: str, seed: int = 0) -> Path:
     return run_dir
 
 
+def synthetic_package(folder: Path, department: str = "health") -> Path:
+    """``folder/pkg``: a model package exported from :func:`synthetic_run` (untrained; no site data)."""
+    from serving.package import export_package
+
+    export_package(synthetic_run(folder / "run", department), folder / "pkg", sites=[])
+    return folder / "pkg"
+
+
+def rehash(pkg: Path) -> None:
+    """Re-sign the manifest after a change (as someone who edits a package and its manifest would)."""
+    from serving.package import MANIFEST, sha256_file
+
+    m = json.loads((pkg / MANIFEST).read_text())
+    m["files"] = {name: sha256_file(pkg / name) for name in m["files"]}
+    (pkg / MANIFEST).write_text(json.dumps(m))
+
+
 def served(package: Path, site: str):
     """``(url context manager, SiteFeatures, ModelPackage)`` for ``package`` served for ``site`` on a free loopback port."""
     from serving.app import build_app

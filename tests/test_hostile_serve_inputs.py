@@ -24,36 +24,20 @@ for p in (ROOT, ROOT / "tests"):
         sys.path.insert(0, str(p))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from serve_helpers import KEY, served  # noqa: E402
+from serve_helpers import KEY, rehash, served, synthetic_package  # noqa: E402
 
 SITE = "Hungary"
 
 
 @pytest.fixture(scope="module")
 def health_pkg(tmp_path_factory):
-    """A health model package exported from an untrained synthetic run (as tests/test_serve_bad_input.py builds it)."""
-    from serve_helpers import synthetic_run
-
-    from serving.package import export_package
-
-    d = tmp_path_factory.mktemp("pkg")
-    export_package(synthetic_run(d / "run", "health"), d / "pkg", sites=[])
-    return d / "pkg"
+    return synthetic_package(tmp_path_factory.mktemp("pkg"))
 
 
 def copy_pkg(pkg: Path, tmp_path: Path) -> Path:
     out = tmp_path / "pkg"
     shutil.copytree(pkg, out)
     return out
-
-
-def rehash(pkg: Path) -> None:
-    """Re-sign the manifest after a change (as tests/test_serve_bad_input.py's _rehash)."""
-    from serving.package import MANIFEST, sha256_file
-
-    m = json.loads((pkg / MANIFEST).read_text())
-    m["files"] = {name: sha256_file(pkg / name) for name in m["files"]}
-    (pkg / MANIFEST).write_text(json.dumps(m))
 
 def test_metrics_do_not_grow_with_every_unauthenticated_path(health_pkg):
     """Metrics are keyed by request.url.path for every request, with no key needed for a 404: each new

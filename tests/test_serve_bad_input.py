@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_helpers import KEY, health_records, served, synthetic_run  # noqa: E402
+from serve_helpers import KEY, health_records, rehash, served, synthetic_package, synthetic_run  # noqa: E402
 
-from serving.package import MANIFEST, PackageError, export_package, load_package, sha256_file  # noqa: E402
+from serving.package import MANIFEST, PackageError, load_package, sha256_file  # noqa: E402
 
 H = {"X-API-Key": KEY, "Content-Type": "application/json"}
 SITE = "Hungary"
@@ -29,9 +29,7 @@ SECRET = "Zq7xSecretValue"
 
 @pytest.fixture(scope="module")
 def health_pkg(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bad-input")
-    export_package(synthetic_run(d / "run", "health"), d / "pkg", sites=[])
-    return d / "pkg"
+    return synthetic_package(tmp_path_factory.mktemp("bad-input"))
 
 
 class _Collect(logging.Handler):
@@ -315,11 +313,7 @@ def _copy(pkg: Path, tmp_path: Path) -> Path:
     return out
 
 
-def _rehash(pkg: Path) -> None:
-    """Re-sign the manifest after a change (as someone who edits a package and its manifest would)."""
-    m = json.loads((pkg / MANIFEST).read_text())
-    m["files"] = {name: sha256_file(pkg / name) for name in m["files"]}
-    (pkg / MANIFEST).write_text(json.dumps(m))
+_rehash = rehash
 
 
 def _edit_json(pkg: Path, name: str, fn) -> None:
