@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_helpers import KEY, health_records, rehash, served, synthetic_package, synthetic_run  # noqa: E402
+from serve_helpers import KEY, health_records, rehash, served, synthetic_package  # noqa: E402
 
 from serving.package import MANIFEST, PackageError, load_package, sha256_file  # noqa: E402
 
