@@ -238,6 +238,8 @@ def read_checkpoint(path: Path) -> dict:
     """
     from safetensors import safe_open
 
+    from privacy.policy import shown_value
+
     path = Path(path)
     if path.suffix == ".pkl":
         raise LegacyCheckpointError(legacy_message(path))
@@ -264,7 +266,7 @@ def read_checkpoint(path: Path) -> dict:
     if not isinstance(meta, dict):
         raise ArtefactError(damaged.format(f"a JSON {type(meta).__name__}, not an object"))
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ArtefactError(f"{path}: checkpoint format {_shown(meta.get('format'))}, this cityfed reads format "
+        raise ArtefactError(f"{path}: checkpoint format {shown_value(meta.get('format'))}, this cityfed reads format "
                             f"{CHECKPOINT_FORMAT}; finish the run with the version that wrote it or start a new run")
     try:
         blob = _decode(meta["blob"], tensors)
@@ -272,16 +274,10 @@ def read_checkpoint(path: Path) -> dict:
             raise TypeError(type(blob).__name__)
         blob["arrays"] = {k: tensors[f"arrays/{k}"] for k in meta["array-names"]}
     except KeyError as exc:
-        raise ArtefactError(damaged.format(f"missing {_shown(exc.args[0] if exc.args else '?')}")) from None
+        raise ArtefactError(damaged.format(f"missing {shown_value(exc.args[0] if exc.args else '?')}")) from None
     except (TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise ArtefactError(damaged.format(f"not the layout this cityfed writes ({type(exc).__name__})")) from None
     return blob
-
-
-def _shown(value, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters (a value read from a damaged file)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def legacy_message(path: Path) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from contract.energy import ENERGY_METRICS
+from privacy.policy import shown_value
 from server.artefacts import LEGACY_MODEL, MODEL, ArtefactError, load_model, save_model, write_atomic
 
 #: Package format written in the manifest.
@@ -665,29 +666,29 @@ def verify_package(path: Path, *, manifest_sha256: str | None = None) -> dict:
                            "replaced or changed: do not serve it; export it again from the run folder")
     manifest = _package_json(path, MANIFEST)
     if manifest.get("format") != PACKAGE_FORMAT:
-        raise PackageError(f"{mpath}: format {_cut(manifest.get('format'))}, expected {PACKAGE_FORMAT!r}; fix: export "
+        raise PackageError(f"{mpath}: format {shown_value(manifest.get('format'))}, expected {PACKAGE_FORMAT!r}; fix: export "
                            "the package again with this cityfed (or serve it with the cityfed version that wrote it)")
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise PackageError(f"{mpath}: files is {_kind(files)}, expected an object of file name -> SHA-256; the manifest "
                            f"was changed; {EXPORT_AGAIN}")
     if set(files) != set(FILES):
-        raise PackageError(f"{mpath}: files lists {_cut(sorted(files))}, a package has exactly {sorted(FILES)}; "
+        raise PackageError(f"{mpath}: files lists {shown_value(sorted(files))}, a package has exactly {sorted(FILES)}; "
                            f"the package was changed; {EXPORT_AGAIN}")
     bad = sorted(n for n, h in files.items() if not (isinstance(h, str) and len(h) == 64
                                                       and all(c in "0123456789abcdef" for c in h)))
     if bad:
-        raise PackageError(f"{mpath}: files.{_cut(bad[0])} is not a SHA-256 (64 hex digits); the manifest was changed; "
+        raise PackageError(f"{mpath}: files.{shown_value(bad[0])} is not a SHA-256 (64 hex digits); the manifest was changed; "
                            f"{EXPORT_AGAIN}")
     from citydata import DATASETS
 
     dept = manifest.get("department")
     if not isinstance(dept, str) or dept not in DATASETS:
-        raise PackageError(f"{mpath}: department {_cut(dept)} is not one of {sorted(DATASETS)}; the manifest was changed; "
+        raise PackageError(f"{mpath}: department {shown_value(dept)} is not one of {sorted(DATASETS)}; the manifest was changed; "
                            f"{EXPORT_AGAIN}")
     extra = sorted(p.name for p in path.iterdir() if p.name not in (*FILES, MANIFEST))
     if extra:
-        raise PackageError(f"{path}: unexpected file(s) {_cut(extra)} not covered by {MANIFEST}; fix: remove them, "
+        raise PackageError(f"{path}: unexpected file(s) {shown_value(extra)} not covered by {MANIFEST}; fix: remove them, "
                            "or export the package again into an empty folder")
     for name, want in files.items():
         f = path / name
@@ -789,12 +790,6 @@ def _check_fits_schema(path: Path, model_config: dict, schema: dict) -> None:
             raise PackageError(f"{Path(path) / 'model-config.json'}: {key} = {model_config[key]!r}, but "
                                f"schema.json's {key} is {schema[key]!r}: the model does not fit the records; "
                                f"{EXPORT_AGAIN}")
-
-
-def _cut(value, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters (a value read from a package that may be damaged)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def load_package(path: Path, *, manifest_sha256: str | None = None) -> ModelPackage:
