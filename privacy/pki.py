@@ -40,6 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from contract.text_files import BOM_FIX, UTF8_BOM
+from privacy.policy import shown_value
 
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
@@ -519,16 +520,17 @@ def parse_san(value: str, flag: str = "--san") -> x509.GeneralName:
         address (``0.0.0.0``, ``::``: servers listen on it, no client dials it).
     """
     f = flag
+    shown = shown_value(value)  # a value is quoted cut: a 400-character --san is not echoed whole
     if not isinstance(value, str):
-        raise PKIError(f"{f} {value!r} is not text; pass a host name or an IP address")
+        raise PKIError(f"{f} {shown} is not text; pass a host name or an IP address")
     text = value.strip()
     fix = "pass a host name like coord.city.example or an IP address like 10.0.0.5"
     if not text:
-        raise PKIError(f"{f} {value!r} is empty; {fix}")
+        raise PKIError(f"{f} {shown} is empty; {fix}")
     if not text.isascii():
-        raise PKIError(f"{f} {value!r} contains non-ASCII characters; pass the IDNA (xn--...) form of the name")
+        raise PKIError(f"{f} {shown} contains non-ASCII characters; pass the IDNA (xn--...) form of the name")
     if "," in text or any(c.isspace() for c in text):
-        raise PKIError(f"{f} {value!r} contains a comma or whitespace; "
+        raise PKIError(f"{f} {shown} contains a comma or whitespace; "
                        f"{'pass one --san per name' if f == '--san' else f'pass one host name to {f}'}")
     bracketed = text.startswith("[") and text.endswith("]")
     candidate = text[1:-1] if bracketed else text
@@ -538,38 +540,38 @@ def parse_san(value: str, flag: str = "--san") -> x509.GeneralName:
         ip = None
     if ip is not None:
         if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
-            raise PKIError(f"{f} {value!r} has an IPv6 zone (%...); certificates cannot name one, drop it")
+            raise PKIError(f"{f} {shown} has an IPv6 zone (%...); certificates cannot name one, drop it")
         if bracketed and ip.version != 6:
-            raise PKIError(f"{f} {value!r}: only IPv6 addresses go in brackets; pass {candidate}")
+            raise PKIError(f"{f} {shown}: only IPv6 addresses go in brackets; pass {candidate}")
         if ip.is_unspecified:
-            raise PKIError(f"{f} {value!r} is the unspecified address: a server listens on it, but no client dials "
+            raise PKIError(f"{f} {shown} is the unspecified address: a server listens on it, but no client dials "
                            "it, so a certificate naming it covers nothing; fix: pass the addresses clients dial, "
                            "e.g. 127.0.0.1 and the coordinator's LAN address or host name")
         return x509.IPAddress(ip)
     if bracketed:
-        raise PKIError(f"{f} {value!r} is bracketed but not an IPv6 address; {fix}")
+        raise PKIError(f"{f} {shown} is bracketed but not an IPv6 address; {fix}")
     if "*" in text:
-        raise PKIError(f"{f} {value!r} is a wildcard; wildcards are not issued, "
+        raise PKIError(f"{f} {shown} is a wildcard; wildcards are not issued, "
                        f"{'pass each host name with its own --san' if f == '--san' else f'pass one host name to {f}'}")
     if "://" in text or "/" in text or ":" in text:
-        raise PKIError(f"{f} {value!r} looks like a URL or host:port; pass only the host part, e.g. {f} coord.city.example")
+        raise PKIError(f"{f} {shown} looks like a URL or host:port; pass only the host part, e.g. {f} coord.city.example")
     name = text.lower()
     if name.endswith(".") and name != ".":
         name = name[:-1]
     if len(name) > 253:
-        raise PKIError(f"{f} {value!r} is longer than 253 characters; {fix}")
+        raise PKIError(f"{f} {shown} is longer than 253 characters; {fix}")
     labels = name.split(".")
     for label in labels:
         if not label:
-            raise PKIError(f"{f} {value!r} has an empty label (leading dot or two dots in a row); {fix}")
+            raise PKIError(f"{f} {shown} has an empty label (leading dot or two dots in a row); {fix}")
         if len(label) > 63:
-            raise PKIError(f"{f} {value!r} has a label longer than 63 characters; {fix}")
+            raise PKIError(f"{f} {shown} has a label longer than 63 characters; {fix}")
         if not _LABEL.fullmatch(label):
             raise PKIError(
-                f"{f} {value!r}: label {label!r} may only hold letters, digits and inner hyphens; {fix}"
+                f"{f} {shown}: label {shown_value(label)} may only hold letters, digits and inner hyphens; {fix}"
             )
     if labels[-1].isdigit():
-        raise PKIError(f"{f} {value!r} looks like an IP address but is not a valid one; check the numbers")
+        raise PKIError(f"{f} {shown} looks like an IP address but is not a valid one; check the numbers")
     return x509.DNSName(name)
 
 
@@ -643,7 +645,7 @@ def create_ca(
     now = _utcnow(now)
     not_after = _not_after(days, "CA", now)
     if not isinstance(name, str) or not name.strip() or len(name.strip()) > 64 or any(c in name for c in "\r\n\0"):
-        raise PKIError(f"--name {name!r} is invalid; pass a one-line CA name of 1-64 characters")
+        raise PKIError(f"--name {shown_value(name)} is invalid; pass a one-line CA name of 1-64 characters")
     key = ec.generate_private_key(_curve(curve))
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name.strip())])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
@@ -890,18 +892,18 @@ def check_node_fields(department: str, site: str) -> None:
             if isinstance(department, str) else []
         fix = (f"pass --department {close[0]} (did you mean {close[0]!r}?)" if close
                else "pass the department whose records this machine holds, e.g. --department health")
-        raise PKIError(f"--department {department!r} is invalid: the city's departments are "
+        raise PKIError(f"--department {shown_value(department)} is invalid: the city's departments are "
                        f"{', '.join(DEPARTMENTS)}; fix: {fix}")
     if not isinstance(site, str):
-        raise PKIError(f"--site {site!r} is invalid: not text; fix: pass the site's name, e.g. --site Cleveland")
+        raise PKIError(f"--site {shown_value(site)} is invalid: not text; fix: pass the site's name, e.g. --site Cleveland")
     rule = _fl_client_site_rule(site)
     if rule is not None:
-        raise PKIError(f"--site {site!r} is invalid: {rule} (fl-client refuses it too: the site names the node's "
+        raise PKIError(f"--site {shown_value(site)} is invalid: {rule} (fl-client refuses it too: the site names the node's "
                        "state folder and ledger key); fix: pass the site as the department's data file names it, "
                        "e.g. --site Cleveland or --site 'VA Long Beach'")
     bad = sorted({c for c in site if _breaks_comment(c)})
     if bad or site != site.strip():
-        what = (f"it holds {', '.join(map(repr, bad))}" if bad else "") + \
+        what = (f"it holds {', '.join(map(repr, bad[:5]))}{', ...' if len(bad) > 5 else ''}" if bad else "") + \
             (" and " if bad and site != site.strip() else "") + \
             ("it starts or ends with a space" if site != site.strip() else "")
         better = "".join("-" if _breaks_comment(c) else c for c in site).strip()
@@ -1193,7 +1195,7 @@ def verify_server_cert(
         names = [parse_san(host, "--host")]
         if names[0] not in sans:
             raise CertificateInvalid(
-                f"{cert_path}: does not cover {host!r} (its SANs: {', '.join(map(_san_text, sans)) or 'none'}); "
+                f"{cert_path}: does not cover {shown_value(host)} (its SANs: {', '.join(map(_san_text, sans)) or 'none'}); "
                 f"fix: reissue with `fl-pki server-cert ... --san {host}` plus the existing SANs"
             )
     else:

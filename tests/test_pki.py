@@ -471,7 +471,9 @@ def test_parse_san_accepts(raw, expected):
 def test_parse_san_rejects_with_a_clear_message(raw, hint):
     with pytest.raises(pki.PKIError) as info:
         pki.parse_san(raw)
-    assert repr(raw) in str(info.value) and hint in str(info.value)
+    from privacy.policy import shown_value
+
+    assert shown_value(raw) in str(info.value) and hint in str(info.value)
 
 
 def test_parse_sans_dedupes_and_requires_one():
@@ -491,7 +493,9 @@ def test_parse_san_property_valid_name_or_pkierror(city, raw):
     try:
         name = pki.parse_san(raw)
     except pki.PKIError as err:
-        assert repr(raw) in str(err)
+        from privacy.policy import shown_value
+
+        assert shown_value(raw) in str(err)  # the value, cut when long
         return
     # whatever is accepted is a name a TLS verifier can check a certificate against
     assert isinstance(name, (x509.IPAddress, x509.DNSName))
