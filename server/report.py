@@ -1247,8 +1247,10 @@ def write_report(run_dir: Path, sites: list[str], metric: str) -> Path:
             pass
         page = render_run_page(results, sites, metric, plots=plots, ledgers=ledgers, audit=audit, compare_link=link,
                                unreadable_ledgers=unreadable)
+    from server.artefacts import write_atomic
+
     out = run_dir / "report.html"
-    out.write_text(page, encoding="utf-8")
+    write_atomic(out, page.encode("utf-8"))  # an earlier page is replaced only by a complete one
     return out
 
 

@@ -314,3 +314,56 @@ def test_every_ledger_mechanism_has_a_label_people_read():
 
     assert set(MECHANISMS) <= set(R.MECHANISM_LABELS), set(MECHANISMS) - set(R.MECHANISM_LABELS)
     assert all(label and label != m for m, label in R.MECHANISM_LABELS.items())
+
+
+def test_a_failed_page_write_keeps_the_previous_report_whole(tmp_path, monkeypatch):
+    """A write that fails part-way (disk full, a kill) leaves the earlier report.html as it was.
+
+    On 8d95eb7 the page was written in place: a failure after the first bytes left a truncated
+    report.html that browsers show as the run's report (LOW, bad-input review of 2026-12-07).
+    """
+    import builtins
+    import errno
+    import io
+
+    (tmp_path / "results.json").write_text(json.dumps(sim_results()))
+    first = R.write_report(tmp_path, SITES, "accuracy").read_text()
+
+    class HalfWriter:
+        """A file that takes half of what is written, then fails as a full disk does."""
+
+        def __init__(self, fh):
+            self._fh = fh
+
+        def write(self, data):
+            self._fh.write(data[: len(data) // 2])
+            self._fh.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self._fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._fh.close()
+            return False
+
+    real_open, real_io_open = builtins.open, io.open
+
+    def failing(opener):
+        def _open(file, mode="r", *args, **kwargs):
+            fh = opener(file, mode, *args, **kwargs)
+            if "w" in mode and "report.html" in str(file):
+                return HalfWriter(fh)
+            return fh
+        return _open
+
+    monkeypatch.setattr(builtins, "open", failing(real_open))
+    monkeypatch.setattr(io, "open", failing(real_io_open))
+    with pytest.raises(OSError):
+        R.write_report(tmp_path, SITES, "accuracy")
+    monkeypatch.undo()
+    assert (tmp_path / "report.html").read_text() == first
+    assert sorted(p.name for p in tmp_path.iterdir() if "report" in p.name) == ["report.html"]
