@@ -121,15 +121,38 @@ def load_model(path: Path) -> dict[str, np.ndarray]:
     ArtefactError
         The file is missing or not a safetensors file.
     """
-    from safetensors.numpy import load_file
-
     path = Path(path)
     if not path.is_file():
         raise ArtefactError(f"{path}: no such model file (a run writes {MODEL} when it ends)")
     try:
-        return dict(load_file(str(path)))
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtefactError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__}); make it readable by "
+                            "this user") from None
+    return model_from_bytes(data, path)
+
+
+def model_from_bytes(data: bytes, where: Path) -> dict[str, np.ndarray]:
+    """Model weights from the bytes of a safetensors file (``name -> numpy array``).
+
+    Parameters
+    ----------
+    data : bytes
+        The file's bytes, as read (and, for a package, as hashed).
+    where : Path
+        The file they came from, named in errors.
+
+    Raises
+    ------
+    ArtefactError
+        Not a safetensors file.
+    """
+    from safetensors.numpy import load
+
+    try:
+        return dict(load(bytes(data)))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise ArtefactError(f"{path}: not a readable safetensors file ({type(exc).__name__}); "
+        raise ArtefactError(f"{where}: not a readable safetensors file ({type(exc).__name__}); "
                             "write it again (fl-sim run / fl-server run) or restore it from a copy") from None
 
 

@@ -11,7 +11,9 @@ A package is a folder::
     MANIFEST.json       SHA-256 of each file above
 
 :func:`load_package` recomputes every hash and refuses a package whose files differ from
-its manifest, lack a file or carry an extra one (:class:`PackageError`). The manifest can
+its manifest, lack a file or carry an extra one (:class:`PackageError`). Each file is read
+once: what is hashed is what is loaded (a file replaced after the check is not served), and a
+symbolic link or other non-regular file in the package is refused. The manifest can
 itself be pinned: its SHA-256 is printed by the export and ``fl-serve --manifest-sha256``
 checks it, so a package swapped as a whole is refused too.
 """
@@ -21,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +33,7 @@ import numpy as np
 
 from contract.energy import ENERGY_METRICS
 from privacy.policy import shown_value
-from server.artefacts import LEGACY_MODEL, MODEL, ArtefactError, load_model, save_model, write_atomic
+from server.artefacts import LEGACY_MODEL, MODEL, ArtefactError, load_model, model_from_bytes, save_model, write_atomic
 
 #: Package format written in the manifest.
 PACKAGE_FORMAT = "cityfed-model-package/1"
@@ -61,14 +65,40 @@ def _kind(value) -> str:
     return "an object" if isinstance(value, dict) else type(value).__name__
 
 
-def _package_json(path: Path, name: str) -> dict:
-    """The JSON object in package file ``name``; :class:`PackageError` naming the file otherwise."""
-    f = Path(path) / name
+def _read_package_file(f: Path) -> bytes:
+    """The bytes of package file ``f``, read once; :class:`PackageError` naming it otherwise.
+
+    A symbolic link (it could be pointed elsewhere after the check) and anything but a regular
+    file are refused; the file is opened without following a link (``O_NOFOLLOW``).
+    """
+    f = Path(f)
+    unreadable = ("fix: make the package's files readable by the user that runs fl-serve")
     try:
-        value = json.loads(f.read_text(encoding="utf-8"))
+        st = os.lstat(f)
+    except FileNotFoundError:
+        raise PackageError(f"{f}: missing from the package; {EXPORT_AGAIN}") from None
     except OSError as exc:
-        raise PackageError(f"{f}: cannot read ({exc.strerror or type(exc).__name__}); fix: make the package's files "
-                           "readable by the user that runs fl-serve") from None
+        raise PackageError(f"{f}: cannot read ({exc.strerror or type(exc).__name__}); {unreadable}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise PackageError(f"{f}: is a symbolic link; a package holds the plain files its export wrote (a link "
+                           "can be pointed at other content after the check); fix: copy the package with its files "
+                           "(`cp -rL`), or export it again")
+    if not stat.S_ISREG(st.st_mode):
+        raise PackageError(f"{f}: not a regular file; {EXPORT_AGAIN}")
+    try:
+        with open(f, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NOFOLLOW", 0))) as fh:
+            return fh.read()
+    except OSError as exc:
+        raise PackageError(f"{f}: cannot read ({exc.strerror or type(exc).__name__}); {unreadable}") from None
+
+
+def _package_json(path: Path, name: str, raw: bytes | None = None) -> dict:
+    """The JSON object in package file ``name`` (``raw``: its bytes, already read); :class:`PackageError` otherwise."""
+    f = Path(path) / name
+    if raw is None:
+        raw = _read_package_file(f)
+    try:
+        value = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise PackageError(f"{f}: not valid JSON (line {exc.lineno} column {exc.colno}); the package is damaged; "
                            f"{EXPORT_AGAIN}") from None
@@ -649,22 +679,24 @@ def verify_package(path: Path, *, manifest_sha256: str | None = None) -> dict:
     ------
     PackageError
         Missing manifest or file, a file whose hash differs, an unexpected file, a manifest
-        other than the expected one.
+        other than the expected one, a symbolic link or other non-regular file.
     """
+    return _verified_files(path, manifest_sha256=manifest_sha256)[0]
+
+
+def _verified_files(path: Path, *, manifest_sha256: str | None = None) -> tuple[dict, dict[str, bytes]]:
+    """:func:`verify_package`, also returning each file's bytes as hashed (``MANIFEST.json`` included)."""
     path = Path(path)
     mpath = path / MANIFEST
-    if not mpath.is_file():
+    if not mpath.is_file() and not mpath.is_symlink():
         raise PackageError(f"{mpath}: not found; fix: give a package folder written by `fl-sim export-model` "
                            "or `fl-server export`")
-    try:
-        got = sha256_file(mpath)
-    except OSError as exc:
-        raise PackageError(f"{mpath}: cannot read ({exc.strerror or type(exc).__name__}); fix: make the package's "
-                           "files readable by the user that runs fl-serve") from None
+    raw = {MANIFEST: _read_package_file(mpath)}
+    got = hashlib.sha256(raw[MANIFEST]).hexdigest()
     if manifest_sha256 and got != manifest_sha256.lower():
         raise PackageError(f"{mpath}: SHA-256 {got} differs from the expected {manifest_sha256}; the package was "
                            "replaced or changed: do not serve it; export it again from the run folder")
-    manifest = _package_json(path, MANIFEST)
+    manifest = _package_json(path, MANIFEST, raw[MANIFEST])
     if manifest.get("format") != PACKAGE_FORMAT:
         raise PackageError(f"{mpath}: format {shown_value(manifest.get('format'))}, expected {PACKAGE_FORMAT!r}; fix: export "
                            "the package again with this cityfed (or serve it with the cityfed version that wrote it)")
@@ -692,18 +724,13 @@ def verify_package(path: Path, *, manifest_sha256: str | None = None) -> dict:
                            "or export the package again into an empty folder")
     for name, want in files.items():
         f = path / name
-        if not f.is_file():
-            raise PackageError(f"{f}: missing from the package; {EXPORT_AGAIN}")
-        try:
-            have = sha256_file(f)
-        except OSError as exc:
-            raise PackageError(f"{f}: cannot read ({exc.strerror or type(exc).__name__}); fix: make the package's "
-                               "files readable by the user that runs fl-serve") from None
+        raw[name] = _read_package_file(f)
+        have = hashlib.sha256(raw[name]).hexdigest()
         if have != want:
             raise PackageError(f"{f}: SHA-256 {have} does not match {MANIFEST} ({want}): the file was changed "
                                "after export (tampered or damaged); refused. Fix: export the package again from "
                                "the run folder")
-    return manifest
+    return manifest, raw
 
 
 def _validation_problems(exc) -> str:
@@ -807,14 +834,14 @@ def load_package(path: Path, *, manifest_sha256: str | None = None) -> ModelPack
     import torch
 
     path = Path(path)
-    manifest = verify_package(path, manifest_sha256=manifest_sha256)
-    mc = _package_json(path, "model-config.json")
-    schema = _package_json(path, "schema.json")
-    card = _package_json(path, "model-card.json")
+    manifest, raw = _verified_files(path, manifest_sha256=manifest_sha256)  # each file read once: loaded as hashed
+    mc = _package_json(path, "model-config.json", raw["model-config.json"])
+    schema = _package_json(path, "schema.json", raw["schema.json"])
+    card = _package_json(path, "model-card.json", raw["model-card.json"])
     build = model_builder(path, mc)
     _check_fits_schema(path, mc, schema)
     try:
-        weights = load_model(path / MODEL)
+        weights = model_from_bytes(raw[MODEL], path / MODEL)
     except ArtefactError:
         raise PackageError(f"{path / MODEL}: not a readable safetensors file; the package is damaged; "
                            f"{EXPORT_AGAIN}") from None
@@ -836,7 +863,7 @@ def load_package(path: Path, *, manifest_sha256: str | None = None) -> ModelPack
                            f"({why}); {EXPORT_AGAIN}") from None
     model.eval()
     return ModelPackage(path=path, model=model, model_config=mc, schema=schema, card=card, manifest=manifest,
-                        manifest_sha256=sha256_file(path / MANIFEST))
+                        manifest_sha256=hashlib.sha256(raw[MANIFEST]).hexdigest())
 
 
 def _version() -> str:

@@ -409,3 +409,71 @@ def test_fl_serve_bad_node_input_is_exit_2(health_pkg, tmp_path, monkeypatch, ca
     res, text = _serve_cli(health_pkg, monkeypatch, *args)
     assert res.exit_code == 2, text
     assert all(w in text for w in words) and "fix" in text.lower() and "would serve" not in text, text
+
+
+def test_a_package_file_swapped_after_its_hash_check_is_not_served(health_pkg, tmp_path, monkeypatch):
+    """What is loaded is what was hashed: each package file is read once.
+
+    On 8d95eb7 ``load_package`` hashed each file, then read it again to load it (a LOW of the
+    bad-input review of 2026-12-07): weights written into the folder between the two reads were
+    served under the pinned ``--manifest-sha256``.
+    """
+    import builtins
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    pkg = _copy(health_pkg, tmp_path)
+    pinned = sha256_file(pkg / MANIFEST)
+    model = pkg / "model.safetensors"
+    original = load_file(str(model))
+    tampered = tmp_path / "tampered.safetensors"
+    save_file({k: np.zeros_like(v) for k, v in original.items()}, str(tampered))
+    real_open = builtins.open
+    swapped = []
+
+    class SwapOnClose:
+        def __init__(self, fh):
+            self._fh = fh
+
+        def __getattr__(self, name):
+            return getattr(self._fh, name)
+
+        def __iter__(self):
+            return iter(self._fh)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._fh.close()
+            if not swapped:  # the first read is over: an attacker replaces the weights
+                os.replace(tampered, model)
+                swapped.append(True)
+            return False
+
+    def watching(file, mode="r", *args, **kwargs):
+        fh = real_open(file, mode, *args, **kwargs)
+        if Path(file) == model and "r" in mode:
+            return SwapOnClose(fh)
+        return fh
+
+    monkeypatch.setattr(builtins, "open", watching)
+    pkg_loaded = load_package(pkg, manifest_sha256=pinned)
+    monkeypatch.undo()
+    assert swapped, "the test never saw the weights read"
+    served = {k: v.detach().numpy() for k, v in pkg_loaded.model.state_dict().items()}
+    assert all(np.array_equal(served[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model-card.json", MANIFEST])
+def test_a_symlink_inside_a_package_is_refused_naming_it(health_pkg, tmp_path, name):
+    """A package holds the plain files the export wrote; a link could point anywhere later."""
+    pkg = _copy(health_pkg, tmp_path)
+    elsewhere = tmp_path / ("elsewhere-" + name)
+    (pkg / name).rename(elsewhere)
+    (pkg / name).symlink_to(elsewhere)
+    with pytest.raises(PackageError) as info:
+        load_package(pkg)
+    msg = str(info.value)
+    assert str(pkg / name) in msg and "symbolic link" in msg and "fix" in msg.lower(), msg
