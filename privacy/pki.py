@@ -367,6 +367,10 @@ def _replace_all(staged: Sequence[tuple[Path, Path]]) -> None:
                     pass
 
 
+#: The largest key or certificate file read (bytes): keys and certificates are a few KB, a CA bundle a few hundred.
+MAX_PKI_FILE = 4 * 1024 * 1024
+
+
 def _read(path: Path, what: str, fix: str) -> bytes:
     path = Path(path).expanduser()
     if not path.exists():
@@ -374,6 +378,10 @@ def _read(path: Path, what: str, fix: str) -> bytes:
     if not path.is_file():
         raise PKIError(f"{path}: is not a file; fix: {fix}")
     try:
+        size = path.stat().st_size
+        if size > MAX_PKI_FILE:  # refused before it is read: a 200 MB "node.pub" is not loaded into memory
+            raise PKIError(f"{path}: is {size / 1e6:,.0f} MB, far larger than any {what} (a few KB); it is another "
+                           f"file; fix: {fix}")
         return path.read_bytes()
     except OSError as err:
         raise PKIError(f"{path}: cannot read {what} ({err.strerror}); fix: check its permissions") from None
@@ -955,6 +963,19 @@ def create_node_key(
     return key_path, pub_path, ssh_fingerprint(key.public_key())
 
 
+def _is_der_private_key(data: bytes) -> bool:
+    """Whether ``data`` is a private key in DER (binary) form, plain or password-protected."""
+    if not data.startswith(b"\x30"):  # every DER private key is an ASN.1 SEQUENCE
+        return False
+    try:
+        serialization.load_der_private_key(data, password=None)
+    except TypeError:  # "password was not given but private key is encrypted": a private key all the same
+        return True
+    except (ValueError, UnsupportedAlgorithm):
+        return False
+    return True
+
+
 def load_public_key(path: Path) -> PublicKeyInfo:
     """Read an OpenSSH public key file (such as ``node.pub``).
 
@@ -976,7 +997,7 @@ def load_public_key(path: Path) -> PublicKeyInfo:
     """
     path = Path(path).expanduser()
     data = _read(path, "public key", "pass the node.pub written by `fl-pki node-key`")
-    if b"PRIVATE KEY" in data:
+    if b"PRIVATE KEY" in data or _is_der_private_key(data):
         raise PKIError(f"{path}: is a private key (node.key), which must never leave the department's machine; fix: hand "
                        "over node.pub instead. As this private key has now been copied, make a new key on the department's "
                        "machine (`fl-pki node-key ... --force`) and register that node.pub")

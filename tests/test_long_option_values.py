@@ -61,3 +61,35 @@ def test_a_long_node_site_is_cut_in_its_error(tmp_path, site):
     text = _message(lambda: pki.create_node_key(tmp_path / "node", department="health", site=site))
     assert "--site" in text
     assert "a" * 100 not in text and "é" * 100 not in text
+
+
+# ----------------------------------------------------------------------------- key and certificate files
+
+
+def test_a_huge_file_given_as_node_pub_is_refused_without_reading_it_whole(tmp_path, monkeypatch):
+    """A 200 MB "node.pub" was read into memory whole before being refused (LOW, 2026-12-07 review)."""
+    big = tmp_path / "node.pub"
+    with open(big, "wb") as fh:
+        fh.truncate(200 * 1024 * 1024)  # sparse: no disk used
+    reads = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or real(self))
+    text = _message(lambda: pki.load_public_key(big))
+    assert str(big) in text and "MB" in text and "fix" in text
+    assert not reads, "the file was read whole"
+
+
+@pytest.mark.parametrize("encoding", ["der-pkcs8", "der-traditional", "der-pkcs8-encrypted"])
+def test_a_der_private_key_given_as_node_pub_is_called_private(tmp_path, encoding):
+    """A private key in DER (binary) was "not an OpenSSH public key", with no word that it is secret."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    fmt = serialization.PrivateFormat.PKCS8 if "pkcs8" in encoding else serialization.PrivateFormat.TraditionalOpenSSL
+    enc = (serialization.BestAvailableEncryption(b"secret-pass") if "encrypted" in encoding
+           else serialization.NoEncryption())
+    f = tmp_path / "node.pub"
+    f.write_bytes(key.private_bytes(serialization.Encoding.DER, fmt, enc))
+    text = _message(lambda: pki.load_public_key(f))
+    assert "private key" in text and "never leave" in text
