@@ -40,7 +40,7 @@ from typing import Annotated, Callable, Optional
 import click
 import typer
 from rich.console import Console
-from privacy.safe_cli import make_console
+from privacy.safe_cli import finite_seconds, make_console
 from rich.markup import escape
 from typer.core import TyperGroup
 
@@ -1310,10 +1310,10 @@ def fl_client(
     state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="Node working folder (FLWR_HOME: received app bundles, node-config.toml; apps/approved.json, apps/quarantine/, audit.jsonl). Default ~/.cityfed/node-<department>-<site>.")] = None,
     runtime_port: Annotated[int, typer.Option("--runtime-port", min=1, max=65535, help="Local port of the node's own Runtime API (127.0.0.1 only). Change it when several nodes run on one machine.")] = 9094,
     max_restarts: Annotated[int, typer.Option("--max-restarts", min=0, help="Restarts in a row of a failed SuperNode before giving up (exit 1).")] = 5,
-    backoff: Annotated[float, typer.Option("--backoff", min=0.0, help="First wait before a restart, seconds; doubles each time.")] = 2.0,
-    backoff_max: Annotated[float, typer.Option("--backoff-max", min=0.0, help="Longest wait between restarts, seconds.")] = 60.0,
-    reconnect_window: Annotated[float, typer.Option("--reconnect-window", min=1.0, help="Seconds the SuperNode keeps retrying a lost connection before it exits and is restarted.")] = 300.0,
-    connect_timeout: Annotated[float, typer.Option("--connect-timeout", min=0.1, help="Seconds for the start-up reachability and TLS checks.")] = 5.0,
+    backoff: Annotated[float, typer.Option("--backoff", min=0.0, callback=finite_seconds("--backoff", 2, 3600), help="First wait before a restart, seconds; doubles each time; at most 3600.")] = 2.0,
+    backoff_max: Annotated[float, typer.Option("--backoff-max", min=0.0, callback=finite_seconds("--backoff-max", 60, 86400), help="Longest wait between restarts, seconds; at most 86400.")] = 60.0,
+    reconnect_window: Annotated[float, typer.Option("--reconnect-window", min=1.0, callback=finite_seconds("--reconnect-window", 300, 604800), help="Seconds the SuperNode keeps retrying a lost connection before it exits and is restarted; at most 604800 (7 days).")] = 300.0,
+    connect_timeout: Annotated[float, typer.Option("--connect-timeout", min=0.1, callback=finite_seconds("--connect-timeout", 5, 600), help="Seconds for the start-up reachability and TLS checks; at most 600.")] = 5.0,
     cold: Annotated[bool, typer.Option("--cold", help="Start a new ClientApp process for every message and keep Flower's polling (3 s idle), as plain flower-supernode does. Default: one warm ClientApp worker per node and 0.1 s polling (clients/warm.py; docs/DEPLOYMENT.md §5). Both run only approved app code.")] = False,
     date_format: Annotated[Optional[str], typer.Option("--date-format", help="Order of the dates in --data when they are not year-first: DMY (18/04/2024, day first), MDY (04/18/2024, month first), ISO (the default: year first only), or a strftime pattern such as '%d.%m.%Y %H:%M'. Dates like 01/04/2024 are refused without it.", show_default=False)] = None,
     ranges: Annotated[Optional[Path], typer.Option("--ranges", help="TOML file that replaces the schema's plausibility ranges of some columns (README: plausibility ranges), e.g. \\[trestbps] max = 320. Out-of-range values are errors unless the file says action = \"missing\".", show_default=False)] = None,

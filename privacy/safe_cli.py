@@ -14,6 +14,7 @@ variables: a data frame of patient rows among them. Every cityfed console script
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import traceback
@@ -224,3 +225,39 @@ def run_app(app: Callable[..., object], prog: str, argv: list[str] | None = None
             print(f"{prog}: error: {describe(exc)}. Run again with --debug for the traceback.", file=sys.stderr)
         code = EXIT_ERROR
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def finite_seconds(option: str, example: float, most: float | None = None) -> Callable[[float | None], float | None]:
+    """A typer callback refusing NaN, infinity and values over ``most`` for the seconds option ``option``.
+
+    click's ``min=`` lets NaN through, and its ``max=`` refusal names no fix: this callback does both.
+
+    Parameters
+    ----------
+    option : str
+        The option's name, for the message (``--wait-start``).
+    example : float
+        A good value, for the fix.
+    most : float, optional
+        The largest value taken (``--backoff 1e300`` would never restart); none by default.
+
+    Returns
+    -------
+    callable
+        ``check(value)``: ``value`` unchanged, or :class:`typer.BadParameter` (exit 2, before the command runs).
+    """
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        problem = None
+        if not math.isfinite(value):
+            problem = f"{value} is not a finite number of seconds (NaN and infinity are refused)"
+        elif most is not None and value > most:
+            problem = f"{value:g} seconds is more than the {most:g} this option takes"
+        if problem:
+            import typer
+
+            raise typer.BadParameter(f"{problem}; fix: {option} {example:g}", param_hint=f"'{option}'")
+        return value
+
+    return check

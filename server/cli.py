@@ -53,7 +53,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from contract.text_files import printable
-from privacy.safe_cli import make_console
+from privacy.safe_cli import finite_seconds, make_console
 from rich.markup import escape
 from rich.table import Table
 
@@ -147,30 +147,6 @@ def _cell_text(value) -> str:
     """``str(value)`` for a table cell; one holding a non-printable character (ESC, newline) is shown escaped."""
     text = str(value)
     return text if text.isprintable() else _printable_repr(text)[1:-1]
-
-
-def finite_seconds(option: str, example: float) -> Callable[[float | None], float | None]:
-    """A typer callback refusing NaN and infinity for the seconds option ``option`` (click's ``min=`` lets NaN through).
-
-    Parameters
-    ----------
-    option : str
-        The option's name, for the message (``--wait-start``).
-    example : float
-        A good value, for the fix.
-
-    Returns
-    -------
-    callable
-        ``check(value)``: ``value`` unchanged, or :class:`typer.BadParameter` (exit 2, before the command runs).
-    """
-    def check(value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise typer.BadParameter(f"{value} is not a finite number of seconds (NaN and infinity are refused); "
-                                     f"fix: {option} {example:g}", param_hint=f"'{option}'")
-        return value
-
-    return check
 
 
 @contextmanager
@@ -308,8 +284,8 @@ def start_cmd(
     insecure: Annotated[bool, typer.Option("--insecure", help="Plaintext HTTP without TLS and WITHOUT node authentication: anyone on the network can join or read models. Only for a throwaway local test.")] = False,
     max_restarts: Annotated[int, typer.Option("--max-restarts", min=0, help="Restarts in a row of a SuperExec that exited (it starts every run's ServerApp) before fl-server start gives up and exits 1 (one that ran 5 minutes resets the count).")] = 5,
     max_resumes: Annotated[int, typer.Option("--max-resumes", min=0, help="Automatic resumes (from the last checkpoint, as `fl-server run --resume`) of one run whose ServerApp process died mid-run; 0 = never. A ServerApp that raised an exception is never resumed automatically.")] = 3,
-    backoff: Annotated[float, typer.Option("--backoff", min=0.0, callback=finite_seconds("--backoff", 2), help="First wait before a SuperExec restart or an automatic resume, seconds (finite, >= 0); doubles each time.")] = 2.0,
-    backoff_max: Annotated[float, typer.Option("--backoff-max", min=0.0, callback=finite_seconds("--backoff-max", 60), help="Longest wait between restarts or resumes, seconds (finite, >= 0).")] = 60.0,
+    backoff: Annotated[float, typer.Option("--backoff", min=0.0, callback=finite_seconds("--backoff", 2, 3600), help="First wait before a SuperExec restart or an automatic resume, seconds (finite, >= 0); doubles each time; at most 3600.")] = 2.0,
+    backoff_max: Annotated[float, typer.Option("--backoff-max", min=0.0, callback=finite_seconds("--backoff-max", 60, 86400), help="Longest wait between restarts or resumes, seconds (finite, >= 0); at most 86400.")] = 60.0,
 ) -> None:
     """Run the coordinator (Flower SuperLink) in the foreground until Ctrl-C / SIGTERM.
 

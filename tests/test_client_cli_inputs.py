@@ -417,3 +417,16 @@ def test_fl_client_help_wraps_by_paragraph_and_keeps_its_example():
     assert res.exit_code == 0, text
     assert "no empty option value, department, coordinator address, node key, policy" in text, text
     assert "[trestbps] max = 320" in " ".join(text.split()), text
+
+
+@pytest.mark.parametrize("option", ["--backoff", "--backoff-max", "--reconnect-window", "--connect-timeout"])
+@pytest.mark.parametrize("value", ["nan", "inf", "1e300"])
+def test_fl_client_seconds_options_refuse_nan_infinity_and_absurd_values(pki_files, tmp_path, option, value):
+    """click's ``min=`` lets NaN through: ``--backoff nan`` made every restart wait ``sleep(nan)``
+    (ValueError after the first failure), and ``--backoff 1e300 --backoff-max 1e300`` never restarted.
+    Refused before anything starts (exit 2), as fl-server's seconds options are."""
+    code, text, exc = run_client(client_args(pki_files, tmp_path, 1, **{option: value}))
+    assert exc is None, f"uncaught {type(exc).__name__}: {exc}"
+    assert code == 2, text
+    assert option in text and "fix:" in text and "Traceback" not in text, text
+    assert not (tmp_path / "node").exists()
