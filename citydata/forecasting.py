@@ -17,7 +17,9 @@ windows holding an interpolated value whose gap is not bounded by readings insid
 window, and test windows whose seasonal-naive reference is missing (a training window whose
 reference, outside the window, is missing carries the persistence forecast in its place: the
 naive forecasts only score test windows); training windows are kept every ``train_stride`` steps of
-the grid (a public phase, not a count of the surviving windows).
+the grid, on a public phase: a window is kept when its first target time lies a multiple of
+``train_stride`` steps after 1970-01-01 00:00 (not a count of the surviving windows, nor of steps
+from the site's first reading).
 """
 
 from __future__ import annotations
@@ -192,8 +194,8 @@ def build_forecast_site(
     test_fraction : float
         Share of the grid (from the end) that forms the test period.
     train_stride : int
-        Keep the training windows that start every ``train_stride``-th step of the grid
-        (test windows: all).
+        Keep the training windows whose first target time is a multiple of ``train_stride`` steps
+        after 1970-01-01 00:00 (test windows: all).
     scale_floor, relative_scale_floor : float
         Public absolute (target units) and relative floors of a window's scale (:func:`window_scale`).
     temperature : np.ndarray, optional
@@ -255,8 +257,11 @@ def build_forecast_site(
     # a training window's seasonal reference lies outside it when the period exceeds the lookback
     # (traffic): only the test windows, which are scored against it, need it
     ok = (in_bad == 0) & (out_bad == 0) & ~cut_gap & ((seas_bad == 0) | is_train)
-    if train_stride > 1:
-        is_train &= (starts - first) % train_stride == 0
+    if train_stride > 1 and n > 1:
+        # the stride's phase is public: steps since 1970-01-01 00:00 of the window's first target time,
+        # not a count from the site's first reading (removing that reading would move every training window)
+        step_ns = int(times.asi8[1] - times.asi8[0])
+        is_train &= (times.asi8[j] // step_ns) % train_stride == 0
 
     parts = {}
     for name, sel in (("train", is_train), ("test", is_test)):

@@ -145,3 +145,33 @@ def test_utility_removing_readings_keeps_the_training_stride(utility_frame, tmp_
     first = pd.Timestamp(f.loc[row, "timestamp"]).floor("1h")
     last = pd.Timestamp(f.loc[row + 2 * (MAX_GAP + 2), "timestamp"]).floor("1h")
     assert _assert_local(ElectricityDemand, base, after, first, last, may_drop=True) > 0
+
+
+@pytest.mark.parametrize("site", ["portugal-2012", "victoria-2014"])
+def test_utility_removing_a_sites_first_hour_keeps_every_other_training_window(utility_frame, tmp_path, site):
+    """The training stride's phase is public (steps since 1970-01-01 00:00), not counted from the site's first reading.
+
+    Found by an independent privacy review (2026-12-08): on 4516f3f the phase was counted from the
+    grid's start, the site's first timestamp, so removing that one reading (an hourly grid) moved
+    every utility training window: 6,544 of 6,545 changed. Windows near the train/test cut may
+    still move with the site's time range (README: the cut follows the first and last timestamp).
+    """
+    records = utility_frame[utility_frame["grid"] == site].reset_index(drop=True)
+    base = _windows(ElectricityDemand, records, tmp_path / "base.parquet", site)
+    first_hour = pd.Timestamp(records.loc[0, "timestamp"]).floor("1h")
+    keep = pd.to_datetime(records["timestamp"]).dt.floor("1h") != first_hour
+    after = _windows(ElectricityDemand, records[keep].reset_index(drop=True), tmp_path / "after.parquet", site)
+    s = ElectricityDemand.schema
+    step = pd.Timedelta(s.step).value
+    split = ElectricityDemand(tmp_path / "base.parquet").site_data(site).meta["split_time"]
+    far = pd.Timestamp(split).value - (s.horizon + 2) * step  # clear of where the cut may move
+    checked = 0
+    for t, (X, y) in base["train"].items():
+        contains = t - s.lookback * step <= first_hour.value
+        if contains or t >= far:
+            continue
+        assert t in after["train"], "a training window that does not hold the removed reading disappeared"
+        assert after["train"][t][0].tobytes() == X.tobytes() and after["train"][t][1].tobytes() == y.tobytes()
+        checked += 1
+    assert checked > 1000
+    assert not {t for t in after["train"] if t < far} - set(base["train"]), "training windows appeared"
