@@ -623,6 +623,59 @@ def check_ledger(path: Path, option: str = "--ledger") -> None:
         raise SetupError(f"{option} {path}: {problem}; fix: {fix} ({keep})") from None
 
 
+def check_ledger_holds_audited_releases(path: Path, audit_path: Path, department: str, site: str,
+                                         option: str = "--ledger") -> None:
+    """Refuse a ledger that holds fewer of the site's releases than the node's own audit log records.
+
+    The node commits a release to its ledger before it writes the release's audit entry, so the
+    ledger always holds at least as many: fewer means the ledger was deleted or replaced by an
+    older copy, and starting on it would under-count the site's spent budget. A missing or
+    unreadable audit log is left to its own checks (``fl-client audit verify``); a ledger that
+    cannot be opened, to :func:`check_ledger`.
+
+    Parameters
+    ----------
+    path : Path
+        The ledger (``--ledger``); it may not exist yet.
+    audit_path : Path
+        The node's audit log (``<state-dir>/audit.jsonl``).
+    department, site : str
+        The node's department and site.
+    option : str
+        How messages name the ledger.
+
+    Raises
+    ------
+    SetupError
+        Naming both files, both counts and the fix.
+    """
+    from privacy.audit import AuditError, AuditLog
+    from privacy.ledger import LedgerError, PrivacyLedger
+
+    try:
+        audited = sum(1 for e in AuditLog(audit_path).entries()
+                      if e.get("kind") == "release" and isinstance(e.get("data"), dict)
+                      and e["data"].get("site") == site and e["data"].get("department") == department)
+    except (AuditError, OSError):
+        return
+    if not audited:
+        return
+    held = 0
+    if Path(path).is_file():
+        try:
+            held = sum(1 for r in PrivacyLedger(path).releases(site) if r["status"] in ("pending", "committed"))
+        except (OSError, LedgerError):
+            return
+    if held < audited:
+        plural = lambda n: f"{n} release{'' if n == 1 else 's'}"  # noqa: E731
+        raise SetupError(
+            f"{option} {path}: {'does not exist' if not Path(path).is_file() else 'holds ' + plural(held)} of "
+            f"{department}/{site}, but this node's audit log {audit_path} records {plural(audited)} of it: the ledger "
+            "lost releases (deleted, or replaced by an older copy), and the site's spent privacy budget would be "
+            "under-counted; fix: restore the ledger that holds them (this node's latest ledger backup, or pass its "
+            "path with --ledger); never start a node on a ledger with fewer releases than it made")
+
+
 _PORT = re.compile(r"[1-9][0-9]{0,4}")
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _ADDRESS_FIX = "fix: write HOST:PORT, e.g. coord.city.example:9092, 10.0.0.5:9092 or [2001:db8::5]:9092"
@@ -1361,6 +1414,8 @@ def fl_client(
         report = check_data(department, data, site, date_format=date_format, ranges=None if ranges is None else str(ranges))
         ctx_tls = check_ca(ca)  # every input file is checked before the first thing is written
         check_state_dir(home, "--state-dir" if state_dir else "--state-dir (default)")
+        check_ledger_holds_audited_releases(ledger_path, home / "audit.jsonl", department, site,
+                                            "--ledger" if ledger else "--ledger (default)")
         check_ledger(ledger_path, "--ledger" if ledger else "--ledger (default)")
         check_coordinator(host, port, ctx_tls, ca, connect_timeout)
     except SetupError as exc:

@@ -430,3 +430,52 @@ def test_fl_client_seconds_options_refuse_nan_infinity_and_absurd_values(pki_fil
     assert code == 2, text
     assert option in text and "fix:" in text and "Traceback" not in text, text
     assert not (tmp_path / "node").exists()
+
+
+def _spend_one_round(state: Path, key: Path) -> float:
+    """What a node that trained one DP round leaves in its state dir: a committed ledger row and its audit entry."""
+    from privacy.audit import AuditLog
+    from privacy.ledger import PrivacyLedger, Release
+
+    ledger = PrivacyLedger(state / "ledger.sqlite")
+    rid = ledger.begin(Release(noise_multiplier=1.0, sample_rate=0.25, steps=8, delta=1e-4, run_id="r1", round=1,
+                               site="Cleveland", department="health"), max_epsilon=8.0, delta=1e-4)
+    ledger.commit(rid)
+    eps = ledger.epsilon("Cleveland", 1e-4)
+    AuditLog(state / "audit.jsonl", key_path=key).append(
+        "release", department="health", site="Cleveland", run="r1", round=1, mechanism="dp-sgd", noise_multiplier=1.0,
+        sample_rate=0.25, steps=8, delta=1e-4, epsilon_before=0.0, epsilon_after=eps)
+    return eps
+
+
+@pytest.mark.parametrize("loss", ["deleted", "older copy"])
+def test_a_ledger_that_lost_releases_its_audit_log_records_is_refused(pki_files, tls_server, tmp_path, loss):
+    """A node whose ledger was deleted (or replaced by an older backup) started at a smaller spent budget,
+    although its own signed audit log, in the same state dir, records the releases (independent
+    reliability review, 2026-12-08): it now refuses to start, naming both files and the fix."""
+    import shutil
+
+    state = tmp_path / "node"
+    state.mkdir(mode=0o700)
+    key = pki_files / "node" / "node.key"
+    if loss == "older copy":
+        from privacy.ledger import PrivacyLedger
+
+        PrivacyLedger(state / "ledger.sqlite")
+        shutil.copy(state / "ledger.sqlite", tmp_path / "backup.sqlite")  # a backup taken before the round
+    assert _spend_one_round(state, key) > 0
+    for p in state.glob("ledger.sqlite*"):
+        p.unlink()
+    if loss == "older copy":
+        shutil.copy(tmp_path / "backup.sqlite", state / "ledger.sqlite")
+    code, text, exc = run_client(client_args(pki_files, tmp_path, tls_server.port))
+    assert_setup_error(code, text, exc, str(state / "ledger.sqlite"), str(state / "audit.jsonl"), "1 release")
+    assert "restore" in text
+
+
+def test_a_ledger_with_every_audited_release_starts(pki_files, tls_server, tmp_path):
+    state = tmp_path / "node"
+    state.mkdir(mode=0o700)
+    _spend_one_round(state, pki_files / "node" / "node.key")
+    code, text, exc = run_client(client_args(pki_files, tmp_path, tls_server.port))
+    assert code == 0 and exc is None, text
