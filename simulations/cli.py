@@ -1125,6 +1125,7 @@ def run(
                        if resume else ([], {}))
     policies = _check_policies(depts, policy)
     ray_options = _ray_options(engine, ray_address, gpus_per_client)  # may ask a Ray cluster: after the local checks
+    lock = _lock_out(out, "fl-sim run")  # noqa: F841 - held until the command ends
     from citydata import load_department
 
     for d in depts:  # what needs the department's records or its policy, before the first department starts
@@ -1192,6 +1193,30 @@ def run(
             untrained.append(d)
     if untrained:  # every node refused (or dropped) every round, or a round too few: a failed run, not an input error
         raise typer.Exit(EXIT_FAILED)
+
+
+#: Lock file an ``fl-sim run`` / ``compare`` holds in its ``--out`` folder while it runs.
+OUT_LOCK = ".fl-sim.lock"
+
+
+def _lock_out(out: Path, command: str):
+    """Create ``out`` and hold its lock for the rest of the command: another fl-sim on the same folder is refused.
+
+    Two runs into one folder both trained (and spent their simulated nodes' budgets) while the later
+    writer replaced the other's results. The lock goes with the open file, so a killed fl-sim
+    leaves no stale lock. Returns the open lock file (keep it referenced until the command ends).
+    """
+    from privacy.safe_cli import pid_lock
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _refuse(f"cannot create {out}: {exc.strerror or type(exc).__name__}", "choose a folder you can write to", "--out")
+    fh, holder = pid_lock(out / OUT_LOCK)
+    if fh is None:
+        _refuse(f"{out} is in use by another fl-sim (PID {holder}): two commands writing one folder replace each "
+                f"other's results", f"wait for PID {holder} to finish, or give {command} another --out", "--out")
+    return fh
 
 
 def _ray_options(engine: str, ray_address: Optional[str], gpus_per_client: float) -> dict:
@@ -1267,6 +1292,7 @@ def compare(
                                    ("personalise-epochs", personalise_epochs),
                                    ("personalise-batch-size", personalise_batch_size)) if v is not None}
     _check_compare_configs(depts, out, epsilon, model, seed, overrides, overwrite=overwrite, loo=loo, engine=engine)
+    lock = _lock_out(out, "fl-sim compare")  # noqa: F841 - held until the command ends
     failed = False
     for d in depts:
         dout = out / d if len(depts) > 1 else out

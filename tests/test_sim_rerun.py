@@ -80,3 +80,29 @@ def test_a_second_run_into_the_same_out_is_a_new_run_with_its_own_target(tmp_pat
     for site in SITES:
         led = PrivacyLedger(out / "ledgers" / f"health-{site}.sqlite")
         assert led.epsilon(site, led.releases(site)[0]["delta"]) <= cap
+
+
+def test_a_run_into_an_out_folder_another_fl_sim_is_using_is_refused(tmp_path):
+    """Two fl-sim runs on one --out at once both trained (and spent their nodes' budgets); the later
+    writer's results.json, model and report replaced the other's (independent reliability review,
+    2026-12-08). The second is refused before its first round, naming the folder and the PID."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-m", "simulations.cli", "run", "-d", "health", "-r", "500",
+                               "--engine", "inprocess", "--no-secagg", "-o", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "ledgers").exists():  # the first run has passed its checks and is training
+            assert holder.poll() is None and time.monotonic() < deadline, "the first run did not start"
+            time.sleep(0.2)
+        code, text = _fl_sim_run(*ARGS, "-o", str(out))
+        assert code == 2, text
+        assert str(out) in text and str(holder.pid) in text and "--out" in text, text
+    finally:
+        holder.kill()
+        holder.wait()
