@@ -34,6 +34,7 @@ option or run-config value), 3 the coordinator is not started / not reachable.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -708,6 +709,42 @@ class _Phases:
             self._status.update(f"{escape(self.text)} {escape(detail)} ({self.elapsed():.0f} s)")
 
 
+#: Seconds ``fl-server run`` waits for another launch on the same state folder to finish before refusing.
+LAUNCH_LOCK_WAIT_S = 120.0
+
+
+def _launch_lock(sd: Path, phases):
+    """Hold ``<state-dir>/launch.lock`` while a run is launched: one launch at a time per coordinator state folder.
+
+    Two launches into one run folder (``--name``, ``--resume``) both passed the "folder exists"
+    check while the other was submitting (seconds), both trained on the nodes, and the later one's
+    launch.json replaced the other's. A launch now waits for another one to finish (up to
+    :data:`LAUNCH_LOCK_WAIT_S`), then checks the folder as usual.
+
+    Raises
+    ------
+    CliError
+        Code 2 when the other launch has not finished in time.
+    """
+    import time
+
+    from privacy.safe_cli import pid_lock
+
+    if not sd.is_dir():  # no coordinator was started here: the coordinator check below says so
+        return None
+    deadline = time.monotonic() + LAUNCH_LOCK_WAIT_S
+    while True:
+        fh, holder = pid_lock(sd / "launch.lock")
+        if fh is not None:
+            return fh
+        if time.monotonic() >= deadline:
+            raise CliError(f"another fl-server run (PID {holder}) has been launching a run on {sd} for "
+                           f"{LAUNCH_LOCK_WAIT_S:g} s; fix: wait for it to finish (`fl-server runs`), then run this "
+                           "command again", 2)
+        phases.update(f"waiting for another launch on this state folder to finish (PID {holder})")
+        time.sleep(0.5)
+
+
 @_command("run")
 def run_cmd(
     department: Annotated[Optional[str], typer.Option("--department", help="Department whose nodes train: health, traffic or utility (nodes of other departments refuse the job).")] = None,
@@ -736,12 +773,15 @@ def run_cmd(
     """
     sd = _state(state_dir)
     started = None
-    with _Phases(_err()) as phases, _errors():
+    with _Phases(_err()) as phases, _errors(), contextlib.ExitStack() as held:
         phases.step("checking the run config")
         runs = _runs_dir(sd, runs_dir)
         overrides = parse_run_config(run_config)
         explicit = explicit_options(department, rounds, secagg, secagg_num_shares, secagg_threshold)
         check_overrides(overrides, explicit)
+        launch_lock = _launch_lock(sd, phases)  # held until this launch has written launch.json (or failed)
+        if launch_lock is not None:
+            held.callback(launch_lock.close)
         if resume:
             rec, folder, cfg = _resumed_run(runs, resume, department, overrides)
         else:
@@ -785,6 +825,8 @@ def run_cmd(
         _write_atomic(folder / "launch.json", json.dumps(rec, indent=2))
         record(sd, "run", argv=list(sys.argv), **{"run-id": run_id}, department=cfg["department"], folder=str(folder),
                resumed=bool(resume), config=stored)
+        if launch_lock is not None:
+            launch_lock.close()  # launch.json is written: the next launch may check the folder
         if wait_start > 0:
             phases.step(f"run {run_id} submitted (app bundle {data.get('fab-hash', '?')}); waiting for the coordinator "
                         "to start its ServerApp")

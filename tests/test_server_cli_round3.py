@@ -297,3 +297,34 @@ def test_resolve_run_refuses_the_ambiguous_reference_and_takes_the_unambiguous_o
     assert server_cli.resolve_run(runs, "a")["folder"] == "a"
     assert server_cli.resolve_run(runs, rid_b)["folder"] == rid_a
     assert server_cli.resolve_run(runs, str(runs / rid_a))["folder"] == rid_a  # a path is a folder, never an ID
+
+
+def test_a_second_launch_into_the_same_run_folder_while_the_first_submits_is_refused(tmp_path, monkeypatch):
+    """Two `fl-server run --name X` at once both passed the folder check (made before the seconds-long
+    submission) and both ran on the nodes; the later launch.json replaced the other's (independent
+    reliability review, 2026-12-08). A launch now waits for the other to finish, then is checked."""
+    state = tmp_path / "coord"
+    state.mkdir()
+    monkeypatch.setattr(server_cli, "_coordinator", lambda sd: {"address": "127.0.0.1:1", "ca": "", "insecure": True})
+    monkeypatch.setattr(server_cli, "LAUNCH_LOCK_WAIT_S", 1.0)
+    args = ["run", "--department", "health", "--rounds", "1", "--no-secagg", "--name", "dup", "--state-dir", str(state),
+            "--app", str(ROOT), "--wait-start", "0"]
+    ids = iter(["1111", "2222"])
+    nested = {}
+
+    def submit(sd, app_dir, cfg_text):
+        run_id = next(ids)
+        if run_id == "1111":  # while the first launch is submitting, a second one starts
+            nested["result"] = runner.invoke(server_cli.app, args)
+        return {"run-id": run_id, "fab-hash": "ab" * 32}
+
+    monkeypatch.setattr(server_cli, "_submit", submit)
+    first = runner.invoke(server_cli.app, args)
+    second = nested["result"]
+    assert first.exit_code == 0, first.output
+    assert second.exit_code == 2, second.output
+    assert "another fl-server run" in _text(second) and "fix:" in _text(second)
+    rec = json.loads((state / "runs" / "dup" / "launch.json").read_text())
+    assert rec["run-ids"] == ["1111"]
+    third = runner.invoke(server_cli.app, args)  # afterwards: the usual check names the folder
+    assert third.exit_code == 2 and "exists" in _text(third), _text(third)
