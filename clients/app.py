@@ -36,6 +36,14 @@ class ExamplePolicyNotFound(FileNotFoundError):
     """No example policy where :func:`example_policy` looks: names the folders and the fix (shown in logs)."""
 
 
+class ReplyWithheld(RuntimeError):
+    """The node could not write a reply's audit entry, so no reply leaves (the node's log has the cause).
+
+    Its message names no node path: it is what Flower sends the coordinator for an error that
+    escapes a ClientApp.
+    """
+
+
 class MetricsNotWhitelisted(RuntimeError):
     """A bug: a reply's metrics hold a key outside its whitelist (the message names the keys, never values)."""
 
@@ -257,7 +265,12 @@ def failure_guard_mod(spec_of):
                 node = None
             error = Error(code=FAILED, reason=failed_reason(kind, exc, node))
             if node is not None:
-                audit_reply(node, msg, None, error)  # a failed audit write stops the reply (Flower's error)
+                try:
+                    audit_reply(node, msg, None, error)
+                except Exception as audit_exc:  # noqa: BLE001 - no reply without its audit entry
+                    _log_failure(kind, audit_exc)  # the cause (the audit log's path) stays in the node's log
+                    raise ReplyWithheld(f"{kind}: the node could not write its audit log, so no reply is sent "
+                                        "(the node's log has the cause)") from None
             return Message(error, reply_to=msg)
 
     return mod
