@@ -184,8 +184,13 @@ class _PlannedSteps(torch.utils.data.Sampler):
 
 
 def default_delta(n_records: int) -> float:
-    """Delta = 1/(10·n): well below the 1/n at which one record could leak outright."""
-    return 1.0 / (10.0 * max(int(n_records), 1))
+    """Delta = min(1/(10·n), 1e-3): well below the 1/n at which one record could leak outright.
+
+    A site of fewer than 100 records gets :data:`privacy.policy.MAX_DELTA` (1/(10·n) would be above it).
+    """
+    from privacy.policy import default_site_delta
+
+    return default_site_delta(n_records)
 
 
 @dataclass

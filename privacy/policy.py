@@ -179,12 +179,12 @@ class PrivacyPolicy(BaseModel):
     delta: float | None = Field(
         default=None,
         gt=0,
-        le=1e-3,
+        le=1e-3,  # MAX_DELTA
         allow_inf_nan=False,
         description=(
             "Optional ceiling on delta. Each site accounts epsilon at delta = 1/(10·n) for its n training "
-            "records, or at this value where it is smaller. At most 1e-3: a larger delta permits leaking a "
-            "record outright."
+            "records (1e-3 for a site of fewer than 100), or at this value where it is smaller. At most 1e-3: a "
+            "larger delta permits leaking a record outright."
         ),
     )
     min_noise_multiplier: float = Field(
@@ -298,7 +298,7 @@ class PrivacyPolicy(BaseModel):
         return value
 
     def site_delta(self, n_records: int) -> float:
-        """Delta of a site with ``n_records`` training records: ``min(1/(10·n), delta)``.
+        """Delta of a site with ``n_records`` training records: ``min(1/(10·n), 1e-3, delta)``.
 
         Parameters
         ----------
@@ -309,8 +309,28 @@ class PrivacyPolicy(BaseModel):
         -------
         float
         """
-        per_site = 1.0 / (10.0 * max(int(n_records), 1))
+        per_site = default_site_delta(n_records)  # never above MAX_DELTA, the ceiling `delta` has too
         return per_site if self.delta is None else min(per_site, float(self.delta))
+
+
+#: The largest delta cityfed accounts at (a policy's ``delta`` may not exceed it either): a larger one
+#: permits leaking a record outright.
+MAX_DELTA = 1e-3
+
+
+def default_site_delta(n_records: int) -> float:
+    """Delta of a site with ``n_records`` training records when the policy sets none: ``min(1/(10·n), MAX_DELTA)``.
+
+    Parameters
+    ----------
+    n_records : int
+        The site's training records (at least 1 is assumed).
+
+    Returns
+    -------
+    float
+    """
+    return min(1.0 / (10.0 * max(int(n_records), 1)), MAX_DELTA)
 
 
 class JobRequest(BaseModel):

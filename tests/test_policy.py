@@ -192,13 +192,26 @@ def test_missing_field(tmp_path):
         load_policy(path)
 
 
+@pytest.mark.parametrize("n", [0, 1, 10, 74, 99, 100])
+def test_a_small_sites_delta_never_exceeds_the_ceiling_the_policy_calls_unsafe(n):
+    """``delta`` above 1e-3 is refused in a policy ("permits leaking a record outright"), yet a policy
+    without one gave a site of fewer than 100 records 1/(10 n) above it (bundled Switzerland, 74
+    training patients: 1.35e-3; privacy review of 2026-12-08)."""
+    from privacy.dp import default_delta
+
+    pol = load_policy_text(VALID.replace("delta = 1e-3\n", ""))
+    assert pol.delta is None
+    assert pol.site_delta(n) <= 1e-3 and default_delta(n) <= 1e-3
+    assert pol.site_delta(n) == pytest.approx(min(1e-3, 1 / (10 * max(n, 1))))
+
+
 def test_delta_is_per_site_with_an_optional_stricter_ceiling(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text(VALID.replace("delta = 1e-3\n", ""))
     pol = load_policy(path)
     assert pol.delta is None
     assert pol.site_delta(243) == pytest.approx(1 / 2430)
-    assert pol.site_delta(0) == pytest.approx(0.1)  # never divides by zero
+    assert pol.site_delta(0) == pytest.approx(1e-3)  # never divides by zero
     ceiling = load_policy_text(VALID.replace("delta = 1e-3", "delta = 1e-5"))
     assert ceiling.site_delta(243) == 1e-5 and ceiling.site_delta(10**7) == pytest.approx(1e-8)
 
