@@ -452,7 +452,7 @@ def _spend_one_round(state: Path, key: Path) -> float:
 def test_a_ledger_that_lost_releases_its_audit_log_records_is_refused(pki_files, tls_server, tmp_path, loss):
     """A node whose ledger was deleted (or replaced by an older backup) started at a smaller spent budget,
     although its own signed audit log, in the same state dir, records the releases (independent
-    reliability review, 2026-12-08): it now refuses to start, naming both files and the fix."""
+    reliability review, 2026-12-07): it now refuses to start, naming both files and the fix."""
     import shutil
 
     state = tmp_path / "node"

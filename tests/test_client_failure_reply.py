@@ -52,7 +52,7 @@ def test_an_error_in_a_mod_leaves_as_a_fixed_reason(tmp_path, monkeypatch):
 def test_a_failed_audit_write_escapes_without_the_nodes_paths(tmp_path):
     """No reply leaves without its audit entry, so a failed audit write escapes the ClientApp; Flower
     (and cityfed's warm worker) then sent that error's message, which named the node's state folder
-    (independent privacy review, 2026-12-08). What escapes now names no path; the node's log keeps it."""
+    (independent privacy review, 2026-12-07). What escapes now names no path; the node's log keeps it."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
     from citydata import load_department

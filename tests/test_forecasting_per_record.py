@@ -151,7 +151,7 @@ def test_utility_removing_readings_keeps_the_training_stride(utility_frame, tmp_
 def test_utility_removing_a_sites_first_hour_keeps_every_other_training_window(utility_frame, tmp_path, site):
     """The training stride's phase is public (steps since 1970-01-01 00:00), not counted from the site's first reading.
 
-    Found by an independent privacy review (2026-12-08): on 4516f3f the phase was counted from the
+    Found by an independent privacy review (2026-12-07): on 4516f3f the phase was counted from the
     grid's start, the site's first timestamp, so removing that one reading (an hourly grid) moved
     every utility training window: 6,544 of 6,545 changed. Windows near the train/test cut may
     still move with the site's time range (README: the cut follows the first and last timestamp).

@@ -196,7 +196,7 @@ def test_missing_field(tmp_path):
 def test_a_small_sites_delta_never_exceeds_the_ceiling_the_policy_calls_unsafe(n):
     """``delta`` above 1e-3 is refused in a policy ("permits leaking a record outright"), yet a policy
     without one gave a site of fewer than 100 records 1/(10 n) above it (bundled Switzerland, 74
-    training patients: 1.35e-3; privacy review of 2026-12-08)."""
+    training patients: 1.35e-3; privacy review of 2026-12-07)."""
     from privacy.dp import default_delta
 
     pol = load_policy_text(VALID.replace("delta = 1e-3\n", ""))

@@ -302,7 +302,7 @@ def test_resolve_run_refuses_the_ambiguous_reference_and_takes_the_unambiguous_o
 def test_a_second_launch_into_the_same_run_folder_while_the_first_submits_is_refused(tmp_path, monkeypatch):
     """Two `fl-server run --name X` at once both passed the folder check (made before the seconds-long
     submission) and both ran on the nodes; the later launch.json replaced the other's (independent
-    reliability review, 2026-12-08). A launch now waits for the other to finish, then is checked."""
+    reliability review, 2026-12-07). A launch now waits for the other to finish, then is checked."""
     state = tmp_path / "coord"
     state.mkdir()
     monkeypatch.setattr(server_cli, "_coordinator", lambda sd: {"address": "127.0.0.1:1", "ca": "", "insecure": True})

@@ -85,7 +85,7 @@ def test_a_second_run_into_the_same_out_is_a_new_run_with_its_own_target(tmp_pat
 def test_a_run_into_an_out_folder_another_fl_sim_is_using_is_refused(tmp_path):
     """Two fl-sim runs on one --out at once both trained (and spent their nodes' budgets); the later
     writer's results.json, model and report replaced the other's (independent reliability review,
-    2026-12-08). The second is refused before its first round, naming the folder and the PID."""
+    2026-12-07). The second is refused before its first round, naming the folder and the PID."""
     import subprocess
     import sys
     import time
