@@ -73,6 +73,7 @@ def describe(exc: BaseException) -> str:
     """
     if _own(exc):
         return f"{type(exc).__name__}: {exc}"
+    os_text = _os_error_text(exc)
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename != __file__]
     place = ""
     if frames:
@@ -80,8 +81,25 @@ def describe(exc: BaseException) -> str:
         ours = [f for f in frames if any(f"{os.sep}{p}{os.sep}" in f.filename for p in OWN_PACKAGES)]
         if ours and ours[-1] is not frames[-1]:
             place += f", called from {_where(ours[-1])}"
+    if os_text:
+        return f"{type(exc).__name__}{place}: {os_text}"
     return (f"{type(exc).__module__}.{type(exc).__name__}{place} (its message is not shown: it may contain "
             "values from your records)")
+
+
+def _os_error_text(exc: BaseException) -> str | None:
+    """The operating system's own words for an OSError (its errno, that errno's text, the file), else None.
+
+    Only a text that is exactly ``os.strerror(errno)`` is shown: a library's OSError with a message
+    of its own stays hidden.
+    """
+    import errno as errno_names
+
+    if not isinstance(exc, OSError) or not isinstance(exc.errno, int) or exc.strerror != os.strerror(exc.errno):
+        return None
+    name = errno_names.errorcode.get(exc.errno, str(exc.errno))
+    where = f": {exc.filename}" if isinstance(exc.filename, (str, bytes, os.PathLike)) else ""
+    return f"{exc.strerror} ({name}){where}"
 
 
 def _where(frame: traceback.FrameSummary) -> str:

@@ -520,7 +520,9 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
     from server.energy import summarise as energy_summary
 
     out["energy"] = energy_summary(out)  # per node and for the run, as the nodes reported it (server/energy.py)
-    (run_dir / "results.json").write_text(json.dumps(out, indent=2, default=float))
+    from server.artefacts import write_atomic
+
+    write_atomic(run_dir / "results.json", json.dumps(out, indent=2, default=float).encode())  # never half a file
     try:  # the same report.html + plots as fl-sim (which rewrites it with the sites' names)
         from server.report import write_run_report
 

@@ -8,6 +8,7 @@ creates a folder or trains (exit 2), and exits 1 after a run in which no node's 
 
 from __future__ import annotations
 
+import os
 import json
 import math
 
@@ -313,3 +314,17 @@ def test_run_config_error_names_the_refused_keys():
     with pytest.raises(RunConfigError) as exc:  # two keys that do not go together: no one key to blame
         settings({"department": "health", "secagg": True, "strategy": "krum"})
     assert exc.value.keys == ()
+
+
+def test_a_full_disk_is_named_with_the_file_not_hidden():
+    """An OSError from the operating system (an errno and its text) carries no record value: fl-sim
+    ended a run on a full disk with "its message is not shown", hiding "No space left on device" and
+    the file (independent reliability review, 2026-12-07)."""
+    import errno
+
+    text = describe(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/h3/results.json"))
+    assert "No space left on device" in text and "/runs/h3/results.json" in text and "ENOSPC" in text, text
+    hidden = describe(OSError("could not parse chol=412"))  # a library's own message: still not shown
+    assert "412" not in hidden and "not shown" in hidden
+    hidden = describe(FileNotFoundError(errno.ENOENT, "value 412 not found"))  # strerror that is not the OS's
+    assert "412" not in hidden
