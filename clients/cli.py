@@ -416,9 +416,11 @@ def check_key(path: Path) -> str:
             "secp256r1", "secp384r1", "secp521r1", "secp224r1", "secp192r1"):
         raise SetupError(f"--key {path}: Flower accepts only ECDSA NIST-curve keys; fix: {fix}")
     mode = Path(path).stat().st_mode & 0o077
-    if mode:
-        Console(stderr=True, emoji=False).print(f"[yellow]warning:[/] {escape(str(path))} is readable by other users; "
-                                   f"fix: chmod 600 {escape(shlex.quote(str(path)))}")
+    if mode:  # as ssh refuses an unprotected private key: it is the node's identity and signs its audit log
+        raise SetupError(f"--key {path}: other users can {'read' if mode & 0o044 else 'use'} this private key (mode "
+                         f"{Path(path).stat().st_mode & 0o777:04o}); fix: chmod 600 {shlex.quote(str(path))} (and, if "
+                         "anyone else may have copied it, make a new key with `fl-pki node-key --force` and have the "
+                         "coordinator register its node.pub)")
     return ssh_fingerprint(key.public_key())
 
 

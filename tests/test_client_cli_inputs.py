@@ -479,3 +479,18 @@ def test_a_ledger_with_every_audited_release_starts(pki_files, tls_server, tmp_p
     _spend_one_round(state, pki_files / "node" / "node.key")
     code, text, exc = run_client(client_args(pki_files, tmp_path, tls_server.port))
     assert code == 0 and exc is None, text
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_node_key_other_users_can_read_is_refused(pki_files, tls_server, tmp_path, mode):
+    """A world- or group-readable node.key was accepted with a warning (as ssh does not: it refuses such
+    a key; fl-pki refuses ca.key so). It signs the node's audit log and is its identity: exit 2."""
+    import shutil
+
+    key = tmp_path / "keys" / "node.key"
+    key.parent.mkdir()
+    shutil.copy(pki_files / "node" / "node.key", key)
+    key.chmod(mode)
+    code, text, exc = run_client(client_args(pki_files, tmp_path, tls_server.port, **{"--key": str(key)}))
+    assert_setup_error(code, text, exc, f"--key {key}", "chmod 600")
+    assert not (tmp_path / "node").exists()
