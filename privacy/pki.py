@@ -367,6 +367,8 @@ def _replace_all(staged: Sequence[tuple[Path, Path]]) -> None:
                     pass
 
 
+#: The largest public key file read (bytes): one OpenSSH line is under 300 bytes.
+MAX_PUBLIC_KEY_FILE = 64 * 1024
 #: The largest key or certificate file read (bytes): keys and certificates are a few KB, a CA bundle a few hundred.
 MAX_PKI_FILE = 4 * 1024 * 1024
 
@@ -997,6 +999,9 @@ def load_public_key(path: Path) -> PublicKeyInfo:
     """
     path = Path(path).expanduser()
     data = _read(path, "public key", "pass the node.pub written by `fl-pki node-key`")
+    if len(data) > MAX_PUBLIC_KEY_FILE:  # a node.pub is one line of under 300 bytes; its comment is printed
+        raise PKIError(f"{path}: is {len(data):,} bytes, far larger than an OpenSSH public key line (under 1 KB); it "
+                       "is another file; fix: hand over the node.pub written by `fl-pki node-key`")
     if b"PRIVATE KEY" in data or _is_der_private_key(data):
         raise PKIError(f"{path}: is a private key (node.key), which must never leave the department's machine; fix: hand "
                        "over node.pub instead. As this private key has now been copied, make a new key on the department's "

@@ -93,3 +93,15 @@ def test_a_der_private_key_given_as_node_pub_is_called_private(tmp_path, encodin
     f.write_bytes(key.private_bytes(serialization.Encoding.DER, fmt, enc))
     text = _message(lambda: pki.load_public_key(f))
     assert "private key" in text and "never leave" in text
+
+
+def test_a_node_pub_with_a_megabyte_comment_is_refused_at_once(tmp_path):
+    """`fl-pki show` printed a few MB of node.pub comment in a table (4 MB: 13 s; reliability review)."""
+    import time
+
+    pki.create_node_key(tmp_path / "node", department="health", site="Cleveland")
+    pub = tmp_path / "node" / "node.pub"
+    pub.write_text(pub.read_text().rstrip("\n") + "x" * 2_000_000 + "\n")
+    t0 = time.monotonic()
+    text = _message(lambda: pki.load_public_key(pub))
+    assert time.monotonic() - t0 < 5 and "bytes" in text and "fix" in text
