@@ -625,6 +625,23 @@ def check_ledger(path: Path, option: str = "--ledger") -> None:
         raise SetupError(f"{option} {path}: {problem}; fix: {fix} ({keep})") from None
 
 
+def check_audit_log(path: Path) -> None:
+    """Refuse a node audit log that would refuse the node's next entry (every task appends one before it runs).
+
+    Raises
+    ------
+    SetupError
+        Naming the log, what is wrong and the fix (:meth:`privacy.audit.AuditLog.check_appendable`).
+    """
+    from privacy.audit import AuditError, AuditLog
+
+    try:
+        AuditLog(path).check_appendable()
+    except AuditError as exc:
+        text = str(exc)
+        raise SetupError(text if "fix:" in text else f"{text}; fix: run `fl-client audit verify`") from None
+
+
 def check_ledger_holds_audited_releases(path: Path, audit_path: Path, department: str, site: str,
                                          option: str = "--ledger") -> None:
     """Refuse a ledger that holds fewer of the site's releases than the node's own audit log records.
@@ -1416,6 +1433,7 @@ def fl_client(
         report = check_data(department, data, site, date_format=date_format, ranges=None if ranges is None else str(ranges))
         ctx_tls = check_ca(ca)  # every input file is checked before the first thing is written
         check_state_dir(home, "--state-dir" if state_dir else "--state-dir (default)")
+        check_audit_log(home / "audit.jsonl")
         check_ledger_holds_audited_releases(ledger_path, home / "audit.jsonl", department, site,
                                             "--ledger" if ledger else "--ledger (default)")
         check_ledger(ledger_path, "--ledger" if ledger else "--ledger (default)")

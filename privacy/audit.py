@@ -406,6 +406,45 @@ class AuditLog:
             entry["sig"] = sig
         return entry
 
+    def check_appendable(self) -> None:
+        """Refuse, as :meth:`append` would, a log that cannot take another entry; writes nothing.
+
+        A node checks its log at start-up with it, so that a damaged log stops the node there
+        (exit 2) rather than failing every task later.
+
+        Raises
+        ------
+        AuditError
+            Not a regular file, not writable by this account, an unreadable last entry, or a log
+            shorter than (or different from) its head file; the message names the file and the fix.
+        """
+        if not self.path.exists():
+            return
+        if not self.path.is_file():
+            raise AuditError(f"audit log {self.path}: is not a file (a folder or another kind); fix: move it aside "
+                             "(keep it: it may be evidence), so that the node starts a new log there")
+        if not os.access(self.path, os.R_OK | os.W_OK):
+            raise AuditError(f"audit log {self.path}: this account cannot read and write it; fix: run the node as the "
+                             "log's owner, or `chmod 600` it")
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise AuditError(f"audit log {self.path}: cannot open it ({exc.strerror}); fix: check its permissions") from None
+        try:
+            last_line, _ = _tail(fd, os.fstat(fd).st_size)
+            seq, prev = 0, GENESIS
+            if last_line:
+                try:
+                    last = json.loads(last_line)
+                    seq, prev = int(last["seq"]), str(last["hash"])
+                except (ValueError, KeyError, TypeError, RecursionError):
+                    raise AuditError(f"audit log {self.path}: the last entry is unreadable, so nothing can be chained "
+                                     "to it; fix: run `audit verify` to find the damage, keep a copy of the file, then "
+                                     "move it aside to start a new log") from None
+            self._check_head(seq, prev)
+        finally:
+            os.close(fd)
+
     def append(self, kind: str, **fields) -> dict:
         """Append one entry and return it (with ``seq``, ``time``, ``prev``, ``hash``, ``sig``).
 

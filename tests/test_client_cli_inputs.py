@@ -494,3 +494,34 @@ def test_a_node_key_other_users_can_read_is_refused(pki_files, tls_server, tmp_p
     code, text, exc = run_client(client_args(pki_files, tmp_path, tls_server.port, **{"--key": str(key)}))
     assert_setup_error(code, text, exc, f"--key {key}", "chmod 600")
     assert not (tmp_path / "node").exists()
+
+
+@pytest.mark.parametrize("damage", ["folder", "cut"])
+def test_an_audit_log_that_would_refuse_the_next_entry_stops_the_node_at_start(pki_files, tls_server, tmp_path, damage):
+    """`fl-client --check` passed a state dir whose audit.jsonl was a folder, or whose log was cut (its
+    head file records more entries); then every task failed at the node with AuditError, the coordinator
+    seeing only "could not complete" (independent reliability review, 2026-12-07). Exit 2 at start now."""
+    from privacy.audit import AuditLog
+
+    state = tmp_path / "node"
+    state.mkdir(mode=0o700)
+    log = state / "audit.jsonl"
+    if damage == "folder":
+        log.mkdir()
+    else:
+        a = AuditLog(log, key_path=pki_files / "node" / "node.key")
+        for i in range(3):
+            a.append("job", run="r", round=i)
+        log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:2]))  # the last entry cut off
+    code, text, exc = run_client(client_args(pki_files, tmp_path, tls_server.port))
+    assert_setup_error(code, text, exc, str(log))
+
+
+def test_a_whole_audit_log_passes_the_start_check(pki_files, tls_server, tmp_path):
+    from privacy.audit import AuditLog
+
+    state = tmp_path / "node"
+    state.mkdir(mode=0o700)
+    AuditLog(state / "audit.jsonl", key_path=pki_files / "node" / "node.key").append("job", run="r", round=1)
+    code, text, exc = run_client(client_args(pki_files, tmp_path, tls_server.port))
+    assert code == 0 and exc is None, text
