@@ -48,6 +48,11 @@ from typer.core import TyperGroup
 BUNDLED = "bundled"
 #: SuperNode log lines meaning the coordinator refused this node's key (no point retrying).
 REFUSED_MARKERS = ("Failed to activate SuperNode", "[code: 2004]", "No SuperNode found with the given public key")
+#: Flower's SuperNode log line when it stops retrying a lost coordinator (--reconnect-window spent).
+GAVE_UP_MARKER = "Giving up reconnection"
+#: Seconds a SuperNode that gave up reconnecting may take to exit before the supervisor ends it: one that
+#: had been connected does not exit by itself (its Runtime-API server thread keeps the process alive).
+GAVE_UP_GRACE_S = 15.0
 #: Environment defaults of the SuperNode and the SuperExec / ClientApp processes it starts (the caller's environment wins).
 NODE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1", "CITYFED_NODE_POLL_S": "0.1", "CITYFED_LOG_COMPUTE": "1",
             "FLWR_TELEMETRY_ENABLED": "0"}
@@ -1178,6 +1183,7 @@ class Supervisor:
         self.stopping = threading.Event()
         self.refused = threading.Event()
         self.joined = threading.Event()
+        self.gave_up = threading.Event()
         self._unsigned_end: float | None = None
 
     def _signal(self, signum, _frame) -> None:
@@ -1198,6 +1204,9 @@ class Supervisor:
                 self.refused.set()
             if "SuperNode ID:" in line:
                 self.joined.set()
+            if GAVE_UP_MARKER in line:
+                self._gave_up_at = time.monotonic()
+                self.gave_up.set()
         stream.close()
 
     def _wait_child(self) -> int:
@@ -1207,6 +1216,16 @@ class Supervisor:
                 return self.child.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 if self.stopping.is_set():
+                    try:
+                        return self.child.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        self.child.kill()
+                        return self.child.wait()
+                if self.gave_up.is_set() and time.monotonic() - self._gave_up_at > GAVE_UP_GRACE_S:
+                    self.console.print(f"[yellow]fl-client: the SuperNode gave up reconnecting to the coordinator "
+                                       f"but did not exit within {GAVE_UP_GRACE_S:g} s; ending it to start a new "
+                                       "one[/]")
+                    self.child.terminate()
                     try:
                         return self.child.wait(timeout=20)
                     except subprocess.TimeoutExpired:
@@ -1292,6 +1311,7 @@ class Supervisor:
             started = time.monotonic()
             self.refused.clear()
             self.joined.clear()
+            self.gave_up.clear()
             self.child = subprocess.Popen(self.launch.command(), env=self.launch.env(), stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True, bufsize=1, **self.launch.popen_kwargs())
             pump = threading.Thread(target=self._pump, args=(self.child.stdout,), daemon=True)

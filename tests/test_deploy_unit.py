@@ -1332,3 +1332,20 @@ def test_a_bad_secagg_threshold_option_is_named_as_the_option_given(pki_files, t
     text = " ".join(res.output.split())
     assert res.exit_code == 2 and "fix: give --secagg-threshold a value the message allows" in text, text
     assert not launched
+
+
+def test_a_supernode_that_gave_up_reconnecting_but_hangs_is_ended_and_restarted(tmp_path, monkeypatch):
+    """Flower's SuperNode, having lost a coordinator it was connected to for longer than --reconnect-window,
+    logs "Giving up reconnection" but never exits (its Runtime-API server thread keeps it alive), so the
+    supervisor, which restarts a SuperNode that exits, left the node offline for good (independent
+    reliability review, 2026-12-07: both nodes still offline 25 min after the coordinator was back)."""
+    monkeypatch.setattr(client_cli, "GAVE_UP_GRACE_S", 0.5)
+    script = ("import sys, time\n"
+              "print('WARNING :   Giving up reconnection after 5.00 seconds and 3 tries.', flush=True)\n"
+              "time.sleep(600)\n")
+    launch = ScriptLaunch(tmp_path, script)
+    sup = client_cli.Supervisor(launch, max_restarts=1, backoff=0.05, backoff_max=0.1)
+    t0 = time.monotonic()
+    assert sup.run() == client_cli.EXIT_GAVE_UP
+    assert launch.starts == 2  # ended and restarted once, then --max-restarts 1 is spent
+    assert time.monotonic() - t0 < 60
