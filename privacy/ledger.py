@@ -322,6 +322,21 @@ class PrivacyLedger:
                    "(never delete a ledger: that resets the node's privacy budget)")
         elif "readonly" in text or "unable to open" in text or "permission" in text:
             fix = "make the file and its directory writable by this process"
+        elif "disk i/o error" in text or "disk is full" in text:
+            import shutil
+
+            try:
+                free = shutil.disk_usage(self.path.parent).free
+            except OSError:
+                free = None
+            keep = ("then start again with the same ledger (never a new or another one: that resets the node's "
+                    "privacy budget)")
+            if free is not None and free < 4 * 1024 * 1024:
+                problem += f" (the file system holding it is full: {free:,} bytes free)"
+                fix = f"free space on the file system of {self.path.parent}, {keep}"
+            else:
+                problem += " (a disk error, or the file system was full)"
+                fix = f"free space and check the disk (the system log names errors), {keep}"
         elif "locked" in text or "busy" in text:
             problem += f" (another process held the lock for more than {self.timeout:g} s)"
             fix = "stop the other process that uses this ledger, or try again when it is done"

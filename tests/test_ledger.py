@@ -383,3 +383,22 @@ def test_empty_file_becomes_a_ledger(tmp_path):
     assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     con.close()
 
+
+
+@pytest.mark.parametrize("message", ["disk I/O error", "database or disk is full"])
+def test_a_full_disk_is_named_and_the_fix_keeps_the_same_ledger(tmp_path, monkeypatch, message):
+    """On a full file system SQLite says "disk I/O error" (the WAL's -shm cannot be made); the ledger's
+    message had no cause and fl-client added "pass a writable path", pointing at a NEW ledger, that is, a
+    fresh budget (independent reliability review, 2026-12-07)."""
+    import collections
+    import shutil
+    import sqlite3
+
+    from privacy.ledger import LedgerError, PrivacyLedger
+
+    led = PrivacyLedger(tmp_path / "ledger.sqlite")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2 << 20, 2 << 20, 0))
+    err = led._fail("cannot open", sqlite3.OperationalError(message))
+    assert isinstance(err, LedgerError)
+    assert "full" in err.problem and "same ledger" in err.fix and "free" in err.fix, (err.problem, err.fix)
