@@ -1125,7 +1125,6 @@ def run(
                        if resume else ([], {}))
     policies = _check_policies(depts, policy)
     ray_options = _ray_options(engine, ray_address, gpus_per_client)  # may ask a Ray cluster: after the local checks
-    lock = _lock_out(out, "fl-sim run")  # noqa: F841 - held until the command ends
     from citydata import load_department
 
     for d in depts:  # what needs the department's records or its policy, before the first department starts
@@ -1173,6 +1172,7 @@ def run(
                 # --virtual-sites: one calibration per virtual node is too costly to make up front)
                 _check_calibrated_noise(d, cfg, policies[d], str(policy if policy is not None else default_policy(d)),
                                         Path(node_policy), Path(tmp))
+    lock = _lock_out(out, "fl-sim run")  # noqa: F841 - after every check (a refused run creates no folder); held to the end
     untrained = []
     for d in depts:
         dout, cfg = outs[d], cfgs[d]

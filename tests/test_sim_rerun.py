@@ -48,9 +48,13 @@ def test_a_second_run_into_the_same_out_is_a_new_run_with_its_own_target(tmp_pat
     assert code == 0, text
     second = _results(out)
     assert (first["run_id"], second["run_id"]) == ("sim", "sim-2")
-    # the same seed and settings with a target of its own: the same model, not a noise-drowned one
+    # the same seed and settings with a target of its own: about the same model, not a noise-drowned one (the
+    # second run's noise is a little lower: its count was released, and reserved, by the first run)
     acc = [r["rounds"][-1]["central"]["accuracy"] for r in (first, second)]
-    assert acc[1] == acc[0] > 0.55, acc
+    assert min(acc) > 0.55 and abs(acc[1] - acc[0]) <= 0.02, acc
+    for node in second["rounds"][0]["train"]["nodes"].values():
+        twin = next(n for n in first["rounds"][0]["train"]["nodes"].values() if n["partition-id"] == node["partition-id"])
+        assert 0.98 * twin["noise-multiplier"] <= node["noise-multiplier"] <= twin["noise-multiplier"], (twin, node)
     assert not second["personalise"]["refused"] and len(second["personalise"]["nodes"]) == 4
     assert "already personalised" not in text
     policy = load_policy(Path("examples/policies/health.toml"))
