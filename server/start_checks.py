@@ -97,6 +97,12 @@ def admin_networks(admin_net: list[str], host: str) -> list:
         given = parse_networks(admin_net)
     except ValueError as exc:
         raise CliError(f"--admin-net: {exc}; fix: pass a CIDR such as 10.20.0.0/16, or an IP address") from None
+    for net in given:
+        if net.prefixlen < (8 if net.version == 4 else 16):  # a /0 lets every address launch runs: the guard is off
+            raise CliError(f"--admin-net {net} allows {net.num_addresses:.3g} addresses to launch runs and register "
+                           f"nodes (a network wider than /{8 if net.version == 4 else 16}), which turns the control-plane "
+                           "guard off; fix: list the coordinator operators' own network, e.g. --admin-net "
+                           "10.20.0.0/16 (never the departments' networks)", 2)
     own = list(DEFAULT_ADMIN_NETS)
     dialled = _admin_address(host, 1).rsplit(":", 1)[0].strip("[]")
     try:

@@ -668,3 +668,19 @@ def test_start_refuses_a_bad_grid_poll_variable_before_anything_starts(tmp_path,
     assert res.exit_code == 2, (text, res.exception)
     assert "CITYFED_GRID_POLL_S" in text and value in text and "fix:" in text, text
     assert not (sd / "coordinator.json").exists()
+
+
+@pytest.mark.parametrize("net", ["0.0.0.0/0", "::/0", "10.0.0.0/4", "2000::/8"])
+def test_an_admin_net_that_covers_the_internet_is_refused(net):
+    """`--admin-net 0.0.0.0/0` was accepted ("control plane only from ... 0.0.0.0/0"): every address could
+    launch runs and register nodes, the guard off (docs-followed review, 2026-12-07)."""
+    from server.errors import CliError
+    from server.start_checks import admin_networks
+
+    with pytest.raises(CliError) as info:
+        admin_networks([net], "127.0.0.1")
+    msg = str(info.value)
+    import ipaddress
+
+    assert f"--admin-net {ipaddress.ip_network(net, strict=False)}" in msg and "fix:" in msg and info.value.code == 2, msg
+    assert admin_networks(["10.20.0.0/16"], "127.0.0.1")  # an operators' network passes
