@@ -429,7 +429,13 @@ class GuardedStrategy(Strategy):
 
         ``per_site`` maps each site of the coordinator's data to its exact metrics.
         """
-        entry = self._round(server_round + self.round_offset) if server_round else self.history.setdefault("initial", {})
+        if server_round:
+            entry = self._round(server_round + self.round_offset)
+        elif self.round_offset and self.history.get("initial"):
+            # a resumed launch's "round 0" scores the checkpoint's model: the run's initial score stays
+            entry = self.history.setdefault("resumed-from", {})
+        else:
+            entry = self.history.setdefault("initial", {})
         entry["central"] = dict(metrics)
         if per_site is not None:
             entry["central-sites"] = {k: dict(v) for k, v in per_site.items()}

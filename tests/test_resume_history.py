@@ -91,3 +91,22 @@ def test_a_refused_resume_is_not_recorded(tmp_path):
     with pytest.raises(ValueError, match="resume with the strategy that wrote the checkpoint"):
         run_federation(object(), cfg, run_id="3")
     assert load_checkpoint(ckpt)["history"]["resumes"] == history["resumes"]  # launch 3 never ran: not recorded
+
+
+def test_a_resumed_launch_keeps_the_runs_initial_score():
+    """Flower evaluates a resumed launch's starting arrays as "round 0"; that score replaced the run's
+    initial one, so results.json "initial" and the report's "before round 1" column showed the checkpoint's
+    score (0.665, round 1's) instead of the initial model's (0.396) (docs-followed review, 2026-12-07)."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from server.strategy import GuardedStrategy
+
+    s = GuardedStrategy(FedAvg(), max_update_norm=10.0, round_offset=1)
+    s.history["initial"] = {"central": {"accuracy": 0.396}}
+    s.history.setdefault("rounds", []).append({"round": 1, "central": {"accuracy": 0.665}})
+    s.record_central(0, {"accuracy": 0.665})
+    assert s.history["initial"]["central"]["accuracy"] == 0.396
+    assert s.history["resumed-from"]["central"]["accuracy"] == 0.665
+    fresh = GuardedStrategy(FedAvg(), max_update_norm=10.0)
+    fresh.record_central(0, {"accuracy": 0.4})
+    assert fresh.history["initial"]["central"]["accuracy"] == 0.4 and "resumed-from" not in fresh.history
