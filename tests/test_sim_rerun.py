@@ -110,3 +110,22 @@ def test_a_run_into_an_out_folder_another_fl_sim_is_using_is_refused(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_extending_a_finished_dp_run_says_the_extra_rounds_get_little_budget(tmp_path, capsys):
+    """`--resume --rounds N` on a finished DP run (what the README and the refusal advise) trained the extra
+    rounds with the target already spent, noise 20-60x higher, and said nothing (docs review, 2026-12-07)."""
+    import json
+
+    from simulations.cli import _warn_extended_dp_run
+
+    run = tmp_path / "h"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"config": {"num-rounds": 1, "dp": True, "target-epsilon": 3.0}}))
+    _warn_extended_dp_run(run, 2)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "launched for 1 round(s)" in out and "far more noise" in out and "new run" in out, out
+    _warn_extended_dp_run(run, 1)  # the rounds it was launched for (an interrupted run): nothing to say
+    (run / "results.json").write_text(json.dumps({"config": {"num-rounds": 1, "dp": False}}))
+    _warn_extended_dp_run(run, 3)  # without DP there is no target to spend
+    assert capsys.readouterr().out == ""
