@@ -69,6 +69,7 @@ from server.flwr_calls import (  # noqa: F401
     flower_message, flwr, for_output, _stream, superlink_home, wait_run_started, write_connection,
 )
 from server.launches import (  # noqa: F401
+    extended_dp_run_warning,
     PROJECT_ROOT, UNREADABLE, _WARNED_LAUNCHES, _app_defaults, _checkpoint_round, _flwr_run_id, _is_run_id,
     _launches, read_launch, resolve_run, run_result, _warn_launch_once, _write_atomic, write_run_results,
 )
@@ -801,6 +802,9 @@ def run_cmd(
             check_central_data(cfg)
         if resume:
             done, planned = _checkpoint_round(folder), int(checked["num-rounds"])
+            extended = extended_dp_run_warning(folder, planned)
+            if extended:
+                _err().print(f"[yellow]warning:[/] {escape(extended)}")
             if done >= planned:
                 raise CliError(f"run {resume} already completed all {planned} rounds (its checkpoint is after round "
                                f"{done}); nothing to resume. Fix: continue it with more rounds (--resume "

@@ -351,3 +351,35 @@ def _flwr_run_id(runs: Path, run: str) -> str:
     if not rec["run-ids"]:
         raise CliError(f"run folder {rec['folder']} has no Flower run ID in its launch.json; fix: {FIX_RUN}")
     return str(rec["run-ids"][-1])
+
+
+def extended_dp_run_warning(run_dir: Path, asked: int) -> str | None:
+    """What to say when a resume extends a DP run past the rounds it was launched for; None otherwise.
+
+    Each node calibrates the run's ``target-epsilon`` over the rounds the run was launched with; a
+    finished run's target is spent, so extra rounds get only what is left of it: far more noise
+    (round 2's noise multiplier was 20-60x round 1's). Nothing is refused: each node's lifetime budget
+    stays bounded by its policy.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run folder (its ``results.json`` holds the launched config; an interrupted run has none).
+    asked : int
+        The rounds the resumed launch asks for.
+
+    Returns
+    -------
+    str or None
+    """
+    try:
+        cfg = json.loads((Path(run_dir) / "results.json").read_text())["config"]
+        launched, dp, target = int(cfg["num-rounds"]), bool(cfg.get("dp")), cfg.get("target-epsilon")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None  # an interrupted run (no results.json yet) trains the rounds it was launched for
+    if not (dp and int(asked) > launched):
+        return None
+    return (f"{run_dir}: this DP run was launched for {launched} round(s) at target epsilon {target}; the nodes "
+            f"calibrated that target over those rounds, so the {int(asked) - launched} extra round(s) get only what is "
+            "left of it and train with far more noise (each node's lifetime budget stays bounded by its policy). For "
+            "useful extra rounds, start a new run with the rounds and epsilon it needs.")

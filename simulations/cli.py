@@ -661,28 +661,14 @@ def _make_parents(path: Path, option: str) -> list[Path]:
 
 
 def _warn_extended_dp_run(run_dir: Path, asked: int) -> None:
-    """Say so when ``--resume --rounds`` extends a DP run that already trained all the rounds it was launched for.
-
-    Each node calibrates the run's ``target-epsilon`` over the rounds the run was launched with; a
-    finished run's target is spent, so the extra rounds get only what is left of it: far more noise
-    (round 2's noise multiplier was 20-60x round 1's). Nothing is refused: each node's lifetime budget
-    stays bounded by its policy.
-    """
-    import json
-
+    """Print :func:`server.launches.extended_dp_run_warning` for ``run_dir``, if any."""
     from rich.markup import escape
 
-    try:
-        cfg = json.loads((run_dir / "results.json").read_text())["config"]
-        launched, dp, target = int(cfg["num-rounds"]), bool(cfg.get("dp")), cfg.get("target-epsilon")
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # an interrupted run (no results.json yet) trains the rounds it was launched for
-    if dp and asked > launched:
-        console.print(f"[yellow]warning:[/] {escape(str(run_dir))}: this DP run was launched for {launched} round(s) "
-                      f"at target epsilon {target}; the nodes calibrated that target over those rounds, so the "
-                      f"{asked - launched} extra round(s) get only what is left of it and train with far more noise "
-                      "(each node's lifetime budget stays bounded by its policy). For useful extra rounds, start a "
-                      "new run (--out elsewhere) with the rounds and epsilon it needs.")
+    from server.launches import extended_dp_run_warning
+
+    text = extended_dp_run_warning(run_dir, asked)
+    if text:
+        console.print(f"[yellow]warning:[/] {escape(text)}")
 
 
 def _check_resumable(run_dirs: list[Path], rounds: dict) -> tuple[list[Path], dict]:
