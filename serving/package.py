@@ -429,6 +429,22 @@ def _calibrated_noise(cfg: dict) -> dict:
     return {}
 
 
+def _central_dp(results: dict) -> dict | None:
+    """The coordinator's central DP of the published model (run config ``central-dp``), or None when off.
+
+    ``epsilon`` is the accountant's total over every launch of the run (``results.json`` ``central-dp``).
+    """
+    cfg = results.get("config") or {}
+    if not cfg.get("central-dp"):
+        return None
+    total = results.get("central-dp") if isinstance(results.get("central-dp"), dict) else {}
+    return {"epsilon": total.get("epsilon"), "delta": total.get("delta", cfg.get("central-delta")),
+            "accountant": total.get("accountant", cfg.get("central-accountant")), "rounds": total.get("rounds"),
+            "noise-multiplier": cfg.get("central-noise-multiplier"), "clipping-norm": cfg.get("central-clipping-norm"),
+            "unit": "one node's whole participation (user-level): the coordinator's Gaussian noise on the mean of the "
+                    "nodes' clipped updates protects the model against its users"}
+
+
 def model_card(run_dir: Path, results: dict, *, sites: list[str], model_config: dict, made_by: str) -> dict:
     """The model card (provenance) of a finished run folder.
 
@@ -498,6 +514,7 @@ def model_card(run_dir: Path, results: dict, *, sites: list[str], model_config: 
                      **_calibrated_noise(cfg)},
         "privacy": privacy,
         "privacy-source": privacy_source,
+        "central-dp": _central_dp(results),
         "sites": per_site,
         "excluded-updates": len(results.get("excluded") or []),
         "refusals": len(results.get("refused") or []),
@@ -540,6 +557,12 @@ def card_markdown(card: dict) -> str:
             for mech, m in p["mechanisms"].items():
                 lines.append(f"| {site} | {mech} | {_fmt(m['epsilon'])} | {_fmt(m['delta'])} | {m['releases']} |")
             lines.append(f"| {site} | all (this run) | {_fmt(p['epsilon-run'])} | {_fmt(p['delta'])} | |")
+    c = card.get("central-dp")
+    if c:
+        lines += ["", "## Central DP of the published model", "",
+                  f"epsilon {_fmt(c['epsilon'])} at delta {_fmt(c['delta'])} ({str(c['accountant'] or 'rdp').upper()}, "
+                  f"{_fmt(c['rounds'])} round(s)), noise multiplier {_fmt(c['noise-multiplier'])}, clipping norm "
+                  f"{_fmt(c['clipping-norm'])}; unit: {c['unit']}."]
     lines += ["", "## Sites", "", "| site | epsilon reported by the node | last released metrics | coordinator's exact scores |",
               "|---|---:|---|---|"]
     for site, s in sorted(card["sites"].items()):

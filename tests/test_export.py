@@ -171,3 +171,26 @@ def test_fl_server_export_names_nodes_and_reads_app_hash(tmp_path):
     res = CliRunner().invoke(app, ["export", "nope", "-o", str(tmp_path / "pkg2"), "--runs-dir", str(runs),
                                    "--state-dir", str(tmp_path / "state")])
     assert res.exit_code != 0 and "no run 'nope'" in res.output
+
+
+def test_the_card_of_a_central_dp_model_states_its_central_guarantee(tmp_path):
+    """A central-DP run's card (fl-sim export-model, fl-server export) said nothing of central DP, the
+    guarantee that protects the model's users' subjects (docs-followed review, 2026-12-07)."""
+    from serving.package import card_markdown, model_card
+
+    res = {"run_id": "r1", "status": "completed",
+           "config": {"department": "health", "num-rounds": 2, "central-dp": True, "central-noise-multiplier": 1.0,
+                      "central-clipping-norm": 0.1, "central-delta": 1e-5, "central-accountant": "rdp"},
+           "central-dp": {"delta": 1e-5, "accountant": "rdp", "history": [[1.0, 1.0, 1], [1.0, 1.0, 1]], "rounds": 2,
+                          "epsilon": 7.077},
+           "rounds": [{"round": 1, "train": {"accepted": 2, "nodes": {"1": {"num-examples": 10, "partition-id": 0}}}}]}
+    card = model_card(tmp_path, res, sites=["Cleveland"], model_config={"kind": "heart-mlp"}, made_by="test")
+    c = card["central-dp"]
+    assert c == {"epsilon": 7.077, "delta": 1e-5, "accountant": "rdp", "rounds": 2, "noise-multiplier": 1.0,
+                 "clipping-norm": 0.1, "unit": c["unit"]} and "node" in c["unit"]
+    md = card_markdown(card)
+    assert "## Central DP of the published model" in md and "7.077" in md
+    res["config"]["central-dp"] = False
+    res.pop("central-dp")
+    plain = model_card(tmp_path, res, sites=["Cleveland"], model_config={"kind": "heart-mlp"}, made_by="test")
+    assert plain["central-dp"] is None and "Central DP" not in card_markdown(plain)
