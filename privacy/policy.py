@@ -319,16 +319,10 @@ MAX_DELTA = 1e-3
 
 
 def default_site_delta(n_records: int) -> float:
-    """Delta of a site with ``n_records`` training records when the policy sets none: ``min(1/(10·n), MAX_DELTA)``.
+    """``min(1/(10·n), MAX_DELTA)`` for ``n = n_records`` (at least 1): a site's delta when its policy sets none.
 
-    Parameters
-    ----------
-    n_records : int
-        The site's training records (at least 1 is assumed).
-
-    Returns
-    -------
-    float
+    :meth:`PrivacyPolicy.site_delta` and :func:`privacy.dp.default_delta` use it; a site of fewer
+    than 100 training records gets :data:`MAX_DELTA`.
     """
     return min(1.0 / (10.0 * max(int(n_records), 1)), MAX_DELTA)
 
