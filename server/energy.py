@@ -16,6 +16,11 @@ def _num(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+def _tidy(x: float) -> float:
+    """``x`` to 12 significant digits: a sum of reported joules without the float noise of the addition."""
+    return float(f"{x:.12g}")
+
+
 def summarise(results: dict) -> dict:
     """Energy per node and for the run from a run's results (``rounds[*].train|evaluate.nodes``).
 
@@ -53,7 +58,10 @@ def summarise(results: dict) -> dict:
                 text = METHODS.get(int(code), f"method {code}") if _num(code) is not None else "not stated"
                 if text not in n["methods"]:
                     n["methods"].append(text)
-    return {"nodes": nodes, "total-j": sum(n["joules"] for n in nodes.values()) if nodes else None,
+    for n in nodes.values():  # sums of two-significant-figure figures: no float noise (0.7500000000000001)
+        for k in ("train-j", "evaluate-j", "joules"):
+            n[k] = _tidy(n[k])
+    return {"nodes": nodes, "total-j": _tidy(sum(n["joules"] for n in nodes.values())) if nodes else None,
             "replies": replies, "scope": "department nodes' train and evaluate tasks, as reported; "
                                          "the coordinator's own process is not counted"}
 

@@ -172,3 +172,15 @@ def test_model_card_says_the_noise_was_calibrated_per_node_not_the_sentinel(tmp_
     res["config"]["noise-multiplier"] = 1.1  # a fixed noise stays as given
     card = model_card(tmp_path, res, sites=["Cleveland"], model_config={"kind": "heart-mlp"}, made_by="test")
     assert card["training"]["noise-multiplier"] == 1.1
+
+
+def test_summed_joules_carry_no_float_noise():
+    """Sums of the nodes' two-significant-figure joules were written as 0.7500000000000001, 14.074000000000002
+    (results.json, model card; docs review, 2026-12-07)."""
+    from server.energy import summarise
+
+    res = {"rounds": [{"round": r, "train": {"nodes": {"1": {"energy-j": j, "energy-method": 0}}}}
+                      for r, j in ((1, 0.1), (2, 0.1), (3, 0.1))]}
+    s = summarise(res)
+    assert repr(s["total-j"]) == "0.3" and repr(s["nodes"]["1"]["joules"]) == "0.3"
+    assert repr(s["nodes"]["1"]["train-j"]) == "0.3"
