@@ -330,7 +330,9 @@ class ServerThread:
         self.thread.join(timeout=10)
 
 
-@app.command()
+@app.command(epilog="Errors print a message naming the file, field and fix, never a traceback (it could show records); "
+                    "add --debug anywhere on the command line for the full traceback (and, while serving, for a failed "
+                    "request's).")
 def serve(
     package: Annotated[Path, typer.Argument(help="Package folder (fl-sim export-model / fl-server export).")],
     site: Annotated[str, typer.Option("--site", "-s", help="The site this node serves (its hospital, detector or grid; "
