@@ -431,19 +431,30 @@ class AuditLog:
         except OSError as exc:
             raise AuditError(f"audit log {self.path}: cannot open it ({exc.strerror}); fix: check its permissions") from None
         try:
-            last_line, _ = _tail(fd, os.fstat(fd).st_size)
-            seq, prev = 0, GENESIS
-            if last_line:
-                try:
-                    last = json.loads(last_line)
-                    seq, prev = int(last["seq"]), str(last["hash"])
-                except (ValueError, KeyError, TypeError, RecursionError):
-                    raise AuditError(f"audit log {self.path}: the last entry is unreadable, so nothing can be chained "
-                                     "to it; fix: run `audit verify` to find the damage, keep a copy of the file, then "
-                                     "move it aside to start a new log") from None
-            self._check_head(seq, prev)
+            self._chain_tip(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
+
+    def _chain_tip(self, fd: int, size: int) -> tuple[dict | None, int, str, bytes]:
+        """``(last entry or None, its seq, its hash, partial last line)``, checked against the head file.
+
+        Raises
+        ------
+        AuditError
+            An unreadable last entry, or a log shorter than (or different from) its head file.
+        """
+        last_line, partial = _tail(fd, size)
+        last, seq, prev = None, 0, GENESIS
+        if last_line:
+            try:
+                last = json.loads(last_line)
+                seq, prev = int(last["seq"]), str(last["hash"])
+            except (ValueError, KeyError, TypeError, RecursionError):
+                raise AuditError(f"audit log {self.path}: the last entry is unreadable, so nothing can be chained to "
+                                 "it; fix: run `audit verify` to find the damage, keep a copy of the file, then move "
+                                 "it aside to start a new log") from None
+        self._check_head(seq, prev)
+        return last, seq, prev, partial
 
     def append(self, kind: str, **fields) -> dict:
         """Append one entry and return it (with ``seq``, ``time``, ``prev``, ``hash``, ``sig``).
@@ -474,18 +485,8 @@ class AuditLog:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             size = os.fstat(fd).st_size
-            last_line, partial = _tail(fd, size)
-            if last_line:
-                try:
-                    last = json.loads(last_line)
-                    seq, prev = int(last["seq"]), str(last["hash"])
-                except (ValueError, KeyError, TypeError):
-                    raise AuditError(f"audit log {self.path}: the last entry is unreadable, so nothing can be chained to "
-                                     "it; fix: run `audit verify` to find the damage, keep a copy of the file, then move "
-                                     "it aside to start a new log") from None
-            else:
-                seq, prev = 0, GENESIS
-            self._check_head(seq, prev)
+            last, seq, prev, partial = self._chain_tip(fd, size)
+            last_line = last is not None
             out = []
             if (last_line and self._key is not None and isinstance(last.get("sig"), str)
                     and not _signed_by(last, self._key.public_key())):
