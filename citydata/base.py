@@ -989,8 +989,9 @@ class DepartmentDataset(abc.ABC):
         Seed of the random train/test split (classification); kept for forecasting, whose
         split is time ordered.
     test_fraction : float, optional
-        Share of each site held out for testing (records for classification, the last part
-        of the time range for forecasting). Default: the class's ``default_test_fraction``.
+        Share of each site's records held out for testing (classification). Forecasting adapters
+        refuse it: they split at a public test start
+        (:class:`citydata.forecasting.ForecastingDataset`). Default: the class's ``default_test_fraction``.
     date_format : str, optional
         Layout of text timestamps: ``"ISO"`` (year first, the default), ``"DMY"`` (day first),
         ``"MDY"`` (month first) or a strftime pattern

@@ -1,7 +1,11 @@
 """Sliding-window forecasting data shared by the traffic and utility departments.
 
 Per site: the series lies on a regular grid; short target gaps (<= ``MAX_GAP`` steps) are
-interpolated linearly; the last ``test_fraction`` of the time range is the test period.
+interpolated linearly. The split is at a public *test start*, a time the department configures
+(``--test-start``; the bundled sites carry their own constants): a window whose targets all lie
+before it trains, a window whose first target time is at or after it is tested. A share of the
+site's own time range would move with its first and last reading, so one reading added after the
+last (or the last one removed) would move hundreds of windows between training and test.
 
 Every sample is a function of its own window's readings (and public constants): the target
 is normalised per window (instance normalisation, RevIN style, as in PatchTST) by the mean
@@ -24,10 +28,25 @@ from the site's first reading).
 
 from __future__ import annotations
 
+import datetime as _dt
+import os
+import re
+from typing import ClassVar
+
 import numpy as np
 import pandas as pd
 
-from .base import DataFileError, SiteData, Split, shown_name, warn_quality
+from .base import DataFileError, DepartmentDataset, SiteData, Split, shown_name, warn_quality
+from .timestamps import YEAR_RANGE
+
+#: Environment variable with the test start of a node's own forecasting file (``fl-client
+#: --test-start`` sets it for the node's ClientApp processes, as ``--date-format`` sets its own).
+TEST_START_ENV = "CITYFED_TEST_START"
+
+#: What a test start looks like: a date, or a date and a time of day (minutes, optionally seconds).
+TEST_START_FORMAT = "YYYY-MM-DD or 'YYYY-MM-DD HH:MM' (e.g. 2024-05-07 or '2024-05-07 12:00')"
+
+_TEST_START_RE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?)?")
 
 #: Longest run of missing target steps that is filled by linear interpolation.
 MAX_GAP = 4
@@ -155,6 +174,47 @@ def temperature_channel(temperature: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return scaled, avail.astype(np.float64)
 
 
+def parse_test_start(value) -> pd.Timestamp:
+    """A test start from a configuration value.
+
+    Parameters
+    ----------
+    value : str, datetime.datetime, datetime.date or pandas.Timestamp
+        A date (``2024-05-07``: midnight) or a date and time of day (``2024-05-07 12:00`` or
+        ``2024-05-07T12:00:00``), in the records' own local time (no time zone).
+
+    Returns
+    -------
+    pandas.Timestamp
+        The time (nanosecond precision, no time zone).
+
+    Raises
+    ------
+    ValueError
+        Anything else: another layout, an impossible date, a time zone, a year outside
+        :data:`citydata.timestamps.YEAR_RANGE`. The message says what is accepted; the caller
+        names its option or variable.
+    """
+    if isinstance(value, pd.Timestamp) or isinstance(value, (_dt.datetime, _dt.date)):
+        if isinstance(value, _dt.datetime) and value.tzinfo is not None:
+            raise ValueError("a test start has no time zone: give it in the records' own local time")
+        if value is pd.NaT:
+            raise ValueError(f"a test start is a time: {TEST_START_FORMAT}")
+        ts = pd.Timestamp(value)
+    else:
+        text = str(value).strip() if isinstance(value, str) else None
+        if not text or len(text) > 40 or not _TEST_START_RE.fullmatch(text):
+            shown = "" if text is None else (f" {text[:40]!r}" + (" (cut)" if len(text) > 40 else ""))
+            raise ValueError(f"the test start{shown} is not a date: write {TEST_START_FORMAT}")
+        try:
+            ts = pd.Timestamp(_dt.datetime.fromisoformat(text.replace(" ", "T")))
+        except ValueError:
+            raise ValueError(f"the test start {text!r} is not a calendar date or time of day: write {TEST_START_FORMAT}") from None
+    if not YEAR_RANGE[0] <= ts.year <= YEAR_RANGE[1]:
+        raise ValueError(f"the test start's year {ts.year} is outside {YEAR_RANGE[0]}-{YEAR_RANGE[1]}")
+    return ts.as_unit("ns") if hasattr(ts, "as_unit") else ts
+
+
 def _window_sums(bad: np.ndarray, length: int) -> np.ndarray:
     """``out[s] = bad[s:s+length].sum()`` for every full window start ``s``."""
     c = np.concatenate([[0], np.cumsum(bad.astype(np.int64))])
@@ -169,7 +229,7 @@ def build_forecast_site(
     lookback: int,
     horizon: int,
     period: int,
-    test_fraction: float,
+    test_start: pd.Timestamp,
     train_stride: int = 1,
     scale_floor: float = 1e-6,
     relative_scale_floor: float = RELATIVE_SCALE_FLOOR,
@@ -191,8 +251,11 @@ def build_forecast_site(
         Raw target on the grid (NaN where missing).
     lookback, horizon, period : int
         Input steps, predicted steps, steps per day (seasonal-naive lag).
-    test_fraction : float
-        Share of the grid (from the end) that forms the test period.
+    test_start : pandas.Timestamp
+        Public split time: a window whose targets all lie before it is a training window, a window
+        whose first target time is at or after it a test window (one straddling it is neither).
+        It is configuration, not a function of the records, so one reading added or removed at
+        either end of the site's range moves no other window between training and test.
     train_stride : int
         Keep the training windows whose first target time is a multiple of ``train_stride`` steps
         after 1970-01-01 00:00 (test windows: all).
@@ -223,9 +286,11 @@ def build_forecast_site(
     if n_filled:
         warn_quality(f"{origin}: site {shown_name(site)}: interpolated {n_filled} missing target value(s) "
                      f"in gaps of at most {MAX_GAP} steps (of {missing_raw} missing on the {n}-step grid)", stacklevel=5)
-    cut = int(round(n * (1.0 - test_fraction)))
-    if not np.isfinite(y_raw[:cut]).any():
-        raise DataFileError(origin, f"site {shown_name(site)} has no target value in its training period", "provide data for the earlier part of the time range", time_column)
+    cut_ns = pd.Timestamp(test_start).value
+    t_ns = times.asi8
+    if not np.isfinite(y_raw[t_ns < cut_ns]).any():
+        raise DataFileError(origin, f"site {shown_name(site)} has no target value before the test start {pd.Timestamp(test_start)}",
+                            "choose a later test start, or provide data for the time before it", time_column)
 
     channels = [np.zeros((n, 1)), calendar_channels(times)]  # channel 0: filled per window below
     t_meta = {}
@@ -252,8 +317,8 @@ def build_forecast_site(
         touches = (starts <= b - 1) & (starts + W - 1 >= a)
         holds = (starts <= a - 1) & (starts + W - 1 >= b)
         cut_gap |= touches & ~holds
-    is_train = j + H <= cut
-    is_test = j >= cut
+    is_train = t_ns[j + H - 1] < cut_ns  # every target before the test start
+    is_test = t_ns[j] >= cut_ns
     # a training window's seasonal reference lies outside it when the period exceeds the lookback
     # (traffic): only the test windows, which are scored against it, need it
     ok = (in_bad == 0) & (out_bad == 0) & ~cut_gap & ((seas_bad == 0) | is_train)
@@ -289,8 +354,84 @@ def build_forecast_site(
                             target_time=times.to_numpy()[jj] if len(s) else np.zeros(0, dtype="datetime64[ns]"),
                             loc=loc, scale=scale)
     if len(parts["train"]) == 0 or len(parts["test"]) == 0:
-        raise DataFileError(origin, f"site {shown_name(site)} yields {len(parts['train'])} training and {len(parts['test'])} test windows",
-                            "provide a longer record without long gaps for this site", time_column)
-    info = {"split_time": times[cut], "n_steps": n, "interpolated": int(n_filled), "missing_steps": missing_raw,
+        raise DataFileError(origin, f"site {shown_name(site)} yields {len(parts['train'])} training and {len(parts['test'])} test windows "
+                            f"with the test start {pd.Timestamp(test_start)}",
+                            "choose a test start with complete windows of the site on both sides of it, or provide a longer "
+                            "record without long gaps for this site", time_column)
+    info = {"split_time": pd.Timestamp(test_start), "n_steps": n, "interpolated": int(n_filled), "missing_steps": missing_raw,
             "start": times[0], "end": times[-1], "scaling": "per-window", **t_meta, **(meta or {})}
     return SiteData(site=site, train=parts["train"], test=parts["test"], meta=info)
+
+
+class NoTestStart(DataFileError):
+    """An own forecasting file was opened without a test start (``--test-start`` / ``CITYFED_TEST_START``)."""
+
+
+def _env_test_start() -> pd.Timestamp | None:
+    """The test start in ``CITYFED_TEST_START``, or ``None`` when it is unset or empty."""
+    value = os.environ.get(TEST_START_ENV)
+    if value is None or not value.strip():
+        return None
+    try:
+        return parse_test_start(value)
+    except ValueError as exc:
+        raise DataFileError(f"the environment variable {TEST_START_ENV}", str(exc),
+                            f"set {TEST_START_ENV} to {TEST_START_FORMAT}, or unset it and pass --test-start",
+                            setting=TEST_START_ENV) from None
+
+
+class ForecastingDataset(DepartmentDataset):
+    """A forecasting department: sites split at a public test start, not at a share of their range.
+
+    Parameters
+    ----------
+    path : str or os.PathLike, optional
+        ``None`` for the bundled data, or the operator's own file (see :class:`DepartmentDataset`).
+    seed : int
+        Kept for the common signature; the split is time ordered.
+    test_start : str, datetime or pandas.Timestamp, optional
+        First time of the test period (:func:`parse_test_start`), the same for every site of the
+        file. Default: the bundled sites' own constants (:attr:`bundled_test_start`); for an own
+        file the environment variable ``CITYFED_TEST_START`` (``fl-client --test-start`` sets it for
+        the node's ClientApp processes), and an own file with neither is refused.
+    date_format, ranges
+        As for :class:`DepartmentDataset`.
+    test_fraction : None
+        Refused when given: a share of a site's time range moves with its first and last reading.
+
+    Raises
+    ------
+    ValueError
+        A bad ``test_start`` argument, or a ``test_fraction`` (the caller names its option).
+    DataFileError
+        As :class:`DepartmentDataset`; also an own file without a test start, or a bad
+        ``CITYFED_TEST_START`` (``setting`` set to the variable); the former as :class:`NoTestStart`.
+    """
+
+    #: Public test start of each bundled site: the time three quarters into its bundled time range
+    #: (the split every table in the README was measured on), fixed here so that it is configuration,
+    #: not a function of the records.
+    bundled_test_start: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, path=None, *, seed: int = 0, test_fraction: float | None = None, test_start=None,
+                 date_format: str | None = None, ranges=None):
+        if test_fraction is not None:
+            raise ValueError(f"test_fraction: a {self.department} site is split at a public test start, not at a share of its "
+                             "time range (one reading added after the last would move the cut); pass test_start")
+        explicit = None if test_start is None else parse_test_start(test_start)
+        super().__init__(path, seed=seed, date_format=date_format, ranges=ranges)
+        self.test_fraction = None  # not used: the split is at the test start
+        self.test_start = explicit if explicit is not None or path is None else _env_test_start()
+        if path is not None and self.test_start is None:
+            raise NoTestStart(
+                self._origin, "no test start is set for this forecasting file",
+                f"pass --test-start {TEST_START_FORMAT} (or set {TEST_START_ENV}): the first time of the test period, "
+                "usually about the last quarter of the file's range, kept the same for every run (a share of the file's "
+                "own range would move with one reading added after the last)",
+                self.schema.time_column)
+
+    def site_test_start(self, site: str) -> pd.Timestamp:
+        """The test start of ``site``: the configured one, else the bundled site's constant."""
+        if self.test_start is not None:
+            return self.test_start
+        return parse_test_start(self.bundled_test_start[site])

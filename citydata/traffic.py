@@ -12,10 +12,10 @@ import functools
 import numpy as np
 import pandas as pd
 
-from .base import (Column, DataFileError, DepartmentDataset, Schema, SiteData, check_site_names, check_time_order,
+from .base import (Column, DataFileError, Schema, SiteData, check_site_names, check_time_order,
                    drop_missing_keys, package_file, package_version, rows_text, validate_frame, warn_quality,
                    whole_numbers)
-from .forecasting import build_forecast_site
+from .forecasting import ForecastingDataset, build_forecast_site
 
 __all__ = ["TrafficCounts"]
 
@@ -35,7 +35,7 @@ def _bundled() -> pd.DataFrame:
     return frame.sort_values(["detector", "timestamp"], kind="stable").reset_index(drop=True)
 
 
-class TrafficCounts(DepartmentDataset):
+class TrafficCounts(ForecastingDataset):
     """Vehicle counts per detector, forecast one hour ahead.
 
     Parameters
@@ -45,12 +45,14 @@ class TrafficCounts(DepartmentDataset):
         ``timestamp``, ``detector``, ``total`` (see :attr:`schema`), sorted by time within each
         detector, one record per detector and 15-minute bin.
     seed : int
-    test_fraction : float, optional
-        Last share of each detector's time range used for testing (default 0.25).
+    test_start : str or datetime, optional
+        First time of the test period (:class:`~citydata.forecasting.ForecastingDataset`); the
+        bundled detectors' is 2024-05-07 12:00. Required for an own file (or ``CITYFED_TEST_START``).
     """
 
     department = "traffic"
-    default_test_fraction = 0.25
+    bundled_test_start = {f"detector-{k}": "2024-05-07 12:00" for k in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 14, 15, 16, 17, 18, 19, 20,
+                                                                         21, 22, 23, 27, 28)}
     schema = Schema(
         department="traffic",
         task="forecasting",
@@ -137,6 +139,6 @@ class TrafficCounts(DepartmentDataset):
         target = pd.Series(records["total"].to_numpy(dtype=np.float64), index=times).reindex(grid).to_numpy()
         s = self.schema
         return build_forecast_site(site, grid, target, lookback=s.lookback, horizon=s.horizon, period=s.seasonal_period,
-                                   test_fraction=self.test_fraction, scale_floor=s.scale_floor,
+                                   test_start=self.site_test_start(site), scale_floor=s.scale_floor,
                                    relative_scale_floor=s.relative_scale_floor, origin=self._origin,
                                    meta={"unit": s.target_unit, "records": len(records)})

@@ -26,9 +26,9 @@ import functools
 import numpy as np
 import pandas as pd
 
-from .base import (Column, DataFileError, DepartmentDataset, Schema, SiteData, check_site_names, check_time_order,
+from .base import (Column, DataFileError, Schema, SiteData, check_site_names, check_time_order,
                    drop_missing_keys, package_file, package_version, shown_name, warn_quality)
-from .forecasting import build_forecast_site
+from .forecasting import ForecastingDataset, build_forecast_site
 
 __all__ = ["ElectricityDemand"]
 
@@ -81,7 +81,7 @@ def _bundled() -> pd.DataFrame:
     return frame
 
 
-class ElectricityDemand(DepartmentDataset):
+class ElectricityDemand(ForecastingDataset):
     """Electricity demand per grid, forecast 24 h ahead from the last 72 h.
 
     Parameters
@@ -92,12 +92,15 @@ class ElectricityDemand(DepartmentDataset):
         sorted by time within each grid, at an hourly or finer regular step (finer steps are
         averaged to hourly).
     seed : int
-    test_fraction : float, optional
-        Last share of each grid's time range used for testing (default 0.25).
+    test_start : str or datetime, optional
+        First time of the test period (:class:`~citydata.forecasting.ForecastingDataset`); each
+        bundled grid has its own (:attr:`bundled_test_start`). Required for an own file (or
+        ``CITYFED_TEST_START``).
     """
 
     department = "utility"
-    default_test_fraction = 0.25
+    bundled_test_start = {"england-wales-2000": "2000-08-07 00:00", "portugal-2012": "2014-04-02 00:00",
+                          "victoria-2014": "2014-10-01 18:00"}
     schema = Schema(
         department="utility",
         task="forecasting",
@@ -186,5 +189,5 @@ class ElectricityDemand(DepartmentDataset):
                                    temperature=hourly["temperature"].to_numpy(dtype=np.float64), with_temperature=True,
                                    lookback=s.lookback, horizon=s.horizon, period=s.seasonal_period, train_stride=s.train_stride,
                                    scale_floor=s.scale_floor, relative_scale_floor=s.relative_scale_floor,
-                                   test_fraction=self.test_fraction, origin=self._origin,
+                                   test_start=self.site_test_start(site), origin=self._origin,
                                    meta={"unit": unit, "records": len(records)})

@@ -109,6 +109,8 @@ EMPTY_FIXES = {
     "date_format": ("--date-format", "pass DMY, MDY, ISO or a strftime pattern, or leave the option out for "
                     "year-first dates"),
     "ranges": ("--ranges", "pass a plausibility-ranges TOML file, or leave the option out for the schema's ranges"),
+    "test_start": ("--test-start", "pass the first time of the test period, e.g. --test-start 2024-05-07 (traffic and "
+                   "utility files)"),
 }
 
 
@@ -479,6 +481,8 @@ class DataReport:
         Shapes of the training tensors.
     warnings : list of str
         Every :class:`~citydata.DataQualityWarning` (counts, never record values).
+    test_start : str
+        Forecasting: the public test start the split used (configuration, not from the records).
     """
 
     site: str
@@ -490,17 +494,19 @@ class DataReport:
     x_shape: tuple
     y_shape: tuple
     warnings: list = field(default_factory=list)
+    test_start: str = ""
 
     def summary(self) -> str:
         """One line: ``site S: N records -> a training and b test records (X ..., y ...)``."""
         x = "x".join(map(str, self.x_shape))
         y = "x".join(map(str, self.y_shape))
         return (f"data {self.source}, site {self.site}: {self.records} records -> {self.train} training and {self.test} "
-                f"test {self.unit} (training tensors X {x}, y {y}); {len(self.warnings)} data warning(s)")
+                f"test {self.unit}" + (f" (test from {self.test_start})" if self.test_start else "")
+                + f" (training tensors X {x}, y {y}); {len(self.warnings)} data warning(s)")
 
 
 def check_data(department: str, data: str, site: str, *, date_format: str | None = None,
-               ranges: str | None = None) -> DataReport:
+               ranges: str | None = None, test_start: str | None = None) -> DataReport:
     """Open the department's data file and build ``site``'s arrays exactly as training will.
 
     The same calls as the node's (:meth:`clients.node.NodeSpec.site_data`):
@@ -516,6 +522,9 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
         ``--date-format`` (DMY, MDY, ISO or a strftime pattern).
     ranges : str, optional
         ``--ranges``: a plausibility-ranges TOML file.
+    test_start : str, optional
+        ``--test-start``: the public test start of an own traffic or utility file
+        (:func:`citydata.forecasting.parse_test_start`); default ``CITYFED_TEST_START``.
 
     Returns
     -------
@@ -527,8 +536,10 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
         With :class:`citydata.DataFileError`'s message (file, column, rows, kind of problem, fix; never a cell's value): a
         path that is not a regular file (says what it is; ``--ranges`` too), a bad file or ranges
         file, a site not in the file, a site too small for a train/test split or one DP-SGD batch, a
-        single-class site; or a bad ``--date-format``/``--department``, or a bad ``CITYFED_DATE_FORMAT`` or
-        ``CITYFED_RANGES`` (named, with its value: the loader's defaults when the option is left out).
+        single-class site; an own traffic or utility file without a test start; or a bad
+        ``--date-format``/``--department``/``--test-start`` (or one given for health or the bundled data),
+        or a bad ``CITYFED_DATE_FORMAT``, ``CITYFED_RANGES`` or ``CITYFED_TEST_START`` (named, with its
+        value: the loader's defaults when the option is left out).
     """
     import warnings
 
@@ -544,6 +555,9 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
         check_input_file("--ranges", ranges, "pass a plausibility-ranges TOML file (README: plausibility ranges), or "
                          "leave the option out for the schema's ranges")
     path = None if data == BUNDLED else data
+    extra = {}
+    if test_start is not None:
+        extra["test_start"] = check_test_start(test_start, department, path is not None)
     if path is not None:
         kind = path_kind(Path(path))
         if kind == "file not found":
@@ -555,7 +569,7 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DataQualityWarning)
         try:
-            ds = load_department(department, path, date_format=date_format, ranges=ranges)
+            ds = load_department(department, path, date_format=date_format, ranges=ranges, **extra)
             if site not in ds.sites:
                 raise SetupError(f"--site {shown_name(site)} is not in --data {data} ({ds.site_choices(site)}); "
                                  f"fix: pass the site as the file's {shown_name(ds.schema.site_column)} column writes "
@@ -577,7 +591,31 @@ def check_data(department: str, data: str, site: str, *, date_format: str | None
     records = int(sd.meta.get("records", sd.meta.get("patients", len(sd.train) + len(sd.test))))
     return DataReport(site=site, source=data, records=records, train=len(sd.train), test=len(sd.test),
                       unit="windows" if forecasting else "records", x_shape=tuple(train.tensors[0].shape),
-                      y_shape=tuple(train.tensors[1].shape), warnings=notes)
+                      y_shape=tuple(train.tensors[1].shape), warnings=notes,
+                      test_start=str(sd.meta["split_time"]) if forecasting else "")
+
+
+def check_test_start(test_start: str, department: str, own_file: bool) -> str:
+    """``--test-start`` as the ISO text the loader reads.
+
+    Raises
+    ------
+    SetupError
+        Naming ``--test-start``: not a date (or a date and time of day), given for health (split
+        per patient, not in time), or given with the bundled data (whose sites have their own).
+    """
+    from citydata.forecasting import TEST_START_FORMAT, parse_test_start
+
+    if department not in ("traffic", "utility"):
+        raise SetupError(f"--test-start: {department} is not split in time (each record is drawn to training or test on "
+                         "its own); fix: leave --test-start out, it is for traffic and utility files")
+    if not own_file:
+        raise SetupError(f"--test-start: the bundled sites have their own public test starts; fix: leave --test-start out, "
+                         f"or give it with your own --data file")
+    try:
+        return parse_test_start(test_start).isoformat()
+    except ValueError as exc:
+        raise SetupError(f"--test-start: {exc}; fix: write it as {TEST_START_FORMAT}") from None
 
 
 def check_ledger(path: Path, option: str = "--ledger") -> None:
@@ -1366,17 +1404,20 @@ RUN_REQUIRED = ("department", "site", "data", "policy", "coordinator", "ca", "ke
 NODE_FILE = "node.json"
 
 
-def data_env(date_format: str | None, ranges: Path | None) -> dict:
+def data_env(date_format: str | None, ranges: Path | None, test_start: str | None = None) -> dict:
     """Environment that makes the node's ClientApp processes read ``--data`` as ``--check`` did.
 
     The node opens the file itself (``clients.node``: ``load_department(department, data)``);
-    the loader takes its date format and ranges file from ``CITYFED_DATE_FORMAT`` and
-    ``CITYFED_RANGES`` when none is passed.
+    the loader takes its date format, ranges file and test start from ``CITYFED_DATE_FORMAT``,
+    ``CITYFED_RANGES`` and ``CITYFED_TEST_START`` when none is passed.
     """
+    from citydata.forecasting import TEST_START_ENV, parse_test_start
     from citydata.plausibility import RANGES_ENV
     from citydata.timestamps import DATE_FORMAT_ENV, check_date_format
 
     env = {}
+    if test_start is not None:
+        env[TEST_START_ENV] = parse_test_start(test_start).isoformat()
     if date_format is not None:
         env[DATE_FORMAT_ENV] = check_date_format(date_format) or ""
     if ranges is not None:
@@ -1409,6 +1450,7 @@ def fl_client(
     cold: Annotated[bool, typer.Option("--cold", help="Start a new ClientApp process for every message and keep Flower's polling (3 s idle), as plain flower-supernode does. Default: one warm ClientApp worker per node and 0.1 s polling (clients/warm.py; docs/DEPLOYMENT.md §5). Both run only approved app code.")] = False,
     date_format: Annotated[Optional[str], typer.Option("--date-format", help="Order of the dates in --data when they are not year-first: DMY (18/04/2024, day first), MDY (04/18/2024, month first), ISO (the default: year first only), or a strftime pattern such as '%d.%m.%Y %H:%M'. Dates like 01/04/2024 are refused without it.", show_default=False)] = None,
     ranges: Annotated[Optional[Path], typer.Option("--ranges", help="TOML file that replaces the schema's plausibility ranges of some columns (README: plausibility ranges), e.g. \\[trestbps] max = 320. Out-of-range values are errors unless the file says action = \"missing\".", show_default=False)] = None,
+    test_start: Annotated[Optional[str], typer.Option("--test-start", help="traffic/utility: first time of the test period in --data, YYYY-MM-DD or 'YYYY-MM-DD HH:MM' (windows whose targets all lie before it train, later ones are tested). Required for your own forecasting file (or CITYFED_TEST_START); keep it the same for every run. Not for health or the bundled data.", show_default=False)] = None,
     check: Annotated[bool, typer.Option("--check", help="Run the start-up checks, build this site's training arrays exactly as training will, print the record counts and data warnings, and exit (0 = ready).")] = False,
 ) -> None:
     """Run this department's node: join the city's federation and train under this department's own privacy policy.
@@ -1450,7 +1492,8 @@ def fl_client(
         host, port = parse_address(coordinator)
         fingerprint = check_key(key)
         check_policy(policy, department)
-        report = check_data(department, data, site, date_format=date_format, ranges=None if ranges is None else str(ranges))
+        report = check_data(department, data, site, date_format=date_format, ranges=None if ranges is None else str(ranges),
+                            test_start=test_start)
         ctx_tls = check_ca(ca)  # every input file is checked before the first thing is written
         check_state_dir(home, "--state-dir" if state_dir else "--state-dir (default)")
         check_audit_log(home / "audit.jsonl")
@@ -1479,7 +1522,7 @@ def fl_client(
                    "audit-log": str(home / "audit.jsonl"), "audit-key": str(Path(key).resolve())}
     launch = NodeLaunch(coordinator=coordinator, ca=Path(ca).resolve(), key=Path(key).resolve(), home=home,
                         node_config=node_config, runtime_port=runtime_port, reconnect_window=reconnect_window,
-                        warm=not cold, extra_env=data_env(date_format, ranges))
+                        warm=not cold, extra_env=data_env(date_format, ranges, test_start))
     sup = Supervisor(launch, max_restarts=max_restarts, backoff=backoff, backoff_max=backoff_max, console=err)
     raise typer.Exit(sup.run())
 

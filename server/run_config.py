@@ -417,8 +417,14 @@ def check_central_data(cfg: dict) -> None:
             for site in ds.sites:
                 ds.site_data(site)
     except DataFileError as exc:
+        from citydata.forecasting import TEST_START_ENV, TEST_START_FORMAT, NoTestStart
+
         where = exc.path + (f", column {exc.column!r}" if exc.column is not None else "")
-        raise CliError(f"run config 'central-data' ({source}): {where}: {exc.problem}; fix: {exc.fix} (or drop -c "
+        fix = exc.fix
+        if isinstance(exc, NoTestStart):  # fl-server has no --test-start: the coordinator's file takes the variable
+            fix = (f"set {TEST_START_ENV} to the first time of the file's test period ({TEST_START_FORMAT}) in the "
+                   "environment of both `fl-server start` (its ServerApp reads the file) and `fl-server run` (or of flwr run)")
+        raise CliError(f"run config 'central-data' ({source}): {where}: {exc.problem}; fix: {fix} (or drop -c "
                        "central-data: the coordinator then holds no data)") from None
     cfg["central-data"] = str(path)
 

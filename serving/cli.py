@@ -70,7 +70,8 @@ def read_keys(path: Path | None) -> list[str]:
 
 
 def build(package: Path, site: str, data: Path | None, keys: list[str], *, manifest_sha256: str | None = None,
-          date_format: str | None = None, ranges: Path | None = None, personalised: Path | None = None):
+          date_format: str | None = None, ranges: Path | None = None, personalised: Path | None = None,
+          test_start: str | None = None):
     """Load and verify ``package``, build ``site``'s features from the node's data, and return the FastAPI app.
 
     With ``personalised``, the node's personalised model file of the package's run replaces the
@@ -90,7 +91,8 @@ def build(package: Path, site: str, data: Path | None, keys: list[str], *, manif
     from serving.package import load_package
 
     pkg = load_package(package, manifest_sha256=manifest_sha256)
-    feats = SiteFeatures(pkg.department, site, data, date_format=date_format, ranges=ranges)  # --site, --data first
+    feats = SiteFeatures(pkg.department, site, data, date_format=date_format, ranges=ranges,  # --site, --data first
+                         test_start=test_start)
     if personalised is not None:
         from serving.personalised import attach_personalised
 
@@ -366,6 +368,10 @@ def serve(
                                                          "RUN_DIR/ledgers/personalised/). Refused unless its site is "
                                                          "--site and it was fine-tuned from this package's model (exit 1); a path that is "
                                                          "missing, a folder or no personalised model file: exit 2.")] = None,
+    test_start: Annotated[Optional[str], typer.Option("--test-start", help="traffic/utility with --data: the test "
+                                                      "start the node trains with (fl-client --test-start; or "
+                                                      "CITYFED_TEST_START). The file is opened as the node opens it; "
+                                                      "requests are not split.", show_default=False)] = None,
 ) -> None:
     """Serve PACKAGE for one site on this node: POST /predict, GET /model, /metrics, /health, /docs.
 
@@ -382,6 +388,16 @@ def serve(
 
     manifest_sha256 = check_manifest_sha256(manifest_sha256)
     date_format = check_date_format_option(date_format)
+    if test_start is not None:
+        from citydata.forecasting import TEST_START_FORMAT, parse_test_start
+
+        if data is None:
+            raise typer.BadParameter("the bundled sites have their own public test starts; fix: leave --test-start out, "
+                                     "or give it with your own --data file", param_hint="--test-start")
+        try:
+            test_start = parse_test_start(test_start).isoformat()
+        except ValueError as exc:
+            raise typer.BadParameter(f"{exc}; fix: write it as {TEST_START_FORMAT}", param_hint="--test-start") from None
     check_package_path(package)
     keys = read_keys(api_key_file)
     if tls_cert is not None and tls_key is None:
@@ -394,7 +410,7 @@ def serve(
         raise typer.BadParameter("--client-ca (mutual TLS) needs --tls-cert and --tls-key", param_hint="--client-ca")
     try:
         fastapi_app = build(package, site, data, keys, manifest_sha256=manifest_sha256, date_format=date_format,
-                            ranges=ranges, personalised=personalised)
+                            ranges=ranges, personalised=personalised, test_start=test_start)
     except (DataFileError, SiteError, PersonalisedPathError) as exc:  # the node's own inputs (--site, --data,
         # --ranges, CITYFED_*, a --personalised path that is no personalised model file): exit 2, as fl-client
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

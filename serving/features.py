@@ -154,6 +154,9 @@ class SiteFeatures:
         The department's own records file (as for ``fl-client --data``); ``None``: bundled data.
     date_format, ranges : optional
         As for :func:`citydata.load_department`.
+    test_start : str, optional
+        Traffic/utility with ``data``: the node's test start (``fl-client --test-start``); default
+        ``CITYFED_TEST_START``. Ignored for health (its split is per record).
 
     Raises
     ------
@@ -164,8 +167,9 @@ class SiteFeatures:
     """
 
     def __init__(self, department: str, site: str, data: str | os.PathLike | None = None, *,
-                 date_format: str | None = None, ranges=None):
-        self.ds = load_department(department, data, date_format=date_format, ranges=ranges)
+                 date_format: str | None = None, ranges=None, test_start: str | None = None):
+        extra = {"test_start": test_start} if test_start is not None and department in ("traffic", "utility") else {}
+        self.ds = load_department(department, data, date_format=date_format, ranges=ranges, **extra)
         if site not in self.ds.sites:
             where = "the bundled records" if data is None else f"--data {data}"
             choices = self.ds.site_choices(site)  # the bundled sites, or (an operator's file) a count, no values

@@ -280,6 +280,12 @@ def baselines(
     ranges: Optional[Path] = typer.Option(
         None, "--ranges", help="TOML file replacing the schema's plausibility ranges of some columns (README)."
     ),
+    test_start: Optional[str] = typer.Option(
+        None, "--test-start", help="traffic/utility with --data: first time of the test period, YYYY-MM-DD or "
+                                   "'YYYY-MM-DD HH:MM' (windows whose targets all lie before it train, the rest are "
+                                   "tested). Required for your own forecasting file (or CITYFED_TEST_START); the "
+                                   "bundled sites have their own.", show_default=False
+    ),
     epochs: Optional[int] = typer.Option(None, min=1, max=_MAX_EPOCHS, help="Train every job exactly this many epochs. Default: DP-SGD jobs "
                                          "train a fixed count per department (their accounted release); non-private jobs "
                                          "as many (at most 60) as a validation split of each site's training records "
@@ -295,6 +301,7 @@ def baselines(
     test set and the pooled test set (health); MAE and RMSE in original units next to
     persistence and seasonal-naive forecasts (traffic, utility).
     """
+    from citydata.forecasting import TEST_START_ENV
     from citydata.plausibility import RANGES_ENV
     from citydata.timestamps import DATE_FORMAT_ENV, check_date_format
 
@@ -323,6 +330,7 @@ def baselines(
     if data is not None and len(depts) != 1:
         _refuse(f"one file is one department's records, and this asks for {len(depts)} departments",
                 "pass exactly one --department with --data", "--data")
+    test_start = _check_test_start(test_start, depts[0], data is not None)
     # the DP-SGD targets and the clipping norm follow the run config's rules (target-epsilon, clipping-norm)
     for e in epsilon:
         _check_run_config({"department": depts[0], "target-epsilon": e, "clipping-norm": max_grad_norm},
@@ -337,8 +345,27 @@ def baselines(
         _refuse(str(exc), "DMY, MDY, ISO or a strftime pattern with %Y, %m and %d (see 'fl-sim baselines --help')",
                 "--date-format")
     # the baseline jobs open the file again (simulations.baselines): the loader reads these defaults
-    with _environ({DATE_FORMAT_ENV: date_format, RANGES_ENV: None if ranges is None else str(ranges.resolve())}):
+    with _environ({DATE_FORMAT_ENV: date_format, RANGES_ENV: None if ranges is None else str(ranges.resolve()),
+                   TEST_START_ENV: test_start}):
         _baselines(depts, data, date_format, ranges, seed, model, epsilon, epochs, max_grad_norm, out)
+
+
+def _check_test_start(test_start: str | None, department: str, own_file: bool) -> str | None:
+    """``--test-start`` checked (exit 2 naming it), as the ISO text the loader reads; ``None`` when left out."""
+    if test_start is None:
+        return None
+    from citydata.forecasting import TEST_START_FORMAT, parse_test_start
+
+    if department not in ("traffic", "utility"):
+        _refuse(f"{department} is not split in time (each record is drawn to training or test on its own)",
+                "leave --test-start out; it is for traffic and utility files", "--test-start")
+    if not own_file:
+        _refuse("the bundled sites have their own public test starts (the ones the README's tables used)",
+                "leave --test-start out, or give it with --data (your own file)", "--test-start")
+    try:
+        return parse_test_start(test_start).isoformat()
+    except ValueError as exc:
+        _refuse(str(exc), f"write it as {TEST_START_FORMAT}", "--test-start")
 
 
 def _baselines(depts, data, date_format, ranges, seed, model, epsilon, epochs, max_grad_norm, out) -> None:
@@ -1475,8 +1502,16 @@ def export(
         undo()
         raise
     path = out
-    back = type(data)(path)  # what a node will load from this file
+    starts = getattr(type(data), "bundled_test_start", None)  # forecasting: a node loads the file with a test start
+    kept = sorted({starts[s] for s in (site or data.sites)}) if starts else []
+    back = type(data)(path, test_start=kept[0]) if kept else type(data)(path)  # what a node will load from this file
     console.print(f"wrote {path}: {len(back.raw_frame())} records, sites: {', '.join(back.sites)}")
+    if kept:  # the bundled split is configuration: tell the user the value that keeps it
+        if len(kept) == 1:
+            console.print(f"to split it as the bundled data is, load it with --test-start '{kept[0]}'")
+        else:
+            console.print("the bundled sites' test starts differ (" + "; ".join(f"{s} {starts[s]}" for s in (site or data.sites))
+                          + "): give each node its own site's --test-start, or export one file per site (--site)")
 
 
 from simulations.audit_cmd import audit as _audit  # noqa: E402  (fl-sim audit: simulations/audit_cmd.py)

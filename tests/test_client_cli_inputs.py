@@ -525,3 +525,56 @@ def test_a_whole_audit_log_passes_the_start_check(pki_files, tls_server, tmp_pat
     AuditLog(state / "audit.jsonl", key_path=pki_files / "node" / "node.key").append("job", run="r", round=1)
     code, text, exc = run_client(client_args(pki_files, tmp_path, tls_server.port))
     assert code == 0 and exc is None, text
+
+
+# --------------------------------------------------------------------------- --test-start (forecasting split)
+
+
+@pytest.fixture(scope="module")
+def own_traffic_file(tmp_path_factory):
+    from citydata import TrafficCounts
+
+    f = TrafficCounts().raw_frame()
+    path = tmp_path_factory.mktemp("own") / "counts.csv"
+    f[f["detector"] == 3].to_csv(path, index=False)
+    return path
+
+
+def _traffic_args(pki_files, tmp_path, port, path, **over):
+    return client_args(pki_files, tmp_path, port, **{"--department": "traffic", "--site": "detector-3", "--data": str(path),
+                                                     "--policy": str(ROOT / "examples" / "policies" / "traffic.toml"), **over})
+
+
+def test_an_own_forecasting_file_needs_a_test_start(pki_files, tls_server, tmp_path, own_traffic_file, monkeypatch):
+    """Without one the split would follow the file's first and last timestamp (privacy review 2026-12-07, H2)."""
+    monkeypatch.delenv("CITYFED_TEST_START", raising=False)
+    code, text, exc = run_client(_traffic_args(pki_files, tmp_path, tls_server.port, own_traffic_file))
+    assert_setup_error(code, text, exc, f"--data {own_traffic_file}", "no test start", "--test-start", "CITYFED_TEST_START")
+    code, text, exc = run_client(_traffic_args(pki_files, tmp_path, tls_server.port, own_traffic_file,
+                                               **{"--test-start": "2024-05-07 12:00"}))
+    assert exc is None and code == client_cli.EXIT_OK, text
+    assert "1772 training and 620 test windows (test from 2024-05-07 12:00:00)" in text, text
+
+
+@pytest.mark.parametrize("over,needles", [
+    ({"--test-start": "07/05/2024"}, ["--test-start", "'07/05/2024' is not a date", "YYYY-MM-DD"]),
+    ({"--test-start": "2024-02-30"}, ["--test-start", "not a calendar date"]),
+    ({"--test-start": "2030-01-01"}, ["yields 2395 training and 0 test windows with the test start 2030-01-01 00:00:00",
+                                      "choose a test start"]),
+    ({"--test-start": "2024-05-07", "--data": "bundled"}, ["--test-start", "bundled sites have their own"]),
+])
+def test_a_bad_test_start_is_named(pki_files, tls_server, tmp_path, own_traffic_file, over, needles):
+    code, text, exc = run_client(_traffic_args(pki_files, tmp_path, tls_server.port, own_traffic_file, **over))
+    assert_setup_error(code, text, exc, *needles)
+
+
+def test_a_test_start_for_health_is_refused(pki_files, tls_server, tmp_path):
+    code, text, exc = run_client(client_args(pki_files, tmp_path, tls_server.port, **{"--test-start": "2024-01-01"}))
+    assert_setup_error(code, text, exc, "--test-start", "health is not split in time")
+
+
+def test_the_test_start_reaches_the_nodes_clientapp_processes():
+    from citydata.forecasting import TEST_START_ENV
+
+    assert client_cli.data_env(None, None, "2024-05-07 12:00") == {TEST_START_ENV: "2024-05-07T12:00:00"}
+    assert TEST_START_ENV not in client_cli.data_env(None, None)

@@ -236,7 +236,8 @@ def test_check_date_format_and_ranges_options(tmp_path):
     f.to_csv(tmp_path / "dmy.csv", index=False)
     with pytest.raises(SetupError, match=r"column 'timestamp'.*--date-format DMY"):
         check_data("traffic", str(tmp_path / "dmy.csv"), "detector-5")
-    assert check_data("traffic", str(tmp_path / "dmy.csv"), "detector-5", date_format="DMY").train > 16
+    assert check_data("traffic", str(tmp_path / "dmy.csv"), "detector-5", date_format="DMY",
+                      test_start="2024-04-03 06:00").train > 16
     with pytest.raises(SetupError, match=r"^--date-format 'dd/mm': unknown date format"):
         check_data("traffic", str(tmp_path / "dmy.csv"), "detector-5", date_format="dd/mm")
     bad = tmp_path / "ranges.toml"

@@ -54,7 +54,8 @@ def test_loader_names_the_date_format_variable(monkeypatch, traffic_csv):
     monkeypatch.setenv("CITYFED_DATE_FORMAT", "%H:%M")  # a pattern without a date
     with pytest.raises(DataFileError, match="CITYFED_DATE_FORMAT"):
         load_department("traffic", traffic_csv)
-    assert load_department("traffic", traffic_csv, date_format="ISO").sites  # the argument overrides the variable
+    # the argument overrides the variable (an own forecasting file also needs its public test start)
+    assert load_department("traffic", traffic_csv, date_format="ISO", test_start="2024-05-07 12:00").sites
 
 
 def test_fl_sim_baselines_bad_date_format_variable(tmp_path, capsys, monkeypatch, never_train, traffic_csv):

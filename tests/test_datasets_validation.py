@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from citydata import (DataFileError, DataQualityWarning, ElectricityDemand, HeartDisease, TrafficCounts,
                               load_department)
 from citydata.forecasting import interpolate_short_gaps
+from forecast_files import own, quarter_start
 
 SUFFIXES = [".csv", ".parquet"]
 
@@ -70,10 +71,10 @@ def _expect(cls, path, column, match=None) -> DataFileError:
 
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_operator_files_load(tmp_path, suffix):
-    tr = TrafficCounts(_write(_traffic_frame(), tmp_path / f"c{suffix}"))
+    tr = own(TrafficCounts, _write(_traffic_frame(), tmp_path / f"c{suffix}"))
     assert tr.sites == ["detector-1", "detector-2"]
     assert tr.site_data("detector-2").train.X.shape[1:] == (32, 5)
-    ut = ElectricityDemand(_write(_utility_frame(), tmp_path / f"u{suffix}"))
+    ut = own(ElectricityDemand, _write(_utility_frame(), tmp_path / f"u{suffix}"))
     assert ut.sites == ["north", "south"]
     north, south = ut.site_data("north"), ut.site_data("south")
     assert north.train.X[:, :, 6].min() == 1 and south.train.X[:, :, 6].max() == 0
@@ -81,10 +82,10 @@ def test_operator_files_load(tmp_path, suffix):
 
 def test_utility_without_temperature_column_and_half_hourly(tmp_path):
     f = _utility_frame().drop(columns="temperature")
-    ut = ElectricityDemand(_write(f, tmp_path / "u.csv"))
+    ut = own(ElectricityDemand, _write(f, tmp_path / "u.csv"))
     assert ut.site_data("north").train.X.shape[1:] == (72, 7)
     half = pd.DataFrame({"timestamp": pd.date_range("2020-01-01", periods=48 * 30, freq="30min"), "grid": "g", "demand": np.arange(48 * 30.0)})
-    d = ElectricityDemand(_write(half, tmp_path / "h.csv")).site_data("g")
+    d = own(ElectricityDemand, _write(half, tmp_path / "h.csv")).site_data("g")
     assert d.train.to_original(d.train.y)[0, 0] == pytest.approx((2 * 72 + 2 * 72 + 1) / 2)  # mean of the two half-hours
     daily = half.iloc[::48]
     _expect(ElectricityDemand, _write(daily, tmp_path / "d.csv"), "timestamp", "recorded every 1 days")
@@ -95,7 +96,7 @@ def test_gaps_interpolated_and_windows_dropped_with_warnings(tmp_path):
     f.loc[100:101, "total"] = np.nan  # short gap: interpolated
     f.loc[200:230, "total"] = np.nan  # long gap: windows dropped
     with pytest.warns(DataQualityWarning, match="33 record"):
-        ds = TrafficCounts(_write(f.drop(index=range(300, 305)), tmp_path / "g.csv"))  # 5 missing records on the grid
+        ds = own(TrafficCounts, _write(f.drop(index=range(300, 305)), tmp_path / "g.csv"))  # 5 missing records on the grid
     with pytest.warns(DataQualityWarning) as rec:
         d = ds.site_data("detector-7")
     text = " ".join(str(w.message) for w in rec)
@@ -111,7 +112,7 @@ def test_missing_site_rows_dropped_with_warning(tmp_path):
     f = f.drop(index=5)  # keep time order of detector 1 intact, then add a record without detector at the end
     f = pd.concat([f, pd.DataFrame({"timestamp": [pd.Timestamp("2024-04-01")], "detector": [None], "total": [3]})], ignore_index=True)
     with pytest.warns(DataQualityWarning, match="dropped 1 of"):
-        ds = TrafficCounts(_write(f, tmp_path / "m.csv"))
+        ds = own(TrafficCounts, _write(f, tmp_path / "m.csv"))
     assert ds.sites == ["detector-1", "detector-2"]
 
 
@@ -191,7 +192,7 @@ def test_unsorted_timestamps(tmp_path, suffix):
     err = _expect(TrafficCounts, _write(f, tmp_path / f"t{suffix}"), "timestamp", "not sorted")
     assert "detector '1'" in err.problem and "sort" in err.fix
     u = _utility_frame().sort_values("timestamp", kind="stable")  # interleaved grids are fine ...
-    assert ElectricityDemand(_write(u, tmp_path / f"ok{suffix}")).sites == ["north", "south"]
+    assert own(ElectricityDemand, _write(u, tmp_path / f"ok{suffix}")).sites == ["north", "south"]
     u = _utility_frame().iloc[::-1]  # ... but time must increase within each grid
     _expect(ElectricityDemand, _write(u, tmp_path / f"u{suffix}"), "timestamp", "not sorted")
 
@@ -212,10 +213,10 @@ def test_duplicate_timestamps(tmp_path, suffix):
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_exact_duplicate_rows_are_dropped_with_a_count(tmp_path, suffix, heart_frame):
     f = _traffic_frame()
-    ref = _site_arrays(TrafficCounts(_write(f, tmp_path / f"ref{suffix}")))
+    ref = _site_arrays(own(TrafficCounts, _write(f, tmp_path / f"ref{suffix}")))
     g = pd.concat([f.iloc[:50], f.iloc[49:52], f.iloc[50:]], ignore_index=True)  # data rows 50, 51, 52 repeated once (as rows 51, 54, 55)
     with pytest.warns(DataQualityWarning, match=r"dropped 3 of 579 rows that repeat an earlier row exactly \(rows 51, 54, 55\)"):
-        ds = TrafficCounts(_write(g, tmp_path / f"dup{suffix}"))
+        ds = own(TrafficCounts, _write(g, tmp_path / f"dup{suffix}"))
     _same_arrays(_site_arrays(ds), ref)
     h = pd.concat([heart_frame, heart_frame.iloc[[7]]], ignore_index=True)
     with pytest.warns(DataQualityWarning, match=r"dropped 1 of 921 rows .*\(row 921\)"):
@@ -284,7 +285,7 @@ def test_traffic_specific_rules(tmp_path):
     f["timestamp"] = f["timestamp"] + pd.Timedelta("7min")
     _expect(TrafficCounts, _write(f, tmp_path / "off.csv"), "timestamp", "15-minute boundary")
     short = _traffic_frame(n_days=1)
-    ds = TrafficCounts(_write(short, tmp_path / "short.csv"))
+    ds = own(TrafficCounts, _write(short, tmp_path / "short.csv"))
     with pytest.raises(DataFileError, match="detector-1"):
         ds.site_data("detector-1")
 
@@ -299,7 +300,7 @@ def test_traffic_detector_ids_that_look_numeric_but_are_not_whole_numbers_stay_t
     corpus in test_loader_properties), and the other detectors keep their names."""
     f = _traffic_frame(detectors=(3,)).astype({"detector": object})
     f.loc[f.index[:3], "detector"] = ident
-    ds = TrafficCounts(_write(f, tmp_path / f"ids{suffix}"))
+    ds = own(TrafficCounts, _write(f, tmp_path / f"ids{suffix}"))
     assert "detector-3" in ds.sites and len(ds.sites) == 2
     other = next(s for s in ds.sites if s != "detector-3")
     assert other == f"detector-{ident}"
@@ -396,29 +397,29 @@ def _same_arrays(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("suffix", SUFFIXES)
 def test_utc_offsets_are_converted_to_utc(tmp_path, suffix):
     f = _traffic_frame()
-    utc = TrafficCounts(_write(f, tmp_path / f"naive{suffix}"))  # naive timestamps = the reference
+    utc = own(TrafficCounts, _write(f, tmp_path / f"naive{suffix}"))  # naive timestamps = the reference
     for name, shifted in (("plus2", (f["timestamp"] + pd.Timedelta("2h")).dt.strftime("%Y-%m-%dT%H:%M:%S+02:00")),
                           ("zulu", f["timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")),
                           ("minus0530", (f["timestamp"] - pd.Timedelta("5h30min")).dt.strftime("%Y-%m-%d %H:%M-0530"))):
         g = f.copy()
         g["timestamp"] = shifted
-        ds = TrafficCounts(_write(g, tmp_path / f"{name}{suffix}"))
+        ds = own(TrafficCounts, _write(g, tmp_path / f"{name}{suffix}"))
         pd.testing.assert_series_equal(ds.raw_frame()["timestamp"], utc.raw_frame()["timestamp"])
         _same_arrays(_site_arrays(ds), _site_arrays(utc))
 
 
 def test_tz_aware_parquet_columns_are_converted_to_utc(tmp_path):
     f = _traffic_frame()
-    ref = _site_arrays(TrafficCounts(_write(f, tmp_path / "ref.parquet")))
+    ref = _site_arrays(own(TrafficCounts, _write(f, tmp_path / "ref.parquet")))
     g = f.copy()
     g["timestamp"] = g["timestamp"].dt.tz_localize("UTC").dt.tz_convert("Asia/Kolkata")
-    ds = TrafficCounts(_write(g, tmp_path / "aware.parquet"))
+    ds = own(TrafficCounts, _write(g, tmp_path / "aware.parquet"))
     assert ds.raw_frame()["timestamp"].dt.tz is None
     _same_arrays(_site_arrays(ds), ref)
     u = _utility_frame()  # 2020-01-01 .. 2020-01-30: no DST change; shift it across the March change
     u["timestamp"] = (u["timestamp"] + pd.Timedelta("80D")).dt.tz_localize("UTC").dt.tz_convert("Europe/Berlin")
     with pytest.warns(DataQualityWarning, match=r"different UTC offsets .*\+01:00.*converted to UTC") as rec:
-        ElectricityDemand(_write(u, tmp_path / "dst.parquet"))
+        own(ElectricityDemand, _write(u, tmp_path / "dst.parquet"))
     assert "'timestamp'" in str(rec[0].message)
 
 
@@ -426,7 +427,7 @@ def test_daylight_saving_local_times_load_with_offsets(tmp_path):
     t = pd.date_range("2024-10-26", periods=96 * 3 + 4, freq="15min", tz="Europe/Berlin")  # 27 Oct: 02:00-02:45 twice; +02:00 for the first 27 h; +02:00 for the first 27 h
     f = pd.DataFrame({"timestamp": t.map(lambda x: x.isoformat()), "detector": 1, "total": np.arange(len(t)) % 9})
     with pytest.warns(DataQualityWarning, match=r"2 different UTC offsets \(\+01:00 on 184 row\(s\), \+02:00 on 108 row\(s\)\)"):
-        ds = TrafficCounts(_write(f, tmp_path / "dst.csv"))
+        ds = own(TrafficCounts, _write(f, tmp_path / "dst.csv"))
     assert ds.raw_frame()["timestamp"].diff().dropna().eq(pd.Timedelta("15min")).all()  # a regular UTC grid
     naive = f.assign(timestamp=t.tz_localize(None).astype(str))
     assert "daylight-saving" in _expect(TrafficCounts, _write(naive, tmp_path / "naive.csv"), "timestamp", "not sorted").fix
@@ -439,7 +440,7 @@ def test_mixed_offsets_warn_and_mixed_naive_aware_is_an_error(tmp_path):
     text[:100] = t[:100].dt.tz_convert("Europe/London").map(lambda x: x.isoformat())  # other offsets, same instants
     f["timestamp"] = text
     with pytest.warns(DataQualityWarning, match=r"1440 timestamp\(s\) with 2 different UTC offsets"):
-        ds = ElectricityDemand(_write(f, tmp_path / "mix.csv"))
+        ds = own(ElectricityDemand, _write(f, tmp_path / "mix.csv"))
     assert (ds.raw_frame()["timestamp"].iloc[:720] == pd.date_range("2020-01-01", periods=720, freq="1h")).all()
     g = _utility_frame()
     g["timestamp"] = g["timestamp"].astype(str)
@@ -450,23 +451,23 @@ def test_mixed_offsets_warn_and_mixed_naive_aware_is_an_error(tmp_path):
 
 def test_day_first_dates_need_a_date_format(tmp_path):
     f = _utility_frame()
-    ref = _site_arrays(ElectricityDemand(_write(f, tmp_path / "iso.csv")))
+    ref = _site_arrays(own(ElectricityDemand, _write(f, tmp_path / "iso.csv")))
     dmy = f.copy()
     dmy["timestamp"] = f["timestamp"].dt.strftime("%d/%m/%Y %H:%M")
     path = _write(dmy, tmp_path / "dmy.csv")
     err = _expect(ElectricityDemand, path, "timestamp", "not year-first")
     assert "(rows 1, 2, 3, 4, 5 and 1435 more)" in err.problem and "--date-format DMY" in err.fix
     assert "rows 289, 290" in err.problem and "can only be day-first" in err.problem and "/2020" not in str(err)
-    _same_arrays(_site_arrays(ElectricityDemand(path, date_format="DMY")), ref)
+    _same_arrays(_site_arrays(own(ElectricityDemand, path, test_start=quarter_start(f), date_format="DMY")), ref)
     err = _expect_with(ElectricityDemand, path, "timestamp", "month above 12", date_format="MDY")
     assert "at rows 289, 290" in err.problem and "/2020" not in str(err) and "--date-format DMY" in err.fix
     mdy = f.copy()
     mdy["timestamp"] = f["timestamp"].dt.strftime("%m-%d-%Y %H:%M")
-    _same_arrays(_site_arrays(ElectricityDemand(_write(mdy, tmp_path / "mdy.csv"), date_format="mdy")), ref)
+    _same_arrays(_site_arrays(own(ElectricityDemand, _write(mdy, tmp_path / "mdy.csv"), test_start=quarter_start(f), date_format="mdy")), ref)
     dotted = f.copy()
     dotted["timestamp"] = f["timestamp"].dt.strftime("%d.%m.%Y um %H.%M")
     p = _write(dotted, tmp_path / "pattern.csv")
-    _same_arrays(_site_arrays(ElectricityDemand(p, date_format="%d.%m.%Y um %H.%M")), ref)
+    _same_arrays(_site_arrays(own(ElectricityDemand, p, test_start=quarter_start(f), date_format="%d.%m.%Y um %H.%M")), ref)
     err = _expect_with(ElectricityDemand, p, "timestamp", "do not match", date_format="%d/%m/%Y %H:%M")
     assert "at rows 1, 2" in err.problem and "2020" not in str(err)
     with pytest.raises(ValueError, match="unknown date format 'european'"):
@@ -485,7 +486,7 @@ def test_ambiguous_only_dates_are_an_error_without_format(tmp_path):
     f["timestamp"] = f["timestamp"].dt.strftime("%m/%d/%Y %H:%M")
     err = _expect(TrafficCounts, _write(f, tmp_path / "amb.csv"), "timestamp", "cannot be told apart")
     assert "no date format was given" in err.problem
-    assert TrafficCounts(tmp_path / "amb.csv", date_format="MDY").raw_frame()["timestamp"].iloc[0] == pd.Timestamp("2024-04-01")
+    assert own(TrafficCounts, tmp_path / "amb.csv", date_format="MDY").raw_frame()["timestamp"].iloc[0] == pd.Timestamp("2024-04-01")
     f2 = f.copy()
     f2["timestamp"] = "31/02/2024 00:00"
     _expect_with(TrafficCounts, _write(f2, tmp_path / "feb.csv"), "timestamp", "impossible day", date_format="DMY")
@@ -574,14 +575,14 @@ def test_ranges_from_the_environment(tmp_path, heart_frame, monkeypatch):
     monkeypatch.setenv("CITYFED_DATE_FORMAT", "DMY")
     u = _utility_frame()
     u["timestamp"] = u["timestamp"].dt.strftime("%d/%m/%Y %H:%M")
-    assert ElectricityDemand(_write(u, tmp_path / "u.csv")).sites == ["north", "south"]
+    assert own(ElectricityDemand, _write(u, tmp_path / "u.csv")).sites == ["north", "south"]
 
 
 def test_arrays_stay_finite_even_with_a_wide_range(tmp_path):
     f = _utility_frame()
     f.loc[5, "demand"] = 1e15
     f.loc[6, "demand"] = -1e15
-    ds = ElectricityDemand(_write(f, tmp_path / "u.csv"), ranges={"demand": {"min": -1e15, "max": 1e15}})
+    ds = own(ElectricityDemand, _write(f, tmp_path / "u.csv"), ranges={"demand": {"min": -1e15, "max": 1e15}})
     _site_arrays(ds)  # finite (asserted inside): float64 scaling, float32 arrays
     huge = {"demand": {"min": -1e300, "max": 1e300}}
     with pytest.raises(DataFileError, match="finite"):
@@ -612,9 +613,9 @@ def test_too_few_records_for_a_split_or_a_batch(tmp_path, suffix, heart_frame):
     ok = ok.assign(num=[0, 1] * 20)
     d = HeartDisease(_write(ok, tmp_path / f"ok{suffix}")).site_data("Switzerland")
     assert len(d.train) >= 16 and len(d.test) >= 1
-    t = _traffic_frame(n_days=2, detectors=(1,)).iloc[:140]  # 35 h: 6 training windows (each needs 8 h + a day of history)
-    with pytest.raises(DataFileError, match=r"'detector-1' yields 6 training and 32 test windows; .*at least 16") as info:
-        TrafficCounts(_write(t, tmp_path / f"t{suffix}")).site_data("detector-1")
+    t = _traffic_frame(n_days=2, detectors=(1,)).iloc[:140]  # 35 h: 5 training windows before the test start at 3/4 of it, on the hour (each needs 8 h + a day of history)
+    with pytest.raises(DataFileError, match=r"'detector-1' yields 5 training and 33 test windows; .*at least 16") as info:
+        own(TrafficCounts, _write(t, tmp_path / f"t{suffix}")).site_data("detector-1")
     assert info.value.column == "detector"
 
 
@@ -625,7 +626,7 @@ def test_missing_markers_are_counted_not_vanished(tmp_path, suffix):
     half.loc[[7, 8, 100], "demand"] = ["n/a", "NULL", " "]
     half.loc[300, "demand"] = None
     with pytest.warns(DataQualityWarning) as rec:
-        ds = ElectricityDemand(_write(half, tmp_path / f"na{suffix}"))
+        ds = own(ElectricityDemand, _write(half, tmp_path / f"na{suffix}"))
         ds.site_data("g")
     text = " ".join(str(w.message) for w in rec)
     assert "4 record(s) have no 'demand'" in text, text
@@ -676,12 +677,13 @@ def test_fl_sim_baselines_date_format_and_ranges(tmp_path, monkeypatch):
 
     monkeypatch.delenv("CITYFED_DATE_FORMAT", raising=False)
     monkeypatch.delenv("CITYFED_RANGES", raising=False)
+    monkeypatch.delenv("CITYFED_TEST_START", raising=False)
     f = _traffic_frame(n_days=4, detectors=(1,))
     f["timestamp"] = f["timestamp"].dt.strftime("%d/%m/%Y %H:%M")
     path = _write(f, tmp_path / "dmy.csv")
     runner = CliRunner()
     base = ["baselines", "-d", "traffic", "--data", str(path), "-o", str(tmp_path / "out"), "--model", "gru", "--epochs", "1",
-            "--epsilon", "3"]
+            "--epsilon", "3", "--test-start", "2024-04-04"]
     res = runner.invoke(sim_cli.app, base)
     text = " ".join(res.output.split())
     assert res.exit_code == 2 and "column 'timestamp'" in text and "--date-format DMY" in text, text

@@ -41,7 +41,7 @@ def utility_frame() -> pd.DataFrame:
 def _windows(cls, records: pd.DataFrame, path: Path, site: str) -> dict[str, dict]:
     """``{"train"/"test": {first target time: (X, y)}}`` of ``site`` built from ``records``."""
     records.to_parquet(path, index=False)
-    d = cls(path).site_data(site)
+    d = cls(path, test_start=cls.bundled_test_start[site]).site_data(site)
     out = {}
     for name, part in (("train", d.train), ("test", d.test)):
         times = part.target_time.astype("datetime64[ns]").astype(np.int64)
@@ -92,7 +92,7 @@ def _picks(times: pd.Series, split: pd.Timestamp) -> list[int]:
 
 def test_traffic_changing_one_count_changes_only_its_windows(traffic_frame, tmp_path):
     base = _windows(TrafficCounts, traffic_frame, tmp_path / "base.parquet", "detector-15")
-    split = TrafficCounts(tmp_path / "base.parquet").site_data("detector-15").meta["split_time"]
+    split = TrafficCounts(tmp_path / "base.parquet", test_start=TrafficCounts.bundled_test_start["detector-15"]).site_data("detector-15").meta["split_time"]
     for row in _picks(traffic_frame["timestamp"], split):
         f = traffic_frame.copy()
         f.loc[row, "total"] = f.loc[row, "total"] * 2 + 7
@@ -103,7 +103,7 @@ def test_traffic_changing_one_count_changes_only_its_windows(traffic_frame, tmp_
 
 def test_traffic_removing_readings_changes_only_their_windows(traffic_frame, tmp_path):
     base = _windows(TrafficCounts, traffic_frame, tmp_path / "base.parquet", "detector-15")
-    split = TrafficCounts(tmp_path / "base.parquet").site_data("detector-15").meta["split_time"]
+    split = TrafficCounts(tmp_path / "base.parquet", test_start=TrafficCounts.bundled_test_start["detector-15"]).site_data("detector-15").meta["split_time"]
     for row in _picks(traffic_frame["timestamp"], split)[:3]:
         for k in (1, MAX_GAP + 1):  # one reading (interpolated) and a gap too long to fill (windows dropped)
             f = traffic_frame.copy()
@@ -118,7 +118,7 @@ def test_traffic_removing_readings_changes_only_their_windows(traffic_frame, tmp
 def test_utility_changing_one_reading_changes_only_its_windows(utility_frame, tmp_path, site, column):
     records = utility_frame[utility_frame["grid"] == site].reset_index(drop=True)
     base = _windows(ElectricityDemand, records, tmp_path / "base.parquet", site)
-    split = ElectricityDemand(tmp_path / "base.parquet").site_data(site)
+    split = ElectricityDemand(tmp_path / "base.parquet", test_start=ElectricityDemand.bundled_test_start[site]).site_data(site)
     rows = _picks(records["timestamp"], split.meta["split_time"])
     if site == "portugal-2012":  # the reading right after an interpolated daylight-saving gap
         gap = np.flatnonzero(records["demand"].isna().to_numpy())
@@ -163,7 +163,7 @@ def test_utility_removing_a_sites_first_hour_keeps_every_other_training_window(u
     after = _windows(ElectricityDemand, records[keep].reset_index(drop=True), tmp_path / "after.parquet", site)
     s = ElectricityDemand.schema
     step = pd.Timedelta(s.step).value
-    split = ElectricityDemand(tmp_path / "base.parquet").site_data(site).meta["split_time"]
+    split = ElectricityDemand(tmp_path / "base.parquet", test_start=ElectricityDemand.bundled_test_start[site]).site_data(site).meta["split_time"]
     far = pd.Timestamp(split).value - (s.horizon + 2) * step  # clear of where the cut may move
     checked = 0
     for t, (X, y) in base["train"].items():

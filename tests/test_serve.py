@@ -358,3 +358,24 @@ def test_node_serves_from_its_own_records_file(tmp_path):
         r = httpx.post(f"{url}/predict", json={"records": health_records(feats)}, headers=H, timeout=60)
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["probability"], want, rtol=1e-6, atol=1e-7)
+
+
+def test_node_serves_from_its_own_forecasting_file_with_its_test_start(tmp_path, monkeypatch):
+    """An own traffic file is opened as the node opens it: with its --test-start (no split derived from the file)."""
+    from typer.testing import CliRunner
+
+    from citydata import load_department
+    from citydata.forecasting import NoTestStart
+    from serving.cli import app
+    from serving.features import SiteFeatures
+
+    monkeypatch.delenv("CITYFED_TEST_START", raising=False)
+    path = load_department("traffic").export(tmp_path / "d3.csv", sites=["detector-3"])
+    with pytest.raises(NoTestStart, match="--test-start"):
+        SiteFeatures("traffic", "detector-3", path)
+    feats = SiteFeatures("traffic", "detector-3", path, test_start="2024-05-07 12:00")
+    np.testing.assert_array_equal(feats.data.test.X, load_department("traffic").site_data("detector-3").test.X)
+    res = CliRunner().invoke(app, [str(tmp_path / "nopkg"), "--site", "detector-3", "--test-start", "2024-05-07"])
+    assert res.exit_code == 2 and "bundled sites have their own" in " ".join(res.output.split()), res.output
+    res = CliRunner().invoke(app, [str(tmp_path / "nopkg"), "--site", "detector-3", "--data", str(path), "--test-start", "May"])
+    assert res.exit_code == 2 and "is not a date" in " ".join(res.output.split()), res.output

@@ -233,6 +233,24 @@ def test_run_checks_central_data_before_it_launches(fake_coordinator, tmp_path, 
     assert launched == [] and not (sd / "runs" / "cd").exists()
 
 
+def test_a_forecasting_central_data_file_needs_the_test_start_variable(fake_coordinator, tmp_path, monkeypatch):
+    """fl-server has no --test-start: the coordinator's own traffic file takes CITYFED_TEST_START, and the fix says so."""
+    from citydata import TrafficCounts
+
+    sd, launched = fake_coordinator
+    f = TrafficCounts().raw_frame()
+    path = tmp_path / "central.csv"
+    f[f["detector"] == 3].to_csv(path, index=False)
+    monkeypatch.delenv("CITYFED_TEST_START", raising=False)
+    res = _run(sd, "--department", "traffic", "--name", "cd", "-c", f"central-data={path}")
+    text = _text(res)
+    assert res.exit_code == 2 and "no test start" in text and "set CITYFED_TEST_START" in text and "fl-server" in text, text
+    assert launched == []
+    monkeypatch.setenv("CITYFED_TEST_START", "2024-05-07 12:00")
+    assert _run(sd, "--department", "traffic", "--name", "cd", "-c", f"central-data={path}").exit_code == 0
+    assert len(launched) == 1
+
+
 def test_run_checks_central_data_given_as_the_apps_default(fake_coordinator, tmp_path):
     """A central-data set in --app's pyproject.toml (not by -c) is read before the launch too."""
     sd, launched = fake_coordinator

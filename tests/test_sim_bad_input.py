@@ -118,6 +118,23 @@ def test_export_creates_missing_folders(tmp_path, capsys, monkeypatch, suffix):
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left
 
 
+@pytest.mark.parametrize("argv, hint", [
+    (["-d", "traffic", "--site", "detector-3"], "load it with --test-start '2024-05-07 12:00'"),
+    (["-d", "utility"], "england-wales-2000 2000-08-07 00:00; portugal-2012 2014-04-02 00:00; victoria-2014 2014-10-01 18:00"),
+])
+def test_export_of_a_forecasting_site_names_the_test_start_that_keeps_its_split(tmp_path, capsys, monkeypatch, argv, hint):
+    """Reloading the exported file needs a test start (own forecasting files have no derived split): export says which."""
+    from citydata import load_department
+
+    out = tmp_path / "x.csv"
+    code, text, err = _fl_sim(["export", *argv, "-o", out], capsys, monkeypatch)
+    assert code == 0, (text, err)
+    assert hint in " ".join(text.split()), text
+    if argv[1] == "traffic":
+        again = load_department("traffic", out, test_start="2024-05-07 12:00").site_data("detector-3")
+        assert len(again.train) == len(load_department("traffic").site_data("detector-3").train)
+
+
 @pytest.mark.parametrize("make, where", [
     (lambda p: (p / "afile").write_text("keep"), "afile/x.csv"),
     (lambda p: (p / "afile").write_text("keep"), "afile/sub/x.parquet"),

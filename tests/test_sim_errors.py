@@ -153,6 +153,9 @@ def _afile(tmp_path):
     (["baselines", "-d", "health", "--epsilon", "nan"], ["--epsilon", "(got nan)"]),
     (["baselines", "-d", "health", "--date-format", "nope"], ["--date-format", "unknown date format"]),
     (["baselines", "-d", "police"], ["--department", "police"]),
+    (["baselines", "-d", "health", "--test-start", "2024-01-01"], ["--test-start", "not split in time"]),
+    (["baselines", "-d", "traffic", "--test-start", "2024-05-07"], ["--test-start", "bundled sites have their own"]),
+    (["baselines", "-d", "utility", "--data", "own.csv", "--test-start", "7 May"], ["--test-start", "is not a date"]),
     (["no-such-command"], ["No such command"]),
 ])
 def test_every_input_error_is_one_error_line_with_a_fix(tmp_path, capsys, monkeypatch, never_train, argv, words):
