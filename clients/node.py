@@ -215,11 +215,15 @@ def public_count(n: int, policy: PrivacyPolicy) -> tuple[int, float]:
 
 
 def planned_releases(cfg: dict, spec: NodeSpec, task: str, rounds: int | None = None,
-                     evaluations_done: int = 0) -> tuple[tuple[float, float, int], ...]:
+                     evaluations_done: int = 0, test_count_released: bool = False) -> tuple[tuple[float, float, int], ...]:
     """The metric releases (``(noise, 1.0, sums)``) the node's policy lets a run still make.
 
     DP-SGD's noise is calibrated with these reserved, so that a run with a ``target-epsilon``
-    lands on it with every release counted (:func:`privacy.dp.calibrate_noise`).
+    lands on it with every release counted (:func:`privacy.dp.calibrate_noise`). One DP
+    evaluation per round still to come is reserved (the per-run cap permitting), and with the
+    first of them the release of the test split's noised count (:mod:`clients.counts`) unless
+    it was released before. An evaluation beyond these is refused when it would pass the run's
+    target (:func:`handle_evaluate`).
 
     Parameters
     ----------
@@ -227,6 +231,8 @@ def planned_releases(cfg: dict, spec: NodeSpec, task: str, rounds: int | None = 
         Rounds still to come, this one included (default: the run's ``num-rounds``).
     evaluations_done : int
         DP evaluations the run already obtained (the per-run cap counts them).
+    test_count_released : bool
+        The site's test count was released already (for its present data set): nothing to reserve.
     """
     rel = spec.policy.releases
     rounds = int(cfg.get("num-rounds", 1)) if rounds is None else int(rounds)
@@ -236,7 +242,17 @@ def planned_releases(cfg: dict, spec: NodeSpec, task: str, rounds: int | None = 
     evaluations = min(rounds, max(0, rel.max_evaluations_per_run - evaluations_done))
     if rel.local_evaluation == "dp" and evaluations:
         out.append((rel.metric_noise_multiplier, 1.0, evaluations * EVAL_SUMS[task]))
+        if not test_count_released:  # gaussian-count: sensitivity 1, noise std count_noise_multiplier, once
+            out.append((float(rel.count_noise_multiplier), 1.0, 1))
     return tuple(out)
+
+
+def _test_count_released(spec: NodeSpec, ledger: PrivacyLedger | None) -> bool:
+    """Whether the node's test count was released already (only looked up when DP evaluations are allowed)."""
+    if ledger is None or spec.policy.releases.local_evaluation != "dp":
+        return False
+    _ds, site = spec.site_data()
+    return ledger.has_released_count(spec.site, "test", len(site.test))
 
 
 def job_from_config(cfg: dict, spec: NodeSpec, n_train: int, task: str = "binary-classification",
@@ -277,7 +293,7 @@ def job_from_config(cfg: dict, spec: NodeSpec, n_train: int, task: str = "binary
         remaining = max(1, rounds - rnd + 1) if rnd >= 1 else rounds
         spent: list = ledger.run_history(spec.site, run_id) if ledger is not None and run_id else []
         done = ledger.count(spec.site, run_id, "gaussian-eval") if spent else 0
-        reserved = tuple(spent) + planned_releases(cfg, spec, task, remaining, done)
+        reserved = tuple(spent) + planned_releases(cfg, spec, task, remaining, done, _test_count_released(spec, ledger))
         # a run that ends with on-site personalisation (clients.personalise) reserves its steps at the
         # same noise and sample rate: the target covers the rounds and the personalisation together.
         # (With its own personalise-batch-size the reserve is approximate; the personalisation is
@@ -561,6 +577,17 @@ def handle_train(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> t
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
 
 
+def _evaluation_target(cfg: dict) -> float | None:
+    """The run's ``target-epsilon`` an evaluation must keep: a DP run's, when it names a usable one."""
+    if not bool(cfg.get("dp", True)) or "target-epsilon" not in cfg or "noise-multiplier" in cfg:
+        return None
+    try:
+        target = float(cfg["target-epsilon"])
+    except (TypeError, ValueError):
+        return None
+    return target if math.isfinite(target) and target > 0 else None
+
+
 def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> dict:
     """Score the coordinator's model on the node's own test split, if and as the policy allows.
 
@@ -622,10 +649,21 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
         seed = int(cfg.get("seed", 0))
         delta = public_count(released_count(spec, ledger, "train", len(site.train), run_id=run_id, round=rnd, seed=seed)
                              if len(site.train) else 1, spec.policy)[1]
-        n_test = rounded_count(released_count(spec, ledger, "test", len(site.test), run_id=run_id, round=rnd, seed=seed,
-                                              site_delta=delta), rel.num_examples_granularity)
         r = Release(noise_multiplier=rel.metric_noise_multiplier, sample_rate=1.0, steps=EVAL_SUMS[task], delta=delta,
                     run_id=run_id, round=rnd, site=spec.site, department=spec.department, mechanism="gaussian-eval")
+        target = _evaluation_target(cfg)
+        if target is not None:  # before the test count is released: a refused evaluation releases nothing
+            from privacy.accounting import epsilon as composed_epsilon
+
+            count_new = not ledger.has_released_count(spec.site, "test", len(site.test))
+            extra = [(float(rel.count_noise_multiplier), 1.0, 1)] if count_new else []
+            would = composed_epsilon(ledger.run_history(spec.site, run_id) + extra + [(r.noise_multiplier, 1.0, r.steps)],
+                                     delta, ledger.accountant)
+            if would > target * (1 + 1e-9):
+                raise refuse(f"target-epsilon {target:g} of run {run_id!r} would be passed by this evaluation (the run's "
+                             f"epsilon would be {would:.3f}; one evaluation per round is reserved)")
+        n_test = rounded_count(released_count(spec, ledger, "test", len(site.test), run_id=run_id, round=rnd, seed=seed,
+                                              site_delta=delta), rel.num_examples_granularity)
         before = ledger.epsilon(spec.site, delta)
         try:  # the cap again, in the write: another process of this node may have evaluated the run since
             rid = ledger.begin(r, max_epsilon=spec.policy.max_epsilon, delta=delta,

@@ -745,6 +745,12 @@ class PrivacyLedger:
         )
         return int(rows[0][0])
 
+    def has_released_count(self, site: str, split: str, exact: int) -> bool:
+        """Whether ``site``'s ``split`` count of ``exact`` records was released already (:meth:`released_count`)."""
+        rows = self._read("SELECT 1 FROM released_counts WHERE site = ? AND split = ? AND exact = ? LIMIT 1",
+                          (site, split, int(exact)))
+        return bool(rows)
+
     def counts(self, site: str | None = None, split: str | None = None) -> list[dict]:
         """The released record counts (:meth:`released_count`), oldest first, as plain dicts.
 
