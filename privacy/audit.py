@@ -41,7 +41,9 @@ one key; :func:`verify` takes several public keys and reports the earlier segmen
 not given (``unchecked``): their content is still bound by the chain to the new key's entries.
 
 ``<log>.head`` holds the last entry's ``seq``, ``hash`` and ``signature`` (JSON), rewritten
-atomically (temporary file, fsync, ``os.replace``) after every append. Appends hold an
+atomically (temporary file, fsync, ``os.replace``) after every append; a new log gets a genesis
+head (``seq`` 0) before its first entry, so a crash between an entry and its head always leaves a
+head that lags (accepted) rather than none (a removed head). Appends hold an
 exclusive ``fcntl.flock`` on the log file while they read the last entry (only the file's
 tail is read: O(1) in the log's size), write, fsync and update the head, so several
 processes (a node's ClientApp worker, ``fl-client app approve``) can append safely.
@@ -486,6 +488,10 @@ class AuditLog:
             fcntl.flock(fd, fcntl.LOCK_EX)
             size = os.fstat(fd).st_size
             last, seq, prev, partial = self._chain_tip(fd, size)
+            if size == 0 and not self.head_path.exists():
+                # a new log: its genesis head first, so that a crash between the first entry and its head
+                # reads as a head that lags (fine) and not as a missing head (tampering)
+                self._write_head({"seq": 0, "hash": GENESIS})
             last_line = last is not None
             out = []
             if (last_line and self._key is not None and isinstance(last.get("sig"), str)

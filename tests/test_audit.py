@@ -646,3 +646,34 @@ def test_audit_verify_cli_takes_several_public_keys(keys, tmp_path):
     assert res.exit_code == 0 and "OK" in text and "entries 1-2" in text and "--pub" in text, text
     res = runner.invoke(app, ["verify", "--pub", str(keys["other_pub"]), "--pub", str(keys["pub"])])
     assert res.exit_code == 0 and "entries 1-2" not in _text(res), _text(res)
+
+
+def test_a_crash_before_the_first_head_write_is_a_lagging_head_not_tampering(tmp_path, monkeypatch):
+    """A new log gets a genesis head (seq 0) before its first entry is written.
+
+    Found by a reliability review (2026-12-07, L1): the head file was first written after the first
+    entry, so a crash (kill -9, power loss) between the two left a 1-entry log without a head, which
+    `audit verify` calls BROKEN ("restore it from a copy"), with no copy to restore.
+    """
+    from privacy import audit as audit_mod
+    from privacy.audit import AuditLog, verify
+
+    real = audit_mod.AuditLog._write_head
+
+    def crash_after_the_entry(self, entry):
+        if entry["seq"] >= 1:
+            raise KeyboardInterrupt("killed between the entry and its head")  # not an OSError: nothing handles it
+        return real(self, entry)
+
+    log = tmp_path / "audit.jsonl"
+    monkeypatch.setattr(audit_mod.AuditLog, "_write_head", crash_after_the_entry)
+    with pytest.raises(KeyboardInterrupt):
+        AuditLog(log).append("run", step=1)
+    monkeypatch.setattr(audit_mod.AuditLog, "_write_head", real)
+    res = verify(log)
+    assert res.ok, res
+    AuditLog(log).append("run", step=2)  # the next append brings the head up to date
+    res = verify(log)
+    assert res.ok and len(AuditLog(log).entries()) == 2, res
+    (tmp_path / "audit.jsonl.head").unlink()  # a removed head is still tampering
+    assert not verify(log).ok
