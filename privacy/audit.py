@@ -333,7 +333,8 @@ def _head_path(path: Path) -> Path:
     return path.with_name(path.name + HEAD_SUFFIX)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync the folder ``path``, so that a file created or renamed in it survives a power loss (best effort)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -550,7 +551,7 @@ class AuditLog:
         finally:
             os.close(fd)
         os.replace(tmp, self.head_path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def entries(self) -> list[dict]:
         """All complete entries, oldest first (a partial last line is skipped; [] if no file yet).

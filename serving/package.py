@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from contract.energy import ENERGY_METRICS
+from privacy.audit import fsync_dir
 from privacy.policy import shown_value
 from server.artefacts import LEGACY_MODEL, MODEL, ArtefactError, load_model, model_from_bytes, save_model, write_atomic
 
@@ -641,25 +642,61 @@ def export_package(run_dir: Path, out_dir: Path, *, sites: list[str] | None = No
              "model-card.md": card_markdown(card)}
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PackageError(f"{out_dir}: not empty; fix: give a new folder for the package")
-    made = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # built in a hidden sibling folder and renamed into place (an empty out_dir is replaced by the rename):
+    # a kill part-way leaves no partial package in out_dir, only the staging folder, removed by the next export
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_staging(out_dir)
+    stage = out_dir.with_name(f"{_STAGING_PREFIX.format(name=out_dir.name)}{os.getpid()}-{os.urandom(4).hex()}")
+    stage.mkdir(mode=0o755)
     try:
-        save_model(out_dir / MODEL, weights, metadata={"run-id": run_id, "department": dept, "model": mcfg.kind})
+        save_model(stage / MODEL, weights, metadata={"run-id": run_id, "department": dept, "model": mcfg.kind})
         for name, text in texts.items():
-            write_atomic(out_dir / name, text.encode())
+            write_atomic(stage / name, text.encode())
         manifest = {"format": PACKAGE_FORMAT, "run-id": run_id, "department": dept,
-                    "files": {name: sha256_file(out_dir / name) for name in FILES}}
-        write_atomic(out_dir / MANIFEST, _json(manifest).encode())
+                    "files": {name: sha256_file(stage / name) for name in FILES}}
+        write_atomic(stage / MANIFEST, _json(manifest).encode())
+        try:
+            os.rename(stage, out_dir)  # atomic; replaces out_dir only when it is an empty folder
+        except OSError as exc:
+            raise PackageError(f"{out_dir}: cannot put the package there ({exc.strerror}); fix: give a new folder "
+                               "for the package") from None
+        fsync_dir(out_dir.parent)
     except BaseException:  # no half-written package: remove what this call wrote
-        for name in (*FILES, MANIFEST):
-            (out_dir / name).unlink(missing_ok=True)
-        if made:
-            try:
-                out_dir.rmdir()
-            except OSError:
-                pass
+        _remove_staging(stage)
         raise
     return {**manifest, "manifest-sha256": sha256_file(out_dir / MANIFEST)}
+
+
+#: Name of an export's staging folder beside the package folder: ``.<name>.partial-<pid>-<random>``.
+_STAGING_PREFIX = ".{name}.partial-"
+
+
+def _remove_staging(stage: Path) -> None:
+    """Remove an export's staging folder (package files only; anything else stays, and so does the folder)."""
+    for name in (*FILES, MANIFEST):
+        (stage / name).unlink(missing_ok=True)
+        (stage / f"{name}.tmp").unlink(missing_ok=True)  # write_atomic's temporary
+    try:
+        stage.rmdir()
+    except OSError:
+        pass
+
+
+def _remove_dead_staging(out_dir: Path) -> None:
+    """Remove staging folders of exports to ``out_dir`` whose process is gone (killed part-way)."""
+    prefix = _STAGING_PREFIX.format(name=out_dir.name)
+    for stage in out_dir.parent.glob(prefix + "*"):
+        pid = stage.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or not stage.is_dir() or stage.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # a live export's (or a reused pid's): left alone
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        _remove_staging(stage)
 
 
 def _is_simulation(run_dir: Path) -> bool:
