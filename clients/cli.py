@@ -401,7 +401,13 @@ def check_key(path: Path) -> str:
 
     from privacy.pki import ssh_fingerprint
 
+    from privacy.pki import PKIError, finish_interrupted_replace, load_public_key
+
     fix = "create it on this machine with `fl-pki node-key --out DIR --department D --site S` and pass DIR/node.key"
+    try:  # a `fl-pki node-key --force` killed part-way: finished first, so key and node.pub are one pair
+        finish_interrupted_replace(Path(path).expanduser().parent)
+    except PKIError as exc:
+        raise SetupError(f"--key {path}: {exc}") from None
     check_input_file("--key", path, fix, inside="node.key")
     try:
         data = Path(path).read_bytes()
@@ -428,7 +434,18 @@ def check_key(path: Path) -> str:
                          f"{Path(path).stat().st_mode & 0o777:04o}); fix: chmod 600 {shlex.quote(str(path))} (and, if "
                          "anyone else may have copied it, make a new key with `fl-pki node-key --force` and have the "
                          "coordinator register its node.pub)")
-    return ssh_fingerprint(key.public_key())
+    fingerprint = ssh_fingerprint(key.public_key())
+    pub = Path(path).expanduser().with_name("node.pub")
+    if Path(path).name == "node.key" and pub.is_file():  # the pair fl-pki wrote: node.pub is what gets registered
+        try:
+            pub_fp = load_public_key(pub).fingerprint
+        except PKIError:
+            pub_fp = None  # not a public key: nothing to compare (fl-pki show names the problem)
+        if pub_fp is not None and pub_fp != fingerprint:
+            raise SetupError(f"--key {path}: the node.pub beside it is another key's ({pub_fp}; this key is {fingerprint}): "
+                             "the coordinator registers node.pub, so it would refuse this node; fix: make a new pair "
+                             "with `fl-pki node-key --force` and have the coordinator register its node.pub")
+    return fingerprint
 
 
 def check_policy(path: Path, department: str):

@@ -23,6 +23,7 @@ import difflib
 import errno
 import hashlib
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -40,6 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from contract.text_files import BOM_FIX, UTF8_BOM
+from privacy.audit import fsync_dir
 from privacy.policy import shown_value
 
 CA_KEY = "ca.key"
@@ -280,6 +282,7 @@ def _write_files(files: Sequence[tuple[Path, bytes, int]], *, force: bool) -> No
     if not files:
         return
     out = files[0][0].parent
+    finish_interrupted_replace(out)  # a --force killed part-way here: finished before anything is checked
     if not force:
         existing = [str(p) for p, _, _ in files if os.path.lexists(p)]
         if existing:
@@ -329,18 +332,33 @@ def _write_files(files: Sequence[tuple[Path, bytes, int]], *, force: bool) -> No
                     pass
 
 
+#: Journal of a ``--force`` replacement in progress, in the folder of the files it replaces.
+REPLACE_JOURNAL = ".fl-pki-replace.json"
+
+
 def _replace_all(staged: Sequence[tuple[Path, Path]]) -> None:
-    """Rename each temporary file over its target; on a failure put the replaced targets back, then re-raise."""
+    """Rename each temporary file over its target, as one step that survives a crash.
+
+    The complete temporaries are listed first in a journal (:data:`REPLACE_JOURNAL`, fsynced): a
+    process killed between two renames leaves the journal, and the next fl-pki or fl-client that
+    touches the folder finishes the renames (:func:`finish_interrupted_replace`), so a key never
+    stays next to another key's public key or certificate. On a Python exception the replaced
+    targets get their old file back (hard-link backups), then it re-raises.
+    """
+    folder = staged[0][1].parent
+    plan = [(tmp, path, path.with_name(f".{path.name}.{secrets.token_hex(6)}.old")) for tmp, path in staged]
+    journal = folder / REPLACE_JOURNAL
+    _write_journal(journal, [{"tmp": t.name, "target": p.name, "backup": b.name} for t, p, b in plan])
     done: list[tuple[Path, Path | None]] = []  # (target, hard link to its old file, or None if there was none)
     try:
-        for tmp, path in staged:
-            backup = None
+        for tmp, path, backup in plan:
             if os.path.lexists(path):
-                backup = path.with_name(f".{path.name}.{secrets.token_hex(6)}.old")
                 try:
                     os.link(path, backup, follow_symlinks=False)
                 except (OSError, NotImplementedError):
                     backup = None  # no hard links here: the replacement cannot be undone, go ahead anyway
+            else:
+                backup = None
             try:
                 os.replace(tmp, path)
             except BaseException:
@@ -365,6 +383,79 @@ def _replace_all(staged: Sequence[tuple[Path, Path]]) -> None:
                     backup.unlink(missing_ok=True)
                 except OSError:
                     pass
+        try:
+            journal.unlink(missing_ok=True)
+            fsync_dir(folder)
+        except OSError:
+            pass
+
+
+def _write_journal(journal: Path, entries: list[dict]) -> None:
+    tmp = journal.with_name(f"{journal.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"replace": entries}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, journal)
+        fsync_dir(journal.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def finish_interrupted_replace(folder: Path) -> list[str]:
+    """Finish a ``--force`` replacement that was killed part-way in ``folder`` (no-op without a journal).
+
+    Every temporary listed in the journal was complete before the first rename, so the renames are
+    carried forward; the old files' hard-link copies (old private keys) are removed, then the journal.
+
+    Parameters
+    ----------
+    folder : Path
+        The folder of the key or certificate files.
+
+    Returns
+    -------
+    list of str
+        The names of the files put in place (empty when there was nothing to finish).
+
+    Raises
+    ------
+    PKIError
+        The journal cannot be read, names something other than a file of the folder, or a rename
+        fails (the message names the folder and the fix).
+    """
+    folder = Path(folder).expanduser()
+    journal = folder / REPLACE_JOURNAL
+    if not os.path.lexists(journal):
+        return []
+    fix = (f"check {journal} (it lists the files a killed `fl-pki --force` was replacing), then run that fl-pki "
+           "command again with --force")
+    try:
+        if journal.is_symlink() or journal.stat().st_size > 64 * 1024:
+            raise ValueError("not a journal file")
+        entries = json.loads(journal.read_text())["replace"]
+        names = [(e["tmp"], e["target"], e["backup"]) for e in entries]
+        if not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for t in names for n in t):
+            raise ValueError("a name that is not a file of the folder")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PKIError(f"{folder}: an interrupted `fl-pki --force` left {REPLACE_JOURNAL}, which cannot be used "
+                       f"({getattr(exc, 'strerror', None) or exc}); fix: {fix}") from None
+    put = []
+    try:
+        for tmp, target, backup in names:
+            if os.path.lexists(folder / tmp):
+                os.replace(folder / tmp, folder / target)
+                put.append(target)
+            (folder / backup).unlink(missing_ok=True)
+        journal.unlink()
+        fsync_dir(folder)
+    except OSError as exc:
+        raise PKIError(f"{folder}: cannot finish an interrupted `fl-pki --force` ({exc.strerror or exc}); fix: "
+                       f"{fix}") from None
+    return put
 
 
 #: The largest public key file read (bytes): one OpenSSH line is under 300 bytes.
@@ -375,6 +466,7 @@ MAX_PKI_FILE = 4 * 1024 * 1024
 
 def _read(path: Path, what: str, fix: str) -> bytes:
     path = Path(path).expanduser()
+    finish_interrupted_replace(path.parent)  # never read one half of a pair a killed --force was replacing
     if not path.exists():
         raise PKIError(f"{path}: {what} not found; fix: {fix}")
     if not path.is_file():
