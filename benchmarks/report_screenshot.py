@@ -72,6 +72,11 @@ def dump_dom(page: Path) -> str:
     return _chromium(["--dump-dom", Path(page).resolve().as_uri()]).stdout
 
 
+def dump_url(url: str, wait_ms: int = 10_000) -> str:
+    """The DOM of ``url`` (e.g. a loopback server's page) after its scripts ran for up to ``wait_ms`` of virtual time."""
+    return _chromium(["--dump-dom", f"--virtual-time-budget={int(wait_ms)}", url]).stdout
+
+
 def short_run(out: Path, rounds: int = 2, target_epsilon: float = 3.0) -> dict:
     """A real health federation of ``rounds`` rounds (in process) into ``out``; returns results.json's content.
 

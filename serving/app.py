@@ -39,6 +39,7 @@ from collections import defaultdict, deque
 import numpy as np
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -173,7 +174,9 @@ def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]
     card = package.card
     personalised = package.personalised
     which = "personalised model" if personalised else "model"
-    app = FastAPI(title=f"cityfed {which}: {package.department} run {card.get('run-id')}, site {features.site}",
+    # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from files shipped in the
+    # fastapi-offline package (FastAPI's own pages fetch them from a CDN: blank on an offline node)
+    app = FastAPIOffline(title=f"cityfed {which}: {package.department} run {card.get('run-id')}, site {features.site}",
                   description="Predictions of a cityfed federated model on this department's node. Send records in the "
                               "department's schema; answers are in original units. Needs an API key "
                               "(X-API-Key header).", version=str(card.get("cityfed-version", "")))
