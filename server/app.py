@@ -63,11 +63,15 @@ class RunConfigError(ValueError):
         The run-config keys whose own value is refused, in the message's order (a CLI names the
         option that set each); empty for a problem of several keys together (e.g. ``secagg`` with
         a strategy that needs individual updates).
+    together : tuple of str
+        For a problem of several keys together: the keys involved, in the message's order (a CLI
+        names the options that set them); empty otherwise.
     """
 
-    def __init__(self, message: str, keys: tuple[str, ...] = ()):
+    def __init__(self, message: str, keys: tuple[str, ...] = (), together: tuple[str, ...] = ()):
         super().__init__(message)
         self.keys = tuple(keys)
+        self.together = tuple(together)
 
 
 class RunSettings(BaseModel):
@@ -317,7 +321,11 @@ def settings(run_config: dict) -> dict:
         check_central_dp(cfg)
     except ValueError as exc:  # their messages name the key ("run config 'KEY': ...") and what is wrong
         named = re.match(r"run config '(secagg-num-shares|secagg-threshold)':", str(exc))  # a key's own value
-        raise RunConfigError(str(exc), (named.group(1),) if named else ()) from None  # else: keys together
+        if named:
+            raise RunConfigError(str(exc), (named.group(1),)) from None
+        known = {f.alias or k for k, f in RunSettings.model_fields.items()}  # keys together: the ones it quotes
+        together = tuple(dict.fromkeys(k for k in re.findall(r"'([a-z][a-z-]*)'", str(exc)) if k in known))
+        raise RunConfigError(str(exc), together=together) from None
     cfg["model"] = cfg["model"] or model_kinds(cfg["department"])[0]
     if cfg["model"] not in model_kinds(cfg["department"]):
         raise RunConfigError(f"run config 'model': {cfg['model']!r} is not a {cfg['department']} model; "

@@ -153,6 +153,7 @@ RUN_CONFIG_OPTIONS = {
     "central-delta": "--central-delta", "personalise-epochs": "--personalise-epochs",
     "personalise-layers": "--personalise-layers", "personalise-lr": "--personalise-lr",
     "personalise-own-lr": "--personalise-own-lr", "personalise-batch-size": "--personalise-batch-size",
+    "secagg": "--secagg", "central-dp": "--central-dp",
 }
 
 
@@ -227,6 +228,9 @@ def _check_run_config(cfg: dict, options: dict, command: str) -> None:
     except RunConfigError as exc:
         named = [options[k] for k in exc.keys if k in options]
         if not named:
+            typed = list(dict.fromkeys(options[k] for k in exc.together if k in options))
+            if typed:  # a problem of these options together: name the options typed, not only their keys
+                _refuse(str(exc), f"change {' or '.join(typed)} (see '{command} --help')", " and ".join(typed))
             _refuse(str(exc), f"change the options that set these run-config keys (see '{command} --help')")
         _refuse(str(exc), f"give {' and '.join(dict.fromkeys(named))} a value the message allows", named[0])
 

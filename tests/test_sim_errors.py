@@ -145,7 +145,11 @@ def _afile(tmp_path):
     (["run", "--engine", "inprocess"], ["Missing option", "--department"]),
     (["run", "-d", "police"], ["--department", "choose from health, traffic, utility or 'all'"]),
     (["run", "-d", "health", "--engine", "rey"], ["--engine", "ray or inprocess"]),
-    (["run", "-d", "health", "--secagg", "--strategy", "krum"], ["run config 'strategy'", "'secagg' = true"]),
+    (["run", "-d", "health", "--secagg", "--strategy", "krum"], ["run config 'strategy'", "'secagg' = true",
+                                                                  "--strategy and --secagg:", "fix: change --strategy or --secagg"]),
+    # options that cannot go together are named as typed (docs review 2026-12-07, L10: the fix named run-config keys)
+    (["run", "-d", "health", "--central-dp", "--strategy", "fedadam"], ["--strategy and --central-dp:",
+                                                                         "fix: change --strategy or --central-dp"]),
     (["run", "-d", "health", "-e", "20"], ["--epsilon", "every node would refuse"]),
     (["run", "-d", "health", "--policy", "nope.toml"], ["--policy", "cannot read policy file"]),
     (["compare", "-d", "health", "--model", "gru"], ["--model", "not a health model"]),
