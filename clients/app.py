@@ -18,11 +18,11 @@ from flwr.clientapp import ClientApp
 from clients.energy import EnergyMeter
 from clients.node import JobRefused, NoTrainingData, handle_evaluate, handle_train, node_from_config
 from clients.clipping import central_clipping_mod
-from clients.replies import REFUSED, audit_reply  # noqa: F401 - REFUSED: the node's error codes live here
+from clients.replies import audit_reply
 from clients.secagg import (is_secagg_fit, masking_active, plain_in_collect_refusal, secagg_train,
                             secure_aggregation_mod, unmasked_refusal)
-from contract.tasks import (ARRAYS, CONFIG, EVAL_METRICS, METRICS, PERSONALISE_ACTION, PERSONALISE_METRICS,
-                            TRAIN_METRICS)
+from contract.tasks import (ARRAYS, CONFIG, EVAL_METRICS, FAILED, METRICS, NO_DATA, PERSONALISE_ACTION,  # noqa: F401
+                            PERSONALISE_METRICS, REFUSED, TRAIN_METRICS)  # the reply error codes: the contract's
 
 class NodeSetupError(ValueError):
     """A simulated node's set-up does not fit its run (``flwr run``'s node count): configuration, never records.
@@ -48,11 +48,6 @@ class MetricsNotWhitelisted(RuntimeError):
     """A bug: a reply's metrics hold a key outside its whitelist (the message names the keys, never values)."""
 
 
-#: Error code for a node without training records (nothing to send).
-NO_DATA = 4041
-#: Error code for a task the node could not complete for any other reason (its cause stays in the
-#: node's own log: :func:`failed_reason`).
-FAILED = 5001
 #: Environment: when "1" (``fl-client`` sets it), each message's own compute time is logged
 #: ("cityfed: train compute 1.734 s"): the numerator of the deployment latency breakdown.
 LOG_COMPUTE_ENV = "CITYFED_LOG_COMPUTE"

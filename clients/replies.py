@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from flwr.app import Error, Message, RecordDict
 
-from contract.tasks import ARRAYS, CONFIG, METRICS
+from contract.tasks import ARRAYS, CONFIG, METRICS, REFUSED  # noqa: F401 - REFUSED: the contract's code
 
-#: Error code for a job refused by the node's privacy policy or budget (its reason says which setting).
-REFUSED = 4031
 
 
 def is_train(msg: Message) -> bool:

@@ -19,6 +19,14 @@ ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
 PERSONALISE_ACTION = "personalise"
 PERSONALISE_MESSAGE = f"train.{PERSONALISE_ACTION}"
 
+#: Error code of a reply to a job the node's privacy policy or budget refused (its reason says which setting).
+REFUSED = 4031
+#: Error code of a reply from a node without training records (nothing to send).
+NO_DATA = 4041
+#: Error code of a reply to a task the node could not complete for any other reason (a failure, not a
+#: refusal: its cause stays in the node's own log).
+FAILED = 5001
+
 #: Reply metric: records used, rounded as the node's policy says (Flower's weighting key).
 NUM_EXAMPLES = "num-examples"
 #: Reply metric: the node's epsilon after the task (every release counted).

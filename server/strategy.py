@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimme
 
 from flower_compat.strategy_state import from_legacy_names, owned_state_base
 from contract.keys import STRATEGIES  # re-exported: the strategies a run config may name
-from contract.tasks import ARRAYS, CONFIG, EVAL_METRICS, NUM_EXAMPLES, TRAIN_METRICS
+from contract.tasks import ARRAYS, CONFIG, EVAL_METRICS, FAILED, NUM_EXAMPLES, TRAIN_METRICS
 from server.artefacts import read_checkpoint, write_checkpoint
 from server.grid import DeadlineGrid, deadline_grid
 from server.validation import unexpected_metrics, validate_update
@@ -380,9 +380,10 @@ class GuardedStrategy(Strategy):
             entry["train"]["dropped"] = dropped
         if len(good) < self.min_accepted:
             silent = "".join(f"; node {d['node']} ({d['reason']})" for d in dropped)
+            failed = sum(1 for r in self.history["refused"] if r.get("code") == FAILED)
             reason = (f"round {rnd}: {len(good)} acceptable update(s), fewer than min-accepted={self.min_accepted} "
-                      f"({len(self.history['refused'])} refusal(s), {len(self.history['excluded'])} exclusion(s) so far"
-                      f"{silent}); global model unchanged, run ended")
+                      f"({len(self.history['refused']) - failed} refusal(s), {failed} node failure(s), "
+                      f"{len(self.history['excluded'])} exclusion(s) so far{silent}); global model unchanged, run ended")
             log.warning(reason)
             entry["train"]["stopped"] = reason
             self._save()

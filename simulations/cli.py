@@ -75,6 +75,7 @@ def _or_list(names) -> str:
 
 
 from contract.keys import STRATEGIES as STRATEGY_NAMES  # noqa: E402 - no Flower import for --help
+from contract.tasks import FAILED  # noqa: E402 - a node failure reply, told apart from a refusal
 
 app = typer.Typer(
     cls=_Commands,
@@ -479,11 +480,13 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str, ray_options: di
         t.add_column(col)
     for e in results["rounds"]:
         agg = scores(e)
-        t.add_row(str(e["round"]), str((e.get("train") or {}).get("accepted", "")), f"{agg.get(metric, float('nan')):.3f}",
-                  f"{eps_max(e):.2f}")
+        # a round with no accepted update has no score or epsilon of its own (the model is unchanged): "-", not nan
+        t.add_row(str(e["round"]), str((e.get("train") or {}).get("accepted", "")), _shown_number(agg.get(metric), 3),
+                  _shown_number(eps_max(e), 2))
     console.print(t)
     for r in results["refused"][:20]:
-        console.print(f"[yellow]refused[/yellow] round {r['round']} node {r['node']}: {r['reason']}")
+        what = "[red]failed[/red]" if r.get("code") == FAILED else "[yellow]refused[/yellow]"
+        console.print(f"{what} round {r['round']} node {r['node']}: {r['reason']}")
     for r in results["excluded"][:20]:
         console.print(f"[red]excluded[/red] round {r['round']} node {r['node']}: {r['reason']}")
     pers = results.get("personalise") or {}
@@ -937,6 +940,15 @@ def _check_calibrated_noise(department: str, cfg: dict, pol, path: str, node_pol
             "ledgers, or --policy)", "--epsilon")
 
 
+def _shown_number(value, digits: int) -> str:
+    """``value`` with ``digits`` decimals, or "-" when there is none (None or NaN)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return f"{v:.{digits}f}" if math.isfinite(v) else "-"
+
+
 def _untrained(department: str, results: dict) -> bool:
     """Whether no node's update was accepted in any round of the run (it trained nothing); if so, say so.
 
@@ -948,10 +960,11 @@ def _untrained(department: str, results: dict) -> bool:
     if any(int((e.get("train") or {}).get("accepted") or 0) > 0 for e in rounds):
         return False
     counts = {k: len(results.get(k) or []) for k in ("refused", "excluded", "dropped")}
+    failed = sum(1 for r in results.get("refused") or [] if r.get("code") == FAILED)  # a node error, not its policy
     reasons = sorted({str(r.get("reason", "")).split(": refused: ", 1)[-1] for r in results.get("refused") or []})
     _error(f"{department}: no node's update was accepted in any of the {len(rounds)} round(s) "
-           f"run ({counts['refused']} refusal(s), {counts['excluded']} exclusion(s), {counts['dropped']} "
-           "dropped): the run trained nothing and its model is the initial one"
+           f"run ({counts['refused'] - failed} refusal(s), {failed} node failure(s), {counts['excluded']} exclusion(s), "
+           f"{counts['dropped']} dropped): the run trained nothing and its model is the initial one"
            + (f"; the nodes said: {'; '.join(reasons[:3])}" if reasons else ""),
            f"the settings the reasons name (see above and {results.get('config', {}).get('run-dir', 'OUT')}"
            "/results.json)")

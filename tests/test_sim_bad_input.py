@@ -303,3 +303,18 @@ def test_fl_sim_compare_exits_1_when_a_federated_run_stopped(tmp_path, capsys, m
     assert err.count("error: ") == 1 and "; fix: " in err, err
     assert "health: federated-dp-eps1: the run stopped in round 2 of 8" in err, err
     assert str(tmp_path / "cmp" / "federated-dp-eps1") in err and "--min-accepted" not in err, err
+
+
+def test_node_failures_are_told_from_refusals_and_an_empty_round_shows_no_nan(tmp_path, capsys, monkeypatch):
+    """A real run in which every node fails (--dropout): failures, not refusals; no 'nan' in the round table.
+
+    Found by a review of the docs followed literally (2026-12-07, L12): the simulated failures were
+    counted as "4 refusal(s)" and the round with no accepted update showed accuracy and eps max nan.
+    """
+    code, out, err = _fl_sim(["run", "-d", "health", "--engine", "inprocess", "-r", "2", "--dropout", "0.9",
+                              "--min-accepted", "2", "--seed", "1", "-o", tmp_path / "out"], capsys, monkeypatch)
+    text = " ".join((out + err).split())
+    assert code == 1, text
+    assert "(0 refusal(s), 4 node failure(s), 0 exclusion(s), 0 dropped)" in text, text
+    assert "failed round 1 node" in text and "refused round" not in text, text
+    assert "nan" not in out.lower(), out
