@@ -311,13 +311,23 @@ class SiteData:
 # --------------------------------------------------------------------------------------
 
 
+#: Environment (simulation only): "1" once the simulation's driver has built every site's data and
+#: shown its warnings (:func:`simulations.run.show_data_warnings`): the processes that play the nodes
+#: (Ray actors inherit the environment) and the ServerApp's central data then do not repeat them.
+DATA_WARNINGS_SHOWN_ENV = "CITYFED_DATA_WARNINGS_SHOWN"
+
+
 def warn_quality(message: str, stacklevel: int | None = None) -> None:
     """Emit a :class:`DataQualityWarning`, attributed to the first caller outside this package.
 
     ``stacklevel`` is accepted for compatibility and ignored: the call chain inside the
     adapters varies, and the line that opened the data is the useful place to report.
+    Nothing is emitted when :data:`DATA_WARNINGS_SHOWN_ENV` is "1" (shown once already).
     """
     import sys
+
+    if os.environ.get(DATA_WARNINGS_SHOWN_ENV) == "1":
+        return
 
     here = os.path.dirname(os.path.abspath(__file__))
     level, frame = 2, sys._getframe(1)  # stacklevel 2 = the caller of warn_quality

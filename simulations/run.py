@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 from clients.app import build_client_app
@@ -89,6 +90,28 @@ def inprocess_run_id(ledger_dir: Path) -> str:
     while f"sim-{n}" in used:
         n += 1
     return f"sim-{n}"
+
+
+def show_data_warnings(cfg: dict, sites: list[str]) -> bool:
+    """Build every site's data as its node will, so that each data-quality warning is shown once, here.
+
+    The caller then sets :data:`citydata.base.DATA_WARNINGS_SHOWN_ENV` for the Ray actors (they
+    inherit the environment) and the ServerApp, so that they do not show them again: each actor
+    loads the department's data for the nodes it plays. A site that cannot be built is left to its
+    node, which reports it as it would without this.
+
+    Returns
+    -------
+    bool
+        Whether every site was built (and its warnings shown).
+    """
+    try:
+        ds = load_department(cfg["department"], cfg.get("data") or None, seed=int(cfg.get("data-seed", 0) or 0))
+        for site in sites:
+            ds.site_data(site)
+    except Exception:  # noqa: BLE001 - the node reports its own data error, in its own words
+        return False
+    return True
 
 
 def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 1.0, on_round=None,
@@ -173,6 +196,13 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
 
     install()  # one walk over the queued messages per sweep instead of one per node (see its docstring)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray's notice about a default it may change in a later version (GPU visibility of actors that ask for
+    # no GPU); the pinned Ray's current behaviour is the one we run with, so the notice is not shown
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+    from citydata.base import DATA_WARNINGS_SHOWN_ENV
+
+    # each site's data warnings once, here, not again from every Ray actor that plays a node
+    shown = not nvirtual and show_data_warnings(cfg, sites)
     from simulations.ray_cluster import backend_config
 
     backend = backend_config(cpus_per_client, gpus_per_client, ray_address)
@@ -180,5 +210,14 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
 
     # Flower's engine entry, not the deprecated run_simulation wrapper (why: flower_compat.simulation)
     server_app = after_registration(build_server_app(cfg, on_round=on_round), len(sites))
-    run_apps(server_app, build_client_app(cfg), len(sites), backend)
+    saved = os.environ.get(DATA_WARNINGS_SHOWN_ENV)
+    if shown:
+        os.environ[DATA_WARNINGS_SHOWN_ENV] = "1"  # inherited by the Ray actors started below
+    try:
+        run_apps(server_app, build_client_app(cfg), len(sites), backend)
+    finally:
+        if saved is None:
+            os.environ.pop(DATA_WARNINGS_SHOWN_ENV, None)
+        else:
+            os.environ[DATA_WARNINGS_SHOWN_ENV] = saved
     return json.loads((run_dir / "results.json").read_text())
