@@ -43,8 +43,8 @@ from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from serving.features import (UNFORESEEN_FIX, RequestError, SiteFeatures, error_place, frame_from_csv,
-                              frame_from_records)
+from serving.features import (UNFORESEEN_FIX, RequestError, SiteFeatures, error_place, for_json_records,
+                              frame_from_csv, frame_from_records)
 from serving.package import ModelPackage
 
 log = logging.getLogger("cityfed.serve")
@@ -245,13 +245,14 @@ def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]
                                 status_code=415)
         try:
             try:
-                if ctype in ("text/csv", "application/csv"):
-                    frame = frame_from_csv(body)
-                else:
-                    frame = frame_from_records(_records(body))
+                csv = ctype in ("text/csv", "application/csv")
+                frame = frame_from_csv(body) if csv else frame_from_records(_records(body))
                 if len(frame) > MAX_RECORDS:
                     raise RequestError("records", f"{len(frame)} records, more than {MAX_RECORDS}", "split the request")
-                X, info = features.inputs(frame)
+                try:
+                    X, info = features.inputs(frame)
+                except RequestError as exc:  # the adapters word fixes for a file: a JSON client sends fields and null
+                    raise exc if csv else for_json_records(exc) from None
             except RequestError:
                 raise
             except (ValueError, TypeError, ArithmeticError, LookupError, AttributeError, RecursionError) as exc:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import traceback
 import warnings
@@ -77,6 +78,38 @@ class SiteError(RequestError):
     ``field`` is ``"--site"``; the message names the value, where the sites come from (the bundled
     records or the ``--data`` file) and the sites to choose from.
     """
+
+
+#: Operator wording of the adapters' fixes (a file's cells and columns, fl-serve's --ranges) and the
+#: wording of a JSON request's records and fields: :func:`for_json_records` rewrites one into the other.
+_JSON_WORDING = (
+    (r"leave a cell empty when the value is unknown", "send null when the value is unknown"),
+    (r"; if such values are real at your site, widen the range of ('[^']*') in a ranges file \(--ranges FILE; "
+     r"README: plausibility ranges\)", r"; if such values are real at this site, the node's operator can widen the range of "
+     r"\1 (fl-serve --ranges)"),
+    (r"\bor leave (it|them) empty( when unknown)?", r"or send null\2"),
+    (r"^add a column ('[^']*')", r"add the field \1 to every record"),
+    (r"^rename column ", "rename the field "),
+    (r"\(leave the value column empty instead of dropping the time\)", "(send the value as null instead of dropping the record)"),
+)
+
+
+def for_json_records(exc: "RequestError") -> "RequestError":
+    """``exc`` worded for a JSON request (records and fields, null), not for a file (cells, columns, --ranges)."""
+    problem = exc.problem.replace("missing required column", "missing required field")
+    fix = exc.fix
+    for pattern, repl in _JSON_WORDING:
+        fix = re.sub(pattern, repl, fix)
+    return type(exc)(exc.field, problem, fix)
+
+
+def _without(problem: str, injected: set[str]) -> str:
+    """``problem`` without the columns fl-serve added itself in its ``(found: ...)`` list (the client sent none)."""
+    def kept(m: re.Match) -> str:
+        items = [x for x in m.group(1).split(", ") if x.strip("'") not in injected]
+        return f"(found: {', '.join(items) or 'none'})"
+
+    return re.sub(r"\(found: ([^)]*)\)", kept, problem)
 
 
 def _shown(value: str, limit: int = 80) -> str:
@@ -194,10 +227,13 @@ class SiteFeatures:
         s = self.schema
         frame = frame.copy()
         frame.columns = [str(c).strip() for c in frame.columns]
+        injected = set()  # what the server adds: a refusal does not list them as the client's
         if s.site_column not in frame.columns:
             frame[s.site_column] = self.site_key
+            injected.add(s.site_column)
         if s.task != "forecasting":
             frame[s.target] = 0  # not used: what the model predicts
+            injected.add(s.target)
         unique = not frame.columns.duplicated().any()  # duplicates: the adapter's check names them
         for col in s.columns:  # JSON true/false where a number is expected (pandas would read it as 1/0)
             if unique and col.dtype in ("int", "float") and col.name in frame.columns and col.name != s.target:
@@ -215,7 +251,7 @@ class SiteFeatures:
                 log.warning("fl-serve: a request's records raised %s while checking them (answered 422)",
                             error_place(exc.__cause__))
                 raise RequestError(exc.column or "records", exc.problem, UNFORESEEN_FIX) from None
-            raise RequestError(exc.column or "records", exc.problem, exc.fix) from None
+            raise RequestError(exc.column or "records", _without(exc.problem, injected), exc.fix) from None
         sites = {self.ds._site_name(k) for k in out[s.site_column].dropna().unique()}
         if sites - {self.site}:
             raise RequestError(s.site_column, f"records of {sorted(sites - {self.site})}; this server serves site {self.site!r}",

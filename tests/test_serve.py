@@ -12,11 +12,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_helpers import KEY, health_records, offline, served, simulated_run, synthetic_run, window_records  # noqa: E402
+from serve_helpers import (KEY, health_records, offline, served, simulated_run, synthetic_package, synthetic_run,  # noqa: E402
+                           window_records)  # noqa: E402
 
 from serving.package import export_package  # noqa: E402
 
@@ -379,3 +381,22 @@ def test_node_serves_from_its_own_forecasting_file_with_its_test_start(tmp_path,
     assert res.exit_code == 2 and "bundled sites have their own" in " ".join(res.output.split()), res.output
     res = CliRunner().invoke(app, [str(tmp_path / "nopkg"), "--site", "detector-3", "--data", str(path), "--test-start", "May"])
     assert res.exit_code == 2 and "is not a date" in " ".join(res.output.split()), res.output
+
+
+def test_a_json_client_is_told_about_fields_and_null_and_not_about_columns_the_server_adds(tmp_path):
+    """Found by a review of the docs followed literally (2026-12-07, L5): a JSON client that sent only 'age' read
+    "missing required column (found: 'age', 'dataset', 'num')" (the server adds those two), and a range
+    error told it to "leave a cell empty" and to "widen the range (--ranges FILE)": an operator's wording."""
+    ctx, feats, _ = served(synthetic_package(tmp_path, "health"), "Cleveland")
+    rec = dict(health_records(feats)[0], age=150)
+    with ctx as url:
+        d = httpx.post(f"{url}/predict", json={"records": [{"age": 50}]}, headers=H).json()["detail"][0]
+        assert d["field"] == "sex" and d["problem"] == "missing required field (found: 'age')", d
+        assert d["fix"].startswith("add the field 'sex' to every record"), d
+        d = httpx.post(f"{url}/predict", json={"records": [rec]}, headers=H).json()["detail"][0]
+        assert d["field"] == "age" and "send null when the value is unknown" in d["fix"], d
+        assert "node's operator can widen the range of 'age' (fl-serve --ranges)" in d["fix"], d
+        assert "cell" not in d["fix"] and "--ranges FILE" not in d["fix"], d
+        csv = pd.DataFrame([rec]).to_csv(index=False).encode()  # a CSV body keeps the file's wording
+        r = httpx.post(f"{url}/predict", content=csv, headers={**H, "Content-Type": "text/csv"})
+        assert r.status_code == 422 and "leave a cell empty" in r.json()["detail"][0]["fix"], r.text
