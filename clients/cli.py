@@ -742,7 +742,7 @@ def check_ledger_holds_audited_releases(path: Path, audit_path: Path, department
     held = 0
     if Path(path).is_file():
         try:
-            held = sum(1 for r in PrivacyLedger(path).releases(site) if r["status"] in ("pending", "committed"))
+            held = PrivacyLedger(path).site_releases(site)
         except (OSError, LedgerError):
             return
     if held < audited:
@@ -753,6 +753,89 @@ def check_ledger_holds_audited_releases(path: Path, audit_path: Path, department
             "lost releases (deleted, or replaced by an older copy), and the site's spent privacy budget would be "
             "under-counted; fix: restore the ledger that holds them (this node's latest ledger backup, or pass its "
             "path with --ledger); never start a node on a ledger with fewer releases than it made")
+
+
+#: Beside the node key (``<key>.ledger.json``): the ledger this key spends its site's budget against.
+KEY_LEDGER_SUFFIX = ".ledger.json"
+
+
+def check_key_ledger_binding(key: Path, ledger_path: Path, department: str, site: str,
+                             option: str = "--ledger") -> str | None:
+    """Refuse a node key that spent its site's budget against another ledger; record the binding.
+
+    A key is the node's identity, and its site's spent privacy budget is in the ledger it spent it
+    against. Started with another state folder (a second unit file, another account's default, a
+    typo in ``--state-dir``), the node got a fresh ledger and its budget started again. The ledger
+    the key is bound to is recorded beside the key (``<key>.ledger.json``: the ledger's path and
+    its random id, :meth:`privacy.ledger.PrivacyLedger.ledger_id`); a start with another ledger is
+    refused while the recorded one holds releases of the site, or is gone (its releases unknown).
+    A recorded ledger without any release of the site holds no budget: the key moves to the new one.
+
+    Returns
+    -------
+    str or None
+        A warning when the binding could not be recorded (the key's folder is not writable).
+
+    Raises
+    ------
+    SetupError
+        Naming the key, both ledgers and the fix; or an unreadable binding file.
+    """
+    from privacy.ledger import LedgerError, PrivacyLedger
+
+    key = Path(key).expanduser().resolve()
+    ledger_path = Path(ledger_path).expanduser().resolve()
+    record_path = key.with_name(key.name + KEY_LEDGER_SUFFIX)
+    current = PrivacyLedger(ledger_path).ledger_id()
+    record = None
+    if os.path.lexists(record_path):
+        try:
+            if record_path.is_symlink() or record_path.stat().st_size > 64 * 1024:
+                raise ValueError("not a binding file")
+            record = json.loads(record_path.read_text())
+            bound, bound_id = Path(str(record["ledger"])), str(record["ledger-id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise SetupError(f"--key {key}: {record_path} (the ledger this key spends against) cannot be read; fix: "
+                             "restore it from this node's backup (it names the ledger), or remove it only if this key "
+                             "has never trained") from None
+        if bound_id != current:
+            held = None
+            try:
+                if bound.is_file() and PrivacyLedger(bound).ledger_id() == bound_id:
+                    held = PrivacyLedger(bound).site_releases(site)
+            except (OSError, LedgerError, IndexError):
+                held = None
+            if held is None:
+                raise SetupError(
+                    f"--key {key}: this key spent {department}/{site}'s privacy budget against the ledger {bound}, which "
+                    f"is not there now (or is another ledger); {option} {ledger_path} is a different ledger, on which "
+                    "the site's budget would start again; fix: restore that ledger from this node's backup (to "
+                    f"{bound}, or pass the restored copy with --ledger: a copy keeps its id); if it is lost for good, "
+                    "the site's spent budget is unknown, and only the department's data-protection officer can decide "
+                    f"to start a new one: then move {record_path} aside (keep it with the decision) and start again")
+            if held:
+                plural = f"{held} release{'' if held == 1 else 's'}"
+                raise SetupError(
+                    f"--key {key}: this key spends {department}/{site}'s privacy budget against the ledger {bound}, which "
+                    f"holds {plural} of it; {option} {ledger_path} is another ledger (a second state folder?), on which "
+                    f"the budget would start again; fix: start the node with --ledger {bound} (or the --state-dir that "
+                    "holds it)")
+    if record is not None and record.get("ledger-id") == current and record.get("ledger") == str(ledger_path):
+        return None
+    body = json.dumps({"ledger": str(ledger_path), "ledger-id": current, "department": department, "site": site},
+                      indent=1).encode()
+    try:
+        tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, record_path)
+    except OSError as exc:
+        return (f"cannot record beside --key {key} which ledger it spends against ({exc.strerror or exc}): a start with "
+                "another ledger would not be refused; fix: let this account write the key's folder")
+    return None
 
 
 _PORT = re.compile(r"[1-9][0-9]{0,4}")
@@ -1517,12 +1600,16 @@ def fl_client(
         check_ledger_holds_audited_releases(ledger_path, home / "audit.jsonl", department, site,
                                             "--ledger" if ledger else "--ledger (default)")
         check_ledger(ledger_path, "--ledger" if ledger else "--ledger (default)")
+        binding_note = check_key_ledger_binding(key, ledger_path, department, site,
+                                                "--ledger" if ledger else "--ledger (default)")
         check_coordinator(host, port, ctx_tls, ca, connect_timeout)
     except SetupError as exc:
         err.print(f"[bold red]fl-client: cannot start:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_UNREACHABLE if isinstance(exc, CoordinatorUnreachable) else EXIT_SETUP) from None
     for note in report.warnings:
         err.print(f"[yellow]data warning:[/] {escape(note)}")
+    if binding_note:
+        err.print(f"[yellow]warning:[/] {escape(binding_note)}")
     err.print(escape(report.summary()))
     err.print(f"[green]fl-client ready[/]: {department}/{escape(site)}, key {fingerprint}, coordinator {host}:{port} "
               f"(TLS verified), ledger {escape(str(ledger_path))}")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import os
 import sqlite3
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,6 +118,13 @@ CREATE TABLE IF NOT EXISTS central_claims (
 #: changes size gets a new, accounted release), so that every later reply reuses the same value (reuse
 #: is post-processing and costs nothing more). ``exact`` never leaves the node. Added without a schema
 #: version change: older code ignores the table.
+_META_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger_meta (
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+)
+"""
+
 _COUNTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS released_counts (
     site        TEXT    NOT NULL,
@@ -455,6 +463,9 @@ class PrivacyLedger:
                 con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             con.execute(_CENTRAL_SCHEMA)
             con.execute(_COUNTS_SCHEMA)
+            con.execute(_META_SCHEMA)
+            # the ledger's identity: a node key is bound to the ledger it spends against (clients.cli)
+            con.execute("INSERT OR IGNORE INTO ledger_meta (key, value) VALUES ('ledger-id', ?)", (uuid.uuid4().hex,))
             con.execute("COMMIT")
         except sqlite3.Error as exc:
             try:
@@ -743,6 +754,15 @@ class PrivacyLedger:
             " AND status IN ('pending', 'committed')",
             (site, run_id, mechanism),
         )
+        return int(rows[0][0])
+
+    def ledger_id(self) -> str:
+        """This ledger's identity: a random id made with the file (a copy or a restored backup keeps it)."""
+        return str(self._read("SELECT value FROM ledger_meta WHERE key = 'ledger-id'")[0][0])
+
+    def site_releases(self, site: str) -> int:
+        """How many counted (pending or committed) releases of ``site`` the ledger holds, every run and mechanism."""
+        rows = self._read("SELECT COUNT(*) FROM releases WHERE site = ? AND status IN ('pending', 'committed')", (site,))
         return int(rows[0][0])
 
     def has_released_count(self, site: str, split: str, exact: int) -> bool:

@@ -432,6 +432,18 @@ def test_fl_client_seconds_options_refuse_nan_infinity_and_absurd_values(pki_fil
     assert not (tmp_path / "node").exists()
 
 
+def _own_key(pki_files, tmp_path) -> Path:
+    """A copy of the module's node key for one test: a key is bound to the ledger it spends against, so a test
+    that spends budget under it must not leave the shared key bound to its ledger."""
+    import shutil
+
+    d = tmp_path / "own-key"
+    d.mkdir(mode=0o700)
+    for name in ("node.key", "node.pub"):
+        shutil.copy2(pki_files / "node" / name, d / name)
+    return d / "node.key"
+
+
 def _spend_one_round(state: Path, key: Path) -> float:
     """What a node that trained one DP round leaves in its state dir: a committed ledger row and its audit entry."""
     from privacy.audit import AuditLog
@@ -457,7 +469,7 @@ def test_a_ledger_that_lost_releases_its_audit_log_records_is_refused(pki_files,
 
     state = tmp_path / "node"
     state.mkdir(mode=0o700)
-    key = pki_files / "node" / "node.key"
+    key = _own_key(pki_files, tmp_path)
     if loss == "older copy":
         from privacy.ledger import PrivacyLedger
 
@@ -468,7 +480,7 @@ def test_a_ledger_that_lost_releases_its_audit_log_records_is_refused(pki_files,
         p.unlink()
     if loss == "older copy":
         shutil.copy(tmp_path / "backup.sqlite", state / "ledger.sqlite")
-    code, text, exc = run_client(client_args(pki_files, tmp_path, tls_server.port))
+    code, text, exc = run_client(client_args(pki_files, tmp_path, tls_server.port, **{"--key": str(key)}))
     assert_setup_error(code, text, exc, str(state / "ledger.sqlite"), str(state / "audit.jsonl"), "1 release")
     assert "restore" in text
 
@@ -476,9 +488,53 @@ def test_a_ledger_that_lost_releases_its_audit_log_records_is_refused(pki_files,
 def test_a_ledger_with_every_audited_release_starts(pki_files, tls_server, tmp_path):
     state = tmp_path / "node"
     state.mkdir(mode=0o700)
-    _spend_one_round(state, pki_files / "node" / "node.key")
-    code, text, exc = run_client(client_args(pki_files, tmp_path, tls_server.port))
+    key = _own_key(pki_files, tmp_path)
+    _spend_one_round(state, key)
+    code, text, exc = run_client(client_args(pki_files, tmp_path, tls_server.port, **{"--key": str(key)}))
     assert code == 0 and exc is None, text
+
+
+def _check_with(pki_files, tmp_path, port, key: Path, state: Path):
+    return run_client(client_args(pki_files, tmp_path, port, **{"--key": str(key), "--state-dir": str(state)}))
+
+
+def test_a_key_that_spent_budget_is_refused_with_a_second_fresh_ledger(pki_files, tls_server, tmp_path):
+    """One node key, started with another state folder (a second unit file, another account's default, a
+    typo in --state-dir), got a fresh ledger: its spent budget started again (independent reliability
+    review, 2026-12-07, H1's second case). The key is now bound to the ledger it spends against."""
+    key = _own_key(pki_files, tmp_path)
+    first, second = tmp_path / "node-a", tmp_path / "node-b"
+    code, text, exc = _check_with(pki_files, tmp_path, tls_server.port, key, first)
+    assert code == 0 and exc is None, text
+    assert _spend_one_round(first, key) > 0
+    code, text, exc = _check_with(pki_files, tmp_path, tls_server.port, key, second)
+    assert_setup_error(code, text, exc, f"--key {key}", str(first / "ledger.sqlite"), "1 release",
+                       f"--ledger {first / 'ledger.sqlite'}")
+    code, text, exc = _check_with(pki_files, tmp_path, tls_server.port, key, first)  # its own ledger: fine
+    assert code == 0 and exc is None, text
+
+
+def test_a_key_whose_ledger_is_gone_is_refused_with_a_fresh_one(pki_files, tls_server, tmp_path):
+    key = _own_key(pki_files, tmp_path)
+    first, second = tmp_path / "node-a", tmp_path / "node-b"
+    assert _check_with(pki_files, tmp_path, tls_server.port, key, first)[0] == 0
+    _spend_one_round(first, key)
+    import shutil
+
+    shutil.rmtree(first)  # the whole state folder lost (a disk, a migration without it)
+    code, text, exc = _check_with(pki_files, tmp_path, tls_server.port, key, second)
+    assert_setup_error(code, text, exc, f"--key {key}", str(first / "ledger.sqlite"), "not there", "restore")
+
+
+def test_a_key_whose_first_ledger_released_nothing_moves_to_a_new_one(pki_files, tls_server, tmp_path):
+    """A ledger with no release of the site (a node set up twice before its first round) holds no budget to keep."""
+    key = _own_key(pki_files, tmp_path)
+    assert _check_with(pki_files, tmp_path, tls_server.port, key, tmp_path / "node-a")[0] == 0
+    code, text, exc = _check_with(pki_files, tmp_path, tls_server.port, key, tmp_path / "node-b")
+    assert code == 0 and exc is None, text
+    _spend_one_round(tmp_path / "node-b", key)
+    code, text, exc = _check_with(pki_files, tmp_path, tls_server.port, key, tmp_path / "node-a")
+    assert code == client_cli.EXIT_SETUP and str(tmp_path / "node-b" / "ledger.sqlite") in text, text
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
