@@ -705,6 +705,31 @@ def _warn_extended_dp_run(run_dir: Path, asked: int) -> None:
         console.print(f"[yellow]warning:[/] {escape(text)}")
 
 
+def _lost_final_artefacts(run_dir: Path) -> list[str]:
+    """The final files of a finished run folder that are missing or cannot be read (results, model, report)."""
+    import json as _json
+
+    from server.artefacts import MODEL, ArtefactError, load_model
+
+    lost = []
+    try:
+        if not isinstance(_json.loads((run_dir / "results.json").read_text()).get("rounds"), list):
+            lost.append("results.json")
+    except (OSError, ValueError, AttributeError):
+        lost.append("results.json")
+    try:
+        load_model(run_dir / MODEL)
+    except (OSError, ArtefactError):
+        lost.append(MODEL)
+    report = run_dir / "report.html"
+    try:
+        if report.stat().st_size == 0 or not report.read_bytes().rstrip().endswith(b"</html>"):
+            lost.append("report.html")
+    except OSError:
+        lost.append("report.html")
+    return lost
+
+
 def _check_resumable(run_dirs: list[Path], rounds: dict) -> tuple[list[Path], dict]:
     """``--resume`` needs a checkpoint with rounds left to train: refuse, rather than start afresh or train nothing.
 
@@ -714,6 +739,8 @@ def _check_resumable(run_dirs: list[Path], rounds: dict) -> tuple[list[Path], di
     the department's default) is a finished run: resumed, it trained nothing and rewrote its
     results, model and report. Alone it is refused (exit 2; a larger ``--rounds`` resumes it for
     more rounds); under ``-d all`` that department is skipped, unless every department finished.
+    A finished run whose results, model or report is missing or damaged (killed in its last
+    seconds) is resumed instead: it trains nothing and writes them again.
 
     Parameters
     ----------
@@ -751,7 +778,13 @@ def _check_resumable(run_dirs: list[Path], rounds: dict) -> tuple[list[Path], di
         except ArtefactError as exc:  # damaged, or not a cityfed checkpoint: its message names the file
             _refuse(str(exc), None, "--resume")
         if done >= int(rounds[run_dir]):
-            finished[run_dir] = done
+            lost = _lost_final_artefacts(run_dir)
+            if lost:  # killed in its last seconds: resumed, it trains nothing and writes them again
+                console.print(f"--resume: the run in {run_dir} finished all {done} of its rounds, but its "
+                              f"{', '.join(lost)} {'is' if len(lost) == 1 else 'are'} missing or damaged: writing "
+                              "them again from its checkpoint (nothing is trained)")
+            else:
+                finished[run_dir] = done
     if len(finished) == len(run_dirs):  # nothing to resume anywhere
         run_dir, done = next(iter(finished.items()))
         asked = int(rounds[run_dir])
