@@ -7,6 +7,7 @@ ledger file under ``RUN_DIR/ledgers/`` and applies the department's policy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -90,6 +91,83 @@ def inprocess_run_id(ledger_dir: Path) -> str:
     while f"sim-{n}" in used:
         n += 1
     return f"sim-{n}"
+
+
+#: How long :func:`stop_on_signal` gives Ray to shut down before the process exits anyway (seconds).
+RAY_SHUTDOWN_GRACE_S = 10.0
+
+
+@contextlib.contextmanager
+def stop_on_signal():
+    """Ctrl-C (SIGINT) or SIGTERM ends a Ray simulation at once: Ray is shut down and the process exits.
+
+    Flower's engine blocks the main thread in ``Thread.join()``, which a signal delivered to one of
+    the other threads (Ray's, Flower's) does not interrupt, so Ctrl-C was never acted on: the run
+    went on, or hung. Here the signal's byte reaches a watcher thread through
+    :func:`signal.set_wakeup_fd`, whichever thread the kernel delivered it to; the watcher says so
+    on standard error, shuts Ray down (at most :data:`RAY_SHUTDOWN_GRACE_S`) and exits with 130
+    (SIGINT) or 143 (SIGTERM). The checkpoint of the last finished round stays (it is written
+    atomically): ``fl-sim run --resume`` continues the run. Outside the main thread this does nothing.
+    """
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    stopping = threading.Event()
+
+    def watch() -> None:
+        while True:
+            try:
+                data = os.read(r, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in (signal.SIGINT, signal.SIGTERM) and not stopping.is_set():
+                    stopping.set()
+                    name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
+                    print(f"\nfl-sim: interrupted by {name}: stopping Ray; the checkpoint of the last finished round "
+                          "stays (fl-sim run --resume continues the run)", file=sys.stderr, flush=True)
+                    done = threading.Thread(target=_ray_shutdown, daemon=True)
+                    done.start()
+                    done.join(RAY_SHUTDOWN_GRACE_S)
+                    print("\x1b[?25h", end="", file=sys.stderr, flush=True)  # the progress display hid the cursor
+                    os._exit(143 if signum == signal.SIGTERM else 130)
+
+    def on_signal(signum, frame) -> None:  # runs only when the main thread gets to it; the watcher acts anyway
+        pass
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    for s in previous:
+        if previous[s] is not signal.SIG_IGN:  # an ignored signal (a background job's SIGINT) stays ignored
+            signal.signal(s, on_signal)
+    watcher = threading.Thread(target=watch, name="fl-sim-signal-watcher", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        signal.set_wakeup_fd(old_fd)
+        os.close(w)  # the watcher reads EOF and ends
+        watcher.join(1.0)
+        os.close(r)
+
+
+def _ray_shutdown() -> None:
+    try:
+        import ray
+
+        ray.shutdown()
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
 
 
 def show_data_warnings(cfg: dict, sites: list[str]) -> bool:
@@ -214,7 +292,8 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
     if shown:
         os.environ[DATA_WARNINGS_SHOWN_ENV] = "1"  # inherited by the Ray actors started below
     try:
-        run_apps(server_app, build_client_app(cfg), len(sites), backend)
+        with stop_on_signal():
+            run_apps(server_app, build_client_app(cfg), len(sites), backend)
     finally:
         if saved is None:
             os.environ.pop(DATA_WARNINGS_SHOWN_ENV, None)
