@@ -506,7 +506,7 @@ class Pages:
             links.append(f'<a href="/runs/{esc(folder)}/model-card">model card</a>')
         links += [f'<a href="/runs/{esc(folder)}/{esc(n)}">exported model card ({esc(n)})</a>' for n in _model_cards(fdir)]
         body.append("<p>" + " · ".join(links) + "</p>")
-        from server.report import kv_table
+        from server.report import central_dp_summary, central_dp_table, kv_table
 
         body.append(kv_table([
             ("status (Flower)", _badge(r["status"])), ("result", r.get("result") or MISSING),
@@ -516,6 +516,7 @@ class Pages:
             ("department", cfg.get("department") or MISSING), ("strategy", cfg.get("strategy") or MISSING),
             ("secure aggregation (SecAgg+)", "on" if cfg.get("secagg") else "off"),
             ("DP-SGD", f"on, target ε {fmt_eps(target)} per site for the run" if target else ("on" if cfg.get("dp") else "off")),
+            ("central DP (published model)", central_dp_summary(cfg, res) or "off"),
             ("figures from", {"results.json": "results.json (the run's final record)",
                               "checkpoint": "the run's checkpoint (live: rounds completed so far)"}.get(source, source)),
         ], caption="Run"))
@@ -539,6 +540,7 @@ class Pages:
                      "the coordinator)."))
         body += [f"<figure>{svg}<figcaption>{esc(cap)}</figcaption></figure>" for svg, cap in figs]
         body.append(self._sites_table(res, metric, labels))
+        body.append(central_dp_table({**res, "config": cfg}))  # "" when the run has no central DP
         body.append(self._energy(res, labels))
         body.append(self._rounds_table(res, labels))
         body.append(self._events(res, labels))

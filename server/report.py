@@ -642,11 +642,7 @@ def section_summary(results: dict, ctx: dict) -> str:
         ("differential privacy", privacy),
         ("per-sample clipping norm", fmt_num(cfg.get("clipping-norm", job.get("clipping-norm")), 2)),
         ("secure aggregation", sa),
-        ("central DP (published model)",
-         f"on: noise multiplier {fmt_num(cfg.get('central-noise-multiplier'))}, update clipping norm "
-         f"{fmt_num(cfg.get('central-clipping-norm'))}, δ {fmt_delta(cfg.get('central-delta'))}; "
-         f"ε {fmt_eps(_dict(results.get('central-dp')).get('epsilon'))} after "
-         f"{fmt_int(_dict(results.get('central-dp')).get('rounds'))} round(s)" if cfg.get("central-dp") else None),
+        ("central DP (published model)", central_dp_summary(cfg, results)),
         ("local training", f"{fmt_int(job.get('local-epochs', cfg.get('local-epochs')))} epoch(s) per round, "
                            f"batch size {fmt_int(job.get('batch-size', cfg.get('batch-size')))}, "
                            f"learning rate {fmt_num(job.get('lr', cfg.get('lr')), 4)}"),
@@ -800,6 +796,16 @@ def section_sites(results: dict, ctx: dict) -> str:
            "the test split the coordinator scored. ε: the largest value the node reported (its ledger's lifetime "
            "total, all mechanisms). δ is each site's own (from its ledger; — where the ledger stays on the node).")
     return f"<h2>Sites</h2>{table(*drop_empty_columns(headers, rows, keep=2), caption=cap)}"
+
+
+def central_dp_summary(cfg: dict, results: dict) -> str | None:
+    """One line on the coordinator's central DP of the published model (run config ``central-dp``); None when off."""
+    if not cfg.get("central-dp"):
+        return None
+    total = _dict(results.get("central-dp"))
+    return (f"on: noise multiplier {fmt_num(cfg.get('central-noise-multiplier'))}, update clipping norm "
+            f"{fmt_num(cfg.get('central-clipping-norm'))}, δ {fmt_delta(cfg.get('central-delta'))}; "
+            f"ε {fmt_eps(total.get('epsilon'))} after {fmt_int(total.get('rounds'))} round(s)")
 
 
 def central_dp_table(results: dict) -> str:

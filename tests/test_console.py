@@ -511,3 +511,28 @@ def test_model_card_made_from_the_run_folder(coord):
     page = c.get(f"/runs/{FOLDER}/model-card").text
     assert "no model card" in page and "has not ended" in page
     assert c.get("/runs/nope/model-card").status_code == 404
+
+
+def test_run_page_shows_the_runs_central_dp(coord):
+    """The run page said nothing of central DP (docs review 2026-12-07): it now states it, as the report does."""
+    sd, runs, res, _ = coord
+    c, _, _ = _client(sd, runs)
+    assert "central DP (published model) off" in _text(c.get(f"/runs/{FOLDER}").text)
+    res = json.loads((runs / FOLDER / "results.json").read_text())
+    res["config"].update({"central-dp": True, "central-noise-multiplier": 0.8, "central-clipping-norm": 2.0,
+                          "central-delta": 1e-3})
+    res["central-dp"] = {"epsilon": 4.56, "rounds": 2, "accountant": "rdp"}
+    for e in res["rounds"]:
+        e["train"]["central-dp"] = {"contributors": 4, "noise-multiplier": 0.8, "clipping-norm": 2.0,
+                                    "noise-std": 0.4, "sample-rate": 1.0, "delta": 1e-3, "epsilon": 3.21 + e["round"]}
+    (runs / FOLDER / "results.json").write_text(json.dumps(res))
+    launch = json.loads((runs / FOLDER / "launch.json").read_text())
+    launch["config"] = {**launch["config"], **{k: res["config"][k] for k in ("central-dp", "central-noise-multiplier",
+                                                                           "central-clipping-norm", "central-delta")}}
+    (runs / FOLDER / "launch.json").write_text(json.dumps(launch))
+    page = c.get(f"/runs/{FOLDER}").text
+    text = _text(page)
+    assert "central DP (published model) on: noise multiplier 0.800, update clipping norm 2.000, δ 1.00e-03; " \
+           "ε 4.560 after 2 round(s)" in text, text
+    rows = _table(page, "round", "updates in the mean")
+    assert [r[0] for r in rows[1:]] == ["1", "2"] and rows[-1][-1] == "5.210", rows
