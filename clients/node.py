@@ -588,6 +588,33 @@ def _evaluation_target(cfg: dict) -> float | None:
     return target if math.isfinite(target) and target > 0 else None
 
 
+def _evaluation_epsilon(spec: NodeSpec, ledger: PrivacyLedger, site, run_id: str, rnd: int, seed: int, task: str) -> float:
+    """The run's epsilon if it made this evaluation: what it spent, plus the count releases the evaluation would make
+    (training and test counts not released yet) and the metric release, at the delta it would be accounted at.
+
+    Nothing is released here. A training count not released yet is taken at the delta of its exact value plus
+    :data:`clients.counts.HIGH_DRAW` noise standard deviations (a smaller delta, a larger epsilon), as
+    :func:`clients.counts.released_count` checks the budget.
+    """
+    from clients.counts import HIGH_DRAW, released_count
+    from privacy.accounting import epsilon as composed_epsilon
+
+    rel = spec.policy.releases
+    sigma = float(rel.count_noise_multiplier)
+    extra = []
+    if len(site.train) and not ledger.has_released_count(spec.site, "train", len(site.train)):
+        extra.append((sigma, 1.0, 1))
+        high = len(site.train) + math.ceil(HIGH_DRAW * sigma)
+        delta = spec.policy.site_delta(delta_records(high, rel.num_examples_granularity))
+    else:  # released before: this returns that value, and releases nothing new
+        delta = public_count(released_count(spec, ledger, "train", len(site.train), run_id=run_id, round=rnd, seed=seed)
+                             if len(site.train) else 1, spec.policy)[1]
+    if not ledger.has_released_count(spec.site, "test", len(site.test)):
+        extra.append((sigma, 1.0, 1))
+    return composed_epsilon(ledger.run_history(spec.site, run_id) + extra + [(rel.metric_noise_multiplier, 1.0, EVAL_SUMS[task])],
+                            delta, ledger.accountant)
+
+
 def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -> dict:
     """Score the coordinator's model on the node's own test split, if and as the policy allows.
 
@@ -647,21 +674,16 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
         # (released_count itself, not train_count: an evaluate's job-like settings are not checked here, and
         # no fallback to the exact count may reach the reply's epsilon)
         seed = int(cfg.get("seed", 0))
+        target = _evaluation_target(cfg)
+        if target is not None:  # before any count is released: a refused evaluation releases nothing
+            would = _evaluation_epsilon(spec, ledger, site, run_id, rnd, seed, task)
+            if would > target * (1 + 1e-9):
+                raise refuse(f"target-epsilon {target:g} of run {run_id!r} would be passed by this evaluation (the run's "
+                             f"epsilon would be {would:.3f}; one evaluation per round is reserved)")
         delta = public_count(released_count(spec, ledger, "train", len(site.train), run_id=run_id, round=rnd, seed=seed)
                              if len(site.train) else 1, spec.policy)[1]
         r = Release(noise_multiplier=rel.metric_noise_multiplier, sample_rate=1.0, steps=EVAL_SUMS[task], delta=delta,
                     run_id=run_id, round=rnd, site=spec.site, department=spec.department, mechanism="gaussian-eval")
-        target = _evaluation_target(cfg)
-        if target is not None:  # before the test count is released: a refused evaluation releases nothing
-            from privacy.accounting import epsilon as composed_epsilon
-
-            count_new = not ledger.has_released_count(spec.site, "test", len(site.test))
-            extra = [(float(rel.count_noise_multiplier), 1.0, 1)] if count_new else []
-            would = composed_epsilon(ledger.run_history(spec.site, run_id) + extra + [(r.noise_multiplier, 1.0, r.steps)],
-                                     delta, ledger.accountant)
-            if would > target * (1 + 1e-9):
-                raise refuse(f"target-epsilon {target:g} of run {run_id!r} would be passed by this evaluation (the run's "
-                             f"epsilon would be {would:.3f}; one evaluation per round is reserved)")
         n_test = rounded_count(released_count(spec, ledger, "test", len(site.test), run_id=run_id, round=rnd, seed=seed,
                                               site_delta=delta), rel.num_examples_granularity)
         before = ledger.epsilon(spec.site, delta)

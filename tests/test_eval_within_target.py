@@ -76,3 +76,16 @@ def test_an_evaluation_beyond_the_runs_target_is_refused_before_anything_is_rele
         handle_evaluate(state, CFG, node)  # a second one in the same round: within the cap of 5, not the target
     assert len(PrivacyLedger(node.ledger_path).releases()) == rows
     assert _run_epsilon(node) <= 3.0
+
+
+def test_an_evaluation_refused_for_its_target_releases_no_count_either(node, state):
+    """Found by a review of the change (2026-12-07): the training count was released (and recorded) before
+    the target was checked, so an evaluation the node then refused had released it, and the run passed its
+    target. Now the check comes first, counting every count release the evaluation would make."""
+    from clients.node import JobRefused, handle_evaluate
+    from privacy.ledger import PrivacyLedger
+
+    cfg = {**CFG, "run-id": "eval-only", "target-epsilon": 0.05}  # an evaluate of a run the node never trained
+    with pytest.raises(JobRefused, match="target-epsilon 0.05 of run 'eval-only'"):
+        handle_evaluate(state, cfg, node)
+    assert PrivacyLedger(node.ledger_path).releases() == []
