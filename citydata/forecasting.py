@@ -44,9 +44,10 @@ from .timestamps import YEAR_RANGE
 TEST_START_ENV = "CITYFED_TEST_START"
 
 #: What a test start looks like: a date, or a date and a time of day (minutes, optionally seconds).
-TEST_START_FORMAT = "YYYY-MM-DD or 'YYYY-MM-DD HH:MM' (e.g. 2024-05-07 or '2024-05-07 12:00')"
+TEST_START_FORMAT = ("YYYY-MM-DD or 'YYYY-MM-DD HH:MM' (e.g. 2024-05-07 or '2024-05-07 12:00'; with the offset of a file "
+                     "whose times carry one, e.g. '2024-05-07 12:00+02:00')")
 
-_TEST_START_RE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?)?")
+_TEST_START_RE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?(?:Z|[+-]\d{2}:\d{2})?)?")
 
 #: Longest run of missing target steps that is filled by linear interpolation.
 MAX_GAP = 4
@@ -181,33 +182,38 @@ def parse_test_start(value) -> pd.Timestamp:
     ----------
     value : str, datetime.datetime, datetime.date or pandas.Timestamp
         A date (``2024-05-07``: midnight) or a date and time of day (``2024-05-07 12:00`` or
-        ``2024-05-07T12:00:00``), in the records' own local time (no time zone).
+        ``2024-05-07T12:00:00``), compared with the timestamps as the loader reads them: a file's
+        times without a UTC offset as written, times with one converted to UTC
+        (:mod:`citydata.timestamps`). A time with an offset (``2024-05-07 12:00+02:00``, or ``Z``)
+        is converted to UTC the same way: give one for a file whose timestamps carry offsets.
 
     Returns
     -------
     pandas.Timestamp
-        The time (nanosecond precision, no time zone).
+        The time (nanosecond precision, no time zone; UTC when an offset was given).
 
     Raises
     ------
     ValueError
-        Anything else: another layout, an impossible date, a time zone, a year outside
+        Anything else: another layout, an impossible date, a year outside
         :data:`citydata.timestamps.YEAR_RANGE`. The message says what is accepted; the caller
         names its option or variable.
     """
     if isinstance(value, pd.Timestamp) or isinstance(value, (_dt.datetime, _dt.date)):
-        if isinstance(value, _dt.datetime) and value.tzinfo is not None:
-            raise ValueError("a test start has no time zone: give it in the records' own local time")
         if value is pd.NaT:
             raise ValueError(f"a test start is a time: {TEST_START_FORMAT}")
         ts = pd.Timestamp(value)
+        if ts.tzinfo is not None:  # as the loader reads a timestamp with an offset: in UTC
+            ts = ts.tz_convert("UTC").tz_localize(None)
     else:
         text = str(value).strip() if isinstance(value, str) else None
         if not text or len(text) > 40 or not _TEST_START_RE.fullmatch(text):
             shown = "" if text is None else (f" {text[:40]!r}" + (" (cut)" if len(text) > 40 else ""))
             raise ValueError(f"the test start{shown} is not a date: write {TEST_START_FORMAT}")
         try:
-            ts = pd.Timestamp(_dt.datetime.fromisoformat(text.replace(" ", "T")))
+            ts = pd.Timestamp(_dt.datetime.fromisoformat(text.replace(" ", "T", 1).replace("Z", "+00:00")))
+            if ts.tzinfo is not None:  # as the loader reads a timestamp with an offset: in UTC
+                ts = ts.tz_convert("UTC").tz_localize(None)
         except ValueError:
             raise ValueError(f"the test start {text!r} is not a calendar date or time of day: write {TEST_START_FORMAT}") from None
     if not YEAR_RANGE[0] <= ts.year <= YEAR_RANGE[1]:
