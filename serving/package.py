@@ -640,13 +640,19 @@ def export_package(run_dir: Path, out_dir: Path, *, sites: list[str] | None = No
     card = model_card(run_dir, results, sites=sites, model_config=mc, made_by=made_by)
     texts = {"model-config.json": _json(mc), "schema.json": _json(schema_dict(schema)), "model-card.json": _json(card),
              "model-card.md": card_markdown(card)}
+    out_dir = out_dir.absolute()  # "." names the working folder, whose Path has no name to stage beside
+    existed = out_dir.is_dir()
+    if existed:
+        _remove_interrupted_export(out_dir)  # a killed export into this folder: its leftovers, never a package
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PackageError(f"{out_dir}: not empty; fix: give a new folder for the package")
-    # built in a hidden sibling folder and renamed into place (an empty out_dir is replaced by the rename):
-    # a kill part-way leaves no partial package in out_dir, only the staging folder, removed by the next export
+    # built in a hidden staging folder, then put in place: a new out_dir by one rename of the whole folder; an
+    # existing (empty) one keeps its inode and mode, and gets the files renamed into it, MANIFEST.json last. A kill
+    # part-way leaves no complete-looking package (no manifest), and the next export removes what it left.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    where = out_dir if existed else out_dir.parent
     _remove_dead_staging(out_dir)
-    stage = out_dir.with_name(f"{_STAGING_PREFIX.format(name=out_dir.name)}{os.getpid()}-{os.urandom(4).hex()}")
+    stage = where / f"{_STAGING_PREFIX.format(name=out_dir.name)}{os.getpid()}-{os.urandom(4).hex()}"
     stage.mkdir(mode=0o755)
     try:
         save_model(stage / MODEL, weights, metadata={"run-id": run_id, "department": dept, "model": mcfg.kind})
@@ -655,14 +661,24 @@ def export_package(run_dir: Path, out_dir: Path, *, sites: list[str] | None = No
         manifest = {"format": PACKAGE_FORMAT, "run-id": run_id, "department": dept,
                     "files": {name: sha256_file(stage / name) for name in FILES}}
         write_atomic(stage / MANIFEST, _json(manifest).encode())
+        fsync_dir(stage)
         try:
-            os.rename(stage, out_dir)  # atomic; replaces out_dir only when it is an empty folder
+            if existed:
+                for name in (*FILES, MANIFEST):  # the manifest last: a package is complete once it is there
+                    os.rename(stage / name, out_dir / name)
+                stage.rmdir()
+                fsync_dir(out_dir)
+            else:
+                os.rename(stage, out_dir)  # atomic
+                fsync_dir(out_dir.parent)
         except OSError as exc:
             raise PackageError(f"{out_dir}: cannot put the package there ({exc.strerror}); fix: give a new folder "
                                "for the package") from None
-        fsync_dir(out_dir.parent)
     except BaseException:  # no half-written package: remove what this call wrote
         _remove_staging(stage)
+        if existed and not (out_dir / MANIFEST).exists():
+            for name in FILES:
+                (out_dir / name).unlink(missing_ok=True)
         raise
     return {**manifest, "manifest-sha256": sha256_file(out_dir / MANIFEST)}
 
@@ -682,10 +698,26 @@ def _remove_staging(stage: Path) -> None:
         pass
 
 
-def _remove_dead_staging(out_dir: Path) -> None:
-    """Remove staging folders of exports to ``out_dir`` whose process is gone (killed part-way)."""
+def _remove_interrupted_export(out_dir: Path) -> None:
+    """Remove what an export killed part-way left in the existing folder ``out_dir``: its dead staging folder and
+    the package files it had moved in before the manifest (a folder that holds anything else is left alone)."""
+    if (out_dir / MANIFEST).exists():
+        return
     prefix = _STAGING_PREFIX.format(name=out_dir.name)
-    for stage in out_dir.parent.glob(prefix + "*"):
+    names = {p.name for p in out_dir.iterdir()}
+    stages = {n for n in names if n.startswith(prefix)}
+    if not stages or not names - stages <= set(FILES):
+        return
+    _remove_dead_staging(out_dir, where=out_dir)
+    if not any(p.name.startswith(prefix) for p in out_dir.iterdir()):  # every staging dead: an interrupted export
+        for name in names - stages:
+            (out_dir / name).unlink(missing_ok=True)
+
+
+def _remove_dead_staging(out_dir: Path, where: Path | None = None) -> None:
+    """Remove staging folders of exports to ``out_dir`` (in ``where``, default its parent) whose process is gone."""
+    prefix = _STAGING_PREFIX.format(name=out_dir.name)
+    for stage in (where or out_dir.parent).glob(prefix + "*"):
         pid = stage.name[len(prefix):].split("-", 1)[0]
         if not pid.isdigit() or not stage.is_dir() or stage.is_symlink():
             continue
