@@ -303,7 +303,8 @@ def _write_files(files: Sequence[tuple[Path, bytes, int]], *, force: bool) -> No
         staged: list[tuple[Path, Path]] = []
         for path, data, mode in files:
             current = path
-            target = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp") if force else path
+            # the writer's pid in the name: a later fl-pki removes the temporaries of a process that was killed
+            target = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp") if force else path
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
             created.append(target)
             with os.fdopen(fd, "wb") as fh:
@@ -348,7 +349,7 @@ def _replace_all(staged: Sequence[tuple[Path, Path]]) -> None:
     folder = staged[0][1].parent
     plan = [(tmp, path, path.with_name(f".{path.name}.{secrets.token_hex(6)}.old")) for tmp, path in staged]
     journal = folder / REPLACE_JOURNAL
-    _write_journal(journal, [{"tmp": t.name, "target": p.name, "backup": b.name} for t, p, b in plan])
+    _write_journal(journal, [{"tmp": t.name, "target": p.name, "backup": b.name} for t, p, b in plan], os.getpid())
     done: list[tuple[Path, Path | None]] = []  # (target, hard link to its old file, or None if there was none)
     try:
         for tmp, path, backup in plan:
@@ -390,12 +391,12 @@ def _replace_all(staged: Sequence[tuple[Path, Path]]) -> None:
             pass
 
 
-def _write_journal(journal: Path, entries: list[dict]) -> None:
-    tmp = journal.with_name(f"{journal.name}.{secrets.token_hex(6)}.tmp")
+def _write_journal(journal: Path, entries: list[dict], pid: int) -> None:
+    tmp = journal.with_name(f".{journal.name}.{pid}-{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump({"replace": entries}, fh)
+            json.dump({"replace": entries, "pid": pid}, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, journal)
@@ -430,19 +431,23 @@ def finish_interrupted_replace(folder: Path) -> list[str]:
     folder = Path(folder).expanduser()
     journal = folder / REPLACE_JOURNAL
     if not os.path.lexists(journal):
+        _remove_dead_temporaries(folder)  # only once no journal names them (they are then never put in place)
         return []
     fix = (f"check {journal} (it lists the files a killed `fl-pki --force` was replacing), then run that fl-pki "
            "command again with --force")
     try:
         if journal.is_symlink() or journal.stat().st_size > 64 * 1024:
             raise ValueError("not a journal file")
-        entries = json.loads(journal.read_text())["replace"]
+        content = json.loads(journal.read_text())
+        entries, writer = content["replace"], content.get("pid")
         names = [(e["tmp"], e["target"], e["backup"]) for e in entries]
         if not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for t in names for n in t):
             raise ValueError("a name that is not a file of the folder")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PKIError(f"{folder}: an interrupted `fl-pki --force` left {REPLACE_JOURNAL}, which cannot be used "
                        f"({getattr(exc, 'strerror', None) or exc}); fix: {fix}") from None
+    if isinstance(writer, int) and _alive(writer):
+        return []  # a replacement in progress (here or in another process): its writer finishes it and reports it
     put = []
     try:
         for tmp, target, backup in names:
@@ -452,10 +457,44 @@ def finish_interrupted_replace(folder: Path) -> list[str]:
             (folder / backup).unlink(missing_ok=True)
         journal.unlink()
         fsync_dir(folder)
+        _remove_dead_temporaries(folder)
     except OSError as exc:
         raise PKIError(f"{folder}: cannot finish an interrupted `fl-pki --force` ({exc.strerror or exc}); fix: "
                        f"{fix}") from None
     return put
+
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)-[0-9a-f]{12}\.tmp")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _remove_dead_temporaries(folder: Path) -> None:
+    """Remove the temporaries (new key material, a journal) of fl-pki processes killed before their journal named them.
+
+    Their names carry the writer's pid (``.<file>.<pid>-<hex>.tmp``); a live writer's are left alone. Errors are
+    ignored: they are hidden files a later run removes, never read.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for e in entries:
+        m = _TEMPORARY.fullmatch(e.name)
+        if m and e.is_file(follow_symlinks=False) and not _alive(int(m["pid"])):
+            try:
+                os.unlink(e.path)
+            except OSError:
+                pass
 
 
 #: The largest public key file read (bytes): one OpenSSH line is under 300 bytes.
