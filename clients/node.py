@@ -678,8 +678,10 @@ def handle_evaluate(state: dict[str, torch.Tensor], cfg: dict, spec: NodeSpec) -
         if target is not None:  # before any count is released: a refused evaluation releases nothing
             would = _evaluation_epsilon(spec, ledger, site, run_id, rnd, seed, task)
             if would > target * (1 + 1e-9):
-                raise refuse(f"target-epsilon {target:g} of run {run_id!r} would be passed by this evaluation (the run's "
-                             f"epsilon would be {would:.3f}; one evaluation per round is reserved)")
+                # (the epsilon it would reach is not sent: where the training count is not released yet it is
+                # computed at the delta of the exact count)
+                raise refuse(f"target-epsilon {target:g} of run {run_id!r} would be passed by this evaluation (one "
+                             "evaluation per round is reserved in the run's calibration)")
         delta = public_count(released_count(spec, ledger, "train", len(site.train), run_id=run_id, round=rnd, seed=seed)
                              if len(site.train) else 1, spec.policy)[1]
         r = Release(noise_multiplier=rel.metric_noise_multiplier, sample_rate=1.0, steps=EVAL_SUMS[task], delta=delta,
