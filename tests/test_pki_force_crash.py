@@ -17,25 +17,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _killed_force(out: Path) -> None:
-    """Run ``fl-pki node-key --force`` and kill it (os._exit) at the second key-file rename."""
+def _killed_force(out: Path, call: str = "replace", when: str = "rename") -> None:
+    """Run ``fl-pki node-key --force`` and kill it (``os._exit(9)``, as kill -9) at its second key file ``os.<call>``.
+
+    ``call="replace"``: the second rename of a new key file into place (after the journal); ``call="open"``: the
+    creation of the second temporary, after the new node.key's was written and fsynced (before the journal).
+    """
     script = textwrap.dedent(f"""
         import os, sys
-        real, n = os.replace, [0]
-        def dying(src, dst, *a, **k):
-            if str(dst).endswith(("node.key", "node.pub")) and ".tmp" in str(src):
+        real, n = os.{call}, [0]
+        def dying(path, *a, **k):
+            names = (str(a[0]) if {call!r} == "replace" else "") + str(path)
+            if ".tmp" in str(path) and ("node.key" in names or "node.pub" in names):
                 n[0] += 1
                 if n[0] == 2:
                     os._exit(9)  # as kill -9: no Python clean-up runs
-            return real(src, dst, *a, **k)
-        os.replace = dying
+            return real(path, *a, **k)
+        os.{call} = dying
         sys.argv = ["fl-pki", "node-key", "--out", {str(out)!r}, "--department", "health", "--site", "Cleveland",
                     "--force"]
         from privacy.pki_cli import main
         main()
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 9, proc.stdout + proc.stderr
+    assert proc.returncode == 9, f"not killed at the {when} ({call}): " + proc.stdout + proc.stderr
 
 
 def test_a_killed_force_is_finished_by_the_next_reader_and_the_pair_matches(tmp_path):
@@ -77,23 +82,7 @@ def test_a_force_killed_before_its_journal_leaves_no_private_key_temporary(tmp_p
 
     out = tmp_path / "node"
     pki.create_node_key(out, "health", "Cleveland")
-    script = textwrap.dedent(f"""
-        import os, sys
-        real, n = os.open, [0]
-        def dying(path, *a, **k):
-            if ".tmp" in str(path) and (".node.key." in str(path) or ".node.pub." in str(path)):
-                n[0] += 1
-                if n[0] == 2:
-                    os._exit(9)  # as kill -9, after the new node.key's temporary was written and fsynced
-            return real(path, *a, **k)
-        os.open = dying
-        sys.argv = ["fl-pki", "node-key", "--out", {str(out)!r}, "--department", "health", "--site", "Cleveland",
-                    "--force"]
-        from privacy.pki_cli import main
-        main()
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 9, proc.stdout + proc.stderr
+    _killed_force(out, "open", "second temporary")
     assert any(p.name.endswith(".tmp") for p in out.iterdir())  # the killed writer's temporary is there ...
     check_key(out / "node.key")  # ... and the next fl-client start (or fl-pki) removes it
     assert [p.name for p in sorted(out.iterdir()) if not p.name.startswith("node-replaced-")] == ["node.key", "node.pub"]
