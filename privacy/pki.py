@@ -43,6 +43,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from contract.text_files import BOM_FIX, UTF8_BOM
 from privacy.audit import fsync_dir
 from privacy.policy import shown_value
+from privacy.safe_cli import pid_alive
 
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
@@ -446,7 +447,7 @@ def finish_interrupted_replace(folder: Path) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PKIError(f"{folder}: an interrupted `fl-pki --force` left {REPLACE_JOURNAL}, which cannot be used "
                        f"({getattr(exc, 'strerror', None) or exc}); fix: {fix}") from None
-    if isinstance(writer, int) and _alive(writer):
+    if isinstance(writer, int) and pid_alive(writer):
         return []  # a replacement in progress (here or in another process): its writer finishes it and reports it
     put = []
     try:
@@ -467,17 +468,6 @@ def finish_interrupted_replace(folder: Path) -> list[str]:
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)-[0-9a-f]{12}\.tmp")
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (one of another user counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
 def _remove_dead_temporaries(folder: Path) -> None:
     """Remove the temporaries (new key material, a journal) of fl-pki processes killed before their journal named them.
 
@@ -490,7 +480,7 @@ def _remove_dead_temporaries(folder: Path) -> None:
         return
     for e in entries:
         m = _TEMPORARY.fullmatch(e.name)
-        if m and e.is_file(follow_symlinks=False) and not _alive(int(m["pid"])):
+        if m and e.is_file(follow_symlinks=False) and not pid_alive(int(m["pid"])):
             try:
                 os.unlink(e.path)
             except OSError:

@@ -129,6 +129,20 @@ def _plain_warnings(prog: str) -> None:
     warnings.showwarning = show
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts as alive; so does a reused pid).
+
+    Used to tell the leftovers of a killed writer (named with its pid) from those of a running one.
+    """
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def pid_lock(path: str | os.PathLike):
     """Take an exclusive, non-blocking lock on ``path`` and write this process's PID into it.
 

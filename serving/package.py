@@ -34,6 +34,7 @@ import numpy as np
 from contract.energy import ENERGY_METRICS
 from privacy.audit import fsync_dir
 from privacy.policy import shown_value
+from privacy.safe_cli import pid_alive
 from server.artefacts import LEGACY_MODEL, MODEL, ArtefactError, load_model, model_from_bytes, save_model, write_atomic
 
 #: Package format written in the manifest.
@@ -721,14 +722,8 @@ def _remove_dead_staging(out_dir: Path, where: Path | None = None) -> None:
         pid = stage.name[len(prefix):].split("-", 1)[0]
         if not pid.isdigit() or not stage.is_dir() or stage.is_symlink():
             continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # a live export's (or a reused pid's): left alone
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        _remove_staging(stage)
+        if not pid_alive(int(pid)):  # a live export's (or a reused pid's) is left alone
+            _remove_staging(stage)
 
 
 def _is_simulation(run_dir: Path) -> bool:
