@@ -28,8 +28,12 @@ def plain(text: str) -> str:
 
 
 def _on_terminal(handler: _logging.Handler) -> bool:
+    """Whether ``handler`` writes to a terminal; a closed stream (``isatty`` raises ValueError) is none."""
     stream = getattr(handler, "stream", None)
-    return bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
+    try:
+        return bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
+    except (ValueError, OSError):  # closed, or detached from its file
+        return False
 
 
 def timestamped_logs() -> None:

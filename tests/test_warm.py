@@ -544,3 +544,27 @@ def test_a_clientapp_process_whose_superexec_dies_exits_even_when_its_task_is_st
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_timestamped_logs_and_routing_survive_a_closed_console_stream(monkeypatch):
+    """Flower's console handler keeps the stderr of the moment ``flwr`` was first imported: in one
+    process that had run a CLI under a captured stderr (click's CliRunner, a closed pipe), asking
+    it ``isatty()`` raised ValueError and ``fl-server start`` exited 1 (found as an order-dependent
+    failure of tests/test_audit.py after tests/test_sim_bad_input.py). A closed stream is no terminal."""
+    import io
+    import logging
+
+    from flower_compat import logging as compat_logging
+    from flower_compat.testing import supercore_logger
+
+    handler = compat_logging.console_handler()
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(handler, "stream", closed)
+    try:
+        compat_logging.timestamped_logs()
+        compat_logging.route_logs_through_flower()
+        record = logging.LogRecord("flwr", logging.INFO, __file__, 1, "Received successfully", None, None)
+        assert "\x1b[" not in handler.format(record)  # not coloured: not a terminal
+    finally:
+        supercore_logger.update_console_handler(timestamps=False)
