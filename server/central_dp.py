@@ -57,7 +57,7 @@ NORM_SLACK = 1.001
 CENTRAL_STRATEGIES = ("fedavg", "fedprox")
 
 __all__ = ["CENTRAL_STRATEGIES", "CentralAccountant", "CentralDPFixedClipping", "KEY_CLIPPING_NORM", "STATE_KEY",
-           "WEIGHT_KEY", "check_settings"]
+           "WEIGHT_KEY", "check_settings", "uncovered_rounds"]
 
 
 def check_settings(cfg: dict) -> None:
@@ -78,6 +78,43 @@ def check_settings(cfg: dict) -> None:
     if cfg.get("secagg") and cfg["strategy"] != "fedavg":
         raise ValueError("run config 'strategy': 'central-dp' with 'secagg' needs 'fedavg' "
                          f"(got {cfg['strategy']!r})")
+
+
+def uncovered_rounds(strategy_state: dict | None, rounds_done: int) -> int:
+    """How many of a checkpoint's ``rounds_done`` rounds no central-DP accountant covers (0: all are covered).
+
+    A run resumed with ``central-dp = true`` claims a central epsilon for its published model. That
+    claim holds only if every aggregate the coordinator ever published had the noise: a round run
+    without central DP (an earlier launch with ``central-dp = false``, whose checkpoint then holds no
+    accountant, or a shorter one) published its aggregate as it was, so the model has no central-DP
+    guarantee at all (epsilon is infinite), and the run must not continue under central DP.
+
+    Parameters
+    ----------
+    strategy_state : dict or None
+        The checkpoint's ``strategy_state`` (its :data:`STATE_KEY` entry is the accountant's JSON).
+    rounds_done : int
+        The rounds the checkpoint is after.
+
+    Returns
+    -------
+    int
+        ``rounds_done`` minus the rounds the saved accountant composed (at least 0).
+    """
+    state = (strategy_state or {}).get(STATE_KEY) or {}
+    history = state.get("history") if isinstance(state, dict) else None
+    try:
+        covered = sum(int(h[2]) for h in history or [])
+    except (TypeError, ValueError, IndexError):
+        covered = 0  # not an accountant this code wrote: it covers nothing
+    return max(0, int(rounds_done) - covered)
+
+
+def uncovered_message(run: str, rounds_done: int, uncovered: int) -> str:
+    """The refusal of a resume under central DP of a run with ``uncovered`` rounds run without it (names no value)."""
+    return (f"run {run}: its checkpoint is after round {rounds_done}, and {uncovered} of those round(s) ran without "
+            "central DP: their aggregates were published without the coordinator's noise, so no central epsilon "
+            "covers this run's model, and it cannot continue with 'central-dp' = true")
 
 
 class CentralAccountant:

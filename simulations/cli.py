@@ -796,6 +796,24 @@ def _check_resumable(run_dirs: list[Path], rounds: dict) -> tuple[list[Path], di
     return missing, finished
 
 
+def _check_central_resume(run_dir: Path) -> None:
+    """``--resume --central-dp`` of a run with a round run without central DP: refused (exit 2), before anything runs.
+
+    The ServerApp refuses it too (:func:`server.central_dp.uncovered_rounds`); here it is said up
+    front, in the options' words, instead of as a failed run.
+    """
+    from server.artefacts import CHECKPOINT, read_checkpoint
+    from server.central_dp import uncovered_message, uncovered_rounds
+
+    saved = read_checkpoint(run_dir / CHECKPOINT)  # readable: _check_resumable read it
+    done = int(saved["round"])
+    uncovered = uncovered_rounds(saved.get("strategy_state"), done)
+    if uncovered:
+        _refuse(f"{run_dir}: {uncovered_message(str(saved.get('run_id')), done, uncovered)}",
+                "resume it without --central-dp (its model then claims no central epsilon), or start a new run "
+                "with --central-dp from round 1 (another --out)", "--central-dp")
+
+
 def _check_policies(depts: list[str], policy: Optional[Path]) -> dict:
     """Load each department's node policy (``--policy``, or the example one) and check its department, up front.
 
@@ -1213,6 +1231,8 @@ def run(
                        if resume else ([], {}))
     if resume:
         for d in depts:
+            if cfgs[d].get("central-dp") and outs[d] not in fresh:
+                _check_central_resume(outs[d])
             if outs[d] not in fresh and outs[d] not in finished:
                 _warn_extended_dp_run(outs[d], int(cfgs[d]["num-rounds"]))
     policies = _check_policies(depts, policy)

@@ -1,0 +1,91 @@
+"""A run resumed with central DP must have had it from round 1: otherwise no central epsilon covers its model.
+
+Found by a review (2026-12-07, s18 finding 1, HIGH): `fl-sim run -r 1`, then `--resume -r 2
+--central-dp` only logged a warning; results.json, report.html and the exported model card then
+claimed a central epsilon (4.73) for a model whose round-1 aggregate had been published without
+noise (its real central epsilon is infinite).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sim_helpers import fl_sim
+
+CENTRAL = ["--central-dp", "--central-noise", "1.0", "--central-clip", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> Path:
+    """One finished round of a health run without central DP (its checkpoint holds no central accountant)."""
+    from simulations.run import simulate
+
+    run_dir = tmp_path_factory.mktemp("plain") / "run"
+    simulate({"department": "health", "num-rounds": 1, "local-epochs": 1, "target-epsilon": 3.0, "min-nodes": 1,
+              "run-dir": str(run_dir), "run-id": "plain"}, engine="inprocess")
+    return run_dir
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _ledger_bytes(run_dir: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "ledgers").glob("*.sqlite"))}
+
+
+def test_fl_sim_refuses_to_resume_a_run_without_central_dp_under_central_dp(plain_run, tmp_path, capsys, monkeypatch):
+    run_dir = _copy(plain_run, tmp_path)
+    ckpt, ledgers = (run_dir / "checkpoint.safetensors").read_bytes(), _ledger_bytes(run_dir)
+    results = (run_dir / "results.json").read_bytes()
+    code, out, err = fl_sim(["run", "-d", "health", "-r", "2", "--local-epochs", "1", "--engine", "inprocess",
+                             "-o", run_dir, "--resume", *CENTRAL], capsys, monkeypatch)
+    text = " ".join(err.split())
+    assert code == 2, (out, err)
+    assert "--central-dp" in text and "without central DP" in text and "fix:" in text, text
+    # refused before anything ran: no round trained, no release, nothing rewritten
+    assert (run_dir / "checkpoint.safetensors").read_bytes() == ckpt
+    assert _ledger_bytes(run_dir) == ledgers and (run_dir / "results.json").read_bytes() == results
+
+
+def test_the_server_app_refuses_it_too(plain_run, tmp_path):
+    """The ServerApp's own check (flwr run, fl-server): a run-config error naming central-dp, before any message."""
+    from unittest import mock
+
+    from server.app import RunConfigError, run_federation
+
+    run_dir = _copy(plain_run, tmp_path)
+    ckpt = (run_dir / "checkpoint.safetensors").read_bytes()
+    grid = mock.MagicMock(name="grid")
+    cfg = {"department": "health", "num-rounds": 2, "local-epochs": 1, "run-dir": str(run_dir), "resume": True,
+           "central-dp": True, "central-noise-multiplier": 1.0, "central-clipping-norm": 0.1}
+    with pytest.raises(RunConfigError) as err:
+        run_federation(grid, cfg, run_id="7")
+    assert err.value.keys == ("central-dp",) and "without central DP" in str(err.value) and "fix:" in str(err.value)
+    assert grid.mock_calls == []  # no node was sent anything
+    assert (run_dir / "checkpoint.safetensors").read_bytes() == ckpt
+
+
+def test_a_central_dp_run_still_resumes_and_one_resumed_without_it_claims_nothing(tmp_path, capsys, monkeypatch):
+    """The allowed ways: central DP from round 1 resumes (its accountant continues); dropping it on resume
+    publishes no central epsilon (results.json has none), with the warning the log already gave."""
+    run_dir = tmp_path / "run"
+    base = ["run", "-d", "health", "--local-epochs", "1", "--engine", "inprocess", "-o", run_dir]
+    code, out, err = fl_sim([*base, "-r", "1", *CENTRAL], capsys, monkeypatch)
+    assert code == 0, (out, err)
+    code, out, err = fl_sim([*base, "-r", "2", "--resume", *CENTRAL], capsys, monkeypatch)
+    assert code == 0, (out, err)
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["central-dp"]["rounds"] == 2
+    code, out, err = fl_sim([*base, "-r", "3", "--resume"], capsys, monkeypatch)
+    assert code == 0, (out, err)
+    assert "central-dp" not in json.loads((run_dir / "results.json").read_text())
+    # and from there on the run never had central DP in every round: refused again
+    code, out, err = fl_sim([*base, "-r", "4", "--resume", *CENTRAL], capsys, monkeypatch)
+    assert code == 2 and "without central DP" in " ".join(err.split()), (out, err)
