@@ -137,6 +137,23 @@ def check_virtual_sites(ds: DepartmentDataset, n: int, partitioner: str, alpha: 
         raise ValueError(f"virtual sites: Dirichlet alpha must be > 0, got {alpha}")
 
 
+def empty_sites(ds: DepartmentDataset, n: int, partitioner: str, alpha: float, seed: int) -> int:
+    """How many of ``n`` virtual sites would hold no training record (a Dirichlet draw can leave some empty).
+
+    Parameters
+    ----------
+    ds, n, partitioner, alpha, seed
+        As in :func:`virtual_sites` (checked by :func:`check_virtual_sites` first).
+
+    Returns
+    -------
+    int
+        The number of sites without a training record (0 for ``iid`` with at most one site per record).
+    """
+    plan = _plan(ds, int(n), partitioner, float(alpha), int(seed))
+    return sum(1 for k in range(int(n)) if len(_rows(plan.train_part, k)) == 0)
+
+
 def virtual_site(ds: DepartmentDataset, n: int, k: int, partitioner: str = "iid", alpha: float = 0.5, seed: int = 0,
                  *, allow_empty: bool = False) -> SiteData:
     """The ``k``-th of ``n`` virtual sites alone (what a simulated node loads).

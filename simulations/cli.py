@@ -1235,6 +1235,13 @@ def run(
                 _check_central_resume(outs[d])
             if outs[d] not in fresh and outs[d] not in finished:
                 _warn_extended_dp_run(outs[d], int(cfgs[d]["num-rounds"]))
+    from simulations.ledger_partition import LedgerPartitionError, check_partition
+
+    for d in depts:  # the nodes each --out's ledgers account for (its sites, or one virtual partition) and no others
+        try:
+            check_partition(outs[d] / "ledgers", d, cfgs[d])
+        except LedgerPartitionError as exc:
+            _refuse(exc.what, exc.fix, "--virtual-sites" if " virtual sites" in exc.what else "--out")
     policies = _check_policies(depts, policy)
     ray_options = _ray_options(engine, ray_address, gpus_per_client)  # may ask a Ray cluster: after the local checks
     from citydata import load_department
@@ -1248,7 +1255,7 @@ def run(
                 _refuse(f"--secagg needs at least 3 sites; {d} has {n_sites}", "use --virtual-sites to simulate more",
                         "--secagg")
         if virtual_sites:
-            from citydata.virtual import check_virtual_sites
+            from citydata.virtual import check_virtual_sites, empty_sites
 
             ds = load_department(d, seed=seed)
             n_train = sum(len(ds.site_data(s).train) for s in ds.sites)  # what the nodes' own check counts
@@ -1262,6 +1269,11 @@ def run(
                 check_virtual_sites(ds, virtual_sites, partitioner, alpha, allow_empty=False)
             except ValueError as exc:
                 _refuse(str(exc), "a --virtual-sites count (and --alpha) the message allows", "--virtual-sites")
+            empty = empty_sites(ds, virtual_sites, partitioner, alpha, seed) if partitioner == "dirichlet" else 0
+            if empty:  # their nodes would answer "no data" in round 1, after the others spent budget
+                _refuse(f"{empty} of the {virtual_sites} virtual sites of this Dirichlet split (alpha {alpha:g}, seed "
+                        f"{seed}) would hold no training record", "fewer --virtual-sites, or a larger --alpha (less "
+                        "skewed), or another --seed", "--virtual-sites and --alpha")
         from simulations.run import default_policy
 
         _policy_conflicts(cfg, policies[d], str(policy if policy is not None else default_policy(d)))

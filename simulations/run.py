@@ -224,6 +224,9 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
     ------
     SimulationArgumentError
         A ``ValueError``: ``only_sites`` names a site the department lacks, or is given with ``engine="ray"``.
+    simulations.ledger_partition.LedgerPartitionError
+        A ``ValueError``: the ledger folder accounts for other nodes (the department's sites, or another
+        partition into virtual sites) than this run's, before any node trains.
 
     Sets ``CITYFED_DP_SEED_FROM_JOB=1`` in this process unless it is set: DP-SGD's noise then
     follows the job's seed, so a simulation is reproducible (see :func:`privacy.dp.dp_seeds`).
@@ -247,7 +250,12 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
     cfg.setdefault("data-seed", int(cfg.get("seed", 0) or 0))
     cfg.setdefault("central-data-seed", cfg["data-seed"])
     settings(cfg)  # and the seeds derived from it
+    from simulations.ledger_partition import check_partition, record_partition
+
+    # the ledger folder's nodes (the department's sites, or one partition into virtual sites) and no others
+    check_partition(Path(cfg["ledger-dir"]), cfg["department"], cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    record_partition(Path(cfg["ledger-dir"]), cfg["department"], cfg)
     nvirtual = int(cfg.get("virtual-sites", 0) or 0)
     sites = ([f"virtual-{k}" for k in range(nvirtual)] if nvirtual
              else load_department(cfg["department"], cfg.get("data") or None).sites)
