@@ -246,7 +246,12 @@ def build_app(package: ModelPackage, features: SiteFeatures, api_keys: list[str]
         try:
             try:
                 csv = ctype in ("text/csv", "application/csv")
-                frame = frame_from_csv(body) if csv else frame_from_records(_records(body))
+                if csv:
+                    frame = frame_from_csv(body)
+                else:
+                    records = _records(body)
+                    frame = frame_from_records(records)
+                    features.check_fields(records)  # a field some records lack: refused, as a record alone is
                 if len(frame) > MAX_RECORDS:
                     raise RequestError("records", f"{len(frame)} records, more than {MAX_RECORDS}", "split the request")
                 try:

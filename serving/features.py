@@ -9,7 +9,9 @@ constants; forecasting: each window normalised by its own lookback):
 
 * validation: the adapter's own ``_validate`` (the same column, type, range, category,
   timestamp and ordering checks as a training file); a violation is the adapter's
-  :class:`~citydata.base.DataFileError` naming the column and the fix;
+  :class:`~citydata.base.DataFileError` naming the column and the fix; health's records are checked
+  each on its own (a null value is imputed whatever the other records hold, a repeated record is
+  kept: :meth:`SiteFeatures.validate`);
 * health: :func:`citydata.health.record_features`, the adapter's own per-record transformation:
   numeric values scaled with the fixed reference constants :data:`citydata.health.REFERENCE`,
   missing values replaced by fixed constants, categories one-hot over the adapter's own lists
@@ -29,6 +31,8 @@ The transformation reproduces the adapter's test arrays exactly
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 import re
@@ -41,10 +45,14 @@ import numpy as np
 import pandas as pd
 
 from citydata import load_department
-from citydata.base import DataFileError, DataQualityWarning, read_table
+from citydata.base import Column, DataFileError, DataQualityWarning, DepartmentDataset, read_table
 
 #: Name used for request data in validation messages.
 REQUEST = "request"
+
+#: Column fl-serve adds to a per-record (health) request while checking it: each record's position, so no
+#: record is dropped as a repeat of another and each answer stays at its record's place (never listed as found).
+ROW = "__fl-serve-row__"
 
 
 log = logging.getLogger("cityfed.serve")
@@ -223,18 +231,30 @@ class SiteFeatures:
 
         The site column may be left out (the served site); the target may be left out (it is
         what is predicted: health's ``num``). Raises :class:`RequestError` naming the column.
+
+        Per-record tasks (health) check each record on its own: a null value (unknown) is left to
+        the per-record imputation of training whatever the other records hold (a field that is
+        null in every record is not refused as a file's empty column would be), a null site is
+        the served site, and a record identical to another is kept, so the answer holds one
+        value per record, in order (:meth:`_per_record_dataset`).
         """
         s = self.schema
+        per_record = self.per_record
         frame = frame.copy()
         frame.columns = [str(c).strip() for c in frame.columns]
+        if per_record:
+            frame = frame.loc[:, [c != ROW for c in frame.columns]]  # fl-serve's own column; a client's is ignored
+        unique = not frame.columns.duplicated().any()  # duplicates: the adapter's check names them
         injected = set()  # what the server adds: a refusal does not list them as the client's
         if s.site_column not in frame.columns:
             frame[s.site_column] = self.site_key
             injected.add(s.site_column)
-        if s.task != "forecasting":
+        elif per_record and unique:  # null: as if left out (a per-record key: the file loader would drop the record)
+            site = frame[s.site_column]
+            frame[s.site_column] = site.where(site.notna(), self.site_key)
+        if per_record:
             frame[s.target] = 0  # not used: what the model predicts
             injected.add(s.target)
-        unique = not frame.columns.duplicated().any()  # duplicates: the adapter's check names them
         for col in s.columns:  # JSON true/false where a number is expected (pandas would read it as 1/0)
             if unique and col.dtype in ("int", "float") and col.name in frame.columns and col.name != s.target:
                 flags = frame[col.name].map(lambda v: isinstance(v, (bool, np.bool_))).to_numpy(dtype=bool)
@@ -242,10 +262,15 @@ class SiteFeatures:
                     raise RequestError(col.name, f"true/false in record {int(np.argmax(flags)) + 1}, where a number "
                                        f"({col.unit or 'no unit'}) is expected",
                                        f"send {col.name!r} as a number, or null when it is unknown")
+        ds = self.ds
+        if per_record:
+            frame[ROW] = np.arange(len(frame))
+            injected.add(ROW)
+            ds = self._per_record_dataset(set(frame.columns))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DataQualityWarning)
-                out = self.ds._guarded(lambda: self.ds._validate(frame, REQUEST), "checking")
+                out = ds._guarded(lambda: ds._validate(frame, REQUEST), "checking")
         except DataFileError as exc:
             if exc.__cause__ is not None:  # the adapter's last guard: an error its checks did not name
                 log.warning("fl-serve: a request's records raised %s while checking them (answered 422)",
@@ -256,9 +281,87 @@ class SiteFeatures:
         if sites - {self.site}:
             raise RequestError(s.site_column, f"records of {sorted(sites - {self.site})}; this server serves site {self.site!r}",
                                f"send only records of {self.site!r} (or leave {s.site_column!r} out)")
+        if per_record:
+            out = self._each_record_kept(out, len(frame))
         if len(out) == 0:
             raise RequestError("records", "no usable record", "send at least one complete record")
         return out
+
+    @property
+    def per_record(self) -> bool:
+        """Whether each record is answered on its own (health), not the request as one window (forecasting)."""
+        return self.schema.task != "forecasting"
+
+    def every_record_fields(self) -> list[str]:
+        """The fields every JSON record must carry (null when unknown): per-record tasks' required columns.
+
+        The site (the served site when left out) and the target (what is predicted) are not among
+        them; forecasting records (one window) have none.
+        """
+        s = self.schema
+        if not self.per_record:
+            return []
+        return [c.name for c in s.columns if c.required and c.name not in (s.site_column, s.target)]
+
+    def check_fields(self, records: list[dict]) -> None:
+        """Refuse JSON records of which some lack a field other records carry (a per-record task's required field).
+
+        Alone, such a record is refused (missing required field); next to a record that has the
+        field it would otherwise be answered as if the field were null. A field no record carries
+        is left to the adapter's check (it names near misses).
+
+        Parameters
+        ----------
+        records : list of dict
+            The request's records (checked by :func:`frame_from_records`).
+
+        Raises
+        ------
+        RequestError
+            Naming the field, the first record lacking it and how many do; never a value.
+        """
+        fields = self.every_record_fields()
+        if not fields or len(records) < 2:
+            return
+        keys = [{str(k).strip() for k in rec} for rec in records]  # as validate() reads the field names
+        for name in fields:
+            lacking = [i for i, have in enumerate(keys, start=1) if name not in have]
+            if lacking and len(lacking) < len(records):
+                c = self.schema.column(name)
+                more = f" ({len(lacking)} of {len(records)} records lack it)" if len(lacking) > 1 else ""
+                raise RequestError(name, f"missing required field in record {lacking[0]}{more}",
+                                   f"add the field {name!r} to every record ({c.dtype}, {c.unit or 'no unit'}: "
+                                   f"{c.description}); send null when the value is unknown")
+
+    def _per_record_dataset(self, present: set[str]) -> DepartmentDataset:
+        """The department's dataset with a schema for one request of per-record answers.
+
+        The adapter's checks are meant for a file: a required column with every value missing
+        (an export that lost it) is refused. In a request, a null value is a record's unknown
+        value, imputed per record as in training (:func:`citydata.health.record_features`):
+        whether it is refused must not depend on the other records. So the required columns the
+        request carries are checked as optional ones (every other check unchanged: types, ranges,
+        categories; a column the request lacks is still refused), and :data:`ROW` is documented
+        so that no record is dropped as a repeat of another. A copy: the served dataset is
+        shared by concurrent requests.
+        """
+        s = self.schema
+        columns = tuple(dataclasses.replace(c, required=False) if c.required and c.name in present else c
+                        for c in s.columns)
+        view = copy.copy(self.ds)
+        view.schema = dataclasses.replace(s, columns=columns + (Column(ROW, "int", "", "request record number",
+                                                                       required=False),))
+        return view
+
+    @staticmethod
+    def _each_record_kept(out: pd.DataFrame, n: int) -> pd.DataFrame:
+        """``out`` without :data:`ROW`, after checking that it holds every request record, in order."""
+        rows = out[ROW].to_numpy()
+        if len(rows) != n or (rows != np.arange(n)).any():  # not expected: the checks above keep every record
+            log.warning("fl-serve: checking a request kept %d of its %d records (answered 422)", len(rows), n)
+            raise RequestError("records", f"{n - len(rows)} record(s) could not be checked on their own",
+                               UNFORESEEN_FIX)
+        return out.drop(columns=ROW)
 
     # -- health -------------------------------------------------------------------------------
     def _health_X(self, r: pd.DataFrame) -> np.ndarray:

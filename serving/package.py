@@ -897,6 +897,48 @@ def _state_dict_problems(message: str) -> str:
     return "; ".join(out[:3]) + (f" (and {len(out) - 3} more)" if len(out) > 3 else "")
 
 
+def check_weights(weights, where: str, *, damaged: str, made_by: str, fix: str) -> None:
+    """Refuse weights that are not floating point or hold NaN or infinite values, before a model is built from them.
+
+    ``load_state_dict`` would cast integer tensors silently (wrong predictions) and load NaN (every
+    prediction NaN, which no JSON answer can carry). Used for the package's model
+    (:func:`load_package`) and for a node's personalised model
+    (:func:`serving.personalised.attach_personalised`). Messages name the tensor and its kind,
+    never a value.
+
+    Parameters
+    ----------
+    weights : mapping of str to array-like
+        Tensor name -> tensor as read from the file (numpy arrays or torch tensors).
+    where : str
+        What the message starts with: the file, e.g. ``PACKAGE/model.safetensors`` or
+        ``--personalised FILE``.
+    damaged : str
+        What is damaged when a tensor is not floating point, e.g. ``"the package"``, ``"the file"``.
+    made_by : str
+        What wrote the weights, e.g. ``"the run"``: a NaN says it diverged (or the file is damaged).
+    fix : str
+        The fix, starting with ``fix:``.
+
+    Raises
+    ------
+    PackageError
+        The first tensor that is not floating point, or holds a NaN or infinite value.
+    """
+    for name, value in weights.items():  # names and kinds only, never values
+        is_torch = hasattr(value, "is_floating_point")  # a torch tensor (bfloat16 has no numpy dtype)
+        if not is_torch:
+            value = np.asarray(value)
+        if not (value.is_floating_point() if is_torch else value.dtype.kind == "f"):
+            kind = str(value.dtype).removeprefix("torch.")
+            raise PackageError(f"{where}: tensor {name[:60]!r} holds {kind} values, not floating point; "
+                               f"{damaged} is damaged; {fix}")
+        if not bool(value.isfinite().all() if is_torch else np.isfinite(value).all()):
+            raise PackageError(f"{where}: tensor {name[:60]!r} holds NaN or infinite values, so every "
+                               f"prediction would be too; {made_by} that made it diverged or the file is damaged; "
+                               f"{fix}")
+
+
 def _check_fits_schema(path: Path, model_config: dict, schema: dict) -> None:
     """The model's input and output sizes are the schema's (n_features; lookback and horizon when forecasting)."""
     for key in ("n_features", "lookback", "horizon"):
@@ -932,15 +974,7 @@ def load_package(path: Path, *, manifest_sha256: str | None = None) -> ModelPack
     except ArtefactError:
         raise PackageError(f"{path / MODEL}: not a readable safetensors file; the package is damaged; "
                            f"{EXPORT_AGAIN}") from None
-    for name, value in weights.items():  # names and kinds only, never values
-        arr = np.asarray(value)
-        if arr.dtype.kind != "f":
-            raise PackageError(f"{path / MODEL}: tensor {name[:60]!r} holds {arr.dtype} values, not floating point; "
-                               f"the package is damaged; {EXPORT_AGAIN}")
-        if not np.isfinite(arr).all():
-            raise PackageError(f"{path / MODEL}: tensor {name[:60]!r} holds NaN or infinite values, so every "
-                               f"prediction would be too; the run that made it diverged or the file is damaged; "
-                               f"{EXPORT_AGAIN}")
+    check_weights(weights, str(path / MODEL), damaged="the package", made_by="the run", fix=EXPORT_AGAIN)
     model = build()
     try:
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)

@@ -14,6 +14,9 @@ these checks (each refusal names the file, what differs and the fix):
   model of another run with the same run ID (an in-process ``fl-sim run`` in a new folder is
   ``sim``) is refused. Files written before 2026-12-05 have no fingerprint; they are served on
   the run ID alone, and ``/model`` says so;
+- its tensors are floating point and finite, checked by the package's own check
+  (:func:`serving.package.check_weights`): a diverged personalisation (NaN) or integer tensors
+  are refused at load, never served as 500s or silently cast;
 - its tensors are exactly the model's (an ``average`` file holds two models:
   :class:`shared_models.ensemble.MeanEnsemble`).
 """
@@ -23,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from serving.package import ModelPackage, PackageError, model_builder, sha256_file
+from serving.package import ModelPackage, PackageError, check_weights, model_builder, sha256_file
 
 
 class PersonalisedPathError(PackageError):
@@ -37,6 +40,11 @@ class PersonalisedPathError(PackageError):
 
 #: Metadata a personalised model file must carry (written by ``clients.personalise.handle_personalise``).
 REQUIRED = ("run-id", "department", "site")
+
+#: Fix of a personalised file whose weights are not floating point or not finite.
+BAD_WEIGHTS_FIX = ("fix: personalise the run again (the node writes finite float weights; a personalisation that "
+                   "diverged needs a lower personalise-lr or fewer personalise-epochs), or leave out --personalised "
+                   "to serve the package's global model")
 
 
 def personalised_metadata(path: Path) -> dict[str, str]:
@@ -99,11 +107,12 @@ def attach_personalised(package: ModelPackage, path: Path, site: str) -> ModelPa
         The file is missing, a folder, or not a cityfed personalised model (a bad option value).
     PackageError
         The file is of another department, site or run, fine-tuned from another global model,
-        or its tensors do not fit the package's model.
+        its tensors are not floating point or hold NaN or infinite values, or they do not fit
+        the package's model.
     """
     from safetensors import SafetensorError
 
-    from clients.personalise import personalised_kept, personalised_model
+    from clients.personalise import load_personalised, personalised_kept, personalised_model
     from shared_models.fingerprint import state_sha256
 
     path = Path(path)
@@ -125,8 +134,12 @@ def attach_personalised(package: ModelPackage, path: Path, site: str) -> ModelPa
                            "personalised in")
     try:
         kept = personalised_kept(path)
+        check_weights(load_personalised(path), f"--personalised {path}", damaged="the file",
+                      made_by="the personalisation", fix=BAD_WEIGHTS_FIX)
         task = str(package.schema.get("task", ""))
         model = personalised_model(path, model_builder(package.path, package.model_config), task)
+    except PackageError:  # check_weights: already names the file, the tensor and the fix
+        raise
     except ValueError as exc:  # a bad `kept`
         raise PackageError(f"--personalised {path}: {exc}") from None
     except SafetensorError as exc:
