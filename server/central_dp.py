@@ -212,8 +212,9 @@ class CentralDPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
                  sample_rate: float = 1.0, accountant: str = "rdp", state: dict | None = None):
         if not isinstance(strategy, FedAvg) or strategy.__class__.aggregate_train is not FedAvg.aggregate_train:
             raise ValueError("central DP needs a strategy aggregating with FedAvg.aggregate_train (fedavg, fedprox)")
-        if not noise_multiplier > 0:
-            raise ValueError(f"central noise multiplier must be > 0 (got {noise_multiplier!r})")
+        for name, value in (("noise multiplier", noise_multiplier), ("clipping norm", clipping_norm)):
+            if not (math.isfinite(float(value)) and float(value) > 0):  # NaN passes `> 0` tests the other way round
+                raise ValueError(f"central {name} must be finite and > 0 (got {value!r})")
         super().__init__(strategy, float(noise_multiplier), float(clipping_norm), 1)
         if not 0.0 < float(sample_rate) <= 1.0:
             raise ValueError(f"central sample rate must be in (0, 1] (got {sample_rate!r})")

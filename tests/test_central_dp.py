@@ -86,6 +86,17 @@ def test_only_mean_strategies_accepted():
     assert cfg["central-clipping-norm"] == 1.0 and cfg["central-delta"] == 1e-5
 
 
+@pytest.mark.parametrize("z,c", [(math.inf, 1.0), (math.nan, 1.0), (0.0, 1.0), (1.0, math.nan), (1.0, math.inf),
+                                 (1.0, 0.0), (1.0, -0.1)])
+def test_the_wrapper_refuses_unusable_noise_and_norms_itself(z, c):
+    """The public wrapper checks its own parameters (review s18, LOW): with C = NaN the coordinator's bound
+    min(max-update-norm, C * slack) was max-update-norm (no norm check), and z = inf passed `> 0`."""
+    from server.strategy import make_strategy
+
+    with pytest.raises(ValueError, match="finite and > 0"):
+        CentralDPFixedClipping(make_strategy("fedavg"), noise_multiplier=z, clipping_norm=c, delta=1e-5)
+
+
 # -- the accountant -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("z,q,rounds,delta", [(1.0, 1.0, 5, 1e-5), (1.1, 0.5, 10, 1e-5), (0.8, 0.25, 30, 1e-6)])
 def test_accountant_matches_independent_accountants(z, q, rounds, delta):
