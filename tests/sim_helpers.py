@@ -41,3 +41,16 @@ def assert_input_error(code: int, out: str, err: str) -> None:
     assert code == 2, (out, err)
     assert err.count("error: ") == 1 and "; fix: " in err, err
     assert "Traceback" not in err and "not shown" not in err, err
+
+
+def copy_run(src, dst):
+    """A copy of the run folder ``src`` at ``dst`` (a finished run a test changes without touching the shared one)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def ledger_bytes(run_dir) -> dict:
+    """Every ledger file of ``run_dir/ledgers`` as bytes, by name: equal before and after = nothing released."""
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "ledgers").glob("*.sqlite"))}

@@ -9,12 +9,11 @@ noise (its real central epsilon is infinite).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from sim_helpers import fl_sim
+from sim_helpers import copy_run, fl_sim, ledger_bytes
 
 CENTRAL = ["--central-dp", "--central-noise", "1.0", "--central-clip", "0.1"]
 
@@ -30,19 +29,9 @@ def plain_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def _copy(src: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _ledger_bytes(run_dir: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted((run_dir / "ledgers").glob("*.sqlite"))}
-
-
 def test_fl_sim_refuses_to_resume_a_run_without_central_dp_under_central_dp(plain_run, tmp_path, capsys, monkeypatch):
-    run_dir = _copy(plain_run, tmp_path)
-    ckpt, ledgers = (run_dir / "checkpoint.safetensors").read_bytes(), _ledger_bytes(run_dir)
+    run_dir = copy_run(plain_run, tmp_path / "run")
+    ckpt, ledgers = (run_dir / "checkpoint.safetensors").read_bytes(), ledger_bytes(run_dir)
     results = (run_dir / "results.json").read_bytes()
     code, out, err = fl_sim(["run", "-d", "health", "-r", "2", "--local-epochs", "1", "--engine", "inprocess",
                              "-o", run_dir, "--resume", *CENTRAL], capsys, monkeypatch)
@@ -51,7 +40,7 @@ def test_fl_sim_refuses_to_resume_a_run_without_central_dp_under_central_dp(plai
     assert "--central-dp" in text and "without central DP" in text and "fix:" in text, text
     # refused before anything ran: no round trained, no release, nothing rewritten
     assert (run_dir / "checkpoint.safetensors").read_bytes() == ckpt
-    assert _ledger_bytes(run_dir) == ledgers and (run_dir / "results.json").read_bytes() == results
+    assert ledger_bytes(run_dir) == ledgers and (run_dir / "results.json").read_bytes() == results
 
 
 def test_the_server_app_refuses_it_too(plain_run, tmp_path):
@@ -60,7 +49,7 @@ def test_the_server_app_refuses_it_too(plain_run, tmp_path):
 
     from server.app import RunConfigError, run_federation
 
-    run_dir = _copy(plain_run, tmp_path)
+    run_dir = copy_run(plain_run, tmp_path / "run")
     ckpt = (run_dir / "checkpoint.safetensors").read_bytes()
     grid = mock.MagicMock(name="grid")
     cfg = {"department": "health", "num-rounds": 2, "local-epochs": 1, "run-dir": str(run_dir), "resume": True,

@@ -14,12 +14,10 @@ Found by a review (2026-12-07, s18 findings 2, 3 and 5):
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 
 import pytest
 
-from sim_helpers import assert_input_error, fl_sim
+from sim_helpers import assert_input_error, copy_run, fl_sim, ledger_bytes
 
 BASE = ["run", "-d", "health", "-r", "1", "--local-epochs", "1", "--engine", "inprocess"]
 
@@ -36,16 +34,6 @@ def runs(tmp_path_factory) -> dict:
     return {"virtual": base / "virtual", "natural": base / "natural"}
 
 
-def _copy(src: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "out"
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _ledgers(out: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted((out / "ledgers").glob("*.sqlite"))}
-
-
 @pytest.mark.parametrize("args", [
     ["-r", "2", "--resume", "--virtual-sites", "8"],          # finding 2: re-partitioned mid-run
     ["-r", "1", "--virtual-sites", "8"],                      # a new run on another partition of the same records
@@ -54,21 +42,21 @@ def _ledgers(out: Path) -> dict:
     ["-r", "1"],                                              # the hospitals' own nodes, fresh ledgers
 ])
 def test_another_set_of_nodes_is_refused_in_a_virtual_run_folder(runs, tmp_path, capsys, monkeypatch, args):
-    out = _copy(runs["virtual"], tmp_path)
-    before = _ledgers(out)
+    out = copy_run(runs["virtual"], tmp_path / "out")
+    before = ledger_bytes(out)
     code, o, e = fl_sim([*BASE[:3], *BASE[5:], "-o", out, *args], capsys, monkeypatch)
     assert_input_error(code, o, e)
     assert str(out / "ledgers") in e and "4 virtual sites" in e and "another --out" in e, e
-    assert _ledgers(out) == before  # refused before any node trained
+    assert ledger_bytes(out) == before  # refused before any node trained
 
 
 def test_virtual_sites_are_refused_in_a_folder_of_the_hospitals_ledgers(runs, tmp_path, capsys, monkeypatch):
-    out = _copy(runs["natural"], tmp_path)
-    before = _ledgers(out)
+    out = copy_run(runs["natural"], tmp_path / "out")
+    before = ledger_bytes(out)
     code, o, e = fl_sim([*BASE, "-o", out, "--virtual-sites", "4"], capsys, monkeypatch)
     assert_input_error(code, o, e)
     assert "--virtual-sites" in e and "the department's own sites" in e, e
-    assert _ledgers(out) == before
+    assert ledger_bytes(out) == before
 
 
 def test_the_same_nodes_again_share_their_ledgers(runs, tmp_path, capsys, monkeypatch):
@@ -76,7 +64,7 @@ def test_the_same_nodes_again_share_their_ledgers(runs, tmp_path, capsys, monkey
     from privacy.ledger import PrivacyLedger
 
     for kind, extra in (("virtual", ["--virtual-sites", "4"]), ("natural", [])):
-        out = _copy(runs[kind], tmp_path / kind)
+        out = copy_run(runs[kind], tmp_path / kind / "out")
         rows = {p.name: len(PrivacyLedger(p).releases()) for p in (out / "ledgers").glob("*.sqlite")}
         code, o, e = fl_sim([*BASE, "-o", out, *extra], capsys, monkeypatch)
         assert code == 0, (o, e)
@@ -89,12 +77,12 @@ def test_simulate_refuses_it_too(runs, tmp_path):
     from simulations.ledger_partition import LedgerPartitionError
     from simulations.run import simulate
 
-    out = _copy(runs["virtual"], tmp_path)
-    before = _ledgers(out)
+    out = copy_run(runs["virtual"], tmp_path / "out")
+    before = ledger_bytes(out)
     with pytest.raises(LedgerPartitionError, match="4 virtual sites"):
         simulate({"department": "health", "num-rounds": 1, "local-epochs": 1, "target-epsilon": 3.0, "min-nodes": 1,
                   "run-dir": str(out), "run-id": "x", "virtual-sites": 8}, engine="inprocess")
-    assert _ledgers(out) == before
+    assert ledger_bytes(out) == before
 
 
 def test_a_dirichlet_split_with_empty_sites_is_refused_before_training(tmp_path, capsys, monkeypatch):
