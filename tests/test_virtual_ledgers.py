@@ -14,7 +14,6 @@ Found by a review (2026-12-07, s18 findings 2, 3 and 5):
 
 from __future__ import annotations
 
-
 import pytest
 
 from sim_helpers import assert_input_error, copy_run, fl_sim, ledger_bytes
