@@ -32,7 +32,7 @@ from server.central_dp import NORM_SLACK as CENTRAL_NORM_SLACK
 from server.central_dp import STATE_KEY as CENTRAL_STATE_KEY
 from server.central_dp import CentralDPFixedClipping
 from server.central_dp import check_settings as check_central_dp
-from server.central_dp import uncovered_message, uncovered_rounds
+from server.central_dp import unnoised_message, unnoised_rounds
 from server.secagg import check_settings as check_secagg
 from server.strategy import STRATEGIES, GuardedStrategy, TooFewUpdates, load_checkpoint, make_strategy
 from shared_models import build_model, default_model_config, model_kinds
@@ -477,9 +477,9 @@ def run_federation(grid: Grid, run_config: dict, *, run_id: str, on_round=None) 
         log.warning("resuming run %s after round %d of %d (this launch is Flower run %s); rounds continue at %d",
                     run_id, offset, int(cfg["num-rounds"]), launch_id, offset + 1)
     if cfg["central-dp"]:  # Flower's client-side fixed-clipping DP wrapper; its accountant continues on resume
-        uncovered = uncovered_rounds(saved_state, offset) if saved is not None else 0
-        if uncovered:  # a central epsilon counted from the resume on would cover a model published without noise
-            raise RunConfigError(f"{uncovered_message(str(run_id), offset, uncovered)}; fix: resume it with "
+        unnoised = unnoised_rounds(saved["history"]) if saved is not None else []
+        if unnoised:  # a central epsilon counted from the resume on would cover a model published without noise
+            raise RunConfigError(f"{unnoised_message(str(run_id), unnoised)}; fix: resume it with "
                                  "'central-dp' = false (its model then claims no central epsilon), or start a new run "
                                  "(another run-dir) with 'central-dp' = true from round 1", ("central-dp",))
         inner = CentralDPFixedClipping(inner, noise_multiplier=float(cfg["central-noise-multiplier"]),

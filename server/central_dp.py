@@ -57,7 +57,7 @@ NORM_SLACK = 1.001
 CENTRAL_STRATEGIES = ("fedavg", "fedprox")
 
 __all__ = ["CENTRAL_STRATEGIES", "CentralAccountant", "CentralDPFixedClipping", "KEY_CLIPPING_NORM", "STATE_KEY",
-           "WEIGHT_KEY", "check_settings", "uncovered_rounds"]
+           "WEIGHT_KEY", "check_settings", "unnoised_rounds"]
 
 
 def check_settings(cfg: dict) -> None:
@@ -80,41 +80,49 @@ def check_settings(cfg: dict) -> None:
                          f"(got {cfg['strategy']!r})")
 
 
-def uncovered_rounds(strategy_state: dict | None, rounds_done: int) -> int:
-    """How many of a checkpoint's ``rounds_done`` rounds no central-DP accountant covers (0: all are covered).
+def _published(train: dict) -> bool:
+    """Whether a round's ``train`` entry published an aggregate (a new global model)."""
+    if "published" in train:  # recorded since 2026-12-07 (GuardedStrategy._record_central_dp)
+        return bool(train["published"])
+    # an earlier checkpoint: an aggregate that was neither rejected (SecAgg+'s norm check) nor stopped
+    return train.get("aggregate") is not None and not train.get("rejected") and not train.get("stopped")
+
+
+def unnoised_rounds(history: dict | None) -> list[int]:
+    """The rounds of a run's history that published an aggregate without central DP's noise.
 
     A run resumed with ``central-dp = true`` claims a central epsilon for its published model. That
-    claim holds only if every aggregate the coordinator ever published had the noise: a round run
-    without central DP (an earlier launch with ``central-dp = false``, whose checkpoint then holds no
-    accountant, or a shorter one) published its aggregate as it was, so the model has no central-DP
-    guarantee at all (epsilon is infinite), and the run must not continue under central DP.
+    claim holds only if every aggregate the coordinator ever published had the noise: a round of a
+    launch with ``central-dp = false`` published its aggregate as it was, so the model has no
+    central-DP guarantee at all (epsilon is infinite), and the run must not continue under central
+    DP. A round that published nothing (a SecAgg+ aggregate rejected by the norm check, a round that
+    stopped for too few updates) needs no noise. The history is the checkpoint's (carried over every
+    launch); each round's ``train`` entry has ``central-dp`` when its aggregate was noised.
 
     Parameters
     ----------
-    strategy_state : dict or None
-        The checkpoint's ``strategy_state`` (its :data:`STATE_KEY` entry is the accountant's JSON).
-    rounds_done : int
-        The rounds the checkpoint is after.
+    history : dict or None
+        The checkpoint's ``history`` (``rounds``: one entry per round).
 
     Returns
     -------
-    int
-        ``rounds_done`` minus the rounds the saved accountant composed (at least 0).
+    list of int
+        The rounds, in order; empty when every published aggregate was noised.
     """
-    state = (strategy_state or {}).get(STATE_KEY) or {}
-    history = state.get("history") if isinstance(state, dict) else None
-    try:
-        covered = sum(int(h[2]) for h in history or [])
-    except (TypeError, ValueError, IndexError):
-        covered = 0  # not an accountant this code wrote: it covers nothing
-    return max(0, int(rounds_done) - covered)
+    out = []
+    for entry in (history or {}).get("rounds") or []:
+        train = entry.get("train") if isinstance(entry, dict) else None
+        if isinstance(train, dict) and _published(train) and "central-dp" not in train:
+            out.append(int(entry.get("round", 0)))
+    return out
 
 
-def uncovered_message(run: str, rounds_done: int, uncovered: int) -> str:
-    """The refusal of a resume under central DP of a run with ``uncovered`` rounds run without it (names no value)."""
-    return (f"run {run}: its checkpoint is after round {rounds_done}, and {uncovered} of those round(s) ran without "
-            "central DP: their aggregates were published without the coordinator's noise, so no central epsilon "
-            "covers this run's model, and it cannot continue with 'central-dp' = true")
+def unnoised_message(run: str, rounds: list[int]) -> str:
+    """The refusal of a resume under central DP of a run whose ``rounds`` published without it (names no value)."""
+    which = ", ".join(map(str, rounds[:5])) + (f" and {len(rounds) - 5} more" if len(rounds) > 5 else "")
+    return (f"run {run}: its round(s) {which} published an aggregate without central DP (without the "
+            "coordinator's noise), so no central epsilon covers this run's model, and it cannot continue with "
+            "'central-dp' = true")
 
 
 class CentralAccountant:

@@ -212,6 +212,7 @@ class GuardedStrategy(Strategy):
         self.history.setdefault("dropped", [])
         self._grid: DeadlineGrid | None = None
         self._eval_skipped: str | None = None
+        self._carried_central: dict | None = None  # see load_state_dict
         self.raise_node_minimums(self.min_accepted)
 
     def raise_node_minimums(self, least: int) -> None:
@@ -451,10 +452,12 @@ class GuardedStrategy(Strategy):
         out = {}
         if isinstance(self.inner, ServerOptimiserState):
             out[OPTIMISER_KEY] = self.inner.state_dict()
-        if hasattr(self.inner, "central_state"):
-            from server.central_dp import STATE_KEY
+        from server.central_dp import STATE_KEY
 
+        if hasattr(self.inner, "central_state"):
             out[STATE_KEY] = self.inner.central_state()
+        elif self._carried_central is not None:  # a launch without central DP keeps the earlier launches' accountant
+            out[STATE_KEY] = self._carried_central
         return out
 
     state_dict = strategy_state
@@ -466,6 +469,12 @@ class GuardedStrategy(Strategy):
         argument); a saved optimiser state that the run's strategy does not keep (the run
         resumed with another strategy) is logged and not used.
         """
+        from server.central_dp import STATE_KEY
+
+        if not hasattr(self.inner, "central_state") and state.get(STATE_KEY):
+            # this launch runs without central DP: the accountant of the rounds that had it stays in the checkpoint
+            # (a resume with central DP continues it, where no round of this launch published without the noise)
+            self._carried_central = state[STATE_KEY]
         saved = optimiser_state(state)
         if not saved:
             return
@@ -476,8 +485,14 @@ class GuardedStrategy(Strategy):
                         ", ".join(sorted(saved)), type(self.inner).__name__)
 
     def _record_central_dp(self, entry: dict, arrays) -> None:
-        """Under central DP, the round's central epsilon and delta (and noise) in ``entry["train"]["central-dp"]``."""
+        """Whether the round published an aggregate (``entry["train"]["published"]``) and, under central DP, its
+        central epsilon and delta (and noise) in ``entry["train"]["central-dp"]``.
+
+        A published round without ``central-dp`` bars any later resume with central DP
+        (:func:`server.central_dp.unnoised_rounds`).
+        """
         last = getattr(self.inner, "last", None) if hasattr(self.inner, "central_state") else None
+        entry["train"]["published"] = arrays is not None
         if arrays is not None and last is not None:
             entry["train"]["central-dp"] = dict(last)
 

@@ -799,17 +799,16 @@ def _check_resumable(run_dirs: list[Path], rounds: dict) -> tuple[list[Path], di
 def _check_central_resume(run_dir: Path) -> None:
     """``--resume --central-dp`` of a run with a round run without central DP: refused (exit 2), before anything runs.
 
-    The ServerApp refuses it too (:func:`server.central_dp.uncovered_rounds`); here it is said up
+    The ServerApp refuses it too (:func:`server.central_dp.unnoised_rounds`); here it is said up
     front, in the options' words, instead of as a failed run.
     """
     from server.artefacts import CHECKPOINT, read_checkpoint
-    from server.central_dp import uncovered_message, uncovered_rounds
+    from server.central_dp import unnoised_message, unnoised_rounds
 
     saved = read_checkpoint(run_dir / CHECKPOINT)  # readable: _check_resumable read it
-    done = int(saved["round"])
-    uncovered = uncovered_rounds(saved.get("strategy_state"), done)
-    if uncovered:
-        _refuse(f"{run_dir}: {uncovered_message(str(saved.get('run_id')), done, uncovered)}",
+    unnoised = unnoised_rounds(saved.get("history"))
+    if unnoised:
+        _refuse(f"{run_dir}: {unnoised_message(str(saved.get('run_id')), unnoised)}",
                 "resume it without --central-dp (its model then claims no central epsilon), or start a new run "
                 "with --central-dp from round 1 (another --out)", "--central-dp")
 

@@ -78,3 +78,46 @@ def test_a_central_dp_run_still_resumes_and_one_resumed_without_it_claims_nothin
     # and from there on the run never had central DP in every round: refused again
     code, out, err = fl_sim([*base, "-r", "4", "--resume", *CENTRAL], capsys, monkeypatch)
     assert code == 2 and "without central DP" in " ".join(err.split()), (out, err)
+
+
+# -- what counts as a round published without central DP (review of the change, s18) -----------------------------
+def _round(rnd: int, **train) -> dict:
+    return {"round": rnd, "train": train}
+
+
+def test_a_rejected_or_stopped_round_published_nothing():
+    """A SecAgg+ aggregate the coordinator rejected (global model unchanged) or a round that stopped published no
+    aggregate: it needs no central noise, and does not bar a resume with central DP (it did: the accountant's round
+    count was compared with the checkpoint's, and a rejected round advances the checkpoint)."""
+    from server.central_dp import unnoised_rounds
+
+    noised = {"central-dp": {"epsilon": 1.0}, "aggregate": {}, "published": True}
+    history = {"rounds": [_round(1, **noised), _round(2, aggregate={"aggregate-update-norm": 9.0}, rejected="norm"),
+                          _round(3, stopped="too few"), _round(4, **noised)]}
+    assert unnoised_rounds(history) == []
+    history["rounds"].append(_round(5, aggregate={}, published=True))  # a launch without central DP published round 5
+    assert unnoised_rounds(history) == [5]
+    # a checkpoint written before rounds carried `published`: an aggregate neither rejected nor stopped was published
+    legacy = {"rounds": [_round(1, aggregate={}, **{"central-dp": {}}), _round(2, aggregate={}),
+                         _round(3, aggregate={}, rejected="norm")]}
+    assert unnoised_rounds(legacy) == [2]
+
+
+def test_a_launch_without_central_dp_that_published_nothing_keeps_the_accountant(tmp_path):
+    """A resumed launch without central DP whose round stopped (too few updates) published nothing: the checkpoint
+    keeps the central accountant (it was dropped), and a later resume with central DP continues it from round 1's."""
+    from server.central_dp import CentralAccountant
+    from server.strategy import load_checkpoint
+    from simulations.run import simulate
+
+    cfg = {"department": "health", "local-epochs": 1, "target-epsilon": 3.0, "min-nodes": 1, "run-id": "c",
+           "run-dir": str(tmp_path / "run"), "central-noise-multiplier": 1.0, "central-clipping-norm": 0.1,
+           "central-delta": 1e-5}
+    simulate({**cfg, "num-rounds": 1, "central-dp": True}, engine="inprocess")
+    res = simulate({**cfg, "num-rounds": 2, "resume": True, "min-accepted": 5}, engine="inprocess")  # 4 hospitals
+    assert str(res["status"]).startswith("stopped")
+    ck = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert ck["strategy_state"]["central_dp"]["history"] == [[1.0, 1.0, 1]]
+    res = simulate({**cfg, "num-rounds": 2, "resume": True, "central-dp": True}, engine="inprocess")
+    assert res["central-dp"]["rounds"] == 2
+    assert res["central-dp"]["epsilon"] == pytest.approx(CentralAccountant(1e-5, history=[(1.0, 1.0, 2)]).epsilon())
