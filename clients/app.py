@@ -177,7 +177,8 @@ def flwr_run_node_defaults(node_config: dict, run_config: dict) -> dict:
     NodeSetupError
         A ``ValueError``: the number of simulated nodes (``num-partitions``) is not the department's
         number of sites (one node per site); it names the ``flwr run`` option that sets it, and the
-        node's log shows it.
+        node's log shows it. Or the run-dir's ledger folder accounts for other nodes (virtual
+        sites: :mod:`simulations.ledger_partition`); it names the folder and the fix.
     """
     if "department" in node_config or "partition-id" not in node_config or run_config.get("policy"):
         return {}
@@ -191,8 +192,19 @@ def flwr_run_node_defaults(node_config: dict, run_config: dict) -> dict:
             f"flwr run: {nodes} simulated node(s) for department {department!r}, which has {len(sites)} site(s) "
             f"({', '.join(sites)}): one node per site. Fix: flwr run . --federation-config "
             f"'num-supernodes={len(sites)}' --run-config 'department=\"{department}\"'")
-    return {"policy": str(example_policy(department)),
-            "ledger-dir": str(Path(str(run_config.get("run-dir") or "runs/latest")) / "ledgers")}
+    ledger_dir = Path(str(run_config.get("run-dir") or "runs/latest")) / "ledgers"
+    # the folder's ledgers must account for these nodes (the department's sites), as fl-sim checks: a folder
+    # of virtual sites' ledgers holds releases of the same records that these nodes' fresh ledgers never saw
+    from simulations.ledger_partition import LedgerPartitionError, check_partition, record_partition
+
+    node_cfg = {"data": run_config.get("data") or ""}
+    try:
+        check_partition(ledger_dir, department, node_cfg)
+    except LedgerPartitionError as exc:
+        raise NodeSetupError(f"flwr run: {exc.what}; fix: pass another run-dir (flwr run . --run-config "
+                             "'run-dir=\"runs/NEW\"')") from None
+    record_partition(ledger_dir, department, node_cfg)
+    return {"policy": str(example_policy(department)), "ledger-dir": str(ledger_dir)}
 
 
 def whitelisted(metrics: dict, allowed: tuple[str, ...]) -> MetricRecord:

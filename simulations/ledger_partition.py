@@ -71,10 +71,12 @@ def describe(part: dict) -> str:
     if part.get("sites") != "virtual":
         text = "the department's own sites"
     elif part.get("virtual-sites") is None:
-        return "virtual sites of a partition that was not recorded (an earlier version's run)"
+        return "virtual sites of a partition that is not recorded (its record is missing)"
     else:
         how = str(part["partitioner"]) + (f", alpha {part['dirichlet-alpha']:g}" if part.get("dirichlet-alpha") else "")
-        text = f"{part['virtual-sites']} virtual sites ({how}, seed {part['seed']}, data seed {part['data-seed']})"
+        text = f"{part['virtual-sites']} virtual sites ({how}, seed {part['seed']})"
+        if part.get("data-seed") != part.get("seed"):  # fl-sim sets both from --seed; simulate() callers may not
+            text = text[:-1] + f", data-seed {part['data-seed']})"
     return text + (f" of {part['data']}" if part.get("data") else "")
 
 
@@ -150,10 +152,12 @@ def check_partition(ledger_dir: Path, department: str, cfg: dict) -> None:
     known = saved["sites"] == "department" or saved.get("virtual-sites") is not None
     raise LedgerPartitionError(
         f"{ledger_dir}: its {department} ledgers account for {describe(saved)}, and this run's nodes would be "
-        f"{describe(part)}: the same records would be released again under ledgers that never saw their earlier "
-        "releases, past each node's budget",
-        (f"run with {_options(saved)} to continue with the same nodes, or use another --out (new ledgers) for these"
-         if known else "use another --out (new ledgers) for this run"))
+        f"{describe(part)}: their ledgers would not hold those records' releases so far, so no node could bound "
+        "what the records spend in all",
+        (f"run with {_options(saved)} to continue with the same nodes, or run these nodes into another --out (their "
+         "epsilon is then per folder: the records' releases in this one are not counted there)"
+         if known else "run into another --out (its epsilon is then per folder: the records' releases in this one "
+         "are not counted there)"))
 
 
 def record_partition(ledger_dir: Path, department: str, cfg: dict) -> None:

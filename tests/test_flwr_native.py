@@ -195,3 +195,21 @@ def test_stop_local_superlink_ends_only_that_flwr_homes_superlink_and_its_childr
                 p.kill()
                 p.wait()
         stop_local_superlink(other, timeout=5)
+
+
+def test_flwr_run_nodes_use_only_a_ledger_folder_of_their_own_sites(tmp_path):
+    """`flwr run .`'s simulated hospitals keep their ledgers in run-dir/ledgers, as fl-sim does: a folder whose
+    ledgers account for virtual sites (the same patients, other ledgers) is refused, and a new one is recorded as
+    the hospitals' (review of the change, s18: only fl-sim and simulate() checked it)."""
+    from clients.app import flwr_run_node_defaults
+    from simulations.ledger_partition import record_partition, recorded_partition
+
+    sites = load_department("health").sites
+    sim = {"partition-id": 0, "num-partitions": len(sites)}
+    fresh = {"department": "health", "run-dir": str(tmp_path / "fresh")}
+    flwr_run_node_defaults(sim, fresh)
+    assert recorded_partition(tmp_path / "fresh" / "ledgers", "health") == {"sites": "department", "data": ""}
+    record_partition(tmp_path / "virtual" / "ledgers", "health", {"virtual-sites": 4})
+    with pytest.raises(ValueError, match="4 virtual sites") as err:
+        flwr_run_node_defaults(sim, {"department": "health", "run-dir": str(tmp_path / "virtual")})
+    assert str(tmp_path / "virtual" / "ledgers") in str(err.value)
