@@ -249,9 +249,12 @@ class SiteFeatures:
         if s.site_column not in frame.columns:
             frame[s.site_column] = self.site_key
             injected.add(s.site_column)
-        elif per_record and unique:  # null: as if left out (a per-record key: the file loader would drop the record)
+        elif per_record and unique:  # null or blank: as if left out (a per-record key: the file loader drops the record)
             site = frame[s.site_column]
-            frame[s.site_column] = site.where(site.notna(), self.site_key)
+            blank = site.isna() | site.map(lambda v: isinstance(v, str) and not v.strip()).astype(bool)
+            frame[s.site_column] = site.where(~blank, self.site_key)
+        if per_record and unique:
+            self._refuse_records_without_a_known_value(frame)
         if per_record:
             frame[s.target] = 0  # not used: what the model predicts
             injected.add(s.target)
@@ -352,6 +355,26 @@ class SiteFeatures:
         view.schema = dataclasses.replace(s, columns=columns + (Column(ROW, "int", "", "request record number",
                                                                        required=False),))
         return view
+
+    def _refuse_records_without_a_known_value(self, frame: pd.DataFrame) -> None:
+        """Refuse a record whose every field is null or blank: its answer would be the imputation constants' alone.
+
+        Raises
+        ------
+        RequestError
+            Naming the first such record (its position, never a value).
+        """
+        fields = [c for c in self.every_record_fields() if c in frame.columns]
+        if not fields:
+            return
+        cells = frame[fields]
+        unknown = cells.isna() | cells.map(lambda v: isinstance(v, str) and not v.strip()).astype(bool)
+        empty = unknown.all(axis=1).to_numpy()
+        if empty.any():
+            first = int(np.argmax(empty)) + 1
+            more = f" ({int(empty.sum())} records have none)" if empty.sum() > 1 else ""
+            raise RequestError("records", f"record {first} has no known value (every field is null){more}",
+                               "send at least one known value per record (null only where a value is unknown)")
 
     @staticmethod
     def _each_record_kept(out: pd.DataFrame, n: int) -> pd.DataFrame:

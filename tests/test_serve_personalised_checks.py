@@ -217,20 +217,32 @@ def test_a_null_field_is_answered_alone_with_the_personalised_model_too(personal
 
 def test_a_null_value_is_imputed_as_in_training(client, pkg_dir):
     """Training's per-record imputation (citydata.health.record_features): cholesterol and blood pressure of 0 mean
-    "not measured", so null answers as 0 does; a record with every field null answers the model at the constants."""
-    from citydata.health import record_features
-    from serving.package import load_package
-
+    "not measured", so null answers as 0 does."""
     for field in ("chol", "trestbps"):
         null = _predict(client, [{**REC, field: None}]).json()["probability"][0]
         zero = _predict(client, [{**REC, field: 0}]).json()["probability"][0]
         assert null == pytest.approx(zero, abs=1e-12), field
-    blank = _predict(client, [{k: None for k in REC}])
-    assert blank.status_code == 200, blank.text
-    X = record_features(pd.DataFrame([{k: np.nan for k in REC}]).astype(object))
-    with torch.no_grad():
-        want = torch.sigmoid(load_package(pkg_dir).model(torch.from_numpy(X))).item()
-    assert blank.json()["probability"][0] == pytest.approx(want, abs=1e-6)
+
+
+def test_a_record_with_no_known_value_is_refused_alone_and_in_a_batch(client):
+    """A record with every field null says nothing about the patient: its answer would be the imputation constants'
+    alone, so it is refused (review of the change, s18: it was answered), whatever the other records hold."""
+    blank = {k: None for k in REC}
+    for records, where in (([blank], "record 1"), ([REC, blank], "record 2")):
+        r = _predict(client, records)
+        assert r.status_code == 422, r.text
+        d = r.json()["detail"][0]
+        assert d["field"] == "records" and where in d["problem"] and "no known value" in d["problem"], d
+        assert "at least one" in d["fix"], d
+
+
+def test_a_blank_site_is_the_served_site(client):
+    """A blank site (the file loader's missing value) is answered as null or a left-out site: the served site (it
+    was refused as an unforeseen error, "report this", with a warning in the server's log)."""
+    want = _predict(client, [REC]).json()["probability"]
+    r = _predict(client, [{**REC, "dataset": ""}, {**REC, "dataset": " "}, REC])
+    assert r.status_code == 200, r.text
+    assert r.json()["probability"] == pytest.approx(want * 3, abs=BATCH_ROUNDING)
 
 
 def test_a_csv_record_with_an_empty_cell_is_answered_alone(client):
