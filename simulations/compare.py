@@ -57,8 +57,8 @@ FED_DP_DEFAULTS: dict[str, dict] = {
     # many epochs as the local-only DP baseline trains (30, simulations.baselines), so each node keeps
     # half its steps for its own model (README, fl-sim compare, "How the method was chosen")
     "health": {"batch-size": 64, "personalise-layers": "all", "personalise-epochs": 30, "personalise-lr": 1e-2},
-    # traffic: DP-SGD clipping norm 0.1 and the whole model personalised 20 epochs, the best of six DP
-    # settings measured at epsilon 3, seed 0 (README, fl-sim compare, "Traffic under DP"); the output
+    # traffic: DP-SGD clipping norm 0.1 and the whole model personalised 20 epochs, the best of seven DP
+    # settings (the old one included) at epsilon 3, seed 0 (README, fl-sim compare, "Traffic under DP"); the output
     # layer for 3 epochs at clipping 1 (until 2026-12-07) left three detectors below local-only DP
     "traffic": {"clipping-norm": 0.1, "personalise-epochs": 20, "personalise-lr": 1e-2, "personalise-layers": "all",
                 "personalise-batch-size": 0},
