@@ -114,7 +114,8 @@ def test_a_launch_without_central_dp_that_published_nothing_keeps_the_accountant
            "run-dir": str(tmp_path / "run"), "central-noise-multiplier": 1.0, "central-clipping-norm": 0.1,
            "central-delta": 1e-5}
     simulate({**cfg, "num-rounds": 1, "central-dp": True}, engine="inprocess")
-    res = simulate({**cfg, "num-rounds": 2, "resume": True, "min-accepted": 5}, engine="inprocess")  # 4 hospitals
+    res = simulate({**cfg, "num-rounds": 2, "resume": True, "min-accepted": 5, "round-timeout": 2},  # 4 hospitals
+                   engine="inprocess")
     assert str(res["status"]).startswith("stopped")
     ck = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
     assert ck["strategy_state"]["central_dp"]["history"] == [[1.0, 1.0, 1]]
