@@ -58,6 +58,11 @@ ROW = "__fl-serve-row__"
 log = logging.getLogger("cityfed.serve")
 
 
+def _unknown(values: pd.Series) -> pd.Series:
+    """Which request values are unknown: null, or a blank string (a CSV's empty cell)."""
+    return values.isna() | values.map(lambda v: isinstance(v, str) and not v.strip()).astype(bool)
+
+
 def error_place(exc: BaseException) -> str:
     """``Type raised at file:line (function)``: what the server log may say of an error (never its message,
     which a library may have filled with a record's value)."""
@@ -251,8 +256,7 @@ class SiteFeatures:
             injected.add(s.site_column)
         elif per_record and unique:  # null or blank: as if left out (a per-record key: the file loader drops the record)
             site = frame[s.site_column]
-            blank = site.isna() | site.map(lambda v: isinstance(v, str) and not v.strip()).astype(bool)
-            frame[s.site_column] = site.where(~blank, self.site_key)
+            frame[s.site_column] = site.where(~_unknown(site), self.site_key)
         if per_record and unique:
             self._refuse_records_without_a_known_value(frame)
         if per_record:
@@ -367,9 +371,7 @@ class SiteFeatures:
         fields = [c for c in self.every_record_fields() if c in frame.columns]
         if not fields:
             return
-        cells = frame[fields]
-        unknown = cells.isna() | cells.map(lambda v: isinstance(v, str) and not v.strip()).astype(bool)
-        empty = unknown.all(axis=1).to_numpy()
+        empty = frame[fields].apply(_unknown).all(axis=1).to_numpy()
         if empty.any():
             first = int(np.argmax(empty)) + 1
             more = f" ({int(empty.sum())} records have none)" if empty.sum() > 1 else ""
