@@ -178,7 +178,7 @@ def flwr_run_node_defaults(node_config: dict, run_config: dict) -> dict:
         A ``ValueError``: the number of simulated nodes (``num-partitions``) is not the department's
         number of sites (one node per site); it names the ``flwr run`` option that sets it, and the
         node's log shows it. Or the run-dir's ledger folder accounts for other nodes (virtual
-        sites: :mod:`simulations.ledger_partition`); it names the folder and the fix.
+        sites: :mod:`privacy.ledger_partition`); it names the folder and the fix.
     """
     if "department" in node_config or "partition-id" not in node_config or run_config.get("policy"):
         return {}
@@ -195,7 +195,7 @@ def flwr_run_node_defaults(node_config: dict, run_config: dict) -> dict:
     ledger_dir = Path(str(run_config.get("run-dir") or "runs/latest")) / "ledgers"
     # the folder's ledgers must account for these nodes (the department's sites), as fl-sim checks: a folder
     # of virtual sites' ledgers holds releases of the same records that these nodes' fresh ledgers never saw
-    from simulations.ledger_partition import LedgerPartitionError, check_partition, record_partition
+    from privacy.ledger_partition import LedgerPartitionError, check_partition, record_partition
 
     node_cfg = {"data": run_config.get("data") or ""}
     try:

@@ -21,10 +21,11 @@ A ``checkpoint.pkl`` written by an earlier cityfed is never unpickled:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from contract.files import write_atomic  # noqa: F401  (re-exported: server.artefacts.write_atomic)
 
 #: Checkpoint file in a run folder (written after every round).
 CHECKPOINT = "checkpoint.safetensors"
@@ -46,35 +47,6 @@ class ArtefactError(ValueError):
 
 class LegacyCheckpointError(ArtefactError):
     """A run folder holds only a pickle checkpoint of an earlier cityfed version."""
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename (never a half-written file).
-
-    Parameters
-    ----------
-    path : Path
-        Destination; its folder must exist.
-    data : bytes
-        The whole file.
-
-    Raises
-    ------
-    OSError
-        The file could not be written; a file already at ``path`` is left as it was and the
-        temporary file (``PATH.tmp``) is removed.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _contiguous(arrays: dict) -> dict[str, np.ndarray]:

@@ -1234,7 +1234,7 @@ def run(
                 _check_central_resume(outs[d])
             if outs[d] not in fresh and outs[d] not in finished:
                 _warn_extended_dp_run(outs[d], int(cfgs[d]["num-rounds"]))
-    from simulations.ledger_partition import LedgerPartitionError, check_partition
+    from privacy.ledger_partition import LedgerPartitionError, check_partition
 
     for d in depts:  # the nodes each --out's ledgers account for (its sites, or one virtual partition) and no others
         try:

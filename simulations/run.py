@@ -224,7 +224,7 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
     ------
     SimulationArgumentError
         A ``ValueError``: ``only_sites`` names a site the department lacks, or is given with ``engine="ray"``.
-    simulations.ledger_partition.LedgerPartitionError
+    privacy.ledger_partition.LedgerPartitionError
         A ``ValueError``: the ledger folder accounts for other nodes (the department's sites, or another
         partition into virtual sites) than this run's, before any node trains.
 
@@ -250,7 +250,7 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
     cfg.setdefault("data-seed", int(cfg.get("seed", 0) or 0))
     cfg.setdefault("central-data-seed", cfg["data-seed"])
     settings(cfg)  # and the seeds derived from it
-    from simulations.ledger_partition import check_partition, record_partition
+    from privacy.ledger_partition import check_partition, record_partition
 
     # the ledger folder's nodes (the department's sites, or one partition into virtual sites) and no others
     check_partition(Path(cfg["ledger-dir"]), cfg["department"], cfg)

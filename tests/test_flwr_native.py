@@ -202,7 +202,7 @@ def test_flwr_run_nodes_use_only_a_ledger_folder_of_their_own_sites(tmp_path):
     ledgers account for virtual sites (the same patients, other ledgers) is refused, and a new one is recorded as
     the hospitals' (review of the change, s18: only fl-sim and simulate() checked it)."""
     from clients.app import flwr_run_node_defaults
-    from simulations.ledger_partition import record_partition, recorded_partition
+    from privacy.ledger_partition import record_partition, recorded_partition
 
     sites = load_department("health").sites
     sim = {"partition-id": 0, "num-partitions": len(sites)}

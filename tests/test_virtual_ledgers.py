@@ -73,7 +73,7 @@ def test_the_same_nodes_again_share_their_ledgers(runs, tmp_path, capsys, monkey
 
 def test_simulate_refuses_it_too(runs, tmp_path):
     """The API (fl-sim compare, scripts) checks the folder as fl-sim does, before any node trains."""
-    from simulations.ledger_partition import LedgerPartitionError
+    from privacy.ledger_partition import LedgerPartitionError
     from simulations.run import simulate
 
     out = copy_run(runs["virtual"], tmp_path / "out")

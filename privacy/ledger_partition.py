@@ -162,7 +162,7 @@ def check_partition(ledger_dir: Path, department: str, cfg: dict) -> None:
 
 def record_partition(ledger_dir: Path, department: str, cfg: dict) -> None:
     """Record the nodes ``ledger_dir`` accounts for, if not yet recorded (after :func:`check_partition` passed)."""
-    from server.artefacts import write_atomic
+    from contract.files import write_atomic
 
     path = _file(ledger_dir, department)
     if path.is_file():
