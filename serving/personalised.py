@@ -98,7 +98,7 @@ def attach_personalised(package: ModelPackage, path: Path, site: str) -> ModelPa
     -------
     ModelPackage
         A copy whose ``model`` is the personalised one (eval mode) and whose ``personalised`` says
-        which file it is: ``file``, ``sha256``, ``kept``, ``dp``, ``epochs``, ``layers``,
+        which file it is: ``file`` (its name only), ``sha256``, ``kept``, ``dp``, ``epochs``, ``layers``,
         ``noise-multiplier``, ``base-verified``.
 
     Raises
@@ -150,7 +150,8 @@ def attach_personalised(package: ModelPackage, path: Path, site: str) -> ModelPa
         raise PackageError(f"--personalised {path}: its tensors do not fit the package's {package.model_config.get('kind')} "
                            f"model ({why}); fix: serve it with the package of the run it was personalised in") from None
     model.eval()
-    info = {"file": str(path), "sha256": sha256_file(path), "kept": kept, "dp": meta.get("dp") == "True",
+    # the name, not the path: /model answers every API-key holder, who need not learn the node's folders
+    info = {"file": path.name, "sha256": sha256_file(path), "kept": kept, "dp": meta.get("dp") == "True",
             "epochs": meta.get("epochs"), "layers": meta.get("layers"), "noise-multiplier": meta.get("noise-multiplier"),
             "base-verified": base is not None}
     return dataclasses.replace(package, model=model, personalised=info)
