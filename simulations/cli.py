@@ -437,6 +437,15 @@ def _environ(values: dict):
                 os.environ[k] = v
 
 
+def _interrupted(exc, what: str):
+    """Ctrl-C or SIGTERM ended an in-process run (:class:`simulations.run.RunInterrupted`): say what stays, exit 130 / 143.
+
+    typer ends a command on Ctrl-C with status 130 and no word; SIGTERM's default killed fl-sim without one.
+    """
+    print(f"\nfl-sim: {exc}: {what}", file=sys.stderr, flush=True)
+    raise typer.Exit(exc.exit_code)
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console)
@@ -445,7 +454,7 @@ def _progress() -> Progress:
 def _run_one(department: str, cfg: dict, out: Path, engine: str, ray_options: dict | None = None) -> dict:
     from citydata import load_department
     from simulations.report import write_report_safely
-    from simulations.run import simulate
+    from simulations.run import RunInterrupted, simulate
 
     nvirtual = int(cfg.get("virtual-sites", 0) or 0)
     sites = [f"virtual-{k}" for k in range(nvirtual)] if nvirtual else load_department(department).sites
@@ -473,7 +482,11 @@ def _run_one(department: str, cfg: dict, out: Path, engine: str, ray_options: di
                                         f"eps-max={eps_max(entry):.2f}")
 
         t0 = time.perf_counter()
-        results = simulate(cfg, engine=engine, on_round=on_round, **(ray_options or {}))
+        try:
+            results = simulate(cfg, engine=engine, on_round=on_round, **(ray_options or {}))
+        except RunInterrupted as exc:  # the in-process engine (Ray's stop_on_signal says the same and exits itself)
+            progress.stop()
+            _interrupted(exc, "the checkpoint of the last finished round stays (fl-sim run --resume continues the run)")
     report = write_report_safely(out, sites, metric) or "no report.html (see the error above)"
     t = Table(title=f"{department}: federated run ({time.perf_counter() - t0:.0f} s, {len(sites)} sites, {results.get('status')})")
     for col in ("round", "accepted", metric, "eps max"):
@@ -1403,6 +1416,7 @@ def compare(
     pooled model (mean over sites of the MAE ratio) and vs the best naive forecast.
     """
     from simulations.compare import federated_settings, run_compare
+    from simulations.run import RunInterrupted, stop_in_process
 
     depts = list(DEPARTMENTS) if department == "all" else [department]
     if any(d not in DEPARTMENTS for d in depts):
@@ -1430,11 +1444,16 @@ def compare(
                 progress.update(bar, completed=entry["round"])
 
             try:
-                res = run_compare(d, dout, epsilons=tuple(epsilon), model=model, engine=engine, seed=seed,
-                                  overrides=overrides, overwrite=overwrite, on_stage=on_stage, on_round=on_round, loo=loo,
-                                  own=personalise_own)
+                with stop_in_process():  # SIGTERM too ends the baselines' training with a message
+                    res = run_compare(d, dout, epsilons=tuple(epsilon), model=model, engine=engine, seed=seed,
+                                      overrides=overrides, overwrite=overwrite, on_stage=on_stage, on_round=on_round,
+                                      loo=loo, own=personalise_own)
             except FileExistsError as exc:  # its message says: another --out, or --overwrite
                 _refuse(str(exc), None, "--out")
+            except RunInterrupted as exc:
+                progress.stop()
+                _interrupted(exc, f"the comparison in {dout} is incomplete (its finished runs' folders stay; run the "
+                                  "command again with --overwrite)")
         console.print(compare_table(res, d))
         console.print(f"wrote {dout}/results.json ({res['meta']['seconds']:.0f} s)")
         for name, run in (res["meta"].get("stopped") or {}).items():  # its rows are not a whole run's

@@ -161,6 +161,53 @@ def stop_on_signal():
         os.close(r)
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM ended an in-process simulation; ``exit_code`` 130 or 143, as on Ray.
+
+    A :class:`KeyboardInterrupt`, so that everything that cleans up after Ctrl-C (temporary files,
+    the ledgers' open transactions) does so after SIGTERM too. ``fl-sim run`` and ``fl-sim compare``
+    say so (its message: ``interrupted by SIGTERM``) and exit with its ``exit_code``.
+    """
+
+    def __init__(self, name: str, exit_code: int):
+        super().__init__(f"interrupted by {name}")
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def stop_in_process():
+    """Ctrl-C (SIGINT) or SIGTERM ends an in-process simulation with a message and 130 / 143.
+
+    The in-process engine trains on the main thread, so a Python signal handler runs there: SIGTERM
+    raises :class:`RunInterrupted` (its default action killed the process with no word to the user,
+    nor any clean-up), and Ctrl-C's :class:`KeyboardInterrupt` becomes one. The checkpoint of the last
+    finished round is written atomically, so ``fl-sim run --resume`` continues the run. Outside the
+    main thread, or where SIGTERM is ignored, the signal handling is left as it is.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame) -> None:
+        raise RunInterrupted("SIGTERM", 143)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise RunInterrupted("Ctrl-C (SIGINT)", 130) from None
+    finally:
+        if previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _ray_shutdown() -> None:
     try:
         import ray
@@ -276,8 +323,9 @@ def simulate(run_config: dict, *, engine: str = "ray", cpus_per_client: float = 
                 raise SimulationArgumentError(f"only_sites: unknown site(s) {unknown}; the department's sites are {sites}")
             nodes = [{**n, "site": sites[n["partition-id"]]} for n in nodes if sites[n["partition-id"]] in only_sites]
         grid = InProcessGrid(build_client_app(), nodes, cfg)
-        return run_federation(grid, cfg, run_id=cfg.get("run-id") or inprocess_run_id(Path(cfg["ledger-dir"])),
-                              on_round=on_round)
+        with stop_in_process():
+            return run_federation(grid, cfg, run_id=cfg.get("run-id") or inprocess_run_id(Path(cfg["ledger-dir"])),
+                                  on_round=on_round)
     from flower_compat.dispatch import install
 
     install()  # one walk over the queued messages per sweep instead of one per node (see its docstring)
