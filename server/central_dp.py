@@ -7,7 +7,9 @@ than its policy allows: :mod:`clients.clipping`), the coordinator averages the c
 / k`` to the mean of the ``k`` updates it aggregated (Flower's own noise function). This is the
 user-level (node-level) DP-FedAvg of McMahan et al. 2018: one node's whole contribution to a
 round is bounded by the clipping norm, so the *published* model sequence is (epsilon, delta)-DP
-with respect to any one node's participation.
+with respect to any one node's participation. Because ``k`` is the number of updates that
+arrived, one node joining moves the mean by up to ``2 C / k`` (:data:`MEAN_SENSITIVITY`), so the
+accountant composes noise multiplier ``z / 2``.
 
 :class:`CentralAccountant` composes the rounds as a sampled Gaussian mechanism (noise
 multiplier ``z``, node sampling rate ``q = fraction-train`` or the larger share of the connected
@@ -23,8 +25,7 @@ epsilon is the coordinator's *claim*, which nodes record as such (mechanism "cen
 
 Sampling: Flower samples a fixed number of nodes per round (without replacement); the
 accountant uses the Poisson analysis at ``q = fraction-train``, the usual approximation of
-DP-FedAvg. With ``fraction-train = 1`` (the default) no amplification is claimed (``q = 1``):
-exact.
+DP-FedAvg. With ``fraction-train = 1`` (the default) no amplification is claimed (``q = 1``).
 """
 
 from __future__ import annotations
@@ -53,11 +54,17 @@ WEIGHT_KEY = "central-dp-weight"
 #: this (float rounding of the node's clip stays far below it): a node that did not clip (older code, a
 #: fault) cannot void the noise's calibration. Under SecAgg+ only the mean's norm can be checked.
 NORM_SLACK = 1.001
+#: How far one node's participation can move the aggregate, in units of ``clipping_norm / k``. The mean
+#: is over the ``k`` updates that arrived (self-normalised): a node joining ``k - 1`` others moves it by up
+#: to ``2 C / k`` (McMahan et al. 2018, the estimator with a data-dependent denominator), not ``C / k``. The
+#: accountant therefore composes each round at noise multiplier ``z / MEAN_SENSITIVITY`` (independent
+#: privacy audit, 2026-12-07: the claims were about 2.3x too low at z = 1).
+MEAN_SENSITIVITY = 2.0
 #: Strategies whose aggregation is FedAvg's mean (the noise is calibrated to it).
 CENTRAL_STRATEGIES = ("fedavg", "fedprox")
 
 __all__ = ["CENTRAL_STRATEGIES", "CentralAccountant", "CentralDPFixedClipping", "KEY_CLIPPING_NORM", "STATE_KEY",
-           "WEIGHT_KEY", "check_settings", "unnoised_rounds"]
+           "MEAN_SENSITIVITY", "WEIGHT_KEY", "check_settings", "unnoised_rounds"]
 
 
 def check_settings(cfg: dict) -> None:
@@ -167,10 +174,15 @@ class CentralAccountant:
         self._add(float(noise_multiplier), float(sample_rate), 1)
 
     def epsilon(self, extra: tuple[float, float] | None = None) -> float:
-        """Epsilon at :attr:`delta` of the rounds so far (plus one ``(noise, q)`` round if ``extra``); 0 when none."""
-        hist = [(float(z), float(q), int(s)) for z, q, s in self.history]
+        """Epsilon at :attr:`delta` of the rounds so far (plus one ``(noise, q)`` round if ``extra``); 0 when none.
+
+        The history holds the noise multipliers the coordinator used (``std = z C / k``); each is composed
+        at ``z / MEAN_SENSITIVITY``, the mechanism's noise relative to one node's largest move of the mean
+        (:data:`MEAN_SENSITIVITY`). A checkpoint saved before that was known is re-read the same way.
+        """
+        hist = [(float(z) / MEAN_SENSITIVITY, float(q), int(s)) for z, q, s in self.history]
         if extra is not None:
-            hist.append((float(extra[0]), float(extra[1]), 1))
+            hist.append((float(extra[0]) / MEAN_SENSITIVITY, float(extra[1]), 1))
         return float(composed_epsilon(hist, self.delta, self.accountant)) if hist else 0.0
 
     def state(self) -> dict:
@@ -198,7 +210,8 @@ class CentralDPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
     ----------
     strategy : FedAvg
         The run's FedAvg or FedProx (its ``weighted_by_key`` is set to :data:`WEIGHT_KEY`:
-        every node weighs 1, so one node moves the mean by at most ``clipping_norm / k``).
+        every node weighs 1, so one node moves the mean by at most ``2 clipping_norm / k``,
+        :data:`MEAN_SENSITIVITY`, whatever its record count).
     noise_multiplier, clipping_norm : float
         ``z`` and ``C``: noise std ``z * C / k`` on the mean of ``k`` clipped updates.
     delta : float

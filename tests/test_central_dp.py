@@ -64,6 +64,33 @@ def test_noise_added_with_expected_std_on_the_unweighted_mean():
     assert wrapper.central.rounds == 1 and wrapper.last["epsilon"] > 0
 
 
+def test_accounted_noise_covers_one_node_joining_the_mean_of_those_that_arrived():
+    """Independent privacy audit (2026-12-07, M1): the mean is over the k updates that arrived, so one node's
+    participation moves it by up to 2C/k (McMahan et al. 2018's self-normalised estimator), not C/k. The
+    claimed epsilon must be that of a Gaussian mechanism at (noise std) / (that largest move)."""
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    from server.strategy import make_strategy
+
+    k, z, c = 4, 1.0, 1.0
+    u = np.zeros(8)
+    u[0] = c  # k - 1 nodes send u; the k-th sends -u (every update clipped to norm c)
+    quiet = CentralDPFixedClipping(make_strategy("fedavg"), noise_multiplier=1e-9, clipping_norm=c, delta=1e-5)
+    without = quiet.aggregate_train(1, [_reply({"w": u}, 1) for _ in range(k - 1)])[0]["w"].numpy()
+    joined = quiet.aggregate_train(2, [_reply({"w": u}, 1) for _ in range(k - 1)] + [_reply({"w": -u}, 1)])[0]["w"].numpy()
+    move = float(np.linalg.norm(joined - without))
+    assert move == pytest.approx(2 * c / k, rel=1e-6)  # twice C/k
+    wrapper = CentralDPFixedClipping(make_strategy("fedavg"), noise_multiplier=z, clipping_norm=c, delta=1e-5)
+    wrapper.aggregate_train(1, [_reply({"w": u}, 1) for _ in range(k - 1)] + [_reply({"w": -u}, 1)])
+    std = wrapper.last["noise-std"]
+    assert std == pytest.approx(z * c / k)
+    rdp = rdp_privacy_accountant.RdpAccountant()
+    rdp.compose(dp_event.GaussianDpEvent(std / move), 1)  # the mechanism's effective noise multiplier: z / 2
+    assert wrapper.last["epsilon"] >= rdp.get_epsilon(1e-5) * 0.99
+    assert wrapper.last["epsilon"] == pytest.approx(rdp.get_epsilon(1e-5), rel=0.01)  # not more than it is either
+
+
 def test_secagg_mean_gets_noise_for_its_contributors():
     """SecAgg+ hands over one reply (the mean of k updates): the noise is z*C/k, not z*C/1."""
     d, k, z, c = 40_000, 5, 1.0, 0.5
@@ -98,13 +125,17 @@ def test_the_wrapper_refuses_unusable_noise_and_norms_itself(z, c):
 
 
 # -- the accountant -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("z,q,rounds,delta", [(1.0, 1.0, 5, 1e-5), (1.1, 0.5, 10, 1e-5), (0.8, 0.25, 30, 1e-6)])
+@pytest.mark.parametrize("z,q,rounds,delta", [(2.0, 1.0, 5, 1e-5), (2.2, 0.5, 10, 1e-5), (1.6, 0.25, 30, 1e-6)])
 def test_accountant_matches_independent_accountants(z, q, rounds, delta):
     from dp_accounting import dp_event
     from dp_accounting.pld import pld_privacy_accountant
     from dp_accounting.rdp import rdp_privacy_accountant
 
-    event = dp_event.GaussianDpEvent(z) if q == 1 else dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z))
+    from server.central_dp import MEAN_SENSITIVITY
+
+    # the mechanism: noise std z C / k against one node's largest move of the mean, 2 C / k
+    zeff = z / MEAN_SENSITIVITY
+    event = dp_event.GaussianDpEvent(zeff) if q == 1 else dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(zeff))
     rdp = rdp_privacy_accountant.RdpAccountant()
     rdp.compose(event, rounds)
     pld = pld_privacy_accountant.PLDAccountant()
