@@ -311,7 +311,33 @@ def roc_summary(scores: np.ndarray, members: np.ndarray, fprs=LOW_FPRS) -> dict:
     for f in fprs:
         ok = fpr <= f
         at[str(f)] = float(tpr[ok].max()) if ok.any() else 0.0
-    return {"auc": roc_auc(members, scores), "tpr_at_fpr": at, "n_members": pos, "n_nonmembers": neg}
+    return {"auc": roc_auc(members, scores), "p_value": auc_p_value(scores, members), "tpr_at_fpr": at,
+            "n_members": pos, "n_nonmembers": neg}
+
+
+def auc_p_value(scores: np.ndarray, members: np.ndarray) -> float:
+    """One-sided p-value of "members score higher than non-members" (the Mann-Whitney U test of the AUC > 0.5).
+
+    Parameters
+    ----------
+    scores : array
+        The attack's membership scores.
+    members : array of bool
+        Which scores are of members.
+
+    Returns
+    -------
+    float
+        The chance of an AUC at least this high if membership did not change the scores (1.0 where
+        either side is empty). Ties are handled by SciPy's tie correction.
+    """
+    from scipy.stats import mannwhitneyu
+
+    scores = np.asarray(scores, dtype=float).ravel()
+    members = np.asarray(members, dtype=bool).ravel()
+    if members.all() or not members.any():
+        return 1.0
+    return float(mannwhitneyu(scores[members], scores[~members], alternative="greater").pvalue)
 
 
 # --------------------------------------------------------------------------------------
@@ -402,11 +428,27 @@ def _pool(settings: AuditSettings, ds, task: str, rng: np.random.Generator) -> _
     return _Pool(np.concatenate([X, cX]), np.concatenate([y, cy]), len(X), Xt, yt, sites)
 
 
+#: The control's AUC must be beyond chance at this level (one-sided Mann-Whitney p-value), split over the
+#: two parts tested (records and canaries, Bonferroni), besides being at least 0.6.
+LEAKAGE_ALPHA = 0.05
+
+
+def _clear(part: dict | None) -> bool:
+    """A part's AUC >= 0.6 and beyond chance (an audit before p-values: the AUC alone)."""
+    if not part:
+        return False
+    return part["auc"] >= 0.6 and part.get("p_value", 0.0) < LEAKAGE_ALPHA / 2
+
+
 def _verdict(row: dict) -> str:
-    """Issue 12's reading: the control must leak clearly (AUC >= 0.6 on records or canaries, or eps_lb > 1)."""
+    """Issue 12's reading: the control must leak clearly (AUC >= 0.6 on records or canaries, or eps_lb > 1).
+
+    An AUC counts only where it is also beyond chance (:data:`LEAKAGE_ALPHA`): on a few canaries an AUC of
+    0.64 is what chance gives one time in ten (independent privacy audit, 2026-12-07). The bound
+    ``eps_lb`` is a one-sided test of its own at the audit's confidence.
+    """
     if row["epsilon"] is None:
-        aucs = [a["auc"] for a in (row.get("records"), row.get("canaries")) if a]
-        if max(aucs) >= 0.6 or row["eps_lb"] > 1.0:
+        if any(_clear(row.get(k)) for k in ("records", "canaries")) or row["eps_lb"] > 1.0:
             return "clear leakage (the attack can test DP bounds)"
         return "attack too weak: no clear leakage even without DP, so the DP rows prove nothing"
     if row["eps_lb"] > row["ledger_epsilon"] + 1e-9:

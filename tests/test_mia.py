@@ -128,6 +128,29 @@ def test_roc_summary_on_perfect_and_reversed_scores():
     assert reversed_["auc"] == 0.0 and reversed_["tpr_at_fpr"]["0.1"] == 0.0
 
 
+def test_roc_summary_tests_the_auc_against_chance():
+    members = np.array([True] * 16 + [False] * 16)
+    # AUC 0.64 on 16 vs 16: about 1.3 standard errors above 0.5, what chance gives one time in ten
+    scores = np.r_[np.arange(16) + 2.5, np.arange(16.0)]
+    small = mia.roc_summary(scores, members)
+    assert 0.6 <= small["auc"] < 0.7 and 0.05 < small["p_value"] < 0.2
+    big = mia.roc_summary(np.r_[np.tile(scores[:16], 20), np.tile(scores[16:], 20)], np.repeat(members, 20))
+    assert big["auc"] == pytest.approx(small["auc"]) and big["p_value"] < 1e-6
+
+
+def test_control_verdict_needs_leakage_beyond_chance():
+    """Independent privacy audit (2026-12-07, L2): a control's AUC >= 0.6 on a handful of canaries was
+    called clear leakage (the attack can test DP bounds) though chance gives it one time in ten."""
+    def control(auc, p, eps_lb=0.0):
+        part = {"auc": auc, "p_value": p, "n_members": 16, "n_nonmembers": 16}
+        return {"epsilon": None, "eps_lb": eps_lb, "records": {**part, "auc": 0.5, "p_value": 0.5}, "canaries": part}
+
+    assert mia._verdict(control(0.639, 0.1)).startswith("attack too weak")
+    assert mia._verdict(control(0.639, 0.001)).startswith("clear leakage")
+    assert mia._verdict(control(0.55, 1e-9)).startswith("attack too weak")  # beyond chance, but not clear
+    assert mia._verdict(control(0.5, 0.5, eps_lb=1.2)).startswith("clear leakage")  # the bound is a test of its own
+
+
 def test_canaries_are_atypical_and_labelled_at_random():
     rng = np.random.default_rng(0)
     X = np.c_[rng.standard_normal((300, 3)), rng.integers(0, 2, (300, 2))].astype(np.float32)
