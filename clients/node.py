@@ -378,9 +378,12 @@ def train_count(spec: "NodeSpec", ledger: PrivacyLedger, cfg: dict, exact: int) 
     from clients.counts import released_count
 
     noise = cfg.get("noise-multiplier")
+    if noise is None and "target-epsilon" not in cfg:  # nothing to calibrate from: refused as the policy check would
+        noise_asked = None
+    else:  # a target: the noise is calibrated later, at least the policy's minimum
+        noise_asked = float(noise) if noise is not None else spec.policy.min_noise_multiplier
     conflict = job_conflict(spec.policy, department=str(cfg.get("department", "")), task=str(cfg.get("task", "")),
-                            dp=bool(cfg.get("dp", True)),
-                            noise_multiplier=float(noise) if noise is not None else spec.policy.min_noise_multiplier,
+                            dp=bool(cfg.get("dp", True)), noise_multiplier=noise_asked,
                             clipping_norm=float(cfg["clipping-norm"]) if "clipping-norm" in cfg else None,
                             round=int(cfg.get("server-round", 0)))
     if conflict is not None:

@@ -126,11 +126,16 @@ def test_the_reply_reports_the_released_count_and_steps_follow_it(tmp_path, monk
     assert metrics["steps"] == math.ceil(value / 64)  # one epoch at batch 64 of the released count
 
 
-def test_a_job_the_policy_refuses_releases_no_count(tmp_path, monkeypatch):
+@pytest.mark.parametrize("over", [{"noise-multiplier": 0.1}, {"noise-multiplier": None}],
+                         ids=["noise-below-minimum", "neither-noise-nor-target"])
+def test_a_job_the_policy_refuses_releases_no_count(tmp_path, monkeypatch, over):
+    """A DP job with neither a noise multiplier nor a target epsilon released (and spent) the site's count
+    before the policy refused it (independent privacy audit, 2026-12-07, L3)."""
     monkeypatch.delenv(SEED_FROM_JOB_ENV, raising=False)
     ctx = _ctx(tmp_path)
-    reply = _train(ctx, **{"noise-multiplier": 0.1})  # below the policy's minimum
+    reply = _train(ctx, **over)
     assert reply.has_error() and reply.error.code == REFUSED
+    assert "noise_multiplier" in reply.error.reason
     assert PrivacyLedger(ctx.node_config["ledger"]).releases("Cleveland") == []
 
 
