@@ -903,6 +903,10 @@ def _site_name_rule(name: str) -> str | None:
 
     if any(unicodedata.category(ch) == "Cc" for ch in name):
         return "contains a control character (NUL, tab, newline ...)"
+    hidden = next((ch for ch in name if unicodedata.category(ch) in ("Cf", "Zl", "Zp")), None)
+    if hidden is not None:  # U+202E shows 'bidi\u202egnp.exe' as 'bidiexe.png'; U+200B makes two names look alike
+        return (f"contains the invisible character U+{ord(hidden):04X} (a bidirectional override or mark, a "
+                "zero-width character or a line separator)")
     if "/" in name or "\\" in name:
         return "contains a path separator ('/' or '\\')"
     if name in (".", ".."):
@@ -915,9 +919,10 @@ def _site_name_rule(name: str) -> str | None:
 def check_site_names(frame: pd.DataFrame, site_column: str, path) -> None:
     """Refuse site names (hospital, detector, grid) that cannot safely become file and ledger names.
 
-    A site name may hold spaces and letters of any language; it may not contain ``/``, ``\\``
-    or a control character, be ``.`` or ``..``, or be longer than :data:`MAX_SITE_NAME`
-    characters.
+    A site name may hold spaces and letters of any language; it may not contain ``/``, ``\\``,
+    a control character or an invisible one (Unicode format characters such as bidirectional
+    overrides and zero-width spaces, line and paragraph separators: they make one name display as
+    another), be ``.`` or ``..``, or be longer than :data:`MAX_SITE_NAME` characters.
 
     Raises
     ------
@@ -938,8 +943,9 @@ def check_site_names(frame: pd.DataFrame, site_column: str, path) -> None:
     also = f" (other rows: a name that {'; '.join(sorted(others))})" if others else ""
     raise DataFileError(path, f"{len(rows)} record(s) at {rows_text(rows)} have a site name that {rule}{also}",
                         f"site names become file and ledger names: rename the site in {site_column!r} to a name of at "
-                        f"most {MAX_SITE_NAME} characters without '/', '\\' or control characters, and not '.' or '..' "
-                        "(spaces and letters of any language are fine)", site_column)
+                        f"most {MAX_SITE_NAME} characters without '/', '\\', control characters or invisible "
+                        "characters (bidirectional overrides, zero-width spaces: delete and retype the name), and not "
+                        "'.' or '..' (spaces and letters of any language are fine)", site_column)
 
 
 def drop_missing_keys(frame: pd.DataFrame, columns: list[str], path, what: str = "records") -> pd.DataFrame:

@@ -10,5 +10,8 @@ nothing from the client package):
   names and the metric whitelists of each reply;
 * :mod:`contract.energy`: the energy figures a reply may carry and their method codes.
 * :mod:`contract.text_files`: how a reader of a user's TOML or key file names a UTF-8
-  byte-order mark (one wording for node and coordinator).
+  byte-order mark (one wording for node and coordinator);
+* :mod:`contract.text`: a peer's free text (a node's refusal reason) escaped and cut before it is
+  logged, stored or printed;
+* :mod:`contract.files`: the one atomic file write (temporary file, fsync, rename).
 """

@@ -5,7 +5,8 @@ timestamps on every line (:func:`timestamped_logs`), the project's lines through
 console handler (:func:`console_handler`, :func:`route_logs_through_flower`), logging into
 Flower's log (:func:`log`) and quieting it after Flower configured it
 (:func:`configure_flower_logger`). Flower colours its lines; :func:`plain` takes the colour
-codes out of text that is not shown on a terminal.
+codes (and any other terminal sequence a node's text may carry) out of text that is not shown on
+a terminal.
 """
 
 from __future__ import annotations
@@ -15,16 +16,52 @@ import re
 
 from flower_compat import register
 
-#: Terminal colour/control sequences (Flower's console handler colours the level of every line).
+#: Terminal colour codes (Flower's console handler colours the level of every line).
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: Every terminal escape sequence: CSI (colours, cursor, clear screen), OSC (window title, OSC 8
+#: links, OSC 52 clipboard) ended by BEL or ESC \\, DCS/SOS/PM/APC strings, two-character escapes.
+TERMINAL_SEQUENCE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]"
+                               r"|\x1b[]PX^_][^\x07\x1b]*(?:\x07|\x1b\\)"
+                               r"|\x1b[ -/]*[0-Z\\-~]")
 #: The format of the root handler Opacus 1.6 adds when imported (``logging.basicConfig`` in
 #: ``opacus/utils/module_utils.py``).
 OPACUS_ROOT_FORMAT = "%(asctime)s:%(levelname)s:%(message)s"
 
 
 def plain(text: str) -> str:
-    """``text`` without terminal colour/control sequences (for a file, a pipe, the journal)."""
-    return ANSI_ESCAPE.sub("", text)
+    """``text`` without terminal sequences, for a file, a pipe, the journal or a web page.
+
+    Colour codes and every other complete escape sequence (CSI, OSC such as a window title or a
+    hyperlink) are taken out; line ends stay (a CR LF pair becomes LF). Any other control,
+    bidirectional or zero-width character (a lone CR that would overwrite a line, an unfinished
+    sequence's ESC, U+202E) is shown escaped (``\\r``, ``\\x1b``, ``\\u202e``): a node's text in a
+    log cannot forge a line.
+    """
+    from contract.text import escape_controls
+
+    return escape_controls(TERMINAL_SEQUENCE.sub("", text.replace("\r\n", "\n")), keep="\n\t")
+
+
+#: Colour codes (SGR), the only terminal sequences :func:`for_terminal` lets act.
+SGR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def for_terminal(text: str) -> str:
+    """``text`` for a terminal: its colour codes act, every other control character is shown escaped.
+
+    A log written before node text was cleaned where it arrives (``contract.text.peer_text``) may
+    hold a node's window-title, hyperlink or clear-screen sequences and CR LF pairs that forge a
+    line; on a terminal only Flower's colours are kept as they are.
+    """
+    from contract.text import escape_controls
+
+    out, at = [], 0
+    for m in SGR.finditer(text):
+        out.append(escape_controls(text[at:m.start()], keep="\n\t"))
+        out.append(m.group(0))
+        at = m.end()
+    out.append(escape_controls(text[at:], keep="\n\t"))
+    return "".join(out)
 
 
 def _on_terminal(handler: _logging.Handler) -> bool:

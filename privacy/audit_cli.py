@@ -20,6 +20,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from contract.text import escape_controls
 from contract.text_files import printable
 from privacy.safe_cli import make_console
 from rich.markup import escape
@@ -60,11 +61,16 @@ def _errors(debug: bool) -> Iterator[None]:
 
 
 def summarize(data: dict, width: int = SUMMARY_CHARS) -> str:
-    """``key=value, ...`` of an entry's data, shortest values first (IDs stay visible), cut to ``width`` characters."""
+    """``key=value, ...`` of an entry's data, shortest values first (IDs stay visible), cut to ``width`` characters.
+
+    Control, bidirectional and zero-width characters in keys and values are shown escaped
+    (:func:`contract.text.escape_controls`): a log written before node text was cleaned where it
+    was received may hold a node's raw terminal sequences.
+    """
     parts = []
     for k, v in data.items():
-        text = v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)
-        parts.append((len(text), f"{k}={text}"))
+        text = escape_controls(v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False))
+        parts.append((len(text), f"{escape_controls(str(k))}={text}"))
     s = ", ".join(p for _, p in sorted(parts, key=lambda p: p[0]))
     return s if len(s) <= width else s[: width - 1] + "…"
 

@@ -142,6 +142,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def open_to_others(path: Path) -> int:
+    """The permission bits of ``path`` that let its group or other users read or change it (0: none).
+
+    A secret file (the console's admin token, ``fl-serve``'s API key file) must have none
+    (``chmod 600``).
+    """
+    return Path(path).stat().st_mode & 0o077
+
+
 def check_bind(host: str, *, allow_remote: bool, certfile: Path | None, keyfile: Path | None) -> None:
     """Refuse an address the console must not listen on.
 
@@ -243,7 +252,7 @@ def load_token(state_dir: Path) -> str:
     if not path.is_file():
         raise ConsoleError(f"{path}: is a folder (or another non-file), not the admin token file; fix: move it out of "
                            "the way; the console then makes a new token file there")
-    if path.stat().st_mode & 0o077:
+    if open_to_others(path):
         raise ConsoleError(f"{path}: readable by other users (mode {path.stat().st_mode & 0o777:o}); fix: "
                            f"chmod 600 {shlex.quote(str(path))}, or delete it to make a new token")
     try:

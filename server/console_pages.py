@@ -79,6 +79,7 @@ class Sources:
     cache_s: float = 3.0
     _cache: dict = field(default_factory=dict)
     _files: dict = field(default_factory=dict)
+    _problems: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _cached(self, key: str, fn):
@@ -126,15 +127,22 @@ class Sources:
         with self._lock:
             if key in self._files:
                 return self._files[key]
+        problem = None
         try:
             value = reader(path)
-        except Exception as exc:  # noqa: BLE001 - a damaged file is shown as missing, and logged
+        except Exception as exc:  # noqa: BLE001 - a damaged file reads as None, is logged and named by damaged()
             log.warning("console: %s not readable: %s: %s", path, type(exc).__name__, exc)
-            value = None
+            value, problem = None, str(exc) if isinstance(exc, (OSError, ValueError)) else type(exc).__name__
         with self._lock:
             self._files = {k: v for k, v in self._files.items() if k[0] != str(path)}
             self._files[key] = value
+            self._problems[str(path)] = problem
         return value
+
+    def damaged(self, path: Path) -> str | None:
+        """Why ``path`` (e.g. a run's ``results.json``) could not be read when last read, or None."""
+        with self._lock:
+            return self._problems.get(str(path))
 
     def results(self, launch: dict) -> tuple[dict | None, str]:
         """A run folder's results and where they come from.
@@ -496,8 +504,14 @@ class Pages:
         bad = r["launch"].get("unreadable")
         body.append(_error(f"{folder}/launch.json: {cli.UNREADABLE} ({bad}); the folder's Flower run IDs and settings "
                            "are not known. Fix: restore it, or move the folder out of the runs folder" if bad else None))
-        links = [f'<a href="/runs/{esc(folder)}/log">ServerApp log</a>']
         fdir = self.src.runs_dir / folder
+        damaged = self.src.damaged(fdir / "results.json") if (fdir / "results.json").exists() else None
+        unknown = "unknown: results.json is damaged (see above)" if damaged and source == "none" else None
+        body.append(_error(f"{folder}/results.json: damaged ({damaged}); " + (
+            "the run's rounds, refusals and exclusions are not known" if unknown else
+            "the figures below come from the run's checkpoint") + ". Fix: restore results.json from a backup copy; "
+            "the coordinator's audit log (audit log page) still lists the run's refusals and exclusions" if damaged else None))
+        links = [f'<a href="/runs/{esc(folder)}/log">ServerApp log</a>']
         if (fdir / "report.html").is_file():
             links.append(f'<a href="/runs/{esc(folder)}/report.html">run report</a>')
         if (fdir / "results.json").is_file():
@@ -517,8 +531,8 @@ class Pages:
             ("secure aggregation (SecAgg+)", "on" if cfg.get("secagg") else "off"),
             ("DP-SGD", f"on, target ε {fmt_eps(target)} per site for the run" if target else ("on" if cfg.get("dp") else "off")),
             ("central DP (published model)", central_dp_summary(cfg, res) or "off"),
-            ("figures from", {"results.json": "results.json (the run's final record)",
-                              "checkpoint": "the run's checkpoint (live: rounds completed so far)"}.get(source, source)),
+            ("figures from", unknown or {"results.json": "results.json (the run's final record)",
+                                         "checkpoint": "the run's checkpoint (live: rounds completed so far)"}.get(source, source)),
         ], caption="Run"))
         if r["status"] in LIVE:
             body.append(f'<form class="stop" method="post" action="/runs/{esc(folder)}/stop">'
@@ -539,11 +553,11 @@ class Pages:
                      "ε each node reported after each round (its ledger's lifetime total, as reported: not verified by "
                      "the coordinator)."))
         body += [f"<figure>{svg}<figcaption>{esc(cap)}</figcaption></figure>" for svg, cap in figs]
-        body.append(self._sites_table(res, metric, labels))
+        body.append(self._sites_table(res, metric, labels, unknown))
         body.append(central_dp_table({**res, "config": cfg}))  # "" when the run has no central DP
-        body.append(self._energy(res, labels))
+        body.append(f"<h2>Energy</h2>{_error(unknown)}" if unknown else self._energy(res, labels))
         body.append(self._rounds_table(res, labels))
-        body.append(self._events(res, labels))
+        body.append(self._events(res, labels, unknown))
         return self.page(f"run {folder}", "".join(body), live=r["status"] in LIVE)
 
     @staticmethod
@@ -552,10 +566,10 @@ class Pages:
             return "secure aggregate (all nodes)"
         return labels.get(f"node {node}", f"node {node}") if node is not None else MISSING
 
-    def _sites_table(self, res: dict, metric: str, labels: dict) -> str:
+    def _sites_table(self, res: dict, metric: str, labels: dict, unknown: str | None = None) -> str:
         rounds = [e for e in res.get("rounds") or [] if isinstance(e, dict)]
         if not rounds:
-            return "<h2>Sites</h2><p class=\"note\">No round completed yet.</p>"
+            return f"<h2>Sites</h2><p class=\"note\">{esc(unknown or 'No round completed yet.')}</p>"
         last = rounds[-1]
         rows = []
         nodes = {**((last.get("evaluate") or {}).get("nodes") or {}), **((last.get("train") or {}).get("nodes") or {})}
@@ -610,7 +624,8 @@ class Pages:
         return "<h2>Rounds</h2>" + table(["round", "replies", "updates accepted", "refused", "excluded", "no reply",
                                           "training time"], rows)
 
-    def _events(self, res: dict, labels: dict) -> str:
+    def _events(self, res: dict, labels: dict, unknown: str | None = None) -> str:
+        """Refusals, exclusions and missed replies; ``unknown`` (why the record is not known) replaces "None"."""
         out = []
         for key, title, none in (("refused", "Refusals", "None: no node refused a job."),
                                  ("excluded", "Exclusions", "None: every reply that arrived passed validation."),
@@ -618,7 +633,7 @@ class Pages:
             items = [x for x in res.get(key) or [] if isinstance(x, dict)]
             out.append(f"<h2>{esc(title)}</h2>")
             if not items:
-                out.append(f'<p class="note">{esc(none)}</p>')
+                out.append(_error(unknown) if unknown else f'<p class="note">{esc(none)}</p>')
                 continue
             out.append(table(["round", "site / node", "stage", "reason"],
                              [[("num", fmt_int(x.get("round"))), self._node(x.get("node"), labels), x.get("stage") or "train",

@@ -203,10 +203,10 @@ def for_output(text: str, stream) -> str:
     stream : file-like or None
         Where ``text`` goes (``sys.stdout``); ``None`` counts as not a terminal.
     """
-    from flower_compat.logging import plain
+    from flower_compat.logging import for_terminal, plain
 
     isatty = getattr(stream, "isatty", None)
-    return text if callable(isatty) and isatty() else plain(text)
+    return for_terminal(text) if callable(isatty) and isatty() else plain(text)
 
 
 def _stream(cmd: list[str], env: dict[str, str], out) -> int:

@@ -418,12 +418,25 @@ def exchange_kind(messages: list[Message], default_round: int | None = None) -> 
     return kind, rnd
 
 
+def peer_error(reply) -> tuple[int, str]:
+    """A node's error reply as ``(code, reason)``, its reason escaped and cut (:func:`contract.text.peer_text`).
+
+    The reason is text the node chose: raw, it reached the log, results.json and the audit log with
+    terminal sequences and line breaks in it.
+    """
+    from contract.text import peer_text
+
+    return int(reply.error.code), peer_text(str(reply.error.reason))
+
+
 def unavailable_reason(error, seconds: float, label: str) -> str:
     """Why the SuperLink answered for a node (its error reply), in words."""
+    from contract.text import peer_text
+
     if int(error.code) == NODE_UNAVAILABLE:
         return (f"unavailable after {_secs(seconds)} s in {label}: the SuperLink reports the node offline (its "
                 "SuperNode signed off, or its heartbeat stopped: process gone or unreachable)")
-    return f"no reply to {label}: the SuperLink reports the message or its reply unavailable ({error.reason})"
+    return f"no reply to {label}: the SuperLink reports the message or its reply unavailable ({peer_text(str(error.reason))})"
 
 
 class DeadlineGrid(Grid):
@@ -503,7 +516,7 @@ class DeadlineGrid(Grid):
             if src in wanted and src not in ex.replied:
                 ex.replied[src] = arrivals.get(src, ex.seconds)
                 if reply.has_error():
-                    ex.errors[src] = (int(reply.error.code), str(reply.error.reason))
+                    ex.errors[src] = peer_error(reply)
                 out.append(reply)
                 continue
             node = by_id.get(reply.metadata.reply_to_message_id)

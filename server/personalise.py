@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 
 from contract.keys import SERVER_ROUND
 from contract.tasks import ARRAYS, CONFIG, METRICS, PERSONALISE_MESSAGE
+from contract.text import peer_text
 
 log = logging.getLogger("cityfed.server")
 
@@ -63,8 +64,9 @@ def personalise_nodes(grid: Grid, job: dict, arrays: ArrayRecord, num_rounds: in
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         node = int(reply.metadata.src_node_id)
         if reply.has_error():
-            out["refused"].append({"node": node, "code": int(reply.error.code), "reason": str(reply.error.reason)})
-            log.warning("node %s did not personalise: %s", node, reply.error.reason)
+            reason = peer_text(str(reply.error.reason))  # the node's own words: escaped, cut (contract.text)
+            out["refused"].append({"node": node, "code": int(reply.error.code), "reason": reason})
+            log.warning("node %s did not personalise: %s", node, reason)
         elif METRICS in reply.content:
             out["nodes"][str(node)] = dict(reply.content[METRICS])
     return out

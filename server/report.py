@@ -491,6 +491,15 @@ def coordinator_audit(run_id) -> dict | None:
 
 
 # --------------------------------------------------------------------------- plots
+def literal(text) -> str:
+    """``text`` for a matplotlib label, drawn as written: every ``$`` escaped, so none starts mathtext.
+
+    Site names come from a department's file: ``cost $5 and $6`` was drawn as math, and
+    ``$\\undefined$`` made the plot fail (left out of the report).
+    """
+    return str(text).replace("$", r"\$")
+
+
 def _plot(series: dict, title: str, ylabel: str, path: Path, xlabel: str = "round (number of completed rounds)",
           hline: tuple[float, str] | None = None) -> None:
     import matplotlib
@@ -501,7 +510,7 @@ def _plot(series: dict, title: str, ylabel: str, path: Path, xlabel: str = "roun
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     for name, pts in sorted(series.items()):
         pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=literal(name))
     if hline is not None and series:
         ax.axhline(hline[0], color="#8a1c17", linestyle="--", linewidth=1, label=hline[1])
     ax.set_xlabel(xlabel)
@@ -582,8 +591,8 @@ def write_compare_plot(results: dict, metric: str, run_dir: Path) -> dict[str, s
         width = 0.8 / len(methods)
         for k, (key, label) in enumerate(methods):
             vals = [grid["values"].get((site, key), float("nan")) for site in sites]
-            ax.bar([i + k * width for i in range(len(sites))], vals, width, label=label)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sites))], sites, fontsize=8)
+            ax.bar([i + k * width for i in range(len(sites))], vals, width, label=literal(label))
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sites))], [literal(s) for s in sites], fontsize=8)
         ax.set_xlabel("site (test split)")
         ax.set_ylabel(metric_label(metric, False) + {"accuracy": " (fraction correct, 0–1)",
                                                      "mae-ratio": " (model MAE ÷ naive MAE)"}.get(metric, ""))

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimme
 from flower_compat.strategy_state import from_legacy_names, owned_state_base
 from contract.keys import STRATEGIES  # re-exported: the strategies a run config may name
 from contract.tasks import ARRAYS, CONFIG, EVAL_METRICS, FAILED, NUM_EXAMPLES, TRAIN_METRICS
+from contract.text import peer_text
 from server.artefacts import read_checkpoint, write_checkpoint
 from server.grid import DeadlineGrid, deadline_grid
 from server.validation import unexpected_metrics, validate_update
@@ -318,7 +319,7 @@ class GuardedStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         rnd = server_round + self.round_offset
-        declined = {int(m.metadata.src_node_id): m.error.reason for m in replies if m.has_error()}
+        declined = {int(m.metadata.src_node_id): peer_text(m.error.reason) for m in replies if m.has_error()}
         if declined:
             log.info("round %d: %d node(s) declined evaluation (e.g. %s)", rnd, len(declined), next(iter(declined.values())))
         kept, excluded = [], {}
@@ -356,8 +357,9 @@ class GuardedStrategy(Strategy):
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             if msg.has_error():
-                self.history["refused"].append({"round": rnd, "node": node, "code": msg.error.code, "reason": msg.error.reason})
-                log.warning("round %d: node %d sent no update: %s", rnd, node, msg.error.reason)
+                reason = peer_text(msg.error.reason)  # the node's own words: escaped, cut (contract.text)
+                self.history["refused"].append({"round": rnd, "node": node, "code": msg.error.code, "reason": reason})
+                log.warning("round %d: node %d sent no update: %s", rnd, node, reason)
                 continue
             reason = None
             if "arrays" not in msg.content or "metrics" not in msg.content:

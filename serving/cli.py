@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import threading
 import time
@@ -36,9 +37,17 @@ def read_keys(path: Path | None) -> list[str]:
     Raises
     ------
     typer.BadParameter
-        No key anywhere, an unreadable file, or a key shorter than 16 characters.
+        No key anywhere, an unreadable file, a file other users can read or change (as
+        ``fl-server console`` refuses its token file; fix ``chmod 600``), or a key shorter than
+        16 characters.
     """
     if path is not None:
+        from server.console import open_to_others
+
+        if Path(path).is_file() and open_to_others(path):
+            raise typer.BadParameter(f"{path}: other users can read or change the API keys in it (mode "
+                                     f"{Path(path).stat().st_mode & 0o777:o}); fix: chmod 600 {shlex.quote(str(path))}",
+                                     param_hint="--api-key-file")
         try:
             raw = Path(path).read_bytes()
         except OSError as exc:
@@ -190,6 +199,32 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def check_plain_http(host: str, *, tls: bool) -> None:
+    """Refuse plain HTTP on an address other machines can reach, as ``fl-server console`` does.
+
+    Parameters
+    ----------
+    host : str
+        ``--host``; loopback (``127.0.0.1``, ``::1``, ``localhost``) is always allowed.
+    tls : bool
+        Whether ``--tls-cert`` and ``--tls-key`` are given (HTTPS).
+
+    Raises
+    ------
+    typer.BadParameter
+        Exit 2: ``host`` is not loopback and there is no TLS (the API key and the records would
+        cross the network in clear), naming the fix.
+    """
+    from server.console import is_loopback
+
+    if tls or is_loopback(host):
+        return
+    raise typer.BadParameter(f"--host {host}: not a loopback address, and without TLS the API key and the records "
+                             "would cross the network in clear; fix: add --tls-cert and --tls-key (a certificate for "
+                             "this host from the city CA, `fl-pki`), or serve on --host 127.0.0.1 behind a reverse "
+                             "proxy that terminates TLS", param_hint="--host")
 
 
 def check_port(host: str, port: int) -> None:
@@ -344,7 +379,7 @@ def serve(
                                                  "for fl-client --data); default: the bundled records.")] = None,
     api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help=f"File with the accepted API keys, one "
                                                          f"per line (default: ${KEY_ENV}).")] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only; any other address needs --tls-cert and --tls-key).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8480,
     manifest_sha256: Annotated[Optional[str], typer.Option("--manifest-sha256", help="Expected SHA-256 of the "
                                                            "package's MANIFEST.json (printed by the export): refuses a "
@@ -408,6 +443,7 @@ def serve(
                                  "both out to serve plain HTTP", param_hint="--tls-key")
     if client_ca is not None and tls_cert is None:
         raise typer.BadParameter("--client-ca (mutual TLS) needs --tls-cert and --tls-key", param_hint="--client-ca")
+    check_plain_http(host, tls=tls_cert is not None)
     try:
         fastapi_app = build(package, site, data, keys, manifest_sha256=manifest_sha256, date_format=date_format,
                             ranges=ranges, personalised=personalised, test_start=test_start)

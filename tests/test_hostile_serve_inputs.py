@@ -83,6 +83,7 @@ def test_api_key_file_not_utf8_is_named(health_pkg, tmp_path):
     --api-key-file, the file and the fix."""
     keyfile = tmp_path / "serve.keys"
     keyfile.write_bytes(b"test-key-0123456789abcdef\xff\n")
+    keyfile.chmod(0o600)  # a key file others can read is refused before it is read
     res = _serve_cli(health_pkg, keyfile)
     assert res.exit_code == 2, (res.exit_code, repr(res.exception))
     assert "serve.keys" in res.output
@@ -98,6 +99,7 @@ def test_api_key_file_with_bom_is_refused_or_stripped(health_pkg, tmp_path):
 
     keyfile = tmp_path / "serve.keys"
     keyfile.write_bytes(b"\xef\xbb\xbf" + KEY.encode() + b"\r\n")
+    keyfile.chmod(0o600)
     try:
         keys = read_keys(keyfile)
     except typer.BadParameter:
@@ -206,3 +208,89 @@ def test_audit_clip_above_the_run_config_bound_is_refused(tmp_path):
         _check_inputs("health", tmp_path / "a", [1.0], 0, None, "rdp", 1e308, 0.95, True, False)
     code = getattr(info.value, "exit_code", getattr(info.value, "code", None))
     assert code == 2
+
+
+# -- security review 2026-12-07, finding 2: plain HTTP on the network, a key file others can read ---------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def no_uvicorn(monkeypatch):
+    """uvicorn.run replaced: the calls fl-serve would have served with."""
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    return calls
+
+
+def _keyfile(tmp_path: Path, mode: int = 0o600) -> Path:
+    keyfile = tmp_path / "serve.keys"
+    keyfile.write_text(KEY + "\n")
+    keyfile.chmod(mode)
+    return keyfile
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_fl_serve_refuses_plain_http_on_a_non_loopback_host(health_pkg, tmp_path, no_uvicorn, host):
+    """`fl-serve PKG --host 0.0.0.0` served plain HTTP on every interface, silently: the API key crossed the network
+    in clear. The console refuses this (check_bind). Expected: exit 2 naming --host and the fix, nothing served."""
+    from serving.cli import app
+
+    res = CliRunner().invoke(app, [str(health_pkg), "--site", SITE, "--api-key-file", str(_keyfile(tmp_path)),
+                                   "--host", host, "--port", str(_free_port())])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert f"--host {host}" in text and "--tls-cert" in text and "--tls-key" in text and "127.0.0.1" in text, text
+    assert "serving" not in text and not no_uvicorn, text
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_fl_serve_on_loopback_needs_no_tls(health_pkg, tmp_path, no_uvicorn, host):
+    from serving.cli import app
+
+    res = CliRunner().invoke(app, [str(health_pkg), "--site", SITE, "--api-key-file", str(_keyfile(tmp_path)),
+                                   "--host", host, "--port", str(_free_port())])
+    assert res.exit_code == 0, res.output
+    assert [c["host"] for c in no_uvicorn] == [host]
+
+
+def test_the_plain_http_rule_allows_any_host_with_tls():
+    from serving.cli import check_plain_http
+
+    check_plain_http("0.0.0.0", tls=True)
+    check_plain_http("127.0.0.1", tls=False)
+    with pytest.raises(Exception, match="--tls-cert"):
+        check_plain_http("192.0.2.1", tls=False)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o620, 0o604], ids=oct)
+def test_api_key_file_open_to_other_users_is_refused(tmp_path, mode):
+    """read_keys used a 0644 key file (the review's scratch/serve.keys); the console refuses its 0644 token file."""
+    import typer
+
+    from serving.cli import read_keys
+
+    keyfile = _keyfile(tmp_path, mode)
+    with pytest.raises(typer.BadParameter) as err:
+        read_keys(keyfile)
+    msg = str(err.value)
+    assert str(keyfile) in msg and f"{mode:o}" in msg and f"chmod 600 {keyfile}" in msg, msg
+    assert KEY not in msg
+
+
+def test_api_key_file_of_mode_600_is_read(tmp_path):
+    from serving.cli import read_keys
+
+    assert read_keys(_keyfile(tmp_path, 0o600)) == [KEY]
+
+
+def test_fl_serve_with_a_key_file_others_can_read_exits_2(health_pkg, tmp_path, no_uvicorn):
+    from serving.cli import app
+
+    res = CliRunner().invoke(app, [str(health_pkg), "--site", SITE, "--api-key-file", str(_keyfile(tmp_path, 0o644)),
+                                   "--port", str(_free_port())])
+    assert res.exit_code == 2 and "chmod 600" in " ".join(res.output.split()) and not no_uvicorn, res.output
