@@ -177,14 +177,15 @@ class RunSettings(BaseModel):
     central_dp: bool = Field(False, alias="central-dp",
                              description="Central DP of the published model (server/central_dp.py): each node clips "
                                          "its model update (to central-clipping-norm, or less where its policy's "
-                                         "central_max_clipping_norm says so), the coordinator averages the updates "
-                                         "unweighted and adds Gaussian noise (Flower's DP wrapper), and accounts the "
+                                         "central_max_clipping_norm says so), the coordinator divides the sum of the "
+                                         "updates by the nodes asked, each weighing 1, adds Gaussian noise (Flower's DP "
+                                         "wrapper), and accounts the "
                                          "rounds (user level) in the checkpoint. Protects the model against its users, "
                                          "not the nodes against the coordinator; nodes still run their own DP-SGD. "
                                          "fedavg and fedprox only.")
     central_noise_multiplier: float = Field(1.0, gt=0, le=MAX_SCALE, alias="central-noise-multiplier",
-                                            description="Central DP: noise std on the mean of k updates = this x "
-                                                        "central-clipping-norm / k.")
+                                            description="Central DP: noise std on the sum of the updates over the W nodes "
+                                                        "asked = this x central-clipping-norm / W.")
     central_clipping_norm: float = Field(1.0, gt=0, le=MAX_SCALE, alias="central-clipping-norm",
                                          description="Central DP: L2 norm each node clips its model update to (an "
                                                      "upper bound: a node's policy may clip tighter, never looser).")

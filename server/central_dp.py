@@ -2,14 +2,19 @@
 
 Flower's :class:`~flwr.serverapp.strategy.DifferentialPrivacyClientSideFixedClipping` wraps
 the run's FedAvg/FedProx: each node clips its own model update (its code, at a norm no larger
-than its policy allows: :mod:`clients.clipping`), the coordinator averages the clipped updates
-*unweighted* and adds Gaussian noise of std ``central-noise-multiplier x central-clipping-norm
-/ k`` to the mean of the ``k`` updates it aggregated (Flower's own noise function). This is the
-user-level (node-level) DP-FedAvg of McMahan et al. 2018: one node's whole contribution to a
-round is bounded by the clipping norm, so the *published* model sequence is (epsilon, delta)-DP
-with respect to any one node's participation. Because ``k`` is the number of updates that
-arrived, one node joining moves the mean by up to ``2 C / k`` (:data:`MEAN_SENSITIVITY`), so the
-accountant composes noise multiplier ``z / 2``.
+than its policy allows: :mod:`clients.clipping`), and the coordinator publishes the global model
+plus the *sum* of the clipped updates that arrived divided by the ``W`` nodes it asked in the
+round (the fixed-denominator estimator of McMahan et al. 2018's user-level DP-FedAvg; an update
+that did not arrive counts as zero), plus Gaussian noise of std ``central-noise-multiplier x
+central-clipping-norm / W`` (Flower's own noise function). One node's whole contribution to a
+round, present or absent, moves that aggregate by at most ``C / W``, so the *published* model
+sequence is (epsilon, delta)-DP with respect to any one node's participation at noise
+multiplier ``z``, and neither the noise nor the divisor depends on who replied.
+
+Until 2026-12-07 the aggregate was the *mean* of the ``k`` updates that arrived with noise
+``z C / k``: one node joining moved it by up to ``2 C / k`` while ``z`` was accounted (an
+independent privacy audit), and the noise's spread told ``k`` (a review of that fix). A
+checkpoint of such a run is re-read at ``z / 2`` (:meth:`CentralAccountant.from_state`).
 
 :class:`CentralAccountant` composes the rounds as a sampled Gaussian mechanism (noise
 multiplier ``z``, node sampling rate ``q = fraction-train`` or the larger share of the connected
@@ -32,6 +37,8 @@ from __future__ import annotations
 
 import logging
 import math
+
+import numpy as np
 from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -54,17 +61,16 @@ WEIGHT_KEY = "central-dp-weight"
 #: this (float rounding of the node's clip stays far below it): a node that did not clip (older code, a
 #: fault) cannot void the noise's calibration. Under SecAgg+ only the mean's norm can be checked.
 NORM_SLACK = 1.001
-#: How far one node's participation can move the aggregate, in units of ``clipping_norm / k``. The mean
-#: is over the ``k`` updates that arrived (self-normalised): a node joining ``k - 1`` others moves it by up
-#: to ``2 C / k`` (McMahan et al. 2018, the estimator with a data-dependent denominator), not ``C / k``. The
-#: accountant therefore composes each round at noise multiplier ``z / MEAN_SENSITIVITY`` (independent
-#: privacy audit, 2026-12-07: the claims were about 2.3x too low at z = 1).
-MEAN_SENSITIVITY = 2.0
+#: Version of :meth:`CentralAccountant.state`. Version 2 (2026-12-07): the history's noise multipliers
+#: are relative to one node's largest move of the published aggregate (``C / W``, fixed denominator).
+#: A state without a version is of the mean over the updates that arrived, whose largest move was
+#: ``2 C / k``: its multipliers are halved when read.
+STATE_VERSION = 2
 #: Strategies whose aggregation is FedAvg's mean (the noise is calibrated to it).
 CENTRAL_STRATEGIES = ("fedavg", "fedprox")
 
 __all__ = ["CENTRAL_STRATEGIES", "CentralAccountant", "CentralDPFixedClipping", "KEY_CLIPPING_NORM", "STATE_KEY",
-           "MEAN_SENSITIVITY", "WEIGHT_KEY", "check_settings", "unnoised_rounds"]
+           "STATE_VERSION", "WEIGHT_KEY", "check_settings", "unnoised_rounds"]
 
 
 def check_settings(cfg: dict) -> None:
@@ -174,32 +180,32 @@ class CentralAccountant:
         self._add(float(noise_multiplier), float(sample_rate), 1)
 
     def epsilon(self, extra: tuple[float, float] | None = None) -> float:
-        """Epsilon at :attr:`delta` of the rounds so far (plus one ``(noise, q)`` round if ``extra``); 0 when none.
-
-        The history holds the noise multipliers the coordinator used (``std = z C / k``); each is composed
-        at ``z / MEAN_SENSITIVITY``, the mechanism's noise relative to one node's largest move of the mean
-        (:data:`MEAN_SENSITIVITY`). A checkpoint saved before that was known is re-read the same way.
-        """
-        hist = [(float(z) / MEAN_SENSITIVITY, float(q), int(s)) for z, q, s in self.history]
+        """Epsilon at :attr:`delta` of the rounds so far (plus one ``(noise, q)`` round if ``extra``); 0 when none."""
+        hist = [(float(z), float(q), int(s)) for z, q, s in self.history]
         if extra is not None:
-            hist.append((float(extra[0]) / MEAN_SENSITIVITY, float(extra[1]), 1))
+            hist.append((float(extra[0]), float(extra[1]), 1))
         return float(composed_epsilon(hist, self.delta, self.accountant)) if hist else 0.0
 
     def state(self) -> dict:
         """Plain JSON state (what the checkpoint keeps under :data:`STATE_KEY`)."""
-        return {"delta": self.delta, "accountant": self.accountant, "history": [list(h) for h in self.history],
-                "rounds": self.rounds, "epsilon": self.epsilon()}
+        return {"version": STATE_VERSION, "delta": self.delta, "accountant": self.accountant,
+                "history": [list(h) for h in self.history], "rounds": self.rounds, "epsilon": self.epsilon()}
 
     @classmethod
     def from_state(cls, state: dict | None, *, delta: float, accountant: str = "rdp") -> "CentralAccountant":
         """Continue a saved history (``state`` from a checkpoint, or None) at this launch's ``delta`` and accountant.
 
         The history is what counts: a resume with another delta or accountant recomputes the
-        epsilon of every round so far with them (never forgets a round).
+        epsilon of every round so far with them (never forgets a round). A state without a
+        ``version`` (before :data:`STATE_VERSION` 2) accounted the mean over the updates that
+        arrived at ``z`` where one node moved it by up to ``2 C / k``: its rounds are composed at
+        ``z / 2``.
         """
         history = (state or {}).get("history") or []
         if not isinstance(history, list):
             raise ValueError(f"checkpoint {STATE_KEY!r}: 'history' must be a list of [noise, q, steps] (got {history!r})")
+        if state and int(state.get("version", 1) or 1) < STATE_VERSION:
+            history = [[float(z) / 2.0, q, steps] for z, q, steps in history]
         return cls(delta, accountant, history)
 
 
@@ -210,10 +216,10 @@ class CentralDPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
     ----------
     strategy : FedAvg
         The run's FedAvg or FedProx (its ``weighted_by_key`` is set to :data:`WEIGHT_KEY`:
-        every node weighs 1, so one node moves the mean by at most ``2 clipping_norm / k``,
-        :data:`MEAN_SENSITIVITY`, whatever its record count).
+        every node weighs 1, whatever its record count; their mean is then rescaled to the sum
+        over the ``W`` nodes asked).
     noise_multiplier, clipping_norm : float
-        ``z`` and ``C``: noise std ``z * C / k`` on the mean of ``k`` clipped updates.
+        ``z`` and ``C``: noise std ``z * C / W`` on the sum of the clipped updates over ``W``.
     delta : float
         Central delta of the accountant.
     sample_rate : float
@@ -244,6 +250,7 @@ class CentralDPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
         self.central = CentralAccountant.from_state(state, delta=delta, accountant=accountant)
         self.last: dict | None = None
         self._rates: dict[int, float] = {}
+        self._asked: dict[int, tuple[int, dict]] = {}  # round -> (W, the global weights sent)
 
     # the wrapped strategy's sampling settings, read and raised through the wrapper (GuardedStrategy,
     # SecAggStrategy raise min_train_nodes / min_available_nodes)
@@ -274,7 +281,10 @@ class CentralDPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
                   "epsilon": self.central.epsilon((self.noise_multiplier, q))}
         for name, value in claims.items():  # the job-config keys the nodes' ledgers record as the claim
             config[CENTRAL_CLAIM_KEYS[name]] = value
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        # the fixed denominator: the nodes asked, known before any of them answers
+        self._asked[server_round] = (len(messages), _numpy(arrays))
+        return messages
 
     def round_sample_rate(self, grid: Grid) -> float:
         """Node sampling rate of this round: ``fraction-train``, or more where FedAvg's minimum forces more.
@@ -305,18 +315,30 @@ class CentralDPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
         replies = list(replies)
         k = int(contributors) if contributors is not None else len(replies)
         if k < 1 or not replies:
+            self._asked.pop(server_round, None)
             return None, None
         for r in replies:
             r.content["metrics"][WEIGHT_KEY] = 1.0
-        self.num_sampled_clients = k
-        if contributors is None:
-            arrays, metrics = super().aggregate_train(server_round, replies)
-        else:
-            arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-            if arrays:
-                arrays = self._add_noise_to_aggregated_arrays(arrays)
+        asked, sent = self._asked.pop(server_round, (k, None))  # a round not configured here: all were asked
+        asked = max(int(asked), k)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)  # the unweighted mean of k
         if not arrays:
             return arrays, metrics
+        if sent is not None and k < asked:  # the sum over the W nodes asked: the mean's update times k / W
+            arrays = _shrunk(arrays, sent, k / asked)
+        self.num_sampled_clients = asked  # Flower's noise std: z C / W
+        arrays = self._add_noise_to_aggregated_arrays(arrays)
+        q = self._rates.pop(server_round, 1.0)  # a round not configured here: no amplification claimed
+        self.central.step(self.noise_multiplier, q)
+        self.last = {"epsilon": self.central.epsilon(), "delta": self.central.delta,
+                     "accountant": self.central.accountant, "noise-multiplier": self.noise_multiplier,
+                     "clipping-norm": self.clipping_norm, "sample-rate": q, "contributors": k, "nodes-asked": asked,
+                     "noise-std": compute_stdv(self.noise_multiplier, self.clipping_norm, asked),
+                     "rounds-accounted": self.central.rounds}
+        log.info("central DP: round %d: noise std %.4g on the sum of %d update(s) over the %d node(s) asked; central "
+                 "epsilon %.4g at delta %g after %d round(s)", server_round, self.last["noise-std"], k, asked,
+                 self.last["epsilon"], self.central.delta, self.central.rounds)
+        return arrays, metrics
         q = self._rates.pop(server_round, 1.0)  # a round not configured here: no amplification claimed
         self.central.step(self.noise_multiplier, q)
         self.last = {"epsilon": self.central.epsilon(), "delta": self.central.delta,
@@ -328,3 +350,20 @@ class CentralDPFixedClipping(DifferentialPrivacyClientSideFixedClipping):
                  "after %d round(s)", server_round, self.last["noise-std"], k, self.last["epsilon"], self.central.delta,
                  self.central.rounds)
         return arrays, metrics
+
+
+def _numpy(arrays: ArrayRecord) -> dict:
+    """``arrays`` as ``{name: numpy array}`` (copies)."""
+    return {k: np.array(v.numpy(), copy=True) for k, v in arrays.items()}
+
+
+def _shrunk(mean: ArrayRecord, sent: dict, factor: float) -> ArrayRecord:
+    """``sent + factor * (mean - sent)``: the mean update of the ``k`` that arrived as their sum over the ``W`` asked."""
+    from flwr.app import Array
+
+    out = {}
+    for name, arr in mean.items():
+        m = arr.numpy()
+        base = sent[name].astype(np.float64)
+        out[name] = Array(np.asarray(base + factor * (m.astype(np.float64) - base), dtype=m.dtype))
+    return ArrayRecord(out)

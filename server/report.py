@@ -826,18 +826,21 @@ def central_dp_table(results: dict) -> str:
     for e in sorted(_rounds(results), key=lambda e: e["round"]):
         c = _dict(_dict(e.get("train")).get("central-dp"))
         if c:
-            rows.append([num(str(e["round"])), num(fmt_int(c.get("contributors"))), num(fmt_num(c.get("noise-multiplier"))),
+            asked = c.get("nodes-asked")  # results of before 2026-12-07: the mean of those that arrived
+            rows.append([num(str(e["round"])), num(fmt_int(c.get("contributors"))),
+                         num(fmt_int(asked) if asked is not None else "-"), num(fmt_num(c.get("noise-multiplier"))),
                          num(fmt_num(c.get("clipping-norm"))), num(fmt_num(c.get("noise-std"), 4)),
                          num(fmt_num(c.get("sample-rate"), 2)), num(fmt_delta(c.get("delta"))), num(fmt_eps(c.get("epsilon")))])
     total = _dict(results.get("central-dp"))
-    cap = ("Central DP of the published model (the coordinator's Gaussian noise on the unweighted mean of the nodes' "
-           "clipped updates; user level: one node's whole participation). ε after each round, all launches of the run "
+    cap = ("Central DP of the published model (the coordinator's Gaussian noise on the sum of the nodes' clipped "
+           "updates over the nodes asked, each node weighing 1; user level: one node's whole participation). ε after "
+           "each round, all launches of the run "
            f"({str(total.get('accountant') or cfg.get('central-accountant') or 'rdp').upper()}"
            f"{', ' + fmt_eps(total.get('epsilon')) + ' in total' if _is_num(total.get('epsilon')) else ''}). "
            "A separate mechanism from the nodes' own ε above: it protects the model against its users, not a node "
            "against the coordinator, and is the coordinator's claim (nodes record it as claimed).")
     return "<h3>Central DP (coordinator)</h3>" + (table(
-        ["round", "updates in the mean", "noise multiplier z", "clipping norm C", "noise std (z·C/k)",
+        ["round", "updates arrived", "nodes asked W", "noise multiplier z", "clipping norm C", "noise std (z·C/W)",
          "node sampling rate q", "δ (central)", "ε (central, after the round)"], rows, caption=cap) if rows else
         f'<p class="note">{esc(cap)} No round was aggregated under central DP.</p>')
 

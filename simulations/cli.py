@@ -1115,7 +1115,7 @@ def run(
                                     help="Central DP of the published model: nodes clip their update, the coordinator "
                                          "adds Gaussian noise to the unweighted mean and accounts it (fedavg, fedprox; "
                                          "on top of the nodes' own DP-SGD). README 'Central DP'."),
-    central_noise: float = typer.Option(1.0, help="Central DP: noise multiplier z (std z*C/k on the mean of k updates; accounted as z/2, since one node moves that mean by up to 2C/k)."),
+    central_noise: float = typer.Option(1.0, help="Central DP: noise multiplier z (std z*C/W on the sum of the clipped updates over the W nodes asked)."),
     central_clip: float = typer.Option(1.0, help="Central DP: update clipping norm C (nodes may clip tighter, never looser)."),
     central_delta: float = typer.Option(1e-5, help="Central DP: delta of the coordinator's accountant."),
     policy: Optional[Path] = typer.Option(None, help="Department policy TOML for every node (default: examples/policies/D.toml)."),

@@ -64,31 +64,81 @@ def test_noise_added_with_expected_std_on_the_unweighted_mean():
     assert wrapper.central.rounds == 1 and wrapper.last["epsilon"] > 0
 
 
-def test_accounted_noise_covers_one_node_joining_the_mean_of_those_that_arrived():
-    """Independent privacy audit (2026-12-07, M1): the mean is over the k updates that arrived, so one node's
-    participation moves it by up to 2C/k (McMahan et al. 2018's self-normalised estimator), not C/k. The
-    claimed epsilon must be that of a Gaussian mechanism at (noise std) / (that largest move)."""
+def _configured(wrapper, rnd: int, n: int, d: int = 8):
+    """Configure round ``rnd`` of ``wrapper`` for ``n`` nodes at global model 0 of ``d`` weights (a real round's first step)."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    class _Grid:
+        def get_node_ids(self):
+            return list(range(1, n + 1))
+
+        def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+            return Message(content, dst_node_id=dst_node_id, message_type=message_type)
+
+    wrapper.strategy.min_train_nodes = wrapper.strategy.min_available_nodes = 1
+    return list(wrapper.configure_train(rnd, ArrayRecord({"w": torch.zeros(d, dtype=torch.float64)}), ConfigRecord({}),
+                                        _Grid()))
+
+
+def test_one_node_moves_the_published_aggregate_by_at_most_c_over_the_nodes_asked():
+    """Independent privacy audit (2026-12-07, M1) and its review: the mean over the k updates that arrived
+    let one node move it by 2C/k (not the C/k accounted), and its noise std z C / k told how many arrived.
+    Now the sum is divided by the W nodes asked (McMahan et al. 2018's fixed denominator): one node's update
+    present or absent moves the aggregate by at most C / W, and the noise is z C / W whoever replied."""
     from dp_accounting import dp_event
     from dp_accounting.rdp import rdp_privacy_accountant
 
     from server.strategy import make_strategy
 
-    k, z, c = 4, 1.0, 1.0
+    w, z, c = 4, 1.0, 1.0
     u = np.zeros(8)
-    u[0] = c  # k - 1 nodes send u; the k-th sends -u (every update clipped to norm c)
-    quiet = CentralDPFixedClipping(make_strategy("fedavg"), noise_multiplier=1e-9, clipping_norm=c, delta=1e-5)
-    without = quiet.aggregate_train(1, [_reply({"w": u}, 1) for _ in range(k - 1)])[0]["w"].numpy()
-    joined = quiet.aggregate_train(2, [_reply({"w": u}, 1) for _ in range(k - 1)] + [_reply({"w": -u}, 1)])[0]["w"].numpy()
-    move = float(np.linalg.norm(joined - without))
-    assert move == pytest.approx(2 * c / k, rel=1e-6)  # twice C/k
-    wrapper = CentralDPFixedClipping(make_strategy("fedavg"), noise_multiplier=z, clipping_norm=c, delta=1e-5)
-    wrapper.aggregate_train(1, [_reply({"w": u}, 1) for _ in range(k - 1)] + [_reply({"w": -u}, 1)])
-    std = wrapper.last["noise-std"]
-    assert std == pytest.approx(z * c / k)
-    rdp = rdp_privacy_accountant.RdpAccountant()
-    rdp.compose(dp_event.GaussianDpEvent(std / move), 1)  # the mechanism's effective noise multiplier: z / 2
-    assert wrapper.last["epsilon"] >= rdp.get_epsilon(1e-5) * 0.99
-    assert wrapper.last["epsilon"] == pytest.approx(rdp.get_epsilon(1e-5), rel=0.01)  # not more than it is either
+    u[0] = c
+    out = {}
+    for name, replies in (("absent", [u] * (w - 1)), ("present", [u] * (w - 1) + [-u])):
+        quiet = CentralDPFixedClipping(make_strategy("fedavg"), noise_multiplier=1e-9, clipping_norm=c, delta=1e-5)
+        assert len(_configured(quiet, 1, w)) == w
+        out[name] = quiet.aggregate_train(1, [_reply({"w": r}, 1) for r in replies])[0]["w"].numpy()
+    move = float(np.linalg.norm(out["present"] - out["absent"]))
+    assert move == pytest.approx(c / w, rel=1e-6)
+    stds = []
+    for arrived in (w - 1, w):
+        wrapper = CentralDPFixedClipping(make_strategy("fedavg"), noise_multiplier=z, clipping_norm=c, delta=1e-5)
+        _configured(wrapper, 1, w)
+        wrapper.aggregate_train(1, [_reply({"w": u}, 1) for _ in range(arrived)])
+        stds.append(wrapper.last["noise-std"])
+        rdp = rdp_privacy_accountant.RdpAccountant()
+        rdp.compose(dp_event.GaussianDpEvent(wrapper.last["noise-std"] / move), 1)
+        assert wrapper.last["epsilon"] >= rdp.get_epsilon(1e-5) * 0.99  # never below the mechanism's
+        assert wrapper.last["epsilon"] == pytest.approx(rdp.get_epsilon(1e-5), rel=0.01)
+        assert wrapper.last["nodes-asked"] == w and wrapper.last["contributors"] == arrived
+    assert stds == [pytest.approx(z * c / w)] * 2  # the same noise whether 3 or 4 arrived
+
+
+def test_published_noise_does_not_tell_how_many_nodes_arrived():
+    """The review's attack: with std z C / k the published aggregate's spread over many coordinates told
+    3 contributors from 4. With the fixed denominator the residual spread is the same either way."""
+    from server.strategy import make_strategy
+
+    w, d = 4, 40_000
+    spread = {}
+    for arrived in (w - 1, w):
+        wrapper = CentralDPFixedClipping(make_strategy("fedavg"), noise_multiplier=4.0, clipping_norm=1.0, delta=1e-5)
+        _configured(wrapper, 1, w, d)
+        zero = np.zeros(d)
+        agg = wrapper.aggregate_train(1, [_reply({"w": zero}, 1) for _ in range(arrived)])[0]["w"].numpy()
+        spread[arrived] = agg.std()
+    assert spread[w - 1] == pytest.approx(spread[w], rel=0.03)  # ~0.35 % standard error each at d = 40,000
+
+
+def test_a_checkpoint_of_the_mean_over_arrivals_is_re_read_at_half_its_noise():
+    """Rounds accounted before the fixed denominator (a state without 'version') averaged over the updates that
+    arrived: their sensitivity was 2C/k, so a resume composes them at z / 2 (never under-counts them)."""
+    old = {"delta": 1e-5, "accountant": "rdp", "history": [[1.0, 1.0, 2]], "rounds": 2, "epsilon": 7.08}
+    acc = CentralAccountant.from_state(old, delta=1e-5)
+    assert acc.epsilon() == pytest.approx(CentralAccountant(1e-5, history=[(0.5, 1.0, 2)]).epsilon())
+    assert acc.epsilon() > 16.0
+    again = CentralAccountant.from_state(json.loads(json.dumps(acc.state())), delta=1e-5)
+    assert again.epsilon() == pytest.approx(acc.epsilon())  # a new state is not halved twice
 
 
 def test_secagg_mean_gets_noise_for_its_contributors():
@@ -125,17 +175,13 @@ def test_the_wrapper_refuses_unusable_noise_and_norms_itself(z, c):
 
 
 # -- the accountant -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("z,q,rounds,delta", [(2.0, 1.0, 5, 1e-5), (2.2, 0.5, 10, 1e-5), (1.6, 0.25, 30, 1e-6)])
+@pytest.mark.parametrize("z,q,rounds,delta", [(1.0, 1.0, 5, 1e-5), (1.1, 0.5, 10, 1e-5), (0.8, 0.25, 30, 1e-6)])
 def test_accountant_matches_independent_accountants(z, q, rounds, delta):
     from dp_accounting import dp_event
     from dp_accounting.pld import pld_privacy_accountant
     from dp_accounting.rdp import rdp_privacy_accountant
 
-    from server.central_dp import MEAN_SENSITIVITY
-
-    # the mechanism: noise std z C / k against one node's largest move of the mean, 2 C / k
-    zeff = z / MEAN_SENSITIVITY
-    event = dp_event.GaussianDpEvent(zeff) if q == 1 else dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(zeff))
+    event = dp_event.GaussianDpEvent(z) if q == 1 else dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z))
     rdp = rdp_privacy_accountant.RdpAccountant()
     rdp.compose(event, rounds)
     pld = pld_privacy_accountant.PLDAccountant()
@@ -318,7 +364,8 @@ def test_unclipped_update_is_excluded_by_the_coordinator(tmp_path):
     res = run_federation(InProcessGrid(build_client_app(), nodes, tamper=unclip), _cfg(tmp_path), run_id="r")
     assert [x["node"] for x in res["excluded"]] == [2] and "exceeds the bound 0.1" in res["excluded"][0]["reason"]
     c = res["rounds"][0]["train"]["central-dp"]
-    assert c["contributors"] == 2 and c["noise-std"] == pytest.approx(0.1 / 2)
+    # the excluded node counts as absent: the sum of the 2 others over the 3 nodes asked, noise z C / 3
+    assert c["contributors"] == 2 and c["nodes-asked"] == 3 and c["noise-std"] == pytest.approx(0.1 / 3)
 
 
 def test_central_dp_composes_with_secagg(tmp_path):

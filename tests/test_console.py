@@ -537,5 +537,5 @@ def test_run_page_shows_the_runs_central_dp(coord):
     text = _text(page)
     assert "central DP (published model) on: noise multiplier 0.800, update clipping norm 2.000, δ 1.00e-03; " \
            "ε 4.560 after 2 round(s)" in text, text
-    rows = _table(page, "round", "updates in the mean")
+    rows = _table(page, "round", "updates arrived")
     assert [r[0] for r in rows[1:]] == ["1", "2"] and rows[-1][-1] == "5.210", rows
