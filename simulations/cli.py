@@ -1416,7 +1416,7 @@ def compare(
     pooled model (mean over sites of the MAE ratio) and vs the best naive forecast.
     """
     from simulations.compare import federated_settings, run_compare
-    from simulations.run import RunInterrupted, stop_in_process
+    from simulations.run import RunInterrupted, interrupt_hint, stop_in_process
 
     depts = list(DEPARTMENTS) if department == "all" else [department]
     if any(d not in DEPARTMENTS for d in depts):
@@ -1444,7 +1444,9 @@ def compare(
                 progress.update(bar, completed=entry["round"])
 
             try:
-                with stop_in_process():  # SIGTERM too ends the baselines' training with a message
+                incomplete = (f"the comparison in {dout} is incomplete (its finished runs' folders stay; run the "
+                              "command again with --overwrite)")
+                with stop_in_process(), interrupt_hint(incomplete):  # SIGTERM too ends it with a message, on either engine
                     res = run_compare(d, dout, epsilons=tuple(epsilon), model=model, engine=engine, seed=seed,
                                       overrides=overrides, overwrite=overwrite, on_stage=on_stage, on_round=on_round,
                                       loo=loo, own=personalise_own)
@@ -1452,8 +1454,7 @@ def compare(
                 _refuse(str(exc), None, "--out")
             except RunInterrupted as exc:
                 progress.stop()
-                _interrupted(exc, f"the comparison in {dout} is incomplete (its finished runs' folders stay; run the "
-                                  "command again with --overwrite)")
+                _interrupted(exc, incomplete)
         console.print(compare_table(res, d))
         console.print(f"wrote {dout}/results.json ({res['meta']['seconds']:.0f} s)")
         for name, run in (res["meta"].get("stopped") or {}).items():  # its rows are not a whole run's

@@ -95,6 +95,24 @@ def inprocess_run_id(ledger_dir: Path) -> str:
 
 #: How long :func:`stop_on_signal` gives Ray to shut down before the process exits anyway (seconds).
 RAY_SHUTDOWN_GRACE_S = 10.0
+#: What :func:`stop_on_signal` says stays after Ctrl-C or SIGTERM (the innermost :func:`interrupt_hint`).
+_STOP_HINTS = ["the checkpoint of the last finished round stays (fl-sim run --resume continues the run)"]
+
+
+@contextlib.contextmanager
+def interrupt_hint(text: str):
+    """While inside, a Ray run stopped by Ctrl-C or SIGTERM says ``text`` about what stays (``fl-sim compare``'s own).
+
+    Parameters
+    ----------
+    text : str
+        E.g. ``"the comparison in OUT is incomplete (run the command again with --overwrite)"``.
+    """
+    _STOP_HINTS.append(str(text))
+    try:
+        yield
+    finally:
+        _STOP_HINTS.pop()
 
 
 @contextlib.contextmanager
@@ -132,8 +150,7 @@ def stop_on_signal():
                 if signum in (signal.SIGINT, signal.SIGTERM) and not stopping.is_set():
                     stopping.set()
                     name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
-                    print(f"\nfl-sim: interrupted by {name}: stopping Ray; the checkpoint of the last finished round "
-                          "stays (fl-sim run --resume continues the run)", file=sys.stderr, flush=True)
+                    print(f"\nfl-sim: interrupted by {name}: stopping Ray; {_STOP_HINTS[-1]}", file=sys.stderr, flush=True)
                     done = threading.Thread(target=_ray_shutdown, daemon=True)
                     done.start()
                     done.join(RAY_SHUTDOWN_GRACE_S)
@@ -143,11 +160,13 @@ def stop_on_signal():
     def on_signal(signum, frame) -> None:  # runs only when the main thread gets to it; the watcher acts anyway
         pass
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    # an ignored signal (a background job's SIGINT) stays ignored; one whose handler C code installed
+    # (getsignal: None) is left alone too, since it could not be put back
+    previous = {s: h for s in (signal.SIGINT, signal.SIGTERM)
+                if (h := signal.getsignal(s)) is not signal.SIG_IGN and h is not None}
     old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
     for s in previous:
-        if previous[s] is not signal.SIG_IGN:  # an ignored signal (a background job's SIGINT) stays ignored
-            signal.signal(s, on_signal)
+        signal.signal(s, on_signal)
     watcher = threading.Thread(target=watch, name="fl-sim-signal-watcher", daemon=True)
     watcher.start()
     try:
@@ -182,7 +201,7 @@ def stop_in_process():
     raises :class:`RunInterrupted` (its default action killed the process with no word to the user,
     nor any clean-up), and Ctrl-C's :class:`KeyboardInterrupt` becomes one. The checkpoint of the last
     finished round is written atomically, so ``fl-sim run --resume`` continues the run. Outside the
-    main thread, or where SIGTERM is ignored, the signal handling is left as it is.
+    main thread, or where SIGTERM is ignored or handled by C code, the signal handling is left as it is.
     """
     import signal
     import threading
@@ -195,7 +214,8 @@ def stop_in_process():
         raise RunInterrupted("SIGTERM", 143)
 
     previous = signal.getsignal(signal.SIGTERM)
-    if previous is not signal.SIG_IGN:
+    mine = previous is not signal.SIG_IGN and previous is not None  # None: C code's handler, which cannot be put back
+    if mine:
         signal.signal(signal.SIGTERM, on_term)
     try:
         yield
@@ -204,7 +224,7 @@ def stop_in_process():
     except KeyboardInterrupt:
         raise RunInterrupted("Ctrl-C (SIGINT)", 130) from None
     finally:
-        if previous is not signal.SIG_IGN:
+        if mine:
             signal.signal(signal.SIGTERM, previous)
 
 
