@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from contract.keys import SERVER_ROUND
@@ -58,7 +58,8 @@ def personalise_nodes(grid: Grid, job: dict, arrays: ArrayRecord, num_rounds: in
     """
     config = ConfigRecord({**job, SERVER_ROUND: int(num_rounds)})
     ids = list(grid.get_node_ids())
-    msgs = [grid.create_message(RecordDict({ARRAYS: arrays, CONFIG: config}), PERSONALISE_MESSAGE, nid, "personalise")
+    # Flower's Message constructor (Grid.create_message is deprecated and logged so on the Ray engine)
+    msgs = [Message(RecordDict({ARRAYS: arrays, CONFIG: config}), nid, PERSONALISE_MESSAGE, group_id="personalise")
             for nid in ids]
     out: dict = {"asked": len(ids), "nodes": {}, "refused": []}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
