@@ -901,12 +901,14 @@ def _site_name_rule(name: str) -> str | None:
     """What makes ``name`` unusable as a site (file and ledger) name, or ``None``."""
     import unicodedata
 
+    from contract.text import hidden_in_name
+
     if any(unicodedata.category(ch) == "Cc" for ch in name):
         return "contains a control character (NUL, tab, newline ...)"
-    hidden = next((ch for ch in name if unicodedata.category(ch) in ("Cf", "Zl", "Zp")), None)
-    if hidden is not None:  # U+202E shows 'bidi\u202egnp.exe' as 'bidiexe.png'; U+200B makes two names look alike
+    hidden = hidden_in_name(name)  # U+202E shows 'bidi\u202egnp.exe' as 'bidiexe.png'; U+200B: two names look alike
+    if hidden is not None:
         return (f"contains the invisible character U+{ord(hidden):04X} (a bidirectional override or mark, a "
-                "zero-width character or a line separator)")
+                "zero-width, tag or soft-hyphen character, or a line separator)")
     if "/" in name or "\\" in name:
         return "contains a path separator ('/' or '\\')"
     if name in (".", ".."):
@@ -920,9 +922,12 @@ def check_site_names(frame: pd.DataFrame, site_column: str, path) -> None:
     """Refuse site names (hospital, detector, grid) that cannot safely become file and ledger names.
 
     A site name may hold spaces and letters of any language; it may not contain ``/``, ``\\``,
-    a control character or an invisible one (Unicode format characters such as bidirectional
-    overrides and zero-width spaces, line and paragraph separators: they make one name display as
-    another), be ``.`` or ``..``, or be longer than :data:`MAX_SITE_NAME` characters.
+    a control character or an invisible one (:func:`contract.text.hidden_in_name`: Unicode format
+    characters such as bidirectional overrides, zero-width spaces, soft hyphens and tag
+    characters, line and paragraph separators: they make one name display as another), be ``.``
+    or ``..``, or be longer than :data:`MAX_SITE_NAME` characters. A zero-width non-joiner or
+    joiner (U+200C, U+200D) between two letters or marks is part of the spelling (Persian, Urdu,
+    Indic scripts) and is accepted.
 
     Raises
     ------
@@ -944,8 +949,9 @@ def check_site_names(frame: pd.DataFrame, site_column: str, path) -> None:
     raise DataFileError(path, f"{len(rows)} record(s) at {rows_text(rows)} have a site name that {rule}{also}",
                         f"site names become file and ledger names: rename the site in {site_column!r} to a name of at "
                         f"most {MAX_SITE_NAME} characters without '/', '\\', control characters or invisible "
-                        "characters (bidirectional overrides, zero-width spaces: delete and retype the name), and not "
-                        "'.' or '..' (spaces and letters of any language are fine)", site_column)
+                        "characters (bidirectional overrides, zero-width spaces, soft hyphens: delete and retype the name), "
+                        "and not '.' or '..' (spaces and letters of any language are fine, and so is a zero-width "
+                        "non-joiner or joiner between two letters)", site_column)
 
 
 def drop_missing_keys(frame: pd.DataFrame, columns: list[str], path, what: str = "records") -> pd.DataFrame:

@@ -824,14 +824,10 @@ def check_key_ledger_binding(key: Path, ledger_path: Path, department: str, site
         return None
     body = json.dumps({"ledger": str(ledger_path), "ledger-id": current, "department": department, "site": site},
                       indent=1).encode()
+    from contract.files import write_atomic
+
     try:
-        tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, record_path)
+        write_atomic(record_path, body, mode=0o600)
     except OSError as exc:
         return (f"cannot record beside --key {key} which ledger it spends against ({exc.strerror or exc}): a start with "
                 "another ledger would not be refused; fix: let this account write the key's folder")

@@ -393,15 +393,16 @@ def handle_personalise(state: dict[str, torch.Tensor], cfg: dict, spec) -> dict:
             res = fit(model, train, task, tc, dp)
         path = personalised_path(spec, run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={"run-id": run_id, "department": spec.department, "site": spec.site, "layers": layers,
-                            "epochs": str(epochs if dp is not None else res.selected_epochs), "dp": str(job.dp),
-                            "noise-multiplier": str(job.noise_multiplier), "kept": kept, "base-sha256": base_sha,
-                            **{k: str(v) for k, v in scores.items()}})
-        tmp.replace(path)
+        from contract.files import write_atomic
+
+        blob = save({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()},
+                    metadata={"run-id": run_id, "department": spec.department, "site": spec.site, "layers": layers,
+                              "epochs": str(epochs if dp is not None else res.selected_epochs), "dp": str(job.dp),
+                              "noise-multiplier": str(job.noise_multiplier), "kept": kept, "base-sha256": base_sha,
+                              **{k: str(v) for k, v in scores.items()}})
+        write_atomic(path, blob)  # a complete file or none (temporary file, fsync, rename)
     except BaseException as exc:
         if rid is not None:
             ledger.abort(rid, f"personalisation failed: {type(exc).__name__}")

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from contract.files import write_atomic
 from contract.text_files import load_toml
 
 #: Packages of the cityfed release that a FAB ships (pyproject ``fab-include``).
@@ -400,20 +401,9 @@ def apps_dir(home: Path) -> Path:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
+    """Write ``data`` to ``path`` atomically and durably (:func:`contract.files.write_atomic`, folder fsynced)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), durable_dir=True)
 
 
 class _Locked:

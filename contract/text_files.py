@@ -59,9 +59,14 @@ def load_toml(text: str) -> dict:
 
 
 def printable(text: str) -> str:
-    """``text`` with every non-printable character (ESC, BEL, newline, bidirectional overrides) escaped.
+    """``text`` with every invisible or non-printable character (ESC, BEL, newline, bidi marks, NBSP) escaped.
 
     For text read from a file that is shown on an operator's terminal: a terminal acts on
     control sequences (window title, clearing the screen), and rich escapes only its markup.
+    Escapes what :func:`contract.text.escape_controls` escapes and, stricter, every other
+    character Python does not call printable (spaces other than ``" "``, such as U+00A0).
     """
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    from contract.text import is_hidden
+
+    return "".join(c if c.isprintable() and not is_hidden(c) else c.encode("unicode_escape").decode("ascii")
+                   for c in text)

@@ -92,6 +92,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from contract.files import fsync_dir  # noqa: F401  (re-exported: privacy.audit.fsync_dir)
+
 #: Environment variables read by :func:`audit_log_from_env` (set by ``fl-server start`` for
 #: the SuperLink it launches, inherited by its SuperExec and ServerApp processes).
 ENV_LOG = "CITYFED_AUDIT_LOG"
@@ -331,20 +333,6 @@ def ensure_signing_key(key_path: str | os.PathLike, pub_path: str | os.PathLike 
 
 def _head_path(path: Path) -> Path:
     return path.with_name(path.name + HEAD_SUFFIX)
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync the folder ``path``, so that a file created or renamed in it survives a power loss (best effort)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _tail(fd: int, size: int) -> tuple[bytes, bytes]:

@@ -145,8 +145,9 @@ def is_loopback(host: str) -> bool:
 def open_to_others(path: Path) -> int:
     """The permission bits of ``path`` that let its group or other users read or change it (0: none).
 
-    A secret file (the console's admin token, ``fl-serve``'s API key file) must have none
-    (``chmod 600``).
+    The console's admin token file must have none (``chmod 600``): the console makes it and is
+    its only reader. (``fl-serve``'s API key file, which secret managers provision, has its own
+    rule: :func:`serving.cli.key_file_problem`.)
     """
     return Path(path).stat().st_mode & 0o077
 

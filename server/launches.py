@@ -51,8 +51,8 @@ def _app_defaults() -> dict:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, fsync and rename (never a half-written file)."""
-    from server.artefacts import write_atomic
+    """Write ``text`` to ``path`` whole or not at all (:func:`contract.files.write_atomic`)."""
+    from contract.files import write_atomic
 
     write_atomic(Path(path), text.encode())
 

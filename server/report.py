@@ -495,7 +495,9 @@ def literal(text) -> str:
     """``text`` for a matplotlib label, drawn as written: every ``$`` escaped, so none starts mathtext.
 
     Site names come from a department's file: ``cost $5 and $6`` was drawn as math, and
-    ``$\\undefined$`` made the plot fail (left out of the report).
+    ``$\\undefined$`` made the plot fail (left out of the report). A label starting with ``_``
+    is kept as it is: the plots give their legends the handles themselves, because matplotlib
+    leaves such a label out of a legend it collects.
     """
     return str(text).replace("$", r"\$")
 
@@ -508,11 +510,12 @@ def _plot(series: dict, title: str, ylabel: str, path: Path, xlabel: str = "roun
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    handles = []  # given to legend() itself: it would leave out a label starting with '_' (a site '_North')
     for name, pts in sorted(series.items()):
         pts = sorted(pts)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=literal(name))
+        handles += ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=literal(name))
     if hline is not None and series:
-        ax.axhline(hline[0], color="#8a1c17", linestyle="--", linewidth=1, label=hline[1])
+        handles.append(ax.axhline(hline[0], color="#8a1c17", linestyle="--", linewidth=1, label=hline[1]))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title if series else f"{title}: no rounds completed", fontsize=10)
@@ -520,7 +523,7 @@ def _plot(series: dict, title: str, ylabel: str, path: Path, xlabel: str = "roun
     if series:
         ax.xaxis.get_major_locator().set_params(integer=True)
     if 0 < len(series) <= 12:
-        ax.legend(fontsize=7)
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -589,16 +592,17 @@ def write_compare_plot(results: dict, metric: str, run_dir: Path) -> dict[str, s
             return {}
         fig, ax = plt.subplots(figsize=(7.2, 3.8), dpi=110)
         width = 0.8 / len(methods)
+        handles = []  # given to legend() itself: it would leave out a label starting with '_'
         for k, (key, label) in enumerate(methods):
             vals = [grid["values"].get((site, key), float("nan")) for site in sites]
-            ax.bar([i + k * width for i in range(len(sites))], vals, width, label=literal(label))
+            handles.append(ax.bar([i + k * width for i in range(len(sites))], vals, width, label=literal(label)))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sites))], [literal(s) for s in sites], fontsize=8)
         ax.set_xlabel("site (test split)")
         ax.set_ylabel(metric_label(metric, False) + {"accuracy": " (fraction correct, 0–1)",
                                                      "mae-ratio": " (model MAE ÷ naive MAE)"}.get(metric, ""))
         ax.set_title(f"{metric_label(metric, False)} per site and method", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
-        fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7, frameon=False)
+        fig.legend(handles, [h.get_label() for h in handles], loc="lower center", ncol=3, fontsize=7, frameon=False)
         fig.tight_layout(rect=(0, 0.1, 1, 1))
         fig.savefig(run_dir / "compare.png")
         plt.close(fig)

@@ -26,6 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from contract.files import write_atomic
 from privacy.safe_cli import make_console
 from server.errors import CliError
 from server.flwr_calls import _bin
@@ -342,10 +343,7 @@ class CoordinatorSupervisor:
 
     def _publish(self) -> None:
         data = {str(a.run_id): {"pid": a.pid, "start": a.start} for a in self.apps.values() if a.run_id is not None}
-        path = self.state_dir / SERVERAPPS_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
+        write_atomic(self.state_dir / SERVERAPPS_FILE, json.dumps(data, indent=2).encode())
 
     def _run_folder(self, run_id: int) -> Path | None:
         runs = self._state().get_run_info(run_ids=[run_id])

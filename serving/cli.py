@@ -31,23 +31,43 @@ err = Console(stderr=True, emoji=False)
 KEY_ENV = "CITYFED_SERVE_API_KEY"
 
 
+def key_file_problem(path: Path) -> str | None:
+    """Why the API key file ``path`` is open to too many users (a message naming the fix), or ``None``.
+
+    Its group may read it (``0640``, ``root:svc 0440``: one service group). Refused: a file its
+    group or every user can change, and one every user can read, unless nobody can change it and
+    it is not this user's (a read-only secret mount: Docker mounts secrets ``0444`` owned by
+    root, where ``chmod`` cannot be done). Stricter than ``fl-server console``'s token file,
+    which only the console itself writes and reads (``chmod 600``).
+    """
+    st = Path(path).stat()
+    mode, q = st.st_mode & 0o777, shlex.quote(str(path))
+    mine = st.st_uid == os.geteuid()
+    if mode & 0o022:
+        who = "every user" if mode & 0o002 else "its group"
+        fix = f"chmod 600 {q} (or chmod 640 for one service group)" if mine else \
+            "have its owner make it 0440 or 0400 (Kubernetes: defaultMode 0440), or mount it read-only"
+        return f"{path}: {who} can change the API keys in it (mode {mode:o}); fix: {fix}"
+    if mode & 0o004 and (mine or mode & 0o200):
+        fix = f"chmod 600 {q} (or chmod 640 for one service group)" if mine else \
+            "have its owner make it 0440 or 0400 (Kubernetes: defaultMode 0440), or mount it read-only (0444)"
+        return f"{path}: every user can read the API keys in it (mode {mode:o}); fix: {fix}"
+    return None
+
+
 def read_keys(path: Path | None) -> list[str]:
     """API keys from a file (one per line, ``#`` comments) or ``$CITYFED_SERVE_API_KEY``.
 
     Raises
     ------
     typer.BadParameter
-        No key anywhere, an unreadable file, a file other users can read or change (as
-        ``fl-server console`` refuses its token file; fix ``chmod 600``), or a key shorter than
-        16 characters.
+        No key anywhere, an unreadable file, a file other users can read or change
+        (:func:`key_file_problem`), or a key shorter than 16 characters.
     """
     if path is not None:
-        from server.console import open_to_others
-
-        if Path(path).is_file() and open_to_others(path):
-            raise typer.BadParameter(f"{path}: other users can read or change the API keys in it (mode "
-                                     f"{Path(path).stat().st_mode & 0o777:o}); fix: chmod 600 {shlex.quote(str(path))}",
-                                     param_hint="--api-key-file")
+        problem = key_file_problem(path) if Path(path).is_file() else None
+        if problem is not None:
+            raise typer.BadParameter(problem, param_hint="--api-key-file")
         try:
             raw = Path(path).read_bytes()
         except OSError as exc:
@@ -259,7 +279,8 @@ def check_port(host: str, port: int) -> None:
                                      "fix: pass --port N with N of 1024 or above", param_hint="--port") from None
         if exc.errno == errno.EADDRNOTAVAIL:
             raise typer.BadParameter(f"{host} is not an address of this machine; fix: pass --host 127.0.0.1 (this "
-                                     "machine only), 0.0.0.0 (every interface) or one of its addresses",
+                                     "machine only), 0.0.0.0 (every interface, with --tls-cert/--tls-key) or one of its "
+                                     "addresses",
                                      param_hint="--host") from None
         raise typer.BadParameter(f"cannot listen on {host} port {port} ({exc.strerror or type(exc).__name__}); fix: "
                                  "pass another --host / --port", param_hint="--port") from None

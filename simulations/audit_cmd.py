@@ -167,8 +167,9 @@ def audit(
     delta)-DP. The ledger's epsilon is what a PrivacyLedger recorded for the same training.
 
     Reading the table: the non-private control must show clear leakage (AUC >= 0.6 on the
-    records or the canaries, or eps_lb > 1), otherwise the attack is too weak to say anything
-    about the DP rows. A DP row whose eps_lb is above its ledger epsilon is a bug (exit 1).
+    records or the canaries that is also beyond chance, one-sided Mann-Whitney p < 0.025 on
+    that part; or eps_lb > 1), otherwise the attack is too weak to say anything about the DP
+    rows. A DP row whose eps_lb is above its ledger epsilon is a bug (exit 1).
     eps_lb below the ledger epsilon is expected (the bound is a lower bound; DP-SGD's
     accounting assumes an attacker who sees every step).
 

@@ -267,9 +267,11 @@ def test_the_plain_http_rule_allows_any_host_with_tls():
         check_plain_http("192.0.2.1", tls=False)
 
 
-@pytest.mark.parametrize("mode", [0o644, 0o640, 0o620, 0o604], ids=oct)
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o620, 0o660, 0o602, 0o666], ids=oct)
 def test_api_key_file_open_to_other_users_is_refused(tmp_path, mode):
-    """read_keys used a 0644 key file (the review's scratch/serve.keys); the console refuses its 0644 token file."""
+    """read_keys used a 0644 key file (the review's scratch/serve.keys); the console refuses its 0644 token file.
+
+    Group-read (0640) is allowed since review s19 (finding 3); world-readable, group- or world-writable are not."""
     import typer
 
     from serving.cli import read_keys
@@ -294,3 +296,55 @@ def test_fl_serve_with_a_key_file_others_can_read_exits_2(health_pkg, tmp_path, 
     res = CliRunner().invoke(app, [str(health_pkg), "--site", SITE, "--api-key-file", str(_keyfile(tmp_path, 0o644)),
                                    "--port", str(_free_port())])
     assert res.exit_code == 2 and "chmod 600" in " ".join(res.output.split()) and not no_uvicorn, res.output
+
+
+# -- review s19, finding 3: key files as secret managers provision them ---------------------------------------
+def _not_mine(path: Path, monkeypatch) -> None:
+    """Make ``path`` owned by another user: chown to nobody as root, else pretend to be another user."""
+    import os
+
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)
+    else:
+        monkeypatch.setattr("serving.cli.os.geteuid", lambda: path.stat().st_uid + 1)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o440, 0o400], ids=oct)
+def test_api_key_file_readable_by_its_group_is_read(tmp_path, mode):
+    """root:svc 0440, the usual "one service group may read it" file, was refused with "chmod 600"."""
+    from serving.cli import read_keys
+
+    assert read_keys(_keyfile(tmp_path, mode)) == [KEY]
+
+
+@pytest.mark.parametrize("mode", [0o444, 0o440], ids=oct)
+def test_api_key_file_on_a_read_only_secret_mount_is_read(tmp_path, monkeypatch, mode):
+    """Docker mounts a secret 0444 owned by root: read-only for everyone, and chmod 600 cannot be done there."""
+    from serving.cli import read_keys
+
+    keyfile = _keyfile(tmp_path, mode)
+    _not_mine(keyfile, monkeypatch)
+    assert read_keys(keyfile) == [KEY]
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o664, 0o646], ids=oct)
+def test_api_key_file_of_another_user_that_it_can_change_is_refused(tmp_path, monkeypatch, mode):
+    """World-readable and writable by someone (its owner): named, with a fix its owner can apply."""
+    import typer
+
+    from serving.cli import read_keys
+
+    keyfile = _keyfile(tmp_path, mode)
+    _not_mine(keyfile, monkeypatch)
+    with pytest.raises(typer.BadParameter) as err:
+        read_keys(keyfile)
+    msg = str(err.value)
+    assert str(keyfile) in msg and f"{mode:o}" in msg and "0440" in msg and "read-only" in msg and KEY not in msg, msg
+
+
+def test_fl_serve_with_a_group_readable_key_file_serves(health_pkg, tmp_path, no_uvicorn):
+    from serving.cli import app
+
+    res = CliRunner().invoke(app, [str(health_pkg), "--site", SITE, "--api-key-file", str(_keyfile(tmp_path, 0o640)),
+                                   "--port", str(_free_port())])
+    assert res.exit_code == 0 and [c["host"] for c in no_uvicorn] == ["127.0.0.1"], res.output

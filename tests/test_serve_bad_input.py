@@ -166,15 +166,13 @@ def test_fl_serve_on_a_busy_port_says_so_before_announcing(health_pkg, tmp_path,
     assert "serving" not in res.output and "Errno" not in res.output, res.output
 
 
-def test_fl_serve_on_an_address_not_of_this_machine(health_pkg, monkeypatch):
-    from typer.testing import CliRunner
-
-    from serving.cli import KEY_ENV, app
-
-    monkeypatch.setenv(KEY_ENV, KEY)
-    res = CliRunner().invoke(app, [str(health_pkg), "--site", "Cleveland", "--host", "192.0.2.1", "--port", "18999"])
-    assert res.exit_code == 2, res.output
-    assert "192.0.2.1" in res.output and "--host" in res.output and "serving" not in res.output, res.output
+def test_fl_serve_on_an_address_not_of_this_machine(health_pkg, tmp_path, monkeypatch):
+    """With TLS (plain HTTP off loopback is refused first) the bind check answers, and its fix keeps TLS."""
+    crt, key = _self_signed(tmp_path, "good", days_from=-1, days_to=30)
+    res, out = _serve_cli(health_pkg, monkeypatch, "--host", "192.0.2.1", "--tls-cert", str(crt), "--tls-key", str(key))
+    assert res.exit_code == 2, out
+    assert "192.0.2.1 is not an address of this machine" in out and "--host" in out, out
+    assert "0.0.0.0 (every interface, with --tls-cert/--tls-key)" in out and "would serve" not in out, out
 
 
 def test_fl_serve_with_a_bad_tls_file_says_so_before_announcing(health_pkg, tmp_path, monkeypatch):
