@@ -37,8 +37,8 @@ def key_file_problem(path: Path) -> str | None:
     Its group may read it (``0640``, ``root:svc 0440``: one service group). Refused: a file its
     group or every user can change, and one every user can read, unless nobody can change it and
     it is not this user's (a read-only secret mount: Docker mounts secrets ``0444`` owned by
-    root, where ``chmod`` cannot be done). Stricter than ``fl-server console``'s token file,
-    which only the console itself writes and reads (``chmod 600``).
+    root, where ``chmod`` cannot be done). Looser than the rule for ``fl-server console``'s token
+    file (``0600`` only), which only the console itself writes and reads.
     """
     st = Path(path).stat()
     mode, q = st.st_mode & 0o777, shlex.quote(str(path))
