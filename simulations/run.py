@@ -151,6 +151,9 @@ def stop_on_signal():
                     stopping.set()
                     name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
                     print(f"\nfl-sim: interrupted by {name}: stopping Ray; {_STOP_HINTS[-1]}", file=sys.stderr, flush=True)
+                    # the engine's threads now log every actor Ray takes down as an ERROR with a traceback:
+                    # expected after a stop, and only noise next to the message above
+                    logging.getLogger("flwr").disabled = True
                     done = threading.Thread(target=_ray_shutdown, daemon=True)
                     done.start()
                     done.join(RAY_SHUTDOWN_GRACE_S)

@@ -50,7 +50,11 @@ def test_a_ray_run_stopped_inside_a_comparison_says_the_comparison_is_incomplete
     exited = threading.Event()
     monkeypatch.setattr(run, "_ray_shutdown", lambda: None)
     monkeypatch.setattr(run.os, "_exit", lambda code: exited.set())
+    import logging
+
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    flwr_log = logging.getLogger("flwr")
+    monkeypatch.setattr(flwr_log, "disabled", flwr_log.disabled)  # the watcher silences Flower's logger: put it back
     try:
         with run.interrupt_hint("the comparison in OUT is incomplete (run the command again with --overwrite)"):
             with run.stop_on_signal():
@@ -61,3 +65,4 @@ def test_a_ray_run_stopped_inside_a_comparison_says_the_comparison_is_incomplete
             signal.signal(s, h)
     err = capfd.readouterr().err
     assert "interrupted by SIGTERM" in err and "comparison in OUT is incomplete" in err and "fl-sim run --resume" not in err
+    assert flwr_log.disabled  # the engine's tracebacks of the actors Ray takes down are not shown after the message
