@@ -1526,6 +1526,11 @@ def default_state_dir(department: str, site: str) -> Path:
     return Path.home() / ".cityfed" / f"node-{department}-{site.replace(' ', '_')}"
 
 
+#: The Flower internals the node itself relies on (SuperNode, SuperExec, ClientApp worker; SecAgg+
+#: and DP names): self-tested before a node starts (the ``app`` and ``audit`` sub-commands load none).
+SEAMS = ("warm-worker", "logging", "dp", "secagg")
+
+
 def fl_client(
     ctx: typer.Context,
     department: Annotated[Optional[str], typer.Option("--department", help="\\[required] This node's department: health, traffic or utility. Must match the policy's `department`.", show_default=False)] = None,
@@ -1569,6 +1574,9 @@ def fl_client(
     """
     if ctx.invoked_subcommand is not None:
         return  # `fl-client app ...` / `fl-client audit ...`: the node options are not needed
+    from flower_compat import self_test
+
+    self_test(SEAMS)  # the node itself loads Flower's internals: checked first (the sub-commands do not)
     for name in RUN_REQUIRED:
         if ctx.params.get(name) is None:
             param = next(p for p in ctx.command.params if p.name == name)
@@ -2166,10 +2174,11 @@ def main() -> None:
     """Console entry point ``fl-client``."""
     from privacy.safe_cli import run_app
 
-    from flower_compat import self_test
+    from flower_compat import check_version
 
-    seams = ("warm-worker", "logging", "dp", "secagg")  # the Flower internals fl-client relies on: checked first
-    run_app(app, "fl-client", startup=lambda: self_test(seams))  # errors: a message, never a traceback (--debug shows it)
+    # the version gate first, for every command (no Flower import); the node itself also self-tests
+    # the internals it loads (SEAMS, in fl_client), `app ...` and `audit ...` do not load them
+    run_app(app, "fl-client", startup=check_version)  # errors: a message, never a traceback (--debug shows it)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ option or run-config value), 3 the coordinator is not started / not reachable.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import math
@@ -110,10 +111,23 @@ app = typer.Typer(
 )
 
 
+#: Commands that only ask the running coordinator (through the ``flwr`` CLI) or read files, and that
+#: operators and scripts call in watch loops: they pass the version gate and load no Flower internals.
+#: Every other command self-tests :data:`SEAMS` first (:func:`check_seams`).
+QUICK_COMMANDS = frozenset({"runs", "nodes", "logs", "app-config"})
+
+
 def _command(name: str, hidden: bool = False) -> Callable[[Callable[..., None]], Callable[..., None]]:
     def register(fn: Callable[..., None]) -> Callable[..., None]:
         paragraphs = inspect.cleandoc(fn.__doc__ or "").split("\n\n")
-        return app.command(name, help="\n\n".join(" ".join(p.split("\n")) for p in paragraphs), hidden=hidden)(fn)
+        command = fn
+        if name not in QUICK_COMMANDS:
+            @functools.wraps(fn)  # typer reads the options from the wrapped signature
+            def command(*args, **kwargs):
+                check_seams()
+                return fn(*args, **kwargs)
+
+        return app.command(name, help="\n\n".join(" ".join(p.split("\n")) for p in paragraphs), hidden=hidden)(command)
 
     return register
 
@@ -158,6 +172,30 @@ def _errors() -> Iterator[None]:
     except CliError as err:
         _err().print(f"[bold red]error:[/] {escape(str(err))}")
         raise typer.Exit(err.code) from None
+
+
+#: The Flower internals fl-server's coordinator relies on (its SuperLink guard and supervisor, and the
+#: ServerApp it starts): self-tested by every command but :data:`QUICK_COMMANDS` (:func:`check_seams`).
+SEAMS = ("superlink", "grid", "secagg", "dp", "logging", "strategy-state")
+
+
+def check_seams() -> None:
+    """Self-test :data:`SEAMS` (:func:`flower_compat.self_test`): first thing in every command but :data:`QUICK_COMMANDS`.
+
+    Every command passes the version gate at start-up (:func:`main`); the others (``start``,
+    ``run``, ``stop``, ``register``, ``console``, ...) also load Flower's internals (or launch a
+    ServerApp that does), so a Flower whose internals differ fails there, naming the seam and the
+    fix, instead of deep in a run. The quick ones only ask the running coordinator or read files,
+    and answer without importing Flower.
+
+    Raises
+    ------
+    flower_compat.CompatError
+        Naming each seam whose Flower names are missing (``run_app`` prints it; exit 1).
+    """
+    from flower_compat import self_test
+
+    self_test(SEAMS)
 
 
 # --------------------------------------------------------------------------- state dir
@@ -1144,11 +1182,11 @@ def main() -> None:
     """Console entry point ``fl-server``."""
     from privacy.safe_cli import run_app
 
-    from flower_compat import self_test
+    from flower_compat import check_version
 
-    # the Flower internals fl-server relies on: checked first
-    seams = ("superlink", "grid", "secagg", "dp", "logging", "strategy-state")
-    run_app(app, "fl-server", startup=lambda: self_test(seams))  # errors: a message, never a traceback (--debug shows it)
+    # the version gate first, for every command (no Flower import); all but QUICK_COMMANDS also
+    # self-test the internals they load (check_seams, in _command)
+    run_app(app, "fl-server", startup=check_version)  # errors: a message, never a traceback (--debug shows it)
 
 
 if __name__ == "__main__":
