@@ -20,7 +20,8 @@ of DP-SGD compute for the health model. The SuperNode also sleeps a hard-coded 3
 no message is waiting, and waits for a reply in 0.5 s steps. Warm mode changes three things:
 
 1. the SuperNode's sleeps (idle poll 3 s, reply wait 0.5 s) are capped at
-   ``CITYFED_NODE_POLL_S`` seconds (default 0.1), and its retries of not-yet-available
+   ``CITYFED_NODE_POLL_S`` seconds (default 0.1); once no message came for 30 s the idle poll
+   waits ``CITYFED_NODE_IDLE_POLL_S`` (default 1 s) instead, until the next message; its retries of not-yet-available
    message objects start at 20 ms instead of 1 s (:func:`flower_compat.warm.fast_pulls`; same in the worker);
 2. the SuperExec it starts is ``python -m clients.warm superexec`` (Flower's own SuperExec
    main loop) with a :class:`WarmClientAppExecutor`: ClientApp tasks go to one long-lived
@@ -77,6 +78,10 @@ from flower_compat.logging import timestamped_logs
 #: Environment: cap (seconds) on the SuperNode's polling sleeps.
 POLL_ENV = "CITYFED_NODE_POLL_S"
 DEFAULT_POLL_S = 0.1
+#: Environment: cap (seconds) on the SuperNode's idle poll once no message came for
+#: :data:`flower_compat.warm.HOT_S` seconds (never below ``CITYFED_NODE_POLL_S``).
+IDLE_POLL_ENV = "CITYFED_NODE_IDLE_POLL_S"
+DEFAULT_IDLE_POLL_S = 1.0
 #: Environment: third-party modules the worker imports at start (comma-separated).
 PRELOAD_ENV = "CITYFED_WARM_PRELOAD"
 DEFAULT_PRELOAD = ("numpy", "pandas", "torch", "opacus", "flwr.clientapp", "flwr.app")
@@ -118,6 +123,25 @@ def _SuperExecLauncher(command: str = "superexec") -> flower_warm.SuperExecLaunc
     return flower_warm.SuperExecLauncher(command, module="clients.warm")
 
 
+def idle_poll(cap: float) -> float:
+    """The SuperNode's idle-poll cap from ``CITYFED_NODE_IDLE_POLL_S`` (seconds, 0.01-3; at least ``cap``).
+
+    An idle node (no message for :data:`flower_compat.warm.HOT_S` s) asks the coordinator for
+    work once per this many seconds instead of once per ``cap``: each poll is a TLS request the
+    coordinator authenticates, so at 0.1 s every idle node costs it a few percent of a core.
+    The first message of a new run then waits at most this long; later rounds wait ``cap``.
+    """
+    raw = os.environ.get(IDLE_POLL_ENV, str(DEFAULT_IDLE_POLL_S))
+    fix = f"Fix: seconds between 0.01 and 3, e.g. {DEFAULT_IDLE_POLL_S}, or unset it."
+    try:
+        value = float(raw)
+    except ValueError:
+        raise WarmSetupError(f"{IDLE_POLL_ENV}={raw!r}: not a number. {fix}") from None
+    if not 0.01 <= value <= 3.0:  # NaN fails too
+        raise WarmSetupError(f"{IDLE_POLL_ENV}={raw!r}: out of range. {fix}")
+    return max(value, cap)
+
+
 def run_supernode(argv: list[str], warm: bool = True) -> None:
     """Run Flower's SuperNode whose SuperExec runs ClientApp tasks through :func:`run_task`.
 
@@ -126,8 +150,10 @@ def run_supernode(argv: list[str], warm: bool = True) -> None:
     """
     check_flwr()
     cap = poll_cap() if warm else None
+    idle_cap = idle_poll(cap) if warm else None
     timestamped_logs()
-    flower_warm.run_supernode(argv, cap=cap, launcher=_SuperExecLauncher("superexec" if warm else "cold-superexec"))
+    flower_warm.run_supernode(argv, cap=cap, idle_cap=idle_cap,
+                              launcher=_SuperExecLauncher("superexec" if warm else "cold-superexec"))
 
 
 # --------------------------------------------------------------------------- SuperExec

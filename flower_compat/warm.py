@@ -5,7 +5,8 @@ or a process per task, the app check of :mod:`clients.pinning` before a FAB is i
 this module holds *how* that is wired into Flower's private machinery:
 
 * :func:`run_supernode`: Flower's ``flower-supernode`` main with its module-level ``time``
-  replaced by :class:`CappedTime` (idle poll 3 s and reply wait 0.5 s capped), its
+  replaced by :class:`CappedTime` (idle poll 3 s and reply wait 0.5 s capped; the idle poll
+  backs off when no message came for a while, :func:`marks_activity`), its
   ``pull_objects`` by :func:`fast_pulls`, its ``_pull_and_store_message`` by
   :func:`drop_stale_pulls`, its ``_push_messages`` by :func:`skip_stale_replies`, and its ``subprocess`` by :class:`SuperExecLauncher` (the SuperExec
   it starts is cityfed's, ``python -m clients.warm superexec``);
@@ -59,14 +60,47 @@ PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.02, 0.5
 # --------------------------------------------------------------------------- SuperNode
 
 
-class CappedTime:
-    """``time`` module stand-in whose ``sleep`` never waits longer than ``cap`` seconds."""
+#: Flower's SuperNode sleeps this long after a poll that found no message (``start_client_internal.py:263``);
+#: its other sleeps (reply waits) are 0.5 s.
+IDLE_SLEEP_S = 3.0
+#: Seconds after the last message during which the SuperNode's idle poll stays at the cap.
+HOT_S = 30.0
 
-    def __init__(self, cap: float):
+
+class CappedTime:
+    """``time`` module stand-in whose ``sleep`` never waits longer than ``cap`` seconds; idle polls back off.
+
+    With ``idle_cap``, Flower's idle sleep (:data:`IDLE_SLEEP_S` after a poll that found no
+    message) waits ``cap`` while a message came in the last :data:`HOT_S` seconds (a run's
+    rounds follow one another), and ``idle_cap`` after that: an idle node asks the coordinator
+    ``1 / idle_cap`` times a second instead of ``1 / cap``. :func:`marks_activity` tells it when a
+    message came; it starts as if one just had (a node that has just joined is about to be asked).
+    Other sleeps (reply waits) always wait at most ``cap``.
+
+    Parameters
+    ----------
+    cap : float
+        Longest sleep, seconds.
+    idle_cap : float, optional
+        Longest idle-poll sleep once no message came for :data:`HOT_S` seconds (never below
+        ``cap``); ``None``: always ``cap``.
+    """
+
+    def __init__(self, cap: float, idle_cap: float | None = None):
         self._cap = cap
+        self._idle_cap = None if idle_cap is None else max(cap, idle_cap)
+        self._last = time.monotonic()
+
+    def active(self) -> None:
+        """A message came: idle polls wait the cap for the next :data:`HOT_S` seconds."""
+        self._last = time.monotonic()
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(float(seconds), self._cap))
+        seconds = float(seconds)
+        cap = self._cap
+        if self._idle_cap is not None and seconds >= IDLE_SLEEP_S and time.monotonic() - self._last > HOT_S:
+            cap = self._idle_cap
+        time.sleep(min(seconds, cap))
 
     def __getattr__(self, name):
         return getattr(time, name)
@@ -127,6 +161,18 @@ class _TaskRecorder:
         if not message.metadata.reply_to_message_id:
             self.message_id = message.metadata.message_id
         return self._state.store_message(message)
+
+
+def marks_activity(pull, clock: CappedTime):
+    """Flower's ``_pull_and_store_message`` that tells ``clock`` when it pulled a message (a run ID back)."""
+
+    def pull_and_store(**kwargs):
+        run_id = pull(**kwargs)
+        if run_id is not None:
+            clock.active()
+        return run_id
+
+    return pull_and_store
 
 
 def drop_stale_pulls(pull):
@@ -252,7 +298,8 @@ def skip_stale_replies(push):
     return push_messages
 
 
-def run_supernode(argv: list[str], *, cap: float | None, launcher: SuperExecLauncher) -> None:
+def run_supernode(argv: list[str], *, cap: float | None, launcher: SuperExecLauncher,
+                  idle_cap: float | None = None) -> None:
     """Run Flower's ``flower-supernode`` with ``argv``, patched as the module docstring says.
 
     Parameters
@@ -264,14 +311,19 @@ def run_supernode(argv: list[str], *, cap: float | None, launcher: SuperExecLaun
         Flower's polling and backoff (cold mode).
     launcher : SuperExecLauncher
         Stands in for the SuperNode's ``subprocess`` module (which SuperExec it starts).
+    idle_cap : float, optional
+        With ``cap``: the idle poll's cap once no message came for :data:`HOT_S` seconds
+        (:class:`CappedTime`); ``None`` polls at ``cap`` always.
     """
     import flwr.supernode.start_client_internal as sci
     from flwr.supernode.cli import flower_supernode
 
-    if cap is not None:
-        sci.time = CappedTime(cap)
-        sci.pull_objects = fast_pulls(sci.pull_objects)  # messages from the coordinator
     sci._pull_and_store_message = drop_stale_pulls(sci._pull_and_store_message)  # noqa: SLF001
+    if cap is not None:
+        clock = CappedTime(cap, idle_cap)
+        sci.time = clock
+        sci.pull_objects = fast_pulls(sci.pull_objects)  # messages from the coordinator
+        sci._pull_and_store_message = marks_activity(sci._pull_and_store_message, clock)  # noqa: SLF001
     sci._push_messages = skip_stale_replies(sci._push_messages)  # noqa: SLF001
     sci.subprocess = launcher
     sys.argv = ["flower-supernode", *argv]

@@ -79,6 +79,57 @@ def test_poll_cap_default_and_value(monkeypatch):
     assert warm.poll_cap() == 0.25
 
 
+@pytest.mark.parametrize("raw", ["abc", "0", "0.001", "10", "nan", "inf"])
+def test_bad_idle_poll_names_the_variable(monkeypatch, raw):
+    monkeypatch.setenv(warm.IDLE_POLL_ENV, raw)
+    with pytest.raises(warm.WarmSetupError, match=warm.IDLE_POLL_ENV) as err:
+        warm.idle_poll(0.1)
+    assert repr(raw) in str(err.value) and "Fix: seconds between 0.01 and 3" in str(err.value)
+
+
+def test_idle_poll_default_value_and_never_below_the_cap(monkeypatch):
+    monkeypatch.delenv(warm.IDLE_POLL_ENV, raising=False)
+    assert warm.idle_poll(0.1) == warm.DEFAULT_IDLE_POLL_S == 1.0
+    monkeypatch.setenv(warm.IDLE_POLL_ENV, "2.5")
+    assert warm.idle_poll(0.1) == 2.5
+    monkeypatch.setenv(warm.IDLE_POLL_ENV, "0.05")
+    assert warm.idle_poll(0.2) == 0.2  # a node asked to poll every 0.2 s never polls faster when idle
+
+
+def test_supernode_idle_polls_back_off_and_a_message_makes_them_fast_again(monkeypatch):
+    """Flower's idle sleep (3 s after an empty poll) waits the cap while messages came in the last
+    HOT_S seconds, then the idle cap; other sleeps (reply waits, 0.5 s) always wait the cap."""
+    from flower_compat import warm as fw
+
+    now = [1000.0]
+    waits = []
+    monkeypatch.setattr(fw.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(fw.time, "sleep", waits.append)
+    clock = fw.CappedTime(0.1, idle_cap=1.0)
+    clock.sleep(3)  # just started: hot (a node that has just joined is about to be asked)
+    now[0] += fw.HOT_S + 1
+    clock.sleep(3)  # idle
+    clock.sleep(0.5)  # a reply wait: never backed off
+    pulled = fw.marks_activity(lambda **kw: kw["run_id"], clock)
+    assert pulled(run_id=None) is None
+    clock.sleep(3)  # an empty poll is no activity
+    assert pulled(run_id=7) == 7
+    clock.sleep(3)  # a message came: fast again
+    now[0] += fw.HOT_S - 1
+    clock.sleep(3)  # still within the window
+    now[0] += 2
+    clock.sleep(3)  # the window passed with no message
+    assert waits == [0.1, 1.0, 0.1, 1.0, 0.1, 0.1, 1.0]
+    assert fw.CappedTime(0.1).sleep(3) is None and waits[-1] == 0.1  # no idle cap: always the cap
+    assert fw.CappedTime(0.1, idle_cap=5.0)._idle_cap == 5.0
+    now[0] += fw.HOT_S + 1
+    fw.CappedTime(0.1, idle_cap=5.0)  # (started hot)
+    slow = fw.CappedTime(0.1, idle_cap=5.0)
+    now[0] += fw.HOT_S + 1
+    slow.sleep(3)
+    assert waits[-1] == 3  # never longer than Flower's own sleep
+
+
 def _package(root: Path, name: str, marker: str) -> Path:
     (root / name).mkdir(parents=True)
     (root / name / "__init__.py").write_text(f"MARK = {marker!r}\n")
@@ -249,6 +300,33 @@ def test_latency_breakdown_follows_the_slowest_node_and_adds_up():
     assert sum(parts.values()) == pytest.approx(2.5, abs=2e-3)
     # a message outside the phase window is not counted
     assert dl.breakdown(t0 + 5, 1.0, ex, compute=0.0)["to_server"] == pytest.approx(1.0)
+
+
+def test_idle_cpu_counts_a_process_tree_and_only_what_it_used_in_the_window():
+    """deploy_latency's idle figure: CPU of a process and its children, over the window only."""
+    import subprocess
+    import sys
+    import time
+
+    dl = _deploy_latency()
+    busy = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\ntime.sleep(60)"
+    # the parent burns 0.3 s of CPU, then starts a child that burns 1.0 s inside the window
+    code = ("import subprocess, sys, time\n" + busy.format(s=0.3).replace("time.sleep(60)", "") +
+            f"\nsubprocess.Popen([sys.executable, '-c', {busy.format(s=1.0)!r}])\ntime.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(0.2)
+        before = dl.tree_cpu_seconds(p.pid)
+        time.sleep(5.0)  # the child's second of CPU done, even on a loaded machine
+        shares = dl.idle_cpu(p.pid, {}, 0.5)  # both asleep by now: nothing used in this window
+        after = dl.tree_cpu_seconds(p.pid)
+    finally:
+        p.kill()
+        p.wait()
+    assert after - before >= 0.9, (before, after)  # the child's second counted with the parent's
+    assert after <= 0.3 + 1.0 + 1.0  # interpreter start-ups, no more
+    assert shares["coordinator"] == pytest.approx(0.0, abs=0.05)
+    assert dl.tree_cpu_seconds(2 ** 22 + 12345) == 0.0  # no such process
 
 
 def test_a_task_abandoned_by_the_supernode_does_not_block_the_next(tmp_path, monkeypatch):
