@@ -40,10 +40,11 @@ fails on any import of a private module outside this package, the tests included
 :data:`FLWR_VERSION` is the one Flower release these adapters were written and tested
 against (pinned in ``pyproject.toml`` and ``constraints.txt``). :func:`check_version` and
 :func:`self_test` run in the test suite and at start-up of every cityfed command that loads
-Flower's internals (``fl-server start``/``run``/``console``, the ``fl-client`` node itself,
-``fl-sim``); commands that only ask the running coordinator or read files (``fl-server runs``,
-``nodes``, ``logs``, ``fl-client app ...``) check the version gate only (:func:`check_version`,
-no Flower import), so that they answer in a fraction of a second. A mismatch fails with the fix
+Flower's internals (every ``fl-server`` command but ``server.cli.QUICK_COMMANDS``, the
+``fl-client`` node itself, ``fl-sim``); commands that only ask the running coordinator or read
+files (``fl-server runs``, ``nodes``, ``logs``, ``app-config``; ``fl-client app ...`` and
+``audit ...``) check the version gate only (:func:`check_version`, no Flower import), so that
+they answer in a fraction of a second. A mismatch fails with the fix
 named instead of breaking deep inside Flower.
 """
 
